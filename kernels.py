@@ -99,6 +99,704 @@ def moe_reference(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: flo
     return y.to(x.dtype)
 
 
+
+
+# ================================================================================================================
+# Grouped FP4 x BF16 MoE for Hopper (sm_90a), CuTe DSL.
+#
+# Swap-AB: the expert weight is the wgmma A operand (M = weight rows, 64 per warpgroup atom), decoded from e2m1 to
+# bf16 in registers and multiplied by its block scale there (RS wgmma); the tokens routed to the expert are the B
+# operand (N = tokens, a narrow 8..128 tile), TMA-loaded from the expert-sorted activations. One CTA = one
+# (weight-row tile of 128, token tile of one expert); per-tile (expert, first row, rows) come from a device table
+# built by torch ops without host sync, so routing changes neither recompile nor sync, and the call graph-captures.
+#
+# Packed weight layout (prepare_experts, once at load): per expert, per 128-row tile, per 64-wide k-tile one
+# contiguous record that one TMA copies to shared memory:
+#   [atom a (2)][thread t (128)][16 B codes]   then   [thread t][atom a][scale bytes: 8 (nvfp4) | 4 (mxfp4)]
+# Thread t = 32*warp + lane owns rows r = 16*warp + lane//4 and r+8 of each 64-row atom and k = 2*(lane%4) + {0,1,8,9}
+# of each k16 block (the wgmma register fragment of A). Its 4 code words (one per k16 block) hold the 8 codes of
+# fragment registers R0..R3 = (r,k..k+1), (r+8,k..k+1), (r,k+8..k+9), (r+8,k+8..k+9), bit-permuted so the decode is
+# 4 prmt lookups + 4 prmt interleaves + sign splices: nibble i (i<4) = |v_i| + sign(v_{6-2i}) << 3,
+# nibble 4+i = |v_{4+i}| + sign(v_{7-2i}) << 3 (v_0..v_7 = the register values in order).
+# GEMM1 rows are interleaved per 64: tile t = gate rows 64t..64t+63, then up rows 64t..64t+63, so the epilogue has
+# gate and up of the same intermediate column in the same thread.
+# ================================================================================================================
+import hashlib
+import math
+import os
+import sys
+
+TILE_M = 128          # weight rows per CTA (two 64-row wgmma atoms, one warpgroup)
+TILE_K = 64           # K per pipeline stage (4 k16 wgmma blocks)
+REC_ROW = 256         # bytes per TMA box row of a packed record
+
+
+def _scale_bytes_per_thread_atom(fmt: str) -> int:
+    return 8 if fmt == "nvfp4" else 4      # scales per thread, per atom, per k-tile (2 rows x K/g)
+
+
+def record_bytes(fmt: str) -> int:
+    """Bytes of one packed (128-row, 64-k) record: codes 4096 + scales."""
+    return 2 * 128 * 16 + 128 * 2 * _scale_bytes_per_thread_atom(fmt)
+
+
+def _fragment_index_maps(device):
+    """For the 128 threads of a warpgroup: row-in-atom r (and r+8) and the byte column offset c of their fragment."""
+    t = torch.arange(128, device=device)
+    warp, lane = t // 32, t % 32
+    r = 16 * warp + lane // 4
+    c = lane % 4
+    return r, c
+
+
+def _permute_word_bits(codes8: torch.Tensor) -> torch.Tensor:
+    """codes8 [..., 8] (v_0..v_7 e2m1 codes, int64) -> the decode-friendly int64 word (see the layout comment)."""
+    mag = codes8 & 7
+    sgn = (codes8 >> 3) & 1
+    word = torch.zeros(codes8.shape[:-1], dtype=torch.int64, device=codes8.device)
+    for i in range(4):
+        word |= (mag[..., i] | (sgn[..., 6 - 2 * i] << 3)) << (4 * i)
+        word |= (mag[..., 4 + i] | (sgn[..., 7 - 2 * i] << 3)) << (4 * (4 + i))
+    return word
+
+
+def _unpermute_word_bits(word: torch.Tensor) -> torch.Tensor:
+    nib = torch.stack([(word >> (4 * i)) & 0xF for i in range(8)], dim=-1)
+    codes = torch.zeros_like(nib)
+    for i in range(4):
+        codes[..., i] |= nib[..., i] & 7
+        codes[..., 6 - 2 * i] |= ((nib[..., i] >> 3) & 1) << 3
+        codes[..., 4 + i] |= nib[..., 4 + i] & 7
+        codes[..., 7 - 2 * i] |= ((nib[..., 4 + i] >> 3) & 1) << 3
+    return codes
+
+
+def _gate_up_row_order(inter: int, device) -> torch.Tensor:
+    """Row permutation of w13 [2I] so that each 128-row tile is (gate 64 rows, matching up 64 rows)."""
+    t = torch.arange(inter // 64, device=device)[:, None]
+    j = torch.arange(64, device=device)[None, :]
+    return torch.cat([64 * t + j, inter + 64 * t + j], dim=1).reshape(-1)
+
+
+def repack_fp4(w: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """[E, M, K/2] packed e2m1 + [E, M, K/g] scales -> records uint8 [E, M/128 * K/64, rows, 256] (rows = rec/256).
+    Works on a few experts at a time so the int64 intermediates stay ~1 GB."""
+    E, M, K2 = w.shape
+    chunk = max(1, (1 << 27) // (M * K2 * 2))
+    return torch.cat([_repack_fp4_chunk(w[i:i + chunk], scale[i:i + chunk], fmt) for i in range(0, E, chunk)])
+
+
+def _repack_fp4_chunk(w: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    E, M, K2 = w.shape
+    K = 2 * K2
+    assert M % TILE_M == 0 and K % (2 * TILE_K) == 0, f"fp4 MoE kernel needs M % 128 == 0, K % 128 == 0 (M={M}, K={K})"
+    g = FP4_GROUP[fmt]
+    Mt, Kt = M // TILE_M, K // TILE_K
+    b = w.view(torch.uint8).to(torch.int64)
+    codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(E, Mt, 2, 64, Kt, 4, 16)   # [E,Mt,atom,row,Kt,kb,k16]
+    r, c = _fragment_index_maps(w.device)
+    # per thread, per k16 block: v_0..v_7 = (r,2c),(r,2c+1),(r+8,2c),(r+8,2c+1),(r,2c+8),(r,2c+9),(r+8,2c+8),(r+8,2c+9)
+    rows = torch.stack([r, r, r + 8, r + 8, r, r, r + 8, r + 8], dim=-1)                 # [128, 8]
+    cols = torch.stack([2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9, 2 * c + 8, 2 * c + 9], dim=-1)
+    v = codes[:, :, :, rows, :, :, cols]            # advanced indices first: [128, 8, E, Mt, atom, Kt, kb]
+    v = v.permute(2, 3, 5, 4, 0, 6, 1)              # [E, Mt, Kt, atom, t, kb, 8]
+    words = _permute_word_bits(v).to(torch.int32)   # [E, Mt, Kt, atom, t, kb]
+    code_bytes = words.contiguous().view(torch.uint8).reshape(E, Mt, Kt, 2 * 128 * 16)
+    # scales: per thread, per atom: (s[r, j], s[r+8, j]) for the k-tile's groups j
+    s = scale.view(torch.uint8).reshape(E, Mt, 2, 64, Kt, TILE_K // g)                  # [E,Mt,atom,row,Kt,grp]
+    sr = s[:, :, :, r]                      # [E,Mt,atom,128,Kt,grp]
+    sr8 = s[:, :, :, r + 8]
+    sp = torch.stack([sr, sr8], dim=-1)     # [E,Mt,atom,128,Kt,grp,2]
+    sp = sp.permute(0, 1, 4, 3, 2, 5, 6)    # [E,Mt,Kt,t,atom,grp,2]
+    scale_bytes = sp.reshape(E, Mt, Kt, 128 * 2 * _scale_bytes_per_thread_atom(fmt))
+    rec = torch.cat([code_bytes, scale_bytes.to(torch.uint8)], dim=-1)
+    return rec.reshape(E, Mt * Kt, record_bytes(fmt) // REC_ROW, REC_ROW).contiguous()
+
+
+def unpack_fp4(rec: torch.Tensor, fmt: str, M: int, K: int):
+    """Inverse of repack_fp4: records -> ([E, M, K/2] uint8 packed codes, [E, M, K/g] uint8 scale bytes)."""
+    E = rec.shape[0]
+    g = FP4_GROUP[fmt]
+    Mt, Kt = M // TILE_M, K // TILE_K
+    rec = rec.reshape(E, Mt, Kt, record_bytes(fmt))
+    words = rec[..., :4096].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF   # [E,Mt,Kt,atom*t*kb]
+    words = words.reshape(E, Mt, Kt, 2, 128, 4)
+    v = _unpermute_word_bits(words)                   # [E,Mt,Kt,atom,t,kb,8]
+    r, c = _fragment_index_maps(rec.device)
+    codes = torch.zeros(E, Mt, 2, 64, Kt, 4, 16, dtype=torch.int64, device=rec.device)
+    rows = torch.stack([r, r, r + 8, r + 8, r, r, r + 8, r + 8], dim=-1)
+    cols = torch.stack([2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9, 2 * c + 8, 2 * c + 9], dim=-1)
+    codes[:, :, :, rows, :, :, cols] = v.permute(4, 6, 0, 1, 3, 2, 5)
+    codes = codes.reshape(E, M, K // 2, 2)
+    packed = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+    sb = rec[..., 4096:].reshape(E, Mt, Kt, 128, 2, TILE_K // g, 2)   # [E,Mt,Kt,t,atom,grp,2]
+    scale = torch.zeros(E, Mt, 2, 64, Kt, TILE_K // g, dtype=torch.uint8, device=rec.device)
+    scale[:, :, :, r] = sb[..., 0].permute(0, 1, 4, 3, 2, 5)
+    scale[:, :, :, r + 8] = sb[..., 1].permute(0, 1, 4, 3, 2, 5)
+    return packed, scale.reshape(E, M, K // g)
+
+
+@dataclass
+class PackedExperts:
+    """The kernel's one-time layout of an Experts (see the layout comment above)."""
+    fmt: str
+    w13: torch.Tensor          # [E, (2I/128)*(D/64), rows, 256] uint8, gate/up interleaved per 64 rows
+    w2: torch.Tensor           # [E, (D/128)*(I/64), rows, 256] uint8
+    dim: int
+    inter: int
+
+
+def prepare_experts(experts: Experts) -> Experts:
+    """Repack fp4 experts into the kernel's fragment-order records once, at load (experts.packed). Returns experts."""
+    if experts.fmt not in FP4_GROUP:
+        experts.packed = None
+        return experts
+    E, two_i, d2 = experts.w13.shape
+    inter, dim = two_i // 2, 2 * d2
+    order = _gate_up_row_order(inter, experts.w13.device)
+    w13 = experts.w13.view(torch.uint8)[:, order]
+    s13 = experts.w13_scale.view(torch.uint8)[:, order]
+    experts.packed = PackedExperts(
+        fmt=experts.fmt,
+        w13=repack_fp4(w13, s13, experts.fmt),
+        w2=repack_fp4(experts.w2.view(torch.uint8), experts.w2_scale.view(torch.uint8), experts.fmt),
+        dim=dim, inter=inter)
+    return experts
+
+
+def pick_tile_n(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Token tile: the smallest of 8..128 covering the average rows per hit expert."""
+    rows = num_tokens * top_k
+    per_expert = rows / max(1, min(num_experts, rows))
+    for n in (8, 16, 32, 64):
+        if per_expert <= n:
+            return n
+    return 128
+
+
+def max_tiles(rows: int, num_experts: int, tile_n: int) -> int:
+    """Token-tile table size: every hit expert adds at most one partial tile."""
+    return min(num_experts, rows) + (rows + tile_n - 1) // tile_n
+
+
+def route_tiles(topk_ids: torch.Tensor, num_experts: int, tile_n: int):
+    """Device-side routing metadata, no host sync. topk_ids [T, k] ->
+    order [T*k] (slot ids sorted by expert, skipped slots last), pos [T*k] (sorted row of each slot, R for skipped),
+    tiles [max_tiles, 3] int32 (expert, first sorted row, rows; rows = 0 for unused table entries)."""
+    T, k = topk_ids.shape
+    R = T * k
+    E = num_experts
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    flat = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    starts = torch.cumsum(counts, 0) - counts
+    ntiles = (counts[:E] + tile_n - 1) // tile_n
+    tile_end = torch.cumsum(ntiles, 0)
+    j = torch.arange(max_tiles(R, E, tile_n), device=flat.device)
+    e = torch.searchsorted(tile_end, j, right=True)
+    ec = e.clamp(max=E - 1)
+    row0 = starts[ec] + (j - (tile_end[ec] - ntiles[ec])) * tile_n
+    rows = (starts[ec] + counts[ec] - row0).clamp(0, tile_n)
+    rows = torch.where(e < E, rows, torch.zeros_like(rows))
+    tiles = torch.stack([ec, row0, rows], dim=1).to(torch.int32)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(R, device=flat.device)
+    pos = torch.where(flat < E, pos, torch.full_like(pos, R))
+    return order, pos, tiles
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CuTe DSL kernel
+try:
+    import cutlass
+    import cutlass.cute as cute
+    import cutlass.pipeline as pipeline
+    import cutlass.utils.hopper_helpers as sm90_utils
+    from cutlass import Int32, Float32, BFloat16, Uint8, const_expr
+    from cutlass.cutlass_dsl import T as _T, dsl_user_op
+    from cutlass._mlir import ir as _ir
+    from cutlass._mlir.dialects import llvm as _llvm
+    from cutlass.cute.nvgpu import warpgroup, cpasync, OperandMajorMode
+    from cutlass.tensor_utils import LayoutEnum
+    HAVE_CUTE = True
+except Exception as _e:   # noqa: BLE001 - any import problem means "no CuTe DSL here"
+    HAVE_CUTE = False
+    _CUTE_IMPORT_ERROR = repr(_e)
+
+if HAVE_CUTE:
+    _I32X4 = None
+
+    def _struct4(res, loc, ip):
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+    @dsl_user_op
+    def decode_fp4x8_scaled(word: Int32, scale_pair: Int32, *, loc=None, ip=None):
+        """One permuted code word (8 e2m1) + bf16x2 (s_r, s_r8) -> 4 bf16x2 fragment registers, scale applied."""
+        asm = (
+            "{\n.reg .b32 m, mh, l0, l1, h0, h1, t, s, tl0, tl1, th0, th1, pl, ph;\n.reg .b16 sl, sh;\n"
+            "mov.b32 tl0, 0xC0800000;\nmov.b32 tl1, 0xC0804000;\n"      # low bytes of bf16(|e2m1|), codes 0..7
+            "mov.b32 th0, 0x3F3F3F00;\nmov.b32 th1, 0x40404040;\n"      # high bytes
+            "and.b32 m, $4, 0x77777777;\nshr.b32 mh, m, 16;\n"
+            "prmt.b32 l0, tl0, tl1, m;\nprmt.b32 l1, tl0, tl1, mh;\n"
+            "prmt.b32 h0, th0, th1, m;\nprmt.b32 h1, th0, th1, mh;\n"
+            "prmt.b32 $0, l0, h0, 0x5140;\nprmt.b32 $1, l0, h0, 0x7362;\n"
+            "prmt.b32 $2, l1, h1, 0x5140;\nprmt.b32 $3, l1, h1, 0x7362;\n"
+            "and.b32 t, $4, 0x80008000;\nor.b32 $0, $0, t;\n"
+            "shl.b32 s, $4, 4;\nand.b32 t, s, 0x80008000;\nor.b32 $1, $1, t;\n"
+            "shl.b32 s, $4, 8;\nand.b32 t, s, 0x80008000;\nor.b32 $2, $2, t;\n"
+            "shl.b32 s, $4, 12;\nand.b32 t, s, 0x80008000;\nor.b32 $3, $3, t;\n"
+            "mov.b32 {sl, sh}, $5;\nmov.b32 pl, {sl, sl};\nmov.b32 ph, {sh, sh};\n"
+            "mul.rn.bf16x2 $0, $0, pl;\nmul.rn.bf16x2 $1, $1, ph;\n"
+            "mul.rn.bf16x2 $2, $2, pl;\nmul.rn.bf16x2 $3, $3, ph;\n}"
+        )
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"),
+            [Int32(word).ir_value(loc=loc, ip=ip), Int32(scale_pair).ir_value(loc=loc, ip=ip)],
+            asm, "=r,=r,=r,=r,r,r", has_side_effects=False, loc=loc, ip=ip)
+        return _struct4(res, loc, ip)
+
+    @dsl_user_op
+    def e4m3x2_to_bf16x2(word: Int32, shift: int, *, loc=None, ip=None) -> Int32:
+        """Two e4m3 bytes at bits [shift, shift+16) -> bf16x2 (exact: every e4m3 value is a bf16 value)."""
+        asm = (
+            "{\n.reg .b32 w, h2, o;\n.reg .b16 lo16, a, b;\n.reg .f32 fa, fb;\n"
+            f"shr.b32 w, $1, {shift};\ncvt.u16.u32 lo16, w;\n"
+            "cvt.rn.f16x2.e4m3x2 h2, lo16;\nmov.b32 {a, b}, h2;\n"
+            "cvt.f32.f16 fa, a;\ncvt.f32.f16 fb, b;\ncvt.rn.bf16x2.f32 $0, fb, fa;\n}"
+        )
+        return Int32(_llvm.inline_asm(_T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
+                                      has_side_effects=False, loc=loc, ip=ip))
+
+    @dsl_user_op
+    def e8m0x2_to_bf16x2(word: Int32, shift: int, *, loc=None, ip=None) -> Int32:
+        """Two e8m0 bytes at bits [shift, shift+16) -> bf16x2 2^(e-127) (exact for e in 1..254)."""
+        sel = 0x4140 if shift == 0 else 0x4342
+        asm = f"{{\n.reg .b32 t;\nprmt.b32 t, $1, 0, {sel:#x};\nshl.b32 $0, t, 7;\n}}"
+        return Int32(_llvm.inline_asm(_T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
+                                      has_side_effects=False, loc=loc, ip=ip))
+
+    class Fp4GroupedGemm:
+        """One grouped GEMM over experts: out[rows of expert e, cols] = B[rows] · W_e^T (W_e fp4, decoded to bf16).
+
+        swiglu=True (GEMM1): W = interleaved w13, epilogue a = w_route·silu(min(h·α_gate, L))·clamp(u·α_up, ±L)
+        -> bf16 out [rows, I]. swiglu=False (GEMM2): W = w2, out = acc·α_down -> bf16 [rows, D] (one row per slot).
+        """
+
+        def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool):
+            self.fmt, self.tile_n, self.k_dim, self.n_out, self.swiglu = fmt, tile_n, k_dim, n_out, swiglu
+            self.k_tiles = k_dim // TILE_K
+            self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
+            self.rec_rows = record_bytes(fmt) // REC_ROW
+            stage_bytes = record_bytes(fmt) + tile_n * TILE_K * 2
+            self.stages = max(3, min(10, (72 * 1024) // stage_bytes))
+            self.threads = 128
+
+        @cute.jit
+        def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
+                     mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
+                     stream):
+            tiled_mma = sm90_utils.make_trivial_tiled_mma(
+                BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
+                tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
+            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages))
+            b_smem_layout = sm90_utils.make_smem_layout_b(
+                LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16, self.stages)
+            tma_w, tma_mW = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileG2SOp(), mW, cute.slice_(w_smem_layout, (None, None, 0)),
+                (REC_ROW, self.rec_rows))
+            tma_b, tma_mB = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(b_smem_layout, (None, None, 0)),
+                (self.tile_n, TILE_K))
+
+            @cute.struct
+            class SharedStorage:
+                bars: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+                sW: cute.struct.Align[cute.struct.MemRange[Uint8, cute.cosize(w_smem_layout)], 1024]
+                sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_smem_layout)], 1024]
+
+            self.shared_storage = SharedStorage
+            num_tiles = cute.size(mTiles, mode=[0])
+            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit,
+                        w_smem_layout, b_smem_layout).launch(
+                grid=[num_tiles, self.m_tiles, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
+                   mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
+                   mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
+                   w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid_t, bid_m, _ = cute.arch.block_idx()
+            warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            expert = mTiles[bid_t, 0]
+            row0 = mTiles[bid_t, 1]
+            nrows = mTiles[bid_t, 2]
+            if nrows > 0:
+                if warp_idx == 0:
+                    cpasync.prefetch_descriptor(tma_w)
+                    cpasync.prefetch_descriptor(tma_b)
+                smem = cutlass.utils.SmemAllocator()
+                storage = smem.allocate(self.shared_storage)
+                tx_bytes = record_bytes(self.fmt) + self.tile_n * TILE_K * 2
+                pipe = pipeline.PipelineTmaAsync.create(
+                    barrier_storage=storage.bars.data_ptr(), num_stages=self.stages,
+                    producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+                    consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.threads // 32),
+                    tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
+                sW = storage.sW.get_tensor(w_smem_layout)
+                sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
+
+                # TMA views: weight records of this (expert, m-tile), token rows row0.. of the sorted activations
+                gW = mW[None, None, None, expert]                                   # (256, rows, MK)
+                tWsW, tWgW = cpasync.tma_partition(tma_w, 0, cute.make_layout(1),
+                                                   cute.group_modes(sW, 0, 2), cute.group_modes(gW, 0, 2))
+                gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K), (0, None))
+                tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
+                                                   cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                rec0 = bid_m * self.k_tiles
+
+                thr_mma = tiled_mma.get_slice(tidx)
+                tCsB = thr_mma.partition_B(sB)
+                tCrB = tiled_mma.make_fragment_B(tCsB)
+                frag0 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
+                frag1 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
+                frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
+                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
+                acc.fill(0.0)
+                tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+
+                # this thread's words in a stage: codes [4 words] per atom, scale words after the codes
+                sW32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32),
+                                        cute.make_layout((4, 128, 2, self.stages),
+                                                         stride=(1, 4, 512, self.rec_rows * REC_ROW // 4)))
+                sw_words = 2 * _scale_bytes_per_thread_atom(self.fmt) // 4        # per thread, both atoms
+                sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + 1024,
+                                        cute.make_layout((sw_words, 128, self.stages),
+                                                         stride=(1, sw_words, self.rec_rows * REC_ROW // 4)))
+                codes = cute.make_rmem_tensor((4, 2), Int32)
+                scl = cute.make_rmem_tensor((sw_words,), Int32)
+
+                prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                k_tiles = self.k_tiles
+                if warp_idx == 0:
+                    for _ in cutlass.range(min(self.stages, k_tiles), unroll=1):
+                        pipe.producer_acquire(prod)
+                        cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
+                                  tma_bar_ptr=pipe.producer_get_barrier(prod))
+                        cute.copy(tma_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)],
+                                  tma_bar_ptr=pipe.producer_get_barrier(prod))
+                        pipe.producer_commit(prod)
+                        prod.advance()
+
+                for kt in cutlass.range(0, k_tiles, 2, unroll=1):
+                    for h in cutlass.range_constexpr(2):
+                        frag = frags[h]
+                        pipe.consumer_wait(cons)
+                        stage = cons.index
+                        for a in cutlass.range_constexpr(2):
+                            cute.autovec_copy(sW32[None, tidx, a, stage], codes[None, a])
+                        cute.autovec_copy(sS32[None, tidx, stage], scl)
+                        for a in cutlass.range_constexpr(2):
+                            for kb in cutlass.range_constexpr(4):
+                                if const_expr(self.fmt == "nvfp4"):
+                                    # scale bytes per atom: (s_r, s_r8) for k16 blocks 0..3 = 2 words
+                                    pair = e4m3x2_to_bf16x2(scl[2 * a + kb // 2], 16 * (kb % 2))
+                                else:
+                                    # per atom: (s_r, s_r8) for k32 groups 0..1 = 1 word
+                                    pair = e8m0x2_to_bf16x2(scl[a], 16 * (kb // 2))
+                                r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pair)
+                                frag[(0, 0, 0), a, kb] = r0
+                                frag[(0, 1, 0), a, kb] = r1
+                                frag[(0, 0, 1), a, kb] = r2
+                                frag[(0, 1, 1), a, kb] = r3
+                        warpgroup.fence()
+                        for kb in cutlass.range_constexpr(4):
+                            cute.gemm(tiled_mma, acc, (frag0, frag1)[h][None, None, kb],
+                                      tCrB[None, None, kb, stage], acc)
+                        warpgroup.commit_group()
+                        warpgroup.wait_group(1)
+                        if kt + h > 0:
+                            pipe.consumer_release(rel)
+                            rel.advance()
+                        cons.advance()
+                        # refill the stage just released (tile k-1) with tile k-1+stages
+                        if warp_idx == 0 and kt + h > 0:
+                            if prod.count < k_tiles:
+                                pipe.producer_acquire(prod)
+                                cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
+                                          tma_bar_ptr=pipe.producer_get_barrier(prod))
+                                cute.copy(tma_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)],
+                                          tma_bar_ptr=pipe.producer_get_barrier(prod))
+                                pipe.producer_commit(prod)
+                                prod.advance()
+                warpgroup.wait_group(0)
+
+                # epilogue: acc element (m, n) = weight row m of the tile, token n of the tile
+                cC = cute.make_identity_tensor((TILE_M, self.tile_n))
+                tCcC = thr_mma.partition_C(cC)
+                if const_expr(self.swiglu):
+                    a_gate = mAlpha0[expert]
+                    a_up = mAlpha1[expert]
+                    for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
+                        m, n = tCcC[v, 0, 0]
+                        if n < nrows:
+                            hh = cute.math.min(acc[v, 0, 0] * a_gate, limit)
+                            uu = cute.math.max(cute.math.min(acc[v, 1, 0] * a_up, limit), -limit)
+                            act = mRowW[row0 + n] * hh / (1.0 + cute.math.exp(-hh)) * uu
+                            mOut[row0 + n, bid_m * 64 + m] = act.to(BFloat16)
+                else:
+                    a_down = mAlpha0[expert]
+                    for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
+                        for a in cutlass.range_constexpr(2):
+                            m, n = tCcC[v, a, 0]
+                            if n < nrows:
+                                mOut[row0 + n, bid_m * TILE_M + m] = (acc[v, a, 0] * a_down).to(BFloat16)
+
+
+    class MoeRouting:
+        """Routing metadata in one CTA (replaces ~25 small torch ops): per slot s of the flat [T*k] routing, its
+        sorted row p (grouped by expert; order inside an expert is arbitrary but results do not depend on it):
+        src_tok[p] = s // k, row_w[p] = w[s], pos[s] = p (R for skipped ids), and the token-tile table
+        tiles[j] = (expert, first row, rows) (rows = 0 past the used entries)."""
+
+        def __init__(self, num_experts: int, top_k: int, tile_n: int):
+            self.E, self.k, self.tile_n, self.threads = num_experts, top_k, tile_n, 1024
+
+        @cute.jit
+        def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
+                     mPos: cute.Tensor, mTiles: cute.Tensor, stream):
+            @cute.struct
+            class SharedStorage:
+                cnt: cute.struct.MemRange[Int32, self.E + 1]
+                start: cute.struct.MemRange[Int32, self.E + 1]
+                tstart: cute.struct.MemRange[Int32, self.E + 2]
+
+            self.shared_storage = SharedStorage
+            self.kernel(mIds, mW, mSrc, mRowW, mPos, mTiles).launch(
+                grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
+                   mPos: cute.Tensor, mTiles: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            E = self.E
+            R = cute.size(mIds, mode=[0])
+            n_tab = cute.size(mTiles, mode=[0])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
+            start = storage.start.get_tensor(cute.make_layout(E + 1))
+            tstart = storage.tstart.get_tensor(cute.make_layout(E + 2))
+            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
+                cnt[e] = 0
+            cute.arch.sync_threads()
+            for s in cutlass.range(tidx, R, self.threads, unroll=1):
+                e = mIds[s]
+                if e < 0 or e >= E:
+                    e = E
+                mPos[s] = cute.arch.atomic_add(cnt.iterator + e, Int32(1), scope="cta")   # rank inside e
+            cute.arch.sync_threads()
+            if tidx == 0:
+                acc = Int32(0)
+                tacc = Int32(0)
+                for e in cutlass.range(E + 1, unroll=1):
+                    c = cnt[e]
+                    start[e] = acc
+                    tstart[e] = tacc
+                    acc += c
+                    if e < E:
+                        tacc += (c + self.tile_n - 1) // self.tile_n
+                tstart[E + 1] = tacc
+            cute.arch.sync_threads()
+            for s in cutlass.range(tidx, R, self.threads, unroll=1):
+                e = mIds[s]
+                if e < 0 or e >= E:
+                    e = E
+                p = start[e] + mPos[s]
+                mSrc[p] = s // self.k
+                mRowW[p] = mW[s]
+                mPos[s] = p if e < E else R
+            total = tstart[E]
+            for j in cutlass.range(tidx, n_tab, self.threads, unroll=1):
+                ex = Int32(0)
+                r0 = Int32(0)
+                nr = Int32(0)
+                if j < total:
+                    lo = Int32(0)          # largest e with tstart[e] <= j (experts with no tiles are skipped)
+                    hi = Int32(E)
+                    while hi - lo > 1:
+                        mid = (lo + hi) // 2
+                        if tstart[mid] <= j:
+                            lo = mid
+                        else:
+                            hi = mid
+                    ex = lo
+                    t = j - tstart[lo]
+                    r0 = start[lo] + t * self.tile_n
+                    nr = cutlass.min(self.tile_n, cnt[lo] - t * self.tile_n)
+                mTiles[j, 0] = ex
+                mTiles[j, 1] = r0
+                mTiles[j, 2] = nr
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compile cache: in memory, and on disk as exported objects (the second process start loads instead of compiling).
+_COMPILED: dict = {}
+_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nano-dsv4", "cute")
+
+
+def _cache_key(config: tuple) -> str:
+    with open(__file__, "rb") as f:
+        src = f.read()
+    ver = getattr(cutlass, "__version__", "?") if HAVE_CUTE else "-"
+    return hashlib.sha256(src + repr((ver, config)).encode()).hexdigest()[:24]
+
+
+def _load_or_compile(config: tuple, build):
+    """Memory cache -> disk cache (exported object) -> compile + export. build() -> (callable object, fake args)."""
+    fn = _COMPILED.get(config)
+    if fn is not None:
+        return fn
+    key = _cache_key(config)
+    name = f"nano_dsv4_{config[0]}_{key}"
+    obj = os.path.join(_CACHE_DIR, name + ".o")
+    if os.path.exists(obj):
+        try:
+            fn = getattr(cute.runtime.load_module(obj, enable_tvm_ffi=True), name)
+        except Exception:   # noqa: BLE001 - a stale or broken object: recompile below
+            fn = None
+    if fn is None:
+        op, args = build()
+        fn = cute.compile(op, *args, options="--enable-tvm-ffi")
+        try:
+            os.makedirs(_CACHE_DIR, exist_ok=True)
+            tmp = obj + f".{os.getpid()}.tmp"
+            fn.export_to_c(object_file_path=tmp, function_name=name)
+            os.replace(tmp, obj)
+        except Exception as e:   # noqa: BLE001 - the disk cache is an optimisation only
+            print(f"nano-dsv4: could not write the kernel cache {obj}: {e}", file=sys.stderr)
+    _COMPILED[config] = fn
+    return fn
+
+
+def _compile_routing(num_experts: int, top_k: int, tile_n: int):
+    def build():
+        r, n_tab = cute.sym_int(), cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        args = (i32((r,)), cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4), i32((r,)),
+                cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4), i32((r,)),
+                cute.runtime.make_fake_compact_tensor(Int32, (n_tab, 3), stride_order=(1, 0), assumed_align=4),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return MoeRouting(num_experts, top_k, tile_n), args
+    return _load_or_compile(("route", num_experts, top_k, tile_n), build)
+
+
+def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool):
+    """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
+    config = (fmt, tile_n, k_dim, n_out, swiglu)
+    fn = _COMPILED.get(config)
+    if fn is not None:
+        return fn
+    key = _cache_key(config)
+    name = f"fp4_moe_gemm_{key}"
+    obj = os.path.join(_CACHE_DIR, name + ".o")
+    if os.path.exists(obj):
+        try:
+            fn = getattr(cute.runtime.load_module(obj, enable_tvm_ffi=True), name)
+        except Exception:   # noqa: BLE001 - a stale or broken object: recompile below
+            fn = None
+    if fn is None:
+        gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu)
+        rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
+        mk = gemm.m_tiles * gemm.k_tiles
+        rec = gemm.rec_rows * REC_ROW
+        w = cute.runtime.make_fake_tensor(Uint8, (REC_ROW, gemm.rec_rows, mk, n_exp),
+                                          stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)),
+                                          assumed_align=128)
+        b = cute.runtime.make_fake_compact_tensor(BFloat16, (rows_b, k_dim), stride_order=(1, 0), assumed_align=16)
+        out = cute.runtime.make_fake_compact_tensor(BFloat16, (rows_o, n_out), stride_order=(1, 0),
+                                                    assumed_align=16)
+        tiles = cute.runtime.make_fake_compact_tensor(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4)
+        alpha0 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
+        alpha1 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
+        row_w = cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),), assumed_align=4)
+        stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+        fn = cute.compile(gemm, w, b, out, tiles, alpha0, alpha1, row_w, Float32(0.0), stream,
+                          options="--enable-tvm-ffi")
+        try:
+            os.makedirs(_CACHE_DIR, exist_ok=True)
+            tmp = obj + f".{os.getpid()}.tmp"
+            fn.export_to_c(object_file_path=tmp, function_name=name)
+            os.replace(tmp, obj)
+        except Exception as e:   # noqa: BLE001 - the disk cache is an optimisation only
+            print(f"nano-dsv4: could not write the kernel cache {obj}: {e}", file=sys.stderr)
+    _COMPILED[config] = fn
+    return fn
+
+
+def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
+    """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
+    Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order."""
+    pk = experts.packed if experts.packed is not None else prepare_experts(experts).packed
+    T, D = x.shape
+    k = topk_ids.shape[1]
+    E, inter = pk.w13.shape[0], pk.inter
+    R = T * k
+    tile_n = pick_tile_n(T, k, E)
+    dev = x.device
+    src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
+    row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
+    pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
+    tiles = torch.empty(max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)
+    _compile_routing(E, k, tile_n)(topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32),
+                                   src_tok, row_w, pos, tiles)
+    x_sorted = x.index_select(0, src_tok)                           # [R, D] rows grouped by expert
+    act = torch.empty(R, inter, dtype=torch.bfloat16, device=x.device)
+    y_rows = torch.empty(R + 1, D, dtype=torch.bfloat16, device=x.device)
+    if POISON_BUFFERS:        # tests: NaN-fill the intermediates so an unwritten element shows up in y
+        act.fill_(float("nan"))
+        y_rows.fill_(float("nan"))
+    y_rows[R].zero_()                                               # the row skipped slots point at
+    limit = float(swiglu_limit) if swiglu_limit else math.inf
+    gemm1 = _compile_gemm(pk.fmt, tile_n, D, inter, True)
+    gemm2 = _compile_gemm(pk.fmt, tile_n, inter, D, False)
+    a_gate = experts.alpha_gate.to(torch.float32)
+    a_up = experts.alpha_up.to(torch.float32)
+    a_down = experts.alpha_down.to(torch.float32)
+    gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit)
+    gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit)
+    return y_rows[pos.view(T, k)].sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+_NOTICE_SHOWN = False
+POISON_BUFFERS = False
+
+
+def kernel_unavailable_reason(x, experts: Experts):
+    """None if moe() can take the CuTe DSL path for these inputs, else a short reason."""
+    if experts.fmt not in FP4_GROUP:
+        return f"experts are {experts.fmt}, not fp4"
+    if not HAVE_CUTE:
+        return "CuTe DSL is not installed"
+    if not (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)):
+        return "no sm_90 GPU"
+    if x.dtype != torch.bfloat16:
+        return f"x is {x.dtype}, not bf16"
+    D, inter = 2 * experts.w13.shape[2], experts.inter_dim
+    if D % 128 or inter % 128:
+        return f"dims D={D}, I={inter} are not multiples of 128"
+    return None
+
+
 def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     """Routed MoE: the CuTe DSL kernel where it can run (sm_90 + CuTe DSL + fp4 experts), else the reference."""
+    global _NOTICE_SHOWN
+    reason = kernel_unavailable_reason(x, experts)
+    if reason is None:
+        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit)
+    if not _NOTICE_SHOWN:
+        _NOTICE_SHOWN = True
+        print(f"nano-dsv4: MoE falls back to the torch reference ({reason})", file=sys.stderr)
     return moe_reference(x, topk_ids, topk_weights, experts, swiglu_limit)
