@@ -1,6 +1,10 @@
 """Tests for the fp4 grouped MoE kernel (kernels.py): CPU tests of the repack and routing metadata, GPU tests of the
 CuTe DSL path against the fp32 reference (skipped cleanly without CUDA sm_90 + CuTe DSL)."""
+import glob
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,15 +40,66 @@ def random_fp4_experts(E, D, I, fmt, device="cpu", seed=0, alpha_gate=0.02, alph
 
 
 # ---------------------------------------------------------------------------------------------------- CPU tests
+def _valid_scale_bytes(fmt, shape, g):
+    """Positive, nonzero, in-range block-scale bytes (nvfp4: every finite positive e4m3 incl. subnormals)."""
+    if fmt == "nvfp4":
+        return torch.randint(1, 0x7F, shape, generator=g, dtype=torch.uint8)
+    return torch.randint(K._E8M0_MIN, K._E8M0_MAX + 1, shape, generator=g, dtype=torch.uint8)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_repack_round_trip_gives_back_codes_and_scales(fmt):
+    g = torch.Generator().manual_seed(0)
     E, M, Kd = 2, 256, 256
-    w = torch.randint(0, 256, (E, M, Kd // 2), dtype=torch.uint8)
-    s = torch.randint(0, 256, (E, M, Kd // K.FP4_GROUP[fmt]), dtype=torch.uint8)
+    w = torch.randint(0, 256, (E, M, Kd // 2), generator=g, dtype=torch.uint8)
+    s = _valid_scale_bytes(fmt, (E, M, Kd // K.FP4_GROUP[fmt]), g)
     rec = K.repack_fp4(w, s, fmt)
     assert rec.shape == (E, (M // 128) * (Kd // 64), K.record_bytes(fmt) // 256, 256)
     w2, s2 = K.unpack_fp4(rec, fmt, M, Kd)
     assert torch.equal(w, w2) and torch.equal(s, s2)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_record_is_exactly_the_checkpoint_bytes(fmt):
+    g = K.FP4_GROUP[fmt]
+    assert K.record_bytes(fmt) == 128 * 64 // 2 + 128 * 64 // g       # codes + one byte per block scale
+    D, I = 4096, 2048
+    assert K.weight_bytes_per_expert(fmt, D, I) == 3 * D * I // 2 + 3 * D * I // g
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("special", [False, True])
+def test_emulated_kernel_decode_equals_dequant(fmt, special):
+    """The kernel's rotate/mask decode and scale encoding, emulated bit for bit, give exactly dequant_fp4's values;
+    special=True adds zero, negative, subnormal and extreme scales (nvfp4) / tiny and largest scales (mxfp4)."""
+    gen = torch.Generator().manual_seed(1)
+    gs = K.FP4_GROUP[fmt]
+    M, Kd = 256, 128
+    w = torch.randint(0, 256, (1, M, Kd // 2), generator=gen, dtype=torch.uint8)
+    s = _valid_scale_bytes(fmt, (1, M, Kd // gs), gen)
+    if special and fmt == "nvfp4":
+        s[0, :8, 0] = torch.tensor([0x00, 0x80, 0x01, 0x81, 0x7E, 0xFE, 0x07, 0x08], dtype=torch.uint8)
+    if special and fmt == "mxfp4":
+        s[0, :4, 0] = torch.tensor([0, 5, K._E8M0_MIN, K._E8M0_MAX], dtype=torch.uint8)
+    rec = K.repack_fp4(w, s, fmt)
+    dtype = torch.float8_e4m3fn if fmt == "nvfp4" else torch.float8_e8m0fnu
+    ref = K.dequant_fp4(w, s.view(dtype), fmt)
+    if special and fmt == "mxfp4":          # scales below 2^-109 are treated as zero (documented)
+        ref[0, :2, :gs] = 0.0
+    got = K.emulate_record_decode(rec, fmt, M, Kd)
+    assert torch.equal(got, ref)
+
+
+def test_repack_rejects_unsupported_scales():
+    w = torch.zeros(1, 128, 64, dtype=torch.uint8)
+    s = torch.full((1, 128, 8), 0x38, dtype=torch.uint8)
+    s[0, 5, 1] = 0x7F                                   # e4m3 NaN
+    with pytest.raises(ValueError, match="NaN"):
+        K.repack_fp4(w, s, "nvfp4")
+    s = torch.full((1, 128, 4), 127, dtype=torch.uint8)
+    s[0, 0, 0] = K._E8M0_MAX + 1
+    with pytest.raises(ValueError, match="above"):
+        K.repack_fp4(w, s, "mxfp4")
 
 
 def test_gate_up_interleave_puts_matching_rows_in_one_tile():
@@ -191,7 +246,59 @@ def test_fp4_moe_kernel_flash_dims(fmt, T):
 
 
 @gpu
-@pytest.mark.parametrize("T", [3, 256])
-def test_fp4_moe_kernel_pro_dims(T):
-    ex = K.prepare_experts(random_fp4_experts(384, 7168, 3072, "nvfp4", device="cuda", seed=3))
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_moe_kernel_small_dims_large_T(fmt):
+    _check(_small(fmt), 16384, 6, "random", seed=7)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_moe_kernel_pro_dims(fmt):
+    ex = K.prepare_experts(random_fp4_experts(384, 7168, 3072, fmt, device="cuda", seed=3))
+    for T in (3, 256):
+        _check(ex, T, 6, "random", seed=T)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T", [1, 2, 7])
+def test_split_k_matches_reference_and_is_deterministic(fmt, T, monkeypatch):
+    """Small dims have too few k-tiles for the default split rule: allow 2-tile slices so K splits 2-4 ways."""
+    monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)
+    ex = _small(fmt)
+    D, I = 512, 256
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert K.pick_k_splits(T * 6, 16, 2 * I // 128, D // 64, sms) > 1      # the path under test is taken
     _check(ex, T, 6, "random", seed=T)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    ids, w = _routing(T, 6, 16, "random", "cuda", 5)
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+_CACHE_SCRIPT = """
+import sys, torch, kernels as K
+from _wip_test_kernels import random_fp4_experts
+if sys.argv[1] == "second":
+    def refuse(*a, **kw):
+        raise RuntimeError("compiled although the disk cache holds this kernel")
+    K.cute.compile = refuse
+ex = K.prepare_experts(random_fp4_experts(8, 256, 128, "nvfp4", device="cuda", seed=0))
+x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
+ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32, device="cuda")
+y = K.moe_fp4(x, ids, torch.full((3, 2), 0.5, device="cuda"), ex, 7.0)
+torch.save(y.cpu(), sys.argv[2])
+"""
+
+
+@gpu
+def test_second_process_loads_kernels_from_disk_cache(tmp_path):
+    """A fresh process with the same HOME loads the exported kernels instead of compiling (cute.compile refuses)."""
+    env = dict(os.environ, HOME=str(tmp_path))
+    here = os.path.dirname(os.path.abspath(__file__))
+    for which in ("first", "second"):
+        subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, which, str(tmp_path / f"{which}.pt")], env=env,
+                       cwd=here, check=True, timeout=900)
+    objs = glob.glob(str(tmp_path / ".cache" / "nano-dsv4" / "cute" / "*.o"))
+    assert len(objs) >= 3                                   # routing + 2 GEMMs
+    assert torch.equal(torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt"))

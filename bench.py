@@ -80,40 +80,77 @@ def bench_moe():
         w13t = (torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02)
         w2t = (torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
         bf16.append((w13t, w2t))
-    rec_bytes = K.record_bytes("nvfp4")
-    bytes_per_expert = (2 * I // 128) * (D // 64) * rec_bytes + (D // 128) * (I // 64) * rec_bytes
-    rows = []
-    for T in (1, 4, 16, 64, 256, 1024, 4096, 16384):
+    bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)    # codes + 1-byte block scales, read once
+
+    def measure(Ts, with_baseline=True):
+        rows = []
+        for T in Ts:
+            x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+            ids = torch.argsort(torch.rand(T, E, device="cuda"), dim=1)[:, :k].to(torch.int32)
+            w = torch.rand(T, k, device="cuda")
+            w = w / w.sum(1, keepdim=True)
+            touched = torch.unique(ids).numel()
+            graph = T <= 256
+            iters = 20 if T >= 4096 else 50
+            ms_k = _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], iters, graph) / n_copies
+            ms_b = (_time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], iters, graph) / 2
+                    if with_baseline else float("nan"))
+            flops = 2 * T * k * (D * 2 * I + I * D)
+            wbytes = touched * bytes_per_expert
+            floor_us = wbytes / (copy_bw * 1e12) * 1e6
+            rows.append((T, touched, ms_k * 1e3, ms_b * 1e3, wbytes / (ms_k * 1e-3) / 1e12,
+                         flops / (ms_k * 1e-3) / 1e12, floor_us))
+            print(rows[-1], flush=True)
+        return rows
+
+    def table(title, rows):
+        print(f"\n{title}")
+        print(f"{'T':>6} {'experts':>7} {'fp4 us':>9} {'bf16 us':>9} {'speedup':>7} {'W TB/s':>7} {'%copy':>6} "
+              f"{'TFLOP/s':>8} {'floor us':>9}")
+        for T, e, k_us, b_us, bw, tf, fl in rows:
+            print(f"{T:>6} {e:>7} {k_us:>9.1f} {b_us:>9.1f} {b_us / k_us:>7.2f} {bw:>7.2f} "
+                  f"{100 * bw / copy_bw:>6.1f} {tf:>8.1f} {fl:>9.1f}")
+
+    if "--ablate" in sys.argv:          # decode knobs off (no split-K, 72 KB pipelines), same data
+        K.SPLIT_K, budget = False, K.DECODE_SMEM_BUDGET
+        K.DECODE_SMEM_BUDGET = 72 * 1024
+        table("ablation: SPLIT_K off, decode smem 72 KB", measure((1, 4, 16, 64, 256), with_baseline=False))
+        K.SPLIT_K, K.DECODE_SMEM_BUDGET = True, budget
+        K.SPLIT_CTAS_PER_SM, per_sm = 16, K.SPLIT_CTAS_PER_SM
+        table("ablation: split-K up to 16 CTAs per SM", measure((1, 4), with_baseline=False))
+        K.SPLIT_CTAS_PER_SM = per_sm
+    rows = measure((1, 4, 16, 64, 256, 1024, 4096, 16384))
+    print(f"\nceilings: copy {copy_bw:.2f} TB/s, bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s")
+    table(f"MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4, random routing) on {dev}", rows)
+
+
+def profile_moe():
+    """`python bench.py moe-profile`: device time per kernel of one moe_fp4 call at decode sizes (torch profiler)."""
+    from torch.profiler import profile, ProfilerActivity
+    from _wip_test_kernels import random_fp4_experts
+    D, I, E, k = 4096, 2048, 256, 6
+    ex = K.prepare_experts(random_fp4_experts(E, D, I, "nvfp4", device="cuda", seed=0))
+    for T in (1, 4, 64):
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         ids = torch.argsort(torch.rand(T, E, device="cuda"), dim=1)[:, :k].to(torch.int32)
-        w = torch.rand(T, k, device="cuda")
-        w = w / w.sum(1, keepdim=True)
-        touched = torch.unique(ids).numel()
-        graph = T <= 256
-        iters = 20 if T >= 4096 else 50
-        ms_k = _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], iters, graph) / n_copies
-        ms_b = _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], iters, graph) / 2
-        flops = 2 * T * k * (D * 2 * I + I * D)
-        wbytes = touched * bytes_per_expert
-        floor_us = wbytes / (copy_bw * 1e12) * 1e6
-        rows.append((T, touched, ms_k * 1e3, ms_b * 1e3, wbytes / (ms_k * 1e-3) / 1e12, flops / (ms_k * 1e-3) / 1e12,
-                     floor_us))
-        print(rows[-1], flush=True)
-    print(f"\nMoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4, random routing) on {dev}")
-    print(f"ceilings: copy {copy_bw:.2f} TB/s, bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s")
-    print(f"{'T':>6} {'experts':>7} {'fp4 us':>9} {'bf16 us':>9} {'speedup':>7} {'W TB/s':>7} {'%copy':>6} "
-          f"{'TFLOP/s':>8} {'floor us':>9}")
-    for T, e, k_us, b_us, bw, tf, fl in rows:
-        print(f"{T:>6} {e:>7} {k_us:>9.1f} {b_us:>9.1f} {b_us / k_us:>7.2f} {bw:>7.2f} {100 * bw / copy_bw:>6.1f} "
-              f"{tf:>8.1f} {fl:>9.1f}")
+        w = torch.full((T, k), 1.0 / k, device="cuda")
+        for _ in range(3):
+            K.moe_fp4(x, ids, w, ex, 10.0)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                K.moe_fp4(x, ids, w, ex, 10.0)
+            torch.cuda.synchronize()
+        print(f"\nT={T}: device time per call, by kernel (10 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
-    if what != "moe":
-        print(f"unknown benchmark {what!r} (known: moe)", file=sys.stderr)
+    if what not in ("moe", "moe-profile"):
+        print(f"unknown benchmark {what!r} (known: moe, moe-profile)", file=sys.stderr)
         sys.exit(2)
     if not (torch.cuda.is_available() and K.HAVE_CUTE):
-        print("bench.py moe needs a CUDA GPU and CuTe DSL", file=sys.stderr)
+        print(f"bench.py {what} needs a CUDA GPU and CuTe DSL", file=sys.stderr)
         sys.exit(2)
-    bench_moe()
+    profile_moe() if what == "moe-profile" else bench_moe()

@@ -111,13 +111,14 @@ def moe_reference(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: flo
 # built by torch ops without host sync, so routing changes neither recompile nor sync, and the call graph-captures.
 #
 # Packed weight layout (prepare_experts, once at load): per expert, per 128-row tile, per 64-wide k-tile one
-# contiguous record that one TMA copies to shared memory:
-#   [atom a (2)][thread t (128)][16 B codes]   then   [thread t][atom a][scale bytes: 8 (nvfp4) | 4 (mxfp4)]
+# contiguous record that one TMA copies to shared memory (exactly the checkpoint's bytes: codes + 1 B per scale):
+#   [atom a (2)][thread t (128)][16 B codes]   then   [atom a][quad q (32)][scale bytes: 8 (nvfp4) | 4 (mxfp4)]
 # Thread t = 32*warp + lane owns rows r = 16*warp + lane//4 and r+8 of each 64-row atom and k = 2*(lane%4) + {0,1,8,9}
 # of each k16 block (the wgmma register fragment of A). Its 4 code words (one per k16 block) hold the 8 codes of
-# fragment registers R0..R3 = (r,k..k+1), (r+8,k..k+1), (r,k+8..k+9), (r+8,k+8..k+9), bit-permuted so the decode is
-# 4 prmt lookups + 4 prmt interleaves + sign splices: nibble i (i<4) = |v_i| + sign(v_{6-2i}) << 3,
-# nibble 4+i = |v_{4+i}| + sign(v_{7-2i}) << 3 (v_0..v_7 = the register values in order).
+# fragment registers R0..R3 = (r,k..k+1), (r+8,k..k+1), (r,k+8..k+9), (r+8,k+8..k+9), bit-permuted (_ROT) so that a
+# rotate + mask drops each code's bits onto bf16 bits (see SCALE_EXP below). The 4 threads of quad q = t//4 share
+# rows r, r+8 and read the same scale bytes (s_r groups..., s_r8 groups...).
+# Split-K (decode): grid z = K slices; the last slice of a tile to arrive sums the fp32 partials in slice order.
 # GEMM1 rows are interleaved per 64: tile t = gate rows 64t..64t+63, then up rows 64t..64t+63, so the epilogue has
 # gate and up of the same intermediate column in the same thread.
 # ================================================================================================================
@@ -129,15 +130,36 @@ import sys
 TILE_M = 128          # weight rows per CTA (two 64-row wgmma atoms, one warpgroup)
 TILE_K = 64           # K per pipeline stage (4 k16 wgmma blocks)
 REC_ROW = 256         # bytes per TMA box row of a packed record
+CODE_BYTES = 2 * 128 * 16   # codes of one record: [atom 2][thread 128][4 words]
+
+# Shift decode: a code's magnitude bits (m, e0, e1) land on bf16 bits 6, 7, 8 and its sign on bit 15 (bits 22..24, 31
+# for the high half), which reads as value * 2^-126 (e2m1's subnormal 0.5 becomes a bf16 subnormal). The block scale
+# is stored so that it decodes to bf16(scale * 2^SCALE_EXP); the product is value * scale * 2^(SCALE_EXP - 126),
+# exact in bf16 (<= 6 significant bits, normal range), and the epilogue multiplies by ACC_FIX = 2^(126 - SCALE_EXP).
+SCALE_EXP = 110
+ACC_FIX = 2.0 ** (126 - SCALE_EXP)
+_BF16_BITS = (6, 7, 8, 15, 22, 23, 24, 31)      # (m, e0, e1, sign) of the low, then the high bf16 half
+# Left-rotation of the stored word that brings each of those bits of fragment register R0..R3 into place. R0..R2 need
+# one rotation each, R3 two (a 32-bit word can't hold four single-rotation patterns; found by exhaustive search).
+_ROT = ((0,) * 8, (4,) * 8, (10,) * 8, (6, 6, 14, 6, 6, 6, 14, 6))
+_SRC_BIT = tuple(tuple((p - x) % 32 for p, x in zip(_BF16_BITS, rot)) for rot in _ROT)   # [reg][bit] -> word bit
+assert sorted(b for reg in _SRC_BIT for b in reg) == list(range(32))
+_R3_MASK = tuple(sum(1 << p for p, x in zip(_BF16_BITS, _ROT[3]) if x == r) for r in (6, 14))
+_BF16_PAIR_MASK = sum(1 << p for p in _BF16_BITS)        # 0x81C081C0
 
 
-def _scale_bytes_per_thread_atom(fmt: str) -> int:
-    return 8 if fmt == "nvfp4" else 4      # scales per thread, per atom, per k-tile (2 rows x K/g)
+def _scale_words_per_atom(fmt: str) -> int:
+    return 2 if fmt == "nvfp4" else 1      # per 4-thread quad: rows (r, r+8) x (4 | 2) groups of the k-tile, 1 B each
 
 
 def record_bytes(fmt: str) -> int:
-    """Bytes of one packed (128-row, 64-k) record: codes 4096 + scales."""
-    return 2 * 128 * 16 + 128 * 2 * _scale_bytes_per_thread_atom(fmt)
+    """Bytes of one packed (128-row, 64-k) record: codes 4096 + one byte per block scale (512 | 256)."""
+    return CODE_BYTES + 2 * 32 * 4 * _scale_words_per_atom(fmt)
+
+
+def weight_bytes_per_expert(fmt: str, dim: int, inter: int) -> int:
+    """Bytes the kernel reads per expert (= the checkpoint's fp4 codes + 1-byte block scales)."""
+    return ((2 * inter // TILE_M) * (dim // TILE_K) + (dim // TILE_M) * (inter // TILE_K)) * record_bytes(fmt)
 
 
 def _fragment_index_maps(device):
@@ -149,26 +171,76 @@ def _fragment_index_maps(device):
     return r, c
 
 
-def _permute_word_bits(codes8: torch.Tensor) -> torch.Tensor:
-    """codes8 [..., 8] (v_0..v_7 e2m1 codes, int64) -> the decode-friendly int64 word (see the layout comment)."""
-    mag = codes8 & 7
-    sgn = (codes8 >> 3) & 1
+def _pack_word_bits(codes8: torch.Tensor) -> torch.Tensor:
+    """codes8 [..., 8] (v_0..v_7 e2m1 codes of fragment registers R0..R3, low half first) -> int64 stored word."""
     word = torch.zeros(codes8.shape[:-1], dtype=torch.int64, device=codes8.device)
-    for i in range(4):
-        word |= (mag[..., i] | (sgn[..., 6 - 2 * i] << 3)) << (4 * i)
-        word |= (mag[..., 4 + i] | (sgn[..., 7 - 2 * i] << 3)) << (4 * (4 + i))
+    for j in range(4):
+        for half in range(2):
+            v = codes8[..., 2 * j + half]
+            for b in range(4):
+                word |= ((v >> b) & 1) << _SRC_BIT[j][4 * half + b]
     return word
 
 
-def _unpermute_word_bits(word: torch.Tensor) -> torch.Tensor:
-    nib = torch.stack([(word >> (4 * i)) & 0xF for i in range(8)], dim=-1)
-    codes = torch.zeros_like(nib)
-    for i in range(4):
-        codes[..., i] |= nib[..., i] & 7
-        codes[..., 6 - 2 * i] |= ((nib[..., i] >> 3) & 1) << 3
-        codes[..., 4 + i] |= nib[..., 4 + i] & 7
-        codes[..., 7 - 2 * i] |= ((nib[..., 4 + i] >> 3) & 1) << 3
+def _unpack_word_bits(word: torch.Tensor) -> torch.Tensor:
+    codes = torch.zeros(word.shape + (8,), dtype=torch.int64, device=word.device)
+    for j in range(4):
+        for half in range(2):
+            for b in range(4):
+                codes[..., 2 * j + half] |= ((word >> _SRC_BIT[j][4 * half + b]) & 1) << b
     return codes
+
+
+def _e4m3_tables():
+    """e4m3 byte -> stored byte (-1: zero, -2: NaN), and stored byte -> e4m3 byte of the positive value.
+    Stored byte = (E + 9) << 3 | mant for |scale| = 2^E (1 + mant/8), E in -9..8 (subnormal e4m3 renormalised), so
+    (byte << 4) + ((SCALE_EXP + 118) << 7) is bf16(|scale| * 2^SCALE_EXP) (one prmt + one mad in the kernel)."""
+    enc = [0] * 256
+    dec = [0] * 256
+    for byte in range(128):
+        e, m = byte >> 3, byte & 7
+        if byte == 0:
+            enc[0] = enc[0x80] = -1
+            continue
+        if byte == 0x7F:
+            enc[0x7F] = enc[0xFF] = -2
+            continue
+        if e == 0:                                    # subnormal: m * 2^-9 -> normalise
+            E = -9 + m.bit_length() - 1
+            mant = ((m << (3 - (m.bit_length() - 1))) & 7)
+        else:
+            E, mant = e - 7, m
+        enc[byte] = enc[byte | 0x80] = ((E + 9) << 3) | mant
+        dec[((E + 9) << 3) | mant] = byte
+    return enc, dec
+
+
+_E4M3_ENC, _E4M3_DEC = _e4m3_tables()
+_E8M0_MIN, _E8M0_MAX = 18, 126 + 128 - SCALE_EXP   # e8m0 range whose products stay normal bf16 (2^-109 .. 2^17)
+
+
+def _encode_scales(s: torch.Tensor, fmt: str):
+    """Block-scale bytes -> (stored bytes, code_sign_flip bool, zero_block bool), all [..., groups].
+    A zero (or, mxfp4, negligible < 2^-109) scale zeroes its block's codes; a negative one flips the codes' signs."""
+    s = s.to(torch.int64)
+    if fmt == "nvfp4":
+        enc = torch.tensor(_E4M3_ENC, dtype=torch.int64, device=s.device)[s]
+        if (enc == -2).any():
+            raise ValueError("nvfp4 block scales contain NaN (e4m3 0x7f/0xff)")
+        zero = enc == -1
+        return torch.where(zero, torch.zeros_like(enc), enc), (s >= 0x80) & ~zero, zero
+    if (s == 0xFF).any():
+        raise ValueError("mxfp4 block scales contain NaN (e8m0 0xff)")
+    if (s > _E8M0_MAX).any():
+        raise ValueError(f"mxfp4 block scale above 2^{_E8M0_MAX - 127}: not supported by the fp4 kernel")
+    zero = s < _E8M0_MIN
+    return torch.where(zero, torch.full_like(s, _E8M0_MIN), s), torch.zeros_like(zero), zero
+
+
+def _decode_scales(b: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "nvfp4":
+        return torch.tensor(_E4M3_DEC, dtype=torch.int64, device=b.device)[b.to(torch.int64)]
+    return b.to(torch.int64)
 
 
 def _gate_up_row_order(inter: int, device) -> torch.Tensor:
@@ -186,54 +258,110 @@ def repack_fp4(w: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch.cat([_repack_fp4_chunk(w[i:i + chunk], scale[i:i + chunk], fmt) for i in range(0, E, chunk)])
 
 
+def _fragment_gather(codes, r, c):
+    """codes [E,Mt,atom,row,Kt,kb,k16] -> per thread, per k16 block, v_0..v_7 = (r,2c),(r,2c+1),(r+8,2c),(r+8,2c+1),
+    (r,2c+8),(r,2c+9),(r+8,2c+8),(r+8,2c+9): [E, Mt, Kt, atom, t, kb, 8]."""
+    rows = torch.stack([r, r, r + 8, r + 8, r, r, r + 8, r + 8], dim=-1)                 # [128, 8]
+    cols = torch.stack([2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9, 2 * c + 8, 2 * c + 9], dim=-1)
+    v = codes[:, :, :, rows, :, :, cols]            # advanced indices first: [128, 8, E, Mt, atom, Kt, kb]
+    return v.permute(2, 3, 5, 4, 0, 6, 1), rows, cols
+
+
 def _repack_fp4_chunk(w: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
     E, M, K2 = w.shape
     K = 2 * K2
     assert M % TILE_M == 0 and K % (2 * TILE_K) == 0, f"fp4 MoE kernel needs M % 128 == 0, K % 128 == 0 (M={M}, K={K})"
     g = FP4_GROUP[fmt]
     Mt, Kt = M // TILE_M, K // TILE_K
+    sb, flip, zero = _encode_scales(scale.view(torch.uint8), fmt)            # [E, M, K/g]
     b = w.view(torch.uint8).to(torch.int64)
-    codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(E, Mt, 2, 64, Kt, 4, 16)   # [E,Mt,atom,row,Kt,kb,k16]
+    codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(E, M, K)
+    codes = codes ^ (flip.repeat_interleave(g, dim=-1).to(torch.int64) << 3)
+    codes = torch.where(zero.repeat_interleave(g, dim=-1), torch.zeros_like(codes), codes)
+    codes = codes.reshape(E, Mt, 2, 64, Kt, 4, 16)                           # [E,Mt,atom,row,Kt,kb,k16]
     r, c = _fragment_index_maps(w.device)
-    # per thread, per k16 block: v_0..v_7 = (r,2c),(r,2c+1),(r+8,2c),(r+8,2c+1),(r,2c+8),(r,2c+9),(r+8,2c+8),(r+8,2c+9)
-    rows = torch.stack([r, r, r + 8, r + 8, r, r, r + 8, r + 8], dim=-1)                 # [128, 8]
-    cols = torch.stack([2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9, 2 * c + 8, 2 * c + 9], dim=-1)
-    v = codes[:, :, :, rows, :, :, cols]            # advanced indices first: [128, 8, E, Mt, atom, Kt, kb]
-    v = v.permute(2, 3, 5, 4, 0, 6, 1)              # [E, Mt, Kt, atom, t, kb, 8]
-    words = _permute_word_bits(v).to(torch.int32)   # [E, Mt, Kt, atom, t, kb]
-    code_bytes = words.contiguous().view(torch.uint8).reshape(E, Mt, Kt, 2 * 128 * 16)
-    # scales: per thread, per atom: (s[r, j], s[r+8, j]) for the k-tile's groups j
-    s = scale.view(torch.uint8).reshape(E, Mt, 2, 64, Kt, TILE_K // g)                  # [E,Mt,atom,row,Kt,grp]
-    sr = s[:, :, :, r]                      # [E,Mt,atom,128,Kt,grp]
-    sr8 = s[:, :, :, r + 8]
-    sp = torch.stack([sr, sr8], dim=-1)     # [E,Mt,atom,128,Kt,grp,2]
-    sp = sp.permute(0, 1, 4, 3, 2, 5, 6)    # [E,Mt,Kt,t,atom,grp,2]
-    scale_bytes = sp.reshape(E, Mt, Kt, 128 * 2 * _scale_bytes_per_thread_atom(fmt))
-    rec = torch.cat([code_bytes, scale_bytes.to(torch.uint8)], dim=-1)
+    v, _, _ = _fragment_gather(codes, r, c)                                   # [E, Mt, Kt, atom, t, kb, 8]
+    words = _pack_word_bits(v).to(torch.int32)                               # wraps to int32 bit pattern
+    code_bytes = words.contiguous().view(torch.uint8).reshape(E, Mt, Kt, CODE_BYTES)
+    # scales: per atom, per quad q (rows r = 16*(q//8) + q%8 and r+8): [s_r groups..., s_r8 groups...] (1 B each)
+    q = torch.arange(32, device=w.device)
+    rq = 16 * (q // 8) + q % 8
+    s = sb.reshape(E, Mt, 2, 64, Kt, TILE_K // g)
+    sp = torch.stack([s[:, :, :, rq], s[:, :, :, rq + 8]], dim=4)            # [E,Mt,atom,q,2,Kt,grp]
+    if fmt == "nvfp4":
+        sp = sp.permute(0, 1, 5, 2, 3, 4, 6)                                 # [E,Mt,Kt,atom,q,(r|r8),grp 4]
+    else:
+        sp = sp.permute(0, 1, 5, 2, 3, 4, 6)                                 # [E,Mt,Kt,atom,q,(r|r8),grp 2]
+    scale_bytes = sp.reshape(E, Mt, Kt, -1).to(torch.uint8)
+    rec = torch.cat([code_bytes, scale_bytes], dim=-1)
     return rec.reshape(E, Mt * Kt, record_bytes(fmt) // REC_ROW, REC_ROW).contiguous()
 
 
-def unpack_fp4(rec: torch.Tensor, fmt: str, M: int, K: int):
-    """Inverse of repack_fp4: records -> ([E, M, K/2] uint8 packed codes, [E, M, K/g] uint8 scale bytes)."""
+def _record_fields(rec: torch.Tensor, fmt: str, M: int, K: int):
+    """records -> (codes [E,Mt,2,64,Kt,4,16] int64, stored scale bytes [E, M, K/g] int64)."""
     E = rec.shape[0]
     g = FP4_GROUP[fmt]
     Mt, Kt = M // TILE_M, K // TILE_K
     rec = rec.reshape(E, Mt, Kt, record_bytes(fmt))
-    words = rec[..., :4096].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF   # [E,Mt,Kt,atom*t*kb]
-    words = words.reshape(E, Mt, Kt, 2, 128, 4)
-    v = _unpermute_word_bits(words)                   # [E,Mt,Kt,atom,t,kb,8]
+    words = rec[..., :CODE_BYTES].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    v = _unpack_word_bits(words.reshape(E, Mt, Kt, 2, 128, 4))               # [E,Mt,Kt,atom,t,kb,8]
     r, c = _fragment_index_maps(rec.device)
     codes = torch.zeros(E, Mt, 2, 64, Kt, 4, 16, dtype=torch.int64, device=rec.device)
     rows = torch.stack([r, r, r + 8, r + 8, r, r, r + 8, r + 8], dim=-1)
     cols = torch.stack([2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9, 2 * c + 8, 2 * c + 9], dim=-1)
     codes[:, :, :, rows, :, :, cols] = v.permute(4, 6, 0, 1, 3, 2, 5)
+    q = torch.arange(32, device=rec.device)
+    rq = 16 * (q // 8) + q % 8
+    sp = rec[..., CODE_BYTES:].to(torch.int64).reshape(E, Mt, Kt, 2, 32, 2, TILE_K // g)   # [E,Mt,Kt,atom,q,r|r8,grp]
+    s = torch.zeros(E, Mt, 2, 64, Kt, TILE_K // g, dtype=torch.int64, device=rec.device)
+    s[:, :, :, rq] = sp[:, :, :, :, :, 0].permute(0, 1, 3, 4, 2, 5)
+    s[:, :, :, rq + 8] = sp[:, :, :, :, :, 1].permute(0, 1, 3, 4, 2, 5)
+    return codes, s.reshape(E, M, K // g)
+
+
+def unpack_fp4(rec: torch.Tensor, fmt: str, M: int, K: int):
+    """Inverse of repack_fp4 (for positive, nonzero, in-range scales): records -> ([E, M, K/2] uint8 packed codes,
+    [E, M, K/g] uint8 scale bytes)."""
+    codes, sb = _record_fields(rec, fmt, M, K)
+    E = rec.shape[0]
     codes = codes.reshape(E, M, K // 2, 2)
     packed = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
-    sb = rec[..., 4096:].reshape(E, Mt, Kt, 128, 2, TILE_K // g, 2)   # [E,Mt,Kt,t,atom,grp,2]
-    scale = torch.zeros(E, Mt, 2, 64, Kt, TILE_K // g, dtype=torch.uint8, device=rec.device)
-    scale[:, :, :, r] = sb[..., 0].permute(0, 1, 4, 3, 2, 5)
-    scale[:, :, :, r + 8] = sb[..., 1].permute(0, 1, 4, 3, 2, 5)
-    return packed, scale.reshape(E, M, K // g)
+    return packed, _decode_scales(sb, fmt).to(torch.uint8)
+
+
+def emulate_record_decode(rec: torch.Tensor, fmt: str, M: int, K: int) -> torch.Tensor:
+    """What the kernel's decode computes, bit for bit, in torch: records -> [E, M, K] fp32 weights (bf16 values of
+    value * scale * 2^(SCALE_EXP - 126), times ACC_FIX). Checks the rotation/mask layout and the scale encoding."""
+    E = rec.shape[0]
+    Mt, Kt = M // TILE_M, K // TILE_K
+    g = FP4_GROUP[fmt]
+    recw = rec.reshape(E, Mt, Kt, record_bytes(fmt))
+    words = recw[..., :CODE_BYTES].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    words = words.reshape(E, Mt, Kt, 2, 128, 4)
+    regs = []
+    for j in range(4):                                       # rotate + mask, as the PTX does
+        rot = {x: ((words << x) | (words >> (32 - x))) & 0xFFFFFFFF if x else words for x in set(_ROT[j])}
+        out = torch.zeros_like(words)
+        for x, rw in rot.items():
+            mask = sum(1 << p for p, xx in zip(_BF16_BITS, _ROT[j]) if xx == x)
+            out |= rw & mask
+        regs.append(out)
+    halves = torch.stack([torch.stack([rg & 0xFFFF, rg >> 16], -1) for rg in regs], -2)   # [...,4 regs,2]
+    bf = halves.reshape(-1).to(torch.int16).view(torch.bfloat16).float().reshape(halves.shape)
+    _, sb = _record_fields(rec, fmt, M, K)
+    shift, base = (4, (SCALE_EXP + 118) << 7) if fmt == "nvfp4" else (7, SCALE_EXP << 7)
+    sbits = (sb << shift) + base
+    sval = sbits.to(torch.int16).view(torch.bfloat16).float()                  # [E, M, K/g]
+    # regs -> element positions: R0 (r,2c..), R1 (r+8,2c..), R2 (r,2c+8..), R3 (r+8,2c+8..)
+    v = bf.reshape(E, Mt, Kt, 2, 128, 4, 8)                                     # [..., t, kb, v_0..v_7]
+    r, c = _fragment_index_maps(rec.device)
+    vals = torch.zeros(E, Mt, 2, 64, Kt, 4, 16, dtype=torch.float32, device=rec.device)
+    rows = torch.stack([r, r, r + 8, r + 8, r, r, r + 8, r + 8], dim=-1)
+    cols = torch.stack([2 * c, 2 * c + 1, 2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9, 2 * c + 8, 2 * c + 9], dim=-1)
+    vals[:, :, :, rows, :, :, cols] = v.permute(4, 6, 0, 1, 3, 2, 5)
+    w = vals.reshape(E, M, K) * sval.repeat_interleave(g, dim=-1)
+    return w.to(torch.bfloat16).float() * ACC_FIX
+
 
 
 @dataclass
@@ -244,6 +372,7 @@ class PackedExperts:
     w2: torch.Tensor           # [E, (D/128)*(I/64), rows, 256] uint8
     dim: int
     inter: int
+    alphas: tuple = ()         # (gate, up, down) fp32 [E] times ACC_FIX (undoes the decode's 2^-ACC_FIX)
 
 
 def prepare_experts(experts: Experts) -> Experts:
@@ -260,7 +389,9 @@ def prepare_experts(experts: Experts) -> Experts:
         fmt=experts.fmt,
         w13=repack_fp4(w13, s13, experts.fmt),
         w2=repack_fp4(experts.w2.view(torch.uint8), experts.w2_scale.view(torch.uint8), experts.fmt),
-        dim=dim, inter=inter)
+        dim=dim, inter=inter,
+        alphas=tuple(a.to(torch.float32) * ACC_FIX for a in (experts.alpha_gate, experts.alpha_up,
+                                                             experts.alpha_down)))
     return experts
 
 
@@ -330,49 +461,37 @@ if HAVE_CUTE:
     def _struct4(res, loc, ip):
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
+    def _decode_asm() -> str:
+        m6, m14 = _R3_MASK
+        pm = _BF16_PAIR_MASK
+        return (
+            "{\n.reg .b32 d0, d1, d2, d3, t, u;\n"
+            f"and.b32 d0, $6, {pm:#x};\n"
+            f"shf.l.wrap.b32 t, $6, $6, {_ROT[1][0]};\nand.b32 d1, t, {pm:#x};\n"
+            f"shf.l.wrap.b32 t, $6, $6, {_ROT[2][0]};\nand.b32 d2, t, {pm:#x};\n"
+            f"shf.l.wrap.b32 t, $6, $6, 6;\nshf.l.wrap.b32 u, $6, $6, 14;\n"
+            f"and.b32 t, t, {m6:#x};\nand.b32 u, u, {m14:#x};\nor.b32 d3, t, u;\n"
+            "mul.rn.bf16x2 $0, d0, $4;\nmul.rn.bf16x2 $1, d1, $5;\n"
+            "mul.rn.bf16x2 $2, d2, $4;\nmul.rn.bf16x2 $3, d3, $5;\n}")
+
     @dsl_user_op
-    def decode_fp4x8_scaled(word: Int32, scale_pair: Int32, *, loc=None, ip=None):
-        """One permuted code word (8 e2m1) + bf16x2 (s_r, s_r8) -> 4 bf16x2 fragment registers, scale applied."""
-        asm = (
-            "{\n.reg .b32 m, mh, l0, l1, h0, h1, t, s, tl0, tl1, th0, th1, pl, ph;\n.reg .b16 sl, sh;\n"
-            "mov.b32 tl0, 0xC0800000;\nmov.b32 tl1, 0xC0804000;\n"      # low bytes of bf16(|e2m1|), codes 0..7
-            "mov.b32 th0, 0x3F3F3F00;\nmov.b32 th1, 0x40404040;\n"      # high bytes
-            "and.b32 m, $4, 0x77777777;\nshr.b32 mh, m, 16;\n"
-            "prmt.b32 l0, tl0, tl1, m;\nprmt.b32 l1, tl0, tl1, mh;\n"
-            "prmt.b32 h0, th0, th1, m;\nprmt.b32 h1, th0, th1, mh;\n"
-            "prmt.b32 $0, l0, h0, 0x5140;\nprmt.b32 $1, l0, h0, 0x7362;\n"
-            "prmt.b32 $2, l1, h1, 0x5140;\nprmt.b32 $3, l1, h1, 0x7362;\n"
-            "and.b32 t, $4, 0x80008000;\nor.b32 $0, $0, t;\n"
-            "shl.b32 s, $4, 4;\nand.b32 t, s, 0x80008000;\nor.b32 $1, $1, t;\n"
-            "shl.b32 s, $4, 8;\nand.b32 t, s, 0x80008000;\nor.b32 $2, $2, t;\n"
-            "shl.b32 s, $4, 12;\nand.b32 t, s, 0x80008000;\nor.b32 $3, $3, t;\n"
-            "mov.b32 {sl, sh}, $5;\nmov.b32 pl, {sl, sl};\nmov.b32 ph, {sh, sh};\n"
-            "mul.rn.bf16x2 $0, $0, pl;\nmul.rn.bf16x2 $1, $1, ph;\n"
-            "mul.rn.bf16x2 $2, $2, pl;\nmul.rn.bf16x2 $3, $3, ph;\n}"
-        )
+    def decode_fp4x8_scaled(word: Int32, scale_r: Int32, scale_r8: Int32, *, loc=None, ip=None):
+        """One stored code word (8 e2m1) + bf16x2 scales (s_r, s_r), (s_r8, s_r8) -> the 4 bf16x2 fragment
+        registers R0..R3 (rows r, r+8, r, r+8) times their scale: rotate + mask places the bits (see _ROT)."""
         res = _llvm.inline_asm(
             _ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"),
-            [Int32(word).ir_value(loc=loc, ip=ip), Int32(scale_pair).ir_value(loc=loc, ip=ip)],
-            asm, "=r,=r,=r,=r,r,r", has_side_effects=False, loc=loc, ip=ip)
+            [Int32(scale_r).ir_value(loc=loc, ip=ip), Int32(scale_r8).ir_value(loc=loc, ip=ip),
+             Int32(word).ir_value(loc=loc, ip=ip)],
+            _decode_asm(), "=r,=r,=r,=r,r,r,r", has_side_effects=False, loc=loc, ip=ip)
         return _struct4(res, loc, ip)
 
     @dsl_user_op
-    def e4m3x2_to_bf16x2(word: Int32, shift: int, *, loc=None, ip=None) -> Int32:
-        """Two e4m3 bytes at bits [shift, shift+16) -> bf16x2 (exact: every e4m3 value is a bf16 value)."""
-        asm = (
-            "{\n.reg .b32 w, h2, o;\n.reg .b16 lo16, a, b;\n.reg .f32 fa, fb;\n"
-            f"shr.b32 w, $1, {shift};\ncvt.u16.u32 lo16, w;\n"
-            "cvt.rn.f16x2.e4m3x2 h2, lo16;\nmov.b32 {a, b}, h2;\n"
-            "cvt.f32.f16 fa, a;\ncvt.f32.f16 fb, b;\ncvt.rn.bf16x2.f32 $0, fb, fa;\n}"
-        )
-        return Int32(_llvm.inline_asm(_T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
-                                      has_side_effects=False, loc=loc, ip=ip))
-
-    @dsl_user_op
-    def e8m0x2_to_bf16x2(word: Int32, shift: int, *, loc=None, ip=None) -> Int32:
-        """Two e8m0 bytes at bits [shift, shift+16) -> bf16x2 2^(e-127) (exact for e in 1..254)."""
-        sel = 0x4140 if shift == 0 else 0x4342
-        asm = f"{{\n.reg .b32 t;\nprmt.b32 t, $1, 0, {sel:#x};\nshl.b32 $0, t, 7;\n}}"
+    def scale_pair_bf16x2(word: Int32, byte: int, fmt: str, *, loc=None, ip=None) -> Int32:
+        """Stored scale byte `byte` of word -> bf16x2 (s, s) with s = bf16(scale * 2^SCALE_EXP): prmt + mad."""
+        shift, base = (4, (SCALE_EXP + 118) << 7) if fmt == "nvfp4" else (7, SCALE_EXP << 7)
+        sel = 0x4040 | byte | (byte << 8)
+        asm = (f"{{\n.reg .b32 t;\nprmt.b32 t, $1, 0, {sel:#x};\n"
+               f"mad.lo.u32 $0, t, {1 << shift}, {base | (base << 16):#x};\n}}")
         return Int32(_llvm.inline_asm(_T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
                                       has_side_effects=False, loc=loc, ip=ip))
 
@@ -383,19 +502,22 @@ if HAVE_CUTE:
         -> bf16 out [rows, I]. swiglu=False (GEMM2): W = w2, out = acc·α_down -> bf16 [rows, D] (one row per slot).
         """
 
-        def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool):
+        def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
+                     smem_budget: int = 72 * 1024):
             self.fmt, self.tile_n, self.k_dim, self.n_out, self.swiglu = fmt, tile_n, k_dim, n_out, swiglu
-            self.k_tiles = k_dim // TILE_K
+            self.k_splits = k_splits
+            assert (k_dim // TILE_K) % (2 * k_splits) == 0, "each K slice needs an even number of 64-k tiles"
+            self.k_tiles = k_dim // TILE_K // k_splits           # k-tiles per CTA (one K slice)
             self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
             self.rec_rows = record_bytes(fmt) // REC_ROW
             stage_bytes = record_bytes(fmt) + tile_n * TILE_K * 2
-            self.stages = max(3, min(10, (72 * 1024) // stage_bytes))
+            self.stages = max(3, min(10, self.k_tiles, smem_budget // stage_bytes))
             self.threads = 128
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
-                     stream):
+                     mPartial: cute.Tensor, mCount: cute.Tensor, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
                 tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
@@ -414,20 +536,21 @@ if HAVE_CUTE:
                 bars: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
                 sW: cute.struct.Align[cute.struct.MemRange[Uint8, cute.cosize(w_smem_layout)], 1024]
                 sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_smem_layout)], 1024]
+                arrived: cute.struct.MemRange[Int32, 4]
 
             self.shared_storage = SharedStorage
             num_tiles = cute.size(mTiles, mode=[0])
             self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit,
-                        w_smem_layout, b_smem_layout).launch(
-                grid=[num_tiles, self.m_tiles, 1], block=[self.threads, 1, 1], stream=stream)
+                        mPartial, mCount, w_smem_layout, b_smem_layout).launch(
+                grid=[num_tiles, self.m_tiles, self.k_splits], block=[self.threads, 1, 1], stream=stream)
 
         @cute.kernel
         def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
                    mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
-                   mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
-                   w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
+                   mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor,
+                   mCount: cute.Tensor, w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
             tidx, _, _ = cute.arch.thread_idx()
-            bid_t, bid_m, _ = cute.arch.block_idx()
+            bid_t, bid_m, bid_k = cute.arch.block_idx()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
             expert = mTiles[bid_t, 0]
             row0 = mTiles[bid_t, 1]
@@ -454,7 +577,8 @@ if HAVE_CUTE:
                 gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K), (0, None))
                 tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
                                                    cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
-                rec0 = bid_m * self.k_tiles
+                kt0 = bid_k * self.k_tiles                                    # first k-tile of this K slice
+                rec0 = bid_m * self.k_tiles * self.k_splits + kt0
 
                 thr_mma = tiled_mma.get_slice(tidx)
                 tCsB = thr_mma.partition_B(sB)
@@ -470,12 +594,13 @@ if HAVE_CUTE:
                 sW32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32),
                                         cute.make_layout((4, 128, 2, self.stages),
                                                          stride=(1, 4, 512, self.rec_rows * REC_ROW // 4)))
-                sw_words = 2 * _scale_bytes_per_thread_atom(self.fmt) // 4        # per thread, both atoms
-                sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + 1024,
-                                        cute.make_layout((sw_words, 128, self.stages),
-                                                         stride=(1, sw_words, self.rec_rows * REC_ROW // 4)))
+                nw = _scale_words_per_atom(self.fmt)                   # per quad (rows r, r+8), per atom
+                sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + CODE_BYTES // 4,
+                                        cute.make_layout((nw, 32, 2, self.stages),
+                                                         stride=(1, nw, 32 * nw, self.rec_rows * REC_ROW // 4)))
                 codes = cute.make_rmem_tensor((4, 2), Int32)
-                scl = cute.make_rmem_tensor((sw_words,), Int32)
+                scl = cute.make_rmem_tensor((nw, 2), Int32)
+                quad = tidx // 4
 
                 prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                 cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -486,7 +611,7 @@ if HAVE_CUTE:
                         pipe.producer_acquire(prod)
                         cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
                                   tma_bar_ptr=pipe.producer_get_barrier(prod))
-                        cute.copy(tma_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)],
+                        cute.copy(tma_b, tBgB[(None, kt0 + prod.count)], tBsB[(None, prod.index)],
                                   tma_bar_ptr=pipe.producer_get_barrier(prod))
                         pipe.producer_commit(prod)
                         prod.advance()
@@ -498,16 +623,19 @@ if HAVE_CUTE:
                         stage = cons.index
                         for a in cutlass.range_constexpr(2):
                             cute.autovec_copy(sW32[None, tidx, a, stage], codes[None, a])
-                        cute.autovec_copy(sS32[None, tidx, stage], scl)
+                        for a in cutlass.range_constexpr(2):
+                            cute.autovec_copy(sS32[None, quad, a, stage], scl[None, a])
                         for a in cutlass.range_constexpr(2):
                             for kb in cutlass.range_constexpr(4):
                                 if const_expr(self.fmt == "nvfp4"):
-                                    # scale bytes per atom: (s_r, s_r8) for k16 blocks 0..3 = 2 words
-                                    pair = e4m3x2_to_bf16x2(scl[2 * a + kb // 2], 16 * (kb % 2))
+                                    # per atom: word 0 = s_r of k16 blocks 0..3, word 1 = s_r8
+                                    s_r = scale_pair_bf16x2(scl[0, a], kb, self.fmt)
+                                    s_r8 = scale_pair_bf16x2(scl[1, a], kb, self.fmt)
                                 else:
-                                    # per atom: (s_r, s_r8) for k32 groups 0..1 = 1 word
-                                    pair = e8m0x2_to_bf16x2(scl[a], 16 * (kb // 2))
-                                r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pair)
+                                    # per atom: one word = (s_r, s_r) of k32 groups 0, 1, then (s_r8, s_r8)
+                                    s_r = scale_pair_bf16x2(scl[0, a], kb // 2, self.fmt)
+                                    s_r8 = scale_pair_bf16x2(scl[0, a], 2 + kb // 2, self.fmt)
+                                r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8)
                                 frag[(0, 0, 0), a, kb] = r0
                                 frag[(0, 1, 0), a, kb] = r1
                                 frag[(0, 0, 1), a, kb] = r2
@@ -528,7 +656,7 @@ if HAVE_CUTE:
                                 pipe.producer_acquire(prod)
                                 cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
                                           tma_bar_ptr=pipe.producer_get_barrier(prod))
-                                cute.copy(tma_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)],
+                                cute.copy(tma_b, tBgB[(None, kt0 + prod.count)], tBsB[(None, prod.index)],
                                           tma_bar_ptr=pipe.producer_get_barrier(prod))
                                 pipe.producer_commit(prod)
                                 prod.advance()
@@ -537,23 +665,62 @@ if HAVE_CUTE:
                 # epilogue: acc element (m, n) = weight row m of the tile, token n of the tile
                 cC = cute.make_identity_tensor((TILE_M, self.tile_n))
                 tCcC = thr_mma.partition_C(cC)
-                if const_expr(self.swiglu):
-                    a_gate = mAlpha0[expert]
-                    a_up = mAlpha1[expert]
-                    for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                        m, n = tCcC[v, 0, 0]
-                        if n < nrows:
-                            hh = cute.math.min(acc[v, 0, 0] * a_gate, limit)
-                            uu = cute.math.max(cute.math.min(acc[v, 1, 0] * a_up, limit), -limit)
-                            act = mRowW[row0 + n] * hh / (1.0 + cute.math.exp(-hh)) * uu
-                            mOut[row0 + n, bid_m * 64 + m] = act.to(BFloat16)
+                if const_expr(self.k_splits == 1):
+                    self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m)
                 else:
-                    a_down = mAlpha0[expert]
+                    # split-K: every slice stores its fp32 partial; the last slice to arrive (counter per tile)
+                    # sums all partials in slice order 0..S-1 (so the result does not depend on who is last),
+                    # resets the counter and runs the epilogue.
+                    col0 = bid_m * TILE_M
                     for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
                         for a in cutlass.range_constexpr(2):
                             m, n = tCcC[v, a, 0]
                             if n < nrows:
-                                mOut[row0 + n, bid_m * TILE_M + m] = (acc[v, a, 0] * a_down).to(BFloat16)
+                                mPartial[bid_k, row0 + n, col0 + m] = acc[v, a, 0]
+                    cute.arch.fence_acq_rel_gpu()
+                    cute.arch.sync_threads()
+                    arrived = storage.arrived.get_tensor(cute.make_layout(4))
+                    counter = bid_t * self.m_tiles + bid_m
+                    if tidx == 0:
+                        arrived[0] = cute.arch.atomic_add(mCount.iterator + counter, Int32(1), sem="acq_rel",
+                                                          scope="gpu")
+                    cute.arch.sync_threads()
+                    if arrived[0] == self.k_splits - 1:
+                        cute.arch.fence_acq_rel_gpu()
+                        acc.fill(0.0)
+                        for z in cutlass.range_constexpr(self.k_splits):
+                            for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
+                                for a in cutlass.range_constexpr(2):
+                                    m, n = tCcC[v, a, 0]
+                                    if n < nrows:
+                                        off = cute.crd2idx((z, row0 + n, col0 + m), mPartial.layout)
+                                        acc[v, a, 0] = acc[v, a, 0] + cute.arch.load(mPartial.iterator + off,
+                                                                                      Float32, cop="cg")
+                        if tidx == 0:
+                            mCount[counter] = 0
+                        self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows,
+                                      bid_m)
+
+        @cute.jit
+        def epilogue(self, acc, tCcC, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor,
+                     mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, bid_m):
+            if const_expr(self.swiglu):
+                a_gate = mAlpha0[expert]
+                a_up = mAlpha1[expert]
+                for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
+                    m, n = tCcC[v, 0, 0]
+                    if n < nrows:
+                        hh = cute.math.min(acc[v, 0, 0] * a_gate, limit)
+                        uu = cute.math.max(cute.math.min(acc[v, 1, 0] * a_up, limit), -limit)
+                        act = mRowW[row0 + n] * hh / (1.0 + cute.math.exp(-hh)) * uu
+                        mOut[row0 + n, bid_m * 64 + m] = act.to(BFloat16)
+            else:
+                a_down = mAlpha0[expert]
+                for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
+                    for a in cutlass.range_constexpr(2):
+                        m, n = tCcC[v, a, 0]
+                        if n < nrows:
+                            mOut[row0 + n, bid_m * TILE_M + m] = (acc[v, a, 0] * a_down).to(BFloat16)
 
 
     class MoeRouting:
@@ -599,17 +766,33 @@ if HAVE_CUTE:
                     e = E
                 mPos[s] = cute.arch.atomic_add(cnt.iterator + e, Int32(1), scope="cta")   # rank inside e
             cute.arch.sync_threads()
-            if tidx == 0:
+            if tidx < 32:        # warp 0: exclusive prefix sums of rows and token tiles, 32 experts per step
+                lane = tidx
                 acc = Int32(0)
                 tacc = Int32(0)
-                for e in cutlass.range(E + 1, unroll=1):
-                    c = cnt[e]
-                    start[e] = acc
-                    tstart[e] = tacc
-                    acc += c
-                    if e < E:
-                        tacc += (c + self.tile_n - 1) // self.tile_n
-                tstart[E + 1] = tacc
+                for base in cutlass.range(0, E + 1, 32, unroll=1):
+                    e = base + lane
+                    c = Int32(0)
+                    t = Int32(0)
+                    if e <= E:
+                        c = cnt[e]
+                        if e < E:
+                            t = (c + self.tile_n - 1) // self.tile_n
+                    ci = c
+                    ti = t
+                    for d in cutlass.range_constexpr(5):          # inclusive warp scan
+                        cu = cute.arch.shuffle_sync_up(ci, 1 << d)
+                        tu = cute.arch.shuffle_sync_up(ti, 1 << d)
+                        if lane >= (1 << d):
+                            ci = ci + cu
+                            ti = ti + tu
+                    if e <= E:
+                        start[e] = acc + ci - c
+                        tstart[e] = tacc + ti - t
+                    acc = acc + cute.arch.shuffle_sync(ci, 31)
+                    tacc = tacc + cute.arch.shuffle_sync(ti, 31)
+                if lane == 0:
+                    tstart[E + 1] = tacc
             cute.arch.sync_threads()
             for s in cutlass.range(tidx, R, self.threads, unroll=1):
                 e = mIds[s]
@@ -693,9 +876,10 @@ def _compile_routing(num_experts: int, top_k: int, tile_n: int):
     return _load_or_compile(("route", num_experts, top_k, tile_n), build)
 
 
-def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool):
+def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
+                  smem_budget: int = 72 * 1024):
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
-    config = (fmt, tile_n, k_dim, n_out, swiglu)
+    config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget)
     fn = _COMPILED.get(config)
     if fn is not None:
         return fn
@@ -708,9 +892,9 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool):
         except Exception:   # noqa: BLE001 - a stale or broken object: recompile below
             fn = None
     if fn is None:
-        gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu)
+        gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget)
         rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
-        mk = gemm.m_tiles * gemm.k_tiles
+        mk = gemm.m_tiles * gemm.k_tiles * gemm.k_splits
         rec = gemm.rec_rows * REC_ROW
         w = cute.runtime.make_fake_tensor(Uint8, (REC_ROW, gemm.rec_rows, mk, n_exp),
                                           stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)),
@@ -722,8 +906,11 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool):
         alpha0 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
         alpha1 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
         row_w = cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),), assumed_align=4)
+        partial = cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int(), cute.sym_int()),
+                                                        stride_order=(2, 1, 0), assumed_align=16)
+        count = cute.runtime.make_fake_compact_tensor(Int32, (cute.sym_int(),), assumed_align=4)
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        fn = cute.compile(gemm, w, b, out, tiles, alpha0, alpha1, row_w, Float32(0.0), stream,
+        fn = cute.compile(gemm, w, b, out, tiles, alpha0, alpha1, row_w, Float32(0.0), partial, count, stream,
                           options="--enable-tvm-ffi")
         try:
             os.makedirs(_CACHE_DIR, exist_ok=True)
@@ -734,6 +921,34 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool):
             print(f"nano-dsv4: could not write the kernel cache {obj}: {e}", file=sys.stderr)
     _COMPILED[config] = fn
     return fn
+
+
+SPLIT_K = True                    # decode: split K over CTAs when too few (expert, row-tile) CTAs fill the GPU
+SPLIT_MIN_K_TILES = 8             # fewest 64-k tiles per K slice
+SPLIT_CTAS_PER_SM = 6             # split until about this many CTAs per SM
+DECODE_SMEM_BUDGET = 40 * 1024    # pipeline smem per CTA for tile_n <= 16 (more CTAs per SM); else 72 KB
+_COUNTERS: dict = {}
+
+
+def pick_k_splits(num_rows: int, num_experts: int, m_tiles: int, k_tiles: int, num_sms: int) -> int:
+    """K slices per (expert, row-tile) CTA: a power of 2 that brings the CTA count to ~SPLIT_CTAS_PER_SM per SM,
+    keeping >= SPLIT_MIN_K_TILES k-tiles per slice. min(num_experts, num_rows) bounds the hit experts (no host sync)."""
+    ctas = min(num_experts, num_rows) * m_tiles
+    splits = 1
+    while (SPLIT_K and ctas * splits * 2 <= SPLIT_CTAS_PER_SM * num_sms and k_tiles % (4 * splits) == 0
+           and k_tiles // (2 * splits) >= SPLIT_MIN_K_TILES):
+        splits *= 2
+    return splits
+
+
+def _split_counters(device, n: int) -> torch.Tensor:
+    """Zeroed per-tile arrival counters for split-K (the last CTA of a tile resets its counter, so the buffer stays
+    zero between launches). Shared by all split-K launches on a device: launches must not run concurrently."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
@@ -760,13 +975,20 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
         y_rows.fill_(float("nan"))
     y_rows[R].zero_()                                               # the row skipped slots point at
     limit = float(swiglu_limit) if swiglu_limit else math.inf
-    gemm1 = _compile_gemm(pk.fmt, tile_n, D, inter, True)
-    gemm2 = _compile_gemm(pk.fmt, tile_n, inter, D, False)
-    a_gate = experts.alpha_gate.to(torch.float32)
-    a_up = experts.alpha_up.to(torch.float32)
-    a_down = experts.alpha_down.to(torch.float32)
-    gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit)
-    gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    smem = DECODE_SMEM_BUDGET if tile_n <= 16 else 72 * 1024
+    s1 = pick_k_splits(R, E, 2 * inter // TILE_M, D // TILE_K, sms)
+    s2 = pick_k_splits(R, E, D // TILE_M, inter // TILE_K, sms)
+    gemm1 = _compile_gemm(pk.fmt, tile_n, D, inter, True, s1, smem)
+    gemm2 = _compile_gemm(pk.fmt, tile_n, inter, D, False, s2, smem)
+    n_tab = tiles.shape[0]
+    counters = _split_counters(dev, n_tab * max(2 * inter, D) // TILE_M)
+    unused = _COUNTERS.setdefault((dev, "unused"), torch.zeros(1, 1, 4, dtype=torch.float32, device=dev))
+    part1 = torch.empty(s1, R, 2 * inter, dtype=torch.float32, device=dev) if s1 > 1 else unused   # fp32 partials
+    part2 = torch.empty(s2, R, D, dtype=torch.float32, device=dev) if s2 > 1 else unused
+    a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
+    gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit, part1, counters)
+    gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, part2, counters)
     return y_rows[pos.view(T, k)].sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
