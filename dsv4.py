@@ -147,27 +147,39 @@ def all_gather(x: torch.Tensor, par: Parallel, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
-def init_distributed(device: str = "auto") -> tuple[Parallel, torch.device]:
+def broadcast_ids(ids: list[int] | None, par: Parallel, device) -> list[int] | None:
+    """Rank 0's list of ints (or None) on every rank; the other ranks' ids are ignored. A host sync: for prompts and
+    seeds, never inside decode."""
+    if par.size == 1:
+        return ids
+    n = torch.tensor([-1 if ids is None else len(ids)], dtype=torch.long, device=device)
+    dist.broadcast(n, 0)
+    if int(n) < 0:
+        return None
+    buf = torch.tensor(ids, dtype=torch.long, device=device) if par.rank == 0 else \
+        torch.empty(int(n), dtype=torch.long, device=device)
+    dist.broadcast(buf, 0)
+    return buf.tolist()
+
+
+def init_distributed(device="auto") -> tuple[Parallel, torch.device]:
     """Join the torchrun world named by the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with
-    GPU cuda:LOCAL_RANK on CUDA, gloo on CPU. Without torchrun (WORLD_SIZE unset or 1): no process group.
-    device: "auto" (cuda if available), "cpu" or "cuda". -> (Parallel, this rank's device)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
-    if size == 1 or (dist.is_available() and dist.is_initialized()):
-        dev = torch.device(device if device != "auto" else kind)
-        if dist.is_available() and dist.is_initialized() and kind == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    GPU cuda:LOCAL_RANK when device is CUDA ("auto": CUDA if present), gloo on CPU. Without torchrun (WORLD_SIZE unset
+    or 1) nothing is initialised. -> (this rank's Parallel, its device)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Parallel.current(), dev
-    if kind == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise ShardError(f"rank with LOCAL_RANK {local} has no GPU: only {torch.cuda.device_count()} visible")
-        dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if dev.index >= torch.cuda.device_count():
+            raise ShardError(f"rank with LOCAL_RANK {dev.index} has no GPU: {torch.cuda.device_count()} visible "
+                             "(--nproc-per-node must not exceed the GPUs)")
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
-    else:
-        dev = torch.device("cpu")
-        dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)           # eager communicator: ready before graph capture
+        else:
+            dist.init_process_group("gloo")
     return Parallel.current(), dev
 
 
@@ -182,27 +194,39 @@ def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(amax / qmax)))
 
 
+def act_quant_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8's two parts: x [..., K] -> (e4m3 codes [..., K], fp32 power-of-two scales [..., K/block])."""
+    xb = x.float().unflatten(-1, (-1, block))
+    s = pow2_scale(xb.abs().amax(-1, keepdim=True).clamp(min=1e-4), FP8_MAX)
+    return (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).flatten(-2), s.squeeze(-1)
+
+
 def act_quant(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     """Q8: FP8 e4m3 quantize-dequantize over contiguous blocks of the last dim, power-of-two scale per block."""
-    shape = x.shape
-    xb = x.float().unflatten(-1, (shape[-1] // block, block))
-    s = pow2_scale(xb.abs().amax(-1, keepdim=True).clamp(min=1e-4), FP8_MAX)
-    q = (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    return (q * s).flatten(-2).to(x.dtype)
+    q, s = act_quant_fp8(x, block)
+    return (q.float().unflatten(-1, (-1, block)) * s[..., None]).flatten(-2).to(x.dtype)
 
 
 E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)   # midpoints between the e2m1 magnitudes
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_TABLES: dict = {}
+
+
+def e2m1_tables(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E2M1_BOUNDS, E2M1_GRID) as tensors on device, made once: a CUDA-graph capture must not copy from the host."""
+    if device not in _E2M1_TABLES:
+        _E2M1_TABLES[device] = (torch.tensor(E2M1_BOUNDS, device=device), torch.tensor(E2M1_GRID, device=device))
+    return _E2M1_TABLES[device]
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 values (|x| <= 6) to the nearest e2m1 value, ties to the even code."""
-    bounds = torch.tensor(E2M1_BOUNDS, device=x.device)
+    bounds, grid = e2m1_tables(x.device)
     a = x.abs()
     code = torch.bucketize(a, bounds)                                     # bounds[code-1] < a <= bounds[code]
     tie = (a == bounds[code.clamp(max=len(E2M1_BOUNDS) - 1)]) & (code % 2 == 1)
     code = code + tie.long()                                               # at an odd tie, go up to the even code
-    return torch.tensor(E2M1_GRID, device=x.device)[code] * x.sign()
+    return grid[code] * x.sign()
 
 
 def fp4_quant(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -228,9 +252,60 @@ def dequant_fp8(w: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
     return (w.float() * s).to(dtype)
 
 
+def mm_block_scales(scale: torch.Tensor) -> torch.Tensor:
+    """e8m0 weight scales [N/128, K/128] -> the fp32 layout scaled_mm takes for 128x128 blocks: [K/128 rounded up to
+    a multiple of 4, N/128], K-block index fastest."""
+    nb, kb = scale.shape
+    s = torch.zeros(nb, -(-kb // 4) * 4, device=scale.device)
+    s[:, :kb] = scale.float()
+    return s.t()
+
+
+def fp8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype):
+    """Blockwise-scaled FP8 GEMM on Hopper tensor cores (cuBLASLt): q [M,K] e4m3 with fp32 scales [M,K/128] (1x128
+    blocks) times weight [N,K] e4m3 with its 128x128 block scales in mm_block_scales layout -> [M,N] in out_dtype.
+    Both scales are applied per 128-wide K block inside the fp32 accumulation, as in the reference kernel."""
+    BW = F.ScalingType
+    return F.scaled_mm(q, weight.t(), q_scale.t().contiguous().t(), BW.BlockWise1x128, weight_scale,
+                       BW.BlockWise128x128, output_dtype=out_dtype)
+
+
+_FP8_GEMM: dict = {}   # CUDA device -> None if fp8_gemm runs there, else the reason it does not
+
+
+def fp8_gemm_unavailable(device: torch.device) -> str | None:
+    """None if fp8_gemm runs on this CUDA device and agrees with the dequantized reference, else why not (said once
+    on stderr). Probed once per device with a small GEMM: a host sync, so the first call must not be inside a
+    CUDA-graph capture (Transformer.decode runs every step eagerly once before capturing it)."""
+    if device not in _FP8_GEMM:
+        reason = None
+        if not hasattr(F, "scaled_mm"):
+            reason = f"torch {torch.__version__} has no torch.nn.functional.scaled_mm"
+        elif torch.cuda.get_device_capability(device) != (9, 0):
+            reason = "1x128 x 128x128 block scaling runs on sm_90 only"
+        else:
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                w = torch.randn(256, 384, device=device, generator=g).to(torch.float8_e4m3fn)
+                s = torch.randint(118, 126, (2, 3), device=device, generator=g, dtype=torch.uint8)
+                s = s.view(torch.float8_e8m0fnu)
+                x = torch.randn(3, 384, device=device, generator=g).to(torch.bfloat16)
+                ref = F.linear(act_quant(x).float(), dequant_fp8(w, s, torch.float32))
+                y = fp8_gemm(*act_quant_fp8(x), w, mm_block_scales(s), torch.bfloat16).float()
+                err = ((y - ref).norm() / ref.norm()).item()
+                reason = None if err < 1e-2 else f"scaled_mm disagrees with the reference (rel err {err:.1e})"
+            except Exception as e:   # noqa: BLE001 - any failure of the probe means: not on this device
+                reason = f"scaled_mm failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        if reason is not None:
+            print(f"nano-dsv4: FP8 linears dequantize their weights per call on {device} ({reason})", file=sys.stderr)
+        _FP8_GEMM[device] = reason
+    return _FP8_GEMM[device]
+
+
 class Linear(nn.Module):
     """y = x Wᵀ for a weight that is either FP8 e4m3 + e8m0 128x128 block scales (official) or plain float.
-    FP8 weights stay FP8 in memory; the quant-sim rounds activations to FP8 first, as the reference kernel does."""
+    FP8 weights stay FP8 in memory; the quant-sim rounds activations to FP8 first, as the reference kernel does.
+    On Hopper that rounding is real: x goes to e4m3 + 1x128 scales and the FP8 tensor cores take both block scales."""
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.float8_e4m3fn):
         super().__init__()
@@ -240,13 +315,38 @@ class Linear(nn.Module):
         self.scale = nn.Parameter(scale, requires_grad=False) if dtype == torch.float8_e4m3fn else None
         self.quant_sim = True
         self.dequantize_at_load = False
+        self._mm_scale = self._mm_scale_of = None                  # mm_block_scales(scale), made on first GPU use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return F.linear(x, self.weight.to(x.dtype))
+        if self.quant_sim and x.is_cuda and x.dtype == torch.bfloat16 and fp8_gemm_unavailable(x.device) is None:
+            if self._mm_scale_of is not self.scale:
+                self._mm_scale, self._mm_scale_of = mm_block_scales(self.scale), self.scale
+            q, s = act_quant_fp8(x.flatten(0, -2), 128)
+            return fp8_gemm(q, s, self.weight, self._mm_scale, x.dtype).unflatten(0, x.shape[:-1])
         if self.quant_sim:
             x = act_quant(x, 128)
         return F.linear(x, dequant_fp8(self.weight, self.scale, x.dtype))
+
+
+_MM_FP32_OUT: dict = {}   # CUDA device -> does torch.mm(bf16, bf16, out_dtype=torch.float32) run there
+
+
+def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits x Wᵀ, as the reference's fp32 matmul of the bf16 x and head weight. Products of bf16 values are
+    exact in fp32, so on CUDA a bf16 GEMM that accumulates into an fp32 output is the same math, without streaming an
+    fp32 copy of the (vocab x D) weight every step."""
+    if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
+        if x.device not in _MM_FP32_OUT:
+            try:
+                torch.mm(weight[:1], weight[:1].t(), out_dtype=torch.float32)
+                _MM_FP32_OUT[x.device] = True
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_FP32_OUT[x.device] = False
+        if _MM_FP32_OUT[x.device]:
+            return torch.mm(x.flatten(0, -2), weight.t(), out_dtype=torch.float32).unflatten(0, x.shape[:-1])
+    return F.linear(x.float(), weight.float())
 
 
 class RMSNorm(nn.Module):
@@ -376,15 +476,9 @@ class Compressor(nn.Module):
             else:
                 kv, sc = A[:, :n * r].unflatten(1, (n, r)), G[:, :n * r].unflatten(1, (n, r))
             pooled = (kv * sc.softmax(2)).sum(2)                       # per-channel softmax over the block's rows
-            C = self.norm(pooled.to(self.kv_cache.dtype))
             j0 = p0 // r
-            C = apply_rope(C, angles[torch.arange(j0, j0 + n, device=x.device) * r])   # at the block's first token
-            if self.rotate:          # indexer keys: Hadamard + FP4 sim
-                if self.quant_sim:
-                    C = fp4_quant((C.float() @ hadamard).to(C.dtype), 32)
-            elif self.quant_sim:     # attention keys: FP8 sim of the no-rope dims
-                C = torch.cat([act_quant(C[..., :-self.rope_dim], 64), C[..., -self.rope_dim:]], -1)
-            self.kv_cache[:B, j0:j0 + n] = C
+            self.kv_cache[:B, j0:j0 + n] = self._entry(pooled, angles[torch.arange(j0, j0 + n, device=x.device) * r],
+                                                       hadamard)
         end = p + S
         rem, first = end % r, (end - end % r) - (p0 - off)            # A-row index of the new open block
         if self.overlap and n > 0:
@@ -392,6 +486,44 @@ class Compressor(nn.Module):
         self.kv_state[:B, off:off + rem] = A[:, first:first + rem]
         self.score_state[:B, off:off + rem] = G[:, first:first + rem]
         return end // r
+
+    def _entry(self, pooled: torch.Tensor, angles: torch.Tensor, hadamard: torch.Tensor | None) -> torch.Tensor:
+        """Pooled blocks [B,n,d] fp32 -> cache entries: RMSNorm, RoPE at each block's first token (angles [n,rd/2]),
+        then the quant sim of the cache it goes to."""
+        C = apply_rope(self.norm(pooled.to(self.kv_cache.dtype)), angles)
+        if self.rotate:          # indexer keys: Hadamard + FP4 sim
+            if self.quant_sim:
+                C = fp4_quant((C.float() @ hadamard).to(C.dtype), 32)
+        elif self.quant_sim:     # attention keys: FP8 sim of the no-rope dims
+            C = torch.cat([act_quant(C[..., :-self.rope_dim], 64), C[..., -self.rope_dim:]], -1)
+        return C
+
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor, hadamard: torch.Tensor | None):
+        """forward for one token per sequence, x [B,1,D] at position pos (int64 tensor [1] on x's device), with static
+        shapes and no host sync (CUDA-graph capturable): the token's (a, g+ape) row goes into the state, the open
+        block's entry is always pooled, and it is written to kv_cache[:, pos // ratio] only when this token completes
+        the block ((pos+1) % ratio == 0), before anything reads the cache."""
+        B = x.shape[0]
+        r, d = self.ratio, self.dim
+        off = r if self.overlap else 0
+        a = self.wkv(x.float())                                        # [B,1,c*d] fp32
+        g = self.wgate(x.float()) + self.ape[pos % r]
+        kv_state, score_state = self.kv_state[:B], self.score_state[:B]
+        kv_state.index_copy_(1, off + pos % r, a)
+        score_state.index_copy_(1, off + pos % r, g)
+        if self.overlap:              # A-halves of the previous block's rows + B-halves of this block's rows
+            kv = torch.cat([kv_state[:, :r, :d], kv_state[:, r:, d:]], 1)
+            sc = torch.cat([score_state[:, :r, :d], score_state[:, r:, d:]], 1)
+        else:
+            kv, sc = kv_state, score_state
+        pooled = (kv * sc.softmax(1)).sum(1, keepdim=True)            # [B,1,d]; garbage until the block is full
+        C = self._entry(pooled, angles[(pos + 1 - r).clamp(min=0)], hadamard)
+        done, j = (pos + 1) % r == 0, pos // r
+        cache = self.kv_cache[:B]
+        cache.index_copy_(1, j, torch.where(done, C, cache.index_select(1, j)))
+        if self.overlap:              # a completed block becomes the previous block of the next one
+            kv_state[:, :r] = torch.where(done, kv_state[:, r:], kv_state[:, :r])
+            score_state[:, :r] = torch.where(done, score_state[:, r:], score_state[:, :r])
 
 
 class Indexer(nn.Module):
@@ -410,14 +542,31 @@ class Indexer(nn.Module):
         """-> [B,S,k] indices into the compressed cache, -1 where a pick is not (yet) a completed block."""
         B, S, _ = x.shape
         pos = torch.arange(start_pos, start_pos + S, device=x.device)
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = apply_rope(q, angles[pos][:, None])
-        if self.quant_sim:
-            q = fp4_quant((q.float() @ self.hadamard).to(q.dtype), 32)
+        q = self._query(qr, angles[pos])
         T = self.compressor(x, start_pos, angles, self.hadamard)
         if T == 0:
             return torch.empty(B, S, 0, dtype=torch.long, device=x.device)
-        K = self.compressor.kv_cache[:B, :T]
+        return self._top_blocks(x, q, self.compressor.kv_cache[:B, :T], pos)
+
+    def decode(self, x, qr, pos: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """forward for one token per sequence at position pos (int64 tensor [1]), static shapes and no host sync: it
+        scores the whole preallocated cache, whose entries past the completed blocks are masked like future ones."""
+        q = self._query(qr, angles[pos])
+        self.compressor.decode(x, pos, angles, self.hadamard)
+        return self._top_blocks(x, q, self.compressor.kv_cache[:x.shape[0]], pos)
+
+    def _query(self, qr: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+        """qr [B,S,q_lora], angles at the query positions [S,rd/2] -> FP4-simulated indexer queries [B,S,h,d]."""
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(q, ang[:, None])
+        if self.quant_sim:
+            q = fp4_quant((q.float() @ self.hadamard).to(q.dtype), 32)
+        return q
+
+    def _top_blocks(self, x, q, K: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Queries q at positions pos [S] vs compressed keys K [B,T,d] -> [B,S,min(topk,T)] block ids, -1 where a
+        pick is not a block completed by that query."""
+        T = K.shape[1]
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         # fp64 q·k: with the FP4 sim the products are exact, so equal blocks tie exactly in every chunking
         score = (torch.einsum("bshd,btd->bsht", q.double(), K.double()).float().relu() * w[..., None]).sum(2)
@@ -489,17 +638,15 @@ class Attention(nn.Module):
                 m.setup_cache(batch, max_seq_len, dtype, device)
 
     def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, query_block: int = 256):
+        """x [B,S,D] at positions start_pos..start_pos+S-1 -> [B,S,D]. start_pos may also be an int64 tensor [1]
+        with S = 1: then it is the graph-capturable decode step (decode)."""
+        if torch.is_tensor(start_pos):
+            return self.decode(x, start_pos, angles)
         B, S, _ = x.shape
         H, hd, W, p = self.n_heads, self.head_dim, self.window, start_pos
         pos = torch.arange(p, p + S, device=x.device)
         ang = angles[pos]
-        qr = self.q_norm(self.wq_a(x))                                           # [B,S,q_lora]
-        q = self.wq_b(qr).unflatten(-1, (H, hd))
-        q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
-        q = apply_rope(q, ang[:, None])
-        kv = apply_rope(self.kv_norm(self.wkv(x)), ang)                          # [B,S,hd]
-        if self.quant_sim:
-            kv = torch.cat([act_quant(kv[..., :-self.cfg.rope_dim], 64), kv[..., -self.cfg.rope_dim:]], -1)
+        qr, q, kv = self._qkv(x, ang)
         comp_kv, comp_idx = None, None
         if self.compressor is not None:                              # new blocks land before anything reads them
             T = self.compressor(x, p, angles, None)
@@ -520,7 +667,44 @@ class Attention(nn.Module):
                                            pos[qs:qe], self.attn_sink, hd ** -0.5, W, max(self.ratio, 1))
         n = min(S, W)
         self.kv_window[:B, (pos[-n:] % W)] = kv[:, -n:]
-        o = apply_rope(o, ang[:, None], inverse=True)                # K = V carried rope: undo it at the query pos
+        return self._out(o, ang)
+
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """forward for one token per sequence, x [B,1,D] at position pos (int64 tensor [1] on x's device), with static
+        shapes and no host sync, so the whole step can be captured in a CUDA graph. The token's kv goes into its ring
+        slot first, so the window is the ring alone; the compressed keys are the whole preallocated cache, masked to
+        the completed blocks (HCA) or picked by the indexer (CSA)."""
+        B, W = x.shape[0], self.window
+        ang = angles[pos]
+        qr, q, kv = self._qkv(x, ang)
+        self.kv_window[:B].index_copy_(1, pos % W, kv)
+        comp_kv, comp_idx = None, None
+        if self.compressor is not None:                              # new blocks land before anything reads them
+            self.compressor.decode(x, pos, angles, None)
+            comp_kv = self.compressor.kv_cache[:B]
+            if self.indexer is not None:
+                comp_idx = self.indexer.decode(x, qr, pos, angles)
+        ring_pos = pos - (pos - torch.arange(W, device=x.device)) % W   # slot s: latest position <= pos, ≡ s mod W
+        o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
+                             self.head_dim ** -0.5, W, max(self.ratio, 1))
+        return self._out(o, ang)
+
+    def _qkv(self, x: torch.Tensor, ang: torch.Tensor):
+        """x [B,S,D], RoPE angles of the positions [S,rd/2] -> qr [B,S,q_lora] (also the indexer's input),
+        q [B,S,H,hd] (per-head RMS, roped) and kv [B,S,hd] (normed, roped, no-rope dims FP8-simulated)."""
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
+        q = apply_rope(q, ang[:, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x)), ang)
+        if self.quant_sim:
+            kv = torch.cat([act_quant(kv[..., :-self.cfg.rope_dim], 64), kv[..., -self.cfg.rope_dim:]], -1)
+        return qr, q, kv
+
+    def _out(self, o: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+        """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position; grouped
+        low-rank wo_a (bf16 einsum), then wo_b."""
+        o = apply_rope(o, ang[:, None], inverse=True)
         G = self.n_groups
         z = torch.einsum("bsgi,gri->bsgr", o.flatten(2).unflatten(-1, (G, -1)),
                          self.wo_a.weight.to(o.dtype).unflatten(0, (G, -1)))
@@ -587,6 +771,38 @@ def meta_experts(cfg: ModelConfig, n: int, fmt: str = "mxfp4", dtype=torch.bfloa
                            t(E, D, I // 2, dt=torch.float4_e2m1fn_x2), t(E, D, I // g, dt=sdt), ones, ones, ones)
 
 
+def moe_gathered(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts, swiglu_limit: float):
+    """kernels.moe_reference without host syncs, for a CUDA-graph capture where the fp4 kernel cannot run: every
+    (token, slot) dequantizes its own expert's weights (T*k copies: decode-sized T only). Same math."""
+    import kernels
+    T, k = topk_ids.shape
+    E, I = experts.num_experts, experts.inter_dim
+    valid = ((topk_ids >= 0) & (topk_ids < E)).flatten()             # ids of other ranks' experts are skipped
+    e = torch.where(valid, topk_ids.flatten(), 0).long()             # [T*k]
+
+    def dequant(packed, scale):      # experts e of [E, N, K/2] e2m1 pairs (element 2i low) -> fp32 [T*k, N, K]
+        b = packed.view(torch.uint8)[e]
+        codes = torch.stack([b & 7, (b >> 4) & 7], -1).flatten(-2).long()
+        signs = torch.stack([b & 8, (b >> 4) & 8], -1).flatten(-2)
+        w = e2m1_tables(b.device)[1][codes] * (1 - signs.float() / 4)
+        s = scale.view(torch.uint8)[e].view(scale.dtype).float()
+        return w * s.repeat_interleave(kernels.FP4_GROUP[experts.fmt], -1)
+
+    if experts.fmt == "bf16":
+        w13, w2 = experts.w13[e].float(), experts.w2[e].float()
+    else:
+        w13 = dequant(experts.w13, experts.w13_scale)                # [T*k, 2I, D]
+        w2 = dequant(experts.w2, experts.w2_scale)                   # [T*k, D, I]
+    hu = (w13 @ x.float().repeat_interleave(k, 0)[:, :, None]).squeeze(-1)              # [T*k, 2I]
+    h, u = hu[:, :I] * experts.alpha_gate[e, None], hu[:, I:] * experts.alpha_up[e, None]
+    if swiglu_limit:
+        h, u = h.clamp(max=swiglu_limit), u.clamp(-swiglu_limit, swiglu_limit)
+    w = torch.where(valid, topk_weights.flatten().float(), 0.0)
+    a = (w[:, None] * F.silu(h) * u).to(x.dtype)
+    y = (w2 @ a.float()[:, :, None]).squeeze(-1) * experts.alpha_down[e, None]          # [T*k, D]
+    return y.view(T, k, -1).sum(1).to(x.dtype)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, par: Parallel = Parallel()):
         super().__init__()
@@ -604,7 +820,10 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.flatten(0, 1)
         ids, w = self.gate(x, tokens.flatten())
-        y = kernels.moe(x, ids - self.expert_offset, w, self.experts, self.limit)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing() and kernels.kernel_unavailable_reason(x, self.experts):
+            y = moe_gathered(x, ids - self.expert_offset, w, self.experts, self.limit)   # the reference syncs
+        else:
+            y = kernels.moe(x, ids - self.expert_offset, w, self.experts, self.limit)
         if self.par.size == 1:
             return (y.float() + self.shared_experts(x).float()).to(x.dtype).view(shape)
         y = y.float()                                              # partial sums meet in one fp32 all-reduce
@@ -643,6 +862,29 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class DecodeGraph:
+    """The decode step of one batch size as a CUDA graph: static inputs tokens [B,1] and pos [1], output logits."""
+    tokens: torch.Tensor
+    pos: torch.Tensor
+    logits: torch.Tensor | None = None
+    graph: object = None                                              # torch.cuda.CUDAGraph
+
+    def capture(self, model: "Transformer") -> torch.Tensor:
+        """Run the step at (tokens, pos) eagerly on a side stream (its real result; also every lazy first-use setup:
+        probes, kernel compiles, constant tables), then capture it. Capturing records launches without running them,
+        so the cache state advances exactly once. -> the eager step's logits."""
+        stream = torch.cuda.Stream(self.tokens.device)
+        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
+        with torch.cuda.stream(stream):
+            logits = model.logits(self.tokens, self.pos)
+        torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.logits(self.tokens, self.pos)
+        return logits
+
+
 class Transformer(nn.Module):
     """embed -> hc_mult streams -> blocks -> hc_head -> norm -> head (fp32 logits for every position)."""
 
@@ -661,9 +903,11 @@ class Transformer(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
         self.max_seq_len = self.max_batch_size = 0
         self.quant_sim = True
+        self.decode_graphs: dict[int, DecodeGraph] = {}              # batch size -> captured decode step (CUDA)
 
     def set_quant_sim(self, on: bool):
         self.quant_sim = on
+        self.decode_graphs.clear()                                   # captured with the old setting
         for m in self.modules():
             if hasattr(m, "quant_sim"):
                 m.quant_sim = on
@@ -672,6 +916,7 @@ class Transformer(nn.Module):
         """Preallocate every layer's KV state and the two RoPE tables for max_seq_len positions."""
         dev, dt = self.embed.weight.device, self.embed.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.decode_graphs.clear()                                   # they point at the old buffers
         self.angles = {False: rope_freqs(self.cfg, False, max_seq_len).to(dev),
                        True: rope_freqs(self.cfg, True, max_seq_len).to(dev)}
         for layer in self.layers:
@@ -687,12 +932,40 @@ class Transformer(nn.Module):
             for m in self.modules():
                 if isinstance(m, Compressor):
                     m.reset(B)
+        return self.logits(tokens, start_pos)
+
+    def logits(self, tokens: torch.Tensor, start_pos) -> torch.Tensor:
+        """forward without the checks and resets. start_pos: an int, or an int64 tensor [1] on the model's device
+        with S = 1 (the decode step: static shapes, no host sync, CUDA-graph capturable)."""
         h = self.embed_tokens(tokens).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)   # [B,S,n,D]
         for layer in self.layers:
             h = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0])
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps)
         x = self.norm(x)
-        return all_gather(F.linear(x.float(), self.head.weight.float()), self.par)   # [B,S,V]
+        return all_gather(head_logits(x, self.head.weight), self.par)  # [B,S,V]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits of one new token per sequence: tokens [B,1] at position start_pos -> [B,1,V] fp32, the same as
+        self(tokens, start_pos). On CUDA the step is one CUDA-graph replay: the first call with start_pos > 0 for a
+        batch size runs the step eagerly and captures it, later calls copy tokens and position into the graph's
+        inputs and replay it. Elsewhere (and for start_pos 0, which starts new sequences) it is self(...)."""
+        B, S = tokens.shape
+        if not tokens.is_cuda or start_pos == 0 or S != 1:
+            return self(tokens, start_pos)
+        if B > self.max_batch_size or start_pos >= self.max_seq_len:
+            raise ValueError(f"batch {B} x position {start_pos} exceed the cache "
+                             f"({self.max_batch_size} x {self.max_seq_len}); raise max_batch_size/max_seq_len")
+        g = self.decode_graphs.get(B)
+        if g is None:
+            g = DecodeGraph(tokens.clone(), torch.full((1,), start_pos, dtype=torch.long, device=tokens.device))
+            logits = g.capture(self)
+            self.decode_graphs[B] = g
+            return logits
+        g.tokens.copy_(tokens)
+        g.pos.fill_(start_pos)
+        g.graph.replay()
+        return g.logits.clone()
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B,S] ids -> [B,S,D]. Vocab-parallel: each rank embeds the ids of its slice, zeros elsewhere, all-reduce."""
@@ -764,17 +1037,17 @@ def shard(name: str, t: torch.Tensor, scale: torch.Tensor | None, local_shape, p
 
 
 def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", dtype=torch.bfloat16,
-                max_seq_len: int = 4096, max_batch_size: int = 1) -> dict:
+                max_seq_len: int = 4096, max_batch_size: int = 1, repack: bool | None = None) -> dict:
     """Bytes one rank holds after load_model, from the meta-device model with this rank's sharding:
-    {"weights": everything load_model keeps (dense params in their load dtypes + routed experts as stored),
-     "experts_repacked": the MoE kernel's one-time repack of the fp4 experts (kernels.prepare_experts),
-     "kv_cache": the decode state of setup_cache(max_batch_size, max_seq_len)}.
-    fmt is the checkpoint format: "fp8" (official: FP8 linears + MXFP4 experts), "nvfp4" or "bf16"."""
+    {"dense": every parameter in its load dtype, "experts": this rank's routed experts, "kv_cache": the decode state
+    of setup_cache(max_batch_size, max_seq_len)}. fmt is the checkpoint format: "fp8" (official: FP8 linears + MXFP4
+    experts), "nvfp4" or "bf16". repack: the experts are held as the MoE kernel's records (what load_model keeps
+    where the CuTe kernel runs) instead of as stored; None = for fp4 experts, i.e. on Hopper."""
     import kernels
     with torch.device("meta"):
         model = Transformer(cfg, par)
         model.embed.weight = nn.Parameter(torch.empty_like(model.embed.weight, dtype=dtype), requires_grad=False)
-    weight = 0
+    dense = 0
     for name, p in model.named_parameters():                     # the dtype rules of load_model
         mod, _, attr = name.rpartition(".")
         m = model.get_submodule(mod)
@@ -786,18 +1059,18 @@ def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", 
             dt = p.dtype
         else:
             dt = torch.float32 if any(k in name for k in FP32_PARAMS) else dtype
-        weight += p.numel() * dt.itemsize
-    experts = meta_experts(cfg, model.layers[0].ffn.experts.num_experts, fmt, dtype)
-    held = [experts.w13, experts.w13_scale, experts.w2, experts.w2_scale, experts.alpha_gate, experts.alpha_up,
-            experts.alpha_down] + ([torch.empty(experts.num_experts, 3, device="meta")] if fmt == "nvfp4" else [])
-    weight += cfg.num_hidden_layers * sum(t.numel() * t.element_size() for t in held if t is not None)
-    repacked = 0
-    if experts.fmt != "bf16" and hasattr(kernels, "prepare_experts"):
-        packed = kernels.prepare_experts(experts).packed        # runs on meta tensors: shapes only
-        repacked = cfg.num_hidden_layers * sum(t.numel() * t.element_size() for t in vars(packed).values()
-                                               if isinstance(t, torch.Tensor))
+        dense += p.numel() * dt.itemsize
+    e = meta_experts(cfg, model.layers[0].ffn.experts.num_experts, fmt, dtype)
+    held = [e.alpha_gate, e.alpha_up, e.alpha_down] + ([torch.empty(e.num_experts, 3, device="meta")]
+                                                       if fmt == "nvfp4" else [])          # + nvfp4 input scales
+    stored = [e.w13, e.w13_scale, e.w2, e.w2_scale]
+    per_layer = sum(t.numel() * t.element_size() for t in held + stored if t is not None)
+    if (repack if repack is not None else e.fmt != "bf16") and hasattr(kernels, "weight_bytes_per_expert"):
+        per_layer += e.num_experts * kernels.weight_bytes_per_expert(e.fmt, cfg.hidden_size, cfg.moe_intermediate_size) \
+            - sum(t.numel() * t.element_size() for t in stored)     # the kernel's records replace the stored form
+    experts = cfg.num_hidden_layers * per_layer
     model.setup_cache(max_batch_size, max_seq_len)
-    return {"weights": weight, "experts_repacked": repacked, "kv_cache": model.cache_bytes()}
+    return {"dense": dense, "experts": experts, "kv_cache": model.cache_bytes()}
 
 
 def check_fits(plan: dict, device: torch.device, max_seq_len: int, reserve: int = 2 * GiB):
@@ -806,10 +1079,10 @@ def check_fits(plan: dict, device: torch.device, max_seq_len: int, reserve: int 
     need = sum(plan.values()) + reserve
     if need > free:
         raise NotEnoughMemory(
-            f"{device} cannot hold this rank's part: it needs {need / GiB:.1f} GiB (weights {plan['weights'] / GiB:.1f}"
-            f" + expert repack {plan['experts_repacked'] / GiB:.1f} + KV cache {plan['kv_cache'] / GiB:.1f} at "
-            f"max_seq_len {max_seq_len} + {reserve / GiB:.0f} reserve) but {free / GiB:.1f} of {total / GiB:.1f} GiB "
-            "are free; use more GPUs (torchrun --nproc-per-node N) or a smaller --max-seq-len")
+            f"{device} cannot hold this rank's part: it needs {need / GiB:.1f} GiB (weights "
+            f"{(plan['dense'] + plan['experts']) / GiB:.1f} + KV cache {plan['kv_cache'] / GiB:.1f} at max_seq_len "
+            f"{max_seq_len} + {reserve / GiB:.0f} reserve) but {free / GiB:.1f} of {total / GiB:.1f} GiB are free; "
+            "use more GPUs (torchrun --nproc-per-node N) or a smaller --max-seq-len")
 
 
 def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int = 4096, max_batch_size: int = 1,
@@ -827,7 +1100,9 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
     with torch.device("meta"):
         model = Transformer(cfg, par)
     if device.type == "cuda":
-        check_fits(memory_plan(cfg, par, ckpt.fmt, dtype, max_seq_len, max_batch_size), device, max_seq_len)
+        probe = torch.empty(1, cfg.hidden_size, dtype=dtype, device=device)
+        repack = kernels.kernel_unavailable_reason(probe, meta_experts(cfg, 1, ckpt.fmt, dtype)) is None
+        check_fits(memory_plan(cfg, par, ckpt.fmt, dtype, max_seq_len, max_batch_size, repack), device, max_seq_len)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
     for name, m in linears.items():
         w, s = shard(name, *ckpt.linear(name), m.weight.shape, par)
@@ -862,8 +1137,10 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
                                       e.input_scale_13, e.input_scale_2)))
         if e.fmt == "bf16":
             e.w13, e.w2 = e.w13.to(dtype), e.w2.to(dtype)
-        if hasattr(kernels, "prepare_experts"):
-            e = kernels.prepare_experts(e)
+        probe = torch.empty(1, cfg.hidden_size, dtype=dtype, device=device)
+        if kernels.kernel_unavailable_reason(probe, e) is None:  # the CuTe kernel will run: repack once, then
+            e = kernels.prepare_experts(e)                       # keep only its records (shapes stay, as meta)
+            e.w13, e.w13_scale, e.w2, e.w2_scale = (t.to("meta") for t in (e.w13, e.w13_scale, e.w2, e.w2_scale))
         layer.ffn.experts = e
     for name, buf in list(model.named_buffers()):                # non-persistent constants (Hadamard)
         mod_name, _, attr = name.rpartition(".")
@@ -1222,6 +1499,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default bf16)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory each GPU needs (weights, KV cache) for --ckpt (a checkpoint folder, or just "
+                        "its config.json) on --world-size GPUs, and exit without loading")
+    p.add_argument("--world-size", type=int,
+                   help="GPUs to plan for with --dry-run (default: WORLD_SIZE set by torchrun, else 1)")
+    p.add_argument("--batch", type=int, default=1, help="sequences the KV cache is planned for by --dry-run (default 1)")
     return p
 
 
@@ -1272,7 +1555,7 @@ def sampling_defaults(ckpt_dir: str) -> dict:
 
 
 def _validate(args):
-    if args.prompt is None and not args.interactive:
+    if args.prompt is None and not args.interactive and not args.dry_run:
         raise CLIError("--prompt TEXT is required (or use --interactive)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CLIError("--max-new-tokens must be >= 1")
@@ -1284,12 +1567,22 @@ def _validate(args):
         raise CLIError("--top-k must be >= 0")
     if args.max_seq_len < 1:
         raise CLIError("--max-seq-len must be >= 1")
+    if args.dry_run:
+        if args.world_size is not None and args.world_size < 1:
+            raise CLIError("--world-size must be >= 1")
+        if args.batch < 1:
+            raise CLIError("--batch must be >= 1")
+    elif args.world_size is not None:
+        raise CLIError("--world-size plans a --dry-run; to run on N GPUs launch: torchrun --nproc-per-node N dsv4.py ...")
 
 
 def _load(ckpt: str, device, dtype, max_seq_len: int, embedded: bool):
     from weights import CheckpointError
     try:
-        return load_model(ckpt, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=1)
+        return load_model(ckpt, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=1,
+                          log=_note if Parallel.current().size > 1 else None)
+    except (ShardError, NotEnoughMemory) as e:
+        raise CLIError(str(e)) from None
     except (CheckpointError, OSError, json.JSONDecodeError) as e:
         hint = f" (delete {ckpt} to rebuild the demo model)" if embedded else ""
         raise CLIError(f"cannot load checkpoint {ckpt}: {e}{hint}") from None
@@ -1312,7 +1605,9 @@ def _check_vocab(ids: list[int], vocab_size: int | None):
 
 def _run(args) -> int:
     _validate(args)
-    device = resolve_device(args.device)
+    if args.dry_run:
+        return _dry_run(args)
+    par, device = _join_world(resolve_device(args.device))    # torchrun: this rank's place and GPU; else size 1
     embedded = args.ckpt is None
     ckpt = embedded_checkpoint(log=_note) if embedded else check_ckpt_dir(args.ckpt)
     tokenizer = load_tokenizer(ckpt)
@@ -1327,11 +1622,20 @@ def _run(args) -> int:
     def render(messages):
         return encode_messages(messages, mode, args.system)
 
-    first_ids = None
-    if args.prompt is not None:   # tokenize and check the length before the (slow) model load
+    first_ids, failure = None, None
+    if args.prompt is not None and par.rank == 0:   # tokenize and check the length before the (slow) model load
         text = render([{"role": "user", "content": args.prompt}]) if chat else \
             (args.prompt if args.prompt.startswith(BOS) else BOS + args.prompt)
-        first_ids = _prompt_ids(tokenizer, text, args.max_seq_len)
+        try:
+            first_ids = _prompt_ids(tokenizer, text, args.max_seq_len)
+        except CLIError as e:
+            failure = e
+    if par.size > 1 and not args.interactive:      # rank 0 read the prompt, the others follow (None: it gave up)
+        first_ids = broadcast_ids(None if failure else first_ids, par, device)
+        if first_ids is None and failure is None:
+            return 2                                 # rank 0 says why
+    if failure is not None:
+        raise failure
     if embedded:
         _note(f"dsv4: no --ckpt: using the embedded demo model at {ckpt}. Its weights are RANDOM: "
               "the text is gibberish, only the machinery is real.")
@@ -1340,6 +1644,7 @@ def _run(args) -> int:
     vocab_size, eos_id = getattr(config, "vocab_size", None), getattr(config, "eos_token_id", 1)
     bytes_per_token = weight_bytes_per_token(model)
     seed = new_seed() if args.seed is None else args.seed
+    seed = broadcast_ids([seed], par, device)[0]     # same seed, same logits on every rank: the same tokens
 
     def run_one(ids):
         nonlocal seed
@@ -1357,6 +1662,10 @@ def _run(args) -> int:
         _check_vocab(first_ids, vocab_size)
         run_one(first_ids)
         return 0
+    if par.rank > 0:                                 # followers: generate what rank 0 sends until it sends None
+        while (ids := broadcast_ids(None, par, device)) is not None:
+            run_one(ids)
+        return 0
     messages, pending = [], args.prompt
     while True:
         if pending is None:
@@ -1365,6 +1674,7 @@ def _run(args) -> int:
                 sys.stderr.flush()
             line = sys.stdin.readline()
             if not line or line.strip() == "/exit":
+                broadcast_ids(None, par, device)
                 return 0
             pending = line.rstrip("\n")
             if pending.strip() == "/clear":
@@ -1379,17 +1689,98 @@ def _run(args) -> int:
             messages.pop()
             _note(f"dsv4: error: {e}; /clear starts a new conversation")
             continue
-        g = run_one(ids)
+        g = run_one(broadcast_ids(ids, par, device))
         messages.append(split_reasoning(g.text, mode))
 
 
+_RANK = 0   # this process's rank under torchrun: only rank 0 writes the text and notes
+
+
 def _write(text: str):
+    if _RANK:
+        return
     sys.stdout.write(text)
     sys.stdout.flush()
 
 
 def _note(line: str):
-    print(line, file=sys.stderr, flush=True)
+    if not _RANK:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _join_world(device: torch.device) -> tuple[Parallel, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; -> this rank's Parallel and device (cuda:LOCAL_RANK
+    or cpu). Otherwise (size 1, device) unchanged."""
+    global _RANK
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Parallel(), device
+    if device.type == "cuda" and device.index is not None:
+        raise CLIError(f"--device {device}: under torchrun each rank takes GPU LOCAL_RANK; pass --device cuda or auto")
+    try:
+        par, device = init_distributed(device.type)
+    except (ShardError, RuntimeError, ValueError) as e:
+        raise CLIError(f"cannot join the torchrun world: {str(e).splitlines()[0]}") from None
+    _RANK = par.rank
+    return par, device
+
+
+GPU_MEMORY = {"H100 80GB": 81559 * 2**20, "H200 141GB": 143771 * 2**20}   # what each card reports (nvidia-smi)
+
+
+def config_format(config: dict) -> str:
+    """Checkpoint format from config.json alone (weights.Checkpoint.fmt reads the tensors): quantization_config
+    absent -> "bf16", moe_quant_algo NVFP4 -> "nvfp4", else "fp8" (official FP8 linears + MXFP4 experts)."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return "bf16"
+    return "nvfp4" if qc.get("moe_quant_algo") == "NVFP4" else "fp8"
+
+
+def _dry_run(args) -> int:
+    """--dry-run: per-GPU memory of --ckpt (a checkpoint folder or a config.json) on N GPUs, from the meta-device model
+    with the sharding of N ranks; loads no weights. Under torchrun rank 0 speaks for all (the split is even)."""
+    from weights import CheckpointError, load_checkpoint
+    size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")):
+        return 0
+    src = args.ckpt if args.ckpt is not None else embedded_checkpoint(log=_note)
+    file = src if os.path.isfile(src) else os.path.join(src, "config.json")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+        cfg = ModelConfig.from_dict(config)
+    except (OSError, ValueError, TypeError) as e:
+        raise CLIError(f"cannot read the config {file}: {e}") from None
+    fmt = config_format(config)
+    if os.path.isdir(src) and any(n.endswith(".safetensors") for n in os.listdir(src)):
+        try:
+            fmt = load_checkpoint(src, validate=False).fmt
+        except CheckpointError as e:
+            raise CLIError(f"cannot read checkpoint {src}: {e}") from None
+    dtype = DTYPES[args.dtype]
+    try:
+        plan = memory_plan(cfg, Parallel(size, 0), fmt, dtype, args.max_seq_len, args.batch)
+    except ShardError as e:
+        raise CLIError(f"{e} (--world-size / --nproc-per-node)") from None
+    weights_b = plan["dense"] + plan["experts"]
+    total = weights_b + plan["kv_cache"]
+    reserve = 2 * GiB
+    E, L = cfg.n_routed_experts, cfg.num_hidden_layers
+    kind = {"fp8": "FP8 linears + MXFP4 experts", "nvfp4": "FP8 linears + NVFP4 experts", "bf16": "unquantized"}[fmt]
+    print(f"dsv4 dry run: {file}: {L} layers, {E} routed experts, format {fmt} ({kind}), {args.dtype}, "
+          f"KV cache for {args.batch} x {args.max_seq_len} tokens, on {size} GPU{'s' if size > 1 else ''}")
+    print(f"  each GPU: weights {weights_b / GiB:.2f} GiB (routed experts {plan['experts'] / GiB:.2f}: {E // size} "
+          f"of {E} per layer{', as the Hopper kernel repacks them' if fmt != 'bf16' else ''}; everything else "
+          f"{plan['dense'] / GiB:.2f}) + KV cache {plan['kv_cache'] / GiB:.2f} GiB = {total / GiB:.2f} GiB")
+    print(f"  {f'all {size} GPUs: {size * total / GiB:.1f} GiB; ' if size > 1 else ''}a run also keeps "
+          f"{reserve / GiB:.0f} GiB per GPU free for activations and workspace")
+    cards = dict(GPU_MEMORY)
+    if torch.cuda.is_available():
+        cards[f"this {torch.cuda.get_device_name()} (free now)"] = torch.cuda.mem_get_info()[0]
+    print("  fits: " + ", ".join(f"{name}: {'yes' if total + reserve <= cap else 'no'}" for name, cap in cards.items()))
+    if size > 1:
+        print(f"  launch: torchrun --nproc-per-node {size} dsv4.py --ckpt DIR --prompt ...")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -1400,7 +1791,7 @@ def main(argv=None) -> int:
     try:
         return _run(build_parser().parse_args(argv))
     except CLIError as e:
-        _note(f"dsv4: error: {e}")
+        print(f"dsv4: error: {e}" if not _RANK else f"dsv4: rank {_RANK}: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         _note("")
@@ -1408,6 +1799,13 @@ def main(argv=None) -> int:
     except BrokenPipeError:   # the reader went away (| head): stop quietly, and keep exit-time flushes silent
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if dist.is_available() and dist.is_initialized():   # torchrun: leave the process group before exit,
+            import gc                                        # after the model's CUDA graphs are gone (a live graph
+            gc.collect()                                     # that captured NCCL calls can block the teardown)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
