@@ -261,22 +261,28 @@ def mm_block_scales(scale: torch.Tensor) -> torch.Tensor:
     return s.t()
 
 
-def fp8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype):
-    """Blockwise-scaled FP8 GEMM on Hopper tensor cores (cuBLASLt): q [M,K] e4m3 with fp32 scales [M,K/128] (1x128
-    blocks) times weight [N,K] e4m3 with its 128x128 block scales in mm_block_scales layout -> [M,N] in out_dtype.
-    Both scales are applied per 128-wide K block inside the fp32 accumulation, as in the reference kernel."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Q8(x) @ (W·s)ᵀ as one blockwise-scaled FP8 GEMM on Hopper tensor cores (cuBLASLt): x [..., K] bf16 goes to
+    e4m3 + fp32 scales per 1x128 block, W [N,K] is e4m3 with its 128x128 block scales in mm_block_scales layout; both
+    scales are applied per 128-wide K block inside the fp32 accumulation, as in the reference kernel. -> [..., N]."""
+    x2 = x.flatten(0, -2)
+    M = x2.shape[0]
+    q, s = act_quant_fp8(x2 if M % 4 == 0 else F.pad(x2, (0, 0, 0, -M % 4)), 128)   # cuBLASLt: M % 4 == 0 only
     BW = F.ScalingType
-    return F.scaled_mm(q, weight.t(), q_scale.t().contiguous().t(), BW.BlockWise1x128, weight_scale,
-                       BW.BlockWise128x128, output_dtype=out_dtype)
+    y = F.scaled_mm(q, weight.t(), s.t().contiguous().t(), BW.BlockWise1x128, weight_scale, BW.BlockWise128x128,
+                    output_dtype=x.dtype)
+    return y[:M].unflatten(0, x.shape[:-1])
 
 
-_FP8_GEMM: dict = {}   # CUDA device -> None if fp8_gemm runs there, else the reason it does not
+_FP8_GEMM: dict = {}   # CUDA device -> None if fp8_linear runs there, else the reason it does not
 
 
 def fp8_gemm_unavailable(device: torch.device) -> str | None:
-    """None if fp8_gemm runs on this CUDA device and agrees with the dequantized reference, else why not (said once
+    """None if fp8_linear runs on this CUDA device and agrees with the dequantized reference, else why not (said once
     on stderr). Probed once per device with a small GEMM: a host sync, so the first call must not be inside a
     CUDA-graph capture (Transformer.decode runs every step eagerly once before capturing it)."""
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
     if device not in _FP8_GEMM:
         reason = None
         if not hasattr(F, "scaled_mm"):
@@ -291,7 +297,7 @@ def fp8_gemm_unavailable(device: torch.device) -> str | None:
                 s = s.view(torch.float8_e8m0fnu)
                 x = torch.randn(3, 384, device=device, generator=g).to(torch.bfloat16)
                 ref = F.linear(act_quant(x).float(), dequant_fp8(w, s, torch.float32))
-                y = fp8_gemm(*act_quant_fp8(x), w, mm_block_scales(s), torch.bfloat16).float()
+                y = fp8_linear(x, w, mm_block_scales(s)).float()
                 err = ((y - ref).norm() / ref.norm()).item()
                 reason = None if err < 1e-2 else f"scaled_mm disagrees with the reference (rel err {err:.1e})"
             except Exception as e:   # noqa: BLE001 - any failure of the probe means: not on this device
@@ -323,8 +329,7 @@ class Linear(nn.Module):
         if self.quant_sim and x.is_cuda and x.dtype == torch.bfloat16 and fp8_gemm_unavailable(x.device) is None:
             if self._mm_scale_of is not self.scale:
                 self._mm_scale, self._mm_scale_of = mm_block_scales(self.scale), self.scale
-            q, s = act_quant_fp8(x.flatten(0, -2), 128)
-            return fp8_gemm(q, s, self.weight, self._mm_scale, x.dtype).unflatten(0, x.shape[:-1])
+            return fp8_linear(x, self.weight, self._mm_scale)
         if self.quant_sim:
             x = act_quant(x, 128)
         return F.linear(x, dequant_fp8(self.weight, self.scale, x.dtype))
