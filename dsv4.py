@@ -1354,8 +1354,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
             if on_text is not None:
                 on_text(piece)
 
+    decode = getattr(model, "decode", model)   # the CUDA-graph step where there is one
+
     def step(tok, pos):   # feed one token, sample the next one, all on the device
-        return sample(model(tok.view(1, 1), pos)[:, -1], temperature, top_k, top_p, gen)
+        return sample(decode(tok.view(1, 1), pos)[:, -1], temperature, top_k, top_p, gen)
 
     if on_cuda:
         torch.cuda.synchronize(device)

@@ -75,6 +75,33 @@ def expert_weights(experts: Experts, e: int, dtype=torch.float32):
     return w1, w3, w2
 
 
+def random_fp4_experts(E, D, I, fmt, device="cpu", seed=0, alpha_gate=0.02, alpha_up=0.03, alpha_down=0.05):
+    """Random fp4 experts; scales in a realistic range (nvfp4 e4m3 ~2^-3..2^3, mxfp4 e8m0 2^-10..2^0)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    g_ = FP4_GROUP[fmt]
+
+    def codes(*shape):
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8, device=device)
+
+    def scales(*shape):
+        if fmt == "nvfp4":
+            v = torch.exp2(torch.randint(-3, 4, shape, generator=g, device=device).float())
+            v = v * (1 + torch.randint(0, 8, shape, generator=g, device=device) / 8)
+            return v.to(torch.float8_e4m3fn)
+        return torch.randint(117, 128, shape, generator=g, dtype=torch.uint8, device=device).view(torch.float8_e8m0fnu)
+
+    ex = Experts(
+        fmt=fmt,
+        w13=codes(E, 2 * I, D // 2).view(torch.float4_e2m1fn_x2), w13_scale=scales(E, 2 * I, D // g_),
+        w2=codes(E, D, I // 2).view(torch.float4_e2m1fn_x2), w2_scale=scales(E, D, I // g_),
+        alpha_gate=alpha_gate * (1 + torch.rand(E, generator=g, device=device)),
+        alpha_up=alpha_up * (1 + torch.rand(E, generator=g, device=device)),
+        alpha_down=alpha_down * (1 + torch.rand(E, generator=g, device=device)))
+    if fmt == "mxfp4":     # e8m0 scales ~2^-5 on average: scale the alphas back up
+        ex.alpha_gate *= 32; ex.alpha_up *= 32; ex.alpha_down *= 32
+    return ex
+
+
 def moe_reference(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     """Routed MoE, pure torch. x [T, D]; topk_ids [T, k] int (ids < 0 or >= E are skipped: remote experts);
     topk_weights [T, k] fp32 -> y [T, D] in x.dtype.
