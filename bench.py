@@ -435,8 +435,8 @@ def bench_decode(args):
 
     print(f"\nFP8 linears at M=1 on {name} (blockwise scaled_mm; graph of 20 calls)")
     print(f"{'linear':<24} {'N':>6} {'K':>6} {'us':>7} {'floor us':>8} {'%floor':>6}")
-    for n, N, K, us, fl in lin_rows:
-        print(f"{n:<24} {N:>6} {K:>6} {us:>7.1f} {fl:>8.1f} {100 * fl / us:>6.1f}")
+    for n, N, Kdim, us, fl in lin_rows:
+        print(f"{n:<24} {N:>6} {Kdim:>6} {us:>7.1f} {fl:>8.1f} {100 * fl / us:>6.1f}")
     print(f"\nDecode of a {args.layers}-layer Flash-dims stack (CSA/HCA alternating, NVFP4 experts, FP8 linears) on "
           f"{name}, context position {pos}; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write, same run)")
     print(f"{'B':>2} {'eager ms':>8} {'graph ms':>8} {'speedup':>7} {'ms/layer':>8} {'floor ms':>8} {'%floor':>6} "
