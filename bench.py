@@ -305,17 +305,7 @@ def copy_bandwidth(device) -> float:
 
 def time_ms(fn, iters: int) -> float:
     """Median ms of fn() over iters runs, CUDA events around each (one warm-up run first)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return _time_ms(fn, iters, graph=False)
 
 
 def graph_of(fn) -> torch.cuda.CUDAGraph:

@@ -972,18 +972,8 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k
                   smem_budget: int = 72 * 1024, pdl: bool = False):
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
     config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl)
-    fn = _COMPILED.get(config)
-    if fn is not None:
-        return fn
-    key = _cache_key(config)
-    name = f"fp4_moe_gemm_{key}"
-    obj = os.path.join(_CACHE_DIR, name + ".o")
-    if os.path.exists(obj):
-        try:
-            fn = getattr(cute.runtime.load_module(obj, enable_tvm_ffi=True), name)
-        except Exception:   # noqa: BLE001 - a stale or broken object: recompile below
-            fn = None
-    if fn is None:
+
+    def build():
         gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl)
         rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
         mk = gemm.m_tiles * gemm.k_tiles * gemm.k_splits
@@ -1002,17 +992,8 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k
                                                         stride_order=(2, 1, 0), assumed_align=16)
         count = cute.runtime.make_fake_compact_tensor(Int32, (cute.sym_int(),), assumed_align=4)
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        fn = cute.compile(gemm, w, b, out, tiles, alpha0, alpha1, row_w, Float32(0.0), partial, count, stream,
-                          options="--enable-tvm-ffi")
-        try:
-            os.makedirs(_CACHE_DIR, exist_ok=True)
-            tmp = obj + f".{os.getpid()}.tmp"
-            fn.export_to_c(object_file_path=tmp, function_name=name)
-            os.replace(tmp, obj)
-        except Exception as e:   # noqa: BLE001 - the disk cache is an optimisation only
-            print(f"nano-dsv4: could not write the kernel cache {obj}: {e}", file=sys.stderr)
-    _COMPILED[config] = fn
-    return fn
+        return gemm, (w, b, out, tiles, alpha0, alpha1, row_w, Float32(0.0), partial, count, stream)
+    return _load_or_compile(config, build)
 
 
 USE_PDL = True                    # GEMMs + combine start (prefetch weights) while the previous kernel finishes

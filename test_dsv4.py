@@ -780,6 +780,31 @@ def test_moe_falls_back_to_reference_on_cpu():
     assert torch.equal(K.moe(x, ids, w, ex, 7.0), K.moe_reference(x, ids, w, ex, 7.0))
 
 
+COMPILE_ALL = """
+import os, sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+if sys.argv[2] == "reload":     # a second process must find every kernel in the disk cache
+    def refuse(*a, **k):
+        raise RuntimeError("recompiled")
+    K.cute.compile = refuse
+for fmt in ("nvfp4", "mxfp4"):
+    K._compile_gemm(fmt, 8, 512, 256, True)
+    K._compile_gemm(fmt, 16, 256, 512, False, k_splits=2, pdl=True)
+K._compile_routing(16, 2, 8)
+K._compile_combine(2, 512, True)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_kernels_compile_for_sm90a_without_a_gpu_and_reload_from_the_disk_cache(tmp_path):
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    for mode in ("compile", "reload"):
+        r = subprocess.run([sys.executable, "-c", COMPILE_ALL, str(tmp_path), mode], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
+
+
 # ---------------------------------------------------------------------------------------------------- GPU tests
 def _gpu_ok():
     return torch.cuda.is_available() and K.HAVE_CUTE and torch.cuda.get_device_capability() == (9, 0)
