@@ -1,7 +1,9 @@
 """nano-dsv4: DeepSeek-V4 (Flash and Pro) in one file.
 
-Config -> precision primitives -> mHC -> attention (window, HCA/CSA compressors, lightning indexer) -> MoE ->
-block -> model -> KV cache -> sampling -> CLI. Shapes: B batch, S chunk length, D hidden, H heads.
+Config -> parallelism (torchrun TP/EP; no-ops on one process) -> precision primitives (FP8/FP4 sims, FP8 linears) ->
+RoPE -> mHC -> attention (window, HCA/CSA compressors, lightning indexer; a static-shape decode step for CUDA graphs)
+-> MoE (routed experts in kernels.py) -> block -> model + KV cache -> loading -> tokenizer / chat format -> sampling ->
+generation -> CLI. Shapes: B batch, S chunk length, D hidden, H heads, T compressed blocks.
 """
 from __future__ import annotations
 
