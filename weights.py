@@ -416,7 +416,7 @@ def load_checkpoint(path: str, validate: bool = True) -> Checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Quantizers (round to nearest; e2m1 ties to the even code, as ModelOpt) and the fp8 block dequant.
+# Quantizers (round to nearest; e2m1 ties to the even code, as ModelOpt); the model's dsv4.dequant_fp8 undoes fp8.
 E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)    # midpoints between consecutive e2m1 magnitudes
 
 
@@ -454,13 +454,6 @@ def quantize_fp8_block(w: torch.Tensor):
     scale = _pow2(exponent)[:, None, :, None]
     q = (blocks / scale).clamp(-448.0, 448.0).view(padded.shape)[:out, :inp].to(torch.float8_e4m3fn)
     return q, _e8m0(exponent)
-
-
-def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """e4m3 [out, in] * e8m0 [ceil(out/128), ceil(in/128)] block scales -> [out, in] in dtype."""
-    out, inp = w.shape
-    s = scale.float().repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp]
-    return (w.float() * s).to(dtype)
 
 
 def quantize_mxfp4(w: torch.Tensor):
