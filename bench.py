@@ -5,8 +5,9 @@
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
-  python bench.py dist run DIR OUT.pt  its prefill/decode logits and decode ms/token (run under torchrun for N GPUs),
-  python bench.py dist compare A B     and the 1-vs-N GPU agreement
+  python bench.py dist run DIR OUT.pt  its prefill/decode logits and decode ms/token (run under torchrun for N GPUs;
+                                       --fp32: one GPU in float32, the yardstick for bf16 noise),
+  python bench.py dist compare A B [R] and the 1-vs-N GPU agreement (R: the --fp32 run)
 """
 import argparse
 import gc
@@ -570,17 +571,18 @@ def timed_decode(model, tokens, sync, graph: bool):
     return pre, torch.cat(outs, 1), (time.perf_counter() - t0) * 1e3 / (DECODE - 1)
 
 
-def run(path: str, out: str):
+def run(path: str, out: str, fp32: bool = False):
+    """fp32: eager float32 (reference MoE, per-call dequantized FP8 linears): how far bf16 itself moves the logits."""
     par, dev = dsv4.init_distributed("auto")
     say = print if par.rank == 0 else (lambda *a, **k: None)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dev.type == "cuda" and not fp32 else torch.float32
     t0 = time.time()
     model = dsv4.load_model(path, device=dev, dtype=dtype, max_seq_len=PROMPT + DECODE + GREEDY, log=say)
     sync()
     cfg = model.cfg
-    res = {"ranks": par.size, "load_s": time.time() - t0, "device": torch.cuda.get_device_name(dev)
-           if dev.type == "cuda" else "cpu"}
+    res = {"ranks": par.size, "load_s": time.time() - t0, "dtype": str(dtype).split(".")[-1],
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     if dev.type == "cuda":
         import kernels
         e = model.layers[0].ffn.experts
@@ -596,6 +598,8 @@ def run(path: str, out: str):
     say(f"eager decode {res['eager_ms']:.2f} ms/token")
     if par.rank == 0:
         torch.save(res, out)                                 # in case the graph capture takes the process down
+    if dtype == torch.float32:
+        return
     try:
         _, dec_g, res["graph_ms"] = timed_decode(model, tokens, sync, graph=True)
         res["graph_vs_eager"] = ((dec_g.float() - dec.float()).norm() / dec.float().norm()).item()
@@ -618,22 +622,35 @@ def run(path: str, out: str):
         torch.distributed.destroy_process_group()
 
 
-def compare(one_path: str, two_path: str):
+def compare(one_path: str, two_path: str, ref_path: str | None = None):
+    """1-GPU vs N-GPU logits; with the fp32 run R, each bf16 run's distance to R is the yardstick: splitting the model
+    over GPUs changes only summation order, so 1-vs-N should differ by about as much as bf16 itself moves logits."""
     one, two = torch.load(one_path), torch.load(two_path)
-    for key in ("prefill", "decode"):
-        a, b = two[key], one[key]
+    ref = torch.load(ref_path) if ref_path else None
+
+    def diff(a, b):
         per = ((a - b).norm(dim=-1) / b.norm(dim=-1)).flatten()
         top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-        print(f"{key}: rel err {((a - b).norm() / b.norm()).item():.2e}, per position median {per.median():.2e} max "
-              f"{per.max():.2e}, top-1 agreement {top1:.3f}")
+        return ((a - b).norm() / b.norm()).item(), per.median().item(), per.max().item(), top1
+
+    pairs = [(f"{two['ranks']} vs {one['ranks']} GPU", two, one)]
+    if ref is not None:
+        pairs += [(f"{r['ranks']} GPU {r.get('dtype', 'bfloat16')} vs {ref.get('dtype')}", r, ref) for r in (one, two)]
+    print("| logits | compared | rel err | per-position median | max | top-1 agreement |")
+    print("|---|---|---:|---:|---:|---:|")
+    for key in ("prefill", "decode"):
+        for label, a, b in pairs:
+            e, med, mx, top1 = diff(a[key], b[key])
+            print(f"| {key} | {label} | {e:.2e} | {med:.2e} | {mx:.2e} | {top1:.3f} |")
     g1, g2 = one.get("greedy"), two.get("greedy")
     if g1 and g2:
         print(f"greedy: {sum(x == y for x, y in zip(g1, g2))}/{len(g1)} tokens equal; first divergence at "
               f"{next((i for i, (x, y) in enumerate(zip(g1, g2)) if x != y), None)}")
-    for r in (one, two):
-        print(f"{r['ranks']} x {r['device']}: MoE {r.get('moe')}, load {r['load_s']:.1f} s, allocated "
-              f"{r.get('allocated_GiB', 0):.2f} GiB/GPU (planned {r.get('planned_GiB', 0):.2f}), decode ms/token: "
-              f"eager {r['eager_ms']:.2f}, graph {r.get('graph_ms', float('nan')):.2f} {r.get('graph_error', '')}")
+    for r in (one, two) + ((ref,) if ref is not None else ()):
+        print(f"{r['ranks']} x {r['device']} ({r.get('dtype', 'bfloat16')}): MoE {r.get('moe')}, load "
+              f"{r['load_s']:.1f} s, allocated {r.get('allocated_GiB', 0):.2f} GiB/GPU (planned "
+              f"{r.get('planned_GiB', 0):.2f}), decode ms/token: eager {r['eager_ms']:.2f}, graph "
+              f"{r.get('graph_ms', float('nan')):.2f} {r.get('graph_error', '')}")
 
 
 if __name__ == "__main__":
@@ -653,6 +670,6 @@ if __name__ == "__main__":
     elif sys.argv[2] == "write":
         write(sys.argv[3], "--small" in sys.argv)
     elif sys.argv[2] == "run":
-        run(sys.argv[3], sys.argv[4])
+        run(sys.argv[3], sys.argv[4], "--fp32" in sys.argv)
     else:
-        compare(sys.argv[3], sys.argv[4])
+        compare(*sys.argv[3:6])
