@@ -2,6 +2,7 @@
 
   python bench.py moe                  the routed MoE at Flash dims: fp4 CuTe DSL kernel vs torch bf16 _grouped_mm,
                                        with the device copy bandwidth and a bf16 matmul as ceilings
+  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5: kernel knobs)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
@@ -160,6 +161,120 @@ def bench_moe():
     rows = measure((1, 4, 16, 64, 256, 1024, 4096, 16384))   # main table: all v4 knobs at their defaults
     print(f"\nceilings: copy {copy_bw:.2f} TB/s, bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s")
     table(f"MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4, random routing) on {dev}", rows)
+
+
+def random_packed_experts(E, D, I, device, seed):
+    """Flash-dims nvfp4 experts for timing only: random record bytes (codes, and scale bytes in a sane range) written
+    straight into the kernel's layout (prepare_experts' repack of 256 experts takes seconds; values do not matter)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rec = K.record_bytes("nvfp4")
+
+    def records(m, k):
+        r = torch.randint(0, 256, (E, (m // K.TILE_M) * (k // K.TILE_K), rec), generator=g, dtype=torch.uint8,
+                          device=device)
+        r[..., K.CODE_BYTES:] = torch.randint(56, 88, r[..., K.CODE_BYTES:].shape, generator=g, dtype=torch.uint8,
+                                              device=device)          # stored scale bytes ~2^-2 .. 2^2
+        return r.view(E, -1, rec // K.REC_ROW, K.REC_ROW)
+
+    ex = K.Experts(fmt="nvfp4", w13=torch.zeros(1, 2 * I, D // 2, dtype=torch.uint8, device=device), w13_scale=None,
+                   w2=torch.zeros(1, D, I // 2, dtype=torch.uint8, device=device), w2_scale=None,
+                   alpha_gate=torch.full((E,), 0.02, device=device), alpha_up=torch.full((E,), 0.02, device=device),
+                   alpha_down=torch.full((E,), 0.02, device=device))
+    ex.packed = K.PackedExperts(fmt="nvfp4", w13=records(2 * I, D), w2=records(D, I), dim=D, inter=I,
+                                alphas=tuple(torch.full((E,), 0.02 * K.ACC_FIX, device=device) for _ in range(3)))
+    return ex
+
+
+def bench_moe_decode():
+    """`python bench.py moe --decode-only [--ablate-v5]`: the decode sizes (T 1..256) only, in well under a minute:
+    random records instead of repacked experts; baseline (torch bf16 _grouped_mm) and copy bandwidth in the same run;
+    --ablate-v5 also times the v4 kernel (one CTA per work item, one scale per prmt) and single v5 knobs."""
+    t_start = float(os.environ.get("MOEDEC_T0", time.time()))       # the GPU check passes its own start time
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bw = 2 * n / _time_ms(lambda: dst.copy_(src), 20, False) / 1e9
+    del src, dst
+    D, I, E, k, limit = 4096, 2048, 256, 6, 10.0
+    n_copies = 4                                      # 4 x 3.4 GB of fp4 records: L2 never holds them
+    fp4 = [random_packed_experts(E, D, I, "cuda", s) for s in range(n_copies)]
+    bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
+             torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
+    bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
+    Ts = (1, 4, 16, 64, 256)
+    if os.environ.get("MOEDEC_V4_ONLY"):              # the GPU check's fallback if the v5 tests failed
+        K.DECODE_PERSISTENT = K.SCALE_PAIRS = False
+        print("MOEDEC_V4_ONLY: timing the v4 kernel", flush=True)
+    routings = {}
+    for T in Ts:                                      # one routing per T, shared by every variant below
+        g = torch.Generator(device="cuda").manual_seed(T)
+        ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
+        w = torch.rand(T, k, device="cuda", generator=g)
+        routings[T] = (torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g), ids,
+                       w / w.sum(1, keepdim=True), torch.unique(ids).numel())
+
+    def fp4_us(T):
+        x, ids, w, _ = routings[T]
+        return _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], 30, True) / n_copies * 1e3
+
+    def pct(T, us):
+        return 100 * routings[T][3] * bytes_per_expert / (us * 1e-6) / 1e12 / copy_bw
+
+    print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
+    main = {T: fp4_us(T) for T in Ts}
+    base = {}
+    for T in Ts:
+        x, ids, w, _ = routings[T]
+        base[T] = _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True) / 2 * 1e3
+    print(f"\nMoE decode, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4), CUDA-graph replays, {dev}")
+    print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} {'floor us':>8}")
+    for T in Ts:
+        hit = routings[T][3]
+        print(f"{T:>4} {hit:>7} {main[T]:>8.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} {pct(T, main[T]):>6.1f} "
+              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
+    if "--ablate-v5" not in sys.argv:
+        return
+    budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
+    for T in (1024, 4096):                            # prefill sizes keep the one-CTA-per-item kernel: pairs on/off
+        if time.time() - t_start > budget:
+            break
+        g = torch.Generator(device="cuda").manual_seed(T)
+        ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = torch.full((T, k), 1.0 / k, device="cuda")
+        us = {}
+        for pairs in (True, False):
+            K.SCALE_PAIRS = pairs
+            us[pairs] = _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], 10, False) / n_copies * 1e3
+        K.SCALE_PAIRS = True
+        print(f"prefill T={T}: scale pairs on {us[True]:.1f} us, off (v4) {us[False]:.1f} us "
+              f"({2 * T * k * 3 * D * I / (us[True] * 1e-6) / 1e12:.0f} vs "
+              f"{2 * T * k * 3 * D * I / (us[False] * 1e-6) / 1e12:.0f} TFLOP/s)", flush=True)
+    knobs = [("v4 kernel (per-item CTAs, 1 scale per prmt)", dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False)),
+             ("persistent, 1 warpgroup per CTA (98 registers)", dict(DECODE_WGS=1)),
+             ("routing without the fused x gather (index_select)", dict(GATHER_MAX_ROWS=0)),
+             ("v4 kernel + scale pairs", dict(DECODE_PERSISTENT=False)),
+             ("persistent, 1 scale per prmt", dict(SCALE_PAIRS=False)),
+             ("persistent, >= 16 k-tiles per item (T=1: split 4 / 2)", dict(DECODE_MIN_K_TILES=16)),
+             ("persistent, 4 items per CTA", dict(DECODE_ITEMS_PER_CTA=4)),
+             ("persistent, 54 KB pipeline smem", dict(DECODE_PERSISTENT_SMEM=54 * 1024)),
+             ("persistent, 64 items per CTA", dict(DECODE_ITEMS_PER_CTA=64))]
+    for title, knob in knobs:
+        if time.time() - t_start > budget:
+            print(f"(time budget spent: skipped '{title}' and the rest)")
+            break
+        saved = {name: getattr(K, name) for name in knob}
+        for name, v in knob.items():
+            setattr(K, name, v)
+        try:
+            us = {T: fp4_us(T) for T in Ts}
+        finally:
+            for name, v in saved.items():
+                setattr(K, name, v)
+        print(f"ablation: {title}: " + ", ".join(f"T={T} {us[T]:.1f} us ({pct(T, us[T]):.0f}%, main {main[T]:.1f})"
+                                                  for T in Ts), flush=True)
 
 
 def profile_moe():
@@ -401,7 +516,7 @@ def bench_decode(args):
 
         def tail():
             x = dsv4.hc_head(h, model.hc_head_fn, model.hc_head_scale, model.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps)
-            return dsv4.head_logits(model.norm(x), model.head.weight)
+            return dsv4.matmul_fp32(model.norm(x), model.head.weight)
         tail_ms = time_ms(graph_of(tail).replay, args.iters)
         layers_b, tail_b, embed_b = step_bytes(model, B, pos, touched)
         layer_ms = (graph_ms - tail_ms) / args.layers
@@ -661,7 +776,9 @@ if __name__ == "__main__":
     if not torch.cuda.is_available() or (what.startswith("moe") and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if what.startswith("moe") else ""), file=sys.stderr)
         sys.exit(2)
-    if what == "moe":
+    if what == "moe" and "--decode-only" in sys.argv:
+        bench_moe_decode()
+    elif what == "moe":
         bench_moe()
     elif what == "moe-profile":
         profile_moe()

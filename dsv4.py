@@ -315,9 +315,10 @@ class Linear(nn.Module):
     FP8 weights stay FP8 in memory; the quant-sim rounds activations to FP8 first, as the reference kernel does.
     On Hopper that rounding is real: x goes to e4m3 + 1x128 scales and the FP8 tensor cores take both block scales."""
 
-    def __init__(self, in_features: int, out_features: int, dtype=torch.float8_e4m3fn):
+    def __init__(self, in_features: int, out_features: int, dtype=torch.float8_e4m3fn, fp32_out: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.fp32_out = fp32_out                                   # unquantized: y = fp32 matmul of x and W
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         scale = torch.empty(-(-out_features // 128), -(-in_features // 128), dtype=torch.float8_e8m0fnu)
         self.scale = nn.Parameter(scale, requires_grad=False) if dtype == torch.float8_e4m3fn else None
@@ -327,7 +328,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
-            return F.linear(x, self.weight.to(x.dtype))
+            return matmul_fp32(x, self.weight) if self.fp32_out else F.linear(x, self.weight.to(x.dtype))
         if self.quant_sim and x.is_cuda and x.dtype == torch.bfloat16 and fp8_gemm_unavailable(x.device) is None:
             if self._mm_scale_of is not self.scale:
                 self._mm_scale, self._mm_scale_of = mm_block_scales(self.scale), self.scale
@@ -340,10 +341,10 @@ class Linear(nn.Module):
 _MM_FP32_OUT: dict = {}   # CUDA device -> does torch.mm(bf16, bf16, out_dtype=torch.float32) run there
 
 
-def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 logits x Wᵀ, as the reference's fp32 matmul of the bf16 x and head weight. Products of bf16 values are
-    exact in fp32, so on CUDA a bf16 GEMM that accumulates into an fp32 output is the same math, without streaming an
-    fp32 copy of the (vocab x D) weight every step."""
+def matmul_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 x Wᵀ, as the reference's fp32 matmul of bf16 values (head, router, compressors). Products of bf16 values
+    are exact in fp32, so on CUDA a bf16 GEMM that accumulates into an fp32 output is the same math, without
+    streaming an fp32 copy of the weight every step."""
     if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
         if x.device not in _MM_FP32_OUT:
             try:
@@ -444,8 +445,8 @@ class Compressor(nn.Module):
         self.overlap = ratio == 4
         c = 2 if self.overlap else 1
         D = cfg.hidden_size
-        self.wkv = Linear(D, c * dim, dtype=torch.float32)          # bf16 on disk, run in fp32 like the reference
-        self.wgate = Linear(D, c * dim, dtype=torch.float32)
+        self.wkv = Linear(D, c * dim, dtype=torch.bfloat16, fp32_out=True)   # bf16 on disk, fp32 matmul as the
+        self.wgate = Linear(D, c * dim, dtype=torch.bfloat16, fp32_out=True) # reference
         self.ape = nn.Parameter(torch.empty(ratio, c * dim, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(dim, cfg.rms_norm_eps)
         self.rope_dim = cfg.rope_dim
@@ -468,8 +469,8 @@ class Compressor(nn.Module):
         returns the number of blocks available to the chunk's last token."""
         B, S, _ = x.shape
         r, d, p = self.ratio, self.dim, start_pos
-        a = self.wkv(x.float())                                        # [B,S,c*d] fp32
-        g = self.wgate(x.float()) + self.ape[torch.arange(p, p + S, device=x.device) % r]
+        a = self.wkv(x)                                        # [B,S,c*d] fp32
+        g = self.wgate(x) + self.ape[torch.arange(p, p + S, device=x.device) % r]
         p0 = p - p % r                                                 # first position of the open block
         off = r if self.overlap else 0                                 # rows of the previous full block
         A = torch.cat([self.kv_state[:B, :off + p % r], a], 1)        # rows = positions p0-off .. p+S-1
@@ -513,8 +514,8 @@ class Compressor(nn.Module):
         B = x.shape[0]
         r, d = self.ratio, self.dim
         off = r if self.overlap else 0
-        a = self.wkv(x.float())                                        # [B,1,c*d] fp32
-        g = self.wgate(x.float()) + self.ape[pos % r]
+        a = self.wkv(x)                                        # [B,1,c*d] fp32
+        g = self.wgate(x) + self.ape[pos % r]
         kv_state, score_state = self.kv_state[:B], self.score_state[:B]
         kv_state.index_copy_(1, off + pos % r, a)
         score_state.index_copy_(1, off + pos % r, g)
@@ -735,7 +736,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor):
         """x [N,D], tokens [N] -> (expert ids [N,k] int32, weights [N,k] fp32)."""
-        logits = x.float() @ self.weight.float().T
+        logits = matmul_fp32(x, self.weight)
         if self.score_func == "sqrtsoftplus":
             s = F.softplus(logits).sqrt()
         elif self.score_func == "sigmoid":
@@ -949,7 +950,7 @@ class Transformer(nn.Module):
             h = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0])
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps)
         x = self.norm(x)
-        return all_gather(head_logits(x, self.head.weight), self.par)  # [B,S,V]
+        return all_gather(matmul_fp32(x, self.head.weight), self.par)  # [B,S,V]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -1116,7 +1117,8 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
         if s is not None and m.dequantize_at_load:
             w, s = dequant_fp8(w.to(device), s.to(device), dtype), None
         if s is None:                                              # unquantized: compute dtype (fp32 ones stay fp32)
-            wd = torch.float32 if m.weight.dtype == torch.float32 else dtype
+            wd = torch.float32 if m.weight.dtype == torch.float32 or (m.fp32_out and w.dtype == torch.float32) \
+                else dtype
             m.weight = nn.Parameter(w.to(device=device, dtype=wd), requires_grad=False)
             m.scale = None
         else:
