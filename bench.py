@@ -222,21 +222,71 @@ def bench_moe_decode():
     def pct(T, us):
         return 100 * routings[T][3] * bytes_per_expert / (us * 1e-6) / 1e12 / copy_bw
 
+    def with_knobs(knob, fn):
+        saved = {name: getattr(K, name) for name in knob}
+        for name, v in knob.items():
+            setattr(K, name, v)
+        try:
+            return fn()
+        finally:
+            for name, v in saved.items():
+                setattr(K, name, v)
+
     print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
     main = {T: fp4_us(T) for T in Ts}
+    v4 = with_knobs(dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0),
+                    lambda: {T: fp4_us(T) for T in Ts})
     base = {}
     for T in Ts:
         x, ids, w, _ = routings[T]
         base[T] = _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True) / 2 * 1e3
-    print(f"\nMoE decode, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4), CUDA-graph replays, {dev}")
-    print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} {'floor us':>8}")
+    print(f"\nMoE decode, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4), CUDA-graph replays, {dev}; "
+          f"v4 = the previous kernel, same run")
+    print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'v4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} "
+          f"{'v4 %copy':>8} {'floor us':>8}")
     for T in Ts:
         hit = routings[T][3]
-        print(f"{T:>4} {hit:>7} {main[T]:>8.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} {pct(T, main[T]):>6.1f} "
-              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
+        print(f"{T:>4} {hit:>7} {main[T]:>8.1f} {v4[T]:>8.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} "
+              f"{pct(T, main[T]):>6.1f} {pct(T, v4[T]):>8.1f} {hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}",
+              flush=True)
     if "--ablate-v5" not in sys.argv:
         return
     budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
+    knobs = [("routing without the fused x gather (index_select)", dict(GATHER_MAX_ROWS=0)),
+             ("one scale per prmt (v4 decode)", dict(SCALE_PAIRS=False)),
+             ("persistent Fp4DecodeGemm, >= 16 k-tiles per item, 1 warpgroup",
+              dict(DECODE_PERSISTENT=True, DECODE_MIN_K_TILES=16, DECODE_WGS=1))]
+
+    def profile(T):                                   # device time per kernel, PDL off (no overlap), 10 calls
+        from torch.profiler import profile as torch_profile, ProfilerActivity
+        x, ids, w, _ = routings[T]
+        for _ in range(3):
+            K.moe_fp4(x, ids, w, fp4[0], limit)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(10):
+                K.moe_fp4(x, ids, w, fp4[i % n_copies], limit)
+            torch.cuda.synchronize()
+        dt = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)   # noqa: E731
+        rows = [(e.key, e.count, dt(e) / e.count) for e in prof.key_averages() if dt(e) > 0]
+        print(f"profile T={T} (PDL off, us per call): " + "; ".join(
+            f"{name[:40]} x{cnt // 10} {t:.1f}" for name, cnt, t in sorted(rows, key=lambda r: -r[2] * r[1])),
+            flush=True)
+
+    knobs.insert(2, ("profile", None))
+    for title, knob in knobs:
+        if time.time() - t_start > budget:
+            print(f"(time budget spent: skipped '{title}' and the rest)")
+            break
+        if knob is None:
+            try:
+                with_knobs(dict(USE_PDL=False), lambda: [profile(T) for T in (1, 64)])
+            except Exception as e:      # noqa: BLE001 - a diagnostic only
+                print(f"profile failed: {e!r}", flush=True)
+            continue
+        us = with_knobs(knob, lambda: {T: fp4_us(T) for T in Ts})
+        print(f"ablation: {title}: " + ", ".join(f"T={T} {us[T]:.1f} us ({pct(T, us[T]):.0f}%, main {main[T]:.1f})"
+                                                  for T in Ts), flush=True)
     for T in (1024, 4096):                            # prefill sizes keep the one-CTA-per-item kernel: pairs on/off
         if time.time() - t_start > budget:
             break
@@ -252,29 +302,6 @@ def bench_moe_decode():
         print(f"prefill T={T}: scale pairs on {us[True]:.1f} us, off (v4) {us[False]:.1f} us "
               f"({2 * T * k * 3 * D * I / (us[True] * 1e-6) / 1e12:.0f} vs "
               f"{2 * T * k * 3 * D * I / (us[False] * 1e-6) / 1e12:.0f} TFLOP/s)", flush=True)
-    knobs = [("v4 kernel (per-item CTAs, 1 scale per prmt)", dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False)),
-             ("persistent, 1 warpgroup per CTA (98 registers)", dict(DECODE_WGS=1)),
-             ("routing without the fused x gather (index_select)", dict(GATHER_MAX_ROWS=0)),
-             ("v4 kernel + scale pairs", dict(DECODE_PERSISTENT=False)),
-             ("persistent, 1 scale per prmt", dict(SCALE_PAIRS=False)),
-             ("persistent, >= 16 k-tiles per item (T=1: split 4 / 2)", dict(DECODE_MIN_K_TILES=16)),
-             ("persistent, 4 items per CTA", dict(DECODE_ITEMS_PER_CTA=4)),
-             ("persistent, 54 KB pipeline smem", dict(DECODE_PERSISTENT_SMEM=54 * 1024)),
-             ("persistent, 64 items per CTA", dict(DECODE_ITEMS_PER_CTA=64))]
-    for title, knob in knobs:
-        if time.time() - t_start > budget:
-            print(f"(time budget spent: skipped '{title}' and the rest)")
-            break
-        saved = {name: getattr(K, name) for name in knob}
-        for name, v in knob.items():
-            setattr(K, name, v)
-        try:
-            us = {T: fp4_us(T) for T in Ts}
-        finally:
-            for name, v in saved.items():
-                setattr(K, name, v)
-        print(f"ablation: {title}: " + ", ".join(f"T={T} {us[T]:.1f} us ({pct(T, us[T]):.0f}%, main {main[T]:.1f})"
-                                                  for T in Ts), flush=True)
 
 
 def profile_moe():
@@ -353,7 +380,7 @@ def random_model(cfg, device, max_batch_size: int, max_seq_len: int, seed: int =
             t = torch.randint(126 - k, 129 - k, shape, generator=g, device=device, dtype=torch.uint8)
             t = t.view(torch.float8_e8m0fnu)
         elif p.dtype == torch.int64:                                              # tid2eid: k distinct experts
-            t = torch.rand(shape[0], cfg.n_routed_experts, generator=g, device=device).argsort(-1)[:, :shape[1]]
+            t = torch.rand(shape[0], cfg.n_routed_experts, generator=g, device=device).argsort(-1)[:, :shape[1]].contiguous()
         elif name.endswith("norm.weight") or name.endswith("_scale"):
             t = 1 + 0.05 * randn()
         elif name.endswith("_fn"):
@@ -468,17 +495,20 @@ def kernel_profile(run, n_layers: int):
 
 
 def fp8_linear_table(model, copy_bw):
-    """Each FP8 linear shape of a layer at M = 1, as a graph of 20 calls: us, floor us (weight + scale bytes)."""
+    """Each FP8 linear shape of a layer at M = 1, as a graph of 20 calls: us of Linear.forward (the fused FP8 GEMV
+    where it runs) and of the cuBLASLt blockwise scaled_mm path, floor us (weight + scale bytes)."""
     layer = model.layers[0]
     rows = []
     for name in ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "attn.indexer.wq_b", "ffn.shared_experts.w1",
                  "ffn.shared_experts.w2"):
         lin = layer.get_submodule(name)
         x = torch.randn(1, lin.in_features, device="cuda", dtype=torch.bfloat16)
-        g = graph_of(lambda: [lin(x) for _ in range(20)])
-        us = time_ms(g.replay, 20) / 20 * 1e3
+        us = time_ms(graph_of(lambda: [lin(x) for _ in range(20)]).replay, 20) / 20 * 1e3
+        mm_scale = dsv4.mm_block_scales(lin.scale)
+        mm_us = time_ms(graph_of(lambda: [dsv4.fp8_linear(x, lin.weight, mm_scale) for _ in range(20)]).replay,
+                        20) / 20 * 1e3
         floor = (nbytes(lin.weight) + nbytes(lin.scale)) / copy_bw * 1e6
-        rows.append((name, lin.out_features, lin.in_features, us, floor))
+        rows.append((name, lin.out_features, lin.in_features, us, mm_us, floor))
     return rows
 
 
@@ -536,13 +566,13 @@ def bench_decode(args):
         for k, (cnt, us) in top:
             print(f"   {cnt:5d} x {us / max(cnt, 1):8.1f} us = {us / 1e3:7.3f} ms  {k}")
     lin_rows = fp8_linear_table(model, copy_bw)
-    if args.compile:
-        compile_experiment(model, args, results)
+    if not args.no_baseline:
+        torch_ops_baseline(model, args, results)
 
-    print(f"\nFP8 linears at M=1 on {name} (blockwise scaled_mm; graph of 20 calls)")
-    print(f"{'linear':<24} {'N':>6} {'K':>6} {'us':>7} {'floor us':>8} {'%floor':>6}")
-    for n, N, Kdim, us, fl in lin_rows:
-        print(f"{n:<24} {N:>6} {Kdim:>6} {us:>7.1f} {fl:>8.1f} {100 * fl / us:>6.1f}")
+    print(f"\nFP8 linears at M=1 on {name} (graph of 20 calls; Linear = the fused FP8 GEMV where it runs)")
+    print(f"{'linear':<24} {'N':>6} {'K':>6} {'Linear us':>9} {'scaled_mm us':>12} {'floor us':>8} {'%floor':>6}")
+    for n, N, Kdim, us, mm_us, fl in lin_rows:
+        print(f"{n:<24} {N:>6} {Kdim:>6} {us:>9.1f} {mm_us:>12.1f} {fl:>8.1f} {100 * fl / us:>6.1f}")
     print(f"\nDecode of a {args.layers}-layer Flash-dims stack (CSA/HCA alternating, NVFP4 experts, FP8 linears) on "
           f"{name}, context position {pos}; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write, same run)")
     print(f"{'B':>2} {'eager ms':>8} {'graph ms':>8} {'speedup':>7} {'ms/layer':>8} {'floor ms':>8} {'%floor':>6} "
@@ -553,41 +583,35 @@ def bench_decode(args):
               f"{r['layer_mb']:>8.1f} {r['touched']:>7.1f} {r['kernels'] / args.layers:>8.0f} {r['full_ms']:>7.2f} "
               f"{r['full_floor_ms']:>9.2f} {1e3 * r['B'] / r['full_ms']:>7.1f} {1e3 * r['B'] / r['full_floor_ms']:>11.1f}")
     for r in results:
-        if "compiled_ms" in r:
-            layer_ms = (r["compiled_ms"] - r["tail_ms"]) / args.layers
+        if "torch_ms" in r:
+            layer_ms = (r["torch_ms"] - r["tail_ms"]) / args.layers
             full_ms = FLASH_LAYERS * layer_ms + r["tail_ms"]
-            print(f"B={r['B']} with torch.compile'd helpers (experiment): {layer_ms:.3f} ms/layer, "
-                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor, {r['compiled_kernels'] / args.layers:.0f} "
-                  f"kernels/layer, 43 layers {full_ms:.2f} ms = {1e3 * r['B'] / full_ms:.1f} tok/s")
+            print(f"B={r['B']} same step with torch ops (kernels off, same run): {layer_ms:.3f} ms/layer, "
+                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor, {r['torch_kernels'] / args.layers:.0f} "
+                  f"kernels/layer, 43 layers {full_ms:.2f} ms = {1e3 * r['B'] / full_ms:.1f} tok/s; fused is "
+                  f"{r['torch_ms'] / r['graph_ms']:.2f}x faster")
     return results
 
 
-def compile_experiment(model, args, results):
-    """What fusing the launch-heavy elementwise chains would buy: the same graph step with torch.compile (Inductor)
-    on dsv4's pure helpers (mHC pre/post with the Sinkhorn loop, activation FP8 quant, RoPE). Not the product path."""
-    names = ("hc_pre", "hc_post", "act_quant_fp8", "apply_rope")
-    originals = {n: getattr(dsv4, n) for n in names}
+def torch_ops_baseline(model, args, results):
+    """The same graph step with dsv4's fused kernels off (NANO_DSV4_KERNELS=0: torch ops + cuBLASLt FP8 GEMMs; the
+    routed experts stay on the fp4 kernel): what the fused kernels buy, measured in the same run."""
     pos_t = torch.tensor([args.pos], device="cuda")
     try:
-        for n in names:
-            setattr(dsv4, n, torch.compile(originals[n]))
+        dsv4.FUSED_KERNELS = False
         for r in results:
-            B, t0 = r["B"], time.time()
+            B = r["B"]
             model.decode_graphs.clear()
-            model.decode(r["tokens"], args.pos)                                   # eager step (compiles) + capture
-            compile_s = time.time() - t0
+            model.decode(r["tokens"], args.pos)                                   # eager step + capture
             g = model.decode_graphs[B]
             ms = time_ms(g.graph.replay, args.iters)
             err = ((g.logits - r["reference"]).norm() / r["reference"].norm()).item()
             n_k = kernel_profile(g.graph.replay, args.layers)[0]
-            r.update(compiled_ms=ms, compiled_kernels=n_k)
-            print(f"B={B} with compiled helpers: graph {ms:.2f} ms ({r['graph_ms'] / ms:.2f}x), {n_k} kernels/step, "
-                  f"logits vs uncompiled rel err {err:.1e}, compile+capture {compile_s:.0f} s", flush=True)
-    except Exception as e:   # noqa: BLE001 - an experiment: report and go on
-        print(f"compile experiment failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            r.update(torch_ms=ms, torch_kernels=n_k, torch_err=err)
+            print(f"B={B} torch ops only: graph {ms:.2f} ms, {n_k} kernels/step, logits vs fused rel err {err:.1e}",
+                  flush=True)
     finally:
-        for n, f in originals.items():
-            setattr(dsv4, n, f)
+        dsv4.FUSED_KERNELS = True
         model.decode_graphs.clear()
 
 
@@ -599,7 +623,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--eager-iters", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="also time the graph with torch.compile'd helpers")
+    p.add_argument("--no-baseline", action="store_true", help="skip the same step with the fused kernels off")
     return p.parse_args(argv)
 
 # ======================================================================================================================

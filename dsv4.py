@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the fields are the keys of the checkpoint's config.json (HF names, as DeepSeek publishes them).
@@ -190,6 +192,17 @@ def init_distributed(device="auto") -> tuple[Parallel, torch.device]:
 # the same (FP8 activations before FP8 GEMMs, FP8 KV no-rope dims, FP4 indexer q/k), with quant_sim=False none of it.
 FP8_MAX, FP4_MAX = 448.0, 6.0
 
+# Hopper kernels. The torch code in this file is the reference and the CPU path. On an sm_90 GPU with CuTe DSL the
+# decode hot spots (FP8 GEMV, norms, RoPE + quant sims, mHC, compressors, indexer, sparse attention, router) run
+# fused kernels from kernels.py instead: same math and rounding points, one launch where torch needs 10-150.
+# NANO_DSV4_KERNELS=0 turns them off (the routed-expert kernel has its own switch: kernels.moe).
+FUSED_KERNELS = os.environ.get("NANO_DSV4_KERNELS", "1") != "0"
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Run the fused kernels for this activation (bf16 on an sm_90 GPU with CuTe DSL)."""
+    return FUSED_KERNELS and x.is_cuda and x.dtype == torch.bfloat16 and kernels.fused_unavailable_reason(x) is None
+
 
 def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """ue8m0 scales: the smallest power of two s with amax / s <= qmax."""
@@ -329,6 +342,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return matmul_fp32(x, self.weight) if self.fp32_out else F.linear(x, self.weight.to(x.dtype))
+        if self.quant_sim and fused(x) and kernels.fp8_gemv_supported(x, self.weight):   # decode-sized M
+            return kernels.fp8_gemv(x, self.weight, self.scale)
         if self.quant_sim and x.is_cuda and x.dtype == torch.bfloat16 and fp8_gemm_unavailable(x.device) is None:
             if self._mm_scale_of is not self.scale:
                 self._mm_scale, self._mm_scale_of = mm_block_scales(self.scale), self.scale
@@ -364,6 +379,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused(x):
+            return kernels.rms_norm_fused(x, self.weight, self.eps)
         xf = x.float()
         return (self.weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
@@ -404,6 +421,9 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, inverse: bool = False) -> 
 # Manifold-constrained hyper-connections: 4 residual streams, collapsed before each sub-block and re-expanded after.
 def hc_pre(h: torch.Tensor, fn, scale, base, n: int, iters: int, eps: float, norm_eps: float):
     """h [B,S,n,D] -> (x [B,S,D], post [B,S,n], comb [B,S,n,n]) with a Sinkhorn-projected comb."""
+    if fused(h):
+        x, post, comb = kernels.hc_pre_fused(h.flatten(0, 1), fn, scale, base, n, iters, eps, norm_eps)
+        return x.unflatten(0, h.shape[:2]), post.unflatten(0, h.shape[:2]), comb.unflatten(0, h.shape[:2])
     xf = h.flatten(2).float()
     mix = (xf @ fn.T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)    # [B,S,(2+n)n]
     pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + eps
@@ -420,12 +440,17 @@ def hc_pre(h: torch.Tensor, fn, scale, base, n: int, iters: int, eps: float, nor
 
 def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """out[k] = post_k·f + Σ_j comb[j,k]·res[j]   (f [B,S,D], res [B,S,n,D])."""
+    if fused(res):
+        return kernels.hc_post_fused(f.flatten(0, 1), res.flatten(0, 1), post.flatten(0, 1),
+                                     comb.flatten(0, 1)).unflatten(0, res.shape[:2])
     out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + comb.transpose(-1, -2) @ res.float()
     return out.to(res.dtype)
 
 
 def hc_head(h: torch.Tensor, fn, scale, base, eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse of the streams: h [B,S,n,D] -> [B,S,D] (no Sinkhorn, no post)."""
+    if fused(h):
+        return kernels.hc_head_fused(h.flatten(0, 1), fn, scale, base, eps, norm_eps).unflatten(0, h.shape[:2])
     xf = h.flatten(2).float()
     mix = (xf @ fn.T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
     pre = torch.sigmoid(mix * scale + base) + eps
@@ -515,6 +540,8 @@ class Compressor(nn.Module):
         r, d = self.ratio, self.dim
         off = r if self.overlap else 0
         a = self.wkv(x)                                        # [B,1,c*d] fp32
+        if fused(x) and kernels.compressor_kernel_unavailable_reason(self, a) is None:
+            return kernels.compressor_decode_fused(self, a, self.wgate(x), pos, angles, hadamard)   # one kernel
         g = self.wgate(x) + self.ape[pos % r]
         kv_state, score_state = self.kv_state[:B], self.score_state[:B]
         kv_state.index_copy_(1, off + pos % r, a)
@@ -561,11 +588,17 @@ class Indexer(nn.Module):
         scores the whole preallocated cache, whose entries past the completed blocks are masked like future ones."""
         q = self._query(qr, angles[pos])
         self.compressor.decode(x, pos, angles, self.hadamard)
-        return self._top_blocks(x, q, self.compressor.kv_cache[:x.shape[0]], pos)
+        K = self.compressor.kv_cache[:x.shape[0]]
+        if fused(x):
+            w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+            return kernels.indexer_topk_decode(q, K, w, pos, self.topk)
+        return self._top_blocks(x, q, K, pos)
 
     def _query(self, qr: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
         """qr [B,S,q_lora], angles at the query positions [S,rd/2] -> FP4-simulated indexer queries [B,S,h,d]."""
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        if fused(q) and ang.shape[0] == 1:                         # one position: RoPE + Hadamard + FP4 sim fused
+            return kernels.index_query_fused(q, ang, None, self.quant_sim)
         q = apply_rope(q, ang[:, None])
         if self.quant_sim:
             q = fp4_quant((q.float() @ self.hadamard).to(q.dtype), 32)
@@ -692,6 +725,10 @@ class Attention(nn.Module):
             comp_kv = self.compressor.kv_cache[:B]
             if self.indexer is not None:
                 comp_idx = self.indexer.decode(x, qr, pos, angles)
+        if fused(q):
+            o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
+                                                self.head_dim ** -0.5, max(self.ratio, 1))
+            return self._out(o, ang)
         ring_pos = pos - (pos - torch.arange(W, device=x.device)) % W   # slot s: latest position <= pos, ≡ s mod W
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
                              self.head_dim ** -0.5, W, max(self.ratio, 1))
@@ -702,6 +739,10 @@ class Attention(nn.Module):
         q [B,S,H,hd] (per-head RMS, roped) and kv [B,S,hd] (normed, roped, no-rope dims FP8-simulated)."""
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        if fused(x) and ang.shape[0] == 1:                         # one position: norms + RoPE + FP8 sim fused
+            eps = self.cfg.rms_norm_eps
+            return qr, kernels.q_norm_rope_fused(q, ang, None, eps), \
+                kernels.kv_norm_rope_quant_fused(self.wkv(x), self.kv_norm.weight, ang, None, eps, self.quant_sim)
         q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
         q = apply_rope(q, ang[:, None])
         kv = apply_rope(self.kv_norm(self.wkv(x)), ang)
@@ -712,7 +753,10 @@ class Attention(nn.Module):
     def _out(self, o: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
         """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position; grouped
         low-rank wo_a (bf16 einsum), then wo_b."""
-        o = apply_rope(o, ang[:, None], inverse=True)
+        if fused(o) and ang.shape[0] == 1:
+            o = kernels.rope_inverse_fused(o, ang, None)              # in place
+        else:
+            o = apply_rope(o, ang[:, None], inverse=True)
         G = self.n_groups
         z = torch.einsum("bsgi,gri->bsgr", o.flatten(2).unflatten(-1, (G, -1)),
                          self.wo_a.weight.to(o.dtype).unflatten(0, (G, -1)))
@@ -736,6 +780,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor):
         """x [N,D], tokens [N] -> (expert ids [N,k] int32, weights [N,k] fp32)."""
+        if fused(x) and kernels.gate_kernel_supported(self, x):
+            return kernels.gate_decode(self, x, tokens)
         logits = matmul_fp32(x, self.weight)
         if self.score_func == "sqrtsoftplus":
             s = F.softplus(logits).sqrt()
