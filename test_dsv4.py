@@ -1978,9 +1978,9 @@ if __name__ == "__main__":
 # ====================================================================================================================
 # FP8 GEMV for decode-sized M (issue #5) — tests
 # ====================================================================================================================
-# Tests for the FP8 decode GEMV (_wip_gemv.py): CPU tests of the reference math and the config picker, a compile
+# Tests for the FP8 decode GEMV (kernels.fp8_gemv): CPU tests of the reference math and the config picker, a compile
 # test for sm_90a without a GPU, and GPU tests (skipped without an sm_90 GPU + CuTe DSL) of the kernel against the
-# reference, determinism and CUDA-graph capture. Run: python3 -m pytest -q _wip_test_gemv.py [-k gpu]
+# reference, determinism and CUDA-graph capture. Run: python3 -m pytest -q test_dsv4.py -k gemv
 
 FLASH_SHAPES = [(1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (8192, 1024), (2048, 4096), (4096, 2048)]
 TP_HALVES = [(16384, 1024), (4096, 4096), (2048, 2048), (1024, 4096), (2048, 1024)]   # N/2 or K/2 of some above
@@ -2018,7 +2018,7 @@ def random_weight(N, Kd, seed, device="cpu"):
     return codes.view(torch.float8_e4m3fn).to(device), s.view(torch.float8_e8m0fnu).to(device)
 
 
-# Timing sweep of the GPU check (_wip_gpu_gemv.sh): (N, K) -> [(splits, row_tiles, warps, stages, cp_async,
+# Timing sweep of the GEMV's GPU check (session 2): (N, K) -> [(splits, row_tiles, warps, stages, cp_async,
 # cluster, min CTAs per SM)], M = 1
 GPU_SWEEP = {(32768, 1024): [(1, 1, 8, 4, 0, 0), (1, 1, 8, 4, 0, 0, 2), (1, 2, 8, 2, 0, 0), (1, 1, 4, 4, 0, 0),
                              (2, 1, 8, 4, 0, 1)],
@@ -2295,7 +2295,7 @@ def test_gpu_gemv_pdl_launch_gives_the_same_bits(path, monkeypatch):
 # ====================================================================================================================
 # mHC: fused hc_pre / hc_post / hc_head (issue #5) — tests
 # ====================================================================================================================
-# Tests of the fused mHC kernels (_wip_mhc.py; the lead merges them into test_dsv4.py).
+# Tests of the fused mHC kernels (kernels.hc_pre_fused / hc_post_fused / hc_head_fused).
 # CPU: the [M, ...] references equal dsv4.hc_pre / hc_post / hc_head bit for bit; the kernels' arithmetic (emulated in
 # torch) stays within tolerance; the kernels compile for sm_90a without a GPU. GPU (sm_90 + CuTe DSL): the fused kernels
 # against dsv4's functions on the same device, determinism, CUDA-graph replay.
@@ -2606,9 +2606,9 @@ def _tiny_model_logits(path, device, tokens, prefill):
 # ====================================================================================================================
 # Attention glue: norms, RoPE, FP8/FP4 sims (issue #5) — tests
 # ====================================================================================================================
-# Tests of the fused attention glue (_wip_glue.py): CPU tests pin the torch references to dsv4.py's own functions and
+# Tests of the fused attention glue (kernels.rms_norm_fused, q/kv/index tails, inverse RoPE): CPU tests pin the torch references to dsv4.py's own functions and
 # the kernels' rounding emulations to torch's; GPU tests (sm_90 + CuTe DSL) compare every kernel with its reference.
-# `python3 _wip_test_glue.py bench` prints the timing table (CUDA-graph replays).
+# (The timing table of session 2 is in notes/decode.md.)
 
 EPS = 1e-6
 
@@ -3236,7 +3236,7 @@ def _report_compiles():
 # ====================================================================================================================
 # Compressor decode step (issue #5) — tests
 # ====================================================================================================================
-# Tests of the fused compressor decode step (_wip_comp.py). CPU: the torch reference equals dsv4.Compressor.decode and
+# Tests of the fused compressor decode step (kernels.compressor_decode_fused). CPU: the torch reference equals dsv4.Compressor.decode and
 # a torch emulation of the kernel's algorithm (its halves, RoPE pairs, quant rounding rules) matches it. GPU (sm_90 +
 # CuTe DSL): the kernel stepped token by token over >= 2 full blocks against the reference, and inside a CUDA graph.
 
@@ -3329,7 +3329,7 @@ def seq_sum(vals):
 
 def pooled_sum(e: torch.Tensor, kv: torch.Tensor, comp, order: str) -> torch.Tensor:
     """The kernel's softmax denominator and pooled sum over the rows (dim 1) of e = exp(s - max), kv [B,R,d], in the
-    summation order `order` (see _wip_comp.SUM_ORDERS) and its thread layout (pick_layout)."""
+    summation order `order` (see kernels.SUM_ORDERS) and its thread layout (pick_layout)."""
     R = e.shape[1]
     ny = K.pick_layout(comp.ratio, comp.dim, comp.overlap)[1]
     rt = R // ny
@@ -3585,7 +3585,7 @@ def comp_torch_reference(monkeypatch):
 # ====================================================================================================================
 # Sparse attention, indexer top-k and router for decode (issue #5) — tests
 # ====================================================================================================================
-# Tests of the decode attention / indexer kernels (_wip_sattn.py). CPU: the references against dsv4.py's modules and
+# Tests of the decode attention / indexer / router kernels. CPU: the references against dsv4.py's modules and
 # an fp64 evaluation, the kernels' arithmetic emulated in torch, the sort-key encoding. GPU (sm_90 + CuTe DSL): the
 # kernels against dsv4.py's code, determinism, CUDA-graph capture.
 
@@ -3980,7 +3980,7 @@ def graph_decode_logits(path, tokens, prefill):
 # ====================================================================================================================
 # MoE prefill GEMM (issue #3) — tests
 # ====================================================================================================================
-# Tests of the prefill MoE GEMM (_wip_prefill.py). GPU tests skip cleanly without an sm_90 GPU + CuTe DSL.
+# Tests of the prefill MoE GEMM (kernels.moe_fp4_prefill). GPU tests skip cleanly without an sm_90 GPU + CuTe DSL.
 
 HERE_prefill = os.path.dirname(os.path.abspath(__file__))
 
