@@ -1616,7 +1616,9 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     s1, s2 = cfg1[5], cfg2[5]
     n_tab = tiles.shape[0]
     counters = _split_counters(dev, n_tab * max(2 * inter, D) // TILE_M)
-    unused = _COUNTERS.setdefault((dev, "unused"), torch.zeros(1, 1, 4, dtype=torch.float32, device=dev))
+    unused = _COUNTERS.get((dev, "unused"))              # made once: setdefault would allocate + fill every call
+    if unused is None:
+        unused = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
     part1 = torch.empty(s1, R, 2 * inter, dtype=torch.float32, device=dev) if s1 > 1 else unused   # fp32 partials
     part2 = torch.empty(s2, R, D, dtype=torch.float32, device=dev) if s2 > 1 else unused
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX

@@ -2160,11 +2160,6 @@ def test_gemv_compiles_for_sm90a_on_a_cpu_only_machine(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- GPU tests
-def _gpu_ok_gemv():
-    return torch.cuda.is_available() and K.HAVE_CUTE and torch.cuda.get_device_capability() == (9, 0)
-
-
-gpu_gemv = pytest.mark.skipif(not _gpu_ok_gemv(), reason="needs an sm_90 GPU and CuTe DSL")
 
 
 def _check_gemv(y, x, w, s):
@@ -2188,7 +2183,7 @@ def _check_gemv(y, x, w, s):
     assert equal >= 0.95, f"only {equal:.3f} of outputs bit-equal to the reference"
 
 
-@gpu_gemv
+@gpu
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("N,Kd,M", [(4096, 8192, 8), (200, 4096, 16)])
 def test_gpu_one_hot_rows_give_exact_weight_columns(N, Kd, M, path):
@@ -2209,7 +2204,7 @@ def test_gpu_one_hot_rows_give_exact_weight_columns(N, Kd, M, path):
     assert not bad, "; ".join(bad[:4])
 
 
-@gpu_gemv
+@gpu
 @pytest.mark.parametrize("N,Kd", REF_SHAPES)
 @pytest.mark.parametrize("M", [1, 3, 8, 16])
 @pytest.mark.parametrize("path", list(PATHS))
@@ -2220,7 +2215,7 @@ def test_gpu_gemv_matches_reference(N, Kd, M, path):
     _check_gemv(K.fp8_gemv(x, w, s, config=cfg), x, w, s)
 
 
-@gpu_gemv
+@gpu
 @pytest.mark.parametrize("N,Kd", [(32768, 1024), (4096, 8192), (2048, 4096)])
 @pytest.mark.parametrize("M", [1, 9, 16])
 def test_gpu_gemv_flash_shapes(N, Kd, M):
@@ -2229,7 +2224,7 @@ def test_gpu_gemv_flash_shapes(N, Kd, M):
     _check_gemv(K.fp8_gemv(x, w, s), x, w, s)
 
 
-@gpu_gemv
+@gpu
 def test_gpu_gemv_leading_dims_and_empty():
     w, s = random_weight(384, 4096, 0, "cuda")
     x = special_x(6, 4096, 1, "cuda").view(2, 3, 4096)
@@ -2239,7 +2234,7 @@ def test_gpu_gemv_leading_dims_and_empty():
     assert K.fp8_gemv(x[:0], w, s).shape == (0, 3, 384)
 
 
-@gpu_gemv
+@gpu
 @pytest.mark.parametrize("N,Kd,M", [(1024, 4096, 8), (4096, 8192, 16), (384, 4096, 1)])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_gpu_gemv_is_deterministic(N, Kd, M, path):
@@ -2250,7 +2245,7 @@ def test_gpu_gemv_is_deterministic(N, Kd, M, path):
     assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
 
 
-@gpu_gemv
+@gpu
 def test_gpu_gemv_in_a_cuda_graph_follows_new_inputs():
     N, Kd, M = 2048, 4096, 4
     w, s = random_weight(N, Kd, 7, "cuda")
@@ -2267,7 +2262,7 @@ def test_gpu_gemv_in_a_cuda_graph_follows_new_inputs():
         _check_gemv(y, x, w, s)
 
 
-@gpu_gemv
+@gpu
 def test_gpu_gemv_agrees_with_dsv4_fp8_linear():
     """The cuBLASLt path the kernel replaces (same math; both fp32 accumulation)."""
     N, Kd = 1024, 4096
@@ -2278,7 +2273,7 @@ def test_gpu_gemv_agrees_with_dsv4_fp8_linear():
     assert ((y - y_blas).norm() / y_blas.norm()).item() < 2e-3
 
 
-@gpu_gemv
+@gpu
 @pytest.mark.parametrize("path", list(PATHS))
 def test_gpu_gemv_pdl_launch_gives_the_same_bits(path, monkeypatch):
     N, Kd, M = 2048, 4096, 3
@@ -2404,15 +2399,10 @@ def test_mhc_kernels_compile_for_sm90a_without_a_gpu(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- GPU tests
-def _gpu_ok_mhc():
-    return torch.cuda.is_available() and K.HAVE_CUTE and torch.cuda.get_device_capability() == (9, 0)
-
-
-gpu_mhc = pytest.mark.skipif(not _gpu_ok_mhc(), reason="needs an sm_90 GPU and CuTe DSL")
 SHAPES = [(1, 256), (2, 256), (8, 256), (300, 256), (1, 4096), (2, 4096), (8, 4096), (300, 4096)]
 
 
-@gpu_mhc
+@gpu
 @pytest.mark.parametrize("M,D", SHAPES)
 def test_gpu_hc_pre_fused_matches_dsv4(M, D):
     h, fn, scale, base, _ = _inputs(M, D, seed=M * 7 + D, device="cuda")
@@ -2433,7 +2423,7 @@ def _norm_weight(D, device):
     return (1 + 0.5 * torch.randn(D, generator=torch.Generator().manual_seed(D))).to(device)
 
 
-@gpu_mhc
+@gpu
 @pytest.mark.parametrize("M,D", [(1, 256), (8, 4096), (300, 4096)])
 def test_gpu_hc_pre_fused_with_rmsnorm_matches_dsv4(M, D):
     h, fn, scale, base, _ = _inputs(M, D, seed=M * 11 + D, device="cuda")
@@ -2445,7 +2435,7 @@ def test_gpu_hc_pre_fused_with_rmsnorm_matches_dsv4(M, D):
     assert_bf16_close(y, _rmsnorm(xr, w))
 
 
-@gpu_mhc
+@gpu
 @pytest.mark.parametrize("M,D", SHAPES)
 def test_gpu_hc_post_fused_matches_dsv4(M, D):
     h, fn, scale, base, f = _inputs(M, D, seed=M * 5 + D, device="cuda")
@@ -2455,7 +2445,7 @@ def test_gpu_hc_post_fused_matches_dsv4(M, D):
     assert_bf16_close(out, ref)
 
 
-@gpu_mhc
+@gpu
 @pytest.mark.parametrize("M,D", [(1, 4096), (8, 4096), (300, 256)])
 def test_gpu_hc_post_pre_fused_equals_post_then_pre(M, D):
     h, fn, scale, base, f = _inputs(M, D, seed=M * 3 + D, device="cuda")
@@ -2474,7 +2464,7 @@ def test_gpu_hc_post_pre_fused_equals_post_then_pre(M, D):
     assert_bf16_close(y, _rmsnorm(xr, w))
 
 
-@gpu_mhc
+@gpu
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("M,D", [(1, 4096), (8, 256), (300, 4096)])
 def test_gpu_hc_head_fused_matches_dsv4(M, D, norm):
@@ -2485,7 +2475,7 @@ def test_gpu_hc_head_fused_matches_dsv4(M, D, norm):
     assert_bf16_close(out, _rmsnorm(ref, w) if norm else ref)
 
 
-@gpu_mhc
+@gpu
 def test_gpu_fused_is_deterministic_and_graph_replays_exactly():
     M, D = 8, 4096
     h, fn, scale, base, f = _inputs(M, D, seed=1, device="cuda")
@@ -2803,15 +2793,6 @@ def tiny_checkpoint(tmp_path_factory):
     import weights
     return weights.write_checkpoint(str(tmp_path_factory.mktemp("glue_ckpt") / "fp8"), TINY_glue, "fp8", 0)
 
-
-@pytest.fixture
-def torch_moe_glue(monkeypatch):
-    """Routed MoE as torch (its kernel has its own tests): dsv4.moe_gathered on the GPU, the reference on the CPU."""
-    reference = K.moe
-    monkeypatch.setattr(K, "kernel_unavailable_reason", lambda x, experts: "torch MoE in these tests")
-    monkeypatch.setattr(K, "moe", lambda x, *a: (dsv4.moe_gathered if x.is_cuda else reference)(x, *a))
-
-
 def _fixed_routing(model):
     """Biased gates always pick the same experts (bias steps of 3 >> score noise), as test_dsv4's load() does."""
     for layer in model.layers:
@@ -2833,11 +2814,6 @@ def _teacher_forced(model, tokens, prefill, device):
 # ======================================================================================================================
 # GPU: every kernel against its reference run on the same GPU
 # ======================================================================================================================
-def _gpu_ok_glue():
-    return torch.cuda.is_available() and K.HAVE_CUTE and torch.cuda.get_device_capability() == (9, 0)
-
-
-gpu_glue = pytest.mark.skipif(not _gpu_ok_glue(), reason="needs an sm_90 GPU and CuTe DSL")
 MAX_POS = 1 << 17           # angles past 105615 rad take sinf/cosf's slow argument reduction
 DEV = "cuda"
 STATS = {}                  # test id -> (mismatch fraction, max ulps), printed by the bench
@@ -2880,7 +2856,7 @@ def _frac():
     return 0.0 if K.TORCH_ORDER_SUMS else 1e-3
 
 
-@gpu_glue
+@gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("D", [4096, 1024, 256])
 @pytest.mark.parametrize("data", ["randn", "order_free"])
@@ -2901,7 +2877,7 @@ def test_gpu_rms_norm_kernel_matches_reference(M, D, data, torch_order, monkeypa
         _check_close(got, ref, f"rms D={D} M={M} torch_order={torch_order}", frac)
 
 
-@gpu_glue
+@gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("H,hd", [(64, 512), (4, 128)])
 @pytest.mark.parametrize("pos", [0, 1001, MAX_POS - 1])
@@ -2917,7 +2893,7 @@ def test_gpu_q_norm_rope_kernel_matches_reference(M, H, hd, pos):
     assert _bits_equal(K.q_norm_rope_fused(qo, angles[p], None, EPS), K.q_norm_rope_reference(qo, angles, p, EPS))
 
 
-@gpu_glue
+@gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("hd", [512, 128])
 @pytest.mark.parametrize("quant_sim", [True, False])
@@ -2937,7 +2913,7 @@ def test_gpu_kv_kernel_matches_reference(M, hd, quant_sim):
                            K.kv_norm_rope_quant_reference(kvo, wo, angles, p, EPS, quant_sim))
 
 
-@gpu_glue
+@gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("H", [64, 4])
 @pytest.mark.parametrize("mode", ["fma_chain", "fwht"])
@@ -2952,7 +2928,7 @@ def test_gpu_index_query_kernel_matches_reference(M, H, mode, monkeypatch):
     _check_close(got, ref, f"index {mode} H={H} M={M}", 1e-2, None)
 
 
-@gpu_glue
+@gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("pos", [0, 2, 3, 5003])
 @pytest.mark.parametrize("quant_sim", [True, False])
@@ -2974,7 +2950,7 @@ def test_gpu_compressor_entry_kernels_match_reference(M, pos, quant_sim):
             assert _bits_equal(got, ref)
 
 
-@gpu_glue
+@gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("H,hd", [(64, 512), (4, 128)])
 @pytest.mark.parametrize("pos", [0, 3, 100000, MAX_POS - 1])
@@ -2990,7 +2966,7 @@ def test_gpu_rope_inverse_kernel_is_bit_exact_and_in_place(M, H, hd, pos):
     assert _bits_equal(y[..., :-64], o[..., :-64])
 
 
-@gpu_glue
+@gpu
 def test_gpu_torch_divides_by_a_python_scalar_through_its_fp32_reciprocal():
     """The kernels' pow2_scale multiplies amax by fl(1/qmax) (DIV_BY_RECIPROCAL): torch on CUDA must do the same."""
     x = torch.rand(1 << 20, device=DEV) * 1000
@@ -3000,7 +2976,7 @@ def test_gpu_torch_divides_by_a_python_scalar_through_its_fp32_reciprocal():
         assert not torch.equal(x / torch.full_like(x, q), x * K._recip_f32(q))   # the two really differ
 
 
-@gpu_glue
+@gpu
 def test_gpu_all_kernels_replay_in_a_cuda_graph_at_a_new_position():
     g = torch.Generator().manual_seed(5)
     angles = _gpu_angles()
@@ -3060,7 +3036,7 @@ def _graph_us(fn, calls=20, reps=25):
 
 
 def bench():
-    if not _gpu_ok_glue():
+    if not _gpu_ok():
         print("bench: needs an sm_90 GPU and CuTe DSL; skipped")
         return
     dev = torch.device(DEV)
@@ -3219,7 +3195,7 @@ _COMPILES = []
 @pytest.fixture(scope="session", autouse=True)
 def _report_compiles():
     """GPU runs: list the configs compiled during the tests (missing from precompile_jobs)."""
-    if not (_gpu_ok_glue() and K.HAVE_CUTE):
+    if not (_gpu_ok() and K.HAVE_CUTE):
         yield
         return
     real = K.cute.compile
@@ -3481,11 +3457,6 @@ def test_compressor_kernels_compile_for_sm90a_on_any_machine(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ GPU tests
-def _gpu_ok_comp():
-    return torch.cuda.is_available() and K.HAVE_CUTE and torch.cuda.get_device_capability() == (9, 0)
-
-
-gpu_comp = pytest.mark.skipif(not _gpu_ok_comp(), reason="needs an sm_90 GPU and CuTe DSL")
 
 
 def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -3494,7 +3465,7 @@ def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((ia - ib).abs().max())
 
 
-@gpu_comp
+@gpu
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.usefixtures("comp_torch_reference")
@@ -3537,7 +3508,7 @@ def test_gpu_fused_step_matches_torch_decode_every_step(kind, B):
     assert bad <= 0.01 * tot
 
 
-@gpu_comp
+@gpu
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.usefixtures("comp_torch_reference")
 def test_gpu_fused_step_replays_in_a_cuda_graph(kind):
@@ -3733,11 +3704,6 @@ def test_fp32_dot_products_of_fp4_simulated_vectors_are_exact():
 
 
 # ---------------------------------------------------------------------------------------------------- GPU tests
-def _gpu_ok_sattn():
-    return torch.cuda.is_available() and K.HAVE_CUTE and torch.cuda.get_device_capability() == (9, 0)
-
-
-gpu_sattn = pytest.mark.skipif(not _gpu_ok_sattn(), reason="needs an sm_90 GPU and CuTe DSL")
 
 GPU_ATTN_CASES = ATTN_CASES + [
     (1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000), (1, 64, 512, 128, 512, "hca", 70),
@@ -3765,7 +3731,7 @@ def gpu_kernel_configs():
     return sorted(cfgs, key=lambda c: -c[1][0])                     # biggest first
 
 
-@gpu_sattn
+@gpu
 @pytest.mark.parametrize("cluster", [True, False])
 @pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", GPU_ATTN_CASES)
 def test_gpu_attention_kernel_matches_dsv4_sparse_attention(B, H, hd, W, Tc, mode, pos, cluster, monkeypatch):
@@ -3780,7 +3746,7 @@ def test_gpu_attention_kernel_matches_dsv4_sparse_attention(B, H, hd, W, Tc, mod
     assert torch.equal(got, again), "not deterministic"
 
 
-@gpu_sattn
+@gpu
 @pytest.mark.parametrize("cluster", [True, False])
 @pytest.mark.parametrize("mode", ["hca", "csa"])
 def test_gpu_attention_kernel_replays_in_a_cuda_graph(mode, cluster, monkeypatch):
@@ -3806,7 +3772,7 @@ def test_gpu_attention_kernel_replays_in_a_cuda_graph(mode, cluster, monkeypatch
         assert torch.equal(out, call()), f"replay at pos {p} differs from an eager call"
 
 
-@gpu_sattn
+@gpu
 @pytest.mark.parametrize("B,T,pos,topk", [(1, 64, 255, 24), (3, 300, 1000, 64), (3, 300, 50, 64),
                                           (1, 16384, 1000, 512), (3, 16384, 16000, 512), (8, 4096, 4000, 512),
                                           (2, 16384, 65535, 512)])
@@ -3824,14 +3790,14 @@ def test_gpu_indexer_picks_match_the_reference(B, T, pos, topk):
     assert torch.equal(K.indexer_topk_decode(q, keys, w, p, topk), got), "not deterministic"
 
 
-@gpu_sattn
+@gpu
 @pytest.mark.parametrize("B,T,pos,topk", [(3, 300, 1000, 64), (2, 16384, 16000, 512)])
 def test_gpu_indexer_scores_through_torch_topk(B, T, pos, topk, monkeypatch):
     monkeypatch.setattr(K, "DEVICE_TOPK", False)
     test_gpu_indexer_picks_match_the_reference(B, T, pos, topk)
 
 
-@gpu_sattn
+@gpu
 @pytest.mark.parametrize("T,k,n_future", [(100, 24, 0), (100, 24, 90), (4096, 512, 100), (16384, 512, 16000),
                                           (16384, 512, 0), (1000, 512, 10)])
 def test_gpu_topk_select_matches_torch_topk(T, k, n_future):
@@ -3848,7 +3814,7 @@ def test_gpu_topk_select_matches_torch_topk(T, k, n_future):
     assert torch.equal(got[:, 0], want)
 
 
-@gpu_sattn
+@gpu
 def test_gpu_indexer_ties_pick_the_lower_block_exactly():
     q, keys, w, p = indexer_inputs(2, 64, 128, 2000, 7999, device="cuda", seed=5)
     keys[:, 1::2] = keys[:, 0::2]                                   # every score appears twice
@@ -3858,7 +3824,7 @@ def test_gpu_indexer_ties_pick_the_lower_block_exactly():
     assert torch.equal(got, K.indexer_topk_reference(q, keys, w, p, 512))
 
 
-@gpu_sattn
+@gpu
 def test_gpu_indexer_replays_in_a_cuda_graph():
     q, keys, w, p = indexer_inputs(2, 64, 128, 4096, 100, device="cuda")
     call = lambda: K.indexer_topk_decode(q, keys, w, p, 512)        # noqa: E731
@@ -3890,7 +3856,7 @@ def make_gate(layer, device, seed=0):
     return gate.to(device), cfg
 
 
-@gpu_sattn
+@gpu
 @pytest.mark.parametrize("layer", [0, 5])                          # hash-routed, biased top-k
 @pytest.mark.parametrize("N", [1, 3, 8, 16])
 def test_gpu_gate_kernel_matches_the_gate_module(layer, N, monkeypatch):
@@ -3911,7 +3877,7 @@ def test_gpu_gate_kernel_matches_the_gate_module(layer, N, monkeypatch):
     assert torch.equal(ids, ids2) and torch.equal(w, w2), "not deterministic"
 
 
-@gpu_sattn
+@gpu
 def test_gpu_gate_kernel_replays_in_a_cuda_graph():
     gate, cfg = make_gate(5, "cuda")
     x = torch.randn(4, cfg.hidden_size, device="cuda").to(torch.bfloat16)
@@ -4040,32 +4006,11 @@ def test_prefill_dispatch_falls_back_to_reference_on_cpu():
 
 
 # ------------------------------------------------------------------------------------------------------ GPU tests
-def _gpu_ok_prefill():
-    return torch.cuda.is_available() and K.HAVE_CUTE and torch.cuda.get_device_capability() == (9, 0)
-
-
-gpu_prefill = pytest.mark.skipif(not _gpu_ok_prefill(), reason="needs an sm_90 GPU and CuTe DSL")
-
-
-def _routing_prefill(T, k, E, kind, device, seed):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    if kind == "random":
-        ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k]
-    elif kind == "one_expert":                   # every token's first slot on expert 3, the rest skipped
-        ids = torch.full((T, k), -1)
-        ids[:, 0] = 3
-    elif kind == "empty_experts":                # only experts 0..k+1 used; remote (skipped) ids sprinkled in
-        ids = torch.argsort(torch.rand(T, k + 2, generator=g), dim=1)[:, :k]
-        ids[torch.rand(T, k, generator=g) < 0.2] = E + 5
-    ids = ids.to(torch.int32).to(device)
-    w = torch.rand(T, k, generator=g).to(device)
-    return ids, w / w.sum(1, keepdim=True)
-
 
 def _check_prefill(ex, T, k, routing, seed, limit=7.0, **options):
     D = 2 * ex.w13.shape[2]
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
-    ids, w = _routing_prefill(T, k, ex.num_experts, routing, "cuda", seed)
+    ids, w = _routing(T, k, ex.num_experts, routing, "cuda", seed)
     K.POISON_BUFFERS = True                      # NaN-filled intermediates: an unwritten element reaches y
     try:
         steps, y = K._prefill_steps(x, ids, w, ex, limit, **options)
@@ -4094,21 +4039,21 @@ def _experts(fmt, dims):
     return _EXPERTS[key]
 
 
-@gpu_prefill
+@gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert"])
 def test_gpu_prefill_small_dims_matches_fp32_reference(fmt, routing):
     _check_prefill(_experts(fmt, "small"), 1000, 6 if routing != "one_expert" else 2, routing, seed=1000)
 
 
-@gpu_prefill
+@gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("T", [1000, 4096, 16384])
 def test_gpu_prefill_flash_dims_matches_fp32_reference(fmt, T):
     _check_prefill(_experts(fmt, "flash"), T, 6, "random", seed=T)
 
 
-@gpu_prefill
+@gpu
 def test_gpu_prefill_is_deterministic_and_agrees_with_the_decode_kernel():
     ex = _experts("nvfp4", "small")
     x, ids, w, y = _check_prefill(ex, 3000, 6, "empty_experts", seed=5)
@@ -4118,19 +4063,19 @@ def test_gpu_prefill_is_deterministic_and_agrees_with_the_decode_kernel():
     assert (y.float() - y_dec.float()).abs().max().item() <= 1e-2 * y_dec.float().abs().max().item()
 
 
-@gpu_prefill
+@gpu
 def test_gpu_moe_takes_the_prefill_gemm_from_the_threshold_on(monkeypatch):
     ex = _experts("nvfp4", "small")
     calls = []
     monkeypatch.setattr(K, "moe_fp4_prefill", lambda x, *a: calls.append(("prefill", x.shape[0])))
     x = torch.randn(K.PREFILL_MIN_TOKENS, 512, device="cuda", dtype=torch.bfloat16)
-    ids, w = _routing_prefill(x.shape[0], 6, 16, "random", "cuda", 0)
+    ids, w = _routing(x.shape[0], 6, 16, "random", "cuda", 0)
     K.moe(x, ids, w, ex, 7.0)
     y = K.moe(x[:7], ids[:7], w[:7], ex, 7.0)                              # below: the grouped decode GEMMs
     assert calls == [("prefill", K.PREFILL_MIN_TOKENS)] and y.shape == (7, 512)
 
 
-@gpu_prefill
+@gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("small", 4096, "one_expert"),
                                               ("flash", 4096, "random")])
@@ -4139,7 +4084,7 @@ def test_gpu_prefill_gathering_token_rows_in_the_gemm_matches_fp32_reference(fmt
     _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T, gather=True)
 
 
-@gpu_prefill
+@gpu
 @pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("small", 3000, "one_expert"),
                                               ("flash", 4096, "random")])
 def test_gpu_prefill_cluster_pairs_sharing_the_token_tile_match_fp32_reference(dims, T, routing):
@@ -4147,7 +4092,7 @@ def test_gpu_prefill_cluster_pairs_sharing_the_token_tile_match_fp32_reference(d
     _check_prefill(_experts("nvfp4", dims), T, 6 if routing != "one_expert" else 2, routing, seed=T, cluster=2)
 
 
-@gpu_prefill
+@gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("T", [4096, 16384])
 @pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert"])
@@ -4155,7 +4100,7 @@ def test_gpu_prefill_small_dims_large_T_matches_fp32_reference(fmt, T, routing):
     _check_prefill(_experts(fmt, "small"), T, 6 if routing != "one_expert" else 2, routing, seed=T)
 
 
-@gpu_prefill
+@gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("flash", 4096, "random")])
 @pytest.mark.parametrize("opts", [{}, {"gather": True}, {"cluster": 2}])
@@ -4204,28 +4149,11 @@ def test_decode_kernels_compile_for_sm90a_without_a_gpu(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- GPU tests
-def _gpu_ok_moedec():
-    return torch.cuda.is_available() and K.HAVE_CUTE and torch.cuda.get_device_capability() == (9, 0)
-
-
-gpu_moedec = pytest.mark.skipif(not _gpu_ok_moedec(), reason="needs an sm_90 GPU and CuTe DSL")
-
-
-def _routing_moedec(T, k, E, kind, seed):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k]
-    else:                                        # "empty_experts": few experts, remote (skipped) slots sprinkled in
-        ids = torch.argsort(torch.rand(T, k + 2, generator=g), dim=1)[:, :k]
-        ids[torch.rand(T, k, generator=g) < 0.2] = E + 5
-    w = torch.rand(T, k, generator=g)
-    return ids.to(torch.int32).cuda(), (w / w.sum(1, keepdim=True)).cuda()
-
 
 def _check_moedec(ex, T, routing, seed, k=6, limit=7.0):
     D = 2 * ex.w13.shape[2]
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
-    ids, w = _routing_moedec(T, k, ex.num_experts, routing, seed)
+    ids, w = _routing(T, k, ex.num_experts, routing, "cuda", seed)
     K.POISON_BUFFERS = True
     try:
         y = K.moe_fp4(x, ids, w, ex, limit)
@@ -4250,7 +4178,7 @@ def _small_moedec(fmt):
     return _SMALL_moedec[fmt]
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("fmt, T", [("nvfp4", 1), ("nvfp4", 2), ("nvfp4", 4), ("nvfp4", 7), ("nvfp4", 33),
                                     ("nvfp4", 100), ("mxfp4", 1), ("mxfp4", 7), ("mxfp4", 33)])
 def test_decode_default_path_matches_reference(fmt, T):
@@ -4259,7 +4187,7 @@ def test_decode_default_path_matches_reference(fmt, T):
     _check_moedec(_small_moedec(fmt), T, "empty_experts", seed=T + 1)
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("T", [60])
 def test_wider_tile_rule_matches_reference(T, monkeypatch):
     monkeypatch.setattr(K, "TILE_N_SD", 2)
@@ -4267,7 +4195,7 @@ def test_wider_tile_rule_matches_reference(T, monkeypatch):
     _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T)
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("fmt, T, wgs", [("nvfp4", 1, 2), ("nvfp4", 7, 2), ("nvfp4", 33, 2), ("nvfp4", 100, 2),
                                          ("mxfp4", 1, 2), ("mxfp4", 7, 2), ("nvfp4", 1, 1), ("nvfp4", 7, 1),
                                          ("nvfp4", 100, 1)])
@@ -4279,7 +4207,7 @@ def test_persistent_decode_gemm_matches_reference(fmt, T, wgs, monkeypatch):
     _check_moedec(_small_moedec(fmt), T, "empty_experts", seed=T + 1)
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("T", [1, 7, 100])
 @pytest.mark.parametrize("wgs", [1, 2])
 def test_few_ctas_loop_over_many_items(T, wgs, monkeypatch):
@@ -4292,7 +4220,7 @@ def test_few_ctas_loop_over_many_items(T, wgs, monkeypatch):
     _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T + 5)
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("T", [1, 7, 100])
 def test_persistent_decode_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
     monkeypatch.setattr(K, "DECODE_PERSISTENT", True)
@@ -4301,7 +4229,7 @@ def test_persistent_decode_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small_moedec("nvfp4")
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids, w = _routing_moedec(T, 6, 64, "empty_experts", 11)
+    ids, w = _routing(T, 6, 64, "empty_experts", "cuda", 11)
     monkeypatch.setattr(K, "USE_PDL", False)
     ref = K.moe_fp4(x, ids, w, ex, 7.0)
     monkeypatch.setattr(K, "USE_PDL", True)
@@ -4309,20 +4237,20 @@ def test_persistent_decode_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch)
     assert torch.isfinite(ref).all() and all(torch.equal(ref, o) for o in outs)
 
 
-@gpu_moedec
+@gpu
 def test_without_scale_pairs_matches_reference(monkeypatch):
     monkeypatch.setattr(K, "SCALE_PAIRS", False)
     _check_moedec(_small_moedec("nvfp4"), 7, "random", seed=3)
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("T", [1, 4, 7])
 def test_default_path_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
     """The fused gather + wait-first GEMM1 (T <= 4) and the index_select path under PDL: same bits as plain launches."""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small_moedec("nvfp4")
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids, w = _routing_moedec(T, 6, 64, "empty_experts", 12)
+    ids, w = _routing(T, 6, 64, "empty_experts", "cuda", 12)
     monkeypatch.setattr(K, "USE_PDL", False)
     ref = K.moe_fp4(x, ids, w, ex, 7.0)
     monkeypatch.setattr(K, "USE_PDL", True)
@@ -4333,7 +4261,7 @@ def test_default_path_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
 _FLASH = {}
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("T", [1, 4, 16, 64, 256])
 def test_flash_dims_decode_matches_reference(T):
     if "ex" not in _FLASH:
@@ -4341,14 +4269,14 @@ def test_flash_dims_decode_matches_reference(T):
     _check_moedec(_FLASH["ex"], T, "random", seed=T)
 
 
-@gpu_moedec
+@gpu
 def test_prefill_sizes_still_match_reference():
     """T with tile_n >= 32 takes the one-CTA-per-item kernel (now with scale pairs): both formats."""
     for fmt in ("nvfp4", "mxfp4"):
         _check_moedec(_small_moedec(fmt), 1000, "random", seed=5)
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("block_scan", [False, True])
 @pytest.mark.parametrize("T, E, tile_n", [(1, 256, 8), (37, 12, 16), (300, 31, 16), (5000, 384, 128), (64, 1000, 8)])
 def test_routing_kernel_matches_torch_route_tiles_moedec(T, E, tile_n, block_scan):
@@ -4374,14 +4302,14 @@ def test_routing_kernel_matches_torch_route_tiles_moedec(T, E, tile_n, block_sca
     assert torch.equal(src[p].long(), slots // k) and torch.equal(row_w[p], w.reshape(-1)[valid])
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("T", [1, 7])
 def test_block_scan_routing_moe_matches_reference(T, monkeypatch):
     monkeypatch.setattr(K, "ROUTING_BLOCK_SCAN", True)
     _check_moedec(_small_moedec("nvfp4"), T, "empty_experts", seed=T + 9)
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("T, E, D", [(1, 256, 4096), (4, 256, 4096), (3, 16, 512)])
 def test_routing_gather_writes_the_sorted_token_rows(T, E, D):
     k = 6
@@ -4407,12 +4335,12 @@ def test_routing_gather_writes_the_sorted_token_rows(T, E, D):
     assert torch.equal(outs[0][3], outs[1][3]) and torch.equal(outs[0][2][~valid], outs[1][2][~valid])
 
 
-@gpu_moedec
+@gpu
 @pytest.mark.parametrize("T", [1, 4])
 def test_fused_gather_gives_the_same_bits_as_index_select(T, monkeypatch):
     ex = _small_moedec("nvfp4")
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids, w = _routing_moedec(T, 6, 64, "empty_experts", 2)
+    ids, w = _routing(T, 6, 64, "empty_experts", "cuda", 2)
     assert T * 6 <= K.GATHER_MAX_ROWS
     fused = K.moe_fp4(x, ids, w, ex, 7.0)
     monkeypatch.setattr(K, "GATHER_MAX_ROWS", 0)
