@@ -532,12 +532,14 @@ class Compressor(nn.Module):
         self.kv_state[:batch].zero_()
         self.score_state[:batch].fill_(float("-inf"))
 
-    def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, hadamard: torch.Tensor | None):
-        """x [B,S,D] (the attn_norm output). Writes every block completed by this chunk into kv_cache;
-        returns the number of blocks available to the chunk's last token."""
+    def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, hadamard: torch.Tensor | None,
+                ag=None):
+        """x [B,S,D] (the attn_norm output; ag: its projections (wkv(x), wgate(x)) if the caller made them). Writes
+        every block completed by this chunk into kv_cache; returns the number of blocks available to the chunk's last
+        token."""
         B, S, _ = x.shape
         r, d, p = self.ratio, self.dim, start_pos
-        a, g = self.wkv_wgate(x)                               # [B,S,c*d] fp32
+        a, g = self.wkv_wgate(x) if ag is None else ag         # [B,S,c*d] fp32
         g = g + self.ape[torch.arange(p, p + S, device=x.device) % r]
         p0 = p - p % r                                                 # first position of the open block
         off = r if self.overlap else 0                                 # rows of the previous full block
@@ -574,7 +576,8 @@ class Compressor(nn.Module):
             C = torch.cat([act_quant(C[..., :-self.rope_dim], 64), C[..., -self.rope_dim:]], -1)
         return C
 
-    def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor, hadamard: torch.Tensor | None):
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor, hadamard: torch.Tensor | None,
+               ag=None):
         """forward for one token per sequence, x [B,1,D] at position pos (int64 tensor [1] on x's device), with static
         shapes and no host sync (CUDA-graph capturable): the token's (a, g+ape) row goes into the state, the open
         block's entry is always pooled, and it is written to kv_cache[:, pos // ratio] only when this token completes
@@ -582,7 +585,7 @@ class Compressor(nn.Module):
         B = x.shape[0]
         r, d = self.ratio, self.dim
         off = r if self.overlap else 0
-        a, g = self.wkv_wgate(x)                               # [B,1,c*d] fp32
+        a, g = self.wkv_wgate(x) if ag is None else ag         # [B,1,c*d] fp32
         if fused(x) and kernels.compressor_kernel_unavailable_reason(self, a) is None:
             return kernels.compressor_decode_fused(self, a, g, pos, angles, hadamard)   # one kernel
         g = g + self.ape[pos % r]
@@ -616,22 +619,23 @@ class Indexer(nn.Module):
         self.register_buffer("hadamard", hadamard_matrix(self.head_dim), persistent=False)
         self.quant_sim = True
 
-    def forward(self, x, iq, start_pos: int, angles: torch.Tensor) -> torch.Tensor:
-        """x [B,S,D], iq = wq_b(qr) [B,S,h*d] (the attention runs it with its own wq_b: same input) -> [B,S,k] indices
-        into the compressed cache, -1 where a pick is not (yet) a completed block."""
+    def forward(self, x, iq, start_pos: int, angles: torch.Tensor, ag=None) -> torch.Tensor:
+        """x [B,S,D], iq = wq_b(qr) [B,S,h*d] (the attention runs it with its own wq_b: same input), ag: the compressor
+        projections of x if made by the caller -> [B,S,k] indices into the compressed cache, -1 where a pick is not
+        (yet) a completed block."""
         B, S, _ = x.shape
         pos = torch.arange(start_pos, start_pos + S, device=x.device)
         q = self._query(iq, angles, pos)
-        T = self.compressor(x, start_pos, angles, self.hadamard)
+        T = self.compressor(x, start_pos, angles, self.hadamard, ag)
         if T == 0:
             return torch.empty(B, S, 0, dtype=torch.long, device=x.device)
         return self._top_blocks(x, q, self.compressor.kv_cache[:B, :T], pos)
 
-    def decode(self, x, iq, pos: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    def decode(self, x, iq, pos: torch.Tensor, angles: torch.Tensor, ag=None) -> torch.Tensor:
         """forward for one token per sequence at position pos (int64 tensor [1]), static shapes and no host sync: it
         scores the whole preallocated cache, whose entries past the completed blocks are masked like future ones."""
         q = self._query(iq, angles, pos)
-        self.compressor.decode(x, pos, angles, self.hadamard)
+        self.compressor.decode(x, pos, angles, self.hadamard, ag)
         K = self.compressor.kv_cache[:x.shape[0]]
         if fused(x):             # the kernel scales the bf16 head weights itself, as _top_blocks does
             return kernels.indexer_topk_decode(q, K, self.weights_proj(x), pos, self.topk,
@@ -715,6 +719,11 @@ class Attention(nn.Module):
         self.compressor = Compressor(cfg, hd, self.ratio, rotate=False) if self.ratio else None
         self.indexer = Indexer(cfg) if self.ratio == 4 else None
         self.wq_b_iq = Projections(self.wq_b, self.indexer.wq_b, strided=False) if self.indexer else None   # same qr
+        self.compress_proj = None                 # CSA: both compressors read x, so their four projections are one
+        if self.indexer is not None:              # merged weight (one GEMM) instead of one per compressor
+            c, ic = self.compressor, self.indexer.compressor
+            self.compress_proj = Projections(c.wkv, c.wgate, ic.wkv, ic.wgate)
+            c.wkv_wgate = ic.wkv_wgate = None
         self.quant_sim = True
         self.kv_window = None                                        # [B, window, hd] ring, set by setup_cache
 
@@ -735,10 +744,11 @@ class Attention(nn.Module):
         iq, q, kv = self._qkv(x, angles, pos)
         comp_kv, comp_idx = None, None
         if self.compressor is not None:                              # new blocks land before anything reads them
-            T = self.compressor(x, p, angles, None)
+            ag, iag = self._compressor_inputs(x)
+            T = self.compressor(x, p, angles, None, ag)
             comp_kv = self.compressor.kv_cache[:B, :T]
             if self.indexer is not None:
-                comp_idx = self.indexer(x, iq, p, angles)
+                comp_idx = self.indexer(x, iq, p, angles, iag)
         # ring slot s holds the latest position < p that is ≡ s (mod W); negative = empty
         slots = torch.arange(W, device=x.device)
         ring_pos = p - 1 - (p - 1 - slots) % W
@@ -766,10 +776,11 @@ class Attention(nn.Module):
             self.kv_window[:B].index_copy_(1, pos % W, kv)
         comp_kv, comp_idx = None, None
         if self.compressor is not None:                              # new blocks land before anything reads them
-            self.compressor.decode(x, pos, angles, None)
+            ag, iag = self._compressor_inputs(x)
+            self.compressor.decode(x, pos, angles, None, ag)
             comp_kv = self.compressor.kv_cache[:B]
             if self.indexer is not None:
-                comp_idx = self.indexer.decode(x, iq, pos, angles)
+                comp_idx = self.indexer.decode(x, iq, pos, angles, iag)
         if fused(q):
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
                                                 self.head_dim ** -0.5, max(self.ratio, 1))
@@ -778,6 +789,14 @@ class Attention(nn.Module):
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
                              self.head_dim ** -0.5, W, max(self.ratio, 1))
         return self._out(o, angles, pos)
+
+    def _compressor_inputs(self, x: torch.Tensor):
+        """CSA: ((a, g) of the attention's compressor, (a, g) of the indexer's) from one GEMM; else (None, None):
+        the compressor projects x itself."""
+        if self.compress_proj is None:
+            return None, None
+        a, g, ia, ig = self.compress_proj(x)
+        return (a, g), (ia, ig)
 
     def _qkv(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor | None = None):
         """x [B,S,D] at positions pos [S] (int64 on x's device; angles: the RoPE table) -> iq [B,S,h*d] (the indexer's

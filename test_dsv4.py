@@ -682,7 +682,8 @@ def test_loaded_model_merges_its_projections(hf_checkpoint):
     _, path, _ = hf_checkpoint
     model = dsv4.load_model(str(path), dtype=torch.float32, max_seq_len=64, quant_sim=False)
     attn, ffn = model.layers[1].attn, model.layers[1].ffn
-    for proj in (attn.wq_a_wkv, attn.wq_b_iq, attn.compressor.wkv_wgate, ffn.shared_experts.w1_w3):
+    for proj in (attn.wq_a_wkv, attn.wq_b_iq, attn.compress_proj, ffn.shared_experts.w1_w3,
+                 model.layers[2].attn.compressor.wkv_wgate):              # layer 1: CSA, layer 2: HCA
         assert proj.merged is not None
 
 
