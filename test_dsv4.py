@@ -663,7 +663,9 @@ def test_merged_projections_give_each_linears_output_and_hold_no_copy(dtype, fp3
     proj.merge()
     assert proj.merged is not None
     merged = proj(x)
-    assert all(torch.equal(a, m) for a, m in zip(alone, merged))
+    # the same products; a CPU BLAS may block a wider GEMM differently, so fp32 sums can differ in the last bits
+    tol = dict(rtol=1e-5, atol=1e-6) if fp32_out else dict(rtol=1e-2, atol=1e-3)   # (bf16 outputs: one ulp)
+    assert all(a.shape == m.shape and torch.allclose(a.float(), m.float(), **tol) for a, m in zip(alone, merged))
     base = proj.merged.weight
     assert all(lin.weight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() for lin in linears)
     assert all(torch.equal(lin(x), a) for lin, a in zip(linears, alone))     # the views still work on their own
