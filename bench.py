@@ -163,6 +163,225 @@ def bench_moe():
     table(f"MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4, random routing) on {dev}", rows)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill sizes (issue #3: T >= 4096): `python bench.py moe --prefill [--ablate-prefill]`
+# The timed region is kernels.moe(x, ids, w, experts, limit) exactly as dsv4.py's MoE calls it (eager: routing
+# metadata, gather, both GEMMs and the combine). The GPU's SM clock drops under sustained load (power), so every row
+# also says the mean SM clock and board power while it ran (nvidia-smi, sampled every 100 ms), and three modes are
+# timed: "burst" = median of single synced calls after 3 warm-up calls (what bench.py moe reported before),
+# "graph" = the same as CUDA-graph replays, "sustained" = calls back to back after ~1.5 s of back-to-back load
+# (a long prefill through 43 layers looks like this), total time / calls.
+
+PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs with a default row timed next to it)
+    "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
+    "tile_n 112": dict(PREFILL_TILE_N=112),
+    "tile_n 96": dict(PREFILL_TILE_N=96),
+    "PDL off": dict(USE_PDL=False),
+}
+
+
+class _Knobs:
+    """with _Knobs(PREFILL_TILE_N=112): kernels.py module switches set inside, restored after."""
+
+    def __init__(self, **knobs):
+        self.knobs, self.saved = knobs, {}
+
+    def __enter__(self):
+        self.saved = {name: getattr(K, name) for name in self.knobs}
+        for name, v in self.knobs.items():
+            setattr(K, name, v)
+
+    def __exit__(self, *exc):
+        for name, v in self.saved.items():
+            setattr(K, name, v)
+
+
+class _Clocks:
+    """nvidia-smi in the background: SM clock (MHz), power (W) every 100 ms; mean over a wall-clock interval."""
+
+    def __init__(self):
+        import subprocess
+        import threading
+        self.samples = []
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "100", "-i", str(torch.cuda.current_device())],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                mhz, watts, temp = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.time(), mhz, watts, temp))
+
+    def mean(self, t0, t1):
+        time.sleep(0.11)
+        sel = [s for s in self.samples if t0 <= s[0] <= t1 + 0.1]
+        if not sel:
+            return float("nan"), float("nan")
+        return sum(s[1] for s in sel) / len(sel), sum(s[2] for s in sel) / len(sel)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+def _burst_ms(fn, iters):
+    for _ in range(3):
+        fn()
+    return _time_ms(fn, iters, False)
+
+
+def _sustained_ms(fn, warm_s, calls):
+    """ms per call of calls back-to-back calls, after warm_s seconds of back-to-back calls (synced every 8)."""
+    t0 = time.time()
+    i = 0
+    while time.time() - t0 < warm_s:
+        fn()
+        i += 1
+        if i % 8 == 0:
+            torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(calls):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / calls
+
+
+def _graph_ms(fn, iters):
+    return _time_ms(fn, iters, True)
+
+
+def _prefill_warm_job(job):
+    fmt, knobs = job
+    t = time.time()
+    try:
+        with _Knobs(**knobs):
+            K.prefill_kernels(fmt, 256, 6, 4096)
+    except Exception as e:       # noqa: BLE001 - the bench compiles (and reports) it again
+        return repr(e)[:200]
+    return time.time() - t
+
+
+def prefill_warm(fmts=("nvfp4", "mxfp4"), ablations=True):
+    """Compile every kernel the prefill bench runs, in parallel processes, into the disk cache."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    jobs = [(fmt, {}) for fmt in fmts] + ([("nvfp4", kn) for kn in PREFILL_ABLATIONS.values()] if ablations else [])
+    t = time.time()
+    with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1),
+                                mp_context=mp.get_context("spawn")) as pool:
+        secs = list(pool.map(_prefill_warm_job, jobs))
+    print(f"compiled {len(jobs)} prefill kernel sets in {time.time() - t:.1f} s: "
+          + ", ".join(f"{f}{kn or ''} {s:.1f}s" if isinstance(s, float) else f"{f}{kn} FAILED {s}"
+                      for (f, kn), s in zip(jobs, secs)), flush=True)
+
+
+def bench_moe_prefill():
+    t_start = time.time()
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    clocks = _Clocks()
+    rows = []
+    D, I, E, k, limit = 4096, 2048, 256, 6, 10.0
+    flops_of = lambda T: 2 * T * k * 3 * D * I                        # noqa: E731
+
+    def add(T, what, mode, fn_ms, flops):
+        t0 = time.time()
+        ms = fn_ms()
+        mhz, watts = clocks.mean(t0, time.time())
+        rows.append((T, what, mode, ms * 1e3, flops / (ms * 1e-3) / 1e12 if flops else 0.0, mhz, watts))
+        print(f"{T:>6} {what:<44} {mode:<9} {ms * 1e3:>9.1f} us {rows[-1][4]:>6.1f} TFLOP/s {mhz:>5.0f} MHz "
+              f"{watts:>4.0f} W", flush=True)
+        return ms
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = add(0, "copy 1 GiB (read + write)", "burst", lambda: _burst_ms(lambda: dst.copy_(src), 20), 0)
+    copy_bw = 2 * n / copy_ms / 1e9
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = add(0, "bf16 matmul 8192^3", "burst", lambda: _burst_ms(lambda: a @ b, 10), 2 * 8192 ** 3)
+    experts = {fmt: K.prepare_experts(K.random_fp4_experts(E, D, I, fmt, device="cuda", seed=1))
+               for fmt in ("nvfp4", "mxfp4")}
+    for ex in experts.values():                      # the kernel reads only the packed records
+        ex.w13, ex.w2 = ex.w13[:1], ex.w2[:1]
+    torch.cuda.empty_cache()
+    w13t = torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2t = torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02
+    inputs = {}
+    for T in (4096, 16384):                          # random routing, as bench.py moe
+        g = torch.Generator(device="cuda").manual_seed(T)
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
+        w = torch.rand(T, k, device="cuda", generator=g)
+        inputs[T] = x, ids, w / w.sum(1, keepdim=True)
+    print(f"setup {time.time() - t_start:.1f} s", flush=True)
+
+    def moe(T, fmt="nvfp4"):
+        x, ids, w = inputs[T]
+        ex = experts[fmt]
+        return lambda: K.moe(x, ids, w, ex, limit)
+
+    for T in (4096, 16384):
+        for fmt in ("nvfp4", "mxfp4"):
+            add(T, f"kernels.moe {fmt}", "burst", lambda: _burst_ms(moe(T, fmt), 20), flops_of(T))
+        add(T, "kernels.moe nvfp4", "graph", lambda: _graph_ms(moe(T), 20), flops_of(T))
+        x, ids, w = inputs[T]
+        add(T, "torch bf16 _grouped_mm", "burst",
+            lambda: _burst_ms(lambda: bf16_grouped_moe(x, ids, w, w13t, w2t, limit), 5), flops_of(T))
+    for T in (4096, 16384):
+        for fmt in ("nvfp4", "mxfp4"):
+            add(T, f"kernels.moe {fmt}", "sustained", lambda: _sustained_ms(moe(T, fmt), 1.5, 20), flops_of(T))
+    add(0, "bf16 matmul 8192^3", "sustained", lambda: _sustained_ms(lambda: a @ b, 1.5, 20), 2 * 8192 ** 3)
+    for T in (4096, 16384):
+        add(T, "kernels.moe nvfp4 (again, after the sustained runs)", "burst", lambda: _burst_ms(moe(T), 20),
+            flops_of(T))
+    prefill_profile(inputs, experts["nvfp4"], limit)
+    if "--ablate-prefill" in sys.argv:               # each variant right after a default row: same clock state
+        for T in (4096, 16384):
+            for name, knobs in PREFILL_ABLATIONS.items():
+                add(T, "default", "sustained", lambda: _sustained_ms(moe(T), 0.3, 10), flops_of(T))
+                with _Knobs(**knobs):
+                    add(T, name, "sustained", lambda: _sustained_ms(moe(T), 0.3, 10), flops_of(T))
+    clocks.stop()
+    print(f"\nprefill MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, random routing) on {dev}: timed region "
+          f"= kernels.moe(...) as dsv4.py calls it; copy {copy_bw:.2f} TB/s, bf16 matmul 8192^3 "
+          f"{2 * 8192 ** 3 / mm_ms / 1e9:.0f} TFLOP/s (burst); total {time.time() - t_start:.0f} s")
+    print(f"{'T':>6} {'path':<56} {'mode':<9} {'us':>9} {'TFLOP/s':>7} {'MHz':>5} {'W':>4}")
+    for T, what, mode, us, tf, mhz, watts in rows:
+        print(f"{T:>6} {what:<56} {mode:<9} {us:>9.1f} {tf:>7.1f} {mhz:>5.0f} {watts:>4.0f}")
+
+
+def prefill_profile(inputs, ex, limit, calls=6):
+    """Device time per kernel of back-to-back kernels.moe calls (torch profiler), us per call."""
+    from torch.profiler import profile as torch_profile, ProfilerActivity
+    for T, (x, ids, w) in inputs.items():
+        for _ in range(2):
+            K.moe(x, ids, w, ex, limit)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                K.moe(x, ids, w, ex, limit)
+            torch.cuda.synchronize()
+        dt = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)   # noqa: E731
+        rows = sorted(((e.key, e.count, dt(e)) for e in prof.key_averages() if dt(e) > 0), key=lambda r: -r[2])
+        total = sum(r[2] for r in rows) / calls
+        print(f"profile T={T} nvfp4 ({calls} back-to-back calls; device us per call, sum {total:.0f}): " + "; ".join(
+            f"{name[:48]} x{cnt // calls} {t / calls:.1f}" for name, cnt, t in rows), flush=True)
+
+
 def random_packed_experts(E, D, I, device, seed):
     """Flash-dims nvfp4 experts for timing only: random record bytes (codes, and scale bytes in a sane range) written
     straight into the kernel's layout (prepare_experts' repack of 256 experts takes seconds; values do not matter)."""
@@ -800,7 +1019,11 @@ if __name__ == "__main__":
     if not torch.cuda.is_available() or (what.startswith("moe") and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if what.startswith("moe") else ""), file=sys.stderr)
         sys.exit(2)
-    if what == "moe" and "--decode-only" in sys.argv:
+    if what == "moe" and "--prefill-warm" in sys.argv:
+        prefill_warm(ablations="--ablate-prefill" in sys.argv)
+    elif what == "moe" and "--prefill" in sys.argv:
+        bench_moe_prefill()
+    elif what == "moe" and "--decode-only" in sys.argv:
         bench_moe_decode()
     elif what == "moe":
         bench_moe()

@@ -5646,6 +5646,8 @@ PREFILL_N_STEP = 128          # wgmma widths (int step or tuple): >1 width makes
 PREFILL_GATHER = False        # GEMM1 gathers its token rows itself (cp.async in the producer warpgroup)
 PREFILL_CLUSTER = 1           # 2: CTA pairs share (multicast) the token tile
 PREFILL_LEAN = True           # one shared epilogue (stmatrix + looped stores) instead of one per wgmma width
+PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillGemm.min_blocks)
+PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
 SMEM_BYTES = 227 * 1024       # sm_90 dynamic smem per CTA
@@ -5692,12 +5694,23 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                      n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                     lean: bool = True):
+                     lean: bool = True, n_chunk: int = 0, min_blocks: bool = True):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
+            # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
+            # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
+            assert n_chunk == 0 or (lean and tile_n % n_chunk == 0 and n_chunk % 8 == 0)
+            self.n_chunk = n_chunk
+            # setmaxnreg split (128 x producer + 256 x consumer <= 64 K): the chunked mainloop holds more accumulator
+            # slices + B descriptors live, so it takes the 24 / 240 split (the gathering producer needs its 40)
+            self.regs = (PRODUCER_REGS, CONSUMER_REGS) if gather or not n_chunk else (24, 240)
+            # .minnctapersm 1 pins ptxas' register count at entry; without it ptxas may ignore setmaxnreg (C7508:
+            # then every warp gets 168 registers -> spills / serialized wgmmas, e.g. at tile_n 96 or chunked)
+            self.min_blocks = min_blocks
             # wgmma widths compiled (a tile of nrows tokens runs the narrowest >= nrows): n_step int -> n_step,
             # 2 n_step, ..., tile_n; or an explicit tuple ending in tile_n
             n_step = tile_n if n_step is None else n_step
             widths = tuple(range(n_step, tile_n + 1, n_step)) if isinstance(n_step, int) else tuple(sorted(n_step))
+            widths = tuple(range(n_chunk, tile_n + 1, n_chunk)) if n_chunk else widths
             assert widths[-1] == tile_n and all(w_ % 16 == 0 for w_ in widths)
             self.widths = widths
             self.decode = decode        # False: ablation only (raw code words fed to wgmma: wrong values, no decode)
@@ -5756,7 +5769,7 @@ if HAVE_CUTE:
             self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mB, mOut, mTiles, mAlpha0, mAlpha1, mRowW, mSrc,
                         limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
                 grid=[num_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[self.cluster, 1, 1], stream=stream,
-                use_pdl=self.pdl)
+                use_pdl=self.pdl, min_blocks_per_mp=1 if self.min_blocks else 0)
 
         @cute.kernel
         def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
@@ -5796,7 +5809,7 @@ if HAVE_CUTE:
 
             if wg == 0:
                 # ---------------------------------------------------------------- producer warpgroup (warp 0 works)
-                cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+                cute.arch.setmaxregister_decrease(self.regs[0])
                 if const_expr(self.gather):
                     self.produce_gathered(pipe, tma_w, mW, sW, mX, mSrc, mTiles, storage.sB.data_ptr(), first, step,
                                           n_items, groups, rank, k_tiles, tidx, warp_idx)
@@ -5839,7 +5852,7 @@ if HAVE_CUTE:
                         pipe.producer_tail(prod)      # stay until the peer CTA has released every stage
             else:
                 # ---------------------------------------------------------------- consumer warpgroups 1, 2
-                cute.arch.setmaxregister_increase(CONSUMER_REGS)
+                cute.arch.setmaxregister_increase(self.regs[1])
                 if const_expr(self.pdl):
                     cute.arch.griddepcontrol_wait()           # our outputs may still be read by the previous kernel
                 c = wg - 1
@@ -5868,6 +5881,11 @@ if HAVE_CUTE:
                 vrow = ltid // vpr
 
                 acc_full = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
+                acc_chunks = []                   # n_chunk: one accumulator per chunk (views of acc_full: C7512)
+                for ch in cutlass.range_constexpr(self.tile_n // self.n_chunk if self.n_chunk else 0):
+                    acc_chunks.append(cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.n_chunk)),
+                                                            Float32))
+                acc_epi = acc_chunks if self.n_chunk else acc_full
                 lane = ltid % 32
                 q = lane // 8                     # stmatrix: this thread addresses row lane % 8 of tile q
                 s_addr = (storage.sOut.data_ptr().toint() + c * (self.tile_n * self.out_pitch * 2)
@@ -5885,21 +5903,36 @@ if HAVE_CUTE:
                     # that covers it (the B tile is always loaded whole; rows >= nv unused)
                     if const_expr(self.lean):
                         if nrows > 0:
-                            acc_full.fill(0.0)
+                            if const_expr(self.n_chunk):
+                                for ch in cutlass.range_constexpr(len(acc_chunks)):
+                                    acc_chunks[ch].fill(0.0)
+                            else:
+                                acc_full.fill(0.0)
                     for vi in cutlass.range_constexpr(len(self.widths)):
                         nv = self.widths[vi]
                         if nrows > (self.widths[vi - 1] if vi > 0 else 0) and nrows <= nv:
+                            nw = self.n_chunk if self.n_chunk else nv          # wgmma width
+                            n_chk = self.tile_n // self.n_chunk if self.n_chunk else 1
                             mma_v = sm90_utils.make_trivial_tiled_mma(
                                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
-                                tiler_mn=(64, nv), a_source=warpgroup.OperandSource.RMEM)
+                                tiler_mn=(64, nw), a_source=warpgroup.OperandSource.RMEM)
                             mma_v.set(warpgroup.Field.ACCUMULATE, True)
                             thr_v = mma_v.get_slice(ltid)
-                            sB_v = cute.composition(sB, cute.make_layout(
-                                (nv, TILE_K, self.stages), stride=(1, self.tile_n, self.tile_n * TILE_K)))
-                            tCrB = mma_v.make_fragment_B(thr_v.partition_B(sB_v))
-                            if const_expr(self.lean):    # the first nv/8 column groups of the shared accumulator
-                                acc = cute.make_tensor(acc_full.iterator, cute.make_layout(
-                                    ((2, 2, nv // 8), 2, 1), stride=((1, 2, 4), self.tile_n // 2, 0)))
+                            # chunk ch: B rows ch*nw .. ch*nw+nw-1 (multiples of 8 rows = whole 1 KB swizzle atoms)
+                            tCrBs = []
+                            accs = []
+                            for ch in cutlass.range_constexpr(n_chk):
+                                sB_v = cute.composition(cute.domain_offset((ch * nw, 0, 0), sB), cute.make_layout(
+                                    (nw, TILE_K, self.stages), stride=(1, self.tile_n, self.tile_n * TILE_K)))
+                                tCrBs.append(mma_v.make_fragment_B(thr_v.partition_B(sB_v)))
+                                if const_expr(self.n_chunk):
+                                    accs.append(acc_chunks[ch])
+                                elif const_expr(self.lean):  # the first nv/8 column groups of the shared accumulator
+                                    accs.append(cute.make_tensor(acc_full.iterator, cute.make_layout(
+                                        ((2, 2, nw // 8), 2, 1), stride=((1, 2, 4), self.tile_n // 2, 0))))
+                            tCrB = tCrBs[0]
+                            if const_expr(self.lean):
+                                acc = accs[0]
                             else:
                                 acc = cute.make_rmem_tensor(thr_v.partition_shape_C((TILE_M, nv)), Float32)
                                 acc.fill(0.0)
@@ -5950,8 +5983,13 @@ if HAVE_CUTE:
                                             frag[(0, 1, 1), a, kb] = codes[kb, a] ^ scl[0, a]
                                     warpgroup.fence()
                                     for kb in cutlass.range_constexpr(4):
-                                        cute.gemm(mma_v, acc, (frag0, frag1)[h][None, None, kb],
-                                                  tCrB[None, None, kb, cons.index], acc)
+                                        for ch in cutlass.range_constexpr(n_chk):
+                                            if const_expr(ch == 0):
+                                                cute.gemm(mma_v, acc, (frag0, frag1)[h][None, None, kb],
+                                                          tCrB[None, None, kb, cons.index], acc)
+                                            elif const_expr(ch < nv // nw):     # the chunks that hold rows
+                                                cute.gemm(mma_v, accs[ch], (frag0, frag1)[h][None, None, kb],
+                                                          tCrBs[ch][None, None, kb, cons.index], accs[ch])
                                     warpgroup.commit_group()
                                     warpgroup.wait_group(1)
                                     if kt + h > 0:
@@ -6002,7 +6040,7 @@ if HAVE_CUTE:
                                                       cute.local_tile(mOut, (1, 8), (row0 + n, col_vec)))
                     if const_expr(self.lean):
                         if nrows > 0:
-                            self.lean_epilogue(acc_full, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit,
+                            self.lean_epilogue(acc_epi, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit,
                                                expert, row0, nrows, p, c, ltid)
 
         @cute.jit
@@ -6011,6 +6049,11 @@ if HAVE_CUTE:
             """acc ((2,2,tile_n/8), atom, 1) fp32 -> bf16 out rows row0..row0+nrows-1, this consumer's columns.
             Fragment register (i, jh, g) of atom a = (row 16 w + lane/4 + 8 jh + 64 a, token 8 g + 2 (lane%4) + i)."""
             epi_bar.arrive_and_wait()                        # the previous item's smem reads are done
+            if const_expr(self.n_chunk):                     # acc = list of per-chunk accumulators
+                gpc = self.n_chunk // 8
+                accv = lambda i, jh, g, a: acc[g // gpc][(i, jh, g % gpc), a, 0]   # noqa: E731
+            else:
+                accv = lambda i, jh, g, a: acc[(i, jh, g), a, 0]                   # noqa: E731
             if const_expr(self.swiglu):
                 a_gate = mAlpha0[expert]
                 a_up = mAlpha1[expert]
@@ -6022,8 +6065,8 @@ if HAVE_CUTE:
                         pair = []
                         for i in cutlass.range_constexpr(2):
                             tok = 8 * g + 2 * (lane % 4) + i
-                            hh = cute.math.min(acc[(i, jh, g), 0, 0] * a_gate, limit)
-                            uu = cute.math.max(cute.math.min(acc[(i, jh, g), 1, 0] * a_up, limit), -limit)
+                            hh = cute.math.min(accv(i, jh, g, 0) * a_gate, limit)
+                            uu = cute.math.max(cute.math.min(accv(i, jh, g, 1) * a_up, limit), -limit)
                             rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
                             # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
                             sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
@@ -6037,7 +6080,7 @@ if HAVE_CUTE:
                         regs = []
                         for qq in cutlass.range_constexpr(4):
                             jh, g = qq % 2, 2 * s + qq // 2
-                            regs.append(pack_bf16x2(acc[(0, jh, g), a, 0] * a_down, acc[(1, jh, g), a, 0] * a_down))
+                            regs.append(pack_bf16x2(accv(0, jh, g, a) * a_down, accv(1, jh, g, a) * a_down))
                         stmatrix_x4_trans(s_addr + (16 * s * self.out_pitch + 64 * a) * 2, regs[0], regs[1],
                                           regs[2], regs[3])
             epi_bar.arrive_and_wait()
@@ -6106,14 +6149,18 @@ if HAVE_CUTE:
 
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                          lean: bool | None = None):
+                          lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
     n_step = PREFILL_N_STEP if n_step is None else n_step
     lean = PREFILL_LEAN if lean is None else lean
-    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK)
+    n_chunk = PREFILL_N_CHUNK if n_chunk is None else n_chunk
+    min_blocks = PREFILL_MIN_BLOCKS if min_blocks is None else min_blocks
+    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
+              n_chunk, min_blocks)
 
     def build():
-        gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean)
+        gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
+                              min_blocks)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW
@@ -6163,6 +6210,22 @@ def _grid(dev, work_items: int, cluster: int) -> int:
     return max(cluster, min(_SMS[key], work_items) // cluster * cluster)
 
 
+def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, **gemm_options):
+    """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
+    (gemm1, gemm2, routing, combine, tile_n, gather, cluster of GEMM1, cluster of GEMM2)."""
+    tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
+    gather = gemm_options.pop("gather", PREFILL_GATHER)
+    cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
+    cl1 = 1 if gather else cluster
+    if tile_n % PREFILL_N_STEP:
+        gemm_options.setdefault("n_step", tile_n)
+    gemm1 = _compile_prefill_gemm(fmt, tile_n, True, USE_PDL, gather=gather, cluster=cl1, **gemm_options)
+    gemm2 = _compile_prefill_gemm(fmt, tile_n, False, USE_PDL, cluster=cluster, **gemm_options)
+    routing = _compile_routing(num_experts, top_k, tile_n)
+    combine = _compile_combine(top_k, dim, USE_PDL)
+    return gemm1, gemm2, routing, combine, tile_n, gather, cl1, cluster
+
+
 def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **gemm_options):
     """The launches of moe_fp4_prefill as (name, fn) in order (the bench times them one by one); y = last output."""
     pk = experts.packed if experts.packed is not None else prepare_experts(experts).packed
@@ -6170,10 +6233,7 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
-    gather = gemm_options.pop("gather", PREFILL_GATHER)
-    cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
-    cl1 = 1 if gather else cluster
+    gemm1, gemm2, routing, combine, tile_n, gather, cl1, cluster = prefill_kernels(pk.fmt, E, k, D, **gemm_options)
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
@@ -6188,14 +6248,8 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         y_rows.fill_(float("nan"))
     limit = float(swiglu_limit) if swiglu_limit else math.inf
     n_tab = tiles.shape[0]
-    if tile_n != PREFILL_TILE_N:
-        gemm_options.setdefault("n_step", tile_n)
-    gemm1 = _compile_prefill_gemm(pk.fmt, tile_n, True, USE_PDL, gather=gather, cluster=cl1, **gemm_options)
-    gemm2 = _compile_prefill_gemm(pk.fmt, tile_n, False, USE_PDL, cluster=cluster, **gemm_options)
     ctas1 = _grid(dev, n_tab * (inter // 128), cl1)
     ctas2 = _grid(dev, n_tab * (D // 256), cluster)
-    routing = _compile_routing(E, k, tile_n)
-    combine = _compile_combine(k, D, USE_PDL)
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
     steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles))]
