@@ -177,7 +177,17 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "tile_n 112": dict(PREFILL_TILE_N=112),
     "tile_n 96": dict(PREFILL_TILE_N=96),
     "PDL off": dict(USE_PDL=False),
+    "(timing only) wgmma 96 of the 128 token columns": dict(PREFILL_ABLATE={"mma_width": 96}),
+    "(timing only) no fp4 decode": dict(PREFILL_ABLATE={"decode": False}),
+    "(timing only) epilogue without global stores": dict(PREFILL_ABLATE={"epilogue": "nostore"}),
+    "(timing only) epilogue without SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
 }
+
+
+# the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
+PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_TILE_N=112)), ("mxfp4", dict(PREFILL_TILE_N=96)),
+                        ("mxfp4", dict(PREFILL_MIN_BLOCKS=False)), ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_GATHER=True)),
+                        ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_CLUSTER=2))]
 
 
 class _Knobs:
@@ -277,6 +287,7 @@ def prefill_warm(fmts=("nvfp4", "mxfp4"), ablations=True):
     import concurrent.futures as cf
     import multiprocessing as mp
     jobs = [(fmt, {}) for fmt in fmts] + ([("nvfp4", kn) for kn in PREFILL_ABLATIONS.values()] if ablations else [])
+    jobs += [(fmt, kn) for fmt, kn in PREFILL_TEST_CONFIGS if (fmt, kn) not in jobs]
     t = time.time()
     with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1),
                                 mp_context=mp.get_context("spawn")) as pool:

@@ -5646,6 +5646,7 @@ PREFILL_N_STEP = 128          # wgmma widths (int step or tuple): >1 width makes
 PREFILL_GATHER = False        # GEMM1 gathers its token rows itself (cp.async in the producer warpgroup)
 PREFILL_CLUSTER = 1           # 2: CTA pairs share (multicast) the token tile
 PREFILL_LEAN = True           # one shared epilogue (stmatrix + looped stores) instead of one per wgmma width
+PREFILL_ABLATE: dict = {}      # bench only: extra Fp4PrefillGemm options (decode=False, mma_width=96, ...)
 PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillGemm.min_blocks)
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
@@ -5694,7 +5695,7 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                      n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                     lean: bool = True, n_chunk: int = 0, min_blocks: bool = True):
+                     lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
             # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
             # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
@@ -5712,10 +5713,15 @@ if HAVE_CUTE:
             widths = tuple(range(n_step, tile_n + 1, n_step)) if isinstance(n_step, int) else tuple(sorted(n_step))
             widths = tuple(range(n_chunk, tile_n + 1, n_chunk)) if n_chunk else widths
             assert widths[-1] == tile_n and all(w_ % 16 == 0 for w_ in widths)
-            self.widths = widths
+            # mma_width: ablation only (wrong values): every tile runs ONE wgmma width, e.g. narrower than its rows,
+            # to time how much the MMAs alone cost
+            self.mma_width = mma_width
+            self.widths = (mma_width,) if mma_width else widths
             self.decode = decode        # False: ablation only (raw code words fed to wgmma: wrong values, no decode)
             # False: ablation only, and NOT trustworthy (R2 timed it above the bf16 peak: work gets optimised away)
-            self.epilogue = epilogue
+            # epilogue "nostore" / "nomath": ablations only (no global stores / no SwiGLU math, wrong values)
+            self.epi_mode = epilogue if isinstance(epilogue, str) else ""
+            self.epilogue = epilogue is not False
             self.scale_pairs = SCALE_PAIRS_OK
             # gather: B = the unsorted tokens x [T, K]; the producer warpgroup cp.asyncs the tile's rows src[row0 + n]
             # itself (no index_select pass, no x_sorted buffer); else B = x_sorted via TMA
@@ -5910,7 +5916,7 @@ if HAVE_CUTE:
                                 acc_full.fill(0.0)
                     for vi in cutlass.range_constexpr(len(self.widths)):
                         nv = self.widths[vi]
-                        if nrows > (self.widths[vi - 1] if vi > 0 else 0) and nrows <= nv:
+                        if nrows > (self.widths[vi - 1] if vi > 0 else 0) and (nrows <= nv or self.mma_width):
                             nw = self.n_chunk if self.n_chunk else nv          # wgmma width
                             n_chk = self.tile_n // self.n_chunk if self.n_chunk else 1
                             mma_v = sm90_utils.make_trivial_tiled_mma(
@@ -6069,8 +6075,11 @@ if HAVE_CUTE:
                             uu = cute.math.max(cute.math.min(accv(i, jh, g, 1) * a_up, limit), -limit)
                             rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
                             # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
-                            sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
-                            pair.append(rw * hh * sig * uu)
+                            if const_expr(self.epi_mode == "nomath"):          # ablation only
+                                pair.append(accv(i, jh, g, 0) + accv(i, jh, g, 1))
+                            else:
+                                sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
+                                pair.append(rw * hh * sig * uu)
                         regs.append(pack_bf16x2(pair[0], pair[1]))
                     stmatrix_x4_trans(s_addr + 16 * s * self.out_pitch * 2, regs[0], regs[1], regs[2], regs[3])
             else:
@@ -6088,7 +6097,7 @@ if HAVE_CUTE:
             rpp = 128 // vpr                                 # rows per pass
             vcol = ltid % vpr
             col_vec = ((2 * p + c) * self.out_cols) // 8 + vcol
-            for r in cutlass.range(ltid // vpr, nrows, rpp, unroll=1):
+            for r in cutlass.range(ltid // vpr, nrows if self.epi_mode != "nostore" else 0, rpp, unroll=1):
                 cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r, vcol)),
                                   cute.local_tile(mOut, (1, 8), (row0 + r, col_vec)))
 
@@ -6149,18 +6158,19 @@ if HAVE_CUTE:
 
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                          lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None):
+                          lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
+                          mma_width: int = 0):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
     n_step = PREFILL_N_STEP if n_step is None else n_step
     lean = PREFILL_LEAN if lean is None else lean
     n_chunk = PREFILL_N_CHUNK if n_chunk is None else n_chunk
     min_blocks = PREFILL_MIN_BLOCKS if min_blocks is None else min_blocks
     config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
-              n_chunk, min_blocks)
+              n_chunk, min_blocks, mma_width)
 
     def build():
         gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
-                              min_blocks)
+                              min_blocks, mma_width)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW
@@ -6213,6 +6223,7 @@ def _grid(dev, work_items: int, cluster: int) -> int:
 def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, **gemm_options):
     """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
     (gemm1, gemm2, routing, combine, tile_n, gather, cluster of GEMM1, cluster of GEMM2)."""
+    gemm_options = {**PREFILL_ABLATE, **gemm_options}
     tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
     gather = gemm_options.pop("gather", PREFILL_GATHER)
     cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
