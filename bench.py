@@ -173,8 +173,11 @@ def bench_moe():
 # (a long prefill through 43 layers looks like this), total time / calls.
 
 PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs with a default row timed next to it)
-    "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
+    "widths 96,128": dict(PREFILL_WIDTHS=(96, 128)),
+    "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
+    "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
     "tile_n 112": dict(PREFILL_TILE_N=112),
+    "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
     "tile_n 96": dict(PREFILL_TILE_N=96),
     "PDL off": dict(USE_PDL=False),
     "(timing only) wgmma 96 of the 128 token columns": dict(PREFILL_ABLATE={"mma_width": 96}),
@@ -182,10 +185,13 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "(timing only) epilogue without global stores": dict(PREFILL_ABLATE={"epilogue": "nostore"}),
     "(timing only) epilogue without SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
 }
+PREFILL_ABLATE_BOTH_T = 4        # the first this many also at T = 16384 (the rest at T = 4096 only)
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
-PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_TILE_N=112)), ("mxfp4", dict(PREFILL_TILE_N=96)),
+PREFILL_TEST_CONFIGS = [("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
+                        ("mxfp4", dict(PREFILL_WIDTHS=(96, 128))),
+                        ("mxfp4", dict(PREFILL_TILE_N=112)), ("mxfp4", dict(PREFILL_TILE_N=96)),
                         ("mxfp4", dict(PREFILL_MIN_BLOCKS=False)), ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_GATHER=True)),
                         ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_CLUSTER=2))]
 
@@ -354,15 +360,17 @@ def bench_moe_prefill():
             lambda: _burst_ms(lambda: bf16_grouped_moe(x, ids, w, w13t, w2t, limit), 5), flops_of(T))
     for T in (4096, 16384):
         for fmt in ("nvfp4", "mxfp4"):
-            add(T, f"kernels.moe {fmt}", "sustained", lambda: _sustained_ms(moe(T, fmt), 1.5, 20), flops_of(T))
-    add(0, "bf16 matmul 8192^3", "sustained", lambda: _sustained_ms(lambda: a @ b, 1.5, 20), 2 * 8192 ** 3)
+            add(T, f"kernels.moe {fmt}", "sustained", lambda: _sustained_ms(moe(T, fmt), 1.0, 20), flops_of(T))
+    add(0, "bf16 matmul 8192^3", "sustained", lambda: _sustained_ms(lambda: a @ b, 1.0, 20), 2 * 8192 ** 3)
     for T in (4096, 16384):
         add(T, "kernels.moe nvfp4 (again, after the sustained runs)", "burst", lambda: _burst_ms(moe(T), 20),
             flops_of(T))
     prefill_profile(inputs, experts["nvfp4"], limit)
     if "--ablate-prefill" in sys.argv:               # each variant right after a default row: same clock state
         for T in (4096, 16384):
-            for name, knobs in PREFILL_ABLATIONS.items():
+            for i, (name, knobs) in enumerate(PREFILL_ABLATIONS.items()):
+                if T != 4096 and i >= PREFILL_ABLATE_BOTH_T:
+                    break
                 add(T, "default", "sustained", lambda: _sustained_ms(moe(T), 0.3, 10), flops_of(T))
                 with _Knobs(**knobs):
                     add(T, name, "sustained", lambda: _sustained_ms(moe(T), 0.3, 10), flops_of(T))

@@ -5648,6 +5648,8 @@ PREFILL_CLUSTER = 1           # 2: CTA pairs share (multicast) the token tile
 PREFILL_LEAN = True           # one shared epilogue (stmatrix + looped stores) instead of one per wgmma width
 PREFILL_ABLATE: dict = {}      # bench only: extra Fp4PrefillGemm options (decode=False, mma_width=96, ...)
 PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillGemm.min_blocks)
+PREFILL_WIDTHS: tuple = ()     # e.g. (96, 128): one GEMM launch per wgmma width, each over the token tiles whose
+                              # rows fit it best (tiles of the last width; an expert's partial tile -> the narrowest)
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
@@ -5695,7 +5697,8 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                      n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                     lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0):
+                     lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0,
+                     chain: str = ""):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
             # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
             # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
@@ -5707,6 +5710,14 @@ if HAVE_CUTE:
             # .minnctapersm 1 pins ptxas' register count at entry; without it ptxas may ignore setmaxnreg (C7508:
             # then every warp gets 168 registers -> spills / serialized wgmmas, e.g. at tile_n 96 or chunked)
             self.min_blocks = min_blocks
+            # chain (PDL order of several GEMM launches over disjoint token tiles, see moe_fp4_prefill's widths):
+            # "" = the only launch: trigger the dependents at once, wait for the previous kernel at the start;
+            # "first" = the first of a chain: wait at the start, trigger the next launch only after that wait (so the
+            # next one may read this one's inputs without waiting); "next" = a later launch: trigger at once, do not
+            # wait at the start (its inputs are complete), wait at the end (its completion implies the previous
+            # launch's, for the kernel after the chain)
+            assert chain in ("", "first", "next") and not (chain and (gather or cluster > 1))
+            self.chain = chain
             # wgmma widths compiled (a tile of nrows tokens runs the narrowest >= nrows): n_step int -> n_step,
             # 2 n_step, ..., tile_n; or an explicit tuple ending in tile_n
             n_step = tile_n if n_step is None else n_step
@@ -5744,8 +5755,8 @@ if HAVE_CUTE:
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
-                     mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, mSrc: cute.Tensor,
-                     limit: Float32, num_ctas: Int32, stream):
+                     mNumTiles: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
+                     mSrc: cute.Tensor, limit: Float32, num_ctas: Int32, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
                 tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
@@ -5772,23 +5783,23 @@ if HAVE_CUTE:
             self.shared_storage = SharedStorage
             k_tiles = cute.size(mB, mode=[1]) // TILE_K
             m_pairs = cute.size(mOut, mode=[1]) // (2 * self.out_cols)
-            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mB, mOut, mTiles, mAlpha0, mAlpha1, mRowW, mSrc,
-                        limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
+            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mB, mOut, mTiles, mNumTiles, mAlpha0, mAlpha1,
+                        mRowW, mSrc, limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
                 grid=[num_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[self.cluster, 1, 1], stream=stream,
                 use_pdl=self.pdl, min_blocks_per_mp=1 if self.min_blocks else 0)
 
         @cute.kernel
         def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
-                   mB: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
-                   mAlpha1: cute.Tensor, mRowW: cute.Tensor, mSrc: cute.Tensor, limit: Float32, k_tiles: Int32,
-                   m_pairs: Int32,
+                   mB: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mNumTiles: cute.Tensor,
+                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, mSrc: cute.Tensor, limit: Float32,
+                   k_tiles: Int32, m_pairs: Int32,
                    w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout, epi_layout: cute.Layout):
             tidx, _, _ = cute.arch.thread_idx()
             bid, _, _ = cute.arch.block_idx()
             nctas, _, _ = cute.arch.grid_dim()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
             wg = warp_idx // 4
-            if const_expr(self.pdl):
+            if const_expr(self.pdl and self.chain != "first"):
                 cute.arch.griddepcontrol_launch_dependents()
             if warp_idx == 0:
                 cpasync.prefetch_descriptor(tma_w)
@@ -5811,7 +5822,8 @@ if HAVE_CUTE:
             groups = m_pairs // self.cluster                 # the cluster's CTA r takes row pair p = cluster*P + r
             sW = storage.sW.get_tensor(w_smem_layout)
             sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-            n_items = cute.size(mTiles, mode=[0]) * groups
+            # token tiles in the table (a width class's table: its count; entries past it have rows = 0)
+            n_items = cutlass.min(cute.size(mTiles, mode=[0]), mNumTiles[0]) * groups
 
             if wg == 0:
                 # ---------------------------------------------------------------- producer warpgroup (warp 0 works)
@@ -5820,8 +5832,10 @@ if HAVE_CUTE:
                     self.produce_gathered(pipe, tma_w, mW, sW, mX, mSrc, mTiles, storage.sB.data_ptr(), first, step,
                                           n_items, groups, rank, k_tiles, tidx, warp_idx)
                 elif warp_idx == 0:
-                    if const_expr(self.pdl):
+                    if const_expr(self.pdl and self.chain != "next"):
                         cute.arch.griddepcontrol_wait()       # the tokens come from the previous kernel
+                        if const_expr(self.chain == "first"):
+                            cute.arch.griddepcontrol_launch_dependents()
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     for w in cutlass.range(first, n_items, step, unroll=1):
                         j = w // groups
@@ -5859,8 +5873,10 @@ if HAVE_CUTE:
             else:
                 # ---------------------------------------------------------------- consumer warpgroups 1, 2
                 cute.arch.setmaxregister_increase(self.regs[1])
-                if const_expr(self.pdl):
+                if const_expr(self.pdl and self.chain != "next"):
                     cute.arch.griddepcontrol_wait()           # our outputs may still be read by the previous kernel
+                    if const_expr(self.chain == "first"):
+                        cute.arch.griddepcontrol_launch_dependents()
                 c = wg - 1
                 ltid = tidx - 128 * wg
                 thr_mma = tiled_mma.get_slice(ltid)
@@ -6048,6 +6064,8 @@ if HAVE_CUTE:
                         if nrows > 0:
                             self.lean_epilogue(acc_epi, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit,
                                                expert, row0, nrows, p, c, ltid)
+                if const_expr(self.pdl and self.chain == "next"):
+                    cute.arch.griddepcontrol_wait()           # complete only after the previous launch of the chain
 
         @cute.jit
         def lean_epilogue(self, acc, sOut: cute.Tensor, s_addr, epi_bar, mOut: cute.Tensor, mAlpha0: cute.Tensor,
@@ -6156,21 +6174,146 @@ if HAVE_CUTE:
                         prod.advance()
 
 
+    class PrefillRouting(MoeRouting):
+        """MoeRouting for moe_fp4_prefill's width classes: the same src_tok / row_w / pos; each expert's rows are cut
+        into token tiles of widths[-1] rows (the last one partial), and a tile of nr rows goes to the table of the
+        narrowest width >= nr: tiles[c, i] = (expert, first row, rows) compact, rows = 0 past counts[c]."""
+
+        def __init__(self, num_experts: int, top_k: int, widths: tuple):
+            super().__init__(num_experts, top_k, widths[-1])
+            self.widths = tuple(widths)
+
+        @cute.jit
+        def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
+                     mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor, stream):
+            @cute.struct
+            class SharedStorage:
+                cnt: cute.struct.MemRange[Int32, self.E + 1]
+                start: cute.struct.MemRange[Int32, self.E + 1]
+                cstart: cute.struct.MemRange[Int32, len(self.widths) * (self.E + 1)]
+
+            self.shared_storage = SharedStorage
+            self.kernel_widths(mIds, mW, mSrc, mRowW, mPos, mTiles, mCounts).launch(
+                grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.jit
+        def width_class(self, rows):
+            """Index of the narrowest width >= rows (rows in 1..widths[-1])."""
+            cls = Int32(len(self.widths) - 1)
+            for c in cutlass.range_constexpr(len(self.widths) - 2, -1, -1):
+                if rows <= self.widths[c]:
+                    cls = Int32(c)
+            return cls
+
+        @cute.kernel
+        def kernel_widths(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
+                          mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            E, tn, nc = self.E, self.tile_n, len(self.widths)
+            R = cute.size(mIds, mode=[0])
+            n_tab = cute.size(mTiles, mode=[1])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
+            start = storage.start.get_tensor(cute.make_layout(E + 1))
+            cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))     # [expert, class]
+            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
+                cnt[e] = 0
+            cute.arch.sync_threads()
+            for s in cutlass.range(tidx, R, self.threads, unroll=1):
+                e = mIds[s]
+                if e < 0 or e >= E:
+                    e = E
+                mPos[s] = cute.arch.atomic_add(cnt.iterator + e, Int32(1), scope="cta")   # rank inside e
+            cute.arch.sync_threads()
+            if tidx < 32:        # warp 0: exclusive prefix sums of rows and of each class's tiles, 32 experts a step
+                lane = tidx
+                acc = Int32(0)
+                cacc = cute.make_rmem_tensor((nc,), Int32)
+                cacc.fill(0)
+                for base in cutlass.range(0, E + 1, 32, unroll=1):
+                    e = base + lane
+                    c = Int32(0)
+                    if e <= E:
+                        c = cnt[e]
+                    full = c // tn
+                    rem = c - full * tn
+                    rcls = Int32(-1)
+                    if e < E and rem > 0:
+                        rcls = self.width_class(rem)
+                    ci = c
+                    for d in cutlass.range_constexpr(5):              # inclusive warp scan of the rows
+                        cu = cute.arch.shuffle_sync_up(ci, 1 << d)
+                        if lane >= (1 << d):
+                            ci = ci + cu
+                    if e <= E:
+                        start[e] = acc + ci - c
+                    acc = acc + cute.arch.shuffle_sync(ci, 31)
+                    for k in cutlass.range_constexpr(nc):             # tiles of class k of this expert
+                        t = Int32(0)
+                        if e < E:
+                            if const_expr(k == nc - 1):
+                                t = full
+                            if rcls == k:
+                                t = t + 1
+                        ti = t
+                        for d in cutlass.range_constexpr(5):
+                            tu = cute.arch.shuffle_sync_up(ti, 1 << d)
+                            if lane >= (1 << d):
+                                ti = ti + tu
+                        if e <= E:
+                            cstart[e, k] = cacc[k] + ti - t
+                        cacc[k] = cacc[k] + cute.arch.shuffle_sync(ti, 31)
+            cute.arch.sync_threads()
+            for s in cutlass.range(tidx, R, self.threads, unroll=1):
+                e = mIds[s]
+                if e < 0 or e >= E:
+                    e = E
+                p = start[e] + mPos[s]
+                mSrc[p] = s // self.k
+                mRowW[p] = mW[s]
+                mPos[s] = p if e < E else R
+            for e in cutlass.range(tidx, E, self.threads, unroll=1):     # each expert writes its own tiles
+                c = cnt[e]
+                full = c // tn
+                rem = c - full * tn
+                for t in cutlass.range(full, unroll=1):
+                    i = cstart[e, nc - 1] + t
+                    mTiles[nc - 1, i, 0] = e
+                    mTiles[nc - 1, i, 1] = start[e] + t * tn
+                    mTiles[nc - 1, i, 2] = tn
+                if rem > 0:
+                    rcls = self.width_class(rem)
+                    i = cstart[e, rcls]
+                    if rcls == nc - 1:
+                        i = i + full
+                    mTiles[rcls, i, 0] = e
+                    mTiles[rcls, i, 1] = start[e] + full * tn
+                    mTiles[rcls, i, 2] = rem
+            for k in cutlass.range_constexpr(nc):
+                total = cstart[E, k]
+                for j in cutlass.range(total + tidx, n_tab, self.threads, unroll=1):
+                    mTiles[k, j, 0] = 0
+                    mTiles[k, j, 1] = 0
+                    mTiles[k, j, 2] = 0
+                if tidx == 0:
+                    mCounts[k] = total
+
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
                           lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
-                          mma_width: int = 0):
+                          mma_width: int = 0, chain: str = ""):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
     n_step = PREFILL_N_STEP if n_step is None else n_step
     lean = PREFILL_LEAN if lean is None else lean
     n_chunk = PREFILL_N_CHUNK if n_chunk is None else n_chunk
     min_blocks = PREFILL_MIN_BLOCKS if min_blocks is None else min_blocks
     config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
-              n_chunk, min_blocks, mma_width)
+              n_chunk, min_blocks, mma_width, chain)
 
     def build():
         gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
-                              min_blocks, mma_width)
+                              min_blocks, mma_width, chain)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW
@@ -6181,14 +6324,28 @@ def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False
         out = cute.runtime.make_fake_compact_tensor(BFloat16, (rows_o, n_out), stride_order=(1, 0),
                                                     assumed_align=16)
         tiles = cute.runtime.make_fake_compact_tensor(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4)
+        num_tiles = cute.runtime.make_fake_compact_tensor(Int32, (1,), assumed_align=4)
         alpha0 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
         alpha1 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
         rows = cute.sym_int()
         row_w = cute.runtime.make_fake_compact_tensor(Float32, (rows,), assumed_align=4)
         src = cute.runtime.make_fake_compact_tensor(Int32, (rows,), assumed_align=4)
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        return gemm, (w, b, out, tiles, alpha0, alpha1, row_w, src, Float32(0.0), Int32(1), stream)
+        return gemm, (w, b, out, tiles, num_tiles, alpha0, alpha1, row_w, src, Float32(0.0), Int32(1), stream)
     return _load_or_compile(config, build)
+
+
+def _compile_prefill_routing(num_experts: int, top_k: int, widths: tuple):
+    def build():
+        r, n_tab = cute.sym_int(), cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        f32 = cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4)
+        args = (i32((r,)), f32, i32((r,)), f32, i32((r,)),
+                cute.runtime.make_fake_compact_tensor(Int32, (len(widths), n_tab, 3), stride_order=(2, 1, 0),
+                                                      assumed_align=4),
+                i32((len(widths),)), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillRouting(num_experts, top_k, widths), args
+    return _load_or_compile(("prefill_route", num_experts, top_k, tuple(widths)), build)
 
 
 def prefill_unavailable_reason(x, experts) -> str | None:
@@ -6222,19 +6379,36 @@ def _grid(dev, work_items: int, cluster: int) -> int:
 
 def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, **gemm_options):
     """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
-    (gemm1, gemm2, routing, combine, tile_n, gather, cluster of GEMM1, cluster of GEMM2)."""
+    (gemm1 list, gemm2 list (one per width class), routing, combine, widths, gather, cluster of GEMM1, of GEMM2)."""
     gemm_options = {**PREFILL_ABLATE, **gemm_options}
     tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
+    widths = tuple(gemm_options.pop("widths", PREFILL_WIDTHS)) or (tile_n,)
     gather = gemm_options.pop("gather", PREFILL_GATHER)
     cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
+    assert len(widths) == 1 or not (gather or cluster > 1), "width classes run without gather / clusters"
     cl1 = 1 if gather else cluster
-    if tile_n % PREFILL_N_STEP:
-        gemm_options.setdefault("n_step", tile_n)
-    gemm1 = _compile_prefill_gemm(fmt, tile_n, True, USE_PDL, gather=gather, cluster=cl1, **gemm_options)
-    gemm2 = _compile_prefill_gemm(fmt, tile_n, False, USE_PDL, cluster=cluster, **gemm_options)
-    routing = _compile_routing(num_experts, top_k, tile_n)
+    gemm1, gemm2 = [], []
+    for c, width in enumerate(widths):
+        opts = dict(gemm_options)
+        if width % PREFILL_N_STEP:
+            opts.setdefault("n_step", width)
+        opts["chain"] = "" if len(widths) == 1 else "first" if c == 0 else "next"
+        gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, gather=gather, cluster=cl1, **opts))
+        gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, cluster=cluster, **opts))
+    routing = (_compile_routing(num_experts, top_k, widths[0]) if len(widths) == 1
+               else _compile_prefill_routing(num_experts, top_k, widths))
     combine = _compile_combine(top_k, dim, USE_PDL)
-    return gemm1, gemm2, routing, combine, tile_n, gather, cl1, cluster
+    return gemm1, gemm2, routing, combine, widths, gather, cl1, cluster
+
+
+_ALL_TILES: dict = {}
+
+
+def _all_tiles(dev) -> torch.Tensor:
+    """[1] int32 'count' for a table whose every entry is to be read (more than any table holds)."""
+    if dev not in _ALL_TILES:
+        _ALL_TILES[dev] = torch.full((1,), 1 << 30, dtype=torch.int32, device=dev)
+    return _ALL_TILES[dev]
 
 
 def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **gemm_options):
@@ -6244,12 +6418,14 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    gemm1, gemm2, routing, combine, tile_n, gather, cl1, cluster = prefill_kernels(pk.fmt, E, k, D, **gemm_options)
+    gemm1, gemm2, routing, combine, widths, gather, cl1, cluster = prefill_kernels(pk.fmt, E, k, D, **gemm_options)
+    nc, tile_n = len(widths), widths[-1]
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
-    tiles = torch.empty(max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)
+    tiles = torch.empty(nc, max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)   # one table per width
+    counts = torch.empty(nc, dtype=torch.int32, device=dev) if nc > 1 else _all_tiles(dev)
     x_sorted = None if gather else torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
@@ -6258,24 +6434,49 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         act.fill_(float("nan"))
         y_rows.fill_(float("nan"))
     limit = float(swiglu_limit) if swiglu_limit else math.inf
-    n_tab = tiles.shape[0]
+    n_tab = tiles.shape[1]
     ctas1 = _grid(dev, n_tab * (inter // 128), cl1)
     ctas2 = _grid(dev, n_tab * (D // 256), cluster)
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles))]
+    if nc == 1:
+        steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
+    else:
+        steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
     if not gather:
         steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
     b1 = x.contiguous() if gather else x_sorted
-    steps += [
-        ("gemm1", lambda: gemm1(pk.w13.permute(3, 2, 1, 0), b1, act, tiles, a_gate, a_up, row_w, src_tok, limit,
-                                ctas1)),
-        ("gemm2", lambda: gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, src_tok, limit,
-                                ctas2)),
-        ("combine", lambda: combine(y_rows, pos, y)),       # fixed slot order, fp32 sum
-    ]
+    w13, w2 = pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0)
+    sfx = (lambda c: "") if nc == 1 else (lambda c: f" N={widths[c]}")     # noqa: E731
+    for c in range(nc):              # GEMM1 of every width class, then GEMM2 of every class (PDL chains, see chain)
+        steps.append((f"gemm1{sfx(c)}", lambda c=c: gemm1[c](w13, b1, act, tiles[c], counts[c:c + 1], a_gate, a_up,
+                                                               row_w, src_tok, limit, ctas1)))
+    for c in range(nc):
+        steps.append((f"gemm2{sfx(c)}", lambda c=c: gemm2[c](w2, act, y_rows, tiles[c], counts[c:c + 1], a_down,
+                                                               a_down, row_w, src_tok, limit, ctas2)))
+    steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
     return steps, y
 
+
+def route_width_tables(topk_ids: torch.Tensor, num_experts: int, widths: tuple):
+    """Torch reference of PrefillRouting's tables (no host sync): -> tables [len(widths), max_tiles, 3] int32
+    (expert, first sorted row, rows; rows = 0 past the count), counts [len(widths)]. Class c holds, by expert, the
+    tiles whose rows fit widths[c] best; the last class also every full tile (an expert's full tiles, then its
+    partial one if that lands there too)."""
+    order, pos, tiles = route_tiles(topk_ids, num_experts, widths[-1])
+    rows = tiles[:, 2].long()
+    w = torch.tensor(widths, device=rows.device)
+    cls = torch.searchsorted(w, rows.clamp(min=1))                   # narrowest width >= rows
+    out = torch.zeros(len(widths), tiles.shape[0], 3, dtype=torch.int32, device=tiles.device)
+    counts = torch.zeros(len(widths), dtype=torch.int32, device=tiles.device)
+    for c in range(len(widths)):
+        sel = ((cls == c) & (rows > 0)).long()
+        dest = torch.where(sel > 0, torch.cumsum(sel, 0) - 1, torch.full_like(sel, tiles.shape[0]))
+        buf = torch.zeros(tiles.shape[0] + 1, 3, dtype=torch.int32, device=tiles.device)
+        buf.index_copy_(0, dest, tiles)                              # non-members go to the dump row
+        out[c] = buf[:-1]
+        counts[c] = sel.sum().to(torch.int32)
+    return out, counts
 
 def moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit: float):
     """Routed MoE for many tokens: kernels.moe_fp4's contract and semantics (routing kernel, sorted activations,

@@ -3953,16 +3953,17 @@ HERE_prefill = os.path.dirname(os.path.abspath(__file__))
 
 # ------------------------------------------------------------------------------------------------------ CPU tests
 COMPILE_PREFILL = """
-import sys, kernels as K
+import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
-import kernels as K
-for fmt in ("nvfp4", "mxfp4"):
-    for swiglu in (True, False):
-        K._compile_prefill_gemm(fmt, K.PREFILL_TILE_N, swiglu, True)
-K._compile_prefill_gemm("nvfp4", K.PREFILL_TILE_N, True, True, gather=not K.PREFILL_GATHER)
-for tile_n in (96, 112):
-    for swiglu in (True, False):
-        K._compile_prefill_gemm("nvfp4", tile_n, swiglu, True, n_step=tile_n)
+dump = os.environ["CUTE_DSL_DUMP_DIR"]
+configs = [(fmt, K.PREFILL_TILE_N, swiglu, {}) for fmt in ("nvfp4", "mxfp4") for swiglu in (True, False)]
+configs += [("nvfp4", K.PREFILL_TILE_N, True, dict(gather=not K.PREFILL_GATHER))]
+configs += [(fmt, n, swiglu, dict(n_step=n, chain=chain)) for fmt in ("nvfp4", "mxfp4") for swiglu in (True, False)
+            for n, chain in ((96, ""), (112, ""), (32, "first"), (64, "first"), (128, "next"))]
+for i, (fmt, tile_n, swiglu, opts) in enumerate(configs):
+    K._compile_prefill_gemm(fmt, tile_n, swiglu, True, **opts)
+    for ptx in glob.glob(os.path.join(dump, "*Fp4PrefillGemm*.ptx")):   # same file name for every config: keep each
+        os.replace(ptx, os.path.join(dump, f"config{i}_" + os.path.basename(ptx)[:60] + ".ptx"))
 """
 
 
@@ -3979,11 +3980,12 @@ def test_prefill_gemms_compile_for_sm90a_on_a_machine_without_cuda(tmp_path):
     r = subprocess.run([sys.executable, "-c", COMPILE_PREFILL, str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=600, cwd=HERE_prefill)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 9
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 25
     ptxas = shutil.which("ptxas")
-    ptxs = list(dump.glob("*Fp4PrefillGemm*.ptx"))
+    ptxs = list(dump.glob("config*.ptx"))
     if ptxas is None or not ptxs:                 # no ptxas here, or the DSL served its own cache (no PTX written)
         return
+    assert len(ptxs) == 25
     for ptx in ptxs:
         rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
                              capture_output=True, text=True, timeout=300)
@@ -4117,6 +4119,55 @@ def test_gpu_prefill_narrower_token_tiles_match_fp32_reference(fmt, dims, T, rou
     if opts and (fmt == "mxfp4" or tile_n != 112):
         pytest.skip("the gather/cluster paths are format- and width-independent; nvfp4 at 112 covers them")
     _check_prefill(_experts(fmt, dims), T, 6, routing, seed=T, tile_n=tile_n, **opts)
+
+
+def test_prefill_width_tables_put_each_tile_in_its_narrowest_width():
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [3, -1], [0, 0]], dtype=torch.int32)
+    tables, counts = K.route_width_tables(ids, 4, (1, 2, 3))
+    # expert 0: 5 rows = a full 3-row tile + 2 rows; expert 1: 2 rows; experts 2, 3: 1 row each (sorted rows 7, 8)
+    assert counts.tolist() == [2, 2, 1]
+    assert tables[0, :2].tolist() == [[2, 7, 1], [3, 8, 1]]
+    assert tables[1, :2].tolist() == [[0, 3, 2], [1, 5, 2]]
+    assert tables[2, :1].tolist() == [[0, 0, 3]]
+    assert int(tables[:, :, 2].sum()) == 9 and not tables[0, 2:].any() and not tables[2, 1:].any()
+
+
+@gpu
+@pytest.mark.parametrize("E, T, k, routing, widths", [(256, 4096, 6, "random", (96, 128)),
+                                                      (256, 16384, 6, "random", (64, 96, 128)),
+                                                      (16, 3000, 6, "empty_experts", (32, 64, 128)),
+                                                      (16, 3000, 2, "one_expert", (32, 64, 128))])
+def test_gpu_prefill_routing_width_tables_match_torch(E, T, k, routing, widths):
+    ids, w = _routing(T, k, E, routing, "cuda", T)
+    R = T * k
+    src, row_w, pos = (torch.full((R,), -7, dtype=dt, device="cuda") for dt in (torch.int32, torch.float32,
+                                                                                   torch.int32))
+    tables = torch.full((len(widths), K.max_tiles(R, E, widths[-1]), 3), -7, dtype=torch.int32, device="cuda")
+    counts = torch.full((len(widths),), -7, dtype=torch.int32, device="cuda")
+    K._compile_prefill_routing(E, k, widths)(ids.reshape(-1), w.reshape(-1).float(), src, row_w, pos, tables, counts)
+    ref_tables, ref_counts = K.route_width_tables(ids, E, widths)
+    assert torch.equal(counts, ref_counts) and torch.equal(tables, ref_tables)
+    flat = ids.reshape(-1).long()
+    routed = (flat >= 0) & (flat < E)
+    slots = torch.arange(R, device="cuda")
+    assert torch.equal(pos[~routed], torch.full_like(pos[~routed], R))
+    p = pos[routed].long()                                  # every routed slot has its own sorted row ...
+    assert torch.equal(torch.sort(p).values, torch.arange(int(routed.sum()), device="cuda"))
+    assert torch.equal(src[p].long(), slots[routed] // k)   # ... which names its token and weight
+    assert torch.equal(row_w[p], w.reshape(-1).float()[routed])
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dims, T, routing, widths", [("flash", 4096, "random", (96, 128)),
+                                                      ("small", 1000, "empty_experts", (32, 64, 128)),
+                                                      ("small", 3000, "one_expert", (32, 64, 128)),
+                                                      ("small", 16384, "random", (64, 96, 128))])
+def test_gpu_prefill_width_classes_match_fp32_reference(fmt, dims, T, routing, widths):
+    """One GEMM launch per wgmma width, each over the token tiles that fit it best, chained by PDL."""
+    if fmt == "mxfp4" and dims == "small" and T != 1000:
+        pytest.skip("the width classes are format-independent; nvfp4 covers the other routings")
+    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T, widths=widths)
 
 
 @gpu
