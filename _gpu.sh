@@ -8,10 +8,10 @@ if ! python3 -c "import torch, sys, importlib.util as u; sys.exit(0 if torch.cud
 fi
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit,memory.total --format=csv,noheader
 date -u +"start %T"
-timeout 30 python3 bench.py moe --prefill-warm --ablate-prefill 2>&1 | tail -3
+timeout 25 python3 bench.py moe --prefill-warm --ablate-prefill 2>&1 | tail -3
 date -u +"compiled %T"
-timeout 35 python3 -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py \
+timeout 30 python3 -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py \
     -k "prefill and gpu and (flash_dims_matches or small_dims_matches or narrower or min_blocks or deterministic or threshold or width)" 2>&1 | tail -8
 date -u +"tested %T"
-timeout 40 python3 bench.py moe --prefill --ablate-prefill 2>&1
+timeout 42 python3 bench.py moe --prefill --ablate-prefill 2>&1
 date -u +"end %T"

@@ -365,7 +365,6 @@ def bench_moe_prefill():
     for T in (4096, 16384):
         add(T, "kernels.moe nvfp4 (again, after the sustained runs)", "burst", lambda: _burst_ms(moe(T), 20),
             flops_of(T))
-    prefill_profile(inputs, experts["nvfp4"], limit)
     if "--ablate-prefill" in sys.argv:               # each variant right after a default row: same clock state
         for T in (4096, 16384):
             for i, (name, knobs) in enumerate(PREFILL_ABLATIONS.items()):
@@ -374,6 +373,7 @@ def bench_moe_prefill():
                 add(T, "default", "sustained", lambda: _sustained_ms(moe(T), 0.3, 10), flops_of(T))
                 with _Knobs(**knobs):
                     add(T, name, "sustained", lambda: _sustained_ms(moe(T), 0.3, 10), flops_of(T))
+    prefill_profile(inputs, experts["nvfp4"], limit)
     clocks.stop()
     print(f"\nprefill MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, random routing) on {dev}: timed region "
           f"= kernels.moe(...) as dsv4.py calls it; copy {copy_bw:.2f} TB/s, bf16 matmul 8192^3 "
