@@ -177,6 +177,7 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
     "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
     "tile_n 112": dict(PREFILL_TILE_N=112),
+    "PrefillRouting (batched loads) instead of MoeRouting": dict(PREFILL_ROUTING=True),
     "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
     "tile_n 96": dict(PREFILL_TILE_N=96),
     "PDL off": dict(USE_PDL=False),
@@ -185,7 +186,7 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "(timing only) epilogue without global stores": dict(PREFILL_ABLATE={"epilogue": "nostore"}),
     "(timing only) epilogue without SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
 }
-PREFILL_ABLATE_BOTH_T = 4        # the first this many also at T = 16384 (the rest at T = 4096 only)
+PREFILL_ABLATE_BOTH_T = 5        # the first this many also at T = 16384 (the rest at T = 4096 only)
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)

@@ -5650,6 +5650,7 @@ PREFILL_ABLATE: dict = {}      # bench only: extra Fp4PrefillGemm options (decod
 PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillGemm.min_blocks)
 PREFILL_WIDTHS: tuple = ()     # e.g. (96, 128): one GEMM launch per wgmma width, each over the token tiles whose
                               # rows fit it best (tiles of the last width; an expert's partial tile -> the narrowest)
+PREFILL_ROUTING = False       # PrefillRouting (batched loads; tables + counts) also for one width, else MoeRouting
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
@@ -6179,9 +6180,10 @@ if HAVE_CUTE:
         into token tiles of widths[-1] rows (the last one partial), and a tile of nr rows goes to the table of the
         narrowest width >= nr: tiles[c, i] = (expert, first row, rows) compact, rows = 0 past counts[c]."""
 
-        def __init__(self, num_experts: int, top_k: int, widths: tuple):
+        def __init__(self, num_experts: int, top_k: int, widths: tuple, batch: int = 8):
             super().__init__(num_experts, top_k, widths[-1])
             self.widths = tuple(widths)
+            self.batch = batch          # slots per thread whose loads are in flight together
 
         @cute.jit
         def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
@@ -6217,14 +6219,26 @@ if HAVE_CUTE:
             cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
             start = storage.start.get_tensor(cute.make_layout(E + 1))
             cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))     # [expert, class]
+            nb = self.batch
             for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
                 cnt[e] = 0
             cute.arch.sync_threads()
-            for s in cutlass.range(tidx, R, self.threads, unroll=1):
-                e = mIds[s]
-                if e < 0 or e >= E:
-                    e = E
-                mPos[s] = cute.arch.atomic_add(cnt.iterator + e, Int32(1), scope="cta")   # rank inside e
+            # slots in batches of nb per thread (s = it + i * threads + tidx: coalesced), all loads of a batch first:
+            # the passes are latency-bound (one CTA), so nb independent loads in flight instead of one
+            ev = cute.make_rmem_tensor((nb,), Int32)
+            rk = cute.make_rmem_tensor((nb,), Int32)
+            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    ev[i] = E
+                    if s < R:
+                        e = mIds[s]
+                        if e >= 0 and e < E:
+                            ev[i] = e
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    if s < R:
+                        mPos[s] = cute.arch.atomic_add(cnt.iterator + ev[i], Int32(1), scope="cta")   # rank in e
             cute.arch.sync_threads()
             if tidx < 32:        # warp 0: exclusive prefix sums of rows and of each class's tiles, 32 experts a step
                 lane = tidx
@@ -6265,14 +6279,26 @@ if HAVE_CUTE:
                             cstart[e, k] = cacc[k] + ti - t
                         cacc[k] = cacc[k] + cute.arch.shuffle_sync(ti, 31)
             cute.arch.sync_threads()
-            for s in cutlass.range(tidx, R, self.threads, unroll=1):
-                e = mIds[s]
-                if e < 0 or e >= E:
-                    e = E
-                p = start[e] + mPos[s]
-                mSrc[p] = s // self.k
-                mRowW[p] = mW[s]
-                mPos[s] = p if e < E else R
+            wv = cute.make_rmem_tensor((nb,), Float32)
+            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    ev[i] = E
+                    rk[i] = 0
+                    wv[i] = 0.0
+                    if s < R:
+                        e = mIds[s]
+                        if e >= 0 and e < E:
+                            ev[i] = e
+                        rk[i] = mPos[s]
+                        wv[i] = mW[s]
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    if s < R:
+                        p = start[ev[i]] + rk[i]
+                        mSrc[p] = s // self.k
+                        mRowW[p] = wv[i]
+                        mPos[s] = p if ev[i] < E else R
             for e in cutlass.range(tidx, E, self.threads, unroll=1):     # each expert writes its own tiles
                 c = cnt[e]
                 full = c // tn
@@ -6395,8 +6421,8 @@ def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, **gemm_opt
         opts["chain"] = "" if len(widths) == 1 else "first" if c == 0 else "next"
         gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, gather=gather, cluster=cl1, **opts))
         gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, cluster=cluster, **opts))
-    routing = (_compile_routing(num_experts, top_k, widths[0]) if len(widths) == 1
-               else _compile_prefill_routing(num_experts, top_k, widths))
+    routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1 or PREFILL_ROUTING
+               else _compile_routing(num_experts, top_k, widths[0]))
     combine = _compile_combine(top_k, dim, USE_PDL)
     return gemm1, gemm2, routing, combine, widths, gather, cl1, cluster
 
@@ -6425,7 +6451,8 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
     tiles = torch.empty(nc, max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)   # one table per width
-    counts = torch.empty(nc, dtype=torch.int32, device=dev) if nc > 1 else _all_tiles(dev)
+    own_routing = nc > 1 or PREFILL_ROUTING
+    counts = torch.empty(nc, dtype=torch.int32, device=dev) if own_routing else _all_tiles(dev)
     x_sorted = None if gather else torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
@@ -6439,7 +6466,7 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     ctas2 = _grid(dev, n_tab * (D // 256), cluster)
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    if nc == 1:
+    if not own_routing:
         steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
     else:
         steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]

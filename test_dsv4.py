@@ -4133,7 +4133,8 @@ def test_prefill_width_tables_put_each_tile_in_its_narrowest_width():
 
 
 @gpu
-@pytest.mark.parametrize("E, T, k, routing, widths", [(256, 4096, 6, "random", (96, 128)),
+@pytest.mark.parametrize("E, T, k, routing, widths", [(256, 4096, 6, "random", (128,)),
+                                                      (256, 4096, 6, "random", (96, 128)),
                                                       (256, 16384, 6, "random", (64, 96, 128)),
                                                       (16, 3000, 6, "empty_experts", (32, 64, 128)),
                                                       (16, 3000, 2, "one_expert", (32, 64, 128))])
@@ -4175,6 +4176,15 @@ def test_gpu_prefill_width_classes_match_fp32_reference(fmt, dims, T, routing, w
 def test_gpu_prefill_without_min_blocks_launch_bound_matches_fp32_reference(fmt):
     """PREFILL_MIN_BLOCKS=False (the session-2 launch, no .minnctapersm) still computes the same MoE."""
     _check_prefill(_experts(fmt, "small"), 1000, 6, "empty_experts", seed=3, min_blocks=False)
+
+
+@gpu
+@pytest.mark.parametrize("routing", ["empty_experts", "one_expert"])
+@pytest.mark.parametrize("own", [True, False])
+def test_gpu_prefill_with_either_routing_kernel_matches_fp32_reference(monkeypatch, routing, own):
+    """PREFILL_ROUTING: PrefillRouting (batched loads, table + count) or MoeRouting (one table) as in session 2."""
+    monkeypatch.setattr(K, "PREFILL_ROUTING", own)
+    _check_prefill(_experts("nvfp4", "small"), 3000, 6 if routing != "one_expert" else 2, routing, seed=4)
 
 
 # ====================================================================================================================
