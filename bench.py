@@ -180,6 +180,7 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "PrefillRouting (batched loads) instead of MoeRouting": dict(PREFILL_ROUTING=True),
     "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
     "tile_n 96": dict(PREFILL_TILE_N=96),
+    "SwiGLU sigmoid via tanh.approx": dict(PREFILL_SILU_TANH=True),
     "PDL off": dict(USE_PDL=False),
     "(timing only) wgmma 96 of the 128 token columns": dict(PREFILL_ABLATE={"mma_width": 96}),
     "(timing only) no fp4 decode": dict(PREFILL_ABLATE={"decode": False}),
@@ -194,7 +195,7 @@ PREFILL_TEST_CONFIGS = [("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4",
                         ("mxfp4", dict(PREFILL_WIDTHS=(96, 128))),
                         ("mxfp4", dict(PREFILL_TILE_N=112)), ("mxfp4", dict(PREFILL_TILE_N=96)),
                         ("mxfp4", dict(PREFILL_MIN_BLOCKS=False)), ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_GATHER=True)),
-                        ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_CLUSTER=2))]
+                        ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_CLUSTER=2)), ("mxfp4", dict(PREFILL_SILU_TANH=True))]
 
 
 class _Knobs:

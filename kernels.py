@@ -5651,6 +5651,7 @@ PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillG
 PREFILL_WIDTHS: tuple = ()     # e.g. (96, 128): one GEMM launch per wgmma width, each over the token tiles whose
                               # rows fit it best (tiles of the last width; an expert's partial tile -> the narrowest)
 PREFILL_ROUTING = False       # PrefillRouting (batched loads; tables + counts) also for one width, else MoeRouting
+PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)): one MUFU op instead of ex2 + rcp
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
@@ -5681,6 +5682,12 @@ if HAVE_CUTE:
             "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
 
     @dsl_user_op
+    def tanh_approx(x: Float32, *, loc=None, ip=None) -> Float32:
+        """tanh.approx.f32 (one MUFU op; max relative error ~2^-11)."""
+        return Float32(_llvm.inline_asm(_T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "tanh.approx.f32 $0, $1;",
+                                        "=f,f", has_side_effects=False, loc=loc, ip=ip))
+
+    @dsl_user_op
     def stmatrix_x4_trans(smem_addr: Int32, r0: Int32, r1: Int32, r2: Int32, r3: Int32, *, loc=None, ip=None):
         """Four 8x8 bf16 tiles of the wgmma accumulator fragment, each stored transposed: thread t gives the 16-B row
         address of row t % 8 of tile t // 8 (smem row = token, 8 consecutive output columns)."""
@@ -5699,7 +5706,7 @@ if HAVE_CUTE:
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                      n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
                      lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0,
-                     chain: str = ""):
+                     chain: str = "", silu_tanh: bool = False):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
             # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
             # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
@@ -5719,6 +5726,8 @@ if HAVE_CUTE:
             # launch's, for the kernel after the chain)
             assert chain in ("", "first", "next") and not (chain and (gather or cluster > 1))
             self.chain = chain
+            # silu(h) = h / (1 + 2^(-h log2 e)) with ex2 + rcp (2 MUFU ops), or = 0.5 h (1 + tanh(h / 2)) (1 MUFU op)
+            self.silu_tanh = silu_tanh
             # wgmma widths compiled (a tile of nrows tokens runs the narrowest >= nrows): n_step int -> n_step,
             # 2 n_step, ..., tile_n; or an explicit tuple ending in tile_n
             n_step = tile_n if n_step is None else n_step
@@ -6096,6 +6105,9 @@ if HAVE_CUTE:
                             # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
                             if const_expr(self.epi_mode == "nomath"):          # ablation only
                                 pair.append(accv(i, jh, g, 0) + accv(i, jh, g, 1))
+                            elif const_expr(self.silu_tanh):
+                                hh2 = 0.5 * hh
+                                pair.append(rw * (hh2 + hh2 * tanh_approx(hh2)) * uu)
                             else:
                                 sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
                                 pair.append(rw * hh * sig * uu)
@@ -6328,18 +6340,19 @@ if HAVE_CUTE:
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
                           lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
-                          mma_width: int = 0, chain: str = ""):
+                          mma_width: int = 0, chain: str = "", silu_tanh: bool | None = None):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
     n_step = PREFILL_N_STEP if n_step is None else n_step
     lean = PREFILL_LEAN if lean is None else lean
     n_chunk = PREFILL_N_CHUNK if n_chunk is None else n_chunk
     min_blocks = PREFILL_MIN_BLOCKS if min_blocks is None else min_blocks
+    silu_tanh = PREFILL_SILU_TANH if silu_tanh is None else silu_tanh
     config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
-              n_chunk, min_blocks, mma_width, chain)
+              n_chunk, min_blocks, mma_width, chain, silu_tanh)
 
     def build():
         gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
-                              min_blocks, mma_width, chain)
+                              min_blocks, mma_width, chain, silu_tanh)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW

@@ -4179,6 +4179,14 @@ def test_gpu_prefill_without_min_blocks_launch_bound_matches_fp32_reference(fmt)
 
 
 @gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dims, T", [("small", 1000), ("flash", 4096)])
+def test_gpu_prefill_silu_through_tanh_matches_fp32_reference(fmt, dims, T):
+    """PREFILL_SILU_TANH: sigmoid(h) = 0.5 (1 + tanh(h / 2)) with tanh.approx (one MUFU op instead of two)."""
+    _check_prefill(_experts(fmt, dims), T, 6, "random", seed=T + 1, silu_tanh=True)
+
+
+@gpu
 @pytest.mark.parametrize("routing", ["empty_experts", "one_expert"])
 @pytest.mark.parametrize("own", [True, False])
 def test_gpu_prefill_with_either_routing_kernel_matches_fp32_reference(monkeypatch, routing, own):
