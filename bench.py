@@ -179,9 +179,7 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "tile_n 112": dict(PREFILL_TILE_N=112),
     "PrefillRouting (batched loads) instead of MoeRouting": dict(PREFILL_ROUTING=True),
     "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
-    "tile_n 96": dict(PREFILL_TILE_N=96),
     "SwiGLU sigmoid via tanh.approx": dict(PREFILL_SILU_TANH=True),
-    "PDL off": dict(USE_PDL=False),
     "(timing only) wgmma 96 of the 128 token columns": dict(PREFILL_ABLATE={"mma_width": 96}),
     "(timing only) no fp4 decode": dict(PREFILL_ABLATE={"decode": False}),
     "(timing only) epilogue without global stores": dict(PREFILL_ABLATE={"epilogue": "nostore"}),
@@ -192,10 +190,8 @@ PREFILL_ABLATE_BOTH_T = 5        # the first this many also at T = 16384 (the re
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
 PREFILL_TEST_CONFIGS = [("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
-                        ("mxfp4", dict(PREFILL_WIDTHS=(96, 128))),
-                        ("mxfp4", dict(PREFILL_TILE_N=112)), ("mxfp4", dict(PREFILL_TILE_N=96)),
-                        ("mxfp4", dict(PREFILL_MIN_BLOCKS=False)), ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_GATHER=True)),
-                        ("nvfp4", dict(PREFILL_TILE_N=112, PREFILL_CLUSTER=2)), ("mxfp4", dict(PREFILL_SILU_TANH=True))]
+                        ("mxfp4", dict(PREFILL_WIDTHS=(96, 128))), ("mxfp4", dict(PREFILL_MIN_BLOCKS=False)),
+                        ("mxfp4", dict(PREFILL_SILU_TANH=True))]
 
 
 class _Knobs:
