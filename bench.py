@@ -178,6 +178,7 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
     "tile_n 112": dict(PREFILL_TILE_N=112),
     "PrefillRouting (batched loads) instead of MoeRouting": dict(PREFILL_ROUTING=True),
+    "PrefillGather (16-B vectors) instead of index_select": dict(PREFILL_GATHER_KERNEL=True),
     "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
     "SwiGLU sigmoid via tanh.approx": dict(PREFILL_SILU_TANH=True),
     "(timing only) wgmma 96 of the 128 token columns": dict(PREFILL_ABLATE={"mma_width": 96}),
@@ -185,7 +186,7 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "(timing only) epilogue without global stores": dict(PREFILL_ABLATE={"epilogue": "nostore"}),
     "(timing only) epilogue without SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
 }
-PREFILL_ABLATE_BOTH_T = 5        # the first this many also at T = 16384 (the rest at T = 4096 only)
+PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the rest at T = 4096 only)
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)

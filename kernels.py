@@ -5652,6 +5652,7 @@ PREFILL_WIDTHS: tuple = ()     # e.g. (96, 128): one GEMM launch per wgmma width
                               # rows fit it best (tiles of the last width; an expert's partial tile -> the narrowest)
 PREFILL_ROUTING = False       # PrefillRouting (batched loads; tables + counts) also for one width, else MoeRouting
 PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)): one MUFU op instead of ex2 + rcp
+PREFILL_GATHER_KERNEL = False  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
@@ -6337,6 +6338,48 @@ if HAVE_CUTE:
                 if tidx == 0:
                     mCounts[k] = total
 
+    class PrefillGather:
+        """x_sorted[p] = x[src_tok[p]] for the R sorted rows (the token rows GEMM1 reads, grouped by expert): one CTA
+        per `rows` sorted rows, 128 threads, thread t moving 16-B vectors t, t + 128, ... of each row, all its loads in
+        flight before its stores (torch index_select moves 2-B elements). pdl: trigger the next kernel at once, wait
+        for the routing kernel before reading src_tok."""
+
+        def __init__(self, dim: int, rows: int = 4, pdl: bool = False):
+            self.dim, self.rows, self.threads, self.pdl = dim, rows, 128, pdl
+            self.vecs = dim // 8                                      # 16-B vectors per row
+            self.cols = (self.vecs + self.threads - 1) // self.threads   # vectors per thread and row
+
+        @cute.jit
+        def __call__(self, mX: cute.Tensor, mSrc: cute.Tensor, mXs: cute.Tensor, stream):
+            n_rows = cute.size(mXs, mode=[0])
+            self.kernel(mX, mSrc, mXs).launch(grid=[(n_rows + self.rows - 1) // self.rows, 1, 1],
+                                              block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+        @cute.kernel
+        def kernel(self, mX: cute.Tensor, mSrc: cute.Tensor, mXs: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            n_rows = cute.size(mXs, mode=[0])
+            if const_expr(self.pdl):
+                cute.arch.griddepcontrol_launch_dependents()
+                cute.arch.griddepcontrol_wait()
+            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.rows * self.cols)]   # 16 B each
+            for r in cutlass.range_constexpr(self.rows):
+                row = bid * self.rows + r
+                if row < n_rows:
+                    src = mSrc[row]
+                    for j in cutlass.range_constexpr(self.cols):
+                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
+                            cute.autovec_copy(cute.local_tile(mX, (1, 8), (src, j * self.threads + tidx)),
+                                              v[r * self.cols + j])
+            for r in cutlass.range_constexpr(self.rows):
+                row = bid * self.rows + r
+                if row < n_rows:
+                    for j in cutlass.range_constexpr(self.cols):
+                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
+                            cute.autovec_copy(v[r * self.cols + j],
+                                              cute.local_tile(mXs, (1, 8), (row, j * self.threads + tidx)))
+
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
                           lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
@@ -6385,6 +6428,17 @@ def _compile_prefill_routing(num_experts: int, top_k: int, widths: tuple):
                 i32((len(widths),)), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return PrefillRouting(num_experts, top_k, widths), args
     return _load_or_compile(("prefill_route", num_experts, top_k, tuple(widths)), build)
+
+
+def _compile_prefill_gather(dim: int, pdl: bool):
+    def build():
+        t, r = cute.sym_int(), cute.sym_int()
+        bf16 = lambda rows: cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0),  # noqa
+                                                                  assumed_align=16)
+        args = (bf16(t), cute.runtime.make_fake_compact_tensor(Int32, (r,), assumed_align=4), bf16(r),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillGather(dim, pdl=pdl), args
+    return _load_or_compile(("prefill_gather", dim, pdl), build)
 
 
 def prefill_unavailable_reason(x, experts) -> str | None:
@@ -6483,7 +6537,10 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
     else:
         steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
-    if not gather:
+    if not gather and PREFILL_GATHER_KERNEL:
+        gather_rows = _compile_prefill_gather(D, USE_PDL)
+        steps.append(("gather", lambda: gather_rows(x, src_tok, x_sorted)))
+    elif not gather:
         steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
     b1 = x.contiguous() if gather else x_sorted
     w13, w2 = pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0)

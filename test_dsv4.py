@@ -4187,6 +4187,14 @@ def test_gpu_prefill_silu_through_tanh_matches_fp32_reference(fmt, dims, T):
 
 
 @gpu
+@pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("flash", 4096, "random")])
+def test_gpu_prefill_gather_kernel_matches_fp32_reference(monkeypatch, dims, T, routing):
+    """PREFILL_GATHER_KERNEL: x_sorted by PrefillGather (16-B vectors) instead of torch index_select."""
+    monkeypatch.setattr(K, "PREFILL_GATHER_KERNEL", True)
+    _check_prefill(_experts("nvfp4", dims), T, 6, routing, seed=T + 2)
+
+
+@gpu
 @pytest.mark.parametrize("routing", ["empty_experts", "one_expert"])
 @pytest.mark.parametrize("own", [True, False])
 def test_gpu_prefill_with_either_routing_kernel_matches_fp32_reference(monkeypatch, routing, own):
