@@ -6491,6 +6491,8 @@ def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, **gemm_opt
     routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1 or PREFILL_ROUTING
                else _compile_routing(num_experts, top_k, widths[0]))
     combine = _compile_combine(top_k, dim, USE_PDL)
+    if PREFILL_GATHER_KERNEL and not gather:
+        _compile_prefill_gather(dim, USE_PDL)            # (warms the cache; _prefill_steps fetches it)
     return gemm1, gemm2, routing, combine, widths, gather, cl1, cluster
 
 
