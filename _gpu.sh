@@ -10,8 +10,10 @@ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit,memory.total --format=csv,
 date -u +"start %T"
 timeout 25 python3 bench.py moe --prefill-warm --ablate-prefill 2>&1 | tail -3
 date -u +"compiled %T"
-timeout 30 python3 -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py \
-    -k "prefill and gpu and (flash_dims_matches or small_dims_matches or min_blocks or deterministic or threshold or width or routing_kernel or either_routing or tanh or gather_kernel)" 2>&1 | tail -8
+timeout 20 python3 -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py \
+    -k "prefill and gpu and (width or min_blocks or routing_kernel or either_routing or tanh or gather_kernel)" 2>&1 | tail -6
+timeout 15 python3 -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py \
+    -k "prefill and gpu and (flash_dims_matches or small_dims_matches or deterministic or threshold)" 2>&1 | tail -6
 date -u +"tested %T"
 timeout 42 python3 bench.py moe --prefill --ablate-prefill 2>&1
 date -u +"end %T"
