@@ -181,6 +181,7 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "PrefillGather (16-B vectors) instead of index_select": dict(PREFILL_GATHER_KERNEL=True),
     "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
     "SwiGLU sigmoid via tanh.approx": dict(PREFILL_SILU_TANH=True),
+    "store warps (epilogue's global stores off the consumers)": dict(PREFILL_STORE_WARPS=True),
     "(timing only) wgmma 96 of the 128 token columns": dict(PREFILL_ABLATE={"mma_width": 96}),
     "(timing only) no fp4 decode": dict(PREFILL_ABLATE={"decode": False}),
     "(timing only) epilogue without global stores": dict(PREFILL_ABLATE={"epilogue": "nostore"}),
@@ -192,7 +193,8 @@ PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the re
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
 PREFILL_TEST_CONFIGS = [("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
                         ("mxfp4", dict(PREFILL_WIDTHS=(96, 128))), ("mxfp4", dict(PREFILL_MIN_BLOCKS=False)),
-                        ("mxfp4", dict(PREFILL_SILU_TANH=True))]
+                        ("mxfp4", dict(PREFILL_SILU_TANH=True)), ("mxfp4", dict(PREFILL_STORE_WARPS=True)),
+                        ("nvfp4", dict(PREFILL_STORE_WARPS=True, PREFILL_WIDTHS=(32, 64, 128)))]
 
 
 class _Knobs:

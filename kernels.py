@@ -5653,6 +5653,7 @@ PREFILL_WIDTHS: tuple = ()     # e.g. (96, 128): one GEMM launch per wgmma width
 PREFILL_ROUTING = False       # PrefillRouting (batched loads; tables + counts) also for one width, else MoeRouting
 PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)): one MUFU op instead of ex2 + rcp
 PREFILL_GATHER_KERNEL = False  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
+PREFILL_STORE_WARPS = False   # idle producer warps 1, 2 copy the consumers' bf16 tiles to global (epilogue overlap)
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
@@ -5707,7 +5708,7 @@ if HAVE_CUTE:
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                      n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
                      lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0,
-                     chain: str = "", silu_tanh: bool = False):
+                     chain: str = "", silu_tanh: bool = False, store_warps: bool = False):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
             # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
             # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
@@ -5729,6 +5730,10 @@ if HAVE_CUTE:
             self.chain = chain
             # silu(h) = h / (1 + 2^(-h log2 e)) with ex2 + rcp (2 MUFU ops), or = 0.5 h (1 + tanh(h / 2)) (1 MUFU op)
             self.silu_tanh = silu_tanh
+            # store_warps: consumer c leaves its bf16 tile in smem and goes on with the next item's mainloop; warp
+            # 1 + c of the producer warpgroup (idle otherwise) copies it to global (named barriers full / empty)
+            assert not (store_warps and (gather or not lean))
+            self.store_warps = store_warps
             # wgmma widths compiled (a tile of nrows tokens runs the narrowest >= nrows): n_step int -> n_step,
             # 2 n_step, ..., tile_n; or an explicit tuple ending in tile_n
             n_step = tile_n if n_step is None else n_step
@@ -5881,6 +5886,10 @@ if HAVE_CUTE:
                                 prod.advance()
                     if const_expr(self.cluster > 1):
                         pipe.producer_tail(prod)      # stay until the peer CTA has released every stage
+                elif const_expr(self.store_warps):
+                    if warp_idx < 3:
+                        self.store_rows(storage.sOut.get_tensor(epi_layout)[None, None, warp_idx - 1], mOut, mTiles,
+                                        first, step, n_items, groups, rank, warp_idx - 1, tidx % 32)
             else:
                 # ---------------------------------------------------------------- consumer warpgroups 1, 2
                 cute.arch.setmaxregister_increase(self.regs[1])
@@ -6075,6 +6084,8 @@ if HAVE_CUTE:
                         if nrows > 0:
                             self.lean_epilogue(acc_epi, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit,
                                                expert, row0, nrows, p, c, ltid)
+                if const_expr(self.store_warps):              # matches the store warp's last 'tile free' arrival
+                    pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160).arrive_and_wait()
                 if const_expr(self.pdl and self.chain == "next"):
                     cute.arch.griddepcontrol_wait()           # complete only after the previous launch of the chain
 
@@ -6083,7 +6094,10 @@ if HAVE_CUTE:
                           mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, p, c, ltid):
             """acc ((2,2,tile_n/8), atom, 1) fp32 -> bf16 out rows row0..row0+nrows-1, this consumer's columns.
             Fragment register (i, jh, g) of atom a = (row 16 w + lane/4 + 8 jh + 64 a, token 8 g + 2 (lane%4) + i)."""
-            epi_bar.arrive_and_wait()                        # the previous item's smem reads are done
+            if const_expr(self.store_warps):                 # the store warp has read the previous item's tile
+                pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160).arrive_and_wait()
+            else:
+                epi_bar.arrive_and_wait()                    # the previous item's smem reads are done
             if const_expr(self.n_chunk):                     # acc = list of per-chunk accumulators
                 gpc = self.n_chunk // 8
                 accv = lambda i, jh, g, a: acc[g // gpc][(i, jh, g % gpc), a, 0]   # noqa: E731
@@ -6124,6 +6138,14 @@ if HAVE_CUTE:
                             regs.append(pack_bf16x2(accv(0, jh, g, a) * a_down, accv(1, jh, g, a) * a_down))
                         stmatrix_x4_trans(s_addr + (16 * s * self.out_pitch + 64 * a) * 2, regs[0], regs[1],
                                           regs[2], regs[3])
+            if const_expr(self.store_warps):                 # the tile is in smem: the store warp takes over
+                pipeline.NamedBarrier(barrier_id=3 + c, num_threads=160).arrive()
+            else:
+                self.store_tile(sOut, mOut, row0, nrows, p, c, ltid, epi_bar)
+
+        @cute.jit
+        def store_tile(self, sOut: cute.Tensor, mOut: cute.Tensor, row0, nrows, p, c, ltid, epi_bar):
+            """The consumer warpgroup copies its bf16 tile (smem) to out rows row0.., 16-B vectors."""
             epi_bar.arrive_and_wait()
             vpr = self.out_cols // 8                         # 16-B vectors per output row
             rpp = 128 // vpr                                 # rows per pass
@@ -6132,6 +6154,37 @@ if HAVE_CUTE:
             for r in cutlass.range(ltid // vpr, nrows if self.epi_mode != "nostore" else 0, rpp, unroll=1):
                 cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r, vcol)),
                                   cute.local_tile(mOut, (1, 8), (row0 + r, col_vec)))
+
+        @cute.jit
+        def store_rows(self, sOut: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, first, step, n_items, groups,
+                       rank, c, lane):
+            """Store warp of consumer c (store_warps): for each item of this CTA with rows, wait until consumer c has
+            its bf16 tile in smem (barrier 3 + c), copy the nrows rows to out (16-B vectors, 4 per lane in flight),
+            then free the tile (barrier 5 + c)."""
+            full = pipeline.NamedBarrier(barrier_id=3 + c, num_threads=160)
+            empty = pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160)
+            vpr = self.out_cols // 8                         # 16-B vectors per output row
+            rpp = 32 // vpr                                  # rows per warp instruction
+            vcol = lane % vpr
+            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(4)]
+            empty.arrive_unaligned()                         # the tile starts free
+            for w in cutlass.range(first, n_items, step, unroll=1):
+                j = w // groups
+                p = (w - j * groups) * self.cluster + rank
+                row0 = mTiles[j, 1]
+                nrows = mTiles[j, 2]
+                if nrows > 0:
+                    full.wait_unaligned()
+                    col_vec = ((2 * p + c) * self.out_cols) // 8 + vcol
+                    for r0 in cutlass.range(lane // vpr, nrows, 4 * rpp, unroll=1):
+                        for i in cutlass.range_constexpr(4):
+                            if r0 + i * rpp < nrows:
+                                cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r0 + i * rpp, vcol)), v[i])
+                        for i in cutlass.range_constexpr(4):
+                            if r0 + i * rpp < nrows:
+                                cute.autovec_copy(v[i], cute.local_tile(mOut, (1, 8), (row0 + r0 + i * rpp,
+                                                                                      col_vec)))
+                    empty.arrive_unaligned()
 
         @cute.jit
         def produce_gathered(self, pipe, tma_w: cute.CopyAtom, mW: cute.Tensor, sW: cute.Tensor, mX: cute.Tensor,
@@ -6383,19 +6436,21 @@ if HAVE_CUTE:
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
                           lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
-                          mma_width: int = 0, chain: str = "", silu_tanh: bool | None = None):
+                          mma_width: int = 0, chain: str = "", silu_tanh: bool | None = None,
+                          store_warps: bool | None = None):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
     n_step = PREFILL_N_STEP if n_step is None else n_step
     lean = PREFILL_LEAN if lean is None else lean
     n_chunk = PREFILL_N_CHUNK if n_chunk is None else n_chunk
     min_blocks = PREFILL_MIN_BLOCKS if min_blocks is None else min_blocks
     silu_tanh = PREFILL_SILU_TANH if silu_tanh is None else silu_tanh
+    store_warps = (PREFILL_STORE_WARPS and not gather) if store_warps is None else store_warps
     config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
-              n_chunk, min_blocks, mma_width, chain, silu_tanh)
+              n_chunk, min_blocks, mma_width, chain, silu_tanh, store_warps)
 
     def build():
         gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
-                              min_blocks, mma_width, chain, silu_tanh)
+                              min_blocks, mma_width, chain, silu_tanh, store_warps)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW

@@ -4187,6 +4187,19 @@ def test_gpu_prefill_silu_through_tanh_matches_fp32_reference(fmt, dims, T):
 
 
 @gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dims, T, routing, opts", [("small", 1000, "empty_experts", {}),
+                                                    ("small", 3000, "one_expert", {"widths": (32, 64, 128)}),
+                                                    ("flash", 4096, "random", {})])
+def test_gpu_prefill_store_warps_match_fp32_reference(fmt, dims, T, routing, opts):
+    """PREFILL_STORE_WARPS: producer warps 1, 2 copy the consumers' bf16 tiles to global."""
+    if fmt == "mxfp4" and dims != "small":
+        pytest.skip("format-independent; the small-dims case covers mxfp4")
+    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 3,
+                   store_warps=True, **opts)
+
+
+@gpu
 @pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("flash", 4096, "random")])
 def test_gpu_prefill_gather_kernel_matches_fp32_reference(monkeypatch, dims, T, routing):
     """PREFILL_GATHER_KERNEL: x_sorted by PrefillGather (16-B vectors) instead of torch index_select."""
