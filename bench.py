@@ -184,7 +184,6 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "store warps (epilogue's global stores off the consumers)": dict(PREFILL_STORE_WARPS=True),
     "(timing only) wgmma 96 of the 128 token columns": dict(PREFILL_ABLATE={"mma_width": 96}),
     "(timing only) no fp4 decode": dict(PREFILL_ABLATE={"decode": False}),
-    "(timing only) epilogue without global stores": dict(PREFILL_ABLATE={"epilogue": "nostore"}),
     "(timing only) epilogue without SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
 }
 PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the rest at T = 4096 only)
