@@ -173,6 +173,9 @@ def bench_moe():
 # (a long prefill through 43 layers looks like this), total time / calls.
 
 PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs with a default row timed next to it)
+    "all new switches (widths 96,112,128 + routing + gather + tanh + store warps)": dict(
+        PREFILL_WIDTHS=(96, 112, 128), PREFILL_ROUTING=True, PREFILL_GATHER_KERNEL=True, PREFILL_SILU_TANH=True,
+        PREFILL_STORE_WARPS=True),
     "widths 96,128": dict(PREFILL_WIDTHS=(96, 128)),
     "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
     "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
@@ -186,7 +189,7 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs w
     "(timing only) no fp4 decode": dict(PREFILL_ABLATE={"decode": False}),
     "(timing only) epilogue without SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
 }
-PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the rest at T = 4096 only)
+PREFILL_ABLATE_BOTH_T = 7        # the first this many also at T = 16384 (the rest at T = 4096 only)
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
