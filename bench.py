@@ -196,7 +196,9 @@ PREFILL_ABLATE_BOTH_T = 7        # the first this many also at T = 16384 (the re
 PREFILL_TEST_CONFIGS = [("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
                         ("mxfp4", dict(PREFILL_WIDTHS=(96, 128))), ("mxfp4", dict(PREFILL_MIN_BLOCKS=False)),
                         ("mxfp4", dict(PREFILL_SILU_TANH=True)), ("mxfp4", dict(PREFILL_STORE_WARPS=True)),
-                        ("nvfp4", dict(PREFILL_STORE_WARPS=True, PREFILL_WIDTHS=(32, 64, 128)))]
+                        ("nvfp4", dict(PREFILL_STORE_WARPS=True, PREFILL_WIDTHS=(32, 64, 128))),
+                        ("mxfp4", dict(PREFILL_WIDTHS=(96, 112, 128), PREFILL_ROUTING=True, PREFILL_GATHER_KERNEL=True,
+                                       PREFILL_SILU_TANH=True, PREFILL_STORE_WARPS=True))]
 
 
 class _Knobs:

@@ -4200,6 +4200,16 @@ def test_gpu_prefill_store_warps_match_fp32_reference(fmt, dims, T, routing, opt
 
 
 @gpu
+@pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "flash", 16384, "random"),
+                                                   ("mxfp4", "small", 3000, "one_expert")])
+def test_gpu_prefill_all_new_switches_together_match_fp32_reference(monkeypatch, fmt, dims, T, routing):
+    for name, value in dict(PREFILL_WIDTHS=(96, 112, 128), PREFILL_ROUTING=True, PREFILL_GATHER_KERNEL=True,
+                            PREFILL_SILU_TANH=True, PREFILL_STORE_WARPS=True).items():
+        monkeypatch.setattr(K, name, value)
+    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 4)
+
+
+@gpu
 @pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("flash", 4096, "random")])
 def test_gpu_prefill_gather_kernel_matches_fp32_reference(monkeypatch, dims, T, routing):
     """PREFILL_GATHER_KERNEL: x_sorted by PrefillGather (16-B vectors) instead of torch index_select."""
