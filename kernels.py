@@ -6540,7 +6540,8 @@ def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, **gemm_opt
         opts = dict(gemm_options)
         if width % PREFILL_N_STEP:
             opts.setdefault("n_step", width)
-        opts["chain"] = "" if len(widths) == 1 else "first" if c == 0 else "next"
+        # launched widest first: the chain's last launch (whose tail nothing else fills) has the shortest items
+        opts["chain"] = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
         gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, gather=gather, cluster=cl1, **opts))
         gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, cluster=cluster, **opts))
     routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1 or PREFILL_ROUTING
@@ -6602,10 +6603,10 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     b1 = x.contiguous() if gather else x_sorted
     w13, w2 = pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0)
     sfx = (lambda c: "") if nc == 1 else (lambda c: f" N={widths[c]}")     # noqa: E731
-    for c in range(nc):              # GEMM1 of every width class, then GEMM2 of every class (PDL chains, see chain)
+    for c in reversed(range(nc)):    # GEMM1 of every width class, widest first, then GEMM2 (PDL chains, see chain)
         steps.append((f"gemm1{sfx(c)}", lambda c=c: gemm1[c](w13, b1, act, tiles[c], counts[c:c + 1], a_gate, a_up,
                                                                row_w, src_tok, limit, ctas1)))
-    for c in range(nc):
+    for c in reversed(range(nc)):
         steps.append((f"gemm2{sfx(c)}", lambda c=c: gemm2[c](w2, act, y_rows, tiles[c], counts[c:c + 1], a_down,
                                                                a_down, row_w, src_tok, limit, ctas2)))
     steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
