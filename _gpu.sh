@@ -10,10 +10,9 @@ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit,memory.total --format=csv,
 date -u +"start %T"
 timeout 22 python3 bench.py moe --prefill-warm --ablate-prefill 2>&1 | tail -3
 date -u +"compiled %T"
-timeout 24 python3 -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py \
-    -k "prefill and gpu and (width or min_blocks or routing_kernel or either_routing or tanh or gather_kernel or store_warps or together)" 2>&1 | tail -6
-timeout 14 python3 -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py \
-    -k "prefill and gpu and (flash_dims_matches or small_dims_matches or deterministic or threshold)" 2>&1 | tail -6
+timeout 36 python3 -u -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py -k "prefill and gpu and \
+(flash_dims_matches or small_dims_matches or deterministic or threshold or weight_in_the_combine or default_widths \
+or store_warps or width_classes)" 2>&1 | tail -6
 date -u +"tested %T"
 timeout 38 python3 bench.py moe --prefill --ablate-prefill 2>&1
 date -u +"end %T"

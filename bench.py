@@ -172,33 +172,25 @@ def bench_moe():
 # "graph" = the same as CUDA-graph replays, "sustained" = calls back to back after ~1.5 s of back-to-back load
 # (a long prefill through 43 layers looks like this), total time / calls.
 
-PREFILL_ABLATIONS = {            # name -> kernels.py switches (each row pairs with a default row timed next to it)
-    "all new switches (widths 96,112,128 + routing + gather + tanh + store warps)": dict(
-        PREFILL_WIDTHS=(96, 112, 128), PREFILL_ROUTING=True, PREFILL_GATHER_KERNEL=True, PREFILL_SILU_TANH=True,
-        PREFILL_STORE_WARPS=True),
-    "widths 96,128": dict(PREFILL_WIDTHS=(96, 128)),
+PREFILL_ABLATIONS = {            # name -> kernels.py switches (rows next to default rows: same clock state)
+    "session-2 path (one 128 width, index_select)": dict(PREFILL_WIDTHS=(), PREFILL_GATHER_KERNEL=False),
+    "routing weight in the combine": dict(PREFILL_WEIGHT_IN_COMBINE=True),
+    "store warps": dict(PREFILL_STORE_WARPS=True),
+    "weight in combine + store warps": dict(PREFILL_WEIGHT_IN_COMBINE=True, PREFILL_STORE_WARPS=True),
+    "widths 64,96,112,128": dict(PREFILL_WIDTHS=(64, 96, 112, 128)),
+    "widths 80,96,112,128": dict(PREFILL_WIDTHS=(80, 96, 112, 128)),
     "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
     "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
-    "tile_n 112": dict(PREFILL_TILE_N=112),
-    "PrefillRouting (batched loads) instead of MoeRouting": dict(PREFILL_ROUTING=True),
-    "PrefillGather (16-B vectors) instead of index_select": dict(PREFILL_GATHER_KERNEL=True),
-    "session-2 kernel (no minnctapersm: ptxas may drop setmaxnreg)": dict(PREFILL_MIN_BLOCKS=False),
-    "SwiGLU sigmoid via tanh.approx": dict(PREFILL_SILU_TANH=True),
-    "store warps (epilogue's global stores off the consumers)": dict(PREFILL_STORE_WARPS=True),
-    "(timing only) wgmma 96 of the 128 token columns": dict(PREFILL_ABLATE={"mma_width": 96}),
-    "(timing only) no fp4 decode": dict(PREFILL_ABLATE={"decode": False}),
-    "(timing only) epilogue without SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
+    "index_select instead of PrefillGather": dict(PREFILL_GATHER_KERNEL=False),
+    "(timing only) no SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
 }
-PREFILL_ABLATE_BOTH_T = 7        # the first this many also at T = 16384 (the rest at T = 4096 only)
+PREFILL_ABLATE_BOTH_T = 8        # the first this many also at T = 16384 (the rest at T = 4096 only)
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
-PREFILL_TEST_CONFIGS = [("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
-                        ("mxfp4", dict(PREFILL_WIDTHS=(96, 128))), ("mxfp4", dict(PREFILL_MIN_BLOCKS=False)),
-                        ("mxfp4", dict(PREFILL_SILU_TANH=True)), ("mxfp4", dict(PREFILL_STORE_WARPS=True)),
-                        ("nvfp4", dict(PREFILL_STORE_WARPS=True, PREFILL_WIDTHS=(32, 64, 128))),
-                        ("mxfp4", dict(PREFILL_WIDTHS=(96, 112, 128), PREFILL_ROUTING=True, PREFILL_GATHER_KERNEL=True,
-                                       PREFILL_SILU_TANH=True, PREFILL_STORE_WARPS=True))]
+PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WEIGHT_IN_COMBINE=True)), ("mxfp4", dict(PREFILL_STORE_WARPS=True)),
+                        ("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
+                        ("nvfp4", dict(PREFILL_STORE_WARPS=True, PREFILL_WIDTHS=(32, 64, 128)))]
 
 
 class _Knobs:
@@ -287,7 +279,8 @@ def _prefill_warm_job(job):
     t = time.time()
     try:
         with _Knobs(**knobs):
-            K.prefill_kernels(fmt, 256, 6, 4096)
+            for T in (4096, 16384):                 # (the default width classes depend on the rows per expert)
+                K.prefill_kernels(fmt, 256, 6, 4096, T)
     except Exception as e:       # noqa: BLE001 - the bench compiles (and reports) it again
         return repr(e)[:200]
     return time.time() - t
@@ -357,9 +350,9 @@ def bench_moe_prefill():
         return lambda: K.moe(x, ids, w, ex, limit)
 
     for T in (4096, 16384):
+        add(T, "kernels.moe nvfp4", "burst", lambda: _burst_ms(moe(T), 20), flops_of(T))
         for fmt in ("nvfp4", "mxfp4"):
-            add(T, f"kernels.moe {fmt}", "burst", lambda: _burst_ms(moe(T, fmt), 20), flops_of(T))
-        add(T, "kernels.moe nvfp4", "graph", lambda: _graph_ms(moe(T), 20), flops_of(T))
+            add(T, f"kernels.moe {fmt}", "graph", lambda: _graph_ms(moe(T, fmt), 20), flops_of(T))
         x, ids, w = inputs[T]
         add(T, "torch bf16 _grouped_mm", "burst",
             lambda: _burst_ms(lambda: bf16_grouped_moe(x, ids, w, w13t, w2t, limit), 5), flops_of(T))
@@ -367,9 +360,6 @@ def bench_moe_prefill():
         for fmt in ("nvfp4", "mxfp4"):
             add(T, f"kernels.moe {fmt}", "sustained", lambda: _sustained_ms(moe(T, fmt), 0.8, 20), flops_of(T))
     add(0, "bf16 matmul 8192^3", "sustained", lambda: _sustained_ms(lambda: a @ b, 1.0, 20), 2 * 8192 ** 3)
-    for T in (4096, 16384):
-        add(T, "kernels.moe nvfp4 (again, after the sustained runs)", "burst", lambda: _burst_ms(moe(T), 20),
-            flops_of(T))
     if "--ablate-prefill" in sys.argv:               # each variant right after a default row: same clock state
         for T in (4096, 16384):
             for i, (name, knobs) in enumerate(PREFILL_ABLATIONS.items()):

@@ -5648,12 +5648,14 @@ PREFILL_CLUSTER = 1           # 2: CTA pairs share (multicast) the token tile
 PREFILL_LEAN = True           # one shared epilogue (stmatrix + looped stores) instead of one per wgmma width
 PREFILL_ABLATE: dict = {}      # bench only: extra Fp4PrefillGemm options (decode=False, mma_width=96, ...)
 PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillGemm.min_blocks)
-PREFILL_WIDTHS: tuple = ()     # e.g. (96, 128): one GEMM launch per wgmma width, each over the token tiles whose
-                              # rows fit it best (tiles of the last width; an expert's partial tile -> the narrowest)
+PREFILL_WIDTHS = None         # None: prefill_widths(T); (): one width (tile_n); e.g. (96, 128): one GEMM launch per
+                              # wgmma width, each over the token tiles whose rows fit it best (tiles of the last width;
+                              # an expert's partial tile goes to the narrowest width that holds it)
 PREFILL_ROUTING = False       # PrefillRouting (batched loads; tables + counts) also for one width, else MoeRouting
 PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)): one MUFU op instead of ex2 + rcp
-PREFILL_GATHER_KERNEL = False  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
+PREFILL_GATHER_KERNEL = True  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
 PREFILL_STORE_WARPS = False   # idle producer warps 1, 2 copy the consumers' bf16 tiles to global (epilogue overlap)
+PREFILL_WEIGHT_IN_COMBINE = False   # routing weight applied in PrefillCombine instead of GEMM1's epilogue
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
@@ -5708,7 +5710,8 @@ if HAVE_CUTE:
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                      n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
                      lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0,
-                     chain: str = "", silu_tanh: bool = False, store_warps: bool = False):
+                     chain: str = "", silu_tanh: bool = False, store_warps: bool = False,
+                     row_weight: bool = True):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
             # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
             # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
@@ -5734,6 +5737,8 @@ if HAVE_CUTE:
             # 1 + c of the producer warpgroup (idle otherwise) copies it to global (named barriers full / empty)
             assert not (store_warps and (gather or not lean))
             self.store_warps = store_warps
+            # row_weight False: GEMM1's epilogue leaves out the routing weight (PrefillCombine applies it per slot)
+            self.row_weight = row_weight
             # wgmma widths compiled (a tile of nrows tokens runs the narrowest >= nrows): n_step int -> n_step,
             # 2 n_step, ..., tile_n; or an explicit tuple ending in tile_n
             n_step = tile_n if n_step is None else n_step
@@ -6116,7 +6121,9 @@ if HAVE_CUTE:
                             tok = 8 * g + 2 * (lane % 4) + i
                             hh = cute.math.min(accv(i, jh, g, 0) * a_gate, limit)
                             uu = cute.math.max(cute.math.min(accv(i, jh, g, 1) * a_up, limit), -limit)
-                            rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
+                            rw = Float32(1.0)
+                            if const_expr(self.row_weight):
+                                rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
                             # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
                             if const_expr(self.epi_mode == "nomath"):          # ablation only
                                 pair.append(accv(i, jh, g, 0) + accv(i, jh, g, 1))
@@ -6433,11 +6440,54 @@ if HAVE_CUTE:
                             cute.autovec_copy(v[r * self.cols + j],
                                               cute.local_tile(mXs, (1, 8), (row, j * self.threads + tidx)))
 
+    class PrefillCombine:
+        """y[t] = sum over slots j = 0..k-1 (this order, fp32) of w[t, j] * y_rows[pos[t*k + j]] -> bf16 (slots with
+        pos = R add nothing): MoeCombine with the routing weight applied here instead of in GEMM1's epilogue, and
+        every slot's row load in flight before the sum. One thread per 8 columns, grid (T, D / 8 / threads)."""
+
+        def __init__(self, top_k: int, dim: int, pdl: bool = False):
+            self.k, self.dim, self.pdl = top_k, dim, pdl
+            vecs = dim // 8
+            self.threads = 128
+            while vecs % self.threads:
+                self.threads //= 2
+            self.col_blocks = vecs // self.threads
+
+        @cute.jit
+        def __call__(self, mY: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, stream):
+            num_tokens = cute.size(mOut, mode=[0])
+            self.kernel(mY, mPos, mW, mOut).launch(grid=[num_tokens, self.col_blocks, 1],
+                                                   block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+        @cute.kernel
+        def kernel(self, mY: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            tok, cb, _ = cute.arch.block_idx()
+            R = cute.size(mY, mode=[0])
+            vec = cb * self.threads + tidx
+            if const_expr(self.pdl):
+                cute.arch.griddepcontrol_wait()                    # y_rows is written by the previous kernel
+            rows = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.k)]
+            ps = []
+            for j in cutlass.range_constexpr(self.k):
+                ps.append(mPos[tok * self.k + j])
+            for j in cutlass.range_constexpr(self.k):
+                rows[j].fill(0.0)
+                if ps[j] < R:
+                    cute.autovec_copy(cute.local_tile(mY, (1, 8), (ps[j], vec)), rows[j])
+            acc = cute.make_rmem_tensor((1, 8), Float32)
+            acc.fill(0.0)
+            for j in cutlass.range_constexpr(self.k):
+                acc.store(acc.load() + rows[j].load().to(Float32) * mW[tok * self.k + j])
+            v = cute.make_rmem_tensor((1, 8), BFloat16)
+            v.store(acc.load().to(BFloat16))
+            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, vec)))
+
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
                           lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
                           mma_width: int = 0, chain: str = "", silu_tanh: bool | None = None,
-                          store_warps: bool | None = None):
+                          store_warps: bool | None = None, row_weight: bool = True):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
     n_step = PREFILL_N_STEP if n_step is None else n_step
     lean = PREFILL_LEAN if lean is None else lean
@@ -6446,11 +6496,11 @@ def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False
     silu_tanh = PREFILL_SILU_TANH if silu_tanh is None else silu_tanh
     store_warps = (PREFILL_STORE_WARPS and not gather) if store_warps is None else store_warps
     config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
-              n_chunk, min_blocks, mma_width, chain, silu_tanh, store_warps)
+              n_chunk, min_blocks, mma_width, chain, silu_tanh, store_warps, row_weight)
 
     def build():
         gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
-                              min_blocks, mma_width, chain, silu_tanh, store_warps)
+                              min_blocks, mma_width, chain, silu_tanh, store_warps, row_weight)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW
@@ -6483,6 +6533,19 @@ def _compile_prefill_routing(num_experts: int, top_k: int, widths: tuple):
                 i32((len(widths),)), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return PrefillRouting(num_experts, top_k, widths), args
     return _load_or_compile(("prefill_route", num_experts, top_k, tuple(widths)), build)
+
+
+def _compile_prefill_combine(top_k: int, dim: int, pdl: bool):
+    def build():
+        rows, tokens, slots = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        args = (cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0), assumed_align=16),
+                cute.runtime.make_fake_compact_tensor(Int32, (slots,), assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(Float32, (slots,), assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(BFloat16, (tokens, dim), stride_order=(1, 0),
+                                                      assumed_align=16),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillCombine(top_k, dim, pdl), args
+    return _load_or_compile(("prefill_combine", top_k, dim, pdl), build)
 
 
 def _compile_prefill_gather(dim: int, pdl: bool):
@@ -6525,28 +6588,42 @@ def _grid(dev, work_items: int, cluster: int) -> int:
     return max(cluster, min(_SMS[key], work_items) // cluster * cluster)
 
 
-def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, **gemm_options):
+def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
+    """Default wgmma width classes (PREFILL_WIDTHS = None). R1 (H200, sustained): at ~96 rows per expert (T = 4096)
+    (96, 112, 128) -12% vs one 128 width, (64, 96, 128) -7%; at ~384 rows (T = 16384) (64, 96, 128) -3.9%,
+    (96, 112, 128) -0.9%."""
+    rows = num_tokens * top_k / max(1, num_experts)
+    return (96, 112, 128) if rows <= 128 else (64, 96, 128)
+
+
+def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens: int = 4096, **gemm_options):
     """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
     (gemm1 list, gemm2 list (one per width class), routing, combine, widths, gather, cluster of GEMM1, of GEMM2)."""
     gemm_options = {**PREFILL_ABLATE, **gemm_options}
     tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
-    widths = tuple(gemm_options.pop("widths", PREFILL_WIDTHS)) or (tile_n,)
+    widths = gemm_options.pop("widths", PREFILL_WIDTHS)
     gather = gemm_options.pop("gather", PREFILL_GATHER)
     cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
+    if widths is None:               # auto: width classes unless one tile width / gather / clusters are asked for
+        widths = prefill_widths(num_tokens, top_k, num_experts) if tile_n == 128 and not gather and cluster == 1 else ()
+    widths = tuple(widths) or (tile_n,)
     assert len(widths) == 1 or not (gather or cluster > 1), "width classes run without gather / clusters"
     cl1 = 1 if gather else cluster
     gemm1, gemm2 = [], []
     for c, width in enumerate(widths):
         opts = dict(gemm_options)
+        opts.setdefault("row_weight", not PREFILL_WEIGHT_IN_COMBINE)
         if width % PREFILL_N_STEP:
             opts.setdefault("n_step", width)
         # launched widest first: the chain's last launch (whose tail nothing else fills) has the shortest items
         opts["chain"] = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
         gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, gather=gather, cluster=cl1, **opts))
+        opts.pop("row_weight")
         gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, cluster=cluster, **opts))
     routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1 or PREFILL_ROUTING
                else _compile_routing(num_experts, top_k, widths[0]))
-    combine = _compile_combine(top_k, dim, USE_PDL)
+    combine = (_compile_prefill_combine(top_k, dim, USE_PDL) if PREFILL_WEIGHT_IN_COMBINE
+               else _compile_combine(top_k, dim, USE_PDL))
     if PREFILL_GATHER_KERNEL and not gather:
         _compile_prefill_gather(dim, USE_PDL)            # (warms the cache; _prefill_steps fetches it)
     return gemm1, gemm2, routing, combine, widths, gather, cl1, cluster
@@ -6569,7 +6646,7 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    gemm1, gemm2, routing, combine, widths, gather, cl1, cluster = prefill_kernels(pk.fmt, E, k, D, **gemm_options)
+    gemm1, gemm2, routing, combine, widths, gather, cl1, cluster = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
     nc, tile_n = len(widths), widths[-1]
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -6609,7 +6686,10 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     for c in reversed(range(nc)):
         steps.append((f"gemm2{sfx(c)}", lambda c=c: gemm2[c](w2, act, y_rows, tiles[c], counts[c:c + 1], a_down,
                                                                a_down, row_w, src_tok, limit, ctas2)))
-    steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
+    if PREFILL_WEIGHT_IN_COMBINE:    # y[t] = sum_j w[t, j] y_rows[pos[t k + j]] (GEMM1 left the weight out)
+        steps.append(("combine", lambda: combine(y_rows, pos, w32, y)))
+    else:
+        steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
     return steps, y
 
 

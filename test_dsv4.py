@@ -4210,6 +4210,27 @@ def test_gpu_prefill_all_new_switches_together_match_fp32_reference(monkeypatch,
 
 
 @gpu
+@pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "flash", 16384, "random"),
+                                                   ("nvfp4", "small", 3000, "one_expert"),
+                                                   ("mxfp4", "small", 1000, "empty_experts")])
+def test_gpu_prefill_routing_weight_in_the_combine_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
+    """PREFILL_WEIGHT_IN_COMBINE: GEMM1 leaves the routing weight out, PrefillCombine multiplies each slot's row."""
+    monkeypatch.setattr(K, "PREFILL_WEIGHT_IN_COMBINE", True)
+    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 5)
+
+
+@gpu
+def test_gpu_prefill_default_widths_follow_the_rows_per_expert():
+    assert K.prefill_widths(4096, 6, 256) == (96, 112, 128) and K.prefill_widths(16384, 6, 256) == (64, 96, 128)
+    ex = _experts("nvfp4", "small")
+    x = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _routing(4096, 6, 16, "random", "cuda", 0)
+    names = [name for name, _ in K._prefill_steps(x, ids, w, ex, 7.0)[0]]    # 1536 rows per expert: (64, 96, 128)
+    assert names == ["routing", "gather", "gemm1 N=128", "gemm1 N=96", "gemm1 N=64", "gemm2 N=128", "gemm2 N=96",
+                     "gemm2 N=64", "combine"]
+
+
+@gpu
 @pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("flash", 4096, "random")])
 def test_gpu_prefill_gather_kernel_matches_fp32_reference(monkeypatch, dims, T, routing):
     """PREFILL_GATHER_KERNEL: x_sorted by PrefillGather (16-B vectors) instead of torch index_select."""
