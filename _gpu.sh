@@ -12,7 +12,7 @@ timeout 22 python3 bench.py moe --prefill-warm --ablate-prefill 2>&1 | tail -3
 date -u +"compiled %T"
 timeout 36 python3 -u -m pytest -q -x -p no:cacheprovider --tb=line -rf test_dsv4.py -k "prefill and gpu and \
 (flash_dims_matches or small_dims_matches or deterministic or threshold or weight_in_the_combine or default_widths \
-or store_warps or width_classes)" 2>&1 | tail -6
+or store_warps or width_classes or many_ctas)" 2>&1 | tail -6
 date -u +"tested %T"
 timeout 38 python3 bench.py moe --prefill --ablate-prefill 2>&1
 date -u +"end %T"

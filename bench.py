@@ -174,6 +174,7 @@ def bench_moe():
 
 PREFILL_ABLATIONS = {            # name -> kernels.py switches (rows next to default rows: same clock state)
     "session-2 path (one 128 width, index_select)": dict(PREFILL_WIDTHS=(), PREFILL_GATHER_KERNEL=False),
+    "routing over many CTAs (count, tables, place + gather)": dict(PREFILL_MULTI_ROUTING=True),
     "routing weight in the combine": dict(PREFILL_WEIGHT_IN_COMBINE=True),
     "store warps": dict(PREFILL_STORE_WARPS=True),
     "weight in combine + store warps": dict(PREFILL_WEIGHT_IN_COMBINE=True, PREFILL_STORE_WARPS=True),
@@ -184,11 +185,11 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (rows next to def
     "index_select instead of PrefillGather": dict(PREFILL_GATHER_KERNEL=False),
     "(timing only) no SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
 }
-PREFILL_ABLATE_BOTH_T = 8        # the first this many also at T = 16384 (the rest at T = 4096 only)
+PREFILL_ABLATE_BOTH_T = 9        # the first this many also at T = 16384 (the rest at T = 4096 only)
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
-PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WEIGHT_IN_COMBINE=True)), ("mxfp4", dict(PREFILL_STORE_WARPS=True)),
+PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WEIGHT_IN_COMBINE=True)), ("mxfp4", dict(PREFILL_MULTI_ROUTING=True)), ("mxfp4", dict(PREFILL_STORE_WARPS=True)),
                         ("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
                         ("nvfp4", dict(PREFILL_STORE_WARPS=True, PREFILL_WIDTHS=(32, 64, 128)))]
 

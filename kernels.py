@@ -5656,6 +5656,7 @@ PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)):
 PREFILL_GATHER_KERNEL = True  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
 PREFILL_STORE_WARPS = False   # idle producer warps 1, 2 copy the consumers' bf16 tiles to global (epilogue overlap)
 PREFILL_WEIGHT_IN_COMBINE = False   # routing weight applied in PrefillCombine instead of GEMM1's epilogue
+PREFILL_MULTI_ROUTING = False   # routing over many CTAs (count, tables, place = gather): no single-SM atomics
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
@@ -6280,39 +6281,10 @@ if HAVE_CUTE:
                     cls = Int32(c)
             return cls
 
-        @cute.kernel
-        def kernel_widths(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
-                          mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor):
-            tidx, _, _ = cute.arch.thread_idx()
+        @cute.jit
+        def scan_counts(self, cnt: cute.Tensor, start: cute.Tensor, cstart: cute.Tensor, tidx):
+            """Warp 0: start[e] = rows of experts < e (e = 0..E), cstart[e, c] = class-c tiles of experts < e."""
             E, tn, nc = self.E, self.tile_n, len(self.widths)
-            R = cute.size(mIds, mode=[0])
-            n_tab = cute.size(mTiles, mode=[1])
-            smem = cutlass.utils.SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
-            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
-            start = storage.start.get_tensor(cute.make_layout(E + 1))
-            cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))     # [expert, class]
-            nb = self.batch
-            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
-                cnt[e] = 0
-            cute.arch.sync_threads()
-            # slots in batches of nb per thread (s = it + i * threads + tidx: coalesced), all loads of a batch first:
-            # the passes are latency-bound (one CTA), so nb independent loads in flight instead of one
-            ev = cute.make_rmem_tensor((nb,), Int32)
-            rk = cute.make_rmem_tensor((nb,), Int32)
-            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    ev[i] = E
-                    if s < R:
-                        e = mIds[s]
-                        if e >= 0 and e < E:
-                            ev[i] = e
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    if s < R:
-                        mPos[s] = cute.arch.atomic_add(cnt.iterator + ev[i], Int32(1), scope="cta")   # rank in e
-            cute.arch.sync_threads()
             if tidx < 32:        # warp 0: exclusive prefix sums of rows and of each class's tiles, 32 experts a step
                 lane = tidx
                 acc = Int32(0)
@@ -6351,27 +6323,13 @@ if HAVE_CUTE:
                         if e <= E:
                             cstart[e, k] = cacc[k] + ti - t
                         cacc[k] = cacc[k] + cute.arch.shuffle_sync(ti, 31)
-            cute.arch.sync_threads()
-            wv = cute.make_rmem_tensor((nb,), Float32)
-            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    ev[i] = E
-                    rk[i] = 0
-                    wv[i] = 0.0
-                    if s < R:
-                        e = mIds[s]
-                        if e >= 0 and e < E:
-                            ev[i] = e
-                        rk[i] = mPos[s]
-                        wv[i] = mW[s]
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    if s < R:
-                        p = start[ev[i]] + rk[i]
-                        mSrc[p] = s // self.k
-                        mRowW[p] = wv[i]
-                        mPos[s] = p if ev[i] < E else R
+
+        @cute.jit
+        def write_tables(self, cnt: cute.Tensor, start: cute.Tensor, cstart: cute.Tensor, mTiles: cute.Tensor,
+                         mCounts: cute.Tensor, tidx):
+            """Every expert's token tiles into its class tables; entries past a table's count zeroed; counts."""
+            E, tn, nc = self.E, self.tile_n, len(self.widths)
+            n_tab = cute.size(mTiles, mode=[1])
             for e in cutlass.range(tidx, E, self.threads, unroll=1):     # each expert writes its own tiles
                 c = cnt[e]
                 full = c // tn
@@ -6397,6 +6355,216 @@ if HAVE_CUTE:
                     mTiles[k, j, 2] = 0
                 if tidx == 0:
                     mCounts[k] = total
+
+        @cute.kernel
+        def kernel_widths(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
+                          mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            E, tn, nc = self.E, self.tile_n, len(self.widths)
+            R = cute.size(mIds, mode=[0])
+            n_tab = cute.size(mTiles, mode=[1])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
+            start = storage.start.get_tensor(cute.make_layout(E + 1))
+            cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))     # [expert, class]
+            nb = self.batch
+            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
+                cnt[e] = 0
+            cute.arch.sync_threads()
+            # slots in batches of nb per thread (s = it + i * threads + tidx: coalesced), all loads of a batch first:
+            # the passes are latency-bound (one CTA), so nb independent loads in flight instead of one
+            ev = cute.make_rmem_tensor((nb,), Int32)
+            rk = cute.make_rmem_tensor((nb,), Int32)
+            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    ev[i] = E
+                    if s < R:
+                        e = mIds[s]
+                        if e >= 0 and e < E:
+                            ev[i] = e
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    if s < R:
+                        mPos[s] = cute.arch.atomic_add(cnt.iterator + ev[i], Int32(1), scope="cta")   # rank in e
+            cute.arch.sync_threads()
+            self.scan_counts(cnt, start, cstart, tidx)
+            cute.arch.sync_threads()
+            wv = cute.make_rmem_tensor((nb,), Float32)
+            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    ev[i] = E
+                    rk[i] = 0
+                    wv[i] = 0.0
+                    if s < R:
+                        e = mIds[s]
+                        if e >= 0 and e < E:
+                            ev[i] = e
+                        rk[i] = mPos[s]
+                        wv[i] = mW[s]
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    if s < R:
+                        p = start[ev[i]] + rk[i]
+                        mSrc[p] = s // self.k
+                        mRowW[p] = wv[i]
+                        mPos[s] = p if ev[i] < E else R
+            self.write_tables(cnt, start, cstart, mTiles, mCounts, tidx)
+
+    class PrefillCount:
+        """Routing over many CTAs, step 1: rank[s] = rank of slot s among its expert's rows (order arbitrary). Each
+        CTA counts its slots per expert in shared memory (the single-CTA MoeRouting is bound by one SM's shared
+        atomics), then takes a base per expert from counts (one global atomic per expert and CTA). counts [E + 1]
+        must be zero on entry; on exit counts[e] = rows of expert e (counts[E]: skipped slots)."""
+
+        def __init__(self, num_experts: int, threads: int = 256, per_thread: int = 8):
+            self.E, self.threads, self.per_thread = num_experts, threads, per_thread
+
+        @cute.jit
+        def __call__(self, mIds: cute.Tensor, mRank: cute.Tensor, mCounts: cute.Tensor, stream):
+            @cute.struct
+            class SharedStorage:
+                cnt: cute.struct.MemRange[Int32, self.E + 1]
+                base: cute.struct.MemRange[Int32, self.E + 1]
+
+            self.shared_storage = SharedStorage
+            R = cute.size(mIds, mode=[0])
+            chunk = self.threads * self.per_thread
+            self.kernel(mIds, mRank, mCounts).launch(grid=[(R + chunk - 1) // chunk, 1, 1],
+                                                     block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel(self, mIds: cute.Tensor, mRank: cute.Tensor, mCounts: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            E, nb = self.E, self.per_thread
+            R = cute.size(mIds, mode=[0])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
+            base = storage.base.get_tensor(cute.make_layout(E + 1))
+            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
+                cnt[e] = 0
+            cute.arch.sync_threads()
+            s0 = bid * self.threads * nb + tidx
+            ev = cute.make_rmem_tensor((nb,), Int32)
+            rk = cute.make_rmem_tensor((nb,), Int32)
+            for i in cutlass.range_constexpr(nb):
+                s = s0 + i * self.threads
+                ev[i] = E
+                if s < R:
+                    e = mIds[s]
+                    if e >= 0 and e < E:
+                        ev[i] = e
+            for i in cutlass.range_constexpr(nb):
+                if s0 + i * self.threads < R:
+                    rk[i] = cute.arch.atomic_add(cnt.iterator + ev[i], Int32(1), scope="cta")
+            cute.arch.sync_threads()
+            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
+                c = cnt[e]
+                if c > 0:
+                    base[e] = cute.arch.atomic_add(mCounts.iterator + e, c, scope="gpu")
+            cute.arch.sync_threads()
+            for i in cutlass.range_constexpr(nb):
+                s = s0 + i * self.threads
+                if s < R:
+                    mRank[s] = base[ev[i]] + rk[i]
+
+    class PrefillTables(PrefillRouting):
+        """Routing over many CTAs, step 2 (one CTA): from counts (PrefillCount), start[e] = first sorted row of
+        expert e (e = 0..E) and PrefillRouting's width-class tile tables + their counts."""
+
+        def __init__(self, num_experts: int, top_k: int, widths: tuple):
+            super().__init__(num_experts, top_k, widths)
+            self.threads = 256
+
+        @cute.jit
+        def __call__(self, mCounts: cute.Tensor, mStart: cute.Tensor, mTiles: cute.Tensor, mTileCounts: cute.Tensor,
+                     stream):
+            @cute.struct
+            class SharedStorage:
+                cnt: cute.struct.MemRange[Int32, self.E + 1]
+                start: cute.struct.MemRange[Int32, self.E + 1]
+                cstart: cute.struct.MemRange[Int32, len(self.widths) * (self.E + 1)]
+
+            self.shared_storage = SharedStorage
+            self.kernel_tables(mCounts, mStart, mTiles, mTileCounts).launch(
+                grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel_tables(self, mCounts: cute.Tensor, mStart: cute.Tensor, mTiles: cute.Tensor,
+                          mTileCounts: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            E, nc = self.E, len(self.widths)
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
+            start = storage.start.get_tensor(cute.make_layout(E + 1))
+            cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))
+            for e in cutlass.range(tidx, E + 1, 256, unroll=1):
+                cnt[e] = mCounts[e]
+            cute.arch.sync_threads()
+            self.scan_counts(cnt, start, cstart, tidx)
+            cute.arch.sync_threads()
+            for e in cutlass.range(tidx, E + 1, 256, unroll=1):
+                mStart[e] = start[e]
+            self.write_tables(cnt, start, cstart, mTiles, mTileCounts, tidx)
+
+    class PrefillPlace:
+        """Routing over many CTAs, step 3 (+ the gather): for each slot s of expert e (routed), its sorted row
+        p = start[e] + rank[s]: src_tok[p] = s // k, row_w[p] = w[s], pos[s] = p, x_sorted[p] = x[s // k] (16-B
+        vectors, every thread's loads in flight before its stores); skipped slots: pos[s] = R. `slots` per CTA."""
+
+        def __init__(self, num_experts: int, top_k: int, dim: int, slots: int = 4):
+            self.E, self.k, self.dim, self.slots, self.threads = num_experts, top_k, dim, slots, 128
+            self.vecs = dim // 8
+            self.cols = (self.vecs + self.threads - 1) // self.threads
+
+        @cute.jit
+        def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mRank: cute.Tensor, mStart: cute.Tensor,
+                     mX: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor, mPos: cute.Tensor, mXs: cute.Tensor,
+                     stream):
+            R = cute.size(mIds, mode=[0])
+            self.kernel(mIds, mW, mRank, mStart, mX, mSrc, mRowW, mPos, mXs).launch(
+                grid=[(R + self.slots - 1) // self.slots, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel(self, mIds: cute.Tensor, mW: cute.Tensor, mRank: cute.Tensor, mStart: cute.Tensor,
+                   mX: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor, mPos: cute.Tensor, mXs: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            E = self.E
+            R = cute.size(mIds, mode=[0])
+            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.slots * self.cols)]
+            ps = []
+            for r in cutlass.range_constexpr(self.slots):
+                s = bid * self.slots + r
+                p = Int32(-1)
+                if s < R:
+                    e = mIds[s]
+                    if e >= 0 and e < E:
+                        p = mStart[e] + mRank[s]
+                    if tidx == 0:
+                        mPos[s] = p if p >= 0 else R
+                        if p >= 0:
+                            mSrc[p] = s // self.k
+                            mRowW[p] = mW[s]
+                ps.append(p)
+            for r in cutlass.range_constexpr(self.slots):
+                if ps[r] >= 0:
+                    tok = (bid * self.slots + r) // self.k
+                    for j in cutlass.range_constexpr(self.cols):
+                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
+                            cute.autovec_copy(cute.local_tile(mX, (1, 8), (tok, j * self.threads + tidx)),
+                                              v[r * self.cols + j])
+            for r in cutlass.range_constexpr(self.slots):
+                if ps[r] >= 0:
+                    for j in cutlass.range_constexpr(self.cols):
+                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
+                            cute.autovec_copy(v[r * self.cols + j],
+                                              cute.local_tile(mXs, (1, 8), (ps[r], j * self.threads + tidx)))
 
     class PrefillGather:
         """x_sorted[p] = x[src_tok[p]] for the R sorted rows (the token rows GEMM1 reads, grouped by expert): one CTA
@@ -6535,6 +6703,40 @@ def _compile_prefill_routing(num_experts: int, top_k: int, widths: tuple):
     return _load_or_compile(("prefill_route", num_experts, top_k, tuple(widths)), build)
 
 
+def _compile_prefill_count(num_experts: int):
+    def build():
+        r = cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        return PrefillCount(num_experts), (i32((r,)), i32((r,)), i32((num_experts + 1,)),
+                                           cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+    return _load_or_compile(("prefill_count", num_experts), build)
+
+
+def _compile_prefill_tables(num_experts: int, top_k: int, widths: tuple):
+    def build():
+        n_tab = cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        args = (i32((num_experts + 1,)), i32((num_experts + 1,)),
+                cute.runtime.make_fake_compact_tensor(Int32, (len(widths), n_tab, 3), stride_order=(2, 1, 0),
+                                                      assumed_align=4),
+                i32((len(widths),)), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillTables(num_experts, top_k, widths), args
+    return _load_or_compile(("prefill_tables", num_experts, top_k, tuple(widths)), build)
+
+
+def _compile_prefill_place(num_experts: int, top_k: int, dim: int):
+    def build():
+        r, t = cute.sym_int(), cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        f32 = cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4)
+        bf16 = lambda rows: cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0),  # noqa
+                                                                  assumed_align=16)
+        args = (i32((r,)), f32, i32((r,)), i32((num_experts + 1,)), bf16(t), i32((r,)), f32, i32((r,)), bf16(r),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillPlace(num_experts, top_k, dim), args
+    return _load_or_compile(("prefill_place", num_experts, top_k, dim), build)
+
+
 def _compile_prefill_combine(top_k: int, dim: int, pdl: bool):
     def build():
         rows, tokens, slots = cute.sym_int(), cute.sym_int(), cute.sym_int()
@@ -6622,6 +6824,9 @@ def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens
         gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, cluster=cluster, **opts))
     routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1 or PREFILL_ROUTING
                else _compile_routing(num_experts, top_k, widths[0]))
+    if PREFILL_MULTI_ROUTING and not gather:        # (warms the cache; _prefill_steps fetches them)
+        _compile_prefill_count(num_experts), _compile_prefill_tables(num_experts, top_k, widths)
+        _compile_prefill_place(num_experts, top_k, dim)
     combine = (_compile_prefill_combine(top_k, dim, USE_PDL) if PREFILL_WEIGHT_IN_COMBINE
                else _compile_combine(top_k, dim, USE_PDL))
     if PREFILL_GATHER_KERNEL and not gather:
@@ -6653,7 +6858,7 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
     tiles = torch.empty(nc, max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)   # one table per width
-    own_routing = nc > 1 or PREFILL_ROUTING
+    own_routing = nc > 1 or PREFILL_ROUTING or (PREFILL_MULTI_ROUTING and not gather)
     counts = torch.empty(nc, dtype=torch.int32, device=dev) if own_routing else _all_tiles(dev)
     x_sorted = None if gather else torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
@@ -6668,11 +6873,23 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     ctas2 = _grid(dev, n_tab * (D // 256), cluster)
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    if not own_routing:
+    multi = PREFILL_MULTI_ROUTING and not gather
+    if multi:                        # routing over many CTAs, the gather fused into its last step
+        rank = torch.empty(R, dtype=torch.int32, device=dev)
+        expert_rows = torch.empty(2, E + 1, dtype=torch.int32, device=dev)      # rows per expert, first row
+        count_k, tables_k = _compile_prefill_count(E), _compile_prefill_tables(E, k, widths)
+        place_k = _compile_prefill_place(E, k, D)
+        steps = [("zero", lambda: expert_rows[0].zero_()),
+                 ("count", lambda: count_k(ids32, rank, expert_rows[0])),
+                 ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
+                 ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos, x_sorted))]
+    elif not own_routing:
         steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
     else:
         steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
-    if not gather and PREFILL_GATHER_KERNEL:
+    if multi:
+        pass
+    elif not gather and PREFILL_GATHER_KERNEL:
         gather_rows = _compile_prefill_gather(D, USE_PDL)
         steps.append(("gather", lambda: gather_rows(x, src_tok, x_sorted)))
     elif not gather:

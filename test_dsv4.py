@@ -4210,13 +4210,25 @@ def test_gpu_prefill_all_new_switches_together_match_fp32_reference(monkeypatch,
 
 
 @gpu
-@pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "flash", 16384, "random"),
+@pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "small", 16384, "random"),
                                                    ("nvfp4", "small", 3000, "one_expert"),
                                                    ("mxfp4", "small", 1000, "empty_experts")])
 def test_gpu_prefill_routing_weight_in_the_combine_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
     """PREFILL_WEIGHT_IN_COMBINE: GEMM1 leaves the routing weight out, PrefillCombine multiplies each slot's row."""
     monkeypatch.setattr(K, "PREFILL_WEIGHT_IN_COMBINE", True)
     _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 5)
+
+
+@gpu
+@pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "small", 16384, "random"),
+                                                   ("nvfp4", "small", 3000, "one_expert"),
+                                                   ("mxfp4", "small", 1000, "empty_experts")])
+def test_gpu_prefill_routing_over_many_ctas_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
+    """PREFILL_MULTI_ROUTING: count (many CTAs) -> tables (one CTA) -> place + gather (many CTAs)."""
+    monkeypatch.setattr(K, "PREFILL_MULTI_ROUTING", True)
+    ex = _experts(fmt, dims)
+    x, ids, w, y = _check_prefill(ex, T, 6 if routing != "one_expert" else 2, routing, seed=T + 6)
+    assert torch.equal(y, K.moe_fp4_prefill(x, ids, w, ex, 7.0))          # bitwise repeatable (atomic row order)
 
 
 @gpu
