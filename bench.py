@@ -105,7 +105,11 @@ def bench_moe():
         bf16.append((w13t, w2t))
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)    # codes + 1-byte block scales, read once
 
+    clocks = _Clocks()
+
     def measure(Ts, with_baseline=True):
+        """T <= 256: CUDA-graph replays over the weight copies; larger T: kernels.moe as dsv4.py calls it, eager,
+        back to back after 0.5 s of the same load (the clock a long prefill runs at; see bench.py moe --prefill)."""
         rows = []
         for T in Ts:
             x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
@@ -115,32 +119,37 @@ def bench_moe():
             touched = torch.unique(ids).numel()
             graph = T <= 256
             iters = 20 if T >= 4096 else 50
+            fp4_calls = lambda: [K.moe(x, ids, w, ex, limit) for ex in fp4]      # noqa: E731
+            t0 = time.time()
             try:
-                ms_k = _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], iters, graph) / n_copies
+                ms_k = (_time_ms(fp4_calls, iters, graph) if graph
+                        else _sustained_ms(fp4_calls, 0.5, max(2, iters // 4))) / n_copies
             except RuntimeError as e:       # e.g. a driver that cannot capture PDL launches: measure without PDL
                 if not K.USE_PDL:
                     raise
                 print(f"T={T}: {e!r}; PDL turned off", flush=True)
                 torch.cuda.synchronize()
                 K.USE_PDL = False
-                ms_k = _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], iters, graph) / n_copies
-            ms_b = (_time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], iters, graph) / 2
+                ms_k = _time_ms(fp4_calls, iters, graph) / n_copies
+            mhz = clocks.mean(t0, time.time())[0]
+            bf16_calls = lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16]   # noqa: E731
+            ms_b = ((_time_ms(bf16_calls, iters, graph) if graph else _sustained_ms(bf16_calls, 0.5, 3)) / 2
                     if with_baseline else float("nan"))
             flops = 2 * T * k * (D * 2 * I + I * D)
             wbytes = touched * bytes_per_expert
             floor_us = wbytes / (copy_bw * 1e12) * 1e6
             rows.append((T, touched, ms_k * 1e3, ms_b * 1e3, wbytes / (ms_k * 1e-3) / 1e12,
-                         flops / (ms_k * 1e-3) / 1e12, floor_us))
+                         flops / (ms_k * 1e-3) / 1e12, floor_us, mhz))
             print(rows[-1], flush=True)
         return rows
 
     def table(title, rows):
         print(f"\n{title}")
         print(f"{'T':>6} {'experts':>7} {'fp4 us':>9} {'bf16 us':>9} {'speedup':>7} {'W TB/s':>7} {'%copy':>6} "
-              f"{'TFLOP/s':>8} {'floor us':>9}")
-        for T, e, k_us, b_us, bw, tf, fl in rows:
+              f"{'TFLOP/s':>8} {'floor us':>9} {'SM MHz':>6}")
+        for T, e, k_us, b_us, bw, tf, fl, mhz in rows:
             print(f"{T:>6} {e:>7} {k_us:>9.1f} {b_us:>9.1f} {b_us / k_us:>7.2f} {bw:>7.2f} "
-                  f"{100 * bw / copy_bw:>6.1f} {tf:>8.1f} {fl:>9.1f}")
+                  f"{100 * bw / copy_bw:>6.1f} {tf:>8.1f} {fl:>9.1f} {mhz:>6.0f}")
 
     if "--ablate-v4" in sys.argv:       # v4 knobs one at a time: PDL off, split-K to 4 CTAs/SM
         K.USE_PDL = False
@@ -160,7 +169,10 @@ def bench_moe():
         K.SPLIT_CTAS_PER_SM = per_sm
     rows = measure((1, 4, 16, 64, 256, 1024, 4096, 16384))   # main table: all v4 knobs at their defaults
     print(f"\nceilings: copy {copy_bw:.2f} TB/s, bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s")
-    table(f"MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4, random routing) on {dev}", rows)
+    clocks.stop()
+    table(f"MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4, random routing) on {dev}; timed: "
+          f"kernels.moe; T <= 256 CUDA-graph replays, larger T eager calls back to back after 0.5 s of load "
+          f"(SM MHz = mean clock of that fp4 row)", rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
