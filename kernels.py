@@ -6882,7 +6882,8 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         steps = [("zero", lambda: expert_rows[0].zero_()),
                  ("count", lambda: count_k(ids32, rank, expert_rows[0])),
                  ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
-                 ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos, x_sorted))]
+                 ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos,
+                                           x_sorted))]
     elif not own_routing:
         steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
     else:
@@ -6891,7 +6892,7 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         pass
     elif not gather and PREFILL_GATHER_KERNEL:
         gather_rows = _compile_prefill_gather(D, USE_PDL)
-        steps.append(("gather", lambda: gather_rows(x, src_tok, x_sorted)))
+        steps.append(("gather", lambda: gather_rows(x.contiguous(), src_tok, x_sorted)))
     elif not gather:
         steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
     b1 = x.contiguous() if gather else x_sorted
