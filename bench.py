@@ -185,25 +185,21 @@ def bench_moe():
 # (a long prefill through 43 layers looks like this), total time / calls.
 
 PREFILL_ABLATIONS = {            # name -> kernels.py switches (rows next to default rows: same clock state)
-    "session-2 path (one 128 width, index_select)": dict(PREFILL_WIDTHS=(), PREFILL_GATHER_KERNEL=False),
-    "routing over many CTAs (count, tables, place + gather)": dict(PREFILL_MULTI_ROUTING=True),
-    "routing weight in the combine": dict(PREFILL_WEIGHT_IN_COMBINE=True),
-    "store warps": dict(PREFILL_STORE_WARPS=True),
-    "weight in combine + store warps": dict(PREFILL_WEIGHT_IN_COMBINE=True, PREFILL_STORE_WARPS=True),
-    "widths 64,96,112,128": dict(PREFILL_WIDTHS=(64, 96, 112, 128)),
-    "widths 80,96,112,128": dict(PREFILL_WIDTHS=(80, 96, 112, 128)),
+    "session-2 path (one 128 width, MoeRouting, index_select)": dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False,
+                                                                     PREFILL_GATHER_KERNEL=False),
+    "single-CTA routing (PrefillRouting) + PrefillGather": dict(PREFILL_MULTI_ROUTING=False),
     "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
     "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
-    "index_select instead of PrefillGather": dict(PREFILL_GATHER_KERNEL=False),
-    "(timing only) no SwiGLU math": dict(PREFILL_ABLATE={"epilogue": "nomath"}),
+    "one 128 width": dict(PREFILL_WIDTHS=()),
+    "routing weight in the combine": dict(PREFILL_WEIGHT_IN_COMBINE=True),
 }
-PREFILL_ABLATE_BOTH_T = 9        # the first this many also at T = 16384 (the rest at T = 4096 only)
+PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the rest at T = 4096 only)
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
-PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WEIGHT_IN_COMBINE=True)), ("mxfp4", dict(PREFILL_MULTI_ROUTING=True)), ("mxfp4", dict(PREFILL_STORE_WARPS=True)),
+PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False, PREFILL_GATHER_KERNEL=False)),
                         ("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
-                        ("nvfp4", dict(PREFILL_STORE_WARPS=True, PREFILL_WIDTHS=(32, 64, 128)))]
+                        ("mxfp4", dict(PREFILL_WIDTHS=(96, 128)))]
 
 
 class _Knobs:

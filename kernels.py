@@ -5656,7 +5656,7 @@ PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)):
 PREFILL_GATHER_KERNEL = True  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
 PREFILL_STORE_WARPS = False   # idle producer warps 1, 2 copy the consumers' bf16 tiles to global (epilogue overlap)
 PREFILL_WEIGHT_IN_COMBINE = False   # routing weight applied in PrefillCombine instead of GEMM1's epilogue
-PREFILL_MULTI_ROUTING = False   # routing over many CTAs (count, tables, place = gather): no single-SM atomics
+PREFILL_MULTI_ROUTING = True    # routing over many CTAs (count, tables, place = gather): no single-SM atomics
 PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
@@ -6791,11 +6791,11 @@ def _grid(dev, work_items: int, cluster: int) -> int:
 
 
 def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
-    """Default wgmma width classes (PREFILL_WIDTHS = None). R1 (H200, sustained): at ~96 rows per expert (T = 4096)
-    (96, 112, 128) -12% vs one 128 width, (64, 96, 128) -7%; at ~384 rows (T = 16384) (64, 96, 128) -3.9%,
-    (96, 112, 128) -0.9%."""
-    rows = num_tokens * top_k / max(1, num_experts)
-    return (96, 112, 128) if rows <= 128 else (64, 96, 128)
+    """Default wgmma width classes (PREFILL_WIDTHS = None). H200, whole MoE, sustained, vs one 128 width: R1 at ~96
+    rows per expert (T = 4096) (96, 112, 128) -12%, (64, 96, 128) -7%; at ~384 rows (T = 16384) (64, 96, 128) -3.9%,
+    (96, 112, 128) -0.9%. R2: (64, 96, 112, 128) within 0.6% of the best of those at both T (the 64 class holds
+    few tiles at T = 4096, the 112 class few at T = 16384), so one set for every T."""
+    return (64, 96, 112, 128)
 
 
 def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens: int = 4096, **gemm_options):

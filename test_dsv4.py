@@ -4173,6 +4173,16 @@ def test_gpu_prefill_width_classes_match_fp32_reference(fmt, dims, T, routing, w
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dims, T, routing", [("small", 3000, "one_expert"), ("flash", 4096, "random")])
+def test_gpu_prefill_session2_path_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
+    """One 128 width, MoeRouting, index_select (the session-2 launches; the bench's baseline row)."""
+    for name, value in dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False, PREFILL_GATHER_KERNEL=False).items():
+        monkeypatch.setattr(K, name, value)
+    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 7)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_gpu_prefill_without_min_blocks_launch_bound_matches_fp32_reference(fmt):
     """PREFILL_MIN_BLOCKS=False (the session-2 launch, no .minnctapersm) still computes the same MoE."""
     _check_prefill(_experts(fmt, "small"), 1000, 6, "empty_experts", seed=3, min_blocks=False)
@@ -4232,14 +4242,14 @@ def test_gpu_prefill_routing_over_many_ctas_matches_fp32_reference(monkeypatch, 
 
 
 @gpu
-def test_gpu_prefill_default_widths_follow_the_rows_per_expert():
-    assert K.prefill_widths(4096, 6, 256) == (96, 112, 128) and K.prefill_widths(16384, 6, 256) == (64, 96, 128)
+def test_gpu_prefill_default_launches_are_the_width_chains_after_the_multi_cta_routing():
+    assert K.PREFILL_WIDTHS is None and K.prefill_widths(4096, 6, 256) == (64, 96, 112, 128)
     ex = _experts("nvfp4", "small")
     x = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16)
     ids, w = _routing(4096, 6, 16, "random", "cuda", 0)
-    names = [name for name, _ in K._prefill_steps(x, ids, w, ex, 7.0)[0]]    # 1536 rows per expert: (64, 96, 128)
-    assert names == ["routing", "gather", "gemm1 N=128", "gemm1 N=96", "gemm1 N=64", "gemm2 N=128", "gemm2 N=96",
-                     "gemm2 N=64", "combine"]
+    names = [name for name, _ in K._prefill_steps(x, ids, w, ex, 7.0)[0]]
+    assert names == ["zero", "count", "tables", "place"] + [f"gemm{g} N={n}" for g in (1, 2) for n in (128, 112, 96, 64)] \
+        + ["combine"]
 
 
 @gpu
@@ -4254,8 +4264,11 @@ def test_gpu_prefill_gather_kernel_matches_fp32_reference(monkeypatch, dims, T, 
 @pytest.mark.parametrize("routing", ["empty_experts", "one_expert"])
 @pytest.mark.parametrize("own", [True, False])
 def test_gpu_prefill_with_either_routing_kernel_matches_fp32_reference(monkeypatch, routing, own):
-    """PREFILL_ROUTING: PrefillRouting (batched loads, table + count) or MoeRouting (one table) as in session 2."""
+    """PREFILL_ROUTING (single-CTA routing, one 128 width): PrefillRouting (batched loads, table + count) or
+    MoeRouting (one table) as in session 2."""
     monkeypatch.setattr(K, "PREFILL_ROUTING", own)
+    monkeypatch.setattr(K, "PREFILL_MULTI_ROUTING", False)
+    monkeypatch.setattr(K, "PREFILL_WIDTHS", ())
     _check_prefill(_experts("nvfp4", "small"), 3000, 6 if routing != "one_expert" else 2, routing, seed=4)
 
 
