@@ -105,7 +105,11 @@ def bench_moe():
         bf16.append((w13t, w2t))
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)    # codes + 1-byte block scales, read once
 
+    clocks = _Clocks()
+
     def measure(Ts, with_baseline=True):
+        """T <= 256: CUDA-graph replays over the weight copies; larger T: kernels.moe as dsv4.py calls it, eager,
+        back to back after 0.5 s of the same load (the clock a long prefill runs at; see bench.py moe --prefill)."""
         rows = []
         for T in Ts:
             x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
@@ -115,32 +119,37 @@ def bench_moe():
             touched = torch.unique(ids).numel()
             graph = T <= 256
             iters = 20 if T >= 4096 else 50
+            fp4_calls = lambda: [K.moe(x, ids, w, ex, limit) for ex in fp4]      # noqa: E731
+            t0 = time.time()
             try:
-                ms_k = _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], iters, graph) / n_copies
+                ms_k = (_time_ms(fp4_calls, iters, graph) if graph
+                        else _sustained_ms(fp4_calls, 0.5, max(2, iters // 4))) / n_copies
             except RuntimeError as e:       # e.g. a driver that cannot capture PDL launches: measure without PDL
                 if not K.USE_PDL:
                     raise
                 print(f"T={T}: {e!r}; PDL turned off", flush=True)
                 torch.cuda.synchronize()
                 K.USE_PDL = False
-                ms_k = _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], iters, graph) / n_copies
-            ms_b = (_time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], iters, graph) / 2
+                ms_k = _time_ms(fp4_calls, iters, graph) / n_copies
+            mhz = clocks.mean(t0, time.time())[0]
+            bf16_calls = lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16]   # noqa: E731
+            ms_b = ((_time_ms(bf16_calls, iters, graph) if graph else _sustained_ms(bf16_calls, 0.5, 3)) / 2
                     if with_baseline else float("nan"))
             flops = 2 * T * k * (D * 2 * I + I * D)
             wbytes = touched * bytes_per_expert
             floor_us = wbytes / (copy_bw * 1e12) * 1e6
             rows.append((T, touched, ms_k * 1e3, ms_b * 1e3, wbytes / (ms_k * 1e-3) / 1e12,
-                         flops / (ms_k * 1e-3) / 1e12, floor_us))
+                         flops / (ms_k * 1e-3) / 1e12, floor_us, mhz))
             print(rows[-1], flush=True)
         return rows
 
     def table(title, rows):
         print(f"\n{title}")
         print(f"{'T':>6} {'experts':>7} {'fp4 us':>9} {'bf16 us':>9} {'speedup':>7} {'W TB/s':>7} {'%copy':>6} "
-              f"{'TFLOP/s':>8} {'floor us':>9}")
-        for T, e, k_us, b_us, bw, tf, fl in rows:
+              f"{'TFLOP/s':>8} {'floor us':>9} {'SM MHz':>6}")
+        for T, e, k_us, b_us, bw, tf, fl, mhz in rows:
             print(f"{T:>6} {e:>7} {k_us:>9.1f} {b_us:>9.1f} {b_us / k_us:>7.2f} {bw:>7.2f} "
-                  f"{100 * bw / copy_bw:>6.1f} {tf:>8.1f} {fl:>9.1f}")
+                  f"{100 * bw / copy_bw:>6.1f} {tf:>8.1f} {fl:>9.1f} {mhz:>6.0f}")
 
     if "--ablate-v4" in sys.argv:       # v4 knobs one at a time: PDL off, split-K to 4 CTAs/SM
         K.USE_PDL = False
@@ -160,7 +169,242 @@ def bench_moe():
         K.SPLIT_CTAS_PER_SM = per_sm
     rows = measure((1, 4, 16, 64, 256, 1024, 4096, 16384))   # main table: all v4 knobs at their defaults
     print(f"\nceilings: copy {copy_bw:.2f} TB/s, bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s")
-    table(f"MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4, random routing) on {dev}", rows)
+    clocks.stop()
+    table(f"MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4, random routing) on {dev}; timed: "
+          f"kernels.moe; T <= 256 CUDA-graph replays, larger T eager calls back to back after 0.5 s of load "
+          f"(SM MHz = mean clock of that fp4 row)", rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill sizes (issue #3: T >= 4096): `python bench.py moe --prefill [--ablate-prefill]`
+# The timed region is kernels.moe(x, ids, w, experts, limit) exactly as dsv4.py's MoE calls it (eager: routing
+# metadata, gather, both GEMMs and the combine). The GPU's SM clock drops under sustained load (power), so every row
+# also says the mean SM clock and board power while it ran (nvidia-smi, sampled every 100 ms), and three modes are
+# timed: "burst" = median of single synced calls after 3 warm-up calls (what bench.py moe reported before),
+# "graph" = the same as CUDA-graph replays, "sustained" = calls back to back after ~1.5 s of back-to-back load
+# (a long prefill through 43 layers looks like this), total time / calls.
+
+PREFILL_ABLATIONS = {            # name -> kernels.py switches (rows next to default rows: same clock state)
+    "session-2 path (one 128 width, MoeRouting, index_select)": dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False,
+                                                                     PREFILL_GATHER_KERNEL=False),
+    "single-CTA routing (PrefillRouting) + PrefillGather": dict(PREFILL_MULTI_ROUTING=False),
+    "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
+    "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
+    "one 128 width": dict(PREFILL_WIDTHS=()),
+    "routing weight in the combine": dict(PREFILL_WEIGHT_IN_COMBINE=True),
+}
+PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the rest at T = 4096 only)
+
+
+# the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
+PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False, PREFILL_GATHER_KERNEL=False)),
+                        ("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
+                        ("mxfp4", dict(PREFILL_WIDTHS=(96, 128)))]
+
+
+class _Knobs:
+    """with _Knobs(PREFILL_TILE_N=112): kernels.py module switches set inside, restored after."""
+
+    def __init__(self, **knobs):
+        self.knobs, self.saved = knobs, {}
+
+    def __enter__(self):
+        self.saved = {name: getattr(K, name) for name in self.knobs}
+        for name, v in self.knobs.items():
+            setattr(K, name, v)
+
+    def __exit__(self, *exc):
+        for name, v in self.saved.items():
+            setattr(K, name, v)
+
+
+class _Clocks:
+    """nvidia-smi in the background: SM clock (MHz), power (W) every 100 ms; mean over a wall-clock interval."""
+
+    def __init__(self):
+        import subprocess
+        import threading
+        self.samples = []
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "100", "-i", str(torch.cuda.current_device())],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                mhz, watts, temp = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.time(), mhz, watts, temp))
+
+    def mean(self, t0, t1):
+        time.sleep(0.11)
+        sel = [s for s in self.samples if t0 <= s[0] <= t1 + 0.1]
+        if not sel:
+            return float("nan"), float("nan")
+        return sum(s[1] for s in sel) / len(sel), sum(s[2] for s in sel) / len(sel)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+def _burst_ms(fn, iters):
+    for _ in range(3):
+        fn()
+    return _time_ms(fn, iters, False)
+
+
+def _sustained_ms(fn, warm_s, calls):
+    """ms per call of calls back-to-back calls, after warm_s seconds of back-to-back calls (synced every 8)."""
+    t0 = time.time()
+    i = 0
+    while time.time() - t0 < warm_s:
+        fn()
+        i += 1
+        if i % 8 == 0:
+            torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(calls):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / calls
+
+
+def _graph_ms(fn, iters):
+    return _time_ms(fn, iters, True)
+
+
+def _prefill_warm_job(job):
+    fmt, knobs = job
+    t = time.time()
+    try:
+        with _Knobs(**knobs):
+            for T in (4096, 16384):                 # (the default width classes depend on the rows per expert)
+                K.prefill_kernels(fmt, 256, 6, 4096, T)
+    except Exception as e:       # noqa: BLE001 - the bench compiles (and reports) it again
+        return repr(e)[:200]
+    return time.time() - t
+
+
+def prefill_warm(fmts=("nvfp4", "mxfp4"), ablations=True):
+    """Compile every kernel the prefill bench runs, in parallel processes, into the disk cache."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    jobs = [(fmt, {}) for fmt in fmts] + ([("nvfp4", kn) for kn in PREFILL_ABLATIONS.values()] if ablations else [])
+    jobs += [(fmt, kn) for fmt, kn in PREFILL_TEST_CONFIGS if (fmt, kn) not in jobs]
+    t = time.time()
+    with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1),
+                                mp_context=mp.get_context("spawn")) as pool:
+        secs = list(pool.map(_prefill_warm_job, jobs))
+    print(f"compiled {len(jobs)} prefill kernel sets in {time.time() - t:.1f} s: "
+          + ", ".join(f"{f}{kn or ''} {s:.1f}s" if isinstance(s, float) else f"{f}{kn} FAILED {s}"
+                      for (f, kn), s in zip(jobs, secs)), flush=True)
+
+
+def bench_moe_prefill():
+    t_start = time.time()
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    clocks = _Clocks()
+    rows = []
+    D, I, E, k, limit = 4096, 2048, 256, 6, 10.0
+    flops_of = lambda T: 2 * T * k * 3 * D * I                        # noqa: E731
+
+    def add(T, what, mode, fn_ms, flops):
+        t0 = time.time()
+        ms = fn_ms()
+        mhz, watts = clocks.mean(t0, time.time())
+        rows.append((T, what, mode, ms * 1e3, flops / (ms * 1e-3) / 1e12 if flops else 0.0, mhz, watts))
+        print(f"{T:>6} {what:<44} {mode:<9} {ms * 1e3:>9.1f} us {rows[-1][4]:>6.1f} TFLOP/s {mhz:>5.0f} MHz "
+              f"{watts:>4.0f} W", flush=True)
+        return ms
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = add(0, "copy 1 GiB (read + write)", "burst", lambda: _burst_ms(lambda: dst.copy_(src), 20), 0)
+    copy_bw = 2 * n / copy_ms / 1e9
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = add(0, "bf16 matmul 8192^3", "burst", lambda: _burst_ms(lambda: a @ b, 10), 2 * 8192 ** 3)
+    experts = {fmt: K.prepare_experts(K.random_fp4_experts(E, D, I, fmt, device="cuda", seed=1))
+               for fmt in ("nvfp4", "mxfp4")}
+    for ex in experts.values():                      # the kernel reads only the packed records
+        ex.w13, ex.w2 = ex.w13[:1], ex.w2[:1]
+    torch.cuda.empty_cache()
+    w13t = torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2t = torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02
+    inputs = {}
+    for T in (4096, 16384):                          # random routing, as bench.py moe
+        g = torch.Generator(device="cuda").manual_seed(T)
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
+        w = torch.rand(T, k, device="cuda", generator=g)
+        inputs[T] = x, ids, w / w.sum(1, keepdim=True)
+    print(f"setup {time.time() - t_start:.1f} s", flush=True)
+
+    def moe(T, fmt="nvfp4"):
+        x, ids, w = inputs[T]
+        ex = experts[fmt]
+        return lambda: K.moe(x, ids, w, ex, limit)
+
+    for T in (4096, 16384):
+        add(T, "kernels.moe nvfp4", "burst", lambda: _burst_ms(moe(T), 20), flops_of(T))
+        for fmt in ("nvfp4", "mxfp4"):
+            add(T, f"kernels.moe {fmt}", "graph", lambda: _graph_ms(moe(T, fmt), 20), flops_of(T))
+        x, ids, w = inputs[T]
+        add(T, "torch bf16 _grouped_mm", "burst",
+            lambda: _burst_ms(lambda: bf16_grouped_moe(x, ids, w, w13t, w2t, limit), 5), flops_of(T))
+    for T in (4096, 16384):
+        for fmt in ("nvfp4", "mxfp4"):
+            add(T, f"kernels.moe {fmt}", "sustained", lambda: _sustained_ms(moe(T, fmt), 0.8, 20), flops_of(T))
+    add(0, "bf16 matmul 8192^3", "sustained", lambda: _sustained_ms(lambda: a @ b, 1.0, 20), 2 * 8192 ** 3)
+    if "--ablate-prefill" in sys.argv:               # each variant right after a default row: same clock state
+        for T in (4096, 16384):
+            for i, (name, knobs) in enumerate(PREFILL_ABLATIONS.items()):
+                if T != 4096 and i >= PREFILL_ABLATE_BOTH_T:
+                    break
+                if i % 3 == 0:          # a default row before every 3 variants: the clock state they ran in
+                    add(T, "default", "sustained", lambda: _sustained_ms(moe(T), 0.25, 10), flops_of(T))
+                with _Knobs(**knobs):
+                    add(T, name, "sustained", lambda: _sustained_ms(moe(T), 0.25, 10), flops_of(T))
+            add(T, "default", "sustained", lambda: _sustained_ms(moe(T), 0.25, 10), flops_of(T))
+    prefill_profile(inputs, experts["nvfp4"], limit)
+    clocks.stop()
+    print(f"\nprefill MoE at Flash dims (D {D}, I {I}, {E} experts, top-{k}, random routing) on {dev}: timed region "
+          f"= kernels.moe(...) as dsv4.py calls it; copy {copy_bw:.2f} TB/s, bf16 matmul 8192^3 "
+          f"{2 * 8192 ** 3 / mm_ms / 1e9:.0f} TFLOP/s (burst); total {time.time() - t_start:.0f} s")
+    print(f"{'T':>6} {'path':<56} {'mode':<9} {'us':>9} {'TFLOP/s':>7} {'MHz':>5} {'W':>4}")
+    for T, what, mode, us, tf, mhz, watts in rows:
+        print(f"{T:>6} {what:<56} {mode:<9} {us:>9.1f} {tf:>7.1f} {mhz:>5.0f} {watts:>4.0f}")
+
+
+def prefill_profile(inputs, ex, limit, calls=6):
+    """Device time per kernel of back-to-back kernels.moe calls (torch profiler), us per call."""
+    from torch.profiler import profile as torch_profile, ProfilerActivity
+    for T, (x, ids, w) in inputs.items():
+        for _ in range(2):
+            K.moe(x, ids, w, ex, limit)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                K.moe(x, ids, w, ex, limit)
+            torch.cuda.synchronize()
+        dt = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)   # noqa: E731
+        rows = sorted(((e.key, e.count, dt(e)) for e in prof.key_averages() if dt(e) > 0), key=lambda r: -r[2])
+        total = sum(r[2] for r in rows) / calls
+        print(f"profile T={T} nvfp4 ({calls} back-to-back calls; device us per call, sum {total:.0f}): " + "; ".join(
+            f"{name[:48]} x{cnt // calls} {t / calls:.1f}" for name, cnt, t in rows), flush=True)
 
 
 def random_packed_experts(E, D, I, device, seed):
@@ -805,7 +1049,11 @@ if __name__ == "__main__":
     if not torch.cuda.is_available() or (what.startswith("moe") and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if what.startswith("moe") else ""), file=sys.stderr)
         sys.exit(2)
-    if what == "moe" and "--decode-only" in sys.argv:
+    if what == "moe" and "--prefill-warm" in sys.argv:
+        prefill_warm(ablations="--ablate-prefill" in sys.argv)
+    elif what == "moe" and "--prefill" in sys.argv:
+        bench_moe_prefill()
+    elif what == "moe" and "--decode-only" in sys.argv:
         bench_moe_decode()
     elif what == "moe":
         bench_moe()

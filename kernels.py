@@ -5750,6 +5750,18 @@ PREFILL_N_STEP = 128          # wgmma widths (int step or tuple): >1 width makes
 PREFILL_GATHER = False        # GEMM1 gathers its token rows itself (cp.async in the producer warpgroup)
 PREFILL_CLUSTER = 1           # 2: CTA pairs share (multicast) the token tile
 PREFILL_LEAN = True           # one shared epilogue (stmatrix + looped stores) instead of one per wgmma width
+PREFILL_ABLATE: dict = {}      # bench only: extra Fp4PrefillGemm options (decode=False, mma_width=96, ...)
+PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillGemm.min_blocks)
+PREFILL_WIDTHS = None         # None: prefill_widths(T); (): one width (tile_n); e.g. (96, 128): one GEMM launch per
+                              # wgmma width, each over the token tiles whose rows fit it best (tiles of the last width;
+                              # an expert's partial tile goes to the narrowest width that holds it)
+PREFILL_ROUTING = False       # PrefillRouting (batched loads; tables + counts) also for one width, else MoeRouting
+PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)): one MUFU op instead of ex2 + rcp
+PREFILL_GATHER_KERNEL = True  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
+PREFILL_STORE_WARPS = False   # idle producer warps 1, 2 copy the consumers' bf16 tiles to global (epilogue overlap)
+PREFILL_WEIGHT_IN_COMBINE = False   # routing weight applied in PrefillCombine instead of GEMM1's epilogue
+PREFILL_MULTI_ROUTING = True    # routing over many CTAs (count, tables, place = gather): no single-SM atomics
+PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
 SMEM_BYTES = 227 * 1024       # sm_90 dynamic smem per CTA
@@ -5779,6 +5791,12 @@ if HAVE_CUTE:
             "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
 
     @dsl_user_op
+    def tanh_approx(x: Float32, *, loc=None, ip=None) -> Float32:
+        """tanh.approx.f32 (one MUFU op; max relative error ~2^-11)."""
+        return Float32(_llvm.inline_asm(_T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "tanh.approx.f32 $0, $1;",
+                                        "=f,f", has_side_effects=False, loc=loc, ip=ip))
+
+    @dsl_user_op
     def stmatrix_x4_trans(smem_addr: Int32, r0: Int32, r1: Int32, r2: Int32, r3: Int32, *, loc=None, ip=None):
         """Four 8x8 bf16 tiles of the wgmma accumulator fragment, each stored transposed: thread t gives the 16-B row
         address of row t % 8 of tile t // 8 (smem row = token, 8 consecutive output columns)."""
@@ -5796,17 +5814,51 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                      n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                     lean: bool = True):
+                     lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0,
+                     chain: str = "", silu_tanh: bool = False, store_warps: bool = False,
+                     row_weight: bool = True):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
+            # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
+            # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
+            assert n_chunk == 0 or (lean and tile_n % n_chunk == 0 and n_chunk % 8 == 0)
+            self.n_chunk = n_chunk
+            # setmaxnreg split (128 x producer + 256 x consumer <= 64 K): the chunked mainloop holds more accumulator
+            # slices + B descriptors live, so it takes the 24 / 240 split (the gathering producer needs its 40)
+            self.regs = (PRODUCER_REGS, CONSUMER_REGS) if gather or not n_chunk else (24, 240)
+            # .minnctapersm 1 pins ptxas' register count at entry; without it ptxas may ignore setmaxnreg (C7508:
+            # then every warp gets 168 registers -> spills / serialized wgmmas, e.g. at tile_n 96 or chunked)
+            self.min_blocks = min_blocks
+            # chain (PDL order of several GEMM launches over disjoint token tiles, see moe_fp4_prefill's widths):
+            # "" = the only launch: trigger the dependents at once, wait for the previous kernel at the start;
+            # "first" = the first of a chain: wait at the start, trigger the next launch only after that wait (so the
+            # next one may read this one's inputs without waiting); "next" = a later launch: trigger at once, do not
+            # wait at the start (its inputs are complete), wait at the end (its completion implies the previous
+            # launch's, for the kernel after the chain)
+            assert chain in ("", "first", "next") and not (chain and (gather or cluster > 1))
+            self.chain = chain
+            # silu(h) = h / (1 + 2^(-h log2 e)) with ex2 + rcp (2 MUFU ops), or = 0.5 h (1 + tanh(h / 2)) (1 MUFU op)
+            self.silu_tanh = silu_tanh
+            # store_warps: consumer c leaves its bf16 tile in smem and goes on with the next item's mainloop; warp
+            # 1 + c of the producer warpgroup (idle otherwise) copies it to global (named barriers full / empty)
+            assert not (store_warps and (gather or not lean))
+            self.store_warps = store_warps
+            # row_weight False: GEMM1's epilogue leaves out the routing weight (PrefillCombine applies it per slot)
+            self.row_weight = row_weight
             # wgmma widths compiled (a tile of nrows tokens runs the narrowest >= nrows): n_step int -> n_step,
             # 2 n_step, ..., tile_n; or an explicit tuple ending in tile_n
             n_step = tile_n if n_step is None else n_step
             widths = tuple(range(n_step, tile_n + 1, n_step)) if isinstance(n_step, int) else tuple(sorted(n_step))
+            widths = tuple(range(n_chunk, tile_n + 1, n_chunk)) if n_chunk else widths
             assert widths[-1] == tile_n and all(w_ % 16 == 0 for w_ in widths)
-            self.widths = widths
+            # mma_width: ablation only (wrong values): every tile runs ONE wgmma width, e.g. narrower than its rows,
+            # to time how much the MMAs alone cost
+            self.mma_width = mma_width
+            self.widths = (mma_width,) if mma_width else widths
             self.decode = decode        # False: ablation only (raw code words fed to wgmma: wrong values, no decode)
             # False: ablation only, and NOT trustworthy (R2 timed it above the bf16 peak: work gets optimised away)
-            self.epilogue = epilogue
+            # epilogue "nostore" / "nomath": ablations only (no global stores / no SwiGLU math, wrong values)
+            self.epi_mode = epilogue if isinstance(epilogue, str) else ""
+            self.epilogue = epilogue is not False
             self.scale_pairs = SCALE_PAIRS_OK
             # gather: B = the unsorted tokens x [T, K]; the producer warpgroup cp.asyncs the tile's rows src[row0 + n]
             # itself (no index_select pass, no x_sorted buffer); else B = x_sorted via TMA
@@ -5829,8 +5881,8 @@ if HAVE_CUTE:
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
-                     mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, mSrc: cute.Tensor,
-                     limit: Float32, num_ctas: Int32, stream):
+                     mNumTiles: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
+                     mSrc: cute.Tensor, limit: Float32, num_ctas: Int32, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
                 tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
@@ -5857,23 +5909,23 @@ if HAVE_CUTE:
             self.shared_storage = SharedStorage
             k_tiles = cute.size(mB, mode=[1]) // TILE_K
             m_pairs = cute.size(mOut, mode=[1]) // (2 * self.out_cols)
-            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mB, mOut, mTiles, mAlpha0, mAlpha1, mRowW, mSrc,
-                        limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
+            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mB, mOut, mTiles, mNumTiles, mAlpha0, mAlpha1,
+                        mRowW, mSrc, limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
                 grid=[num_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[self.cluster, 1, 1], stream=stream,
-                use_pdl=self.pdl)
+                use_pdl=self.pdl, min_blocks_per_mp=1 if self.min_blocks else 0)
 
         @cute.kernel
         def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
-                   mB: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
-                   mAlpha1: cute.Tensor, mRowW: cute.Tensor, mSrc: cute.Tensor, limit: Float32, k_tiles: Int32,
-                   m_pairs: Int32,
+                   mB: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mNumTiles: cute.Tensor,
+                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, mSrc: cute.Tensor, limit: Float32,
+                   k_tiles: Int32, m_pairs: Int32,
                    w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout, epi_layout: cute.Layout):
             tidx, _, _ = cute.arch.thread_idx()
             bid, _, _ = cute.arch.block_idx()
             nctas, _, _ = cute.arch.grid_dim()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
             wg = warp_idx // 4
-            if const_expr(self.pdl):
+            if const_expr(self.pdl and self.chain != "first"):
                 cute.arch.griddepcontrol_launch_dependents()
             if warp_idx == 0:
                 cpasync.prefetch_descriptor(tma_w)
@@ -5896,17 +5948,20 @@ if HAVE_CUTE:
             groups = m_pairs // self.cluster                 # the cluster's CTA r takes row pair p = cluster*P + r
             sW = storage.sW.get_tensor(w_smem_layout)
             sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-            n_items = cute.size(mTiles, mode=[0]) * groups
+            # token tiles in the table (a width class's table: its count; entries past it have rows = 0)
+            n_items = cutlass.min(cute.size(mTiles, mode=[0]), mNumTiles[0]) * groups
 
             if wg == 0:
                 # ---------------------------------------------------------------- producer warpgroup (warp 0 works)
-                cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+                cute.arch.setmaxregister_decrease(self.regs[0])
                 if const_expr(self.gather):
                     self.produce_gathered(pipe, tma_w, mW, sW, mX, mSrc, mTiles, storage.sB.data_ptr(), first, step,
                                           n_items, groups, rank, k_tiles, tidx, warp_idx)
                 elif warp_idx == 0:
-                    if const_expr(self.pdl):
+                    if const_expr(self.pdl and self.chain != "next"):
                         cute.arch.griddepcontrol_wait()       # the tokens come from the previous kernel
+                        if const_expr(self.chain == "first"):
+                            cute.arch.griddepcontrol_launch_dependents()
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     for w in cutlass.range(first, n_items, step, unroll=1):
                         j = w // groups
@@ -5941,11 +5996,17 @@ if HAVE_CUTE:
                                 prod.advance()
                     if const_expr(self.cluster > 1):
                         pipe.producer_tail(prod)      # stay until the peer CTA has released every stage
+                elif const_expr(self.store_warps):
+                    if warp_idx < 3:
+                        self.store_rows(storage.sOut.get_tensor(epi_layout)[None, None, warp_idx - 1], mOut, mTiles,
+                                        first, step, n_items, groups, rank, warp_idx - 1, tidx % 32)
             else:
                 # ---------------------------------------------------------------- consumer warpgroups 1, 2
-                cute.arch.setmaxregister_increase(CONSUMER_REGS)
-                if const_expr(self.pdl):
+                cute.arch.setmaxregister_increase(self.regs[1])
+                if const_expr(self.pdl and self.chain != "next"):
                     cute.arch.griddepcontrol_wait()           # our outputs may still be read by the previous kernel
+                    if const_expr(self.chain == "first"):
+                        cute.arch.griddepcontrol_launch_dependents()
                 c = wg - 1
                 ltid = tidx - 128 * wg
                 thr_mma = tiled_mma.get_slice(ltid)
@@ -5972,6 +6033,11 @@ if HAVE_CUTE:
                 vrow = ltid // vpr
 
                 acc_full = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
+                acc_chunks = []                   # n_chunk: one accumulator per chunk (views of acc_full: C7512)
+                for ch in cutlass.range_constexpr(self.tile_n // self.n_chunk if self.n_chunk else 0):
+                    acc_chunks.append(cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.n_chunk)),
+                                                            Float32))
+                acc_epi = acc_chunks if self.n_chunk else acc_full
                 lane = ltid % 32
                 q = lane // 8                     # stmatrix: this thread addresses row lane % 8 of tile q
                 s_addr = (storage.sOut.data_ptr().toint() + c * (self.tile_n * self.out_pitch * 2)
@@ -5989,21 +6055,36 @@ if HAVE_CUTE:
                     # that covers it (the B tile is always loaded whole; rows >= nv unused)
                     if const_expr(self.lean):
                         if nrows > 0:
-                            acc_full.fill(0.0)
+                            if const_expr(self.n_chunk):
+                                for ch in cutlass.range_constexpr(len(acc_chunks)):
+                                    acc_chunks[ch].fill(0.0)
+                            else:
+                                acc_full.fill(0.0)
                     for vi in cutlass.range_constexpr(len(self.widths)):
                         nv = self.widths[vi]
-                        if nrows > (self.widths[vi - 1] if vi > 0 else 0) and nrows <= nv:
+                        if nrows > (self.widths[vi - 1] if vi > 0 else 0) and (nrows <= nv or self.mma_width):
+                            nw = self.n_chunk if self.n_chunk else nv          # wgmma width
+                            n_chk = self.tile_n // self.n_chunk if self.n_chunk else 1
                             mma_v = sm90_utils.make_trivial_tiled_mma(
                                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
-                                tiler_mn=(64, nv), a_source=warpgroup.OperandSource.RMEM)
+                                tiler_mn=(64, nw), a_source=warpgroup.OperandSource.RMEM)
                             mma_v.set(warpgroup.Field.ACCUMULATE, True)
                             thr_v = mma_v.get_slice(ltid)
-                            sB_v = cute.composition(sB, cute.make_layout(
-                                (nv, TILE_K, self.stages), stride=(1, self.tile_n, self.tile_n * TILE_K)))
-                            tCrB = mma_v.make_fragment_B(thr_v.partition_B(sB_v))
-                            if const_expr(self.lean):    # the first nv/8 column groups of the shared accumulator
-                                acc = cute.make_tensor(acc_full.iterator, cute.make_layout(
-                                    ((2, 2, nv // 8), 2, 1), stride=((1, 2, 4), self.tile_n // 2, 0)))
+                            # chunk ch: B rows ch*nw .. ch*nw+nw-1 (multiples of 8 rows = whole 1 KB swizzle atoms)
+                            tCrBs = []
+                            accs = []
+                            for ch in cutlass.range_constexpr(n_chk):
+                                sB_v = cute.composition(cute.domain_offset((ch * nw, 0, 0), sB), cute.make_layout(
+                                    (nw, TILE_K, self.stages), stride=(1, self.tile_n, self.tile_n * TILE_K)))
+                                tCrBs.append(mma_v.make_fragment_B(thr_v.partition_B(sB_v)))
+                                if const_expr(self.n_chunk):
+                                    accs.append(acc_chunks[ch])
+                                elif const_expr(self.lean):  # the first nv/8 column groups of the shared accumulator
+                                    accs.append(cute.make_tensor(acc_full.iterator, cute.make_layout(
+                                        ((2, 2, nw // 8), 2, 1), stride=((1, 2, 4), self.tile_n // 2, 0))))
+                            tCrB = tCrBs[0]
+                            if const_expr(self.lean):
+                                acc = accs[0]
                             else:
                                 acc = cute.make_rmem_tensor(thr_v.partition_shape_C((TILE_M, nv)), Float32)
                                 acc.fill(0.0)
@@ -6054,8 +6135,13 @@ if HAVE_CUTE:
                                             frag[(0, 1, 1), a, kb] = codes[kb, a] ^ scl[0, a]
                                     warpgroup.fence()
                                     for kb in cutlass.range_constexpr(4):
-                                        cute.gemm(mma_v, acc, (frag0, frag1)[h][None, None, kb],
-                                                  tCrB[None, None, kb, cons.index], acc)
+                                        for ch in cutlass.range_constexpr(n_chk):
+                                            if const_expr(ch == 0):
+                                                cute.gemm(mma_v, acc, (frag0, frag1)[h][None, None, kb],
+                                                          tCrB[None, None, kb, cons.index], acc)
+                                            elif const_expr(ch < nv // nw):     # the chunks that hold rows
+                                                cute.gemm(mma_v, accs[ch], (frag0, frag1)[h][None, None, kb],
+                                                          tCrBs[ch][None, None, kb, cons.index], accs[ch])
                                     warpgroup.commit_group()
                                     warpgroup.wait_group(1)
                                     if kt + h > 0:
@@ -6106,15 +6192,27 @@ if HAVE_CUTE:
                                                       cute.local_tile(mOut, (1, 8), (row0 + n, col_vec)))
                     if const_expr(self.lean):
                         if nrows > 0:
-                            self.lean_epilogue(acc_full, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit,
+                            self.lean_epilogue(acc_epi, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit,
                                                expert, row0, nrows, p, c, ltid)
+                if const_expr(self.store_warps):              # matches the store warp's last 'tile free' arrival
+                    pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160).arrive_and_wait()
+                if const_expr(self.pdl and self.chain == "next"):
+                    cute.arch.griddepcontrol_wait()           # complete only after the previous launch of the chain
 
         @cute.jit
         def lean_epilogue(self, acc, sOut: cute.Tensor, s_addr, epi_bar, mOut: cute.Tensor, mAlpha0: cute.Tensor,
                           mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, p, c, ltid):
             """acc ((2,2,tile_n/8), atom, 1) fp32 -> bf16 out rows row0..row0+nrows-1, this consumer's columns.
             Fragment register (i, jh, g) of atom a = (row 16 w + lane/4 + 8 jh + 64 a, token 8 g + 2 (lane%4) + i)."""
-            epi_bar.arrive_and_wait()                        # the previous item's smem reads are done
+            if const_expr(self.store_warps):                 # the store warp has read the previous item's tile
+                pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160).arrive_and_wait()
+            else:
+                epi_bar.arrive_and_wait()                    # the previous item's smem reads are done
+            if const_expr(self.n_chunk):                     # acc = list of per-chunk accumulators
+                gpc = self.n_chunk // 8
+                accv = lambda i, jh, g, a: acc[g // gpc][(i, jh, g % gpc), a, 0]   # noqa: E731
+            else:
+                accv = lambda i, jh, g, a: acc[(i, jh, g), a, 0]                   # noqa: E731
             if const_expr(self.swiglu):
                 a_gate = mAlpha0[expert]
                 a_up = mAlpha1[expert]
@@ -6126,12 +6224,20 @@ if HAVE_CUTE:
                         pair = []
                         for i in cutlass.range_constexpr(2):
                             tok = 8 * g + 2 * (lane % 4) + i
-                            hh = cute.math.min(acc[(i, jh, g), 0, 0] * a_gate, limit)
-                            uu = cute.math.max(cute.math.min(acc[(i, jh, g), 1, 0] * a_up, limit), -limit)
-                            rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
+                            hh = cute.math.min(accv(i, jh, g, 0) * a_gate, limit)
+                            uu = cute.math.max(cute.math.min(accv(i, jh, g, 1) * a_up, limit), -limit)
+                            rw = Float32(1.0)
+                            if const_expr(self.row_weight):
+                                rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
                             # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
-                            sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
-                            pair.append(rw * hh * sig * uu)
+                            if const_expr(self.epi_mode == "nomath"):          # ablation only
+                                pair.append(accv(i, jh, g, 0) + accv(i, jh, g, 1))
+                            elif const_expr(self.silu_tanh):
+                                hh2 = 0.5 * hh
+                                pair.append(rw * (hh2 + hh2 * tanh_approx(hh2)) * uu)
+                            else:
+                                sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
+                                pair.append(rw * hh * sig * uu)
                         regs.append(pack_bf16x2(pair[0], pair[1]))
                     stmatrix_x4_trans(s_addr + 16 * s * self.out_pitch * 2, regs[0], regs[1], regs[2], regs[3])
             else:
@@ -6141,17 +6247,56 @@ if HAVE_CUTE:
                         regs = []
                         for qq in cutlass.range_constexpr(4):
                             jh, g = qq % 2, 2 * s + qq // 2
-                            regs.append(pack_bf16x2(acc[(0, jh, g), a, 0] * a_down, acc[(1, jh, g), a, 0] * a_down))
+                            regs.append(pack_bf16x2(accv(0, jh, g, a) * a_down, accv(1, jh, g, a) * a_down))
                         stmatrix_x4_trans(s_addr + (16 * s * self.out_pitch + 64 * a) * 2, regs[0], regs[1],
                                           regs[2], regs[3])
+            if const_expr(self.store_warps):                 # the tile is in smem: the store warp takes over
+                pipeline.NamedBarrier(barrier_id=3 + c, num_threads=160).arrive()
+            else:
+                self.store_tile(sOut, mOut, row0, nrows, p, c, ltid, epi_bar)
+
+        @cute.jit
+        def store_tile(self, sOut: cute.Tensor, mOut: cute.Tensor, row0, nrows, p, c, ltid, epi_bar):
+            """The consumer warpgroup copies its bf16 tile (smem) to out rows row0.., 16-B vectors."""
             epi_bar.arrive_and_wait()
             vpr = self.out_cols // 8                         # 16-B vectors per output row
             rpp = 128 // vpr                                 # rows per pass
             vcol = ltid % vpr
             col_vec = ((2 * p + c) * self.out_cols) // 8 + vcol
-            for r in cutlass.range(ltid // vpr, nrows, rpp, unroll=1):
+            for r in cutlass.range(ltid // vpr, nrows if self.epi_mode != "nostore" else 0, rpp, unroll=1):
                 cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r, vcol)),
                                   cute.local_tile(mOut, (1, 8), (row0 + r, col_vec)))
+
+        @cute.jit
+        def store_rows(self, sOut: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, first, step, n_items, groups,
+                       rank, c, lane):
+            """Store warp of consumer c (store_warps): for each item of this CTA with rows, wait until consumer c has
+            its bf16 tile in smem (barrier 3 + c), copy the nrows rows to out (16-B vectors, 4 per lane in flight),
+            then free the tile (barrier 5 + c)."""
+            full = pipeline.NamedBarrier(barrier_id=3 + c, num_threads=160)
+            empty = pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160)
+            vpr = self.out_cols // 8                         # 16-B vectors per output row
+            rpp = 32 // vpr                                  # rows per warp instruction
+            vcol = lane % vpr
+            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(4)]
+            empty.arrive_unaligned()                         # the tile starts free
+            for w in cutlass.range(first, n_items, step, unroll=1):
+                j = w // groups
+                p = (w - j * groups) * self.cluster + rank
+                row0 = mTiles[j, 1]
+                nrows = mTiles[j, 2]
+                if nrows > 0:
+                    full.wait_unaligned()
+                    col_vec = ((2 * p + c) * self.out_cols) // 8 + vcol
+                    for r0 in cutlass.range(lane // vpr, nrows, 4 * rpp, unroll=1):
+                        for i in cutlass.range_constexpr(4):
+                            if r0 + i * rpp < nrows:
+                                cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r0 + i * rpp, vcol)), v[i])
+                        for i in cutlass.range_constexpr(4):
+                            if r0 + i * rpp < nrows:
+                                cute.autovec_copy(v[i], cute.local_tile(mOut, (1, 8), (row0 + r0 + i * rpp,
+                                                                                      col_vec)))
+                    empty.arrive_unaligned()
 
         @cute.jit
         def produce_gathered(self, pipe, tma_w: cute.CopyAtom, mW: cute.Tensor, sW: cute.Tensor, mX: cute.Tensor,
@@ -6208,16 +6353,426 @@ if HAVE_CUTE:
                         prod.advance()
 
 
+    class PrefillRouting(MoeRouting):
+        """MoeRouting for moe_fp4_prefill's width classes: the same src_tok / row_w / pos; each expert's rows are cut
+        into token tiles of widths[-1] rows (the last one partial), and a tile of nr rows goes to the table of the
+        narrowest width >= nr: tiles[c, i] = (expert, first row, rows) compact, rows = 0 past counts[c]."""
+
+        def __init__(self, num_experts: int, top_k: int, widths: tuple, batch: int = 8):
+            super().__init__(num_experts, top_k, widths[-1])
+            self.widths = tuple(widths)
+            self.batch = batch          # slots per thread whose loads are in flight together
+
+        @cute.jit
+        def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
+                     mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor, stream):
+            @cute.struct
+            class SharedStorage:
+                cnt: cute.struct.MemRange[Int32, self.E + 1]
+                start: cute.struct.MemRange[Int32, self.E + 1]
+                cstart: cute.struct.MemRange[Int32, len(self.widths) * (self.E + 1)]
+
+            self.shared_storage = SharedStorage
+            self.kernel_widths(mIds, mW, mSrc, mRowW, mPos, mTiles, mCounts).launch(
+                grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.jit
+        def width_class(self, rows):
+            """Index of the narrowest width >= rows (rows in 1..widths[-1])."""
+            cls = Int32(len(self.widths) - 1)
+            for c in cutlass.range_constexpr(len(self.widths) - 2, -1, -1):
+                if rows <= self.widths[c]:
+                    cls = Int32(c)
+            return cls
+
+        @cute.jit
+        def scan_counts(self, cnt: cute.Tensor, start: cute.Tensor, cstart: cute.Tensor, tidx):
+            """Warp 0: start[e] = rows of experts < e (e = 0..E), cstart[e, c] = class-c tiles of experts < e."""
+            E, tn, nc = self.E, self.tile_n, len(self.widths)
+            if tidx < 32:        # warp 0: exclusive prefix sums of rows and of each class's tiles, 32 experts a step
+                lane = tidx
+                acc = Int32(0)
+                cacc = cute.make_rmem_tensor((nc,), Int32)
+                cacc.fill(0)
+                for base in cutlass.range(0, E + 1, 32, unroll=1):
+                    e = base + lane
+                    c = Int32(0)
+                    if e <= E:
+                        c = cnt[e]
+                    full = c // tn
+                    rem = c - full * tn
+                    rcls = Int32(-1)
+                    if e < E and rem > 0:
+                        rcls = self.width_class(rem)
+                    ci = c
+                    for d in cutlass.range_constexpr(5):              # inclusive warp scan of the rows
+                        cu = cute.arch.shuffle_sync_up(ci, 1 << d)
+                        if lane >= (1 << d):
+                            ci = ci + cu
+                    if e <= E:
+                        start[e] = acc + ci - c
+                    acc = acc + cute.arch.shuffle_sync(ci, 31)
+                    for k in cutlass.range_constexpr(nc):             # tiles of class k of this expert
+                        t = Int32(0)
+                        if e < E:
+                            if const_expr(k == nc - 1):
+                                t = full
+                            if rcls == k:
+                                t = t + 1
+                        ti = t
+                        for d in cutlass.range_constexpr(5):
+                            tu = cute.arch.shuffle_sync_up(ti, 1 << d)
+                            if lane >= (1 << d):
+                                ti = ti + tu
+                        if e <= E:
+                            cstart[e, k] = cacc[k] + ti - t
+                        cacc[k] = cacc[k] + cute.arch.shuffle_sync(ti, 31)
+
+        @cute.jit
+        def write_tables(self, cnt: cute.Tensor, start: cute.Tensor, cstart: cute.Tensor, mTiles: cute.Tensor,
+                         mCounts: cute.Tensor, tidx):
+            """Every expert's token tiles into its class tables; entries past a table's count zeroed; counts."""
+            E, tn, nc = self.E, self.tile_n, len(self.widths)
+            n_tab = cute.size(mTiles, mode=[1])
+            for e in cutlass.range(tidx, E, self.threads, unroll=1):     # each expert writes its own tiles
+                c = cnt[e]
+                full = c // tn
+                rem = c - full * tn
+                for t in cutlass.range(full, unroll=1):
+                    i = cstart[e, nc - 1] + t
+                    mTiles[nc - 1, i, 0] = e
+                    mTiles[nc - 1, i, 1] = start[e] + t * tn
+                    mTiles[nc - 1, i, 2] = tn
+                if rem > 0:
+                    rcls = self.width_class(rem)
+                    i = cstart[e, rcls]
+                    if rcls == nc - 1:
+                        i = i + full
+                    mTiles[rcls, i, 0] = e
+                    mTiles[rcls, i, 1] = start[e] + full * tn
+                    mTiles[rcls, i, 2] = rem
+            for k in cutlass.range_constexpr(nc):
+                total = cstart[E, k]
+                for j in cutlass.range(total + tidx, n_tab, self.threads, unroll=1):
+                    mTiles[k, j, 0] = 0
+                    mTiles[k, j, 1] = 0
+                    mTiles[k, j, 2] = 0
+                if tidx == 0:
+                    mCounts[k] = total
+
+        @cute.kernel
+        def kernel_widths(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
+                          mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            E, tn, nc = self.E, self.tile_n, len(self.widths)
+            R = cute.size(mIds, mode=[0])
+            n_tab = cute.size(mTiles, mode=[1])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
+            start = storage.start.get_tensor(cute.make_layout(E + 1))
+            cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))     # [expert, class]
+            nb = self.batch
+            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
+                cnt[e] = 0
+            cute.arch.sync_threads()
+            # slots in batches of nb per thread (s = it + i * threads + tidx: coalesced), all loads of a batch first:
+            # the passes are latency-bound (one CTA), so nb independent loads in flight instead of one
+            ev = cute.make_rmem_tensor((nb,), Int32)
+            rk = cute.make_rmem_tensor((nb,), Int32)
+            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    ev[i] = E
+                    if s < R:
+                        e = mIds[s]
+                        if e >= 0 and e < E:
+                            ev[i] = e
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    if s < R:
+                        mPos[s] = cute.arch.atomic_add(cnt.iterator + ev[i], Int32(1), scope="cta")   # rank in e
+            cute.arch.sync_threads()
+            self.scan_counts(cnt, start, cstart, tidx)
+            cute.arch.sync_threads()
+            wv = cute.make_rmem_tensor((nb,), Float32)
+            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    ev[i] = E
+                    rk[i] = 0
+                    wv[i] = 0.0
+                    if s < R:
+                        e = mIds[s]
+                        if e >= 0 and e < E:
+                            ev[i] = e
+                        rk[i] = mPos[s]
+                        wv[i] = mW[s]
+                for i in cutlass.range_constexpr(nb):
+                    s = it + i * self.threads + tidx
+                    if s < R:
+                        p = start[ev[i]] + rk[i]
+                        mSrc[p] = s // self.k
+                        mRowW[p] = wv[i]
+                        mPos[s] = p if ev[i] < E else R
+            self.write_tables(cnt, start, cstart, mTiles, mCounts, tidx)
+
+    class PrefillCount:
+        """Routing over many CTAs, step 1: rank[s] = rank of slot s among its expert's rows (order arbitrary). Each
+        CTA counts its slots per expert in shared memory (the single-CTA MoeRouting is bound by one SM's shared
+        atomics), then takes a base per expert from counts (one global atomic per expert and CTA). counts [E + 1]
+        must be zero on entry; on exit counts[e] = rows of expert e (counts[E]: skipped slots)."""
+
+        def __init__(self, num_experts: int, threads: int = 256, per_thread: int = 8):
+            self.E, self.threads, self.per_thread = num_experts, threads, per_thread
+
+        @cute.jit
+        def __call__(self, mIds: cute.Tensor, mRank: cute.Tensor, mCounts: cute.Tensor, stream):
+            @cute.struct
+            class SharedStorage:
+                cnt: cute.struct.MemRange[Int32, self.E + 1]
+                base: cute.struct.MemRange[Int32, self.E + 1]
+
+            self.shared_storage = SharedStorage
+            R = cute.size(mIds, mode=[0])
+            chunk = self.threads * self.per_thread
+            self.kernel(mIds, mRank, mCounts).launch(grid=[(R + chunk - 1) // chunk, 1, 1],
+                                                     block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel(self, mIds: cute.Tensor, mRank: cute.Tensor, mCounts: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            E, nb = self.E, self.per_thread
+            R = cute.size(mIds, mode=[0])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
+            base = storage.base.get_tensor(cute.make_layout(E + 1))
+            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
+                cnt[e] = 0
+            cute.arch.sync_threads()
+            s0 = bid * self.threads * nb + tidx
+            ev = cute.make_rmem_tensor((nb,), Int32)
+            rk = cute.make_rmem_tensor((nb,), Int32)
+            for i in cutlass.range_constexpr(nb):
+                s = s0 + i * self.threads
+                ev[i] = E
+                if s < R:
+                    e = mIds[s]
+                    if e >= 0 and e < E:
+                        ev[i] = e
+            for i in cutlass.range_constexpr(nb):
+                if s0 + i * self.threads < R:
+                    rk[i] = cute.arch.atomic_add(cnt.iterator + ev[i], Int32(1), scope="cta")
+            cute.arch.sync_threads()
+            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
+                c = cnt[e]
+                if c > 0:
+                    base[e] = cute.arch.atomic_add(mCounts.iterator + e, c, scope="gpu")
+            cute.arch.sync_threads()
+            for i in cutlass.range_constexpr(nb):
+                s = s0 + i * self.threads
+                if s < R:
+                    mRank[s] = base[ev[i]] + rk[i]
+
+    class PrefillTables(PrefillRouting):
+        """Routing over many CTAs, step 2 (one CTA): from counts (PrefillCount), start[e] = first sorted row of
+        expert e (e = 0..E) and PrefillRouting's width-class tile tables + their counts."""
+
+        def __init__(self, num_experts: int, top_k: int, widths: tuple):
+            super().__init__(num_experts, top_k, widths)
+            self.threads = 256
+
+        @cute.jit
+        def __call__(self, mCounts: cute.Tensor, mStart: cute.Tensor, mTiles: cute.Tensor, mTileCounts: cute.Tensor,
+                     stream):
+            @cute.struct
+            class SharedStorage:
+                cnt: cute.struct.MemRange[Int32, self.E + 1]
+                start: cute.struct.MemRange[Int32, self.E + 1]
+                cstart: cute.struct.MemRange[Int32, len(self.widths) * (self.E + 1)]
+
+            self.shared_storage = SharedStorage
+            self.kernel_tables(mCounts, mStart, mTiles, mTileCounts).launch(
+                grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel_tables(self, mCounts: cute.Tensor, mStart: cute.Tensor, mTiles: cute.Tensor,
+                          mTileCounts: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            E, nc = self.E, len(self.widths)
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
+            start = storage.start.get_tensor(cute.make_layout(E + 1))
+            cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))
+            for e in cutlass.range(tidx, E + 1, 256, unroll=1):
+                cnt[e] = mCounts[e]
+            cute.arch.sync_threads()
+            self.scan_counts(cnt, start, cstart, tidx)
+            cute.arch.sync_threads()
+            for e in cutlass.range(tidx, E + 1, 256, unroll=1):
+                mStart[e] = start[e]
+            self.write_tables(cnt, start, cstart, mTiles, mTileCounts, tidx)
+
+    class PrefillPlace:
+        """Routing over many CTAs, step 3 (+ the gather): for each slot s of expert e (routed), its sorted row
+        p = start[e] + rank[s]: src_tok[p] = s // k, row_w[p] = w[s], pos[s] = p, x_sorted[p] = x[s // k] (16-B
+        vectors, every thread's loads in flight before its stores); skipped slots: pos[s] = R. `slots` per CTA."""
+
+        def __init__(self, num_experts: int, top_k: int, dim: int, slots: int = 4):
+            self.E, self.k, self.dim, self.slots, self.threads = num_experts, top_k, dim, slots, 128
+            self.vecs = dim // 8
+            self.cols = (self.vecs + self.threads - 1) // self.threads
+
+        @cute.jit
+        def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mRank: cute.Tensor, mStart: cute.Tensor,
+                     mX: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor, mPos: cute.Tensor, mXs: cute.Tensor,
+                     stream):
+            R = cute.size(mIds, mode=[0])
+            self.kernel(mIds, mW, mRank, mStart, mX, mSrc, mRowW, mPos, mXs).launch(
+                grid=[(R + self.slots - 1) // self.slots, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel(self, mIds: cute.Tensor, mW: cute.Tensor, mRank: cute.Tensor, mStart: cute.Tensor,
+                   mX: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor, mPos: cute.Tensor, mXs: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            E = self.E
+            R = cute.size(mIds, mode=[0])
+            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.slots * self.cols)]
+            ps = []
+            for r in cutlass.range_constexpr(self.slots):
+                s = bid * self.slots + r
+                p = Int32(-1)
+                if s < R:
+                    e = mIds[s]
+                    if e >= 0 and e < E:
+                        p = mStart[e] + mRank[s]
+                    if tidx == 0:
+                        mPos[s] = p if p >= 0 else R
+                        if p >= 0:
+                            mSrc[p] = s // self.k
+                            mRowW[p] = mW[s]
+                ps.append(p)
+            for r in cutlass.range_constexpr(self.slots):
+                if ps[r] >= 0:
+                    tok = (bid * self.slots + r) // self.k
+                    for j in cutlass.range_constexpr(self.cols):
+                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
+                            cute.autovec_copy(cute.local_tile(mX, (1, 8), (tok, j * self.threads + tidx)),
+                                              v[r * self.cols + j])
+            for r in cutlass.range_constexpr(self.slots):
+                if ps[r] >= 0:
+                    for j in cutlass.range_constexpr(self.cols):
+                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
+                            cute.autovec_copy(v[r * self.cols + j],
+                                              cute.local_tile(mXs, (1, 8), (ps[r], j * self.threads + tidx)))
+
+    class PrefillGather:
+        """x_sorted[p] = x[src_tok[p]] for the R sorted rows (the token rows GEMM1 reads, grouped by expert): one CTA
+        per `rows` sorted rows, 128 threads, thread t moving 16-B vectors t, t + 128, ... of each row, all its loads in
+        flight before its stores (torch index_select moves 2-B elements). pdl: trigger the next kernel at once, wait
+        for the routing kernel before reading src_tok."""
+
+        def __init__(self, dim: int, rows: int = 4, pdl: bool = False):
+            self.dim, self.rows, self.threads, self.pdl = dim, rows, 128, pdl
+            self.vecs = dim // 8                                      # 16-B vectors per row
+            self.cols = (self.vecs + self.threads - 1) // self.threads   # vectors per thread and row
+
+        @cute.jit
+        def __call__(self, mX: cute.Tensor, mSrc: cute.Tensor, mXs: cute.Tensor, stream):
+            n_rows = cute.size(mXs, mode=[0])
+            self.kernel(mX, mSrc, mXs).launch(grid=[(n_rows + self.rows - 1) // self.rows, 1, 1],
+                                              block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+        @cute.kernel
+        def kernel(self, mX: cute.Tensor, mSrc: cute.Tensor, mXs: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            n_rows = cute.size(mXs, mode=[0])
+            if const_expr(self.pdl):
+                cute.arch.griddepcontrol_launch_dependents()
+                cute.arch.griddepcontrol_wait()
+            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.rows * self.cols)]   # 16 B each
+            for r in cutlass.range_constexpr(self.rows):
+                row = bid * self.rows + r
+                if row < n_rows:
+                    src = mSrc[row]
+                    for j in cutlass.range_constexpr(self.cols):
+                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
+                            cute.autovec_copy(cute.local_tile(mX, (1, 8), (src, j * self.threads + tidx)),
+                                              v[r * self.cols + j])
+            for r in cutlass.range_constexpr(self.rows):
+                row = bid * self.rows + r
+                if row < n_rows:
+                    for j in cutlass.range_constexpr(self.cols):
+                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
+                            cute.autovec_copy(v[r * self.cols + j],
+                                              cute.local_tile(mXs, (1, 8), (row, j * self.threads + tidx)))
+
+    class PrefillCombine:
+        """y[t] = sum over slots j = 0..k-1 (this order, fp32) of w[t, j] * y_rows[pos[t*k + j]] -> bf16 (slots with
+        pos = R add nothing): MoeCombine with the routing weight applied here instead of in GEMM1's epilogue, and
+        every slot's row load in flight before the sum. One thread per 8 columns, grid (T, D / 8 / threads)."""
+
+        def __init__(self, top_k: int, dim: int, pdl: bool = False):
+            self.k, self.dim, self.pdl = top_k, dim, pdl
+            vecs = dim // 8
+            self.threads = 128
+            while vecs % self.threads:
+                self.threads //= 2
+            self.col_blocks = vecs // self.threads
+
+        @cute.jit
+        def __call__(self, mY: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, stream):
+            num_tokens = cute.size(mOut, mode=[0])
+            self.kernel(mY, mPos, mW, mOut).launch(grid=[num_tokens, self.col_blocks, 1],
+                                                   block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+        @cute.kernel
+        def kernel(self, mY: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            tok, cb, _ = cute.arch.block_idx()
+            R = cute.size(mY, mode=[0])
+            vec = cb * self.threads + tidx
+            if const_expr(self.pdl):
+                cute.arch.griddepcontrol_wait()                    # y_rows is written by the previous kernel
+            rows = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.k)]
+            ps = []
+            for j in cutlass.range_constexpr(self.k):
+                ps.append(mPos[tok * self.k + j])
+            for j in cutlass.range_constexpr(self.k):
+                rows[j].fill(0.0)
+                if ps[j] < R:
+                    cute.autovec_copy(cute.local_tile(mY, (1, 8), (ps[j], vec)), rows[j])
+            acc = cute.make_rmem_tensor((1, 8), Float32)
+            acc.fill(0.0)
+            for j in cutlass.range_constexpr(self.k):
+                acc.store(acc.load() + rows[j].load().to(Float32) * mW[tok * self.k + j])
+            v = cute.make_rmem_tensor((1, 8), BFloat16)
+            v.store(acc.load().to(BFloat16))
+            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, vec)))
+
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                          lean: bool | None = None):
+                          lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
+                          mma_width: int = 0, chain: str = "", silu_tanh: bool | None = None,
+                          store_warps: bool | None = None, row_weight: bool = True):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
     n_step = PREFILL_N_STEP if n_step is None else n_step
     lean = PREFILL_LEAN if lean is None else lean
-    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK)
+    n_chunk = PREFILL_N_CHUNK if n_chunk is None else n_chunk
+    min_blocks = PREFILL_MIN_BLOCKS if min_blocks is None else min_blocks
+    silu_tanh = PREFILL_SILU_TANH if silu_tanh is None else silu_tanh
+    store_warps = (PREFILL_STORE_WARPS and not gather) if store_warps is None else store_warps
+    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
+              n_chunk, min_blocks, mma_width, chain, silu_tanh, store_warps, row_weight)
 
     def build():
-        gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean)
+        gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
+                              min_blocks, mma_width, chain, silu_tanh, store_warps, row_weight)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW
@@ -6228,14 +6783,86 @@ def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False
         out = cute.runtime.make_fake_compact_tensor(BFloat16, (rows_o, n_out), stride_order=(1, 0),
                                                     assumed_align=16)
         tiles = cute.runtime.make_fake_compact_tensor(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4)
+        num_tiles = cute.runtime.make_fake_compact_tensor(Int32, (1,), assumed_align=4)
         alpha0 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
         alpha1 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
         rows = cute.sym_int()
         row_w = cute.runtime.make_fake_compact_tensor(Float32, (rows,), assumed_align=4)
         src = cute.runtime.make_fake_compact_tensor(Int32, (rows,), assumed_align=4)
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        return gemm, (w, b, out, tiles, alpha0, alpha1, row_w, src, Float32(0.0), Int32(1), stream)
+        return gemm, (w, b, out, tiles, num_tiles, alpha0, alpha1, row_w, src, Float32(0.0), Int32(1), stream)
     return _load_or_compile(config, build)
+
+
+def _compile_prefill_routing(num_experts: int, top_k: int, widths: tuple):
+    def build():
+        r, n_tab = cute.sym_int(), cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        f32 = cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4)
+        args = (i32((r,)), f32, i32((r,)), f32, i32((r,)),
+                cute.runtime.make_fake_compact_tensor(Int32, (len(widths), n_tab, 3), stride_order=(2, 1, 0),
+                                                      assumed_align=4),
+                i32((len(widths),)), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillRouting(num_experts, top_k, widths), args
+    return _load_or_compile(("prefill_route", num_experts, top_k, tuple(widths)), build)
+
+
+def _compile_prefill_count(num_experts: int):
+    def build():
+        r = cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        return PrefillCount(num_experts), (i32((r,)), i32((r,)), i32((num_experts + 1,)),
+                                           cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+    return _load_or_compile(("prefill_count", num_experts), build)
+
+
+def _compile_prefill_tables(num_experts: int, top_k: int, widths: tuple):
+    def build():
+        n_tab = cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        args = (i32((num_experts + 1,)), i32((num_experts + 1,)),
+                cute.runtime.make_fake_compact_tensor(Int32, (len(widths), n_tab, 3), stride_order=(2, 1, 0),
+                                                      assumed_align=4),
+                i32((len(widths),)), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillTables(num_experts, top_k, widths), args
+    return _load_or_compile(("prefill_tables", num_experts, top_k, tuple(widths)), build)
+
+
+def _compile_prefill_place(num_experts: int, top_k: int, dim: int):
+    def build():
+        r, t = cute.sym_int(), cute.sym_int()
+        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
+        f32 = cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4)
+        bf16 = lambda rows: cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0),  # noqa
+                                                                  assumed_align=16)
+        args = (i32((r,)), f32, i32((r,)), i32((num_experts + 1,)), bf16(t), i32((r,)), f32, i32((r,)), bf16(r),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillPlace(num_experts, top_k, dim), args
+    return _load_or_compile(("prefill_place", num_experts, top_k, dim), build)
+
+
+def _compile_prefill_combine(top_k: int, dim: int, pdl: bool):
+    def build():
+        rows, tokens, slots = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        args = (cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0), assumed_align=16),
+                cute.runtime.make_fake_compact_tensor(Int32, (slots,), assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(Float32, (slots,), assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(BFloat16, (tokens, dim), stride_order=(1, 0),
+                                                      assumed_align=16),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillCombine(top_k, dim, pdl), args
+    return _load_or_compile(("prefill_combine", top_k, dim, pdl), build)
+
+
+def _compile_prefill_gather(dim: int, pdl: bool):
+    def build():
+        t, r = cute.sym_int(), cute.sym_int()
+        bf16 = lambda rows: cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0),  # noqa
+                                                                  assumed_align=16)
+        args = (bf16(t), cute.runtime.make_fake_compact_tensor(Int32, (r,), assumed_align=4), bf16(r),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return PrefillGather(dim, pdl=pdl), args
+    return _load_or_compile(("prefill_gather", dim, pdl), build)
 
 
 def prefill_unavailable_reason(x, experts) -> str | None:
@@ -6267,6 +6894,60 @@ def _grid(dev, work_items: int, cluster: int) -> int:
     return max(cluster, min(_SMS[key], work_items) // cluster * cluster)
 
 
+def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
+    """Default wgmma width classes (PREFILL_WIDTHS = None). H200, whole MoE, sustained, vs one 128 width: R1 at ~96
+    rows per expert (T = 4096) (96, 112, 128) -12%, (64, 96, 128) -7%; at ~384 rows (T = 16384) (64, 96, 128) -3.9%,
+    (96, 112, 128) -0.9%. R2: (64, 96, 112, 128) within 0.6% of the best of those at both T (the 64 class holds
+    few tiles at T = 4096, the 112 class few at T = 16384), so one set for every T."""
+    return (64, 96, 112, 128)
+
+
+def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens: int = 4096, **gemm_options):
+    """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
+    (gemm1 list, gemm2 list (one per width class), routing, combine, widths, gather, cluster of GEMM1, of GEMM2)."""
+    gemm_options = {**PREFILL_ABLATE, **gemm_options}
+    tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
+    widths = gemm_options.pop("widths", PREFILL_WIDTHS)
+    gather = gemm_options.pop("gather", PREFILL_GATHER)
+    cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
+    if widths is None:               # auto: width classes unless one tile width / gather / clusters are asked for
+        widths = prefill_widths(num_tokens, top_k, num_experts) if tile_n == 128 and not gather and cluster == 1 else ()
+    widths = tuple(widths) or (tile_n,)
+    assert len(widths) == 1 or not (gather or cluster > 1), "width classes run without gather / clusters"
+    cl1 = 1 if gather else cluster
+    gemm1, gemm2 = [], []
+    for c, width in enumerate(widths):
+        opts = dict(gemm_options)
+        opts.setdefault("row_weight", not PREFILL_WEIGHT_IN_COMBINE)
+        if width % PREFILL_N_STEP:
+            opts.setdefault("n_step", width)
+        # launched widest first: the chain's last launch (whose tail nothing else fills) has the shortest items
+        opts["chain"] = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
+        gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, gather=gather, cluster=cl1, **opts))
+        opts.pop("row_weight")
+        gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, cluster=cluster, **opts))
+    routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1 or PREFILL_ROUTING
+               else _compile_routing(num_experts, top_k, widths[0]))
+    if PREFILL_MULTI_ROUTING and not gather:        # (warms the cache; _prefill_steps fetches them)
+        _compile_prefill_count(num_experts), _compile_prefill_tables(num_experts, top_k, widths)
+        _compile_prefill_place(num_experts, top_k, dim)
+    combine = (_compile_prefill_combine(top_k, dim, USE_PDL) if PREFILL_WEIGHT_IN_COMBINE
+               else _compile_combine(top_k, dim, USE_PDL))
+    if PREFILL_GATHER_KERNEL and not gather:
+        _compile_prefill_gather(dim, USE_PDL)            # (warms the cache; _prefill_steps fetches it)
+    return gemm1, gemm2, routing, combine, widths, gather, cl1, cluster
+
+
+_ALL_TILES: dict = {}
+
+
+def _all_tiles(dev) -> torch.Tensor:
+    """[1] int32 'count' for a table whose every entry is to be read (more than any table holds)."""
+    if dev not in _ALL_TILES:
+        _ALL_TILES[dev] = torch.full((1,), 1 << 30, dtype=torch.int32, device=dev)
+    return _ALL_TILES[dev]
+
+
 def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **gemm_options):
     """The launches of moe_fp4_prefill as (name, fn) in order (the bench times them one by one); y = last output."""
     pk = experts.packed if experts.packed is not None else prepare_experts(experts).packed
@@ -6274,15 +6955,15 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
-    gather = gemm_options.pop("gather", PREFILL_GATHER)
-    cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
-    cl1 = 1 if gather else cluster
+    gemm1, gemm2, routing, combine, widths, gather, cl1, cluster = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
+    nc, tile_n = len(widths), widths[-1]
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
-    tiles = torch.empty(max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)
+    tiles = torch.empty(nc, max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)   # one table per width
+    own_routing = nc > 1 or PREFILL_ROUTING or (PREFILL_MULTI_ROUTING and not gather)
+    counts = torch.empty(nc, dtype=torch.int32, device=dev) if own_routing else _all_tiles(dev)
     x_sorted = None if gather else torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
@@ -6291,30 +6972,68 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         act.fill_(float("nan"))
         y_rows.fill_(float("nan"))
     limit = float(swiglu_limit) if swiglu_limit else math.inf
-    n_tab = tiles.shape[0]
-    if tile_n != PREFILL_TILE_N:
-        gemm_options.setdefault("n_step", tile_n)
-    gemm1 = _compile_prefill_gemm(pk.fmt, tile_n, True, USE_PDL, gather=gather, cluster=cl1, **gemm_options)
-    gemm2 = _compile_prefill_gemm(pk.fmt, tile_n, False, USE_PDL, cluster=cluster, **gemm_options)
+    n_tab = tiles.shape[1]
     ctas1 = _grid(dev, n_tab * (inter // 128), cl1)
     ctas2 = _grid(dev, n_tab * (D // 256), cluster)
-    routing = _compile_routing(E, k, tile_n)
-    combine = _compile_combine(k, D, USE_PDL)
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles))]
-    if not gather:
+    multi = PREFILL_MULTI_ROUTING and not gather
+    if multi:                        # routing over many CTAs, the gather fused into its last step
+        rank = torch.empty(R, dtype=torch.int32, device=dev)
+        expert_rows = torch.empty(2, E + 1, dtype=torch.int32, device=dev)      # rows per expert, first row
+        count_k, tables_k = _compile_prefill_count(E), _compile_prefill_tables(E, k, widths)
+        place_k = _compile_prefill_place(E, k, D)
+        steps = [("zero", lambda: expert_rows[0].zero_()),
+                 ("count", lambda: count_k(ids32, rank, expert_rows[0])),
+                 ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
+                 ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos,
+                                           x_sorted))]
+    elif not own_routing:
+        steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
+    else:
+        steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
+    if multi:
+        pass
+    elif not gather and PREFILL_GATHER_KERNEL:
+        gather_rows = _compile_prefill_gather(D, USE_PDL)
+        steps.append(("gather", lambda: gather_rows(x.contiguous(), src_tok, x_sorted)))
+    elif not gather:
         steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
     b1 = x.contiguous() if gather else x_sorted
-    steps += [
-        ("gemm1", lambda: gemm1(pk.w13.permute(3, 2, 1, 0), b1, act, tiles, a_gate, a_up, row_w, src_tok, limit,
-                                ctas1)),
-        ("gemm2", lambda: gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, src_tok, limit,
-                                ctas2)),
-        ("combine", lambda: combine(y_rows, pos, y)),       # fixed slot order, fp32 sum
-    ]
+    w13, w2 = pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0)
+    sfx = (lambda c: "") if nc == 1 else (lambda c: f" N={widths[c]}")     # noqa: E731
+    for c in reversed(range(nc)):    # GEMM1 of every width class, widest first, then GEMM2 (PDL chains, see chain)
+        steps.append((f"gemm1{sfx(c)}", lambda c=c: gemm1[c](w13, b1, act, tiles[c], counts[c:c + 1], a_gate, a_up,
+                                                               row_w, src_tok, limit, ctas1)))
+    for c in reversed(range(nc)):
+        steps.append((f"gemm2{sfx(c)}", lambda c=c: gemm2[c](w2, act, y_rows, tiles[c], counts[c:c + 1], a_down,
+                                                               a_down, row_w, src_tok, limit, ctas2)))
+    if PREFILL_WEIGHT_IN_COMBINE:    # y[t] = sum_j w[t, j] y_rows[pos[t k + j]] (GEMM1 left the weight out)
+        steps.append(("combine", lambda: combine(y_rows, pos, w32, y)))
+    else:
+        steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
     return steps, y
 
+
+def route_width_tables(topk_ids: torch.Tensor, num_experts: int, widths: tuple):
+    """Torch reference of PrefillRouting's tables (no host sync): -> tables [len(widths), max_tiles, 3] int32
+    (expert, first sorted row, rows; rows = 0 past the count), counts [len(widths)]. Class c holds, by expert, the
+    tiles whose rows fit widths[c] best; the last class also every full tile (an expert's full tiles, then its
+    partial one if that lands there too)."""
+    order, pos, tiles = route_tiles(topk_ids, num_experts, widths[-1])
+    rows = tiles[:, 2].long()
+    w = torch.tensor(widths, device=rows.device)
+    cls = torch.searchsorted(w, rows.clamp(min=1))                   # narrowest width >= rows
+    out = torch.zeros(len(widths), tiles.shape[0], 3, dtype=torch.int32, device=tiles.device)
+    counts = torch.zeros(len(widths), dtype=torch.int32, device=tiles.device)
+    for c in range(len(widths)):
+        sel = ((cls == c) & (rows > 0)).long()
+        dest = torch.where(sel > 0, torch.cumsum(sel, 0) - 1, torch.full_like(sel, tiles.shape[0]))
+        buf = torch.zeros(tiles.shape[0] + 1, 3, dtype=torch.int32, device=tiles.device)
+        buf.index_copy_(0, dest, tiles)                              # non-members go to the dump row
+        out[c] = buf[:-1]
+        counts[c] = sel.sum().to(torch.int32)
+    return out, counts
 
 def moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit: float):
     """Routed MoE for many tokens: kernels.moe_fp4's contract and semantics (routing kernel, sorted activations,
