@@ -2,7 +2,8 @@
 
   python bench.py moe                  the routed MoE at Flash dims: fp4 CuTe DSL kernel vs torch bf16 _grouped_mm,
                                        with the device copy bandwidth and a bf16 matmul as ceilings
-  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5: kernel knobs)
+  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5 / --ablate-v6:
+                                       kernel knobs)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
@@ -233,22 +234,40 @@ def bench_moe_decode():
                 setattr(K, name, v)
 
     print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
+    v6 = "--ablate-v6" in sys.argv
     main = {T: fp4_us(T) for T in Ts}
-    v4 = with_knobs(dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0),
-                    lambda: {T: fp4_us(T) for T in Ts})
+    prev = dict(DECODE_RING=False) if v6 else dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0)
+    v4 = with_knobs(prev, lambda: {T: fp4_us(T) for T in Ts})
     base = {}
     for T in Ts:
         x, ids, w, _ = routings[T]
         base[T] = _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True) / 2 * 1e3
+    old = "v5" if v6 else "v4"
     print(f"\nMoE decode, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4), CUDA-graph replays, {dev}; "
-          f"v4 = the previous kernel, same run")
-    print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'v4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} "
-          f"{'v4 %copy':>8} {'floor us':>8}")
+          f"{old} = the previous kernel, same run")
+    print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {old + ' us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} "
+          f"{old + ' %copy':>8} {'floor us':>8}")
     for T in Ts:
         hit = routings[T][3]
         print(f"{T:>4} {hit:>7} {main[T]:>8.1f} {v4[T]:>8.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} "
               f"{pct(T, main[T]):>6.1f} {pct(T, v4[T]):>8.1f} {hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}",
               flush=True)
+    if v6:
+        budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
+        knobs = [("diag: no decode (raw words into the wgmma; wrong values)", dict(RING_DIAG="nodecode")),
+                 ("diag: token tiles of the first stages only (wrong values)", dict(RING_DIAG="notokens")),
+                 ("ring, refills all by warp 0", dict(RING_REFILL_WARPS=1)),
+                 ("tile_n 16 where mean + 2 sd rows > 8 (TILE_N_SD=2)", dict(TILE_N_SD=2)),
+                 ("ring, 4 stages", dict(RING_STAGES=4))]
+        for title, knob in knobs:
+            if time.time() - t_start > budget:
+                print(f"(time budget spent: skipped '{title}' and the rest)")
+                break
+            Tk = (16, 64, 256)
+            us = with_knobs(knob, lambda: {T: fp4_us(T) for T in Tk})
+            print(f"ablation: {title}: " + ", ".join(f"T={T} {us[T]:.1f} us ({pct(T, us[T]):.0f}%, main "
+                                                      f"{main[T]:.1f})" for T in Tk), flush=True)
+        return
     if "--ablate-v5" not in sys.argv:
         return
     budget = float(os.environ.get("BENCH_BUDGET_S", "60"))

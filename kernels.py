@@ -560,7 +560,7 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
                      smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False,
-                     wait_first: bool = False):
+                     wait_first: bool = False, ring: tuple = ()):
             self.fmt, self.tile_n, self.k_dim, self.n_out, self.swiglu = fmt, tile_n, k_dim, n_out, swiglu
             self.wait_first = wait_first   # PDL: the tile table comes from the kernel right before (fused gather)
             self.k_splits = k_splits
@@ -574,6 +574,20 @@ if HAVE_CUTE:
             self.threads = 128
             self.wgs = 1                       # consumer warpgroups per CTA (Fp4DecodeGemm may use 2: one per atom)
             self.scale_pairs = scale_pairs     # one prmt + mad per two k16 blocks' block scales (fewer instructions)
+            # ring = (stages, refill warps, min CTAs per SM, diag): the main loop unrolled over the stage ring (static
+            # smem addresses and barrier indices), no empty barriers (a stage is free once this warp's wait_group(1)
+            # shows its wgmma done: that wgmma needed every warp's decoded fragment), refills spread over the warps.
+            # diag (timing only, wrong results): "nodecode" feeds the raw code words to the wgmma, "notokens" loads
+            # the token tiles of the first stages only.
+            self.ring = tuple(ring)
+            self.diag = ""
+            self.min_ctas_per_sm = 0
+            if self.ring:
+                stages, self.refill_warps, self.min_ctas_per_sm, self.diag = self.ring
+                while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
+                    stages -= 1
+                assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
+                self.stages = stages
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
@@ -618,6 +632,8 @@ if HAVE_CUTE:
             return [num_tiles, self.m_tiles, self.k_splits]     # one CTA per (token tile, row tile, K slice)
 
         def launch_options(self):
+            if self.min_ctas_per_sm:       # ptxas fits the registers to this many resident CTAs per SM
+                return dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=100)
             return {}
 
         @cute.kernel
@@ -687,50 +703,54 @@ if HAVE_CUTE:
                 scl = cute.make_rmem_tensor((nw, 2), Int32)
                 quad = tidx // 4
 
-                prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-                rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                 k_tiles = self.k_tiles
-                # prologue: the weight records of the first stages (they do not depend on the previous kernel),
-                # then (PDL: after the previous kernel has ended) the token tiles of the same stages
-                n_pro = min(self.stages, k_tiles)
-                if warp_idx == 0:
-                    for _ in cutlass.range(n_pro, unroll=1):
-                        pipe.producer_acquire(prod)
-                        cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
-                                  tma_bar_ptr=pipe.producer_get_barrier(prod))
-                        pipe.producer_commit(prod)
-                        prod.advance()
-                if const_expr(self.pdl and not self.wait_first):
-                    cute.arch.griddepcontrol_wait()
-                if warp_idx == 0:
-                    pro_b = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                    for _ in cutlass.range(n_pro, unroll=1):
-                        cute.copy(tma_b, tBgB[(None, kt0 + pro_b.count)], tBsB[(None, pro_b.index)],
-                                  tma_bar_ptr=pipe.producer_get_barrier(pro_b))
-                        pro_b.advance()
+                if const_expr(self.ring):
+                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBsB, rec0, kt0, tiled_mma, acc,
+                                       frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows)
+                else:
+                    prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                    cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                    rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                    # prologue: the weight records of the first stages (they do not depend on the previous kernel),
+                    # then (PDL: after the previous kernel has ended) the token tiles of the same stages
+                    n_pro = min(self.stages, k_tiles)
+                    if warp_idx == 0:
+                        for _ in cutlass.range(n_pro, unroll=1):
+                            pipe.producer_acquire(prod)
+                            cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
+                                      tma_bar_ptr=pipe.producer_get_barrier(prod))
+                            pipe.producer_commit(prod)
+                            prod.advance()
+                    if const_expr(self.pdl and not self.wait_first):
+                        cute.arch.griddepcontrol_wait()
+                    if warp_idx == 0:
+                        pro_b = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                        for _ in cutlass.range(n_pro, unroll=1):
+                            cute.copy(tma_b, tBgB[(None, kt0 + pro_b.count)], tBsB[(None, pro_b.index)],
+                                      tma_bar_ptr=pipe.producer_get_barrier(pro_b))
+                            pro_b.advance()
 
-                for kt in cutlass.range(0, k_tiles, 2, unroll=1):
-                    for h in cutlass.range_constexpr(2):
-                        pipe.consumer_wait(cons)
-                        self.mma_k_tile(tiled_mma, acc, frags[h], (frag0, frag1)[h], tCrB, sW32, sS32, codes, scl,
-                                        tidx, quad, cons.index)
-                        warpgroup.wait_group(1)
-                        if kt + h > 0:
-                            pipe.consumer_release(rel)
-                            rel.advance()
-                        cons.advance()
-                        # refill the stage just released (tile k-1) with tile k-1+stages
-                        if warp_idx == 0 and kt + h > 0:
-                            if prod.count < k_tiles:
-                                pipe.producer_acquire(prod)
-                                cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
-                                          tma_bar_ptr=pipe.producer_get_barrier(prod))
-                                cute.copy(tma_b, tBgB[(None, kt0 + prod.count)], tBsB[(None, prod.index)],
-                                          tma_bar_ptr=pipe.producer_get_barrier(prod))
-                                pipe.producer_commit(prod)
-                                prod.advance()
-                warpgroup.wait_group(0)
+                    for kt in cutlass.range(0, k_tiles, 2, unroll=1):
+                        for h in cutlass.range_constexpr(2):
+                            pipe.consumer_wait(cons)
+                            self.mma_k_tile(tiled_mma, acc, frags[h], (frag0, frag1)[h], tCrB, sW32, sS32, codes, scl,
+                                            tidx, quad, cons.index)
+                            warpgroup.wait_group(1)
+                            if kt + h > 0:
+                                pipe.consumer_release(rel)
+                                rel.advance()
+                            cons.advance()
+                            # refill the stage just released (tile k-1) with tile k-1+stages
+                            if warp_idx == 0 and kt + h > 0:
+                                if prod.count < k_tiles:
+                                    pipe.producer_acquire(prod)
+                                    cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
+                                              tma_bar_ptr=pipe.producer_get_barrier(prod))
+                                    cute.copy(tma_b, tBgB[(None, kt0 + prod.count)], tBsB[(None, prod.index)],
+                                              tma_bar_ptr=pipe.producer_get_barrier(prod))
+                                    pipe.producer_commit(prod)
+                                    prod.advance()
+                    warpgroup.wait_group(0)
 
                 # epilogue: acc element (m, n) = weight row m of the tile, token n of the tile
                 cC = cute.make_identity_tensor((TILE_M, self.tile_n))
@@ -772,8 +792,57 @@ if HAVE_CUTE:
                                       bid_m)
 
         @cute.jit
+        def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBsB, rec0, kt0, tiled_mma, acc, frag0, frag1,
+                          tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows):
+            """Main loop unrolled over the ring of S stages: k-tile r*S + s sits in stage s (static smem offsets and
+            barrier addresses); full[s] completes once per ring round (parity r & 1). No empty barriers: after this
+            warp's wait_group(1) for tile k, tile k-1's wgmma is done, and it could only start once every warp of the
+            warpgroup had read its codes from smem and issued it, so stage (k-1) % S is free; warp s % refill_warps
+            refills it (the TMA issue work is spread over the warps instead of stalling warp 0)."""
+            S = self.stages
+            rounds = self.k_tiles // S
+            full = pipe.sync_object_full
+            tx = record_bytes(self.fmt) + self.tile_n * TILE_K * 2
+            tx_refill = record_bytes(self.fmt) if const_expr(self.diag == "notokens") else tx
+            frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
+            # prologue: weights of every stage first (independent of the previous kernel), then (PDL: once the
+            # previous kernel has ended) the token tiles
+            if warp_idx == 0:
+                for s in cutlass.range_constexpr(S):
+                    full.arrive_and_expect_tx(s, tx)
+                    cute.copy(tma_w, tWgW[(None, rec0 + s)], tWsW[(None, s)], tma_bar_ptr=full.get_barrier(s))
+            if const_expr(self.pdl and not self.wait_first):
+                cute.arch.griddepcontrol_wait()
+            if warp_idx == 0:
+                for s in cutlass.range_constexpr(S):
+                    cute.copy(tma_b, tBgB[(None, kt0 + s)], tBsB[(None, s)], tma_bar_ptr=full.get_barrier(s))
+            for r in cutlass.range(rounds, unroll=1):
+                phase = r & 1
+                # B descriptors of stage s + zr (zr = 0, but varies with r and a loaded value for the compiler):
+                # with static stages LLVM hoists all 4S 64-bit descriptors out of the loop and ptxas keeps them in
+                # 8S registers, moving each into uniform registers before its wgmma
+                zr = (r + nrows) >> 30
+                for s in cutlass.range_constexpr(S):
+                    full.wait(s, phase)
+                    self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32, codes,
+                                    scl, tidx, quad, s, 0, s + zr)
+                    warpgroup.wait_group(1)
+                    # refill stage q = (s - 1) % S (k-tile r*S + s - 1, now done) with k-tile r*S + s - 1 + S
+                    q = (s - 1) % S
+                    kt_new = r * S + s - 1 + S
+                    go = r > 0 if const_expr(s == 0) else r < rounds - 1
+                    if go and warp_idx == s % self.refill_warps:
+                        full.arrive_and_expect_tx(q, tx_refill)
+                        cute.copy(tma_w, tWgW[(None, rec0 + kt_new)], tWsW[(None, q)],
+                                  tma_bar_ptr=full.get_barrier(q))
+                        if const_expr(self.diag != "notokens"):
+                            cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, q)],
+                                      tma_bar_ptr=full.get_barrier(q))
+            warpgroup.wait_group(0)
+
+        @cute.jit
         def mma_k_tile(self, tiled_mma, acc, frag, frag_bf16, tCrB, sW32, sS32, codes, scl, tidx, quad, stage,
-                       atom0=0):
+                       atom0=0, stage_b=None):
             """One 64-k tile from smem stage `stage`: load this thread's code and scale words, decode them into the
             A fragment (frag: its Int32 view), issue the 4 k16 wgmmas as one commit group (not waited for).
             tidx: thread in its warpgroup; the warpgroup decodes atoms atom0 .. atom0 + 2/wgs - 1 of the record."""
@@ -782,7 +851,14 @@ if HAVE_CUTE:
                 cute.autovec_copy(sW32[None, tidx, atom0 + a, stage], codes[None, a])
             for a in cutlass.range_constexpr(atoms):
                 cute.autovec_copy(sS32[None, quad, atom0 + a, stage], scl[None, a])
-            for a in cutlass.range_constexpr(atoms):
+            for a in cutlass.range_constexpr(atoms if const_expr(self.diag == "nodecode") else 0):
+                for kb in cutlass.range_constexpr(4):          # timing only: the raw words, no decode
+                    w = codes[kb, a] ^ scl[0, a]
+                    frag[(0, 0, 0), a, kb] = w
+                    frag[(0, 1, 0), a, kb] = w
+                    frag[(0, 0, 1), a, kb] = w
+                    frag[(0, 1, 1), a, kb] = w
+            for a in cutlass.range_constexpr(0 if const_expr(self.diag == "nodecode") else atoms):
                 if const_expr(self.scale_pairs):
                     # one prmt + mad per two k16 blocks' scales; the decode broadcasts the half it needs
                     if const_expr(self.fmt == "nvfp4"):
@@ -815,8 +891,9 @@ if HAVE_CUTE:
                     frag[(0, 0, 1), a, kb] = r2
                     frag[(0, 1, 1), a, kb] = r3
             warpgroup.fence()
+            sb = stage if const_expr(stage_b is None) else stage_b
             for kb in cutlass.range_constexpr(4):
-                cute.gemm(tiled_mma, acc, frag_bf16[None, None, kb], tCrB[None, None, kb, stage], acc)
+                cute.gemm(tiled_mma, acc, frag_bf16[None, None, kb], tCrB[None, None, kb, sb], acc)
             warpgroup.commit_group()
 
         @cute.jit
@@ -1468,14 +1545,18 @@ def _compile_combine(top_k: int, dim: int, pdl: bool):
 
 def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
                   smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False, max_ctas: int = 0,
-                  wgs: int = 1, min_ctas_per_sm: int = 0, wait_first: bool = False, evict_first: bool = False):
+                  wgs: int = 1, min_ctas_per_sm: int = 0, wait_first: bool = False, evict_first: bool = False,
+                  ring: tuple = ()):
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream);
-    max_ctas > 0: the persistent decode variant Fp4DecodeGemm with at most that many CTAs of `wgs` warpgroups."""
+    max_ctas > 0: the persistent decode variant Fp4DecodeGemm with at most that many CTAs of `wgs` warpgroups;
+    ring = (stages, refill warps, min CTAs per SM, diag): Fp4GroupedGemm's ring-unrolled main loop."""
     config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl)
-    if scale_pairs or max_ctas or wait_first:
+    if scale_pairs or max_ctas or wait_first or ring:
         config = config + (scale_pairs, max_ctas, wgs, min_ctas_per_sm, wait_first)
-        if evict_first:
+        if evict_first or ring:
             config = config + (evict_first,)
+        if ring:
+            config = config + (tuple(ring),)
 
     def build():
         if max_ctas:
@@ -1483,7 +1564,7 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k
                                  max_ctas, wgs, min_ctas_per_sm, wait_first, evict_first)
         else:
             gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs,
-                                  wait_first)
+                                  wait_first, ring)
         rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
         mk = gemm.m_tiles * gemm.k_tiles * gemm.k_splits
         rec = gemm.rec_rows * REC_ROW
@@ -1523,6 +1604,11 @@ DECODE_ITEMS_PER_CTA = 16         # split K until there are about this many item
 DECODE_MIN_K_TILES = 4            # ... keeping at least this many 64-k tiles per item
 DECODE_EVICT_FIRST = False        # its weight TMAs with an L2 evict-first policy
 ROUTING_BLOCK_SCAN = False        # MoeRouting's prefix scan over experts: all warps (else warp 0 alone)
+DECODE_RING = True                # tile_n <= 16: Fp4GroupedGemm's main loop unrolled over the stage ring (v6)
+RING_STAGES = 8                   # its stages (the largest even count <= this dividing the k-tiles per K slice)
+RING_REFILL_WARPS = 4             # warps taking turns at the TMA refills (1: warp 0 issues them all, as v5)
+RING_MIN_CTAS = 0                 # > 0: ptxas fits the registers to this many CTAs per SM (5: <= 96 registers)
+RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "notokens", see Fp4GroupedGemm
 _COUNTERS: dict = {}
 _EVICT_FIRST = 0x12F0000000000000   # sm90 L2 cache-policy descriptor "evict first" (as CUTLASS's CacheHintSm90)
 
@@ -1576,8 +1662,11 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
         s2 = pick_k_splits(R, E, D // TILE_M, inter // TILE_K, sms)
     gather = R <= GATHER_MAX_ROWS                         # the routing kernel gathers x (GEMM1 follows it)
     ev = bool(max_ctas) and DECODE_EVICT_FIRST
-    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev),
-            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev))
+    ring = ()
+    if DECODE_RING and not max_ctas and tile_n <= 16:
+        ring = (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS, RING_DIAG)
+    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring),
+            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring))
 
 
 def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -4346,3 +4347,86 @@ def test_fused_gather_gives_the_same_bits_as_index_select(T, monkeypatch):
     monkeypatch.setattr(K, "GATHER_MAX_ROWS", 0)
     plain = K.moe_fp4(x, ids, w, ex, 7.0)
     assert torch.isfinite(fused).all() and torch.equal(fused, plain)
+
+
+# ---------------------------------------------------------------------------------------------------- v6 (decstage)
+# The ring main loop (DECODE_RING): stages unrolled, no empty barriers, refills spread over the warps.
+COMPILE_RING = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "")),      # Flash GEMM1 / GEMM2 at T 16..256
+        ("nvfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "")),
+        ("nvfp4", 16, 4096, 2048, True, 1, (8, 4, 0, "")),
+        ("mxfp4", 8, 4096, 2048, True, 4, (8, 4, 0, "")),      # split-K slices of 16 k-tiles
+        ("mxfp4", 16, 256, 512, False, 2, (8, 1, 0, "")),      # 2 k-tiles per slice: a 2-stage ring
+        ("nvfp4", 8, 512, 256, True, 1, (4, 4, 0, "nodecode")),
+        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens"))]
+for fmt, tile_n, k, n, swiglu, splits, ring in cfgs:
+    K._compile_gemm(fmt, tile_n, k, n, swiglu, splits, 40 * 1024, True, True, 0, 1, 0, False, False, ring)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_ring_decode_gemms_compile_for_sm90a_without_spills_or_serialized_wgmma(tmp_path):
+    """Every ring config compiles for sm_90a on a GPU-less machine; where ptxas is installed its report on each PTX
+    has no spills, no C7512 (wgmma serialized for lack of registers) and <= 128 registers (4 CTAs per SM)."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(here), CUTE_DSL_KEEP="ptx",
+               CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_RING, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=here)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 7
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*Fp4GroupedGemm*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        assert "C7512" not in rep.stderr and " 0 bytes spill stores" in rep.stderr, rep.stderr[-2000:]
+        regs = [int(n) for n in re.findall(r"Used (\d+) registers", rep.stderr)]
+        assert regs and max(regs) <= 128, rep.stderr[-2000:]
+
+
+@pytest.mark.parametrize("k_tiles, want", [(64, 8), (32, 8), (16, 8), (8, 8), (4, 4), (2, 2), (12, 6)])
+def test_ring_stage_count_divides_the_k_tiles_and_is_even(k_tiles, want):
+    if not K.HAVE_CUTE:
+        pytest.skip("needs CuTe DSL (nvidia-cutlass-dsl)")
+    g = K.Fp4GroupedGemm("nvfp4", 8, 64 * k_tiles, 256, True, ring=(8, 4, 0, ""))
+    assert g.stages == want and k_tiles % g.stages == 0
+
+
+@gpu
+@pytest.mark.parametrize("fmt, T", [("nvfp4", 1), ("nvfp4", 7), ("nvfp4", 60), ("mxfp4", 7), ("mxfp4", 60)])
+@pytest.mark.parametrize("refill_warps, stages", [(4, 8), (1, 8), (4, 4), (3, 2)])
+def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, refill_warps, stages, monkeypatch):
+    """Same decode, same wgmma order: the ring loop's output equals the v5 loop's bit for bit, for every stage
+    count / refill-warp choice (poisoned intermediates, skipped slots), and both match the reference."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    ex = _small_moedec(fmt)
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _routing(T, 6, 64, "empty_experts", "cuda", 21)
+    monkeypatch.setattr(K, "DECODE_RING", False)
+    v5 = K.moe_fp4(x, ids, w, ex, 7.0)
+    monkeypatch.setattr(K, "DECODE_RING", True)
+    monkeypatch.setattr(K, "RING_REFILL_WARPS", refill_warps)
+    monkeypatch.setattr(K, "RING_STAGES", stages)
+    ring = K.moe_fp4(x, ids, w, ex, 7.0)
+    assert torch.isfinite(v5).all() and torch.equal(ring, v5)
+    _check_moedec(ex, T, "random", seed=T + 30)
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 7])
+def test_ring_with_split_k_slices_of_two_k_tiles(T, monkeypatch):
+    """2 k-tiles per K slice: a 2-stage ring whose refill branch never runs; vs the reference, repeatable."""
+    monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)
+    _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T + 40)
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _routing(T, 6, 64, "random", "cuda", 41)
+    outs = [K.moe_fp4(x, ids, w, _small_moedec("nvfp4"), 7.0) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
