@@ -205,6 +205,9 @@ def bench_moe_decode():
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
     Ts = (1, 4, 16, 64, 256)
+    if os.environ.get("DECSTAGE_RING_OFF"):           # the GPU check's fallback if the v6 smoke test hung/failed
+        K.DECODE_RING = False
+        print("DECSTAGE_RING_OFF: timing the v5 loop only", flush=True)
     if os.environ.get("MOEDEC_V4_ONLY"):              # the GPU check's fallback if the v5 tests failed
         K.DECODE_PERSISTENT = K.SCALE_PAIRS = False
         print("MOEDEC_V4_ONLY: timing the v4 kernel", flush=True)
@@ -254,10 +257,12 @@ def bench_moe_decode():
               flush=True)
     if v6:
         budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
-        knobs = [("diag: no decode (raw words into the wgmma; wrong values)", dict(RING_DIAG="nodecode")),
+        knobs = [("paired tiles off (one CTA per 8-row tile)", dict(DECODE_PAIR=False)),
+                 ("diag: no decode (raw words into the wgmma; wrong values)", dict(RING_DIAG="nodecode")),
                  ("diag: token tiles of the first stages only (wrong values)", dict(RING_DIAG="notokens")),
                  ("ring, refills all by warp 0", dict(RING_REFILL_WARPS=1)),
                  ("tile_n 16 where mean + 2 sd rows > 8 (TILE_N_SD=2)", dict(TILE_N_SD=2)),
+                 ("paired tiles at every T (PAIR_MIN_ROWS=0)", dict(PAIR_MIN_ROWS=0.0)),
                  ("ring, 4 stages", dict(RING_STAGES=4))]
         for title, knob in knobs:
             if time.time() - t_start > budget:

@@ -560,8 +560,13 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
                      smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False,
-                     wait_first: bool = False, ring: tuple = ()):
+                     wait_first: bool = False, ring: tuple = (), pair: bool = False):
             self.fmt, self.tile_n, self.k_dim, self.n_out, self.swiglu = fmt, tile_n, k_dim, n_out, swiglu
+            # pair (ring only): the table has tile_n-row tiles, but a CTA takes an expert's tiles 2i and 2i+1
+            # together (wgmma N = 2 tile_n; one token-tile TMA when the expert has no tile 2i+1), so weights that
+            # serve more than tile_n rows are read and decoded once; the CTA of tile 2i+1 exits at once
+            self.pair = pair
+            self.mma_n = 2 * tile_n if pair else tile_n
             self.wait_first = wait_first   # PDL: the tile table comes from the kernel right before (fused gather)
             self.k_splits = k_splits
             self.pdl = pdl          # programmatic dependent launch: weights prefetched before the previous kernel ends
@@ -569,7 +574,7 @@ if HAVE_CUTE:
             self.k_tiles = k_dim // TILE_K // k_splits           # k-tiles per CTA (one K slice)
             self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
             self.rec_rows = record_bytes(fmt) // REC_ROW
-            stage_bytes = record_bytes(fmt) + tile_n * TILE_K * 2
+            stage_bytes = record_bytes(fmt) + self.mma_n * TILE_K * 2
             self.stages = max(3, min(10, self.k_tiles, smem_budget // stage_bytes))
             self.threads = 128
             self.wgs = 1                       # consumer warpgroups per CTA (Fp4DecodeGemm may use 2: one per atom)
@@ -588,6 +593,7 @@ if HAVE_CUTE:
                     stages -= 1
                 assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
                 self.stages = stages
+            assert not pair or self.ring, "pair needs the ring main loop"
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
@@ -595,15 +601,15 @@ if HAVE_CUTE:
                      mPartial: cute.Tensor, mCount: cute.Tensor, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (self.wgs, 1, 1),
-                tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
+                tiler_mn=(64, self.mma_n), a_source=warpgroup.OperandSource.RMEM)
             w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages))
             b_smem_layout = sm90_utils.make_smem_layout_b(
-                LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16, self.stages)
+                LayoutEnum.ROW_MAJOR, (TILE_M, self.mma_n, TILE_K), BFloat16, self.stages)
             tma_w, tma_mW = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), mW, cute.slice_(w_smem_layout, (None, None, 0)),
                 (REC_ROW, self.rec_rows))
             tma_b, tma_mB = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(b_smem_layout, (None, None, 0)),
+                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(self.b_tma_layout(), (None, None, 0)),
                 (self.tile_n, TILE_K))
 
             @cute.struct
@@ -631,6 +637,12 @@ if HAVE_CUTE:
         def launch_grid(self, num_tiles):
             return [num_tiles, self.m_tiles, self.k_splits]     # one CTA per (token tile, row tile, K slice)
 
+        def b_tma_layout(self):
+            """Token-tile smem as the TMA writes it: tile_n-row boxes; pair: 2 per stage (same bytes and swizzle as
+            the 2 tile_n-row stage the wgmma reads: the 128B swizzle repeats every 8 rows)."""
+            return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16,
+                                                 self.stages * (self.mma_n // self.tile_n))
+
         def launch_options(self):
             if self.min_ctas_per_sm:       # ptxas fits the registers to this many resident CTAs per SM
                 return dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=100)
@@ -656,6 +668,13 @@ if HAVE_CUTE:
             expert = mTiles[bid_t, 0]
             row0 = mTiles[bid_t, 1]
             nrows = mTiles[bid_t, 2]
+            rows_hi = Int32(0)                 # pair: rows of the expert's next tile, taken by this CTA
+            if const_expr(self.pair):
+                rows_hi = self.pair_rows(mTiles, bid_t, expert, nrows)
+                if rows_hi < 0:                # this is tile 2i+1 of its expert: the CTA of tile 2i does it
+                    nrows = Int32(0)
+                else:
+                    nrows = nrows + rows_hi
             if nrows > 0:
                 if warp_idx == 0:
                     cpasync.prefetch_descriptor(tma_w)
@@ -670,6 +689,10 @@ if HAVE_CUTE:
                     tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
                 sW = storage.sW.get_tensor(w_smem_layout)
                 sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
+                sBt = sB                                       # the token tiles as the TMA writes them
+                if const_expr(self.pair):
+                    b_tma = self.b_tma_layout()
+                    sBt = storage.sB.get_tensor(b_tma.outer, swizzle=b_tma.inner)
 
                 # TMA views: weight records of this (expert, m-tile), token rows row0.. of the sorted activations
                 gW = mW[None, None, None, expert]                                   # (256, rows, MK)
@@ -677,7 +700,13 @@ if HAVE_CUTE:
                                                    cute.group_modes(sW, 0, 2), cute.group_modes(gW, 0, 2))
                 gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K), (0, None))
                 tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
-                                                   cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                                                   cute.group_modes(sBt, 0, 2), cute.group_modes(gB, 0, 2))
+                tBgB_hi = tBgB                                 # pair: the next tile_n rows
+                if const_expr(self.pair):
+                    gB_hi = cute.local_tile(cute.domain_offset((row0 + self.tile_n, 0), mB), (self.tile_n, TILE_K),
+                                            (0, None))
+                    _, tBgB_hi = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
+                                                       cute.group_modes(sBt, 0, 2), cute.group_modes(gB_hi, 0, 2))
                 kt0 = bid_k * self.k_tiles                                    # first k-tile of this K slice
                 rec0 = bid_m * self.k_tiles * self.k_splits + kt0
 
@@ -687,7 +716,7 @@ if HAVE_CUTE:
                 frag0 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
                 frag1 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
                 frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
-                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
+                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
                 acc.fill(0.0)
                 tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
@@ -705,8 +734,9 @@ if HAVE_CUTE:
 
                 k_tiles = self.k_tiles
                 if const_expr(self.ring):
-                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBsB, rec0, kt0, tiled_mma, acc,
-                                       frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows)
+                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma,
+                                       acc, frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows,
+                                       rows_hi)
                 else:
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -753,7 +783,7 @@ if HAVE_CUTE:
                     warpgroup.wait_group(0)
 
                 # epilogue: acc element (m, n) = weight row m of the tile, token n of the tile
-                cC = cute.make_identity_tensor((TILE_M, self.tile_n))
+                cC = cute.make_identity_tensor((TILE_M, self.mma_n))
                 tCcC = thr_mma.partition_C(cC)
                 if const_expr(self.k_splits == 1):
                     self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m)
@@ -792,8 +822,30 @@ if HAVE_CUTE:
                                       bid_m)
 
         @cute.jit
-        def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBsB, rec0, kt0, tiled_mma, acc, frag0, frag1,
-                          tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows):
+        def pair_rows(self, mTiles: cute.Tensor, j, expert, nrows):
+            """-1 if table entry j is tile 2i+1 of its expert (tiles of an expert are consecutive), else the rows of
+            the expert's next tile (0: none) that the CTA of entry j takes too."""
+            before = Int32(0)                  # tiles of the same expert right before entry j
+            look = j > 0
+            while look:
+                if mTiles[j - before - 1, 0] == expert:
+                    before = before + 1
+                    look = j - before > 0
+                else:
+                    look = j < 0
+            res = Int32(-1)
+            if before % 2 == 0:
+                res = Int32(0)
+                if j + 1 < cute.size(mTiles, mode=[0]):
+                    if mTiles[j + 1, 0] == expert:
+                        res = mTiles[j + 1, 2]
+            if nrows == 0:
+                res = Int32(0)
+            return res
+
+        @cute.jit
+        def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma, acc,
+                          frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi):
             """Main loop unrolled over the ring of S stages: k-tile r*S + s sits in stage s (static smem offsets and
             barrier addresses); full[s] completes once per ring round (parity r & 1). No empty barriers: after this
             warp's wait_group(1) for tile k, tile k-1's wgmma is done, and it could only start once every warp of the
@@ -803,7 +855,11 @@ if HAVE_CUTE:
             rounds = self.k_tiles // S
             full = pipe.sync_object_full
             tx = record_bytes(self.fmt) + self.tile_n * TILE_K * 2
+            if const_expr(self.pair):
+                if rows_hi > 0:
+                    tx = tx + self.tile_n * TILE_K * 2                    # a 2nd token tile: 2nd TMA box
             tx_refill = record_bytes(self.fmt) if const_expr(self.diag == "notokens") else tx
+            nb = self.mma_n // self.tile_n                                 # token-tile TMA boxes per stage
             frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
             # prologue: weights of every stage first (independent of the previous kernel), then (PDL: once the
             # previous kernel has ended) the token tiles
@@ -815,7 +871,11 @@ if HAVE_CUTE:
                 cute.arch.griddepcontrol_wait()
             if warp_idx == 0:
                 for s in cutlass.range_constexpr(S):
-                    cute.copy(tma_b, tBgB[(None, kt0 + s)], tBsB[(None, s)], tma_bar_ptr=full.get_barrier(s))
+                    cute.copy(tma_b, tBgB[(None, kt0 + s)], tBsB[(None, nb * s)], tma_bar_ptr=full.get_barrier(s))
+                    if const_expr(self.pair):
+                        if rows_hi > 0:
+                            cute.copy(tma_b, tBgB_hi[(None, kt0 + s)], tBsB[(None, nb * s + 1)],
+                                      tma_bar_ptr=full.get_barrier(s))
             for r in cutlass.range(rounds, unroll=1):
                 phase = r & 1
                 # B descriptors of stage s + zr (zr = 0, but varies with r and a loaded value for the compiler):
@@ -836,8 +896,12 @@ if HAVE_CUTE:
                         cute.copy(tma_w, tWgW[(None, rec0 + kt_new)], tWsW[(None, q)],
                                   tma_bar_ptr=full.get_barrier(q))
                         if const_expr(self.diag != "notokens"):
-                            cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, q)],
+                            cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, nb * q)],
                                       tma_bar_ptr=full.get_barrier(q))
+                            if const_expr(self.pair):
+                                if rows_hi > 0:
+                                    cute.copy(tma_b, tBgB_hi[(None, kt0 + kt_new)], tBsB[(None, nb * q + 1)],
+                                              tma_bar_ptr=full.get_barrier(q))
             warpgroup.wait_group(0)
 
         @cute.jit
@@ -1549,7 +1613,7 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k
                   ring: tuple = ()):
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream);
     max_ctas > 0: the persistent decode variant Fp4DecodeGemm with at most that many CTAs of `wgs` warpgroups;
-    ring = (stages, refill warps, min CTAs per SM, diag): Fp4GroupedGemm's ring-unrolled main loop."""
+    ring = (stages, refill warps, min CTAs per SM, diag[, pair]): Fp4GroupedGemm's ring-unrolled main loop."""
     config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl)
     if scale_pairs or max_ctas or wait_first or ring:
         config = config + (scale_pairs, max_ctas, wgs, min_ctas_per_sm, wait_first)
@@ -1564,7 +1628,7 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k
                                  max_ctas, wgs, min_ctas_per_sm, wait_first, evict_first)
         else:
             gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs,
-                                  wait_first, ring)
+                                  wait_first, tuple(ring[:4]), bool(ring[4:] and ring[4]))
         rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
         mk = gemm.m_tiles * gemm.k_tiles * gemm.k_splits
         rec = gemm.rec_rows * REC_ROW
@@ -1609,6 +1673,8 @@ RING_STAGES = 8                   # its stages (the largest even count <= this d
 RING_REFILL_WARPS = 4             # warps taking turns at the TMA refills (1: warp 0 issues them all, as v5)
 RING_MIN_CTAS = 0                 # > 0: ptxas fits the registers to this many CTAs per SM (5: <= 96 registers)
 RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "notokens", see Fp4GroupedGemm
+DECODE_PAIR = True                # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
+PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
 _COUNTERS: dict = {}
 _EVICT_FIRST = 0x12F0000000000000   # sm90 L2 cache-policy descriptor "evict first" (as CUTLASS's CacheHintSm90)
 
@@ -1665,6 +1731,8 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
     ring = ()
     if DECODE_RING and not max_ctas and tile_n <= 16:
         ring = (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS, RING_DIAG)
+        if DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R):
+            ring = ring + (True,)
     return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring),
             (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring))
 

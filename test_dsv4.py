@@ -4360,7 +4360,9 @@ cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "")),      # Flash GEMM1 / G
         ("mxfp4", 8, 4096, 2048, True, 4, (8, 4, 0, "")),      # split-K slices of 16 k-tiles
         ("mxfp4", 16, 256, 512, False, 2, (8, 1, 0, "")),      # 2 k-tiles per slice: a 2-stage ring
         ("nvfp4", 8, 512, 256, True, 1, (4, 4, 0, "nodecode")),
-        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens"))]
+        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens")),
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "", True)),   # paired tiles (wgmma N 16)
+        ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "", True))]
 for fmt, tile_n, k, n, swiglu, splits, ring in cfgs:
     K._compile_gemm(fmt, tile_n, k, n, swiglu, splits, 40 * 1024, True, True, 0, 1, 0, False, False, ring)
 """
@@ -4378,7 +4380,7 @@ def test_ring_decode_gemms_compile_for_sm90a_without_spills_or_serialized_wgmma(
     r = subprocess.run([sys.executable, "-c", COMPILE_RING, str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=600, cwd=here)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 7
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 9
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4GroupedGemm*.ptx"))
     if ptxas is None or not ptxs:
@@ -4430,3 +4432,36 @@ def test_ring_with_split_k_slices_of_two_k_tiles(T, monkeypatch):
     ids, w = _routing(T, 6, 64, "random", "cuda", 41)
     outs = [K.moe_fp4(x, ids, w, _small_moedec("nvfp4"), 7.0) for _ in range(3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def _skewed_routing(T, k, E, seed):
+    """Random top-k ids with every token's first slot on expert 0: expert 0 gets T rows (T/8 tiles of 8)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.argsort(torch.rand(T, E - 1, generator=g), dim=1)[:, :k] + 1
+    ids[:, 0] = 0
+    w = torch.rand(T, k, generator=g)
+    return ids.to(torch.int32).cuda(), (w / w.sum(1, keepdim=True)).cuda()
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T, skewed", [(60, False), (60, True), (45, True), (100, True)])
+def test_paired_tiles_give_the_bits_of_unpaired_tiles(fmt, T, skewed, monkeypatch):
+    """DECODE_PAIR: one CTA takes an expert's tiles 2i and 2i+1 (wgmma N 16, second token box only if the tile
+    exists); the CTA of tile 2i+1 exits. Experts with 1..8 tiles (skewed: expert 0 has T rows), poisoned
+    intermediates: same bits as one CTA per tile, and the reference agrees."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(K, "PAIR_MIN_ROWS", 1.0)               # T=100 (tile_n 16) keeps the unpaired ring
+    ex = _small_moedec(fmt)
+    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _skewed_routing(T, 6, 64, T) if skewed else _routing(T, 6, 64, "random", "cuda", T)
+    cfg1, _ = K.gemm_configs(fmt, T * 6, 64, 512, 256, K.pick_tile_n(T, 6, 64), 132)
+    assert (cfg1[-1][4:] == (True,)) == (K.pick_tile_n(T, 6, 64) == 8)    # the paired path is taken where tile_n 8
+    paired = K.moe_fp4(x, ids, w, ex, 7.0)
+    monkeypatch.setattr(K, "DECODE_PAIR", False)
+    plain = K.moe_fp4(x, ids, w, ex, 7.0)
+    ref = K.moe_reference(x.float(), ids, w, ex, 7.0).float()
+    cos = torch.nn.functional.cosine_similarity(paired.float().flatten(), ref.flatten(), dim=0).item()
+    rel = ((paired.float() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(paired).all() and cos >= 0.9999 and rel <= 1e-2, (cos, rel)
+    assert torch.equal(paired, plain)
