@@ -263,6 +263,7 @@ def bench_moe_decode():
                  ("ring, refills all by warp 0", dict(RING_REFILL_WARPS=1)),
                  ("tile_n 16 where mean + 2 sd rows > 8 (TILE_N_SD=2)", dict(TILE_N_SD=2)),
                  ("paired tiles at every T (PAIR_MIN_ROWS=0)", dict(PAIR_MIN_ROWS=0.0)),
+                 ("weight TMAs evict-first in L2", dict(RING_EVICT_FIRST=True)),
                  ("ring, 4 stages", dict(RING_STAGES=4))]
         for title, knob in knobs:
             if time.time() - t_start > budget:

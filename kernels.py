@@ -582,13 +582,16 @@ if HAVE_CUTE:
             # ring = (stages, refill warps, min CTAs per SM, diag): the main loop unrolled over the stage ring (static
             # smem addresses and barrier indices), no empty barriers (a stage is free once this warp's wait_group(1)
             # shows its wgmma done: that wgmma needed every warp's decoded fragment), refills spread over the warps.
-            # diag (timing only, wrong results): "nodecode" feeds the raw code words to the wgmma, "notokens" loads
-            # the token tiles of the first stages only.
+            # opts: "evict" (weight TMAs evict-first in L2) and diag (timing only, wrong results): "nodecode" feeds
+            # the raw code words to the wgmma, "notokens" loads the token tiles of the first stages only.
             self.ring = tuple(ring)
             self.diag = ""
             self.min_ctas_per_sm = 0
+            self.evict_w = False               # ring: weight TMAs with an L2 evict-first policy (read once)
             if self.ring:
-                stages, self.refill_warps, self.min_ctas_per_sm, self.diag = self.ring
+                stages, self.refill_warps, self.min_ctas_per_sm, opts = self.ring
+                self.evict_w = "evict" in opts.split()
+                self.diag = " ".join(o for o in opts.split() if o != "evict")
                 while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
                     stages -= 1
                 assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
@@ -844,6 +847,13 @@ if HAVE_CUTE:
             return res
 
         @cute.jit
+        def ring_copy_w(self, tma_w: cute.CopyAtom, src, dst, bar):
+            if const_expr(self.evict_w):
+                cute.copy(tma_w, src, dst, tma_bar_ptr=bar, cache_policy=Int64(_EVICT_FIRST))
+            else:
+                cute.copy(tma_w, src, dst, tma_bar_ptr=bar)
+
+        @cute.jit
         def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma, acc,
                           frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi):
             """Main loop unrolled over the ring of S stages: k-tile r*S + s sits in stage s (static smem offsets and
@@ -866,7 +876,7 @@ if HAVE_CUTE:
             if warp_idx == 0:
                 for s in cutlass.range_constexpr(S):
                     full.arrive_and_expect_tx(s, tx)
-                    cute.copy(tma_w, tWgW[(None, rec0 + s)], tWsW[(None, s)], tma_bar_ptr=full.get_barrier(s))
+                    self.ring_copy_w(tma_w, tWgW[(None, rec0 + s)], tWsW[(None, s)], full.get_barrier(s))
             if const_expr(self.pdl and not self.wait_first):
                 cute.arch.griddepcontrol_wait()
             if warp_idx == 0:
@@ -893,8 +903,7 @@ if HAVE_CUTE:
                     go = r > 0 if const_expr(s == 0) else r < rounds - 1
                     if go and warp_idx == s % self.refill_warps:
                         full.arrive_and_expect_tx(q, tx_refill)
-                        cute.copy(tma_w, tWgW[(None, rec0 + kt_new)], tWsW[(None, q)],
-                                  tma_bar_ptr=full.get_barrier(q))
+                        self.ring_copy_w(tma_w, tWgW[(None, rec0 + kt_new)], tWsW[(None, q)], full.get_barrier(q))
                         if const_expr(self.diag != "notokens"):
                             cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, nb * q)],
                                       tma_bar_ptr=full.get_barrier(q))
@@ -1673,6 +1682,7 @@ RING_STAGES = 8                   # its stages (the largest even count <= this d
 RING_REFILL_WARPS = 4             # warps taking turns at the TMA refills (1: warp 0 issues them all, as v5)
 RING_MIN_CTAS = 0                 # > 0: ptxas fits the registers to this many CTAs per SM (5: <= 96 registers)
 RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "notokens", see Fp4GroupedGemm
+RING_EVICT_FIRST = False          # weight TMAs with an L2 evict-first policy (tokens, re-read per row tile, stay)
 DECODE_PAIR = True                # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
 PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
 _COUNTERS: dict = {}
@@ -1730,7 +1740,8 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
     ev = bool(max_ctas) and DECODE_EVICT_FIRST
     ring = ()
     if DECODE_RING and not max_ctas and tile_n <= 16:
-        ring = (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS, RING_DIAG)
+        ring = (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS, " ".join(
+            o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "") if o))
         if DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R):
             ring = ring + (True,)
     return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring),

@@ -4360,7 +4360,7 @@ cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "")),      # Flash GEMM1 / G
         ("mxfp4", 8, 4096, 2048, True, 4, (8, 4, 0, "")),      # split-K slices of 16 k-tiles
         ("mxfp4", 16, 256, 512, False, 2, (8, 1, 0, "")),      # 2 k-tiles per slice: a 2-stage ring
         ("nvfp4", 8, 512, 256, True, 1, (4, 4, 0, "nodecode")),
-        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens")),
+        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens evict")),
         ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "", True)),   # paired tiles (wgmma N 16)
         ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "", True))]
 for fmt, tile_n, k, n, swiglu, splits, ring in cfgs:
