@@ -588,10 +588,19 @@ if HAVE_CUTE:
             self.diag = ""
             self.min_ctas_per_sm = 0
             self.evict_w = False               # ring: weight TMAs with an L2 evict-first policy (read once)
+            self.wrec = 1                      # weight records per stage (ring "mshare": 2, one per warpgroup)
             if self.ring:
                 stages, self.refill_warps, self.min_ctas_per_sm, opts = self.ring
                 self.evict_w = "evict" in opts.split()
-                self.diag = " ".join(o for o in opts.split() if o != "evict")
+                if "mshare" in opts.split():
+                    # two warpgroups, each its own 128-row tile (bid_m*2 + wg) of the same expert, one token tile
+                    # per stage for both: half the token bytes per weight byte; a stage is free once both
+                    # warpgroups' wgmmas are done, so this mode has empty barriers again (one arrive per warp)
+                    assert k_splits == 1 and self.m_tiles % 2 == 0, "mshare: no split-K, an even row-tile count"
+                    self.wrec = 2
+                    self.threads = 256
+                    stage_bytes = 2 * record_bytes(fmt) + self.mma_n * TILE_K * 2
+                self.diag = " ".join(o for o in opts.split() if o not in ("evict", "mshare"))
                 while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
                     stages -= 1
                 assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
@@ -605,7 +614,7 @@ if HAVE_CUTE:
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (self.wgs, 1, 1),
                 tiler_mn=(64, self.mma_n), a_source=warpgroup.OperandSource.RMEM)
-            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages))
+            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages * self.wrec))
             b_smem_layout = sm90_utils.make_smem_layout_b(
                 LayoutEnum.ROW_MAJOR, (TILE_M, self.mma_n, TILE_K), BFloat16, self.stages)
             tma_w, tma_mW = cpasync.make_tiled_tma_atom(
@@ -638,7 +647,8 @@ if HAVE_CUTE:
                 **self.launch_options())
 
         def launch_grid(self, num_tiles):
-            return [num_tiles, self.m_tiles, self.k_splits]     # one CTA per (token tile, row tile, K slice)
+            # one CTA per (token tile, row tile (mshare: pair of row tiles), K slice)
+            return [num_tiles, self.m_tiles // self.wrec, self.k_splits]
 
         def b_tma_layout(self):
             """Token-tile smem as the TMA writes it: tile_n-row boxes; pair: 2 per stage (same bytes and swizzle as
@@ -656,9 +666,12 @@ if HAVE_CUTE:
                    mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
                    mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor,
                    mCount: cute.Tensor, w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
-            tidx, _, _ = cute.arch.thread_idx()
-            bid_t, bid_m, bid_k = cute.arch.block_idx()
+            tidx_cta, _, _ = cute.arch.thread_idx()
+            bid_t, bid_pm, bid_k = cute.arch.block_idx()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            wg = warp_idx // 4                 # mshare: this warpgroup's row tile is bid_pm * 2 + wg
+            tidx = tidx_cta % 128              # thread in its warpgroup
+            bid_m = bid_pm * self.wrec + wg
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once every CTA of this one has started (it waits for our end
                 # before touching what we write); the tile table and the weights were ready before this kernel
@@ -725,11 +738,11 @@ if HAVE_CUTE:
 
                 # this thread's words in a stage: codes [4 words] per atom, scale words after the codes
                 sW32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32),
-                                        cute.make_layout((4, 128, 2, self.stages),
+                                        cute.make_layout((4, 128, 2, self.stages * self.wrec),
                                                          stride=(1, 4, 512, self.rec_rows * REC_ROW // 4)))
                 nw = _scale_words_per_atom(self.fmt)                   # per quad (rows r, r+8), per atom
                 sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + CODE_BYTES // 4,
-                                        cute.make_layout((nw, 32, 2, self.stages),
+                                        cute.make_layout((nw, 32, 2, self.stages * self.wrec),
                                                          stride=(1, nw, 32 * nw, self.rec_rows * REC_ROW // 4)))
                 codes = cute.make_rmem_tensor((4, 2), Int32)
                 scl = cute.make_rmem_tensor((nw, 2), Int32)
@@ -737,9 +750,10 @@ if HAVE_CUTE:
 
                 k_tiles = self.k_tiles
                 if const_expr(self.ring):
-                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma,
+                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB,
+                                       bid_pm * self.wrec * self.k_tiles * self.k_splits + kt0, kt0, tiled_mma,
                                        acc, frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows,
-                                       rows_hi)
+                                       rows_hi, wg)
                 else:
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -855,7 +869,7 @@ if HAVE_CUTE:
 
         @cute.jit
         def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma, acc,
-                          frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi):
+                          frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi, wg):
             """Main loop unrolled over the ring of S stages: k-tile r*S + s sits in stage s (static smem offsets and
             barrier addresses); full[s] completes once per ring round (parity r & 1). No empty barriers: after this
             warp's wait_group(1) for tile k, tile k-1's wgmma is done, and it could only start once every warp of the
@@ -864,11 +878,12 @@ if HAVE_CUTE:
             S = self.stages
             rounds = self.k_tiles // S
             full = pipe.sync_object_full
-            tx = record_bytes(self.fmt) + self.tile_n * TILE_K * 2
+            tx = self.wrec * record_bytes(self.fmt) + self.tile_n * TILE_K * 2
             if const_expr(self.pair):
                 if rows_hi > 0:
                     tx = tx + self.tile_n * TILE_K * 2                    # a 2nd token tile: 2nd TMA box
-            tx_refill = record_bytes(self.fmt) if const_expr(self.diag == "notokens") else tx
+            tx_refill = self.wrec * record_bytes(self.fmt) if const_expr(self.diag == "notokens") else tx
+            rec_stride = self.k_tiles * self.k_splits                      # mshare: the 2nd row tile's records
             nb = self.mma_n // self.tile_n                                 # token-tile TMA boxes per stage
             frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
             # prologue: weights of every stage first (independent of the previous kernel), then (PDL: once the
@@ -876,7 +891,9 @@ if HAVE_CUTE:
             if warp_idx == 0:
                 for s in cutlass.range_constexpr(S):
                     full.arrive_and_expect_tx(s, tx)
-                    self.ring_copy_w(tma_w, tWgW[(None, rec0 + s)], tWsW[(None, s)], full.get_barrier(s))
+                    for g in cutlass.range_constexpr(self.wrec):
+                        self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + s)], tWsW[(None, self.wrec * s + g)],
+                                         full.get_barrier(s))
             if const_expr(self.pdl and not self.wait_first):
                 cute.arch.griddepcontrol_wait()
             if warp_idx == 0:
@@ -895,15 +912,25 @@ if HAVE_CUTE:
                 for s in cutlass.range_constexpr(S):
                     full.wait(s, phase)
                     self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32, codes,
-                                    scl, tidx, quad, s, 0, s + zr)
+                                    scl, tidx, quad, self.wrec * s + wg, 0, s + zr)
                     warpgroup.wait_group(1)
                     # refill stage q = (s - 1) % S (k-tile r*S + s - 1, now done) with k-tile r*S + s - 1 + S
                     q = (s - 1) % S
                     kt_new = r * S + s - 1 + S
                     go = r > 0 if const_expr(s == 0) else r < rounds - 1
+                    if const_expr(self.wrec == 2):
+                        # the other warpgroup may still read stage q: one arrive per warp on empty[q]; the refill
+                        # waits for all 8 (phase = the number of earlier refills of q, mod 2)
+                        if r > 0 or s > 0:
+                            if tidx % 32 == 0:
+                                pipe.sync_object_empty.arrive(q, None)
+                        if go and warp_idx == s % self.refill_warps:
+                            pipe.sync_object_empty.wait(q, (r - 1 if const_expr(s == 0) else r) & 1)
                     if go and warp_idx == s % self.refill_warps:
                         full.arrive_and_expect_tx(q, tx_refill)
-                        self.ring_copy_w(tma_w, tWgW[(None, rec0 + kt_new)], tWsW[(None, q)], full.get_barrier(q))
+                        for g in cutlass.range_constexpr(self.wrec):
+                            self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + kt_new)],
+                                             tWsW[(None, self.wrec * q + g)], full.get_barrier(q))
                         if const_expr(self.diag != "notokens"):
                             cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, nb * q)],
                                       tma_bar_ptr=full.get_barrier(q))
@@ -1683,6 +1710,7 @@ RING_REFILL_WARPS = 4             # warps taking turns at the TMA refills (1: wa
 RING_MIN_CTAS = 0                 # > 0: ptxas fits the registers to this many CTAs per SM (5: <= 96 registers)
 RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "notokens", see Fp4GroupedGemm
 RING_EVICT_FIRST = False          # weight TMAs with an L2 evict-first policy (tokens, re-read per row tile, stay)
+RING_MSHARE = False               # 2 warpgroups per CTA, one row tile each, sharing the token tile (no split-K)
 DECODE_PAIR = True                # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
 PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
 _COUNTERS: dict = {}
@@ -1738,14 +1766,17 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
         s2 = pick_k_splits(R, E, D // TILE_M, inter // TILE_K, sms)
     gather = R <= GATHER_MAX_ROWS                         # the routing kernel gathers x (GEMM1 follows it)
     ev = bool(max_ctas) and DECODE_EVICT_FIRST
-    ring = ()
+    ring1 = ring2 = ()
     if DECODE_RING and not max_ctas and tile_n <= 16:
-        ring = (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS, " ".join(
-            o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "") if o))
-        if DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R):
-            ring = ring + (True,)
-    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring),
-            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring))
+        opts = [o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "") if o]
+        pair = (True,) if DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R) else ()
+
+        def ring(splits):
+            return (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS,
+                    " ".join(opts + (["mshare"] if RING_MSHARE and splits == 1 else []))) + pair
+        ring1, ring2 = ring(s1), ring(s2)
+    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring1),
+            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring2))
 
 
 def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):

@@ -4362,7 +4362,9 @@ cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "")),      # Flash GEMM1 / G
         ("nvfp4", 8, 512, 256, True, 1, (4, 4, 0, "nodecode")),
         ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens evict")),
         ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "", True)),   # paired tiles (wgmma N 16)
-        ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "", True))]
+        ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "", True)),
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 8, 0, "mshare", True)),   # 2 warpgroups share the token tile
+        ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "mshare evict"))]
 for fmt, tile_n, k, n, swiglu, splits, ring in cfgs:
     K._compile_gemm(fmt, tile_n, k, n, swiglu, splits, 40 * 1024, True, True, 0, 1, 0, False, False, ring)
 """
@@ -4380,7 +4382,7 @@ def test_ring_decode_gemms_compile_for_sm90a_without_spills_or_serialized_wgmma(
     r = subprocess.run([sys.executable, "-c", COMPILE_RING, str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=600, cwd=here)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 9
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 11
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4GroupedGemm*.ptx"))
     if ptxas is None or not ptxs:
@@ -4404,10 +4406,13 @@ def test_ring_stage_count_divides_the_k_tiles_and_is_even(k_tiles, want):
 
 @gpu
 @pytest.mark.parametrize("fmt, T", [("nvfp4", 1), ("nvfp4", 7), ("nvfp4", 60), ("mxfp4", 7), ("mxfp4", 60)])
-@pytest.mark.parametrize("refill_warps, stages", [(4, 8), (1, 8), (4, 4), (3, 2)])
-def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, refill_warps, stages, monkeypatch):
+@pytest.mark.parametrize("refill_warps, stages, mshare", [(4, 8, False), (1, 8, False), (4, 4, False), (3, 2, False),
+                                                         (8, 8, True), (4, 2, True)],
+                         ids=["w4s8", "w1s8", "w4s4", "w3s2", "w8s8mshare", "w4s2mshare"])
+def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, refill_warps, stages, mshare, monkeypatch):
     """Same decode, same wgmma order: the ring loop's output equals the v5 loop's bit for bit, for every stage
-    count / refill-warp choice (poisoned intermediates, skipped slots), and both match the reference."""
+    count / refill-warp choice, with 2 warpgroups sharing the token tile (mshare; not where K is split) or not
+    (poisoned intermediates, skipped slots), and both match the reference."""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small_moedec(fmt)
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
@@ -4417,6 +4422,7 @@ def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, refill_warps, stag
     monkeypatch.setattr(K, "DECODE_RING", True)
     monkeypatch.setattr(K, "RING_REFILL_WARPS", refill_warps)
     monkeypatch.setattr(K, "RING_STAGES", stages)
+    monkeypatch.setattr(K, "RING_MSHARE", mshare)
     ring = K.moe_fp4(x, ids, w, ex, 7.0)
     assert torch.isfinite(v5).all() and torch.equal(ring, v5)
     _check_moedec(ex, T, "random", seed=T + 30)
