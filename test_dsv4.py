@@ -4471,3 +4471,21 @@ def test_paired_tiles_give_the_bits_of_unpaired_tiles(fmt, T, skewed, monkeypatc
     rel = ((paired.float() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(paired).all() and cos >= 0.9999 and rel <= 1e-2, (cos, rel)
     assert torch.equal(paired, plain)
+
+
+@pytest.mark.parametrize("T, want_pair", [(1, False), (16, False), (64, False), (128, False), (192, True),
+                                          (256, True)])
+def test_decode_config_picks_the_ring_everywhere_and_pairs_only_where_experts_fill_a_tile(T, want_pair, monkeypatch):
+    """Flash dims, 256 experts, top-6: every decode T takes the ring loop; paired tiles only where the routed rows per
+    hit expert average >= PAIR_MIN_ROWS (T >= ~170); mshare never where K is split (T=1 splits)."""
+    monkeypatch.setattr(K, "RING_MSHARE", True)
+    R = 6 * T
+    tile_n = K.pick_tile_n(T, 6, 256)
+    cfg1, cfg2 = K.gemm_configs("nvfp4", R, 256, 4096, 2048, tile_n, 132)
+    for cfg in (cfg1, cfg2):
+        ring, splits = cfg[-1], cfg[5]
+        assert ring and ring[:3] == (K.RING_STAGES, K.RING_REFILL_WARPS, K.RING_MIN_CTAS)
+        assert (ring[4:] == (True,)) == want_pair
+        assert ("mshare" in ring[3].split()) == (splits == 1)
+    monkeypatch.setattr(K, "DECODE_RING", False)
+    assert K.gemm_configs("nvfp4", R, 256, 4096, 2048, tile_n, 132)[0][-1] == ()
