@@ -261,6 +261,7 @@ def bench_moe_decode():
                  ("diag: no decode (raw words into the wgmma; wrong values)", dict(RING_DIAG="nodecode")),
                  ("diag: token tiles of the first stages only (wrong values)", dict(RING_DIAG="notokens")),
                  ("ring, refills all by warp 0", dict(RING_REFILL_WARPS=1)),
+                 ("full-barrier waits as a plain try_wait spin", dict(RING_SPIN=True)),
                  ("weight TMAs evict-first in L2", dict(RING_EVICT_FIRST=True)),
                  ("tile_n 16 where mean + 2 sd rows > 8 (TILE_N_SD=2)", dict(TILE_N_SD=2)),
                  ("paired tiles at every T (PAIR_MIN_ROWS=0)", dict(PAIR_MIN_ROWS=0.0)),

@@ -551,6 +551,14 @@ if HAVE_CUTE:
         return Int32(_llvm.inline_asm(_T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
                                       has_side_effects=False, loc=loc, ip=ip))
 
+    @dsl_user_op
+    def mbar_wait_spin(mbar_addr: Int32, phase: Int32, *, loc=None, ip=None):
+        """Wait for the mbarrier phase with parity `phase` to complete: a try_wait loop without a suspend-time hint
+        (ptxas emits TRYWAIT + branch instead of TRYWAIT + NANOSLEEP + PHASECHK + branch)."""
+        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(phase).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .pred p;\nLAB_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [$0], $1;\n"
+                         "@!p bra LAB_WAIT;\n}", "r,r", has_side_effects=True, loc=loc, ip=ip)
+
     class Fp4GroupedGemm:
         """One grouped GEMM over experts: out[rows of expert e, cols] = B[rows] · W_e^T (W_e fp4, decoded to bf16).
 
@@ -588,10 +596,12 @@ if HAVE_CUTE:
             self.diag = ""
             self.min_ctas_per_sm = 0
             self.evict_w = False               # ring: weight TMAs with an L2 evict-first policy (read once)
+            self.spin = False
             self.wrec = 1                      # weight records per stage (ring "mshare": 2, one per warpgroup)
             if self.ring:
                 stages, self.refill_warps, self.min_ctas_per_sm, opts = self.ring
                 self.evict_w = "evict" in opts.split()
+                self.spin = "spin" in opts.split()     # full-barrier waits without the suspend-time hint
                 if "mshare" in opts.split():
                     # two warpgroups, each its own 128-row tile (bid_m*2 + wg) of the same expert, one token tile
                     # per stage for both: half the token bytes per weight byte; a stage is free once both
@@ -600,7 +610,7 @@ if HAVE_CUTE:
                     self.wrec = 2
                     self.threads = 256
                     stage_bytes = 2 * record_bytes(fmt) + self.mma_n * TILE_K * 2
-                self.diag = " ".join(o for o in opts.split() if o not in ("evict", "mshare"))
+                self.diag = " ".join(o for o in opts.split() if o not in ("evict", "mshare", "spin"))
                 while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
                     stages -= 1
                 assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
@@ -910,7 +920,10 @@ if HAVE_CUTE:
                 # 8S registers, moving each into uniform registers before its wgmma
                 zr = (r + nrows) >> 30
                 for s in cutlass.range_constexpr(S):
-                    full.wait(s, phase)
+                    if const_expr(self.spin):
+                        mbar_wait_spin(full.get_barrier(s).toint(), phase)
+                    else:
+                        full.wait(s, phase)
                     self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32, codes,
                                     scl, tidx, quad, self.wrec * s + wg, 0, s + zr)
                     warpgroup.wait_group(1)
@@ -1711,6 +1724,7 @@ RING_MIN_CTAS = 0                 # > 0: ptxas fits the registers to this many C
 RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "notokens", see Fp4GroupedGemm
 RING_EVICT_FIRST = False          # weight TMAs with an L2 evict-first policy (tokens, re-read per row tile, stay)
 RING_MSHARE = False               # 2 warpgroups per CTA, one row tile each, sharing the token tile (no split-K)
+RING_SPIN = False                 # full-barrier waits as a plain try_wait loop (no suspend-time hint)
 DECODE_PAIR = True                # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
 PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
 _COUNTERS: dict = {}
@@ -1768,7 +1782,7 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
     ev = bool(max_ctas) and DECODE_EVICT_FIRST
     ring1 = ring2 = ()
     if DECODE_RING and not max_ctas and tile_n <= 16:
-        opts = [o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "") if o]
+        opts = [o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "", "spin" if RING_SPIN else "") if o]
         pair = (True,) if DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R) else ()
 
         def ring(splits):

@@ -4360,7 +4360,7 @@ cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "")),      # Flash GEMM1 / G
         ("mxfp4", 8, 4096, 2048, True, 4, (8, 4, 0, "")),      # split-K slices of 16 k-tiles
         ("mxfp4", 16, 256, 512, False, 2, (8, 1, 0, "")),      # 2 k-tiles per slice: a 2-stage ring
         ("nvfp4", 8, 512, 256, True, 1, (4, 4, 0, "nodecode")),
-        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens evict")),
+        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens evict spin")),
         ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "", True)),   # paired tiles (wgmma N 16)
         ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "", True)),
         ("nvfp4", 8, 4096, 2048, True, 1, (8, 8, 0, "mshare", True)),   # 2 warpgroups share the token tile
@@ -4406,25 +4406,27 @@ def test_ring_stage_count_divides_the_k_tiles_and_is_even(k_tiles, want):
 
 @gpu
 @pytest.mark.parametrize("fmt, T", [("nvfp4", 1), ("nvfp4", 7), ("nvfp4", 60), ("mxfp4", 7), ("mxfp4", 60)])
-@pytest.mark.parametrize("refill_warps, stages, mshare", [(4, 8, False), (1, 8, False), (4, 4, False), (3, 2, False),
-                                                         (8, 8, True), (4, 2, True)],
-                         ids=["w4s8", "w1s8", "w4s4", "w3s2", "w8s8mshare", "w4s2mshare"])
-def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, refill_warps, stages, mshare, monkeypatch):
+@pytest.mark.parametrize("knobs", [dict(), dict(RING_REFILL_WARPS=1), dict(RING_STAGES=4),
+                                   dict(RING_REFILL_WARPS=3, RING_STAGES=2), dict(RING_SPIN=True),
+                                   dict(RING_MSHARE=True, RING_REFILL_WARPS=8), dict(RING_MSHARE=True, RING_STAGES=2)],
+                         ids=["w4s8", "w1s8", "w4s4", "w3s2", "w4s8spin", "w8s8mshare", "w4s2mshare"])
+def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, knobs, monkeypatch):
     """Same decode, same wgmma order: the ring loop's output equals the v5 loop's bit for bit, for every stage
-    count / refill-warp choice, with 2 warpgroups sharing the token tile (mshare; not where K is split) or not
-    (poisoned intermediates, skipped slots), and both match the reference."""
+    count / refill-warp choice, spin waits, with 2 warpgroups sharing the token tile (mshare; not where K is split)
+    or not (poisoned intermediates, skipped slots), and it matches the reference."""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small_moedec(fmt)
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids, w = _routing(T, 6, 64, "empty_experts", "cuda", 21)
-    monkeypatch.setattr(K, "DECODE_RING", False)
-    v5 = K.moe_fp4(x, ids, w, ex, 7.0)
-    monkeypatch.setattr(K, "DECODE_RING", True)
-    monkeypatch.setattr(K, "RING_REFILL_WARPS", refill_warps)
-    monkeypatch.setattr(K, "RING_STAGES", stages)
-    monkeypatch.setattr(K, "RING_MSHARE", mshare)
-    ring = K.moe_fp4(x, ids, w, ex, 7.0)
-    assert torch.isfinite(v5).all() and torch.equal(ring, v5)
+    for routing in ("random", "empty_experts"):
+        ids, w = _routing(T, 6, 64, routing, "cuda", 21)
+        monkeypatch.setattr(K, "DECODE_RING", False)
+        v5 = K.moe_fp4(x, ids, w, ex, 7.0)
+        monkeypatch.setattr(K, "DECODE_RING", True)
+        for name, value in knobs.items():
+            monkeypatch.setattr(K, name, value)
+        ring = K.moe_fp4(x, ids, w, ex, 7.0)
+        assert torch.isfinite(v5).all() and torch.equal(ring, v5), routing
+    assert K.pick_tile_n(T, 6, 64) <= 16                      # random routing took the ring path
     _check_moedec(ex, T, "random", seed=T + 30)
 
 
