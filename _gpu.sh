@@ -4,6 +4,39 @@
 export MOEDEC_T0=$(date +%s)
 python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || { echo "no GPU: skipped"; exit 0; }
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+# compile every GEMM config of the smoke test, the tests and the bench in 12 background processes (disk cache:
+# the later processes load them in ~ms instead of compiling one after another, ~1 s each)
+cat > /tmp/decstage_pre.py <<'PY'
+import sys, kernels as K
+me, n = int(sys.argv[1]), int(sys.argv[2])
+knobsets = [dict(), dict(DECODE_RING=False), dict(DECODE_PAIR=False), dict(RING_DIAG="nodecode"),
+            dict(RING_DIAG="notokens"), dict(RING_REFILL_WARPS=1), dict(RING_SPIN=True), dict(RING_EVICT_FIRST=True),
+            dict(TILE_N_SD=2), dict(PAIR_MIN_ROWS=0.0), dict(RING_STAGES=4), dict(RING_MSHARE=True, RING_REFILL_WARPS=8),
+            dict(DECODE_RING=False, DECODE_PAIR=False), dict(RING_REFILL_WARPS=3, RING_STAGES=2), dict(PAIR_MIN_ROWS=1.0),
+            dict(PAIR_MIN_ROWS=1.0, DECODE_PAIR=False)]
+small = [dict(), dict(DECODE_RING=False), dict(RING_REFILL_WARPS=3, RING_STAGES=2), dict(PAIR_MIN_ROWS=1.0),
+         dict(PAIR_MIN_ROWS=1.0, DECODE_PAIR=False)]
+cfgs = []
+for kn in knobsets:
+    saved = {k: getattr(K, k) for k in kn}
+    for k, v in kn.items():
+        setattr(K, k, v)
+    dims = [("nvfp4", 256, 4096, 2048, (1, 4, 16, 64, 256))]
+    if kn in small:
+        dims += [("nvfp4", 64, 512, 256, (1, 7, 45, 60, 100)), ("mxfp4", 64, 512, 256, (1, 7, 45, 60, 100))]
+    for fmt, E, D, I, Ts in dims:
+        for T in Ts:
+            for cfg in K.gemm_configs(fmt, 6 * T, E, D, I, K.pick_tile_n(T, 6, E), 132):
+                if cfg not in cfgs:
+                    cfgs.append(cfg)
+    for k, v in saved.items():
+        setattr(K, k, v)
+for cfg in cfgs[me::n]:
+    K._compile_gemm(*cfg)
+PY
+for i in $(seq 0 11); do timeout 40 python3 /tmp/decstage_pre.py $i 12 > /dev/null 2>&1 & done
+wait
+echo "precompiled after $(( $(date +%s) - MOEDEC_T0 )) s"
 timeout 25 python3 - <<'PY' || export DECSTAGE_RING_OFF=1
 import torch, kernels as K, bench
 ex = bench.random_packed_experts(256, 4096, 2048, "cuda", 0)
