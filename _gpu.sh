@@ -34,7 +34,7 @@ for kn in knobsets:
 for cfg in cfgs[me::n]:
     K._compile_gemm(*cfg)
 PY
-for i in $(seq 0 11); do timeout 40 python3 /tmp/decstage_pre.py $i 12 > /dev/null 2>&1 & done
+for i in $(seq 0 11); do PYTHONPATH=$PWD timeout 40 python3 /tmp/decstage_pre.py $i 12 > /dev/null 2>&1 & done
 wait
 echo "precompiled after $(( $(date +%s) - MOEDEC_T0 )) s"
 timeout 25 python3 - <<'PY' || export DECSTAGE_RING_OFF=1
