@@ -575,6 +575,8 @@ if HAVE_CUTE:
             # serve more than tile_n rows are read and decoded once; the CTA of tile 2i+1 exits at once
             self.pair = pair
             self.mma_n = 2 * tile_n if pair else tile_n
+            self.pair8 = False                 # ring opt "pair8": pair with two N = tile_n wgmma sets (2nd only if
+            self.boxes = 2 if pair else 1      # the CTA has tile 2i+1) instead of one N = 2 tile_n set
             self.wait_first = wait_first   # PDL: the tile table comes from the kernel right before (fused gather)
             self.k_splits = k_splits
             self.pdl = pdl          # programmatic dependent launch: weights prefetched before the previous kernel ends
@@ -582,7 +584,7 @@ if HAVE_CUTE:
             self.k_tiles = k_dim // TILE_K // k_splits           # k-tiles per CTA (one K slice)
             self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
             self.rec_rows = record_bytes(fmt) // REC_ROW
-            stage_bytes = record_bytes(fmt) + self.mma_n * TILE_K * 2
+            stage_bytes = record_bytes(fmt) + self.boxes * tile_n * TILE_K * 2
             self.stages = max(3, min(10, self.k_tiles, smem_budget // stage_bytes))
             self.threads = 128
             self.wgs = 1                       # consumer warpgroups per CTA (Fp4DecodeGemm may use 2: one per atom)
@@ -602,6 +604,9 @@ if HAVE_CUTE:
                 stages, self.refill_warps, self.min_ctas_per_sm, opts = self.ring
                 self.evict_w = "evict" in opts.split()
                 self.spin = "spin" in opts.split()     # full-barrier waits without the suspend-time hint
+                if "pair8" in opts.split():
+                    assert k_splits == 1, "pair8: no split-K"
+                    self.pair, self.pair8, self.mma_n, self.boxes = True, True, tile_n, 2
                 if "mshare" in opts.split():
                     # two warpgroups, each its own 128-row tile (bid_m*2 + wg) of the same expert, one token tile
                     # per stage for both: half the token bytes per weight byte; a stage is free once both
@@ -610,12 +615,12 @@ if HAVE_CUTE:
                     self.wrec = 2
                     self.threads = 256
                     stage_bytes = 2 * record_bytes(fmt) + self.mma_n * TILE_K * 2
-                self.diag = " ".join(o for o in opts.split() if o not in ("evict", "mshare", "spin"))
+                self.diag = " ".join(o for o in opts.split() if o not in ("evict", "mshare", "spin", "pair8"))
                 while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
                     stages -= 1
                 assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
                 self.stages = stages
-            assert not pair or self.ring, "pair needs the ring main loop"
+            assert not self.pair or self.ring, "pair needs the ring main loop"
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
@@ -626,7 +631,8 @@ if HAVE_CUTE:
                 tiler_mn=(64, self.mma_n), a_source=warpgroup.OperandSource.RMEM)
             w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages * self.wrec))
             b_smem_layout = sm90_utils.make_smem_layout_b(
-                LayoutEnum.ROW_MAJOR, (TILE_M, self.mma_n, TILE_K), BFloat16, self.stages)
+                LayoutEnum.ROW_MAJOR, (TILE_M, self.mma_n, TILE_K), BFloat16, self.stages * (self.boxes if
+                                                                                              self.pair8 else 1))
             tma_w, tma_mW = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), mW, cute.slice_(w_smem_layout, (None, None, 0)),
                 (REC_ROW, self.rec_rows))
@@ -664,7 +670,7 @@ if HAVE_CUTE:
             """Token-tile smem as the TMA writes it: tile_n-row boxes; pair: 2 per stage (same bytes and swizzle as
             the 2 tile_n-row stage the wgmma reads: the 128B swizzle repeats every 8 rows)."""
             return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16,
-                                                 self.stages * (self.mma_n // self.tile_n))
+                                                 self.stages * self.boxes)
 
         def launch_options(self):
             if self.min_ctas_per_sm:       # ptxas fits the registers to this many resident CTAs per SM
@@ -744,6 +750,10 @@ if HAVE_CUTE:
                 frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
                 acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
                 acc.fill(0.0)
+                acc_hi = acc                                   # pair8: rows 8..15 of the pair
+                if const_expr(self.pair8):
+                    acc_hi = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
+                    acc_hi.fill(0.0)
                 tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
                 # this thread's words in a stage: codes [4 words] per atom, scale words after the codes
@@ -763,7 +773,7 @@ if HAVE_CUTE:
                     self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB,
                                        bid_pm * self.wrec * self.k_tiles * self.k_splits + kt0, kt0, tiled_mma,
                                        acc, frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows,
-                                       rows_hi, wg)
+                                       rows_hi, wg, acc_hi)
                 else:
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -812,7 +822,13 @@ if HAVE_CUTE:
                 # epilogue: acc element (m, n) = weight row m of the tile, token n of the tile
                 cC = cute.make_identity_tensor((TILE_M, self.mma_n))
                 tCcC = thr_mma.partition_C(cC)
-                if const_expr(self.k_splits == 1):
+                if const_expr(self.pair8):
+                    self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows - rows_hi,
+                                  bid_m)
+                    if rows_hi > 0:
+                        self.epilogue(acc_hi, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert,
+                                      row0 + self.tile_n, rows_hi, bid_m)
+                elif const_expr(self.k_splits == 1):
                     self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m)
                 else:
                     # split-K: every slice stores its fp32 partial; the last slice to arrive (counter per tile)
@@ -879,7 +895,8 @@ if HAVE_CUTE:
 
         @cute.jit
         def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma, acc,
-                          frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi, wg):
+                          frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi, wg,
+                          acc_hi):
             """Main loop unrolled over the ring of S stages: k-tile r*S + s sits in stage s (static smem offsets and
             barrier addresses); full[s] completes once per ring round (parity r & 1). No empty barriers: after this
             warp's wait_group(1) for tile k, tile k-1's wgmma is done, and it could only start once every warp of the
@@ -894,7 +911,7 @@ if HAVE_CUTE:
                     tx = tx + self.tile_n * TILE_K * 2                    # a 2nd token tile: 2nd TMA box
             tx_refill = self.wrec * record_bytes(self.fmt) if const_expr(self.diag == "notokens") else tx
             rec_stride = self.k_tiles * self.k_splits                      # mshare: the 2nd row tile's records
-            nb = self.mma_n // self.tile_n                                 # token-tile TMA boxes per stage
+            nb = self.boxes                                                # token-tile TMA boxes per stage
             frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
             # prologue: weights of every stage first (independent of the previous kernel), then (PDL: once the
             # previous kernel has ended) the token tiles
@@ -924,8 +941,12 @@ if HAVE_CUTE:
                         mbar_wait_spin(full.get_barrier(s).toint(), phase)
                     else:
                         full.wait(s, phase)
-                    self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32, codes,
-                                    scl, tidx, quad, self.wrec * s + wg, 0, s + zr)
+                    if const_expr(self.pair8):
+                        self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32,
+                                        codes, scl, tidx, quad, self.wrec * s + wg, 0, 2 * (s + zr), acc_hi)
+                    else:
+                        self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32,
+                                        codes, scl, tidx, quad, self.wrec * s + wg, 0, s + zr)
                     warpgroup.wait_group(1)
                     # refill stage q = (s - 1) % S (k-tile r*S + s - 1, now done) with k-tile r*S + s - 1 + S
                     q = (s - 1) % S
@@ -955,7 +976,7 @@ if HAVE_CUTE:
 
         @cute.jit
         def mma_k_tile(self, tiled_mma, acc, frag, frag_bf16, tCrB, sW32, sS32, codes, scl, tidx, quad, stage,
-                       atom0=0, stage_b=None):
+                       atom0=0, stage_b=None, acc_hi=None):
             """One 64-k tile from smem stage `stage`: load this thread's code and scale words, decode them into the
             A fragment (frag: its Int32 view), issue the 4 k16 wgmmas as one commit group (not waited for).
             tidx: thread in its warpgroup; the warpgroup decodes atoms atom0 .. atom0 + 2/wgs - 1 of the record."""
@@ -1007,6 +1028,11 @@ if HAVE_CUTE:
             sb = stage if const_expr(stage_b is None) else stage_b
             for kb in cutlass.range_constexpr(4):
                 cute.gemm(tiled_mma, acc, frag_bf16[None, None, kb], tCrB[None, None, kb, sb], acc)
+            if const_expr(acc_hi is not None):
+                # pair8: the same A on the pair's 2nd token tile (always issued: a wgmma under a branch makes ptxas
+                # inject warpgroup.arrive fences, C7519; an unpaired CTA's 2nd tile is stale smem, never stored)
+                for kb in cutlass.range_constexpr(4):
+                    cute.gemm(tiled_mma, acc_hi, frag_bf16[None, None, kb], tCrB[None, None, kb, sb + 1], acc_hi)
             warpgroup.commit_group()
 
         @cute.jit
@@ -1727,6 +1753,7 @@ RING_MSHARE = False               # 2 warpgroups per CTA, one row tile each, sha
 RING_SPIN = False                 # full-barrier waits as a plain try_wait loop (no suspend-time hint)
 DECODE_PAIR = True                # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
 PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
+PAIR_WGMMA8 = False               # ... as two N=8 wgmma sets (the 2nd only in CTAs with a 2nd tile) instead of N=16
 _COUNTERS: dict = {}
 _EVICT_FIRST = 0x12F0000000000000   # sm90 L2 cache-policy descriptor "evict first" (as CUTLASS's CacheHintSm90)
 
@@ -1783,11 +1810,13 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
     ring1 = ring2 = ()
     if DECODE_RING and not max_ctas and tile_n <= 16:
         opts = [o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "", "spin" if RING_SPIN else "") if o]
-        pair = (True,) if DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R) else ()
+        pair = DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R)
 
         def ring(splits):
+            p8 = pair and PAIR_WGMMA8 and splits == 1
             return (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS,
-                    " ".join(opts + (["mshare"] if RING_MSHARE and splits == 1 else []))) + pair
+                    " ".join(opts + (["mshare"] if RING_MSHARE and splits == 1 else []) + (["pair8"] if p8 else []))
+                    ) + ((True,) if pair and not p8 else ())
         ring1, ring2 = ring(s1), ring(s2)
     return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring1),
             (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring2))
