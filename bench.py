@@ -234,7 +234,8 @@ def bench_v6(Ts, fp4_us, pct, with_knobs, routings, base_us, t_start, floor_us, 
         for T in Tk:
             if got[name, T]:
                 a, sp, n = med(name, T)
-                parts.append(f"T={T} {a:.1f} us ({pct(T, a):.0f}%, spread {sp:.0f}%, n={n}; main {med('main', T)[0]:.1f})")
+                parts.append(f"T={T} {a:.1f} us ({pct(T, a):.0f}%, spread {sp:.0f}%, n={n}; "
+                             f"main {med('main', T)[0]:.1f})")
         print(f"ablation: {name}: " + ", ".join(parts), flush=True)
 
 

@@ -919,8 +919,8 @@ if HAVE_CUTE:
                 for s in cutlass.range_constexpr(S):
                     full.arrive_and_expect_tx(s, tx)
                     for g in cutlass.range_constexpr(self.wrec):
-                        self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + s)], tWsW[(None, self.wrec * s + g)],
-                                         full.get_barrier(s))
+                        self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + s)],
+                                         tWsW[(None, self.wrec * s + g)], full.get_barrier(s))
             if const_expr(self.pdl and not self.wait_first):
                 cute.arch.griddepcontrol_wait()
             if warp_idx == 0:
