@@ -9,14 +9,13 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 cat > /tmp/decstage_pre.py <<'PY'
 import sys, kernels as K
 me, n = int(sys.argv[1]), int(sys.argv[2])
-knobsets = [dict(), dict(DECODE_RING=False), dict(DECODE_PAIR=False), dict(PAIR_WGMMA8=True), dict(TILE_N_SD=2),
-            dict(RING_MSHARE=True, RING_REFILL_WARPS=8, DECODE_PAIR=False), dict(RING_DIAG="nodecode", DECODE_PAIR=False),
-            dict(PAIR_MIN_ROWS=0.0), dict(RING_REFILL_WARPS=3, RING_STAGES=2), dict(PAIR_MIN_ROWS=1.0),
-            dict(PAIR_MIN_ROWS=1.0, DECODE_PAIR=False), dict(PAIR_MIN_ROWS=1.0, PAIR_WGMMA8=True),
-            dict(RING_MSHARE=True, RING_REFILL_WARPS=8), dict(RING_MSHARE=True, RING_STAGES=2)]
-small = [dict(), dict(DECODE_RING=False), dict(RING_REFILL_WARPS=3, RING_STAGES=2), dict(PAIR_MIN_ROWS=1.0),
-         dict(PAIR_MIN_ROWS=1.0, DECODE_PAIR=False), dict(PAIR_MIN_ROWS=1.0, PAIR_WGMMA8=True),
-         dict(RING_MSHARE=True, RING_REFILL_WARPS=8), dict(RING_MSHARE=True, RING_STAGES=2)]
+knobsets = [dict(), dict(DECODE_RING=False), dict(DECODE_RING=False, TILE_N_SD=0), dict(TILE_N_SD=0), dict(TILE_N_SD=0, DECODE_PAIR=True, PAIR_SPLIT=True),
+            dict(TILE_N_SD=0, DECODE_PAIR=True), dict(RING_MSHARE=True, RING_REFILL_WARPS=8), dict(RING_DIAG="nodecode"),
+            dict(PAIR_MIN_ROWS=1.0, TILE_N_SD=0, DECODE_PAIR=True, PAIR_SPLIT=True),
+            dict(PAIR_MIN_ROWS=1.0, TILE_N_SD=0, DECODE_PAIR=True), dict(PAIR_MIN_ROWS=1.0, TILE_N_SD=0)]
+small = [dict(), dict(DECODE_RING=False), dict(RING_MSHARE=True, RING_REFILL_WARPS=8),
+         dict(PAIR_MIN_ROWS=1.0, TILE_N_SD=0, DECODE_PAIR=True, PAIR_SPLIT=True),
+         dict(PAIR_MIN_ROWS=1.0, TILE_N_SD=0, DECODE_PAIR=True), dict(PAIR_MIN_ROWS=1.0, TILE_N_SD=0)]
 cfgs = []
 for kn in knobsets:
     saved = {k: getattr(K, k) for k in kn}
@@ -47,8 +46,9 @@ for T in (16, 64, 256):
     w = torch.rand(T, 6, device="cuda", generator=g)
     x = torch.randn(T, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
     out = {}
-    variants = {"v5": dict(DECODE_RING=False), "ring": dict(DECODE_PAIR=False), "ring+pair": dict(),
-                "ring+pair8": dict(PAIR_WGMMA8=True), "ring+mshare": dict(RING_MSHARE=True, RING_REFILL_WARPS=8)}
+    variants = {"v5": dict(DECODE_RING=False), "v6 default": dict(), "ring 8-row": dict(TILE_N_SD=0),
+                "ring pairsplit": dict(TILE_N_SD=0, DECODE_PAIR=True, PAIR_SPLIT=True),
+                "ring mshare": dict(RING_MSHARE=True, RING_REFILL_WARPS=8)}
     for name, kn in variants.items():
         saved = {k: getattr(K, k) for k in kn}
         for k, v in kn.items():
@@ -64,10 +64,11 @@ BENCH_ROUNDS=3 BENCH_BUDGET_S=80 timeout $(( 78 - ($(date +%s) - MOEDEC_T0) )) p
 echo "bench done after $(( $(date +%s) - MOEDEC_T0 )) s"
 R=test_dsv4.py::test_ring_main_loop_gives_the_bits_of_the_v5_loop
 P=test_dsv4.py::test_paired_tiles_give_the_bits_of_unpaired_tiles
-timeout $(( 98 - ($(date +%s) - MOEDEC_T0) )) python3 -m pytest -q -p no:randomly "$P[pair8-60-False-nvfp4]" "$P[pair8-45-True-nvfp4]" \
-  "$P[pair8-45-True-mxfp4]" "$P[n16-60-False-nvfp4]" "$P[n16-45-True-mxfp4]" "$R[w8s8mshare-nvfp4-7]" \
-  "$R[w8s8mshare-nvfp4-60]" "$R[w8s8mshare-mxfp4-60]" "$R[w4s2mshare-nvfp4-1]" "$R[w4s8-nvfp4-1]" "$R[w4s8-nvfp4-60]" \
-  "$R[w4s8-mxfp4-7]" "$R[w3s2-nvfp4-7]" "test_dsv4.py::test_default_path_is_bitwise_repeatable_and_pdl_neutral" \
-  "test_dsv4.py::test_pdl_launches_give_the_same_bits_as_plain_launches[300]" -v --tb=line 2>&1 | \
-  grep -E "PASSED|FAILED|ERROR|^E |assert|passed|failed" | sed 's/^test_dsv4.py:://' | cut -c1-160 | head -40
+timeout $(( 98 - ($(date +%s) - MOEDEC_T0) )) python3 -m pytest -v -p no:randomly --tb=line \
+  "test_dsv4.py::test_flash_dims_decode_matches_reference[256]" "$P[split-60-False-nvfp4]" "$P[split-45-True-mxfp4]" \
+  "test_dsv4.py::test_decode_default_path_matches_reference[nvfp4-100]" "$R[w8s8mshare-nvfp4-60]" \
+  "$P[n16-45-True-nvfp4]" "$R[w4s8-nvfp4-60]" "$R[w4s8-mxfp4-7]" "$R[w4s8-nvfp4-1]" \
+  "test_dsv4.py::test_default_path_is_bitwise_repeatable_and_pdl_neutral" \
+  "test_dsv4.py::test_flash_dims_decode_matches_reference[64]" 2>&1 | \
+  grep -E "PASSED|FAILED|ERROR|^E |passed|failed" | sed 's/^test_dsv4.py:://' | cut -c1-160 | head -40
 echo "tests done after $(( $(date +%s) - MOEDEC_T0 )) s"

@@ -187,13 +187,12 @@ def random_packed_experts(E, D, I, device, seed):
 
 
 V6_ABLATIONS = [   # (title, knobs, T values): timed in the same interleaved rounds as the main configuration
-    ("paired tiles off (one CTA per 8-row tile)", dict(DECODE_PAIR=False), (256,)),
-    ("paired tiles as two N=8 wgmma sets (pair8)", dict(PAIR_WGMMA8=True), (256,)),
-    ("tile_n 16 for every tile (TILE_N_SD=2, no pairing)", dict(TILE_N_SD=2), (256,)),
-    ("2 warpgroups share the token tile (mshare), no pairing", dict(RING_MSHARE=True, RING_REFILL_WARPS=8,
-                                                                    DECODE_PAIR=False), (256, 64)),
-    ("diag: no decode, no pairing (wrong values)", dict(RING_DIAG="nodecode", DECODE_PAIR=False), (256, 64)),
-    ("paired tiles forced (PAIR_MIN_ROWS=0): N=16 where nothing pairs", dict(PAIR_MIN_ROWS=0.0), (64,)),
+    ("8-row tiles, no pairing (TILE_N_SD=0)", dict(TILE_N_SD=0), (256,)),
+    ("8-row tiles, pairs as a 2nd launch at N=16 (pairsplit)", dict(TILE_N_SD=0, DECODE_PAIR=True, PAIR_SPLIT=True),
+     (256,)),
+    ("8-row tiles, paired at N=16 in one launch", dict(TILE_N_SD=0, DECODE_PAIR=True), (256,)),
+    ("2 warpgroups share the token tile (mshare)", dict(RING_MSHARE=True, RING_REFILL_WARPS=8), (256, 64)),
+    ("diag: no decode (wrong values)", dict(RING_DIAG="nodecode"), (256,)),
 ]
 
 
@@ -204,7 +203,7 @@ def bench_v6(Ts, fp4_us, pct, with_knobs, routings, base_us, t_start, floor_us, 
     in R1, so only interleaved medians are compared."""
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
-    configs = [("main", {}, Ts), ("v5", dict(DECODE_RING=False), Ts)] + V6_ABLATIONS
+    configs = [("main", {}, Ts), ("v5", dict(DECODE_RING=False, TILE_N_SD=0), Ts)] + V6_ABLATIONS
     got = {(name, T): [] for name, _, Tk in configs for T in Tk}
     for r in range(rounds):
         for name, knob, Tk in configs:
@@ -220,7 +219,7 @@ def bench_v6(Ts, fp4_us, pct, with_knobs, routings, base_us, t_start, floor_us, 
 
     base = {T: base_us(T) for T in Ts} if time.time() - t_start < budget - 5 else {}
     print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; "
-          f"medians of interleaved rounds; v5 = the previous kernel (DECODE_RING off), same run")
+          f"medians of interleaved rounds; v5 = the previous default (DECODE_RING off, TILE_N_SD 0), same run")
     print(f"{'T':>4} {'experts':>7} {'v6 us':>8} {'spread':>6} {'v5 us':>8} {'spread':>6} {'bf16 us':>8} {'%copy':>6} "
           f"{'v5 %copy':>8} {'floor us':>8}")
     for T in Ts:

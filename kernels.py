@@ -599,11 +599,15 @@ if HAVE_CUTE:
             self.min_ctas_per_sm = 0
             self.evict_w = False               # ring: weight TMAs with an L2 evict-first policy (read once)
             self.spin = False
+            self.part = ""
             self.wrec = 1                      # weight records per stage (ring "mshare": 2, one per warpgroup)
             if self.ring:
                 stages, self.refill_warps, self.min_ctas_per_sm, opts = self.ring
                 self.evict_w = "evict" in opts.split()
                 self.spin = "spin" in opts.split()     # full-barrier waits without the suspend-time hint
+                # pairsplit halves (see _compile_gemm): "single" runs the tiles without a partner (N = tile_n),
+                # "pairs" (with pair=True) only the pairs: each pays the N = 2 tile_n wgmma only where it pairs
+                self.part = next((o for o in opts.split() if o in ("single", "pairs")), "")
                 if "pair8" in opts.split():
                     assert k_splits == 1, "pair8: no split-K"
                     self.pair, self.pair8, self.mma_n, self.boxes = True, True, tile_n, 2
@@ -615,7 +619,8 @@ if HAVE_CUTE:
                     self.wrec = 2
                     self.threads = 256
                     stage_bytes = 2 * record_bytes(fmt) + self.mma_n * TILE_K * 2
-                self.diag = " ".join(o for o in opts.split() if o not in ("evict", "mshare", "spin", "pair8"))
+                self.diag = " ".join(o for o in opts.split()
+                                     if o not in ("evict", "mshare", "spin", "pair8", "single", "pairs"))
                 while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
                     stages -= 1
                 assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
@@ -707,6 +712,12 @@ if HAVE_CUTE:
                     nrows = Int32(0)
                 else:
                     nrows = nrows + rows_hi
+                if const_expr(self.part == "pairs"):
+                    if rows_hi <= 0:           # a tile without a partner: the "single" kernel does it
+                        nrows = Int32(0)
+            if const_expr(self.part == "single"):
+                if self.pair_rows(mTiles, bid_t, expert, nrows) != 0:     # part of a pair: the "pairs" kernel
+                    nrows = Int32(0)
             if nrows > 0:
                 if warp_idx == 0:
                     cpasync.prefetch_descriptor(tma_w)
@@ -1689,6 +1700,18 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream);
     max_ctas > 0: the persistent decode variant Fp4DecodeGemm with at most that many CTAs of `wgs` warpgroups;
     ring = (stages, refill warps, min CTAs per SM, diag[, pair]): Fp4GroupedGemm's ring-unrolled main loop."""
+    if ring and "pairsplit" in ring[3].split():
+        # two launches over the same tile table: tiles without a partner (N = tile_n), then the pairs (N = 2 tile_n)
+        opts = [o for o in ring[3].split() if o != "pairsplit"]
+        args = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs, max_ctas, wgs,
+                min_ctas_per_sm, wait_first, evict_first)
+        single = _compile_gemm(*args, tuple(ring[:3]) + (" ".join(opts + ["single"]),))
+        pairs = _compile_gemm(*args, tuple(ring[:3]) + (" ".join(opts + ["pairs"]), True))
+
+        def both(*a):
+            single(*a)
+            pairs(*a)
+        return both
     config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl)
     if scale_pairs or max_ctas or wait_first or ring:
         config = config + (scale_pairs, max_ctas, wgs, min_ctas_per_sm, wait_first)
@@ -1732,7 +1755,8 @@ SPLIT_CTAS_PER_SM = 6             # split until about this many CTAs per SM
 DECODE_SMEM_BUDGET = 40 * 1024    # pipeline smem per CTA for tile_n <= 16 (more CTAs per SM); else 72 KB
 SCALE_PAIRS = True                # one prmt + mad per two k16 blocks' scales (8 fewer instructions per 64 weights)
 GATHER_MAX_ROWS = 24              # routed rows up to which the routing kernel gathers x itself (T <= 4 at top-6)
-TILE_N_SD = 0                     # pick_tile_n: > 0 widens tile_n 8 to 16 where mean + TILE_N_SD sd rows > 8
+TILE_N_SD = 2                     # pick_tile_n: > 0 widens tile_n 8 to 16 where mean + TILE_N_SD sd rows > 8 (v6:
+                                  # on the ring loop T=256 1178 vs 1212 us at tile_n 8, H200 R2 medians; T <= 128 keep 8)
 DECODE_PERSISTENT = False         # tile_n <= 16: the persistent Fp4DecodeGemm instead of one CTA per work item
                                   # (v5 round 1, H200: 5-20% slower than one CTA per item at every T, see notes)
 DECODE_WGS = 2                    # its consumer warpgroups per CTA (2: one per 64-row atom, 62 registers at tile_n 8)
@@ -1751,9 +1775,10 @@ RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "n
 RING_EVICT_FIRST = False          # weight TMAs with an L2 evict-first policy (tokens, re-read per row tile, stay)
 RING_MSHARE = False               # 2 warpgroups per CTA, one row tile each, sharing the token tile (no split-K)
 RING_SPIN = False                 # full-barrier waits as a plain try_wait loop (no suspend-time hint)
-DECODE_PAIR = True                # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
+DECODE_PAIR = False               # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
 PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
-PAIR_WGMMA8 = False               # ... as two N=8 wgmma sets (the 2nd only in CTAs with a 2nd tile) instead of N=16
+PAIR_WGMMA8 = False               # ... as two N=8 wgmma sets (always both) instead of one N=16 set
+PAIR_SPLIT = False                # ... as two launches: tiles without a partner at N=8, then only the pairs at N=16
 _COUNTERS: dict = {}
 _EVICT_FIRST = 0x12F0000000000000   # sm90 L2 cache-policy descriptor "evict first" (as CUTLASS's CacheHintSm90)
 
@@ -1814,9 +1839,10 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
 
         def ring(splits):
             p8 = pair and PAIR_WGMMA8 and splits == 1
+            ps = pair and PAIR_SPLIT and splits == 1 and not p8
             return (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS,
-                    " ".join(opts + (["mshare"] if RING_MSHARE and splits == 1 else []) + (["pair8"] if p8 else []))
-                    ) + ((True,) if pair and not p8 else ())
+                    " ".join(opts + (["mshare"] if RING_MSHARE and splits == 1 else []) + (["pair8"] if p8 else [])
+                             + (["pairsplit"] if ps else []))) + ((True,) if pair and not p8 and not ps else ())
         ring1, ring2 = ring(s1), ring(s2)
     return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring1),
             (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring2))

@@ -4365,7 +4365,9 @@ cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "")),      # Flash GEMM1 / G
         ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "", True)),
         ("nvfp4", 8, 4096, 2048, True, 1, (8, 8, 0, "mshare", True)),   # 2 warpgroups share the token tile
         ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "mshare evict")),
-        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "pair8"))]
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "pair8")),
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "single")),       # the unpartnered half of "pairsplit"
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "pairs", True))]  # its pairs half
 for fmt, tile_n, k, n, swiglu, splits, ring in cfgs:
     K._compile_gemm(fmt, tile_n, k, n, swiglu, splits, 40 * 1024, True, True, 0, 1, 0, False, False, ring)
 """
@@ -4383,7 +4385,7 @@ def test_ring_decode_gemms_compile_for_sm90a_without_spills_or_serialized_wgmma(
     r = subprocess.run([sys.executable, "-c", COMPILE_RING, str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=600, cwd=here)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 12
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 14
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4GroupedGemm*.ptx"))
     if ptxas is None or not ptxs:
@@ -4455,20 +4457,23 @@ def _skewed_routing(T, k, E, seed):
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("T, skewed", [(60, False), (45, True), (100, True)])
-@pytest.mark.parametrize("wgmma8", [False, True], ids=["n16", "pair8"])
-def test_paired_tiles_give_the_bits_of_unpaired_tiles(fmt, T, skewed, wgmma8, monkeypatch):
+@pytest.mark.parametrize("mode", ["n16", "pair8", "split"])
+def test_paired_tiles_give_the_bits_of_unpaired_tiles(fmt, T, skewed, mode, monkeypatch):
     """DECODE_PAIR: one CTA takes an expert's tiles 2i and 2i+1 (wgmma N 16, or pair8: two N 8 sets; second token
     box only if the tile exists); the CTA of tile 2i+1 exits. Experts with 1..8 tiles (skewed: expert 0 has T rows),
     poisoned intermediates: same bits as one CTA per tile, and the reference agrees."""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     monkeypatch.setattr(K, "PAIR_MIN_ROWS", 1.0)               # T=100 (tile_n 16) keeps the unpaired ring
-    monkeypatch.setattr(K, "PAIR_WGMMA8", wgmma8)
+    monkeypatch.setattr(K, "TILE_N_SD", 0)
+    monkeypatch.setattr(K, "DECODE_PAIR", True)
+    monkeypatch.setattr(K, "PAIR_WGMMA8", mode == "pair8")
+    monkeypatch.setattr(K, "PAIR_SPLIT", mode == "split")      # two launches: unpartnered tiles at N=8, pairs at N=16
     ex = _small_moedec(fmt)
     x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
     ids, w = _skewed_routing(T, 6, 64, T) if skewed else _routing(T, 6, 64, "random", "cuda", T)
     cfg1, _ = K.gemm_configs(fmt, T * 6, 64, 512, 256, K.pick_tile_n(T, 6, 64), 132)
-    paired = cfg1[-1][4:] == (True,) or "pair8" in cfg1[-1][3].split()
-    assert paired == (K.pick_tile_n(T, 6, 64) == 8)           # the paired path is taken where tile_n is 8
+    paired = cfg1[-1][4:] == (True,) or {"pair8", "pairsplit"} & set(cfg1[-1][3].split())
+    assert bool(paired) == (K.pick_tile_n(T, 6, 64) == 8)     # the paired path is taken where tile_n is 8
     paired = K.moe_fp4(x, ids, w, ex, 7.0)
     monkeypatch.setattr(K, "DECODE_PAIR", False)
     plain = K.moe_fp4(x, ids, w, ex, 7.0)
@@ -4482,8 +4487,12 @@ def test_paired_tiles_give_the_bits_of_unpaired_tiles(fmt, T, skewed, wgmma8, mo
 @pytest.mark.parametrize("T, want_pair", [(1, False), (16, False), (64, False), (128, False), (192, True),
                                           (256, True)])
 def test_decode_config_picks_the_ring_everywhere_and_pairs_only_where_experts_fill_a_tile(T, want_pair, monkeypatch):
-    """Flash dims, 256 experts, top-6: every decode T takes the ring loop; paired tiles only where the routed rows per
-    hit expert average >= PAIR_MIN_ROWS (T >= ~170); mshare never where K is split (T=1 splits)."""
+    """Flash dims, 256 experts, top-6: every decode T takes the ring loop; paired tiles (when switched on, with 8-row
+    tiles) only where the routed rows per hit expert average >= PAIR_MIN_ROWS (T >= ~170); mshare never where K is
+    split (T=1 splits)."""
+    assert K.pick_tile_n(T, 6, 256) == (16 if T >= 192 else 8)      # the default rule (TILE_N_SD = 2)
+    monkeypatch.setattr(K, "TILE_N_SD", 0)
+    monkeypatch.setattr(K, "DECODE_PAIR", True)
     monkeypatch.setattr(K, "RING_MSHARE", True)
     R = 6 * T
     tile_n = K.pick_tile_n(T, 6, 256)
