@@ -2,7 +2,8 @@
 
   python bench.py moe                  the routed MoE at Flash dims: fp4 CuTe DSL kernel vs torch bf16 _grouped_mm,
                                        with the device copy bandwidth and a bf16 matmul as ceilings
-  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5: kernel knobs)
+  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5 / --ablate-v6:
+                                       kernel knobs)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
@@ -429,6 +430,58 @@ def random_packed_experts(E, D, I, device, seed):
     return ex
 
 
+V6_ABLATIONS = [   # (title, knobs, T values): timed in the same interleaved rounds as the main configuration
+    ("8-row tiles, no pairing (TILE_N_SD=0)", dict(TILE_N_SD=0), (256,)),
+    ("8-row tiles, pairs as a 2nd launch at N=16 (pairsplit)", dict(TILE_N_SD=0, DECODE_PAIR=True, PAIR_SPLIT=True),
+     (256,)),
+    ("8-row tiles, paired at N=16 in one launch", dict(TILE_N_SD=0, DECODE_PAIR=True), (256,)),
+    ("2 warpgroups share the token tile (mshare)", dict(RING_MSHARE=True, RING_REFILL_WARPS=8), (256, 64)),
+    ("diag: no decode (wrong values)", dict(RING_DIAG="nodecode"), (256,)),
+]
+
+
+def bench_v6(Ts, fp4_us, pct, with_knobs, routings, base_us, t_start, floor_us, dev):
+    """--ablate-v6: main (v6 defaults) and v5 (DECODE_RING off) at every T plus the V6_ABLATIONS, measured in
+    `rounds` interleaved rounds (one graph-timed median per configuration and round); the tables show the median of
+    the rounds and the spread (max/min - 1) — within-run drift (clocks, L2 state) moved single timings by up to 15%
+    in R1, so only interleaved medians are compared."""
+    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+    budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
+    configs = [("main", {}, Ts), ("v5", dict(DECODE_RING=False, TILE_N_SD=0), Ts)] + V6_ABLATIONS
+    got = {(name, T): [] for name, _, Tk in configs for T in Tk}
+    for r in range(rounds):
+        for name, knob, Tk in configs:
+            if r > 0 and time.time() - t_start > budget - 20:
+                break
+            for T in Tk:
+                got[name, T].append(with_knobs(knob, lambda: fp4_us(T)))
+        print(f"(round {r + 1} done at {time.time() - t_start:.0f} s)", flush=True)
+
+    def med(name, T):
+        v = sorted(got[name, T])
+        return v[len(v) // 2], (v[-1] / v[0] - 1) * 100, len(v)
+
+    base = {T: base_us(T) for T in Ts} if time.time() - t_start < budget - 5 else {}
+    print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; "
+          f"medians of interleaved rounds; v5 = the previous default (DECODE_RING off, TILE_N_SD 0), same run")
+    print(f"{'T':>4} {'experts':>7} {'v6 us':>8} {'spread':>6} {'v5 us':>8} {'spread':>6} {'bf16 us':>8} {'%copy':>6} "
+          f"{'v5 %copy':>8} {'floor us':>8}")
+    for T in Ts:
+        m, ms, n = med("main", T)
+        v, vs, _ = med("v5", T)
+        b = f"{base[T]:>8.1f}" if T in base else f"{'-':>8}"
+        print(f"{T:>4} {routings[T][3]:>7} {m:>8.1f} {ms:>5.0f}% {v:>8.1f} {vs:>5.0f}% {b} {pct(T, m):>6.1f} "
+              f"{pct(T, v):>8.1f} {floor_us(T):>8.1f}   (n={n})", flush=True)
+    for name, knob, Tk in V6_ABLATIONS:
+        parts = []
+        for T in Tk:
+            if got[name, T]:
+                a, sp, n = med(name, T)
+                parts.append(f"T={T} {a:.1f} us ({pct(T, a):.0f}%, spread {sp:.0f}%, n={n}; "
+                             f"main {med('main', T)[0]:.1f})")
+        print(f"ablation: {name}: " + ", ".join(parts), flush=True)
+
+
 def bench_moe_decode():
     """`python bench.py moe --decode-only [--ablate-v5]`: the decode sizes (T 1..256) only, in well under a minute:
     random records instead of repacked experts; baseline (torch bf16 _grouped_mm) and copy bandwidth in the same run;
@@ -448,6 +501,9 @@ def bench_moe_decode():
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
     Ts = (1, 4, 16, 64, 256)
+    if os.environ.get("DECSTAGE_RING_OFF"):           # the GPU check's fallback if the v6 smoke test hung/failed
+        K.DECODE_RING = False
+        print("DECSTAGE_RING_OFF: timing the v5 loop only", flush=True)
     if os.environ.get("MOEDEC_V4_ONLY"):              # the GPU check's fallback if the v5 tests failed
         K.DECODE_PERSISTENT = K.SCALE_PAIRS = False
         print("MOEDEC_V4_ONLY: timing the v4 kernel", flush=True)
@@ -466,6 +522,10 @@ def bench_moe_decode():
     def pct(T, us):
         return 100 * routings[T][3] * bytes_per_expert / (us * 1e-6) / 1e12 / copy_bw
 
+    def bf16_us(T):
+        x, ids, w, _ = routings[T]
+        return _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True) / 2 * 1e3
+
     def with_knobs(knob, fn):
         saved = {name: getattr(K, name) for name in knob}
         for name, v in knob.items():
@@ -477,13 +537,14 @@ def bench_moe_decode():
                 setattr(K, name, v)
 
     print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
+    if "--ablate-v6" in sys.argv:
+        bench_v6(Ts, fp4_us, pct, with_knobs, routings, base_us=lambda T: bf16_us(T), t_start=t_start,
+                 floor_us=lambda T: routings[T][3] * bytes_per_expert / (copy_bw * 1e12) * 1e6, dev=dev)
+        return
     main = {T: fp4_us(T) for T in Ts}
-    v4 = with_knobs(dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0),
-                    lambda: {T: fp4_us(T) for T in Ts})
-    base = {}
-    for T in Ts:
-        x, ids, w, _ = routings[T]
-        base[T] = _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True) / 2 * 1e3
+    prev = dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0)
+    v4 = with_knobs(prev, lambda: {T: fp4_us(T) for T in Ts})
+    base = {T: bf16_us(T) for T in Ts}
     print(f"\nMoE decode, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4), CUDA-graph replays, {dev}; "
           f"v4 = the previous kernel, same run")
     print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'v4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} "

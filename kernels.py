@@ -551,6 +551,14 @@ if HAVE_CUTE:
         return Int32(_llvm.inline_asm(_T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
                                       has_side_effects=False, loc=loc, ip=ip))
 
+    @dsl_user_op
+    def mbar_wait_spin(mbar_addr: Int32, phase: Int32, *, loc=None, ip=None):
+        """Wait for the mbarrier phase with parity `phase` to complete: a try_wait loop without a suspend-time hint
+        (ptxas emits TRYWAIT + branch instead of TRYWAIT + NANOSLEEP + PHASECHK + branch)."""
+        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(phase).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .pred p;\nLAB_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [$0], $1;\n"
+                         "@!p bra LAB_WAIT;\n}", "r,r", has_side_effects=True, loc=loc, ip=ip)
+
     class Fp4GroupedGemm:
         """One grouped GEMM over experts: out[rows of expert e, cols] = B[rows] · W_e^T (W_e fp4, decoded to bf16).
 
@@ -560,8 +568,15 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
                      smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False,
-                     wait_first: bool = False):
+                     wait_first: bool = False, ring: tuple = (), pair: bool = False):
             self.fmt, self.tile_n, self.k_dim, self.n_out, self.swiglu = fmt, tile_n, k_dim, n_out, swiglu
+            # pair (ring only): the table has tile_n-row tiles, but a CTA takes an expert's tiles 2i and 2i+1
+            # together (wgmma N = 2 tile_n; one token-tile TMA when the expert has no tile 2i+1), so weights that
+            # serve more than tile_n rows are read and decoded once; the CTA of tile 2i+1 exits at once
+            self.pair = pair
+            self.mma_n = 2 * tile_n if pair else tile_n
+            self.pair8 = False                 # ring opt "pair8": pair with two N = tile_n wgmma sets (2nd only if
+            self.boxes = 2 if pair else 1      # the CTA has tile 2i+1) instead of one N = 2 tile_n set
             self.wait_first = wait_first   # PDL: the tile table comes from the kernel right before (fused gather)
             self.k_splits = k_splits
             self.pdl = pdl          # programmatic dependent launch: weights prefetched before the previous kernel ends
@@ -569,11 +584,48 @@ if HAVE_CUTE:
             self.k_tiles = k_dim // TILE_K // k_splits           # k-tiles per CTA (one K slice)
             self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
             self.rec_rows = record_bytes(fmt) // REC_ROW
-            stage_bytes = record_bytes(fmt) + tile_n * TILE_K * 2
+            stage_bytes = record_bytes(fmt) + self.boxes * tile_n * TILE_K * 2
             self.stages = max(3, min(10, self.k_tiles, smem_budget // stage_bytes))
             self.threads = 128
             self.wgs = 1                       # consumer warpgroups per CTA (Fp4DecodeGemm may use 2: one per atom)
             self.scale_pairs = scale_pairs     # one prmt + mad per two k16 blocks' block scales (fewer instructions)
+            # ring = (stages, refill warps, min CTAs per SM, diag): the main loop unrolled over the stage ring (static
+            # smem addresses and barrier indices), no empty barriers (a stage is free once this warp's wait_group(1)
+            # shows its wgmma done: that wgmma needed every warp's decoded fragment), refills spread over the warps.
+            # opts: "evict" (weight TMAs evict-first in L2) and diag (timing only, wrong results): "nodecode" feeds
+            # the raw code words to the wgmma, "notokens" loads the token tiles of the first stages only.
+            self.ring = tuple(ring)
+            self.diag = ""
+            self.min_ctas_per_sm = 0
+            self.evict_w = False               # ring: weight TMAs with an L2 evict-first policy (read once)
+            self.spin = False
+            self.part = ""
+            self.wrec = 1                      # weight records per stage (ring "mshare": 2, one per warpgroup)
+            if self.ring:
+                stages, self.refill_warps, self.min_ctas_per_sm, opts = self.ring
+                self.evict_w = "evict" in opts.split()
+                self.spin = "spin" in opts.split()     # full-barrier waits without the suspend-time hint
+                # pairsplit halves (see _compile_gemm): "single" runs the tiles without a partner (N = tile_n),
+                # "pairs" (with pair=True) only the pairs: each pays the N = 2 tile_n wgmma only where it pairs
+                self.part = next((o for o in opts.split() if o in ("single", "pairs")), "")
+                if "pair8" in opts.split():
+                    assert k_splits == 1, "pair8: no split-K"
+                    self.pair, self.pair8, self.mma_n, self.boxes = True, True, tile_n, 2
+                if "mshare" in opts.split():
+                    # two warpgroups, each its own 128-row tile (bid_m*2 + wg) of the same expert, one token tile
+                    # per stage for both: half the token bytes per weight byte; a stage is free once both
+                    # warpgroups' wgmmas are done, so this mode has empty barriers again (one arrive per warp)
+                    assert k_splits == 1 and self.m_tiles % 2 == 0, "mshare: no split-K, an even row-tile count"
+                    self.wrec = 2
+                    self.threads = 256
+                    stage_bytes = 2 * record_bytes(fmt) + self.mma_n * TILE_K * 2
+                self.diag = " ".join(o for o in opts.split()
+                                     if o not in ("evict", "mshare", "spin", "pair8", "single", "pairs"))
+                while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
+                    stages -= 1
+                assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
+                self.stages = stages
+            assert not self.pair or self.ring, "pair needs the ring main loop"
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
@@ -581,15 +633,16 @@ if HAVE_CUTE:
                      mPartial: cute.Tensor, mCount: cute.Tensor, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (self.wgs, 1, 1),
-                tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
-            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages))
+                tiler_mn=(64, self.mma_n), a_source=warpgroup.OperandSource.RMEM)
+            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages * self.wrec))
             b_smem_layout = sm90_utils.make_smem_layout_b(
-                LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16, self.stages)
+                LayoutEnum.ROW_MAJOR, (TILE_M, self.mma_n, TILE_K), BFloat16, self.stages * (self.boxes if
+                                                                                              self.pair8 else 1))
             tma_w, tma_mW = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), mW, cute.slice_(w_smem_layout, (None, None, 0)),
                 (REC_ROW, self.rec_rows))
             tma_b, tma_mB = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(b_smem_layout, (None, None, 0)),
+                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(self.b_tma_layout(), (None, None, 0)),
                 (self.tile_n, TILE_K))
 
             @cute.struct
@@ -615,9 +668,18 @@ if HAVE_CUTE:
                 **self.launch_options())
 
         def launch_grid(self, num_tiles):
-            return [num_tiles, self.m_tiles, self.k_splits]     # one CTA per (token tile, row tile, K slice)
+            # one CTA per (token tile, row tile (mshare: pair of row tiles), K slice)
+            return [num_tiles, self.m_tiles // self.wrec, self.k_splits]
+
+        def b_tma_layout(self):
+            """Token-tile smem as the TMA writes it: tile_n-row boxes; pair: 2 per stage (same bytes and swizzle as
+            the 2 tile_n-row stage the wgmma reads: the 128B swizzle repeats every 8 rows)."""
+            return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16,
+                                                 self.stages * self.boxes)
 
         def launch_options(self):
+            if self.min_ctas_per_sm:       # ptxas fits the registers to this many resident CTAs per SM
+                return dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=100)
             return {}
 
         @cute.kernel
@@ -625,9 +687,12 @@ if HAVE_CUTE:
                    mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
                    mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor,
                    mCount: cute.Tensor, w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
-            tidx, _, _ = cute.arch.thread_idx()
-            bid_t, bid_m, bid_k = cute.arch.block_idx()
+            tidx_cta, _, _ = cute.arch.thread_idx()
+            bid_t, bid_pm, bid_k = cute.arch.block_idx()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            wg = warp_idx // 4                 # mshare: this warpgroup's row tile is bid_pm * 2 + wg
+            tidx = tidx_cta % 128              # thread in its warpgroup
+            bid_m = bid_pm * self.wrec + wg
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once every CTA of this one has started (it waits for our end
                 # before touching what we write); the tile table and the weights were ready before this kernel
@@ -640,6 +705,19 @@ if HAVE_CUTE:
             expert = mTiles[bid_t, 0]
             row0 = mTiles[bid_t, 1]
             nrows = mTiles[bid_t, 2]
+            rows_hi = Int32(0)                 # pair: rows of the expert's next tile, taken by this CTA
+            if const_expr(self.pair):
+                rows_hi = self.pair_rows(mTiles, bid_t, expert, nrows)
+                if rows_hi < 0:                # this is tile 2i+1 of its expert: the CTA of tile 2i does it
+                    nrows = Int32(0)
+                else:
+                    nrows = nrows + rows_hi
+                if const_expr(self.part == "pairs"):
+                    if rows_hi <= 0:           # a tile without a partner: the "single" kernel does it
+                        nrows = Int32(0)
+            if const_expr(self.part == "single"):
+                if self.pair_rows(mTiles, bid_t, expert, nrows) != 0:     # part of a pair: the "pairs" kernel
+                    nrows = Int32(0)
             if nrows > 0:
                 if warp_idx == 0:
                     cpasync.prefetch_descriptor(tma_w)
@@ -654,6 +732,10 @@ if HAVE_CUTE:
                     tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
                 sW = storage.sW.get_tensor(w_smem_layout)
                 sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
+                sBt = sB                                       # the token tiles as the TMA writes them
+                if const_expr(self.pair):
+                    b_tma = self.b_tma_layout()
+                    sBt = storage.sB.get_tensor(b_tma.outer, swizzle=b_tma.inner)
 
                 # TMA views: weight records of this (expert, m-tile), token rows row0.. of the sorted activations
                 gW = mW[None, None, None, expert]                                   # (256, rows, MK)
@@ -661,7 +743,13 @@ if HAVE_CUTE:
                                                    cute.group_modes(sW, 0, 2), cute.group_modes(gW, 0, 2))
                 gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K), (0, None))
                 tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
-                                                   cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                                                   cute.group_modes(sBt, 0, 2), cute.group_modes(gB, 0, 2))
+                tBgB_hi = tBgB                                 # pair: the next tile_n rows
+                if const_expr(self.pair):
+                    gB_hi = cute.local_tile(cute.domain_offset((row0 + self.tile_n, 0), mB), (self.tile_n, TILE_K),
+                                            (0, None))
+                    _, tBgB_hi = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
+                                                       cute.group_modes(sBt, 0, 2), cute.group_modes(gB_hi, 0, 2))
                 kt0 = bid_k * self.k_tiles                                    # first k-tile of this K slice
                 rec0 = bid_m * self.k_tiles * self.k_splits + kt0
 
@@ -671,71 +759,87 @@ if HAVE_CUTE:
                 frag0 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
                 frag1 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
                 frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
-                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
+                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
                 acc.fill(0.0)
+                acc_hi = acc                                   # pair8: rows 8..15 of the pair
+                if const_expr(self.pair8):
+                    acc_hi = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
+                    acc_hi.fill(0.0)
                 tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
                 # this thread's words in a stage: codes [4 words] per atom, scale words after the codes
                 sW32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32),
-                                        cute.make_layout((4, 128, 2, self.stages),
+                                        cute.make_layout((4, 128, 2, self.stages * self.wrec),
                                                          stride=(1, 4, 512, self.rec_rows * REC_ROW // 4)))
                 nw = _scale_words_per_atom(self.fmt)                   # per quad (rows r, r+8), per atom
                 sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + CODE_BYTES // 4,
-                                        cute.make_layout((nw, 32, 2, self.stages),
+                                        cute.make_layout((nw, 32, 2, self.stages * self.wrec),
                                                          stride=(1, nw, 32 * nw, self.rec_rows * REC_ROW // 4)))
                 codes = cute.make_rmem_tensor((4, 2), Int32)
                 scl = cute.make_rmem_tensor((nw, 2), Int32)
                 quad = tidx // 4
 
-                prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-                rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                 k_tiles = self.k_tiles
-                # prologue: the weight records of the first stages (they do not depend on the previous kernel),
-                # then (PDL: after the previous kernel has ended) the token tiles of the same stages
-                n_pro = min(self.stages, k_tiles)
-                if warp_idx == 0:
-                    for _ in cutlass.range(n_pro, unroll=1):
-                        pipe.producer_acquire(prod)
-                        cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
-                                  tma_bar_ptr=pipe.producer_get_barrier(prod))
-                        pipe.producer_commit(prod)
-                        prod.advance()
-                if const_expr(self.pdl and not self.wait_first):
-                    cute.arch.griddepcontrol_wait()
-                if warp_idx == 0:
-                    pro_b = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                    for _ in cutlass.range(n_pro, unroll=1):
-                        cute.copy(tma_b, tBgB[(None, kt0 + pro_b.count)], tBsB[(None, pro_b.index)],
-                                  tma_bar_ptr=pipe.producer_get_barrier(pro_b))
-                        pro_b.advance()
+                if const_expr(self.ring):
+                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB,
+                                       bid_pm * self.wrec * self.k_tiles * self.k_splits + kt0, kt0, tiled_mma,
+                                       acc, frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows,
+                                       rows_hi, wg, acc_hi)
+                else:
+                    prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                    cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                    rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                    # prologue: the weight records of the first stages (they do not depend on the previous kernel),
+                    # then (PDL: after the previous kernel has ended) the token tiles of the same stages
+                    n_pro = min(self.stages, k_tiles)
+                    if warp_idx == 0:
+                        for _ in cutlass.range(n_pro, unroll=1):
+                            pipe.producer_acquire(prod)
+                            cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
+                                      tma_bar_ptr=pipe.producer_get_barrier(prod))
+                            pipe.producer_commit(prod)
+                            prod.advance()
+                    if const_expr(self.pdl and not self.wait_first):
+                        cute.arch.griddepcontrol_wait()
+                    if warp_idx == 0:
+                        pro_b = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                        for _ in cutlass.range(n_pro, unroll=1):
+                            cute.copy(tma_b, tBgB[(None, kt0 + pro_b.count)], tBsB[(None, pro_b.index)],
+                                      tma_bar_ptr=pipe.producer_get_barrier(pro_b))
+                            pro_b.advance()
 
-                for kt in cutlass.range(0, k_tiles, 2, unroll=1):
-                    for h in cutlass.range_constexpr(2):
-                        pipe.consumer_wait(cons)
-                        self.mma_k_tile(tiled_mma, acc, frags[h], (frag0, frag1)[h], tCrB, sW32, sS32, codes, scl,
-                                        tidx, quad, cons.index)
-                        warpgroup.wait_group(1)
-                        if kt + h > 0:
-                            pipe.consumer_release(rel)
-                            rel.advance()
-                        cons.advance()
-                        # refill the stage just released (tile k-1) with tile k-1+stages
-                        if warp_idx == 0 and kt + h > 0:
-                            if prod.count < k_tiles:
-                                pipe.producer_acquire(prod)
-                                cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
-                                          tma_bar_ptr=pipe.producer_get_barrier(prod))
-                                cute.copy(tma_b, tBgB[(None, kt0 + prod.count)], tBsB[(None, prod.index)],
-                                          tma_bar_ptr=pipe.producer_get_barrier(prod))
-                                pipe.producer_commit(prod)
-                                prod.advance()
-                warpgroup.wait_group(0)
+                    for kt in cutlass.range(0, k_tiles, 2, unroll=1):
+                        for h in cutlass.range_constexpr(2):
+                            pipe.consumer_wait(cons)
+                            self.mma_k_tile(tiled_mma, acc, frags[h], (frag0, frag1)[h], tCrB, sW32, sS32, codes, scl,
+                                            tidx, quad, cons.index)
+                            warpgroup.wait_group(1)
+                            if kt + h > 0:
+                                pipe.consumer_release(rel)
+                                rel.advance()
+                            cons.advance()
+                            # refill the stage just released (tile k-1) with tile k-1+stages
+                            if warp_idx == 0 and kt + h > 0:
+                                if prod.count < k_tiles:
+                                    pipe.producer_acquire(prod)
+                                    cute.copy(tma_w, tWgW[(None, rec0 + prod.count)], tWsW[(None, prod.index)],
+                                              tma_bar_ptr=pipe.producer_get_barrier(prod))
+                                    cute.copy(tma_b, tBgB[(None, kt0 + prod.count)], tBsB[(None, prod.index)],
+                                              tma_bar_ptr=pipe.producer_get_barrier(prod))
+                                    pipe.producer_commit(prod)
+                                    prod.advance()
+                    warpgroup.wait_group(0)
 
                 # epilogue: acc element (m, n) = weight row m of the tile, token n of the tile
-                cC = cute.make_identity_tensor((TILE_M, self.tile_n))
+                cC = cute.make_identity_tensor((TILE_M, self.mma_n))
                 tCcC = thr_mma.partition_C(cC)
-                if const_expr(self.k_splits == 1):
+                if const_expr(self.pair8):
+                    self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows - rows_hi,
+                                  bid_m)
+                    if rows_hi > 0:
+                        self.epilogue(acc_hi, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert,
+                                      row0 + self.tile_n, rows_hi, bid_m)
+                elif const_expr(self.k_splits == 1):
                     self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m)
                 else:
                     # split-K: every slice stores its fp32 partial; the last slice to arrive (counter per tile)
@@ -772,8 +876,118 @@ if HAVE_CUTE:
                                       bid_m)
 
         @cute.jit
+        def pair_rows(self, mTiles: cute.Tensor, j, expert, nrows):
+            """-1 if table entry j is tile 2i+1 of its expert (tiles of an expert are consecutive), else the rows of
+            the expert's next tile (0: none) that the CTA of entry j takes too."""
+            before = Int32(0)                  # tiles of the same expert right before entry j
+            look = j > 0
+            while look:
+                if mTiles[j - before - 1, 0] == expert:
+                    before = before + 1
+                    look = j - before > 0
+                else:
+                    look = j < 0
+            res = Int32(-1)
+            if before % 2 == 0:
+                res = Int32(0)
+                if j + 1 < cute.size(mTiles, mode=[0]):
+                    if mTiles[j + 1, 0] == expert:
+                        res = mTiles[j + 1, 2]
+            if nrows == 0:
+                res = Int32(0)
+            return res
+
+        @cute.jit
+        def ring_copy_w(self, tma_w: cute.CopyAtom, src, dst, bar):
+            if const_expr(self.evict_w):
+                cute.copy(tma_w, src, dst, tma_bar_ptr=bar, cache_policy=Int64(_EVICT_FIRST))
+            else:
+                cute.copy(tma_w, src, dst, tma_bar_ptr=bar)
+
+        @cute.jit
+        def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma, acc,
+                          frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi, wg,
+                          acc_hi):
+            """Main loop unrolled over the ring of S stages: k-tile r*S + s sits in stage s (static smem offsets and
+            barrier addresses); full[s] completes once per ring round (parity r & 1). No empty barriers: after this
+            warp's wait_group(1) for tile k, tile k-1's wgmma is done, and it could only start once every warp of the
+            warpgroup had read its codes from smem and issued it, so stage (k-1) % S is free; warp s % refill_warps
+            refills it (the TMA issue work is spread over the warps instead of stalling warp 0)."""
+            S = self.stages
+            rounds = self.k_tiles // S
+            full = pipe.sync_object_full
+            tx = self.wrec * record_bytes(self.fmt) + self.tile_n * TILE_K * 2
+            if const_expr(self.pair):
+                if rows_hi > 0:
+                    tx = tx + self.tile_n * TILE_K * 2                    # a 2nd token tile: 2nd TMA box
+            tx_refill = self.wrec * record_bytes(self.fmt) if const_expr(self.diag == "notokens") else tx
+            rec_stride = self.k_tiles * self.k_splits                      # mshare: the 2nd row tile's records
+            nb = self.boxes                                                # token-tile TMA boxes per stage
+            frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
+            # prologue: weights of every stage first (independent of the previous kernel), then (PDL: once the
+            # previous kernel has ended) the token tiles
+            if warp_idx == 0:
+                for s in cutlass.range_constexpr(S):
+                    full.arrive_and_expect_tx(s, tx)
+                    for g in cutlass.range_constexpr(self.wrec):
+                        self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + s)],
+                                         tWsW[(None, self.wrec * s + g)], full.get_barrier(s))
+            if const_expr(self.pdl and not self.wait_first):
+                cute.arch.griddepcontrol_wait()
+            if warp_idx == 0:
+                for s in cutlass.range_constexpr(S):
+                    cute.copy(tma_b, tBgB[(None, kt0 + s)], tBsB[(None, nb * s)], tma_bar_ptr=full.get_barrier(s))
+                    if const_expr(self.pair):
+                        if rows_hi > 0:
+                            cute.copy(tma_b, tBgB_hi[(None, kt0 + s)], tBsB[(None, nb * s + 1)],
+                                      tma_bar_ptr=full.get_barrier(s))
+            for r in cutlass.range(rounds, unroll=1):
+                phase = r & 1
+                # B descriptors of stage s + zr (zr = 0, but varies with r and a loaded value for the compiler):
+                # with static stages LLVM hoists all 4S 64-bit descriptors out of the loop and ptxas keeps them in
+                # 8S registers, moving each into uniform registers before its wgmma
+                zr = (r + nrows) >> 30
+                for s in cutlass.range_constexpr(S):
+                    if const_expr(self.spin):
+                        mbar_wait_spin(full.get_barrier(s).toint(), phase)
+                    else:
+                        full.wait(s, phase)
+                    if const_expr(self.pair8):
+                        self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32,
+                                        codes, scl, tidx, quad, self.wrec * s + wg, 0, 2 * (s + zr), acc_hi)
+                    else:
+                        self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32,
+                                        codes, scl, tidx, quad, self.wrec * s + wg, 0, s + zr)
+                    warpgroup.wait_group(1)
+                    # refill stage q = (s - 1) % S (k-tile r*S + s - 1, now done) with k-tile r*S + s - 1 + S
+                    q = (s - 1) % S
+                    kt_new = r * S + s - 1 + S
+                    go = r > 0 if const_expr(s == 0) else r < rounds - 1
+                    if const_expr(self.wrec == 2):
+                        # the other warpgroup may still read stage q: one arrive per warp on empty[q]; the refill
+                        # waits for all 8 (phase = the number of earlier refills of q, mod 2)
+                        if r > 0 or s > 0:
+                            if tidx % 32 == 0:
+                                pipe.sync_object_empty.arrive(q, None)
+                        if go and warp_idx == s % self.refill_warps:
+                            pipe.sync_object_empty.wait(q, (r - 1 if const_expr(s == 0) else r) & 1)
+                    if go and warp_idx == s % self.refill_warps:
+                        full.arrive_and_expect_tx(q, tx_refill)
+                        for g in cutlass.range_constexpr(self.wrec):
+                            self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + kt_new)],
+                                             tWsW[(None, self.wrec * q + g)], full.get_barrier(q))
+                        if const_expr(self.diag != "notokens"):
+                            cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, nb * q)],
+                                      tma_bar_ptr=full.get_barrier(q))
+                            if const_expr(self.pair):
+                                if rows_hi > 0:
+                                    cute.copy(tma_b, tBgB_hi[(None, kt0 + kt_new)], tBsB[(None, nb * q + 1)],
+                                              tma_bar_ptr=full.get_barrier(q))
+            warpgroup.wait_group(0)
+
+        @cute.jit
         def mma_k_tile(self, tiled_mma, acc, frag, frag_bf16, tCrB, sW32, sS32, codes, scl, tidx, quad, stage,
-                       atom0=0):
+                       atom0=0, stage_b=None, acc_hi=None):
             """One 64-k tile from smem stage `stage`: load this thread's code and scale words, decode them into the
             A fragment (frag: its Int32 view), issue the 4 k16 wgmmas as one commit group (not waited for).
             tidx: thread in its warpgroup; the warpgroup decodes atoms atom0 .. atom0 + 2/wgs - 1 of the record."""
@@ -782,7 +996,14 @@ if HAVE_CUTE:
                 cute.autovec_copy(sW32[None, tidx, atom0 + a, stage], codes[None, a])
             for a in cutlass.range_constexpr(atoms):
                 cute.autovec_copy(sS32[None, quad, atom0 + a, stage], scl[None, a])
-            for a in cutlass.range_constexpr(atoms):
+            for a in cutlass.range_constexpr(atoms if const_expr(self.diag == "nodecode") else 0):
+                for kb in cutlass.range_constexpr(4):          # timing only: the raw words, no decode
+                    w = codes[kb, a] ^ scl[0, a]
+                    frag[(0, 0, 0), a, kb] = w
+                    frag[(0, 1, 0), a, kb] = w
+                    frag[(0, 0, 1), a, kb] = w
+                    frag[(0, 1, 1), a, kb] = w
+            for a in cutlass.range_constexpr(0 if const_expr(self.diag == "nodecode") else atoms):
                 if const_expr(self.scale_pairs):
                     # one prmt + mad per two k16 blocks' scales; the decode broadcasts the half it needs
                     if const_expr(self.fmt == "nvfp4"):
@@ -815,8 +1036,14 @@ if HAVE_CUTE:
                     frag[(0, 0, 1), a, kb] = r2
                     frag[(0, 1, 1), a, kb] = r3
             warpgroup.fence()
+            sb = stage if const_expr(stage_b is None) else stage_b
             for kb in cutlass.range_constexpr(4):
-                cute.gemm(tiled_mma, acc, frag_bf16[None, None, kb], tCrB[None, None, kb, stage], acc)
+                cute.gemm(tiled_mma, acc, frag_bf16[None, None, kb], tCrB[None, None, kb, sb], acc)
+            if const_expr(acc_hi is not None):
+                # pair8: the same A on the pair's 2nd token tile (always issued: a wgmma under a branch makes ptxas
+                # inject warpgroup.arrive fences, C7519; an unpaired CTA's 2nd tile is stale smem, never stored)
+                for kb in cutlass.range_constexpr(4):
+                    cute.gemm(tiled_mma, acc_hi, frag_bf16[None, None, kb], tCrB[None, None, kb, sb + 1], acc_hi)
             warpgroup.commit_group()
 
         @cute.jit
@@ -1468,14 +1695,30 @@ def _compile_combine(top_k: int, dim: int, pdl: bool):
 
 def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
                   smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False, max_ctas: int = 0,
-                  wgs: int = 1, min_ctas_per_sm: int = 0, wait_first: bool = False, evict_first: bool = False):
+                  wgs: int = 1, min_ctas_per_sm: int = 0, wait_first: bool = False, evict_first: bool = False,
+                  ring: tuple = ()):
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream);
-    max_ctas > 0: the persistent decode variant Fp4DecodeGemm with at most that many CTAs of `wgs` warpgroups."""
+    max_ctas > 0: the persistent decode variant Fp4DecodeGemm with at most that many CTAs of `wgs` warpgroups;
+    ring = (stages, refill warps, min CTAs per SM, diag[, pair]): Fp4GroupedGemm's ring-unrolled main loop."""
+    if ring and "pairsplit" in ring[3].split():
+        # two launches over the same tile table: tiles without a partner (N = tile_n), then the pairs (N = 2 tile_n)
+        opts = [o for o in ring[3].split() if o != "pairsplit"]
+        args = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs, max_ctas, wgs,
+                min_ctas_per_sm, wait_first, evict_first)
+        single = _compile_gemm(*args, tuple(ring[:3]) + (" ".join(opts + ["single"]),))
+        pairs = _compile_gemm(*args, tuple(ring[:3]) + (" ".join(opts + ["pairs"]), True))
+
+        def both(*a):
+            single(*a)
+            pairs(*a)
+        return both
     config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl)
-    if scale_pairs or max_ctas or wait_first:
+    if scale_pairs or max_ctas or wait_first or ring:
         config = config + (scale_pairs, max_ctas, wgs, min_ctas_per_sm, wait_first)
-        if evict_first:
+        if evict_first or ring:
             config = config + (evict_first,)
+        if ring:
+            config = config + (tuple(ring),)
 
     def build():
         if max_ctas:
@@ -1483,7 +1726,7 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k
                                  max_ctas, wgs, min_ctas_per_sm, wait_first, evict_first)
         else:
             gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs,
-                                  wait_first)
+                                  wait_first, tuple(ring[:4]), bool(ring[4:] and ring[4]))
         rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
         mk = gemm.m_tiles * gemm.k_tiles * gemm.k_splits
         rec = gemm.rec_rows * REC_ROW
@@ -1512,7 +1755,8 @@ SPLIT_CTAS_PER_SM = 6             # split until about this many CTAs per SM
 DECODE_SMEM_BUDGET = 40 * 1024    # pipeline smem per CTA for tile_n <= 16 (more CTAs per SM); else 72 KB
 SCALE_PAIRS = True                # one prmt + mad per two k16 blocks' scales (8 fewer instructions per 64 weights)
 GATHER_MAX_ROWS = 24              # routed rows up to which the routing kernel gathers x itself (T <= 4 at top-6)
-TILE_N_SD = 0                     # pick_tile_n: > 0 widens tile_n 8 to 16 where mean + TILE_N_SD sd rows > 8
+TILE_N_SD = 2                     # pick_tile_n: > 0 widens tile_n 8 to 16 where mean + TILE_N_SD sd rows > 8 (v6:
+                                  # on the ring loop T=256 1178 vs 1212 us at tile_n 8, H200 R2 medians; T <= 128 keep 8)
 DECODE_PERSISTENT = False         # tile_n <= 16: the persistent Fp4DecodeGemm instead of one CTA per work item
                                   # (v5 round 1, H200: 5-20% slower than one CTA per item at every T, see notes)
 DECODE_WGS = 2                    # its consumer warpgroups per CTA (2: one per 64-row atom, 62 registers at tile_n 8)
@@ -1523,6 +1767,18 @@ DECODE_ITEMS_PER_CTA = 16         # split K until there are about this many item
 DECODE_MIN_K_TILES = 4            # ... keeping at least this many 64-k tiles per item
 DECODE_EVICT_FIRST = False        # its weight TMAs with an L2 evict-first policy
 ROUTING_BLOCK_SCAN = False        # MoeRouting's prefix scan over experts: all warps (else warp 0 alone)
+DECODE_RING = True                # tile_n <= 16: Fp4GroupedGemm's main loop unrolled over the stage ring (v6)
+RING_STAGES = 8                   # its stages (the largest even count <= this dividing the k-tiles per K slice)
+RING_REFILL_WARPS = 4             # warps taking turns at the TMA refills (1: warp 0 issues them all, as v5)
+RING_MIN_CTAS = 0                 # > 0: ptxas fits the registers to this many CTAs per SM (5: <= 96 registers)
+RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "notokens", see Fp4GroupedGemm
+RING_EVICT_FIRST = False          # weight TMAs with an L2 evict-first policy (tokens, re-read per row tile, stay)
+RING_MSHARE = False               # 2 warpgroups per CTA, one row tile each, sharing the token tile (no split-K)
+RING_SPIN = False                 # full-barrier waits as a plain try_wait loop (no suspend-time hint)
+DECODE_PAIR = False               # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
+PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
+PAIR_WGMMA8 = False               # ... as two N=8 wgmma sets (always both) instead of one N=16 set
+PAIR_SPLIT = False                # ... as two launches: tiles without a partner at N=8, then only the pairs at N=16
 _COUNTERS: dict = {}
 _EVICT_FIRST = 0x12F0000000000000   # sm90 L2 cache-policy descriptor "evict first" (as CUTLASS's CacheHintSm90)
 
@@ -1576,8 +1832,20 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
         s2 = pick_k_splits(R, E, D // TILE_M, inter // TILE_K, sms)
     gather = R <= GATHER_MAX_ROWS                         # the routing kernel gathers x (GEMM1 follows it)
     ev = bool(max_ctas) and DECODE_EVICT_FIRST
-    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev),
-            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev))
+    ring1 = ring2 = ()
+    if DECODE_RING and not max_ctas and tile_n <= 16:
+        opts = [o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "", "spin" if RING_SPIN else "") if o]
+        pair = DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R)
+
+        def ring(splits):
+            p8 = pair and PAIR_WGMMA8 and splits == 1
+            ps = pair and PAIR_SPLIT and splits == 1 and not p8
+            return (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS,
+                    " ".join(opts + (["mshare"] if RING_MSHARE and splits == 1 else []) + (["pair8"] if p8 else [])
+                             + (["pairsplit"] if ps else []))) + ((True,) if pair and not p8 and not ps else ())
+        ring1, ring2 = ring(s1), ring(s2)
+    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring1),
+            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring2))
 
 
 def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -4488,6 +4489,164 @@ def test_fused_gather_gives_the_same_bits_as_index_select(T, monkeypatch):
     monkeypatch.setattr(K, "GATHER_MAX_ROWS", 0)
     plain = K.moe_fp4(x, ids, w, ex, 7.0)
     assert torch.isfinite(fused).all() and torch.equal(fused, plain)
+
+
+
+# ---------------------------------------------------------------------------------------------------- v6 (decstage)
+# The ring main loop (DECODE_RING): stages unrolled, no empty barriers, refills spread over the warps.
+COMPILE_RING = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "")),      # Flash GEMM1 / GEMM2 at T 16..256
+        ("nvfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "")),
+        ("nvfp4", 16, 4096, 2048, True, 1, (8, 4, 0, "")),
+        ("mxfp4", 8, 4096, 2048, True, 4, (8, 4, 0, "")),      # split-K slices of 16 k-tiles
+        ("mxfp4", 16, 256, 512, False, 2, (8, 1, 0, "")),      # 2 k-tiles per slice: a 2-stage ring
+        ("nvfp4", 8, 512, 256, True, 1, (4, 4, 0, "nodecode")),
+        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens evict spin")),
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "", True)),   # paired tiles (wgmma N 16)
+        ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "", True)),
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 8, 0, "mshare", True)),   # 2 warpgroups share the token tile
+        ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "mshare evict")),
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "pair8")),
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "single")),       # the unpartnered half of "pairsplit"
+        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "pairs", True))]  # its pairs half
+for fmt, tile_n, k, n, swiglu, splits, ring in cfgs:
+    K._compile_gemm(fmt, tile_n, k, n, swiglu, splits, 40 * 1024, True, True, 0, 1, 0, False, False, ring)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_ring_decode_gemms_compile_for_sm90a_without_spills_or_serialized_wgmma(tmp_path):
+    """Every ring config compiles for sm_90a on a GPU-less machine; where ptxas is installed its report on each PTX
+    has no spills, no C7512 (wgmma serialized for lack of registers) and <= 128 registers (4 CTAs per SM)."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(here), CUTE_DSL_KEEP="ptx",
+               CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_RING, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=here)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 14
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*Fp4GroupedGemm*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        assert "C7512" not in rep.stderr and " 0 bytes spill stores" in rep.stderr, rep.stderr[-2000:]
+        regs = [int(n) for n in re.findall(r"Used (\d+) registers", rep.stderr)]
+        assert regs and max(regs) <= 128, rep.stderr[-2000:]
+
+
+@pytest.mark.parametrize("k_tiles, want", [(64, 8), (32, 8), (16, 8), (8, 8), (4, 4), (2, 2), (12, 6)])
+def test_ring_stage_count_divides_the_k_tiles_and_is_even(k_tiles, want):
+    if not K.HAVE_CUTE:
+        pytest.skip("needs CuTe DSL (nvidia-cutlass-dsl)")
+    g = K.Fp4GroupedGemm("nvfp4", 8, 64 * k_tiles, 256, True, ring=(8, 4, 0, ""))
+    assert g.stages == want and k_tiles % g.stages == 0
+
+
+@gpu
+@pytest.mark.parametrize("fmt, T", [("nvfp4", 1), ("nvfp4", 7), ("nvfp4", 60), ("mxfp4", 7), ("mxfp4", 60)])
+@pytest.mark.parametrize("knobs", [dict(), dict(RING_REFILL_WARPS=1), dict(RING_STAGES=4),
+                                   dict(RING_REFILL_WARPS=3, RING_STAGES=2), dict(RING_SPIN=True),
+                                   dict(RING_MSHARE=True, RING_REFILL_WARPS=8), dict(RING_MSHARE=True, RING_STAGES=2)],
+                         ids=["w4s8", "w1s8", "w4s4", "w3s2", "w4s8spin", "w8s8mshare", "w4s2mshare"])
+def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, knobs, monkeypatch):
+    """Same decode, same wgmma order: the ring loop's output equals the v5 loop's bit for bit, for every stage
+    count / refill-warp choice, spin waits, with 2 warpgroups sharing the token tile (mshare; not where K is split)
+    or not (poisoned intermediates, skipped slots), and it matches the reference."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    ex = _small_moedec(fmt)
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    for routing in ("random", "empty_experts"):
+        ids, w = _routing(T, 6, 64, routing, "cuda", 21)
+        monkeypatch.setattr(K, "DECODE_RING", False)
+        v5 = K.moe_fp4(x, ids, w, ex, 7.0)
+        monkeypatch.setattr(K, "DECODE_RING", True)
+        for name, value in knobs.items():
+            monkeypatch.setattr(K, name, value)
+        ring = K.moe_fp4(x, ids, w, ex, 7.0)
+        assert torch.isfinite(v5).all() and torch.equal(ring, v5), routing
+    assert K.pick_tile_n(T, 6, 64) <= 16                      # random routing took the ring path
+    _check_moedec(ex, T, "random", seed=T + 30)
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 7])
+def test_ring_with_split_k_slices_of_two_k_tiles(T, monkeypatch):
+    """2 k-tiles per K slice: a 2-stage ring whose refill branch never runs; vs the reference, repeatable."""
+    monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)
+    _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T + 40)
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _routing(T, 6, 64, "random", "cuda", 41)
+    outs = [K.moe_fp4(x, ids, w, _small_moedec("nvfp4"), 7.0) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def _skewed_routing(T, k, E, seed):
+    """Random top-k ids with every token's first slot on expert 0: expert 0 gets T rows (T/8 tiles of 8)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.argsort(torch.rand(T, E - 1, generator=g), dim=1)[:, :k] + 1
+    ids[:, 0] = 0
+    w = torch.rand(T, k, generator=g)
+    return ids.to(torch.int32).cuda(), (w / w.sum(1, keepdim=True)).cuda()
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T, skewed", [(60, False), (45, True), (100, True)])
+@pytest.mark.parametrize("mode", ["n16", "pair8", "split"])
+def test_paired_tiles_give_the_bits_of_unpaired_tiles(fmt, T, skewed, mode, monkeypatch):
+    """DECODE_PAIR: one CTA takes an expert's tiles 2i and 2i+1 (wgmma N 16, or pair8: two N 8 sets; second token
+    box only if the tile exists); the CTA of tile 2i+1 exits. Experts with 1..8 tiles (skewed: expert 0 has T rows),
+    poisoned intermediates: same bits as one CTA per tile, and the reference agrees."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(K, "PAIR_MIN_ROWS", 1.0)               # T=100 (tile_n 16) keeps the unpaired ring
+    monkeypatch.setattr(K, "TILE_N_SD", 0)
+    monkeypatch.setattr(K, "DECODE_PAIR", True)
+    monkeypatch.setattr(K, "PAIR_WGMMA8", mode == "pair8")
+    monkeypatch.setattr(K, "PAIR_SPLIT", mode == "split")      # two launches: unpartnered tiles at N=8, pairs at N=16
+    ex = _small_moedec(fmt)
+    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _skewed_routing(T, 6, 64, T) if skewed else _routing(T, 6, 64, "random", "cuda", T)
+    cfg1, _ = K.gemm_configs(fmt, T * 6, 64, 512, 256, K.pick_tile_n(T, 6, 64), 132)
+    paired = cfg1[-1][4:] == (True,) or {"pair8", "pairsplit"} & set(cfg1[-1][3].split())
+    assert bool(paired) == (K.pick_tile_n(T, 6, 64) == 8)     # the paired path is taken where tile_n is 8
+    paired = K.moe_fp4(x, ids, w, ex, 7.0)
+    monkeypatch.setattr(K, "DECODE_PAIR", False)
+    plain = K.moe_fp4(x, ids, w, ex, 7.0)
+    ref = K.moe_reference(x.float(), ids, w, ex, 7.0).float()
+    cos = torch.nn.functional.cosine_similarity(paired.float().flatten(), ref.flatten(), dim=0).item()
+    rel = ((paired.float() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(paired).all() and cos >= 0.9999 and rel <= 1e-2, (cos, rel)
+    assert torch.equal(paired, plain)
+
+
+@pytest.mark.parametrize("T, want_pair", [(1, False), (16, False), (64, False), (128, False), (192, True),
+                                          (256, True)])
+def test_decode_config_picks_the_ring_everywhere_and_pairs_only_where_experts_fill_a_tile(T, want_pair, monkeypatch):
+    """Flash dims, 256 experts, top-6: every decode T takes the ring loop; paired tiles (when switched on, with 8-row
+    tiles) only where the routed rows per hit expert average >= PAIR_MIN_ROWS (T >= ~170); mshare never where K is
+    split (T=1 splits)."""
+    assert K.pick_tile_n(T, 6, 256) == (16 if T >= 192 else 8)      # the default rule (TILE_N_SD = 2)
+    monkeypatch.setattr(K, "TILE_N_SD", 0)
+    monkeypatch.setattr(K, "DECODE_PAIR", True)
+    monkeypatch.setattr(K, "RING_MSHARE", True)
+    R = 6 * T
+    tile_n = K.pick_tile_n(T, 6, 256)
+    cfg1, cfg2 = K.gemm_configs("nvfp4", R, 256, 4096, 2048, tile_n, 132)
+    for cfg in (cfg1, cfg2):
+        ring, splits = cfg[-1], cfg[5]
+        assert ring and ring[:3] == (K.RING_STAGES, K.RING_REFILL_WARPS, K.RING_MIN_CTAS)
+        assert (ring[4:] == (True,)) == want_pair
+        assert ("mshare" in ring[3].split()) == (splits == 1)
+    monkeypatch.setattr(K, "DECODE_RING", False)
+    assert K.gemm_configs("nvfp4", R, 256, 4096, 2048, tile_n, 132)[0][-1] == ()
 
 
 if __name__ == "__main__":
