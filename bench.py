@@ -2,7 +2,8 @@
 
   python bench.py moe                  the routed MoE at Flash dims: fp4 CuTe DSL kernel vs torch bf16 _grouped_mm,
                                        with the device copy bandwidth and a bf16 matmul as ceilings
-  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5: kernel knobs)
+  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5: kernel knobs;
+                                       --ablate-gemv: the mma.sync decode GEMV vs the wgmma GEMM, same run)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
@@ -233,6 +234,9 @@ def bench_moe_decode():
                 setattr(K, name, v)
 
     print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
+    if "--ablate-gemv" in sys.argv:
+        gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start)
+        return
     main = {T: fp4_us(T) for T in Ts}
     v4 = with_knobs(dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0),
                     lambda: {T: fp4_us(T) for T in Ts})
@@ -302,6 +306,34 @@ def bench_moe_decode():
         print(f"prefill T={T}: scale pairs on {us[True]:.1f} us, off (v4) {us[False]:.1f} us "
               f"({2 * T * k * 3 * D * I / (us[True] * 1e-6) / 1e12:.0f} vs "
               f"{2 * T * k * 3 * D * I / (us[False] * 1e-6) / 1e12:.0f} TFLOP/s)", flush=True)
+
+
+def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start):
+    """`bench.py moe --decode-only --ablate-gemv`: the mma.sync decode GEMV (Fp4MoeGemv, the default up to
+    GEMV_MAX_ROWS routed rows) vs the wgmma grouped GEMM (DECODE_GEMV off), same run, same routing and weights; then
+    the GEMV forced at every T (threshold), and its knobs."""
+    gemv = {T: with_knobs(dict(GEMV_MAX_ROWS=1 << 30), lambda: fp4_us(T)) for T in Ts}
+    wgmma = {T: with_knobs(dict(DECODE_GEMV=False), lambda: fp4_us(T)) for T in Ts}
+    print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; "
+          f"gemv = Fp4MoeGemv for both GEMMs, wgmma = Fp4GroupedGemm (DECODE_GEMV off), same run")
+    print(f"{'T':>4} {'experts':>7} {'gemv us':>8} {'wgmma us':>8} {'%copy gemv':>10} {'%copy wgmma':>11} "
+          f"{'floor us':>8}")
+    for T in Ts:
+        hit = routings[T][3]
+        print(f"{T:>4} {hit:>7} {gemv[T]:>8.1f} {wgmma[T]:>8.1f} {pct(T, gemv[T]):>10.1f} {pct(T, wgmma[T]):>11.1f} "
+              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
+    budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
+    knobs = [("stages 2", dict(GEMV_STAGES=2, GEMV_MAX_ROWS=1 << 30)),
+             ("stages 6, 4 CTAs/SM", dict(GEMV_STAGES=6, GEMV_CTAS_PER_SM=4, GEMV_MAX_ROWS=1 << 30)),
+             ("8 CTAs/SM planned", dict(GEMV_CTAS_PER_SM=8, GEMV_MAX_ROWS=1 << 30)),
+             ("PDL off", dict(USE_PDL=False, GEMV_MAX_ROWS=1 << 30))]
+    for title, knob in knobs:
+        if time.time() - t_start > budget:
+            print(f"(time budget spent: skipped '{title}' and the rest)")
+            break
+        us = with_knobs(knob, lambda: {T: fp4_us(T) for T in Ts[:2]})
+        print(f"gemv ablation: {title}: " + ", ".join(f"T={T} {us[T]:.1f} us ({pct(T, us[T]):.0f}%, gemv {gemv[T]:.1f})"
+                                                    for T in Ts[:2]), flush=True)
 
 
 def profile_moe():

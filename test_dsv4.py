@@ -991,6 +991,171 @@ def test_second_process_loads_kernels_from_disk_cache(tmp_path):
     assert torch.equal(torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt"))
 
 
+# ---------------------------------------------------------------------------------- decode GEMV (Fp4MoeGemv) tests
+COMPILE_MOE_GEMV = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+sms = 132
+for fmt in ("nvfp4", "mxfp4"):
+    for D, I in ((4096, 2048), (7168, 3072)):
+        for T in (1, 4):
+            for cfg in K.gemv_configs(fmt, 6 * T, 256, D, I, sms, True):
+                K._compile_moe_gemv(*cfg)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_moe_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
+    """Every Flash / Pro decode config of Fp4MoeGemv (both formats, T 1 and 4) compiles for sm_90a on a GPU-less
+    machine; where ptxas is installed, its report on each kernel's PTX shows no register spills at the register
+    budget of GEMV_CTAS_PER_SM resident CTAs."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_GEMV, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 8
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*Fp4MoeGemv*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+@pytest.mark.parametrize("D, I", [(4096, 2048), (7168, 3072), (512, 256)])
+@pytest.mark.parametrize("R", [1, 6, 24])
+def test_gemv_splits_fit_a_cluster_and_the_token_smem(D, I, R):
+    for m_tiles, k_tiles in ((2 * I // 128, D // 64), (D // 128, I // 64)):
+        s = K.pick_gemv_splits(min(256, R), m_tiles, k_tiles, 132)
+        assert 1 <= s <= 8 and k_tiles % s == 0 and k_tiles // s <= K.GEMV_MAX_K_TILES
+        bigger = [d for d in range(s + 1, 9) if k_tiles % d == 0]
+        assert all(min(256, R) * m_tiles * d > K.GEMV_CTAS_PER_SM * 132 for d in bigger), "more slices would fit"
+
+
+def _gemv_routing(T, k, E, kind, seed):
+    if kind == "shared":                      # every token on the same k experts (tiles of T rows), one slot skipped
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randperm(E, generator=g)[:k].repeat(T, 1)
+        ids[:, -1] = -1
+        w = torch.rand(T, k, generator=g)
+        return ids.to(torch.int32).cuda(), (w / w.sum(1, keepdim=True)).cuda()
+    return _routing(T, k, E, kind, "cuda", seed)
+
+
+def _moe_both_paths(ex, x, ids, w, monkeypatch, limit=7.0):
+    """(GEMV output, wgmma output) with poisoned intermediates; asserts the GEMV path really was taken."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    calls = []
+    real = K._compile_moe_gemv
+    monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a: calls.append(a) or real(*a))
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(calls) == 2, "moe_fp4 did not take the GEMV path"
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
+    y_old = K.moe_fp4(x, ids, w, ex, limit)
+    monkeypatch.setattr(K, "DECODE_GEMV", True)
+    torch.cuda.synchronize()
+    return y, y_old
+
+
+def _assert_close(y, ref, what, cos_min=0.9999, rel_max=1e-2):
+    assert torch.isfinite(y).all(), f"{what}: non-finite output"
+    yf, rf = y.float().flatten(), ref.float().flatten()
+    cos = F.cosine_similarity(yf, rf, dim=0).item()
+    rel = ((yf - rf).norm() / rf.norm().clamp_min(1e-30)).item()
+    assert cos >= cos_min and rel <= rel_max, f"{what}: cos={cos:.6f} rel={rel:.2e}"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert", "shared"])
+def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypatch):
+    """Small dims (GEMM1 K split 8 ways, GEMM2 4 ways: the cluster reduction): vs the fp32 reference, and vs the
+    wgmma path (same math in another summation order: equal up to rounding)."""
+    ex = _small(fmt)
+    k = 2 if routing == "one_expert" else 6
+    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(T, k, 16, routing, seed=T)
+    y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+    _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"T={T} {routing} vs reference")
+    _assert_close(y, y_old, f"T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+@pytest.mark.parametrize("splits", [1, 2])
+def test_moe_gemv_without_and_with_a_small_cluster(splits, monkeypatch):
+    """Force the K split (1: no cluster, plain epilogue; 2: two-CTA clusters) on small dims, both GEMMs."""
+    monkeypatch.setattr(K, "pick_gemv_splits", lambda b, m, kt, sms: splits)
+    for fmt in ("nvfp4", "mxfp4"):
+        ex = _small(fmt)
+        for T, routing in ((1, "random"), (4, "shared"), (3, "empty_experts")):
+            x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+            ids, w = _gemv_routing(T, 6, 16, routing, seed=10 + T)
+            y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+            _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"S={splits} {fmt} T={T} vs reference")
+            _assert_close(y, y_old, f"S={splits} {fmt} T={T} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+_FLASH = {}
+
+
+def _flash(fmt):
+    if fmt not in _FLASH:
+        _FLASH.clear()                        # one 3.4 GB set at a time
+        torch.cuda.empty_cache()
+        _FLASH[fmt] = K.prepare_experts(random_fp4_experts(256, 4096, 2048, fmt, device="cuda", seed=2))
+    return _FLASH[fmt]
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_gemv_flash_dims(fmt, monkeypatch):
+    ex = _flash(fmt)
+    for T, routing in ((1, "random"), (2, "shared"), (4, "random"), (4, "empty_experts")):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, routing, seed=T)
+        y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"flash T={T} {routing} vs reference")
+        _assert_close(y, y_old, f"flash T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+def test_moe_gemv_is_deterministic_pdl_or_not_and_replays_in_a_graph(monkeypatch):
+    """Two calls are bit-equal; PDL launches equal plain launches bit for bit; a captured CUDA graph replays the
+    same bits and follows new inputs written into its static buffers."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    ex = _small("nvfp4")
+    T = 3
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _gemv_routing(T, 6, 16, "empty_experts", seed=4)
+    y1, y2 = K.moe_fp4(x, ids, w, ex, 7.0), K.moe_fp4(x, ids, w, ex, 7.0)
+    assert torch.isfinite(y1).all() and torch.equal(y1, y2)
+    monkeypatch.setattr(K, "USE_PDL", False)
+    assert torch.equal(K.moe_fp4(x, ids, w, ex, 7.0), y1)
+    monkeypatch.setattr(K, "USE_PDL", True)
+    monkeypatch.setattr(K, "POISON_BUFFERS", False)          # a fill would be a graph node; not needed here
+    K.moe_fp4(x, ids, w, ex, 7.0)                             # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = K.moe_fp4(x, ids, w, ex, 7.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, y1)
+    x2 = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids2, w2 = _gemv_routing(T, 6, 16, "shared", seed=5)
+    x.copy_(x2); ids.copy_(ids2); w.copy_(w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, K.moe_fp4(x2, ids2, w2, ex, 7.0))
+
+
 # ======================================================================================================================
 # Generation and the CLI: chat format, tokenizer, sampling, streaming, errors, the embedded model
 # ======================================================================================================================
