@@ -324,8 +324,7 @@ def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expe
               f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
     budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
     knobs = [("stages 2", dict(GEMV_STAGES=2, GEMV_MAX_ROWS=1 << 30)),
-             ("stages 6, 4 CTAs/SM", dict(GEMV_STAGES=6, GEMV_CTAS_PER_SM=4, GEMV_MAX_ROWS=1 << 30)),
-             ("8 CTAs/SM planned", dict(GEMV_CTAS_PER_SM=8, GEMV_MAX_ROWS=1 << 30)),
+             ("stages 6, 16 warps/SM", dict(GEMV_STAGES=6, GEMV_WARPS_PER_SM=16, GEMV_MAX_ROWS=1 << 30)),
              ("PDL off", dict(USE_PDL=False, GEMV_MAX_ROWS=1 << 30))]
     for title, knob in knobs:
         if time.time() - t_start > budget:

@@ -2322,7 +2322,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
 GEMV_TILE_N = 8              # token tile of the routing table the GEMV reads (one n8 mma tile)
 GEMV_MAX_K_TILES = 32        # 64-k tiles per CTA at most (smem holds 8 token rows of the K slice: 33 KB)
 GEMV_STAGES = 4              # k-tiles of weight loads in flight per warp
-GEMV_CTAS_PER_SM = 6         # resident CTAs per SM the split rule plans for (ptxas fits the registers to it)
+GEMV_WARPS_PER_SM = 24       # resident warps per SM the config rule plans for (ptxas fits the registers: <= 80)
 
 
 if HAVE_CUTE:
@@ -2356,10 +2356,11 @@ if HAVE_CUTE:
         """One grouped decode GEMM over experts on mma.sync (see the section comment): out[rows of tile j] =
         x_sorted[rows] · W_e^T with W_e fp4 records. swiglu=True (GEMM1): W = interleaved w13, epilogue
         a = w_route·silu(min(h·α_gate, L))·clamp(u·α_up, ±L) -> bf16 [rows, I]; swiglu=False (GEMM2): W = w2,
-        out = acc·α_down -> bf16 [rows, D]. Static: format, K, output width, K slices, stages; rows/experts symbolic."""
+        out = acc·α_down -> bf16 [rows, D]. Static: format, K, output width, K slices, stages, 128-row tiles per CTA
+        (m_per_cta: 4 warps each, sharing the CTA's token smem); rows/experts symbolic."""
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1, stages: int = 4,
-                     pdl: bool = False, wait_first: bool = False, min_ctas: int = 0):
+                     pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1):
             self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
             self.S = k_splits
             self.k_tiles = k_dim // TILE_K
@@ -2369,24 +2370,27 @@ if HAVE_CUTE:
             while self.kpc % self.D:
                 self.D -= 1
             self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
+            self.MT = m_per_cta
+            assert self.m_tiles % m_per_cta == 0
             self.rec = record_bytes(fmt)
             self.nw = _scale_words_per_atom(fmt)
             self.row_words = self.kpc * 32 + 16                     # Int32 words per token row in smem (+64 B)
-            self.threads = 128
+            self.threads = 128 * m_per_cta
             self.pdl, self.wait_first, self.min_ctas = pdl, wait_first, min_ctas
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, stream):
             @cute.struct
-            class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [2, 64, 8] too
+            class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
                 xs: cute.struct.Align[cute.struct.MemRange[
-                    Int32, max(GEMV_TILE_N * self.row_words, 2 * 64 * GEMV_TILE_N if self.S > 1 else 0)], 16]
+                    Int32, max(GEMV_TILE_N * self.row_words, self.MT * 2 * 64 * GEMV_TILE_N if self.S > 1 else 0)],
+                    16]
 
             self.shared_storage = SharedStorage
             n_tab = cute.size(mTiles, mode=[0])
             self.kernel(mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit).launch(
-                grid=[self.S, self.m_tiles, n_tab], block=[self.threads, 1, 1], stream=stream,
+                grid=[self.S, self.m_tiles // self.MT, n_tab], block=[self.threads, 1, 1], stream=stream,
                 cluster=[self.S, 1, 1], use_pdl=self.pdl, min_blocks_per_mp=self.min_ctas,
                 preferred_smem_carveout=100 if self.min_ctas else None)
 
@@ -2407,7 +2411,9 @@ if HAVE_CUTE:
             row0 = mTiles[bid_t, 1]
             nrows = mTiles[bid_t, 2]
             if nrows > 0:                        # the same for every CTA of a cluster (same table entry)
-                warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+                wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+                warp = wid % 4                                        # slab of the 128-row tile
+                m_tile = bid_m * self.MT + wid // 4                   # this warp's 128-row tile
                 lane = tidx % 32
                 g = lane // 4
                 t = lane % 4
@@ -2416,16 +2422,17 @@ if HAVE_CUTE:
                 nw = self.nw
                 kt0 = bid_k * kpc                                     # first k-tile of this CTA's K slice
                 base = mW.iterator.toint() + (Int64(expert) * (self.m_tiles * self.k_tiles)
-                                              + Int64(bid_m * self.k_tiles + kt0)) * rec
-                code_addr = base + tidx * 16                          # atom a: + 2048 (wgmma thread tidx's words)
-                scale_addr = base + CODE_BYTES + (8 * warp + g) * (4 * nw)    # quad 8w + g; atom a: + 128 * nw
+                                              + Int64(m_tile * self.k_tiles + kt0)) * rec
+                code_addr = base + (32 * warp + lane) * 16            # atom a: + 2048 (wgmma thread 32w + lane)
+                # scale words of quad 8w + g (atom a: + 128 nw), as a 32-bit offset from code_addr (one register)
+                scale_off = CODE_BYTES + (8 * warp + g) * (4 * nw) - (32 * warp + lane) * 16
 
                 # ---- weight register ring: slot s = k-tile i (i % D == s): codes [atom][kb], scale words [atom][w]
                 wc = cute.make_rmem_tensor((self.D, 2, 4), Int32)
                 ws = cute.make_rmem_tensor((self.D, 2, nw), Int32)
 
                 for s in cutlass.range_constexpr(self.D):
-                    self.load_k_tile(wc, ws, code_addr, scale_addr, s, s)
+                    self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
                 if const_expr(self.pdl and not self.wait_first):
                     # weights are constant; x_sorted / act and what we write belong to the previous kernels. (A branch
                     # ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -2464,7 +2471,7 @@ if HAVE_CUTE:
                 for i0 in cutlass.range(0, kpc - self.D, self.D, unroll=1):
                     for s in cutlass.range_constexpr(self.D):
                         self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, i0 + s, s)
-                        self.load_k_tile(wc, ws, code_addr, scale_addr, i0 + s + self.D, s)
+                        self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + self.D, s)
                 for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
                     self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
 
@@ -2473,51 +2480,56 @@ if HAVE_CUTE:
                     for c in cutlass.range_constexpr(4):
                         n = 2 * t + c % 2
                         if n < nrows:
-                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, bid_m,
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, m_tile,
                                        16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
                 else:
                     # partial -> own smem red[atom][row][token]; cluster barrier; slice z sums its share of the
                     # (row, token) pairs over the S slices in rank order (DSMEM); barrier again before exit
                     cute.arch.sync_threads()                         # every warp is done reading the tokens
                     red = cute.make_tensor(cute.recast_ptr(storage.xs.data_ptr(), dtype=Float32),
-                                           cute.make_layout((2, 64, GEMV_TILE_N),
-                                                            stride=(64 * GEMV_TILE_N, GEMV_TILE_N, 1)))
+                                           cute.make_layout((self.MT, 2, 64, GEMV_TILE_N),
+                                                            stride=(2 * 64 * GEMV_TILE_N, 64 * GEMV_TILE_N,
+                                                                    GEMV_TILE_N, 1)))
                     for a in cutlass.range_constexpr(2):
                         for c in cutlass.range_constexpr(4):
-                            red[a, 16 * warp + g + 8 * (c // 2), 2 * t + c % 2] = acc[a, c]
+                            red[wid // 4, a, 16 * warp + g + 8 * (c // 2), 2 * t + c % 2] = acc[a, c]
                     cute.arch.cluster_arrive()
                     cute.arch.cluster_wait()
                     red_base = storage.xs.data_ptr().toint()
-                    pairs = 64 * GEMV_TILE_N
-                    share = -(-pairs // self.S)
+                    pairs = 64 * GEMV_TILE_N                           # (row, token) pairs per 128-row tile
+                    share = -(-(self.MT * pairs) // self.S)
                     for it in cutlass.range_constexpr((share + self.threads - 1) // self.threads):
                         pp = tidx + self.threads * it
-                        e = bid_k * share + pp
-                        r = e // GEMV_TILE_N
+                        e = bid_k * share + pp                          # (tile mt, row r, token n)
+                        mt = e // pairs
+                        r = (e % pairs) // GEMV_TILE_N
                         n = e % GEMV_TILE_N
-                        if pp < share and e < pairs and n < nrows:
+                        if pp < share and e < self.MT * pairs and n < nrows:
                             s0 = Float32(0.0)
                             s1 = Float32(0.0)
+                            off = mt * 2 * pairs + e % pairs
                             for z in cutlass.range_constexpr(self.S):
-                                s0 = s0 + _ld_dsmem_f32(red_base + e * 4, z)
-                                s1 = s1 + _ld_dsmem_f32(red_base + (pairs + e) * 4, z)
-                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, bid_m, r, s0, s1)
+                                s0 = s0 + _ld_dsmem_f32(red_base + off * 4, z)
+                                s1 = s1 + _ld_dsmem_f32(red_base + (off + pairs) * 4, z)
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, bid_m * self.MT + mt,
+                                       r, s0, s1)
                     cute.arch.cluster_arrive()                       # peers keep their smem until it is read
                     cute.arch.cluster_wait()
 
         @cute.jit
-        def load_k_tile(self, wc, ws, code_addr, scale_addr, i, s: int):
+        def load_k_tile(self, wc, ws, code_addr, scale_off, i, s: int):
             """Loads of k-tile i of the slice into register slot s: per atom 16 B of codes + the quad's scale words."""
             for a in cutlass.range_constexpr(2):
-                v = _ld_v4(code_addr + Int64(i) * self.rec + a * 2048, ".nc.L1::no_allocate.L2::256B")
+                addr = code_addr + Int64(i) * self.rec
+                v = _ld_v4(addr + a * 2048, ".nc.L1::no_allocate.L2::256B")
                 for q in cutlass.range_constexpr(4):
                     wc[s, a, q] = v[q]
                 if const_expr(self.nw == 2):
-                    u = _ld_nc_v2(scale_addr + Int64(i) * self.rec + a * 256)
+                    u = _ld_nc_v2(addr + Int64(scale_off + a * 256))
                     ws[s, a, 0] = u[0]
                     ws[s, a, 1] = u[1]
                 else:
-                    ws[s, a, 0] = _ld_nc_b32(scale_addr + Int64(i) * self.rec + a * 128)
+                    ws[s, a, 0] = _ld_nc_b32(addr + Int64(scale_off + a * 128))
 
         @cute.jit
         def mma_k_tile(self, acc, bq, wc, ws, sXv, t, brow, i, s: int):
@@ -2547,7 +2559,7 @@ if HAVE_CUTE:
         @cute.jit
         def store(self, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
                   limit: Float32, expert, row0, n, bid_m, r, v0, v1):
-            """Epilogue of one (row r of the atoms, token n) pair: v0 / v1 = accumulators of atom 0 / 1."""
+            """Epilogue of (row r of both atoms of 128-row tile bid_m, token n): v0 / v1 = atom 0 / 1 accumulators."""
             if const_expr(self.swiglu):
                 hh = cute.math.min(v0 * mAlpha0[expert], limit)
                 uu = cute.math.max(cute.math.min(v1 * mAlpha1[expert], limit), -limit)
@@ -2560,14 +2572,14 @@ if HAVE_CUTE:
 
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
-                      wait_first: bool, min_ctas: int):
+                      wait_first: bool, min_ctas: int, m_per_cta: int = 1):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit."""
-    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas)
+    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta)
 
     def build():
-        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas)
+        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta)
         rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -2590,30 +2602,50 @@ GEMV_MAX_ROWS = 24
 
 
 def gemv_supported(D: int, inter: int) -> bool:
-    """Fp4MoeGemv takes these dims: both GEMMs' K split into <= 8 slices of <= GEMV_MAX_K_TILES 64-k tiles."""
-    return all(any(kt % d == 0 and kt // d <= GEMV_MAX_K_TILES for d in range(1, 9))
-               for kt in (D // TILE_K, inter // TILE_K))
+    """Fp4MoeGemv takes these dims: both GEMMs' K split into <= 8 slices whose token smem fits a CTA."""
+    return all(_gemv_candidates(kt, 2) for kt in (D // TILE_K, inter // TILE_K))
 
 
-def pick_gemv_splits(tiles_bound: int, m_tiles: int, k_tiles: int, num_sms: int) -> int:
-    """K slices S (a divisor of k_tiles, <= 8: one portable cluster) for Fp4MoeGemv: the most that keep every CTA
-    resident at once (tiles_bound * m_tiles * S <= GEMV_CTAS_PER_SM per SM), at least the fewest that fit a slice's
-    tokens in smem (k_tiles / S <= GEMV_MAX_K_TILES). tiles_bound: used token tiles at most (no host sync)."""
-    fits = [d for d in range(1, 9) if k_tiles % d == 0 and k_tiles // d <= GEMV_MAX_K_TILES]
-    if not fits:
-        raise ValueError(f"Fp4MoeGemv: K = {64 * k_tiles} has no K split into <= 8 slices of <= "
-                         f"{GEMV_MAX_K_TILES} 64-k tiles")
-    ok = [d for d in fits if tiles_bound * m_tiles * d <= GEMV_CTAS_PER_SM * num_sms]
-    return max(ok) if ok else min(fits)
+def _gemv_smem_bytes(k_per_cta: int) -> int:
+    return GEMV_TILE_N * (k_per_cta * 128 + 64)
+
+
+def _gemv_candidates(k_tiles: int, m_tiles: int):
+    """(S, MT) pairs whose CTAs fit: S | k_tiles, S <= 8 (portable cluster), MT | m_tiles, MT <= 2, and the
+    resident CTAs (GEMV_WARPS_PER_SM / 4 MT per SM) hold their token smem (+1 KB reserved each) in 228 KB."""
+    out = []
+    for mt in (1, 2):
+        per_sm = GEMV_WARPS_PER_SM // (4 * mt)
+        for s in range(1, 9):
+            if k_tiles % s == 0 and m_tiles % mt == 0 and \
+                    per_sm * (_gemv_smem_bytes(k_tiles // s) + 1024) <= 228 * 1024:
+                out.append((s, mt))
+    return out
+
+
+def pick_gemv_config(tiles_bound: int, m_tiles: int, k_tiles: int, num_sms: int) -> tuple[int, int]:
+    """K slices S and 128-row tiles per CTA MT for Fp4MoeGemv: fewest waves of resident warps (GEMV_WARPS_PER_SM
+    per SM, 4 MT per CTA, tiles_bound * m_tiles * S / MT CTAs), then the most K slices (more loads in flight), then
+    the smallest CTA. tiles_bound: used token tiles at most (no host sync)."""
+    cands = _gemv_candidates(k_tiles, m_tiles)
+    if not cands:
+        raise ValueError(f"Fp4MoeGemv: no K split of {64 * k_tiles} fits (see gemv_supported)")
+
+    def key(c):
+        s, mt = c
+        waves = -(-tiles_bound * m_tiles * s * 4 // (GEMV_WARPS_PER_SM * num_sms))
+        return (waves, -s, mt)
+    return min(cands, key=key)
 
 
 def gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gather: bool):
     """_compile_moe_gemv arguments of GEMM1 and GEMM2 for R routed rows (tile_n GEMV_TILE_N)."""
-    bound = min(E, R) + R // GEMV_TILE_N
-    s1 = pick_gemv_splits(bound, 2 * inter // TILE_M, D // TILE_K, sms)
-    s2 = pick_gemv_splits(bound, D // TILE_M, inter // TILE_K, sms)
-    return ((fmt, D, inter, True, s1, GEMV_STAGES, USE_PDL, gather, GEMV_CTAS_PER_SM),
-            (fmt, inter, D, False, s2, GEMV_STAGES, USE_PDL, False, GEMV_CTAS_PER_SM))
+    m = min(E, R)
+    bound = m + (R - m) // GEMV_TILE_N          # tiles with rows: one per hit expert + one per 8 more rows
+    s1, mt1 = pick_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
+    s2, mt2 = pick_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
+    return ((fmt, D, inter, True, s1, GEMV_STAGES, USE_PDL, gather, GEMV_WARPS_PER_SM // (4 * mt1), mt1),
+            (fmt, inter, D, False, s2, GEMV_STAGES, USE_PDL, False, GEMV_WARPS_PER_SM // (4 * mt2), mt2))
 
 
 # ====================================================================================================================

@@ -1008,7 +1008,7 @@ for fmt in ("nvfp4", "mxfp4"):
 def test_moe_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
     """Every Flash / Pro decode config of Fp4MoeGemv (both formats, T 1 and 4) compiles for sm_90a on a GPU-less
     machine; where ptxas is installed, its report on each kernel's PTX shows no register spills at the register
-    budget of GEMV_CTAS_PER_SM resident CTAs."""
+    budget of GEMV_WARPS_PER_SM resident warps."""
     dump = tmp_path / "ptx"
     dump.mkdir()
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
@@ -1030,12 +1030,18 @@ def test_moe_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
 
 @pytest.mark.parametrize("D, I", [(4096, 2048), (7168, 3072), (512, 256)])
 @pytest.mark.parametrize("R", [1, 6, 24])
-def test_gemv_splits_fit_a_cluster_and_the_token_smem(D, I, R):
+def test_gemv_config_fits_a_cluster_and_the_token_smem_in_one_wave_where_possible(D, I, R):
+    sms = 132
     for m_tiles, k_tiles in ((2 * I // 128, D // 64), (D // 128, I // 64)):
-        s = K.pick_gemv_splits(min(256, R), m_tiles, k_tiles, 132)
-        assert 1 <= s <= 8 and k_tiles % s == 0 and k_tiles // s <= K.GEMV_MAX_K_TILES
-        bigger = [d for d in range(s + 1, 9) if k_tiles % d == 0]
-        assert all(min(256, R) * m_tiles * d > K.GEMV_CTAS_PER_SM * 132 for d in bigger), "more slices would fit"
+        s, mt = K.pick_gemv_config(min(256, R), m_tiles, k_tiles, sms)
+        per_sm = K.GEMV_WARPS_PER_SM // (4 * mt)
+        assert 1 <= s <= 8 and k_tiles % s == 0 and m_tiles % mt == 0
+        assert per_sm * (K._gemv_smem_bytes(k_tiles // s) + 1024) <= 228 * 1024
+        warps = min(256, R) * m_tiles * s * 4
+        one_wave = [c for c in K._gemv_candidates(k_tiles, m_tiles)
+                    if min(256, R) * m_tiles * c[0] * 4 <= K.GEMV_WARPS_PER_SM * sms]
+        if one_wave:          # all CTAs resident at once, with the most K slices that allows
+            assert warps <= K.GEMV_WARPS_PER_SM * sms and s == max(c[0] for c in one_wave)
 
 
 def _gemv_routing(T, k, E, kind, seed):
@@ -1088,18 +1094,20 @@ def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypa
 
 
 @gpu
-@pytest.mark.parametrize("splits", [1, 2])
-def test_moe_gemv_without_and_with_a_small_cluster(splits, monkeypatch):
-    """Force the K split (1: no cluster, plain epilogue; 2: two-CTA clusters) on small dims, both GEMMs."""
-    monkeypatch.setattr(K, "pick_gemv_splits", lambda b, m, kt, sms: splits)
+@pytest.mark.parametrize("splits, m_per_cta", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_moe_gemv_without_and_with_a_small_cluster(splits, m_per_cta, monkeypatch):
+    """Force the K split (1: no cluster, plain epilogue; 2: two-CTA clusters) and 1 or 2 row tiles per CTA on small
+    dims, both GEMMs."""
+    monkeypatch.setattr(K, "pick_gemv_config", lambda b, m, kt, sms: (splits, m_per_cta))
     for fmt in ("nvfp4", "mxfp4"):
         ex = _small(fmt)
         for T, routing in ((1, "random"), (4, "shared"), (3, "empty_experts")):
             x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
             ids, w = _gemv_routing(T, 6, 16, routing, seed=10 + T)
             y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
-            _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"S={splits} {fmt} T={T} vs reference")
-            _assert_close(y, y_old, f"S={splits} {fmt} T={T} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+            what = f"S={splits} MT={m_per_cta} {fmt} T={T}"
+            _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+            _assert_close(y, y_old, f"{what} vs wgmma", cos_min=0.99999, rel_max=4e-3)
 
 
 _FLASH = {}
