@@ -1618,8 +1618,10 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
     if gemv:
         g1, g2 = gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
-        _compile_moe_gemv(*g1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit)
-        _compile_moe_gemv(*g2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit)
+        _compile_moe_gemv(*g1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
+                               ids32, pos)
+        _compile_moe_gemv(*g2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
+                               ids32, pos)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -2360,8 +2362,15 @@ if HAVE_CUTE:
         (m_per_cta: 4 warps each, sharing the CTA's token smem); rows/experts symbolic."""
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1, stages: int = 4,
-                     pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1):
+                     pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1,
+                     by_slot: bool = False):
             self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
+            # by_slot (GEMM1 after the routing kernel, all routed rows in one n8 tile): CTA z-index = routed slot s; its
+            # expert comes from topk_ids (ready before routing ends), so its weight loads start while the routing
+            # kernel still runs; after the wait its rows = the expert's sorted rows (from pos). The first slot of
+            # each expert does the work; later slots of the same expert and skipped slots exit.
+            self.by_slot = by_slot
+            assert not by_slot or (pdl and wait_first), "by_slot: a PDL launch right after the routing kernel"
             self.S = k_splits
             self.k_tiles = k_dim // TILE_K
             assert self.k_tiles % k_splits == 0 and k_splits <= 8, "K slices: a divisor of K/64, a portable cluster"
@@ -2380,7 +2389,8 @@ if HAVE_CUTE:
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
-                     mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, stream):
+                     mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
+                     mIds: cute.Tensor, mPos: cute.Tensor, stream):
             @cute.struct
             class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
                 xs: cute.struct.Align[cute.struct.MemRange[
@@ -2389,27 +2399,42 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             n_tab = cute.size(mTiles, mode=[0])
-            self.kernel(mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit).launch(
+            if const_expr(self.by_slot):
+                n_tab = cute.size(mIds, mode=[0])
+            self.kernel(mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos).launch(
                 grid=[self.S, self.m_tiles // self.MT, n_tab], block=[self.threads, 1, 1], stream=stream,
                 cluster=[self.S, 1, 1], use_pdl=self.pdl, min_blocks_per_mp=self.min_ctas,
                 preferred_smem_carveout=100 if self.min_ctas else None)
 
         @cute.kernel
         def kernel(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
-                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32):
+                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
+                   mIds: cute.Tensor, mPos: cute.Tensor):
             tidx, _, _ = cute.arch.thread_idx()
             bid_k, bid_m, bid_t = cute.arch.block_idx()
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once all our CTAs have started; it waits for our end itself
                 cute.arch.griddepcontrol_launch_dependents()
-            if const_expr(self.pdl and self.wait_first):
+            if const_expr(self.pdl and self.wait_first and not self.by_slot):
                 # the kernel right before wrote the tile table (routing + gather): wait first; the next kernel may
                 # start after that (it reads the table before its own wait)
                 cute.arch.griddepcontrol_wait()
                 cute.arch.griddepcontrol_launch_dependents()
-            expert = mTiles[bid_t, 0]
-            row0 = mTiles[bid_t, 1]
-            nrows = mTiles[bid_t, 2]
+            expert = Int32(0)
+            row0 = Int32(0)
+            nrows = Int32(0)
+            if const_expr(self.by_slot):
+                n_slots = cute.size(mIds, mode=[0])
+                expert = mIds[bid_t]
+                if expert >= 0 and expert < cute.size(mAlpha0, mode=[0]):
+                    nrows = Int32(1)
+                    for s2 in cutlass.range(bid_t, unroll=1):           # an earlier slot of this expert does it
+                        if mIds[s2] == expert:
+                            nrows = Int32(0)
+            else:
+                expert = mTiles[bid_t, 0]
+                row0 = mTiles[bid_t, 1]
+                nrows = mTiles[bid_t, 2]
             if nrows > 0:                        # the same for every CTA of a cluster (same table entry)
                 wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
                 warp = wid % 4                                        # slab of the 128-row tile
@@ -2433,6 +2458,16 @@ if HAVE_CUTE:
 
                 for s in cutlass.range_constexpr(self.D):
                     self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                if const_expr(self.by_slot):
+                    # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots
+                    cute.arch.griddepcontrol_wait()
+                    cute.arch.griddepcontrol_launch_dependents()
+                    nrows = Int32(0)
+                    row0 = Int32(1 << 30)
+                    for s2 in cutlass.range(n_slots, unroll=1):
+                        if mIds[s2] == expert:
+                            nrows = nrows + 1
+                            row0 = cutlass.min(row0, mPos[s2])
                 if const_expr(self.pdl and not self.wait_first):
                     # weights are constant; x_sorted / act and what we write belong to the previous kernels. (A branch
                     # ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -2572,15 +2607,15 @@ if HAVE_CUTE:
 
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
-                      wait_first: bool, min_ctas: int, m_per_cta: int = 1):
+                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit."""
-    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta)
+    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot)
 
     def build():
-        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta)
-        rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
+        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot)
+        rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
         w = cute.runtime.make_fake_tensor(Uint8, (REC_ROW, rec_rows, op.m_tiles * op.k_tiles, n_exp),
@@ -2592,6 +2627,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
                 mk(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (n_exp,), assumed_align=4), mk(Float32, (n_exp,), assumed_align=4),
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
+                mk(Int32, (slots,), assumed_align=4), mk(Int32, (slots,), assumed_align=4),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return op, args
     return _load_or_compile(config, build)
@@ -2599,6 +2635,8 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
 
 DECODE_GEMV = True           # moe_fp4 runs its two GEMMs on Fp4MoeGemv for up to GEMV_MAX_ROWS routed rows (T*k)
 GEMV_MAX_ROWS = 24
+GEMV_BY_SLOT = False         # GEMM1 indexed by routed slot (expert from topk_ids: weights load during routing) when
+                             # all routed rows fit one n8 tile (T = 1 at top-6)
 
 
 def gemv_supported(D: int, inter: int) -> bool:
@@ -2644,8 +2682,9 @@ def gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gather:
     bound = m + (R - m) // GEMV_TILE_N          # tiles with rows: one per hit expert + one per 8 more rows
     s1, mt1 = pick_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
     s2, mt2 = pick_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
-    return ((fmt, D, inter, True, s1, GEMV_STAGES, USE_PDL, gather, GEMV_WARPS_PER_SM // (4 * mt1), mt1),
-            (fmt, inter, D, False, s2, GEMV_STAGES, USE_PDL, False, GEMV_WARPS_PER_SM // (4 * mt2), mt2))
+    by_slot = GEMV_BY_SLOT and USE_PDL and gather and R <= GEMV_TILE_N
+    return ((fmt, D, inter, True, s1, GEMV_STAGES, USE_PDL, gather, GEMV_WARPS_PER_SM // (4 * mt1), mt1, by_slot),
+            (fmt, inter, D, False, s2, GEMV_STAGES, USE_PDL, False, GEMV_WARPS_PER_SM // (4 * mt2), mt2, False))
 
 
 # ====================================================================================================================

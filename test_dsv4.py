@@ -1051,6 +1051,10 @@ def _gemv_routing(T, k, E, kind, seed):
         ids[:, -1] = -1
         w = torch.rand(T, k, generator=g)
         return ids.to(torch.int32).cuda(), (w / w.sum(1, keepdim=True)).cuda()
+    if kind == "duplicate":                   # a token naming one expert in two slots (both rows count)
+        ids, w = _routing(T, k, E, "random", "cuda", seed)
+        ids[:, 1] = ids[:, 0]
+        return ids, w
     return _routing(T, k, E, kind, "cuda", seed)
 
 
@@ -1080,7 +1084,7 @@ def _assert_close(y, ref, what, cos_min=0.9999, rel_max=1e-2):
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("T", [1, 2, 3, 4])
-@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert", "shared"])
+@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert", "shared", "duplicate"])
 def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypatch):
     """Small dims (GEMM1 K split 8 ways, GEMM2 4 ways: the cluster reduction): vs the fp32 reference, and vs the
     wgmma path (same math in another summation order: equal up to rounding)."""
@@ -1131,6 +1135,24 @@ def test_moe_gemv_flash_dims(fmt, monkeypatch):
         y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
         _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"flash T={T} {routing} vs reference")
         _assert_close(y, y_old, f"flash T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
+    """GEMV_BY_SLOT (T = 1: GEMM1's CTAs take their expert from topk_ids and load weights during routing): same
+    results as the tile-indexed GEMV, incl. skipped slots and one expert named twice by the token."""
+    ex = _small(fmt)
+    for routing, k in (("random", 6), ("one_expert", 2), ("empty_experts", 6), ("duplicate", 6)):
+        x = torch.randn(1, 512, generator=torch.Generator().manual_seed(k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(1, k, 16, routing, seed=21)
+        y_tile, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
+        monkeypatch.setattr(K, "GEMV_BY_SLOT", True)
+        assert K.gemv_configs(fmt, k, 16, 512, 256, 132, True)[0][-1] is True     # the path under test is taken
+        y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+        monkeypatch.setattr(K, "GEMV_BY_SLOT", False)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"by slot {routing} vs reference")
+        assert torch.equal(y, y_tile), f"by slot {routing}: differs from the tile-indexed GEMV"
 
 
 @gpu
