@@ -1001,6 +1001,9 @@ for fmt in ("nvfp4", "mxfp4"):
         for T in (1, 4):
             for cfg in K.gemv_configs(fmt, 6 * T, 256, D, I, sms, True):
                 K._compile_moe_gemv(*cfg)
+        K.GEMV_BY_SLOT = True
+        K._compile_moe_gemv(*K.gemv_configs(fmt, 6, 256, D, I, sms, True)[0])
+        K.GEMV_BY_SLOT = False
 """
 
 
@@ -1135,6 +1138,23 @@ def test_moe_gemv_flash_dims(fmt, monkeypatch):
         y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
         _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"flash T={T} {routing} vs reference")
         _assert_close(y, y_old, f"flash T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+@pytest.mark.parametrize("limit", [1.0, 0.0])
+def test_moe_gemv_unequal_gate_up_alphas_and_the_swiglu_clamp(limit, monkeypatch):
+    """alpha_up 16x alpha_gate (the epilogue must apply each to its own half), swiglu_limit 1.0 (clamps many h, u
+    here) or 0 (no limit)."""
+    import dataclasses
+    base = _small("nvfp4")
+    ex = K.prepare_experts(dataclasses.replace(base, alpha_gate=base.alpha_gate * 0.25,
+                                               alpha_up=base.alpha_up * 4.0, packed=None))
+    for T in (1, 4):
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 16, "random", seed=30 + T)
+        y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch, limit=limit)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, limit), f"T={T} limit={limit} vs reference")
+        _assert_close(y, y_old, f"T={T} limit={limit} vs wgmma", cos_min=0.99999, rel_max=4e-3)
 
 
 @gpu
