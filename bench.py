@@ -334,6 +334,30 @@ def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expe
         us = with_knobs(knob, lambda: {T: fp4_us(T) for T in Ts[:2]})
         print(f"gemv ablation: {title}: " + ", ".join(f"T={T} {us[T]:.1f} us ({pct(T, us[T]):.0f}%, gemv {gemv[T]:.1f})"
                                                     for T in Ts[:2]), flush=True)
+    if time.time() - t_start < budget:
+        try:
+            with_knobs(dict(USE_PDL=False), lambda: [profile_decode(routings, T) for T in Ts[:2]])
+        except Exception as e:      # noqa: BLE001 - a diagnostic only
+            print(f"profile failed: {e!r}", flush=True)
+
+
+def profile_decode(routings, T, limit=10.0):
+    """Device time per kernel of moe_fp4 at T (10 calls; call with PDL off, else the kernels overlap)."""
+    from torch.profiler import profile as torch_profile, ProfilerActivity
+    x, ids, w, _ = routings[T]
+    ex = random_packed_experts(256, 4096, 2048, "cuda", 99)
+    for _ in range(3):
+        K.moe_fp4(x, ids, w, ex, limit)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            K.moe_fp4(x, ids, w, ex, limit)
+        torch.cuda.synchronize()
+    dt = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)   # noqa: E731
+    rows = [(e.key, e.count, dt(e) / e.count) for e in prof.key_averages() if dt(e) > 0]
+    print(f"profile T={T} (PDL off, us per call, L2-warm weights): " + "; ".join(
+        f"{name[:32]} x{cnt // 10} {t:.1f}" for name, cnt, t in sorted(rows, key=lambda r: -r[2] * r[1])),
+        flush=True)
 
 
 def profile_moe():
