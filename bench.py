@@ -235,7 +235,7 @@ def bench_moe_decode():
 
     print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
     if "--ablate-gemv" in sys.argv:
-        gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start)
+        gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4)
         return
     main = {T: fp4_us(T) for T in Ts}
     v4 = with_knobs(dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0),
@@ -308,7 +308,7 @@ def bench_moe_decode():
               f"{2 * T * k * 3 * D * I / (us[False] * 1e-6) / 1e12:.0f} TFLOP/s)", flush=True)
 
 
-def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start):
+def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4):
     """`bench.py moe --decode-only --ablate-gemv`: the mma.sync decode GEMV (Fp4MoeGemv, the default up to
     GEMV_MAX_ROWS routed rows) vs the wgmma grouped GEMM (DECODE_GEMV off), same run, same routing and weights; then
     the GEMV forced at every T (threshold), and its knobs."""
@@ -336,26 +336,26 @@ def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expe
                                                     for T in Ts[:2]), flush=True)
     if time.time() - t_start < budget:
         try:
-            with_knobs(dict(USE_PDL=False), lambda: [profile_decode(routings, T) for T in Ts[:2]])
+            with_knobs(dict(USE_PDL=False), lambda: [profile_decode(routings, T, fp4) for T in Ts[:2]])
         except Exception as e:      # noqa: BLE001 - a diagnostic only
             print(f"profile failed: {e!r}", flush=True)
 
 
-def profile_decode(routings, T, limit=10.0):
-    """Device time per kernel of moe_fp4 at T (10 calls; call with PDL off, else the kernels overlap)."""
+def profile_decode(routings, T, fp4, limit=10.0):
+    """Device time per kernel of moe_fp4 at T (10 calls over the rotating weight copies; call with PDL off, else the
+    kernels overlap)."""
     from torch.profiler import profile as torch_profile, ProfilerActivity
     x, ids, w, _ = routings[T]
-    ex = random_packed_experts(256, 4096, 2048, "cuda", 99)
-    for _ in range(3):
+    for ex in fp4:
         K.moe_fp4(x, ids, w, ex, limit)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            K.moe_fp4(x, ids, w, ex, limit)
+        for i in range(10):
+            K.moe_fp4(x, ids, w, fp4[i % len(fp4)], limit)
         torch.cuda.synchronize()
     dt = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)   # noqa: E731
     rows = [(e.key, e.count, dt(e) / e.count) for e in prof.key_averages() if dt(e) > 0]
-    print(f"profile T={T} (PDL off, us per call, L2-warm weights): " + "; ".join(
+    print(f"profile T={T} (PDL off, us per call): " + "; ".join(
         f"{name[:32]} x{cnt // 10} {t:.1f}" for name, cnt, t in sorted(rows, key=lambda r: -r[2] * r[1])),
         flush=True)
 
