@@ -1176,6 +1176,19 @@ def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_gemv_pro_dims(fmt, monkeypatch):
+    """Pro dims (D 7168, I 3072: 112 / 48 k-tiles, K slices of 14..56 tiles) on 16 experts."""
+    ex = K.prepare_experts(random_fp4_experts(16, 7168, 3072, fmt, device="cuda", seed=5))
+    for T, routing in ((1, "random"), (4, "shared")):
+        x = torch.randn(T, 7168, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 16, routing, seed=T)
+        y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"pro T={T} {routing} vs reference")
+        _assert_close(y, y_old, f"pro T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
 def test_moe_gemv_is_deterministic_pdl_or_not_and_replays_in_a_graph(monkeypatch):
     """Two calls are bit-equal; PDL launches equal plain launches bit for bit; a captured CUDA graph replays the
     same bits and follows new inputs written into its static buffers."""
