@@ -326,7 +326,7 @@ def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expe
     knobs = [("stages 2", dict(GEMV_STAGES=2, GEMV_MAX_ROWS=1 << 30)),
              ("stages 6, 16 warps/SM", dict(GEMV_STAGES=6, GEMV_WARPS_PER_SM=16, GEMV_MAX_ROWS=1 << 30)),
              ("PDL off", dict(USE_PDL=False, GEMV_MAX_ROWS=1 << 30)),
-             ("GEMM1 by slot (T=1)", dict(GEMV_BY_SLOT=True, GEMV_MAX_ROWS=1 << 30))]
+             ("GEMM1 by slot", dict(GEMV_BY_SLOT=True, GEMV_MAX_ROWS=1 << 30))]
     for title, knob in knobs:
         if time.time() - t_start > budget:
             print(f"(time budget spent: skipped '{title}' and the rest)")

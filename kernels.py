@@ -2365,10 +2365,11 @@ if HAVE_CUTE:
                      pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1,
                      by_slot: bool = False):
             self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
-            # by_slot (GEMM1 after the routing kernel, all routed rows in one n8 tile): CTA z-index = routed slot s; its
-            # expert comes from topk_ids (ready before routing ends), so its weight loads start while the routing
-            # kernel still runs; after the wait its rows = the expert's sorted rows (from pos). The first slot of
-            # each expert does the work; later slots of the same expert and skipped slots exit.
+            # by_slot (GEMM1 right after the routing kernel): CTA z-index = routed slot s; its expert comes from
+            # topk_ids (ready before routing ends), so its weight loads start while the routing kernel still runs.
+            # The slots of one expert, in slot order, share its rows in x_sorted (contiguous: [min pos, + count)) by
+            # groups of 8: the slot whose rank o among them is a multiple of 8 takes rows o .. o+7; the other slots
+            # (and skipped ones) exit.
             self.by_slot = by_slot
             assert not by_slot or (pdl and wait_first), "by_slot: a PDL launch right after the routing kernel"
             self.S = k_splits
@@ -2423,14 +2424,16 @@ if HAVE_CUTE:
             expert = Int32(0)
             row0 = Int32(0)
             nrows = Int32(0)
+            rank = Int32(0)
             if const_expr(self.by_slot):
                 n_slots = cute.size(mIds, mode=[0])
                 expert = mIds[bid_t]
                 if expert >= 0 and expert < cute.size(mAlpha0, mode=[0]):
-                    nrows = Int32(1)
-                    for s2 in cutlass.range(bid_t, unroll=1):           # an earlier slot of this expert does it
+                    for s2 in cutlass.range(bid_t, unroll=1):           # earlier slots of this expert
                         if mIds[s2] == expert:
-                            nrows = Int32(0)
+                            rank = rank + 1
+                    if rank % GEMV_TILE_N == 0:
+                        nrows = Int32(1)                                # active (rows known after the wait)
             else:
                 expert = mTiles[bid_t, 0]
                 row0 = mTiles[bid_t, 1]
@@ -2462,12 +2465,14 @@ if HAVE_CUTE:
                     # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots
                     cute.arch.griddepcontrol_wait()
                     cute.arch.griddepcontrol_launch_dependents()
-                    nrows = Int32(0)
+                    count = Int32(0)
                     row0 = Int32(1 << 30)
                     for s2 in cutlass.range(n_slots, unroll=1):
                         if mIds[s2] == expert:
-                            nrows = nrows + 1
+                            count = count + 1
                             row0 = cutlass.min(row0, mPos[s2])
+                    row0 = row0 + rank
+                    nrows = cutlass.min(count - rank, GEMV_TILE_N)
                 if const_expr(self.pdl and not self.wait_first):
                     # weights are constant; x_sorted / act and what we write belong to the previous kernels. (A branch
                     # ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -2635,8 +2640,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
 
 DECODE_GEMV = True           # moe_fp4 runs its two GEMMs on Fp4MoeGemv for up to GEMV_MAX_ROWS routed rows (T*k)
 GEMV_MAX_ROWS = 24
-GEMV_BY_SLOT = False         # GEMM1 indexed by routed slot (expert from topk_ids: weights load during routing) when
-                             # all routed rows fit one n8 tile (T = 1 at top-6)
+GEMV_BY_SLOT = False         # GEMM1 indexed by routed slot (expert from topk_ids: weight loads start during routing)
 
 
 def gemv_supported(D: int, inter: int) -> bool:
@@ -2682,7 +2686,7 @@ def gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gather:
     bound = m + (R - m) // GEMV_TILE_N          # tiles with rows: one per hit expert + one per 8 more rows
     s1, mt1 = pick_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
     s2, mt2 = pick_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
-    by_slot = GEMV_BY_SLOT and USE_PDL and gather and R <= GEMV_TILE_N
+    by_slot = GEMV_BY_SLOT and USE_PDL and gather
     return ((fmt, D, inter, True, s1, GEMV_STAGES, USE_PDL, gather, GEMV_WARPS_PER_SM // (4 * mt1), mt1, by_slot),
             (fmt, inter, D, False, s2, GEMV_STAGES, USE_PDL, False, GEMV_WARPS_PER_SM // (4 * mt2), mt2, False))
 

@@ -1160,19 +1160,22 @@ def test_moe_gemv_unequal_gate_up_alphas_and_the_swiglu_clamp(limit, monkeypatch
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
-    """GEMV_BY_SLOT (T = 1: GEMM1's CTAs take their expert from topk_ids and load weights during routing): same
-    results as the tile-indexed GEMV, incl. skipped slots and one expert named twice by the token."""
+    """GEMV_BY_SLOT (GEMM1's CTAs take their expert from topk_ids and load weights during routing): bit-equal to the
+    tile-indexed GEMV, incl. skipped slots, a token naming one expert twice, and 12 rows of one expert (two groups
+    of 8 rows)."""
     ex = _small(fmt)
-    for routing, k in (("random", 6), ("one_expert", 2), ("empty_experts", 6), ("duplicate", 6)):
-        x = torch.randn(1, 512, generator=torch.Generator().manual_seed(k)).to("cuda", torch.bfloat16)
-        ids, w = _gemv_routing(1, k, 16, routing, seed=21)
+    cases = [(1, "random", 6), (1, "one_expert", 2), (1, "empty_experts", 6), (1, "duplicate", 6),
+             (4, "shared", 6), (3, "duplicate", 6), (4, "random", 6), (12, "one_expert", 2)]
+    for T, routing, k in cases:
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, k, 16, routing, seed=21 + T)
         y_tile, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
         monkeypatch.setattr(K, "GEMV_BY_SLOT", True)
-        assert K.gemv_configs(fmt, k, 16, 512, 256, 132, True)[0][-1] is True     # the path under test is taken
+        assert K.gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][-1] is True   # the path under test is taken
         y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
         monkeypatch.setattr(K, "GEMV_BY_SLOT", False)
-        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"by slot {routing} vs reference")
-        assert torch.equal(y, y_tile), f"by slot {routing}: differs from the tile-indexed GEMV"
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"by slot T={T} {routing} vs reference")
+        assert torch.equal(y, y_tile), f"by slot T={T} {routing}: differs from the tile-indexed GEMV"
 
 
 @gpu
