@@ -308,11 +308,24 @@ def bench_moe_decode():
               f"{2 * T * k * 3 * D * I / (us[False] * 1e-6) / 1e12:.0f} TFLOP/s)", flush=True)
 
 
+MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set at a time, timed at T=1 and T=4
+    ("target 2 waves", dict(MOE_GEMV_WAVES=2)),
+    ("target 4 waves", dict(MOE_GEMV_WAVES=4)),
+    ("GEMM1 S=2 MT=1", dict(MOE_GEMV_FORCE=((2, 1), None))),
+    ("GEMM1 S=4 MT=1", dict(MOE_GEMV_FORCE=((4, 1), None))),
+    ("GEMM1 S=8 MT=1", dict(MOE_GEMV_FORCE=((8, 1), None))),
+    ("GEMM2 S=2 MT=1", dict(MOE_GEMV_FORCE=(None, (2, 1)))),
+    ("GEMM2 S=4 MT=1", dict(MOE_GEMV_FORCE=(None, (4, 1)))),
+    ("GEMM2 S=8 MT=1", dict(MOE_GEMV_FORCE=(None, (8, 1)))),
+    ("PDL off", dict(USE_PDL=False)),
+]
+
+
 def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4):
     """`bench.py moe --decode-only --ablate-gemv`: the mma.sync decode GEMV (Fp4MoeGemv, the default up to
-    GEMV_MAX_ROWS routed rows) vs the wgmma grouped GEMM (DECODE_GEMV off), same run, same routing and weights; then
+    MOE_GEMV_MAX_ROWS routed rows) vs the wgmma grouped GEMM (DECODE_GEMV off), same run, same routing and weights; then
     the GEMV forced at every T (threshold), and its knobs."""
-    gemv = {T: with_knobs(dict(GEMV_MAX_ROWS=1 << 30), lambda: fp4_us(T)) for T in Ts}
+    gemv = {T: with_knobs(dict(MOE_GEMV_MAX_ROWS=1 << 30), lambda: fp4_us(T)) for T in Ts}
     wgmma = {T: with_knobs(dict(DECODE_GEMV=False), lambda: fp4_us(T)) for T in Ts}
     print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; "
           f"gemv = Fp4MoeGemv for both GEMMs, wgmma = Fp4GroupedGemm (DECODE_GEMV off), same run")
@@ -323,10 +336,7 @@ def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expe
         print(f"{T:>4} {hit:>7} {gemv[T]:>8.1f} {wgmma[T]:>8.1f} {pct(T, gemv[T]):>10.1f} {pct(T, wgmma[T]):>11.1f} "
               f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
     budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
-    knobs = [("stages 2", dict(GEMV_STAGES=2, GEMV_MAX_ROWS=1 << 30)),
-             ("stages 6, 16 warps/SM", dict(GEMV_STAGES=6, GEMV_WARPS_PER_SM=16, GEMV_MAX_ROWS=1 << 30)),
-             ("PDL off", dict(USE_PDL=False, GEMV_MAX_ROWS=1 << 30)),
-             ("GEMM1 by slot", dict(GEMV_BY_SLOT=True, GEMV_MAX_ROWS=1 << 30))]
+    knobs = [(title, dict(knob, MOE_GEMV_MAX_ROWS=1 << 30)) for title, knob in MOE_GEMV_KNOBS]
     for title, knob in knobs:
         if time.time() - t_start > budget:
             print(f"(time budget spent: skipped '{title}' and the rest)")

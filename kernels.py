@@ -1591,8 +1591,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    gemv = DECODE_GEMV and R <= GEMV_MAX_ROWS and gemv_supported(D, inter)   # decode: mma.sync GEMV (Fp4MoeGemv)
-    tile_n = GEMV_TILE_N if gemv else pick_tile_n(T, k, E)
+    gemv = DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, inter)   # decode: mma.sync GEMV (Fp4MoeGemv)
+    tile_n = MOE_GEMV_TILE_N if gemv else pick_tile_n(T, k, E)
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
@@ -1617,7 +1617,7 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
     if gemv:
-        g1, g2 = gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
+        g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         _compile_moe_gemv(*g1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
                                ids32, pos)
         _compile_moe_gemv(*g2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
@@ -2321,10 +2321,12 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
 #   deterministic) and runs the epilogue (same math as Fp4GroupedGemm.epilogue).
 # - PDL as Fp4GroupedGemm: weight loads are issued before griddepcontrol.wait (GEMM2 streams its weights while GEMM1
 #   drains); wait_first: the tile table itself comes from the kernel right before (routing + gather).
-GEMV_TILE_N = 8              # token tile of the routing table the GEMV reads (one n8 mma tile)
-GEMV_MAX_K_TILES = 32        # 64-k tiles per CTA at most (smem holds 8 token rows of the K slice: 33 KB)
-GEMV_STAGES = 4              # k-tiles of weight loads in flight per warp
-GEMV_WARPS_PER_SM = 24       # resident warps per SM the config rule plans for (ptxas fits the registers: <= 80)
+MOE_GEMV_TILE_N = 8          # token tile of the routing table the GEMV reads (one n8 mma tile)
+MOE_GEMV_MAX_K_TILES = 32    # 64-k tiles per CTA at most (smem holds 8 token rows of the K slice: 33 KB)
+MOE_GEMV_STAGES = 4          # k-tiles of weight loads in flight per warp
+MOE_GEMV_WARPS_PER_SM = 24   # resident warps per SM the config rule plans for (ptxas fits the registers: <= 80)
+MOE_GEMV_WAVES = 1           # the config rule's target: all CTAs in this many waves of resident warps
+MOE_GEMV_FORCE = (None, None)   # benchmarks: (S, MT) of GEMM1 / GEMM2 instead of the rule
 
 
 if HAVE_CUTE:
@@ -2395,7 +2397,7 @@ if HAVE_CUTE:
             @cute.struct
             class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
                 xs: cute.struct.Align[cute.struct.MemRange[
-                    Int32, max(GEMV_TILE_N * self.row_words, self.MT * 2 * 64 * GEMV_TILE_N if self.S > 1 else 0)],
+                    Int32, max(MOE_GEMV_TILE_N * self.row_words, self.MT * 2 * 64 * MOE_GEMV_TILE_N if self.S > 1 else 0)],
                     16]
 
             self.shared_storage = SharedStorage
@@ -2432,7 +2434,7 @@ if HAVE_CUTE:
                     for s2 in cutlass.range(bid_t, unroll=1):           # earlier slots of this expert
                         if mIds[s2] == expert:
                             rank = rank + 1
-                    if rank % GEMV_TILE_N == 0:
+                    if rank % MOE_GEMV_TILE_N == 0:
                         nrows = Int32(1)                                # active (rows known after the wait)
             else:
                 expert = mTiles[bid_t, 0]
@@ -2472,7 +2474,7 @@ if HAVE_CUTE:
                             count = count + 1
                             row0 = cutlass.min(row0, mPos[s2])
                     row0 = row0 + rank
-                    nrows = cutlass.min(count - rank, GEMV_TILE_N)
+                    nrows = cutlass.min(count - rank, MOE_GEMV_TILE_N)
                 if const_expr(self.pdl and not self.wait_first):
                     # weights are constant; x_sorted / act and what we write belong to the previous kernels. (A branch
                     # ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -2483,9 +2485,9 @@ if HAVE_CUTE:
                 # 8kb + 4p + t (k = 16kb + 8p + 2t) -> stored word 16(kb//2) + 4t + 2(kb%2) + p
                 smem = cutlass.utils.SmemAllocator()
                 storage = smem.allocate(self.shared_storage)
-                sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, GEMV_TILE_N),
+                sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, MOE_GEMV_TILE_N),
                                                              stride=(1, self.row_words)))
-                sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, GEMV_TILE_N),
+                sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, MOE_GEMV_TILE_N),
                                                              stride=(1, 4, self.row_words)))
                 x_base = mX.iterator.toint()
                 chunks = kpc * 8                                      # 16-B chunks of a row's K slice
@@ -2527,23 +2529,23 @@ if HAVE_CUTE:
                     # (row, token) pairs over the S slices in rank order (DSMEM); barrier again before exit
                     cute.arch.sync_threads()                         # every warp is done reading the tokens
                     red = cute.make_tensor(cute.recast_ptr(storage.xs.data_ptr(), dtype=Float32),
-                                           cute.make_layout((self.MT, 2, 64, GEMV_TILE_N),
-                                                            stride=(2 * 64 * GEMV_TILE_N, 64 * GEMV_TILE_N,
-                                                                    GEMV_TILE_N, 1)))
+                                           cute.make_layout((self.MT, 2, 64, MOE_GEMV_TILE_N),
+                                                            stride=(2 * 64 * MOE_GEMV_TILE_N, 64 * MOE_GEMV_TILE_N,
+                                                                    MOE_GEMV_TILE_N, 1)))
                     for a in cutlass.range_constexpr(2):
                         for c in cutlass.range_constexpr(4):
                             red[wid // 4, a, 16 * warp + g + 8 * (c // 2), 2 * t + c % 2] = acc[a, c]
                     cute.arch.cluster_arrive()
                     cute.arch.cluster_wait()
                     red_base = storage.xs.data_ptr().toint()
-                    pairs = 64 * GEMV_TILE_N                           # (row, token) pairs per 128-row tile
+                    pairs = 64 * MOE_GEMV_TILE_N                           # (row, token) pairs per 128-row tile
                     share = -(-(self.MT * pairs) // self.S)
                     for it in cutlass.range_constexpr((share + self.threads - 1) // self.threads):
                         pp = tidx + self.threads * it
                         e = bid_k * share + pp                          # (tile mt, row r, token n)
                         mt = e // pairs
-                        r = (e % pairs) // GEMV_TILE_N
-                        n = e % GEMV_TILE_N
+                        r = (e % pairs) // MOE_GEMV_TILE_N
+                        n = e % MOE_GEMV_TILE_N
                         if pp < share and e < self.MT * pairs and n < nrows:
                             s0 = Float32(0.0)
                             s1 = Float32(0.0)
@@ -2638,57 +2640,57 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
     return _load_or_compile(config, build)
 
 
-DECODE_GEMV = True           # moe_fp4 runs its two GEMMs on Fp4MoeGemv for up to GEMV_MAX_ROWS routed rows (T*k)
-GEMV_MAX_ROWS = 24
-GEMV_BY_SLOT = False         # GEMM1 indexed by routed slot (expert from topk_ids: weight loads start during routing)
+DECODE_GEMV = True           # moe_fp4: both GEMMs on Fp4MoeGemv for up to MOE_GEMV_MAX_ROWS routed rows (T*k)
+MOE_GEMV_MAX_ROWS = 24
+MOE_GEMV_BY_SLOT = False     # GEMM1 indexed by routed slot (expert from topk_ids: weight loads start during routing)
 
 
-def gemv_supported(D: int, inter: int) -> bool:
+def moe_gemv_supported(D: int, inter: int) -> bool:
     """Fp4MoeGemv takes these dims: both GEMMs' K split into <= 8 slices whose token smem fits a CTA."""
-    return all(_gemv_candidates(kt, 2) for kt in (D // TILE_K, inter // TILE_K))
+    return all(_moe_gemv_candidates(kt, 2) for kt in (D // TILE_K, inter // TILE_K))
 
 
-def _gemv_smem_bytes(k_per_cta: int) -> int:
-    return GEMV_TILE_N * (k_per_cta * 128 + 64)
+def _moe_gemv_smem_bytes(k_per_cta: int) -> int:
+    return MOE_GEMV_TILE_N * (k_per_cta * 128 + 64)
 
 
-def _gemv_candidates(k_tiles: int, m_tiles: int):
+def _moe_gemv_candidates(k_tiles: int, m_tiles: int):
     """(S, MT) pairs whose CTAs fit: S | k_tiles, S <= 8 (portable cluster), MT | m_tiles, MT <= 2, and the
-    resident CTAs (GEMV_WARPS_PER_SM / 4 MT per SM) hold their token smem (+1 KB reserved each) in 228 KB."""
+    resident CTAs (MOE_GEMV_WARPS_PER_SM / 4 MT per SM) hold their token smem (+1 KB reserved each) in 228 KB."""
     out = []
     for mt in (1, 2):
-        per_sm = GEMV_WARPS_PER_SM // (4 * mt)
+        per_sm = MOE_GEMV_WARPS_PER_SM // (4 * mt)
         for s in range(1, 9):
             if k_tiles % s == 0 and m_tiles % mt == 0 and \
-                    per_sm * (_gemv_smem_bytes(k_tiles // s) + 1024) <= 228 * 1024:
+                    per_sm * (_moe_gemv_smem_bytes(k_tiles // s) + 1024) <= 228 * 1024:
                 out.append((s, mt))
     return out
 
 
-def pick_gemv_config(tiles_bound: int, m_tiles: int, k_tiles: int, num_sms: int) -> tuple[int, int]:
-    """K slices S and 128-row tiles per CTA MT for Fp4MoeGemv: fewest waves of resident warps (GEMV_WARPS_PER_SM
-    per SM, 4 MT per CTA, tiles_bound * m_tiles * S / MT CTAs), then the most K slices (more loads in flight), then
-    the smallest CTA. tiles_bound: used token tiles at most (no host sync)."""
-    cands = _gemv_candidates(k_tiles, m_tiles)
+def pick_moe_gemv_config(tiles_bound: int, m_tiles: int, k_tiles: int, num_sms: int) -> tuple[int, int]:
+    """K slices S and 128-row tiles per CTA MT for Fp4MoeGemv: the most K slices (more loads in flight) within
+    MOE_GEMV_WAVES waves of resident warps (MOE_GEMV_WARPS_PER_SM per SM, 4 MT per CTA, tiles_bound * m_tiles * S / MT
+    CTAs), then the smallest CTA; if none fits, the fewest waves. tiles_bound: used token tiles at most (no host sync)."""
+    cands = _moe_gemv_candidates(k_tiles, m_tiles)
     if not cands:
-        raise ValueError(f"Fp4MoeGemv: no K split of {64 * k_tiles} fits (see gemv_supported)")
+        raise ValueError(f"Fp4MoeGemv: no K split of {64 * k_tiles} fits (see moe_gemv_supported)")
 
     def key(c):
         s, mt = c
-        waves = -(-tiles_bound * m_tiles * s * 4 // (GEMV_WARPS_PER_SM * num_sms))
-        return (waves, -s, mt)
+        waves = -(-tiles_bound * m_tiles * s * 4 // (MOE_GEMV_WARPS_PER_SM * num_sms))
+        return (waves > MOE_GEMV_WAVES, waves if waves > MOE_GEMV_WAVES else 0, -s, mt)
     return min(cands, key=key)
 
 
-def gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gather: bool):
-    """_compile_moe_gemv arguments of GEMM1 and GEMM2 for R routed rows (tile_n GEMV_TILE_N)."""
+def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gather: bool):
+    """_compile_moe_gemv arguments of GEMM1 and GEMM2 for R routed rows (tile_n MOE_GEMV_TILE_N)."""
     m = min(E, R)
-    bound = m + (R - m) // GEMV_TILE_N          # tiles with rows: one per hit expert + one per 8 more rows
-    s1, mt1 = pick_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
-    s2, mt2 = pick_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
-    by_slot = GEMV_BY_SLOT and USE_PDL and gather
-    return ((fmt, D, inter, True, s1, GEMV_STAGES, USE_PDL, gather, GEMV_WARPS_PER_SM // (4 * mt1), mt1, by_slot),
-            (fmt, inter, D, False, s2, GEMV_STAGES, USE_PDL, False, GEMV_WARPS_PER_SM // (4 * mt2), mt2, False))
+    bound = m + (R - m) // MOE_GEMV_TILE_N          # tiles with rows: one per hit expert + one per 8 more rows
+    s1, mt1 = MOE_GEMV_FORCE[0] or pick_moe_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
+    s2, mt2 = MOE_GEMV_FORCE[1] or pick_moe_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
+    by_slot = MOE_GEMV_BY_SLOT and USE_PDL and gather
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, MOE_GEMV_WARPS_PER_SM // (4 * mt1), mt1, by_slot),
+            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, MOE_GEMV_WARPS_PER_SM // (4 * mt2), mt2, False))
 
 
 # ====================================================================================================================

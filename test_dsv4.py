@@ -999,11 +999,11 @@ sms = 132
 for fmt in ("nvfp4", "mxfp4"):
     for D, I in ((4096, 2048), (7168, 3072)):
         for T in (1, 4):
-            for cfg in K.gemv_configs(fmt, 6 * T, 256, D, I, sms, True):
+            for cfg in K.moe_gemv_configs(fmt, 6 * T, 256, D, I, sms, True):
                 K._compile_moe_gemv(*cfg)
-        K.GEMV_BY_SLOT = True
-        K._compile_moe_gemv(*K.gemv_configs(fmt, 6, 256, D, I, sms, True)[0])
-        K.GEMV_BY_SLOT = False
+        K.MOE_GEMV_BY_SLOT = True
+        K._compile_moe_gemv(*K.moe_gemv_configs(fmt, 6, 256, D, I, sms, True)[0])
+        K.MOE_GEMV_BY_SLOT = False
 """
 
 
@@ -1011,7 +1011,7 @@ for fmt in ("nvfp4", "mxfp4"):
 def test_moe_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
     """Every Flash / Pro decode config of Fp4MoeGemv (both formats, T 1 and 4) compiles for sm_90a on a GPU-less
     machine; where ptxas is installed, its report on each kernel's PTX shows no register spills at the register
-    budget of GEMV_WARPS_PER_SM resident warps."""
+    budget of MOE_GEMV_WARPS_PER_SM resident warps."""
     dump = tmp_path / "ptx"
     dump.mkdir()
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
@@ -1036,15 +1036,15 @@ def test_moe_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
 def test_gemv_config_fits_a_cluster_and_the_token_smem_in_one_wave_where_possible(D, I, R):
     sms = 132
     for m_tiles, k_tiles in ((2 * I // 128, D // 64), (D // 128, I // 64)):
-        s, mt = K.pick_gemv_config(min(256, R), m_tiles, k_tiles, sms)
-        per_sm = K.GEMV_WARPS_PER_SM // (4 * mt)
+        s, mt = K.pick_moe_gemv_config(min(256, R), m_tiles, k_tiles, sms)
+        per_sm = K.MOE_GEMV_WARPS_PER_SM // (4 * mt)
         assert 1 <= s <= 8 and k_tiles % s == 0 and m_tiles % mt == 0
-        assert per_sm * (K._gemv_smem_bytes(k_tiles // s) + 1024) <= 228 * 1024
+        assert per_sm * (K._moe_gemv_smem_bytes(k_tiles // s) + 1024) <= 228 * 1024
         warps = min(256, R) * m_tiles * s * 4
-        one_wave = [c for c in K._gemv_candidates(k_tiles, m_tiles)
-                    if min(256, R) * m_tiles * c[0] * 4 <= K.GEMV_WARPS_PER_SM * sms]
+        one_wave = [c for c in K._moe_gemv_candidates(k_tiles, m_tiles)
+                    if min(256, R) * m_tiles * c[0] * 4 <= K.MOE_GEMV_WARPS_PER_SM * sms]
         if one_wave:          # all CTAs resident at once, with the most K slices that allows
-            assert warps <= K.GEMV_WARPS_PER_SM * sms and s == max(c[0] for c in one_wave)
+            assert warps <= K.MOE_GEMV_WARPS_PER_SM * sms and s == max(c[0] for c in one_wave)
 
 
 def _gemv_routing(T, k, E, kind, seed):
@@ -1105,7 +1105,7 @@ def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypa
 def test_moe_gemv_without_and_with_a_small_cluster(splits, m_per_cta, monkeypatch):
     """Force the K split (1: no cluster, plain epilogue; 2: two-CTA clusters) and 1 or 2 row tiles per CTA on small
     dims, both GEMMs."""
-    monkeypatch.setattr(K, "pick_gemv_config", lambda b, m, kt, sms: (splits, m_per_cta))
+    monkeypatch.setattr(K, "pick_moe_gemv_config", lambda b, m, kt, sms: (splits, m_per_cta))
     for fmt in ("nvfp4", "mxfp4"):
         ex = _small(fmt)
         for T, routing in ((1, "random"), (4, "shared"), (3, "empty_experts")):
@@ -1160,7 +1160,7 @@ def test_moe_gemv_unequal_gate_up_alphas_and_the_swiglu_clamp(limit, monkeypatch
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
-    """GEMV_BY_SLOT (GEMM1's CTAs take their expert from topk_ids and load weights during routing): bit-equal to the
+    """MOE_GEMV_BY_SLOT (GEMM1's CTAs take their expert from topk_ids and load weights during routing): bit-equal to the
     tile-indexed GEMV, incl. skipped slots, a token naming one expert twice, and 12 rows of one expert (two groups
     of 8 rows)."""
     ex = _small(fmt)
@@ -1170,10 +1170,10 @@ def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
         x = torch.randn(T, 512, generator=torch.Generator().manual_seed(k)).to("cuda", torch.bfloat16)
         ids, w = _gemv_routing(T, k, 16, routing, seed=21 + T)
         y_tile, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
-        monkeypatch.setattr(K, "GEMV_BY_SLOT", True)
-        assert K.gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][-1] is True   # the path under test is taken
+        monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", True)
+        assert K.moe_gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][-1] is True   # the path under test is taken
         y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
-        monkeypatch.setattr(K, "GEMV_BY_SLOT", False)
+        monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", False)
         _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"by slot T={T} {routing} vs reference")
         assert torch.equal(y, y_tile), f"by slot T={T} {routing}: differs from the tile-indexed GEMV"
 
