@@ -317,6 +317,8 @@ MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set a
     ("GEMM2 S=2 MT=1", dict(MOE_GEMV_FORCE=(None, (2, 1)))),
     ("GEMM2 S=4 MT=1", dict(MOE_GEMV_FORCE=(None, (4, 1)))),
     ("GEMM2 S=8 MT=1", dict(MOE_GEMV_FORCE=(None, (8, 1)))),
+    ("GEMM1 by slot", dict(MOE_GEMV_BY_SLOT=True)),
+    ("GEMM1 by slot, target 2 waves", dict(MOE_GEMV_BY_SLOT=True, MOE_GEMV_WAVES=2)),
     ("PDL off", dict(USE_PDL=False)),
 ]
 

@@ -2428,12 +2428,17 @@ if HAVE_CUTE:
             nrows = Int32(0)
             rank = Int32(0)
             if const_expr(self.by_slot):
+                # rank = earlier slots of this expert: lane j of every warp looks at slot base + j (one round trip
+                # for up to 32 slots; no serial chain of dependent loads)
                 n_slots = cute.size(mIds, mode=[0])
                 expert = mIds[bid_t]
+                for base in cutlass.range(0, bid_t, 32, unroll=1):
+                    j = base + tidx % 32
+                    e_j = Int32(-1)
+                    if j < bid_t:
+                        e_j = mIds[j]
+                    rank = rank + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j == expert)))
                 if expert >= 0 and expert < cute.size(mAlpha0, mode=[0]):
-                    for s2 in cutlass.range(bid_t, unroll=1):           # earlier slots of this expert
-                        if mIds[s2] == expert:
-                            rank = rank + 1
                     if rank % MOE_GEMV_TILE_N == 0:
                         nrows = Int32(1)                                # active (rows known after the wait)
             else:
@@ -2464,15 +2469,24 @@ if HAVE_CUTE:
                 for s in cutlass.range_constexpr(self.D):
                     self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
                 if const_expr(self.by_slot):
-                    # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots
-                    cute.arch.griddepcontrol_wait()
+                    # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots. (A branch
+                    # ptxas can't fold keeps the weight loads above the wait, as below.)
+                    if expert < (1 << 30):
+                        cute.arch.griddepcontrol_wait()
                     cute.arch.griddepcontrol_launch_dependents()
                     count = Int32(0)
                     row0 = Int32(1 << 30)
-                    for s2 in cutlass.range(n_slots, unroll=1):
-                        if mIds[s2] == expert:
-                            count = count + 1
-                            row0 = cutlass.min(row0, mPos[s2])
+                    for base2 in cutlass.range(0, Int32(n_slots), 32, unroll=1):
+                        j2 = base2 + tidx % 32
+                        p_j2 = Int32(1 << 30)
+                        e_j2 = Int32(-1)
+                        if j2 < n_slots:
+                            e_j2 = mIds[j2]
+                            p_j2 = mPos[j2]
+                        if e_j2 != expert:
+                            p_j2 = Int32(1 << 30)
+                        count = count + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j2 == expert)))
+                        row0 = cutlass.min(row0, Int32(cute.arch.warp_redux_sync(p_j2, "min")))
                     row0 = row0 + rank
                     nrows = cutlass.min(count - rank, MOE_GEMV_TILE_N)
                 if const_expr(self.pdl and not self.wait_first):
