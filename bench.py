@@ -319,6 +319,8 @@ MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set a
     ("GEMM2 S=8 MT=1", dict(MOE_GEMV_FORCE=(None, (8, 1)))),
     ("GEMM1 by slot", dict(MOE_GEMV_BY_SLOT=True)),
     ("GEMM1 by slot, target 2 waves", dict(MOE_GEMV_BY_SLOT=True, MOE_GEMV_WAVES=2)),
+    ("GEMM1 prefetches GEMM2's weights into L2 (T=1)", dict(MOE_GEMV_L2_PREFETCH=True)),
+    ("L2 prefetch + GEMM1 by slot", dict(MOE_GEMV_L2_PREFETCH=True, MOE_GEMV_BY_SLOT=True)),
     ("PDL off", dict(USE_PDL=False)),
 ]
 

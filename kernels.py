@@ -1618,10 +1618,11 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
     if gemv:
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
+        w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
         _compile_moe_gemv(*g1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
-                               ids32, pos)
+                               ids32, pos, w2_base)
         _compile_moe_gemv(*g2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
-                               ids32, pos)
+                               ids32, pos, w2_base)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -2356,6 +2357,12 @@ if HAVE_CUTE:
                                       "ld.global.nc.L1::no_allocate.b32 $0, [$1];", "=r,l",
                                       has_side_effects=True, loc=loc, ip=ip))
 
+    @dsl_user_op
+    def _prefetch_l2(addr: Int64, size: int, *, loc=None, ip=None):
+        """Bulk prefetch of `size` bytes (multiple of 16) at a 16-B aligned global address into L2."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)],
+                         f"cp.async.bulk.prefetch.L2.global [$0], {size};", "l", has_side_effects=True, loc=loc, ip=ip)
+
     class Fp4MoeGemv:
         """One grouped decode GEMM over experts on mma.sync (see the section comment): out[rows of tile j] =
         x_sorted[rows] · W_e^T with W_e fp4 records. swiglu=True (GEMM1): W = interleaved w13, epilogue
@@ -2365,8 +2372,12 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1, stages: int = 4,
                      pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1,
-                     by_slot: bool = False):
+                     by_slot: bool = False, l2_next: int = 0):
             self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
+            # l2_next > 0 (GEMM1): records per expert of the next GEMM's weights (mNext: w2 records); after its main
+            # loop each CTA prefetches its share of its expert's into L2 (cp.async.bulk.prefetch), so GEMM2 reads L2
+            # while GEMM1's tail and GEMM2's start would otherwise leave HBM idle
+            self.l2_next = l2_next
             # by_slot (GEMM1 right after the routing kernel): CTA z-index = routed slot s; its expert comes from
             # topk_ids (ready before routing ends), so its weight loads start while the routing kernel still runs.
             # The slots of one expert, in slot order, share its rows in x_sorted (contiguous: [min pos, + count)) by
@@ -2393,7 +2404,7 @@ if HAVE_CUTE:
         @cute.jit
         def __call__(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
-                     mIds: cute.Tensor, mPos: cute.Tensor, stream):
+                     mIds: cute.Tensor, mPos: cute.Tensor, mNext: cute.Tensor, stream):
             @cute.struct
             class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
                 xs: cute.struct.Align[cute.struct.MemRange[
@@ -2404,7 +2415,7 @@ if HAVE_CUTE:
             n_tab = cute.size(mTiles, mode=[0])
             if const_expr(self.by_slot):
                 n_tab = cute.size(mIds, mode=[0])
-            self.kernel(mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos).launch(
+            self.kernel(mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext).launch(
                 grid=[self.S, self.m_tiles // self.MT, n_tab], block=[self.threads, 1, 1], stream=stream,
                 cluster=[self.S, 1, 1], use_pdl=self.pdl, min_blocks_per_mp=self.min_ctas,
                 preferred_smem_carveout=100 if self.min_ctas else None)
@@ -2412,7 +2423,7 @@ if HAVE_CUTE:
         @cute.kernel
         def kernel(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                    mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
-                   mIds: cute.Tensor, mPos: cute.Tensor):
+                   mIds: cute.Tensor, mPos: cute.Tensor, mNext: cute.Tensor):
             tidx, _, _ = cute.arch.thread_idx()
             bid_k, bid_m, bid_t = cute.arch.block_idx()
             if const_expr(self.pdl and not self.wait_first):
@@ -2531,6 +2542,13 @@ if HAVE_CUTE:
                 for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
                     self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
 
+                if const_expr(self.l2_next > 0):
+                    n_parts = (self.m_tiles // self.MT) * self.S
+                    per = -(-self.l2_next // n_parts)                   # records per CTA
+                    r0 = (bid_m * self.S + bid_k) * per + tidx
+                    if tidx < per and r0 < self.l2_next:
+                        _prefetch_l2(mNext.iterator.toint() + (Int64(expert) * self.l2_next + r0) * rec, rec)
+
                 # ---- epilogue: acc[a, c] = (row 16w + g + 8(c//2) of atom a, token 2t + c%2)
                 if const_expr(self.S == 1):
                     for c in cutlass.range_constexpr(4):
@@ -2628,14 +2646,16 @@ if HAVE_CUTE:
 
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
-                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False):
+                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit."""
-    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot)
+    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
+              l2_next)
 
     def build():
-        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot)
+        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
+                        l2_next)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -2649,6 +2669,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
                 mk(Float32, (n_exp,), assumed_align=4), mk(Float32, (n_exp,), assumed_align=4),
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
                 mk(Int32, (slots,), assumed_align=4), mk(Int32, (slots,), assumed_align=4),
+                mk(Uint8, (cute.sym_int(),), assumed_align=128),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return op, args
     return _load_or_compile(config, build)
@@ -2657,6 +2678,8 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
 DECODE_GEMV = True           # moe_fp4: both GEMMs on Fp4MoeGemv for up to MOE_GEMV_MAX_ROWS routed rows (T*k)
 MOE_GEMV_MAX_ROWS = 24
 MOE_GEMV_BY_SLOT = False     # GEMM1 indexed by routed slot (expert from topk_ids: weight loads start during routing)
+MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
+MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
 
 
 def moe_gemv_supported(D: int, inter: int) -> bool:
@@ -2703,8 +2726,12 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     s1, mt1 = MOE_GEMV_FORCE[0] or pick_moe_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
     s2, mt2 = MOE_GEMV_FORCE[1] or pick_moe_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
     by_slot = MOE_GEMV_BY_SLOT and USE_PDL and gather
-    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, MOE_GEMV_WARPS_PER_SM // (4 * mt1), mt1, by_slot),
-            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, MOE_GEMV_WARPS_PER_SM // (4 * mt2), mt2, False))
+    rec2 = (D // TILE_M) * (inter // TILE_K)                       # w2 records per expert
+    l2_next = rec2 if MOE_GEMV_L2_PREFETCH and m * rec2 * record_bytes(fmt) <= MOE_GEMV_L2_BYTES else 0
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, MOE_GEMV_WARPS_PER_SM // (4 * mt1), mt1, by_slot,
+             l2_next),
+            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, MOE_GEMV_WARPS_PER_SM // (4 * mt2), mt2, False,
+             0))
 
 
 # ====================================================================================================================

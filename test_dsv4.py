@@ -1002,8 +1002,9 @@ for fmt in ("nvfp4", "mxfp4"):
             for cfg in K.moe_gemv_configs(fmt, 6 * T, 256, D, I, sms, True):
                 K._compile_moe_gemv(*cfg)
         K.MOE_GEMV_BY_SLOT = True
+        K.MOE_GEMV_L2_PREFETCH = True
         K._compile_moe_gemv(*K.moe_gemv_configs(fmt, 6, 256, D, I, sms, True)[0])
-        K.MOE_GEMV_BY_SLOT = False
+        K.MOE_GEMV_BY_SLOT = K.MOE_GEMV_L2_PREFETCH = False
 """
 
 
@@ -1171,11 +1172,29 @@ def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
         ids, w = _gemv_routing(T, k, 16, routing, seed=21 + T)
         y_tile, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
         monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", True)
-        assert K.moe_gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][-1] is True   # the path under test is taken
+        assert K.moe_gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][-2] is True   # the path under test is taken
         y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
         monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", False)
         _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"by slot T={T} {routing} vs reference")
         assert torch.equal(y, y_tile), f"by slot T={T} {routing}: differs from the tile-indexed GEMV"
+
+
+@gpu
+@pytest.mark.parametrize("by_slot", [False, True])
+def test_moe_gemv_l2_prefetch_changes_no_bit(by_slot, monkeypatch):
+    """MOE_GEMV_L2_PREFETCH (GEMM1 prefetches its experts' w2 records into L2) is a hint only: same bits."""
+    monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", by_slot)
+    for fmt in ("nvfp4", "mxfp4"):
+        ex = _small(fmt)
+        for T, routing in ((1, "random"), (4, "shared"), (2, "empty_experts")):
+            x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+            ids, w = _gemv_routing(T, 6, 16, routing, seed=40 + T)
+            y, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
+            monkeypatch.setattr(K, "MOE_GEMV_L2_PREFETCH", True)
+            assert K.moe_gemv_configs(fmt, 6 * T, 16, 512, 256, 132, True)[0][-1] > 0   # the path under test
+            y_pf, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
+            monkeypatch.setattr(K, "MOE_GEMV_L2_PREFETCH", False)
+            assert torch.equal(y, y_pf), f"{fmt} T={T} {routing}: L2 prefetch changed the output"
 
 
 @gpu
