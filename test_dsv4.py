@@ -933,8 +933,10 @@ def test_fp4_moe_kernel_pro_dims(fmt):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("T", [1, 2, 7])
 def test_split_k_matches_reference_and_is_deterministic(fmt, T, monkeypatch):
-    """Small dims have too few k-tiles for the default split rule: allow 2-tile slices so K splits 2-4 ways."""
+    """Small dims have too few k-tiles for the default split rule: allow 2-tile slices so K splits 2-4 ways.
+    (The wgmma path: decode sizes would otherwise take the GEMV, see the Fp4MoeGemv tests.)"""
     monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     ex = _small(fmt)
     D, I = 512, 256
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -948,9 +950,12 @@ def test_split_k_matches_reference_and_is_deterministic(fmt, T, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("T", [1, 7, 300])
-def test_pdl_launches_give_the_same_bits_as_plain_launches(T, monkeypatch):
+@pytest.mark.parametrize("gemv", [False, True])
+def test_pdl_launches_give_the_same_bits_as_plain_launches(T, gemv, monkeypatch):
     """Programmatic dependent launch (weights prefetched while the previous kernel ends) changes no result: outputs
-    of back-to-back calls equal the plainly launched ones bit for bit (a missing wait would read stale/NaN rows)."""
+    of back-to-back calls equal the plainly launched ones bit for bit (a missing wait would read stale/NaN rows).
+    gemv: decode sizes on Fp4MoeGemv (T=1), else the wgmma path."""
+    monkeypatch.setattr(K, "DECODE_GEMV", gemv)
     monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)          # split-K on too (shared counters across the two GEMMs)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small("nvfp4")
