@@ -1591,7 +1591,7 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    gemv = DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, inter)   # decode: mma.sync GEMV (Fp4MoeGemv)
+    gemv = DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, inter)   # decode: Fp4MoeGemv
     tile_n = MOE_GEMV_TILE_N if gemv else pick_tile_n(T, k, E)
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -2408,7 +2408,8 @@ if HAVE_CUTE:
             @cute.struct
             class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
                 xs: cute.struct.Align[cute.struct.MemRange[
-                    Int32, max(MOE_GEMV_TILE_N * self.row_words, self.MT * 2 * 64 * MOE_GEMV_TILE_N if self.S > 1 else 0)],
+                    Int32, max(MOE_GEMV_TILE_N * self.row_words,
+                               self.MT * 2 * 64 * MOE_GEMV_TILE_N if self.S > 1 else 0)],
                     16]
 
             self.shared_storage = SharedStorage
@@ -2706,8 +2707,9 @@ def _moe_gemv_candidates(k_tiles: int, m_tiles: int):
 
 def pick_moe_gemv_config(tiles_bound: int, m_tiles: int, k_tiles: int, num_sms: int) -> tuple[int, int]:
     """K slices S and 128-row tiles per CTA MT for Fp4MoeGemv: the most K slices (more loads in flight) within
-    MOE_GEMV_WAVES waves of resident warps (MOE_GEMV_WARPS_PER_SM per SM, 4 MT per CTA, tiles_bound * m_tiles * S / MT
-    CTAs), then the smallest CTA; if none fits, the fewest waves. tiles_bound: used token tiles at most (no host sync)."""
+    MOE_GEMV_WAVES waves of resident warps (MOE_GEMV_WARPS_PER_SM per SM, 4 MT per CTA, tiles_bound * m_tiles * S /
+    MT CTAs), then the smallest CTA; if none fits, the fewest waves. tiles_bound: used token tiles at most (no host
+    sync)."""
     cands = _moe_gemv_candidates(k_tiles, m_tiles)
     if not cands:
         raise ValueError(f"Fp4MoeGemv: no K split of {64 * k_tiles} fits (see moe_gemv_supported)")
@@ -2728,10 +2730,9 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     by_slot = MOE_GEMV_BY_SLOT and USE_PDL and gather
     rec2 = (D // TILE_M) * (inter // TILE_K)                       # w2 records per expert
     l2_next = rec2 if MOE_GEMV_L2_PREFETCH and m * rec2 * record_bytes(fmt) <= MOE_GEMV_L2_BYTES else 0
-    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, MOE_GEMV_WARPS_PER_SM // (4 * mt1), mt1, by_slot,
-             l2_next),
-            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, MOE_GEMV_WARPS_PER_SM // (4 * mt2), mt2, False,
-             0))
+    w = MOE_GEMV_WARPS_PER_SM
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, w // (4 * mt1), mt1, by_slot, l2_next),
+            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0))
 
 
 # ====================================================================================================================
