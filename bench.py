@@ -309,17 +309,9 @@ def bench_moe_decode():
 
 
 MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set at a time, timed at T=1 and T=4
-    ("target 2 waves", dict(MOE_GEMV_WAVES=2)),
-    ("target 4 waves", dict(MOE_GEMV_WAVES=4)),
-    ("GEMM1 S=8 MT=1", dict(MOE_GEMV_FORCE=((8, 1), None))),
-    ("GEMM2 S=2 MT=1", dict(MOE_GEMV_FORCE=(None, (2, 1)))),
-    ("GEMM2 S=8 MT=1", dict(MOE_GEMV_FORCE=(None, (8, 1)))),
-    ("no K split, 8 stages, 12 warps/SM", dict(MOE_GEMV_FORCE=((1, 1), (1, 1)), MOE_GEMV_STAGES=8,
-                                                MOE_GEMV_WARPS_PER_SM=12)),
+    ("GEMM1 by tile (MOE_GEMV_BY_SLOT off)", dict(MOE_GEMV_BY_SLOT=False)),
     ("S=2 MT=2 both GEMMs (2-CTA clusters)", dict(MOE_GEMV_FORCE=((2, 2), (2, 2)))),
-    ("GEMM1 by slot", dict(MOE_GEMV_BY_SLOT=True)),
     ("GEMM1 prefetches GEMM2's weights into L2 (T=1)", dict(MOE_GEMV_L2_PREFETCH=True)),
-    ("L2 prefetch + GEMM1 by slot", dict(MOE_GEMV_L2_PREFETCH=True, MOE_GEMV_BY_SLOT=True)),
     ("PDL off", dict(USE_PDL=False)),
 ]
 

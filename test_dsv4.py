@@ -1107,6 +1107,22 @@ def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypa
 
 
 @gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T", [5, 16, 64, 256])
+@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert"])
+def test_moe_gemv_above_the_gather_size_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypatch):
+    """More than 24 routed rows (routing without the fused gather + index_select; tile tables of several 8-row tiles
+    per expert at small dims): still the GEMV up to MOE_GEMV_MAX_ROWS rows."""
+    ex = _small(fmt)
+    k = 2 if routing == "one_expert" else 6
+    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(T, k, 16, routing, seed=T)
+    y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+    _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"T={T} {routing} vs reference")
+    _assert_close(y, y_old, f"T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
 @pytest.mark.parametrize("splits, m_per_cta", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_moe_gemv_without_and_with_a_small_cluster(splits, m_per_cta, monkeypatch):
     """Force the K split (1: no cluster, plain epilogue; 2: two-CTA clusters) and 1 or 2 row tiles per CTA on small
@@ -1138,7 +1154,7 @@ def _flash(fmt):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_moe_gemv_flash_dims(fmt, monkeypatch):
     ex = _flash(fmt)
-    for T, routing in ((1, "random"), (2, "shared"), (4, "random"), (4, "empty_experts")):
+    for T, routing in ((1, "random"), (2, "shared"), (4, "random"), (4, "empty_experts"), (64, "random")):
         x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
         ids, w = _gemv_routing(T, 6, 256, routing, seed=T)
         y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
@@ -1175,6 +1191,7 @@ def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
     for T, routing, k in cases:
         x = torch.randn(T, 512, generator=torch.Generator().manual_seed(k)).to("cuda", torch.bfloat16)
         ids, w = _gemv_routing(T, k, 16, routing, seed=21 + T)
+        monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", False)
         y_tile, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
         monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", True)
         assert K.moe_gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][-2] is True   # the path under test is taken
