@@ -3,7 +3,7 @@
   python bench.py moe                  the routed MoE at Flash dims: fp4 CuTe DSL kernel vs torch bf16 _grouped_mm,
                                        with the device copy bandwidth and a bf16 matmul as ceilings
   python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5 / --ablate-v6:
-                                       kernel knobs)
+                                       kernel knobs; --ablate-gemv: the mma.sync decode GEMV vs the wgmma GEMM)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
@@ -541,6 +541,9 @@ def bench_moe_decode():
         bench_v6(Ts, fp4_us, pct, with_knobs, routings, base_us=lambda T: bf16_us(T), t_start=t_start,
                  floor_us=lambda T: routings[T][3] * bytes_per_expert / (copy_bw * 1e12) * 1e6, dev=dev)
         return
+    if "--ablate-gemv" in sys.argv:
+        gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4)
+        return
     main = {T: fp4_us(T) for T in Ts}
     prev = dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0)
     v4 = with_knobs(prev, lambda: {T: fp4_us(T) for T in Ts})
@@ -607,6 +610,63 @@ def bench_moe_decode():
         print(f"prefill T={T}: scale pairs on {us[True]:.1f} us, off (v4) {us[False]:.1f} us "
               f"({2 * T * k * 3 * D * I / (us[True] * 1e-6) / 1e12:.0f} vs "
               f"{2 * T * k * 3 * D * I / (us[False] * 1e-6) / 1e12:.0f} TFLOP/s)", flush=True)
+
+
+MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set at a time, timed at T=1 and T=4
+    ("GEMM1 by tile (MOE_GEMV_BY_SLOT off)", dict(MOE_GEMV_BY_SLOT=False)),
+    ("S=2 MT=2 both GEMMs (2-CTA clusters)", dict(MOE_GEMV_FORCE=((2, 2), (2, 2)))),
+    ("GEMM1 prefetches GEMM2's weights into L2 (T=1)", dict(MOE_GEMV_L2_PREFETCH=True)),
+    ("PDL off", dict(USE_PDL=False)),
+]
+
+
+def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4):
+    """`bench.py moe --decode-only --ablate-gemv`: the mma.sync decode GEMV (Fp4MoeGemv, the default up to
+    MOE_GEMV_MAX_ROWS routed rows) vs the wgmma grouped GEMM (DECODE_GEMV off), same run, same routing and weights; then
+    the GEMV forced at every T (threshold), and its knobs."""
+    gemv = {T: with_knobs(dict(MOE_GEMV_MAX_ROWS=1 << 30), lambda: fp4_us(T)) for T in Ts}
+    wgmma = {T: with_knobs(dict(DECODE_GEMV=False), lambda: fp4_us(T)) for T in Ts}
+    print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; "
+          f"gemv = Fp4MoeGemv for both GEMMs, wgmma = Fp4GroupedGemm (DECODE_GEMV off), same run")
+    print(f"{'T':>4} {'experts':>7} {'gemv us':>8} {'wgmma us':>8} {'%copy gemv':>10} {'%copy wgmma':>11} "
+          f"{'floor us':>8}")
+    for T in Ts:
+        hit = routings[T][3]
+        print(f"{T:>4} {hit:>7} {gemv[T]:>8.1f} {wgmma[T]:>8.1f} {pct(T, gemv[T]):>10.1f} {pct(T, wgmma[T]):>11.1f} "
+              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
+    budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
+    knobs = [(title, dict(knob, MOE_GEMV_MAX_ROWS=1 << 30)) for title, knob in MOE_GEMV_KNOBS]
+    for title, knob in knobs:
+        if time.time() - t_start > budget:
+            print(f"(time budget spent: skipped '{title}' and the rest)")
+            break
+        us = with_knobs(knob, lambda: {T: fp4_us(T) for T in Ts[:2]})
+        print(f"gemv ablation: {title}: " + ", ".join(f"T={T} {us[T]:.1f} us ({pct(T, us[T]):.0f}%, gemv {gemv[T]:.1f})"
+                                                    for T in Ts[:2]), flush=True)
+    if time.time() - t_start < budget:
+        try:
+            with_knobs(dict(USE_PDL=False), lambda: [profile_decode(routings, T, fp4) for T in Ts[:2]])
+        except Exception as e:      # noqa: BLE001 - a diagnostic only
+            print(f"profile failed: {e!r}", flush=True)
+
+
+def profile_decode(routings, T, fp4, limit=10.0):
+    """Device time per kernel of moe_fp4 at T (10 calls over the rotating weight copies; call with PDL off, else the
+    kernels overlap)."""
+    from torch.profiler import profile as torch_profile, ProfilerActivity
+    x, ids, w, _ = routings[T]
+    for ex in fp4:
+        K.moe_fp4(x, ids, w, ex, limit)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(10):
+            K.moe_fp4(x, ids, w, fp4[i % len(fp4)], limit)
+        torch.cuda.synchronize()
+    dt = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)   # noqa: E731
+    rows = [(e.key, e.count, dt(e) / e.count) for e in prof.key_averages() if dt(e) > 0]
+    print(f"profile T={T} (PDL off, us per call): " + "; ".join(
+        f"{name[:32]} x{cnt // 10} {t:.1f}" for name, cnt, t in sorted(rows, key=lambda r: -r[2] * r[1])),
+        flush=True)
 
 
 def profile_moe():

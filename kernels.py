@@ -1859,7 +1859,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    tile_n = pick_tile_n(T, k, E)
+    gemv = DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, inter)   # decode: Fp4MoeGemv
+    tile_n = MOE_GEMV_TILE_N if gemv else pick_tile_n(T, k, E)
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
@@ -1868,7 +1869,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg1, cfg2 = gemm_configs(pk.fmt, R, E, D, inter, tile_n, sms)
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    if cfg1[12]:                         # the routing CTA also gathers the (few) token rows: one launch less
+    gather = R <= GATHER_MAX_ROWS
+    if gather:                           # the routing CTA also gathers the (few) token rows: one launch less
         x_sorted = torch.empty(R, D, dtype=x.dtype, device=dev)
         _compile_routing_gather(E, k, tile_n, D)(ids32, w32, src_tok, row_w, pos, tiles, x.contiguous(), x_sorted)
     else:
@@ -1880,6 +1882,17 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
         act.fill_(float("nan"))
         y_rows.fill_(float("nan"))
     limit = float(swiglu_limit) if swiglu_limit else math.inf
+    a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
+    y = torch.empty(T, D, dtype=x.dtype, device=dev)
+    if gemv:
+        g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
+        w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
+        _compile_moe_gemv(*g1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
+                               ids32, pos, w2_base)
+        _compile_moe_gemv(*g2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
+                               ids32, pos, w2_base)
+        _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
+        return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
     s1, s2 = cfg1[5], cfg2[5]
     n_tab = tiles.shape[0]
@@ -1889,10 +1902,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
         unused = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
     part1 = torch.empty(s1, R, 2 * inter, dtype=torch.float32, device=dev) if s1 > 1 else unused   # fp32 partials
     part2 = torch.empty(s2, R, D, dtype=torch.float32, device=dev) if s2 > 1 else unused
-    a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
     gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit, part1, counters)
     gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, part2, counters)
-    y = torch.empty(T, D, dtype=x.dtype, device=dev)
     _compile_combine(k, D, USE_PDL)(y_rows, pos, y)                  # fixed slot order, fp32 sum, one kernel
     return y
 
@@ -2554,6 +2565,443 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
             part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
     fn(x2, weight.view(torch.uint8), scale.contiguous().view(torch.uint8), out, part, _row_counters(dev, row_ctas))
     return out.view(*x.shape[:-1], N)
+
+
+# ====================================================================================================================
+# FP4 MoE GEMV for decode (issues #3, #5): the routed-expert GEMMs at small T on mma.sync, weights streamed to registers
+# ====================================================================================================================
+# Same records (prepare_experts), same routing outputs (the MoeRouting / MoeRoutingGather tile table at tile_n 8,
+# x_sorted, row_w) and the same MoeCombine as moe_fp4; only the two GEMMs differ (Fp4MoeGemv instead of
+# Fp4GroupedGemm), built like Fp8Gemv:
+# - Fragment identity: in a record, thread t = 32*warp + lane of the wgmma warpgroup holds rows 16*warp + lane//4 and
+#   +8 of each 64-row atom and k = 2*(lane%4) + {0,1,8,9} of each k16 block, as registers R0..R3 = (r, k), (r+8, k),
+#   (r, k+8), (r+8, k+8). That is exactly the mma.sync m16n8k16 A fragment of lane (groupID = lane//4,
+#   threadID_in_group = lane%4) for the warp's 16-row slab (a0a1, a2a3, a4a5, a6a7), so a warp's slab of a record is
+#   its 512 contiguous code bytes (16 B per lane) + its 8 quads' scale bytes: no register permutation, no new layout.
+# - CTA = (K slice z, 128-row tile m, token tile j), 4 warps; warp w streams slab w of both atoms of each record
+#   (GEMM1: 16 gate rows and the matching 16 up rows: SwiGLU stays in-thread) with 16-B ld.global.nc loads, `stages`
+#   k-tiles (1152 B nvfp4) in flight per warp, decodes with decode_fp4x8_scaled / scale pairs and runs 8 mma.sync
+#   m16n8k16 bf16 (fp32 accumulators) per 64-k tile, the tile's <= 8 tokens being the n8 B operand.
+# - Tokens: the tile's rows of x_sorted for the K slice go to smem once, permuted inside each 64-k tile so that lane
+#   (g, t) reads its B fragments (token g, k = 16kb + 2t + {0,1,8,9}) of two k16 blocks with one 16-B load; lanes of
+#   tokens >= rows read the last real row (their columns are discarded). Row pitch +64 B: conflict-free.
+# - Split-K: the S slices of (m, j) form one thread-block cluster; each puts its fp32 partial in its smem, and after a
+#   cluster barrier slice z sums its 1/S share of (row, token) outputs over the S CTAs in rank order (DSMEM,
+#   deterministic) and runs the epilogue (same math as Fp4GroupedGemm.epilogue).
+# - PDL as Fp4GroupedGemm: weight loads are issued before griddepcontrol.wait (GEMM2 streams its weights while GEMM1
+#   drains); wait_first: the tile table itself comes from the kernel right before (routing + gather).
+MOE_GEMV_TILE_N = 8          # token tile of the routing table the GEMV reads (one n8 mma tile)
+MOE_GEMV_MAX_K_TILES = 32    # 64-k tiles per CTA at most (smem holds 8 token rows of the K slice: 33 KB)
+MOE_GEMV_STAGES = 4          # k-tiles of weight loads in flight per warp
+MOE_GEMV_WARPS_PER_SM = 24   # resident warps per SM the config rule plans for (ptxas fits the registers: <= 80)
+MOE_GEMV_WAVES = 1           # the config rule's target: all CTAs in this many waves of resident warps
+MOE_GEMV_FORCE = (None, None)   # benchmarks: (S, MT) of GEMM1 / GEMM2 instead of the rule
+
+
+if HAVE_CUTE:
+    @dsl_user_op
+    def _mma_bf16(a0, a1, a2, a3, b0, b1, c, *, loc=None, ip=None):
+        """mma.sync m16n8k16 row.col f32 += bf16 x bf16: A regs a0..a3, B regs b0, b1, C/D 4 fp32."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(f32, f32, f32, f32)>"),
+            [_i32(v, loc, ip) for v in (a0, a1, a2, a3, b0, b1)] + [Float32(v).ir_value(loc=loc, ip=ip) for v in c],
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False, loc=loc, ip=ip)
+        return [Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+    @dsl_user_op
+    def _ld_nc_v2(addr: Int64, *, loc=None, ip=None):
+        """8-byte read-only global load (no L1 allocation) -> 2 Int32."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
+            "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", has_side_effects=True, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
+    def _ld_nc_b32(addr: Int64, *, loc=None, ip=None) -> Int32:
+        """4-byte read-only global load (no L1 allocation)."""
+        return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)],
+                                      "ld.global.nc.L1::no_allocate.b32 $0, [$1];", "=r,l",
+                                      has_side_effects=True, loc=loc, ip=ip))
+
+    @dsl_user_op
+    def _prefetch_l2(addr: Int64, size: int, *, loc=None, ip=None):
+        """Bulk prefetch of `size` bytes (multiple of 16) at a 16-B aligned global address into L2."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)],
+                         f"cp.async.bulk.prefetch.L2.global [$0], {size};", "l", has_side_effects=True, loc=loc, ip=ip)
+
+    class Fp4MoeGemv:
+        """One grouped decode GEMM over experts on mma.sync (see the section comment): out[rows of tile j] =
+        x_sorted[rows] · W_e^T with W_e fp4 records. swiglu=True (GEMM1): W = interleaved w13, epilogue
+        a = w_route·silu(min(h·α_gate, L))·clamp(u·α_up, ±L) -> bf16 [rows, I]; swiglu=False (GEMM2): W = w2,
+        out = acc·α_down -> bf16 [rows, D]. Static: format, K, output width, K slices, stages, 128-row tiles per CTA
+        (m_per_cta: 4 warps each, sharing the CTA's token smem); rows/experts symbolic."""
+
+        def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1, stages: int = 4,
+                     pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1,
+                     by_slot: bool = False, l2_next: int = 0):
+            self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
+            # l2_next > 0 (GEMM1): records per expert of the next GEMM's weights (mNext: w2 records); after its main
+            # loop each CTA prefetches its share of its expert's into L2 (cp.async.bulk.prefetch), so GEMM2 reads L2
+            # while GEMM1's tail and GEMM2's start would otherwise leave HBM idle
+            self.l2_next = l2_next
+            # by_slot (GEMM1 right after the routing kernel): CTA z-index = routed slot s; its expert comes from
+            # topk_ids (ready before routing ends), so its weight loads start while the routing kernel still runs.
+            # The slots of one expert, in slot order, share its rows in x_sorted (contiguous: [min pos, + count)) by
+            # groups of 8: the slot whose rank o among them is a multiple of 8 takes rows o .. o+7; the other slots
+            # (and skipped ones) exit.
+            self.by_slot = by_slot
+            assert not by_slot or (pdl and wait_first), "by_slot: a PDL launch right after the routing kernel"
+            self.S = k_splits
+            self.k_tiles = k_dim // TILE_K
+            assert self.k_tiles % k_splits == 0 and k_splits <= 8, "K slices: a divisor of K/64, a portable cluster"
+            self.kpc = self.k_tiles // k_splits                     # k-tiles per CTA (its K slice)
+            self.D = max(1, min(stages, self.kpc))
+            while self.kpc % self.D:
+                self.D -= 1
+            self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
+            self.MT = m_per_cta
+            assert self.m_tiles % m_per_cta == 0
+            self.rec = record_bytes(fmt)
+            self.nw = _scale_words_per_atom(fmt)
+            self.row_words = self.kpc * 32 + 16                     # Int32 words per token row in smem (+64 B)
+            self.threads = 128 * m_per_cta
+            self.pdl, self.wait_first, self.min_ctas = pdl, wait_first, min_ctas
+
+        @cute.jit
+        def __call__(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
+                     mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
+                     mIds: cute.Tensor, mPos: cute.Tensor, mNext: cute.Tensor, stream):
+            @cute.struct
+            class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
+                xs: cute.struct.Align[cute.struct.MemRange[
+                    Int32, max(MOE_GEMV_TILE_N * self.row_words,
+                               self.MT * 2 * 64 * MOE_GEMV_TILE_N if self.S > 1 else 0)],
+                    16]
+
+            self.shared_storage = SharedStorage
+            n_tab = cute.size(mTiles, mode=[0])
+            if const_expr(self.by_slot):
+                n_tab = cute.size(mIds, mode=[0])
+            self.kernel(mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext).launch(
+                grid=[self.S, self.m_tiles // self.MT, n_tab], block=[self.threads, 1, 1], stream=stream,
+                cluster=[self.S, 1, 1], use_pdl=self.pdl, min_blocks_per_mp=self.min_ctas,
+                preferred_smem_carveout=100 if self.min_ctas else None)
+
+        @cute.kernel
+        def kernel(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
+                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
+                   mIds: cute.Tensor, mPos: cute.Tensor, mNext: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid_k, bid_m, bid_t = cute.arch.block_idx()
+            if const_expr(self.pdl and not self.wait_first):
+                # the next kernel may be scheduled once all our CTAs have started; it waits for our end itself
+                cute.arch.griddepcontrol_launch_dependents()
+            if const_expr(self.pdl and self.wait_first and not self.by_slot):
+                # the kernel right before wrote the tile table (routing + gather): wait first; the next kernel may
+                # start after that (it reads the table before its own wait)
+                cute.arch.griddepcontrol_wait()
+                cute.arch.griddepcontrol_launch_dependents()
+            expert = Int32(0)
+            row0 = Int32(0)
+            nrows = Int32(0)
+            rank = Int32(0)
+            if const_expr(self.by_slot):
+                # rank = earlier slots of this expert: lane j of every warp looks at slot base + j (one round trip
+                # for up to 32 slots; no serial chain of dependent loads)
+                n_slots = cute.size(mIds, mode=[0])
+                expert = mIds[bid_t]
+                for base in cutlass.range(0, bid_t, 32, unroll=1):
+                    j = base + tidx % 32
+                    e_j = Int32(-1)
+                    if j < bid_t:
+                        e_j = mIds[j]
+                    rank = rank + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j == expert)))
+                if expert >= 0 and expert < cute.size(mAlpha0, mode=[0]):
+                    if rank % MOE_GEMV_TILE_N == 0:
+                        nrows = Int32(1)                                # active (rows known after the wait)
+            else:
+                expert = mTiles[bid_t, 0]
+                row0 = mTiles[bid_t, 1]
+                nrows = mTiles[bid_t, 2]
+            if nrows > 0:                        # the same for every CTA of a cluster (same table entry)
+                wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+                warp = wid % 4                                        # slab of the 128-row tile
+                m_tile = bid_m * self.MT + wid // 4                   # this warp's 128-row tile
+                lane = tidx % 32
+                g = lane // 4
+                t = lane % 4
+                kpc = self.kpc
+                rec = self.rec
+                nw = self.nw
+                kt0 = bid_k * kpc                                     # first k-tile of this CTA's K slice
+                base = mW.iterator.toint() + (Int64(expert) * (self.m_tiles * self.k_tiles)
+                                              + Int64(m_tile * self.k_tiles + kt0)) * rec
+                code_addr = base + (32 * warp + lane) * 16            # atom a: + 2048 (wgmma thread 32w + lane)
+                # scale words of quad 8w + g (atom a: + 128 nw), as a 32-bit offset from code_addr (one register)
+                scale_off = CODE_BYTES + (8 * warp + g) * (4 * nw) - (32 * warp + lane) * 16
+
+                # ---- weight register ring: slot s = k-tile i (i % D == s): codes [atom][kb], scale words [atom][w]
+                wc = cute.make_rmem_tensor((self.D, 2, 4), Int32)
+                ws = cute.make_rmem_tensor((self.D, 2, nw), Int32)
+
+                for s in cutlass.range_constexpr(self.D):
+                    self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                if const_expr(self.by_slot):
+                    # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots. (A branch
+                    # ptxas can't fold keeps the weight loads above the wait, as below.)
+                    if expert < (1 << 30):
+                        cute.arch.griddepcontrol_wait()
+                    cute.arch.griddepcontrol_launch_dependents()
+                    count = Int32(0)
+                    row0 = Int32(1 << 30)
+                    for base2 in cutlass.range(0, Int32(n_slots), 32, unroll=1):
+                        j2 = base2 + tidx % 32
+                        p_j2 = Int32(1 << 30)
+                        e_j2 = Int32(-1)
+                        if j2 < n_slots:
+                            e_j2 = mIds[j2]
+                            p_j2 = mPos[j2]
+                        if e_j2 != expert:
+                            p_j2 = Int32(1 << 30)
+                        count = count + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j2 == expert)))
+                        row0 = cutlass.min(row0, Int32(cute.arch.warp_redux_sync(p_j2, "min")))
+                    row0 = row0 + rank
+                    nrows = cutlass.min(count - rank, MOE_GEMV_TILE_N)
+                if const_expr(self.pdl and not self.wait_first):
+                    # weights are constant; x_sorted / act and what we write belong to the previous kernels. (A branch
+                    # ptxas can't fold keeps the weight loads above the wait in the schedule.)
+                    if row0 >= 0:
+                        cute.arch.griddepcontrol_wait()
+
+                # ---- the tile's token rows of this K slice -> smem, permuted per 64-k tile: natural word
+                # 8kb + 4p + t (k = 16kb + 8p + 2t) -> stored word 16(kb//2) + 4t + 2(kb%2) + p
+                smem = cutlass.utils.SmemAllocator()
+                storage = smem.allocate(self.shared_storage)
+                sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, MOE_GEMV_TILE_N),
+                                                             stride=(1, self.row_words)))
+                sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, MOE_GEMV_TILE_N),
+                                                             stride=(1, 4, self.row_words)))
+                x_base = mX.iterator.toint()
+                chunks = kpc * 8                                      # 16-B chunks of a row's K slice
+                for idx in cutlass.range(tidx, nrows * chunks, self.threads, unroll=1):
+                    n = idx // chunks
+                    q = idx - n * chunks
+                    xa = x_base + (Int64(row0 + n) * self.k_dim + Int64(kt0 * TILE_K + q * 8)) * 2
+                    v = _ld_v4(xa, ".cg")                             # L2: x_sorted was just written
+                    i = q // 8
+                    kb = (q % 8) // 2
+                    p = q % 2
+                    w0 = i * 32 + 16 * (kb // 2) + 2 * (kb % 2) + p
+                    for tt in cutlass.range_constexpr(4):
+                        sXw[w0 + 4 * tt, n] = v[tt]
+                cute.arch.sync_threads()
+
+                # ---- main loop: per k-tile, B fragments of token min(g, rows-1), then per atom decode + 4 mma
+                brow = cutlass.min(g, nrows - 1)
+                acc = cute.make_rmem_tensor((2, 4), Float32)
+                acc.fill(0.0)
+                bq = cute.make_rmem_tensor((4, 2), Int32)             # [2(kb%2) + p][kb//2]: token g's k pairs
+
+                for i0 in cutlass.range(0, kpc - self.D, self.D, unroll=1):
+                    for s in cutlass.range_constexpr(self.D):
+                        self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, i0 + s, s)
+                        self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + self.D, s)
+                for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
+                    self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
+
+                if const_expr(self.l2_next > 0):
+                    n_parts = (self.m_tiles // self.MT) * self.S
+                    per = -(-self.l2_next // n_parts)                   # records per CTA
+                    r0 = (bid_m * self.S + bid_k) * per + tidx
+                    if tidx < per and r0 < self.l2_next:
+                        _prefetch_l2(mNext.iterator.toint() + (Int64(expert) * self.l2_next + r0) * rec, rec)
+
+                # ---- epilogue: acc[a, c] = (row 16w + g + 8(c//2) of atom a, token 2t + c%2)
+                if const_expr(self.S == 1):
+                    for c in cutlass.range_constexpr(4):
+                        n = 2 * t + c % 2
+                        if n < nrows:
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, m_tile,
+                                       16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+                else:
+                    # partial -> own smem red[atom][row][token]; cluster barrier; slice z sums its share of the
+                    # (row, token) pairs over the S slices in rank order (DSMEM); barrier again before exit
+                    cute.arch.sync_threads()                         # every warp is done reading the tokens
+                    red = cute.make_tensor(cute.recast_ptr(storage.xs.data_ptr(), dtype=Float32),
+                                           cute.make_layout((self.MT, 2, 64, MOE_GEMV_TILE_N),
+                                                            stride=(2 * 64 * MOE_GEMV_TILE_N, 64 * MOE_GEMV_TILE_N,
+                                                                    MOE_GEMV_TILE_N, 1)))
+                    for a in cutlass.range_constexpr(2):
+                        for c in cutlass.range_constexpr(4):
+                            red[wid // 4, a, 16 * warp + g + 8 * (c // 2), 2 * t + c % 2] = acc[a, c]
+                    cute.arch.cluster_arrive()
+                    cute.arch.cluster_wait()
+                    red_base = storage.xs.data_ptr().toint()
+                    pairs = 64 * MOE_GEMV_TILE_N                           # (row, token) pairs per 128-row tile
+                    share = -(-(self.MT * pairs) // self.S)
+                    for it in cutlass.range_constexpr((share + self.threads - 1) // self.threads):
+                        pp = tidx + self.threads * it
+                        e = bid_k * share + pp                          # (tile mt, row r, token n)
+                        mt = e // pairs
+                        r = (e % pairs) // MOE_GEMV_TILE_N
+                        n = e % MOE_GEMV_TILE_N
+                        if pp < share and e < self.MT * pairs and n < nrows:
+                            s0 = Float32(0.0)
+                            s1 = Float32(0.0)
+                            off = mt * 2 * pairs + e % pairs
+                            for z in cutlass.range_constexpr(self.S):
+                                s0 = s0 + _ld_dsmem_f32(red_base + off * 4, z)
+                                s1 = s1 + _ld_dsmem_f32(red_base + (off + pairs) * 4, z)
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, bid_m * self.MT + mt,
+                                       r, s0, s1)
+                    cute.arch.cluster_arrive()                       # peers keep their smem until it is read
+                    cute.arch.cluster_wait()
+
+        @cute.jit
+        def load_k_tile(self, wc, ws, code_addr, scale_off, i, s: int):
+            """Loads of k-tile i of the slice into register slot s: per atom 16 B of codes + the quad's scale words."""
+            for a in cutlass.range_constexpr(2):
+                addr = code_addr + Int64(i) * self.rec
+                v = _ld_v4(addr + a * 2048, ".nc.L1::no_allocate.L2::256B")
+                for q in cutlass.range_constexpr(4):
+                    wc[s, a, q] = v[q]
+                if const_expr(self.nw == 2):
+                    u = _ld_nc_v2(addr + Int64(scale_off + a * 256))
+                    ws[s, a, 0] = u[0]
+                    ws[s, a, 1] = u[1]
+                else:
+                    ws[s, a, 0] = _ld_nc_b32(addr + Int64(scale_off + a * 128))
+
+        @cute.jit
+        def mma_k_tile(self, acc, bq, wc, ws, sXv, t, brow, i, s: int):
+            """k-tile i from register slot s: B fragments of token `brow` from smem, then per atom decode + 4 mma."""
+            for h in cutlass.range_constexpr(2):
+                cute.autovec_copy(sXv[None, i * 8 + 4 * h + t, brow], bq[None, h])
+            for a in cutlass.range_constexpr(2):
+                if const_expr(self.fmt == "nvfp4"):
+                    pr = (scale_pair_bf16x2(ws[s, a, 0], 0, self.fmt, 1),
+                          scale_pair_bf16x2(ws[s, a, 0], 2, self.fmt, 3))
+                    pr8 = (scale_pair_bf16x2(ws[s, a, 1], 0, self.fmt, 1),
+                           scale_pair_bf16x2(ws[s, a, 1], 2, self.fmt, 3))
+                else:
+                    p_r = scale_pair_bf16x2(ws[s, a, 0], 0, self.fmt, 1)
+                    p_r8 = scale_pair_bf16x2(ws[s, a, 0], 2, self.fmt, 3)
+                    pr, pr8 = (p_r, p_r), (p_r8, p_r8)
+                for kb in cutlass.range_constexpr(4):
+                    if const_expr(self.fmt == "nvfp4"):
+                        r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[kb // 2], pr8[kb // 2], kb % 2)
+                    else:
+                        r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[0], pr8[0], kb // 2)
+                    d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
+                                  [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
+                    for c in cutlass.range_constexpr(4):
+                        acc[a, c] = d[c]
+
+        @cute.jit
+        def store(self, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
+                  limit: Float32, expert, row0, n, bid_m, r, v0, v1):
+            """Epilogue of (row r of both atoms of 128-row tile bid_m, token n): v0 / v1 = atom 0 / 1 accumulators."""
+            if const_expr(self.swiglu):
+                hh = cute.math.min(v0 * mAlpha0[expert], limit)
+                uu = cute.math.max(cute.math.min(v1 * mAlpha1[expert], limit), -limit)
+                act = mRowW[row0 + n] * hh / (1.0 + cute.math.exp(-hh)) * uu
+                mOut[row0 + n, bid_m * 64 + r] = act.to(BFloat16)
+            else:
+                a_down = mAlpha0[expert]
+                mOut[row0 + n, bid_m * TILE_M + r] = (v0 * a_down).to(BFloat16)
+                mOut[row0 + n, bid_m * TILE_M + 64 + r] = (v1 * a_down).to(BFloat16)
+
+
+def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
+                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0):
+    """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
+    Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
+    limit."""
+    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
+              l2_next)
+
+    def build():
+        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
+                        l2_next)
+        rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
+        rec = record_bytes(fmt)
+        rec_rows = rec // REC_ROW
+        w = cute.runtime.make_fake_tensor(Uint8, (REC_ROW, rec_rows, op.m_tiles * op.k_tiles, n_exp),
+                                          stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)),
+                                          assumed_align=128)
+        mk = cute.runtime.make_fake_compact_tensor
+        args = (w, mk(BFloat16, (rows_b, k_dim), stride_order=(1, 0), assumed_align=16),
+                mk(BFloat16, (rows_o, n_out), stride_order=(1, 0), assumed_align=16),
+                mk(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4),
+                mk(Float32, (n_exp,), assumed_align=4), mk(Float32, (n_exp,), assumed_align=4),
+                mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
+                mk(Int32, (slots,), assumed_align=4), mk(Int32, (slots,), assumed_align=4),
+                mk(Uint8, (cute.sym_int(),), assumed_align=128),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return op, args
+    return _load_or_compile(config, build)
+
+
+DECODE_GEMV = True           # moe_fp4: both GEMMs on Fp4MoeGemv for up to MOE_GEMV_MAX_ROWS routed rows (T*k)
+MOE_GEMV_MAX_ROWS = 1536     # T <= 256 at top-6 (H200 R1/R2, same run: 5-15% faster than the wgmma path at T 16..256)
+MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_ids: weight loads start during routing;
+                             # H200 R2: T=4 108.6 -> 104.3 us, T=1 unchanged); needs the fused gather (R <= 24)
+MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
+MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
+
+
+def moe_gemv_supported(D: int, inter: int) -> bool:
+    """Fp4MoeGemv takes these dims: both GEMMs' K split into <= 8 slices whose token smem fits a CTA."""
+    return all(_moe_gemv_candidates(kt, 2) for kt in (D // TILE_K, inter // TILE_K))
+
+
+def _moe_gemv_smem_bytes(k_per_cta: int) -> int:
+    return MOE_GEMV_TILE_N * (k_per_cta * 128 + 64)
+
+
+def _moe_gemv_candidates(k_tiles: int, m_tiles: int):
+    """(S, MT) pairs whose CTAs fit: S | k_tiles, S <= 8 (portable cluster), MT | m_tiles, MT <= 2, and the
+    resident CTAs (MOE_GEMV_WARPS_PER_SM / 4 MT per SM) hold their token smem (+1 KB reserved each) in 228 KB."""
+    out = []
+    for mt in (1, 2):
+        per_sm = MOE_GEMV_WARPS_PER_SM // (4 * mt)
+        for s in range(1, 9):
+            if k_tiles % s == 0 and m_tiles % mt == 0 and \
+                    per_sm * (_moe_gemv_smem_bytes(k_tiles // s) + 1024) <= 228 * 1024:
+                out.append((s, mt))
+    return out
+
+
+def pick_moe_gemv_config(tiles_bound: int, m_tiles: int, k_tiles: int, num_sms: int) -> tuple[int, int]:
+    """K slices S and 128-row tiles per CTA MT for Fp4MoeGemv: the most K slices (more loads in flight) within
+    MOE_GEMV_WAVES waves of resident warps (MOE_GEMV_WARPS_PER_SM per SM, 4 MT per CTA, tiles_bound * m_tiles * S /
+    MT CTAs), then the smallest CTA; if none fits, the fewest waves. tiles_bound: used token tiles at most (no host
+    sync)."""
+    cands = _moe_gemv_candidates(k_tiles, m_tiles)
+    if not cands:
+        raise ValueError(f"Fp4MoeGemv: no K split of {64 * k_tiles} fits (see moe_gemv_supported)")
+
+    def key(c):
+        s, mt = c
+        waves = -(-tiles_bound * m_tiles * s * 4 // (MOE_GEMV_WARPS_PER_SM * num_sms))
+        return (waves > MOE_GEMV_WAVES, waves if waves > MOE_GEMV_WAVES else 0, -s, mt)
+    return min(cands, key=key)
+
+
+def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gather: bool):
+    """_compile_moe_gemv arguments of GEMM1 and GEMM2 for R routed rows (tile_n MOE_GEMV_TILE_N)."""
+    m = min(E, R)
+    bound = m + (R - m) // MOE_GEMV_TILE_N          # tiles with rows: one per hit expert + one per 8 more rows
+    s1, mt1 = MOE_GEMV_FORCE[0] or pick_moe_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
+    s2, mt2 = MOE_GEMV_FORCE[1] or pick_moe_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
+    by_slot = MOE_GEMV_BY_SLOT and USE_PDL and gather
+    rec2 = (D // TILE_M) * (inter // TILE_K)                       # w2 records per expert
+    l2_next = rec2 if MOE_GEMV_L2_PREFETCH and m * rec2 * record_bytes(fmt) <= MOE_GEMV_L2_BYTES else 0
+    w = MOE_GEMV_WARPS_PER_SM
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, w // (4 * mt1), mt1, by_slot, l2_next),
+            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0))
 
 
 # ====================================================================================================================

@@ -982,8 +982,10 @@ def test_fp4_moe_kernel_pro_dims(fmt):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("T", [1, 2, 7])
 def test_split_k_matches_reference_and_is_deterministic(fmt, T, monkeypatch):
-    """Small dims have too few k-tiles for the default split rule: allow 2-tile slices so K splits 2-4 ways."""
+    """Small dims have too few k-tiles for the default split rule: allow 2-tile slices so K splits 2-4 ways.
+    (The wgmma path: decode sizes would otherwise take the GEMV, see the Fp4MoeGemv tests.)"""
     monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     ex = _small(fmt)
     D, I = 512, 256
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -997,9 +999,12 @@ def test_split_k_matches_reference_and_is_deterministic(fmt, T, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("T", [1, 7, 300])
-def test_pdl_launches_give_the_same_bits_as_plain_launches(T, monkeypatch):
+@pytest.mark.parametrize("gemv", [False, True])
+def test_pdl_launches_give_the_same_bits_as_plain_launches(T, gemv, monkeypatch):
     """Programmatic dependent launch (weights prefetched while the previous kernel ends) changes no result: outputs
-    of back-to-back calls equal the plainly launched ones bit for bit (a missing wait would read stale/NaN rows)."""
+    of back-to-back calls equal the plainly launched ones bit for bit (a missing wait would read stale/NaN rows).
+    gemv: decode sizes on Fp4MoeGemv (T=1), else the wgmma path."""
+    monkeypatch.setattr(K, "DECODE_GEMV", gemv)
     monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)          # split-K on too (shared counters across the two GEMMs)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small("nvfp4")
@@ -1038,6 +1043,273 @@ def test_second_process_loads_kernels_from_disk_cache(tmp_path):
     objs = glob.glob(str(tmp_path / ".cache" / "nano-dsv4" / "cute" / "*.o"))
     assert len(objs) >= 4                                   # routing + 2 GEMMs + combine
     assert torch.equal(torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt"))
+
+
+# ---------------------------------------------------------------------------------- decode GEMV (Fp4MoeGemv) tests
+COMPILE_MOE_GEMV = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+sms = 132
+for fmt in ("nvfp4", "mxfp4"):
+    for D, I in ((4096, 2048), (7168, 3072)):
+        for T in (1, 4):
+            for cfg in K.moe_gemv_configs(fmt, 6 * T, 256, D, I, sms, True):
+                K._compile_moe_gemv(*cfg)
+        K.MOE_GEMV_BY_SLOT = True
+        K.MOE_GEMV_L2_PREFETCH = True
+        K._compile_moe_gemv(*K.moe_gemv_configs(fmt, 6, 256, D, I, sms, True)[0])
+        K.MOE_GEMV_BY_SLOT = K.MOE_GEMV_L2_PREFETCH = False
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_moe_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
+    """Every Flash / Pro decode config of Fp4MoeGemv (both formats, T 1 and 4) compiles for sm_90a on a GPU-less
+    machine; where ptxas is installed, its report on each kernel's PTX shows no register spills at the register
+    budget of MOE_GEMV_WARPS_PER_SM resident warps."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_GEMV, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 8
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*Fp4MoeGemv*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+@pytest.mark.parametrize("D, I", [(4096, 2048), (7168, 3072), (512, 256)])
+@pytest.mark.parametrize("R", [1, 6, 24])
+def test_gemv_config_fits_a_cluster_and_the_token_smem_in_one_wave_where_possible(D, I, R):
+    sms = 132
+    for m_tiles, k_tiles in ((2 * I // 128, D // 64), (D // 128, I // 64)):
+        s, mt = K.pick_moe_gemv_config(min(256, R), m_tiles, k_tiles, sms)
+        per_sm = K.MOE_GEMV_WARPS_PER_SM // (4 * mt)
+        assert 1 <= s <= 8 and k_tiles % s == 0 and m_tiles % mt == 0
+        assert per_sm * (K._moe_gemv_smem_bytes(k_tiles // s) + 1024) <= 228 * 1024
+        warps = min(256, R) * m_tiles * s * 4
+        one_wave = [c for c in K._moe_gemv_candidates(k_tiles, m_tiles)
+                    if min(256, R) * m_tiles * c[0] * 4 <= K.MOE_GEMV_WARPS_PER_SM * sms]
+        if one_wave:          # all CTAs resident at once, with the most K slices that allows
+            assert warps <= K.MOE_GEMV_WARPS_PER_SM * sms and s == max(c[0] for c in one_wave)
+
+
+def _gemv_routing(T, k, E, kind, seed):
+    if kind == "shared":                      # every token on the same k experts (tiles of T rows), one slot skipped
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randperm(E, generator=g)[:k].repeat(T, 1)
+        ids[:, -1] = -1
+        w = torch.rand(T, k, generator=g)
+        return ids.to(torch.int32).cuda(), (w / w.sum(1, keepdim=True)).cuda()
+    if kind == "duplicate":                   # a token naming one expert in two slots (both rows count)
+        ids, w = _routing(T, k, E, "random", "cuda", seed)
+        ids[:, 1] = ids[:, 0]
+        return ids, w
+    return _routing(T, k, E, kind, "cuda", seed)
+
+
+def _moe_both_paths(ex, x, ids, w, monkeypatch, limit=7.0):
+    """(GEMV output, wgmma output) with poisoned intermediates; asserts the GEMV path really was taken."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    calls = []
+    real = K._compile_moe_gemv
+    monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a: calls.append(a) or real(*a))
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(calls) == 2, "moe_fp4 did not take the GEMV path"
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
+    y_old = K.moe_fp4(x, ids, w, ex, limit)
+    monkeypatch.setattr(K, "DECODE_GEMV", True)
+    torch.cuda.synchronize()
+    return y, y_old
+
+
+def _assert_close(y, ref, what, cos_min=0.9999, rel_max=1e-2):
+    assert torch.isfinite(y).all(), f"{what}: non-finite output"
+    yf, rf = y.float().flatten(), ref.float().flatten()
+    cos = F.cosine_similarity(yf, rf, dim=0).item()
+    rel = ((yf - rf).norm() / rf.norm().clamp_min(1e-30)).item()
+    assert cos >= cos_min and rel <= rel_max, f"{what}: cos={cos:.6f} rel={rel:.2e}"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert", "shared", "duplicate"])
+def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypatch):
+    """Small dims (GEMM1 K split 8 ways, GEMM2 4 ways: the cluster reduction): vs the fp32 reference, and vs the
+    wgmma path (same math in another summation order: equal up to rounding)."""
+    ex = _small(fmt)
+    k = 2 if routing == "one_expert" else 6
+    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(T, k, 16, routing, seed=T)
+    y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+    _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"T={T} {routing} vs reference")
+    _assert_close(y, y_old, f"T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T", [5, 16, 64, 256])
+@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert"])
+def test_moe_gemv_above_the_gather_size_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypatch):
+    """More than 24 routed rows (routing without the fused gather + index_select; tile tables of several 8-row tiles
+    per expert at small dims): still the GEMV up to MOE_GEMV_MAX_ROWS rows."""
+    ex = _small(fmt)
+    k = 2 if routing == "one_expert" else 6
+    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(T, k, 16, routing, seed=T)
+    y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+    _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"T={T} {routing} vs reference")
+    _assert_close(y, y_old, f"T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+@pytest.mark.parametrize("splits, m_per_cta", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_moe_gemv_without_and_with_a_small_cluster(splits, m_per_cta, monkeypatch):
+    """Force the K split (1: no cluster, plain epilogue; 2: two-CTA clusters) and 1 or 2 row tiles per CTA on small
+    dims, both GEMMs."""
+    monkeypatch.setattr(K, "pick_moe_gemv_config", lambda b, m, kt, sms: (splits, m_per_cta))
+    for fmt in ("nvfp4", "mxfp4"):
+        ex = _small(fmt)
+        for T, routing in ((1, "random"), (4, "shared"), (3, "empty_experts")):
+            x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+            ids, w = _gemv_routing(T, 6, 16, routing, seed=10 + T)
+            y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+            what = f"S={splits} MT={m_per_cta} {fmt} T={T}"
+            _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+            _assert_close(y, y_old, f"{what} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+_FLASH = {}
+
+
+def _flash(fmt):
+    if fmt not in _FLASH:
+        _FLASH.clear()                        # one 3.4 GB set at a time
+        torch.cuda.empty_cache()
+        _FLASH[fmt] = K.prepare_experts(random_fp4_experts(256, 4096, 2048, fmt, device="cuda", seed=2))
+    return _FLASH[fmt]
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_gemv_flash_dims(fmt, monkeypatch):
+    ex = _flash(fmt)
+    for T, routing in ((1, "random"), (2, "shared"), (4, "random"), (4, "empty_experts"), (64, "random")):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, routing, seed=T)
+        y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"flash T={T} {routing} vs reference")
+        _assert_close(y, y_old, f"flash T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+@pytest.mark.parametrize("limit", [1.0, 0.0])
+def test_moe_gemv_unequal_gate_up_alphas_and_the_swiglu_clamp(limit, monkeypatch):
+    """alpha_up 16x alpha_gate (the epilogue must apply each to its own half), swiglu_limit 1.0 (clamps many h, u
+    here) or 0 (no limit)."""
+    import dataclasses
+    base = _small("nvfp4")
+    ex = K.prepare_experts(dataclasses.replace(base, alpha_gate=base.alpha_gate * 0.25,
+                                               alpha_up=base.alpha_up * 4.0, packed=None))
+    for T in (1, 4):
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 16, "random", seed=30 + T)
+        y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch, limit=limit)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, limit), f"T={T} limit={limit} vs reference")
+        _assert_close(y, y_old, f"T={T} limit={limit} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
+    """MOE_GEMV_BY_SLOT (GEMM1's CTAs take their expert from topk_ids and load weights during routing): bit-equal to the
+    tile-indexed GEMV, incl. skipped slots, a token naming one expert twice, and 12 rows of one expert (two groups
+    of 8 rows)."""
+    ex = _small(fmt)
+    cases = [(1, "random", 6), (1, "one_expert", 2), (1, "empty_experts", 6), (1, "duplicate", 6),
+             (4, "shared", 6), (3, "duplicate", 6), (4, "random", 6), (12, "one_expert", 2)]
+    for T, routing, k in cases:
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, k, 16, routing, seed=21 + T)
+        monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", False)
+        y_tile, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
+        monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", True)
+        assert K.moe_gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][-2] is True   # the path under test is taken
+        y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+        monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", False)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"by slot T={T} {routing} vs reference")
+        assert torch.equal(y, y_tile), f"by slot T={T} {routing}: differs from the tile-indexed GEMV"
+
+
+@gpu
+@pytest.mark.parametrize("by_slot", [False, True])
+def test_moe_gemv_l2_prefetch_changes_no_bit(by_slot, monkeypatch):
+    """MOE_GEMV_L2_PREFETCH (GEMM1 prefetches its experts' w2 records into L2) is a hint only: same bits."""
+    monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", by_slot)
+    for fmt in ("nvfp4", "mxfp4"):
+        ex = _small(fmt)
+        for T, routing in ((1, "random"), (4, "shared"), (2, "empty_experts")):
+            x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+            ids, w = _gemv_routing(T, 6, 16, routing, seed=40 + T)
+            y, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
+            monkeypatch.setattr(K, "MOE_GEMV_L2_PREFETCH", True)
+            assert K.moe_gemv_configs(fmt, 6 * T, 16, 512, 256, 132, True)[0][-1] > 0   # the path under test
+            y_pf, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
+            monkeypatch.setattr(K, "MOE_GEMV_L2_PREFETCH", False)
+            assert torch.equal(y, y_pf), f"{fmt} T={T} {routing}: L2 prefetch changed the output"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_gemv_pro_dims(fmt, monkeypatch):
+    """Pro dims (D 7168, I 3072: 112 / 48 k-tiles, K slices of 14..56 tiles) on 16 experts."""
+    ex = K.prepare_experts(random_fp4_experts(16, 7168, 3072, fmt, device="cuda", seed=5))
+    for T, routing in ((1, "random"), (4, "shared")):
+        x = torch.randn(T, 7168, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 16, routing, seed=T)
+        y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"pro T={T} {routing} vs reference")
+        _assert_close(y, y_old, f"pro T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+def test_moe_gemv_is_deterministic_pdl_or_not_and_replays_in_a_graph(monkeypatch):
+    """Two calls are bit-equal; PDL launches equal plain launches bit for bit; a captured CUDA graph replays the
+    same bits and follows new inputs written into its static buffers."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    ex = _small("nvfp4")
+    T = 3
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _gemv_routing(T, 6, 16, "empty_experts", seed=4)
+    y1, y2 = K.moe_fp4(x, ids, w, ex, 7.0), K.moe_fp4(x, ids, w, ex, 7.0)
+    assert torch.isfinite(y1).all() and torch.equal(y1, y2)
+    monkeypatch.setattr(K, "USE_PDL", False)
+    assert torch.equal(K.moe_fp4(x, ids, w, ex, 7.0), y1)
+    monkeypatch.setattr(K, "USE_PDL", True)
+    monkeypatch.setattr(K, "POISON_BUFFERS", False)          # a fill would be a graph node; not needed here
+    K.moe_fp4(x, ids, w, ex, 7.0)                             # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = K.moe_fp4(x, ids, w, ex, 7.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, y1)
+    x2 = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids2, w2 = _gemv_routing(T, 6, 16, "shared", seed=5)
+    x.copy_(x2); ids.copy_(ids2); w.copy_(w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, K.moe_fp4(x2, ids2, w2, ex, 7.0))
 
 
 # ======================================================================================================================
