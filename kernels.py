@@ -1890,6 +1890,25 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
+    def _e4m3x4_to_bf16x2x2(word: Int32, *, loc=None, ip=None):
+        """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b1), bf16x2 (b2, b3), exact for every finite code, subnormals included.
+        sm_90 has no e4m3 -> bf16 convert: e4m3 -> f16 is exact and makes every nonzero e4m3 value a normal f16
+        (2^-9 .. 448); the f16 bits with the magnitude shifted right by 3 are the bf16 bits of v * 2^-112 (f16's
+        5-bit exponent lands in bf16's 8-bit field, bias 15 vs 127; only 3 mantissa bits are used, so none is lost;
+        2^-121 .. 2^-103: normal bf16, zero stays zero); one bf16x2 multiply by 2^112 (exact) restores v."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [_i32(word, loc, ip)],
+            "{\n.reg .b16 lo, hi;\n.reg .b32 h0, h1, m0, m1, two112;\nmov.b32 {lo, hi}, $2;\n"
+            "mov.b32 two112, 0x77807780;\n"
+            "cvt.rn.f16x2.e4m3x2 h0, lo;\ncvt.rn.f16x2.e4m3x2 h1, hi;\n"
+            "and.b32 m0, h0, 0x7FFF7FFF;\nand.b32 m1, h1, 0x7FFF7FFF;\n"
+            "shr.b32 m0, m0, 3;\nshr.b32 m1, m1, 3;\n"
+            "lop3.b32 m0, m0, h0, 0x80008000, 0xF8;\nlop3.b32 m1, m1, h1, 0x80008000, 0xF8;\n"   # a | (b & c)
+            "mul.rn.bf16x2 $0, m0, two112;\nmul.rn.bf16x2 $1, m1, two112;\n}",
+            "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
     def _quant_pair_f16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         """(lo, hi) fp32 -> e4m3 with round-to-nearest-even, saturating at +-448 -> back to f16x2 (lo, hi), exact."""
         return Int32(_llvm.inline_asm(
@@ -1909,6 +1928,17 @@ if HAVE_CUTE:
         return [Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
 
     @dsl_user_op
+    def _mma_bf16(a0, a1, a2, a3, b0, b1, c, *, loc=None, ip=None):
+        """mma.sync m16n8k16 row.col f32 += bf16 x bf16: A regs a0..a3, B regs b0, b1, C/D 4 fp32."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(f32, f32, f32, f32)>"),
+            [_i32(v, loc, ip) for v in (a0, a1, a2, a3, b0, b1)] + [Float32(v).ir_value(loc=loc, ip=ip) for v in c],
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False, loc=loc, ip=ip)
+        return [Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+    @dsl_user_op
     def _e8m0_to_f32(byte: Int32, *, loc=None, ip=None) -> Float32:
         """e8m0 byte e -> 2^(e-127) as fp32 (e = 0 -> 2^-127, a subnormal; 255 (NaN) -> NaN)."""
         b = Int32(byte)
@@ -1920,11 +1950,17 @@ if HAVE_CUTE:
 
     class Fp8Gemv:
         """y [M, N] bf16 = act_quant_fp8(x [M, K] bf16) x (W [N, K] e4m3 * sw)^T for M <= 8 * n8 (see module doc).
-        Static: K, splits S, n8 token tiles, rows per CTA (warps x row_tiles x 16), prefetch stages. N, M symbolic."""
+        Static: K, splits S, n8 token tiles, rows per CTA (warps x row_tiles x 16), prefetch stages. N, M symbolic.
+        a16 (W8A16): x stays bf16 (no act quant: its bf16 pairs go to smem as they are), the weight goes e4m3 -> bf16
+        exactly in registers, mma.sync bf16, each 128-k partial scaled by sw only. group_rows R > 0 (grouped, a16
+        only): x is [M * G, K] (token-major, G = N / R groups), weight row n reads x row m * G + n // R (wo_a)."""
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
-                     pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0):
+                     pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
+                     a16: bool = False, group_rows: int = 0):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
+            self.a16, self.group_rows = a16, group_rows
+            assert not group_rows or (a16 and group_rows % (warps * 16 * row_tiles) == 0)   # a CTA in one group
             self.K, self.S, self.n8, self.RT, self.W = k_dim, k_splits, n8, row_tiles, warps
             self.kbc = k_dim // BLOCK // k_splits          # k blocks per CTA
             self.D = max(1, min(stages, self.kbc))
@@ -1978,7 +2014,7 @@ if HAVE_CUTE:
             lane = tidx % 32
             g = lane // 4
             t = lane % 4
-            M = cute.size(mX, mode=[0])
+            M = cute.size(mOut if const_expr(self.group_rows) else mX, mode=[0])
             N = cute.size(mW, mode=[0])
             Kd = self.K
             kbc = self.kbc
@@ -2062,30 +2098,41 @@ if HAVE_CUTE:
                     for i in cutlass.range_constexpr(16):
                         xv[i] = Int32(0)
                     if m < M:
-                        xa = x_base + (Int64(m) * Kd + Int64((kb0 + kb) * BLOCK + 16 * t)) * 2
+                        xrow = Int64(m)
+                        if const_expr(self.group_rows):                 # this CTA's group: x row m * G + group
+                            xrow = Int64(m) * (N // self.group_rows) + (bid_n * self.rows) // self.group_rows
+                        xa = x_base + (xrow * Kd + Int64((kb0 + kb) * BLOCK + 16 * t)) * 2
                         for c in cutlass.range_constexpr(4):
                             v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
                             for i in cutlass.range_constexpr(4):
                                 xv[4 * c + i] = v[i]
-                    amax = Int32(0)                                     # |bf16| bits; ints order like the values
-                    for i in cutlass.range_constexpr(16):
-                        w = xv[i]
-                        amax = cutlass.max(amax, cutlass.max(w & 0x7FFF, (w >> 16) & 0x7FFF))
-                    amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 1))
-                    amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 2))
-                    # ceil(log2(amax / 448)) from the bits: amax = 1.m * 2^p, 448 = 1.75 * 2^8
-                    e = (amax >> 7) - 135 + Int32((amax & 0x7F) > 0x60)
-                    e = cutlass.max(e, SX_MIN_EXP)
-                    inv = _bits_f32((127 - e) << 23)
-                    for c in cutlass.range_constexpr(4):
-                        qw = cute.make_rmem_tensor((4,), Int32)
-                        for i in cutlass.range_constexpr(4):
-                            w = xv[4 * c + i]
-                            qw[i] = _quant_pair_f16x2(_bits_f32(w << 16) * inv, _bits_f32(w & -65536) * inv)
-                        chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
-                        cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
-                    if t == 0:
-                        sX[8 * j + g, kb] = _bits_f32((127 + e) << 23)
+                    if const_expr(self.a16):                            # bf16 pairs as they are
+                        for c in cutlass.range_constexpr(4):
+                            qw = cute.make_rmem_tensor((4,), Int32)
+                            for i in cutlass.range_constexpr(4):
+                                qw[i] = xv[4 * c + i]
+                            chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
+                            cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
+                    else:
+                        amax = Int32(0)                                     # |bf16| bits; ints order like the values
+                        for i in cutlass.range_constexpr(16):
+                            w = xv[i]
+                            amax = cutlass.max(amax, cutlass.max(w & 0x7FFF, (w >> 16) & 0x7FFF))
+                        amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 1))
+                        amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 2))
+                        # ceil(log2(amax / 448)) from the bits: amax = 1.m * 2^p, 448 = 1.75 * 2^8
+                        e = (amax >> 7) - 135 + Int32((amax & 0x7F) > 0x60)
+                        e = cutlass.max(e, SX_MIN_EXP)
+                        inv = _bits_f32((127 - e) << 23)
+                        for c in cutlass.range_constexpr(4):
+                            qw = cute.make_rmem_tensor((4,), Int32)
+                            for i in cutlass.range_constexpr(4):
+                                w = xv[4 * c + i]
+                                qw[i] = _quant_pair_f16x2(_bits_f32(w << 16) * inv, _bits_f32(w & -65536) * inv)
+                            chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
+                            cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
+                        if t == 0:
+                            sX[8 * j + g, kb] = _bits_f32((127 + e) << 23)
             cute.arch.sync_threads()
 
             # ---- main loop over the slice's k blocks
@@ -2101,21 +2148,25 @@ if HAVE_CUTE:
                         cute.autovec_copy(sQ[None, chunk, 8 * j + g], bq[None, c, j])
                 for rt in cutlass.range_constexpr(self.RT):
                     sw = sW[(warp * (16 * self.RT) + 16 * rt) // BLOCK, kb]
-                    af = cute.make_rmem_tensor((8, 4), Int32)       # f16 A fragments of the 8 k16 MMAs
+                    af = cute.make_rmem_tensor((8, 4), Int32)       # f16 (a16: bf16) A fragments of the 8 MMAs
+                    cvt = _e4m3x4_to_bf16x2x2 if const_expr(self.a16) else _e4m3x4_to_f16x2x2
                     for i in cutlass.range_constexpr(8):
-                        a0, a2 = _e4m3x4_to_f16x2x2(wreg[rs, rt, 0, i])
-                        a1, a3 = _e4m3x4_to_f16x2x2(wreg[rs, rt, 1, i])
+                        a0, a2 = cvt(wreg[rs, rt, 0, i])
+                        a1, a3 = cvt(wreg[rs, rt, 1, i])
                         af[i, 0] = a0
                         af[i, 1] = a1
                         af[i, 2] = a2
                         af[i, 3] = a3
                     for j in cutlass.range_constexpr(self.n8):
                         d = [Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)]
+                        mma = _mma_bf16 if const_expr(self.a16) else _mma_f16
                         for i in cutlass.range_constexpr(8):
-                            d = _mma_f16(af[i, 0], af[i, 1], af[i, 2], af[i, 3], bq[(2 * i) % 4, i // 2, j],
-                                         bq[(2 * i + 1) % 4, i // 2, j], d)
-                        f0 = sX[8 * j + 2 * t, kb] * sw
-                        f1 = sX[8 * j + 2 * t + 1, kb] * sw
+                            d = mma(af[i, 0], af[i, 1], af[i, 2], af[i, 3], bq[(2 * i) % 4, i // 2, j],
+                                    bq[(2 * i + 1) % 4, i // 2, j], d)
+                        f0 = f1 = sw                                  # a16: the weight's block scale only
+                        if const_expr(not self.a16):
+                            f0 = sX[8 * j + 2 * t, kb] * sw
+                            f1 = sX[8 * j + 2 * t + 1, kb] * sw
                         acc[rt, j, 0] = acc[rt, j, 0] + d[0] * f0
                         acc[rt, j, 1] = acc[rt, j, 1] + d[1] * f1
                         acc[rt, j, 2] = acc[rt, j, 2] + d[2] * f0
@@ -2195,15 +2246,18 @@ if HAVE_CUTE:
 
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
-                  cp_async: bool = False, cluster: bool = False, min_ctas: int = 0):
+                  cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
+                  group_rows: int = 0):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
-    config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas)
+    config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
+        (("a16", group_rows) if a16 else ())
 
     def build():
-        op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas)
+        op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         mk = cute.runtime.make_fake_compact_tensor
-        args = (mk(BFloat16, (m, k_dim), stride_order=(1, 0), assumed_align=16),
+        args = (mk(BFloat16, (mx, k_dim), stride_order=(1, 0), assumed_align=16),
                 mk(Uint8, (n, k_dim), stride_order=(1, 0), assumed_align=16),
                 mk(Uint8, (nb, k_dim // BLOCK), stride_order=(1, 0), assumed_align=1),
                 mk(BFloat16, (m, n), stride_order=(1, 0), assumed_align=4),
@@ -2286,6 +2340,96 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
             part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
     fn(x2, weight.view(torch.uint8), scale.contiguous().view(torch.uint8), out, part, _row_counters(dev, row_ctas))
     return out.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped W8A16 GEMV (attention's wo_a at decode, issue #5)
+#
+#     z[m, g, r] = sum_k x[m, g, k] * W[g R + r, k] * sw[(g R + r) // 128, k // 128]   (fp32) -> bf16 once
+#
+# x [M, G, K] bf16 is NOT quantized; W [G R, K] e4m3 with e8m0 128x128 block scales (wo_a as stored: the reference
+# dequantizes it to bf16 at load and runs a bf16 einsum; W * sw is exact in bf16, so this is the same math up to the
+# fp32 summation order, reading half the bytes). The Fp8Gemv kernel with a16 + group_rows = R: activations go to smem
+# as bf16, weights e4m3 -> bf16 exactly in registers, mma.sync bf16 with fp32 accumulation, each 128-k block's partial
+# times sw in fp32; a CTA's rows lie in one group g and read x row m * G + g.
+def fp8_gemv_grouped_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., G, K] (any float dtype), weight [G R, K] e4m3, scale [ceil(G R / 128), K / 128] e8m0 -> [..., G, R] in
+    x.dtype: dequantized fp32 weight, fp32 products and sums, one rounding. Semantics of fp8_gemv_grouped."""
+    G, Kd = x.shape[-2:]
+    w = dequant_fp8_weight(weight, scale).unflatten(0, (G, -1))              # [G, R, K] fp32
+    return torch.einsum("...gk,grk->...gr", x.float(), w).to(x.dtype)
+
+
+def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
+    """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]: pick_gemv_config's rules, with
+    the rows of a CTA shrunk until they divide R (a CTA must stay in one group)."""
+    c = pick_gemv_config(N, K, M, num_sms)
+    while group_rows % (c["warps"] * 16 * c["row_tiles"]):
+        c = {**c, "row_tiles": 1} if c["row_tiles"] > 1 else {**c, "warps": c["warps"] // 2}
+    return {**c, "a16": True, "group_rows": group_rows}
+
+
+def fp8_gemv_grouped_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True if fp8_gemv_grouped runs the kernel: CuTe DSL + sm_90 GPU, bf16 x [..., G, K] with <= 16 leading rows,
+    e4m3 weight [G R, K] with K % 128 == 0, R % 32 == 0, contiguous rows."""
+    if not (HAVE_CUTE and x.is_cuda and weight.is_cuda and x.dtype == torch.bfloat16 and x.dim() >= 2
+            and weight.dtype == torch.float8_e4m3fn and weight.dim() == 2):
+        return False
+    if x.device not in _SM90:
+        _SM90[x.device] = torch.cuda.get_device_capability(x.device) == (9, 0)
+    if not _SM90[x.device]:
+        return False
+    N, Kd = weight.shape
+    G = x.shape[-2]
+    M = math.prod(x.shape[:-2])
+    return (x.shape[-1] == Kd and Kd % BLOCK == 0 and 1 <= M <= MAX_ROWS and G >= 1 and N % G == 0
+            and (N // G) % 32 == 0 and weight.stride(1) == 1 and weight.stride(0) == Kd
+            and weight.data_ptr() % 16 == 0)
+
+
+def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     config: dict | None = None) -> torch.Tensor:
+    """Grouped W8A16 product for decode: x [..., G, K] bf16 (M = prod of leading dims <= 16), weight [G R, K]
+    float8_e4m3fn, scale [G R / 128, K / 128] float8_e8m0fnu -> [..., G, R] bf16. One kernel launch, no host sync
+    (CUDA-graph capturable). Semantics: fp8_gemv_grouped_reference. Raises ValueError for inputs it can't take (check
+    fp8_gemv_grouped_supported first)."""
+    G, Kd = x.shape[-2:]
+    N = weight.shape[0]
+    M = math.prod(x.shape[:-2])
+    R = N // max(G, 1)
+    if M == 0:
+        return x.new_empty(*x.shape[:-1], R)
+    if M > MAX_ROWS:
+        raise ValueError(f"fp8_gemv_grouped takes at most {MAX_ROWS} rows, got {M} (use the GEMM path)")
+    if not fp8_gemv_grouped_supported(x, weight):
+        raise ValueError(f"fp8_gemv_grouped can't take x {tuple(x.shape)} {x.dtype} {x.device}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}: needs CuTe DSL, sm_90, bf16 x [..., G, K], e4m3 "
+                         "weight [G R, K], K % 128 == 0, R % 32 == 0")
+    nb, kb = -(-N // BLOCK), Kd // BLOCK
+    if tuple(scale.shape) != (nb, kb) or scale.dtype != torch.float8_e8m0fnu:
+        raise ValueError(f"fp8_gemv_grouped: scale must be float8_e8m0fnu [{nb}, {kb}], got {tuple(scale.shape)} "
+                         f"{scale.dtype}")
+    dev = x.device
+    if dev not in _NUM_SMS:
+        _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    cfg = {"pdl": GEMV_USE_PDL, **(config or pick_grouped_gemv_config(N, Kd, M, R, _NUM_SMS[dev]))}
+    if not cfg.get("a16") or cfg.get("group_rows") != R:
+        raise ValueError(f"fp8_gemv_grouped: config must have a16=True and group_rows={R}, got {cfg}")
+    fn = _compile_gemv(**cfg)
+    rows = cfg["warps"] * 16 * cfg["row_tiles"]
+    row_ctas = -(-N // rows)
+    x2 = x.reshape(M * G, Kd).contiguous()
+    if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
+        x2 = x2.clone()
+    out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
+    if cfg["k_splits"] > 1 and not cfg.get("cluster"):
+        part = torch.empty(cfg["k_splits"], M, row_ctas * rows, dtype=torch.float32, device=dev)
+    else:
+        part = _COUNTERS.get((dev, "unused"))
+        if part is None:      # made once (not per call: a fill inside a graph capture would add a kernel node)
+            part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
+    fn(x2, weight.view(torch.uint8), scale.contiguous().view(torch.uint8), out, part, _row_counters(dev, row_ctas))
+    return out.view(*x.shape[:-1], R)
 
 
 # ====================================================================================================================

@@ -2287,6 +2287,245 @@ def test_gpu_gemv_pdl_launch_gives_the_same_bits(path, monkeypatch):
     assert torch.equal(ys[0], ys[1])
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Grouped W8A16 GEMV (kernels.fp8_gemv_grouped: attention's wo_a at decode). Run: python3 -m pytest -q test_dsv4.py -k grouped
+WO_A_SHAPES = {"flash": (8, 1024, 4096), "pro": (16, 1024, 4096), "tiny": (2, 128, 256)}   # G, R, K
+
+
+def grouped_problem(M, G, R, Kd, seed, device="cpu", scale_exp=(-40, 20)):
+    """x [M, G, K] bf16 with rows of different magnitudes (a zero row, 1e-20, 1e20 ...); wo_a-like e4m3 weight
+    [G R, K] with every finite code (subnormals and zeros included) and e8m0 scales 2^lo .. 2^hi."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, G, Kd, generator=g)
+    mag = torch.tensor([1.0, 0.0, 1e-20, 1e20, 3e-3, 7.0])
+    x *= mag[torch.arange(M) % len(mag)][:, None, None]
+    x[..., ::7] *= 1e-3                                     # a spread of magnitudes inside each 128-k block
+    codes = torch.randint(0, 256, (G * R, Kd), generator=g, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x3F                    # no NaN codes
+    codes[:, :16] = torch.arange(16, dtype=torch.uint8) | (torch.arange(16, dtype=torch.uint8) % 2 * 0x80)[None]
+    lo, hi = scale_exp
+    s = torch.randint(127 + lo, 127 + hi + 1, (-(-G * R // 128), Kd // 128), generator=g, dtype=torch.uint8)
+    return (x.to(torch.bfloat16).to(device), codes.view(torch.float8_e4m3fn).to(device),
+            s.view(torch.float8_e8m0fnu).to(device))
+
+
+def e4m3_to_bf16_bits_emulated(codes: torch.Tensor) -> torch.Tensor:
+    """The kernel's exact e4m3 -> bf16 path in torch: e4m3 -> f16 (exact), bits (sign | magnitude >> 3) = bf16 of
+    v * 2^-112, times 2^112 (a power of two: exact). codes uint8 -> bf16."""
+    h = codes.view(torch.float8_e4m3fn).to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    b = ((h & 0x7FFF) >> 3) | (h & 0x8000)
+    return (b.to(torch.int16).view(torch.bfloat16).float() * 2.0 ** 112).to(torch.bfloat16)
+
+
+def test_grouped_e4m3_to_bf16_path_is_exact_for_every_finite_code():
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]                                # 254 finite codes, 14 subnormals, +-0
+    want = codes.view(torch.float8_e4m3fn).float()
+    got = e4m3_to_bf16_bits_emulated(codes)
+    assert torch.equal(got.float(), want)                               # value-exact
+    assert torch.equal(torch.signbit(got.float()), torch.signbit(want))  # -0 stays -0
+    mid = ((codes.view(torch.float8_e4m3fn).to(torch.float16).view(torch.int16).to(torch.int32) & 0x7FFF) >> 3)
+    nz = mid > 0
+    assert (mid[nz] >= 0x80).all() and (mid[nz] < 0x7F80).all()       # v * 2^-112 is a normal bf16: no subnormal step
+
+
+@pytest.mark.parametrize("scale_exp", [(-40, 20), (-127, -100), (100, 110)])
+def test_fp8_wo_a_dequantized_in_bf16_is_exact(scale_exp):
+    """The premise: W * s (powers of two) is exact in bf16 wherever it stays a normal number, so the bf16 einsum of
+    the reference and the fp32-weight reference see the same weights; dsv4.dequant_fp8_bf16 (the prefill path's
+    per-call dequantization) is bit-equal to dsv4.dequant_fp8 even where W * s falls into bf16's subnormals."""
+    _, w, s = grouped_problem(1, 2, 256, 512, 0, scale_exp=scale_exp)
+    w32 = K.dequant_fp8_weight(w, s)
+    b16 = dsv4.dequant_fp8(w, s, torch.bfloat16)
+    assert torch.equal(dsv4.dequant_fp8_bf16(w, s, torch.bfloat16).view(torch.int16), b16.view(torch.int16))
+    normal = w32.abs() >= 2.0 ** -126
+    assert torch.equal(b16.float()[normal], w32[normal])
+
+
+@pytest.mark.parametrize("shape", ["tiny", "flash"])
+def test_grouped_reference_equals_the_bf16_einsum_of_attention_out(shape):
+    """fp8_gemv_grouped_reference == Attention._out's einsum with the dequantized bf16 weight, in fp32 (the CPU
+    stand-in for cuBLAS's fp32 accumulation), rounded once."""
+    G, R, Kd = WO_A_SHAPES[shape]
+    x, w, s = grouped_problem(3, G, R // (4 if shape == "flash" else 1), Kd, 1, scale_exp=(-10, 0))
+    want = torch.einsum("mgi,gri->mgr", x.float(), dsv4.dequant_fp8(w, s, torch.bfloat16).float().unflatten(0, (G, -1)))
+    got = K.fp8_gemv_grouped_reference(x, w, s)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, G, w.shape[0] // G)
+    assert torch.equal(got, want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", list(WO_A_SHAPES))
+@pytest.mark.parametrize("M", [1, 2, 8, 16])
+def test_grouped_config_keeps_each_cta_in_one_group(shape, M):
+    G, R, Kd = WO_A_SHAPES[shape]
+    c = K.pick_grouped_gemv_config(G * R, Kd, M, R, 132)
+    assert c["a16"] and c["group_rows"] == R and R % (c["warps"] * 16 * c["row_tiles"]) == 0
+    assert c["n8"] * 8 >= M and (Kd // 128) % c["k_splits"] == 0 and Kd // 128 // c["k_splits"] <= K.MAX_SLICE_BLOCKS
+
+
+def test_grouped_unsupported_inputs_are_refused_with_value_error():
+    x, w, s = grouped_problem(2, 2, 128, 256, 0)
+    assert not K.fp8_gemv_grouped_supported(x, w)                        # CPU tensors
+    with pytest.raises(ValueError, match="at most 16"):
+        K.fp8_gemv_grouped(torch.zeros(17, 2, 256, dtype=torch.bfloat16), w, s)
+    with pytest.raises(ValueError):
+        K.fp8_gemv_grouped(x, w, s)                                      # no GPU here / not sm_90
+
+
+COMPILE_GROUPED = """
+import os, sys, kernels as K
+K._CACHE_DIR, dump = sys.argv[1], sys.argv[2]
+for G, R, Kd in %r:
+    for M in (1, 16):
+        K._compile_gemv(**K.pick_grouped_gemv_config(G * R, Kd, M, R, 132))
+        for f in os.listdir(dump):                 # configs share a PTX file name: keep each one
+            if not f.startswith("done"):
+                os.rename(os.path.join(dump, f), os.path.join(dump, f"done{G}_{M}_{f}"))
+""" % (list(WO_A_SHAPES.values()),)
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_grouped_gemv_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_path):
+    """Flash, Pro and tiny wo_a configs at M = 1 and 16 compile for sm_90a here; where ptxas is installed, its report
+    on the PTX shows no register spills."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(here), CUTE_DSL_KEEP="ptx",
+               CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_GROUPED, str(tmp_path), str(dump)], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=here)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 4
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("done*Fp8Gemv*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    assert len(ptxs) == 6
+    for ptx in ptxs:
+        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        assert " 0 bytes spill stores" in rep.stderr and "bf16" in ptx.read_text(), rep.stderr[-2000:]
+
+
+def _check_grouped(z, x, w, s):
+    """Per (row, group): exact zeros where x is zero; rel err <= 2e-3 vs the fp32 reference (bf16 output rounding),
+    and nearly all outputs bit-equal to the once-rounded reference (only summation-order ties may flip)."""
+    G = x.shape[-2]
+    ref32 = torch.einsum("mgk,grk->mgr", x.double(), K.dequant_fp8_weight(w, s).double().unflatten(0, (G, -1)))
+    ref = ref32.to(torch.bfloat16)
+    assert z.shape == ref.shape and z.dtype == torch.bfloat16 and torch.isfinite(z.float()).all()
+    for m in range(z.shape[0]):
+        for g in range(G):
+            r = ref32[m, g]
+            if r.abs().max() == 0:
+                assert (z[m, g] == 0).all(), f"row {m} group {g}: nonzero output for a zero input"
+                continue
+            err = ((z[m, g].double() - r).norm() / r.norm()).item()
+            assert err <= 2e-3, f"row {m} group {g}: rel err {err:.2e}"
+    equal = (z == ref).float().mean().item()
+    assert equal >= 0.97, f"only {equal:.3f} of outputs bit-equal to the reference"
+
+
+@gpu
+@pytest.mark.parametrize("shape", ["flash", "pro"])
+@pytest.mark.parametrize("M", [1, 2, 8, 16])
+def test_gpu_grouped_gemv_matches_reference(shape, M):
+    G, R, Kd = WO_A_SHAPES[shape]
+    x, w, s = grouped_problem(M, G, R, Kd, seed=M + G, device="cuda")
+    _check_grouped(K.fp8_gemv_grouped(x, w, s), x, w, s)
+
+
+@gpu
+@pytest.mark.parametrize("scale_exp", [(-126, -110), (-30, 30), (90, 100)])
+def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp):
+    """Block scales from 2^-126 to 2^100: the fp32 partial times the scale (x scaled up where the scales are tiny, so
+    the products stay fp32-normal)."""
+    G, R, Kd = WO_A_SHAPES["tiny"]
+    x, w, s = grouped_problem(4, G, R, Kd, seed=3, device="cuda", scale_exp=scale_exp)
+    x = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).cuda()
+    if scale_exp[0] < -100:                       # keep the products fp32-normal: x large where the scale is tiny
+        x = (x.float() * 2.0 ** 60).to(torch.bfloat16)
+    _check_grouped(K.fp8_gemv_grouped(x, w, s), x, w, s)
+
+
+@gpu
+@pytest.mark.parametrize("shape", ["tiny", "flash"])
+def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape):
+    """x[m, g] one-hot at k(m, g) -> z[m, g] = W[g R : (g+1) R, k] * s exactly: pins the group -> x-row mapping, the
+    k permutation, and exactness of the e4m3 -> bf16 path (subnormal codes included in every row)."""
+    G, R, Kd = WO_A_SHAPES[shape]
+    M = 3
+    _, w, s = grouped_problem(M, G, R, Kd, seed=9, device="cuda", scale_exp=(-8, 8))
+    ks = torch.randint(0, Kd, (M, G), generator=torch.Generator().manual_seed(1))
+    ks[0, 0] = 3                                                       # a subnormal code column
+    x = torch.zeros(M, G, Kd, dtype=torch.bfloat16)
+    x.scatter_(2, ks[..., None], 1.0)
+    z = K.fp8_gemv_grouped(x.cuda(), w, s).float().cpu()
+    wd = K.dequant_fp8_weight(w, s).cpu().unflatten(0, (G, -1))       # [G, R, K]
+    for m in range(M):
+        for g in range(G):
+            assert torch.equal(z[m, g], wd[g, :, ks[m, g]]), f"row {m} group {g}"
+
+
+@gpu
+def test_gpu_grouped_gemv_is_deterministic_and_replays_in_a_cuda_graph():
+    G, R, Kd = WO_A_SHAPES["flash"]
+    x, w, s = grouped_problem(8, G, R, Kd, seed=5, device="cuda")
+    ys = [K.fp8_gemv_grouped(x, w, s) for _ in range(3)]
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = K.fp8_gemv_grouped(x, w, s)
+    for seed in (6, 7):
+        x.copy_(grouped_problem(8, G, R, Kd, seed=seed)[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, K.fp8_gemv_grouped(x, w, s))
+        _check_grouped(y, x, w, s)
+
+
+@gpu
+def test_gpu_grouped_gemv_matches_the_bf16_einsum_it_replaces():
+    """vs today's path (the einsum of the bf16 dequantized weight on cuBLAS): same math, only the fp32 order differs."""
+    G, R, Kd = WO_A_SHAPES["flash"]
+    x, w, s = grouped_problem(4, G, R, Kd, seed=11, device="cuda", scale_exp=(-9, -5))
+    x = torch.randn(x.shape, device="cuda").to(torch.bfloat16)
+    z = K.fp8_gemv_grouped(x, w, s).float()
+    ref = torch.einsum("mgi,gri->mgr", x, dsv4.dequant_fp8(w, s, torch.bfloat16).unflatten(0, (G, -1))).float()
+    assert ((z - ref).norm() / ref.norm()).item() < 2e-3
+    assert (z == ref).float().mean().item() > 0.9
+
+
+@gpu
+@pytest.mark.usefixtures("torch_moe")
+def test_gpu_fp8_wo_a_decode_matches_the_bf16_einsum_path(gpu_checkpoints, monkeypatch):
+    """Model level: load_model keeps wo_a FP8 on this GPU (half the bytes, in the memory plan too); teacher-forced
+    decode logits of the tiny checkpoint equal those of the bf16-einsum model (wo_a dequantized at load, today's
+    path) to bf16 tolerance, and the prefill (per-call dequantization) gives the same bits."""
+    path = gpu_checkpoints["fp8-all-blocks"]
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 150), generator=torch.Generator().manual_seed(3)).cuda()
+
+    def run(fp8):
+        monkeypatch.setattr(dsv4, "fp8_wo_a", lambda device, dtype: fp8)
+        model = load(path, device="cuda", fixed_routing=True)
+        attns = [m for m in model.modules() if isinstance(m, dsv4.Attention)]
+        for a in attns:
+            assert (a.wo_a.weight.dtype == torch.float8_e4m3fn) == fp8 and (a.wo_a.scale is not None) == fp8
+        plan = dsv4.memory_plan(model.cfg, fmt="fp8", max_seq_len=512, wo_a_fp8=fp8)
+        pre = model(tokens[:, :130], 0)[:, -1].float()
+        dec = [model.decode(tokens[:, p:p + 1], p)[:, -1].float() for p in range(130, 150)]
+        return plan["dense"], sum(a.wo_a.weight.numel() for a in attns), pre, torch.stack(dec)
+
+    dense8, n, pre8, dec8 = run(True)
+    dense16, _, pre16, dec16 = run(False)
+    assert dense16 - dense8 == 2 * n - (n + n // (128 * 128)), (dense16, dense8)     # bf16 -> e4m3 + e8m0 scales
+    assert torch.equal(pre8, pre16)                                    # per-call dequant == dequantized at load
+    err = ((dec8 - dec16).norm(dim=-1) / dec16.norm(dim=-1)).max().item()
+    assert err <= 2e-2, err
+
+
 # ====================================================================================================================
 # mHC: fused hc_pre / hc_post / hc_head (issue #5) — tests
 # ====================================================================================================================
