@@ -792,7 +792,7 @@ class Attention(nn.Module):
         w, s = self.wo_a.weight, self.wo_a.scale
         if s is None:                                                 # bf16 (dequantized at load, as the reference)
             z = torch.einsum("bsgi,gri->bsgr", og, w.to(o.dtype).unflatten(0, (G, -1)))
-        elif fused(o) and kernels.fp8_gemv_grouped_supported(og, w):  # decode-sized: FP8 streamed, bf16 math
+        elif kernels.fp8_gemv_grouped_supported(og, w):               # decode-sized: FP8 streamed, bf16 math
             z = kernels.fp8_gemv_grouped(og, w, s)
         else:
             z = torch.einsum("bsgi,gri->bsgr", og, dequant_fp8_bf16(w, s, o.dtype).unflatten(0, (G, -1)))
@@ -1134,14 +1134,17 @@ def shard(name: str, t: torch.Tensor, scale: torch.Tensor | None, local_shape, p
 
 def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", dtype=torch.bfloat16,
                 max_seq_len: int = 4096, max_batch_size: int = 1, repack: bool | None = None,
-                wo_a_fp8: bool = False) -> dict:
+                wo_a_fp8: bool | None = None) -> dict:
     """Bytes one rank holds after load_model, from the meta-device model with this rank's sharding:
     {"dense": every parameter in its load dtype, "experts": this rank's routed experts, "kv_cache": the decode state
     of setup_cache(max_batch_size, max_seq_len)}. fmt is the checkpoint format: "fp8" (official: FP8 linears + MXFP4
     experts), "nvfp4" or "bf16". repack: the experts are held as the MoE kernel's records (what load_model keeps
     where the CuTe kernel runs) instead of as stored; None = for fp4 experts, i.e. on Hopper. wo_a_fp8: wo_a held
-    FP8 (what load_model keeps where fp8_wo_a(device, dtype); FP8 checkpoints only)."""
+    FP8 (what load_model keeps where fp8_wo_a(device, dtype), FP8 checkpoints only); None = as on Hopper with the
+    default kernels: for a bf16 model."""
     import kernels
+    if wo_a_fp8 is None:
+        wo_a_fp8 = dtype == torch.bfloat16
     with torch.device("meta"):
         model = Transformer(cfg, par)
         if wo_a_fp8 and fmt != "bf16":

@@ -2288,7 +2288,8 @@ def test_gpu_gemv_pdl_launch_gives_the_same_bits(path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Grouped W8A16 GEMV (kernels.fp8_gemv_grouped: attention's wo_a at decode). Run: python3 -m pytest -q test_dsv4.py -k grouped
+# Grouped W8A16 GEMV (kernels.fp8_gemv_grouped: attention's wo_a at decode).
+# Run: python3 -m pytest -q test_dsv4.py -k grouped
 WO_A_SHAPES = {"flash": (8, 1024, 4096), "pro": (16, 1024, 4096), "tiny": (2, 128, 256)}   # G, R, K
 
 
