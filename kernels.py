@@ -1909,6 +1909,28 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
+    def _e4m3x4_to_bf16x2x2_scaled(word: Int32, *, loc=None, ip=None):
+        """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b2), bf16x2 (b1, b3) of v * 2^-120, integer ops only (no convert, no
+        multiply): a byte's 7 exponent+mantissa bits moved under bf16's exponent field (4 bits down) give the bf16
+        of v * 2^-120, subnormals included (e4m3 subnormals become bf16 subnormals); the sign bit stays on top.
+        Bytes 1, 3 already sit in the top bytes of the halves; bytes 0, 2 are shifted up 8 first."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [_i32(word, loc, ip)],
+            "{\n.reg .b32 u, m0, m1;\nshl.b32 u, $2, 8;\n"
+            "and.b32 m0, u, 0x7F007F00;\nand.b32 m1, $2, 0x7F007F00;\n"
+            "shr.b32 m0, m0, 4;\nshr.b32 m1, m1, 4;\n"
+            "lop3.b32 $0, m0, u, 0x80008000, 0xF8;\nlop3.b32 $1, m1, $2, 0x80008000, 0xF8;\n}",   # a | (b & c)
+            "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
+    def _bf16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
+        """(lo, hi) fp32 -> bf16x2, round to nearest even (exact for values that are bf16 already)."""
+        return Int32(_llvm.inline_asm(
+            _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
+            "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
+
+    @dsl_user_op
     def _quant_pair_f16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         """(lo, hi) fp32 -> e4m3 with round-to-nearest-even, saturating at +-448 -> back to f16x2 (lo, hi), exact."""
         return Int32(_llvm.inline_asm(
@@ -1953,13 +1975,16 @@ if HAVE_CUTE:
         Static: K, splits S, n8 token tiles, rows per CTA (warps x row_tiles x 16), prefetch stages. N, M symbolic.
         a16 (W8A16): x stays bf16 (no act quant: its bf16 pairs go to smem as they are), the weight goes e4m3 -> bf16
         exactly in registers, mma.sync bf16, each 128-k partial scaled by sw only. group_rows R > 0 (grouped, a16
-        only): x is [M * G, K] (token-major, G = N / R groups), weight row n reads x row m * G + n // R (wo_a)."""
+        only): x is [M * G, K] (token-major, G = N / R groups), weight row n reads x row m * G + n // R (wo_a).
+        fold (a16 only): the weight becomes the bf16 of v * 2^-120 with 7 integer ops per 4 weights (instead of 2
+        converts + 8 ops); each (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101),
+        so the products stay fp32-normal, and the partial is multiplied back by 2^(120 - k), then by sw."""
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
-                     a16: bool = False, group_rows: int = 0):
+                     a16: bool = False, group_rows: int = 0, fold: bool = False):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
-            self.a16, self.group_rows = a16, group_rows
+            self.a16, self.group_rows, self.fold = a16, group_rows, fold and a16
             assert not group_rows or (a16 and group_rows % (warps * 16 * row_tiles) == 0)   # a CTA in one group
             self.K, self.S, self.n8, self.RT, self.W = k_dim, k_splits, n8, row_tiles, warps
             self.kbc = k_dim // BLOCK // k_splits          # k blocks per CTA
@@ -2106,7 +2131,30 @@ if HAVE_CUTE:
                             v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
                             for i in cutlass.range_constexpr(4):
                                 xv[4 * c + i] = v[i]
-                    if const_expr(self.a16):                            # bf16 pairs as they are
+                    if const_expr(self.fold):
+                        # x * 2^k with k = clamp(227 - E(amax), 0, 127): the block max lands in [2^100, 2^101)
+                        amax = Int32(0)
+                        for i in cutlass.range_constexpr(16):
+                            w = xv[i]
+                            amax = cutlass.max(amax, cutlass.max(w & 0x7FFF, (w >> 16) & 0x7FFF))
+                        amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 1))
+                        amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 2))
+                        kx = cutlass.min(cutlass.max(227 - (amax >> 7), 0), 127)
+                        up = _bits_f32((127 + kx) << 23)
+                        for c in cutlass.range_constexpr(4):
+                            qw = cute.make_rmem_tensor((4,), Int32)
+                            for p in cutlass.range_constexpr(2):
+                                w0 = xv[4 * c + 2 * p]                      # (x0, x1)
+                                w1 = xv[4 * c + 2 * p + 1]                  # (x2, x3)
+                                # pairs (x0, x2), (x1, x3): the register pairing of _e4m3x4_to_bf16x2x2_scaled
+                                qw[2 * p] = _bf16x2_from_f32(_bits_f32(w0 << 16) * up, _bits_f32(w1 << 16) * up)
+                                qw[2 * p + 1] = _bf16x2_from_f32(_bits_f32(w0 & -65536) * up,
+                                                                 _bits_f32(w1 & -65536) * up)
+                            chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
+                            cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
+                        if t == 0:
+                            sX[8 * j + g, kb] = _bits_f32((127 + 120 - kx) << 23)
+                    elif const_expr(self.a16):                          # bf16 pairs as they are
                         for c in cutlass.range_constexpr(4):
                             qw = cute.make_rmem_tensor((4,), Int32)
                             for i in cutlass.range_constexpr(4):
@@ -2150,6 +2198,8 @@ if HAVE_CUTE:
                     sw = sW[(warp * (16 * self.RT) + 16 * rt) // BLOCK, kb]
                     af = cute.make_rmem_tensor((8, 4), Int32)       # f16 (a16: bf16) A fragments of the 8 MMAs
                     cvt = _e4m3x4_to_bf16x2x2 if const_expr(self.a16) else _e4m3x4_to_f16x2x2
+                    if const_expr(self.fold):
+                        cvt = _e4m3x4_to_bf16x2x2_scaled
                     for i in cutlass.range_constexpr(8):
                         a0, a2 = cvt(wreg[rs, rt, 0, i])
                         a1, a3 = cvt(wreg[rs, rt, 1, i])
@@ -2164,7 +2214,10 @@ if HAVE_CUTE:
                             d = mma(af[i, 0], af[i, 1], af[i, 2], af[i, 3], bq[(2 * i) % 4, i // 2, j],
                                     bq[(2 * i + 1) % 4, i // 2, j], d)
                         f0 = f1 = sw                                  # a16: the weight's block scale only
-                        if const_expr(not self.a16):
+                        if const_expr(self.fold):                     # (d * 2^(120 - k)) * sw: no fp32 overflow
+                            d = [d[0] * sX[8 * j + 2 * t, kb], d[1] * sX[8 * j + 2 * t + 1, kb],
+                                 d[2] * sX[8 * j + 2 * t, kb], d[3] * sX[8 * j + 2 * t + 1, kb]]
+                        elif const_expr(not self.a16):
                             f0 = sX[8 * j + 2 * t, kb] * sw
                             f1 = sX[8 * j + 2 * t + 1, kb] * sw
                         acc[rt, j, 0] = acc[rt, j, 0] + d[0] * f0
@@ -2247,13 +2300,14 @@ if HAVE_CUTE:
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                  group_rows: int = 0):
+                  group_rows: int = 0, fold: bool = False):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
-        (("a16", group_rows) if a16 else ())
+        (("a16", group_rows) + (("fold",) if fold else ()) if a16 else ())
 
     def build():
-        op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows)
+        op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
+                     fold)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
         mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         mk = cute.runtime.make_fake_compact_tensor

@@ -2330,6 +2330,22 @@ def test_grouped_e4m3_to_bf16_path_is_exact_for_every_finite_code():
     assert (mid[nz] >= 0x80).all() and (mid[nz] < 0x7F80).all()       # v * 2^-112 is a normal bf16: no subnormal step
 
 
+def test_grouped_integer_e4m3_path_gives_bf16_of_v_times_2_to_the_minus_120():
+    """The fold variant's 7 integer ops on a word of 4 codes (emulated in int64): halves (b0, b2) and (b1, b3) are
+    the bf16 bits of v * 2^-120 for every finite code in every byte position, subnormal codes as bf16 subnormals."""
+    codes = torch.arange(256, dtype=torch.int64)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    words = torch.stack([codes, codes.roll(1), codes.roll(2), codes.roll(3)], 1)       # [n, 4] bytes b0..b3
+    w = (words << torch.tensor([0, 8, 16, 24])).sum(1)
+    u = (w << 8) & 0xFFFFFFFF
+    lo = (((u & 0x7F007F00) >> 4) | (u & 0x80008000)) & 0xFFFFFFFF                     # (b0, b2)
+    hi = (((w & 0x7F007F00) >> 4) | (w & 0x80008000)) & 0xFFFFFFFF                     # (b1, b3)
+    bf = lambda h: (h & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    got = torch.stack([bf(lo), bf(hi), bf(lo >> 16), bf(hi >> 16)], 1)                 # b0, b1, b2, b3
+    want = words.to(torch.uint8).view(torch.float8_e4m3fn).float() * 2.0 ** -120
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
 @pytest.mark.parametrize("scale_exp", [(-40, 20), (-127, -100), (100, 110)])
 def test_fp8_wo_a_dequantized_in_bf16_is_exact(scale_exp):
     """The premise: W * s (powers of two) is exact in bf16 wherever it stays a normal number, so the bf16 einsum of
@@ -2429,18 +2445,27 @@ def _check_grouped(z, x, w, s):
     assert equal >= 0.97, f"only {equal:.3f} of outputs bit-equal to the reference"
 
 
+def grouped_config(x, w, fold):
+    """The default config for these inputs, with the weight path chosen: fold (integer e4m3 -> bf16 of v * 2^-120,
+    x scaled per block) or not (cvt via f16, exact bf16 weights)."""
+    G, Kd = x.shape[-2:]
+    return {**K.pick_grouped_gemv_config(w.shape[0], Kd, math.prod(x.shape[:-2]), w.shape[0] // G, 132), "fold": fold}
+
+
 @gpu
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("shape", ["flash", "pro"])
 @pytest.mark.parametrize("M", [1, 2, 8, 16])
-def test_gpu_grouped_gemv_matches_reference(shape, M):
+def test_gpu_grouped_gemv_matches_reference(shape, M, fold):
     G, R, Kd = WO_A_SHAPES[shape]
     x, w, s = grouped_problem(M, G, R, Kd, seed=M + G, device="cuda")
-    _check_grouped(K.fp8_gemv_grouped(x, w, s), x, w, s)
+    _check_grouped(K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold)), x, w, s)
 
 
 @gpu
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("scale_exp", [(-126, -110), (-30, 30), (90, 100)])
-def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp):
+def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp, fold):
     """Block scales from 2^-126 to 2^100: the fp32 partial times the scale (x scaled up where the scales are tiny, so
     the products stay fp32-normal)."""
     G, R, Kd = WO_A_SHAPES["tiny"]
@@ -2448,12 +2473,13 @@ def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp):
     x = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).cuda()
     if scale_exp[0] < -100:                       # keep the products fp32-normal: x large where the scale is tiny
         x = (x.float() * 2.0 ** 60).to(torch.bfloat16)
-    _check_grouped(K.fp8_gemv_grouped(x, w, s), x, w, s)
+    _check_grouped(K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold)), x, w, s)
 
 
 @gpu
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("shape", ["tiny", "flash"])
-def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape):
+def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape, fold):
     """x[m, g] one-hot at k(m, g) -> z[m, g] = W[g R : (g+1) R, k] * s exactly: pins the group -> x-row mapping, the
     k permutation, and exactness of the e4m3 -> bf16 path (subnormal codes included in every row)."""
     G, R, Kd = WO_A_SHAPES[shape]
@@ -2463,7 +2489,8 @@ def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape):
     ks[0, 0] = 3                                                       # a subnormal code column
     x = torch.zeros(M, G, Kd, dtype=torch.bfloat16)
     x.scatter_(2, ks[..., None], 1.0)
-    z = K.fp8_gemv_grouped(x.cuda(), w, s).float().cpu()
+    x = x.cuda()
+    z = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold)).float().cpu()
     wd = K.dequant_fp8_weight(w, s).cpu().unflatten(0, (G, -1))       # [G, R, K]
     for m in range(M):
         for g in range(G):
