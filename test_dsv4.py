@@ -2498,6 +2498,18 @@ def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape, fold):
 
 
 @gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_gpu_grouped_fold_and_cvt_weight_paths_give_the_same_bits(M):
+    """Both weight paths feed the tensor cores the same products up to one power of two per (token, block), so the
+    fp32 partials, and the outputs, are the same bits (x rows from 1e-20 to 1e20)."""
+    G, R, Kd = WO_A_SHAPES["flash"]
+    x, w, s = grouped_problem(M, G, R, Kd, seed=13, device="cuda")
+    a = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, False))
+    b = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, True))
+    assert torch.equal(a, b), (a != b).float().mean().item()
+
+
+@gpu
 def test_gpu_grouped_gemv_is_deterministic_and_replays_in_a_cuda_graph():
     G, R, Kd = WO_A_SHAPES["flash"]
     x, w, s = grouped_problem(8, G, R, Kd, seed=5, device="cuda")
