@@ -400,6 +400,7 @@ def random_model(cfg, device, max_batch_size: int, max_seq_len: int, seed: int =
         mod_name, _, attr = name.rpartition(".")
         model.get_submodule(mod_name).register_buffer(attr, dsv4.hadamard_matrix(buf.shape[0]).to(device),
                                                       persistent=False)
+    model.merge_projections()
     model.setup_cache(max_batch_size, max_seq_len)
     for m in model.modules():                                 # decode state: random, as after a long prompt
         if isinstance(m, dsv4.Attention):
@@ -492,7 +493,7 @@ def kernel_profile(run, n_layers: int):
         by_name.setdefault(e.name[:70], [0, 0.0])
         by_name[e.name[:70]][0] += 1
         by_name[e.name[:70]][1] += us(e)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]
     return len(kernels_), heavy, total - heavy, top
 
 
@@ -544,11 +545,15 @@ def bench_decode(args):
         torch.cuda.synchronize()
         graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
-        h = torch.randn(B, 1, cfg.hc_mult, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        n = cfg.hc_mult
+        h = torch.randn(B, 1, n, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        f = torch.randn(B, 1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        post, comb = torch.rand(B, 1, n, device=dev), torch.rand(B, 1, n, n, device=dev) / n
 
-        def tail():
-            x = dsv4.hc_head(h, model.hc_head_fn, model.hc_head_scale, model.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps)
-            return dsv4.matmul_fp32(model.norm(x), model.head.weight)
+        def tail():          # the last block's ffn hc_post, hc_head + norm, head
+            x = dsv4.hc_head(dsv4.hc_post(f, h, post, comb), model.hc_head_fn, model.hc_head_scale,
+                             model.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps, model.norm)
+            return dsv4.matmul_fp32(x, model.head.weight)
         tail_ms = time_ms(graph_of(tail).replay, args.iters)
         layers_b, tail_b, embed_b = step_bytes(model, B, pos, touched)
         layer_ms = (graph_ms - tail_ms) / args.layers

@@ -393,6 +393,46 @@ def matmul_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), weight.float())
 
 
+class Projections:
+    """Linears that read the same input, e.g. wq_a and wkv. After load, merge() concatenates their weights into one
+    [sum of N, K] tensor and makes theirs row views of it (nothing is held twice), so a decode step streams them in
+    one GEMV launch instead of one each. Output columns are independent (FP8 activations are quantized per input row,
+    block scales are per 128 output rows), so each output is what its own linear computes. The outputs are column
+    slices of one tensor; with strided=False (consumers that need compact rows) batches of several rows run the
+    linears one by one instead of copying the slices."""
+
+    def __init__(self, *linears: Linear, strided: bool = True):
+        self.linears, self.strided, self.merged = linears, strided, None
+
+    def merge(self):
+        ls = self.linears
+        fp8 = ls[0].scale is not None
+        same = all(l.weight.dtype == ls[0].weight.dtype and (l.scale is not None) == fp8 and l.fp32_out == ls[0].fp32_out
+                   and l.in_features == ls[0].in_features and l.weight.device.type != "meta" for l in ls)
+        if not same or (fp8 and any(l.out_features % 128 for l in ls[:-1])):   # block scales must not straddle
+            return
+        with torch.device("meta"):
+            merged = Linear(ls[0].in_features, sum(l.out_features for l in ls), ls[0].weight.dtype, ls[0].fp32_out)
+        merged.weight = nn.Parameter(torch.cat([l.weight for l in ls]), requires_grad=False)
+        merged.scale = nn.Parameter(torch.cat([l.scale for l in ls]), requires_grad=False) if fp8 else None
+        row = 0
+        for l in ls:
+            l.weight = nn.Parameter(merged.weight[row:row + l.out_features], requires_grad=False)
+            if fp8:
+                l.scale = nn.Parameter(merged.scale[row // 128:row // 128 + l.scale.shape[0]], requires_grad=False)
+            row += l.out_features
+        self.merged = merged
+
+    def __call__(self, x: torch.Tensor, split: bool = True):
+        """-> each linear's output (split) or all of them side by side in one tensor [..., sum of N]."""
+        if self.merged is None or (split and not self.strided and x.numel() > x.shape[-1]):
+            ys = tuple(l(x) for l in self.linears)
+            return ys if split else torch.cat(ys, -1)
+        self.merged.quant_sim = self.linears[0].quant_sim
+        y = self.merged(x)
+        return y.split([l.out_features for l in self.linears], -1) if split else y
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -468,14 +508,16 @@ def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.
     return out.to(res.dtype)
 
 
-def hc_head(h: torch.Tensor, fn, scale, base, eps: float, norm_eps: float) -> torch.Tensor:
-    """Final collapse of the streams: h [B,S,n,D] -> [B,S,D] (no Sinkhorn, no post)."""
+def hc_head(h: torch.Tensor, fn, scale, base, eps: float, norm_eps: float, norm=None) -> torch.Tensor:
+    """Final collapse of the streams: h [B,S,n,D] -> [B,S,D] (no Sinkhorn, no post), then norm (an RMSNorm) if given."""
     if fused(h):
-        return kernels.hc_head_fused(h.flatten(0, 1), fn, scale, base, eps, norm_eps).unflatten(0, h.shape[:2])
+        w = None if norm is None else norm.weight
+        return kernels.hc_head_fused(h.flatten(0, 1), fn, scale, base, eps, norm_eps, w).unflatten(0, h.shape[:2])
     xf = h.flatten(2).float()
     mix = (xf @ fn.T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
     pre = torch.sigmoid(mix * scale + base) + eps
-    return (pre.unsqueeze(-1) * h.float()).sum(2).to(h.dtype)
+    x = (pre.unsqueeze(-1) * h.float()).sum(2).to(h.dtype)
+    return x if norm is None else norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,6 +535,7 @@ class Compressor(nn.Module):
         D = cfg.hidden_size
         self.wkv = Linear(D, c * dim, dtype=torch.bfloat16, fp32_out=True)   # bf16 on disk, fp32 matmul as the
         self.wgate = Linear(D, c * dim, dtype=torch.bfloat16, fp32_out=True) # reference
+        self.wkv_wgate = Projections(self.wkv, self.wgate)
         self.ape = nn.Parameter(torch.empty(ratio, c * dim, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(dim, cfg.rms_norm_eps)
         self.rope_dim = cfg.rope_dim
@@ -515,8 +558,8 @@ class Compressor(nn.Module):
         returns the number of blocks available to the chunk's last token."""
         B, S, _ = x.shape
         r, d, p = self.ratio, self.dim, start_pos
-        a = self.wkv(x)                                        # [B,S,c*d] fp32
-        g = self.wgate(x) + self.ape[torch.arange(p, p + S, device=x.device) % r]
+        a, g = self.wkv_wgate(x)                               # [B,S,c*d] fp32
+        g = g + self.ape[torch.arange(p, p + S, device=x.device) % r]
         p0 = p - p % r                                                 # first position of the open block
         off = r if self.overlap else 0                                 # rows of the previous full block
         A = torch.cat([self.kv_state[:B, :off + p % r], a], 1)        # rows = positions p0-off .. p+S-1
@@ -560,10 +603,10 @@ class Compressor(nn.Module):
         B = x.shape[0]
         r, d = self.ratio, self.dim
         off = r if self.overlap else 0
-        a = self.wkv(x)                                        # [B,1,c*d] fp32
+        a, g = self.wkv_wgate(x)                               # [B,1,c*d] fp32
         if fused(x) and kernels.compressor_kernel_unavailable_reason(self, a) is None:
-            return kernels.compressor_decode_fused(self, a, self.wgate(x), pos, angles, hadamard)   # one kernel
-        g = self.wgate(x) + self.ape[pos % r]
+            return kernels.compressor_decode_fused(self, a, g, pos, angles, hadamard)   # one kernel
+        g = g + self.ape[pos % r]
         kv_state, score_state = self.kv_state[:B], self.score_state[:B]
         kv_state.index_copy_(1, off + pos % r, a)
         score_state.index_copy_(1, off + pos % r, g)
@@ -594,33 +637,34 @@ class Indexer(nn.Module):
         self.register_buffer("hadamard", hadamard_matrix(self.head_dim), persistent=False)
         self.quant_sim = True
 
-    def forward(self, x, qr, start_pos: int, angles: torch.Tensor) -> torch.Tensor:
-        """-> [B,S,k] indices into the compressed cache, -1 where a pick is not (yet) a completed block."""
+    def forward(self, x, iq, start_pos: int, angles: torch.Tensor) -> torch.Tensor:
+        """x [B,S,D], iq = wq_b(qr) [B,S,h*d] (the attention runs it with its own wq_b: same input) -> [B,S,k] indices
+        into the compressed cache, -1 where a pick is not (yet) a completed block."""
         B, S, _ = x.shape
         pos = torch.arange(start_pos, start_pos + S, device=x.device)
-        q = self._query(qr, angles[pos])
+        q = self._query(iq, angles, pos)
         T = self.compressor(x, start_pos, angles, self.hadamard)
         if T == 0:
             return torch.empty(B, S, 0, dtype=torch.long, device=x.device)
         return self._top_blocks(x, q, self.compressor.kv_cache[:B, :T], pos)
 
-    def decode(self, x, qr, pos: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    def decode(self, x, iq, pos: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         """forward for one token per sequence at position pos (int64 tensor [1]), static shapes and no host sync: it
         scores the whole preallocated cache, whose entries past the completed blocks are masked like future ones."""
-        q = self._query(qr, angles[pos])
+        q = self._query(iq, angles, pos)
         self.compressor.decode(x, pos, angles, self.hadamard)
         K = self.compressor.kv_cache[:x.shape[0]]
-        if fused(x):
-            w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-            return kernels.indexer_topk_decode(q, K, w, pos, self.topk)
+        if fused(x):             # the kernel scales the bf16 head weights itself, as _top_blocks does
+            return kernels.indexer_topk_decode(q, K, self.weights_proj(x), pos, self.topk,
+                                               weight_scale=self.head_dim ** -0.5 * self.n_heads ** -0.5)
         return self._top_blocks(x, q, K, pos)
 
-    def _query(self, qr: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
-        """qr [B,S,q_lora], angles at the query positions [S,rd/2] -> FP4-simulated indexer queries [B,S,h,d]."""
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        if fused(q) and ang.shape[0] == 1:                         # one position: RoPE + Hadamard + FP4 sim fused
-            return kernels.index_query_fused(q, ang, None, self.quant_sim)
-        q = apply_rope(q, ang[:, None])
+    def _query(self, iq: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """iq = wq_b(qr) [B,S,h*d] at positions pos [S] (RoPE table angles) -> FP4-simulated queries [B,S,h,d]."""
+        q = iq.unflatten(-1, (self.n_heads, self.head_dim))
+        if fused(q) and pos.numel() == 1:                          # one position: RoPE + Hadamard + FP4 sim fused
+            return kernels.index_query_fused(q, angles, pos, self.quant_sim)
+        q = apply_rope(q, angles[pos][:, None])
         if self.quant_sim:
             q = fp4_quant((q.float() @ self.hadamard).to(q.dtype), 32)
         return q
@@ -683,6 +727,7 @@ class Attention(nn.Module):
         self.wq_b = Linear(cfg.q_lora_rank, H * hd)
         self.wkv = Linear(D, hd)
         self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.wq_a_wkv = Projections(self.wq_a, self.wkv, strided=False)   # their norm kernels take compact rows
         # wo_a is FP8 on disk; the reference dequantizes it at load and runs a bf16 grouped einsum (keep_wo_a_fp8:
         # held FP8 instead, for the grouped W8A16 decode kernel)
         self.wo_a = Linear(H * hd // self.n_groups, self.n_groups * cfg.o_lora_rank, dtype=torch.bfloat16)
@@ -691,6 +736,7 @@ class Attention(nn.Module):
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32), requires_grad=False)
         self.compressor = Compressor(cfg, hd, self.ratio, rotate=False) if self.ratio else None
         self.indexer = Indexer(cfg) if self.ratio == 4 else None
+        self.wq_b_iq = Projections(self.wq_b, self.indexer.wq_b, strided=False) if self.indexer else None   # same qr
         self.quant_sim = True
         self.kv_window = None                                        # [B, window, hd] ring, set by setup_cache
 
@@ -715,14 +761,13 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, hd, W, p = self.n_heads, self.head_dim, self.window, start_pos
         pos = torch.arange(p, p + S, device=x.device)
-        ang = angles[pos]
-        qr, q, kv = self._qkv(x, ang)
+        iq, q, kv = self._qkv(x, angles, pos)
         comp_kv, comp_idx = None, None
         if self.compressor is not None:                              # new blocks land before anything reads them
             T = self.compressor(x, p, angles, None)
             comp_kv = self.compressor.kv_cache[:B, :T]
             if self.indexer is not None:
-                comp_idx = self.indexer(x, qr, p, angles)
+                comp_idx = self.indexer(x, iq, p, angles)
         # ring slot s holds the latest position < p that is ≡ s (mod W); negative = empty
         slots = torch.arange(W, device=x.device)
         ring_pos = p - 1 - (p - 1 - slots) % W
@@ -737,7 +782,7 @@ class Attention(nn.Module):
                                            pos[qs:qe], self.attn_sink, hd ** -0.5, W, max(self.ratio, 1))
         n = min(S, W)
         self.kv_window[:B, (pos[-n:] % W)] = kv[:, -n:]
-        return self._out(o, ang)
+        return self._out(o, angles, pos)
 
     def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         """forward for one token per sequence, x [B,1,D] at position pos (int64 tensor [1] on x's device), with static
@@ -745,48 +790,53 @@ class Attention(nn.Module):
         slot first, so the window is the ring alone; the compressed keys are the whole preallocated cache, masked to
         the completed blocks (HCA) or picked by the indexer (CSA)."""
         B, W = x.shape[0], self.window
-        ang = angles[pos]
-        qr, q, kv = self._qkv(x, ang)
-        self.kv_window[:B].index_copy_(1, pos % W, kv)
+        iq, q, kv = self._qkv(x, angles, pos, ring=self.kv_window[:B])
+        if kv is not None:                                           # (else the kv kernel wrote it into the ring)
+            self.kv_window[:B].index_copy_(1, pos % W, kv)
         comp_kv, comp_idx = None, None
         if self.compressor is not None:                              # new blocks land before anything reads them
             self.compressor.decode(x, pos, angles, None)
             comp_kv = self.compressor.kv_cache[:B]
             if self.indexer is not None:
-                comp_idx = self.indexer.decode(x, qr, pos, angles)
+                comp_idx = self.indexer.decode(x, iq, pos, angles)
         if fused(q):
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
                                                 self.head_dim ** -0.5, max(self.ratio, 1))
-            return self._out(o, ang)
+            return self._out(o, angles, pos)
         ring_pos = pos - (pos - torch.arange(W, device=x.device)) % W   # slot s: latest position <= pos, ≡ s mod W
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
                              self.head_dim ** -0.5, W, max(self.ratio, 1))
-        return self._out(o, ang)
+        return self._out(o, angles, pos)
 
-    def _qkv(self, x: torch.Tensor, ang: torch.Tensor):
-        """x [B,S,D], RoPE angles of the positions [S,rd/2] -> qr [B,S,q_lora] (also the indexer's input),
-        q [B,S,H,hd] (per-head RMS, roped) and kv [B,S,hd] (normed, roped, no-rope dims FP8-simulated)."""
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        if fused(x) and ang.shape[0] == 1:                         # one position: norms + RoPE + FP8 sim fused
+    def _qkv(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor | None = None):
+        """x [B,S,D] at positions pos [S] (int64 on x's device; angles: the RoPE table) -> iq [B,S,h*d] (the indexer's
+        query projection of qr; None without an indexer), q [B,S,H,hd] (per-head RMS, roped) and kv [B,S,hd] (normed,
+        roped, no-rope dims FP8-simulated). ring (decode): the window ring [B,W,hd]; the fused path writes kv into its
+        slot there and returns kv None."""
+        qa, kv = self.wq_a_wkv(x)
+        qr = self.q_norm(qa)                                       # [B,S,q_lora]
+        q, iq = self.wq_b_iq(qr) if self.wq_b_iq is not None else (self.wq_b(qr), None)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
+        if fused(x) and pos.numel() == 1:                          # one position: norms + RoPE + FP8 sim fused
             eps = self.cfg.rms_norm_eps
-            return qr, kernels.q_norm_rope_fused(q, ang, None, eps), \
-                kernels.kv_norm_rope_quant_fused(self.wkv(x), self.kv_norm.weight, ang, None, eps, self.quant_sim)
+            kv = kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim, ring=ring)
+            return iq, kernels.q_norm_rope_fused(q, angles, pos, eps), None if ring is not None else kv
+        ang = angles[pos]
         q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
         q = apply_rope(q, ang[:, None])
-        kv = apply_rope(self.kv_norm(self.wkv(x)), ang)
+        kv = apply_rope(self.kv_norm(kv), ang)
         if self.quant_sim:
             kv = torch.cat([act_quant(kv[..., :-self.cfg.rope_dim], 64), kv[..., -self.cfg.rope_dim:]], -1)
-        return qr, q, kv
+        return iq, q, kv
 
-    def _out(self, o: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+    def _out(self, o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position; grouped
         low-rank wo_a (bf16 einsum of the reference; with wo_a held FP8: the grouped W8A16 kernel at decode, the
         einsum with a per-call bf16 dequantization otherwise, same math), then wo_b."""
-        if fused(o) and ang.shape[0] == 1:
-            o = kernels.rope_inverse_fused(o, ang, None)              # in place
+        if fused(o) and pos.numel() == 1:
+            o = kernels.rope_inverse_fused(o, angles, pos)            # in place
         else:
-            o = apply_rope(o, ang[:, None], inverse=True)
+            o = apply_rope(o, angles[pos][:, None], inverse=True)
         G = self.n_groups
         og = o.flatten(2).unflatten(-1, (G, -1))                      # [B, S, G, H*hd/G]
         w, s = self.wo_a.weight, self.wo_a.scale
@@ -837,10 +887,13 @@ class Expert(nn.Module):
     def __init__(self, dim: int, inter: int, limit: float):
         super().__init__()
         self.w1, self.w2, self.w3 = Linear(dim, inter), Linear(inter, dim), Linear(dim, inter)
+        self.w1_w3 = Projections(self.w1, self.w3)
         self.limit = limit
 
     def forward(self, x):
-        g, u = self.w1(x).float(), self.w3(x).float()
+        if fused(x):                                   # one GEMV for w1|w3, one kernel for the activation
+            return self.w2(kernels.swiglu_fused(self.w1_w3(x, split=False), self.limit))
+        g, u = (t.float() for t in self.w1_w3(x))
         if self.limit:
             g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
         return self.w2((F.silu(g) * u).to(x.dtype))
@@ -910,12 +963,14 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.flatten(0, 1)
         ids, w = self.gate(x, tokens.flatten())
+        if self.expert_offset:                                     # global -> this rank's expert ids
+            ids = ids - self.expert_offset
         if x.is_cuda and torch.cuda.is_current_stream_capturing() and kernels.kernel_unavailable_reason(x, self.experts):
-            y = moe_gathered(x, ids - self.expert_offset, w, self.experts, self.limit)   # the reference syncs
+            y = moe_gathered(x, ids, w, self.experts, self.limit)   # the reference syncs
         else:
-            y = kernels.moe(x, ids - self.expert_offset, w, self.experts, self.limit)
-        if self.par.size == 1:
-            return (y.float() + self.shared_experts(x).float()).to(x.dtype).view(shape)
+            y = kernels.moe(x, ids, w, self.experts, self.limit)
+        if self.par.size == 1:      # bf16 + bf16 adds in fp32 and rounds once, like (y.float() + s.float()).to(bf16)
+            return (y + self.shared_experts(x)).view(shape)
         y = y.float()                                              # partial sums meet in one fp32 all-reduce
         if self.split_shared:
             y += self.shared_experts(x).float()
@@ -939,16 +994,33 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_base", nn.Parameter(torch.empty(mix), requires_grad=False))
             setattr(self, f"hc_{site}_scale", nn.Parameter(torch.empty(3), requires_grad=False))
 
-    def _hc_pre(self, h, site):
+    def _hc_pre(self, h, site, pending=None):
+        """Add a pending sub-block output (f, post, comb) into the streams (hc_post), then collapse them for this site
+        (hc_pre) and normalise -> (h, x = site_norm(collapse), post, comb). Decode-sized batches on the GPU do it in
+        two kernels: the hc_post and the next mix share one pass over h, and the RMSNorm is fused into the collapse."""
         c = self.cfg
-        return hc_pre(h, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                      getattr(self, f"hc_{site}_base"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+        norm = getattr(self, f"{site}_norm")
+        args = (getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"), getattr(self, f"hc_{site}_base"),
+                c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+        B, S = h.shape[:2]
+        if fused(h) and B * S <= kernels.MAX_KERNEL_TOKENS and kernels.hc_unavailable_reason(h) is None:
+            if pending is None:
+                out = (h.flatten(0, 1),) + kernels.hc_pre_fused(h.flatten(0, 1), *args, norm_weight=norm.weight)
+            else:
+                f, post, comb = (t.flatten(0, 1) for t in pending)
+                out = kernels.hc_post_pre_fused(f, h.flatten(0, 1), post, comb, *args, norm_weight=norm.weight)
+            return tuple(t.unflatten(0, (B, S)) for t in out)
+        if pending is not None:
+            h = hc_post(pending[0], h, pending[1], pending[2])
+        x, post, comb = hc_pre(h, *args)
+        return h, norm(x), post, comb
 
-    def forward(self, h, start_pos: int, tokens, angles):
-        x, post, comb = self._hc_pre(h, "attn")
-        h = hc_post(self.attn(self.attn_norm(x), start_pos, angles), h, post, comb)
-        x, post, comb = self._hc_pre(h, "ffn")
-        return hc_post(self.ffn(self.ffn_norm(x), tokens), h, post, comb)
+    def forward(self, h, start_pos: int, tokens, angles, pending=None):
+        """h [B,S,n,D] streams + the previous block's ffn output not yet added into them (pending = (f, post, comb) or
+        None) -> this block's (h, pending). Each hc_post is left to the next hc_pre, so the GPU path fuses the pair."""
+        h, x, post, comb = self._hc_pre(h, "attn", pending)
+        h, x, post, comb = self._hc_pre(h, "ffn", (self.attn(x, start_pos, angles), post, comb))
+        return h, (self.ffn(x, tokens), post, comb)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1008,6 +1080,13 @@ class Transformer(nn.Module):
             if hasattr(m, "quant_sim"):
                 m.quant_sim = on
 
+    def merge_projections(self):
+        """After the weights are loaded: the linears that share an input become one weight each (Projections)."""
+        for m in self.modules():
+            for p in vars(m).values():
+                if isinstance(p, Projections):
+                    p.merge()
+
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
         """Preallocate every layer's KV state and the two RoPE tables for max_seq_len positions."""
         dev, dt = self.embed.weight.device, self.embed.weight.dtype
@@ -1034,10 +1113,12 @@ class Transformer(nn.Module):
         """forward without the checks and resets. start_pos: an int, or an int64 tensor [1] on the model's device
         with S = 1 (the decode step: static shapes, no host sync, CUDA-graph capturable)."""
         h = self.embed_tokens(tokens).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)   # [B,S,n,D]
+        pending = None
         for layer in self.layers:
-            h = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0])
-        x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps)
-        x = self.norm(x)
+            h, pending = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0], pending)
+        h = hc_post(pending[0], h, pending[1], pending[2])
+        x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps,
+                    self.norm)
         return all_gather(matmul_fp32(x, self.head.weight), self.par)  # [B,S,V]
 
     @torch.inference_mode()
@@ -1254,6 +1335,7 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
         mod_name, _, attr = name.rpartition(".")
         model.get_submodule(mod_name).register_buffer(attr, buf.to(device) if buf.device.type != "meta" else
                                                       hadamard_matrix(buf.shape[0]).to(device), persistent=False)
+    model.merge_projections()
     model.setup_cache(max_batch_size, max_seq_len)
     model.set_quant_sim(quant_sim)
     return model.eval()

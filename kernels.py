@@ -3719,12 +3719,15 @@ if HAVE_CUTE:
         """kv [M, hd] bf16 (or fp32: compressor entries) -> RMSNorm with weight -> bf16 -> RoPE of the last rd dims
         (angle row max(pos + pos_shift, 0)) -> bf16 -> (quant_sim) FP8 e4m3 quantize-dequantize of each 64-block of
         the no-rope dims with a power-of-two scale -> bf16. One warp per row. = Attention._qkv's kv tail, and
-        Compressor._entry for rotate=False."""
+        Compressor._entry for rotate=False. ring > 0 (decode, indexed): row b goes to row b * ring + pos % ring of
+        mOut, i.e. straight into its slot of the [B, ring, hd] sliding-window ring."""
 
         def __init__(self, head_dim: int, rope_dim: int, eps: float, quant_sim: bool, indexed: bool,
-                     in_fp32: bool = False, pos_shift: int = 0, layout=None, warps: int = 1):
+                     in_fp32: bool = False, pos_shift: int = 0, layout=None, warps: int = 1, ring: int = 0):
             super().__init__(head_dim, rope_dim, warps, in_fp32, layout)
             self.eps, self.quant_sim, self.indexed, self.pos_shift = _f32(eps), quant_sim, indexed, pos_shift
+            self.ring = ring
+            assert not ring or indexed
             self.block = QUANT_BLOCK_KV
             assert (head_dim - rope_dim) % self.block == 0 and self.block % self.width == 0
             assert 32 % (self.block // self.width) == 0
@@ -3750,7 +3753,10 @@ if HAVE_CUTE:
                 if const_expr(self.quant_sim):
                     self.block_quant(xf, lane, self.block, FP8_MAX, _f32(1e-4), False,
                                      (self.hd - self.rd) // self.width)
-                self.store_row(xf, mOut, row, lane)
+                if const_expr(self.ring > 0):
+                    self.store_row(xf, mOut, row * self.ring + Int32(mPos[0]) % self.ring, lane)
+                else:
+                    self.store_row(xf, mOut, row, lane)
 
     class IndexQuery(HeadRows):
         """Indexer rows x [R, hd] -> (norm: RMSNorm with weight -> bf16) -> RoPE (angle row max(pos + pos_shift, 0))
@@ -3908,16 +3914,17 @@ def _compile_q_norm_rope(head_dim: int, rope_dim: int, eps: float, indexed: bool
 
 
 def _compile_kv_norm_rope_quant(head_dim: int, rope_dim: int, eps: float, quant_sim: bool, indexed: bool,
-                                in_fp32: bool = False, pos_shift: int = 0, layout=None):
+                                in_fp32: bool = False, pos_shift: int = 0, layout=None, ring: int = 0):
     def build():
         rows = cute.sym_int()
         w = cute.runtime.make_fake_compact_tensor(Float32, (head_dim,), assumed_align=16)
         x = (cute.runtime.make_fake_compact_tensor(Float32, (rows, head_dim), stride_order=(1, 0), assumed_align=16)
              if in_fp32 else _bf16_rows(rows, head_dim))
-        return KvNormRopeQuant(head_dim, rope_dim, eps, quant_sim, indexed, in_fp32, pos_shift, layout), (
-            x, w, *_angle_args(rope_dim // 2), _bf16_rows(rows, head_dim), _stream())
-    return _load_or_compile(("glue_kv", head_dim, rope_dim, _f32(eps), quant_sim, indexed, in_fp32, pos_shift,
-                               layout), build)
+        out = _bf16_rows(cute.sym_int() if ring else rows, head_dim)
+        return KvNormRopeQuant(head_dim, rope_dim, eps, quant_sim, indexed, in_fp32, pos_shift, layout, ring=ring), (
+            x, w, *_angle_args(rope_dim // 2), out, _stream())
+    key = ("glue_kv", head_dim, rope_dim, _f32(eps), quant_sim, indexed, in_fp32, pos_shift, layout)
+    return _load_or_compile(key + (("ring", ring),) if ring else key, build)
 
 
 def _compile_index_query(head_dim: int, rope_dim: int, quant_sim: bool, indexed: bool, mode: str, norm: bool = False,
@@ -4004,16 +4011,24 @@ def q_norm_rope_fused(q: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor |
 
 
 def kv_norm_rope_quant_fused(kv: torch.Tensor, weight: torch.Tensor, angles: torch.Tensor,
-                             pos: torch.Tensor | None, eps: float, quant_sim: bool, pos_shift: int = 0) -> torch.Tensor:
+                             pos: torch.Tensor | None, eps: float, quant_sim: bool, pos_shift: int = 0,
+                             ring: torch.Tensor | None = None) -> torch.Tensor:
     """kv [..., hd] bf16 (or fp32 pooled compressor rows) -> kv_norm -> RoPE at row max(pos + pos_shift, 0) ->
-    (quant_sim) FP8 sim of the no-rope dims -> bf16 [..., hd], one kernel."""
-    if glue_unavailable_reason(kv, (torch.bfloat16, torch.float32)) is not None:
-        return kv_norm_rope_quant_reference(kv, weight, angles, pos, eps, quant_sim, pos_shift)
+    (quant_sim) FP8 sim of the no-rope dims -> bf16 [..., hd], one kernel. ring [B, W, hd] (decode: kv [B, 1, hd],
+    pos given): the rows go straight into their sliding-window slot ring[:, pos % W] (returns ring)."""
+    if glue_unavailable_reason(kv, (torch.bfloat16, torch.float32)) is not None or (
+            ring is not None and (pos is None or not ring.is_contiguous() or ring.dtype != torch.bfloat16)):
+        out = kv_norm_rope_quant_reference(kv, weight, angles, pos, eps, quant_sim, pos_shift)
+        if ring is None:
+            return out
+        return ring.index_copy_(1, pos % ring.shape[1], out.reshape(ring.shape[0], 1, -1).to(ring.dtype))
     hd, rd = kv.shape[-1], 2 * angles.shape[-1]
     ang, p, indexed = _pos_arg(angles, pos)
-    out = _out_like(kv, torch.bfloat16)
+    out = _out_like(kv, torch.bfloat16) if ring is None else ring
+    rows = kv.numel() // hd
     _compile_kv_norm_rope_quant(hd, rd, eps, quant_sim, indexed, kv.dtype == torch.float32, pos_shift if indexed else 0,
-                                _layout(hd, kv.numel() // hd))(_rows(kv, hd), weight, ang, p, _rows(out, hd))
+                                _layout(hd, rows), 0 if ring is None else ring.shape[1])(
+        _rows(kv, hd), weight, ang, p, _rows(out, hd))
     return out
 
 
@@ -4053,6 +4068,84 @@ def rope_inverse_fused(o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor 
     ang, p, indexed = _pos_arg(angles, pos)
     _compile_rope(hd, rd, True, indexed)(_rows(o, hd), ang, p)
     return o
+
+
+# ====================================================================================================================
+# Shared-expert SwiGLU (issue #5): the element-wise tail between the merged w1|w3 GEMV and w2, one kernel
+# ====================================================================================================================
+# dsv4.Expert: a = bf16(silu(min(g, limit)) * clamp(u, -limit, limit)) in fp32 (limit 0: no clamp), where
+# gu = [g | u] is the one [M, 2I] output of the merged w1|w3 projection. Seven torch kernels at decode -> one.
+SWIGLU_THREADS = 128
+SWIGLU_USE_PDL = True     # starts while the w1|w3 GEMV drains; w2's GEMV starts while it runs
+
+
+def swiglu_reference(gu: torch.Tensor, limit: float) -> torch.Tensor:
+    """gu [..., 2I] -> [..., I] in gu.dtype: dsv4.Expert's activation."""
+    g, u = gu.float().chunk(2, -1)
+    if limit:
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    return (torch.nn.functional.silu(g) * u).to(gu.dtype)
+
+
+if HAVE_CUTE:
+    class SwiGlu:
+        """out[m, i] = bf16(silu(min(g, L)) * clamp(u, +-L)), g = gu[m, i], u = gu[m, I + i]; one thread per 8
+        columns (16-byte loads/stores), grid (M, I / 8 / threads)."""
+
+        def __init__(self, inter: int, clamp: bool, pdl: bool = True):
+            self.inter, self.clamp, self.pdl = inter, clamp, pdl
+            self.threads = SWIGLU_THREADS
+            while (inter // 8) % self.threads:
+                self.threads //= 2
+            self.col_blocks = inter // 8 // self.threads
+
+        @cute.jit
+        def __call__(self, mGU: cute.Tensor, mOut: cute.Tensor, limit: Float32, stream):
+            self.kernel(mGU, mOut, limit).launch(grid=[cute.size(mGU, mode=[0]), self.col_blocks, 1],
+                                                 block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+        @cute.kernel
+        def kernel(self, mGU: cute.Tensor, mOut: cute.Tensor, limit: Float32):
+            tidx, _, _ = cute.arch.thread_idx()
+            m, cb, _ = cute.arch.block_idx()
+            v = cb * self.threads + tidx
+            if const_expr(self.pdl):
+                cute.arch.griddepcontrol_launch_dependents()   # w2 may start streaming its weights now
+                cute.arch.griddepcontrol_wait()
+            hb = cute.make_rmem_tensor((1, 8), BFloat16)
+            gv = cute.make_rmem_tensor((1, 8), Float32)
+            uv = cute.make_rmem_tensor((1, 8), Float32)
+            cute.autovec_copy(cute.local_tile(mGU, (1, 8), (m, v)), hb)
+            gv.store(hb.load().to(Float32))
+            cute.autovec_copy(cute.local_tile(mGU, (1, 8), (m, self.inter // 8 + v)), hb)
+            uv.store(hb.load().to(Float32))
+            for i in cutlass.range_constexpr(8):
+                g, u = gv[0, i], uv[0, i]
+                if const_expr(self.clamp):
+                    g = cute.arch.fmin(g, limit)
+                    u = cute.arch.fmax(cute.arch.fmin(u, limit), -limit)
+                gv[0, i] = g / (Float32(1.0) + cute.math.exp(-g)) * u
+            hb.store(gv.load().to(BFloat16))
+            cute.autovec_copy(hb, cute.local_tile(mOut, (1, 8), (m, v)))
+
+
+def _compile_swiglu(inter: int, clamp: bool, pdl: bool = True):
+    def build():
+        rows = cute.sym_int()
+        return SwiGlu(inter, clamp, pdl), (_bf16_rows(rows, 2 * inter), _bf16_rows(rows, inter), Float32(0.0),
+                                           _stream())
+    return _load_or_compile(("swiglu", inter, clamp, pdl), build)
+
+
+def swiglu_fused(gu: torch.Tensor, limit: float) -> torch.Tensor:
+    """= swiglu_reference, one kernel on an sm_90 GPU with CuTe DSL (bf16 gu, I % 8 == 0), else the reference."""
+    I2 = gu.shape[-1]
+    if glue_unavailable_reason(gu) is not None or I2 % 16:
+        return swiglu_reference(gu, limit)
+    out = torch.empty(*gu.shape[:-1], I2 // 2, dtype=gu.dtype, device=gu.device)
+    _compile_swiglu(I2 // 2, bool(limit), SWIGLU_USE_PDL)(_rows(gu.contiguous(), I2), _rows(out, I2 // 2),
+                                                          float(limit or 0.0))
+    return out
 
 
 # ====================================================================================================================
@@ -5211,11 +5304,12 @@ if HAVE_CUTE:
         """keys_out[b, t] = score_key(sum_h relu(q[b,h]·K[b,t]) * w[b,h], t) for t < (pos+1)//ratio, else INT64_MIN
         (decodes to -1). Grid (ceil(T/chunk), B), 256 threads: q [h,d] and the chunk's keys -> padded smem by
         cp.async; warp w: keys w*chunk/8.. x all heads by mma.sync (fp32 accumulate); relu, x w_h, sum over heads
-        in a fixed order (own 2*h/16 rows, then a butterfly over the 8 row lanes)."""
+        in a fixed order (own 2*h/16 rows, then a butterfly over the 8 row lanes). w_bf16: w is the bf16
+        weights_proj output and the kernel forms w_h = fp32(w) * w_scale itself (dsv4's .float() * scale)."""
 
-        def __init__(self, n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK):
+        def __init__(self, n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
             assert n_heads % 16 == 0 and head_dim % 64 == 0 and chunk % 64 == 0
-            self.nh, self.hd, self.chunk = n_heads, head_dim, chunk
+            self.nh, self.hd, self.chunk, self.w_bf16 = n_heads, head_dim, chunk, w_bf16
             self.words = head_dim // 2
             self.row = self.words + 4
             self.threads = 256
@@ -5224,7 +5318,7 @@ if HAVE_CUTE:
 
         @cute.jit
         def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor,
-                     ratio: Int32, stream):
+                     ratio: Int32, w_scale: Float32, stream):
             B = cute.size(mK, mode=[0])
             T = cute.size(mK, mode=[1])
 
@@ -5234,12 +5328,12 @@ if HAVE_CUTE:
                 sQ: cute.struct.Align[cute.struct.MemRange[Int32, self.nh * self.row], 16]
 
             self.shared_storage = SharedStorage
-            self.kernel(mQ, mK, mW, mPos, mOut, ratio).launch(
+            self.kernel(mQ, mK, mW, mPos, mOut, ratio, w_scale).launch(
                 grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor,
-                   ratio: Int32):
+                   ratio: Int32, w_scale: Float32):
             tidx, _, _ = cute.arch.thread_idx()
             blk, b, _ = cute.arch.block_idx()
             warp = tidx // 32
@@ -5276,7 +5370,10 @@ if HAVE_CUTE:
                 wv = cute.make_rmem_tensor((self.m_tiles * 2,), Float32)
                 for mt in cutlass.range_constexpr(self.m_tiles):
                     for e2 in cutlass.range_constexpr(2):
-                        wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g]
+                        if const_expr(self.w_bf16):
+                            wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g].to(Float32) * w_scale
+                        else:
+                            wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g]
                 cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.sync_threads()
@@ -5636,19 +5733,20 @@ def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per
     return _load_or_compile(("sattnc", head_dim, mode, splits, chunks_per_cta), build)
 
 
-def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK):
+def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
     def build():
         B, T = cute.sym_int(), cute.sym_int()
         words = head_dim // 2
         args = (cute.runtime.make_fake_compact_tensor(Int32, (B, n_heads, words), stride_order=(2, 1, 0),
                                                       assumed_align=16),
                 cute.runtime.make_fake_compact_tensor(Int32, (B, T, words), stride_order=(2, 1, 0), assumed_align=16),
-                cute.runtime.make_fake_compact_tensor(Float32, (B, n_heads), stride_order=(1, 0), assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(BFloat16 if w_bf16 else Float32, (B, n_heads),
+                                                      stride_order=(1, 0), assumed_align=2 if w_bf16 else 4),
                 cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8),
                 cute.runtime.make_fake_compact_tensor(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
-                Int32(4), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return IndexerScores(n_heads, head_dim, chunk), args
-    return _load_or_compile(("sidx", n_heads, head_dim, chunk), build)
+                Int32(4), Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return IndexerScores(n_heads, head_dim, chunk, w_bf16), args
+    return _load_or_compile(("sidx", n_heads, head_dim, chunk) + (("w_bf16",) if w_bf16 else ()), build)
 
 
 def _compile_topk(keys_per_thread: int):
@@ -5744,21 +5842,27 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
     return out
 
 
-def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4):
+def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight_scale: float | None = None):
     """Indexer._top_blocks for one query per sequence (signature and semantics of indexer_topk_reference): one CuTe
     DSL kernel writes int64 sort keys (score, then lower index first; future blocks lowest), torch.topk picks the
     largest min(topk, T) (unique keys: the order is exactly the stable sort's), the low word gives the block id
-    (-1 for future blocks)."""
+    (-1 for future blocks). weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
     reason = _gpu_ok(q, keys)
     B, _, nh, d = q.shape
     if reason is None and (nh % 16 or d % 64 or q.shape[1] != 1):
         reason = f"indexer q {tuple(q.shape)}: needs one query, heads % 16 == 0, head_dim % 64 == 0"
     if reason is not None:
-        return indexer_topk_reference(q, keys, weights, pos, topk, ratio)
+        w = weights if weight_scale is None else weights.float() * weight_scale
+        return indexer_topk_reference(q, keys, w, pos, topk, ratio)
     T = keys.shape[1]
     sort_keys = torch.empty(B, T, dtype=torch.int64, device=q.device)
-    _compile_indexer(nh, d)(q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
-                            weights.detach().reshape(B, nh).float().contiguous(), pos, sort_keys, int(ratio))
+    w_bf16 = weight_scale is not None and weights.dtype == torch.bfloat16
+    w = weights.detach().reshape(B, nh)
+    if weight_scale is not None and not w_bf16:
+        w = w.float() * weight_scale
+    _compile_indexer(nh, d, INDEX_CHUNK, w_bf16)(q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
+                                                 w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys,
+                                                 int(ratio), float(weight_scale) if w_bf16 else 1.0)
     k = min(topk, T)
     per_thread = -(-T // 1024)
     if DEVICE_TOPK and k <= 512 and per_thread <= 32:

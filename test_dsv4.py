@@ -641,6 +641,51 @@ def test_quant_sim_is_a_small_perturbation_not_a_no_op(hf_checkpoint):
     assert 0 < rel_err(on, off) < 0.5          # tiny random models amplify the FP8/FP4 rounding
 
 
+def _random_linear(n_in, n_out, dtype, g, fp32_out=False):
+    lin = dsv4.Linear(n_in, n_out, dtype=dtype, fp32_out=fp32_out)
+    lin.weight.data = (torch.randn(n_out, n_in, generator=g) * (1 if lin.scale is not None else 0.05)).to(dtype)
+    if lin.scale is not None:
+        e = torch.randint(120, 130, tuple(lin.scale.shape), generator=g, dtype=torch.uint8)
+        lin.scale.data = e.view(torch.float8_e8m0fnu)
+    return lin
+
+
+@pytest.mark.parametrize("dtype,fp32_out,outs", [(torch.float8_e4m3fn, False, (256, 128)),
+                                                  (torch.float8_e4m3fn, False, (128, 128, 384)),
+                                                  (torch.bfloat16, True, (96, 160))])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_merged_projections_give_each_linears_output_and_hold_no_copy(dtype, fp32_out, outs, rows):
+    g = torch.Generator().manual_seed(len(outs) + rows)
+    linears = [_random_linear(256, n, dtype, g, fp32_out) for n in outs]
+    x = torch.randn(rows, 1, 256, generator=g).bfloat16()
+    alone = [lin(x) for lin in linears]
+    proj = dsv4.Projections(*linears)
+    proj.merge()
+    assert proj.merged is not None
+    merged = proj(x)
+    assert all(torch.equal(a, m) for a, m in zip(alone, merged))
+    base = proj.merged.weight
+    assert all(lin.weight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() for lin in linears)
+    assert all(torch.equal(lin(x), a) for lin, a in zip(linears, alone))     # the views still work on their own
+
+
+def test_projections_whose_fp8_scale_blocks_would_straddle_stay_separate():
+    g = torch.Generator().manual_seed(0)
+    linears = [_random_linear(256, 192, torch.float8_e4m3fn, g), _random_linear(256, 128, torch.float8_e4m3fn, g)]
+    proj = dsv4.Projections(*linears)
+    proj.merge()
+    x = torch.randn(1, 256, generator=g).bfloat16()
+    assert proj.merged is None and all(torch.equal(p, lin(x)) for p, lin in zip(proj(x), linears))
+
+
+def test_loaded_model_merges_its_projections(hf_checkpoint):
+    _, path, _ = hf_checkpoint
+    model = dsv4.load_model(str(path), dtype=torch.float32, max_seq_len=64, quant_sim=False)
+    attn, ffn = model.layers[1].attn, model.layers[1].ffn
+    for proj in (attn.wq_a_wkv, attn.wq_b_iq, attn.compressor.wkv_wgate, ffn.shared_experts.w1_w3):
+        assert proj.merged is not None
+
+
 def test_flash_and_pro_configs_build_on_the_meta_device_without_memory():
     flash = dsv4.ModelConfig()
     pro = dsv4.ModelConfig(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
@@ -1971,10 +2016,6 @@ def test_gpu_greedy_generation_matches_cpu_for_32_steps(gpu_checkpoints):
     assert greedy("cuda") == greedy("cpu")
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
-
-
 # ====================================================================================================================
 # FP8 GEMV for decode-sized M (issue #5) — tests
 # ====================================================================================================================
@@ -2782,96 +2823,6 @@ def test_gpu_fused_is_deterministic_and_graph_replays_exactly():
     assert not torch.equal(out[1], a[0])                  # the replay saw the new input
 
 
-# ------------------------------------------------------------------------------------- drop-in use inside dsv4
-def install_fused_hc(monkeypatch, cross_layer=False):
-    """The dsv4.py integration proposed to the lead, applied by monkeypatching: on CUDA (bf16, D % 128 == 0) the
-    hc ops take the fused kernels, with the RMSNorm that follows each collapse folded in (attn_norm, ffn_norm, the
-    final norm), and Block.forward fuses the attention's hc_post with the ffn's hc_pre; elsewhere the torch path.
-    cross_layer: each block also leaves its ffn's hc_post to the next block's first hc_pre (one fused pair)."""
-    torch_pre, torch_post, torch_head = dsv4.hc_pre, dsv4.hc_post, dsv4.hc_head
-
-    def fused_ok(h):
-        return K.hc_unavailable_reason(h) is None
-
-    def hc_pre_norm(h, fn, scale, base, n, iters, eps, norm_eps, norm):
-        """hc_pre, then norm(x): h [B,S,n,D] -> (norm(x) [B,S,D], post [B,S,n], comb [B,S,n,n])."""
-        if not fused_ok(h):
-            x, post, comb = torch_pre(h, fn, scale, base, n, iters, eps, norm_eps)
-            return norm(x), post, comb
-        out = K.hc_pre_fused(h.flatten(0, 1), fn, scale, base, n, iters, eps, norm.eps, norm_weight=norm.weight)
-        return tuple(t.unflatten(0, h.shape[:2]) for t in out)
-
-    def hc_post(f, res, post, comb):
-        if not fused_ok(res):
-            return torch_post(f, res, post, comb)
-        out = K.hc_post_fused(f.flatten(0, 1), res.flatten(0, 1), post.flatten(0, 1), comb.flatten(0, 1))
-        return out.unflatten(0, res.shape[:2])
-
-    def hc_post_pre_norm(f, res, post, comb, fn, scale, base, n, iters, eps, norm_eps, norm):
-        """hc_post, then hc_pre_norm of its result: -> (h, norm(x), post', comb')."""
-        if not fused_ok(res):
-            h = hc_post(f, res, post, comb)
-            return (h,) + hc_pre_norm(h, fn, scale, base, n, iters, eps, norm_eps, norm)
-        out = K.hc_post_pre_fused(f.flatten(0, 1), res.flatten(0, 1), post.flatten(0, 1), comb.flatten(0, 1),
-                                  fn, scale, base, n, iters, eps, norm.eps, norm_weight=norm.weight)
-        return tuple(t.unflatten(0, res.shape[:2]) for t in out)
-
-    def hc_head_norm(h, fn, scale, base, eps, norm_eps, norm):
-        if not fused_ok(h):
-            return norm(torch_head(h, fn, scale, base, eps, norm_eps))
-        out = K.hc_head_fused(h.flatten(0, 1), fn, scale, base, eps, norm.eps, norm_weight=norm.weight)
-        return out.unflatten(0, h.shape[:2])
-
-    def block_forward(self, h, start_pos, tokens, angles, pending=None, defer=False):
-        """pending: (f, post, comb) of the previous block's ffn, not yet added into h (cross-layer fusion);
-        defer: return (h, pending) instead of applying this block's last hc_post."""
-        c = self.cfg
-        hc = (c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
-        attn_hc = (self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *hc, self.attn_norm)
-        if pending is None:
-            x, post, comb = hc_pre_norm(h, *attn_hc)
-        else:
-            h, x, post, comb = hc_post_pre_norm(pending[0], h, pending[1], pending[2], *attn_hc)
-        a = self.attn(x, start_pos, angles)
-        h, x, post, comb = hc_post_pre_norm(a, h, post, comb, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
-                                            *hc, self.ffn_norm)
-        f = self.ffn(x, tokens)
-        return (h, (f, post, comb)) if defer else hc_post(f, h, post, comb)
-
-    def logits(self, tokens, start_pos):       # Transformer.logits with the final norm folded into hc_head
-        h = self.embed_tokens(tokens).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)
-        pending = None
-        for i, layer in enumerate(self.layers):
-            defer = cross_layer and i + 1 < len(self.layers)
-            out = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0], pending=pending, defer=defer)
-            h, pending = out if defer else (out, None)
-        x = hc_head_norm(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps,
-                         self.cfg.rms_norm_eps, self.norm)
-        return dsv4.all_gather(dsv4.matmul_fp32(x, self.head.weight), self.par)
-
-    monkeypatch.setattr(dsv4.Block, "forward", block_forward)
-    monkeypatch.setattr(dsv4.Transformer, "logits", logits)
-
-
-TINY_mhc = dict(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=128,
-            qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128, moe_intermediate_size=128,
-            n_routed_experts=8, num_experts_per_tok=2, num_hash_layers=1, index_n_heads=16, index_head_dim=128,
-            index_topk=8, sliding_window=128, compress_ratios=[0, 4], routed_scaling_factor=1.5,
-            max_position_embeddings=4096)
-
-
-def _tiny_model_logits(path, device, tokens, prefill):
-    model = dsv4.load_model(path, device=device, dtype=torch.bfloat16, max_seq_len=128, max_batch_size=2)
-    for layer in model.layers:              # routing pinned: 1-ulp differences must not flip experts
-        gate = layer.ffn.gate
-        if not gate.hash:
-            gate.bias.copy_(3.0 * torch.arange(gate.bias.numel(), 0, -1, device=gate.bias.device))
-    out = [model(tokens[:, :prefill], 0)[:, -1:].float()]
-    for p in range(prefill, tokens.shape[1]):
-        out.append(model(tokens[:, p:p + 1], p).float())
-    return torch.cat(out, 1)
-
-
 # ====================================================================================================================
 # Attention glue: norms, RoPE, FP8/FP4 sims (issue #5) — tests
 # ====================================================================================================================
@@ -3192,6 +3143,21 @@ def test_gpu_kv_kernel_matches_reference(M, hd, quant_sim):
                            K.kv_norm_rope_quant_reference(kvo, wo, angles, p, EPS, quant_sim))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("B,W,pos", [(1, 128, 777), (3, 128, 127), (2, 16, 5)])
+def test_kv_tail_writes_straight_into_its_ring_slot(device, B, W, pos):
+    """ring= (decode): the kv rows land in ring[:, pos % W], every other slot untouched, same bits as the plain call."""
+    g = torch.Generator().manual_seed(B * W + pos)
+    angles, p = _angles(4096, device=device), torch.tensor([pos], device=device)
+    w = (1 + 0.3 * torch.randn(512, generator=g)).to(device)
+    kv = (4 * torch.randn(B, 1, 512, generator=g)).bfloat16().to(device)
+    ring = torch.randn(B, W, 512, generator=g).bfloat16().to(device)
+    want = ring.clone()
+    want[:, pos % W] = K.kv_norm_rope_quant_fused(kv, w, angles, p, EPS, True)[:, 0]
+    assert K.kv_norm_rope_quant_fused(kv, w, angles, p, EPS, True, ring=ring) is ring
+    assert _bits_equal(ring, want)
+
+
 @gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("H", [64, 4])
@@ -3396,6 +3362,40 @@ def bench():
                 u = _ulps(got, ref)
                 print(f"Hadamard {mode:9s} index {name:5s} M={M}: {(u != 0).float().mean().item():.2e} of "
                       f"{u.numel()} elements differ (max {u.max().item()} ulp)")
+
+
+# ---------------------------------------------------------------------------------------- shared-expert SwiGLU
+@pytest.mark.parametrize("limit", [0.0, 2.5])
+def test_swiglu_reference_is_the_shared_expert_activation(limit):
+    g = torch.Generator().manual_seed(int(limit * 10))
+    ex = dsv4.Expert(64, 32, limit)
+    for lin in (ex.w1, ex.w2, ex.w3):
+        lin.weight.data, lin.scale = (0.1 * torch.randn(lin.out_features, lin.in_features, generator=g)).bfloat16(), None
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    gu = torch.cat([ex.w1(x), ex.w3(x)], -1)
+    assert _bits_equal(ex.w2(K.swiglu_reference(gu, limit)), ex(x))
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 8])
+@pytest.mark.parametrize("inter", [2048, 128])
+@pytest.mark.parametrize("limit", [0.0, 2.5])
+def test_gpu_swiglu_kernel_matches_reference(M, inter, limit):
+    g = torch.Generator().manual_seed(M + inter)
+    gu = (4 * torch.randn(M, 1, 2 * inter, generator=g)).bfloat16().cuda()
+    _check_close(K.swiglu_fused(gu, limit), K.swiglu_reference(gu, limit), "swiglu", 2e-2)
+
+
+def test_swiglu_and_ring_kv_kernels_compile_for_sm90a_without_a_gpu(tmp_path):
+    if not K.HAVE_CUTE:
+        pytest.skip("CuTe DSL is not installed")
+    code = ("import kernels as K; K._compile_swiglu(2048, True); K._compile_swiglu(3072, False); "
+            "K._compile_kv_norm_rope_quant(512, 64, 1e-6, True, True, ring=128)")
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", HOME=str(tmp_path),
+               PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 3
 
 
 # ======================================================================================================================
@@ -4070,6 +4070,17 @@ def test_gpu_indexer_picks_match_the_reference(B, T, pos, topk):
 
 
 @gpu
+@pytest.mark.parametrize("B,T,pos", [(1, 4096, 4000), (3, 300, 1000)])
+def test_gpu_indexer_scales_bf16_head_weights_like_dsv4(B, T, pos):
+    """weight_scale=: the kernel takes weights_proj's bf16 output and forms fp32(w) * scale itself: same picks as
+    the fp32 weights dsv4 used to make with two extra kernels."""
+    q, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos)
+    wb, scale = w.bfloat16(), 128 ** -0.5 * 64 ** -0.5
+    got = K.indexer_topk_decode(q, keys, wb, p, 512, weight_scale=scale)
+    assert torch.equal(got, K.indexer_topk_decode(q, keys, wb.float() * scale, p, 512))
+
+
+@gpu
 @pytest.mark.parametrize("B,T,pos,topk", [(3, 300, 1000, 64), (2, 16384, 16000, 512)])
 def test_gpu_indexer_scores_through_torch_topk(B, T, pos, topk, monkeypatch):
     monkeypatch.setattr(K, "DEVICE_TOPK", False)
@@ -4186,40 +4197,6 @@ def test_gate_reference_and_cpu_fallback_are_the_modules_forward(layer, monkeypa
     ref_ids, ref_w = gate(x, tokens)
     for ids, w in (K.gate_decode(gate, x, tokens), K.gate_reference(gate, x, tokens)):
         assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
-
-
-# ---------------------------------------------------------------------------------------------------- wired into dsv4
-def fused_sparse_attention(original):
-    """dsv4.sparse_attention with Attention.decode's calls (one query, the ring as the window) sent to the kernel:
-    the replacement the lead makes in Attention.decode."""
-    def call(q, window_kv, window_pos, comp_kv, comp_idx, q_pos, sink, scale, window, ratio):
-        if q.shape[1] == 1 and window_kv.shape[1] == window and q_pos.numel() == 1:
-            return K.sparse_attention_decode(q, window_kv, comp_kv, comp_idx, q_pos, sink, scale, ratio)
-        return original(q, window_kv, window_pos, comp_kv, comp_idx, q_pos, sink, scale, window, ratio)
-    return call
-
-
-def fused_top_blocks(original):
-    """Indexer._top_blocks for one query per sequence through the kernel (the replacement in Indexer.decode)."""
-    def call(self, x, q, keys, pos):
-        if q.shape[1] != 1 or pos.numel() != 1:
-            return original(self, x, q, keys, pos)
-        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        return K.indexer_topk_decode(q, keys, w, pos, self.topk)
-    return call
-
-
-@pytest.fixture
-def tiny_gpu_checkpoint(tmp_path):
-    import weights
-    from test_dsv4 import TINY_GPU
-    return weights.write_checkpoint(str(tmp_path / "fp8"), dict(TINY_GPU, index_topk=64), "fp8", 0)
-
-
-def graph_decode_logits(path, tokens, prefill):
-    from test_dsv4 import load, teacher_forced, decode_step
-    return teacher_forced(load(path, device="cuda", max_batch_size=2, fixed_routing=True), tokens, prefill,
-                          decode_step)
 
 
 # ====================================================================================================================
@@ -4625,3 +4602,7 @@ def test_fused_gather_gives_the_same_bits_as_index_select(T, monkeypatch):
     monkeypatch.setattr(K, "GATHER_MAX_ROWS", 0)
     plain = K.moe_fp4(x, ids, w, ex, 7.0)
     assert torch.isfinite(fused).all() and torch.equal(fused, plain)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
