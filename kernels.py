@@ -1924,6 +1924,20 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
+    def _e4m3x4_to_bf16x2x2_unscaled(word: Int32, *, loc=None, ip=None):
+        """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b1), (b2, b3) of v * 2^-112: _e4m3x4_to_bf16x2x2 without its multiply
+        (every nonzero value is a normal bf16 here)."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [_i32(word, loc, ip)],
+            "{\n.reg .b16 lo, hi;\n.reg .b32 h0, h1, m0, m1;\nmov.b32 {lo, hi}, $2;\n"
+            "cvt.rn.f16x2.e4m3x2 h0, lo;\ncvt.rn.f16x2.e4m3x2 h1, hi;\n"
+            "and.b32 m0, h0, 0x7FFF7FFF;\nand.b32 m1, h1, 0x7FFF7FFF;\n"
+            "shr.b32 m0, m0, 3;\nshr.b32 m1, m1, 3;\n"
+            "lop3.b32 $0, m0, h0, 0x80008000, 0xF8;\nlop3.b32 $1, m1, h1, 0x80008000, 0xF8;\n}",
+            "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
     def _bf16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         """(lo, hi) fp32 -> bf16x2, round to nearest even (exact for values that are bf16 already)."""
         return Int32(_llvm.inline_asm(
@@ -1976,15 +1990,18 @@ if HAVE_CUTE:
         a16 (W8A16): x stays bf16 (no act quant: its bf16 pairs go to smem as they are), the weight goes e4m3 -> bf16
         exactly in registers, mma.sync bf16, each 128-k partial scaled by sw only. group_rows R > 0 (grouped, a16
         only): x is [M * G, K] (token-major, G = N / R groups), weight row n reads x row m * G + n // R (wo_a).
-        fold (a16 only): the weight becomes the bf16 of v * 2^-120 with 7 integer ops per 4 weights (instead of 2
-        converts + 8 ops); each (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101),
-        so the products stay fp32-normal, and the partial is multiplied back by 2^(120 - k), then by sw."""
+        fold (a16 only): the weight's power-of-two offset is not undone per weight but folded into the block factor:
+        fold=1: the bf16 of v * 2^-120 from 7 integer ops per 4 weights (no convert; e4m3 subnormals become bf16
+        subnormals); fold=2: the bf16 of v * 2^-112 from the f16 convert + 3 integer ops per pair (no multiply).
+        Each (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101), so the products
+        stay fp32-normal, and the partial is multiplied back by 2^(bias - k), then by sw."""
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
-                     a16: bool = False, group_rows: int = 0, fold: bool = False):
+                     a16: bool = False, group_rows: int = 0, fold: int = 0):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
-            self.a16, self.group_rows, self.fold = a16, group_rows, fold and a16
+            self.a16, self.group_rows, self.fold = a16, group_rows, int(fold) if a16 else 0
+            self.fold_bias = {1: 120, 2: 112}.get(self.fold, 0)       # the weights' 2^-bias
             assert not group_rows or (a16 and group_rows % (warps * 16 * row_tiles) == 0)   # a CTA in one group
             self.K, self.S, self.n8, self.RT, self.W = k_dim, k_splits, n8, row_tiles, warps
             self.kbc = k_dim // BLOCK // k_splits          # k blocks per CTA
@@ -2146,14 +2163,18 @@ if HAVE_CUTE:
                             for p in cutlass.range_constexpr(2):
                                 w0 = xv[4 * c + 2 * p]                      # (x0, x1)
                                 w1 = xv[4 * c + 2 * p + 1]                  # (x2, x3)
-                                # pairs (x0, x2), (x1, x3): the register pairing of _e4m3x4_to_bf16x2x2_scaled
-                                qw[2 * p] = _bf16x2_from_f32(_bits_f32(w0 << 16) * up, _bits_f32(w1 << 16) * up)
-                                qw[2 * p + 1] = _bf16x2_from_f32(_bits_f32(w0 & -65536) * up,
-                                                                 _bits_f32(w1 & -65536) * up)
+                                x0, x1 = _bits_f32(w0 << 16) * up, _bits_f32(w0 & -65536) * up
+                                x2, x3 = _bits_f32(w1 << 16) * up, _bits_f32(w1 & -65536) * up
+                                if const_expr(self.fold == 1):   # pairs (x0, x2), (x1, x3): the weights' pairing
+                                    qw[2 * p] = _bf16x2_from_f32(x0, x2)
+                                    qw[2 * p + 1] = _bf16x2_from_f32(x1, x3)
+                                else:
+                                    qw[2 * p] = _bf16x2_from_f32(x0, x1)
+                                    qw[2 * p + 1] = _bf16x2_from_f32(x2, x3)
                             chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
                             cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
                         if t == 0:
-                            sX[8 * j + g, kb] = _bits_f32((127 + 120 - kx) << 23)
+                            sX[8 * j + g, kb] = _bits_f32((127 + self.fold_bias - kx) << 23)
                     elif const_expr(self.a16):                          # bf16 pairs as they are
                         for c in cutlass.range_constexpr(4):
                             qw = cute.make_rmem_tensor((4,), Int32)
@@ -2198,8 +2219,10 @@ if HAVE_CUTE:
                     sw = sW[(warp * (16 * self.RT) + 16 * rt) // BLOCK, kb]
                     af = cute.make_rmem_tensor((8, 4), Int32)       # f16 (a16: bf16) A fragments of the 8 MMAs
                     cvt = _e4m3x4_to_bf16x2x2 if const_expr(self.a16) else _e4m3x4_to_f16x2x2
-                    if const_expr(self.fold):
+                    if const_expr(self.fold == 1):
                         cvt = _e4m3x4_to_bf16x2x2_scaled
+                    elif const_expr(self.fold == 2):
+                        cvt = _e4m3x4_to_bf16x2x2_unscaled
                     for i in cutlass.range_constexpr(8):
                         a0, a2 = cvt(wreg[rs, rt, 0, i])
                         a1, a3 = cvt(wreg[rs, rt, 1, i])
@@ -2214,7 +2237,7 @@ if HAVE_CUTE:
                             d = mma(af[i, 0], af[i, 1], af[i, 2], af[i, 3], bq[(2 * i) % 4, i // 2, j],
                                     bq[(2 * i + 1) % 4, i // 2, j], d)
                         f0 = f1 = sw                                  # a16: the weight's block scale only
-                        if const_expr(self.fold):                     # (d * 2^(120 - k)) * sw: no fp32 overflow
+                        if const_expr(self.fold):                     # (d * 2^(bias - k)) * sw: no overflow
                             d = [d[0] * sX[8 * j + 2 * t, kb], d[1] * sX[8 * j + 2 * t + 1, kb],
                                  d[2] * sX[8 * j + 2 * t, kb], d[3] * sX[8 * j + 2 * t + 1, kb]]
                         elif const_expr(not self.a16):
@@ -2300,10 +2323,10 @@ if HAVE_CUTE:
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                  group_rows: int = 0, fold: bool = False):
+                  group_rows: int = 0, fold: int = 0):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
-        (("a16", group_rows) + (("fold",) if fold else ()) if a16 else ())
+        (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ())
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,

@@ -2487,16 +2487,15 @@ def _check_grouped(z, x, w, s):
 
 
 def grouped_config(x, w, fold):
-    """The default config for these inputs, with the weight path chosen: fold (integer e4m3 -> bf16 of v * 2^-120,
-    x scaled per block) or not (cvt via f16, exact bf16 weights)."""
+    """The default config for these inputs, with the weight path chosen: fold 0 (via f16 to the exact bf16 weight),
+    1 (integer ops to the bf16 of v * 2^-120), 2 (via f16 to the bf16 of v * 2^-112); 1, 2 scale x per block."""
     G, Kd = x.shape[-2:]
     return {**K.pick_grouped_gemv_config(w.shape[0], Kd, math.prod(x.shape[:-2]), w.shape[0] // G, 132), "fold": fold}
 
 
 @gpu
-@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("shape", ["flash", "pro"])
-@pytest.mark.parametrize("M", [1, 2, 8, 16])
+@pytest.mark.parametrize("M,fold", [(1, 0), (2, 0), (8, 0), (16, 0), (1, 1), (16, 1), (1, 2), (16, 2)])
 def test_gpu_grouped_gemv_matches_reference(shape, M, fold):
     G, R, Kd = WO_A_SHAPES[shape]
     x, w, s = grouped_problem(M, G, R, Kd, seed=M + G, device="cuda")
@@ -2504,7 +2503,7 @@ def test_gpu_grouped_gemv_matches_reference(shape, M, fold):
 
 
 @gpu
-@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("fold", [0, 1, 2])
 @pytest.mark.parametrize("scale_exp", [(-126, -110), (-30, 30), (90, 100)])
 def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp, fold):
     """Block scales from 2^-126 to 2^100: the fp32 partial times the scale (x scaled up where the scales are tiny, so
@@ -2518,7 +2517,7 @@ def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp, fold):
 
 
 @gpu
-@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("fold", [0, 1, 2])
 @pytest.mark.parametrize("shape", ["tiny", "flash"])
 def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape, fold):
     """x[m, g] one-hot at k(m, g) -> z[m, g] = W[g R : (g+1) R, k] * s exactly: pins the group -> x-row mapping, the
@@ -2539,14 +2538,15 @@ def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape, fold):
 
 
 @gpu
+@pytest.mark.parametrize("fold", [1, 2])
 @pytest.mark.parametrize("M", [1, 16])
-def test_gpu_grouped_fold_and_cvt_weight_paths_give_the_same_bits(M):
+def test_gpu_grouped_fold_and_cvt_weight_paths_give_the_same_bits(M, fold):
     """Both weight paths feed the tensor cores the same products up to one power of two per (token, block), so the
     fp32 partials, and the outputs, are the same bits (x rows from 1e-20 to 1e20)."""
     G, R, Kd = WO_A_SHAPES["flash"]
     x, w, s = grouped_problem(M, G, R, Kd, seed=13, device="cuda")
-    a = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, False))
-    b = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, True))
+    a = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, 0))
+    b = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold))
     assert torch.equal(a, b), (a != b).float().mean().item()
 
 
