@@ -219,10 +219,11 @@ def dequant_fp8_bf16(w: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tenso
     e4m3 -> dtype and e8m0 -> dtype are exact, and the one product per element rounds exactly as the fp32 product
     (itself exact) rounded to dtype, so the result is the same, bit for bit."""
     N, Kd = w.shape
-    if N % 128 or Kd % 128:
+    if N % 128:
         return dequant_fp8(w, scale, dtype)
-    s = scale.float().to(dtype)[:, None, :, None]
-    return (w.view(N // 128, 128, Kd // 128, 128).to(dtype) * s).view(N, Kd)
+    out = w.to(dtype)                                                  # two passes, each with a contiguous inner dim
+    out.view(N // 128, 128, Kd).mul_(scale.float().to(dtype).repeat_interleave(128, 1)[:, None, :Kd])
+    return out
 
 
 def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
