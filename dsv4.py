@@ -381,7 +381,10 @@ _MM_FP32_OUT: dict = {}   # CUDA device -> does torch.mm(bf16, bf16, out_dtype=t
 def matmul_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 x Wᵀ, as the reference's fp32 matmul of bf16 values (head, router, compressors). Products of bf16 values
     are exact in fp32, so on CUDA a bf16 GEMM that accumulates into an fp32 output is the same math, without
-    streaming an fp32 copy of the weight every step."""
+    streaming an fp32 copy of the weight every step. Decode-sized x on the fused path: one bf16 GEMV kernel
+    (kernels.bf16_gemv_fp32; weights below kernels.BIG_WEIGHT_BYTES elements, i.e. not the head)."""
+    if fused(x) and weight.numel() < kernels.BIG_WEIGHT_BYTES and kernels.bf16_gemv_fp32_supported(x, weight):
+        return kernels.bf16_gemv_fp32(x, weight)
     if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
         if x.device not in _MM_FP32_OUT:
             try:

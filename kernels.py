@@ -1998,9 +1998,13 @@ if HAVE_CUTE:
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
-                     a16: bool = False, group_rows: int = 0, fold: int = 0):
+                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
-            self.a16, self.group_rows, self.fold = a16, group_rows, int(fold) if a16 else 0
+            # w16: bf16 weight [N, K] (no scales) straight into the MMA, bf16 x, fp32 output (matmul_fp32 at decode)
+            self.w16 = w16
+            assert not w16 or not (cp_async or group_rows or fold)
+            a16 = a16 or w16
+            self.a16, self.group_rows, self.fold = a16, group_rows, int(fold) if a16 and not w16 else 0
             self.fold_bias = {1: 120, 2: 112}.get(self.fold, 0)       # the weights' 2^-bias
             assert not group_rows or (a16 and group_rows % (warps * 16 * row_tiles) == 0)   # a CTA in one group
             self.K, self.S, self.n8, self.RT, self.W = k_dim, k_splits, n8, row_tiles, warps
@@ -2072,14 +2076,17 @@ if HAVE_CUTE:
 
             # ---- weight prefetch: stage = one k block of the warp's 16*RT rows: [stage][rt][row g | g+8][8 words]
             w_base = mW.iterator.toint()
-            wreg = cute.make_rmem_tensor((1 if self.cp_async else self.D, self.RT, 2, 8), Int32)
+            wreg = cute.make_rmem_tensor((1 if self.cp_async else self.D, self.RT, 2, 16 if self.w16 else 8), Int32)
             # cp.async slot of (stage, rt, h, half) for this thread: [warp][stage][rt][h][half][lane][16 B]
             w_slot = storage.wbuf.data_ptr().toint() + warp * (self.D * self.stage_bytes) + lane * 16
             row_addr = []
             for rt in cutlass.range_constexpr(self.RT):
                 for h in cutlass.range_constexpr(2):
                     r = cutlass.min(row_w + 16 * rt + g + 8 * h, N - 1)        # rows past N: read row N-1, unused
-                    row_addr.append(w_base + Int64(r) * Kd + Int64(kb0 * BLOCK + 16 * t))
+                    if const_expr(self.w16):                                  # 2 bytes per weight
+                        row_addr.append(w_base + Int64(r) * (2 * Kd) + Int64(kb0 * BLOCK * 2 + 32 * t))
+                    else:
+                        row_addr.append(w_base + Int64(r) * Kd + Int64(kb0 * BLOCK + 16 * t))
 
             def slot(st, rt, h, half):
                 return w_slot + (((st * self.RT + rt) * 2 + h) * 2 + half) * 512
@@ -2087,7 +2094,13 @@ if HAVE_CUTE:
             def load_stage(kb, st):
                 for rt in cutlass.range_constexpr(self.RT):
                     for h in cutlass.range_constexpr(2):
-                        for half in cutlass.range_constexpr(2):
+                        if const_expr(self.w16):   # k [16t, 16t+16) and [64+16t, ...) of the block: 4 x 16 B
+                            for q in cutlass.range_constexpr(4):
+                                v = _ld_v4(row_addr[2 * rt + h] + (kb * BLOCK * 2 + 128 * (q // 2) + 16 * (q % 2)),
+                                           ".nc.L1::no_allocate.L2::256B")
+                                for i in cutlass.range_constexpr(4):
+                                    wreg[st, rt, h, 4 * q + i] = v[i]
+                        for half in cutlass.range_constexpr(0 if self.w16 else 2):
                             src = row_addr[2 * rt + h] + (kb * BLOCK + 64 * half)
                             if const_expr(self.cp_async):
                                 _cp_async_16(slot(st, rt, h, half), src)
@@ -2121,10 +2134,11 @@ if HAVE_CUTE:
 
             # ---- weight block scales of the CTA's rows and slice -> smem fp32 [row block][k block]
             sW = storage.sw.get_tensor(cute.make_layout((self.row_blocks, kbc), stride=(kbc, 1)))
-            if tidx < self.row_blocks * kbc:
-                rb = tidx // kbc
-                r = cutlass.min(bid_n * self.rows + rb * BLOCK, N - 1)
-                sW[rb, tidx % kbc] = _e8m0_to_f32(Int32(mS[r // BLOCK, kb0 + tidx % kbc]))
+            if const_expr(not self.w16):
+                if tidx < self.row_blocks * kbc:
+                    rb = tidx // kbc
+                    r = cutlass.min(bid_n * self.rows + rb * BLOCK, N - 1)
+                    sW[rb, tidx % kbc] = _e8m0_to_f32(Int32(mS[r // BLOCK, kb0 + tidx % kbc]))
 
             # ---- quantize this CTA's K slice of x: warp task (token tile j, k block kb); thread (g, t) takes
             # token 8j+g, k = 16t..16t+15 and 64+16t..64+16t+15 of the block (the same k its MMA fragments use)
@@ -2216,7 +2230,9 @@ if HAVE_CUTE:
                         chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
                         cute.autovec_copy(sQ[None, chunk, 8 * j + g], bq[None, c, j])
                 for rt in cutlass.range_constexpr(self.RT):
-                    sw = sW[(warp * (16 * self.RT) + 16 * rt) // BLOCK, kb]
+                    sw = Float32(1.0)
+                    if const_expr(not self.w16):
+                        sw = sW[(warp * (16 * self.RT) + 16 * rt) // BLOCK, kb]
                     af = cute.make_rmem_tensor((8, 4), Int32)       # f16 (a16: bf16) A fragments of the 8 MMAs
                     cvt = _e4m3x4_to_bf16x2x2 if const_expr(self.a16) else _e4m3x4_to_f16x2x2
                     if const_expr(self.fold == 1):
@@ -2224,8 +2240,12 @@ if HAVE_CUTE:
                     elif const_expr(self.fold == 2):
                         cvt = _e4m3x4_to_bf16x2x2_unscaled
                     for i in cutlass.range_constexpr(8):
-                        a0, a2 = cvt(wreg[rs, rt, 0, i])
-                        a1, a3 = cvt(wreg[rs, rt, 1, i])
+                        if const_expr(self.w16):                      # bf16 pairs as loaded: words 2i, 2i+1
+                            a0, a2 = wreg[rs, rt, 0, 2 * i], wreg[rs, rt, 0, 2 * i + 1]
+                            a1, a3 = wreg[rs, rt, 1, 2 * i], wreg[rs, rt, 1, 2 * i + 1]
+                        else:
+                            a0, a2 = cvt(wreg[rs, rt, 0, i])
+                            a1, a3 = cvt(wreg[rs, rt, 1, i])
                         af[i, 0] = a0
                         af[i, 1] = a1
                         af[i, 2] = a2
@@ -2243,10 +2263,14 @@ if HAVE_CUTE:
                         elif const_expr(not self.a16):
                             f0 = sX[8 * j + 2 * t, kb] * sw
                             f1 = sX[8 * j + 2 * t + 1, kb] * sw
-                        acc[rt, j, 0] = acc[rt, j, 0] + d[0] * f0
-                        acc[rt, j, 1] = acc[rt, j, 1] + d[1] * f1
-                        acc[rt, j, 2] = acc[rt, j, 2] + d[2] * f0
-                        acc[rt, j, 3] = acc[rt, j, 3] + d[3] * f1
+                        if const_expr(self.w16):                      # unscaled
+                            for c in cutlass.range_constexpr(4):
+                                acc[rt, j, c] = acc[rt, j, c] + d[c]
+                        else:
+                            acc[rt, j, 0] = acc[rt, j, 0] + d[0] * f0
+                            acc[rt, j, 1] = acc[rt, j, 1] + d[1] * f1
+                            acc[rt, j, 2] = acc[rt, j, 2] + d[2] * f0
+                            acc[rt, j, 3] = acc[rt, j, 3] + d[3] * f1
                 if const_expr(kb + self.D < kbc):
                     load_stage(kb + self.D, st)
 
@@ -2258,7 +2282,7 @@ if HAVE_CUTE:
                             n = row_w + 16 * rt + g + 8 * (c // 2)
                             m = 8 * j + 2 * t + c % 2
                             if n < N and m < M:
-                                mOut[m, n] = acc[rt, j, c].to(BFloat16)
+                                mOut[m, n] = acc[rt, j, c].to(mOut.element_type)
             elif const_expr(self.cluster):
                 # partial -> own smem red[m][row]; cluster barrier; CTA z of the cluster sums elements
                 # [z E/S, (z+1) E/S) over the S CTAs in rank order (deterministic); barrier again before exit
@@ -2282,7 +2306,7 @@ if HAVE_CUTE:
                         m = e // self.rows
                         n = bid_n * self.rows + e % self.rows
                         if m < M and n < N:
-                            mOut[m, n] = ssum.to(BFloat16)
+                            mOut[m, n] = ssum.to(mOut.element_type)
                 cute.arch.cluster_arrive()
                 cute.arch.cluster_wait()
             else:
@@ -2316,28 +2340,28 @@ if HAVE_CUTE:
                                 s = [s[u] + v[u] for u in range(4)]
                             for u in cutlass.range_constexpr(4):
                                 if n + u < N:
-                                    mOut[m, n + u] = s[u].to(BFloat16)
+                                    mOut[m, n + u] = s[u].to(mOut.element_type)
                     if tidx == 0:
                         mCount[bid_n] = 0
 
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                  group_rows: int = 0, fold: int = 0):
+                  group_rows: int = 0, fold: int = 0, w16: bool = False):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
-        (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ())
+        (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ())
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
-                     fold)
+                     fold, w16)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
         mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         mk = cute.runtime.make_fake_compact_tensor
         args = (mk(BFloat16, (mx, k_dim), stride_order=(1, 0), assumed_align=16),
-                mk(Uint8, (n, k_dim), stride_order=(1, 0), assumed_align=16),
+                mk(Uint8, (n, 2 * k_dim if w16 else k_dim), stride_order=(1, 0), assumed_align=16),   # w16: bytes
                 mk(Uint8, (nb, k_dim // BLOCK), stride_order=(1, 0), assumed_align=1),
-                mk(BFloat16, (m, n), stride_order=(1, 0), assumed_align=4),
+                mk(Float32 if w16 else BFloat16, (m, n), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (cute.sym_int(), cute.sym_int(), cute.sym_int()), stride_order=(2, 1, 0),
                    assumed_align=16),
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
@@ -2416,6 +2440,69 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
         if part is None:      # made once (not per call: a fill inside a graph capture would add a kernel node)
             part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
     fn(x2, weight.view(torch.uint8), scale.contiguous().view(torch.uint8), out, part, _row_counters(dev, row_ctas))
+    return out.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16 GEMV with an fp32 output (dsv4.matmul_fp32 at decode: compressor wkv|wgate, indexer weights_proj)
+#
+#     y[m, n] = sum_k x[m, k] * W[n, k]   (bf16 values, exact products, fp32 sums, fp32 out)
+#
+# The Fp8Gemv kernel with w16: the bf16 weight rows go straight into mma.sync bf16 (no scales, no act quant).
+def bf16_gemv_fp32_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T in fp32 (the reference's fp32 matmul of bf16 values) -> [..., N] fp32."""
+    return torch.nn.functional.linear(x.float(), weight.float())
+
+
+def bf16_gemv_fp32_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True if bf16_gemv_fp32 runs the kernel: CuTe DSL + sm_90, bf16 x with <= 16 rows, bf16 weight [N, K] with
+    K % 128 == 0 and contiguous 16-byte aligned rows."""
+    if not (HAVE_CUTE and x.is_cuda and weight.is_cuda and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and weight.dim() == 2):
+        return False
+    if x.device not in _SM90:
+        _SM90[x.device] = torch.cuda.get_device_capability(x.device) == (9, 0)
+    if not _SM90[x.device]:
+        return False
+    N, Kd = weight.shape
+    M = math.prod(x.shape[:-1])
+    return (x.shape[-1] == Kd and Kd % BLOCK == 0 and 1 <= M <= MAX_ROWS and N >= 1
+            and weight.stride(1) == 1 and weight.stride(0) == Kd and weight.data_ptr() % 16 == 0)
+
+
+def bf16_gemv_fp32(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """x [..., K] bf16 (M = prod of leading dims <= 16) @ weight [N, K] bf16 ^T -> [..., N] fp32, one launch, no host
+    sync (CUDA-graph capturable). Semantics: bf16_gemv_fp32_reference (fp32 sums in another order)."""
+    Kd = x.shape[-1]
+    N = weight.shape[0]
+    M = math.prod(x.shape[:-1])
+    if M == 0:
+        return x.new_empty(*x.shape[:-1], N, dtype=torch.float32)
+    if not bf16_gemv_fp32_supported(x, weight):
+        raise ValueError(f"bf16_gemv_fp32 can't take x {tuple(x.shape)} {x.dtype} {x.device}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}: needs CuTe DSL, sm_90, bf16, <= {MAX_ROWS} rows, "
+                         "K % 128 == 0")
+    dev = x.device
+    if dev not in _NUM_SMS:
+        _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev])), "w16": True}
+    fn = _compile_gemv(**cfg)
+    rows = cfg["warps"] * 16 * cfg["row_tiles"]
+    row_ctas = -(-N // rows)
+    x2 = x.reshape(M, Kd).contiguous()
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
+    out = torch.empty(M, N, dtype=torch.float32, device=dev)
+    if cfg["k_splits"] > 1 and not cfg.get("cluster"):
+        part = torch.empty(cfg["k_splits"], M, row_ctas * rows, dtype=torch.float32, device=dev)
+    else:
+        part = _COUNTERS.get((dev, "unused"))
+        if part is None:
+            part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
+    no_scale = _COUNTERS.get((dev, "no_scale", Kd))
+    if no_scale is None:                       # the scale argument's shape; w16 reads none of it
+        no_scale = _COUNTERS[(dev, "no_scale", Kd)] = torch.zeros(1, Kd // BLOCK, dtype=torch.uint8, device=dev)
+    fn(x2, weight.view(torch.uint8), no_scale, out, part, _row_counters(dev, row_ctas))
     return out.view(*x.shape[:-1], N)
 
 

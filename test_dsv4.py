@@ -2430,6 +2430,7 @@ def test_grouped_unsupported_inputs_are_refused_with_value_error():
         K.fp8_gemv_grouped(x, w, s)                                      # no GPU here / not sm_90
 
 
+W16_SHAPES_COMPILE = [(2048, 4096), (512, 4096), (1024, 4096), (64, 4096), (384, 256)]
 COMPILE_GROUPED = """
 import os, sys, kernels as K
 K._CACHE_DIR, dump = sys.argv[1], sys.argv[2]
@@ -2439,13 +2440,19 @@ for G, R, Kd in %r:
         for f in os.listdir(dump):                 # configs share a PTX file name: keep each one
             if not f.startswith("done"):
                 os.rename(os.path.join(dump, f), os.path.join(dump, f"done{G}_{M}_{f}"))
-""" % (list(WO_A_SHAPES.values()),)
+for N, Kd in %r:                                   # bf16_gemv_fp32 (w16)
+    for M in (1, 16):
+        K._compile_gemv(**K.pick_gemv_config(N, Kd, M, 132), w16=True)
+        for f in os.listdir(dump):
+            if not f.startswith("done"):
+                os.rename(os.path.join(dump, f), os.path.join(dump, f"donew{N}_{M}_{f}"))
+""" % (list(WO_A_SHAPES.values()), W16_SHAPES_COMPILE)
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_grouped_gemv_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_path):
-    """Flash, Pro and tiny wo_a configs at M = 1 and 16 compile for sm_90a here; where ptxas is installed, its report
-    on the PTX shows no register spills."""
+    """Flash, Pro and tiny wo_a configs and the bf16_gemv_fp32 (w16) configs at M = 1 and 16 compile for sm_90a here;
+    where ptxas is installed, its report on the PTX shows no register spills."""
     dump = tmp_path / "ptx"
     dump.mkdir()
     here = os.path.dirname(os.path.abspath(__file__))
@@ -2460,6 +2467,8 @@ def test_grouped_gemv_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_pa
         return
     configs = {tuple(sorted(K.pick_grouped_gemv_config(G * R, Kd, M, R, 132).items()))
                for G, R, Kd in WO_A_SHAPES.values() for M in (1, 16)}
+    configs |= {tuple(sorted({**K.pick_gemv_config(N, Kd, M, 132), "w16": True}.items()))
+                for N, Kd in W16_SHAPES_COMPILE for M in (1, 16)}
     assert len(ptxs) == len(configs)                             # one PTX per distinct config (Flash = Pro here)
     for ptx in ptxs:
         rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
@@ -2578,6 +2587,48 @@ def test_gpu_grouped_gemv_matches_the_bf16_einsum_it_replaces():
     ref = torch.einsum("mgi,gri->mgr", x, dsv4.dequant_fp8(w, s, torch.bfloat16).unflatten(0, (G, -1))).float()
     assert ((z - ref).norm() / ref.norm()).item() < 2e-3
     assert (z == ref).float().mean().item() > 0.9
+
+
+W16_SHAPES = [(2048, 4096), (512, 4096), (1024, 4096), (64, 4096), (384, 256)]   # compressors, weights_proj, tiny
+
+
+@gpu
+@pytest.mark.parametrize("N,Kd", W16_SHAPES)
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_gpu_bf16_gemv_fp32_matches_the_fp64_product(N, Kd, M):
+    """kernels.bf16_gemv_fp32 (dsv4.matmul_fp32 at decode): bf16 products are exact, so vs the fp64 product only the
+    fp32 summation differs: rel err at fp32 level, rows of very different magnitudes, a zero row."""
+    g = torch.Generator().manual_seed(N + M)
+    x = torch.randn(M, Kd, generator=g) * torch.tensor([1.0, 0.0, 1e-20, 1e20])[torch.arange(M) % 4][:, None]
+    w = torch.randn(N, Kd, generator=g) * 0.02
+    x, w = x.to(torch.bfloat16).cuda(), w.to(torch.bfloat16).cuda()
+    y = K.bf16_gemv_fp32(x, w)
+    ref = x.double() @ w.double().t()
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    for m in range(M):
+        if ref[m].abs().max() == 0:
+            assert (y[m] == 0).all()
+            continue
+        err = ((y[m].double() - ref[m]).norm() / ref[m].norm()).item()
+        assert err <= 1e-6, f"row {m}: rel err {err:.1e}"
+    assert torch.equal(y, K.bf16_gemv_fp32(x, w))                  # deterministic
+
+
+@gpu
+def test_gpu_bf16_gemv_fp32_replays_in_a_cuda_graph_and_serves_matmul_fp32(monkeypatch):
+    monkeypatch.setattr(dsv4, "FUSED_KERNELS", True)
+    x = torch.randn(2, 4096, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(2048, 4096, device="cuda") * 0.02).to(torch.bfloat16)
+    y0 = dsv4.matmul_fp32(x, w)
+    assert torch.equal(y0, K.bf16_gemv_fp32(x, w))                  # the fused path runs the kernel
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = K.bf16_gemv_fp32(x, w)
+    x.copy_(torch.randn(2, 4096).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = x.double() @ w.double().t()
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-6
 
 
 @gpu
