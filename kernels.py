@@ -1938,6 +1938,13 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
+    def _f16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
+        """(lo, hi) fp32 -> f16x2, round to nearest even."""
+        return Int32(_llvm.inline_asm(
+            _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
+            "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
+
+    @dsl_user_op
     def _bf16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         """(lo, hi) fp32 -> bf16x2, round to nearest even (exact for values that are bf16 already)."""
         return Int32(_llvm.inline_asm(
@@ -1992,7 +1999,10 @@ if HAVE_CUTE:
         only): x is [M * G, K] (token-major, G = N / R groups), weight row n reads x row m * G + n // R (wo_a).
         fold (a16 only): the weight's power-of-two offset is not undone per weight but folded into the block factor:
         fold=1: the bf16 of v * 2^-120 from 7 integer ops per 4 weights (no convert; e4m3 subnormals become bf16
-        subnormals); fold=2: the bf16 of v * 2^-112 from the f16 convert + 3 integer ops per pair (no multiply).
+        subnormals); fold=2: the bf16 of v * 2^-112 from the f16 convert + 3 integer ops per pair (no multiply);
+        fold=3 (NOT exact: an experiment): x's block scaled to a max in [2^15, 2^16) and rounded to f16 (elements more
+        than ~32 binades below their block's max lose bits, < 2^-30 of the block's largest product), the weight via
+        the one f16 convert, mma.sync f16, as the FP8 path.
         Each (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101), so the products
         stay fp32-normal, and the partial is multiplied back by 2^(bias - k), then by sw."""
 
@@ -2164,13 +2174,17 @@ if HAVE_CUTE:
                                 xv[4 * c + i] = v[i]
                     if const_expr(self.fold):
                         # x * 2^k with k = clamp(227 - E(amax), 0, 127): the block max lands in [2^100, 2^101)
+                        # (fold 3: k = clamp(142 - E, -112, 126), the max in [2^15, 2^16), then rounded to f16)
                         amax = Int32(0)
                         for i in cutlass.range_constexpr(16):
                             w = xv[i]
                             amax = cutlass.max(amax, cutlass.max(w & 0x7FFF, (w >> 16) & 0x7FFF))
                         amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 1))
                         amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 2))
-                        kx = cutlass.min(cutlass.max(227 - (amax >> 7), 0), 127)
+                        if const_expr(self.fold == 3):
+                            kx = cutlass.min(cutlass.max(142 - (amax >> 7), -112), 126)
+                        else:
+                            kx = cutlass.min(cutlass.max(227 - (amax >> 7), 0), 127)
                         up = _bits_f32((127 + kx) << 23)
                         for c in cutlass.range_constexpr(4):
                             qw = cute.make_rmem_tensor((4,), Int32)
@@ -2182,6 +2196,9 @@ if HAVE_CUTE:
                                 if const_expr(self.fold == 1):   # pairs (x0, x2), (x1, x3): the weights' pairing
                                     qw[2 * p] = _bf16x2_from_f32(x0, x2)
                                     qw[2 * p + 1] = _bf16x2_from_f32(x1, x3)
+                                elif const_expr(self.fold == 3):
+                                    qw[2 * p] = _f16x2_from_f32(x0, x1)
+                                    qw[2 * p + 1] = _f16x2_from_f32(x2, x3)
                                 else:
                                     qw[2 * p] = _bf16x2_from_f32(x0, x1)
                                     qw[2 * p + 1] = _bf16x2_from_f32(x2, x3)
@@ -2239,6 +2256,8 @@ if HAVE_CUTE:
                         cvt = _e4m3x4_to_bf16x2x2_scaled
                     elif const_expr(self.fold == 2):
                         cvt = _e4m3x4_to_bf16x2x2_unscaled
+                    elif const_expr(self.fold == 3):
+                        cvt = _e4m3x4_to_f16x2x2
                     for i in cutlass.range_constexpr(8):
                         if const_expr(self.w16):                      # bf16 pairs as loaded: words 2i, 2i+1
                             a0, a2 = wreg[rs, rt, 0, 2 * i], wreg[rs, rt, 0, 2 * i + 1]
@@ -2252,7 +2271,7 @@ if HAVE_CUTE:
                         af[i, 3] = a3
                     for j in cutlass.range_constexpr(self.n8):
                         d = [Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)]
-                        mma = _mma_bf16 if const_expr(self.a16) else _mma_f16
+                        mma = _mma_bf16 if const_expr(self.a16 and self.fold != 3) else _mma_f16
                         for i in cutlass.range_constexpr(8):
                             d = mma(af[i, 0], af[i, 1], af[i, 2], af[i, 3], bq[(2 * i) % 4, i // 2, j],
                                     bq[(2 * i + 1) % 4, i // 2, j], d)
