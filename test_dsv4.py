@@ -2597,7 +2597,8 @@ W16_SHAPES = [(2048, 4096), (512, 4096), (1024, 4096), (64, 4096), (384, 256)]  
 @pytest.mark.parametrize("M", [1, 4, 16])
 def test_gpu_bf16_gemv_fp32_matches_the_fp64_product(N, Kd, M):
     """kernels.bf16_gemv_fp32 (dsv4.matmul_fp32 at decode): bf16 products are exact, so vs the fp64 product only the
-    fp32 summation differs: rel err at fp32 level, rows of very different magnitudes, a zero row."""
+    fp32 summation differs: rel err at fp32 level (1e-5; bf16 rounding would be ~4e-3), rows of very different
+    magnitudes, a zero row."""
     g = torch.Generator().manual_seed(N + M)
     x = torch.randn(M, Kd, generator=g) * torch.tensor([1.0, 0.0, 1e-20, 1e20])[torch.arange(M) % 4][:, None]
     w = torch.randn(N, Kd, generator=g) * 0.02
@@ -2610,7 +2611,7 @@ def test_gpu_bf16_gemv_fp32_matches_the_fp64_product(N, Kd, M):
             assert (y[m] == 0).all()
             continue
         err = ((y[m].double() - ref[m]).norm() / ref[m].norm()).item()
-        assert err <= 1e-6, f"row {m}: rel err {err:.1e}"
+        assert err <= 1e-5, f"row {m}: rel err {err:.1e}"
     assert torch.equal(y, K.bf16_gemv_fp32(x, w))                  # deterministic
 
 
@@ -2628,7 +2629,7 @@ def test_gpu_bf16_gemv_fp32_replays_in_a_cuda_graph_and_serves_matmul_fp32(monke
     graph.replay()
     torch.cuda.synchronize()
     ref = x.double() @ w.double().t()
-    assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-6
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 @gpu
