@@ -2008,19 +2008,25 @@ if HAVE_CUTE:
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
-                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False):
+                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
+            # k_warps KW > 1: the CTA's K slice is split over KW warps of each row group (split-K inside the CTA,
+            # partials summed through shared memory in warp order): KW x fewer rows per CTA, no global partials
+            self.KW = k_warps
+            assert warps % k_warps == 0 and (k_dim // BLOCK // k_splits) % k_warps == 0
+            assert k_warps == 1 or (k_splits == 1 and not cp_async and not w16)
             # w16: bf16 weight [N, K] (no scales) straight into the MMA, bf16 x, fp32 output (matmul_fp32 at decode)
             self.w16 = w16
             assert not w16 or not (cp_async or group_rows or fold)
             a16 = a16 or w16
             self.a16, self.group_rows, self.fold = a16, group_rows, int(fold) if a16 and not w16 else 0
             self.fold_bias = {1: 120, 2: 112}.get(self.fold, 0)       # the weights' 2^-bias
-            assert not group_rows or (a16 and group_rows % (warps * 16 * row_tiles) == 0)   # a CTA in one group
+            assert not group_rows or (a16 and group_rows % (warps // k_warps * 16 * row_tiles) == 0)   # one group
             self.K, self.S, self.n8, self.RT, self.W = k_dim, k_splits, n8, row_tiles, warps
             self.kbc = k_dim // BLOCK // k_splits          # k blocks per CTA
-            self.D = max(1, min(stages, self.kbc))
-            self.rows = warps * 16 * row_tiles
+            self.kbw = self.kbc // k_warps                 # k blocks per warp
+            self.D = max(1, min(stages, self.kbw))
+            self.rows = warps // k_warps * 16 * row_tiles
             self.mpad = 8 * n8
             self.row_words = self.kbc * BLOCK // 2 + 4     # f16 pairs per token row in smem (+16 B: no bank conflict)
             self.threads = 32 * warps
@@ -2035,6 +2041,9 @@ if HAVE_CUTE:
             # (DSMEM) instead of global memory + an arrival counter (S <= 8, the portable cluster size)
             self.cluster = cluster and k_splits > 1
             self.min_ctas = min_ctas        # > 0: ptxas keeps registers low enough for this many CTAs per SM
+            # fp32 partials in smem: cluster split-K [rows][tokens]; k_warps [KW][rows][tokens]
+            self.red_words = self.rows * self.mpad * (1 if self.cluster else k_warps) \
+                if self.cluster or k_warps > 1 else 4
             assert not self.cluster or k_splits <= 8
 
         @cute.jit
@@ -2049,7 +2058,7 @@ if HAVE_CUTE:
                 wbuf: cute.struct.Align[cute.struct.MemRange[
                     Int32, (self.W * self.D * self.stage_bytes // 4) if self.cp_async else 4], 128]
                 red: cute.struct.Align[cute.struct.MemRange[
-                    Float32, (self.rows * self.mpad) if self.cluster else 4], 16]
+                    Float32, self.red_words], 16]
 
             self.shared_storage = SharedStorage
             n = cute.size(mW, mode=[0])
@@ -2076,7 +2085,10 @@ if HAVE_CUTE:
             kbc = self.kbc
             mpad = self.mpad
             kb0 = bid_k * kbc                                   # first global k block of this CTA
-            row_w = bid_n * self.rows + warp * (16 * self.RT)  # first weight row of this warp
+            warp_r, warp_k = warp, 0                            # the warp's row group and K part (k_warps)
+            if const_expr(self.KW > 1):
+                warp_r, warp_k = warp % (self.W // self.KW), warp // (self.W // self.KW)
+            row_w = bid_n * self.rows + warp_r * (16 * self.RT)  # first weight row of this warp
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             # smem activations: [token][chunk of 4 f16x2 words], chunks of 8 k
@@ -2096,7 +2108,7 @@ if HAVE_CUTE:
                     if const_expr(self.w16):                                  # 2 bytes per weight
                         row_addr.append(w_base + Int64(r) * (2 * Kd) + Int64(kb0 * BLOCK * 2 + 32 * t))
                     else:
-                        row_addr.append(w_base + Int64(r) * Kd + Int64(kb0 * BLOCK + 16 * t))
+                        row_addr.append(w_base + Int64(r) * Kd + Int64((kb0 + warp_k * self.kbw) * BLOCK + 16 * t))
 
             def slot(st, rt, h, half):
                 return w_slot + (((st * self.RT + rt) * 2 + h) * 2 + half) * 512
@@ -2239,9 +2251,10 @@ if HAVE_CUTE:
             acc = cute.make_rmem_tensor((self.RT, self.n8, 4), Float32)
             acc.fill(0.0)
             bq = cute.make_rmem_tensor((4, 4, self.n8), Int32)        # [word][chunk][token tile]: f16 pairs
-            for kb in cutlass.range_constexpr(kbc):
-                st = kb % self.D
-                rs = fetch_stage(kb, st)
+            for kbl in cutlass.range_constexpr(self.kbw):
+                kb = kbl if const_expr(self.KW == 1) else warp_k * self.kbw + kbl   # k block within the CTA slice
+                st = kbl % self.D
+                rs = fetch_stage(kbl, st)
                 for j in cutlass.range_constexpr(self.n8):
                     for c in cutlass.range_constexpr(4):
                         chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
@@ -2249,7 +2262,7 @@ if HAVE_CUTE:
                 for rt in cutlass.range_constexpr(self.RT):
                     sw = Float32(1.0)
                     if const_expr(not self.w16):
-                        sw = sW[(warp * (16 * self.RT) + 16 * rt) // BLOCK, kb]
+                        sw = sW[(warp_r * (16 * self.RT) + 16 * rt) // BLOCK, kb]
                     af = cute.make_rmem_tensor((8, 4), Int32)       # f16 (a16: bf16) A fragments of the 8 MMAs
                     cvt = _e4m3x4_to_bf16x2x2 if const_expr(self.a16) else _e4m3x4_to_f16x2x2
                     if const_expr(self.fold == 1):
@@ -2290,11 +2303,32 @@ if HAVE_CUTE:
                             acc[rt, j, 1] = acc[rt, j, 1] + d[1] * f1
                             acc[rt, j, 2] = acc[rt, j, 2] + d[2] * f0
                             acc[rt, j, 3] = acc[rt, j, 3] + d[3] * f1
-                if const_expr(kb + self.D < kbc):
-                    load_stage(kb + self.D, st)
+                if const_expr(kbl + self.D < self.kbw):
+                    load_stage(kbl + self.D, st)
 
             # ---- epilogue: acc[rt, j, c] = (weight row row_w + 16rt + g + 8(c//2), token 8j + 2t + c%2)
-            if const_expr(self.S == 1):
+            if const_expr(self.KW > 1):
+                # partials -> smem red[part][row][token]; the CTA sums the KW parts in order (deterministic)
+                red = storage.red.get_tensor(cute.make_layout((self.KW, self.rows, mpad),
+                                                              stride=(self.rows * mpad, 1, self.rows)))
+                for rt in cutlass.range_constexpr(self.RT):
+                    for j in cutlass.range_constexpr(self.n8):
+                        for c in cutlass.range_constexpr(4):
+                            red[warp_k, warp_r * (16 * self.RT) + 16 * rt + g + 8 * (c // 2), 8 * j + 2 * t + c % 2] = \
+                                acc[rt, j, c]
+                cute.arch.sync_threads()
+                for it in cutlass.range_constexpr((self.rows * mpad + self.threads - 1) // self.threads):
+                    e = tidx + self.threads * it
+                    if e < self.rows * mpad:
+                        row = e % self.rows
+                        m = e // self.rows
+                        ssum = red[0, row, m]
+                        for z in cutlass.range_constexpr(1, self.KW):
+                            ssum = ssum + red[z, row, m]
+                        n = bid_n * self.rows + row
+                        if m < M and n < N:
+                            mOut[m, n] = ssum.to(mOut.element_type)
+            elif const_expr(self.S == 1):
                 for rt in cutlass.range_constexpr(self.RT):
                     for j in cutlass.range_constexpr(self.n8):
                         for c in cutlass.range_constexpr(4):
@@ -2366,14 +2400,15 @@ if HAVE_CUTE:
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                  group_rows: int = 0, fold: int = 0, w16: bool = False):
+                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
-        (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ())
+        (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ()) + \
+        (("kw", k_warps) if k_warps > 1 else ())
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
-                     fold, w16)
+                     fold, w16, k_warps)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
         mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         mk = cute.runtime.make_fake_compact_tensor
@@ -2446,7 +2481,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev]))}   # config: benchmarks only
     fn = _compile_gemv(**cfg)
-    rows = cfg["warps"] * 16 * cfg["row_tiles"]
+    rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
     x2 = x.reshape(M, Kd).contiguous()
     if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
@@ -2506,7 +2541,7 @@ def bf16_gemv_fp32(x: torch.Tensor, weight: torch.Tensor, config: dict | None = 
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev])), "w16": True}
     fn = _compile_gemv(**cfg)
-    rows = cfg["warps"] * 16 * cfg["row_tiles"]
+    rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
     x2 = x.reshape(M, Kd).contiguous()
     if x2.data_ptr() % 16:
@@ -2609,7 +2644,7 @@ def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if not cfg.get("a16") or cfg.get("group_rows") != R:
         raise ValueError(f"fp8_gemv_grouped: config must have a16=True and group_rows={R}, got {cfg}")
     fn = _compile_gemv(**cfg)
-    rows = cfg["warps"] * 16 * cfg["row_tiles"]
+    rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
     x2 = x.reshape(M * G, Kd).contiguous()
     if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads

@@ -2561,6 +2561,20 @@ def test_gpu_grouped_fold_and_cvt_weight_paths_give_the_same_bits(M, fold):
 
 
 @gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_gpu_grouped_k_warps_split_gives_the_bits_of_the_global_split(M):
+    """k_warps=4 (the CTA's 4 K quarters on 4 warps, summed in smem) adds the same partials in the same order as
+    k_splits=4 (4 CTAs, summed through global memory), so the outputs are the same bits."""
+    G, R, Kd = WO_A_SHAPES["flash"]
+    x, w, s = grouped_problem(M, G, R, Kd, seed=17, device="cuda")
+    base = dict(k_dim=Kd, n8=1 if M <= 8 else 2, row_tiles=1, warps=8, stages=4, a16=True, group_rows=R, fold=1)
+    a = K.fp8_gemv_grouped(x, w, s, config=dict(base, k_splits=4))
+    b = K.fp8_gemv_grouped(x, w, s, config=dict(base, k_splits=1, k_warps=4))
+    assert torch.equal(a, b), (a != b).float().mean().item()
+    _check_grouped(b, x, w, s)
+
+
+@gpu
 def test_gpu_grouped_gemv_is_deterministic_and_replays_in_a_cuda_graph():
     G, R, Kd = WO_A_SHAPES["flash"]
     x, w, s = grouped_problem(8, G, R, Kd, seed=5, device="cuda")
