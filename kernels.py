@@ -2578,27 +2578,40 @@ def fp8_gemv_grouped_reference(x: torch.Tensor, weight: torch.Tensor, scale: tor
     return torch.einsum("...gk,grk->...gr", x.float(), w).to(x.dtype)
 
 
-GROUPED_FOLD = 1       # weight path of the grouped W8A16 GEMV (Fp8Gemv fold): H200 R1, Flash wo_a M=1, 128-row CTAs of
-                       # 8 warps, 4 K slices: fold=1 10.9 us, fold=2 11.5, 0 (cvt + multiply) 11.4; same bits
+GROUPED_FOLD = 1       # weight path of the grouped W8A16 GEMV (Fp8Gemv fold): H200 R1/R2, Flash wo_a M=1, 128-row CTAs
+                       # of 8 warps, 4 K slices: fold=1 10.8 us, fold=2 11.4, 0 (cvt + multiply) 11.3; same bits
+GROUPED_CHUNK_ROWS = 256   # fp8_gemv_grouped runs up to this many rows as launches of 16 (prefill of short prompts:
+                           # H200 R2, Flash wo_a, T=64: ~4 x 11 us vs 250 us for the per-call dequant + einsum)
 
 
 def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
     """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]. Big weights (wo_a: 32/64 MB,
-    bandwidth-bound): 128-row CTAs of 8 warps x 1 row tile, global split-K into slices of <= 8 k blocks (H200 R1,
-    Flash M=1: 10.9 us vs 12.4 for pick_gemv_config's 4 warps x 2 row tiles; 2 or 8 slices 15-16 us). Else
-    pick_gemv_config's rules. The rows of a CTA divide R (a CTA stays in one group)."""
+    bandwidth-bound): the first layout whose CTAs fill >= 90% of one wave of resident CTAs:
+    64-row CTAs of 16 warps splitting K four ways inside the CTA (k_warps=4; one CTA per SM), else 128-row CTAs of
+    8 warps with K split over 2, 4 or 8 CTAs (global partials; two CTAs per SM). H200 R2, M=1: Flash (128 CTAs)
+    k_warps 10.4 us vs 10.8 for 4 CTA slices (12.5-16 us for other shapes); Pro: 2 CTA slices 19.4 us vs 20.0
+    (k_warps, 2 waves) and 20.3 (4 slices). Else pick_gemv_config's rules. A CTA's rows divide R (one group)."""
     kb = K // BLOCK
     c = pick_gemv_config(N, K, M, num_sms)
     if N * K >= BIG_WEIGHT_BYTES and group_rows % 128 == 0:
-        splits = min(d for d in range(1, kb + 1) if kb % d == 0 and kb // d <= 8)
-        c = dict(c, k_splits=splits, row_tiles=1, warps=8, stages=min(kb // splits, 4), cluster=False)
-    while group_rows % (c["warps"] * 16 * c["row_tiles"]):
+        choice = None
+        if kb % 4 == 0 and 0.9 * num_sms <= N / 64 <= num_sms:
+            choice = dict(k_splits=1, k_warps=4, warps=16, row_tiles=1, stages=4)
+        for splits in (2, 4, 8):
+            if choice is None and kb % splits == 0 and kb // splits <= MAX_SLICE_BLOCKS \
+                    and 0.9 * 2 * num_sms <= N / 128 * splits <= 2 * num_sms:
+                choice = dict(k_splits=splits, warps=8, row_tiles=1, stages=4)
+        if choice is None:                           # the most CTAs of at most 8 slices: latency-bound anyway
+            splits = max(d for d in (1, 2, 4, 8) if kb % d == 0 and kb // d <= MAX_SLICE_BLOCKS)
+            choice = dict(k_splits=splits, warps=8, row_tiles=1, stages=4)
+        c = dict(c, **choice, cluster=False)
+    while group_rows % (c["warps"] // c.get("k_warps", 1) * 16 * c["row_tiles"]):
         c = {**c, "row_tiles": 1} if c["row_tiles"] > 1 else {**c, "warps": c["warps"] // 2}
     return {**c, "a16": True, "group_rows": group_rows, "fold": GROUPED_FOLD}
 
 
 def fp8_gemv_grouped_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True if fp8_gemv_grouped runs the kernel: CuTe DSL + sm_90 GPU, bf16 x [..., G, K] with <= 16 leading rows,
+    """True if fp8_gemv_grouped runs the kernel: CuTe DSL + sm_90 GPU, bf16 x [..., G, K] with <= 256 leading rows,
     e4m3 weight [G R, K] with K % 128 == 0, R % 32 == 0, contiguous rows."""
     if not (HAVE_CUTE and x.is_cuda and weight.is_cuda and x.dtype == torch.bfloat16 and x.dim() >= 2
             and weight.dtype == torch.float8_e4m3fn and weight.dim() == 2):
@@ -2610,25 +2623,25 @@ def fp8_gemv_grouped_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     N, Kd = weight.shape
     G = x.shape[-2]
     M = math.prod(x.shape[:-2])
-    return (x.shape[-1] == Kd and Kd % BLOCK == 0 and 1 <= M <= MAX_ROWS and G >= 1 and N % G == 0
+    return (x.shape[-1] == Kd and Kd % BLOCK == 0 and 1 <= M <= GROUPED_CHUNK_ROWS and G >= 1 and N % G == 0
             and (N // G) % 32 == 0 and weight.stride(1) == 1 and weight.stride(0) == Kd
             and weight.data_ptr() % 16 == 0)
 
 
 def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                      config: dict | None = None) -> torch.Tensor:
-    """Grouped W8A16 product for decode: x [..., G, K] bf16 (M = prod of leading dims <= 16), weight [G R, K]
-    float8_e4m3fn, scale [G R / 128, K / 128] float8_e8m0fnu -> [..., G, R] bf16. One kernel launch, no host sync
-    (CUDA-graph capturable). Semantics: fp8_gemv_grouped_reference. Raises ValueError for inputs it can't take (check
-    fp8_gemv_grouped_supported first)."""
+    """Grouped W8A16 product for decode: x [..., G, K] bf16 (M = prod of leading dims <= 256), weight [G R, K]
+    float8_e4m3fn, scale [G R / 128, K / 128] float8_e8m0fnu -> [..., G, R] bf16. One kernel launch per 16 rows
+    (decode: one), no host sync (CUDA-graph capturable). Semantics: fp8_gemv_grouped_reference. Raises ValueError
+    for inputs it can't take (check fp8_gemv_grouped_supported first)."""
     G, Kd = x.shape[-2:]
     N = weight.shape[0]
     M = math.prod(x.shape[:-2])
     R = N // max(G, 1)
     if M == 0:
         return x.new_empty(*x.shape[:-1], R)
-    if M > MAX_ROWS:
-        raise ValueError(f"fp8_gemv_grouped takes at most {MAX_ROWS} rows, got {M} (use the GEMM path)")
+    if M > GROUPED_CHUNK_ROWS:
+        raise ValueError(f"fp8_gemv_grouped takes at most {GROUPED_CHUNK_ROWS} rows, got {M} (use the GEMM path)")
     if not fp8_gemv_grouped_supported(x, weight):
         raise ValueError(f"fp8_gemv_grouped can't take x {tuple(x.shape)} {x.dtype} {x.device}, weight "
                          f"{tuple(weight.shape)} {weight.dtype}: needs CuTe DSL, sm_90, bf16 x [..., G, K], e4m3 "
@@ -2640,23 +2653,26 @@ def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     dev = x.device
     if dev not in _NUM_SMS:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    cfg = {"pdl": GEMV_USE_PDL, **(config or pick_grouped_gemv_config(N, Kd, M, R, _NUM_SMS[dev]))}
-    if not cfg.get("a16") or cfg.get("group_rows") != R:
-        raise ValueError(f"fp8_gemv_grouped: config must have a16=True and group_rows={R}, got {cfg}")
-    fn = _compile_gemv(**cfg)
-    rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
-    row_ctas = -(-N // rows)
     x2 = x.reshape(M * G, Kd).contiguous()
     if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
         x2 = x2.clone()
     out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
-    if cfg["k_splits"] > 1 and not cfg.get("cluster"):
-        part = torch.empty(cfg["k_splits"], M, row_ctas * rows, dtype=torch.float32, device=dev)
-    else:
-        part = _COUNTERS.get((dev, "unused"))
-        if part is None:      # made once (not per call: a fill inside a graph capture would add a kernel node)
-            part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
-    fn(x2, weight.view(torch.uint8), scale.contiguous().view(torch.uint8), out, part, _row_counters(dev, row_ctas))
+    w8, s8 = weight.view(torch.uint8), scale.contiguous().view(torch.uint8)
+    for m0 in range(0, M, MAX_ROWS):                                 # decode: one launch
+        m = min(MAX_ROWS, M - m0)
+        cfg = {"pdl": GEMV_USE_PDL, **(config or pick_grouped_gemv_config(N, Kd, m, R, _NUM_SMS[dev]))}
+        if not cfg.get("a16") or cfg.get("group_rows") != R:
+            raise ValueError(f"fp8_gemv_grouped: config must have a16=True and group_rows={R}, got {cfg}")
+        fn = _compile_gemv(**cfg)
+        rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
+        row_ctas = -(-N // rows)
+        if cfg["k_splits"] > 1 and not cfg.get("cluster"):
+            part = torch.empty(cfg["k_splits"], m, row_ctas * rows, dtype=torch.float32, device=dev)
+        else:
+            part = _COUNTERS.get((dev, "unused"))
+            if part is None:      # made once (not per call: a fill inside a graph capture would add a kernel node)
+                part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
+        fn(x2[m0 * G:(m0 + m) * G], w8, s8, out[m0:m0 + m], part, _row_counters(dev, row_ctas))
     return out.view(*x.shape[:-1], R)
 
 
