@@ -746,8 +746,8 @@ class Attention(nn.Module):
 
     def keep_wo_a_fp8(self):
         """wo_a as stored (FP8 e4m3 + e8m0 block scales, not dequantized at load): on the device of its weight (meta
-        before load_model fills it). Decode (<= 16 rows) then runs kernels.fp8_gemv_grouped, prefill dequantizes
-        per call (see _out)."""
+        before load_model fills it). Up to 256 rows (decode, short prompts) then run kernels.fp8_gemv_grouped, longer
+        prefills dequantize per call (see _out)."""
         with torch.device(self.wo_a.weight.device):
             self.wo_a = Linear(self.wo_a.in_features, self.wo_a.out_features)
 
@@ -835,8 +835,8 @@ class Attention(nn.Module):
 
     def _out(self, o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position; grouped
-        low-rank wo_a (bf16 einsum of the reference; with wo_a held FP8: the grouped W8A16 kernel at decode, the
-        einsum with a per-call bf16 dequantization otherwise, same math), then wo_b."""
+        low-rank wo_a (bf16 einsum of the reference; with wo_a held FP8: the grouped W8A16 kernel up to 256 rows, the
+        einsum with a per-call bf16 dequantization beyond, same math), then wo_b."""
         if fused(o) and pos.numel() == 1:
             o = kernels.rope_inverse_fused(o, angles, pos)            # in place
         else:
@@ -846,7 +846,7 @@ class Attention(nn.Module):
         w, s = self.wo_a.weight, self.wo_a.scale
         if s is None:                                                 # bf16 (dequantized at load, as the reference)
             z = torch.einsum("bsgi,gri->bsgr", og, w.to(o.dtype).unflatten(0, (G, -1)))
-        elif kernels.fp8_gemv_grouped_supported(og, w):               # decode-sized: FP8 streamed, bf16 math
+        elif kernels.fp8_gemv_grouped_supported(og, w):               # <= 256 rows: FP8 streamed, bf16 math
             z = kernels.fp8_gemv_grouped(og, w, s)
         else:
             z = torch.einsum("bsgi,gri->bsgr", og, dequant_fp8_bf16(w, s, o.dtype).unflatten(0, (G, -1)))
