@@ -2654,9 +2654,9 @@ def test_gpu_bf16_gemv_fp32_replays_in_a_cuda_graph_and_serves_matmul_fp32(monke
 def test_gpu_fp8_wo_a_decode_matches_the_bf16_einsum_path(gpu_checkpoints, monkeypatch):
     """Model level: load_model keeps wo_a FP8 on this GPU (half the bytes, in the memory plan too); teacher-forced
     decode logits of the tiny checkpoint equal those of the bf16-einsum model (wo_a dequantized at load, today's
-    path) to bf16 tolerance, and the prefill (per-call dequantization) gives the same bits."""
+    path) to bf16 tolerance, and a 300-token prefill (> 256 rows: per-call dequantization) gives the same bits."""
     path = gpu_checkpoints["fp8-all-blocks"]
-    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 150), generator=torch.Generator().manual_seed(3)).cuda()
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 320), generator=torch.Generator().manual_seed(3)).cuda()
 
     def run(fp8):
         monkeypatch.setattr(dsv4, "fp8_wo_a", lambda device, dtype: fp8)
@@ -2665,8 +2665,8 @@ def test_gpu_fp8_wo_a_decode_matches_the_bf16_einsum_path(gpu_checkpoints, monke
         for a in attns:
             assert (a.wo_a.weight.dtype == torch.float8_e4m3fn) == fp8 and (a.wo_a.scale is not None) == fp8
         plan = dsv4.memory_plan(model.cfg, fmt="fp8", max_seq_len=512, wo_a_fp8=fp8)
-        pre = model(tokens[:, :130], 0)[:, -1].float()
-        dec = [model.decode(tokens[:, p:p + 1], p)[:, -1].float() for p in range(130, 150)]
+        pre = model(tokens[:, :300], 0)[:, -1].float()
+        dec = [model.decode(tokens[:, p:p + 1], p)[:, -1].float() for p in range(300, 320)]
         return plan["dense"], sum(a.wo_a.weight.numel() for a in attns), pre, torch.stack(dec)
 
     dense8, n, pre8, dec8 = run(True)
