@@ -733,6 +733,8 @@ def random_model(cfg, device, max_batch_size: int, max_seq_len: int, seed: int =
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = dsv4.Transformer(cfg)
+        if dsv4.fp8_wo_a(device, torch.bfloat16):         # as load_model: wo_a FP8 where the grouped kernel runs
+            model.keep_wo_a_fp8()
     for name, p in list(model.named_parameters()):
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
@@ -1098,7 +1100,8 @@ def run(path: str, out: str, fp32: bool = False):
         res["moe"] = K.kernel_unavailable_reason(torch.empty(1, cfg.hidden_size, dtype=dtype, device=dev), e) \
             or "CuTe DSL kernel"
         res["allocated_GiB"] = torch.cuda.memory_allocated(dev) / 2**30
-        plan = dsv4.memory_plan(cfg, par, "nvfp4", dtype, model.max_seq_len, 1, repack=e.packed is not None)
+        plan = dsv4.memory_plan(cfg, par, "nvfp4", dtype, model.max_seq_len, 1, repack=e.packed is not None,
+                                wo_a_fp8=model.layers[0].attn.wo_a.scale is not None)
         res["planned_GiB"] = sum(plan.values()) / 2**30
     say(f"rank 0 of {par.size}: loaded in {res['load_s']:.1f} s", {k: v for k, v in res.items() if k != "load_s"})
     tokens = torch.randint(0, cfg.vocab_size, (1, PROMPT + DECODE), generator=torch.Generator().manual_seed(1)).to(dev)

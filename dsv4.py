@@ -204,6 +204,28 @@ def fused(x: torch.Tensor) -> bool:
     return FUSED_KERNELS and x.is_cuda and x.dtype == torch.bfloat16 and kernels.fused_unavailable_reason(x) is None
 
 
+def fp8_wo_a(device, dtype) -> bool:
+    """Hold attention's wo_a as stored (FP8 + 128x128 block scales) instead of the reference's dequantized bf16 copy:
+    where decode runs it through the grouped W8A16 kernel (kernels.fp8_gemv_grouped: sm_90 + CuTe DSL, bf16 model,
+    fused kernels on). Half the bytes held and streamed per decode step; same math (W*s is exact in bf16)."""
+    device = torch.device(device)
+    if not (FUSED_KERNELS and device.type == "cuda" and dtype == torch.bfloat16):
+        return False
+    return kernels.fused_unavailable_reason(torch.empty(1, dtype=dtype, device=device)) is None
+
+
+def dequant_fp8_bf16(w: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    """dequant_fp8(w, scale, dtype) for a 16-bit dtype without the fp32 temporaries (per call, e.g. wo_a at prefill):
+    e4m3 -> dtype and e8m0 -> dtype are exact, and the one product per element rounds exactly as the fp32 product
+    (itself exact) rounded to dtype, so the result is the same, bit for bit."""
+    N, Kd = w.shape
+    if N % 128:
+        return dequant_fp8(w, scale, dtype)
+    out = w.to(dtype)                                                  # two passes, each with a contiguous inner dim
+    out.view(N // 128, 128, Kd).mul_(scale.float().to(dtype).repeat_interleave(128, 1)[:, None, :Kd])
+    return out
+
+
 def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """ue8m0 scales: the smallest power of two s with amax / s <= qmax."""
     return torch.exp2(torch.ceil(torch.log2(amax / qmax)))
@@ -359,7 +381,10 @@ _MM_FP32_OUT: dict = {}   # CUDA device -> does torch.mm(bf16, bf16, out_dtype=t
 def matmul_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 x Wᵀ, as the reference's fp32 matmul of bf16 values (head, router, compressors). Products of bf16 values
     are exact in fp32, so on CUDA a bf16 GEMM that accumulates into an fp32 output is the same math, without
-    streaming an fp32 copy of the weight every step."""
+    streaming an fp32 copy of the weight every step. Decode-sized x on the fused path: one bf16 GEMV kernel
+    (kernels.bf16_gemv_fp32; weights below kernels.BIG_WEIGHT_BYTES elements, i.e. not the head)."""
+    if fused(x) and weight.numel() < kernels.BIG_WEIGHT_BYTES and kernels.bf16_gemv_fp32_supported(x, weight):
+        return kernels.bf16_gemv_fp32(x, weight)
     if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
         if x.device not in _MM_FP32_OUT:
             try:
@@ -711,7 +736,8 @@ class Attention(nn.Module):
         self.wkv = Linear(D, hd)
         self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.wq_a_wkv = Projections(self.wq_a, self.wkv, strided=False)   # their norm kernels take compact rows
-        # wo_a is FP8 on disk; the reference dequantizes it at load and runs a bf16 grouped einsum
+        # wo_a is FP8 on disk; the reference dequantizes it at load and runs a bf16 grouped einsum (keep_wo_a_fp8:
+        # held FP8 instead, for the grouped W8A16 decode kernel)
         self.wo_a = Linear(H * hd // self.n_groups, self.n_groups * cfg.o_lora_rank, dtype=torch.bfloat16)
         self.wo_a.dequantize_at_load = True
         self.wo_b = Linear(self.n_groups * cfg.o_lora_rank, D)                 # row-parallel: partial sums
@@ -726,6 +752,13 @@ class Attention(nn.Module):
             c.wkv_wgate = ic.wkv_wgate = None
         self.quant_sim = True
         self.kv_window = None                                        # [B, window, hd] ring, set by setup_cache
+
+    def keep_wo_a_fp8(self):
+        """wo_a as stored (FP8 e4m3 + e8m0 block scales, not dequantized at load): on the device of its weight (meta
+        before load_model fills it). Up to 256 rows (decode, short prompts) then run kernels.fp8_gemv_grouped, longer
+        prefills dequantize per call (see _out)."""
+        with torch.device(self.wo_a.weight.device):
+            self.wo_a = Linear(self.wo_a.in_features, self.wo_a.out_features)
 
     def setup_cache(self, batch: int, max_seq_len: int, dtype, device):
         self.kv_window = torch.zeros(batch, self.window, self.head_dim, dtype=dtype, device=device)
@@ -821,14 +854,21 @@ class Attention(nn.Module):
 
     def _out(self, o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position; grouped
-        low-rank wo_a (bf16 einsum), then wo_b."""
+        low-rank wo_a (bf16 einsum of the reference; with wo_a held FP8: the grouped W8A16 kernel up to 256 rows, the
+        einsum with a per-call bf16 dequantization beyond, same math), then wo_b."""
         if fused(o) and pos.numel() == 1:
             o = kernels.rope_inverse_fused(o, angles, pos)            # in place
         else:
             o = apply_rope(o, angles[pos][:, None], inverse=True)
         G = self.n_groups
-        z = torch.einsum("bsgi,gri->bsgr", o.flatten(2).unflatten(-1, (G, -1)),
-                         self.wo_a.weight.to(o.dtype).unflatten(0, (G, -1)))
+        og = o.flatten(2).unflatten(-1, (G, -1))                      # [B, S, G, H*hd/G]
+        w, s = self.wo_a.weight, self.wo_a.scale
+        if s is None:                                                 # bf16 (dequantized at load, as the reference)
+            z = torch.einsum("bsgi,gri->bsgr", og, w.to(o.dtype).unflatten(0, (G, -1)))
+        elif kernels.fp8_gemv_grouped_supported(og, w):               # <= 256 rows: FP8 streamed, bf16 math
+            z = kernels.fp8_gemv_grouped(og, w, s)
+        else:
+            z = torch.einsum("bsgi,gri->bsgr", og, dequant_fp8_bf16(w, s, o.dtype).unflatten(0, (G, -1)))
         return all_reduce(self.wo_b(z.flatten(2)), self.par)
 
 
@@ -1050,6 +1090,12 @@ class Transformer(nn.Module):
         self.quant_sim = True
         self.decode_graphs: dict[int, DecodeGraph] = {}              # batch size -> captured decode step (CUDA)
 
+    def keep_wo_a_fp8(self):
+        """Every attention's wo_a held FP8 (Attention.keep_wo_a_fp8); call before load_model fills the weights."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.keep_wo_a_fp8()
+
     def set_quant_sim(self, on: bool):
         self.quant_sim = on
         self.decode_graphs.clear()                                   # captured with the old setting
@@ -1191,15 +1237,22 @@ def shard(name: str, t: torch.Tensor, scale: torch.Tensor | None, local_shape, p
 
 
 def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", dtype=torch.bfloat16,
-                max_seq_len: int = 4096, max_batch_size: int = 1, repack: bool | None = None) -> dict:
+                max_seq_len: int = 4096, max_batch_size: int = 1, repack: bool | None = None,
+                wo_a_fp8: bool | None = None) -> dict:
     """Bytes one rank holds after load_model, from the meta-device model with this rank's sharding:
     {"dense": every parameter in its load dtype, "experts": this rank's routed experts, "kv_cache": the decode state
     of setup_cache(max_batch_size, max_seq_len)}. fmt is the checkpoint format: "fp8" (official: FP8 linears + MXFP4
     experts), "nvfp4" or "bf16". repack: the experts are held as the MoE kernel's records (what load_model keeps
-    where the CuTe kernel runs) instead of as stored; None = for fp4 experts, i.e. on Hopper."""
+    where the CuTe kernel runs) instead of as stored; None = for fp4 experts, i.e. on Hopper. wo_a_fp8: wo_a held
+    FP8 (what load_model keeps where fp8_wo_a(device, dtype), FP8 checkpoints only); None = as on Hopper with the
+    default kernels: for a bf16 model."""
     import kernels
+    if wo_a_fp8 is None:
+        wo_a_fp8 = dtype == torch.bfloat16
     with torch.device("meta"):
         model = Transformer(cfg, par)
+        if wo_a_fp8 and fmt != "bf16":
+            model.keep_wo_a_fp8()
         model.embed.weight = nn.Parameter(torch.empty_like(model.embed.weight, dtype=dtype), requires_grad=False)
     dense = 0
     for name, p in model.named_parameters():                     # the dtype rules of load_model
@@ -1251,12 +1304,16 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
     cfg = ModelConfig.from_dict(ckpt.config)
     device = torch.device(device)
     par = Parallel.current() if parallel is None else parallel
+    keep_fp8 = ckpt.fmt != "bf16" and fp8_wo_a(device, dtype)   # wo_a FP8 in memory, for the grouped decode kernel
     with torch.device("meta"):
         model = Transformer(cfg, par)
+        if keep_fp8:
+            model.keep_wo_a_fp8()
     if device.type == "cuda":
         probe = torch.empty(1, cfg.hidden_size, dtype=dtype, device=device)
         repack = kernels.kernel_unavailable_reason(probe, meta_experts(cfg, 1, ckpt.fmt, dtype)) is None
-        check_fits(memory_plan(cfg, par, ckpt.fmt, dtype, max_seq_len, max_batch_size, repack), device, max_seq_len)
+        check_fits(memory_plan(cfg, par, ckpt.fmt, dtype, max_seq_len, max_batch_size, repack, keep_fp8), device,
+                   max_seq_len)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
     for name, m in linears.items():
         w, s = shard(name, *ckpt.linear(name), m.weight.shape, par)

@@ -2169,6 +2169,68 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
+    def _e4m3x4_to_bf16x2x2(word: Int32, *, loc=None, ip=None):
+        """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b1), bf16x2 (b2, b3), exact for every finite code, subnormals included.
+        sm_90 has no e4m3 -> bf16 convert: e4m3 -> f16 is exact and makes every nonzero e4m3 value a normal f16
+        (2^-9 .. 448); the f16 bits with the magnitude shifted right by 3 are the bf16 bits of v * 2^-112 (f16's
+        5-bit exponent lands in bf16's 8-bit field, bias 15 vs 127; only 3 mantissa bits are used, so none is lost;
+        2^-121 .. 2^-103: normal bf16, zero stays zero); one bf16x2 multiply by 2^112 (exact) restores v."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [_i32(word, loc, ip)],
+            "{\n.reg .b16 lo, hi;\n.reg .b32 h0, h1, m0, m1, two112;\nmov.b32 {lo, hi}, $2;\n"
+            "mov.b32 two112, 0x77807780;\n"
+            "cvt.rn.f16x2.e4m3x2 h0, lo;\ncvt.rn.f16x2.e4m3x2 h1, hi;\n"
+            "and.b32 m0, h0, 0x7FFF7FFF;\nand.b32 m1, h1, 0x7FFF7FFF;\n"
+            "shr.b32 m0, m0, 3;\nshr.b32 m1, m1, 3;\n"
+            "lop3.b32 m0, m0, h0, 0x80008000, 0xF8;\nlop3.b32 m1, m1, h1, 0x80008000, 0xF8;\n"   # a | (b & c)
+            "mul.rn.bf16x2 $0, m0, two112;\nmul.rn.bf16x2 $1, m1, two112;\n}",
+            "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
+    def _e4m3x4_to_bf16x2x2_scaled(word: Int32, *, loc=None, ip=None):
+        """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b2), bf16x2 (b1, b3) of v * 2^-120, integer ops only (no convert, no
+        multiply): a byte's 7 exponent+mantissa bits moved under bf16's exponent field (4 bits down) give the bf16
+        of v * 2^-120, subnormals included (e4m3 subnormals become bf16 subnormals); the sign bit stays on top.
+        Bytes 1, 3 already sit in the top bytes of the halves; bytes 0, 2 are shifted up 8 first."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [_i32(word, loc, ip)],
+            "{\n.reg .b32 u, m0, m1;\nshl.b32 u, $2, 8;\n"
+            "and.b32 m0, u, 0x7F007F00;\nand.b32 m1, $2, 0x7F007F00;\n"
+            "shr.b32 m0, m0, 4;\nshr.b32 m1, m1, 4;\n"
+            "lop3.b32 $0, m0, u, 0x80008000, 0xF8;\nlop3.b32 $1, m1, $2, 0x80008000, 0xF8;\n}",   # a | (b & c)
+            "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
+    def _e4m3x4_to_bf16x2x2_unscaled(word: Int32, *, loc=None, ip=None):
+        """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b1), (b2, b3) of v * 2^-112: _e4m3x4_to_bf16x2x2 without its multiply
+        (every nonzero value is a normal bf16 here)."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [_i32(word, loc, ip)],
+            "{\n.reg .b16 lo, hi;\n.reg .b32 h0, h1, m0, m1;\nmov.b32 {lo, hi}, $2;\n"
+            "cvt.rn.f16x2.e4m3x2 h0, lo;\ncvt.rn.f16x2.e4m3x2 h1, hi;\n"
+            "and.b32 m0, h0, 0x7FFF7FFF;\nand.b32 m1, h1, 0x7FFF7FFF;\n"
+            "shr.b32 m0, m0, 3;\nshr.b32 m1, m1, 3;\n"
+            "lop3.b32 $0, m0, h0, 0x80008000, 0xF8;\nlop3.b32 $1, m1, h1, 0x80008000, 0xF8;\n}",
+            "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
+    def _f16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
+        """(lo, hi) fp32 -> f16x2, round to nearest even."""
+        return Int32(_llvm.inline_asm(
+            _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
+            "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
+
+    @dsl_user_op
+    def _bf16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
+        """(lo, hi) fp32 -> bf16x2, round to nearest even (exact for values that are bf16 already)."""
+        return Int32(_llvm.inline_asm(
+            _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
+            "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
+
+    @dsl_user_op
     def _quant_pair_f16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         """(lo, hi) fp32 -> e4m3 with round-to-nearest-even, saturating at +-448 -> back to f16x2 (lo, hi), exact."""
         return Int32(_llvm.inline_asm(
@@ -2188,6 +2250,17 @@ if HAVE_CUTE:
         return [Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
 
     @dsl_user_op
+    def _mma_bf16(a0, a1, a2, a3, b0, b1, c, *, loc=None, ip=None):
+        """mma.sync m16n8k16 row.col f32 += bf16 x bf16: A regs a0..a3, B regs b0, b1, C/D 4 fp32."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(f32, f32, f32, f32)>"),
+            [_i32(v, loc, ip) for v in (a0, a1, a2, a3, b0, b1)] + [Float32(v).ir_value(loc=loc, ip=ip) for v in c],
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False, loc=loc, ip=ip)
+        return [Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+    @dsl_user_op
     def _e8m0_to_f32(byte: Int32, *, loc=None, ip=None) -> Float32:
         """e8m0 byte e -> 2^(e-127) as fp32 (e = 0 -> 2^-127, a subnormal; 255 (NaN) -> NaN)."""
         b = Int32(byte)
@@ -2199,15 +2272,40 @@ if HAVE_CUTE:
 
     class Fp8Gemv:
         """y [M, N] bf16 = act_quant_fp8(x [M, K] bf16) x (W [N, K] e4m3 * sw)^T for M <= 8 * n8 (see module doc).
-        Static: K, splits S, n8 token tiles, rows per CTA (warps x row_tiles x 16), prefetch stages. N, M symbolic."""
+        Static: K, splits S, n8 token tiles, rows per CTA (warps x row_tiles x 16), prefetch stages. N, M symbolic.
+        a16 (W8A16): x stays bf16 (no act quant: its bf16 pairs go to smem as they are), the weight goes e4m3 -> bf16
+        exactly in registers, mma.sync bf16, each 128-k partial scaled by sw only. group_rows R > 0 (grouped, a16
+        only): x is [M * G, K] (token-major, G = N / R groups), weight row n reads x row m * G + n // R (wo_a).
+        fold (a16 only): the weight's power-of-two offset is not undone per weight but folded into the block factor:
+        fold=1: the bf16 of v * 2^-120 from 7 integer ops per 4 weights (no convert; e4m3 subnormals become bf16
+        subnormals); fold=2: the bf16 of v * 2^-112 from the f16 convert + 3 integer ops per pair (no multiply);
+        fold=3 (NOT exact: an experiment): x's block scaled to a max in [2^15, 2^16) and rounded to f16 (elements more
+        than ~32 binades below their block's max lose bits, < 2^-30 of the block's largest product), the weight via
+        the one f16 convert, mma.sync f16, as the FP8 path.
+        Each (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101), so the products
+        stay fp32-normal, and the partial is multiplied back by 2^(bias - k), then by sw."""
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
-                     pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0):
+                     pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
+                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
+            # k_warps KW > 1: the CTA's K slice is split over KW warps of each row group (split-K inside the CTA,
+            # partials summed through shared memory in warp order): KW x fewer rows per CTA, no global partials
+            self.KW = k_warps
+            assert warps % k_warps == 0 and (k_dim // BLOCK // k_splits) % k_warps == 0
+            assert k_warps == 1 or (k_splits == 1 and not cp_async and not w16)
+            # w16: bf16 weight [N, K] (no scales) straight into the MMA, bf16 x, fp32 output (matmul_fp32 at decode)
+            self.w16 = w16
+            assert not w16 or not (cp_async or group_rows or fold)
+            a16 = a16 or w16
+            self.a16, self.group_rows, self.fold = a16, group_rows, int(fold) if a16 and not w16 else 0
+            self.fold_bias = {1: 120, 2: 112}.get(self.fold, 0)       # the weights' 2^-bias
+            assert not group_rows or (a16 and group_rows % (warps // k_warps * 16 * row_tiles) == 0)   # one group
             self.K, self.S, self.n8, self.RT, self.W = k_dim, k_splits, n8, row_tiles, warps
             self.kbc = k_dim // BLOCK // k_splits          # k blocks per CTA
-            self.D = max(1, min(stages, self.kbc))
-            self.rows = warps * 16 * row_tiles
+            self.kbw = self.kbc // k_warps                 # k blocks per warp
+            self.D = max(1, min(stages, self.kbw))
+            self.rows = warps // k_warps * 16 * row_tiles
             self.mpad = 8 * n8
             self.row_words = self.kbc * BLOCK // 2 + 4     # f16 pairs per token row in smem (+16 B: no bank conflict)
             self.threads = 32 * warps
@@ -2222,6 +2320,9 @@ if HAVE_CUTE:
             # (DSMEM) instead of global memory + an arrival counter (S <= 8, the portable cluster size)
             self.cluster = cluster and k_splits > 1
             self.min_ctas = min_ctas        # > 0: ptxas keeps registers low enough for this many CTAs per SM
+            # fp32 partials in smem: cluster split-K [rows][tokens]; k_warps [KW][rows][tokens]
+            self.red_words = self.rows * self.mpad * (1 if self.cluster else k_warps) \
+                if self.cluster or k_warps > 1 else 4
             assert not self.cluster or k_splits <= 8
 
         @cute.jit
@@ -2236,7 +2337,7 @@ if HAVE_CUTE:
                 wbuf: cute.struct.Align[cute.struct.MemRange[
                     Int32, (self.W * self.D * self.stage_bytes // 4) if self.cp_async else 4], 128]
                 red: cute.struct.Align[cute.struct.MemRange[
-                    Float32, (self.rows * self.mpad) if self.cluster else 4], 16]
+                    Float32, self.red_words], 16]
 
             self.shared_storage = SharedStorage
             n = cute.size(mW, mode=[0])
@@ -2257,13 +2358,16 @@ if HAVE_CUTE:
             lane = tidx % 32
             g = lane // 4
             t = lane % 4
-            M = cute.size(mX, mode=[0])
+            M = cute.size(mOut if const_expr(self.group_rows) else mX, mode=[0])
             N = cute.size(mW, mode=[0])
             Kd = self.K
             kbc = self.kbc
             mpad = self.mpad
             kb0 = bid_k * kbc                                   # first global k block of this CTA
-            row_w = bid_n * self.rows + warp * (16 * self.RT)  # first weight row of this warp
+            warp_r, warp_k = warp, 0                            # the warp's row group and K part (k_warps)
+            if const_expr(self.KW > 1):
+                warp_r, warp_k = warp % (self.W // self.KW), warp // (self.W // self.KW)
+            row_w = bid_n * self.rows + warp_r * (16 * self.RT)  # first weight row of this warp
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             # smem activations: [token][chunk of 4 f16x2 words], chunks of 8 k
@@ -2273,14 +2377,17 @@ if HAVE_CUTE:
 
             # ---- weight prefetch: stage = one k block of the warp's 16*RT rows: [stage][rt][row g | g+8][8 words]
             w_base = mW.iterator.toint()
-            wreg = cute.make_rmem_tensor((1 if self.cp_async else self.D, self.RT, 2, 8), Int32)
+            wreg = cute.make_rmem_tensor((1 if self.cp_async else self.D, self.RT, 2, 16 if self.w16 else 8), Int32)
             # cp.async slot of (stage, rt, h, half) for this thread: [warp][stage][rt][h][half][lane][16 B]
             w_slot = storage.wbuf.data_ptr().toint() + warp * (self.D * self.stage_bytes) + lane * 16
             row_addr = []
             for rt in cutlass.range_constexpr(self.RT):
                 for h in cutlass.range_constexpr(2):
                     r = cutlass.min(row_w + 16 * rt + g + 8 * h, N - 1)        # rows past N: read row N-1, unused
-                    row_addr.append(w_base + Int64(r) * Kd + Int64(kb0 * BLOCK + 16 * t))
+                    if const_expr(self.w16):                                  # 2 bytes per weight
+                        row_addr.append(w_base + Int64(r) * (2 * Kd) + Int64(kb0 * BLOCK * 2 + 32 * t))
+                    else:
+                        row_addr.append(w_base + Int64(r) * Kd + Int64((kb0 + warp_k * self.kbw) * BLOCK + 16 * t))
 
             def slot(st, rt, h, half):
                 return w_slot + (((st * self.RT + rt) * 2 + h) * 2 + half) * 512
@@ -2288,7 +2395,13 @@ if HAVE_CUTE:
             def load_stage(kb, st):
                 for rt in cutlass.range_constexpr(self.RT):
                     for h in cutlass.range_constexpr(2):
-                        for half in cutlass.range_constexpr(2):
+                        if const_expr(self.w16):   # k [16t, 16t+16) and [64+16t, ...) of the block: 4 x 16 B
+                            for q in cutlass.range_constexpr(4):
+                                v = _ld_v4(row_addr[2 * rt + h] + (kb * BLOCK * 2 + 128 * (q // 2) + 16 * (q % 2)),
+                                           ".nc.L1::no_allocate.L2::256B")
+                                for i in cutlass.range_constexpr(4):
+                                    wreg[st, rt, h, 4 * q + i] = v[i]
+                        for half in cutlass.range_constexpr(0 if self.w16 else 2):
                             src = row_addr[2 * rt + h] + (kb * BLOCK + 64 * half)
                             if const_expr(self.cp_async):
                                 _cp_async_16(slot(st, rt, h, half), src)
@@ -2322,10 +2435,11 @@ if HAVE_CUTE:
 
             # ---- weight block scales of the CTA's rows and slice -> smem fp32 [row block][k block]
             sW = storage.sw.get_tensor(cute.make_layout((self.row_blocks, kbc), stride=(kbc, 1)))
-            if tidx < self.row_blocks * kbc:
-                rb = tidx // kbc
-                r = cutlass.min(bid_n * self.rows + rb * BLOCK, N - 1)
-                sW[rb, tidx % kbc] = _e8m0_to_f32(Int32(mS[r // BLOCK, kb0 + tidx % kbc]))
+            if const_expr(not self.w16):
+                if tidx < self.row_blocks * kbc:
+                    rb = tidx // kbc
+                    r = cutlass.min(bid_n * self.rows + rb * BLOCK, N - 1)
+                    sW[rb, tidx % kbc] = _e8m0_to_f32(Int32(mS[r // BLOCK, kb0 + tidx % kbc]))
 
             # ---- quantize this CTA's K slice of x: warp task (token tile j, k block kb); thread (g, t) takes
             # token 8j+g, k = 16t..16t+15 and 64+16t..64+16t+15 of the block (the same k its MMA fragments use)
@@ -2341,76 +2455,166 @@ if HAVE_CUTE:
                     for i in cutlass.range_constexpr(16):
                         xv[i] = Int32(0)
                     if m < M:
-                        xa = x_base + (Int64(m) * Kd + Int64((kb0 + kb) * BLOCK + 16 * t)) * 2
+                        xrow = Int64(m)
+                        if const_expr(self.group_rows):                 # this CTA's group: x row m * G + group
+                            xrow = Int64(m) * (N // self.group_rows) + (bid_n * self.rows) // self.group_rows
+                        xa = x_base + (xrow * Kd + Int64((kb0 + kb) * BLOCK + 16 * t)) * 2
                         for c in cutlass.range_constexpr(4):
                             v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
                             for i in cutlass.range_constexpr(4):
                                 xv[4 * c + i] = v[i]
-                    amax = Int32(0)                                     # |bf16| bits; ints order like the values
-                    for i in cutlass.range_constexpr(16):
-                        w = xv[i]
-                        amax = cutlass.max(amax, cutlass.max(w & 0x7FFF, (w >> 16) & 0x7FFF))
-                    amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 1))
-                    amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 2))
-                    # ceil(log2(amax / 448)) from the bits: amax = 1.m * 2^p, 448 = 1.75 * 2^8
-                    e = (amax >> 7) - 135 + Int32((amax & 0x7F) > 0x60)
-                    e = cutlass.max(e, SX_MIN_EXP)
-                    inv = _bits_f32((127 - e) << 23)
-                    for c in cutlass.range_constexpr(4):
-                        qw = cute.make_rmem_tensor((4,), Int32)
-                        for i in cutlass.range_constexpr(4):
-                            w = xv[4 * c + i]
-                            qw[i] = _quant_pair_f16x2(_bits_f32(w << 16) * inv, _bits_f32(w & -65536) * inv)
-                        chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
-                        cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
-                    if t == 0:
-                        sX[8 * j + g, kb] = _bits_f32((127 + e) << 23)
+                    if const_expr(self.fold):
+                        # x * 2^k with k = clamp(227 - E(amax), 0, 127): the block max lands in [2^100, 2^101)
+                        # (fold 3: k = clamp(142 - E, -112, 126), the max in [2^15, 2^16), then rounded to f16)
+                        amax = Int32(0)
+                        for i in cutlass.range_constexpr(16):
+                            w = xv[i]
+                            amax = cutlass.max(amax, cutlass.max(w & 0x7FFF, (w >> 16) & 0x7FFF))
+                        amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 1))
+                        amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 2))
+                        if const_expr(self.fold == 3):
+                            kx = cutlass.min(cutlass.max(142 - (amax >> 7), -112), 126)
+                        else:
+                            kx = cutlass.min(cutlass.max(227 - (amax >> 7), 0), 127)
+                        up = _bits_f32((127 + kx) << 23)
+                        for c in cutlass.range_constexpr(4):
+                            qw = cute.make_rmem_tensor((4,), Int32)
+                            for p in cutlass.range_constexpr(2):
+                                w0 = xv[4 * c + 2 * p]                      # (x0, x1)
+                                w1 = xv[4 * c + 2 * p + 1]                  # (x2, x3)
+                                x0, x1 = _bits_f32(w0 << 16) * up, _bits_f32(w0 & -65536) * up
+                                x2, x3 = _bits_f32(w1 << 16) * up, _bits_f32(w1 & -65536) * up
+                                if const_expr(self.fold == 1):   # pairs (x0, x2), (x1, x3): the weights' pairing
+                                    qw[2 * p] = _bf16x2_from_f32(x0, x2)
+                                    qw[2 * p + 1] = _bf16x2_from_f32(x1, x3)
+                                elif const_expr(self.fold == 3):
+                                    qw[2 * p] = _f16x2_from_f32(x0, x1)
+                                    qw[2 * p + 1] = _f16x2_from_f32(x2, x3)
+                                else:
+                                    qw[2 * p] = _bf16x2_from_f32(x0, x1)
+                                    qw[2 * p + 1] = _bf16x2_from_f32(x2, x3)
+                            chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
+                            cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
+                        if t == 0:
+                            sX[8 * j + g, kb] = _bits_f32((127 + self.fold_bias - kx) << 23)
+                    elif const_expr(self.a16):                          # bf16 pairs as they are
+                        for c in cutlass.range_constexpr(4):
+                            qw = cute.make_rmem_tensor((4,), Int32)
+                            for i in cutlass.range_constexpr(4):
+                                qw[i] = xv[4 * c + i]
+                            chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
+                            cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
+                    else:
+                        amax = Int32(0)                                     # |bf16| bits; ints order like the values
+                        for i in cutlass.range_constexpr(16):
+                            w = xv[i]
+                            amax = cutlass.max(amax, cutlass.max(w & 0x7FFF, (w >> 16) & 0x7FFF))
+                        amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 1))
+                        amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 2))
+                        # ceil(log2(amax / 448)) from the bits: amax = 1.m * 2^p, 448 = 1.75 * 2^8
+                        e = (amax >> 7) - 135 + Int32((amax & 0x7F) > 0x60)
+                        e = cutlass.max(e, SX_MIN_EXP)
+                        inv = _bits_f32((127 - e) << 23)
+                        for c in cutlass.range_constexpr(4):
+                            qw = cute.make_rmem_tensor((4,), Int32)
+                            for i in cutlass.range_constexpr(4):
+                                w = xv[4 * c + i]
+                                qw[i] = _quant_pair_f16x2(_bits_f32(w << 16) * inv, _bits_f32(w & -65536) * inv)
+                            chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
+                            cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
+                        if t == 0:
+                            sX[8 * j + g, kb] = _bits_f32((127 + e) << 23)
             cute.arch.sync_threads()
 
             # ---- main loop over the slice's k blocks
             acc = cute.make_rmem_tensor((self.RT, self.n8, 4), Float32)
             acc.fill(0.0)
             bq = cute.make_rmem_tensor((4, 4, self.n8), Int32)        # [word][chunk][token tile]: f16 pairs
-            for kb in cutlass.range_constexpr(kbc):
-                st = kb % self.D
-                rs = fetch_stage(kb, st)
+            for kbl in cutlass.range_constexpr(self.kbw):
+                kb = kbl if const_expr(self.KW == 1) else warp_k * self.kbw + kbl   # k block within the CTA slice
+                st = kbl % self.D
+                rs = fetch_stage(kbl, st)
                 for j in cutlass.range_constexpr(self.n8):
                     for c in cutlass.range_constexpr(4):
                         chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
                         cute.autovec_copy(sQ[None, chunk, 8 * j + g], bq[None, c, j])
                 for rt in cutlass.range_constexpr(self.RT):
-                    sw = sW[(warp * (16 * self.RT) + 16 * rt) // BLOCK, kb]
-                    af = cute.make_rmem_tensor((8, 4), Int32)       # f16 A fragments of the 8 k16 MMAs
+                    sw = Float32(1.0)
+                    if const_expr(not self.w16):
+                        sw = sW[(warp_r * (16 * self.RT) + 16 * rt) // BLOCK, kb]
+                    af = cute.make_rmem_tensor((8, 4), Int32)       # f16 (a16: bf16) A fragments of the 8 MMAs
+                    cvt = _e4m3x4_to_bf16x2x2 if const_expr(self.a16) else _e4m3x4_to_f16x2x2
+                    if const_expr(self.fold == 1):
+                        cvt = _e4m3x4_to_bf16x2x2_scaled
+                    elif const_expr(self.fold == 2):
+                        cvt = _e4m3x4_to_bf16x2x2_unscaled
+                    elif const_expr(self.fold == 3):
+                        cvt = _e4m3x4_to_f16x2x2
                     for i in cutlass.range_constexpr(8):
-                        a0, a2 = _e4m3x4_to_f16x2x2(wreg[rs, rt, 0, i])
-                        a1, a3 = _e4m3x4_to_f16x2x2(wreg[rs, rt, 1, i])
+                        if const_expr(self.w16):                      # bf16 pairs as loaded: words 2i, 2i+1
+                            a0, a2 = wreg[rs, rt, 0, 2 * i], wreg[rs, rt, 0, 2 * i + 1]
+                            a1, a3 = wreg[rs, rt, 1, 2 * i], wreg[rs, rt, 1, 2 * i + 1]
+                        else:
+                            a0, a2 = cvt(wreg[rs, rt, 0, i])
+                            a1, a3 = cvt(wreg[rs, rt, 1, i])
                         af[i, 0] = a0
                         af[i, 1] = a1
                         af[i, 2] = a2
                         af[i, 3] = a3
                     for j in cutlass.range_constexpr(self.n8):
                         d = [Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)]
+                        mma = _mma_bf16 if const_expr(self.a16 and self.fold != 3) else _mma_f16
                         for i in cutlass.range_constexpr(8):
-                            d = _mma_f16(af[i, 0], af[i, 1], af[i, 2], af[i, 3], bq[(2 * i) % 4, i // 2, j],
-                                         bq[(2 * i + 1) % 4, i // 2, j], d)
-                        f0 = sX[8 * j + 2 * t, kb] * sw
-                        f1 = sX[8 * j + 2 * t + 1, kb] * sw
-                        acc[rt, j, 0] = acc[rt, j, 0] + d[0] * f0
-                        acc[rt, j, 1] = acc[rt, j, 1] + d[1] * f1
-                        acc[rt, j, 2] = acc[rt, j, 2] + d[2] * f0
-                        acc[rt, j, 3] = acc[rt, j, 3] + d[3] * f1
-                if const_expr(kb + self.D < kbc):
-                    load_stage(kb + self.D, st)
+                            d = mma(af[i, 0], af[i, 1], af[i, 2], af[i, 3], bq[(2 * i) % 4, i // 2, j],
+                                    bq[(2 * i + 1) % 4, i // 2, j], d)
+                        f0 = f1 = sw                                  # a16: the weight's block scale only
+                        if const_expr(self.fold):                     # (d * 2^(bias - k)) * sw: no overflow
+                            d = [d[0] * sX[8 * j + 2 * t, kb], d[1] * sX[8 * j + 2 * t + 1, kb],
+                                 d[2] * sX[8 * j + 2 * t, kb], d[3] * sX[8 * j + 2 * t + 1, kb]]
+                        elif const_expr(not self.a16):
+                            f0 = sX[8 * j + 2 * t, kb] * sw
+                            f1 = sX[8 * j + 2 * t + 1, kb] * sw
+                        if const_expr(self.w16):                      # unscaled
+                            for c in cutlass.range_constexpr(4):
+                                acc[rt, j, c] = acc[rt, j, c] + d[c]
+                        else:
+                            acc[rt, j, 0] = acc[rt, j, 0] + d[0] * f0
+                            acc[rt, j, 1] = acc[rt, j, 1] + d[1] * f1
+                            acc[rt, j, 2] = acc[rt, j, 2] + d[2] * f0
+                            acc[rt, j, 3] = acc[rt, j, 3] + d[3] * f1
+                if const_expr(kbl + self.D < self.kbw):
+                    load_stage(kbl + self.D, st)
 
             # ---- epilogue: acc[rt, j, c] = (weight row row_w + 16rt + g + 8(c//2), token 8j + 2t + c%2)
-            if const_expr(self.S == 1):
+            if const_expr(self.KW > 1):
+                # partials -> smem red[part][row][token]; the CTA sums the KW parts in order (deterministic)
+                red = storage.red.get_tensor(cute.make_layout((self.KW, self.rows, mpad),
+                                                              stride=(self.rows * mpad, 1, self.rows)))
+                for rt in cutlass.range_constexpr(self.RT):
+                    for j in cutlass.range_constexpr(self.n8):
+                        for c in cutlass.range_constexpr(4):
+                            red[warp_k, warp_r * (16 * self.RT) + 16 * rt + g + 8 * (c // 2), 8 * j + 2 * t + c % 2] = \
+                                acc[rt, j, c]
+                cute.arch.sync_threads()
+                for it in cutlass.range_constexpr((self.rows * mpad + self.threads - 1) // self.threads):
+                    e = tidx + self.threads * it
+                    if e < self.rows * mpad:
+                        row = e % self.rows
+                        m = e // self.rows
+                        ssum = red[0, row, m]
+                        for z in cutlass.range_constexpr(1, self.KW):
+                            ssum = ssum + red[z, row, m]
+                        n = bid_n * self.rows + row
+                        if m < M and n < N:
+                            mOut[m, n] = ssum.to(mOut.element_type)
+            elif const_expr(self.S == 1):
                 for rt in cutlass.range_constexpr(self.RT):
                     for j in cutlass.range_constexpr(self.n8):
                         for c in cutlass.range_constexpr(4):
                             n = row_w + 16 * rt + g + 8 * (c // 2)
                             m = 8 * j + 2 * t + c % 2
                             if n < N and m < M:
-                                mOut[m, n] = acc[rt, j, c].to(BFloat16)
+                                mOut[m, n] = acc[rt, j, c].to(mOut.element_type)
             elif const_expr(self.cluster):
                 # partial -> own smem red[m][row]; cluster barrier; CTA z of the cluster sums elements
                 # [z E/S, (z+1) E/S) over the S CTAs in rank order (deterministic); barrier again before exit
@@ -2434,7 +2638,7 @@ if HAVE_CUTE:
                         m = e // self.rows
                         n = bid_n * self.rows + e % self.rows
                         if m < M and n < N:
-                            mOut[m, n] = ssum.to(BFloat16)
+                            mOut[m, n] = ssum.to(mOut.element_type)
                 cute.arch.cluster_arrive()
                 cute.arch.cluster_wait()
             else:
@@ -2468,24 +2672,29 @@ if HAVE_CUTE:
                                 s = [s[u] + v[u] for u in range(4)]
                             for u in cutlass.range_constexpr(4):
                                 if n + u < N:
-                                    mOut[m, n + u] = s[u].to(BFloat16)
+                                    mOut[m, n + u] = s[u].to(mOut.element_type)
                     if tidx == 0:
                         mCount[bid_n] = 0
 
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
-                  cp_async: bool = False, cluster: bool = False, min_ctas: int = 0):
+                  cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
+                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
-    config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas)
+    config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
+        (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ()) + \
+        (("kw", k_warps) if k_warps > 1 else ())
 
     def build():
-        op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas)
+        op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
+                     fold, w16, k_warps)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         mk = cute.runtime.make_fake_compact_tensor
-        args = (mk(BFloat16, (m, k_dim), stride_order=(1, 0), assumed_align=16),
-                mk(Uint8, (n, k_dim), stride_order=(1, 0), assumed_align=16),
+        args = (mk(BFloat16, (mx, k_dim), stride_order=(1, 0), assumed_align=16),
+                mk(Uint8, (n, 2 * k_dim if w16 else k_dim), stride_order=(1, 0), assumed_align=16),   # w16: bytes
                 mk(Uint8, (nb, k_dim // BLOCK), stride_order=(1, 0), assumed_align=1),
-                mk(BFloat16, (m, n), stride_order=(1, 0), assumed_align=4),
+                mk(Float32 if w16 else BFloat16, (m, n), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (cute.sym_int(), cute.sym_int(), cute.sym_int()), stride_order=(2, 1, 0),
                    assumed_align=16),
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
@@ -2551,7 +2760,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev]))}   # config: benchmarks only
     fn = _compile_gemv(**cfg)
-    rows = cfg["warps"] * 16 * cfg["row_tiles"]
+    rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
     x2 = x.reshape(M, Kd).contiguous()
     if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
@@ -2565,6 +2774,185 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
             part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
     fn(x2, weight.view(torch.uint8), scale.contiguous().view(torch.uint8), out, part, _row_counters(dev, row_ctas))
     return out.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16 GEMV with an fp32 output (dsv4.matmul_fp32 at decode: compressor wkv|wgate, indexer weights_proj)
+#
+#     y[m, n] = sum_k x[m, k] * W[n, k]   (bf16 values, exact products, fp32 sums, fp32 out)
+#
+# The Fp8Gemv kernel with w16: the bf16 weight rows go straight into mma.sync bf16 (no scales, no act quant).
+def bf16_gemv_fp32_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T in fp32 (the reference's fp32 matmul of bf16 values) -> [..., N] fp32."""
+    return torch.nn.functional.linear(x.float(), weight.float())
+
+
+def bf16_gemv_fp32_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True if bf16_gemv_fp32 runs the kernel: CuTe DSL + sm_90, bf16 x with <= 16 rows, bf16 weight [N, K] with
+    K % 128 == 0 and contiguous 16-byte aligned rows."""
+    if not (HAVE_CUTE and x.is_cuda and weight.is_cuda and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and weight.dim() == 2):
+        return False
+    if x.device not in _SM90:
+        _SM90[x.device] = torch.cuda.get_device_capability(x.device) == (9, 0)
+    if not _SM90[x.device]:
+        return False
+    N, Kd = weight.shape
+    M = math.prod(x.shape[:-1])
+    return (x.shape[-1] == Kd and Kd % BLOCK == 0 and 1 <= M <= MAX_ROWS and N >= 1
+            and weight.stride(1) == 1 and weight.stride(0) == Kd and weight.data_ptr() % 16 == 0)
+
+
+def bf16_gemv_fp32(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """x [..., K] bf16 (M = prod of leading dims <= 16) @ weight [N, K] bf16 ^T -> [..., N] fp32, one launch, no host
+    sync (CUDA-graph capturable). Semantics: bf16_gemv_fp32_reference (fp32 sums in another order)."""
+    Kd = x.shape[-1]
+    N = weight.shape[0]
+    M = math.prod(x.shape[:-1])
+    if M == 0:
+        return x.new_empty(*x.shape[:-1], N, dtype=torch.float32)
+    if not bf16_gemv_fp32_supported(x, weight):
+        raise ValueError(f"bf16_gemv_fp32 can't take x {tuple(x.shape)} {x.dtype} {x.device}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}: needs CuTe DSL, sm_90, bf16, <= {MAX_ROWS} rows, "
+                         "K % 128 == 0")
+    dev = x.device
+    if dev not in _NUM_SMS:
+        _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev])), "w16": True}
+    fn = _compile_gemv(**cfg)
+    rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
+    row_ctas = -(-N // rows)
+    x2 = x.reshape(M, Kd).contiguous()
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
+    out = torch.empty(M, N, dtype=torch.float32, device=dev)
+    if cfg["k_splits"] > 1 and not cfg.get("cluster"):
+        part = torch.empty(cfg["k_splits"], M, row_ctas * rows, dtype=torch.float32, device=dev)
+    else:
+        part = _COUNTERS.get((dev, "unused"))
+        if part is None:
+            part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
+    no_scale = _COUNTERS.get((dev, "no_scale", Kd))
+    if no_scale is None:                       # the scale argument's shape; w16 reads none of it
+        no_scale = _COUNTERS[(dev, "no_scale", Kd)] = torch.zeros(1, Kd // BLOCK, dtype=torch.uint8, device=dev)
+    fn(x2, weight.view(torch.uint8), no_scale, out, part, _row_counters(dev, row_ctas))
+    return out.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped W8A16 GEMV (attention's wo_a at decode, issue #5)
+#
+#     z[m, g, r] = sum_k x[m, g, k] * W[g R + r, k] * sw[(g R + r) // 128, k // 128]   (fp32) -> bf16 once
+#
+# x [M, G, K] bf16 is NOT quantized; W [G R, K] e4m3 with e8m0 128x128 block scales (wo_a as stored: the reference
+# dequantizes it to bf16 at load and runs a bf16 einsum; W * sw is exact in bf16, so this is the same math up to the
+# fp32 summation order, reading half the bytes). The Fp8Gemv kernel with a16 + group_rows = R: activations go to smem
+# as bf16, weights e4m3 -> bf16 exactly in registers, mma.sync bf16 with fp32 accumulation, each 128-k block's partial
+# times sw in fp32; a CTA's rows lie in one group g and read x row m * G + g.
+def fp8_gemv_grouped_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., G, K] (any float dtype), weight [G R, K] e4m3, scale [ceil(G R / 128), K / 128] e8m0 -> [..., G, R] in
+    x.dtype: dequantized fp32 weight, fp32 products and sums, one rounding. Semantics of fp8_gemv_grouped."""
+    G, Kd = x.shape[-2:]
+    w = dequant_fp8_weight(weight, scale).unflatten(0, (G, -1))              # [G, R, K] fp32
+    return torch.einsum("...gk,grk->...gr", x.float(), w).to(x.dtype)
+
+
+GROUPED_FOLD = 1       # weight path of the grouped W8A16 GEMV (Fp8Gemv fold): H200 R1/R2, Flash wo_a M=1, 128-row CTAs
+                       # of 8 warps, 4 K slices: fold=1 10.8 us, fold=2 11.4, 0 (cvt + multiply) 11.3; same bits
+GROUPED_CHUNK_ROWS = 256   # fp8_gemv_grouped runs up to this many rows as launches of 16 (prefill of short prompts:
+                           # H200 R2, Flash wo_a, T=64: ~4 x 11 us vs 250 us for the per-call dequant + einsum)
+
+
+def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
+    """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]. Big weights (wo_a: 32/64 MB,
+    bandwidth-bound): the first layout whose CTAs fill >= 90% of one wave of resident CTAs:
+    64-row CTAs of 16 warps splitting K four ways inside the CTA (k_warps=4; one CTA per SM), else 128-row CTAs of
+    8 warps with K split over 2, 4 or 8 CTAs (global partials; two CTAs per SM). H200 R2, M=1: Flash (128 CTAs)
+    k_warps 10.4 us vs 10.8 for 4 CTA slices (12.5-16 us for other shapes); Pro: 2 CTA slices 19.4 us vs 20.0
+    (k_warps, 2 waves) and 20.3 (4 slices). Else pick_gemv_config's rules. A CTA's rows divide R (one group)."""
+    kb = K // BLOCK
+    c = pick_gemv_config(N, K, M, num_sms)
+    if N * K >= BIG_WEIGHT_BYTES and group_rows % 128 == 0:
+        choice = None
+        if kb % 4 == 0 and 0.9 * num_sms <= N / 64 <= num_sms:
+            choice = dict(k_splits=1, k_warps=4, warps=16, row_tiles=1, stages=4)
+        for splits in (2, 4, 8):
+            if choice is None and kb % splits == 0 and kb // splits <= MAX_SLICE_BLOCKS \
+                    and 0.9 * 2 * num_sms <= N / 128 * splits <= 2 * num_sms:
+                choice = dict(k_splits=splits, warps=8, row_tiles=1, stages=4)
+        if choice is None:                           # the most CTAs of at most 8 slices: latency-bound anyway
+            splits = max(d for d in (1, 2, 4, 8) if kb % d == 0 and kb // d <= MAX_SLICE_BLOCKS)
+            choice = dict(k_splits=splits, warps=8, row_tiles=1, stages=4)
+        c = dict(c, **choice, cluster=False)
+    while group_rows % (c["warps"] // c.get("k_warps", 1) * 16 * c["row_tiles"]):
+        c = {**c, "row_tiles": 1} if c["row_tiles"] > 1 else {**c, "warps": c["warps"] // 2}
+    return {**c, "a16": True, "group_rows": group_rows, "fold": GROUPED_FOLD}
+
+
+def fp8_gemv_grouped_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True if fp8_gemv_grouped runs the kernel: CuTe DSL + sm_90 GPU, bf16 x [..., G, K] with <= 256 leading rows,
+    e4m3 weight [G R, K] with K % 128 == 0, R % 32 == 0, contiguous rows."""
+    if not (HAVE_CUTE and x.is_cuda and weight.is_cuda and x.dtype == torch.bfloat16 and x.dim() >= 2
+            and weight.dtype == torch.float8_e4m3fn and weight.dim() == 2):
+        return False
+    if x.device not in _SM90:
+        _SM90[x.device] = torch.cuda.get_device_capability(x.device) == (9, 0)
+    if not _SM90[x.device]:
+        return False
+    N, Kd = weight.shape
+    G = x.shape[-2]
+    M = math.prod(x.shape[:-2])
+    return (x.shape[-1] == Kd and Kd % BLOCK == 0 and 1 <= M <= GROUPED_CHUNK_ROWS and G >= 1 and N % G == 0
+            and (N // G) % 32 == 0 and weight.stride(1) == 1 and weight.stride(0) == Kd
+            and weight.data_ptr() % 16 == 0)
+
+
+def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     config: dict | None = None) -> torch.Tensor:
+    """Grouped W8A16 product for decode: x [..., G, K] bf16 (M = prod of leading dims <= 256), weight [G R, K]
+    float8_e4m3fn, scale [G R / 128, K / 128] float8_e8m0fnu -> [..., G, R] bf16. One kernel launch per 16 rows
+    (decode: one), no host sync (CUDA-graph capturable). Semantics: fp8_gemv_grouped_reference. Raises ValueError
+    for inputs it can't take (check fp8_gemv_grouped_supported first)."""
+    G, Kd = x.shape[-2:]
+    N = weight.shape[0]
+    M = math.prod(x.shape[:-2])
+    R = N // max(G, 1)
+    if M == 0:
+        return x.new_empty(*x.shape[:-1], R)
+    if M > GROUPED_CHUNK_ROWS:
+        raise ValueError(f"fp8_gemv_grouped takes at most {GROUPED_CHUNK_ROWS} rows, got {M} (use the GEMM path)")
+    if not fp8_gemv_grouped_supported(x, weight):
+        raise ValueError(f"fp8_gemv_grouped can't take x {tuple(x.shape)} {x.dtype} {x.device}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}: needs CuTe DSL, sm_90, bf16 x [..., G, K], e4m3 "
+                         "weight [G R, K], K % 128 == 0, R % 32 == 0")
+    nb, kb = -(-N // BLOCK), Kd // BLOCK
+    if tuple(scale.shape) != (nb, kb) or scale.dtype != torch.float8_e8m0fnu:
+        raise ValueError(f"fp8_gemv_grouped: scale must be float8_e8m0fnu [{nb}, {kb}], got {tuple(scale.shape)} "
+                         f"{scale.dtype}")
+    dev = x.device
+    if dev not in _NUM_SMS:
+        _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    x2 = x.reshape(M * G, Kd).contiguous()
+    if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
+        x2 = x2.clone()
+    out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
+    w8, s8 = weight.view(torch.uint8), scale.contiguous().view(torch.uint8)
+    for m0 in range(0, M, MAX_ROWS):                                 # decode: one launch
+        m = min(MAX_ROWS, M - m0)
+        cfg = {"pdl": GEMV_USE_PDL, **(config or pick_grouped_gemv_config(N, Kd, m, R, _NUM_SMS[dev]))}
+        if not cfg.get("a16") or cfg.get("group_rows") != R:
+            raise ValueError(f"fp8_gemv_grouped: config must have a16=True and group_rows={R}, got {cfg}")
+        fn = _compile_gemv(**cfg)
+        rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
+        row_ctas = -(-N // rows)
+        if cfg["k_splits"] > 1 and not cfg.get("cluster"):
+            part = torch.empty(cfg["k_splits"], m, row_ctas * rows, dtype=torch.float32, device=dev)
+        else:
+            part = _COUNTERS.get((dev, "unused"))
+            if part is None:      # made once (not per call: a fill inside a graph capture would add a kernel node)
+                part = _COUNTERS[(dev, "unused")] = torch.zeros(1, 1, 4, dtype=torch.float32, device=dev)
+        fn(x2[m0 * G:(m0 + m) * G], w8, s8, out[m0:m0 + m], part, _row_counters(dev, row_ctas))
+    return out.view(*x.shape[:-1], R)
 
 
 # ====================================================================================================================

@@ -2604,6 +2604,355 @@ def test_gpu_gemv_pdl_launch_gives_the_same_bits(path, monkeypatch):
     assert torch.equal(ys[0], ys[1])
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Grouped W8A16 GEMV (kernels.fp8_gemv_grouped: attention's wo_a at decode).
+# Run: python3 -m pytest -q test_dsv4.py -k grouped
+WO_A_SHAPES = {"flash": (8, 1024, 4096), "pro": (16, 1024, 4096), "tiny": (2, 128, 256)}   # G, R, K
+
+
+def grouped_problem(M, G, R, Kd, seed, device="cpu", scale_exp=(-40, 20)):
+    """x [M, G, K] bf16 with rows of different magnitudes (a zero row, 1e-20, 1e20 ...); wo_a-like e4m3 weight
+    [G R, K] with every finite code (subnormals and zeros included) and e8m0 scales 2^lo .. 2^hi."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, G, Kd, generator=g)
+    mag = torch.tensor([1.0, 0.0, 1e-20, 1e20, 3e-3, 7.0])
+    x *= mag[torch.arange(M) % len(mag)][:, None, None]
+    x[..., ::7] *= 1e-3                                     # a spread of magnitudes inside each 128-k block
+    codes = torch.randint(0, 256, (G * R, Kd), generator=g, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x3F                    # no NaN codes
+    codes[:, :16] = torch.arange(16, dtype=torch.uint8) | (torch.arange(16, dtype=torch.uint8) % 2 * 0x80)[None]
+    lo, hi = scale_exp
+    s = torch.randint(127 + lo, 127 + hi + 1, (-(-G * R // 128), Kd // 128), generator=g, dtype=torch.uint8)
+    return (x.to(torch.bfloat16).to(device), codes.view(torch.float8_e4m3fn).to(device),
+            s.view(torch.float8_e8m0fnu).to(device))
+
+
+def e4m3_to_bf16_bits_emulated(codes: torch.Tensor) -> torch.Tensor:
+    """The kernel's exact e4m3 -> bf16 path in torch: e4m3 -> f16 (exact), bits (sign | magnitude >> 3) = bf16 of
+    v * 2^-112, times 2^112 (a power of two: exact). codes uint8 -> bf16."""
+    h = codes.view(torch.float8_e4m3fn).to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    b = ((h & 0x7FFF) >> 3) | (h & 0x8000)
+    return (b.to(torch.int16).view(torch.bfloat16).float() * 2.0 ** 112).to(torch.bfloat16)
+
+
+def test_grouped_e4m3_to_bf16_path_is_exact_for_every_finite_code():
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]                                # 254 finite codes, 14 subnormals, +-0
+    want = codes.view(torch.float8_e4m3fn).float()
+    got = e4m3_to_bf16_bits_emulated(codes)
+    assert torch.equal(got.float(), want)                               # value-exact
+    assert torch.equal(torch.signbit(got.float()), torch.signbit(want))  # -0 stays -0
+    mid = ((codes.view(torch.float8_e4m3fn).to(torch.float16).view(torch.int16).to(torch.int32) & 0x7FFF) >> 3)
+    nz = mid > 0
+    assert (mid[nz] >= 0x80).all() and (mid[nz] < 0x7F80).all()       # v * 2^-112 is a normal bf16: no subnormal step
+
+
+def test_grouped_integer_e4m3_path_gives_bf16_of_v_times_2_to_the_minus_120():
+    """The fold variant's 7 integer ops on a word of 4 codes (emulated in int64): halves (b0, b2) and (b1, b3) are
+    the bf16 bits of v * 2^-120 for every finite code in every byte position, subnormal codes as bf16 subnormals."""
+    codes = torch.arange(256, dtype=torch.int64)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    words = torch.stack([codes, codes.roll(1), codes.roll(2), codes.roll(3)], 1)       # [n, 4] bytes b0..b3
+    w = (words << torch.tensor([0, 8, 16, 24])).sum(1)
+    u = (w << 8) & 0xFFFFFFFF
+    lo = (((u & 0x7F007F00) >> 4) | (u & 0x80008000)) & 0xFFFFFFFF                     # (b0, b2)
+    hi = (((w & 0x7F007F00) >> 4) | (w & 0x80008000)) & 0xFFFFFFFF                     # (b1, b3)
+    bf = lambda h: (h & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    got = torch.stack([bf(lo), bf(hi), bf(lo >> 16), bf(hi >> 16)], 1)                 # b0, b1, b2, b3
+    want = words.to(torch.uint8).view(torch.float8_e4m3fn).float() * 2.0 ** -120
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+@pytest.mark.parametrize("scale_exp", [(-40, 20), (-127, -100), (100, 110)])
+def test_fp8_wo_a_dequantized_in_bf16_is_exact(scale_exp):
+    """The premise: W * s (powers of two) is exact in bf16 wherever it stays a normal number, so the bf16 einsum of
+    the reference and the fp32-weight reference see the same weights; dsv4.dequant_fp8_bf16 (the prefill path's
+    per-call dequantization) is bit-equal to dsv4.dequant_fp8 even where W * s falls into bf16's subnormals."""
+    _, w, s = grouped_problem(1, 2, 256, 512, 0, scale_exp=scale_exp)
+    w32 = K.dequant_fp8_weight(w, s)
+    b16 = dsv4.dequant_fp8(w, s, torch.bfloat16)
+    assert torch.equal(dsv4.dequant_fp8_bf16(w, s, torch.bfloat16).view(torch.int16), b16.view(torch.int16))
+    normal = w32.abs() >= 2.0 ** -126
+    assert torch.equal(b16.float()[normal], w32[normal])
+
+
+@pytest.mark.parametrize("shape", ["tiny", "flash"])
+def test_grouped_reference_equals_the_bf16_einsum_of_attention_out(shape):
+    """fp8_gemv_grouped_reference == Attention._out's einsum with the dequantized bf16 weight, in fp32 (the CPU
+    stand-in for cuBLAS's fp32 accumulation), rounded once."""
+    G, R, Kd = WO_A_SHAPES[shape]
+    x, w, s = grouped_problem(3, G, R // (4 if shape == "flash" else 1), Kd, 1, scale_exp=(-10, 0))
+    want = torch.einsum("mgi,gri->mgr", x.float(), dsv4.dequant_fp8(w, s, torch.bfloat16).float().unflatten(0, (G, -1)))
+    got = K.fp8_gemv_grouped_reference(x, w, s)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, G, w.shape[0] // G)
+    assert torch.equal(got, want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", list(WO_A_SHAPES))
+@pytest.mark.parametrize("M", [1, 2, 8, 16])
+def test_grouped_config_keeps_each_cta_in_one_group(shape, M):
+    G, R, Kd = WO_A_SHAPES[shape]
+    c = K.pick_grouped_gemv_config(G * R, Kd, M, R, 132)
+    kw = c.get("k_warps", 1)
+    assert c["a16"] and c["group_rows"] == R and R % (c["warps"] // kw * 16 * c["row_tiles"]) == 0
+    assert c["n8"] * 8 >= M and (Kd // 128) % (c["k_splits"] * kw) == 0
+    assert Kd // 128 // c["k_splits"] <= (32 if kw > 1 else K.MAX_SLICE_BLOCKS)     # the slice's x fits in smem
+
+
+def test_grouped_unsupported_inputs_are_refused_with_value_error():
+    x, w, s = grouped_problem(2, 2, 128, 256, 0)
+    assert not K.fp8_gemv_grouped_supported(x, w)                        # CPU tensors
+    with pytest.raises(ValueError, match="at most 256"):
+        K.fp8_gemv_grouped(torch.zeros(257, 2, 256, dtype=torch.bfloat16), w, s)
+    with pytest.raises(ValueError):
+        K.fp8_gemv_grouped(x, w, s)                                      # no GPU here / not sm_90
+
+
+W16_SHAPES_COMPILE = [(2048, 4096), (512, 4096), (1024, 4096), (64, 4096), (384, 256)]
+COMPILE_GROUPED = """
+import os, sys, kernels as K
+K._CACHE_DIR, dump = sys.argv[1], sys.argv[2]
+for G, R, Kd in %r:
+    for M in (1, 16):
+        K._compile_gemv(**K.pick_grouped_gemv_config(G * R, Kd, M, R, 132))
+        for f in os.listdir(dump):                 # configs share a PTX file name: keep each one
+            if not f.startswith("done"):
+                os.rename(os.path.join(dump, f), os.path.join(dump, f"done{G}_{M}_{f}"))
+for N, Kd in %r:                                   # bf16_gemv_fp32 (w16)
+    for M in (1, 16):
+        K._compile_gemv(**K.pick_gemv_config(N, Kd, M, 132), w16=True)
+        for f in os.listdir(dump):
+            if not f.startswith("done"):
+                os.rename(os.path.join(dump, f), os.path.join(dump, f"donew{N}_{M}_{f}"))
+""" % (list(WO_A_SHAPES.values()), W16_SHAPES_COMPILE)
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_grouped_gemv_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_path):
+    """Flash, Pro and tiny wo_a configs and the bf16_gemv_fp32 (w16) configs at M = 1 and 16 compile for sm_90a here;
+    where ptxas is installed, its report on the PTX shows no register spills."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(here), CUTE_DSL_KEEP="ptx",
+               CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_GROUPED, str(tmp_path), str(dump)], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=here)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("done*Fp8Gemv*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    configs = {tuple(sorted(K.pick_grouped_gemv_config(G * R, Kd, M, R, 132).items()))
+               for G, R, Kd in WO_A_SHAPES.values() for M in (1, 16)}
+    configs |= {tuple(sorted({**K.pick_gemv_config(N, Kd, M, 132), "w16": True}.items()))
+                for N, Kd in W16_SHAPES_COMPILE for M in (1, 16)}
+    assert len(ptxs) == len(configs)                             # one PTX per distinct config (Flash = Pro here)
+    for ptx in ptxs:
+        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        assert " 0 bytes spill stores" in rep.stderr and "bf16" in ptx.read_text(), rep.stderr[-2000:]
+
+
+def _check_grouped(z, x, w, s):
+    """Per (row, group): exact zeros where x is zero; rel err <= 2e-3 vs the fp32 reference (bf16 output rounding),
+    and nearly all outputs bit-equal to the once-rounded reference (only summation-order ties may flip)."""
+    G = x.shape[-2]
+    ref32 = torch.einsum("mgk,grk->mgr", x.double(), K.dequant_fp8_weight(w, s).double().unflatten(0, (G, -1)))
+    ref = ref32.to(torch.bfloat16)
+    assert z.shape == ref.shape and z.dtype == torch.bfloat16 and torch.isfinite(z.float()).all()
+    for m in range(z.shape[0]):
+        for g in range(G):
+            r = ref32[m, g]
+            if r.abs().max() == 0:
+                assert (z[m, g] == 0).all(), f"row {m} group {g}: nonzero output for a zero input"
+                continue
+            err = ((z[m, g].double() - r).norm() / r.norm()).item()
+            assert err <= 2e-3, f"row {m} group {g}: rel err {err:.2e}"
+    equal = (z == ref).float().mean().item()
+    assert equal >= 0.97, f"only {equal:.3f} of outputs bit-equal to the reference"
+
+
+def grouped_config(x, w, fold):
+    """The default config for these inputs, with the weight path chosen: fold 0 (via f16 to the exact bf16 weight),
+    1 (integer ops to the bf16 of v * 2^-120), 2 (via f16 to the bf16 of v * 2^-112); 1, 2 scale x per block."""
+    G, Kd = x.shape[-2:]
+    return {**K.pick_grouped_gemv_config(w.shape[0], Kd, math.prod(x.shape[:-2]), w.shape[0] // G, 132), "fold": fold}
+
+
+@gpu
+@pytest.mark.parametrize("shape", ["flash", "pro"])
+@pytest.mark.parametrize("M,fold", [(1, 0), (2, 0), (8, 0), (16, 0), (1, 1), (16, 1), (1, 2), (16, 2), (40, 1)])
+def test_gpu_grouped_gemv_matches_reference(shape, M, fold):
+    G, R, Kd = WO_A_SHAPES[shape]
+    x, w, s = grouped_problem(M, G, R, Kd, seed=M + G, device="cuda")
+    config = None if M > 16 else grouped_config(x, w, fold)          # M = 40: launches of 16, 16, 8 rows
+    _check_grouped(K.fp8_gemv_grouped(x, w, s, config=config), x, w, s)
+
+
+@gpu
+@pytest.mark.parametrize("fold", [0, 1, 2])
+@pytest.mark.parametrize("scale_exp", [(-126, -110), (-30, 30), (90, 100)])
+def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp, fold):
+    """Block scales from 2^-126 to 2^100: the fp32 partial times the scale (x scaled up where the scales are tiny, so
+    the products stay fp32-normal)."""
+    G, R, Kd = WO_A_SHAPES["tiny"]
+    x, w, s = grouped_problem(4, G, R, Kd, seed=3, device="cuda", scale_exp=scale_exp)
+    x = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).cuda()
+    if scale_exp[0] < -100:                       # keep the products fp32-normal: x large where the scale is tiny
+        x = (x.float() * 2.0 ** 60).to(torch.bfloat16)
+    _check_grouped(K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold)), x, w, s)
+
+
+@gpu
+@pytest.mark.parametrize("fold", [0, 1, 2])
+@pytest.mark.parametrize("shape", ["tiny", "flash"])
+def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape, fold):
+    """x[m, g] one-hot at k(m, g) -> z[m, g] = W[g R : (g+1) R, k] * s exactly: pins the group -> x-row mapping, the
+    k permutation, and exactness of the e4m3 -> bf16 path (subnormal codes included in every row)."""
+    G, R, Kd = WO_A_SHAPES[shape]
+    M = 3
+    _, w, s = grouped_problem(M, G, R, Kd, seed=9, device="cuda", scale_exp=(-8, 8))
+    ks = torch.randint(0, Kd, (M, G), generator=torch.Generator().manual_seed(1))
+    ks[0, 0] = 3                                                       # a subnormal code column
+    x = torch.zeros(M, G, Kd, dtype=torch.bfloat16)
+    x.scatter_(2, ks[..., None], 1.0)
+    x = x.cuda()
+    z = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold)).float().cpu()
+    wd = K.dequant_fp8_weight(w, s).cpu().unflatten(0, (G, -1))       # [G, R, K]
+    for m in range(M):
+        for g in range(G):
+            assert torch.equal(z[m, g], wd[g, :, ks[m, g]]), f"row {m} group {g}"
+
+
+@gpu
+@pytest.mark.parametrize("fold", [1, 2])
+@pytest.mark.parametrize("M", [1, 16])
+def test_gpu_grouped_fold_and_cvt_weight_paths_give_the_same_bits(M, fold):
+    """Both weight paths feed the tensor cores the same products up to one power of two per (token, block), so the
+    fp32 partials, and the outputs, are the same bits (x rows from 1e-20 to 1e20)."""
+    G, R, Kd = WO_A_SHAPES["flash"]
+    x, w, s = grouped_problem(M, G, R, Kd, seed=13, device="cuda")
+    a = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, 0))
+    b = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold))
+    assert torch.equal(a, b), (a != b).float().mean().item()
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_gpu_grouped_k_warps_split_gives_the_bits_of_the_global_split(M):
+    """k_warps=4 (the CTA's 4 K quarters on 4 warps, summed in smem) adds the same partials in the same order as
+    k_splits=4 (4 CTAs, summed through global memory), so the outputs are the same bits."""
+    G, R, Kd = WO_A_SHAPES["flash"]
+    x, w, s = grouped_problem(M, G, R, Kd, seed=17, device="cuda")
+    base = dict(k_dim=Kd, n8=1 if M <= 8 else 2, row_tiles=1, warps=8, stages=4, a16=True, group_rows=R, fold=1)
+    a = K.fp8_gemv_grouped(x, w, s, config=dict(base, k_splits=4))
+    b = K.fp8_gemv_grouped(x, w, s, config=dict(base, k_splits=1, k_warps=4))
+    assert torch.equal(a, b), (a != b).float().mean().item()
+    _check_grouped(b, x, w, s)
+
+
+@gpu
+def test_gpu_grouped_gemv_is_deterministic_and_replays_in_a_cuda_graph():
+    G, R, Kd = WO_A_SHAPES["flash"]
+    x, w, s = grouped_problem(8, G, R, Kd, seed=5, device="cuda")
+    ys = [K.fp8_gemv_grouped(x, w, s) for _ in range(3)]
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = K.fp8_gemv_grouped(x, w, s)
+    for seed in (6, 7):
+        x.copy_(grouped_problem(8, G, R, Kd, seed=seed)[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, K.fp8_gemv_grouped(x, w, s))
+        _check_grouped(y, x, w, s)
+
+
+@gpu
+def test_gpu_grouped_gemv_matches_the_bf16_einsum_it_replaces():
+    """vs today's path (the einsum of the bf16 dequantized weight on cuBLAS): same math, only the fp32 order differs."""
+    G, R, Kd = WO_A_SHAPES["flash"]
+    x, w, s = grouped_problem(4, G, R, Kd, seed=11, device="cuda", scale_exp=(-9, -5))
+    x = torch.randn(x.shape, device="cuda").to(torch.bfloat16)
+    z = K.fp8_gemv_grouped(x, w, s).float()
+    ref = torch.einsum("mgi,gri->mgr", x, dsv4.dequant_fp8(w, s, torch.bfloat16).unflatten(0, (G, -1))).float()
+    assert ((z - ref).norm() / ref.norm()).item() < 2e-3
+    assert (z == ref).float().mean().item() > 0.9
+
+
+W16_SHAPES = [(2048, 4096), (512, 4096), (1024, 4096), (64, 4096), (384, 256)]   # compressors, weights_proj, tiny
+
+
+@gpu
+@pytest.mark.parametrize("N,Kd", W16_SHAPES)
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_gpu_bf16_gemv_fp32_matches_the_fp64_product(N, Kd, M):
+    """kernels.bf16_gemv_fp32 (dsv4.matmul_fp32 at decode): bf16 products are exact, so vs the fp64 product only the
+    fp32 summation differs: rel err at fp32 level (1e-5; bf16 rounding would be ~4e-3), rows of very different
+    magnitudes, a zero row."""
+    g = torch.Generator().manual_seed(N + M)
+    x = torch.randn(M, Kd, generator=g) * torch.tensor([1.0, 0.0, 1e-20, 1e20])[torch.arange(M) % 4][:, None]
+    w = torch.randn(N, Kd, generator=g) * 0.02
+    x, w = x.to(torch.bfloat16).cuda(), w.to(torch.bfloat16).cuda()
+    y = K.bf16_gemv_fp32(x, w)
+    ref = x.double() @ w.double().t()
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    for m in range(M):
+        if ref[m].abs().max() == 0:
+            assert (y[m] == 0).all()
+            continue
+        err = ((y[m].double() - ref[m]).norm() / ref[m].norm()).item()
+        assert err <= 1e-5, f"row {m}: rel err {err:.1e}"
+    assert torch.equal(y, K.bf16_gemv_fp32(x, w))                  # deterministic
+
+
+@gpu
+def test_gpu_bf16_gemv_fp32_replays_in_a_cuda_graph_and_serves_matmul_fp32(monkeypatch):
+    monkeypatch.setattr(dsv4, "FUSED_KERNELS", True)
+    x = torch.randn(2, 4096, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(2048, 4096, device="cuda") * 0.02).to(torch.bfloat16)
+    y0 = dsv4.matmul_fp32(x, w)
+    assert torch.equal(y0, K.bf16_gemv_fp32(x, w))                  # the fused path runs the kernel
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = K.bf16_gemv_fp32(x, w)
+    x.copy_(torch.randn(2, 4096).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = x.double() @ w.double().t()
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+@gpu
+@pytest.mark.usefixtures("torch_moe")
+def test_gpu_fp8_wo_a_decode_matches_the_bf16_einsum_path(gpu_checkpoints, monkeypatch):
+    """Model level: load_model keeps wo_a FP8 on this GPU (half the bytes, in the memory plan too); teacher-forced
+    decode logits of the tiny checkpoint equal those of the bf16-einsum model (wo_a dequantized at load, today's
+    path) to bf16 tolerance, and a 300-token prefill (> 256 rows: per-call dequantization) gives the same bits."""
+    path = gpu_checkpoints["fp8-all-blocks"]
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 320), generator=torch.Generator().manual_seed(3)).cuda()
+
+    def run(fp8):
+        monkeypatch.setattr(dsv4, "fp8_wo_a", lambda device, dtype: fp8)
+        model = load(path, device="cuda", fixed_routing=True)
+        attns = [m for m in model.modules() if isinstance(m, dsv4.Attention)]
+        for a in attns:
+            assert (a.wo_a.weight.dtype == torch.float8_e4m3fn) == fp8 and (a.wo_a.scale is not None) == fp8
+        plan = dsv4.memory_plan(model.cfg, fmt="fp8", max_seq_len=512, wo_a_fp8=fp8)
+        pre = model(tokens[:, :300], 0)[:, -1].float()
+        dec = [model.decode(tokens[:, p:p + 1], p)[:, -1].float() for p in range(300, 320)]
+        return plan["dense"], sum(a.wo_a.weight.numel() for a in attns), pre, torch.stack(dec)
+
+    dense8, n, pre8, dec8 = run(True)
+    dense16, _, pre16, dec16 = run(False)
+    assert dense16 - dense8 == 2 * n - (n + n // (128 * 128)), (dense16, dense8)     # bf16 -> e4m3 + e8m0 scales
+    assert torch.equal(pre8, pre16)                                    # per-call dequant == dequantized at load
+    err = ((dec8 - dec16).norm(dim=-1) / dec16.norm(dim=-1)).max().item()
+    assert err <= 2e-2, err
+
+
 # ====================================================================================================================
 # mHC: fused hc_pre / hc_post / hc_head (issue #5) — tests
 # ====================================================================================================================
