@@ -2999,9 +2999,10 @@ def assert_rel_close(out, ref, rtol=1e-5):
     assert err <= rtol, f"max relative error {err:.3g}"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def torch_reference_path(monkeypatch):
-    """dsv4's own hc functions are the reference: keep dsv4's fused-kernel dispatch (once wired) off here."""
+    """dsv4's own hc functions are the reference: keep dsv4's fused-kernel dispatch off in the tests of this section
+    (and only there: the model-level GPU tests must run the fused path)."""
     monkeypatch.setattr(dsv4, "FUSED_KERNELS", False, raising=False)
 
 
@@ -3011,6 +3012,7 @@ def _dsv4_pre(h, fn, scale, base):
 
 
 # ---------------------------------------------------------------------------------------------------- CPU tests
+@pytest.mark.usefixtures("torch_reference_path")
 @pytest.mark.parametrize("M,D", [(1, 256), (3, 512), (8, 128)])
 def test_references_equal_dsv4_functions(M, D):
     h, fn, scale, base, f = _inputs(M, D, seed=M + D)
@@ -3024,6 +3026,7 @@ def test_references_equal_dsv4_functions(M, D):
                        dsv4.hc_head(hh.unsqueeze(1), hfn, hscale, hbase, EPS, NORM_EPS).squeeze(1))
 
 
+@pytest.mark.usefixtures("torch_reference_path")
 @pytest.mark.parametrize("M,D", [(1, 4096), (8, 256), (64, 128)])
 def test_kernel_arithmetic_emulated_is_within_tolerance(M, D):
     """Grouped partials, fixed-order reduction and reciprocal-multiply Sinkhorn vs the reference."""
@@ -3054,6 +3057,7 @@ print("ok")
 """
 
 
+@pytest.mark.usefixtures("torch_reference_path")
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_mhc_kernels_compile_for_sm90a_without_a_gpu(tmp_path):
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", HOME=str(tmp_path))       # fresh disk cache under tmp
@@ -3068,6 +3072,7 @@ def test_mhc_kernels_compile_for_sm90a_without_a_gpu(tmp_path):
 SHAPES = [(1, 256), (2, 256), (8, 256), (300, 256), (1, 4096), (2, 4096), (8, 4096), (300, 4096)]
 
 
+@pytest.mark.usefixtures("torch_reference_path")
 @gpu
 @pytest.mark.parametrize("M,D", SHAPES)
 def test_gpu_hc_pre_fused_matches_dsv4(M, D):
@@ -3089,6 +3094,7 @@ def _norm_weight(D, device):
     return (1 + 0.5 * torch.randn(D, generator=torch.Generator().manual_seed(D))).to(device)
 
 
+@pytest.mark.usefixtures("torch_reference_path")
 @gpu
 @pytest.mark.parametrize("M,D", [(1, 256), (8, 4096), (300, 4096)])
 def test_gpu_hc_pre_fused_with_rmsnorm_matches_dsv4(M, D):
@@ -3101,6 +3107,7 @@ def test_gpu_hc_pre_fused_with_rmsnorm_matches_dsv4(M, D):
     assert_bf16_close(y, _rmsnorm(xr, w))
 
 
+@pytest.mark.usefixtures("torch_reference_path")
 @gpu
 @pytest.mark.parametrize("M,D", SHAPES)
 def test_gpu_hc_post_fused_matches_dsv4(M, D):
@@ -3111,6 +3118,7 @@ def test_gpu_hc_post_fused_matches_dsv4(M, D):
     assert_bf16_close(out, ref)
 
 
+@pytest.mark.usefixtures("torch_reference_path")
 @gpu
 @pytest.mark.parametrize("M,D", [(1, 4096), (8, 4096), (300, 256)])
 def test_gpu_hc_post_pre_fused_equals_post_then_pre(M, D):
@@ -3130,6 +3138,7 @@ def test_gpu_hc_post_pre_fused_equals_post_then_pre(M, D):
     assert_bf16_close(y, _rmsnorm(xr, w))
 
 
+@pytest.mark.usefixtures("torch_reference_path")
 @gpu
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("M,D", [(1, 4096), (8, 256), (300, 4096)])
@@ -3141,6 +3150,7 @@ def test_gpu_hc_head_fused_matches_dsv4(M, D, norm):
     assert_bf16_close(out, _rmsnorm(ref, w) if norm else ref)
 
 
+@pytest.mark.usefixtures("torch_reference_path")
 @gpu
 def test_gpu_fused_is_deterministic_and_graph_replays_exactly():
     M, D = 8, 4096
