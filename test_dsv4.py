@@ -3217,6 +3217,7 @@ def _ulps(a, b):
 # ======================================================================================================================
 # CPU: the references are dsv4's math, bit for bit
 # ======================================================================================================================
+@pytest.mark.usefixtures("_poison")
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("D", [256, 1024])
 def test_rms_norm_reference_is_dsv4_rmsnorm(B, D):
@@ -3246,6 +3247,7 @@ def _dsv4_index_query(q, ang, quant_sim):   # Indexer._query after wq_b; q [B,1,
     return q
 
 
+@pytest.mark.usefixtures("_poison")
 @pytest.mark.parametrize("B,H,hd", [(1, 4, 128), (3, 2, 512)])
 @pytest.mark.parametrize("pos", [0, 7, 4000])
 def test_q_and_rope_inverse_references_are_dsv4(B, H, hd, pos):
@@ -3258,6 +3260,7 @@ def test_q_and_rope_inverse_references_are_dsv4(B, H, hd, pos):
     assert _bits_equal(K.rope_inverse_reference(q, angles, p), dsv4.apply_rope(q, angles[p][:, None], inverse=True))
 
 
+@pytest.mark.usefixtures("_poison")
 @pytest.mark.parametrize("quant_sim", [True, False])
 @pytest.mark.parametrize("B,hd", [(1, 512), (3, 128)])
 def test_kv_reference_is_dsv4(quant_sim, B, hd):
@@ -3271,6 +3274,7 @@ def test_kv_reference_is_dsv4(quant_sim, B, hd):
     assert _bits_equal(K.kv_norm_rope_quant_reference(kv, norm.weight, angles, p, EPS, quant_sim), ref)
 
 
+@pytest.mark.usefixtures("_poison")
 @pytest.mark.parametrize("quant_sim", [True, False])
 @pytest.mark.parametrize("B", [1, 3])
 def test_index_query_reference_is_dsv4(quant_sim, B):
@@ -3281,6 +3285,7 @@ def test_index_query_reference_is_dsv4(quant_sim, B):
     assert _bits_equal(K.index_query_reference(q, angles, p, quant_sim), _dsv4_index_query(q, angles[p], quant_sim))
 
 
+@pytest.mark.usefixtures("_poison")
 @pytest.mark.parametrize("rotate,dim,ratio", [(False, 512, 4), (False, 128, 128), (True, 128, 4)])
 @pytest.mark.parametrize("quant_sim", [True, False])
 @pytest.mark.parametrize("pos", [2, 1003])
@@ -3301,6 +3306,7 @@ def test_compressor_entry_references_are_dsv4_compressor_entry(rotate, dim, rati
     assert _bits_equal(got, ref)
 
 
+@pytest.mark.usefixtures("_poison")
 def test_hadamard_scale_is_the_entry_of_dsv4_hadamard_matrix():
     for d in (64, 128, 256):
         h = dsv4.hadamard_matrix(d)
@@ -3318,6 +3324,7 @@ def _all_fp32_in(lo, hi, step_bits=12):
     return torch.cat([v, -v, torch.tensor([0.0, -0.0])])
 
 
+@pytest.mark.usefixtures("_poison")
 def test_kernel_e2m1_rounding_equals_dsv4_round_e2m1_on_every_tie_and_neighbour():
     x = torch.cat([_all_fp32_in(0, 6.0), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -2.5, -5.0])])
     ref, got = dsv4.round_e2m1(x), K.round_e2m1_arith(x)
@@ -3332,6 +3339,7 @@ def round_e4m3_arith(v):
     return torch.round(v * torch.exp2(-qe)) * torch.exp2(qe)
 
 
+@pytest.mark.usefixtures("_poison")
 def test_kernel_e4m3_rounding_equals_torch_float8_cast():
     x = _all_fp32_in(0, 448.0, step_bits=10)
     ref = x.to(torch.float8_e4m3fn).float()
@@ -3353,12 +3361,14 @@ def fwht_reference(x):
     return y * K.hadamard_scale(d)
 
 
+@pytest.mark.usefixtures("_poison")
 def test_butterfly_order_computes_the_sylvester_hadamard_product():
     x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).bfloat16()
     ref = x.float() @ dsv4.hadamard_matrix(128)
     torch.testing.assert_close(fwht_reference(x), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("_poison")
 def test_fused_functions_fall_back_to_the_reference_on_cpu():
     g = torch.Generator().manual_seed(3)
     angles, p = _angles(64), torch.tensor([5])
@@ -3410,8 +3420,9 @@ DEV = "cuda"
 STATS = {}                  # test id -> (mismatch fraction, max ulps), printed by the bench
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _poison():
+    """NaN-fill the glue kernels' outputs before each kernel (an unwritten element shows up): this section's tests."""
     K.POISON = True
     yield
     K.POISON = False
@@ -3447,6 +3458,7 @@ def _frac():
     return 0.0 if K.TORCH_ORDER_SUMS else 1e-3
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("D", [4096, 1024, 256])
@@ -3468,6 +3480,7 @@ def test_gpu_rms_norm_kernel_matches_reference(M, D, data, torch_order, monkeypa
         _check_close(got, ref, f"rms D={D} M={M} torch_order={torch_order}", frac)
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("H,hd", [(64, 512), (4, 128)])
@@ -3484,6 +3497,7 @@ def test_gpu_q_norm_rope_kernel_matches_reference(M, H, hd, pos):
     assert _bits_equal(K.q_norm_rope_fused(qo, angles[p], None, EPS), K.q_norm_rope_reference(qo, angles, p, EPS))
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("hd", [512, 128])
@@ -3504,6 +3518,7 @@ def test_gpu_kv_kernel_matches_reference(M, hd, quant_sim):
                            K.kv_norm_rope_quant_reference(kvo, wo, angles, p, EPS, quant_sim))
 
 
+@pytest.mark.usefixtures("_poison")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
 @pytest.mark.parametrize("B,W,pos", [(1, 128, 777), (3, 128, 127), (2, 16, 5)])
 def test_kv_tail_writes_straight_into_its_ring_slot(device, B, W, pos):
@@ -3519,6 +3534,7 @@ def test_kv_tail_writes_straight_into_its_ring_slot(device, B, W, pos):
     assert _bits_equal(ring, want)
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("H", [64, 4])
@@ -3534,6 +3550,7 @@ def test_gpu_index_query_kernel_matches_reference(M, H, mode, monkeypatch):
     _check_close(got, ref, f"index {mode} H={H} M={M}", 1e-2, None)
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("pos", [0, 2, 3, 5003])
@@ -3556,6 +3573,7 @@ def test_gpu_compressor_entry_kernels_match_reference(M, pos, quant_sim):
             assert _bits_equal(got, ref)
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("H,hd", [(64, 512), (4, 128)])
@@ -3572,6 +3590,7 @@ def test_gpu_rope_inverse_kernel_is_bit_exact_and_in_place(M, H, hd, pos):
     assert _bits_equal(y[..., :-64], o[..., :-64])
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 def test_gpu_torch_divides_by_a_python_scalar_through_its_fp32_reciprocal():
     """The kernels' pow2_scale multiplies amax by fl(1/qmax) (DIV_BY_RECIPROCAL): torch on CUDA must do the same."""
@@ -3582,6 +3601,7 @@ def test_gpu_torch_divides_by_a_python_scalar_through_its_fp32_reciprocal():
         assert not torch.equal(x / torch.full_like(x, q), x * K._recip_f32(q))   # the two really differ
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 def test_gpu_all_kernels_replay_in_a_cuda_graph_at_a_new_position():
     g = torch.Generator().manual_seed(5)
@@ -3726,6 +3746,7 @@ def bench():
 
 
 # ---------------------------------------------------------------------------------------- shared-expert SwiGLU
+@pytest.mark.usefixtures("_poison")
 @pytest.mark.parametrize("limit", [0.0, 2.5])
 def test_swiglu_reference_is_the_shared_expert_activation(limit):
     g = torch.Generator().manual_seed(int(limit * 10))
@@ -3737,6 +3758,7 @@ def test_swiglu_reference_is_the_shared_expert_activation(limit):
     assert _bits_equal(ex.w2(K.swiglu_reference(gu, limit)), ex(x))
 
 
+@pytest.mark.usefixtures("_poison")
 @gpu
 @pytest.mark.parametrize("M", [1, 8])
 @pytest.mark.parametrize("inter", [2048, 128])
@@ -3747,6 +3769,7 @@ def test_gpu_swiglu_kernel_matches_reference(M, inter, limit):
     _check_close(K.swiglu_fused(gu, limit), K.swiglu_reference(gu, limit), "swiglu", 2e-2)
 
 
+@pytest.mark.usefixtures("_poison")
 def test_swiglu_and_ring_kv_kernels_compile_for_sm90a_without_a_gpu(tmp_path):
     if not K.HAVE_CUTE:
         pytest.skip("CuTe DSL is not installed")
