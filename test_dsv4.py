@@ -37,6 +37,17 @@ def _pythonpath(*dirs: str) -> str:
     return os.pathsep.join([*dirs, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
+def ptxas_report(ptxas: str, ptx, tmp_path):
+    """ptxas -v on one dumped PTX (a completed run; its report is in .stderr). Skips the test where the system ptxas
+    is older than the PTX ISA CuTe DSL emits (the compile itself has already succeeded then)."""
+    rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, timeout=300)
+    if "Unsupported .version" in rep.stderr:
+        pytest.skip("ptxas is older than the PTX ISA CuTe DSL targets: " + rep.stderr.strip()[-80:])
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    return rep
+
+
 # ======================================================================================================================
 # Checkpoint formats: loading, validation, memory mapping, the tiny writer (weights.py)
 # ======================================================================================================================
@@ -1081,11 +1092,7 @@ def test_moe_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
     if ptxas is None or not ptxs:
         return
     for ptx in ptxs:
-        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                             capture_output=True, text=True, timeout=300)
-        if "Unsupported .version" in rep.stderr:          # a system ptxas older than the PTX CuTe DSL emits
-            pytest.skip("ptxas is older than the PTX ISA CuTe DSL targets: " + rep.stderr.strip()[-80:])
-        assert rep.returncode == 0, rep.stderr[-2000:]
+        rep = ptxas_report(ptxas, ptx, tmp_path)
         assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
 
 
@@ -2752,11 +2759,7 @@ def test_grouped_gemv_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_pa
                 for N, Kd in W16_SHAPES_COMPILE for M in (1, 16)}
     assert len(ptxs) == len(configs)                             # one PTX per distinct config (Flash = Pro here)
     for ptx in ptxs:
-        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                             capture_output=True, text=True, timeout=300)
-        if "Unsupported .version" in rep.stderr:          # a system ptxas older than the PTX CuTe DSL emits
-            pytest.skip("ptxas is older than the PTX ISA CuTe DSL targets: " + rep.stderr.strip()[-80:])
-        assert rep.returncode == 0, rep.stderr[-2000:]
+        rep = ptxas_report(ptxas, ptx, tmp_path)
         assert " 0 bytes spill stores" in rep.stderr and "bf16" in ptx.read_text(), rep.stderr[-2000:]
 
 
@@ -4628,11 +4631,7 @@ def test_prefill_gemms_compile_for_sm90a_on_a_machine_without_cuda(tmp_path):
         return
     assert len(ptxs) == 33
     for ptx in ptxs:
-        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                             capture_output=True, text=True, timeout=300)
-        if "Unsupported .version" in rep.stderr:          # a system ptxas older than the PTX CuTe DSL emits
-            pytest.skip("ptxas is older than the PTX ISA CuTe DSL targets: " + rep.stderr.strip()[-80:])
-        assert rep.returncode == 0, rep.stderr[-2000:]
+        rep = ptxas_report(ptxas, ptx, tmp_path)
         assert " 0 bytes spill stores" in rep.stderr, rep.stderr[-2000:]
         assert not any(code in rep.stderr for code in ("C7508", "C7512", "C7515")), rep.stderr[-2000:]
 
@@ -5195,11 +5194,7 @@ def test_ring_decode_gemms_compile_for_sm90a_without_spills_or_serialized_wgmma(
     if ptxas is None or not ptxs:
         return
     for ptx in ptxs:
-        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                             capture_output=True, text=True, timeout=300)
-        if "Unsupported .version" in rep.stderr:          # a system ptxas older than the PTX CuTe DSL emits
-            pytest.skip("ptxas is older than the PTX ISA CuTe DSL targets: " + rep.stderr.strip()[-80:])
-        assert rep.returncode == 0, rep.stderr[-2000:]
+        rep = ptxas_report(ptxas, ptx, tmp_path)
         assert "C7512" not in rep.stderr and " 0 bytes spill stores" in rep.stderr, rep.stderr[-2000:]
         regs = [int(n) for n in re.findall(r"Used (\d+) registers", rep.stderr)]
         assert regs and max(regs) <= 128, rep.stderr[-2000:]
