@@ -1650,6 +1650,20 @@ def _load_or_compile(config: tuple, build):
     return fn
 
 
+_ARRIVALS: dict = {}
+
+
+def arrival_counters(device, n: int, minimum: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for kernels whose last-arriving CTA finishes split work (it resets its counter,
+    so the buffer is zero again after every launch). One buffer per (device, stream): launches on one stream run in
+    order and can share it; launches on two streams (the parallel branches of a decode step) may overlap."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _ARRIVALS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _ARRIVALS[key] = torch.zeros(max(n, minimum), dtype=torch.int32, device=device)
+    return buf
+
+
 def _compile_routing(num_experts: int, top_k: int, tile_n: int, block_scan: bool | None = None):
     block_scan = ROUTING_BLOCK_SCAN and num_experts < 1024 if block_scan is None else block_scan
 
@@ -1806,12 +1820,8 @@ def pick_k_splits(num_rows: int, num_experts: int, m_tiles: int, k_tiles: int, n
 
 def _split_counters(device, n: int) -> torch.Tensor:
     """Zeroed per-tile arrival counters for split-K (the last CTA of a tile resets its counter, so the buffer stays
-    zero between launches). Shared by all split-K launches on a device: launches must not run concurrently."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    zero between launches); one buffer per stream (arrival_counters)."""
+    return arrival_counters(device, n, 1 << 16)
 
 
 def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms: int):
@@ -2713,12 +2723,8 @@ _SM90: dict = {}
 
 def _row_counters(device, n: int) -> torch.Tensor:
     """Zeroed per-row-group arrival counters for split-K (the last CTA resets its counter, so the buffer stays zero
-    between launches). One buffer per device for all fp8_gemv launches: they must not run concurrently."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    between launches); one buffer per stream (arrival_counters)."""
+    return arrival_counters(device, n, 1 << 12)
 
 
 def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -6688,12 +6694,8 @@ _COUNTERS: dict = {}
 
 def _attention_counters(device, n: int) -> torch.Tensor:
     """Zeroed per-(sequence, head group) arrival counters; the combining CTA resets its own, so the buffer stays zero
-    between launches (launches on one device must not run concurrently)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    between launches; one buffer per stream (arrival_counters)."""
+    return arrival_counters(device, n, 1024)
 
 
 def _gpu_ok(*tensors) -> str | None:
