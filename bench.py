@@ -880,6 +880,12 @@ def fp8_linear_table(model, copy_bw):
     return rows
 
 
+DECODE_ABLATIONS = [   # (label, module, switch): each timed off in the same run as the default step
+    ("one stream (NANO_DSV4_BRANCHES=0)", dsv4, "DECODE_BRANCHES"),
+    ("glue kernels without PDL (kernels.GLUE_PDL)", K, "GLUE_PDL"),
+]
+
+
 @torch.inference_mode()
 def bench_decode(args):
     dev = torch.device("cuda")
@@ -910,18 +916,18 @@ def bench_decode(args):
         torch.cuda.synchronize()
         graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
-        one_stream_ms = None
-        if dsv4.DECODE_BRANCHES:         # the same step on one stream (no parallel branches), same run
+        ablations = {}                   # the same step with one decode-path feature off, same run
+        for label, mod, name in DECODE_ABLATIONS:
             try:
-                dsv4.DECODE_BRANCHES = False
+                setattr(mod, name, False)
                 model.decode_graphs.clear()
                 model.decode(tokens, pos)
-                one_stream_ms = time_ms(model.decode_graphs[B].graph.replay, args.iters)
+                ablations[label] = time_ms(model.decode_graphs[B].graph.replay, args.iters)
             finally:
-                dsv4.DECODE_BRANCHES = True
-                model.decode_graphs.clear()
-                model.decode(tokens, pos)
-                graph = model.decode_graphs[B]
+                setattr(mod, name, True)
+        model.decode_graphs.clear()
+        model.decode(tokens, pos)
+        graph = model.decode_graphs[B]
         n = cfg.hc_mult
         h = torch.randn(B, 1, n, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
         f = torch.randn(B, 1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
@@ -940,7 +946,7 @@ def bench_decode(args):
         full_floor_ms = FLASH_LAYERS * floor_layer_ms + floor_tail_ms
         n_k, heavy_us, small_us, top = kernel_profile(graph.graph.replay, args.layers)
         results.append(dict(B=B, eager_ms=eager_ms, graph_ms=graph_ms, tail_ms=tail_ms, layer_ms=layer_ms,
-                            one_stream_ms=one_stream_ms,
+                            ablations=ablations,
                             floor_layer_ms=floor_layer_ms, layer_mb=sum(layers_b) / args.layers / 1e6,
                             full_ms=full_ms, full_floor_ms=full_floor_ms, touched=statistics.mean(touched),
                             kernels=n_k, heavy_us=heavy_us, small_us=small_us, top=top, tail_floor_ms=floor_tail_ms,
@@ -968,11 +974,10 @@ def bench_decode(args):
               f"{r['layer_mb']:>8.1f} {r['touched']:>7.1f} {r['kernels'] / args.layers:>8.0f} {r['full_ms']:>7.2f} "
               f"{r['full_floor_ms']:>9.2f} {1e3 * r['B'] / r['full_ms']:>7.1f} {1e3 * r['B'] / r['full_floor_ms']:>11.1f}")
     for r in results:
-        if r["one_stream_ms"] is not None:
-            layer_ms = (r["one_stream_ms"] - r["tail_ms"]) / args.layers
-            print(f"B={r['B']} same step on one stream (NANO_DSV4_BRANCHES=0, same run): graph "
-                  f"{r['one_stream_ms']:.2f} ms, {layer_ms:.3f} ms/layer, {100 * r['floor_layer_ms'] / layer_ms:.1f}% "
-                  f"of floor; parallel branches save {r['one_stream_ms'] - r['graph_ms']:.3f} ms/step")
+        for label, ms in r["ablations"].items():
+            layer_ms = (ms - r["tail_ms"]) / args.layers
+            print(f"B={r['B']} same step with {label} (same run): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
+                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor; on saves {ms - r['graph_ms']:.3f} ms/step")
     for r in results:
         if "torch_ms" in r:
             layer_ms = (r["torch_ms"] - r["tail_ms"]) / args.layers

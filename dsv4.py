@@ -213,21 +213,22 @@ _SIDE_STREAMS: dict = {}
 
 
 class Branch:
-    """`with Branch(x) as side: ...` runs the block's kernels on the device's side stream, after everything queued so
-    far on the current stream; side.join() makes the current stream wait for them before their results are used.
-    Tensors the block reads must stay referenced until the join (the allocator only sees them on the main stream).
-    Inline (no second stream) where off: CPU, torch path, more than BRANCH_MAX_ROWS rows, on=False."""
+    """`with Branch(x) as side: ...` runs the block's kernels on a side stream (one per lane: branches on different
+    lanes join independently), after everything queued so far on the current stream; side.join() makes the current
+    stream wait for them before their results are used. Tensors the block reads must stay referenced until the join
+    (the allocator only sees them on the main stream). Inline (no second stream) where off: CPU, torch path, more
+    than BRANCH_MAX_ROWS rows, on=False."""
 
-    def __init__(self, x: torch.Tensor, on: bool = True):
+    def __init__(self, x: torch.Tensor, on: bool = True, lane: int = 0):
         self.on = on and DECODE_BRANCHES and fused(x) and x.shape[:-1].numel() <= BRANCH_MAX_ROWS
-        self.device = x.device
+        self.device, self.lane = x.device, lane
 
     def __enter__(self) -> "Branch":
         if self.on:
             self.main = torch.cuda.current_stream(self.device)
-            side = _SIDE_STREAMS.get(self.device)
+            side = _SIDE_STREAMS.get((self.device, self.lane))
             if side is None:
-                side = _SIDE_STREAMS[self.device] = torch.cuda.Stream(self.device)
+                side = _SIDE_STREAMS[(self.device, self.lane)] = torch.cuda.Stream(self.device)
             side.wait_stream(self.main)
             self.side, self.ctx = side, torch.cuda.stream(side)
             self.ctx.__enter__()
@@ -236,10 +237,12 @@ class Branch:
     def __exit__(self, *exc):
         if self.on:
             self.ctx.__exit__(*exc)
+            self.done = torch.cuda.Event()
+            self.done.record(self.side)
 
     def join(self):
         if self.on:
-            self.main.wait_stream(self.side)
+            self.main.wait_event(self.done)
 
 
 def fp8_wo_a(device, dtype) -> bool:
@@ -890,13 +893,18 @@ class Attention(nn.Module):
         roped, no-rope dims FP8-simulated). ring (decode): the window ring [B,W,hd]; the fused path writes kv into its
         slot there and returns kv None."""
         qa, kv = self.wq_a_wkv(x)
+        eps, one = self.cfg.rms_norm_eps, fused(x) and pos.numel() == 1   # one position: norms + RoPE + FP8 sim fused
+        if one:
+            with Branch(x, lane=1) as side:                        # the kv row feeds the attention alone: it
+                kv_row = kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim,
+                                                          ring=ring)   # overlaps the q path (kv: read until join)
         qr = self.q_norm(qa)                                       # [B,S,q_lora]
         q, iq = self.wq_b_iq(qr) if self.wq_b_iq is not None else (self.wq_b(qr), None)
         q = q.unflatten(-1, (self.n_heads, self.head_dim))
-        if fused(x) and pos.numel() == 1:                          # one position: norms + RoPE + FP8 sim fused
-            eps = self.cfg.rms_norm_eps
-            kv = kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim, ring=ring)
-            return iq, kernels.q_norm_rope_fused(q, angles, pos, eps), None if ring is not None else kv
+        if one:
+            q = kernels.q_norm_rope_fused(q, angles, pos, eps)
+            side.join()
+            return iq, q, None if ring is not None else kv_row
         ang = angles[pos]
         q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
         q = apply_rope(q, ang[:, None])

@@ -4081,6 +4081,16 @@ QUANT_BLOCK_INDEX = 32     # fp4_quant block of the indexer queries
 DIV_BY_RECIPROCAL = True
 HADAMARD_MODE = "fma_chain"   # "fma_chain": sum_j fma(x_j, h_jk, acc) in j order; "fwht": butterfly, then * h
 POISON = False                # tests: NaN-fill outputs before the kernel so an unwritten element shows up
+GLUE_PDL = True               # the decode glue kernels below (norms, RoPE, compressor, attention, indexer, router)
+                              # launch as programmatic dependents: their launch overlaps the previous kernel's drain
+
+
+def _pdl_enter():
+    """First statement of a glue kernel launched with GLUE_PDL: wait until the previous kernel has finished (its
+    results visible), then let the next kernel start its prologue (its own wait covers this kernel's results)."""
+    if GLUE_PDL:
+        cute.arch.griddepcontrol_wait()
+        cute.arch.griddepcontrol_launch_dependents()
 
 
 
@@ -4414,11 +4424,12 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             self.kernel(mX, mW, mOut).launch(grid=[cute.size(mX, mode=[0]), 1, 1], block=[self.threads, 1, 1],
-                                             stream=stream)
+                                             stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
             tidx, _, _ = cute.arch.thread_idx()
+            _pdl_enter()
             row, _, _ = cute.arch.block_idx()
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
@@ -4500,7 +4511,7 @@ if HAVE_CUTE:
 
         def launch(self, args, rows, stream):
             self.kernel(*args).launch(grid=[cute.ceil_div(rows, self.warps), 1, 1], block=[32 * self.warps, 1, 1],
-                                      stream=stream)
+                                      stream=stream, use_pdl=GLUE_PDL)
 
         @cute.jit
         def load_row(self, mX, row, lane):
@@ -4615,6 +4626,7 @@ if HAVE_CUTE:
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             bidx, _, _ = cute.arch.block_idx()
             lane = tidx % 32
@@ -4652,6 +4664,7 @@ if HAVE_CUTE:
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             bidx, _, _ = cute.arch.block_idx()
             lane = tidx % 32
@@ -4697,6 +4710,7 @@ if HAVE_CUTE:
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             bidx, _, _ = cute.arch.block_idx()
             lane = tidx % 32
@@ -4768,10 +4782,11 @@ if HAVE_CUTE:
         def __call__(self, mX: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, stream):
             work = cute.size(mX, mode=[0]) * self.chunks
             self.kernel(mX, mAng, mPos).launch(grid=[cute.ceil_div(work, self.threads), 1, 1],
-                                               block=[self.threads, 1, 1], stream=stream)
+                                               block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             bidx, _, _ = cute.arch.block_idx()
             t = bidx * self.threads + tidx
@@ -4814,7 +4829,7 @@ def _compile_rms_norm(dim: int, eps: float, layout=None):
         rows = cute.sym_int()
         w = cute.runtime.make_fake_compact_tensor(Float32, (dim,), assumed_align=16)
         return RmsNorm(dim, eps, layout), (_bf16_rows(rows, dim), w, _bf16_rows(rows, dim), _stream())
-    return _load_or_compile(("glue_rms", dim, _f32(eps), layout), build)
+    return _load_or_compile(("glue_rms", GLUE_PDL, dim, _f32(eps), layout), build)
 
 
 def _compile_q_norm_rope(head_dim: int, rope_dim: int, eps: float, indexed: bool, layout=None):
@@ -4822,7 +4837,7 @@ def _compile_q_norm_rope(head_dim: int, rope_dim: int, eps: float, indexed: bool
         rows = cute.sym_int()
         return QNormRope(head_dim, rope_dim, eps, indexed, layout), (
             _bf16_rows(rows, head_dim), *_angle_args(rope_dim // 2), _bf16_rows(rows, head_dim), _stream())
-    return _load_or_compile(("glue_qrope", head_dim, rope_dim, _f32(eps), indexed, layout), build)
+    return _load_or_compile(("glue_qrope", GLUE_PDL, head_dim, rope_dim, _f32(eps), indexed, layout), build)
 
 
 def _compile_kv_norm_rope_quant(head_dim: int, rope_dim: int, eps: float, quant_sim: bool, indexed: bool,
@@ -4835,7 +4850,7 @@ def _compile_kv_norm_rope_quant(head_dim: int, rope_dim: int, eps: float, quant_
         out = _bf16_rows(cute.sym_int() if ring else rows, head_dim)
         return KvNormRopeQuant(head_dim, rope_dim, eps, quant_sim, indexed, in_fp32, pos_shift, layout, ring=ring), (
             x, w, *_angle_args(rope_dim // 2), out, _stream())
-    key = ("glue_kv", head_dim, rope_dim, _f32(eps), quant_sim, indexed, in_fp32, pos_shift, layout)
+    key = ("glue_kv", GLUE_PDL, head_dim, rope_dim, _f32(eps), quant_sim, indexed, in_fp32, pos_shift, layout)
     return _load_or_compile(key + (("ring", ring),) if ring else key, build)
 
 
@@ -4848,7 +4863,7 @@ def _compile_index_query(head_dim: int, rope_dim: int, quant_sim: bool, indexed:
              if in_fp32 else _bf16_rows(rows, head_dim))
         return IndexQuery(head_dim, rope_dim, quant_sim, indexed, mode, norm, eps, in_fp32, pos_shift, layout), (
             x, w, *_angle_args(rope_dim // 2), _bf16_rows(rows, head_dim), _stream())
-    return _load_or_compile(("glue_iq", head_dim, rope_dim, quant_sim, indexed, mode, norm, _f32(eps), in_fp32,
+    return _load_or_compile(("glue_iq", GLUE_PDL, head_dim, rope_dim, quant_sim, indexed, mode, norm, _f32(eps), in_fp32,
                                pos_shift, layout), build)
 
 
@@ -4857,7 +4872,7 @@ def _compile_rope(head_dim: int, rope_dim: int, inverse: bool, indexed: bool):
         rows = cute.sym_int()
         return RopeInplace(head_dim, rope_dim, inverse, indexed), (_bf16_rows(rows, head_dim),
                                                                    *_angle_args(rope_dim // 2), _stream())
-    return _load_or_compile(("glue_rope", head_dim, rope_dim, inverse, indexed), build)
+    return _load_or_compile(("glue_rope", GLUE_PDL, head_dim, rope_dim, inverse, indexed), build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -5197,12 +5212,13 @@ if HAVE_CUTE:
             B = cute.size(mA, mode=[0])
             cluster = [self.splits, 1, 1] if const_expr(self.splits > 1) else None
             self.kernel(mA, mG, mApe, mKv, mSc, mCache, mPos, mAngles, mNormW, mHad, mDbg).launch(
-                grid=[self.splits, B, 1], block=[self.threads, 1, 1], cluster=cluster, stream=stream)
+                grid=[self.splits, B, 1], block=[self.threads, 1, 1], cluster=cluster, stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mA: cute.Tensor, mG: cute.Tensor, mApe: cute.Tensor, mKv: cute.Tensor, mSc: cute.Tensor,
                    mCache: cute.Tensor, mPos: cute.Tensor, mAngles: cute.Tensor, mNormW: cute.Tensor,
                    mHad: cute.Tensor, mDbg: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             split, b, _ = cute.arch.block_idx()
             r, d, dc, T = self.r, self.d, self.dc, self.threads
@@ -5426,7 +5442,7 @@ def pick_layout(ratio: int, dim: int, overlap: bool) -> tuple[int, int]:
 def _compile_compressor(ratio, dim, overlap, rotate, quant_sim, rope_dim, eps, debug=False, order=None):
     splits, groups = pick_layout(ratio, dim, overlap)
     order = order or ORDER
-    config = ("compressor", ratio, dim, overlap, rotate, quant_sim, rope_dim, float(eps), splits, groups,
+    config = ("compressor", GLUE_PDL, ratio, dim, overlap, rotate, quant_sim, rope_dim, float(eps), splits, groups,
               debug, order)
 
     def build():
@@ -5757,12 +5773,13 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mPartO, mPartML, mCount, scale, ratio).launch(
-                grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1], stream=stream)
+                grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                    mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mPartO: cute.Tensor,
                    mPartML: cute.Tensor, mCount: cute.Tensor, scale: Float32, ratio: Int32):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             split, grp, b = cute.arch.block_idx()
             _, n_grp, _ = cute.arch.grid_dim()
@@ -6008,11 +6025,12 @@ if HAVE_CUTE:
             self.shared_storage = SharedStorage
             self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, scale, ratio).launch(
                 grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1],
-                cluster=[self.splits, 1, 1], stream=stream)
+                cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                    mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, scale: Float32, ratio: Int32):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             split, grp, b = cute.arch.block_idx()
             warp = tidx // 32
@@ -6241,11 +6259,12 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             self.kernel(mQ, mK, mW, mPos, mOut, ratio, w_scale).launch(
-                grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream)
+                grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor,
                    ratio: Int32, w_scale: Float32):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             blk, b, _ = cute.arch.block_idx()
             warp = tidx // 32
@@ -6360,10 +6379,11 @@ if HAVE_CUTE:
                 ctrl: cute.struct.MemRange[Int64, 4]
 
             self.shared_storage = SharedStorage
-            self.kernel(mKeys, mOut).launch(grid=[B, 1, 1], block=[self.threads, 1, 1], stream=stream)
+            self.kernel(mKeys, mOut).launch(grid=[B, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mKeys: cute.Tensor, mOut: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             b, _, _ = cute.arch.block_idx()
             warp = tidx // 32
@@ -6502,7 +6522,7 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             self.kernel(mX, mWt, mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale).launch(
-                grid=[self.E // 4, 1, 1], block=[self.threads, 1, 1], stream=stream)
+                grid=[self.E // 4, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mWt: cute.Tensor, mBias: cute.Tensor, mTid2Eid: cute.Tensor,
@@ -6524,6 +6544,7 @@ if HAVE_CUTE:
             wvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for i in cutlass.range_constexpr(self.D // 256):
                 cute.autovec_copy(cute.local_tile(mWt, (1, 8), (e, lane + 32 * i)), wvs[i])
+            _pdl_enter()                 # the weight row is loading; x comes from the previous kernel
             xvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for n in cutlass.range(N, unroll=1):
                 v = Float32(0.0)
@@ -6618,7 +6639,7 @@ def _compile_attention(head_dim: int, mode: str, splits: int, chunk: int = ATTN_
                 cute.runtime.make_fake_compact_tensor(Int32, (n,), assumed_align=4),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecode(head_dim, mode, splits, chunk), args
-    return _load_or_compile(("sattn", head_dim, mode, splits, chunk), build)
+    return _load_or_compile(("sattn", GLUE_PDL, head_dim, mode, splits, chunk), build)
 
 
 def attention_cluster_plan(window: int, n_comp: int, chunk: int = ATTN_CHUNK):
@@ -6642,7 +6663,7 @@ def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per
                                                       assumed_align=16),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecodeCluster(head_dim, mode, splits, chunks_per_cta), args
-    return _load_or_compile(("sattnc", head_dim, mode, splits, chunks_per_cta), build)
+    return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
@@ -6658,7 +6679,7 @@ def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf
                 cute.runtime.make_fake_compact_tensor(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
                 Int32(4), Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return IndexerScores(n_heads, head_dim, chunk, w_bf16), args
-    return _load_or_compile(("sidx", n_heads, head_dim, chunk) + (("w_bf16",) if w_bf16 else ()), build)
+    return _load_or_compile(("sidx", GLUE_PDL, n_heads, head_dim, chunk) + (("w_bf16",) if w_bf16 else ()), build)
 
 
 def _compile_topk(keys_per_thread: int):
@@ -6668,7 +6689,7 @@ def _compile_topk(keys_per_thread: int):
                 cute.runtime.make_fake_compact_tensor(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return TopKSelect(keys_per_thread), args
-    return _load_or_compile(("stopk", keys_per_thread), build)
+    return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread), build)
 
 
 def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int):
@@ -6686,7 +6707,7 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens), args
-    return _load_or_compile(("sgate", n_experts, dim, top_k, hash_routing, max_tokens), build)
+    return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens), build)
 
 
 _COUNTERS: dict = {}
