@@ -917,14 +917,14 @@ def bench_decode(args):
         graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
         ablations = {}                   # the same step with one decode-path feature off, same run
-        for label, mod, name in DECODE_ABLATIONS:
+        for label, mod, switch in DECODE_ABLATIONS:
             try:
-                setattr(mod, name, False)
+                setattr(mod, switch, False)
                 model.decode_graphs.clear()
                 model.decode(tokens, pos)
                 ablations[label] = time_ms(model.decode_graphs[B].graph.replay, args.iters)
             finally:
-                setattr(mod, name, True)
+                setattr(mod, switch, True)
         model.decode_graphs.clear()
         model.decode(tokens, pos)
         graph = model.decode_graphs[B]
