@@ -858,10 +858,10 @@ class Attention(nn.Module):
             comp_kv = self.compressor.kv_cache[:B]
             if self.indexer is not None:
                 comp_idx = self.indexer.decode(x, iq, pos, angles, head_w)
-        if fused(q):
+        if fused(q):                                                 # + the inverse RoPE of o, in its epilogue
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
-                                                self.head_dim ** -0.5, max(self.ratio, 1))
-            return self._out(o, angles, pos)
+                                                self.head_dim ** -0.5, max(self.ratio, 1), angles=angles)
+            return self._out(o, angles, pos, unroped=True)
         ring_pos = pos - (pos - torch.arange(W, device=x.device)) % W   # slot s: latest position <= pos, ≡ s mod W
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
                              self.head_dim ** -0.5, W, max(self.ratio, 1))
@@ -913,13 +913,13 @@ class Attention(nn.Module):
             kv = torch.cat([act_quant(kv[..., :-self.cfg.rope_dim], 64), kv[..., -self.cfg.rope_dim:]], -1)
         return iq, q, kv
 
-    def _out(self, o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position; grouped
-        low-rank wo_a (bf16 einsum of the reference; with wo_a held FP8: the grouped W8A16 kernel up to 256 rows, the
-        einsum with a per-call bf16 dequantization beyond, same math), then wo_b."""
-        if fused(o) and pos.numel() == 1:
+    def _out(self, o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, unroped: bool = False) -> torch.Tensor:
+        """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position (unless
+        unroped: done already); grouped low-rank wo_a (bf16 einsum of the reference; with wo_a held FP8: the grouped
+        W8A16 kernel up to 256 rows, the einsum with a per-call bf16 dequantization beyond, same math), then wo_b."""
+        if not unroped and fused(o) and pos.numel() == 1:
             o = kernels.rope_inverse_fused(o, angles, pos)            # in place
-        else:
+        elif not unroped:
             o = apply_rope(o, angles[pos][:, None], inverse=True)
         G = self.n_groups
         og = o.flatten(2).unflatten(-1, (G, -1))                      # [B, S, G, H*hd/G]

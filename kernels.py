@@ -5993,11 +5993,15 @@ if HAVE_CUTE:
         running max / sum per head, the PV accumulators rescaled), keeps its partial (o, m, z) in its shared
         memory, and after a cluster barrier CTA r combines every S-th 4-column piece of the 16 x hd output from all
         S CTAs (fixed order 0..S-1) and writes bf16; a second barrier keeps the shared memory alive until all
-        reads are done. No global partials, no atomics."""
+        reads are done. No global partials, no atomics. rope_dim > 0: the written bf16 values of the last rope_dim
+        columns are then rotated back by the position's angles (mAng), as RopeInplace(inverse) would do after."""
 
-        def __init__(self, head_dim: int, mode: str, splits: int, chunks_per_cta: int, chunk: int = ATTN_CHUNK):
+        def __init__(self, head_dim: int, mode: str, splits: int, chunks_per_cta: int, chunk: int = ATTN_CHUNK,
+                     rope_dim: int = 0):
             assert head_dim % 64 == 0 and chunk == 64 and mode in ("window", "hca", "csa") and 1 <= splits <= 8
+            assert rope_dim % 4 == 0 and rope_dim <= head_dim
             self.hd, self.mode, self.splits, self.n_ch, self.chunk = head_dim, mode, splits, chunks_per_cta, chunk
+            self.rd = rope_dim
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -6007,7 +6011,8 @@ if HAVE_CUTE:
 
         @cute.jit
         def __call__(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
-                     mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, scale: Float32, ratio: Int32, stream):
+                     mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor, scale: Float32,
+                     ratio: Int32, stream):
             B = cute.size(mQ, mode=[0])
             H = cute.size(mQ, mode=[1])
 
@@ -6023,13 +6028,14 @@ if HAVE_CUTE:
                 flag: cute.struct.MemRange[Int32, 4]
 
             self.shared_storage = SharedStorage
-            self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, scale, ratio).launch(
+            self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, scale, ratio).launch(
                 grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1],
                 cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
-                   mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, scale: Float32, ratio: Int32):
+                   mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor, scale: Float32,
+                   ratio: Int32):
             _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             split, grp, b = cute.arch.block_idx()
@@ -6225,8 +6231,19 @@ if HAVE_CUTE:
                             for e in cutlass.range_constexpr(4):
                                 o[e] = o[e] + wgt * ov[e]
                     inv = 1.0 / Z
+                    ob = cute.make_rmem_tensor((4,), Float32)
                     for e in cutlass.range_constexpr(4):
-                        mOut[b, head, col + e] = (o[e] * inv).to(BFloat16)
+                        ob[e] = (o[e] * inv).to(BFloat16).to(Float32)       # the bf16 output value
+                    if const_expr(self.rd > 0):
+                        if col >= self.hd - self.rd:                       # inverse RoPE of the bf16 values
+                            p = _ang_index(mPos, True, 0)
+                            for i in cutlass.range_constexpr(2):
+                                a0, a1 = _rotate(ob[2 * i], ob[2 * i + 1],
+                                                 mAng[p, (col - (self.hd - self.rd)) // 2 + i], True)
+                                ob[2 * i] = a0
+                                ob[2 * i + 1] = a1
+                    for e in cutlass.range_constexpr(4):
+                        mOut[b, head, col + e] = ob[e].to(BFloat16)
             cute.arch.cluster_arrive()                             # peers may still read this CTA's partial
             cute.arch.cluster_wait()
 
@@ -6649,7 +6666,7 @@ def attention_cluster_plan(window: int, n_comp: int, chunk: int = ATTN_CHUNK):
     return -(-chunks // per), per
 
 
-def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per_cta: int):
+def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per_cta: int, rope_dim: int = 0):
     def build():
         B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
         words = head_dim // 2
@@ -6661,9 +6678,11 @@ def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per
                 cute.runtime.make_fake_compact_tensor(Float32, (H,), assumed_align=4),
                 cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0),
                                                       assumed_align=16),
+                cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
+                                                      assumed_align=4),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return SparseAttentionDecodeCluster(head_dim, mode, splits, chunks_per_cta), args
-    return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta), build)
+        return SparseAttentionDecodeCluster(head_dim, mode, splits, chunks_per_cta, rope_dim=rope_dim), args
+    return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta, rope_dim), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
@@ -6737,11 +6756,14 @@ def attention_unavailable_reason(q, window_kv, comp_kv=None) -> str | None:
     return reason
 
 
-def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int):
+def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None):
     """dsv4.sparse_attention for one query per sequence (signature and semantics of
-    sparse_attention_decode_reference) in one CuTe DSL kernel; the reference where the kernel cannot run."""
+    sparse_attention_decode_reference) in one CuTe DSL kernel; the reference where the kernel cannot run. angles
+    (the RoPE table [P, rd/2]): also undo the RoPE of the output's last rd dims at pos, i.e. return
+    rope_inverse_fused(out, angles, pos) (in the kernel's epilogue: one launch less)."""
     if attention_unavailable_reason(q, window_kv, comp_kv) is not None:
-        return sparse_attention_decode_reference(q, window_kv, comp_kv, comp_idx, pos, sink, scale, ratio)
+        out = sparse_attention_decode_reference(q, window_kv, comp_kv, comp_idx, pos, sink, scale, ratio)
+        return out if angles is None else rope_inverse_fused(out, angles, pos)
     B, _, H, hd = q.shape
     W = window_kv.shape[1]
     if comp_kv is None:
@@ -6757,9 +6779,11 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
     out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=dev)
     if ATTN_CLUSTER:
         splits, per = attention_cluster_plan(W, n_comp)
-        _compile_attention_cluster(hd, mode, splits, per)(
+        rd = 0 if angles is None else 2 * angles.shape[-1]
+        ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
+        _compile_attention_cluster(hd, mode, splits, per, rd)(
             words(q), words(window_kv), words(comp_kv), idx, pos, sink.detach().float(), out.view(B, H, hd),
-            float(scale), int(max(ratio, 1)))
+            ang, float(scale), int(max(ratio, 1)))
         return out
     splits = attention_splits(W, n_comp)
     part_o = torch.empty(B, groups, splits, HEAD_TILE, hd, dtype=torch.float32, device=dev)
@@ -6768,7 +6792,7 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
         words(q), words(window_kv), words(comp_kv), idx, pos,
         sink.detach().float(), out.view(B, H, hd), part_o, part_ml, _attention_counters(dev, B * groups),
         float(scale), int(max(ratio, 1)))
-    return out
+    return out if angles is None else rope_inverse_fused(out, angles, pos)
 
 
 def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight_scale: float | None = None):

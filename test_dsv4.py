@@ -4430,6 +4430,7 @@ def gpu_kernel_configs():
     for W, n, hd, mode in keys:
         cfgs.add(("_compile_attention", (hd, mode, K.attention_splits(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n))))
+        cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n), 64)))   # + inverse RoPE
     return sorted(cfgs, key=lambda c: -c[1][0])                     # biggest first
 
 
@@ -4446,6 +4447,23 @@ def test_gpu_attention_kernel_matches_dsv4_sparse_attention(B, H, hd, W, Tc, mod
                            f"{mode} B={B} pos={pos}")
     again = K.sparse_attention_decode(*args)
     assert torch.equal(got, again), "not deterministic"
+
+
+@gpu
+@pytest.mark.parametrize("cluster", [True, False])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in GPU_ATTN_CASES if c[2] == 512])
+def test_gpu_attention_kernel_undoes_the_output_rope_like_the_rope_kernel(B, H, hd, W, Tc, mode, pos, cluster,
+                                                                          monkeypatch):
+    """angles=: the kernel's epilogue rotates the last rd dims of its bf16 output back (one launch less) and gives
+    exactly rope_inverse_fused(sparse_attention_decode(...)): same values, same fp32 ops, same roundings."""
+    monkeypatch.setattr(K, "ATTN_CLUSTER", cluster)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    angles = torch.rand(max(pos, 1) + 7, 32, device="cuda") * 6.3
+    want = K.rope_inverse_fused(K.sparse_attention_decode(*args), angles, args[4])
+    got = K.sparse_attention_decode(*args, angles=angles)
+    assert torch.equal(got, want)
+    plain = K.sparse_attention_decode(*args)
+    assert not torch.equal(got[..., -64:], plain[..., -64:]) and torch.equal(got[..., :-64], plain[..., :-64])
 
 
 @gpu
