@@ -221,7 +221,7 @@ class Branch:
 
     def __init__(self, x: torch.Tensor, on: bool = True, lane: int = 0):
         self.on = on and DECODE_BRANCHES and fused(x) and x.shape[:-1].numel() <= BRANCH_MAX_ROWS
-        self.device, self.lane = x.device, lane
+        self.device, self.lane, self.held = x.device, lane, ()
 
     def __enter__(self) -> "Branch":
         if self.on:
@@ -240,9 +240,14 @@ class Branch:
             self.done = torch.cuda.Event()
             self.done.record(self.side)
 
+    def hold(self, *tensors: torch.Tensor):
+        """Keep tensors the block reads alive until the join (for blocks whose inputs go out of scope before it)."""
+        self.held = tensors
+
     def join(self):
         if self.on:
             self.main.wait_event(self.done)
+        self.held = ()
 
 
 def fp8_wo_a(device, dtype) -> bool:
@@ -847,17 +852,20 @@ class Attention(nn.Module):
         slot first, so the window is the ring alone; the compressed keys are the whole preallocated cache, masked to
         the completed blocks (HCA) or picked by the indexer (CSA)."""
         B, W = x.shape[0], self.window
-        with Branch(x) as side:                                      # the compressors read x alone: they overlap
-            head_w = self._compress_decode(x, pos, angles)           # the q / kv path
-        iq, q, kv = self._qkv(x, angles, pos, ring=self.kv_window[:B])
-        if kv is not None:                                           # (else the kv kernel wrote it into the ring)
+        with Branch(x) as comp:                                      # lane 0: the compressors read x alone, they
+            head_w = self._compress_decode(x, pos, angles)           # overlap the q / kv path
+        if fused(x):
+            iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B])
+        else:
+            (iq, q, kv), attn_in = self._qkv(x, angles, pos), Branch(x, on=False)
             self.kv_window[:B].index_copy_(1, pos % W, kv)
-        side.join()                                                  # new blocks land before anything reads them
+        comp.join()                                                  # new blocks land before anything reads them
         comp_kv, comp_idx = None, None
         if self.compressor is not None:
             comp_kv = self.compressor.kv_cache[:B]
             if self.indexer is not None:
                 comp_idx = self.indexer.decode(x, iq, pos, angles, head_w)
+        attn_in.join()
         if fused(q):                                                 # + the inverse RoPE of o, in its epilogue
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
                                                 self.head_dim ** -0.5, max(self.ratio, 1), angles=angles)
@@ -887,24 +895,18 @@ class Attention(nn.Module):
         a, g, ia, ig = self.compress_proj(x)
         return (a, g), (ia, ig)
 
-    def _qkv(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor | None = None):
+    def _qkv(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor):
         """x [B,S,D] at positions pos [S] (int64 on x's device; angles: the RoPE table) -> iq [B,S,h*d] (the indexer's
         query projection of qr; None without an indexer), q [B,S,H,hd] (per-head RMS, roped) and kv [B,S,hd] (normed,
-        roped, no-rope dims FP8-simulated). ring (decode): the window ring [B,W,hd]; the fused path writes kv into its
-        slot there and returns kv None."""
+        roped, no-rope dims FP8-simulated)."""
         qa, kv = self.wq_a_wkv(x)
-        eps, one = self.cfg.rms_norm_eps, fused(x) and pos.numel() == 1   # one position: norms + RoPE + FP8 sim fused
-        if one:
-            with Branch(x, lane=1) as side:                        # the kv row feeds the attention alone: it
-                kv_row = kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim,
-                                                          ring=ring)   # overlaps the q path (kv: read until join)
         qr = self.q_norm(qa)                                       # [B,S,q_lora]
         q, iq = self.wq_b_iq(qr) if self.wq_b_iq is not None else (self.wq_b(qr), None)
         q = q.unflatten(-1, (self.n_heads, self.head_dim))
-        if one:
-            q = kernels.q_norm_rope_fused(q, angles, pos, eps)
-            side.join()
-            return iq, q, None if ring is not None else kv_row
+        if fused(x) and pos.numel() == 1:                          # one position: norms + RoPE + FP8 sim fused
+            eps = self.cfg.rms_norm_eps
+            kv = kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim)
+            return iq, kernels.q_norm_rope_fused(q, angles, pos, eps), kv
         ang = angles[pos]
         q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
         q = apply_rope(q, ang[:, None])
@@ -912,6 +914,23 @@ class Attention(nn.Module):
         if self.quant_sim:
             kv = torch.cat([act_quant(kv[..., :-self.cfg.rope_dim], 64), kv[..., -self.cfg.rope_dim:]], -1)
         return iq, q, kv
+
+    def _qkv_decode(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor):
+        """_qkv for the fused one-token step -> (iq, q, side): what only the attention reads is made on branch lane 1:
+        the kv row (norm, RoPE, FP8 sim) straight into its slot of ring [B,W,hd] and, in CSA layers, the queries
+        (wq_b, per-head norm + RoPE), which then overlap the indexer's chain (its own wq_b, query, scores, top-k).
+        q is ready after side.join()."""
+        eps, H, hd = self.cfg.rms_norm_eps, self.n_heads, self.head_dim
+        qa, kv = self.wq_a_wkv(x)
+        qr = self.q_norm(qa)
+        queries = lambda: kernels.q_norm_rope_fused(self.wq_b(qr).unflatten(-1, (H, hd)), angles, pos, eps)  # noqa: E731
+        with Branch(x, lane=1) as side:
+            side.hold(qa, kv, qr)
+            kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim, ring=ring)
+            q = queries() if self.indexer is not None else None
+        if self.indexer is None:
+            return None, queries(), side
+        return self.indexer.wq_b(qr), q, side
 
     def _out(self, o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, unroped: bool = False) -> torch.Tensor:
         """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position (unless
