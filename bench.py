@@ -842,6 +842,16 @@ def touched_experts(model, tokens, pos) -> list[int]:
     return seen
 
 
+def trace_step(run, path: str):
+    """One graph replay under the profiler, written as a Chrome trace (kernels with start, duration and stream: the
+    critical path and the parallel branches of the step can be read off it)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+
+
 def kernel_profile(run, n_layers: int):
     """One graph replay under the profiler: (kernel count, GEMM-class kernels us, other kernels us, top kernels)."""
     from torch.profiler import ProfilerActivity, profile
@@ -945,6 +955,8 @@ def bench_decode(args):
         full_ms = FLASH_LAYERS * layer_ms + tail_ms
         full_floor_ms = FLASH_LAYERS * floor_layer_ms + floor_tail_ms
         n_k, heavy_us, small_us, top = kernel_profile(graph.graph.replay, args.layers)
+        if args.trace:
+            trace_step(graph.graph.replay, f"{args.trace}.B{B}.json")
         results.append(dict(B=B, eager_ms=eager_ms, graph_ms=graph_ms, tail_ms=tail_ms, layer_ms=layer_ms,
                             ablations=ablations,
                             floor_layer_ms=floor_layer_ms, layer_mb=sum(layers_b) / args.layers / 1e6,
@@ -1020,6 +1032,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--eager-iters", type=int, default=5)
     p.add_argument("--no-baseline", action="store_true", help="skip the same step with the fused kernels off")
+    p.add_argument("--trace", default="", help="write one graph replay per batch as a Chrome trace: TRACE.B<b>.json")
     return p.parse_args(argv)
 
 # ======================================================================================================================
