@@ -852,20 +852,31 @@ class Attention(nn.Module):
         slot first, so the window is the ring alone; the compressed keys are the whole preallocated cache, masked to
         the completed blocks (HCA) or picked by the indexer (CSA)."""
         B, W = x.shape[0], self.window
-        with Branch(x) as comp:                                      # lane 0: the compressors read x alone, they
-            head_w = self._compress_decode(x, pos, angles)           # overlap the q / kv path
+        # lane 0: the compressors read x alone, so they overlap the q / kv path; the indexer's first (its scores wait
+        # for it), then the attention's (only the attention waits for it). Lane 2: the indexer's head weights.
+        with Branch(x, on=self.compressor is not None) as index_comp:
+            ag, iag = self._compressor_inputs(x)
+            if self.indexer is not None:
+                self.indexer.compressor.decode(x, pos, angles, self.indexer.hadamard, iag)
+        with Branch(x, on=self.compressor is not None) as attn_comp:
+            if self.compressor is not None:
+                self.compressor.decode(x, pos, angles, None, ag)
+        with Branch(x, on=self.indexer is not None, lane=2) as heads:
+            head_w = self.indexer.weights_proj(x) if self.indexer is not None else None
         if fused(x):
             iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B])
         else:
             (iq, q, kv), attn_in = self._qkv(x, angles, pos), Branch(x, on=False)
             self.kv_window[:B].index_copy_(1, pos % W, kv)
-        comp.join()                                                  # new blocks land before anything reads them
+        index_comp.join()                                            # new blocks land before anything reads them
+        heads.join()
         comp_kv, comp_idx = None, None
+        if self.indexer is not None:
+            comp_idx = self.indexer.decode(x, iq, pos, angles, head_w)
+        attn_comp.join()
+        attn_in.join()
         if self.compressor is not None:
             comp_kv = self.compressor.kv_cache[:B]
-            if self.indexer is not None:
-                comp_idx = self.indexer.decode(x, iq, pos, angles, head_w)
-        attn_in.join()
         if fused(q):                                                 # + the inverse RoPE of o, in its epilogue
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
                                                 self.head_dim ** -0.5, max(self.ratio, 1), angles=angles)
@@ -874,18 +885,6 @@ class Attention(nn.Module):
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
                              self.head_dim ** -0.5, W, max(self.ratio, 1))
         return self._out(o, angles, pos)
-
-    def _compress_decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor):
-        """Decode: the token into the compressor(s) (cache entries of the blocks it completes) -> the indexer's
-        head weights weights_proj(x) (CSA), else None."""
-        if self.compressor is None:
-            return None
-        ag, iag = self._compressor_inputs(x)
-        self.compressor.decode(x, pos, angles, None, ag)
-        if self.indexer is None:
-            return None
-        self.indexer.compressor.decode(x, pos, angles, self.indexer.hadamard, iag)
-        return self.indexer.weights_proj(x)
 
     def _compressor_inputs(self, x: torch.Tensor):
         """CSA: ((a, g) of the attention's compressor, (a, g) of the indexer's) from one GEMM; else (None, None):
