@@ -14,9 +14,10 @@ cfgs = []
 for D in (4096, 256):
     cfgs += [("mix", D, 4, 24, False), ("mix", D, 4, 24, True), ("mix", D, 4, 4, False), ("post", D, 4)]
     cfgs += [("fin", D, 4, 24, 20, False, nm) for nm in (False, True)] + [("fin", D, 4, 4, 1, True, nm) for nm in (False, True)]
-    cfgs += [("one", D, 4, 24, 20, False, nm, fu, 1) for nm in (False, True) for fu in (False, True)]
-    cfgs += [("one", D, 4, 4, 1, True, nm, False, 1) for nm in (False, True)]
-cfgs += [("one", 4096, 4, 24, 20, False, True, True, tb) for tb in (2, 3, 4, 8)]
+    for pf in ((True, False) if D == 4096 else (True,)):     # prefetch: M <= 4 at D 4096 (grid <= SMs)
+        cfgs += [("one", D, 4, 24, 20, False, nm, fu, 1, None, pf) for nm in (False, True) for fu in (False, True)]
+        cfgs += [("one", D, 4, 4, 1, True, nm, False, 1, None, pf) for nm in (False, True)]
+cfgs += [("one", 4096, 4, 24, 20, False, True, True, tb, None, False) for tb in (2, 3, 4, 8)]
 fns = dict(mix=K._compile_mix, fin=K._compile_finalize, one=K._compile_one_launch, post=K._compile_post)
 for c in cfgs[me::n]:
     fns[c[0]](*c[1:])
@@ -41,8 +42,8 @@ scale, hscale = torch.tensor([0.5, 0.7, 2.0], device=dev), torch.tensor([0.7], d
 base, hbase = torch.randn(mix, device=dev, generator=g) * 0.5, torch.randn(n, device=dev, generator=g) * 0.5
 w = 1 + 0.5 * torch.randn(D, device=dev, generator=g)
 
-def graph_for(kind, M, one, tb):
-    K.HC_ONE_LAUNCH, K.HC_ONE_TOK_BLOCK = one, tb
+def graph_for(kind, M, one, tb, pf):
+    K.HC_ONE_LAUNCH, K.HC_ONE_TOK_BLOCK, K.HC_ONE_PREFETCH = one, tb, pf
     h = torch.randn(M, n, D, device=dev, generator=g).to(torch.bfloat16)
     f = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16)
     post = torch.rand(M, n, device=dev, generator=g) * 2
@@ -78,8 +79,10 @@ def time_graph(gr, reps=100):
 rows = []
 for kind, M, tbs in (("post_pre", 1, (1,)), ("post_pre", 8, (1, 2, 4, 8)), ("post_pre", 4, (1, 2)),
                      ("pre", 1, (1,)), ("head", 1, (1,)), ("post_pre", 16, (1, 2))):
-    variants = [("two-kernel", False, 1)] + [(f"one tb={tb}", True, tb) for tb in tbs]
-    graphs = [(name, graph_for(kind, M, one, tb)[0]) for name, one, tb in variants]
+    variants = [("two-kernel", False, 1, True)] + [(f"one tb={tb}", True, tb, True) for tb in tbs]
+    if M <= 4:
+        variants.append(("one no-pf", True, 1, False))            # tb 1 without the h prefetch
+    graphs = [(name, graph_for(kind, M, one, tb, pf)[0]) for name, one, tb, pf in variants]
     res = {name: [] for name, _ in graphs}
     for _ in range(5):                               # interleaved rounds, median per variant
         for name, gr in graphs:
@@ -92,5 +95,5 @@ for kind, M, tbs in (("post_pre", 1, (1,)), ("post_pre", 8, (1, 2, 4, 8)), ("pos
         print("time budget reached"); break
 print("counters zero after replays:", all(int(c.abs().sum()) == 0 for c in K._HC_COUNTERS.values()))
 PY
-PYTHONPATH=$PWD timeout $(( 97 - ($(date +%s) - MHC_T0) )) python3 /tmp/mhc_time.py $(( 85 - ($(date +%s) - MHC_T0) ))
+PYTHONPATH=$PWD timeout $(( 97 - ($(date +%s) - MHC_T0) )) python3 /tmp/mhc_time.py $(( 88 - ($(date +%s) - MHC_T0) ))
 echo "done after $(( $(date +%s) - MHC_T0 )) s"

@@ -3431,6 +3431,8 @@ HC_ONE_LAUNCH = True     # hc_pre / hc_post_pre / hc_head as ONE kernel (HcOneLa
                          # finalizes) for M <= HC_ONE_MAX_TOKENS; False: the HcMix + HcFinalize pair (same results)
 HC_ONE_MAX_TOKENS = 16   # decode batches; larger M keeps the two-kernel path (finalize spread over M x slices CTAs)
 HC_ONE_TOK_BLOCK = 1     # tokens per one-launch CTA (and per finalizing CTA), at most M
+HC_ONE_PREFETCH = True   # tok_block 1, grid <= one CTA per SM (M <= 4 at D 4096): the finalizing CTA loads the h
+                         # row together with the partials
 
 
 
@@ -3685,34 +3687,44 @@ if HAVE_CUTE:
             self.kernel(mPart, mH, mScale, mBase, mX, mPost, mComb, mW, eps, norm_eps).launch(
                 grid=[num_tokens, slices, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
 
-        def _x_slice(self, mH, mX, m, pre, v):
-            """Columns 8v..8v+7 of x[m] = Σ_j pre_j·h[m, j] (products rounded, summed in j order, like torch)."""
-            hb = cute.make_rmem_tensor((1, 8), BFloat16)
-            hf = cute.make_rmem_tensor((1, 8), Float32)
-            acc = cute.make_rmem_tensor((1, 8), Float32)
-            vecs = self.dim // 8
-            for j in range(self.n):
-                cute.autovec_copy(cute.local_tile(mH, (1, 8), (m, j * vecs + v)), hb)
-                hf.store(hb.load().to(Float32))
-                for i in range(8):
-                    p = _mul_rn(pre[j], hf[0, i])
-                    acc[0, i] = p if j == 0 else _add_rn(acc[0, i], p)
-            hb.store(acc.load().to(BFloat16))
-            cute.autovec_copy(hb, cute.local_tile(mX, (1, 8), (m, v)))
+        def _h_regs(self, count):
+            """count x n register vectors of 8 bf16 (h columns held for the collapse)."""
+            return [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(count * self.n)]
 
-        def _x_vec(self, mH, m, pre, v, xs, i):
-            """xs[i, :] = float(bf16(x[m, 8v..8v+7])) (as _x_slice, kept for the norm)."""
-            hb = cute.make_rmem_tensor((1, 8), BFloat16)
+        def _load_h(self, mH, m, v, hr, i):
+            """hr[i*n + j] = h[m, j, 8v..8v+7] for the n streams (16-byte loads)."""
+            for j in range(self.n):
+                cute.autovec_copy(cute.local_tile(mH, (1, 8), (m, j * self.vecs + v)), hr[i * self.n + j])
+
+        def _collapse(self, hr, i, pre):
+            """bf16(Σ_j pre_j·h_j) of vector i of hr (fp32 products rounded, summed in j order, like torch)."""
             hf = cute.make_rmem_tensor((1, 8), Float32)
             acc = cute.make_rmem_tensor((1, 8), Float32)
+            hb = cute.make_rmem_tensor((1, 8), BFloat16)
             for j in range(self.n):
-                cute.autovec_copy(cute.local_tile(mH, (1, 8), (m, j * self.vecs + v)), hb)
-                hf.store(hb.load().to(Float32))
+                hf.store(hr[i * self.n + j].load().to(Float32))
                 for k in range(8):
                     p = _mul_rn(pre[j], hf[0, k])
                     acc[0, k] = p if j == 0 else _add_rn(acc[0, k], p)
             hb.store(acc.load().to(BFloat16))
-            hf.store(hb.load().to(Float32))
+            return hb
+
+        def _x_slice(self, mH, mX, m, pre, v, hr=None, i=0):
+            """Columns 8v..8v+7 of x[m] = Σ_j pre_j·h[m, j] (hr: h already loaded into hr[i*n ..], else loaded)."""
+            if hr is None:
+                hr = self._h_regs(1)
+                self._load_h(mH, m, v, hr, 0)
+            cute.autovec_copy(self._collapse(hr, i, pre), cute.local_tile(mX, (1, 8), (m, v)))
+
+        def _x_vec(self, mH, m, pre, v, xs, i, hr=None):
+            """xs[i, :] = float(bf16(x[m, 8v..8v+7])) (as _x_slice, kept for the norm)."""
+            j = i
+            if hr is None:
+                hr = self._h_regs(1)
+                self._load_h(mH, m, v, hr, 0)
+                j = 0
+            hf = cute.make_rmem_tensor((1, 8), Float32)
+            hf.store(self._collapse(hr, j, pre).load().to(Float32))
             for k in range(8):
                 xs[i, k] = hf[0, k]
 
@@ -3785,26 +3797,35 @@ if HAVE_CUTE:
             return cute.math.rsqrt(self._slot(red, self.mix, off) * Float32(1.0 / (self.n * self.dim)) + norm_eps)
 
         @cute.jit
-        def _reduce(self, mPart, red, m, warp, lane, off=0):
+        def _prefetch_h(self, mH, m, tidx, hr):
+            """hr[i*n + j] = h[m, j, 8v..8v+7] for this thread's vectors v = tidx + 128 i of the row."""
+            for i in cutlass.range_constexpr(self.vpt):
+                v = tidx + i * self.threads
+                if v < self.vecs:
+                    self._load_h(mH, m, v, hr, i)
+
+        @cute.jit
+        def _reduce(self, mPart, red, m, warp, lane, off=0, unroll: cutlass.Constexpr = 32):
             """red[off + 32 warp + lane] = Σ over this warp's quarter of the column groups of part[g, m, lane]."""
             per_warp = self.groups // 4
             acc = Float32(0.0)
-            for g in cutlass.range(per_warp, unroll=min(per_warp, 32)):      # all loads in flight at once
+            for g in cutlass.range(per_warp, unroll=min(per_warp, unroll)):      # default: all loads in flight
                 acc = acc + mPart[warp * per_warp + g, m, lane]
             red[off + warp * HC_SLOTS + lane] = acc
 
         @cute.jit
-        def _x_norm(self, mH, mX, mW, m, pre, tidx, warp, lane, nrm, norm_eps, nrm0, named_barrier: cutlass.Constexpr):
+        def _x_norm(self, mH, mX, mW, m, pre, tidx, warp, lane, nrm, norm_eps, nrm0, named_barrier: cutlass.Constexpr,
+                    hr=None):
             """The whole row in this CTA's 128 threads: x (bf16-rounded, kept as fp32), its sum of squares over the
             CTA (lanes, then the 4 warps in order), then y = bf16(w * (x * rsqrt(mean(x^2) + eps))) as RMSNorm.
             nrm[nrm0 : nrm0 + 4]: smem for this token; named_barrier: sync the 128 threads with barrier 1 (the CTA
-            has other threads), else with bar.sync 0."""
+            has other threads), else with bar.sync 0. hr: the thread's h vectors already loaded (_prefetch_h)."""
             xs = cute.make_rmem_tensor((self.vpt, 8), Float32)
             xs.fill(0.0)
             for i in cutlass.range_constexpr(self.vpt):
                 v = tidx + i * self.threads
                 if v < self.vecs:
-                    self._x_vec(mH, m, pre, v, xs, i)
+                    self._x_vec(mH, m, pre, v, xs, i, hr)
             ss = Float32(0.0)
             for i in cutlass.range_constexpr(self.vpt):
                 for k in cutlass.range_constexpr(8):
@@ -3930,10 +3951,14 @@ if HAVE_CUTE:
         runs post + Sinkhorn of token t. So every output equals the two-kernel path's exactly."""
 
         WARPS = 4              # mix warps per CTA (= the finalize's 4 reduction warps)
+        RED_UNROLL = 32        # partial loads in flight per lane in the finalize's reduction
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, fuse_post: bool,
-                     pdl: bool, tok_block: int):
+                     pdl: bool, tok_block: int, prefetch: bool):
             assert 1 <= tok_block <= 32
+            # last CTA: load the h row together with the partials (one L2 round trip less; +70 registers, so
+            # ~1 CTA per SM: the caller asks for it only where the grid fits one wave)
+            self.prefetch = prefetch and tok_block == 1
             self.mixer = HcMix(dim, n, mix, fuse_post, pdl, tok_block)
             self.fin = HcFinalize(dim, n, mix, iters, head, norm, pdl)
             self.dim, self.n, self.mix, self.head, self.norm, self.fuse_post, self.pdl = \
@@ -3982,6 +4007,7 @@ if HAVE_CUTE:
             sScale = storage.w_scale.get_tensor(cute.make_layout(4))
             ticket = storage.ticket.get_tensor(cute.make_layout(4))
             mHx = mHout if const_expr(self.fuse_post) else mH     # the streams to collapse (fused: the new residual)
+            hr = self.fin._h_regs(self.fin.vpt) if const_expr(self.prefetch) else None
             g = bx * self.WARPS + warp
             m_begin = mb * self.TB
             m_end = cutlass.min(m_begin + self.TB, num_tokens)
@@ -4011,8 +4037,10 @@ if HAVE_CUTE:
                     mCount[mb] = 0
                 ntok = m_end - m_begin
                 if warp < self.WARPS:
+                    if const_expr(self.prefetch):          # the h row's L2 round trip overlaps the partials'
+                        self.fin._prefetch_h(mHx, m_begin, tidx, hr)
                     for t in cutlass.range(ntok, unroll=1):
-                        self.fin._reduce(mPart, red, m_begin + t, warp, lane, t * 4 * HC_SLOTS)
+                        self.fin._reduce(mPart, red, m_begin + t, warp, lane, t * 4 * HC_SLOTS, self.RED_UNROLL)
                 cute.arch.sync_threads()
                 if warp < self.WARPS:
                     for t in cutlass.range(ntok, unroll=1):
@@ -4021,7 +4049,12 @@ if HAVE_CUTE:
                         rms = self.fin._rms(red, norm_eps, off)
                         pre = self.fin._pre(red, rms, sScale, sBase, eps, off)
                         if const_expr(self.norm):
-                            self.fin._x_norm(mHx, mX, mW, m, pre, tidx, warp, lane, nrm, norm_eps, t * 4, True)
+                            self.fin._x_norm(mHx, mX, mW, m, pre, tidx, warp, lane, nrm, norm_eps, t * 4, True, hr)
+                        elif const_expr(self.prefetch):
+                            for i in cutlass.range_constexpr(self.fin.vpt):
+                                v = tidx + i * self.fin.threads
+                                if v < self.fin.vecs:
+                                    self.fin._x_slice(mHx, mX, m, pre, v, hr, i)
                         else:
                             for v in cutlass.range(tidx, self.fin.vecs, 32 * self.WARPS, unroll=1):
                                 self.fin._x_slice(mHx, mX, m, pre, v)
@@ -4073,14 +4106,15 @@ def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: 
 
 
 def _compile_one_launch(dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, fuse_post: bool,
-                        tok_block: int, pdl: bool | None = None):
+                        tok_block: int, pdl: bool | None = None, prefetch: bool | None = None):
     pdl = HC_USE_PDL if pdl is None else pdl
+    prefetch = HC_ONE_PREFETCH if prefetch is None else prefetch
 
     def build():
         m, r = cute.sym_int(), cute.sym_int()
         args = (_fake_2d(BFloat16, cute.sym_int(), n * dim, 2), _fake_2d(Float32, mix, n * dim, 4),
                 cute.runtime.make_fake_compact_tensor(Float32, (dim // HC_COLS, cute.sym_int(), HC_SLOTS),
-                                                      stride_order=(2, 1, 0), assumed_align=16),
+                                                      stride_order=(1, 2, 0), assumed_align=16),   # token-major
                 _fake_2d(BFloat16, cute.sym_int(), dim, 2), _fake_2d(Float32, cute.sym_int(), n, 4),
                 _fake_2d(Float32, cute.sym_int(), n * n, 4), _fake_2d(BFloat16, cute.sym_int(), n * dim),
                 cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),)),
@@ -4089,8 +4123,8 @@ def _compile_one_launch(dim: int, n: int, mix: int, iters: int, head: bool, norm
                 _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 16),
                 cute.runtime.make_fake_compact_tensor(Int32, (cute.sym_int(),), assumed_align=4),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcOneLaunch(dim, n, mix, iters, head, norm, fuse_post, pdl, tok_block), args
-    return _load_or_compile(("hc_one", dim, n, mix, iters, head, norm, fuse_post, tok_block, pdl), build)
+        return HcOneLaunch(dim, n, mix, iters, head, norm, fuse_post, pdl, tok_block, prefetch), args
+    return _load_or_compile(("hc_one", dim, n, mix, iters, head, norm, fuse_post, tok_block, pdl, prefetch), build)
 
 
 def _compile_post(dim: int, n: int, pdl: bool | None = None):
@@ -4126,6 +4160,14 @@ def _hc_counters(device, n: int) -> torch.Tensor:
 
 
 _HC_COUNTERS: dict = {}
+_HC_SMS: dict = {}
+
+
+def _hc_num_sms(device) -> int:
+    n = _HC_SMS.get(device)
+    if n is None:
+        n = _HC_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
 
 
 def _one_tok_block(M: int) -> int:
@@ -4155,12 +4197,15 @@ def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=N
     if one_launch and M <= HC_ONE_MAX_TOKENS:
         tb = _one_tok_block(M)
         counters = _hc_counters(dev, -(-M // tb))
+        part = part.view(M, D // HC_COLS, HC_SLOTS).permute(1, 0, 2)     # token-major: static strides
         if post_args is None:   # h2 / x / post / comb fill the unused fused-post arguments (never touched)
             args = (h2, fn, part, x, post, comb2, h2)
         else:
             f, res2, post_in, comb_in = post_args
             args = (res2, fn, part, f, post_in, comb_in, h2)
-        _compile_one_launch(D, n, mix, iters, head, norm, post_args is not None, tb)(
+        ctas = -(-M // tb) * (D // (4 * HC_COLS))
+        prefetch = HC_ONE_PREFETCH and tb == 1 and ctas <= _hc_num_sms(dev)
+        _compile_one_launch(D, n, mix, iters, head, norm, post_args is not None, tb, prefetch=prefetch)(
             *args, scale, base, x, post, comb2, w, counters, float(eps), float(norm_eps))
         return x, post, comb
     if post_args is None:       # x, post, comb, h2 only fill the unused fused-post arguments (never touched)
