@@ -18,6 +18,8 @@ for D in (4096, 256):
         cfgs += [("one", D, 4, 24, 20, False, nm, fu, 1, None, pf) for nm in (False, True) for fu in (False, True)]
         cfgs += [("one", D, 4, 4, 1, True, nm, False, 1, None, pf) for nm in (False, True)]
 cfgs += [("one", 4096, 4, 24, 20, False, True, True, tb, None, False) for tb in (2, 3, 4, 8)]
+cfgs += [("one", 4096, 4, 24, 20, False, True, True, 1, None, pf, mw) for mw in (1, 2) for pf in (True, False)]
+cfgs += [("one", 4096, 4, 24, 20, False, True, False, 1, None, True, 1), ("one", 4096, 4, 4, 1, True, True, False, 1, None, True, 1)]
 fns = dict(mix=K._compile_mix, fin=K._compile_finalize, one=K._compile_one_launch, post=K._compile_post)
 for c in cfgs[me::n]:
     fns[c[0]](*c[1:])
@@ -42,8 +44,8 @@ scale, hscale = torch.tensor([0.5, 0.7, 2.0], device=dev), torch.tensor([0.7], d
 base, hbase = torch.randn(mix, device=dev, generator=g) * 0.5, torch.randn(n, device=dev, generator=g) * 0.5
 w = 1 + 0.5 * torch.randn(D, device=dev, generator=g)
 
-def graph_for(kind, M, one, tb, pf):
-    K.HC_ONE_LAUNCH, K.HC_ONE_TOK_BLOCK, K.HC_ONE_PREFETCH = one, tb, pf
+def graph_for(kind, M, one, tb, pf, mw):
+    K.HC_ONE_LAUNCH, K.HC_ONE_TOK_BLOCK, K.HC_ONE_PREFETCH, K.HC_ONE_MIX_WARPS = one, tb, pf, mw
     h = torch.randn(M, n, D, device=dev, generator=g).to(torch.bfloat16)
     f = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16)
     post = torch.rand(M, n, device=dev, generator=g) * 2
@@ -77,12 +79,14 @@ def time_graph(gr, reps=100):
     return s.elapsed_time(e) * 1e3 / reps / SITES          # us per site
 
 rows = []
-for kind, M, tbs in (("post_pre", 1, (1,)), ("post_pre", 8, (1, 2, 4, 8)), ("post_pre", 4, (1, 2)),
-                     ("pre", 1, (1,)), ("head", 1, (1,)), ("post_pre", 16, (1, 2))):
-    variants = [("two-kernel", False, 1, True)] + [(f"one tb={tb}", True, tb, True) for tb in tbs]
-    if M <= 4:
-        variants.append(("one no-pf", True, 1, False))            # tb 1 without the h prefetch
-    graphs = [(name, graph_for(kind, M, one, tb, pf)[0]) for name, one, tb, pf in variants]
+for kind, M, tbs in (("post_pre", 1, (1,)), ("post_pre", 8, (1, 2, 4, 8)), ("post_pre", 2, (1, 2)),
+                     ("pre", 1, (1,)), ("head", 1, (1,)), ("post_pre", 4, (1, 2)), ("post_pre", 16, (1, 2))):
+    variants = [("two-kernel", False, 1, True, 4)] + [(f"one tb={tb}", True, tb, True, 4) for tb in tbs]
+    if M <= 4 and kind == "post_pre":
+        variants.append(("one no-pf", True, 1, False, 4))            # tb 1 without the h prefetch
+    if M <= 2:
+        variants += [("one mw=1", True, 1, True, 1)] + ([("one mw=2", True, 1, True, 2)] if kind == "post_pre" else [])
+    graphs = [(name, graph_for(kind, M, *v)[0]) for name, *v in variants]
     res = {name: [] for name, _ in graphs}
     for _ in range(5):                               # interleaved rounds, median per variant
         for name, gr in graphs:

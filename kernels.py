@@ -3431,6 +3431,7 @@ HC_ONE_LAUNCH = True     # hc_pre / hc_post_pre / hc_head as ONE kernel (HcOneLa
                          # finalizes) for M <= HC_ONE_MAX_TOKENS; False: the HcMix + HcFinalize pair (same results)
 HC_ONE_MAX_TOKENS = 16   # decode batches; larger M keeps the two-kernel path (finalize spread over M x slices CTAs)
 HC_ONE_TOK_BLOCK = 1     # tokens per one-launch CTA (and per finalizing CTA), at most M
+HC_ONE_MIX_WARPS = 4     # mix warps per one-launch CTA (1, 2, 4; its other warps wait for the finalize)
 HC_ONE_PREFETCH = True   # tok_block 1, grid <= one CTA per SM (M <= 4 at D 4096): the finalizing CTA loads the h
                          # row together with the partials
 
@@ -3941,21 +3942,23 @@ if HAVE_CUTE:
 
     class HcOneLaunch:
         """HcMix and HcFinalize in one launch (decode: one kernel per mHC site instead of two).
-        grid (D / 128, token blocks), 160 threads: warps 0-3 are the HcMix warps of column groups 4·bx .. 4·bx+3 (the
-        same per-group partials, bit for bit); warp 4 only helps the finalize. After its partials (and, fused, its
-        slice of the new residual) are stored, each CTA takes an arrival ticket on count[token block] (fence +
+        grid (D / 32 / mix_warps, token blocks), 160 threads: warps 0..mix_warps-1 are the HcMix warps of column
+        groups mix_warps·bx + w (the same per-group partials, bit for bit); the other warps only help the finalize
+        (mix_warps < 4 spreads the fn reads over more SMs when there are few tokens). After its partials (and, fused,
+        its slice of the new residual) are stored, each CTA takes an arrival ticket on count[token block] (fence +
         acq_rel atomic); the last CTA of the block to arrive resets the counter to 0 (it stays zero across launches
         and CUDA-graph replays) and finalizes the block's tokens with HcFinalize's code: the same fixed-order
         reduction (warp w sums groups w·G/4 .. (w+1)·G/4-1, then the 4 warp sums in order), then warps 0-3 write x
         (+ RMSNorm: the same 128-thread split of the row as HcFinalize, with a named barrier) while lane t of warp 4
         runs post + Sinkhorn of token t. So every output equals the two-kernel path's exactly."""
 
-        WARPS = 4              # mix warps per CTA (= the finalize's 4 reduction warps)
+        WARPS = 4              # the finalize's 4 reduction warps (warp 4: post + Sinkhorn)
         RED_UNROLL = 32        # partial loads in flight per lane in the finalize's reduction
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, fuse_post: bool,
-                     pdl: bool, tok_block: int, prefetch: bool):
-            assert 1 <= tok_block <= 32
+                     pdl: bool, tok_block: int, prefetch: bool, mix_warps: int = 4):
+            assert 1 <= tok_block <= 32 and mix_warps in (1, 2, 4)
+            self.mw = mix_warps
             # last CTA: load the h row together with the partials (one L2 round trip less; +70 registers, so
             # ~1 CTA per SM: the caller asks for it only where the grid fits one wave)
             self.prefetch = prefetch and tok_block == 1
@@ -3964,7 +3967,7 @@ if HAVE_CUTE:
             self.dim, self.n, self.mix, self.head, self.norm, self.fuse_post, self.pdl = \
                 dim, n, mix, head, norm, fuse_post, pdl
             self.TB = tok_block                # tokens per CTA = per finalizing CTA (one mix chunk)
-            self.ctas = dim // HC_COLS // self.WARPS
+            self.ctas = dim // HC_COLS // mix_warps
             self.threads = 32 * (self.WARPS + 1)
 
         @cute.jit
@@ -3974,7 +3977,7 @@ if HAVE_CUTE:
                      mW: cute.Tensor, mCount: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
             @cute.struct
             class SharedStorage:
-                pc: cute.struct.MemRange[Float32, self.WARPS * self.TB * self.mixer.pc]
+                pc: cute.struct.MemRange[Float32, self.mw * self.TB * self.mixer.pc]
                 red: cute.struct.MemRange[Float32, self.TB * 4 * HC_SLOTS]
                 nrm: cute.struct.MemRange[Float32, self.TB * 4]
                 w_base: cute.struct.MemRange[Float32, HC_SLOTS]
@@ -3988,6 +3991,17 @@ if HAVE_CUTE:
                         eps, norm_eps).launch(
                 grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
 
+        @cute.jit
+        def _mix_warp(self, mH, mFn, mPart, mF, mPost, mComb, mHout, sPC, g, warp, lane, m_begin, m_end):
+            """A mix warp: its fn columns into registers (before waiting on the previous kernel), then HcMix's work
+            for column group g."""
+            w = self.mixer._fn_column(mFn, g * HC_COLS + lane)
+            if const_expr(self.pdl):
+                cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its weight loads now
+                cute.arch.griddepcontrol_wait()
+            self.mixer._mix_tokens(mH, mPart, mF, mPost, mComb, mHout, sPC, warp * self.TB * self.mixer.pc, w, g,
+                                   lane, m_begin, m_end)
+
         @cute.kernel
         def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mPart: cute.Tensor, mF: cute.Tensor,
                    mPost: cute.Tensor, mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor,
@@ -4000,7 +4014,7 @@ if HAVE_CUTE:
             num_tokens = cute.size(mX, mode=[0])
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
-            sPC = storage.pc.get_tensor(cute.make_layout(self.WARPS * self.TB * self.mixer.pc))
+            sPC = storage.pc.get_tensor(cute.make_layout(self.mw * self.TB * self.mixer.pc))
             red = storage.red.get_tensor(cute.make_layout(self.TB * 4 * HC_SLOTS))
             nrm = storage.nrm.get_tensor(cute.make_layout(self.TB * 4))
             sBase = storage.w_base.get_tensor(cute.make_layout(HC_SLOTS))
@@ -4008,22 +4022,20 @@ if HAVE_CUTE:
             ticket = storage.ticket.get_tensor(cute.make_layout(4))
             mHx = mHout if const_expr(self.fuse_post) else mH     # the streams to collapse (fused: the new residual)
             hr = self.fin._h_regs(self.fin.vpt) if const_expr(self.prefetch) else None
-            g = bx * self.WARPS + warp
             m_begin = mb * self.TB
             m_end = cutlass.min(m_begin + self.TB, num_tokens)
-            # weights (do not depend on the previous kernel): fn columns in the mix warps' registers, base/scale
-            w = self.mixer._fn_column(mFn, (bx * self.WARPS + cutlass.min(warp, self.WARPS - 1)) * HC_COLS + lane)
-            if warp == self.WARPS:
-                if lane < self.mix:
-                    sBase[lane] = mBase[lane]
-                if lane < (1 if self.head else 3):
-                    sScale[lane] = mScale[lane]
-            if const_expr(self.pdl):
-                cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its weight loads now
-                cute.arch.griddepcontrol_wait()
-            if warp < self.WARPS:
-                self.mixer._mix_tokens(mH, mPart, mF, mPost, mComb, mHout, sPC, warp * self.TB * self.mixer.pc, w,
-                                       g, lane, m_begin, m_end)
+            if warp < self.mw:
+                self._mix_warp(mH, mFn, mPart, mF, mPost, mComb, mHout, sPC, bx * self.mw + warp, warp, lane,
+                               m_begin, m_end)
+            else:
+                if warp == self.WARPS:             # weights: loaded before waiting on the previous kernel
+                    if lane < self.mix:
+                        sBase[lane] = mBase[lane]
+                    if lane < (1 if self.head else 3):
+                        sScale[lane] = mScale[lane]
+                if const_expr(self.pdl):
+                    cute.arch.griddepcontrol_launch_dependents()
+                    cute.arch.griddepcontrol_wait()
             # arrival: every thread's stores are ordered before thread 0's acq_rel ticket (fence + bar.sync)
             cute.arch.fence_acq_rel_gpu()
             cute.arch.sync_threads()
@@ -4106,7 +4118,8 @@ def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: 
 
 
 def _compile_one_launch(dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, fuse_post: bool,
-                        tok_block: int, pdl: bool | None = None, prefetch: bool | None = None):
+                        tok_block: int, pdl: bool | None = None, prefetch: bool | None = None,
+                        mix_warps: int = 4):
     pdl = HC_USE_PDL if pdl is None else pdl
     prefetch = HC_ONE_PREFETCH if prefetch is None else prefetch
 
@@ -4123,8 +4136,9 @@ def _compile_one_launch(dim: int, n: int, mix: int, iters: int, head: bool, norm
                 _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 16),
                 cute.runtime.make_fake_compact_tensor(Int32, (cute.sym_int(),), assumed_align=4),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcOneLaunch(dim, n, mix, iters, head, norm, fuse_post, pdl, tok_block, prefetch), args
-    return _load_or_compile(("hc_one", dim, n, mix, iters, head, norm, fuse_post, tok_block, pdl, prefetch), build)
+        return HcOneLaunch(dim, n, mix, iters, head, norm, fuse_post, pdl, tok_block, prefetch, mix_warps), args
+    return _load_or_compile(("hc_one", dim, n, mix, iters, head, norm, fuse_post, tok_block, pdl, prefetch, mix_warps),
+                            build)
 
 
 def _compile_post(dim: int, n: int, pdl: bool | None = None):
@@ -4203,9 +4217,10 @@ def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=N
         else:
             f, res2, post_in, comb_in = post_args
             args = (res2, fn, part, f, post_in, comb_in, h2)
-        ctas = -(-M // tb) * (D // (4 * HC_COLS))
+        mw = HC_ONE_MIX_WARPS
+        ctas = -(-M // tb) * (D // (mw * HC_COLS))
         prefetch = HC_ONE_PREFETCH and tb == 1 and ctas <= _hc_num_sms(dev)
-        _compile_one_launch(D, n, mix, iters, head, norm, post_args is not None, tb, prefetch=prefetch)(
+        _compile_one_launch(D, n, mix, iters, head, norm, post_args is not None, tb, prefetch=prefetch, mix_warps=mw)(
             *args, scale, base, x, post, comb2, w, counters, float(eps), float(norm_eps))
         return x, post, comb
     if post_args is None:       # x, post, comb, h2 only fill the unused fused-post arguments (never touched)
