@@ -24,11 +24,11 @@ fns = dict(mix=K._compile_mix, fin=K._compile_finalize, one=K._compile_one_launc
 for c in cfgs[me::n]:
     fns[c[0]](*c[1:])
 PY
-for i in $(seq 0 15); do PYTHONPATH=$PWD timeout 45 python3 /tmp/mhc_pre.py $i 16 > /tmp/mhc_pre_$i.log 2>&1 & done
+for i in $(seq 0 15); do PYTHONPATH=$PWD timeout 35 python3 /tmp/mhc_pre.py $i 16 > /tmp/mhc_pre_$i.log 2>&1 & done
 wait
 echo "precompiled after $(( $(date +%s) - MHC_T0 )) s"; grep -l -i "error" /tmp/mhc_pre_*.log | head -3
-timeout 45 python3 -m pytest -q -x -p no:cacheprovider test_dsv4.py \
-    -k "test_gpu_ and (hc_ or fused_is_deterministic)" 2>&1 | tail -6
+timeout 45 python3 -m pytest -q -p no:cacheprovider test_dsv4.py \
+    -k "test_gpu_ and (hc_ or fused_is_deterministic)" 2>&1 | grep -E "passed|failed|FAILED|Error" | head -25
 echo "tests done after $(( $(date +%s) - MHC_T0 )) s"
 cat > /tmp/mhc_time.py <<'PY'
 import statistics, sys, time, torch
