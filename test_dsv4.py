@@ -5384,9 +5384,9 @@ def test_gpu_hc_one_launch_equals_two_kernels_exactly(monkeypatch, kind, norm, M
     torch.cuda.synchronize()
     assert _counters_are_zero()
     assert len(one) == len(two)
-    for a, b in zip(one, two):
+    for i, (a, b) in enumerate(zip(one, two)):
         assert torch.isfinite(a.float()).all()
-        assert torch.equal(a, b)
+        assert torch.equal(a, b), f"output {i}: {int((a != b).sum())} of {a.numel()} differ"
 
 
 @pytest.mark.usefixtures("torch_reference_path")
