@@ -26,9 +26,9 @@ for c in cfgs[me::n]:
 PY
 for i in $(seq 0 15); do PYTHONPATH=$PWD timeout 35 python3 /tmp/mhc_pre.py $i 16 > /tmp/mhc_pre_$i.log 2>&1 & done
 wait
-echo "precompiled after $(( $(date +%s) - MHC_T0 )) s"; grep -l -i "error" /tmp/mhc_pre_*.log | head -3
+echo "precompiled after $(( $(date +%s) - MHC_T0 )) s"; for f in $(grep -l -i "error" /tmp/mhc_pre_*.log | head -2); do tail -n 2 $f; done
 timeout 45 python3 -m pytest -q -p no:cacheprovider test_dsv4.py \
-    -k "test_gpu_ and (hc_ or fused_is_deterministic)" 2>&1 | grep -E "passed|failed|FAILED|Error" | head -25
+    -k "test_gpu_ and (one_launch or both_paths or fused_is_deterministic)" 2>&1 | grep -E "passed|failed|FAILED|Error" | head -25
 echo "tests done after $(( $(date +%s) - MHC_T0 )) s"
 cat > /tmp/mhc_time.py <<'PY'
 import statistics, sys, time, torch
@@ -70,7 +70,7 @@ def graph_for(kind, M, one, tb, pf, mw):
     torch.cuda.synchronize()
     return gr, out
 
-def time_graph(gr, reps=100):
+def time_graph(gr, reps=20):
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(reps):
@@ -88,13 +88,14 @@ for kind, M, tbs in (("post_pre", 1, (1,)), ("post_pre", 8, (1, 2, 4, 8)), ("pos
         variants += [("one mw=1", True, 1, True, 1)] + ([("one mw=2", True, 1, True, 2)] if kind == "post_pre" else [])
     graphs = [(name, graph_for(kind, M, *v)[0]) for name, *v in variants]
     res = {name: [] for name, _ in graphs}
-    for _ in range(5):                               # interleaved rounds, median per variant
+    for _ in range(15):                              # interleaved rounds: min (robust to a shared GPU) and median
         for name, gr in graphs:
             res[name].append(time_graph(gr))
-    base_us = statistics.median(res["two-kernel"])
+    base_min, base_med = min(res["two-kernel"]), statistics.median(res["two-kernel"])
     for name, _ in graphs:
-        med = statistics.median(res[name])
-        print(f"{kind:8s} M={M:2d} {name:11s} {med:7.2f} us/site  ({med - base_us:+6.2f} vs two-kernel)", flush=True)
+        lo, med = min(res[name]), statistics.median(res[name])
+        print(f"{kind:8s} M={M:2d} {name:11s} min {lo:7.2f} us/site ({lo - base_min:+6.2f})  median {med:7.2f} "
+              f"({med - base_med:+6.2f} vs two-kernel)", flush=True)
     if time.time() > t_end:
         print("time budget reached"); break
 print("counters zero after replays:", all(int(c.abs().sum()) == 0 for c in K._HC_COUNTERS.values()))
