@@ -123,6 +123,11 @@ def kernel_times(chain):
         out[name] = (ev.count, t)
     return out
 
+_t = torch.zeros(1024, device=dev)
+def _tiny():
+    for _ in range(2 * SITES):
+        _t.add_(1.0)
+print(f"sanity: graph of {2 * SITES} tiny torch kernels: {time_graph(graph_for(_tiny)) / 2:.2f} us per kernel", flush=True)
 print(f"{torch.cuda.get_device_name()}; us per site = CUDA-graph replay of {SITES} chained sites / {SITES}; "
       "min and median of 10 interleaved rounds", flush=True)
 NAMES = ["main 2-kernel", "2-kernel", "one", "one no-pf"]
