@@ -37,7 +37,7 @@ fns = dict(mix=K._compile_mix, fin=K._compile_finalize, one=K._compile_one_launc
 for c in cfgs[me::n]:
     fns[c[0]](*c[1:])
 PY
-for i in $(seq 0 9); do PYTHONPATH=$PWD timeout 30 python3 /tmp/mhc_pre.py $i 10 > /tmp/mhc_pre_$i.log 2>&1 & done
+for i in $(seq 0 9); do PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 30 python3 /tmp/mhc_pre.py $i 10 > /tmp/mhc_pre_$i.log 2>&1 & done
 wait
 echo "precompiled after $(( $(date +%s) - MHC_T0 )) s"; for f in $(grep -l -i "error" /tmp/mhc_pre_*.log | head -2); do tail -n 3 $f; done
 cat > /tmp/mhc_time.py <<'PY'
@@ -53,6 +53,8 @@ hfn = torch.randn(n, n * D, device=dev, generator=g) / (n * D) ** 0.5
 scale, hscale = torch.tensor([0.5, 0.7, 2.0], device=dev), torch.tensor([0.7], device=dev)
 base, hbase = torch.randn(mix, device=dev, generator=g) * 0.5, torch.randn(n, device=dev, generator=g) * 0.5
 w = 1 + 0.5 * torch.randn(D, device=dev, generator=g)
+_why = K.hc_unavailable_reason(torch.zeros(1, n, D, device=dev, dtype=torch.bfloat16))
+assert _why is None and KB.HAVE_CUTE, f"the hc kernels would fall back to torch here: {_why}"
 
 def chain_for(mod, kind, M):
     h = torch.randn(M, n, D, device=dev, generator=g).to(torch.bfloat16)
@@ -157,7 +159,7 @@ for kind, M, names in (("post_pre", 1, NAMES + ["2-kernel nopdl", "one nopdl"]),
         print("time budget reached"); break
 print("counters zero after replays:", all(int(c.abs().sum()) == 0 for c in K._HC_COUNTERS.values()), flush=True)
 PY
-PYTHONPATH=$PWD timeout 40 python3 /tmp/mhc_time.py 30
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 40 python3 /tmp/mhc_time.py 30
 echo "timing done after $(( $(date +%s) - MHC_T0 )) s"
 timeout $(( 98 - ($(date +%s) - MHC_T0) )) python3 -m pytest -q -p no:cacheprovider test_dsv4.py \
     -k "test_gpu_ and (one_launch or both_paths or fused_is_deterministic)" 2>&1 | grep -E "passed|failed|FAILED|rror" | head -20

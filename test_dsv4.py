@@ -5443,16 +5443,19 @@ def test_gpu_hc_one_launch_graph_replays_exactly_and_leaves_counters_zero(monkey
 @pytest.mark.usefixtures("torch_reference_path")
 @gpu
 @pytest.mark.parametrize("one_launch", [False, True])
-@pytest.mark.parametrize("M,D", [(1, 4096), (8, 4096), (2, 256)])
-def test_gpu_hc_kernels_match_dsv4_on_both_paths(monkeypatch, one_launch, M, D):
-    """The section-above checks against dsv4's functions, on the one-launch and on the two-kernel path."""
+def test_gpu_hc_kernels_match_dsv4_on_both_paths(monkeypatch, one_launch):
+    """The section-above checks against dsv4's functions (at shapes of their own parametrizations), on the one-launch
+    and on the two-kernel path."""
     monkeypatch.setattr(K, "HC_ONE_LAUNCH", one_launch)
-    test_gpu_hc_pre_fused_matches_dsv4(M, D)
-    test_gpu_hc_pre_fused_with_rmsnorm_matches_dsv4(M, D)
-    test_gpu_hc_post_pre_fused_equals_post_then_pre(M, D)
-    for norm in (False, True):
-        test_gpu_hc_head_fused_matches_dsv4(M, D, norm)
-
+    for M, D in [(1, 4096), (8, 4096), (2, 256)]:
+        test_gpu_hc_pre_fused_matches_dsv4(M, D)
+    for M, D in [(1, 256), (8, 4096)]:
+        test_gpu_hc_pre_fused_with_rmsnorm_matches_dsv4(M, D)
+    for M, D in [(1, 4096), (8, 4096)]:
+        test_gpu_hc_post_pre_fused_equals_post_then_pre(M, D)
+    for M, D in [(1, 4096), (8, 256)]:
+        for norm in (False, True):
+            test_gpu_hc_head_fused_matches_dsv4(M, D, norm)
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
