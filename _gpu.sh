@@ -12,7 +12,11 @@ cat > /tmp/mhc_pre.py <<'PY'
 import sys, time, traceback
 me, n = int(sys.argv[1]), int(sys.argv[2])
 time.sleep(0.3 * me)                    # stagger the CuTe DSL imports
-import kernels as K, _mhc_base_kernels as KB
+import kernels as K
+try:
+    import _mhc_base_kernels as KB          # main's kernels.py at the branch point (untracked; optional)
+except ImportError:
+    KB = K
 if not (K.HAVE_CUTE and KB.HAVE_CUTE):
     try:
         import cutlass.cute  # noqa: F401
@@ -42,7 +46,11 @@ wait
 echo "precompiled after $(( $(date +%s) - MHC_T0 )) s"; for f in $(grep -l -i "error" /tmp/mhc_pre_*.log | head -2); do tail -n 3 $f; done
 cat > /tmp/mhc_time.py <<'PY'
 import statistics, sys, time, torch
-import kernels as K, _mhc_base_kernels as KB
+import kernels as K
+try:
+    import _mhc_base_kernels as KB          # main's kernels.py at the branch point (untracked; optional)
+except ImportError:
+    KB = None
 from torch.profiler import profile, ProfilerActivity
 t_end = time.time() + float(sys.argv[1])
 dev = "cuda"
@@ -54,7 +62,7 @@ scale, hscale = torch.tensor([0.5, 0.7, 2.0], device=dev), torch.tensor([0.7], d
 base, hbase = torch.randn(mix, device=dev, generator=g) * 0.5, torch.randn(n, device=dev, generator=g) * 0.5
 w = 1 + 0.5 * torch.randn(D, device=dev, generator=g)
 _why = K.hc_unavailable_reason(torch.zeros(1, n, D, device=dev, dtype=torch.bfloat16))
-assert _why is None and KB.HAVE_CUTE, f"the hc kernels would fall back to torch here: {_why}"
+assert _why is None, f"the hc kernels would fall back to torch here: {_why}"
 
 def chain_for(mod, kind, M):
     h = torch.randn(M, n, D, device=dev, generator=g).to(torch.bfloat16)
@@ -132,7 +140,7 @@ def _tiny():
 print(f"sanity: graph of {2 * SITES} tiny torch kernels: {time_graph(graph_for(_tiny)) / 2:.2f} us per kernel", flush=True)
 print(f"{torch.cuda.get_device_name()}; us per site = CUDA-graph replay of {SITES} chained sites / {SITES}; "
       "min and median of 10 interleaved rounds", flush=True)
-NAMES = ["main 2-kernel", "2-kernel", "one", "one no-pf"]
+NAMES = ["main 2-kernel", "2-kernel", "one", "one no-pf"] if KB is not None else ["2-kernel", "2-kernel ", "one", "one no-pf"]
 for kind, M, names in (("post_pre", 1, NAMES + ["2-kernel nopdl", "one nopdl"]), ("head", 1, NAMES[:3] + ["2-kernel nopdl", "one nopdl"]),
                        ("post_pre", 8, NAMES[:3] + ["one tb=2"]), ("pre", 1, NAMES[:3]), ("post_pre", 2, NAMES[:3]), ("post_pre", 4, NAMES)):
     graphs = []
@@ -144,9 +152,9 @@ for kind, M, names in (("post_pre", 1, NAMES + ["2-kernel nopdl", "one nopdl"]),
         for nm, gr in graphs:
             variant(nm)
             res[nm].append(time_graph(gr))
-    b = statistics.median(res["main 2-kernel"])
+    b = statistics.median(res[names[0]])
     print("  ".join(f"{kind} M={M} {nm}: {min(res[nm]):.2f}/{statistics.median(res[nm]):.2f}" for nm in names),
-          f"(median vs main: {' '.join(f'{statistics.median(res[nm]) - b:+.2f}' for nm in names[1:])})", flush=True)
+          f"(median vs {names[0]}: {' '.join(f'{statistics.median(res[nm]) - b:+.2f}' for nm in names[1:])})", flush=True)
     if M == 1 and kind != "pre":
         print(f"   eager (launch-bound, no graph) {kind} M={M}: " + "  ".join(
             f"{nm} {time_eager(chain_for(variant(nm), kind, M)):.2f}" for nm in names), flush=True)
