@@ -5361,5 +5361,155 @@ def test_decode_config_picks_the_ring_everywhere_and_pairs_only_where_experts_fi
     assert K.gemm_configs("nvfp4", R, 256, 4096, 2048, tile_n, 132)[0][-1] == ()
 
 
+# ====================================================================================================================
+# mHC in one launch per site (issue #5) — tests
+# ====================================================================================================================
+# kernels.HcOneLaunch (HC_ONE_LAUNCH): the mix CTAs take an arrival ticket per token block and the last one finalizes.
+# CPU: it compiles for sm_90a without spills. GPU: its outputs equal the HcMix + HcFinalize pair bit for bit (pre,
+# post + pre, head; with and without the fused RMSNorm), the arrival counters are zero after every call and after graph
+# replays, and the section-above tests pass on both paths.
+
+COMPILE_ONE_LAUNCH = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import kernels as K
+CASES = ((4096, False, True, True, 1), (4096, False, True, True, 2), (4096, False, False, False, 1),
+         (4096, True, True, False, 1), (256, True, False, False, 3))
+for D, head, norm, fuse, tb in CASES:
+    K._compile_one_launch(D, 4, 4 if head else 24, 1 if head else 20, head, norm, fuse, tb)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_hc_one_launch_compiles_for_sm90a_without_spills(tmp_path):
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", HOME=str(tmp_path), PYTHONPATH=_pythonpath(here),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_ONE_LAUNCH, here], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([f for _, _, fs in os.walk(tmp_path / ".cache") for f in fs if f.endswith(".o")]) == 5
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*HcOneLaunch*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr, rep.stderr[-2000:]
+        assert "atom.global.acq_rel.add" in ptx.read_text()          # the arrival ticket
+
+
+def _hc_site(kind, M, D, seed, norm):
+    """One mHC call of the given kind ("pre", "post_pre", "head") on fresh CUDA inputs -> a function returning its
+    outputs as a tuple."""
+    head = kind == "head"
+    h, fn, scale, base, f = _inputs(M, D, seed=seed, device="cuda", head=head)
+    w = _norm_weight(D, "cuda") if norm else None
+    if kind == "pre":
+        return lambda: K.hc_pre_fused(h, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    if kind == "head":
+        return lambda: (K.hc_head_fused(h, fn, scale, base, EPS, NORM_EPS, norm_weight=w),)
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    fn2 = fn.flip(0).contiguous()
+    return lambda: K.hc_post_pre_fused(f, h, post, comb, fn2, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+
+
+def _counters_are_zero():
+    return all(int(c.abs().sum()) == 0 for c in K._HC_COUNTERS.values())
+
+
+ONE_LAUNCH_CASES = [(kind, norm, M, 4096) for kind in ("pre", "post_pre", "head") for norm in (False, True)
+                    for M in (1, 2, 8)] + [("post_pre", True, 16, 4096), ("post_pre", True, 3, 256),
+                                           ("pre", False, 5, 256), ("head", True, 3, 256)]
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("kind,norm,M,D", ONE_LAUNCH_CASES)
+def test_gpu_hc_one_launch_equals_two_kernels_exactly(monkeypatch, kind, norm, M, D):
+    run = _hc_site(kind, M, D, seed=M * 13 + D, norm=norm)
+    monkeypatch.setattr(K, "HC_ONE_LAUNCH", False)
+    two = run()
+    monkeypatch.setattr(K, "HC_ONE_LAUNCH", True)
+    one = run()
+    torch.cuda.synchronize()
+    assert _counters_are_zero()
+    assert len(one) == len(two)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert torch.isfinite(a.float()).all()
+        assert torch.equal(a, b), f"output {i}: {int((a != b).sum())} of {a.numel()} differ"
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("tok_block", [2, 3])
+def test_gpu_hc_one_launch_token_blocks_equal_two_kernels(monkeypatch, tok_block):
+    """Blocks of several tokens (a partial last block at M = 8, tok_block 3): the same outputs."""
+    monkeypatch.setattr(K, "HC_ONE_TOK_BLOCK", tok_block)
+    run = _hc_site("post_pre", 8, 4096, seed=5, norm=True)
+    monkeypatch.setattr(K, "HC_ONE_LAUNCH", False)
+    two = run()
+    monkeypatch.setattr(K, "HC_ONE_LAUNCH", True)
+    one = run()
+    torch.cuda.synchronize()
+    assert _counters_are_zero()
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+def test_gpu_hc_one_launch_graph_replays_exactly_and_leaves_counters_zero(monkeypatch):
+    """A chain of 3 post + pre sites captured in a CUDA graph and replayed on new inputs = eager two-kernel runs."""
+    monkeypatch.setattr(K, "HC_ONE_LAUNCH", True)
+    M, D = 4, 4096
+    h, fn, scale, base, f = _inputs(M, D, seed=21, device="cuda")
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    w = _norm_weight(D, "cuda")
+    h_in, f_in = h.clone(), f.clone()
+
+    def chain():
+        hh, x, p, c = h_in, f_in, post, comb
+        for _ in range(3):
+            hh, x, p, c = K.hc_post_pre_fused(x, hh, p, c, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+        return hh, x, p, c
+
+    chain()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain()
+    for seed in (22, 23):
+        h2, _, _, _, f2 = _inputs(M, D, seed=seed, device="cuda")
+        h_in.copy_(h2)
+        f_in.copy_(f2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert _counters_are_zero()
+        monkeypatch.setattr(K, "HC_ONE_LAUNCH", False)
+        ref = chain()
+        monkeypatch.setattr(K, "HC_ONE_LAUNCH", True)
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_gpu_hc_kernels_match_dsv4_on_both_paths(monkeypatch, one_launch):
+    """The section-above checks against dsv4's functions (at shapes of their own parametrizations), on the one-launch
+    and on the two-kernel path."""
+    monkeypatch.setattr(K, "HC_ONE_LAUNCH", one_launch)
+    for M, D in [(1, 4096), (8, 4096), (2, 256)]:
+        test_gpu_hc_pre_fused_matches_dsv4(M, D)
+    for M, D in [(1, 256), (8, 4096)]:
+        test_gpu_hc_pre_fused_with_rmsnorm_matches_dsv4(M, D)
+    for M, D in [(1, 4096), (8, 4096)]:
+        test_gpu_hc_post_pre_fused_equals_post_then_pre(M, D)
+    for M, D in [(1, 4096), (8, 256)]:
+        for norm in (False, True):
+            test_gpu_hc_head_fused_matches_dsv4(M, D, norm)
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
