@@ -551,14 +551,6 @@ if HAVE_CUTE:
         return Int32(_llvm.inline_asm(_T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
                                       has_side_effects=False, loc=loc, ip=ip))
 
-    @dsl_user_op
-    def mbar_wait_spin(mbar_addr: Int32, phase: Int32, *, loc=None, ip=None):
-        """Wait for the mbarrier phase with parity `phase` to complete: a try_wait loop without a suspend-time hint
-        (ptxas emits TRYWAIT + branch instead of TRYWAIT + NANOSLEEP + PHASECHK + branch)."""
-        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(phase).ir_value(loc=loc, ip=ip)],
-                         "{\n.reg .pred p;\nLAB_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [$0], $1;\n"
-                         "@!p bra LAB_WAIT;\n}", "r,r", has_side_effects=True, loc=loc, ip=ip)
-
     class Fp4GroupedGemm:
         """One grouped GEMM over experts: out[rows of expert e, cols] = B[rows] · W_e^T (W_e fp4, decoded to bf16).
 
@@ -567,16 +559,8 @@ if HAVE_CUTE:
         """
 
         def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
-                     smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False,
-                     wait_first: bool = False, ring: tuple = (), pair: bool = False):
+                     smem_budget: int = 72 * 1024, pdl: bool = False, wait_first: bool = False, ring: tuple = ()):
             self.fmt, self.tile_n, self.k_dim, self.n_out, self.swiglu = fmt, tile_n, k_dim, n_out, swiglu
-            # pair (ring only): the table has tile_n-row tiles, but a CTA takes an expert's tiles 2i and 2i+1
-            # together (wgmma N = 2 tile_n; one token-tile TMA when the expert has no tile 2i+1), so weights that
-            # serve more than tile_n rows are read and decoded once; the CTA of tile 2i+1 exits at once
-            self.pair = pair
-            self.mma_n = 2 * tile_n if pair else tile_n
-            self.pair8 = False                 # ring opt "pair8": pair with two N = tile_n wgmma sets (2nd only if
-            self.boxes = 2 if pair else 1      # the CTA has tile 2i+1) instead of one N = 2 tile_n set
             self.wait_first = wait_first   # PDL: the tile table comes from the kernel right before (fused gather)
             self.k_splits = k_splits
             self.pdl = pdl          # programmatic dependent launch: weights prefetched before the previous kernel ends
@@ -584,65 +568,35 @@ if HAVE_CUTE:
             self.k_tiles = k_dim // TILE_K // k_splits           # k-tiles per CTA (one K slice)
             self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
             self.rec_rows = record_bytes(fmt) // REC_ROW
-            stage_bytes = record_bytes(fmt) + self.boxes * tile_n * TILE_K * 2
+            stage_bytes = record_bytes(fmt) + tile_n * TILE_K * 2
             self.stages = max(3, min(10, self.k_tiles, smem_budget // stage_bytes))
             self.threads = 128
-            self.wgs = 1                       # consumer warpgroups per CTA (Fp4DecodeGemm may use 2: one per atom)
-            self.scale_pairs = scale_pairs     # one prmt + mad per two k16 blocks' block scales (fewer instructions)
-            # ring = (stages, refill warps, min CTAs per SM, diag): the main loop unrolled over the stage ring (static
-            # smem addresses and barrier indices), no empty barriers (a stage is free once this warp's wait_group(1)
-            # shows its wgmma done: that wgmma needed every warp's decoded fragment), refills spread over the warps.
-            # opts: "evict" (weight TMAs evict-first in L2) and diag (timing only, wrong results): "nodecode" feeds
-            # the raw code words to the wgmma, "notokens" loads the token tiles of the first stages only.
+            # ring = (stages, refill warps): the main loop unrolled over the stage ring (static smem addresses and
+            # barrier indices), no empty barriers (a stage is free once this warp's wait_group(1) shows its wgmma
+            # done: that wgmma needed every warp's decoded fragment), refills spread over the warps.
             self.ring = tuple(ring)
-            self.diag = ""
-            self.min_ctas_per_sm = 0
-            self.evict_w = False               # ring: weight TMAs with an L2 evict-first policy (read once)
-            self.spin = False
-            self.part = ""
-            self.wrec = 1                      # weight records per stage (ring "mshare": 2, one per warpgroup)
             if self.ring:
-                stages, self.refill_warps, self.min_ctas_per_sm, opts = self.ring
-                self.evict_w = "evict" in opts.split()
-                self.spin = "spin" in opts.split()     # full-barrier waits without the suspend-time hint
-                # pairsplit halves (see _compile_gemm): "single" runs the tiles without a partner (N = tile_n),
-                # "pairs" (with pair=True) only the pairs: each pays the N = 2 tile_n wgmma only where it pairs
-                self.part = next((o for o in opts.split() if o in ("single", "pairs")), "")
-                if "pair8" in opts.split():
-                    assert k_splits == 1, "pair8: no split-K"
-                    self.pair, self.pair8, self.mma_n, self.boxes = True, True, tile_n, 2
-                if "mshare" in opts.split():
-                    # two warpgroups, each its own 128-row tile (bid_m*2 + wg) of the same expert, one token tile
-                    # per stage for both: half the token bytes per weight byte; a stage is free once both
-                    # warpgroups' wgmmas are done, so this mode has empty barriers again (one arrive per warp)
-                    assert k_splits == 1 and self.m_tiles % 2 == 0, "mshare: no split-K, an even row-tile count"
-                    self.wrec = 2
-                    self.threads = 256
-                    stage_bytes = 2 * record_bytes(fmt) + self.mma_n * TILE_K * 2
-                self.diag = " ".join(o for o in opts.split()
-                                     if o not in ("evict", "mshare", "spin", "pair8", "single", "pairs"))
+                stages, self.refill_warps = self.ring
                 while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
                     stages -= 1
                 assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
                 self.stages = stages
-            assert not self.pair or self.ring, "pair needs the ring main loop"
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
                      mPartial: cute.Tensor, mCount: cute.Tensor, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
-                BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (self.wgs, 1, 1),
-                tiler_mn=(64, self.mma_n), a_source=warpgroup.OperandSource.RMEM)
-            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages * self.wrec))
+                BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
+                tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
+            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages))
             b_smem_layout = sm90_utils.make_smem_layout_b(
-                LayoutEnum.ROW_MAJOR, (TILE_M, self.mma_n, TILE_K), BFloat16, self.stages * (self.boxes if
-                                                                                              self.pair8 else 1))
+                LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16, self.stages)
             tma_w, tma_mW = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), mW, cute.slice_(w_smem_layout, (None, None, 0)),
                 (REC_ROW, self.rec_rows))
             tma_b, tma_mB = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(self.b_tma_layout(), (None, None, 0)),
+                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(b_smem_layout, (None, None, 0)),
                 (self.tile_n, TILE_K))
 
             @cute.struct
@@ -652,47 +606,22 @@ if HAVE_CUTE:
                 sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_smem_layout)], 1024]
                 arrived: cute.struct.MemRange[Int32, 4]
 
-            @cute.struct
-            class SharedStorageXchg:           # 2 warpgroups: + the up half of the accumulator for the SwiGLU
-                bars: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
-                sW: cute.struct.Align[cute.struct.MemRange[Uint8, cute.cosize(w_smem_layout)], 1024]
-                sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_smem_layout)], 1024]
-                arrived: cute.struct.MemRange[Int32, 4]
-                xchg: cute.struct.MemRange[Float32, 64 * self.tile_n]
-
-            self.shared_storage = SharedStorage if const_expr(self.wgs == 1) else SharedStorageXchg
+            self.shared_storage = SharedStorage
             num_tiles = cute.size(mTiles, mode=[0])
+            # one CTA per (token tile, row tile, K slice)
             self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit,
                         mPartial, mCount, w_smem_layout, b_smem_layout).launch(
-                grid=self.launch_grid(num_tiles), block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl,
-                **self.launch_options())
-
-        def launch_grid(self, num_tiles):
-            # one CTA per (token tile, row tile (mshare: pair of row tiles), K slice)
-            return [num_tiles, self.m_tiles // self.wrec, self.k_splits]
-
-        def b_tma_layout(self):
-            """Token-tile smem as the TMA writes it: tile_n-row boxes; pair: 2 per stage (same bytes and swizzle as
-            the 2 tile_n-row stage the wgmma reads: the 128B swizzle repeats every 8 rows)."""
-            return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16,
-                                                 self.stages * self.boxes)
-
-        def launch_options(self):
-            if self.min_ctas_per_sm:       # ptxas fits the registers to this many resident CTAs per SM
-                return dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=100)
-            return {}
+                grid=[num_tiles, self.m_tiles, self.k_splits], block=[self.threads, 1, 1], stream=stream,
+                use_pdl=self.pdl)
 
         @cute.kernel
         def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
                    mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
                    mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor,
                    mCount: cute.Tensor, w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
-            tidx_cta, _, _ = cute.arch.thread_idx()
-            bid_t, bid_pm, bid_k = cute.arch.block_idx()
+            tidx, _, _ = cute.arch.thread_idx()
+            bid_t, bid_m, bid_k = cute.arch.block_idx()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-            wg = warp_idx // 4                 # mshare: this warpgroup's row tile is bid_pm * 2 + wg
-            tidx = tidx_cta % 128              # thread in its warpgroup
-            bid_m = bid_pm * self.wrec + wg
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once every CTA of this one has started (it waits for our end
                 # before touching what we write); the tile table and the weights were ready before this kernel
@@ -705,19 +634,6 @@ if HAVE_CUTE:
             expert = mTiles[bid_t, 0]
             row0 = mTiles[bid_t, 1]
             nrows = mTiles[bid_t, 2]
-            rows_hi = Int32(0)                 # pair: rows of the expert's next tile, taken by this CTA
-            if const_expr(self.pair):
-                rows_hi = self.pair_rows(mTiles, bid_t, expert, nrows)
-                if rows_hi < 0:                # this is tile 2i+1 of its expert: the CTA of tile 2i does it
-                    nrows = Int32(0)
-                else:
-                    nrows = nrows + rows_hi
-                if const_expr(self.part == "pairs"):
-                    if rows_hi <= 0:           # a tile without a partner: the "single" kernel does it
-                        nrows = Int32(0)
-            if const_expr(self.part == "single"):
-                if self.pair_rows(mTiles, bid_t, expert, nrows) != 0:     # part of a pair: the "pairs" kernel
-                    nrows = Int32(0)
             if nrows > 0:
                 if warp_idx == 0:
                     cpasync.prefetch_descriptor(tma_w)
@@ -732,10 +648,6 @@ if HAVE_CUTE:
                     tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
                 sW = storage.sW.get_tensor(w_smem_layout)
                 sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-                sBt = sB                                       # the token tiles as the TMA writes them
-                if const_expr(self.pair):
-                    b_tma = self.b_tma_layout()
-                    sBt = storage.sB.get_tensor(b_tma.outer, swizzle=b_tma.inner)
 
                 # TMA views: weight records of this (expert, m-tile), token rows row0.. of the sorted activations
                 gW = mW[None, None, None, expert]                                   # (256, rows, MK)
@@ -743,13 +655,7 @@ if HAVE_CUTE:
                                                    cute.group_modes(sW, 0, 2), cute.group_modes(gW, 0, 2))
                 gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K), (0, None))
                 tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
-                                                   cute.group_modes(sBt, 0, 2), cute.group_modes(gB, 0, 2))
-                tBgB_hi = tBgB                                 # pair: the next tile_n rows
-                if const_expr(self.pair):
-                    gB_hi = cute.local_tile(cute.domain_offset((row0 + self.tile_n, 0), mB), (self.tile_n, TILE_K),
-                                            (0, None))
-                    _, tBgB_hi = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
-                                                       cute.group_modes(sBt, 0, 2), cute.group_modes(gB_hi, 0, 2))
+                                                   cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
                 kt0 = bid_k * self.k_tiles                                    # first k-tile of this K slice
                 rec0 = bid_m * self.k_tiles * self.k_splits + kt0
 
@@ -759,21 +665,17 @@ if HAVE_CUTE:
                 frag0 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
                 frag1 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
                 frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
-                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
+                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
                 acc.fill(0.0)
-                acc_hi = acc                                   # pair8: rows 8..15 of the pair
-                if const_expr(self.pair8):
-                    acc_hi = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
-                    acc_hi.fill(0.0)
                 tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
                 # this thread's words in a stage: codes [4 words] per atom, scale words after the codes
                 sW32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32),
-                                        cute.make_layout((4, 128, 2, self.stages * self.wrec),
+                                        cute.make_layout((4, 128, 2, self.stages),
                                                          stride=(1, 4, 512, self.rec_rows * REC_ROW // 4)))
                 nw = _scale_words_per_atom(self.fmt)                   # per quad (rows r, r+8), per atom
                 sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + CODE_BYTES // 4,
-                                        cute.make_layout((nw, 32, 2, self.stages * self.wrec),
+                                        cute.make_layout((nw, 32, 2, self.stages),
                                                          stride=(1, nw, 32 * nw, self.rec_rows * REC_ROW // 4)))
                 codes = cute.make_rmem_tensor((4, 2), Int32)
                 scl = cute.make_rmem_tensor((nw, 2), Int32)
@@ -781,10 +683,8 @@ if HAVE_CUTE:
 
                 k_tiles = self.k_tiles
                 if const_expr(self.ring):
-                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB,
-                                       bid_pm * self.wrec * self.k_tiles * self.k_splits + kt0, kt0, tiled_mma,
-                                       acc, frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows,
-                                       rows_hi, wg, acc_hi)
+                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBsB, rec0, kt0, tiled_mma, acc, frag0,
+                                       frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows)
                 else:
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -831,15 +731,9 @@ if HAVE_CUTE:
                     warpgroup.wait_group(0)
 
                 # epilogue: acc element (m, n) = weight row m of the tile, token n of the tile
-                cC = cute.make_identity_tensor((TILE_M, self.mma_n))
+                cC = cute.make_identity_tensor((TILE_M, self.tile_n))
                 tCcC = thr_mma.partition_C(cC)
-                if const_expr(self.pair8):
-                    self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows - rows_hi,
-                                  bid_m)
-                    if rows_hi > 0:
-                        self.epilogue(acc_hi, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert,
-                                      row0 + self.tile_n, rows_hi, bid_m)
-                elif const_expr(self.k_splits == 1):
+                if const_expr(self.k_splits == 1):
                     self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m)
                 else:
                     # split-K: every slice stores its fp32 partial; the last slice to arrive (counter per tile)
@@ -876,38 +770,8 @@ if HAVE_CUTE:
                                       bid_m)
 
         @cute.jit
-        def pair_rows(self, mTiles: cute.Tensor, j, expert, nrows):
-            """-1 if table entry j is tile 2i+1 of its expert (tiles of an expert are consecutive), else the rows of
-            the expert's next tile (0: none) that the CTA of entry j takes too."""
-            before = Int32(0)                  # tiles of the same expert right before entry j
-            look = j > 0
-            while look:
-                if mTiles[j - before - 1, 0] == expert:
-                    before = before + 1
-                    look = j - before > 0
-                else:
-                    look = j < 0
-            res = Int32(-1)
-            if before % 2 == 0:
-                res = Int32(0)
-                if j + 1 < cute.size(mTiles, mode=[0]):
-                    if mTiles[j + 1, 0] == expert:
-                        res = mTiles[j + 1, 2]
-            if nrows == 0:
-                res = Int32(0)
-            return res
-
-        @cute.jit
-        def ring_copy_w(self, tma_w: cute.CopyAtom, src, dst, bar):
-            if const_expr(self.evict_w):
-                cute.copy(tma_w, src, dst, tma_bar_ptr=bar, cache_policy=Int64(_EVICT_FIRST))
-            else:
-                cute.copy(tma_w, src, dst, tma_bar_ptr=bar)
-
-        @cute.jit
-        def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma, acc,
-                          frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi, wg,
-                          acc_hi):
+        def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBsB, rec0, kt0, tiled_mma, acc, frag0, frag1,
+                          tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows):
             """Main loop unrolled over the ring of S stages: k-tile r*S + s sits in stage s (static smem offsets and
             barrier addresses); full[s] completes once per ring round (parity r & 1). No empty barriers: after this
             warp's wait_group(1) for tile k, tile k-1's wgmma is done, and it could only start once every warp of the
@@ -916,31 +780,19 @@ if HAVE_CUTE:
             S = self.stages
             rounds = self.k_tiles // S
             full = pipe.sync_object_full
-            tx = self.wrec * record_bytes(self.fmt) + self.tile_n * TILE_K * 2
-            if const_expr(self.pair):
-                if rows_hi > 0:
-                    tx = tx + self.tile_n * TILE_K * 2                    # a 2nd token tile: 2nd TMA box
-            tx_refill = self.wrec * record_bytes(self.fmt) if const_expr(self.diag == "notokens") else tx
-            rec_stride = self.k_tiles * self.k_splits                      # mshare: the 2nd row tile's records
-            nb = self.boxes                                                # token-tile TMA boxes per stage
+            tx = record_bytes(self.fmt) + self.tile_n * TILE_K * 2
             frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
             # prologue: weights of every stage first (independent of the previous kernel), then (PDL: once the
             # previous kernel has ended) the token tiles
             if warp_idx == 0:
                 for s in cutlass.range_constexpr(S):
                     full.arrive_and_expect_tx(s, tx)
-                    for g in cutlass.range_constexpr(self.wrec):
-                        self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + s)],
-                                         tWsW[(None, self.wrec * s + g)], full.get_barrier(s))
+                    cute.copy(tma_w, tWgW[(None, rec0 + s)], tWsW[(None, s)], tma_bar_ptr=full.get_barrier(s))
             if const_expr(self.pdl and not self.wait_first):
                 cute.arch.griddepcontrol_wait()
             if warp_idx == 0:
                 for s in cutlass.range_constexpr(S):
-                    cute.copy(tma_b, tBgB[(None, kt0 + s)], tBsB[(None, nb * s)], tma_bar_ptr=full.get_barrier(s))
-                    if const_expr(self.pair):
-                        if rows_hi > 0:
-                            cute.copy(tma_b, tBgB_hi[(None, kt0 + s)], tBsB[(None, nb * s + 1)],
-                                      tma_bar_ptr=full.get_barrier(s))
+                    cute.copy(tma_b, tBgB[(None, kt0 + s)], tBsB[(None, s)], tma_bar_ptr=full.get_barrier(s))
             for r in cutlass.range(rounds, unroll=1):
                 phase = r & 1
                 # B descriptors of stage s + zr (zr = 0, but varies with r and a loaded value for the compiler):
@@ -948,89 +800,47 @@ if HAVE_CUTE:
                 # 8S registers, moving each into uniform registers before its wgmma
                 zr = (r + nrows) >> 30
                 for s in cutlass.range_constexpr(S):
-                    if const_expr(self.spin):
-                        mbar_wait_spin(full.get_barrier(s).toint(), phase)
-                    else:
-                        full.wait(s, phase)
-                    if const_expr(self.pair8):
-                        self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32,
-                                        codes, scl, tidx, quad, self.wrec * s + wg, 0, 2 * (s + zr), acc_hi)
-                    else:
-                        self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32,
-                                        codes, scl, tidx, quad, self.wrec * s + wg, 0, s + zr)
+                    full.wait(s, phase)
+                    self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32, codes,
+                                    scl, tidx, quad, s, s + zr)
                     warpgroup.wait_group(1)
                     # refill stage q = (s - 1) % S (k-tile r*S + s - 1, now done) with k-tile r*S + s - 1 + S
                     q = (s - 1) % S
                     kt_new = r * S + s - 1 + S
                     go = r > 0 if const_expr(s == 0) else r < rounds - 1
-                    if const_expr(self.wrec == 2):
-                        # the other warpgroup may still read stage q: one arrive per warp on empty[q]; the refill
-                        # waits for all 8 (phase = the number of earlier refills of q, mod 2)
-                        if r > 0 or s > 0:
-                            if tidx % 32 == 0:
-                                pipe.sync_object_empty.arrive(q, None)
-                        if go and warp_idx == s % self.refill_warps:
-                            pipe.sync_object_empty.wait(q, (r - 1 if const_expr(s == 0) else r) & 1)
                     if go and warp_idx == s % self.refill_warps:
-                        full.arrive_and_expect_tx(q, tx_refill)
-                        for g in cutlass.range_constexpr(self.wrec):
-                            self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + kt_new)],
-                                             tWsW[(None, self.wrec * q + g)], full.get_barrier(q))
-                        if const_expr(self.diag != "notokens"):
-                            cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, nb * q)],
-                                      tma_bar_ptr=full.get_barrier(q))
-                            if const_expr(self.pair):
-                                if rows_hi > 0:
-                                    cute.copy(tma_b, tBgB_hi[(None, kt0 + kt_new)], tBsB[(None, nb * q + 1)],
-                                              tma_bar_ptr=full.get_barrier(q))
+                        full.arrive_and_expect_tx(q, tx)
+                        cute.copy(tma_w, tWgW[(None, rec0 + kt_new)], tWsW[(None, q)], tma_bar_ptr=full.get_barrier(q))
+                        cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, q)], tma_bar_ptr=full.get_barrier(q))
             warpgroup.wait_group(0)
 
         @cute.jit
         def mma_k_tile(self, tiled_mma, acc, frag, frag_bf16, tCrB, sW32, sS32, codes, scl, tidx, quad, stage,
-                       atom0=0, stage_b=None, acc_hi=None):
+                       stage_b=None):
             """One 64-k tile from smem stage `stage`: load this thread's code and scale words, decode them into the
             A fragment (frag: its Int32 view), issue the 4 k16 wgmmas as one commit group (not waited for).
-            tidx: thread in its warpgroup; the warpgroup decodes atoms atom0 .. atom0 + 2/wgs - 1 of the record."""
-            atoms = 2 // self.wgs
-            for a in cutlass.range_constexpr(atoms):
-                cute.autovec_copy(sW32[None, tidx, atom0 + a, stage], codes[None, a])
-            for a in cutlass.range_constexpr(atoms):
-                cute.autovec_copy(sS32[None, quad, atom0 + a, stage], scl[None, a])
-            for a in cutlass.range_constexpr(atoms if const_expr(self.diag == "nodecode") else 0):
-                for kb in cutlass.range_constexpr(4):          # timing only: the raw words, no decode
-                    w = codes[kb, a] ^ scl[0, a]
-                    frag[(0, 0, 0), a, kb] = w
-                    frag[(0, 1, 0), a, kb] = w
-                    frag[(0, 0, 1), a, kb] = w
-                    frag[(0, 1, 1), a, kb] = w
-            for a in cutlass.range_constexpr(0 if const_expr(self.diag == "nodecode") else atoms):
-                if const_expr(self.scale_pairs):
-                    # one prmt + mad per two k16 blocks' scales; the decode broadcasts the half it needs
-                    if const_expr(self.fmt == "nvfp4"):
-                        pr = (scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1),
-                              scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3))
-                        pr8 = (scale_pair_bf16x2(scl[1, a], 0, self.fmt, 1),
-                               scale_pair_bf16x2(scl[1, a], 2, self.fmt, 3))
-                    else:
-                        p_r = scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1)
-                        p_r8 = scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3)
-                        pr, pr8 = (p_r, p_r), (p_r8, p_r8)
+            Block scales: one prmt + mad per two k16 blocks; the decode broadcasts the half it needs."""
+            for a in cutlass.range_constexpr(2):
+                cute.autovec_copy(sW32[None, tidx, a, stage], codes[None, a])
+            for a in cutlass.range_constexpr(2):
+                cute.autovec_copy(sS32[None, quad, a, stage], scl[None, a])
+            for a in cutlass.range_constexpr(2):
+                if const_expr(self.fmt == "nvfp4"):
+                    # per atom: word 0 = s_r of k16 blocks 0..3, word 1 = s_r8
+                    pr = (scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1),
+                          scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3))
+                    pr8 = (scale_pair_bf16x2(scl[1, a], 0, self.fmt, 1),
+                           scale_pair_bf16x2(scl[1, a], 2, self.fmt, 3))
+                else:
+                    # per atom: one word = (s_r, s_r) of k32 groups 0, 1, then (s_r8, s_r8)
+                    p_r = scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1)
+                    p_r8 = scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3)
+                    pr, pr8 = (p_r, p_r), (p_r8, p_r8)
                 for kb in cutlass.range_constexpr(4):
-                    if const_expr(self.scale_pairs):
-                        if const_expr(self.fmt == "nvfp4"):
-                            r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pr[kb // 2], pr8[kb // 2], kb % 2)
-                        else:
-                            r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pr[0], pr8[0], kb // 2)
+                    if const_expr(self.fmt == "nvfp4"):
+                        r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pr[kb // 2], pr8[kb // 2], kb % 2)
                     else:
-                        if const_expr(self.fmt == "nvfp4"):
-                            # per atom: word 0 = s_r of k16 blocks 0..3, word 1 = s_r8
-                            s_r = scale_pair_bf16x2(scl[0, a], kb, self.fmt)
-                            s_r8 = scale_pair_bf16x2(scl[1, a], kb, self.fmt)
-                        else:
-                            # per atom: one word = (s_r, s_r) of k32 groups 0, 1, then (s_r8, s_r8)
-                            s_r = scale_pair_bf16x2(scl[0, a], kb // 2, self.fmt)
-                            s_r8 = scale_pair_bf16x2(scl[0, a], 2 + kb // 2, self.fmt)
-                        r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8)
+                        r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pr[0], pr8[0], kb // 2)
                     frag[(0, 0, 0), a, kb] = r0
                     frag[(0, 1, 0), a, kb] = r1
                     frag[(0, 0, 1), a, kb] = r2
@@ -1039,11 +849,6 @@ if HAVE_CUTE:
             sb = stage if const_expr(stage_b is None) else stage_b
             for kb in cutlass.range_constexpr(4):
                 cute.gemm(tiled_mma, acc, frag_bf16[None, None, kb], tCrB[None, None, kb, sb], acc)
-            if const_expr(acc_hi is not None):
-                # pair8: the same A on the pair's 2nd token tile (always issued: a wgmma under a branch makes ptxas
-                # inject warpgroup.arrive fences, C7519; an unpaired CTA's 2nd tile is stale smem, never stored)
-                for kb in cutlass.range_constexpr(4):
-                    cute.gemm(tiled_mma, acc_hi, frag_bf16[None, None, kb], tCrB[None, None, kb, sb + 1], acc_hi)
             warpgroup.commit_group()
 
         @cute.jit
@@ -1066,300 +871,6 @@ if HAVE_CUTE:
                         m, n = tCcC[v, a, 0]
                         if n < nrows:
                             mOut[row0 + n, bid_m * TILE_M + m] = (acc[v, a, 0] * a_down).to(BFloat16)
-
-
-    class Fp4DecodeGemm(Fp4GroupedGemm):
-        """Persistent variant of Fp4GroupedGemm for decode (small T): grid = min(work items, max_ctas) CTAs, each
-        looping over the items c, c + G, c + 2G, ... (G = grid size) with item = (token tile j, row tile m, K slice z),
-        z fastest. Barriers are initialised once per CTA and the weight/token pipeline runs across item boundaries: the
-        producer issues the next item's TMAs while this item's last k-tiles and its epilogue run, so the weight stream
-        does not drain between items. Items of unused table entries (rows = 0, always at the end of the table) end the
-        loop. Same math, same split-K reduction (fixed slice order) and same epilogue as Fp4GroupedGemm."""
-
-        def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
-                     smem_budget: int = 40 * 1024, pdl: bool = False, scale_pairs: bool = False,
-                     max_ctas: int = 528, wgs: int = 1, min_ctas_per_sm: int = 0, wait_first: bool = False,
-                     evict_first: bool = False):
-            super().__init__(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs)
-            stage_bytes = record_bytes(fmt) + tile_n * TILE_K * 2
-            self.stages = max(3, min(10, smem_budget // stage_bytes))     # the pipeline spans items
-            self.max_ctas = max_ctas
-            # wgs 2: one warpgroup per 64-row atom (half the fragment registers per thread, twice the warps per SM)
-            self.wgs = wgs
-            self.threads = 128 * wgs
-            self.min_ctas_per_sm = min_ctas_per_sm
-            self.wait_first = wait_first   # PDL: the tile table comes from the kernel right before (fused gather)
-            self.evict_first = evict_first   # weight TMAs with an L2 evict-first policy
-
-        def launch_grid(self, num_tiles):
-            return [cutlass.min(num_tiles * self.m_tiles * self.k_splits, self.max_ctas), 1, 1]
-
-        def launch_options(self):
-            # the grid assumes min_ctas_per_sm resident CTAs per SM: ptxas must fit the registers to that
-            if self.min_ctas_per_sm:
-                return dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=100)
-            return {}
-
-        @cute.jit
-        def item_fields(self, mTiles: cute.Tensor, item, n_items):
-            """item -> (expert, first sorted row, rows (0: no such item), row tile m, K slice z, table entry j)."""
-            per_tile = self.m_tiles * self.k_splits
-            j = item // per_tile
-            rest = item - j * per_tile
-            m = rest // self.k_splits
-            z = rest - m * self.k_splits
-            expert = Int32(0)
-            row0 = Int32(0)
-            nrows = Int32(0)
-            if item < n_items:
-                nrows = mTiles[j, 2]
-                expert = mTiles[j, 0]
-                row0 = mTiles[j, 1]
-            return expert, row0, nrows, m, z, j
-
-        @cute.kernel
-        def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
-                   mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
-                   mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor,
-                   mCount: cute.Tensor, w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
-            tidx, _, _ = cute.arch.thread_idx()
-            cta, _, _ = cute.arch.block_idx()
-            grid, _, _ = cute.arch.grid_dim()
-            warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-            if const_expr(self.pdl and not self.wait_first):
-                cute.arch.griddepcontrol_launch_dependents()
-            n_items = cute.size(mTiles, mode=[0]) * self.m_tiles * self.k_splits
-            kps = self.k_tiles                                          # k-tiles per item (one K slice)
-            if warp_idx == 0:
-                cpasync.prefetch_descriptor(tma_w)
-                cpasync.prefetch_descriptor(tma_b)
-            smem = cutlass.utils.SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
-            tx_bytes = record_bytes(self.fmt) + self.tile_n * TILE_K * 2
-            pipe = pipeline.PipelineTmaAsync.create(
-                barrier_storage=storage.bars.data_ptr(), num_stages=self.stages,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.threads // 32),
-                tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
-            sW = storage.sW.get_tensor(w_smem_layout)
-            sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-            # weight records of any (expert, record): ((256, rows), MK, E)
-            tWsW, tWgW = cpasync.tma_partition(tma_w, 0, cute.make_layout(1), cute.group_modes(sW, 0, 2),
-                                               cute.group_modes(mW, 0, 2))
-
-            thr_mma = tiled_mma.get_slice(tidx)
-            tCsB = thr_mma.partition_B(sB)
-            tCrB = tiled_mma.make_fragment_B(tCsB)
-            frag0 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
-            frag1 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
-            frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
-            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            sW32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32),
-                                    cute.make_layout((4, 128, 2, self.stages),
-                                                     stride=(1, 4, 512, self.rec_rows * REC_ROW // 4)))
-            nw = _scale_words_per_atom(self.fmt)
-            sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + CODE_BYTES // 4,
-                                    cute.make_layout((nw, 32, 2, self.stages),
-                                                     stride=(1, nw, 32 * nw, self.rec_rows * REC_ROW // 4)))
-            codes = cute.make_rmem_tensor((4, 2 // self.wgs), Int32)
-            scl = cute.make_rmem_tensor((nw, 2 // self.wgs), Int32)
-            wg = warp_idx // 4
-            t = tidx % 128                                              # thread in its warpgroup
-            atom0 = wg if const_expr(self.wgs == 2) else 0
-            quad = t // 4
-            cC = cute.make_identity_tensor((TILE_M, self.tile_n))
-            tCcC = thr_mma.partition_C(cC)
-            arrived = storage.arrived.get_tensor(cute.make_layout(4))
-            xchg = storage.arrived.get_tensor(cute.make_layout(4))
-            if const_expr(self.wgs == 2):
-                xchg = storage.xchg.get_tensor(cute.make_layout(64 * self.tile_n))
-
-            prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-            cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-            rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-
-            if const_expr(self.pdl and self.wait_first):
-                # the previous kernel wrote the tile table (routing + gather): wait before reading it, and let the
-                # next kernel start only after that (it reads the table before its own wait)
-                cute.arch.griddepcontrol_wait()
-                cute.arch.griddepcontrol_launch_dependents()
-            # producer cursor (warp 0): the item and k-tile of the next stage to fill
-            p_item = cta
-            p_kt = Int32(0)
-            p_expert, p_row0, p_rows, p_m, p_z, _j = self.item_fields(mTiles, p_item, n_items)
-            # prologue: the first stages' weight records (independent of the previous kernel) ...
-            first = (p_item, p_kt, p_expert, p_row0, p_rows, p_m, p_z)
-            if warp_idx == 0:
-                for _ in cutlass.range(self.stages, unroll=1):
-                    if p_rows > 0:
-                        pipe.producer_acquire(prod)
-                        self.copy_weights(tma_w, tWgW[(None, (p_m * self.k_splits + p_z) * kps + p_kt, p_expert)],
-                                  tWsW[(None, prod.index)], pipe.producer_get_barrier(prod))
-                        pipe.producer_commit(prod)
-                        prod.advance()
-                        p_kt += 1
-                        if p_kt == kps:
-                            p_kt = Int32(0)
-                            p_item += grid
-                            p_expert, p_row0, p_rows, p_m, p_z, _j = self.item_fields(mTiles, p_item, n_items)
-            # ... then (PDL: once the previous kernel has finished) the token tiles of the same stages
-            if const_expr(self.pdl and not self.wait_first):
-                cute.arch.griddepcontrol_wait()
-            if warp_idx == 0:
-                b_item, b_kt, b_expert, b_row0, b_rows, b_m, b_z = first
-                pro_b = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                while pro_b.count < prod.count:
-                    self.load_tokens(tma_b, mB, sB, b_row0, b_z * kps + b_kt, pipe.producer_get_barrier(pro_b),
-                                     pro_b.index)
-                    pro_b.advance()
-                    b_kt += 1
-                    if b_kt == kps:
-                        b_kt = Int32(0)
-                        b_item += grid
-                        b_expert, b_row0, b_rows, b_m, b_z, _j = self.item_fields(mTiles, b_item, n_items)
-
-            c_item = cta
-            expert, row0, nrows, bid_m, bid_k, bid_t = self.item_fields(mTiles, c_item, n_items)
-            while nrows > 0:
-                acc.fill(0.0)
-                for kt in cutlass.range(0, kps, 2, unroll=1):
-                    for h in cutlass.range_constexpr(2):
-                        pipe.consumer_wait(cons)
-                        self.mma_k_tile(tiled_mma, acc, frags[h], (frag0, frag1)[h], tCrB, sW32, sS32, codes, scl,
-                                        t, quad, cons.index, atom0)
-                        warpgroup.wait_group(1)
-                        if kt + h > 0:
-                            pipe.consumer_release(rel)
-                            rel.advance()
-                        cons.advance()
-                        # refill the stage just released with the cursor's k-tile (possibly of the next item)
-                        if warp_idx == 0 and kt + h > 0:
-                            if p_rows > 0:
-                                pipe.producer_acquire(prod)
-                                self.copy_weights(tma_w,
-                                                  tWgW[(None, (p_m * self.k_splits + p_z) * kps + p_kt, p_expert)],
-                                                  tWsW[(None, prod.index)], pipe.producer_get_barrier(prod))
-                                self.load_tokens(tma_b, mB, sB, p_row0, p_z * kps + p_kt,
-                                                 pipe.producer_get_barrier(prod), prod.index)
-                                pipe.producer_commit(prod)
-                                prod.advance()
-                                p_kt += 1
-                                if p_kt == kps:
-                                    p_kt = Int32(0)
-                                    p_item += grid
-                                    p_expert, p_row0, p_rows, p_m, p_z, _j = self.item_fields(mTiles, p_item,
-                                                                                              n_items)
-                warpgroup.wait_group(0)
-                pipe.consumer_release(rel)
-                rel.advance()
-                if warp_idx == 0:
-                    if p_rows > 0:
-                        pipe.producer_acquire(prod)
-                        self.copy_weights(tma_w, tWgW[(None, (p_m * self.k_splits + p_z) * kps + p_kt, p_expert)],
-                                  tWsW[(None, prod.index)], pipe.producer_get_barrier(prod))
-                        self.load_tokens(tma_b, mB, sB, p_row0, p_z * kps + p_kt, pipe.producer_get_barrier(prod),
-                                         prod.index)
-                        pipe.producer_commit(prod)
-                        prod.advance()
-                        p_kt += 1
-                        if p_kt == kps:
-                            p_kt = Int32(0)
-                            p_item += grid
-                            p_expert, p_row0, p_rows, p_m, p_z, _j = self.item_fields(mTiles, p_item, n_items)
-
-                if const_expr(self.k_splits == 1):
-                    self.epilogue_wgs(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m,
-                                      xchg, wg, t)
-                else:
-                    self.split_k_epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, mPartial, mCount,
-                                          arrived, tidx, expert, row0, nrows, bid_t, bid_m, bid_k, xchg, wg, t)
-                c_item += grid
-                expert, row0, nrows, bid_m, bid_k, bid_t = self.item_fields(mTiles, c_item, n_items)
-
-        @cute.jit
-        def copy_weights(self, tma_w: cute.CopyAtom, src, dst, bar):
-            """TMA of one weight record; evict_first: with an L2 evict-first policy (weights are read once)."""
-            if const_expr(self.evict_first):
-                cute.copy(tma_w, src, dst, tma_bar_ptr=bar, cache_policy=Int64(_EVICT_FIRST))
-            else:
-                cute.copy(tma_w, src, dst, tma_bar_ptr=bar)
-
-        @cute.jit
-        def load_tokens(self, tma_b: cute.CopyAtom, mB: cute.Tensor, sB: cute.Tensor, row0, kt, bar, stage):
-            """TMA of token rows row0 .. row0 + tile_n - 1, k-tile kt, into stage `stage` (barrier bar)."""
-            gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K), (0, None))
-            tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
-                                               cute.group_modes(gB, 0, 2))
-            cute.copy(tma_b, tBgB[(None, kt)], tBsB[(None, stage)], tma_bar_ptr=bar)
-
-        @cute.jit
-        def split_k_epilogue(self, acc, tCcC, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor,
-                             mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor, mCount: cute.Tensor,
-                             arrived, tidx, expert, row0, nrows, bid_t, bid_m, bid_k, xchg, wg, t):
-            """Every slice stores its fp32 partial; the last slice of a tile to arrive sums slices 0..S-1 in order
-            (deterministic), resets the tile's counter and runs the epilogue (as in Fp4GroupedGemm)."""
-            col0 = bid_m * TILE_M
-            for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                for a in cutlass.range_constexpr(cute.size(acc, mode=[1])):
-                    m, n = tCcC[v, a, 0]
-                    if n < nrows:
-                        mPartial[bid_k, row0 + n, col0 + m] = acc[v, a, 0]
-            # bar.sync orders every thread's partial stores before thread 0's release (acq_rel atomic, cumulative);
-            # its acquire + the second bar.sync order the other slices' partials before this CTA's reads (no
-            # per-thread fence needed: the semaphore pattern of CUTLASS's split-K barrier)
-            cute.arch.sync_threads()
-            counter = bid_t * self.m_tiles + bid_m
-            if tidx == 32:       # not thread 0: its fence would also wait for the TMA loads it issued as producer
-                arrived[0] = cute.arch.atomic_add(mCount.iterator + counter, Int32(1), sem="acq_rel", scope="gpu")
-            cute.arch.sync_threads()
-            if arrived[0] == self.k_splits - 1:
-                acc.fill(0.0)
-                # 4 slices per unrolled step: 4 independent L2 loads in flight, few live registers (full unroll of
-                # 16 slices costs 74 registers at tile_n 8, rolled costs 16 serial L2 round trips)
-                for z in cutlass.range(self.k_splits, unroll=min(4, self.k_splits)):
-                    for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                        for a in cutlass.range_constexpr(cute.size(acc, mode=[1])):
-                            m, n = tCcC[v, a, 0]
-                            if n < nrows:
-                                off = cute.crd2idx((z, row0 + n, col0 + m), mPartial.layout)
-                                acc[v, a, 0] = acc[v, a, 0] + cute.arch.load(mPartial.iterator + off, Float32,
-                                                                              cop="cg")
-                if tidx == 0:
-                    mCount[counter] = 0
-                self.epilogue_wgs(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m,
-                                  xchg, wg, t)
-
-        @cute.jit
-        def epilogue_wgs(self, acc, tCcC, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor,
-                         mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, bid_m, xchg, wg, t):
-            """The epilogue; with 2 warpgroups the up rows (atom 1, warpgroup 1) reach the gate rows' threads through
-            smem (thread t of warpgroup 1 holds the same (row, token) positions as thread t of warpgroup 0)."""
-            if const_expr(self.wgs == 1):
-                self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m)
-            elif const_expr(self.swiglu):
-                nv = cute.size(acc, mode=[0])
-                if wg == 1:
-                    for v in cutlass.range_constexpr(nv):
-                        xchg[v * 128 + t] = acc[v, 0, 0]
-                cute.arch.sync_threads()
-                if wg == 0:
-                    a_gate = mAlpha0[expert]
-                    a_up = mAlpha1[expert]
-                    for v in cutlass.range_constexpr(nv):
-                        m, n = tCcC[v, 0, 0]
-                        if n < nrows:
-                            hh = cute.math.min(acc[v, 0, 0] * a_gate, limit)
-                            uu = cute.math.max(cute.math.min(xchg[v * 128 + t] * a_up, limit), -limit)
-                            act = mRowW[row0 + n] * hh / (1.0 + cute.math.exp(-hh)) * uu
-                            mOut[row0 + n, bid_m * 64 + m] = act.to(BFloat16)
-                cute.arch.sync_threads()            # xchg is free again before the next item's epilogue
-            else:
-                a_down = mAlpha0[expert]
-                for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                    m, n = tCcC[v, 0, 0]
-                    if n < nrows:
-                        mOut[row0 + n, bid_m * TILE_M + m] = (acc[v, 0, 0] * a_down).to(BFloat16)
 
     class MoeCombine:
         """y[t] = sum over slots j = 0..k-1 (in this order, fp32) of y_rows[pos[t*k + j]] -> x.dtype (bf16); slots with
@@ -1404,10 +915,8 @@ if HAVE_CUTE:
         src_tok[p] = s // k, row_w[p] = w[s], pos[s] = p (R for skipped ids), and the token-tile table
         tiles[j] = (expert, first row, rows) (rows = 0 past the used entries)."""
 
-        def __init__(self, num_experts: int, top_k: int, tile_n: int, block_scan: bool = False):
+        def __init__(self, num_experts: int, top_k: int, tile_n: int):
             self.E, self.k, self.tile_n, self.threads = num_experts, top_k, tile_n, 1024
-            self.block_scan = block_scan       # prefix scan: one expert per thread, all warps (else warp 0 alone)
-            assert not block_scan or num_experts < self.threads, "one thread per expert in the block scan"
 
         @cute.jit
         def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
@@ -1417,8 +926,6 @@ if HAVE_CUTE:
                 cnt: cute.struct.MemRange[Int32, self.E + 1]
                 start: cute.struct.MemRange[Int32, self.E + 1]
                 tstart: cute.struct.MemRange[Int32, self.E + 2]
-                wsum: cute.struct.MemRange[Int32, 32]
-                wtsum: cute.struct.MemRange[Int32, 32]
 
             self.shared_storage = SharedStorage
             self.kernel(mIds, mW, mSrc, mRowW, mPos, mTiles).launch(
@@ -1450,83 +957,33 @@ if HAVE_CUTE:
                     e = E
                 mPos[s] = cute.arch.atomic_add(cnt.iterator + e, Int32(1), scope="cta")   # rank inside e
             cute.arch.sync_threads()
-            if const_expr(self.block_scan):
-                # exclusive prefix sums of rows and token tiles over experts 0..E: one expert per thread, a shuffle scan
-                # in every warp, then warp 0 scans the (<= 32) warp totals
-                warp = tidx // 32
-                lane = tidx % 32
-                wsum = storage.wsum.get_tensor(cute.make_layout(32))
-                wtsum = storage.wtsum.get_tensor(cute.make_layout(32))
-                cnt_e = Int32(0)
-                til_e = Int32(0)
-                if tidx <= E:
-                    cnt_e = cnt[tidx]
-                    if tidx < E:
-                        til_e = (cnt_e + self.tile_n - 1) // self.tile_n
-                ci = cnt_e
-                ti = til_e
-                for d in cutlass.range_constexpr(5):                  # inclusive warp scan
-                    cu = cute.arch.shuffle_sync_up(ci, 1 << d)
-                    tu = cute.arch.shuffle_sync_up(ti, 1 << d)
-                    if lane >= (1 << d):
-                        ci = ci + cu
-                        ti = ti + tu
-                if lane == 31:
-                    wsum[warp] = ci
-                    wtsum[warp] = ti
-                cute.arch.sync_threads()
-                if warp == 0:
-                    nwarps = (E + 1 + 31) // 32
-                    x = Int32(0)
-                    y = Int32(0)
-                    if lane < nwarps:
-                        x = wsum[lane]
-                        y = wtsum[lane]
-                    xi = x
-                    yi = y
-                    for d in cutlass.range_constexpr(5):
-                        xu = cute.arch.shuffle_sync_up(xi, 1 << d)
-                        yu = cute.arch.shuffle_sync_up(yi, 1 << d)
+            if tidx < 32:        # warp 0: exclusive prefix sums of rows and token tiles, 32 experts per step
+                lane = tidx
+                acc = Int32(0)
+                tacc = Int32(0)
+                for base in cutlass.range(0, E + 1, 32, unroll=1):
+                    e = base + lane
+                    c = Int32(0)
+                    t = Int32(0)
+                    if e <= E:
+                        c = cnt[e]
+                        if e < E:
+                            t = (c + self.tile_n - 1) // self.tile_n
+                    ci = c
+                    ti = t
+                    for d in cutlass.range_constexpr(5):          # inclusive warp scan
+                        cu = cute.arch.shuffle_sync_up(ci, 1 << d)
+                        tu = cute.arch.shuffle_sync_up(ti, 1 << d)
                         if lane >= (1 << d):
-                            xi = xi + xu
-                            yi = yi + yu
-                    wsum[lane] = xi - x                               # exclusive base of each warp
-                    wtsum[lane] = yi - y
-                    total_tiles = cute.arch.shuffle_sync(yi, 31)
-                    if lane == 0:
-                        tstart[E + 1] = total_tiles
-                cute.arch.sync_threads()
-                if tidx <= E:
-                    start[tidx] = wsum[warp] + ci - cnt_e
-                    tstart[tidx] = wtsum[warp] + ti - til_e
-            else:
-                if tidx < 32:        # warp 0: exclusive prefix sums of rows and token tiles, 32 experts per step
-                    lane = tidx
-                    acc = Int32(0)
-                    tacc = Int32(0)
-                    for base in cutlass.range(0, E + 1, 32, unroll=1):
-                        e = base + lane
-                        c = Int32(0)
-                        t = Int32(0)
-                        if e <= E:
-                            c = cnt[e]
-                            if e < E:
-                                t = (c + self.tile_n - 1) // self.tile_n
-                        ci = c
-                        ti = t
-                        for d in cutlass.range_constexpr(5):          # inclusive warp scan
-                            cu = cute.arch.shuffle_sync_up(ci, 1 << d)
-                            tu = cute.arch.shuffle_sync_up(ti, 1 << d)
-                            if lane >= (1 << d):
-                                ci = ci + cu
-                                ti = ti + tu
-                        if e <= E:
-                            start[e] = acc + ci - c
-                            tstart[e] = tacc + ti - t
-                        acc = acc + cute.arch.shuffle_sync(ci, 31)
-                        tacc = tacc + cute.arch.shuffle_sync(ti, 31)
-                    if lane == 0:
-                        tstart[E + 1] = tacc
+                            ci = ci + cu
+                            ti = ti + tu
+                    if e <= E:
+                        start[e] = acc + ci - c
+                        tstart[e] = tacc + ti - t
+                    acc = acc + cute.arch.shuffle_sync(ci, 31)
+                    tacc = tacc + cute.arch.shuffle_sync(ti, 31)
+                if lane == 0:
+                    tstart[E + 1] = tacc
             cute.arch.sync_threads()
             for s in cutlass.range(tidx, R, self.threads, unroll=1):
                 e = mIds[s]
@@ -1562,8 +1019,8 @@ if HAVE_CUTE:
         """MoeRouting + the token gather x_sorted[p] = x[src_tok[p]] in the same CTA (16-B vectors; decode sizes
         only: one CTA copies R*D*2 bytes), which saves the index_select launch."""
 
-        def __init__(self, num_experts: int, top_k: int, tile_n: int, dim: int, block_scan: bool = False):
-            super().__init__(num_experts, top_k, tile_n, block_scan)
+        def __init__(self, num_experts: int, top_k: int, tile_n: int, dim: int):
+            super().__init__(num_experts, top_k, tile_n)
             self.dim = dim
 
         @cute.jit
@@ -1574,8 +1031,6 @@ if HAVE_CUTE:
                 cnt: cute.struct.MemRange[Int32, self.E + 1]
                 start: cute.struct.MemRange[Int32, self.E + 1]
                 tstart: cute.struct.MemRange[Int32, self.E + 2]
-                wsum: cute.struct.MemRange[Int32, 32]
-                wtsum: cute.struct.MemRange[Int32, 32]
 
             self.shared_storage = SharedStorage
             self.kernel_gather(mIds, mW, mSrc, mRowW, mPos, mTiles, mX, mXs).launch(
@@ -1650,9 +1105,7 @@ def _load_or_compile(config: tuple, build):
     return fn
 
 
-def _compile_routing(num_experts: int, top_k: int, tile_n: int, block_scan: bool | None = None):
-    block_scan = ROUTING_BLOCK_SCAN and num_experts < 1024 if block_scan is None else block_scan
-
+def _compile_routing(num_experts: int, top_k: int, tile_n: int):
     def build():
         r, n_tab = cute.sym_int(), cute.sym_int()
         i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
@@ -1660,13 +1113,11 @@ def _compile_routing(num_experts: int, top_k: int, tile_n: int, block_scan: bool
                 cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4), i32((r,)),
                 cute.runtime.make_fake_compact_tensor(Int32, (n_tab, 3), stride_order=(1, 0), assumed_align=4),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeRouting(num_experts, top_k, tile_n, block_scan), args
-    return _load_or_compile(("route", num_experts, top_k, tile_n) + (("scan",) if block_scan else ()), build)
+        return MoeRouting(num_experts, top_k, tile_n), args
+    return _load_or_compile(("route", num_experts, top_k, tile_n), build)
 
 
-def _compile_routing_gather(num_experts: int, top_k: int, tile_n: int, dim: int, block_scan: bool | None = None):
-    block_scan = ROUTING_BLOCK_SCAN and num_experts < 1024 if block_scan is None else block_scan
-
+def _compile_routing_gather(num_experts: int, top_k: int, tile_n: int, dim: int):
     def build():
         r, n_tab, t = cute.sym_int(), cute.sym_int(), cute.sym_int()
         i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
@@ -1676,9 +1127,8 @@ def _compile_routing_gather(num_experts: int, top_k: int, tile_n: int, dim: int,
                 cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4), i32((r,)),
                 cute.runtime.make_fake_compact_tensor(Int32, (n_tab, 3), stride_order=(1, 0), assumed_align=4),
                 bf16(t), bf16(r), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeRoutingGather(num_experts, top_k, tile_n, dim, block_scan), args
-    return _load_or_compile(("route_gather", num_experts, top_k, tile_n, dim) + (("scan",) if block_scan else ()),
-                            build)
+        return MoeRoutingGather(num_experts, top_k, tile_n, dim), args
+    return _load_or_compile(("route_gather", num_experts, top_k, tile_n, dim), build)
 
 
 def _compile_combine(top_k: int, dim: int, pdl: bool):
@@ -1694,39 +1144,13 @@ def _compile_combine(top_k: int, dim: int, pdl: bool):
 
 
 def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
-                  smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False, max_ctas: int = 0,
-                  wgs: int = 1, min_ctas_per_sm: int = 0, wait_first: bool = False, evict_first: bool = False,
-                  ring: tuple = ()):
+                  smem_budget: int = 72 * 1024, pdl: bool = False, wait_first: bool = False, ring: tuple = ()):
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream);
-    max_ctas > 0: the persistent decode variant Fp4DecodeGemm with at most that many CTAs of `wgs` warpgroups;
-    ring = (stages, refill warps, min CTAs per SM, diag[, pair]): Fp4GroupedGemm's ring-unrolled main loop."""
-    if ring and "pairsplit" in ring[3].split():
-        # two launches over the same tile table: tiles without a partner (N = tile_n), then the pairs (N = 2 tile_n)
-        opts = [o for o in ring[3].split() if o != "pairsplit"]
-        args = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs, max_ctas, wgs,
-                min_ctas_per_sm, wait_first, evict_first)
-        single = _compile_gemm(*args, tuple(ring[:3]) + (" ".join(opts + ["single"]),))
-        pairs = _compile_gemm(*args, tuple(ring[:3]) + (" ".join(opts + ["pairs"]), True))
-
-        def both(*a):
-            single(*a)
-            pairs(*a)
-        return both
-    config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl)
-    if scale_pairs or max_ctas or wait_first or ring:
-        config = config + (scale_pairs, max_ctas, wgs, min_ctas_per_sm, wait_first)
-        if evict_first or ring:
-            config = config + (evict_first,)
-        if ring:
-            config = config + (tuple(ring),)
+    ring = (stages, refill warps): Fp4GroupedGemm's ring-unrolled main loop."""
+    config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, wait_first, tuple(ring))
 
     def build():
-        if max_ctas:
-            gemm = Fp4DecodeGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs,
-                                 max_ctas, wgs, min_ctas_per_sm, wait_first, evict_first)
-        else:
-            gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs,
-                                  wait_first, tuple(ring[:4]), bool(ring[4:] and ring[4]))
+        gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, wait_first, ring)
         rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
         mk = gemm.m_tiles * gemm.k_tiles * gemm.k_splits
         rec = gemm.rec_rows * REC_ROW
@@ -1753,44 +1177,16 @@ SPLIT_K = True                    # decode: split K over CTAs when too few (expe
 SPLIT_MIN_K_TILES = 8             # fewest 64-k tiles per K slice
 SPLIT_CTAS_PER_SM = 6             # split until about this many CTAs per SM
 DECODE_SMEM_BUDGET = 40 * 1024    # pipeline smem per CTA for tile_n <= 16 (more CTAs per SM); else 72 KB
-SCALE_PAIRS = True                # one prmt + mad per two k16 blocks' scales (8 fewer instructions per 64 weights)
 GATHER_MAX_ROWS = 24              # routed rows up to which the routing kernel gathers x itself (T <= 4 at top-6)
 TILE_N_SD = 2                     # pick_tile_n: > 0 widens tile_n 8 to 16 where mean + TILE_N_SD sd rows > 8 (v6:
                                   # on the ring loop T=256 1178 vs 1212 us at tile_n 8, H200 R2 medians; T <= 128 keep 8)
-DECODE_PERSISTENT = False         # tile_n <= 16: the persistent Fp4DecodeGemm instead of one CTA per work item
-                                  # (v5 round 1, H200: 5-20% slower than one CTA per item at every T, see notes)
-DECODE_WGS = 2                    # its consumer warpgroups per CTA (2: one per 64-row atom, 62 registers at tile_n 8)
-DECODE_CTAS_PER_SM = 4            # its CTAs per SM: registers allow 4 (1 warpgroup: 98 / 106 registers at tile_n 8 /
-                                  # 16; 2: 62-64 / 56 (capped) ), smem 4 at the budget
-DECODE_PERSISTENT_SMEM = 40 * 1024   # its pipeline smem per CTA (stages = budget / (record + token tile))
-DECODE_ITEMS_PER_CTA = 16         # split K until there are about this many items per CTA (short tail, balance) ...
-DECODE_MIN_K_TILES = 4            # ... keeping at least this many 64-k tiles per item
-DECODE_EVICT_FIRST = False        # its weight TMAs with an L2 evict-first policy
-ROUTING_BLOCK_SCAN = False        # MoeRouting's prefix scan over experts: all warps (else warp 0 alone)
 DECODE_RING = True                # tile_n <= 16: Fp4GroupedGemm's main loop unrolled over the stage ring (v6)
 RING_STAGES = 8                   # its stages (the largest even count <= this dividing the k-tiles per K slice)
 RING_REFILL_WARPS = 4             # warps taking turns at the TMA refills (1: warp 0 issues them all, as v5)
-RING_MIN_CTAS = 0                 # > 0: ptxas fits the registers to this many CTAs per SM (5: <= 96 registers)
-RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "notokens", see Fp4GroupedGemm
-RING_EVICT_FIRST = False          # weight TMAs with an L2 evict-first policy (tokens, re-read per row tile, stay)
-RING_MSHARE = False               # 2 warpgroups per CTA, one row tile each, sharing the token tile (no split-K)
-RING_SPIN = False                 # full-barrier waits as a plain try_wait loop (no suspend-time hint)
-DECODE_PAIR = False               # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
-PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
-PAIR_WGMMA8 = False               # ... as two N=8 wgmma sets (always both) instead of one N=16 set
-PAIR_SPLIT = False                # ... as two launches: tiles without a partner at N=8, then only the pairs at N=16
+# (Variants whose ablations lost were removed in session 4, see notes/kernel.md "session 4 pruning": the persistent
+# Fp4DecodeGemm, one scale per prmt, the all-warps routing scan, and the ring's pairing / mshare / spin / evict-first
+# / min-CTAs / diagnostic options.)
 _COUNTERS: dict = {}
-_EVICT_FIRST = 0x12F0000000000000   # sm90 L2 cache-policy descriptor "evict first" (as CUTLASS's CacheHintSm90)
-
-
-def pick_decode_splits(tiles_bound: int, m_tiles: int, k_tiles: int, max_ctas: int) -> int:
-    """K slices for the persistent decode GEMM: the smallest power of 2 giving >= DECODE_ITEMS_PER_CTA items per CTA
-    (so the last item of a CTA, run alone at the end, is short), with an even k-tile count >= DECODE_MIN_K_TILES."""
-    splits = 1
-    while (tiles_bound * m_tiles * splits < DECODE_ITEMS_PER_CTA * max_ctas and k_tiles % (4 * splits) == 0
-           and k_tiles // (2 * splits) >= DECODE_MIN_K_TILES):
-        splits *= 2
-    return splits
 
 
 def pick_k_splits(num_rows: int, num_experts: int, m_tiles: int, k_tiles: int, num_sms: int) -> int:
@@ -1816,36 +1212,13 @@ def _split_counters(device, n: int) -> torch.Tensor:
 
 def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms: int):
     """_compile_gemm arguments of GEMM1 and GEMM2 for R routed rows (from the knobs above)."""
-    wgs, min_ctas = 1, 0
-    if DECODE_PERSISTENT and tile_n <= 16:
-        wgs = DECODE_WGS
-        # 2 warpgroups at tile_n 16 want 66-72 registers: cap them to 64 (4 CTAs per SM; ptxas fits it in 56)
-        min_ctas = 4 if wgs == 2 and tile_n == 16 else 0
-        max_ctas = max(1, int(DECODE_CTAS_PER_SM * sms))
-        smem = DECODE_PERSISTENT_SMEM
-        s1 = pick_decode_splits(min(E, R), 2 * inter // TILE_M, D // TILE_K, max_ctas)
-        s2 = pick_decode_splits(min(E, R), D // TILE_M, inter // TILE_K, max_ctas)
-    else:
-        max_ctas = 0
-        smem = DECODE_SMEM_BUDGET if tile_n <= 16 else 72 * 1024
-        s1 = pick_k_splits(R, E, 2 * inter // TILE_M, D // TILE_K, sms)
-        s2 = pick_k_splits(R, E, D // TILE_M, inter // TILE_K, sms)
+    smem = DECODE_SMEM_BUDGET if tile_n <= 16 else 72 * 1024
+    s1 = pick_k_splits(R, E, 2 * inter // TILE_M, D // TILE_K, sms)
+    s2 = pick_k_splits(R, E, D // TILE_M, inter // TILE_K, sms)
     gather = R <= GATHER_MAX_ROWS                         # the routing kernel gathers x (GEMM1 follows it)
-    ev = bool(max_ctas) and DECODE_EVICT_FIRST
-    ring1 = ring2 = ()
-    if DECODE_RING and not max_ctas and tile_n <= 16:
-        opts = [o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "", "spin" if RING_SPIN else "") if o]
-        pair = DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R)
-
-        def ring(splits):
-            p8 = pair and PAIR_WGMMA8 and splits == 1
-            ps = pair and PAIR_SPLIT and splits == 1 and not p8
-            return (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS,
-                    " ".join(opts + (["mshare"] if RING_MSHARE and splits == 1 else []) + (["pair8"] if p8 else [])
-                             + (["pairsplit"] if ps else []))) + ((True,) if pair and not p8 and not ps else ())
-        ring1, ring2 = ring(s1), ring(s2)
-    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring1),
-            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring2))
+    ring = (RING_STAGES, RING_REFILL_WARPS) if DECODE_RING and tile_n <= 16 else ()
+    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, gather, ring),
+            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, False, ring))
 
 
 def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
