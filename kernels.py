@@ -6223,55 +6223,30 @@ def gate_decode(gate, x, tokens):
 #   the next item while the consumers run the epilogue.
 
 PREFILL_TILE_N = 128          # tokens per tile (widest wgmma N)
-PREFILL_N_STEP = 128          # wgmma widths (int step or tuple): >1 width makes ptxas serialize the wgmmas (C7512)
-PREFILL_GATHER = False        # GEMM1 gathers its token rows itself (cp.async in the producer warpgroup)
-PREFILL_CLUSTER = 1           # 2: CTA pairs share (multicast) the token tile
-PREFILL_LEAN = True           # one shared epilogue (stmatrix + looped stores) instead of one per wgmma width
-PREFILL_ABLATE: dict = {}      # bench only: extra Fp4PrefillGemm options (decode=False, mma_width=96, ...)
-PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillGemm.min_blocks)
+PREFILL_ABLATE: dict = {}      # bench only: timing-only Fp4PrefillGemm options (decode=False, mma_width=96,
+                               # epilogue="nomath" | "nostore"; all give wrong values)
 PREFILL_WIDTHS = None         # None: prefill_widths(T); (): one width (tile_n); e.g. (96, 128): one GEMM launch per
                               # wgmma width, each over the token tiles whose rows fit it best (tiles of the last width;
                               # an expert's partial tile goes to the narrowest width that holds it)
-PREFILL_ROUTING = False       # PrefillRouting (batched loads; tables + counts) also for one width, else MoeRouting
-PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)): one MUFU op instead of ex2 + rcp
 PREFILL_GATHER_KERNEL = True  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
-PREFILL_STORE_WARPS = False   # idle producer warps 1, 2 copy the consumers' bf16 tiles to global (epilogue overlap)
-PREFILL_WEIGHT_IN_COMBINE = False   # routing weight applied in PrefillCombine instead of GEMM1's epilogue
 PREFILL_MULTI_ROUTING = True    # routing over many CTAs (count, tables, place = gather): no single-SM atomics
-PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
+# (Variants whose ablations lost were removed in session 4, see notes/kernel.md "session 4 pruning": GEMM1 gathering
+# its token rows (cp.async), 2-CTA clusters, several wgmma widths or N chunks in one kernel, the per-width epilogue,
+# the launch without .minnctapersm, store warps, sigmoid via tanh, the routing weight in the combine, PrefillRouting
+# for one width.)
 SMEM_BYTES = 227 * 1024       # sm_90 dynamic smem per CTA
 PRODUCER_REGS, CONSUMER_REGS = 40, 232   # setmaxnreg split: 128 x 40 + 256 x 232 <= 64 K registers
 
-try:          # kernels.py's decode can take two blocks' scales in one register (scale pairs): 8 fewer ops per k-tile
-    _decode_asm(0), scale_pair_bf16x2
-    SCALE_PAIRS_OK = True
-except (TypeError, NameError):          # no CuTe DSL: the names do not exist
-    SCALE_PAIRS_OK = False
-
 
 if HAVE_CUTE:
-    from cutlass import Int64
-
-    @dsl_user_op
-    def cp_async_16B(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
-        """cp.async of 16 bytes global -> shared (L2-cached only); completion is signalled through an mbarrier."""
-        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
-                         "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", has_side_effects=True, loc=loc, ip=ip)
-
     @dsl_user_op
     def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         """(lo, hi) fp32 -> bf16x2 (lo in the low half), round to nearest even."""
         return Int32(_llvm.inline_asm(
             _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
             "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
-
-    @dsl_user_op
-    def tanh_approx(x: Float32, *, loc=None, ip=None) -> Float32:
-        """tanh.approx.f32 (one MUFU op; max relative error ~2^-11)."""
-        return Float32(_llvm.inline_asm(_T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "tanh.approx.f32 $0, $1;",
-                                        "=f,f", has_side_effects=False, loc=loc, ip=ip))
 
     @dsl_user_op
     def stmatrix_x4_trans(smem_addr: Int32, r0: Int32, r1: Int32, r2: Int32, r3: Int32, *, loc=None, ip=None):
@@ -6290,63 +6265,24 @@ if HAVE_CUTE:
         """
 
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
-                     n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                     lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0,
-                     chain: str = "", silu_tanh: bool = False, store_warps: bool = False,
-                     row_weight: bool = True):
+                     epilogue: str = "", mma_width: int = 0, chain: str = ""):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
-            # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
-            # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
-            assert n_chunk == 0 or (lean and tile_n % n_chunk == 0 and n_chunk % 8 == 0)
-            self.n_chunk = n_chunk
-            # setmaxnreg split (128 x producer + 256 x consumer <= 64 K): the chunked mainloop holds more accumulator
-            # slices + B descriptors live, so it takes the 24 / 240 split (the gathering producer needs its 40)
-            self.regs = (PRODUCER_REGS, CONSUMER_REGS) if gather or not n_chunk else (24, 240)
-            # .minnctapersm 1 pins ptxas' register count at entry; without it ptxas may ignore setmaxnreg (C7508:
-            # then every warp gets 168 registers -> spills / serialized wgmmas, e.g. at tile_n 96 or chunked)
-            self.min_blocks = min_blocks
+            assert tile_n % 16 == 0
             # chain (PDL order of several GEMM launches over disjoint token tiles, see moe_fp4_prefill's widths):
             # "" = the only launch: trigger the dependents at once, wait for the previous kernel at the start;
             # "first" = the first of a chain: wait at the start, trigger the next launch only after that wait (so the
             # next one may read this one's inputs without waiting); "next" = a later launch: trigger at once, do not
             # wait at the start (its inputs are complete), wait at the end (its completion implies the previous
             # launch's, for the kernel after the chain)
-            assert chain in ("", "first", "next") and not (chain and (gather or cluster > 1))
+            assert chain in ("", "first", "next")
             self.chain = chain
-            # silu(h) = h / (1 + 2^(-h log2 e)) with ex2 + rcp (2 MUFU ops), or = 0.5 h (1 + tanh(h / 2)) (1 MUFU op)
-            self.silu_tanh = silu_tanh
-            # store_warps: consumer c leaves its bf16 tile in smem and goes on with the next item's mainloop; warp
-            # 1 + c of the producer warpgroup (idle otherwise) copies it to global (named barriers full / empty)
-            assert not (store_warps and (gather or not lean))
-            self.store_warps = store_warps
-            # row_weight False: GEMM1's epilogue leaves out the routing weight (PrefillCombine applies it per slot)
-            self.row_weight = row_weight
-            # wgmma widths compiled (a tile of nrows tokens runs the narrowest >= nrows): n_step int -> n_step,
-            # 2 n_step, ..., tile_n; or an explicit tuple ending in tile_n
-            n_step = tile_n if n_step is None else n_step
-            widths = tuple(range(n_step, tile_n + 1, n_step)) if isinstance(n_step, int) else tuple(sorted(n_step))
-            widths = tuple(range(n_chunk, tile_n + 1, n_chunk)) if n_chunk else widths
-            assert widths[-1] == tile_n and all(w_ % 16 == 0 for w_ in widths)
-            # mma_width: ablation only (wrong values): every tile runs ONE wgmma width, e.g. narrower than its rows,
-            # to time how much the MMAs alone cost
+            # one wgmma width per kernel, tile_n (several widths in one kernel make ptxas serialize the wgmmas, C7512)
+            # mma_width: ablation only (wrong values): every tile runs this wgmma width instead, e.g. narrower than
+            # its rows, to time how much the MMAs alone cost
             self.mma_width = mma_width
-            self.widths = (mma_width,) if mma_width else widths
             self.decode = decode        # False: ablation only (raw code words fed to wgmma: wrong values, no decode)
-            # False: ablation only, and NOT trustworthy (R2 timed it above the bf16 peak: work gets optimised away)
             # epilogue "nostore" / "nomath": ablations only (no global stores / no SwiGLU math, wrong values)
-            self.epi_mode = epilogue if isinstance(epilogue, str) else ""
-            self.epilogue = epilogue is not False
-            self.scale_pairs = SCALE_PAIRS_OK
-            # gather: B = the unsorted tokens x [T, K]; the producer warpgroup cp.asyncs the tile's rows src[row0 + n]
-            # itself (no index_select pass, no x_sorted buffer); else B = x_sorted via TMA
-            self.gather = gather
-            # cluster 2: two CTAs (row pairs 2P, 2P+1 of the same token tile) each TMA half of the token tile and
-            # multicast it to both: half the L2 -> smem token traffic. Needs an even number of row pairs.
-            assert cluster in (1, 2) and not (gather and cluster > 1)
-            self.cluster = cluster
-            # lean epilogue: one accumulator (tile_n wide) shared by all wgmma widths, so one epilogue copy; fp32 ->
-            # bf16x2 packs + stmatrix.trans into smem; the global stores loop over the tile's rows (not unrolled)
-            self.lean = lean
+            self.epi_mode = epilogue
             self.rec_bytes = record_bytes(fmt)
             self.rec_rows = self.rec_bytes // REC_ROW
             self.out_cols = 64 if swiglu else TILE_M            # output columns per consumer per item
@@ -6359,7 +6295,7 @@ if HAVE_CUTE:
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mNumTiles: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
-                     mSrc: cute.Tensor, limit: Float32, num_ctas: Int32, stream):
+                     limit: Float32, num_ctas: Int32, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
                 tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
@@ -6373,8 +6309,8 @@ if HAVE_CUTE:
                 cpasync.CopyBulkTensorTileG2SOp(), mW, cute.slice_(w_smem_layout, (None, None, 0)),
                 (REC_ROW, self.rec_rows))
             tma_b, tma_mB = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cluster > 1 else cpasync.CopyBulkTensorTileG2SOp(),
-                mB, cute.slice_(b_smem_layout, (None, None, 0)), (self.tile_n, TILE_K), num_multicast=self.cluster)
+                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(b_smem_layout, (None, None, 0)),
+                (self.tile_n, TILE_K))
 
             @cute.struct
             class SharedStorage:
@@ -6386,15 +6322,17 @@ if HAVE_CUTE:
             self.shared_storage = SharedStorage
             k_tiles = cute.size(mB, mode=[1]) // TILE_K
             m_pairs = cute.size(mOut, mode=[1]) // (2 * self.out_cols)
-            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mB, mOut, mTiles, mNumTiles, mAlpha0, mAlpha1,
-                        mRowW, mSrc, limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
-                grid=[num_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[self.cluster, 1, 1], stream=stream,
-                use_pdl=self.pdl, min_blocks_per_mp=1 if self.min_blocks else 0)
+            # .minnctapersm 1 pins ptxas' register count at entry; without it ptxas may ignore setmaxnreg (C7508:
+            # then every warp keeps the launch's 168 registers -> spills / serialized wgmmas, e.g. at tile_n 96)
+            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mOut, mTiles, mNumTiles, mAlpha0, mAlpha1, mRowW,
+                        limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
+                grid=[num_ctas, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl,
+                min_blocks_per_mp=1)
 
         @cute.kernel
         def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
-                   mB: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mNumTiles: cute.Tensor,
-                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, mSrc: cute.Tensor, limit: Float32,
+                   mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mNumTiles: cute.Tensor,
+                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
                    k_tiles: Int32, m_pairs: Int32,
                    w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout, epi_layout: cute.Layout):
             tidx, _, _ = cute.arch.thread_idx()
@@ -6409,20 +6347,15 @@ if HAVE_CUTE:
                 cpasync.prefetch_descriptor(tma_b)
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
-            # full barrier: TMA bytes (+ one cp.async arrival per producer thread when gathering)
-            tx_bytes = 2 * self.rec_bytes + (0 if self.gather else self.tile_n * TILE_K * 2)
-            # empty barrier: one arrival per consumer warp of every CTA whose TMA writes this CTA's stage
+            # full barrier: TMA bytes; empty barrier: one arrival per consumer warp
+            tx_bytes = 2 * self.rec_bytes + self.tile_n * TILE_K * 2
             pipe = pipeline.PipelineTmaAsync.create(
                 barrier_storage=storage.bars.data_ptr(), num_stages=self.stages,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 129 if self.gather else 1),
-                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8 * self.cluster),
-                tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, self.cluster, 1, 1)), defer_sync=False)
-            rank = Int32(0)
-            if const_expr(self.cluster > 1):
-                rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-            first = bid // self.cluster                      # items are per cluster: (token tile j, pair group P)
-            step = nctas // self.cluster
-            groups = m_pairs // self.cluster                 # the cluster's CTA r takes row pair p = cluster*P + r
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8),
+                tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
+            # work items w = (token tile j, row pair p), p fastest: CTA bid takes bid, bid + grid, ...
+            groups = m_pairs
             sW = storage.sW.get_tensor(w_smem_layout)
             sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
             # token tiles in the table (a width class's table: its count; entries past it have rows = 0)
@@ -6430,19 +6363,16 @@ if HAVE_CUTE:
 
             if wg == 0:
                 # ---------------------------------------------------------------- producer warpgroup (warp 0 works)
-                cute.arch.setmaxregister_decrease(self.regs[0])
-                if const_expr(self.gather):
-                    self.produce_gathered(pipe, tma_w, mW, sW, mX, mSrc, mTiles, storage.sB.data_ptr(), first, step,
-                                          n_items, groups, rank, k_tiles, tidx, warp_idx)
-                elif warp_idx == 0:
+                cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+                if warp_idx == 0:
                     if const_expr(self.pdl and self.chain != "next"):
                         cute.arch.griddepcontrol_wait()       # the tokens come from the previous kernel
                         if const_expr(self.chain == "first"):
                             cute.arch.griddepcontrol_launch_dependents()
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                    for w in cutlass.range(first, n_items, step, unroll=1):
+                    for w in cutlass.range(bid, n_items, nctas, unroll=1):
                         j = w // groups
-                        p = (w - j * groups) * self.cluster + rank
+                        p = w - j * groups
                         expert = mTiles[j, 0]
                         row0 = mTiles[j, 1]
                         nrows = mTiles[j, 2]
@@ -6453,7 +6383,7 @@ if HAVE_CUTE:
                                                                cute.group_modes(gW, 0, 2))
                             gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K),
                                                  (0, None))
-                            tBsB, tBgB = cpasync.tma_partition(tma_b, rank, cute.make_layout(self.cluster),
+                            tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
                                                                cute.group_modes(sB, 0, 2),
                                                                cute.group_modes(gB, 0, 2))
                             rec_a = 2 * p * k_tiles                  # record (m-tile 2p, k 0); m-tile 2p+1 follows
@@ -6464,22 +6394,12 @@ if HAVE_CUTE:
                                           tma_bar_ptr=bar)
                                 cute.copy(tma_w, tWgW[(None, rec_a + k_tiles + kt)],
                                           tWsW[(None, 2 * prod.index + 1)], tma_bar_ptr=bar)
-                                if const_expr(self.cluster > 1):
-                                    cute.copy(tma_b, tBgB[(None, kt)], tBsB[(None, prod.index)], tma_bar_ptr=bar,
-                                              mcast_mask=cutlass.Int16((1 << self.cluster) - 1))
-                                else:
-                                    cute.copy(tma_b, tBgB[(None, kt)], tBsB[(None, prod.index)], tma_bar_ptr=bar)
+                                cute.copy(tma_b, tBgB[(None, kt)], tBsB[(None, prod.index)], tma_bar_ptr=bar)
                                 pipe.producer_commit(prod)
                                 prod.advance()
-                    if const_expr(self.cluster > 1):
-                        pipe.producer_tail(prod)      # stay until the peer CTA has released every stage
-                elif const_expr(self.store_warps):
-                    if warp_idx < 3:
-                        self.store_rows(storage.sOut.get_tensor(epi_layout)[None, None, warp_idx - 1], mOut, mTiles,
-                                        first, step, n_items, groups, rank, warp_idx - 1, tidx % 32)
             else:
                 # ---------------------------------------------------------------- consumer warpgroups 1, 2
-                cute.arch.setmaxregister_increase(self.regs[1])
+                cute.arch.setmaxregister_increase(CONSUMER_REGS)
                 if const_expr(self.pdl and self.chain != "next"):
                     cute.arch.griddepcontrol_wait()           # our outputs may still be read by the previous kernel
                     if const_expr(self.chain == "first"):
@@ -6504,192 +6424,94 @@ if HAVE_CUTE:
                 quad = ltid // 4
                 sOut = storage.sOut.get_tensor(epi_layout)[None, None, c]       # (tile_n, pitch) bf16
                 epi_bar = pipeline.NamedBarrier(barrier_id=1 + c, num_threads=128)
-                vpr = self.out_cols // 8                                         # 16-B vectors per output row
-                rpp = 128 // vpr                                                 # rows per store pass
-                vcol = ltid % vpr
-                vrow = ltid // vpr
 
                 acc_full = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
-                acc_chunks = []                   # n_chunk: one accumulator per chunk (views of acc_full: C7512)
-                for ch in cutlass.range_constexpr(self.tile_n // self.n_chunk if self.n_chunk else 0):
-                    acc_chunks.append(cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.n_chunk)),
-                                                            Float32))
-                acc_epi = acc_chunks if self.n_chunk else acc_full
                 lane = ltid % 32
                 q = lane // 8                     # stmatrix: this thread addresses row lane % 8 of tile q
                 s_addr = (storage.sOut.data_ptr().toint() + c * (self.tile_n * self.out_pitch * 2)
                           + (((8 * (q // 2) + lane % 8) * self.out_pitch + 16 * (ltid // 32) + 8 * (q % 2)) * 2))
+                # the wgmma (width nv, one per kernel) accumulates into the first nv / 8 column groups of acc_full
+                nv = self.mma_width if self.mma_width else self.tile_n
+                mma_v = sm90_utils.make_trivial_tiled_mma(
+                    BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
+                    tiler_mn=(64, nv), a_source=warpgroup.OperandSource.RMEM)
+                mma_v.set(warpgroup.Field.ACCUMULATE, True)
+                thr_v = mma_v.get_slice(ltid)
+                sB_v = cute.composition(cute.domain_offset((0, 0, 0), sB), cute.make_layout(
+                    (nv, TILE_K, self.stages), stride=(1, self.tile_n, self.tile_n * TILE_K)))
+                tCrB = mma_v.make_fragment_B(thr_v.partition_B(sB_v))
+                acc = cute.make_tensor(acc_full.iterator, cute.make_layout(
+                    ((2, 2, nv // 8), 2, 1), stride=((1, 2, 4), self.tile_n // 2, 0)))
 
                 cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                 rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-                for w in cutlass.range(first, n_items, step, unroll=1):
+                for w in cutlass.range(bid, n_items, nctas, unroll=1):
                     j = w // groups
-                    p = (w - j * groups) * self.cluster + rank
+                    p = w - j * groups
                     expert = mTiles[j, 0]
                     row0 = mTiles[j, 1]
                     nrows = mTiles[j, 2]
-                    # one mainloop per wgmma width nv in self.widths: a tile of nrows tokens runs the narrowest
-                    # that covers it (the B tile is always loaded whole; rows >= nv unused)
-                    if const_expr(self.lean):
-                        if nrows > 0:
-                            if const_expr(self.n_chunk):
-                                for ch in cutlass.range_constexpr(len(acc_chunks)):
-                                    acc_chunks[ch].fill(0.0)
-                            else:
-                                acc_full.fill(0.0)
-                    for vi in cutlass.range_constexpr(len(self.widths)):
-                        nv = self.widths[vi]
-                        if nrows > (self.widths[vi - 1] if vi > 0 else 0) and (nrows <= nv or self.mma_width):
-                            nw = self.n_chunk if self.n_chunk else nv          # wgmma width
-                            n_chk = self.tile_n // self.n_chunk if self.n_chunk else 1
-                            mma_v = sm90_utils.make_trivial_tiled_mma(
-                                BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
-                                tiler_mn=(64, nw), a_source=warpgroup.OperandSource.RMEM)
-                            mma_v.set(warpgroup.Field.ACCUMULATE, True)
-                            thr_v = mma_v.get_slice(ltid)
-                            # chunk ch: B rows ch*nw .. ch*nw+nw-1 (multiples of 8 rows = whole 1 KB swizzle atoms)
-                            tCrBs = []
-                            accs = []
-                            for ch in cutlass.range_constexpr(n_chk):
-                                sB_v = cute.composition(cute.domain_offset((ch * nw, 0, 0), sB), cute.make_layout(
-                                    (nw, TILE_K, self.stages), stride=(1, self.tile_n, self.tile_n * TILE_K)))
-                                tCrBs.append(mma_v.make_fragment_B(thr_v.partition_B(sB_v)))
-                                if const_expr(self.n_chunk):
-                                    accs.append(acc_chunks[ch])
-                                elif const_expr(self.lean):  # the first nv/8 column groups of the shared accumulator
-                                    accs.append(cute.make_tensor(acc_full.iterator, cute.make_layout(
-                                        ((2, 2, nw // 8), 2, 1), stride=((1, 2, 4), self.tile_n // 2, 0))))
-                            tCrB = tCrBs[0]
-                            if const_expr(self.lean):
-                                acc = accs[0]
-                            else:
-                                acc = cute.make_rmem_tensor(thr_v.partition_shape_C((TILE_M, nv)), Float32)
-                                acc.fill(0.0)
-                            tCcC = thr_v.partition_C(cute.make_identity_tensor((TILE_M, nv)))
-                            for kt in cutlass.range(0, k_tiles, 2, unroll=1):
-                                for h in cutlass.range_constexpr(2):
-                                    frag = frags[h]
-                                    pipe.consumer_wait(cons)
-                                    if const_expr(self.gather):
-                                        cute.arch.fence_view_async_shared()     # cp.async rows -> wgmma reads
-                                    slot = 2 * cons.index + c
-                                    for a in cutlass.range_constexpr(2):
-                                        cute.autovec_copy(sW32[None, ltid, a, slot], codes[None, a])
-                                    for a in cutlass.range_constexpr(2):
-                                        cute.autovec_copy(sS32[None, quad, a, slot], scl[None, a])
-                                    for a in cutlass.range_constexpr(2):
-                                        for kb in cutlass.range_constexpr(4 if self.decode else 0):
-                                            half = -1
-                                            if const_expr(self.scale_pairs):
-                                                # one register holds the scales of two k16 blocks (nvfp4) or the
-                                                # two k32 groups (mxfp4); the decode's HMUL2 picks its half
-                                                if const_expr(self.fmt == "nvfp4"):
-                                                    b0, half = kb - kb % 2, kb % 2
-                                                    s_r = scale_pair_bf16x2(scl[0, a], b0, self.fmt, b0 + 1)
-                                                    s_r8 = scale_pair_bf16x2(scl[1, a], b0, self.fmt, b0 + 1)
-                                                else:
-                                                    half = kb // 2
-                                                    s_r = scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1)
-                                                    s_r8 = scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3)
-                                            elif const_expr(self.fmt == "nvfp4"):
-                                                s_r = scale_pair_bf16x2(scl[0, a], kb, self.fmt)
-                                                s_r8 = scale_pair_bf16x2(scl[1, a], kb, self.fmt)
-                                            else:
-                                                s_r = scale_pair_bf16x2(scl[0, a], kb // 2, self.fmt)
-                                                s_r8 = scale_pair_bf16x2(scl[0, a], 2 + kb // 2, self.fmt)
-                                            if const_expr(half >= 0):
-                                                r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8, half)
-                                            else:
-                                                r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8)
-                                            frag[(0, 0, 0), a, kb] = r0
-                                            frag[(0, 1, 0), a, kb] = r1
-                                            frag[(0, 0, 1), a, kb] = r2
-                                            frag[(0, 1, 1), a, kb] = r3
-                                        for kb in cutlass.range_constexpr(0 if self.decode else 4):
-                                            frag[(0, 0, 0), a, kb] = codes[kb, a]
-                                            frag[(0, 1, 0), a, kb] = codes[kb, a] ^ scl[0, a]
-                                            frag[(0, 0, 1), a, kb] = codes[kb, a]
-                                            frag[(0, 1, 1), a, kb] = codes[kb, a] ^ scl[0, a]
-                                    warpgroup.fence()
-                                    for kb in cutlass.range_constexpr(4):
-                                        for ch in cutlass.range_constexpr(n_chk):
-                                            if const_expr(ch == 0):
-                                                cute.gemm(mma_v, acc, (frag0, frag1)[h][None, None, kb],
-                                                          tCrB[None, None, kb, cons.index], acc)
-                                            elif const_expr(ch < nv // nw):     # the chunks that hold rows
-                                                cute.gemm(mma_v, accs[ch], (frag0, frag1)[h][None, None, kb],
-                                                          tCrBs[ch][None, None, kb, cons.index], accs[ch])
-                                    warpgroup.commit_group()
-                                    warpgroup.wait_group(1)
-                                    if kt + h > 0:
-                                        pipe.consumer_release(rel)
-                                        rel.advance()
-                                    cons.advance()
-                            warpgroup.wait_group(0)
-                            pipe.consumer_release(rel)
-                            rel.advance()
-
-                            # epilogue: acc (m, n) = weight row m of this consumer's record, token n of the tile
-                            if const_expr(self.lean):
-                                pass
-                            elif const_expr(not self.epilogue):
-                                if acc[0, 0, 0] == 1.2345:               # keeps the MMAs; never true in the bench
-                                    mOut[row0, 0] = acc[0, 0, 0].to(BFloat16)
-                            if const_expr(not self.lean):
-                                epi_bar.arrive_and_wait()                # the previous item's smem reads are done
-                            if const_expr(self.lean or not self.epilogue):
-                                pass
-                            elif const_expr(self.swiglu):
-                                a_gate = mAlpha0[expert]
-                                a_up = mAlpha1[expert]
-                                for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                                    m, n = tCcC[v, 0, 0]
-                                    hh = cute.math.min(acc[v, 0, 0] * a_gate, limit)
-                                    uu = cute.math.max(cute.math.min(acc[v, 1, 0] * a_up, limit), -limit)
-                                    rw = mRowW[row0 + cutlass.min(n, nrows - 1)]
-                                    # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7,
-                                    # far below the bf16 rounding of a)
-                                    sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
-                                    act = rw * hh * sig * uu
-                                    sOut[n, m] = act.to(BFloat16)
-                            else:
-                                a_down = mAlpha0[expert]
-                                for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                                    for a in cutlass.range_constexpr(2):
-                                        m, n = tCcC[v, a, 0]
-                                        sOut[n, m] = (acc[v, a, 0] * a_down).to(BFloat16)
-                            if const_expr(not self.lean):
-                                epi_bar.arrive_and_wait()
-                            col_vec = ((2 * p + c) * self.out_cols) // 8 + vcol
-                            for ps in cutlass.range_constexpr(
-                                    (nv + rpp - 1) // rpp if self.epilogue and not self.lean else 0):
-                                n = ps * rpp + vrow
-                                if n < nrows:
-                                    cute.autovec_copy(cute.local_tile(sOut, (1, 8), (n, vcol)),
-                                                      cute.local_tile(mOut, (1, 8), (row0 + n, col_vec)))
-                    if const_expr(self.lean):
-                        if nrows > 0:
-                            self.lean_epilogue(acc_epi, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit,
-                                               expert, row0, nrows, p, c, ltid)
-                if const_expr(self.store_warps):              # matches the store warp's last 'tile free' arrival
-                    pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160).arrive_and_wait()
+                    if nrows > 0:
+                        acc_full.fill(0.0)
+                    if nrows > 0 and (nrows <= nv or self.mma_width):
+                        for kt in cutlass.range(0, k_tiles, 2, unroll=1):
+                            for h in cutlass.range_constexpr(2):
+                                frag = frags[h]
+                                pipe.consumer_wait(cons)
+                                slot = 2 * cons.index + c
+                                for a in cutlass.range_constexpr(2):
+                                    cute.autovec_copy(sW32[None, ltid, a, slot], codes[None, a])
+                                for a in cutlass.range_constexpr(2):
+                                    cute.autovec_copy(sS32[None, quad, a, slot], scl[None, a])
+                                for a in cutlass.range_constexpr(2):
+                                    for kb in cutlass.range_constexpr(4 if self.decode else 0):
+                                        # one register holds the scales of two k16 blocks (nvfp4) or the two k32
+                                        # groups (mxfp4); the decode's HMUL2 picks its half
+                                        if const_expr(self.fmt == "nvfp4"):
+                                            b0, half = kb - kb % 2, kb % 2
+                                            s_r = scale_pair_bf16x2(scl[0, a], b0, self.fmt, b0 + 1)
+                                            s_r8 = scale_pair_bf16x2(scl[1, a], b0, self.fmt, b0 + 1)
+                                        else:
+                                            half = kb // 2
+                                            s_r = scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1)
+                                            s_r8 = scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3)
+                                        r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8, half)
+                                        frag[(0, 0, 0), a, kb] = r0
+                                        frag[(0, 1, 0), a, kb] = r1
+                                        frag[(0, 0, 1), a, kb] = r2
+                                        frag[(0, 1, 1), a, kb] = r3
+                                    for kb in cutlass.range_constexpr(0 if self.decode else 4):   # timing only
+                                        frag[(0, 0, 0), a, kb] = codes[kb, a]
+                                        frag[(0, 1, 0), a, kb] = codes[kb, a] ^ scl[0, a]
+                                        frag[(0, 0, 1), a, kb] = codes[kb, a]
+                                        frag[(0, 1, 1), a, kb] = codes[kb, a] ^ scl[0, a]
+                                warpgroup.fence()
+                                for kb in cutlass.range_constexpr(4):
+                                    cute.gemm(mma_v, acc, (frag0, frag1)[h][None, None, kb],
+                                              tCrB[None, None, kb, cons.index], acc)
+                                warpgroup.commit_group()
+                                warpgroup.wait_group(1)
+                                if kt + h > 0:
+                                    pipe.consumer_release(rel)
+                                    rel.advance()
+                                cons.advance()
+                        warpgroup.wait_group(0)
+                        pipe.consumer_release(rel)
+                        rel.advance()
+                    if nrows > 0:
+                        # acc (m, n) = weight row m of this consumer's record, token n of the tile
+                        self.epilogue(acc_full, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit, expert,
+                                      row0, nrows, p, c, ltid)
                 if const_expr(self.pdl and self.chain == "next"):
                     cute.arch.griddepcontrol_wait()           # complete only after the previous launch of the chain
 
         @cute.jit
-        def lean_epilogue(self, acc, sOut: cute.Tensor, s_addr, epi_bar, mOut: cute.Tensor, mAlpha0: cute.Tensor,
-                          mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, p, c, ltid):
-            """acc ((2,2,tile_n/8), atom, 1) fp32 -> bf16 out rows row0..row0+nrows-1, this consumer's columns.
+        def epilogue(self, acc, sOut: cute.Tensor, s_addr, epi_bar, mOut: cute.Tensor, mAlpha0: cute.Tensor,
+                     mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, p, c, ltid):
+            """acc ((2,2,tile_n/8), atom, 1) fp32 -> (SwiGLU | alpha) -> bf16x2 packs -> stmatrix.trans into the
+            padded smem tile -> out rows row0..row0+nrows-1, this consumer's columns (16-B vectors).
             Fragment register (i, jh, g) of atom a = (row 16 w + lane/4 + 8 jh + 64 a, token 8 g + 2 (lane%4) + i)."""
-            if const_expr(self.store_warps):                 # the store warp has read the previous item's tile
-                pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160).arrive_and_wait()
-            else:
-                epi_bar.arrive_and_wait()                    # the previous item's smem reads are done
-            if const_expr(self.n_chunk):                     # acc = list of per-chunk accumulators
-                gpc = self.n_chunk // 8
-                accv = lambda i, jh, g, a: acc[g // gpc][(i, jh, g % gpc), a, 0]   # noqa: E731
-            else:
-                accv = lambda i, jh, g, a: acc[(i, jh, g), a, 0]                   # noqa: E731
+            epi_bar.arrive_and_wait()                        # the previous item's smem reads are done
             if const_expr(self.swiglu):
                 a_gate = mAlpha0[expert]
                 a_up = mAlpha1[expert]
@@ -6701,18 +6523,13 @@ if HAVE_CUTE:
                         pair = []
                         for i in cutlass.range_constexpr(2):
                             tok = 8 * g + 2 * (lane % 4) + i
-                            hh = cute.math.min(accv(i, jh, g, 0) * a_gate, limit)
-                            uu = cute.math.max(cute.math.min(accv(i, jh, g, 1) * a_up, limit), -limit)
-                            rw = Float32(1.0)
-                            if const_expr(self.row_weight):
-                                rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
-                            # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
+                            hh = cute.math.min(acc[(i, jh, g), 0, 0] * a_gate, limit)
+                            uu = cute.math.max(cute.math.min(acc[(i, jh, g), 1, 0] * a_up, limit), -limit)
+                            rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
                             if const_expr(self.epi_mode == "nomath"):          # ablation only
-                                pair.append(accv(i, jh, g, 0) + accv(i, jh, g, 1))
-                            elif const_expr(self.silu_tanh):
-                                hh2 = 0.5 * hh
-                                pair.append(rw * (hh2 + hh2 * tanh_approx(hh2)) * uu)
+                                pair.append(acc[(i, jh, g), 0, 0] + acc[(i, jh, g), 1, 0])
                             else:
+                                # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
                                 sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
                                 pair.append(rw * hh * sig * uu)
                         regs.append(pack_bf16x2(pair[0], pair[1]))
@@ -6724,17 +6541,10 @@ if HAVE_CUTE:
                         regs = []
                         for qq in cutlass.range_constexpr(4):
                             jh, g = qq % 2, 2 * s + qq // 2
-                            regs.append(pack_bf16x2(accv(0, jh, g, a) * a_down, accv(1, jh, g, a) * a_down))
+                            regs.append(pack_bf16x2(acc[(0, jh, g), a, 0] * a_down, acc[(1, jh, g), a, 0] * a_down))
                         stmatrix_x4_trans(s_addr + (16 * s * self.out_pitch + 64 * a) * 2, regs[0], regs[1],
                                           regs[2], regs[3])
-            if const_expr(self.store_warps):                 # the tile is in smem: the store warp takes over
-                pipeline.NamedBarrier(barrier_id=3 + c, num_threads=160).arrive()
-            else:
-                self.store_tile(sOut, mOut, row0, nrows, p, c, ltid, epi_bar)
-
-        @cute.jit
-        def store_tile(self, sOut: cute.Tensor, mOut: cute.Tensor, row0, nrows, p, c, ltid, epi_bar):
-            """The consumer warpgroup copies its bf16 tile (smem) to out rows row0.., 16-B vectors."""
+            # the consumer warpgroup copies its bf16 tile (smem) to out rows row0.., 16-B vectors
             epi_bar.arrive_and_wait()
             vpr = self.out_cols // 8                         # 16-B vectors per output row
             rpp = 128 // vpr                                 # rows per pass
@@ -6743,91 +6553,6 @@ if HAVE_CUTE:
             for r in cutlass.range(ltid // vpr, nrows if self.epi_mode != "nostore" else 0, rpp, unroll=1):
                 cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r, vcol)),
                                   cute.local_tile(mOut, (1, 8), (row0 + r, col_vec)))
-
-        @cute.jit
-        def store_rows(self, sOut: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, first, step, n_items, groups,
-                       rank, c, lane):
-            """Store warp of consumer c (store_warps): for each item of this CTA with rows, wait until consumer c has
-            its bf16 tile in smem (barrier 3 + c), copy the nrows rows to out (16-B vectors, 4 per lane in flight),
-            then free the tile (barrier 5 + c)."""
-            full = pipeline.NamedBarrier(barrier_id=3 + c, num_threads=160)
-            empty = pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160)
-            vpr = self.out_cols // 8                         # 16-B vectors per output row
-            rpp = 32 // vpr                                  # rows per warp instruction
-            vcol = lane % vpr
-            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(4)]
-            empty.arrive_unaligned()                         # the tile starts free
-            for w in cutlass.range(first, n_items, step, unroll=1):
-                j = w // groups
-                p = (w - j * groups) * self.cluster + rank
-                row0 = mTiles[j, 1]
-                nrows = mTiles[j, 2]
-                if nrows > 0:
-                    full.wait_unaligned()
-                    col_vec = ((2 * p + c) * self.out_cols) // 8 + vcol
-                    for r0 in cutlass.range(lane // vpr, nrows, 4 * rpp, unroll=1):
-                        for i in cutlass.range_constexpr(4):
-                            if r0 + i * rpp < nrows:
-                                cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r0 + i * rpp, vcol)), v[i])
-                        for i in cutlass.range_constexpr(4):
-                            if r0 + i * rpp < nrows:
-                                cute.autovec_copy(v[i], cute.local_tile(mOut, (1, 8), (row0 + r0 + i * rpp,
-                                                                                      col_vec)))
-                    empty.arrive_unaligned()
-
-        @cute.jit
-        def produce_gathered(self, pipe, tma_w: cute.CopyAtom, mW: cute.Tensor, sW: cute.Tensor, mX: cute.Tensor,
-                             mSrc: cute.Tensor, mTiles: cute.Tensor, sB_ptr, first, step, n_items, groups, rank,
-                             k_tiles, tidx, warp_idx):
-            """Producer warpgroup, gather mode: warp 0 TMAs the two weight records of a stage (arrive + expect tx);
-            each of the 128 threads cp.asyncs 8 16-B chunks of the token tile (thread t: k chunk t % 8 of rows
-            t // 8 + 16 i) from x[src[row0 + row]] into the 128B-swizzled B stage, then arrives (noinc) on the
-            stage's full barrier when they land. Rows >= nrows are not loaded (their columns are never stored)."""
-            if const_expr(self.pdl):
-                cute.arch.griddepcontrol_wait()               # src (routing) and x come from earlier kernels
-            ch = tidx % 8
-            rsub = tidx // 8
-            row_bytes = cute.size(mX, mode=[1]) * 2
-            x_base = mX.iterator.toint()
-            s_base = sB_ptr.toint()
-            tok = cute.make_rmem_tensor((self.tile_n // 16,), Int32)
-            prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-            for w in cutlass.range(first, n_items, step, unroll=1):
-                j = w // groups
-                p = (w - j * groups) * self.cluster + rank
-                expert = mTiles[j, 0]
-                row0 = mTiles[j, 1]
-                nrows = mTiles[j, 2]
-                if nrows > 0:
-                    gW = mW[None, None, None, expert]
-                    tWsW, tWgW = cpasync.tma_partition(tma_w, 0, cute.make_layout(1), cute.group_modes(sW, 0, 2),
-                                                       cute.group_modes(gW, 0, 2))
-                    rec_a = 2 * p * k_tiles
-                    for i in cutlass.range_constexpr(self.tile_n // 16):
-                        r = 16 * i + rsub
-                        tok[i] = -1
-                        if r < nrows:
-                            tok[i] = mSrc[row0 + r]
-                    for kt in cutlass.range(k_tiles, unroll=1):
-                        if warp_idx == 0:
-                            pipe.producer_acquire(prod)
-                            bar = pipe.producer_get_barrier(prod)
-                            cute.copy(tma_w, tWgW[(None, rec_a + kt)], tWsW[(None, 2 * prod.index)],
-                                      tma_bar_ptr=bar)
-                            cute.copy(tma_w, tWgW[(None, rec_a + k_tiles + kt)],
-                                      tWsW[(None, 2 * prod.index + 1)], tma_bar_ptr=bar)
-                        else:
-                            pipe.sync_object_empty.wait(prod.index, prod.phase)
-                        stage_base = s_base + prod.index * (self.tile_n * TILE_K * 2)
-                        for i in cutlass.range_constexpr(self.tile_n // 16):
-                            r = 16 * i + rsub
-                            if tok[i] >= 0:
-                                src = x_base + Int64(tok[i]) * row_bytes + (kt * TILE_K + ch * 8) * 2
-                                # Swizzle<3,4,3> of the K-major 128-B rows: 16-B chunk ch of row r at ch ^ (r % 8)
-                                dst = stage_base + r * 128 + ((ch ^ (r % 8)) * 16)
-                                cp_async_16B(dst, src)
-                        cute.arch.cp_async_mbarrier_arrive_noinc(pipe.producer_get_barrier(prod))
-                        prod.advance()
 
 
     class PrefillRouting(MoeRouting):
@@ -7189,67 +6914,14 @@ if HAVE_CUTE:
                             cute.autovec_copy(v[r * self.cols + j],
                                               cute.local_tile(mXs, (1, 8), (row, j * self.threads + tidx)))
 
-    class PrefillCombine:
-        """y[t] = sum over slots j = 0..k-1 (this order, fp32) of w[t, j] * y_rows[pos[t*k + j]] -> bf16 (slots with
-        pos = R add nothing): MoeCombine with the routing weight applied here instead of in GEMM1's epilogue, and
-        every slot's row load in flight before the sum. One thread per 8 columns, grid (T, D / 8 / threads)."""
-
-        def __init__(self, top_k: int, dim: int, pdl: bool = False):
-            self.k, self.dim, self.pdl = top_k, dim, pdl
-            vecs = dim // 8
-            self.threads = 128
-            while vecs % self.threads:
-                self.threads //= 2
-            self.col_blocks = vecs // self.threads
-
-        @cute.jit
-        def __call__(self, mY: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, stream):
-            num_tokens = cute.size(mOut, mode=[0])
-            self.kernel(mY, mPos, mW, mOut).launch(grid=[num_tokens, self.col_blocks, 1],
-                                                   block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
-
-        @cute.kernel
-        def kernel(self, mY: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
-            tidx, _, _ = cute.arch.thread_idx()
-            tok, cb, _ = cute.arch.block_idx()
-            R = cute.size(mY, mode=[0])
-            vec = cb * self.threads + tidx
-            if const_expr(self.pdl):
-                cute.arch.griddepcontrol_wait()                    # y_rows is written by the previous kernel
-            rows = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.k)]
-            ps = []
-            for j in cutlass.range_constexpr(self.k):
-                ps.append(mPos[tok * self.k + j])
-            for j in cutlass.range_constexpr(self.k):
-                rows[j].fill(0.0)
-                if ps[j] < R:
-                    cute.autovec_copy(cute.local_tile(mY, (1, 8), (ps[j], vec)), rows[j])
-            acc = cute.make_rmem_tensor((1, 8), Float32)
-            acc.fill(0.0)
-            for j in cutlass.range_constexpr(self.k):
-                acc.store(acc.load() + rows[j].load().to(Float32) * mW[tok * self.k + j])
-            v = cute.make_rmem_tensor((1, 8), BFloat16)
-            v.store(acc.load().to(BFloat16))
-            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, vec)))
 
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
-                          n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                          lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
-                          mma_width: int = 0, chain: str = "", silu_tanh: bool | None = None,
-                          store_warps: bool | None = None, row_weight: bool = True):
+                          epilogue: str = "", mma_width: int = 0, chain: str = ""):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
-    n_step = PREFILL_N_STEP if n_step is None else n_step
-    lean = PREFILL_LEAN if lean is None else lean
-    n_chunk = PREFILL_N_CHUNK if n_chunk is None else n_chunk
-    min_blocks = PREFILL_MIN_BLOCKS if min_blocks is None else min_blocks
-    silu_tanh = PREFILL_SILU_TANH if silu_tanh is None else silu_tanh
-    store_warps = (PREFILL_STORE_WARPS and not gather) if store_warps is None else store_warps
-    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
-              n_chunk, min_blocks, mma_width, chain, silu_tanh, store_warps, row_weight)
+    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, epilogue, mma_width, chain)
 
     def build():
-        gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
-                              min_blocks, mma_width, chain, silu_tanh, store_warps, row_weight)
+        gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, epilogue, mma_width, chain)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW
@@ -7263,11 +6935,9 @@ def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False
         num_tiles = cute.runtime.make_fake_compact_tensor(Int32, (1,), assumed_align=4)
         alpha0 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
         alpha1 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
-        rows = cute.sym_int()
-        row_w = cute.runtime.make_fake_compact_tensor(Float32, (rows,), assumed_align=4)
-        src = cute.runtime.make_fake_compact_tensor(Int32, (rows,), assumed_align=4)
+        row_w = cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),), assumed_align=4)
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        return gemm, (w, b, out, tiles, num_tiles, alpha0, alpha1, row_w, src, Float32(0.0), Int32(1), stream)
+        return gemm, (w, b, out, tiles, num_tiles, alpha0, alpha1, row_w, Float32(0.0), Int32(1), stream)
     return _load_or_compile(config, build)
 
 
@@ -7318,19 +6988,6 @@ def _compile_prefill_place(num_experts: int, top_k: int, dim: int):
     return _load_or_compile(("prefill_place", num_experts, top_k, dim), build)
 
 
-def _compile_prefill_combine(top_k: int, dim: int, pdl: bool):
-    def build():
-        rows, tokens, slots = cute.sym_int(), cute.sym_int(), cute.sym_int()
-        args = (cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0), assumed_align=16),
-                cute.runtime.make_fake_compact_tensor(Int32, (slots,), assumed_align=4),
-                cute.runtime.make_fake_compact_tensor(Float32, (slots,), assumed_align=4),
-                cute.runtime.make_fake_compact_tensor(BFloat16, (tokens, dim), stride_order=(1, 0),
-                                                      assumed_align=16),
-                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return PrefillCombine(top_k, dim, pdl), args
-    return _load_or_compile(("prefill_combine", top_k, dim, pdl), build)
-
-
 def _compile_prefill_gather(dim: int, pdl: bool):
     def build():
         t, r = cute.sym_int(), cute.sym_int()
@@ -7356,19 +7013,11 @@ def prefill_unavailable_reason(x, experts) -> str | None:
 _SMS: dict = {}
 
 
-def _grid(dev, work_items: int, cluster: int) -> int:
-    """Persistent grid: one CTA per SM (one cluster per co-resident cluster slot), at most one per work item."""
-    key = (dev, cluster)
-    if key not in _SMS:
-        n = torch.cuda.get_device_properties(dev).multi_processor_count
-        if cluster > 1:
-            try:        # clusters must fit in a GPC: ask the driver how many can be resident at once
-                import cutlass.utils as cu
-                n = cluster * cu.HardwareInfo().get_max_active_clusters(cluster)
-            except Exception:   # noqa: BLE001 - fall back to a conservative count
-                n = cluster * (n // cluster - 2)
-        _SMS[key] = n
-    return max(cluster, min(_SMS[key], work_items) // cluster * cluster)
+def _grid(dev, work_items: int) -> int:
+    """Persistent grid: one CTA per SM, at most one per work item."""
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return max(1, min(_SMS[dev], work_items))
 
 
 def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
@@ -7381,38 +7030,28 @@ def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
 
 def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens: int = 4096, **gemm_options):
     """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
-    (gemm1 list, gemm2 list (one per width class), routing, combine, widths, gather, cluster of GEMM1, of GEMM2)."""
+    (gemm1 list, gemm2 list (one per width class), routing, combine, widths)."""
     gemm_options = {**PREFILL_ABLATE, **gemm_options}
     tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
     widths = gemm_options.pop("widths", PREFILL_WIDTHS)
-    gather = gemm_options.pop("gather", PREFILL_GATHER)
-    cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
-    if widths is None:               # auto: width classes unless one tile width / gather / clusters are asked for
-        widths = prefill_widths(num_tokens, top_k, num_experts) if tile_n == 128 and not gather and cluster == 1 else ()
+    if widths is None:               # auto: width classes unless one tile width is asked for
+        widths = prefill_widths(num_tokens, top_k, num_experts) if tile_n == 128 else ()
     widths = tuple(widths) or (tile_n,)
-    assert len(widths) == 1 or not (gather or cluster > 1), "width classes run without gather / clusters"
-    cl1 = 1 if gather else cluster
     gemm1, gemm2 = [], []
     for c, width in enumerate(widths):
-        opts = dict(gemm_options)
-        opts.setdefault("row_weight", not PREFILL_WEIGHT_IN_COMBINE)
-        if width % PREFILL_N_STEP:
-            opts.setdefault("n_step", width)
         # launched widest first: the chain's last launch (whose tail nothing else fills) has the shortest items
-        opts["chain"] = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
-        gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, gather=gather, cluster=cl1, **opts))
-        opts.pop("row_weight")
-        gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, cluster=cluster, **opts))
-    routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1 or PREFILL_ROUTING
+        chain = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
+        gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, chain=chain, **gemm_options))
+        gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, chain=chain, **gemm_options))
+    routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1
                else _compile_routing(num_experts, top_k, widths[0]))
-    if PREFILL_MULTI_ROUTING and not gather:        # (warms the cache; _prefill_steps fetches them)
+    if PREFILL_MULTI_ROUTING:                       # (warms the cache; _prefill_steps fetches them)
         _compile_prefill_count(num_experts), _compile_prefill_tables(num_experts, top_k, widths)
         _compile_prefill_place(num_experts, top_k, dim)
-    combine = (_compile_prefill_combine(top_k, dim, USE_PDL) if PREFILL_WEIGHT_IN_COMBINE
-               else _compile_combine(top_k, dim, USE_PDL))
-    if PREFILL_GATHER_KERNEL and not gather:
+    combine = _compile_combine(top_k, dim, USE_PDL)
+    if PREFILL_GATHER_KERNEL:
         _compile_prefill_gather(dim, USE_PDL)            # (warms the cache; _prefill_steps fetches it)
-    return gemm1, gemm2, routing, combine, widths, gather, cl1, cluster
+    return gemm1, gemm2, routing, combine, widths
 
 
 _ALL_TILES: dict = {}
@@ -7432,16 +7071,16 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    gemm1, gemm2, routing, combine, widths, gather, cl1, cluster = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
+    gemm1, gemm2, routing, combine, widths = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
     nc, tile_n = len(widths), widths[-1]
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
     tiles = torch.empty(nc, max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)   # one table per width
-    own_routing = nc > 1 or PREFILL_ROUTING or (PREFILL_MULTI_ROUTING and not gather)
+    own_routing = nc > 1 or PREFILL_MULTI_ROUTING
     counts = torch.empty(nc, dtype=torch.int32, device=dev) if own_routing else _all_tiles(dev)
-    x_sorted = None if gather else torch.empty(R, D, dtype=torch.bfloat16, device=dev)
+    x_sorted = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
@@ -7450,12 +7089,11 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         y_rows.fill_(float("nan"))
     limit = float(swiglu_limit) if swiglu_limit else math.inf
     n_tab = tiles.shape[1]
-    ctas1 = _grid(dev, n_tab * (inter // 128), cl1)
-    ctas2 = _grid(dev, n_tab * (D // 256), cluster)
+    ctas1 = _grid(dev, n_tab * (inter // 128))
+    ctas2 = _grid(dev, n_tab * (D // 256))
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    multi = PREFILL_MULTI_ROUTING and not gather
-    if multi:                        # routing over many CTAs, the gather fused into its last step
+    if PREFILL_MULTI_ROUTING:        # routing over many CTAs, the gather fused into its last step
         rank = torch.empty(R, dtype=torch.int32, device=dev)
         expert_rows = torch.empty(2, E + 1, dtype=torch.int32, device=dev)      # rows per expert, first row
         count_k, tables_k = _compile_prefill_count(E), _compile_prefill_tables(E, k, widths)
@@ -7465,30 +7103,25 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
                  ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
                  ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos,
                                            x_sorted))]
-    elif not own_routing:
-        steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
-    else:
-        steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
-    if multi:
-        pass
-    elif not gather and PREFILL_GATHER_KERNEL:
-        gather_rows = _compile_prefill_gather(D, USE_PDL)
-        steps.append(("gather", lambda: gather_rows(x.contiguous(), src_tok, x_sorted)))
-    elif not gather:
-        steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
-    b1 = x.contiguous() if gather else x_sorted
+    else:                            # one routing CTA, then the gather
+        if own_routing:
+            steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
+        else:
+            steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
+        if PREFILL_GATHER_KERNEL:
+            gather_rows = _compile_prefill_gather(D, USE_PDL)
+            steps.append(("gather", lambda: gather_rows(x.contiguous(), src_tok, x_sorted)))
+        else:
+            steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
     w13, w2 = pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0)
     sfx = (lambda c: "") if nc == 1 else (lambda c: f" N={widths[c]}")     # noqa: E731
     for c in reversed(range(nc)):    # GEMM1 of every width class, widest first, then GEMM2 (PDL chains, see chain)
-        steps.append((f"gemm1{sfx(c)}", lambda c=c: gemm1[c](w13, b1, act, tiles[c], counts[c:c + 1], a_gate, a_up,
-                                                               row_w, src_tok, limit, ctas1)))
+        steps.append((f"gemm1{sfx(c)}", lambda c=c: gemm1[c](w13, x_sorted, act, tiles[c], counts[c:c + 1], a_gate,
+                                                               a_up, row_w, limit, ctas1)))
     for c in reversed(range(nc)):
         steps.append((f"gemm2{sfx(c)}", lambda c=c: gemm2[c](w2, act, y_rows, tiles[c], counts[c:c + 1], a_down,
-                                                               a_down, row_w, src_tok, limit, ctas2)))
-    if PREFILL_WEIGHT_IN_COMBINE:    # y[t] = sum_j w[t, j] y_rows[pos[t k + j]] (GEMM1 left the weight out)
-        steps.append(("combine", lambda: combine(y_rows, pos, w32, y)))
-    else:
-        steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
+                                                               a_down, row_w, limit, ctas2)))
+    steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
     return steps, y
 
 
