@@ -4912,8 +4912,10 @@ def _small_moedec(fmt):
 @gpu
 @pytest.mark.parametrize("fmt, T", [("nvfp4", 1), ("nvfp4", 2), ("nvfp4", 4), ("nvfp4", 7), ("nvfp4", 33),
                                     ("nvfp4", 100), ("mxfp4", 1), ("mxfp4", 7), ("mxfp4", 33)])
-def test_decode_default_path_matches_reference(fmt, T):
-    """The default decode path (one CTA per item, scale pairs, fused gather + wait-first GEMM1 for T*k <= 24)."""
+def test_wgmma_decode_path_matches_reference(fmt, T, monkeypatch):
+    """The wgmma decode path (DECODE_GEMV off; the default beyond MOE_GEMV_MAX_ROWS routed rows): one CTA per item,
+    ring loop for tile_n <= 16, fused gather + wait-first GEMM1 for T*k <= 24."""
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     _check_moedec(_small_moedec(fmt), T, "random", seed=T)
     _check_moedec(_small_moedec(fmt), T, "empty_experts", seed=T + 1)
 
@@ -4921,6 +4923,7 @@ def test_decode_default_path_matches_reference(fmt, T):
 @gpu
 @pytest.mark.parametrize("T", [60])
 def test_wider_tile_rule_matches_reference(T, monkeypatch):
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     monkeypatch.setattr(K, "TILE_N_SD", 2)
     assert K.pick_tile_n(T, 6, 64) == 16
     _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T)
@@ -4928,8 +4931,9 @@ def test_wider_tile_rule_matches_reference(T, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("T", [1, 4, 7])
-def test_default_path_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
+def test_wgmma_decode_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
     """The fused gather + wait-first GEMM1 (T <= 4) and the index_select path under PDL: same bits as plain launches."""
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small_moedec("nvfp4")
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
@@ -4941,15 +4945,17 @@ def test_default_path_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
     assert torch.isfinite(ref).all() and all(torch.equal(ref, o) for o in outs)
 
 
-_FLASH = {}
+_FLASH_moedec = {}
 
 
 @gpu
 @pytest.mark.parametrize("T", [1, 4, 16, 64, 256])
-def test_flash_dims_decode_matches_reference(T):
-    if "ex" not in _FLASH:
-        _FLASH["ex"] = K.prepare_experts(random_fp4_experts(256, 4096, 2048, "nvfp4", device="cuda", seed=2))
-    _check_moedec(_FLASH["ex"], T, "random", seed=T)
+@pytest.mark.parametrize("gemv", [True, False], ids=["default", "wgmma"])
+def test_flash_dims_decode_matches_reference(T, gemv, monkeypatch):
+    monkeypatch.setattr(K, "DECODE_GEMV", gemv)
+    if "ex" not in _FLASH_moedec:
+        _FLASH_moedec["ex"] = K.prepare_experts(random_fp4_experts(256, 4096, 2048, "nvfp4", device="cuda", seed=2))
+    _check_moedec(_FLASH_moedec["ex"], T, "random", seed=T)
 
 
 @gpu
@@ -5012,6 +5018,7 @@ def test_routing_gather_writes_the_sorted_token_rows(T, E, D):
 @gpu
 @pytest.mark.parametrize("T", [1, 4])
 def test_fused_gather_gives_the_same_bits_as_index_select(T, monkeypatch):
+    monkeypatch.setattr(K, "DECODE_GEMV", False)              # the wgmma path's GEMM1 waits for the gathering routing
     ex = _small_moedec("nvfp4")
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
     ids, w = _routing(T, 6, 64, "empty_experts", "cuda", 2)
@@ -5079,6 +5086,7 @@ def test_ring_stage_count_divides_the_k_tiles_and_is_even(k_tiles, want):
 def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, knobs, monkeypatch):
     """Same decode, same wgmma order: the ring loop's output equals the v5 loop's bit for bit, for every stage
     count / refill-warp choice (poisoned intermediates, skipped slots), and it matches the reference."""
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small_moedec(fmt)
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
@@ -5099,6 +5107,7 @@ def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, knobs, monkeypatch
 @pytest.mark.parametrize("T", [1, 7])
 def test_ring_with_split_k_slices_of_two_k_tiles(T, monkeypatch):
     """2 k-tiles per K slice: a 2-stage ring whose refill branch never runs; vs the reference, repeatable."""
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)
     _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T + 40)
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
