@@ -760,6 +760,12 @@ def fp8_linear_table(model, copy_bw):
     return rows
 
 
+DECODE_ABLATIONS = [   # (label, module, switch): each timed off in the same run as the default step
+    ("one stream (NANO_DSV4_BRANCHES=0)", dsv4, "DECODE_BRANCHES"),
+    ("glue kernels without PDL (kernels.GLUE_PDL)", K, "GLUE_PDL"),
+]
+
+
 @torch.inference_mode()
 def bench_decode(args):
     dev = torch.device("cuda")
@@ -790,6 +796,18 @@ def bench_decode(args):
         torch.cuda.synchronize()
         graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
+        ablations = {}                   # the same step with one decode-path feature off, same run
+        for label, mod, switch in DECODE_ABLATIONS:
+            try:
+                setattr(mod, switch, False)
+                model.decode_graphs.clear()
+                model.decode(tokens, pos)
+                ablations[label] = time_ms(model.decode_graphs[B].graph.replay, args.iters)
+            finally:
+                setattr(mod, switch, True)
+        model.decode_graphs.clear()
+        model.decode(tokens, pos)
+        graph = model.decode_graphs[B]
         n = cfg.hc_mult
         h = torch.randn(B, 1, n, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
         f = torch.randn(B, 1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
@@ -808,6 +826,7 @@ def bench_decode(args):
         full_floor_ms = FLASH_LAYERS * floor_layer_ms + floor_tail_ms
         n_k, heavy_us, small_us, top = kernel_profile(graph.graph.replay, args.layers)
         results.append(dict(B=B, eager_ms=eager_ms, graph_ms=graph_ms, tail_ms=tail_ms, layer_ms=layer_ms,
+                            ablations=ablations,
                             floor_layer_ms=floor_layer_ms, layer_mb=sum(layers_b) / args.layers / 1e6,
                             full_ms=full_ms, full_floor_ms=full_floor_ms, touched=statistics.mean(touched),
                             kernels=n_k, heavy_us=heavy_us, small_us=small_us, top=top, tail_floor_ms=floor_tail_ms,
@@ -834,6 +853,11 @@ def bench_decode(args):
               f"{r['layer_ms']:>8.3f} {r['floor_layer_ms']:>8.3f} {100 * r['floor_layer_ms'] / r['layer_ms']:>6.1f} "
               f"{r['layer_mb']:>8.1f} {r['touched']:>7.1f} {r['kernels'] / args.layers:>8.0f} {r['full_ms']:>7.2f} "
               f"{r['full_floor_ms']:>9.2f} {1e3 * r['B'] / r['full_ms']:>7.1f} {1e3 * r['B'] / r['full_floor_ms']:>11.1f}")
+    for r in results:
+        for label, ms in r["ablations"].items():
+            layer_ms = (ms - r["tail_ms"]) / args.layers
+            print(f"B={r['B']} same step with {label} (same run): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
+                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor; on saves {ms - r['graph_ms']:.3f} ms/step")
     for r in results:
         if "torch_ms" in r:
             layer_ms = (r["torch_ms"] - r["tail_ms"]) / args.layers

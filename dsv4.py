@@ -204,6 +204,47 @@ def fused(x: torch.Tensor) -> bool:
     return FUSED_KERNELS and x.is_cuda and x.dtype == torch.bfloat16 and kernels.fused_unavailable_reason(x) is None
 
 
+# Parallel branches of a decode step: work that does not feed the next few kernels (the compressors, the shared
+# expert) runs on a second stream, so its latency-bound launches overlap the main chain's instead of adding to it;
+# a captured CUDA graph keeps them as parallel branches. NANO_DSV4_BRANCHES=0: one stream.
+DECODE_BRANCHES = os.environ.get("NANO_DSV4_BRANCHES", "1") != "0"
+BRANCH_MAX_ROWS = 16                  # decode-sized activations only (prefill kernels fill the GPU on their own)
+_SIDE_STREAMS: dict = {}
+
+
+class Branch:
+    """`with Branch(x) as side: ...` runs the block's kernels on a side stream (one per lane: branches on different
+    lanes join independently), after everything queued so far on the current stream; side.join() makes the current
+    stream wait for them before their results are used. Tensors the block reads must stay referenced until the join
+    (the allocator only sees them on the main stream). Inline (no second stream) where off: CPU, torch path, more
+    than BRANCH_MAX_ROWS rows, on=False."""
+
+    def __init__(self, x: torch.Tensor, on: bool = True, lane: int = 0):
+        self.on = on and DECODE_BRANCHES and fused(x) and x.shape[:-1].numel() <= BRANCH_MAX_ROWS
+        self.device, self.lane = x.device, lane
+
+    def __enter__(self) -> "Branch":
+        if self.on:
+            self.main = torch.cuda.current_stream(self.device)
+            side = _SIDE_STREAMS.get((self.device, self.lane))
+            if side is None:
+                side = _SIDE_STREAMS[(self.device, self.lane)] = torch.cuda.Stream(self.device)
+            side.wait_stream(self.main)
+            self.side, self.ctx = side, torch.cuda.stream(side)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.ctx.__exit__(*exc)
+            self.done = torch.cuda.Event()
+            self.done.record(self.side)
+
+    def join(self):
+        if self.on:
+            self.main.wait_event(self.done)
+
+
 def fp8_wo_a(device, dtype) -> bool:
     """Hold attention's wo_a as stored (FP8 + 128x128 block scales) instead of the reference's dequantized bf16 copy:
     where decode runs it through the grouped W8A16 kernel (kernels.fp8_gemv_grouped: sm_90 + CuTe DSL, bf16 model,
@@ -656,16 +697,18 @@ class Indexer(nn.Module):
             return torch.empty(B, S, 0, dtype=torch.long, device=x.device)
         return self._top_blocks(x, q, self.compressor.kv_cache[:B, :T], pos)
 
-    def decode(self, x, iq, pos: torch.Tensor, angles: torch.Tensor, ag=None) -> torch.Tensor:
-        """forward for one token per sequence at position pos (int64 tensor [1]), static shapes and no host sync: it
-        scores the whole preallocated cache, whose entries past the completed blocks are masked like future ones."""
+    def decode(self, x, iq, pos: torch.Tensor, angles: torch.Tensor, head_w=None) -> torch.Tensor:
+        """forward for one token per sequence at position pos (int64 tensor [1]), static shapes and no host sync,
+        after the caller has put the token into the compressor (compressor.decode; Attention.decode runs it on a
+        parallel branch, with head_w = weights_proj(x)). Scores the whole preallocated cache, whose entries past the
+        completed blocks are masked like future ones."""
         q = self._query(iq, angles, pos)
-        self.compressor.decode(x, pos, angles, self.hadamard, ag)
         K = self.compressor.kv_cache[:x.shape[0]]
         if fused(x):             # the kernel scales the bf16 head weights itself, as _top_blocks does
-            return kernels.indexer_topk_decode(q, K, self.weights_proj(x), pos, self.topk,
+            w = self.weights_proj(x) if head_w is None else head_w
+            return kernels.indexer_topk_decode(q, K, w, pos, self.topk,
                                                weight_scale=self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        return self._top_blocks(x, q, K, pos)
+        return self._top_blocks(x, q, K, pos, head_w)
 
     def _query(self, iq: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """iq = wq_b(qr) [B,S,h*d] at positions pos [S] (RoPE table angles) -> FP4-simulated queries [B,S,h,d]."""
@@ -677,11 +720,11 @@ class Indexer(nn.Module):
             q = fp4_quant((q.float() @ self.hadamard).to(q.dtype), 32)
         return q
 
-    def _top_blocks(self, x, q, K: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Queries q at positions pos [S] vs compressed keys K [B,T,d] -> [B,S,min(topk,T)] block ids, -1 where a
-        pick is not a block completed by that query."""
+    def _top_blocks(self, x, q, K: torch.Tensor, pos: torch.Tensor, head_w=None) -> torch.Tensor:
+        """Queries q at positions pos [S] vs compressed keys K [B,T,d] (head_w: weights_proj(x) if made already) ->
+        [B,S,min(topk,T)] block ids, -1 where a pick is not a block completed by that query."""
         T = K.shape[1]
-        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        w = (self.weights_proj(x) if head_w is None else head_w).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         # fp64 q·k: with the FP4 sim the products are exact, so equal blocks tie exactly in every chunking
         score = (torch.einsum("bshd,btd->bsht", q.double(), K.double()).float().relu() * w[..., None]).sum(2)
         visible = (pos + 1) // 4                                       # [S] blocks completed by each query
@@ -804,16 +847,17 @@ class Attention(nn.Module):
         slot first, so the window is the ring alone; the compressed keys are the whole preallocated cache, masked to
         the completed blocks (HCA) or picked by the indexer (CSA)."""
         B, W = x.shape[0], self.window
+        with Branch(x) as side:                                      # the compressors read x alone: they overlap
+            head_w = self._compress_decode(x, pos, angles)           # the q / kv path
         iq, q, kv = self._qkv(x, angles, pos, ring=self.kv_window[:B])
         if kv is not None:                                           # (else the kv kernel wrote it into the ring)
             self.kv_window[:B].index_copy_(1, pos % W, kv)
+        side.join()                                                  # new blocks land before anything reads them
         comp_kv, comp_idx = None, None
-        if self.compressor is not None:                              # new blocks land before anything reads them
-            ag, iag = self._compressor_inputs(x)
-            self.compressor.decode(x, pos, angles, None, ag)
+        if self.compressor is not None:
             comp_kv = self.compressor.kv_cache[:B]
             if self.indexer is not None:
-                comp_idx = self.indexer.decode(x, iq, pos, angles, iag)
+                comp_idx = self.indexer.decode(x, iq, pos, angles, head_w)
         if fused(q):
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
                                                 self.head_dim ** -0.5, max(self.ratio, 1))
@@ -822,6 +866,18 @@ class Attention(nn.Module):
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
                              self.head_dim ** -0.5, W, max(self.ratio, 1))
         return self._out(o, angles, pos)
+
+    def _compress_decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor):
+        """Decode: the token into the compressor(s) (cache entries of the blocks it completes) -> the indexer's
+        head weights weights_proj(x) (CSA), else None."""
+        if self.compressor is None:
+            return None
+        ag, iag = self._compressor_inputs(x)
+        self.compressor.decode(x, pos, angles, None, ag)
+        if self.indexer is None:
+            return None
+        self.indexer.compressor.decode(x, pos, angles, self.indexer.hadamard, iag)
+        return self.indexer.weights_proj(x)
 
     def _compressor_inputs(self, x: torch.Tensor):
         """CSA: ((a, g) of the attention's compressor, (a, g) of the indexer's) from one GEMM; else (None, None):
@@ -837,13 +893,18 @@ class Attention(nn.Module):
         roped, no-rope dims FP8-simulated). ring (decode): the window ring [B,W,hd]; the fused path writes kv into its
         slot there and returns kv None."""
         qa, kv = self.wq_a_wkv(x)
+        eps, one = self.cfg.rms_norm_eps, fused(x) and pos.numel() == 1   # one position: norms + RoPE + FP8 sim fused
+        if one:
+            with Branch(x, lane=1) as side:                        # the kv row feeds the attention alone: it
+                kv_row = kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim,
+                                                          ring=ring)   # overlaps the q path (kv: read until join)
         qr = self.q_norm(qa)                                       # [B,S,q_lora]
         q, iq = self.wq_b_iq(qr) if self.wq_b_iq is not None else (self.wq_b(qr), None)
         q = q.unflatten(-1, (self.n_heads, self.head_dim))
-        if fused(x) and pos.numel() == 1:                          # one position: norms + RoPE + FP8 sim fused
-            eps = self.cfg.rms_norm_eps
-            kv = kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim, ring=ring)
-            return iq, kernels.q_norm_rope_fused(q, angles, pos, eps), None if ring is not None else kv
+        if one:
+            q = kernels.q_norm_rope_fused(q, angles, pos, eps)
+            side.join()
+            return iq, q, None if ring is not None else kv_row
         ang = angles[pos]
         q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(x.dtype)
         q = apply_rope(q, ang[:, None])
@@ -985,6 +1046,8 @@ class MoE(nn.Module):
         import kernels
         shape = x.shape
         x = x.flatten(0, 1)
+        with Branch(x, on=self.par.size == 1) as side:             # one rank: the shared expert is independent of
+            s = self.shared_experts(x) if self.par.size == 1 else None   # the routed path, a parallel branch
         ids, w = self.gate(x, tokens.flatten())
         if self.expert_offset:                                     # global -> this rank's expert ids
             ids = ids - self.expert_offset
@@ -993,7 +1056,8 @@ class MoE(nn.Module):
         else:
             y = kernels.moe(x, ids, w, self.experts, self.limit)
         if self.par.size == 1:      # bf16 + bf16 adds in fp32 and rounds once, like (y.float() + s.float()).to(bf16)
-            return (y + self.shared_experts(x)).view(shape)
+            side.join()
+            return (y + s).view(shape)
         y = y.float()                                              # partial sums meet in one fp32 all-reduce
         if self.split_shared:
             y += self.shared_experts(x).float()
@@ -1058,14 +1122,15 @@ class DecodeGraph:
     def capture(self, model: "Transformer") -> torch.Tensor:
         """Run the step at (tokens, pos) eagerly on a side stream (its real result; also every lazy first-use setup:
         probes, kernel compiles, constant tables), then capture it. Capturing records launches without running them,
-        so the cache state advances exactly once. -> the eager step's logits."""
+        so the cache state advances exactly once. Both on one stream: per-stream buffers the kernels set up on first
+        use (kernels.arrival_counters) are then made outside the capture. -> the eager step's logits."""
         stream = torch.cuda.Stream(self.tokens.device)
         stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
         with torch.cuda.stream(stream):
             logits = model.logits(self.tokens, self.pos)
         torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=stream):
             self.logits = model.logits(self.tokens, self.pos)
         return logits
 

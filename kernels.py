@@ -1105,6 +1105,20 @@ def _load_or_compile(config: tuple, build):
     return fn
 
 
+_ARRIVALS: dict = {}
+
+
+def arrival_counters(device, n: int, minimum: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for kernels whose last-arriving CTA finishes split work (it resets its counter,
+    so the buffer is zero again after every launch). One buffer per (device, stream): launches on one stream run in
+    order and can share it; launches on two streams (the parallel branches of a decode step) may overlap."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _ARRIVALS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _ARRIVALS[key] = torch.zeros(max(n, minimum), dtype=torch.int32, device=device)
+    return buf
+
+
 def _compile_routing(num_experts: int, top_k: int, tile_n: int):
     def build():
         r, n_tab = cute.sym_int(), cute.sym_int()
@@ -1202,12 +1216,8 @@ def pick_k_splits(num_rows: int, num_experts: int, m_tiles: int, k_tiles: int, n
 
 def _split_counters(device, n: int) -> torch.Tensor:
     """Zeroed per-tile arrival counters for split-K (the last CTA of a tile resets its counter, so the buffer stays
-    zero between launches). Shared by all split-K launches on a device: launches must not run concurrently."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    zero between launches); one buffer per stream (arrival_counters)."""
+    return arrival_counters(device, n, 1 << 16)
 
 
 def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms: int):
@@ -2086,12 +2096,8 @@ _SM90: dict = {}
 
 def _row_counters(device, n: int) -> torch.Tensor:
     """Zeroed per-row-group arrival counters for split-K (the last CTA resets its counter, so the buffer stays zero
-    between launches). One buffer per device for all fp8_gemv launches: they must not run concurrently."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    between launches); one buffer per stream (arrival_counters)."""
+    return arrival_counters(device, n, 1 << 12)
 
 
 def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -3448,6 +3454,16 @@ QUANT_BLOCK_INDEX = 32     # fp4_quant block of the indexer queries
 DIV_BY_RECIPROCAL = True
 HADAMARD_MODE = "fma_chain"   # "fma_chain": sum_j fma(x_j, h_jk, acc) in j order; "fwht": butterfly, then * h
 POISON = False                # tests: NaN-fill outputs before the kernel so an unwritten element shows up
+GLUE_PDL = True               # the decode glue kernels below (norms, RoPE, compressor, attention, indexer, router)
+                              # launch as programmatic dependents: their launch overlaps the previous kernel's drain
+
+
+def _pdl_enter():
+    """First statement of a glue kernel launched with GLUE_PDL: wait until the previous kernel has finished (its
+    results visible), then let the next kernel start its prologue (its own wait covers this kernel's results)."""
+    if GLUE_PDL:
+        cute.arch.griddepcontrol_wait()
+        cute.arch.griddepcontrol_launch_dependents()
 
 
 
@@ -3781,11 +3797,12 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             self.kernel(mX, mW, mOut).launch(grid=[cute.size(mX, mode=[0]), 1, 1], block=[self.threads, 1, 1],
-                                             stream=stream)
+                                             stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
             tidx, _, _ = cute.arch.thread_idx()
+            _pdl_enter()
             row, _, _ = cute.arch.block_idx()
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
@@ -3867,7 +3884,7 @@ if HAVE_CUTE:
 
         def launch(self, args, rows, stream):
             self.kernel(*args).launch(grid=[cute.ceil_div(rows, self.warps), 1, 1], block=[32 * self.warps, 1, 1],
-                                      stream=stream)
+                                      stream=stream, use_pdl=GLUE_PDL)
 
         @cute.jit
         def load_row(self, mX, row, lane):
@@ -3982,6 +3999,7 @@ if HAVE_CUTE:
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             bidx, _, _ = cute.arch.block_idx()
             lane = tidx % 32
@@ -4019,6 +4037,7 @@ if HAVE_CUTE:
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             bidx, _, _ = cute.arch.block_idx()
             lane = tidx % 32
@@ -4064,6 +4083,7 @@ if HAVE_CUTE:
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             bidx, _, _ = cute.arch.block_idx()
             lane = tidx % 32
@@ -4135,10 +4155,11 @@ if HAVE_CUTE:
         def __call__(self, mX: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, stream):
             work = cute.size(mX, mode=[0]) * self.chunks
             self.kernel(mX, mAng, mPos).launch(grid=[cute.ceil_div(work, self.threads), 1, 1],
-                                               block=[self.threads, 1, 1], stream=stream)
+                                               block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             bidx, _, _ = cute.arch.block_idx()
             t = bidx * self.threads + tidx
@@ -4181,7 +4202,7 @@ def _compile_rms_norm(dim: int, eps: float, layout=None):
         rows = cute.sym_int()
         w = cute.runtime.make_fake_compact_tensor(Float32, (dim,), assumed_align=16)
         return RmsNorm(dim, eps, layout), (_bf16_rows(rows, dim), w, _bf16_rows(rows, dim), _stream())
-    return _load_or_compile(("glue_rms", dim, _f32(eps), layout), build)
+    return _load_or_compile(("glue_rms", GLUE_PDL, dim, _f32(eps), layout), build)
 
 
 def _compile_q_norm_rope(head_dim: int, rope_dim: int, eps: float, indexed: bool, layout=None):
@@ -4189,7 +4210,7 @@ def _compile_q_norm_rope(head_dim: int, rope_dim: int, eps: float, indexed: bool
         rows = cute.sym_int()
         return QNormRope(head_dim, rope_dim, eps, indexed, layout), (
             _bf16_rows(rows, head_dim), *_angle_args(rope_dim // 2), _bf16_rows(rows, head_dim), _stream())
-    return _load_or_compile(("glue_qrope", head_dim, rope_dim, _f32(eps), indexed, layout), build)
+    return _load_or_compile(("glue_qrope", GLUE_PDL, head_dim, rope_dim, _f32(eps), indexed, layout), build)
 
 
 def _compile_kv_norm_rope_quant(head_dim: int, rope_dim: int, eps: float, quant_sim: bool, indexed: bool,
@@ -4202,7 +4223,7 @@ def _compile_kv_norm_rope_quant(head_dim: int, rope_dim: int, eps: float, quant_
         out = _bf16_rows(cute.sym_int() if ring else rows, head_dim)
         return KvNormRopeQuant(head_dim, rope_dim, eps, quant_sim, indexed, in_fp32, pos_shift, layout, ring=ring), (
             x, w, *_angle_args(rope_dim // 2), out, _stream())
-    key = ("glue_kv", head_dim, rope_dim, _f32(eps), quant_sim, indexed, in_fp32, pos_shift, layout)
+    key = ("glue_kv", GLUE_PDL, head_dim, rope_dim, _f32(eps), quant_sim, indexed, in_fp32, pos_shift, layout)
     return _load_or_compile(key + (("ring", ring),) if ring else key, build)
 
 
@@ -4215,7 +4236,7 @@ def _compile_index_query(head_dim: int, rope_dim: int, quant_sim: bool, indexed:
              if in_fp32 else _bf16_rows(rows, head_dim))
         return IndexQuery(head_dim, rope_dim, quant_sim, indexed, mode, norm, eps, in_fp32, pos_shift, layout), (
             x, w, *_angle_args(rope_dim // 2), _bf16_rows(rows, head_dim), _stream())
-    return _load_or_compile(("glue_iq", head_dim, rope_dim, quant_sim, indexed, mode, norm, _f32(eps), in_fp32,
+    return _load_or_compile(("glue_iq", GLUE_PDL, head_dim, rope_dim, quant_sim, indexed, mode, norm, _f32(eps), in_fp32,
                                pos_shift, layout), build)
 
 
@@ -4224,7 +4245,7 @@ def _compile_rope(head_dim: int, rope_dim: int, inverse: bool, indexed: bool):
         rows = cute.sym_int()
         return RopeInplace(head_dim, rope_dim, inverse, indexed), (_bf16_rows(rows, head_dim),
                                                                    *_angle_args(rope_dim // 2), _stream())
-    return _load_or_compile(("glue_rope", head_dim, rope_dim, inverse, indexed), build)
+    return _load_or_compile(("glue_rope", GLUE_PDL, head_dim, rope_dim, inverse, indexed), build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4564,12 +4585,13 @@ if HAVE_CUTE:
             B = cute.size(mA, mode=[0])
             cluster = [self.splits, 1, 1] if const_expr(self.splits > 1) else None
             self.kernel(mA, mG, mApe, mKv, mSc, mCache, mPos, mAngles, mNormW, mHad, mDbg).launch(
-                grid=[self.splits, B, 1], block=[self.threads, 1, 1], cluster=cluster, stream=stream)
+                grid=[self.splits, B, 1], block=[self.threads, 1, 1], cluster=cluster, stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mA: cute.Tensor, mG: cute.Tensor, mApe: cute.Tensor, mKv: cute.Tensor, mSc: cute.Tensor,
                    mCache: cute.Tensor, mPos: cute.Tensor, mAngles: cute.Tensor, mNormW: cute.Tensor,
                    mHad: cute.Tensor, mDbg: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             split, b, _ = cute.arch.block_idx()
             r, d, dc, T = self.r, self.d, self.dc, self.threads
@@ -4793,7 +4815,7 @@ def pick_layout(ratio: int, dim: int, overlap: bool) -> tuple[int, int]:
 def _compile_compressor(ratio, dim, overlap, rotate, quant_sim, rope_dim, eps, debug=False, order=None):
     splits, groups = pick_layout(ratio, dim, overlap)
     order = order or ORDER
-    config = ("compressor", ratio, dim, overlap, rotate, quant_sim, rope_dim, float(eps), splits, groups,
+    config = ("compressor", GLUE_PDL, ratio, dim, overlap, rotate, quant_sim, rope_dim, float(eps), splits, groups,
               debug, order)
 
     def build():
@@ -5124,12 +5146,13 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mPartO, mPartML, mCount, scale, ratio).launch(
-                grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1], stream=stream)
+                grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                    mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mPartO: cute.Tensor,
                    mPartML: cute.Tensor, mCount: cute.Tensor, scale: Float32, ratio: Int32):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             split, grp, b = cute.arch.block_idx()
             _, n_grp, _ = cute.arch.grid_dim()
@@ -5375,11 +5398,12 @@ if HAVE_CUTE:
             self.shared_storage = SharedStorage
             self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, scale, ratio).launch(
                 grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1],
-                cluster=[self.splits, 1, 1], stream=stream)
+                cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                    mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, scale: Float32, ratio: Int32):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             split, grp, b = cute.arch.block_idx()
             warp = tidx // 32
@@ -5608,11 +5632,12 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             self.kernel(mQ, mK, mW, mPos, mOut, ratio, w_scale).launch(
-                grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream)
+                grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor,
                    ratio: Int32, w_scale: Float32):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             blk, b, _ = cute.arch.block_idx()
             warp = tidx // 32
@@ -5727,10 +5752,11 @@ if HAVE_CUTE:
                 ctrl: cute.struct.MemRange[Int64, 4]
 
             self.shared_storage = SharedStorage
-            self.kernel(mKeys, mOut).launch(grid=[B, 1, 1], block=[self.threads, 1, 1], stream=stream)
+            self.kernel(mKeys, mOut).launch(grid=[B, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mKeys: cute.Tensor, mOut: cute.Tensor):
+            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             b, _, _ = cute.arch.block_idx()
             warp = tidx // 32
@@ -5869,7 +5895,7 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             self.kernel(mX, mWt, mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale).launch(
-                grid=[self.E // 4, 1, 1], block=[self.threads, 1, 1], stream=stream)
+                grid=[self.E // 4, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mWt: cute.Tensor, mBias: cute.Tensor, mTid2Eid: cute.Tensor,
@@ -5891,6 +5917,7 @@ if HAVE_CUTE:
             wvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for i in cutlass.range_constexpr(self.D // 256):
                 cute.autovec_copy(cute.local_tile(mWt, (1, 8), (e, lane + 32 * i)), wvs[i])
+            _pdl_enter()                 # the weight row is loading; x comes from the previous kernel
             xvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for n in cutlass.range(N, unroll=1):
                 v = Float32(0.0)
@@ -5985,7 +6012,7 @@ def _compile_attention(head_dim: int, mode: str, splits: int, chunk: int = ATTN_
                 cute.runtime.make_fake_compact_tensor(Int32, (n,), assumed_align=4),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecode(head_dim, mode, splits, chunk), args
-    return _load_or_compile(("sattn", head_dim, mode, splits, chunk), build)
+    return _load_or_compile(("sattn", GLUE_PDL, head_dim, mode, splits, chunk), build)
 
 
 def attention_cluster_plan(window: int, n_comp: int, chunk: int = ATTN_CHUNK):
@@ -6009,7 +6036,7 @@ def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per
                                                       assumed_align=16),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecodeCluster(head_dim, mode, splits, chunks_per_cta), args
-    return _load_or_compile(("sattnc", head_dim, mode, splits, chunks_per_cta), build)
+    return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
@@ -6025,7 +6052,7 @@ def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf
                 cute.runtime.make_fake_compact_tensor(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
                 Int32(4), Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return IndexerScores(n_heads, head_dim, chunk, w_bf16), args
-    return _load_or_compile(("sidx", n_heads, head_dim, chunk) + (("w_bf16",) if w_bf16 else ()), build)
+    return _load_or_compile(("sidx", GLUE_PDL, n_heads, head_dim, chunk) + (("w_bf16",) if w_bf16 else ()), build)
 
 
 def _compile_topk(keys_per_thread: int):
@@ -6035,7 +6062,7 @@ def _compile_topk(keys_per_thread: int):
                 cute.runtime.make_fake_compact_tensor(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return TopKSelect(keys_per_thread), args
-    return _load_or_compile(("stopk", keys_per_thread), build)
+    return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread), build)
 
 
 def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int):
@@ -6053,7 +6080,7 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens), args
-    return _load_or_compile(("sgate", n_experts, dim, top_k, hash_routing, max_tokens), build)
+    return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens), build)
 
 
 _COUNTERS: dict = {}
@@ -6061,12 +6088,8 @@ _COUNTERS: dict = {}
 
 def _attention_counters(device, n: int) -> torch.Tensor:
     """Zeroed per-(sequence, head group) arrival counters; the combining CTA resets its own, so the buffer stays zero
-    between launches (launches on one device must not run concurrently)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    between launches; one buffer per stream (arrival_counters)."""
+    return arrival_counters(device, n, 1024)
 
 
 def _gpu_ok(*tensors) -> str | None:

@@ -2302,6 +2302,42 @@ def test_gpu_greedy_generation_matches_cpu_for_32_steps(gpu_checkpoints):
     assert greedy("cuda") == greedy("cpu")
 
 
+def test_decode_branches_run_inline_without_a_gpu():
+    """Branch (the decode step's parallel branches) is off for CPU tensors: the block runs in place, join is a no-op."""
+    x = torch.randn(1, 1, 8, dtype=torch.bfloat16)
+    with dsv4.Branch(x) as side:
+        y = x * 2
+    side.join()
+    assert not side.on and torch.equal(y, x * 2)
+
+
+@gpu
+def test_gpu_decode_branches_run_on_a_second_stream_with_their_own_counters():
+    x = torch.randn(2, 1, 4096, dtype=torch.bfloat16, device="cuda")
+    main = torch.cuda.current_stream()
+    with dsv4.Branch(x) as side:
+        assert torch.cuda.current_stream() != main
+        side_counters = K.arrival_counters(x.device, 8, 8)
+    side.join()
+    assert side.on and torch.cuda.current_stream() == main
+    assert K.arrival_counters(x.device, 8, 8).data_ptr() != side_counters.data_ptr()
+    assert not dsv4.Branch(torch.randn(dsv4.BRANCH_MAX_ROWS + 1, 4096, dtype=torch.bfloat16, device="cuda")).on
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_gpu_decode_branches_give_the_one_stream_logits(gpu_checkpoints, fmt, monkeypatch):
+    """The parallel branches (compressors and shared expert on a second stream) change where kernels run, not what
+    they compute: graph-decode logits equal the one-stream step's bit for bit, every step (batch 2, 20 steps across
+    CSA block ends)."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 150), generator=torch.Generator().manual_seed(3)).cuda()
+    path = gpu_checkpoints[fmt]
+    on = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    monkeypatch.setattr(dsv4, "DECODE_BRANCHES", False)
+    off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
 # ====================================================================================================================
 # FP8 GEMV for decode-sized M (issue #5) — tests
 # ====================================================================================================================
