@@ -2,8 +2,10 @@
 
   python bench.py moe                  the routed MoE at Flash dims: fp4 CuTe DSL kernel vs torch bf16 _grouped_mm,
                                        with the device copy bandwidth and a bf16 matmul as ceilings
-  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-v5 / --ablate-v6:
-                                       kernel knobs; --ablate-gemv: the mma.sync decode GEMV vs the wgmma GEMM)
+  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-gemv: the mma.sync
+                                       decode GEMV vs the wgmma GEMM, and the GEMV's knobs)
+  python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
+                                       clock and power; --ablate-prefill: the prefill switches next to default rows)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
@@ -192,7 +194,6 @@ PREFILL_ABLATIONS = {            # name -> kernels.py switches (rows next to def
     "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
     "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
     "one 128 width": dict(PREFILL_WIDTHS=()),
-    "routing weight in the combine": dict(PREFILL_WEIGHT_IN_COMBINE=True),
 }
 PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the rest at T = 4096 only)
 
@@ -430,62 +431,9 @@ def random_packed_experts(E, D, I, device, seed):
     return ex
 
 
-V6_ABLATIONS = [   # (title, knobs, T values): timed in the same interleaved rounds as the main configuration
-    ("8-row tiles, no pairing (TILE_N_SD=0)", dict(TILE_N_SD=0), (256,)),
-    ("8-row tiles, pairs as a 2nd launch at N=16 (pairsplit)", dict(TILE_N_SD=0, DECODE_PAIR=True, PAIR_SPLIT=True),
-     (256,)),
-    ("8-row tiles, paired at N=16 in one launch", dict(TILE_N_SD=0, DECODE_PAIR=True), (256,)),
-    ("2 warpgroups share the token tile (mshare)", dict(RING_MSHARE=True, RING_REFILL_WARPS=8), (256, 64)),
-    ("diag: no decode (wrong values)", dict(RING_DIAG="nodecode"), (256,)),
-]
-
-
-def bench_v6(Ts, fp4_us, pct, with_knobs, routings, base_us, t_start, floor_us, dev):
-    """--ablate-v6: main (v6 defaults) and v5 (DECODE_RING off) at every T plus the V6_ABLATIONS, measured in
-    `rounds` interleaved rounds (one graph-timed median per configuration and round); the tables show the median of
-    the rounds and the spread (max/min - 1) — within-run drift (clocks, L2 state) moved single timings by up to 15%
-    in R1, so only interleaved medians are compared."""
-    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
-    budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
-    configs = [("main", {}, Ts), ("v5", dict(DECODE_RING=False, TILE_N_SD=0), Ts)] + V6_ABLATIONS
-    got = {(name, T): [] for name, _, Tk in configs for T in Tk}
-    for r in range(rounds):
-        for name, knob, Tk in configs:
-            if r > 0 and time.time() - t_start > budget - 20:
-                break
-            for T in Tk:
-                got[name, T].append(with_knobs(knob, lambda: fp4_us(T)))
-        print(f"(round {r + 1} done at {time.time() - t_start:.0f} s)", flush=True)
-
-    def med(name, T):
-        v = sorted(got[name, T])
-        return v[len(v) // 2], (v[-1] / v[0] - 1) * 100, len(v)
-
-    base = {T: base_us(T) for T in Ts} if time.time() - t_start < budget - 5 else {}
-    print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; "
-          f"medians of interleaved rounds; v5 = the previous default (DECODE_RING off, TILE_N_SD 0), same run")
-    print(f"{'T':>4} {'experts':>7} {'v6 us':>8} {'spread':>6} {'v5 us':>8} {'spread':>6} {'bf16 us':>8} {'%copy':>6} "
-          f"{'v5 %copy':>8} {'floor us':>8}")
-    for T in Ts:
-        m, ms, n = med("main", T)
-        v, vs, _ = med("v5", T)
-        b = f"{base[T]:>8.1f}" if T in base else f"{'-':>8}"
-        print(f"{T:>4} {routings[T][3]:>7} {m:>8.1f} {ms:>5.0f}% {v:>8.1f} {vs:>5.0f}% {b} {pct(T, m):>6.1f} "
-              f"{pct(T, v):>8.1f} {floor_us(T):>8.1f}   (n={n})", flush=True)
-    for name, knob, Tk in V6_ABLATIONS:
-        parts = []
-        for T in Tk:
-            if got[name, T]:
-                a, sp, n = med(name, T)
-                parts.append(f"T={T} {a:.1f} us ({pct(T, a):.0f}%, spread {sp:.0f}%, n={n}; "
-                             f"main {med('main', T)[0]:.1f})")
-        print(f"ablation: {name}: " + ", ".join(parts), flush=True)
-
-
 def bench_moe_decode():
-    """`python bench.py moe --decode-only [--ablate-v5]`: the decode sizes (T 1..256) only, in well under a minute:
-    random records instead of repacked experts; baseline (torch bf16 _grouped_mm) and copy bandwidth in the same run;
-    --ablate-v5 also times the v4 kernel (one CTA per work item, one scale per prmt) and single v5 knobs."""
+    """`python bench.py moe --decode-only [--ablate-gemv]`: the decode sizes (T 1..256) only, in well under a minute:
+    random records instead of repacked experts; baseline (torch bf16 _grouped_mm) and copy bandwidth in the same run."""
     t_start = float(os.environ.get("MOEDEC_T0", time.time()))       # the GPU check passes its own start time
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
@@ -501,12 +449,6 @@ def bench_moe_decode():
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
     Ts = (1, 4, 16, 64, 256)
-    if os.environ.get("DECSTAGE_RING_OFF"):           # the GPU check's fallback if the v6 smoke test hung/failed
-        K.DECODE_RING = False
-        print("DECSTAGE_RING_OFF: timing the v5 loop only", flush=True)
-    if os.environ.get("MOEDEC_V4_ONLY"):              # the GPU check's fallback if the v5 tests failed
-        K.DECODE_PERSISTENT = K.SCALE_PAIRS = False
-        print("MOEDEC_V4_ONLY: timing the v4 kernel", flush=True)
     routings = {}
     for T in Ts:                                      # one routing per T, shared by every variant below
         g = torch.Generator(device="cuda").manual_seed(T)
@@ -537,79 +479,17 @@ def bench_moe_decode():
                 setattr(K, name, v)
 
     print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
-    if "--ablate-v6" in sys.argv:
-        bench_v6(Ts, fp4_us, pct, with_knobs, routings, base_us=lambda T: bf16_us(T), t_start=t_start,
-                 floor_us=lambda T: routings[T][3] * bytes_per_expert / (copy_bw * 1e12) * 1e6, dev=dev)
-        return
     if "--ablate-gemv" in sys.argv:
         gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4)
         return
     main = {T: fp4_us(T) for T in Ts}
-    prev = dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0)
-    v4 = with_knobs(prev, lambda: {T: fp4_us(T) for T in Ts})
     base = {T: bf16_us(T) for T in Ts}
-    print(f"\nMoE decode, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4), CUDA-graph replays, {dev}; "
-          f"v4 = the previous kernel, same run")
-    print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'v4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} "
-          f"{'v4 %copy':>8} {'floor us':>8}")
+    print(f"\nMoE decode, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4), CUDA-graph replays, {dev}")
+    print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} {'floor us':>8}")
     for T in Ts:
         hit = routings[T][3]
-        print(f"{T:>4} {hit:>7} {main[T]:>8.1f} {v4[T]:>8.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} "
-              f"{pct(T, main[T]):>6.1f} {pct(T, v4[T]):>8.1f} {hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}",
-              flush=True)
-    if "--ablate-v5" not in sys.argv:
-        return
-    budget = float(os.environ.get("BENCH_BUDGET_S", "60"))
-    knobs = [("routing without the fused x gather (index_select)", dict(GATHER_MAX_ROWS=0)),
-             ("one scale per prmt (v4 decode)", dict(SCALE_PAIRS=False)),
-             ("persistent Fp4DecodeGemm, >= 16 k-tiles per item, 1 warpgroup",
-              dict(DECODE_PERSISTENT=True, DECODE_MIN_K_TILES=16, DECODE_WGS=1))]
-
-    def profile(T):                                   # device time per kernel, PDL off (no overlap), 10 calls
-        from torch.profiler import profile as torch_profile, ProfilerActivity
-        x, ids, w, _ = routings[T]
-        for _ in range(3):
-            K.moe_fp4(x, ids, w, fp4[0], limit)
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for i in range(10):
-                K.moe_fp4(x, ids, w, fp4[i % n_copies], limit)
-            torch.cuda.synchronize()
-        dt = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)   # noqa: E731
-        rows = [(e.key, e.count, dt(e) / e.count) for e in prof.key_averages() if dt(e) > 0]
-        print(f"profile T={T} (PDL off, us per call): " + "; ".join(
-            f"{name[:40]} x{cnt // 10} {t:.1f}" for name, cnt, t in sorted(rows, key=lambda r: -r[2] * r[1])),
-            flush=True)
-
-    knobs.insert(2, ("profile", None))
-    for title, knob in knobs:
-        if time.time() - t_start > budget:
-            print(f"(time budget spent: skipped '{title}' and the rest)")
-            break
-        if knob is None:
-            try:
-                with_knobs(dict(USE_PDL=False), lambda: [profile(T) for T in (1, 64)])
-            except Exception as e:      # noqa: BLE001 - a diagnostic only
-                print(f"profile failed: {e!r}", flush=True)
-            continue
-        us = with_knobs(knob, lambda: {T: fp4_us(T) for T in Ts})
-        print(f"ablation: {title}: " + ", ".join(f"T={T} {us[T]:.1f} us ({pct(T, us[T]):.0f}%, main {main[T]:.1f})"
-                                                  for T in Ts), flush=True)
-    for T in (1024, 4096):                            # prefill sizes keep the one-CTA-per-item kernel: pairs on/off
-        if time.time() - t_start > budget:
-            break
-        g = torch.Generator(device="cuda").manual_seed(T)
-        ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
-        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        w = torch.full((T, k), 1.0 / k, device="cuda")
-        us = {}
-        for pairs in (True, False):
-            K.SCALE_PAIRS = pairs
-            us[pairs] = _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], 10, False) / n_copies * 1e3
-        K.SCALE_PAIRS = True
-        print(f"prefill T={T}: scale pairs on {us[True]:.1f} us, off (v4) {us[False]:.1f} us "
-              f"({2 * T * k * 3 * D * I / (us[True] * 1e-6) / 1e12:.0f} vs "
-              f"{2 * T * k * 3 * D * I / (us[False] * 1e-6) / 1e12:.0f} TFLOP/s)", flush=True)
+        print(f"{T:>4} {hit:>7} {main[T]:>8.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} {pct(T, main[T]):>6.1f} "
+              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
 
 
 MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set at a time, timed at T=1 and T=4

@@ -551,14 +551,6 @@ if HAVE_CUTE:
         return Int32(_llvm.inline_asm(_T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
                                       has_side_effects=False, loc=loc, ip=ip))
 
-    @dsl_user_op
-    def mbar_wait_spin(mbar_addr: Int32, phase: Int32, *, loc=None, ip=None):
-        """Wait for the mbarrier phase with parity `phase` to complete: a try_wait loop without a suspend-time hint
-        (ptxas emits TRYWAIT + branch instead of TRYWAIT + NANOSLEEP + PHASECHK + branch)."""
-        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(phase).ir_value(loc=loc, ip=ip)],
-                         "{\n.reg .pred p;\nLAB_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [$0], $1;\n"
-                         "@!p bra LAB_WAIT;\n}", "r,r", has_side_effects=True, loc=loc, ip=ip)
-
     class Fp4GroupedGemm:
         """One grouped GEMM over experts: out[rows of expert e, cols] = B[rows] · W_e^T (W_e fp4, decoded to bf16).
 
@@ -567,16 +559,8 @@ if HAVE_CUTE:
         """
 
         def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
-                     smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False,
-                     wait_first: bool = False, ring: tuple = (), pair: bool = False):
+                     smem_budget: int = 72 * 1024, pdl: bool = False, wait_first: bool = False, ring: tuple = ()):
             self.fmt, self.tile_n, self.k_dim, self.n_out, self.swiglu = fmt, tile_n, k_dim, n_out, swiglu
-            # pair (ring only): the table has tile_n-row tiles, but a CTA takes an expert's tiles 2i and 2i+1
-            # together (wgmma N = 2 tile_n; one token-tile TMA when the expert has no tile 2i+1), so weights that
-            # serve more than tile_n rows are read and decoded once; the CTA of tile 2i+1 exits at once
-            self.pair = pair
-            self.mma_n = 2 * tile_n if pair else tile_n
-            self.pair8 = False                 # ring opt "pair8": pair with two N = tile_n wgmma sets (2nd only if
-            self.boxes = 2 if pair else 1      # the CTA has tile 2i+1) instead of one N = 2 tile_n set
             self.wait_first = wait_first   # PDL: the tile table comes from the kernel right before (fused gather)
             self.k_splits = k_splits
             self.pdl = pdl          # programmatic dependent launch: weights prefetched before the previous kernel ends
@@ -584,65 +568,35 @@ if HAVE_CUTE:
             self.k_tiles = k_dim // TILE_K // k_splits           # k-tiles per CTA (one K slice)
             self.m_tiles = (2 * n_out if swiglu else n_out) // TILE_M
             self.rec_rows = record_bytes(fmt) // REC_ROW
-            stage_bytes = record_bytes(fmt) + self.boxes * tile_n * TILE_K * 2
+            stage_bytes = record_bytes(fmt) + tile_n * TILE_K * 2
             self.stages = max(3, min(10, self.k_tiles, smem_budget // stage_bytes))
             self.threads = 128
-            self.wgs = 1                       # consumer warpgroups per CTA (Fp4DecodeGemm may use 2: one per atom)
-            self.scale_pairs = scale_pairs     # one prmt + mad per two k16 blocks' block scales (fewer instructions)
-            # ring = (stages, refill warps, min CTAs per SM, diag): the main loop unrolled over the stage ring (static
-            # smem addresses and barrier indices), no empty barriers (a stage is free once this warp's wait_group(1)
-            # shows its wgmma done: that wgmma needed every warp's decoded fragment), refills spread over the warps.
-            # opts: "evict" (weight TMAs evict-first in L2) and diag (timing only, wrong results): "nodecode" feeds
-            # the raw code words to the wgmma, "notokens" loads the token tiles of the first stages only.
+            # ring = (stages, refill warps): the main loop unrolled over the stage ring (static smem addresses and
+            # barrier indices), no empty barriers (a stage is free once this warp's wait_group(1) shows its wgmma
+            # done: that wgmma needed every warp's decoded fragment), refills spread over the warps.
             self.ring = tuple(ring)
-            self.diag = ""
-            self.min_ctas_per_sm = 0
-            self.evict_w = False               # ring: weight TMAs with an L2 evict-first policy (read once)
-            self.spin = False
-            self.part = ""
-            self.wrec = 1                      # weight records per stage (ring "mshare": 2, one per warpgroup)
             if self.ring:
-                stages, self.refill_warps, self.min_ctas_per_sm, opts = self.ring
-                self.evict_w = "evict" in opts.split()
-                self.spin = "spin" in opts.split()     # full-barrier waits without the suspend-time hint
-                # pairsplit halves (see _compile_gemm): "single" runs the tiles without a partner (N = tile_n),
-                # "pairs" (with pair=True) only the pairs: each pays the N = 2 tile_n wgmma only where it pairs
-                self.part = next((o for o in opts.split() if o in ("single", "pairs")), "")
-                if "pair8" in opts.split():
-                    assert k_splits == 1, "pair8: no split-K"
-                    self.pair, self.pair8, self.mma_n, self.boxes = True, True, tile_n, 2
-                if "mshare" in opts.split():
-                    # two warpgroups, each its own 128-row tile (bid_m*2 + wg) of the same expert, one token tile
-                    # per stage for both: half the token bytes per weight byte; a stage is free once both
-                    # warpgroups' wgmmas are done, so this mode has empty barriers again (one arrive per warp)
-                    assert k_splits == 1 and self.m_tiles % 2 == 0, "mshare: no split-K, an even row-tile count"
-                    self.wrec = 2
-                    self.threads = 256
-                    stage_bytes = 2 * record_bytes(fmt) + self.mma_n * TILE_K * 2
-                self.diag = " ".join(o for o in opts.split()
-                                     if o not in ("evict", "mshare", "spin", "pair8", "single", "pairs"))
+                stages, self.refill_warps = self.ring
                 while self.k_tiles % stages or stages % 2:         # a whole number of rings, even (frag buffers)
                     stages -= 1
                 assert stages >= 2, "the ring main loop needs an even number of k-tiles per K slice"
                 self.stages = stages
-            assert not self.pair or self.ring, "pair needs the ring main loop"
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
                      mPartial: cute.Tensor, mCount: cute.Tensor, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
-                BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (self.wgs, 1, 1),
-                tiler_mn=(64, self.mma_n), a_source=warpgroup.OperandSource.RMEM)
-            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages * self.wrec))
+                BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
+                tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
+            w_smem_layout = cute.make_layout((REC_ROW, self.rec_rows, self.stages))
             b_smem_layout = sm90_utils.make_smem_layout_b(
-                LayoutEnum.ROW_MAJOR, (TILE_M, self.mma_n, TILE_K), BFloat16, self.stages * (self.boxes if
-                                                                                              self.pair8 else 1))
+                LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16, self.stages)
             tma_w, tma_mW = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), mW, cute.slice_(w_smem_layout, (None, None, 0)),
                 (REC_ROW, self.rec_rows))
             tma_b, tma_mB = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(self.b_tma_layout(), (None, None, 0)),
+                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(b_smem_layout, (None, None, 0)),
                 (self.tile_n, TILE_K))
 
             @cute.struct
@@ -652,47 +606,22 @@ if HAVE_CUTE:
                 sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_smem_layout)], 1024]
                 arrived: cute.struct.MemRange[Int32, 4]
 
-            @cute.struct
-            class SharedStorageXchg:           # 2 warpgroups: + the up half of the accumulator for the SwiGLU
-                bars: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
-                sW: cute.struct.Align[cute.struct.MemRange[Uint8, cute.cosize(w_smem_layout)], 1024]
-                sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_smem_layout)], 1024]
-                arrived: cute.struct.MemRange[Int32, 4]
-                xchg: cute.struct.MemRange[Float32, 64 * self.tile_n]
-
-            self.shared_storage = SharedStorage if const_expr(self.wgs == 1) else SharedStorageXchg
+            self.shared_storage = SharedStorage
             num_tiles = cute.size(mTiles, mode=[0])
+            # one CTA per (token tile, row tile, K slice)
             self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit,
                         mPartial, mCount, w_smem_layout, b_smem_layout).launch(
-                grid=self.launch_grid(num_tiles), block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl,
-                **self.launch_options())
-
-        def launch_grid(self, num_tiles):
-            # one CTA per (token tile, row tile (mshare: pair of row tiles), K slice)
-            return [num_tiles, self.m_tiles // self.wrec, self.k_splits]
-
-        def b_tma_layout(self):
-            """Token-tile smem as the TMA writes it: tile_n-row boxes; pair: 2 per stage (same bytes and swizzle as
-            the 2 tile_n-row stage the wgmma reads: the 128B swizzle repeats every 8 rows)."""
-            return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n, TILE_K), BFloat16,
-                                                 self.stages * self.boxes)
-
-        def launch_options(self):
-            if self.min_ctas_per_sm:       # ptxas fits the registers to this many resident CTAs per SM
-                return dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=100)
-            return {}
+                grid=[num_tiles, self.m_tiles, self.k_splits], block=[self.threads, 1, 1], stream=stream,
+                use_pdl=self.pdl)
 
         @cute.kernel
         def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
                    mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
                    mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor,
                    mCount: cute.Tensor, w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
-            tidx_cta, _, _ = cute.arch.thread_idx()
-            bid_t, bid_pm, bid_k = cute.arch.block_idx()
+            tidx, _, _ = cute.arch.thread_idx()
+            bid_t, bid_m, bid_k = cute.arch.block_idx()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-            wg = warp_idx // 4                 # mshare: this warpgroup's row tile is bid_pm * 2 + wg
-            tidx = tidx_cta % 128              # thread in its warpgroup
-            bid_m = bid_pm * self.wrec + wg
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once every CTA of this one has started (it waits for our end
                 # before touching what we write); the tile table and the weights were ready before this kernel
@@ -705,19 +634,6 @@ if HAVE_CUTE:
             expert = mTiles[bid_t, 0]
             row0 = mTiles[bid_t, 1]
             nrows = mTiles[bid_t, 2]
-            rows_hi = Int32(0)                 # pair: rows of the expert's next tile, taken by this CTA
-            if const_expr(self.pair):
-                rows_hi = self.pair_rows(mTiles, bid_t, expert, nrows)
-                if rows_hi < 0:                # this is tile 2i+1 of its expert: the CTA of tile 2i does it
-                    nrows = Int32(0)
-                else:
-                    nrows = nrows + rows_hi
-                if const_expr(self.part == "pairs"):
-                    if rows_hi <= 0:           # a tile without a partner: the "single" kernel does it
-                        nrows = Int32(0)
-            if const_expr(self.part == "single"):
-                if self.pair_rows(mTiles, bid_t, expert, nrows) != 0:     # part of a pair: the "pairs" kernel
-                    nrows = Int32(0)
             if nrows > 0:
                 if warp_idx == 0:
                     cpasync.prefetch_descriptor(tma_w)
@@ -732,10 +648,6 @@ if HAVE_CUTE:
                     tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
                 sW = storage.sW.get_tensor(w_smem_layout)
                 sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-                sBt = sB                                       # the token tiles as the TMA writes them
-                if const_expr(self.pair):
-                    b_tma = self.b_tma_layout()
-                    sBt = storage.sB.get_tensor(b_tma.outer, swizzle=b_tma.inner)
 
                 # TMA views: weight records of this (expert, m-tile), token rows row0.. of the sorted activations
                 gW = mW[None, None, None, expert]                                   # (256, rows, MK)
@@ -743,13 +655,7 @@ if HAVE_CUTE:
                                                    cute.group_modes(sW, 0, 2), cute.group_modes(gW, 0, 2))
                 gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K), (0, None))
                 tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
-                                                   cute.group_modes(sBt, 0, 2), cute.group_modes(gB, 0, 2))
-                tBgB_hi = tBgB                                 # pair: the next tile_n rows
-                if const_expr(self.pair):
-                    gB_hi = cute.local_tile(cute.domain_offset((row0 + self.tile_n, 0), mB), (self.tile_n, TILE_K),
-                                            (0, None))
-                    _, tBgB_hi = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
-                                                       cute.group_modes(sBt, 0, 2), cute.group_modes(gB_hi, 0, 2))
+                                                   cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
                 kt0 = bid_k * self.k_tiles                                    # first k-tile of this K slice
                 rec0 = bid_m * self.k_tiles * self.k_splits + kt0
 
@@ -759,21 +665,17 @@ if HAVE_CUTE:
                 frag0 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
                 frag1 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
                 frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
-                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
+                acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
                 acc.fill(0.0)
-                acc_hi = acc                                   # pair8: rows 8..15 of the pair
-                if const_expr(self.pair8):
-                    acc_hi = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.mma_n)), Float32)
-                    acc_hi.fill(0.0)
                 tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
                 # this thread's words in a stage: codes [4 words] per atom, scale words after the codes
                 sW32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32),
-                                        cute.make_layout((4, 128, 2, self.stages * self.wrec),
+                                        cute.make_layout((4, 128, 2, self.stages),
                                                          stride=(1, 4, 512, self.rec_rows * REC_ROW // 4)))
                 nw = _scale_words_per_atom(self.fmt)                   # per quad (rows r, r+8), per atom
                 sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + CODE_BYTES // 4,
-                                        cute.make_layout((nw, 32, 2, self.stages * self.wrec),
+                                        cute.make_layout((nw, 32, 2, self.stages),
                                                          stride=(1, nw, 32 * nw, self.rec_rows * REC_ROW // 4)))
                 codes = cute.make_rmem_tensor((4, 2), Int32)
                 scl = cute.make_rmem_tensor((nw, 2), Int32)
@@ -781,10 +683,8 @@ if HAVE_CUTE:
 
                 k_tiles = self.k_tiles
                 if const_expr(self.ring):
-                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB,
-                                       bid_pm * self.wrec * self.k_tiles * self.k_splits + kt0, kt0, tiled_mma,
-                                       acc, frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows,
-                                       rows_hi, wg, acc_hi)
+                    self.ring_mainloop(pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBsB, rec0, kt0, tiled_mma, acc, frag0,
+                                       frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows)
                 else:
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -831,15 +731,9 @@ if HAVE_CUTE:
                     warpgroup.wait_group(0)
 
                 # epilogue: acc element (m, n) = weight row m of the tile, token n of the tile
-                cC = cute.make_identity_tensor((TILE_M, self.mma_n))
+                cC = cute.make_identity_tensor((TILE_M, self.tile_n))
                 tCcC = thr_mma.partition_C(cC)
-                if const_expr(self.pair8):
-                    self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows - rows_hi,
-                                  bid_m)
-                    if rows_hi > 0:
-                        self.epilogue(acc_hi, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert,
-                                      row0 + self.tile_n, rows_hi, bid_m)
-                elif const_expr(self.k_splits == 1):
+                if const_expr(self.k_splits == 1):
                     self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m)
                 else:
                     # split-K: every slice stores its fp32 partial; the last slice to arrive (counter per tile)
@@ -876,38 +770,8 @@ if HAVE_CUTE:
                                       bid_m)
 
         @cute.jit
-        def pair_rows(self, mTiles: cute.Tensor, j, expert, nrows):
-            """-1 if table entry j is tile 2i+1 of its expert (tiles of an expert are consecutive), else the rows of
-            the expert's next tile (0: none) that the CTA of entry j takes too."""
-            before = Int32(0)                  # tiles of the same expert right before entry j
-            look = j > 0
-            while look:
-                if mTiles[j - before - 1, 0] == expert:
-                    before = before + 1
-                    look = j - before > 0
-                else:
-                    look = j < 0
-            res = Int32(-1)
-            if before % 2 == 0:
-                res = Int32(0)
-                if j + 1 < cute.size(mTiles, mode=[0]):
-                    if mTiles[j + 1, 0] == expert:
-                        res = mTiles[j + 1, 2]
-            if nrows == 0:
-                res = Int32(0)
-            return res
-
-        @cute.jit
-        def ring_copy_w(self, tma_w: cute.CopyAtom, src, dst, bar):
-            if const_expr(self.evict_w):
-                cute.copy(tma_w, src, dst, tma_bar_ptr=bar, cache_policy=Int64(_EVICT_FIRST))
-            else:
-                cute.copy(tma_w, src, dst, tma_bar_ptr=bar)
-
-        @cute.jit
-        def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBgB_hi, tBsB, rec0, kt0, tiled_mma, acc,
-                          frag0, frag1, tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows, rows_hi, wg,
-                          acc_hi):
+        def ring_mainloop(self, pipe, tma_w, tWgW, tWsW, tma_b, tBgB, tBsB, rec0, kt0, tiled_mma, acc, frag0, frag1,
+                          tCrB, sW32, sS32, codes, scl, tidx, quad, warp_idx, nrows):
             """Main loop unrolled over the ring of S stages: k-tile r*S + s sits in stage s (static smem offsets and
             barrier addresses); full[s] completes once per ring round (parity r & 1). No empty barriers: after this
             warp's wait_group(1) for tile k, tile k-1's wgmma is done, and it could only start once every warp of the
@@ -916,31 +780,19 @@ if HAVE_CUTE:
             S = self.stages
             rounds = self.k_tiles // S
             full = pipe.sync_object_full
-            tx = self.wrec * record_bytes(self.fmt) + self.tile_n * TILE_K * 2
-            if const_expr(self.pair):
-                if rows_hi > 0:
-                    tx = tx + self.tile_n * TILE_K * 2                    # a 2nd token tile: 2nd TMA box
-            tx_refill = self.wrec * record_bytes(self.fmt) if const_expr(self.diag == "notokens") else tx
-            rec_stride = self.k_tiles * self.k_splits                      # mshare: the 2nd row tile's records
-            nb = self.boxes                                                # token-tile TMA boxes per stage
+            tx = record_bytes(self.fmt) + self.tile_n * TILE_K * 2
             frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
             # prologue: weights of every stage first (independent of the previous kernel), then (PDL: once the
             # previous kernel has ended) the token tiles
             if warp_idx == 0:
                 for s in cutlass.range_constexpr(S):
                     full.arrive_and_expect_tx(s, tx)
-                    for g in cutlass.range_constexpr(self.wrec):
-                        self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + s)],
-                                         tWsW[(None, self.wrec * s + g)], full.get_barrier(s))
+                    cute.copy(tma_w, tWgW[(None, rec0 + s)], tWsW[(None, s)], tma_bar_ptr=full.get_barrier(s))
             if const_expr(self.pdl and not self.wait_first):
                 cute.arch.griddepcontrol_wait()
             if warp_idx == 0:
                 for s in cutlass.range_constexpr(S):
-                    cute.copy(tma_b, tBgB[(None, kt0 + s)], tBsB[(None, nb * s)], tma_bar_ptr=full.get_barrier(s))
-                    if const_expr(self.pair):
-                        if rows_hi > 0:
-                            cute.copy(tma_b, tBgB_hi[(None, kt0 + s)], tBsB[(None, nb * s + 1)],
-                                      tma_bar_ptr=full.get_barrier(s))
+                    cute.copy(tma_b, tBgB[(None, kt0 + s)], tBsB[(None, s)], tma_bar_ptr=full.get_barrier(s))
             for r in cutlass.range(rounds, unroll=1):
                 phase = r & 1
                 # B descriptors of stage s + zr (zr = 0, but varies with r and a loaded value for the compiler):
@@ -948,89 +800,47 @@ if HAVE_CUTE:
                 # 8S registers, moving each into uniform registers before its wgmma
                 zr = (r + nrows) >> 30
                 for s in cutlass.range_constexpr(S):
-                    if const_expr(self.spin):
-                        mbar_wait_spin(full.get_barrier(s).toint(), phase)
-                    else:
-                        full.wait(s, phase)
-                    if const_expr(self.pair8):
-                        self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32,
-                                        codes, scl, tidx, quad, self.wrec * s + wg, 0, 2 * (s + zr), acc_hi)
-                    else:
-                        self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32,
-                                        codes, scl, tidx, quad, self.wrec * s + wg, 0, s + zr)
+                    full.wait(s, phase)
+                    self.mma_k_tile(tiled_mma, acc, frags[s % 2], (frag0, frag1)[s % 2], tCrB, sW32, sS32, codes,
+                                    scl, tidx, quad, s, s + zr)
                     warpgroup.wait_group(1)
                     # refill stage q = (s - 1) % S (k-tile r*S + s - 1, now done) with k-tile r*S + s - 1 + S
                     q = (s - 1) % S
                     kt_new = r * S + s - 1 + S
                     go = r > 0 if const_expr(s == 0) else r < rounds - 1
-                    if const_expr(self.wrec == 2):
-                        # the other warpgroup may still read stage q: one arrive per warp on empty[q]; the refill
-                        # waits for all 8 (phase = the number of earlier refills of q, mod 2)
-                        if r > 0 or s > 0:
-                            if tidx % 32 == 0:
-                                pipe.sync_object_empty.arrive(q, None)
-                        if go and warp_idx == s % self.refill_warps:
-                            pipe.sync_object_empty.wait(q, (r - 1 if const_expr(s == 0) else r) & 1)
                     if go and warp_idx == s % self.refill_warps:
-                        full.arrive_and_expect_tx(q, tx_refill)
-                        for g in cutlass.range_constexpr(self.wrec):
-                            self.ring_copy_w(tma_w, tWgW[(None, rec0 + g * rec_stride + kt_new)],
-                                             tWsW[(None, self.wrec * q + g)], full.get_barrier(q))
-                        if const_expr(self.diag != "notokens"):
-                            cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, nb * q)],
-                                      tma_bar_ptr=full.get_barrier(q))
-                            if const_expr(self.pair):
-                                if rows_hi > 0:
-                                    cute.copy(tma_b, tBgB_hi[(None, kt0 + kt_new)], tBsB[(None, nb * q + 1)],
-                                              tma_bar_ptr=full.get_barrier(q))
+                        full.arrive_and_expect_tx(q, tx)
+                        cute.copy(tma_w, tWgW[(None, rec0 + kt_new)], tWsW[(None, q)], tma_bar_ptr=full.get_barrier(q))
+                        cute.copy(tma_b, tBgB[(None, kt0 + kt_new)], tBsB[(None, q)], tma_bar_ptr=full.get_barrier(q))
             warpgroup.wait_group(0)
 
         @cute.jit
         def mma_k_tile(self, tiled_mma, acc, frag, frag_bf16, tCrB, sW32, sS32, codes, scl, tidx, quad, stage,
-                       atom0=0, stage_b=None, acc_hi=None):
+                       stage_b=None):
             """One 64-k tile from smem stage `stage`: load this thread's code and scale words, decode them into the
             A fragment (frag: its Int32 view), issue the 4 k16 wgmmas as one commit group (not waited for).
-            tidx: thread in its warpgroup; the warpgroup decodes atoms atom0 .. atom0 + 2/wgs - 1 of the record."""
-            atoms = 2 // self.wgs
-            for a in cutlass.range_constexpr(atoms):
-                cute.autovec_copy(sW32[None, tidx, atom0 + a, stage], codes[None, a])
-            for a in cutlass.range_constexpr(atoms):
-                cute.autovec_copy(sS32[None, quad, atom0 + a, stage], scl[None, a])
-            for a in cutlass.range_constexpr(atoms if const_expr(self.diag == "nodecode") else 0):
-                for kb in cutlass.range_constexpr(4):          # timing only: the raw words, no decode
-                    w = codes[kb, a] ^ scl[0, a]
-                    frag[(0, 0, 0), a, kb] = w
-                    frag[(0, 1, 0), a, kb] = w
-                    frag[(0, 0, 1), a, kb] = w
-                    frag[(0, 1, 1), a, kb] = w
-            for a in cutlass.range_constexpr(0 if const_expr(self.diag == "nodecode") else atoms):
-                if const_expr(self.scale_pairs):
-                    # one prmt + mad per two k16 blocks' scales; the decode broadcasts the half it needs
-                    if const_expr(self.fmt == "nvfp4"):
-                        pr = (scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1),
-                              scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3))
-                        pr8 = (scale_pair_bf16x2(scl[1, a], 0, self.fmt, 1),
-                               scale_pair_bf16x2(scl[1, a], 2, self.fmt, 3))
-                    else:
-                        p_r = scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1)
-                        p_r8 = scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3)
-                        pr, pr8 = (p_r, p_r), (p_r8, p_r8)
+            Block scales: one prmt + mad per two k16 blocks; the decode broadcasts the half it needs."""
+            for a in cutlass.range_constexpr(2):
+                cute.autovec_copy(sW32[None, tidx, a, stage], codes[None, a])
+            for a in cutlass.range_constexpr(2):
+                cute.autovec_copy(sS32[None, quad, a, stage], scl[None, a])
+            for a in cutlass.range_constexpr(2):
+                if const_expr(self.fmt == "nvfp4"):
+                    # per atom: word 0 = s_r of k16 blocks 0..3, word 1 = s_r8
+                    pr = (scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1),
+                          scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3))
+                    pr8 = (scale_pair_bf16x2(scl[1, a], 0, self.fmt, 1),
+                           scale_pair_bf16x2(scl[1, a], 2, self.fmt, 3))
+                else:
+                    # per atom: one word = (s_r, s_r) of k32 groups 0, 1, then (s_r8, s_r8)
+                    p_r = scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1)
+                    p_r8 = scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3)
+                    pr, pr8 = (p_r, p_r), (p_r8, p_r8)
                 for kb in cutlass.range_constexpr(4):
-                    if const_expr(self.scale_pairs):
-                        if const_expr(self.fmt == "nvfp4"):
-                            r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pr[kb // 2], pr8[kb // 2], kb % 2)
-                        else:
-                            r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pr[0], pr8[0], kb // 2)
+                    if const_expr(self.fmt == "nvfp4"):
+                        r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pr[kb // 2], pr8[kb // 2], kb % 2)
                     else:
-                        if const_expr(self.fmt == "nvfp4"):
-                            # per atom: word 0 = s_r of k16 blocks 0..3, word 1 = s_r8
-                            s_r = scale_pair_bf16x2(scl[0, a], kb, self.fmt)
-                            s_r8 = scale_pair_bf16x2(scl[1, a], kb, self.fmt)
-                        else:
-                            # per atom: one word = (s_r, s_r) of k32 groups 0, 1, then (s_r8, s_r8)
-                            s_r = scale_pair_bf16x2(scl[0, a], kb // 2, self.fmt)
-                            s_r8 = scale_pair_bf16x2(scl[0, a], 2 + kb // 2, self.fmt)
-                        r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8)
+                        r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], pr[0], pr8[0], kb // 2)
                     frag[(0, 0, 0), a, kb] = r0
                     frag[(0, 1, 0), a, kb] = r1
                     frag[(0, 0, 1), a, kb] = r2
@@ -1039,11 +849,6 @@ if HAVE_CUTE:
             sb = stage if const_expr(stage_b is None) else stage_b
             for kb in cutlass.range_constexpr(4):
                 cute.gemm(tiled_mma, acc, frag_bf16[None, None, kb], tCrB[None, None, kb, sb], acc)
-            if const_expr(acc_hi is not None):
-                # pair8: the same A on the pair's 2nd token tile (always issued: a wgmma under a branch makes ptxas
-                # inject warpgroup.arrive fences, C7519; an unpaired CTA's 2nd tile is stale smem, never stored)
-                for kb in cutlass.range_constexpr(4):
-                    cute.gemm(tiled_mma, acc_hi, frag_bf16[None, None, kb], tCrB[None, None, kb, sb + 1], acc_hi)
             warpgroup.commit_group()
 
         @cute.jit
@@ -1066,300 +871,6 @@ if HAVE_CUTE:
                         m, n = tCcC[v, a, 0]
                         if n < nrows:
                             mOut[row0 + n, bid_m * TILE_M + m] = (acc[v, a, 0] * a_down).to(BFloat16)
-
-
-    class Fp4DecodeGemm(Fp4GroupedGemm):
-        """Persistent variant of Fp4GroupedGemm for decode (small T): grid = min(work items, max_ctas) CTAs, each
-        looping over the items c, c + G, c + 2G, ... (G = grid size) with item = (token tile j, row tile m, K slice z),
-        z fastest. Barriers are initialised once per CTA and the weight/token pipeline runs across item boundaries: the
-        producer issues the next item's TMAs while this item's last k-tiles and its epilogue run, so the weight stream
-        does not drain between items. Items of unused table entries (rows = 0, always at the end of the table) end the
-        loop. Same math, same split-K reduction (fixed slice order) and same epilogue as Fp4GroupedGemm."""
-
-        def __init__(self, fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
-                     smem_budget: int = 40 * 1024, pdl: bool = False, scale_pairs: bool = False,
-                     max_ctas: int = 528, wgs: int = 1, min_ctas_per_sm: int = 0, wait_first: bool = False,
-                     evict_first: bool = False):
-            super().__init__(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs)
-            stage_bytes = record_bytes(fmt) + tile_n * TILE_K * 2
-            self.stages = max(3, min(10, smem_budget // stage_bytes))     # the pipeline spans items
-            self.max_ctas = max_ctas
-            # wgs 2: one warpgroup per 64-row atom (half the fragment registers per thread, twice the warps per SM)
-            self.wgs = wgs
-            self.threads = 128 * wgs
-            self.min_ctas_per_sm = min_ctas_per_sm
-            self.wait_first = wait_first   # PDL: the tile table comes from the kernel right before (fused gather)
-            self.evict_first = evict_first   # weight TMAs with an L2 evict-first policy
-
-        def launch_grid(self, num_tiles):
-            return [cutlass.min(num_tiles * self.m_tiles * self.k_splits, self.max_ctas), 1, 1]
-
-        def launch_options(self):
-            # the grid assumes min_ctas_per_sm resident CTAs per SM: ptxas must fit the registers to that
-            if self.min_ctas_per_sm:
-                return dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=100)
-            return {}
-
-        @cute.jit
-        def item_fields(self, mTiles: cute.Tensor, item, n_items):
-            """item -> (expert, first sorted row, rows (0: no such item), row tile m, K slice z, table entry j)."""
-            per_tile = self.m_tiles * self.k_splits
-            j = item // per_tile
-            rest = item - j * per_tile
-            m = rest // self.k_splits
-            z = rest - m * self.k_splits
-            expert = Int32(0)
-            row0 = Int32(0)
-            nrows = Int32(0)
-            if item < n_items:
-                nrows = mTiles[j, 2]
-                expert = mTiles[j, 0]
-                row0 = mTiles[j, 1]
-            return expert, row0, nrows, m, z, j
-
-        @cute.kernel
-        def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
-                   mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mAlpha0: cute.Tensor,
-                   mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor,
-                   mCount: cute.Tensor, w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout):
-            tidx, _, _ = cute.arch.thread_idx()
-            cta, _, _ = cute.arch.block_idx()
-            grid, _, _ = cute.arch.grid_dim()
-            warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-            if const_expr(self.pdl and not self.wait_first):
-                cute.arch.griddepcontrol_launch_dependents()
-            n_items = cute.size(mTiles, mode=[0]) * self.m_tiles * self.k_splits
-            kps = self.k_tiles                                          # k-tiles per item (one K slice)
-            if warp_idx == 0:
-                cpasync.prefetch_descriptor(tma_w)
-                cpasync.prefetch_descriptor(tma_b)
-            smem = cutlass.utils.SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
-            tx_bytes = record_bytes(self.fmt) + self.tile_n * TILE_K * 2
-            pipe = pipeline.PipelineTmaAsync.create(
-                barrier_storage=storage.bars.data_ptr(), num_stages=self.stages,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.threads // 32),
-                tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
-            sW = storage.sW.get_tensor(w_smem_layout)
-            sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-            # weight records of any (expert, record): ((256, rows), MK, E)
-            tWsW, tWgW = cpasync.tma_partition(tma_w, 0, cute.make_layout(1), cute.group_modes(sW, 0, 2),
-                                               cute.group_modes(mW, 0, 2))
-
-            thr_mma = tiled_mma.get_slice(tidx)
-            tCsB = thr_mma.partition_B(sB)
-            tCrB = tiled_mma.make_fragment_B(tCsB)
-            frag0 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
-            frag1 = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
-            frags = (cute.recast_tensor(frag0, Int32), cute.recast_tensor(frag1, Int32))
-            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            sW32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32),
-                                    cute.make_layout((4, 128, 2, self.stages),
-                                                     stride=(1, 4, 512, self.rec_rows * REC_ROW // 4)))
-            nw = _scale_words_per_atom(self.fmt)
-            sS32 = cute.make_tensor(cute.recast_ptr(sW.iterator, dtype=Int32) + CODE_BYTES // 4,
-                                    cute.make_layout((nw, 32, 2, self.stages),
-                                                     stride=(1, nw, 32 * nw, self.rec_rows * REC_ROW // 4)))
-            codes = cute.make_rmem_tensor((4, 2 // self.wgs), Int32)
-            scl = cute.make_rmem_tensor((nw, 2 // self.wgs), Int32)
-            wg = warp_idx // 4
-            t = tidx % 128                                              # thread in its warpgroup
-            atom0 = wg if const_expr(self.wgs == 2) else 0
-            quad = t // 4
-            cC = cute.make_identity_tensor((TILE_M, self.tile_n))
-            tCcC = thr_mma.partition_C(cC)
-            arrived = storage.arrived.get_tensor(cute.make_layout(4))
-            xchg = storage.arrived.get_tensor(cute.make_layout(4))
-            if const_expr(self.wgs == 2):
-                xchg = storage.xchg.get_tensor(cute.make_layout(64 * self.tile_n))
-
-            prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-            cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-            rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-
-            if const_expr(self.pdl and self.wait_first):
-                # the previous kernel wrote the tile table (routing + gather): wait before reading it, and let the
-                # next kernel start only after that (it reads the table before its own wait)
-                cute.arch.griddepcontrol_wait()
-                cute.arch.griddepcontrol_launch_dependents()
-            # producer cursor (warp 0): the item and k-tile of the next stage to fill
-            p_item = cta
-            p_kt = Int32(0)
-            p_expert, p_row0, p_rows, p_m, p_z, _j = self.item_fields(mTiles, p_item, n_items)
-            # prologue: the first stages' weight records (independent of the previous kernel) ...
-            first = (p_item, p_kt, p_expert, p_row0, p_rows, p_m, p_z)
-            if warp_idx == 0:
-                for _ in cutlass.range(self.stages, unroll=1):
-                    if p_rows > 0:
-                        pipe.producer_acquire(prod)
-                        self.copy_weights(tma_w, tWgW[(None, (p_m * self.k_splits + p_z) * kps + p_kt, p_expert)],
-                                  tWsW[(None, prod.index)], pipe.producer_get_barrier(prod))
-                        pipe.producer_commit(prod)
-                        prod.advance()
-                        p_kt += 1
-                        if p_kt == kps:
-                            p_kt = Int32(0)
-                            p_item += grid
-                            p_expert, p_row0, p_rows, p_m, p_z, _j = self.item_fields(mTiles, p_item, n_items)
-            # ... then (PDL: once the previous kernel has finished) the token tiles of the same stages
-            if const_expr(self.pdl and not self.wait_first):
-                cute.arch.griddepcontrol_wait()
-            if warp_idx == 0:
-                b_item, b_kt, b_expert, b_row0, b_rows, b_m, b_z = first
-                pro_b = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                while pro_b.count < prod.count:
-                    self.load_tokens(tma_b, mB, sB, b_row0, b_z * kps + b_kt, pipe.producer_get_barrier(pro_b),
-                                     pro_b.index)
-                    pro_b.advance()
-                    b_kt += 1
-                    if b_kt == kps:
-                        b_kt = Int32(0)
-                        b_item += grid
-                        b_expert, b_row0, b_rows, b_m, b_z, _j = self.item_fields(mTiles, b_item, n_items)
-
-            c_item = cta
-            expert, row0, nrows, bid_m, bid_k, bid_t = self.item_fields(mTiles, c_item, n_items)
-            while nrows > 0:
-                acc.fill(0.0)
-                for kt in cutlass.range(0, kps, 2, unroll=1):
-                    for h in cutlass.range_constexpr(2):
-                        pipe.consumer_wait(cons)
-                        self.mma_k_tile(tiled_mma, acc, frags[h], (frag0, frag1)[h], tCrB, sW32, sS32, codes, scl,
-                                        t, quad, cons.index, atom0)
-                        warpgroup.wait_group(1)
-                        if kt + h > 0:
-                            pipe.consumer_release(rel)
-                            rel.advance()
-                        cons.advance()
-                        # refill the stage just released with the cursor's k-tile (possibly of the next item)
-                        if warp_idx == 0 and kt + h > 0:
-                            if p_rows > 0:
-                                pipe.producer_acquire(prod)
-                                self.copy_weights(tma_w,
-                                                  tWgW[(None, (p_m * self.k_splits + p_z) * kps + p_kt, p_expert)],
-                                                  tWsW[(None, prod.index)], pipe.producer_get_barrier(prod))
-                                self.load_tokens(tma_b, mB, sB, p_row0, p_z * kps + p_kt,
-                                                 pipe.producer_get_barrier(prod), prod.index)
-                                pipe.producer_commit(prod)
-                                prod.advance()
-                                p_kt += 1
-                                if p_kt == kps:
-                                    p_kt = Int32(0)
-                                    p_item += grid
-                                    p_expert, p_row0, p_rows, p_m, p_z, _j = self.item_fields(mTiles, p_item,
-                                                                                              n_items)
-                warpgroup.wait_group(0)
-                pipe.consumer_release(rel)
-                rel.advance()
-                if warp_idx == 0:
-                    if p_rows > 0:
-                        pipe.producer_acquire(prod)
-                        self.copy_weights(tma_w, tWgW[(None, (p_m * self.k_splits + p_z) * kps + p_kt, p_expert)],
-                                  tWsW[(None, prod.index)], pipe.producer_get_barrier(prod))
-                        self.load_tokens(tma_b, mB, sB, p_row0, p_z * kps + p_kt, pipe.producer_get_barrier(prod),
-                                         prod.index)
-                        pipe.producer_commit(prod)
-                        prod.advance()
-                        p_kt += 1
-                        if p_kt == kps:
-                            p_kt = Int32(0)
-                            p_item += grid
-                            p_expert, p_row0, p_rows, p_m, p_z, _j = self.item_fields(mTiles, p_item, n_items)
-
-                if const_expr(self.k_splits == 1):
-                    self.epilogue_wgs(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m,
-                                      xchg, wg, t)
-                else:
-                    self.split_k_epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, mPartial, mCount,
-                                          arrived, tidx, expert, row0, nrows, bid_t, bid_m, bid_k, xchg, wg, t)
-                c_item += grid
-                expert, row0, nrows, bid_m, bid_k, bid_t = self.item_fields(mTiles, c_item, n_items)
-
-        @cute.jit
-        def copy_weights(self, tma_w: cute.CopyAtom, src, dst, bar):
-            """TMA of one weight record; evict_first: with an L2 evict-first policy (weights are read once)."""
-            if const_expr(self.evict_first):
-                cute.copy(tma_w, src, dst, tma_bar_ptr=bar, cache_policy=Int64(_EVICT_FIRST))
-            else:
-                cute.copy(tma_w, src, dst, tma_bar_ptr=bar)
-
-        @cute.jit
-        def load_tokens(self, tma_b: cute.CopyAtom, mB: cute.Tensor, sB: cute.Tensor, row0, kt, bar, stage):
-            """TMA of token rows row0 .. row0 + tile_n - 1, k-tile kt, into stage `stage` (barrier bar)."""
-            gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K), (0, None))
-            tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
-                                               cute.group_modes(gB, 0, 2))
-            cute.copy(tma_b, tBgB[(None, kt)], tBsB[(None, stage)], tma_bar_ptr=bar)
-
-        @cute.jit
-        def split_k_epilogue(self, acc, tCcC, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor,
-                             mRowW: cute.Tensor, limit: Float32, mPartial: cute.Tensor, mCount: cute.Tensor,
-                             arrived, tidx, expert, row0, nrows, bid_t, bid_m, bid_k, xchg, wg, t):
-            """Every slice stores its fp32 partial; the last slice of a tile to arrive sums slices 0..S-1 in order
-            (deterministic), resets the tile's counter and runs the epilogue (as in Fp4GroupedGemm)."""
-            col0 = bid_m * TILE_M
-            for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                for a in cutlass.range_constexpr(cute.size(acc, mode=[1])):
-                    m, n = tCcC[v, a, 0]
-                    if n < nrows:
-                        mPartial[bid_k, row0 + n, col0 + m] = acc[v, a, 0]
-            # bar.sync orders every thread's partial stores before thread 0's release (acq_rel atomic, cumulative);
-            # its acquire + the second bar.sync order the other slices' partials before this CTA's reads (no
-            # per-thread fence needed: the semaphore pattern of CUTLASS's split-K barrier)
-            cute.arch.sync_threads()
-            counter = bid_t * self.m_tiles + bid_m
-            if tidx == 32:       # not thread 0: its fence would also wait for the TMA loads it issued as producer
-                arrived[0] = cute.arch.atomic_add(mCount.iterator + counter, Int32(1), sem="acq_rel", scope="gpu")
-            cute.arch.sync_threads()
-            if arrived[0] == self.k_splits - 1:
-                acc.fill(0.0)
-                # 4 slices per unrolled step: 4 independent L2 loads in flight, few live registers (full unroll of
-                # 16 slices costs 74 registers at tile_n 8, rolled costs 16 serial L2 round trips)
-                for z in cutlass.range(self.k_splits, unroll=min(4, self.k_splits)):
-                    for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                        for a in cutlass.range_constexpr(cute.size(acc, mode=[1])):
-                            m, n = tCcC[v, a, 0]
-                            if n < nrows:
-                                off = cute.crd2idx((z, row0 + n, col0 + m), mPartial.layout)
-                                acc[v, a, 0] = acc[v, a, 0] + cute.arch.load(mPartial.iterator + off, Float32,
-                                                                              cop="cg")
-                if tidx == 0:
-                    mCount[counter] = 0
-                self.epilogue_wgs(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m,
-                                  xchg, wg, t)
-
-        @cute.jit
-        def epilogue_wgs(self, acc, tCcC, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor,
-                         mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, bid_m, xchg, wg, t):
-            """The epilogue; with 2 warpgroups the up rows (atom 1, warpgroup 1) reach the gate rows' threads through
-            smem (thread t of warpgroup 1 holds the same (row, token) positions as thread t of warpgroup 0)."""
-            if const_expr(self.wgs == 1):
-                self.epilogue(acc, tCcC, mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, nrows, bid_m)
-            elif const_expr(self.swiglu):
-                nv = cute.size(acc, mode=[0])
-                if wg == 1:
-                    for v in cutlass.range_constexpr(nv):
-                        xchg[v * 128 + t] = acc[v, 0, 0]
-                cute.arch.sync_threads()
-                if wg == 0:
-                    a_gate = mAlpha0[expert]
-                    a_up = mAlpha1[expert]
-                    for v in cutlass.range_constexpr(nv):
-                        m, n = tCcC[v, 0, 0]
-                        if n < nrows:
-                            hh = cute.math.min(acc[v, 0, 0] * a_gate, limit)
-                            uu = cute.math.max(cute.math.min(xchg[v * 128 + t] * a_up, limit), -limit)
-                            act = mRowW[row0 + n] * hh / (1.0 + cute.math.exp(-hh)) * uu
-                            mOut[row0 + n, bid_m * 64 + m] = act.to(BFloat16)
-                cute.arch.sync_threads()            # xchg is free again before the next item's epilogue
-            else:
-                a_down = mAlpha0[expert]
-                for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                    m, n = tCcC[v, 0, 0]
-                    if n < nrows:
-                        mOut[row0 + n, bid_m * TILE_M + m] = (acc[v, 0, 0] * a_down).to(BFloat16)
 
     class MoeCombine:
         """y[t] = sum over slots j = 0..k-1 (in this order, fp32) of y_rows[pos[t*k + j]] -> x.dtype (bf16); slots with
@@ -1404,10 +915,8 @@ if HAVE_CUTE:
         src_tok[p] = s // k, row_w[p] = w[s], pos[s] = p (R for skipped ids), and the token-tile table
         tiles[j] = (expert, first row, rows) (rows = 0 past the used entries)."""
 
-        def __init__(self, num_experts: int, top_k: int, tile_n: int, block_scan: bool = False):
+        def __init__(self, num_experts: int, top_k: int, tile_n: int):
             self.E, self.k, self.tile_n, self.threads = num_experts, top_k, tile_n, 1024
-            self.block_scan = block_scan       # prefix scan: one expert per thread, all warps (else warp 0 alone)
-            assert not block_scan or num_experts < self.threads, "one thread per expert in the block scan"
 
         @cute.jit
         def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
@@ -1417,8 +926,6 @@ if HAVE_CUTE:
                 cnt: cute.struct.MemRange[Int32, self.E + 1]
                 start: cute.struct.MemRange[Int32, self.E + 1]
                 tstart: cute.struct.MemRange[Int32, self.E + 2]
-                wsum: cute.struct.MemRange[Int32, 32]
-                wtsum: cute.struct.MemRange[Int32, 32]
 
             self.shared_storage = SharedStorage
             self.kernel(mIds, mW, mSrc, mRowW, mPos, mTiles).launch(
@@ -1450,83 +957,33 @@ if HAVE_CUTE:
                     e = E
                 mPos[s] = cute.arch.atomic_add(cnt.iterator + e, Int32(1), scope="cta")   # rank inside e
             cute.arch.sync_threads()
-            if const_expr(self.block_scan):
-                # exclusive prefix sums of rows and token tiles over experts 0..E: one expert per thread, a shuffle scan
-                # in every warp, then warp 0 scans the (<= 32) warp totals
-                warp = tidx // 32
-                lane = tidx % 32
-                wsum = storage.wsum.get_tensor(cute.make_layout(32))
-                wtsum = storage.wtsum.get_tensor(cute.make_layout(32))
-                cnt_e = Int32(0)
-                til_e = Int32(0)
-                if tidx <= E:
-                    cnt_e = cnt[tidx]
-                    if tidx < E:
-                        til_e = (cnt_e + self.tile_n - 1) // self.tile_n
-                ci = cnt_e
-                ti = til_e
-                for d in cutlass.range_constexpr(5):                  # inclusive warp scan
-                    cu = cute.arch.shuffle_sync_up(ci, 1 << d)
-                    tu = cute.arch.shuffle_sync_up(ti, 1 << d)
-                    if lane >= (1 << d):
-                        ci = ci + cu
-                        ti = ti + tu
-                if lane == 31:
-                    wsum[warp] = ci
-                    wtsum[warp] = ti
-                cute.arch.sync_threads()
-                if warp == 0:
-                    nwarps = (E + 1 + 31) // 32
-                    x = Int32(0)
-                    y = Int32(0)
-                    if lane < nwarps:
-                        x = wsum[lane]
-                        y = wtsum[lane]
-                    xi = x
-                    yi = y
-                    for d in cutlass.range_constexpr(5):
-                        xu = cute.arch.shuffle_sync_up(xi, 1 << d)
-                        yu = cute.arch.shuffle_sync_up(yi, 1 << d)
+            if tidx < 32:        # warp 0: exclusive prefix sums of rows and token tiles, 32 experts per step
+                lane = tidx
+                acc = Int32(0)
+                tacc = Int32(0)
+                for base in cutlass.range(0, E + 1, 32, unroll=1):
+                    e = base + lane
+                    c = Int32(0)
+                    t = Int32(0)
+                    if e <= E:
+                        c = cnt[e]
+                        if e < E:
+                            t = (c + self.tile_n - 1) // self.tile_n
+                    ci = c
+                    ti = t
+                    for d in cutlass.range_constexpr(5):          # inclusive warp scan
+                        cu = cute.arch.shuffle_sync_up(ci, 1 << d)
+                        tu = cute.arch.shuffle_sync_up(ti, 1 << d)
                         if lane >= (1 << d):
-                            xi = xi + xu
-                            yi = yi + yu
-                    wsum[lane] = xi - x                               # exclusive base of each warp
-                    wtsum[lane] = yi - y
-                    total_tiles = cute.arch.shuffle_sync(yi, 31)
-                    if lane == 0:
-                        tstart[E + 1] = total_tiles
-                cute.arch.sync_threads()
-                if tidx <= E:
-                    start[tidx] = wsum[warp] + ci - cnt_e
-                    tstart[tidx] = wtsum[warp] + ti - til_e
-            else:
-                if tidx < 32:        # warp 0: exclusive prefix sums of rows and token tiles, 32 experts per step
-                    lane = tidx
-                    acc = Int32(0)
-                    tacc = Int32(0)
-                    for base in cutlass.range(0, E + 1, 32, unroll=1):
-                        e = base + lane
-                        c = Int32(0)
-                        t = Int32(0)
-                        if e <= E:
-                            c = cnt[e]
-                            if e < E:
-                                t = (c + self.tile_n - 1) // self.tile_n
-                        ci = c
-                        ti = t
-                        for d in cutlass.range_constexpr(5):          # inclusive warp scan
-                            cu = cute.arch.shuffle_sync_up(ci, 1 << d)
-                            tu = cute.arch.shuffle_sync_up(ti, 1 << d)
-                            if lane >= (1 << d):
-                                ci = ci + cu
-                                ti = ti + tu
-                        if e <= E:
-                            start[e] = acc + ci - c
-                            tstart[e] = tacc + ti - t
-                        acc = acc + cute.arch.shuffle_sync(ci, 31)
-                        tacc = tacc + cute.arch.shuffle_sync(ti, 31)
-                    if lane == 0:
-                        tstart[E + 1] = tacc
+                            ci = ci + cu
+                            ti = ti + tu
+                    if e <= E:
+                        start[e] = acc + ci - c
+                        tstart[e] = tacc + ti - t
+                    acc = acc + cute.arch.shuffle_sync(ci, 31)
+                    tacc = tacc + cute.arch.shuffle_sync(ti, 31)
+                if lane == 0:
+                    tstart[E + 1] = tacc
             cute.arch.sync_threads()
             for s in cutlass.range(tidx, R, self.threads, unroll=1):
                 e = mIds[s]
@@ -1562,8 +1019,8 @@ if HAVE_CUTE:
         """MoeRouting + the token gather x_sorted[p] = x[src_tok[p]] in the same CTA (16-B vectors; decode sizes
         only: one CTA copies R*D*2 bytes), which saves the index_select launch."""
 
-        def __init__(self, num_experts: int, top_k: int, tile_n: int, dim: int, block_scan: bool = False):
-            super().__init__(num_experts, top_k, tile_n, block_scan)
+        def __init__(self, num_experts: int, top_k: int, tile_n: int, dim: int):
+            super().__init__(num_experts, top_k, tile_n)
             self.dim = dim
 
         @cute.jit
@@ -1574,8 +1031,6 @@ if HAVE_CUTE:
                 cnt: cute.struct.MemRange[Int32, self.E + 1]
                 start: cute.struct.MemRange[Int32, self.E + 1]
                 tstart: cute.struct.MemRange[Int32, self.E + 2]
-                wsum: cute.struct.MemRange[Int32, 32]
-                wtsum: cute.struct.MemRange[Int32, 32]
 
             self.shared_storage = SharedStorage
             self.kernel_gather(mIds, mW, mSrc, mRowW, mPos, mTiles, mX, mXs).launch(
@@ -1664,9 +1119,7 @@ def arrival_counters(device, n: int, minimum: int) -> torch.Tensor:
     return buf
 
 
-def _compile_routing(num_experts: int, top_k: int, tile_n: int, block_scan: bool | None = None):
-    block_scan = ROUTING_BLOCK_SCAN and num_experts < 1024 if block_scan is None else block_scan
-
+def _compile_routing(num_experts: int, top_k: int, tile_n: int):
     def build():
         r, n_tab = cute.sym_int(), cute.sym_int()
         i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
@@ -1674,13 +1127,11 @@ def _compile_routing(num_experts: int, top_k: int, tile_n: int, block_scan: bool
                 cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4), i32((r,)),
                 cute.runtime.make_fake_compact_tensor(Int32, (n_tab, 3), stride_order=(1, 0), assumed_align=4),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeRouting(num_experts, top_k, tile_n, block_scan), args
-    return _load_or_compile(("route", num_experts, top_k, tile_n) + (("scan",) if block_scan else ()), build)
+        return MoeRouting(num_experts, top_k, tile_n), args
+    return _load_or_compile(("route", num_experts, top_k, tile_n), build)
 
 
-def _compile_routing_gather(num_experts: int, top_k: int, tile_n: int, dim: int, block_scan: bool | None = None):
-    block_scan = ROUTING_BLOCK_SCAN and num_experts < 1024 if block_scan is None else block_scan
-
+def _compile_routing_gather(num_experts: int, top_k: int, tile_n: int, dim: int):
     def build():
         r, n_tab, t = cute.sym_int(), cute.sym_int(), cute.sym_int()
         i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
@@ -1690,9 +1141,8 @@ def _compile_routing_gather(num_experts: int, top_k: int, tile_n: int, dim: int,
                 cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4), i32((r,)),
                 cute.runtime.make_fake_compact_tensor(Int32, (n_tab, 3), stride_order=(1, 0), assumed_align=4),
                 bf16(t), bf16(r), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeRoutingGather(num_experts, top_k, tile_n, dim, block_scan), args
-    return _load_or_compile(("route_gather", num_experts, top_k, tile_n, dim) + (("scan",) if block_scan else ()),
-                            build)
+        return MoeRoutingGather(num_experts, top_k, tile_n, dim), args
+    return _load_or_compile(("route_gather", num_experts, top_k, tile_n, dim), build)
 
 
 def _compile_combine(top_k: int, dim: int, pdl: bool):
@@ -1708,39 +1158,13 @@ def _compile_combine(top_k: int, dim: int, pdl: bool):
 
 
 def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
-                  smem_budget: int = 72 * 1024, pdl: bool = False, scale_pairs: bool = False, max_ctas: int = 0,
-                  wgs: int = 1, min_ctas_per_sm: int = 0, wait_first: bool = False, evict_first: bool = False,
-                  ring: tuple = ()):
+                  smem_budget: int = 72 * 1024, pdl: bool = False, wait_first: bool = False, ring: tuple = ()):
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream);
-    max_ctas > 0: the persistent decode variant Fp4DecodeGemm with at most that many CTAs of `wgs` warpgroups;
-    ring = (stages, refill warps, min CTAs per SM, diag[, pair]): Fp4GroupedGemm's ring-unrolled main loop."""
-    if ring and "pairsplit" in ring[3].split():
-        # two launches over the same tile table: tiles without a partner (N = tile_n), then the pairs (N = 2 tile_n)
-        opts = [o for o in ring[3].split() if o != "pairsplit"]
-        args = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs, max_ctas, wgs,
-                min_ctas_per_sm, wait_first, evict_first)
-        single = _compile_gemm(*args, tuple(ring[:3]) + (" ".join(opts + ["single"]),))
-        pairs = _compile_gemm(*args, tuple(ring[:3]) + (" ".join(opts + ["pairs"]), True))
-
-        def both(*a):
-            single(*a)
-            pairs(*a)
-        return both
-    config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl)
-    if scale_pairs or max_ctas or wait_first or ring:
-        config = config + (scale_pairs, max_ctas, wgs, min_ctas_per_sm, wait_first)
-        if evict_first or ring:
-            config = config + (evict_first,)
-        if ring:
-            config = config + (tuple(ring),)
+    ring = (stages, refill warps): Fp4GroupedGemm's ring-unrolled main loop."""
+    config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, wait_first, tuple(ring))
 
     def build():
-        if max_ctas:
-            gemm = Fp4DecodeGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs,
-                                 max_ctas, wgs, min_ctas_per_sm, wait_first, evict_first)
-        else:
-            gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, scale_pairs,
-                                  wait_first, tuple(ring[:4]), bool(ring[4:] and ring[4]))
+        gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, wait_first, ring)
         rows_b, rows_o, n_exp, n_tiles = (cute.sym_int() for _ in range(4))
         mk = gemm.m_tiles * gemm.k_tiles * gemm.k_splits
         rec = gemm.rec_rows * REC_ROW
@@ -1767,44 +1191,16 @@ SPLIT_K = True                    # decode: split K over CTAs when too few (expe
 SPLIT_MIN_K_TILES = 8             # fewest 64-k tiles per K slice
 SPLIT_CTAS_PER_SM = 6             # split until about this many CTAs per SM
 DECODE_SMEM_BUDGET = 40 * 1024    # pipeline smem per CTA for tile_n <= 16 (more CTAs per SM); else 72 KB
-SCALE_PAIRS = True                # one prmt + mad per two k16 blocks' scales (8 fewer instructions per 64 weights)
 GATHER_MAX_ROWS = 24              # routed rows up to which the routing kernel gathers x itself (T <= 4 at top-6)
 TILE_N_SD = 2                     # pick_tile_n: > 0 widens tile_n 8 to 16 where mean + TILE_N_SD sd rows > 8 (v6:
                                   # on the ring loop T=256 1178 vs 1212 us at tile_n 8, H200 R2 medians; T <= 128 keep 8)
-DECODE_PERSISTENT = False         # tile_n <= 16: the persistent Fp4DecodeGemm instead of one CTA per work item
-                                  # (v5 round 1, H200: 5-20% slower than one CTA per item at every T, see notes)
-DECODE_WGS = 2                    # its consumer warpgroups per CTA (2: one per 64-row atom, 62 registers at tile_n 8)
-DECODE_CTAS_PER_SM = 4            # its CTAs per SM: registers allow 4 (1 warpgroup: 98 / 106 registers at tile_n 8 /
-                                  # 16; 2: 62-64 / 56 (capped) ), smem 4 at the budget
-DECODE_PERSISTENT_SMEM = 40 * 1024   # its pipeline smem per CTA (stages = budget / (record + token tile))
-DECODE_ITEMS_PER_CTA = 16         # split K until there are about this many items per CTA (short tail, balance) ...
-DECODE_MIN_K_TILES = 4            # ... keeping at least this many 64-k tiles per item
-DECODE_EVICT_FIRST = False        # its weight TMAs with an L2 evict-first policy
-ROUTING_BLOCK_SCAN = False        # MoeRouting's prefix scan over experts: all warps (else warp 0 alone)
 DECODE_RING = True                # tile_n <= 16: Fp4GroupedGemm's main loop unrolled over the stage ring (v6)
 RING_STAGES = 8                   # its stages (the largest even count <= this dividing the k-tiles per K slice)
 RING_REFILL_WARPS = 4             # warps taking turns at the TMA refills (1: warp 0 issues them all, as v5)
-RING_MIN_CTAS = 0                 # > 0: ptxas fits the registers to this many CTAs per SM (5: <= 96 registers)
-RING_DIAG = ""                    # timing only (wrong results): "nodecode" | "notokens", see Fp4GroupedGemm
-RING_EVICT_FIRST = False          # weight TMAs with an L2 evict-first policy (tokens, re-read per row tile, stay)
-RING_MSHARE = False               # 2 warpgroups per CTA, one row tile each, sharing the token tile (no split-K)
-RING_SPIN = False                 # full-barrier waits as a plain try_wait loop (no suspend-time hint)
-DECODE_PAIR = False               # tile_n 8 ring: a CTA takes an expert's tiles 2i, 2i+1 (wgmma N 16, decode once) ...
-PAIR_MIN_ROWS = 4.0               # ... where the routed rows per hit expert average at least this (T >= ~170 at top-6)
-PAIR_WGMMA8 = False               # ... as two N=8 wgmma sets (always both) instead of one N=16 set
-PAIR_SPLIT = False                # ... as two launches: tiles without a partner at N=8, then only the pairs at N=16
+# (Variants whose ablations lost were removed in session 4, see notes/kernel.md "session 4 pruning": the persistent
+# Fp4DecodeGemm, one scale per prmt, the all-warps routing scan, and the ring's pairing / mshare / spin / evict-first
+# / min-CTAs / diagnostic options.)
 _COUNTERS: dict = {}
-_EVICT_FIRST = 0x12F0000000000000   # sm90 L2 cache-policy descriptor "evict first" (as CUTLASS's CacheHintSm90)
-
-
-def pick_decode_splits(tiles_bound: int, m_tiles: int, k_tiles: int, max_ctas: int) -> int:
-    """K slices for the persistent decode GEMM: the smallest power of 2 giving >= DECODE_ITEMS_PER_CTA items per CTA
-    (so the last item of a CTA, run alone at the end, is short), with an even k-tile count >= DECODE_MIN_K_TILES."""
-    splits = 1
-    while (tiles_bound * m_tiles * splits < DECODE_ITEMS_PER_CTA * max_ctas and k_tiles % (4 * splits) == 0
-           and k_tiles // (2 * splits) >= DECODE_MIN_K_TILES):
-        splits *= 2
-    return splits
 
 
 def pick_k_splits(num_rows: int, num_experts: int, m_tiles: int, k_tiles: int, num_sms: int) -> int:
@@ -1826,36 +1222,13 @@ def _split_counters(device, n: int) -> torch.Tensor:
 
 def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms: int):
     """_compile_gemm arguments of GEMM1 and GEMM2 for R routed rows (from the knobs above)."""
-    wgs, min_ctas = 1, 0
-    if DECODE_PERSISTENT and tile_n <= 16:
-        wgs = DECODE_WGS
-        # 2 warpgroups at tile_n 16 want 66-72 registers: cap them to 64 (4 CTAs per SM; ptxas fits it in 56)
-        min_ctas = 4 if wgs == 2 and tile_n == 16 else 0
-        max_ctas = max(1, int(DECODE_CTAS_PER_SM * sms))
-        smem = DECODE_PERSISTENT_SMEM
-        s1 = pick_decode_splits(min(E, R), 2 * inter // TILE_M, D // TILE_K, max_ctas)
-        s2 = pick_decode_splits(min(E, R), D // TILE_M, inter // TILE_K, max_ctas)
-    else:
-        max_ctas = 0
-        smem = DECODE_SMEM_BUDGET if tile_n <= 16 else 72 * 1024
-        s1 = pick_k_splits(R, E, 2 * inter // TILE_M, D // TILE_K, sms)
-        s2 = pick_k_splits(R, E, D // TILE_M, inter // TILE_K, sms)
+    smem = DECODE_SMEM_BUDGET if tile_n <= 16 else 72 * 1024
+    s1 = pick_k_splits(R, E, 2 * inter // TILE_M, D // TILE_K, sms)
+    s2 = pick_k_splits(R, E, D // TILE_M, inter // TILE_K, sms)
     gather = R <= GATHER_MAX_ROWS                         # the routing kernel gathers x (GEMM1 follows it)
-    ev = bool(max_ctas) and DECODE_EVICT_FIRST
-    ring1 = ring2 = ()
-    if DECODE_RING and not max_ctas and tile_n <= 16:
-        opts = [o for o in (RING_DIAG, "evict" if RING_EVICT_FIRST else "", "spin" if RING_SPIN else "") if o]
-        pair = DECODE_PAIR and tile_n == 8 and R >= PAIR_MIN_ROWS * min(E, R)
-
-        def ring(splits):
-            p8 = pair and PAIR_WGMMA8 and splits == 1
-            ps = pair and PAIR_SPLIT and splits == 1 and not p8
-            return (RING_STAGES, RING_REFILL_WARPS, RING_MIN_CTAS,
-                    " ".join(opts + (["mshare"] if RING_MSHARE and splits == 1 else []) + (["pair8"] if p8 else [])
-                             + (["pairsplit"] if ps else []))) + ((True,) if pair and not p8 and not ps else ())
-        ring1, ring2 = ring(s1), ring(s2)
-    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, gather, ev, ring1),
-            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, SCALE_PAIRS, max_ctas, wgs, min_ctas, False, ev, ring2))
+    ring = (RING_STAGES, RING_REFILL_WARPS) if DECODE_RING and tile_n <= 16 else ()
+    return ((fmt, tile_n, D, inter, True, s1, smem, USE_PDL, gather, ring),
+            (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, False, ring))
 
 
 def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
@@ -7159,55 +6532,30 @@ def gate_decode(gate, x, tokens):
 #   the next item while the consumers run the epilogue.
 
 PREFILL_TILE_N = 128          # tokens per tile (widest wgmma N)
-PREFILL_N_STEP = 128          # wgmma widths (int step or tuple): >1 width makes ptxas serialize the wgmmas (C7512)
-PREFILL_GATHER = False        # GEMM1 gathers its token rows itself (cp.async in the producer warpgroup)
-PREFILL_CLUSTER = 1           # 2: CTA pairs share (multicast) the token tile
-PREFILL_LEAN = True           # one shared epilogue (stmatrix + looped stores) instead of one per wgmma width
-PREFILL_ABLATE: dict = {}      # bench only: extra Fp4PrefillGemm options (decode=False, mma_width=96, ...)
-PREFILL_MIN_BLOCKS = True     # launch with min_blocks_per_mp=1 (see Fp4PrefillGemm.min_blocks)
+PREFILL_ABLATE: dict = {}      # bench only: timing-only Fp4PrefillGemm options (decode=False, mma_width=96,
+                               # epilogue="nomath" | "nostore"; all give wrong values)
 PREFILL_WIDTHS = None         # None: prefill_widths(T); (): one width (tile_n); e.g. (96, 128): one GEMM launch per
                               # wgmma width, each over the token tiles whose rows fit it best (tiles of the last width;
                               # an expert's partial tile goes to the narrowest width that holds it)
-PREFILL_ROUTING = False       # PrefillRouting (batched loads; tables + counts) also for one width, else MoeRouting
-PREFILL_SILU_TANH = False     # GEMM1's SwiGLU sigmoid as 0.5 (1 + tanh(h / 2)): one MUFU op instead of ex2 + rcp
 PREFILL_GATHER_KERNEL = True  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
-PREFILL_STORE_WARPS = False   # idle producer warps 1, 2 copy the consumers' bf16 tiles to global (epilogue overlap)
-PREFILL_WEIGHT_IN_COMBINE = False   # routing weight applied in PrefillCombine instead of GEMM1's epilogue
 PREFILL_MULTI_ROUTING = True    # routing over many CTAs (count, tables, place = gather): no single-SM atomics
-PREFILL_N_CHUNK = 0           # > 0: wgmmas this many tokens wide; a tile skips its chunks past its rows
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
+# (Variants whose ablations lost were removed in session 4, see notes/kernel.md "session 4 pruning": GEMM1 gathering
+# its token rows (cp.async), 2-CTA clusters, several wgmma widths or N chunks in one kernel, the per-width epilogue,
+# the launch without .minnctapersm, store warps, sigmoid via tanh, the routing weight in the combine, PrefillRouting
+# for one width.)
 SMEM_BYTES = 227 * 1024       # sm_90 dynamic smem per CTA
 PRODUCER_REGS, CONSUMER_REGS = 40, 232   # setmaxnreg split: 128 x 40 + 256 x 232 <= 64 K registers
 
-try:          # kernels.py's decode can take two blocks' scales in one register (scale pairs): 8 fewer ops per k-tile
-    _decode_asm(0), scale_pair_bf16x2
-    SCALE_PAIRS_OK = True
-except (TypeError, NameError):          # no CuTe DSL: the names do not exist
-    SCALE_PAIRS_OK = False
-
 
 if HAVE_CUTE:
-    from cutlass import Int64
-
-    @dsl_user_op
-    def cp_async_16B(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
-        """cp.async of 16 bytes global -> shared (L2-cached only); completion is signalled through an mbarrier."""
-        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
-                         "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", has_side_effects=True, loc=loc, ip=ip)
-
     @dsl_user_op
     def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         """(lo, hi) fp32 -> bf16x2 (lo in the low half), round to nearest even."""
         return Int32(_llvm.inline_asm(
             _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
             "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
-
-    @dsl_user_op
-    def tanh_approx(x: Float32, *, loc=None, ip=None) -> Float32:
-        """tanh.approx.f32 (one MUFU op; max relative error ~2^-11)."""
-        return Float32(_llvm.inline_asm(_T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "tanh.approx.f32 $0, $1;",
-                                        "=f,f", has_side_effects=False, loc=loc, ip=ip))
 
     @dsl_user_op
     def stmatrix_x4_trans(smem_addr: Int32, r0: Int32, r1: Int32, r2: Int32, r3: Int32, *, loc=None, ip=None):
@@ -7226,63 +6574,24 @@ if HAVE_CUTE:
         """
 
         def __init__(self, fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
-                     n_step=None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                     lean: bool = True, n_chunk: int = 0, min_blocks: bool = True, mma_width: int = 0,
-                     chain: str = "", silu_tanh: bool = False, store_warps: bool = False,
-                     row_weight: bool = True):
+                     epilogue: str = "", mma_width: int = 0, chain: str = ""):
             self.fmt, self.tile_n, self.swiglu, self.pdl = fmt, tile_n, swiglu, pdl
-            # n_chunk > 0: every wgmma is n_chunk tokens wide (one width: no C7512); a tile runs only the chunks that
-            # hold tokens (ceil(nrows / n_chunk) of tile_n / n_chunk), on slices of one shared accumulator
-            assert n_chunk == 0 or (lean and tile_n % n_chunk == 0 and n_chunk % 8 == 0)
-            self.n_chunk = n_chunk
-            # setmaxnreg split (128 x producer + 256 x consumer <= 64 K): the chunked mainloop holds more accumulator
-            # slices + B descriptors live, so it takes the 24 / 240 split (the gathering producer needs its 40)
-            self.regs = (PRODUCER_REGS, CONSUMER_REGS) if gather or not n_chunk else (24, 240)
-            # .minnctapersm 1 pins ptxas' register count at entry; without it ptxas may ignore setmaxnreg (C7508:
-            # then every warp gets 168 registers -> spills / serialized wgmmas, e.g. at tile_n 96 or chunked)
-            self.min_blocks = min_blocks
+            assert tile_n % 16 == 0
             # chain (PDL order of several GEMM launches over disjoint token tiles, see moe_fp4_prefill's widths):
             # "" = the only launch: trigger the dependents at once, wait for the previous kernel at the start;
             # "first" = the first of a chain: wait at the start, trigger the next launch only after that wait (so the
             # next one may read this one's inputs without waiting); "next" = a later launch: trigger at once, do not
             # wait at the start (its inputs are complete), wait at the end (its completion implies the previous
             # launch's, for the kernel after the chain)
-            assert chain in ("", "first", "next") and not (chain and (gather or cluster > 1))
+            assert chain in ("", "first", "next")
             self.chain = chain
-            # silu(h) = h / (1 + 2^(-h log2 e)) with ex2 + rcp (2 MUFU ops), or = 0.5 h (1 + tanh(h / 2)) (1 MUFU op)
-            self.silu_tanh = silu_tanh
-            # store_warps: consumer c leaves its bf16 tile in smem and goes on with the next item's mainloop; warp
-            # 1 + c of the producer warpgroup (idle otherwise) copies it to global (named barriers full / empty)
-            assert not (store_warps and (gather or not lean))
-            self.store_warps = store_warps
-            # row_weight False: GEMM1's epilogue leaves out the routing weight (PrefillCombine applies it per slot)
-            self.row_weight = row_weight
-            # wgmma widths compiled (a tile of nrows tokens runs the narrowest >= nrows): n_step int -> n_step,
-            # 2 n_step, ..., tile_n; or an explicit tuple ending in tile_n
-            n_step = tile_n if n_step is None else n_step
-            widths = tuple(range(n_step, tile_n + 1, n_step)) if isinstance(n_step, int) else tuple(sorted(n_step))
-            widths = tuple(range(n_chunk, tile_n + 1, n_chunk)) if n_chunk else widths
-            assert widths[-1] == tile_n and all(w_ % 16 == 0 for w_ in widths)
-            # mma_width: ablation only (wrong values): every tile runs ONE wgmma width, e.g. narrower than its rows,
-            # to time how much the MMAs alone cost
+            # one wgmma width per kernel, tile_n (several widths in one kernel make ptxas serialize the wgmmas, C7512)
+            # mma_width: ablation only (wrong values): every tile runs this wgmma width instead, e.g. narrower than
+            # its rows, to time how much the MMAs alone cost
             self.mma_width = mma_width
-            self.widths = (mma_width,) if mma_width else widths
             self.decode = decode        # False: ablation only (raw code words fed to wgmma: wrong values, no decode)
-            # False: ablation only, and NOT trustworthy (R2 timed it above the bf16 peak: work gets optimised away)
             # epilogue "nostore" / "nomath": ablations only (no global stores / no SwiGLU math, wrong values)
-            self.epi_mode = epilogue if isinstance(epilogue, str) else ""
-            self.epilogue = epilogue is not False
-            self.scale_pairs = SCALE_PAIRS_OK
-            # gather: B = the unsorted tokens x [T, K]; the producer warpgroup cp.asyncs the tile's rows src[row0 + n]
-            # itself (no index_select pass, no x_sorted buffer); else B = x_sorted via TMA
-            self.gather = gather
-            # cluster 2: two CTAs (row pairs 2P, 2P+1 of the same token tile) each TMA half of the token tile and
-            # multicast it to both: half the L2 -> smem token traffic. Needs an even number of row pairs.
-            assert cluster in (1, 2) and not (gather and cluster > 1)
-            self.cluster = cluster
-            # lean epilogue: one accumulator (tile_n wide) shared by all wgmma widths, so one epilogue copy; fp32 ->
-            # bf16x2 packs + stmatrix.trans into smem; the global stores loop over the tile's rows (not unrolled)
-            self.lean = lean
+            self.epi_mode = epilogue
             self.rec_bytes = record_bytes(fmt)
             self.rec_rows = self.rec_bytes // REC_ROW
             self.out_cols = 64 if swiglu else TILE_M            # output columns per consumer per item
@@ -7295,7 +6604,7 @@ if HAVE_CUTE:
         @cute.jit
         def __call__(self, mW: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mNumTiles: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
-                     mSrc: cute.Tensor, limit: Float32, num_ctas: Int32, stream):
+                     limit: Float32, num_ctas: Int32, stream):
             tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
                 tiler_mn=(64, self.tile_n), a_source=warpgroup.OperandSource.RMEM)
@@ -7309,8 +6618,8 @@ if HAVE_CUTE:
                 cpasync.CopyBulkTensorTileG2SOp(), mW, cute.slice_(w_smem_layout, (None, None, 0)),
                 (REC_ROW, self.rec_rows))
             tma_b, tma_mB = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cluster > 1 else cpasync.CopyBulkTensorTileG2SOp(),
-                mB, cute.slice_(b_smem_layout, (None, None, 0)), (self.tile_n, TILE_K), num_multicast=self.cluster)
+                cpasync.CopyBulkTensorTileG2SOp(), mB, cute.slice_(b_smem_layout, (None, None, 0)),
+                (self.tile_n, TILE_K))
 
             @cute.struct
             class SharedStorage:
@@ -7322,15 +6631,17 @@ if HAVE_CUTE:
             self.shared_storage = SharedStorage
             k_tiles = cute.size(mB, mode=[1]) // TILE_K
             m_pairs = cute.size(mOut, mode=[1]) // (2 * self.out_cols)
-            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mB, mOut, mTiles, mNumTiles, mAlpha0, mAlpha1,
-                        mRowW, mSrc, limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
-                grid=[num_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[self.cluster, 1, 1], stream=stream,
-                use_pdl=self.pdl, min_blocks_per_mp=1 if self.min_blocks else 0)
+            # .minnctapersm 1 pins ptxas' register count at entry; without it ptxas may ignore setmaxnreg (C7508:
+            # then every warp keeps the launch's 168 registers -> spills / serialized wgmmas, e.g. at tile_n 96)
+            self.kernel(tiled_mma, tma_w, tma_mW, tma_b, tma_mB, mOut, mTiles, mNumTiles, mAlpha0, mAlpha1, mRowW,
+                        limit, k_tiles, m_pairs, w_smem_layout, b_smem_layout, epi_layout).launch(
+                grid=[num_ctas, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl,
+                min_blocks_per_mp=1)
 
         @cute.kernel
         def kernel(self, tiled_mma: cute.TiledMma, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_b: cute.CopyAtom,
-                   mB: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mNumTiles: cute.Tensor,
-                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, mSrc: cute.Tensor, limit: Float32,
+                   mB: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, mNumTiles: cute.Tensor,
+                   mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
                    k_tiles: Int32, m_pairs: Int32,
                    w_smem_layout: cute.Layout, b_smem_layout: cute.ComposedLayout, epi_layout: cute.Layout):
             tidx, _, _ = cute.arch.thread_idx()
@@ -7345,20 +6656,15 @@ if HAVE_CUTE:
                 cpasync.prefetch_descriptor(tma_b)
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
-            # full barrier: TMA bytes (+ one cp.async arrival per producer thread when gathering)
-            tx_bytes = 2 * self.rec_bytes + (0 if self.gather else self.tile_n * TILE_K * 2)
-            # empty barrier: one arrival per consumer warp of every CTA whose TMA writes this CTA's stage
+            # full barrier: TMA bytes; empty barrier: one arrival per consumer warp
+            tx_bytes = 2 * self.rec_bytes + self.tile_n * TILE_K * 2
             pipe = pipeline.PipelineTmaAsync.create(
                 barrier_storage=storage.bars.data_ptr(), num_stages=self.stages,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 129 if self.gather else 1),
-                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8 * self.cluster),
-                tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, self.cluster, 1, 1)), defer_sync=False)
-            rank = Int32(0)
-            if const_expr(self.cluster > 1):
-                rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-            first = bid // self.cluster                      # items are per cluster: (token tile j, pair group P)
-            step = nctas // self.cluster
-            groups = m_pairs // self.cluster                 # the cluster's CTA r takes row pair p = cluster*P + r
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8),
+                tx_count=tx_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=False)
+            # work items w = (token tile j, row pair p), p fastest: CTA bid takes bid, bid + grid, ...
+            groups = m_pairs
             sW = storage.sW.get_tensor(w_smem_layout)
             sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
             # token tiles in the table (a width class's table: its count; entries past it have rows = 0)
@@ -7366,19 +6672,16 @@ if HAVE_CUTE:
 
             if wg == 0:
                 # ---------------------------------------------------------------- producer warpgroup (warp 0 works)
-                cute.arch.setmaxregister_decrease(self.regs[0])
-                if const_expr(self.gather):
-                    self.produce_gathered(pipe, tma_w, mW, sW, mX, mSrc, mTiles, storage.sB.data_ptr(), first, step,
-                                          n_items, groups, rank, k_tiles, tidx, warp_idx)
-                elif warp_idx == 0:
+                cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+                if warp_idx == 0:
                     if const_expr(self.pdl and self.chain != "next"):
                         cute.arch.griddepcontrol_wait()       # the tokens come from the previous kernel
                         if const_expr(self.chain == "first"):
                             cute.arch.griddepcontrol_launch_dependents()
                     prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                    for w in cutlass.range(first, n_items, step, unroll=1):
+                    for w in cutlass.range(bid, n_items, nctas, unroll=1):
                         j = w // groups
-                        p = (w - j * groups) * self.cluster + rank
+                        p = w - j * groups
                         expert = mTiles[j, 0]
                         row0 = mTiles[j, 1]
                         nrows = mTiles[j, 2]
@@ -7389,7 +6692,7 @@ if HAVE_CUTE:
                                                                cute.group_modes(gW, 0, 2))
                             gB = cute.local_tile(cute.domain_offset((row0, 0), mB), (self.tile_n, TILE_K),
                                                  (0, None))
-                            tBsB, tBgB = cpasync.tma_partition(tma_b, rank, cute.make_layout(self.cluster),
+                            tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1),
                                                                cute.group_modes(sB, 0, 2),
                                                                cute.group_modes(gB, 0, 2))
                             rec_a = 2 * p * k_tiles                  # record (m-tile 2p, k 0); m-tile 2p+1 follows
@@ -7400,22 +6703,12 @@ if HAVE_CUTE:
                                           tma_bar_ptr=bar)
                                 cute.copy(tma_w, tWgW[(None, rec_a + k_tiles + kt)],
                                           tWsW[(None, 2 * prod.index + 1)], tma_bar_ptr=bar)
-                                if const_expr(self.cluster > 1):
-                                    cute.copy(tma_b, tBgB[(None, kt)], tBsB[(None, prod.index)], tma_bar_ptr=bar,
-                                              mcast_mask=cutlass.Int16((1 << self.cluster) - 1))
-                                else:
-                                    cute.copy(tma_b, tBgB[(None, kt)], tBsB[(None, prod.index)], tma_bar_ptr=bar)
+                                cute.copy(tma_b, tBgB[(None, kt)], tBsB[(None, prod.index)], tma_bar_ptr=bar)
                                 pipe.producer_commit(prod)
                                 prod.advance()
-                    if const_expr(self.cluster > 1):
-                        pipe.producer_tail(prod)      # stay until the peer CTA has released every stage
-                elif const_expr(self.store_warps):
-                    if warp_idx < 3:
-                        self.store_rows(storage.sOut.get_tensor(epi_layout)[None, None, warp_idx - 1], mOut, mTiles,
-                                        first, step, n_items, groups, rank, warp_idx - 1, tidx % 32)
             else:
                 # ---------------------------------------------------------------- consumer warpgroups 1, 2
-                cute.arch.setmaxregister_increase(self.regs[1])
+                cute.arch.setmaxregister_increase(CONSUMER_REGS)
                 if const_expr(self.pdl and self.chain != "next"):
                     cute.arch.griddepcontrol_wait()           # our outputs may still be read by the previous kernel
                     if const_expr(self.chain == "first"):
@@ -7440,192 +6733,94 @@ if HAVE_CUTE:
                 quad = ltid // 4
                 sOut = storage.sOut.get_tensor(epi_layout)[None, None, c]       # (tile_n, pitch) bf16
                 epi_bar = pipeline.NamedBarrier(barrier_id=1 + c, num_threads=128)
-                vpr = self.out_cols // 8                                         # 16-B vectors per output row
-                rpp = 128 // vpr                                                 # rows per store pass
-                vcol = ltid % vpr
-                vrow = ltid // vpr
 
                 acc_full = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
-                acc_chunks = []                   # n_chunk: one accumulator per chunk (views of acc_full: C7512)
-                for ch in cutlass.range_constexpr(self.tile_n // self.n_chunk if self.n_chunk else 0):
-                    acc_chunks.append(cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.n_chunk)),
-                                                            Float32))
-                acc_epi = acc_chunks if self.n_chunk else acc_full
                 lane = ltid % 32
                 q = lane // 8                     # stmatrix: this thread addresses row lane % 8 of tile q
                 s_addr = (storage.sOut.data_ptr().toint() + c * (self.tile_n * self.out_pitch * 2)
                           + (((8 * (q // 2) + lane % 8) * self.out_pitch + 16 * (ltid // 32) + 8 * (q % 2)) * 2))
+                # the wgmma (width nv, one per kernel) accumulates into the first nv / 8 column groups of acc_full
+                nv = self.mma_width if self.mma_width else self.tile_n
+                mma_v = sm90_utils.make_trivial_tiled_mma(
+                    BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
+                    tiler_mn=(64, nv), a_source=warpgroup.OperandSource.RMEM)
+                mma_v.set(warpgroup.Field.ACCUMULATE, True)
+                thr_v = mma_v.get_slice(ltid)
+                sB_v = cute.composition(cute.domain_offset((0, 0, 0), sB), cute.make_layout(
+                    (nv, TILE_K, self.stages), stride=(1, self.tile_n, self.tile_n * TILE_K)))
+                tCrB = mma_v.make_fragment_B(thr_v.partition_B(sB_v))
+                acc = cute.make_tensor(acc_full.iterator, cute.make_layout(
+                    ((2, 2, nv // 8), 2, 1), stride=((1, 2, 4), self.tile_n // 2, 0)))
 
                 cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                 rel = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-                for w in cutlass.range(first, n_items, step, unroll=1):
+                for w in cutlass.range(bid, n_items, nctas, unroll=1):
                     j = w // groups
-                    p = (w - j * groups) * self.cluster + rank
+                    p = w - j * groups
                     expert = mTiles[j, 0]
                     row0 = mTiles[j, 1]
                     nrows = mTiles[j, 2]
-                    # one mainloop per wgmma width nv in self.widths: a tile of nrows tokens runs the narrowest
-                    # that covers it (the B tile is always loaded whole; rows >= nv unused)
-                    if const_expr(self.lean):
-                        if nrows > 0:
-                            if const_expr(self.n_chunk):
-                                for ch in cutlass.range_constexpr(len(acc_chunks)):
-                                    acc_chunks[ch].fill(0.0)
-                            else:
-                                acc_full.fill(0.0)
-                    for vi in cutlass.range_constexpr(len(self.widths)):
-                        nv = self.widths[vi]
-                        if nrows > (self.widths[vi - 1] if vi > 0 else 0) and (nrows <= nv or self.mma_width):
-                            nw = self.n_chunk if self.n_chunk else nv          # wgmma width
-                            n_chk = self.tile_n // self.n_chunk if self.n_chunk else 1
-                            mma_v = sm90_utils.make_trivial_tiled_mma(
-                                BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1),
-                                tiler_mn=(64, nw), a_source=warpgroup.OperandSource.RMEM)
-                            mma_v.set(warpgroup.Field.ACCUMULATE, True)
-                            thr_v = mma_v.get_slice(ltid)
-                            # chunk ch: B rows ch*nw .. ch*nw+nw-1 (multiples of 8 rows = whole 1 KB swizzle atoms)
-                            tCrBs = []
-                            accs = []
-                            for ch in cutlass.range_constexpr(n_chk):
-                                sB_v = cute.composition(cute.domain_offset((ch * nw, 0, 0), sB), cute.make_layout(
-                                    (nw, TILE_K, self.stages), stride=(1, self.tile_n, self.tile_n * TILE_K)))
-                                tCrBs.append(mma_v.make_fragment_B(thr_v.partition_B(sB_v)))
-                                if const_expr(self.n_chunk):
-                                    accs.append(acc_chunks[ch])
-                                elif const_expr(self.lean):  # the first nv/8 column groups of the shared accumulator
-                                    accs.append(cute.make_tensor(acc_full.iterator, cute.make_layout(
-                                        ((2, 2, nw // 8), 2, 1), stride=((1, 2, 4), self.tile_n // 2, 0))))
-                            tCrB = tCrBs[0]
-                            if const_expr(self.lean):
-                                acc = accs[0]
-                            else:
-                                acc = cute.make_rmem_tensor(thr_v.partition_shape_C((TILE_M, nv)), Float32)
-                                acc.fill(0.0)
-                            tCcC = thr_v.partition_C(cute.make_identity_tensor((TILE_M, nv)))
-                            for kt in cutlass.range(0, k_tiles, 2, unroll=1):
-                                for h in cutlass.range_constexpr(2):
-                                    frag = frags[h]
-                                    pipe.consumer_wait(cons)
-                                    if const_expr(self.gather):
-                                        cute.arch.fence_view_async_shared()     # cp.async rows -> wgmma reads
-                                    slot = 2 * cons.index + c
-                                    for a in cutlass.range_constexpr(2):
-                                        cute.autovec_copy(sW32[None, ltid, a, slot], codes[None, a])
-                                    for a in cutlass.range_constexpr(2):
-                                        cute.autovec_copy(sS32[None, quad, a, slot], scl[None, a])
-                                    for a in cutlass.range_constexpr(2):
-                                        for kb in cutlass.range_constexpr(4 if self.decode else 0):
-                                            half = -1
-                                            if const_expr(self.scale_pairs):
-                                                # one register holds the scales of two k16 blocks (nvfp4) or the
-                                                # two k32 groups (mxfp4); the decode's HMUL2 picks its half
-                                                if const_expr(self.fmt == "nvfp4"):
-                                                    b0, half = kb - kb % 2, kb % 2
-                                                    s_r = scale_pair_bf16x2(scl[0, a], b0, self.fmt, b0 + 1)
-                                                    s_r8 = scale_pair_bf16x2(scl[1, a], b0, self.fmt, b0 + 1)
-                                                else:
-                                                    half = kb // 2
-                                                    s_r = scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1)
-                                                    s_r8 = scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3)
-                                            elif const_expr(self.fmt == "nvfp4"):
-                                                s_r = scale_pair_bf16x2(scl[0, a], kb, self.fmt)
-                                                s_r8 = scale_pair_bf16x2(scl[1, a], kb, self.fmt)
-                                            else:
-                                                s_r = scale_pair_bf16x2(scl[0, a], kb // 2, self.fmt)
-                                                s_r8 = scale_pair_bf16x2(scl[0, a], 2 + kb // 2, self.fmt)
-                                            if const_expr(half >= 0):
-                                                r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8, half)
-                                            else:
-                                                r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8)
-                                            frag[(0, 0, 0), a, kb] = r0
-                                            frag[(0, 1, 0), a, kb] = r1
-                                            frag[(0, 0, 1), a, kb] = r2
-                                            frag[(0, 1, 1), a, kb] = r3
-                                        for kb in cutlass.range_constexpr(0 if self.decode else 4):
-                                            frag[(0, 0, 0), a, kb] = codes[kb, a]
-                                            frag[(0, 1, 0), a, kb] = codes[kb, a] ^ scl[0, a]
-                                            frag[(0, 0, 1), a, kb] = codes[kb, a]
-                                            frag[(0, 1, 1), a, kb] = codes[kb, a] ^ scl[0, a]
-                                    warpgroup.fence()
-                                    for kb in cutlass.range_constexpr(4):
-                                        for ch in cutlass.range_constexpr(n_chk):
-                                            if const_expr(ch == 0):
-                                                cute.gemm(mma_v, acc, (frag0, frag1)[h][None, None, kb],
-                                                          tCrB[None, None, kb, cons.index], acc)
-                                            elif const_expr(ch < nv // nw):     # the chunks that hold rows
-                                                cute.gemm(mma_v, accs[ch], (frag0, frag1)[h][None, None, kb],
-                                                          tCrBs[ch][None, None, kb, cons.index], accs[ch])
-                                    warpgroup.commit_group()
-                                    warpgroup.wait_group(1)
-                                    if kt + h > 0:
-                                        pipe.consumer_release(rel)
-                                        rel.advance()
-                                    cons.advance()
-                            warpgroup.wait_group(0)
-                            pipe.consumer_release(rel)
-                            rel.advance()
-
-                            # epilogue: acc (m, n) = weight row m of this consumer's record, token n of the tile
-                            if const_expr(self.lean):
-                                pass
-                            elif const_expr(not self.epilogue):
-                                if acc[0, 0, 0] == 1.2345:               # keeps the MMAs; never true in the bench
-                                    mOut[row0, 0] = acc[0, 0, 0].to(BFloat16)
-                            if const_expr(not self.lean):
-                                epi_bar.arrive_and_wait()                # the previous item's smem reads are done
-                            if const_expr(self.lean or not self.epilogue):
-                                pass
-                            elif const_expr(self.swiglu):
-                                a_gate = mAlpha0[expert]
-                                a_up = mAlpha1[expert]
-                                for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                                    m, n = tCcC[v, 0, 0]
-                                    hh = cute.math.min(acc[v, 0, 0] * a_gate, limit)
-                                    uu = cute.math.max(cute.math.min(acc[v, 1, 0] * a_up, limit), -limit)
-                                    rw = mRowW[row0 + cutlass.min(n, nrows - 1)]
-                                    # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7,
-                                    # far below the bf16 rounding of a)
-                                    sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
-                                    act = rw * hh * sig * uu
-                                    sOut[n, m] = act.to(BFloat16)
-                            else:
-                                a_down = mAlpha0[expert]
-                                for v in cutlass.range_constexpr(cute.size(acc, mode=[0])):
-                                    for a in cutlass.range_constexpr(2):
-                                        m, n = tCcC[v, a, 0]
-                                        sOut[n, m] = (acc[v, a, 0] * a_down).to(BFloat16)
-                            if const_expr(not self.lean):
-                                epi_bar.arrive_and_wait()
-                            col_vec = ((2 * p + c) * self.out_cols) // 8 + vcol
-                            for ps in cutlass.range_constexpr(
-                                    (nv + rpp - 1) // rpp if self.epilogue and not self.lean else 0):
-                                n = ps * rpp + vrow
-                                if n < nrows:
-                                    cute.autovec_copy(cute.local_tile(sOut, (1, 8), (n, vcol)),
-                                                      cute.local_tile(mOut, (1, 8), (row0 + n, col_vec)))
-                    if const_expr(self.lean):
-                        if nrows > 0:
-                            self.lean_epilogue(acc_epi, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit,
-                                               expert, row0, nrows, p, c, ltid)
-                if const_expr(self.store_warps):              # matches the store warp's last 'tile free' arrival
-                    pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160).arrive_and_wait()
+                    if nrows > 0:
+                        acc_full.fill(0.0)
+                    if nrows > 0 and (nrows <= nv or self.mma_width):
+                        for kt in cutlass.range(0, k_tiles, 2, unroll=1):
+                            for h in cutlass.range_constexpr(2):
+                                frag = frags[h]
+                                pipe.consumer_wait(cons)
+                                slot = 2 * cons.index + c
+                                for a in cutlass.range_constexpr(2):
+                                    cute.autovec_copy(sW32[None, ltid, a, slot], codes[None, a])
+                                for a in cutlass.range_constexpr(2):
+                                    cute.autovec_copy(sS32[None, quad, a, slot], scl[None, a])
+                                for a in cutlass.range_constexpr(2):
+                                    for kb in cutlass.range_constexpr(4 if self.decode else 0):
+                                        # one register holds the scales of two k16 blocks (nvfp4) or the two k32
+                                        # groups (mxfp4); the decode's HMUL2 picks its half
+                                        if const_expr(self.fmt == "nvfp4"):
+                                            b0, half = kb - kb % 2, kb % 2
+                                            s_r = scale_pair_bf16x2(scl[0, a], b0, self.fmt, b0 + 1)
+                                            s_r8 = scale_pair_bf16x2(scl[1, a], b0, self.fmt, b0 + 1)
+                                        else:
+                                            half = kb // 2
+                                            s_r = scale_pair_bf16x2(scl[0, a], 0, self.fmt, 1)
+                                            s_r8 = scale_pair_bf16x2(scl[0, a], 2, self.fmt, 3)
+                                        r0, r1, r2, r3 = decode_fp4x8_scaled(codes[kb, a], s_r, s_r8, half)
+                                        frag[(0, 0, 0), a, kb] = r0
+                                        frag[(0, 1, 0), a, kb] = r1
+                                        frag[(0, 0, 1), a, kb] = r2
+                                        frag[(0, 1, 1), a, kb] = r3
+                                    for kb in cutlass.range_constexpr(0 if self.decode else 4):   # timing only
+                                        frag[(0, 0, 0), a, kb] = codes[kb, a]
+                                        frag[(0, 1, 0), a, kb] = codes[kb, a] ^ scl[0, a]
+                                        frag[(0, 0, 1), a, kb] = codes[kb, a]
+                                        frag[(0, 1, 1), a, kb] = codes[kb, a] ^ scl[0, a]
+                                warpgroup.fence()
+                                for kb in cutlass.range_constexpr(4):
+                                    cute.gemm(mma_v, acc, (frag0, frag1)[h][None, None, kb],
+                                              tCrB[None, None, kb, cons.index], acc)
+                                warpgroup.commit_group()
+                                warpgroup.wait_group(1)
+                                if kt + h > 0:
+                                    pipe.consumer_release(rel)
+                                    rel.advance()
+                                cons.advance()
+                        warpgroup.wait_group(0)
+                        pipe.consumer_release(rel)
+                        rel.advance()
+                    if nrows > 0:
+                        # acc (m, n) = weight row m of this consumer's record, token n of the tile
+                        self.epilogue(acc_full, sOut, s_addr, epi_bar, mOut, mAlpha0, mAlpha1, mRowW, limit, expert,
+                                      row0, nrows, p, c, ltid)
                 if const_expr(self.pdl and self.chain == "next"):
                     cute.arch.griddepcontrol_wait()           # complete only after the previous launch of the chain
 
         @cute.jit
-        def lean_epilogue(self, acc, sOut: cute.Tensor, s_addr, epi_bar, mOut: cute.Tensor, mAlpha0: cute.Tensor,
-                          mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, p, c, ltid):
-            """acc ((2,2,tile_n/8), atom, 1) fp32 -> bf16 out rows row0..row0+nrows-1, this consumer's columns.
+        def epilogue(self, acc, sOut: cute.Tensor, s_addr, epi_bar, mOut: cute.Tensor, mAlpha0: cute.Tensor,
+                     mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, expert, row0, nrows, p, c, ltid):
+            """acc ((2,2,tile_n/8), atom, 1) fp32 -> (SwiGLU | alpha) -> bf16x2 packs -> stmatrix.trans into the
+            padded smem tile -> out rows row0..row0+nrows-1, this consumer's columns (16-B vectors).
             Fragment register (i, jh, g) of atom a = (row 16 w + lane/4 + 8 jh + 64 a, token 8 g + 2 (lane%4) + i)."""
-            if const_expr(self.store_warps):                 # the store warp has read the previous item's tile
-                pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160).arrive_and_wait()
-            else:
-                epi_bar.arrive_and_wait()                    # the previous item's smem reads are done
-            if const_expr(self.n_chunk):                     # acc = list of per-chunk accumulators
-                gpc = self.n_chunk // 8
-                accv = lambda i, jh, g, a: acc[g // gpc][(i, jh, g % gpc), a, 0]   # noqa: E731
-            else:
-                accv = lambda i, jh, g, a: acc[(i, jh, g), a, 0]                   # noqa: E731
+            epi_bar.arrive_and_wait()                        # the previous item's smem reads are done
             if const_expr(self.swiglu):
                 a_gate = mAlpha0[expert]
                 a_up = mAlpha1[expert]
@@ -7637,18 +6832,13 @@ if HAVE_CUTE:
                         pair = []
                         for i in cutlass.range_constexpr(2):
                             tok = 8 * g + 2 * (lane % 4) + i
-                            hh = cute.math.min(accv(i, jh, g, 0) * a_gate, limit)
-                            uu = cute.math.max(cute.math.min(accv(i, jh, g, 1) * a_up, limit), -limit)
-                            rw = Float32(1.0)
-                            if const_expr(self.row_weight):
-                                rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
-                            # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
+                            hh = cute.math.min(acc[(i, jh, g), 0, 0] * a_gate, limit)
+                            uu = cute.math.max(cute.math.min(acc[(i, jh, g), 1, 0] * a_up, limit), -limit)
+                            rw = mRowW[row0 + cutlass.min(tok, nrows - 1)]
                             if const_expr(self.epi_mode == "nomath"):          # ablation only
-                                pair.append(accv(i, jh, g, 0) + accv(i, jh, g, 1))
-                            elif const_expr(self.silu_tanh):
-                                hh2 = 0.5 * hh
-                                pair.append(rw * (hh2 + hh2 * tanh_approx(hh2)) * uu)
+                                pair.append(acc[(i, jh, g), 0, 0] + acc[(i, jh, g), 1, 0])
                             else:
+                                # silu(h) = h / (1 + e^-h): ex2.approx + rcp.approx (fp32 error ~1e-7 << bf16 rounding)
                                 sig = cute.arch.rcp_approx(1.0 + cute.math.exp(-hh, fastmath=True))
                                 pair.append(rw * hh * sig * uu)
                         regs.append(pack_bf16x2(pair[0], pair[1]))
@@ -7660,17 +6850,10 @@ if HAVE_CUTE:
                         regs = []
                         for qq in cutlass.range_constexpr(4):
                             jh, g = qq % 2, 2 * s + qq // 2
-                            regs.append(pack_bf16x2(accv(0, jh, g, a) * a_down, accv(1, jh, g, a) * a_down))
+                            regs.append(pack_bf16x2(acc[(0, jh, g), a, 0] * a_down, acc[(1, jh, g), a, 0] * a_down))
                         stmatrix_x4_trans(s_addr + (16 * s * self.out_pitch + 64 * a) * 2, regs[0], regs[1],
                                           regs[2], regs[3])
-            if const_expr(self.store_warps):                 # the tile is in smem: the store warp takes over
-                pipeline.NamedBarrier(barrier_id=3 + c, num_threads=160).arrive()
-            else:
-                self.store_tile(sOut, mOut, row0, nrows, p, c, ltid, epi_bar)
-
-        @cute.jit
-        def store_tile(self, sOut: cute.Tensor, mOut: cute.Tensor, row0, nrows, p, c, ltid, epi_bar):
-            """The consumer warpgroup copies its bf16 tile (smem) to out rows row0.., 16-B vectors."""
+            # the consumer warpgroup copies its bf16 tile (smem) to out rows row0.., 16-B vectors
             epi_bar.arrive_and_wait()
             vpr = self.out_cols // 8                         # 16-B vectors per output row
             rpp = 128 // vpr                                 # rows per pass
@@ -7679,91 +6862,6 @@ if HAVE_CUTE:
             for r in cutlass.range(ltid // vpr, nrows if self.epi_mode != "nostore" else 0, rpp, unroll=1):
                 cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r, vcol)),
                                   cute.local_tile(mOut, (1, 8), (row0 + r, col_vec)))
-
-        @cute.jit
-        def store_rows(self, sOut: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor, first, step, n_items, groups,
-                       rank, c, lane):
-            """Store warp of consumer c (store_warps): for each item of this CTA with rows, wait until consumer c has
-            its bf16 tile in smem (barrier 3 + c), copy the nrows rows to out (16-B vectors, 4 per lane in flight),
-            then free the tile (barrier 5 + c)."""
-            full = pipeline.NamedBarrier(barrier_id=3 + c, num_threads=160)
-            empty = pipeline.NamedBarrier(barrier_id=5 + c, num_threads=160)
-            vpr = self.out_cols // 8                         # 16-B vectors per output row
-            rpp = 32 // vpr                                  # rows per warp instruction
-            vcol = lane % vpr
-            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(4)]
-            empty.arrive_unaligned()                         # the tile starts free
-            for w in cutlass.range(first, n_items, step, unroll=1):
-                j = w // groups
-                p = (w - j * groups) * self.cluster + rank
-                row0 = mTiles[j, 1]
-                nrows = mTiles[j, 2]
-                if nrows > 0:
-                    full.wait_unaligned()
-                    col_vec = ((2 * p + c) * self.out_cols) // 8 + vcol
-                    for r0 in cutlass.range(lane // vpr, nrows, 4 * rpp, unroll=1):
-                        for i in cutlass.range_constexpr(4):
-                            if r0 + i * rpp < nrows:
-                                cute.autovec_copy(cute.local_tile(sOut, (1, 8), (r0 + i * rpp, vcol)), v[i])
-                        for i in cutlass.range_constexpr(4):
-                            if r0 + i * rpp < nrows:
-                                cute.autovec_copy(v[i], cute.local_tile(mOut, (1, 8), (row0 + r0 + i * rpp,
-                                                                                      col_vec)))
-                    empty.arrive_unaligned()
-
-        @cute.jit
-        def produce_gathered(self, pipe, tma_w: cute.CopyAtom, mW: cute.Tensor, sW: cute.Tensor, mX: cute.Tensor,
-                             mSrc: cute.Tensor, mTiles: cute.Tensor, sB_ptr, first, step, n_items, groups, rank,
-                             k_tiles, tidx, warp_idx):
-            """Producer warpgroup, gather mode: warp 0 TMAs the two weight records of a stage (arrive + expect tx);
-            each of the 128 threads cp.asyncs 8 16-B chunks of the token tile (thread t: k chunk t % 8 of rows
-            t // 8 + 16 i) from x[src[row0 + row]] into the 128B-swizzled B stage, then arrives (noinc) on the
-            stage's full barrier when they land. Rows >= nrows are not loaded (their columns are never stored)."""
-            if const_expr(self.pdl):
-                cute.arch.griddepcontrol_wait()               # src (routing) and x come from earlier kernels
-            ch = tidx % 8
-            rsub = tidx // 8
-            row_bytes = cute.size(mX, mode=[1]) * 2
-            x_base = mX.iterator.toint()
-            s_base = sB_ptr.toint()
-            tok = cute.make_rmem_tensor((self.tile_n // 16,), Int32)
-            prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-            for w in cutlass.range(first, n_items, step, unroll=1):
-                j = w // groups
-                p = (w - j * groups) * self.cluster + rank
-                expert = mTiles[j, 0]
-                row0 = mTiles[j, 1]
-                nrows = mTiles[j, 2]
-                if nrows > 0:
-                    gW = mW[None, None, None, expert]
-                    tWsW, tWgW = cpasync.tma_partition(tma_w, 0, cute.make_layout(1), cute.group_modes(sW, 0, 2),
-                                                       cute.group_modes(gW, 0, 2))
-                    rec_a = 2 * p * k_tiles
-                    for i in cutlass.range_constexpr(self.tile_n // 16):
-                        r = 16 * i + rsub
-                        tok[i] = -1
-                        if r < nrows:
-                            tok[i] = mSrc[row0 + r]
-                    for kt in cutlass.range(k_tiles, unroll=1):
-                        if warp_idx == 0:
-                            pipe.producer_acquire(prod)
-                            bar = pipe.producer_get_barrier(prod)
-                            cute.copy(tma_w, tWgW[(None, rec_a + kt)], tWsW[(None, 2 * prod.index)],
-                                      tma_bar_ptr=bar)
-                            cute.copy(tma_w, tWgW[(None, rec_a + k_tiles + kt)],
-                                      tWsW[(None, 2 * prod.index + 1)], tma_bar_ptr=bar)
-                        else:
-                            pipe.sync_object_empty.wait(prod.index, prod.phase)
-                        stage_base = s_base + prod.index * (self.tile_n * TILE_K * 2)
-                        for i in cutlass.range_constexpr(self.tile_n // 16):
-                            r = 16 * i + rsub
-                            if tok[i] >= 0:
-                                src = x_base + Int64(tok[i]) * row_bytes + (kt * TILE_K + ch * 8) * 2
-                                # Swizzle<3,4,3> of the K-major 128-B rows: 16-B chunk ch of row r at ch ^ (r % 8)
-                                dst = stage_base + r * 128 + ((ch ^ (r % 8)) * 16)
-                                cp_async_16B(dst, src)
-                        cute.arch.cp_async_mbarrier_arrive_noinc(pipe.producer_get_barrier(prod))
-                        prod.advance()
 
 
     class PrefillRouting(MoeRouting):
@@ -8125,67 +7223,14 @@ if HAVE_CUTE:
                             cute.autovec_copy(v[r * self.cols + j],
                                               cute.local_tile(mXs, (1, 8), (row, j * self.threads + tidx)))
 
-    class PrefillCombine:
-        """y[t] = sum over slots j = 0..k-1 (this order, fp32) of w[t, j] * y_rows[pos[t*k + j]] -> bf16 (slots with
-        pos = R add nothing): MoeCombine with the routing weight applied here instead of in GEMM1's epilogue, and
-        every slot's row load in flight before the sum. One thread per 8 columns, grid (T, D / 8 / threads)."""
-
-        def __init__(self, top_k: int, dim: int, pdl: bool = False):
-            self.k, self.dim, self.pdl = top_k, dim, pdl
-            vecs = dim // 8
-            self.threads = 128
-            while vecs % self.threads:
-                self.threads //= 2
-            self.col_blocks = vecs // self.threads
-
-        @cute.jit
-        def __call__(self, mY: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, stream):
-            num_tokens = cute.size(mOut, mode=[0])
-            self.kernel(mY, mPos, mW, mOut).launch(grid=[num_tokens, self.col_blocks, 1],
-                                                   block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
-
-        @cute.kernel
-        def kernel(self, mY: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
-            tidx, _, _ = cute.arch.thread_idx()
-            tok, cb, _ = cute.arch.block_idx()
-            R = cute.size(mY, mode=[0])
-            vec = cb * self.threads + tidx
-            if const_expr(self.pdl):
-                cute.arch.griddepcontrol_wait()                    # y_rows is written by the previous kernel
-            rows = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.k)]
-            ps = []
-            for j in cutlass.range_constexpr(self.k):
-                ps.append(mPos[tok * self.k + j])
-            for j in cutlass.range_constexpr(self.k):
-                rows[j].fill(0.0)
-                if ps[j] < R:
-                    cute.autovec_copy(cute.local_tile(mY, (1, 8), (ps[j], vec)), rows[j])
-            acc = cute.make_rmem_tensor((1, 8), Float32)
-            acc.fill(0.0)
-            for j in cutlass.range_constexpr(self.k):
-                acc.store(acc.load() + rows[j].load().to(Float32) * mW[tok * self.k + j])
-            v = cute.make_rmem_tensor((1, 8), BFloat16)
-            v.store(acc.load().to(BFloat16))
-            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, vec)))
 
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
-                          n_step: int | None = None, epilogue: bool = True, gather: bool = False, cluster: int = 1,
-                          lean: bool | None = None, n_chunk: int | None = None, min_blocks: bool | None = None,
-                          mma_width: int = 0, chain: str = "", silu_tanh: bool | None = None,
-                          store_warps: bool | None = None, row_weight: bool = True):
+                          epilogue: str = "", mma_width: int = 0, chain: str = ""):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
-    n_step = PREFILL_N_STEP if n_step is None else n_step
-    lean = PREFILL_LEAN if lean is None else lean
-    n_chunk = PREFILL_N_CHUNK if n_chunk is None else n_chunk
-    min_blocks = PREFILL_MIN_BLOCKS if min_blocks is None else min_blocks
-    silu_tanh = PREFILL_SILU_TANH if silu_tanh is None else silu_tanh
-    store_warps = (PREFILL_STORE_WARPS and not gather) if store_warps is None else store_warps
-    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, SCALE_PAIRS_OK,
-              n_chunk, min_blocks, mma_width, chain, silu_tanh, store_warps, row_weight)
+    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, epilogue, mma_width, chain)
 
     def build():
-        gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, n_step, epilogue, gather, cluster, lean, n_chunk,
-                              min_blocks, mma_width, chain, silu_tanh, store_warps, row_weight)
+        gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, epilogue, mma_width, chain)
         rows_b, rows_o, n_exp, n_tiles, mk = (cute.sym_int() for _ in range(5))
         k_dim, n_out = cute.sym_int(divisibility=128), cute.sym_int(divisibility=128)
         rec = gemm.rec_rows * REC_ROW
@@ -8199,11 +7244,9 @@ def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False
         num_tiles = cute.runtime.make_fake_compact_tensor(Int32, (1,), assumed_align=4)
         alpha0 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
         alpha1 = cute.runtime.make_fake_compact_tensor(Float32, (n_exp,), assumed_align=4)
-        rows = cute.sym_int()
-        row_w = cute.runtime.make_fake_compact_tensor(Float32, (rows,), assumed_align=4)
-        src = cute.runtime.make_fake_compact_tensor(Int32, (rows,), assumed_align=4)
+        row_w = cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),), assumed_align=4)
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        return gemm, (w, b, out, tiles, num_tiles, alpha0, alpha1, row_w, src, Float32(0.0), Int32(1), stream)
+        return gemm, (w, b, out, tiles, num_tiles, alpha0, alpha1, row_w, Float32(0.0), Int32(1), stream)
     return _load_or_compile(config, build)
 
 
@@ -8254,19 +7297,6 @@ def _compile_prefill_place(num_experts: int, top_k: int, dim: int):
     return _load_or_compile(("prefill_place", num_experts, top_k, dim), build)
 
 
-def _compile_prefill_combine(top_k: int, dim: int, pdl: bool):
-    def build():
-        rows, tokens, slots = cute.sym_int(), cute.sym_int(), cute.sym_int()
-        args = (cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0), assumed_align=16),
-                cute.runtime.make_fake_compact_tensor(Int32, (slots,), assumed_align=4),
-                cute.runtime.make_fake_compact_tensor(Float32, (slots,), assumed_align=4),
-                cute.runtime.make_fake_compact_tensor(BFloat16, (tokens, dim), stride_order=(1, 0),
-                                                      assumed_align=16),
-                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return PrefillCombine(top_k, dim, pdl), args
-    return _load_or_compile(("prefill_combine", top_k, dim, pdl), build)
-
-
 def _compile_prefill_gather(dim: int, pdl: bool):
     def build():
         t, r = cute.sym_int(), cute.sym_int()
@@ -8292,19 +7322,11 @@ def prefill_unavailable_reason(x, experts) -> str | None:
 _SMS: dict = {}
 
 
-def _grid(dev, work_items: int, cluster: int) -> int:
-    """Persistent grid: one CTA per SM (one cluster per co-resident cluster slot), at most one per work item."""
-    key = (dev, cluster)
-    if key not in _SMS:
-        n = torch.cuda.get_device_properties(dev).multi_processor_count
-        if cluster > 1:
-            try:        # clusters must fit in a GPC: ask the driver how many can be resident at once
-                import cutlass.utils as cu
-                n = cluster * cu.HardwareInfo().get_max_active_clusters(cluster)
-            except Exception:   # noqa: BLE001 - fall back to a conservative count
-                n = cluster * (n // cluster - 2)
-        _SMS[key] = n
-    return max(cluster, min(_SMS[key], work_items) // cluster * cluster)
+def _grid(dev, work_items: int) -> int:
+    """Persistent grid: one CTA per SM, at most one per work item."""
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return max(1, min(_SMS[dev], work_items))
 
 
 def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
@@ -8317,38 +7339,28 @@ def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
 
 def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens: int = 4096, **gemm_options):
     """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
-    (gemm1 list, gemm2 list (one per width class), routing, combine, widths, gather, cluster of GEMM1, of GEMM2)."""
+    (gemm1 list, gemm2 list (one per width class), routing, combine, widths)."""
     gemm_options = {**PREFILL_ABLATE, **gemm_options}
     tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
     widths = gemm_options.pop("widths", PREFILL_WIDTHS)
-    gather = gemm_options.pop("gather", PREFILL_GATHER)
-    cluster = gemm_options.pop("cluster", PREFILL_CLUSTER)
-    if widths is None:               # auto: width classes unless one tile width / gather / clusters are asked for
-        widths = prefill_widths(num_tokens, top_k, num_experts) if tile_n == 128 and not gather and cluster == 1 else ()
+    if widths is None:               # auto: width classes unless one tile width is asked for
+        widths = prefill_widths(num_tokens, top_k, num_experts) if tile_n == 128 else ()
     widths = tuple(widths) or (tile_n,)
-    assert len(widths) == 1 or not (gather or cluster > 1), "width classes run without gather / clusters"
-    cl1 = 1 if gather else cluster
     gemm1, gemm2 = [], []
     for c, width in enumerate(widths):
-        opts = dict(gemm_options)
-        opts.setdefault("row_weight", not PREFILL_WEIGHT_IN_COMBINE)
-        if width % PREFILL_N_STEP:
-            opts.setdefault("n_step", width)
         # launched widest first: the chain's last launch (whose tail nothing else fills) has the shortest items
-        opts["chain"] = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
-        gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, gather=gather, cluster=cl1, **opts))
-        opts.pop("row_weight")
-        gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, cluster=cluster, **opts))
-    routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1 or PREFILL_ROUTING
+        chain = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
+        gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, chain=chain, **gemm_options))
+        gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, chain=chain, **gemm_options))
+    routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1
                else _compile_routing(num_experts, top_k, widths[0]))
-    if PREFILL_MULTI_ROUTING and not gather:        # (warms the cache; _prefill_steps fetches them)
+    if PREFILL_MULTI_ROUTING:                       # (warms the cache; _prefill_steps fetches them)
         _compile_prefill_count(num_experts), _compile_prefill_tables(num_experts, top_k, widths)
         _compile_prefill_place(num_experts, top_k, dim)
-    combine = (_compile_prefill_combine(top_k, dim, USE_PDL) if PREFILL_WEIGHT_IN_COMBINE
-               else _compile_combine(top_k, dim, USE_PDL))
-    if PREFILL_GATHER_KERNEL and not gather:
+    combine = _compile_combine(top_k, dim, USE_PDL)
+    if PREFILL_GATHER_KERNEL:
         _compile_prefill_gather(dim, USE_PDL)            # (warms the cache; _prefill_steps fetches it)
-    return gemm1, gemm2, routing, combine, widths, gather, cl1, cluster
+    return gemm1, gemm2, routing, combine, widths
 
 
 _ALL_TILES: dict = {}
@@ -8368,16 +7380,16 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    gemm1, gemm2, routing, combine, widths, gather, cl1, cluster = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
+    gemm1, gemm2, routing, combine, widths = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
     nc, tile_n = len(widths), widths[-1]
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
     tiles = torch.empty(nc, max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)   # one table per width
-    own_routing = nc > 1 or PREFILL_ROUTING or (PREFILL_MULTI_ROUTING and not gather)
+    own_routing = nc > 1 or PREFILL_MULTI_ROUTING
     counts = torch.empty(nc, dtype=torch.int32, device=dev) if own_routing else _all_tiles(dev)
-    x_sorted = None if gather else torch.empty(R, D, dtype=torch.bfloat16, device=dev)
+    x_sorted = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
@@ -8386,12 +7398,11 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         y_rows.fill_(float("nan"))
     limit = float(swiglu_limit) if swiglu_limit else math.inf
     n_tab = tiles.shape[1]
-    ctas1 = _grid(dev, n_tab * (inter // 128), cl1)
-    ctas2 = _grid(dev, n_tab * (D // 256), cluster)
+    ctas1 = _grid(dev, n_tab * (inter // 128))
+    ctas2 = _grid(dev, n_tab * (D // 256))
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    multi = PREFILL_MULTI_ROUTING and not gather
-    if multi:                        # routing over many CTAs, the gather fused into its last step
+    if PREFILL_MULTI_ROUTING:        # routing over many CTAs, the gather fused into its last step
         rank = torch.empty(R, dtype=torch.int32, device=dev)
         expert_rows = torch.empty(2, E + 1, dtype=torch.int32, device=dev)      # rows per expert, first row
         count_k, tables_k = _compile_prefill_count(E), _compile_prefill_tables(E, k, widths)
@@ -8401,30 +7412,25 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
                  ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
                  ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos,
                                            x_sorted))]
-    elif not own_routing:
-        steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
-    else:
-        steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
-    if multi:
-        pass
-    elif not gather and PREFILL_GATHER_KERNEL:
-        gather_rows = _compile_prefill_gather(D, USE_PDL)
-        steps.append(("gather", lambda: gather_rows(x.contiguous(), src_tok, x_sorted)))
-    elif not gather:
-        steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
-    b1 = x.contiguous() if gather else x_sorted
+    else:                            # one routing CTA, then the gather
+        if own_routing:
+            steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
+        else:
+            steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
+        if PREFILL_GATHER_KERNEL:
+            gather_rows = _compile_prefill_gather(D, USE_PDL)
+            steps.append(("gather", lambda: gather_rows(x.contiguous(), src_tok, x_sorted)))
+        else:
+            steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
     w13, w2 = pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0)
     sfx = (lambda c: "") if nc == 1 else (lambda c: f" N={widths[c]}")     # noqa: E731
     for c in reversed(range(nc)):    # GEMM1 of every width class, widest first, then GEMM2 (PDL chains, see chain)
-        steps.append((f"gemm1{sfx(c)}", lambda c=c: gemm1[c](w13, b1, act, tiles[c], counts[c:c + 1], a_gate, a_up,
-                                                               row_w, src_tok, limit, ctas1)))
+        steps.append((f"gemm1{sfx(c)}", lambda c=c: gemm1[c](w13, x_sorted, act, tiles[c], counts[c:c + 1], a_gate,
+                                                               a_up, row_w, limit, ctas1)))
     for c in reversed(range(nc)):
         steps.append((f"gemm2{sfx(c)}", lambda c=c: gemm2[c](w2, act, y_rows, tiles[c], counts[c:c + 1], a_down,
-                                                               a_down, row_w, src_tok, limit, ctas2)))
-    if PREFILL_WEIGHT_IN_COMBINE:    # y[t] = sum_j w[t, j] y_rows[pos[t k + j]] (GEMM1 left the weight out)
-        steps.append(("combine", lambda: combine(y_rows, pos, w32, y)))
-    else:
-        steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
+                                                               a_down, row_w, limit, ctas2)))
+    steps.append(("combine", lambda: combine(y_rows, pos, y)))       # fixed slot order, fp32 sum
     return steps, y
 
 

@@ -4654,8 +4654,7 @@ import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 dump = os.environ["CUTE_DSL_DUMP_DIR"]
 configs = [(fmt, K.PREFILL_TILE_N, swiglu, {}) for fmt in ("nvfp4", "mxfp4") for swiglu in (True, False)]
-configs += [("nvfp4", K.PREFILL_TILE_N, True, dict(gather=not K.PREFILL_GATHER))]
-configs += [(fmt, n, swiglu, dict(n_step=n, chain=chain)) for fmt in ("nvfp4", "mxfp4") for swiglu in (True, False)
+configs += [(fmt, n, swiglu, dict(chain=chain)) for fmt in ("nvfp4", "mxfp4") for swiglu in (True, False)
             for n, chain in ((96, ""), (112, ""), (32, "first"), (128, "first"), (112, "next"), (96, "next"),
                              (64, "next"))]       # the default width chain: 128 first, then 112, 96, 64
 for i, (fmt, tile_n, swiglu, opts) in enumerate(configs):
@@ -4678,12 +4677,12 @@ def test_prefill_gemms_compile_for_sm90a_on_a_machine_without_cuda(tmp_path):
     r = subprocess.run([sys.executable, "-c", COMPILE_PREFILL, str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=600, cwd=HERE_prefill)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 33
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 32
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("config*.ptx"))
     if ptxas is None or not ptxs:                 # no ptxas here, or the DSL served its own cache (no PTX written)
         return
-    assert len(ptxs) == 33
+    assert len(ptxs) == 32
     for ptx in ptxs:
         rep = ptxas_report(ptxas, ptx, tmp_path)
         assert " 0 bytes spill stores" in rep.stderr, rep.stderr[-2000:]
@@ -4781,23 +4780,6 @@ def test_gpu_moe_takes_the_prefill_gemm_from_the_threshold_on(monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("small", 4096, "one_expert"),
-                                              ("flash", 4096, "random")])
-def test_gpu_prefill_gathering_token_rows_in_the_gemm_matches_fp32_reference(fmt, dims, T, routing):
-    """GEMM1 reading x[src[row]] itself (cp.async in the producer warpgroup) instead of an index_select pass."""
-    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T, gather=True)
-
-
-@gpu
-@pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("small", 3000, "one_expert"),
-                                              ("flash", 4096, "random")])
-def test_gpu_prefill_cluster_pairs_sharing_the_token_tile_match_fp32_reference(dims, T, routing):
-    """2-CTA clusters: each CTA TMA-multicasts half of the token tile to both (row pairs 2P and 2P+1)."""
-    _check_prefill(_experts("nvfp4", dims), T, 6 if routing != "one_expert" else 2, routing, seed=T, cluster=2)
-
-
-@gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("T", [4096, 16384])
 @pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert"])
 def test_gpu_prefill_small_dims_large_T_matches_fp32_reference(fmt, T, routing):
@@ -4807,14 +4789,11 @@ def test_gpu_prefill_small_dims_large_T_matches_fp32_reference(fmt, T, routing):
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("flash", 4096, "random")])
-@pytest.mark.parametrize("opts", [{}, {"gather": True}, {"cluster": 2}])
 @pytest.mark.parametrize("tile_n", [112, 96])
-def test_gpu_prefill_narrower_token_tiles_match_fp32_reference(fmt, dims, T, routing, opts, tile_n):
+def test_gpu_prefill_narrower_token_tiles_match_fp32_reference(fmt, dims, T, routing, tile_n):
     """Token tiles of 112 / 96 rows (one wgmma width N=tile_n): fit ~96-row experts (T=4096 at Flash dims) with less
     padding; experts with more rows take a second tile."""
-    if opts and (fmt == "mxfp4" or tile_n != 112):
-        pytest.skip("the gather/cluster paths are format- and width-independent; nvfp4 at 112 covers them")
-    _check_prefill(_experts(fmt, dims), T, 6, routing, seed=T, tile_n=tile_n, **opts)
+    _check_prefill(_experts(fmt, dims), T, 6, routing, seed=T, tile_n=tile_n)
 
 
 def test_prefill_width_tables_put_each_tile_in_its_narrowest_width():
@@ -4878,51 +4857,14 @@ def test_gpu_prefill_session2_path_matches_fp32_reference(monkeypatch, fmt, dims
 
 
 @gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_gpu_prefill_without_min_blocks_launch_bound_matches_fp32_reference(fmt):
-    """PREFILL_MIN_BLOCKS=False (the session-2 launch, no .minnctapersm) still computes the same MoE."""
-    _check_prefill(_experts(fmt, "small"), 1000, 6, "empty_experts", seed=3, min_blocks=False)
-
-
-@gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("dims, T", [("small", 1000), ("flash", 4096)])
-def test_gpu_prefill_silu_through_tanh_matches_fp32_reference(fmt, dims, T):
-    """PREFILL_SILU_TANH: sigmoid(h) = 0.5 (1 + tanh(h / 2)) with tanh.approx (one MUFU op instead of two)."""
-    _check_prefill(_experts(fmt, dims), T, 6, "random", seed=T + 1, silu_tanh=True)
-
-
-@gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("dims, T, routing, opts", [("small", 1000, "empty_experts", {}),
-                                                    ("small", 3000, "one_expert", {"widths": (32, 64, 128)}),
-                                                    ("flash", 4096, "random", {})])
-def test_gpu_prefill_store_warps_match_fp32_reference(fmt, dims, T, routing, opts):
-    """PREFILL_STORE_WARPS: producer warps 1, 2 copy the consumers' bf16 tiles to global."""
-    if fmt == "mxfp4" and dims != "small":
-        pytest.skip("format-independent; the small-dims case covers mxfp4")
-    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 3,
-                   store_warps=True, **opts)
-
-
-@gpu
 @pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "flash", 16384, "random"),
                                                    ("mxfp4", "small", 3000, "one_expert")])
-def test_gpu_prefill_all_new_switches_together_match_fp32_reference(monkeypatch, fmt, dims, T, routing):
-    for name, value in dict(PREFILL_WIDTHS=(96, 112, 128), PREFILL_ROUTING=True, PREFILL_GATHER_KERNEL=True,
-                            PREFILL_SILU_TANH=True, PREFILL_STORE_WARPS=True).items():
+def test_gpu_prefill_single_cta_routing_with_width_classes_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
+    """PREFILL_MULTI_ROUTING off: PrefillRouting (one CTA, the width-class tables + counts), then PrefillGather."""
+    for name, value in dict(PREFILL_WIDTHS=(96, 112, 128), PREFILL_MULTI_ROUTING=False,
+                            PREFILL_GATHER_KERNEL=True).items():
         monkeypatch.setattr(K, name, value)
     _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 4)
-
-
-@gpu
-@pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "small", 16384, "random"),
-                                                   ("nvfp4", "small", 3000, "one_expert"),
-                                                   ("mxfp4", "small", 1000, "empty_experts")])
-def test_gpu_prefill_routing_weight_in_the_combine_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
-    """PREFILL_WEIGHT_IN_COMBINE: GEMM1 leaves the routing weight out, PrefillCombine multiplies each slot's row."""
-    monkeypatch.setattr(K, "PREFILL_WEIGHT_IN_COMBINE", True)
-    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 5)
 
 
 @gpu
@@ -4958,11 +4900,8 @@ def test_gpu_prefill_gather_kernel_matches_fp32_reference(monkeypatch, dims, T, 
 
 @gpu
 @pytest.mark.parametrize("routing", ["empty_experts", "one_expert"])
-@pytest.mark.parametrize("own", [True, False])
-def test_gpu_prefill_with_either_routing_kernel_matches_fp32_reference(monkeypatch, routing, own):
-    """PREFILL_ROUTING (single-CTA routing, one 128 width): PrefillRouting (batched loads, table + count) or
-    MoeRouting (one table) as in session 2."""
-    monkeypatch.setattr(K, "PREFILL_ROUTING", own)
+def test_gpu_prefill_one_width_with_single_cta_routing_matches_fp32_reference(monkeypatch, routing):
+    """Single-CTA routing and one 128 width: MoeRouting's one table (as in session 2), then PrefillGather."""
     monkeypatch.setattr(K, "PREFILL_MULTI_ROUTING", False)
     monkeypatch.setattr(K, "PREFILL_WIDTHS", ())
     _check_prefill(_experts("nvfp4", "small"), 3000, 6 if routing != "one_expert" else 2, routing, seed=4)
@@ -4971,28 +4910,17 @@ def test_gpu_prefill_with_either_routing_kernel_matches_fp32_reference(monkeypat
 # ====================================================================================================================
 # MoE decode kernel (issue #3) — tests
 # ====================================================================================================================
-# Tests of the v5 decode MoE path (persistent Fp4DecodeGemm, two block scales per prmt): moe-decode helper.
-# GPU tests skip without an sm_90 GPU + CuTe DSL; the CPU tests check the split rule and that everything compiles.
+# Tests of the wgmma decode MoE path (Fp4GroupedGemm: split-K, scale pairs, fused gather + wait-first GEMM1).
+# GPU tests skip without an sm_90 GPU + CuTe DSL; the CPU test checks that the kernels compile.
 
 # ---------------------------------------------------------------------------------------------------- CPU tests
-@pytest.mark.parametrize("tiles, m_tiles, k_tiles", [(6, 32, 64), (24, 32, 32), (256, 32, 64), (1, 4, 8), (7, 2, 2)])
-def test_decode_split_rule_keeps_even_slices_of_at_least_the_minimum(tiles, m_tiles, k_tiles):
-    s = K.pick_decode_splits(tiles, m_tiles, k_tiles, 528)
-    kps = k_tiles // s
-    assert s & (s - 1) == 0 and k_tiles % s == 0 and kps % 2 == 0
-    assert kps >= K.DECODE_MIN_K_TILES or s == 1
-    # no further split would have been allowed or needed
-    if s > 1:
-        assert tiles * m_tiles * (s // 2) < K.DECODE_ITEMS_PER_CTA * 528
-
-
 COMPILE_DECODE = """
 import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 for fmt in ("nvfp4", "mxfp4"):
-    K._compile_gemm(fmt, 8, 512, 256, True, 2, 40 * 1024, True, True, 528, 2)
-    K._compile_gemm(fmt, 16, 256, 512, False, 1, 40 * 1024, False, True, 528, 1)
-K._compile_gemm("nvfp4", 64, 512, 256, True, 1, 72 * 1024, True, True)      # prefill kernel with scale pairs
+    K._compile_gemm(fmt, 8, 512, 256, True, 2, 40 * 1024, True, True)       # split-K GEMM1 after the fused gather
+    K._compile_gemm(fmt, 16, 256, 512, False, 1, 40 * 1024, False)
+K._compile_gemm("nvfp4", 64, 512, 256, True, 1, 72 * 1024, True)            # tile_n 64 (T ~ 2048 at Flash dims)
 """
 
 
@@ -5030,7 +4958,7 @@ _SMALL_moedec = {}
 
 
 def _small_moedec(fmt):
-    if fmt not in _SMALL_moedec:                        # 64 experts: T <= ~100 keeps tile_n <= 16 (the persistent path)
+    if fmt not in _SMALL_moedec:                        # 64 experts: T <= ~100 keeps tile_n <= 16 (the ring loop)
         _SMALL_moedec[fmt] = K.prepare_experts(random_fp4_experts(64, 512, 256, fmt, device="cuda", seed=1))
     return _SMALL_moedec[fmt]
 
@@ -5038,8 +4966,10 @@ def _small_moedec(fmt):
 @gpu
 @pytest.mark.parametrize("fmt, T", [("nvfp4", 1), ("nvfp4", 2), ("nvfp4", 4), ("nvfp4", 7), ("nvfp4", 33),
                                     ("nvfp4", 100), ("mxfp4", 1), ("mxfp4", 7), ("mxfp4", 33)])
-def test_decode_default_path_matches_reference(fmt, T):
-    """The default decode path (one CTA per item, scale pairs, fused gather + wait-first GEMM1 for T*k <= 24)."""
+def test_wgmma_decode_path_matches_reference(fmt, T, monkeypatch):
+    """The wgmma decode path (DECODE_GEMV off; the default beyond MOE_GEMV_MAX_ROWS routed rows): one CTA per item,
+    ring loop for tile_n <= 16, fused gather + wait-first GEMM1 for T*k <= 24."""
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     _check_moedec(_small_moedec(fmt), T, "random", seed=T)
     _check_moedec(_small_moedec(fmt), T, "empty_experts", seed=T + 1)
 
@@ -5047,63 +4977,17 @@ def test_decode_default_path_matches_reference(fmt, T):
 @gpu
 @pytest.mark.parametrize("T", [60])
 def test_wider_tile_rule_matches_reference(T, monkeypatch):
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     monkeypatch.setattr(K, "TILE_N_SD", 2)
     assert K.pick_tile_n(T, 6, 64) == 16
     _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T)
 
 
 @gpu
-@pytest.mark.parametrize("fmt, T, wgs", [("nvfp4", 1, 2), ("nvfp4", 7, 2), ("nvfp4", 33, 2), ("nvfp4", 100, 2),
-                                         ("mxfp4", 1, 2), ("mxfp4", 7, 2), ("nvfp4", 1, 1), ("nvfp4", 7, 1),
-                                         ("nvfp4", 100, 1)])
-def test_persistent_decode_gemm_matches_reference(fmt, T, wgs, monkeypatch):
-    monkeypatch.setattr(K, "DECODE_PERSISTENT", True)
-    monkeypatch.setattr(K, "DECODE_WGS", wgs)
-    assert K.pick_tile_n(T, 6, 64) <= 16                     # the path under test is taken
-    _check_moedec(_small_moedec(fmt), T, "random", seed=T)
-    _check_moedec(_small_moedec(fmt), T, "empty_experts", seed=T + 1)
-
-
-@gpu
-@pytest.mark.parametrize("T", [1, 7, 100])
-@pytest.mark.parametrize("wgs", [1, 2])
-def test_few_ctas_loop_over_many_items(T, wgs, monkeypatch):
-    """3 CTAs (0.03 per SM) loop over all items, so the pipeline crosses item boundaries in the prologue and in the
-    main loop (4 k-tiles per item < 7 stages); 64 items per CTA makes GEMM1 split K in 2 (small dims)."""
-    monkeypatch.setattr(K, "DECODE_PERSISTENT", True)
-    monkeypatch.setattr(K, "DECODE_WGS", wgs)
-    monkeypatch.setattr(K, "DECODE_CTAS_PER_SM", 0.03)
-    monkeypatch.setattr(K, "DECODE_ITEMS_PER_CTA", 64)
-    _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T + 5)
-
-
-@gpu
-@pytest.mark.parametrize("T", [1, 7, 100])
-def test_persistent_decode_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
-    monkeypatch.setattr(K, "DECODE_PERSISTENT", True)
-    monkeypatch.setattr(K, "DECODE_CTAS_PER_SM", 0.03)
-    monkeypatch.setattr(K, "DECODE_ITEMS_PER_CTA", 64)
-    monkeypatch.setattr(K, "POISON_BUFFERS", True)
-    ex = _small_moedec("nvfp4")
-    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids, w = _routing(T, 6, 64, "empty_experts", "cuda", 11)
-    monkeypatch.setattr(K, "USE_PDL", False)
-    ref = K.moe_fp4(x, ids, w, ex, 7.0)
-    monkeypatch.setattr(K, "USE_PDL", True)
-    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(4)]
-    assert torch.isfinite(ref).all() and all(torch.equal(ref, o) for o in outs)
-
-
-@gpu
-def test_without_scale_pairs_matches_reference(monkeypatch):
-    monkeypatch.setattr(K, "SCALE_PAIRS", False)
-    _check_moedec(_small_moedec("nvfp4"), 7, "random", seed=3)
-
-
-@gpu
 @pytest.mark.parametrize("T", [1, 4, 7])
-def test_default_path_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
+def test_wgmma_decode_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
     """The fused gather + wait-first GEMM1 (T <= 4) and the index_select path under PDL: same bits as plain launches."""
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small_moedec("nvfp4")
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
@@ -5115,15 +4999,17 @@ def test_default_path_is_bitwise_repeatable_and_pdl_neutral(T, monkeypatch):
     assert torch.isfinite(ref).all() and all(torch.equal(ref, o) for o in outs)
 
 
-_FLASH = {}
+_FLASH_moedec = {}
 
 
 @gpu
 @pytest.mark.parametrize("T", [1, 4, 16, 64, 256])
-def test_flash_dims_decode_matches_reference(T):
-    if "ex" not in _FLASH:
-        _FLASH["ex"] = K.prepare_experts(random_fp4_experts(256, 4096, 2048, "nvfp4", device="cuda", seed=2))
-    _check_moedec(_FLASH["ex"], T, "random", seed=T)
+@pytest.mark.parametrize("gemv", [True, False], ids=["default", "wgmma"])
+def test_flash_dims_decode_matches_reference(T, gemv, monkeypatch):
+    monkeypatch.setattr(K, "DECODE_GEMV", gemv)
+    if "ex" not in _FLASH_moedec:
+        _FLASH_moedec["ex"] = K.prepare_experts(random_fp4_experts(256, 4096, 2048, "nvfp4", device="cuda", seed=2))
+    _check_moedec(_FLASH_moedec["ex"], T, "random", seed=T)
 
 
 @gpu
@@ -5134,11 +5020,9 @@ def test_prefill_sizes_still_match_reference():
 
 
 @gpu
-@pytest.mark.parametrize("block_scan", [False, True])
 @pytest.mark.parametrize("T, E, tile_n", [(1, 256, 8), (37, 12, 16), (300, 31, 16), (5000, 384, 128), (64, 1000, 8)])
-def test_routing_kernel_matches_torch_route_tiles_moedec(T, E, tile_n, block_scan):
-    """block_scan: the prefix scan over experts in all warps (one expert per thread, warp totals scanned by warp 0)
-    must give route_tiles' table like the one-warp scan."""
+def test_routing_kernel_matches_torch_route_tiles_moedec(T, E, tile_n):
+    """MoeRouting's table, sorted rows, tokens and weights are route_tiles' (warp 0 scans the experts)."""
     k = 6
     ids = torch.randint(-2, E + 2, (T, k), dtype=torch.int32, device="cuda")
     w = torch.rand(T, k, device="cuda")
@@ -5148,7 +5032,7 @@ def test_routing_kernel_matches_torch_route_tiles_moedec(T, E, tile_n, block_sca
     row_w = torch.full((R,), float("nan"), device="cuda")
     pos = torch.full((R,), -7, dtype=torch.int32, device="cuda")
     tiles = torch.full((K.max_tiles(R, E, tile_n), 3), -7, dtype=torch.int32, device="cuda")
-    K._compile_routing(E, k, tile_n, block_scan)(ids.reshape(-1), w.reshape(-1), src, row_w, pos, tiles)
+    K._compile_routing(E, k, tile_n)(ids.reshape(-1), w.reshape(-1), src, row_w, pos, tiles)
     used = tiles_ref[:, 2] > 0
     assert torch.equal(tiles[used], tiles_ref[used]) and (tiles[~used, 2] == 0).all()
     valid = (ids.reshape(-1) >= 0) & (ids.reshape(-1) < E)
@@ -5157,13 +5041,6 @@ def test_routing_kernel_matches_torch_route_tiles_moedec(T, E, tile_n, block_sca
     assert torch.equal(torch.sort(p).values, torch.sort(pos_ref[valid].long()).values)
     slots = torch.arange(R, device="cuda")[valid]
     assert torch.equal(src[p].long(), slots // k) and torch.equal(row_w[p], w.reshape(-1)[valid])
-
-
-@gpu
-@pytest.mark.parametrize("T", [1, 7])
-def test_block_scan_routing_moe_matches_reference(T, monkeypatch):
-    monkeypatch.setattr(K, "ROUTING_BLOCK_SCAN", True)
-    _check_moedec(_small_moedec("nvfp4"), T, "empty_experts", seed=T + 9)
 
 
 @gpu
@@ -5183,10 +5060,10 @@ def test_routing_gather_writes_the_sorted_token_rows(T, E, D):
         args = (ids.reshape(-1), w.reshape(-1), src, row_w, pos, tiles)
         if gather:
             xs = torch.full((R, D), float("nan"), device="cuda", dtype=torch.bfloat16)
-            K._compile_routing_gather(E, k, 8, D, False)(*args, x, xs)
+            K._compile_routing_gather(E, k, 8, D)(*args, x, xs)
             assert torch.equal(xs, x[src.long()])
         else:
-            K._compile_routing(E, k, 8, False)(*args)
+            K._compile_routing(E, k, 8)(*args)
         outs.append((src, row_w, pos, tiles))
     valid = (ids.reshape(-1) >= 0) & (ids.reshape(-1) < E)
     assert torch.equal(outs[0][3], outs[1][3]) and torch.equal(outs[0][2][~valid], outs[1][2][~valid])
@@ -5195,6 +5072,7 @@ def test_routing_gather_writes_the_sorted_token_rows(T, E, D):
 @gpu
 @pytest.mark.parametrize("T", [1, 4])
 def test_fused_gather_gives_the_same_bits_as_index_select(T, monkeypatch):
+    monkeypatch.setattr(K, "DECODE_GEMV", False)              # the wgmma path's GEMM1 waits for the gathering routing
     ex = _small_moedec("nvfp4")
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
     ids, w = _routing(T, 6, 64, "empty_experts", "cuda", 2)
@@ -5211,22 +5089,14 @@ def test_fused_gather_gives_the_same_bits_as_index_select(T, monkeypatch):
 COMPILE_RING = """
 import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
-cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "")),      # Flash GEMM1 / GEMM2 at T 16..256
-        ("nvfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "")),
-        ("nvfp4", 16, 4096, 2048, True, 1, (8, 4, 0, "")),
-        ("mxfp4", 8, 4096, 2048, True, 4, (8, 4, 0, "")),      # split-K slices of 16 k-tiles
-        ("mxfp4", 16, 256, 512, False, 2, (8, 1, 0, "")),      # 2 k-tiles per slice: a 2-stage ring
-        ("nvfp4", 8, 512, 256, True, 1, (4, 4, 0, "nodecode")),
-        ("nvfp4", 8, 512, 256, True, 1, (8, 4, 0, "notokens evict spin")),
-        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "", True)),   # paired tiles (wgmma N 16)
-        ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "", True)),
-        ("nvfp4", 8, 4096, 2048, True, 1, (8, 8, 0, "mshare", True)),   # 2 warpgroups share the token tile
-        ("mxfp4", 8, 2048, 4096, False, 1, (8, 4, 0, "mshare evict")),
-        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "pair8")),
-        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "single")),       # the unpartnered half of "pairsplit"
-        ("nvfp4", 8, 4096, 2048, True, 1, (8, 4, 0, "pairs", True))]  # its pairs half
+cfgs = [("nvfp4", 8, 4096, 2048, True, 1, (8, 4)),      # Flash GEMM1 / GEMM2 (tile_n 8: T <= 128 with the GEMV off)
+        ("nvfp4", 8, 2048, 4096, False, 1, (8, 4)),
+        ("nvfp4", 16, 4096, 2048, True, 1, (8, 4)),     # tile_n 16: T ~ 170..680
+        ("mxfp4", 8, 4096, 2048, True, 4, (8, 4)),      # split-K slices of 16 k-tiles
+        ("mxfp4", 16, 256, 512, False, 2, (8, 1)),      # 2 k-tiles per slice: a 2-stage ring
+        ("nvfp4", 8, 512, 256, True, 1, (4, 4))]
 for fmt, tile_n, k, n, swiglu, splits, ring in cfgs:
-    K._compile_gemm(fmt, tile_n, k, n, swiglu, splits, 40 * 1024, True, True, 0, 1, 0, False, False, ring)
+    K._compile_gemm(fmt, tile_n, k, n, swiglu, splits, 40 * 1024, True, False, ring)
 """
 
 
@@ -5242,7 +5112,7 @@ def test_ring_decode_gemms_compile_for_sm90a_without_spills_or_serialized_wgmma(
     r = subprocess.run([sys.executable, "-c", COMPILE_RING, str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=600, cwd=here)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 14
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4GroupedGemm*.ptx"))
     if ptxas is None or not ptxs:
@@ -5258,20 +5128,19 @@ def test_ring_decode_gemms_compile_for_sm90a_without_spills_or_serialized_wgmma(
 def test_ring_stage_count_divides_the_k_tiles_and_is_even(k_tiles, want):
     if not K.HAVE_CUTE:
         pytest.skip("needs CuTe DSL (nvidia-cutlass-dsl)")
-    g = K.Fp4GroupedGemm("nvfp4", 8, 64 * k_tiles, 256, True, ring=(8, 4, 0, ""))
+    g = K.Fp4GroupedGemm("nvfp4", 8, 64 * k_tiles, 256, True, ring=(8, 4))
     assert g.stages == want and k_tiles % g.stages == 0
 
 
 @gpu
 @pytest.mark.parametrize("fmt, T", [("nvfp4", 1), ("nvfp4", 7), ("nvfp4", 60), ("mxfp4", 7), ("mxfp4", 60)])
 @pytest.mark.parametrize("knobs", [dict(), dict(RING_REFILL_WARPS=1), dict(RING_STAGES=4),
-                                   dict(RING_REFILL_WARPS=3, RING_STAGES=2), dict(RING_SPIN=True),
-                                   dict(RING_MSHARE=True, RING_REFILL_WARPS=8), dict(RING_MSHARE=True, RING_STAGES=2)],
-                         ids=["w4s8", "w1s8", "w4s4", "w3s2", "w4s8spin", "w8s8mshare", "w4s2mshare"])
+                                   dict(RING_REFILL_WARPS=3, RING_STAGES=2)],
+                         ids=["w4s8", "w1s8", "w4s4", "w3s2"])
 def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, knobs, monkeypatch):
     """Same decode, same wgmma order: the ring loop's output equals the v5 loop's bit for bit, for every stage
-    count / refill-warp choice, spin waits, with 2 warpgroups sharing the token tile (mshare; not where K is split)
-    or not (poisoned intermediates, skipped slots), and it matches the reference."""
+    count / refill-warp choice (poisoned intermediates, skipped slots), and it matches the reference."""
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     ex = _small_moedec(fmt)
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
@@ -5292,6 +5161,7 @@ def test_ring_main_loop_gives_the_bits_of_the_v5_loop(fmt, T, knobs, monkeypatch
 @pytest.mark.parametrize("T", [1, 7])
 def test_ring_with_split_k_slices_of_two_k_tiles(T, monkeypatch):
     """2 k-tiles per K slice: a 2-stage ring whose refill branch never runs; vs the reference, repeatable."""
+    monkeypatch.setattr(K, "DECODE_GEMV", False)
     monkeypatch.setattr(K, "SPLIT_MIN_K_TILES", 1)
     _check_moedec(_small_moedec("nvfp4"), T, "random", seed=T + 40)
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
@@ -5300,65 +5170,16 @@ def test_ring_with_split_k_slices_of_two_k_tiles(T, monkeypatch):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-def _skewed_routing(T, k, E, seed):
-    """Random top-k ids with every token's first slot on expert 0: expert 0 gets T rows (T/8 tiles of 8)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.argsort(torch.rand(T, E - 1, generator=g), dim=1)[:, :k] + 1
-    ids[:, 0] = 0
-    w = torch.rand(T, k, generator=g)
-    return ids.to(torch.int32).cuda(), (w / w.sum(1, keepdim=True)).cuda()
-
-
-@gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("T, skewed", [(60, False), (45, True), (100, True)])
-@pytest.mark.parametrize("mode", ["n16", "pair8", "split"])
-def test_paired_tiles_give_the_bits_of_unpaired_tiles(fmt, T, skewed, mode, monkeypatch):
-    """DECODE_PAIR: one CTA takes an expert's tiles 2i and 2i+1 (wgmma N 16, or pair8: two N 8 sets; second token
-    box only if the tile exists); the CTA of tile 2i+1 exits. Experts with 1..8 tiles (skewed: expert 0 has T rows),
-    poisoned intermediates: same bits as one CTA per tile, and the reference agrees."""
-    monkeypatch.setattr(K, "POISON_BUFFERS", True)
-    monkeypatch.setattr(K, "PAIR_MIN_ROWS", 1.0)               # T=100 (tile_n 16) keeps the unpaired ring
-    monkeypatch.setattr(K, "TILE_N_SD", 0)
-    monkeypatch.setattr(K, "DECODE_PAIR", True)
-    monkeypatch.setattr(K, "PAIR_WGMMA8", mode == "pair8")
-    monkeypatch.setattr(K, "PAIR_SPLIT", mode == "split")      # two launches: unpartnered tiles at N=8, pairs at N=16
-    ex = _small_moedec(fmt)
-    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
-    ids, w = _skewed_routing(T, 6, 64, T) if skewed else _routing(T, 6, 64, "random", "cuda", T)
-    cfg1, _ = K.gemm_configs(fmt, T * 6, 64, 512, 256, K.pick_tile_n(T, 6, 64), 132)
-    paired = cfg1[-1][4:] == (True,) or {"pair8", "pairsplit"} & set(cfg1[-1][3].split())
-    assert bool(paired) == (K.pick_tile_n(T, 6, 64) == 8)     # the paired path is taken where tile_n is 8
-    paired = K.moe_fp4(x, ids, w, ex, 7.0)
-    monkeypatch.setattr(K, "DECODE_PAIR", False)
-    plain = K.moe_fp4(x, ids, w, ex, 7.0)
-    ref = K.moe_reference(x.float(), ids, w, ex, 7.0).float()
-    cos = torch.nn.functional.cosine_similarity(paired.float().flatten(), ref.flatten(), dim=0).item()
-    rel = ((paired.float() - ref).norm() / ref.norm()).item()
-    assert torch.isfinite(paired).all() and cos >= 0.9999 and rel <= 1e-2, (cos, rel)
-    assert torch.equal(paired, plain)
-
-
-@pytest.mark.parametrize("T, want_pair", [(1, False), (16, False), (64, False), (128, False), (192, True),
-                                          (256, True)])
-def test_decode_config_picks_the_ring_everywhere_and_pairs_only_where_experts_fill_a_tile(T, want_pair, monkeypatch):
-    """Flash dims, 256 experts, top-6: every decode T takes the ring loop; paired tiles (when switched on, with 8-row
-    tiles) only where the routed rows per hit expert average >= PAIR_MIN_ROWS (T >= ~170); mshare never where K is
-    split (T=1 splits)."""
-    assert K.pick_tile_n(T, 6, 256) == (16 if T >= 192 else 8)      # the default rule (TILE_N_SD = 2)
-    monkeypatch.setattr(K, "TILE_N_SD", 0)
-    monkeypatch.setattr(K, "DECODE_PAIR", True)
-    monkeypatch.setattr(K, "RING_MSHARE", True)
-    R = 6 * T
-    tile_n = K.pick_tile_n(T, 6, 256)
-    cfg1, cfg2 = K.gemm_configs("nvfp4", R, 256, 4096, 2048, tile_n, 132)
-    for cfg in (cfg1, cfg2):
-        ring, splits = cfg[-1], cfg[5]
-        assert ring and ring[:3] == (K.RING_STAGES, K.RING_REFILL_WARPS, K.RING_MIN_CTAS)
-        assert (ring[4:] == (True,)) == want_pair
-        assert ("mshare" in ring[3].split()) == (splits == 1)
+def test_decode_config_picks_the_ring_loop_for_tile_n_up_to_16(monkeypatch):
+    """Flash dims, 256 experts, top-6: the wgmma decode GEMMs take the ring loop (RING_STAGES, RING_REFILL_WARPS)
+    wherever tile_n <= 16, the pipelined loop from tile_n 32 on, and nowhere with DECODE_RING off."""
+    for T, tile_n in ((1, 8), (16, 8), (128, 8), (192, 16), (512, 16), (1024, 32), (3000, 128)):
+        assert K.pick_tile_n(T, 6, 256) == tile_n                   # the default rule (TILE_N_SD = 2)
+        cfg1, cfg2 = K.gemm_configs("nvfp4", 6 * T, 256, 4096, 2048, tile_n, 132)
+        ring = (K.RING_STAGES, K.RING_REFILL_WARPS) if tile_n <= 16 else ()
+        assert cfg1[-1] == cfg2[-1] == ring and cfg1[-2] == (6 * T <= K.GATHER_MAX_ROWS) and not cfg2[-2]
     monkeypatch.setattr(K, "DECODE_RING", False)
-    assert K.gemm_configs("nvfp4", R, 256, 4096, 2048, tile_n, 132)[0][-1] == ()
+    assert K.gemm_configs("nvfp4", 6, 256, 4096, 2048, 8, 132)[0][-1] == ()
 
 
 # ====================================================================================================================
