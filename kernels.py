@@ -1887,10 +1887,14 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     if gemv:
         fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms)
         if fused is not None:               # one launch: GEMM2's CTAs wait on per-(slot, K slice) act counters
-            counters = _fused_counters(dev, 1 + R * fused[3])
+            counters = _fused_counters(dev, 1 + R * fused[3] + T * D // TILE_M)
+            if POISON_BUFFERS and fused[-1]:
+                y.fill_(float("nan"))       # tests: the folded combine must write every element of y
             _compile_moe_gemv_fused(*fused)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x_sorted, act,
-                                            y_rows, tiles, a_gate, a_up, a_down, row_w, limit, ids32, pos, counters)
-            _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
+                                            y_rows, tiles, a_gate, a_up, a_down, row_w, limit, ids32, pos, counters,
+                                            src_tok, y)
+            if not fused[-1]:               # else the combine is folded in
+                _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
             return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
@@ -3084,6 +3088,7 @@ if HAVE_CUTE:
             # reading act, then counts itself as one of wait_readers readers (the last one wraps the counter to 0)
             self.signal_kpc, self.wait_target, self.wait_readers = 0, 0, 0
             self.prefetch_rest = False     # fused GEMM2: bulk-prefetch the K slice past the register ring into L2
+            self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
 
         def smem_words(self) -> int:
             """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
@@ -3202,6 +3207,10 @@ if HAVE_CUTE:
                     row0 = row0 + rank
                     nrows = cutlass.min(count - rank, MOE_GEMV_TILE_N)
                 if const_expr(self.wait_target > 0):
+                    if tidx == 0:                   # for the folded combine (Fp4MoeGemvFused.combine_rows)
+                        sRows = storage.ticket.get_tensor(cute.make_layout(16))
+                        sRows[3] = row0
+                        sRows[4] = nrows
                     # fused GEMM2: act rows of this slot, columns of this K slice, are complete once all GEMM1 CTAs
                     # writing them have counted (release after their stores; acquire here, then bar.sync)
                     if tidx == 0:
@@ -3260,7 +3269,7 @@ if HAVE_CUTE:
 
                 if const_expr(self.signal_kpc > 0 or self.wait_target > 0):
                     # fused: the item's row tiles and slot come back from smem (no registers held over the loop)
-                    sItem = storage.ticket.get_tensor(cute.make_layout(4))
+                    sItem = storage.ticket.get_tensor(cute.make_layout(16))
                     bid_m = sItem[1]
                     bid_t = sItem[2]
                     m_tile = bid_m * self.MT + wid // 4
@@ -3316,6 +3325,8 @@ if HAVE_CUTE:
         def signal(self, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
             """Fused GEMM1: this CTA's act stores are done -> +1 on the counter of (slot bid_t, GEMM2 K slice of its
             columns): every thread's fence + bar.sync, then one release add."""
+            if const_expr(self.fold_fence):
+                cute.arch.fence_acq_rel_gpu()
             if const_expr(self.signal_kpc > 0):
                 cute.arch.fence_acq_rel_gpu()
                 cute.arch.sync_threads()
@@ -3391,10 +3402,14 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     prefetch: bool = False):
+                     prefetch: bool = False, combine: bool = False):
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
             self.g2.prefetch_rest = prefetch
+            # combine: MoeCombine folded in: per (token, GEMM2 item) a counter of its routed rows stored; the CTA
+            # storing the last one sums the token's k slots (fixed slot order, fp32, as MoeCombine) into y
+            self.combine = combine
+            self.g2.fold_fence = combine
             self.S, self.MT, self.min_ctas = k_splits, m_per_cta, min_ctas
             self.m1 = self.g1.m_tiles // m_per_cta                 # GEMM1 items per slot
             self.m2 = self.g2.m_tiles // m_per_cta                 # GEMM2 items per slot
@@ -3409,31 +3424,33 @@ if HAVE_CUTE:
         def __call__(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mAct: cute.Tensor, mY: cute.Tensor,
                      mTiles: cute.Tensor, mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor,
                      mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
-                     stream):
+                     mSrc: cute.Tensor, mOut: cute.Tensor, stream):
             @cute.struct
             class SharedStorage:
                 xs: cute.struct.Align[cute.struct.MemRange[Int32, max(self.g1.smem_words(), self.g2.smem_words())],
                                       16]
-                ticket: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]
+                # [0] ticket, [1] item tiles, [2] item slot, [3] GEMM2 first row, [4] its rows, [8..15] tokens done
+                ticket: cute.struct.Align[cute.struct.MemRange[Int32, 16], 16]
 
             self.shared_storage = SharedStorage
             n_items = (self.m1 + self.m2) * cute.size(mIds, mode=[0])
             self.kernel(mW1, mW2, mX, mAct, mY, mTiles, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds, mPos,
-                        mCnt).launch(grid=[self.S, n_items, 1], block=[self.threads, 1, 1], stream=stream,
+                        mCnt, mSrc, mOut).launch(grid=[self.S, n_items, 1], block=[self.threads, 1, 1], stream=stream,
                                      cluster=[self.S, 1, 1], use_pdl=True, min_blocks_per_mp=self.min_ctas,
                                      preferred_smem_carveout=100 if self.min_ctas else None)
 
         @cute.kernel
         def kernel(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mAct: cute.Tensor, mY: cute.Tensor,
                    mTiles: cute.Tensor, mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor,
-                   mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor):
+                   mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
+                   mSrc: cute.Tensor, mOut: cute.Tensor):
             tidx, _, _ = cute.arch.thread_idx()
             bid_k, _, _ = cute.arch.block_idx()                   # = rank in the cluster (cluster [S, 1, 1])
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             n_slots = cute.size(mIds, mode=[0])
             n_items = (self.m1 + self.m2) * n_slots
-            sT = storage.ticket.get_tensor(cute.make_layout(4))
+            sT = storage.ticket.get_tensor(cute.make_layout(16))
             if bid_k == 0 and tidx == 0:
                 sT[0] = _atom_inc_gpu(mCnt.iterator.toint(), n_items - 1)
             item = Int32(0)
@@ -3455,22 +3472,98 @@ if HAVE_CUTE:
             if tidx == 0:                   # read back after the main loop (Fp4MoeGemv.tile): fewer live registers
                 sT[1] = item_m
                 sT[2] = item_t
+                sT[4] = 0                   # GEMM2 rows (tile() stores them for an active item)
+            if item == 0:
+                # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
+                cute.arch.griddepcontrol_wait()
             if item < n1:
                 self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
             else:
                 self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
+                if const_expr(self.combine):
+                    self.combine_rows(sT, mY, mIds, mPos, mCnt, mSrc, mOut, mAlphaD, tidx, bid_k)
+
+        @cute.jit
+        def combine_rows(self, sT, mY: cute.Tensor, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
+                         mSrc: cute.Tensor, mOut: cute.Tensor, mAlpha: cute.Tensor, tidx, bid_k):
+            """After a GEMM2 item: rank 0 counts each of its rows on (token, item) (acq_rel); the CTA that counts a
+            token's last routed row sums y_rows of the token's slots 0..k-1 in order (fp32, as MoeCombine) into
+            y[token, the item's 128 MT columns] and resets the counter. Idle items of a token's first slot write
+            y = 0 where the token has no slot on this rank (MoeCombine's empty sum)."""
+            if const_expr(self.S == 1):
+                cute.arch.sync_threads()          # every thread's y_rows stores (fenced) before the counts
+            n_slots = cute.size(mIds, mode=[0])
+            n_tok = cute.size(mOut, mode=[0])
+            k = n_slots // n_tok
+            n_exp = cute.size(mAlpha, mode=[0])
+            R = cute.size(mY, mode=[0])
+            b2 = sT[1]
+            slot = sT[2]
+            row0 = sT[3]
+            nrows = sT[4]
+            vecs = 16 * self.MT                   # 8-column vectors of the item's columns
+            col0 = b2 * (TILE_M * self.MT)
+            base = 1 + n_slots * self.S           # after the ticket and the (slot, K slice) counters
+            acc = cute.make_rmem_tensor((1, 8), Float32)
+            v = cute.make_rmem_tensor((1, 8), BFloat16)
+            if bid_k == 0:
+                if nrows > 0:
+                    if tidx < MOE_GEMV_TILE_N:
+                        done = Int32(-1)
+                        if tidx < nrows:
+                            tok = mSrc[row0 + tidx]
+                            need = Int32(0)
+                            for j in cutlass.range(k, unroll=1):
+                                e = mIds[tok * k + j]
+                                if e >= 0 and e < n_exp:
+                                    need = need + 1
+                            ctr = base + tok * self.m2 + b2
+                            old = cute.arch.atomic_add(mCnt.iterator + ctr, Int32(1), sem="acq_rel", scope="gpu")
+                            if old == need - 1:
+                                done = tok
+                                mCnt[ctr] = 0
+                        sT[8 + tidx] = done
+                    cute.arch.sync_threads()
+                    n = tidx // vecs
+                    vec = tidx - n * vecs
+                    if n < MOE_GEMV_TILE_N:
+                        tok = sT[8 + n]
+                        if tok >= 0:
+                            acc.fill(0.0)
+                            for j in cutlass.range(k, unroll=1):
+                                p = mPos[tok * k + j]
+                                if p < R:
+                                    q = _ld_v4(mY.iterator.toint() + (Int64(p) * cute.size(mY, mode=[1])
+                                                                      + col0 + 8 * vec) * 2, ".cg")
+                                    for h in cutlass.range_constexpr(4):
+                                        acc[0, 2 * h] = acc[0, 2 * h] + _bits_f32(q[h] << 16)
+                                        acc[0, 2 * h + 1] = acc[0, 2 * h + 1] + _bits_f32(q[h] & -65536)
+                            v.store(acc.load().to(BFloat16))
+                            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, col0 // 8 + vec)))
+                else:
+                    if slot % k == 0 and tidx < vecs:
+                        tok = slot // k
+                        need = Int32(0)
+                        for j in cutlass.range(k, unroll=1):
+                            e = mIds[tok * k + j]
+                            if e >= 0 and e < n_exp:
+                                need = need + 1
+                        if need == 0:
+                            acc.fill(0.0)
+                            v.store(acc.load().to(BFloat16))
+                            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, col0 // 8 + tidx)))
 
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
-                            m_per_cta: int, prefetch: bool = False):
+                            m_per_cta: int, prefetch: bool = False, combine: bool = False):
     """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
     act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters."""
-    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch)
+    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine)
 
     def build():
-        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch)
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3487,7 +3580,8 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
                 mk(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4), *alpha,
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
                 mk(Int32, (slots,), assumed_align=4), mk(Int32, (slots,), assumed_align=4),
-                mk(Int32, (cute.sym_int(),), assumed_align=16),
+                mk(Int32, (cute.sym_int(),), assumed_align=16), mk(Int32, (rows,), assumed_align=4),
+                mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return op, args
     return _load_or_compile(config, build)
@@ -3534,6 +3628,7 @@ MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; 
 MOE_GEMV_FUSED = False       # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
 MOE_GEMV_FUSED_MAX_ROWS = 24  # ... (by-slot items need the fused gather: R <= GATHER_MAX_ROWS as well)
 MOE_GEMV_FUSED_PREFETCH = False  # its GEMM2 CTAs prefetch their K slice past the register ring into L2 before waiting
+MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots)
 _FUSED_COUNTERS: dict = {}
 
 
@@ -3547,7 +3642,8 @@ def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int
     s, mt = g1[4], g2[9]
     if g2[4] != s or (inter // TILE_K // s) % mt or g1[11] or g2[11]:
         return None
-    return (fmt, D, inter, s, MOE_GEMV_STAGES, MOE_GEMV_WARPS_PER_SM // (4 * mt), mt, MOE_GEMV_FUSED_PREFETCH)
+    return (fmt, D, inter, s, MOE_GEMV_STAGES, MOE_GEMV_WARPS_PER_SM // (4 * mt), mt, MOE_GEMV_FUSED_PREFETCH,
+            MOE_GEMV_FUSED_COMBINE)
 
 
 def _fused_counters(device, n: int) -> torch.Tensor:

@@ -5314,7 +5314,7 @@ import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 K.MOE_GEMV_FUSED = True
 cfgs = [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132) for T in (1, 2, 4)]
-cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2)]
+cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, True, True)]
 assert None not in cfgs, cfgs
 for cfg in cfgs:
     K._compile_moe_gemv_fused(*cfg)
@@ -5360,7 +5360,8 @@ def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) is None                  # GEMM2 slice 1 k-tile < MT
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) == ("nvfp4", 512, 256, 2, K.MOE_GEMV_STAGES, 6, 1,
-                                                                      K.MOE_GEMV_FUSED_PREFETCH)
+                                                                      K.MOE_GEMV_FUSED_PREFETCH,
+                                                                      K.MOE_GEMV_FUSED_COMBINE)
     monkeypatch.setattr(K, "USE_PDL", False)
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) is None
     monkeypatch.setattr(K, "USE_PDL", True)
@@ -5389,21 +5390,31 @@ def _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch, limit=7.0):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("splits, m_per_cta", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 2)])
-def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, monkeypatch):
-    """Small dims, K split 1 / 2 / 4 ways (no cluster, 2- and 4-CTA clusters), 1 or 2 row tiles per CTA: the one
-    launch (GEMM2's CTAs waiting on act counters) equals the two-launch GEMV bit for bit and the fp32 reference up to
-    rounding; skipped slots, a token naming one expert twice, 12 rows of one expert (two 8-row groups)."""
+@pytest.mark.parametrize("splits, m_per_cta, combine", [(1, 1, False), (2, 1, False), (4, 1, False), (2, 2, False),
+                                                        (1, 2, False), (1, 1, True), (2, 1, True), (4, 1, True),
+                                                        (2, 2, True), (1, 2, True)])
+def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, combine, monkeypatch):
+    """Small dims, K split 1 / 2 / 4 ways (no cluster, 2- and 4-CTA clusters), 1 or 2 row tiles per CTA, MoeCombine
+    folded in or not: the one launch (GEMM2's CTAs waiting on act counters) equals the two-launch GEMV bit for bit and
+    the fp32 reference up to rounding; skipped slots, a token with no slot on this rank (y = 0), a token naming one
+    expert twice, 12 rows of one expert (two 8-row groups)."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
     ex = _small(fmt)
     cases = [(1, "random", 6), (2, "shared", 6), (3, "empty_experts", 6), (4, "random", 6), (3, "duplicate", 6),
-             (1, "one_expert", 2), (12, "one_expert", 2), (4, "shared", 6)]
+             (1, "one_expert", 2), (12, "one_expert", 2), (4, "shared", 6), (3, "token_off", 6), (1, "token_off", 6)]
     for T, routing, k in cases:
         x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T + k)).to("cuda", torch.bfloat16)
-        ids, w = _gemv_routing(T, k, 16, routing, seed=50 + T)
+        ids, w = _gemv_routing(T, k, 16, "random" if routing == "token_off" else routing, seed=50 + T)
+        if routing == "token_off":                # token T//2 has no slot on this rank (ids -1 and E)
+            ids[T // 2, :] = -1
+            ids[T // 2, 0] = 16
         y, y_two = _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch)
-        what = f"fused S={splits} MT={m_per_cta} {fmt} T={T} {routing}"
-        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+        what = f"fused S={splits} MT={m_per_cta} combine={combine} {fmt} T={T} {routing}"
+        if routing == "token_off":
+            assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
+        if T > 1 or routing != "token_off":
+            _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
         assert torch.equal(y, y_two), f"{what}: differs from the two-launch GEMV"
 
 
@@ -5425,10 +5436,12 @@ def test_moe_gemv_fused_l2_prefetch_gives_the_same_bits(prefetch, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4"])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, prefetch, monkeypatch):
-    """Flash dims at T 1, 2, 4 (the default configs: K split 4, 2, 1; 6..24 routed rows on 256 experts)."""
+@pytest.mark.parametrize("prefetch, combine", [(False, False), (True, False), (False, True)])
+def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, prefetch, combine, monkeypatch):
+    """Flash dims at T 1, 2, 4 (the default configs: K split 4, 2, 1; 6..24 routed rows on 256 experts), with the L2
+    prefetch or the folded combine."""
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_PREFETCH", prefetch)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
     ex = _flash(fmt)
     for T, routing in ((1, "random"), (2, "random"), (2, "shared"), (4, "random"), (4, "empty_experts"),
                        (4, "duplicate")):
@@ -5445,6 +5458,7 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     as the first call; a replay follows new inputs written into the captured buffers; the counters end at zero."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", True)
     ex = _small("nvfp4")
     T = 4
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
