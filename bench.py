@@ -499,7 +499,7 @@ def bench_moe_decode():
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
-    Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 3, 4)
+    Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     if os.environ.get("DECSTAGE_RING_OFF"):           # the GPU check's fallback if the v6 smoke test hung/failed
         K.DECODE_RING = False
         print("DECSTAGE_RING_OFF: timing the v5 loop only", flush=True)
@@ -545,6 +545,13 @@ def bench_moe_decode():
         return
     if "--ablate-fused" in sys.argv:
         fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev)
+        for T in (1, 4):                                   # device time per kernel, PDL off: two launches, fused
+            for f in (False, True):
+                try:
+                    print(f"{'fused' if f else 'two launches'}: ", end="")
+                    with_knobs(dict(USE_PDL=False, MOE_GEMV_FUSED=f), lambda: profile_decode(routings, T, fp4))
+                except Exception as e:      # noqa: BLE001 - a diagnostic only
+                    print(f"profile failed: {e!r}", flush=True)
         return
     main = {T: fp4_us(T) for T in Ts}
     prev = dict(DECODE_PERSISTENT=False, SCALE_PAIRS=False, GATHER_MAX_ROWS=0)
@@ -658,7 +665,10 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
     rounds (two-launch, fused at each T), the median of each reported."""
     variants = {False: dict(MOE_GEMV_FUSED=False), True: dict(MOE_GEMV_FUSED=True),
                 "pf": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True),
-                "cb": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_COMBINE=True)}
+                "cb": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_COMBINE=True),
+                "il": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_INTERLEAVE=True),
+                "all": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_INTERLEAVE=True,
+                            MOE_GEMV_FUSED_COMBINE=True)}
     us = {(T, f): [] for T in Ts for f in variants}
     for _ in range(rounds):
         for T in Ts:
@@ -666,14 +676,17 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
                 us[T, f].append(with_knobs(knob, lambda: fp4_us(T)))
     med = {key: sorted(v)[len(v) // 2] for key, v in us.items()}
     print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; fused = "
-          f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds")
+          f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds; "
+          f"fused variants (us): +L2pf = GEMM2 CTAs prefetch their slice into L2 while waiting, +combine = MoeCombine "
+          f"folded in, +il = per-slot work order, +all3 = the three")
     print(f"{'T':>4} {'experts':>7} {'two us':>8} {'fused us':>8} {'speedup':>7} {'%copy two':>9} {'%copy fused':>11} "
-          f"{'floor us':>8} {'fused+L2pf us':>13} {'fused+combine us':>16}  rounds two / fused")
+          f"{'floor us':>8} {'+L2pf':>6} {'+combine':>8} {'+L2pf+il':>8} {'+all3':>6}  rounds two / fused")
     for T in Ts:
         hit = routings[T][3]
         a, b = med[T, False], med[T, True]
         print(f"{T:>4} {hit:>7} {a:>8.1f} {b:>8.1f} {a / b:>7.3f} {pct(T, a):>9.1f} {pct(T, b):>11.1f} "
-              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f} {med[T, 'pf']:>13.1f} {med[T, 'cb']:>16.1f}  "
+              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f} {med[T, 'pf']:>6.1f} {med[T, 'cb']:>8.1f} "
+              f"{med[T, 'il']:>8.1f} {med[T, 'all']:>6.1f}  "
               + " ".join(f"{v:.1f}" for v in us[T, False]) + " / " + " ".join(f"{v:.1f}" for v in us[T, True]),
               flush=True)
 

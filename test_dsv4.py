@@ -5314,7 +5314,7 @@ import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 K.MOE_GEMV_FUSED = True
 cfgs = [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132) for T in (1, 2, 4)]
-cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, True, True)]
+cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, True, True, True, False)]
 assert None not in cfgs, cfgs
 for cfg in cfgs:
     K._compile_moe_gemv_fused(*cfg)
@@ -5346,8 +5346,8 @@ def test_moe_gemv_fused_compiles_for_sm90a_without_a_gpu_within_the_register_bud
 
 
 def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
-    """The fused launch applies to <= MOE_GEMV_FUSED_MAX_ROWS routed rows with PDL, and only where the two-launch
-    configs split K the same way (one cluster shape, the same bits); its K split is theirs."""
+    """The fused launch applies to <= MOE_GEMV_FUSED_MAX_ROWS routed rows, and only where the two-launch configs split
+    K the same way (one cluster shape, the same bits); its K split is theirs; PDL follows USE_PDL."""
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     for T in (1, 2, 3, 4):
         cfg = K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132)
@@ -5361,9 +5361,10 @@ def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) == ("nvfp4", 512, 256, 2, K.MOE_GEMV_STAGES, 6, 1,
                                                                       K.MOE_GEMV_FUSED_PREFETCH,
-                                                                      K.MOE_GEMV_FUSED_COMBINE)
+                                                                      K.MOE_GEMV_FUSED_COMBINE,
+                                                                      K.MOE_GEMV_FUSED_INTERLEAVE, True)
     monkeypatch.setattr(K, "USE_PDL", False)
-    assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) is None
+    assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132)[-1] is False            # a plain launch
     monkeypatch.setattr(K, "USE_PDL", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", False)
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) is None
@@ -5390,16 +5391,18 @@ def _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch, limit=7.0):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("splits, m_per_cta, combine", [(1, 1, False), (2, 1, False), (4, 1, False), (2, 2, False),
-                                                        (1, 2, False), (1, 1, True), (2, 1, True), (4, 1, True),
-                                                        (2, 2, True), (1, 2, True)])
-def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, combine, monkeypatch):
+@pytest.mark.parametrize("splits, m_per_cta, combine, interleave", [
+    (1, 1, False, False), (2, 1, False, False), (4, 1, False, False), (2, 2, False, False), (1, 2, False, False),
+    (1, 1, True, False), (2, 1, True, False), (4, 1, True, False), (2, 2, True, False), (1, 2, True, False),
+    (1, 1, False, True), (4, 1, False, True), (2, 1, True, True)])
+def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, combine, interleave, monkeypatch):
     """Small dims, K split 1 / 2 / 4 ways (no cluster, 2- and 4-CTA clusters), 1 or 2 row tiles per CTA, MoeCombine
-    folded in or not: the one launch (GEMM2's CTAs waiting on act counters) equals the two-launch GEMV bit for bit and
-    the fp32 reference up to rounding; skipped slots, a token with no slot on this rank (y = 0), a token naming one
-    expert twice, 12 rows of one expert (two 8-row groups)."""
+    folded in or not, GEMM1-first or per-slot work order: the one launch (GEMM2's CTAs waiting on act counters) equals
+    the two-launch GEMV bit for bit and the fp32 reference up to rounding; skipped slots, a token with no slot on this
+    rank (y = 0), a token naming one expert twice, 12 rows of one expert (two 8-row groups)."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_INTERLEAVE", interleave)
     ex = _small(fmt)
     cases = [(1, "random", 6), (2, "shared", 6), (3, "empty_experts", 6), (4, "random", 6), (3, "duplicate", 6),
              (1, "one_expert", 2), (12, "one_expert", 2), (4, "shared", 6), (3, "token_off", 6), (1, "token_off", 6)]
@@ -5410,7 +5413,7 @@ def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_ct
             ids[T // 2, :] = -1
             ids[T // 2, 0] = 16
         y, y_two = _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch)
-        what = f"fused S={splits} MT={m_per_cta} combine={combine} {fmt} T={T} {routing}"
+        what = f"fused S={splits} MT={m_per_cta} combine={combine} interleave={interleave} {fmt} T={T} {routing}"
         if routing == "token_off":
             assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
         if T > 1 or routing != "token_off":
@@ -5436,12 +5439,14 @@ def test_moe_gemv_fused_l2_prefetch_gives_the_same_bits(prefetch, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4"])
-@pytest.mark.parametrize("prefetch, combine", [(False, False), (True, False), (False, True)])
-def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, prefetch, combine, monkeypatch):
+@pytest.mark.parametrize("prefetch, combine, interleave", [(False, False, False), (True, False, False),
+                                                             (False, True, False), (True, True, True)])
+def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, prefetch, combine, interleave, monkeypatch):
     """Flash dims at T 1, 2, 4 (the default configs: K split 4, 2, 1; 6..24 routed rows on 256 experts), with the L2
-    prefetch or the folded combine."""
+    prefetch, the folded combine, the per-slot work order."""
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_PREFETCH", prefetch)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_INTERLEAVE", interleave)
     ex = _flash(fmt)
     for T, routing in ((1, "random"), (2, "random"), (2, "shared"), (4, "random"), (4, "empty_experts"),
                        (4, "duplicate")):
@@ -5467,6 +5472,9 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(20)]
     torch.cuda.synchronize()
     assert torch.isfinite(y1).all() and all(torch.equal(o, y1) for o in outs)
+    monkeypatch.setattr(K, "USE_PDL", False)                   # a plain launch (profiling): the same bits
+    assert torch.equal(K.moe_fp4(x, ids, w, ex, 7.0), y1)
+    monkeypatch.setattr(K, "USE_PDL", True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
