@@ -670,10 +670,11 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
                 "all": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_INTERLEAVE=True,
                             MOE_GEMV_FUSED_COMBINE=True)}
     us = {(T, f): [] for T in Ts for f in variants}
-    for _ in range(rounds):
+    for r in range(rounds):
         for T in Ts:
             for f, knob in variants.items():
                 us[T, f].append(with_knobs(knob, lambda: fp4_us(T)))
+            print(f"round {r} T={T}: " + " ".join(f"{f}={us[T, f][-1]:.1f}" for f in variants), flush=True)
     med = {key: sorted(v)[len(v) // 2] for key, v in us.items()}
     print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; fused = "
           f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds; "
