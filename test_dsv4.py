@@ -1127,8 +1127,10 @@ def _gemv_routing(T, k, E, kind, seed):
 
 
 def _moe_both_paths(ex, x, ids, w, monkeypatch, limit=7.0):
-    """(GEMV output, wgmma output) with poisoned intermediates; asserts the GEMV path really was taken."""
+    """(GEMV output, wgmma output) with poisoned intermediates; asserts the GEMV path really was taken (the two
+    launches: the fused one has tests of its own)."""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", False)
     calls = []
     real = K._compile_moe_gemv
     monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a: calls.append(a) or real(*a))
