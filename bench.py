@@ -666,9 +666,7 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
     variants = {False: dict(MOE_GEMV_FUSED=False), True: dict(MOE_GEMV_FUSED=True),
                 "pf": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True),
                 "cb": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_COMBINE=True),
-                "il": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_INTERLEAVE=True),
-                "all": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_INTERLEAVE=True,
-                            MOE_GEMV_FUSED_COMBINE=True)}
+                "pfcb": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_COMBINE=True)}
     us = {(T, f): [] for T in Ts for f in variants}
     for r in range(rounds):
         for T in Ts:
@@ -679,15 +677,15 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
     print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; fused = "
           f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds; "
           f"fused variants (us): +L2pf = GEMM2 CTAs prefetch their slice into L2 while waiting, +combine = MoeCombine "
-          f"folded in, +il = per-slot work order, +all3 = the three")
+          f"folded in, +both = the two")
     print(f"{'T':>4} {'experts':>7} {'two us':>8} {'fused us':>8} {'speedup':>7} {'%copy two':>9} {'%copy fused':>11} "
-          f"{'floor us':>8} {'+L2pf':>6} {'+combine':>8} {'+L2pf+il':>8} {'+all3':>6}  rounds two / fused")
+          f"{'floor us':>8} {'+L2pf':>6} {'+combine':>8} {'+both':>6}  rounds two / fused")
     for T in Ts:
         hit = routings[T][3]
         a, b = med[T, False], med[T, True]
         print(f"{T:>4} {hit:>7} {a:>8.1f} {b:>8.1f} {a / b:>7.3f} {pct(T, a):>9.1f} {pct(T, b):>11.1f} "
               f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f} {med[T, 'pf']:>6.1f} {med[T, 'cb']:>8.1f} "
-              f"{med[T, 'il']:>8.1f} {med[T, 'all']:>6.1f}  "
+              f"{med[T, 'pfcb']:>6.1f}  "
               + " ".join(f"{v:.1f}" for v in us[T, False]) + " / " + " ".join(f"{v:.1f}" for v in us[T, True]),
               flush=True)
 

@@ -1887,13 +1887,14 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     if gemv:
         fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms)
         if fused is not None:               # one launch: GEMM2's CTAs wait on per-(slot, K slice) act counters
-            counters = _fused_counters(dev, 1 + R * fused[3] + T * D // TILE_M)
-            if POISON_BUFFERS and fused[9]:
+            splits, folded = fused[3], fused[8]     # K slices, MoeCombine folded in
+            counters = _fused_counters(dev, 1 + R * splits + T * D // TILE_M)
+            if POISON_BUFFERS and folded:
                 y.fill_(float("nan"))       # tests: the folded combine must write every element of y
             _compile_moe_gemv_fused(*fused)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x_sorted, act,
                                             y_rows, tiles, a_gate, a_up, a_down, row_w, limit, ids32, pos, counters,
                                             src_tok, y)
-            if not fused[9]:                # else the combine is folded in
+            if not folded:
                 _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
             return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
@@ -3402,7 +3403,7 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     prefetch: bool = False, combine: bool = False, interleave: bool = False, pdl: bool = True):
+                     prefetch: bool = False, combine: bool = False, pdl: bool = True):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
@@ -3411,9 +3412,6 @@ if HAVE_CUTE:
             # storing the last one sums the token's k slots (fixed slot order, fp32, as MoeCombine) into y
             self.combine = combine
             self.g2.fold_fence = combine
-            # ticket order: GEMM1 items of every slot, then GEMM2's (False); or per slot GEMM1's then GEMM2's (True:
-            # GEMM2 CTAs become resident while GEMM1 still streams; each still waits only on smaller tickets)
-            self.interleave = interleave
             self.S, self.MT, self.min_ctas = k_splits, m_per_cta, min_ctas
             self.m1 = self.g1.m_tiles // m_per_cta                 # GEMM1 items per slot
             self.m2 = self.g2.m_tiles // m_per_cta                 # GEMM2 items per slot
@@ -3466,23 +3464,13 @@ if HAVE_CUTE:
                 cute.arch.sync_threads()
                 item = sT[0]
             n1 = self.m1 * n_slots
-            gemm2 = item >= n1
-            item_m = Int32(0)
-            item_t = Int32(0)
-            if const_expr(self.interleave):
-                item_t = item // (self.m1 + self.m2)
-                item_m = item - item_t * (self.m1 + self.m2)
-                gemm2 = item_m >= self.m1
-                if gemm2:
-                    item_m = item_m - self.m1
-            else:
-                rest = item
-                per_slot = Int32(self.m1)
-                if gemm2:
-                    rest = item - n1
-                    per_slot = Int32(self.m2)
-                item_m = rest % per_slot
-                item_t = rest // per_slot
+            rest = item
+            per_slot = Int32(self.m1)
+            if item >= n1:
+                rest = item - n1
+                per_slot = Int32(self.m2)
+            item_m = rest % per_slot
+            item_t = rest // per_slot
             if tidx == 0:                   # read back after the main loop (Fp4MoeGemv.tile): fewer live registers
                 sT[1] = item_m
                 sT[2] = item_t
@@ -3490,7 +3478,7 @@ if HAVE_CUTE:
             if item == 0:
                 # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
                 cute.arch.griddepcontrol_wait()
-            if gemm2:
+            if item >= n1:
                 self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
                 if const_expr(self.combine):
@@ -3529,7 +3517,7 @@ if HAVE_CUTE:
                         if tidx < nrows:
                             tok = mSrc[row0 + tidx]
                             need = Int32(0)
-                            for j in cutlass.range(k, unroll=1):
+                            for j in cutlass.range(k, unroll=8):   # independent loads in flight
                                 e = mIds[tok * k + j]
                                 if e >= 0 and e < n_exp:
                                     need = need + 1
@@ -3546,7 +3534,7 @@ if HAVE_CUTE:
                         tok = sT[8 + n]
                         if tok >= 0:
                             acc.fill(0.0)
-                            for j in cutlass.range(k, unroll=1):
+                            for j in cutlass.range(k, unroll=8):   # independent loads in flight
                                 p = mPos[tok * k + j]
                                 if p < R:
                                     q = _ld_v4(mY.iterator.toint() + (Int64(p) * cute.size(mY, mode=[1])
@@ -3560,7 +3548,7 @@ if HAVE_CUTE:
                     if slot % k == 0 and tidx < vecs:
                         tok = slot // k
                         need = Int32(0)
-                        for j in cutlass.range(k, unroll=1):
+                        for j in cutlass.range(k, unroll=8):   # independent loads in flight
                             e = mIds[tok * k + j]
                             if e >= 0 and e < n_exp:
                                 need = need + 1
@@ -3571,16 +3559,13 @@ if HAVE_CUTE:
 
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
-                            m_per_cta: int, prefetch: bool = False, combine: bool = False, interleave: bool = False,
-                            pdl: bool = True):
+                            m_per_cta: int, prefetch: bool = False, combine: bool = False, pdl: bool = True):
     """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
     act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters."""
-    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, interleave,
-              pdl)
+    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
 
     def build():
-        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, interleave,
-                             pdl)
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3646,22 +3631,28 @@ MOE_GEMV_FUSED = False       # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in on
 MOE_GEMV_FUSED_MAX_ROWS = 24  # ... (by-slot items need the fused gather: R <= GATHER_MAX_ROWS as well)
 MOE_GEMV_FUSED_PREFETCH = False  # its GEMM2 CTAs prefetch their K slice past the register ring into L2 before waiting
 MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots)
-MOE_GEMV_FUSED_INTERLEAVE = False  # its work order: per slot GEMM1's items then GEMM2's (else all GEMM1 items first)
 _FUSED_COUNTERS: dict = {}
 
 
 def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int):
     """_compile_moe_gemv_fused arguments for R routed rows, or None where the fused launch does not apply: the
-    two-launch configs' K split S must agree (one cluster shape; same split = same bits), MT is that of GEMM2 (MT
-    changes no bit), GEMM2's K slices must hold whole GEMM1 items. Without USE_PDL (profiling) a plain launch."""
+    two-launch configs' K split S must agree (one cluster shape; same split = same bits); MT (changes no bit) is
+    GEMM1's where GEMM2's K slices hold whole GEMM1 items and the token smem of both fits (H200 R1, T=4: MT 1 where
+    GEMM1 wants 2 halves its resident CTAs: 114.8 vs 103.6 us two-launch), else GEMM2's. Without USE_PDL
+    (profiling) a plain launch."""
     if not (MOE_GEMV_FUSED and R <= MOE_GEMV_FUSED_MAX_ROWS and R <= GATHER_MAX_ROWS):
         return None
     g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
-    s, mt = g1[4], g2[9]
-    if g2[4] != s or (inter // TILE_K // s) % mt or g1[11] or g2[11]:
+    s = g1[4]
+    if g2[4] != s or g1[11] or g2[11]:
         return None
-    return (fmt, D, inter, s, MOE_GEMV_STAGES, MOE_GEMV_WARPS_PER_SM // (4 * mt), mt, MOE_GEMV_FUSED_PREFETCH,
-            MOE_GEMV_FUSED_COMBINE, MOE_GEMV_FUSED_INTERLEAVE, USE_PDL)
+    smem = max(_moe_gemv_smem_bytes(D // TILE_K // s), _moe_gemv_smem_bytes(inter // TILE_K // s))
+    for mt in dict.fromkeys((g1[9], g2[9])):
+        per_sm = MOE_GEMV_WARPS_PER_SM // (4 * mt)
+        if (inter // TILE_K // s) % mt == 0 and (D // TILE_M) % mt == 0 and per_sm * (smem + 1024) <= 228 * 1024:
+            return (fmt, D, inter, s, MOE_GEMV_STAGES, per_sm, mt, MOE_GEMV_FUSED_PREFETCH, MOE_GEMV_FUSED_COMBINE,
+                    USE_PDL)
+    return None
 
 
 def _fused_counters(device, n: int) -> torch.Tensor:

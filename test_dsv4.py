@@ -5316,7 +5316,7 @@ import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 K.MOE_GEMV_FUSED = True
 cfgs = [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132) for T in (1, 2, 4)]
-cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, True, True, True, False)]
+cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, True, True, False)]
 assert None not in cfgs, cfgs
 for cfg in cfgs:
     K._compile_moe_gemv_fused(*cfg)
@@ -5355,6 +5355,7 @@ def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
         cfg = K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132)
         g1, g2 = K.moe_gemv_configs("nvfp4", 6 * T, 256, 4096, 2048, 132, True)
         assert cfg is not None and cfg[3] == g1[4] == g2[4] and (2048 // 64 // cfg[3]) % cfg[6] == 0
+        assert cfg[6] == g1[9] and cfg[5] == K.MOE_GEMV_WARPS_PER_SM // (4 * cfg[6])     # GEMM1's row tiles per CTA
     assert K.moe_gemv_fused_config("nvfp4", 30, 256, 4096, 2048, 132) is None              # T=5: above the bound
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((4, 1), (2, 1)))
     assert K.moe_gemv_fused_config("nvfp4", 6, 256, 4096, 2048, 132) is None               # K splits differ
@@ -5363,8 +5364,7 @@ def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) == ("nvfp4", 512, 256, 2, K.MOE_GEMV_STAGES, 6, 1,
                                                                       K.MOE_GEMV_FUSED_PREFETCH,
-                                                                      K.MOE_GEMV_FUSED_COMBINE,
-                                                                      K.MOE_GEMV_FUSED_INTERLEAVE, True)
+                                                                      K.MOE_GEMV_FUSED_COMBINE, True)
     monkeypatch.setattr(K, "USE_PDL", False)
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132)[-1] is False            # a plain launch
     monkeypatch.setattr(K, "USE_PDL", True)
@@ -5393,18 +5393,19 @@ def _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch, limit=7.0):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("splits, m_per_cta, combine, interleave", [
-    (1, 1, False, False), (2, 1, False, False), (4, 1, False, False), (2, 2, False, False), (1, 2, False, False),
-    (1, 1, True, False), (2, 1, True, False), (4, 1, True, False), (2, 2, True, False), (1, 2, True, False),
-    (1, 1, False, True), (4, 1, False, True), (2, 1, True, True)])
-def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, combine, interleave, monkeypatch):
+@pytest.mark.parametrize("splits, m_per_cta, combine", [(1, 1, False), (2, 1, False), (4, 1, False), (2, 2, False),
+                                                        (1, 2, False), (1, 1, True), (2, 1, True), (4, 1, True),
+                                                        (2, 2, True), (1, 2, True)])
+def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, combine, monkeypatch):
     """Small dims, K split 1 / 2 / 4 ways (no cluster, 2- and 4-CTA clusters), 1 or 2 row tiles per CTA, MoeCombine
-    folded in or not, GEMM1-first or per-slot work order: the one launch (GEMM2's CTAs waiting on act counters) equals
-    the two-launch GEMV bit for bit and the fp32 reference up to rounding; skipped slots, a token with no slot on this
-    rank (y = 0), a token naming one expert twice, 12 rows of one expert (two 8-row groups)."""
+    folded in or not: the one launch (GEMM2's CTAs waiting on act counters) equals the two-launch GEMV bit for bit and
+    the fp32 reference up to rounding; skipped slots, a token with no slot on this rank (y = 0), a token naming one
+    expert twice, 12 rows of one expert (two 8-row groups)."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
-    monkeypatch.setattr(K, "MOE_GEMV_FUSED_INTERLEAVE", interleave)
+    combines = []
+    real = K._compile_combine
+    monkeypatch.setattr(K, "_compile_combine", lambda *a: combines.append(a) or real(*a))
     ex = _small(fmt)
     cases = [(1, "random", 6), (2, "shared", 6), (3, "empty_experts", 6), (4, "random", 6), (3, "duplicate", 6),
              (1, "one_expert", 2), (12, "one_expert", 2), (4, "shared", 6), (3, "token_off", 6), (1, "token_off", 6)]
@@ -5414,8 +5415,10 @@ def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_ct
         if routing == "token_off":                # token T//2 has no slot on this rank (ids -1 and E)
             ids[T // 2, :] = -1
             ids[T // 2, 0] = 16
+        n_comb = len(combines)
         y, y_two = _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch)
-        what = f"fused S={splits} MT={m_per_cta} combine={combine} interleave={interleave} {fmt} T={T} {routing}"
+        assert len(combines) - n_comb == (1 if combine else 2), "MoeCombine launched although folded in (or not)"
+        what = f"fused S={splits} MT={m_per_cta} combine={combine} {fmt} T={T} {routing}"
         if routing == "token_off":
             assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
         if T > 1 or routing != "token_off":
@@ -5441,14 +5444,12 @@ def test_moe_gemv_fused_l2_prefetch_gives_the_same_bits(prefetch, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4"])
-@pytest.mark.parametrize("prefetch, combine, interleave", [(False, False, False), (True, False, False),
-                                                             (False, True, False), (True, True, True)])
-def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, prefetch, combine, interleave, monkeypatch):
-    """Flash dims at T 1, 2, 4 (the default configs: K split 4, 2, 1; 6..24 routed rows on 256 experts), with the L2
-    prefetch, the folded combine, the per-slot work order."""
+@pytest.mark.parametrize("prefetch, combine", [(False, False), (True, False), (False, True)])
+def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, prefetch, combine, monkeypatch):
+    """Flash dims at T 1, 2, 4 (the default configs: K split 4, 2, 1 with 1, 1, 2 row tiles per CTA; 6..24 routed
+    rows on 256 experts), with the L2 prefetch or the folded combine."""
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_PREFETCH", prefetch)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
-    monkeypatch.setattr(K, "MOE_GEMV_FUSED_INTERLEAVE", interleave)
     ex = _flash(fmt)
     for T, routing in ((1, "random"), (2, "random"), (2, "shared"), (4, "random"), (4, "empty_experts"),
                        (4, "duplicate")):
