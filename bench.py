@@ -549,7 +549,8 @@ def bench_moe_decode():
             for f in (False, True):
                 try:
                     print(f"{'fused' if f else 'two launches'}: ", end="")
-                    with_knobs(dict(USE_PDL=False, MOE_GEMV_FUSED=f), lambda: profile_decode(routings, T, fp4))
+                    with_knobs(dict(USE_PDL=False, MOE_GEMV_FUSED=f, MOE_GEMV_FUSED_MAX_ROWS=24),
+                               lambda: profile_decode(routings, T, fp4))
                 except Exception as e:      # noqa: BLE001 - a diagnostic only
                     print(f"profile failed: {e!r}", flush=True)
         return
@@ -663,10 +664,10 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
     """`bench.py moe --decode-only --ablate-fused`: the decode GEMV's GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused,
     MOE_GEMV_FUSED) vs the two launches, same run, same routing and weights, CUDA-graph replays; `rounds` interleaved
     rounds (two-launch, fused at each T), the median of each reported."""
-    variants = {False: dict(MOE_GEMV_FUSED=False), True: dict(MOE_GEMV_FUSED=True),
-                "pf": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True),
-                "cb": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_COMBINE=True),
-                "pfcb": dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_COMBINE=True)}
+    on = dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_MAX_ROWS=24)      # every T here, whatever the default bound
+    variants = {False: dict(MOE_GEMV_FUSED=False), True: on, "pf": dict(on, MOE_GEMV_FUSED_PREFETCH=True),
+                "cb": dict(on, MOE_GEMV_FUSED_COMBINE=True),
+                "pfcb": dict(on, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_COMBINE=True)}
     us = {(T, f): [] for T in Ts for f in variants}
     for r in range(rounds):
         for T in Ts:

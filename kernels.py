@@ -3627,10 +3627,13 @@ MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after i
 MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
 
 
-MOE_GEMV_FUSED = False       # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
-MOE_GEMV_FUSED_MAX_ROWS = 24  # ... (by-slot items need the fused gather: R <= GATHER_MAX_ROWS as well)
+MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
+MOE_GEMV_FUSED_MAX_ROWS = 12  # ... (H200 R2, Flash, same run: T=1 38.5 vs 41.8 us, T=2 60.3 vs 60.5, T=4 114.9 vs
+                              # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS)
 MOE_GEMV_FUSED_PREFETCH = False  # its GEMM2 CTAs prefetch their K slice past the register ring into L2 before waiting
-MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots)
+                                 # (R2: no gain, T=1 38.8 vs 38.5 us, T=4 123.4 vs 114.9)
+MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots;
+                                 # R2: T=1 40.2 vs 38.5 us, T=2 62.5 vs 60.3, T=4 106.3 vs 114.9)
 _FUSED_COUNTERS: dict = {}
 
 
@@ -3644,7 +3647,7 @@ def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int
         return None
     g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
     s = g1[4]
-    if g2[4] != s or g1[11] or g2[11]:
+    if g2[4] != s or s > 4 or g1[11] or g2[11]:   # S 8 (8-CTA clusters): never run on a GPU in this launch yet
         return None
     smem = max(_moe_gemv_smem_bytes(D // TILE_K // s), _moe_gemv_smem_bytes(inter // TILE_K // s))
     for mt in dict.fromkeys((g1[9], g2[9])):

@@ -5315,6 +5315,7 @@ COMPILE_MOE_GEMV_FUSED = """
 import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 K.MOE_GEMV_FUSED = True
+K.MOE_GEMV_FUSED_MAX_ROWS = 24
 cfgs = [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132) for T in (1, 2, 4)]
 cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, True, True, False)]
 assert None not in cfgs, cfgs
@@ -5351,6 +5352,8 @@ def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
     """The fused launch applies to <= MOE_GEMV_FUSED_MAX_ROWS routed rows, and only where the two-launch configs split
     K the same way (one cluster shape, the same bits); its K split is theirs; PDL follows USE_PDL."""
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    assert K.moe_gemv_fused_config("nvfp4", K.MOE_GEMV_FUSED_MAX_ROWS + 1, 256, 4096, 2048, 132) is None
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
     for T in (1, 2, 3, 4):
         cfg = K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132)
         g1, g2 = K.moe_gemv_configs("nvfp4", 6 * T, 256, 4096, 2048, 132, True)
@@ -5374,8 +5377,9 @@ def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
 
 def _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch, limit=7.0):
     """(fused output, two-launch GEMV output) with poisoned intermediates; asserts which path each call took and
-    that the fused launch left its counters zero."""
+    that the fused launch left its counters zero. (Up to 24 rows: the kernel, not the default row bound.)"""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
     fused, two = [], []
     real_f, real_2 = K._compile_moe_gemv_fused, K._compile_moe_gemv
     monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a: fused.append(a) or real_f(*a))
@@ -5466,6 +5470,7 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     as the first call; a replay follows new inputs written into the captured buffers; the counters end at zero."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", True)
     ex = _small("nvfp4")
     T = 4
