@@ -18,7 +18,6 @@ import gc
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -448,7 +447,7 @@ def bench_moe_decode():
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
-    Ts = (1, 4, 16, 64, 256)
+    Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     routings = {}
     for T in Ts:                                      # one routing per T, shared by every variant below
         g = torch.Generator(device="cuda").manual_seed(T)
@@ -481,6 +480,17 @@ def bench_moe_decode():
     print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
     if "--ablate-gemv" in sys.argv:
         gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4)
+        return
+    if "--ablate-fused" in sys.argv:
+        fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev)
+        for T in (1, 4):                                   # device time per kernel, PDL off: two launches, fused
+            for f in (False, True):
+                try:
+                    print(f"{'fused' if f else 'two launches'}: ", end="")
+                    with_knobs(dict(USE_PDL=False, MOE_GEMV_FUSED=f, MOE_GEMV_FUSED_MAX_ROWS=24),
+                               lambda: profile_decode(routings, T, fp4))
+                except Exception as e:      # noqa: BLE001 - a diagnostic only
+                    print(f"profile failed: {e!r}", flush=True)
         return
     main = {T: fp4_us(T) for T in Ts}
     base = {T: bf16_us(T) for T in Ts}
@@ -528,6 +538,37 @@ def gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expe
             with_knobs(dict(USE_PDL=False), lambda: [profile_decode(routings, T, fp4) for T in Ts[:2]])
         except Exception as e:      # noqa: BLE001 - a diagnostic only
             print(f"profile failed: {e!r}", flush=True)
+
+
+def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, rounds=3):
+    """`bench.py moe --decode-only --ablate-fused`: the decode GEMV's GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused,
+    MOE_GEMV_FUSED) vs the two launches, same run, same routing and weights, CUDA-graph replays; `rounds` interleaved
+    rounds (two-launch, fused at each T), the median of each reported."""
+    on = dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_MAX_ROWS=24)      # every T here, whatever the default bound
+    variants = {False: dict(MOE_GEMV_FUSED=False), True: on, "pf": dict(on, MOE_GEMV_FUSED_PREFETCH=True),
+                "cb": dict(on, MOE_GEMV_FUSED_COMBINE=True),
+                "pfcb": dict(on, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_COMBINE=True)}
+    us = {(T, f): [] for T in Ts for f in variants}
+    for r in range(rounds):
+        for T in Ts:
+            for f, knob in variants.items():
+                us[T, f].append(with_knobs(knob, lambda: fp4_us(T)))
+            print(f"round {r} T={T}: " + " ".join(f"{f}={us[T, f][-1]:.1f}" for f in variants), flush=True)
+    med = {key: sorted(v)[len(v) // 2] for key, v in us.items()}
+    print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; fused = "
+          f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds; "
+          f"fused variants (us): +L2pf = GEMM2 CTAs prefetch their slice into L2 while waiting, +combine = MoeCombine "
+          f"folded in, +both = the two")
+    print(f"{'T':>4} {'experts':>7} {'two us':>8} {'fused us':>8} {'speedup':>7} {'%copy two':>9} {'%copy fused':>11} "
+          f"{'floor us':>8} {'+L2pf':>6} {'+combine':>8} {'+both':>6}  rounds two / fused")
+    for T in Ts:
+        hit = routings[T][3]
+        a, b = med[T, False], med[T, True]
+        print(f"{T:>4} {hit:>7} {a:>8.1f} {b:>8.1f} {a / b:>7.3f} {pct(T, a):>9.1f} {pct(T, b):>11.1f} "
+              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f} {med[T, 'pf']:>6.1f} {med[T, 'cb']:>8.1f} "
+              f"{med[T, 'pfcb']:>6.1f}  "
+              + " ".join(f"{v:.1f}" for v in us[T, False]) + " / " + " ".join(f"{v:.1f}" for v in us[T, True]),
+              flush=True)
 
 
 def profile_decode(routings, T, fp4, limit=10.0):

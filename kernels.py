@@ -1268,6 +1268,18 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
     if gemv:
+        fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms)
+        if fused is not None:               # one launch: GEMM2's CTAs wait on per-(slot, K slice) act counters
+            splits, folded = fused[3], fused[8]     # K slices, MoeCombine folded in
+            counters = _fused_counters(dev, 1 + R * splits + T * D // TILE_M)
+            if POISON_BUFFERS and folded:
+                y.fill_(float("nan"))       # tests: the folded combine must write every element of y
+            _compile_moe_gemv_fused(*fused)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x_sorted, act,
+                                            y_rows, tiles, a_gate, a_up, a_down, row_w, limit, ids32, pos, counters,
+                                            src_tok, y)
+            if not folded:
+                _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
+            return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
         _compile_moe_gemv(*g1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
@@ -2398,6 +2410,21 @@ if HAVE_CUTE:
         _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)],
                          f"cp.async.bulk.prefetch.L2.global [$0], {size};", "l", has_side_effects=True, loc=loc, ip=ip)
 
+    @dsl_user_op
+    def _atom_inc_gpu(addr: Int64, limit: int, *, loc=None, ip=None) -> Int32:
+        """atom.inc (relaxed, gpu scope) on a global u32: old >= limit ? 0 : old + 1; returns old."""
+        return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip), _i32(limit, loc, ip)],
+                                      "atom.relaxed.gpu.global.inc.u32 $0, [$1], $2;", "=r,l,r",
+                                      has_side_effects=True, loc=loc, ip=ip))
+
+    @dsl_user_op
+    def _ld_dsmem_i32(smem_addr: Int32, rank: Int32, *, loc=None, ip=None) -> Int32:
+        """Int32 at this CTA's shared address smem_addr, read from CTA `rank` of the cluster (DSMEM)."""
+        return Int32(_llvm.inline_asm(
+            _T.i32(), [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip)],
+            "{\n.reg .b32 a;\nmapa.shared::cluster.u32 a, $1, $2;\nld.shared::cluster.u32 $0, [a];\n}",
+            "=r,r,r", has_side_effects=True, loc=loc, ip=ip))
+
     class Fp4MoeGemv:
         """One grouped decode GEMM over experts on mma.sync (see the section comment): out[rows of tile j] =
         x_sorted[rows] · W_e^T with W_e fp4 records. swiglu=True (GEMM1): W = interleaved w13, epilogue
@@ -2435,6 +2462,17 @@ if HAVE_CUTE:
             self.row_words = self.kpc * 32 + 16                     # Int32 words per token row in smem (+64 B)
             self.threads = 128 * m_per_cta
             self.pdl, self.wait_first, self.min_ctas = pdl, wait_first, min_ctas
+            # Fp4MoeGemvFused roles (0: a launch of its own): signal_kpc > 0 (GEMM1): after its stores each CTA adds 1
+            # to the readiness counter of (slot, GEMM2 K slice of its act columns), GEMM2 slices of signal_kpc k-tiles;
+            # wait_target > 0 (GEMM2): a CTA waits for its (slot, K slice) counter to reach wait_target before
+            # reading act, then counts itself as one of wait_readers readers (the last one wraps the counter to 0)
+            self.signal_kpc, self.wait_target, self.wait_readers = 0, 0, 0
+            self.prefetch_rest = False     # fused GEMM2: bulk-prefetch the K slice past the register ring into L2
+            self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
+
+        def smem_words(self) -> int:
+            """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
+            return max(MOE_GEMV_TILE_N * self.row_words, self.MT * 2 * 64 * MOE_GEMV_TILE_N if self.S > 1 else 0)
 
         @cute.jit
         def __call__(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
@@ -2442,10 +2480,7 @@ if HAVE_CUTE:
                      mIds: cute.Tensor, mPos: cute.Tensor, mNext: cute.Tensor, stream):
             @cute.struct
             class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
-                xs: cute.struct.Align[cute.struct.MemRange[
-                    Int32, max(MOE_GEMV_TILE_N * self.row_words,
-                               self.MT * 2 * 64 * MOE_GEMV_TILE_N if self.S > 1 else 0)],
-                    16]
+                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.smem_words()], 16]
 
             self.shared_storage = SharedStorage
             n_tab = cute.size(mTiles, mode=[0])
@@ -2462,6 +2497,17 @@ if HAVE_CUTE:
                    mIds: cute.Tensor, mPos: cute.Tensor, mNext: cute.Tensor):
             tidx, _, _ = cute.arch.thread_idx()
             bid_k, bid_m, bid_t = cute.arch.block_idx()
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mIds, tidx,
+                      bid_k, bid_m, bid_t)
+
+        @cute.jit
+        def tile(self, storage, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
+                 mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor,
+                 mPos: cute.Tensor, mNext: cute.Tensor, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
+            """One work item: K slice bid_k of 128-row tiles bid_m*MT.. of token tile (by_slot: routed slot) bid_t.
+            mCnt: the fused launch's readiness counters (roles above; unused otherwise)."""
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once all our CTAs have started; it waits for our end itself
                 cute.arch.griddepcontrol_launch_dependents()
@@ -2515,6 +2561,10 @@ if HAVE_CUTE:
 
                 for s in cutlass.range_constexpr(self.D):
                     self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                if const_expr(self.prefetch_rest and kpc > self.D):
+                    # fused GEMM2: the rest of this warp group's K slice -> L2 while the CTA waits for its act rows
+                    if warp == 0 and lane == 0:
+                        _prefetch_l2(base + self.D * rec, (kpc - self.D) * rec)
                 if const_expr(self.by_slot):
                     # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots. (A branch
                     # ptxas can't fold keeps the weight loads above the wait, as below.)
@@ -2536,6 +2586,20 @@ if HAVE_CUTE:
                         row0 = cutlass.min(row0, Int32(cute.arch.warp_redux_sync(p_j2, "min")))
                     row0 = row0 + rank
                     nrows = cutlass.min(count - rank, MOE_GEMV_TILE_N)
+                if const_expr(self.wait_target > 0):
+                    if tidx == 0:                   # for the folded combine (Fp4MoeGemvFused.combine_rows)
+                        sRows = storage.ticket.get_tensor(cute.make_layout(16))
+                        sRows[3] = row0
+                        sRows[4] = nrows
+                    # fused GEMM2: act rows of this slot, columns of this K slice, are complete once all GEMM1 CTAs
+                    # writing them have counted (release after their stores; acquire here, then bar.sync)
+                    if tidx == 0:
+                        ctr = mCnt.iterator + (1 + bid_t * self.S + bid_k)
+                        seen = cute.arch.load(ctr, Int32, sem="acquire", scope="gpu")
+                        while seen < self.wait_target:
+                            seen = cute.arch.load(ctr, Int32, sem="acquire", scope="gpu")
+                        _atom_inc_gpu(ctr.toint(), self.wait_target + self.wait_readers - 1)
+                    cute.arch.sync_threads()
                 if const_expr(self.pdl and not self.wait_first):
                     # weights are constant; x_sorted / act and what we write belong to the previous kernels. (A branch
                     # ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -2544,8 +2608,6 @@ if HAVE_CUTE:
 
                 # ---- the tile's token rows of this K slice -> smem, permuted per 64-k tile: natural word
                 # 8kb + 4p + t (k = 16kb + 8p + 2t) -> stored word 16(kb//2) + 4t + 2(kb%2) + p
-                smem = cutlass.utils.SmemAllocator()
-                storage = smem.allocate(self.shared_storage)
                 sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, MOE_GEMV_TILE_N),
                                                              stride=(1, self.row_words)))
                 sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, MOE_GEMV_TILE_N),
@@ -2585,6 +2647,12 @@ if HAVE_CUTE:
                     if tidx < per and r0 < self.l2_next:
                         _prefetch_l2(mNext.iterator.toint() + (Int64(expert) * self.l2_next + r0) * rec, rec)
 
+                if const_expr(self.signal_kpc > 0 or self.wait_target > 0):
+                    # fused: the item's row tiles and slot come back from smem (no registers held over the loop)
+                    sItem = storage.ticket.get_tensor(cute.make_layout(16))
+                    bid_m = sItem[1]
+                    bid_t = sItem[2]
+                    m_tile = bid_m * self.MT + wid // 4
                 # ---- epilogue: acc[a, c] = (row 16w + g + 8(c//2) of atom a, token 2t + c%2)
                 if const_expr(self.S == 1):
                     for c in cutlass.range_constexpr(4):
@@ -2592,6 +2660,7 @@ if HAVE_CUTE:
                         if n < nrows:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, m_tile,
                                        16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+                    self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
                 else:
                     # partial -> own smem red[atom][row][token]; cluster barrier; slice z sums its share of the
                     # (row, token) pairs over the S slices in rank order (DSMEM); barrier again before exit
@@ -2623,8 +2692,28 @@ if HAVE_CUTE:
                                 s1 = s1 + _ld_dsmem_f32(red_base + (off + pairs) * 4, z)
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, bid_m * self.MT + mt,
                                        r, s0, s1)
+                    self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
                     cute.arch.cluster_arrive()                       # peers keep their smem until it is read
                     cute.arch.cluster_wait()
+            else:
+                if const_expr(self.S > 1 and (self.signal_kpc > 0 or self.wait_target > 0)):
+                    # fused: an idle item's cluster still meets once (rank 0 holds the ticket its peers read)
+                    cute.arch.cluster_arrive()
+                    cute.arch.cluster_wait()
+
+        @cute.jit
+        def signal(self, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
+            """Fused GEMM1: this CTA's act stores are done -> +1 on the counter of (slot bid_t, GEMM2 K slice of its
+            columns): every thread's fence + bar.sync, then one release add."""
+            if const_expr(self.fold_fence):
+                cute.arch.fence_acq_rel_gpu()
+            if const_expr(self.signal_kpc > 0):
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.sync_threads()
+                if tidx == 0:
+                    z2 = (bid_m * self.MT) // self.signal_kpc
+                    cute.arch.atomic_add(mCnt.iterator + (1 + bid_t * self.S + z2), Int32(1), sem="release",
+                                         scope="gpu")
 
         @cute.jit
         def load_k_tile(self, wc, ws, code_addr, scale_off, i, s: int):
@@ -2681,6 +2770,204 @@ if HAVE_CUTE:
                 mOut[row0 + n, bid_m * TILE_M + 64 + r] = (v1 * a_down).to(BFloat16)
 
 
+    class Fp4MoeGemvFused:
+        """GEMM1 -> GEMM2 of the decode MoE in one launch (both by routed slot, right after the routing + gather
+        kernel, PDL). Work items: GEMM1 (slot, 128-row tiles b*MT..) then GEMM2 (slot, tiles b2*MT..), each one
+        cluster of S K slices (both GEMMs split K S ways). A cluster takes its item from a ticket (atom.inc on
+        counter 0, wrapping to 0 after the last ticket: the buffer is zero again for the next launch), so a cluster
+        runs item i only after the clusters of items < i have started: a GEMM2 CTA waits only on GEMM1 items, which
+        have smaller tickets, are running and never wait on anything of this launch -> no deadlock whatever the
+        occupancy. GEMM2 CTAs issue their weight loads first, then wait for their act slice (per (slot, GEMM2 K
+        slice) counters, see Fp4MoeGemv.signal_kpc); same per-element math and summation order as the two
+        launches (bit-identical)."""
+
+        def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
+                     prefetch: bool = False, combine: bool = False, pdl: bool = True):
+            self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
+            self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
+            self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
+            self.g2.prefetch_rest = prefetch
+            # combine: MoeCombine folded in: per (token, GEMM2 item) a counter of its routed rows stored; the CTA
+            # storing the last one sums the token's k slots (fixed slot order, fp32, as MoeCombine) into y
+            self.combine = combine
+            self.g2.fold_fence = combine
+            self.S, self.MT, self.min_ctas = k_splits, m_per_cta, min_ctas
+            self.m1 = self.g1.m_tiles // m_per_cta                 # GEMM1 items per slot
+            self.m2 = self.g2.m_tiles // m_per_cta                 # GEMM2 items per slot
+            kpc2 = self.g2.kpc                                     # act columns / 64 per GEMM2 K slice
+            assert kpc2 % m_per_cta == 0, "a GEMM1 item's act columns lie in one GEMM2 K slice"
+            self.g1.signal_kpc = kpc2
+            self.g2.wait_target = k_splits * (kpc2 // m_per_cta)   # GEMM1 CTAs writing one (slot, K slice)
+            self.g2.wait_readers = self.m2                         # GEMM2 CTAs reading it
+            self.threads = 128 * m_per_cta
+
+        @cute.jit
+        def __call__(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mAct: cute.Tensor, mY: cute.Tensor,
+                     mTiles: cute.Tensor, mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor,
+                     mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
+                     mSrc: cute.Tensor, mOut: cute.Tensor, stream):
+            @cute.struct
+            class SharedStorage:
+                xs: cute.struct.Align[cute.struct.MemRange[Int32, max(self.g1.smem_words(), self.g2.smem_words())],
+                                      16]
+                # [0] ticket, [1] item tiles, [2] item slot, [3] GEMM2 first row, [4] its rows, [8..15] tokens done
+                ticket: cute.struct.Align[cute.struct.MemRange[Int32, 16], 16]
+
+            self.shared_storage = SharedStorage
+            n_items = (self.m1 + self.m2) * cute.size(mIds, mode=[0])
+            self.kernel(mW1, mW2, mX, mAct, mY, mTiles, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds, mPos,
+                        mCnt, mSrc, mOut).launch(grid=[self.S, n_items, 1], block=[self.threads, 1, 1], stream=stream,
+                                     cluster=[self.S, 1, 1], use_pdl=self.pdl, min_blocks_per_mp=self.min_ctas,
+                                     preferred_smem_carveout=100 if self.min_ctas else None)
+
+        @cute.kernel
+        def kernel(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mAct: cute.Tensor, mY: cute.Tensor,
+                   mTiles: cute.Tensor, mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor,
+                   mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
+                   mSrc: cute.Tensor, mOut: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid_k, _, _ = cute.arch.block_idx()                   # = rank in the cluster (cluster [S, 1, 1])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            n_slots = cute.size(mIds, mode=[0])
+            n_items = (self.m1 + self.m2) * n_slots
+            sT = storage.ticket.get_tensor(cute.make_layout(16))
+            if bid_k == 0 and tidx == 0:
+                sT[0] = _atom_inc_gpu(mCnt.iterator.toint(), n_items - 1)
+            item = Int32(0)
+            if const_expr(self.S > 1):
+                cute.arch.cluster_arrive()                         # release rank 0's smem write ...
+                cute.arch.cluster_wait()                           # ... acquire: the ticket is in rank 0's smem
+                item = _ld_dsmem_i32(storage.ticket.data_ptr().toint(), Int32(0))
+            else:
+                cute.arch.sync_threads()
+                item = sT[0]
+            n1 = self.m1 * n_slots
+            rest = item
+            per_slot = Int32(self.m1)
+            if item >= n1:
+                rest = item - n1
+                per_slot = Int32(self.m2)
+            item_m = rest % per_slot
+            item_t = rest // per_slot
+            if tidx == 0:                   # read back after the main loop (Fp4MoeGemv.tile): fewer live registers
+                sT[1] = item_m
+                sT[2] = item_t
+                sT[4] = 0                   # GEMM2 rows (tile() stores them for an active item)
+            if item == 0:
+                # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
+                cute.arch.griddepcontrol_wait()
+            if item >= n1:
+                self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
+                             tidx, bid_k, item_m, item_t)
+                if const_expr(self.combine):
+                    self.combine_rows(sT, mY, mIds, mPos, mCnt, mSrc, mOut, mAlphaD, tidx, bid_k)
+            else:
+                self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos, mW2, mCnt,
+                             tidx, bid_k, item_m, item_t)
+
+        @cute.jit
+        def combine_rows(self, sT, mY: cute.Tensor, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
+                         mSrc: cute.Tensor, mOut: cute.Tensor, mAlpha: cute.Tensor, tidx, bid_k):
+            """After a GEMM2 item: rank 0 counts each of its rows on (token, item) (acq_rel); the CTA that counts a
+            token's last routed row sums y_rows of the token's slots 0..k-1 in order (fp32, as MoeCombine) into
+            y[token, the item's 128 MT columns] and resets the counter. Idle items of a token's first slot write
+            y = 0 where the token has no slot on this rank (MoeCombine's empty sum)."""
+            if const_expr(self.S == 1):
+                cute.arch.sync_threads()          # every thread's y_rows stores (fenced) before the counts
+            n_slots = cute.size(mIds, mode=[0])
+            n_tok = cute.size(mOut, mode=[0])
+            k = n_slots // n_tok
+            n_exp = cute.size(mAlpha, mode=[0])
+            R = cute.size(mY, mode=[0])
+            b2 = sT[1]
+            slot = sT[2]
+            row0 = sT[3]
+            nrows = sT[4]
+            vecs = 16 * self.MT                   # 8-column vectors of the item's columns
+            col0 = b2 * (TILE_M * self.MT)
+            base = 1 + n_slots * self.S           # after the ticket and the (slot, K slice) counters
+            acc = cute.make_rmem_tensor((1, 8), Float32)
+            v = cute.make_rmem_tensor((1, 8), BFloat16)
+            if bid_k == 0:
+                if nrows > 0:
+                    if tidx < MOE_GEMV_TILE_N:
+                        done = Int32(-1)
+                        if tidx < nrows:
+                            tok = mSrc[row0 + tidx]
+                            need = Int32(0)
+                            for j in cutlass.range(k, unroll=8):   # independent loads in flight
+                                e = mIds[tok * k + j]
+                                if e >= 0 and e < n_exp:
+                                    need = need + 1
+                            ctr = base + tok * self.m2 + b2
+                            old = cute.arch.atomic_add(mCnt.iterator + ctr, Int32(1), sem="acq_rel", scope="gpu")
+                            if old == need - 1:
+                                done = tok
+                                mCnt[ctr] = 0
+                        sT[8 + tidx] = done
+                    cute.arch.sync_threads()
+                    n = tidx // vecs
+                    vec = tidx - n * vecs
+                    if n < MOE_GEMV_TILE_N:
+                        tok = sT[8 + n]
+                        if tok >= 0:
+                            acc.fill(0.0)
+                            for j in cutlass.range(k, unroll=8):   # independent loads in flight
+                                p = mPos[tok * k + j]
+                                if p < R:
+                                    q = _ld_v4(mY.iterator.toint() + (Int64(p) * cute.size(mY, mode=[1])
+                                                                      + col0 + 8 * vec) * 2, ".cg")
+                                    for h in cutlass.range_constexpr(4):
+                                        acc[0, 2 * h] = acc[0, 2 * h] + _bits_f32(q[h] << 16)
+                                        acc[0, 2 * h + 1] = acc[0, 2 * h + 1] + _bits_f32(q[h] & -65536)
+                            v.store(acc.load().to(BFloat16))
+                            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, col0 // 8 + vec)))
+                else:
+                    if slot % k == 0 and tidx < vecs:
+                        tok = slot // k
+                        need = Int32(0)
+                        for j in cutlass.range(k, unroll=8):   # independent loads in flight
+                            e = mIds[tok * k + j]
+                            if e >= 0 and e < n_exp:
+                                need = need + 1
+                        if need == 0:
+                            acc.fill(0.0)
+                            v.store(acc.load().to(BFloat16))
+                            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, col0 // 8 + tidx)))
+
+
+def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
+                            m_per_cta: int, prefetch: bool = False, combine: bool = False, pdl: bool = True):
+    """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
+    act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters."""
+    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
+
+    def build():
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
+        rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
+        rec = record_bytes(fmt)
+        rec_rows = rec // REC_ROW
+
+        def w(g):
+            return cute.runtime.make_fake_tensor(Uint8, (REC_ROW, rec_rows, g.m_tiles * g.k_tiles, n_exp),
+                                                 stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)),
+                                                 assumed_align=128)
+        mk = cute.runtime.make_fake_compact_tensor
+        alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
+        args = (w(op.g1), w(op.g2), mk(BFloat16, (rows, D), stride_order=(1, 0), assumed_align=16),
+                mk(BFloat16, (rows, inter), stride_order=(1, 0), assumed_align=16),
+                mk(BFloat16, (rows, D), stride_order=(1, 0), assumed_align=16),
+                mk(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4), *alpha,
+                mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
+                mk(Int32, (slots,), assumed_align=4), mk(Int32, (slots,), assumed_align=4),
+                mk(Int32, (cute.sym_int(),), assumed_align=16), mk(Int32, (rows,), assumed_align=4),
+                mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return op, args
+    return _load_or_compile(config, build)
+
+
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
@@ -2717,6 +3004,47 @@ MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_id
                              # H200 R2: T=4 108.6 -> 104.3 us, T=1 unchanged); needs the fused gather (R <= 24)
 MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
 MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
+
+
+MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
+MOE_GEMV_FUSED_MAX_ROWS = 12  # ... (H200 R2, Flash, same run: T=1 38.5 vs 41.8 us, T=2 60.3 vs 60.5, T=4 114.9 vs
+                              # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS)
+MOE_GEMV_FUSED_PREFETCH = False  # its GEMM2 CTAs prefetch their K slice past the register ring into L2 before waiting
+                                 # (R2: no gain, T=1 38.8 vs 38.5 us, T=4 123.4 vs 114.9)
+MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots;
+                                 # R2: T=1 40.2 vs 38.5 us, T=2 62.5 vs 60.3, T=4 106.3 vs 114.9)
+_FUSED_COUNTERS: dict = {}
+
+
+def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int):
+    """_compile_moe_gemv_fused arguments for R routed rows, or None where the fused launch does not apply: the
+    two-launch configs' K split S must agree (one cluster shape; same split = same bits); MT (changes no bit) is
+    GEMM1's where GEMM2's K slices hold whole GEMM1 items and the token smem of both fits (H200 R1, T=4: MT 1 where
+    GEMM1 wants 2 halves its resident CTAs: 114.8 vs 103.6 us two-launch), else GEMM2's. Without USE_PDL
+    (profiling) a plain launch."""
+    if not (MOE_GEMV_FUSED and R <= MOE_GEMV_FUSED_MAX_ROWS and R <= GATHER_MAX_ROWS):
+        return None
+    g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
+    s = g1[4]
+    if g2[4] != s or s > 4 or g1[11] or g2[11]:   # S 8 (8-CTA clusters): never run on a GPU in this launch yet
+        return None
+    smem = max(_moe_gemv_smem_bytes(D // TILE_K // s), _moe_gemv_smem_bytes(inter // TILE_K // s))
+    for mt in dict.fromkeys((g1[9], g2[9])):
+        per_sm = MOE_GEMV_WARPS_PER_SM // (4 * mt)
+        if (inter // TILE_K // s) % mt == 0 and (D // TILE_M) % mt == 0 and per_sm * (smem + 1024) <= 228 * 1024:
+            return (fmt, D, inter, s, MOE_GEMV_STAGES, per_sm, mt, MOE_GEMV_FUSED_PREFETCH, MOE_GEMV_FUSED_COMBINE,
+                    USE_PDL)
+    return None
+
+
+def _fused_counters(device, n: int) -> torch.Tensor:
+    """Zeroed ticket + readiness counters of Fp4MoeGemvFused (every launch leaves them zero again). Shared by all
+    fused launches on a device: launches must not run concurrently (as _split_counters)."""
+    buf = _FUSED_COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
+        _FUSED_COUNTERS[device] = buf
+    return buf
 
 
 def moe_gemv_supported(D: int, inter: int) -> bool:

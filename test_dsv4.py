@@ -1127,8 +1127,10 @@ def _gemv_routing(T, k, E, kind, seed):
 
 
 def _moe_both_paths(ex, x, ids, w, monkeypatch, limit=7.0):
-    """(GEMV output, wgmma output) with poisoned intermediates; asserts the GEMV path really was taken."""
+    """(GEMV output, wgmma output) with poisoned intermediates; asserts the GEMV path really was taken (the two
+    launches: the fused one has tests of its own)."""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", False)
     calls = []
     real = K._compile_moe_gemv
     monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a: calls.append(a) or real(*a))
@@ -5331,6 +5333,196 @@ def test_gpu_hc_kernels_match_dsv4_on_both_paths(monkeypatch, one_launch):
     for M, D in [(1, 4096), (8, 256)]:
         for norm in (False, True):
             test_gpu_hc_head_fused_matches_dsv4(M, D, norm)
+
+# ------------------------------------------------------------- fused decode GEMV (Fp4MoeGemvFused: one launch) tests
+COMPILE_MOE_GEMV_FUSED = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+K.MOE_GEMV_FUSED = True
+K.MOE_GEMV_FUSED_MAX_ROWS = 24
+cfgs = [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132) for T in (1, 2, 4)]
+cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, True, True, False)]
+assert None not in cfgs, cfgs
+for cfg in cfgs:
+    K._compile_moe_gemv_fused(*cfg)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_moe_gemv_fused_compiles_for_sm90a_without_a_gpu_within_the_register_budget(tmp_path):
+    """The fused GEMM1 -> GEMM2 kernel compiles for sm_90a on a GPU-less machine (Flash T 1, 2, 4 with K split 4, 2,
+    1; mxfp4; two row tiles per CTA); where ptxas is installed, each kernel fits MOE_GEMV_WARPS_PER_SM resident warps
+    (<= 80 registers) and spills nothing."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_GEMV_FUSED, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*Fp4MoeGemvFused*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
+        assert regs <= 65536 // (32 * K.MOE_GEMV_WARPS_PER_SM), rep.stderr[-2000:]
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
+    """The fused launch applies to <= MOE_GEMV_FUSED_MAX_ROWS routed rows, and only where the two-launch configs split
+    K the same way (one cluster shape, the same bits); its K split is theirs; PDL follows USE_PDL."""
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    assert K.moe_gemv_fused_config("nvfp4", K.MOE_GEMV_FUSED_MAX_ROWS + 1, 256, 4096, 2048, 132) is None
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    for T in (1, 2, 3, 4):
+        cfg = K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132)
+        g1, g2 = K.moe_gemv_configs("nvfp4", 6 * T, 256, 4096, 2048, 132, True)
+        assert cfg is not None and cfg[3] == g1[4] == g2[4] and (2048 // 64 // cfg[3]) % cfg[6] == 0
+        assert cfg[6] == g1[9] and cfg[5] == K.MOE_GEMV_WARPS_PER_SM // (4 * cfg[6])     # GEMM1's row tiles per CTA
+    assert K.moe_gemv_fused_config("nvfp4", 30, 256, 4096, 2048, 132) is None              # T=5: above the bound
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((4, 1), (2, 1)))
+    assert K.moe_gemv_fused_config("nvfp4", 6, 256, 4096, 2048, 132) is None               # K splits differ
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((4, 2), (4, 2)))
+    assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) is None                  # GEMM2 slice 1 k-tile < MT
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
+    assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) == ("nvfp4", 512, 256, 2, K.MOE_GEMV_STAGES, 6, 1,
+                                                                      K.MOE_GEMV_FUSED_PREFETCH,
+                                                                      K.MOE_GEMV_FUSED_COMBINE, True)
+    monkeypatch.setattr(K, "USE_PDL", False)
+    assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132)[-1] is False            # a plain launch
+    monkeypatch.setattr(K, "USE_PDL", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", False)
+    assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) is None
+
+
+def _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch, limit=7.0):
+    """(fused output, two-launch GEMV output) with poisoned intermediates; asserts which path each call took and
+    that the fused launch left its counters zero. (Up to 24 rows: the kernel, not the default row bound.)"""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    fused, two = [], []
+    real_f, real_2 = K._compile_moe_gemv_fused, K._compile_moe_gemv
+    monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a: fused.append(a) or real_f(*a))
+    monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a: two.append(a) or real_2(*a))
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(fused) == 1 and not two, "moe_fp4 did not take the fused path"
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", False)
+    y_two = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(fused) == 1 and len(two) == 2, "moe_fp4 did not take the two-launch GEMV path"
+    torch.cuda.synchronize()
+    assert not K._FUSED_COUNTERS[x.device].any(), "the fused launch left a counter non-zero"
+    return y, y_two
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("splits, m_per_cta, combine", [(1, 1, False), (2, 1, False), (4, 1, False), (2, 2, False),
+                                                        (1, 2, False), (1, 1, True), (2, 1, True), (4, 1, True),
+                                                        (2, 2, True), (1, 2, True)])
+def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, combine, monkeypatch):
+    """Small dims, K split 1 / 2 / 4 ways (no cluster, 2- and 4-CTA clusters), 1 or 2 row tiles per CTA, MoeCombine
+    folded in or not: the one launch (GEMM2's CTAs waiting on act counters) equals the two-launch GEMV bit for bit and
+    the fp32 reference up to rounding; skipped slots, a token with no slot on this rank (y = 0), a token naming one
+    expert twice, 12 rows of one expert (two 8-row groups)."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
+    combines = []
+    real = K._compile_combine
+    monkeypatch.setattr(K, "_compile_combine", lambda *a: combines.append(a) or real(*a))
+    ex = _small(fmt)
+    cases = [(1, "random", 6), (2, "shared", 6), (3, "empty_experts", 6), (4, "random", 6), (3, "duplicate", 6),
+             (1, "one_expert", 2), (12, "one_expert", 2), (4, "shared", 6), (3, "token_off", 6), (1, "token_off", 6)]
+    for T, routing, k in cases:
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T + k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, k, 16, "random" if routing == "token_off" else routing, seed=50 + T)
+        if routing == "token_off":                # token T//2 has no slot on this rank (ids -1 and E)
+            ids[T // 2, :] = -1
+            ids[T // 2, 0] = 16
+        n_comb = len(combines)
+        y, y_two = _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch)
+        assert len(combines) - n_comb == (1 if combine else 2), "MoeCombine launched although folded in (or not)"
+        what = f"fused S={splits} MT={m_per_cta} combine={combine} {fmt} T={T} {routing}"
+        if routing == "token_off":
+            assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
+        if T > 1 or routing != "token_off":
+            _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+        assert torch.equal(y, y_two), f"{what}: differs from the two-launch GEMV"
+
+
+@gpu
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_moe_gemv_fused_l2_prefetch_gives_the_same_bits(prefetch, monkeypatch):
+    """MOE_GEMV_FUSED_PREFETCH (waiting GEMM2 CTAs bulk-prefetch the rest of their K slice into L2) is a hint only;
+    2 register stages so that small dims have a K slice longer than the ring."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((1, 1), (1, 1)))
+    monkeypatch.setattr(K, "MOE_GEMV_STAGES", 2)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_PREFETCH", prefetch)
+    ex = _small("nvfp4")
+    for T, routing in ((1, "random"), (4, "shared"), (3, "duplicate")):
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 16, routing, seed=70 + T)
+        y, y_two = _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch)
+        assert torch.equal(y, y_two), f"prefetch={prefetch} T={T} {routing}: differs from the two-launch GEMV"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4"])
+@pytest.mark.parametrize("prefetch, combine", [(False, False), (True, False), (False, True)])
+def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, prefetch, combine, monkeypatch):
+    """Flash dims at T 1, 2, 4 (the default configs: K split 4, 2, 1 with 1, 1, 2 row tiles per CTA; 6..24 routed
+    rows on 256 experts), with the L2 prefetch or the folded combine."""
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_PREFETCH", prefetch)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
+    ex = _flash(fmt)
+    for T, routing in ((1, "random"), (2, "random"), (2, "shared"), (4, "random"), (4, "empty_experts"),
+                       (4, "duplicate")):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, routing, seed=60 + T)
+        y, y_two = _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"fused flash T={T} {routing} vs reference")
+        assert torch.equal(y, y_two), f"fused flash T={T} {routing}: differs from the two-launch GEMV"
+
+
+@gpu
+def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monkeypatch):
+    """Many fused launches in a row (PDL chains, tickets wrap every launch) and CUDA-graph replays give the same bits
+    as the first call; a replay follows new inputs written into the captured buffers; the counters end at zero."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", True)
+    ex = _small("nvfp4")
+    T = 4
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _gemv_routing(T, 6, 16, "random", seed=7)
+    y1 = K.moe_fp4(x, ids, w, ex, 7.0)
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(20)]
+    torch.cuda.synchronize()
+    assert torch.isfinite(y1).all() and all(torch.equal(o, y1) for o in outs)
+    monkeypatch.setattr(K, "USE_PDL", False)                   # a plain launch (profiling): the same bits
+    assert torch.equal(K.moe_fp4(x, ids, w, ex, 7.0), y1)
+    monkeypatch.setattr(K, "USE_PDL", True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, y1) for y in y_g)
+    x2 = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids2, w2 = _gemv_routing(T, 6, 16, "shared", seed=8)
+    y2 = K.moe_fp4(x2, ids2, w2, ex, 7.0)
+    x.copy_(x2); ids.copy_(ids2); w.copy_(w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g[-1], y2) and not torch.equal(y2, y1)
+    assert not K._FUSED_COUNTERS[x.device].any()
+
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
