@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
