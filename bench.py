@@ -815,7 +815,6 @@ def fp8_linear_table(model, copy_bw):
 DECODE_ABLATIONS = [   # (label, module, switch): each timed off in the same run as the default step
     ("one stream (NANO_DSV4_BRANCHES=0)", dsv4, "DECODE_BRANCHES"),
     ("glue kernels without PDL (kernels.GLUE_PDL)", K, "GLUE_PDL"),
-    ("mHC sites as two kernels (kernels.HC_ONE_LAUNCH)", K, "HC_ONE_LAUNCH"),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", K, "MOE_GEMV_FUSED"),
 ]
 

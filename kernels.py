@@ -3134,13 +3134,6 @@ HC_USE_PDL = True      # programmatic dependent launch: the mix kernel loads fn 
 MAX_KERNEL_TOKENS = 64   # hc_pre / hc_head kernels for M <= this; larger M (prefill) takes the torch reference:
                          # H200 round 2 failed the kernel path at M = 300, D = 4096 (M = 300, D = 256 and every
                          # M <= 8 passed); see the report. hc_post's elementwise kernel passed at every M.
-HC_ONE_LAUNCH = True     # hc_pre / hc_post_pre / hc_head as ONE kernel (HcOneLaunch: the last CTA of each token block
-                         # finalizes) for M <= HC_ONE_MAX_TOKENS; False: the HcMix + HcFinalize pair (same results)
-HC_ONE_MAX_TOKENS = 16   # decode batches; larger M keeps the two-kernel path (finalize spread over M x slices CTAs)
-HC_ONE_TOK_BLOCK = 1     # tokens per one-launch CTA (and per finalizing CTA), at most M
-HC_ONE_MIX_WARPS = 4     # mix warps per one-launch CTA (1, 2, 4; its other warps wait for the finalize)
-HC_ONE_PREFETCH = True   # tok_block 1, grid <= one CTA per SM (M <= 4 at D 4096): the finalizing CTA loads the h
-                         # row together with the partials
 
 
 
@@ -3254,10 +3247,9 @@ if HAVE_CUTE:
 
         TB = 8
 
-        def __init__(self, dim: int, n: int, mix: int, fuse_post: bool, pdl: bool, tb: int = TB):
+        def __init__(self, dim: int, n: int, mix: int, fuse_post: bool, pdl: bool):
             assert dim % (4 * HC_COLS) == 0 and mix + 1 <= HC_SLOTS
             self.dim, self.n, self.mix, self.fuse_post, self.pdl = dim, n, mix, fuse_post, pdl
-            self.TB = tb                         # tokens per chunk (registers: TB * n h values)
             self.groups = dim // HC_COLS
             self.pc = n + n * n                  # post + comb floats per token (fused variant, staged in smem)
 
@@ -3292,12 +3284,12 @@ if HAVE_CUTE:
                 vals.append(Float32(0.0))
             return vals
 
-        def _post_h(self, sPC, t, fv, res, mHout, m, col, pc0=0):
+        def _post_h(self, sPC, t, fv, res, mHout, m, col):
             """New residual column of token m (chunk slot t): out[k] = post_k·f + Σ_j comb[j,k]·res[j] (fp32: the
             product post·f rounded, the comb sum an FMA chain in j order, as HcPost), stored as bf16; returns the
-            rounded values. pc0: this warp's offset in sPC."""
+            rounded values."""
             n = self.n
-            base = pc0 + t * self.pc
+            base = t * self.pc
             hv = []
             for k in range(n):
                 mm = _mul_rn(sPC[base + n + k], res[0])
@@ -3313,25 +3305,18 @@ if HAVE_CUTE:
                    mPost: cute.Tensor, mComb: cute.Tensor, mHout: cute.Tensor, tok_block: Int32):
             lane, _, _ = cute.arch.thread_idx()
             g, mb, _ = cute.arch.block_idx()
+            n, TB = self.n, self.TB
             num_tokens = cute.size(mH, mode=[0])
             col = g * HC_COLS + lane
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
-            sPC = storage.pc.get_tensor(cute.make_layout(self.TB * self.pc))
+            sPC = storage.pc.get_tensor(cute.make_layout(TB * self.pc))
             w = self._fn_column(mFn, col)               # weights do not depend on the previous kernel
             if const_expr(self.pdl):
                 cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its weight loads now
                 cute.arch.griddepcontrol_wait()
             m_begin = mb * tok_block
             m_end = cutlass.min(m_begin + tok_block, num_tokens)
-            self._mix_tokens(mH, mPart, mF, mPost, mComb, mHout, sPC, 0, w, g, lane, m_begin, m_end)
-
-        @cute.jit
-        def _mix_tokens(self, mH, mPart, mF, mPost, mComb, mHout, sPC, pc0, w, g, lane, m_begin, m_end):
-            """One warp: part[g, m, :] for tokens m_begin..m_end-1 (fused: also the new residual columns), in chunks
-            of TB tokens; sPC[pc0 : pc0 + TB * pc] is this warp's post/comb staging area."""
-            n, TB = self.n, self.TB
-            col = g * HC_COLS + lane
             hbuf = cute.make_rmem_tensor((TB * n,), Float32)
             fbuf = cute.make_rmem_tensor((TB,), Float32)
             for c0 in cutlass.range(m_begin, m_end, TB, unroll=1):
@@ -3350,15 +3335,15 @@ if HAVE_CUTE:
                         e = q - t * self.pc
                         if q < TB * self.pc and c0 + t < m_end:
                             if e < n:
-                                sPC[pc0 + q] = mPost[c0 + t, e]
+                                sPC[q] = mPost[c0 + t, e]
                             else:
-                                sPC[pc0 + q] = mComb[c0 + t, e - n]
+                                sPC[q] = mComb[c0 + t, e - n]
                     cute.arch.sync_warp()
                 for t in cutlass.range_constexpr(TB):                  # phase 2: arithmetic + one store per token
                     if c0 + t < m_end:
                         hv = [hbuf[t * n + j] for j in range(n)]
                         if const_expr(self.fuse_post):
-                            hv = self._post_h(sPC, t, fbuf[t], hv, mHout, c0 + t, col, pc0)
+                            hv = self._post_h(sPC, t, fbuf[t], hv, mHout, c0 + t, col)
                         mPart[g, c0 + t, lane] = _warp_transpose_sum(self._token_slots(w, hv), lane)
                 if const_expr(self.fuse_post):
                     cute.arch.sync_warp()                              # sPC is rewritten by the next chunk
@@ -3395,44 +3380,34 @@ if HAVE_CUTE:
             self.kernel(mPart, mH, mScale, mBase, mX, mPost, mComb, mW, eps, norm_eps).launch(
                 grid=[num_tokens, slices, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
 
-        def _h_regs(self, count):
-            """count x n register vectors of 8 bf16 (h columns held for the collapse)."""
-            return [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(count * self.n)]
-
-        def _load_h(self, mH, m, v, hr, i):
-            """hr[i*n + j] = h[m, j, 8v..8v+7] for the n streams (16-byte loads)."""
-            for j in range(self.n):
-                cute.autovec_copy(cute.local_tile(mH, (1, 8), (m, j * self.vecs + v)), hr[i * self.n + j])
-
-        def _collapse(self, hr, i, pre):
-            """bf16(Σ_j pre_j·h_j) of vector i of hr (fp32 products rounded, summed in j order, like torch)."""
+        def _x_slice(self, mH, mX, m, pre, v):
+            """Columns 8v..8v+7 of x[m] = Σ_j pre_j·h[m, j] (products rounded, summed in j order, like torch)."""
+            hb = cute.make_rmem_tensor((1, 8), BFloat16)
             hf = cute.make_rmem_tensor((1, 8), Float32)
             acc = cute.make_rmem_tensor((1, 8), Float32)
-            hb = cute.make_rmem_tensor((1, 8), BFloat16)
+            vecs = self.dim // 8
             for j in range(self.n):
-                hf.store(hr[i * self.n + j].load().to(Float32))
+                cute.autovec_copy(cute.local_tile(mH, (1, 8), (m, j * vecs + v)), hb)
+                hf.store(hb.load().to(Float32))
+                for i in range(8):
+                    p = _mul_rn(pre[j], hf[0, i])
+                    acc[0, i] = p if j == 0 else _add_rn(acc[0, i], p)
+            hb.store(acc.load().to(BFloat16))
+            cute.autovec_copy(hb, cute.local_tile(mX, (1, 8), (m, v)))
+
+        def _x_vec(self, mH, m, pre, v, xs, i):
+            """xs[i, :] = float(bf16(x[m, 8v..8v+7])) (as _x_slice, kept for the norm)."""
+            hb = cute.make_rmem_tensor((1, 8), BFloat16)
+            hf = cute.make_rmem_tensor((1, 8), Float32)
+            acc = cute.make_rmem_tensor((1, 8), Float32)
+            for j in range(self.n):
+                cute.autovec_copy(cute.local_tile(mH, (1, 8), (m, j * self.vecs + v)), hb)
+                hf.store(hb.load().to(Float32))
                 for k in range(8):
                     p = _mul_rn(pre[j], hf[0, k])
                     acc[0, k] = p if j == 0 else _add_rn(acc[0, k], p)
             hb.store(acc.load().to(BFloat16))
-            return hb
-
-        def _x_slice(self, mH, mX, m, pre, v, hr=None, i=0):
-            """Columns 8v..8v+7 of x[m] = Σ_j pre_j·h[m, j] (hr: h already loaded into hr[i*n ..], else loaded)."""
-            if hr is None:
-                hr = self._h_regs(1)
-                self._load_h(mH, m, v, hr, 0)
-            cute.autovec_copy(self._collapse(hr, i, pre), cute.local_tile(mX, (1, 8), (m, v)))
-
-        def _x_vec(self, mH, m, pre, v, xs, i, hr=None):
-            """xs[i, :] = float(bf16(x[m, 8v..8v+7])) (as _x_slice, kept for the norm)."""
-            j = i
-            if hr is None:
-                hr = self._h_regs(1)
-                self._load_h(mH, m, v, hr, 0)
-                j = 0
-            hf = cute.make_rmem_tensor((1, 8), Float32)
-            hf.store(self._collapse(hr, j, pre).load().to(Float32))
+            hf.store(hb.load().to(Float32))
             for k in range(8):
                 xs[i, k] = hf[0, k]
 
@@ -3446,11 +3421,11 @@ if HAVE_CUTE:
             yb.store(yv.load().to(BFloat16))
             cute.autovec_copy(yb, cute.local_tile(mX, (1, 8), (m, v)))
 
-        def _sinkhorn(self, red, rms, mScale, mBase, mPost, mComb, m, eps, off=0):
+        def _sinkhorn(self, red, rms, mScale, mBase, mPost, mComb, m, eps):
             n = self.n
 
             def mix(r):
-                return self._slot(red, r, off) * rms
+                return self._slot(red, r) * rms
 
             for j in range(n):
                 mPost[m, j] = Float32(2.0) * _sigmoid(mix(n + j) * mScale[1] + mBase[n + j])
@@ -3493,65 +3468,12 @@ if HAVE_CUTE:
                 for k in range(n):
                     mComb[m, j * n + k] = c[j][k]
 
-        def _slot(self, red, r, off=0):
-            """Full sum of slot r in a fixed order (the 4 warp sums, in warp order); off: the token's red offset."""
-            r = r + off
+        def _slot(self, red, r):
+            """Full sum of slot r in a fixed order (the 4 warp sums, in warp order)."""
             return ((red[r] + red[HC_SLOTS + r]) + red[2 * HC_SLOTS + r]) + red[3 * HC_SLOTS + r]
 
-        def _pre(self, red, rms, mScale, mBase, eps, off=0):
-            return [_sigmoid(self._slot(red, j, off) * rms * mScale[0] + mBase[j]) + eps for j in range(self.n)]
-
-        def _rms(self, red, norm_eps, off=0):
-            return cute.math.rsqrt(self._slot(red, self.mix, off) * Float32(1.0 / (self.n * self.dim)) + norm_eps)
-
-        @cute.jit
-        def _prefetch_h(self, mH, m, tidx, hr):
-            """hr[i*n + j] = h[m, j, 8v..8v+7] for this thread's vectors v = tidx + 128 i of the row."""
-            for i in cutlass.range_constexpr(self.vpt):
-                v = tidx + i * self.threads
-                if v < self.vecs:
-                    self._load_h(mH, m, v, hr, i)
-
-        @cute.jit
-        def _reduce(self, mPart, red, m, warp, lane, off=0, unroll: cutlass.Constexpr = 32):
-            """red[off + 32 warp + lane] = Σ over this warp's quarter of the column groups of part[g, m, lane]."""
-            per_warp = self.groups // 4
-            acc = Float32(0.0)
-            for g in cutlass.range(per_warp, unroll=min(per_warp, unroll)):      # default: all loads in flight
-                acc = acc + mPart[warp * per_warp + g, m, lane]
-            red[off + warp * HC_SLOTS + lane] = acc
-
-        @cute.jit
-        def _x_norm(self, mH, mX, mW, m, pre, tidx, warp, lane, nrm, norm_eps, nrm0, named_barrier: cutlass.Constexpr,
-                    hr=None):
-            """The whole row in this CTA's 128 threads: x (bf16-rounded, kept as fp32), its sum of squares over the
-            CTA (lanes, then the 4 warps in order), then y = bf16(w * (x * rsqrt(mean(x^2) + eps))) as RMSNorm.
-            nrm[nrm0 : nrm0 + 4]: smem for this token; named_barrier: sync the 128 threads with barrier 1 (the CTA
-            has other threads), else with bar.sync 0. hr: the thread's h vectors already loaded (_prefetch_h)."""
-            xs = cute.make_rmem_tensor((self.vpt, 8), Float32)
-            xs.fill(0.0)
-            for i in cutlass.range_constexpr(self.vpt):
-                v = tidx + i * self.threads
-                if v < self.vecs:
-                    self._x_vec(mH, m, pre, v, xs, i, hr)
-            ss = Float32(0.0)
-            for i in cutlass.range_constexpr(self.vpt):
-                for k in cutlass.range_constexpr(8):
-                    ss = _fma(xs[i, k], xs[i, k], ss)
-            for o in cutlass.range_constexpr(5):
-                ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=1 << o)
-            if lane == 0:
-                nrm[nrm0 + warp] = ss
-            if const_expr(named_barrier):
-                cute.arch.barrier(barrier_id=1, number_of_threads=self.threads)
-            else:
-                cute.arch.sync_threads()
-            ssq = ((nrm[nrm0] + nrm[nrm0 + 1]) + nrm[nrm0 + 2]) + nrm[nrm0 + 3]
-            rstd = cute.math.rsqrt(ssq * Float32(1.0 / self.dim) + norm_eps)
-            for i in cutlass.range_constexpr(self.vpt):
-                v = tidx + i * self.threads
-                if v < self.vecs:
-                    self._y_vec(mW, mX, m, v, xs, i, rstd)
+        def _pre(self, red, rms, mScale, mBase, eps):
+            return [_sigmoid(self._slot(red, j) * rms * mScale[0] + mBase[j]) + eps for j in range(self.n)]
 
         @cute.kernel
         def kernel(self, mPart: cute.Tensor, mH: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
@@ -3574,9 +3496,13 @@ if HAVE_CUTE:
             if const_expr(self.pdl):
                 cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its weight loads now
                 cute.arch.griddepcontrol_wait()
-            self._reduce(mPart, red, m, warp, lane)
+            per_warp = self.groups // 4
+            acc = Float32(0.0)
+            for g in cutlass.range(per_warp, unroll=min(per_warp, 32)):      # all loads in flight at once
+                acc = acc + mPart[warp * per_warp + g, m, lane]
+            red[warp * HC_SLOTS + lane] = acc
             cute.arch.sync_threads()
-            rms = self._rms(red, norm_eps)
+            rms = cute.math.rsqrt(self._slot(red, self.mix) * Float32(1.0 / (self.n * self.dim)) + norm_eps)
             x_ctas = slices
             if const_expr(self.norm):
                 x_ctas = 1
@@ -3585,8 +3511,30 @@ if HAVE_CUTE:
             if s < x_ctas:
                 pre = self._pre(red, rms, sScale, sBase, eps)
                 if const_expr(self.norm):
-                    self._x_norm(mH, mX, mW, m, pre, tidx, warp, lane, storage.nrm.get_tensor(cute.make_layout(4)),
-                                 norm_eps, 0, False)
+                    # the whole row here: x (bf16-rounded, kept as fp32), its sum of squares over the CTA (lanes,
+                    # then the 4 warps in order), then y = bf16(w * (x * rsqrt(mean(x^2) + eps))) as RMSNorm
+                    xs = cute.make_rmem_tensor((self.vpt, 8), Float32)
+                    xs.fill(0.0)
+                    for i in cutlass.range_constexpr(self.vpt):
+                        v = tidx + i * self.threads
+                        if v < self.vecs:
+                            self._x_vec(mH, m, pre, v, xs, i)
+                    ss = Float32(0.0)
+                    for i in cutlass.range_constexpr(self.vpt):
+                        for k in cutlass.range_constexpr(8):
+                            ss = _fma(xs[i, k], xs[i, k], ss)
+                    for o in cutlass.range_constexpr(5):
+                        ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=1 << o)
+                    nrm = storage.nrm.get_tensor(cute.make_layout(4))
+                    if lane == 0:
+                        nrm[warp] = ss
+                    cute.arch.sync_threads()
+                    ssq = ((nrm[0] + nrm[1]) + nrm[2]) + nrm[3]
+                    rstd = cute.math.rsqrt(ssq * Float32(1.0 / self.dim) + norm_eps)
+                    for i in cutlass.range_constexpr(self.vpt):
+                        v = tidx + i * self.threads
+                        if v < self.vecs:
+                            self._y_vec(mW, mX, m, v, xs, i, rstd)
                 else:
                     for v in cutlass.range(s * self.threads + tidx, self.vecs, x_ctas * self.threads, unroll=1):
                         self._x_slice(mH, mX, m, pre, v)
@@ -3647,144 +3595,6 @@ if HAVE_CUTE:
                 hb.store(ov.load().to(BFloat16))
                 cute.autovec_copy(hb, cute.local_tile(mOut, (1, 8), (m, k * vecs + v)))
 
-    class HcOneLaunch:
-        """HcMix and HcFinalize in one launch (decode: one kernel per mHC site instead of two).
-        grid (D / 32 / mix_warps, token blocks), 160 threads: warps 0..mix_warps-1 are the HcMix warps of column
-        groups mix_warps·bx + w (the same per-group partials, bit for bit); the other warps only help the finalize
-        (mix_warps < 4 spreads the fn reads over more SMs when there are few tokens). After its partials (and, fused,
-        its slice of the new residual) are stored, each CTA takes an arrival ticket on count[token block] (fence +
-        acq_rel atomic); the last CTA of the block to arrive resets the counter to 0 (it stays zero across launches
-        and CUDA-graph replays) and finalizes the block's tokens with HcFinalize's code: the same fixed-order
-        reduction (warp w sums groups w·G/4 .. (w+1)·G/4-1, then the 4 warp sums in order), then warps 0-3 write x
-        (+ RMSNorm: the same 128-thread split of the row as HcFinalize, with a named barrier) while lane t of warp 4
-        runs post + Sinkhorn of token t. So every output equals the two-kernel path's exactly."""
-
-        WARPS = 4              # the finalize's 4 reduction warps (warp 4: post + Sinkhorn)
-        RED_UNROLL = 32        # partial loads in flight per lane in the finalize's reduction
-
-        def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, fuse_post: bool,
-                     pdl: bool, tok_block: int, prefetch: bool, mix_warps: int = 4):
-            assert 1 <= tok_block <= 32 and mix_warps in (1, 2, 4)
-            self.mw = mix_warps
-            # last CTA: load the h row together with the partials (one L2 round trip less; +70 registers, so
-            # ~1 CTA per SM: the caller asks for it only where the grid fits one wave)
-            self.prefetch = prefetch and tok_block == 1
-            self.mixer = HcMix(dim, n, mix, fuse_post, pdl, tok_block)
-            self.fin = HcFinalize(dim, n, mix, iters, head, norm, pdl)
-            self.dim, self.n, self.mix, self.head, self.norm, self.fuse_post, self.pdl = \
-                dim, n, mix, head, norm, fuse_post, pdl
-            self.TB = tok_block                # tokens per CTA = per finalizing CTA (one mix chunk)
-            self.ctas = dim // HC_COLS // mix_warps
-            self.threads = 32 * (self.WARPS + 1)
-
-        @cute.jit
-        def __call__(self, mH: cute.Tensor, mFn: cute.Tensor, mPart: cute.Tensor, mF: cute.Tensor,
-                     mPost: cute.Tensor, mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor,
-                     mBase: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
-                     mW: cute.Tensor, mCount: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
-            @cute.struct
-            class SharedStorage:
-                pc: cute.struct.MemRange[Float32, self.mw * self.TB * self.mixer.pc]
-                red: cute.struct.MemRange[Float32, self.TB * 4 * HC_SLOTS]
-                nrm: cute.struct.MemRange[Float32, self.TB * 4]
-                w_base: cute.struct.MemRange[Float32, HC_SLOTS]
-                w_scale: cute.struct.MemRange[Float32, 4]
-                ticket: cute.struct.MemRange[Int32, 4]
-
-            self.shared_storage = SharedStorage
-            num_tokens = cute.size(mX, mode=[0])
-            blocks = (num_tokens + self.TB - 1) // self.TB
-            self.kernel(mH, mFn, mPart, mF, mPost, mComb, mHout, mScale, mBase, mX, mPostOut, mCombOut, mW, mCount,
-                        eps, norm_eps).launch(
-                grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
-
-        @cute.jit
-        def _mix_warp(self, mH, mFn, mPart, mF, mPost, mComb, mHout, sPC, g, warp, lane, m_begin, m_end):
-            """A mix warp: its fn columns into registers (before waiting on the previous kernel), then HcMix's work
-            for column group g."""
-            w = self.mixer._fn_column(mFn, g * HC_COLS + lane)
-            if const_expr(self.pdl):
-                cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its weight loads now
-                cute.arch.griddepcontrol_wait()
-            self.mixer._mix_tokens(mH, mPart, mF, mPost, mComb, mHout, sPC, warp * self.TB * self.mixer.pc, w, g,
-                                   lane, m_begin, m_end)
-
-        @cute.kernel
-        def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mPart: cute.Tensor, mF: cute.Tensor,
-                   mPost: cute.Tensor, mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor,
-                   mBase: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
-                   mW: cute.Tensor, mCount: cute.Tensor, eps: Float32, norm_eps: Float32):
-            tidx, _, _ = cute.arch.thread_idx()
-            bx, mb, _ = cute.arch.block_idx()
-            warp = tidx // 32
-            lane = tidx % 32
-            num_tokens = cute.size(mX, mode=[0])
-            smem = cutlass.utils.SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
-            sPC = storage.pc.get_tensor(cute.make_layout(self.mw * self.TB * self.mixer.pc))
-            red = storage.red.get_tensor(cute.make_layout(self.TB * 4 * HC_SLOTS))
-            nrm = storage.nrm.get_tensor(cute.make_layout(self.TB * 4))
-            sBase = storage.w_base.get_tensor(cute.make_layout(HC_SLOTS))
-            sScale = storage.w_scale.get_tensor(cute.make_layout(4))
-            ticket = storage.ticket.get_tensor(cute.make_layout(4))
-            mHx = mHout if const_expr(self.fuse_post) else mH     # the streams to collapse (fused: the new residual)
-            hr = self.fin._h_regs(self.fin.vpt) if const_expr(self.prefetch) else None
-            m_begin = mb * self.TB
-            m_end = cutlass.min(m_begin + self.TB, num_tokens)
-            if warp < self.mw:
-                self._mix_warp(mH, mFn, mPart, mF, mPost, mComb, mHout, sPC, bx * self.mw + warp, warp, lane,
-                               m_begin, m_end)
-            else:
-                if warp == self.WARPS:             # weights: loaded before waiting on the previous kernel
-                    if lane < self.mix:
-                        sBase[lane] = mBase[lane]
-                    if lane < (1 if self.head else 3):
-                        sScale[lane] = mScale[lane]
-                if const_expr(self.pdl):
-                    cute.arch.griddepcontrol_launch_dependents()
-                    cute.arch.griddepcontrol_wait()
-            # arrival: every thread's stores are ordered before thread 0's acq_rel ticket (fence + bar.sync)
-            cute.arch.fence_acq_rel_gpu()
-            cute.arch.sync_threads()
-            if tidx == 0:
-                ticket[0] = cute.arch.atomic_add(mCount.iterator + mb, Int32(1), sem="acq_rel", scope="gpu")
-            cute.arch.sync_threads()
-            if ticket[0] == self.ctas - 1:
-                # the last CTA of the token block: every partial of its tokens is stored
-                cute.arch.fence_acq_rel_gpu()
-                if tidx == 0:
-                    mCount[mb] = 0
-                ntok = m_end - m_begin
-                if warp < self.WARPS:
-                    if const_expr(self.prefetch):          # the h row's L2 round trip overlaps the partials'
-                        self.fin._prefetch_h(mHx, m_begin, tidx, hr)
-                    for t in cutlass.range(ntok, unroll=1):
-                        self.fin._reduce(mPart, red, m_begin + t, warp, lane, t * 4 * HC_SLOTS, self.RED_UNROLL)
-                cute.arch.sync_threads()
-                if warp < self.WARPS:
-                    for t in cutlass.range(ntok, unroll=1):
-                        off = t * 4 * HC_SLOTS
-                        m = m_begin + t
-                        rms = self.fin._rms(red, norm_eps, off)
-                        pre = self.fin._pre(red, rms, sScale, sBase, eps, off)
-                        if const_expr(self.norm):
-                            self.fin._x_norm(mHx, mX, mW, m, pre, tidx, warp, lane, nrm, norm_eps, t * 4, True, hr)
-                        elif const_expr(self.prefetch):
-                            for i in cutlass.range_constexpr(self.fin.vpt):
-                                v = tidx + i * self.fin.threads
-                                if v < self.fin.vecs:
-                                    self.fin._x_slice(mHx, mX, m, pre, v, hr, i)
-                        else:
-                            for v in cutlass.range(tidx, self.fin.vecs, 32 * self.WARPS, unroll=1):
-                                self.fin._x_slice(mHx, mX, m, pre, v)
-                else:
-                    if const_expr(not self.head):
-                        if lane < ntok:
-                            off = lane * 4 * HC_SLOTS
-                            rms = self.fin._rms(red, norm_eps, off)
-                            self.fin._sinkhorn(red, rms, sScale, sBase, mPostOut, mCombOut, m_begin + lane, eps, off)
-
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Compile cache (kernels.py's: memory dict -> exported object on disk -> compile)
@@ -3824,30 +3634,6 @@ def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: 
     return _load_or_compile(("hc_fin", dim, n, mix, iters, head, norm, pdl), build)
 
 
-def _compile_one_launch(dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, fuse_post: bool,
-                        tok_block: int, pdl: bool | None = None, prefetch: bool | None = None,
-                        mix_warps: int = 4):
-    pdl = HC_USE_PDL if pdl is None else pdl
-    prefetch = HC_ONE_PREFETCH if prefetch is None else prefetch
-
-    def build():
-        m, r = cute.sym_int(), cute.sym_int()
-        args = (_fake_2d(BFloat16, cute.sym_int(), n * dim, 2), _fake_2d(Float32, mix, n * dim, 4),
-                cute.runtime.make_fake_compact_tensor(Float32, (dim // HC_COLS, cute.sym_int(), HC_SLOTS),
-                                                      stride_order=(1, 2, 0), assumed_align=16),   # token-major
-                _fake_2d(BFloat16, cute.sym_int(), dim, 2), _fake_2d(Float32, cute.sym_int(), n, 4),
-                _fake_2d(Float32, cute.sym_int(), n * n, 4), _fake_2d(BFloat16, cute.sym_int(), n * dim),
-                cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),)),
-                cute.runtime.make_fake_compact_tensor(Float32, (mix,)), _fake_2d(BFloat16, m, dim),
-                _fake_2d(Float32, r, n, 4), _fake_2d(Float32, r, n * n, 4),
-                _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 16),
-                cute.runtime.make_fake_compact_tensor(Int32, (cute.sym_int(),), assumed_align=4),
-                Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcOneLaunch(dim, n, mix, iters, head, norm, fuse_post, pdl, tok_block, prefetch, mix_warps), args
-    return _load_or_compile(("hc_one", dim, n, mix, iters, head, norm, fuse_post, tok_block, pdl, prefetch, mix_warps),
-                            build)
-
-
 def _compile_post(dim: int, n: int, pdl: bool | None = None):
     pdl = HC_USE_PDL if pdl is None else pdl
 
@@ -3868,40 +3654,8 @@ def _tok_block(M: int) -> int:
     return 2 if M <= 64 else 32
 
 
-def _hc_counters(device, n: int) -> torch.Tensor:
-    """Zeroed per-token-block arrival counters of HcOneLaunch (the last CTA of a block resets its counter, so the
-    buffer stays zero between launches and graph replays). One buffer per device, for the hc launches only (they run
-    one after another on one stream: two must not run concurrently). Allocated on first use: make the first call
-    outside CUDA-graph capture (a warm-up run, as dsv4 does)."""
-    buf = _HC_COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        _HC_COUNTERS[device] = buf
-    return buf
-
-
-_HC_COUNTERS: dict = {}
-_HC_SMS: dict = {}
-
-
-def _hc_num_sms(device) -> int:
-    n = _HC_SMS.get(device)
-    if n is None:
-        n = _HC_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
-
-
-def _one_tok_block(M: int) -> int:
-    """Tokens per CTA of the one-launch kernel (compile-time: its h registers and per-token smem); the last CTA of
-    each block finalizes its tokens, so fewer tokens per block = more finalizing CTAs in parallel, but each extra
-    block reads fn again (from L2)."""
-    return max(1, min(HC_ONE_TOK_BLOCK, M))
-
-
-def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=None, norm_weight=None,
-                 one_launch=None):
-    """HcMix (plain or fused with the previous hc_post: post_args = (f, res2, post, comb2)) + HcFinalize, or both in
-    one HcOneLaunch kernel (one_launch, default HC_ONE_LAUNCH; decode-sized M <= HC_ONE_MAX_TOKENS only).
+def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=None, norm_weight=None):
+    """HcMix (plain or fused with the previous hc_post: post_args = (f, res2, post, comb2)) + HcFinalize.
     h2 [M, n*D] is the collapsed input (fused: the new residual, written by HcMix)."""
     M, D = h2.shape[0], h2.shape[1] // n
     mix = fn.shape[0]
@@ -3912,29 +3666,13 @@ def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=N
     post = torch.empty(rows, n, dtype=torch.float32, device=dev)
     comb = torch.empty(rows, n, n, dtype=torch.float32, device=dev)
     comb2 = comb.view(rows, n * n)
-    norm = norm_weight is not None
-    w = norm_weight.reshape(1, D) if norm else fn          # fn: placeholder, unused without the norm
-    one_launch = HC_ONE_LAUNCH if one_launch is None else one_launch
-    if one_launch and M <= HC_ONE_MAX_TOKENS:
-        tb = _one_tok_block(M)
-        counters = _hc_counters(dev, -(-M // tb))
-        part = part.view(M, D // HC_COLS, HC_SLOTS).permute(1, 0, 2)     # token-major: static strides
-        if post_args is None:   # h2 / x / post / comb fill the unused fused-post arguments (never touched)
-            args = (h2, fn, part, x, post, comb2, h2)
-        else:
-            f, res2, post_in, comb_in = post_args
-            args = (res2, fn, part, f, post_in, comb_in, h2)
-        mw = HC_ONE_MIX_WARPS
-        ctas = -(-M // tb) * (D // (mw * HC_COLS))
-        prefetch = HC_ONE_PREFETCH and tb == 1 and ctas <= _hc_num_sms(dev)
-        _compile_one_launch(D, n, mix, iters, head, norm, post_args is not None, tb, prefetch=prefetch, mix_warps=mw)(
-            *args, scale, base, x, post, comb2, w, counters, float(eps), float(norm_eps))
-        return x, post, comb
     if post_args is None:       # x, post, comb, h2 only fill the unused fused-post arguments (never touched)
         _compile_mix(D, n, mix, False)(h2, fn, part, x, post, comb2, h2, _tok_block(M))
     else:
         f, res2, post_in, comb_in = post_args
         _compile_mix(D, n, mix, True)(res2, fn, part, f, post_in, comb_in, h2, _tok_block(M))
+    norm = norm_weight is not None
+    w = norm_weight.reshape(1, D) if norm else fn          # fn: placeholder, unused without the norm
     _compile_finalize(D, n, mix, iters, head, norm)(part, h2, scale, base, x, post, comb2, w, float(eps),
                                                     float(norm_eps), _pre_slices(M, D, head, norm))
     return x, post, comb
