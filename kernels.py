@@ -1200,7 +1200,7 @@ RING_REFILL_WARPS = 4             # warps taking turns at the TMA refills (1: wa
 # (Variants whose ablations lost were removed in session 4, see notes/kernel.md "session 4 pruning": the persistent
 # Fp4DecodeGemm, one scale per prmt, the all-warps routing scan, and the ring's pairing / mshare / spin / evict-first
 # / min-CTAs / diagnostic options.)
-_COUNTERS: dict = {}
+_COUNTERS: dict = {}              # made-once small device buffers (dummies, the router's counter), keyed (device, name)
 
 
 def pick_k_splits(num_rows: int, num_experts: int, m_tiles: int, k_tiles: int, num_sms: int) -> int:
@@ -1343,15 +1343,20 @@ def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
 _SM90: dict = {}
 
 
+def _sm90(device) -> bool:
+    """device is an sm_90 GPU (the capability query cached per device)."""
+    if device not in _SM90:
+        _SM90[device] = torch.cuda.get_device_capability(device) == (9, 0)
+    return _SM90[device]
+
+
 def fused_unavailable_reason(x: torch.Tensor) -> str | None:
     """None if the decode-step kernels can run for activation x (bf16 on an sm_90 GPU with CuTe DSL), else why not."""
     if not HAVE_CUTE:
         return "CuTe DSL is not installed"
     if not x.is_cuda:
         return "not a CUDA tensor"
-    if x.device not in _SM90:
-        _SM90[x.device] = torch.cuda.get_device_capability(x.device) == (9, 0)
-    if not _SM90[x.device]:
+    if not _sm90(x.device):
         return "no sm_90 GPU"
     return None if x.dtype == torch.bfloat16 else f"x is {x.dtype}, not bf16"
 
@@ -2101,9 +2106,7 @@ def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int
 # ----------------------------------------------------------------------------------------------------------------
 # Torch-facing
 GEMV_USE_PDL = True
-_COUNTERS: dict = {}
 _NUM_SMS: dict = {}
-_SM90: dict = {}
 
 
 def _row_counters(device, n: int) -> torch.Tensor:
@@ -2112,20 +2115,24 @@ def _row_counters(device, n: int) -> torch.Tensor:
     return arrival_counters(device, n, 1 << 12)
 
 
-def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True if fp8_gemv runs the kernel for these inputs: CuTe DSL + sm_90 GPU, bf16 x with <= 16 rows,
-    e4m3 weight [N, K] with K a multiple of 128 (act_quant's block) and contiguous rows."""
+def _gemv_takes(x: torch.Tensor, weight: torch.Tensor, weight_dtype) -> bool:
+    """Fp8Gemv's input contract: CuTe DSL + sm_90 GPU, bf16 x with <= MAX_ROWS rows, weight [N, K] of weight_dtype
+    with K a multiple of 128 and contiguous 16-byte aligned rows."""
     if not (HAVE_CUTE and x.is_cuda and weight.is_cuda and x.dtype == torch.bfloat16
-            and weight.dtype == torch.float8_e4m3fn and weight.dim() == 2):
+            and weight.dtype == weight_dtype and weight.dim() == 2):
         return False
-    if x.device not in _SM90:
-        _SM90[x.device] = torch.cuda.get_device_capability(x.device) == (9, 0)
-    if not _SM90[x.device]:
+    if not _sm90(x.device):
         return False
     N, Kd = weight.shape
     M = math.prod(x.shape[:-1])
     return (x.shape[-1] == Kd and Kd % BLOCK == 0 and 1 <= M <= MAX_ROWS and N >= 1
             and weight.stride(1) == 1 and weight.stride(0) == Kd and weight.data_ptr() % 16 == 0)
+
+
+def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True if fp8_gemv runs the kernel for these inputs: CuTe DSL + sm_90 GPU, bf16 x with <= 16 rows,
+    e4m3 weight [N, K] with K a multiple of 128 (act_quant's block) and contiguous rows."""
+    return _gemv_takes(x, weight, torch.float8_e4m3fn)
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:
@@ -2181,17 +2188,7 @@ def bf16_gemv_fp32_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
 def bf16_gemv_fp32_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True if bf16_gemv_fp32 runs the kernel: CuTe DSL + sm_90, bf16 x with <= 16 rows, bf16 weight [N, K] with
     K % 128 == 0 and contiguous 16-byte aligned rows."""
-    if not (HAVE_CUTE and x.is_cuda and weight.is_cuda and x.dtype == torch.bfloat16
-            and weight.dtype == torch.bfloat16 and weight.dim() == 2):
-        return False
-    if x.device not in _SM90:
-        _SM90[x.device] = torch.cuda.get_device_capability(x.device) == (9, 0)
-    if not _SM90[x.device]:
-        return False
-    N, Kd = weight.shape
-    M = math.prod(x.shape[:-1])
-    return (x.shape[-1] == Kd and Kd % BLOCK == 0 and 1 <= M <= MAX_ROWS and N >= 1
-            and weight.stride(1) == 1 and weight.stride(0) == Kd and weight.data_ptr() % 16 == 0)
+    return _gemv_takes(x, weight, torch.bfloat16)
 
 
 def bf16_gemv_fp32(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
@@ -2286,9 +2283,7 @@ def fp8_gemv_grouped_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not (HAVE_CUTE and x.is_cuda and weight.is_cuda and x.dtype == torch.bfloat16 and x.dim() >= 2
             and weight.dtype == torch.float8_e4m3fn and weight.dim() == 2):
         return False
-    if x.device not in _SM90:
-        _SM90[x.device] = torch.cuda.get_device_capability(x.device) == (9, 0)
-    if not _SM90[x.device]:
+    if not _sm90(x.device):
         return False
     N, Kd = weight.shape
     G = x.shape[-2]
@@ -2378,17 +2373,6 @@ MOE_GEMV_FORCE = (None, None)   # benchmarks: (S, MT) of GEMM1 / GEMM2 instead o
 
 
 if HAVE_CUTE:
-    @dsl_user_op
-    def _mma_bf16(a0, a1, a2, a3, b0, b1, c, *, loc=None, ip=None):
-        """mma.sync m16n8k16 row.col f32 += bf16 x bf16: A regs a0..a3, B regs b0, b1, C/D 4 fp32."""
-        res = _llvm.inline_asm(
-            _ir.Type.parse("!llvm.struct<(f32, f32, f32, f32)>"),
-            [_i32(v, loc, ip) for v in (a0, a1, a2, a3, b0, b1)] + [Float32(v).ir_value(loc=loc, ip=ip) for v in c],
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-            "{$10, $11, $12, $13};",
-            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False, loc=loc, ip=ip)
-        return [Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
-
     @dsl_user_op
     def _ld_nc_v2(addr: Int64, *, loc=None, ip=None):
         """8-byte read-only global load (no L1 allocation) -> 2 Int32."""
@@ -6428,9 +6412,6 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens), args
     return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens), build)
-
-
-_COUNTERS: dict = {}
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:

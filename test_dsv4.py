@@ -1151,13 +1151,8 @@ def _assert_close(y, ref, what, cos_min=0.9999, rel_max=1e-2):
     assert cos >= cos_min and rel <= rel_max, f"{what}: cos={cos:.6f} rel={rel:.2e}"
 
 
-@gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("T", [1, 2, 3, 4])
-@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert", "shared", "duplicate"])
-def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypatch):
-    """Small dims (GEMM1 K split 8 ways, GEMM2 4 ways: the cluster reduction): vs the fp32 reference, and vs the
-    wgmma path (same math in another summation order: equal up to rounding)."""
+def _check_gemv_vs_reference_and_wgmma(fmt, T, routing, monkeypatch):
+    """Small dims: the GEMV path vs the fp32 reference and vs the wgmma path (same math in another summation order)."""
     ex = _small(fmt)
     k = 2 if routing == "one_expert" else 6
     x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
@@ -1165,6 +1160,16 @@ def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypa
     y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
     _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"T={T} {routing} vs reference")
     _assert_close(y, y_old, f"T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert", "shared", "duplicate"])
+def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypatch):
+    """Small dims (GEMM1 K split 8 ways, GEMM2 4 ways: the cluster reduction): vs the fp32 reference, and vs the
+    wgmma path (same math in another summation order: equal up to rounding)."""
+    _check_gemv_vs_reference_and_wgmma(fmt, T, routing, monkeypatch)
 
 
 @gpu
@@ -1174,13 +1179,7 @@ def test_moe_gemv_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypa
 def test_moe_gemv_above_the_gather_size_matches_reference_and_the_wgmma_path(fmt, T, routing, monkeypatch):
     """More than 24 routed rows (routing without the fused gather + index_select; tile tables of several 8-row tiles
     per expert at small dims): still the GEMV up to MOE_GEMV_MAX_ROWS rows."""
-    ex = _small(fmt)
-    k = 2 if routing == "one_expert" else 6
-    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
-    ids, w = _gemv_routing(T, k, 16, routing, seed=T)
-    y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
-    _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"T={T} {routing} vs reference")
-    _assert_close(y, y_old, f"T={T} {routing} vs wgmma", cos_min=0.99999, rel_max=4e-3)
+    _check_gemv_vs_reference_and_wgmma(fmt, T, routing, monkeypatch)
 
 
 @gpu
