@@ -482,6 +482,9 @@ def bench_moe_decode():
     if "--ablate-gemv" in sys.argv:
         gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4)
         return
+    if "--moefront" in sys.argv:
+        moefront_ablation(fp4, with_knobs, dev)
+        return
     if "--ablate-fused" in sys.argv:
         fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev)
         for T in (1, 4):                                   # device time per kernel, PDL off: two launches, fused
@@ -570,6 +573,101 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
               f"{med[T, 'pfcb']:>6.1f}  "
               + " ".join(f"{v:.1f}" for v in us[T, False]) + " / " + " ".join(f"{v:.1f}" for v in us[T, True]),
               flush=True)
+
+
+MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE front, session-4 path vs this one
+    "old": dict(MOE_FUSED_NO_ROUTING=False, GATE_MODE="v0"),
+    "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
+}
+
+
+def random_gates(n, E, D, k, device):
+    """n Flash-dims routers (biased sqrtsoftplus top-k; distinct weights: n x 2 MB cycle out of L2) for timing."""
+    import types
+    g = torch.Generator(device=device).manual_seed(5)
+    return [types.SimpleNamespace(weight=(torch.randn(E, D, device=device, generator=g) * D ** -0.5).to(torch.bfloat16),
+                                  bias=torch.randn(E, device=device, generator=g) * 0.1, k=k, hash=False,
+                                  route_scale=2.5, score_func="sqrtsoftplus", tid2eid=None) for _ in range(n)]
+
+
+def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
+    """`bench.py moe --decode-only --moefront`: router + routed experts at batch 1-2, MOEFRONT_PATHS old vs new in one
+    run (interleaved rounds, medians; CUDA-graph replays): kernels.moe alone (as the decode table: includes routing /
+    combine), the router alone per GATE_MODE (chained calls over 24 weight copies, PDL on and off), and router + moe as
+    one graph; then one traced replay of router + moe per path (kernel start / duration, us)."""
+    D, I, E, k = 4096, 2048, 256, 6
+    gates = random_gates(24, E, D, k, "cuda")
+    tok = torch.zeros(2, dtype=torch.long, device="cuda")
+    xs = {T: torch.randn(T, D, device="cuda", dtype=torch.bfloat16) for T in (1, 2)}
+    routes = {}
+    for T in (1, 2):
+        g = torch.Generator(device="cuda").manual_seed(T)
+        ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
+        w = torch.rand(T, k, device="cuda", generator=g)
+        routes[T] = (ids, w / w.sum(1, keepdim=True))
+
+    def moe_us(T):
+        ids, w = routes[T]
+        return _time_ms(lambda: [K.moe(xs[T], ids, w, ex, limit) for ex in fp4], 30, True) / len(fp4) * 1e3
+
+    def gate_us(T):
+        return _time_ms(lambda: [K.gate_decode(g, xs[T], tok[:T]) for g in gates], 30, True) / len(gates) * 1e3
+
+    def both(T):
+        def step():
+            for i, g in enumerate(gates[:8]):
+                ids, w = K.gate_decode(g, xs[T], tok[:T])
+                K.moe(xs[T], ids, w, fp4[i % len(fp4)], limit)
+        return step
+
+    def both_us(T):
+        return _time_ms(both(T), 30, True) / 8 * 1e3
+
+    rows = {}
+    for r in range(rounds):
+        for T in (1, 2):
+            for name, knob in MOEFRONT_PATHS.items():
+                rows.setdefault(("moe", T, name), []).append(with_knobs(knob, lambda: moe_us(T)))
+                rows.setdefault(("gate+moe", T, name), []).append(with_knobs(knob, lambda: both_us(T)))
+        for mode in ("v0", "lean", "redux", "nosel", "nocross"):
+            rows.setdefault(("gate", 1, mode), []).append(with_knobs(dict(GATE_MODE=mode), lambda: gate_us(1)))
+        for mode in ("v0", "redux"):
+            rows.setdefault(("gate no PDL", 1, mode), []).append(
+                with_knobs(dict(GATE_MODE=mode, GLUE_PDL=False), lambda: gate_us(1)))
+        rows.setdefault(("gate", 2, "v0"), []).append(with_knobs(dict(GATE_MODE="v0"), lambda: gate_us(2)))
+        rows.setdefault(("gate", 2, "redux"), []).append(with_knobs(dict(GATE_MODE="redux"), lambda: gate_us(2)))
+        print(f"round {r}: " + " ".join(f"{a}/{T}/{n}={v[-1]:.1f}" for (a, T, n), v in rows.items()), flush=True)
+    print(f"\nMoE front at batch 1-2, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4 records), {dev}, CUDA-graph "
+          f"replays, median (min..max) of {rounds} interleaved rounds, us per call; paths {MOEFRONT_PATHS}")
+    for (what, T, name), v in rows.items():
+        v = sorted(v)
+        print(f"{what:>12} T={T} {name:>8}: {v[len(v) // 2]:7.2f} ({v[0]:.2f}..{v[-1]:.2f})")
+    from torch.profiler import ProfilerActivity, profile
+    for name, knob in MOEFRONT_PATHS.items():
+        def traced():
+            run = both(1)
+            run()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            graph.replay()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                graph.replay()
+                torch.cuda.synchronize()
+            return prof
+        try:
+            prof = with_knobs(knob, traced)
+            ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                        key=lambda e: e.time_range.start)
+            t0 = ev[0].time_range.start
+            print(f"trace {name} (router + moe x8, T=1; start dur end us): " + "; ".join(
+                f"{e.name.replace('kernel_cutlass_kernel_', '').replace('kernels', '')[:18]} "
+                f"{e.time_range.start - t0:.1f} {e.time_range.elapsed_us():.1f} {e.time_range.end - t0:.1f}"
+                for e in ev[:12]), flush=True)
+        except Exception as e:      # noqa: BLE001 - a diagnostic only
+            print(f"trace {name} failed: {e!r}", flush=True)
 
 
 def profile_decode(routings, T, fp4, limit=10.0):

@@ -874,10 +874,12 @@ if HAVE_CUTE:
 
     class MoeCombine:
         """y[t] = sum over slots j = 0..k-1 (in this order, fp32) of y_rows[pos[t*k + j]] -> x.dtype (bf16); slots with
-        pos = R (skipped ids) add nothing. One thread per 8 columns (16-B loads and stores), grid (T, D / (8 threads))."""
+        pos = R (skipped ids) add nothing. One thread per 8 columns (16-B loads and stores), grid (T, D / (8 threads)).
+        by_slot_experts = E > 0: y_rows is by routed slot (row t*k + j) and mPos holds topk_ids: slot j adds its row
+        where 0 <= id < E (the same sum in the same order)."""
 
-        def __init__(self, top_k: int, dim: int, pdl: bool = False):
-            self.k, self.dim, self.pdl = top_k, dim, pdl
+        def __init__(self, top_k: int, dim: int, pdl: bool = False, by_slot_experts: int = 0):
+            self.k, self.dim, self.pdl, self.E = top_k, dim, pdl, by_slot_experts
             vecs = dim // 8
             self.threads = 128
             while vecs % self.threads:
@@ -903,9 +905,14 @@ if HAVE_CUTE:
             v = cute.make_rmem_tensor((1, 8), BFloat16)
             for j in cutlass.range_constexpr(self.k):
                 p = mPos[tok * self.k + j]
-                if p < R:
-                    cute.autovec_copy(cute.local_tile(mY, (1, 8), (p, vec)), v)
-                    acc.store(acc.load() + v.load().to(Float32))
+                if const_expr(self.E > 0):
+                    if p >= 0 and p < self.E:                      # p = the slot's expert id
+                        cute.autovec_copy(cute.local_tile(mY, (1, 8), (tok * self.k + j, vec)), v)
+                        acc.store(acc.load() + v.load().to(Float32))
+                else:
+                    if p < R:
+                        cute.autovec_copy(cute.local_tile(mY, (1, 8), (p, vec)), v)
+                        acc.store(acc.load() + v.load().to(Float32))
             v.store(acc.load().to(BFloat16))
             cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, vec)))
 
@@ -1145,7 +1152,7 @@ def _compile_routing_gather(num_experts: int, top_k: int, tile_n: int, dim: int)
     return _load_or_compile(("route_gather", num_experts, top_k, tile_n, dim), build)
 
 
-def _compile_combine(top_k: int, dim: int, pdl: bool):
+def _compile_combine(top_k: int, dim: int, pdl: bool, by_slot_experts: int = 0):
     def build():
         rows, tokens = cute.sym_int(), cute.sym_int()
         args = (cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0), assumed_align=16),
@@ -1153,8 +1160,8 @@ def _compile_combine(top_k: int, dim: int, pdl: bool):
                 cute.runtime.make_fake_compact_tensor(BFloat16, (tokens, dim), stride_order=(1, 0),
                                                       assumed_align=16),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeCombine(top_k, dim, pdl), args
-    return _load_or_compile(("combine", top_k, dim, pdl), build)
+        return MoeCombine(top_k, dim, pdl, by_slot_experts), args
+    return _load_or_compile(("combine", top_k, dim, pdl) + ((by_slot_experts,) if by_slot_experts else ()), build)
 
 
 def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1,
@@ -1245,13 +1252,33 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     gemv = DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, inter)   # decode: Fp4MoeGemv
     tile_n = MOE_GEMV_TILE_N if gemv else pick_tile_n(T, k, E)
     dev = x.device
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    cfg1, cfg2 = gemm_configs(pk.fmt, R, E, D, inter, tile_n, sms)
+    ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
+    limit = float(swiglu_limit) if swiglu_limit else math.inf
+    a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
+    fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms) if gemv else None
+    if fused is not None and MOE_FUSED_NO_ROUTING and R <= 32 and not fused[8]:
+        # no routing kernel: the fused launch reads topk_ids / weights and x itself, rows by slot (bit-identical)
+        act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
+        y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
+        if POISON_BUFFERS:
+            act.fill_(float("nan"))
+            y_rows.fill_(float("nan"))
+        y = torch.empty(T, D, dtype=x.dtype, device=dev)
+        dummy = _COUNTERS.get((dev, "i32x3"))
+        if dummy is None:
+            dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
+        counters = _fused_counters(dev, 1 + R * fused[3])
+        _compile_moe_gemv_fused(*fused, top_k=k)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0),
+                                                 x.contiguous(), act, y_rows, dummy, a_gate, a_up, a_down, w32, limit,
+                                                 ids32, ids32, counters, dummy.view(-1), y)
+        _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
+        return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
     tiles = torch.empty(max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    cfg1, cfg2 = gemm_configs(pk.fmt, R, E, D, inter, tile_n, sms)
-    ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
     gather = R <= GATHER_MAX_ROWS
     if gather:                           # the routing CTA also gathers the (few) token rows: one launch less
         x_sorted = torch.empty(R, D, dtype=x.dtype, device=dev)
@@ -1264,11 +1291,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     if POISON_BUFFERS:        # tests: NaN-fill the intermediates so an unwritten element shows up in y
         act.fill_(float("nan"))
         y_rows.fill_(float("nan"))
-    limit = float(swiglu_limit) if swiglu_limit else math.inf
-    a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
     if gemv:
-        fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms)
         if fused is not None:               # one launch: GEMM2's CTAs wait on per-(slot, K slice) act counters
             splits, folded = fused[3], fused[8]     # K slices, MoeCombine folded in
             counters = _fused_counters(dev, 1 + R * splits + T * D // TILE_M)
@@ -2402,6 +2426,12 @@ if HAVE_CUTE:
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
+    def _nth_set_bit(mask: Int32, n: Int32, *, loc=None, ip=None) -> Int32:
+        """Bit position of the n-th (1-based) set bit of mask, counting up from bit 0 (fns); 0xffffffff if none."""
+        return Int32(_llvm.inline_asm(_T.i32(), [Int32(mask).ir_value(loc=loc, ip=ip), Int32(n).ir_value(loc=loc, ip=ip)],
+                                      "fns.b32 $0, $1, 0, $2;", "=r,r,r", has_side_effects=False, loc=loc, ip=ip))
+
+    @dsl_user_op
     def _ld_dsmem_i32(smem_addr: Int32, rank: Int32, *, loc=None, ip=None) -> Int32:
         """Int32 at this CTA's shared address smem_addr, read from CTA `rank` of the cluster (DSMEM)."""
         return Int32(_llvm.inline_asm(
@@ -2452,6 +2482,12 @@ if HAVE_CUTE:
             # reading act, then counts itself as one of wait_readers readers (the last one wraps the counter to 0)
             self.signal_kpc, self.wait_target, self.wait_readers = 0, 0, 0
             self.prefetch_rest = False     # fused GEMM2: bulk-prefetch the K slice past the register ring into L2
+            # fused, no routing kernel (direct_k = top-k > 0; by_slot, <= 32 routed slots): the item of slot s reads
+            # topk_ids itself (after griddepcontrol.wait: the router is the kernel right before); its rows are the
+            # slots of its expert in slot order (rank o .. o+7 of them, from one ballot mask), row n = slot s_n:
+            # GEMM1 reads x[s_n // k] and writes act[s_n], GEMM2 reads act[s_n] and writes y_rows[s_n]; the routing
+            # weight is topk_weights[s_n] (mRowW = the flat weights). The slots s_n live in ticket smem [16 + n].
+            self.direct_k = 0
             self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
 
         def smem_words(self) -> int:
@@ -2504,7 +2540,26 @@ if HAVE_CUTE:
             row0 = Int32(0)
             nrows = Int32(0)
             rank = Int32(0)
-            if const_expr(self.by_slot):
+            if const_expr(self.direct_k > 0):
+                # the router (the kernel right before) wrote topk_ids / weights: wait, then let the next kernel start
+                cute.arch.griddepcontrol_wait()
+                cute.arch.griddepcontrol_launch_dependents()
+                expert = mIds[bid_t]
+                e_j = Int32(-1)
+                if tidx % 32 < cute.size(mIds, mode=[0]):
+                    e_j = mIds[tidx % 32]
+                mask = Int32(cute.arch.vote_ballot_sync(e_j == expert))        # slots of this expert (<= 32)
+                rank = Int32(cute.arch.popc(mask & ((Int32(1) << bid_t) - 1)))
+                if expert >= 0 and expert < cute.size(mAlpha0, mode=[0]):
+                    if rank % MOE_GEMV_TILE_N == 0:
+                        nrows = cutlass.min(Int32(cute.arch.popc(mask)) - rank, MOE_GEMV_TILE_N)
+                        if tidx < nrows:
+                            sSlot = storage.ticket.get_tensor(cute.make_layout(32))
+                            slot = _nth_set_bit(mask, rank + tidx + 1)
+                            sSlot[16 + tidx] = slot
+                            sSlot[24 + tidx] = slot // self.direct_k if const_expr(self.swiglu) else slot
+                cute.arch.sync_threads()           # the slots are in smem (mask / rank die before the weight loads)
+            elif const_expr(self.by_slot):
                 # rank = earlier slots of this expert: lane j of every warp looks at slot base + j (one round trip
                 # for up to 32 slots; no serial chain of dependent loads)
                 n_slots = cute.size(mIds, mode=[0])
@@ -2549,7 +2604,7 @@ if HAVE_CUTE:
                     # fused GEMM2: the rest of this warp group's K slice -> L2 while the CTA waits for its act rows
                     if warp == 0 and lane == 0:
                         _prefetch_l2(base + self.D * rec, (kpc - self.D) * rec)
-                if const_expr(self.by_slot):
+                if const_expr(self.by_slot and self.direct_k == 0):
                     # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots. (A branch
                     # ptxas can't fold keeps the weight loads above the wait, as below.)
                     if expert < (1 << 30):
@@ -2601,7 +2656,10 @@ if HAVE_CUTE:
                 for idx in cutlass.range(tidx, nrows * chunks, self.threads, unroll=1):
                     n = idx // chunks
                     q = idx - n * chunks
-                    xa = x_base + (Int64(row0 + n) * self.k_dim + Int64(kt0 * TILE_K + q * 8)) * 2
+                    xrow = row0 + n
+                    if const_expr(self.direct_k > 0):                  # GEMM1: x[s_n // k], GEMM2: act[s_n]
+                        xrow = storage.ticket.get_tensor(cute.make_layout(32))[24 + n]
+                    xa = x_base + (Int64(xrow) * self.k_dim + Int64(kt0 * TILE_K + q * 8)) * 2
                     v = _ld_v4(xa, ".cg")                             # L2: x_sorted was just written
                     i = q // 8
                     kb = (q % 8) // 2
@@ -2642,8 +2700,8 @@ if HAVE_CUTE:
                     for c in cutlass.range_constexpr(4):
                         n = 2 * t + c % 2
                         if n < nrows:
-                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, m_tile,
-                                       16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, self.out_row(storage, row0, n),
+                                       0, m_tile, 16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
                     self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
                 else:
                     # partial -> own smem red[atom][row][token]; cluster barrier; slice z sums its share of the
@@ -2674,8 +2732,8 @@ if HAVE_CUTE:
                             for z in cutlass.range_constexpr(self.S):
                                 s0 = s0 + _ld_dsmem_f32(red_base + off * 4, z)
                                 s1 = s1 + _ld_dsmem_f32(red_base + (off + pairs) * 4, z)
-                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0, n, bid_m * self.MT + mt,
-                                       r, s0, s1)
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert,
+                                       self.out_row(storage, row0, n), 0, bid_m * self.MT + mt, r, s0, s1)
                     self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
                     cute.arch.cluster_arrive()                       # peers keep their smem until it is read
                     cute.arch.cluster_wait()
@@ -2684,6 +2742,12 @@ if HAVE_CUTE:
                     # fused: an idle item's cluster still meets once (rank 0 holds the ticket its peers read)
                     cute.arch.cluster_arrive()
                     cute.arch.cluster_wait()
+
+        def out_row(self, storage, row0, n):
+            """Output / routing-weight row of the item's row n: row0 + n (sorted rows), or slot s_n (direct_k)."""
+            if const_expr(self.direct_k > 0):
+                return storage.ticket.get_tensor(cute.make_layout(32))[16 + n]
+            return row0 + n
 
         @cute.jit
         def signal(self, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
@@ -2766,11 +2830,15 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     prefetch: bool = False, combine: bool = False, pdl: bool = True):
+                     prefetch: bool = False, combine: bool = False, pdl: bool = True, top_k: int = 0):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
+            # top_k > 0: no routing kernel before (Fp4MoeGemv.direct_k): x, act, y_rows, weights by routed slot
+            assert not (top_k and combine), "the folded combine reads the routing kernel's tables"
+            self.top_k = top_k
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
             self.g2.prefetch_rest = prefetch
+            self.g1.direct_k = self.g2.direct_k = top_k
             # combine: MoeCombine folded in: per (token, GEMM2 item) a counter of its routed rows stored; the CTA
             # storing the last one sums the token's k slots (fixed slot order, fp32, as MoeCombine) into y
             self.combine = combine
@@ -2794,8 +2862,10 @@ if HAVE_CUTE:
             class SharedStorage:
                 xs: cute.struct.Align[cute.struct.MemRange[Int32, max(self.g1.smem_words(), self.g2.smem_words())],
                                       16]
-                # [0] ticket, [1] item tiles, [2] item slot, [3] GEMM2 first row, [4] its rows, [8..15] tokens done
-                ticket: cute.struct.Align[cute.struct.MemRange[Int32, 16], 16]
+                # [0] ticket, [1] item tiles, [2] item slot, [3] GEMM2 first row, [4] its rows, [8..15] tokens done,
+                # [16..23] the item's slots, [24..31] their
+                # input rows (top_k > 0)
+                ticket: cute.struct.Align[cute.struct.MemRange[Int32, 32], 16]
 
             self.shared_storage = SharedStorage
             n_items = (self.m1 + self.m2) * cute.size(mIds, mode=[0])
@@ -2922,13 +2992,17 @@ if HAVE_CUTE:
 
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
-                            m_per_cta: int, prefetch: bool = False, combine: bool = False, pdl: bool = True):
+                            m_per_cta: int, prefetch: bool = False, combine: bool = False, pdl: bool = True,
+                            top_k: int = 0):
     """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
-    act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters."""
+    act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters.
+    top_k > 0 (no routing kernel): x instead of x_sorted, act / y_rows by slot, row_w = the flat topk weights;
+    tiles / pos / src are not read."""
     config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
+    config += (top_k,) if top_k else ()
 
     def build():
-        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl, top_k)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -2939,13 +3013,14 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
                                                  assumed_align=128)
         mk = cute.runtime.make_fake_compact_tensor
         alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
-        args = (w(op.g1), w(op.g2), mk(BFloat16, (rows, D), stride_order=(1, 0), assumed_align=16),
+        x_rows, src_rows = (cute.sym_int(), cute.sym_int()) if top_k else (rows, rows)   # direct: x [T, D]
+        args = (w(op.g1), w(op.g2), mk(BFloat16, (x_rows, D), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, inter), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, D), stride_order=(1, 0), assumed_align=16),
                 mk(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4), *alpha,
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
                 mk(Int32, (slots,), assumed_align=4), mk(Int32, (slots,), assumed_align=4),
-                mk(Int32, (cute.sym_int(),), assumed_align=16), mk(Int32, (rows,), assumed_align=4),
+                mk(Int32, (cute.sym_int(),), assumed_align=16), mk(Int32, (src_rows,), assumed_align=4),
                 mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return op, args
@@ -2995,6 +3070,8 @@ MOE_GEMV_FUSED_MAX_ROWS = 12  # ... (H200 R2, Flash, same run: T=1 38.5 vs 41.8 
                               # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS)
 MOE_GEMV_FUSED_PREFETCH = False  # its GEMM2 CTAs prefetch their K slice past the register ring into L2 before waiting
                                  # (R2: no gain, T=1 38.8 vs 38.5 us, T=4 123.4 vs 114.9)
+MOE_FUSED_NO_ROUTING = True      # fused sizes (<= 32 slots, combine not folded): no MoeRoutingGather launch; the
+                                 # fused kernel reads topk_ids / weights / x itself, rows by slot (same bits)
 MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots;
                                  # R2: T=1 40.2 vs 38.5 us, T=2 62.5 vs 60.3, T=4 106.3 vs 114.9)
 _FUSED_COUNTERS: dict = {}
@@ -6200,15 +6277,32 @@ if HAVE_CUTE:
             for j in cutlass.range(c + tidx, k, self.threads, unroll=1):
                 mOut[b, 0, j] = sort_key_block(kth)
 
+    @dsl_user_op
+    def _order_key(v: Float32, *, loc=None, ip=None) -> Int32:
+        """float -> int32 whose signed order is the float order (negative floats: the low 31 bits flipped)."""
+        return Int32(_llvm.inline_asm(
+            _T.i32(), [Float32(v).ir_value(loc=loc, ip=ip)],
+            "{\n.reg .b32 b, t;\nmov.b32 b, $1;\nshr.s32 t, b, 31;\nand.b32 t, t, 0x7fffffff;\nxor.b32 $0, b, t;\n}",
+            "=r,f", has_side_effects=False, loc=loc, ip=ip))
+
     class MoeGateDecode:
         """Router for a few tokens (decode): logits = x·W^T (fp32), s = sqrt(softplus(logits)); hash layers take
         ids = tid2eid[token], the others the top-k of s + bias (ties: lower expert); w = s[ids] / sum * scale.
         Grid E/4 CTAs of 4 warps: warp = one expert, its weight row in registers (lanes split D, 16-B loads), then
         each token's dot product (x from L1/L2) and a butterfly sum;
-        logits -> global scratch; the last CTA to arrive does the selection (warp per token) and resets its counter."""
+        logits -> global scratch; the last CTA to arrive does the selection (warp per token) and resets its counter.
+        mode (GATE_MODE): "v0" as session 4 (gpu-scope fences around the arrival atomic, weights read back from mW);
+        "lean": no fences (bar.sync + the acq_rel atomic order the logits), each lane keeps its slot's weight in a
+        register; "redux": lean + each top-k round as two redux.sync (max of an order-preserving int key of the
+        score, then min expert id among the lanes holding it) instead of two 5-step butterflies. All three give the
+        same ids and weight bits. Timing-only ablations: "nosel" (lean without the top-k rounds: ids = 0..k-1),
+        "nocross" (logits only: no arrival, no selection)."""
 
-        def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int):
+        def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int,
+                     mode: str = "v0"):
             assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32
+            assert mode in ("v0", "lean", "redux", "nosel", "nocross")
+            self.mode = mode
             self.E, self.D, self.k, self.hash, self.max_tokens = n_experts, dim, top_k, hash_routing, max_tokens
             self.threads = 128
             self.per_lane = n_experts // 32
@@ -6262,13 +6356,25 @@ if HAVE_CUTE:
                 if lane == 0:
                     mLogits[n, e] = v
 
-            cute.arch.fence_acq_rel_gpu()
+            if const_expr(self.mode != "nocross"):
+                self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp,
+                            lane, n_blk, N)
+
+        @cute.jit
+        def select(self, mBias: cute.Tensor, mTid2Eid: cute.Tensor, mTokens: cute.Tensor, mLogits: cute.Tensor,
+                   mCount: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, route_scale: Float32, flag, sS, tidx,
+                   warp, lane, n_blk, N):
+            """Arrival (the last CTA continues), then per token (a warp each) scores, top-k ids and weights."""
+            lean = self.mode != "v0"
+            if const_expr(not lean):
+                cute.arch.fence_acq_rel_gpu()
             cute.arch.sync_threads()
             if tidx == 0:
                 flag[0] = cute.arch.atomic_add(mCount.iterator, Int32(1), sem="acq_rel", scope="gpu")
             cute.arch.sync_threads()
             if flag[0] == n_blk - 1:
-                cute.arch.fence_acq_rel_gpu()
+                if const_expr(not lean):
+                    cute.arch.fence_acq_rel_gpu()
                 for n in cutlass.range(warp, N, 4, unroll=1):           # warp per token
                     sel = cute.make_rmem_tensor((self.per_lane,), Float32)
                     for j in cutlass.range_constexpr(self.per_lane):
@@ -6284,10 +6390,28 @@ if HAVE_CUTE:
                             sel[j] = sc + mBias[ex]
                     cute.arch.sync_warp()
                     total = Float32(0.0)
+                    mine = Float32(0.0)                                # lane r: the weight of slot r
                     for r in cutlass.range_constexpr(self.k):
                         best = Int32(0)
                         if const_expr(self.hash):
                             best = mTid2Eid[mTokens[n], r].to(Int32)
+                        elif const_expr(self.mode == "nosel"):
+                            best = Int32(r)
+                        elif const_expr(self.mode == "redux"):
+                            # max of key(s) (signed-int order = float order; -0.0 cannot occur: s >= 0 + bias), then
+                            # the lowest expert holding it (ties: lower expert, as below)
+                            bk = Int32(-2147483648)
+                            for j in cutlass.range_constexpr(self.per_lane):
+                                bk = cutlass.max(bk, _order_key(sel[j]))
+                            bk = Int32(cute.arch.warp_redux_sync(bk, "max"))
+                            bi = Int32(self.E)
+                            for j in cutlass.range_constexpr(self.per_lane - 1, -1, -1):
+                                if _order_key(sel[j]) == bk:
+                                    bi = lane + 32 * j
+                            best = Int32(cute.arch.warp_redux_sync(bi, "min"))
+                            for j in cutlass.range_constexpr(self.per_lane):
+                                if lane + 32 * j == best:
+                                    sel[j] = Float32(-math.inf)
                         else:
                             bv = Float32(-math.inf)
                             bi = Int32(self.E)
@@ -6309,10 +6433,17 @@ if HAVE_CUTE:
                         total = total + ws
                         if lane == r:
                             mIds[n, r] = best
-                            mW[n, r] = ws
-                    cute.arch.sync_warp()
-                    if lane < self.k:
-                        mW[n, lane] = mW[n, lane] / total * route_scale
+                            if const_expr(lean):
+                                mine = ws
+                            else:
+                                mW[n, r] = ws
+                    if const_expr(lean):
+                        if lane < self.k:
+                            mW[n, lane] = mine / total * route_scale
+                    else:
+                        cute.arch.sync_warp()
+                        if lane < self.k:
+                            mW[n, lane] = mW[n, lane] / total * route_scale
                     cute.arch.sync_warp()
                 if tidx == 0:
                     mCount[0] = 0
@@ -6396,7 +6527,7 @@ def _compile_topk(keys_per_thread: int):
     return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread), build)
 
 
-def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int):
+def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0"):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
@@ -6410,8 +6541,9 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens), args
-    return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens), build)
+        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode), args
+    return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
+                            + ((mode,) if mode != "v0" else ()), build)
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:
@@ -6524,6 +6656,7 @@ def gate_reference(gate, x, tokens):
 
 
 GATE_MAX_TOKENS = 16
+GATE_MODE = "redux"       # MoeGateDecode variant (see its docstring; "v0" = session 4's kernel, same bits)
 
 
 def gate_kernel_supported(gate, x) -> bool:
@@ -6555,7 +6688,7 @@ def gate_decode(gate, x, tokens):
     ids = torch.empty(N, gate.k, dtype=torch.int32, device=dev)
     w = torch.empty(N, gate.k, dtype=torch.float32, device=dev)
     counter = _COUNTERS[(dev, "gate")]
-    _compile_gate(E, D, gate.k, gate.hash, max_tokens)(
+    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE)(
         x.contiguous(), gate.weight.data, bias, tid2eid, tokens.reshape(-1).long(), logits, counter, ids, w,
         float(gate.route_scale))
     return ids, w

@@ -5373,5 +5373,211 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     assert not K._FUSED_COUNTERS[x.device].any()
 
 
+
+# ------------------------------------------------ fused decode MoE without the routing kernel (MOE_FUSED_NO_ROUTING)
+COMPILE_MOE_NO_ROUTING = """
+import glob, os, sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+dump = os.environ["CUTE_DSL_DUMP_DIR"]
+K.MOE_GEMV_FUSED_MAX_ROWS = 24
+cfgs = [(fmt, T, K.moe_gemv_fused_config(fmt, 6 * T, 256, 4096, 2048, 132)) for fmt in ("nvfp4", "mxfp4")
+        for T in (1, 2)] + [("nvfp4", 4, K.moe_gemv_fused_config("nvfp4", 24, 256, 4096, 2048, 132))]
+assert all(c is not None for _, _, c in cfgs), cfgs
+for fmt, T, cfg in cfgs:
+    K._compile_moe_gemv_fused(*cfg, top_k=6)
+    for ptx in glob.glob(os.path.join(dump, "*Fp4MoeGemvFused*.ptx")):   # one file name for every config: keep each
+        os.replace(ptx, os.path.join(dump, f"T{T}_{fmt}.ptx"))
+K._compile_combine(6, 4096, True, 256)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_moe_fused_without_routing_compiles_for_sm90a_within_the_register_budget(tmp_path):
+    """The routing-free fused kernel (rows by slot, top_k=6) compiles for sm_90a without a GPU at Flash T 1, 2 (the
+    default bound: K split 4 / 2, one row tile per CTA) and 4 (24 rows: K split 1, two row tiles), nvfp4 and mxfp4,
+    plus the by-slot MoeCombine; where ptxas is installed, each fused kernel keeps <= 80 registers
+    (MOE_GEMV_WARPS_PER_SM resident warps) and those of T 1, 2 spill nothing (T=4, above the default bound, spills
+    8 bytes)."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_NO_ROUTING, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
+    ptxas = shutil.which("ptxas")
+    ptxs = sorted(dump.glob("T*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    assert len(ptxs) == 5
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
+        assert regs <= 65536 // (32 * K.MOE_GEMV_WARPS_PER_SM), rep.stderr[-2000:]
+        if not ptx.name.startswith("T4"):
+            assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, ptx.name
+
+
+def _moe_direct_and_routed(ex, x, ids, w, monkeypatch, limit=7.0):
+    """(output without the routing kernel, output of the fused path after MoeRoutingGather), poisoned intermediates;
+    asserts which kernels each call launched and that the counters end at zero."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    fused, routing = [], []
+    real_f, real_r = K._compile_moe_gemv_fused, K._compile_routing_gather
+    monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a, **kw: fused.append(kw) or real_f(*a, **kw))
+    monkeypatch.setattr(K, "_compile_routing_gather", lambda *a: routing.append(a) or real_r(*a))
+    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(fused) == 1 and fused[0].get("top_k") == ids.shape[1] and not routing, "not the routing-free path"
+    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", False)
+    y_old = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(fused) == 2 and not fused[1].get("top_k") and len(routing) == 1, "not the routed fused path"
+    torch.cuda.synchronize()
+    assert not K._FUSED_COUNTERS[x.device].any(), "a fused launch left a counter non-zero"
+    return y, y_old
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("splits, m_per_cta", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 2)])
+def test_moe_fused_without_routing_gives_the_bits_of_the_routed_path(fmt, splits, m_per_cta, monkeypatch):
+    """Small dims, K split 1 / 2 / 4 ways, 1 or 2 row tiles per CTA: reading x / topk_ids / weights by slot (no
+    MoeRoutingGather) gives the routed fused path's bits and the fp32 reference up to rounding; skipped slots, a
+    token with no slot on this rank (y = 0), a token naming one expert twice, 12 and 24 rows on one expert (two and
+    three 8-row groups), T = 1..4."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
+    ex = _small(fmt)
+    cases = [(1, "random", 6), (2, "random", 6), (2, "shared", 6), (3, "empty_experts", 6), (4, "random", 6),
+             (3, "duplicate", 6), (1, "one_expert", 2), (12, "one_expert", 2), (24, "one_expert", 1), (4, "shared", 6),
+             (3, "token_off", 6), (1, "token_off", 6)]
+    for T, routing, k in cases:
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T + k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, k, 16, "random" if routing == "token_off" else routing, seed=80 + T)
+        if routing == "token_off":                # token T//2 has no slot on this rank (ids -1 and E)
+            ids[T // 2, :] = -1
+            ids[T // 2, 0] = 16
+        y, y_old = _moe_direct_and_routed(ex, x, ids, w, monkeypatch)
+        what = f"no-routing S={splits} MT={m_per_cta} {fmt} T={T} k={k} {routing}"
+        if routing == "token_off":
+            assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
+        if T > 1 or routing != "token_off":
+            _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+        assert torch.equal(y, y_old), f"{what}: differs from the routed fused path"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_fused_without_routing_flash_dims_gives_the_bits_of_the_routed_path(fmt, monkeypatch):
+    """Flash dims (256 experts, D 4096, I 2048) at T 1, 2 (the default bound) and 4 (24 rows), default K splits."""
+    ex = _flash(fmt)
+    for T, routing in ((1, "random"), (2, "random"), (2, "shared"), (2, "duplicate"), (4, "random"),
+                       (4, "empty_experts")):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, routing, seed=90 + T)
+        y, y_old = _moe_direct_and_routed(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"no-routing flash {fmt} T={T} {routing}")
+        assert torch.equal(y, y_old), f"no-routing flash {fmt} T={T} {routing}: differs from the routed fused path"
+
+
+@gpu
+def test_moe_fused_without_routing_graph_replays_follow_new_inputs(monkeypatch):
+    """Back-to-back launches and CUDA-graph replays of the routing-free path keep the bits; a replay follows new x /
+    ids / weights written into the captured buffers; the counters end at zero."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
+    ex = _small("nvfp4")
+    T = 2
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _gemv_routing(T, 6, 16, "random", seed=9)
+    y1 = K.moe_fp4(x, ids, w, ex, 7.0)
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(20)]
+    torch.cuda.synchronize()
+    assert torch.isfinite(y1).all() and all(torch.equal(o, y1) for o in outs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, y1) for y in y_g)
+    x2 = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids2, w2 = _gemv_routing(T, 6, 16, "shared", seed=10)
+    y2 = K.moe_fp4(x2, ids2, w2, ex, 7.0)
+    x.copy_(x2); ids.copy_(ids2); w.copy_(w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g[-1], y2) and not torch.equal(y2, y1)
+    assert not K._FUSED_COUNTERS[x.device].any()
+
+
+
+# ------------------------------------------------------------------------------- router kernel variants (GATE_MODE)
+COMPILE_GATE_MODES = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+for mode in ("lean", "redux"):
+    for hash_routing in (False, True):
+        K._compile_gate(256, 4096, 6, hash_routing, K.GATE_MAX_TOKENS, mode)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_gate_modes_compile_for_sm90a_without_spills(tmp_path):
+    """The lean and redux router variants compile for sm_90a without a GPU (Flash dims, hash and biased top-k); where
+    ptxas is installed, nothing spills."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_GATE_MODES, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
+    ptxas = shutil.which("ptxas")
+    for ptx in dump.glob("*MoeGateDecode*.ptx") if ptxas else ():
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["lean", "redux"])
+@pytest.mark.parametrize("layer", [0, 5])                          # hash-routed, biased top-k
+def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, layer, monkeypatch):
+    """GATE_MODE lean / redux == the v0 kernel: the same ids (order included) and weight bits for N 1, 3, 16, with
+    exact score ties (two experts with the same weight row and bias: the lower expert first) and graph replays."""
+    gate, cfg = make_gate(layer, "cuda", seed=3)
+    if not gate.hash:
+        gate.weight.data[200] = gate.weight.data[7] = gate.weight.data[7] * 4       # a tie near the top
+        gate.bias.data[200] = gate.bias.data[7] = 1.0
+    for N in (1, 3, 16):
+        x = torch.randn(N, cfg.hidden_size, generator=torch.Generator().manual_seed(N)).to("cuda", torch.bfloat16)
+        tokens = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(N)).cuda()
+        monkeypatch.setattr(K, "GATE_MODE", "v0")
+        ids0, w0 = K.gate_decode(gate, x, tokens)
+        monkeypatch.setattr(K, "GATE_MODE", mode)
+        ids, w = K.gate_decode(gate, x, tokens)
+        assert torch.equal(ids, ids0) and torch.equal(w, w0), f"{mode} layer {layer} N={N}: differs from v0"
+        if not gate.hash:
+            for row in ids.tolist():
+                assert 200 not in row or (7 in row and row.index(7) < row.index(200)), f"tie order {row}"
+    assert not gate.hash and (ids == 7).any() or gate.hash, "the tie experts were never picked"
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.gate_decode(gate, x, tokens)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        ids_g, w_g = K.gate_decode(gate, x, tokens)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(ids_g, ids0) and torch.equal(w_g, w0)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
