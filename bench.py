@@ -446,7 +446,8 @@ def bench_moe_decode():
     n_copies = 4                                      # 4 x 3.4 GB of fp4 records: L2 never holds them
     fp4 = [random_packed_experts(E, D, I, "cuda", s) for s in range(n_copies)]
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
-             torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
+             torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
+            for _ in range(2 if "--moefront" not in sys.argv else 0)]
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
     Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     routings = {}
@@ -578,6 +579,7 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
 MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE front, session-4 path vs this one
     "old": dict(MOE_FUSED_NO_ROUTING=False, GATE_MODE="v0"),
     "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
+    "v0gate": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="v0"),      # the new MoE path after the old router
 }
 
 
@@ -590,7 +592,7 @@ def random_gates(n, E, D, k, device):
                                   route_scale=2.5, score_func="sqrtsoftplus", tid2eid=None) for _ in range(n)]
 
 
-def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
+def moefront_ablation(fp4, with_knobs, dev, rounds=4, limit=10.0):
     """`bench.py moe --decode-only --moefront`: router + routed experts at batch 1-2, MOEFRONT_PATHS old vs new in one
     run (interleaved rounds, medians; CUDA-graph replays): kernels.moe alone (as the decode table: includes routing /
     combine), the router alone per GATE_MODE (chained calls over 24 weight copies, PDL on and off), and router + moe as
@@ -631,9 +633,12 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
                 rows.setdefault(("gate+moe", T, name), []).append(with_knobs(knob, lambda: both_us(T)))
         for mode in ("v0", "lean", "redux", "nosel", "nocross"):
             rows.setdefault(("gate", 1, mode), []).append(with_knobs(dict(GATE_MODE=mode), lambda: gate_us(1)))
-        for mode in ("v0", "redux"):
-            rows.setdefault(("gate no PDL", 1, mode), []).append(
-                with_knobs(dict(GATE_MODE=mode, GLUE_PDL=False), lambda: gate_us(1)))
+        for mode, warps in (("redux", 2), ("redux", 1)):
+            rows.setdefault(("gate", 1, f"{mode}/w{warps}"), []).append(
+                with_knobs(dict(GATE_MODE=mode, GATE_WARPS=warps), lambda: gate_us(1)))
+        for mode, warps in (("v0", 4), ("redux", 4), ("redux", 2)):
+            rows.setdefault(("gate no PDL", 1, f"{mode}/w{warps}"), []).append(
+                with_knobs(dict(GATE_MODE=mode, GATE_WARPS=warps, GLUE_PDL=False), lambda: gate_us(1)))
         rows.setdefault(("gate", 2, "v0"), []).append(with_knobs(dict(GATE_MODE="v0"), lambda: gate_us(2)))
         rows.setdefault(("gate", 2, "redux"), []).append(with_knobs(dict(GATE_MODE="redux"), lambda: gate_us(2)))
         print(f"round {r}: " + " ".join(f"{a}/{T}/{n}={v[-1]:.1f}" for (a, T, n), v in rows.items()), flush=True)

@@ -6299,12 +6299,13 @@ if HAVE_CUTE:
         "nocross" (logits only: no arrival, no selection)."""
 
         def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int,
-                     mode: str = "v0"):
-            assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32
+                     mode: str = "v0", warps: int = 4):
+            assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32 and warps in (1, 2, 4)
             assert mode in ("v0", "lean", "redux", "nosel", "nocross")
             self.mode = mode
             self.E, self.D, self.k, self.hash, self.max_tokens = n_experts, dim, top_k, hash_routing, max_tokens
-            self.threads = 128
+            self.warps = warps             # experts (warps) per CTA: E / warps CTAs load the weight rows (same bits)
+            self.threads = 32 * warps
             self.per_lane = n_experts // 32
 
         @cute.jit
@@ -6313,12 +6314,12 @@ if HAVE_CUTE:
                      mW: cute.Tensor, route_scale: Float32, stream):
             @cute.struct
             class SharedStorage:
-                sS: cute.struct.MemRange[Float32, 4 * self.E]
+                sS: cute.struct.MemRange[Float32, self.warps * self.E]
                 flag: cute.struct.MemRange[Int32, 4]
 
             self.shared_storage = SharedStorage
             self.kernel(mX, mWt, mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale).launch(
-                grid=[self.E // 4, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
+                grid=[self.E // self.warps, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mWt: cute.Tensor, mBias: cute.Tensor, mTid2Eid: cute.Tensor,
@@ -6333,9 +6334,9 @@ if HAVE_CUTE:
             smem = _SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             flag = storage.flag.get_tensor(cute.make_layout(4))
-            sS = storage.sS.get_tensor(cute.make_layout((4, self.E), stride=(self.E, 1)))
+            sS = storage.sS.get_tensor(cute.make_layout((self.warps, self.E), stride=(self.E, 1)))
 
-            e = blk * 4 + warp
+            e = blk * self.warps + warp
             # the expert's weight row: D/256 16-B pieces per lane, all loads issued before any use
             wvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for i in cutlass.range_constexpr(self.D // 256):
@@ -6375,7 +6376,7 @@ if HAVE_CUTE:
             if flag[0] == n_blk - 1:
                 if const_expr(not lean):
                     cute.arch.fence_acq_rel_gpu()
-                for n in cutlass.range(warp, N, 4, unroll=1):           # warp per token
+                for n in cutlass.range(warp, N, self.warps, unroll=1):  # warp per token
                     sel = cute.make_rmem_tensor((self.per_lane,), Float32)
                     for j in cutlass.range_constexpr(self.per_lane):
                         ex = lane + 32 * j
@@ -6527,7 +6528,8 @@ def _compile_topk(keys_per_thread: int):
     return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread), build)
 
 
-def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0"):
+def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0",
+                  warps: int = 4):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
@@ -6541,9 +6543,9 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode), args
+        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps), args
     return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
-                            + ((mode,) if mode != "v0" else ()), build)
+                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()), build)
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:
@@ -6657,6 +6659,7 @@ def gate_reference(gate, x, tokens):
 
 GATE_MAX_TOKENS = 16
 GATE_MODE = "redux"       # MoeGateDecode variant (see its docstring; "v0" = session 4's kernel, same bits)
+GATE_WARPS = 4            # experts (warps) per router CTA: E / GATE_WARPS CTAs (same bits for 1, 2, 4)
 
 
 def gate_kernel_supported(gate, x) -> bool:
@@ -6688,7 +6691,7 @@ def gate_decode(gate, x, tokens):
     ids = torch.empty(N, gate.k, dtype=torch.int32, device=dev)
     w = torch.empty(N, gate.k, dtype=torch.float32, device=dev)
     counter = _COUNTERS[(dev, "gate")]
-    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE)(
+    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS)(
         x.contiguous(), gate.weight.data, bias, tid2eid, tokens.reshape(-1).long(), logits, counter, ids, w,
         float(gate.route_scale))
     return ids, w

@@ -5519,9 +5519,9 @@ def test_moe_fused_without_routing_graph_replays_follow_new_inputs(monkeypatch):
 COMPILE_GATE_MODES = """
 import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
-for mode in ("lean", "redux"):
+for mode, warps in (("lean", 4), ("redux", 4), ("redux", 2), ("redux", 1)):
     for hash_routing in (False, True):
-        K._compile_gate(256, 4096, 6, hash_routing, K.GATE_MAX_TOKENS, mode)
+        K._compile_gate(256, 4096, 6, hash_routing, K.GATE_MAX_TOKENS, mode, warps)
 """
 
 
@@ -5536,7 +5536,7 @@ def test_gate_modes_compile_for_sm90a_without_spills(tmp_path):
     r = subprocess.run([sys.executable, "-c", COMPILE_GATE_MODES, str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 8
     ptxas = shutil.which("ptxas")
     for ptx in dump.glob("*MoeGateDecode*.ptx") if ptxas else ():
         rep = ptxas_report(ptxas, ptx, tmp_path)
@@ -5544,11 +5544,12 @@ def test_gate_modes_compile_for_sm90a_without_spills(tmp_path):
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["lean", "redux"])
+@pytest.mark.parametrize("mode, warps", [("lean", 4), ("redux", 4), ("redux", 2), ("redux", 1)])
 @pytest.mark.parametrize("layer", [0, 5])                          # hash-routed, biased top-k
-def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, layer, monkeypatch):
-    """GATE_MODE lean / redux == the v0 kernel: the same ids (order included) and weight bits for N 1, 3, 16, with
-    exact score ties (two experts with the same weight row and bias: the lower expert first) and graph replays."""
+def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, warps, layer, monkeypatch):
+    """GATE_MODE lean / redux (and GATE_WARPS 4 / 2 / 1 experts per CTA) == the v0 kernel: the same ids (order
+    included) and weight bits for N 1, 3, 16, with exact score ties (two experts with the same weight row and bias:
+    the lower expert first) and graph replays."""
     gate, cfg = make_gate(layer, "cuda", seed=3)
     if not gate.hash:
         gate.weight.data[200] = gate.weight.data[7] = gate.weight.data[7] * 4       # a tie near the top
@@ -5557,8 +5558,10 @@ def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, layer, m
         x = torch.randn(N, cfg.hidden_size, generator=torch.Generator().manual_seed(N)).to("cuda", torch.bfloat16)
         tokens = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(N)).cuda()
         monkeypatch.setattr(K, "GATE_MODE", "v0")
+        monkeypatch.setattr(K, "GATE_WARPS", 4)
         ids0, w0 = K.gate_decode(gate, x, tokens)
         monkeypatch.setattr(K, "GATE_MODE", mode)
+        monkeypatch.setattr(K, "GATE_WARPS", warps)
         ids, w = K.gate_decode(gate, x, tokens)
         assert torch.equal(ids, ids0) and torch.equal(w, w0), f"{mode} layer {layer} N={N}: differs from v0"
         if not gate.hash:
