@@ -580,6 +580,7 @@ MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE f
     "old": dict(MOE_FUSED_NO_ROUTING=False, GATE_MODE="v0"),
     "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
     "v0gate": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="v0"),      # the new MoE path after the old router
+    "signal": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True),   # ids handed by a flag
 }
 
 
@@ -616,10 +617,12 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=4, limit=10.0):
         return _time_ms(lambda: [K.gate_decode(g, xs[T], tok[:T]) for g in gates], 30, True) / len(gates) * 1e3
 
     def both(T):
-        def step():
+        def step():                 # as dsv4.MoE.forward (router_signal_ok: MOE_ROUTER_SIGNAL)
             for i, g in enumerate(gates[:8]):
-                ids, w = K.gate_decode(g, xs[T], tok[:T])
-                K.moe(xs[T], ids, w, fp4[i % len(fp4)], limit)
+                ex = fp4[i % len(fp4)]
+                signal = K.router_signal_ok(g, xs[T], ex)
+                ids, w = K.gate_decode(g, xs[T], tok[:T], signal=signal)
+                K.moe(xs[T], ids, w, ex, limit, ready=K.router_ready(xs[T].device) if signal else None)
         return step
 
     def both_us(T):
@@ -629,7 +632,8 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=4, limit=10.0):
     for r in range(rounds):
         for T in (1, 2):
             for name, knob in MOEFRONT_PATHS.items():
-                rows.setdefault(("moe", T, name), []).append(with_knobs(knob, lambda: moe_us(T)))
+                if name in ("old", "new"):
+                    rows.setdefault(("moe", T, name), []).append(with_knobs(knob, lambda: moe_us(T)))
                 rows.setdefault(("gate+moe", T, name), []).append(with_knobs(knob, lambda: both_us(T)))
         for mode in ("v0", "lean", "redux", "nosel", "nocross"):
             rows.setdefault(("gate", 1, mode), []).append(with_knobs(dict(GATE_MODE=mode), lambda: gate_us(1)))
@@ -642,7 +646,8 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=4, limit=10.0):
         rows.setdefault(("gate", 2, "v0"), []).append(with_knobs(dict(GATE_MODE="v0"), lambda: gate_us(2)))
         rows.setdefault(("gate", 2, "redux"), []).append(with_knobs(dict(GATE_MODE="redux"), lambda: gate_us(2)))
         print(f"round {r}: " + " ".join(f"{a}/{T}/{n}={v[-1]:.1f}" for (a, T, n), v in rows.items()), flush=True)
-    print(f"\nMoE front at batch 1-2, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4 records), {dev}, CUDA-graph "
+    print(f"\nMoE front at batch 1-2, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4 records), {dev}, "
+          f"CUDA-graph "
           f"replays, median (min..max) of {rounds} interleaved rounds, us per call; paths {MOEFRONT_PATHS}")
     for (what, T, name), v in rows.items():
         v = sorted(v)

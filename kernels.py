@@ -1238,11 +1238,39 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
             (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, False, ring))
 
 
-def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
+def no_routing_config(x, top_k: int, experts: Experts):
+    """_compile_moe_gemv_fused config of moe_fp4's routing-free fused launch for x [T, D] at top_k (prepared
+    experts), or None where moe_fp4 takes another path."""
+    if experts.packed is None:
+        return None
+    return _no_routing_config(experts.packed, x.shape[0], x.shape[1], top_k, _sm_count(x.device))
+
+
+def _no_routing_config(pk, T: int, D: int, k: int, sms: int):
+    """MOE_FUSED_NO_ROUTING, <= 32 slots, the decode GEMV and the fused bound apply, combine not folded."""
+    R = T * k
+    if not MOE_FUSED_NO_ROUTING or R > 32 or T >= PREFILL_MIN_TOKENS:
+        return None
+    if not (DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, pk.inter)):
+        return None
+    fused = moe_gemv_fused_config(pk.fmt, R, pk.w13.shape[0], D, pk.inter, sms)
+    return fused if fused is not None and not fused[8] else None
+
+
+def _sm_count(device) -> int:
+    n = _SM90.get((device, "sms"))
+    if n is None:
+        n = _SM90[(device, "sms")] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None):
     """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
     Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order.
     Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill)."""
     if x.shape[0] >= PREFILL_MIN_TOKENS and prefill_unavailable_reason(x, experts) is None:
+        if ready is not None:    # misuse (router_signal_ok said otherwise): drop the router's flag
+            ready[1:3].zero_()
         return moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit)
     pk = experts.packed if experts.packed is not None else prepare_experts(experts).packed
     T, D = x.shape
@@ -1258,7 +1286,12 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
     limit = float(swiglu_limit) if swiglu_limit else math.inf
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
     fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms) if gemv else None
-    if fused is not None and MOE_FUSED_NO_ROUTING and R <= 32 and not fused[8]:
+    direct = _no_routing_config(pk, T, D, k, sms)
+    if ready is not None and direct is None:     # misuse (router_signal_ok said otherwise): drop the router's flag
+        ready[1:3].zero_()
+        ready = None
+    if direct is not None:
+        assert direct == fused
         # no routing kernel: the fused launch reads topk_ids / weights and x itself, rows by slot (bit-identical)
         act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
         y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
@@ -1270,9 +1303,9 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
         if dummy is None:
             dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
         counters = _fused_counters(dev, 1 + R * fused[3])
-        _compile_moe_gemv_fused(*fused, top_k=k)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0),
-                                                 x.contiguous(), act, y_rows, dummy, a_gate, a_up, a_down, w32, limit,
-                                                 ids32, ids32, counters, dummy.view(-1), y)
+        _compile_moe_gemv_fused(*fused, top_k=k, early=ready is not None)(
+            pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x.contiguous(), act, y_rows, dummy, a_gate, a_up,
+            a_down, w32, limit, ids32, ids32, counters, dummy.view(-1) if ready is None else ready, y)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -1347,12 +1380,15 @@ def kernel_unavailable_reason(x, experts: Experts):
     return None
 
 
-def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float):
-    """Routed MoE: the CuTe DSL kernel where it can run (sm_90 + CuTe DSL + fp4 experts), else the reference."""
+def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None):
+    """Routed MoE: the CuTe DSL kernel where it can run (sm_90 + CuTe DSL + fp4 experts), else the reference.
+    ready: router_ready(x.device) right after gate_decode(signal=True) (see router_signal_ok), else None."""
     global _NOTICE_SHOWN
     reason = kernel_unavailable_reason(x, experts)
     if reason is None:
-        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit)
+        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, ready)
+    if ready is not None:
+        raise ValueError("moe(ready=...): the fp4 kernel does not run for these inputs")
     if not _NOTICE_SHOWN:
         _NOTICE_SHOWN = True
         print(f"nano-dsv4: MoE falls back to the torch reference ({reason})", file=sys.stderr)
@@ -2428,7 +2464,8 @@ if HAVE_CUTE:
     @dsl_user_op
     def _nth_set_bit(mask: Int32, n: Int32, *, loc=None, ip=None) -> Int32:
         """Bit position of the n-th (1-based) set bit of mask, counting up from bit 0 (fns); 0xffffffff if none."""
-        return Int32(_llvm.inline_asm(_T.i32(), [Int32(mask).ir_value(loc=loc, ip=ip), Int32(n).ir_value(loc=loc, ip=ip)],
+        return Int32(_llvm.inline_asm(_T.i32(), [Int32(mask).ir_value(loc=loc, ip=ip),
+                                                 Int32(n).ir_value(loc=loc, ip=ip)],
                                       "fns.b32 $0, $1, 0, $2;", "=r,r,r", has_side_effects=False, loc=loc, ip=ip))
 
     @dsl_user_op
@@ -2488,6 +2525,7 @@ if HAVE_CUTE:
             # GEMM1 reads x[s_n // k] and writes act[s_n], GEMM2 reads act[s_n] and writes y_rows[s_n]; the routing
             # weight is topk_weights[s_n] (mRowW = the flat weights). The slots s_n live in ticket smem [16 + n].
             self.direct_k = 0
+            self.early = False             # direct_k: ids read on the router's ready flag (mPos = router_ready)
             self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
 
         def smem_words(self) -> int:
@@ -2541,9 +2579,23 @@ if HAVE_CUTE:
             nrows = Int32(0)
             rank = Int32(0)
             if const_expr(self.direct_k > 0):
-                # the router (the kernel right before) wrote topk_ids / weights: wait, then let the next kernel start
-                cute.arch.griddepcontrol_wait()
-                cute.arch.griddepcontrol_launch_dependents()
+                if const_expr(self.early):
+                    # the router's last CTA sets ready[1] after its ids / weights (release): acquire it, count this
+                    # CTA as a reader (the last of the grid's CTAs resets the flag for the next router)
+                    if tidx == 0:
+                        rdy = mPos.iterator + 1
+                        seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
+                        while seen == 0:
+                            seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
+                        gx, gy, gz = cute.arch.grid_dim()
+                        n_ctas = gx * gy * gz
+                        if _atom_inc_gpu((mPos.iterator + 2).toint(), n_ctas - 1) == n_ctas - 1:
+                            mPos[1] = 0
+                    cute.arch.sync_threads()
+                else:
+                    # the router (the kernel right before) wrote topk_ids / weights: wait
+                    cute.arch.griddepcontrol_wait()
+                cute.arch.griddepcontrol_launch_dependents()          # the next kernel may start its prologue
                 expert = mIds[bid_t]
                 e_j = Int32(-1)
                 if tidx % 32 < cute.size(mIds, mode=[0]):
@@ -2830,8 +2882,14 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     prefetch: bool = False, combine: bool = False, pdl: bool = True, top_k: int = 0):
+                     prefetch: bool = False, combine: bool = False, pdl: bool = True, top_k: int = 0,
+                     early: bool = False):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
+            # early (top_k > 0): the ids are read once the router's ready flag is set (mSrc = router_ready: [1] flag,
+            # [2] readers; the last of this launch's CTAs to read it resets it), not after the router's end; every
+            # CTA still waits for the router's end (griddepcontrol.wait) before it exits
+            assert not early or top_k
+            self.early = early
             # top_k > 0: no routing kernel before (Fp4MoeGemv.direct_k): x, act, y_rows, weights by routed slot
             assert not (top_k and combine), "the folded combine reads the routing kernel's tables"
             self.top_k = top_k
@@ -2839,6 +2897,7 @@ if HAVE_CUTE:
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
             self.g2.prefetch_rest = prefetch
             self.g1.direct_k = self.g2.direct_k = top_k
+            self.g1.early = self.g2.early = early
             # combine: MoeCombine folded in: per (token, GEMM2 item) a counter of its routed rows stored; the CTA
             # storing the last one sums the token's k slots (fixed slot order, fp32, as MoeCombine) into y
             self.combine = combine
@@ -2908,17 +2967,21 @@ if HAVE_CUTE:
                 sT[1] = item_m
                 sT[2] = item_t
                 sT[4] = 0                   # GEMM2 rows (tile() stores them for an active item)
-            if item == 0:
-                # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
-                cute.arch.griddepcontrol_wait()
+            if const_expr(not self.top_k):
+                if item == 0:
+                    # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
+                    cute.arch.griddepcontrol_wait()
+            pos = mSrc if const_expr(self.early) else mPos       # early: the router's ready flag instead
             if item >= n1:
-                self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
+                self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, pos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
                 if const_expr(self.combine):
                     self.combine_rows(sT, mY, mIds, mPos, mCnt, mSrc, mOut, mAlphaD, tidx, bid_k)
             else:
-                self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos, mW2, mCnt,
+                self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, pos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
+            if const_expr(self.early):
+                cute.arch.griddepcontrol_wait()     # this launch ends after the router (the next kernels rely on it)
 
         @cute.jit
         def combine_rows(self, sT, mY: cute.Tensor, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
@@ -2993,16 +3056,17 @@ if HAVE_CUTE:
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
                             m_per_cta: int, prefetch: bool = False, combine: bool = False, pdl: bool = True,
-                            top_k: int = 0):
+                            top_k: int = 0, early: bool = False):
     """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
     act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters.
     top_k > 0 (no routing kernel): x instead of x_sorted, act / y_rows by slot, row_w = the flat topk weights;
     tiles / pos / src are not read."""
     config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
-    config += (top_k,) if top_k else ()
+    config += ((top_k,) if top_k else ()) + (("early",) if early else ())
 
     def build():
-        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl, top_k)
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl, top_k,
+                             early)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3072,6 +3136,8 @@ MOE_GEMV_FUSED_PREFETCH = False  # its GEMM2 CTAs prefetch their K slice past th
                                  # (R2: no gain, T=1 38.8 vs 38.5 us, T=4 123.4 vs 114.9)
 MOE_FUSED_NO_ROUTING = True      # fused sizes (<= 32 slots, combine not folded): no MoeRoutingGather launch; the
                                  # fused kernel reads topk_ids / weights / x itself, rows by slot (same bits)
+MOE_ROUTER_SIGNAL = False        # dsv4.MoE: the router flags its ids to that launch (router_signal_ok), which then
+                                 # reads them without waiting for the router kernel's end
 MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots;
                                  # R2: T=1 40.2 vs 38.5 us, T=2 62.5 vs 60.3, T=4 106.3 vs 114.9)
 _FUSED_COUNTERS: dict = {}
@@ -6299,12 +6365,17 @@ if HAVE_CUTE:
         "nocross" (logits only: no arrival, no selection)."""
 
         def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int,
-                     mode: str = "v0", warps: int = 4):
+                     mode: str = "v0", warps: int = 4, signal: bool = False):
             assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32 and warps in (1, 2, 4)
             assert mode in ("v0", "lean", "redux", "nosel", "nocross")
             self.mode = mode
             self.E, self.D, self.k, self.hash, self.max_tokens = n_experts, dim, top_k, hash_routing, max_tokens
             self.warps = warps             # experts (warps) per CTA: E / warps CTAs load the weight rows (same bits)
+            # signal: after storing ids / weights the last CTA sets mCount[1] = 1 (release, gpu scope) for a
+            # routing-free fused MoE launch (Fp4MoeGemvFused early=True) that reads the ids on that flag instead of after this
+            # kernel's end; that launch resets it. Only for a caller that runs that launch next (router_signal_ok).
+            assert not signal or mode in ("lean", "redux")
+            self.signal = signal
             self.threads = 32 * warps
             self.per_lane = n_experts // 32
 
@@ -6446,8 +6517,12 @@ if HAVE_CUTE:
                         if lane < self.k:
                             mW[n, lane] = mW[n, lane] / total * route_scale
                     cute.arch.sync_warp()
+                if const_expr(self.signal):
+                    cute.arch.sync_threads()                    # every warp's ids / weights are stored
                 if tidx == 0:
                     mCount[0] = 0
+                    if const_expr(self.signal):
+                        cute.arch.atomic_add(mCount.iterator + 1, Int32(1), sem="release", scope="gpu")
 
 # ----------------------------------------------------------------------------------------------------------------
 # compile cache + torch-facing functions
@@ -6529,7 +6604,7 @@ def _compile_topk(keys_per_thread: int):
 
 
 def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0",
-                  warps: int = 4):
+                  warps: int = 4, signal: bool = False):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
@@ -6543,9 +6618,10 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps), args
+        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps, signal), args
     return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
-                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()), build)
+                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()) + (("signal",) if signal else ()),
+                            build)
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:
@@ -6662,6 +6738,20 @@ GATE_MODE = "redux"       # MoeGateDecode variant (see its docstring; "v0" = ses
 GATE_WARPS = 4            # experts (warps) per router CTA: E / GATE_WARPS CTAs (same bits for 1, 2, 4)
 
 
+def router_ready(device) -> torch.Tensor:
+    """The router kernel's counter buffer: [0] arrivals, [1] ready flag (gate_decode(signal=True)), [2] readers of it
+    (Fp4MoeGemvFused early=True); all zero between launches."""
+    return _COUNTERS[(device, "gate")]
+
+
+def router_signal_ok(gate, x, experts) -> bool:
+    """dsv4.MoE: the router may hand its ids to the routed experts by a flag (gate_decode(signal=True), then
+    moe(ready=router_ready(x.device)) as the next launch on the stream): MOE_ROUTER_SIGNAL, the router kernel runs
+    for x (lean / redux mode) and moe takes the routing-free fused launch."""
+    return (MOE_ROUTER_SIGNAL and GATE_MODE in ("lean", "redux") and gate_kernel_supported(gate, x)
+            and kernel_unavailable_reason(x, experts) is None and no_routing_config(x, gate.k, experts) is not None)
+
+
 def gate_kernel_supported(gate, x) -> bool:
     """gate_decode's kernel runs for these inputs: <= 16 bf16 tokens on sm_90 with CuTe DSL, the sqrtsoftplus
     router, experts % 32 == 0, D % 256 == 0, top-k <= 32."""
@@ -6671,10 +6761,14 @@ def gate_kernel_supported(gate, x) -> bool:
             and (not gate.hash or gate.tid2eid.is_contiguous()))
 
 
-def gate_decode(gate, x, tokens):
+def gate_decode(gate, x, tokens, signal: bool = False):
     """dsv4.Gate.forward (gate: the module) in one CuTe DSL kernel (gate_kernel_supported), else gate_reference.
-    Same ids in the same (descending score) order; weights to fp32 rounding."""
+    Same ids in the same (descending score) order; weights to fp32 rounding. signal=True (only where
+    router_signal_ok, and the very next launch is moe(..., ready=router_ready(x.device))): the kernel also sets the
+    ready flag that launch waits on."""
     if not gate_kernel_supported(gate, x):
+        if signal:
+            raise ValueError("gate_decode(signal=True): the router kernel does not run for these inputs")
         return gate_reference(gate, x, tokens)
     N, D = x.shape
     E = gate.weight.shape[0]
@@ -6683,7 +6777,7 @@ def gate_decode(gate, x, tokens):
     if (dev, "gate") not in _COUNTERS:         # made once (setdefault would launch three fills per call)
         _COUNTERS[(dev, "f32")] = torch.zeros(E, dtype=torch.float32, device=dev)
         _COUNTERS[(dev, "i64")] = torch.zeros(1, gate.k, dtype=torch.int64, device=dev)
-        _COUNTERS[(dev, "gate")] = torch.zeros(1, dtype=torch.int32, device=dev)
+        _COUNTERS[(dev, "gate")] = torch.zeros(4, dtype=torch.int32, device=dev)   # arrivals, ready flag, readers
     dummy_f, dummy_i = _COUNTERS[(dev, "f32")], _COUNTERS[(dev, "i64")]
     bias = dummy_f if gate.hash else gate.bias.data
     tid2eid = gate.tid2eid.data if gate.hash else dummy_i
@@ -6691,7 +6785,7 @@ def gate_decode(gate, x, tokens):
     ids = torch.empty(N, gate.k, dtype=torch.int32, device=dev)
     w = torch.empty(N, gate.k, dtype=torch.float32, device=dev)
     counter = _COUNTERS[(dev, "gate")]
-    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS)(
+    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS, signal)(
         x.contiguous(), gate.weight.data, bias, tid2eid, tokens.reshape(-1).long(), logits, counter, ids, w,
         float(gate.route_scale))
     return ids, w

@@ -5582,5 +5582,77 @@ def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, warps, l
         assert torch.equal(ids_g, ids0) and torch.equal(w_g, w0)
 
 
+
+# --------------------------------------------------- router -> routed experts by a ready flag (MOE_ROUTER_SIGNAL)
+def _router_then_moe(gate, x, tokens, ex, signal_on, monkeypatch):
+    """dsv4.MoE.forward's router + routed-expert calls with MOE_ROUTER_SIGNAL on / off -> (ids, w, y)."""
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", signal_on)
+    signal = K.router_signal_ok(gate, x, ex)
+    assert signal == signal_on
+    ids, w = K.gate_decode(gate, x, tokens, signal=signal)
+    y = K.moe(x, ids, w, ex, 7.0, ready=K.router_ready(x.device) if signal else None)
+    return ids, w, y
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])       # (the order the _flash cache was left in)
+def test_router_signal_gives_the_bits_of_the_waiting_launch_and_resets_its_flag(fmt, monkeypatch):
+    """Flash dims, T 1 and 2, hash and biased routers: the fused launch reading the router's ids on its ready flag
+    gives the ids / weights / y bits of the launch that waits for the router's end; chains of router + moe pairs
+    (eager and as CUDA-graph replays, new inputs into the captured buffers) keep the bits, and the flag and its reader
+    counter end at zero."""
+    ex = _flash(fmt)
+    for layer in (0, 5):
+        gate, cfg = make_gate(layer, "cuda", seed=11)
+        for T in (1, 2):
+            x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+            tokens = torch.randint(0, cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).cuda()
+            ref = _router_then_moe(gate, x, tokens, ex, False, monkeypatch)
+            outs = [_router_then_moe(gate, x, tokens, ex, True, monkeypatch) for _ in range(6)]
+            torch.cuda.synchronize()
+            for got in outs:
+                assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"{fmt} layer {layer} T={T}: bits differ"
+            assert not K.router_ready(x.device).any(), "the ready flag / reader counter did not end at zero"
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", True)
+    gate, cfg = make_gate(5, "cuda", seed=12)
+    x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+    tokens = torch.zeros(1, dtype=torch.long, device="cuda")
+    _router_then_moe(gate, x, tokens, ex, True, monkeypatch)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _router_then_moe(gate, x, tokens, ex, True, monkeypatch)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        captured = [_router_then_moe(gate, x, tokens, ex, True, monkeypatch) for _ in range(3)]
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _router_then_moe(gate, x, tokens, ex, False, monkeypatch)
+        assert all(torch.equal(a, b) for got in captured for a, b in zip(got, ref)), f"replay {seed}: bits differ"
+        assert not K.router_ready(x.device).any()
+
+
+@gpu
+def test_router_signal_misuse_drops_the_flag_and_keeps_the_result(monkeypatch):
+    """moe(ready=...) where the routing-free launch does not apply (T=4: above the fused bound) clears the router's
+    flag and returns the plain path's bits; gate_decode(signal=True) where the router kernel cannot run raises."""
+    ex = _flash("nvfp4")
+    gate, cfg = make_gate(5, "cuda", seed=13)
+    x = torch.randn(4, 4096, device="cuda").to(torch.bfloat16)
+    tokens = torch.zeros(4, dtype=torch.long, device="cuda")
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", True)
+    assert not K.router_signal_ok(gate, x, ex)
+    ids, w = K.gate_decode(gate, x, tokens, signal=True)
+    y = K.moe(x, ids, w, ex, 7.0, ready=K.router_ready(x.device))
+    torch.cuda.synchronize()
+    assert not K.router_ready(x.device).any()
+    assert torch.equal(y, K.moe(x, ids, w, ex, 7.0))
+    with pytest.raises(ValueError):
+        K.gate_decode(gate, x.float(), tokens, signal=True)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
