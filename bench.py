@@ -647,8 +647,7 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=4, limit=10.0):
         rows.setdefault(("gate", 2, "redux"), []).append(with_knobs(dict(GATE_MODE="redux"), lambda: gate_us(2)))
         print(f"round {r}: " + " ".join(f"{a}/{T}/{n}={v[-1]:.1f}" for (a, T, n), v in rows.items()), flush=True)
     print(f"\nMoE front at batch 1-2, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4 records), {dev}, "
-          f"CUDA-graph "
-          f"replays, median (min..max) of {rounds} interleaved rounds, us per call; paths {MOEFRONT_PATHS}")
+          f"CUDA-graph replays, median (min..max) of {rounds} interleaved rounds, us per call; paths {MOEFRONT_PATHS}")
     for (what, T, name), v in rows.items():
         v = sorted(v)
         print(f"{what:>12} T={T} {name:>8}: {v[len(v) // 2]:7.2f} ({v[0]:.2f}..{v[-1]:.2f})")
@@ -675,7 +674,7 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=4, limit=10.0):
             print(f"trace {name} (router + moe x8, T=1; start dur end us): " + "; ".join(
                 f"{e.name.replace('kernel_cutlass_kernel_', '').replace('kernels', '')[:18]} "
                 f"{e.time_range.start - t0:.1f} {e.time_range.elapsed_us():.1f} {e.time_range.end - t0:.1f}"
-                for e in ev[:12]), flush=True)
+                for e in ev[:16]), flush=True)
         except Exception as e:      # noqa: BLE001 - a diagnostic only
             print(f"trace {name} failed: {e!r}", flush=True)
 

@@ -2462,6 +2462,11 @@ if HAVE_CUTE:
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
+    def _nanosleep(ns: int, *, loc=None, ip=None):
+        """Suspend the thread for about ns nanoseconds (spin loops: fewer issue slots taken from working warps)."""
+        _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
     def _nth_set_bit(mask: Int32, n: Int32, *, loc=None, ip=None) -> Int32:
         """Bit position of the n-th (1-based) set bit of mask, counting up from bit 0 (fns); 0xffffffff if none."""
         return Int32(_llvm.inline_asm(_T.i32(), [Int32(mask).ir_value(loc=loc, ip=ip),
@@ -2586,6 +2591,7 @@ if HAVE_CUTE:
                         rdy = mPos.iterator + 1
                         seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
                         while seen == 0:
+                            _nanosleep(64)
                             seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
                         gx, gy, gz = cute.arch.grid_dim()
                         n_ctas = gx * gy * gz
