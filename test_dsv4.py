@@ -5654,5 +5654,44 @@ def test_router_signal_misuse_drops_the_flag_and_keeps_the_result(monkeypatch):
         K.gate_decode(gate, x.float(), tokens, signal=True)
 
 
+
+class _NoSharedExpert(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+@gpu
+@pytest.mark.parametrize("layer", [0, 1])                          # hash-routed, biased top-k
+def test_gpu_moe_module_hands_the_router_ids_by_flag_with_the_same_output(layer, monkeypatch):
+    """dsv4.MoE.forward at batch 1 (32 experts, D 256, I 256, top-6; shared expert stubbed to 0): with
+    MOE_ROUTER_SIGNAL the router is asked to signal (router_signal_ok) and the output equals the waiting path's bit for
+    bit; the flag ends at zero."""
+    cfg = dsv4.ModelConfig(vocab_size=512, hidden_size=256, moe_intermediate_size=256, n_routed_experts=32,
+                           num_experts_per_tok=6, num_hash_layers=1)
+    moe = dsv4.MoE(cfg, layer)
+    g = torch.Generator().manual_seed(layer)
+    moe.gate.weight.data = (torch.randn(32, 256, generator=g) * 256 ** -0.5).to(torch.bfloat16)
+    if moe.gate.hash:
+        moe.gate.tid2eid.data = torch.randint(0, 32, (512, 6), generator=g)
+    else:
+        moe.gate.bias.data = torch.randn(32, generator=g) * 0.1
+    moe.shared_experts = _NoSharedExpert()
+    moe = moe.cuda()
+    moe.experts = K.prepare_experts(random_fp4_experts(32, 256, 256, "nvfp4", device="cuda", seed=3))
+    calls = []
+    real = K.gate_decode
+    monkeypatch.setattr(K, "gate_decode", lambda *a, **kw: calls.append(kw.get("signal")) or real(*a, **kw))
+    x = torch.randn(1, 1, 256, generator=g).to("cuda", torch.bfloat16)
+    tokens = torch.tensor([[7]], device="cuda")
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", False)
+    y0 = moe(x, tokens)
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", True)
+    y1 = moe(x, tokens)
+    torch.cuda.synchronize()
+    assert calls == [False, True], calls
+    assert torch.isfinite(y0).all() and y0.abs().sum() > 0 and torch.equal(y0, y1)
+    assert not K.router_ready(x.device).any()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
