@@ -2928,8 +2928,7 @@ if HAVE_CUTE:
                 xs: cute.struct.Align[cute.struct.MemRange[Int32, max(self.g1.smem_words(), self.g2.smem_words())],
                                       16]
                 # [0] ticket, [1] item tiles, [2] item slot, [3] GEMM2 first row, [4] its rows, [8..15] tokens done,
-                # [16..23] the item's slots, [24..31] their
-                # input rows (top_k > 0)
+                # [16..23] the item's slots, [24..31] their input rows (top_k > 0)
                 ticket: cute.struct.Align[cute.struct.MemRange[Int32, 32], 16]
 
             self.shared_storage = SharedStorage
