@@ -629,23 +629,30 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=4, limit=10.0):
         return _time_ms(both(T), 30, True) / 8 * 1e3
 
     rows = {}
+
+    def timed(key, knob, fn):
+        rows.setdefault(key, []).append(with_knobs(knob, fn))
+        print(f"{'/'.join(map(str, key))}={rows[key][-1]:.1f}", end=" ", flush=True)
+
     for r in range(rounds):
+        print(f"round {r}:", end=" ")
         for T in (1, 2):
             for name, knob in MOEFRONT_PATHS.items():
                 if name in ("old", "new"):
-                    rows.setdefault(("moe", T, name), []).append(with_knobs(knob, lambda: moe_us(T)))
-                rows.setdefault(("gate+moe", T, name), []).append(with_knobs(knob, lambda: both_us(T)))
+                    timed(("moe", T, name), knob, lambda: moe_us(T))
         for mode in ("v0", "lean", "redux", "nosel", "nocross"):
-            rows.setdefault(("gate", 1, mode), []).append(with_knobs(dict(GATE_MODE=mode), lambda: gate_us(1)))
+            timed(("gate", 1, mode), dict(GATE_MODE=mode), lambda: gate_us(1))
         for mode, warps in (("redux", 2), ("redux", 1)):
-            rows.setdefault(("gate", 1, f"{mode}/w{warps}"), []).append(
-                with_knobs(dict(GATE_MODE=mode, GATE_WARPS=warps), lambda: gate_us(1)))
+            timed(("gate", 1, f"{mode}/w{warps}"), dict(GATE_MODE=mode, GATE_WARPS=warps), lambda: gate_us(1))
         for mode, warps in (("v0", 4), ("redux", 4), ("redux", 2)):
-            rows.setdefault(("gate no PDL", 1, f"{mode}/w{warps}"), []).append(
-                with_knobs(dict(GATE_MODE=mode, GATE_WARPS=warps, GLUE_PDL=False), lambda: gate_us(1)))
-        rows.setdefault(("gate", 2, "v0"), []).append(with_knobs(dict(GATE_MODE="v0"), lambda: gate_us(2)))
-        rows.setdefault(("gate", 2, "redux"), []).append(with_knobs(dict(GATE_MODE="redux"), lambda: gate_us(2)))
-        print(f"round {r}: " + " ".join(f"{a}/{T}/{n}={v[-1]:.1f}" for (a, T, n), v in rows.items()), flush=True)
+            timed(("gate no PDL", 1, f"{mode}/w{warps}"), dict(GATE_MODE=mode, GATE_WARPS=warps, GLUE_PDL=False),
+                  lambda: gate_us(1))
+        timed(("gate", 2, "v0"), dict(GATE_MODE="v0"), lambda: gate_us(2))
+        timed(("gate", 2, "redux"), dict(GATE_MODE="redux"), lambda: gate_us(2))
+        for T in (1, 2):
+            for name, knob in MOEFRONT_PATHS.items():          # the flag path ("signal") last
+                timed(("gate+moe", T, name), knob, lambda: both_us(T))
+        print(flush=True)
     print(f"\nMoE front at batch 1-2, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4 records), {dev}, "
           f"CUDA-graph replays, median (min..max) of {rounds} interleaved rounds, us per call; paths {MOEFRONT_PATHS}")
     for (what, T, name), v in rows.items():
