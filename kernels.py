@@ -2530,7 +2530,7 @@ if HAVE_CUTE:
             # GEMM1 reads x[s_n // k] and writes act[s_n], GEMM2 reads act[s_n] and writes y_rows[s_n]; the routing
             # weight is topk_weights[s_n] (mRowW = the flat weights). The slots s_n live in ticket smem [16 + n].
             self.direct_k = 0
-            self.early = False             # direct_k: ids read on the router's ready flag (mPos = router_ready)
+            self.early = False             # direct_k: the ids were read after the router's ready flag
             self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
 
         def smem_words(self) -> int:
@@ -2584,21 +2584,7 @@ if HAVE_CUTE:
             nrows = Int32(0)
             rank = Int32(0)
             if const_expr(self.direct_k > 0):
-                if const_expr(self.early):
-                    # the router's last CTA sets ready[1] after its ids / weights (release): acquire it, count this
-                    # CTA as a reader (the last of the grid's CTAs resets the flag for the next router)
-                    if tidx == 0:
-                        rdy = mPos.iterator + 1
-                        seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
-                        while seen == 0:
-                            _nanosleep(64)
-                            seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
-                        gx, gy, gz = cute.arch.grid_dim()
-                        n_ctas = gx * gy * gz
-                        if _atom_inc_gpu((mPos.iterator + 2).toint(), n_ctas - 1) == n_ctas - 1:
-                            mPos[1] = 0
-                    cute.arch.sync_threads()
-                else:
+                if const_expr(not self.early):      # (early: Fp4MoeGemvFused.kernel saw the router's flag)
                     # the router (the kernel right before) wrote topk_ids / weights: wait
                     cute.arch.griddepcontrol_wait()
                 cute.arch.griddepcontrol_launch_dependents()          # the next kernel may start its prologue
@@ -2891,9 +2877,9 @@ if HAVE_CUTE:
                      prefetch: bool = False, combine: bool = False, pdl: bool = True, top_k: int = 0,
                      early: bool = False):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
-            # early (top_k > 0): the ids are read once the router's ready flag is set (mSrc = router_ready: [1] flag,
-            # [2] readers; the last of this launch's CTAs to read it resets it), not after the router's end; every
-            # CTA still waits for the router's end (griddepcontrol.wait) before it exits
+            # early (top_k > 0): the ids are read once the router's ready flag is set (mSrc = router_ready: [1] the
+            # flag, which the next router clears), not after the router's end; every CTA still waits for the
+            # router's end (griddepcontrol.wait) before it exits
             assert not early or top_k
             self.early = early
             # top_k > 0: no routing kernel before (Fp4MoeGemv.direct_k): x, act, y_rows, weights by routed slot
@@ -2951,6 +2937,14 @@ if HAVE_CUTE:
             n_items = (self.m1 + self.m2) * n_slots
             sT = storage.ticket.get_tensor(cute.make_layout(16))
             if bid_k == 0 and tidx == 0:
+                if const_expr(self.early):
+                    # one poller per cluster: the router's last CTA sets ready[1] after its ids / weights (release);
+                    # acquire it, then the cluster barrier below passes it on to the peers
+                    rdy = mSrc.iterator + 1
+                    seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
+                    while seen == 0:
+                        _nanosleep(128)
+                        seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
                 sT[0] = _atom_inc_gpu(mCnt.iterator.toint(), n_items - 1)
             item = Int32(0)
             if const_expr(self.S > 1):
@@ -2976,14 +2970,13 @@ if HAVE_CUTE:
                 if item == 0:
                     # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
                     cute.arch.griddepcontrol_wait()
-            pos = mSrc if const_expr(self.early) else mPos       # early: the router's ready flag instead
             if item >= n1:
-                self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, pos, mW2, mCnt,
+                self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
                 if const_expr(self.combine):
                     self.combine_rows(sT, mY, mIds, mPos, mCnt, mSrc, mOut, mAlphaD, tidx, bid_k)
             else:
-                self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, pos, mW2, mCnt,
+                self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
             if const_expr(self.early):
                 cute.arch.griddepcontrol_wait()     # this launch ends after the router (the next kernels rely on it)
@@ -6377,8 +6370,9 @@ if HAVE_CUTE:
             self.E, self.D, self.k, self.hash, self.max_tokens = n_experts, dim, top_k, hash_routing, max_tokens
             self.warps = warps             # experts (warps) per CTA: E / warps CTAs load the weight rows (same bits)
             # signal: after storing ids / weights the last CTA sets mCount[1] = 1 (release, gpu scope) for a
-            # routing-free fused MoE launch (Fp4MoeGemvFused early=True) that reads the ids on that flag instead of after this
-            # kernel's end; that launch resets it. Only for a caller that runs that launch next (router_signal_ok).
+            # routing-free fused MoE launch (Fp4MoeGemvFused early=True) that reads the ids on that flag instead of
+            # after this kernel's end; CTA 0 clears the flag (fenced) before it lets that launch start. Only for a
+            # caller that runs that launch next (router_signal_ok).
             assert not signal or mode in ("lean", "redux")
             self.signal = signal
             self.threads = 32 * warps
@@ -6417,7 +6411,23 @@ if HAVE_CUTE:
             wvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for i in cutlass.range_constexpr(self.D // 256):
                 cute.autovec_copy(cute.local_tile(mWt, (1, 8), (e, lane + 32 * i)), wvs[i])
-            _pdl_enter()                 # the weight row is loading; x comes from the previous kernel
+            bias = cute.make_rmem_tensor((self.per_lane,), Float32)     # lean modes: the selection's bias, early
+            if const_expr(self.mode != "v0" and not self.hash):
+                for j in cutlass.range_constexpr(self.per_lane):
+                    bias[j] = mBias[lane + 32 * j]
+            if const_expr(self.signal):
+                # the ready flag of the previous router's launch is consumed (our wait covers its readers): clear it
+                # before the next kernel (its reader) may start
+                if const_expr(GLUE_PDL):
+                    cute.arch.griddepcontrol_wait()
+                if blk == 0 and tidx == 0:
+                    mCount[1] = 0
+                    cute.arch.fence_acq_rel_gpu()
+                cute.arch.sync_threads()
+                if const_expr(GLUE_PDL):
+                    cute.arch.griddepcontrol_launch_dependents()
+            else:
+                _pdl_enter()             # the weight row is loading; x comes from the previous kernel
             xvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for n in cutlass.range(N, unroll=1):
                 v = Float32(0.0)
@@ -6435,12 +6445,12 @@ if HAVE_CUTE:
 
             if const_expr(self.mode != "nocross"):
                 self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp,
-                            lane, n_blk, N)
+                            lane, n_blk, N, bias)
 
         @cute.jit
         def select(self, mBias: cute.Tensor, mTid2Eid: cute.Tensor, mTokens: cute.Tensor, mLogits: cute.Tensor,
                    mCount: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, route_scale: Float32, flag, sS, tidx,
-                   warp, lane, n_blk, N):
+                   warp, lane, n_blk, N, bias):
             """Arrival (the last CTA continues), then per token (a warp each) scores, top-k ids and weights."""
             lean = self.mode != "v0"
             if const_expr(not lean):
@@ -6464,10 +6474,14 @@ if HAVE_CUTE:
                         sc = cute.math.sqrt(sp)
                         sS[warp, ex] = sc
                         if const_expr(not self.hash):
-                            sel[j] = sc + mBias[ex]
+                            if const_expr(lean):
+                                sel[j] = sc + bias[j]                  # loaded before the wait
+                            else:
+                                sel[j] = sc + mBias[ex]
                     cute.arch.sync_warp()
                     total = Float32(0.0)
-                    mine = Float32(0.0)                                # lane r: the weight of slot r
+                    mine = Float32(0.0)                                # lane r: the weight of slot r ...
+                    mine_id = Int32(0)                                 # ... and its expert (stored after the loop)
                     for r in cutlass.range_constexpr(self.k):
                         best = Int32(0)
                         if const_expr(self.hash):
@@ -6508,14 +6522,17 @@ if HAVE_CUTE:
                                     sel[j] = Float32(-math.inf)
                         ws = sS[warp, best]
                         total = total + ws
-                        if lane == r:
-                            mIds[n, r] = best
-                            if const_expr(lean):
+                        if const_expr(lean):
+                            if lane == r:
                                 mine = ws
-                            else:
+                                mine_id = best
+                        else:
+                            if lane == r:
+                                mIds[n, r] = best
                                 mW[n, r] = ws
                     if const_expr(lean):
                         if lane < self.k:
+                            mIds[n, lane] = mine_id
                             mW[n, lane] = mine / total * route_scale
                     else:
                         cute.arch.sync_warp()
@@ -6744,8 +6761,8 @@ GATE_WARPS = 4            # experts (warps) per router CTA: E / GATE_WARPS CTAs 
 
 
 def router_ready(device) -> torch.Tensor:
-    """The router kernel's counter buffer: [0] arrivals, [1] ready flag (gate_decode(signal=True)), [2] readers of it
-    (Fp4MoeGemvFused early=True); all zero between launches."""
+    """The router kernel's counter buffer: [0] arrivals (zero between launches), [1] the ready flag of
+    gate_decode(signal=True) (cleared by the next signalling router at its start), [2] unused."""
     return _COUNTERS[(device, "gate")]
 
 
@@ -6780,10 +6797,11 @@ def gate_decode(gate, x, tokens, signal: bool = False):
     max_tokens = GATE_MAX_TOKENS                    # one compile; unused token slots are predicated off
     dev = x.device
     if (dev, "gate") not in _COUNTERS:         # made once (setdefault would launch three fills per call)
-        _COUNTERS[(dev, "f32")] = torch.zeros(E, dtype=torch.float32, device=dev)
-        _COUNTERS[(dev, "i64")] = torch.zeros(1, gate.k, dtype=torch.int64, device=dev)
-        _COUNTERS[(dev, "gate")] = torch.zeros(4, dtype=torch.int32, device=dev)   # arrivals, ready flag, readers
-    dummy_f, dummy_i = _COUNTERS[(dev, "f32")], _COUNTERS[(dev, "i64")]
+        _COUNTERS[(dev, "gate")] = torch.zeros(4, dtype=torch.int32, device=dev)   # arrivals, ready flag, unused
+    if (dev, "gate", E, gate.k) not in _COUNTERS:  # the unused bias / tid2eid of this router shape
+        _COUNTERS[(dev, "gate", E, gate.k)] = (torch.zeros(E, dtype=torch.float32, device=dev),
+                                               torch.zeros(1, gate.k, dtype=torch.int64, device=dev))
+    dummy_f, dummy_i = _COUNTERS[(dev, "gate", E, gate.k)]
     bias = dummy_f if gate.hash else gate.bias.data
     tid2eid = gate.tid2eid.data if gate.hash else dummy_i
     logits = torch.empty(N, E, dtype=torch.float32, device=dev)

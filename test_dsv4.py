@@ -5596,11 +5596,11 @@ def _router_then_moe(gate, x, tokens, ex, signal_on, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])       # (the order the _flash cache was left in)
-def test_router_signal_gives_the_bits_of_the_waiting_launch_and_resets_its_flag(fmt, monkeypatch):
+def test_router_signal_gives_the_bits_of_the_waiting_launch(fmt, monkeypatch):
     """Flash dims, T 1 and 2, hash and biased routers: the fused launch reading the router's ids on its ready flag
     gives the ids / weights / y bits of the launch that waits for the router's end; chains of router + moe pairs
-    (eager and as CUDA-graph replays, new inputs into the captured buffers) keep the bits, and the flag and its reader
-    counter end at zero."""
+    (eager and as CUDA-graph replays, new inputs into the captured buffers) keep the bits; the router's arrival
+    counter ends at zero (the flag stays set until the next signalling router clears it)."""
     ex = _flash(fmt)
     for layer in (0, 5):
         gate, cfg = make_gate(layer, "cuda", seed=11)
@@ -5612,7 +5612,7 @@ def test_router_signal_gives_the_bits_of_the_waiting_launch_and_resets_its_flag(
             torch.cuda.synchronize()
             for got in outs:
                 assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"{fmt} layer {layer} T={T}: bits differ"
-            assert not K.router_ready(x.device).any(), "the ready flag / reader counter did not end at zero"
+            assert not K.router_ready(x.device)[[0, 2]].any(), "the arrival counter did not end at zero"
     monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", True)
     gate, cfg = make_gate(5, "cuda", seed=12)
     x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
@@ -5632,7 +5632,7 @@ def test_router_signal_gives_the_bits_of_the_waiting_launch_and_resets_its_flag(
         torch.cuda.synchronize()
         ref = _router_then_moe(gate, x, tokens, ex, False, monkeypatch)
         assert all(torch.equal(a, b) for got in captured for a, b in zip(got, ref)), f"replay {seed}: bits differ"
-        assert not K.router_ready(x.device).any()
+        assert not K.router_ready(x.device)[[0, 2]].any()
 
 
 @gpu
@@ -5665,7 +5665,7 @@ class _NoSharedExpert(torch.nn.Module):
 def test_gpu_moe_module_hands_the_router_ids_by_flag_with_the_same_output(layer, monkeypatch):
     """dsv4.MoE.forward at batch 1 (32 experts, D 256, I 256, top-6; shared expert stubbed to 0): with
     MOE_ROUTER_SIGNAL the router is asked to signal (router_signal_ok) and the output equals the waiting path's bit for
-    bit; the flag ends at zero."""
+    bit."""
     cfg = dsv4.ModelConfig(vocab_size=512, hidden_size=256, moe_intermediate_size=256, n_routed_experts=32,
                            num_experts_per_tok=6, num_hash_layers=1)
     moe = dsv4.MoE(cfg, layer)
@@ -5690,7 +5690,7 @@ def test_gpu_moe_module_hands_the_router_ids_by_flag_with_the_same_output(layer,
     torch.cuda.synchronize()
     assert calls == [False, True], calls
     assert torch.isfinite(y0).all() and y0.abs().sum() > 0 and torch.equal(y0, y1)
-    assert not K.router_ready(x.device).any()
+    assert K.router_ready(x.device).tolist()[:3] == [0, 1, 0]       # arrivals 0, the flag of the last router set
 
 
 if __name__ == "__main__":
