@@ -6441,11 +6441,22 @@ if HAVE_CUTE:
                 for o in cutlass.range_constexpr(5):
                     v = v + cute.arch.shuffle_sync_bfly(v, 1 << o)
                 if lane == 0:
-                    mLogits[n, e] = v
+                    if const_expr(self.mode == "v0"):
+                        mLogits[n, e] = v
+                    else:                 # lean modes: the score, so the selecting CTA need not compute 256 of them
+                        mLogits[n, e] = self.score(v)
 
             if const_expr(self.mode != "nocross"):
                 self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp,
                             lane, n_blk, N, bias)
+
+        @cute.jit
+        def score(self, lg):
+            """sqrt(softplus(logit)) as torch computes it (softplus = x above 20)."""
+            sp = lg
+            if lg <= 20.0:
+                sp = cute.math.log1p(cute.math.exp(lg))
+            return cute.math.sqrt(sp)
 
         @cute.jit
         def select(self, mBias: cute.Tensor, mTid2Eid: cute.Tensor, mTokens: cute.Tensor, mLogits: cute.Tensor,
@@ -6468,10 +6479,7 @@ if HAVE_CUTE:
                         ex = lane + 32 * j
                         lg = cute.arch.load(mLogits.iterator + cute.crd2idx((n, ex), mLogits.layout), Float32,
                                             cop="cg")
-                        sp = lg                                        # torch softplus: x above 20
-                        if lg <= 20.0:
-                            sp = cute.math.log1p(cute.math.exp(lg))
-                        sc = cute.math.sqrt(sp)
+                        sc = lg if const_expr(lean) else self.score(lg)   # lean: the scratch holds scores
                         sS[warp, ex] = sc
                         if const_expr(not self.hash):
                             if const_expr(lean):
