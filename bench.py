@@ -581,6 +581,8 @@ MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE f
     "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
     "v0gate": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="v0"),      # the new MoE path after the old router
     "signal": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True),   # ids handed by a flag
+    "prefetch": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", GATE_PREFETCH=True),     # router L2-prefetches
+    "sig+pf": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True, GATE_PREFETCH=True),
 }
 
 
@@ -621,7 +623,7 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=6, limit=10.0):
             for i, g in enumerate(gates[:8]):
                 ex = fp4[i % len(fp4)]
                 signal = K.router_signal_ok(g, xs[T], ex)
-                ids, w = K.gate_decode(g, xs[T], tok[:T], signal=signal)
+                ids, w = K.gate_decode(g, xs[T], tok[:T], signal=signal, experts=ex)
                 K.moe(xs[T], ids, w, ex, limit, ready=K.router_ready(xs[T].device) if signal else None)
         return step
 

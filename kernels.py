@@ -6363,7 +6363,7 @@ if HAVE_CUTE:
         "nocross" (logits only: no arrival, no selection)."""
 
         def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int,
-                     mode: str = "v0", warps: int = 4, signal: bool = False):
+                     mode: str = "v0", warps: int = 4, signal: bool = False, prefetch: tuple = ()):
             assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32 and warps in (1, 2, 4)
             assert mode in ("v0", "lean", "redux", "nosel", "nocross")
             self.mode = mode
@@ -6375,26 +6375,31 @@ if HAVE_CUTE:
             # caller that runs that launch next (router_signal_ok).
             assert not signal or mode in ("lean", "redux")
             self.signal = signal
+            # prefetch = (record bytes, m-tiles, k-tiles, k-tiles per K slice, stages, K slices) of the routed experts'
+            # w13 records (mPf): after a token's ids, its warp bulk-prefetches into L2 the first `stages` k-tiles of
+            # every (row tile, K slice) of each chosen expert = what the fused GEMM1 CTAs load first
+            assert not prefetch or mode in ("lean", "redux")
+            self.pf = tuple(prefetch)
             self.threads = 32 * warps
             self.per_lane = n_experts // 32
 
         @cute.jit
         def __call__(self, mX: cute.Tensor, mWt: cute.Tensor, mBias: cute.Tensor, mTid2Eid: cute.Tensor,
                      mTokens: cute.Tensor, mLogits: cute.Tensor, mCount: cute.Tensor, mIds: cute.Tensor,
-                     mW: cute.Tensor, route_scale: Float32, stream):
+                     mW: cute.Tensor, route_scale: Float32, mPf: cute.Tensor, stream):
             @cute.struct
             class SharedStorage:
                 sS: cute.struct.MemRange[Float32, self.warps * self.E]
                 flag: cute.struct.MemRange[Int32, 4]
 
             self.shared_storage = SharedStorage
-            self.kernel(mX, mWt, mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale).launch(
+            self.kernel(mX, mWt, mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, mPf).launch(
                 grid=[self.E // self.warps, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mWt: cute.Tensor, mBias: cute.Tensor, mTid2Eid: cute.Tensor,
                    mTokens: cute.Tensor, mLogits: cute.Tensor, mCount: cute.Tensor, mIds: cute.Tensor,
-                   mW: cute.Tensor, route_scale: Float32):
+                   mW: cute.Tensor, route_scale: Float32, mPf: cute.Tensor):
             tidx, _, _ = cute.arch.thread_idx()
             blk, _, _ = cute.arch.block_idx()
             n_blk, _, _ = cute.arch.grid_dim()
@@ -6448,7 +6453,7 @@ if HAVE_CUTE:
 
             if const_expr(self.mode != "nocross"):
                 self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp,
-                            lane, n_blk, N, bias)
+                            lane, n_blk, N, bias, mPf)
 
         @cute.jit
         def score(self, lg):
@@ -6461,7 +6466,7 @@ if HAVE_CUTE:
         @cute.jit
         def select(self, mBias: cute.Tensor, mTid2Eid: cute.Tensor, mTokens: cute.Tensor, mLogits: cute.Tensor,
                    mCount: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, route_scale: Float32, flag, sS, tidx,
-                   warp, lane, n_blk, N, bias):
+                   warp, lane, n_blk, N, bias, mPf: cute.Tensor):
             """Arrival (the last CTA continues), then per token (a warp each) scores, top-k ids and weights."""
             lean = self.mode != "v0"
             if const_expr(not lean):
@@ -6542,6 +6547,17 @@ if HAVE_CUTE:
                         if lane < self.k:
                             mIds[n, lane] = mine_id
                             mW[n, lane] = mine / total * route_scale
+                        if const_expr(self.pf):
+                            rec, m_tiles, k_tiles, kpc, stages, n_split = self.pf
+                            for r in cutlass.range_constexpr(self.k):
+                                ex = cute.arch.shuffle_sync(mine_id, r)
+                                if ex >= 0 and ex < self.E:
+                                    for q in cutlass.range_constexpr(-(-(m_tiles * n_split) // 32)):
+                                        qq = lane + 32 * q
+                                        if qq < m_tiles * n_split:
+                                            first = ((Int64(ex) * m_tiles + qq // n_split) * k_tiles
+                                                     + (qq % n_split) * kpc)
+                                            _prefetch_l2(mPf.iterator.toint() + first * rec, stages * rec)
                     else:
                         cute.arch.sync_warp()
                         if lane < self.k:
@@ -6634,7 +6650,7 @@ def _compile_topk(keys_per_thread: int):
 
 
 def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0",
-                  warps: int = 4, signal: bool = False):
+                  warps: int = 4, signal: bool = False, prefetch: tuple = ()):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
@@ -6647,11 +6663,12 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
-                Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps, signal), args
+                Float32(1.0), mk(Uint8, (cute.sym_int(),), assumed_align=128),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps, signal, prefetch), args
     return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
-                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()) + (("signal",) if signal else ()),
-                            build)
+                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()) + (("signal",) if signal else ())
+                            + (("pf",) + tuple(prefetch) if prefetch else ()), build)
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:
@@ -6768,6 +6785,30 @@ GATE_MODE = "redux"       # MoeGateDecode variant (see its docstring; "v0" = ses
 GATE_WARPS = 4            # experts (warps) per router CTA: E / GATE_WARPS CTAs (same bits for 1, 2, 4)
 
 
+GATE_PREFETCH = False     # gate_decode(experts=...): the router prefetches the chosen experts' first w13 tiles into L2
+
+
+def _router_prefetch(x, gate, experts):
+    """(static prefetch config, w13 records as flat uint8) for gate_decode, or ((), a dummy) where off."""
+    dev = x.device
+    dummy = _COUNTERS.get((dev, "u8"))
+    if dummy is None:
+        dummy = _COUNTERS[(dev, "u8")] = torch.zeros(128, dtype=torch.uint8, device=dev)
+    if not (GATE_PREFETCH and experts is not None and GATE_MODE in ("lean", "redux")
+            and kernel_unavailable_reason(x, experts) is None):
+        return (), dummy
+    fused = no_routing_config(x, gate.k, experts)
+    if fused is None or experts.packed.w13.shape[0] != gate.weight.shape[0]:
+        return (), dummy
+    fmt, D, inter, S, stages = fused[:5]
+    k_tiles = D // TILE_K
+    kpc = k_tiles // S
+    st = max(1, min(stages, kpc))
+    while kpc % st:
+        st -= 1
+    return (record_bytes(fmt), 2 * inter // TILE_M, k_tiles, kpc, st, S), experts.packed.w13.view(-1)
+
+
 def router_ready(device) -> torch.Tensor:
     """The router kernel's counter buffer: [0] arrivals (zero between launches), [1] the ready flag of
     gate_decode(signal=True) (cleared by the next signalling router at its start), [2] unused."""
@@ -6791,11 +6832,12 @@ def gate_kernel_supported(gate, x) -> bool:
             and (not gate.hash or gate.tid2eid.is_contiguous()))
 
 
-def gate_decode(gate, x, tokens, signal: bool = False):
+def gate_decode(gate, x, tokens, signal: bool = False, experts=None):
     """dsv4.Gate.forward (gate: the module) in one CuTe DSL kernel (gate_kernel_supported), else gate_reference.
     Same ids in the same (descending score) order; weights to fp32 rounding. signal=True (only where
     router_signal_ok, and the very next launch is moe(..., ready=router_ready(x.device))): the kernel also sets the
-    ready flag that launch waits on."""
+    ready flag that launch waits on. experts (the routed experts, GATE_PREFETCH): the kernel also prefetches the first
+    weight tiles of the chosen experts into L2 where moe takes the routing-free fused launch."""
     if not gate_kernel_supported(gate, x):
         if signal:
             raise ValueError("gate_decode(signal=True): the router kernel does not run for these inputs")
@@ -6816,9 +6858,10 @@ def gate_decode(gate, x, tokens, signal: bool = False):
     ids = torch.empty(N, gate.k, dtype=torch.int32, device=dev)
     w = torch.empty(N, gate.k, dtype=torch.float32, device=dev)
     counter = _COUNTERS[(dev, "gate")]
-    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS, signal)(
+    pf, records = _router_prefetch(x, gate, experts)
+    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS, signal, pf)(
         x.contiguous(), gate.weight.data, bias, tid2eid, tokens.reshape(-1).long(), logits, counter, ids, w,
-        float(gate.route_scale))
+        float(gate.route_scale), records)
     return ids, w
 
 

@@ -5589,9 +5589,29 @@ def _router_then_moe(gate, x, tokens, ex, signal_on, monkeypatch):
     monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", signal_on)
     signal = K.router_signal_ok(gate, x, ex)
     assert signal == signal_on
-    ids, w = K.gate_decode(gate, x, tokens, signal=signal)
+    ids, w = K.gate_decode(gate, x, tokens, signal=signal, experts=ex)
     y = K.moe(x, ids, w, ex, 7.0, ready=K.router_ready(x.device) if signal else None)
     return ids, w, y
+
+
+@gpu
+@pytest.mark.parametrize("signal", [False, True])
+def test_router_prefetch_of_the_chosen_experts_changes_no_bits(signal, monkeypatch):
+    """GATE_PREFETCH (the router bulk-prefetches the chosen experts' first w13 tiles into L2; with and without the
+    ready flag): the same ids / weights / y bits as without it, Flash dims nvfp4, T 1 and 2, biased and hash routers."""
+    ex = _flash("nvfp4")
+    for layer in (0, 5):
+        gate, cfg = make_gate(layer, "cuda", seed=14)
+        for T in (1, 2):
+            x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+            tokens = torch.randint(0, cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).cuda()
+            monkeypatch.setattr(K, "GATE_PREFETCH", False)
+            ref = _router_then_moe(gate, x, tokens, ex, False, monkeypatch)
+            monkeypatch.setattr(K, "GATE_PREFETCH", True)
+            assert K._router_prefetch(x, gate, ex)[0], "no prefetch config"
+            got = _router_then_moe(gate, x, tokens, ex, signal, monkeypatch)
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"layer {layer} T={T}: bits differ"
 
 
 @gpu
