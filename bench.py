@@ -595,7 +595,7 @@ def random_gates(n, E, D, k, device):
                                   route_scale=2.5, score_func="sqrtsoftplus", tid2eid=None) for _ in range(n)]
 
 
-def moefront_ablation(fp4, with_knobs, dev, rounds=6, limit=10.0):
+def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
     """`bench.py moe --decode-only --moefront`: router + routed experts at batch 1-2, MOEFRONT_PATHS old vs new in one
     run (interleaved rounds, medians; CUDA-graph replays): kernels.moe alone (as the decode table: includes routing /
     combine), the router alone per GATE_MODE (chained calls over 24 weight copies, PDL on and off), and router + moe as

@@ -5598,8 +5598,8 @@ def _router_then_moe(gate, x, tokens, ex, signal_on, monkeypatch):
 @pytest.mark.parametrize("signal", [False, True])
 def test_router_prefetch_of_the_chosen_experts_changes_no_bits(signal, monkeypatch):
     """GATE_PREFETCH (the router bulk-prefetches the chosen experts' first w13 tiles into L2; with and without the
-    ready flag): the same ids / weights / y bits as without it, Flash dims nvfp4, T 1 and 2, biased and hash routers."""
-    ex = _flash("nvfp4")
+    ready flag): the same ids / weights / y bits as without it, Flash dims mxfp4, T 1 and 2, biased and hash routers."""
+    ex = _flash("mxfp4")                                          # (the format the _flash cache was left in)
     for layer in (0, 5):
         gate, cfg = make_gate(layer, "cuda", seed=14)
         for T in (1, 2):
