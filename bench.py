@@ -579,7 +579,6 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
 MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE front, session-4 path vs this one
     "old": dict(MOE_FUSED_NO_ROUTING=False, GATE_MODE="v0"),
     "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
-    "v0gate": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="v0"),      # the new MoE path after the old router
     "signal": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True),   # ids handed by a flag
     "prefetch": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", GATE_PREFETCH=True),     # router L2-prefetches
     "sig+pf": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True, GATE_PREFETCH=True),
@@ -599,7 +598,8 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
     """`bench.py moe --decode-only --moefront`: router + routed experts at batch 1-2, MOEFRONT_PATHS old vs new in one
     run (interleaved rounds, medians; CUDA-graph replays): kernels.moe alone (as the decode table: includes routing /
     combine), the router alone per GATE_MODE (chained calls over 24 weight copies, PDL on and off), and router + moe as
-    one graph; then one traced replay of router + moe per path (kernel start / duration, us)."""
+    one graph; then one traced replay of router + moe per path (kernel start / duration, us). --ablate-gate: also the
+    router's timing-only modes and GATE_WARPS 2 / 1."""
     D, I, E, k = 4096, 2048, 256, 6
     gates = random_gates(24, E, D, k, "cuda")
     tok = torch.zeros(2, dtype=torch.long, device="cuda")
@@ -642,11 +642,11 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
             for name, knob in MOEFRONT_PATHS.items():
                 if name in ("old", "new"):
                     timed(("moe", T, name), knob, lambda: moe_us(T))
-        for mode in ("v0", "lean", "redux", "nosel", "nocross"):
+        for mode in ("v0", "lean", "redux") + (("nosel", "nocross") if "--ablate-gate" in sys.argv else ()):
             timed(("gate", 1, mode), dict(GATE_MODE=mode), lambda: gate_us(1))
-        for mode, warps in (("redux", 2), ("redux", 1)):
+        for mode, warps in (("redux", 2), ("redux", 1)) if "--ablate-gate" in sys.argv else ():
             timed(("gate", 1, f"{mode}/w{warps}"), dict(GATE_MODE=mode, GATE_WARPS=warps), lambda: gate_us(1))
-        for mode, warps in (("v0", 4), ("redux", 4), ("redux", 2)):
+        for mode, warps in (("v0", 4), ("redux", 4)):
             timed(("gate no PDL", 1, f"{mode}/w{warps}"), dict(GATE_MODE=mode, GATE_WARPS=warps, GLUE_PDL=False),
                   lambda: gate_us(1))
         timed(("gate", 2, "v0"), dict(GATE_MODE="v0"), lambda: gate_us(2))

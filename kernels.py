@@ -6663,7 +6663,7 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
-                Float32(1.0), mk(Uint8, (cute.sym_int(),), assumed_align=128),
+                Float32(1.0), mk(Uint8, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0), assumed_align=128),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps, signal, prefetch), args
     return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
@@ -6789,11 +6789,11 @@ GATE_PREFETCH = False     # gate_decode(experts=...): the router prefetches the 
 
 
 def _router_prefetch(x, gate, experts):
-    """(static prefetch config, w13 records as flat uint8) for gate_decode, or ((), a dummy) where off."""
+    """(static prefetch config, w13 records as uint8 [E, bytes]) for gate_decode, or ((), a dummy) where off."""
     dev = x.device
     dummy = _COUNTERS.get((dev, "u8"))
     if dummy is None:
-        dummy = _COUNTERS[(dev, "u8")] = torch.zeros(128, dtype=torch.uint8, device=dev)
+        dummy = _COUNTERS[(dev, "u8")] = torch.zeros(1, 128, dtype=torch.uint8, device=dev)
     if not (GATE_PREFETCH and experts is not None and GATE_MODE in ("lean", "redux")
             and kernel_unavailable_reason(x, experts) is None):
         return (), dummy
@@ -6806,7 +6806,8 @@ def _router_prefetch(x, gate, experts):
     st = max(1, min(stages, kpc))
     while kpc % st:
         st -= 1
-    return (record_bytes(fmt), 2 * inter // TILE_M, k_tiles, kpc, st, S), experts.packed.w13.view(-1)
+    w13 = experts.packed.w13                        # [E, records, ...] uint8: one row per expert (int32 extents)
+    return (record_bytes(fmt), 2 * inter // TILE_M, k_tiles, kpc, st, S), w13.view(w13.shape[0], -1)
 
 
 def router_ready(device) -> torch.Tensor:
