@@ -928,10 +928,12 @@ def fp8_linear_table(model, copy_bw):
     return rows
 
 
-DECODE_ABLATIONS = [   # (label, module, switch): each timed off in the same run as the default step
+DECODE_ABLATIONS = [   # (label, module, switch[, off value]): each timed off in the same run as the default step
     ("one stream (NANO_DSV4_BRANCHES=0)", dsv4, "DECODE_BRANCHES"),
     ("glue kernels without PDL (kernels.GLUE_PDL)", K, "GLUE_PDL"),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", K, "MOE_GEMV_FUSED"),
+    ("MoE routing kernel before the fused GEMMs (kernels.MOE_FUSED_NO_ROUTING)", K, "MOE_FUSED_NO_ROUTING"),
+    ("session-4 router kernel (kernels.GATE_MODE v0)", K, "GATE_MODE", "v0"),
 ]
 
 
@@ -966,14 +968,15 @@ def bench_decode(args):
         graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
         ablations = {}                   # the same step with one decode-path feature off, same run
-        for label, mod, switch in DECODE_ABLATIONS:
+        for label, mod, switch, *off in DECODE_ABLATIONS:
+            saved = getattr(mod, switch)
             try:
-                setattr(mod, switch, False)
+                setattr(mod, switch, off[0] if off else False)
                 model.decode_graphs.clear()
                 model.decode(tokens, pos)
                 ablations[label] = time_ms(model.decode_graphs[B].graph.replay, args.iters)
             finally:
-                setattr(mod, switch, True)
+                setattr(mod, switch, saved)
         model.decode_graphs.clear()
         model.decode(tokens, pos)
         graph = model.decode_graphs[B]
