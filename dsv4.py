@@ -1067,7 +1067,7 @@ class MoE(nn.Module):
         x = x.flatten(0, 1)
         with Branch(x, on=self.par.size == 1) as side:             # one rank: the shared expert is independent of
             s = self.shared_experts(x) if self.par.size == 1 else None   # the routed path, a parallel branch
-        # batch 1-2, one rank: the router kernel flags its ids to the routed-expert launch (no wait for its end)
+        # kernels.MOE_ROUTER_SIGNAL (off): at batch 1-2 on one rank the router may flag its ids to the routed launch
         signal = not self.expert_offset and fused(x) and kernels.router_signal_ok(self.gate, x, self.experts)
         ids, w = self.gate(x, tokens.flatten(), signal=signal, experts=None if self.expert_offset else self.experts)
         if self.expert_offset:                                     # global -> this rank's expert ids
