@@ -5258,6 +5258,9 @@ HEAD_TILE = 16          # attention heads per CTA (one m16 tensor-core tile)
 ATTN_CHUNK = 64         # keys per CTA (window slots first, then the compressed keys)
 INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
+FUSED_TOPK = True       # indexer: scores + top-k in one launch (IndexerTopK) where T <= FUSED_TOPK_MAX_SLOTS (else
+FUSED_TOPK_MAX_SLOTS = 4096   # IndexerScores, then TopKSelect)
+TOPK_RANK_MAX = 256     # IndexerTopK: <= this many visible keys are ordered by ranking, more by a bitonic sort
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
 
 
@@ -5969,12 +5972,8 @@ if HAVE_CUTE:
             _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             blk, b, _ = cute.arch.block_idx()
-            warp = tidx // 32
-            lane = tidx % 32
-            g = lane // 4
-            t = lane % 4
             T = cute.size(mK, mode=[1])
-            chunk, row, vec = self.chunk, self.row, self.words // 4
+            chunk = self.chunk
             t0 = blk * chunk
             visible = (mPos[0].to(Int32) + 1) // ratio
             if t0 >= visible:                       # all future blocks: below every real score, decode to -1
@@ -5984,64 +5983,189 @@ if HAVE_CUTE:
             else:
                 smem = _SmemAllocator()
                 storage = smem.allocate(self.shared_storage)
-                sK = storage.sK.get_tensor(cute.make_layout((chunk, row), stride=(row, 1)))
-                sQ = storage.sQ.get_tensor(cute.make_layout((self.nh, row), stride=(row, 1)))
-                for i in cutlass.range(tidx, self.nh * vec, self.threads, unroll=4):
-                    r = i // vec
-                    c = i % vec
-                    gaddr = (mQ.iterator + cute.crd2idx((b, r, 4 * c), mQ.layout)).toint()
-                    cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, 16)
-                for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
-                    r = i // vec
-                    c = i % vec
-                    nbytes = Int32(0)
-                    if t0 + r < visible:
-                        nbytes = Int32(16)
-                    gaddr = (mK.iterator + cute.crd2idx((b, cutlass.min(t0 + r, T - 1), 4 * c), mK.layout)).toint()
-                    cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
-                # head weights of this thread's rows: g + 8*e2 + 16*mt
-                wv = cute.make_rmem_tensor((self.m_tiles * 2,), Float32)
-                for mt in cutlass.range_constexpr(self.m_tiles):
-                    for e2 in cutlass.range_constexpr(2):
-                        if const_expr(self.w_bf16):
-                            wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g].to(Float32) * w_scale
-                        else:
-                            wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g]
-                cute.arch.cp_async_commit_group()
-                cute.arch.cp_async_wait_group(0)
-                cute.arch.sync_threads()
+                self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale)
 
-                key0 = warp * (chunk // 8)
-                acc = cute.make_rmem_tensor((self.m_tiles * self.key_tiles * 4,), Float32)
-                acc.fill(0.0)
-                for kk in cutlass.range_constexpr(self.hd // 16):
-                    for j in cutlass.range_constexpr(self.key_tiles):
-                        n = key0 + 8 * j + g
-                        b0 = sK[n, kk * 8 + t]
-                        b1 = sK[n, kk * 8 + 4 + t]
-                        for mt in cutlass.range_constexpr(self.m_tiles):
-                            a = 4 * (mt * self.key_tiles + j)
-                            d = mma_bf16_16816(sQ[16 * mt + g, kk * 8 + t], sQ[16 * mt + g + 8, kk * 8 + t],
-                                               sQ[16 * mt + g, kk * 8 + 4 + t], sQ[16 * mt + g + 8, kk * 8 + 4 + t],
-                                               b0, b1, acc[a], acc[a + 1], acc[a + 2], acc[a + 3])
-                            for e in cutlass.range_constexpr(4):
-                                acc[a + e] = d[e]
+        @cute.jit
+        def score_chunk(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, storage,
+                        b: Int32, t0: Int32, visible: Int32, w_scale: Float32):
+            """keys_out[b, t0 .. t0+chunk) of one CTA (some of them visible): q and the keys -> smem, mma.sync, relu,
+            head weights, head sum, sort keys."""
+            tidx, _, _ = cute.arch.thread_idx()
+            warp = tidx // 32
+            lane = tidx % 32
+            g = lane // 4
+            t = lane % 4
+            T = cute.size(mK, mode=[1])
+            chunk, row, vec = self.chunk, self.row, self.words // 4
+            sK = storage.sK.get_tensor(cute.make_layout((chunk, row), stride=(row, 1)))
+            sQ = storage.sQ.get_tensor(cute.make_layout((self.nh, row), stride=(row, 1)))
+            for i in cutlass.range(tidx, self.nh * vec, self.threads, unroll=4):
+                r = i // vec
+                c = i % vec
+                gaddr = (mQ.iterator + cute.crd2idx((b, r, 4 * c), mQ.layout)).toint()
+                cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, 16)
+            for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
+                r = i // vec
+                c = i % vec
+                nbytes = Int32(0)
+                if t0 + r < visible:
+                    nbytes = Int32(16)
+                gaddr = (mK.iterator + cute.crd2idx((b, cutlass.min(t0 + r, T - 1), 4 * c), mK.layout)).toint()
+                cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+            # head weights of this thread's rows: g + 8*e2 + 16*mt
+            wv = cute.make_rmem_tensor((self.m_tiles * 2,), Float32)
+            for mt in cutlass.range_constexpr(self.m_tiles):
+                for e2 in cutlass.range_constexpr(2):
+                    if const_expr(self.w_bf16):
+                        wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g].to(Float32) * w_scale
+                    else:
+                        wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g]
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.sync_threads()
+
+            key0 = warp * (chunk // 8)
+            acc = cute.make_rmem_tensor((self.m_tiles * self.key_tiles * 4,), Float32)
+            acc.fill(0.0)
+            for kk in cutlass.range_constexpr(self.hd // 16):
                 for j in cutlass.range_constexpr(self.key_tiles):
-                    for e1 in cutlass.range_constexpr(2):          # key 2t + e1 of tile j
-                        s = Float32(0.0)
-                        for mt in cutlass.range_constexpr(self.m_tiles):
-                            for e2 in cutlass.range_constexpr(2):  # row g + 8*e2
-                                v = acc[4 * (mt * self.key_tiles + j) + 2 * e2 + e1]
-                                s = s + cute.math.max(v, Float32(0.0)) * wv[2 * mt + e2]
-                        for o in cutlass.range_constexpr(3):
-                            s = s + cute.arch.shuffle_sync_bfly(s, 4 << o)
-                        key = t0 + key0 + 8 * j + 2 * t + e1
-                        if g == 0 and key < T:
-                            kv = Int64(-(2 ** 63))
-                            if key < visible:
-                                kv = score_key(s, key)
-                            mOut[b, key] = kv
+                    n = key0 + 8 * j + g
+                    b0 = sK[n, kk * 8 + t]
+                    b1 = sK[n, kk * 8 + 4 + t]
+                    for mt in cutlass.range_constexpr(self.m_tiles):
+                        a = 4 * (mt * self.key_tiles + j)
+                        d = mma_bf16_16816(sQ[16 * mt + g, kk * 8 + t], sQ[16 * mt + g + 8, kk * 8 + t],
+                                           sQ[16 * mt + g, kk * 8 + 4 + t], sQ[16 * mt + g + 8, kk * 8 + 4 + t],
+                                           b0, b1, acc[a], acc[a + 1], acc[a + 2], acc[a + 3])
+                        for e in cutlass.range_constexpr(4):
+                            acc[a + e] = d[e]
+            for j in cutlass.range_constexpr(self.key_tiles):
+                for e1 in cutlass.range_constexpr(2):          # key 2t + e1 of tile j
+                    s = Float32(0.0)
+                    for mt in cutlass.range_constexpr(self.m_tiles):
+                        for e2 in cutlass.range_constexpr(2):  # row g + 8*e2
+                            v = acc[4 * (mt * self.key_tiles + j) + 2 * e2 + e1]
+                            s = s + cute.math.max(v, Float32(0.0)) * wv[2 * mt + e2]
+                    for o in cutlass.range_constexpr(3):
+                        s = s + cute.arch.shuffle_sync_bfly(s, 4 << o)
+                    key = t0 + key0 + 8 * j + 2 * t + e1
+                    if g == 0 and key < T:
+                        kv = Int64(-(2 ** 63))
+                        if key < visible:
+                            kv = score_key(s, key)
+                        mOut[b, key] = kv
 
+
+    class IndexerTopK(IndexerScores):
+        """IndexerScores + the top-k in one launch (T <= max_slots): out[b, 0, :] = block ids of the k largest sort
+        keys of row b in descending key order, i.e. exactly TopKSelect's / torch.topk's output. Only the V =
+        min((pos+1)//ratio, T) visible keys need sorting (the future ones are all INT64_MIN = -1, and sort last), so
+        only the CTAs holding visible keys run: each writes its keys to the scratch row keys[b] (global, L2), then
+        takes an arrival ticket (counter[b]); the last one to arrive (no co-residency assumption) loads the V keys
+        into smem and orders them: V <= rank_max (<= 256 threads): each thread ranks one key against all V (keys are
+        unique: rank = number of larger keys = its output slot); else a bitonic sort of the V keys padded with
+        INT64_MIN to the next power of two P (log2(P)(log2(P)+1)/2 smem stages). Slots past min(V, P) get -1. V = 0:
+        CTA 0 writes k times -1."""
+
+        def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int):
+            super().__init__(n_heads, head_dim, chunk, w_bf16)
+            assert max_slots & (max_slots - 1) == 0
+            self.max_slots = max_slots
+
+        @cute.jit
+        def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mKeys: cute.Tensor,
+                     mOut: cute.Tensor, mCount: cute.Tensor, ratio: Int32, w_scale: Float32, rank_max: Int32, stream):
+            B = cute.size(mK, mode=[0])
+            T = cute.size(mK, mode=[1])
+
+            @cute.struct
+            class SharedStorage:
+                sK: cute.struct.Align[cute.struct.MemRange[Int32, self.chunk * self.row], 16]
+                sQ: cute.struct.Align[cute.struct.MemRange[Int32, self.nh * self.row], 16]
+                sSel: cute.struct.Align[cute.struct.MemRange[Int64, self.max_slots], 16]
+                flag: cute.struct.MemRange[Int32, 4]
+
+            self.shared_storage = SharedStorage
+            self.kernel(mQ, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
+                grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream,
+                use_pdl=GLUE_PDL)
+
+        @cute.kernel
+        def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mKeys: cute.Tensor,
+                   mOut: cute.Tensor, mCount: cute.Tensor, ratio: Int32, w_scale: Float32, rank_max: Int32):
+            _pdl_enter()
+            tidx, _, _ = cute.arch.thread_idx()
+            blk, b, _ = cute.arch.block_idx()
+            T = cute.size(mK, mode=[1])
+            k = cute.size(mOut, mode=[2])
+            nth = self.threads
+            int64_min = Int64(-(2 ** 63))
+            visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, T)
+            n_vis = (visible + self.chunk - 1) // self.chunk            # CTAs holding visible keys
+            t0 = blk * self.chunk
+            if visible == 0:
+                if blk == 0:
+                    for i in cutlass.range(tidx, k, nth, unroll=1):
+                        mOut[b, 0, i] = Int64(-1)
+            elif blk < n_vis:
+                smem = _SmemAllocator()
+                storage = smem.allocate(self.shared_storage)
+                flag = storage.flag.get_tensor(cute.make_layout(4))
+                sSel = storage.sSel.get_tensor(cute.make_layout(self.max_slots))
+                self.score_chunk(mQ, mK, mW, mKeys, storage, b, t0, visible, w_scale)
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.sync_threads()
+                if tidx == 0:
+                    flag[0] = cute.arch.atomic_add(mCount.iterator + b, Int32(1), sem="acq_rel", scope="gpu")
+                cute.arch.sync_threads()
+                if flag[0] == n_vis - 1:                                # last CTA of row b: all V keys are written
+                    cute.arch.fence_acq_rel_gpu()
+                    if tidx == 0:
+                        mCount[b] = 0                                   # zero again for the next launch
+                    P = Int32(1)
+                    while P < visible:
+                        P = P * 2
+                    for i in cutlass.range(tidx, P, nth, unroll=1):
+                        key = int64_min
+                        if i < visible:
+                            key = cute.arch.load(mKeys.iterator + cute.crd2idx((b, i), mKeys.layout), Int64, cop="cg")
+                        sSel[i] = key
+                    cute.arch.sync_threads()
+                    n_out = cutlass.min(visible, k)
+                    if visible <= cutlass.min(rank_max, nth):
+                        if tidx < visible:                              # rank = number of larger keys = out slot
+                            mine = sSel[tidx]
+                            rank = Int32(0)
+                            for j in cutlass.range(visible, unroll=4):
+                                if sSel[j] > mine:
+                                    rank = rank + 1
+                            if rank < k:
+                                mOut[b, 0, rank] = sort_key_block(mine)
+                    else:
+                        # bitonic sort, descending: stage (size, stride) orders pairs (lo, lo + stride), lo's bit
+                        # `stride` clear; runs of `size` alternate descending / ascending, the last one descending
+                        size = Int32(2)
+                        while size <= P:
+                            stride = size // 2
+                            while stride > 0:
+                                for i in cutlass.range(tidx, P // 2, nth, unroll=1):
+                                    lo = 2 * i - (i & (stride - 1))
+                                    hi = lo + stride
+                                    a = sSel[lo]
+                                    c = sSel[hi]
+                                    swap = a > c                         # ascending run: larger one moves up
+                                    if (lo & size) == 0:
+                                        swap = a < c                     # descending run
+                                    if swap:
+                                        sSel[lo] = c
+                                        sSel[hi] = a
+                                cute.arch.sync_threads()
+                                stride = stride // 2
+                            size = size * 2
+                        for i in cutlass.range(tidx, n_out, nth, unroll=1):
+                            mOut[b, 0, i] = sort_key_block(sSel[i])
+                    for i in cutlass.range(n_out + tidx, k, nth, unroll=1):
+                        mOut[b, 0, i] = Int64(-1)
 
     @dsl_user_op
     def match_any(v, *, loc=None, ip=None) -> Int32:
@@ -6396,6 +6520,29 @@ def _compile_topk(keys_per_thread: int):
     return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread), build)
 
 
+def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: int = INDEX_CHUNK,
+                          w_bf16: bool = False):
+    def build():
+        B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        words = head_dim // 2
+        mk = cute.runtime.make_fake_compact_tensor
+        args = (mk(Int32, (B, n_heads, words), stride_order=(2, 1, 0), assumed_align=16),
+                mk(Int32, (B, T, words), stride_order=(2, 1, 0), assumed_align=16),
+                mk(BFloat16 if w_bf16 else Float32, (B, n_heads), stride_order=(1, 0), assumed_align=2 if w_bf16 else 4),
+                mk(Int64, (1,), assumed_align=8),
+                mk(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
+                mk(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
+                mk(Int32, (cute.sym_int(),), assumed_align=4),
+                Int32(4), Float32(1.0), Int32(256), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return IndexerTopK(n_heads, head_dim, chunk, w_bf16, max_slots), args
+    return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16), build)
+
+
+def fused_topk_slots(T: int) -> int:
+    """Static smem size (key slots, a power of two >= T) of the one-launch indexer top-k."""
+    return 1 << max(T - 1, 1).bit_length()
+
+
 def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
@@ -6495,10 +6642,19 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     w = weights.detach().reshape(B, nh)
     if weight_scale is not None and not w_bf16:
         w = w.float() * weight_scale
+    k = min(topk, T)
+    if DEVICE_TOPK and FUSED_TOPK and T <= FUSED_TOPK_MAX_SLOTS:      # scores + top-k in one launch
+        out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
+        if POISON:          # tests: an unwritten pick shows up as -7, an unwritten visible key as a top pick
+            out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
+        _compile_indexer_topk(nh, d, fused_topk_slots(T), INDEX_CHUNK, w_bf16)(
+            q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
+            w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys, out,
+            arrival_counters(q.device, B, 1024), int(ratio), float(weight_scale) if w_bf16 else 1.0, TOPK_RANK_MAX)
+        return out
     _compile_indexer(nh, d, INDEX_CHUNK, w_bf16)(q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
                                                  w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys,
                                                  int(ratio), float(weight_scale) if w_bf16 else 1.0)
-    k = min(topk, T)
     per_thread = -(-T // 1024)
     if DEVICE_TOPK and k <= 512 and per_thread <= 32:
         out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)

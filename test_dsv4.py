@@ -5373,5 +5373,94 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     assert not K._FUSED_COUNTERS[x.device].any()
 
 
+# ------------------------------------------------------------------ indexer scores + top-k in one launch (session 5)
+@pytest.mark.parametrize("T,slots", [(1, 2), (2, 2), (3, 4), (1000, 1024), (1024, 1024), (1025, 2048), (4096, 4096)])
+def test_fused_topk_slots_is_the_next_power_of_two(T, slots):
+    assert K.fused_topk_slots(T) == slots
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_indexer_topk_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    """The one-launch indexer top-k compiles for sm_90a on a GPU-less machine (Flash 64 x 128 and the tiny 16 x 128
+    config, fp32 and bf16 head weights); where ptxas is installed, its PTX shows no register spills."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    code = ("import sys, kernels as K; K._CACHE_DIR = sys.argv[1]\n"
+            "for nh, slots, wb in [(64, 1024, True), (64, 4096, False), (16, 2, False)]:\n"
+            "    K._compile_indexer_topk(nh, 128, slots, K.INDEX_CHUNK, wb)\n")
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 3
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*IndexerTopK*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+# (B, T key slots, pos, topk): visible V = min((pos+1)//4, T) = 0, few, < k, = k, k+1, all, ranked / bitonic
+FUSED_TOPK_CASES = [(1, 1024, 1000, 512), (1, 1024, 4095, 512), (1, 1024, 2, 512), (2, 1024, 7, 512),
+                    (1, 1024, 2047, 512), (1, 1024, 2051, 512), (3, 300, 1000, 64), (1, 64, 255, 24),
+                    (2, 2000, 5000, 512), (2, 4096, 16383, 512), (1, 4096, 1000, 512), (1, 4096, 3000, 512),
+                    (1, 16384, 65535, 512), (1, 32768, 131071, 512), (1, 32768, 5000, 512)]
+
+
+@gpu
+@pytest.mark.parametrize("rank_max", [256, 0])                    # small V ranked, or always the bitonic sort
+@pytest.mark.parametrize("B,T,pos,topk", FUSED_TOPK_CASES)
+def test_gpu_fused_indexer_topk_is_bit_equal_to_the_two_kernel_path(B, T, pos, topk, rank_max, monkeypatch):
+    """IndexerTopK (scores + top-k in one launch) == IndexerScores + TopKSelect == IndexerScores + torch.topk, bit
+    for bit (outputs poisoned before the kernel), with tied scores and exact zeros; T above FUSED_TOPK_MAX_SLOTS
+    takes the two-kernel path."""
+    q, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos, ties=True)
+    wb, scale = w.bfloat16(), 128 ** -0.5 * 64 ** -0.5
+    monkeypatch.setattr(K, "POISON", True)
+    monkeypatch.setattr(K, "TOPK_RANK_MAX", rank_max)
+    new = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
+    monkeypatch.setattr(K, "FUSED_TOPK", False)
+    old = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
+    monkeypatch.setattr(K, "DEVICE_TOPK", False)
+    via_torch = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
+    assert new.shape == (B, 1, min(topk, T)) and new.dtype == torch.int64
+    assert torch.equal(old, via_torch)
+    assert torch.equal(new, old), f"{(new != old).sum().item()} picks differ"
+    visible = min((pos + 1) // 4, T)
+    assert int((new >= 0).sum()) == B * min(visible, topk, T)
+
+
+@gpu
+@pytest.mark.parametrize("T", [1024, 4096])
+def test_gpu_fused_indexer_topk_replays_in_a_cuda_graph_as_pos_moves(T):
+    """Graph replays at new positions (V from 0 to all T, across the ranked / sorted switch) == eager calls; the
+    arrival counters are zero again after every launch."""
+    q, keys, w, p = indexer_inputs(2, 64, 128, T, 100, device="cuda")
+    call = lambda: K.indexer_topk_decode(q, keys, w, p, 512)        # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            out = call()
+    torch.cuda.current_stream().wait_stream(s)
+    for pos in (0, 3, 100, 1023, 1027, 2051, 4 * T - 1, 4 * T + 100):
+        nq, nk, nw, _ = indexer_inputs(2, 64, 128, T, pos, device="cuda", seed=pos)
+        q.copy_(nq), keys.copy_(nk), w.copy_(nw), p.fill_(pos)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, call()), f"replay at pos {pos} differs from an eager call"
+        assert int((out >= 0).sum()) == 2 * min((pos + 1) // 4, T, 512)
+    for buf in K._ARRIVALS.values():
+        assert not buf.any(), "arrival counters not reset"
+
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
