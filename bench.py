@@ -1129,31 +1129,32 @@ def compare(one_path: str, two_path: str, ref_path: str | None = None):
 # The CSA indexer's scores + top-k at batch 1 (issue #5)
 # ======================================================================================================================
 
-INDEXER_CASES = [(1024, 1000), (1024, 4095), (4096, 1000), (4096, 16383), (16384, 65535), (32768, 131071)]
+INDEXER_CASES = [(1024, 1000), (1024, 4095), (4096, 1000), (4096, 16383), (16384, 1000), (16384, 65535),
+                 (32768, 131071)]
+INDEXER_VARIANTS = {"old": dict(FUSED_TOPK=False), "new": {}, "sorted": dict(TOPK_RANK_MAX=0),
+                    "lim1k": dict(FUSED_TOPK_MAX_SLOTS=1024), "c64": dict(INDEX_CHUNK=64)}
 
 
 def bench_indexer(rounds: int = 7, chain: int = 16):
     """kernels.indexer_topk_decode at Flash dims (64 heads x 128, top 512, bf16 head weights scaled in the kernel),
-    B=1, T key slots, position pos (visible = min((pos+1)//4, T)): old = IndexerScores + TopKSelect, new = the
-    one-launch IndexerTopK (T <= FUSED_TOPK_MAX_SLOTS; the old path above), 'sorted' = new with the bitonic sort
-    even for <= 256 visible keys. Each variant is one CUDA graph of `chain` dependent calls (PDL between them, as in
-    the decode step); us/call = replay time / chain, median of `rounds` rounds that interleave the variants."""
+    B=1, T key slots, position pos (visible V = min((pos+1)//4, T)). Variants: old = IndexerScores + TopKSelect
+    (FUSED_TOPK=False), new = the defaults (IndexerTopK, + TopKSelectVisible where V > FUSED_TOPK_MAX_SLOTS),
+    sorted = new with the bitonic sort even for <= 256 visible keys, lim1k = new with FUSED_TOPK_MAX_SLOTS 1024,
+    c64 = new with 64-key score CTAs. Each variant is one CUDA graph of `chain` dependent calls (PDL between them,
+    as in the decode step); us/call = replay time / chain, median of `rounds` rounds interleaving the variants."""
     dev, g = torch.device("cuda"), torch.Generator().manual_seed(0)
     nh, d, scale = 64, 128, 128 ** -0.5 * 64 ** -0.5
     print(f"indexer top-k, {torch.cuda.get_device_name()}, B=1, {nh} heads x {d}, top 512, chain of {chain} calls "
           f"per graph, median of {rounds} interleaved rounds (us per call)")
-    print(f"{'T':>6} {'pos':>7} {'visible':>7} | {'old':>7} {'new':>7} {'sorted':>7} | {'new-old':>8}")
-    flags = ("FUSED_TOPK", "TOPK_RANK_MAX")
-    saved = {f: getattr(K, f) for f in flags}
+    print(f"{'T':>6} {'pos':>7} {'V':>6} |" + "".join(f" {n:>7}" for n in INDEXER_VARIANTS) + " | new-old")
     for T, pos in INDEXER_CASES:
         q = torch.randn(1, 1, nh, d, generator=g).to(dev, torch.bfloat16)
         keys = torch.randn(1, T, d, generator=g).to(dev, torch.bfloat16)
         w = torch.randn(1, 1, nh, generator=g).to(dev, torch.bfloat16)
         p = torch.tensor([pos], device=dev)
-        variants = {"old": dict(FUSED_TOPK=False), "new": dict(FUSED_TOPK=True, TOPK_RANK_MAX=256),
-                    "sorted": dict(FUSED_TOPK=True, TOPK_RANK_MAX=0)}
         graphs, outs = {}, {}
-        for name, knobs in variants.items():
+        for name, knobs in INDEXER_VARIANTS.items():
+            saved = {f: getattr(K, f) for f in knobs}
             for f, v in knobs.items():
                 setattr(K, f, v)
             call = lambda: K.indexer_topk_decode(q, keys, w, p, 512, weight_scale=scale)   # noqa: E731
@@ -1166,8 +1167,8 @@ def bench_indexer(rounds: int = 7, chain: int = 16):
             with torch.cuda.graph(graph):
                 res = [call() for _ in range(chain)]
             graphs[name], outs[name] = graph, res[-1]
-            for f in flags:
-                setattr(K, f, saved[f])
+            for f, v in saved.items():
+                setattr(K, f, v)
         times = {name: [] for name in graphs}
         for _ in range(rounds):
             for name, graph in graphs.items():
@@ -1182,8 +1183,8 @@ def bench_indexer(rounds: int = 7, chain: int = 16):
                 times[name].append(a.elapsed_time(b) * 1000 / (10 * chain))
         med = {name: statistics.median(v) for name, v in times.items()}
         same = all(torch.equal(outs[n], outs["old"]) for n in outs)
-        print(f"{T:>6} {pos:>7} {min((pos + 1) // 4, T):>7} | {med['old']:7.2f} {med['new']:7.2f} "
-              f"{med['sorted']:7.2f} | {med['new'] - med['old']:+8.2f}" + ("" if same else "  OUTPUTS DIFFER"))
+        print(f"{T:>6} {pos:>7} {min((pos + 1) // 4, T):>6} |" + "".join(f" {med[n]:7.2f}" for n in med)
+              + f" | {med['new'] - med['old']:+7.2f}" + ("" if same else "  OUTPUTS DIFFER"), flush=True)
 
 
 if __name__ == "__main__":

@@ -5258,8 +5258,8 @@ HEAD_TILE = 16          # attention heads per CTA (one m16 tensor-core tile)
 ATTN_CHUNK = 64         # keys per CTA (window slots first, then the compressed keys)
 INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
-FUSED_TOPK = True       # indexer: scores + top-k in one launch (IndexerTopK) where T <= FUSED_TOPK_MAX_SLOTS (else
-FUSED_TOPK_MAX_SLOTS = 4096   # IndexerScores, then TopKSelect)
+FUSED_TOPK = True       # indexer: scores + top-k of <= FUSED_TOPK_MAX_SLOTS visible keys in one launch (IndexerTopK;
+FUSED_TOPK_MAX_SLOTS = 4096   # more: + TopKSelectVisible), else IndexerScores + TopKSelect. A power of two.
 TOPK_RANK_MAX = 256     # IndexerTopK: <= this many visible keys are ordered by ranking, more by a bitonic sort
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
 
@@ -6099,7 +6099,6 @@ if HAVE_CUTE:
             T = cute.size(mK, mode=[1])
             k = cute.size(mOut, mode=[2])
             nth = self.threads
-            int64_min = Int64(-(2 ** 63))
             visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, T)
             n_vis = (visible + self.chunk - 1) // self.chunk            # CTAs holding visible keys
             t0 = blk * self.chunk
@@ -6113,59 +6112,70 @@ if HAVE_CUTE:
                 flag = storage.flag.get_tensor(cute.make_layout(4))
                 sSel = storage.sSel.get_tensor(cute.make_layout(self.max_slots))
                 self.score_chunk(mQ, mK, mW, mKeys, storage, b, t0, visible, w_scale)
-                cute.arch.fence_acq_rel_gpu()
-                cute.arch.sync_threads()
-                if tidx == 0:
-                    flag[0] = cute.arch.atomic_add(mCount.iterator + b, Int32(1), sem="acq_rel", scope="gpu")
-                cute.arch.sync_threads()
-                if flag[0] == n_vis - 1:                                # last CTA of row b: all V keys are written
+                if visible <= self.max_slots:                           # else TopKSelectVisible selects
                     cute.arch.fence_acq_rel_gpu()
-                    if tidx == 0:
-                        mCount[b] = 0                                   # zero again for the next launch
-                    P = Int32(1)
-                    while P < visible:
-                        P = P * 2
-                    for i in cutlass.range(tidx, P, nth, unroll=1):
-                        key = int64_min
-                        if i < visible:
-                            key = cute.arch.load(mKeys.iterator + cute.crd2idx((b, i), mKeys.layout), Int64, cop="cg")
-                        sSel[i] = key
                     cute.arch.sync_threads()
-                    n_out = cutlass.min(visible, k)
-                    if visible <= cutlass.min(rank_max, nth):
-                        if tidx < visible:                              # rank = number of larger keys = out slot
-                            mine = sSel[tidx]
-                            rank = Int32(0)
-                            for j in cutlass.range(visible, unroll=4):
-                                if sSel[j] > mine:
-                                    rank = rank + 1
-                            if rank < k:
-                                mOut[b, 0, rank] = sort_key_block(mine)
-                    else:
-                        # bitonic sort, descending: stage (size, stride) orders pairs (lo, lo + stride), lo's bit
-                        # `stride` clear; runs of `size` alternate descending / ascending, the last one descending
-                        size = Int32(2)
-                        while size <= P:
-                            stride = size // 2
-                            while stride > 0:
-                                for i in cutlass.range(tidx, P // 2, nth, unroll=1):
-                                    lo = 2 * i - (i & (stride - 1))
-                                    hi = lo + stride
-                                    a = sSel[lo]
-                                    c = sSel[hi]
-                                    swap = a > c                         # ascending run: larger one moves up
-                                    if (lo & size) == 0:
-                                        swap = a < c                     # descending run
-                                    if swap:
-                                        sSel[lo] = c
-                                        sSel[hi] = a
-                                cute.arch.sync_threads()
-                                stride = stride // 2
-                            size = size * 2
-                        for i in cutlass.range(tidx, n_out, nth, unroll=1):
-                            mOut[b, 0, i] = sort_key_block(sSel[i])
-                    for i in cutlass.range(n_out + tidx, k, nth, unroll=1):
-                        mOut[b, 0, i] = Int64(-1)
+                    if tidx == 0:
+                        flag[0] = cute.arch.atomic_add(mCount.iterator + b, Int32(1), sem="acq_rel", scope="gpu")
+                    cute.arch.sync_threads()
+                    if flag[0] == n_vis - 1:                            # last CTA of row b: all V keys written
+                        cute.arch.fence_acq_rel_gpu()
+                        if tidx == 0:
+                            mCount[b] = 0                               # zero again for the next launch
+                        self.select_visible(mKeys, mOut, sSel, b, visible, rank_max)
+
+        @cute.jit
+        def select_visible(self, mKeys: cute.Tensor, mOut: cute.Tensor, sSel: cute.Tensor, b: Int32, visible: Int32,
+                           rank_max: Int32):
+            """out[b, 0, :] from the V = visible keys of row b (in global memory, written by this launch's CTAs)."""
+            tidx, _, _ = cute.arch.thread_idx()
+            k = cute.size(mOut, mode=[2])
+            nth = self.threads
+            int64_min = Int64(-(2 ** 63))
+            P = Int32(1)
+            while P < visible:
+                P = P * 2
+            for i in cutlass.range(tidx, P, nth, unroll=1):
+                key = int64_min
+                if i < visible:
+                    key = cute.arch.load(mKeys.iterator + cute.crd2idx((b, i), mKeys.layout), Int64, cop="cg")
+                sSel[i] = key
+            cute.arch.sync_threads()
+            n_out = cutlass.min(visible, k)
+            if visible <= cutlass.min(rank_max, nth):
+                if tidx < visible:                      # rank = number of larger keys = out slot
+                    mine = sSel[tidx]
+                    rank = Int32(0)
+                    for j in cutlass.range(visible, unroll=4):
+                        if sSel[j] > mine:
+                            rank = rank + 1
+                    if rank < k:
+                        mOut[b, 0, rank] = sort_key_block(mine)
+            else:
+                # bitonic sort, descending: stage (size, stride) orders pairs (lo, lo + stride), lo's bit `stride`
+                # clear; runs of `size` alternate descending / ascending, the last one (size P) descending
+                size = Int32(2)
+                while size <= P:
+                    stride = size // 2
+                    while stride > 0:
+                        for i in cutlass.range(tidx, P // 2, nth, unroll=1):
+                            lo = 2 * i - (i & (stride - 1))
+                            hi = lo + stride
+                            a = sSel[lo]
+                            c = sSel[hi]
+                            swap = a > c                        # ascending run: the larger one moves up
+                            if (lo & size) == 0:
+                                swap = a < c                    # descending run
+                            if swap:
+                                sSel[lo] = c
+                                sSel[hi] = a
+                        cute.arch.sync_threads()
+                        stride = stride // 2
+                    size = size * 2
+                for i in cutlass.range(tidx, n_out, nth, unroll=1):
+                    mOut[b, 0, i] = sort_key_block(sSel[i])
+            for i in cutlass.range(n_out + tidx, k, nth, unroll=1):
+                mOut[b, 0, i] = Int64(-1)
 
     @dsl_user_op
     def match_any(v, *, loc=None, ip=None) -> Int32:
@@ -6210,11 +6220,15 @@ if HAVE_CUTE:
         @cute.kernel
         def kernel(self, mKeys: cute.Tensor, mOut: cute.Tensor):
             _pdl_enter()
-            tidx, _, _ = cute.arch.thread_idx()
             b, _, _ = cute.arch.block_idx()
+            self.select(mKeys, mOut, b, cute.size(mKeys, mode=[1]))
+
+        @cute.jit
+        def select(self, mKeys: cute.Tensor, mOut: cute.Tensor, b: Int32, T: Int32):
+            """The top-k of row b's keys 0..T-1 (the rest of the 1024 x keys_per_thread slots count as INT64_MIN)."""
+            tidx, _, _ = cute.arch.thread_idx()
             warp = tidx // 32
             lane = tidx % 32
-            T = cute.size(mKeys, mode=[1])
             k = cute.size(mOut, mode=[2])
             smem = _SmemAllocator()
             storage = smem.allocate(self.shared_storage)
@@ -6323,6 +6337,35 @@ if HAVE_CUTE:
                 mOut[b, 0, rank] = sort_key_block(mine)
             for j in cutlass.range(c + tidx, k, self.threads, unroll=1):
                 mOut[b, 0, j] = sort_key_block(kth)
+
+    class TopKSelectVisible(TopKSelect):
+        """TopKSelect after IndexerTopK(max_slots = limit) where T > limit: runs only where V = min((pos+1)//ratio, T)
+        > limit (IndexerTopK has written the output otherwise) and reads only the V visible keys (IndexerTopK writes
+        no keys past the CTAs holding visible ones; the rest count as INT64_MIN, as they would be)."""
+
+        @cute.jit
+        def __call__(self, mKeys: cute.Tensor, mOut: cute.Tensor, mPos: cute.Tensor, ratio: Int32, limit: Int32,
+                     stream):
+            B = cute.size(mKeys, mode=[0])
+
+            @cute.struct
+            class SharedStorage:
+                sel: cute.struct.MemRange[Int64, self.max_k]
+                hist: cute.struct.MemRange[Int32, 256]
+                warp_sum: cute.struct.MemRange[Int32, 32]
+                ctrl: cute.struct.MemRange[Int64, 4]
+
+            self.shared_storage = SharedStorage
+            self.kernel(mKeys, mOut, mPos, ratio, limit).launch(grid=[B, 1, 1], block=[self.threads, 1, 1],
+                                                                stream=stream, use_pdl=GLUE_PDL)
+
+        @cute.kernel
+        def kernel(self, mKeys: cute.Tensor, mOut: cute.Tensor, mPos: cute.Tensor, ratio: Int32, limit: Int32):
+            _pdl_enter()
+            b, _, _ = cute.arch.block_idx()
+            visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, cute.size(mKeys, mode=[1]))
+            if visible > limit:
+                self.select(mKeys, mOut, b, visible)
 
     class MoeGateDecode:
         """Router for a few tokens (decode): logits = x·W^T (fp32), s = sqrt(softplus(logits)); hash layers take
@@ -6510,14 +6553,16 @@ def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf
     return _load_or_compile(("sidx", GLUE_PDL, n_heads, head_dim, chunk) + (("w_bf16",) if w_bf16 else ()), build)
 
 
-def _compile_topk(keys_per_thread: int):
+def _compile_topk(keys_per_thread: int, visible_only: bool = False):
     def build():
         B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
         args = (cute.runtime.make_fake_compact_tensor(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
-                cute.runtime.make_fake_compact_tensor(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
-                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return TopKSelect(keys_per_thread), args
-    return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread), build)
+                cute.runtime.make_fake_compact_tensor(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8))
+        if visible_only:
+            args += (cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8), Int32(4), Int32(4096))
+        args += (cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),)
+        return (TopKSelectVisible if visible_only else TopKSelect)(keys_per_thread), args
+    return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread) + (("visible",) if visible_only else ()), build)
 
 
 def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: int = INDEX_CHUNK,
@@ -6643,20 +6688,25 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     if weight_scale is not None and not w_bf16:
         w = w.float() * weight_scale
     k = min(topk, T)
-    if DEVICE_TOPK and FUSED_TOPK and T <= FUSED_TOPK_MAX_SLOTS:      # scores + top-k in one launch
+    per_thread = -(-T // 1024)
+    radix_ok = k <= 512 and per_thread <= 32                       # TopKSelect's limits
+    if DEVICE_TOPK and FUSED_TOPK and (T <= FUSED_TOPK_MAX_SLOTS or radix_ok):
+        # scores + top-k of up to `slots` visible keys in one launch; more: TopKSelectVisible after it
+        slots = fused_topk_slots(min(T, FUSED_TOPK_MAX_SLOTS))
         out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
         if POISON:          # tests: an unwritten pick shows up as -7, an unwritten visible key as a top pick
             out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
-        _compile_indexer_topk(nh, d, fused_topk_slots(T), INDEX_CHUNK, w_bf16)(
+        _compile_indexer_topk(nh, d, slots, INDEX_CHUNK, w_bf16)(
             q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
             w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys, out,
             arrival_counters(q.device, B, 1024), int(ratio), float(weight_scale) if w_bf16 else 1.0, TOPK_RANK_MAX)
+        if T > slots:
+            _compile_topk(per_thread, True)(sort_keys, out, pos, int(ratio), slots)
         return out
     _compile_indexer(nh, d, INDEX_CHUNK, w_bf16)(q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
                                                  w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys,
                                                  int(ratio), float(weight_scale) if w_bf16 else 1.0)
-    per_thread = -(-T // 1024)
-    if DEVICE_TOPK and k <= 512 and per_thread <= 32:
+    if DEVICE_TOPK and radix_ok:
         out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
         _compile_topk(per_thread)(sort_keys, out)
         return out
