@@ -6135,11 +6135,16 @@ if HAVE_CUTE:
             P = Int32(1)
             while P < visible:
                 P = P * 2
-            for i in cutlass.range(tidx, P, nth, unroll=1):
-                key = int64_min
-                if i < visible:
-                    key = cute.arch.load(mKeys.iterator + cute.crd2idx((b, i), mKeys.layout), Int64, cop="cg")
-                sSel[i] = key
+            per = (self.max_slots + nth - 1) // nth                 # keys per thread (static: all loads in flight)
+            ld = cute.make_rmem_tensor((per,), Int64)
+            for r in cutlass.range_constexpr(per):
+                ld[r] = int64_min
+                if tidx + r * nth < visible:
+                    ld[r] = cute.arch.load(mKeys.iterator + cute.crd2idx((b, tidx + r * nth), mKeys.layout), Int64,
+                                           cop="cg")
+            for r in cutlass.range_constexpr(per):
+                if tidx + r * nth < P:
+                    sSel[tidx + r * nth] = ld[r]
             cute.arch.sync_threads()
             n_out = cutlass.min(visible, k)
             if visible <= cutlass.min(rank_max, nth):
@@ -6154,21 +6159,33 @@ if HAVE_CUTE:
             else:
                 # bitonic sort, descending: stage (size, stride) orders pairs (lo, lo + stride), lo's bit `stride`
                 # clear; runs of `size` alternate descending / ascending, the last one (size P) descending
+                # (each thread: its pairs' loads first, then the compare-exchanges: one smem latency per stage)
+                pairs = cutlass.max(self.max_slots // (2 * nth), 1)
+                ra = cute.make_rmem_tensor((pairs,), Int64)
+                rc = cute.make_rmem_tensor((pairs,), Int64)
+                half = P // 2
                 size = Int32(2)
                 while size <= P:
                     stride = size // 2
                     while stride > 0:
-                        for i in cutlass.range(tidx, P // 2, nth, unroll=1):
-                            lo = 2 * i - (i & (stride - 1))
-                            hi = lo + stride
-                            a = sSel[lo]
-                            c = sSel[hi]
-                            swap = a > c                        # ascending run: the larger one moves up
-                            if (lo & size) == 0:
-                                swap = a < c                    # descending run
-                            if swap:
-                                sSel[lo] = c
-                                sSel[hi] = a
+                        for r in cutlass.range_constexpr(pairs):
+                            i = tidx + r * nth
+                            if i < half:
+                                lo = 2 * i - (i & (stride - 1))
+                                ra[r] = sSel[lo]
+                                rc[r] = sSel[lo + stride]
+                        for r in cutlass.range_constexpr(pairs):
+                            i = tidx + r * nth
+                            if i < half:
+                                lo = 2 * i - (i & (stride - 1))
+                                a = ra[r]
+                                c = rc[r]
+                                swap = a > c                    # ascending run: the larger one moves up
+                                if (lo & size) == 0:
+                                    swap = a < c                # descending run
+                                if swap:
+                                    sSel[lo] = c
+                                    sSel[lo + stride] = a
                         cute.arch.sync_threads()
                         stride = stride // 2
                     size = size * 2
