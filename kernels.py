@@ -6217,6 +6217,8 @@ if HAVE_CUTE:
         key K* is known. Keys > K* (fewer than k, unique) are compacted by a block scan and placed by rank (count
         of larger ones); the remaining slots take K*."""
 
+        visible_only = False                                      # TopKSelectVisible
+
         def __init__(self, keys_per_thread: int, max_k: int = 1024):
             self.n, self.max_k, self.threads = keys_per_thread, max_k, 1024
 
@@ -6274,9 +6276,15 @@ if HAVE_CUTE:
                     if const_expr(p > 0):
                         if (u[i] >> (shift + 8)) != (prefix >> (shift + 8)):
                             d = Int32(256)                        # not under the prefix: counted nowhere
-                    peers = match_any(d)
-                    if d < 256 and (peers & ((Int32(1) << lane) - 1)) == 0:     # lowest lane of its bin
-                        cute.arch.atomic_add(hist.iterator + d, cute.arch.popc(peers), scope="cta")
+                    if const_expr(self.visible_only and p > 0):
+                        if cute.arch.vote_any_sync(d < 256):      # (most warps have no key under the prefix)
+                            peers = match_any(d)
+                            if d < 256 and (peers & ((Int32(1) << lane) - 1)) == 0:
+                                cute.arch.atomic_add(hist.iterator + d, cute.arch.popc(peers), scope="cta")
+                    else:
+                        peers = match_any(d)
+                        if d < 256 and (peers & ((Int32(1) << lane) - 1)) == 0:     # lowest lane of its bin
+                            cute.arch.atomic_add(hist.iterator + d, cute.arch.popc(peers), scope="cta")
                 cute.arch.sync_threads()
                 if warp == 0:                                     # lane l: bins 255-8l .. 248-8l, top first
                     hs = cute.make_rmem_tensor((8,), Int32)
@@ -6358,7 +6366,9 @@ if HAVE_CUTE:
     class TopKSelectVisible(TopKSelect):
         """TopKSelect after IndexerTopK(max_slots = limit) where T > limit: runs only where V = min((pos+1)//ratio, T)
         > limit (IndexerTopK has written the output otherwise) and reads only the V visible keys (IndexerTopK writes
-        no keys past the CTAs holding visible ones; the rest count as INT64_MIN, as they would be)."""
+        no keys past the CTAs holding visible ones; the rest count as INT64_MIN, as they would be). Radix passes after
+        the first skip match.any in warps with no key under the prefix. Same selection, same bits as TopKSelect."""
+        visible_only = True
 
         @cute.jit
         def __call__(self, mKeys: cute.Tensor, mOut: cute.Tensor, mPos: cute.Tensor, ratio: Int32, limit: Int32,
