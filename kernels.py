@@ -5246,8 +5246,9 @@ def compressor_decode_reference(comp, a: torch.Tensor, g: torch.Tensor, pos: tor
 #   through distributed shared memory (SparseAttentionDecodeCluster). SparseAttentionDecode is the earlier variant
 #   that combines through global memory (last CTA to arrive).
 # - indexer_topk_decode: the lightning indexer's scores in one kernel (tensor-core q·k, relu, head weights, head sum,
-#   future-block mask) written as order-preserving int64 sort keys (score, then lower index first), then a radix
-#   select + rank sort kernel (TopKSelect) gives exactly the reference's stable descending order: 2 kernels.
+#   future-block mask) written as order-preserving int64 sort keys (score, then lower index first); the last CTA to
+#   finish orders the visible keys (rank or bitonic sort; IndexerTopK): exactly the reference's stable descending
+#   order in 1 kernel (beyond FUSED_TOPK_MAX_SLOTS visible keys + a radix select + rank sort kernel, TopKSelect*).
 # - gate_decode: dsv4.Gate.forward (sqrtsoftplus router, biased top-k or hash routing) in one kernel.
 #
 # Each torch-facing function has its pure-torch reference beside it (dsv4.py's own code); the function falls back to
@@ -6698,9 +6699,11 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
 
 def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight_scale: float | None = None):
     """Indexer._top_blocks for one query per sequence (signature and semantics of indexer_topk_reference): one CuTe
-    DSL kernel writes int64 sort keys (score, then lower index first; future blocks lowest), torch.topk picks the
-    largest min(topk, T) (unique keys: the order is exactly the stable sort's), the low word gives the block id
-    (-1 for future blocks). weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
+    DSL kernel writes int64 sort keys (score, then lower index first; future blocks lowest), the largest min(topk, T)
+    in descending order (unique keys: the order is exactly the stable sort's) give the block ids (their low words;
+    -1 for future blocks). FUSED_TOPK: the scoring kernel's last CTA orders up to FUSED_TOPK_MAX_SLOTS visible keys
+    itself (one launch), TopKSelectVisible takes more; else TopKSelect (DEVICE_TOPK) or torch.topk after it, the same
+    bits. weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
     reason = _gpu_ok(q, keys)
     B, _, nh, d = q.shape
     if reason is None and (nh % 16 or d % 64 or q.shape[1] != 1):
