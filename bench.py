@@ -1164,7 +1164,7 @@ def bench_indexer(rounds: int = 7, chain: int = 16):
                 call()
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=s):              # the warm-up's stream: its counters exist
                 res = [call() for _ in range(chain)]
             graphs[name], outs[name] = graph, res[-1]
             for f, v in saved.items():
