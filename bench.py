@@ -1131,17 +1131,19 @@ def compare(one_path: str, two_path: str, ref_path: str | None = None):
 
 INDEXER_CASES = [(1024, 1000), (1024, 4095), (4096, 1000), (4096, 16383), (16384, 1000), (16384, 65535),
                  (32768, 131071)]
-INDEXER_VARIANTS = {"old": dict(FUSED_TOPK=False), "new": {}, "sorted": dict(TOPK_RANK_MAX=0),
-                    "lim1k": dict(FUSED_TOPK_MAX_SLOTS=1024), "c64": dict(INDEX_CHUNK=64)}
+INDEXER_VARIANTS = {"old": dict(FUSED_TOPK=False), "new": {}, "last": dict(TOPK_CLUSTER=False),
+                    "sorted": dict(TOPK_CLUSTER=False, TOPK_RANK_MAX=0),
+                    "last-c64": dict(TOPK_CLUSTER=False, INDEX_CHUNK=64)}
 
 
 def bench_indexer(rounds: int = 7, chain: int = 16):
     """kernels.indexer_topk_decode at Flash dims (64 heads x 128, top 512, bf16 head weights scaled in the kernel),
     B=1, T key slots, position pos (visible V = min((pos+1)//4, T)). Variants: old = IndexerScores + TopKSelect
-    (FUSED_TOPK=False), new = the defaults (IndexerTopK, + TopKSelectVisible where V > FUSED_TOPK_MAX_SLOTS),
-    sorted = new with the bitonic sort even for <= 256 visible keys, lim1k = new with FUSED_TOPK_MAX_SLOTS 1024,
-    c64 = new with 64-key score CTAs. Each variant is one CUDA graph of `chain` dependent calls (PDL between them,
-    as in the decode step); us/call = replay time / chain, median of `rounds` rounds interleaving the variants."""
+    (FUSED_TOPK=False), new = the defaults (IndexerTopK: a cluster of 8 CTAs ranks <= 1024 visible keys; more:
+    + TopKSelectVisible), last = the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (ranks <= 256, else a bitonic
+    sort), sorted = last with the bitonic sort even for <= 256 keys, last-c64 = last with 64-key score CTAs. Each
+    variant is one CUDA graph of `chain` dependent calls (PDL between them, as in the decode step); us/call = replay
+    time / chain, median of `rounds` rounds interleaving the variants."""
     dev, g = torch.device("cuda"), torch.Generator().manual_seed(0)
     nh, d, scale = 64, 128, 128 ** -0.5 * 64 ** -0.5
     print(f"indexer top-k, {torch.cuda.get_device_name()}, B=1, {nh} heads x {d}, top 512, chain of {chain} calls "

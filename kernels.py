@@ -5259,9 +5259,12 @@ HEAD_TILE = 16          # attention heads per CTA (one m16 tensor-core tile)
 ATTN_CHUNK = 64         # keys per CTA (window slots first, then the compressed keys)
 INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
-FUSED_TOPK = True       # indexer: scores + top-k of <= FUSED_TOPK_MAX_SLOTS visible keys in one launch (IndexerTopK;
-FUSED_TOPK_MAX_SLOTS = 4096   # more: + TopKSelectVisible), else IndexerScores + TopKSelect. A power of two.
-TOPK_RANK_MAX = 256     # IndexerTopK: <= this many visible keys are ordered by ranking, more by a bitonic sort
+FUSED_TOPK = True       # indexer: scores + top-k of the visible keys in one launch (IndexerTopK; beyond what it
+                        # covers + TopKSelectVisible), else IndexerScores + TopKSelect
+TOPK_CLUSTER = True     # IndexerTopK covers <= 8 x INDEX_CHUNK visible keys: the first 8 CTAs form a cluster and rank
+                        # them through DSMEM; else the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (a power of 2)
+FUSED_TOPK_MAX_SLOTS = 1024
+TOPK_RANK_MAX = 256     # last-CTA mode: <= this many visible keys are ordered by ranking, more by a bitonic sort
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
 
 
@@ -5988,9 +5991,9 @@ if HAVE_CUTE:
 
         @cute.jit
         def score_chunk(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, storage,
-                        b: Int32, t0: Int32, visible: Int32, w_scale: Float32):
+                        b: Int32, t0: Int32, visible: Int32, w_scale: Float32, sOut=None):
             """keys_out[b, t0 .. t0+chunk) of one CTA (some of them visible): q and the keys -> smem, mma.sync, relu,
-            head weights, head sum, sort keys."""
+            head weights, head sum, sort keys (sOut: into this smem [chunk] instead of mOut)."""
             tidx, _, _ = cute.arch.thread_idx()
             warp = tidx // 32
             lane = tidx % 32
@@ -6054,8 +6057,20 @@ if HAVE_CUTE:
                         kv = Int64(-(2 ** 63))
                         if key < visible:
                             kv = score_key(s, key)
-                        mOut[b, key] = kv
+                        if const_expr(sOut is None):
+                            mOut[b, key] = kv
+                        else:
+                            sOut[key - t0] = kv
 
+
+    @dsl_user_op
+    def load_dsmem_i64(local_addr, rank, *, loc=None, ip=None) -> Int64:
+        """int64 at this shared-memory address in the cluster CTA `rank` (distributed shared memory)."""
+        return Int64(_llvm.inline_asm(_T.i64(), [Int32(local_addr).ir_value(loc=loc, ip=ip),
+                                                 Int32(rank).ir_value(loc=loc, ip=ip)],
+                                      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, $1, $2;\n"
+                                      "ld.shared::cluster.u64 $0, [ra];\n}", "=l,r,r", has_side_effects=True,
+                                      loc=loc, ip=ip))
 
     class IndexerTopK(IndexerScores):
         """IndexerScores + the top-k in one launch (T <= max_slots): out[b, 0, :] = block ids of the k largest sort
@@ -6068,10 +6083,12 @@ if HAVE_CUTE:
         INT64_MIN to the next power of two P (log2(P)(log2(P)+1)/2 smem stages). Slots past min(V, P) get -1. V = 0:
         CTA 0 writes k times -1."""
 
-        def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int):
+        def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int = 0):
             super().__init__(n_heads, head_dim, chunk, w_bf16)
             assert max_slots & (max_slots - 1) == 0
-            self.max_slots = max_slots
+            self.max_slots, self.cluster = max_slots, cluster
+            if cluster:                  # 2 threads rank each key of a CTA; all cluster keys fit the smem slots
+                assert cluster <= 8 and 2 * chunk == self.threads and cluster * chunk <= max_slots
 
         @cute.jit
         def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mKeys: cute.Tensor,
@@ -6084,12 +6101,19 @@ if HAVE_CUTE:
                 sK: cute.struct.Align[cute.struct.MemRange[Int32, self.chunk * self.row], 16]
                 sQ: cute.struct.Align[cute.struct.MemRange[Int32, self.nh * self.row], 16]
                 sSel: cute.struct.Align[cute.struct.MemRange[Int64, self.max_slots], 16]
+                sMine: cute.struct.Align[cute.struct.MemRange[Int64, self.chunk], 16]
                 flag: cute.struct.MemRange[Int32, 4]
 
             self.shared_storage = SharedStorage
-            self.kernel(mQ, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
-                grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream,
-                use_pdl=GLUE_PDL)
+            n_blk = (T + self.chunk - 1) // self.chunk
+            if const_expr(self.cluster > 0):
+                S = self.cluster
+                self.kernel(mQ, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
+                    grid=[(n_blk + S - 1) // S * S, B, 1], block=[self.threads, 1, 1], cluster=[S, 1, 1],
+                    stream=stream, use_pdl=GLUE_PDL)
+            else:
+                self.kernel(mQ, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
+                    grid=[n_blk, B, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mKeys: cute.Tensor,
@@ -6107,6 +6131,14 @@ if HAVE_CUTE:
                 if blk == 0:
                     for i in cutlass.range(tidx, k, nth, unroll=1):
                         mOut[b, 0, i] = Int64(-1)
+            elif const_expr(self.cluster > 0):
+                if visible <= self.cluster * self.chunk:
+                    if blk < self.cluster:                              # the first cluster holds every visible key
+                        self.cluster_select(mQ, mK, mW, mOut, b, blk, t0, visible, w_scale)
+                elif blk < n_vis:                                       # TopKSelectVisible selects
+                    smem = _SmemAllocator()
+                    storage = smem.allocate(self.shared_storage)
+                    self.score_chunk(mQ, mK, mW, mKeys, storage, b, t0, visible, w_scale)
             elif blk < n_vis:
                 smem = _SmemAllocator()
                 storage = smem.allocate(self.shared_storage)
@@ -6124,6 +6156,51 @@ if HAVE_CUTE:
                         if tidx == 0:
                             mCount[b] = 0                               # zero again for the next launch
                         self.select_visible(mKeys, mOut, sSel, b, visible, rank_max)
+
+        @cute.jit
+        def cluster_select(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, b: Int32,
+                           blk: Int32, t0: Int32, visible: Int32, w_scale: Float32):
+            """Cluster mode, V <= cluster x chunk: CTA blk (its rank in the first cluster) scores its keys into its
+            smem; after a cluster barrier every CTA copies the V keys from its peers (DSMEM) and ranks its own keys
+            against all of them (2 threads per key), writing each to its output slot; then the -1 tail."""
+            tidx, _, _ = cute.arch.thread_idx()
+            k = cute.size(mOut, mode=[2])
+            nth = self.threads
+            smem = _SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            sSel = storage.sSel.get_tensor(cute.make_layout(self.max_slots))
+            sMine = storage.sMine.get_tensor(cute.make_layout(self.chunk))
+            if t0 < visible:
+                self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale, sOut=sMine)
+            cute.arch.cluster_arrive()                                  # keys in smem -> visible to the peers
+            cute.arch.cluster_wait()
+            if t0 < visible:
+                mine_addr = sMine.iterator.toint()
+                per = (self.cluster * self.chunk + nth - 1) // nth
+                ld = cute.make_rmem_tensor((per,), Int64)
+                for r in cutlass.range_constexpr(per):                  # all loads in flight
+                    i = tidx + r * nth
+                    if i < visible:
+                        ld[r] = load_dsmem_i64(mine_addr + (i % self.chunk) * 8, i // self.chunk)
+                for r in cutlass.range_constexpr(per):
+                    if tidx + r * nth < visible:
+                        sSel[tidx + r * nth] = ld[r]
+                cute.arch.sync_threads()
+                e = t0 + tidx // 2                                      # this thread's key; j of parity tidx % 2
+                mine = Int64(-(2 ** 63))
+                if e < visible:
+                    mine = sSel[e]
+                rank = Int32(0)
+                for j in cutlass.range(tidx % 2, visible, 2, unroll=4):
+                    if sSel[j] > mine:
+                        rank = rank + 1
+                rank = rank + cute.arch.shuffle_sync_bfly(rank, 1)
+                if e < visible and tidx % 2 == 0 and rank < k:
+                    mOut[b, 0, rank] = sort_key_block(mine)
+            for i in cutlass.range(cutlass.min(visible, k) + blk * nth + tidx, k, self.cluster * nth, unroll=1):
+                mOut[b, 0, i] = Int64(-1)
+            cute.arch.cluster_arrive()                                  # peers keep their smem until it is read
+            cute.arch.cluster_wait()
 
         @cute.jit
         def select_visible(self, mKeys: cute.Tensor, mOut: cute.Tensor, sSel: cute.Tensor, b: Int32, visible: Int32,
@@ -6594,7 +6671,7 @@ def _compile_topk(keys_per_thread: int, visible_only: bool = False):
 
 
 def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: int = INDEX_CHUNK,
-                          w_bf16: bool = False):
+                          w_bf16: bool = False, cluster: int = 0):
     def build():
         B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
         words = head_dim // 2
@@ -6607,8 +6684,8 @@ def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: in
                 mk(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
                 Int32(4), Float32(1.0), Int32(256), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return IndexerTopK(n_heads, head_dim, chunk, w_bf16, max_slots), args
-    return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16), build)
+        return IndexerTopK(n_heads, head_dim, chunk, w_bf16, max_slots, cluster), args
+    return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster), build)
 
 
 def fused_topk_slots(T: int) -> int:
@@ -6720,18 +6797,20 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     k = min(topk, T)
     per_thread = -(-T // 1024)
     radix_ok = k <= 512 and per_thread <= 32                       # TopKSelect's limits
-    if DEVICE_TOPK and FUSED_TOPK and (T <= FUSED_TOPK_MAX_SLOTS or radix_ok):
-        # scores + top-k of up to `slots` visible keys in one launch; more: TopKSelectVisible after it
-        slots = fused_topk_slots(min(T, FUSED_TOPK_MAX_SLOTS))
+    # one launch orders up to `covered` visible keys (a cluster of <= 8 CTAs, or the last CTA); more: TopKSelectVisible
+    cluster = min(-(-T // INDEX_CHUNK), 8) if TOPK_CLUSTER and 2 * INDEX_CHUNK == 256 else 0
+    covered = cluster * INDEX_CHUNK if cluster else fused_topk_slots(min(T, FUSED_TOPK_MAX_SLOTS))
+    if DEVICE_TOPK and FUSED_TOPK and (T <= covered or radix_ok):
+        slots = fused_topk_slots(covered)
         out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
         if POISON:          # tests: an unwritten pick shows up as -7, an unwritten visible key as a top pick
             out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
-        _compile_indexer_topk(nh, d, slots, INDEX_CHUNK, w_bf16)(
+        _compile_indexer_topk(nh, d, slots, INDEX_CHUNK, w_bf16, cluster)(
             q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
             w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys, out,
             arrival_counters(q.device, B, 1024), int(ratio), float(weight_scale) if w_bf16 else 1.0, TOPK_RANK_MAX)
-        if T > slots:
-            _compile_topk(per_thread, True)(sort_keys, out, pos, int(ratio), slots)
+        if T > covered:
+            _compile_topk(per_thread, True)(sort_keys, out, pos, int(ratio), covered)
         return out
     _compile_indexer(nh, d, INDEX_CHUNK, w_bf16)(q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
                                                  w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys,

@@ -5387,15 +5387,15 @@ def test_indexer_topk_kernel_compiles_for_sm90a_without_spills(tmp_path):
     dump = tmp_path / "ptx"
     dump.mkdir()
     code = ("import sys, kernels as K; K._CACHE_DIR = sys.argv[1]\n"
-            "for nh, slots, wb in [(64, 1024, True), (64, 4096, False), (16, 2, False)]:\n"
-            "    K._compile_indexer_topk(nh, 128, slots, K.INDEX_CHUNK, wb)\n"
+            "for nh, slots, wb, cl in [(64, 1024, True, 8), (64, 4096, False, 0), (16, 2, False, 0), (16, 128, True, 1)]:\n"
+            "    K._compile_indexer_topk(nh, 128, slots, K.INDEX_CHUNK, wb, cl)\n"
             "K._compile_topk(16, True)\n")
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
                CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*IndexerTopK*.ptx"))          # (TopKSelect keeps 16+ keys per thread: some spills)
     if ptxas is None or not ptxs:
@@ -5414,16 +5414,19 @@ FUSED_TOPK_CASES = [(1, 1024, 1000, 512), (1, 1024, 4095, 512), (1, 1024, 2, 512
 
 
 @gpu
-@pytest.mark.parametrize("rank_max", [256, 0])                    # small V ranked, or always the bitonic sort
+@pytest.mark.parametrize("mode", ["cluster", "last-cta", "last-cta-sorted"])
 @pytest.mark.parametrize("B,T,pos,topk", FUSED_TOPK_CASES)
-def test_gpu_fused_indexer_topk_is_bit_equal_to_the_two_kernel_path(B, T, pos, topk, rank_max, monkeypatch):
-    """IndexerTopK (scores + top-k in one launch; above FUSED_TOPK_MAX_SLOTS visible keys + TopKSelectVisible) ==
+def test_gpu_fused_indexer_topk_is_bit_equal_to_the_two_kernel_path(B, T, pos, topk, mode, monkeypatch):
+    """IndexerTopK (scores + top-k in one launch: a cluster ranks <= 1024 visible keys, or the last CTA ranks /
+    sorts <= FUSED_TOPK_MAX_SLOTS; beyond that + TopKSelectVisible) ==
     IndexerScores + TopKSelect == IndexerScores + torch.topk, bit for bit (outputs and scratch keys poisoned before
     the kernels), with tied scores and exact zeros."""
     q, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos, ties=True)
     wb, scale = w.bfloat16(), 128 ** -0.5 * 64 ** -0.5
     monkeypatch.setattr(K, "POISON", True)
-    monkeypatch.setattr(K, "TOPK_RANK_MAX", rank_max)
+    monkeypatch.setattr(K, "TOPK_CLUSTER", mode == "cluster")
+    monkeypatch.setattr(K, "TOPK_RANK_MAX", 0 if mode == "last-cta-sorted" else 256)   # ranked or bitonic sort
+    monkeypatch.setattr(K, "FUSED_TOPK_MAX_SLOTS", 4096 if mode == "last-cta-sorted" else 1024)
     new = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
     monkeypatch.setattr(K, "FUSED_TOPK", False)
     old = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
@@ -5437,10 +5440,12 @@ def test_gpu_fused_indexer_topk_is_bit_equal_to_the_two_kernel_path(B, T, pos, t
 
 
 @gpu
+@pytest.mark.parametrize("cluster", [True, False])
 @pytest.mark.parametrize("T", [1024, 4096, 16384])
-def test_gpu_fused_indexer_topk_replays_in_a_cuda_graph_as_pos_moves(T):
+def test_gpu_fused_indexer_topk_replays_in_a_cuda_graph_as_pos_moves(T, cluster, monkeypatch):
     """Graph replays at new positions (V from 0 to all T, across the ranked / sorted switch) == eager calls; the
     arrival counters are zero again after every launch."""
+    monkeypatch.setattr(K, "TOPK_CLUSTER", cluster)
     q, keys, w, p = indexer_inputs(2, 64, 128, T, 100, device="cuda")
     call = lambda: K.indexer_topk_decode(q, keys, w, p, 512)        # noqa: E731
     s = torch.cuda.Stream()
