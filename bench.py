@@ -1132,23 +1132,24 @@ def compare(one_path: str, two_path: str, ref_path: str | None = None):
 INDEXER_CASES = [(1024, 1000), (1024, 4095), (4096, 1000), (4096, 16383), (16384, 1000), (16384, 65535),
                  (32768, 131071)]
 INDEXER_VARIANTS = {"old": dict(FUSED_TOPK=False), "new": {}, "last": dict(TOPK_CLUSTER=False),
-                    "sorted": dict(TOPK_CLUSTER=False, TOPK_RANK_MAX=0),
-                    "last-c64": dict(TOPK_CLUSTER=False, INDEX_CHUNK=64)}
+                    "cluster": dict(TOPK_CLUSTER=True), "last-c128": dict(TOPK_CLUSTER=False, FUSED_SMALL_CHUNK_MAX_T=0),
+                    "sorted": dict(TOPK_CLUSTER=False, TOPK_RANK_MAX=0)}
 
 
 def bench_indexer(rounds: int = 7, chain: int = 16):
     """kernels.indexer_topk_decode at Flash dims (64 heads x 128, top 512, bf16 head weights scaled in the kernel),
     B=1, T key slots, position pos (visible V = min((pos+1)//4, T)). Variants: old = IndexerScores + TopKSelect
-    (FUSED_TOPK=False), new = the defaults (IndexerTopK: a cluster of 8 CTAs ranks <= 1024 visible keys; more:
-    + TopKSelectVisible), last = the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (ranks <= 256, else a bitonic
-    sort), sorted = last with the bitonic sort even for <= 256 keys, last-c64 = last with 64-key score CTAs. Each
-    variant is one CUDA graph of `chain` dependent calls (PDL between them, as in the decode step); us/call = replay
-    time / chain, median of `rounds` rounds interleaving the variants."""
+    (FUSED_TOPK=False), new = the defaults, last = IndexerTopK whose last CTA to arrive orders <=
+    FUSED_TOPK_MAX_SLOTS visible keys (ranks <= 256, else a bitonic sort; 64-key score CTAs up to T 4096), cluster =
+    IndexerTopK whose first 8 CTAs form a cluster and rank <= 1024 visible keys through DSMEM, last-c128 = last with
+    128-key score CTAs, sorted = last with the bitonic sort even for <= 256 keys; beyond what IndexerTopK covers
+    + TopKSelectVisible. Each variant is one CUDA graph of `chain` dependent calls (PDL between them, as in the
+    decode step); us/call = replay time / chain, median of `rounds` rounds interleaving the variants."""
     dev, g = torch.device("cuda"), torch.Generator().manual_seed(0)
     nh, d, scale = 64, 128, 128 ** -0.5 * 64 ** -0.5
     print(f"indexer top-k, {torch.cuda.get_device_name()}, B=1, {nh} heads x {d}, top 512, chain of {chain} calls "
           f"per graph, median of {rounds} interleaved rounds (us per call)")
-    print(f"{'T':>6} {'pos':>7} {'V':>6} |" + "".join(f" {n:>7}" for n in INDEXER_VARIANTS) + " | new-old")
+    print(f"{'T':>6} {'pos':>7} {'V':>6} |" + "".join(f" {n:>9}" for n in INDEXER_VARIANTS) + " | new-old")
     for T, pos in INDEXER_CASES:
         q = torch.randn(1, 1, nh, d, generator=g).to(dev, torch.bfloat16)
         keys = torch.randn(1, T, d, generator=g).to(dev, torch.bfloat16)
@@ -1185,7 +1186,7 @@ def bench_indexer(rounds: int = 7, chain: int = 16):
                 times[name].append(a.elapsed_time(b) * 1000 / (10 * chain))
         med = {name: statistics.median(v) for name, v in times.items()}
         same = all(torch.equal(outs[n], outs["old"]) for n in outs)
-        print(f"{T:>6} {pos:>7} {min((pos + 1) // 4, T):>6} |" + "".join(f" {med[n]:7.2f}" for n in med)
+        print(f"{T:>6} {pos:>7} {min((pos + 1) // 4, T):>6} |" + "".join(f" {med[n]:9.2f}" for n in med)
               + f" | {med['new'] - med['old']:+7.2f}" + ("" if same else "  OUTPUTS DIFFER"), flush=True)
 
 

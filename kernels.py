@@ -5261,9 +5261,10 @@ INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
 FUSED_TOPK = True       # indexer: scores + top-k of the visible keys in one launch (IndexerTopK; beyond what it
                         # covers + TopKSelectVisible), else IndexerScores + TopKSelect
-TOPK_CLUSTER = True     # IndexerTopK covers <= 8 x INDEX_CHUNK visible keys: the first 8 CTAs form a cluster and rank
+TOPK_CLUSTER = False    # IndexerTopK covers <= 8 x INDEX_CHUNK visible keys: the first 8 CTAs form a cluster and rank
                         # them through DSMEM; else the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (a power of 2)
 FUSED_TOPK_MAX_SLOTS = 1024
+FUSED_SMALL_CHUNK_MAX_T = 4096   # last-CTA mode: 64-key score CTAs up to this many key slots (else INDEX_CHUNK)
 TOPK_RANK_MAX = 256     # last-CTA mode: <= this many visible keys are ordered by ranking, more by a bitonic sort
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
 
@@ -6158,6 +6159,23 @@ if HAVE_CUTE:
                         self.select_visible(mKeys, mOut, sSel, b, visible, rank_max)
 
         @cute.jit
+        def count_larger(self, sSel: cute.Tensor, mine: Int64, start: Int32, stop: Int32, step: int) -> Int32:
+            """Number of keys sSel[j] > mine for j = start, start + step, .. < stop: 8 loads in flight per step of
+            the loop (a plain loop waits one smem latency per key)."""
+            n = (stop - start + step - 1) // step
+            n8 = n // 8 * 8
+            cnt = Int32(0)
+            for m in cutlass.range(0, n8, 8, unroll=1):
+                vals = [sSel[start + (m + u) * step] for u in range(8)]
+                for u in cutlass.range_constexpr(8):
+                    if vals[u] > mine:
+                        cnt = cnt + 1
+            for m in cutlass.range(n8, n, unroll=1):
+                if sSel[start + m * step] > mine:
+                    cnt = cnt + 1
+            return cnt
+
+        @cute.jit
         def cluster_select(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, b: Int32,
                            blk: Int32, t0: Int32, visible: Int32, w_scale: Float32):
             """Cluster mode, V <= cluster x chunk: CTA blk (its rank in the first cluster) scores its keys into its
@@ -6190,10 +6208,7 @@ if HAVE_CUTE:
                 mine = Int64(-(2 ** 63))
                 if e < visible:
                     mine = sSel[e]
-                rank = Int32(0)
-                for j in cutlass.range(tidx % 2, visible, 2, unroll=4):
-                    if sSel[j] > mine:
-                        rank = rank + 1
+                rank = self.count_larger(sSel, mine, tidx % 2, visible, 2)
                 rank = rank + cute.arch.shuffle_sync_bfly(rank, 1)
                 if e < visible and tidx % 2 == 0 and rank < k:
                     mOut[b, 0, rank] = sort_key_block(mine)
@@ -6228,10 +6243,7 @@ if HAVE_CUTE:
             if visible <= cutlass.min(rank_max, nth):
                 if tidx < visible:                      # rank = number of larger keys = out slot
                     mine = sSel[tidx]
-                    rank = Int32(0)
-                    for j in cutlass.range(visible, unroll=4):
-                        if sSel[j] > mine:
-                            rank = rank + 1
+                    rank = self.count_larger(sSel, mine, Int32(0), visible, 1)
                     if rank < k:
                         mOut[b, 0, rank] = sort_key_block(mine)
             else:
@@ -6800,12 +6812,13 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     # one launch orders up to `covered` visible keys (a cluster of <= 8 CTAs, or the last CTA); more: TopKSelectVisible
     cluster = min(-(-T // INDEX_CHUNK), 8) if TOPK_CLUSTER and 2 * INDEX_CHUNK == 256 else 0
     covered = cluster * INDEX_CHUNK if cluster else fused_topk_slots(min(T, FUSED_TOPK_MAX_SLOTS))
+    chunk = INDEX_CHUNK if cluster or T > FUSED_SMALL_CHUNK_MAX_T else 64     # (R1 H100: 64 faster to T 4096)
     if DEVICE_TOPK and FUSED_TOPK and (T <= covered or radix_ok):
         slots = fused_topk_slots(covered)
         out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
         if POISON:          # tests: an unwritten pick shows up as -7, an unwritten visible key as a top pick
             out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
-        _compile_indexer_topk(nh, d, slots, INDEX_CHUNK, w_bf16, cluster)(
+        _compile_indexer_topk(nh, d, slots, chunk, w_bf16, cluster)(
             q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
             w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys, out,
             arrival_counters(q.device, B, 1024), int(ratio), float(weight_scale) if w_bf16 else 1.0, TOPK_RANK_MAX)
