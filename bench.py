@@ -1132,7 +1132,8 @@ def compare(one_path: str, two_path: str, ref_path: str | None = None):
 INDEXER_CASES = [(1024, 1000), (1024, 4095), (4096, 1000), (4096, 16383), (16384, 1000), (16384, 65535),
                  (32768, 131071)]
 INDEXER_VARIANTS = {"old": dict(FUSED_TOPK=False), "new": {}, "last": dict(TOPK_CLUSTER=False),
-                    "cluster": dict(TOPK_CLUSTER=True), "last-c128": dict(TOPK_CLUSTER=False, FUSED_SMALL_CHUNK_MAX_T=0),
+                    "cluster": dict(TOPK_CLUSTER=True),
+                    "last-c128": dict(TOPK_CLUSTER=False, FUSED_SMALL_CHUNK_MAX_T=0),
                     "sorted": dict(TOPK_CLUSTER=False, TOPK_RANK_MAX=0)}
 
 

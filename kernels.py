@@ -6690,7 +6690,8 @@ def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: in
         mk = cute.runtime.make_fake_compact_tensor
         args = (mk(Int32, (B, n_heads, words), stride_order=(2, 1, 0), assumed_align=16),
                 mk(Int32, (B, T, words), stride_order=(2, 1, 0), assumed_align=16),
-                mk(BFloat16 if w_bf16 else Float32, (B, n_heads), stride_order=(1, 0), assumed_align=2 if w_bf16 else 4),
+                mk(BFloat16 if w_bf16 else Float32, (B, n_heads), stride_order=(1, 0),
+                   assumed_align=2 if w_bf16 else 4),
                 mk(Int64, (1,), assumed_align=8),
                 mk(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
                 mk(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),

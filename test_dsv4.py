@@ -5387,7 +5387,8 @@ def test_indexer_topk_kernel_compiles_for_sm90a_without_spills(tmp_path):
     dump = tmp_path / "ptx"
     dump.mkdir()
     code = ("import sys, kernels as K; K._CACHE_DIR = sys.argv[1]\n"
-            "for nh, slots, wb, cl in [(64, 1024, True, 8), (64, 4096, False, 0), (16, 2, False, 0), (16, 128, True, 1)]:\n"
+            "for nh, slots, wb, cl in [(64, 1024, True, 8), (64, 4096, False, 0), (16, 2, False, 0),"
+            "                          (16, 128, True, 1)]:\n"
             "    K._compile_indexer_topk(nh, 128, slots, K.INDEX_CHUNK, wb, cl)\n"
             "K._compile_topk(16, True)\n")
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
