@@ -5261,8 +5261,8 @@ INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
 FUSED_TOPK = True       # indexer: scores + top-k of the visible keys in one launch (IndexerTopK; beyond what it
                         # covers + TopKSelectVisible), else IndexerScores + TopKSelect
-TOPK_CLUSTER = False    # IndexerTopK covers <= 8 x INDEX_CHUNK visible keys: the first 8 CTAs form a cluster and rank
-                        # them through DSMEM; else the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (a power of 2)
+TOPK_CLUSTER = False    # IndexerTopK where T <= 8 x INDEX_CHUNK: its CTAs form one cluster and rank the visible keys
+                        # through DSMEM; else the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (a power of 2)
 FUSED_TOPK_MAX_SLOTS = 1024
 FUSED_SMALL_CHUNK_MAX_T = 4096   # last-CTA mode: 64-key score CTAs up to this many key slots (else INDEX_CHUNK)
 TOPK_RANK_MAX = 256     # last-CTA mode: <= this many visible keys are ordered by ranking, more by a bitonic sort
@@ -6074,15 +6074,16 @@ if HAVE_CUTE:
                                       loc=loc, ip=ip))
 
     class IndexerTopK(IndexerScores):
-        """IndexerScores + the top-k in one launch (T <= max_slots): out[b, 0, :] = block ids of the k largest sort
-        keys of row b in descending key order, i.e. exactly TopKSelect's / torch.topk's output. Only the V =
-        min((pos+1)//ratio, T) visible keys need sorting (the future ones are all INT64_MIN = -1, and sort last), so
-        only the CTAs holding visible keys run: each writes its keys to the scratch row keys[b] (global, L2), then
-        takes an arrival ticket (counter[b]); the last one to arrive (no co-residency assumption) loads the V keys
-        into smem and orders them: V <= rank_max (<= 256 threads): each thread ranks one key against all V (keys are
-        unique: rank = number of larger keys = its output slot); else a bitonic sort of the V keys padded with
-        INT64_MIN to the next power of two P (log2(P)(log2(P)+1)/2 smem stages). Slots past min(V, P) get -1. V = 0:
-        CTA 0 writes k times -1."""
+        """IndexerScores + the top-k in one launch: out[b, 0, :] = block ids of the k largest sort keys of row b in
+        descending key order, i.e. exactly TopKSelect's / torch.topk's output, where V = min((pos+1)//ratio, T) <=
+        max_slots (else only the keys, for TopKSelectVisible). Only the visible keys need ordering (the future ones
+        are all INT64_MIN = -1 and sort last), so only the CTAs holding visible keys run: each writes its keys to the
+        scratch row keys[b] (global, L2), then takes an arrival ticket (counter[b]); the last one to arrive (no
+        co-residency assumption) loads the V keys into smem and orders them: V <= rank_max (<= 256 threads): each
+        thread ranks one key against all V (keys are unique: rank = number of larger keys = its output slot); else a
+        bitonic sort of the V keys padded with INT64_MIN to the next power of two P (log2(P)(log2(P)+1)/2 smem
+        stages). Slots past min(V, P) get -1. V = 0: CTA 0 writes k times -1. cluster > 0 (T <= cluster x chunk):
+        see cluster_select."""
 
         def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int = 0):
             super().__init__(n_heads, head_dim, chunk, w_bf16)
@@ -6106,15 +6107,14 @@ if HAVE_CUTE:
                 flag: cute.struct.MemRange[Int32, 4]
 
             self.shared_storage = SharedStorage
-            n_blk = (T + self.chunk - 1) // self.chunk
-            if const_expr(self.cluster > 0):
-                S = self.cluster
+            if const_expr(self.cluster > 0):                            # T <= cluster x chunk
                 self.kernel(mQ, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
-                    grid=[(n_blk + S - 1) // S * S, B, 1], block=[self.threads, 1, 1], cluster=[S, 1, 1],
+                    grid=[self.cluster, B, 1], block=[self.threads, 1, 1], cluster=[self.cluster, 1, 1],
                     stream=stream, use_pdl=GLUE_PDL)
             else:
                 self.kernel(mQ, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
-                    grid=[n_blk, B, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
+                    grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream,
+                    use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mKeys: cute.Tensor,
@@ -6132,14 +6132,8 @@ if HAVE_CUTE:
                 if blk == 0:
                     for i in cutlass.range(tidx, k, nth, unroll=1):
                         mOut[b, 0, i] = Int64(-1)
-            elif const_expr(self.cluster > 0):
-                if visible <= self.cluster * self.chunk:
-                    if blk < self.cluster:                              # the first cluster holds every visible key
-                        self.cluster_select(mQ, mK, mW, mOut, b, blk, t0, visible, w_scale)
-                elif blk < n_vis:                                       # TopKSelectVisible selects
-                    smem = _SmemAllocator()
-                    storage = smem.allocate(self.shared_storage)
-                    self.score_chunk(mQ, mK, mW, mKeys, storage, b, t0, visible, w_scale)
+            elif const_expr(self.cluster > 0):                          # one cluster holds all T keys
+                self.cluster_select(mQ, mK, mW, mOut, b, blk, t0, visible, w_scale)
             elif blk < n_vis:
                 smem = _SmemAllocator()
                 storage = smem.allocate(self.shared_storage)
@@ -6178,9 +6172,9 @@ if HAVE_CUTE:
         @cute.jit
         def cluster_select(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, b: Int32,
                            blk: Int32, t0: Int32, visible: Int32, w_scale: Float32):
-            """Cluster mode, V <= cluster x chunk: CTA blk (its rank in the first cluster) scores its keys into its
-            smem; after a cluster barrier every CTA copies the V keys from its peers (DSMEM) and ranks its own keys
-            against all of them (2 threads per key), writing each to its output slot; then the -1 tail."""
+            """Cluster mode (T <= cluster x chunk): CTA blk (its rank in the cluster) scores its keys into its smem;
+            after a cluster barrier every CTA holding visible keys copies the V keys from its peers (DSMEM) and ranks
+            its own keys against all of them (2 threads per key), writing each to its output slot; then the -1 tail."""
             tidx, _, _ = cute.arch.thread_idx()
             k = cute.size(mOut, mode=[2])
             nth = self.threads
@@ -6811,7 +6805,7 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     per_thread = -(-T // 1024)
     radix_ok = k <= 512 and per_thread <= 32                       # TopKSelect's limits
     # one launch orders up to `covered` visible keys (a cluster of <= 8 CTAs, or the last CTA); more: TopKSelectVisible
-    cluster = min(-(-T // INDEX_CHUNK), 8) if TOPK_CLUSTER and 2 * INDEX_CHUNK == 256 else 0
+    cluster = -(-T // INDEX_CHUNK) if TOPK_CLUSTER and 2 * INDEX_CHUNK == 256 and T <= 8 * INDEX_CHUNK else 0
     covered = cluster * INDEX_CHUNK if cluster else fused_topk_slots(min(T, FUSED_TOPK_MAX_SLOTS))
     chunk = INDEX_CHUNK if cluster or T > FUSED_SMALL_CHUNK_MAX_T else 64     # (R1 H100: 64 faster to T 4096)
     if DEVICE_TOPK and FUSED_TOPK and (T <= covered or radix_ok):
