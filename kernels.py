@@ -5261,7 +5261,7 @@ INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
 FUSED_TOPK = True       # indexer: scores + top-k of the visible keys in one launch (IndexerTopK; beyond what it
                         # covers + TopKSelectVisible), else IndexerScores + TopKSelect
-TOPK_CLUSTER = False    # IndexerTopK where T <= 8 x INDEX_CHUNK: its CTAs form one cluster and rank the visible keys
+TOPK_CLUSTER = True     # IndexerTopK where T <= 8 x INDEX_CHUNK: its CTAs form one cluster and rank the visible keys
                         # through DSMEM; else the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (a power of 2)
 FUSED_TOPK_MAX_SLOTS = 1024
 FUSED_SMALL_CHUNK_MAX_T = 4096   # last-CTA mode: 64-key score CTAs up to this many key slots (else INDEX_CHUNK)
