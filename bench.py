@@ -1244,12 +1244,78 @@ def compare(one_path: str, two_path: str, ref_path: str | None = None):
               f"{r.get('graph_ms', float('nan')):.2f} {r.get('graph_error', '')}")
 
 
+# ======================================================================================================================
+# The CSA indexer's scores + top-k at batch 1 (issue #5)
+# ======================================================================================================================
+
+INDEXER_CASES = [(1024, 1000), (1024, 4095), (4096, 1000), (4096, 16383), (16384, 1000), (16384, 65535),
+                 (32768, 131071)]
+INDEXER_VARIANTS = {"old": dict(FUSED_TOPK=False), "new": {}, "last": dict(TOPK_CLUSTER=False),
+                    "cluster": dict(TOPK_CLUSTER=True),
+                    "last-c128": dict(TOPK_CLUSTER=False, FUSED_SMALL_CHUNK_MAX_T=0),
+                    "sorted": dict(TOPK_CLUSTER=False, TOPK_RANK_MAX=0)}
+
+
+def bench_indexer(rounds: int = 7, chain: int = 16):
+    """kernels.indexer_topk_decode at Flash dims (64 heads x 128, top 512, bf16 head weights scaled in the kernel),
+    B=1, T key slots, position pos (visible V = min((pos+1)//4, T)). Variants: old = IndexerScores + TopKSelect
+    (FUSED_TOPK=False), new = the defaults, last = IndexerTopK whose last CTA to arrive orders <=
+    FUSED_TOPK_MAX_SLOTS visible keys (ranks <= 256, else a bitonic sort; 64-key score CTAs up to T 4096), cluster =
+    IndexerTopK whose first 8 CTAs form a cluster and rank <= 1024 visible keys through DSMEM, last-c128 = last with
+    128-key score CTAs, sorted = last with the bitonic sort even for <= 256 keys; beyond what IndexerTopK covers
+    + TopKSelectVisible. Each variant is one CUDA graph of `chain` dependent calls (PDL between them, as in the
+    decode step); us/call = replay time / chain, median of `rounds` rounds interleaving the variants."""
+    dev, g = torch.device("cuda"), torch.Generator().manual_seed(0)
+    nh, d, scale = 64, 128, 128 ** -0.5 * 64 ** -0.5
+    print(f"indexer top-k, {torch.cuda.get_device_name()}, B=1, {nh} heads x {d}, top 512, chain of {chain} calls "
+          f"per graph, median of {rounds} interleaved rounds (us per call)")
+    print(f"{'T':>6} {'pos':>7} {'V':>6} |" + "".join(f" {n:>9}" for n in INDEXER_VARIANTS) + " | new-old")
+    for T, pos in INDEXER_CASES:
+        q = torch.randn(1, 1, nh, d, generator=g).to(dev, torch.bfloat16)
+        keys = torch.randn(1, T, d, generator=g).to(dev, torch.bfloat16)
+        w = torch.randn(1, 1, nh, generator=g).to(dev, torch.bfloat16)
+        p = torch.tensor([pos], device=dev)
+        graphs, outs = {}, {}
+        for name, knobs in INDEXER_VARIANTS.items():
+            saved = {f: getattr(K, f) for f in knobs}
+            for f, v in knobs.items():
+                setattr(K, f, v)
+            call = lambda: K.indexer_topk_decode(q, keys, w, p, 512, weight_scale=scale)   # noqa: E731
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                call()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=s):              # the warm-up's stream: its counters exist
+                res = [call() for _ in range(chain)]
+            graphs[name], outs[name] = graph, res[-1]
+            for f, v in saved.items():
+                setattr(K, f, v)
+        times = {name: [] for name in graphs}
+        for _ in range(rounds):
+            for name, graph in graphs.items():
+                graph.replay()
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(10):
+                    graph.replay()
+                b.record()
+                b.synchronize()
+                times[name].append(a.elapsed_time(b) * 1000 / (10 * chain))
+        med = {name: statistics.median(v) for name, v in times.items()}
+        same = all(torch.equal(outs[n], outs["old"]) for n in outs)
+        print(f"{T:>6} {pos:>7} {min((pos + 1) // 4, T):>6} |" + "".join(f" {med[n]:9.2f}" for n in med)
+              + f" | {med['new'] - med['old']:+7.2f}" + ("" if same else "  OUTPUTS DIFFER"), flush=True)
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
-    if what not in ("moe", "moe-profile", "decode", "dist"):
-        print(f"unknown benchmark {what!r} (known: moe, moe-profile, decode, dist)", file=sys.stderr)
+    if what not in ("moe", "moe-profile", "decode", "dist", "indexer"):
+        print(f"unknown benchmark {what!r} (known: moe, moe-profile, decode, dist, indexer)", file=sys.stderr)
         sys.exit(2)
-    if not torch.cuda.is_available() or (what.startswith("moe") and not K.HAVE_CUTE):
+    if not torch.cuda.is_available() or ((what.startswith("moe") or what == "indexer") and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if what.startswith("moe") else ""), file=sys.stderr)
         sys.exit(2)
     if what == "moe" and "--prefill-warm" in sys.argv:
@@ -1264,6 +1330,8 @@ if __name__ == "__main__":
         profile_moe()
     elif what == "decode":
         bench_decode(parse_args(sys.argv[2:]))
+    elif what == "indexer":
+        bench_indexer()
     elif sys.argv[2] == "write":
         write(sys.argv[3], "--small" in sys.argv)
     elif sys.argv[2] == "run":

@@ -5387,8 +5387,9 @@ def compressor_decode_reference(comp, a: torch.Tensor, g: torch.Tensor, pos: tor
 #   through distributed shared memory (SparseAttentionDecodeCluster). SparseAttentionDecode is the earlier variant
 #   that combines through global memory (last CTA to arrive).
 # - indexer_topk_decode: the lightning indexer's scores in one kernel (tensor-core q·k, relu, head weights, head sum,
-#   future-block mask) written as order-preserving int64 sort keys (score, then lower index first), then a radix
-#   select + rank sort kernel (TopKSelect) gives exactly the reference's stable descending order: 2 kernels.
+#   future-block mask) written as order-preserving int64 sort keys (score, then lower index first); the last CTA to
+#   finish orders the visible keys (rank or bitonic sort; IndexerTopK): exactly the reference's stable descending
+#   order in 1 kernel (beyond FUSED_TOPK_MAX_SLOTS visible keys + a radix select + rank sort kernel, TopKSelect*).
 # - gate_decode: dsv4.Gate.forward (sqrtsoftplus router, biased top-k or hash routing) in one kernel.
 #
 # Each torch-facing function has its pure-torch reference beside it (dsv4.py's own code); the function falls back to
@@ -5399,6 +5400,13 @@ HEAD_TILE = 16          # attention heads per CTA (one m16 tensor-core tile)
 ATTN_CHUNK = 64         # keys per CTA (window slots first, then the compressed keys)
 INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
+FUSED_TOPK = True       # indexer: scores + top-k of the visible keys in one launch (IndexerTopK; beyond what it
+                        # covers + TopKSelectVisible), else IndexerScores + TopKSelect
+TOPK_CLUSTER = True     # IndexerTopK where T <= 8 x INDEX_CHUNK: its CTAs form one cluster and rank the visible keys
+                        # through DSMEM; else the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (a power of 2)
+FUSED_TOPK_MAX_SLOTS = 1024
+FUSED_SMALL_CHUNK_MAX_T = 4096   # last-CTA mode: 64-key score CTAs up to this many key slots (else INDEX_CHUNK)
+TOPK_RANK_MAX = 256     # last-CTA mode: <= this many visible keys are ordered by ranking, more by a bitonic sort
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
 
 
@@ -6110,12 +6118,8 @@ if HAVE_CUTE:
             _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             blk, b, _ = cute.arch.block_idx()
-            warp = tidx // 32
-            lane = tidx % 32
-            g = lane // 4
-            t = lane % 4
             T = cute.size(mK, mode=[1])
-            chunk, row, vec = self.chunk, self.row, self.words // 4
+            chunk = self.chunk
             t0 = blk * chunk
             visible = (mPos[0].to(Int32) + 1) // ratio
             if t0 >= visible:                       # all future blocks: below every real score, decode to -1
@@ -6125,64 +6129,295 @@ if HAVE_CUTE:
             else:
                 smem = _SmemAllocator()
                 storage = smem.allocate(self.shared_storage)
-                sK = storage.sK.get_tensor(cute.make_layout((chunk, row), stride=(row, 1)))
-                sQ = storage.sQ.get_tensor(cute.make_layout((self.nh, row), stride=(row, 1)))
-                for i in cutlass.range(tidx, self.nh * vec, self.threads, unroll=4):
-                    r = i // vec
-                    c = i % vec
-                    gaddr = (mQ.iterator + cute.crd2idx((b, r, 4 * c), mQ.layout)).toint()
-                    cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, 16)
-                for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
-                    r = i // vec
-                    c = i % vec
-                    nbytes = Int32(0)
-                    if t0 + r < visible:
-                        nbytes = Int32(16)
-                    gaddr = (mK.iterator + cute.crd2idx((b, cutlass.min(t0 + r, T - 1), 4 * c), mK.layout)).toint()
-                    cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
-                # head weights of this thread's rows: g + 8*e2 + 16*mt
-                wv = cute.make_rmem_tensor((self.m_tiles * 2,), Float32)
-                for mt in cutlass.range_constexpr(self.m_tiles):
-                    for e2 in cutlass.range_constexpr(2):
-                        if const_expr(self.w_bf16):
-                            wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g].to(Float32) * w_scale
-                        else:
-                            wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g]
-                cute.arch.cp_async_commit_group()
-                cute.arch.cp_async_wait_group(0)
-                cute.arch.sync_threads()
+                self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale)
 
-                key0 = warp * (chunk // 8)
-                acc = cute.make_rmem_tensor((self.m_tiles * self.key_tiles * 4,), Float32)
-                acc.fill(0.0)
-                for kk in cutlass.range_constexpr(self.hd // 16):
-                    for j in cutlass.range_constexpr(self.key_tiles):
-                        n = key0 + 8 * j + g
-                        b0 = sK[n, kk * 8 + t]
-                        b1 = sK[n, kk * 8 + 4 + t]
-                        for mt in cutlass.range_constexpr(self.m_tiles):
-                            a = 4 * (mt * self.key_tiles + j)
-                            d = mma_bf16_16816(sQ[16 * mt + g, kk * 8 + t], sQ[16 * mt + g + 8, kk * 8 + t],
-                                               sQ[16 * mt + g, kk * 8 + 4 + t], sQ[16 * mt + g + 8, kk * 8 + 4 + t],
-                                               b0, b1, acc[a], acc[a + 1], acc[a + 2], acc[a + 3])
-                            for e in cutlass.range_constexpr(4):
-                                acc[a + e] = d[e]
+        @cute.jit
+        def score_chunk(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, storage,
+                        b: Int32, t0: Int32, visible: Int32, w_scale: Float32, sOut=None):
+            """keys_out[b, t0 .. t0+chunk) of one CTA (some of them visible): q and the keys -> smem, mma.sync, relu,
+            head weights, head sum, sort keys (sOut: into this smem [chunk] instead of mOut)."""
+            tidx, _, _ = cute.arch.thread_idx()
+            warp = tidx // 32
+            lane = tidx % 32
+            g = lane // 4
+            t = lane % 4
+            T = cute.size(mK, mode=[1])
+            chunk, row, vec = self.chunk, self.row, self.words // 4
+            sK = storage.sK.get_tensor(cute.make_layout((chunk, row), stride=(row, 1)))
+            sQ = storage.sQ.get_tensor(cute.make_layout((self.nh, row), stride=(row, 1)))
+            for i in cutlass.range(tidx, self.nh * vec, self.threads, unroll=4):
+                r = i // vec
+                c = i % vec
+                gaddr = (mQ.iterator + cute.crd2idx((b, r, 4 * c), mQ.layout)).toint()
+                cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, 16)
+            for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
+                r = i // vec
+                c = i % vec
+                nbytes = Int32(0)
+                if t0 + r < visible:
+                    nbytes = Int32(16)
+                gaddr = (mK.iterator + cute.crd2idx((b, cutlass.min(t0 + r, T - 1), 4 * c), mK.layout)).toint()
+                cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+            # head weights of this thread's rows: g + 8*e2 + 16*mt
+            wv = cute.make_rmem_tensor((self.m_tiles * 2,), Float32)
+            for mt in cutlass.range_constexpr(self.m_tiles):
+                for e2 in cutlass.range_constexpr(2):
+                    if const_expr(self.w_bf16):
+                        wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g].to(Float32) * w_scale
+                    else:
+                        wv[2 * mt + e2] = mW[b, 16 * mt + 8 * e2 + g]
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.sync_threads()
+
+            key0 = warp * (chunk // 8)
+            acc = cute.make_rmem_tensor((self.m_tiles * self.key_tiles * 4,), Float32)
+            acc.fill(0.0)
+            for kk in cutlass.range_constexpr(self.hd // 16):
                 for j in cutlass.range_constexpr(self.key_tiles):
-                    for e1 in cutlass.range_constexpr(2):          # key 2t + e1 of tile j
-                        s = Float32(0.0)
-                        for mt in cutlass.range_constexpr(self.m_tiles):
-                            for e2 in cutlass.range_constexpr(2):  # row g + 8*e2
-                                v = acc[4 * (mt * self.key_tiles + j) + 2 * e2 + e1]
-                                s = s + cute.math.max(v, Float32(0.0)) * wv[2 * mt + e2]
-                        for o in cutlass.range_constexpr(3):
-                            s = s + cute.arch.shuffle_sync_bfly(s, 4 << o)
-                        key = t0 + key0 + 8 * j + 2 * t + e1
-                        if g == 0 and key < T:
-                            kv = Int64(-(2 ** 63))
-                            if key < visible:
-                                kv = score_key(s, key)
+                    n = key0 + 8 * j + g
+                    b0 = sK[n, kk * 8 + t]
+                    b1 = sK[n, kk * 8 + 4 + t]
+                    for mt in cutlass.range_constexpr(self.m_tiles):
+                        a = 4 * (mt * self.key_tiles + j)
+                        d = mma_bf16_16816(sQ[16 * mt + g, kk * 8 + t], sQ[16 * mt + g + 8, kk * 8 + t],
+                                           sQ[16 * mt + g, kk * 8 + 4 + t], sQ[16 * mt + g + 8, kk * 8 + 4 + t],
+                                           b0, b1, acc[a], acc[a + 1], acc[a + 2], acc[a + 3])
+                        for e in cutlass.range_constexpr(4):
+                            acc[a + e] = d[e]
+            for j in cutlass.range_constexpr(self.key_tiles):
+                for e1 in cutlass.range_constexpr(2):          # key 2t + e1 of tile j
+                    s = Float32(0.0)
+                    for mt in cutlass.range_constexpr(self.m_tiles):
+                        for e2 in cutlass.range_constexpr(2):  # row g + 8*e2
+                            v = acc[4 * (mt * self.key_tiles + j) + 2 * e2 + e1]
+                            s = s + cute.math.max(v, Float32(0.0)) * wv[2 * mt + e2]
+                    for o in cutlass.range_constexpr(3):
+                        s = s + cute.arch.shuffle_sync_bfly(s, 4 << o)
+                    key = t0 + key0 + 8 * j + 2 * t + e1
+                    if g == 0 and key < T:
+                        kv = Int64(-(2 ** 63))
+                        if key < visible:
+                            kv = score_key(s, key)
+                        if const_expr(sOut is None):
                             mOut[b, key] = kv
+                        else:
+                            sOut[key - t0] = kv
 
+
+    @dsl_user_op
+    def load_dsmem_i64(local_addr, rank, *, loc=None, ip=None) -> Int64:
+        """int64 at this shared-memory address in the cluster CTA `rank` (distributed shared memory)."""
+        return Int64(_llvm.inline_asm(_T.i64(), [Int32(local_addr).ir_value(loc=loc, ip=ip),
+                                                 Int32(rank).ir_value(loc=loc, ip=ip)],
+                                      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, $1, $2;\n"
+                                      "ld.shared::cluster.u64 $0, [ra];\n}", "=l,r,r", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    class IndexerTopK(IndexerScores):
+        """IndexerScores + the top-k in one launch: out[b, 0, :] = block ids of the k largest sort keys of row b in
+        descending key order, i.e. exactly TopKSelect's / torch.topk's output, where V = min((pos+1)//ratio, T) <=
+        max_slots (else only the keys, for TopKSelectVisible). Only the visible keys need ordering (the future ones
+        are all INT64_MIN = -1 and sort last), so only the CTAs holding visible keys run: each writes its keys to the
+        scratch row keys[b] (global, L2), then takes an arrival ticket (counter[b]); the last one to arrive (no
+        co-residency assumption) loads the V keys into smem and orders them: V <= rank_max (<= 256 threads): each
+        thread ranks one key against all V (keys are unique: rank = number of larger keys = its output slot); else a
+        bitonic sort of the V keys padded with INT64_MIN to the next power of two P (log2(P)(log2(P)+1)/2 smem
+        stages). Slots past min(V, P) get -1. V = 0: CTA 0 writes k times -1. cluster > 0 (T <= cluster x chunk):
+        see cluster_select."""
+
+        def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int = 0):
+            super().__init__(n_heads, head_dim, chunk, w_bf16)
+            assert max_slots & (max_slots - 1) == 0
+            self.max_slots, self.cluster = max_slots, cluster
+            if cluster:                  # 2 threads rank each key of a CTA; all cluster keys fit the smem slots
+                assert cluster <= 8 and 2 * chunk == self.threads and cluster * chunk <= max_slots
+
+        @cute.jit
+        def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mKeys: cute.Tensor,
+                     mOut: cute.Tensor, mCount: cute.Tensor, ratio: Int32, w_scale: Float32, rank_max: Int32, stream):
+            B = cute.size(mK, mode=[0])
+            T = cute.size(mK, mode=[1])
+
+            @cute.struct
+            class SharedStorage:
+                sK: cute.struct.Align[cute.struct.MemRange[Int32, self.chunk * self.row], 16]
+                sQ: cute.struct.Align[cute.struct.MemRange[Int32, self.nh * self.row], 16]
+                sSel: cute.struct.Align[cute.struct.MemRange[Int64, self.max_slots], 16]
+                sMine: cute.struct.Align[cute.struct.MemRange[Int64, self.chunk], 16]
+                flag: cute.struct.MemRange[Int32, 4]
+
+            self.shared_storage = SharedStorage
+            if const_expr(self.cluster > 0):                            # T <= cluster x chunk
+                self.kernel(mQ, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
+                    grid=[self.cluster, B, 1], block=[self.threads, 1, 1], cluster=[self.cluster, 1, 1],
+                    stream=stream, use_pdl=GLUE_PDL)
+            else:
+                self.kernel(mQ, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
+                    grid=[(T + self.chunk - 1) // self.chunk, B, 1], block=[self.threads, 1, 1], stream=stream,
+                    use_pdl=GLUE_PDL)
+
+        @cute.kernel
+        def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor, mKeys: cute.Tensor,
+                   mOut: cute.Tensor, mCount: cute.Tensor, ratio: Int32, w_scale: Float32, rank_max: Int32):
+            _pdl_enter()
+            tidx, _, _ = cute.arch.thread_idx()
+            blk, b, _ = cute.arch.block_idx()
+            T = cute.size(mK, mode=[1])
+            k = cute.size(mOut, mode=[2])
+            nth = self.threads
+            visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, T)
+            n_vis = (visible + self.chunk - 1) // self.chunk            # CTAs holding visible keys
+            t0 = blk * self.chunk
+            if visible == 0:
+                if blk == 0:
+                    for i in cutlass.range(tidx, k, nth, unroll=1):
+                        mOut[b, 0, i] = Int64(-1)
+            elif const_expr(self.cluster > 0):                          # one cluster holds all T keys
+                self.cluster_select(mQ, mK, mW, mOut, b, blk, t0, visible, w_scale)
+            elif blk < n_vis:
+                smem = _SmemAllocator()
+                storage = smem.allocate(self.shared_storage)
+                flag = storage.flag.get_tensor(cute.make_layout(4))
+                sSel = storage.sSel.get_tensor(cute.make_layout(self.max_slots))
+                self.score_chunk(mQ, mK, mW, mKeys, storage, b, t0, visible, w_scale)
+                if visible <= self.max_slots:                           # else TopKSelectVisible selects
+                    cute.arch.fence_acq_rel_gpu()
+                    cute.arch.sync_threads()
+                    if tidx == 0:
+                        flag[0] = cute.arch.atomic_add(mCount.iterator + b, Int32(1), sem="acq_rel", scope="gpu")
+                    cute.arch.sync_threads()
+                    if flag[0] == n_vis - 1:                            # last CTA of row b: all V keys written
+                        cute.arch.fence_acq_rel_gpu()
+                        if tidx == 0:
+                            mCount[b] = 0                               # zero again for the next launch
+                        self.select_visible(mKeys, mOut, sSel, b, visible, rank_max)
+
+        @cute.jit
+        def count_larger(self, sSel: cute.Tensor, mine: Int64, start: Int32, stop: Int32, step: int) -> Int32:
+            """Number of keys sSel[j] > mine for j = start, start + step, .. < stop: 8 loads in flight per step of
+            the loop (a plain loop waits one smem latency per key)."""
+            n = (stop - start + step - 1) // step
+            n8 = n // 8 * 8
+            cnt = Int32(0)
+            for m in cutlass.range(0, n8, 8, unroll=1):
+                vals = [sSel[start + (m + u) * step] for u in range(8)]
+                for u in cutlass.range_constexpr(8):
+                    if vals[u] > mine:
+                        cnt = cnt + 1
+            for m in cutlass.range(n8, n, unroll=1):
+                if sSel[start + m * step] > mine:
+                    cnt = cnt + 1
+            return cnt
+
+        @cute.jit
+        def cluster_select(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, b: Int32,
+                           blk: Int32, t0: Int32, visible: Int32, w_scale: Float32):
+            """Cluster mode (T <= cluster x chunk): CTA blk (its rank in the cluster) scores its keys into its smem;
+            after a cluster barrier every CTA holding visible keys copies the V keys from its peers (DSMEM) and ranks
+            its own keys against all of them (2 threads per key), writing each to its output slot; then the -1 tail."""
+            tidx, _, _ = cute.arch.thread_idx()
+            k = cute.size(mOut, mode=[2])
+            nth = self.threads
+            smem = _SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            sSel = storage.sSel.get_tensor(cute.make_layout(self.max_slots))
+            sMine = storage.sMine.get_tensor(cute.make_layout(self.chunk))
+            if t0 < visible:
+                self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale, sOut=sMine)
+            cute.arch.cluster_arrive()                                  # keys in smem -> visible to the peers
+            cute.arch.cluster_wait()
+            if t0 < visible:
+                mine_addr = sMine.iterator.toint()
+                per = (self.cluster * self.chunk + nth - 1) // nth
+                ld = cute.make_rmem_tensor((per,), Int64)
+                for r in cutlass.range_constexpr(per):                  # all loads in flight
+                    i = tidx + r * nth
+                    if i < visible:
+                        ld[r] = load_dsmem_i64(mine_addr + (i % self.chunk) * 8, i // self.chunk)
+                for r in cutlass.range_constexpr(per):
+                    if tidx + r * nth < visible:
+                        sSel[tidx + r * nth] = ld[r]
+                cute.arch.sync_threads()
+                e = t0 + tidx // 2                                      # this thread's key; j of parity tidx % 2
+                mine = Int64(-(2 ** 63))
+                if e < visible:
+                    mine = sSel[e]
+                rank = self.count_larger(sSel, mine, tidx % 2, visible, 2)
+                rank = rank + cute.arch.shuffle_sync_bfly(rank, 1)
+                if e < visible and tidx % 2 == 0 and rank < k:
+                    mOut[b, 0, rank] = sort_key_block(mine)
+            for i in cutlass.range(cutlass.min(visible, k) + blk * nth + tidx, k, self.cluster * nth, unroll=1):
+                mOut[b, 0, i] = Int64(-1)
+            cute.arch.cluster_arrive()                                  # peers keep their smem until it is read
+            cute.arch.cluster_wait()
+
+        @cute.jit
+        def select_visible(self, mKeys: cute.Tensor, mOut: cute.Tensor, sSel: cute.Tensor, b: Int32, visible: Int32,
+                           rank_max: Int32):
+            """out[b, 0, :] from the V = visible keys of row b (in global memory, written by this launch's CTAs)."""
+            tidx, _, _ = cute.arch.thread_idx()
+            k = cute.size(mOut, mode=[2])
+            nth = self.threads
+            int64_min = Int64(-(2 ** 63))
+            P = Int32(1)
+            while P < visible:
+                P = P * 2
+            per = (self.max_slots + nth - 1) // nth                 # keys per thread (static: all loads in flight)
+            ld = cute.make_rmem_tensor((per,), Int64)
+            for r in cutlass.range_constexpr(per):
+                ld[r] = int64_min
+                if tidx + r * nth < visible:
+                    ld[r] = cute.arch.load(mKeys.iterator + cute.crd2idx((b, tidx + r * nth), mKeys.layout), Int64,
+                                           cop="cg")
+            for r in cutlass.range_constexpr(per):
+                if tidx + r * nth < P:
+                    sSel[tidx + r * nth] = ld[r]
+            cute.arch.sync_threads()
+            n_out = cutlass.min(visible, k)
+            if visible <= cutlass.min(rank_max, nth):
+                if tidx < visible:                      # rank = number of larger keys = out slot
+                    mine = sSel[tidx]
+                    rank = self.count_larger(sSel, mine, Int32(0), visible, 1)
+                    if rank < k:
+                        mOut[b, 0, rank] = sort_key_block(mine)
+            else:
+                # bitonic sort, descending: stage (size, stride) orders pairs (lo, lo + stride), lo's bit `stride`
+                # clear; runs of `size` alternate descending / ascending, the last one (size P) descending
+                # (each thread: its pairs' loads first, then the compare-exchanges: one smem latency per stage)
+                pairs = cutlass.max(self.max_slots // (2 * nth), 1)
+                ra = cute.make_rmem_tensor((pairs,), Int64)
+                rc = cute.make_rmem_tensor((pairs,), Int64)
+                half = P // 2
+                size = Int32(2)
+                while size <= P:
+                    stride = size // 2
+                    while stride > 0:
+                        for r in cutlass.range_constexpr(pairs):
+                            i = tidx + r * nth
+                            if i < half:
+                                lo = 2 * i - (i & (stride - 1))
+                                ra[r] = sSel[lo]
+                                rc[r] = sSel[lo + stride]
+                        for r in cutlass.range_constexpr(pairs):
+                            i = tidx + r * nth
+                            if i < half:
+                                lo = 2 * i - (i & (stride - 1))
+                                a = ra[r]
+                                c = rc[r]
+                                swap = a > c                    # ascending run: the larger one moves up
+                                if (lo & size) == 0:
+                                    swap = a < c                # descending run
+                                if swap:
+                                    sSel[lo] = c
+                                    sSel[lo + stride] = a
+                        cute.arch.sync_threads()
+                        stride = stride // 2
+                    size = size * 2
+                for i in cutlass.range(tidx, n_out, nth, unroll=1):
+                    mOut[b, 0, i] = sort_key_block(sSel[i])
+            for i in cutlass.range(n_out + tidx, k, nth, unroll=1):
+                mOut[b, 0, i] = Int64(-1)
 
     @dsl_user_op
     def match_any(v, *, loc=None, ip=None) -> Int32:
@@ -6207,6 +6442,8 @@ if HAVE_CUTE:
         key K* is known. Keys > K* (fewer than k, unique) are compacted by a block scan and placed by rank (count
         of larger ones); the remaining slots take K*."""
 
+        visible_only = False                                      # TopKSelectVisible
+
         def __init__(self, keys_per_thread: int, max_k: int = 1024):
             self.n, self.max_k, self.threads = keys_per_thread, max_k, 1024
 
@@ -6227,11 +6464,15 @@ if HAVE_CUTE:
         @cute.kernel
         def kernel(self, mKeys: cute.Tensor, mOut: cute.Tensor):
             _pdl_enter()
-            tidx, _, _ = cute.arch.thread_idx()
             b, _, _ = cute.arch.block_idx()
+            self.select(mKeys, mOut, b, cute.size(mKeys, mode=[1]))
+
+        @cute.jit
+        def select(self, mKeys: cute.Tensor, mOut: cute.Tensor, b: Int32, T: Int32):
+            """The top-k of row b's keys 0..T-1 (the rest of the 1024 x keys_per_thread slots count as INT64_MIN)."""
+            tidx, _, _ = cute.arch.thread_idx()
             warp = tidx // 32
             lane = tidx % 32
-            T = cute.size(mKeys, mode=[1])
             k = cute.size(mOut, mode=[2])
             smem = _SmemAllocator()
             storage = smem.allocate(self.shared_storage)
@@ -6260,9 +6501,15 @@ if HAVE_CUTE:
                     if const_expr(p > 0):
                         if (u[i] >> (shift + 8)) != (prefix >> (shift + 8)):
                             d = Int32(256)                        # not under the prefix: counted nowhere
-                    peers = match_any(d)
-                    if d < 256 and (peers & ((Int32(1) << lane) - 1)) == 0:     # lowest lane of its bin
-                        cute.arch.atomic_add(hist.iterator + d, cute.arch.popc(peers), scope="cta")
+                    if const_expr(self.visible_only and p > 0):
+                        if cute.arch.vote_any_sync(d < 256):      # (most warps have no key under the prefix)
+                            peers = match_any(d)
+                            if d < 256 and (peers & ((Int32(1) << lane) - 1)) == 0:
+                                cute.arch.atomic_add(hist.iterator + d, cute.arch.popc(peers), scope="cta")
+                    else:
+                        peers = match_any(d)
+                        if d < 256 and (peers & ((Int32(1) << lane) - 1)) == 0:     # lowest lane of its bin
+                            cute.arch.atomic_add(hist.iterator + d, cute.arch.popc(peers), scope="cta")
                 cute.arch.sync_threads()
                 if warp == 0:                                     # lane l: bins 255-8l .. 248-8l, top first
                     hs = cute.make_rmem_tensor((8,), Int32)
@@ -6348,6 +6595,37 @@ if HAVE_CUTE:
             _T.i32(), [Float32(v).ir_value(loc=loc, ip=ip)],
             "{\n.reg .b32 b, t;\nmov.b32 b, $1;\nshr.s32 t, b, 31;\nand.b32 t, t, 0x7fffffff;\nxor.b32 $0, b, t;\n}",
             "=r,f", has_side_effects=False, loc=loc, ip=ip))
+
+    class TopKSelectVisible(TopKSelect):
+        """TopKSelect after IndexerTopK(max_slots = limit) where T > limit: runs only where V = min((pos+1)//ratio, T)
+        > limit (IndexerTopK has written the output otherwise) and reads only the V visible keys (IndexerTopK writes
+        no keys past the CTAs holding visible ones; the rest count as INT64_MIN, as they would be). Radix passes after
+        the first skip match.any in warps with no key under the prefix. Same selection, same bits as TopKSelect."""
+        visible_only = True
+
+        @cute.jit
+        def __call__(self, mKeys: cute.Tensor, mOut: cute.Tensor, mPos: cute.Tensor, ratio: Int32, limit: Int32,
+                     stream):
+            B = cute.size(mKeys, mode=[0])
+
+            @cute.struct
+            class SharedStorage:
+                sel: cute.struct.MemRange[Int64, self.max_k]
+                hist: cute.struct.MemRange[Int32, 256]
+                warp_sum: cute.struct.MemRange[Int32, 32]
+                ctrl: cute.struct.MemRange[Int64, 4]
+
+            self.shared_storage = SharedStorage
+            self.kernel(mKeys, mOut, mPos, ratio, limit).launch(grid=[B, 1, 1], block=[self.threads, 1, 1],
+                                                                stream=stream, use_pdl=GLUE_PDL)
+
+        @cute.kernel
+        def kernel(self, mKeys: cute.Tensor, mOut: cute.Tensor, mPos: cute.Tensor, ratio: Int32, limit: Int32):
+            _pdl_enter()
+            b, _, _ = cute.arch.block_idx()
+            visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, cute.size(mKeys, mode=[1]))
+            if visible > limit:
+                self.select(mKeys, mOut, b, visible)
 
     class MoeGateDecode:
         """Router for a few tokens (decode): logits = x·W^T (fp32), s = sqrt(softplus(logits)); hash layers take
@@ -6639,14 +6917,40 @@ def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf
     return _load_or_compile(("sidx", GLUE_PDL, n_heads, head_dim, chunk) + (("w_bf16",) if w_bf16 else ()), build)
 
 
-def _compile_topk(keys_per_thread: int):
+def _compile_topk(keys_per_thread: int, visible_only: bool = False):
     def build():
         B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
         args = (cute.runtime.make_fake_compact_tensor(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
-                cute.runtime.make_fake_compact_tensor(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
-                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return TopKSelect(keys_per_thread), args
-    return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread), build)
+                cute.runtime.make_fake_compact_tensor(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8))
+        if visible_only:
+            args += (cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8), Int32(4), Int32(4096))
+        args += (cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),)
+        return (TopKSelectVisible if visible_only else TopKSelect)(keys_per_thread), args
+    return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread) + (("visible",) if visible_only else ()), build)
+
+
+def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: int = INDEX_CHUNK,
+                          w_bf16: bool = False, cluster: int = 0):
+    def build():
+        B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        words = head_dim // 2
+        mk = cute.runtime.make_fake_compact_tensor
+        args = (mk(Int32, (B, n_heads, words), stride_order=(2, 1, 0), assumed_align=16),
+                mk(Int32, (B, T, words), stride_order=(2, 1, 0), assumed_align=16),
+                mk(BFloat16 if w_bf16 else Float32, (B, n_heads), stride_order=(1, 0),
+                   assumed_align=2 if w_bf16 else 4),
+                mk(Int64, (1,), assumed_align=8),
+                mk(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
+                mk(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
+                mk(Int32, (cute.sym_int(),), assumed_align=4),
+                Int32(4), Float32(1.0), Int32(256), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return IndexerTopK(n_heads, head_dim, chunk, w_bf16, max_slots, cluster), args
+    return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster), build)
+
+
+def fused_topk_slots(T: int) -> int:
+    """Static smem size (key slots, a power of two >= T) of the one-launch indexer top-k."""
+    return 1 << max(T - 1, 1).bit_length()
 
 
 def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0",
@@ -6736,9 +7040,11 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
 
 def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight_scale: float | None = None):
     """Indexer._top_blocks for one query per sequence (signature and semantics of indexer_topk_reference): one CuTe
-    DSL kernel writes int64 sort keys (score, then lower index first; future blocks lowest), torch.topk picks the
-    largest min(topk, T) (unique keys: the order is exactly the stable sort's), the low word gives the block id
-    (-1 for future blocks). weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
+    DSL kernel writes int64 sort keys (score, then lower index first; future blocks lowest), the largest min(topk, T)
+    in descending order (unique keys: the order is exactly the stable sort's) give the block ids (their low words;
+    -1 for future blocks). FUSED_TOPK: the scoring kernel's last CTA orders up to FUSED_TOPK_MAX_SLOTS visible keys
+    itself (one launch), TopKSelectVisible takes more; else TopKSelect (DEVICE_TOPK) or torch.topk after it, the same
+    bits. weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
     reason = _gpu_ok(q, keys)
     B, _, nh, d = q.shape
     if reason is None and (nh % 16 or d % 64 or q.shape[1] != 1):
@@ -6752,12 +7058,29 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     w = weights.detach().reshape(B, nh)
     if weight_scale is not None and not w_bf16:
         w = w.float() * weight_scale
+    k = min(topk, T)
+    per_thread = -(-T // 1024)
+    radix_ok = k <= 512 and per_thread <= 32                       # TopKSelect's limits
+    # one launch orders up to `covered` visible keys (a cluster of <= 8 CTAs, or the last CTA); more: TopKSelectVisible
+    cluster = -(-T // INDEX_CHUNK) if TOPK_CLUSTER and 2 * INDEX_CHUNK == 256 and T <= 8 * INDEX_CHUNK else 0
+    covered = cluster * INDEX_CHUNK if cluster else fused_topk_slots(min(T, FUSED_TOPK_MAX_SLOTS))
+    chunk = INDEX_CHUNK if cluster or T > FUSED_SMALL_CHUNK_MAX_T else 64     # (R1 H100: 64 faster to T 4096)
+    if DEVICE_TOPK and FUSED_TOPK and (T <= covered or radix_ok):
+        slots = fused_topk_slots(covered)
+        out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
+        if POISON:          # tests: an unwritten pick shows up as -7, an unwritten visible key as a top pick
+            out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
+        _compile_indexer_topk(nh, d, slots, chunk, w_bf16, cluster)(
+            q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
+            w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys, out,
+            arrival_counters(q.device, B, 1024), int(ratio), float(weight_scale) if w_bf16 else 1.0, TOPK_RANK_MAX)
+        if T > covered:
+            _compile_topk(per_thread, True)(sort_keys, out, pos, int(ratio), covered)
+        return out
     _compile_indexer(nh, d, INDEX_CHUNK, w_bf16)(q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
                                                  w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys,
                                                  int(ratio), float(weight_scale) if w_bf16 else 1.0)
-    k = min(topk, T)
-    per_thread = -(-T // 1024)
-    if DEVICE_TOPK and k <= 512 and per_thread <= 32:
+    if DEVICE_TOPK and radix_ok:
         out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
         _compile_topk(per_thread)(sort_keys, out)
         return out
