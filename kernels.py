@@ -5259,6 +5259,9 @@ ATTN_CHUNK = 64         # keys per CTA (window slots first, then the compressed 
 INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
+ATTN_WIDE = True        # attention: SparseAttentionDecodeWide (keys dealt over up to ATTN_MAX_SPLITS CTAs per head group)
+ATTN_MAX_SPLITS = 8     # cluster size cap of the wide kernel (> 8: non-portable cluster sizes, up to 16 on H100/H200)
+ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108 KB of smem, two CTAs per SM)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -5932,6 +5935,373 @@ if HAVE_CUTE:
             cute.arch.cluster_arrive()                             # peers may still read this CTA's partial
             cute.arch.cluster_wait()
 
+    @dsl_user_op
+    def read_clock64(*, loc=None, ip=None) -> Int64:
+        """The SM's cycle counter (phase stamps of the attention probe)."""
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %clock64;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
+    def read_globaltimer(*, loc=None, ip=None) -> Int64:
+        """The GPU-wide nanosecond timer (start / end stamps of the attention probe)."""
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
+    def store_b32x2(gmem_addr, w0, w1, *, loc=None, ip=None):
+        """One 8-byte global store of two words (4 bf16)."""
+        _llvm.inline_asm(None, [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(w0).ir_value(loc=loc, ip=ip),
+                                Int32(w1).ir_value(loc=loc, ip=ip)],
+                         "st.global.v2.b32 [$0], {$1, $2};", "l,r,r", has_side_effects=True, loc=loc, ip=ip)
+
+    class SparseAttentionDecodeWide:
+        """SparseAttentionDecodeCluster laid out for latency: grid (S, ceil(H/16), B) in clusters of the S <= 16
+        splits of one (b, head group); each CTA loads its keys ONCE (one chunk of <= `chunk` rows, a multiple of 16;
+        more chunks per CTA only for very long caches) and the combine runs in distributed shared memory.
+        - Key assignment. window / HCA: the valid keys are known from pos alone (ring slots s <= pos, then the
+          completed blocks j < (pos+1)//ratio), so the n valid keys are dealt evenly, ceil(n/S) per CTA: at pos 1000
+          an HCA layer's 135 keys take ~17 rows per CTA instead of 64-key chunks of mostly empty slots. CSA: key v of
+          [ring slots | picks] goes to CTA v // (chunks_per_cta * chunk) (a pick of -1 is a masked row).
+        - Before griddepcontrol.wait (PDL): pos, the sink of the group's heads and the cos/sin of this thread's
+          output columns for the inverse RoPE (none of them written by an earlier kernel of the step).
+        - After it: q and the key rows by cp.async (CSA: the thread that copies a row reads its pick itself, no
+          extra shared-memory pass); rows past the CTA's count are neither copied nor multiplied.
+        - QK^T / online softmax / PV by mma.sync as in SparseAttentionDecodeCluster (probabilities rounded to bf16;
+          thread `part` of a head takes key pairs part, part+16, ..). The combine: 16 threads form each head's
+          split weights once (M = max(sink, m_s), w_s = exp(m_s - M), Z = exp(sink - M) + sum_s z_s w_s, s = 0..S-1),
+          then every thread combines its 4-column units (o = sum_s w_s o_s in order s, times 1/Z, bf16; the last
+          rope_dim columns rotated back) and stores 8 bytes.
+        stamps: thread 0 of each CTA writes %globaltimer / %clock64 at the phase borders into mStamp (probe)."""
+
+        N_STAMPS = 16
+
+        def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
+                     rope_dim: int = 0, stamps: bool = False):
+            assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
+            assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
+            assert rope_dim % 4 == 0 and rope_dim <= head_dim
+            self.hd, self.mode, self.splits, self.chunk, self.n_ch = head_dim, mode, splits, chunk, chunks_per_cta
+            self.rd, self.stamps = rope_dim, stamps
+            self.words = head_dim // 2
+            self.row = self.words + 4
+            self.p_row = chunk // 2 + 4
+            self.threads = 256
+            self.d_tiles = head_dim // 64
+            self.key_tiles = chunk // 8                      # n8 key tiles of QK^T
+            self.tiles_per_warp = -(-self.key_tiles // 8)
+            self.pairs_per_thread = -(-(chunk // 2) // 16)
+            self.units = HEAD_TILE * head_dim // 4           # 4-column output pieces of the group
+            self.units_per_thread = -(-self.units // (splits * self.threads))
+            self.copies = -(-chunk * (self.words // 4) // self.threads)     # 16-B pieces per thread and chunk
+            self.k_words = max(chunk * self.row, HEAD_TILE * head_dim)      # the partial o reuses the key rows
+
+        @cute.jit
+        def __call__(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
+                     mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
+                     mStamp: cute.Tensor, scale: Float32, ratio: Int32, stream):
+            B = cute.size(mQ, mode=[0])
+            H = cute.size(mQ, mode=[1])
+
+            @cute.struct
+            class SharedStorage:
+                sK: cute.struct.Align[cute.struct.MemRange[Int32, self.k_words], 16]
+                sQ: cute.struct.Align[cute.struct.MemRange[Int32, HEAD_TILE * self.row], 16]
+                sL: cute.struct.MemRange[Float32, HEAD_TILE * self.chunk]
+                sP: cute.struct.MemRange[Int32, HEAD_TILE * self.p_row]
+                sSrc: cute.struct.MemRange[Int32, self.chunk]
+                sAlpha: cute.struct.MemRange[Float32, HEAD_TILE]
+                sML: cute.struct.Align[cute.struct.MemRange[Float32, HEAD_TILE * 4], 16]
+                sW: cute.struct.MemRange[Float32, HEAD_TILE * 16]
+                sInv: cute.struct.MemRange[Float32, HEAD_TILE]
+
+            self.shared_storage = SharedStorage
+            self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, mStamp, scale, ratio).launch(
+                grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1],
+                cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL)
+
+        @cute.jit
+        def stamp(self, mStamp: cute.Tensor, slot: int, tidx, split, grp, b, n_grp, use_clock: bool = True):
+            if const_expr(self.stamps):
+                if tidx == 0:
+                    base = ((b * n_grp + grp) * self.splits + split) * self.N_STAMPS
+                    if const_expr(use_clock):
+                        mStamp[base + slot] = read_clock64()
+                    else:
+                        mStamp[base + slot] = read_globaltimer()
+
+        @cute.kernel
+        def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
+                   mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
+                   mStamp: cute.Tensor, scale: Float32, ratio: Int32):
+            tidx, _, _ = cute.arch.thread_idx()
+            split, grp, b = cute.arch.block_idx()
+            _, n_grp, _ = cute.arch.grid_dim()
+            self.stamp(mStamp, 0, tidx, split, grp, b, n_grp, False)
+            self.stamp(mStamp, 1, tidx, split, grp, b, n_grp)
+            warp = tidx // 32
+            lane = tidx % 32
+            g = lane // 4
+            t = lane % 4
+            H = cute.size(mQ, mode=[1])
+            W = cute.size(mWin, mode=[1])
+            Tc = cute.size(mComp, mode=[1])
+            S = self.splits
+            h0 = grp * HEAD_TILE
+            chunk, row, vec = self.chunk, self.row, self.words // 4
+            neg_inf = Float32(-math.inf)
+
+            smem = _SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            sK = storage.sK.get_tensor(cute.make_layout((chunk, row), stride=(row, 1)))
+            sO = cute.make_tensor(cute.recast_ptr(sK.iterator, dtype=Float32),
+                                  cute.make_layout((HEAD_TILE, self.hd), stride=(self.hd, 1)))
+            sQ = storage.sQ.get_tensor(cute.make_layout((HEAD_TILE, row), stride=(row, 1)))
+            sL = storage.sL.get_tensor(cute.make_layout((HEAD_TILE, chunk), stride=(chunk, 1)))
+            sP = storage.sP.get_tensor(cute.make_layout((HEAD_TILE, self.p_row), stride=(self.p_row, 1)))
+            sSrc = storage.sSrc.get_tensor(cute.make_layout(chunk))
+            sAlpha = storage.sAlpha.get_tensor(cute.make_layout(HEAD_TILE))
+            sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
+            sW = storage.sW.get_tensor(cute.make_layout((HEAD_TILE, 16), stride=(16, 1)))
+            sInv = storage.sInv.get_tensor(cute.make_layout(HEAD_TILE))
+
+            # ---- prologue: nothing here is written by an earlier kernel of the step (pos is set before the replay)
+            pos = mPos[0].to(Int32)
+            n_keys = Int32(0)                  # keys of the whole list (window / HCA: the valid ones, compacted)
+            n_win = cutlass.min(pos + 1, W)
+            per = Int32(self.n_ch * chunk)     # keys per CTA
+            if const_expr(self.mode == "csa"):
+                n_keys = W + cute.size(mIdx, mode=[1])
+            else:
+                n_keys = n_win
+                if const_expr(self.mode == "hca"):
+                    n_keys = n_win + cutlass.min((pos + 1) // ratio, Tc)
+                per = (n_keys + S - 1) // S
+            v_begin = split * per
+            n_mine = cutlass.max(cutlass.min(n_keys - v_begin, per), 0)
+            sink = Float32(0.0)
+            if tidx < HEAD_TILE:
+                sink = mSink[cutlass.min(h0 + tidx, H - 1)]
+            cs = cute.make_rmem_tensor((self.units_per_thread * 4,), Float32)   # (cos, -sin) x 2 per unit
+            if const_expr(self.rd > 0):
+                p_ang = cutlass.max(pos, Int32(0))
+                for i in cutlass.range_constexpr(self.units_per_thread):
+                    a_u = split + S * (tidx + self.threads * i)
+                    a_col = (a_u % (self.hd // 4)) * 4
+                    if a_u < self.units and a_col >= self.hd - self.rd:
+                        for k2 in cutlass.range_constexpr(2):
+                            ang = mAng[p_ang, (a_col - (self.hd - self.rd)) // 2 + k2]
+                            cs[4 * i + 2 * k2] = cute.math.cos(ang)
+                            cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
+            self.stamp(mStamp, 2, tidx, split, grp, b, n_grp)
+            _pdl_enter()
+            self.stamp(mStamp, 3, tidx, split, grp, b, n_grp)
+
+            # q rows of the head group -> padded smem
+            for i in cutlass.range(tidx, HEAD_TILE * vec, self.threads, unroll=1):
+                r = i // vec
+                c = i % vec
+                head = cutlass.min(h0 + r, H - 1)
+                gaddr = (mQ.iterator + cute.crd2idx((b, head, 4 * c), mQ.layout)).toint()
+                nbytes = Int32(0)
+                if h0 + r < H:
+                    nbytes = Int32(16)
+                cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+            cute.arch.cp_async_commit_group()
+
+            hh = tidx // 16                     # softmax: head hh, key pairs part, part + 16, ..
+            part = tidx % 16
+            m_run = neg_inf
+            z_run = Float32(0.0)
+            d0 = warp * (self.hd // 8)          # PV: warp's d columns
+            sel = Int32(0x5410)
+            if g % 2 == 1:
+                sel = Int32(0x7632)
+            acc2 = cute.make_rmem_tensor((self.d_tiles * 4,), Float32)
+            acc2.fill(0.0)
+            for ch in cutlass.range(self.n_ch, unroll=1):
+                c0 = v_begin + ch * chunk
+                cnt = cutlass.max(cutlass.min(n_mine - ch * chunk, chunk), 0)
+                cnt16 = (cnt + 15) // 16 * 16
+                if cnt > 0:
+                    # key rows: row r of the chunk = list entry c0 + r; rows cnt..cnt16-1 zero-filled, the rest untouched
+                    for k in cutlass.range_constexpr(self.copies):
+                        i = tidx + self.threads * k
+                        r = i // vec
+                        c = i % vec
+                        if r < cnt16:
+                            v = c0 + r
+                            src = Int32(-1)
+                            if r < cnt:
+                                if const_expr(self.mode == "csa"):
+                                    if v < W:
+                                        if v <= pos:
+                                            src = v
+                                    else:
+                                        j = mIdx[b, v - W].to(Int32)
+                                        if j >= 0 and j < Tc:
+                                            src = W + j
+                                else:
+                                    src = v
+                                    if v >= n_win:
+                                        src = W + v - n_win
+                            gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
+                                                                  mWin.layout)).toint()
+                            if src >= W:
+                                gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
+                            nbytes = Int32(0)
+                            if src >= 0:
+                                nbytes = Int32(16)
+                            cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+                            if c == 0:
+                                sSrc[r] = src
+                    cute.arch.cp_async_commit_group()
+                    cute.arch.cp_async_wait_group(0)
+                    cute.arch.sync_threads()
+                    self.stamp(mStamp, 4, tidx, split, grp, b, n_grp)
+
+                    # logits: warp w -> key tiles w, w + 8, ..: keys 8j + (2t, 2t+1), heads g, g + 8
+                    for i in cutlass.range_constexpr(self.tiles_per_warp):
+                        j = warp + 8 * i
+                        if j < self.key_tiles:
+                            acc = cute.make_rmem_tensor((4,), Float32)
+                            acc.fill(0.0)
+                            if j * 8 < cnt16:
+                                n = 8 * j + g
+                                for kk in cutlass.range_constexpr(self.hd // 16):
+                                    d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t],
+                                                       sQ[g, kk * 8 + 4 + t], sQ[g + 8, kk * 8 + 4 + t],
+                                                       sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
+                                                       acc[0], acc[1], acc[2], acc[3])
+                                    for e in cutlass.range_constexpr(4):
+                                        acc[e] = d[e]
+                            for e in cutlass.range_constexpr(4):
+                                key = 8 * j + 2 * t + e % 2
+                                lg = acc[e].to(BFloat16).to(Float32) * scale
+                                if key >= cnt:
+                                    lg = neg_inf
+                                elif sSrc[key] < 0:
+                                    lg = neg_inf
+                                sL[g + 8 * (e // 2), key] = lg
+                    cute.arch.sync_threads()
+                    self.stamp(mStamp, 5, tidx, split, grp, b, n_grp)
+
+                    m_c = neg_inf
+                    for i in cutlass.range_constexpr(self.pairs_per_thread):
+                        q2 = part + 16 * i
+                        if q2 < chunk // 2:
+                            m_c = cute.math.max(m_c, cute.math.max(sL[hh, 2 * q2], sL[hh, 2 * q2 + 1]))
+                    for o in cutlass.range_constexpr(4):
+                        m_c = cute.math.max(m_c, cute.arch.shuffle_sync_bfly(m_c, 1 << o))
+                    m_new = cute.math.max(m_run, m_c)
+                    m_use = m_new
+                    if m_new == neg_inf:
+                        m_use = Float32(0.0)
+                    alpha = cute.math.exp(m_run - m_use)          # rescales what the earlier chunks summed
+                    zc = Float32(0.0)
+                    for i in cutlass.range_constexpr(self.pairs_per_thread):
+                        q2 = part + 16 * i
+                        if q2 < chunk // 2:
+                            p0 = cute.math.exp(sL[hh, 2 * q2] - m_use)
+                            p1 = cute.math.exp(sL[hh, 2 * q2 + 1] - m_use)
+                            zc = zc + p0 + p1
+                            sP[hh, q2] = pack_bf16x2(p0, p1)
+                    for o in cutlass.range_constexpr(4):
+                        zc = zc + cute.arch.shuffle_sync_bfly(zc, 1 << o)
+                    z_run = z_run * alpha + zc
+                    m_run = m_new
+                    if part == 0:
+                        sAlpha[hh] = alpha
+                    cute.arch.sync_threads()
+                    self.stamp(mStamp, 6, tidx, split, grp, b, n_grp)
+
+                    a_lo = sAlpha[g]
+                    a_hi = sAlpha[g + 8]
+                    for j in cutlass.range_constexpr(self.d_tiles):
+                        acc2[4 * j] = acc2[4 * j] * a_lo
+                        acc2[4 * j + 1] = acc2[4 * j + 1] * a_lo
+                        acc2[4 * j + 2] = acc2[4 * j + 2] * a_hi
+                        acc2[4 * j + 3] = acc2[4 * j + 3] * a_hi
+                    for kk in cutlass.range_constexpr(chunk // 16):
+                        if kk * 16 < cnt16:
+                            a0 = sP[g, kk * 8 + t]
+                            a1 = sP[g + 8, kk * 8 + t]
+                            a2 = sP[g, kk * 8 + 4 + t]
+                            a3 = sP[g + 8, kk * 8 + 4 + t]
+                            k = kk * 16 + 2 * t
+                            for j in cutlass.range_constexpr(self.d_tiles):
+                                w = (d0 + 8 * j) // 2 + g // 2
+                                b0 = prmt(sK[k, w], sK[k + 1, w], sel)
+                                b1 = prmt(sK[k + 8, w], sK[k + 9, w], sel)
+                                d = mma_bf16_16816(a0, a1, a2, a3, b0, b1,
+                                                   acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
+                                for e in cutlass.range_constexpr(4):
+                                    acc2[4 * j + e] = d[e]
+                cute.arch.sync_threads()                           # sK / sP are reused by the next chunk
+            cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
+            self.stamp(mStamp, 7, tidx, split, grp, b, n_grp)
+
+            # partial (o, m, z) of this CTA -> its own shared memory, then the cluster combines
+            for j in cutlass.range_constexpr(self.d_tiles):
+                for e in cutlass.range_constexpr(4):
+                    sO[g + 8 * (e // 2), d0 + 8 * j + 2 * t + e % 2] = acc2[4 * j + e]
+            if part == 0:
+                sML[hh, 0] = m_run
+                sML[hh, 1] = z_run
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+            self.stamp(mStamp, 8, tidx, split, grp, b, n_grp)
+            if tidx < HEAD_TILE:                                   # head tidx: split weights and 1/Z, once
+                ms = cute.make_rmem_tensor((S,), Float32)
+                zs = cute.make_rmem_tensor((S,), Float32)
+                M = sink
+                for s_ in cutlass.range_constexpr(S):
+                    mz = load_dsmem_f32x4((sML.iterator + tidx * 4).toint(), Int32(s_))
+                    ms[s_] = mz[0]
+                    zs[s_] = mz[1]
+                    M = cute.math.max(M, mz[0])
+                Z = cute.math.exp(sink - M)
+                for s_ in cutlass.range_constexpr(S):
+                    wgt = cute.math.exp(ms[s_] - M)
+                    Z = Z + zs[s_] * wgt
+                    sW[tidx, s_] = wgt
+                sInv[tidx] = 1.0 / Z
+            cute.arch.sync_threads()
+            for i in cutlass.range_constexpr(self.units_per_thread):
+                u = split + S * (tidx + self.threads * i)
+                if u < self.units:
+                    u_h = u // (self.hd // 4)
+                    u_col = (u % (self.hd // 4)) * 4
+                    u_head = h0 + u_h
+                    if u_head < H:
+                        u_o = cute.make_rmem_tensor((4,), Float32)
+                        u_o.fill(0.0)
+                        for s_ in cutlass.range_constexpr(S):
+                            u_w = sW[u_h, s_]
+                            if u_w > 0.0:
+                                u_ov = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
+                                for e in cutlass.range_constexpr(4):
+                                    u_o[e] = u_o[e] + u_w * u_ov[e]
+                        u_inv = sInv[u_h]
+                        u_ob = cute.make_rmem_tensor((4,), Float32)
+                        for e in cutlass.range_constexpr(4):
+                            u_ob[e] = (u_o[e] * u_inv).to(BFloat16).to(Float32)       # the bf16 output value
+                        if const_expr(self.rd > 0):
+                            if u_col >= self.hd - self.rd:                       # inverse RoPE of the bf16 values
+                                for k2 in cutlass.range_constexpr(2):
+                                    c_ = cs[4 * i + 2 * k2]
+                                    s_n = cs[4 * i + 2 * k2 + 1]
+                                    x0 = u_ob[2 * k2]
+                                    x1 = u_ob[2 * k2 + 1]
+                                    u_ob[2 * k2] = _sub(_mul(x0, c_), _mul(x1, s_n))
+                                    u_ob[2 * k2 + 1] = _add(_mul(x0, s_n), _mul(x1, c_))
+                        gaddr = (mOut.iterator + cute.crd2idx((b, u_head, u_col), mOut.layout)).toint()
+                        store_b32x2(gaddr, pack_bf16x2(u_ob[0], u_ob[1]), pack_bf16x2(u_ob[2], u_ob[3]))
+            self.stamp(mStamp, 9, tidx, split, grp, b, n_grp)
+            cute.arch.cluster_arrive()                             # peers may still read this CTA's partial
+            cute.arch.cluster_wait()
+            self.stamp(mStamp, 10, tidx, split, grp, b, n_grp)
+            self.stamp(mStamp, 11, tidx, split, grp, b, n_grp, False)
+
     class IndexerScores:
         """keys_out[b, t] = score_key(sum_h relu(q[b,h]·K[b,t]) * w[b,h], t) for t < (pos+1)//ratio, else INT64_MIN
         (decodes to -1). Grid (ceil(T/chunk), B), 256 threads: q [h,d] and the chunk's keys -> padded smem by
@@ -6370,6 +6740,41 @@ def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per
     return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta, rope_dim), build)
 
 
+def attention_wide_plan(window: int, n_comp: int, max_splits: int | None = None, max_chunk: int | None = None):
+    """(splits, chunk, chunks per CTA) of SparseAttentionDecodeWide for a key list of window + n_comp slots: the
+    fewest rows per CTA (a multiple of 16) with at most max_splits CTAs, one pass per CTA while that stays within
+    max_chunk rows."""
+    max_splits = ATTN_MAX_SPLITS if max_splits is None else max_splits
+    max_chunk = ATTN_MAX_CHUNK if max_chunk is None else max_chunk
+    n = max(window + n_comp, 1)
+    rows = -(-n // max_splits)
+    per = -(-rows // max_chunk)                        # passes per CTA
+    chunk = -(-(-(-rows // per)) // 16) * 16
+    return -(-n // (chunk * per)), chunk, per
+
+
+def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
+                            rope_dim: int = 0, stamps: bool = False):
+    def build():
+        B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
+        words = head_dim // 2
+        i32 = lambda *shape: cute.runtime.make_fake_compact_tensor(   # noqa: E731
+            Int32, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)), assumed_align=16)
+        args = (i32(B, H, words), i32(B, W, words), i32(B, Tc, words),
+                cute.runtime.make_fake_compact_tensor(Int64, (Bi, k), stride_order=(1, 0), assumed_align=8),
+                cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8),
+                cute.runtime.make_fake_compact_tensor(Float32, (H,), assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0),
+                                                      assumed_align=16),
+                cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
+                                                      assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
+                Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps), args
+    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps),
+                            build)
+
+
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
     def build():
         B, T = cute.sym_int(), cute.sym_int()
@@ -6438,6 +6843,9 @@ def attention_unavailable_reason(q, window_kv, comp_kv=None) -> str | None:
     return reason
 
 
+_ATTN_STAMPS: dict = {}   # probe only: {"buffer": int64 tensor} -> the wide kernel writes its phase stamps there
+
+
 def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None):
     """dsv4.sparse_attention for one query per sequence (signature and semantics of
     sparse_attention_decode_reference) in one CuTe DSL kernel; the reference where the kernel cannot run. angles
@@ -6459,6 +6867,17 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
     dev = q.device
     words = lambda x: x.reshape(x.shape[0], -1, hd).view(torch.int32)   # noqa: E731  bf16 pairs
     out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=dev)
+    if ATTN_WIDE and ATTN_CLUSTER:
+        splits, chunk, per = attention_wide_plan(W, n_comp)
+        rd = 0 if angles is None else 2 * angles.shape[-1]
+        ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
+        stamps = _ATTN_STAMPS.get("buffer")
+        if stamps is None:
+            stamps = torch.zeros(1, dtype=torch.int64, device=dev)
+        _compile_attention_wide(hd, mode, splits, chunk, per, rd, "buffer" in _ATTN_STAMPS)(
+            words(q), words(window_kv), words(comp_kv), idx, pos, sink.detach().float(), out.view(B, H, hd),
+            ang, stamps, float(scale), int(max(ratio, 1)))
+        return out
     if ATTN_CLUSTER:
         splits, per = attention_cluster_plan(W, n_comp)
         rd = 0 if angles is None else 2 * angles.shape[-1]

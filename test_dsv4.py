@@ -5373,5 +5373,85 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     assert not K._FUSED_COUNTERS[x.device].any()
 
 
+# ======================================================================================================================
+# Sparse attention decode, latency layout (session 5): SparseAttentionDecodeWide vs the cluster kernel / reference
+# ======================================================================================================================
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("W,n", [(128, 512), (128, 0), (128, 8), (16, 8), (64, 100), (128, 16384), (32, 12)])
+def test_attention_wide_plan_covers_every_key_within_its_caps(W, n, max_splits):
+    splits, chunk, per = K.attention_wide_plan(W, n, max_splits)
+    assert 1 <= splits <= max_splits and chunk % 16 == 0 and 16 <= chunk <= K.ATTN_MAX_CHUNK
+    assert splits * chunk * per >= W + n > (splits - 1) * chunk * per          # covers all, no idle CTA
+    if -(-(W + n) // max_splits) <= K.ATTN_MAX_CHUNK:
+        assert per == 1                                                          # one pass per CTA
+
+
+WIDE_CASES = GPU_ATTN_CASES + [(8, 64, 512, 128, 512, "hca", 1000), (8, 64, 512, 128, 16384, "csa", 1000),
+                               (1, 64, 512, 128, 8192, "hca", 1000000), (1, 64, 512, 128, 512, "hca", 127)]
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_CASES)
+def test_gpu_wide_attention_matches_dsv4_sparse_attention(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
+    """The wide kernel sums in another order than the cluster kernel (its own key split per CTA), so it is held
+    to the reference and the fp64 truth with the tolerances of the other attention kernels."""
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    got = K.sparse_attention_decode(*args)
+    ref = K.sparse_attention_decode_reference(*args)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert_attention_close(got, ref, attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]),
+                           f"{mode} B={B} pos={pos}")
+    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in WIDE_CASES if c[2] == 512])
+def test_gpu_wide_attention_undoes_the_output_rope_like_the_rope_kernel(B, H, hd, W, Tc, mode, pos):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    angles = torch.rand(max(pos, 1) + 7, 32, device="cuda") * 6.3
+    want = K.rope_inverse_fused(K.sparse_attention_decode(*args), angles, args[4])
+    assert torch.equal(K.sparse_attention_decode(*args, angles=angles), want)
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in GPU_ATTN_CASES if c[2] == 512])
+def test_gpu_cluster_attention_kernel_behind_the_switch_still_matches(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    monkeypatch.setattr(K, "ATTN_WIDE", False)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("mode", ["hca", "csa"])
+def test_gpu_wide_attention_follows_pos_across_graph_replays(mode, max_splits, monkeypatch):
+    """The HCA / window key split is computed from pos on the device: replays at new positions equal eager calls."""
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    B, H, hd, W, Tc = 2, 64, 512, 128, 512
+    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
+    angles = torch.rand(70000, 32, device="cuda") * 6.3
+    call = lambda: K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for p in (5, 127, 128, 1000, 16000, 65535):
+        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
+        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p)
+        if idx is not None:
+            idx.copy_(nidx)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, call()), f"replay at pos {p} differs from an eager call"
+
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
