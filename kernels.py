@@ -5262,6 +5262,8 @@ ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the glob
 ATTN_WIDE = True        # attention: SparseAttentionDecodeWide (keys dealt over up to ATTN_MAX_SPLITS CTAs per head group)
 ATTN_MAX_SPLITS = 8     # cluster size cap of the wide kernel (> 8: non-portable cluster sizes, up to 16 on H100/H200)
 ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108 KB of smem, two CTAs per SM)
+ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical to word loads, fewer smem instructions)
+ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent accumulators (another fp32 order)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -5954,6 +5956,17 @@ if HAVE_CUTE:
                                 Int32(w1).ir_value(loc=loc, ip=ip)],
                          "st.global.v2.b32 [$0], {$1, $2};", "l,r,r", has_side_effects=True, loc=loc, ip=ip)
 
+    @dsl_user_op
+    def ldsm_x4(smem_addr, trans: bool = False, *, loc=None, ip=None):
+        """ldmatrix .x4: four 8x8 bf16 matrices whose row addresses lanes 8m..8m+7 give (16 B each) -> one word of
+        each per lane (row lane/4, column pair lane%4; .trans: column lane/4, row pair lane%4)."""
+        res = _llvm.inline_asm(_ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"),
+                               [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+                               "ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4];"
+                               % (".trans" if trans else ""), "=r,=r,=r,=r,r", has_side_effects=True,
+                               loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
     class SparseAttentionDecodeWide:
         """SparseAttentionDecodeCluster laid out for latency: grid (S, ceil(H/16), B) in clusters of the S <= 16
         splits of one (b, head group); each CTA loads its keys ONCE (one chunk of <= `chunk` rows, a multiple of 16;
@@ -5976,12 +5989,15 @@ if HAVE_CUTE:
         N_STAMPS = 16
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
-                     rope_dim: int = 0, stamps: bool = False):
+                     rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1):
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
             self.hd, self.mode, self.splits, self.chunk, self.n_ch = head_dim, mode, splits, chunk, chunks_per_cta
             self.rd, self.stamps = rope_dim, stamps
+            self.ldsm = ldsm                                 # fragments by ldmatrix (same values as word loads)
+            self.qk_chains = qk_chains                       # > 1: independent QK^T accumulators (another fp32 order)
+            assert (head_dim // 16) % (2 * qk_chains) == 0
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -6123,27 +6139,33 @@ if HAVE_CUTE:
                 cnt = cutlass.max(cutlass.min(n_mine - ch * chunk, chunk), 0)
                 cnt16 = (cnt + 15) // 16 * 16
                 if cnt > 0:
-                    # key rows: row r of the chunk = list entry c0 + r; rows cnt..cnt16-1 zero-filled, the rest untouched
+                    # key rows: row r of the chunk = list entry c0 + r; rows cnt..cnt16-1 zero-filled, the rest untouched.
+                    # First every source row of this thread (CSA: all pick loads in flight at once), then the copies.
+                    srcs = cute.make_rmem_tensor((self.copies,), Int32)
+                    for k in cutlass.range_constexpr(self.copies):
+                        r = (tidx + self.threads * k) // vec
+                        v = c0 + r
+                        src = Int32(-1)
+                        if const_expr(self.mode == "csa"):
+                            j = mIdx[b, cutlass.max(cutlass.min(v - W, n_keys - W - 1), 0)].to(Int32)
+                            if v < W:
+                                if v <= pos:
+                                    src = v
+                            elif j >= 0 and j < Tc:
+                                src = W + j
+                        else:
+                            src = v
+                            if v >= n_win:
+                                src = W + v - n_win
+                        if r >= cnt:
+                            src = Int32(-1)
+                        srcs[k] = src
                     for k in cutlass.range_constexpr(self.copies):
                         i = tidx + self.threads * k
                         r = i // vec
                         c = i % vec
                         if r < cnt16:
-                            v = c0 + r
-                            src = Int32(-1)
-                            if r < cnt:
-                                if const_expr(self.mode == "csa"):
-                                    if v < W:
-                                        if v <= pos:
-                                            src = v
-                                    else:
-                                        j = mIdx[b, v - W].to(Int32)
-                                        if j >= 0 and j < Tc:
-                                            src = W + j
-                                else:
-                                    src = v
-                                    if v >= n_win:
-                                        src = W + v - n_win
+                            src = srcs[k]
                             gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
                                                                   mWin.layout)).toint()
                             if src >= W:
@@ -6163,17 +6185,37 @@ if HAVE_CUTE:
                     for i in cutlass.range_constexpr(self.tiles_per_warp):
                         j = warp + 8 * i
                         if j < self.key_tiles:
-                            acc = cute.make_rmem_tensor((4,), Float32)
+                            nc = self.qk_chains
+                            acc = cute.make_rmem_tensor((4 * nc,), Float32)
                             acc.fill(0.0)
                             if j * 8 < cnt16:
                                 n = 8 * j + g
-                                for kk in cutlass.range_constexpr(self.hd // 16):
-                                    d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t],
-                                                       sQ[g, kk * 8 + 4 + t], sQ[g + 8, kk * 8 + 4 + t],
-                                                       sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
-                                                       acc[0], acc[1], acc[2], acc[3])
+                                if const_expr(self.ldsm):
+                                    q_addr = (sQ.iterator + (lane % 8 + 8 * ((lane // 8) % 2)) * row
+                                              + 4 * (lane // 16)).toint()
+                                    k_addr = (sK.iterator + (8 * j + lane % 8) * row + 4 * (lane // 8)).toint()
+                                    for k2 in cutlass.range_constexpr(self.hd // 32):
+                                        bk = ldsm_x4(k_addr + 64 * k2)          # b0, b1 of kk = 2k2 and 2k2 + 1
+                                        for h2 in cutlass.range_constexpr(2):
+                                            kk = 2 * k2 + h2
+                                            qa = ldsm_x4(q_addr + 32 * kk)
+                                            c4 = 4 * (kk % nc)
+                                            d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
+                                                               acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
+                                            for e in cutlass.range_constexpr(4):
+                                                acc[c4 + e] = d[e]
+                                else:
+                                    for kk in cutlass.range_constexpr(self.hd // 16):
+                                        c4 = 4 * (kk % nc)
+                                        d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t],
+                                                           sQ[g, kk * 8 + 4 + t], sQ[g + 8, kk * 8 + 4 + t],
+                                                           sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
+                                                           acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
+                                        for e in cutlass.range_constexpr(4):
+                                            acc[c4 + e] = d[e]
+                                for c_ in cutlass.range_constexpr(1, nc):
                                     for e in cutlass.range_constexpr(4):
-                                        acc[e] = d[e]
+                                        acc[e] = acc[e] + acc[4 * c_ + e]
                             for e in cutlass.range_constexpr(4):
                                 key = 8 * j + 2 * t + e % 2
                                 lg = acc[e].to(BFloat16).to(Float32) * scale
@@ -6228,14 +6270,26 @@ if HAVE_CUTE:
                             a2 = sP[g, kk * 8 + 4 + t]
                             a3 = sP[g + 8, kk * 8 + 4 + t]
                             k = kk * 16 + 2 * t
-                            for j in cutlass.range_constexpr(self.d_tiles):
-                                w = (d0 + 8 * j) // 2 + g // 2
-                                b0 = prmt(sK[k, w], sK[k + 1, w], sel)
-                                b1 = prmt(sK[k + 8, w], sK[k + 9, w], sel)
-                                d = mma_bf16_16816(a0, a1, a2, a3, b0, b1,
-                                                   acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
-                                for e in cutlass.range_constexpr(4):
-                                    acc2[4 * j + e] = d[e]
+                            if const_expr(self.ldsm and self.d_tiles % 2 == 0):
+                                v_addr = (sK.iterator + (kk * 16 + 8 * ((lane // 8) % 2) + lane % 8) * row
+                                          + d0 // 2 + 4 * (lane // 16)).toint()
+                                for j2 in cutlass.range_constexpr(self.d_tiles // 2):
+                                    bv = ldsm_x4(v_addr + 32 * j2, True)   # b0, b1 of d tiles 2j2, 2j2 + 1
+                                    for h2 in cutlass.range_constexpr(2):
+                                        j = 2 * j2 + h2
+                                        d = mma_bf16_16816(a0, a1, a2, a3, bv[2 * h2], bv[2 * h2 + 1], acc2[4 * j],
+                                                           acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
+                                        for e in cutlass.range_constexpr(4):
+                                            acc2[4 * j + e] = d[e]
+                            else:
+                                for j in cutlass.range_constexpr(self.d_tiles):
+                                    w = (d0 + 8 * j) // 2 + g // 2
+                                    b0 = prmt(sK[k, w], sK[k + 1, w], sel)
+                                    b1 = prmt(sK[k + 8, w], sK[k + 9, w], sel)
+                                    d = mma_bf16_16816(a0, a1, a2, a3, b0, b1,
+                                                       acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
+                                    for e in cutlass.range_constexpr(4):
+                                        acc2[4 * j + e] = d[e]
                 cute.arch.sync_threads()                           # sK / sP are reused by the next chunk
             cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
             self.stamp(mStamp, 7, tidx, split, grp, b, n_grp)
@@ -6273,14 +6327,18 @@ if HAVE_CUTE:
                     u_col = (u % (self.hd // 4)) * 4
                     u_head = h0 + u_h
                     if u_head < H:
+                        u_ov = cute.make_rmem_tensor((S * 4,), Float32)      # all S loads in flight at once
+                        for s_ in cutlass.range_constexpr(S):
+                            vals = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
+                            for e in cutlass.range_constexpr(4):
+                                u_ov[4 * s_ + e] = vals[e]
                         u_o = cute.make_rmem_tensor((4,), Float32)
                         u_o.fill(0.0)
                         for s_ in cutlass.range_constexpr(S):
                             u_w = sW[u_h, s_]
-                            if u_w > 0.0:
-                                u_ov = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
+                            if u_w > 0.0:                                    # (an empty split adds nothing)
                                 for e in cutlass.range_constexpr(4):
-                                    u_o[e] = u_o[e] + u_w * u_ov[e]
+                                    u_o[e] = u_o[e] + u_w * u_ov[4 * s_ + e]
                         u_inv = sInv[u_h]
                         u_ob = cute.make_rmem_tensor((4,), Float32)
                         for e in cutlass.range_constexpr(4):
@@ -6754,7 +6812,11 @@ def attention_wide_plan(window: int, n_comp: int, max_splits: int | None = None,
 
 
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
-                            rope_dim: int = 0, stamps: bool = False):
+                            rope_dim: int = 0, stamps: bool = False, ldsm: bool | None = None,
+                            qk_chains: int | None = None):
+    ldsm = ATTN_LDSM if ldsm is None else ldsm
+    qk_chains = ATTN_QK_CHAINS if qk_chains is None else qk_chains
+
     def build():
         B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
         words = head_dim // 2
@@ -6770,9 +6832,10 @@ def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, c
                                                       assumed_align=4),
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps), args
-    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps),
-                            build)
+        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
+                                         qk_chains), args
+    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,
+                             ldsm, qk_chains), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):

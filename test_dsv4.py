@@ -5415,6 +5415,29 @@ def test_gpu_wide_attention_undoes_the_output_rope_like_the_rope_kernel(B, H, hd
     assert torch.equal(K.sparse_attention_decode(*args, angles=angles), want)
 
 
+WIDE_VARIANT_CASES = [(1, 64, 512, 128, 16384, "csa", 1000), (3, 64, 512, 128, 512, "hca", 16000),
+                      (2, 24, 64, 64, 100, "csa", 3), (1, 16, 64, 16, 0, "window", 9)]
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_ldmatrix_fragments_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_LDSM", True)
+    got = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_LDSM", False)
+    assert torch.equal(got, K.sparse_attention_decode(*args))
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_with_split_qk_accumulators_matches_dsv4(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    monkeypatch.setattr(K, "ATTN_QK_CHAINS", 2)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+
+
 @gpu
 @pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in GPU_ATTN_CASES if c[2] == 512])
 def test_gpu_cluster_attention_kernel_behind_the_switch_still_matches(B, H, hd, W, Tc, mode, pos, monkeypatch):
