@@ -26,7 +26,12 @@ def plan_configs():
         n = {"window": 0, "hca": max(Tc, 1), "csa": 512 if hd == 512 else 12}[mode]
         cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(Ww, n, 8), 0, False, False, 1)))
         cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(Ww, n, 8), 0, False, True, 2)))
-    cfgs = {(nm, a + (0, False, True, 1)[len(a) - 5:] if nm == "_compile_attention_wide" else a) for nm, a in cfgs}
+        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(Ww, n, 8), 0, False, True, 1, True)))
+    for mode in ("hca", "csa"):                                   # the prefetch graph test
+        cfgs.add(("_compile_attention_wide", (HD, mode, *K.attention_wide_plan(W, 512, 8), 64, False, True, 1, True)))
+        cfgs.add(("_compile_attention_wide", (HD, mode, *K.attention_wide_plan(W, 512, 8), 64)))
+    cfgs = {(nm, a + (0, False, True, 1, False)[len(a) - 5:] if nm == "_compile_attention_wide" else a)
+            for nm, a in cfgs}
     cfgs.add(("_compile_rope", (512, 64, True, True)))
     for mode in ("hca", "csa"):
         cfgs.add(("_compile_attention_cluster", (HD, mode, *K.attention_cluster_plan(W, 512), 64)))
@@ -36,12 +41,12 @@ def plan_configs():
     return sorted(cfgs, key=str)
 
 
-VARIANTS = ["old", "wide8", "wide8 no-ldsm", "wide8 2-chain", "wide16"]
+VARIANTS = ["old", "wide8", "wide8 no-ldsm", "wide8 2-chain", "wide8 prefetch", "wide16", "wide16 prefetch"]
 
 
 def wide_args(mode, v, stamps=False):
-    return (HD, mode, *K.attention_wide_plan(W, 512, 16 if v == "wide16" else 8), 64, stamps, "no-ldsm" not in v,
-            2 if "2-chain" in v else 1)
+    return (HD, mode, *K.attention_wide_plan(W, 512, 16 if "wide16" in v else 8), 64, stamps, "no-ldsm" not in v,
+            2 if "2-chain" in v else 1, "prefetch" in v)
 
 
 def precompile(i, n):
@@ -75,7 +80,8 @@ def inputs(B, mode, pos, seed=0):
 
 def set_variant(v):
     K.ATTN_WIDE = v != "old"
-    K.ATTN_MAX_SPLITS = 16 if v == "wide16" else 8
+    K.ATTN_MAX_SPLITS = 16 if "wide16" in v else 8
+    K.ATTN_PREFETCH = "prefetch" in v
     K.ATTN_LDSM = "no-ldsm" not in v
     K.ATTN_QK_CHAINS = 2 if "2-chain" in v else 1
 
@@ -171,7 +177,7 @@ def main():
             del graphs
         K.GLUE_PDL = True
         if pos == 1000:
-            for v in ("wide8", "wide8 no-ldsm", "wide16"):
+            for v in ("wide8", "wide8 no-ldsm", "wide8 prefetch", "wide16"):
                 try:
                     stamps(args, v)
                 except Exception as e:  # noqa: BLE001

@@ -5264,6 +5264,7 @@ ATTN_MAX_SPLITS = 8     # cluster size cap of the wide kernel (> 8: non-portable
 ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108 KB of smem, two CTAs per SM)
 ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical to word loads, fewer smem instructions)
 ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent accumulators (another fp32 order)
+ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step writes before griddepcontrol.wait
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -5989,7 +5990,8 @@ if HAVE_CUTE:
         N_STAMPS = 16
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
-                     rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1):
+                     rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1,
+                     prefetch: bool = False):
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
@@ -5998,6 +6000,7 @@ if HAVE_CUTE:
             self.ldsm = ldsm                                 # fragments by ldmatrix (same values as word loads)
             self.qk_chains = qk_chains                       # > 1: independent QK^T accumulators (another fp32 order)
             assert (head_dim // 16) % (2 * qk_chains) == 0
+            self.prefetch = prefetch and chunks_per_cta == 1     # stable key rows copied before the PDL wait
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -6033,7 +6036,8 @@ if HAVE_CUTE:
             self.shared_storage = SharedStorage
             self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, mStamp, scale, ratio).launch(
                 grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1],
-                cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL)
+                cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL,
+                min_blocks_per_mp=2, preferred_smem_carveout=100)   # <= 128 registers: two CTAs per SM
 
         @cute.jit
         def stamp(self, mStamp: cute.Tensor, slot: int, tidx, split, grp, b, n_grp, use_clock: bool = True):
@@ -6044,6 +6048,71 @@ if HAVE_CUTE:
                         mStamp[base + slot] = read_clock64()
                     else:
                         mStamp[base + slot] = read_globaltimer()
+
+        @cute.jit
+        def copy_rows(self, sK, sSrc, mWin, mComp, mIdx, b, split, tidx, x0, cnt, v_begin, w_per, p_per, k_picks,
+                      n_win, pos, W, Tc, fresh_slot, fresh_block, phase: int):
+            """cp.async of key rows 0..cnt16-1 of a chunk (list positions x0 + r; rows cnt.. zero-filled) + their source
+            ids into sSrc. phase 0: only the rows no kernel of this step writes (before griddepcontrol.wait), 1: the
+            others, 2: all. First every source of this thread (CSA: all pick loads in flight at once), then the copies."""
+            vec = self.words // 4
+            row = self.row
+            cnt16 = (cnt + 15) // 16 * 16
+            srcs = cute.make_rmem_tensor((self.copies,), Int32)
+            early = cute.make_rmem_tensor((self.copies,), Int32)
+            for k in cutlass.range_constexpr(self.copies):
+                r = (tidx + self.threads * k) // vec
+                x = x0 + r
+                src = Int32(-1)
+                pre = Int32(1)
+                if const_expr(self.mode == "csa"):
+                    slot = split * w_per + x
+                    c = split * p_per + x - w_per
+                    if x < w_per:
+                        if slot < W and slot <= pos:
+                            src = slot
+                            if slot == fresh_slot:
+                                pre = Int32(0)
+                    else:
+                        pre = Int32(0)
+                        if const_expr(phase != 0):
+                            j = mIdx[b, cutlass.max(cutlass.min(c, k_picks - 1), 0)].to(Int32)
+                            if c < k_picks and j >= 0 and j < Tc:
+                                src = W + j
+                else:
+                    v = v_begin + x
+                    src = v
+                    if v >= n_win:
+                        src = W + v - n_win
+                    if src == fresh_slot or src == fresh_block:
+                        pre = Int32(0)
+                if r >= cnt:
+                    src = Int32(-1)
+                    pre = Int32(1)
+                srcs[k] = src
+                early[k] = pre
+            for k in cutlass.range_constexpr(self.copies):
+                i = tidx + self.threads * k
+                r = i // vec
+                c = i % vec
+                want = Int32(1)
+                if const_expr(phase == 0):
+                    want = early[k]
+                if const_expr(phase == 1):
+                    want = 1 - early[k]
+                if r < cnt16 and want != 0:
+                    src = srcs[k]
+                    gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
+                                                          mWin.layout)).toint()
+                    if src >= W:
+                        gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
+                    nbytes = Int32(0)
+                    if src >= 0:
+                        nbytes = Int32(16)
+                    cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+                    if c == 0:
+                        sSrc[r] = src
+            cute.arch.cp_async_commit_group()
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
@@ -6082,18 +6151,23 @@ if HAVE_CUTE:
 
             # ---- prologue: nothing here is written by an earlier kernel of the step (pos is set before the replay)
             pos = mPos[0].to(Int32)
-            n_keys = Int32(0)                  # keys of the whole list (window / HCA: the valid ones, compacted)
             n_win = cutlass.min(pos + 1, W)
-            per = Int32(self.n_ch * chunk)     # keys per CTA
-            if const_expr(self.mode == "csa"):
-                n_keys = W + cute.size(mIdx, mode=[1])
-            else:
+            k_picks = cute.size(mIdx, mode=[1])
+            # this CTA's list of key positions: window / HCA: the valid keys compacted ([ring slots 0..n_win-1 |
+            # blocks 0..]) and dealt evenly; CSA: its share of the ring slots, then its share of the picks
+            v_begin = Int32(0)
+            w_per = (W + S - 1) // S
+            p_per = (k_picks + S - 1) // S
+            n_mine = w_per + p_per
+            if const_expr(self.mode != "csa"):
                 n_keys = n_win
                 if const_expr(self.mode == "hca"):
                     n_keys = n_win + cutlass.min((pos + 1) // ratio, Tc)
                 per = (n_keys + S - 1) // S
-            v_begin = split * per
-            n_mine = cutlass.max(cutlass.min(n_keys - v_begin, per), 0)
+                v_begin = split * per
+                n_mine = cutlass.max(cutlass.min(n_keys - v_begin, per), 0)
+            fresh_slot = pos % W                # the ring slot this step's kv kernel writes
+            fresh_block = W + (pos + 1) // ratio - 1      # the newest block (maybe written by this step)
             sink = Float32(0.0)
             if tidx < HEAD_TILE:
                 sink = mSink[cutlass.min(h0 + tidx, H - 1)]
@@ -6108,6 +6182,12 @@ if HAVE_CUTE:
                             ang = mAng[p_ang, (a_col - (self.hd - self.rd)) // 2 + k2]
                             cs[4 * i + 2 * k2] = cute.math.cos(ang)
                             cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
+            if const_expr(self.prefetch):
+                # rows no kernel of this step writes: copied before the wait (the fresh ring slot, the newest block
+                # and the CSA picks after it)
+                cnt0 = cutlass.min(n_mine, chunk)
+                self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, 0, cnt0, v_begin, w_per, p_per,
+                               k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, 0)
             self.stamp(mStamp, 2, tidx, split, grp, b, n_grp)
             _pdl_enter()
             self.stamp(mStamp, 3, tidx, split, grp, b, n_grp)
@@ -6135,48 +6215,12 @@ if HAVE_CUTE:
             acc2 = cute.make_rmem_tensor((self.d_tiles * 4,), Float32)
             acc2.fill(0.0)
             for ch in cutlass.range(self.n_ch, unroll=1):
-                c0 = v_begin + ch * chunk
                 cnt = cutlass.max(cutlass.min(n_mine - ch * chunk, chunk), 0)
                 cnt16 = (cnt + 15) // 16 * 16
                 if cnt > 0:
-                    # key rows: row r of the chunk = list entry c0 + r; rows cnt..cnt16-1 zero-filled, the rest untouched.
-                    # First every source row of this thread (CSA: all pick loads in flight at once), then the copies.
-                    srcs = cute.make_rmem_tensor((self.copies,), Int32)
-                    for k in cutlass.range_constexpr(self.copies):
-                        r = (tidx + self.threads * k) // vec
-                        v = c0 + r
-                        src = Int32(-1)
-                        if const_expr(self.mode == "csa"):
-                            j = mIdx[b, cutlass.max(cutlass.min(v - W, n_keys - W - 1), 0)].to(Int32)
-                            if v < W:
-                                if v <= pos:
-                                    src = v
-                            elif j >= 0 and j < Tc:
-                                src = W + j
-                        else:
-                            src = v
-                            if v >= n_win:
-                                src = W + v - n_win
-                        if r >= cnt:
-                            src = Int32(-1)
-                        srcs[k] = src
-                    for k in cutlass.range_constexpr(self.copies):
-                        i = tidx + self.threads * k
-                        r = i // vec
-                        c = i % vec
-                        if r < cnt16:
-                            src = srcs[k]
-                            gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
-                                                                  mWin.layout)).toint()
-                            if src >= W:
-                                gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
-                            nbytes = Int32(0)
-                            if src >= 0:
-                                nbytes = Int32(16)
-                            cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
-                            if c == 0:
-                                sSrc[r] = src
-                    cute.arch.cp_async_commit_group()
+                    self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, ch * chunk, cnt, v_begin, w_per,
+                                   p_per, k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block,
+                                   1 if const_expr(self.prefetch) else 2)
                     cute.arch.cp_async_wait_group(0)
                     cute.arch.sync_threads()
                     self.stamp(mStamp, 4, tidx, split, grp, b, n_grp)
@@ -6799,23 +6843,24 @@ def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per
 
 
 def attention_wide_plan(window: int, n_comp: int, max_splits: int | None = None, max_chunk: int | None = None):
-    """(splits, chunk, chunks per CTA) of SparseAttentionDecodeWide for a key list of window + n_comp slots: the
-    fewest rows per CTA (a multiple of 16) with at most max_splits CTAs, one pass per CTA while that stays within
-    max_chunk rows."""
+    """(splits, chunk, chunks per CTA) of SparseAttentionDecodeWide for a key list of window + n_comp slots: up to
+    max_splits CTAs per head group, each with ceil(window/S) ring slots + ceil(n_comp/S) compressed keys (CSA; the
+    window / HCA split by count needs no more), in the fewest passes of at most max_chunk rows (a multiple of 16)."""
     max_splits = ATTN_MAX_SPLITS if max_splits is None else max_splits
     max_chunk = ATTN_MAX_CHUNK if max_chunk is None else max_chunk
-    n = max(window + n_comp, 1)
-    rows = -(-n // max_splits)
+    splits = max(1, min(max_splits, -(-(window + n_comp) // 16)))
+    rows = -(-window // splits) + -(-n_comp // splits)
     per = -(-rows // max_chunk)                        # passes per CTA
     chunk = -(-(-(-rows // per)) // 16) * 16
-    return -(-n // (chunk * per)), chunk, per
+    return splits, chunk, per
 
 
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
                             rope_dim: int = 0, stamps: bool = False, ldsm: bool | None = None,
-                            qk_chains: int | None = None):
+                            qk_chains: int | None = None, prefetch: bool | None = None):
     ldsm = ATTN_LDSM if ldsm is None else ldsm
     qk_chains = ATTN_QK_CHAINS if qk_chains is None else qk_chains
+    prefetch = ATTN_PREFETCH if prefetch is None else prefetch
 
     def build():
         B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
@@ -6833,9 +6878,9 @@ def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, c
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
-                                         qk_chains), args
+                                         qk_chains, prefetch), args
     return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,
-                             ldsm, qk_chains), build)
+                             ldsm, qk_chains, prefetch), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):

@@ -5381,9 +5381,10 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
 def test_attention_wide_plan_covers_every_key_within_its_caps(W, n, max_splits):
     splits, chunk, per = K.attention_wide_plan(W, n, max_splits)
     assert 1 <= splits <= max_splits and chunk % 16 == 0 and 16 <= chunk <= K.ATTN_MAX_CHUNK
-    assert splits * chunk * per >= W + n > (splits - 1) * chunk * per          # covers all, no idle CTA
-    if -(-(W + n) // max_splits) <= K.ATTN_MAX_CHUNK:
-        assert per == 1                                                          # one pass per CTA
+    assert chunk * per >= -(-W // splits) + -(-n // splits)          # a CTA's ring slots + its picks (CSA)
+    assert splits * 16 < W + n + 16 or splits == max_splits           # no more CTAs than 16-key rows
+    if -(-(W + n) // max_splits) + 1 <= K.ATTN_MAX_CHUNK:
+        assert per == 1                                               # one pass per CTA
 
 
 WIDE_CASES = GPU_ATTN_CASES + [(8, 64, 512, 128, 512, "hca", 1000), (8, 64, 512, 128, 16384, "csa", 1000),
@@ -5427,6 +5428,55 @@ def test_gpu_wide_attention_ldmatrix_fragments_give_the_same_bits(B, H, hd, W, T
     got = K.sparse_attention_decode(*args)
     monkeypatch.setattr(K, "ATTN_LDSM", False)
     assert torch.equal(got, K.sparse_attention_decode(*args))
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_prefetch_before_the_pdl_wait_gives_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["hca", "csa"])
+def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode, monkeypatch):
+    """In a graph, the kv kernel (a PDL glue kernel) writes this step's ring slot right before the attention, which
+    may copy every other key row before its griddepcontrol.wait: the output must equal the unprefetched kernel's
+    on the updated ring, at every position."""
+    B, H, hd, W, Tc = 2, 64, 512, 128, 512
+    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
+    angles = torch.rand(70000, 32, device="cuda") * 6.3
+    kv = torch.randn(B, 1, hd, device="cuda").to(torch.bfloat16)
+    norm_w = torch.rand(hd, device="cuda") + 0.5
+
+    def step():
+        K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=ring)
+        return K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
+
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for p in (5, 127, 128, 1000, 1023, 16000, 65535):
+        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
+        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p), kv.copy_(torch.randn_like(kv, dtype=torch.float))
+        if idx is not None:
+            idx.copy_(nidx)
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setattr(K, "ATTN_PREFETCH", False)
+        want = K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
+        monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+        assert torch.equal(ring, K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=nring.clone()))
+        assert torch.equal(out, want), f"pos {p}"
 
 
 @gpu
