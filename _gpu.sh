@@ -12,8 +12,8 @@ for i in $(seq 0 11); do timeout 45 python3 _attn_probe.py pre $i 12 > /tmp/attn
 wait
 echo "precompiled after $(( $(date +%s) - T0 )) s"
 for f in $(grep -l -i "error\|Traceback" /tmp/attn_pre_*.log | head -2); do tail -n 6 $f; done
-timeout 40 python3 _attn_probe.py time 2>&1 | grep -v Warning
+timeout 38 python3 _attn_probe.py time 2>&1 | grep -v Warning
 echo "timing done after $(( $(date +%s) - T0 )) s"
-timeout $(( 97 - ($(date +%s) - T0) )) python3 -m pytest -q -x test_dsv4.py -p no:cacheprovider \
+timeout $(( 97 - ($(date +%s) - T0) )) python3 -m pytest -q --maxfail=6 --tb=line test_dsv4.py -p no:cacheprovider \
     -k "wide or cluster_attention_kernel_behind" 2>&1 | tail -n 15
 echo "== done after $(( $(date +%s) - T0 )) s"
