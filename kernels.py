@@ -5338,6 +5338,77 @@ def sparse_attention_decode_emulated(q, window_kv, comp_kv, comp_idx, pos, sink,
     return o.to(q.dtype)[:, None]
 
 
+def attention_wide_sources(B, W, Tc, comp_idx, pos, ratio: int, splits: int, rows: int):
+    """The key rows SparseAttentionDecodeWide gives each CTA (torch version, for CPU tests): source ids [B, S, rows]
+    (slot s < W, W + compressed row j, -1 = masked / empty). window / HCA (comp_idx None): the n valid keys
+    [slots 0..min(pos+1,W)-1 | blocks 0..] dealt ceil(n/S) per CTA in order; CSA: CTA s takes ring slots
+    s*ceil(W/S).. then picks s*ceil(k/S)..; rows = chunk * passes."""
+    p = int(pos)
+    src = torch.full((B, splits, rows), -1, dtype=torch.long)
+    n_win = min(p + 1, W)
+    if comp_idx is None:
+        n = n_win + (0 if Tc is None else min((p + 1) // ratio, Tc))
+        keys = torch.arange(n)
+        keys = torch.where(keys < n_win, keys, W + keys - n_win)
+        per = -(-n // splits)
+        for s in range(splits):
+            mine = keys[s * per:(s + 1) * per]
+            src[:, s, :mine.numel()] = mine
+        return src
+    k = comp_idx.shape[-1]
+    w_per, p_per = -(-W // splits), -(-k // splits)
+    picks = comp_idx.reshape(B, k).cpu()
+    for s in range(splits):
+        for x in range(w_per):
+            slot = s * w_per + x
+            if slot < W and slot <= p:
+                src[:, s, x] = slot
+        for x in range(p_per):
+            c = s * p_per + x
+            if c < k:
+                j = picks[:, c]
+                src[:, s, w_per + x] = torch.where((j >= 0) & (j < Tc), W + j, -1)
+    return src
+
+
+def sparse_attention_decode_wide_emulated(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int,
+                                          max_splits: int = 8, max_chunk: int = 80):
+    """SparseAttentionDecodeWide's arithmetic in torch (CPU tests; same signature as the reference): per CTA its
+    rows (attention_wide_sources) in passes of `chunk` rows with an online softmax (logits bf16(q.k)*scale,
+    probabilities rounded to bf16 for PV), then M = max(sink, m_s), w_s = exp(m_s - M), o = sum_s w_s o_s / (exp(sink
+    - M) + sum_s w_s z_s), rounded once. Sums in torch's order (the kernel's fp32 order differs)."""
+    B, _, H, hd = q.shape
+    W = window_kv.shape[1]
+    Tc = None if comp_kv is None else comp_kv.shape[1]
+    n_comp = 0 if comp_kv is None else (Tc if comp_idx is None else comp_idx.shape[-1])
+    S, chunk, passes = attention_wide_plan(W, n_comp, max_splits, max_chunk)
+    src = attention_wide_sources(B, W, Tc, comp_idx, pos, max(ratio, 1), S, chunk * passes).to(q.device)
+    rows = window_kv if comp_kv is None else torch.cat([window_kv, comp_kv], 1)
+    qf = q[:, 0].float()                                                           # [B,H,hd]
+    neg = float("-inf")
+    m = torch.full((B, S, H), neg)
+    z = torch.zeros(B, S, H)
+    o = torch.zeros(B, S, H, hd)
+    for c in range(passes):
+        sc = src[:, :, c * chunk:(c + 1) * chunk]                                  # [B,S,C]
+        kv = torch.gather(rows, 1, sc.clamp(min=0).reshape(B, -1, 1).expand(-1, -1, hd)).float()
+        kv = (kv * (sc >= 0).reshape(B, -1, 1)).reshape(B, S, chunk, hd)
+        lg = torch.einsum("bhd,bscd->bshc", qf, kv).to(torch.bfloat16).float() * scale
+        lg = lg.masked_fill((sc < 0)[:, :, None, :], neg)
+        m_new = torch.maximum(m, lg.amax(-1))
+        m_use = torch.where(m_new == neg, 0.0, m_new)
+        alpha = torch.exp(m - m_use)
+        e = torch.exp(lg - m_use[..., None])
+        z = z * alpha + e.sum(-1)
+        o = o * alpha[..., None] + torch.einsum("bshc,bscd->bshd", e.to(torch.bfloat16).float(), kv)
+        m = m_new
+    snk = sink.float()[None, :]
+    M = torch.maximum(snk, m.amax(1))                                              # [B,H]
+    w = torch.exp(m - M[:, None])
+    Z = torch.exp(snk - M) + (w * z).sum(1)
+    return ((w[..., None] * o).sum(1) / Z[..., None]).to(q.dtype)[:, None]
+
+
 def score_sort_keys(score, visible):
     """What the indexer kernel writes (torch version, for CPU tests): fp32 scores [B,T] -> int64 keys ordered by
     (score, then lower index first); blocks t >= visible -> INT64_MIN. ~key's low word is the block id (-1)."""

@@ -5387,6 +5387,30 @@ def test_attention_wide_plan_covers_every_key_within_its_caps(W, n, max_splits):
         assert per == 1                                               # one pass per CTA
 
 
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", ATTN_CASES + [(2, 16, 64, 128, 512, "hca", 1000),
+                                                             (2, 16, 64, 128, 600, "csa", 4000),
+                                                             (1, 16, 64, 128, 8192, "hca", 1000000)])
+def test_attention_wide_split_takes_every_valid_key_exactly_once(B, H, hd, W, Tc, mode, pos, max_splits):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if Tc > 100 else 12)
+    q, ring, comp, idx, p, sink, scale, ratio = args
+    n_comp = 0 if comp is None else (comp.shape[1] if idx is None else idx.shape[-1])
+    S, chunk, passes = K.attention_wide_plan(W, n_comp, max_splits)
+    got = K.attention_wide_sources(B, W, None if comp is None else comp.shape[1], idx, p, max(ratio, 1), S,
+                                   chunk * passes)
+    want = K.attention_key_sources(B, W, None if comp is None else comp.shape[1], idx, p, max(ratio, 1), "cpu")
+    for b in range(B):
+        assert sorted(got[b][got[b] >= 0].tolist()) == sorted(want[b][want[b] >= 0].tolist())
+
+
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", ATTN_CASES)
+@pytest.mark.parametrize("max_splits,max_chunk", [(8, 80), (16, 80), (2, 16)])
+def test_attention_wide_arithmetic_emulated_matches_reference(B, H, hd, W, Tc, mode, pos, max_splits, max_chunk):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=12, seed=pos, logit_gain=4.0)
+    got = K.sparse_attention_decode_wide_emulated(*args, max_splits=max_splits, max_chunk=max_chunk)
+    assert_attention_close(got, K.sparse_attention_decode_reference(*args), attention_fp64(*args), f"{mode} {pos}")
+
+
 WIDE_CASES = GPU_ATTN_CASES + [(8, 64, 512, 128, 512, "hca", 1000), (8, 64, 512, 128, 16384, "csa", 1000),
                                (1, 64, 512, 128, 8192, "hca", 1000000), (1, 64, 512, 128, 512, "hca", 127)]
 
