@@ -4432,6 +4432,8 @@ def gpu_kernel_configs():
         cfgs.add(("_compile_attention", (hd, mode, K.attention_splits(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n), 64)))   # + inverse RoPE
+        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(W, n))))         # the default
+        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(W, n), 64)))
     return sorted(cfgs, key=lambda c: -c[1][0])                     # biggest first
 
 
