@@ -5265,6 +5265,7 @@ ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108
 ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical to word loads, fewer smem instructions)
 ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent accumulators (another fp32 order)
 ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step writes before griddepcontrol.wait
+ATTN_CTAS_PER_SM = 2    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -7047,7 +7048,10 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
     words = lambda x: x.reshape(x.shape[0], -1, hd).view(torch.int32)   # noqa: E731  bf16 pairs
     out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=dev)
     if ATTN_WIDE and ATTN_CLUSTER:
-        splits, chunk, per = attention_wide_plan(W, n_comp)
+        if dev not in _NUM_SMS:
+            _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        fit = max(1, ATTN_CTAS_PER_SM * _NUM_SMS[dev] // (B * groups))             # one wave of CTAs
+        splits, chunk, per = attention_wide_plan(W, n_comp, min(ATTN_MAX_SPLITS, max(2, fit)))
         rd = 0 if angles is None else 2 * angles.shape[-1]
         ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
         stamps = _ATTN_STAMPS.get("buffer")
