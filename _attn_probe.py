@@ -11,6 +11,10 @@ import kernels as K
 HD, W, H = 512, 128, 64
 
 
+WIDE_DSPLIT_CASES = [(1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000),
+                     (2, 64, 512, 128, 512, "hca", 300), (1, 64, 512, 128, 0, "window", 40)]
+
+
 def plan_configs():
     """(compile fn name, args) of every attention kernel the tests and the timing below use."""
     import test_dsv4 as T
@@ -30,7 +34,11 @@ def plan_configs():
     for mode in ("hca", "csa"):                                   # the prefetch graph test
         cfgs.add(("_compile_attention_wide", (HD, mode, *K.attention_wide_plan(W, 512, 8), 64, False, True, 1, True)))
         cfgs.add(("_compile_attention_wide", (HD, mode, *K.attention_wide_plan(W, 512, 8), 64)))
-    cfgs = {(nm, a + (0, False, True, 1, False)[len(a) - 5:] if nm == "_compile_attention_wide" else a)
+    for B, Hh, hd, Ww, Tc, mode, pos in WIDE_DSPLIT_CASES:
+        for ms in (8, 16):
+            cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(Ww, Tc, ms), 0, False, True, 1,
+                                                  False, True)))
+    cfgs = {(nm, a + (0, False, True, 1, False, False)[len(a) - 5:] if nm == "_compile_attention_wide" else a)
             for nm, a in cfgs}
     cfgs.add(("_compile_rope", (512, 64, True, True)))
     for mode in ("hca", "csa"):
@@ -41,12 +49,13 @@ def plan_configs():
     return sorted(cfgs, key=str)
 
 
-VARIANTS = ["old", "wide8", "wide8 no-ldsm", "wide8 2-chain", "wide8 prefetch", "wide16", "wide16 prefetch"]
+VARIANTS = ["old", "wide8", "wide8 no-ldsm", "wide8 2-chain", "wide8 prefetch", "wide8 dsplit", "wide16",
+            "wide16 prefetch", "wide16 dsplit"]
 
 
 def wide_args(mode, v, stamps=False):
     return (HD, mode, *K.attention_wide_plan(W, 512, 16 if "wide16" in v else 8), 64, stamps, "no-ldsm" not in v,
-            2 if "2-chain" in v else 1, "prefetch" in v)
+            2 if "2-chain" in v else 1, "prefetch" in v, "dsplit" in v)
 
 
 def precompile(i, n):
@@ -85,6 +94,7 @@ def set_variant(v):
     K.ATTN_WIDE = v != "old"
     K.ATTN_MAX_SPLITS = 16 if "wide16" in v else 8
     K.ATTN_PREFETCH = "prefetch" in v
+    K.ATTN_QK_DSPLIT = "dsplit" in v
     K.ATTN_LDSM = "no-ldsm" not in v
     K.ATTN_QK_CHAINS = 2 if "2-chain" in v else 1
 
@@ -155,7 +165,7 @@ def main():
     print(f"{dev}: sparse_attention_decode at Flash dims (H 64, hd 512, W 128, + inverse RoPE), CUDA graph of 20 "
           f"calls, median of 15 interleaved rounds, us per call")
     cases = [("csa", 1, 1000), ("hca", 1, 1000), ("csa", 8, 1000), ("hca", 8, 1000), ("csa", 1, 65000),
-             ("hca", 1, 65000), ("hca", 1, 127)]
+             ("hca", 1, 65000)]
     variants = VARIANTS
     print("| mode | B | pos | keys | PDL | " + " | ".join(variants) + " | wide8 vs old: rel diff | max abs diff |")
     print("|---|--:|--:|--:|---|" + "--:|" * len(variants) + "---|---|")
@@ -182,7 +192,7 @@ def main():
             del graphs
         K.GLUE_PDL = True
         if pos == 1000 and B == 1:
-            for v in ("wide8", "wide8 no-ldsm", "wide8 prefetch", "wide16"):
+            for v in ("wide8", "wide8 no-ldsm", "wide8 dsplit", "wide16"):
                 try:
                     stamps(args, v)
                 except Exception as e:  # noqa: BLE001

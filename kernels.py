@@ -5265,6 +5265,7 @@ ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108
 ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical to word loads, fewer smem instructions)
 ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent accumulators (another fp32 order)
 ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step writes before griddepcontrol.wait
+ATTN_QK_DSPLIT = False  # wide kernel: <= 32 rows in a CTA -> 2 or 4 warps per dot product (another fp32 order)
 ATTN_CTAS_PER_SM = 2    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
 
 
@@ -6063,7 +6064,7 @@ if HAVE_CUTE:
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
                      rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1,
-                     prefetch: bool = False):
+                     prefetch: bool = False, qk_dsplit: bool = False):
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
@@ -6073,6 +6074,7 @@ if HAVE_CUTE:
             self.qk_chains = qk_chains                       # > 1: independent QK^T accumulators (another fp32 order)
             assert (head_dim // 16) % (2 * qk_chains) == 0
             self.prefetch = prefetch and chunks_per_cta == 1     # stable key rows copied before the PDL wait
+            self.qk_dsplit = qk_dsplit and chunk > 32 and (head_dim // 16) % 8 == 0   # idle warps split small dot products
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -6104,6 +6106,7 @@ if HAVE_CUTE:
                 sML: cute.struct.Align[cute.struct.MemRange[Float32, HEAD_TILE * 4], 16]
                 sW: cute.struct.MemRange[Float32, HEAD_TILE * 16]
                 sInv: cute.struct.MemRange[Float32, HEAD_TILE]
+                sX: cute.struct.MemRange[Float32, 3 * HEAD_TILE * 16 if self.qk_dsplit else 4]
 
             self.shared_storage = SharedStorage
             self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, mStamp, scale, ratio).launch(
@@ -6186,6 +6189,98 @@ if HAVE_CUTE:
                         sSrc[r] = src
             cute.arch.cp_async_commit_group()
 
+        @cute.jit
+        def qk_dot(self, sQ, sK, j, kk0: int, kk1: int, lane, g, t):
+            """Warp-wide partial logits of key tile j (8 keys) x 16 heads over kk0 <= kk < kk1 (16 d each): fp32
+            (heads g, g+8) x (keys 2t, 2t+1); qk_chains accumulators, summed in order at the end."""
+            nc = self.qk_chains
+            row = self.row
+            acc = cute.make_rmem_tensor((4 * nc,), Float32)
+            acc.fill(0.0)
+            if const_expr(self.ldsm):
+                q_addr = (sQ.iterator + (lane % 8 + 8 * ((lane // 8) % 2)) * row + 4 * (lane // 16)).toint()
+                k_addr = (sK.iterator + (8 * j + lane % 8) * row + 4 * (lane // 8)).toint()
+                for k2 in cutlass.range_constexpr(kk0 // 2, kk1 // 2):
+                    bk = ldsm_x4(k_addr + 64 * k2)                      # b0, b1 of kk = 2k2 and 2k2 + 1
+                    for h2 in cutlass.range_constexpr(2):
+                        kk = 2 * k2 + h2
+                        qa = ldsm_x4(q_addr + 32 * kk)
+                        c4 = 4 * (kk % nc)
+                        d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
+                                           acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
+                        for e in cutlass.range_constexpr(4):
+                            acc[c4 + e] = d[e]
+            else:
+                n = 8 * j + g
+                for kk in cutlass.range_constexpr(kk0, kk1):
+                    c4 = 4 * (kk % nc)
+                    d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t], sQ[g, kk * 8 + 4 + t],
+                                       sQ[g + 8, kk * 8 + 4 + t], sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
+                                       acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
+                    for e in cutlass.range_constexpr(4):
+                        acc[c4 + e] = d[e]
+            out = cute.make_rmem_tensor((4,), Float32)
+            for e in cutlass.range_constexpr(4):
+                out[e] = acc[e]
+            for c_ in cutlass.range_constexpr(1, nc):
+                for e in cutlass.range_constexpr(4):
+                    out[e] = out[e] + acc[4 * c_ + e]
+            return out
+
+        @cute.jit
+        def put_logits(self, sL, sSrc, acc, j, g, t, cnt, scale):
+            for e in cutlass.range_constexpr(4):
+                key = 8 * j + 2 * t + e % 2
+                lg = acc[e].to(BFloat16).to(Float32) * scale
+                if key >= cnt:
+                    lg = Float32(-math.inf)
+                elif sSrc[key] < 0:
+                    lg = Float32(-math.inf)
+                sL[g + 8 * (e // 2), key] = lg
+
+        @cute.jit
+        def qk_all(self, sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale):
+            """Every warp: whole dot products of key tiles warp, warp + 8, .. (tiles past cnt16 only -inf)."""
+            for i in cutlass.range_constexpr(self.tiles_per_warp):
+                j = warp + 8 * i
+                if j < self.key_tiles:
+                    acc = cute.make_rmem_tensor((4,), Float32)
+                    acc.fill(0.0)
+                    if j * 8 < cnt16:
+                        dot = self.qk_dot(sQ, sK, j, 0, self.hd // 16, lane, g, t)
+                        for e in cutlass.range_constexpr(4):
+                            acc[e] = dot[e]
+                    self.put_logits(sL, sSrc, acc, j, g, t, cnt, scale)
+
+        @cute.jit
+        def qk_split(self, sQ, sK, sL, sSrc, sX, P: int, warp, lane, g, t, cnt, scale, tidx):
+            """<= 64/P rows: warp w takes tile w % (8/P), d part w // (8/P) of 16 hd/P columns; parts 1.. go through
+            sX, part 0 adds them in order and writes the logits; keys past the tiles -> -inf."""
+            T = 8 // P
+            n_keys = 8 * T
+            kk_part = self.hd // 16 // P
+            j = warp % T
+            p = warp // T
+            for p_ in cutlass.range_constexpr(P):
+                if p == p_:
+                    dot = self.qk_dot(sQ, sK, j, p_ * kk_part, (p_ + 1) * kk_part, lane, g, t)
+                    if const_expr(p_ > 0):
+                        for e in cutlass.range_constexpr(4):
+                            sX[((p_ - 1) * HEAD_TILE + g + 8 * (e // 2)) * n_keys + 8 * j + 2 * t + e % 2] = dot[e]
+                    else:
+                        for e in cutlass.range_constexpr(4):
+                            sL[g + 8 * (e // 2), 8 * j + 2 * t + e % 2] = dot[e]      # part 0, parked in sL
+            for i in cutlass.range(tidx, HEAD_TILE * (self.chunk - n_keys), self.threads, unroll=1):
+                sL[i // (self.chunk - n_keys), n_keys + i % (self.chunk - n_keys)] = Float32(-math.inf)
+            cute.arch.sync_threads()
+            if p == 0:
+                acc = cute.make_rmem_tensor((4,), Float32)
+                for e in cutlass.range_constexpr(4):
+                    acc[e] = sL[g + 8 * (e // 2), 8 * j + 2 * t + e % 2]
+                    for q_ in cutlass.range_constexpr(1, P):
+                        acc[e] = acc[e] + sX[((q_ - 1) * HEAD_TILE + g + 8 * (e // 2)) * n_keys + 8 * j + 2 * t + e % 2]
+                self.put_logits(sL, sSrc, acc, j, g, t, cnt, scale)
+
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                    mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
@@ -6220,6 +6315,7 @@ if HAVE_CUTE:
             sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
             sW = storage.sW.get_tensor(cute.make_layout((HEAD_TILE, 16), stride=(16, 1)))
             sInv = storage.sInv.get_tensor(cute.make_layout(HEAD_TILE))
+            sX = storage.sX.get_tensor(cute.make_layout(3 * HEAD_TILE * 16 if self.qk_dsplit else 4))
 
             # ---- prologue: nothing here is written by an earlier kernel of the step (pos is set before the replay)
             pos = mPos[0].to(Int32)
@@ -6297,49 +6393,17 @@ if HAVE_CUTE:
                     cute.arch.sync_threads()
                     self.stamp(mStamp, 4, tidx, split, grp, b, n_grp)
 
-                    # logits: warp w -> key tiles w, w + 8, ..: keys 8j + (2t, 2t+1), heads g, g + 8
-                    for i in cutlass.range_constexpr(self.tiles_per_warp):
-                        j = warp + 8 * i
-                        if j < self.key_tiles:
-                            nc = self.qk_chains
-                            acc = cute.make_rmem_tensor((4 * nc,), Float32)
-                            acc.fill(0.0)
-                            if j * 8 < cnt16:
-                                n = 8 * j + g
-                                if const_expr(self.ldsm):
-                                    q_addr = (sQ.iterator + (lane % 8 + 8 * ((lane // 8) % 2)) * row
-                                              + 4 * (lane // 16)).toint()
-                                    k_addr = (sK.iterator + (8 * j + lane % 8) * row + 4 * (lane // 8)).toint()
-                                    for k2 in cutlass.range_constexpr(self.hd // 32):
-                                        bk = ldsm_x4(k_addr + 64 * k2)          # b0, b1 of kk = 2k2 and 2k2 + 1
-                                        for h2 in cutlass.range_constexpr(2):
-                                            kk = 2 * k2 + h2
-                                            qa = ldsm_x4(q_addr + 32 * kk)
-                                            c4 = 4 * (kk % nc)
-                                            d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
-                                                               acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
-                                            for e in cutlass.range_constexpr(4):
-                                                acc[c4 + e] = d[e]
-                                else:
-                                    for kk in cutlass.range_constexpr(self.hd // 16):
-                                        c4 = 4 * (kk % nc)
-                                        d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t],
-                                                           sQ[g, kk * 8 + 4 + t], sQ[g + 8, kk * 8 + 4 + t],
-                                                           sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
-                                                           acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
-                                        for e in cutlass.range_constexpr(4):
-                                            acc[c4 + e] = d[e]
-                                for c_ in cutlass.range_constexpr(1, nc):
-                                    for e in cutlass.range_constexpr(4):
-                                        acc[e] = acc[e] + acc[4 * c_ + e]
-                            for e in cutlass.range_constexpr(4):
-                                key = 8 * j + 2 * t + e % 2
-                                lg = acc[e].to(BFloat16).to(Float32) * scale
-                                if key >= cnt:
-                                    lg = neg_inf
-                                elif sSrc[key] < 0:
-                                    lg = neg_inf
-                                sL[g + 8 * (e // 2), key] = lg
+                    # logits: warp w -> key tiles w, w + 8, ..: keys 8j + (2t, 2t+1), heads g, g + 8; with qk_dsplit
+                    # and <= 32 rows the idle warps take a half / quarter of each dot product (summed in smem)
+                    if const_expr(self.qk_dsplit):
+                        if cnt16 <= 16:
+                            self.qk_split(sQ, sK, sL, sSrc, sX, 4, warp, lane, g, t, cnt, scale, tidx)
+                        elif cnt16 <= 32:
+                            self.qk_split(sQ, sK, sL, sSrc, sX, 2, warp, lane, g, t, cnt, scale, tidx)
+                        else:
+                            self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale)
+                    else:
+                        self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale)
                     cute.arch.sync_threads()
                     self.stamp(mStamp, 5, tidx, split, grp, b, n_grp)
 
@@ -6929,7 +6993,8 @@ def attention_wide_plan(window: int, n_comp: int, max_splits: int | None = None,
 
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
                             rope_dim: int = 0, stamps: bool = False, ldsm: bool | None = None,
-                            qk_chains: int | None = None, prefetch: bool | None = None):
+                            qk_chains: int | None = None, prefetch: bool | None = None, qk_dsplit: bool | None = None):
+    qk_dsplit = ATTN_QK_DSPLIT if qk_dsplit is None else qk_dsplit
     ldsm = ATTN_LDSM if ldsm is None else ldsm
     qk_chains = ATTN_QK_CHAINS if qk_chains is None else qk_chains
     prefetch = ATTN_PREFETCH if prefetch is None else prefetch
@@ -6950,9 +7015,9 @@ def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, c
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
-                                         qk_chains, prefetch), args
+                                         qk_chains, prefetch, qk_dsplit), args
     return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,
-                             ldsm, qk_chains, prefetch), build)
+                             ldsm, qk_chains, prefetch, qk_dsplit), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):

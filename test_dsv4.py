@@ -5506,6 +5506,21 @@ def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode
 
 
 @gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [(1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000),
+                                                  (2, 64, 512, 128, 512, "hca", 300), (1, 64, 512, 128, 0, "window", 40)])
+def test_gpu_wide_attention_with_split_dot_products_matches_dsv4(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
+    """ATTN_QK_DSPLIT: CTAs with <= 32 rows (these HCA / window cases) sum each q.k in 2 or 4 parts."""
+    monkeypatch.setattr(K, "ATTN_QK_DSPLIT", True)
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, device="cuda", seed=pos)
+    got = K.sparse_attention_decode(*args)
+    assert_attention_close(got, K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
+
+
+@gpu
 @pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
 def test_gpu_wide_attention_with_split_qk_accumulators_matches_dsv4(B, H, hd, W, Tc, mode, pos, monkeypatch):
     monkeypatch.setattr(K, "ATTN_QK_CHAINS", 2)
