@@ -6190,48 +6190,53 @@ if HAVE_CUTE:
             cute.arch.cp_async_commit_group()
 
         @cute.jit
-        def qk_dot(self, sQ, sK, j, kk0: int, kk1: int, lane, g, t):
-            """Warp-wide partial logits of key tile j (8 keys) x 16 heads over kk0 <= kk < kk1 (16 d each): fp32
-            (heads g, g+8) x (keys 2t, 2t+1); qk_chains accumulators, summed in order at the end."""
+        def qk_dot(self, sQ, sK, j, kk0: int, kk1: int, lane, g, t, nt: int = 1):
+            """Warp-wide partial logits of key tiles j, j + 8, .. (nt of them, interleaved: independent mma chains) x 16
+            heads over kk0 <= kk < kk1 (16 d each): fp32 [tile][(head g | g+8) x (key 2t | 2t+1)]; qk_chains
+            accumulators per tile, summed in order at the end."""
             nc = self.qk_chains
             row = self.row
-            acc = cute.make_rmem_tensor((4 * nc,), Float32)
+            acc = cute.make_rmem_tensor((4 * nc * nt,), Float32)
             acc.fill(0.0)
             if const_expr(self.ldsm):
                 q_addr = (sQ.iterator + (lane % 8 + 8 * ((lane // 8) % 2)) * row + 4 * (lane // 16)).toint()
                 k_addr = (sK.iterator + (8 * j + lane % 8) * row + 4 * (lane // 8)).toint()
                 for k2 in cutlass.range_constexpr(kk0 // 2, kk1 // 2):
-                    bk = ldsm_x4(k_addr + 64 * k2)                      # b0, b1 of kk = 2k2 and 2k2 + 1
                     for h2 in cutlass.range_constexpr(2):
                         kk = 2 * k2 + h2
                         qa = ldsm_x4(q_addr + 32 * kk)
-                        c4 = 4 * (kk % nc)
-                        d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
+                        for i in cutlass.range_constexpr(nt):
+                            bk = ldsm_x4(k_addr + 4 * 64 * row * i + 64 * k2)     # b0, b1 of kk = 2k2, 2k2 + 1
+                            c4 = 4 * (i * nc + kk % nc)
+                            d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
+                                               acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
+                            for e in cutlass.range_constexpr(4):
+                                acc[c4 + e] = d[e]
+            else:
+                for kk in cutlass.range_constexpr(kk0, kk1):
+                    for i in cutlass.range_constexpr(nt):
+                        n = 8 * (j + 8 * i) + g
+                        c4 = 4 * (i * nc + kk % nc)
+                        d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t], sQ[g, kk * 8 + 4 + t],
+                                           sQ[g + 8, kk * 8 + 4 + t], sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
                                            acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
                         for e in cutlass.range_constexpr(4):
                             acc[c4 + e] = d[e]
-            else:
-                n = 8 * j + g
-                for kk in cutlass.range_constexpr(kk0, kk1):
-                    c4 = 4 * (kk % nc)
-                    d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t], sQ[g, kk * 8 + 4 + t],
-                                       sQ[g + 8, kk * 8 + 4 + t], sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
-                                       acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
-                    for e in cutlass.range_constexpr(4):
-                        acc[c4 + e] = d[e]
-            out = cute.make_rmem_tensor((4,), Float32)
-            for e in cutlass.range_constexpr(4):
-                out[e] = acc[e]
-            for c_ in cutlass.range_constexpr(1, nc):
+            out = cute.make_rmem_tensor((4 * nt,), Float32)
+            for i in cutlass.range_constexpr(nt):
                 for e in cutlass.range_constexpr(4):
-                    out[e] = out[e] + acc[4 * c_ + e]
+                    out[4 * i + e] = acc[4 * i * nc + e]
+                for c_ in cutlass.range_constexpr(1, nc):
+                    for e in cutlass.range_constexpr(4):
+                        out[4 * i + e] = out[4 * i + e] + acc[4 * (i * nc + c_) + e]
             return out
 
         @cute.jit
-        def put_logits(self, sL, sSrc, acc, j, g, t, cnt, scale):
+        def put_logits(self, sL, sSrc, acc, off: int, j, g, t, cnt, scale):
+            """acc[off..off+3] -> logits bf16(q.k) * scale of key tile j in sL (-inf: past cnt or a masked row)."""
             for e in cutlass.range_constexpr(4):
                 key = 8 * j + 2 * t + e % 2
-                lg = acc[e].to(BFloat16).to(Float32) * scale
+                lg = acc[off + e].to(BFloat16).to(Float32) * scale
                 if key >= cnt:
                     lg = Float32(-math.inf)
                 elif sSrc[key] < 0:
@@ -6240,17 +6245,28 @@ if HAVE_CUTE:
 
         @cute.jit
         def qk_all(self, sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale):
-            """Every warp: whole dot products of key tiles warp, warp + 8, .. (tiles past cnt16 only -inf)."""
-            for i in cutlass.range_constexpr(self.tiles_per_warp):
-                j = warp + 8 * i
-                if j < self.key_tiles:
-                    acc = cute.make_rmem_tensor((4,), Float32)
-                    acc.fill(0.0)
-                    if j * 8 < cnt16:
-                        dot = self.qk_dot(sQ, sK, j, 0, self.hd // 16, lane, g, t)
-                        for e in cutlass.range_constexpr(4):
-                            acc[e] = dot[e]
-                    self.put_logits(sL, sSrc, acc, j, g, t, cnt, scale)
+            """Every warp: whole dot products of key tiles warp, warp + 8, .. (interleaved; tiles past cnt16: -inf)."""
+            tpw = self.tiles_per_warp
+            acc = cute.make_rmem_tensor((4 * tpw,), Float32)
+            acc.fill(0.0)
+            if const_expr(tpw == 1):
+                if warp * 8 < cnt16:
+                    dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
+                    for e in cutlass.range_constexpr(4):
+                        acc[e] = dot[e]
+            else:
+                assert tpw == 2
+                if (warp + 8) * 8 < cnt16 and warp + 8 < self.key_tiles:
+                    dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t, 2)
+                    for e in cutlass.range_constexpr(8):
+                        acc[e] = dot[e]
+                elif warp * 8 < cnt16:
+                    dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
+                    for e in cutlass.range_constexpr(4):
+                        acc[e] = dot[e]
+            for i in cutlass.range_constexpr(tpw):
+                if warp + 8 * i < self.key_tiles:
+                    self.put_logits(sL, sSrc, acc, 4 * i, warp + 8 * i, g, t, cnt, scale)
 
         @cute.jit
         def qk_split(self, sQ, sK, sL, sSrc, sX, P: int, warp, lane, g, t, cnt, scale, tidx):
@@ -6279,7 +6295,7 @@ if HAVE_CUTE:
                     acc[e] = sL[g + 8 * (e // 2), 8 * j + 2 * t + e % 2]
                     for q_ in cutlass.range_constexpr(1, P):
                         acc[e] = acc[e] + sX[((q_ - 1) * HEAD_TILE + g + 8 * (e // 2)) * n_keys + 8 * j + 2 * t + e % 2]
-                self.put_logits(sL, sSrc, acc, j, g, t, cnt, scale)
+                self.put_logits(sL, sSrc, acc, 0, j, g, t, cnt, scale)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
