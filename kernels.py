@@ -5266,6 +5266,7 @@ ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical 
 ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent accumulators (another fp32 order)
 ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step writes before griddepcontrol.wait
 ATTN_QK_DSPLIT = False  # wide kernel: <= 32 rows in a CTA -> 2 or 4 warps per dot product (another fp32 order)
+ATTN_QK_PAIRS = True    # wide kernel: warp w computes key tiles 2w, 2w+1 (q fragments read once for both)
 ATTN_CTAS_PER_SM = 2    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
 
 
@@ -6043,28 +6044,34 @@ if HAVE_CUTE:
 
     class SparseAttentionDecodeWide:
         """SparseAttentionDecodeCluster laid out for latency: grid (S, ceil(H/16), B) in clusters of the S <= 16
-        splits of one (b, head group); each CTA loads its keys ONCE (one chunk of <= `chunk` rows, a multiple of 16;
-        more chunks per CTA only for very long caches) and the combine runs in distributed shared memory.
+        splits of one (b, head group); each CTA loads its keys once (one pass of <= `chunk` rows, a multiple of 16;
+        more passes only for very long caches) and the combine runs in distributed shared memory.
         - Key assignment. window / HCA: the valid keys are known from pos alone (ring slots s <= pos, then the
           completed blocks j < (pos+1)//ratio), so the n valid keys are dealt evenly, ceil(n/S) per CTA: at pos 1000
-          an HCA layer's 135 keys take ~17 rows per CTA instead of 64-key chunks of mostly empty slots. CSA: key v of
-          [ring slots | picks] goes to CTA v // (chunks_per_cta * chunk) (a pick of -1 is a masked row).
-        - Before griddepcontrol.wait (PDL): pos, the sink of the group's heads and the cos/sin of this thread's
-          output columns for the inverse RoPE (none of them written by an earlier kernel of the step).
-        - After it: q and the key rows by cp.async (CSA: the thread that copies a row reads its pick itself, no
-          extra shared-memory pass); rows past the CTA's count are neither copied nor multiplied.
-        - QK^T / online softmax / PV by mma.sync as in SparseAttentionDecodeCluster (probabilities rounded to bf16;
-          thread `part` of a head takes key pairs part, part+16, ..). The combine: 16 threads form each head's
-          split weights once (M = max(sink, m_s), w_s = exp(m_s - M), Z = exp(sink - M) + sum_s z_s w_s, s = 0..S-1),
-          then every thread combines its 4-column units (o = sum_s w_s o_s in order s, times 1/Z, bf16; the last
-          rope_dim columns rotated back) and stores 8 bytes.
+          an HCA layer's 135 keys take 17 rows per CTA (8 splits) instead of 64-key chunks of mostly empty slots.
+          CSA: CTA s takes ring slots s*ceil(W/S).. and picks s*ceil(k/S).. (a pick of -1 is a masked row; ring
+          slots past pos are copied and masked with the logits, so the copies need neither pos nor a second pass).
+        - The rows are copied by cp.async (CSA: every pick load of a thread in flight before its copies); rows past
+          the CTA's count are neither copied nor multiplied. prefetch: rows no kernel of the step writes (all but the
+          fresh ring slot, the newest block and the picks) are copied before griddepcontrol.wait.
+        - Per-unit constants (the head's sink, cos/sin of the inverse RoPE): before the wait under PDL, else while
+          the copies are in flight.
+        - QK^T / online softmax / PV by mma.sync with ldmatrix fragments (qk_pairs: a warp takes two adjacent key
+          tiles so q is read from smem once for both; qk_dsplit: CTAs with <= 32 rows split each dot product over
+          idle warps); probabilities rounded to bf16 as in SparseAttentionDecodeCluster; thread `part` of a head
+          takes key pairs part, part+16, ...
+        - Combine: CTA s owns a contiguous 1/S of the group's 4-column output units (a warp's DSMEM reads are
+          consecutive 16-B pieces, no bank conflicts); per unit all S (m, z) and partial columns are loaded at once,
+          M = max(sink, m_s), w_s = exp(m_s - M), Z = exp(sink - M) + sum_s z_s w_s, o = sum_s w_s o_s (order s),
+          times 1/Z, bf16; the last rope_dim columns rotated back; one 8-byte store. The exit cluster barrier is
+          relaxed (it only keeps the shared memory alive for the peers' reads).
         stamps: thread 0 of each CTA writes %globaltimer / %clock64 at the phase borders into mStamp (probe)."""
 
         N_STAMPS = 16
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
                      rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1,
-                     prefetch: bool = False, qk_dsplit: bool = False):
+                     prefetch: bool = False, qk_dsplit: bool = False, qk_pairs: bool = True):
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
@@ -6075,6 +6082,7 @@ if HAVE_CUTE:
             assert (head_dim // 16) % (2 * qk_chains) == 0
             self.prefetch = prefetch and chunks_per_cta == 1     # stable key rows copied before the PDL wait
             self.qk_dsplit = qk_dsplit and chunk > 32 and (head_dim // 16) % 8 == 0   # idle warps split small dot products
+            self.qk_pairs = qk_pairs                         # a warp's two adjacent key tiles share one read of q
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -6084,7 +6092,8 @@ if HAVE_CUTE:
             self.tiles_per_warp = -(-self.key_tiles // 8)
             self.pairs_per_thread = -(-(chunk // 2) // 16)
             self.units = HEAD_TILE * head_dim // 4           # 4-column output pieces of the group
-            self.units_per_thread = -(-self.units // (splits * self.threads))
+            self.units_per_cta = -(-self.units // splits)
+            self.units_per_thread = -(-self.units_per_cta // self.threads)
             self.copies = -(-chunk * (self.words // 4) // self.threads)     # 16-B pieces per thread and chunk
             self.k_words = max(chunk * self.row, HEAD_TILE * head_dim)      # the partial o reuses the key rows
 
@@ -6104,8 +6113,6 @@ if HAVE_CUTE:
                 sSrc: cute.struct.MemRange[Int32, self.chunk]
                 sAlpha: cute.struct.MemRange[Float32, HEAD_TILE]
                 sML: cute.struct.Align[cute.struct.MemRange[Float32, HEAD_TILE * 4], 16]
-                sW: cute.struct.MemRange[Float32, HEAD_TILE * 16]
-                sInv: cute.struct.MemRange[Float32, HEAD_TILE]
                 sX: cute.struct.MemRange[Float32, 3 * HEAD_TILE * 16 if self.qk_dsplit else 4]
 
             self.shared_storage = SharedStorage
@@ -6144,10 +6151,11 @@ if HAVE_CUTE:
                     slot = split * w_per + x
                     c = split * p_per + x - w_per
                     if x < w_per:
-                        if slot < W and slot <= pos:
+                        if slot < W:                    # slots > pos are masked with the logits (put_logits)
                             src = slot
-                            if slot == fresh_slot:
-                                pre = Int32(0)
+                            if const_expr(phase != 2):
+                                if slot == fresh_slot:
+                                    pre = Int32(0)
                     else:
                         pre = Int32(0)
                         if const_expr(phase != 0):
@@ -6159,8 +6167,9 @@ if HAVE_CUTE:
                     src = v
                     if v >= n_win:
                         src = W + v - n_win
-                    if src == fresh_slot or src == fresh_block:
-                        pre = Int32(0)
+                    if const_expr(phase != 2):
+                        if src == fresh_slot or src == fresh_block:
+                            pre = Int32(0)
                 if r >= cnt:
                     src = Int32(-1)
                     pre = Int32(1)
@@ -6190,8 +6199,25 @@ if HAVE_CUTE:
             cute.arch.cp_async_commit_group()
 
         @cute.jit
-        def qk_dot(self, sQ, sK, j, kk0: int, kk1: int, lane, g, t, nt: int = 1):
-            """Warp-wide partial logits of key tiles j, j + 8, .. (nt of them, interleaved: independent mma chains) x 16
+        def unit_constants(self, mSink, mAng, sinks, cs, pos, split, tidx, h0, H):
+            """Output units (4 columns of one head) of this CTA: a contiguous range, so a warp's DSMEM reads are
+            consecutive 16-B pieces. Per unit the head's sink and, for the rope columns, (cos, -sin) x 2."""
+            p_ang = cutlass.max(pos, Int32(0))
+            for i in cutlass.range_constexpr(self.units_per_thread):
+                a_u = cutlass.min(split * self.units_per_cta + tidx + self.threads * i, self.units - 1)
+                a_col = (a_u % (self.hd // 4)) * 4
+                sinks[i] = mSink[cutlass.min(h0 + a_u // (self.hd // 4), H - 1)]
+                if const_expr(self.rd > 0):
+                    if a_col >= self.hd - self.rd:
+                        for k2 in cutlass.range_constexpr(2):
+                            ang = mAng[p_ang, (a_col - (self.hd - self.rd)) // 2 + k2]
+                            cs[4 * i + 2 * k2] = cute.math.cos(ang)
+                            cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
+
+        @cute.jit
+        def qk_dot(self, sQ, sK, j, kk0: int, kk1: int, lane, g, t, nt: int = 1, stride: int = 8):
+            """Warp-wide partial logits of key tiles j, j + stride, .. (nt of them, interleaved: independent mma chains, one
+            read of the q fragments for all) x 16
             heads over kk0 <= kk < kk1 (16 d each): fp32 [tile][(head g | g+8) x (key 2t | 2t+1)]; qk_chains
             accumulators per tile, summed in order at the end."""
             nc = self.qk_chains
@@ -6206,7 +6232,7 @@ if HAVE_CUTE:
                         kk = 2 * k2 + h2
                         qa = ldsm_x4(q_addr + 32 * kk)
                         for i in cutlass.range_constexpr(nt):
-                            bk = ldsm_x4(k_addr + 4 * 64 * row * i + 64 * k2)     # b0, b1 of kk = 2k2, 2k2 + 1
+                            bk = ldsm_x4(k_addr + 4 * 8 * stride * row * i + 64 * k2)     # b0, b1 of kk = 2k2, 2k2 + 1
                             c4 = 4 * (i * nc + kk % nc)
                             d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
                                                acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
@@ -6215,7 +6241,7 @@ if HAVE_CUTE:
             else:
                 for kk in cutlass.range_constexpr(kk0, kk1):
                     for i in cutlass.range_constexpr(nt):
-                        n = 8 * (j + 8 * i) + g
+                        n = 8 * (j + stride * i) + g
                         c4 = 4 * (i * nc + kk % nc)
                         d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t], sQ[g, kk * 8 + 4 + t],
                                            sQ[g + 8, kk * 8 + 4 + t], sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
@@ -6232,44 +6258,67 @@ if HAVE_CUTE:
             return out
 
         @cute.jit
-        def put_logits(self, sL, sSrc, acc, off: int, j, g, t, cnt, scale):
-            """acc[off..off+3] -> logits bf16(q.k) * scale of key tile j in sL (-inf: past cnt or a masked row)."""
+        def put_logits(self, sL, sSrc, acc, off: int, j, g, t, cnt, scale, pos, W):
+            """acc[off..off+3] -> logits bf16(q.k) * scale of key tile j in sL (-inf: past cnt, a masked row or a
+            ring slot past pos)."""
             for e in cutlass.range_constexpr(4):
                 key = 8 * j + 2 * t + e % 2
                 lg = acc[off + e].to(BFloat16).to(Float32) * scale
                 if key >= cnt:
                     lg = Float32(-math.inf)
-                elif sSrc[key] < 0:
-                    lg = Float32(-math.inf)
+                else:
+                    src = sSrc[key]
+                    if src < 0:
+                        lg = Float32(-math.inf)
+                    elif src < W and src > pos:          # a ring slot not written yet (CSA copies skip the check)
+                        lg = Float32(-math.inf)
                 sL[g + 8 * (e // 2), key] = lg
 
         @cute.jit
-        def qk_all(self, sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale):
-            """Every warp: whole dot products of key tiles warp, warp + 8, .. (interleaved; tiles past cnt16: -inf)."""
-            tpw = self.tiles_per_warp
-            acc = cute.make_rmem_tensor((4 * tpw,), Float32)
-            acc.fill(0.0)
-            if const_expr(tpw == 1):
-                if warp * 8 < cnt16:
-                    dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
-                    for e in cutlass.range_constexpr(4):
-                        acc[e] = dot[e]
+        def qk_all(self, sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W):
+            """Whole dot products. qk_pairs: warp w takes key tiles 2w, 2w+1 (one q read for both); else tiles w, w + 8,
+            ... Tiles are interleaved mma chains; tiles past cnt16 are only written as -inf."""
+            if const_expr(self.qk_pairs):
+                if 2 * warp < self.key_tiles:
+                    j = 2 * warp
+                    acc = cute.make_rmem_tensor((8,), Float32)
+                    acc.fill(0.0)
+                    if 8 * j + 8 < cnt16 and j + 1 < self.key_tiles:
+                        dot = self.qk_dot(sQ, sK, j, 0, self.hd // 16, lane, g, t, 2, 1)
+                        for e in cutlass.range_constexpr(8):
+                            acc[e] = dot[e]
+                    elif 8 * j < cnt16:
+                        dot = self.qk_dot(sQ, sK, j, 0, self.hd // 16, lane, g, t)
+                        for e in cutlass.range_constexpr(4):
+                            acc[e] = dot[e]
+                    for i in cutlass.range_constexpr(2):
+                        if j + i < self.key_tiles:
+                            self.put_logits(sL, sSrc, acc, 4 * i, j + i, g, t, cnt, scale, pos, W)
             else:
-                assert tpw == 2
-                if (warp + 8) * 8 < cnt16 and warp + 8 < self.key_tiles:
-                    dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t, 2)
-                    for e in cutlass.range_constexpr(8):
-                        acc[e] = dot[e]
-                elif warp * 8 < cnt16:
-                    dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
-                    for e in cutlass.range_constexpr(4):
-                        acc[e] = dot[e]
-            for i in cutlass.range_constexpr(tpw):
-                if warp + 8 * i < self.key_tiles:
-                    self.put_logits(sL, sSrc, acc, 4 * i, warp + 8 * i, g, t, cnt, scale)
+                tpw = self.tiles_per_warp
+                acc = cute.make_rmem_tensor((4 * tpw,), Float32)
+                acc.fill(0.0)
+                if const_expr(tpw == 1):
+                    if warp * 8 < cnt16:
+                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
+                        for e in cutlass.range_constexpr(4):
+                            acc[e] = dot[e]
+                else:
+                    assert tpw == 2
+                    if (warp + 8) * 8 < cnt16 and warp + 8 < self.key_tiles:
+                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t, 2)
+                        for e in cutlass.range_constexpr(8):
+                            acc[e] = dot[e]
+                    elif warp * 8 < cnt16:
+                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
+                        for e in cutlass.range_constexpr(4):
+                            acc[e] = dot[e]
+                for i in cutlass.range_constexpr(tpw):
+                    if warp + 8 * i < self.key_tiles:
+                        self.put_logits(sL, sSrc, acc, 4 * i, warp + 8 * i, g, t, cnt, scale, pos, W)
 
         @cute.jit
-        def qk_split(self, sQ, sK, sL, sSrc, sX, P: int, warp, lane, g, t, cnt, scale, tidx):
+        def qk_split(self, sQ, sK, sL, sSrc, sX, P: int, warp, lane, g, t, cnt, scale, tidx, pos, W):
             """<= 64/P rows: warp w takes tile w % (8/P), d part w // (8/P) of 16 hd/P columns; parts 1.. go through
             sX, part 0 adds them in order and writes the logits; keys past the tiles -> -inf."""
             T = 8 // P
@@ -6295,7 +6344,7 @@ if HAVE_CUTE:
                     acc[e] = sL[g + 8 * (e // 2), 8 * j + 2 * t + e % 2]
                     for q_ in cutlass.range_constexpr(1, P):
                         acc[e] = acc[e] + sX[((q_ - 1) * HEAD_TILE + g + 8 * (e // 2)) * n_keys + 8 * j + 2 * t + e % 2]
-                self.put_logits(sL, sSrc, acc, 0, j, g, t, cnt, scale)
+                self.put_logits(sL, sSrc, acc, 0, j, g, t, cnt, scale, pos, W)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
@@ -6329,8 +6378,6 @@ if HAVE_CUTE:
             sSrc = storage.sSrc.get_tensor(cute.make_layout(chunk))
             sAlpha = storage.sAlpha.get_tensor(cute.make_layout(HEAD_TILE))
             sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
-            sW = storage.sW.get_tensor(cute.make_layout((HEAD_TILE, 16), stride=(16, 1)))
-            sInv = storage.sInv.get_tensor(cute.make_layout(HEAD_TILE))
             sX = storage.sX.get_tensor(cute.make_layout(3 * HEAD_TILE * 16 if self.qk_dsplit else 4))
 
             # ---- prologue: nothing here is written by an earlier kernel of the step (pos is set before the replay)
@@ -6352,20 +6399,12 @@ if HAVE_CUTE:
                 n_mine = cutlass.max(cutlass.min(n_keys - v_begin, per), 0)
             fresh_slot = pos % W                # the ring slot this step's kv kernel writes
             fresh_block = W + (pos + 1) // ratio - 1      # the newest block (maybe written by this step)
-            sink = Float32(0.0)
-            if tidx < HEAD_TILE:
-                sink = mSink[cutlass.min(h0 + tidx, H - 1)]
-            cs = cute.make_rmem_tensor((self.units_per_thread * 4,), Float32)   # (cos, -sin) x 2 per unit
-            if const_expr(self.rd > 0):
-                p_ang = cutlass.max(pos, Int32(0))
-                for i in cutlass.range_constexpr(self.units_per_thread):
-                    a_u = split + S * (tidx + self.threads * i)
-                    a_col = (a_u % (self.hd // 4)) * 4
-                    if a_u < self.units and a_col >= self.hd - self.rd:
-                        for k2 in cutlass.range_constexpr(2):
-                            ang = mAng[p_ang, (a_col - (self.hd - self.rd)) // 2 + k2]
-                            cs[4 * i + 2 * k2] = cute.math.cos(ang)
-                            cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
+            # per output unit: the head's sink, (cos, -sin) of the rope columns; before the wait under PDL (hidden
+            # behind the previous kernel), else once the key copies are in flight
+            sinks = cute.make_rmem_tensor((self.units_per_thread,), Float32)
+            cs = cute.make_rmem_tensor((self.units_per_thread * 4,), Float32)
+            if const_expr(GLUE_PDL or self.n_ch > 1):
+                self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
             if const_expr(self.prefetch):
                 # rows no kernel of this step writes: copied before the wait (the fresh ring slot, the newest block
                 # and the CSA picks after it)
@@ -6405,6 +6444,8 @@ if HAVE_CUTE:
                     self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, ch * chunk, cnt, v_begin, w_per,
                                    p_per, k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block,
                                    1 if const_expr(self.prefetch) else 2)
+                    if const_expr(not GLUE_PDL and self.n_ch == 1):
+                        self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
                     cute.arch.cp_async_wait_group(0)
                     cute.arch.sync_threads()
                     self.stamp(mStamp, 4, tidx, split, grp, b, n_grp)
@@ -6413,13 +6454,13 @@ if HAVE_CUTE:
                     # and <= 32 rows the idle warps take a half / quarter of each dot product (summed in smem)
                     if const_expr(self.qk_dsplit):
                         if cnt16 <= 16:
-                            self.qk_split(sQ, sK, sL, sSrc, sX, 4, warp, lane, g, t, cnt, scale, tidx)
+                            self.qk_split(sQ, sK, sL, sSrc, sX, 4, warp, lane, g, t, cnt, scale, tidx, pos, W)
                         elif cnt16 <= 32:
-                            self.qk_split(sQ, sK, sL, sSrc, sX, 2, warp, lane, g, t, cnt, scale, tidx)
+                            self.qk_split(sQ, sK, sL, sSrc, sX, 2, warp, lane, g, t, cnt, scale, tidx, pos, W)
                         else:
-                            self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale)
+                            self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
                     else:
-                        self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale)
+                        self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
                     cute.arch.sync_threads()
                     self.stamp(mStamp, 5, tidx, split, grp, b, n_grp)
 
@@ -6486,6 +6527,9 @@ if HAVE_CUTE:
                                                        acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
                                     for e in cutlass.range_constexpr(4):
                                         acc2[4 * j + e] = d[e]
+                else:
+                    if const_expr(not GLUE_PDL and self.n_ch == 1):
+                        self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
                 cute.arch.sync_threads()                           # sK / sP are reused by the next chunk
             cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
             self.stamp(mStamp, 7, tidx, split, grp, b, n_grp)
@@ -6500,42 +6544,37 @@ if HAVE_CUTE:
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
             self.stamp(mStamp, 8, tidx, split, grp, b, n_grp)
-            if tidx < HEAD_TILE:                                   # head tidx: split weights and 1/Z, once
-                ms = cute.make_rmem_tensor((S,), Float32)
-                zs = cute.make_rmem_tensor((S,), Float32)
-                M = sink
-                for s_ in cutlass.range_constexpr(S):
-                    mz = load_dsmem_f32x4((sML.iterator + tidx * 4).toint(), Int32(s_))
-                    ms[s_] = mz[0]
-                    zs[s_] = mz[1]
-                    M = cute.math.max(M, mz[0])
-                Z = cute.math.exp(sink - M)
-                for s_ in cutlass.range_constexpr(S):
-                    wgt = cute.math.exp(ms[s_] - M)
-                    Z = Z + zs[s_] * wgt
-                    sW[tidx, s_] = wgt
-                sInv[tidx] = 1.0 / Z
-            cute.arch.sync_threads()
             for i in cutlass.range_constexpr(self.units_per_thread):
-                u = split + S * (tidx + self.threads * i)
-                if u < self.units:
+                u = split * self.units_per_cta + tidx + self.threads * i
+                if u < self.units and u < (split + 1) * self.units_per_cta:
                     u_h = u // (self.hd // 4)
                     u_col = (u % (self.hd // 4)) * 4
                     u_head = h0 + u_h
                     if u_head < H:
-                        u_ov = cute.make_rmem_tensor((S * 4,), Float32)      # all S loads in flight at once
+                        # every split's (m, z) of the head and its 4 partial columns: all 2S loads in flight at once
+                        u_ml = cute.make_rmem_tensor((S * 2,), Float32)
+                        u_ov = cute.make_rmem_tensor((S * 4,), Float32)
                         for s_ in cutlass.range_constexpr(S):
+                            mz = load_dsmem_f32x4((sML.iterator + u_h * 4).toint(), Int32(s_))
+                            u_ml[2 * s_] = mz[0]
+                            u_ml[2 * s_ + 1] = mz[1]
                             vals = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
                             for e in cutlass.range_constexpr(4):
                                 u_ov[4 * s_ + e] = vals[e]
+                        u_sink = sinks[i]
+                        M = u_sink
+                        for s_ in cutlass.range_constexpr(S):
+                            M = cute.math.max(M, u_ml[2 * s_])
+                        Z = cute.math.exp(u_sink - M)
                         u_o = cute.make_rmem_tensor((4,), Float32)
                         u_o.fill(0.0)
                         for s_ in cutlass.range_constexpr(S):
-                            u_w = sW[u_h, s_]
-                            if u_w > 0.0:                                    # (an empty split adds nothing)
+                            u_w = cute.math.exp(u_ml[2 * s_] - M)                  # 0 for an empty split
+                            Z = Z + u_ml[2 * s_ + 1] * u_w
+                            if u_w > 0.0:
                                 for e in cutlass.range_constexpr(4):
                                     u_o[e] = u_o[e] + u_w * u_ov[4 * s_ + e]
-                        u_inv = sInv[u_h]
+                        u_inv = 1.0 / Z
                         u_ob = cute.make_rmem_tensor((4,), Float32)
                         for e in cutlass.range_constexpr(4):
                             u_ob[e] = (u_o[e] * u_inv).to(BFloat16).to(Float32)       # the bf16 output value
@@ -6551,8 +6590,8 @@ if HAVE_CUTE:
                         gaddr = (mOut.iterator + cute.crd2idx((b, u_head, u_col), mOut.layout)).toint()
                         store_b32x2(gaddr, pack_bf16x2(u_ob[0], u_ob[1]), pack_bf16x2(u_ob[2], u_ob[3]))
             self.stamp(mStamp, 9, tidx, split, grp, b, n_grp)
-            cute.arch.cluster_arrive()                             # peers may still read this CTA's partial
-            cute.arch.cluster_wait()
+            cute.arch.cluster_arrive_relaxed()                     # peers may still read this CTA's partial (their
+            cute.arch.cluster_wait()                               # reads are done when they arrive: no release)
             self.stamp(mStamp, 10, tidx, split, grp, b, n_grp)
             self.stamp(mStamp, 11, tidx, split, grp, b, n_grp, False)
 
@@ -7007,10 +7046,20 @@ def attention_wide_plan(window: int, n_comp: int, max_splits: int | None = None,
     return splits, chunk, per
 
 
+def attention_wide_batch_plan(B: int, H: int, window: int, n_comp: int, num_sms: int):
+    """attention_wide_plan with the splits capped so B x head groups x splits CTAs stay within ATTN_CTAS_PER_SM per SM
+    (one wave; a cluster needs all its CTAs resident at once)."""
+    groups = -(-H // HEAD_TILE)
+    fit = ATTN_CTAS_PER_SM * num_sms // (B * groups)
+    return attention_wide_plan(window, n_comp, min(ATTN_MAX_SPLITS, max(2, fit)))
+
+
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
                             rope_dim: int = 0, stamps: bool = False, ldsm: bool | None = None,
-                            qk_chains: int | None = None, prefetch: bool | None = None, qk_dsplit: bool | None = None):
+                            qk_chains: int | None = None, prefetch: bool | None = None, qk_dsplit: bool | None = None,
+                            qk_pairs: bool | None = None):
     qk_dsplit = ATTN_QK_DSPLIT if qk_dsplit is None else qk_dsplit
+    qk_pairs = ATTN_QK_PAIRS if qk_pairs is None else qk_pairs
     ldsm = ATTN_LDSM if ldsm is None else ldsm
     qk_chains = ATTN_QK_CHAINS if qk_chains is None else qk_chains
     prefetch = ATTN_PREFETCH if prefetch is None else prefetch
@@ -7031,9 +7080,9 @@ def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, c
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
-                                         qk_chains, prefetch, qk_dsplit), args
+                                         qk_chains, prefetch, qk_dsplit, qk_pairs), args
     return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,
-                             ldsm, qk_chains, prefetch, qk_dsplit), build)
+                             ldsm, qk_chains, prefetch, qk_dsplit, qk_pairs), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
@@ -7131,8 +7180,7 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
     if ATTN_WIDE and ATTN_CLUSTER:
         if dev not in _NUM_SMS:
             _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-        fit = max(1, ATTN_CTAS_PER_SM * _NUM_SMS[dev] // (B * groups))             # one wave of CTAs
-        splits, chunk, per = attention_wide_plan(W, n_comp, min(ATTN_MAX_SPLITS, max(2, fit)))
+        splits, chunk, per = attention_wide_batch_plan(B, H, W, n_comp, _NUM_SMS[dev])
         rd = 0 if angles is None else 2 * angles.shape[-1]
         ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
         stamps = _ATTN_STAMPS.get("buffer")

@@ -5505,10 +5505,13 @@ def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode
         assert torch.equal(out, want), f"pos {p}"
 
 
+WIDE_DSPLIT_CASES = [(1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000),
+                     (2, 64, 512, 128, 512, "hca", 300), (1, 64, 512, 128, 0, "window", 40)]
+
+
 @gpu
 @pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [(1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000),
-                                                  (2, 64, 512, 128, 512, "hca", 300), (1, 64, 512, 128, 0, "window", 40)])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_DSPLIT_CASES)
 def test_gpu_wide_attention_with_split_dot_products_matches_dsv4(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
     """ATTN_QK_DSPLIT: CTAs with <= 32 rows (these HCA / window cases) sum each q.k in 2 or 4 parts."""
     monkeypatch.setattr(K, "ATTN_QK_DSPLIT", True)
