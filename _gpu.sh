@@ -8,7 +8,7 @@ T0=$(date +%s)
 python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || { echo "no GPU: skipped"; exit 0; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-for i in $(seq 0 11); do timeout 45 python3 _attn_probe.py pre $i 12 > /tmp/attn_pre_$i.log 2>&1 & done
+for i in $(seq 0 15); do timeout 50 python3 _attn_probe.py pre $i 16 > /tmp/attn_pre_$i.log 2>&1 & done
 wait
 echo "precompiled after $(( $(date +%s) - T0 )) s"
 for f in $(grep -l -i "error\|Traceback" /tmp/attn_pre_*.log | head -2); do tail -n 6 $f; done

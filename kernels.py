@@ -5267,6 +5267,7 @@ ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent 
 ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step writes before griddepcontrol.wait
 ATTN_QK_DSPLIT = False  # wide kernel: <= 32 rows in a CTA -> 2 or 4 warps per dot product (another fp32 order)
 ATTN_QK_PAIRS = True    # wide kernel: warp w computes key tiles 2w, 2w+1 (q fragments read once for both)
+ATTN_BULK = False       # wide kernel: key rows by TMA bulk copies (one 1-KB request per row) instead of 16-B cp.async
 ATTN_CTAS_PER_SM = 2    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
 
 
@@ -6042,6 +6043,33 @@ if HAVE_CUTE:
                                loc=loc, ip=ip)
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
+    @dsl_user_op
+    def bulk_copy_g2s(smem_addr, gmem_addr, nbytes, mbar_addr, *, loc=None, ip=None):
+        """TMA bulk copy of nbytes (multiple of 16) global -> this CTA's shared memory; completion counted on the
+        mbarrier at mbar_addr (complete_tx)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
+                                Int32(nbytes).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+                         "r,l,r,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def mbar_expect_tx(mbar_addr, nbytes, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(nbytes).ir_value(loc=loc, ip=ip)],
+                         "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r", has_side_effects=True,
+                         loc=loc, ip=ip)
+
+    @dsl_user_op
+    def mbar_init(mbar_addr, count, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(count).ir_value(loc=loc, ip=ip)],
+                         "mbarrier.init.shared::cta.b64 [$0], $1;\nfence.mbarrier_init.release.cluster;", "r,r",
+                         has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def mbar_arrive(mbar_addr, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [$0];\n}", "r", has_side_effects=True,
+                         loc=loc, ip=ip)
+
     class SparseAttentionDecodeWide:
         """SparseAttentionDecodeCluster laid out for latency: grid (S, ceil(H/16), B) in clusters of the S <= 16
         splits of one (b, head group); each CTA loads its keys once (one pass of <= `chunk` rows, a multiple of 16;
@@ -6071,7 +6099,7 @@ if HAVE_CUTE:
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
                      rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1,
-                     prefetch: bool = False, qk_dsplit: bool = False, qk_pairs: bool = True):
+                     prefetch: bool = False, qk_dsplit: bool = False, qk_pairs: bool = True, bulk: bool = False):
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
@@ -6083,6 +6111,7 @@ if HAVE_CUTE:
             self.prefetch = prefetch and chunks_per_cta == 1     # stable key rows copied before the PDL wait
             self.qk_dsplit = qk_dsplit and chunk > 32 and (head_dim // 16) % 8 == 0   # idle warps split small dot products
             self.qk_pairs = qk_pairs                         # a warp's two adjacent key tiles share one read of q
+            self.bulk = bulk and head_dim * 2 % 16 == 0      # key rows by TMA bulk copies (one per row) + an mbarrier
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -6114,6 +6143,7 @@ if HAVE_CUTE:
                 sAlpha: cute.struct.MemRange[Float32, HEAD_TILE]
                 sML: cute.struct.Align[cute.struct.MemRange[Float32, HEAD_TILE * 4], 16]
                 sX: cute.struct.MemRange[Float32, 3 * HEAD_TILE * 16 if self.qk_dsplit else 4]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, 1], 8]
 
             self.shared_storage = SharedStorage
             self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, mStamp, scale, ratio).launch(
@@ -6133,7 +6163,7 @@ if HAVE_CUTE:
 
         @cute.jit
         def copy_rows(self, sK, sSrc, mWin, mComp, mIdx, b, split, tidx, x0, cnt, v_begin, w_per, p_per, k_picks,
-                      n_win, pos, W, Tc, fresh_slot, fresh_block, phase: int):
+                      n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr, phase: int):
             """cp.async of key rows 0..cnt16-1 of a chunk (list positions x0 + r; rows cnt.. zero-filled) + their source
             ids into sSrc. phase 0: only the rows no kernel of this step writes (before griddepcontrol.wait), 1: the
             others, 2: all. First every source of this thread (CSA: all pick loads in flight at once), then the copies."""
@@ -6190,13 +6220,22 @@ if HAVE_CUTE:
                                                           mWin.layout)).toint()
                     if src >= W:
                         gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
-                    nbytes = Int32(0)
-                    if src >= 0:
-                        nbytes = Int32(16)
-                    cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+                    if const_expr(self.bulk):
+                        if src < 0:                             # zero rows: plain 16-B shared stores
+                            for w4 in cutlass.range_constexpr(4):
+                                sK[r, 4 * c + w4] = Int32(0)
+                        elif c == 0:                            # one bulk copy of the whole row
+                            mbar_expect_tx(mbar_addr, self.words * 4)
+                            bulk_copy_g2s((sK.iterator + r * row).toint(), gaddr, self.words * 4, mbar_addr)
+                    else:
+                        nbytes = Int32(0)
+                        if src >= 0:
+                            nbytes = Int32(16)
+                        cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
                     if c == 0:
                         sSrc[r] = src
-            cute.arch.cp_async_commit_group()
+            if const_expr(not self.bulk):
+                cute.arch.cp_async_commit_group()
 
         @cute.jit
         def unit_constants(self, mSink, mAng, sinks, cs, pos, split, tidx, h0, H):
@@ -6380,6 +6419,11 @@ if HAVE_CUTE:
             sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
             sX = storage.sX.get_tensor(cute.make_layout(3 * HEAD_TILE * 16 if self.qk_dsplit else 4))
 
+            mbar_addr = storage.mbar.data_ptr().toint()
+            if const_expr(self.bulk):
+                if tidx == 0:
+                    mbar_init(mbar_addr, 1)
+                cute.arch.sync_threads()
             # ---- prologue: nothing here is written by an earlier kernel of the step (pos is set before the replay)
             pos = mPos[0].to(Int32)
             n_win = cutlass.min(pos + 1, W)
@@ -6410,7 +6454,7 @@ if HAVE_CUTE:
                 # and the CSA picks after it)
                 cnt0 = cutlass.min(n_mine, chunk)
                 self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, 0, cnt0, v_begin, w_per, p_per,
-                               k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, 0)
+                               k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr, 0)
             self.stamp(mStamp, 2, tidx, split, grp, b, n_grp)
             _pdl_enter()
             self.stamp(mStamp, 3, tidx, split, grp, b, n_grp)
@@ -6442,11 +6486,16 @@ if HAVE_CUTE:
                 cnt16 = (cnt + 15) // 16 * 16
                 if cnt > 0:
                     self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, ch * chunk, cnt, v_begin, w_per,
-                                   p_per, k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block,
+                                   p_per, k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr,
                                    1 if const_expr(self.prefetch) else 2)
                     if const_expr(not GLUE_PDL and self.n_ch == 1):
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
                     cute.arch.cp_async_wait_group(0)
+                    if const_expr(self.bulk):
+                        cute.arch.sync_threads()                   # every expect_tx before the one arrival
+                        if tidx == 0:
+                            mbar_arrive(mbar_addr)
+                        cute.arch.mbarrier_wait(storage.mbar.data_ptr(), ch % 2)
                     cute.arch.sync_threads()
                     self.stamp(mStamp, 4, tidx, split, grp, b, n_grp)
 
@@ -7057,7 +7106,8 @@ def attention_wide_batch_plan(B: int, H: int, window: int, n_comp: int, num_sms:
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
                             rope_dim: int = 0, stamps: bool = False, ldsm: bool | None = None,
                             qk_chains: int | None = None, prefetch: bool | None = None, qk_dsplit: bool | None = None,
-                            qk_pairs: bool | None = None):
+                            qk_pairs: bool | None = None, bulk: bool | None = None):
+    bulk = ATTN_BULK if bulk is None else bulk
     qk_dsplit = ATTN_QK_DSPLIT if qk_dsplit is None else qk_dsplit
     qk_pairs = ATTN_QK_PAIRS if qk_pairs is None else qk_pairs
     ldsm = ATTN_LDSM if ldsm is None else ldsm
@@ -7080,9 +7130,9 @@ def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, c
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
-                                         qk_chains, prefetch, qk_dsplit, qk_pairs), args
+                                         qk_chains, prefetch, qk_dsplit, qk_pairs, bulk), args
     return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,
-                             ldsm, qk_chains, prefetch, qk_dsplit, qk_pairs), build)
+                             ldsm, qk_chains, prefetch, qk_dsplit, qk_pairs, bulk), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):

@@ -5467,8 +5467,22 @@ def test_gpu_wide_attention_prefetch_before_the_pdl_wait_gives_the_same_bits(B, 
 
 
 @gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES + [(2, 64, 512, 128, 512, "hca", 300),
+                                                                      (1, 64, 512, 128, 8192, "hca", 1000000)])
+def test_gpu_wide_attention_bulk_row_copies_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_BULK", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_BULK", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
+@pytest.mark.parametrize("bulk", [False, True])
 @pytest.mark.parametrize("mode", ["hca", "csa"])
-def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode, monkeypatch):
+def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode, bulk, monkeypatch):
     """In a graph, the kv kernel (a PDL glue kernel) writes this step's ring slot right before the attention, which
     may copy every other key row before its griddepcontrol.wait: the output must equal the unprefetched kernel's
     on the updated ring, at every position."""
@@ -5483,6 +5497,7 @@ def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode
         return K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
 
     monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    monkeypatch.setattr(K, "ATTN_BULK", bulk)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
