@@ -10,14 +10,12 @@ import torch
 import kernels as K
 
 HD, W, H, SMS = 512, 128, 64, 132
-DEFAULTS = dict(ATTN_WIDE=True, ATTN_MAX_SPLITS=8, ATTN_MAX_CHUNK=80, ATTN_LDSM=True, ATTN_QK_CHAINS=1,
-                ATTN_PREFETCH=False, ATTN_QK_DSPLIT=False, ATTN_QK_PAIRS=True, ATTN_CTAS_PER_SM=2, ATTN_BULK=False)
-VARIANTS = {"old": dict(ATTN_WIDE=False), "w8": {},
-            "w8 bulk": dict(ATTN_BULK=True), "w16": dict(ATTN_MAX_SPLITS=16),
-            "w16 bulk": dict(ATTN_MAX_SPLITS=16, ATTN_BULK=True),
-            "w16 pf": dict(ATTN_MAX_SPLITS=16, ATTN_PREFETCH=True),
-            "w16 nopairs": dict(ATTN_MAX_SPLITS=16, ATTN_QK_PAIRS=False),
-            "w8 c48": dict(ATTN_MAX_CHUNK=48), "w16 fit1": dict(ATTN_MAX_SPLITS=16, ATTN_CTAS_PER_SM=1)}
+DEFAULTS = dict(ATTN_WIDE=True, ATTN_MAX_SPLITS=16, ATTN_MAX_CHUNK=80, ATTN_LDSM=True, ATTN_QK_CHAINS=1,
+                ATTN_PREFETCH=False, ATTN_QK_DSPLIT=False, ATTN_QK_PAIRS=False, ATTN_CTAS_PER_SM=1, ATTN_BULK=False,
+                ATTN_COMBINE_PRE=True)
+VARIANTS = {"old": dict(ATTN_WIDE=False), "new": {}, "new -pre": dict(ATTN_COMBINE_PRE=False),
+            "new w8": dict(ATTN_MAX_SPLITS=8), "new c48": dict(ATTN_MAX_CHUNK=48), "new pairs": dict(ATTN_QK_PAIRS=True),
+            "new fit2": dict(ATTN_CTAS_PER_SM=2)}
 CASES = [("csa", 1, 1000), ("hca", 1, 1000), ("csa", 8, 1000), ("hca", 8, 1000), ("csa", 1, 65000),
          ("hca", 1, 65000)]
 
@@ -53,7 +51,8 @@ def plan_configs():
     for B, Hh, hd, Ww, Tc, mode, pos in T.WIDE_VARIANT_CASES:
         n = n_of(hd, Tc, mode)
         for st in (dict(ATTN_LDSM=False), dict(ATTN_QK_CHAINS=2), dict(ATTN_PREFETCH=True), {}, dict(ATTN_BULK=True),
-                   dict(ATTN_BULK=True, ATTN_PREFETCH=True)):
+                   dict(ATTN_BULK=True, ATTN_PREFETCH=True), dict(ATTN_COMBINE_PRE=False),
+                   dict(ATTN_COMBINE_PRE=False, ATTN_MAX_SPLITS=8), dict(ATTN_MAX_SPLITS=8)):
             out.append((st, *wide_cfg(B, Hh, hd, Ww, n, mode, 0)))
     for B, Hh, hd, Ww, Tc, mode, pos in T.WIDE_DSPLIT_CASES:
         for ms in (8, 16):
@@ -191,10 +190,11 @@ def stamps(args, v):
 def main():
     dev = torch.cuda.get_device_name()
     print(f"{dev}: sparse_attention_decode at Flash dims (H 64, hd 512, W 128, + inverse RoPE), CUDA graph of 20 "
-          f"calls, median of 15 interleaved rounds, us per call. old = main's cluster kernel; wN = wide kernel, "
-          f"<= N splits; pf = prefetch; c48 = 48-row passes; fit1 = <= 1 CTA/SM of splits")
+          f"calls, median of 15 interleaved rounds, us per call. old = main's cluster kernel; new = wide kernel with "
+          f"the defaults (<= 16 splits, <= 1 CTA/SM, combine weights once per head); -pre: weights per unit; w8: <= 8 "
+          f"splits; c48: 48-row passes; pairs: 2 key tiles per warp; fit2: <= 2 CTAs/SM")
     variants = list(VARIANTS)
-    print("| mode | B | pos | keys | PDL | " + " | ".join(variants) + " | w8 vs old: rel diff | max abs diff |")
+    print("| mode | B | pos | keys | PDL | " + " | ".join(variants) + " | new vs old: rel diff | max abs diff |")
     print("|---|--:|--:|--:|---|" + "--:|" * len(variants) + "---|---|")
     for mode, B, pos in CASES:
         args = inputs(B, mode, pos, seed=pos)
@@ -210,8 +210,8 @@ def main():
             t = time_graphs(graphs)
             t = {v: t.get(v, float("nan")) for v in variants}
             rel, d = float("nan"), float("nan")
-            if "old" in graphs and "w8" in graphs:
-                o_old, o_new = graphs["old"][1].float(), graphs["w8"][1].float()
+            if "old" in graphs and "new" in graphs:
+                o_old, o_new = graphs["old"][1].float(), graphs["new"][1].float()
                 d = (o_old - o_new).abs().max().item()
                 rel = ((o_old - o_new).norm() / o_old.norm()).item()
             print(f"| {mode} | {B} | {pos} | {nkeys} | {'on' if pdl else 'off'} | "
@@ -219,7 +219,7 @@ def main():
             del graphs
         K.GLUE_PDL = True
         if pos == 1000 and B == 1:
-            for v in ("w8", "w16", "w16 bulk", "w16 pf"):
+            for v in ("new", "new -pre", "new w8"):
                 try:
                     stamps(args, v)
                 except Exception as e:  # noqa: BLE001

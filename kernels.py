@@ -5260,15 +5260,16 @@ INDEX_CHUNK = 128       # indexer keys per CTA
 DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
 ATTN_WIDE = True        # attention: SparseAttentionDecodeWide (keys dealt over up to ATTN_MAX_SPLITS CTAs per head group)
-ATTN_MAX_SPLITS = 8     # cluster size cap of the wide kernel (> 8: non-portable cluster sizes, up to 16 on H100/H200)
+ATTN_MAX_SPLITS = 16    # cluster size cap of the wide kernel (> 8: non-portable cluster sizes, up to 16 on H100/H200)
 ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108 KB of smem, two CTAs per SM)
 ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical to word loads, fewer smem instructions)
 ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent accumulators (another fp32 order)
 ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step writes before griddepcontrol.wait
 ATTN_QK_DSPLIT = False  # wide kernel: <= 32 rows in a CTA -> 2 or 4 warps per dot product (another fp32 order)
-ATTN_QK_PAIRS = True    # wide kernel: warp w computes key tiles 2w, 2w+1 (q fragments read once for both)
+ATTN_QK_PAIRS = False   # wide kernel: warp w computes key tiles 2w, 2w+1 (q fragments read once for both)
 ATTN_BULK = False       # wide kernel: key rows by TMA bulk copies (one 1-KB request per row) instead of 16-B cp.async
-ATTN_CTAS_PER_SM = 2    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
+ATTN_COMBINE_PRE = True # wide kernel: split weights formed once per head and CTA (same ops and order as per unit)
+ATTN_CTAS_PER_SM = 1    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -6070,6 +6071,21 @@ if HAVE_CUTE:
                          "{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [$0];\n}", "r", has_side_effects=True,
                          loc=loc, ip=ip)
 
+    @dsl_user_op
+    def load_dsmem_f32x2(local_addr, rank, *, loc=None, ip=None):
+        """2 fp32 at this shared-memory address in the cluster CTA `rank`."""
+        res = _llvm.inline_asm(_ir.Type.parse("!llvm.struct<(f32, f32)>"),
+                               [Int32(local_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip)],
+                               "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, $2, $3;\n"
+                               "ld.shared::cluster.v2.f32 {$0,$1}, [ra];\n}", "=f,=f,r,r",
+                               has_side_effects=True, loc=loc, ip=ip)
+        return tuple(Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
+    def store_b32(gmem_addr, w0, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(w0).ir_value(loc=loc, ip=ip)],
+                         "st.global.b32 [$0], $1;", "l,r", has_side_effects=True, loc=loc, ip=ip)
+
     class SparseAttentionDecodeWide:
         """SparseAttentionDecodeCluster laid out for latency: grid (S, ceil(H/16), B) in clusters of the S <= 16
         splits of one (b, head group); each CTA loads its keys once (one pass of <= `chunk` rows, a multiple of 16;
@@ -6099,7 +6115,8 @@ if HAVE_CUTE:
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
                      rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1,
-                     prefetch: bool = False, qk_dsplit: bool = False, qk_pairs: bool = True, bulk: bool = False):
+                     prefetch: bool = False, qk_dsplit: bool = False, qk_pairs: bool = True, bulk: bool = False,
+                     combine_pre: bool = True):
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
@@ -6120,7 +6137,12 @@ if HAVE_CUTE:
             self.key_tiles = chunk // 8                      # n8 key tiles of QK^T
             self.tiles_per_warp = -(-self.key_tiles // 8)
             self.pairs_per_thread = -(-(chunk // 2) // 16)
-            self.units = HEAD_TILE * head_dim // 4           # 4-column output pieces of the group
+            # combine_pre: the split weights of each head are formed once per CTA (16 x S threads load the (m, z),
+            # 16 threads sum them in order s), then each unit only loads and adds the partial columns; units of
+            # 2 columns when S > 8 (every thread busy). Same operations in the same order as per-unit weights.
+            self.combine_pre = combine_pre and splits * HEAD_TILE <= self.threads
+            self.uw = 2 if self.combine_pre and splits > 8 else 4          # output columns per unit
+            self.units = HEAD_TILE * head_dim // self.uw
             self.units_per_cta = -(-self.units // splits)
             self.units_per_thread = -(-self.units_per_cta // self.threads)
             self.copies = -(-chunk * (self.words // 4) // self.threads)     # 16-B pieces per thread and chunk
@@ -6144,6 +6166,10 @@ if HAVE_CUTE:
                 sML: cute.struct.Align[cute.struct.MemRange[Float32, HEAD_TILE * 4], 16]
                 sX: cute.struct.MemRange[Float32, 3 * HEAD_TILE * 16 if self.qk_dsplit else 4]
                 mbar: cute.struct.Align[cute.struct.MemRange[Int64, 1], 8]
+                sMZ: cute.struct.MemRange[Float32, HEAD_TILE * 16 * 2]
+                sW: cute.struct.MemRange[Float32, HEAD_TILE * 16]
+                sInv: cute.struct.MemRange[Float32, HEAD_TILE]
+                sStamp: cute.struct.Align[cute.struct.MemRange[Int64, 16], 8]
 
             self.shared_storage = SharedStorage
             self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, mStamp, scale, ratio).launch(
@@ -6152,14 +6178,23 @@ if HAVE_CUTE:
                 min_blocks_per_mp=2, preferred_smem_carveout=100)   # <= 128 registers: two CTAs per SM
 
         @cute.jit
-        def stamp(self, mStamp: cute.Tensor, slot: int, tidx, split, grp, b, n_grp, use_clock: bool = True):
+        def stamp(self, sStamp: cute.Tensor, slot: int, tidx, split, grp, b, n_grp, use_clock: bool = True):
+            """Phase stamp of thread 0 into shared memory (no global store that a release barrier would wait for);
+            written out at the end (flush_stamps)."""
+            if const_expr(self.stamps):
+                if tidx == 0:
+                    if const_expr(use_clock):
+                        sStamp[slot] = read_clock64()
+                    else:
+                        sStamp[slot] = read_globaltimer()
+
+        @cute.jit
+        def flush_stamps(self, sStamp, mStamp, tidx, split, grp, b, n_grp):
             if const_expr(self.stamps):
                 if tidx == 0:
                     base = ((b * n_grp + grp) * self.splits + split) * self.N_STAMPS
-                    if const_expr(use_clock):
-                        mStamp[base + slot] = read_clock64()
-                    else:
-                        mStamp[base + slot] = read_globaltimer()
+                    for i in cutlass.range_constexpr(12):
+                        mStamp[base + i] = sStamp[i]
 
         @cute.jit
         def copy_rows(self, sK, sSrc, mWin, mComp, mIdx, b, split, tidx, x0, cnt, v_begin, w_per, p_per, k_picks,
@@ -6239,16 +6274,21 @@ if HAVE_CUTE:
 
         @cute.jit
         def unit_constants(self, mSink, mAng, sinks, cs, pos, split, tidx, h0, H):
-            """Output units (4 columns of one head) of this CTA: a contiguous range, so a warp's DSMEM reads are
-            consecutive 16-B pieces. Per unit the head's sink and, for the rope columns, (cos, -sin) x 2."""
+            """Output units (uw columns of one head) of this CTA: a contiguous range, so a warp's DSMEM reads are
+            consecutive pieces. sinks: per unit the head's sink (combine_pre: thread h < 16 holds head h's in sinks[0]);
+            cs: for the rope columns (cos, -sin) per column pair."""
+            uw = self.uw
             p_ang = cutlass.max(pos, Int32(0))
+            if const_expr(self.combine_pre):
+                sinks[0] = mSink[cutlass.min(h0 + tidx % HEAD_TILE, H - 1)]
             for i in cutlass.range_constexpr(self.units_per_thread):
                 a_u = cutlass.min(split * self.units_per_cta + tidx + self.threads * i, self.units - 1)
-                a_col = (a_u % (self.hd // 4)) * 4
-                sinks[i] = mSink[cutlass.min(h0 + a_u // (self.hd // 4), H - 1)]
+                a_col = (a_u % (self.hd // uw)) * uw
+                if const_expr(not self.combine_pre):
+                    sinks[i] = mSink[cutlass.min(h0 + a_u // (self.hd // uw), H - 1)]
                 if const_expr(self.rd > 0):
                     if a_col >= self.hd - self.rd:
-                        for k2 in cutlass.range_constexpr(2):
+                        for k2 in cutlass.range_constexpr(uw // 2):
                             ang = mAng[p_ang, (a_col - (self.hd - self.rd)) // 2 + k2]
                             cs[4 * i + 2 * k2] = cute.math.cos(ang)
                             cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
@@ -6392,8 +6432,6 @@ if HAVE_CUTE:
             tidx, _, _ = cute.arch.thread_idx()
             split, grp, b = cute.arch.block_idx()
             _, n_grp, _ = cute.arch.grid_dim()
-            self.stamp(mStamp, 0, tidx, split, grp, b, n_grp, False)
-            self.stamp(mStamp, 1, tidx, split, grp, b, n_grp)
             warp = tidx // 32
             lane = tidx % 32
             g = lane // 4
@@ -6417,6 +6455,12 @@ if HAVE_CUTE:
             sSrc = storage.sSrc.get_tensor(cute.make_layout(chunk))
             sAlpha = storage.sAlpha.get_tensor(cute.make_layout(HEAD_TILE))
             sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
+            sMZ = storage.sMZ.get_tensor(cute.make_layout((HEAD_TILE, 16, 2), stride=(32, 2, 1)))
+            sW = storage.sW.get_tensor(cute.make_layout((HEAD_TILE, 16), stride=(16, 1)))
+            sInv = storage.sInv.get_tensor(cute.make_layout(HEAD_TILE))
+            sStamp = storage.sStamp.get_tensor(cute.make_layout(16))
+            self.stamp(sStamp, 0, tidx, split, grp, b, n_grp, False)
+            self.stamp(sStamp, 1, tidx, split, grp, b, n_grp)
             sX = storage.sX.get_tensor(cute.make_layout(3 * HEAD_TILE * 16 if self.qk_dsplit else 4))
 
             mbar_addr = storage.mbar.data_ptr().toint()
@@ -6455,9 +6499,9 @@ if HAVE_CUTE:
                 cnt0 = cutlass.min(n_mine, chunk)
                 self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, 0, cnt0, v_begin, w_per, p_per,
                                k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr, 0)
-            self.stamp(mStamp, 2, tidx, split, grp, b, n_grp)
+            self.stamp(sStamp, 2, tidx, split, grp, b, n_grp)
             _pdl_enter()
-            self.stamp(mStamp, 3, tidx, split, grp, b, n_grp)
+            self.stamp(sStamp, 3, tidx, split, grp, b, n_grp)
 
             # q rows of the head group -> padded smem
             for i in cutlass.range(tidx, HEAD_TILE * vec, self.threads, unroll=1):
@@ -6497,7 +6541,7 @@ if HAVE_CUTE:
                             mbar_arrive(mbar_addr)
                         cute.arch.mbarrier_wait(storage.mbar.data_ptr(), ch % 2)
                     cute.arch.sync_threads()
-                    self.stamp(mStamp, 4, tidx, split, grp, b, n_grp)
+                    self.stamp(sStamp, 4, tidx, split, grp, b, n_grp)
 
                     # logits: warp w -> key tiles w, w + 8, ..: keys 8j + (2t, 2t+1), heads g, g + 8; with qk_dsplit
                     # and <= 32 rows the idle warps take a half / quarter of each dot product (summed in smem)
@@ -6511,7 +6555,7 @@ if HAVE_CUTE:
                     else:
                         self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
                     cute.arch.sync_threads()
-                    self.stamp(mStamp, 5, tidx, split, grp, b, n_grp)
+                    self.stamp(sStamp, 5, tidx, split, grp, b, n_grp)
 
                     m_c = neg_inf
                     for i in cutlass.range_constexpr(self.pairs_per_thread):
@@ -6540,7 +6584,7 @@ if HAVE_CUTE:
                     if part == 0:
                         sAlpha[hh] = alpha
                     cute.arch.sync_threads()
-                    self.stamp(mStamp, 6, tidx, split, grp, b, n_grp)
+                    self.stamp(sStamp, 6, tidx, split, grp, b, n_grp)
 
                     a_lo = sAlpha[g]
                     a_hi = sAlpha[g + 8]
@@ -6581,7 +6625,7 @@ if HAVE_CUTE:
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
                 cute.arch.sync_threads()                           # sK / sP are reused by the next chunk
             cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
-            self.stamp(mStamp, 7, tidx, split, grp, b, n_grp)
+            self.stamp(sStamp, 7, tidx, split, grp, b, n_grp)
 
             # partial (o, m, z) of this CTA -> its own shared memory, then the cluster combines
             for j in cutlass.range_constexpr(self.d_tiles):
@@ -6592,44 +6636,76 @@ if HAVE_CUTE:
                 sML[hh, 1] = z_run
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
-            self.stamp(mStamp, 8, tidx, split, grp, b, n_grp)
+            self.stamp(sStamp, 8, tidx, split, grp, b, n_grp)
+            uw = self.uw
+            if const_expr(self.combine_pre):
+                if tidx < HEAD_TILE * S:                       # thread (h, s): head h's (m, z) of split s
+                    mz = load_dsmem_f32x4((sML.iterator + (tidx // S) * 4).toint(), Int32(tidx % S))
+                    sMZ[tidx // S, tidx % S, 0] = mz[0]
+                    sMZ[tidx // S, tidx % S, 1] = mz[1]
+                cute.arch.sync_threads()
+                if tidx < HEAD_TILE:                           # head tidx: split weights and 1/Z, in order s
+                    h_sink = sinks[0]
+                    M = h_sink
+                    for s_ in cutlass.range_constexpr(S):
+                        M = cute.math.max(M, sMZ[tidx, s_, 0])
+                    Z = cute.math.exp(h_sink - M)
+                    for s_ in cutlass.range_constexpr(S):
+                        w_ = cute.math.exp(sMZ[tidx, s_, 0] - M)            # 0 for an empty split
+                        Z = Z + sMZ[tidx, s_, 1] * w_
+                        sW[tidx, s_] = w_
+                    sInv[tidx] = 1.0 / Z
+                cute.arch.sync_threads()
             for i in cutlass.range_constexpr(self.units_per_thread):
                 u = split * self.units_per_cta + tidx + self.threads * i
                 if u < self.units and u < (split + 1) * self.units_per_cta:
-                    u_h = u // (self.hd // 4)
-                    u_col = (u % (self.hd // 4)) * 4
+                    u_h = u // (self.hd // uw)
+                    u_col = (u % (self.hd // uw)) * uw
                     u_head = h0 + u_h
                     if u_head < H:
-                        # every split's (m, z) of the head and its 4 partial columns: all 2S loads in flight at once
-                        u_ml = cute.make_rmem_tensor((S * 2,), Float32)
-                        u_ov = cute.make_rmem_tensor((S * 4,), Float32)
-                        for s_ in cutlass.range_constexpr(S):
-                            mz = load_dsmem_f32x4((sML.iterator + u_h * 4).toint(), Int32(s_))
-                            u_ml[2 * s_] = mz[0]
-                            u_ml[2 * s_ + 1] = mz[1]
-                            vals = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
-                            for e in cutlass.range_constexpr(4):
-                                u_ov[4 * s_ + e] = vals[e]
-                        u_sink = sinks[i]
-                        M = u_sink
-                        for s_ in cutlass.range_constexpr(S):
-                            M = cute.math.max(M, u_ml[2 * s_])
-                        Z = cute.math.exp(u_sink - M)
-                        u_o = cute.make_rmem_tensor((4,), Float32)
+                        u_o = cute.make_rmem_tensor((uw,), Float32)
                         u_o.fill(0.0)
+                        u_ov = cute.make_rmem_tensor((S * uw,), Float32)      # all S loads in flight at once
                         for s_ in cutlass.range_constexpr(S):
-                            u_w = cute.math.exp(u_ml[2 * s_] - M)                  # 0 for an empty split
-                            Z = Z + u_ml[2 * s_ + 1] * u_w
-                            if u_w > 0.0:
-                                for e in cutlass.range_constexpr(4):
-                                    u_o[e] = u_o[e] + u_w * u_ov[4 * s_ + e]
-                        u_inv = 1.0 / Z
-                        u_ob = cute.make_rmem_tensor((4,), Float32)
-                        for e in cutlass.range_constexpr(4):
+                            if const_expr(uw == 4):
+                                vals = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
+                            else:
+                                vals = load_dsmem_f32x2((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
+                            for e in cutlass.range_constexpr(uw):
+                                u_ov[uw * s_ + e] = vals[e]
+                        u_inv = Float32(0.0)
+                        if const_expr(self.combine_pre):
+                            for s_ in cutlass.range_constexpr(S):
+                                u_w = sW[u_h, s_]
+                                if u_w > 0.0:                                    # (an empty split adds nothing)
+                                    for e in cutlass.range_constexpr(uw):
+                                        u_o[e] = u_o[e] + u_w * u_ov[uw * s_ + e]
+                            u_inv = sInv[u_h]
+                        else:
+                            # every split's (m, z) of the head, then the weights of this unit
+                            u_ml = cute.make_rmem_tensor((S * 2,), Float32)
+                            for s_ in cutlass.range_constexpr(S):
+                                mz = load_dsmem_f32x4((sML.iterator + u_h * 4).toint(), Int32(s_))
+                                u_ml[2 * s_] = mz[0]
+                                u_ml[2 * s_ + 1] = mz[1]
+                            u_sink = sinks[i]
+                            M = u_sink
+                            for s_ in cutlass.range_constexpr(S):
+                                M = cute.math.max(M, u_ml[2 * s_])
+                            Z = cute.math.exp(u_sink - M)
+                            for s_ in cutlass.range_constexpr(S):
+                                u_w = cute.math.exp(u_ml[2 * s_] - M)              # 0 for an empty split
+                                Z = Z + u_ml[2 * s_ + 1] * u_w
+                                if u_w > 0.0:
+                                    for e in cutlass.range_constexpr(uw):
+                                        u_o[e] = u_o[e] + u_w * u_ov[uw * s_ + e]
+                            u_inv = 1.0 / Z
+                        u_ob = cute.make_rmem_tensor((uw,), Float32)
+                        for e in cutlass.range_constexpr(uw):
                             u_ob[e] = (u_o[e] * u_inv).to(BFloat16).to(Float32)       # the bf16 output value
                         if const_expr(self.rd > 0):
                             if u_col >= self.hd - self.rd:                       # inverse RoPE of the bf16 values
-                                for k2 in cutlass.range_constexpr(2):
+                                for k2 in cutlass.range_constexpr(uw // 2):
                                     c_ = cs[4 * i + 2 * k2]
                                     s_n = cs[4 * i + 2 * k2 + 1]
                                     x0 = u_ob[2 * k2]
@@ -6637,12 +6713,16 @@ if HAVE_CUTE:
                                     u_ob[2 * k2] = _sub(_mul(x0, c_), _mul(x1, s_n))
                                     u_ob[2 * k2 + 1] = _add(_mul(x0, s_n), _mul(x1, c_))
                         gaddr = (mOut.iterator + cute.crd2idx((b, u_head, u_col), mOut.layout)).toint()
-                        store_b32x2(gaddr, pack_bf16x2(u_ob[0], u_ob[1]), pack_bf16x2(u_ob[2], u_ob[3]))
-            self.stamp(mStamp, 9, tidx, split, grp, b, n_grp)
+                        if const_expr(uw == 4):
+                            store_b32x2(gaddr, pack_bf16x2(u_ob[0], u_ob[1]), pack_bf16x2(u_ob[2], u_ob[3]))
+                        else:
+                            store_b32(gaddr, pack_bf16x2(u_ob[0], u_ob[1]))
+            self.stamp(sStamp, 9, tidx, split, grp, b, n_grp)
             cute.arch.cluster_arrive_relaxed()                     # peers may still read this CTA's partial (their
             cute.arch.cluster_wait()                               # reads are done when they arrive: no release)
-            self.stamp(mStamp, 10, tidx, split, grp, b, n_grp)
-            self.stamp(mStamp, 11, tidx, split, grp, b, n_grp, False)
+            self.stamp(sStamp, 10, tidx, split, grp, b, n_grp)
+            self.stamp(sStamp, 11, tidx, split, grp, b, n_grp, False)
+            self.flush_stamps(sStamp, mStamp, tidx, split, grp, b, n_grp)
 
     class IndexerScores:
         """keys_out[b, t] = score_key(sum_h relu(q[b,h]·K[b,t]) * w[b,h], t) for t < (pos+1)//ratio, else INT64_MIN
@@ -7106,8 +7186,9 @@ def attention_wide_batch_plan(B: int, H: int, window: int, n_comp: int, num_sms:
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
                             rope_dim: int = 0, stamps: bool = False, ldsm: bool | None = None,
                             qk_chains: int | None = None, prefetch: bool | None = None, qk_dsplit: bool | None = None,
-                            qk_pairs: bool | None = None, bulk: bool | None = None):
+                            qk_pairs: bool | None = None, bulk: bool | None = None, combine_pre: bool | None = None):
     bulk = ATTN_BULK if bulk is None else bulk
+    combine_pre = ATTN_COMBINE_PRE if combine_pre is None else combine_pre
     qk_dsplit = ATTN_QK_DSPLIT if qk_dsplit is None else qk_dsplit
     qk_pairs = ATTN_QK_PAIRS if qk_pairs is None else qk_pairs
     ldsm = ATTN_LDSM if ldsm is None else ldsm
@@ -7130,9 +7211,9 @@ def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, c
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
                 Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
-                                         qk_chains, prefetch, qk_dsplit, qk_pairs, bulk), args
+                                         qk_chains, prefetch, qk_dsplit, qk_pairs, bulk, combine_pre), args
     return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,
-                             ldsm, qk_chains, prefetch, qk_dsplit, qk_pairs, bulk), build)
+                             ldsm, qk_chains, prefetch, qk_dsplit, qk_pairs, bulk, combine_pre), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):

@@ -5467,6 +5467,19 @@ def test_gpu_wide_attention_prefetch_before_the_pdl_wait_gives_the_same_bits(B, 
 
 
 @gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_combine_weights_once_per_head_give_the_same_bits(B, H, hd, W, Tc, mode, pos, max_splits,
+                                                                           monkeypatch):
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
 @pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES + [(2, 64, 512, 128, 512, "hca", 300),
                                                                       (1, 64, 512, 128, 8192, "hca", 1000000)])
 def test_gpu_wide_attention_bulk_row_copies_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
