@@ -5347,7 +5347,7 @@ def attention_wide_sources(B, W, Tc, comp_idx, pos, ratio: int, splits: int, row
     """The key rows SparseAttentionDecodeWide gives each CTA (torch version, for CPU tests): source ids [B, S, rows]
     (slot s < W, W + compressed row j, -1 = masked / empty). window / HCA (comp_idx None): the n valid keys
     [slots 0..min(pos+1,W)-1 | blocks 0..] dealt ceil(n/S) per CTA in order; CSA: CTA s takes ring slots
-    s*ceil(W/S).. then picks s*ceil(k/S)..; rows = chunk * passes."""
+    s*ceil(W/S).. then picks s, s+S, ..; rows = chunk * passes."""
     p = int(pos)
     src = torch.full((B, splits, rows), -1, dtype=torch.long)
     n_win = min(p + 1, W)
@@ -5369,7 +5369,7 @@ def attention_wide_sources(B, W, Tc, comp_idx, pos, ratio: int, splits: int, row
             if slot < W and slot <= p:
                 src[:, s, x] = slot
         for x in range(p_per):
-            c = s * p_per + x
+            c = s + splits * x                          # round-robin: the valid picks (a prefix) spread evenly
             if c < k:
                 j = picks[:, c]
                 src[:, s, w_per + x] = torch.where((j >= 0) & (j < Tc), W + j, -1)
@@ -6093,7 +6093,8 @@ if HAVE_CUTE:
         - Key assignment. window / HCA: the valid keys are known from pos alone (ring slots s <= pos, then the
           completed blocks j < (pos+1)//ratio), so the n valid keys are dealt evenly, ceil(n/S) per CTA: at pos 1000
           an HCA layer's 135 keys take 17 rows per CTA (8 splits) instead of 64-key chunks of mostly empty slots.
-          CSA: CTA s takes ring slots s*ceil(W/S).. and picks s*ceil(k/S).. (a pick of -1 is a masked row; ring
+          CSA: CTA s takes ring slots s*ceil(W/S).. and picks s, s+S, .. (the top-k puts its -1s last, so the valid
+          picks of a short sequence spread evenly; a -1 is a masked row; ring
           slots past pos are copied and masked with the logits, so the copies need neither pos nor a second pass).
         - The rows are copied by cp.async (CSA: every pick load of a thread in flight before its copies); rows past
           the CTA's count are neither copied nor multiplied. prefetch: rows no kernel of the step writes (all but the
@@ -6204,6 +6205,7 @@ if HAVE_CUTE:
             others, 2: all. First every source of this thread (CSA: all pick loads in flight at once), then the copies."""
             vec = self.words // 4
             row = self.row
+            S = self.splits
             cnt16 = (cnt + 15) // 16 * 16
             srcs = cute.make_rmem_tensor((self.copies,), Int32)
             early = cute.make_rmem_tensor((self.copies,), Int32)
@@ -6214,7 +6216,7 @@ if HAVE_CUTE:
                 pre = Int32(1)
                 if const_expr(self.mode == "csa"):
                     slot = split * w_per + x
-                    c = split * p_per + x - w_per
+                    c = split + S * (x - w_per)         # picks dealt round-robin: the valid ones come first
                     if x < w_per:
                         if slot < W:                    # slots > pos are masked with the logits (put_logits)
                             src = slot
