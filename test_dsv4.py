@@ -5413,6 +5413,38 @@ def test_attention_wide_arithmetic_emulated_matches_reference(B, H, hd, W, Tc, m
     assert_attention_close(got, K.sparse_attention_decode_reference(*args), attention_fp64(*args), f"{mode} {pos}")
 
 
+COMPILE_WIDE_ATTENTION = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+for B in (1, 8):
+    for mode, n in (("csa", 512), ("hca", 512), ("hca", 8192), ("window", 0)):
+        K._compile_attention_wide(512, mode, *K.attention_wide_batch_plan(B, 64, 128, n, 132), 64)
+K._compile_attention_wide(128, "csa", *K.attention_wide_batch_plan(1, 4, 128, 64, 132), 32)    # the tiny model
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_wide_attention_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_path):
+    """The wide attention kernel's Flash decode configs (batch 1 and 8: CSA, HCA up to a 1M-token cache, window) and
+    the tiny model's compile for sm_90a on a GPU-less machine; where ptxas is installed: no spills within the
+    128-register cap of two CTAs per SM."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_WIDE_ATTENTION, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 6
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*SparseAttentionDecodeWide*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
 WIDE_CASES = GPU_ATTN_CASES + [(8, 64, 512, 128, 512, "hca", 1000), (8, 64, 512, 128, 16384, "csa", 1000),
                                (1, 64, 512, 128, 8192, "hca", 1000000), (1, 64, 512, 128, 512, "hca", 127)]
 
