@@ -12,8 +12,8 @@ import kernels as K
 HD, W, H, SMS = 512, 128, 64, 132
 DEFAULTS = dict(ATTN_WIDE=True, ATTN_MAX_SPLITS=16, ATTN_MAX_CHUNK=80, ATTN_LDSM=True, ATTN_QK_CHAINS=1,
                 ATTN_PREFETCH=False, ATTN_QK_DSPLIT=False, ATTN_QK_PAIRS=False, ATTN_CTAS_PER_SM=1, ATTN_BULK=False,
-                ATTN_COMBINE_PRE=True)
-VARIANTS = {"old": dict(ATTN_WIDE=False), "new": {}, "new -pre": dict(ATTN_COMBINE_PRE=False),
+                ATTN_COMBINE_PRE=False)
+VARIANTS = {"old": dict(ATTN_WIDE=False), "new": {}, "new +pre": dict(ATTN_COMBINE_PRE=True),
             "new w8": dict(ATTN_MAX_SPLITS=8), "new c48": dict(ATTN_MAX_CHUNK=48), "new pairs": dict(ATTN_QK_PAIRS=True),
             "new fit2": dict(ATTN_CTAS_PER_SM=2)}
 CASES = [("csa", 1, 1000), ("hca", 1, 1000), ("csa", 8, 1000), ("hca", 8, 1000), ("csa", 1, 65000),

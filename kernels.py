@@ -5268,7 +5268,7 @@ ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step 
 ATTN_QK_DSPLIT = False  # wide kernel: <= 32 rows in a CTA -> 2 or 4 warps per dot product (another fp32 order)
 ATTN_QK_PAIRS = False   # wide kernel: warp w computes key tiles 2w, 2w+1 (q fragments read once for both)
 ATTN_BULK = False       # wide kernel: key rows by TMA bulk copies (one 1-KB request per row) instead of 16-B cp.async
-ATTN_COMBINE_PRE = True # wide kernel: split weights formed once per head and CTA (same ops and order as per unit)
+ATTN_COMBINE_PRE = False  # wide kernel: split weights once per head and CTA (same bits; H100 R2: 1 us slower than per unit)
 ATTN_CTAS_PER_SM = 1    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
 
 
