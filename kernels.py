@@ -5408,6 +5408,17 @@ FUSED_TOPK_MAX_SLOTS = 1024
 FUSED_SMALL_CHUNK_MAX_T = 4096   # last-CTA mode: 64-key score CTAs up to this many key slots (else INDEX_CHUNK)
 TOPK_RANK_MAX = 256     # last-CTA mode: <= this many visible keys are ordered by ranking, more by a bitonic sort
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
+ATTN_WIDE = True        # attention: SparseAttentionDecodeWide (keys dealt over up to ATTN_MAX_SPLITS CTAs per head group)
+ATTN_MAX_SPLITS = 16    # cluster size cap of the wide kernel (> 8: non-portable cluster sizes, up to 16 on H100/H200)
+ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108 KB of smem, two CTAs per SM)
+ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical to word loads, fewer smem instructions)
+ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent accumulators (another fp32 order)
+ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step writes before griddepcontrol.wait
+ATTN_QK_DSPLIT = False  # wide kernel: <= 32 rows in a CTA -> 2 or 4 warps per dot product (another fp32 order)
+ATTN_QK_PAIRS = False   # wide kernel: warp w computes key tiles 2w, 2w+1 (q fragments read once for both)
+ATTN_BULK = False       # wide kernel: key rows by TMA bulk copies (one 1-KB request per row) instead of 16-B cp.async
+ATTN_COMBINE_PRE = False  # wide kernel: split weights once per head and CTA (same bits; H100 R2: 1 us slower than per unit)
+ATTN_CTAS_PER_SM = 1    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -5479,6 +5490,77 @@ def sparse_attention_decode_emulated(q, window_kv, comp_kv, comp_idx, pos, sink,
     Z = torch.exp(snk[..., 0:1].expand_as(M) - M) + (w * z).sum(-1, keepdim=True)
     o = (w[..., None] * o_s).sum(2) / Z
     return o.to(q.dtype)[:, None]
+
+
+def attention_wide_sources(B, W, Tc, comp_idx, pos, ratio: int, splits: int, rows: int):
+    """The key rows SparseAttentionDecodeWide gives each CTA (torch version, for CPU tests): source ids [B, S, rows]
+    (slot s < W, W + compressed row j, -1 = masked / empty). window / HCA (comp_idx None): the n valid keys
+    [slots 0..min(pos+1,W)-1 | blocks 0..] dealt ceil(n/S) per CTA in order; CSA: CTA s takes ring slots
+    s*ceil(W/S).. then picks s, s+S, ..; rows = chunk * passes."""
+    p = int(pos)
+    src = torch.full((B, splits, rows), -1, dtype=torch.long)
+    n_win = min(p + 1, W)
+    if comp_idx is None:
+        n = n_win + (0 if Tc is None else min((p + 1) // ratio, Tc))
+        keys = torch.arange(n)
+        keys = torch.where(keys < n_win, keys, W + keys - n_win)
+        per = -(-n // splits)
+        for s in range(splits):
+            mine = keys[s * per:(s + 1) * per]
+            src[:, s, :mine.numel()] = mine
+        return src
+    k = comp_idx.shape[-1]
+    w_per, p_per = -(-W // splits), -(-k // splits)
+    picks = comp_idx.reshape(B, k).cpu()
+    for s in range(splits):
+        for x in range(w_per):
+            slot = s * w_per + x
+            if slot < W and slot <= p:
+                src[:, s, x] = slot
+        for x in range(p_per):
+            c = s + splits * x                          # round-robin: the valid picks (a prefix) spread evenly
+            if c < k:
+                j = picks[:, c]
+                src[:, s, w_per + x] = torch.where((j >= 0) & (j < Tc), W + j, -1)
+    return src
+
+
+def sparse_attention_decode_wide_emulated(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int,
+                                          max_splits: int = 8, max_chunk: int = 80):
+    """SparseAttentionDecodeWide's arithmetic in torch (CPU tests; same signature as the reference): per CTA its
+    rows (attention_wide_sources) in passes of `chunk` rows with an online softmax (logits bf16(q.k)*scale,
+    probabilities rounded to bf16 for PV), then M = max(sink, m_s), w_s = exp(m_s - M), o = sum_s w_s o_s / (exp(sink
+    - M) + sum_s w_s z_s), rounded once. Sums in torch's order (the kernel's fp32 order differs)."""
+    B, _, H, hd = q.shape
+    W = window_kv.shape[1]
+    Tc = None if comp_kv is None else comp_kv.shape[1]
+    n_comp = 0 if comp_kv is None else (Tc if comp_idx is None else comp_idx.shape[-1])
+    S, chunk, passes = attention_wide_plan(W, n_comp, max_splits, max_chunk)
+    src = attention_wide_sources(B, W, Tc, comp_idx, pos, max(ratio, 1), S, chunk * passes).to(q.device)
+    rows = window_kv if comp_kv is None else torch.cat([window_kv, comp_kv], 1)
+    qf = q[:, 0].float()                                                           # [B,H,hd]
+    neg = float("-inf")
+    m = torch.full((B, S, H), neg)
+    z = torch.zeros(B, S, H)
+    o = torch.zeros(B, S, H, hd)
+    for c in range(passes):
+        sc = src[:, :, c * chunk:(c + 1) * chunk]                                  # [B,S,C]
+        kv = torch.gather(rows, 1, sc.clamp(min=0).reshape(B, -1, 1).expand(-1, -1, hd)).float()
+        kv = (kv * (sc >= 0).reshape(B, -1, 1)).reshape(B, S, chunk, hd)
+        lg = torch.einsum("bhd,bscd->bshc", qf, kv).to(torch.bfloat16).float() * scale
+        lg = lg.masked_fill((sc < 0)[:, :, None, :], neg)
+        m_new = torch.maximum(m, lg.amax(-1))
+        m_use = torch.where(m_new == neg, 0.0, m_new)
+        alpha = torch.exp(m - m_use)
+        e = torch.exp(lg - m_use[..., None])
+        z = z * alpha + e.sum(-1)
+        o = o * alpha[..., None] + torch.einsum("bshc,bscd->bshd", e.to(torch.bfloat16).float(), kv)
+        m = m_new
+    snk = sink.float()[None, :]
+    M = torch.maximum(snk, m.amax(1))                                              # [B,H]
+    w = torch.exp(m - M[:, None])
+    Z = torch.exp(snk - M) + (w * z).sum(1)
+    return ((w[..., None] * o).sum(1) / Z[..., None]).to(q.dtype)[:, None]
 
 
 def score_sort_keys(score, visible):
@@ -6080,6 +6162,718 @@ if HAVE_CUTE:
                         mOut[b, head, col + e] = ob[e].to(BFloat16)
             cute.arch.cluster_arrive()                             # peers may still read this CTA's partial
             cute.arch.cluster_wait()
+
+    @dsl_user_op
+    def read_clock64(*, loc=None, ip=None) -> Int64:
+        """The SM's cycle counter (phase stamps of the attention probe)."""
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %clock64;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
+    def read_globaltimer(*, loc=None, ip=None) -> Int64:
+        """The GPU-wide nanosecond timer (start / end stamps of the attention probe)."""
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
+    def store_b32x2(gmem_addr, w0, w1, *, loc=None, ip=None):
+        """One 8-byte global store of two words (4 bf16)."""
+        _llvm.inline_asm(None, [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(w0).ir_value(loc=loc, ip=ip),
+                                Int32(w1).ir_value(loc=loc, ip=ip)],
+                         "st.global.v2.b32 [$0], {$1, $2};", "l,r,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def ldsm_x4(smem_addr, trans: bool = False, *, loc=None, ip=None):
+        """ldmatrix .x4: four 8x8 bf16 matrices whose row addresses lanes 8m..8m+7 give (16 B each) -> one word of
+        each per lane (row lane/4, column pair lane%4; .trans: column lane/4, row pair lane%4)."""
+        res = _llvm.inline_asm(_ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"),
+                               [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+                               "ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4];"
+                               % (".trans" if trans else ""), "=r,=r,=r,=r,r", has_side_effects=True,
+                               loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+    @dsl_user_op
+    def bulk_copy_g2s(smem_addr, gmem_addr, nbytes, mbar_addr, *, loc=None, ip=None):
+        """TMA bulk copy of nbytes (multiple of 16) global -> this CTA's shared memory; completion counted on the
+        mbarrier at mbar_addr (complete_tx)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
+                                Int32(nbytes).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+                         "r,l,r,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def mbar_expect_tx(mbar_addr, nbytes, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(nbytes).ir_value(loc=loc, ip=ip)],
+                         "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r", has_side_effects=True,
+                         loc=loc, ip=ip)
+
+    @dsl_user_op
+    def mbar_init(mbar_addr, count, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(count).ir_value(loc=loc, ip=ip)],
+                         "mbarrier.init.shared::cta.b64 [$0], $1;\nfence.mbarrier_init.release.cluster;", "r,r",
+                         has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def mbar_arrive(mbar_addr, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [$0];\n}", "r", has_side_effects=True,
+                         loc=loc, ip=ip)
+
+    @dsl_user_op
+    def load_dsmem_f32x2(local_addr, rank, *, loc=None, ip=None):
+        """2 fp32 at this shared-memory address in the cluster CTA `rank`."""
+        res = _llvm.inline_asm(_ir.Type.parse("!llvm.struct<(f32, f32)>"),
+                               [Int32(local_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip)],
+                               "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, $2, $3;\n"
+                               "ld.shared::cluster.v2.f32 {$0,$1}, [ra];\n}", "=f,=f,r,r",
+                               has_side_effects=True, loc=loc, ip=ip)
+        return tuple(Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
+    def store_b32(gmem_addr, w0, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(w0).ir_value(loc=loc, ip=ip)],
+                         "st.global.b32 [$0], $1;", "l,r", has_side_effects=True, loc=loc, ip=ip)
+
+    class SparseAttentionDecodeWide:
+        """SparseAttentionDecodeCluster laid out for latency: grid (S, ceil(H/16), B) in clusters of the S <= 16
+        splits of one (b, head group); each CTA loads its keys once (one pass of <= `chunk` rows, a multiple of 16;
+        more passes only for very long caches) and the combine runs in distributed shared memory.
+        - Key assignment. window / HCA: the valid keys are known from pos alone (ring slots s <= pos, then the
+          completed blocks j < (pos+1)//ratio), so the n valid keys are dealt evenly, ceil(n/S) per CTA: at pos 1000
+          an HCA layer's 135 keys take 17 rows per CTA (8 splits) instead of 64-key chunks of mostly empty slots.
+          CSA: CTA s takes ring slots s*ceil(W/S).. and picks s, s+S, .. (the top-k puts its -1s last, so the valid
+          picks of a short sequence spread evenly; a -1 is a masked row; ring
+          slots past pos are copied and masked with the logits, so the copies need neither pos nor a second pass).
+        - The rows are copied by cp.async (CSA: every pick load of a thread in flight before its copies); rows past
+          the CTA's count are neither copied nor multiplied. prefetch: rows no kernel of the step writes (all but the
+          fresh ring slot, the newest block and the picks) are copied before griddepcontrol.wait.
+        - Per-unit constants (the head's sink, cos/sin of the inverse RoPE): before the wait under PDL, else while
+          the copies are in flight.
+        - QK^T / online softmax / PV by mma.sync with ldmatrix fragments (qk_pairs: a warp takes two adjacent key
+          tiles so q is read from smem once for both; qk_dsplit: CTAs with <= 32 rows split each dot product over
+          idle warps); probabilities rounded to bf16 as in SparseAttentionDecodeCluster; thread `part` of a head
+          takes key pairs part, part+16, ...
+        - Combine: CTA s owns a contiguous 1/S of the group's 4-column output units (a warp's DSMEM reads are
+          consecutive 16-B pieces, no bank conflicts); per unit all S (m, z) and partial columns are loaded at once,
+          M = max(sink, m_s), w_s = exp(m_s - M), Z = exp(sink - M) + sum_s z_s w_s, o = sum_s w_s o_s (order s),
+          times 1/Z, bf16; the last rope_dim columns rotated back; one 8-byte store. The exit cluster barrier is
+          relaxed (it only keeps the shared memory alive for the peers' reads).
+        stamps: thread 0 of each CTA writes %globaltimer / %clock64 at the phase borders into mStamp (probe)."""
+
+        N_STAMPS = 16
+
+        def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
+                     rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1,
+                     prefetch: bool = False, qk_dsplit: bool = False, qk_pairs: bool = True, bulk: bool = False,
+                     combine_pre: bool = True):
+            assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
+            assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
+            assert rope_dim % 4 == 0 and rope_dim <= head_dim
+            self.hd, self.mode, self.splits, self.chunk, self.n_ch = head_dim, mode, splits, chunk, chunks_per_cta
+            self.rd, self.stamps = rope_dim, stamps
+            self.ldsm = ldsm                                 # fragments by ldmatrix (same values as word loads)
+            self.qk_chains = qk_chains                       # > 1: independent QK^T accumulators (another fp32 order)
+            assert (head_dim // 16) % (2 * qk_chains) == 0
+            self.prefetch = prefetch and chunks_per_cta == 1     # stable key rows copied before the PDL wait
+            self.qk_dsplit = qk_dsplit and chunk > 32 and (head_dim // 16) % 8 == 0   # idle warps split small dot products
+            self.qk_pairs = qk_pairs                         # a warp's two adjacent key tiles share one read of q
+            self.bulk = bulk and head_dim * 2 % 16 == 0      # key rows by TMA bulk copies (one per row) + an mbarrier
+            self.words = head_dim // 2
+            self.row = self.words + 4
+            self.p_row = chunk // 2 + 4
+            self.threads = 256
+            self.d_tiles = head_dim // 64
+            self.key_tiles = chunk // 8                      # n8 key tiles of QK^T
+            self.tiles_per_warp = -(-self.key_tiles // 8)
+            self.pairs_per_thread = -(-(chunk // 2) // 16)
+            # combine_pre: the split weights of each head are formed once per CTA (16 x S threads load the (m, z),
+            # 16 threads sum them in order s), then each unit only loads and adds the partial columns; units of
+            # 2 columns when S > 8 (every thread busy). Same operations in the same order as per-unit weights.
+            self.combine_pre = combine_pre and splits * HEAD_TILE <= self.threads
+            self.uw = 2 if self.combine_pre and splits > 8 else 4          # output columns per unit
+            self.units = HEAD_TILE * head_dim // self.uw
+            self.units_per_cta = -(-self.units // splits)
+            self.units_per_thread = -(-self.units_per_cta // self.threads)
+            self.copies = -(-chunk * (self.words // 4) // self.threads)     # 16-B pieces per thread and chunk
+            self.k_words = max(chunk * self.row, HEAD_TILE * head_dim)      # the partial o reuses the key rows
+
+        @cute.jit
+        def __call__(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
+                     mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
+                     mStamp: cute.Tensor, scale: Float32, ratio: Int32, stream):
+            B = cute.size(mQ, mode=[0])
+            H = cute.size(mQ, mode=[1])
+
+            @cute.struct
+            class SharedStorage:
+                sK: cute.struct.Align[cute.struct.MemRange[Int32, self.k_words], 16]
+                sQ: cute.struct.Align[cute.struct.MemRange[Int32, HEAD_TILE * self.row], 16]
+                sL: cute.struct.MemRange[Float32, HEAD_TILE * self.chunk]
+                sP: cute.struct.MemRange[Int32, HEAD_TILE * self.p_row]
+                sSrc: cute.struct.MemRange[Int32, self.chunk]
+                sAlpha: cute.struct.MemRange[Float32, HEAD_TILE]
+                sML: cute.struct.Align[cute.struct.MemRange[Float32, HEAD_TILE * 4], 16]
+                sX: cute.struct.MemRange[Float32, 3 * HEAD_TILE * 16 if self.qk_dsplit else 4]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, 1], 8]
+                sMZ: cute.struct.MemRange[Float32, HEAD_TILE * 16 * 2]
+                sW: cute.struct.MemRange[Float32, HEAD_TILE * 16]
+                sInv: cute.struct.MemRange[Float32, HEAD_TILE]
+                sStamp: cute.struct.Align[cute.struct.MemRange[Int64, 16], 8]
+
+            self.shared_storage = SharedStorage
+            self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, mStamp, scale, ratio).launch(
+                grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1],
+                cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL,
+                min_blocks_per_mp=2, preferred_smem_carveout=100)   # <= 128 registers: two CTAs per SM
+
+        @cute.jit
+        def stamp(self, sStamp: cute.Tensor, slot: int, tidx, split, grp, b, n_grp, use_clock: bool = True):
+            """Phase stamp of thread 0 into shared memory (no global store that a release barrier would wait for);
+            written out at the end (flush_stamps)."""
+            if const_expr(self.stamps):
+                if tidx == 0:
+                    if const_expr(use_clock):
+                        sStamp[slot] = read_clock64()
+                    else:
+                        sStamp[slot] = read_globaltimer()
+
+        @cute.jit
+        def flush_stamps(self, sStamp, mStamp, tidx, split, grp, b, n_grp):
+            if const_expr(self.stamps):
+                if tidx == 0:
+                    base = ((b * n_grp + grp) * self.splits + split) * self.N_STAMPS
+                    for i in cutlass.range_constexpr(12):
+                        mStamp[base + i] = sStamp[i]
+
+        @cute.jit
+        def copy_rows(self, sK, sSrc, mWin, mComp, mIdx, b, split, tidx, x0, cnt, v_begin, w_per, p_per, k_picks,
+                      n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr, phase: int):
+            """cp.async of key rows 0..cnt16-1 of a chunk (list positions x0 + r; rows cnt.. zero-filled) + their source
+            ids into sSrc. phase 0: only the rows no kernel of this step writes (before griddepcontrol.wait), 1: the
+            others, 2: all. First every source of this thread (CSA: all pick loads in flight at once), then the copies."""
+            vec = self.words // 4
+            row = self.row
+            S = self.splits
+            cnt16 = (cnt + 15) // 16 * 16
+            srcs = cute.make_rmem_tensor((self.copies,), Int32)
+            early = cute.make_rmem_tensor((self.copies,), Int32)
+            for k in cutlass.range_constexpr(self.copies):
+                r = (tidx + self.threads * k) // vec
+                x = x0 + r
+                src = Int32(-1)
+                pre = Int32(1)
+                if const_expr(self.mode == "csa"):
+                    slot = split * w_per + x
+                    c = split + S * (x - w_per)         # picks dealt round-robin: the valid ones come first
+                    if x < w_per:
+                        if slot < W:                    # slots > pos are masked with the logits (put_logits)
+                            src = slot
+                            if const_expr(phase != 2):
+                                if slot == fresh_slot:
+                                    pre = Int32(0)
+                    else:
+                        pre = Int32(0)
+                        if const_expr(phase != 0):
+                            j = mIdx[b, cutlass.max(cutlass.min(c, k_picks - 1), 0)].to(Int32)
+                            if c < k_picks and j >= 0 and j < Tc:
+                                src = W + j
+                else:
+                    v = v_begin + x
+                    src = v
+                    if v >= n_win:
+                        src = W + v - n_win
+                    if const_expr(phase != 2):
+                        if src == fresh_slot or src == fresh_block:
+                            pre = Int32(0)
+                if r >= cnt:
+                    src = Int32(-1)
+                    pre = Int32(1)
+                srcs[k] = src
+                early[k] = pre
+            for k in cutlass.range_constexpr(self.copies):
+                i = tidx + self.threads * k
+                r = i // vec
+                c = i % vec
+                want = Int32(1)
+                if const_expr(phase == 0):
+                    want = early[k]
+                if const_expr(phase == 1):
+                    want = 1 - early[k]
+                if r < cnt16 and want != 0:
+                    src = srcs[k]
+                    gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
+                                                          mWin.layout)).toint()
+                    if src >= W:
+                        gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
+                    if const_expr(self.bulk):
+                        if src < 0:                             # zero rows: plain 16-B shared stores
+                            for w4 in cutlass.range_constexpr(4):
+                                sK[r, 4 * c + w4] = Int32(0)
+                        elif c == 0:                            # one bulk copy of the whole row
+                            mbar_expect_tx(mbar_addr, self.words * 4)
+                            bulk_copy_g2s((sK.iterator + r * row).toint(), gaddr, self.words * 4, mbar_addr)
+                    else:
+                        nbytes = Int32(0)
+                        if src >= 0:
+                            nbytes = Int32(16)
+                        cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+                    if c == 0:
+                        sSrc[r] = src
+            if const_expr(not self.bulk):
+                cute.arch.cp_async_commit_group()
+
+        @cute.jit
+        def unit_constants(self, mSink, mAng, sinks, cs, pos, split, tidx, h0, H):
+            """Output units (uw columns of one head) of this CTA: a contiguous range, so a warp's DSMEM reads are
+            consecutive pieces. sinks: per unit the head's sink (combine_pre: thread h < 16 holds head h's in sinks[0]);
+            cs: for the rope columns (cos, -sin) per column pair."""
+            uw = self.uw
+            p_ang = cutlass.max(pos, Int32(0))
+            if const_expr(self.combine_pre):
+                sinks[0] = mSink[cutlass.min(h0 + tidx % HEAD_TILE, H - 1)]
+            for i in cutlass.range_constexpr(self.units_per_thread):
+                a_u = cutlass.min(split * self.units_per_cta + tidx + self.threads * i, self.units - 1)
+                a_col = (a_u % (self.hd // uw)) * uw
+                if const_expr(not self.combine_pre):
+                    sinks[i] = mSink[cutlass.min(h0 + a_u // (self.hd // uw), H - 1)]
+                if const_expr(self.rd > 0):
+                    if a_col >= self.hd - self.rd:
+                        for k2 in cutlass.range_constexpr(uw // 2):
+                            ang = mAng[p_ang, (a_col - (self.hd - self.rd)) // 2 + k2]
+                            cs[4 * i + 2 * k2] = cute.math.cos(ang)
+                            cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
+
+        @cute.jit
+        def qk_dot(self, sQ, sK, j, kk0: int, kk1: int, lane, g, t, nt: int = 1, stride: int = 8):
+            """Warp-wide partial logits of key tiles j, j + stride, .. (nt of them, interleaved: independent mma chains, one
+            read of the q fragments for all) x 16
+            heads over kk0 <= kk < kk1 (16 d each): fp32 [tile][(head g | g+8) x (key 2t | 2t+1)]; qk_chains
+            accumulators per tile, summed in order at the end."""
+            nc = self.qk_chains
+            row = self.row
+            acc = cute.make_rmem_tensor((4 * nc * nt,), Float32)
+            acc.fill(0.0)
+            if const_expr(self.ldsm):
+                q_addr = (sQ.iterator + (lane % 8 + 8 * ((lane // 8) % 2)) * row + 4 * (lane // 16)).toint()
+                k_addr = (sK.iterator + (8 * j + lane % 8) * row + 4 * (lane // 8)).toint()
+                for k2 in cutlass.range_constexpr(kk0 // 2, kk1 // 2):
+                    for h2 in cutlass.range_constexpr(2):
+                        kk = 2 * k2 + h2
+                        qa = ldsm_x4(q_addr + 32 * kk)
+                        for i in cutlass.range_constexpr(nt):
+                            bk = ldsm_x4(k_addr + 4 * 8 * stride * row * i + 64 * k2)     # b0, b1 of kk = 2k2, 2k2 + 1
+                            c4 = 4 * (i * nc + kk % nc)
+                            d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
+                                               acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
+                            for e in cutlass.range_constexpr(4):
+                                acc[c4 + e] = d[e]
+            else:
+                for kk in cutlass.range_constexpr(kk0, kk1):
+                    for i in cutlass.range_constexpr(nt):
+                        n = 8 * (j + stride * i) + g
+                        c4 = 4 * (i * nc + kk % nc)
+                        d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t], sQ[g, kk * 8 + 4 + t],
+                                           sQ[g + 8, kk * 8 + 4 + t], sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
+                                           acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
+                        for e in cutlass.range_constexpr(4):
+                            acc[c4 + e] = d[e]
+            out = cute.make_rmem_tensor((4 * nt,), Float32)
+            for i in cutlass.range_constexpr(nt):
+                for e in cutlass.range_constexpr(4):
+                    out[4 * i + e] = acc[4 * i * nc + e]
+                for c_ in cutlass.range_constexpr(1, nc):
+                    for e in cutlass.range_constexpr(4):
+                        out[4 * i + e] = out[4 * i + e] + acc[4 * (i * nc + c_) + e]
+            return out
+
+        @cute.jit
+        def put_logits(self, sL, sSrc, acc, off: int, j, g, t, cnt, scale, pos, W):
+            """acc[off..off+3] -> logits bf16(q.k) * scale of key tile j in sL (-inf: past cnt, a masked row or a
+            ring slot past pos)."""
+            for e in cutlass.range_constexpr(4):
+                key = 8 * j + 2 * t + e % 2
+                lg = acc[off + e].to(BFloat16).to(Float32) * scale
+                if key >= cnt:
+                    lg = Float32(-math.inf)
+                else:
+                    src = sSrc[key]
+                    if src < 0:
+                        lg = Float32(-math.inf)
+                    elif src < W and src > pos:          # a ring slot not written yet (CSA copies skip the check)
+                        lg = Float32(-math.inf)
+                sL[g + 8 * (e // 2), key] = lg
+
+        @cute.jit
+        def qk_all(self, sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W):
+            """Whole dot products. qk_pairs: warp w takes key tiles 2w, 2w+1 (one q read for both); else tiles w, w + 8,
+            ... Tiles are interleaved mma chains; tiles past cnt16 are only written as -inf."""
+            if const_expr(self.qk_pairs):
+                if 2 * warp < self.key_tiles:
+                    j = 2 * warp
+                    acc = cute.make_rmem_tensor((8,), Float32)
+                    acc.fill(0.0)
+                    if 8 * j + 8 < cnt16 and j + 1 < self.key_tiles:
+                        dot = self.qk_dot(sQ, sK, j, 0, self.hd // 16, lane, g, t, 2, 1)
+                        for e in cutlass.range_constexpr(8):
+                            acc[e] = dot[e]
+                    elif 8 * j < cnt16:
+                        dot = self.qk_dot(sQ, sK, j, 0, self.hd // 16, lane, g, t)
+                        for e in cutlass.range_constexpr(4):
+                            acc[e] = dot[e]
+                    for i in cutlass.range_constexpr(2):
+                        if j + i < self.key_tiles:
+                            self.put_logits(sL, sSrc, acc, 4 * i, j + i, g, t, cnt, scale, pos, W)
+            else:
+                tpw = self.tiles_per_warp
+                acc = cute.make_rmem_tensor((4 * tpw,), Float32)
+                acc.fill(0.0)
+                if const_expr(tpw == 1):
+                    if warp * 8 < cnt16:
+                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
+                        for e in cutlass.range_constexpr(4):
+                            acc[e] = dot[e]
+                else:
+                    assert tpw == 2
+                    if (warp + 8) * 8 < cnt16 and warp + 8 < self.key_tiles:
+                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t, 2)
+                        for e in cutlass.range_constexpr(8):
+                            acc[e] = dot[e]
+                    elif warp * 8 < cnt16:
+                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
+                        for e in cutlass.range_constexpr(4):
+                            acc[e] = dot[e]
+                for i in cutlass.range_constexpr(tpw):
+                    if warp + 8 * i < self.key_tiles:
+                        self.put_logits(sL, sSrc, acc, 4 * i, warp + 8 * i, g, t, cnt, scale, pos, W)
+
+        @cute.jit
+        def qk_split(self, sQ, sK, sL, sSrc, sX, P: int, warp, lane, g, t, cnt, scale, tidx, pos, W):
+            """<= 64/P rows: warp w takes tile w % (8/P), d part w // (8/P) of 16 hd/P columns; parts 1.. go through
+            sX, part 0 adds them in order and writes the logits; keys past the tiles -> -inf."""
+            T = 8 // P
+            n_keys = 8 * T
+            kk_part = self.hd // 16 // P
+            j = warp % T
+            p = warp // T
+            for p_ in cutlass.range_constexpr(P):
+                if p == p_:
+                    dot = self.qk_dot(sQ, sK, j, p_ * kk_part, (p_ + 1) * kk_part, lane, g, t)
+                    if const_expr(p_ > 0):
+                        for e in cutlass.range_constexpr(4):
+                            sX[((p_ - 1) * HEAD_TILE + g + 8 * (e // 2)) * n_keys + 8 * j + 2 * t + e % 2] = dot[e]
+                    else:
+                        for e in cutlass.range_constexpr(4):
+                            sL[g + 8 * (e // 2), 8 * j + 2 * t + e % 2] = dot[e]      # part 0, parked in sL
+            for i in cutlass.range(tidx, HEAD_TILE * (self.chunk - n_keys), self.threads, unroll=1):
+                sL[i // (self.chunk - n_keys), n_keys + i % (self.chunk - n_keys)] = Float32(-math.inf)
+            cute.arch.sync_threads()
+            if p == 0:
+                acc = cute.make_rmem_tensor((4,), Float32)
+                for e in cutlass.range_constexpr(4):
+                    acc[e] = sL[g + 8 * (e // 2), 8 * j + 2 * t + e % 2]
+                    for q_ in cutlass.range_constexpr(1, P):
+                        acc[e] = acc[e] + sX[((q_ - 1) * HEAD_TILE + g + 8 * (e // 2)) * n_keys + 8 * j + 2 * t + e % 2]
+                self.put_logits(sL, sSrc, acc, 0, j, g, t, cnt, scale, pos, W)
+
+        @cute.kernel
+        def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
+                   mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
+                   mStamp: cute.Tensor, scale: Float32, ratio: Int32):
+            tidx, _, _ = cute.arch.thread_idx()
+            split, grp, b = cute.arch.block_idx()
+            _, n_grp, _ = cute.arch.grid_dim()
+            warp = tidx // 32
+            lane = tidx % 32
+            g = lane // 4
+            t = lane % 4
+            H = cute.size(mQ, mode=[1])
+            W = cute.size(mWin, mode=[1])
+            Tc = cute.size(mComp, mode=[1])
+            S = self.splits
+            h0 = grp * HEAD_TILE
+            chunk, row, vec = self.chunk, self.row, self.words // 4
+            neg_inf = Float32(-math.inf)
+
+            smem = _SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            sK = storage.sK.get_tensor(cute.make_layout((chunk, row), stride=(row, 1)))
+            sO = cute.make_tensor(cute.recast_ptr(sK.iterator, dtype=Float32),
+                                  cute.make_layout((HEAD_TILE, self.hd), stride=(self.hd, 1)))
+            sQ = storage.sQ.get_tensor(cute.make_layout((HEAD_TILE, row), stride=(row, 1)))
+            sL = storage.sL.get_tensor(cute.make_layout((HEAD_TILE, chunk), stride=(chunk, 1)))
+            sP = storage.sP.get_tensor(cute.make_layout((HEAD_TILE, self.p_row), stride=(self.p_row, 1)))
+            sSrc = storage.sSrc.get_tensor(cute.make_layout(chunk))
+            sAlpha = storage.sAlpha.get_tensor(cute.make_layout(HEAD_TILE))
+            sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
+            sMZ = storage.sMZ.get_tensor(cute.make_layout((HEAD_TILE, 16, 2), stride=(32, 2, 1)))
+            sW = storage.sW.get_tensor(cute.make_layout((HEAD_TILE, 16), stride=(16, 1)))
+            sInv = storage.sInv.get_tensor(cute.make_layout(HEAD_TILE))
+            sStamp = storage.sStamp.get_tensor(cute.make_layout(16))
+            self.stamp(sStamp, 0, tidx, split, grp, b, n_grp, False)
+            self.stamp(sStamp, 1, tidx, split, grp, b, n_grp)
+            sX = storage.sX.get_tensor(cute.make_layout(3 * HEAD_TILE * 16 if self.qk_dsplit else 4))
+
+            mbar_addr = storage.mbar.data_ptr().toint()
+            if const_expr(self.bulk):
+                if tidx == 0:
+                    mbar_init(mbar_addr, 1)
+                cute.arch.sync_threads()
+            # ---- prologue: nothing here is written by an earlier kernel of the step (pos is set before the replay)
+            pos = mPos[0].to(Int32)
+            n_win = cutlass.min(pos + 1, W)
+            k_picks = cute.size(mIdx, mode=[1])
+            # this CTA's list of key positions: window / HCA: the valid keys compacted ([ring slots 0..n_win-1 |
+            # blocks 0..]) and dealt evenly; CSA: its share of the ring slots, then its share of the picks
+            v_begin = Int32(0)
+            w_per = (W + S - 1) // S
+            p_per = (k_picks + S - 1) // S
+            n_mine = w_per + p_per
+            if const_expr(self.mode != "csa"):
+                n_keys = n_win
+                if const_expr(self.mode == "hca"):
+                    n_keys = n_win + cutlass.min((pos + 1) // ratio, Tc)
+                per = (n_keys + S - 1) // S
+                v_begin = split * per
+                n_mine = cutlass.max(cutlass.min(n_keys - v_begin, per), 0)
+            fresh_slot = pos % W                # the ring slot this step's kv kernel writes
+            fresh_block = W + (pos + 1) // ratio - 1      # the newest block (maybe written by this step)
+            # per output unit: the head's sink, (cos, -sin) of the rope columns; before the wait under PDL (hidden
+            # behind the previous kernel), else once the key copies are in flight
+            sinks = cute.make_rmem_tensor((self.units_per_thread,), Float32)
+            cs = cute.make_rmem_tensor((self.units_per_thread * 4,), Float32)
+            if const_expr(GLUE_PDL or self.n_ch > 1):
+                self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
+            if const_expr(self.prefetch):
+                # rows no kernel of this step writes: copied before the wait (the fresh ring slot, the newest block
+                # and the CSA picks after it)
+                cnt0 = cutlass.min(n_mine, chunk)
+                self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, 0, cnt0, v_begin, w_per, p_per,
+                               k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr, 0)
+            self.stamp(sStamp, 2, tidx, split, grp, b, n_grp)
+            _pdl_enter()
+            self.stamp(sStamp, 3, tidx, split, grp, b, n_grp)
+
+            # q rows of the head group -> padded smem
+            for i in cutlass.range(tidx, HEAD_TILE * vec, self.threads, unroll=1):
+                r = i // vec
+                c = i % vec
+                head = cutlass.min(h0 + r, H - 1)
+                gaddr = (mQ.iterator + cute.crd2idx((b, head, 4 * c), mQ.layout)).toint()
+                nbytes = Int32(0)
+                if h0 + r < H:
+                    nbytes = Int32(16)
+                cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+            cute.arch.cp_async_commit_group()
+
+            hh = tidx // 16                     # softmax: head hh, key pairs part, part + 16, ..
+            part = tidx % 16
+            m_run = neg_inf
+            z_run = Float32(0.0)
+            d0 = warp * (self.hd // 8)          # PV: warp's d columns
+            sel = Int32(0x5410)
+            if g % 2 == 1:
+                sel = Int32(0x7632)
+            acc2 = cute.make_rmem_tensor((self.d_tiles * 4,), Float32)
+            acc2.fill(0.0)
+            for ch in cutlass.range(self.n_ch, unroll=1):
+                cnt = cutlass.max(cutlass.min(n_mine - ch * chunk, chunk), 0)
+                cnt16 = (cnt + 15) // 16 * 16
+                if cnt > 0:
+                    self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, ch * chunk, cnt, v_begin, w_per,
+                                   p_per, k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr,
+                                   1 if const_expr(self.prefetch) else 2)
+                    if const_expr(not GLUE_PDL and self.n_ch == 1):
+                        self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
+                    cute.arch.cp_async_wait_group(0)
+                    if const_expr(self.bulk):
+                        cute.arch.sync_threads()                   # every expect_tx before the one arrival
+                        if tidx == 0:
+                            mbar_arrive(mbar_addr)
+                        cute.arch.mbarrier_wait(storage.mbar.data_ptr(), ch % 2)
+                    cute.arch.sync_threads()
+                    self.stamp(sStamp, 4, tidx, split, grp, b, n_grp)
+
+                    # logits: warp w -> key tiles w, w + 8, ..: keys 8j + (2t, 2t+1), heads g, g + 8; with qk_dsplit
+                    # and <= 32 rows the idle warps take a half / quarter of each dot product (summed in smem)
+                    if const_expr(self.qk_dsplit):
+                        if cnt16 <= 16:
+                            self.qk_split(sQ, sK, sL, sSrc, sX, 4, warp, lane, g, t, cnt, scale, tidx, pos, W)
+                        elif cnt16 <= 32:
+                            self.qk_split(sQ, sK, sL, sSrc, sX, 2, warp, lane, g, t, cnt, scale, tidx, pos, W)
+                        else:
+                            self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
+                    else:
+                        self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
+                    cute.arch.sync_threads()
+                    self.stamp(sStamp, 5, tidx, split, grp, b, n_grp)
+
+                    m_c = neg_inf
+                    for i in cutlass.range_constexpr(self.pairs_per_thread):
+                        q2 = part + 16 * i
+                        if q2 < chunk // 2:
+                            m_c = cute.math.max(m_c, cute.math.max(sL[hh, 2 * q2], sL[hh, 2 * q2 + 1]))
+                    for o in cutlass.range_constexpr(4):
+                        m_c = cute.math.max(m_c, cute.arch.shuffle_sync_bfly(m_c, 1 << o))
+                    m_new = cute.math.max(m_run, m_c)
+                    m_use = m_new
+                    if m_new == neg_inf:
+                        m_use = Float32(0.0)
+                    alpha = cute.math.exp(m_run - m_use)          # rescales what the earlier chunks summed
+                    zc = Float32(0.0)
+                    for i in cutlass.range_constexpr(self.pairs_per_thread):
+                        q2 = part + 16 * i
+                        if q2 < chunk // 2:
+                            p0 = cute.math.exp(sL[hh, 2 * q2] - m_use)
+                            p1 = cute.math.exp(sL[hh, 2 * q2 + 1] - m_use)
+                            zc = zc + p0 + p1
+                            sP[hh, q2] = pack_bf16x2(p0, p1)
+                    for o in cutlass.range_constexpr(4):
+                        zc = zc + cute.arch.shuffle_sync_bfly(zc, 1 << o)
+                    z_run = z_run * alpha + zc
+                    m_run = m_new
+                    if part == 0:
+                        sAlpha[hh] = alpha
+                    cute.arch.sync_threads()
+                    self.stamp(sStamp, 6, tidx, split, grp, b, n_grp)
+
+                    a_lo = sAlpha[g]
+                    a_hi = sAlpha[g + 8]
+                    for j in cutlass.range_constexpr(self.d_tiles):
+                        acc2[4 * j] = acc2[4 * j] * a_lo
+                        acc2[4 * j + 1] = acc2[4 * j + 1] * a_lo
+                        acc2[4 * j + 2] = acc2[4 * j + 2] * a_hi
+                        acc2[4 * j + 3] = acc2[4 * j + 3] * a_hi
+                    for kk in cutlass.range_constexpr(chunk // 16):
+                        if kk * 16 < cnt16:
+                            a0 = sP[g, kk * 8 + t]
+                            a1 = sP[g + 8, kk * 8 + t]
+                            a2 = sP[g, kk * 8 + 4 + t]
+                            a3 = sP[g + 8, kk * 8 + 4 + t]
+                            k = kk * 16 + 2 * t
+                            if const_expr(self.ldsm and self.d_tiles % 2 == 0):
+                                v_addr = (sK.iterator + (kk * 16 + 8 * ((lane // 8) % 2) + lane % 8) * row
+                                          + d0 // 2 + 4 * (lane // 16)).toint()
+                                for j2 in cutlass.range_constexpr(self.d_tiles // 2):
+                                    bv = ldsm_x4(v_addr + 32 * j2, True)   # b0, b1 of d tiles 2j2, 2j2 + 1
+                                    for h2 in cutlass.range_constexpr(2):
+                                        j = 2 * j2 + h2
+                                        d = mma_bf16_16816(a0, a1, a2, a3, bv[2 * h2], bv[2 * h2 + 1], acc2[4 * j],
+                                                           acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
+                                        for e in cutlass.range_constexpr(4):
+                                            acc2[4 * j + e] = d[e]
+                            else:
+                                for j in cutlass.range_constexpr(self.d_tiles):
+                                    w = (d0 + 8 * j) // 2 + g // 2
+                                    b0 = prmt(sK[k, w], sK[k + 1, w], sel)
+                                    b1 = prmt(sK[k + 8, w], sK[k + 9, w], sel)
+                                    d = mma_bf16_16816(a0, a1, a2, a3, b0, b1,
+                                                       acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
+                                    for e in cutlass.range_constexpr(4):
+                                        acc2[4 * j + e] = d[e]
+                else:
+                    if const_expr(not GLUE_PDL and self.n_ch == 1):
+                        self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
+                cute.arch.sync_threads()                           # sK / sP are reused by the next chunk
+            cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
+            self.stamp(sStamp, 7, tidx, split, grp, b, n_grp)
+
+            # partial (o, m, z) of this CTA -> its own shared memory, then the cluster combines
+            for j in cutlass.range_constexpr(self.d_tiles):
+                for e in cutlass.range_constexpr(4):
+                    sO[g + 8 * (e // 2), d0 + 8 * j + 2 * t + e % 2] = acc2[4 * j + e]
+            if part == 0:
+                sML[hh, 0] = m_run
+                sML[hh, 1] = z_run
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+            self.stamp(sStamp, 8, tidx, split, grp, b, n_grp)
+            uw = self.uw
+            if const_expr(self.combine_pre):
+                if tidx < HEAD_TILE * S:                       # thread (h, s): head h's (m, z) of split s
+                    mz = load_dsmem_f32x4((sML.iterator + (tidx // S) * 4).toint(), Int32(tidx % S))
+                    sMZ[tidx // S, tidx % S, 0] = mz[0]
+                    sMZ[tidx // S, tidx % S, 1] = mz[1]
+                cute.arch.sync_threads()
+                if tidx < HEAD_TILE:                           # head tidx: split weights and 1/Z, in order s
+                    h_sink = sinks[0]
+                    M = h_sink
+                    for s_ in cutlass.range_constexpr(S):
+                        M = cute.math.max(M, sMZ[tidx, s_, 0])
+                    Z = cute.math.exp(h_sink - M)
+                    for s_ in cutlass.range_constexpr(S):
+                        w_ = cute.math.exp(sMZ[tidx, s_, 0] - M)            # 0 for an empty split
+                        Z = Z + sMZ[tidx, s_, 1] * w_
+                        sW[tidx, s_] = w_
+                    sInv[tidx] = 1.0 / Z
+                cute.arch.sync_threads()
+            for i in cutlass.range_constexpr(self.units_per_thread):
+                u = split * self.units_per_cta + tidx + self.threads * i
+                if u < self.units and u < (split + 1) * self.units_per_cta:
+                    u_h = u // (self.hd // uw)
+                    u_col = (u % (self.hd // uw)) * uw
+                    u_head = h0 + u_h
+                    if u_head < H:
+                        u_o = cute.make_rmem_tensor((uw,), Float32)
+                        u_o.fill(0.0)
+                        u_ov = cute.make_rmem_tensor((S * uw,), Float32)      # all S loads in flight at once
+                        for s_ in cutlass.range_constexpr(S):
+                            if const_expr(uw == 4):
+                                vals = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
+                            else:
+                                vals = load_dsmem_f32x2((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
+                            for e in cutlass.range_constexpr(uw):
+                                u_ov[uw * s_ + e] = vals[e]
+                        u_inv = Float32(0.0)
+                        if const_expr(self.combine_pre):
+                            for s_ in cutlass.range_constexpr(S):
+                                u_w = sW[u_h, s_]
+                                if u_w > 0.0:                                    # (an empty split adds nothing)
+                                    for e in cutlass.range_constexpr(uw):
+                                        u_o[e] = u_o[e] + u_w * u_ov[uw * s_ + e]
+                            u_inv = sInv[u_h]
+                        else:
+                            # every split's (m, z) of the head, then the weights of this unit
+                            u_ml = cute.make_rmem_tensor((S * 2,), Float32)
+                            for s_ in cutlass.range_constexpr(S):
+                                mz = load_dsmem_f32x4((sML.iterator + u_h * 4).toint(), Int32(s_))
+                                u_ml[2 * s_] = mz[0]
+                                u_ml[2 * s_ + 1] = mz[1]
+                            u_sink = sinks[i]
+                            M = u_sink
+                            for s_ in cutlass.range_constexpr(S):
+                                M = cute.math.max(M, u_ml[2 * s_])
+                            Z = cute.math.exp(u_sink - M)
+                            for s_ in cutlass.range_constexpr(S):
+                                u_w = cute.math.exp(u_ml[2 * s_] - M)              # 0 for an empty split
+                                Z = Z + u_ml[2 * s_ + 1] * u_w
+                                if u_w > 0.0:
+                                    for e in cutlass.range_constexpr(uw):
+                                        u_o[e] = u_o[e] + u_w * u_ov[uw * s_ + e]
+                            u_inv = 1.0 / Z
+                        u_ob = cute.make_rmem_tensor((uw,), Float32)
+                        for e in cutlass.range_constexpr(uw):
+                            u_ob[e] = (u_o[e] * u_inv).to(BFloat16).to(Float32)       # the bf16 output value
+                        if const_expr(self.rd > 0):
+                            if u_col >= self.hd - self.rd:                       # inverse RoPE of the bf16 values
+                                for k2 in cutlass.range_constexpr(uw // 2):
+                                    c_ = cs[4 * i + 2 * k2]
+                                    s_n = cs[4 * i + 2 * k2 + 1]
+                                    x0 = u_ob[2 * k2]
+                                    x1 = u_ob[2 * k2 + 1]
+                                    u_ob[2 * k2] = _sub(_mul(x0, c_), _mul(x1, s_n))
+                                    u_ob[2 * k2 + 1] = _add(_mul(x0, s_n), _mul(x1, c_))
+                        gaddr = (mOut.iterator + cute.crd2idx((b, u_head, u_col), mOut.layout)).toint()
+                        if const_expr(uw == 4):
+                            store_b32x2(gaddr, pack_bf16x2(u_ob[0], u_ob[1]), pack_bf16x2(u_ob[2], u_ob[3]))
+                        else:
+                            store_b32(gaddr, pack_bf16x2(u_ob[0], u_ob[1]))
+            self.stamp(sStamp, 9, tidx, split, grp, b, n_grp)
+            cute.arch.cluster_arrive_relaxed()                     # peers may still read this CTA's partial (their
+            cute.arch.cluster_wait()                               # reads are done when they arrive: no release)
+            self.stamp(sStamp, 10, tidx, split, grp, b, n_grp)
+            self.stamp(sStamp, 11, tidx, split, grp, b, n_grp, False)
+            self.flush_stamps(sStamp, mStamp, tidx, split, grp, b, n_grp)
 
     class IndexerScores:
         """keys_out[b, t] = score_key(sum_h relu(q[b,h]·K[b,t]) * w[b,h], t) for t < (pos+1)//ratio, else INT64_MIN
@@ -6901,6 +7695,60 @@ def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per
     return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta, rope_dim), build)
 
 
+def attention_wide_plan(window: int, n_comp: int, max_splits: int | None = None, max_chunk: int | None = None):
+    """(splits, chunk, chunks per CTA) of SparseAttentionDecodeWide for a key list of window + n_comp slots: up to
+    max_splits CTAs per head group, each with ceil(window/S) ring slots + ceil(n_comp/S) compressed keys (CSA; the
+    window / HCA split by count needs no more), in the fewest passes of at most max_chunk rows (a multiple of 16)."""
+    max_splits = ATTN_MAX_SPLITS if max_splits is None else max_splits
+    max_chunk = ATTN_MAX_CHUNK if max_chunk is None else max_chunk
+    splits = max(1, min(max_splits, -(-(window + n_comp) // 16)))
+    rows = -(-window // splits) + -(-n_comp // splits)
+    per = -(-rows // max_chunk)                        # passes per CTA
+    chunk = -(-(-(-rows // per)) // 16) * 16
+    return splits, chunk, per
+
+
+def attention_wide_batch_plan(B: int, H: int, window: int, n_comp: int, num_sms: int):
+    """attention_wide_plan with the splits capped so B x head groups x splits CTAs stay within ATTN_CTAS_PER_SM per SM
+    (one wave; a cluster needs all its CTAs resident at once)."""
+    groups = -(-H // HEAD_TILE)
+    fit = ATTN_CTAS_PER_SM * num_sms // (B * groups)
+    return attention_wide_plan(window, n_comp, min(ATTN_MAX_SPLITS, max(2, fit)))
+
+
+def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
+                            rope_dim: int = 0, stamps: bool = False, ldsm: bool | None = None,
+                            qk_chains: int | None = None, prefetch: bool | None = None, qk_dsplit: bool | None = None,
+                            qk_pairs: bool | None = None, bulk: bool | None = None, combine_pre: bool | None = None):
+    bulk = ATTN_BULK if bulk is None else bulk
+    combine_pre = ATTN_COMBINE_PRE if combine_pre is None else combine_pre
+    qk_dsplit = ATTN_QK_DSPLIT if qk_dsplit is None else qk_dsplit
+    qk_pairs = ATTN_QK_PAIRS if qk_pairs is None else qk_pairs
+    ldsm = ATTN_LDSM if ldsm is None else ldsm
+    qk_chains = ATTN_QK_CHAINS if qk_chains is None else qk_chains
+    prefetch = ATTN_PREFETCH if prefetch is None else prefetch
+
+    def build():
+        B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
+        words = head_dim // 2
+        i32 = lambda *shape: cute.runtime.make_fake_compact_tensor(   # noqa: E731
+            Int32, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)), assumed_align=16)
+        args = (i32(B, H, words), i32(B, W, words), i32(B, Tc, words),
+                cute.runtime.make_fake_compact_tensor(Int64, (Bi, k), stride_order=(1, 0), assumed_align=8),
+                cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8),
+                cute.runtime.make_fake_compact_tensor(Float32, (H,), assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0),
+                                                      assumed_align=16),
+                cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
+                                                      assumed_align=4),
+                cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
+                Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
+                                         qk_chains, prefetch, qk_dsplit, qk_pairs, bulk, combine_pre), args
+    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,
+                             ldsm, qk_chains, prefetch, qk_dsplit, qk_pairs, bulk, combine_pre), build)
+
+
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
     def build():
         B, T = cute.sym_int(), cute.sym_int()
@@ -6999,6 +7847,9 @@ def attention_unavailable_reason(q, window_kv, comp_kv=None) -> str | None:
     return reason
 
 
+_ATTN_STAMPS: dict = {}   # probe only: {"buffer": int64 tensor} -> the wide kernel writes its phase stamps there
+
+
 def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None):
     """dsv4.sparse_attention for one query per sequence (signature and semantics of
     sparse_attention_decode_reference) in one CuTe DSL kernel; the reference where the kernel cannot run. angles
@@ -7020,6 +7871,19 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
     dev = q.device
     words = lambda x: x.reshape(x.shape[0], -1, hd).view(torch.int32)   # noqa: E731  bf16 pairs
     out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=dev)
+    if ATTN_WIDE and ATTN_CLUSTER:
+        if dev not in _NUM_SMS:
+            _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        splits, chunk, per = attention_wide_batch_plan(B, H, W, n_comp, _NUM_SMS[dev])
+        rd = 0 if angles is None else 2 * angles.shape[-1]
+        ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
+        stamps = _ATTN_STAMPS.get("buffer")
+        if stamps is None:
+            stamps = torch.zeros(1, dtype=torch.int64, device=dev)
+        _compile_attention_wide(hd, mode, splits, chunk, per, rd, "buffer" in _ATTN_STAMPS)(
+            words(q), words(window_kv), words(comp_kv), idx, pos, sink.detach().float(), out.view(B, H, hd),
+            ang, stamps, float(scale), int(max(ratio, 1)))
+        return out
     if ATTN_CLUSTER:
         splits, per = attention_cluster_plan(W, n_comp)
         rd = 0 if angles is None else 2 * angles.shape[-1]

@@ -4432,6 +4432,8 @@ def gpu_kernel_configs():
         cfgs.add(("_compile_attention", (hd, mode, K.attention_splits(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n), 64)))   # + inverse RoPE
+        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(W, n))))         # the default
+        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(W, n), 64)))
     return sorted(cfgs, key=lambda c: -c[1][0])                     # biggest first
 
 
@@ -5373,32 +5375,69 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     assert not K._FUSED_COUNTERS[x.device].any()
 
 
-# ------------------------------------------------------------------ indexer scores + top-k in one launch (session 5)
-@pytest.mark.parametrize("T,slots", [(1, 2), (2, 2), (3, 4), (1000, 1024), (1024, 1024), (1025, 2048), (4096, 4096)])
-def test_fused_topk_slots_is_the_next_power_of_two(T, slots):
-    assert K.fused_topk_slots(T) == slots
+# ======================================================================================================================
+# Sparse attention decode, latency layout (session 5): SparseAttentionDecodeWide vs the cluster kernel / reference
+# ======================================================================================================================
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("W,n", [(128, 512), (128, 0), (128, 8), (16, 8), (64, 100), (128, 16384), (32, 12)])
+def test_attention_wide_plan_covers_every_key_within_its_caps(W, n, max_splits):
+    splits, chunk, per = K.attention_wide_plan(W, n, max_splits)
+    assert 1 <= splits <= max_splits and chunk % 16 == 0 and 16 <= chunk <= K.ATTN_MAX_CHUNK
+    assert chunk * per >= -(-W // splits) + -(-n // splits)          # a CTA's ring slots + its picks (CSA)
+    assert splits * 16 < W + n + 16 or splits == max_splits           # no more CTAs than 16-key rows
+    if -(-(W + n) // max_splits) + 1 <= K.ATTN_MAX_CHUNK:
+        assert per == 1                                               # one pass per CTA
+
+
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", ATTN_CASES + [(2, 16, 64, 128, 512, "hca", 1000),
+                                                             (2, 16, 64, 128, 600, "csa", 4000),
+                                                             (1, 16, 64, 128, 8192, "hca", 1000000)])
+def test_attention_wide_split_takes_every_valid_key_exactly_once(B, H, hd, W, Tc, mode, pos, max_splits):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if Tc > 100 else 12)
+    q, ring, comp, idx, p, sink, scale, ratio = args
+    n_comp = 0 if comp is None else (comp.shape[1] if idx is None else idx.shape[-1])
+    S, chunk, passes = K.attention_wide_plan(W, n_comp, max_splits)
+    got = K.attention_wide_sources(B, W, None if comp is None else comp.shape[1], idx, p, max(ratio, 1), S,
+                                   chunk * passes)
+    want = K.attention_key_sources(B, W, None if comp is None else comp.shape[1], idx, p, max(ratio, 1), "cpu")
+    for b in range(B):
+        assert sorted(got[b][got[b] >= 0].tolist()) == sorted(want[b][want[b] >= 0].tolist())
+
+
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", ATTN_CASES)
+@pytest.mark.parametrize("max_splits,max_chunk", [(8, 80), (16, 80), (2, 16)])
+def test_attention_wide_arithmetic_emulated_matches_reference(B, H, hd, W, Tc, mode, pos, max_splits, max_chunk):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=12, seed=pos, logit_gain=4.0)
+    got = K.sparse_attention_decode_wide_emulated(*args, max_splits=max_splits, max_chunk=max_chunk)
+    assert_attention_close(got, K.sparse_attention_decode_reference(*args), attention_fp64(*args), f"{mode} {pos}")
+
+
+COMPILE_WIDE_ATTENTION = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+for B in (1, 8):
+    for mode, n in (("csa", 512), ("hca", 512), ("hca", 8192), ("window", 0)):
+        K._compile_attention_wide(512, mode, *K.attention_wide_batch_plan(B, 64, 128, n, 132), 64)
+K._compile_attention_wide(128, "csa", *K.attention_wide_batch_plan(1, 4, 128, 64, 132), 32)    # the tiny model
+"""
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
-def test_indexer_topk_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    """The one-launch indexer top-k (Flash 64 x 128 and the tiny 16 x 128 config, fp32 and bf16 head weights) and
-    TopKSelectVisible compile for sm_90a on a GPU-less machine; where ptxas is installed, IndexerTopK's PTX shows
-    no register spills."""
+def test_wide_attention_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_path):
+    """The wide attention kernel's Flash decode configs (batch 1 and 8: CSA, HCA up to a 1M-token cache, window) and
+    the tiny model's compile for sm_90a on a GPU-less machine; where ptxas is installed: no spills within the
+    128-register cap of two CTAs per SM."""
     dump = tmp_path / "ptx"
     dump.mkdir()
-    code = ("import sys, kernels as K; K._CACHE_DIR = sys.argv[1]\n"
-            "for nh, slots, wb, cl in [(64, 1024, True, 8), (64, 4096, False, 0), (16, 2, False, 0),"
-            "                          (16, 128, True, 1)]:\n"
-            "    K._compile_indexer_topk(nh, 128, slots, K.INDEX_CHUNK, wb, cl)\n"
-            "K._compile_topk(16, True)\n")
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
                CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
+    r = subprocess.run([sys.executable, "-c", COMPILE_WIDE_ATTENTION, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 6
     ptxas = shutil.which("ptxas")
-    ptxs = list(dump.glob("*IndexerTopK*.ptx"))          # (TopKSelect keeps 16+ keys per thread: some spills)
+    ptxs = list(dump.glob("*SparseAttentionDecodeWide*.ptx"))
     if ptxas is None or not ptxs:
         return
     for ptx in ptxs:
@@ -5406,68 +5445,188 @@ def test_indexer_topk_kernel_compiles_for_sm90a_without_spills(tmp_path):
         assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
 
 
-# (B, T key slots, pos, topk): visible V = min((pos+1)//4, T) = 0, few, < k, = k, k+1, all, ranked / bitonic
-FUSED_TOPK_CASES = [(1, 1024, 1000, 512), (1, 1024, 4095, 512), (1, 1024, 2, 512), (2, 1024, 7, 512),
-                    (1, 1024, 2047, 512), (1, 1024, 2051, 512), (3, 300, 1000, 64), (1, 64, 255, 24),
-                    (2, 2000, 5000, 512), (2, 4096, 16383, 512), (1, 4096, 1000, 512), (1, 4096, 3000, 512),
-                    (1, 16384, 65535, 512), (1, 16384, 16390, 512), (2, 8192, 16383, 512),
-                    (1, 32768, 131071, 512), (1, 32768, 5000, 512), (8, 1024, 3000, 512)]
+WIDE_CASES = GPU_ATTN_CASES + [(8, 64, 512, 128, 512, "hca", 1000), (8, 64, 512, 128, 16384, "csa", 1000),
+                               (1, 64, 512, 128, 8192, "hca", 1000000), (1, 64, 512, 128, 512, "hca", 127)]
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["cluster", "last-cta", "last-cta-sorted"])
-@pytest.mark.parametrize("B,T,pos,topk", FUSED_TOPK_CASES)
-def test_gpu_fused_indexer_topk_is_bit_equal_to_the_two_kernel_path(B, T, pos, topk, mode, monkeypatch):
-    """IndexerTopK (scores + top-k in one launch: a cluster ranks <= 1024 visible keys, or the last CTA ranks /
-    sorts <= FUSED_TOPK_MAX_SLOTS; beyond that + TopKSelectVisible) ==
-    IndexerScores + TopKSelect == IndexerScores + torch.topk, bit for bit (outputs and scratch keys poisoned before
-    the kernels), with tied scores and exact zeros."""
-    q, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos, ties=True)
-    wb, scale = w.bfloat16(), 128 ** -0.5 * 64 ** -0.5
-    monkeypatch.setattr(K, "POISON", True)
-    monkeypatch.setattr(K, "TOPK_CLUSTER", mode == "cluster")
-    monkeypatch.setattr(K, "TOPK_RANK_MAX", 0 if mode == "last-cta-sorted" else 256)   # ranked or bitonic sort
-    monkeypatch.setattr(K, "FUSED_TOPK_MAX_SLOTS", 4096 if mode == "last-cta-sorted" else 1024)
-    new = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
-    monkeypatch.setattr(K, "FUSED_TOPK", False)
-    old = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
-    monkeypatch.setattr(K, "DEVICE_TOPK", False)
-    via_torch = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
-    assert new.shape == (B, 1, min(topk, T)) and new.dtype == torch.int64
-    assert torch.equal(old, via_torch)
-    assert torch.equal(new, old), f"{(new != old).sum().item()} picks differ"
-    visible = min((pos + 1) // 4, T)
-    assert int((new >= 0).sum()) == B * min(visible, topk, T)
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_CASES)
+def test_gpu_wide_attention_matches_dsv4_sparse_attention(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
+    """The wide kernel sums in another order than the cluster kernel (its own key split per CTA), so it is held
+    to the reference and the fp64 truth with the tolerances of the other attention kernels."""
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    got = K.sparse_attention_decode(*args)
+    ref = K.sparse_attention_decode_reference(*args)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert_attention_close(got, ref, attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]),
+                           f"{mode} B={B} pos={pos}")
+    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
 
 
 @gpu
-@pytest.mark.parametrize("cluster", [True, False])
-@pytest.mark.parametrize("T", [1024, 4096, 16384])
-def test_gpu_fused_indexer_topk_replays_in_a_cuda_graph_as_pos_moves(T, cluster, monkeypatch):
-    """Graph replays at new positions (V from 0 to all T, across the ranked / sorted switch) == eager calls; the
-    arrival counters are zero again after every launch."""
-    monkeypatch.setattr(K, "TOPK_CLUSTER", cluster)
-    q, keys, w, p = indexer_inputs(2, 64, 128, T, 100, device="cuda")
-    call = lambda: K.indexer_topk_decode(q, keys, w, p, 512)        # noqa: E731
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in WIDE_CASES if c[2] == 512])
+def test_gpu_wide_attention_undoes_the_output_rope_like_the_rope_kernel(B, H, hd, W, Tc, mode, pos):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    angles = torch.rand(max(pos, 1) + 7, 32, device="cuda") * 6.3
+    want = K.rope_inverse_fused(K.sparse_attention_decode(*args), angles, args[4])
+    assert torch.equal(K.sparse_attention_decode(*args, angles=angles), want)
+
+
+WIDE_VARIANT_CASES = [(1, 64, 512, 128, 16384, "csa", 1000), (3, 64, 512, 128, 512, "hca", 16000),
+                      (2, 24, 64, 64, 100, "csa", 3), (1, 16, 64, 16, 0, "window", 9)]
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_ldmatrix_fragments_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_LDSM", True)
+    got = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_LDSM", False)
+    assert torch.equal(got, K.sparse_attention_decode(*args))
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_prefetch_before_the_pdl_wait_gives_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_combine_weights_once_per_head_give_the_same_bits(B, H, hd, W, Tc, mode, pos, max_splits,
+                                                                           monkeypatch):
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES + [(2, 64, 512, 128, 512, "hca", 300),
+                                                                      (1, 64, 512, 128, 8192, "hca", 1000000)])
+def test_gpu_wide_attention_bulk_row_copies_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_BULK", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_BULK", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
+@pytest.mark.parametrize("bulk", [False, True])
+@pytest.mark.parametrize("mode", ["hca", "csa"])
+def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode, bulk, monkeypatch):
+    """In a graph, the kv kernel (a PDL glue kernel) writes this step's ring slot right before the attention, which
+    may copy every other key row before its griddepcontrol.wait: the output must equal the unprefetched kernel's
+    on the updated ring, at every position."""
+    B, H, hd, W, Tc = 2, 64, 512, 128, 512
+    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
+    angles = torch.rand(70000, 32, device="cuda") * 6.3
+    kv = torch.randn(B, 1, hd, device="cuda").to(torch.bfloat16)
+    norm_w = torch.rand(hd, device="cuda") + 0.5
+
+    def step():
+        K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=ring)
+        return K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
+
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    monkeypatch.setattr(K, "ATTN_BULK", bulk)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for p in (5, 127, 128, 1000, 1023, 16000, 65535):
+        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
+        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p), kv.copy_(torch.randn_like(kv, dtype=torch.float))
+        if idx is not None:
+            idx.copy_(nidx)
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setattr(K, "ATTN_PREFETCH", False)
+        want = K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
+        monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+        assert torch.equal(ring, K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=nring.clone()))
+        assert torch.equal(out, want), f"pos {p}"
+
+
+WIDE_DSPLIT_CASES = [(1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000),
+                     (2, 64, 512, 128, 512, "hca", 300), (1, 64, 512, 128, 0, "window", 40)]
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_DSPLIT_CASES)
+def test_gpu_wide_attention_with_split_dot_products_matches_dsv4(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
+    """ATTN_QK_DSPLIT: CTAs with <= 32 rows (these HCA / window cases) sum each q.k in 2 or 4 parts."""
+    monkeypatch.setattr(K, "ATTN_QK_DSPLIT", True)
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, device="cuda", seed=pos)
+    got = K.sparse_attention_decode(*args)
+    assert_attention_close(got, K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_with_split_qk_accumulators_matches_dsv4(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    monkeypatch.setattr(K, "ATTN_QK_CHAINS", 2)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in GPU_ATTN_CASES if c[2] == 512])
+def test_gpu_cluster_attention_kernel_behind_the_switch_still_matches(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    monkeypatch.setattr(K, "ATTN_WIDE", False)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("mode", ["hca", "csa"])
+def test_gpu_wide_attention_follows_pos_across_graph_replays(mode, max_splits, monkeypatch):
+    """The HCA / window key split is computed from pos on the device: replays at new positions equal eager calls."""
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    B, H, hd, W, Tc = 2, 64, 512, 128, 512
+    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
+    angles = torch.rand(70000, 32, device="cuda") * 6.3
+    call = lambda: K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)  # noqa: E731
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         call()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
-            out = call()
     torch.cuda.current_stream().wait_stream(s)
-    for pos in (0, 3, 100, 1023, 1027, 2051, 16391, 4 * T - 1, 4 * T + 100):
-        nq, nk, nw, _ = indexer_inputs(2, 64, 128, T, pos, device="cuda", seed=pos)
-        q.copy_(nq), keys.copy_(nk), w.copy_(nw), p.fill_(pos)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for p in (5, 127, 128, 1000, 16000, 65535):
+        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
+        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p)
+        if idx is not None:
+            idx.copy_(nidx)
+        graph.replay()
         torch.cuda.synchronize()
-        with torch.cuda.stream(s):
-            graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, call()), f"replay at pos {pos} differs from an eager call"
-        assert int((out >= 0).sum()) == 2 * min((pos + 1) // 4, T, 512)
-    for buf in K._ARRIVALS.values():
-        assert not buf.any(), "arrival counters not reset"
+        assert torch.equal(out, call()), f"replay at pos {p} differs from an eager call"
 
 
 
