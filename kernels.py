@@ -1432,8 +1432,28 @@ def fp8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 # ----------------------------------------------------------------------------------------------------------------
 # Static configuration
+GEMV_RULES = "s5"      # config rules of pick_gemv_config / pick_grouped_gemv_config: "s5" (session 5) or "s4" (the
+                       # earlier rules, kept for same-run baselines and tests)
+
+
 def pick_gemv_config(N: int, K: int, M: int, num_sms: int, cp_async: bool | None = None,
-                     cluster: bool | None = None) -> dict:
+                     cluster: bool | None = None, elem_bytes: int = 1, rules: str | None = None) -> dict:
+    """Static kernel config for an [M, K] x [N, K]^T product with a weight of elem_bytes per element (1: e4m3,
+    2: bf16 = bf16_gemv_fp32). rules (default GEMV_RULES): "s5" = _pick_gemv_config_s5; "s4" (also whenever cp_async
+    or cluster is given: the tests' path knobs) = _pick_gemv_config_s4."""
+    rules = GEMV_RULES if rules is None else rules
+    if rules == "s4" or cp_async is not None or cluster is not None:
+        return _pick_gemv_config_s4(N, K, M, num_sms, cp_async, cluster)
+    return _pick_gemv_config_s5(N, K, M, num_sms, elem_bytes)
+
+
+def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int = 1) -> dict:
+    """Session-5 rules (placeholder: the s4 rules until the sweep's numbers are in)."""
+    return _pick_gemv_config_s4(N, K, M, num_sms)
+
+
+def _pick_gemv_config_s4(N: int, K: int, M: int, num_sms: int, cp_async: bool | None = None,
+                         cluster: bool | None = None) -> dict:
     """Static kernel config for an [M, K] x [N, K]^T product (rules from H200 timings, see notes in the report).
     n8: token tiles (1: M <= 8, 2: M <= 16); warps x row_tiles x 16 = R weight rows per CTA; splits S: K slices over
     CTAs (a divisor of K/128, each slice <= MAX_SLICE_BLOCKS blocks); stages: k blocks in flight per warp.
@@ -2206,7 +2226,7 @@ def bf16_gemv_fp32(x: torch.Tensor, weight: torch.Tensor, config: dict | None = 
     dev = x.device
     if dev not in _NUM_SMS:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev])), "w16": True}
+    cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev], elem_bytes=2)), "w16": True}
     fn = _compile_gemv(**cfg)
     rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
@@ -2251,7 +2271,21 @@ GROUPED_CHUNK_ROWS = 256   # fp8_gemv_grouped runs up to this many rows as launc
                            # H200 R2, Flash wo_a, T=64: ~4 x 11 us vs 250 us for the per-call dequant + einsum)
 
 
-def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
+def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int, rules: str | None = None) -> dict:
+    """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]: rules (default GEMV_RULES) "s5" =
+    _pick_grouped_gemv_config_s5, "s4" = _pick_grouped_gemv_config_s4."""
+    rules = GEMV_RULES if rules is None else rules
+    if rules == "s4":
+        return _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
+    return _pick_grouped_gemv_config_s5(N, K, M, group_rows, num_sms)
+
+
+def _pick_grouped_gemv_config_s5(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
+    """Session-5 rules (placeholder: the s4 rules until the sweep's numbers are in)."""
+    return _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
+
+
+def _pick_grouped_gemv_config_s4(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
     """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]. Big weights (wo_a: 32/64 MB,
     bandwidth-bound): the first layout whose CTAs fill >= 90% of one wave of resident CTAs:
     64-row CTAs of 16 warps splitting K four ways inside the CTA (k_warps=4; one CTA per SM), else 128-row CTAs of
@@ -2259,7 +2293,7 @@ def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: i
     k_warps 10.4 us vs 10.8 for 4 CTA slices (12.5-16 us for other shapes); Pro: 2 CTA slices 19.4 us vs 20.0
     (k_warps, 2 waves) and 20.3 (4 slices). Else pick_gemv_config's rules. A CTA's rows divide R (one group)."""
     kb = K // BLOCK
-    c = pick_gemv_config(N, K, M, num_sms)
+    c = _pick_gemv_config_s4(N, K, M, num_sms)
     if N * K >= BIG_WEIGHT_BYTES and group_rows % 128 == 0:
         choice = None
         if kb % 4 == 0 and 0.9 * num_sms <= N / 64 <= num_sms:
