@@ -1713,7 +1713,7 @@ if HAVE_CUTE:
             # partials summed through shared memory in warp order): KW x fewer rows per CTA, no global partials
             self.KW = k_warps
             assert warps % k_warps == 0 and (k_dim // BLOCK // k_splits) % k_warps == 0
-            assert k_warps == 1 or (k_splits == 1 and not cp_async and not w16)
+            assert k_warps == 1 or (k_splits == 1 and not cp_async)
             # w16: bf16 weight [N, K] (no scales) straight into the MMA, bf16 x, fp32 output (matmul_fp32 at decode)
             self.w16 = w16
             assert not w16 or not (cp_async or group_rows or fold)
@@ -1805,7 +1805,8 @@ if HAVE_CUTE:
                 for h in cutlass.range_constexpr(2):
                     r = cutlass.min(row_w + 16 * rt + g + 8 * h, N - 1)        # rows past N: read row N-1, unused
                     if const_expr(self.w16):                                  # 2 bytes per weight
-                        row_addr.append(w_base + Int64(r) * (2 * Kd) + Int64(kb0 * BLOCK * 2 + 32 * t))
+                        row_addr.append(w_base + Int64(r) * (2 * Kd)
+                                        + Int64((kb0 + warp_k * self.kbw) * BLOCK * 2 + 32 * t))
                     else:
                         row_addr.append(w_base + Int64(r) * Kd + Int64((kb0 + warp_k * self.kbw) * BLOCK + 16 * t))
 

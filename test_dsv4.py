@@ -5373,5 +5373,159 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     assert not K._FUSED_COUNTERS[x.device].any()
 
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Session-5 GEMV config rules (kernels.GEMV_RULES = "s5"; "s4" = the earlier rules): the batch-1 decode GEMVs of a
+# Flash (and Pro-like) layer. The bits of a GEMV are fixed by its K partition (S K slices x KW warp parts, summed in
+# order), so where s5 keeps s4's partition it must give s4's bits exactly. Run: python3 -m pytest -q test_dsv4.py -k s5
+# name -> (N, K, kind): kind fp8 (fp8_gemv), w16 (bf16_gemv_fp32), grouped (fp8_gemv_grouped, groups of 1024 rows)
+S5_GEMVS = {"csa_comp": (2560, 4096, "w16"), "hca_comp": (1024, 4096, "w16"), "wq_a|wkv": (1536, 4096, "fp8"),
+            "wq_b|iwq_b": (40960, 1024, "fp8"), "wq_b": (32768, 1024, "fp8"), "iwq_b": (8192, 1024, "fp8"),
+            "wq_a": (1024, 4096, "fp8"), "wkv": (512, 4096, "fp8"), "wo_b": (4096, 8192, "fp8"),
+            "w1|w3": (4096, 4096, "fp8"), "w2": (4096, 2048, "fp8"), "wo_a": (8192, 4096, "grouped"),
+            "wo_a_pro": (16384, 4096, "grouped"), "wo_b_pro": (7168, 16384, "fp8"), "w13_pro": (6144, 7168, "fp8"),
+            "w2_pro": (7168, 3072, "fp8"), "wq_b_pro": (65536, 1536, "fp8"), "comp_pro": (2560, 7168, "w16")}
+S5_SMS = [132, 114, 78]          # H100/H200 SXM, H100 PCIe, a MIG-like slice
+
+
+def s5_config(name, M, sms, rules):
+    N, Kd, kind = S5_GEMVS[name]
+    if kind == "grouped":
+        return K.pick_grouped_gemv_config(N, Kd, M, 1024, sms, rules=rules)
+    c = K.pick_gemv_config(N, Kd, M, sms, elem_bytes=2 if kind == "w16" else 1, rules=rules)
+    return {**c, "w16": True} if kind == "w16" else c
+
+
+def k_partition(c):
+    """The K parts a config sums (in order): K slices x warp parts."""
+    return c["k_splits"] * c.get("k_warps", 1)
+
+
+@pytest.mark.parametrize("name", list(S5_GEMVS))
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("sms", S5_SMS)
+def test_s5_gemv_config_is_valid_for_the_kernel(name, M, sms):
+    N, Kd, kind = S5_GEMVS[name]
+    c = s5_config(name, M, sms, "s5")
+    kb, S, KW = Kd // 128, c["k_splits"], c.get("k_warps", 1)
+    assert kb % S == 0 and (kb // S) % KW == 0 and c["warps"] % KW == 0 and c["n8"] * 8 >= M
+    assert 1 <= c["stages"] <= kb // S // KW
+    assert not c.get("cluster") or 1 < S <= 8
+    rows = c["warps"] // KW * 16 * c["row_tiles"]
+    assert kind != "grouped" or 1024 % rows == 0                          # a CTA's rows lie in one group
+    smem = 8 * c["n8"] * (kb // S * 64 + 4) * 4                            # the CTA's activation slice
+    assert smem <= 200 * 1024
+
+
+@pytest.mark.parametrize("name", list(S5_GEMVS))
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("sms", S5_SMS)
+def test_s5_gemv_rules_keep_the_s4_k_partition(name, M, sms):
+    """Same K partition -> the same per-element sums in the same order -> s4's bits (the GPU test checks them)."""
+    assert k_partition(s5_config(name, M, sms, "s5")) == k_partition(s5_config(name, M, sms, "s4"))
+
+
+def test_s4_rules_stay_reachable(monkeypatch):
+    monkeypatch.setattr(K, "GEMV_RULES", "s4")
+    assert K.pick_gemv_config(4096, 8192, 1, 132) == K._pick_gemv_config_s4(4096, 8192, 1, 132)
+    assert K.pick_grouped_gemv_config(8192, 4096, 1, 1024, 132) == K._pick_grouped_gemv_config_s4(8192, 4096, 1, 1024,
+                                                                                                   132)
+
+
+S5_COMPILE = """
+import os, sys, kernels as K
+K._CACHE_DIR, dump = sys.argv[1], sys.argv[2]
+sys.path.insert(0, os.getcwd())
+from test_dsv4 import S5_GEMVS, s5_config
+seen = set()
+for name in S5_GEMVS:
+    for M in (1, 16):
+        c = s5_config(name, M, 132, "s5")
+        key = tuple(sorted(c.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        K._compile_gemv(**c)
+        for f in os.listdir(dump):                 # configs share a PTX file name: keep each one
+            if not f.startswith("done"):
+                os.rename(os.path.join(dump, f), os.path.join(dump, f"done{len(seen)}_{f}"))
+print(len(seen))
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_s5_gemv_configs_compile_for_sm90a_without_a_gpu_and_do_not_spill(tmp_path):
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(here), CUTE_DSL_KEEP="ptx",
+               CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", S5_COMPILE, str(tmp_path), str(dump)], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=here)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("done*Fp8Gemv*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    assert len(ptxs) == int(r.stdout.split()[-1])
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr, (ptx.name, rep.stderr[-1000:])
+
+
+def s5_problem(name, M, seed, device="cuda"):
+    """Inputs for one GEMV of S5_GEMVS: fp8 special rows (zero, tiny, huge, scale boundaries), wo_a-like grouped
+    inputs, bf16 normal rows -> (call(config), reference output (fp32))."""
+    N, Kd, kind = S5_GEMVS[name]
+    if kind == "grouped":
+        x, w, s = grouped_problem(M, N // 1024, 1024, Kd, seed, device)
+        return (lambda c: K.fp8_gemv_grouped(x, w, s, config=c)), K.fp8_gemv_grouped_reference(x.cpu(), w.cpu(),
+                                                                                                  s.cpu()).float()
+    if kind == "w16":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(M, Kd, generator=g).to(torch.bfloat16)
+        w = (torch.randn(N, Kd, generator=g) * 0.02).to(torch.bfloat16)
+        ref = K.bf16_gemv_fp32_reference(x, w)
+        x, w = x.to(device), w.to(device)
+        return (lambda c: K.bf16_gemv_fp32(x, w, config=c)), ref
+    x = special_x(M, Kd, seed)
+    w, s = random_weight(N, Kd, seed + 1)
+    ref = K.fp8_gemv_reference(x, w, s).float()
+    x, w, s = x.to(device), w.to(device), s.to(device)
+    return (lambda c: K.fp8_gemv(x, w, s, config=c)), ref
+
+
+@gpu
+@pytest.mark.parametrize("name", [n for n in S5_GEMVS if not n.endswith("_pro")])
+@pytest.mark.parametrize("M", [1, 8, 16])
+def test_gpu_s5_gemv_defaults_give_the_s4_bits(name, M):
+    """The s5 default config of each Flash decode GEMV == the s4 config's output bit for bit (same K partition),
+    and both within rounding of the fp32 reference."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    run, ref = s5_problem(name, M, seed=M)
+    y5, y4 = run(s5_config(name, M, sms, "s5")), run(s5_config(name, M, sms, "s4"))
+    assert torch.equal(y5, y4)
+    y = y5.float().cpu().reshape(ref.shape)
+    fin = torch.isfinite(ref)
+    err = ((y[fin] - ref[fin]).double().norm() / ref[fin].double().norm().clamp(min=1e-30)).item()
+    assert err < 5e-3, err
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("stages", [2, 4])
+def test_gpu_bf16_gemv_k_warps_split_gives_the_bits_of_the_cluster_split(M, stages):
+    """bf16_gemv_fp32 (w16) with K split over 8 warps of a CTA (partials summed in smem) == 8 clustered K slices."""
+    run, ref = s5_problem("csa_comp", M, seed=3)
+    Kd = S5_GEMVS["csa_comp"][1]
+    n8 = 1 if M <= 8 else 2
+    kw = run(dict(k_dim=Kd, k_splits=1, k_warps=8, n8=n8, row_tiles=1, warps=8, stages=stages, cp_async=False,
+                  cluster=False, w16=True))
+    cl = run(dict(k_dim=Kd, k_splits=8, n8=n8, row_tiles=1, warps=8, stages=stages, cp_async=False, cluster=True,
+                  w16=True))
+    assert torch.equal(kw, cl)
+    assert ((kw.cpu() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
