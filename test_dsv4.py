@@ -5376,7 +5376,7 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Session-5 GEMV config rules (kernels.GEMV_RULES = "s5"; "s4" = the earlier rules): the batch-1 decode GEMVs of a
-# Flash (and Pro-like) layer. The bits of a GEMV are fixed by its K partition (S K slices x KW warp parts, summed in
+# Flash (and Pro) layer. The bits of a GEMV are fixed by its K partition (S K slices x KW warp parts, summed in
 # order), so where s5 keeps s4's partition it must give s4's bits exactly. Run: python3 -m pytest -q test_dsv4.py -k s5
 # name -> (N, K, kind): kind fp8 (fp8_gemv), w16 (bf16_gemv_fp32), grouped (fp8_gemv_grouped, groups of 1024 rows)
 S5_GEMVS = {"csa_comp": (2560, 4096, "w16"), "hca_comp": (1024, 4096, "w16"), "wq_a|wkv": (1536, 4096, "fp8"),
@@ -5384,7 +5384,8 @@ S5_GEMVS = {"csa_comp": (2560, 4096, "w16"), "hca_comp": (1024, 4096, "w16"), "w
             "wq_a": (1024, 4096, "fp8"), "wkv": (512, 4096, "fp8"), "wo_b": (4096, 8192, "fp8"),
             "w1|w3": (4096, 4096, "fp8"), "w2": (4096, 2048, "fp8"), "wo_a": (8192, 4096, "grouped"),
             "wo_a_pro": (16384, 4096, "grouped"), "wo_b_pro": (7168, 16384, "fp8"), "w13_pro": (6144, 7168, "fp8"),
-            "w2_pro": (7168, 3072, "fp8"), "wq_b_pro": (65536, 1536, "fp8"), "comp_pro": (2560, 7168, "w16")}
+            "w2_pro": (7168, 3072, "fp8"), "wq_b_pro": (73728, 1536, "fp8"), "wq_a_pro": (2048, 7168, "fp8"),
+            "csa_comp_pro": (2560, 7168, "w16"), "hca_comp_pro": (1024, 7168, "w16")}
 S5_SMS = [132, 114, 78]          # H100/H200 SXM, H100 PCIe, a MIG-like slice
 
 
