@@ -1447,9 +1447,54 @@ def pick_gemv_config(N: int, K: int, M: int, num_sms: int, cp_async: bool | None
     return _pick_gemv_config_s5(N, K, M, num_sms, elem_bytes)
 
 
+# CTAs per SM of the register-path layouts the s5 rules use (n8 = 1, one row tile; ptxas -v for sm_90a, CuTe DSL
+# 4.8.1): 8 warps x 2 stages ~90 registers -> 2; 4 warps x 2 stages ~86-92 -> 5 (65536 registers per SM)
+GEMV_CTAS_PER_SM = {(8, 2): 2, (4, 2): 5}
+
+
 def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int = 1) -> dict:
-    """Session-5 rules (placeholder: the s4 rules until the sweep's numbers are in)."""
-    return _pick_gemv_config_s4(N, K, M, num_sms)
+    """Session-5 rules: the s4 config's K partition (S slices; it fixes the bits) with layouts that keep every CTA
+    resident in one wave and more bytes in flight per SM. H200 (s5 R0 sweep, Flash, M = 1, kernel us, s4 -> s5):
+    - bf16 weights (bf16_gemv_fp32; twice the registers per stage): 64-row CTAs of 4 warps, K over a cluster of S
+      (csa compressors 2560x4096: 12.2 -> 8.6, 1 -> 3 CTAs per SM; hca 1024x4096: 5.3 -> 5.1).
+    - one K slice, s4's 128-row CTAs more than 2 per SM: 64-row CTAs of 4 warps, 2 stages (5 per SM, one wave;
+      wq_b|indexer wq_b 40960x1024: 14.1 -> 12.3).
+    - big weights with global split-K (s4: 128-row CTAs of 4 warps x 2 row tiles, 4 stages, ~174 registers):
+      2 stages, 128-row CTAs of 8 warps if they fit one wave at 2 per SM, else 64-row CTAs of 4 warps (5 per SM), else
+      the layout with fewer waves (wo_b 4096x8192: 13.2 -> 11.5; shared w1|w3 4096x4096: 8.5 -> 7.8).
+    - small weights (s4: cluster split-K) whose K blocks per slice are <= 2 and whose rows make ~one 16-warp CTA per
+      SM at 16 * 16 / S rows each: K split over the warps of the CTA (k_warps = S, partials summed in smem in the
+      same order: no cluster; shared w2 4096x2048: 5.7 -> 4.8). Else (wq_a|wkv) s4.
+    M > 8 (two token tiles, more registers): s4 (not timed)."""
+    c = _pick_gemv_config_s4(N, K, M, num_sms)
+    S, kb = c["k_splits"], K // BLOCK
+    if c["n8"] != 1 or c["cp_async"]:
+        return c
+    if elem_bytes == 2:
+        return dict(c, warps=4, row_tiles=1, stages=min(4, kb // S), cluster=1 < S <= 8)
+    if S == 1:
+        if -(-N // (16 * c["warps"] * c["row_tiles"])) > 2 * num_sms and -(-N // 64) <= 5 * num_sms:
+            return dict(c, warps=4, row_tiles=1, stages=min(2, kb), cluster=False)
+        return c
+    if N * K >= BIG_WEIGHT_BYTES:
+        return dict(c, **_big_split_layout(N, S, num_sms), row_tiles=1, stages=min(2, kb // S), cluster=False)
+    rows = 16 * 16 // S
+    if S in (2, 4, 8) and kb // S <= 2 and 0.9 * num_sms <= N / rows <= num_sms:
+        return dict(c, k_splits=1, k_warps=S, warps=16, row_tiles=1, stages=kb // S, cluster=False)
+    return c
+
+
+def _big_split_layout(N: int, S: int, num_sms: int, group_rows: int = 0) -> dict:
+    """Warps of the 2-stage layout for a global K split S (see _pick_gemv_config_s5): 8 (128 rows) if one wave fits,
+    else 4 (64 rows) if it fits, else the one with fewer waves; rows must divide group_rows (grouped) if given."""
+    waves = {}
+    for w in (8, 4):
+        if group_rows and group_rows % (16 * w):
+            continue
+        waves[w] = -(-N // (16 * w)) * S / (GEMV_CTAS_PER_SM[(w, 2)] * num_sms)
+        if waves[w] <= 1:
+            return dict(warps=w)
+    return dict(warps=min(waves, key=waves.get))
 
 
 def _pick_gemv_config_s4(N: int, K: int, M: int, num_sms: int, cp_async: bool | None = None,
@@ -2282,8 +2327,19 @@ def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: i
 
 
 def _pick_grouped_gemv_config_s5(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
-    """Session-5 rules (placeholder: the s4 rules until the sweep's numbers are in)."""
-    return _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
+    """Session-5 rules: big weights take s4's K partition (k_splits x k_warps parts) as a global split over CTAs with
+    the 2-stage layouts of _big_split_layout (the same sums in the same order: s4's bits, up to the sign of zero
+    sums). H200 s5 R0, Flash wo_a 8192x4096, M = 1: 4 warp parts in 64-row CTAs of 16 warps (s4) 12.6 us -> 4 CTA
+    slices of 128-row CTAs of 8 warps, 2 stages 12.0 (M = 8: 13.4 -> 12.9). Else s4. M > 8: s4 (not timed)."""
+    c = _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
+    parts, kb = c["k_splits"] * c.get("k_warps", 1), K // BLOCK
+    if c["n8"] != 1 or N * K < BIG_WEIGHT_BYTES or kb // parts > MAX_SLICE_BLOCKS:
+        return c
+    layout = _big_split_layout(N, parts, num_sms, group_rows)
+    if group_rows % (16 * layout["warps"]):
+        return c
+    c = {k: v for k, v in c.items() if k != "k_warps"}
+    return dict(c, k_splits=parts, **layout, row_tiles=1, stages=min(2, kb // parts), cluster=False)
 
 
 def _pick_grouped_gemv_config_s4(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
