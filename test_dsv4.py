@@ -5476,24 +5476,19 @@ def test_s5_gemv_configs_compile_for_sm90a_without_a_gpu_and_do_not_spill(tmp_pa
 
 def s5_problem(name, M, seed, device="cuda"):
     """Inputs for one GEMV of S5_GEMVS: fp8 special rows (zero, tiny, huge, scale boundaries), wo_a-like grouped
-    inputs, bf16 normal rows -> (call(config), reference output (fp32))."""
+    inputs, bf16 normal rows -> (call(config), reference output (fp32, computed on `device`))."""
     N, Kd, kind = S5_GEMVS[name]
     if kind == "grouped":
         x, w, s = grouped_problem(M, N // 1024, 1024, Kd, seed, device)
-        return (lambda c: K.fp8_gemv_grouped(x, w, s, config=c)), K.fp8_gemv_grouped_reference(x.cpu(), w.cpu(),
-                                                                                                  s.cpu()).float()
+        return (lambda c: K.fp8_gemv_grouped(x, w, s, config=c)), K.fp8_gemv_grouped_reference(x, w, s).float()
     if kind == "w16":
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(M, Kd, generator=g).to(torch.bfloat16)
-        w = (torch.randn(N, Kd, generator=g) * 0.02).to(torch.bfloat16)
-        ref = K.bf16_gemv_fp32_reference(x, w)
-        x, w = x.to(device), w.to(device)
-        return (lambda c: K.bf16_gemv_fp32(x, w, config=c)), ref
-    x = special_x(M, Kd, seed)
-    w, s = random_weight(N, Kd, seed + 1)
-    ref = K.fp8_gemv_reference(x, w, s).float()
-    x, w, s = x.to(device), w.to(device), s.to(device)
-    return (lambda c: K.fp8_gemv(x, w, s, config=c)), ref
+        x = torch.randn(M, Kd, generator=g).to(torch.bfloat16).to(device)
+        w = (torch.randn(N, Kd, generator=g) * 0.02).to(torch.bfloat16).to(device)
+        return (lambda c: K.bf16_gemv_fp32(x, w, config=c)), K.bf16_gemv_fp32_reference(x, w)
+    x = special_x(M, Kd, seed, device)
+    w, s = random_weight(N, Kd, seed + 1, device)
+    return (lambda c: K.fp8_gemv(x, w, s, config=c)), K.fp8_gemv_reference(x, w, s).float()
 
 
 @gpu
@@ -5506,7 +5501,7 @@ def test_gpu_s5_gemv_defaults_give_the_s4_bits(name, M):
     run, ref = s5_problem(name, M, seed=M)
     y5, y4 = run(s5_config(name, M, sms, "s5")), run(s5_config(name, M, sms, "s4"))
     assert torch.equal(y5, y4)
-    y = y5.float().cpu().reshape(ref.shape)
+    y = y5.float().reshape(ref.shape)
     fin = torch.isfinite(ref)
     err = ((y[fin] - ref[fin]).double().norm() / ref[fin].double().norm().clamp(min=1e-30)).item()
     assert err < 5e-3, err
@@ -5525,7 +5520,7 @@ def test_gpu_bf16_gemv_k_warps_split_gives_the_bits_of_the_cluster_split(M, stag
     cl = run(dict(k_dim=Kd, k_splits=8, n8=n8, row_tiles=1, warps=8, stages=stages, cp_async=False, cluster=True,
                   w16=True))
     assert torch.equal(kw, cl)
-    assert ((kw.cpu() - ref).norm() / ref.norm()).item() < 1e-5
+    assert ((kw - ref).norm() / ref.norm()).item() < 1e-5
 
 
 if __name__ == "__main__":
