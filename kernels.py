@@ -1459,13 +1459,15 @@ def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int =
       (csa compressors 2560x4096: 12.2 -> 8.6, 1 -> 3 CTAs per SM; hca 1024x4096: 5.3 -> 5.1).
     - one K slice, s4's 128-row CTAs more than 2 per SM: 64-row CTAs of 4 warps, 2 stages (5 per SM, one wave;
       wq_b|indexer wq_b 40960x1024: 14.1 -> 12.3).
-    - big weights with global split-K (s4: 128-row CTAs of 4 warps x 2 row tiles, 4 stages, ~174 registers):
+    - K split S in 2, 4, 8 with <= 4 K blocks per slice, K <= 4096 (the CTA's activations in smem) and rows that
+      make ~one 16-warp CTA per SM at 16 * 16 / S rows each: K split over the 16 warps of the CTA instead (k_warps
+      = S, partials summed in smem in the same order, no cluster / global partials; shared w2 4096x2048: 5.7 -> 4.8,
+      shared w1|w3 4096x4096: 8.5 -> 7.9, and faster still behind a PDL predecessor: 7.1 -> 6.8).
+    - other big weights with global split-K (s4: 128-row CTAs of 4 warps x 2 row tiles, 4 stages, ~174 registers):
       2 stages, 128-row CTAs of 8 warps if they fit one wave at 2 per SM, else 64-row CTAs of 4 warps (5 per SM), else
-      the layout with fewer waves (wo_b 4096x8192: 13.2 -> 11.5; shared w1|w3 4096x4096: 8.5 -> 7.8).
-    - small weights (s4: cluster split-K) whose K blocks per slice are <= 2 and whose rows make ~one 16-warp CTA per
-      SM at 16 * 16 / S rows each: K split over the warps of the CTA (k_warps = S, partials summed in smem in the
-      same order: no cluster; shared w2 4096x2048: 5.7 -> 4.8). Else (wq_a|wkv) s4.
-    M > 8 (two token tiles, more registers): s4 (not timed)."""
+      the layout with fewer waves (wo_b 4096x8192: 13.2 -> 11.5). Else (wq_a|wkv) s4.
+    H100 (s5 R1, copy 2.98 TB/s, M = 1, s4 -> s5): csa 15.3 -> 11.3, wq_b|iwq_b 16.7 -> 15.9, wo_b 15.3 -> 14.8,
+    w2 7.1 -> 5.3. M > 8 (two token tiles, more registers): s4 (not timed)."""
     c = _pick_gemv_config_s4(N, K, M, num_sms)
     S, kb = c["k_splits"], K // BLOCK
     if c["n8"] != 1 or c["cp_async"]:
@@ -1476,21 +1478,19 @@ def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int =
         if -(-N // (16 * c["warps"] * c["row_tiles"])) > 2 * num_sms and -(-N // 64) <= 5 * num_sms:
             return dict(c, warps=4, row_tiles=1, stages=min(2, kb), cluster=False)
         return c
+    rows = 16 * 16 // S
+    if S in (2, 4, 8) and kb // S <= 4 and K <= 4096 and 0.9 * num_sms <= N / rows <= num_sms:
+        return dict(c, k_splits=1, k_warps=S, warps=16, row_tiles=1, stages=min(4, kb // S), cluster=False)
     if N * K >= BIG_WEIGHT_BYTES:
         return dict(c, **_big_split_layout(N, S, num_sms), row_tiles=1, stages=min(2, kb // S), cluster=False)
-    rows = 16 * 16 // S
-    if S in (2, 4, 8) and kb // S <= 2 and 0.9 * num_sms <= N / rows <= num_sms:
-        return dict(c, k_splits=1, k_warps=S, warps=16, row_tiles=1, stages=kb // S, cluster=False)
     return c
 
 
-def _big_split_layout(N: int, S: int, num_sms: int, group_rows: int = 0) -> dict:
+def _big_split_layout(N: int, S: int, num_sms: int) -> dict:
     """Warps of the 2-stage layout for a global K split S (see _pick_gemv_config_s5): 8 (128 rows) if one wave fits,
-    else 4 (64 rows) if it fits, else the one with fewer waves; rows must divide group_rows (grouped) if given."""
+    else 4 (64 rows) if it fits, else the one with fewer waves."""
     waves = {}
     for w in (8, 4):
-        if group_rows and group_rows % (16 * w):
-            continue
         waves[w] = -(-N // (16 * w)) * S / (GEMV_CTAS_PER_SM[(w, 2)] * num_sms)
         if waves[w] <= 1:
             return dict(warps=w)
@@ -2327,19 +2327,11 @@ def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: i
 
 
 def _pick_grouped_gemv_config_s5(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
-    """Session-5 rules: big weights take s4's K partition (k_splits x k_warps parts) as a global split over CTAs with
-    the 2-stage layouts of _big_split_layout (the same sums in the same order: s4's bits, up to the sign of zero
-    sums). H200 s5 R0, Flash wo_a 8192x4096, M = 1: 4 warp parts in 64-row CTAs of 16 warps (s4) 12.6 us -> 4 CTA
-    slices of 128-row CTAs of 8 warps, 2 stages 12.0 (M = 8: 13.4 -> 12.9). Else s4. M > 8: s4 (not timed)."""
-    c = _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
-    parts, kb = c["k_splits"] * c.get("k_warps", 1), K // BLOCK
-    if c["n8"] != 1 or N * K < BIG_WEIGHT_BYTES or kb // parts > MAX_SLICE_BLOCKS:
-        return c
-    layout = _big_split_layout(N, parts, num_sms, group_rows)
-    if group_rows % (16 * layout["warps"]):
-        return c
-    c = {k: v for k, v in c.items() if k != "k_warps"}
-    return dict(c, k_splits=parts, **layout, row_tiles=1, stages=min(2, kb // parts), cluster=False)
+    """Session-5 rules for the grouped GEMV (wo_a) = the s4 rules: its s4 layout (64-row CTAs of 16 warps splitting K
+    four ways, one per SM) already is the k_warps layout of _pick_gemv_config_s5. Measured alternatives (Flash wo_a,
+    M = 1, s5 R0 H200 / R1 H100, kernel us, behind a PDL GEMV in brackets): s4 12.6 (10.9) / 15.1 (13.2); 4 global
+    K slices of 128-row 2-stage CTAs 12.0 (13.4) / 15.3 (16.2): not taken."""
+    return _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
 
 
 def _pick_grouped_gemv_config_s4(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:

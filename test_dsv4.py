@@ -5493,10 +5493,10 @@ def s5_problem(name, M, seed, device="cuda"):
 
 @gpu
 @pytest.mark.parametrize("name", [n for n in S5_GEMVS if not n.endswith("_pro")])
-@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("M", [1, 8])
 def test_gpu_s5_gemv_defaults_give_the_s4_bits(name, M):
     """The s5 default config of each Flash decode GEMV == the s4 config's output bit for bit (same K partition),
-    and both within rounding of the fp32 reference."""
+    and both within rounding of the fp32 reference. (M > 8: s5 = s4.)"""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     run, ref = s5_problem(name, M, seed=M)
     y5, y4 = run(s5_config(name, M, sms, "s5")), run(s5_config(name, M, sms, "s4"))
