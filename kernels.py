@@ -1433,7 +1433,7 @@ def fp8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 # Static configuration
 GEMV_RULES = "s5"      # config rules of pick_gemv_config / pick_grouped_gemv_config: "s5" (session 5) or "s4" (the
-                       # earlier rules, kept for same-run baselines and tests)
+                       # earlier rules, kept for same-run baselines and tests: `python bench.py gemv` times both)
 
 
 def pick_gemv_config(N: int, K: int, M: int, num_sms: int, cp_async: bool | None = None,
@@ -1453,8 +1453,9 @@ GEMV_CTAS_PER_SM = {(8, 2): 2, (4, 2): 5}
 
 
 def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int = 1) -> dict:
-    """Session-5 rules: the s4 config's K partition (S slices; it fixes the bits) with layouts that keep every CTA
-    resident in one wave and more bytes in flight per SM. H200 (s5 R0 sweep, Flash, M = 1, kernel us, s4 -> s5):
+    """Session-5 rules: the s4 config's K partition (S parts summed in order: it fixes the bits, so s5 gives s4's
+    outputs, up to the sign of an all-zero sum) with layouts that keep every CTA resident in one wave and fewer
+    registers per CTA. H200 (s5 R0 sweep, Flash, M = 1, kernel us, s4 -> s5):
     - bf16 weights (bf16_gemv_fp32; twice the registers per stage): 64-row CTAs of 4 warps, K over a cluster of S
       (csa compressors 2560x4096: 12.2 -> 8.6, 1 -> 3 CTAs per SM; hca 1024x4096: 5.3 -> 5.1).
     - one K slice, s4's 128-row CTAs more than 2 per SM: 64-row CTAs of 4 warps, 2 stages (5 per SM, one wave;
