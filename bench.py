@@ -8,6 +8,7 @@
                                        clock and power; --ablate-prefill: the prefill switches next to default rows)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
+  python bench.py gemv                 the batch-1 decode GEMVs under the s5 vs s4 config rules (same run), vs copy
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
   python bench.py dist run DIR OUT.pt  its prefill/decode logits and decode ms/token (run under torchrun for N GPUs;
                                        --fp32: one GPU in float32, the yardstick for bf16 noise),
@@ -1310,6 +1311,97 @@ def bench_indexer(rounds: int = 7, chain: int = 16):
               + f" | {med['new'] - med['old']:+7.2f}" + ("" if same else "  OUTPUTS DIFFER"), flush=True)
 
 
+# ======================================================================================================================
+# Batch-1 decode GEMVs: kernels.GEMV_RULES "s5" (default) vs "s4" (the earlier config rules), same run
+# ======================================================================================================================
+# name -> (N, K, kind) of one Flash CSA + HCA layer at batch 1: fp8 = fp8_gemv, w16 = bf16_gemv_fp32 (bf16 weight,
+# fp32 out), grouped = fp8_gemv_grouped (wo_a: 8 groups of 1024 rows)
+DECODE_GEMVS = {"csa compressors": (2560, 4096, "w16"), "hca compressor": (1024, 4096, "w16"),
+                "wq_a|wkv": (1536, 4096, "fp8"), "wq_b|iwq_b": (40960, 1024, "fp8"), "iwq_b (B>1)": (8192, 1024, "fp8"),
+                "wo_a": (8192, 4096, "grouped"), "wo_b": (4096, 8192, "fp8"), "shared w1|w3": (4096, 4096, "fp8"),
+                "shared w2": (4096, 2048, "fp8")}
+
+
+def _gemv_kernel_us(graphs, calls, reps=2):
+    """Median GPU duration (us) of the Fp8Gemv kernels of each graph (profiler; graphs replayed one after another)."""
+    from torch.profiler import profile, ProfilerActivity
+    import tempfile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for g in graphs:
+            for _ in range(reps):
+                g.replay()
+            torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        ks = sorted((e["ts"], e["dur"]) for e in json.load(f)["traceEvents"]
+                    if e.get("cat") == "kernel" and "Fp8Gemv" in e.get("name", ""))
+    n = reps * calls
+    if len(ks) != n * len(graphs):
+        return [float("nan")] * len(graphs)
+    return [statistics.median(d for _, d in ks[i * n:(i + 1) * n]) for i in range(len(graphs))]
+
+
+def bench_gemv(Ms=(1, 8), rounds=5):
+    """`python bench.py gemv`: each decode GEMV under the s4 and s5 config rules, same run: us per call of CUDA-graph
+    replays of calls on rotating weight copies (>= 200 MB: no L2 reuse), without PDL (the kernel alone) and with PDL
+    (back-to-back calls overlap), medians of interleaved rounds; the kernel's own duration (profiler) and its share of
+    the copy-bandwidth floor; whether s5's output equals s4's bit for bit."""
+    dev = "cuda"
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    bw = copy_bandwidth(dev)
+    print(f"{torch.cuda.get_device_name(dev)} ({sms} SMs), copy {bw / 1e12:.2f} TB/s; us per call; kern = kernel "
+          f"duration without PDL; %copy = weight bytes / copy rate / kern")
+    print(f"{'GEMV':<16} {'M':>2} {'MB':>5} {'s4 pdl0':>8} {'s5 pdl0':>8} {'s4 pdl1':>8} {'s5 pdl1':>8} {'s4 kern':>8} "
+          f"{'s5 kern':>8} {'s4 %copy':>8} {'s5 %copy':>8}  bits  s5 config")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, (N, Kd, kind) in DECODE_GEMVS.items():
+        wbytes = N * Kd * (2 if kind == "w16" else 1)
+        copies = max(4, -(-(200 << 20) // wbytes))
+        if kind == "w16":
+            ws = [((torch.randn(N, Kd, device=dev, generator=g) * 0.02).to(torch.bfloat16),) for _ in range(copies)]
+        else:
+            ws = []
+            for _ in range(copies):
+                c = torch.randint(0, 256, (N, Kd), dtype=torch.uint8, device=dev, generator=g)
+                c[(c & 0x7F) == 0x7F] = 0x3F
+                sc = torch.randint(118, 126, (-(-N // 128), Kd // 128), dtype=torch.uint8, device=dev, generator=g)
+                ws.append((c.view(torch.float8_e4m3fn), sc.view(torch.float8_e8m0fnu)))
+        for M in Ms:
+            x = torch.randn(*((M, 8, Kd) if kind == "grouped" else (M, Kd)), device=dev, generator=g).to(torch.bfloat16)
+            cfgs, graphs, outs = {}, {}, {}
+            for rules in ("s4", "s5"):
+                if kind == "grouped":
+                    cfgs[rules] = K.pick_grouped_gemv_config(N, Kd, M, 1024, sms, rules=rules)
+                else:
+                    cfgs[rules] = K.pick_gemv_config(N, Kd, M, sms, elem_bytes=2 if kind == "w16" else 1, rules=rules)
+                for pdl in (False, True):
+                    cfg = {**cfgs[rules], "pdl": pdl}
+                    fn = ((lambda i, c=cfg: K.bf16_gemv_fp32(x, ws[i][0], config={**c, "w16": True})) if kind == "w16"
+                          else (lambda i, c=cfg: K.fp8_gemv_grouped(x, *ws[i], config=c)) if kind == "grouped"
+                          else (lambda i, c=cfg: K.fp8_gemv(x, *ws[i], config=c)))
+                    outs[(rules, pdl)] = fn(0).clone()
+                    graphs[(rules, pdl)] = graph_of(lambda f=fn: [f(i) for i in range(copies)])
+            times = {k: [] for k in graphs}
+            for _ in range(rounds):
+                for k, gr in graphs.items():
+                    times[k].append(time_ms(gr.replay, 10) * 1e3 / copies)
+            t = {k: statistics.median(v) for k, v in times.items()}
+            kern = dict(zip(("s4", "s5"), _gemv_kernel_us([graphs[("s4", False)], graphs[("s5", False)]], copies)))
+            floor = wbytes / bw * 1e6
+            same = torch.equal(outs[("s4", False)], outs[("s5", False)])
+            c5 = cfgs["s5"]
+            desc = (f"S{c5['k_splits']}" + (f" KW{c5['k_warps']}" if c5.get("k_warps", 1) > 1 else "") +
+                    f" W{c5['warps']} RT{c5['row_tiles']} D{c5['stages']}" + (" cluster" if c5.get("cluster") else ""))
+            print(f"{name:<16} {M:>2} {wbytes / 1e6:>5.1f} {t[('s4', False)]:>8.2f} {t[('s5', False)]:>8.2f} "
+                  f"{t[('s4', True)]:>8.2f} {t[('s5', True)]:>8.2f} {kern['s4']:>8.2f} {kern['s5']:>8.2f} "
+                  f"{100 * floor / kern['s4']:>8.1f} {100 * floor / kern['s5']:>8.1f}  {'same' if same else 'DIFF'}  "
+                  f"{desc}", flush=True)
+            del graphs
+        del ws
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
     if what not in ("moe", "moe-profile", "decode", "dist", "indexer"):
@@ -1317,6 +1409,13 @@ if __name__ == "__main__":
         sys.exit(2)
     if not torch.cuda.is_available() or ((what.startswith("moe") or what == "indexer") and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if what.startswith("moe") else ""), file=sys.stderr)
+
+    if what not in ("moe", "moe-profile", "decode", "dist", "gemv"):
+        print(f"unknown benchmark {what!r} (known: moe, moe-profile, decode, dist, gemv)", file=sys.stderr)
+        sys.exit(2)
+    needs_cute = what.startswith("moe") or what == "gemv"
+    if not torch.cuda.is_available() or (needs_cute and not K.HAVE_CUTE):
+        print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if needs_cute else ""), file=sys.stderr)
         sys.exit(2)
     if what == "moe" and "--prefill-warm" in sys.argv:
         prefill_warm(ablations="--ablate-prefill" in sys.argv)
@@ -1332,6 +1431,9 @@ if __name__ == "__main__":
         bench_decode(parse_args(sys.argv[2:]))
     elif what == "indexer":
         bench_indexer()
+
+    elif what == "gemv":
+        bench_gemv()
     elif sys.argv[2] == "write":
         write(sys.argv[3], "--small" in sys.argv)
     elif sys.argv[2] == "run":

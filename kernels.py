@@ -1492,8 +1492,74 @@ def fp8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 # ----------------------------------------------------------------------------------------------------------------
 # Static configuration
+GEMV_RULES = "s5"      # config rules of pick_gemv_config / pick_grouped_gemv_config: "s5" (session 5) or "s4" (the
+                       # earlier rules, kept for same-run baselines and tests: `python bench.py gemv` times both)
+
+
 def pick_gemv_config(N: int, K: int, M: int, num_sms: int, cp_async: bool | None = None,
-                     cluster: bool | None = None) -> dict:
+                     cluster: bool | None = None, elem_bytes: int = 1, rules: str | None = None) -> dict:
+    """Static kernel config for an [M, K] x [N, K]^T product with a weight of elem_bytes per element (1: e4m3,
+    2: bf16 = bf16_gemv_fp32). rules (default GEMV_RULES): "s5" = _pick_gemv_config_s5; "s4" (also whenever cp_async
+    or cluster is given: the tests' path knobs) = _pick_gemv_config_s4."""
+    rules = GEMV_RULES if rules is None else rules
+    if rules == "s4" or cp_async is not None or cluster is not None:
+        return _pick_gemv_config_s4(N, K, M, num_sms, cp_async, cluster)
+    return _pick_gemv_config_s5(N, K, M, num_sms, elem_bytes)
+
+
+# CTAs per SM of the register-path layouts the s5 rules use (n8 = 1, one row tile; ptxas -v for sm_90a, CuTe DSL
+# 4.8.1): 8 warps x 2 stages ~90 registers -> 2; 4 warps x 2 stages ~86-92 -> 5 (65536 registers per SM)
+GEMV_CTAS_PER_SM = {(8, 2): 2, (4, 2): 5}
+
+
+def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int = 1) -> dict:
+    """Session-5 rules: the s4 config's K partition (S parts summed in order: it fixes the bits, so s5 gives s4's
+    outputs, up to the sign of an all-zero sum) with layouts that keep every CTA resident in one wave and fewer
+    registers per CTA. H200 (s5 R0 sweep, Flash, M = 1, kernel us, s4 -> s5):
+    - bf16 weights (bf16_gemv_fp32; twice the registers per stage): 64-row CTAs of 4 warps, K over a cluster of S
+      (csa compressors 2560x4096: 12.2 -> 8.6, 1 -> 3 CTAs per SM; hca 1024x4096: 5.3 -> 5.1).
+    - one K slice, s4's 128-row CTAs more than 2 per SM: 64-row CTAs of 4 warps, 2 stages (5 per SM, one wave;
+      wq_b|indexer wq_b 40960x1024: 14.1 -> 12.3).
+    - K split S in 2, 4, 8 with <= 4 K blocks per slice, K <= 4096 (the CTA's activations in smem) and rows that
+      make ~one 16-warp CTA per SM at 16 * 16 / S rows each: K split over the 16 warps of the CTA instead (k_warps
+      = S, partials summed in smem in the same order, no cluster / global partials; shared w2 4096x2048: 5.7 -> 4.8,
+      shared w1|w3 4096x4096: 8.5 -> 7.9, and faster still behind a PDL predecessor: 7.1 -> 6.8).
+    - other big weights with global split-K (s4: 128-row CTAs of 4 warps x 2 row tiles, 4 stages, ~174 registers):
+      2 stages, 128-row CTAs of 8 warps if they fit one wave at 2 per SM, else 64-row CTAs of 4 warps (5 per SM), else
+      the layout with fewer waves (wo_b 4096x8192: 13.2 -> 11.5). Else (wq_a|wkv) s4.
+    H100 (s5 R1, copy 2.98 TB/s, M = 1, s4 -> s5): csa 15.3 -> 11.3, wq_b|iwq_b 16.7 -> 15.9, wo_b 15.3 -> 14.8,
+    w2 7.1 -> 5.3. M > 8 (two token tiles, more registers): s4 (not timed)."""
+    c = _pick_gemv_config_s4(N, K, M, num_sms)
+    S, kb = c["k_splits"], K // BLOCK
+    if c["n8"] != 1 or c["cp_async"]:
+        return c
+    if elem_bytes == 2:
+        return dict(c, warps=4, row_tiles=1, stages=min(4, kb // S), cluster=1 < S <= 8)
+    if S == 1:
+        if -(-N // (16 * c["warps"] * c["row_tiles"])) > 2 * num_sms and -(-N // 64) <= 5 * num_sms:
+            return dict(c, warps=4, row_tiles=1, stages=min(2, kb), cluster=False)
+        return c
+    rows = 16 * 16 // S
+    if S in (2, 4, 8) and kb // S <= 4 and K <= 4096 and 0.9 * num_sms <= N / rows <= num_sms:
+        return dict(c, k_splits=1, k_warps=S, warps=16, row_tiles=1, stages=min(4, kb // S), cluster=False)
+    if N * K >= BIG_WEIGHT_BYTES:
+        return dict(c, **_big_split_layout(N, S, num_sms), row_tiles=1, stages=min(2, kb // S), cluster=False)
+    return c
+
+
+def _big_split_layout(N: int, S: int, num_sms: int) -> dict:
+    """Warps of the 2-stage layout for a global K split S (see _pick_gemv_config_s5): 8 (128 rows) if one wave fits,
+    else 4 (64 rows) if it fits, else the one with fewer waves."""
+    waves = {}
+    for w in (8, 4):
+        waves[w] = -(-N // (16 * w)) * S / (GEMV_CTAS_PER_SM[(w, 2)] * num_sms)
+        if waves[w] <= 1:
+            return dict(warps=w)
+    return dict(warps=min(waves, key=waves.get))
+
+
+def _pick_gemv_config_s4(N: int, K: int, M: int, num_sms: int, cp_async: bool | None = None,
+                         cluster: bool | None = None) -> dict:
     """Static kernel config for an [M, K] x [N, K]^T product (rules from H200 timings, see notes in the report).
     n8: token tiles (1: M <= 8, 2: M <= 16); warps x row_tiles x 16 = R weight rows per CTA; splits S: K slices over
     CTAs (a divisor of K/128, each slice <= MAX_SLICE_BLOCKS blocks); stages: k blocks in flight per warp.
@@ -1753,7 +1819,7 @@ if HAVE_CUTE:
             # partials summed through shared memory in warp order): KW x fewer rows per CTA, no global partials
             self.KW = k_warps
             assert warps % k_warps == 0 and (k_dim // BLOCK // k_splits) % k_warps == 0
-            assert k_warps == 1 or (k_splits == 1 and not cp_async and not w16)
+            assert k_warps == 1 or (k_splits == 1 and not cp_async)
             # w16: bf16 weight [N, K] (no scales) straight into the MMA, bf16 x, fp32 output (matmul_fp32 at decode)
             self.w16 = w16
             assert not w16 or not (cp_async or group_rows or fold)
@@ -1845,7 +1911,8 @@ if HAVE_CUTE:
                 for h in cutlass.range_constexpr(2):
                     r = cutlass.min(row_w + 16 * rt + g + 8 * h, N - 1)        # rows past N: read row N-1, unused
                     if const_expr(self.w16):                                  # 2 bytes per weight
-                        row_addr.append(w_base + Int64(r) * (2 * Kd) + Int64(kb0 * BLOCK * 2 + 32 * t))
+                        row_addr.append(w_base + Int64(r) * (2 * Kd)
+                                        + Int64((kb0 + warp_k * self.kbw) * BLOCK * 2 + 32 * t))
                     else:
                         row_addr.append(w_base + Int64(r) * Kd + Int64((kb0 + warp_k * self.kbw) * BLOCK + 16 * t))
 
@@ -2266,7 +2333,7 @@ def bf16_gemv_fp32(x: torch.Tensor, weight: torch.Tensor, config: dict | None = 
     dev = x.device
     if dev not in _NUM_SMS:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev])), "w16": True}
+    cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev], elem_bytes=2)), "w16": True}
     fn = _compile_gemv(**cfg)
     rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
@@ -2311,7 +2378,24 @@ GROUPED_CHUNK_ROWS = 256   # fp8_gemv_grouped runs up to this many rows as launc
                            # H200 R2, Flash wo_a, T=64: ~4 x 11 us vs 250 us for the per-call dequant + einsum)
 
 
-def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
+def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int, rules: str | None = None) -> dict:
+    """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]: rules (default GEMV_RULES) "s5" =
+    _pick_grouped_gemv_config_s5, "s4" = _pick_grouped_gemv_config_s4."""
+    rules = GEMV_RULES if rules is None else rules
+    if rules == "s4":
+        return _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
+    return _pick_grouped_gemv_config_s5(N, K, M, group_rows, num_sms)
+
+
+def _pick_grouped_gemv_config_s5(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
+    """Session-5 rules for the grouped GEMV (wo_a) = the s4 rules: its s4 layout (64-row CTAs of 16 warps splitting K
+    four ways, one per SM) already is the k_warps layout of _pick_gemv_config_s5. Measured alternatives (Flash wo_a,
+    M = 1, s5 R0 H200 / R1 H100, kernel us, behind a PDL GEMV in brackets): s4 12.6 (10.9) / 15.1 (13.2); 4 global
+    K slices of 128-row 2-stage CTAs 12.0 (13.4) / 15.3 (16.2): not taken."""
+    return _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
+
+
+def _pick_grouped_gemv_config_s4(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
     """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]. Big weights (wo_a: 32/64 MB,
     bandwidth-bound): the first layout whose CTAs fill >= 90% of one wave of resident CTAs:
     64-row CTAs of 16 warps splitting K four ways inside the CTA (k_warps=4; one CTA per SM), else 128-row CTAs of
@@ -2319,7 +2403,7 @@ def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: i
     k_warps 10.4 us vs 10.8 for 4 CTA slices (12.5-16 us for other shapes); Pro: 2 CTA slices 19.4 us vs 20.0
     (k_warps, 2 waves) and 20.3 (4 slices). Else pick_gemv_config's rules. A CTA's rows divide R (one group)."""
     kb = K // BLOCK
-    c = pick_gemv_config(N, K, M, num_sms)
+    c = _pick_gemv_config_s4(N, K, M, num_sms)
     if N * K >= BIG_WEIGHT_BYTES and group_rows % 128 == 0:
         choice = None
         if kb % 4 == 0 and 0.9 * num_sms <= N / 64 <= num_sms:

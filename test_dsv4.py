@@ -4432,8 +4432,6 @@ def gpu_kernel_configs():
         cfgs.add(("_compile_attention", (hd, mode, K.attention_splits(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n), 64)))   # + inverse RoPE
-        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(W, n))))         # the default
-        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(W, n), 64)))
     return sorted(cfgs, key=lambda c: -c[1][0])                     # biggest first
 
 
@@ -5375,259 +5373,154 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     assert not K._FUSED_COUNTERS[x.device].any()
 
 
-# ======================================================================================================================
-# Sparse attention decode, latency layout (session 5): SparseAttentionDecodeWide vs the cluster kernel / reference
-# ======================================================================================================================
-@pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("W,n", [(128, 512), (128, 0), (128, 8), (16, 8), (64, 100), (128, 16384), (32, 12)])
-def test_attention_wide_plan_covers_every_key_within_its_caps(W, n, max_splits):
-    splits, chunk, per = K.attention_wide_plan(W, n, max_splits)
-    assert 1 <= splits <= max_splits and chunk % 16 == 0 and 16 <= chunk <= K.ATTN_MAX_CHUNK
-    assert chunk * per >= -(-W // splits) + -(-n // splits)          # a CTA's ring slots + its picks (CSA)
-    assert splits * 16 < W + n + 16 or splits == max_splits           # no more CTAs than 16-key rows
-    if -(-(W + n) // max_splits) + 1 <= K.ATTN_MAX_CHUNK:
-        assert per == 1                                               # one pass per CTA
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Session-5 GEMV config rules (kernels.GEMV_RULES = "s5"; "s4" = the earlier rules): the batch-1 decode GEMVs of a
+# Flash (and Pro) layer. The bits of a GEMV are fixed by its K partition (S K slices x KW warp parts, summed in
+# order), so where s5 keeps s4's partition it must give s4's bits exactly. Run: python3 -m pytest -q test_dsv4.py -k s5
+# name -> (N, K, kind): kind fp8 (fp8_gemv), w16 (bf16_gemv_fp32), grouped (fp8_gemv_grouped, groups of 1024 rows)
+S5_GEMVS = {"csa_comp": (2560, 4096, "w16"), "hca_comp": (1024, 4096, "w16"), "wq_a|wkv": (1536, 4096, "fp8"),
+            "wq_b|iwq_b": (40960, 1024, "fp8"), "wq_b": (32768, 1024, "fp8"), "iwq_b": (8192, 1024, "fp8"),
+            "wq_a": (1024, 4096, "fp8"), "wkv": (512, 4096, "fp8"), "wo_b": (4096, 8192, "fp8"),
+            "w1|w3": (4096, 4096, "fp8"), "w2": (4096, 2048, "fp8"), "wo_a": (8192, 4096, "grouped"),
+            "wo_a_pro": (16384, 4096, "grouped"), "wo_b_pro": (7168, 16384, "fp8"), "w13_pro": (6144, 7168, "fp8"),
+            "w2_pro": (7168, 3072, "fp8"), "wq_b_pro": (73728, 1536, "fp8"), "wq_a_pro": (2048, 7168, "fp8"),
+            "csa_comp_pro": (2560, 7168, "w16"), "hca_comp_pro": (1024, 7168, "w16")}
+S5_SMS = [132, 114, 78]          # H100/H200 SXM, H100 PCIe, a MIG-like slice
 
 
-@pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", ATTN_CASES + [(2, 16, 64, 128, 512, "hca", 1000),
-                                                             (2, 16, 64, 128, 600, "csa", 4000),
-                                                             (1, 16, 64, 128, 8192, "hca", 1000000)])
-def test_attention_wide_split_takes_every_valid_key_exactly_once(B, H, hd, W, Tc, mode, pos, max_splits):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if Tc > 100 else 12)
-    q, ring, comp, idx, p, sink, scale, ratio = args
-    n_comp = 0 if comp is None else (comp.shape[1] if idx is None else idx.shape[-1])
-    S, chunk, passes = K.attention_wide_plan(W, n_comp, max_splits)
-    got = K.attention_wide_sources(B, W, None if comp is None else comp.shape[1], idx, p, max(ratio, 1), S,
-                                   chunk * passes)
-    want = K.attention_key_sources(B, W, None if comp is None else comp.shape[1], idx, p, max(ratio, 1), "cpu")
-    for b in range(B):
-        assert sorted(got[b][got[b] >= 0].tolist()) == sorted(want[b][want[b] >= 0].tolist())
+def s5_config(name, M, sms, rules):
+    N, Kd, kind = S5_GEMVS[name]
+    if kind == "grouped":
+        return K.pick_grouped_gemv_config(N, Kd, M, 1024, sms, rules=rules)
+    c = K.pick_gemv_config(N, Kd, M, sms, elem_bytes=2 if kind == "w16" else 1, rules=rules)
+    return {**c, "w16": True} if kind == "w16" else c
 
 
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", ATTN_CASES)
-@pytest.mark.parametrize("max_splits,max_chunk", [(8, 80), (16, 80), (2, 16)])
-def test_attention_wide_arithmetic_emulated_matches_reference(B, H, hd, W, Tc, mode, pos, max_splits, max_chunk):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=12, seed=pos, logit_gain=4.0)
-    got = K.sparse_attention_decode_wide_emulated(*args, max_splits=max_splits, max_chunk=max_chunk)
-    assert_attention_close(got, K.sparse_attention_decode_reference(*args), attention_fp64(*args), f"{mode} {pos}")
+def k_partition(c):
+    """The K parts a config sums (in order): K slices x warp parts."""
+    return c["k_splits"] * c.get("k_warps", 1)
 
 
-COMPILE_WIDE_ATTENTION = """
-import sys, kernels as K
-K._CACHE_DIR = sys.argv[1]
-for B in (1, 8):
-    for mode, n in (("csa", 512), ("hca", 512), ("hca", 8192), ("window", 0)):
-        K._compile_attention_wide(512, mode, *K.attention_wide_batch_plan(B, 64, 128, n, 132), 64)
-K._compile_attention_wide(128, "csa", *K.attention_wide_batch_plan(1, 4, 128, 64, 132), 32)    # the tiny model
+@pytest.mark.parametrize("name", list(S5_GEMVS))
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("sms", S5_SMS)
+def test_s5_gemv_config_is_valid_for_the_kernel(name, M, sms):
+    N, Kd, kind = S5_GEMVS[name]
+    c = s5_config(name, M, sms, "s5")
+    kb, S, KW = Kd // 128, c["k_splits"], c.get("k_warps", 1)
+    assert kb % S == 0 and (kb // S) % KW == 0 and c["warps"] % KW == 0 and c["n8"] * 8 >= M
+    assert 1 <= c["stages"] <= kb // S // KW
+    assert not c.get("cluster") or 1 < S <= 8
+    rows = c["warps"] // KW * 16 * c["row_tiles"]
+    assert kind != "grouped" or 1024 % rows == 0                          # a CTA's rows lie in one group
+    smem = 8 * c["n8"] * (kb // S * 64 + 4) * 4                            # the CTA's activation slice
+    assert smem <= 200 * 1024
+
+
+@pytest.mark.parametrize("name", list(S5_GEMVS))
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("sms", S5_SMS)
+def test_s5_gemv_rules_keep_the_s4_k_partition(name, M, sms):
+    """Same K partition -> the same per-element sums in the same order -> s4's bits (the GPU test checks them)."""
+    assert k_partition(s5_config(name, M, sms, "s5")) == k_partition(s5_config(name, M, sms, "s4"))
+
+
+def test_s4_rules_stay_reachable(monkeypatch):
+    monkeypatch.setattr(K, "GEMV_RULES", "s4")
+    assert K.pick_gemv_config(4096, 8192, 1, 132) == K._pick_gemv_config_s4(4096, 8192, 1, 132)
+    assert K.pick_grouped_gemv_config(8192, 4096, 1, 1024, 132) == K._pick_grouped_gemv_config_s4(8192, 4096, 1, 1024,
+                                                                                                   132)
+
+
+S5_COMPILE = """
+import os, sys, kernels as K
+K._CACHE_DIR, dump = sys.argv[1], sys.argv[2]
+sys.path.insert(0, os.getcwd())
+from test_dsv4 import S5_GEMVS, s5_config
+seen = set()
+for name in S5_GEMVS:
+    for M in (1, 16):
+        c = s5_config(name, M, 132, "s5")
+        key = tuple(sorted(c.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        K._compile_gemv(**c)
+        for f in os.listdir(dump):                 # configs share a PTX file name: keep each one
+            if not f.startswith("done"):
+                os.rename(os.path.join(dump, f), os.path.join(dump, f"done{len(seen)}_{f}"))
+print(len(seen))
 """
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
-def test_wide_attention_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_path):
-    """The wide attention kernel's Flash decode configs (batch 1 and 8: CSA, HCA up to a 1M-token cache, window) and
-    the tiny model's compile for sm_90a on a GPU-less machine; where ptxas is installed: no spills within the
-    128-register cap of two CTAs per SM."""
+def test_s5_gemv_configs_compile_for_sm90a_without_a_gpu_and_do_not_spill(tmp_path):
     dump = tmp_path / "ptx"
     dump.mkdir()
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
-               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
-    r = subprocess.run([sys.executable, "-c", COMPILE_WIDE_ATTENTION, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 6
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(here), CUTE_DSL_KEEP="ptx",
+               CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", S5_COMPILE, str(tmp_path), str(dump)], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=here)
+    assert r.returncode == 0, r.stderr[-2000:]
     ptxas = shutil.which("ptxas")
-    ptxs = list(dump.glob("*SparseAttentionDecodeWide*.ptx"))
+    ptxs = list(dump.glob("done*Fp8Gemv*.ptx"))
     if ptxas is None or not ptxs:
         return
+    assert len(ptxs) == int(r.stdout.split()[-1])
     for ptx in ptxs:
         rep = ptxas_report(ptxas, ptx, tmp_path)
-        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+        assert " 0 bytes spill stores" in rep.stderr, (ptx.name, rep.stderr[-1000:])
 
 
-WIDE_CASES = GPU_ATTN_CASES + [(8, 64, 512, 128, 512, "hca", 1000), (8, 64, 512, 128, 16384, "csa", 1000),
-                               (1, 64, 512, 128, 8192, "hca", 1000000), (1, 64, 512, 128, 512, "hca", 127)]
-
-
-@gpu
-@pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_CASES)
-def test_gpu_wide_attention_matches_dsv4_sparse_attention(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
-    """The wide kernel sums in another order than the cluster kernel (its own key split per CTA), so it is held
-    to the reference and the fp64 truth with the tolerances of the other attention kernels."""
-    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    got = K.sparse_attention_decode(*args)
-    ref = K.sparse_attention_decode_reference(*args)
-    assert got.shape == ref.shape and got.dtype == ref.dtype
-    assert_attention_close(got, ref, attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]),
-                           f"{mode} B={B} pos={pos}")
-    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
+def s5_problem(name, M, seed, device="cuda"):
+    """Inputs for one GEMV of S5_GEMVS: fp8 special rows (zero, tiny, huge, scale boundaries), wo_a-like grouped
+    inputs, bf16 normal rows -> (call(config), reference output (fp32, computed on `device`))."""
+    N, Kd, kind = S5_GEMVS[name]
+    if kind == "grouped":
+        x, w, s = grouped_problem(M, N // 1024, 1024, Kd, seed, device)
+        return (lambda c: K.fp8_gemv_grouped(x, w, s, config=c)), K.fp8_gemv_grouped_reference(x, w, s).float()
+    if kind == "w16":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(M, Kd, generator=g).to(torch.bfloat16).to(device)
+        w = (torch.randn(N, Kd, generator=g) * 0.02).to(torch.bfloat16).to(device)
+        return (lambda c: K.bf16_gemv_fp32(x, w, config=c)), K.bf16_gemv_fp32_reference(x, w)
+    x = special_x(M, Kd, seed, device)
+    w, s = random_weight(N, Kd, seed + 1, device)
+    return (lambda c: K.fp8_gemv(x, w, s, config=c)), K.fp8_gemv_reference(x, w, s).float()
 
 
 @gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in WIDE_CASES if c[2] == 512])
-def test_gpu_wide_attention_undoes_the_output_rope_like_the_rope_kernel(B, H, hd, W, Tc, mode, pos):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
-    angles = torch.rand(max(pos, 1) + 7, 32, device="cuda") * 6.3
-    want = K.rope_inverse_fused(K.sparse_attention_decode(*args), angles, args[4])
-    assert torch.equal(K.sparse_attention_decode(*args, angles=angles), want)
-
-
-WIDE_VARIANT_CASES = [(1, 64, 512, 128, 16384, "csa", 1000), (3, 64, 512, 128, 512, "hca", 16000),
-                      (2, 24, 64, 64, 100, "csa", 3), (1, 16, 64, 16, 0, "window", 9)]
-
-
-@gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
-def test_gpu_wide_attention_ldmatrix_fragments_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    monkeypatch.setattr(K, "ATTN_LDSM", True)
-    got = K.sparse_attention_decode(*args)
-    monkeypatch.setattr(K, "ATTN_LDSM", False)
-    assert torch.equal(got, K.sparse_attention_decode(*args))
+@pytest.mark.parametrize("name", [n for n in S5_GEMVS if not n.endswith("_pro")])
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_s5_gemv_defaults_give_the_s4_bits(name, M):
+    """The s5 default config of each Flash decode GEMV == the s4 config's output bit for bit (same K partition),
+    and both within rounding of the fp32 reference. (M > 8: s5 = s4.)"""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    run, ref = s5_problem(name, M, seed=M)
+    y5, y4 = run(s5_config(name, M, sms, "s5")), run(s5_config(name, M, sms, "s4"))
+    assert torch.equal(y5, y4)
+    y = y5.float().reshape(ref.shape)
+    fin = torch.isfinite(ref)
+    err = ((y[fin] - ref[fin]).double().norm() / ref[fin].double().norm().clamp(min=1e-30)).item()
+    assert err < 5e-3, err
 
 
 @gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
-def test_gpu_wide_attention_prefetch_before_the_pdl_wait_gives_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    monkeypatch.setattr(K, "ATTN_PREFETCH", False)
-    want = K.sparse_attention_decode(*args)
-    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
-    assert torch.equal(K.sparse_attention_decode(*args), want)
-
-
-@gpu
-@pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
-def test_gpu_wide_attention_combine_weights_once_per_head_give_the_same_bits(B, H, hd, W, Tc, mode, pos, max_splits,
-                                                                           monkeypatch):
-    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", False)
-    want = K.sparse_attention_decode(*args)
-    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", True)
-    assert torch.equal(K.sparse_attention_decode(*args), want)
-
-
-@gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES + [(2, 64, 512, 128, 512, "hca", 300),
-                                                                      (1, 64, 512, 128, 8192, "hca", 1000000)])
-def test_gpu_wide_attention_bulk_row_copies_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    monkeypatch.setattr(K, "ATTN_BULK", False)
-    want = K.sparse_attention_decode(*args)
-    monkeypatch.setattr(K, "ATTN_BULK", True)
-    assert torch.equal(K.sparse_attention_decode(*args), want)
-    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
-    assert torch.equal(K.sparse_attention_decode(*args), want)
-
-
-@gpu
-@pytest.mark.parametrize("bulk", [False, True])
-@pytest.mark.parametrize("mode", ["hca", "csa"])
-def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode, bulk, monkeypatch):
-    """In a graph, the kv kernel (a PDL glue kernel) writes this step's ring slot right before the attention, which
-    may copy every other key row before its griddepcontrol.wait: the output must equal the unprefetched kernel's
-    on the updated ring, at every position."""
-    B, H, hd, W, Tc = 2, 64, 512, 128, 512
-    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
-    angles = torch.rand(70000, 32, device="cuda") * 6.3
-    kv = torch.randn(B, 1, hd, device="cuda").to(torch.bfloat16)
-    norm_w = torch.rand(hd, device="cuda") + 0.5
-
-    def step():
-        K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=ring)
-        return K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
-
-    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
-    monkeypatch.setattr(K, "ATTN_BULK", bulk)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for p in (5, 127, 128, 1000, 1023, 16000, 65535):
-        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
-        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p), kv.copy_(torch.randn_like(kv, dtype=torch.float))
-        if idx is not None:
-            idx.copy_(nidx)
-        graph.replay()
-        torch.cuda.synchronize()
-        monkeypatch.setattr(K, "ATTN_PREFETCH", False)
-        want = K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
-        monkeypatch.setattr(K, "ATTN_PREFETCH", True)
-        assert torch.equal(ring, K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=nring.clone()))
-        assert torch.equal(out, want), f"pos {p}"
-
-
-WIDE_DSPLIT_CASES = [(1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000),
-                     (2, 64, 512, 128, 512, "hca", 300), (1, 64, 512, 128, 0, "window", 40)]
-
-
-@gpu
-@pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_DSPLIT_CASES)
-def test_gpu_wide_attention_with_split_dot_products_matches_dsv4(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
-    """ATTN_QK_DSPLIT: CTAs with <= 32 rows (these HCA / window cases) sum each q.k in 2 or 4 parts."""
-    monkeypatch.setattr(K, "ATTN_QK_DSPLIT", True)
-    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, device="cuda", seed=pos)
-    got = K.sparse_attention_decode(*args)
-    assert_attention_close(got, K.sparse_attention_decode_reference(*args),
-                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
-    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
-
-
-@gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
-def test_gpu_wide_attention_with_split_qk_accumulators_matches_dsv4(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    monkeypatch.setattr(K, "ATTN_QK_CHAINS", 2)
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
-                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
-
-
-@gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in GPU_ATTN_CASES if c[2] == 512])
-def test_gpu_cluster_attention_kernel_behind_the_switch_still_matches(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    monkeypatch.setattr(K, "ATTN_WIDE", False)
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
-    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
-                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
-
-
-@gpu
-@pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("mode", ["hca", "csa"])
-def test_gpu_wide_attention_follows_pos_across_graph_replays(mode, max_splits, monkeypatch):
-    """The HCA / window key split is computed from pos on the device: replays at new positions equal eager calls."""
-    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
-    B, H, hd, W, Tc = 2, 64, 512, 128, 512
-    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
-    angles = torch.rand(70000, 32, device="cuda") * 6.3
-    call = lambda: K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
-    for p in (5, 127, 128, 1000, 16000, 65535):
-        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
-        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p)
-        if idx is not None:
-            idx.copy_(nidx)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, call()), f"replay at pos {p} differs from an eager call"
-
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("stages", [2, 4])
+def test_gpu_bf16_gemv_k_warps_split_gives_the_bits_of_the_cluster_split(M, stages):
+    """bf16_gemv_fp32 (w16) with K split over 8 warps of a CTA (partials summed in smem) == 8 clustered K slices."""
+    run, ref = s5_problem("csa_comp", M, seed=3)
+    Kd = S5_GEMVS["csa_comp"][1]
+    n8 = 1 if M <= 8 else 2
+    kw = run(dict(k_dim=Kd, k_splits=1, k_warps=8, n8=n8, row_tiles=1, warps=8, stages=stages, cp_async=False,
+                  cluster=False, w16=True))
+    cl = run(dict(k_dim=Kd, k_splits=8, n8=n8, row_tiles=1, warps=8, stages=stages, cp_async=False, cluster=True,
+                  w16=True))
+    assert torch.equal(kw, cl)
+    assert ((kw - ref).norm() / ref.norm()).item() < 1e-5
 
 
 if __name__ == "__main__":
