@@ -2133,7 +2133,7 @@ def torch_moe(monkeypatch):
     eager steps with the fp4 kernel, at Flash dims."""
     reference = K.moe
     monkeypatch.setattr(K, "kernel_unavailable_reason", lambda x, experts: "torch MoE in these tests")
-    monkeypatch.setattr(K, "moe", lambda x, *a: (dsv4.moe_gathered if x.is_cuda else reference)(x, *a))
+    monkeypatch.setattr(K, "moe", lambda x, *a, ready=None: (dsv4.moe_gathered if x.is_cuda else reference)(x, *a))
 
 
 @pytest.fixture(scope="module")
@@ -4432,6 +4432,8 @@ def gpu_kernel_configs():
         cfgs.add(("_compile_attention", (hd, mode, K.attention_splits(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n))))
         cfgs.add(("_compile_attention_cluster", (hd, mode, *K.attention_cluster_plan(W, n), 64)))   # + inverse RoPE
+        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(W, n))))         # the default
+        cfgs.add(("_compile_attention_wide", (hd, mode, *K.attention_wide_plan(W, n), 64)))
     return sorted(cfgs, key=lambda c: -c[1][0])                     # biggest first
 
 
@@ -5372,6 +5374,695 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     assert torch.equal(y_g[-1], y2) and not torch.equal(y2, y1)
     assert not K._FUSED_COUNTERS[x.device].any()
 
+
+
+# ------------------------------------------------ fused decode MoE without the routing kernel (MOE_FUSED_NO_ROUTING)
+COMPILE_MOE_NO_ROUTING = """
+import glob, os, sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+dump = os.environ["CUTE_DSL_DUMP_DIR"]
+K.MOE_GEMV_FUSED_MAX_ROWS = 24
+cfgs = [(fmt, T, K.moe_gemv_fused_config(fmt, 6 * T, 256, 4096, 2048, 132)) for fmt in ("nvfp4", "mxfp4")
+        for T in (1, 2)] + [("nvfp4", 4, K.moe_gemv_fused_config("nvfp4", 24, 256, 4096, 2048, 132))]
+assert all(c is not None for _, _, c in cfgs), cfgs
+for fmt, T, cfg in cfgs:
+    K._compile_moe_gemv_fused(*cfg, top_k=6)
+    for ptx in glob.glob(os.path.join(dump, "*Fp4MoeGemvFused*.ptx")):   # one file name for every config: keep each
+        os.replace(ptx, os.path.join(dump, f"T{T}_{fmt}.ptx"))
+K._compile_combine(6, 4096, True, 256)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_moe_fused_without_routing_compiles_for_sm90a_within_the_register_budget(tmp_path):
+    """The routing-free fused kernel (rows by slot, top_k=6) compiles for sm_90a without a GPU at Flash T 1, 2 (the
+    default bound: K split 4 / 2, one row tile per CTA) and 4 (24 rows: K split 1, two row tiles), nvfp4 and mxfp4,
+    plus the by-slot MoeCombine; where ptxas is installed, each fused kernel keeps <= 80 registers
+    (MOE_GEMV_WARPS_PER_SM resident warps) and those of T 1, 2 spill nothing (T=4, above the default bound, spills
+    8 bytes)."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_NO_ROUTING, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
+    ptxas = shutil.which("ptxas")
+    ptxs = sorted(dump.glob("T*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    assert len(ptxs) == 5
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
+        assert regs <= 65536 // (32 * K.MOE_GEMV_WARPS_PER_SM), rep.stderr[-2000:]
+        if not ptx.name.startswith("T4"):
+            assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, ptx.name
+
+
+def _moe_direct_and_routed(ex, x, ids, w, monkeypatch, limit=7.0):
+    """(output without the routing kernel, output of the fused path after MoeRoutingGather), poisoned intermediates;
+    asserts which kernels each call launched and that the counters end at zero."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    fused, routing = [], []
+    real_f, real_r = K._compile_moe_gemv_fused, K._compile_routing_gather
+    monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a, **kw: fused.append(kw) or real_f(*a, **kw))
+    monkeypatch.setattr(K, "_compile_routing_gather", lambda *a: routing.append(a) or real_r(*a))
+    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(fused) == 1 and fused[0].get("top_k") == ids.shape[1] and not routing, "not the routing-free path"
+    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", False)
+    y_old = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(fused) == 2 and not fused[1].get("top_k") and len(routing) == 1, "not the routed fused path"
+    torch.cuda.synchronize()
+    assert not K._FUSED_COUNTERS[x.device].any(), "a fused launch left a counter non-zero"
+    return y, y_old
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("splits, m_per_cta", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 2)])
+def test_moe_fused_without_routing_gives_the_bits_of_the_routed_path(fmt, splits, m_per_cta, monkeypatch):
+    """Small dims, K split 1 / 2 / 4 ways, 1 or 2 row tiles per CTA: reading x / topk_ids / weights by slot (no
+    MoeRoutingGather) gives the routed fused path's bits and the fp32 reference up to rounding; skipped slots, a
+    token with no slot on this rank (y = 0), a token naming one expert twice, 12 and 24 rows on one expert (two and
+    three 8-row groups), T = 1..4."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
+    ex = _small(fmt)
+    cases = [(1, "random", 6), (2, "random", 6), (2, "shared", 6), (3, "empty_experts", 6), (4, "random", 6),
+             (3, "duplicate", 6), (1, "one_expert", 2), (12, "one_expert", 2), (24, "one_expert", 1), (4, "shared", 6),
+             (3, "token_off", 6), (1, "token_off", 6)]
+    for T, routing, k in cases:
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T + k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, k, 16, "random" if routing == "token_off" else routing, seed=80 + T)
+        if routing == "token_off":                # token T//2 has no slot on this rank (ids -1 and E)
+            ids[T // 2, :] = -1
+            ids[T // 2, 0] = 16
+        y, y_old = _moe_direct_and_routed(ex, x, ids, w, monkeypatch)
+        what = f"no-routing S={splits} MT={m_per_cta} {fmt} T={T} k={k} {routing}"
+        if routing == "token_off":
+            assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
+        if T > 1 or routing != "token_off":
+            _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+        assert torch.equal(y, y_old), f"{what}: differs from the routed fused path"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_fused_without_routing_flash_dims_gives_the_bits_of_the_routed_path(fmt, monkeypatch):
+    """Flash dims (256 experts, D 4096, I 2048) at T 1, 2 (the default bound) and 4 (24 rows), default K splits."""
+    ex = _flash(fmt)
+    for T, routing in ((1, "random"), (2, "random"), (2, "shared"), (2, "duplicate"), (4, "random"),
+                       (4, "empty_experts")):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, routing, seed=90 + T)
+        y, y_old = _moe_direct_and_routed(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"no-routing flash {fmt} T={T} {routing}")
+        assert torch.equal(y, y_old), f"no-routing flash {fmt} T={T} {routing}: differs from the routed fused path"
+
+
+@gpu
+def test_moe_fused_without_routing_graph_replays_follow_new_inputs(monkeypatch):
+    """Back-to-back launches and CUDA-graph replays of the routing-free path keep the bits; a replay follows new x /
+    ids / weights written into the captured buffers; the counters end at zero."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
+    ex = _small("nvfp4")
+    T = 2
+    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _gemv_routing(T, 6, 16, "random", seed=9)
+    y1 = K.moe_fp4(x, ids, w, ex, 7.0)
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(20)]
+    torch.cuda.synchronize()
+    assert torch.isfinite(y1).all() and all(torch.equal(o, y1) for o in outs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, y1) for y in y_g)
+    x2 = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ids2, w2 = _gemv_routing(T, 6, 16, "shared", seed=10)
+    y2 = K.moe_fp4(x2, ids2, w2, ex, 7.0)
+    x.copy_(x2); ids.copy_(ids2); w.copy_(w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g[-1], y2) and not torch.equal(y2, y1)
+    assert not K._FUSED_COUNTERS[x.device].any()
+
+
+# ------------------------------------------------------------------------------- router kernel variants (GATE_MODE)
+COMPILE_GATE_MODES = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+for mode, warps in (("lean", 4), ("redux", 4), ("redux", 2), ("redux", 1)):
+    for hash_routing in (False, True):
+        K._compile_gate(256, 4096, 6, hash_routing, K.GATE_MAX_TOKENS, mode, warps)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_gate_modes_compile_for_sm90a_without_spills(tmp_path):
+    """The lean and redux router variants compile for sm_90a without a GPU (Flash dims, hash and biased top-k); where
+    ptxas is installed, nothing spills."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_GATE_MODES, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 8
+    ptxas = shutil.which("ptxas")
+    for ptx in dump.glob("*MoeGateDecode*.ptx") if ptxas else ():
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+@gpu
+@pytest.mark.parametrize("mode, warps", [("lean", 4), ("redux", 4), ("redux", 2), ("redux", 1)])
+@pytest.mark.parametrize("layer", [0, 5])                          # hash-routed, biased top-k
+def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, warps, layer, monkeypatch):
+    """GATE_MODE lean / redux (and GATE_WARPS 4 / 2 / 1 experts per CTA) == the v0 kernel: the same ids (order
+    included) and weight bits for N 1, 3, 16, with exact score ties (two experts with the same weight row and bias:
+    the lower expert first) and graph replays."""
+    gate, cfg = make_gate(layer, "cuda", seed=3)
+    if not gate.hash:
+        gate.weight.data[200] = gate.weight.data[7] = gate.weight.data[7] * 4       # a tie near the top
+        gate.bias.data[200] = gate.bias.data[7] = 1.0
+    for N in (1, 3, 16):
+        x = torch.randn(N, cfg.hidden_size, generator=torch.Generator().manual_seed(N)).to("cuda", torch.bfloat16)
+        tokens = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(N)).cuda()
+        monkeypatch.setattr(K, "GATE_MODE", "v0")
+        monkeypatch.setattr(K, "GATE_WARPS", 4)
+        ids0, w0 = K.gate_decode(gate, x, tokens)
+        monkeypatch.setattr(K, "GATE_MODE", mode)
+        monkeypatch.setattr(K, "GATE_WARPS", warps)
+        ids, w = K.gate_decode(gate, x, tokens)
+        assert torch.equal(ids, ids0) and torch.equal(w, w0), f"{mode} layer {layer} N={N}: differs from v0"
+        if not gate.hash:
+            for row in ids.tolist():
+                assert 200 not in row or (7 in row and row.index(7) < row.index(200)), f"tie order {row}"
+    assert not gate.hash and (ids == 7).any() or gate.hash, "the tie experts were never picked"
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.gate_decode(gate, x, tokens)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        ids_g, w_g = K.gate_decode(gate, x, tokens)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(ids_g, ids0) and torch.equal(w_g, w0)
+
+
+
+# --------------------------------------------------- router -> routed experts by a ready flag (MOE_ROUTER_SIGNAL)
+def _router_then_moe(gate, x, tokens, ex, signal_on, monkeypatch):
+    """dsv4.MoE.forward's router + routed-expert calls with MOE_ROUTER_SIGNAL on / off -> (ids, w, y)."""
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", signal_on)
+    signal = K.router_signal_ok(gate, x, ex)
+    assert signal == signal_on
+    ids, w = K.gate_decode(gate, x, tokens, signal=signal, experts=ex)
+    y = K.moe(x, ids, w, ex, 7.0, ready=K.router_ready(x.device) if signal else None)
+    return ids, w, y
+
+
+@gpu
+@pytest.mark.parametrize("signal", [False, True])
+def test_router_prefetch_of_the_chosen_experts_changes_no_bits(signal, monkeypatch):
+    """GATE_PREFETCH (the router bulk-prefetches the chosen experts' first w13 tiles into L2; with and without the
+    ready flag): the same ids / weights / y bits as without it, Flash dims mxfp4, T 1 and 2, biased and hash routers."""
+    ex = _flash("mxfp4")                                          # (the format the _flash cache was left in)
+    for layer in (0, 5):
+        gate, cfg = make_gate(layer, "cuda", seed=14)
+        for T in (1, 2):
+            x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+            tokens = torch.randint(0, cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).cuda()
+            monkeypatch.setattr(K, "GATE_PREFETCH", False)
+            ref = _router_then_moe(gate, x, tokens, ex, False, monkeypatch)
+            monkeypatch.setattr(K, "GATE_PREFETCH", True)
+            assert K._router_prefetch(x, gate, ex)[0], "no prefetch config"
+            got = _router_then_moe(gate, x, tokens, ex, signal, monkeypatch)
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"layer {layer} T={T}: bits differ"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])       # (the order the _flash cache was left in)
+def test_router_signal_gives_the_bits_of_the_waiting_launch(fmt, monkeypatch):
+    """Flash dims, T 1 and 2, hash and biased routers: the fused launch reading the router's ids on its ready flag
+    gives the ids / weights / y bits of the launch that waits for the router's end; chains of router + moe pairs
+    (eager and as CUDA-graph replays, new inputs into the captured buffers) keep the bits; the router's arrival
+    counter ends at zero (the flag stays set until the next signalling router clears it)."""
+    ex = _flash(fmt)
+    for layer in (0, 5):
+        gate, cfg = make_gate(layer, "cuda", seed=11)
+        for T in (1, 2):
+            x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+            tokens = torch.randint(0, cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).cuda()
+            ref = _router_then_moe(gate, x, tokens, ex, False, monkeypatch)
+            outs = [_router_then_moe(gate, x, tokens, ex, True, monkeypatch) for _ in range(6)]
+            torch.cuda.synchronize()
+            for got in outs:
+                assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"{fmt} layer {layer} T={T}: bits differ"
+            assert not K.router_ready(x.device)[[0, 2]].any(), "the arrival counter did not end at zero"
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", True)
+    gate, cfg = make_gate(5, "cuda", seed=12)
+    x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+    tokens = torch.zeros(1, dtype=torch.long, device="cuda")
+    _router_then_moe(gate, x, tokens, ex, True, monkeypatch)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _router_then_moe(gate, x, tokens, ex, True, monkeypatch)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        captured = [_router_then_moe(gate, x, tokens, ex, True, monkeypatch) for _ in range(3)]
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _router_then_moe(gate, x, tokens, ex, False, monkeypatch)
+        assert all(torch.equal(a, b) for got in captured for a, b in zip(got, ref)), f"replay {seed}: bits differ"
+        assert not K.router_ready(x.device)[[0, 2]].any()
+
+
+@gpu
+def test_router_signal_misuse_drops_the_flag_and_keeps_the_result(monkeypatch):
+    """moe(ready=...) where the routing-free launch does not apply (T=4: above the fused bound) clears the router's
+    flag and returns the plain path's bits; gate_decode(signal=True) where the router kernel cannot run raises."""
+    ex = _flash("nvfp4")
+    gate, cfg = make_gate(5, "cuda", seed=13)
+    x = torch.randn(4, 4096, device="cuda").to(torch.bfloat16)
+    tokens = torch.zeros(4, dtype=torch.long, device="cuda")
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", True)
+    assert not K.router_signal_ok(gate, x, ex)
+    ids, w = K.gate_decode(gate, x, tokens, signal=True)
+    y = K.moe(x, ids, w, ex, 7.0, ready=K.router_ready(x.device))
+    torch.cuda.synchronize()
+    assert not K.router_ready(x.device).any()
+    assert torch.equal(y, K.moe(x, ids, w, ex, 7.0))
+    with pytest.raises(ValueError):
+        K.gate_decode(gate, x.float(), tokens, signal=True)
+
+
+
+class _NoSharedExpert(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+@gpu
+@pytest.mark.parametrize("layer", [0, 1])                          # hash-routed, biased top-k
+def test_gpu_moe_module_hands_the_router_ids_by_flag_with_the_same_output(layer, monkeypatch):
+    """dsv4.MoE.forward at batch 1 (32 experts, D 256, I 256, top-6; shared expert stubbed to 0): with
+    MOE_ROUTER_SIGNAL the router is asked to signal (router_signal_ok) and the output equals the waiting path's bit for
+    bit."""
+    cfg = dsv4.ModelConfig(vocab_size=512, hidden_size=256, moe_intermediate_size=256, n_routed_experts=32,
+                           num_experts_per_tok=6, num_hash_layers=1)
+    moe = dsv4.MoE(cfg, layer)
+    g = torch.Generator().manual_seed(layer)
+    moe.gate.weight.data = (torch.randn(32, 256, generator=g) * 256 ** -0.5).to(torch.bfloat16)
+    if moe.gate.hash:
+        moe.gate.tid2eid.data = torch.randint(0, 32, (512, 6), generator=g)
+    else:
+        moe.gate.bias.data = torch.randn(32, generator=g) * 0.1
+    moe.shared_experts = _NoSharedExpert()
+    moe = moe.cuda()
+    moe.experts = K.prepare_experts(random_fp4_experts(32, 256, 256, "nvfp4", device="cuda", seed=3))
+    calls = []
+    real = K.gate_decode
+    monkeypatch.setattr(K, "gate_decode", lambda *a, **kw: calls.append(kw.get("signal")) or real(*a, **kw))
+    x = torch.randn(1, 1, 256, generator=g).to("cuda", torch.bfloat16)
+    tokens = torch.tensor([[7]], device="cuda")
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", False)
+    y0 = moe(x, tokens)
+    monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", True)
+    y1 = moe(x, tokens)
+    torch.cuda.synchronize()
+    assert calls == [False, True], calls
+    assert torch.isfinite(y0).all() and y0.abs().sum() > 0 and torch.equal(y0, y1)
+    assert K.router_ready(x.device).tolist()[:3] == [0, 1, 0]       # arrivals 0, the flag of the last router set
+
+
+# ------------------------------------------------------------------ indexer scores + top-k in one launch (session 5)
+@pytest.mark.parametrize("T,slots", [(1, 2), (2, 2), (3, 4), (1000, 1024), (1024, 1024), (1025, 2048), (4096, 4096)])
+def test_fused_topk_slots_is_the_next_power_of_two(T, slots):
+    assert K.fused_topk_slots(T) == slots
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_indexer_topk_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    """The one-launch indexer top-k (Flash 64 x 128 and the tiny 16 x 128 config, fp32 and bf16 head weights) and
+    TopKSelectVisible compile for sm_90a on a GPU-less machine; where ptxas is installed, IndexerTopK's PTX shows
+    no register spills."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    code = ("import sys, kernels as K; K._CACHE_DIR = sys.argv[1]\n"
+            "for nh, slots, wb, cl in [(64, 1024, True, 8), (64, 4096, False, 0), (16, 2, False, 0),"
+            "                          (16, 128, True, 1)]:\n"
+            "    K._compile_indexer_topk(nh, 128, slots, K.INDEX_CHUNK, wb, cl)\n"
+            "K._compile_topk(16, True)\n")
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*IndexerTopK*.ptx"))          # (TopKSelect keeps 16+ keys per thread: some spills)
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+# (B, T key slots, pos, topk): visible V = min((pos+1)//4, T) = 0, few, < k, = k, k+1, all, ranked / bitonic
+FUSED_TOPK_CASES = [(1, 1024, 1000, 512), (1, 1024, 4095, 512), (1, 1024, 2, 512), (2, 1024, 7, 512),
+                    (1, 1024, 2047, 512), (1, 1024, 2051, 512), (3, 300, 1000, 64), (1, 64, 255, 24),
+                    (2, 2000, 5000, 512), (2, 4096, 16383, 512), (1, 4096, 1000, 512), (1, 4096, 3000, 512),
+                    (1, 16384, 65535, 512), (1, 16384, 16390, 512), (2, 8192, 16383, 512),
+                    (1, 32768, 131071, 512), (1, 32768, 5000, 512), (8, 1024, 3000, 512)]
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["cluster", "last-cta", "last-cta-sorted"])
+@pytest.mark.parametrize("B,T,pos,topk", FUSED_TOPK_CASES)
+def test_gpu_fused_indexer_topk_is_bit_equal_to_the_two_kernel_path(B, T, pos, topk, mode, monkeypatch):
+    """IndexerTopK (scores + top-k in one launch: a cluster ranks <= 1024 visible keys, or the last CTA ranks /
+    sorts <= FUSED_TOPK_MAX_SLOTS; beyond that + TopKSelectVisible) ==
+    IndexerScores + TopKSelect == IndexerScores + torch.topk, bit for bit (outputs and scratch keys poisoned before
+    the kernels), with tied scores and exact zeros."""
+    q, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos, ties=True)
+    wb, scale = w.bfloat16(), 128 ** -0.5 * 64 ** -0.5
+    monkeypatch.setattr(K, "POISON", True)
+    monkeypatch.setattr(K, "TOPK_CLUSTER", mode == "cluster")
+    monkeypatch.setattr(K, "TOPK_RANK_MAX", 0 if mode == "last-cta-sorted" else 256)   # ranked or bitonic sort
+    monkeypatch.setattr(K, "FUSED_TOPK_MAX_SLOTS", 4096 if mode == "last-cta-sorted" else 1024)
+    new = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
+    monkeypatch.setattr(K, "FUSED_TOPK", False)
+    old = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
+    monkeypatch.setattr(K, "DEVICE_TOPK", False)
+    via_torch = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
+    assert new.shape == (B, 1, min(topk, T)) and new.dtype == torch.int64
+    assert torch.equal(old, via_torch)
+    assert torch.equal(new, old), f"{(new != old).sum().item()} picks differ"
+    visible = min((pos + 1) // 4, T)
+    assert int((new >= 0).sum()) == B * min(visible, topk, T)
+
+
+@gpu
+@pytest.mark.parametrize("cluster", [True, False])
+@pytest.mark.parametrize("T", [1024, 4096, 16384])
+def test_gpu_fused_indexer_topk_replays_in_a_cuda_graph_as_pos_moves(T, cluster, monkeypatch):
+    """Graph replays at new positions (V from 0 to all T, across the ranked / sorted switch) == eager calls; the
+    arrival counters are zero again after every launch."""
+    monkeypatch.setattr(K, "TOPK_CLUSTER", cluster)
+    q, keys, w, p = indexer_inputs(2, 64, 128, T, 100, device="cuda")
+    call = lambda: K.indexer_topk_decode(q, keys, w, p, 512)        # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            out = call()
+    torch.cuda.current_stream().wait_stream(s)
+    for pos in (0, 3, 100, 1023, 1027, 2051, 16391, 4 * T - 1, 4 * T + 100):
+        nq, nk, nw, _ = indexer_inputs(2, 64, 128, T, pos, device="cuda", seed=pos)
+        q.copy_(nq), keys.copy_(nk), w.copy_(nw), p.fill_(pos)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, call()), f"replay at pos {pos} differs from an eager call"
+        assert int((out >= 0).sum()) == 2 * min((pos + 1) // 4, T, 512)
+    for buf in K._ARRIVALS.values():
+        assert not buf.any(), "arrival counters not reset"
+
+
+# ======================================================================================================================
+# Sparse attention decode, latency layout (session 5): SparseAttentionDecodeWide vs the cluster kernel / reference
+# ======================================================================================================================
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("W,n", [(128, 512), (128, 0), (128, 8), (16, 8), (64, 100), (128, 16384), (32, 12)])
+def test_attention_wide_plan_covers_every_key_within_its_caps(W, n, max_splits):
+    splits, chunk, per = K.attention_wide_plan(W, n, max_splits)
+    assert 1 <= splits <= max_splits and chunk % 16 == 0 and 16 <= chunk <= K.ATTN_MAX_CHUNK
+    assert chunk * per >= -(-W // splits) + -(-n // splits)          # a CTA's ring slots + its picks (CSA)
+    assert splits * 16 < W + n + 16 or splits == max_splits           # no more CTAs than 16-key rows
+    if -(-(W + n) // max_splits) + 1 <= K.ATTN_MAX_CHUNK:
+        assert per == 1                                               # one pass per CTA
+
+
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", ATTN_CASES + [(2, 16, 64, 128, 512, "hca", 1000),
+                                                             (2, 16, 64, 128, 600, "csa", 4000),
+                                                             (1, 16, 64, 128, 8192, "hca", 1000000)])
+def test_attention_wide_split_takes_every_valid_key_exactly_once(B, H, hd, W, Tc, mode, pos, max_splits):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if Tc > 100 else 12)
+    q, ring, comp, idx, p, sink, scale, ratio = args
+    n_comp = 0 if comp is None else (comp.shape[1] if idx is None else idx.shape[-1])
+    S, chunk, passes = K.attention_wide_plan(W, n_comp, max_splits)
+    got = K.attention_wide_sources(B, W, None if comp is None else comp.shape[1], idx, p, max(ratio, 1), S,
+                                   chunk * passes)
+    want = K.attention_key_sources(B, W, None if comp is None else comp.shape[1], idx, p, max(ratio, 1), "cpu")
+    for b in range(B):
+        assert sorted(got[b][got[b] >= 0].tolist()) == sorted(want[b][want[b] >= 0].tolist())
+
+
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", ATTN_CASES)
+@pytest.mark.parametrize("max_splits,max_chunk", [(8, 80), (16, 80), (2, 16)])
+def test_attention_wide_arithmetic_emulated_matches_reference(B, H, hd, W, Tc, mode, pos, max_splits, max_chunk):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=12, seed=pos, logit_gain=4.0)
+    got = K.sparse_attention_decode_wide_emulated(*args, max_splits=max_splits, max_chunk=max_chunk)
+    assert_attention_close(got, K.sparse_attention_decode_reference(*args), attention_fp64(*args), f"{mode} {pos}")
+
+
+COMPILE_WIDE_ATTENTION = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+for B in (1, 8):
+    for mode, n in (("csa", 512), ("hca", 512), ("hca", 8192), ("window", 0)):
+        K._compile_attention_wide(512, mode, *K.attention_wide_batch_plan(B, 64, 128, n, 132), 64)
+K._compile_attention_wide(128, "csa", *K.attention_wide_batch_plan(1, 4, 128, 64, 132), 32)    # the tiny model
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_wide_attention_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_path):
+    """The wide attention kernel's Flash decode configs (batch 1 and 8: CSA, HCA up to a 1M-token cache, window) and
+    the tiny model's compile for sm_90a on a GPU-less machine; where ptxas is installed: no spills within the
+    128-register cap of two CTAs per SM."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_WIDE_ATTENTION, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 6
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*SparseAttentionDecodeWide*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+WIDE_CASES = GPU_ATTN_CASES + [(8, 64, 512, 128, 512, "hca", 1000), (8, 64, 512, 128, 16384, "csa", 1000),
+                               (1, 64, 512, 128, 8192, "hca", 1000000), (1, 64, 512, 128, 512, "hca", 127)]
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_CASES)
+def test_gpu_wide_attention_matches_dsv4_sparse_attention(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
+    """The wide kernel sums in another order than the cluster kernel (its own key split per CTA), so it is held
+    to the reference and the fp64 truth with the tolerances of the other attention kernels."""
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    got = K.sparse_attention_decode(*args)
+    ref = K.sparse_attention_decode_reference(*args)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert_attention_close(got, ref, attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]),
+                           f"{mode} B={B} pos={pos}")
+    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in WIDE_CASES if c[2] == 512])
+def test_gpu_wide_attention_undoes_the_output_rope_like_the_rope_kernel(B, H, hd, W, Tc, mode, pos):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    angles = torch.rand(max(pos, 1) + 7, 32, device="cuda") * 6.3
+    want = K.rope_inverse_fused(K.sparse_attention_decode(*args), angles, args[4])
+    assert torch.equal(K.sparse_attention_decode(*args, angles=angles), want)
+
+
+WIDE_VARIANT_CASES = [(1, 64, 512, 128, 16384, "csa", 1000), (3, 64, 512, 128, 512, "hca", 16000),
+                      (2, 24, 64, 64, 100, "csa", 3), (1, 16, 64, 16, 0, "window", 9)]
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_ldmatrix_fragments_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_LDSM", True)
+    got = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_LDSM", False)
+    assert torch.equal(got, K.sparse_attention_decode(*args))
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_prefetch_before_the_pdl_wait_gives_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_combine_weights_once_per_head_give_the_same_bits(B, H, hd, W, Tc, mode, pos, max_splits,
+                                                                           monkeypatch):
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES + [(2, 64, 512, 128, 512, "hca", 300),
+                                                                      (1, 64, 512, 128, 8192, "hca", 1000000)])
+def test_gpu_wide_attention_bulk_row_copies_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    monkeypatch.setattr(K, "ATTN_BULK", False)
+    want = K.sparse_attention_decode(*args)
+    monkeypatch.setattr(K, "ATTN_BULK", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    assert torch.equal(K.sparse_attention_decode(*args), want)
+
+
+@gpu
+@pytest.mark.parametrize("bulk", [False, True])
+@pytest.mark.parametrize("mode", ["hca", "csa"])
+def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode, bulk, monkeypatch):
+    """In a graph, the kv kernel (a PDL glue kernel) writes this step's ring slot right before the attention, which
+    may copy every other key row before its griddepcontrol.wait: the output must equal the unprefetched kernel's
+    on the updated ring, at every position."""
+    B, H, hd, W, Tc = 2, 64, 512, 128, 512
+    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
+    angles = torch.rand(70000, 32, device="cuda") * 6.3
+    kv = torch.randn(B, 1, hd, device="cuda").to(torch.bfloat16)
+    norm_w = torch.rand(hd, device="cuda") + 0.5
+
+    def step():
+        K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=ring)
+        return K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
+
+    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+    monkeypatch.setattr(K, "ATTN_BULK", bulk)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for p in (5, 127, 128, 1000, 1023, 16000, 65535):
+        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
+        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p), kv.copy_(torch.randn_like(kv, dtype=torch.float))
+        if idx is not None:
+            idx.copy_(nidx)
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setattr(K, "ATTN_PREFETCH", False)
+        want = K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
+        monkeypatch.setattr(K, "ATTN_PREFETCH", True)
+        assert torch.equal(ring, K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=nring.clone()))
+        assert torch.equal(out, want), f"pos {p}"
+
+
+WIDE_DSPLIT_CASES = [(1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000),
+                     (2, 64, 512, 128, 512, "hca", 300), (1, 64, 512, 128, 0, "window", 40)]
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_DSPLIT_CASES)
+def test_gpu_wide_attention_with_split_dot_products_matches_dsv4(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
+    """ATTN_QK_DSPLIT: CTAs with <= 32 rows (these HCA / window cases) sum each q.k in 2 or 4 parts."""
+    monkeypatch.setattr(K, "ATTN_QK_DSPLIT", True)
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, device="cuda", seed=pos)
+    got = K.sparse_attention_decode(*args)
+    assert_attention_close(got, K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
+def test_gpu_wide_attention_with_split_qk_accumulators_matches_dsv4(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    monkeypatch.setattr(K, "ATTN_QK_CHAINS", 2)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
+    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", [c for c in GPU_ATTN_CASES if c[2] == 512])
+def test_gpu_cluster_attention_kernel_behind_the_switch_still_matches(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    monkeypatch.setattr(K, "ATTN_WIDE", False)
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
+                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
+
+
+@gpu
+@pytest.mark.parametrize("max_splits", [8, 16])
+@pytest.mark.parametrize("mode", ["hca", "csa"])
+def test_gpu_wide_attention_follows_pos_across_graph_replays(mode, max_splits, monkeypatch):
+    """The HCA / window key split is computed from pos on the device: replays at new positions equal eager calls."""
+    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
+    B, H, hd, W, Tc = 2, 64, 512, 128, 512
+    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
+    angles = torch.rand(70000, 32, device="cuda") * 6.3
+    call = lambda: K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for p in (5, 127, 128, 1000, 16000, 65535):
+        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
+        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p)
+        if idx is not None:
+            idx.copy_(nidx)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, call()), f"replay at pos {p} differs from an eager call"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
