@@ -929,13 +929,20 @@ def fp8_linear_table(model, copy_bw):
     return rows
 
 
-DECODE_ABLATIONS = [   # (label, module, switch[, off value]): each timed off in the same run as the default step
-    ("one stream (NANO_DSV4_BRANCHES=0)", dsv4, "DECODE_BRANCHES"),
-    ("glue kernels without PDL (kernels.GLUE_PDL)", K, "GLUE_PDL"),
-    ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", K, "MOE_GEMV_FUSED"),
-    ("MoE routing kernel before the fused GEMMs (kernels.MOE_FUSED_NO_ROUTING)", K, "MOE_FUSED_NO_ROUTING"),
-    ("session-4 router kernel (kernels.GATE_MODE v0)", K, "GATE_MODE", "v0"),
+S4 = ((K, "ATTN_WIDE", False), (K, "FUSED_TOPK", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"),
+      (K, "GEMV_RULES", "s4"))
+DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed in the same run as the default step
+    ("session-5 changes off (= the session-4 step)", S4),
+    ("one stream (NANO_DSV4_BRANCHES=0)", ((dsv4, "DECODE_BRANCHES", False),)),
+    ("glue kernels without PDL (kernels.GLUE_PDL)", ((K, "GLUE_PDL", False),)),
+    ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),
+    ("MoE routing kernel before the fused GEMMs (kernels.MOE_FUSED_NO_ROUTING)", ((K, "MOE_FUSED_NO_ROUTING", False),)),
+    ("session-4 router kernel (kernels.GATE_MODE v0)", ((K, "GATE_MODE", "v0"),)),
+    ("session-4 attention kernel (kernels.ATTN_WIDE)", ((K, "ATTN_WIDE", False),)),
+    ("indexer scores + top-k as two kernels (kernels.FUSED_TOPK)", ((K, "FUSED_TOPK", False),)),
+    ("session-4 GEMV configs (kernels.GEMV_RULES s4)", ((K, "GEMV_RULES", "s4"),)),
 ]
+DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 
 
 @torch.inference_mode()
@@ -968,16 +975,25 @@ def bench_decode(args):
         torch.cuda.synchronize()
         graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
-        ablations = {}                   # the same step with one decode-path feature off, same run
-        for label, mod, switch, *off in DECODE_ABLATIONS:
-            saved = getattr(mod, switch)
+        graphs = {None: graph}           # the same step with one decode-path feature off, same run
+        for label, switches in DECODE_ABLATIONS:
+            saved = [getattr(mod, sw) for mod, sw, _ in switches]
             try:
-                setattr(mod, switch, off[0] if off else False)
+                for mod, sw, off in switches:
+                    setattr(mod, sw, off)
                 model.decode_graphs.clear()
                 model.decode(tokens, pos)
-                ablations[label] = time_ms(model.decode_graphs[B].graph.replay, args.iters)
+                graphs[label] = model.decode_graphs[B]
             finally:
-                setattr(mod, switch, saved)
+                for (mod, sw, _), v in zip(switches, saved):
+                    setattr(mod, sw, v)
+        times = {label: [] for label in graphs}      # interleaved rounds: clock / host drift hits every row alike
+        for _ in range(DECODE_ROUNDS):
+            for label, g in graphs.items():
+                times[label].append(time_ms(g.graph.replay, args.iters))
+        graph_ms = statistics.median(times.pop(None))
+        ablations = {label: statistics.median(v) for label, v in times.items()}
+        del graphs
         model.decode_graphs.clear()
         model.decode(tokens, pos)
         graph = model.decode_graphs[B]
