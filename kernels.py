@@ -5493,6 +5493,8 @@ FUSED_SMALL_CHUNK_MAX_T = 4096   # last-CTA mode: 64-key score CTAs up to this m
 TOPK_RANK_MAX = 256     # last-CTA mode: <= this many visible keys are ordered by ranking, more by a bitonic sort
 ATTN_CLUSTER = True     # attention: SparseAttentionDecodeCluster (else the global-memory combine kernel)
 ATTN_WIDE = True        # attention: SparseAttentionDecodeWide (keys dealt over up to ATTN_MAX_SPLITS CTAs per head group)
+ATTN_WIDE_MAX_BATCH = 2  # ... for batches up to this (H100, bench.py decode same run: per step B=1 -0.027 ms, B=2 -0.017,
+                         # B=4 +0.024, B=8 +0.069 ms with it; above, the cluster kernel)
 ATTN_MAX_SPLITS = 16    # cluster size cap of the wide kernel (> 8: non-portable cluster sizes, up to 16 on H100/H200)
 ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108 KB of smem, two CTAs per SM)
 ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical to word loads, fewer smem instructions)
@@ -7955,7 +7957,7 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
     dev = q.device
     words = lambda x: x.reshape(x.shape[0], -1, hd).view(torch.int32)   # noqa: E731  bf16 pairs
     out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=dev)
-    if ATTN_WIDE and ATTN_CLUSTER:
+    if ATTN_WIDE and ATTN_CLUSTER and B <= ATTN_WIDE_MAX_BATCH:
         if dev not in _NUM_SMS:
             _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
         splits, chunk, per = attention_wide_batch_plan(B, H, W, n_comp, _NUM_SMS[dev])

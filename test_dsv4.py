@@ -5257,7 +5257,7 @@ def _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch, limit=7.0):
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
     fused, two = [], []
     real_f, real_2 = K._compile_moe_gemv_fused, K._compile_moe_gemv
-    monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a: fused.append(a) or real_f(*a))
+    monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a, **kw: fused.append(a) or real_f(*a, **kw))
     monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a: two.append(a) or real_2(*a))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     y = K.moe_fp4(x, ids, w, ex, limit)
@@ -5809,6 +5809,13 @@ def test_gpu_fused_indexer_topk_replays_in_a_cuda_graph_as_pos_moves(T, cluster,
         assert int((out >= 0).sum()) == 2 * min((pos + 1) // 4, T, 512)
     for buf in K._ARRIVALS.values():
         assert not buf.any(), "arrival counters not reset"
+
+
+@pytest.fixture(autouse=True)
+def wide_attention_at_every_batch(request, monkeypatch):
+    """The wide attention kernel's tests run it at every batch size (dsv4 uses it up to K.ATTN_WIDE_MAX_BATCH)."""
+    if "wide_attention" in request.node.name:
+        monkeypatch.setattr(K, "ATTN_WIDE_MAX_BATCH", 1 << 20)
 
 
 # ======================================================================================================================
