@@ -859,13 +859,14 @@ def time_ms(fn, iters: int) -> float:
 
 
 def graph_of(fn) -> torch.cuda.CUDAGraph:
+    """fn run once on a side stream (compiles, per-stream counters), then captured on that same stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=s):
         fn()
     return g
 
@@ -1297,16 +1298,10 @@ def bench_indexer(rounds: int = 7, chain: int = 16):
             saved = {f: getattr(K, f) for f in knobs}
             for f, v in knobs.items():
                 setattr(K, f, v)
-            call = lambda: K.indexer_topk_decode(q, keys, w, p, 512, weight_scale=scale)   # noqa: E731
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                call()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=s):              # the warm-up's stream: its counters exist
-                res = [call() for _ in range(chain)]
-            graphs[name], outs[name] = graph, res[-1]
+            res = []
+            graphs[name] = graph_of(lambda: res.extend(K.indexer_topk_decode(q, keys, w, p, 512, weight_scale=scale)
+                                                       for _ in range(chain)))
+            outs[name] = res[-1]                                 # the captured chain's last output
             for f, v in saved.items():
                 setattr(K, f, v)
         times = {name: [] for name in graphs}
@@ -1420,16 +1415,11 @@ def bench_gemv(Ms=(1, 8), rounds=5):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
-    if what not in ("moe", "moe-profile", "decode", "dist", "indexer"):
-        print(f"unknown benchmark {what!r} (known: moe, moe-profile, decode, dist, indexer)", file=sys.stderr)
+    known = ("moe", "moe-profile", "decode", "dist", "indexer", "gemv")
+    if what not in known:
+        print(f"unknown benchmark {what!r} (known: {', '.join(known)})", file=sys.stderr)
         sys.exit(2)
-    if not torch.cuda.is_available() or ((what.startswith("moe") or what == "indexer") and not K.HAVE_CUTE):
-        print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if what.startswith("moe") else ""), file=sys.stderr)
-
-    if what not in ("moe", "moe-profile", "decode", "dist", "gemv"):
-        print(f"unknown benchmark {what!r} (known: moe, moe-profile, decode, dist, gemv)", file=sys.stderr)
-        sys.exit(2)
-    needs_cute = what.startswith("moe") or what == "gemv"
+    needs_cute = what.startswith("moe") or what in ("indexer", "gemv")
     if not torch.cuda.is_available() or (needs_cute and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if needs_cute else ""), file=sys.stderr)
         sys.exit(2)
@@ -1447,7 +1437,6 @@ if __name__ == "__main__":
         bench_decode(parse_args(sys.argv[2:]))
     elif what == "indexer":
         bench_indexer()
-
     elif what == "gemv":
         bench_gemv()
     elif sys.argv[2] == "write":

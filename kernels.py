@@ -7762,21 +7762,26 @@ def attention_cluster_plan(window: int, n_comp: int, chunk: int = ATTN_CHUNK):
     return -(-chunks // per), per
 
 
+def _attention_fake_args(head_dim: int, *extra):
+    """Fake arguments of the cluster / wide attention launchers: q, ring, compressed kv (bf16 pairs as int32 words),
+    picks, pos, sink, out, the RoPE table, then `extra`, scale, ratio, stream."""
+    B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
+    words = head_dim // 2
+    i32 = lambda *shape: cute.runtime.make_fake_compact_tensor(   # noqa: E731
+        Int32, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)), assumed_align=16)
+    return (i32(B, H, words), i32(B, W, words), i32(B, Tc, words),
+            cute.runtime.make_fake_compact_tensor(Int64, (Bi, k), stride_order=(1, 0), assumed_align=8),
+            cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8),
+            cute.runtime.make_fake_compact_tensor(Float32, (H,), assumed_align=4),
+            cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0), assumed_align=16),
+            cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
+                                                  assumed_align=4),
+            *extra, Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+
+
 def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per_cta: int, rope_dim: int = 0):
     def build():
-        B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
-        words = head_dim // 2
-        i32 = lambda *shape: cute.runtime.make_fake_compact_tensor(   # noqa: E731
-            Int32, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)), assumed_align=16)
-        args = (i32(B, H, words), i32(B, W, words), i32(B, Tc, words),
-                cute.runtime.make_fake_compact_tensor(Int64, (Bi, k), stride_order=(1, 0), assumed_align=8),
-                cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8),
-                cute.runtime.make_fake_compact_tensor(Float32, (H,), assumed_align=4),
-                cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0),
-                                                      assumed_align=16),
-                cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
-                                                      assumed_align=4),
-                Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        args = _attention_fake_args(head_dim)
         return SparseAttentionDecodeCluster(head_dim, mode, splits, chunks_per_cta, rope_dim=rope_dim), args
     return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta, rope_dim), build)
 
@@ -7815,20 +7820,8 @@ def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, c
     prefetch = ATTN_PREFETCH if prefetch is None else prefetch
 
     def build():
-        B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
-        words = head_dim // 2
-        i32 = lambda *shape: cute.runtime.make_fake_compact_tensor(   # noqa: E731
-            Int32, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)), assumed_align=16)
-        args = (i32(B, H, words), i32(B, W, words), i32(B, Tc, words),
-                cute.runtime.make_fake_compact_tensor(Int64, (Bi, k), stride_order=(1, 0), assumed_align=8),
-                cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8),
-                cute.runtime.make_fake_compact_tensor(Float32, (H,), assumed_align=4),
-                cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0),
-                                                      assumed_align=16),
-                cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
-                                                      assumed_align=4),
-                cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),), assumed_align=8),
-                Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        args = _attention_fake_args(head_dim, cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),),
+                                                                                     assumed_align=8))
         return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
                                          qk_chains, prefetch, qk_dsplit, qk_pairs, bulk, combine_pre), args
     return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,

@@ -5347,17 +5347,25 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", True)
+    _fused_repeats_and_replays_keep_the_bits(T=4, seeds=(7, 8), monkeypatch=monkeypatch)
+
+
+def _fused_repeats_and_replays_keep_the_bits(T, seeds, monkeypatch=None):
+    """Small-dims nvfp4 MoE at T tokens (random routing, seeds[0]): 20 back-to-back calls give the first call's bits
+    (with monkeypatch: so does a plain launch without PDL), so do 5 replays of a graph of 3 calls; after new inputs
+    (routing "shared", seeds[1]) are copied into the captured buffers a replay gives the new eager result; the fused
+    counters end at zero."""
     ex = _small("nvfp4")
-    T = 4
     x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids, w = _gemv_routing(T, 6, 16, "random", seed=7)
+    ids, w = _gemv_routing(T, 6, 16, "random", seed=seeds[0])
     y1 = K.moe_fp4(x, ids, w, ex, 7.0)
     outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(20)]
     torch.cuda.synchronize()
     assert torch.isfinite(y1).all() and all(torch.equal(o, y1) for o in outs)
-    monkeypatch.setattr(K, "USE_PDL", False)                   # a plain launch (profiling): the same bits
-    assert torch.equal(K.moe_fp4(x, ids, w, ex, 7.0), y1)
-    monkeypatch.setattr(K, "USE_PDL", True)
+    if monkeypatch is not None:
+        monkeypatch.setattr(K, "USE_PDL", False)               # a plain launch (profiling): the same bits
+        assert torch.equal(K.moe_fp4(x, ids, w, ex, 7.0), y1)
+        monkeypatch.setattr(K, "USE_PDL", True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
@@ -5366,7 +5374,7 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
         torch.cuda.synchronize()
         assert all(torch.equal(y, y1) for y in y_g)
     x2 = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids2, w2 = _gemv_routing(T, 6, 16, "shared", seed=8)
+    ids2, w2 = _gemv_routing(T, 6, 16, "shared", seed=seeds[1])
     y2 = K.moe_fp4(x2, ids2, w2, ex, 7.0)
     x.copy_(x2); ids.copy_(ids2); w.copy_(w2)
     graph.replay()
@@ -5491,29 +5499,7 @@ def test_moe_fused_without_routing_graph_replays_follow_new_inputs(monkeypatch):
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
-    ex = _small("nvfp4")
-    T = 2
-    x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids, w = _gemv_routing(T, 6, 16, "random", seed=9)
-    y1 = K.moe_fp4(x, ids, w, ex, 7.0)
-    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(20)]
-    torch.cuda.synchronize()
-    assert torch.isfinite(y1).all() and all(torch.equal(o, y1) for o in outs)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
-    for _ in range(5):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(y, y1) for y in y_g)
-    x2 = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
-    ids2, w2 = _gemv_routing(T, 6, 16, "shared", seed=10)
-    y2 = K.moe_fp4(x2, ids2, w2, ex, 7.0)
-    x.copy_(x2); ids.copy_(ids2); w.copy_(w2)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y_g[-1], y2) and not torch.equal(y2, y1)
-    assert not K._FUSED_COUNTERS[x.device].any()
+    _fused_repeats_and_replays_keep_the_bits(T=2, seeds=(9, 10))
 
 
 # ------------------------------------------------------------------------------- router kernel variants (GATE_MODE)
