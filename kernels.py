@@ -7957,8 +7957,10 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
         rd = 0 if angles is None else 2 * angles.shape[-1]
         ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
         stamps = _ATTN_STAMPS.get("buffer")
-        if stamps is None:
-            stamps = torch.zeros(1, dtype=torch.int64, device=dev)
+        if stamps is None:        # unused without stamps: one buffer per device (a fill per call cost ~2 us at batch 1)
+            stamps = _COUNTERS.get((dev, "no stamps"))
+            if stamps is None:
+                stamps = _COUNTERS[(dev, "no stamps")] = torch.zeros(1, dtype=torch.int64, device=dev)
         _compile_attention_wide(hd, mode, splits, chunk, per, rd, "buffer" in _ATTN_STAMPS)(
             words(q), words(window_kv), words(comp_kv), idx, pos, sink.detach().float(), out.view(B, H, hd),
             ang, stamps, float(scale), int(max(ratio, 1)))
