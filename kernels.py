@@ -6243,18 +6243,6 @@ if HAVE_CUTE:
             cute.arch.cluster_wait()
 
     @dsl_user_op
-    def read_clock64(*, loc=None, ip=None) -> Int64:
-        """The SM's cycle counter (phase stamps of the attention probe)."""
-        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %clock64;", "=l", has_side_effects=True,
-                                      loc=loc, ip=ip))
-
-    @dsl_user_op
-    def read_globaltimer(*, loc=None, ip=None) -> Int64:
-        """The GPU-wide nanosecond timer (start / end stamps of the attention probe)."""
-        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
-                                      loc=loc, ip=ip))
-
-    @dsl_user_op
     def store_b32x2(gmem_addr, w0, w1, *, loc=None, ip=None):
         """One 8-byte global store of two words (4 bf16)."""
         _llvm.inline_asm(None, [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(w0).ir_value(loc=loc, ip=ip),
@@ -6295,18 +6283,15 @@ if HAVE_CUTE:
           times 1/Z, bf16; the last rope_dim columns rotated back; one 8-byte store. The exit cluster barrier is
           relaxed (it only keeps the shared memory alive for the peers' reads).
         Tried and dropped: TMA bulk row copies, copying the unchanged rows before the PDL wait, per-head combine
-        weights, split dot products / accumulators, paired key tiles per warp (notes/decode.md, session 5).
-        stamps: thread 0 of each CTA writes %globaltimer / %clock64 at the phase borders into mStamp (probe)."""
-
-        N_STAMPS = 16
+        weights, split dot products / accumulators, paired key tiles per warp (notes/decode.md, session 5)."""
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
-                     rope_dim: int = 0, stamps: bool = False):
+                     rope_dim: int = 0):
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
             self.hd, self.mode, self.splits, self.chunk, self.n_ch = head_dim, mode, splits, chunk, chunks_per_cta
-            self.rd, self.stamps = rope_dim, stamps
+            self.rd = rope_dim
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -6325,7 +6310,7 @@ if HAVE_CUTE:
         @cute.jit
         def __call__(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                      mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
-                     mStamp: cute.Tensor, scale: Float32, ratio: Int32, stream):
+                     scale: Float32, ratio: Int32, stream):
             B = cute.size(mQ, mode=[0])
             H = cute.size(mQ, mode=[1])
 
@@ -6338,32 +6323,12 @@ if HAVE_CUTE:
                 sSrc: cute.struct.MemRange[Int32, self.chunk]
                 sAlpha: cute.struct.MemRange[Float32, HEAD_TILE]
                 sML: cute.struct.Align[cute.struct.MemRange[Float32, HEAD_TILE * 4], 16]
-                sStamp: cute.struct.Align[cute.struct.MemRange[Int64, 16], 8]
 
             self.shared_storage = SharedStorage
-            self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, mStamp, scale, ratio).launch(
+            self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, scale, ratio).launch(
                 grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1],
                 cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL,
                 min_blocks_per_mp=2, preferred_smem_carveout=100)   # <= 128 registers: two CTAs per SM
-
-        @cute.jit
-        def stamp(self, sStamp: cute.Tensor, slot: int, tidx, split, grp, b, n_grp, use_clock: bool = True):
-            """Phase stamp of thread 0 into shared memory (no global store that a release barrier would wait for);
-            written out at the end (flush_stamps)."""
-            if const_expr(self.stamps):
-                if tidx == 0:
-                    if const_expr(use_clock):
-                        sStamp[slot] = read_clock64()
-                    else:
-                        sStamp[slot] = read_globaltimer()
-
-        @cute.jit
-        def flush_stamps(self, sStamp, mStamp, tidx, split, grp, b, n_grp):
-            if const_expr(self.stamps):
-                if tidx == 0:
-                    base = ((b * n_grp + grp) * self.splits + split) * self.N_STAMPS
-                    for i in cutlass.range_constexpr(12):
-                        mStamp[base + i] = sStamp[i]
 
         @cute.jit
         def copy_rows(self, sK, sSrc, mWin, mComp, mIdx, b, split, tidx, x0, cnt, v_begin, w_per, k_picks, n_win, W,
@@ -6499,10 +6464,9 @@ if HAVE_CUTE:
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                    mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
-                   mStamp: cute.Tensor, scale: Float32, ratio: Int32):
+                   scale: Float32, ratio: Int32):
             tidx, _, _ = cute.arch.thread_idx()
             split, grp, b = cute.arch.block_idx()
-            _, n_grp, _ = cute.arch.grid_dim()
             warp = tidx // 32
             lane = tidx % 32
             g = lane // 4
@@ -6526,9 +6490,6 @@ if HAVE_CUTE:
             sSrc = storage.sSrc.get_tensor(cute.make_layout(chunk))
             sAlpha = storage.sAlpha.get_tensor(cute.make_layout(HEAD_TILE))
             sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
-            sStamp = storage.sStamp.get_tensor(cute.make_layout(16))
-            self.stamp(sStamp, 0, tidx, split, grp, b, n_grp, False)
-            self.stamp(sStamp, 1, tidx, split, grp, b, n_grp)
 
             # ---- prologue: nothing here is written by an earlier kernel of the step (pos is set before the replay)
             pos = mPos[0].to(Int32)
@@ -6553,9 +6514,7 @@ if HAVE_CUTE:
             cs = cute.make_rmem_tensor((self.units_per_thread * 4,), Float32)
             if const_expr(GLUE_PDL or self.n_ch > 1):
                 self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
-            self.stamp(sStamp, 2, tidx, split, grp, b, n_grp)
             _pdl_enter()
-            self.stamp(sStamp, 3, tidx, split, grp, b, n_grp)
 
             # q rows of the head group -> padded smem
             for i in cutlass.range(tidx, HEAD_TILE * vec, self.threads, unroll=1):
@@ -6589,12 +6548,10 @@ if HAVE_CUTE:
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
                     cute.arch.cp_async_wait_group(0)
                     cute.arch.sync_threads()
-                    self.stamp(sStamp, 4, tidx, split, grp, b, n_grp)
 
                     # logits: warp w -> key tiles w, w + 8, ..: keys 8j + (2t, 2t+1), heads g, g + 8
                     self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
                     cute.arch.sync_threads()
-                    self.stamp(sStamp, 5, tidx, split, grp, b, n_grp)
 
                     m_c = neg_inf
                     for i in cutlass.range_constexpr(self.pairs_per_thread):
@@ -6623,7 +6580,6 @@ if HAVE_CUTE:
                     if part == 0:
                         sAlpha[hh] = alpha
                     cute.arch.sync_threads()
-                    self.stamp(sStamp, 6, tidx, split, grp, b, n_grp)
 
                     a_lo = sAlpha[g]
                     a_hi = sAlpha[g + 8]
@@ -6664,7 +6620,6 @@ if HAVE_CUTE:
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
                 cute.arch.sync_threads()                           # sK / sP are reused by the next chunk
             cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
-            self.stamp(sStamp, 7, tidx, split, grp, b, n_grp)
 
             # partial (o, m, z) of this CTA -> its own shared memory, then the cluster combines
             for j in cutlass.range_constexpr(self.d_tiles):
@@ -6675,7 +6630,6 @@ if HAVE_CUTE:
                 sML[hh, 1] = z_run
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
-            self.stamp(sStamp, 8, tidx, split, grp, b, n_grp)
             uw = self.uw
             for i in cutlass.range_constexpr(self.units_per_thread):
                 u = split * self.units_per_cta + tidx + self.threads * i
@@ -6723,12 +6677,8 @@ if HAVE_CUTE:
                                     u_ob[2 * k2 + 1] = _add(_mul(x0, s_n), _mul(x1, c_))
                         gaddr = (mOut.iterator + cute.crd2idx((b, u_head, u_col), mOut.layout)).toint()
                         store_b32x2(gaddr, pack_bf16x2(u_ob[0], u_ob[1]), pack_bf16x2(u_ob[2], u_ob[3]))
-            self.stamp(sStamp, 9, tidx, split, grp, b, n_grp)
             cute.arch.cluster_arrive_relaxed()                     # peers may still read this CTA's partial (their
             cute.arch.cluster_wait()                               # reads are done when they arrive: no release)
-            self.stamp(sStamp, 10, tidx, split, grp, b, n_grp)
-            self.stamp(sStamp, 11, tidx, split, grp, b, n_grp, False)
-            self.flush_stamps(sStamp, mStamp, tidx, split, grp, b, n_grp)
 
     class IndexerScores:
         """keys_out[b, t] = score_key(sum_h relu(q[b,h]·K[b,t]) * w[b,h], t) for t < (pos+1)//ratio, else INT64_MIN
@@ -7515,9 +7465,9 @@ def attention_cluster_plan(window: int, n_comp: int, chunk: int = ATTN_CHUNK):
     return -(-chunks // per), per
 
 
-def _attention_fake_args(head_dim: int, *extra):
+def _attention_fake_args(head_dim: int):
     """Fake arguments of the cluster / wide attention launchers: q, ring, compressed kv (bf16 pairs as int32 words),
-    picks, pos, sink, out, the RoPE table, then `extra`, scale, ratio, stream."""
+    picks, pos, sink, out, the RoPE table, scale, ratio, stream."""
     B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
     words = head_dim // 2
     i32 = lambda *shape: cute.runtime.make_fake_compact_tensor(   # noqa: E731
@@ -7529,7 +7479,7 @@ def _attention_fake_args(head_dim: int, *extra):
             cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0), assumed_align=16),
             cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
                                                   assumed_align=4),
-            *extra, Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+            Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
 
 
 def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per_cta: int, rope_dim: int = 0):
@@ -7561,13 +7511,11 @@ def attention_wide_batch_plan(B: int, H: int, window: int, n_comp: int, num_sms:
 
 
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
-                            rope_dim: int = 0, stamps: bool = False):
+                            rope_dim: int = 0):
     def build():
-        args = _attention_fake_args(head_dim, cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),),
-                                                                                     assumed_align=8))
-        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps), args
-    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps),
-                            build)
+        args = _attention_fake_args(head_dim)
+        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim), args
+    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
@@ -7667,9 +7615,6 @@ def attention_unavailable_reason(q, window_kv, comp_kv=None) -> str | None:
     return reason
 
 
-_ATTN_STAMPS: dict = {}   # probe only: {"buffer": int64 tensor} -> the wide kernel writes its phase stamps there
-
-
 def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None):
     """dsv4.sparse_attention for one query per sequence (signature and semantics of
     sparse_attention_decode_reference) in one CuTe DSL kernel; the reference where the kernel cannot run. angles
@@ -7697,12 +7642,9 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
         splits, chunk, per = attention_wide_batch_plan(B, H, W, n_comp, _NUM_SMS[dev])
         rd = 0 if angles is None else 2 * angles.shape[-1]
         ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
-        stamps = _ATTN_STAMPS.get("buffer")
-        if stamps is None:
-            stamps = torch.zeros(1, dtype=torch.int64, device=dev)
-        _compile_attention_wide(hd, mode, splits, chunk, per, rd, "buffer" in _ATTN_STAMPS)(
+        _compile_attention_wide(hd, mode, splits, chunk, per, rd)(
             words(q), words(window_kv), words(comp_kv), idx, pos, sink.detach().float(), out.view(B, H, hd),
-            ang, stamps, float(scale), int(max(ratio, 1)))
+            ang, float(scale), int(max(ratio, 1)))
         return out
     if ATTN_CLUSTER:
         splits, per = attention_cluster_plan(W, n_comp)
