@@ -581,8 +581,6 @@ MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE f
     "old": dict(MOE_FUSED_NO_ROUTING=False, GATE_MODE="v0"),
     "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
     "signal": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True),   # ids handed by a flag
-    "prefetch": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", GATE_PREFETCH=True),     # router L2-prefetches
-    "sig+pf": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True, GATE_PREFETCH=True),
 }
 
 
@@ -624,7 +622,7 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
             for i, g in enumerate(gates[:8]):
                 ex = fp4[i % len(fp4)]
                 signal = K.router_signal_ok(g, xs[T], ex)
-                ids, w = K.gate_decode(g, xs[T], tok[:T], signal=signal, experts=ex)
+                ids, w = K.gate_decode(g, xs[T], tok[:T], signal=signal)
                 K.moe(xs[T], ids, w, ex, limit, ready=K.router_ready(xs[T].device) if signal else None)
         return step
 

@@ -966,11 +966,11 @@ class Gate(nn.Module):
         else:
             self.bias = nn.Parameter(torch.empty(E, dtype=torch.float32), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor, signal: bool = False, experts=None):
-        """x [N,D], tokens [N] -> (expert ids [N,k] int32, weights [N,k] fp32). signal, experts: see
-        kernels.gate_decode (the router kernel hands its ids by flag / prefetches the chosen experts' first tiles)."""
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, signal: bool = False):
+        """x [N,D], tokens [N] -> (expert ids [N,k] int32, weights [N,k] fp32). signal: see kernels.gate_decode
+        (the router kernel hands its ids by flag)."""
         if fused(x) and kernels.gate_kernel_supported(self, x):
-            return kernels.gate_decode(self, x, tokens, signal=signal, experts=experts)
+            return kernels.gate_decode(self, x, tokens, signal=signal)
         logits = matmul_fp32(x, self.weight)
         if self.score_func == "sqrtsoftplus":
             s = F.softplus(logits).sqrt()
@@ -1069,7 +1069,7 @@ class MoE(nn.Module):
             s = self.shared_experts(x) if self.par.size == 1 else None   # the routed path, a parallel branch
         # kernels.MOE_ROUTER_SIGNAL (off): at batch 1-2 on one rank the router may flag its ids to the routed launch
         signal = not self.expert_offset and fused(x) and kernels.router_signal_ok(self.gate, x, self.experts)
-        ids, w = self.gate(x, tokens.flatten(), signal=signal, experts=None if self.expert_offset else self.experts)
+        ids, w = self.gate(x, tokens.flatten(), signal=signal)
         if self.expert_offset:                                     # global -> this rank's expert ids
             ids = ids - self.expert_offset
         if x.is_cuda and torch.cuda.is_current_stream_capturing() and kernels.kernel_unavailable_reason(x, self.experts):

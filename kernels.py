@@ -5497,13 +5497,6 @@ ATTN_WIDE_MAX_BATCH = 2  # ... for batches up to this (H100, bench.py decode sam
                          # B=4 +0.024, B=8 +0.069 ms with it; above, the cluster kernel)
 ATTN_MAX_SPLITS = 16    # cluster size cap of the wide kernel (> 8: non-portable cluster sizes, up to 16 on H100/H200)
 ATTN_MAX_CHUNK = 80     # key rows per CTA and pass of the wide kernel (80: ~108 KB of smem, two CTAs per SM)
-ATTN_LDSM = True        # wide kernel: mma fragments by ldmatrix (bit-identical to word loads, fewer smem instructions)
-ATTN_QK_CHAINS = 1      # wide kernel: > 1 splits each q.k sum over independent accumulators (another fp32 order)
-ATTN_PREFETCH = False   # wide kernel: copy the key rows no kernel of this step writes before griddepcontrol.wait
-ATTN_QK_DSPLIT = False  # wide kernel: <= 32 rows in a CTA -> 2 or 4 warps per dot product (another fp32 order)
-ATTN_QK_PAIRS = False   # wide kernel: warp w computes key tiles 2w, 2w+1 (q fragments read once for both)
-ATTN_BULK = False       # wide kernel: key rows by TMA bulk copies (one 1-KB request per row) instead of 16-B cp.async
-ATTN_COMBINE_PRE = False  # wide kernel: split weights once per head and CTA (same bits; H100 R2: 1 us slower than per unit)
 ATTN_CTAS_PER_SM = 1    # wide kernel: fewer splits where B x head groups x splits would exceed this many CTAs per SM
 
 
@@ -6250,18 +6243,6 @@ if HAVE_CUTE:
             cute.arch.cluster_wait()
 
     @dsl_user_op
-    def read_clock64(*, loc=None, ip=None) -> Int64:
-        """The SM's cycle counter (phase stamps of the attention probe)."""
-        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %clock64;", "=l", has_side_effects=True,
-                                      loc=loc, ip=ip))
-
-    @dsl_user_op
-    def read_globaltimer(*, loc=None, ip=None) -> Int64:
-        """The GPU-wide nanosecond timer (start / end stamps of the attention probe)."""
-        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
-                                      loc=loc, ip=ip))
-
-    @dsl_user_op
     def store_b32x2(gmem_addr, w0, w1, *, loc=None, ip=None):
         """One 8-byte global store of two words (4 bf16)."""
         _llvm.inline_asm(None, [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(w0).ir_value(loc=loc, ip=ip),
@@ -6279,48 +6260,6 @@ if HAVE_CUTE:
                                loc=loc, ip=ip)
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
-    @dsl_user_op
-    def bulk_copy_g2s(smem_addr, gmem_addr, nbytes, mbar_addr, *, loc=None, ip=None):
-        """TMA bulk copy of nbytes (multiple of 16) global -> this CTA's shared memory; completion counted on the
-        mbarrier at mbar_addr (complete_tx)."""
-        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
-                                Int32(nbytes).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
-                         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
-                         "r,l,r,r", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
-    def mbar_expect_tx(mbar_addr, nbytes, *, loc=None, ip=None):
-        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(nbytes).ir_value(loc=loc, ip=ip)],
-                         "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r", has_side_effects=True,
-                         loc=loc, ip=ip)
-
-    @dsl_user_op
-    def mbar_init(mbar_addr, count, *, loc=None, ip=None):
-        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip), Int32(count).ir_value(loc=loc, ip=ip)],
-                         "mbarrier.init.shared::cta.b64 [$0], $1;\nfence.mbarrier_init.release.cluster;", "r,r",
-                         has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
-    def mbar_arrive(mbar_addr, *, loc=None, ip=None):
-        _llvm.inline_asm(None, [Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
-                         "{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [$0];\n}", "r", has_side_effects=True,
-                         loc=loc, ip=ip)
-
-    @dsl_user_op
-    def load_dsmem_f32x2(local_addr, rank, *, loc=None, ip=None):
-        """2 fp32 at this shared-memory address in the cluster CTA `rank`."""
-        res = _llvm.inline_asm(_ir.Type.parse("!llvm.struct<(f32, f32)>"),
-                               [Int32(local_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip)],
-                               "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, $2, $3;\n"
-                               "ld.shared::cluster.v2.f32 {$0,$1}, [ra];\n}", "=f,=f,r,r",
-                               has_side_effects=True, loc=loc, ip=ip)
-        return tuple(Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2))
-
-    @dsl_user_op
-    def store_b32(gmem_addr, w0, *, loc=None, ip=None):
-        _llvm.inline_asm(None, [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(w0).ir_value(loc=loc, ip=ip)],
-                         "st.global.b32 [$0], $1;", "l,r", has_side_effects=True, loc=loc, ip=ip)
-
     class SparseAttentionDecodeWide:
         """SparseAttentionDecodeCluster laid out for latency: grid (S, ceil(H/16), B) in clusters of the S <= 16
         splits of one (b, head group); each CTA loads its keys once (one pass of <= `chunk` rows, a multiple of 16;
@@ -6332,39 +6271,27 @@ if HAVE_CUTE:
           picks of a short sequence spread evenly; a -1 is a masked row; ring
           slots past pos are copied and masked with the logits, so the copies need neither pos nor a second pass).
         - The rows are copied by cp.async (CSA: every pick load of a thread in flight before its copies); rows past
-          the CTA's count are neither copied nor multiplied. prefetch: rows no kernel of the step writes (all but the
-          fresh ring slot, the newest block and the picks) are copied before griddepcontrol.wait.
+          the CTA's count are neither copied nor multiplied.
         - Per-unit constants (the head's sink, cos/sin of the inverse RoPE): before the wait under PDL, else while
           the copies are in flight.
-        - QK^T / online softmax / PV by mma.sync with ldmatrix fragments (qk_pairs: a warp takes two adjacent key
-          tiles so q is read from smem once for both; qk_dsplit: CTAs with <= 32 rows split each dot product over
-          idle warps); probabilities rounded to bf16 as in SparseAttentionDecodeCluster; thread `part` of a head
-          takes key pairs part, part+16, ...
+        - QK^T / online softmax / PV by mma.sync with ldmatrix fragments (PV where a warp has an odd number of n8
+          d tiles, head_dim 64, 192, ..: word loads); probabilities rounded to bf16 as in
+          SparseAttentionDecodeCluster; thread `part` of a head takes key pairs part, part+16, ...
         - Combine: CTA s owns a contiguous 1/S of the group's 4-column output units (a warp's DSMEM reads are
           consecutive 16-B pieces, no bank conflicts); per unit all S (m, z) and partial columns are loaded at once,
           M = max(sink, m_s), w_s = exp(m_s - M), Z = exp(sink - M) + sum_s z_s w_s, o = sum_s w_s o_s (order s),
           times 1/Z, bf16; the last rope_dim columns rotated back; one 8-byte store. The exit cluster barrier is
           relaxed (it only keeps the shared memory alive for the peers' reads).
-        stamps: thread 0 of each CTA writes %globaltimer / %clock64 at the phase borders into mStamp (probe)."""
-
-        N_STAMPS = 16
+        Tried and dropped: TMA bulk row copies, copying the unchanged rows before the PDL wait, per-head combine
+        weights, split dot products / accumulators, paired key tiles per warp (notes/decode.md, session 5)."""
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
-                     rope_dim: int = 0, stamps: bool = False, ldsm: bool = True, qk_chains: int = 1,
-                     prefetch: bool = False, qk_dsplit: bool = False, qk_pairs: bool = True, bulk: bool = False,
-                     combine_pre: bool = True):
+                     rope_dim: int = 0):
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
             self.hd, self.mode, self.splits, self.chunk, self.n_ch = head_dim, mode, splits, chunk, chunks_per_cta
-            self.rd, self.stamps = rope_dim, stamps
-            self.ldsm = ldsm                                 # fragments by ldmatrix (same values as word loads)
-            self.qk_chains = qk_chains                       # > 1: independent QK^T accumulators (another fp32 order)
-            assert (head_dim // 16) % (2 * qk_chains) == 0
-            self.prefetch = prefetch and chunks_per_cta == 1     # stable key rows copied before the PDL wait
-            self.qk_dsplit = qk_dsplit and chunk > 32 and (head_dim // 16) % 8 == 0   # idle warps split small dot products
-            self.qk_pairs = qk_pairs                         # a warp's two adjacent key tiles share one read of q
-            self.bulk = bulk and head_dim * 2 % 16 == 0      # key rows by TMA bulk copies (one per row) + an mbarrier
+            self.rd = rope_dim
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -6373,11 +6300,7 @@ if HAVE_CUTE:
             self.key_tiles = chunk // 8                      # n8 key tiles of QK^T
             self.tiles_per_warp = -(-self.key_tiles // 8)
             self.pairs_per_thread = -(-(chunk // 2) // 16)
-            # combine_pre: the split weights of each head are formed once per CTA (16 x S threads load the (m, z),
-            # 16 threads sum them in order s), then each unit only loads and adds the partial columns; units of
-            # 2 columns when S > 8 (every thread busy). Same operations in the same order as per-unit weights.
-            self.combine_pre = combine_pre and splits * HEAD_TILE <= self.threads
-            self.uw = 2 if self.combine_pre and splits > 8 else 4          # output columns per unit
+            self.uw = 4                                      # output columns per unit of the combine
             self.units = HEAD_TILE * head_dim // self.uw
             self.units_per_cta = -(-self.units // splits)
             self.units_per_thread = -(-self.units_per_cta // self.threads)
@@ -6387,7 +6310,7 @@ if HAVE_CUTE:
         @cute.jit
         def __call__(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                      mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
-                     mStamp: cute.Tensor, scale: Float32, ratio: Int32, stream):
+                     scale: Float32, ratio: Int32, stream):
             B = cute.size(mQ, mode=[0])
             H = cute.size(mQ, mode=[1])
 
@@ -6400,129 +6323,73 @@ if HAVE_CUTE:
                 sSrc: cute.struct.MemRange[Int32, self.chunk]
                 sAlpha: cute.struct.MemRange[Float32, HEAD_TILE]
                 sML: cute.struct.Align[cute.struct.MemRange[Float32, HEAD_TILE * 4], 16]
-                sX: cute.struct.MemRange[Float32, 3 * HEAD_TILE * 16 if self.qk_dsplit else 4]
-                mbar: cute.struct.Align[cute.struct.MemRange[Int64, 1], 8]
-                sMZ: cute.struct.MemRange[Float32, HEAD_TILE * 16 * 2]
-                sW: cute.struct.MemRange[Float32, HEAD_TILE * 16]
-                sInv: cute.struct.MemRange[Float32, HEAD_TILE]
-                sStamp: cute.struct.Align[cute.struct.MemRange[Int64, 16], 8]
 
             self.shared_storage = SharedStorage
-            self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, mStamp, scale, ratio).launch(
+            self.kernel(mQ, mWin, mComp, mIdx, mPos, mSink, mOut, mAng, scale, ratio).launch(
                 grid=[self.splits, (H + HEAD_TILE - 1) // HEAD_TILE, B], block=[self.threads, 1, 1],
                 cluster=[self.splits, 1, 1], stream=stream, use_pdl=GLUE_PDL,
                 min_blocks_per_mp=2, preferred_smem_carveout=100)   # <= 128 registers: two CTAs per SM
 
         @cute.jit
-        def stamp(self, sStamp: cute.Tensor, slot: int, tidx, split, grp, b, n_grp, use_clock: bool = True):
-            """Phase stamp of thread 0 into shared memory (no global store that a release barrier would wait for);
-            written out at the end (flush_stamps)."""
-            if const_expr(self.stamps):
-                if tidx == 0:
-                    if const_expr(use_clock):
-                        sStamp[slot] = read_clock64()
-                    else:
-                        sStamp[slot] = read_globaltimer()
-
-        @cute.jit
-        def flush_stamps(self, sStamp, mStamp, tidx, split, grp, b, n_grp):
-            if const_expr(self.stamps):
-                if tidx == 0:
-                    base = ((b * n_grp + grp) * self.splits + split) * self.N_STAMPS
-                    for i in cutlass.range_constexpr(12):
-                        mStamp[base + i] = sStamp[i]
-
-        @cute.jit
-        def copy_rows(self, sK, sSrc, mWin, mComp, mIdx, b, split, tidx, x0, cnt, v_begin, w_per, p_per, k_picks,
-                      n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr, phase: int):
+        def copy_rows(self, sK, sSrc, mWin, mComp, mIdx, b, split, tidx, x0, cnt, v_begin, w_per, k_picks, n_win, W,
+                      Tc):
             """cp.async of key rows 0..cnt16-1 of a chunk (list positions x0 + r; rows cnt.. zero-filled) + their source
-            ids into sSrc. phase 0: only the rows no kernel of this step writes (before griddepcontrol.wait), 1: the
-            others, 2: all. First every source of this thread (CSA: all pick loads in flight at once), then the copies."""
+            ids into sSrc. First every source of this thread (CSA: all pick loads in flight at once), then the copies."""
             vec = self.words // 4
             row = self.row
             S = self.splits
             cnt16 = (cnt + 15) // 16 * 16
             srcs = cute.make_rmem_tensor((self.copies,), Int32)
-            early = cute.make_rmem_tensor((self.copies,), Int32)
             for k in cutlass.range_constexpr(self.copies):
                 r = (tidx + self.threads * k) // vec
                 x = x0 + r
                 src = Int32(-1)
-                pre = Int32(1)
                 if const_expr(self.mode == "csa"):
                     slot = split * w_per + x
                     c = split + S * (x - w_per)         # picks dealt round-robin: the valid ones come first
                     if x < w_per:
                         if slot < W:                    # slots > pos are masked with the logits (put_logits)
                             src = slot
-                            if const_expr(phase != 2):
-                                if slot == fresh_slot:
-                                    pre = Int32(0)
                     else:
-                        pre = Int32(0)
-                        if const_expr(phase != 0):
-                            j = mIdx[b, cutlass.max(cutlass.min(c, k_picks - 1), 0)].to(Int32)
-                            if c < k_picks and j >= 0 and j < Tc:
-                                src = W + j
+                        j = mIdx[b, cutlass.max(cutlass.min(c, k_picks - 1), 0)].to(Int32)
+                        if c < k_picks and j >= 0 and j < Tc:
+                            src = W + j
                 else:
                     v = v_begin + x
                     src = v
                     if v >= n_win:
                         src = W + v - n_win
-                    if const_expr(phase != 2):
-                        if src == fresh_slot or src == fresh_block:
-                            pre = Int32(0)
                 if r >= cnt:
                     src = Int32(-1)
-                    pre = Int32(1)
                 srcs[k] = src
-                early[k] = pre
             for k in cutlass.range_constexpr(self.copies):
                 i = tidx + self.threads * k
                 r = i // vec
                 c = i % vec
-                want = Int32(1)
-                if const_expr(phase == 0):
-                    want = early[k]
-                if const_expr(phase == 1):
-                    want = 1 - early[k]
-                if r < cnt16 and want != 0:
+                if r < cnt16:
                     src = srcs[k]
                     gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
                                                           mWin.layout)).toint()
                     if src >= W:
                         gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
-                    if const_expr(self.bulk):
-                        if src < 0:                             # zero rows: plain 16-B shared stores
-                            for w4 in cutlass.range_constexpr(4):
-                                sK[r, 4 * c + w4] = Int32(0)
-                        elif c == 0:                            # one bulk copy of the whole row
-                            mbar_expect_tx(mbar_addr, self.words * 4)
-                            bulk_copy_g2s((sK.iterator + r * row).toint(), gaddr, self.words * 4, mbar_addr)
-                    else:
-                        nbytes = Int32(0)
-                        if src >= 0:
-                            nbytes = Int32(16)
-                        cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+                    nbytes = Int32(0)
+                    if src >= 0:
+                        nbytes = Int32(16)
+                    cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
                     if c == 0:
                         sSrc[r] = src
-            if const_expr(not self.bulk):
-                cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_commit_group()
 
         @cute.jit
         def unit_constants(self, mSink, mAng, sinks, cs, pos, split, tidx, h0, H):
             """Output units (uw columns of one head) of this CTA: a contiguous range, so a warp's DSMEM reads are
-            consecutive pieces. sinks: per unit the head's sink (combine_pre: thread h < 16 holds head h's in sinks[0]);
-            cs: for the rope columns (cos, -sin) per column pair."""
+            consecutive pieces. sinks: per unit the head's sink; cs: for the rope columns (cos, -sin) per column pair."""
             uw = self.uw
             p_ang = cutlass.max(pos, Int32(0))
-            if const_expr(self.combine_pre):
-                sinks[0] = mSink[cutlass.min(h0 + tidx % HEAD_TILE, H - 1)]
             for i in cutlass.range_constexpr(self.units_per_thread):
                 a_u = cutlass.min(split * self.units_per_cta + tidx + self.threads * i, self.units - 1)
                 a_col = (a_u % (self.hd // uw)) * uw
-                if const_expr(not self.combine_pre):
-                    sinks[i] = mSink[cutlass.min(h0 + a_u // (self.hd // uw), H - 1)]
+                sinks[i] = mSink[cutlass.min(h0 + a_u // (self.hd // uw), H - 1)]
                 if const_expr(self.rd > 0):
                     if a_col >= self.hd - self.rd:
                         for k2 in cutlass.range_constexpr(uw // 2):
@@ -6531,47 +6398,25 @@ if HAVE_CUTE:
                             cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
 
         @cute.jit
-        def qk_dot(self, sQ, sK, j, kk0: int, kk1: int, lane, g, t, nt: int = 1, stride: int = 8):
-            """Warp-wide partial logits of key tiles j, j + stride, .. (nt of them, interleaved: independent mma chains, one
-            read of the q fragments for all) x 16
-            heads over kk0 <= kk < kk1 (16 d each): fp32 [tile][(head g | g+8) x (key 2t | 2t+1)]; qk_chains
-            accumulators per tile, summed in order at the end."""
-            nc = self.qk_chains
+        def qk_dot(self, sQ, sK, j, lane, nt: int = 1):
+            """Warp-wide logits of key tiles j, j + 8, .. (nt of them, interleaved: independent mma chains, one read of
+            the q fragments for all) x 16 heads: fp32 [tile][(head g | g+8) x (key 2t | 2t+1)], g = lane/4, t = lane%4."""
             row = self.row
-            acc = cute.make_rmem_tensor((4 * nc * nt,), Float32)
+            acc = cute.make_rmem_tensor((4 * nt,), Float32)
             acc.fill(0.0)
-            if const_expr(self.ldsm):
-                q_addr = (sQ.iterator + (lane % 8 + 8 * ((lane // 8) % 2)) * row + 4 * (lane // 16)).toint()
-                k_addr = (sK.iterator + (8 * j + lane % 8) * row + 4 * (lane // 8)).toint()
-                for k2 in cutlass.range_constexpr(kk0 // 2, kk1 // 2):
-                    for h2 in cutlass.range_constexpr(2):
-                        kk = 2 * k2 + h2
-                        qa = ldsm_x4(q_addr + 32 * kk)
-                        for i in cutlass.range_constexpr(nt):
-                            bk = ldsm_x4(k_addr + 4 * 8 * stride * row * i + 64 * k2)     # b0, b1 of kk = 2k2, 2k2 + 1
-                            c4 = 4 * (i * nc + kk % nc)
-                            d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
-                                               acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
-                            for e in cutlass.range_constexpr(4):
-                                acc[c4 + e] = d[e]
-            else:
-                for kk in cutlass.range_constexpr(kk0, kk1):
+            q_addr = (sQ.iterator + (lane % 8 + 8 * ((lane // 8) % 2)) * row + 4 * (lane // 16)).toint()
+            k_addr = (sK.iterator + (8 * j + lane % 8) * row + 4 * (lane // 8)).toint()
+            for k2 in cutlass.range_constexpr(self.hd // 32):
+                for h2 in cutlass.range_constexpr(2):
+                    kk = 2 * k2 + h2
+                    qa = ldsm_x4(q_addr + 32 * kk)
                     for i in cutlass.range_constexpr(nt):
-                        n = 8 * (j + stride * i) + g
-                        c4 = 4 * (i * nc + kk % nc)
-                        d = mma_bf16_16816(sQ[g, kk * 8 + t], sQ[g + 8, kk * 8 + t], sQ[g, kk * 8 + 4 + t],
-                                           sQ[g + 8, kk * 8 + 4 + t], sK[n, kk * 8 + t], sK[n, kk * 8 + 4 + t],
-                                           acc[c4], acc[c4 + 1], acc[c4 + 2], acc[c4 + 3])
+                        bk = ldsm_x4(k_addr + 4 * 8 * 8 * row * i + 64 * k2)     # b0, b1 of kk = 2k2, 2k2 + 1
+                        d = mma_bf16_16816(qa[0], qa[1], qa[2], qa[3], bk[2 * h2], bk[2 * h2 + 1],
+                                           acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3])
                         for e in cutlass.range_constexpr(4):
-                            acc[c4 + e] = d[e]
-            out = cute.make_rmem_tensor((4 * nt,), Float32)
-            for i in cutlass.range_constexpr(nt):
-                for e in cutlass.range_constexpr(4):
-                    out[4 * i + e] = acc[4 * i * nc + e]
-                for c_ in cutlass.range_constexpr(1, nc):
-                    for e in cutlass.range_constexpr(4):
-                        out[4 * i + e] = out[4 * i + e] + acc[4 * (i * nc + c_) + e]
-            return out
+                            acc[4 * i + e] = d[e]
+            return acc
 
         @cute.jit
         def put_logits(self, sL, sSrc, acc, off: int, j, g, t, cnt, scale, pos, W):
@@ -6592,83 +6437,36 @@ if HAVE_CUTE:
 
         @cute.jit
         def qk_all(self, sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W):
-            """Whole dot products. qk_pairs: warp w takes key tiles 2w, 2w+1 (one q read for both); else tiles w, w + 8,
-            ... Tiles are interleaved mma chains; tiles past cnt16 are only written as -inf."""
-            if const_expr(self.qk_pairs):
-                if 2 * warp < self.key_tiles:
-                    j = 2 * warp
-                    acc = cute.make_rmem_tensor((8,), Float32)
-                    acc.fill(0.0)
-                    if 8 * j + 8 < cnt16 and j + 1 < self.key_tiles:
-                        dot = self.qk_dot(sQ, sK, j, 0, self.hd // 16, lane, g, t, 2, 1)
-                        for e in cutlass.range_constexpr(8):
-                            acc[e] = dot[e]
-                    elif 8 * j < cnt16:
-                        dot = self.qk_dot(sQ, sK, j, 0, self.hd // 16, lane, g, t)
-                        for e in cutlass.range_constexpr(4):
-                            acc[e] = dot[e]
-                    for i in cutlass.range_constexpr(2):
-                        if j + i < self.key_tiles:
-                            self.put_logits(sL, sSrc, acc, 4 * i, j + i, g, t, cnt, scale, pos, W)
+            """Whole dot products: warp w takes key tiles w, w + 8, .. (interleaved mma chains); tiles past cnt16 are
+            only written as -inf."""
+            tpw = self.tiles_per_warp
+            acc = cute.make_rmem_tensor((4 * tpw,), Float32)
+            acc.fill(0.0)
+            if const_expr(tpw == 1):
+                if warp * 8 < cnt16:
+                    dot = self.qk_dot(sQ, sK, warp, lane)
+                    for e in cutlass.range_constexpr(4):
+                        acc[e] = dot[e]
             else:
-                tpw = self.tiles_per_warp
-                acc = cute.make_rmem_tensor((4 * tpw,), Float32)
-                acc.fill(0.0)
-                if const_expr(tpw == 1):
-                    if warp * 8 < cnt16:
-                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
-                        for e in cutlass.range_constexpr(4):
-                            acc[e] = dot[e]
-                else:
-                    assert tpw == 2
-                    if (warp + 8) * 8 < cnt16 and warp + 8 < self.key_tiles:
-                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t, 2)
-                        for e in cutlass.range_constexpr(8):
-                            acc[e] = dot[e]
-                    elif warp * 8 < cnt16:
-                        dot = self.qk_dot(sQ, sK, warp, 0, self.hd // 16, lane, g, t)
-                        for e in cutlass.range_constexpr(4):
-                            acc[e] = dot[e]
-                for i in cutlass.range_constexpr(tpw):
-                    if warp + 8 * i < self.key_tiles:
-                        self.put_logits(sL, sSrc, acc, 4 * i, warp + 8 * i, g, t, cnt, scale, pos, W)
-
-        @cute.jit
-        def qk_split(self, sQ, sK, sL, sSrc, sX, P: int, warp, lane, g, t, cnt, scale, tidx, pos, W):
-            """<= 64/P rows: warp w takes tile w % (8/P), d part w // (8/P) of 16 hd/P columns; parts 1.. go through
-            sX, part 0 adds them in order and writes the logits; keys past the tiles -> -inf."""
-            T = 8 // P
-            n_keys = 8 * T
-            kk_part = self.hd // 16 // P
-            j = warp % T
-            p = warp // T
-            for p_ in cutlass.range_constexpr(P):
-                if p == p_:
-                    dot = self.qk_dot(sQ, sK, j, p_ * kk_part, (p_ + 1) * kk_part, lane, g, t)
-                    if const_expr(p_ > 0):
-                        for e in cutlass.range_constexpr(4):
-                            sX[((p_ - 1) * HEAD_TILE + g + 8 * (e // 2)) * n_keys + 8 * j + 2 * t + e % 2] = dot[e]
-                    else:
-                        for e in cutlass.range_constexpr(4):
-                            sL[g + 8 * (e // 2), 8 * j + 2 * t + e % 2] = dot[e]      # part 0, parked in sL
-            for i in cutlass.range(tidx, HEAD_TILE * (self.chunk - n_keys), self.threads, unroll=1):
-                sL[i // (self.chunk - n_keys), n_keys + i % (self.chunk - n_keys)] = Float32(-math.inf)
-            cute.arch.sync_threads()
-            if p == 0:
-                acc = cute.make_rmem_tensor((4,), Float32)
-                for e in cutlass.range_constexpr(4):
-                    acc[e] = sL[g + 8 * (e // 2), 8 * j + 2 * t + e % 2]
-                    for q_ in cutlass.range_constexpr(1, P):
-                        acc[e] = acc[e] + sX[((q_ - 1) * HEAD_TILE + g + 8 * (e // 2)) * n_keys + 8 * j + 2 * t + e % 2]
-                self.put_logits(sL, sSrc, acc, 0, j, g, t, cnt, scale, pos, W)
+                assert tpw == 2
+                if (warp + 8) * 8 < cnt16 and warp + 8 < self.key_tiles:
+                    dot = self.qk_dot(sQ, sK, warp, lane, 2)
+                    for e in cutlass.range_constexpr(8):
+                        acc[e] = dot[e]
+                elif warp * 8 < cnt16:
+                    dot = self.qk_dot(sQ, sK, warp, lane)
+                    for e in cutlass.range_constexpr(4):
+                        acc[e] = dot[e]
+            for i in cutlass.range_constexpr(tpw):
+                if warp + 8 * i < self.key_tiles:
+                    self.put_logits(sL, sSrc, acc, 4 * i, warp + 8 * i, g, t, cnt, scale, pos, W)
 
         @cute.kernel
         def kernel(self, mQ: cute.Tensor, mWin: cute.Tensor, mComp: cute.Tensor, mIdx: cute.Tensor,
                    mPos: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mAng: cute.Tensor,
-                   mStamp: cute.Tensor, scale: Float32, ratio: Int32):
+                   scale: Float32, ratio: Int32):
             tidx, _, _ = cute.arch.thread_idx()
             split, grp, b = cute.arch.block_idx()
-            _, n_grp, _ = cute.arch.grid_dim()
             warp = tidx // 32
             lane = tidx % 32
             g = lane // 4
@@ -6692,19 +6490,7 @@ if HAVE_CUTE:
             sSrc = storage.sSrc.get_tensor(cute.make_layout(chunk))
             sAlpha = storage.sAlpha.get_tensor(cute.make_layout(HEAD_TILE))
             sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
-            sMZ = storage.sMZ.get_tensor(cute.make_layout((HEAD_TILE, 16, 2), stride=(32, 2, 1)))
-            sW = storage.sW.get_tensor(cute.make_layout((HEAD_TILE, 16), stride=(16, 1)))
-            sInv = storage.sInv.get_tensor(cute.make_layout(HEAD_TILE))
-            sStamp = storage.sStamp.get_tensor(cute.make_layout(16))
-            self.stamp(sStamp, 0, tidx, split, grp, b, n_grp, False)
-            self.stamp(sStamp, 1, tidx, split, grp, b, n_grp)
-            sX = storage.sX.get_tensor(cute.make_layout(3 * HEAD_TILE * 16 if self.qk_dsplit else 4))
 
-            mbar_addr = storage.mbar.data_ptr().toint()
-            if const_expr(self.bulk):
-                if tidx == 0:
-                    mbar_init(mbar_addr, 1)
-                cute.arch.sync_threads()
             # ---- prologue: nothing here is written by an earlier kernel of the step (pos is set before the replay)
             pos = mPos[0].to(Int32)
             n_win = cutlass.min(pos + 1, W)
@@ -6722,23 +6508,13 @@ if HAVE_CUTE:
                 per = (n_keys + S - 1) // S
                 v_begin = split * per
                 n_mine = cutlass.max(cutlass.min(n_keys - v_begin, per), 0)
-            fresh_slot = pos % W                # the ring slot this step's kv kernel writes
-            fresh_block = W + (pos + 1) // ratio - 1      # the newest block (maybe written by this step)
             # per output unit: the head's sink, (cos, -sin) of the rope columns; before the wait under PDL (hidden
             # behind the previous kernel), else once the key copies are in flight
             sinks = cute.make_rmem_tensor((self.units_per_thread,), Float32)
             cs = cute.make_rmem_tensor((self.units_per_thread * 4,), Float32)
             if const_expr(GLUE_PDL or self.n_ch > 1):
                 self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
-            if const_expr(self.prefetch):
-                # rows no kernel of this step writes: copied before the wait (the fresh ring slot, the newest block
-                # and the CSA picks after it)
-                cnt0 = cutlass.min(n_mine, chunk)
-                self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, 0, cnt0, v_begin, w_per, p_per,
-                               k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr, 0)
-            self.stamp(sStamp, 2, tidx, split, grp, b, n_grp)
             _pdl_enter()
-            self.stamp(sStamp, 3, tidx, split, grp, b, n_grp)
 
             # q rows of the head group -> padded smem
             for i in cutlass.range(tidx, HEAD_TILE * vec, self.threads, unroll=1):
@@ -6767,32 +6543,15 @@ if HAVE_CUTE:
                 cnt16 = (cnt + 15) // 16 * 16
                 if cnt > 0:
                     self.copy_rows(sK, sSrc, mWin, mComp, mIdx, b, split, tidx, ch * chunk, cnt, v_begin, w_per,
-                                   p_per, k_picks, n_win, pos, W, Tc, fresh_slot, fresh_block, mbar_addr,
-                                   1 if const_expr(self.prefetch) else 2)
+                                   k_picks, n_win, W, Tc)
                     if const_expr(not GLUE_PDL and self.n_ch == 1):
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
                     cute.arch.cp_async_wait_group(0)
-                    if const_expr(self.bulk):
-                        cute.arch.sync_threads()                   # every expect_tx before the one arrival
-                        if tidx == 0:
-                            mbar_arrive(mbar_addr)
-                        cute.arch.mbarrier_wait(storage.mbar.data_ptr(), ch % 2)
                     cute.arch.sync_threads()
-                    self.stamp(sStamp, 4, tidx, split, grp, b, n_grp)
 
-                    # logits: warp w -> key tiles w, w + 8, ..: keys 8j + (2t, 2t+1), heads g, g + 8; with qk_dsplit
-                    # and <= 32 rows the idle warps take a half / quarter of each dot product (summed in smem)
-                    if const_expr(self.qk_dsplit):
-                        if cnt16 <= 16:
-                            self.qk_split(sQ, sK, sL, sSrc, sX, 4, warp, lane, g, t, cnt, scale, tidx, pos, W)
-                        elif cnt16 <= 32:
-                            self.qk_split(sQ, sK, sL, sSrc, sX, 2, warp, lane, g, t, cnt, scale, tidx, pos, W)
-                        else:
-                            self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
-                    else:
-                        self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
+                    # logits: warp w -> key tiles w, w + 8, ..: keys 8j + (2t, 2t+1), heads g, g + 8
+                    self.qk_all(sQ, sK, sL, sSrc, warp, lane, g, t, cnt, cnt16, scale, pos, W)
                     cute.arch.sync_threads()
-                    self.stamp(sStamp, 5, tidx, split, grp, b, n_grp)
 
                     m_c = neg_inf
                     for i in cutlass.range_constexpr(self.pairs_per_thread):
@@ -6821,7 +6580,6 @@ if HAVE_CUTE:
                     if part == 0:
                         sAlpha[hh] = alpha
                     cute.arch.sync_threads()
-                    self.stamp(sStamp, 6, tidx, split, grp, b, n_grp)
 
                     a_lo = sAlpha[g]
                     a_hi = sAlpha[g + 8]
@@ -6837,7 +6595,7 @@ if HAVE_CUTE:
                             a2 = sP[g, kk * 8 + 4 + t]
                             a3 = sP[g + 8, kk * 8 + 4 + t]
                             k = kk * 16 + 2 * t
-                            if const_expr(self.ldsm and self.d_tiles % 2 == 0):
+                            if const_expr(self.d_tiles % 2 == 0):
                                 v_addr = (sK.iterator + (kk * 16 + 8 * ((lane // 8) % 2) + lane % 8) * row
                                           + d0 // 2 + 4 * (lane // 16)).toint()
                                 for j2 in cutlass.range_constexpr(self.d_tiles // 2):
@@ -6862,7 +6620,6 @@ if HAVE_CUTE:
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
                 cute.arch.sync_threads()                           # sK / sP are reused by the next chunk
             cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
-            self.stamp(sStamp, 7, tidx, split, grp, b, n_grp)
 
             # partial (o, m, z) of this CTA -> its own shared memory, then the cluster combines
             for j in cutlass.range_constexpr(self.d_tiles):
@@ -6873,26 +6630,7 @@ if HAVE_CUTE:
                 sML[hh, 1] = z_run
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
-            self.stamp(sStamp, 8, tidx, split, grp, b, n_grp)
             uw = self.uw
-            if const_expr(self.combine_pre):
-                if tidx < HEAD_TILE * S:                       # thread (h, s): head h's (m, z) of split s
-                    mz = load_dsmem_f32x4((sML.iterator + (tidx // S) * 4).toint(), Int32(tidx % S))
-                    sMZ[tidx // S, tidx % S, 0] = mz[0]
-                    sMZ[tidx // S, tidx % S, 1] = mz[1]
-                cute.arch.sync_threads()
-                if tidx < HEAD_TILE:                           # head tidx: split weights and 1/Z, in order s
-                    h_sink = sinks[0]
-                    M = h_sink
-                    for s_ in cutlass.range_constexpr(S):
-                        M = cute.math.max(M, sMZ[tidx, s_, 0])
-                    Z = cute.math.exp(h_sink - M)
-                    for s_ in cutlass.range_constexpr(S):
-                        w_ = cute.math.exp(sMZ[tidx, s_, 0] - M)            # 0 for an empty split
-                        Z = Z + sMZ[tidx, s_, 1] * w_
-                        sW[tidx, s_] = w_
-                    sInv[tidx] = 1.0 / Z
-                cute.arch.sync_threads()
             for i in cutlass.range_constexpr(self.units_per_thread):
                 u = split * self.units_per_cta + tidx + self.threads * i
                 if u < self.units and u < (split + 1) * self.units_per_cta:
@@ -6904,39 +6642,27 @@ if HAVE_CUTE:
                         u_o.fill(0.0)
                         u_ov = cute.make_rmem_tensor((S * uw,), Float32)      # all S loads in flight at once
                         for s_ in cutlass.range_constexpr(S):
-                            if const_expr(uw == 4):
-                                vals = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
-                            else:
-                                vals = load_dsmem_f32x2((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
+                            vals = load_dsmem_f32x4((sO.iterator + u_h * self.hd + u_col).toint(), Int32(s_))
                             for e in cutlass.range_constexpr(uw):
                                 u_ov[uw * s_ + e] = vals[e]
-                        u_inv = Float32(0.0)
-                        if const_expr(self.combine_pre):
-                            for s_ in cutlass.range_constexpr(S):
-                                u_w = sW[u_h, s_]
-                                if u_w > 0.0:                                    # (an empty split adds nothing)
-                                    for e in cutlass.range_constexpr(uw):
-                                        u_o[e] = u_o[e] + u_w * u_ov[uw * s_ + e]
-                            u_inv = sInv[u_h]
-                        else:
-                            # every split's (m, z) of the head, then the weights of this unit
-                            u_ml = cute.make_rmem_tensor((S * 2,), Float32)
-                            for s_ in cutlass.range_constexpr(S):
-                                mz = load_dsmem_f32x4((sML.iterator + u_h * 4).toint(), Int32(s_))
-                                u_ml[2 * s_] = mz[0]
-                                u_ml[2 * s_ + 1] = mz[1]
-                            u_sink = sinks[i]
-                            M = u_sink
-                            for s_ in cutlass.range_constexpr(S):
-                                M = cute.math.max(M, u_ml[2 * s_])
-                            Z = cute.math.exp(u_sink - M)
-                            for s_ in cutlass.range_constexpr(S):
-                                u_w = cute.math.exp(u_ml[2 * s_] - M)              # 0 for an empty split
-                                Z = Z + u_ml[2 * s_ + 1] * u_w
-                                if u_w > 0.0:
-                                    for e in cutlass.range_constexpr(uw):
-                                        u_o[e] = u_o[e] + u_w * u_ov[uw * s_ + e]
-                            u_inv = 1.0 / Z
+                        # every split's (m, z) of the head, then the weights of this unit
+                        u_ml = cute.make_rmem_tensor((S * 2,), Float32)
+                        for s_ in cutlass.range_constexpr(S):
+                            mz = load_dsmem_f32x4((sML.iterator + u_h * 4).toint(), Int32(s_))
+                            u_ml[2 * s_] = mz[0]
+                            u_ml[2 * s_ + 1] = mz[1]
+                        u_sink = sinks[i]
+                        M = u_sink
+                        for s_ in cutlass.range_constexpr(S):
+                            M = cute.math.max(M, u_ml[2 * s_])
+                        Z = cute.math.exp(u_sink - M)
+                        for s_ in cutlass.range_constexpr(S):
+                            u_w = cute.math.exp(u_ml[2 * s_] - M)              # 0 for an empty split
+                            Z = Z + u_ml[2 * s_ + 1] * u_w
+                            if u_w > 0.0:
+                                for e in cutlass.range_constexpr(uw):
+                                    u_o[e] = u_o[e] + u_w * u_ov[uw * s_ + e]
+                        u_inv = 1.0 / Z
                         u_ob = cute.make_rmem_tensor((uw,), Float32)
                         for e in cutlass.range_constexpr(uw):
                             u_ob[e] = (u_o[e] * u_inv).to(BFloat16).to(Float32)       # the bf16 output value
@@ -6950,16 +6676,9 @@ if HAVE_CUTE:
                                     u_ob[2 * k2] = _sub(_mul(x0, c_), _mul(x1, s_n))
                                     u_ob[2 * k2 + 1] = _add(_mul(x0, s_n), _mul(x1, c_))
                         gaddr = (mOut.iterator + cute.crd2idx((b, u_head, u_col), mOut.layout)).toint()
-                        if const_expr(uw == 4):
-                            store_b32x2(gaddr, pack_bf16x2(u_ob[0], u_ob[1]), pack_bf16x2(u_ob[2], u_ob[3]))
-                        else:
-                            store_b32(gaddr, pack_bf16x2(u_ob[0], u_ob[1]))
-            self.stamp(sStamp, 9, tidx, split, grp, b, n_grp)
+                        store_b32x2(gaddr, pack_bf16x2(u_ob[0], u_ob[1]), pack_bf16x2(u_ob[2], u_ob[3]))
             cute.arch.cluster_arrive_relaxed()                     # peers may still read this CTA's partial (their
             cute.arch.cluster_wait()                               # reads are done when they arrive: no release)
-            self.stamp(sStamp, 10, tidx, split, grp, b, n_grp)
-            self.stamp(sStamp, 11, tidx, split, grp, b, n_grp, False)
-            self.flush_stamps(sStamp, mStamp, tidx, split, grp, b, n_grp)
 
     class IndexerScores:
         """keys_out[b, t] = score_key(sum_h relu(q[b,h]·K[b,t]) * w[b,h], t) for t < (pos+1)//ratio, else INT64_MIN
@@ -7521,7 +7240,7 @@ if HAVE_CUTE:
         "nocross" (logits only: no arrival, no selection)."""
 
         def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int,
-                     mode: str = "v0", warps: int = 4, signal: bool = False, prefetch: tuple = ()):
+                     mode: str = "v0", warps: int = 4, signal: bool = False):
             assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32 and warps in (1, 2, 4)
             assert mode in ("v0", "lean", "redux", "nosel", "nocross")
             self.mode = mode
@@ -7533,31 +7252,26 @@ if HAVE_CUTE:
             # caller that runs that launch next (router_signal_ok).
             assert not signal or mode in ("lean", "redux")
             self.signal = signal
-            # prefetch = (record bytes, m-tiles, k-tiles, k-tiles per K slice, stages, K slices) of the routed experts'
-            # w13 records (mPf): after a token's ids, its warp bulk-prefetches into L2 the first `stages` k-tiles of
-            # every (row tile, K slice) of each chosen expert = what the fused GEMM1 CTAs load first
-            assert not prefetch or mode in ("lean", "redux")
-            self.pf = tuple(prefetch)
             self.threads = 32 * warps
             self.per_lane = n_experts // 32
 
         @cute.jit
         def __call__(self, mX: cute.Tensor, mWt: cute.Tensor, mBias: cute.Tensor, mTid2Eid: cute.Tensor,
                      mTokens: cute.Tensor, mLogits: cute.Tensor, mCount: cute.Tensor, mIds: cute.Tensor,
-                     mW: cute.Tensor, route_scale: Float32, mPf: cute.Tensor, stream):
+                     mW: cute.Tensor, route_scale: Float32, stream):
             @cute.struct
             class SharedStorage:
                 sS: cute.struct.MemRange[Float32, self.warps * self.E]
                 flag: cute.struct.MemRange[Int32, 4]
 
             self.shared_storage = SharedStorage
-            self.kernel(mX, mWt, mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, mPf).launch(
+            self.kernel(mX, mWt, mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale).launch(
                 grid=[self.E // self.warps, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mWt: cute.Tensor, mBias: cute.Tensor, mTid2Eid: cute.Tensor,
                    mTokens: cute.Tensor, mLogits: cute.Tensor, mCount: cute.Tensor, mIds: cute.Tensor,
-                   mW: cute.Tensor, route_scale: Float32, mPf: cute.Tensor):
+                   mW: cute.Tensor, route_scale: Float32):
             tidx, _, _ = cute.arch.thread_idx()
             blk, _, _ = cute.arch.block_idx()
             n_blk, _, _ = cute.arch.grid_dim()
@@ -7611,7 +7325,7 @@ if HAVE_CUTE:
 
             if const_expr(self.mode != "nocross"):
                 self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp,
-                            lane, n_blk, N, bias, mPf)
+                            lane, n_blk, N, bias)
 
         @cute.jit
         def score(self, lg):
@@ -7624,7 +7338,7 @@ if HAVE_CUTE:
         @cute.jit
         def select(self, mBias: cute.Tensor, mTid2Eid: cute.Tensor, mTokens: cute.Tensor, mLogits: cute.Tensor,
                    mCount: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, route_scale: Float32, flag, sS, tidx,
-                   warp, lane, n_blk, N, bias, mPf: cute.Tensor):
+                   warp, lane, n_blk, N, bias):
             """Arrival (the last CTA continues), then per token (a warp each) scores, top-k ids and weights."""
             lean = self.mode != "v0"
             if const_expr(not lean):
@@ -7705,17 +7419,6 @@ if HAVE_CUTE:
                         if lane < self.k:
                             mIds[n, lane] = mine_id
                             mW[n, lane] = mine / total * route_scale
-                        if const_expr(self.pf):
-                            rec, m_tiles, k_tiles, kpc, stages, n_split = self.pf
-                            for r in cutlass.range_constexpr(self.k):
-                                ex = cute.arch.shuffle_sync(mine_id, r)
-                                if ex >= 0 and ex < self.E:
-                                    for q in cutlass.range_constexpr(-(-(m_tiles * n_split) // 32)):
-                                        qq = lane + 32 * q
-                                        if qq < m_tiles * n_split:
-                                            first = ((Int64(ex) * m_tiles + qq // n_split) * k_tiles
-                                                     + (qq % n_split) * kpc)
-                                            _prefetch_l2(mPf.iterator.toint() + first * rec, stages * rec)
                     else:
                         cute.arch.sync_warp()
                         if lane < self.k:
@@ -7762,9 +7465,9 @@ def attention_cluster_plan(window: int, n_comp: int, chunk: int = ATTN_CHUNK):
     return -(-chunks // per), per
 
 
-def _attention_fake_args(head_dim: int, *extra):
+def _attention_fake_args(head_dim: int):
     """Fake arguments of the cluster / wide attention launchers: q, ring, compressed kv (bf16 pairs as int32 words),
-    picks, pos, sink, out, the RoPE table, then `extra`, scale, ratio, stream."""
+    picks, pos, sink, out, the RoPE table, scale, ratio, stream."""
     B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
     words = head_dim // 2
     i32 = lambda *shape: cute.runtime.make_fake_compact_tensor(   # noqa: E731
@@ -7776,7 +7479,7 @@ def _attention_fake_args(head_dim: int, *extra):
             cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0), assumed_align=16),
             cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
                                                   assumed_align=4),
-            *extra, Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+            Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
 
 
 def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per_cta: int, rope_dim: int = 0):
@@ -7808,24 +7511,11 @@ def attention_wide_batch_plan(B: int, H: int, window: int, n_comp: int, num_sms:
 
 
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
-                            rope_dim: int = 0, stamps: bool = False, ldsm: bool | None = None,
-                            qk_chains: int | None = None, prefetch: bool | None = None, qk_dsplit: bool | None = None,
-                            qk_pairs: bool | None = None, bulk: bool | None = None, combine_pre: bool | None = None):
-    bulk = ATTN_BULK if bulk is None else bulk
-    combine_pre = ATTN_COMBINE_PRE if combine_pre is None else combine_pre
-    qk_dsplit = ATTN_QK_DSPLIT if qk_dsplit is None else qk_dsplit
-    qk_pairs = ATTN_QK_PAIRS if qk_pairs is None else qk_pairs
-    ldsm = ATTN_LDSM if ldsm is None else ldsm
-    qk_chains = ATTN_QK_CHAINS if qk_chains is None else qk_chains
-    prefetch = ATTN_PREFETCH if prefetch is None else prefetch
-
+                            rope_dim: int = 0):
     def build():
-        args = _attention_fake_args(head_dim, cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),),
-                                                                                     assumed_align=8))
-        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps, ldsm,
-                                         qk_chains, prefetch, qk_dsplit, qk_pairs, bulk, combine_pre), args
-    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, stamps,
-                             ldsm, qk_chains, prefetch, qk_dsplit, qk_pairs, bulk, combine_pre), build)
+        args = _attention_fake_args(head_dim)
+        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim), args
+    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
@@ -7881,7 +7571,7 @@ def fused_topk_slots(T: int) -> int:
 
 
 def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0",
-                  warps: int = 4, signal: bool = False, prefetch: tuple = ()):
+                  warps: int = 4, signal: bool = False):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
@@ -7894,12 +7584,11 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
-                Float32(1.0), mk(Uint8, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0), assumed_align=128),
-                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps, signal, prefetch), args
+                Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps, signal), args
     return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
-                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()) + (("signal",) if signal else ())
-                            + (("pf",) + tuple(prefetch) if prefetch else ()), build)
+                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()) + (("signal",) if signal else ()),
+                            build)
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:
@@ -7924,9 +7613,6 @@ def attention_unavailable_reason(q, window_kv, comp_kv=None) -> str | None:
     if reason is None and (q.shape[1] != 1 or q.shape[-1] % 64):
         reason = f"q {tuple(q.shape)}: needs one query and head_dim % 64 == 0"
     return reason
-
-
-_ATTN_STAMPS: dict = {}   # probe only: {"buffer": int64 tensor} -> the wide kernel writes its phase stamps there
 
 
 def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None):
@@ -7956,14 +7642,9 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
         splits, chunk, per = attention_wide_batch_plan(B, H, W, n_comp, _NUM_SMS[dev])
         rd = 0 if angles is None else 2 * angles.shape[-1]
         ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
-        stamps = _ATTN_STAMPS.get("buffer")
-        if stamps is None:        # unused without stamps: one buffer per device (a fill per call cost ~2 us at batch 1)
-            stamps = _COUNTERS.get((dev, "no stamps"))
-            if stamps is None:
-                stamps = _COUNTERS[(dev, "no stamps")] = torch.zeros(1, dtype=torch.int64, device=dev)
-        _compile_attention_wide(hd, mode, splits, chunk, per, rd, "buffer" in _ATTN_STAMPS)(
+        _compile_attention_wide(hd, mode, splits, chunk, per, rd)(
             words(q), words(window_kv), words(comp_kv), idx, pos, sink.detach().float(), out.view(B, H, hd),
-            ang, stamps, float(scale), int(max(ratio, 1)))
+            ang, float(scale), int(max(ratio, 1)))
         return out
     if ATTN_CLUSTER:
         splits, per = attention_cluster_plan(W, n_comp)
@@ -8053,31 +7734,6 @@ GATE_MODE = "redux"       # MoeGateDecode variant (see its docstring; "v0" = ses
 GATE_WARPS = 4            # experts (warps) per router CTA: E / GATE_WARPS CTAs (same bits for 1, 2, 4)
 
 
-GATE_PREFETCH = False     # gate_decode(experts=...): the router prefetches the chosen experts' first w13 tiles into L2
-
-
-def _router_prefetch(x, gate, experts):
-    """(static prefetch config, w13 records as uint8 [E, bytes]) for gate_decode, or ((), a dummy) where off."""
-    dev = x.device
-    dummy = _COUNTERS.get((dev, "u8"))
-    if dummy is None:
-        dummy = _COUNTERS[(dev, "u8")] = torch.zeros(1, 128, dtype=torch.uint8, device=dev)
-    if not (GATE_PREFETCH and experts is not None and GATE_MODE in ("lean", "redux")
-            and kernel_unavailable_reason(x, experts) is None):
-        return (), dummy
-    fused = no_routing_config(x, gate.k, experts)
-    if fused is None or experts.packed.w13.shape[0] != gate.weight.shape[0]:
-        return (), dummy
-    fmt, D, inter, S, stages = fused[:5]
-    k_tiles = D // TILE_K
-    kpc = k_tiles // S
-    st = max(1, min(stages, kpc))
-    while kpc % st:
-        st -= 1
-    w13 = experts.packed.w13                        # [E, records, ...] uint8: one row per expert (int32 extents)
-    return (record_bytes(fmt), 2 * inter // TILE_M, k_tiles, kpc, st, S), w13.view(w13.shape[0], -1)
-
-
 def router_ready(device) -> torch.Tensor:
     """The router kernel's counter buffer: [0] arrivals (zero between launches), [1] the ready flag of
     gate_decode(signal=True) (cleared by the next signalling router at its start), [2] unused."""
@@ -8101,12 +7757,11 @@ def gate_kernel_supported(gate, x) -> bool:
             and (not gate.hash or gate.tid2eid.is_contiguous()))
 
 
-def gate_decode(gate, x, tokens, signal: bool = False, experts=None):
+def gate_decode(gate, x, tokens, signal: bool = False):
     """dsv4.Gate.forward (gate: the module) in one CuTe DSL kernel (gate_kernel_supported), else gate_reference.
     Same ids in the same (descending score) order; weights to fp32 rounding. signal=True (only where
     router_signal_ok, and the very next launch is moe(..., ready=router_ready(x.device))): the kernel also sets the
-    ready flag that launch waits on. experts (the routed experts, GATE_PREFETCH): the kernel also prefetches the first
-    weight tiles of the chosen experts into L2 where moe takes the routing-free fused launch."""
+    ready flag that launch waits on."""
     if not gate_kernel_supported(gate, x):
         if signal:
             raise ValueError("gate_decode(signal=True): the router kernel does not run for these inputs")
@@ -8127,10 +7782,9 @@ def gate_decode(gate, x, tokens, signal: bool = False, experts=None):
     ids = torch.empty(N, gate.k, dtype=torch.int32, device=dev)
     w = torch.empty(N, gate.k, dtype=torch.float32, device=dev)
     counter = _COUNTERS[(dev, "gate")]
-    pf, records = _router_prefetch(x, gate, experts)
-    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS, signal, pf)(
+    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS, signal)(
         x.contiguous(), gate.weight.data, bias, tid2eid, tokens.reshape(-1).long(), logits, counter, ids, w,
-        float(gate.route_scale), records)
+        float(gate.route_scale))
     return ids, w
 
 

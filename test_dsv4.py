@@ -5576,29 +5576,9 @@ def _router_then_moe(gate, x, tokens, ex, signal_on, monkeypatch):
     monkeypatch.setattr(K, "MOE_ROUTER_SIGNAL", signal_on)
     signal = K.router_signal_ok(gate, x, ex)
     assert signal == signal_on
-    ids, w = K.gate_decode(gate, x, tokens, signal=signal, experts=ex)
+    ids, w = K.gate_decode(gate, x, tokens, signal=signal)
     y = K.moe(x, ids, w, ex, 7.0, ready=K.router_ready(x.device) if signal else None)
     return ids, w, y
-
-
-@gpu
-@pytest.mark.parametrize("signal", [False, True])
-def test_router_prefetch_of_the_chosen_experts_changes_no_bits(signal, monkeypatch):
-    """GATE_PREFETCH (the router bulk-prefetches the chosen experts' first w13 tiles into L2; with and without the
-    ready flag): the same ids / weights / y bits as without it, Flash dims mxfp4, T 1 and 2, biased and hash routers."""
-    ex = _flash("mxfp4")                                          # (the format the _flash cache was left in)
-    for layer in (0, 5):
-        gate, cfg = make_gate(layer, "cuda", seed=14)
-        for T in (1, 2):
-            x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
-            tokens = torch.randint(0, cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).cuda()
-            monkeypatch.setattr(K, "GATE_PREFETCH", False)
-            ref = _router_then_moe(gate, x, tokens, ex, False, monkeypatch)
-            monkeypatch.setattr(K, "GATE_PREFETCH", True)
-            assert K._router_prefetch(x, gate, ex)[0], "no prefetch config"
-            got = _router_then_moe(gate, x, tokens, ex, signal, monkeypatch)
-            torch.cuda.synchronize()
-            assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"layer {layer} T={T}: bits differ"
 
 
 @gpu
@@ -5901,124 +5881,6 @@ def test_gpu_wide_attention_undoes_the_output_rope_like_the_rope_kernel(B, H, hd
     angles = torch.rand(max(pos, 1) + 7, 32, device="cuda") * 6.3
     want = K.rope_inverse_fused(K.sparse_attention_decode(*args), angles, args[4])
     assert torch.equal(K.sparse_attention_decode(*args, angles=angles), want)
-
-
-WIDE_VARIANT_CASES = [(1, 64, 512, 128, 16384, "csa", 1000), (3, 64, 512, 128, 512, "hca", 16000),
-                      (2, 24, 64, 64, 100, "csa", 3), (1, 16, 64, 16, 0, "window", 9)]
-
-
-@gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
-def test_gpu_wide_attention_ldmatrix_fragments_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    monkeypatch.setattr(K, "ATTN_LDSM", True)
-    got = K.sparse_attention_decode(*args)
-    monkeypatch.setattr(K, "ATTN_LDSM", False)
-    assert torch.equal(got, K.sparse_attention_decode(*args))
-
-
-@gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
-def test_gpu_wide_attention_prefetch_before_the_pdl_wait_gives_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    monkeypatch.setattr(K, "ATTN_PREFETCH", False)
-    want = K.sparse_attention_decode(*args)
-    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
-    assert torch.equal(K.sparse_attention_decode(*args), want)
-
-
-@gpu
-@pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
-def test_gpu_wide_attention_combine_weights_once_per_head_give_the_same_bits(B, H, hd, W, Tc, mode, pos, max_splits,
-                                                                           monkeypatch):
-    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", False)
-    want = K.sparse_attention_decode(*args)
-    monkeypatch.setattr(K, "ATTN_COMBINE_PRE", True)
-    assert torch.equal(K.sparse_attention_decode(*args), want)
-
-
-@gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES + [(2, 64, 512, 128, 512, "hca", 300),
-                                                                      (1, 64, 512, 128, 8192, "hca", 1000000)])
-def test_gpu_wide_attention_bulk_row_copies_give_the_same_bits(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    monkeypatch.setattr(K, "ATTN_BULK", False)
-    want = K.sparse_attention_decode(*args)
-    monkeypatch.setattr(K, "ATTN_BULK", True)
-    assert torch.equal(K.sparse_attention_decode(*args), want)
-    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
-    assert torch.equal(K.sparse_attention_decode(*args), want)
-
-
-@gpu
-@pytest.mark.parametrize("bulk", [False, True])
-@pytest.mark.parametrize("mode", ["hca", "csa"])
-def test_gpu_wide_attention_prefetch_sees_the_ring_slot_written_just_before(mode, bulk, monkeypatch):
-    """In a graph, the kv kernel (a PDL glue kernel) writes this step's ring slot right before the attention, which
-    may copy every other key row before its griddepcontrol.wait: the output must equal the unprefetched kernel's
-    on the updated ring, at every position."""
-    B, H, hd, W, Tc = 2, 64, 512, 128, 512
-    q, ring, comp, idx, pos, sink, scale, ratio = attention_inputs(B, H, hd, W, Tc, mode, 5, k=512, device="cuda")
-    angles = torch.rand(70000, 32, device="cuda") * 6.3
-    kv = torch.randn(B, 1, hd, device="cuda").to(torch.bfloat16)
-    norm_w = torch.rand(hd, device="cuda") + 0.5
-
-    def step():
-        K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=ring)
-        return K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
-
-    monkeypatch.setattr(K, "ATTN_PREFETCH", True)
-    monkeypatch.setattr(K, "ATTN_BULK", bulk)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for p in (5, 127, 128, 1000, 1023, 16000, 65535):
-        nq, nring, ncomp, nidx, _, _, _, _ = attention_inputs(B, H, hd, W, Tc, mode, p, k=512, device="cuda", seed=p)
-        q.copy_(nq), ring.copy_(nring), comp.copy_(ncomp), pos.fill_(p), kv.copy_(torch.randn_like(kv, dtype=torch.float))
-        if idx is not None:
-            idx.copy_(nidx)
-        graph.replay()
-        torch.cuda.synchronize()
-        monkeypatch.setattr(K, "ATTN_PREFETCH", False)
-        want = K.sparse_attention_decode(q, ring, comp, idx, pos, sink, scale, ratio, angles=angles)
-        monkeypatch.setattr(K, "ATTN_PREFETCH", True)
-        assert torch.equal(ring, K.kv_norm_rope_quant_fused(kv, norm_w, angles, pos, 1e-6, True, ring=nring.clone()))
-        assert torch.equal(out, want), f"pos {p}"
-
-
-WIDE_DSPLIT_CASES = [(1, 64, 512, 128, 512, "hca", 1000), (3, 64, 512, 128, 512, "hca", 16000),
-                     (2, 64, 512, 128, 512, "hca", 300), (1, 64, 512, 128, 0, "window", 40)]
-
-
-@gpu
-@pytest.mark.parametrize("max_splits", [8, 16])
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_DSPLIT_CASES)
-def test_gpu_wide_attention_with_split_dot_products_matches_dsv4(B, H, hd, W, Tc, mode, pos, max_splits, monkeypatch):
-    """ATTN_QK_DSPLIT: CTAs with <= 32 rows (these HCA / window cases) sum each q.k in 2 or 4 parts."""
-    monkeypatch.setattr(K, "ATTN_QK_DSPLIT", True)
-    monkeypatch.setattr(K, "ATTN_MAX_SPLITS", max_splits)
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, device="cuda", seed=pos)
-    got = K.sparse_attention_decode(*args)
-    assert_attention_close(got, K.sparse_attention_decode_reference(*args),
-                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
-    assert torch.equal(got, K.sparse_attention_decode(*args)), "not deterministic"
-
-
-@gpu
-@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", WIDE_VARIANT_CASES)
-def test_gpu_wide_attention_with_split_qk_accumulators_matches_dsv4(B, H, hd, W, Tc, mode, pos, monkeypatch):
-    monkeypatch.setattr(K, "ATTN_QK_CHAINS", 2)
-    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512 if hd == 512 else 12, device="cuda", seed=pos)
-    assert_attention_close(K.sparse_attention_decode(*args), K.sparse_attention_decode_reference(*args),
-                           attention_fp64(*[a.cpu() if torch.is_tensor(a) else a for a in args]), f"{mode} {pos}")
 
 
 @gpu
