@@ -3340,6 +3340,12 @@ HC_COLS = 32        # columns of each stream per mix warp (one per lane)
 HC_SLOTS = 32       # partial slots per (group, token): mix dot products, then the sum of squares, then zeros
 FIN_THREADS = 128   # finalize CTA: 4 warps split the column groups; one thread per 8 columns of x
 HC_USE_PDL = True      # programmatic dependent launch: the mix kernel loads fn while the previous kernel drains
+HC_SITE = "cluster"     # a decode site (hc_pre + RMSNorm, hc_post fused or not) at M <= HC_CLUSTER_MAX_TOKENS:
+                        # "cluster" = HcSiteCluster (one launch, one thread-block cluster per token block),
+                        # "two" = HcMix + HcFinalize (sessions 2-5); same bits
+HC_CLUSTER_MAX_TOKENS = 8
+HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
+HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
 MAX_KERNEL_TOKENS = 64   # hc_pre / hc_head kernels for M <= this; larger M (prefill) takes the torch reference:
                          # H200 round 2 failed the kernel path at M = 300, D = 4096 (M = 300, D = 256 and every
                          # M <= 8 passed); see the report. hc_post's elementwise kernel passed at every M.
@@ -3415,7 +3421,9 @@ def hc_pre_emulated(h, fn, scale, base, n: int, iters: int, eps: float, norm_eps
 if HAVE_CUTE:
     import cutlass
     import cutlass.cute as cute
-    from cutlass import Int32, Float32, BFloat16, const_expr
+    from cutlass import Int32, Int64, Float32, BFloat16, const_expr
+    from cutlass.cutlass_dsl import T as _T, dsl_user_op
+    from cutlass._mlir.dialects import llvm as _llvm
 
     _HC_RN = cute.math.RoundingMode.NEAREST_EVEN
 
@@ -3804,6 +3812,275 @@ if HAVE_CUTE:
                 hb.store(ov.load().to(BFloat16))
                 cute.autovec_copy(hb, cute.local_tile(mOut, (1, 8), (m, k * vecs + v)))
 
+    @dsl_user_op
+    def _st_dsmem_f32(smem_addr: Int32, rank: Int32, val: Float32, *, loc=None, ip=None):
+        """Store val at this CTA's shared address smem_addr in the shared memory of cluster CTA `rank` (DSMEM)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip),
+                                Float32(val).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .b32 a;\nmapa.shared::cluster.u32 a, $0, $1;\nst.shared::cluster.f32 [a], $2;\n}",
+                         "r,r,f", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _hc_globaltimer(*, loc=None, ip=None) -> Int64:
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    class _Offset:
+        """red[base + i]: one token's [4 x HC_SLOTS] warp sums inside a TB-token array (for HcFinalize's helpers)."""
+
+        def __init__(self, t, base):
+            self.t, self.base = t, base
+
+        def __getitem__(self, i):
+            return self.t[self.base + i]
+
+    class HcSiteCluster(HcFinalize):
+        """One mHC site in one launch: (hc_post fused with) hc_pre + RMSNorm of x, bit-identical to HcMix +
+        HcFinalize (norm). grid (C, token blocks of TB), one thread-block cluster of C <= 16 CTAs per token block.
+        HcFinalize's norm CTA gives 128 threads 8-column vectors v = t + 128 i; CTA c of the cluster takes the columns
+        of its nt of those threads (t in [c nt, (c+1) nt), every i) = nt/4 * vpt groups of 32 columns, one warp each:
+        - mix warps (one per group, lane = column, as HcMix): fn column in registers (loaded before
+          griddepcontrol.wait: fn is constant), then h (+ the fused hc_post: new streams written to mHout), the
+          24 dot products + sum of squares, the transposing butterfly; the warp's 32-slot partial is stored into
+          every CTA's shared memory (DSMEM) -> cluster barrier -> every CTA sums all partials in HcFinalize's order
+          (4 chains of G/4 groups per slot, then the 4 chain sums in order), rms, pre; x of its own columns (kept in
+          registers: no second pass over h); the norm's sum of squares: each of its nt virtual threads chains its
+          32 columns in HcFinalize's order, an nt-lane butterfly, that value into every CTA's smem -> cluster
+          barrier -> the rest of HcFinalize's butterfly (a pairwise tree over the CTAs of a warp) + the 4 warps in
+          order -> y = bf16(w * (x * rstd)).
+        - one more warp: loads scale/base, and in the last CTA runs the Sinkhorn (HcFinalize._sinkhorn, lane t for
+          token t) off the critical path of the x/y columns, then writes post/comb.
+        stamps: %globaltimer at the phase borders (thread 0 of each CTA; the Sinkhorn lane at its end) into mStamp
+        [token blocks, C, N_STAMPS] (probe, compile-time flag)."""
+
+        N_STAMPS = 9
+
+        def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
+                     nt: int = 8, pdl: bool = True, stamps: bool = False):
+            assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
+            assert nt % 4 == 0 and 32 % nt == 0 and nt * tok_block <= 32
+            self.dim, self.n, self.mix, self.iters, self.pdl = dim, n, mix, iters, pdl
+            self.head, self.norm, self.fuse_post, self.TB, self.nt, self.stamps = False, norm, fuse_post, tok_block, \
+                nt, stamps
+            self.groups = dim // HC_COLS
+            self.vpt = max(dim // (8 * FIN_THREADS), 1)       # HcFinalize's vectors per thread (all used)
+            self.active = min(FIN_THREADS, dim // 8)           # HcFinalize threads that own columns
+            self.ctas = self.active // nt
+            assert 1 <= self.ctas <= 16
+            self.gpc = nt // 4                                 # groups per CTA in each 1024-column chunk
+            self.mix_warps = self.gpc * self.vpt
+            self.cols = 32 * self.mix_warps                    # columns per CTA = mix threads
+            self.threads = self.cols + 32
+            self.pc = n + n * n
+            self.cpw = 32 // nt                                # CTAs per HcFinalize warp
+            self.chains = tok_block * 4 * (mix + 1)
+
+        @cute.jit
+        def __call__(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mPost: cute.Tensor,
+                     mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
+                     mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
+                     mStamp: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
+            @cute.struct
+            class SharedStorage:
+                part: cute.struct.Align[cute.struct.MemRange[Float32, self.TB * self.groups * HC_SLOTS], 16]
+                red: cute.struct.MemRange[Float32, self.TB * 4 * HC_SLOTS]
+                xs: cute.struct.MemRange[Float32, self.TB * self.cols]
+                ssq: cute.struct.MemRange[Float32, self.TB * 16]
+                w_base: cute.struct.MemRange[Float32, HC_SLOTS]
+                w_scale: cute.struct.MemRange[Float32, 4]
+                stamp: cute.struct.Align[cute.struct.MemRange[Int64, 8], 8]
+
+            self.shared_storage = SharedStorage
+            num_tokens = cute.size(mX, mode=[0])
+            blocks = (num_tokens + self.TB - 1) // self.TB
+            self.kernel(mH, mFn, mF, mPost, mComb, mHout, mScale, mBase, mW, mX, mPostOut, mCombOut, mStamp, eps,
+                        norm_eps).launch(grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1],
+                                         cluster=[self.ctas, 1, 1], stream=stream, use_pdl=self.pdl)
+
+        def _lane_butterfly(self, ss):
+            """The first log2(nt) stages of HcFinalize's xor butterfly (lanes of one CTA's virtual threads)."""
+            o = 1
+            while o < self.nt:
+                ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=o)
+                o *= 2
+            return ss
+
+        def _warp_sums(self, sS, t):
+            """HcFinalize's 4 warp sums of squares of token t from the CTAs' nt-lane sums sS[t, c]: the remaining
+            butterfly stages (offsets nt .. 16) are a pairwise tree over the CTAs of a warp (+ is commutative)."""
+            nrm = []
+            for q4 in range(4):
+                if q4 * 32 < self.active:
+                    v = [sS[t * 16 + q4 * self.cpw + u] for u in range(self.cpw)]
+                    while len(v) > 1:
+                        v = [v[u] + v[u + 1] for u in range(0, len(v), 2)]
+                    nrm.append(v[0])
+                else:
+                    nrm.append(Float32(0.0))
+            return nrm
+
+        @cute.jit
+        def _stamp(self, sStamp, slot: int, tidx):
+            if const_expr(self.stamps):
+                if tidx == 0:
+                    sStamp[slot] = _hc_globaltimer()
+
+        @cute.kernel
+        def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mPost: cute.Tensor,
+                   mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
+                   mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
+                   mStamp: cute.Tensor, eps: Float32, norm_eps: Float32):
+            tidx, _, _ = cute.arch.thread_idx()
+            c, mb, _ = cute.arch.block_idx()                   # c = rank in the cluster (cluster [C, 1, 1])
+            warp = tidx // 32
+            lane = tidx % 32
+            n, TB, G = self.n, self.TB, self.groups
+            num_tokens = cute.size(mX, mode=[0])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            sPart = storage.part.get_tensor(cute.make_layout(TB * G * HC_SLOTS))
+            red = storage.red.get_tensor(cute.make_layout(TB * 4 * HC_SLOTS))
+            sX = storage.xs.get_tensor(cute.make_layout(TB * self.cols))
+            sS = storage.ssq.get_tensor(cute.make_layout(TB * 16))
+            sBase = storage.w_base.get_tensor(cute.make_layout(HC_SLOTS))
+            sScale = storage.w_scale.get_tensor(cute.make_layout(4))
+            sStamp = storage.stamp.get_tensor(cute.make_layout(8))
+            self._stamp(sStamp, 0, tidx)
+            cute.arch.cluster_arrive_relaxed()        # phase 0: this CTA runs (peers may store into its smem)
+            if warp < self.mix_warps:
+                i = warp // self.gpc
+                g = i * 32 + c * self.gpc + (warp - i * self.gpc)          # this warp's group of 32 columns
+                col = g * HC_COLS + lane
+                w = HcMix._fn_column(self, mFn, col)   # fn does not depend on the previous kernel
+                if const_expr(self.pdl):
+                    cute.arch.griddepcontrol_launch_dependents()
+                    cute.arch.griddepcontrol_wait()
+                self._stamp(sStamp, 1, tidx)
+                hb = cute.make_rmem_tensor((TB * n,), Float32)
+                fb = cute.make_rmem_tensor((TB,), Float32)
+                pcb = cute.make_rmem_tensor((TB * self.pc,), Float32)
+                hb.fill(0.0)
+                fb.fill(0.0)
+                pcb.fill(0.0)
+                for t in cutlass.range_constexpr(TB):                      # every load first
+                    m = mb * TB + t
+                    if m < num_tokens:
+                        for j in cutlass.range_constexpr(n):
+                            hb[t * n + j] = mH[m, j * self.dim + col].to(Float32)
+                        if const_expr(self.fuse_post):
+                            fb[t] = mF[m, col].to(Float32)
+                            for e in cutlass.range_constexpr(n):
+                                pcb[t * self.pc + e] = mPost[m, e]
+                            for e in cutlass.range_constexpr(n * n):
+                                pcb[t * self.pc + n + e] = mComb[m, e]
+                cute.arch.cluster_wait()                                   # phase 0 done: peers run
+                part_base = storage.part.data_ptr().toint()
+                for t in cutlass.range_constexpr(TB):
+                    m = mb * TB + t
+                    if m < num_tokens:
+                        hv = [hb[t * n + j] for j in range(n)]
+                        if const_expr(self.fuse_post):
+                            hv = HcMix._post_h(self, pcb, t, fb[t], hv, mHout, m, col)
+                            for j in cutlass.range_constexpr(n):
+                                hb[t * n + j] = hv[j]
+                        s = _warp_transpose_sum(HcMix._token_slots(self, w, hv), lane)
+                        if lane <= self.mix:
+                            addr = part_base + ((t * G + g) * HC_SLOTS + lane) * 4
+                            for r in cutlass.range_constexpr(self.ctas):
+                                _st_dsmem_f32(addr, r, s)
+                self._stamp(sStamp, 2, tidx)
+                cute.arch.cluster_arrive()                                 # phase 1: partials stored (release)
+                cute.arch.cluster_wait()
+                self._stamp(sStamp, 3, tidx)
+                per_warp = G // 4
+                per_tok = 4 * (self.mix + 1)
+                for q in cutlass.range(tidx, self.chains, self.cols, unroll=1):   # HcFinalize's order
+                    t = q // per_tok
+                    rem = q - t * per_tok
+                    w4 = rem // (self.mix + 1)
+                    s = rem - w4 * (self.mix + 1)
+                    base = (t * G + w4 * per_warp) * HC_SLOTS + s
+                    acc = Float32(0.0)
+                    for gg in cutlass.range(per_warp, unroll=min(per_warp, 32)):
+                        acc = acc + sPart[base + gg * HC_SLOTS]
+                    red[t * 4 * HC_SLOTS + w4 * HC_SLOTS + s] = acc
+                cute.arch.sync_threads()                                   # (the Sinkhorn warp too)
+                self._stamp(sStamp, 4, tidx)
+                local = warp * 32 + lane
+                for t in cutlass.range_constexpr(TB):
+                    m = mb * TB + t
+                    if m < num_tokens:
+                        rv = _Offset(red, t * 4 * HC_SLOTS)
+                        rms = cute.math.rsqrt(self._slot(rv, self.mix) * Float32(1.0 / (self.n * self.dim))
+                                              + norm_eps)
+                        pre = self._pre(rv, rms, sScale, sBase, eps)
+                        acc = _mul_rn(pre[0], hb[t * n])
+                        for j in cutlass.range_constexpr(1, n):
+                            acc = _add_rn(acc, _mul_rn(pre[j], hb[t * n + j]))
+                        xb = acc.to(BFloat16)
+                        if const_expr(self.norm):
+                            sX[t * self.cols + local] = xb.to(Float32)
+                        else:
+                            mX[m, col] = xb
+                if const_expr(self.norm):
+                    cute.arch.barrier(barrier_id=1, number_of_threads=self.cols)   # the mix warps' x in smem
+                    if warp == 0:
+                        tl = lane % self.nt
+                        t = lane // self.nt
+                        ss = Float32(0.0)
+                        if t < TB:
+                            for i2 in cutlass.range_constexpr(self.vpt):
+                                for k in cutlass.range_constexpr(8):
+                                    v = sX[t * self.cols + i2 * 32 * self.gpc + 8 * tl + k]
+                                    ss = _fma(v, v, ss)
+                        ss = self._lane_butterfly(ss)
+                        if t < TB and tl == 0:
+                            ss_base = storage.ssq.data_ptr().toint() + (t * 16 + c) * 4
+                            for r in cutlass.range_constexpr(self.ctas):
+                                _st_dsmem_f32(ss_base, r, ss)
+                    self._stamp(sStamp, 5, tidx)
+                    cute.arch.cluster_arrive()                             # phase 2: sums of squares stored
+                    cute.arch.cluster_wait()
+                    self._stamp(sStamp, 6, tidx)
+                    for t in cutlass.range_constexpr(TB):
+                        m = mb * TB + t
+                        if m < num_tokens:
+                            nrm = self._warp_sums(sS, t)
+                            ssq = ((nrm[0] + nrm[1]) + nrm[2]) + nrm[3]
+                            rstd = cute.math.rsqrt(ssq * Float32(1.0 / self.dim) + norm_eps)
+                            y = _mul_rn(mW[0, col], _mul_rn(sX[t * self.cols + local], rstd))
+                            mX[m, col] = y.to(BFloat16)
+                self._stamp(sStamp, 7, tidx)
+                if const_expr(self.stamps):
+                    if tidx == 0:
+                        for k in cutlass.range_constexpr(8):
+                            mStamp[(mb * self.ctas + c) * self.N_STAMPS + k] = sStamp[k]
+            else:
+                # the Sinkhorn warp: scale / base -> smem before the wait, then the barriers of the mix warps
+                if lane < self.mix:
+                    sBase[lane] = mBase[lane]
+                if lane < 3:
+                    sScale[lane] = mScale[lane]
+                if const_expr(self.pdl):
+                    cute.arch.griddepcontrol_launch_dependents()
+                    cute.arch.griddepcontrol_wait()
+                cute.arch.cluster_wait()
+                cute.arch.cluster_arrive()
+                cute.arch.cluster_wait()
+                cute.arch.sync_threads()                                   # red is complete
+                if const_expr(self.norm):
+                    cute.arch.cluster_arrive()                             # phase 2 (no wait: reads no DSMEM)
+                if c == self.ctas - 1 and lane < TB:
+                    m = mb * TB + lane
+                    if m < num_tokens:
+                        rv = _Offset(red, lane * 4 * HC_SLOTS)
+                        rms = cute.math.rsqrt(self._slot(rv, self.mix) * Float32(1.0 / (self.n * self.dim))
+                                              + norm_eps)
+                        self._sinkhorn(rv, rms, sScale, sBase, mPostOut, mCombOut, m, eps)
+                        if const_expr(self.stamps):
+                            if lane == 0:
+                                mStamp[(mb * self.ctas + c) * self.N_STAMPS + 8] = _hc_globaltimer()
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Compile cache (kernels.py's: memory dict -> exported object on disk -> compile)
@@ -3855,6 +4132,25 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
     return _load_or_compile(("hc_post", dim, n, pdl), build)
 
 
+def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
+                  pdl: bool | None = None, stamps: bool = False):
+    pdl = HC_USE_PDL if pdl is None else pdl
+
+    def build():
+        m = cute.sym_int()
+        args = (_fake_2d(BFloat16, cute.sym_int(), n * dim, 2), _fake_2d(Float32, mix, n * dim, 4),
+                _fake_2d(BFloat16, cute.sym_int(), dim, 2), _fake_2d(Float32, cute.sym_int(), n, 4),
+                _fake_2d(Float32, cute.sym_int(), n * n, 4), _fake_2d(BFloat16, cute.sym_int(), n * dim, 2),
+                cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),)),
+                cute.runtime.make_fake_compact_tensor(Float32, (mix,)),
+                _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 4), _fake_2d(BFloat16, m, dim, 2),
+                _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
+                cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
+                Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps), args
+    return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps), build)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Torch-facing functions (CUDA + CuTe DSL; bf16 h / f / res, fp32 fn / scale / base / post / comb)
 def _tok_block(M: int) -> int:
@@ -3863,12 +4159,69 @@ def _tok_block(M: int) -> int:
     return 2 if M <= 64 else 32
 
 
-def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=None, norm_weight=None):
-    """HcMix (plain or fused with the previous hc_post: post_args = (f, res2, post, comb2)) + HcFinalize.
-    h2 [M, n*D] is the collapsed input (fused: the new residual, written by HcMix)."""
+def site_cluster_dim_ok(D: int) -> bool:
+    """HcSiteCluster's column split needs every HcFinalize thread to own the same number of whole vectors."""
+    return D % 1024 == 0 or (D < 1024 and D % 256 == 0)
+
+
+def _site_tok_block(M: int) -> int:
+    """Tokens per cluster of HcSiteCluster: 1 up to 4 tokens (<= 4 clusters of 16 CTAs), then 2."""
+    return 1 if M <= 4 else 2
+
+
+_HC_STAMP_RING = {}      # device -> (int64 [rows, blocks * C * N_STAMPS] stamps, [next row]) (HC_STAMPS probe)
+
+
+def _stamp_row(dev, probe: bool):
+    """The next ring row (probe), else a 1-element placeholder (never written)."""
+    ring = _HC_STAMP_RING.get(dev)
+    if ring is None:
+        ring = _HC_STAMP_RING[dev] = (torch.zeros(128, 8 * 16 * HcSiteCluster.N_STAMPS, dtype=torch.int64,
+                                                  device=dev), [0])
+    buf, nxt = ring
+    if not probe:
+        return buf[0, :1]
+    row = buf[nxt[0] % buf.shape[0]]
+    nxt[0] += 1
+    return row
+
+
+def _site_kernel(h2, fn, scale, base, n, iters, eps, norm_eps, post_args, norm_weight):
+    """One HcSiteCluster launch (decode, M <= HC_CLUSTER_MAX_TOKENS): same outputs as HcMix + HcFinalize."""
     M, D = h2.shape[0], h2.shape[1] // n
     mix = fn.shape[0]
     dev = h2.device
+    x = torch.empty(M, D, dtype=h2.dtype, device=dev)
+    post = torch.empty(M, n, dtype=torch.float32, device=dev)
+    comb = torch.empty(M, n, n, dtype=torch.float32, device=dev)
+    comb2 = comb.view(M, n * n)
+    norm = norm_weight is not None
+    w = norm_weight.reshape(1, D) if norm else fn          # fn: placeholder, unused without the norm
+    tb = _site_tok_block(M)
+    stamps = _stamp_row(dev, HC_STAMPS)
+    op = _compile_site(D, n, mix, iters, post_args is not None, norm, tb, HC_CLUSTER_NT, stamps=HC_STAMPS)
+    if post_args is None:       # h2 is the input; f / post / comb / hout only fill unused arguments
+        op(h2, fn, x, post, comb2, h2, scale, base, w, x, post, comb2, stamps, float(eps), float(norm_eps))
+    else:
+        f, res2, post_in, comb_in = post_args
+        op(res2, fn, f, post_in, comb_in, h2, scale, base, w, x, post, comb2, stamps, float(eps), float(norm_eps))
+    return x, post, comb
+
+
+def _site_cluster_takes(M: int, D: int, mix: int, head: bool) -> bool:
+    return HC_SITE == "cluster" and not head and M <= HC_CLUSTER_MAX_TOKENS and site_cluster_dim_ok(D) and \
+        mix + 1 <= HC_SLOTS and min(FIN_THREADS, D // 8) // HC_CLUSTER_NT <= 16
+
+
+def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=None, norm_weight=None):
+    """HcMix (plain or fused with the previous hc_post: post_args = (f, res2, post, comb2)) + HcFinalize, or at
+    decode sizes HcSiteCluster (HC_SITE). h2 [M, n*D] is the collapsed input (fused: the new residual, written by
+    the kernel)."""
+    M, D = h2.shape[0], h2.shape[1] // n
+    mix = fn.shape[0]
+    dev = h2.device
+    if _site_cluster_takes(M, D, mix, head):
+        return _site_kernel(h2, fn, scale, base, n, iters, eps, norm_eps, post_args, norm_weight)
     part = torch.empty(D // HC_COLS, M, HC_SLOTS, dtype=torch.float32, device=dev)
     x = torch.empty(M, D, dtype=h2.dtype, device=dev)
     rows = 1 if head else M                      # hc_head has no post/comb: 1-row placeholders

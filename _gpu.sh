@@ -1,0 +1,41 @@
+#!/bin/bash
+# mhc (session 6): HcSiteCluster (one-launch mHC site) tests, then CUDA-graph timings of chained sites, the old
+# two-kernel path (HC_SITE=two) vs the new one in the same run, + in-kernel phase stamps.
+T0=$(date +%s)
+python3 - 2>/dev/null <<'PY' || { echo "no CUDA/CuTe here: skip"; exit 0; }
+import torch
+assert torch.cuda.is_available()
+import cutlass.cute
+PY
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+# precompile (parallel processes, shared disk cache): the site kernels and the old pair at the shapes used below
+cat > /tmp/mhc_pre.py <<'PY'
+import sys, time
+me = int(sys.argv[1])
+time.sleep(0.2 * me)
+import kernels as K
+jobs = []
+for D in (4096, 256, 1024):
+    for tb in ((1, 2) if D != 1024 else (1,)):
+        for fuse in (False, True):
+            for norm in (False, True):
+                jobs.append(lambda D=D, tb=tb, fuse=fuse, norm=norm: K._compile_site(D, 4, 24, 20, fuse, norm, tb, 8))
+    for fuse in (False, True):
+        jobs.append(lambda D=D, fuse=fuse: K._compile_mix(D, 4, 24, fuse))
+    for norm in (False, True):
+        jobs.append(lambda D=D, norm=norm: K._compile_finalize(D, 4, 24, 20, False, norm))
+    jobs.append(lambda D=D: K._compile_post(D, 4))
+jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True))
+jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 2, 8, stamps=True))
+for i, j in enumerate(jobs):
+    if i % 8 == me:
+        j()
+PY
+for i in 0 1 2 3 4 5 6 7; do python3 /tmp/mhc_pre.py $i > /tmp/mhc_pre_$i.log 2>&1 & done
+wait
+echo "precompiled after $(( $(date +%s) - T0 )) s"
+for f in /tmp/mhc_pre_*.log; do [ -s $f ] && tail -n 4 $f; done
+timeout 50 python3 -m pytest -q test_dsv4.py -k "hc_ or mhc" -p no:cacheprovider 2>&1 | grep -E "passed|failed|FAILED|Error|error" | head -20
+echo "tests done after $(( $(date +%s) - T0 )) s"
+timeout $(( 97 - ($(date +%s) - T0) )) python3 _mhc_time.py $(( 92 - ($(date +%s) - T0) ))
+echo "done after $(( $(date +%s) - T0 )) s"
