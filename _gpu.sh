@@ -27,6 +27,12 @@ for D in (4096, 256, 1024):
     jobs.append(lambda D=D: K._compile_post(D, 4))
 jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True))
 jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 2, 8, stamps=True))
+jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 4, 8))
+for pdl in (False,):
+    jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 1, 8, pdl=False))
+    jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 2, 8, pdl=False))
+    jobs.append(lambda: K._compile_mix(4096, 4, 24, True, pdl=False))
+    jobs.append(lambda: K._compile_finalize(4096, 4, 24, 20, False, True, pdl=False))
 for i, j in enumerate(jobs):
     if i % 8 == me:
         j()

@@ -16,7 +16,9 @@ Wq = (torch.randn(D, D, device=dev, generator=g) * 0.5).to(torch.float8_e4m3fn)
 Ws = torch.full((D // 128, D // 128), 2.0 ** -6, device=dev).to(torch.float8_e8m0fnu)
 
 ALL = [("2-kernel", {"HC_SITE": "two"}), ("cluster", {"HC_SITE": "cluster"}),
-       ("2-kernel nopdl", {"HC_SITE": "two", "HC_USE_PDL": False})]
+       ("2-kernel nopdl", {"HC_SITE": "two", "HC_USE_PDL": False}),
+       ("cluster nopdl", {"HC_SITE": "cluster", "HC_USE_PDL": False})]
+M8 = [("cluster tb1", {"HC_SITE": "cluster", "HC_CLUSTER_TB": 1}), ("cluster tb4", {"HC_SITE": "cluster", "HC_CLUSTER_TB": 4})]
 VARIANTS = [(nm, sw) for nm, sw in ALL if all(hasattr(K, k) for k in sw if k != "HC_SITE") and
             ("HC_SITE" not in sw or hasattr(K, "HC_SITE") or sw["HC_SITE"] == "two")]
 
@@ -37,8 +39,13 @@ def inputs(M):
     return h, f, post, comb
 
 
+INPUTS = {}
+
+
 def chain(M, sites, gemv):
-    h0, f0, post0, comb0 = inputs(M)
+    if M not in INPUTS:                    # the same inputs for every variant (their outputs are compared)
+        INPUTS[M] = inputs(M)
+    h0, f0, post0, comb0 = INPUTS[M]
 
     def run():
         h, f, post, comb = h0, f0, post0, comb0
@@ -133,7 +140,8 @@ for M, sites, gemv in CASES:
         print("time budget reached", flush=True)
         break
     graphs, outs = [], {}
-    for nm, sw in (VARIANTS if gemv != "only" else VARIANTS[:1]):
+    vs = VARIANTS + (M8 if M == 8 and hasattr(K, "HC_CLUSTER_TB") else [])
+    for nm, sw in (vs if gemv != "only" else VARIANTS[:1]):
         saved = variant(sw)
         try:
             gr, out = capture(chain(M, sites, gemv))

@@ -3345,6 +3345,7 @@ HC_SITE = "cluster"     # a decode site (hc_pre + RMSNorm, hc_post fused or not)
                         # "two" = HcMix + HcFinalize (sessions 2-5); same bits
 HC_CLUSTER_MAX_TOKENS = 8
 HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
+HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
 HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
 MAX_KERNEL_TOKENS = 64   # hc_pre / hc_head kernels for M <= this; larger M (prefill) takes the torch reference:
                          # H200 round 2 failed the kernel path at M = 300, D = 4096 (M = 300, D = 256 and every
@@ -4165,7 +4166,10 @@ def site_cluster_dim_ok(D: int) -> bool:
 
 
 def _site_tok_block(M: int) -> int:
-    """Tokens per cluster of HcSiteCluster: 1 up to 4 tokens (<= 4 clusters of 16 CTAs), then 2."""
+    """Tokens per cluster of HcSiteCluster: 1 up to 4 tokens (<= 4 clusters of 16 CTAs), then 2 (HC_CLUSTER_TB:
+    a fixed value, for measurements)."""
+    if HC_CLUSTER_TB:
+        return HC_CLUSTER_TB
     return 1 if M <= 4 else 2
 
 
