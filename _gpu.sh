@@ -28,6 +28,8 @@ for D in (4096, 256, 1024):
 jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True))
 jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 2, 8, stamps=True))
 jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 4, 8))
+for D, tb in ((4096, 1), (4096, 2), (256, 1), (256, 2)):
+    jobs.append(lambda D=D, tb=tb: K._compile_site(D, 4, 24, 20, True, True, tb, 8, add_f2=True))
 for pdl in (False,):
     jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 1, 8, pdl=False))
     jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 2, 8, pdl=False))

@@ -15,7 +15,7 @@ w = 1 + 0.5 * torch.randn(D, device=dev, generator=g)
 Wq = (torch.randn(D, D, device=dev, generator=g) * 0.5).to(torch.float8_e4m3fn)
 Ws = torch.full((D // 128, D // 128), 2.0 ** -6, device=dev).to(torch.float8_e8m0fnu)
 
-ALL = [("2-kernel", {"HC_SITE": "two"}), ("cluster", {"HC_SITE": "cluster"}),
+ALL = [("2-kernel", {"HC_SITE": "two", "HC_FOLD_ADD": False}), ("cluster", {"HC_SITE": "cluster"}),
        ("2-kernel nopdl", {"HC_SITE": "two", "HC_USE_PDL": False}),
        ("cluster nopdl", {"HC_SITE": "cluster", "HC_USE_PDL": False})]
 M8 = [("cluster tb1", {"HC_SITE": "cluster", "HC_CLUSTER_TB": 1}), ("cluster tb4", {"HC_SITE": "cluster", "HC_CLUSTER_TB": 4})]
@@ -46,6 +46,7 @@ def chain(M, sites, gemv):
     if M not in INPUTS:                    # the same inputs for every variant (their outputs are compared)
         INPUTS[M] = inputs(M)
     h0, f0, post0, comb0 = INPUTS[M]
+    s_add = f0.roll(1, -1)
 
     def run():
         h, f, post, comb = h0, f0, post0, comb0
@@ -53,6 +54,8 @@ def chain(M, sites, gemv):
         for i in range(sites):
             if gemv:
                 f = K.fp8_gemv(x, Wq, Ws)
+            if gemv == "add":                     # + the MoE's shared part: torch's add, or inside the site
+                f = (f, s_add) if K.HC_FOLD_ADD else f + s_add
             if gemv != "only":
                 h, x, post, comb = K.hc_post_pre_fused(f, h.view(M, n, D), post, comb, fns[i % NFN], scale, base, n,
                                                        ITERS, EPS, EPS, norm_weight=w)
@@ -133,8 +136,8 @@ def stamps(M, sites, gemv):
 
 
 print(f"{torch.cuda.get_device_name()}; variants: {[nm for nm, _ in VARIANTS]}", flush=True)
-CASES = [(1, 48, False), (1, 16, True), (1, 16, "only"), (8, 48, False), (8, 16, True), (8, 16, "only"),
-         (2, 48, False), (4, 48, False)]
+CASES = [(1, 48, False), (1, 16, True), (1, 16, "add"), (1, 16, "only"), (8, 48, False), (8, 16, True),
+         (8, 16, "add"), (8, 16, "only"), (2, 48, False), (4, 48, False)]
 for M, sites, gemv in CASES:
     if time.time() > t_end - 8:
         print("time budget reached", flush=True)
@@ -158,7 +161,8 @@ for M, sites, gemv in CASES:
             res[nm].append(time_graph(gr))
     base_nm = graphs[0][0]
     same = {nm: all(torch.equal(a, b) for a, b in zip(outs[nm], outs[base_nm])) for nm in outs}
-    what = {False: f"{sites} sites", True: f"{sites} x (fp8 GEMV 4096x4096 + site)", "only": f"{sites} fp8 GEMVs"}[gemv]
+    what = {False: f"{sites} sites", True: f"{sites} x (fp8 GEMV 4096x4096 + site)", "only": f"{sites} fp8 GEMVs",
+            "add": f"{sites} x (fp8 GEMV + bf16 add + site; cluster: add in the site)"}[gemv]
     b = statistics.median(res[base_nm])
     print(f"M={M} {what}: us per site/pair, median (min) of 9 rounds; " + "  ".join(
         f"{nm}: {statistics.median(v) / sites:.2f} ({min(v) / sites:.2f}) {(statistics.median(v) - b) / sites:+.2f}"

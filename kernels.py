@@ -3346,6 +3346,7 @@ HC_SITE = "cluster"     # a decode site (hc_pre + RMSNorm, hc_post fused or not)
 HC_CLUSTER_MAX_TOKENS = 8
 HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
 HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
+HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside the next site's HcSiteCluster launch
 HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
 MAX_KERNEL_TOKENS = 64   # hc_pre / hc_head kernels for M <= this; larger M (prefill) takes the torch reference:
                          # H200 round 2 failed the kernel path at M = 300, D = 4096 (M = 300, D = 256 and every
@@ -3857,12 +3858,13 @@ if HAVE_CUTE:
         N_STAMPS = 9
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
-                     nt: int = 8, pdl: bool = True, stamps: bool = False):
+                     nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False):
             assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
             assert nt % 4 == 0 and 32 % nt == 0 and nt * tok_block <= 32
             self.dim, self.n, self.mix, self.iters, self.pdl = dim, n, mix, iters, pdl
             self.head, self.norm, self.fuse_post, self.TB, self.nt, self.stamps = False, norm, fuse_post, tok_block, \
                 nt, stamps
+            self.add_f2 = add_f2 and fuse_post       # f = bf16(f + f2) first (the MoE's routed + shared add)
             self.groups = dim // HC_COLS
             self.vpt = max(dim // (8 * FIN_THREADS), 1)       # HcFinalize's vectors per thread (all used)
             self.active = min(FIN_THREADS, dim // 8)           # HcFinalize threads that own columns
@@ -3877,7 +3879,7 @@ if HAVE_CUTE:
             self.chains = tok_block * 4 * (mix + 1)
 
         @cute.jit
-        def __call__(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mPost: cute.Tensor,
+        def __call__(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
                      mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                      mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
                      mStamp: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
@@ -3894,8 +3896,8 @@ if HAVE_CUTE:
             self.shared_storage = SharedStorage
             num_tokens = cute.size(mX, mode=[0])
             blocks = (num_tokens + self.TB - 1) // self.TB
-            self.kernel(mH, mFn, mF, mPost, mComb, mHout, mScale, mBase, mW, mX, mPostOut, mCombOut, mStamp, eps,
-                        norm_eps).launch(grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1],
+            self.kernel(mH, mFn, mF, mF2, mPost, mComb, mHout, mScale, mBase, mW, mX, mPostOut, mCombOut, mStamp,
+                        eps, norm_eps).launch(grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1],
                                          cluster=[self.ctas, 1, 1], stream=stream, use_pdl=self.pdl)
 
         def _lane_butterfly(self, ss):
@@ -3927,7 +3929,7 @@ if HAVE_CUTE:
                     sStamp[slot] = _hc_globaltimer()
 
         @cute.kernel
-        def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mPost: cute.Tensor,
+        def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
                    mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                    mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
                    mStamp: cute.Tensor, eps: Float32, norm_eps: Float32):
@@ -3960,8 +3962,10 @@ if HAVE_CUTE:
                 hb = cute.make_rmem_tensor((TB * n,), Float32)
                 fb = cute.make_rmem_tensor((TB,), Float32)
                 pcb = cute.make_rmem_tensor((TB * self.pc,), Float32)
+                f2b = cute.make_rmem_tensor((TB,), Float32)
                 hb.fill(0.0)
                 fb.fill(0.0)
+                f2b.fill(0.0)
                 pcb.fill(0.0)
                 for t in cutlass.range_constexpr(TB):                      # every load first
                     m = mb * TB + t
@@ -3970,6 +3974,8 @@ if HAVE_CUTE:
                             hb[t * n + j] = mH[m, j * self.dim + col].to(Float32)
                         if const_expr(self.fuse_post):
                             fb[t] = mF[m, col].to(Float32)
+                            if const_expr(self.add_f2):
+                                f2b[t] = mF2[m, col].to(Float32)
                             for e in cutlass.range_constexpr(n):
                                 pcb[t * self.pc + e] = mPost[m, e]
                             for e in cutlass.range_constexpr(n * n):
@@ -3981,7 +3987,10 @@ if HAVE_CUTE:
                     if m < num_tokens:
                         hv = [hb[t * n + j] for j in range(n)]
                         if const_expr(self.fuse_post):
-                            hv = HcMix._post_h(self, pcb, t, fb[t], hv, mHout, m, col)
+                            fv = fb[t]
+                            if const_expr(self.add_f2):        # torch's bf16 + bf16: one fp32 add, one rounding
+                                fv = _add_rn(fv, f2b[t]).to(BFloat16).to(Float32)
+                            hv = HcMix._post_h(self, pcb, t, fv, hv, mHout, m, col)
                             for j in cutlass.range_constexpr(n):
                                 hb[t * n + j] = hv[j]
                         s = _warp_transpose_sum(HcMix._token_slots(self, w, hv), lane)
@@ -4134,13 +4143,14 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
 
 
 def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
-                  pdl: bool | None = None, stamps: bool = False):
+                  pdl: bool | None = None, stamps: bool = False, add_f2: bool = False):
     pdl = HC_USE_PDL if pdl is None else pdl
 
     def build():
         m = cute.sym_int()
         args = (_fake_2d(BFloat16, cute.sym_int(), n * dim, 2), _fake_2d(Float32, mix, n * dim, 4),
-                _fake_2d(BFloat16, cute.sym_int(), dim, 2), _fake_2d(Float32, cute.sym_int(), n, 4),
+                _fake_2d(BFloat16, cute.sym_int(), dim, 2), _fake_2d(BFloat16, cute.sym_int(), dim, 2),
+                _fake_2d(Float32, cute.sym_int(), n, 4),
                 _fake_2d(Float32, cute.sym_int(), n * n, 4), _fake_2d(BFloat16, cute.sym_int(), n * dim, 2),
                 cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),)),
                 cute.runtime.make_fake_compact_tensor(Float32, (mix,)),
@@ -4148,8 +4158,9 @@ def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm:
                 _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps), args
-    return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps), build)
+        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2), args
+    return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2),
+                            build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4203,12 +4214,15 @@ def _site_kernel(h2, fn, scale, base, n, iters, eps, norm_eps, post_args, norm_w
     w = norm_weight.reshape(1, D) if norm else fn          # fn: placeholder, unused without the norm
     tb = _site_tok_block(M)
     stamps = _stamp_row(dev, HC_STAMPS)
-    op = _compile_site(D, n, mix, iters, post_args is not None, norm, tb, HC_CLUSTER_NT, stamps=HC_STAMPS)
-    if post_args is None:       # h2 is the input; f / post / comb / hout only fill unused arguments
-        op(h2, fn, x, post, comb2, h2, scale, base, w, x, post, comb2, stamps, float(eps), float(norm_eps))
+    f2 = post_args[4] if post_args is not None and len(post_args) > 4 else None
+    op = _compile_site(D, n, mix, iters, post_args is not None, norm, tb, HC_CLUSTER_NT, stamps=HC_STAMPS,
+                       add_f2=f2 is not None)
+    if post_args is None:       # h2 is the input; f / f2 / post / comb / hout only fill unused arguments
+        op(h2, fn, x, x, post, comb2, h2, scale, base, w, x, post, comb2, stamps, float(eps), float(norm_eps))
     else:
-        f, res2, post_in, comb_in = post_args
-        op(res2, fn, f, post_in, comb_in, h2, scale, base, w, x, post, comb2, stamps, float(eps), float(norm_eps))
+        f, res2, post_in, comb_in = post_args[:4]
+        op(res2, fn, f, f if f2 is None else f2, post_in, comb_in, h2, scale, base, w, x, post, comb2, stamps,
+           float(eps), float(norm_eps))
     return x, post, comb
 
 
@@ -4283,17 +4297,24 @@ def hc_post_fused(f, res, post, comb):
 
 def hc_post_pre_fused(f, res, post, comb, fn, scale, base, n: int, iters: int, eps: float, norm_eps: float,
                       norm_weight=None):
-    """hc_post followed by the next hc_pre (+ optional RMSNorm of x), in two kernels:
-    -> (h [M,n,D] bf16, x [M,D], post' [M,n], comb' [M,n,n])."""
+    """hc_post followed by the next hc_pre (+ optional RMSNorm of x), in one launch (HcSiteCluster) or two kernels:
+    -> (h [M,n,D] bf16, x [M,D], post' [M,n], comb' [M,n,n]). f may be a pair (a, b) of bf16 [M,D] meaning the
+    bf16 sum a + b (the MoE's routed + shared outputs): HcSiteCluster adds them itself, else torch does first."""
     M, _, D = res.shape
+    f2 = None
+    if isinstance(f, tuple):
+        if _site_cluster_takes(M, D, fn.shape[0], False) and hc_unavailable_reason(res) is None:
+            f, f2 = f[0], f[1].reshape(M, D).contiguous()
+        else:
+            f = f[0] + f[1]
     if M > MAX_KERNEL_TOKENS or hc_unavailable_reason(res) is not None:
         h = hc_post_fused(f, res, post, comb)
         return (h,) + hc_pre_fused(h, fn, scale, base, n, iters, eps, norm_eps, norm_weight)
     h = torch.empty(M, n, D, dtype=res.dtype, device=res.device)
     x, post2, comb2 = _pre_kernels(h.view(M, n * D), fn, scale, base, n, iters, eps, norm_eps, False,
                                    (f.reshape(M, D).contiguous(), res.reshape(M, n * D),
-                                    post.reshape(M, n).contiguous(), comb.reshape(M, n * n).contiguous()),
-                                   norm_weight)
+                                    post.reshape(M, n).contiguous(), comb.reshape(M, n * n).contiguous())
+                                   + ((f2,) if f2 is not None else ()), norm_weight)
     return h, x, post2, comb2
 
 

@@ -6221,6 +6221,7 @@ for D, tb in ((4096, 1), (4096, 2), (256, 1), (7168, 1)):
         for norm in (False, True):
             K._compile_site(D, 4, 24, 20, fuse, norm, tb, 8)
 K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True)
+K._compile_site(4096, 4, 24, 20, True, True, 2, 8, add_f2=True)
 print("ok")
 """
 
@@ -6233,7 +6234,7 @@ def test_hc_site_cluster_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_p
                CUTE_DSL_DUMP_DIR=str(dump), PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", COMPILE_SITE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 17
+    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 18
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*HcSiteCluster*.ptx"))
     if ptxas is None or not ptxs:
@@ -6287,6 +6288,40 @@ def test_gpu_hc_site_cluster_gives_the_bits_of_the_two_kernels(M, D, fuse, norm,
     assert calls == [M]
     for a, b in zip(old, new):
         assert a.shape == b.shape and torch.equal(a, b), (a - b).abs().max().item()
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+def test_hc_post_pre_fused_takes_an_unsummed_pair_as_its_sum():
+    """f = (a, b) (the MoE's routed and shared parts, MoE.forward(unsummed=True)) means the bf16 sum a + b."""
+    M, D = 2, 256
+    h, fn, scale, base, a = _inputs(M, D, seed=5)
+    b = torch.randn(M, D, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    pair = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS)
+    ref = K.hc_post_pre_fused(a + b, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS)
+    assert all(torch.equal(u, v) for u, v in zip(pair, ref))
+    assert not torch.equal(pair[0], K.hc_post_pre_fused(a, h, post, comb, fn, scale, base, N, ITERS, EPS,
+                                                         NORM_EPS)[0])
+    assert dsv4.summed((a, b)).equal(a + b) and dsv4.summed(a) is a
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("M,D", [(1, 4096), (8, 4096), (3, 256)])
+def test_gpu_hc_site_cluster_adds_the_unsummed_pair_like_torch(M, D, monkeypatch):
+    h, fn, scale, base, a = _inputs(M, D, seed=M + D + 7, device="cuda")
+    b = torch.randn(M, D, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).cuda()
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    w = _norm_weight(D, "cuda")
+    calls = _site_calls(monkeypatch)
+    monkeypatch.setattr(K, "HC_SITE", "two")
+    ref = K.hc_post_pre_fused(a + b, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    two = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    monkeypatch.setattr(K, "HC_SITE", "cluster")
+    new = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    assert calls == [M]
+    for u, v, z in zip(ref, two, new):
+        assert torch.equal(u, v) and torch.equal(u, z)
 
 
 @pytest.mark.usefixtures("torch_reference_path")
