@@ -6290,6 +6290,21 @@ def test_gpu_hc_site_cluster_gives_the_bits_of_the_two_kernels(M, D, fuse, norm,
         assert a.shape == b.shape and torch.equal(a, b), (a - b).abs().max().item()
 
 
+@gpu
+def test_gpu_decode_with_one_launch_sites_gives_the_two_kernel_logits(gpu_checkpoints, monkeypatch):
+    """The whole decode step (graph, batch 2, 12 steps): one-launch mHC sites with the MoE add folded in give the
+    logits of the two-kernel sites + torch add, bit for bit."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(4)).cuda()
+    path = gpu_checkpoints["fp8"]
+    calls = _site_calls(monkeypatch)
+    on = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    assert calls
+    monkeypatch.setattr(K, "HC_SITE", "two")
+    monkeypatch.setattr(K, "HC_FOLD_ADD", False)
+    off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
 @pytest.mark.usefixtures("torch_reference_path")
 def test_hc_post_pre_fused_takes_an_unsummed_pair_as_its_sum():
     """f = (a, b) (the MoE's routed and shared parts, MoE.forward(unsummed=True)) means the bf16 sum a + b."""
