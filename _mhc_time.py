@@ -99,10 +99,10 @@ def stamps(M, sites, gemv):
         ring, nxt = K._HC_STAMP_RING[torch.device(dev, torch.cuda.current_device())]
         nxt[0] = 0
         gr, _ = capture(fn)
+        first = nxt[0] - sites                    # the captured calls' rows (the warm-up run took the ones before)
         for _ in range(3):
             gr.replay()
         torch.cuda.synchronize()
-        nxt[0] = 0
         ring.zero_()
         gr.replay()
         torch.cuda.synchronize()
@@ -111,7 +111,7 @@ def stamps(M, sites, gemv):
     NS = K.HcSiteCluster.N_STAMPS
     C = 16
     blocks = -(-M // K._site_tok_block(M))
-    st = ring[:sites, :blocks * C * NS].view(sites, blocks * C, NS).cpu().double()
+    st = ring[first:first + sites, :blocks * C * NS].reshape(sites, blocks * C, NS).cpu().double()
     rows = []
     prev_end = None
     for k in range(sites):
@@ -131,7 +131,7 @@ def stamps(M, sites, gemv):
         rows.append(r)
     keys = list(rows[-1].keys())
     med = {kk: statistics.median(float(r[kk]) for r in rows[1:] if kk in r) for kk in keys}
-    print(f"  stamps M={M} {'gemv+site' if gemv else 'sites'} (ns, median over sites; phases = max over CTAs, from "
+    print(f"  stamps M={M} {dict([(False, 'sites'), (True, 'gemv+site'), ('add', 'gemv+add+site')])[gemv]} (ns, median over sites; phases = max over CTAs, from "
           f"the last CTA's wait return): " + "  ".join(f"{kk} {v:.0f}" for kk, v in med.items()), flush=True)
 
 
