@@ -23,7 +23,11 @@ for D in (4096, 256, 1024):
     for fuse in (False, True):
         jobs.append(lambda D=D, fuse=fuse: K._compile_mix(D, 4, 24, fuse))
     for norm in (False, True):
-        jobs.append(lambda D=D, norm=norm: K._compile_finalize(D, 4, 24, 20, False, norm))
+        for loop in (False, True):
+            jobs.append(lambda D=D, norm=norm, loop=loop: K._compile_finalize(D, 4, 24, 20, False, norm,
+                                                                               sinkhorn_loop=loop))
+            jobs.append(lambda D=D, norm=norm, loop=loop: K._compile_site(D, 4, 24, 20, True, norm, 1, 8,
+                                                                           sinkhorn_loop=loop))
     jobs.append(lambda D=D: K._compile_post(D, 4))
 jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True))
 jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 2, 8, stamps=True))
@@ -35,15 +39,16 @@ for pdl in (False,):
     jobs.append(lambda: K._compile_site(4096, 4, 24, 20, True, True, 2, 8, pdl=False))
     jobs.append(lambda: K._compile_mix(4096, 4, 24, True, pdl=False))
     jobs.append(lambda: K._compile_finalize(4096, 4, 24, 20, False, True, pdl=False))
+    jobs.append(lambda: K._compile_finalize(4096, 4, 24, 20, False, True, pdl=False, sinkhorn_loop=False))
 for i, j in enumerate(jobs):
     if i % 8 == me:
         j()
 PY
-for i in 0 1 2 3 4 5 6 7; do python3 /tmp/mhc_pre.py $i > /tmp/mhc_pre_$i.log 2>&1 & done
+for i in 0 1 2 3 4 5 6 7; do PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 /tmp/mhc_pre.py $i > /tmp/mhc_pre_$i.log 2>&1 & done
 wait
 echo "precompiled after $(( $(date +%s) - T0 )) s"
 for f in /tmp/mhc_pre_*.log; do [ -s $f ] && tail -n 4 $f; done
-timeout 50 python3 -m pytest -q test_dsv4.py -k "(hc_ or mhc) and not one_launch_sites" -p no:cacheprovider 2>&1 | grep -E "passed|failed|FAILED|Error|error" | head -20
+timeout 45 python3 -m pytest -q test_dsv4.py -k "(hc_ or mhc) and not one_launch_sites" -p no:cacheprovider 2>&1 | grep -E "passed|failed|FAILED|Error|error" | head -20
 echo "tests done after $(( $(date +%s) - T0 )) s"
 BUDGET=$(( 92 - ($(date +%s) - T0) )); [ $BUDGET -gt 55 ] && BUDGET=55
 timeout $(( BUDGET + 5 )) python3 _mhc_time.py $BUDGET

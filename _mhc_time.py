@@ -15,8 +15,10 @@ w = 1 + 0.5 * torch.randn(D, device=dev, generator=g)
 Wq = (torch.randn(D, D, device=dev, generator=g) * 0.5).to(torch.float8_e4m3fn)
 Ws = torch.full((D // 128, D // 128), 2.0 ** -6, device=dev).to(torch.float8_e8m0fnu)
 
-ALL = [("2-kernel", {"HC_SITE": "two", "HC_FOLD_ADD": False}), ("cluster", {"HC_SITE": "cluster"}),
-       ("2-kernel nopdl", {"HC_SITE": "two", "HC_USE_PDL": False}),
+MAIN = {"HC_SITE": "two", "HC_FOLD_ADD": False, "HC_SINKHORN_LOOP": False}       # = session 5's code path
+ALL = [("2-kernel", MAIN), ("cluster", {"HC_SITE": "cluster"}),
+       ("2-kernel loop", dict(MAIN, HC_SINKHORN_LOOP=True)), ("cluster unrolled", {"HC_SITE": "cluster", "HC_SINKHORN_LOOP": False}),
+       ("2-kernel nopdl", dict(MAIN, HC_USE_PDL=False)),
        ("cluster nopdl", {"HC_SITE": "cluster", "HC_USE_PDL": False})]
 M8 = [("cluster tb1", {"HC_SITE": "cluster", "HC_CLUSTER_TB": 1}), ("cluster tb4", {"HC_SITE": "cluster", "HC_CLUSTER_TB": 4})]
 VARIANTS = [(nm, sw) for nm, sw in ALL if all(hasattr(K, k) for k in sw if k != "HC_SITE") and
@@ -143,7 +145,8 @@ for M, sites, gemv in CASES:
         print("time budget reached", flush=True)
         break
     graphs, outs = [], {}
-    vs = VARIANTS + (M8 if M == 8 and hasattr(K, "HC_CLUSTER_TB") else [])
+    vs = VARIANTS if M == 1 else [(nm, sw) for nm, sw in VARIANTS if "nopdl" not in nm and "unrolled" not in nm]
+    vs = vs + (M8 if M == 8 and gemv is False and hasattr(K, "HC_CLUSTER_TB") else [])
     for nm, sw in (vs if gemv != "only" else VARIANTS[:1]):
         saved = variant(sw)
         try:

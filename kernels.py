@@ -3347,6 +3347,8 @@ HC_CLUSTER_MAX_TOKENS = 8
 HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
 HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
 HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside the next site's HcSiteCluster launch
+HC_SINKHORN_LOOP = True # the Sinkhorn rounds as a loop (HcFinalize and HcSiteCluster; False: unrolled, as in
+                        # sessions 2-5): same operations in the same order, far less straight-line code
 HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
 MAX_KERNEL_TOKENS = 64   # hc_pre / hc_head kernels for M <= this; larger M (prefill) takes the torch reference:
                          # H200 round 2 failed the kernel path at M = 300, D = 4096 (M = 300, D = 256 and every
@@ -3574,9 +3576,11 @@ if HAVE_CUTE:
         Sinkhorn-projected comb (softmax rows + eps, column normalization, iters-1 rounds of row then column).
         grid (M, slices): slices > 1 puts post/comb in a CTA of its own (decode); slices == 1 does all in one."""
 
-        def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, pdl: bool):
+        def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, pdl: bool,
+                     sinkhorn_loop: bool = False):
             assert dim % (4 * HC_COLS) == 0 and mix + 1 <= HC_SLOTS
             self.dim, self.n, self.mix, self.iters, self.head, self.pdl = dim, n, mix, iters, head, pdl
+            self.sinkhorn_loop = sinkhorn_loop
             self.norm = norm            # x is returned RMS-normalized (one CTA holds the whole row)
             self.groups = dim // HC_COLS
             self.threads = FIN_THREADS
@@ -3660,32 +3664,55 @@ if HAVE_CUTE:
                     s = s + e[k]
                 c[j] = [e[k] / s + eps for k in range(n)]
 
-            def tree_sum(v):                     # pairwise: a shorter dependency chain than left to right
-                while len(v) > 1:
-                    v = [v[i] + v[i + 1] for i in range(0, len(v) - 1, 2)] + ([v[-1]] if len(v) % 2 else [])
-                return v[0]
-
-            def col_norm(c):
-                for k in range(n):
-                    s = tree_sum([c[j][k] for j in range(n)])
-                    r = cute.arch.rcp_approx(s + eps)
-                    for j in range(n):
-                        c[j][k] = c[j][k] * r
-                return c
-
-            def row_norm(c):
+            c = self._col_norm(c, eps)
+            if const_expr(self.sinkhorn_loop and self.iters > 1):
+                # the iters-1 rounds as a loop: the unrolled rounds were ~1400 straight-line instructions, each
+                # fetched once from a cold instruction cache (H200 stamps: ~3 us); same operations, same order
+                cr = cute.make_rmem_tensor((n * n,), Float32)
                 for j in range(n):
-                    s = tree_sum(list(c[j]))
-                    r = cute.arch.rcp_approx(s + eps)
-                    c[j] = [c[j][k] * r for k in range(n)]
-                return c
-
-            c = col_norm(c)
-            for _ in range(self.iters - 1):
-                c = col_norm(row_norm(c))
+                    for k in range(n):
+                        cr[j * n + k] = c[j][k]
+                self._sinkhorn_rounds(cr, eps)
+                c = [[cr[j * n + k] for k in range(n)] for j in range(n)]
+            else:
+                for _ in range(self.iters - 1):
+                    c = self._col_norm(self._row_norm(c, eps), eps)
             for j in range(n):
                 for k in range(n):
                     mComb[m, j * n + k] = c[j][k]
+
+        @cute.jit
+        def _sinkhorn_rounds(self, cr: cute.Tensor, eps: Float32):
+            n = self.n
+            for _ in cutlass.range(self.iters - 1, unroll=1):
+                c = [[cr[j * n + k] for k in range(n)] for j in range(n)]
+                c = self._col_norm(self._row_norm(c, eps), eps)
+                for j in cutlass.range_constexpr(n):
+                    for k in cutlass.range_constexpr(n):
+                        cr[j * n + k] = c[j][k]
+
+        @staticmethod
+        def _tree_sum(v):                     # pairwise: a shorter dependency chain than left to right
+            while len(v) > 1:
+                v = [v[i] + v[i + 1] for i in range(0, len(v) - 1, 2)] + ([v[-1]] if len(v) % 2 else [])
+            return v[0]
+
+        def _col_norm(self, c, eps):
+            n = self.n
+            for k in range(n):
+                s = self._tree_sum([c[j][k] for j in range(n)])
+                r = cute.arch.rcp_approx(s + eps)
+                for j in range(n):
+                    c[j][k] = c[j][k] * r
+            return c
+
+        def _row_norm(self, c, eps):
+            n = self.n
+            for j in range(n):
+                s = self._tree_sum(list(c[j]))
+                r = cute.arch.rcp_approx(s + eps)
+                c[j] = [c[j][k] * r for k in range(n)]
+            return c
 
         def _slot(self, red, r):
             """Full sum of slot r in a fixed order (the 4 warp sums, in warp order)."""
@@ -3858,8 +3885,10 @@ if HAVE_CUTE:
         N_STAMPS = 9
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
-                     nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False):
+                     nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False,
+                     sinkhorn_loop: bool = True):
             assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
+            self.sinkhorn_loop = sinkhorn_loop
             assert nt % 4 == 0 and 32 % nt == 0 and nt * tok_block <= 32
             self.dim, self.n, self.mix, self.iters, self.pdl = dim, n, mix, iters, pdl
             self.head, self.norm, self.fuse_post, self.TB, self.nt, self.stamps = False, norm, fuse_post, tok_block, \
@@ -4114,8 +4143,9 @@ def _compile_mix(dim: int, n: int, mix: int, fuse_post: bool, pdl: bool | None =
 
 
 def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: bool,
-                      pdl: bool | None = None):
+                      pdl: bool | None = None, sinkhorn_loop: bool | None = None):
     pdl = HC_USE_PDL if pdl is None else pdl
+    loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
 
     def build():
         m = cute.sym_int()
@@ -4126,8 +4156,8 @@ def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: 
                 _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
                 _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 16),
                 Float32(0.0), Float32(0.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcFinalize(dim, n, mix, iters, head, norm, pdl), args
-    return _load_or_compile(("hc_fin", dim, n, mix, iters, head, norm, pdl), build)
+        return HcFinalize(dim, n, mix, iters, head, norm, pdl, loop), args
+    return _load_or_compile(("hc_fin", dim, n, mix, iters, head, norm, pdl) + (("loop",) if loop else ()), build)
 
 
 def _compile_post(dim: int, n: int, pdl: bool | None = None):
@@ -4143,8 +4173,10 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
 
 
 def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
-                  pdl: bool | None = None, stamps: bool = False, add_f2: bool = False):
+                  pdl: bool | None = None, stamps: bool = False, add_f2: bool = False,
+                  sinkhorn_loop: bool | None = None):
     pdl = HC_USE_PDL if pdl is None else pdl
+    loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
 
     def build():
         m = cute.sym_int()
@@ -4158,9 +4190,9 @@ def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm:
                 _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2), args
-    return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2),
-                            build)
+        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, loop), args
+    return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2,
+                             loop), build)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6277,23 +6277,26 @@ def test_gpu_hc_site_cluster_gives_the_bits_of_the_two_kernels(M, D, fuse, norm,
     w = _norm_weight(D, "cuda") if norm else None
     calls = _site_calls(monkeypatch)
 
-    def run(mode):
+    def run(mode, loop):
         monkeypatch.setattr(K, "HC_SITE", mode)
+        monkeypatch.setattr(K, "HC_SINKHORN_LOOP", loop)
         if fuse:
             return K.hc_post_pre_fused(f, h, post, comb, fn2, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
         return K.hc_pre_fused(h, fn2, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
-    old = run("two")
+    old = run("two", False)                   # sessions 2-5: two kernels, unrolled Sinkhorn rounds
     assert not calls
-    new = run("cluster")
-    assert calls == [M]
-    for a, b in zip(old, new):
-        assert a.shape == b.shape and torch.equal(a, b), (a - b).abs().max().item()
+    for mode, loop in (("cluster", True), ("cluster", False), ("two", True)):
+        new = run(mode, loop)
+        for a, b in zip(old, new):
+            assert a.shape == b.shape and torch.equal(a, b), (mode, loop, (a - b).abs().max().item())
+    assert calls == [M, M]
 
 
 @gpu
 def test_gpu_decode_with_one_launch_sites_gives_the_two_kernel_logits(gpu_checkpoints, monkeypatch):
-    """The whole decode step (graph, batch 2, 12 steps): one-launch mHC sites with the MoE add folded in give the
-    logits of the two-kernel sites + torch add, bit for bit."""
+    """The whole decode step (graph, batch 2, 12 steps): one-launch mHC sites with the MoE add folded in and the
+    Sinkhorn loop give the logits of the session-5 step (two-kernel sites, unrolled Sinkhorn, torch add), bit for
+    bit."""
     tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(4)).cuda()
     path = gpu_checkpoints["fp8"]
     calls = _site_calls(monkeypatch)
@@ -6301,6 +6304,7 @@ def test_gpu_decode_with_one_launch_sites_gives_the_two_kernel_logits(gpu_checkp
     assert calls
     monkeypatch.setattr(K, "HC_SITE", "two")
     monkeypatch.setattr(K, "HC_FOLD_ADD", False)
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
     off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
     assert torch.isfinite(on).all() and torch.equal(on, off)
 
@@ -6330,7 +6334,9 @@ def test_gpu_hc_site_cluster_adds_the_unsummed_pair_like_torch(M, D, monkeypatch
     w = _norm_weight(D, "cuda")
     calls = _site_calls(monkeypatch)
     monkeypatch.setattr(K, "HC_SITE", "two")
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
     ref = K.hc_post_pre_fused(a + b, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", True)
     two = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
     monkeypatch.setattr(K, "HC_SITE", "cluster")
     new = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
@@ -6358,8 +6364,10 @@ def test_gpu_hc_site_cluster_chain_replays_in_a_graph_with_the_bits_of_the_two_k
                                                    norm_weight=w)
         return h, f, post, comb
     monkeypatch.setattr(K, "HC_SITE", "two")
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
     ref = chain()
     monkeypatch.setattr(K, "HC_SITE", "cluster")
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
