@@ -4023,21 +4023,27 @@ if HAVE_CUTE:
                             for j in cutlass.range_constexpr(n):
                                 hb[t * n + j] = hv[j]
                         s = _warp_transpose_sum(HcMix._token_slots(self, w, hv), lane)
-                        if lane <= self.mix:
-                            addr = part_base + ((t * G + g) * HC_SLOTS + lane) * 4
-                            for r in cutlass.range_constexpr(self.ctas):
+                        # pre's slots and the sum of squares go to every CTA, all slots to the Sinkhorn CTA
+                        addr = part_base + ((t * G + g) * HC_SLOTS + lane) * 4
+                        if lane < n or lane == self.mix:
+                            for r in cutlass.range_constexpr(self.ctas - 1):
                                 _st_dsmem_f32(addr, r, s)
+                        if lane <= self.mix:
+                            _st_dsmem_f32(addr, self.ctas - 1, s)
                 self._stamp(sStamp, 2, tidx)
                 cute.arch.cluster_arrive()                                 # phase 1: partials stored (release)
                 cute.arch.cluster_wait()
                 self._stamp(sStamp, 3, tidx)
                 per_warp = G // 4
-                per_tok = 4 * (self.mix + 1)
-                for q in cutlass.range(tidx, self.chains, self.cols, unroll=1):   # HcFinalize's order
+                sink = c == self.ctas - 1
+                ns = cutlass.select_(sink, Int32(self.mix + 1), Int32(n + 1))     # slots summed in this CTA
+                per_tok = 4 * ns
+                for q in cutlass.range(tidx, TB * per_tok, self.cols, unroll=1):   # HcFinalize's order
                     t = q // per_tok
                     rem = q - t * per_tok
-                    w4 = rem // (self.mix + 1)
-                    s = rem - w4 * (self.mix + 1)
+                    w4 = rem // ns
+                    si = rem - w4 * ns
+                    s = cutlass.select_(si < n, si, cutlass.select_(sink, si, Int32(self.mix)))
                     base = (t * G + w4 * per_warp) * HC_SLOTS + s
                     acc = Float32(0.0)
                     for gg in cutlass.range(per_warp, unroll=min(per_warp, 32)):
