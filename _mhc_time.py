@@ -126,6 +126,10 @@ def stamps(M, sites, gemv):
             r[nm] = s[:, i].max() - wait
         r["sinkhorn end"] = s[:, 8].max() - wait
         r["end"] = end - wait
+        for i, nm in ((2, "c:h+dots+push"), (3, "c:barrier1"), (4, "c:chains"), (5, "c:x+ssq+push"), (6, "c:barrier2"),
+                      (7, "c:y")):
+            r[nm] = (s[:, 9 + i] - s[:, 9 + i - 1]).mean()       # cycles, thread 0, mean over CTAs
+        r["c:sinkhorn"] = s[:, 17].max()
         if prev_end is not None:
             r["wait - prev end"] = wait - prev_end
             r["entry - prev end"] = s[:, 0].min() - prev_end
@@ -134,7 +138,8 @@ def stamps(M, sites, gemv):
     keys = list(rows[-1].keys())
     med = {kk: statistics.median(float(r[kk]) for r in rows[1:] if kk in r) for kk in keys}
     print(f"  stamps M={M} {dict([(False, 'sites'), (True, 'gemv+site'), ('add', 'gemv+add+site')])[gemv]} (ns, median over sites; phases = max over CTAs, from "
-          f"the last CTA's wait return): " + "  ".join(f"{kk} {v:.0f}" for kk, v in med.items()), flush=True)
+          f"the last CTA's wait return; c: = %clock64 cycles of each phase, thread 0, mean over CTAs): " +
+          "  ".join(f"{kk} {v:.0f}" for kk, v in med.items()), flush=True)
 
 
 print(f"{torch.cuda.get_device_name()}; variants: {[nm for nm, _ in VARIANTS]}", flush=True)

@@ -3854,6 +3854,11 @@ if HAVE_CUTE:
         return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
                                       loc=loc, ip=ip))
 
+    @dsl_user_op
+    def _hc_clock64(*, loc=None, ip=None) -> Int64:
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %clock64;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
     class _Offset:
         """red[base + i]: one token's [4 x HC_SLOTS] warp sums inside a TB-token array (for HcFinalize's helpers)."""
 
@@ -3882,7 +3887,7 @@ if HAVE_CUTE:
         stamps: %globaltimer at the phase borders (thread 0 of each CTA; the Sinkhorn lane at its end) into mStamp
         [token blocks, C, N_STAMPS] (probe, compile-time flag)."""
 
-        N_STAMPS = 9
+        N_STAMPS = 18       # 0-7 %globaltimer of thread 0 at the phase borders, 8 the Sinkhorn's end; 9-17 %clock64
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
                      nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False,
@@ -3920,7 +3925,7 @@ if HAVE_CUTE:
                 ssq: cute.struct.MemRange[Float32, self.TB * 16]
                 w_base: cute.struct.MemRange[Float32, HC_SLOTS]
                 w_scale: cute.struct.MemRange[Float32, 4]
-                stamp: cute.struct.Align[cute.struct.MemRange[Int64, 8], 8]
+                stamp: cute.struct.Align[cute.struct.MemRange[Int64, 16], 8]
 
             self.shared_storage = SharedStorage
             num_tokens = cute.size(mX, mode=[0])
@@ -3956,6 +3961,7 @@ if HAVE_CUTE:
             if const_expr(self.stamps):
                 if tidx == 0:
                     sStamp[slot] = _hc_globaltimer()
+                    sStamp[8 + slot] = _hc_clock64()
 
         @cute.kernel
         def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
@@ -3976,7 +3982,7 @@ if HAVE_CUTE:
             sS = storage.ssq.get_tensor(cute.make_layout(TB * 16))
             sBase = storage.w_base.get_tensor(cute.make_layout(HC_SLOTS))
             sScale = storage.w_scale.get_tensor(cute.make_layout(4))
-            sStamp = storage.stamp.get_tensor(cute.make_layout(8))
+            sStamp = storage.stamp.get_tensor(cute.make_layout(16))
             self._stamp(sStamp, 0, tidx)
             cute.arch.cluster_arrive_relaxed()        # phase 0: this CTA runs (peers may store into its smem)
             if warp < self.mix_warps:
@@ -4100,6 +4106,7 @@ if HAVE_CUTE:
                     if tidx == 0:
                         for k in cutlass.range_constexpr(8):
                             mStamp[(mb * self.ctas + c) * self.N_STAMPS + k] = sStamp[k]
+                            mStamp[(mb * self.ctas + c) * self.N_STAMPS + 9 + k] = sStamp[8 + k]
             else:
                 # the Sinkhorn warp: scale / base -> smem before the wait, then the barriers of the mix warps
                 if lane < self.mix:
@@ -4115,16 +4122,21 @@ if HAVE_CUTE:
                 cute.arch.sync_threads()                                   # red is complete
                 if const_expr(self.norm):
                     cute.arch.cluster_arrive()                             # phase 2 (no wait: reads no DSMEM)
+                sink_t0 = cute.make_rmem_tensor((1,), Int64)
                 if c == self.ctas - 1 and lane < TB:
                     m = mb * TB + lane
                     if m < num_tokens:
+                        if const_expr(self.stamps):
+                            sink_t0[0] = _hc_clock64()
                         rv = _Offset(red, lane * 4 * HC_SLOTS)
                         rms = cute.math.rsqrt(self._slot(rv, self.mix) * Float32(1.0 / (self.n * self.dim))
                                               + norm_eps)
                         self._sinkhorn(rv, rms, sScale, sBase, mPostOut, mCombOut, m, eps)
                         if const_expr(self.stamps):
                             if lane == 0:
-                                mStamp[(mb * self.ctas + c) * self.N_STAMPS + 8] = _hc_globaltimer()
+                                base = (mb * self.ctas + c) * self.N_STAMPS
+                                mStamp[base + 8] = _hc_globaltimer()
+                                mStamp[base + 17] = _hc_clock64() - sink_t0[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
