@@ -48,10 +48,16 @@ for i in 0 1 2 3 4 5 6 7; do PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python
 wait
 echo "precompiled after $(( $(date +%s) - T0 )) s"
 for f in /tmp/mhc_pre_*.log; do [ -s $f ] && tail -n 4 $f; done
-timeout 45 python3 -m pytest -q test_dsv4.py -k "(hc_ or mhc) and not one_launch_sites" -p no:cacheprovider 2>&1 | grep -E "passed|failed|FAILED|Error|error" | head -20
-echo "tests done after $(( $(date +%s) - T0 )) s"
-BUDGET=$(( 92 - ($(date +%s) - T0) )); [ $BUDGET -gt 55 ] && BUDGET=55
+BUDGET=$(( 92 - ($(date +%s) - T0) )); [ $BUDGET -gt 42 ] && BUDGET=42
 timeout $(( BUDGET + 5 )) python3 _mhc_time.py $BUDGET
+echo "timing done after $(( $(date +%s) - T0 )) s"
+LEFT=$(( 97 - ($(date +%s) - T0) ))
+timeout $LEFT python3 -m pytest -q test_dsv4.py -k "hc_site or unsummed or hc_post_pre_fused or fused_is_deterministic" -p no:cacheprovider > /tmp/mhc_t.log 2>&1
+echo "pytest rc=$? $(head -n 1 /tmp/mhc_t.log | cut -c1-120)"; grep -E "passed|failed|FAILED|Error" /tmp/mhc_t.log | head -20
+echo "tests done after $(( $(date +%s) - T0 )) s"
 LEFT=$(( 98 - ($(date +%s) - T0) ))
-[ $LEFT -gt 15 ] && timeout $LEFT python3 -m pytest -q -x test_dsv4.py -k "one_launch_sites" -p no:cacheprovider 2>&1 | grep -E "passed|failed|FAILED|Error|error" | head -8
+if [ $LEFT -gt 20 ]; then
+  timeout $LEFT python3 -m pytest -q -x test_dsv4.py -k "one_launch_sites" -p no:cacheprovider > /tmp/mhc_m.log 2>&1
+  echo "model test rc=$?"; grep -E "passed|failed|FAILED|Error" /tmp/mhc_m.log | head -8
+fi
 echo "done after $(( $(date +%s) - T0 )) s"
