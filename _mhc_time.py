@@ -1,6 +1,6 @@
 """mhc timing (session 6): CUDA-graph replays of chained mHC sites (hc_post_pre_fused + RMSNorm, Flash dims),
 old two-kernel path vs new variants in the same run, medians of interleaved rounds. Run by _gpu.sh on the GPU."""
-import statistics, sys, time, torch
+import os, statistics, sys, time, torch
 import kernels as K
 
 t_end = time.time() + float(sys.argv[1]) if len(sys.argv) > 1 else time.time() + 80
@@ -20,6 +20,8 @@ ALL = [("2-kernel", MAIN), ("cluster", {"HC_SITE": "cluster"}),
        ("2-kernel loop", dict(MAIN, HC_SINKHORN_LOOP=True)), ("cluster unrolled", {"HC_SITE": "cluster", "HC_SINKHORN_LOOP": False}),
        ("2-kernel nopdl", dict(MAIN, HC_USE_PDL=False)),
        ("cluster nopdl", {"HC_SITE": "cluster", "HC_USE_PDL": False})]
+if os.environ.get("MHC_MBAR_OK"):
+    ALL.insert(2, ("cluster mbar", {"HC_SITE": "cluster", "HC_CLUSTER_MBAR": True}))
 M8 = [("cluster tb1", {"HC_SITE": "cluster", "HC_CLUSTER_TB": 1}), ("cluster tb4", {"HC_SITE": "cluster", "HC_CLUSTER_TB": 4})]
 VARIANTS = [(nm, sw) for nm, sw in ALL if all(hasattr(K, k) for k in sw if k != "HC_SITE") and
             ("HC_SITE" not in sw or hasattr(K, "HC_SITE") or sw["HC_SITE"] == "two")]
@@ -91,10 +93,10 @@ def time_graph(gr, reps=5):
     return a.elapsed_time(b) * 1e3 / reps
 
 
-def stamps(M, sites, gemv):
+def stamps(M, sites, gemv, mbar=False):
     """One replay of a chain with HC_STAMPS: per-site phase times (ns, %globaltimer) relative to the moment the
     site's CTAs pass griddepcontrol.wait (max over CTAs), and the gap after the previous site's end."""
-    saved = variant({"HC_SITE": "cluster", "HC_STAMPS": True})
+    saved = variant({"HC_SITE": "cluster", "HC_STAMPS": True, "HC_CLUSTER_MBAR": mbar})
     try:
         fn = chain(M, sites, gemv)
         fn()
@@ -137,7 +139,7 @@ def stamps(M, sites, gemv):
         rows.append(r)
     keys = list(rows[-1].keys())
     med = {kk: statistics.median(float(r[kk]) for r in rows[1:] if kk in r) for kk in keys}
-    print(f"  stamps M={M} {dict([(False, 'sites'), (True, 'gemv+site'), ('add', 'gemv+add+site')])[gemv]} (ns, median over sites; phases = max over CTAs, from "
+    print(f"  stamps{' mbar' if mbar else ''} M={M} {dict([(False, 'sites'), (True, 'gemv+site'), ('add', 'gemv+add+site')])[gemv]} (ns, median over sites; phases = max over CTAs, from "
           f"the last CTA's wait return; c: = %clock64 cycles of each phase, thread 0, mean over CTAs): " +
           "  ".join(f"{kk} {v:.0f}" for kk, v in med.items()), flush=True)
 
@@ -176,7 +178,8 @@ for M, sites, gemv in CASES:
         f"{nm}: {statistics.median(v) / sites:.2f} ({min(v) / sites:.2f}) {(statistics.median(v) - b) / sites:+.2f}"
         f"{'' if same[nm] else ' DIFFERENT BITS'}" for nm, v in res.items()), flush=True)
     if hasattr(K, "HC_STAMPS") and gemv in (False, True) and M in (1, 8):
-        try:
-            stamps(M, sites, gemv)
-        except Exception as e:                               # noqa: BLE001
-            print(f"  stamps: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        for mb in ((False, True) if os.environ.get("MHC_MBAR_OK") else (False,)):
+            try:
+                stamps(M, sites, gemv, mb)
+            except Exception as e:                           # noqa: BLE001
+                print(f"  stamps: {type(e).__name__}: {str(e)[:300]}", flush=True)

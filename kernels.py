@@ -3347,6 +3347,8 @@ HC_CLUSTER_MAX_TOKENS = 8
 HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
 HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
 HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside the next site's HcSiteCluster launch
+HC_CLUSTER_MBAR = False # HcSiteCluster's two DSMEM exchanges: st.async + mbarrier (True) or cluster barriers, whose
+                        # release half is a GPU-scope memory barrier (MEMBAR.ALL.GPU in the SASS)
 HC_SINKHORN_LOOP = True # the Sinkhorn rounds as a loop (HcFinalize and HcSiteCluster; False: unrolled, as in
                         # sessions 2-5): same operations in the same order, far less straight-line code
 HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
@@ -3850,6 +3852,16 @@ if HAVE_CUTE:
                          "r,r,f", has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
+    def _st_async_f32(smem_addr: Int32, rank: Int32, val: Float32, mbar_addr: Int32, *, loc=None, ip=None):
+        """st.async of val to smem_addr in cluster CTA `rank`; its 4 bytes complete a transaction on that CTA's
+        mbarrier at mbar_addr (no fence on this thread's other stores, unlike a release barrier)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip),
+                                Float32(val).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .b32 a, b;\nmapa.shared::cluster.u32 a, $0, $1;\nmapa.shared::cluster.u32 b, $3, $1;\n"
+                         "st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [a], $2, [b];\n}",
+                         "r,r,f,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
     def _hc_globaltimer(*, loc=None, ip=None) -> Int64:
         return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
                                       loc=loc, ip=ip))
@@ -3891,9 +3903,10 @@ if HAVE_CUTE:
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
                      nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False,
-                     sinkhorn_loop: bool = True):
+                     sinkhorn_loop: bool = True, mbar: bool = False):
             assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
             self.sinkhorn_loop = sinkhorn_loop
+            self.mbar = mbar            # DSMEM exchanges signalled by st.async + mbarriers instead of cluster barriers
             assert nt % 4 == 0 and 32 % nt == 0 and nt * tok_block <= 32
             self.dim, self.n, self.mix, self.iters, self.pdl = dim, n, mix, iters, pdl
             self.head, self.norm, self.fuse_post, self.TB, self.nt, self.stamps = False, norm, fuse_post, tok_block, \
@@ -3926,6 +3939,7 @@ if HAVE_CUTE:
                 w_base: cute.struct.MemRange[Float32, HC_SLOTS]
                 w_scale: cute.struct.MemRange[Float32, 4]
                 stamp: cute.struct.Align[cute.struct.MemRange[Int64, 16], 8]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, 2], 8]
 
             self.shared_storage = SharedStorage
             num_tokens = cute.size(mX, mode=[0])
@@ -3956,6 +3970,12 @@ if HAVE_CUTE:
                     nrm.append(Float32(0.0))
             return nrm
 
+        def _push(self, addr, rank, val, mbar_addr):
+            if const_expr(self.mbar):
+                _st_async_f32(addr, rank, val, mbar_addr)
+            else:
+                _st_dsmem_f32(addr, rank, val)
+
         @cute.jit
         def _stamp(self, sStamp, slot: int, tidx):
             if const_expr(self.stamps):
@@ -3984,6 +4004,19 @@ if HAVE_CUTE:
             sScale = storage.w_scale.get_tensor(cute.make_layout(4))
             sStamp = storage.stamp.get_tensor(cute.make_layout(16))
             self._stamp(sStamp, 0, tidx)
+            mbar_ptr = storage.mbar.data_ptr()
+            mbar_addr = mbar_ptr.toint()
+            if const_expr(self.mbar):
+                # two one-shot mbarriers: the partials (phase 1) and the sums of squares (phase 2); thread 0 arrives
+                # once on each, expecting the bytes the peers will store into this CTA for the valid tokens
+                if tidx == 0:
+                    valid = cutlass.min(num_tokens - mb * TB, TB)
+                    per = cutlass.select_(c == self.ctas - 1, Int32(self.mix + 1), Int32(n + 1))
+                    cute.arch.mbarrier_init(mbar_ptr, 1)
+                    cute.arch.mbarrier_init(mbar_ptr + 1, 1)
+                    cute.arch.mbarrier_init_fence()
+                    cute.arch.mbarrier_arrive_and_expect_tx(mbar_ptr, valid * G * per * 4)
+                    cute.arch.mbarrier_arrive_and_expect_tx(mbar_ptr + 1, valid * self.ctas * 4)
             cute.arch.cluster_arrive_relaxed()        # phase 0: this CTA runs (peers may store into its smem)
             if warp < self.mix_warps:
                 i = warp // self.gpc
@@ -4033,12 +4066,15 @@ if HAVE_CUTE:
                         addr = part_base + ((t * G + g) * HC_SLOTS + lane) * 4
                         if lane < n or lane == self.mix:
                             for r in cutlass.range_constexpr(self.ctas - 1):
-                                _st_dsmem_f32(addr, r, s)
+                                self._push(addr, r, s, mbar_addr)
                         if lane <= self.mix:
-                            _st_dsmem_f32(addr, self.ctas - 1, s)
+                            self._push(addr, self.ctas - 1, s, mbar_addr)
                 self._stamp(sStamp, 2, tidx)
-                cute.arch.cluster_arrive()                                 # phase 1: partials stored (release)
-                cute.arch.cluster_wait()
+                if const_expr(self.mbar):
+                    cute.arch.mbarrier_wait(mbar_ptr, 0)                   # every partial of this CTA arrived
+                else:
+                    cute.arch.cluster_arrive()                             # phase 1: partials stored (release)
+                    cute.arch.cluster_wait()
                 self._stamp(sStamp, 3, tidx)
                 per_warp = G // 4
                 sink = c == self.ctas - 1
@@ -4085,13 +4121,16 @@ if HAVE_CUTE:
                                     v = sX[t * self.cols + i2 * 32 * self.gpc + 8 * tl + k]
                                     ss = _fma(v, v, ss)
                         ss = self._lane_butterfly(ss)
-                        if t < TB and tl == 0:
+                        if t < TB and tl == 0 and mb * TB + t < num_tokens:
                             ss_base = storage.ssq.data_ptr().toint() + (t * 16 + c) * 4
                             for r in cutlass.range_constexpr(self.ctas):
-                                _st_dsmem_f32(ss_base, r, ss)
+                                self._push(ss_base, r, ss, mbar_addr + 8)
                     self._stamp(sStamp, 5, tidx)
-                    cute.arch.cluster_arrive()                             # phase 2: sums of squares stored
-                    cute.arch.cluster_wait()
+                    if const_expr(self.mbar):
+                        cute.arch.mbarrier_wait(mbar_ptr + 1, 0)
+                    else:
+                        cute.arch.cluster_arrive()                         # phase 2: sums of squares stored
+                        cute.arch.cluster_wait()
                     self._stamp(sStamp, 6, tidx)
                     for t in cutlass.range_constexpr(TB):
                         m = mb * TB + t
@@ -4117,10 +4156,11 @@ if HAVE_CUTE:
                     cute.arch.griddepcontrol_launch_dependents()
                     cute.arch.griddepcontrol_wait()
                 cute.arch.cluster_wait()
-                cute.arch.cluster_arrive()
-                cute.arch.cluster_wait()
+                if const_expr(not self.mbar):
+                    cute.arch.cluster_arrive()
+                    cute.arch.cluster_wait()
                 cute.arch.sync_threads()                                   # red is complete
-                if const_expr(self.norm):
+                if const_expr(self.norm and not self.mbar):
                     cute.arch.cluster_arrive()                             # phase 2 (no wait: reads no DSMEM)
                 sink_t0 = cute.make_rmem_tensor((1,), Int64)
                 if c == self.ctas - 1 and lane < TB:
@@ -4192,9 +4232,10 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
 
 def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
                   pdl: bool | None = None, stamps: bool = False, add_f2: bool = False,
-                  sinkhorn_loop: bool | None = None):
+                  sinkhorn_loop: bool | None = None, mbar: bool | None = None):
     pdl = HC_USE_PDL if pdl is None else pdl
     loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
+    mbar = HC_CLUSTER_MBAR if mbar is None else mbar
 
     def build():
         m = cute.sym_int()
@@ -4208,9 +4249,10 @@ def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm:
                 _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, loop), args
+        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, loop,
+                             mbar), args
     return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2,
-                             loop), build)
+                             loop) + (("mbar",) if mbar else ()), build)
 
 
 # ----------------------------------------------------------------------------------------------------------------

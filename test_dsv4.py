@@ -6222,6 +6222,7 @@ for D, tb in ((4096, 1), (4096, 2), (256, 1), (7168, 1)):
             K._compile_site(D, 4, 24, 20, fuse, norm, tb, 8)
 K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True)
 K._compile_site(4096, 4, 24, 20, True, True, 2, 8, add_f2=True)
+K._compile_site(4096, 4, 24, 20, True, True, 1, 8, mbar=True)
 print("ok")
 """
 
@@ -6234,7 +6235,7 @@ def test_hc_site_cluster_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_p
                CUTE_DSL_DUMP_DIR=str(dump), PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", COMPILE_SITE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 18
+    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 19
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*HcSiteCluster*.ptx"))
     if ptxas is None or not ptxs:
@@ -6307,6 +6308,28 @@ def test_gpu_decode_with_one_launch_sites_gives_the_two_kernel_logits(gpu_checkp
     monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
     off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
     assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("M,D", [(1, 4096), (3, 4096), (8, 4096), (5, 256)])
+def test_gpu_hc_site_cluster_mbar_exchange_gives_the_same_bits(M, D, norm, monkeypatch):
+    """HC_CLUSTER_MBAR: the DSMEM exchanges signalled by st.async + mbarriers (every expected byte arrives: no hang,
+    same bits as the cluster-barrier variant and the session-5 kernels)."""
+    h, fn, scale, base, f = _inputs(M, D, seed=M * 17 + D, device="cuda")
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    w = _norm_weight(D, "cuda") if norm else None
+    calls = _site_calls(monkeypatch)
+    outs = []
+    for mode, mbar, loop in (("two", False, False), ("cluster", False, True), ("cluster", True, True)):
+        monkeypatch.setattr(K, "HC_SITE", mode)
+        monkeypatch.setattr(K, "HC_CLUSTER_MBAR", mbar)
+        monkeypatch.setattr(K, "HC_SINKHORN_LOOP", loop)
+        outs.append(K.hc_post_pre_fused(f, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w))
+    assert calls == [M, M]
+    for a, b, c in zip(*outs):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.usefixtures("torch_reference_path")
