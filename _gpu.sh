@@ -48,10 +48,10 @@ for pdl in (False,):
     jobs.append(lambda: K._compile_finalize(4096, 4, 24, 20, False, True, pdl=False))
     jobs.append(lambda: K._compile_finalize(4096, 4, 24, 20, False, True, pdl=False, sinkhorn_loop=False))
 for i, j in enumerate(jobs):
-    if i % 8 == me:
+    if i % 14 == me:
         j()
 PY
-for i in 0 1 2 3 4 5 6 7; do PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 /tmp/mhc_pre.py $i > /tmp/mhc_pre_$i.log 2>&1 & done
+for i in $(seq 0 13); do PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 /tmp/mhc_pre.py $i > /tmp/mhc_pre_$i.log 2>&1 & done
 wait
 echo "precompiled after $(( $(date +%s) - T0 )) s"
 for f in /tmp/mhc_pre_*.log; do [ -s $f ] && tail -n 4 $f; done
