@@ -3332,6 +3332,12 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
 # hc_post + next hc_pre fused: HcMix with fuse_post=True computes the new residual slice (stored as bf16) and dots the
 #              rounded values with the next fn slice right away; then HcFinalize as above.
 # hc_head: HcMix + HcFinalize with head=True (mix = n rows, no post/comb).
+# Decode sites (M <= HC_CLUSTER_MAX_TOKENS, HC_SITE = "cluster"): HcSiteCluster does HcMix + HcFinalize in one
+#              launch, one thread-block cluster (16 CTAs at D = 4096) per token block; the partials and the norm's
+#              sums of squares travel through distributed shared memory, every sum in HcFinalize's order (same
+#              bits). It can also add the MoE's routed + shared outputs into f itself (HC_FOLD_ADD: one torch kernel
+#              less per layer). The Sinkhorn rounds run as a loop (HC_SINKHORN_LOOP; unrolled they were ~1400
+#              instructions fetched once from a cold instruction cache, the tail of the site).
 # Everything stays on the device (no host sync); scratch buffers are torch.empty (CUDA-graph pool friendly).
 # Validated on H200 for M <= 8 (D 256, 4096) and in a tiny model (prefill M = 72 and decode, bit-equal logits); the
 # hc_pre / hc_head kernels are used for M <= MAX_KERNEL_TOKENS only (prefill M = 300 at D = 4096 failed, cause open).
