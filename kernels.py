@@ -3353,8 +3353,9 @@ HC_CLUSTER_MAX_TOKENS = 8
 HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
 HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
 HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside the next site's HcSiteCluster launch
-HC_CLUSTER_MBAR = False # HcSiteCluster's two DSMEM exchanges: st.async + mbarrier (True) or cluster barriers, whose
-                        # release half is a GPU-scope memory barrier (MEMBAR.ALL.GPU in the SASS)
+HC_CLUSTER_MBAR = True  # HcSiteCluster's two DSMEM exchanges: st.async + mbarrier (True) or cluster barriers, whose
+                        # release half is a GPU-scope memory barrier (MEMBAR.ALL.GPU in the SASS; H200: 0.9-2.2 us
+                        # slower per site)
 HC_SINKHORN_LOOP = True # the Sinkhorn rounds as a loop (HcFinalize and HcSiteCluster; False: unrolled, as in
                         # sessions 2-5): same operations in the same order, far less straight-line code
 HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
