@@ -35,6 +35,10 @@ for D, tb in ((4096, 1), (4096, 2), (256, 1)):
     site(D, 4, 24, 20, True, True, tb, 8, add_f2=True)
 site(4096, 4, 24, 20, True, True, 1, 8, add_f2=True, mbar=False)
 site(4096, 4, 24, 20, True, True, 1, 8, stamps=True)
+for tb in (1, 2):
+    site(4096, 4, 24, 20, True, True, tb, 8, lanes=False)
+    site(4096, 4, 24, 20, True, True, tb, 8, lanes=False, add_f2=True)
+site(4096, 4, 24, 20, True, True, 2, 8, add_f2=True, mbar=False)
 for i, j in enumerate(jobs):
     if i % 14 == me:
         j()

@@ -17,7 +17,8 @@ Ws = torch.full((D // 128, D // 128), 2.0 ** -6, device=dev).to(torch.float8_e8m
 
 MAIN = {"HC_SITE": "two", "HC_FOLD_ADD": False, "HC_SINKHORN_LOOP": False}       # = session 5's code path
 ALL = [("2-kernel", MAIN), ("cluster", {"HC_SITE": "cluster"}),
-       ("cluster barrier", {"HC_SITE": "cluster", "HC_CLUSTER_MBAR": False})]
+       ("cluster barrier", {"HC_SITE": "cluster", "HC_CLUSTER_MBAR": False}),
+       ("cluster 1-lane", {"HC_SITE": "cluster", "HC_SINKHORN_LANES": False})]
 M8 = []
 VARIANTS = [(nm, sw) for nm, sw in ALL if all(hasattr(K, k) for k in sw if k != "HC_SITE") and
             ("HC_SITE" not in sw or hasattr(K, "HC_SITE") or sw["HC_SITE"] == "two")]

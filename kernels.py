@@ -3356,6 +3356,8 @@ HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside t
 HC_CLUSTER_MBAR = True  # HcSiteCluster's two DSMEM exchanges: st.async + mbarrier (True) or cluster barriers, whose
                         # release half is a GPU-scope memory barrier (MEMBAR.ALL.GPU in the SASS; H200: 0.9-2.2 us
                         # slower per site)
+HC_SINKHORN_LANES = True  # HcSiteCluster: the comb softmax rows and post on n lanes per token (16 serialized IEEE
+                          # divisions in one thread before), same operations
 HC_SINKHORN_LOOP = True # the Sinkhorn rounds as a loop (HcFinalize and HcSiteCluster; False: unrolled, as in
                         # sessions 2-5): same operations in the same order, far less straight-line code
 HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
@@ -3673,6 +3675,14 @@ if HAVE_CUTE:
                     s = s + e[k]
                 c[j] = [e[k] / s + eps for k in range(n)]
 
+            c = self._project(c, eps)
+            for j in range(n):
+                for k in range(n):
+                    mComb[m, j * n + k] = c[j][k]
+
+        def _project(self, c, eps):
+            """Column normalization, then iters-1 rounds of row + column normalization (lists of n x n values)."""
+            n = self.n
             c = self._col_norm(c, eps)
             if const_expr(self.sinkhorn_loop and self.iters > 1):
                 # the iters-1 rounds as a loop: the unrolled rounds were ~1400 straight-line instructions, each
@@ -3686,9 +3696,7 @@ if HAVE_CUTE:
             else:
                 for _ in range(self.iters - 1):
                     c = self._col_norm(self._row_norm(c, eps), eps)
-            for j in range(n):
-                for k in range(n):
-                    mComb[m, j * n + k] = c[j][k]
+            return c
 
         @cute.jit
         def _sinkhorn_rounds(self, cr: cute.Tensor, eps: Float32):
@@ -3910,9 +3918,10 @@ if HAVE_CUTE:
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
                      nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False,
-                     sinkhorn_loop: bool = True, mbar: bool = False):
+                     sinkhorn_loop: bool = True, mbar: bool = False, lanes: bool = False):
             assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
             self.sinkhorn_loop = sinkhorn_loop
+            self.lanes = lanes and n * tok_block <= 32   # softmax rows + post over lanes (HC_SINKHORN_LANES)
             self.mbar = mbar            # DSMEM exchanges signalled by st.async + mbarriers instead of cluster barriers
             assert nt % 4 == 0 and 32 % nt == 0 and nt * tok_block <= 32
             self.dim, self.n, self.mix, self.iters, self.pdl = dim, n, mix, iters, pdl
@@ -3976,6 +3985,25 @@ if HAVE_CUTE:
                 else:
                     nrm.append(Float32(0.0))
             return nrm
+
+        def _post_and_row(self, rv, rms, sScale, sBase, eps, j):
+            """post_j and row j of the comb softmax (+ eps) with HcFinalize._sinkhorn's operations (j dynamic)."""
+            n = self.n
+            pj = Float32(2.0) * _sigmoid(self._slot(rv, n + j) * rms * sScale[1] + sBase[n + j])
+            row = [self._slot(rv, 2 * n + j * n + k) * rms * sScale[2] + sBase[2 * n + j * n + k] for k in range(n)]
+            mx = row[0]
+            for k in range(1, n):
+                mx = cute.arch.fmax(mx, row[k])
+            e = [cute.math.exp(row[k] - mx) for k in range(n)]
+            sm = e[0]
+            for k in range(1, n):
+                sm = sm + e[k]
+            return pj, [e[k] / sm + eps for k in range(n)]
+
+        def _gather_rows(self, row, t):
+            """The n rows of token t from lanes t*n .. t*n+n-1 (every lane takes part in the shuffles)."""
+            n = self.n
+            return [[cute.arch.shuffle_sync(row[k], offset=t * n + jj) for k in range(n)] for jj in range(n)]
 
         def _push(self, addr, rank, val, mbar_addr):
             if const_expr(self.mbar):
@@ -4170,7 +4198,34 @@ if HAVE_CUTE:
                 if const_expr(self.norm and not self.mbar):
                     cute.arch.cluster_arrive()                             # phase 2 (no wait: reads no DSMEM)
                 sink_t0 = cute.make_rmem_tensor((1,), Int64)
-                if c == self.ctas - 1 and lane < TB:
+                if const_expr(self.lanes):
+                    # lane t*n + j: row j of token t's softmax and post_j (their divisions no longer one after the
+                    # other in one thread), then lane t*n gathers the rows and runs the normalization rounds
+                    if c == self.ctas - 1:
+                        if const_expr(self.stamps):
+                            sink_t0[0] = _hc_clock64()
+                        t = lane // n
+                        j = lane - t * n
+                        tt = cutlass.min(t, TB - 1)
+                        m = mb * TB + t
+                        rv = _Offset(red, tt * 4 * HC_SLOTS)
+                        rms = cute.math.rsqrt(self._slot(rv, self.mix) * Float32(1.0 / (self.n * self.dim))
+                                              + norm_eps)
+                        pj, row = self._post_and_row(rv, rms, sScale, sBase, eps, j)
+                        if t < TB and m < num_tokens:
+                            mPostOut[m, j] = pj
+                        cm = self._gather_rows(row, t)
+                        if j == 0 and t < TB and m < num_tokens:
+                            cm = self._project(cm, eps)
+                            for jj in cutlass.range_constexpr(n):
+                                for k in cutlass.range_constexpr(n):
+                                    mCombOut[m, jj * n + k] = cm[jj][k]
+                            if const_expr(self.stamps):
+                                if lane == 0:
+                                    base = (mb * self.ctas + c) * self.N_STAMPS
+                                    mStamp[base + 8] = _hc_globaltimer()
+                                    mStamp[base + 17] = _hc_clock64() - sink_t0[0]
+                elif c == self.ctas - 1 and lane < TB:
                     m = mb * TB + lane
                     if m < num_tokens:
                         if const_expr(self.stamps):
@@ -4239,8 +4294,9 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
 
 def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
                   pdl: bool | None = None, stamps: bool = False, add_f2: bool = False,
-                  sinkhorn_loop: bool | None = None, mbar: bool | None = None):
+                  sinkhorn_loop: bool | None = None, mbar: bool | None = None, lanes: bool | None = None):
     pdl = HC_USE_PDL if pdl is None else pdl
+    lanes = HC_SINKHORN_LANES if lanes is None else lanes
     loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
     mbar = HC_CLUSTER_MBAR if mbar is None else mbar
 
@@ -4257,9 +4313,9 @@ def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm:
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, loop,
-                             mbar), args
+                             mbar, lanes), args
     return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2,
-                             loop) + (("mbar",) if mbar else ()), build)
+                             loop) + (("mbar",) if mbar else ()) + (("lanes",) if lanes else ()), build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
