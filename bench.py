@@ -940,6 +940,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
     ("session-4 attention kernel (kernels.ATTN_WIDE)", ((K, "ATTN_WIDE", False),)),
     ("indexer scores + top-k as two kernels (kernels.FUSED_TOPK)", ((K, "FUSED_TOPK", False),)),
     ("session-4 GEMV configs (kernels.GEMV_RULES s4)", ((K, "GEMV_RULES", "s4"),)),
+    ("session-5 mHC sites (kernels.HC_SITE two, HC_FOLD_ADD, HC_SINKHORN_LOOP off)",
+     ((K, "HC_SITE", "two"), (K, "HC_FOLD_ADD", False), (K, "HC_SINKHORN_LOOP", False))),
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 

@@ -1061,7 +1061,9 @@ class MoE(nn.Module):
         self.experts = meta_experts(cfg, n)                        # this rank's; replaced by the checkpoint's at load
         self.expert_offset = par.rank * n                          # first global expert id held here (EP)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, unsummed: bool = False):
+        """-> routed + shared output [B,S,D]; unsummed (one rank): the pair (routed, shared) instead, for a consumer
+        that adds them itself (the next mHC site's kernel, kernels.HC_FOLD_ADD)."""
         import kernels
         shape = x.shape
         x = x.flatten(0, 1)
@@ -1079,6 +1081,8 @@ class MoE(nn.Module):
             y = kernels.moe(x, ids, w, self.experts, self.limit, ready=ready)
         if self.par.size == 1:      # bf16 + bf16 adds in fp32 and rounds once, like (y.float() + s.float()).to(bf16)
             side.join()
+            if unsummed:
+                return y.view(shape), s.view(shape)
             return (y + s).view(shape)
         y = y.float()                                              # partial sums meet in one fp32 all-reduce
         if self.split_shared:
@@ -1087,6 +1091,11 @@ class MoE(nn.Module):
         if not self.split_shared:
             y += self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
+
+
+def summed(f):
+    """A sub-block output, or the pair (a, b) of bf16 parts a sub-block left unsummed (MoE.forward(unsummed=True))."""
+    return f[0] + f[1] if isinstance(f, tuple) else f
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1106,7 +1115,8 @@ class Block(nn.Module):
     def _hc_pre(self, h, site, pending=None):
         """Add a pending sub-block output (f, post, comb) into the streams (hc_post), then collapse them for this site
         (hc_pre) and normalise -> (h, x = site_norm(collapse), post, comb). Decode-sized batches on the GPU do it in
-        two kernels: the hc_post and the next mix share one pass over h, and the RMSNorm is fused into the collapse."""
+        one launch (kernels.HC_SITE: a thread-block cluster; else two kernels): the hc_post and the next mix share
+        one pass over h, and the RMSNorm is fused into the collapse."""
         c = self.cfg
         norm = getattr(self, f"{site}_norm")
         args = (getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"), getattr(self, f"hc_{site}_base"),
@@ -1116,11 +1126,13 @@ class Block(nn.Module):
             if pending is None:
                 out = (h.flatten(0, 1),) + kernels.hc_pre_fused(h.flatten(0, 1), *args, norm_weight=norm.weight)
             else:
-                f, post, comb = (t.flatten(0, 1) for t in pending)
-                out = kernels.hc_post_pre_fused(f, h.flatten(0, 1), post, comb, *args, norm_weight=norm.weight)
+                f, post, comb = pending
+                f = tuple(t.flatten(0, 1) for t in f) if isinstance(f, tuple) else f.flatten(0, 1)
+                out = kernels.hc_post_pre_fused(f, h.flatten(0, 1), post.flatten(0, 1), comb.flatten(0, 1), *args,
+                                                norm_weight=norm.weight)
             return tuple(t.unflatten(0, (B, S)) for t in out)
         if pending is not None:
-            h = hc_post(pending[0], h, pending[1], pending[2])
+            h = hc_post(summed(pending[0]), h, pending[1], pending[2])
         x, post, comb = hc_pre(h, *args)
         return h, norm(x), post, comb
 
@@ -1129,7 +1141,10 @@ class Block(nn.Module):
         None) -> this block's (h, pending). Each hc_post is left to the next hc_pre, so the GPU path fuses the pair."""
         h, x, post, comb = self._hc_pre(h, "attn", pending)
         h, x, post, comb = self._hc_pre(h, "ffn", (self.attn(x, start_pos, angles), post, comb))
-        return h, (self.ffn(x, tokens), post, comb)
+        # the MoE's routed + shared add is left to the next mHC site's launch where it takes it (kernels.HC_FOLD_ADD)
+        fold = kernels.HC_FOLD_ADD and self.ffn.par.size == 1 and fused(x) and \
+            x.shape[0] * x.shape[1] <= kernels.HC_CLUSTER_MAX_TOKENS
+        return h, (self.ffn(x, tokens, unsummed=True) if fold else self.ffn(x, tokens), post, comb)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1226,7 +1241,7 @@ class Transformer(nn.Module):
         pending = None
         for layer in self.layers:
             h, pending = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0], pending)
-        h = hc_post(pending[0], h, pending[1], pending[2])
+        h = hc_post(summed(pending[0]), h, pending[1], pending[2])
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps,
                     self.norm)
         return all_gather(matmul_fp32(x, self.head.weight), self.par)  # [B,S,V]

@@ -3332,6 +3332,13 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
 # hc_post + next hc_pre fused: HcMix with fuse_post=True computes the new residual slice (stored as bf16) and dots the
 #              rounded values with the next fn slice right away; then HcFinalize as above.
 # hc_head: HcMix + HcFinalize with head=True (mix = n rows, no post/comb).
+# Decode sites (M <= HC_CLUSTER_MAX_TOKENS, HC_SITE = "cluster"): HcSiteCluster does HcMix + HcFinalize in one
+#              launch, one thread-block cluster (16 CTAs at D = 4096) per token block; the partials and the norm's
+#              sums of squares travel through distributed shared memory, every sum in HcFinalize's order (same
+#              bits). It can also add the MoE's routed + shared outputs into f itself (HC_FOLD_ADD: one torch kernel
+#              less per layer). The Sinkhorn thread is the tail of the site: its softmax rows + post run on n lanes
+#              (HC_SINKHORN_LANES; the 16 IEEE divisions were serialized in one thread), its rounds as a loop
+#              (HC_SINKHORN_LOOP: less code; H200 only ~0.1-0.25 us per site).
 # Everything stays on the device (no host sync); scratch buffers are torch.empty (CUDA-graph pool friendly).
 # Validated on H200 for M <= 8 (D 256, 4096) and in a tiny model (prefill M = 72 and decode, bit-equal logits); the
 # hc_pre / hc_head kernels are used for M <= MAX_KERNEL_TOKENS only (prefill M = 300 at D = 4096 failed, cause open).
@@ -3340,6 +3347,21 @@ HC_COLS = 32        # columns of each stream per mix warp (one per lane)
 HC_SLOTS = 32       # partial slots per (group, token): mix dot products, then the sum of squares, then zeros
 FIN_THREADS = 128   # finalize CTA: 4 warps split the column groups; one thread per 8 columns of x
 HC_USE_PDL = True      # programmatic dependent launch: the mix kernel loads fn while the previous kernel drains
+HC_SITE = "cluster"     # a decode site (hc_pre + RMSNorm, hc_post fused or not) at M <= HC_CLUSTER_MAX_TOKENS:
+                        # "cluster" = HcSiteCluster (one launch, one thread-block cluster per token block),
+                        # "two" = HcMix + HcFinalize (sessions 2-5); same bits
+HC_CLUSTER_MAX_TOKENS = 8
+HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
+HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
+HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside the next site's HcSiteCluster launch
+HC_CLUSTER_MBAR = True  # HcSiteCluster's two DSMEM exchanges: st.async + mbarrier (True) or cluster barriers, whose
+                        # release half is a GPU-scope memory barrier (MEMBAR.ALL.GPU in the SASS; H200: 0.9-2.2 us
+                        # slower per site)
+HC_SINKHORN_LANES = True  # HcSiteCluster: the comb softmax rows and post on n lanes per token (16 serialized IEEE
+                          # divisions in one thread before), same operations
+HC_SINKHORN_LOOP = True # the Sinkhorn rounds as a loop (HcFinalize and HcSiteCluster; False: unrolled, as in
+                        # sessions 2-5): same operations in the same order, far less straight-line code
+HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
 MAX_KERNEL_TOKENS = 64   # hc_pre / hc_head kernels for M <= this; larger M (prefill) takes the torch reference:
                          # H200 round 2 failed the kernel path at M = 300, D = 4096 (M = 300, D = 256 and every
                          # M <= 8 passed); see the report. hc_post's elementwise kernel passed at every M.
@@ -3415,7 +3437,9 @@ def hc_pre_emulated(h, fn, scale, base, n: int, iters: int, eps: float, norm_eps
 if HAVE_CUTE:
     import cutlass
     import cutlass.cute as cute
-    from cutlass import Int32, Float32, BFloat16, const_expr
+    from cutlass import Int32, Int64, Float32, BFloat16, const_expr
+    from cutlass.cutlass_dsl import T as _T, dsl_user_op
+    from cutlass._mlir.dialects import llvm as _llvm
 
     _HC_RN = cute.math.RoundingMode.NEAREST_EVEN
 
@@ -3564,9 +3588,11 @@ if HAVE_CUTE:
         Sinkhorn-projected comb (softmax rows + eps, column normalization, iters-1 rounds of row then column).
         grid (M, slices): slices > 1 puts post/comb in a CTA of its own (decode); slices == 1 does all in one."""
 
-        def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, pdl: bool):
+        def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, pdl: bool,
+                     sinkhorn_loop: bool = False):
             assert dim % (4 * HC_COLS) == 0 and mix + 1 <= HC_SLOTS
             self.dim, self.n, self.mix, self.iters, self.head, self.pdl = dim, n, mix, iters, head, pdl
+            self.sinkhorn_loop = sinkhorn_loop
             self.norm = norm            # x is returned RMS-normalized (one CTA holds the whole row)
             self.groups = dim // HC_COLS
             self.threads = FIN_THREADS
@@ -3650,32 +3676,61 @@ if HAVE_CUTE:
                     s = s + e[k]
                 c[j] = [e[k] / s + eps for k in range(n)]
 
-            def tree_sum(v):                     # pairwise: a shorter dependency chain than left to right
-                while len(v) > 1:
-                    v = [v[i] + v[i + 1] for i in range(0, len(v) - 1, 2)] + ([v[-1]] if len(v) % 2 else [])
-                return v[0]
-
-            def col_norm(c):
-                for k in range(n):
-                    s = tree_sum([c[j][k] for j in range(n)])
-                    r = cute.arch.rcp_approx(s + eps)
-                    for j in range(n):
-                        c[j][k] = c[j][k] * r
-                return c
-
-            def row_norm(c):
-                for j in range(n):
-                    s = tree_sum(list(c[j]))
-                    r = cute.arch.rcp_approx(s + eps)
-                    c[j] = [c[j][k] * r for k in range(n)]
-                return c
-
-            c = col_norm(c)
-            for _ in range(self.iters - 1):
-                c = col_norm(row_norm(c))
+            c = self._project(c, eps)
             for j in range(n):
                 for k in range(n):
                     mComb[m, j * n + k] = c[j][k]
+
+        def _project(self, c, eps):
+            """Column normalization, then iters-1 rounds of row + column normalization (lists of n x n values)."""
+            n = self.n
+            c = self._col_norm(c, eps)
+            if const_expr(self.sinkhorn_loop and self.iters > 1):
+                # the iters-1 rounds as a loop (~1400 straight-line instructions unrolled; measured gain on the
+                # H200 only 0.1-0.25 us per site); same operations, same order
+                cr = cute.make_rmem_tensor((n * n,), Float32)
+                for j in range(n):
+                    for k in range(n):
+                        cr[j * n + k] = c[j][k]
+                self._sinkhorn_rounds(cr, eps)
+                c = [[cr[j * n + k] for k in range(n)] for j in range(n)]
+            else:
+                for _ in range(self.iters - 1):
+                    c = self._col_norm(self._row_norm(c, eps), eps)
+            return c
+
+        @cute.jit
+        def _sinkhorn_rounds(self, cr: cute.Tensor, eps: Float32):
+            n = self.n
+            for _ in cutlass.range(self.iters - 1, unroll=1):
+                c = [[cr[j * n + k] for k in range(n)] for j in range(n)]
+                c = self._col_norm(self._row_norm(c, eps), eps)
+                for j in cutlass.range_constexpr(n):
+                    for k in cutlass.range_constexpr(n):
+                        cr[j * n + k] = c[j][k]
+
+        @staticmethod
+        def _tree_sum(v):                     # pairwise: a shorter dependency chain than left to right
+            while len(v) > 1:
+                v = [v[i] + v[i + 1] for i in range(0, len(v) - 1, 2)] + ([v[-1]] if len(v) % 2 else [])
+            return v[0]
+
+        def _col_norm(self, c, eps):
+            n = self.n
+            for k in range(n):
+                s = self._tree_sum([c[j][k] for j in range(n)])
+                r = cute.arch.rcp_approx(s + eps)
+                for j in range(n):
+                    c[j][k] = c[j][k] * r
+            return c
+
+        def _row_norm(self, c, eps):
+            n = self.n
+            for j in range(n):
+                s = self._tree_sum(list(c[j]))
+                r = cute.arch.rcp_approx(s + eps)
+                c[j] = [c[j][k] * r for k in range(n)]
+            return c
 
         def _slot(self, red, r):
             """Full sum of slot r in a fixed order (the 4 warp sums, in warp order)."""
@@ -3804,6 +3859,388 @@ if HAVE_CUTE:
                 hb.store(ov.load().to(BFloat16))
                 cute.autovec_copy(hb, cute.local_tile(mOut, (1, 8), (m, k * vecs + v)))
 
+    @dsl_user_op
+    def _st_dsmem_f32(smem_addr: Int32, rank: Int32, val: Float32, *, loc=None, ip=None):
+        """Store val at this CTA's shared address smem_addr in the shared memory of cluster CTA `rank` (DSMEM)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip),
+                                Float32(val).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .b32 a;\nmapa.shared::cluster.u32 a, $0, $1;\nst.shared::cluster.f32 [a], $2;\n}",
+                         "r,r,f", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _st_async_f32(smem_addr: Int32, rank: Int32, val: Float32, mbar_addr: Int32, *, loc=None, ip=None):
+        """st.async of val to smem_addr in cluster CTA `rank`; its 4 bytes complete a transaction on that CTA's
+        mbarrier at mbar_addr (no fence on this thread's other stores, unlike a release barrier)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip),
+                                Float32(val).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .b32 a, b;\nmapa.shared::cluster.u32 a, $0, $1;\nmapa.shared::cluster.u32 b, $3, $1;\n"
+                         "st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [a], $2, [b];\n}",
+                         "r,r,f,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _hc_globaltimer(*, loc=None, ip=None) -> Int64:
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
+    def _hc_clock64(*, loc=None, ip=None) -> Int64:
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %clock64;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    class _Offset:
+        """red[base + i]: one token's [4 x HC_SLOTS] warp sums inside a TB-token array (for HcFinalize's helpers)."""
+
+        def __init__(self, t, base):
+            self.t, self.base = t, base
+
+        def __getitem__(self, i):
+            return self.t[self.base + i]
+
+    class HcSiteCluster(HcFinalize):
+        """One mHC site in one launch: (hc_post fused with) hc_pre + RMSNorm of x, bit-identical to HcMix +
+        HcFinalize (norm). grid (C, token blocks of TB), one thread-block cluster of C <= 16 CTAs per token block.
+        HcFinalize's norm CTA gives 128 threads 8-column vectors v = t + 128 i; CTA c of the cluster takes the columns
+        of its nt of those threads (t in [c nt, (c+1) nt), every i) = nt/4 * vpt groups of 32 columns, one warp each:
+        - mix warps (one per group, lane = column, as HcMix): fn column in registers (loaded before
+          griddepcontrol.wait: fn is constant), then h (+ the fused hc_post: new streams written to mHout), the
+          24 dot products + sum of squares, the transposing butterfly; the warp's 32-slot partial is stored into
+          every CTA's shared memory (DSMEM) -> cluster barrier -> every CTA sums all partials in HcFinalize's order
+          (4 chains of G/4 groups per slot, then the 4 chain sums in order), rms, pre; x of its own columns (kept in
+          registers: no second pass over h); the norm's sum of squares: each of its nt virtual threads chains its
+          32 columns in HcFinalize's order, an nt-lane butterfly, that value into every CTA's smem -> cluster
+          barrier -> the rest of HcFinalize's butterfly (a pairwise tree over the CTAs of a warp) + the 4 warps in
+          order -> y = bf16(w * (x * rstd)).
+        - one more warp: loads scale/base, and in the last CTA runs the Sinkhorn (HcFinalize._sinkhorn, lane t for
+          token t) off the critical path of the x/y columns, then writes post/comb.
+        stamps: %globaltimer at the phase borders (thread 0 of each CTA; the Sinkhorn lane at its end) into mStamp
+        [token blocks, C, N_STAMPS] (probe, compile-time flag)."""
+
+        N_STAMPS = 18       # 0-7 %globaltimer of thread 0 at the phase borders, 8 the Sinkhorn's end; 9-17 %clock64
+
+        def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
+                     nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False,
+                     sinkhorn_loop: bool = True, mbar: bool = False, lanes: bool = False):
+            assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
+            self.sinkhorn_loop = sinkhorn_loop
+            self.lanes = lanes and n * tok_block <= 32   # softmax rows + post over lanes (HC_SINKHORN_LANES)
+            self.mbar = mbar            # DSMEM exchanges signalled by st.async + mbarriers instead of cluster barriers
+            assert nt % 4 == 0 and 32 % nt == 0 and nt * tok_block <= 32
+            self.dim, self.n, self.mix, self.iters, self.pdl = dim, n, mix, iters, pdl
+            self.head, self.norm, self.fuse_post, self.TB, self.nt, self.stamps = False, norm, fuse_post, tok_block, \
+                nt, stamps
+            self.add_f2 = add_f2 and fuse_post       # f = bf16(f + f2) first (the MoE's routed + shared add)
+            self.groups = dim // HC_COLS
+            self.vpt = max(dim // (8 * FIN_THREADS), 1)       # HcFinalize's vectors per thread (all used)
+            self.active = min(FIN_THREADS, dim // 8)           # HcFinalize threads that own columns
+            self.ctas = self.active // nt
+            assert 1 <= self.ctas <= 16
+            self.gpc = nt // 4                                 # groups per CTA in each 1024-column chunk
+            self.mix_warps = self.gpc * self.vpt
+            self.cols = 32 * self.mix_warps                    # columns per CTA = mix threads
+            self.threads = self.cols + 32
+            self.pc = n + n * n
+            self.cpw = 32 // nt                                # CTAs per HcFinalize warp
+            self.chains = tok_block * 4 * (mix + 1)
+
+        @cute.jit
+        def __call__(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
+                     mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
+                     mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
+                     mStamp: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
+            @cute.struct
+            class SharedStorage:
+                part: cute.struct.Align[cute.struct.MemRange[Float32, self.TB * self.groups * HC_SLOTS], 16]
+                red: cute.struct.MemRange[Float32, self.TB * 4 * HC_SLOTS]
+                xs: cute.struct.MemRange[Float32, self.TB * self.cols]
+                ssq: cute.struct.MemRange[Float32, self.TB * 16]
+                w_base: cute.struct.MemRange[Float32, HC_SLOTS]
+                w_scale: cute.struct.MemRange[Float32, 4]
+                stamp: cute.struct.Align[cute.struct.MemRange[Int64, 16], 8]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, 2], 8]
+
+            self.shared_storage = SharedStorage
+            num_tokens = cute.size(mX, mode=[0])
+            blocks = (num_tokens + self.TB - 1) // self.TB
+            self.kernel(mH, mFn, mF, mF2, mPost, mComb, mHout, mScale, mBase, mW, mX, mPostOut, mCombOut, mStamp,
+                        eps, norm_eps).launch(grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1],
+                                         cluster=[self.ctas, 1, 1], stream=stream, use_pdl=self.pdl)
+
+        def _lane_butterfly(self, ss):
+            """The first log2(nt) stages of HcFinalize's xor butterfly (lanes of one CTA's virtual threads)."""
+            o = 1
+            while o < self.nt:
+                ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=o)
+                o *= 2
+            return ss
+
+        def _warp_sums(self, sS, t):
+            """HcFinalize's 4 warp sums of squares of token t from the CTAs' nt-lane sums sS[t, c]: the remaining
+            butterfly stages (offsets nt .. 16) are a pairwise tree over the CTAs of a warp (+ is commutative)."""
+            nrm = []
+            for q4 in range(4):
+                if q4 * 32 < self.active:
+                    v = [sS[t * 16 + q4 * self.cpw + u] for u in range(self.cpw)]
+                    while len(v) > 1:
+                        v = [v[u] + v[u + 1] for u in range(0, len(v), 2)]
+                    nrm.append(v[0])
+                else:
+                    nrm.append(Float32(0.0))
+            return nrm
+
+        def _post_and_row(self, rv, rms, sScale, sBase, eps, j):
+            """post_j and row j of the comb softmax (+ eps) with HcFinalize._sinkhorn's operations (j dynamic)."""
+            n = self.n
+            pj = Float32(2.0) * _sigmoid(self._slot(rv, n + j) * rms * sScale[1] + sBase[n + j])
+            row = [self._slot(rv, 2 * n + j * n + k) * rms * sScale[2] + sBase[2 * n + j * n + k] for k in range(n)]
+            mx = row[0]
+            for k in range(1, n):
+                mx = cute.arch.fmax(mx, row[k])
+            e = [cute.math.exp(row[k] - mx) for k in range(n)]
+            sm = e[0]
+            for k in range(1, n):
+                sm = sm + e[k]
+            return pj, [e[k] / sm + eps for k in range(n)]
+
+        def _gather_rows(self, row, t):
+            """The n rows of token t from lanes t*n .. t*n+n-1 (every lane takes part in the shuffles)."""
+            n = self.n
+            return [[cute.arch.shuffle_sync(row[k], offset=t * n + jj) for k in range(n)] for jj in range(n)]
+
+        def _push(self, addr, rank, val, mbar_addr):
+            if const_expr(self.mbar):
+                _st_async_f32(addr, rank, val, mbar_addr)
+            else:
+                _st_dsmem_f32(addr, rank, val)
+
+        @cute.jit
+        def _stamp(self, sStamp, slot: int, tidx):
+            if const_expr(self.stamps):
+                if tidx == 0:
+                    sStamp[slot] = _hc_globaltimer()
+                    sStamp[8 + slot] = _hc_clock64()
+
+        @cute.kernel
+        def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
+                   mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
+                   mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
+                   mStamp: cute.Tensor, eps: Float32, norm_eps: Float32):
+            tidx, _, _ = cute.arch.thread_idx()
+            c, mb, _ = cute.arch.block_idx()                   # c = rank in the cluster (cluster [C, 1, 1])
+            warp = tidx // 32
+            lane = tidx % 32
+            n, TB, G = self.n, self.TB, self.groups
+            num_tokens = cute.size(mX, mode=[0])
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            sPart = storage.part.get_tensor(cute.make_layout(TB * G * HC_SLOTS))
+            red = storage.red.get_tensor(cute.make_layout(TB * 4 * HC_SLOTS))
+            sX = storage.xs.get_tensor(cute.make_layout(TB * self.cols))
+            sS = storage.ssq.get_tensor(cute.make_layout(TB * 16))
+            sBase = storage.w_base.get_tensor(cute.make_layout(HC_SLOTS))
+            sScale = storage.w_scale.get_tensor(cute.make_layout(4))
+            sStamp = storage.stamp.get_tensor(cute.make_layout(16))
+            self._stamp(sStamp, 0, tidx)
+            mbar_ptr = storage.mbar.data_ptr()
+            mbar_addr = mbar_ptr.toint()
+            if const_expr(self.mbar):
+                # two one-shot mbarriers: the partials (phase 1) and the sums of squares (phase 2); thread 0 arrives
+                # once on each, expecting the bytes the peers will store into this CTA for the valid tokens
+                if tidx == 0:
+                    valid = cutlass.min(num_tokens - mb * TB, TB)
+                    per = cutlass.select_(c == self.ctas - 1, Int32(self.mix + 1), Int32(n + 1))
+                    cute.arch.mbarrier_init(mbar_ptr, 1)
+                    cute.arch.mbarrier_init(mbar_ptr + 1, 1)
+                    cute.arch.mbarrier_init_fence()
+                    cute.arch.mbarrier_arrive_and_expect_tx(mbar_ptr, valid * G * per * 4)
+                    cute.arch.mbarrier_arrive_and_expect_tx(mbar_ptr + 1, valid * self.ctas * 4)
+            cute.arch.cluster_arrive_relaxed()        # phase 0: this CTA runs (peers may store into its smem)
+            if warp < self.mix_warps:
+                i = warp // self.gpc
+                g = i * 32 + c * self.gpc + (warp - i * self.gpc)          # this warp's group of 32 columns
+                col = g * HC_COLS + lane
+                w = HcMix._fn_column(self, mFn, col)   # fn does not depend on the previous kernel
+                if const_expr(self.pdl):
+                    cute.arch.griddepcontrol_launch_dependents()
+                    cute.arch.griddepcontrol_wait()
+                self._stamp(sStamp, 1, tidx)
+                hb = cute.make_rmem_tensor((TB * n,), Float32)
+                fb = cute.make_rmem_tensor((TB,), Float32)
+                pcb = cute.make_rmem_tensor((TB * self.pc,), Float32)
+                f2b = cute.make_rmem_tensor((TB,), Float32)
+                hb.fill(0.0)
+                fb.fill(0.0)
+                f2b.fill(0.0)
+                pcb.fill(0.0)
+                for t in cutlass.range_constexpr(TB):                      # every load first
+                    m = mb * TB + t
+                    if m < num_tokens:
+                        for j in cutlass.range_constexpr(n):
+                            hb[t * n + j] = mH[m, j * self.dim + col].to(Float32)
+                        if const_expr(self.fuse_post):
+                            fb[t] = mF[m, col].to(Float32)
+                            if const_expr(self.add_f2):
+                                f2b[t] = mF2[m, col].to(Float32)
+                            for e in cutlass.range_constexpr(n):
+                                pcb[t * self.pc + e] = mPost[m, e]
+                            for e in cutlass.range_constexpr(n * n):
+                                pcb[t * self.pc + n + e] = mComb[m, e]
+                cute.arch.cluster_wait()                                   # phase 0 done: peers run
+                part_base = storage.part.data_ptr().toint()
+                for t in cutlass.range_constexpr(TB):
+                    m = mb * TB + t
+                    if m < num_tokens:
+                        hv = [hb[t * n + j] for j in range(n)]
+                        if const_expr(self.fuse_post):
+                            fv = fb[t]
+                            if const_expr(self.add_f2):        # torch's bf16 + bf16: one fp32 add, one rounding
+                                fv = _add_rn(fv, f2b[t]).to(BFloat16).to(Float32)
+                            hv = HcMix._post_h(self, pcb, t, fv, hv, mHout, m, col)
+                            for j in cutlass.range_constexpr(n):
+                                hb[t * n + j] = hv[j]
+                        s = _warp_transpose_sum(HcMix._token_slots(self, w, hv), lane)
+                        # pre's slots and the sum of squares go to every CTA, all slots to the Sinkhorn CTA
+                        addr = part_base + ((t * G + g) * HC_SLOTS + lane) * 4
+                        if lane < n or lane == self.mix:
+                            for r in cutlass.range_constexpr(self.ctas - 1):
+                                self._push(addr, r, s, mbar_addr)
+                        if lane <= self.mix:
+                            self._push(addr, self.ctas - 1, s, mbar_addr)
+                self._stamp(sStamp, 2, tidx)
+                if const_expr(self.mbar):
+                    cute.arch.mbarrier_wait(mbar_ptr, 0)                   # every partial of this CTA arrived
+                else:
+                    cute.arch.cluster_arrive()                             # phase 1: partials stored (release)
+                    cute.arch.cluster_wait()
+                self._stamp(sStamp, 3, tidx)
+                per_warp = G // 4
+                sink = c == self.ctas - 1
+                ns = cutlass.select_(sink, Int32(self.mix + 1), Int32(n + 1))     # slots summed in this CTA
+                per_tok = 4 * ns
+                for q in cutlass.range(tidx, TB * per_tok, self.cols, unroll=1):   # HcFinalize's order
+                    t = q // per_tok
+                    rem = q - t * per_tok
+                    w4 = rem // ns
+                    si = rem - w4 * ns
+                    s = cutlass.select_(si < n, si, cutlass.select_(sink, si, Int32(self.mix)))
+                    base = (t * G + w4 * per_warp) * HC_SLOTS + s
+                    acc = Float32(0.0)
+                    for gg in cutlass.range(per_warp, unroll=min(per_warp, 32)):
+                        acc = acc + sPart[base + gg * HC_SLOTS]
+                    red[t * 4 * HC_SLOTS + w4 * HC_SLOTS + s] = acc
+                cute.arch.sync_threads()                                   # (the Sinkhorn warp too)
+                self._stamp(sStamp, 4, tidx)
+                local = warp * 32 + lane
+                for t in cutlass.range_constexpr(TB):
+                    m = mb * TB + t
+                    if m < num_tokens:
+                        rv = _Offset(red, t * 4 * HC_SLOTS)
+                        rms = cute.math.rsqrt(self._slot(rv, self.mix) * Float32(1.0 / (self.n * self.dim))
+                                              + norm_eps)
+                        pre = self._pre(rv, rms, sScale, sBase, eps)
+                        acc = _mul_rn(pre[0], hb[t * n])
+                        for j in cutlass.range_constexpr(1, n):
+                            acc = _add_rn(acc, _mul_rn(pre[j], hb[t * n + j]))
+                        xb = acc.to(BFloat16)
+                        if const_expr(self.norm):
+                            sX[t * self.cols + local] = xb.to(Float32)
+                        else:
+                            mX[m, col] = xb
+                if const_expr(self.norm):
+                    cute.arch.barrier(barrier_id=1, number_of_threads=self.cols)   # the mix warps' x in smem
+                    if warp == 0:
+                        tl = lane % self.nt
+                        t = lane // self.nt
+                        ss = Float32(0.0)
+                        if t < TB:
+                            for i2 in cutlass.range_constexpr(self.vpt):
+                                for k in cutlass.range_constexpr(8):
+                                    v = sX[t * self.cols + i2 * 32 * self.gpc + 8 * tl + k]
+                                    ss = _fma(v, v, ss)
+                        ss = self._lane_butterfly(ss)
+                        if t < TB and tl == 0 and mb * TB + t < num_tokens:
+                            ss_base = storage.ssq.data_ptr().toint() + (t * 16 + c) * 4
+                            for r in cutlass.range_constexpr(self.ctas):
+                                self._push(ss_base, r, ss, mbar_addr + 8)
+                    self._stamp(sStamp, 5, tidx)
+                    if const_expr(self.mbar):
+                        cute.arch.mbarrier_wait(mbar_ptr + 1, 0)
+                    else:
+                        cute.arch.cluster_arrive()                         # phase 2: sums of squares stored
+                        cute.arch.cluster_wait()
+                    self._stamp(sStamp, 6, tidx)
+                    for t in cutlass.range_constexpr(TB):
+                        m = mb * TB + t
+                        if m < num_tokens:
+                            nrm = self._warp_sums(sS, t)
+                            ssq = ((nrm[0] + nrm[1]) + nrm[2]) + nrm[3]
+                            rstd = cute.math.rsqrt(ssq * Float32(1.0 / self.dim) + norm_eps)
+                            y = _mul_rn(mW[0, col], _mul_rn(sX[t * self.cols + local], rstd))
+                            mX[m, col] = y.to(BFloat16)
+                self._stamp(sStamp, 7, tidx)
+                if const_expr(self.stamps):
+                    if tidx == 0:
+                        for k in cutlass.range_constexpr(8):
+                            mStamp[(mb * self.ctas + c) * self.N_STAMPS + k] = sStamp[k]
+                            mStamp[(mb * self.ctas + c) * self.N_STAMPS + 9 + k] = sStamp[8 + k]
+            else:
+                # the Sinkhorn warp: scale / base -> smem before the wait, then the barriers of the mix warps
+                if lane < self.mix:
+                    sBase[lane] = mBase[lane]
+                if lane < 3:
+                    sScale[lane] = mScale[lane]
+                if const_expr(self.pdl):
+                    cute.arch.griddepcontrol_launch_dependents()
+                    cute.arch.griddepcontrol_wait()
+                cute.arch.cluster_wait()
+                if const_expr(not self.mbar):
+                    cute.arch.cluster_arrive()
+                    cute.arch.cluster_wait()
+                cute.arch.sync_threads()                                   # red is complete
+                if const_expr(self.norm and not self.mbar):
+                    cute.arch.cluster_arrive()                             # phase 2 (no wait: reads no DSMEM)
+                sink_t0 = cute.make_rmem_tensor((1,), Int64)
+                if const_expr(self.lanes):
+                    # lane t*n + j: row j of token t's softmax and post_j (their divisions no longer one after the
+                    # other in one thread), then lane t*n gathers the rows and runs the normalization rounds
+                    if c == self.ctas - 1:
+                        if const_expr(self.stamps):
+                            sink_t0[0] = _hc_clock64()
+                        t = lane // n
+                        j = lane - t * n
+                        tt = cutlass.min(t, TB - 1)
+                        m = mb * TB + t
+                        rv = _Offset(red, tt * 4 * HC_SLOTS)
+                        rms = cute.math.rsqrt(self._slot(rv, self.mix) * Float32(1.0 / (self.n * self.dim))
+                                              + norm_eps)
+                        pj, row = self._post_and_row(rv, rms, sScale, sBase, eps, j)
+                        if t < TB and m < num_tokens:
+                            mPostOut[m, j] = pj
+                        cm = self._gather_rows(row, t)
+                        if j == 0 and t < TB and m < num_tokens:
+                            cm = self._project(cm, eps)
+                            for jj in cutlass.range_constexpr(n):
+                                for k in cutlass.range_constexpr(n):
+                                    mCombOut[m, jj * n + k] = cm[jj][k]
+                            if const_expr(self.stamps):
+                                if lane == 0:
+                                    base = (mb * self.ctas + c) * self.N_STAMPS
+                                    mStamp[base + 8] = _hc_globaltimer()
+                                    mStamp[base + 17] = _hc_clock64() - sink_t0[0]
+                elif c == self.ctas - 1 and lane < TB:
+                    m = mb * TB + lane
+                    if m < num_tokens:
+                        if const_expr(self.stamps):
+                            sink_t0[0] = _hc_clock64()
+                        rv = _Offset(red, lane * 4 * HC_SLOTS)
+                        rms = cute.math.rsqrt(self._slot(rv, self.mix) * Float32(1.0 / (self.n * self.dim))
+                                              + norm_eps)
+                        self._sinkhorn(rv, rms, sScale, sBase, mPostOut, mCombOut, m, eps)
+                        if const_expr(self.stamps):
+                            if lane == 0:
+                                base = (mb * self.ctas + c) * self.N_STAMPS
+                                mStamp[base + 8] = _hc_globaltimer()
+                                mStamp[base + 17] = _hc_clock64() - sink_t0[0]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Compile cache (kernels.py's: memory dict -> exported object on disk -> compile)
@@ -3827,8 +4264,9 @@ def _compile_mix(dim: int, n: int, mix: int, fuse_post: bool, pdl: bool | None =
 
 
 def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: bool,
-                      pdl: bool | None = None):
+                      pdl: bool | None = None, sinkhorn_loop: bool | None = None):
     pdl = HC_USE_PDL if pdl is None else pdl
+    loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
 
     def build():
         m = cute.sym_int()
@@ -3839,8 +4277,8 @@ def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: 
                 _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
                 _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 16),
                 Float32(0.0), Float32(0.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcFinalize(dim, n, mix, iters, head, norm, pdl), args
-    return _load_or_compile(("hc_fin", dim, n, mix, iters, head, norm, pdl), build)
+        return HcFinalize(dim, n, mix, iters, head, norm, pdl, loop), args
+    return _load_or_compile(("hc_fin", dim, n, mix, iters, head, norm, pdl) + (("loop",) if loop else ()), build)
 
 
 def _compile_post(dim: int, n: int, pdl: bool | None = None):
@@ -3855,6 +4293,32 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
     return _load_or_compile(("hc_post", dim, n, pdl), build)
 
 
+def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
+                  pdl: bool | None = None, stamps: bool = False, add_f2: bool = False,
+                  sinkhorn_loop: bool | None = None, mbar: bool | None = None, lanes: bool | None = None):
+    pdl = HC_USE_PDL if pdl is None else pdl
+    lanes = HC_SINKHORN_LANES if lanes is None else lanes
+    loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
+    mbar = HC_CLUSTER_MBAR if mbar is None else mbar
+
+    def build():
+        m = cute.sym_int()
+        args = (_fake_2d(BFloat16, cute.sym_int(), n * dim, 2), _fake_2d(Float32, mix, n * dim, 4),
+                _fake_2d(BFloat16, cute.sym_int(), dim, 2), _fake_2d(BFloat16, cute.sym_int(), dim, 2),
+                _fake_2d(Float32, cute.sym_int(), n, 4),
+                _fake_2d(Float32, cute.sym_int(), n * n, 4), _fake_2d(BFloat16, cute.sym_int(), n * dim, 2),
+                cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(),)),
+                cute.runtime.make_fake_compact_tensor(Float32, (mix,)),
+                _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 4), _fake_2d(BFloat16, m, dim, 2),
+                _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
+                cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
+                Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, loop,
+                             mbar, lanes), args
+    return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2,
+                             loop) + (("mbar",) if mbar else ()) + (("lanes",) if lanes else ()), build)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Torch-facing functions (CUDA + CuTe DSL; bf16 h / f / res, fp32 fn / scale / base / post / comb)
 def _tok_block(M: int) -> int:
@@ -3863,12 +4327,75 @@ def _tok_block(M: int) -> int:
     return 2 if M <= 64 else 32
 
 
-def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=None, norm_weight=None):
-    """HcMix (plain or fused with the previous hc_post: post_args = (f, res2, post, comb2)) + HcFinalize.
-    h2 [M, n*D] is the collapsed input (fused: the new residual, written by HcMix)."""
+def site_cluster_dim_ok(D: int) -> bool:
+    """HcSiteCluster's column split needs every HcFinalize thread to own the same number of whole vectors."""
+    return D % 1024 == 0 or (D < 1024 and D % 256 == 0)
+
+
+def _site_tok_block(M: int) -> int:
+    """Tokens per cluster of HcSiteCluster: 1 up to 4 tokens (<= 4 clusters of 16 CTAs), then 2 (HC_CLUSTER_TB:
+    a fixed value, for measurements)."""
+    if HC_CLUSTER_TB:
+        return HC_CLUSTER_TB
+    return 1 if M <= 4 else 2
+
+
+_HC_STAMP_RING = {}      # device -> (int64 [rows, blocks * C * N_STAMPS] stamps, [next row]) (HC_STAMPS probe)
+
+
+def _stamp_row(dev, probe: bool):
+    """The next ring row (probe), else a 1-element placeholder (never written)."""
+    ring = _HC_STAMP_RING.get(dev)
+    if ring is None:
+        ring = _HC_STAMP_RING[dev] = (torch.zeros(128, 8 * 16 * HcSiteCluster.N_STAMPS, dtype=torch.int64,
+                                                  device=dev), [0])
+    buf, nxt = ring
+    if not probe:
+        return buf[0, :1]
+    row = buf[nxt[0] % buf.shape[0]]
+    nxt[0] += 1
+    return row
+
+
+def _site_kernel(h2, fn, scale, base, n, iters, eps, norm_eps, post_args, norm_weight):
+    """One HcSiteCluster launch (decode, M <= HC_CLUSTER_MAX_TOKENS): same outputs as HcMix + HcFinalize."""
     M, D = h2.shape[0], h2.shape[1] // n
     mix = fn.shape[0]
     dev = h2.device
+    x = torch.empty(M, D, dtype=h2.dtype, device=dev)
+    post = torch.empty(M, n, dtype=torch.float32, device=dev)
+    comb = torch.empty(M, n, n, dtype=torch.float32, device=dev)
+    comb2 = comb.view(M, n * n)
+    norm = norm_weight is not None
+    w = norm_weight.reshape(1, D) if norm else fn          # fn: placeholder, unused without the norm
+    tb = _site_tok_block(M)
+    stamps = _stamp_row(dev, HC_STAMPS)
+    f2 = post_args[4] if post_args is not None and len(post_args) > 4 else None
+    op = _compile_site(D, n, mix, iters, post_args is not None, norm, tb, HC_CLUSTER_NT, stamps=HC_STAMPS,
+                       add_f2=f2 is not None)
+    if post_args is None:       # h2 is the input; f / f2 / post / comb / hout only fill unused arguments
+        op(h2, fn, x, x, post, comb2, h2, scale, base, w, x, post, comb2, stamps, float(eps), float(norm_eps))
+    else:
+        f, res2, post_in, comb_in = post_args[:4]
+        op(res2, fn, f, f if f2 is None else f2, post_in, comb_in, h2, scale, base, w, x, post, comb2, stamps,
+           float(eps), float(norm_eps))
+    return x, post, comb
+
+
+def _site_cluster_takes(M: int, D: int, mix: int, head: bool) -> bool:
+    return HC_SITE == "cluster" and not head and M <= HC_CLUSTER_MAX_TOKENS and site_cluster_dim_ok(D) and \
+        mix + 1 <= HC_SLOTS and min(FIN_THREADS, D // 8) // HC_CLUSTER_NT <= 16
+
+
+def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=None, norm_weight=None):
+    """HcMix (plain or fused with the previous hc_post: post_args = (f, res2, post, comb2)) + HcFinalize, or at
+    decode sizes HcSiteCluster (HC_SITE). h2 [M, n*D] is the collapsed input (fused: the new residual, written by
+    the kernel)."""
+    M, D = h2.shape[0], h2.shape[1] // n
+    mix = fn.shape[0]
+    dev = h2.device
+    if _site_cluster_takes(M, D, mix, head):
+        return _site_kernel(h2, fn, scale, base, n, iters, eps, norm_eps, post_args, norm_weight)
     part = torch.empty(D // HC_COLS, M, HC_SLOTS, dtype=torch.float32, device=dev)
     x = torch.empty(M, D, dtype=h2.dtype, device=dev)
     rows = 1 if head else M                      # hc_head has no post/comb: 1-row placeholders
@@ -3926,17 +4453,24 @@ def hc_post_fused(f, res, post, comb):
 
 def hc_post_pre_fused(f, res, post, comb, fn, scale, base, n: int, iters: int, eps: float, norm_eps: float,
                       norm_weight=None):
-    """hc_post followed by the next hc_pre (+ optional RMSNorm of x), in two kernels:
-    -> (h [M,n,D] bf16, x [M,D], post' [M,n], comb' [M,n,n])."""
+    """hc_post followed by the next hc_pre (+ optional RMSNorm of x), in one launch (HcSiteCluster) or two kernels:
+    -> (h [M,n,D] bf16, x [M,D], post' [M,n], comb' [M,n,n]). f may be a pair (a, b) of bf16 [M,D] meaning the
+    bf16 sum a + b (the MoE's routed + shared outputs): HcSiteCluster adds them itself, else torch does first."""
     M, _, D = res.shape
+    f2 = None
+    if isinstance(f, tuple):
+        if _site_cluster_takes(M, D, fn.shape[0], False) and hc_unavailable_reason(res) is None:
+            f, f2 = f[0], f[1].reshape(M, D).contiguous()
+        else:
+            f = f[0] + f[1]
     if M > MAX_KERNEL_TOKENS or hc_unavailable_reason(res) is not None:
         h = hc_post_fused(f, res, post, comb)
         return (h,) + hc_pre_fused(h, fn, scale, base, n, iters, eps, norm_eps, norm_weight)
     h = torch.empty(M, n, D, dtype=res.dtype, device=res.device)
     x, post2, comb2 = _pre_kernels(h.view(M, n * D), fn, scale, base, n, iters, eps, norm_eps, False,
                                    (f.reshape(M, D).contiguous(), res.reshape(M, n * D),
-                                    post.reshape(M, n).contiguous(), comb.reshape(M, n * n).contiguous()),
-                                   norm_weight)
+                                    post.reshape(M, n).contiguous(), comb.reshape(M, n * n).contiguous())
+                                   + ((f2,) if f2 is not None else ()), norm_weight)
     return h, x, post2, comb2
 
 

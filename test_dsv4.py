@@ -6069,5 +6069,205 @@ def test_gpu_bf16_gemv_k_warps_split_gives_the_bits_of_the_cluster_split(M, stag
     assert ((kw - ref).norm() / ref.norm()).item() < 1e-5
 
 
+# ====================================================================================================================
+# mHC site in one cluster launch (HcSiteCluster, kernels.HC_SITE; issue #5, session 6) — tests
+# ====================================================================================================================
+# CPU: every decode variant compiles for sm_90a without spills. GPU: the one-launch site gives the bits of the two
+# kernels (HcMix + HcFinalize) for plain / fused hc_post, with / without the RMSNorm, M <= 8, and in a CUDA graph.
+
+COMPILE_SITE = """
+import sys
+import kernels as K
+for D, tb in ((4096, 1), (4096, 2), (256, 1), (7168, 1)):
+    for fuse in (False, True):
+        for norm in (False, True):
+            K._compile_site(D, 4, 24, 20, fuse, norm, tb, 8)
+K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True)
+K._compile_site(4096, 4, 24, 20, True, True, 2, 8, add_f2=True)
+K._compile_site(4096, 4, 24, 20, True, True, 1, 8, mbar=False)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_hc_site_cluster_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", HOME=str(tmp_path), CUTE_DSL_KEEP="ptx",
+               CUTE_DSL_DUMP_DIR=str(dump), PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", COMPILE_SITE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 19
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*HcSiteCluster*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+@pytest.mark.parametrize("M,D,takes", [(1, 4096, True), (8, 4096, True), (9, 4096, False), (1, 256, True),
+                                       (1, 1536, False), (1, 7168, True), (1, 128, False)])
+def test_hc_site_cluster_takes_decode_shapes_only(M, D, takes, monkeypatch):
+    monkeypatch.setattr(K, "HC_SITE", "cluster")
+    assert K._site_cluster_takes(M, D, 24, head=False) == takes
+    assert not K._site_cluster_takes(M, D, 4, head=True)
+    monkeypatch.setattr(K, "HC_SITE", "two")
+    assert not K._site_cluster_takes(M, D, 24, head=False)
+
+
+def _site_calls(monkeypatch):
+    calls = []
+    real = K._site_kernel
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape[0])
+        return real(*a, **kw)
+    monkeypatch.setattr(K, "_site_kernel", spy)
+    return calls
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("M,D", [(1, 4096), (3, 4096), (8, 4096), (1, 256), (5, 256), (2, 1024)])
+def test_gpu_hc_site_cluster_gives_the_bits_of_the_two_kernels(M, D, fuse, norm, monkeypatch):
+    h, fn, scale, base, f = _inputs(M, D, seed=M * 13 + D + fuse, device="cuda")
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    fn2 = fn.flip(0).contiguous()
+    w = _norm_weight(D, "cuda") if norm else None
+    calls = _site_calls(monkeypatch)
+
+    def run(mode, loop):
+        monkeypatch.setattr(K, "HC_SITE", mode)
+        monkeypatch.setattr(K, "HC_SINKHORN_LOOP", loop)
+        if fuse:
+            return K.hc_post_pre_fused(f, h, post, comb, fn2, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+        return K.hc_pre_fused(h, fn2, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    old = run("two", False)                   # sessions 2-5: two kernels, unrolled Sinkhorn rounds
+    assert not calls
+    for mode, loop in (("cluster", True), ("two", True)):
+        new = run(mode, loop)
+        for a, b in zip(old, new):
+            assert a.shape == b.shape and torch.equal(a, b), (mode, loop, (a - b).abs().max().item())
+    assert calls == [M]
+
+
+@gpu
+def test_gpu_decode_with_one_launch_sites_gives_the_two_kernel_logits(gpu_checkpoints, monkeypatch):
+    """The whole decode step (graph, batch 2, 12 steps): one-launch mHC sites with the MoE add folded in and the
+    Sinkhorn loop give the logits of the session-5 step (two-kernel sites, unrolled Sinkhorn, torch add), bit for
+    bit."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(4)).cuda()
+    path = gpu_checkpoints["fp8"]
+    calls = _site_calls(monkeypatch)
+    on = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    assert calls
+    monkeypatch.setattr(K, "HC_SITE", "two")
+    monkeypatch.setattr(K, "HC_FOLD_ADD", False)
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
+    off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("M,D", [(1, 4096), (3, 4096), (8, 4096), (5, 256)])
+def test_gpu_hc_site_cluster_mbar_exchange_gives_the_same_bits(M, D, norm, monkeypatch):
+    """HC_CLUSTER_MBAR: the DSMEM exchanges signalled by st.async + mbarriers (every expected byte arrives: no hang,
+    same bits as the cluster-barrier variant and the session-5 kernels)."""
+    h, fn, scale, base, f = _inputs(M, D, seed=M * 17 + D, device="cuda")
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    w = _norm_weight(D, "cuda") if norm else None
+    calls = _site_calls(monkeypatch)
+    outs = []
+    for mode, mbar, loop in (("two", False, False), ("cluster", False, True), ("cluster", True, True)):
+        monkeypatch.setattr(K, "HC_SITE", mode)
+        monkeypatch.setattr(K, "HC_CLUSTER_MBAR", mbar)
+        monkeypatch.setattr(K, "HC_SINKHORN_LOOP", loop)
+        outs.append(K.hc_post_pre_fused(f, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w))
+    assert calls == [M, M]
+    for a, b, c in zip(*outs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+def test_hc_post_pre_fused_takes_an_unsummed_pair_as_its_sum():
+    """f = (a, b) (the MoE's routed and shared parts, MoE.forward(unsummed=True)) means the bf16 sum a + b."""
+    M, D = 2, 256
+    h, fn, scale, base, a = _inputs(M, D, seed=5)
+    b = torch.randn(M, D, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    pair = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS)
+    ref = K.hc_post_pre_fused(a + b, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS)
+    assert all(torch.equal(u, v) for u, v in zip(pair, ref))
+    assert not torch.equal(pair[0], K.hc_post_pre_fused(a, h, post, comb, fn, scale, base, N, ITERS, EPS,
+                                                         NORM_EPS)[0])
+    assert dsv4.summed((a, b)).equal(a + b) and dsv4.summed(a) is a
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("M,D", [(1, 4096), (8, 4096), (3, 256)])
+def test_gpu_hc_site_cluster_adds_the_unsummed_pair_like_torch(M, D, monkeypatch):
+    h, fn, scale, base, a = _inputs(M, D, seed=M + D + 7, device="cuda")
+    b = torch.randn(M, D, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).cuda()
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    w = _norm_weight(D, "cuda")
+    calls = _site_calls(monkeypatch)
+    monkeypatch.setattr(K, "HC_SITE", "two")
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
+    ref = K.hc_post_pre_fused(a + b, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", True)
+    two = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    monkeypatch.setattr(K, "HC_SITE", "cluster")
+    new = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
+    assert calls == [M]
+    for u, v, z in zip(ref, two, new):
+        assert torch.equal(u, v) and torch.equal(u, z)
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_hc_site_cluster_chain_replays_in_a_graph_with_the_bits_of_the_two_kernels(M, monkeypatch):
+    """4 chained sites (x feeds the next site's f, as a sub-block output would), captured in a CUDA graph."""
+    D = 4096
+    h0, fn, scale, base, f0 = _inputs(M, D, seed=M + 40, device="cuda")
+    _, post0, comb0 = _dsv4_pre(h0, fn, scale, base)
+    fns = [fn.roll(k, 0).contiguous() for k in range(4)]
+    w = _norm_weight(D, "cuda")
+    calls = _site_calls(monkeypatch)
+
+    def chain():
+        h, f, post, comb = h0, f0, post0, comb0
+        for k in range(4):
+            h, f, post, comb = K.hc_post_pre_fused(f, h, post, comb, fns[k], scale, base, N, ITERS, EPS, NORM_EPS,
+                                                   norm_weight=w)
+        return h, f, post, comb
+    monkeypatch.setattr(K, "HC_SITE", "two")
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
+    ref = chain()
+    monkeypatch.setattr(K, "HC_SITE", "cluster")
+    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        out = chain()
+    for t in out:
+        t.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert len(calls) == 8
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
