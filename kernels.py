@@ -1339,10 +1339,11 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
             return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
-        _compile_moe_gemv(*g1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
-                               ids32, pos, w2_base)
-        _compile_moe_gemv(*g2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
-                               ids32, pos, w2_base)
+        dg = dict(diag=MOE_GEMV_DIAG) if MOE_GEMV_DIAG else {}     # timing-only diagnostics
+        _compile_moe_gemv(*g1, **dg)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
+                                     ids32, pos, w2_base)
+        _compile_moe_gemv(*g2, **dg)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
+                                     ids32, pos, w2_base)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -2616,6 +2617,10 @@ if HAVE_CUTE:
             self.direct_k = 0
             self.early = False             # direct_k: the ids were read after the router's ready flag
             self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
+            # timing-only diagnostics (wrong outputs; MOE_GEMV_DIAG): "nodecode" raw code words into the mma,
+            # "nomma" decode without mma / B loads, "nosecond" table tiles after an expert's first exit, "l2" every
+            # CTA streams expert 0's records (L2-resident: the issue-bound time)
+            self.diag = ""
 
         def smem_words(self) -> int:
             """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
@@ -2705,6 +2710,10 @@ if HAVE_CUTE:
                 expert = mTiles[bid_t, 0]
                 row0 = mTiles[bid_t, 1]
                 nrows = mTiles[bid_t, 2]
+                if const_expr(self.diag == "nosecond"):
+                    if bid_t > 0:
+                        if mTiles[bid_t - 1, 0] == expert:
+                            nrows = Int32(0)
             if nrows > 0:                        # the same for every CTA of a cluster (same table entry)
                 wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
                 warp = wid % 4                                        # slab of the 128-row tile
@@ -2716,7 +2725,10 @@ if HAVE_CUTE:
                 rec = self.rec
                 nw = self.nw
                 kt0 = bid_k * kpc                                     # first k-tile of this CTA's K slice
-                base = mW.iterator.toint() + (Int64(expert) * (self.m_tiles * self.k_tiles)
+                w_expert = expert
+                if const_expr(self.diag == "l2"):
+                    w_expert = Int32(0)
+                base = mW.iterator.toint() + (Int64(w_expert) * (self.m_tiles * self.k_tiles)
                                               + Int64(m_tile * self.k_tiles + kt0)) * rec
                 code_addr = base + (32 * warp + lane) * 16            # atom a: + 2048 (wgmma thread 32w + lane)
                 # scale words of quad 8w + g (atom a: + 128 nw), as a 32-bit offset from code_addr (one register)
@@ -2922,14 +2934,19 @@ if HAVE_CUTE:
                     p_r8 = scale_pair_bf16x2(ws[s, a, 0], 2, self.fmt, 3)
                     pr, pr8 = (p_r, p_r), (p_r8, p_r8)
                 for kb in cutlass.range_constexpr(4):
-                    if const_expr(self.fmt == "nvfp4"):
+                    if const_expr(self.diag == "nodecode"):
+                        r0, r1, r2, r3 = wc[s, a, kb], ws[s, a, 0], wc[s, a, kb], ws[s, a, self.nw - 1]
+                    elif const_expr(self.fmt == "nvfp4"):
                         r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[kb // 2], pr8[kb // 2], kb % 2)
                     else:
                         r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[0], pr8[0], kb // 2)
-                    d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
-                                  [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
-                    for c in cutlass.range_constexpr(4):
-                        acc[a, c] = d[c]
+                    if const_expr(self.diag == "nomma"):
+                        acc[a, kb] = acc[a, kb] + Float32(r0 ^ r1 ^ r2 ^ r3)
+                    else:
+                        d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
+                                      [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
+                        for c in cutlass.range_constexpr(4):
+                            acc[a, c] = d[c]
 
         @cute.jit
         def store(self, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
@@ -3174,16 +3191,18 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
-                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0):
+                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
+                      diag: str = ""):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
-    limit."""
+    limit. diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next)
+              l2_next) + ((diag,) if diag else ())
 
     def build():
         op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
                         l2_next)
+        op.diag = diag
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3209,6 +3228,7 @@ MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_id
                              # H200 R2: T=4 108.6 -> 104.3 us, T=1 unchanged); needs the fused gather (R <= 24)
 MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
 MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
+MOE_GEMV_DIAG = ""            # timing-only diagnostics of the two-launch GEMV (wrong outputs): see Fp4MoeGemv.diag
 
 
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
