@@ -2963,6 +2963,206 @@ if HAVE_CUTE:
                 mOut[row0 + n, bid_m * TILE_M + 64 + r] = (v1 * a_down).to(BFloat16)
 
 
+    class Fp4MoeGemvPair(Fp4MoeGemv):
+        """Fp4MoeGemv, table path with unsplit K (S = 1), where an expert's token tiles 2i and 2i+1 (> 8 routed rows)
+        run in one CTA: each decoded A fragment feeds two n8 mma.sync (the two tiles' tokens), so such an expert's
+        weights are streamed and decoded once instead of twice; the CTA of tile 2i+1 exits. Per (row, token) the fp32
+        accumulation is Fp4MoeGemv's (same k order, same mma): bit-identical outputs. Token smem = 16 row slots of
+        half the K slice: a pair CTA holds tokens 0-15 of k-tiles [0, K/2) and reloads them with [K/2, K) halfway
+        through its main loop (one barrier); a single CTA puts its <= 8 tokens' first half in slots 0-7 and second
+        half in slots 8-15 (one load, no barrier). Same smem as Fp4MoeGemv (+512 B). A pair CTA's weight register
+        ring has pair_stages k-tiles (its second accumulator set must fit the registers of the single CTAs')."""
+
+        def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, stages: int = 4, pdl: bool = False,
+                     wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1, pair_stages: int = 2):
+            super().__init__(fmt, k_dim, n_out, swiglu, 1, stages, pdl, wait_first, min_ctas, m_per_cta)
+            self.kph = self.kpc // 2                                # k-tiles per token half
+            self.D2 = pair_stages
+            assert self.kpc % 2 == 0 and self.kph % self.D == 0 and self.kph % self.D2 == 0, \
+                "token halves of whole register rings"
+            self.row_words = self.kph * 32 + 16                     # Int32 words per token slot (+64 B)
+
+        def smem_words(self) -> int:
+            return 2 * MOE_GEMV_TILE_N * self.row_words
+
+        @cute.jit
+        def tile(self, storage, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
+                 mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor,
+                 mPos: cute.Tensor, mNext: cute.Tensor, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
+            """Row tiles bid_m*MT.. of token tile bid_t (and of tile bid_t + 1 where it is the same expert's next
+            and bid_t is the expert's tile 0, 2, 4, ..)."""
+            if const_expr(self.pdl and not self.wait_first):
+                cute.arch.griddepcontrol_launch_dependents()
+            if const_expr(self.pdl and self.wait_first):
+                cute.arch.griddepcontrol_wait()
+                cute.arch.griddepcontrol_launch_dependents()
+            n_tab = cute.size(mTiles, mode=[0])
+            expert = mTiles[bid_t, 0]
+            row0 = mTiles[bid_t, 1]
+            nrows = mTiles[bid_t, 2]
+            e_m1 = mTiles[cutlass.max(bid_t - 1, 0), 0]                # loaded alongside: no dependent chain
+            e_m2 = mTiles[cutlass.max(bid_t - 2, 0), 0]
+            e_p1 = mTiles[cutlass.min(bid_t + 1, n_tab - 1), 0]
+            n_p1 = mTiles[cutlass.min(bid_t + 1, n_tab - 1), 2]
+            rows2 = Int32(0)                     # rows of the partner tile bid_t + 1 taken by this CTA
+            if nrows > 0:
+                q = Int32(0)                     # index of this tile among its expert's (consecutive) tiles
+                if bid_t >= 1:
+                    if e_m1 == expert:
+                        q = Int32(1)
+                        if bid_t >= 2:
+                            if e_m2 == expert:   # > 16 rows: walk back over the rest (rare)
+                                q = Int32(2)
+                                jj = bid_t - 2
+                                more = Int32(1)
+                                while more > 0:
+                                    more = Int32(0)
+                                    if jj >= 1:
+                                        if mTiles[jj - 1, 0] == expert:
+                                            q = q + 1
+                                            jj = jj - 1
+                                            more = Int32(1)
+                if q % 2 == 1:
+                    nrows = Int32(0)             # the CTA of tile q - 1 takes these rows
+                elif bid_t + 1 < n_tab:
+                    if e_p1 == expert:
+                        rows2 = n_p1
+            if nrows > 0:
+                wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+                warp = wid % 4
+                m_tile = bid_m * self.MT + wid // 4
+                lane = tidx % 32
+                g = lane // 4
+                t = lane % 4
+                kpc, kph = self.kpc, self.kph
+                base = mW.iterator.toint() + (Int64(expert) * (self.m_tiles * self.k_tiles)
+                                              + Int64(m_tile * self.k_tiles)) * self.rec
+                code_addr = base + (32 * warp + lane) * 16
+                scale_off = CODE_BYTES + (8 * warp + g) * (4 * self.nw) - (32 * warp + lane) * 16
+                sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, 2 * MOE_GEMV_TILE_N),
+                                                             stride=(1, self.row_words)))
+                sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, 2 * MOE_GEMV_TILE_N),
+                                                             stride=(1, 4, self.row_words)))
+                brow = cutlass.min(g, nrows - 1)
+                acc = cute.make_rmem_tensor((2, 4), Float32)
+                acc.fill(0.0)
+                if rows2 > 0:
+                    # ---- pair: tokens 0-7 (tile q) in slots 0-7, 8-15 (tile q+1) in slots 8-15, K in two halves
+                    D = self.D2
+                    wc = cute.make_rmem_tensor((D, 2, 4), Int32)
+                    ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
+                    for s in cutlass.range_constexpr(D):
+                        self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                    self.pdl_wait(row0)
+                    brow2 = MOE_GEMV_TILE_N + cutlass.min(g, rows2 - 1)
+                    acc2 = cute.make_rmem_tensor((2, 4), Float32)
+                    acc2.fill(0.0)
+                    bq = cute.make_rmem_tensor((4,), Int32)
+                    bq2 = cute.make_rmem_tensor((4,), Int32)
+                    self.load_tokens(sXw, mX, row0, nrows + rows2, 0, kph, tidx)
+                    cute.arch.sync_threads()
+                    for i0 in cutlass.range(0, kph, D, unroll=1):
+                        for s in cutlass.range_constexpr(D):
+                            self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s, s)
+                            self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
+                    cute.arch.sync_threads()                          # every warp is done with the first half
+                    self.load_tokens(sXw, mX, row0, nrows + rows2, kph, kph, tidx)
+                    cute.arch.sync_threads()
+                    for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
+                        for s in cutlass.range_constexpr(D):
+                            self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s - kph, s)
+                            self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
+                    for s in cutlass.range_constexpr(D):
+                        self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, kph - D + s, s)
+                    for c in cutlass.range_constexpr(4):
+                        n = 2 * t + c % 2                               # tile q is full (8 rows)
+                        self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
+                                   16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+                    for c in cutlass.range_constexpr(4):
+                        n = 2 * t + c % 2
+                        if n < rows2:
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + MOE_GEMV_TILE_N + n, 0,
+                                       m_tile, 16 * warp + g + 8 * (c // 2), acc2[0, c], acc2[1, c])
+                else:
+                    # ---- single tile: first K half in slots 0-7, second half in slots 8-15
+                    D = self.D
+                    wc = cute.make_rmem_tensor((D, 2, 4), Int32)
+                    ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
+                    for s in cutlass.range_constexpr(D):
+                        self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                    self.pdl_wait(row0)
+                    bq = cute.make_rmem_tensor((4, 2), Int32)
+                    self.load_tokens(sXw, mX, row0, nrows, 0, kpc, tidx)
+                    cute.arch.sync_threads()
+                    for i0 in cutlass.range(0, kph, D, unroll=1):
+                        for s in cutlass.range_constexpr(D):
+                            self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, i0 + s, s)
+                            self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
+                    for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
+                        for s in cutlass.range_constexpr(D):
+                            self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow + MOE_GEMV_TILE_N, i0 + s - kph, s)
+                            self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
+                    for s in cutlass.range_constexpr(D):
+                        self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow + MOE_GEMV_TILE_N, kph - D + s, s)
+                    for c in cutlass.range_constexpr(4):
+                        n = 2 * t + c % 2
+                        if n < nrows:
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
+                                       16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+
+        @cute.jit
+        def pdl_wait(self, row0):
+            """PDL, tile table read before: wait for the previous kernel's outputs (x_sorted / act; our outputs)
+            after the weight loads above (a branch ptxas can't fold keeps them above the wait)."""
+            if const_expr(self.pdl and not self.wait_first):
+                if row0 >= 0:
+                    cute.arch.griddepcontrol_wait()
+
+        @cute.jit
+        def load_tokens(self, sXw, mX: cute.Tensor, row0, rows, kt_lo: int, n_kt: int, tidx):
+            """Token rows row0 .. row0+rows-1, k-tiles kt_lo .. kt_lo+n_kt-1 -> smem, permuted per 64-k tile as
+            Fp4MoeGemv's; k-tile i (from kt_lo) of row n goes to slot n + 8 (i // kph), position i % kph."""
+            x_base = mX.iterator.toint()
+            chunks = n_kt * 8                                     # 16-B chunks per row
+            for idx in cutlass.range(tidx, rows * chunks, self.threads, unroll=1):
+                n = idx // chunks
+                q = idx - n * chunks
+                xa = x_base + (Int64(row0 + n) * self.k_dim + Int64(kt_lo * TILE_K + q * 8)) * 2
+                v = _ld_v4(xa, ".cg")                             # L2: x_sorted / act were just written
+                i = q // 8
+                kb = (q % 8) // 2
+                p = q % 2
+                w0 = (i % self.kph) * 32 + 16 * (kb // 2) + 2 * (kb % 2) + p
+                slot = n + MOE_GEMV_TILE_N * (i // self.kph)
+                for tt in cutlass.range_constexpr(4):
+                    sXw[w0 + 4 * tt, slot] = v[tt]
+
+        @cute.jit
+        def mma_k_tile2(self, acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i, s: int):
+            """k-tile i (of the token half in smem) from register slot s for two token groups: per k32 half h the
+            B fragments of tokens brow (group 0) and brow2 (group 1), then per atom two decodes, each feeding two
+            mma (per accumulator the k order of mma_k_tile)."""
+            for h in cutlass.range_constexpr(2):
+                cute.autovec_copy(sXv[None, i * 8 + 4 * h + t, brow], bq)
+                cute.autovec_copy(sXv[None, i * 8 + 4 * h + t, brow2], bq2)
+                for a in cutlass.range_constexpr(2):
+                    if const_expr(self.fmt == "nvfp4"):
+                        p_r = scale_pair_bf16x2(ws[s, a, 0], 2 * h, self.fmt, 2 * h + 1)
+                        p_r8 = scale_pair_bf16x2(ws[s, a, 1], 2 * h, self.fmt, 2 * h + 1)
+                    else:
+                        p_r = scale_pair_bf16x2(ws[s, a, 0], 0, self.fmt, 1)
+                        p_r8 = scale_pair_bf16x2(ws[s, a, 0], 2, self.fmt, 3)
+                    for kk in cutlass.range_constexpr(2):
+                        half = kk if const_expr(self.fmt == "nvfp4") else h
+                        r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, 2 * h + kk], p_r, p_r8, half)
+                        d = _mma_bf16(r0, r1, r2, r3, bq[2 * kk], bq[2 * kk + 1],
+                                      [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
+                        d2 = _mma_bf16(r0, r1, r2, r3, bq2[2 * kk], bq2[2 * kk + 1],
+                                       [acc2[a, 0], acc2[a, 1], acc2[a, 2], acc2[a, 3]])
+                        for c in cutlass.range_constexpr(4):
+                            acc[a, c] = d[c]
+                            acc2[a, c] = d2[c]
+
     class Fp4MoeGemvFused:
         """GEMM1 -> GEMM2 of the decode MoE in one launch (both by routed slot, right after the routing + gather
         kernel, PDL). Work items: GEMM1 (slot, 128-row tiles b*MT..) then GEMM2 (slot, tiles b2*MT..), each one
@@ -3192,17 +3392,23 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      diag: str = ""):
+                      pair: int = 0, diag: str = ""):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
-    limit. diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs)."""
+    limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
+    unsplit, table path; same bits).
+    diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next) + ((diag,) if diag else ())
+              l2_next) + ((pair,) if pair else ()) + ((diag,) if diag else ())
 
     def build():
-        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-                        l2_next)
-        op.diag = diag
+        if pair:
+            assert k_splits == 1 and not by_slot and not l2_next and not diag
+            op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair)
+        else:
+            op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
+                            by_slot, l2_next)
+            op.diag = diag
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3229,6 +3435,10 @@ MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_id
 MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
 MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
 MOE_GEMV_DIAG = ""            # timing-only diagnostics of the two-launch GEMV (wrong outputs): see Fp4MoeGemv.diag
+MOE_GEMV_PAIR = False         # Fp4MoeGemvPair (an expert's two n8 token tiles share one weight stream + decode) ...
+MOE_GEMV_PAIR_MIN_ROWS = 768  # ... from this many routed rows (T >= 128 at top-6) where K is unsplit (same bits)
+MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
+                              # accumulator set; 4 spills at the 80 registers of 24 resident warps)
 
 
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
@@ -3324,8 +3534,21 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     rec2 = (D // TILE_M) * (inter // TILE_K)                       # w2 records per expert
     l2_next = rec2 if MOE_GEMV_L2_PREFETCH and m * rec2 * record_bytes(fmt) <= MOE_GEMV_L2_BYTES else 0
     w = MOE_GEMV_WARPS_PER_SM
-    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, w // (4 * mt1), mt1, by_slot, l2_next),
-            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0))
+    pair = MOE_GEMV_PAIR and R >= MOE_GEMV_PAIR_MIN_ROWS      # Fp4MoeGemvPair where it applies (appended: True)
+    pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1) and not by_slot and not l2_next
+    pair2 = pair and _moe_gemv_pair_ok(inter // TILE_K, s2)
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, w // (4 * mt1), mt1, by_slot, l2_next)
+            + ((MOE_GEMV_PAIR_STAGES,) if pair1 else ()),
+            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0)
+            + ((MOE_GEMV_PAIR_STAGES,) if pair2 else ()))
+
+
+def _moe_gemv_pair_ok(k_tiles: int, s: int) -> bool:
+    """Fp4MoeGemvPair takes this GEMM: K unsplit, two token halves of whole register rings (Fp4MoeGemv's D)."""
+    d = max(1, min(MOE_GEMV_STAGES, k_tiles))
+    while k_tiles % d:
+        d -= 1
+    return s == 1 and k_tiles % 2 == 0 and (k_tiles // 2) % d == 0 and (k_tiles // 2) % MOE_GEMV_PAIR_STAGES == 0
 
 
 # ====================================================================================================================
