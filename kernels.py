@@ -1318,7 +1318,11 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         _compile_routing_gather(E, k, tile_n, D)(ids32, w32, src_tok, row_w, pos, tiles, x.contiguous(), x_sorted)
     else:
         _compile_routing(E, k, tile_n)(ids32, w32, src_tok, row_w, pos, tiles)
-        x_sorted = x.index_select(0, src_tok)                       # [R, D] rows grouped by expert
+        g1 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)[0] if gemv and fused is None else ()
+        if len(g1) > 13 and g1[13]:         # the pair GEMM1 reads x rows through src_tok (MOE_GEMV_X_BY_SRC)
+            x_sorted = x.contiguous()
+        else:
+            x_sorted = x.index_select(0, src_tok)                   # [R, D] rows grouped by expert
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=x.device)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=x.device)   # one row per routed slot (sorted)
     if POISON_BUFFERS:        # tests: NaN-fill the intermediates so an unwritten element shows up in y
@@ -1340,8 +1344,9 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
         dg = dict(diag=MOE_GEMV_DIAG) if MOE_GEMV_DIAG else {}     # timing-only diagnostics
+        by_src = len(g1) > 13 and g1[13]                         # x rows through src_tok (mPos = src_tok)
         _compile_moe_gemv(*g1, **dg)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
-                                     ids32, pos, w2_base)
+                                     ids32, src_tok if by_src else pos, w2_base)
         _compile_moe_gemv(*g2, **dg)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
                                      ids32, pos, w2_base)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
@@ -2974,8 +2979,13 @@ if HAVE_CUTE:
         ring has pair_stages k-tiles (its second accumulator set must fit the registers of the single CTAs')."""
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, stages: int = 4, pdl: bool = False,
-                     wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1, pair_stages: int = 2):
+                     wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1, pair_stages: int = 2,
+                     x_by_src: bool = False):
             super().__init__(fmt, k_dim, n_out, swiglu, 1, stages, pdl, wait_first, min_ctas, m_per_cta)
+            # x_by_src (GEMM1 right after MoeRouting): token row of sorted row p = x[src_tok[p]] (mX = x, mPos =
+            # src_tok), so no index_select launch builds x_sorted
+            self.x_by_src = x_by_src
+            assert not x_by_src or (swiglu and (wait_first or not pdl)), "x_by_src: GEMM1 waiting for the routing"
             self.kph = self.kpc // 2                                # k-tiles per token half
             self.D2 = pair_stages
             assert self.kpc % 2 == 0 and self.kph % self.D == 0 and self.kph % self.D2 == 0, \
@@ -3059,14 +3069,14 @@ if HAVE_CUTE:
                     acc2.fill(0.0)
                     bq = cute.make_rmem_tensor((4,), Int32)
                     bq2 = cute.make_rmem_tensor((4,), Int32)
-                    self.load_tokens(sXw, mX, row0, nrows + rows2, 0, kph, tidx)
+                    self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, 0, kph, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(0, kph, D, unroll=1):
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
                     cute.arch.sync_threads()                          # every warp is done with the first half
-                    self.load_tokens(sXw, mX, row0, nrows + rows2, kph, kph, tidx)
+                    self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, kph, kph, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
                         for s in cutlass.range_constexpr(D):
@@ -3092,7 +3102,7 @@ if HAVE_CUTE:
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
                     self.pdl_wait(row0)
                     bq = cute.make_rmem_tensor((4, 2), Int32)
-                    self.load_tokens(sXw, mX, row0, nrows, 0, kpc, tidx)
+                    self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(0, kph, D, unroll=1):
                         for s in cutlass.range_constexpr(D):
@@ -3119,15 +3129,19 @@ if HAVE_CUTE:
                     cute.arch.griddepcontrol_wait()
 
         @cute.jit
-        def load_tokens(self, sXw, mX: cute.Tensor, row0, rows, kt_lo: int, n_kt: int, tidx):
-            """Token rows row0 .. row0+rows-1, k-tiles kt_lo .. kt_lo+n_kt-1 -> smem, permuted per 64-k tile as
-            Fp4MoeGemv's; k-tile i (from kt_lo) of row n goes to slot n + 8 (i // kph), position i % kph."""
+        def load_tokens(self, sXw, mX: cute.Tensor, mSrc: cute.Tensor, row0, rows, kt_lo: int, n_kt: int, tidx):
+            """Token rows row0 .. row0+rows-1 (x_by_src: x rows src[row0 ..]), k-tiles kt_lo .. kt_lo+n_kt-1 ->
+            smem, permuted per 64-k tile as Fp4MoeGemv's; k-tile i (from kt_lo) of row n goes to slot n + 8 (i // kph),
+            position i % kph."""
             x_base = mX.iterator.toint()
             chunks = n_kt * 8                                     # 16-B chunks per row
             for idx in cutlass.range(tidx, rows * chunks, self.threads, unroll=1):
                 n = idx // chunks
                 q = idx - n * chunks
-                xa = x_base + (Int64(row0 + n) * self.k_dim + Int64(kt_lo * TILE_K + q * 8)) * 2
+                xrow = row0 + n
+                if const_expr(self.x_by_src):
+                    xrow = mSrc[row0 + n]
+                xa = x_base + (Int64(xrow) * self.k_dim + Int64(kt_lo * TILE_K + q * 8)) * 2
                 v = _ld_v4(xa, ".cg")                             # L2: x_sorted / act were just written
                 i = q // 8
                 kb = (q % 8) // 2
@@ -3392,19 +3406,20 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      pair: int = 0, diag: str = ""):
+                      pair: int = 0, x_by_src: bool = False, diag: str = ""):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
-    unsplit, table path; same bits).
+    unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted.
     diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next) + ((pair,) if pair else ()) + ((diag,) if diag else ())
+              l2_next) + ((pair,) if pair else ()) + (("x_by_src",) if x_by_src else ()) + ((diag,) if diag else ())
 
     def build():
         if pair:
             assert k_splits == 1 and not by_slot and not l2_next and not diag
-            op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair)
+            op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair,
+                                x_by_src)
         else:
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
                             by_slot, l2_next)
@@ -3437,6 +3452,7 @@ MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; 
 MOE_GEMV_DIAG = ""            # timing-only diagnostics of the two-launch GEMV (wrong outputs): see Fp4MoeGemv.diag
 MOE_GEMV_PAIR = False         # Fp4MoeGemvPair (an expert's two n8 token tiles share one weight stream + decode) ...
 MOE_GEMV_PAIR_MIN_ROWS = 768  # ... from this many routed rows (T >= 128 at top-6) where K is unsplit (same bits)
+MOE_GEMV_X_BY_SRC = False     # pair GEMM1 reads x rows through src_tok (no index_select launch for x_sorted)
 MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
 
@@ -3537,8 +3553,9 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     pair = MOE_GEMV_PAIR and R >= MOE_GEMV_PAIR_MIN_ROWS      # Fp4MoeGemvPair where it applies (appended: True)
     pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1) and not by_slot and not l2_next
     pair2 = pair and _moe_gemv_pair_ok(inter // TILE_K, s2)
-    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, w // (4 * mt1), mt1, by_slot, l2_next)
-            + ((MOE_GEMV_PAIR_STAGES,) if pair1 else ()),
+    by_src = pair1 and MOE_GEMV_X_BY_SRC and not gather        # GEMM1 right after MoeRouting: waits first
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot,
+             l2_next) + ((MOE_GEMV_PAIR_STAGES, True) if by_src else (MOE_GEMV_PAIR_STAGES,) if pair1 else ()),
             (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0)
             + ((MOE_GEMV_PAIR_STAGES,) if pair2 else ()))
 

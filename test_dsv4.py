@@ -6235,7 +6235,7 @@ def _pair_vs_single(ex, x, ids, w, calls, monkeypatch, limit=7.0):
         monkeypatch.setattr(K, "MOE_GEMV_PAIR", pair)
         calls.clear()
         out[pair] = K.moe_fp4(x, ids, w, ex, limit)
-        assert [len(c) for c in calls] == ([13, 13] if pair else [12, 12]), calls
+        assert [len(c) for c in calls] == ([13 + K.MOE_GEMV_X_BY_SRC, 13] if pair else [12, 12]), calls
     torch.cuda.synchronize()
     return out[True], out[False]
 
@@ -6248,6 +6248,10 @@ def test_moe_gemv_pair_config_rule(monkeypatch):
         g1, g2 = K.moe_gemv_configs("nvfp4", 6 * T, 256, 4096, 2048, 132, False)
         assert g1[4] == g2[4] == 1 and g1[12] == g2[12] == K.MOE_GEMV_PAIR_STAGES, (g1, g2)
     assert all(len(c) == 12 for c in K.moe_gemv_configs("nvfp4", 6 * 64, 256, 4096, 2048, 132, False))
+    monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", True)           # GEMM1 reads x through src_tok: waits first
+    g1, g2 = K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False)
+    assert g1[7] is True and g1[12:] == (K.MOE_GEMV_PAIR_STAGES, True) and len(g2) == 13
+    monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", False)
     monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", 0)
     g1, g2 = K.moe_gemv_configs("nvfp4", 6, 256, 4096, 2048, 132, True)          # T=1: K split, by slot
     assert len(g1) == len(g2) == 12
@@ -6263,12 +6267,14 @@ for fmt in ("nvfp4", "mxfp4"):
     for cfg in K.moe_gemv_configs(fmt, 6 * 256, 256, 4096, 2048, 132, False):
         assert len(cfg) == 13
         K._compile_moe_gemv(*cfg)
+K.MOE_GEMV_X_BY_SRC = True
+K._compile_moe_gemv(*K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False)[0])
 """
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_moe_gemv_pair_compiles_for_sm90a_within_the_register_budget(tmp_path):
-    """The Flash T=256 pair kernels (both GEMMs, both formats) compile for sm_90a without a GPU; where ptxas is
+    """The Flash T=256 pair kernels (both GEMMs, both formats; GEMM1 reading x through src_tok) compile for sm_90a without a GPU; where ptxas is
     installed: 80 registers (24 resident warps) and at most one spilled word (ptxas 13: nvfp4 keeps one lane offset
     in local memory across the token load, outside the main loops)."""
     dump = tmp_path / "ptx"
@@ -6278,12 +6284,12 @@ def test_moe_gemv_pair_compiles_for_sm90a_within_the_register_budget(tmp_path):
     r = subprocess.run([sys.executable, "-c", COMPILE_MOE_GEMV_PAIR, str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4MoeGemvPair*.ptx"))
     if ptxas is None or not ptxs:
         return
-    assert len(ptxs) == 4
+    assert len(ptxs) >= 4                      # (dump names: the by-src GEMM1 may overwrite the plain one's)
     for ptx in ptxs:
         rep = ptxas_report(ptxas, ptx, tmp_path)
         regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
@@ -6292,13 +6298,14 @@ def test_moe_gemv_pair_compiles_for_sm90a_within_the_register_budget(tmp_path):
 
 
 @gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("m_per_cta", [1, 2])
-def test_moe_gemv_pair_tiles_give_the_bits_of_one_tile_per_cta(fmt, m_per_cta, monkeypatch):
+@pytest.mark.parametrize("fmt, m_per_cta, by_src", [("nvfp4", 1, False), ("nvfp4", 2, False), ("mxfp4", 1, False),
+                                                    ("mxfp4", 2, False), ("nvfp4", 2, True), ("mxfp4", 1, True)])
+def test_moe_gemv_pair_tiles_give_the_bits_of_one_tile_per_cta(fmt, m_per_cta, by_src, monkeypatch):
     """Small dims, K unsplit (forced), 1 or 2 row tiles per CTA: experts with 1..13 token tiles (pairs, an odd last
     tile, the walk back over > 2 earlier tiles), skipped slots, duplicate slots: bit-equal to one tile per CTA and
-    close to the fp32 reference."""
+    close to the fp32 reference; by_src: GEMM1 reads x rows through src_tok (no x_sorted)."""
     ex = _pair_experts(fmt)
+    monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", by_src)
     monkeypatch.setattr(K, "pick_moe_gemv_config", lambda b, m, kt, sms: (1, m_per_cta))
     monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", 0)
     calls = _gemv_calls(monkeypatch)
