@@ -2539,6 +2539,13 @@ if HAVE_CUTE:
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
+    def _ld_b32_here(addr: Int64, *, loc=None, ip=None) -> Int32:
+        """4-byte global load that stays where it is written (side effects: LLVM neither sinks it into a branch nor
+        chains it behind one; several such loads are issued back to back)."""
+        return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)], "ld.global.b32 $0, [$1];",
+                                      "=r,l", has_side_effects=True, loc=loc, ip=ip))
+
+    @dsl_user_op
     def _prefetch_l2(addr: Int64, size: int, *, loc=None, ip=None):
         """Bulk prefetch of `size` bytes (multiple of 16) at a 16-B aligned global address into L2."""
         _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)],
@@ -2980,8 +2987,11 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, stages: int = 4, pdl: bool = False,
                      wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1, pair_stages: int = 2,
-                     x_by_src: bool = False):
+                     x_by_src: bool = False, l2_ahead: int = 0):
             super().__init__(fmt, k_dim, n_out, swiglu, 1, stages, pdl, wait_first, min_ctas, m_per_cta)
+            # l2_ahead > 0: while consuming k-tile i, one lane per row tile bulk-prefetches the record of k-tile
+            # i + l2_ahead into L2 (HBM keeps streaming while the warps decode; the register loads then hit L2)
+            self.l2_ahead = l2_ahead
             # x_by_src (GEMM1 right after MoeRouting): token row of sorted row p = x[src_tok[p]] (mX = x, mPos =
             # src_tok), so no index_select launch builds x_sorted
             self.x_by_src = x_by_src
@@ -3007,36 +3017,35 @@ if HAVE_CUTE:
                 cute.arch.griddepcontrol_wait()
                 cute.arch.griddepcontrol_launch_dependents()
             n_tab = cute.size(mTiles, mode=[0])
-            expert = mTiles[bid_t, 0]
-            row0 = mTiles[bid_t, 1]
-            nrows = mTiles[bid_t, 2]
-            e_m1 = mTiles[cutlass.max(bid_t - 1, 0), 0]                # loaded alongside: no dependent chain
-            e_m2 = mTiles[cutlass.max(bid_t - 2, 0), 0]
-            e_p1 = mTiles[cutlass.min(bid_t + 1, n_tab - 1), 0]
-            n_p1 = mTiles[cutlass.min(bid_t + 1, n_tab - 1), 2]
-            rows2 = Int32(0)                     # rows of the partner tile bid_t + 1 taken by this CTA
-            if nrows > 0:
-                q = Int32(0)                     # index of this tile among its expert's (consecutive) tiles
-                if bid_t >= 1:
-                    if e_m1 == expert:
-                        q = Int32(1)
-                        if bid_t >= 2:
-                            if e_m2 == expert:   # > 16 rows: walk back over the rest (rare)
-                                q = Int32(2)
-                                jj = bid_t - 2
+            # this entry and the neighbours' in one round trip (loads that stay here: no dependent chain)
+            tab = mTiles.iterator.toint()
+            expert = _ld_b32_here(tab + Int64(bid_t * 3) * 4)
+            row0 = _ld_b32_here(tab + Int64(bid_t * 3 + 1) * 4)
+            nrows = _ld_b32_here(tab + Int64(bid_t * 3 + 2) * 4)
+            e_m1 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 1, 0) * 3) * 4)
+            e_m2 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 2, 0) * 3) * 4)
+            e_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3) * 4)
+            n_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3 + 2) * 4)
+            # branch-free (selects: ptxas would otherwise sink the neighbour loads into the branches, a dependent
+            # chain of table reads): q1 = this tile is the expert's second or later, q2 = third or later
+            q1 = cutlass.select_(bid_t >= 1, cutlass.select_(e_m1 == expert, Int32(1), Int32(0)), Int32(0))
+            q2 = cutlass.select_(bid_t >= 2, cutlass.select_(e_m2 == expert, q1, Int32(0)), Int32(0))
+            nxt = cutlass.select_(bid_t + 1 < n_tab, cutlass.select_(e_p1 == expert, n_p1, Int32(0)), Int32(0))
+            q = q1
+            if q2 > 0:                           # > 16 rows: walk back over the earlier tiles (rare)
+                if nrows > 0:
+                    q = Int32(2)
+                    jj = bid_t - 2
+                    more = Int32(1)
+                    while more > 0:
+                        more = Int32(0)
+                        if jj >= 1:
+                            if mTiles[jj - 1, 0] == expert:
+                                q = q + 1
+                                jj = jj - 1
                                 more = Int32(1)
-                                while more > 0:
-                                    more = Int32(0)
-                                    if jj >= 1:
-                                        if mTiles[jj - 1, 0] == expert:
-                                            q = q + 1
-                                            jj = jj - 1
-                                            more = Int32(1)
-                if q % 2 == 1:
-                    nrows = Int32(0)             # the CTA of tile q - 1 takes these rows
-                elif bid_t + 1 < n_tab:
-                    if e_p1 == expert:
-                        rows2 = n_p1
+            nrows = cutlass.select_(q % 2 == 1, Int32(0), nrows)     # tile q - 1's CTA takes these rows
+            rows2 = cutlass.select_(q % 2 == 1, Int32(0), nxt)       # rows of tile q + 1 taken by this CTA
             if nrows > 0:
                 wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
                 warp = wid % 4
@@ -3049,6 +3058,11 @@ if HAVE_CUTE:
                                               + Int64(m_tile * self.k_tiles)) * self.rec
                 code_addr = base + (32 * warp + lane) * 16
                 scale_off = CODE_BYTES + (8 * warp + g) * (4 * self.nw) - (32 * warp + lane) * 16
+                pf_base = base                   # l2_ahead: the row tile's record base, warp-uniform (uniform registers)
+                if const_expr(self.l2_ahead > 0):
+                    pf_base = mW.iterator.toint() + (Int64(cute.arch.make_warp_uniform(expert))
+                                                     * (self.m_tiles * self.k_tiles)
+                                                     + Int64(m_tile * self.k_tiles)) * self.rec
                 sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, 2 * MOE_GEMV_TILE_N),
                                                              stride=(1, self.row_words)))
                 sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, 2 * MOE_GEMV_TILE_N),
@@ -3071,7 +3085,9 @@ if HAVE_CUTE:
                     bq2 = cute.make_rmem_tensor((4,), Int32)
                     self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, 0, kph, tidx)
                     cute.arch.sync_threads()
+                    self.l2_first(pf_base, warp, lane, D)
                     for i0 in cutlass.range(0, kph, D, unroll=1):
+                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3079,6 +3095,7 @@ if HAVE_CUTE:
                     self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, kph, kph, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
+                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s - kph, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3104,11 +3121,14 @@ if HAVE_CUTE:
                     bq = cute.make_rmem_tensor((4, 2), Int32)
                     self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
                     cute.arch.sync_threads()
+                    self.l2_first(pf_base, warp, lane, D)
                     for i0 in cutlass.range(0, kph, D, unroll=1):
+                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, i0 + s, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
                     for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
+                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow + MOE_GEMV_TILE_N, i0 + s - kph, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3119,6 +3139,25 @@ if HAVE_CUTE:
                         if n < nrows:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
                                        16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+
+        @cute.jit
+        def l2_first(self, pf_base, warp, lane, d: int):
+            """l2_ahead: records of k-tiles d .. l2_ahead-1 of this row tile (past the register ring's first loads;
+            contiguous: one bulk prefetch by warp 0, a uniform instruction)."""
+            n = min(self.l2_ahead, self.kpc) - d
+            if const_expr(n > 0):
+                if warp == 0:
+                    _prefetch_l2(pf_base + d * self.rec, n * self.rec)
+
+        @cute.jit
+        def l2_ring(self, pf_base, warp, lane, i0, d: int):
+            """l2_ahead: at the top of the ring rotation of k-tiles i0 .. i0+d-1, warp 0 of the row tile bulk-prefetches
+            the records of k-tiles i0 + l2_ahead .. + d - 1 (contiguous; warp-uniform address: one uniform
+            instruction)."""
+            if const_expr(self.l2_ahead > 0):
+                if warp == 0:
+                    if i0 + self.l2_ahead + d <= self.kpc:
+                        _prefetch_l2(pf_base + Int64(i0 + self.l2_ahead) * self.rec, d * self.rec)
 
         @cute.jit
         def pdl_wait(self, row0):
@@ -3406,20 +3445,21 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      pair: int = 0, x_by_src: bool = False, diag: str = ""):
+                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = ""):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
-    unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted.
+    unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted;
+    l2_ahead (with pair): L2 prefetch of the records this many k-tiles ahead.
     diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next) + ((pair,) if pair else ()) + (("x_by_src",) if x_by_src else ()) + ((diag,) if diag else ())
+              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ())
 
     def build():
         if pair:
             assert k_splits == 1 and not by_slot and not l2_next and not diag
             op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair,
-                                x_by_src)
+                                x_by_src, l2_ahead)
         else:
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
                             by_slot, l2_next)
@@ -3452,6 +3492,7 @@ MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; 
 MOE_GEMV_DIAG = ""            # timing-only diagnostics of the two-launch GEMV (wrong outputs): see Fp4MoeGemv.diag
 MOE_GEMV_PAIR = False         # Fp4MoeGemvPair (an expert's two n8 token tiles share one weight stream + decode) ...
 MOE_GEMV_PAIR_MIN_ROWS = 768  # ... from this many routed rows (T >= 128 at top-6) where K is unsplit (same bits)
+MOE_GEMV_L2_AHEAD = 0         # pair kernel: L2 prefetch of the weight records this many k-tiles ahead (0: off)
 MOE_GEMV_X_BY_SRC = False     # pair GEMM1 reads x rows through src_tok (no index_select launch for x_sorted)
 MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
@@ -3555,9 +3596,9 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     pair2 = pair and _moe_gemv_pair_ok(inter // TILE_K, s2)
     by_src = pair1 and MOE_GEMV_X_BY_SRC and not gather        # GEMM1 right after MoeRouting: waits first
     return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot,
-             l2_next) + ((MOE_GEMV_PAIR_STAGES, True) if by_src else (MOE_GEMV_PAIR_STAGES,) if pair1 else ()),
+             l2_next) + ((MOE_GEMV_PAIR_STAGES, by_src, MOE_GEMV_L2_AHEAD) if pair1 else ()),
             (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0)
-            + ((MOE_GEMV_PAIR_STAGES,) if pair2 else ()))
+            + ((MOE_GEMV_PAIR_STAGES, False, MOE_GEMV_L2_AHEAD) if pair2 else ()))
 
 
 def _moe_gemv_pair_ok(k_tiles: int, s: int) -> bool:

@@ -6235,7 +6235,9 @@ def _pair_vs_single(ex, x, ids, w, calls, monkeypatch, limit=7.0):
         monkeypatch.setattr(K, "MOE_GEMV_PAIR", pair)
         calls.clear()
         out[pair] = K.moe_fp4(x, ids, w, ex, limit)
-        assert [len(c) for c in calls] == ([13 + K.MOE_GEMV_X_BY_SRC, 13] if pair else [12, 12]), calls
+        assert [len(c) for c in calls] == ([15, 15] if pair else [12, 12]), calls
+        if pair:
+            assert calls[0][13] == K.MOE_GEMV_X_BY_SRC and calls[0][14] == calls[1][14] == K.MOE_GEMV_L2_AHEAD
     torch.cuda.synchronize()
     return out[True], out[False]
 
@@ -6250,7 +6252,7 @@ def test_moe_gemv_pair_config_rule(monkeypatch):
     assert all(len(c) == 12 for c in K.moe_gemv_configs("nvfp4", 6 * 64, 256, 4096, 2048, 132, False))
     monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", True)           # GEMM1 reads x through src_tok: waits first
     g1, g2 = K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False)
-    assert g1[7] is True and g1[12:] == (K.MOE_GEMV_PAIR_STAGES, True) and len(g2) == 13
+    assert g1[7] is True and g1[12:] == (K.MOE_GEMV_PAIR_STAGES, True, K.MOE_GEMV_L2_AHEAD) and len(g2) == 15
     monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", False)
     monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", 0)
     g1, g2 = K.moe_gemv_configs("nvfp4", 6, 256, 4096, 2048, 132, True)          # T=1: K split, by slot
@@ -6265,7 +6267,7 @@ K._CACHE_DIR = sys.argv[1]
 K.MOE_GEMV_PAIR = True
 for fmt in ("nvfp4", "mxfp4"):
     for cfg in K.moe_gemv_configs(fmt, 6 * 256, 256, 4096, 2048, 132, False):
-        assert len(cfg) == 13
+        assert len(cfg) == 15
         K._compile_moe_gemv(*cfg)
 K.MOE_GEMV_X_BY_SRC = True
 K._compile_moe_gemv(*K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False)[0])
