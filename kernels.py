@@ -2987,8 +2987,10 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, stages: int = 4, pdl: bool = False,
                      wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1, pair_stages: int = 2,
-                     x_by_src: bool = False, l2_ahead: int = 0):
-            super().__init__(fmt, k_dim, n_out, swiglu, 1, stages, pdl, wait_first, min_ctas, m_per_cta)
+                     x_by_src: bool = False, l2_ahead: int = 0, by_slot: bool = False):
+            # by_slot: GEMM1 right after the routing + gather kernel, CTA z = routed slot (Fp4MoeGemv's by_slot
+            # rules; no pairs: <= 24 rows)
+            super().__init__(fmt, k_dim, n_out, swiglu, 1, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot)
             # l2_ahead > 0: while consuming k-tile i, one lane per row tile bulk-prefetches the record of k-tile
             # i + l2_ahead into L2 (HBM keeps streaming while the warps decode; the register loads then hit L2)
             self.l2_ahead = l2_ahead
@@ -3013,39 +3015,16 @@ if HAVE_CUTE:
             and bid_t is the expert's tile 0, 2, 4, ..)."""
             if const_expr(self.pdl and not self.wait_first):
                 cute.arch.griddepcontrol_launch_dependents()
-            if const_expr(self.pdl and self.wait_first):
+            if const_expr(self.pdl and self.wait_first and not self.by_slot):
                 cute.arch.griddepcontrol_wait()
                 cute.arch.griddepcontrol_launch_dependents()
-            n_tab = cute.size(mTiles, mode=[0])
-            # this entry and the neighbours' in one round trip (loads that stay here: no dependent chain)
-            tab = mTiles.iterator.toint()
-            expert = _ld_b32_here(tab + Int64(bid_t * 3) * 4)
-            row0 = _ld_b32_here(tab + Int64(bid_t * 3 + 1) * 4)
-            nrows = _ld_b32_here(tab + Int64(bid_t * 3 + 2) * 4)
-            e_m1 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 1, 0) * 3) * 4)
-            e_m2 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 2, 0) * 3) * 4)
-            e_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3) * 4)
-            n_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3 + 2) * 4)
-            # branch-free (selects: ptxas would otherwise sink the neighbour loads into the branches, a dependent
-            # chain of table reads): q1 = this tile is the expert's second or later, q2 = third or later
-            q1 = cutlass.select_(bid_t >= 1, cutlass.select_(e_m1 == expert, Int32(1), Int32(0)), Int32(0))
-            q2 = cutlass.select_(bid_t >= 2, cutlass.select_(e_m2 == expert, q1, Int32(0)), Int32(0))
-            nxt = cutlass.select_(bid_t + 1 < n_tab, cutlass.select_(e_p1 == expert, n_p1, Int32(0)), Int32(0))
-            q = q1
-            if q2 > 0:                           # > 16 rows: walk back over the earlier tiles (rare)
-                if nrows > 0:
-                    q = Int32(2)
-                    jj = bid_t - 2
-                    more = Int32(1)
-                    while more > 0:
-                        more = Int32(0)
-                        if jj >= 1:
-                            if mTiles[jj - 1, 0] == expert:
-                                q = q + 1
-                                jj = jj - 1
-                                more = Int32(1)
-            nrows = cutlass.select_(q % 2 == 1, Int32(0), nrows)     # tile q - 1's CTA takes these rows
-            rows2 = cutlass.select_(q % 2 == 1, Int32(0), nxt)       # rows of tile q + 1 taken by this CTA
+            rank = Int32(0)
+            if const_expr(self.by_slot):
+                expert, rank, nrows = self.slot_expert(mIds, mAlpha0, tidx, bid_t)
+                row0 = Int32(0)
+                rows2 = Int32(0)
+            else:
+                expert, row0, nrows, rows2 = self.table_entry(mTiles, bid_t)
             if nrows > 0:
                 wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
                 warp = wid % 4
@@ -3117,7 +3096,11 @@ if HAVE_CUTE:
                     ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
-                    self.pdl_wait(row0)
+                    if const_expr(self.by_slot):
+                        row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
+                        brow = cutlass.min(g, nrows - 1)
+                    else:
+                        self.pdl_wait(row0)
                     bq = cute.make_rmem_tensor((4, 2), Int32)
                     self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
                     cute.arch.sync_threads()
@@ -3166,6 +3149,83 @@ if HAVE_CUTE:
             if const_expr(self.pdl and not self.wait_first):
                 if row0 >= 0:
                     cute.arch.griddepcontrol_wait()
+
+        @cute.jit
+        def table_entry(self, mTiles: cute.Tensor, bid_t):
+            """(expert, first row, rows, partner rows) of tile bid_t; rows 0 where tile bid_t - 1's CTA takes it."""
+            n_tab = cute.size(mTiles, mode=[0])
+            # this entry and the neighbours' in one round trip (loads that stay here: no dependent chain)
+            tab = mTiles.iterator.toint()
+            expert = _ld_b32_here(tab + Int64(bid_t * 3) * 4)
+            row0 = _ld_b32_here(tab + Int64(bid_t * 3 + 1) * 4)
+            nrows = _ld_b32_here(tab + Int64(bid_t * 3 + 2) * 4)
+            e_m1 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 1, 0) * 3) * 4)
+            e_m2 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 2, 0) * 3) * 4)
+            e_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3) * 4)
+            n_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3 + 2) * 4)
+            # branch-free (selects: ptxas would otherwise sink the neighbour loads into the branches, a dependent
+            # chain of table reads): q1 = this tile is the expert's second or later, q2 = third or later
+            q1 = cutlass.select_(bid_t >= 1, cutlass.select_(e_m1 == expert, Int32(1), Int32(0)), Int32(0))
+            q2 = cutlass.select_(bid_t >= 2, cutlass.select_(e_m2 == expert, q1, Int32(0)), Int32(0))
+            nxt = cutlass.select_(bid_t + 1 < n_tab, cutlass.select_(e_p1 == expert, n_p1, Int32(0)), Int32(0))
+            q = q1
+            if q2 > 0:                           # > 16 rows: walk back over the earlier tiles (rare)
+                if nrows > 0:
+                    q = Int32(2)
+                    jj = bid_t - 2
+                    more = Int32(1)
+                    while more > 0:
+                        more = Int32(0)
+                        if jj >= 1:
+                            if mTiles[jj - 1, 0] == expert:
+                                q = q + 1
+                                jj = jj - 1
+                                more = Int32(1)
+            nrows = cutlass.select_(q % 2 == 1, Int32(0), nrows)     # tile q - 1's CTA takes these rows
+            rows2 = cutlass.select_(q % 2 == 1, Int32(0), nxt)       # rows of tile q + 1 taken by this CTA
+            return expert, row0, nrows, rows2
+
+        @cute.jit
+        def slot_expert(self, mIds: cute.Tensor, mAlpha0: cute.Tensor, tidx, bid_t):
+            """by_slot (Fp4MoeGemv's rules): expert of slot bid_t, its rank among the earlier slots of that expert,
+            and 1 where this slot's CTA is active (a valid expert, rank a multiple of 8), else 0."""
+            expert = mIds[bid_t]
+            rank = Int32(0)
+            for base in cutlass.range(0, bid_t, 32, unroll=1):
+                j = base + tidx % 32
+                e_j = Int32(-1)
+                if j < bid_t:
+                    e_j = mIds[j]
+                rank = rank + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j == expert)))
+            active = Int32(0)
+            if expert >= 0 and expert < cute.size(mAlpha0, mode=[0]):
+                if rank % MOE_GEMV_TILE_N == 0:
+                    active = Int32(1)
+            return expert, rank, active
+
+        @cute.jit
+        def slot_rows(self, mIds: cute.Tensor, mPos: cute.Tensor, expert, rank):
+            """by_slot, after the weight prologue: wait for the routing + gather kernel, then this slot's rows:
+            [min pos over the expert's slots + rank, + min(count - rank, 8))."""
+            if expert < (1 << 30):              # (a branch ptxas can't fold keeps the weight loads above the wait)
+                cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+            tidx, _, _ = cute.arch.thread_idx()
+            n_slots = cute.size(mIds, mode=[0])
+            count = Int32(0)
+            row0 = Int32(1 << 30)
+            for base2 in cutlass.range(0, Int32(n_slots), 32, unroll=1):
+                j2 = base2 + tidx % 32
+                p_j2 = Int32(1 << 30)
+                e_j2 = Int32(-1)
+                if j2 < n_slots:
+                    e_j2 = mIds[j2]
+                    p_j2 = mPos[j2]
+                if e_j2 != expert:
+                    p_j2 = Int32(1 << 30)
+                count = count + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j2 == expert)))
+                row0 = cutlass.min(row0, Int32(cute.arch.warp_redux_sync(p_j2, "min")))
+            return row0 + rank, cutlass.min(count - rank, MOE_GEMV_TILE_N)
 
         @cute.jit
         def load_tokens(self, sXw, mX: cute.Tensor, mSrc: cute.Tensor, row0, rows, kt_lo: int, n_kt: int, tidx):
@@ -3457,9 +3517,9 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
 
     def build():
         if pair:
-            assert k_splits == 1 and not by_slot and not l2_next and not diag
+            assert k_splits == 1 and not l2_next and not diag
             op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair,
-                                x_by_src, l2_ahead)
+                                x_by_src, l2_ahead, by_slot)
         else:
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
                             by_slot, l2_next)
@@ -3592,7 +3652,7 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     l2_next = rec2 if MOE_GEMV_L2_PREFETCH and m * rec2 * record_bytes(fmt) <= MOE_GEMV_L2_BYTES else 0
     w = MOE_GEMV_WARPS_PER_SM
     pair = MOE_GEMV_PAIR and R >= MOE_GEMV_PAIR_MIN_ROWS      # Fp4MoeGemvPair where it applies (appended: True)
-    pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1) and not by_slot and not l2_next
+    pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1) and not l2_next
     pair2 = pair and _moe_gemv_pair_ok(inter // TILE_K, s2)
     by_src = pair1 and MOE_GEMV_X_BY_SRC and not gather        # GEMM1 right after MoeRouting: waits first
     return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot,

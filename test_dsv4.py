@@ -6305,14 +6305,15 @@ def test_moe_gemv_pair_compiles_for_sm90a_within_the_register_budget(tmp_path):
 def test_moe_gemv_pair_tiles_give_the_bits_of_one_tile_per_cta(fmt, m_per_cta, by_src, monkeypatch):
     """Small dims, K unsplit (forced), 1 or 2 row tiles per CTA: experts with 1..13 token tiles (pairs, an odd last
     tile, the walk back over > 2 earlier tiles), skipped slots, duplicate slots: bit-equal to one tile per CTA and
-    close to the fp32 reference; by_src: GEMM1 reads x rows through src_tok (no x_sorted)."""
+    close to the fp32 reference; by_src: GEMM1 reads x rows through src_tok (no x_sorted). T <= 4: GEMM1 by routed
+    slot after the routing + gather kernel."""
     ex = _pair_experts(fmt)
     monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", by_src)
     monkeypatch.setattr(K, "pick_moe_gemv_config", lambda b, m, kt, sms: (1, m_per_cta))
     monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", 0)
     calls = _gemv_calls(monkeypatch)
     for T, routing in ((5, "random"), (64, "random"), (100, "random"), (100, "one_expert"), (64, "shared"),
-                       (40, "empty_experts"), (48, "duplicate")):
+                       (40, "empty_experts"), (48, "duplicate"), (4, "shared"), (3, "duplicate")):
         x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
         ids, w = _gemv_routing(T, 6, 16, routing, seed=T)
         y, y_single = _pair_vs_single(ex, x, ids, w, calls, monkeypatch)
