@@ -3056,6 +3056,7 @@ if HAVE_CUTE:
                     ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                    self.l2_first(pf_base, warp, lane, D)        # (before the wait: during the previous kernel's drain)
                     self.pdl_wait(row0)
                     brow2 = MOE_GEMV_TILE_N + cutlass.min(g, rows2 - 1)
                     acc2 = cute.make_rmem_tensor((2, 4), Float32)
@@ -3064,7 +3065,6 @@ if HAVE_CUTE:
                     bq2 = cute.make_rmem_tensor((4,), Int32)
                     self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, 0, kph, tidx)
                     cute.arch.sync_threads()
-                    self.l2_first(pf_base, warp, lane, D)
                     for i0 in cutlass.range(0, kph, D, unroll=1):
                         self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
@@ -3096,6 +3096,7 @@ if HAVE_CUTE:
                     ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                    self.l2_first(pf_base, warp, lane, D)
                     if const_expr(self.by_slot):
                         row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
                         brow = cutlass.min(g, nrows - 1)
@@ -3104,7 +3105,6 @@ if HAVE_CUTE:
                     bq = cute.make_rmem_tensor((4, 2), Int32)
                     self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
                     cute.arch.sync_threads()
-                    self.l2_first(pf_base, warp, lane, D)
                     for i0 in cutlass.range(0, kph, D, unroll=1):
                         self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
