@@ -6236,8 +6236,9 @@ def _pair_vs_single(ex, x, ids, w, calls, monkeypatch, limit=7.0):
         calls.clear()
         out[pair] = K.moe_fp4(x, ids, w, ex, limit)
         assert [len(c) for c in calls] == ([15, 15] if pair else [12, 12]), calls
-        if pair:
-            assert calls[0][13] == K.MOE_GEMV_X_BY_SRC and calls[0][14] == calls[1][14] == K.MOE_GEMV_L2_AHEAD
+        if pair:                        # x through src_tok: only after MoeRouting (no fused gather: > 24 rows)
+            by_src = K.MOE_GEMV_X_BY_SRC and ids.numel() > K.GATHER_MAX_ROWS
+            assert calls[0][13] == by_src and calls[0][14] == calls[1][14] == K.MOE_GEMV_L2_AHEAD, calls
     torch.cuda.synchronize()
     return out[True], out[False]
 
@@ -6265,6 +6266,7 @@ COMPILE_MOE_GEMV_PAIR = """
 import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 K.MOE_GEMV_PAIR = True
+K.MOE_GEMV_X_BY_SRC = False
 for fmt in ("nvfp4", "mxfp4"):
     for cfg in K.moe_gemv_configs(fmt, 6 * 256, 256, 4096, 2048, 132, False):
         assert len(cfg) == 15
