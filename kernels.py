@@ -1318,7 +1318,11 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         _compile_routing_gather(E, k, tile_n, D)(ids32, w32, src_tok, row_w, pos, tiles, x.contiguous(), x_sorted)
     else:
         _compile_routing(E, k, tile_n)(ids32, w32, src_tok, row_w, pos, tiles)
-        x_sorted = x.index_select(0, src_tok)                       # [R, D] rows grouped by expert
+        g1 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)[0] if gemv and fused is None else ()
+        if len(g1) > 13 and g1[13]:         # the pair GEMM1 reads x rows through src_tok (MOE_GEMV_X_BY_SRC)
+            x_sorted = x.contiguous()
+        else:
+            x_sorted = x.index_select(0, src_tok)                   # [R, D] rows grouped by expert
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=x.device)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=x.device)   # one row per routed slot (sorted)
     if POISON_BUFFERS:        # tests: NaN-fill the intermediates so an unwritten element shows up in y
@@ -1339,10 +1343,12 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
             return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
-        _compile_moe_gemv(*g1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
-                               ids32, pos, w2_base)
-        _compile_moe_gemv(*g2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
-                               ids32, pos, w2_base)
+        dg = dict(diag=MOE_GEMV_DIAG) if MOE_GEMV_DIAG else {}     # timing-only diagnostics
+        by_src = len(g1) > 13 and g1[13]                         # x rows through src_tok (mPos = src_tok)
+        _compile_moe_gemv(*g1, **dg)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
+                                     ids32, src_tok if by_src else pos, w2_base)
+        _compile_moe_gemv(*g2, **dg)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
+                                     ids32, pos, w2_base)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -2533,6 +2539,13 @@ if HAVE_CUTE:
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
+    def _ld_b32_here(addr: Int64, *, loc=None, ip=None) -> Int32:
+        """4-byte global load that stays where it is written (side effects: LLVM neither sinks it into a branch nor
+        chains it behind one; several such loads are issued back to back)."""
+        return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)], "ld.global.b32 $0, [$1];",
+                                      "=r,l", has_side_effects=True, loc=loc, ip=ip))
+
+    @dsl_user_op
     def _prefetch_l2(addr: Int64, size: int, *, loc=None, ip=None):
         """Bulk prefetch of `size` bytes (multiple of 16) at a 16-B aligned global address into L2."""
         _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)],
@@ -2616,6 +2629,10 @@ if HAVE_CUTE:
             self.direct_k = 0
             self.early = False             # direct_k: the ids were read after the router's ready flag
             self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
+            # timing-only diagnostics (wrong outputs; MOE_GEMV_DIAG): "nodecode" raw code words into the mma,
+            # "nomma" decode without mma / B loads, "nosecond" table tiles after an expert's first exit, "l2" every
+            # CTA streams expert 0's records (L2-resident: the issue-bound time)
+            self.diag = ""
 
         def smem_words(self) -> int:
             """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
@@ -2705,6 +2722,10 @@ if HAVE_CUTE:
                 expert = mTiles[bid_t, 0]
                 row0 = mTiles[bid_t, 1]
                 nrows = mTiles[bid_t, 2]
+                if const_expr(self.diag == "nosecond"):
+                    if bid_t > 0:
+                        if mTiles[bid_t - 1, 0] == expert:
+                            nrows = Int32(0)
             if nrows > 0:                        # the same for every CTA of a cluster (same table entry)
                 wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
                 warp = wid % 4                                        # slab of the 128-row tile
@@ -2716,7 +2737,10 @@ if HAVE_CUTE:
                 rec = self.rec
                 nw = self.nw
                 kt0 = bid_k * kpc                                     # first k-tile of this CTA's K slice
-                base = mW.iterator.toint() + (Int64(expert) * (self.m_tiles * self.k_tiles)
+                w_expert = expert
+                if const_expr(self.diag == "l2"):
+                    w_expert = Int32(0)
+                base = mW.iterator.toint() + (Int64(w_expert) * (self.m_tiles * self.k_tiles)
                                               + Int64(m_tile * self.k_tiles + kt0)) * rec
                 code_addr = base + (32 * warp + lane) * 16            # atom a: + 2048 (wgmma thread 32w + lane)
                 # scale words of quad 8w + g (atom a: + 128 nw), as a 32-bit offset from code_addr (one register)
@@ -2922,14 +2946,19 @@ if HAVE_CUTE:
                     p_r8 = scale_pair_bf16x2(ws[s, a, 0], 2, self.fmt, 3)
                     pr, pr8 = (p_r, p_r), (p_r8, p_r8)
                 for kb in cutlass.range_constexpr(4):
-                    if const_expr(self.fmt == "nvfp4"):
+                    if const_expr(self.diag == "nodecode"):
+                        r0, r1, r2, r3 = wc[s, a, kb], ws[s, a, 0], wc[s, a, kb], ws[s, a, self.nw - 1]
+                    elif const_expr(self.fmt == "nvfp4"):
                         r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[kb // 2], pr8[kb // 2], kb % 2)
                     else:
                         r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[0], pr8[0], kb // 2)
-                    d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
-                                  [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
-                    for c in cutlass.range_constexpr(4):
-                        acc[a, c] = d[c]
+                    if const_expr(self.diag == "nomma"):
+                        acc[a, kb] = acc[a, kb] + Float32(r0 ^ r1 ^ r2 ^ r3)
+                    else:
+                        d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
+                                      [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
+                        for c in cutlass.range_constexpr(4):
+                            acc[a, c] = d[c]
 
         @cute.jit
         def store(self, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
@@ -2945,6 +2974,307 @@ if HAVE_CUTE:
                 mOut[row0 + n, bid_m * TILE_M + r] = (v0 * a_down).to(BFloat16)
                 mOut[row0 + n, bid_m * TILE_M + 64 + r] = (v1 * a_down).to(BFloat16)
 
+
+    class Fp4MoeGemvPair(Fp4MoeGemv):
+        """Fp4MoeGemv, table path with unsplit K (S = 1), where an expert's token tiles 2i and 2i+1 (> 8 routed rows)
+        run in one CTA: each decoded A fragment feeds two n8 mma.sync (the two tiles' tokens), so such an expert's
+        weights are streamed and decoded once instead of twice; the CTA of tile 2i+1 exits. Per (row, token) the fp32
+        accumulation is Fp4MoeGemv's (same k order, same mma): bit-identical outputs. Token smem = 16 row slots of
+        half the K slice: a pair CTA holds tokens 0-15 of k-tiles [0, K/2) and reloads them with [K/2, K) halfway
+        through its main loop (one barrier); a single CTA puts its <= 8 tokens' first half in slots 0-7 and second
+        half in slots 8-15 (one load, no barrier). Same smem as Fp4MoeGemv (+512 B). A pair CTA's weight register
+        ring has pair_stages k-tiles (its second accumulator set must fit the registers of the single CTAs')."""
+
+        def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, stages: int = 4, pdl: bool = False,
+                     wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1, pair_stages: int = 2,
+                     x_by_src: bool = False, l2_ahead: int = 0, by_slot: bool = False):
+            # by_slot: GEMM1 right after the routing + gather kernel, CTA z = routed slot (Fp4MoeGemv's by_slot
+            # rules; no pairs: <= 24 rows)
+            super().__init__(fmt, k_dim, n_out, swiglu, 1, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot)
+            # l2_ahead > 0: while consuming k-tile i, one lane per row tile bulk-prefetches the record of k-tile
+            # i + l2_ahead into L2 (HBM keeps streaming while the warps decode; the register loads then hit L2)
+            self.l2_ahead = l2_ahead
+            # x_by_src (GEMM1 right after MoeRouting): token row of sorted row p = x[src_tok[p]] (mX = x, mPos =
+            # src_tok), so no index_select launch builds x_sorted
+            self.x_by_src = x_by_src
+            assert not x_by_src or (swiglu and (wait_first or not pdl)), "x_by_src: GEMM1 waiting for the routing"
+            self.kph = self.kpc // 2                                # k-tiles per token half
+            self.D2 = pair_stages
+            assert self.kpc % 2 == 0 and self.kph % self.D == 0 and self.kph % self.D2 == 0, \
+                "token halves of whole register rings"
+            self.row_words = self.kph * 32 + 16                     # Int32 words per token slot (+64 B)
+
+        def smem_words(self) -> int:
+            return 2 * MOE_GEMV_TILE_N * self.row_words
+
+        @cute.jit
+        def tile(self, storage, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
+                 mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor,
+                 mPos: cute.Tensor, mNext: cute.Tensor, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
+            """Row tiles bid_m*MT.. of token tile bid_t (and of tile bid_t + 1 where it is the same expert's next
+            and bid_t is the expert's tile 0, 2, 4, ..)."""
+            if const_expr(self.pdl and not self.wait_first):
+                cute.arch.griddepcontrol_launch_dependents()
+            if const_expr(self.pdl and self.wait_first and not self.by_slot):
+                cute.arch.griddepcontrol_wait()
+                cute.arch.griddepcontrol_launch_dependents()
+            rank = Int32(0)
+            if const_expr(self.by_slot):
+                expert, rank, nrows = self.slot_expert(mIds, mAlpha0, tidx, bid_t)
+                row0 = Int32(0)
+                rows2 = Int32(0)
+            else:
+                expert, row0, nrows, rows2 = self.table_entry(mTiles, bid_t)
+            if nrows > 0:
+                wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+                warp = wid % 4
+                m_tile = bid_m * self.MT + wid // 4
+                lane = tidx % 32
+                g = lane // 4
+                t = lane % 4
+                kpc, kph = self.kpc, self.kph
+                base = mW.iterator.toint() + (Int64(expert) * (self.m_tiles * self.k_tiles)
+                                              + Int64(m_tile * self.k_tiles)) * self.rec
+                code_addr = base + (32 * warp + lane) * 16
+                scale_off = CODE_BYTES + (8 * warp + g) * (4 * self.nw) - (32 * warp + lane) * 16
+                pf_base = base                   # l2_ahead: the row tile's record base, warp-uniform (uniform registers)
+                if const_expr(self.l2_ahead > 0):
+                    pf_base = mW.iterator.toint() + (Int64(cute.arch.make_warp_uniform(expert))
+                                                     * (self.m_tiles * self.k_tiles)
+                                                     + Int64(m_tile * self.k_tiles)) * self.rec
+                sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, 2 * MOE_GEMV_TILE_N),
+                                                             stride=(1, self.row_words)))
+                sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, 2 * MOE_GEMV_TILE_N),
+                                                             stride=(1, 4, self.row_words)))
+                brow = cutlass.min(g, nrows - 1)
+                acc = cute.make_rmem_tensor((2, 4), Float32)
+                acc.fill(0.0)
+                if rows2 > 0:
+                    # ---- pair: tokens 0-7 (tile q) in slots 0-7, 8-15 (tile q+1) in slots 8-15, K in two halves
+                    D = self.D2
+                    wc = cute.make_rmem_tensor((D, 2, 4), Int32)
+                    ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
+                    for s in cutlass.range_constexpr(D):
+                        self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                    self.l2_first(pf_base, warp, lane, D)        # (before the wait: during the previous kernel's drain)
+                    self.pdl_wait(row0)
+                    brow2 = MOE_GEMV_TILE_N + cutlass.min(g, rows2 - 1)
+                    acc2 = cute.make_rmem_tensor((2, 4), Float32)
+                    acc2.fill(0.0)
+                    bq = cute.make_rmem_tensor((4,), Int32)
+                    bq2 = cute.make_rmem_tensor((4,), Int32)
+                    self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, 0, kph, tidx)
+                    cute.arch.sync_threads()
+                    for i0 in cutlass.range(0, kph, D, unroll=1):
+                        self.l2_ring(pf_base, warp, lane, i0, D)
+                        for s in cutlass.range_constexpr(D):
+                            self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s, s)
+                            self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
+                    cute.arch.sync_threads()                          # every warp is done with the first half
+                    self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, kph, kph, tidx)
+                    cute.arch.sync_threads()
+                    for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
+                        self.l2_ring(pf_base, warp, lane, i0, D)
+                        for s in cutlass.range_constexpr(D):
+                            self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s - kph, s)
+                            self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
+                    for s in cutlass.range_constexpr(D):
+                        self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, kph - D + s, s)
+                    for c in cutlass.range_constexpr(4):
+                        n = 2 * t + c % 2                               # tile q is full (8 rows)
+                        self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
+                                   16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+                    for c in cutlass.range_constexpr(4):
+                        n = 2 * t + c % 2
+                        if n < rows2:
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + MOE_GEMV_TILE_N + n, 0,
+                                       m_tile, 16 * warp + g + 8 * (c // 2), acc2[0, c], acc2[1, c])
+                else:
+                    # ---- single tile: first K half in slots 0-7, second half in slots 8-15
+                    D = self.D
+                    wc = cute.make_rmem_tensor((D, 2, 4), Int32)
+                    ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
+                    for s in cutlass.range_constexpr(D):
+                        self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
+                    self.l2_first(pf_base, warp, lane, D)
+                    if const_expr(self.by_slot):
+                        row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
+                        brow = cutlass.min(g, nrows - 1)
+                    else:
+                        self.pdl_wait(row0)
+                    bq = cute.make_rmem_tensor((4, 2), Int32)
+                    self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
+                    cute.arch.sync_threads()
+                    for i0 in cutlass.range(0, kph, D, unroll=1):
+                        self.l2_ring(pf_base, warp, lane, i0, D)
+                        for s in cutlass.range_constexpr(D):
+                            self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, i0 + s, s)
+                            self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
+                    for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
+                        self.l2_ring(pf_base, warp, lane, i0, D)
+                        for s in cutlass.range_constexpr(D):
+                            self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow + MOE_GEMV_TILE_N, i0 + s - kph, s)
+                            self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
+                    for s in cutlass.range_constexpr(D):
+                        self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow + MOE_GEMV_TILE_N, kph - D + s, s)
+                    for c in cutlass.range_constexpr(4):
+                        n = 2 * t + c % 2
+                        if n < nrows:
+                            self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
+                                       16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+
+        @cute.jit
+        def l2_first(self, pf_base, warp, lane, d: int):
+            """l2_ahead: records of k-tiles d .. l2_ahead-1 of this row tile (past the register ring's first loads;
+            contiguous: one bulk prefetch by warp 0, a uniform instruction)."""
+            n = min(self.l2_ahead, self.kpc) - d
+            if const_expr(n > 0):
+                if warp == 0:
+                    _prefetch_l2(pf_base + d * self.rec, n * self.rec)
+
+        @cute.jit
+        def l2_ring(self, pf_base, warp, lane, i0, d: int):
+            """l2_ahead: at the top of the ring rotation of k-tiles i0 .. i0+d-1, warp 0 of the row tile bulk-prefetches
+            the records of k-tiles i0 + l2_ahead .. + d - 1 (contiguous; warp-uniform address: one uniform
+            instruction)."""
+            if const_expr(self.l2_ahead > 0):
+                if warp == 0:
+                    if i0 + self.l2_ahead + d <= self.kpc:
+                        _prefetch_l2(pf_base + Int64(i0 + self.l2_ahead) * self.rec, d * self.rec)
+
+        @cute.jit
+        def pdl_wait(self, row0):
+            """PDL, tile table read before: wait for the previous kernel's outputs (x_sorted / act; our outputs)
+            after the weight loads above (a branch ptxas can't fold keeps them above the wait)."""
+            if const_expr(self.pdl and not self.wait_first):
+                if row0 >= 0:
+                    cute.arch.griddepcontrol_wait()
+
+        @cute.jit
+        def table_entry(self, mTiles: cute.Tensor, bid_t):
+            """(expert, first row, rows, partner rows) of tile bid_t; rows 0 where tile bid_t - 1's CTA takes it."""
+            n_tab = cute.size(mTiles, mode=[0])
+            # this entry and the neighbours' in one round trip (loads that stay here: no dependent chain)
+            tab = mTiles.iterator.toint()
+            expert = _ld_b32_here(tab + Int64(bid_t * 3) * 4)
+            row0 = _ld_b32_here(tab + Int64(bid_t * 3 + 1) * 4)
+            nrows = _ld_b32_here(tab + Int64(bid_t * 3 + 2) * 4)
+            e_m1 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 1, 0) * 3) * 4)
+            e_m2 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 2, 0) * 3) * 4)
+            e_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3) * 4)
+            n_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3 + 2) * 4)
+            # branch-free (selects: ptxas would otherwise sink the neighbour loads into the branches, a dependent
+            # chain of table reads): q1 = this tile is the expert's second or later, q2 = third or later
+            q1 = cutlass.select_(bid_t >= 1, cutlass.select_(e_m1 == expert, Int32(1), Int32(0)), Int32(0))
+            q2 = cutlass.select_(bid_t >= 2, cutlass.select_(e_m2 == expert, q1, Int32(0)), Int32(0))
+            nxt = cutlass.select_(bid_t + 1 < n_tab, cutlass.select_(e_p1 == expert, n_p1, Int32(0)), Int32(0))
+            q = q1
+            if q2 > 0:                           # > 16 rows: walk back over the earlier tiles (rare)
+                if nrows > 0:
+                    q = Int32(2)
+                    jj = bid_t - 2
+                    more = Int32(1)
+                    while more > 0:
+                        more = Int32(0)
+                        if jj >= 1:
+                            if mTiles[jj - 1, 0] == expert:
+                                q = q + 1
+                                jj = jj - 1
+                                more = Int32(1)
+            nrows = cutlass.select_(q % 2 == 1, Int32(0), nrows)     # tile q - 1's CTA takes these rows
+            rows2 = cutlass.select_(q % 2 == 1, Int32(0), nxt)       # rows of tile q + 1 taken by this CTA
+            return expert, row0, nrows, rows2
+
+        @cute.jit
+        def slot_expert(self, mIds: cute.Tensor, mAlpha0: cute.Tensor, tidx, bid_t):
+            """by_slot (Fp4MoeGemv's rules): expert of slot bid_t, its rank among the earlier slots of that expert,
+            and 1 where this slot's CTA is active (a valid expert, rank a multiple of 8), else 0."""
+            expert = mIds[bid_t]
+            rank = Int32(0)
+            for base in cutlass.range(0, bid_t, 32, unroll=1):
+                j = base + tidx % 32
+                e_j = Int32(-1)
+                if j < bid_t:
+                    e_j = mIds[j]
+                rank = rank + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j == expert)))
+            active = Int32(0)
+            if expert >= 0 and expert < cute.size(mAlpha0, mode=[0]):
+                if rank % MOE_GEMV_TILE_N == 0:
+                    active = Int32(1)
+            return expert, rank, active
+
+        @cute.jit
+        def slot_rows(self, mIds: cute.Tensor, mPos: cute.Tensor, expert, rank):
+            """by_slot, after the weight prologue: wait for the routing + gather kernel, then this slot's rows:
+            [min pos over the expert's slots + rank, + min(count - rank, 8))."""
+            if expert < (1 << 30):              # (a branch ptxas can't fold keeps the weight loads above the wait)
+                cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+            tidx, _, _ = cute.arch.thread_idx()
+            n_slots = cute.size(mIds, mode=[0])
+            count = Int32(0)
+            row0 = Int32(1 << 30)
+            for base2 in cutlass.range(0, Int32(n_slots), 32, unroll=1):
+                j2 = base2 + tidx % 32
+                p_j2 = Int32(1 << 30)
+                e_j2 = Int32(-1)
+                if j2 < n_slots:
+                    e_j2 = mIds[j2]
+                    p_j2 = mPos[j2]
+                if e_j2 != expert:
+                    p_j2 = Int32(1 << 30)
+                count = count + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j2 == expert)))
+                row0 = cutlass.min(row0, Int32(cute.arch.warp_redux_sync(p_j2, "min")))
+            return row0 + rank, cutlass.min(count - rank, MOE_GEMV_TILE_N)
+
+        @cute.jit
+        def load_tokens(self, sXw, mX: cute.Tensor, mSrc: cute.Tensor, row0, rows, kt_lo: int, n_kt: int, tidx):
+            """Token rows row0 .. row0+rows-1 (x_by_src: x rows src[row0 ..]), k-tiles kt_lo .. kt_lo+n_kt-1 ->
+            smem, permuted per 64-k tile as Fp4MoeGemv's; k-tile i (from kt_lo) of row n goes to slot n + 8 (i // kph),
+            position i % kph."""
+            x_base = mX.iterator.toint()
+            chunks = n_kt * 8                                     # 16-B chunks per row
+            for idx in cutlass.range(tidx, rows * chunks, self.threads, unroll=1):
+                n = idx // chunks
+                q = idx - n * chunks
+                xrow = row0 + n
+                if const_expr(self.x_by_src):
+                    xrow = mSrc[row0 + n]
+                xa = x_base + (Int64(xrow) * self.k_dim + Int64(kt_lo * TILE_K + q * 8)) * 2
+                v = _ld_v4(xa, ".cg")                             # L2: x_sorted / act were just written
+                i = q // 8
+                kb = (q % 8) // 2
+                p = q % 2
+                w0 = (i % self.kph) * 32 + 16 * (kb // 2) + 2 * (kb % 2) + p
+                slot = n + MOE_GEMV_TILE_N * (i // self.kph)
+                for tt in cutlass.range_constexpr(4):
+                    sXw[w0 + 4 * tt, slot] = v[tt]
+
+        @cute.jit
+        def mma_k_tile2(self, acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i, s: int):
+            """k-tile i (of the token half in smem) from register slot s for two token groups: per k32 half h the
+            B fragments of tokens brow (group 0) and brow2 (group 1), then per atom two decodes, each feeding two
+            mma (per accumulator the k order of mma_k_tile)."""
+            for h in cutlass.range_constexpr(2):
+                cute.autovec_copy(sXv[None, i * 8 + 4 * h + t, brow], bq)
+                cute.autovec_copy(sXv[None, i * 8 + 4 * h + t, brow2], bq2)
+                for a in cutlass.range_constexpr(2):
+                    if const_expr(self.fmt == "nvfp4"):
+                        p_r = scale_pair_bf16x2(ws[s, a, 0], 2 * h, self.fmt, 2 * h + 1)
+                        p_r8 = scale_pair_bf16x2(ws[s, a, 1], 2 * h, self.fmt, 2 * h + 1)
+                    else:
+                        p_r = scale_pair_bf16x2(ws[s, a, 0], 0, self.fmt, 1)
+                        p_r8 = scale_pair_bf16x2(ws[s, a, 0], 2, self.fmt, 3)
+                    for kk in cutlass.range_constexpr(2):
+                        half = kk if const_expr(self.fmt == "nvfp4") else h
+                        r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, 2 * h + kk], p_r, p_r8, half)
+                        d = _mma_bf16(r0, r1, r2, r3, bq[2 * kk], bq[2 * kk + 1],
+                                      [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
+                        d2 = _mma_bf16(r0, r1, r2, r3, bq2[2 * kk], bq2[2 * kk + 1],
+                                       [acc2[a, 0], acc2[a, 1], acc2[a, 2], acc2[a, 3]])
+                        for c in cutlass.range_constexpr(4):
+                            acc[a, c] = d[c]
+                            acc2[a, c] = d2[c]
 
     class Fp4MoeGemvFused:
         """GEMM1 -> GEMM2 of the decode MoE in one launch (both by routed slot, right after the routing + gather
@@ -3174,16 +3504,26 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
-                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0):
+                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
+                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = ""):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
-    limit."""
+    limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
+    unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted;
+    l2_ahead (with pair): L2 prefetch of the records this many k-tiles ahead.
+    diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next)
+              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ())
 
     def build():
-        op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-                        l2_next)
+        if pair:
+            assert k_splits == 1 and not l2_next and not diag
+            op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair,
+                                x_by_src, l2_ahead, by_slot)
+        else:
+            op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
+                            by_slot, l2_next)
+            op.diag = diag
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3209,6 +3549,14 @@ MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_id
                              # H200 R2: T=4 108.6 -> 104.3 us, T=1 unchanged); needs the fused gather (R <= 24)
 MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
 MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
+MOE_GEMV_DIAG = ""            # timing-only diagnostics of the two-launch GEMV (wrong outputs): see Fp4MoeGemv.diag
+MOE_GEMV_PAIR = True          # Fp4MoeGemvPair (an expert's two n8 token tiles share one weight stream + decode) ...
+MOE_GEMV_PAIR_MIN_ROWS = 768  # ... from this many routed rows (T >= 128 at top-6) where K is unsplit (same bits)
+MOE_GEMV_L2_AHEAD = 0         # pair kernel: L2 prefetch of the weight records this many k-tiles ahead (0: off;
+                              # H200 s6 R1, 8 ahead: T=16 +3%, T=64 +3%, T=256 +9% vs without)
+MOE_GEMV_X_BY_SRC = True      # pair GEMM1 reads x rows through src_tok (no index_select launch for x_sorted)
+MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
+                              # accumulator set; 4 spills at the 80 registers of 24 resident warps)
 
 
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
@@ -3304,8 +3652,22 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     rec2 = (D // TILE_M) * (inter // TILE_K)                       # w2 records per expert
     l2_next = rec2 if MOE_GEMV_L2_PREFETCH and m * rec2 * record_bytes(fmt) <= MOE_GEMV_L2_BYTES else 0
     w = MOE_GEMV_WARPS_PER_SM
-    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather, w // (4 * mt1), mt1, by_slot, l2_next),
-            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0))
+    pair = MOE_GEMV_PAIR and R >= MOE_GEMV_PAIR_MIN_ROWS      # Fp4MoeGemvPair where it applies (appended: True)
+    pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1) and not l2_next
+    pair2 = pair and _moe_gemv_pair_ok(inter // TILE_K, s2)
+    by_src = pair1 and MOE_GEMV_X_BY_SRC and not gather        # GEMM1 right after MoeRouting: waits first
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot,
+             l2_next) + ((MOE_GEMV_PAIR_STAGES, by_src, MOE_GEMV_L2_AHEAD) if pair1 else ()),
+            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0)
+            + ((MOE_GEMV_PAIR_STAGES, False, MOE_GEMV_L2_AHEAD) if pair2 else ()))
+
+
+def _moe_gemv_pair_ok(k_tiles: int, s: int) -> bool:
+    """Fp4MoeGemvPair takes this GEMM: K unsplit, two token halves of whole register rings (Fp4MoeGemv's D)."""
+    d = max(1, min(MOE_GEMV_STAGES, k_tiles))
+    while k_tiles % d:
+        d -= 1
+    return s == 1 and k_tiles % 2 == 0 and (k_tiles // 2) % d == 0 and (k_tiles // 2) % MOE_GEMV_PAIR_STAGES == 0
 
 
 # ====================================================================================================================

@@ -6269,5 +6269,148 @@ def test_gpu_hc_site_cluster_chain_replays_in_a_graph_with_the_bits_of_the_two_k
         assert torch.equal(a, b)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode GEMV pair tiles (Fp4MoeGemvPair, session 6): an expert's token tiles 2i, 2i+1 in one CTA, same bits
+# ---------------------------------------------------------------------------------------------------------------------
+_PAIR_EX = {}
+
+
+def _pair_experts(fmt):
+    if fmt not in _PAIR_EX:      # I = 512: both GEMMs have 8 k-tiles = two token halves of whole 4-k-tile rings
+        _PAIR_EX[fmt] = K.prepare_experts(random_fp4_experts(16, 512, 512, fmt, device="cuda", seed=3))
+    return _PAIR_EX[fmt]
+
+
+def _gemv_calls(monkeypatch):
+    """Records the static configs moe_fp4 compiles (a list, cleared by the caller)."""
+    calls = []
+    real = K._compile_moe_gemv
+    monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    return calls
+
+
+def _pair_vs_single(ex, x, ids, w, calls, monkeypatch, limit=7.0):
+    """(pair output, one-tile-per-CTA output) of moe_fp4 with poisoned intermediates; asserts each path was taken."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    out = {}
+    for pair in (False, True):
+        monkeypatch.setattr(K, "MOE_GEMV_PAIR", pair)
+        calls.clear()
+        out[pair] = K.moe_fp4(x, ids, w, ex, limit)
+        assert [len(c) for c in calls] == ([15, 15] if pair else [12, 12]), calls
+        if pair:                        # x through src_tok: only after MoeRouting (no fused gather: > 24 rows)
+            by_src = K.MOE_GEMV_X_BY_SRC and ids.numel() > K.GATHER_MAX_ROWS
+            assert calls[0][13] == by_src and calls[0][14] == calls[1][14] == K.MOE_GEMV_L2_AHEAD, calls
+    torch.cuda.synchronize()
+    return out[True], out[False]
+
+
+def test_moe_gemv_pair_config_rule(monkeypatch):
+    """MOE_GEMV_PAIR: both Flash GEMMs take the pair kernel from MOE_GEMV_PAIR_MIN_ROWS routed rows where K is
+    unsplit (the config rule gives S = 1 there); never below the bound, never by slot, never where K is split."""
+    monkeypatch.setattr(K, "MOE_GEMV_PAIR", True)
+    for T in (128, 256):
+        g1, g2 = K.moe_gemv_configs("nvfp4", 6 * T, 256, 4096, 2048, 132, False)
+        assert g1[4] == g2[4] == 1 and g1[12] == g2[12] == K.MOE_GEMV_PAIR_STAGES, (g1, g2)
+    assert all(len(c) == 12 for c in K.moe_gemv_configs("nvfp4", 6 * 64, 256, 4096, 2048, 132, False))
+    monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", True)           # GEMM1 reads x through src_tok: waits first
+    g1, g2 = K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False)
+    assert g1[7] is True and g1[12:] == (K.MOE_GEMV_PAIR_STAGES, True, K.MOE_GEMV_L2_AHEAD) and len(g2) == 15
+    monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", False)
+    monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", 0)
+    g1, g2 = K.moe_gemv_configs("nvfp4", 6, 256, 4096, 2048, 132, True)          # T=1: K split, by slot
+    assert len(g1) == len(g2) == 12
+    monkeypatch.setattr(K, "MOE_GEMV_PAIR", False)
+    assert all(len(c) == 12 for c in K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False))
+
+
+COMPILE_MOE_GEMV_PAIR = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+K.MOE_GEMV_PAIR = True
+K.MOE_GEMV_X_BY_SRC = False
+for fmt in ("nvfp4", "mxfp4"):
+    for cfg in K.moe_gemv_configs(fmt, 6 * 256, 256, 4096, 2048, 132, False):
+        assert len(cfg) == 15
+        K._compile_moe_gemv(*cfg)
+K.MOE_GEMV_X_BY_SRC = True
+K._compile_moe_gemv(*K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False)[0])
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_moe_gemv_pair_compiles_for_sm90a_within_the_register_budget(tmp_path):
+    """The Flash T=256 pair kernels (both GEMMs, both formats; GEMM1 reading x through src_tok) compile for sm_90a without a GPU; where ptxas is
+    installed: 80 registers (24 resident warps) and at most one spilled word (ptxas 13: nvfp4 keeps one lane offset
+    in local memory across the token load, outside the main loops)."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_GEMV_PAIR, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*Fp4MoeGemvPair*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    assert len(ptxs) >= 4                      # (dump names: the by-src GEMM1 may overwrite the plain one's)
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
+        spill = int(re.search(r"(\d+) bytes spill stores", rep.stderr).group(1))
+        assert regs <= 80 and spill <= 4, rep.stderr[-2000:]
+
+
+@gpu
+@pytest.mark.parametrize("fmt, m_per_cta, by_src", [("nvfp4", 1, False), ("nvfp4", 2, False), ("mxfp4", 1, False),
+                                                    ("mxfp4", 2, False), ("nvfp4", 2, True), ("mxfp4", 1, True)])
+def test_moe_gemv_pair_tiles_give_the_bits_of_one_tile_per_cta(fmt, m_per_cta, by_src, monkeypatch):
+    """Small dims, K unsplit (forced), 1 or 2 row tiles per CTA: experts with 1..13 token tiles (pairs, an odd last
+    tile, the walk back over > 2 earlier tiles), skipped slots, duplicate slots: bit-equal to one tile per CTA and
+    close to the fp32 reference; by_src: GEMM1 reads x rows through src_tok (no x_sorted). T <= 4: GEMM1 by routed
+    slot after the routing + gather kernel."""
+    ex = _pair_experts(fmt)
+    monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", by_src)
+    monkeypatch.setattr(K, "pick_moe_gemv_config", lambda b, m, kt, sms: (1, m_per_cta))
+    monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", 0)
+    calls = _gemv_calls(monkeypatch)
+    for T, routing in ((5, "random"), (64, "random"), (100, "random"), (100, "one_expert"), (64, "shared"),
+                       (40, "empty_experts"), (48, "duplicate"), (4, "shared"), (3, "duplicate")):
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 16, routing, seed=T)
+        y, y_single = _pair_vs_single(ex, x, ids, w, calls, monkeypatch)
+        what = f"{fmt} MT={m_per_cta} T={T} {routing}"
+        assert torch.isfinite(y).all() and torch.equal(y, y_single), f"{what}: pair tiles changed the output"
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+
+
+@gpu
+def test_moe_gemv_pair_tiles_flash_dims_and_graph_replay(monkeypatch):
+    """Flash dims at T = 256 / 128 (the default configs: K unsplit, GEMM1 2 row tiles per CTA): bit-equal to one
+    tile per CTA; a CUDA graph of the pair path replays the same bits and follows new routing."""
+    ex = _flash("nvfp4")
+    calls = _gemv_calls(monkeypatch)
+    for T in (256, 128):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, "random", seed=T)
+        y, y_single = _pair_vs_single(ex, x, ids, w, calls, monkeypatch)
+        assert torch.isfinite(y).all() and torch.equal(y, y_single), f"flash T={T}: pair tiles changed the output"
+    monkeypatch.setattr(K, "POISON_BUFFERS", False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = K.moe_fp4(x, ids, w, ex, 7.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, y)
+    ids2, w2 = _gemv_routing(T, 6, 256, "shared", seed=7)         # 128 rows on each of 5 experts: 8 pairs each
+    ids.copy_(ids2); w.copy_(w2)
+    graph.replay()
+    monkeypatch.setattr(K, "MOE_GEMV_PAIR", False)
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, K.moe_fp4(x, ids2, w2, ex, 7.0))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
