@@ -930,18 +930,13 @@ def fp8_linear_table(model, copy_bw):
 
 S4 = ((K, "ATTN_WIDE", False), (K, "FUSED_TOPK", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"),
       (K, "GEMV_RULES", "s4"))
+S5 = ((K, "HC_SITE", "two"), (K, "HC_FOLD_ADD", False), (K, "HC_SINKHORN_LOOP", False))   # session 6's mHC site
 DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed in the same run as the default step
-    ("session-5 changes off (= the session-4 step)", S4),
+    ("session-5 mHC sites, two kernels + torch add (= the session-5 step but for the attention's buffer fill)", S5),
+    ("sessions 5 and 6 off (= the session-4 step but for the attention's buffer fill)", S4 + S5),
     ("one stream (NANO_DSV4_BRANCHES=0)", ((dsv4, "DECODE_BRANCHES", False),)),
     ("glue kernels without PDL (kernels.GLUE_PDL)", ((K, "GLUE_PDL", False),)),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),
-    ("MoE routing kernel before the fused GEMMs (kernels.MOE_FUSED_NO_ROUTING)", ((K, "MOE_FUSED_NO_ROUTING", False),)),
-    ("session-4 router kernel (kernels.GATE_MODE v0)", ((K, "GATE_MODE", "v0"),)),
-    ("session-4 attention kernel (kernels.ATTN_WIDE)", ((K, "ATTN_WIDE", False),)),
-    ("indexer scores + top-k as two kernels (kernels.FUSED_TOPK)", ((K, "FUSED_TOPK", False),)),
-    ("session-4 GEMV configs (kernels.GEMV_RULES s4)", ((K, "GEMV_RULES", "s4"),)),
-    ("session-5 mHC sites (kernels.HC_SITE two, HC_FOLD_ADD, HC_SINKHORN_LOOP off)",
-     ((K, "HC_SITE", "two"), (K, "HC_FOLD_ADD", False), (K, "HC_SINKHORN_LOOP", False))),
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 
