@@ -1074,18 +1074,25 @@ for fmt in ("nvfp4", "mxfp4"):
 """
 
 
+def _compile_for_sm90a(script: str, tmp_path):
+    """Run a compile script (argv[1] = tmp_path, its compile cache) in a fresh process with CUTE_DSL_ARCH=sm_90a and
+    the PTX kept; asserts it exits cleanly -> the folder holding the PTX."""
+    dump = tmp_path / "ptx"
+    dump.mkdir()                                  # CuTe DSL writes the PTX only into an existing directory
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
+               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dump
+
+
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_moe_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
     """Every Flash / Pro decode config of Fp4MoeGemv (both formats, T 1 and 4) compiles for sm_90a on a GPU-less
     machine; where ptxas is installed, its report on each kernel's PTX shows no register spills at the register
     budget of MOE_GEMV_WARPS_PER_SM resident warps."""
-    dump = tmp_path / "ptx"
-    dump.mkdir()
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
-               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
-    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_GEMV, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    dump = _compile_for_sm90a(COMPILE_MOE_GEMV, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 8
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4MoeGemv*.ptx"))
@@ -5204,13 +5211,7 @@ def test_moe_gemv_fused_compiles_for_sm90a_without_a_gpu_within_the_register_bud
     """The fused GEMM1 -> GEMM2 kernel compiles for sm_90a on a GPU-less machine (Flash T 1, 2, 4 with K split 4, 2,
     1; mxfp4; two row tiles per CTA); where ptxas is installed, each kernel fits MOE_GEMV_WARPS_PER_SM resident warps
     (<= 80 registers) and spills nothing."""
-    dump = tmp_path / "ptx"
-    dump.mkdir()
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
-               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
-    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_GEMV_FUSED, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    dump = _compile_for_sm90a(COMPILE_MOE_GEMV_FUSED, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4MoeGemvFused*.ptx"))
@@ -5408,13 +5409,7 @@ def test_moe_fused_without_routing_compiles_for_sm90a_within_the_register_budget
     plus the by-slot MoeCombine; where ptxas is installed, each fused kernel keeps <= 80 registers
     (MOE_GEMV_WARPS_PER_SM resident warps) and those of T 1, 2 spill nothing (T=4, above the default bound, spills
     8 bytes)."""
-    dump = tmp_path / "ptx"
-    dump.mkdir()
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
-               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
-    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_NO_ROUTING, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    dump = _compile_for_sm90a(COMPILE_MOE_NO_ROUTING, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
     ptxas = shutil.which("ptxas")
     ptxs = sorted(dump.glob("T*.ptx"))
@@ -5516,13 +5511,7 @@ for mode, warps in (("lean", 4), ("redux", 4), ("redux", 2), ("redux", 1)):
 def test_gate_modes_compile_for_sm90a_without_spills(tmp_path):
     """The lean and redux router variants compile for sm_90a without a GPU (Flash dims, hash and biased top-k); where
     ptxas is installed, nothing spills."""
-    dump = tmp_path / "ptx"
-    dump.mkdir()
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
-               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
-    r = subprocess.run([sys.executable, "-c", COMPILE_GATE_MODES, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    dump = _compile_for_sm90a(COMPILE_GATE_MODES, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 8
     ptxas = shutil.which("ptxas")
     for ptx in dump.glob("*MoeGateDecode*.ptx") if ptxas else ():
@@ -5837,13 +5826,7 @@ def test_wide_attention_compiles_for_sm90a_without_a_gpu_and_does_not_spill(tmp_
     """The wide attention kernel's Flash decode configs (batch 1 and 8: CSA, HCA up to a 1M-token cache, window) and
     the tiny model's compile for sm_90a on a GPU-less machine; where ptxas is installed: no spills within the
     128-register cap of two CTAs per SM."""
-    dump = tmp_path / "ptx"
-    dump.mkdir()
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
-               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
-    r = subprocess.run([sys.executable, "-c", COMPILE_WIDE_ATTENTION, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    dump = _compile_for_sm90a(COMPILE_WIDE_ATTENTION, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 6
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*SparseAttentionDecodeWide*.ptx"))
@@ -6343,13 +6326,7 @@ def test_moe_gemv_pair_compiles_for_sm90a_within_the_register_budget(tmp_path):
     """The Flash T=256 pair kernels (both GEMMs, both formats; GEMM1 reading x through src_tok) compile for sm_90a without a GPU; where ptxas is
     installed: 80 registers (24 resident warps) and at most one spilled word (ptxas 13: nvfp4 keeps one lane offset
     in local memory across the token load, outside the main loops)."""
-    dump = tmp_path / "ptx"
-    dump.mkdir()
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))),
-               CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(dump))
-    r = subprocess.run([sys.executable, "-c", COMPILE_MOE_GEMV_PAIR, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    dump = _compile_for_sm90a(COMPILE_MOE_GEMV_PAIR, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4MoeGemvPair*.ptx"))
