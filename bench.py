@@ -941,6 +941,109 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 
 
+def decode_ablations(args):
+    """DECODE_ABLATIONS, or those whose label contains one of --ablations' words (--ablations none: no ablation)."""
+    if args.ablations is None:
+        return DECODE_ABLATIONS
+    return [(label, sw) for label, sw in DECODE_ABLATIONS if any(w in label for w in args.ablations)]
+
+
+def _with_switches(switches, fn):
+    saved = [getattr(mod, sw) for mod, sw, _ in switches]
+    try:
+        for mod, sw, off in switches:
+            setattr(mod, sw, off)
+        return fn()
+    finally:
+        for (mod, sw, _), v in zip(switches, saved):
+            setattr(mod, sw, v)
+
+
+@torch.inference_mode()
+def record_decode_compiles(args, path: str):
+    """--record-compiles PATH: every kernels._compile_* call the decode bench makes (default step, the chosen
+    ablations, the tail, the FP8 linear table), pickled to PATH, found without compiling: kernels launch as no-ops
+    (outputs garbage, nothing timed). precompile_decode then compiles them in parallel processes."""
+    import pickle
+    calls = []
+
+    def recorder(name, f):
+        def wrapped(*a, **kw):
+            calls.append((name, a, kw))
+            return f(*a, **kw)
+        return wrapped
+    for name in [n for n in vars(K) if n.startswith("_compile") and callable(getattr(K, n))]:
+        setattr(K, name, recorder(name, getattr(K, name)))
+    K._load_or_compile = lambda config, build: (lambda *a, **kw: None)
+    dev = torch.device("cuda")
+    cfg = stack_config(args.layers)
+    model = random_model(cfg, dev, max(args.batches), args.max_seq_len)
+    pos_t = torch.tensor([args.pos], device=dev)
+    for B in args.batches:
+        tokens = torch.randint(0, cfg.vocab_size, (B, 1), device=dev)
+        for label, switches in [(None, ())] + decode_ablations(args):
+            try:
+                _with_switches(switches, lambda: model.logits(tokens, pos_t))
+            except Exception as e:   # noqa: BLE001 - garbage outputs may trip a check: record what was reached
+                print(f"record-compiles: B={B} {label}: stopped at {type(e).__name__}: {e}", file=sys.stderr)
+    try:
+        n = cfg.hc_mult
+        h = torch.randn(1, 1, n, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        f = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        post, comb = torch.rand(1, 1, n, device=dev), torch.rand(1, 1, n, n, device=dev) / n
+        x = dsv4.hc_head(dsv4.hc_post(f, h, post, comb), model.hc_head_fn, model.hc_head_scale, model.hc_head_base,
+                         cfg.hc_eps, cfg.rms_norm_eps, model.norm)
+        dsv4.matmul_fp32(x, model.head.weight)
+        if not args.no_linears:
+            layer = model.layers[0]
+            for name in ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "attn.indexer.wq_b",
+                         "ffn.shared_experts.w1", "ffn.shared_experts.w2"):
+                lin = layer.get_submodule(name)
+                lin(torch.randn(1, lin.in_features, device=dev, dtype=torch.bfloat16))
+    except Exception as e:   # noqa: BLE001
+        print(f"record-compiles: tail / linears stopped at {type(e).__name__}: {e}", file=sys.stderr)
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:   # noqa: BLE001 - a garbage index may have tripped a device assert; the calls are in
+        print(f"record-compiles: sync failed: {type(e).__name__}: {e}", file=sys.stderr)
+    calls = list(dict.fromkeys((n, a, tuple(sorted(kw.items()))) for n, a, kw in calls))
+    with open(path, "wb") as fh:
+        pickle.dump(calls, fh)
+    print(f"record-compiles: {len(calls)} distinct compile calls -> {path}")
+
+
+def _compile_calls_worker(chunk):
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    for name, a, kw in chunk:
+        getattr(K, name)(*a, **dict(kw))
+    return len(chunk)
+
+
+def precompile_decode(argv, procs: int):
+    """--precompile N: record the bench's compile calls in a subprocess (record_decode_compiles), then compile them
+    in N processes into the disk cache, so the bench itself only loads kernels. Objects are keyed by the target
+    arch, so every process here runs with CUTE_DSL_ARCH (sm_90a unless set)."""
+    import multiprocessing as mp
+    import pickle
+    import subprocess
+    import tempfile
+    t = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "calls.pkl")
+        rest = [a for i, a in enumerate(argv) if a != "--precompile" and (i == 0 or argv[i - 1] != "--precompile")]
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "decode", *rest, "--record-compiles", path])
+        if r.returncode or not os.path.exists(path):
+            print(f"precompile: recording failed (rc {r.returncode}); kernels compile on first use", flush=True)
+            return
+        with open(path, "rb") as fh:
+            calls = pickle.load(fh)
+    procs = max(1, min(procs, len(calls)))
+    chunks = [calls[i::procs] for i in range(procs)]
+    with mp.get_context("spawn").Pool(procs) as pool:
+        n = sum(pool.map(_compile_calls_worker, chunks))
+    print(f"precompile: {n} compile calls in {time.time() - t:.1f} s on {procs} processes", flush=True)
+
+
 @torch.inference_mode()
 def bench_decode(args):
     dev = torch.device("cuda")
@@ -972,17 +1075,10 @@ def bench_decode(args):
         graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
         graphs = {None: graph}           # the same step with one decode-path feature off, same run
-        for label, switches in DECODE_ABLATIONS:
-            saved = [getattr(mod, sw) for mod, sw, _ in switches]
-            try:
-                for mod, sw, off in switches:
-                    setattr(mod, sw, off)
-                model.decode_graphs.clear()
-                model.decode(tokens, pos)
-                graphs[label] = model.decode_graphs[B]
-            finally:
-                for (mod, sw, _), v in zip(switches, saved):
-                    setattr(mod, sw, v)
+        for label, switches in decode_ablations(args):
+            model.decode_graphs.clear()
+            _with_switches(switches, lambda: model.decode(tokens, pos))
+            graphs[label] = model.decode_graphs[B]
         times = {label: [] for label in graphs}      # interleaved rounds: clock / host drift hits every row alike
         for _ in range(DECODE_ROUNDS):
             for label, g in graphs.items():
@@ -1023,7 +1119,7 @@ def bench_decode(args):
               f"{n_k} kernels/step, GEMM-class {heavy_us / 1e3:.2f} ms, others {small_us / 1e3:.2f} ms", flush=True)
         for k, (cnt, us) in top:
             print(f"   {cnt:5d} x {us / max(cnt, 1):8.1f} us = {us / 1e3:7.3f} ms  {k}")
-    lin_rows = fp8_linear_table(model, copy_bw)
+    lin_rows = [] if args.no_linears else fp8_linear_table(model, copy_bw)
     if not args.no_baseline:
         torch_ops_baseline(model, args, results)
 
@@ -1088,6 +1184,12 @@ def parse_args(argv=None):
     p.add_argument("--eager-iters", type=int, default=5)
     p.add_argument("--no-baseline", action="store_true", help="skip the same step with the fused kernels off")
     p.add_argument("--trace", default="", help="write one graph replay per batch as a Chrome trace: TRACE.B<b>.json")
+    p.add_argument("--ablations", nargs="*", default=None,
+                   help="time only the ablations whose label contains one of these words (none: no ablation)")
+    p.add_argument("--no-linears", action="store_true", help="skip the FP8 linear table")
+    p.add_argument("--precompile", type=int, default=0,
+                   help="first compile the step's kernels in this many processes (precompile_decode)")
+    p.add_argument("--record-compiles", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 # ======================================================================================================================
@@ -1429,7 +1531,15 @@ if __name__ == "__main__":
     elif what == "moe-profile":
         profile_moe()
     elif what == "decode":
-        bench_decode(parse_args(sys.argv[2:]))
+        decode_args = parse_args(sys.argv[2:])
+        if decode_args.precompile or decode_args.record_compiles:
+            os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")     # the disk cache keys objects by target arch
+        if decode_args.record_compiles:
+            record_decode_compiles(decode_args, decode_args.record_compiles)
+        else:
+            if decode_args.precompile:
+                precompile_decode(sys.argv[2:], decode_args.precompile)
+            bench_decode(decode_args)
     elif what == "indexer":
         bench_indexer()
     elif what == "gemv":
