@@ -937,6 +937,7 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
     ("one stream (NANO_DSV4_BRANCHES=0)", ((dsv4, "DECODE_BRANCHES", False),)),
     ("glue kernels without PDL (kernels.GLUE_PDL)", ((K, "GLUE_PDL", False),)),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),
+    ("s7: MoE slot sum in its own MoeCombine launch (kernels.HC_FOLD_COMBINE off)", ((K, "HC_FOLD_COMBINE", False),)),
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 
@@ -1189,6 +1190,7 @@ def parse_args(argv=None):
     p.add_argument("--no-linears", action="store_true", help="skip the FP8 linear table")
     p.add_argument("--precompile", type=int, default=0,
                    help="first compile the step's kernels in this many processes (precompile_decode)")
+    p.add_argument("--precompile-only", action="store_true", help="with --precompile: compile, then exit")
     p.add_argument("--record-compiles", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1538,8 +1540,9 @@ if __name__ == "__main__":
             record_decode_compiles(decode_args, decode_args.record_compiles)
         else:
             if decode_args.precompile:
-                precompile_decode(sys.argv[2:], decode_args.precompile)
-            bench_decode(decode_args)
+                precompile_decode([a for a in sys.argv[2:] if a != "--precompile-only"], decode_args.precompile)
+            if not decode_args.precompile_only:
+                bench_decode(decode_args)
     elif what == "indexer":
         bench_indexer()
     elif what == "gemv":

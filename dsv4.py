@@ -1063,7 +1063,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, unsummed: bool = False):
         """-> routed + shared output [B,S,D]; unsummed (one rank): the pair (routed, shared) instead, for a consumer
-        that adds them itself (the next mHC site's kernel, kernels.HC_FOLD_ADD)."""
+        that adds them itself (the next mHC site's kernel, kernels.HC_FOLD_ADD); with kernels.HC_FOLD_COMBINE the
+        routed part may be kernels.RoutedSlots (the k slots not summed yet: that site sums them too)."""
         import kernels
         shape = x.shape
         x = x.flatten(0, 1)
@@ -1078,11 +1079,12 @@ class MoE(nn.Module):
             y = moe_gathered(x, ids, w, self.experts, self.limit)   # the reference syncs
         else:
             ready = kernels.router_ready(x.device) if signal else None
-            y = kernels.moe(x, ids, w, self.experts, self.limit, ready=ready)
+            y = kernels.moe(x, ids, w, self.experts, self.limit, ready=ready,
+                            slots=unsummed and kernels.HC_FOLD_COMBINE and self.par.size == 1)
         if self.par.size == 1:      # bf16 + bf16 adds in fp32 and rounds once, like (y.float() + s.float()).to(bf16)
             side.join()
             if unsummed:
-                return y.view(shape), s.view(shape)
+                return (y if isinstance(y, kernels.RoutedSlots) else y.view(shape)), s.view(shape)
             return (y + s).view(shape)
         y = y.float()                                              # partial sums meet in one fp32 all-reduce
         if self.split_shared:
@@ -1094,8 +1096,9 @@ class MoE(nn.Module):
 
 
 def summed(f):
-    """A sub-block output, or the pair (a, b) of bf16 parts a sub-block left unsummed (MoE.forward(unsummed=True))."""
-    return f[0] + f[1] if isinstance(f, tuple) else f
+    """A sub-block output, or the pair (a, b) of bf16 parts a sub-block left unsummed (MoE.forward(unsummed=True);
+    a may be kernels.RoutedSlots, summed first)."""
+    return kernels.routed_sum(f[0]).view(f[1].shape) + f[1] if isinstance(f, tuple) else f
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1127,7 +1130,8 @@ class Block(nn.Module):
                 out = (h.flatten(0, 1),) + kernels.hc_pre_fused(h.flatten(0, 1), *args, norm_weight=norm.weight)
             else:
                 f, post, comb = pending
-                f = tuple(t.flatten(0, 1) for t in f) if isinstance(f, tuple) else f.flatten(0, 1)
+                f = tuple(t if isinstance(t, kernels.RoutedSlots) else t.flatten(0, 1) for t in f) \
+                    if isinstance(f, tuple) else f.flatten(0, 1)
                 out = kernels.hc_post_pre_fused(f, h.flatten(0, 1), post.flatten(0, 1), comb.flatten(0, 1), *args,
                                                 norm_weight=norm.weight)
             return tuple(t.unflatten(0, (B, S)) for t in out)

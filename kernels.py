@@ -1264,10 +1264,34 @@ def _sm_count(device) -> int:
     return n
 
 
-def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None):
+@dataclass
+class RoutedSlots:
+    """The routed MoE's output before the sum over the k slots (moe(slots=True), decode sizes without a routing
+    kernel): rows [T*k, D] bf16, row t*k + j = slot j of token t, already weighted; ids [T*k] int32, the slot's
+    expert (a slot counts where 0 <= id < num_experts). The output y [T, D] is MoeCombine's sum of the counted rows
+    in slot order (routed_sum); the next mHC site's HcSiteCluster sums them itself (HC_FOLD_COMBINE)."""
+    rows: torch.Tensor
+    ids: torch.Tensor
+    top_k: int
+    num_experts: int
+
+
+def routed_sum(y):
+    """y as a [T, D] tensor: RoutedSlots summed by the MoeCombine kernel (what moe() returns without slots); a
+    tensor as it is."""
+    if not isinstance(y, RoutedSlots):
+        return y
+    T, D = y.rows.shape[0] // y.top_k, y.rows.shape[1]
+    out = torch.empty(T, D, dtype=y.rows.dtype, device=y.rows.device)
+    _compile_combine(y.top_k, D, USE_PDL, y.num_experts)(y.rows, y.ids, out)
+    return out
+
+
+def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None, slots: bool = False):
     """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
     Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order.
-    Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill)."""
+    Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill). slots: where
+    the fused launch runs without routing, RoutedSlots instead of y (the sum left to the consumer)."""
     if x.shape[0] >= PREFILL_MIN_TOKENS and prefill_unavailable_reason(x, experts) is None:
         if ready is not None:    # misuse (router_signal_ok said otherwise): drop the router's flag
             ready[1:3].zero_()
@@ -1306,6 +1330,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         _compile_moe_gemv_fused(*fused, top_k=k, early=ready is not None)(
             pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x.contiguous(), act, y_rows, dummy, a_gate, a_up,
             a_down, w32, limit, ids32, ids32, counters, dummy.view(-1) if ready is None else ready, y)
+        if slots:
+            return RoutedSlots(y_rows, ids32, k, E)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -1386,13 +1412,14 @@ def kernel_unavailable_reason(x, experts: Experts):
     return None
 
 
-def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None):
+def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None, slots: bool = False):
     """Routed MoE: the CuTe DSL kernel where it can run (sm_90 + CuTe DSL + fp4 experts), else the reference.
-    ready: router_ready(x.device) right after gate_decode(signal=True) (see router_signal_ok), else None."""
+    ready: router_ready(x.device) right after gate_decode(signal=True) (see router_signal_ok), else None.
+    slots: RoutedSlots where the kernel path can leave the sum over the k slots to the caller, else y [T, D]."""
     global _NOTICE_SHOWN
     reason = kernel_unavailable_reason(x, experts)
     if reason is None:
-        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, ready)
+        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, ready, slots)
     if ready is not None:
         raise ValueError("moe(ready=...): the fp4 kernel does not run for these inputs")
     if not _NOTICE_SHOWN:
@@ -3716,6 +3743,8 @@ HC_CLUSTER_MAX_TOKENS = 8
 HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
 HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
 HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside the next site's HcSiteCluster launch
+HC_FOLD_COMBINE = True  # ... and so does the sum over the k routed slots (no MoeCombine launch where the fused MoE runs
+                        # without routing: kernels.moe(slots=True) hands back RoutedSlots; session 7, same bits)
 HC_CLUSTER_MBAR = True  # HcSiteCluster's two DSMEM exchanges: st.async + mbarrier (True) or cluster barriers, whose
                         # release half is a GPU-scope memory barrier (MEMBAR.ALL.GPU in the SASS; H200: 0.9-2.2 us
                         # slower per site)
@@ -4281,8 +4310,11 @@ if HAVE_CUTE:
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
                      nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False,
-                     sinkhorn_loop: bool = True, mbar: bool = False, lanes: bool = False):
+                     sinkhorn_loop: bool = True, mbar: bool = False, lanes: bool = False, slots: tuple = ()):
             assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
+            # slots = (k, E): f is the MoE's unsummed routed rows [T*k, D] (RoutedSlots): f = MoeCombine's sum of
+            # token m's rows m*k + j whose id mIds[m*k + j] is in [0, E), j in order, fp32 from 0, one bf16 rounding
+            self.slots = tuple(slots) if fuse_post else ()
             self.sinkhorn_loop = sinkhorn_loop
             self.lanes = lanes and n * tok_block <= 32   # softmax rows + post over lanes (HC_SINKHORN_LANES)
             self.mbar = mbar            # DSMEM exchanges signalled by st.async + mbarriers instead of cluster barriers
@@ -4308,7 +4340,7 @@ if HAVE_CUTE:
         def __call__(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
                      mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                      mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
-                     mStamp: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
+                     mStamp: cute.Tensor, mIds: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
             @cute.struct
             class SharedStorage:
                 part: cute.struct.Align[cute.struct.MemRange[Float32, self.TB * self.groups * HC_SLOTS], 16]
@@ -4324,7 +4356,7 @@ if HAVE_CUTE:
             num_tokens = cute.size(mX, mode=[0])
             blocks = (num_tokens + self.TB - 1) // self.TB
             self.kernel(mH, mFn, mF, mF2, mPost, mComb, mHout, mScale, mBase, mW, mX, mPostOut, mCombOut, mStamp,
-                        eps, norm_eps).launch(grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1],
+                        mIds, eps, norm_eps).launch(grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1],
                                          cluster=[self.ctas, 1, 1], stream=stream, use_pdl=self.pdl)
 
         def _lane_butterfly(self, ss):
@@ -4385,7 +4417,7 @@ if HAVE_CUTE:
         def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
                    mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                    mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
-                   mStamp: cute.Tensor, eps: Float32, norm_eps: Float32):
+                   mStamp: cute.Tensor, mIds: cute.Tensor, eps: Float32, norm_eps: Float32):
             tidx, _, _ = cute.arch.thread_idx()
             c, mb, _ = cute.arch.block_idx()                   # c = rank in the cluster (cluster [C, 1, 1])
             warp = tidx // 32
@@ -4438,8 +4470,19 @@ if HAVE_CUTE:
                     if m < num_tokens:
                         for j in cutlass.range_constexpr(n):
                             hb[t * n + j] = mH[m, j * self.dim + col].to(Float32)
-                        if const_expr(self.fuse_post):
+                        if const_expr(self.slots):
+                            # MoeCombine: slots whose id is not in [0, E) add nothing (a +0.0 here: a sum that
+                            # starts at +0.0 never becomes -0.0, so adding +0.0 changes no bit)
+                            nk = self.slots[0]
+                            acc = Float32(0.0)
+                            for j in cutlass.range_constexpr(nk):
+                                e = mIds[m * nk + j]
+                                v = cutlass.select_(e >= 0, mF[m * nk + j, col].to(Float32), Float32(0.0))
+                                acc = _add_rn(acc, cutlass.select_(e < self.slots[1], v, Float32(0.0)))
+                            fb[t] = acc.to(BFloat16).to(Float32)
+                        elif const_expr(self.fuse_post):
                             fb[t] = mF[m, col].to(Float32)
+                        if const_expr(self.fuse_post):
                             if const_expr(self.add_f2):
                                 f2b[t] = mF2[m, col].to(Float32)
                             for e in cutlass.range_constexpr(n):
@@ -4657,7 +4700,8 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
 
 def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
                   pdl: bool | None = None, stamps: bool = False, add_f2: bool = False,
-                  sinkhorn_loop: bool | None = None, mbar: bool | None = None, lanes: bool | None = None):
+                  sinkhorn_loop: bool | None = None, mbar: bool | None = None, lanes: bool | None = None,
+                  slots: tuple = ()):
     pdl = HC_USE_PDL if pdl is None else pdl
     lanes = HC_SINKHORN_LANES if lanes is None else lanes
     loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
@@ -4674,11 +4718,13 @@ def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm:
                 _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 4), _fake_2d(BFloat16, m, dim, 2),
                 _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
+                cute.runtime.make_fake_compact_tensor(Int32, (cute.sym_int(),)),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, loop,
-                             mbar, lanes), args
+                             mbar, lanes, slots), args
     return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2,
-                             loop) + (("mbar",) if mbar else ()) + (("lanes",) if lanes else ()), build)
+                             loop) + (("mbar",) if mbar else ()) + (("lanes",) if lanes else ()) +
+                            (("slots",) + tuple(slots) if slots else ()), build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4733,15 +4779,28 @@ def _site_kernel(h2, fn, scale, base, n, iters, eps, norm_eps, post_args, norm_w
     tb = _site_tok_block(M)
     stamps = _stamp_row(dev, HC_STAMPS)
     f2 = post_args[4] if post_args is not None and len(post_args) > 4 else None
+    f = post_args[0] if post_args is not None else None
+    slots = isinstance(f, RoutedSlots)
     op = _compile_site(D, n, mix, iters, post_args is not None, norm, tb, HC_CLUSTER_NT, stamps=HC_STAMPS,
-                       add_f2=f2 is not None)
+                       add_f2=f2 is not None, slots=(f.top_k, f.num_experts) if slots else ())
+    ids = f.ids if slots else _unused_ids(dev)
     if post_args is None:       # h2 is the input; f / f2 / post / comb / hout only fill unused arguments
-        op(h2, fn, x, x, post, comb2, h2, scale, base, w, x, post, comb2, stamps, float(eps), float(norm_eps))
+        op(h2, fn, x, x, post, comb2, h2, scale, base, w, x, post, comb2, stamps, ids, float(eps), float(norm_eps))
     else:
-        f, res2, post_in, comb_in = post_args[:4]
-        op(res2, fn, f, f if f2 is None else f2, post_in, comb_in, h2, scale, base, w, x, post, comb2, stamps,
+        res2, post_in, comb_in = post_args[1:4]
+        f = f.rows if slots else f
+        op(res2, fn, f, f if f2 is None else f2, post_in, comb_in, h2, scale, base, w, x, post, comb2, stamps, ids,
            float(eps), float(norm_eps))
     return x, post, comb
+
+
+def _unused_ids(dev) -> torch.Tensor:
+    """HcSiteCluster's ids argument where f is not RoutedSlots (made once: a fill inside a graph capture would add
+    a kernel node)."""
+    t = _COUNTERS.get((dev, "site_ids"))
+    if t is None:
+        t = _COUNTERS[(dev, "site_ids")] = torch.full((1,), -1, dtype=torch.int32, device=dev)
+    return t
 
 
 def _site_cluster_takes(M: int, D: int, mix: int, head: bool) -> bool:
@@ -4824,13 +4883,15 @@ def hc_post_pre_fused(f, res, post, comb, fn, scale, base, n: int, iters: int, e
         if _site_cluster_takes(M, D, fn.shape[0], False) and hc_unavailable_reason(res) is None:
             f, f2 = f[0], f[1].reshape(M, D).contiguous()
         else:
-            f = f[0] + f[1]
+            f = routed_sum(f[0]).view(f[1].shape) + f[1]
+    f = routed_sum(f) if isinstance(f, RoutedSlots) and f2 is None else f     # RoutedSlots only with the pair
     if M > MAX_KERNEL_TOKENS or hc_unavailable_reason(res) is not None:
         h = hc_post_fused(f, res, post, comb)
         return (h,) + hc_pre_fused(h, fn, scale, base, n, iters, eps, norm_eps, norm_weight)
     h = torch.empty(M, n, D, dtype=res.dtype, device=res.device)
     x, post2, comb2 = _pre_kernels(h.view(M, n * D), fn, scale, base, n, iters, eps, norm_eps, False,
-                                   (f.reshape(M, D).contiguous(), res.reshape(M, n * D),
+                                   (f if isinstance(f, RoutedSlots) else f.reshape(M, D).contiguous(),
+                                    res.reshape(M, n * D),
                                     post.reshape(M, n).contiguous(), comb.reshape(M, n * n).contiguous())
                                    + ((f2,) if f2 is not None else ()), norm_weight)
     return h, x, post2, comb2

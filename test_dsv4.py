@@ -2140,7 +2140,8 @@ def torch_moe(monkeypatch):
     eager steps with the fp4 kernel, at Flash dims."""
     reference = K.moe
     monkeypatch.setattr(K, "kernel_unavailable_reason", lambda x, experts: "torch MoE in these tests")
-    monkeypatch.setattr(K, "moe", lambda x, *a, ready=None: (dsv4.moe_gathered if x.is_cuda else reference)(x, *a))
+    monkeypatch.setattr(K, "moe", lambda x, *a, ready=None, slots=False:
+                        (dsv4.moe_gathered if x.is_cuda else reference)(x, *a))
 
 
 @pytest.fixture(scope="module")
@@ -6387,6 +6388,57 @@ def test_moe_gemv_pair_tiles_flash_dims_and_graph_replay(monkeypatch):
     monkeypatch.setattr(K, "MOE_GEMV_PAIR", False)
     torch.cuda.synchronize()
     assert torch.equal(y_g, K.moe_fp4(x, ids2, w2, ex, 7.0))
+
+
+
+# ======================================================================================================================
+# Session 7 (helper fuse): small decode kernels folded into their neighbours (issue #5) — tests
+# ======================================================================================================================
+# HC_FOLD_COMBINE: the MoE's sum over its k routed slots (MoeCombine) inside the next mHC site's HcSiteCluster launch.
+
+def _no_routing_moe(monkeypatch):
+    """The routing-free fused MoE (the decode path whose slots the site can sum) at small dims, buffers poisoned."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    return _small("nvfp4")
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("T,routing", [(1, "random"), (2, "shared"), (3, "token_off"), (4, "duplicate"),
+                                       (6, "random")])
+def test_gpu_site_sums_the_routed_slots_like_moe_combine(T, routing, monkeypatch):
+    """moe(slots=True) hands back the k routed rows unsummed (RoutedSlots, no MoeCombine launch); routed_sum gives
+    moe's y bit for bit, and the next site's HcSiteCluster summing the slots itself (+ the shared add, + hc_post, +
+    hc_pre, + RMSNorm) gives the bits of the site fed y + shared: skipped ids (-1, E: poisoned rows) add nothing,
+    one and two tokens per cluster."""
+    ex = _no_routing_moe(monkeypatch)
+    D, E, k = 512, 16, 6
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(T, k, E, "random" if routing == "token_off" else routing, seed=70 + T)
+    if routing == "token_off":                    # token T//2 has no slot on this rank (ids -1 and E)
+        ids[T // 2, :] = -1
+        ids[T // 2, 0] = E
+    slots = K.moe(x, ids, w, ex, 7.0, slots=True)
+    assert isinstance(slots, K.RoutedSlots) and slots.rows.shape == (T * k, D)
+    y = K.moe(x, ids, w, ex, 7.0)
+    assert torch.is_tensor(y) and torch.equal(K.routed_sum(slots), y)
+    h, fn, scale, base, s = _inputs(T, D, seed=T + 3, device="cuda")
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    wn = _norm_weight(D, "cuda")
+    calls = _site_calls(monkeypatch)
+    new = K.hc_post_pre_fused((slots, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
+    assert calls == [T]
+    ref = K.hc_post_pre_fused((y, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
+    monkeypatch.setattr(K, "HC_SITE", "two")      # the session-5 kernels, torch's bf16 add
+    two = K.hc_post_pre_fused((slots, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
+    assert calls == [T, T]
+    for a, b, c in zip(new, ref, two):
+        assert torch.isfinite(a.float()).all() and torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(dsv4.summed((slots, s)), y + s)
 
 
 if __name__ == "__main__":
