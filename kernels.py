@@ -1672,6 +1672,14 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
     @dsl_user_op
+    def _ld_v2(addr: Int64, hint: str, *, loc=None, ip=None):
+        """8-byte global load -> 2 Int32 (hint: PTX qualifiers, e.g. '.cg')."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
+            f"ld.global{hint}.v2.b32 {{$0, $1}}, [$2];", "=r,=r,l", has_side_effects=True, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
     def _cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
         """16 bytes global -> shared, asynchronous (cp.async.cg: bypasses L1; 256-B L2 prefetch)."""
         _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
@@ -1842,12 +1850,21 @@ if HAVE_CUTE:
         than ~32 binades below their block's max lose bits, < 2^-30 of the block's largest product), the weight via
         the one f16 convert, mma.sync f16, as the FP8 path.
         Each (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101), so the products
-        stay fp32-normal, and the partial is multiplied back by 2^(bias - k), then by sw."""
+        stay fp32-normal, and the partial is multiplied back by 2^(bias - k), then by sw.
+        norm = (eps, bw, vec, slots) (FP8 path, S = 1 or cluster; GEMV_FOLD_NORM): x is RMSNorm(x) first, as the
+        RmsNorm kernel makes it (dsv4.RMSNorm: bf16(w * (x * rsqrt(mean(x^2) + eps)))): warp w sums the squares of
+        rows w, w + warps, .. over all K in torch_sum_layout(K, M) = (bw, vec, slots)'s order (bit-identical), 1/rms
+        per row in smem, and each quant task normalizes its values before quantizing them. mPart (unused with
+        S = 1 or a cluster) carries the norm weight, fp32 [1, 1, K]."""
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
-                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1):
+                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1,
+                     norm: tuple = ()):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
+            self.norm = tuple(norm)
+            assert not norm or (not (a16 or w16 or group_rows) and (k_splits == 1 or cluster) and norm[2] == 4
+                                and norm[1] % 32 == 0 and k_dim % (norm[1] * norm[2]) == 0)
             # k_warps KW > 1: the CTA's K slice is split over KW warps of each row group (split-K inside the CTA,
             # partials summed through shared memory in warp order): KW x fewer rows per CTA, no global partials
             self.KW = k_warps
@@ -1897,6 +1914,7 @@ if HAVE_CUTE:
                     Int32, (self.W * self.D * self.stage_bytes // 4) if self.cp_async else 4], 128]
                 red: cute.struct.Align[cute.struct.MemRange[
                     Float32, self.red_words], 16]
+                rn: cute.struct.MemRange[Float32, self.mpad if self.norm else 1]    # norm: 1/rms per token row
 
             self.shared_storage = SharedStorage
             n = cute.size(mW, mode=[0])
@@ -2001,9 +2019,20 @@ if HAVE_CUTE:
                     r = cutlass.min(bid_n * self.rows + rb * BLOCK, N - 1)
                     sW[rb, tidx % kbc] = _e8m0_to_f32(Int32(mS[r // BLOCK, kb0 + tidx % kbc]))
 
+            # ---- norm: 1/rms of the token rows (warp w: rows w, w + W, ..) -> smem, RmsNorm's operations
+            x_base = mX.iterator.toint()
+            sR = storage.rn.get_tensor(cute.make_layout(self.mpad if self.norm else 1))
+            if const_expr(self.norm):
+                for itn in cutlass.range_constexpr((mpad + self.W - 1) // self.W):
+                    row_n = warp + self.W * itn
+                    if row_n < M:
+                        sum_n = _torch_order_sum_bf16(x_base + Int64(row_n) * Kd * 2, lane, Kd, *self.norm[1:])
+                        if lane == 0:
+                            sR[row_n] = cute.math.rsqrt(_add(_mul(sum_n, _recip_f32(Kd)), _f32(self.norm[0])))
+                cute.arch.sync_threads()
+
             # ---- quantize this CTA's K slice of x: warp task (token tile j, k block kb); thread (g, t) takes
             # token 8j+g, k = 16t..16t+15 and 64+16t..64+16t+15 of the block (the same k its MMA fragments use)
-            x_base = mX.iterator.toint()
             n_tasks = self.n8 * kbc
             xv = cute.make_rmem_tensor((16,), Int32)
             for it in cutlass.range_constexpr((n_tasks + self.W - 1) // self.W):
@@ -2023,6 +2052,18 @@ if HAVE_CUTE:
                             v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
                             for i in cutlass.range_constexpr(4):
                                 xv[4 * c + i] = v[i]
+                        if const_expr(self.norm):                       # x <- bf16(w * (x * (1/rms)))
+                            rinv = sR[m]
+                            na = mPart.iterator.toint() + Int64((kb0 + kb) * BLOCK + 16 * t) * 4
+                            for c in cutlass.range_constexpr(4):
+                                wa = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64) * 4, ".nc")
+                                wb = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64 + 4) * 4, ".nc")
+                                wn = [wa[0], wa[1], wa[2], wa[3], wb[0], wb[1], wb[2], wb[3]]
+                                for i in cutlass.range_constexpr(4):
+                                    w = xv[4 * c + i]
+                                    lo = _mul(_bits_f32(wn[2 * i]), _mul(_bits_f32(w << 16), rinv))
+                                    hi = _mul(_bits_f32(wn[2 * i + 1]), _mul(_bits_f32(w & -65536), rinv))
+                                    xv[4 * c + i] = _bf16x2_from_f32(lo, hi)
                     if const_expr(self.fold):
                         # x * 2^k with k = clamp(227 - E(amax), 0, 127): the block max lands in [2^100, 2^101)
                         # (fold 3: k = clamp(142 - E, -112, 126), the max in [2^15, 2^16), then rounded to f16)
@@ -2239,15 +2280,15 @@ if HAVE_CUTE:
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1):
+                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1, norm: tuple = ()):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
         (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ()) + \
-        (("kw", k_warps) if k_warps > 1 else ())
+        (("kw", k_warps) if k_warps > 1 else ()) + (("norm",) + tuple(norm) if norm else ())
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
-                     fold, w16, k_warps)
+                     fold, w16, k_warps, norm)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
         mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         mk = cute.runtime.make_fake_compact_tensor
@@ -2295,11 +2336,28 @@ def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _gemv_takes(x, weight, torch.float8_e4m3fn)
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+GEMV_FOLD_NORM = True   # fp8_gemv(norm=...): the RMSNorm of x inside the GEMV's activation prologue (dsv4: q_norm
+                        # folded into wq_b / indexer wq_b, no RmsNorm launch; session 7, same bits); else RmsNorm first
+
+
+def gemv_norm_layout(K: int, M: int, config: dict):
+    """Fp8Gemv's norm argument order (bw, vec, slots) for x [M, K] under config, or None where the fold does not
+    apply (GEMV_FOLD_NORM off, a sum order the kernel does not mirror, global split-K partials in mPart)."""
+    layout = torch_sum_layout(K, M)
+    if not (GEMV_FOLD_NORM and layout is not None and layout[1] == 4 and TORCH_ORDER_SUMS):
+        return None
+    if config["k_splits"] > 1 and not config.get("cluster") or config.get("cp_async"):
+        return None
+    return layout
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None,
+             norm: tuple | None = None) -> torch.Tensor:
     """act_quant_fp8(x) x (weight * scale)^T for decode: x [..., K] bf16 (M = prod of leading dims <= 16),
     weight [N, K] float8_e4m3fn, scale [ceil(N/128), K/128] float8_e8m0fnu -> [..., N] bf16. One kernel launch,
     no host sync (CUDA-graph capturable). Semantics: fp8_gemv_reference. Raises ValueError for inputs it can't take
-    (check fp8_gemv_supported first)."""
+    (check fp8_gemv_supported first). norm = (weight fp32 [K], eps): of rms_norm_fused(x, *norm) instead of x, the
+    norm folded into the same launch where gemv_norm_layout allows (same bits), else a RmsNorm launch first."""
     Kd = x.shape[-1]
     N = weight.shape[0]
     M = math.prod(x.shape[:-1])
@@ -2317,6 +2375,13 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if dev not in _NUM_SMS:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev]))}   # config: benchmarks only
+    layout = gemv_norm_layout(Kd, M, cfg) if norm is not None else None
+    if norm is not None and layout is None:
+        x = rms_norm_fused(x, norm[0], norm[1])
+    elif layout is not None:
+        cfg["norm"] = (_f32(norm[1]),) + tuple(layout)
+        if cfg["warps"] == 8 and cfg["n8"] == 1 and not cfg.get("min_ctas"):
+            cfg["min_ctas"] = 2     # the norm's registers would drop 8-warp CTAs to 1 per SM (ptxas: 120 -> 136)
     fn = _compile_gemv(**cfg)
     rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
@@ -2324,7 +2389,12 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
         x2 = x2.clone()
     out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
-    if cfg["k_splits"] > 1 and not cfg.get("cluster"):
+    if layout is not None:                                           # the norm weight rides in the partials slot
+        w = norm[0]
+        if w.dtype != torch.float32 or w.shape != (Kd,) or not w.is_contiguous() or w.data_ptr() % 16:
+            w = w.float().contiguous().reshape(Kd).clone()
+        part = w.view(1, 1, Kd)
+    elif cfg["k_splits"] > 1 and not cfg.get("cluster"):
         part = torch.empty(cfg["k_splits"], M, row_ctas * rows, dtype=torch.float32, device=dev)
     else:
         part = _COUNTERS.get((dev, "unused"))
@@ -5254,6 +5324,31 @@ if HAVE_CUTE:
         for j in cutlass.range_constexpr(J):
             t = lane + 32 * j
             part[j] = _thread_sum(lambda k, i: srow[(t + k * bw) * vec + i, col], per, vec, slots)
+        for step in cutlass.range_constexpr(J.bit_length() - 1):     # shared-memory steps bw/2 .. 32
+            off = J >> (step + 1)
+            for j in cutlass.range_constexpr(off):
+                part[j] = _add(part[j], part[j + off])
+        s = part[0]
+        for o in (1, 2, 4, 8, 16):                               # shfl_down tree, lane 0's association
+            s = _add(s, cute.arch.shuffle_sync_bfly(s, offset=o))
+        return s
+
+    @cute.jit
+    def _torch_order_sum_bf16(row_addr, lane, n: int, bw: int, vec: int, slots: int):
+        """_torch_order_row_sum of the squares of the bf16 row at global address row_addr (n values, just written by
+        the previous kernel: L2 loads), vec = 4: lane l plays threads l, l + 32, .., loading their 4-value vectors
+        (8 bytes) straight into registers; every lane gets the sum."""
+        J = bw // 32
+        per = n // (vec * bw)
+        part = cute.make_rmem_tensor((J,), Float32)
+        for j in cutlass.range_constexpr(J):
+            sq = cute.make_rmem_tensor((per * vec,), Float32)
+            for k in cutlass.range_constexpr(per):
+                w = _ld_v2(row_addr + Int64((lane + 32 * j + k * bw) * vec * 2), ".cg")
+                for i in cutlass.range_constexpr(vec):
+                    x = _bits_f32(w[i // 2] << 16) if i % 2 == 0 else _bits_f32(w[i // 2] & -65536)
+                    sq[k * vec + i] = _mul(x, x)
+            part[j] = _thread_sum(lambda k, i: sq[k * vec + i], per, vec, slots)
         for step in cutlass.range_constexpr(J.bit_length() - 1):     # shared-memory steps bw/2 .. 32
             off = J >> (step + 1)
             for j in cutlass.range_constexpr(off):

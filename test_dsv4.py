@@ -6441,5 +6441,50 @@ def test_gpu_site_sums_the_routed_slots_like_moe_combine(T, routing, monkeypatch
     assert torch.equal(dsv4.summed((slots, s)), y + s)
 
 
+
+# GEMV_FOLD_NORM: the q latent's RMSNorm inside the wq_b / indexer wq_b GEMVs' activation prologue.
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(K, name)
+    monkeypatch.setattr(K, name, lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    return calls
+
+
+@gpu
+@pytest.mark.parametrize("N", [32768, 8192, 1536])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 16])
+def test_gpu_fp8_gemv_with_the_rms_norm_folded_gives_the_two_kernel_bits(N, M, monkeypatch):
+    """fp8_gemv(x, norm=(w, eps)) in one launch (the norm's sum of squares in RmsNorm's torch order per CTA) gives the
+    bits of RmsNorm + fp8_gemv: wq_b (8-warp CTAs), indexer wq_b (K over 4 warps of a CTA; at M = 16 a 4-CTA cluster),
+    a small N; x a column slice of a wider row (as qa of the merged wq_a|wkv output); rows of very different scale."""
+    Kd, eps = 1024, 1e-6
+    g = torch.Generator().manual_seed(N + M)
+    wide = torch.randn(M, Kd + 512, generator=g) * torch.logspace(-3, 2, M).unsqueeze(1)
+    x = wide.to("cuda", torch.bfloat16)[:, :Kd]
+    nw = (1 + 0.3 * torch.randn(Kd, generator=g)).to("cuda")
+    wq, ws = random_weight(N, Kd, seed=M, device="cuda")
+    norms = _spy(monkeypatch, "_compile_rms_norm")
+    fold = K.fp8_gemv(x, wq, ws, norm=(nw, eps))
+    assert not norms, "the norm ran as its own kernel"
+    two = K.fp8_gemv(K.rms_norm_fused(x, nw, eps), wq, ws)
+    assert norms
+    assert torch.isfinite(fold.float()).all() and torch.equal(fold, two)
+    monkeypatch.setattr(K, "GEMV_FOLD_NORM", False)
+    assert torch.equal(K.fp8_gemv(x, wq, ws, norm=(nw, eps)), two)
+    ref = K.fp8_gemv_reference(K.rms_norm_reference(x.cpu(), nw.cpu(), eps), wq.cpu(), ws.cpu())
+    assert ((fold.float().cpu() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def test_gemv_norm_layout_takes_only_configs_whose_partials_slot_is_free(monkeypatch):
+    """The fold needs torch's vec-4 order (K > 128) and mPart unused (one K slice or a cluster); off by switch."""
+    one = K.pick_gemv_config(32768, 1024, 1, 132)
+    assert K.gemv_norm_layout(1024, 1, one) == K.torch_sum_layout(1024, 1)
+    assert K.gemv_norm_layout(1024, 1, dict(one, k_splits=4, cluster=False)) is None
+    assert K.gemv_norm_layout(1024, 1, dict(one, k_splits=4, cluster=True)) is not None
+    assert K.gemv_norm_layout(128, 1, one) is None
+    monkeypatch.setattr(K, "GEMV_FOLD_NORM", False)
+    assert K.gemv_norm_layout(1024, 1, one) is None
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
