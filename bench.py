@@ -938,6 +938,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
     ("glue kernels without PDL (kernels.GLUE_PDL)", ((K, "GLUE_PDL", False),)),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),
     ("s7: MoE slot sum in its own MoeCombine launch (kernels.HC_FOLD_COMBINE off)", ((K, "HC_FOLD_COMBINE", False),)),
+    ("s7: q_norm as its own RmsNorm launch (kernels.GEMV_FOLD_NORM off)", ((K, "GEMV_FOLD_NORM", False),)),
+    ("s7: all session-7 folds off", ((K, "HC_FOLD_COMBINE", False), (K, "GEMV_FOLD_NORM", False))),
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 
@@ -1080,6 +1082,16 @@ def bench_decode(args):
             model.decode_graphs.clear()
             _with_switches(switches, lambda: model.decode(tokens, pos))
             graphs[label] = model.decode_graphs[B]
+        same = {}                                    # each ablation's logits vs the default step's (same state)
+        for label, g in graphs.items():
+            g.graph.replay()
+            torch.cuda.synchronize()
+            if label is None:
+                ref_logits = g.logits.clone()
+            else:
+                err = ((g.logits - ref_logits).norm() / ref_logits.norm()).item()
+                same[label] = ("same bits" if torch.equal(g.logits, ref_logits) else f"rel err {err:.1e}") + \
+                    f", {kernel_profile(g.graph.replay, args.layers)[0] / args.layers:.1f} kernels/layer"
         times = {label: [] for label in graphs}      # interleaved rounds: clock / host drift hits every row alike
         for _ in range(DECODE_ROUNDS):
             for label, g in graphs.items():
@@ -1110,7 +1122,7 @@ def bench_decode(args):
         if args.trace:
             trace_step(graph.graph.replay, f"{args.trace}.B{B}.json")
         results.append(dict(B=B, eager_ms=eager_ms, graph_ms=graph_ms, tail_ms=tail_ms, layer_ms=layer_ms,
-                            ablations=ablations,
+                            ablations=ablations, same=same,
                             floor_layer_ms=floor_layer_ms, layer_mb=sum(layers_b) / args.layers / 1e6,
                             full_ms=full_ms, full_floor_ms=full_floor_ms, touched=statistics.mean(touched),
                             kernels=n_k, heavy_us=heavy_us, small_us=small_us, top=top, tail_floor_ms=floor_tail_ms,
@@ -1141,7 +1153,8 @@ def bench_decode(args):
         for label, ms in r["ablations"].items():
             layer_ms = (ms - r["tail_ms"]) / args.layers
             print(f"B={r['B']} same step with {label} (same run): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
-                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor; on saves {ms - r['graph_ms']:.3f} ms/step")
+                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor; on saves {ms - r['graph_ms']:.3f} ms/step; "
+                  f"logits vs default: {r['same'][label]}")
     for r in results:
         if "torch_ms" in r:
             layer_ms = (r["torch_ms"] - r["tail_ms"]) / args.layers
