@@ -863,8 +863,10 @@ class Attention(nn.Module):
                 self.compressor.decode(x, pos, angles, None, ag)
         with Branch(x, on=self.indexer is not None, lane=2) as heads:
             head_w = self.indexer.weights_proj(x) if self.indexer is not None else None
+        # kernels.ATTN_FOLD_Q_NORM: q's per-head norm + RoPE inside the attention launch (q stays wq_b's raw output)
+        fold_q = fused(x) and kernels.attention_folds_q_norm(B, self.n_heads, self.head_dim)
         if fused(x):
-            iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B])
+            iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B], raw_q=fold_q)
         else:
             (iq, q, kv), attn_in = self._qkv(x, angles, pos), Branch(x, on=False)
             self.kv_window[:B].index_copy_(1, pos % W, kv)
@@ -879,7 +881,8 @@ class Attention(nn.Module):
             comp_kv = self.compressor.kv_cache[:B]
         if fused(q):                                                 # + the inverse RoPE of o, in its epilogue
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
-                                                self.head_dim ** -0.5, max(self.ratio, 1), angles=angles)
+                                                self.head_dim ** -0.5, max(self.ratio, 1), angles=angles,
+                                                q_norm_eps=self.cfg.rms_norm_eps if fold_q else None)
             return self._out(o, angles, pos, unroped=True)
         ring_pos = pos - (pos - torch.arange(W, device=x.device)) % W   # slot s: latest position <= pos, ≡ s mod W
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
@@ -914,11 +917,13 @@ class Attention(nn.Module):
             kv = torch.cat([act_quant(kv[..., :-self.cfg.rope_dim], 64), kv[..., -self.cfg.rope_dim:]], -1)
         return iq, q, kv
 
-    def _qkv_decode(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor):
+    def _qkv_decode(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
+                    raw_q: bool = False):
         """_qkv for the fused one-token step -> (iq, q, side): what only the attention reads is made on branch lane 1:
         the kv row (norm, RoPE, FP8 sim) straight into its slot of ring [B,W,hd] and, in CSA layers, the queries
         (wq_b, per-head norm + RoPE), which then overlap the indexer's chain (its own wq_b, query, scores, top-k).
-        q is ready after side.join()."""
+        q is ready after side.join(). raw_q: q is wq_b's output before its per-head norm + RoPE (the attention kernel
+        makes them: kernels.sparse_attention_decode(q_norm_eps=))."""
         eps, H, hd = self.cfg.rms_norm_eps, self.n_heads, self.head_dim
         qa, kv = self.wq_a_wkv(x)
         lins = (self.wq_b,) + ((self.indexer.wq_b,) if self.indexer is not None else ())
@@ -927,7 +932,8 @@ class Attention(nn.Module):
         qr = None if fold else self.q_norm(qa)
         norm = (self.q_norm.weight, self.q_norm.eps)
         proj = lambda lin: kernels.fp8_gemv(qa, lin.weight, lin.scale, norm=norm) if fold else lin(qr)  # noqa: E731
-        queries = lambda: kernels.q_norm_rope_fused(proj(self.wq_b).unflatten(-1, (H, hd)), angles, pos, eps)  # noqa: E731
+        queries = lambda: proj(self.wq_b).unflatten(-1, (H, hd)) if raw_q else \
+            kernels.q_norm_rope_fused(proj(self.wq_b).unflatten(-1, (H, hd)), angles, pos, eps)  # noqa: E731
         with Branch(x, lane=1) as side:
             side.hold(qa, kv, qr)
             kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim, ring=ring)

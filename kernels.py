@@ -7334,11 +7334,17 @@ if HAVE_CUTE:
           M = max(sink, m_s), w_s = exp(m_s - M), Z = exp(sink - M) + sum_s z_s w_s, o = sum_s w_s o_s (order s),
           times 1/Z, bf16; the last rope_dim columns rotated back; one 8-byte store. The exit cluster barrier is
           relaxed (it only keeps the shared memory alive for the peers' reads).
+        - q_norm = (eps, bw, vec, slots) (ATTN_FOLD_Q_NORM, rope_dim > 0): q is wq_b's raw output; the CTA makes
+          QNormRope's query in shared memory (per-head RMS in torch_sum_layout(hd, B*H)'s order, bf16, RoPE of the
+          last rope_dim dims at pos, bf16: bit-identical), while its first key rows are still in flight.
         Tried and dropped: TMA bulk row copies, copying the unchanged rows before the PDL wait, per-head combine
         weights, split dot products / accumulators, paired key tiles per warp (notes/decode.md, session 5)."""
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
-                     rope_dim: int = 0):
+                     rope_dim: int = 0, q_norm: tuple = ()):
+            self.qn, self.fold_q = tuple(q_norm), bool(q_norm)
+            assert not q_norm or (rope_dim > 0 and q_norm[2] == 4 and q_norm[1] % 32 == 0
+                                  and head_dim % (q_norm[1] * q_norm[2]) == 0)
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
@@ -7448,6 +7454,45 @@ if HAVE_CUTE:
                             ang = mAng[p_ang, (a_col - (self.hd - self.rd)) // 2 + k2]
                             cs[4 * i + 2 * k2] = cute.math.cos(ang)
                             cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
+
+        @cute.jit
+        def q_norm_rope(self, sQ, mAng, pos, warp, lane):
+            """QNormRope of the group's 16 query rows in place in sQ (bf16 pairs): warp w takes rows w, w + 8."""
+            bw, vec, slots = self.qn[1:]
+            J, per = bw // 32, self.hd // (vec * bw)
+            half = (self.hd - self.rd) // 2                       # first word (pair) of the rope dims
+            p_ang = cutlass.max(pos, Int32(0))
+            for hh in cutlass.range_constexpr(HEAD_TILE // (self.threads // 32)):
+                hr = warp + (self.threads // 32) * hh
+                part = cute.make_rmem_tensor((J,), Float32)
+                for j in cutlass.range_constexpr(J):
+                    sq = cute.make_rmem_tensor((per * vec,), Float32)
+                    for k in cutlass.range_constexpr(per):
+                        for i2 in cutlass.range_constexpr(vec // 2):
+                            w = sQ[hr, (lane + 32 * j + k * bw) * (vec // 2) + i2]
+                            lo = _bits_f32(w << 16)
+                            hi = _bits_f32(w & -65536)
+                            sq[k * vec + 2 * i2] = _mul(lo, lo)
+                            sq[k * vec + 2 * i2 + 1] = _mul(hi, hi)
+                    part[j] = _thread_sum(lambda k, i: sq[k * vec + i], per, vec, slots)
+                for step in cutlass.range_constexpr(J.bit_length() - 1):
+                    off = J >> (step + 1)
+                    for j in cutlass.range_constexpr(off):
+                        part[j] = _add(part[j], part[j + off])
+                ssum = part[0]
+                for o in (1, 2, 4, 8, 16):
+                    ssum = _add(ssum, cute.arch.shuffle_sync_bfly(ssum, offset=o))
+                rinv = cute.math.rsqrt(_add(_mul(ssum, _recip_f32(self.hd)), _f32(self.qn[0])))
+                for u in cutlass.range_constexpr(self.words // 32):
+                    wi = lane + 32 * u
+                    w = sQ[hr, wi]
+                    lo = _mul(_bits_f32(w << 16), rinv).to(BFloat16).to(Float32)
+                    hi = _mul(_bits_f32(w & -65536), rinv).to(BFloat16).to(Float32)
+                    if wi >= half:
+                        a, b = _rotate(lo, hi, mAng[p_ang, cutlass.max(wi - half, 0)], False)
+                        lo = a
+                        hi = b
+                    sQ[hr, wi] = _bf16x2_from_f32(lo, hi)
 
         @cute.jit
         def qk_dot(self, sQ, sK, j, lane, nt: int = 1):
@@ -7579,6 +7624,11 @@ if HAVE_CUTE:
                     nbytes = Int32(16)
                 cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
             cute.arch.cp_async_commit_group()
+            if const_expr(self.fold_q and self.n_ch > 1):           # q_norm folded, several passes: before the first
+                cute.arch.cp_async_wait_group(0)
+                cute.arch.sync_threads()
+                self.q_norm_rope(sQ, mAng, pos, warp, lane)
+                cute.arch.sync_threads()
 
             hh = tidx // 16                     # softmax: head hh, key pairs part, part + 16, ..
             part = tidx % 16
@@ -7598,6 +7648,10 @@ if HAVE_CUTE:
                                    k_picks, n_win, W, Tc)
                     if const_expr(not GLUE_PDL and self.n_ch == 1):
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
+                    if const_expr(self.fold_q and self.n_ch == 1):       # q_norm folded: q (the first group) has
+                        cute.arch.cp_async_wait_group(1)             # landed; normalize it while the keys load
+                        cute.arch.sync_threads()
+                        self.q_norm_rope(sQ, mAng, pos, warp, lane)
                     cute.arch.cp_async_wait_group(0)
                     cute.arch.sync_threads()
 
@@ -8563,11 +8617,12 @@ def attention_wide_batch_plan(B: int, H: int, window: int, n_comp: int, num_sms:
 
 
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
-                            rope_dim: int = 0):
+                            rope_dim: int = 0, q_norm: tuple = ()):
     def build():
         args = _attention_fake_args(head_dim)
-        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim), args
-    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim), build)
+        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, q_norm), args
+    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim) +
+                            (("qnorm",) + tuple(q_norm) if q_norm else ()), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
@@ -8667,15 +8722,34 @@ def attention_unavailable_reason(q, window_kv, comp_kv=None) -> str | None:
     return reason
 
 
-def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None):
+ATTN_FOLD_Q_NORM = True   # sparse_attention_decode(q_norm_eps=): QNormRope of the query inside the wide attention
+                          # kernel (dsv4: no QNormRope launch at batch <= ATTN_WIDE_MAX_BATCH; session 7, same bits)
+
+
+def attention_folds_q_norm(B: int, H: int, hd: int) -> bool:
+    """sparse_attention_decode(q_norm_eps=...) makes the query inside the attention launch for this batch (else it
+    launches QNormRope first)."""
+    lay = torch_sum_layout(hd, B * H) if TORCH_ORDER_SUMS else None
+    return (ATTN_FOLD_Q_NORM and ATTN_WIDE and ATTN_CLUSTER and B <= ATTN_WIDE_MAX_BATCH and lay is not None
+            and lay[1] == 4 and lay[0] % 32 == 0 and hd % (lay[0] * lay[1]) == 0)
+
+
+def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None,
+                            q_norm_eps: float | None = None):
     """dsv4.sparse_attention for one query per sequence (signature and semantics of
     sparse_attention_decode_reference) in one CuTe DSL kernel; the reference where the kernel cannot run. angles
     (the RoPE table [P, rd/2]): also undo the RoPE of the output's last rd dims at pos, i.e. return
-    rope_inverse_fused(out, angles, pos) (in the kernel's epilogue: one launch less)."""
+    rope_inverse_fused(out, angles, pos) (in the kernel's epilogue: one launch less). q_norm_eps (with angles): q
+    is the raw query projection; the attention takes q_norm_rope_fused(q, angles, pos, q_norm_eps), made inside
+    the wide kernel where attention_folds_q_norm (same bits), else by a QNormRope launch first."""
+    B, _, H, hd = q.shape
+    fold_q = q_norm_eps is not None and angles is not None and attention_folds_q_norm(B, H, hd) and \
+        attention_unavailable_reason(q, window_kv, comp_kv) is None
+    if q_norm_eps is not None and not fold_q:
+        q = q_norm_rope_fused(q, angles, pos, q_norm_eps)
     if attention_unavailable_reason(q, window_kv, comp_kv) is not None:
         out = sparse_attention_decode_reference(q, window_kv, comp_kv, comp_idx, pos, sink, scale, ratio)
         return out if angles is None else rope_inverse_fused(out, angles, pos)
-    B, _, H, hd = q.shape
     W = window_kv.shape[1]
     if comp_kv is None:
         mode, n_comp, comp_kv = "window", 0, window_kv
@@ -8694,7 +8768,8 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
         splits, chunk, per = attention_wide_batch_plan(B, H, W, n_comp, _NUM_SMS[dev])
         rd = 0 if angles is None else 2 * angles.shape[-1]
         ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
-        _compile_attention_wide(hd, mode, splits, chunk, per, rd)(
+        qn = (_f32(q_norm_eps),) + torch_sum_layout(hd, B * H) if fold_q else ()
+        _compile_attention_wide(hd, mode, splits, chunk, per, rd, qn)(
             words(q), words(window_kv), words(comp_kv), idx, pos, sink.detach().float(), out.view(B, H, hd),
             ang, float(scale), int(max(ratio, 1)))
         return out

@@ -6486,5 +6486,52 @@ def test_gemv_norm_layout_takes_only_configs_whose_partials_slot_is_free(monkeyp
     assert K.gemv_norm_layout(1024, 1, one) is None
 
 
+
+# ATTN_FOLD_Q_NORM: QNormRope of the query inside the wide attention kernel.
+QNORM_CASES = [(1, 64, 512, 128, 512, "hca", 1000), (1, 64, 512, 128, 512, "hca", 70),
+               (1, 64, 512, 128, 16384, "csa", 1000), (2, 64, 512, 128, 512, "csa", 9),
+               (2, 64, 512, 128, 0, "window", 200), (1, 64, 512, 128, 8192, "hca", 1000000),
+               (3, 64, 512, 128, 512, "hca", 16000)]
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", QNORM_CASES)
+def test_gpu_attention_makes_the_query_like_the_qnormrope_kernel(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    """sparse_attention_decode(q_norm_eps=) on wq_b's raw output: batch <= 2 in one launch (the wide kernel makes
+    QNormRope's query in shared memory, while the keys load; several passes at pos 1e6), batch 3 through a
+    QNormRope launch first; both give the bits of QNormRope + the attention."""
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    g = torch.Generator().manual_seed(pos)
+    raw = (args[0].float().cpu() * torch.exp(torch.randn(B, 1, H, 1, generator=g) * 2)).to(torch.bfloat16).cuda()
+    angles = torch.rand(max(pos, 1) + 7, 32, device="cuda") * 6.3
+    eps = 1e-6
+    qnr = _spy(monkeypatch, "_compile_q_norm_rope")
+    want = K.sparse_attention_decode(K.q_norm_rope_fused(raw, angles, args[4], eps), *args[1:], angles=angles)
+    assert len(qnr) == 1
+    got = K.sparse_attention_decode(raw, *args[1:], angles=angles, q_norm_eps=eps)
+    assert len(qnr) == (1 if B <= K.ATTN_WIDE_MAX_BATCH else 2), "QNormRope launched (or not) unexpectedly"
+    assert torch.isfinite(got.float()).all() and torch.equal(got, want)
+    monkeypatch.setattr(K, "ATTN_FOLD_Q_NORM", False)
+    assert torch.equal(K.sparse_attention_decode(raw, *args[1:], angles=angles, q_norm_eps=eps), want)
+
+
+
+S7_FOLDS = ("HC_FOLD_COMBINE", "GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM")
+
+
+@gpu
+def test_gpu_decode_with_the_session7_folds_gives_the_unfolded_logits(gpu_checkpoints, monkeypatch):
+    """The whole decode step (graph, batch 2, 12 steps) with the session-7 switches on and off gives the same logits
+    (the tiny dims take each fold's fallback: K = 128 norms, no routing-free fused MoE; Flash dims: bench.py decode
+    compares every ablation's logits with the default step's)."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(5)).cuda()
+    path = gpu_checkpoints["fp8"]
+    on = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    for name in S7_FOLDS:
+        monkeypatch.setattr(K, name, False)
+    off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
