@@ -2340,6 +2340,18 @@ GEMV_FOLD_NORM = True   # fp8_gemv(norm=...): the RMSNorm of x inside the GEMV's
                         # folded into wq_b / indexer wq_b, no RmsNorm launch; session 7, same bits); else RmsNorm first
 
 
+def fold_norm_config(config: dict, K: int, M: int, eps: float) -> dict | None:
+    """config with x's RMSNorm folded in (Fp8Gemv norm=; 8-warp CTAs held at 2 per SM: the norm's registers would
+    drop them to 1, ptxas 120 -> 136), or None where gemv_norm_layout says no."""
+    layout = gemv_norm_layout(K, M, config)
+    if layout is None:
+        return None
+    cfg = dict(config, norm=(_f32(eps),) + tuple(layout))
+    if cfg["warps"] == 8 and cfg["n8"] == 1 and not cfg.get("min_ctas"):
+        cfg["min_ctas"] = 2
+    return cfg
+
+
 def gemv_norm_layout(K: int, M: int, config: dict):
     """Fp8Gemv's norm argument order (bw, vec, slots) for x [M, K] under config, or None where the fold does not
     apply (GEMV_FOLD_NORM off, a sum order the kernel does not mirror, global split-K partials in mPart)."""
@@ -2375,13 +2387,10 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if dev not in _NUM_SMS:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev]))}   # config: benchmarks only
-    layout = gemv_norm_layout(Kd, M, cfg) if norm is not None else None
-    if norm is not None and layout is None:
+    folded = fold_norm_config(cfg, Kd, M, norm[1]) if norm is not None else None
+    if norm is not None and folded is None:
         x = rms_norm_fused(x, norm[0], norm[1])
-    elif layout is not None:
-        cfg["norm"] = (_f32(norm[1]),) + tuple(layout)
-        if cfg["warps"] == 8 and cfg["n8"] == 1 and not cfg.get("min_ctas"):
-            cfg["min_ctas"] = 2     # the norm's registers would drop 8-warp CTAs to 1 per SM (ptxas: 120 -> 136)
+    cfg = folded or cfg
     fn = _compile_gemv(**cfg)
     rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
@@ -2389,7 +2398,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
         x2 = x2.clone()
     out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
-    if layout is not None:                                           # the norm weight rides in the partials slot
+    if folded is not None:                                           # the norm weight rides in the partials slot
         w = norm[0]
         if w.dtype != torch.float32 or w.shape != (Kd,) or not w.is_contiguous() or w.data_ptr() % 16:
             w = w.float().contiguous().reshape(Kd).clone()

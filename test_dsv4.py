@@ -6533,5 +6533,46 @@ def test_gpu_decode_with_the_session7_folds_gives_the_unfolded_logits(gpu_checkp
     assert torch.isfinite(on).all() and torch.equal(on, off)
 
 
+
+COMPILE_S7_FOLDS = """
+import glob, os, sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+dump = os.environ["CUTE_DSL_DUMP_DIR"]
+def keep(tag):                                  # one PTX file name per kernel class: keep each config's
+    for ptx in glob.glob(os.path.join(dump, "cutlass*.ptx")):
+        os.replace(ptx, os.path.join(dump, tag + ".ptx"))
+for N, M in ((32768, 1), (32768, 8), (8192, 1), (8192, 16)):
+    K._compile_gemv(**K.fold_norm_config(dict(K.pick_gemv_config(N, 1024, M, 132), pdl=True), 1024, M, 1e-6))
+    keep(f"gemv_{N}_{M}")
+for tb in (1, 2):
+    K._compile_site(4096, 4, 24, 20, True, True, tb, 8, add_f2=True, slots=(6, 256))
+    keep(f"site_{tb}")
+for mode, n, B in (("hca", 32, 1), ("csa", 512, 2), ("hca", 8192, 1)):
+    plan = K.attention_wide_batch_plan(B, 64, 128, n, 132)
+    K._compile_attention_wide(512, mode, *plan, 64, (K._f32(1e-6),) + K.torch_sum_layout(512, 64 * B))
+    keep(f"attn_{mode}_{n}")
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_session7_fold_kernels_compile_for_sm90a_without_spills(tmp_path):
+    """The folded variants at Flash dims compile for sm_90a without a GPU: the GEMV with the q_norm (wq_b M 1 / 8,
+    indexer wq_b M 1 / 16: 4-warp K split, 4-CTA cluster), the site summing 6 routed slots (1 and 2 tokens per
+    cluster), the wide attention making its query (HCA, CSA batch 2, HCA in several passes); where ptxas is
+    installed, none spills and the 8-warp GEMV stays within 128 registers (2 CTAs per SM, as without the norm)."""
+    dump = _compile_for_sm90a(COMPILE_S7_FOLDS, tmp_path)
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 9
+    ptxas = shutil.which("ptxas")
+    ptxs = sorted(dump.glob("*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    assert len(ptxs) == 9
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, ptx.name
+        if ptx.name.startswith("gemv_32768"):
+            assert int(re.search(r"Used (\d+) registers", rep.stderr).group(1)) <= 128, ptx.name
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
