@@ -939,6 +939,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),
     ("s7: MoE slot sum in its own MoeCombine launch (kernels.HC_FOLD_COMBINE off)", ((K, "HC_FOLD_COMBINE", False),)),
     ("s7: q_norm as its own RmsNorm launch (kernels.GEMV_FOLD_NORM off)", ((K, "GEMV_FOLD_NORM", False),)),
+    ("s7: q_norm folded, its weights from global memory after the sums (kernels.GEMV_NORM_EARLY off)",
+     ((K, "GEMV_NORM_EARLY", False),)),
     ("s7: q per-head norm + RoPE as its own QNormRope launch (kernels.ATTN_FOLD_Q_NORM off)",
      ((K, "ATTN_FOLD_Q_NORM", False),)),
     ("s7: all session-7 folds off",

@@ -1860,9 +1860,13 @@ if HAVE_CUTE:
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
                      a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1,
-                     norm: tuple = ()):
+                     norm: tuple = (), norm_early: bool = False):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
             self.norm = tuple(norm)
+            # norm_early: the norm weights go to shared memory by cp.async before the PDL wait (no registers), and
+            # a warp's first quant task loads its x values together with the norm's row sums (one L2 round trip
+            # less on the way to the main loop)
+            self.norm_early = bool(norm) and norm_early
             assert not norm or (not (a16 or w16 or group_rows) and (k_splits == 1 or cluster) and norm[2] == 4
                                 and norm[1] % 32 == 0 and k_dim % (norm[1] * norm[2]) == 0)
             # k_warps KW > 1: the CTA's K slice is split over KW warps of each row group (split-K inside the CTA,
@@ -1915,6 +1919,7 @@ if HAVE_CUTE:
                 red: cute.struct.Align[cute.struct.MemRange[
                     Float32, self.red_words], 16]
                 rn: cute.struct.MemRange[Float32, self.mpad if self.norm else 1]    # norm: 1/rms per token row
+                nw: cute.struct.Align[cute.struct.MemRange[Float32, self.K if self.norm_early else 4], 16]
 
             self.shared_storage = SharedStorage
             n = cute.size(mW, mode=[0])
@@ -2005,6 +2010,15 @@ if HAVE_CUTE:
 
             for kb in cutlass.range_constexpr(self.D):
                 load_stage(kb, kb)
+            n_tasks = self.n8 * kbc
+            xv0 = cute.make_rmem_tensor((16,), Int32)           # norm_early: x values of the warp's first task
+            nw_smem = storage.nw.data_ptr().toint()
+            if const_expr(self.norm_early):                     # the norm weight [K] fp32 -> smem (constant)
+                for i in cutlass.range_constexpr((self.K // 4 + self.threads - 1) // self.threads):
+                    piece = tidx + self.threads * i
+                    if piece < self.K // 4:
+                        _cp_async_16(nw_smem + piece * 16, mPart.iterator.toint() + Int64(piece) * 16)
+                _cp_async_commit()
             if const_expr(self.pdl):
                 # weights and scales are constant; x (and the memory we write) belong to the previous kernels.
                 # (A branch ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -2022,6 +2036,16 @@ if HAVE_CUTE:
             # ---- norm: 1/rms of the token rows (warp w: rows w, w + W, ..) -> smem, RmsNorm's operations
             x_base = mX.iterator.toint()
             sR = storage.rn.get_tensor(cute.make_layout(self.mpad if self.norm else 1))
+            if const_expr(self.norm_early):
+                xv0.fill(0)
+                if warp < n_tasks:
+                    row0 = 8 * (warp // kbc) + g
+                    if row0 < M:
+                        xa0 = x_base + (Int64(row0) * Kd + Int64((kb0 + warp % kbc) * BLOCK + 16 * t)) * 2
+                        for c in cutlass.range_constexpr(4):
+                            v = _ld_v4(xa0 + (c % 2) * 16 + (c // 2) * 128, ".cg")
+                            for i in cutlass.range_constexpr(4):
+                                xv0[4 * c + i] = v[i]
             if const_expr(self.norm):
                 for itn in cutlass.range_constexpr((mpad + self.W - 1) // self.W):
                     row_n = warp + self.W * itn
@@ -2029,11 +2053,12 @@ if HAVE_CUTE:
                         sum_n = _torch_order_sum_bf16(x_base + Int64(row_n) * Kd * 2, lane, Kd, *self.norm[1:])
                         if lane == 0:
                             sR[row_n] = cute.math.rsqrt(_add(_mul(sum_n, _recip_f32(Kd)), _f32(self.norm[0])))
+                if const_expr(self.norm_early):
+                    _cp_async_wait(0)                           # this thread's norm weight pieces
                 cute.arch.sync_threads()
 
             # ---- quantize this CTA's K slice of x: warp task (token tile j, k block kb); thread (g, t) takes
             # token 8j+g, k = 16t..16t+15 and 64+16t..64+16t+15 of the block (the same k its MMA fragments use)
-            n_tasks = self.n8 * kbc
             xv = cute.make_rmem_tensor((16,), Int32)
             for it in cutlass.range_constexpr((n_tasks + self.W - 1) // self.W):
                 task = warp + self.W * it
@@ -2048,16 +2073,25 @@ if HAVE_CUTE:
                         if const_expr(self.group_rows):                 # this CTA's group: x row m * G + group
                             xrow = Int64(m) * (N // self.group_rows) + (bid_n * self.rows) // self.group_rows
                         xa = x_base + (xrow * Kd + Int64((kb0 + kb) * BLOCK + 16 * t)) * 2
-                        for c in cutlass.range_constexpr(4):
-                            v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
-                            for i in cutlass.range_constexpr(4):
-                                xv[4 * c + i] = v[i]
+                        if const_expr(self.norm_early and it == 0):    # loaded before the norm's sums
+                            for i in cutlass.range_constexpr(16):
+                                xv[i] = xv0[i]
+                        else:
+                            for c in cutlass.range_constexpr(4):
+                                v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
+                                for i in cutlass.range_constexpr(4):
+                                    xv[4 * c + i] = v[i]
                         if const_expr(self.norm):                       # x <- bf16(w * (x * (1/rms)))
                             rinv = sR[m]
                             na = mPart.iterator.toint() + Int64((kb0 + kb) * BLOCK + 16 * t) * 4
+                            ns = nw_smem + ((kb0 + kb) * BLOCK + 16 * t) * 4
                             for c in cutlass.range_constexpr(4):
-                                wa = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64) * 4, ".nc")
-                                wb = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64 + 4) * 4, ".nc")
+                                if const_expr(self.norm_early):
+                                    wa = _lds_v4(ns + ((c % 2) * 8 + (c // 2) * 64) * 4)
+                                    wb = _lds_v4(ns + ((c % 2) * 8 + (c // 2) * 64 + 4) * 4)
+                                else:
+                                    wa = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64) * 4, ".nc")
+                                    wb = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64 + 4) * 4, ".nc")
                                 wn = [wa[0], wa[1], wa[2], wa[3], wb[0], wb[1], wb[2], wb[3]]
                                 for i in cutlass.range_constexpr(4):
                                     w = xv[4 * c + i]
@@ -2280,15 +2314,17 @@ if HAVE_CUTE:
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1, norm: tuple = ()):
+                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1, norm: tuple = (),
+                  norm_early: bool = False):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
         (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ()) + \
-        (("kw", k_warps) if k_warps > 1 else ()) + (("norm",) + tuple(norm) if norm else ())
+        (("kw", k_warps) if k_warps > 1 else ()) + (("norm",) + tuple(norm) if norm else ()) + \
+        (("early",) if norm and norm_early else ())
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
-                     fold, w16, k_warps, norm)
+                     fold, w16, k_warps, norm, norm_early)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
         mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         mk = cute.runtime.make_fake_compact_tensor
@@ -2338,6 +2374,8 @@ def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 GEMV_FOLD_NORM = True   # fp8_gemv(norm=...): the RMSNorm of x inside the GEMV's activation prologue (dsv4: q_norm
                         # folded into wq_b / indexer wq_b, no RmsNorm launch; session 7, same bits); else RmsNorm first
+GEMV_NORM_EARLY = True  # ... its first quant task's norm weights before the PDL wait, x with the norm's sums (Fp8Gemv
+                        # norm_early; same bits)
 
 
 def fold_norm_config(config: dict, K: int, M: int, eps: float) -> dict | None:
@@ -2346,7 +2384,7 @@ def fold_norm_config(config: dict, K: int, M: int, eps: float) -> dict | None:
     layout = gemv_norm_layout(K, M, config)
     if layout is None:
         return None
-    cfg = dict(config, norm=(_f32(eps),) + tuple(layout))
+    cfg = dict(config, norm=(_f32(eps),) + tuple(layout), norm_early=GEMV_NORM_EARLY)
     if cfg["warps"] == 8 and cfg["n8"] == 1 and not cfg.get("min_ctas"):
         cfg["min_ctas"] = 2
     return cfg

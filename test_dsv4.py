@@ -6454,8 +6454,9 @@ def _spy(monkeypatch, name):
 @pytest.mark.parametrize("N", [32768, 8192, 1536])
 @pytest.mark.parametrize("M", [1, 2, 5, 8, 16])
 def test_gpu_fp8_gemv_with_the_rms_norm_folded_gives_the_two_kernel_bits(N, M, monkeypatch):
-    """fp8_gemv(x, norm=(w, eps)) in one launch (the norm's sum of squares in RmsNorm's torch order per CTA) gives the
-    bits of RmsNorm + fp8_gemv: wq_b (8-warp CTAs), indexer wq_b (K over 4 warps of a CTA; at M = 16 a 4-CTA cluster),
+    """fp8_gemv(x, norm=(w, eps)) in one launch (the norm's sum of squares in RmsNorm's torch order per CTA; norm
+    weights through smem before the PDL wait or from global memory, GEMV_NORM_EARLY) gives the bits of RmsNorm +
+    fp8_gemv: wq_b (8-warp CTAs), indexer wq_b (K over 4 warps of a CTA; at M = 16 a 4-CTA cluster),
     a small N; x a column slice of a wider row (as qa of the merged wq_a|wkv output); rows of very different scale."""
     Kd, eps = 1024, 1e-6
     g = torch.Generator().manual_seed(N + M)
@@ -6465,10 +6466,12 @@ def test_gpu_fp8_gemv_with_the_rms_norm_folded_gives_the_two_kernel_bits(N, M, m
     wq, ws = random_weight(N, Kd, seed=M, device="cuda")
     norms = _spy(monkeypatch, "_compile_rms_norm")
     fold = K.fp8_gemv(x, wq, ws, norm=(nw, eps))
+    monkeypatch.setattr(K, "GEMV_NORM_EARLY", False)           # the norm weights from global memory, x after the sums
+    late = K.fp8_gemv(x, wq, ws, norm=(nw, eps))
     assert not norms, "the norm ran as its own kernel"
     two = K.fp8_gemv(K.rms_norm_fused(x, nw, eps), wq, ws)
     assert norms
-    assert torch.isfinite(fold.float()).all() and torch.equal(fold, two)
+    assert torch.isfinite(fold.float()).all() and torch.equal(fold, two) and torch.equal(late, two)
     monkeypatch.setattr(K, "GEMV_FOLD_NORM", False)
     assert torch.equal(K.fp8_gemv(x, wq, ws, norm=(nw, eps)), two)
     ref = K.fp8_gemv_reference(K.rms_norm_reference(x.cpu(), nw.cpu(), eps), wq.cpu(), ws.cpu())
@@ -6541,9 +6544,10 @@ dump = os.environ["CUTE_DSL_DUMP_DIR"]
 def keep(tag):                                  # one PTX file name per kernel class: keep each config's
     for ptx in glob.glob(os.path.join(dump, "cutlass*.ptx")):
         os.replace(ptx, os.path.join(dump, tag + ".ptx"))
-for N, M in ((32768, 1), (32768, 8), (8192, 1), (8192, 16)):
+for N, M, early in ((32768, 1, True), (32768, 8, True), (8192, 1, True), (8192, 16, True), (32768, 1, False)):
+    K.GEMV_NORM_EARLY = early
     K._compile_gemv(**K.fold_norm_config(dict(K.pick_gemv_config(N, 1024, M, 132), pdl=True), 1024, M, 1e-6))
-    keep(f"gemv_{N}_{M}")
+    keep(f"gemv_{N}_{M}_{early}")
 for tb in (1, 2):
     K._compile_site(4096, 4, 24, 20, True, True, tb, 8, add_f2=True, slots=(6, 256))
     keep(f"site_{tb}")
@@ -6557,16 +6561,16 @@ for mode, n, B in (("hca", 32, 1), ("csa", 512, 2), ("hca", 8192, 1)):
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_session7_fold_kernels_compile_for_sm90a_without_spills(tmp_path):
     """The folded variants at Flash dims compile for sm_90a without a GPU: the GEMV with the q_norm (wq_b M 1 / 8,
-    indexer wq_b M 1 / 16: 4-warp K split, 4-CTA cluster), the site summing 6 routed slots (1 and 2 tokens per
+    indexer wq_b M 1 / 16: 4-warp K split, 4-CTA cluster; norm weights through smem, and wq_b M 1 without), the site summing 6 routed slots (1 and 2 tokens per
     cluster), the wide attention making its query (HCA, CSA batch 2, HCA in several passes); where ptxas is
     installed, none spills and the 8-warp GEMV stays within 128 registers (2 CTAs per SM, as without the norm)."""
     dump = _compile_for_sm90a(COMPILE_S7_FOLDS, tmp_path)
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 9
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 10
     ptxas = shutil.which("ptxas")
     ptxs = sorted(dump.glob("*.ptx"))
     if ptxas is None or not ptxs:
         return
-    assert len(ptxs) == 9
+    assert len(ptxs) == 10
     for ptx in ptxs:
         rep = ptxas_report(ptxas, ptx, tmp_path)
         assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, ptx.name
