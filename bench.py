@@ -9,6 +9,7 @@
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py gemv                 the batch-1 decode GEMVs under the s5 vs s4 config rules (same run), vs copy
+  python bench.py fold                 session 7's folds as chains of the kernels they touch, folded vs not (same run)
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
   python bench.py dist run DIR OUT.pt  its prefill/decode logits and decode ms/token (run under torchrun for N GPUs;
                                        --fp32: one GPU in float32, the yardstick for bf16 noise),
@@ -1010,6 +1011,13 @@ def record_decode_compiles(args, path: str):
                 lin(torch.randn(1, lin.in_features, device=dev, dtype=torch.bfloat16))
     except Exception as e:   # noqa: BLE001
         print(f"record-compiles: tail / linears stopped at {type(e).__name__}: {e}", file=sys.stderr)
+    if args.fold:
+        try:
+            for chain, (step, switches) in fold_chains(dev).items():
+                for on in (False, True):
+                    _with_switches([(K, s, on) for s in switches], step)
+        except Exception as e:   # noqa: BLE001
+            print(f"record-compiles: fold chains stopped at {type(e).__name__}: {e}", file=sys.stderr)
     try:
         torch.cuda.synchronize()
     except Exception as e:   # noqa: BLE001 - a garbage index may have tripped a device assert; the calls are in
@@ -1098,7 +1106,7 @@ def bench_decode(args):
                 same[label] = ("same bits" if torch.equal(g.logits, ref_logits) else f"rel err {err:.1e}") + \
                     f", {kernel_profile(g.graph.replay, args.layers)[0] / args.layers:.1f} kernels/layer"
         times = {label: [] for label in graphs}      # interleaved rounds: clock / host drift hits every row alike
-        for _ in range(DECODE_ROUNDS):
+        for _ in range(args.rounds):
             for label, g in graphs.items():
                 times[label].append(time_ms(g.graph.replay, args.iters))
         graph_ms = statistics.median(times.pop(None))
@@ -1193,6 +1201,77 @@ def torch_ops_baseline(model, args, results):
         model.decode_graphs.clear()
 
 
+FOLD_SWITCHES = ("GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM", "HC_FOLD_COMBINE")   # session 7's folds (fold_chains)
+
+
+def fold_chains(dev, seed: int = 0):
+    """Session 7's folds as chains of the decode kernels they touch (Flash dims, batch 1), each step feeding the
+    next: name -> (step function, kernels.py switches it reads). 'q path': wq_a|wkv GEMV -> q_norm -> wq_b GEMV ->
+    per-head norm + RoPE -> HCA attention (pos 1000); 'MoE -> site': routing-free fused MoE (T=1, 16 experts,
+    fixed ids) -> the next mHC site (slot sum, shared add, hc_post, hc_pre, RMSNorm)."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=dev, generator=g)               # noqa: E731
+    fp8 = lambda n, k: ((rnd(n, k) * 0.3).to(torch.float8_e4m3fn),          # noqa: E731
+                        torch.randint(118, 124, (n // 128, k // 128), device=dev, dtype=torch.uint8, generator=g)
+                        .view(torch.float8_e8m0fnu))
+    eps, H, hd = 1e-6, 64, 512
+    wa, sa = fp8(1536, 4096)
+    wb, sb = fp8(H * hd, 1024)
+    nw = 1 + 0.1 * rnd(1024)
+    ring, comp = rnd(1, 128, hd).to(torch.bfloat16), rnd(1, 32, hd).to(torch.bfloat16)
+    sink, pos = rnd(H), torch.tensor([1000], device=dev)
+    angles = torch.rand(4096, 32, device=dev, generator=g) * 6.3
+    x0 = rnd(1, 4096).to(torch.bfloat16)
+
+    def q_path():
+        qa = K.fp8_gemv(x0, wa, sa)[:, :1024]
+        q = K.fp8_gemv(qa, wb, sb, norm=(nw, eps)).view(1, 1, H, hd)        # folds per GEMV_FOLD_NORM
+        o = K.sparse_attention_decode(q, ring, comp, None, pos, sink, hd ** -0.5, 128, angles=angles,
+                                      q_norm_eps=eps)                     # folds per ATTN_FOLD_Q_NORM
+        x0[:, :2048].copy_(o.view(1, -1)[:, :2048])                         # the next step depends on this one
+    ex = K.prepare_experts(K.random_fp4_experts(16, 4096, 2048, "nvfp4", device=dev, seed=seed))
+    ids = torch.tensor([[3, 7, 1, 12, 5, 9]], device=dev)
+    w = torch.softmax(rnd(1, 6), -1)
+    n = 4
+    h = [rnd(1, n, 4096).to(torch.bfloat16)]
+    fn, scale, base = rnd(24, n * 4096) / 128, torch.tensor([0.5, 0.7, 2.0], device=dev), rnd(24) * 0.5
+    post, comb = torch.rand(1, n, device=dev), torch.rand(1, n, n, device=dev) / n
+    s, xm, nw4 = rnd(1, 4096).to(torch.bfloat16), [rnd(1, 4096).to(torch.bfloat16)], 1 + 0.1 * rnd(4096)
+
+    def moe_site():
+        y = K.moe(xm[0], ids, w, ex, 7.0, slots=K.HC_FOLD_COMBINE)
+        h[0], xm[0], _, _ = K.hc_post_pre_fused((y, s), h[0], post, comb, fn, scale, base, n, 20, eps, eps,
+                                                norm_weight=nw4)
+    return {"q path (HCA)": (q_path, ("GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM")),
+            "MoE -> site": (moe_site, ("HC_FOLD_COMBINE",))}
+
+
+@torch.inference_mode()
+def bench_fold(steps: int = 8, rounds: int = 7, iters: int = 50):
+    """bench.py fold: each chain of fold_chains as a CUDA graph of `steps` steps, with its switches all off, each
+    alone on, all on; us per step, medians of `rounds` interleaved rounds (each the median of `iters` replays)."""
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    print(f"fold chains on {name}; copy bandwidth {copy_bandwidth(dev) / 1e12:.2f} TB/s", flush=True)
+    for chain, (step, switches) in fold_chains(dev).items():
+        variants = [("unfolded", {s: False for s in switches})] + \
+            [(f"+{s}", {t: t == s for t in switches}) for s in switches] + \
+            ([("all folded", {s: True for s in switches})] if len(switches) > 1 else [])
+        graphs = {}
+        for label, sw in variants:
+            graphs[label] = _with_switches([(K, k, v) for k, v in sw.items()],
+                                           lambda: graph_of(lambda: [step() for _ in range(steps)]))
+        times = {label: [] for label in graphs}
+        for _ in range(rounds):
+            for label, gr in graphs.items():
+                times[label].append(time_ms(gr.replay, iters) * 1e3 / steps)
+        base = statistics.median(times["unfolded"])
+        print(f"{chain}: us per step, median of {rounds} rounds (graph of {steps} steps, {iters} replays each): " +
+              "  ".join(f"{label} {statistics.median(v):.2f} ({statistics.median(v) - base:+.2f})"
+                        for label, v in times.items()), flush=True)
+        del graphs
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py decode", description="decode of a Flash-dims layer stack")
     p.add_argument("--layers", type=int, default=8)
@@ -1209,6 +1288,8 @@ def parse_args(argv=None):
     p.add_argument("--precompile", type=int, default=0,
                    help="first compile the step's kernels in this many processes (precompile_decode)")
     p.add_argument("--precompile-only", action="store_true", help="with --precompile: compile, then exit")
+    p.add_argument("--rounds", type=int, default=DECODE_ROUNDS, help="interleaved timing rounds (medians)")
+    p.add_argument("--fold", action="store_true", help="also record the compiles of bench.py fold (precompile)")
     p.add_argument("--record-compiles", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1532,11 +1613,11 @@ def bench_gemv(Ms=(1, 8), rounds=5):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
-    known = ("moe", "moe-profile", "decode", "dist", "indexer", "gemv")
+    known = ("moe", "moe-profile", "decode", "dist", "indexer", "gemv", "fold")
     if what not in known:
         print(f"unknown benchmark {what!r} (known: {', '.join(known)})", file=sys.stderr)
         sys.exit(2)
-    needs_cute = what.startswith("moe") or what in ("indexer", "gemv")
+    needs_cute = what.startswith("moe") or what in ("indexer", "gemv", "fold")
     if not torch.cuda.is_available() or (needs_cute and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if needs_cute else ""), file=sys.stderr)
         sys.exit(2)
@@ -1565,6 +1646,8 @@ if __name__ == "__main__":
         bench_indexer()
     elif what == "gemv":
         bench_gemv()
+    elif what == "fold":
+        bench_fold()
     elif sys.argv[2] == "write":
         write(sys.argv[3], "--small" in sys.argv)
     elif sys.argv[2] == "run":
