@@ -6459,6 +6459,7 @@ def test_gpu_fp8_gemv_with_the_rms_norm_folded_gives_the_two_kernel_bits(N, M, m
     fp8_gemv: wq_b (8-warp CTAs), indexer wq_b (K over 4 warps of a CTA; at M = 16 a 4-CTA cluster),
     a small N; x a column slice of a wider row (as qa of the merged wq_a|wkv output); rows of very different scale."""
     Kd, eps = 1024, 1e-6
+    monkeypatch.setattr(K, "GEMV_FOLD_NORM", True)
     g = torch.Generator().manual_seed(N + M)
     wide = torch.randn(M, Kd + 512, generator=g) * torch.logspace(-3, 2, M).unsqueeze(1)
     x = wide.to("cuda", torch.bfloat16)[:, :Kd]
@@ -6480,6 +6481,7 @@ def test_gpu_fp8_gemv_with_the_rms_norm_folded_gives_the_two_kernel_bits(N, M, m
 
 def test_gemv_norm_layout_takes_only_configs_whose_partials_slot_is_free(monkeypatch):
     """The fold needs torch's vec-4 order (K > 128) and mPart unused (one K slice or a cluster); off by switch."""
+    monkeypatch.setattr(K, "GEMV_FOLD_NORM", True)
     one = K.pick_gemv_config(32768, 1024, 1, 132)
     assert K.gemv_norm_layout(1024, 1, one) == K.torch_sum_layout(1024, 1)
     assert K.gemv_norm_layout(1024, 1, dict(one, k_splits=4, cluster=False)) is None
@@ -6529,6 +6531,8 @@ def test_gpu_decode_with_the_session7_folds_gives_the_unfolded_logits(gpu_checkp
     compares every ablation's logits with the default step's)."""
     tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(5)).cuda()
     path = gpu_checkpoints["fp8"]
+    for name in S7_FOLDS:
+        monkeypatch.setattr(K, name, True)
     on = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
     for name in S7_FOLDS:
         monkeypatch.setattr(K, name, False)
@@ -6540,6 +6544,7 @@ def test_gpu_decode_with_the_session7_folds_gives_the_unfolded_logits(gpu_checkp
 COMPILE_S7_FOLDS = """
 import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
+K.GEMV_FOLD_NORM = True
 dump = os.environ["CUTE_DSL_DUMP_DIR"]
 def keep(tag):                                  # one PTX file name per kernel class: keep each config's
     for ptx in glob.glob(os.path.join(dump, "cutlass*.ptx")):
