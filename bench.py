@@ -9,6 +9,7 @@
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py gemv                 the batch-1 decode GEMVs under the s5 vs s4 config rules (same run), vs copy
+  python bench.py fold                 session 7's folds as chains of the kernels they touch, folded vs not (same run)
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
   python bench.py dist run DIR OUT.pt  its prefill/decode logits and decode ms/token (run under torchrun for N GPUs;
                                        --fp32: one GPU in float32, the yardstick for bf16 noise),
@@ -937,8 +938,127 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
     ("one stream (NANO_DSV4_BRANCHES=0)", ((dsv4, "DECODE_BRANCHES", False),)),
     ("glue kernels without PDL (kernels.GLUE_PDL)", ((K, "GLUE_PDL", False),)),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),
+    ("s7: MoE slot sum in its own MoeCombine launch (kernels.HC_FOLD_COMBINE off)", ((K, "HC_FOLD_COMBINE", False),)),
+    ("s7: q_norm folded into the wq_b GEMVs (kernels.GEMV_FOLD_NORM on; off by default)",
+     ((K, "GEMV_FOLD_NORM", True),)),
+    ("s7: q_norm folded, its weights from global memory after the sums (GEMV_FOLD_NORM on, GEMV_NORM_EARLY off)",
+     ((K, "GEMV_FOLD_NORM", True), (K, "GEMV_NORM_EARLY", False))),
+    ("s7: q per-head norm + RoPE as its own QNormRope launch (kernels.ATTN_FOLD_Q_NORM off)",
+     ((K, "ATTN_FOLD_Q_NORM", False),)),
+    ("s7: all session-7 folds off",
+     ((K, "HC_FOLD_COMBINE", False), (K, "GEMV_FOLD_NORM", False), (K, "ATTN_FOLD_Q_NORM", False))),
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
+
+
+def decode_ablations(args):
+    """DECODE_ABLATIONS, or those whose label contains one of --ablations' words (--ablations none: no ablation)."""
+    if args.ablations is None:
+        return DECODE_ABLATIONS
+    return [(label, sw) for label, sw in DECODE_ABLATIONS if any(w in label for w in args.ablations)]
+
+
+def _with_switches(switches, fn):
+    saved = [getattr(mod, sw) for mod, sw, _ in switches]
+    try:
+        for mod, sw, off in switches:
+            setattr(mod, sw, off)
+        return fn()
+    finally:
+        for (mod, sw, _), v in zip(switches, saved):
+            setattr(mod, sw, v)
+
+
+@torch.inference_mode()
+def record_decode_compiles(args, path: str):
+    """--record-compiles PATH: every kernels._compile_* call the decode bench makes (default step, the chosen
+    ablations, the tail, the FP8 linear table), pickled to PATH, found without compiling: kernels launch as no-ops
+    (outputs garbage, nothing timed). precompile_decode then compiles them in parallel processes."""
+    import pickle
+    calls = []
+
+    def recorder(name, f):
+        def wrapped(*a, **kw):
+            calls.append((name, a, kw))
+            return f(*a, **kw)
+        return wrapped
+    for name in [n for n in vars(K) if n.startswith("_compile") and callable(getattr(K, n))]:
+        setattr(K, name, recorder(name, getattr(K, name)))
+    K._load_or_compile = lambda config, build: (lambda *a, **kw: None)
+    dev = torch.device("cuda")
+    cfg = stack_config(args.layers)
+    model = random_model(cfg, dev, max(args.batches), args.max_seq_len)
+    pos_t = torch.tensor([args.pos], device=dev)
+    for B in args.batches:
+        tokens = torch.randint(0, cfg.vocab_size, (B, 1), device=dev)
+        for label, switches in [(None, ())] + decode_ablations(args):
+            try:
+                _with_switches(switches, lambda: model.logits(tokens, pos_t))
+            except Exception as e:   # noqa: BLE001 - garbage outputs may trip a check: record what was reached
+                print(f"record-compiles: B={B} {label}: stopped at {type(e).__name__}: {e}", file=sys.stderr)
+    try:
+        n = cfg.hc_mult
+        h = torch.randn(1, 1, n, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        f = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        post, comb = torch.rand(1, 1, n, device=dev), torch.rand(1, 1, n, n, device=dev) / n
+        x = dsv4.hc_head(dsv4.hc_post(f, h, post, comb), model.hc_head_fn, model.hc_head_scale, model.hc_head_base,
+                         cfg.hc_eps, cfg.rms_norm_eps, model.norm)
+        dsv4.matmul_fp32(x, model.head.weight)
+        if not args.no_linears:
+            layer = model.layers[0]
+            for name in ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "attn.indexer.wq_b",
+                         "ffn.shared_experts.w1", "ffn.shared_experts.w2"):
+                lin = layer.get_submodule(name)
+                lin(torch.randn(1, lin.in_features, device=dev, dtype=torch.bfloat16))
+    except Exception as e:   # noqa: BLE001
+        print(f"record-compiles: tail / linears stopped at {type(e).__name__}: {e}", file=sys.stderr)
+    if args.fold:
+        try:
+            for chain, (step, switches) in fold_chains(dev).items():
+                for on in (False, True):
+                    _with_switches([(K, s, on) for s in switches], step)
+        except Exception as e:   # noqa: BLE001
+            print(f"record-compiles: fold chains stopped at {type(e).__name__}: {e}", file=sys.stderr)
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:   # noqa: BLE001 - a garbage index may have tripped a device assert; the calls are in
+        print(f"record-compiles: sync failed: {type(e).__name__}: {e}", file=sys.stderr)
+    calls = list(dict.fromkeys((n, a, tuple(sorted(kw.items()))) for n, a, kw in calls))
+    with open(path, "wb") as fh:
+        pickle.dump(calls, fh)
+    print(f"record-compiles: {len(calls)} distinct compile calls -> {path}")
+
+
+def _compile_calls_worker(chunk):
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    for name, a, kw in chunk:
+        getattr(K, name)(*a, **dict(kw))
+    return len(chunk)
+
+
+def precompile_decode(argv, procs: int):
+    """--precompile N: record the bench's compile calls in a subprocess (record_decode_compiles), then compile them
+    in N processes into the disk cache, so the bench itself only loads kernels. Objects are keyed by the target
+    arch, so every process here runs with CUTE_DSL_ARCH (sm_90a unless set)."""
+    import multiprocessing as mp
+    import pickle
+    import subprocess
+    import tempfile
+    t = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "calls.pkl")
+        rest = [a for i, a in enumerate(argv) if a != "--precompile" and (i == 0 or argv[i - 1] != "--precompile")]
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "decode", *rest, "--record-compiles", path])
+        if r.returncode or not os.path.exists(path):
+            print(f"precompile: recording failed (rc {r.returncode}); kernels compile on first use", flush=True)
+            return
+        with open(path, "rb") as fh:
+            calls = pickle.load(fh)
+    procs = max(1, min(procs, len(calls)))
+    chunks = [calls[i::procs] for i in range(procs)]
+    with mp.get_context("spawn").Pool(procs) as pool:
+        n = sum(pool.map(_compile_calls_worker, chunks))
+    print(f"precompile: {n} compile calls in {time.time() - t:.1f} s on {procs} processes", flush=True)
 
 
 @torch.inference_mode()
@@ -972,19 +1092,22 @@ def bench_decode(args):
         graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
         graphs = {None: graph}           # the same step with one decode-path feature off, same run
-        for label, switches in DECODE_ABLATIONS:
-            saved = [getattr(mod, sw) for mod, sw, _ in switches]
-            try:
-                for mod, sw, off in switches:
-                    setattr(mod, sw, off)
-                model.decode_graphs.clear()
-                model.decode(tokens, pos)
-                graphs[label] = model.decode_graphs[B]
-            finally:
-                for (mod, sw, _), v in zip(switches, saved):
-                    setattr(mod, sw, v)
+        for label, switches in decode_ablations(args):
+            model.decode_graphs.clear()
+            _with_switches(switches, lambda: model.decode(tokens, pos))
+            graphs[label] = model.decode_graphs[B]
+        same = {}                                    # each ablation's logits vs the default step's (same state)
+        for label, g in graphs.items():
+            g.graph.replay()
+            torch.cuda.synchronize()
+            if label is None:
+                ref_logits = g.logits.clone()
+            else:
+                err = ((g.logits - ref_logits).norm() / ref_logits.norm()).item()
+                same[label] = ("same bits" if torch.equal(g.logits, ref_logits) else f"rel err {err:.1e}") + \
+                    f", {kernel_profile(g.graph.replay, args.layers)[0] / args.layers:.1f} kernels/layer"
         times = {label: [] for label in graphs}      # interleaved rounds: clock / host drift hits every row alike
-        for _ in range(DECODE_ROUNDS):
+        for _ in range(args.rounds):
             for label, g in graphs.items():
                 times[label].append(time_ms(g.graph.replay, args.iters))
         graph_ms = statistics.median(times.pop(None))
@@ -1013,7 +1136,7 @@ def bench_decode(args):
         if args.trace:
             trace_step(graph.graph.replay, f"{args.trace}.B{B}.json")
         results.append(dict(B=B, eager_ms=eager_ms, graph_ms=graph_ms, tail_ms=tail_ms, layer_ms=layer_ms,
-                            ablations=ablations,
+                            ablations=ablations, same=same,
                             floor_layer_ms=floor_layer_ms, layer_mb=sum(layers_b) / args.layers / 1e6,
                             full_ms=full_ms, full_floor_ms=full_floor_ms, touched=statistics.mean(touched),
                             kernels=n_k, heavy_us=heavy_us, small_us=small_us, top=top, tail_floor_ms=floor_tail_ms,
@@ -1023,7 +1146,7 @@ def bench_decode(args):
               f"{n_k} kernels/step, GEMM-class {heavy_us / 1e3:.2f} ms, others {small_us / 1e3:.2f} ms", flush=True)
         for k, (cnt, us) in top:
             print(f"   {cnt:5d} x {us / max(cnt, 1):8.1f} us = {us / 1e3:7.3f} ms  {k}")
-    lin_rows = fp8_linear_table(model, copy_bw)
+    lin_rows = [] if args.no_linears else fp8_linear_table(model, copy_bw)
     if not args.no_baseline:
         torch_ops_baseline(model, args, results)
 
@@ -1044,7 +1167,8 @@ def bench_decode(args):
         for label, ms in r["ablations"].items():
             layer_ms = (ms - r["tail_ms"]) / args.layers
             print(f"B={r['B']} same step with {label} (same run): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
-                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor; on saves {ms - r['graph_ms']:.3f} ms/step")
+                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor; on saves {ms - r['graph_ms']:.3f} ms/step; "
+                  f"logits vs default: {r['same'][label]}")
     for r in results:
         if "torch_ms" in r:
             layer_ms = (r["torch_ms"] - r["tail_ms"]) / args.layers
@@ -1078,6 +1202,77 @@ def torch_ops_baseline(model, args, results):
         model.decode_graphs.clear()
 
 
+FOLD_SWITCHES = ("GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM", "HC_FOLD_COMBINE")   # session 7's folds (fold_chains)
+
+
+def fold_chains(dev, seed: int = 0):
+    """Session 7's folds as chains of the decode kernels they touch (Flash dims, batch 1), each step feeding the
+    next: name -> (step function, kernels.py switches it reads). 'q path': wq_a|wkv GEMV -> q_norm -> wq_b GEMV ->
+    per-head norm + RoPE -> HCA attention (pos 1000); 'MoE -> site': routing-free fused MoE (T=1, 16 experts,
+    fixed ids) -> the next mHC site (slot sum, shared add, hc_post, hc_pre, RMSNorm)."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=dev, generator=g)               # noqa: E731
+    fp8 = lambda n, k: ((rnd(n, k) * 0.3).to(torch.float8_e4m3fn),          # noqa: E731
+                        torch.randint(118, 124, (n // 128, k // 128), device=dev, dtype=torch.uint8, generator=g)
+                        .view(torch.float8_e8m0fnu))
+    eps, H, hd = 1e-6, 64, 512
+    wa, sa = fp8(1536, 4096)
+    wb, sb = fp8(H * hd, 1024)
+    nw = 1 + 0.1 * rnd(1024)
+    ring, comp = rnd(1, 128, hd).to(torch.bfloat16), rnd(1, 32, hd).to(torch.bfloat16)
+    sink, pos = rnd(H), torch.tensor([1000], device=dev)
+    angles = torch.rand(4096, 32, device=dev, generator=g) * 6.3
+    x0 = rnd(1, 4096).to(torch.bfloat16)
+
+    def q_path():
+        qa = K.fp8_gemv(x0, wa, sa)[:, :1024]
+        q = K.fp8_gemv(qa, wb, sb, norm=(nw, eps)).view(1, 1, H, hd)        # folds per GEMV_FOLD_NORM
+        o = K.sparse_attention_decode(q, ring, comp, None, pos, sink, hd ** -0.5, 128, angles=angles,
+                                      q_norm_eps=eps)                     # folds per ATTN_FOLD_Q_NORM
+        x0[:, :2048].copy_(o.view(1, -1)[:, :2048])                         # the next step depends on this one
+    ex = K.prepare_experts(K.random_fp4_experts(16, 4096, 2048, "nvfp4", device=dev, seed=seed))
+    ids = torch.tensor([[3, 7, 1, 12, 5, 9]], device=dev)
+    w = torch.softmax(rnd(1, 6), -1)
+    n = 4
+    h = [rnd(1, n, 4096).to(torch.bfloat16)]
+    fn, scale, base = rnd(24, n * 4096) / 128, torch.tensor([0.5, 0.7, 2.0], device=dev), rnd(24) * 0.5
+    post, comb = torch.rand(1, n, device=dev), torch.rand(1, n, n, device=dev) / n
+    s, xm, nw4 = rnd(1, 4096).to(torch.bfloat16), [rnd(1, 4096).to(torch.bfloat16)], 1 + 0.1 * rnd(4096)
+
+    def moe_site():
+        y = K.moe(xm[0], ids, w, ex, 7.0, slots=K.HC_FOLD_COMBINE)
+        h[0], xm[0], _, _ = K.hc_post_pre_fused((y, s), h[0], post, comb, fn, scale, base, n, 20, eps, eps,
+                                                norm_weight=nw4)
+    return {"q path (HCA)": (q_path, ("GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM")),
+            "MoE -> site": (moe_site, ("HC_FOLD_COMBINE",))}
+
+
+@torch.inference_mode()
+def bench_fold(steps: int = 8, rounds: int = 7, iters: int = 50):
+    """bench.py fold: each chain of fold_chains as a CUDA graph of `steps` steps, with its switches all off, each
+    alone on, all on; us per step, medians of `rounds` interleaved rounds (each the median of `iters` replays)."""
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    print(f"fold chains on {name}; copy bandwidth {copy_bandwidth(dev) / 1e12:.2f} TB/s", flush=True)
+    for chain, (step, switches) in fold_chains(dev).items():
+        variants = [("unfolded", {s: False for s in switches})] + \
+            [(f"+{s}", {t: t == s for t in switches}) for s in switches] + \
+            ([("all folded", {s: True for s in switches})] if len(switches) > 1 else [])
+        graphs = {}
+        for label, sw in variants:
+            graphs[label] = _with_switches([(K, k, v) for k, v in sw.items()],
+                                           lambda: graph_of(lambda: [step() for _ in range(steps)]))
+        times = {label: [] for label in graphs}
+        for _ in range(rounds):
+            for label, gr in graphs.items():
+                times[label].append(time_ms(gr.replay, iters) * 1e3 / steps)
+        base = statistics.median(times["unfolded"])
+        print(f"{chain}: us per step, median of {rounds} rounds (graph of {steps} steps, {iters} replays each): " +
+              "  ".join(f"{label} {statistics.median(v):.2f} ({statistics.median(v) - base:+.2f})"
+                        for label, v in times.items()), flush=True)
+        del graphs
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py decode", description="decode of a Flash-dims layer stack")
     p.add_argument("--layers", type=int, default=8)
@@ -1088,6 +1283,15 @@ def parse_args(argv=None):
     p.add_argument("--eager-iters", type=int, default=5)
     p.add_argument("--no-baseline", action="store_true", help="skip the same step with the fused kernels off")
     p.add_argument("--trace", default="", help="write one graph replay per batch as a Chrome trace: TRACE.B<b>.json")
+    p.add_argument("--ablations", nargs="*", default=None,
+                   help="time only the ablations whose label contains one of these words (none: no ablation)")
+    p.add_argument("--no-linears", action="store_true", help="skip the FP8 linear table")
+    p.add_argument("--precompile", type=int, default=0,
+                   help="first compile the step's kernels in this many processes (precompile_decode)")
+    p.add_argument("--precompile-only", action="store_true", help="with --precompile: compile, then exit")
+    p.add_argument("--rounds", type=int, default=DECODE_ROUNDS, help="interleaved timing rounds (medians)")
+    p.add_argument("--fold", action="store_true", help="also record the compiles of bench.py fold (precompile)")
+    p.add_argument("--record-compiles", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 # ======================================================================================================================
@@ -1410,11 +1614,11 @@ def bench_gemv(Ms=(1, 8), rounds=5):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
-    known = ("moe", "moe-profile", "decode", "dist", "indexer", "gemv")
+    known = ("moe", "moe-profile", "decode", "dist", "indexer", "gemv", "fold")
     if what not in known:
         print(f"unknown benchmark {what!r} (known: {', '.join(known)})", file=sys.stderr)
         sys.exit(2)
-    needs_cute = what.startswith("moe") or what in ("indexer", "gemv")
+    needs_cute = what.startswith("moe") or what in ("indexer", "gemv", "fold")
     if not torch.cuda.is_available() or (needs_cute and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if needs_cute else ""), file=sys.stderr)
         sys.exit(2)
@@ -1429,11 +1633,22 @@ if __name__ == "__main__":
     elif what == "moe-profile":
         profile_moe()
     elif what == "decode":
-        bench_decode(parse_args(sys.argv[2:]))
+        decode_args = parse_args(sys.argv[2:])
+        if decode_args.precompile or decode_args.record_compiles:
+            os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")     # the disk cache keys objects by target arch
+        if decode_args.record_compiles:
+            record_decode_compiles(decode_args, decode_args.record_compiles)
+        else:
+            if decode_args.precompile:
+                precompile_decode([a for a in sys.argv[2:] if a != "--precompile-only"], decode_args.precompile)
+            if not decode_args.precompile_only:
+                bench_decode(decode_args)
     elif what == "indexer":
         bench_indexer()
     elif what == "gemv":
         bench_gemv()
+    elif what == "fold":
+        bench_fold()
     elif sys.argv[2] == "write":
         write(sys.argv[3], "--small" in sys.argv)
     elif sys.argv[2] == "run":

@@ -863,8 +863,10 @@ class Attention(nn.Module):
                 self.compressor.decode(x, pos, angles, None, ag)
         with Branch(x, on=self.indexer is not None, lane=2) as heads:
             head_w = self.indexer.weights_proj(x) if self.indexer is not None else None
+        # kernels.ATTN_FOLD_Q_NORM: q's per-head norm + RoPE inside the attention launch (q stays wq_b's raw output)
+        fold_q = fused(x) and kernels.attention_folds_q_norm(B, self.n_heads, self.head_dim)
         if fused(x):
-            iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B])
+            iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B], raw_q=fold_q)
         else:
             (iq, q, kv), attn_in = self._qkv(x, angles, pos), Branch(x, on=False)
             self.kv_window[:B].index_copy_(1, pos % W, kv)
@@ -879,7 +881,8 @@ class Attention(nn.Module):
             comp_kv = self.compressor.kv_cache[:B]
         if fused(q):                                                 # + the inverse RoPE of o, in its epilogue
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
-                                                self.head_dim ** -0.5, max(self.ratio, 1), angles=angles)
+                                                self.head_dim ** -0.5, max(self.ratio, 1), angles=angles,
+                                                q_norm_eps=self.cfg.rms_norm_eps if fold_q else None)
             return self._out(o, angles, pos, unroped=True)
         ring_pos = pos - (pos - torch.arange(W, device=x.device)) % W   # slot s: latest position <= pos, ≡ s mod W
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
@@ -914,22 +917,30 @@ class Attention(nn.Module):
             kv = torch.cat([act_quant(kv[..., :-self.cfg.rope_dim], 64), kv[..., -self.cfg.rope_dim:]], -1)
         return iq, q, kv
 
-    def _qkv_decode(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor):
+    def _qkv_decode(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
+                    raw_q: bool = False):
         """_qkv for the fused one-token step -> (iq, q, side): what only the attention reads is made on branch lane 1:
         the kv row (norm, RoPE, FP8 sim) straight into its slot of ring [B,W,hd] and, in CSA layers, the queries
         (wq_b, per-head norm + RoPE), which then overlap the indexer's chain (its own wq_b, query, scores, top-k).
-        q is ready after side.join()."""
+        q is ready after side.join(). raw_q: q is wq_b's output before its per-head norm + RoPE (the attention kernel
+        makes them: kernels.sparse_attention_decode(q_norm_eps=))."""
         eps, H, hd = self.cfg.rms_norm_eps, self.n_heads, self.head_dim
         qa, kv = self.wq_a_wkv(x)
-        qr = self.q_norm(qa)
-        queries = lambda: kernels.q_norm_rope_fused(self.wq_b(qr).unflatten(-1, (H, hd)), angles, pos, eps)  # noqa: E731
+        lins = (self.wq_b,) + ((self.indexer.wq_b,) if self.indexer is not None else ())
+        # kernels.GEMV_FOLD_NORM: q_norm inside the wq_b / indexer wq_b GEMVs (qr never materialized: no RmsNorm launch)
+        fold = kernels.GEMV_FOLD_NORM and all(l.quant_sim and kernels.fp8_gemv_supported(qa, l.weight) for l in lins)
+        qr = None if fold else self.q_norm(qa)
+        norm = (self.q_norm.weight, self.q_norm.eps)
+        proj = lambda lin: kernels.fp8_gemv(qa, lin.weight, lin.scale, norm=norm) if fold else lin(qr)  # noqa: E731
+        queries = lambda: proj(self.wq_b).unflatten(-1, (H, hd)) if raw_q else \
+            kernels.q_norm_rope_fused(proj(self.wq_b).unflatten(-1, (H, hd)), angles, pos, eps)  # noqa: E731
         with Branch(x, lane=1) as side:
             side.hold(qa, kv, qr)
             kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim, ring=ring)
             q = queries() if self.indexer is not None else None
         if self.indexer is None:
             return None, queries(), side
-        return self.indexer.wq_b(qr), q, side
+        return proj(self.indexer.wq_b), q, side
 
     def _out(self, o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, unroped: bool = False) -> torch.Tensor:
         """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position (unless
@@ -1063,7 +1074,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, unsummed: bool = False):
         """-> routed + shared output [B,S,D]; unsummed (one rank): the pair (routed, shared) instead, for a consumer
-        that adds them itself (the next mHC site's kernel, kernels.HC_FOLD_ADD)."""
+        that adds them itself (the next mHC site's kernel, kernels.HC_FOLD_ADD); with kernels.HC_FOLD_COMBINE the
+        routed part may be kernels.RoutedSlots (the k slots not summed yet: that site sums them too)."""
         import kernels
         shape = x.shape
         x = x.flatten(0, 1)
@@ -1078,11 +1090,12 @@ class MoE(nn.Module):
             y = moe_gathered(x, ids, w, self.experts, self.limit)   # the reference syncs
         else:
             ready = kernels.router_ready(x.device) if signal else None
-            y = kernels.moe(x, ids, w, self.experts, self.limit, ready=ready)
+            y = kernels.moe(x, ids, w, self.experts, self.limit, ready=ready,
+                            slots=unsummed and kernels.HC_FOLD_COMBINE and self.par.size == 1)
         if self.par.size == 1:      # bf16 + bf16 adds in fp32 and rounds once, like (y.float() + s.float()).to(bf16)
             side.join()
             if unsummed:
-                return y.view(shape), s.view(shape)
+                return (y if isinstance(y, kernels.RoutedSlots) else y.view(shape)), s.view(shape)
             return (y + s).view(shape)
         y = y.float()                                              # partial sums meet in one fp32 all-reduce
         if self.split_shared:
@@ -1094,8 +1107,9 @@ class MoE(nn.Module):
 
 
 def summed(f):
-    """A sub-block output, or the pair (a, b) of bf16 parts a sub-block left unsummed (MoE.forward(unsummed=True))."""
-    return f[0] + f[1] if isinstance(f, tuple) else f
+    """A sub-block output, or the pair (a, b) of bf16 parts a sub-block left unsummed (MoE.forward(unsummed=True);
+    a may be kernels.RoutedSlots, summed first)."""
+    return kernels.routed_sum(f[0]).view(f[1].shape) + f[1] if isinstance(f, tuple) else f
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1127,7 +1141,8 @@ class Block(nn.Module):
                 out = (h.flatten(0, 1),) + kernels.hc_pre_fused(h.flatten(0, 1), *args, norm_weight=norm.weight)
             else:
                 f, post, comb = pending
-                f = tuple(t.flatten(0, 1) for t in f) if isinstance(f, tuple) else f.flatten(0, 1)
+                f = tuple(t if isinstance(t, kernels.RoutedSlots) else t.flatten(0, 1) for t in f) \
+                    if isinstance(f, tuple) else f.flatten(0, 1)
                 out = kernels.hc_post_pre_fused(f, h.flatten(0, 1), post.flatten(0, 1), comb.flatten(0, 1), *args,
                                                 norm_weight=norm.weight)
             return tuple(t.unflatten(0, (B, S)) for t in out)

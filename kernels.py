@@ -1264,10 +1264,34 @@ def _sm_count(device) -> int:
     return n
 
 
-def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None):
+@dataclass
+class RoutedSlots:
+    """The routed MoE's output before the sum over the k slots (moe(slots=True), decode sizes without a routing
+    kernel): rows [T*k, D] bf16, row t*k + j = slot j of token t, already weighted; ids [T*k] int32, the slot's
+    expert (a slot counts where 0 <= id < num_experts). The output y [T, D] is MoeCombine's sum of the counted rows
+    in slot order (routed_sum); the next mHC site's HcSiteCluster sums them itself (HC_FOLD_COMBINE)."""
+    rows: torch.Tensor
+    ids: torch.Tensor
+    top_k: int
+    num_experts: int
+
+
+def routed_sum(y):
+    """y as a [T, D] tensor: RoutedSlots summed by the MoeCombine kernel (what moe() returns without slots); a
+    tensor as it is."""
+    if not isinstance(y, RoutedSlots):
+        return y
+    T, D = y.rows.shape[0] // y.top_k, y.rows.shape[1]
+    out = torch.empty(T, D, dtype=y.rows.dtype, device=y.rows.device)
+    _compile_combine(y.top_k, D, USE_PDL, y.num_experts)(y.rows, y.ids, out)
+    return out
+
+
+def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None, slots: bool = False):
     """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
     Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order.
-    Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill)."""
+    Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill). slots: where
+    the fused launch runs without routing, RoutedSlots instead of y (the sum left to the consumer)."""
     if x.shape[0] >= PREFILL_MIN_TOKENS and prefill_unavailable_reason(x, experts) is None:
         if ready is not None:    # misuse (router_signal_ok said otherwise): drop the router's flag
             ready[1:3].zero_()
@@ -1306,6 +1330,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         _compile_moe_gemv_fused(*fused, top_k=k, early=ready is not None)(
             pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x.contiguous(), act, y_rows, dummy, a_gate, a_up,
             a_down, w32, limit, ids32, ids32, counters, dummy.view(-1) if ready is None else ready, y)
+        if slots:
+            return RoutedSlots(y_rows, ids32, k, E)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -1386,13 +1412,14 @@ def kernel_unavailable_reason(x, experts: Experts):
     return None
 
 
-def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None):
+def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None, slots: bool = False):
     """Routed MoE: the CuTe DSL kernel where it can run (sm_90 + CuTe DSL + fp4 experts), else the reference.
-    ready: router_ready(x.device) right after gate_decode(signal=True) (see router_signal_ok), else None."""
+    ready: router_ready(x.device) right after gate_decode(signal=True) (see router_signal_ok), else None.
+    slots: RoutedSlots where the kernel path can leave the sum over the k slots to the caller, else y [T, D]."""
     global _NOTICE_SHOWN
     reason = kernel_unavailable_reason(x, experts)
     if reason is None:
-        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, ready)
+        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, ready, slots)
     if ready is not None:
         raise ValueError("moe(ready=...): the fp4 kernel does not run for these inputs")
     if not _NOTICE_SHOWN:
@@ -1645,6 +1672,14 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
     @dsl_user_op
+    def _ld_v2(addr: Int64, hint: str, *, loc=None, ip=None):
+        """8-byte global load -> 2 Int32 (hint: PTX qualifiers, e.g. '.cg')."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
+            f"ld.global{hint}.v2.b32 {{$0, $1}}, [$2];", "=r,=r,l", has_side_effects=True, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+    @dsl_user_op
     def _cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
         """16 bytes global -> shared, asynchronous (cp.async.cg: bypasses L1; 256-B L2 prefetch)."""
         _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
@@ -1815,12 +1850,25 @@ if HAVE_CUTE:
         than ~32 binades below their block's max lose bits, < 2^-30 of the block's largest product), the weight via
         the one f16 convert, mma.sync f16, as the FP8 path.
         Each (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101), so the products
-        stay fp32-normal, and the partial is multiplied back by 2^(bias - k), then by sw."""
+        stay fp32-normal, and the partial is multiplied back by 2^(bias - k), then by sw.
+        norm = (eps, bw, vec, slots) (FP8 path, S = 1 or cluster; GEMV_FOLD_NORM): x is RMSNorm(x) first, as the
+        RmsNorm kernel makes it (dsv4.RMSNorm: bf16(w * (x * rsqrt(mean(x^2) + eps)))): warp w sums the squares of
+        rows w, w + warps, .. over all K in torch_sum_layout(K, M) = (bw, vec, slots)'s order (bit-identical), 1/rms
+        per row in smem, and each quant task normalizes its values before quantizing them. mPart (unused with
+        S = 1 or a cluster) carries the norm weight, fp32 [1, 1, K]."""
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
-                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1):
+                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1,
+                     norm: tuple = (), norm_early: bool = False):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
+            self.norm = tuple(norm)
+            # norm_early: the norm weights go to shared memory by cp.async before the PDL wait (no registers), and
+            # a warp's first quant task loads its x values together with the norm's row sums (one L2 round trip
+            # less on the way to the main loop)
+            self.norm_early = bool(norm) and norm_early
+            assert not norm or (not (a16 or w16 or group_rows) and (k_splits == 1 or cluster) and norm[2] == 4
+                                and norm[1] % 32 == 0 and k_dim % (norm[1] * norm[2]) == 0)
             # k_warps KW > 1: the CTA's K slice is split over KW warps of each row group (split-K inside the CTA,
             # partials summed through shared memory in warp order): KW x fewer rows per CTA, no global partials
             self.KW = k_warps
@@ -1870,6 +1918,8 @@ if HAVE_CUTE:
                     Int32, (self.W * self.D * self.stage_bytes // 4) if self.cp_async else 4], 128]
                 red: cute.struct.Align[cute.struct.MemRange[
                     Float32, self.red_words], 16]
+                rn: cute.struct.MemRange[Float32, self.mpad if self.norm else 1]    # norm: 1/rms per token row
+                nw: cute.struct.Align[cute.struct.MemRange[Float32, self.K if self.norm_early else 4], 16]
 
             self.shared_storage = SharedStorage
             n = cute.size(mW, mode=[0])
@@ -1960,6 +2010,15 @@ if HAVE_CUTE:
 
             for kb in cutlass.range_constexpr(self.D):
                 load_stage(kb, kb)
+            n_tasks = self.n8 * kbc
+            xv0 = cute.make_rmem_tensor((16,), Int32)           # norm_early: x values of the warp's first task
+            nw_smem = storage.nw.data_ptr().toint()
+            if const_expr(self.norm_early):                     # the norm weight [K] fp32 -> smem (constant)
+                for i in cutlass.range_constexpr((self.K // 4 + self.threads - 1) // self.threads):
+                    piece = tidx + self.threads * i
+                    if piece < self.K // 4:
+                        _cp_async_16(nw_smem + piece * 16, mPart.iterator.toint() + Int64(piece) * 16)
+                _cp_async_commit()
             if const_expr(self.pdl):
                 # weights and scales are constant; x (and the memory we write) belong to the previous kernels.
                 # (A branch ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -1974,10 +2033,32 @@ if HAVE_CUTE:
                     r = cutlass.min(bid_n * self.rows + rb * BLOCK, N - 1)
                     sW[rb, tidx % kbc] = _e8m0_to_f32(Int32(mS[r // BLOCK, kb0 + tidx % kbc]))
 
+            # ---- norm: 1/rms of the token rows (warp w: rows w, w + W, ..) -> smem, RmsNorm's operations
+            x_base = mX.iterator.toint()
+            sR = storage.rn.get_tensor(cute.make_layout(self.mpad if self.norm else 1))
+            if const_expr(self.norm_early):
+                xv0.fill(0)
+                if warp < n_tasks:
+                    row0 = 8 * (warp // kbc) + g
+                    if row0 < M:
+                        xa0 = x_base + (Int64(row0) * Kd + Int64((kb0 + warp % kbc) * BLOCK + 16 * t)) * 2
+                        for c in cutlass.range_constexpr(4):
+                            v = _ld_v4(xa0 + (c % 2) * 16 + (c // 2) * 128, ".cg")
+                            for i in cutlass.range_constexpr(4):
+                                xv0[4 * c + i] = v[i]
+            if const_expr(self.norm):
+                for itn in cutlass.range_constexpr((mpad + self.W - 1) // self.W):
+                    row_n = warp + self.W * itn
+                    if row_n < M:
+                        sum_n = _torch_order_sum_bf16(x_base + Int64(row_n) * Kd * 2, lane, Kd, *self.norm[1:])
+                        if lane == 0:
+                            sR[row_n] = cute.math.rsqrt(_add(_mul(sum_n, _recip_f32(Kd)), _f32(self.norm[0])))
+                if const_expr(self.norm_early):
+                    _cp_async_wait(0)                           # this thread's norm weight pieces
+                cute.arch.sync_threads()
+
             # ---- quantize this CTA's K slice of x: warp task (token tile j, k block kb); thread (g, t) takes
             # token 8j+g, k = 16t..16t+15 and 64+16t..64+16t+15 of the block (the same k its MMA fragments use)
-            x_base = mX.iterator.toint()
-            n_tasks = self.n8 * kbc
             xv = cute.make_rmem_tensor((16,), Int32)
             for it in cutlass.range_constexpr((n_tasks + self.W - 1) // self.W):
                 task = warp + self.W * it
@@ -1992,10 +2073,31 @@ if HAVE_CUTE:
                         if const_expr(self.group_rows):                 # this CTA's group: x row m * G + group
                             xrow = Int64(m) * (N // self.group_rows) + (bid_n * self.rows) // self.group_rows
                         xa = x_base + (xrow * Kd + Int64((kb0 + kb) * BLOCK + 16 * t)) * 2
-                        for c in cutlass.range_constexpr(4):
-                            v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
-                            for i in cutlass.range_constexpr(4):
-                                xv[4 * c + i] = v[i]
+                        if const_expr(self.norm_early and it == 0):    # loaded before the norm's sums
+                            for i in cutlass.range_constexpr(16):
+                                xv[i] = xv0[i]
+                        else:
+                            for c in cutlass.range_constexpr(4):
+                                v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
+                                for i in cutlass.range_constexpr(4):
+                                    xv[4 * c + i] = v[i]
+                        if const_expr(self.norm):                       # x <- bf16(w * (x * (1/rms)))
+                            rinv = sR[m]
+                            na = mPart.iterator.toint() + Int64((kb0 + kb) * BLOCK + 16 * t) * 4
+                            ns = nw_smem + ((kb0 + kb) * BLOCK + 16 * t) * 4
+                            for c in cutlass.range_constexpr(4):
+                                if const_expr(self.norm_early):
+                                    wa = _lds_v4(ns + ((c % 2) * 8 + (c // 2) * 64) * 4)
+                                    wb = _lds_v4(ns + ((c % 2) * 8 + (c // 2) * 64 + 4) * 4)
+                                else:
+                                    wa = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64) * 4, ".nc")
+                                    wb = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64 + 4) * 4, ".nc")
+                                wn = [wa[0], wa[1], wa[2], wa[3], wb[0], wb[1], wb[2], wb[3]]
+                                for i in cutlass.range_constexpr(4):
+                                    w = xv[4 * c + i]
+                                    lo = _mul(_bits_f32(wn[2 * i]), _mul(_bits_f32(w << 16), rinv))
+                                    hi = _mul(_bits_f32(wn[2 * i + 1]), _mul(_bits_f32(w & -65536), rinv))
+                                    xv[4 * c + i] = _bf16x2_from_f32(lo, hi)
                     if const_expr(self.fold):
                         # x * 2^k with k = clamp(227 - E(amax), 0, 127): the block max lands in [2^100, 2^101)
                         # (fold 3: k = clamp(142 - E, -112, 126), the max in [2^15, 2^16), then rounded to f16)
@@ -2212,15 +2314,17 @@ if HAVE_CUTE:
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1):
+                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1, norm: tuple = (),
+                  norm_early: bool = False):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
         (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ()) + \
-        (("kw", k_warps) if k_warps > 1 else ())
+        (("kw", k_warps) if k_warps > 1 else ()) + (("norm",) + tuple(norm) if norm else ()) + \
+        (("early",) if norm and norm_early else ())
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
-                     fold, w16, k_warps)
+                     fold, w16, k_warps, norm, norm_early)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
         mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         mk = cute.runtime.make_fake_compact_tensor
@@ -2268,11 +2372,44 @@ def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _gemv_takes(x, weight, torch.float8_e4m3fn)
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+GEMV_FOLD_NORM = False  # fp8_gemv(norm=...): the RMSNorm of x inside the GEMV's activation prologue (dsv4: q_norm
+                        # folded into wq_b / indexer wq_b, no RmsNorm launch; session 7, same bits); else RmsNorm first.
+                        # Off: H200 s7 R0, bench decode same run, the step was 0.012 ms faster without it (the
+                        # RmsNorm hides behind wq_b's weight prefetch under PDL; within noise, not a win)
+GEMV_NORM_EARLY = True  # ... its first quant task's norm weights before the PDL wait, x with the norm's sums (Fp8Gemv
+                        # norm_early; same bits)
+
+
+def fold_norm_config(config: dict, K: int, M: int, eps: float) -> dict | None:
+    """config with x's RMSNorm folded in (Fp8Gemv norm=; 8-warp CTAs held at 2 per SM: the norm's registers would
+    drop them to 1, ptxas 120 -> 136), or None where gemv_norm_layout says no."""
+    layout = gemv_norm_layout(K, M, config)
+    if layout is None:
+        return None
+    cfg = dict(config, norm=(_f32(eps),) + tuple(layout), norm_early=GEMV_NORM_EARLY)
+    if cfg["warps"] == 8 and cfg["n8"] == 1 and not cfg.get("min_ctas"):
+        cfg["min_ctas"] = 2
+    return cfg
+
+
+def gemv_norm_layout(K: int, M: int, config: dict):
+    """Fp8Gemv's norm argument order (bw, vec, slots) for x [M, K] under config, or None where the fold does not
+    apply (GEMV_FOLD_NORM off, a sum order the kernel does not mirror, global split-K partials in mPart)."""
+    layout = torch_sum_layout(K, M)
+    if not (GEMV_FOLD_NORM and layout is not None and layout[1] == 4 and TORCH_ORDER_SUMS):
+        return None
+    if config["k_splits"] > 1 and not config.get("cluster") or config.get("cp_async"):
+        return None
+    return layout
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None,
+             norm: tuple | None = None) -> torch.Tensor:
     """act_quant_fp8(x) x (weight * scale)^T for decode: x [..., K] bf16 (M = prod of leading dims <= 16),
     weight [N, K] float8_e4m3fn, scale [ceil(N/128), K/128] float8_e8m0fnu -> [..., N] bf16. One kernel launch,
     no host sync (CUDA-graph capturable). Semantics: fp8_gemv_reference. Raises ValueError for inputs it can't take
-    (check fp8_gemv_supported first)."""
+    (check fp8_gemv_supported first). norm = (weight fp32 [K], eps): of rms_norm_fused(x, *norm) instead of x, the
+    norm folded into the same launch where gemv_norm_layout allows (same bits), else a RmsNorm launch first."""
     Kd = x.shape[-1]
     N = weight.shape[0]
     M = math.prod(x.shape[:-1])
@@ -2290,6 +2427,10 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if dev not in _NUM_SMS:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev]))}   # config: benchmarks only
+    folded = fold_norm_config(cfg, Kd, M, norm[1]) if norm is not None else None
+    if norm is not None and folded is None:
+        x = rms_norm_fused(x, norm[0], norm[1])
+    cfg = folded or cfg
     fn = _compile_gemv(**cfg)
     rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
@@ -2297,7 +2438,12 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
         x2 = x2.clone()
     out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
-    if cfg["k_splits"] > 1 and not cfg.get("cluster"):
+    if folded is not None:                                           # the norm weight rides in the partials slot
+        w = norm[0]
+        if w.dtype != torch.float32 or w.shape != (Kd,) or not w.is_contiguous() or w.data_ptr() % 16:
+            w = w.float().contiguous().reshape(Kd).clone()
+        part = w.view(1, 1, Kd)
+    elif cfg["k_splits"] > 1 and not cfg.get("cluster"):
         part = torch.empty(cfg["k_splits"], M, row_ctas * rows, dtype=torch.float32, device=dev)
     else:
         part = _COUNTERS.get((dev, "unused"))
@@ -3716,6 +3862,8 @@ HC_CLUSTER_MAX_TOKENS = 8
 HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
 HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
 HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside the next site's HcSiteCluster launch
+HC_FOLD_COMBINE = True  # ... and so does the sum over the k routed slots (no MoeCombine launch where the fused MoE runs
+                        # without routing: kernels.moe(slots=True) hands back RoutedSlots; session 7, same bits)
 HC_CLUSTER_MBAR = True  # HcSiteCluster's two DSMEM exchanges: st.async + mbarrier (True) or cluster barriers, whose
                         # release half is a GPU-scope memory barrier (MEMBAR.ALL.GPU in the SASS; H200: 0.9-2.2 us
                         # slower per site)
@@ -4281,8 +4429,11 @@ if HAVE_CUTE:
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
                      nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False,
-                     sinkhorn_loop: bool = True, mbar: bool = False, lanes: bool = False):
+                     sinkhorn_loop: bool = True, mbar: bool = False, lanes: bool = False, slots: tuple = ()):
             assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
+            # slots = (k, E): f is the MoE's unsummed routed rows [T*k, D] (RoutedSlots): f = MoeCombine's sum of
+            # token m's rows m*k + j whose id mIds[m*k + j] is in [0, E), j in order, fp32 from 0, one bf16 rounding
+            self.slots = tuple(slots) if fuse_post else ()
             self.sinkhorn_loop = sinkhorn_loop
             self.lanes = lanes and n * tok_block <= 32   # softmax rows + post over lanes (HC_SINKHORN_LANES)
             self.mbar = mbar            # DSMEM exchanges signalled by st.async + mbarriers instead of cluster barriers
@@ -4308,7 +4459,7 @@ if HAVE_CUTE:
         def __call__(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
                      mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                      mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
-                     mStamp: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
+                     mStamp: cute.Tensor, mIds: cute.Tensor, eps: Float32, norm_eps: Float32, stream):
             @cute.struct
             class SharedStorage:
                 part: cute.struct.Align[cute.struct.MemRange[Float32, self.TB * self.groups * HC_SLOTS], 16]
@@ -4324,7 +4475,7 @@ if HAVE_CUTE:
             num_tokens = cute.size(mX, mode=[0])
             blocks = (num_tokens + self.TB - 1) // self.TB
             self.kernel(mH, mFn, mF, mF2, mPost, mComb, mHout, mScale, mBase, mW, mX, mPostOut, mCombOut, mStamp,
-                        eps, norm_eps).launch(grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1],
+                        mIds, eps, norm_eps).launch(grid=[self.ctas, blocks, 1], block=[self.threads, 1, 1],
                                          cluster=[self.ctas, 1, 1], stream=stream, use_pdl=self.pdl)
 
         def _lane_butterfly(self, ss):
@@ -4385,7 +4536,7 @@ if HAVE_CUTE:
         def kernel(self, mH: cute.Tensor, mFn: cute.Tensor, mF: cute.Tensor, mF2: cute.Tensor, mPost: cute.Tensor,
                    mComb: cute.Tensor, mHout: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                    mW: cute.Tensor, mX: cute.Tensor, mPostOut: cute.Tensor, mCombOut: cute.Tensor,
-                   mStamp: cute.Tensor, eps: Float32, norm_eps: Float32):
+                   mStamp: cute.Tensor, mIds: cute.Tensor, eps: Float32, norm_eps: Float32):
             tidx, _, _ = cute.arch.thread_idx()
             c, mb, _ = cute.arch.block_idx()                   # c = rank in the cluster (cluster [C, 1, 1])
             warp = tidx // 32
@@ -4438,8 +4589,19 @@ if HAVE_CUTE:
                     if m < num_tokens:
                         for j in cutlass.range_constexpr(n):
                             hb[t * n + j] = mH[m, j * self.dim + col].to(Float32)
-                        if const_expr(self.fuse_post):
+                        if const_expr(self.slots):
+                            # MoeCombine: slots whose id is not in [0, E) add nothing (a +0.0 here: a sum that
+                            # starts at +0.0 never becomes -0.0, so adding +0.0 changes no bit)
+                            nk = self.slots[0]
+                            acc = Float32(0.0)
+                            for j in cutlass.range_constexpr(nk):
+                                e = mIds[m * nk + j]
+                                v = cutlass.select_(e >= 0, mF[m * nk + j, col].to(Float32), Float32(0.0))
+                                acc = _add_rn(acc, cutlass.select_(e < self.slots[1], v, Float32(0.0)))
+                            fb[t] = acc.to(BFloat16).to(Float32)
+                        elif const_expr(self.fuse_post):
                             fb[t] = mF[m, col].to(Float32)
+                        if const_expr(self.fuse_post):
                             if const_expr(self.add_f2):
                                 f2b[t] = mF2[m, col].to(Float32)
                             for e in cutlass.range_constexpr(n):
@@ -4657,7 +4819,8 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
 
 def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
                   pdl: bool | None = None, stamps: bool = False, add_f2: bool = False,
-                  sinkhorn_loop: bool | None = None, mbar: bool | None = None, lanes: bool | None = None):
+                  sinkhorn_loop: bool | None = None, mbar: bool | None = None, lanes: bool | None = None,
+                  slots: tuple = ()):
     pdl = HC_USE_PDL if pdl is None else pdl
     lanes = HC_SINKHORN_LANES if lanes is None else lanes
     loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
@@ -4674,11 +4837,13 @@ def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm:
                 _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 4), _fake_2d(BFloat16, m, dim, 2),
                 _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
+                cute.runtime.make_fake_compact_tensor(Int32, (cute.sym_int(),)),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, loop,
-                             mbar, lanes), args
+                             mbar, lanes, slots), args
     return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2,
-                             loop) + (("mbar",) if mbar else ()) + (("lanes",) if lanes else ()), build)
+                             loop) + (("mbar",) if mbar else ()) + (("lanes",) if lanes else ()) +
+                            (("slots",) + tuple(slots) if slots else ()), build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4733,15 +4898,28 @@ def _site_kernel(h2, fn, scale, base, n, iters, eps, norm_eps, post_args, norm_w
     tb = _site_tok_block(M)
     stamps = _stamp_row(dev, HC_STAMPS)
     f2 = post_args[4] if post_args is not None and len(post_args) > 4 else None
+    f = post_args[0] if post_args is not None else None
+    slots = isinstance(f, RoutedSlots)
     op = _compile_site(D, n, mix, iters, post_args is not None, norm, tb, HC_CLUSTER_NT, stamps=HC_STAMPS,
-                       add_f2=f2 is not None)
+                       add_f2=f2 is not None, slots=(f.top_k, f.num_experts) if slots else ())
+    ids = f.ids if slots else _unused_ids(dev)
     if post_args is None:       # h2 is the input; f / f2 / post / comb / hout only fill unused arguments
-        op(h2, fn, x, x, post, comb2, h2, scale, base, w, x, post, comb2, stamps, float(eps), float(norm_eps))
+        op(h2, fn, x, x, post, comb2, h2, scale, base, w, x, post, comb2, stamps, ids, float(eps), float(norm_eps))
     else:
-        f, res2, post_in, comb_in = post_args[:4]
-        op(res2, fn, f, f if f2 is None else f2, post_in, comb_in, h2, scale, base, w, x, post, comb2, stamps,
+        res2, post_in, comb_in = post_args[1:4]
+        f = f.rows if slots else f
+        op(res2, fn, f, f if f2 is None else f2, post_in, comb_in, h2, scale, base, w, x, post, comb2, stamps, ids,
            float(eps), float(norm_eps))
     return x, post, comb
+
+
+def _unused_ids(dev) -> torch.Tensor:
+    """HcSiteCluster's ids argument where f is not RoutedSlots (made once: a fill inside a graph capture would add
+    a kernel node)."""
+    t = _COUNTERS.get((dev, "site_ids"))
+    if t is None:
+        t = _COUNTERS[(dev, "site_ids")] = torch.full((1,), -1, dtype=torch.int32, device=dev)
+    return t
 
 
 def _site_cluster_takes(M: int, D: int, mix: int, head: bool) -> bool:
@@ -4824,13 +5002,15 @@ def hc_post_pre_fused(f, res, post, comb, fn, scale, base, n: int, iters: int, e
         if _site_cluster_takes(M, D, fn.shape[0], False) and hc_unavailable_reason(res) is None:
             f, f2 = f[0], f[1].reshape(M, D).contiguous()
         else:
-            f = f[0] + f[1]
+            f = routed_sum(f[0]).view(f[1].shape) + f[1]
+    f = routed_sum(f) if isinstance(f, RoutedSlots) and f2 is None else f     # RoutedSlots only with the pair
     if M > MAX_KERNEL_TOKENS or hc_unavailable_reason(res) is not None:
         h = hc_post_fused(f, res, post, comb)
         return (h,) + hc_pre_fused(h, fn, scale, base, n, iters, eps, norm_eps, norm_weight)
     h = torch.empty(M, n, D, dtype=res.dtype, device=res.device)
     x, post2, comb2 = _pre_kernels(h.view(M, n * D), fn, scale, base, n, iters, eps, norm_eps, False,
-                                   (f.reshape(M, D).contiguous(), res.reshape(M, n * D),
+                                   (f if isinstance(f, RoutedSlots) else f.reshape(M, D).contiguous(),
+                                    res.reshape(M, n * D),
                                     post.reshape(M, n).contiguous(), comb.reshape(M, n * n).contiguous())
                                    + ((f2,) if f2 is not None else ()), norm_weight)
     return h, x, post2, comb2
@@ -5193,6 +5373,31 @@ if HAVE_CUTE:
         for j in cutlass.range_constexpr(J):
             t = lane + 32 * j
             part[j] = _thread_sum(lambda k, i: srow[(t + k * bw) * vec + i, col], per, vec, slots)
+        for step in cutlass.range_constexpr(J.bit_length() - 1):     # shared-memory steps bw/2 .. 32
+            off = J >> (step + 1)
+            for j in cutlass.range_constexpr(off):
+                part[j] = _add(part[j], part[j + off])
+        s = part[0]
+        for o in (1, 2, 4, 8, 16):                               # shfl_down tree, lane 0's association
+            s = _add(s, cute.arch.shuffle_sync_bfly(s, offset=o))
+        return s
+
+    @cute.jit
+    def _torch_order_sum_bf16(row_addr, lane, n: int, bw: int, vec: int, slots: int):
+        """_torch_order_row_sum of the squares of the bf16 row at global address row_addr (n values, just written by
+        the previous kernel: L2 loads), vec = 4: lane l plays threads l, l + 32, .., loading their 4-value vectors
+        (8 bytes) straight into registers; every lane gets the sum."""
+        J = bw // 32
+        per = n // (vec * bw)
+        part = cute.make_rmem_tensor((J,), Float32)
+        for j in cutlass.range_constexpr(J):
+            sq = cute.make_rmem_tensor((per * vec,), Float32)
+            for k in cutlass.range_constexpr(per):
+                w = _ld_v2(row_addr + Int64((lane + 32 * j + k * bw) * vec * 2), ".cg")
+                for i in cutlass.range_constexpr(vec):
+                    x = _bits_f32(w[i // 2] << 16) if i % 2 == 0 else _bits_f32(w[i // 2] & -65536)
+                    sq[k * vec + i] = _mul(x, x)
+            part[j] = _thread_sum(lambda k, i: sq[k * vec + i], per, vec, slots)
         for step in cutlass.range_constexpr(J.bit_length() - 1):     # shared-memory steps bw/2 .. 32
             off = J >> (step + 1)
             for j in cutlass.range_constexpr(off):
@@ -7178,11 +7383,17 @@ if HAVE_CUTE:
           M = max(sink, m_s), w_s = exp(m_s - M), Z = exp(sink - M) + sum_s z_s w_s, o = sum_s w_s o_s (order s),
           times 1/Z, bf16; the last rope_dim columns rotated back; one 8-byte store. The exit cluster barrier is
           relaxed (it only keeps the shared memory alive for the peers' reads).
+        - q_norm = (eps, bw, vec, slots) (ATTN_FOLD_Q_NORM, rope_dim > 0): q is wq_b's raw output; the CTA makes
+          QNormRope's query in shared memory (per-head RMS in torch_sum_layout(hd, B*H)'s order, bf16, RoPE of the
+          last rope_dim dims at pos, bf16: bit-identical), while its first key rows are still in flight.
         Tried and dropped: TMA bulk row copies, copying the unchanged rows before the PDL wait, per-head combine
         weights, split dot products / accumulators, paired key tiles per warp (notes/decode.md, session 5)."""
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int = 1,
-                     rope_dim: int = 0):
+                     rope_dim: int = 0, q_norm: tuple = ()):
+            self.qn, self.fold_q = tuple(q_norm), bool(q_norm)
+            assert not q_norm or (rope_dim > 0 and q_norm[2] == 4 and q_norm[1] % 32 == 0
+                                  and head_dim % (q_norm[1] * q_norm[2]) == 0)
             assert head_dim % 64 == 0 and mode in ("window", "hca", "csa") and 1 <= splits <= 16
             assert chunk % 16 == 0 and 16 <= chunk <= 128 and chunks_per_cta >= 1
             assert rope_dim % 4 == 0 and rope_dim <= head_dim
@@ -7292,6 +7503,45 @@ if HAVE_CUTE:
                             ang = mAng[p_ang, (a_col - (self.hd - self.rd)) // 2 + k2]
                             cs[4 * i + 2 * k2] = cute.math.cos(ang)
                             cs[4 * i + 2 * k2 + 1] = -cute.math.sin(ang)
+
+        @cute.jit
+        def q_norm_rope(self, sQ, mAng, pos, warp, lane):
+            """QNormRope of the group's 16 query rows in place in sQ (bf16 pairs): warp w takes rows w, w + 8."""
+            bw, vec, slots = self.qn[1:]
+            J, per = bw // 32, self.hd // (vec * bw)
+            half = (self.hd - self.rd) // 2                       # first word (pair) of the rope dims
+            p_ang = cutlass.max(pos, Int32(0))
+            for hh in cutlass.range_constexpr(HEAD_TILE // (self.threads // 32)):
+                hr = warp + (self.threads // 32) * hh
+                part = cute.make_rmem_tensor((J,), Float32)
+                for j in cutlass.range_constexpr(J):
+                    sq = cute.make_rmem_tensor((per * vec,), Float32)
+                    for k in cutlass.range_constexpr(per):
+                        for i2 in cutlass.range_constexpr(vec // 2):
+                            w = sQ[hr, (lane + 32 * j + k * bw) * (vec // 2) + i2]
+                            lo = _bits_f32(w << 16)
+                            hi = _bits_f32(w & -65536)
+                            sq[k * vec + 2 * i2] = _mul(lo, lo)
+                            sq[k * vec + 2 * i2 + 1] = _mul(hi, hi)
+                    part[j] = _thread_sum(lambda k, i: sq[k * vec + i], per, vec, slots)
+                for step in cutlass.range_constexpr(J.bit_length() - 1):
+                    off = J >> (step + 1)
+                    for j in cutlass.range_constexpr(off):
+                        part[j] = _add(part[j], part[j + off])
+                ssum = part[0]
+                for o in (1, 2, 4, 8, 16):
+                    ssum = _add(ssum, cute.arch.shuffle_sync_bfly(ssum, offset=o))
+                rinv = cute.math.rsqrt(_add(_mul(ssum, _recip_f32(self.hd)), _f32(self.qn[0])))
+                for u in cutlass.range_constexpr(self.words // 32):
+                    wi = lane + 32 * u
+                    w = sQ[hr, wi]
+                    lo = _mul(_bits_f32(w << 16), rinv).to(BFloat16).to(Float32)
+                    hi = _mul(_bits_f32(w & -65536), rinv).to(BFloat16).to(Float32)
+                    if wi >= half:
+                        a, b = _rotate(lo, hi, mAng[p_ang, cutlass.max(wi - half, 0)], False)
+                        lo = a
+                        hi = b
+                    sQ[hr, wi] = _bf16x2_from_f32(lo, hi)
 
         @cute.jit
         def qk_dot(self, sQ, sK, j, lane, nt: int = 1):
@@ -7423,6 +7673,11 @@ if HAVE_CUTE:
                     nbytes = Int32(16)
                 cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
             cute.arch.cp_async_commit_group()
+            if const_expr(self.fold_q and self.n_ch > 1):           # q_norm folded, several passes: before the first
+                cute.arch.cp_async_wait_group(0)
+                cute.arch.sync_threads()
+                self.q_norm_rope(sQ, mAng, pos, warp, lane)
+                cute.arch.sync_threads()
 
             hh = tidx // 16                     # softmax: head hh, key pairs part, part + 16, ..
             part = tidx % 16
@@ -7442,6 +7697,10 @@ if HAVE_CUTE:
                                    k_picks, n_win, W, Tc)
                     if const_expr(not GLUE_PDL and self.n_ch == 1):
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
+                    if const_expr(self.fold_q and self.n_ch == 1):       # q_norm folded: q (the first group) has
+                        cute.arch.cp_async_wait_group(1)             # landed; normalize it while the keys load
+                        cute.arch.sync_threads()
+                        self.q_norm_rope(sQ, mAng, pos, warp, lane)
                     cute.arch.cp_async_wait_group(0)
                     cute.arch.sync_threads()
 
@@ -8407,11 +8666,12 @@ def attention_wide_batch_plan(B: int, H: int, window: int, n_comp: int, num_sms:
 
 
 def _compile_attention_wide(head_dim: int, mode: str, splits: int, chunk: int, chunks_per_cta: int,
-                            rope_dim: int = 0):
+                            rope_dim: int = 0, q_norm: tuple = ()):
     def build():
         args = _attention_fake_args(head_dim)
-        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim), args
-    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim), build)
+        return SparseAttentionDecodeWide(head_dim, mode, splits, chunk, chunks_per_cta, rope_dim, q_norm), args
+    return _load_or_compile(("sattnw", GLUE_PDL, head_dim, mode, splits, chunk, chunks_per_cta, rope_dim) +
+                            (("qnorm",) + tuple(q_norm) if q_norm else ()), build)
 
 
 def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf16: bool = False):
@@ -8511,15 +8771,34 @@ def attention_unavailable_reason(q, window_kv, comp_kv=None) -> str | None:
     return reason
 
 
-def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None):
+ATTN_FOLD_Q_NORM = True   # sparse_attention_decode(q_norm_eps=): QNormRope of the query inside the wide attention
+                          # kernel (dsv4: no QNormRope launch at batch <= ATTN_WIDE_MAX_BATCH; session 7, same bits)
+
+
+def attention_folds_q_norm(B: int, H: int, hd: int) -> bool:
+    """sparse_attention_decode(q_norm_eps=...) makes the query inside the attention launch for this batch (else it
+    launches QNormRope first)."""
+    lay = torch_sum_layout(hd, B * H) if TORCH_ORDER_SUMS else None
+    return (ATTN_FOLD_Q_NORM and ATTN_WIDE and ATTN_CLUSTER and B <= ATTN_WIDE_MAX_BATCH and lay is not None
+            and lay[1] == 4 and lay[0] % 32 == 0 and hd % (lay[0] * lay[1]) == 0)
+
+
+def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None,
+                            q_norm_eps: float | None = None):
     """dsv4.sparse_attention for one query per sequence (signature and semantics of
     sparse_attention_decode_reference) in one CuTe DSL kernel; the reference where the kernel cannot run. angles
     (the RoPE table [P, rd/2]): also undo the RoPE of the output's last rd dims at pos, i.e. return
-    rope_inverse_fused(out, angles, pos) (in the kernel's epilogue: one launch less)."""
+    rope_inverse_fused(out, angles, pos) (in the kernel's epilogue: one launch less). q_norm_eps (with angles): q
+    is the raw query projection; the attention takes q_norm_rope_fused(q, angles, pos, q_norm_eps), made inside
+    the wide kernel where attention_folds_q_norm (same bits), else by a QNormRope launch first."""
+    B, _, H, hd = q.shape
+    fold_q = q_norm_eps is not None and angles is not None and attention_folds_q_norm(B, H, hd) and \
+        attention_unavailable_reason(q, window_kv, comp_kv) is None
+    if q_norm_eps is not None and not fold_q:
+        q = q_norm_rope_fused(q, angles, pos, q_norm_eps)
     if attention_unavailable_reason(q, window_kv, comp_kv) is not None:
         out = sparse_attention_decode_reference(q, window_kv, comp_kv, comp_idx, pos, sink, scale, ratio)
         return out if angles is None else rope_inverse_fused(out, angles, pos)
-    B, _, H, hd = q.shape
     W = window_kv.shape[1]
     if comp_kv is None:
         mode, n_comp, comp_kv = "window", 0, window_kv
@@ -8538,7 +8817,8 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
         splits, chunk, per = attention_wide_batch_plan(B, H, W, n_comp, _NUM_SMS[dev])
         rd = 0 if angles is None else 2 * angles.shape[-1]
         ang = sink.detach().float().view(1, -1) if angles is None else angles.reshape(-1, angles.shape[-1])
-        _compile_attention_wide(hd, mode, splits, chunk, per, rd)(
+        qn = (_f32(q_norm_eps),) + torch_sum_layout(hd, B * H) if fold_q else ()
+        _compile_attention_wide(hd, mode, splits, chunk, per, rd, qn)(
             words(q), words(window_kv), words(comp_kv), idx, pos, sink.detach().float(), out.view(B, H, hd),
             ang, float(scale), int(max(ratio, 1)))
         return out

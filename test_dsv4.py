@@ -2140,7 +2140,8 @@ def torch_moe(monkeypatch):
     eager steps with the fp4 kernel, at Flash dims."""
     reference = K.moe
     monkeypatch.setattr(K, "kernel_unavailable_reason", lambda x, experts: "torch MoE in these tests")
-    monkeypatch.setattr(K, "moe", lambda x, *a, ready=None: (dsv4.moe_gathered if x.is_cuda else reference)(x, *a))
+    monkeypatch.setattr(K, "moe", lambda x, *a, ready=None, slots=False:
+                        (dsv4.moe_gathered if x.is_cuda else reference)(x, *a))
 
 
 @pytest.fixture(scope="module")
@@ -6387,6 +6388,199 @@ def test_moe_gemv_pair_tiles_flash_dims_and_graph_replay(monkeypatch):
     monkeypatch.setattr(K, "MOE_GEMV_PAIR", False)
     torch.cuda.synchronize()
     assert torch.equal(y_g, K.moe_fp4(x, ids2, w2, ex, 7.0))
+
+
+
+# ======================================================================================================================
+# Session 7 (helper fuse): small decode kernels folded into their neighbours (issue #5) — tests
+# ======================================================================================================================
+# HC_FOLD_COMBINE: the MoE's sum over its k routed slots (MoeCombine) inside the next mHC site's HcSiteCluster launch.
+
+def _no_routing_moe(monkeypatch):
+    """The routing-free fused MoE (the decode path whose slots the site can sum) at small dims, buffers poisoned."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    return _small("nvfp4")
+
+
+@pytest.mark.usefixtures("torch_reference_path")
+@gpu
+@pytest.mark.parametrize("T,k,routing", [(1, 6, "random"), (2, 6, "shared"), (3, 6, "token_off"), (4, 6, "duplicate"),
+                                         (8, 2, "random"), (6, 2, "token_off")])
+def test_gpu_site_sums_the_routed_slots_like_moe_combine(T, k, routing, monkeypatch):
+    """moe(slots=True) hands back the k routed rows unsummed (RoutedSlots, no MoeCombine launch); routed_sum gives
+    moe's y bit for bit, and the next site's HcSiteCluster summing the slots itself (+ the shared add, + hc_post, +
+    hc_pre, + RMSNorm) gives the bits of the site fed y + shared: skipped ids (-1, E: poisoned rows) add nothing,
+    one (T <= 4) and two tokens per cluster."""
+    ex = _no_routing_moe(monkeypatch)
+    D, E = 512, 16
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(T, k, E, "random" if routing == "token_off" else routing, seed=70 + T)
+    if routing == "token_off":                    # token T//2 has no slot on this rank (ids -1 and E)
+        ids[T // 2, :] = -1
+        ids[T // 2, 0] = E
+    slots = K.moe(x, ids, w, ex, 7.0, slots=True)
+    assert isinstance(slots, K.RoutedSlots) and slots.rows.shape == (T * k, D)
+    y = K.moe(x, ids, w, ex, 7.0)
+    assert torch.is_tensor(y) and torch.equal(K.routed_sum(slots), y)
+    h, fn, scale, base, s = _inputs(T, D, seed=T + 3, device="cuda")
+    _, post, comb = _dsv4_pre(h, fn, scale, base)
+    wn = _norm_weight(D, "cuda")
+    calls = _site_calls(monkeypatch)
+    new = K.hc_post_pre_fused((slots, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
+    assert calls == [T]
+    ref = K.hc_post_pre_fused((y, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
+    monkeypatch.setattr(K, "HC_SITE", "two")      # the session-5 kernels, torch's bf16 add
+    two = K.hc_post_pre_fused((slots, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
+    assert calls == [T, T]
+    for a, b, c in zip(new, ref, two):
+        assert torch.isfinite(a.float()).all() and torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(dsv4.summed((slots, s)), y + s)
+
+
+
+# GEMV_FOLD_NORM: the q latent's RMSNorm inside the wq_b / indexer wq_b GEMVs' activation prologue.
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(K, name)
+    monkeypatch.setattr(K, name, lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    return calls
+
+
+@gpu
+@pytest.mark.parametrize("N", [32768, 8192, 1536])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 16])
+def test_gpu_fp8_gemv_with_the_rms_norm_folded_gives_the_two_kernel_bits(N, M, monkeypatch):
+    """fp8_gemv(x, norm=(w, eps)) in one launch (the norm's sum of squares in RmsNorm's torch order per CTA; norm
+    weights through smem before the PDL wait or from global memory, GEMV_NORM_EARLY) gives the bits of RmsNorm +
+    fp8_gemv: wq_b (8-warp CTAs), indexer wq_b (K over 4 warps of a CTA; at M = 16 a 4-CTA cluster),
+    a small N; x a column slice of a wider row (as qa of the merged wq_a|wkv output); rows of very different scale."""
+    Kd, eps = 1024, 1e-6
+    monkeypatch.setattr(K, "GEMV_FOLD_NORM", True)
+    g = torch.Generator().manual_seed(N + M)
+    wide = torch.randn(M, Kd + 512, generator=g) * torch.logspace(-3, 2, M).unsqueeze(1)
+    x = wide.to("cuda", torch.bfloat16)[:, :Kd]
+    nw = (1 + 0.3 * torch.randn(Kd, generator=g)).to("cuda")
+    wq, ws = random_weight(N, Kd, seed=M, device="cuda")
+    norms = _spy(monkeypatch, "_compile_rms_norm")
+    fold = K.fp8_gemv(x, wq, ws, norm=(nw, eps))
+    monkeypatch.setattr(K, "GEMV_NORM_EARLY", False)           # the norm weights from global memory, x after the sums
+    late = K.fp8_gemv(x, wq, ws, norm=(nw, eps))
+    assert not norms, "the norm ran as its own kernel"
+    two = K.fp8_gemv(K.rms_norm_fused(x, nw, eps), wq, ws)
+    assert norms
+    assert torch.isfinite(fold.float()).all() and torch.equal(fold, two) and torch.equal(late, two)
+    monkeypatch.setattr(K, "GEMV_FOLD_NORM", False)
+    assert torch.equal(K.fp8_gemv(x, wq, ws, norm=(nw, eps)), two)
+    ref = K.fp8_gemv_reference(K.rms_norm_reference(x.cpu(), nw.cpu(), eps), wq.cpu(), ws.cpu())
+    assert ((fold.float().cpu() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def test_gemv_norm_layout_takes_only_configs_whose_partials_slot_is_free(monkeypatch):
+    """The fold needs torch's vec-4 order (K > 128) and mPart unused (one K slice or a cluster); off by switch."""
+    monkeypatch.setattr(K, "GEMV_FOLD_NORM", True)
+    one = K.pick_gemv_config(32768, 1024, 1, 132)
+    assert K.gemv_norm_layout(1024, 1, one) == K.torch_sum_layout(1024, 1)
+    assert K.gemv_norm_layout(1024, 1, dict(one, k_splits=4, cluster=False)) is None
+    assert K.gemv_norm_layout(1024, 1, dict(one, k_splits=4, cluster=True)) is not None
+    assert K.gemv_norm_layout(128, 1, one) is None
+    monkeypatch.setattr(K, "GEMV_FOLD_NORM", False)
+    assert K.gemv_norm_layout(1024, 1, one) is None
+
+
+
+# ATTN_FOLD_Q_NORM: QNormRope of the query inside the wide attention kernel.
+QNORM_CASES = [(1, 64, 512, 128, 512, "hca", 1000), (1, 64, 512, 128, 512, "hca", 70),
+               (1, 64, 512, 128, 16384, "csa", 1000), (2, 64, 512, 128, 512, "csa", 9),
+               (2, 64, 512, 128, 0, "window", 200), (1, 64, 512, 128, 8192, "hca", 1000000),
+               (3, 64, 512, 128, 512, "hca", 16000)]
+
+
+@gpu
+@pytest.mark.parametrize("B,H,hd,W,Tc,mode,pos", QNORM_CASES)
+def test_gpu_attention_makes_the_query_like_the_qnormrope_kernel(B, H, hd, W, Tc, mode, pos, monkeypatch):
+    """sparse_attention_decode(q_norm_eps=) on wq_b's raw output: batch <= 2 in one launch (the wide kernel makes
+    QNormRope's query in shared memory, while the keys load; several passes at pos 1e6), batch 3 through a
+    QNormRope launch first; both give the bits of QNormRope + the attention."""
+    args = attention_inputs(B, H, hd, W, max(Tc, 1), mode, pos, k=512, device="cuda", seed=pos)
+    g = torch.Generator().manual_seed(pos)
+    raw = (args[0].float().cpu() * torch.exp(torch.randn(B, 1, H, 1, generator=g) * 2)).to(torch.bfloat16).cuda()
+    angles = torch.rand(max(pos, 1) + 7, 32, device="cuda") * 6.3
+    eps = 1e-6
+    qnr = _spy(monkeypatch, "_compile_q_norm_rope")
+    want = K.sparse_attention_decode(K.q_norm_rope_fused(raw, angles, args[4], eps), *args[1:], angles=angles)
+    assert len(qnr) == 1
+    got = K.sparse_attention_decode(raw, *args[1:], angles=angles, q_norm_eps=eps)
+    assert len(qnr) == (1 if B <= K.ATTN_WIDE_MAX_BATCH else 2), "QNormRope launched (or not) unexpectedly"
+    assert torch.isfinite(got.float()).all() and torch.equal(got, want)
+    monkeypatch.setattr(K, "ATTN_FOLD_Q_NORM", False)
+    assert torch.equal(K.sparse_attention_decode(raw, *args[1:], angles=angles, q_norm_eps=eps), want)
+
+
+
+S7_FOLDS = ("HC_FOLD_COMBINE", "GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM")
+
+
+@gpu
+def test_gpu_decode_with_the_session7_folds_gives_the_unfolded_logits(gpu_checkpoints, monkeypatch):
+    """The whole decode step (graph, batch 2, 12 steps) with the session-7 switches on and off gives the same logits
+    (the tiny dims take each fold's fallback: K = 128 norms, no routing-free fused MoE; Flash dims: bench.py decode
+    compares every ablation's logits with the default step's)."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(5)).cuda()
+    path = gpu_checkpoints["fp8"]
+    for name in S7_FOLDS:
+        monkeypatch.setattr(K, name, True)
+    on = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    for name in S7_FOLDS:
+        monkeypatch.setattr(K, name, False)
+    off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
+
+COMPILE_S7_FOLDS = """
+import glob, os, sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+K.GEMV_FOLD_NORM = True
+dump = os.environ["CUTE_DSL_DUMP_DIR"]
+def keep(tag):                                  # one PTX file name per kernel class: keep each config's
+    for ptx in glob.glob(os.path.join(dump, "cutlass*.ptx")):
+        os.replace(ptx, os.path.join(dump, tag + ".ptx"))
+for N, M, early in ((32768, 1, True), (32768, 8, True), (8192, 1, True), (8192, 16, True), (32768, 1, False)):
+    K.GEMV_NORM_EARLY = early
+    K._compile_gemv(**K.fold_norm_config(dict(K.pick_gemv_config(N, 1024, M, 132), pdl=True), 1024, M, 1e-6))
+    keep(f"gemv_{N}_{M}_{early}")
+for tb in (1, 2):
+    K._compile_site(4096, 4, 24, 20, True, True, tb, 8, add_f2=True, slots=(6, 256))
+    keep(f"site_{tb}")
+for mode, n, B in (("hca", 32, 1), ("csa", 512, 2), ("hca", 8192, 1)):
+    plan = K.attention_wide_batch_plan(B, 64, 128, n, 132)
+    K._compile_attention_wide(512, mode, *plan, 64, (K._f32(1e-6),) + K.torch_sum_layout(512, 64 * B))
+    keep(f"attn_{mode}_{n}")
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_session7_fold_kernels_compile_for_sm90a_without_spills(tmp_path):
+    """The folded variants at Flash dims compile for sm_90a without a GPU: the GEMV with the q_norm (wq_b M 1 / 8,
+    indexer wq_b M 1 / 16: 4-warp K split, 4-CTA cluster; norm weights through smem, and wq_b M 1 without), the site summing 6 routed slots (1 and 2 tokens per
+    cluster), the wide attention making its query (HCA, CSA batch 2, HCA in several passes); where ptxas is
+    installed, none spills and the 8-warp GEMV stays within 128 registers (2 CTAs per SM, as without the norm)."""
+    dump = _compile_for_sm90a(COMPILE_S7_FOLDS, tmp_path)
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 10
+    ptxas = shutil.which("ptxas")
+    ptxs = sorted(dump.glob("*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    assert len(ptxs) == 10
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, ptx.name
+        if ptx.name.startswith("gemv_32768"):
+            assert int(re.search(r"Used (\d+) registers", rep.stderr).group(1)) <= 128, ptx.name
 
 
 if __name__ == "__main__":
