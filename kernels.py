@@ -1308,6 +1308,25 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
             a_down, w32, limit, ids32, ids32, counters, dummy.view(-1) if ready is None else ready, y)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
+    dgv = moe_gemv_direct_configs(pk.fmt, R, E, D, inter, sms, k) if gemv and fused is None else None
+    if dgv is not None:
+        # no routing kernel, two launches (MOE_GEMV_DIRECT): GEMM1 reads topk_ids and x itself, rows by slot
+        act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
+        y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
+        if POISON_BUFFERS:
+            act.fill_(float("nan"))
+            y_rows.fill_(float("nan"))
+        y = torch.empty(T, D, dtype=x.dtype, device=dev)
+        dummy = _COUNTERS.get((dev, "i32x3"))
+        if dummy is None:
+            dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
+        w2_base = pk.w2.view(-1)[:16]
+        _compile_moe_gemv(*dgv[0], direct_k=k)(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate,
+                                                a_up, w32, limit, ids32, ids32, w2_base)
+        _compile_moe_gemv(*dgv[1], direct_k=k)(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32,
+                                                limit, ids32, ids32, w2_base)
+        _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
+        return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
@@ -2587,7 +2606,7 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1, stages: int = 4,
                      pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1,
-                     by_slot: bool = False, l2_next: int = 0):
+                     by_slot: bool = False, l2_next: int = 0, direct_k: int = 0):
             self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
             # l2_next > 0 (GEMM1): records per expert of the next GEMM's weights (mNext: w2 records); after its main
             # loop each CTA prefetches its share of its expert's into L2 (cp.async.bulk.prefetch), so GEMM2 reads L2
@@ -2599,7 +2618,7 @@ if HAVE_CUTE:
             # groups of 8: the slot whose rank o among them is a multiple of 8 takes rows o .. o+7; the other slots
             # (and skipped ones) exit.
             self.by_slot = by_slot
-            assert not by_slot or (pdl and wait_first), "by_slot: a PDL launch right after the routing kernel"
+            assert not by_slot or direct_k or (pdl and wait_first), "by_slot: a PDL launch right after the routing kernel"
             self.S = k_splits
             self.k_tiles = k_dim // TILE_K
             assert self.k_tiles % k_splits == 0 and k_splits <= 8, "K slices: a divisor of K/64, a portable cluster"
@@ -2626,8 +2645,12 @@ if HAVE_CUTE:
             # slots of its expert in slot order (rank o .. o+7 of them, from one ballot mask), row n = slot s_n:
             # GEMM1 reads x[s_n // k] and writes act[s_n], GEMM2 reads act[s_n] and writes y_rows[s_n]; the routing
             # weight is topk_weights[s_n] (mRowW = the flat weights). The slots s_n live in ticket smem [16 + n].
-            self.direct_k = 0
+            self.direct_k = direct_k
             self.early = False             # direct_k: the ids were read after the router's ready flag
+            # direct_k in a launch of its own (MOE_GEMV_DIRECT, two launches without a routing kernel): GEMM1
+            # (wait_first) waits for the router before it reads the ids; GEMM2 (pdl, not wait_first) reads them at
+            # once (GEMM1's CTAs started only after the router's end), issues its weight loads and then waits for act
+            self.direct_wait = wait_first or not pdl
             self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
             # timing-only diagnostics (wrong outputs; MOE_GEMV_DIAG): "nodecode" raw code words into the mma,
             # "nomma" decode without mma / B loads, "nosecond" table tiles after an expert's first exit, "l2" every
@@ -2638,15 +2661,18 @@ if HAVE_CUTE:
             """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
             return max(MOE_GEMV_TILE_N * self.row_words, self.MT * 2 * 64 * MOE_GEMV_TILE_N if self.S > 1 else 0)
 
+        def storage_struct(self):
+            """Shared storage of a launch of its own: token rows (+ the partials); direct_k: + the item's slots."""
+            fields = {"xs": cute.struct.Align[cute.struct.MemRange[Int32, self.smem_words()], 16]}
+            if self.direct_k > 0:                               # [16..31]: the item's slots and input rows
+                fields["ticket"] = cute.struct.Align[cute.struct.MemRange[Int32, 32], 16]
+            return cute.struct(type("SharedStorage", (), {"__annotations__": fields}))
+
         @cute.jit
         def __call__(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
                      mIds: cute.Tensor, mPos: cute.Tensor, mNext: cute.Tensor, stream):
-            @cute.struct
-            class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
-                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.smem_words()], 16]
-
-            self.shared_storage = SharedStorage
+            self.shared_storage = self.storage_struct()
             n_tab = cute.size(mTiles, mode=[0])
             if const_expr(self.by_slot):
                 n_tab = cute.size(mIds, mode=[0])
@@ -2685,10 +2711,11 @@ if HAVE_CUTE:
             nrows = Int32(0)
             rank = Int32(0)
             if const_expr(self.direct_k > 0):
-                if const_expr(not self.early):      # (early: Fp4MoeGemvFused.kernel saw the router's flag)
+                if const_expr(not self.early and self.direct_wait):  # (early: Fp4MoeGemvFused.kernel saw the flag)
                     # the router (the kernel right before) wrote topk_ids / weights: wait
                     cute.arch.griddepcontrol_wait()
-                cute.arch.griddepcontrol_launch_dependents()          # the next kernel may start its prologue
+                if const_expr(self.direct_wait):
+                    cute.arch.griddepcontrol_launch_dependents()      # the next kernel may start its prologue
                 expert = mIds[bid_t]
                 e_j = Int32(-1)
                 if tidx % 32 < cute.size(mIds, mode=[0]):
@@ -3505,15 +3532,17 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = ""):
+                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = "", direct_k: int = 0):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
     unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted;
     l2_ahead (with pair): L2 prefetch of the records this many k-tiles ahead.
-    diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs)."""
+    diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs). direct_k = top-k > 0 (MOE_GEMV_DIRECT, by_slot):
+    no routing kernel; x / act / out rows and row_w by routed slot, topk_ids as mIds (tiles / pos are not read)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ())
+              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ()) \
+        + (("direct", direct_k) if direct_k else ())
 
     def build():
         if pair:
@@ -3522,8 +3551,9 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
                                 x_by_src, l2_ahead, by_slot)
         else:
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
-                            by_slot, l2_next)
+                            by_slot, l2_next, direct_k)
             op.diag = diag
+        assert not direct_k or (by_slot and not pair and not l2_next and pdl)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3557,6 +3587,10 @@ MOE_GEMV_L2_AHEAD = 0         # pair kernel: L2 prefetch of the weight records t
 MOE_GEMV_X_BY_SRC = True      # pair GEMM1 reads x rows through src_tok (no index_select launch for x_sorted)
 MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
+
+
+MOE_GEMV_DIRECT = False      # R <= MOE_GEMV_DIRECT_MAX_ROWS past the fused launch's bound: the two GEMV launches by
+MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k: ids / x read by GEMM1 itself; same bits)
 
 
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
@@ -3660,6 +3694,20 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
              l2_next) + ((MOE_GEMV_PAIR_STAGES, by_src, MOE_GEMV_L2_AHEAD) if pair1 else ()),
             (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0)
             + ((MOE_GEMV_PAIR_STAGES, False, MOE_GEMV_L2_AHEAD) if pair2 else ()))
+
+
+def moe_gemv_direct_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, top_k: int):
+    """_compile_moe_gemv arguments of the routing-free two-launch GEMV (MOE_GEMV_DIRECT), or None where it does not
+    apply: <= 32 routed slots (one ballot), PDL, no pair kernel / L2 prefetch. Same S / MT / stages as the routed
+    by-slot path (moe_gemv_configs with the fused gather): same bits."""
+    if not (MOE_GEMV_DIRECT and USE_PDL and R <= min(32, MOE_GEMV_DIRECT_MAX_ROWS)):
+        return None
+    g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
+    if len(g1) > 12 or len(g2) > 12 or g1[11] or g2[11]:
+        return None
+    g1 = g1[:7] + (True,) + g1[8:10] + (True, 0)
+    g2 = g2[:7] + (False,) + g2[8:10] + (True, 0)
+    return g1, g2
 
 
 def _moe_gemv_pair_ok(k_tiles: int, s: int) -> bool:
@@ -9553,6 +9601,25 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     gemm1, gemm2, routing, combine, widths = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
     nc, tile_n = len(widths), widths[-1]
     dev = x.device
+    dgv = moe_gemv_direct_configs(pk.fmt, R, E, D, inter, sms, k) if gemv and fused is None else None
+    if dgv is not None:
+        # no routing kernel, two launches (MOE_GEMV_DIRECT): GEMM1 reads topk_ids and x itself, rows by slot
+        act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
+        y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
+        if POISON_BUFFERS:
+            act.fill_(float("nan"))
+            y_rows.fill_(float("nan"))
+        y = torch.empty(T, D, dtype=x.dtype, device=dev)
+        dummy = _COUNTERS.get((dev, "i32x3"))
+        if dummy is None:
+            dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
+        w2_base = pk.w2.view(-1)[:16]
+        _compile_moe_gemv(*dgv[0], direct_k=k)(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate,
+                                                a_up, w32, limit, ids32, ids32, w2_base)
+        _compile_moe_gemv(*dgv[1], direct_k=k)(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32,
+                                                limit, ids32, ids32, w2_base)
+        _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
+        return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
