@@ -18,7 +18,7 @@ TS = tuple(int(t) for t in os.environ.get("MID_TS", "4,16,64,128,256").split(","
 
 
 def parse_variants(spec):
-    """'name=KNOB:value,KNOB:value@T,T name2=...' -> {name: (knobs, Ts or None)}"""
+    """'name=KNOB:value;KNOB:value@T,T name2=...' -> {name: (knobs, Ts or None)}"""
     out = {}
     for item in spec.split():
         name, rest = item.split("=", 1)
@@ -27,7 +27,7 @@ def parse_variants(spec):
             rest, t = rest.split("@")
             ts = tuple(int(v) for v in t.split(","))
         knobs = {}
-        for kv in rest.split(","):
+        for kv in rest.split(";"):
             key, v = kv.split(":", 1)
             knobs[key] = eval(v)            # noqa: S307 - our own script's arguments
         out[name] = (knobs, ts)
@@ -153,6 +153,50 @@ def trace(g, title):
         f"{e.time_range.end - e.time_range.start:.1f} {e.time_range.end - t0:.1f}" for e in ev[:13]), flush=True)
 
 
+def stamps(T, v, rt, ex, bw):
+    """One eager call at T with the phase stamps on (after a plain call on another weight copy): per launch the
+    phase percentiles (us from GEMM1's first CTA entry) and a 2-us profile of the weight stream (each active CTA's
+    bytes spread evenly over its entry .. loop end)."""
+    x, ids, w = rt[T]
+    nb = 8192 * 48
+    buf = torch.zeros(2 * nb, dtype=torch.uint8, device="cuda")
+    with_knobs(VARIANTS[v][0], lambda: K.moe_fp4(x, ids, w, ex[1], LIMIT))
+    with_knobs(dict(VARIANTS[v][0], MOE_GEMV_STAMPS=buf), lambda: K.moe_fp4(x, ids, w, ex[2], LIMIT))
+    torch.cuda.synchronize()
+    st = buf.view(torch.int64).view(2, 8192, 6).cpu()
+    rec = K.record_bytes("nvfp4")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    g1, g2 = K.moe_gemv_configs("nvfp4", T * k, E, D, I, sms, T * k <= K.GATHER_MAX_ROWS)
+    act = [st[i][st[i][:, 0] > 0] for i in range(2)]
+    if not len(act[0]):
+        print(f"stamps {v} T={T}: none written")
+        return
+    t0 = act[0][:, 0].min()
+    print(f"stamps {v} T={T}: active CTAs GEMM1 {len(act[0])}, GEMM2 {len(act[1])}; us from GEMM1's first entry "
+          f"(min p10 p50 p90 max):")
+    prof = {}
+    for i, (cfg, kd) in enumerate(((g1, D), (g2, I))):
+        a = act[i]
+        if not len(a):
+            continue
+        for f, nm in enumerate(("entry", "tokens", "loop end", "exit")):
+            q = ((a[:, f] - t0).double() / 1000).sort().values
+            pick = lambda p: q[min(len(q) - 1, int(p * (len(q) - 1)))].item()   # noqa: E731
+            print(f"  GEMM{i + 1} {nm:9s} " + " ".join(f"{pick(p):7.2f}" for p in (0, .1, .5, .9, 1)))
+        per_sm = torch.bincount(a[:, 4], minlength=sms)
+        print(f"  GEMM{i + 1} CTAs per SM min {int(per_sm.min())} max {int(per_sm.max())}; "
+              f"SMs by last exit: p10 {((a[:, 3] - t0).double().quantile(0.1) / 1000).item():.1f}")
+        cbytes = cfg[9] * (kd // 64 // cfg[4]) * rec
+        for row in a.tolist():
+            b0, b1 = (row[0] - t0.item()) / 1000, (row[2] - t0.item()) / 1000
+            for j in range(int(b0 // 2), int(b1 // 2) + 1):
+                lo, hi = max(b0, 2 * j), min(b1, 2 * j + 2)
+                if hi > lo:
+                    prof[j] = prof.get(j, 0) + cbytes * (hi - lo) / max(b1 - b0, 1e-3)
+    print("  stream TB/s per 2 us: " + " ".join(f"{prof.get(j, 0) / 2e-6 / 1e12:.1f}"
+                                                  for j in range(max(prof) + 1)) + f" (copy {bw:.2f})", flush=True)
+
+
 def main():
     name = torch.cuda.get_device_name()
     ex = [random_packed_experts(s) for s in range(N_COPIES)]
@@ -212,10 +256,19 @@ def main():
             m = vals[len(vals) // 2]
             print(f"{T:>4} {v:>10} {m:>8.1f} ({vals[0]:>7.1f}..{vals[-1]:>7.1f}) {100 * floor / m:>6.1f} "
                   f"{m / b:>7.3f} {floor:>8.1f}", flush=True)
+    for key in os.environ.get("MID_STAMPS", "").split():
+        T, v = key.split(":")
+        try:
+            stamps(int(T), v, rt, ex, bw)
+        except Exception as err:   # noqa: BLE001 - a probe only
+            print(f"stamps {key} failed: {err!r}"[:400], flush=True)
     for key in os.environ.get("MID_TRACE", "").split():
         T, v = key.split(":")
         if (int(T), v) in graphs:
-            trace(graphs[int(T), v], f"{v} T={T}")
+            try:
+                trace(graphs[int(T), v], f"{v} T={T}")
+            except Exception as err:   # noqa: BLE001 - a probe only
+                print(f"trace {key} failed: {err!r}"[:400], flush=True)
 
 
 if __name__ == "__main__":

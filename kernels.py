@@ -1321,10 +1321,14 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         if dummy is None:
             dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
         w2_base = pk.w2.view(-1)[:16]
-        _compile_moe_gemv(*dgv[0], direct_k=k)(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate,
-                                                a_up, w32, limit, ids32, ids32, w2_base)
-        _compile_moe_gemv(*dgv[1], direct_k=k)(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32,
-                                                limit, ids32, ids32, w2_base)
+        st = MOE_GEMV_STAMPS
+        sk = dict(stamps=True) if st is not None else {}
+        _compile_moe_gemv(*dgv[0], direct_k=k, **sk)(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate,
+                                                     a_up, w32, limit, ids32, ids32,
+                                                     w2_base if st is None else st[:st.numel() // 2])
+        _compile_moe_gemv(*dgv[1], direct_k=k, **sk)(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down,
+                                                     w32, limit, ids32, ids32,
+                                                     w2_base if st is None else st[st.numel() // 2:])
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -1364,10 +1368,13 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
         dg = dict(diag=MOE_GEMV_DIAG) if MOE_GEMV_DIAG else {}     # timing-only diagnostics
         by_src = len(g1) > 13 and g1[13]                         # x rows through src_tok (mPos = src_tok)
-        _compile_moe_gemv(*g1, **dg)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
-                                     ids32, src_tok if by_src else pos, w2_base)
-        _compile_moe_gemv(*g2, **dg)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
-                                     ids32, pos, w2_base)
+        st = MOE_GEMV_STAMPS if len(g1) <= 12 and len(g2) <= 12 and not g1[11] else None
+        s1, s2 = (dict(stamps=True), dict(stamps=True)) if st is not None else ({}, {})
+        _compile_moe_gemv(*g1, **dg, **s1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w,
+                                           limit, ids32, src_tok if by_src else pos,
+                                           w2_base if st is None else st[:st.numel() // 2])
+        _compile_moe_gemv(*g2, **dg, **s2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w,
+                                           limit, ids32, pos, w2_base if st is None else st[st.numel() // 2:])
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -2578,6 +2585,22 @@ if HAVE_CUTE:
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
+    def _st_u64_here(addr: Int64, v: Int64, *, loc=None, ip=None):
+        """8-byte global store (probe stamps)."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Int64(v).ir_value(loc=loc, ip=ip)],
+                         "st.global.u64 [$0], $1;", "l,l", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _globaltimer_u64(*, loc=None, ip=None) -> Int64:
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
+    def _smid_u32(*, loc=None, ip=None) -> Int32:
+        return Int32(_llvm.inline_asm(_T.i32(), [], "mov.u32 $0, %smid;", "=r", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
     def _nanosleep(ns: int, *, loc=None, ip=None):
         """Suspend the thread for about ns nanoseconds (spin loops: fewer issue slots taken from working warps)."""
         _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
@@ -2656,6 +2679,10 @@ if HAVE_CUTE:
             # "nomma" decode without mma / B loads, "nosecond" table tiles after an expert's first exit, "l2" every
             # CTA streams expert 0's records (L2-resident: the issue-bound time)
             self.diag = ""
+            # probe (MOE_GEMV_STAMPS, timing runs only): thread 0 of each active CTA writes %globaltimer at entry,
+            # token load start (after every wait), main-loop end and exit, plus %smid and its slot / tile, as 6 u64
+            # words at mNext + 48 * (linear CTA index) (mNext = a stamp buffer then; needs l2_next == 0)
+            self.stamps = False
 
         def smem_words(self) -> int:
             """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
@@ -2698,6 +2725,9 @@ if HAVE_CUTE:
                  mPos: cute.Tensor, mNext: cute.Tensor, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
             """One work item: K slice bid_k of 128-row tiles bid_m*MT.. of token tile (by_slot: routed slot) bid_t.
             mCnt: the fused launch's readiness counters (roles above; unused otherwise)."""
+            t_entry = Int64(0)
+            if const_expr(self.stamps):
+                t_entry = _globaltimer_u64()
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once all our CTAs have started; it waits for our end itself
                 cute.arch.griddepcontrol_launch_dependents()
@@ -2824,6 +2854,9 @@ if HAVE_CUTE:
                     if row0 >= 0:
                         cute.arch.griddepcontrol_wait()
 
+                t_tok = Int64(0)
+                if const_expr(self.stamps):
+                    t_tok = _globaltimer_u64()
                 # ---- the tile's token rows of this K slice -> smem, permuted per 64-k tile: natural word
                 # 8kb + 4p + t (k = 16kb + 8p + 2t) -> stored word 16(kb//2) + 4t + 2(kb%2) + p
                 sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, MOE_GEMV_TILE_N),
@@ -2860,6 +2893,9 @@ if HAVE_CUTE:
                         self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + self.D, s)
                 for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
                     self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
+                t_loop = Int64(0)
+                if const_expr(self.stamps):
+                    t_loop = _globaltimer_u64()
 
                 if const_expr(self.l2_next > 0):
                     n_parts = (self.m_tiles // self.MT) * self.S
@@ -2916,6 +2952,17 @@ if HAVE_CUTE:
                     self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
                     cute.arch.cluster_arrive()                       # peers keep their smem until it is read
                     cute.arch.cluster_wait()
+                if const_expr(self.stamps):
+                    if tidx == 0:
+                        gx, gy, _ = cute.arch.grid_dim()
+                        cta = (bid_t * gy + bid_m) * gx + bid_k
+                        sa = mNext.iterator.toint() + Int64(cta) * 48
+                        _st_u64_here(sa, t_entry)
+                        _st_u64_here(sa + 8, t_tok)
+                        _st_u64_here(sa + 16, t_loop)
+                        _st_u64_here(sa + 24, _globaltimer_u64())
+                        _st_u64_here(sa + 32, Int64(_smid_u32()))
+                        _st_u64_here(sa + 40, Int64(bid_t))
             else:
                 if const_expr(self.S > 1 and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: an idle item's cluster still meets once (rank 0 holds the ticket its peers read)
@@ -3532,7 +3579,8 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = "", direct_k: int = 0):
+                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = "", direct_k: int = 0,
+                      stamps: bool = False):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
@@ -3542,7 +3590,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
     no routing kernel; x / act / out rows and row_w by routed slot, topk_ids as mIds (tiles / pos are not read)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
               l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ()) \
-        + (("direct", direct_k) if direct_k else ())
+        + (("direct", direct_k) if direct_k else ()) + (("stamps",) if stamps else ())
 
     def build():
         if pair:
@@ -3553,6 +3601,8 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
                             by_slot, l2_next, direct_k)
             op.diag = diag
+            op.stamps = stamps
+            assert not stamps or not l2_next
         assert not direct_k or (by_slot and not pair and not l2_next and pdl)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
@@ -3589,6 +3639,8 @@ MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a 
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
 
 
+MOE_GEMV_STAMPS = None       # probe: a uint8 CUDA buffer -> the two GEMV launches (not pair / fused) write per-CTA
+                             # phase stamps (Fp4MoeGemv.stamps) into its halves [0, n/2) (GEMM1) and [n/2, n) (GEMM2)
 MOE_GEMV_DIRECT = False      # R <= MOE_GEMV_DIRECT_MAX_ROWS past the fused launch's bound: the two GEMV launches by
 MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k: ids / x read by GEMM1 itself; same bits)
 
@@ -9614,10 +9666,14 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
         if dummy is None:
             dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
         w2_base = pk.w2.view(-1)[:16]
-        _compile_moe_gemv(*dgv[0], direct_k=k)(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate,
-                                                a_up, w32, limit, ids32, ids32, w2_base)
-        _compile_moe_gemv(*dgv[1], direct_k=k)(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32,
-                                                limit, ids32, ids32, w2_base)
+        st = MOE_GEMV_STAMPS
+        sk = dict(stamps=True) if st is not None else {}
+        _compile_moe_gemv(*dgv[0], direct_k=k, **sk)(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate,
+                                                     a_up, w32, limit, ids32, ids32,
+                                                     w2_base if st is None else st[:st.numel() // 2])
+        _compile_moe_gemv(*dgv[1], direct_k=k, **sk)(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down,
+                                                     w32, limit, ids32, ids32,
+                                                     w2_base if st is None else st[st.numel() // 2:])
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
