@@ -204,7 +204,7 @@ def stamps(T, v, rt, ex, bw):
               f"SMs by last exit: p10 {((a[:, 3] - t0).double().quantile(0.1) / 1000).item():.1f}")
         cbytes = cfg[9] * (kd // 64 // cfg[4]) * rec
         for row in a.tolist():
-            b0, b1 = (row[0] - t0.item()) / 1000, (row[2] - t0.item()) / 1000
+            b0, b1 = (row[1 if i else 0] - t0.item()) / 1000, (row[2] - t0.item()) / 1000   # GEMM2: after its wait
             for j in range(int(b0 // 2), int(b1 // 2) + 1):
                 lo, hi = max(b0, 2 * j), min(b1, 2 * j + 2)
                 if hi > lo:
