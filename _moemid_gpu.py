@@ -195,10 +195,13 @@ def stamps(T, v, rt, ex, bw):
         a = act[i]
         if not len(a):
             continue
-        for f, nm in enumerate(("entry", "tokens", "loop end", "exit")):
+        for f, nm in ((0, "entry"), (1, "tokens"), (5, "loop start"), (2, "loop end"), (3, "exit")):
             q = ((a[:, f] - t0).double() / 1000).sort().values
             pick = lambda p: q[min(len(q) - 1, int(p * (len(q) - 1)))].item()   # noqa: E731
             print(f"  GEMM{i + 1} {nm:9s} " + " ".join(f"{pick(p):7.2f}" for p in (0, .1, .5, .9, 1)))
+        tl = ((a[:, 5] - a[:, 1]).double() / 1000).sort().values
+        print(f"  GEMM{i + 1} token load us: p50 {tl[len(tl) // 2].item():.2f} p90 {tl[int(0.9 * (len(tl) - 1))].item():.2f}"
+              f"; main loop us p50 {((a[:, 2] - a[:, 5]).double().median() / 1000).item():.2f}")
         per_sm = torch.bincount(a[:, 4], minlength=sms)
         print(f"  GEMM{i + 1} CTAs per SM min {int(per_sm.min())} max {int(per_sm.max())}; "
               f"SMs by last exit: p10 {((a[:, 3] - t0).double().quantile(0.1) / 1000).item():.1f}")

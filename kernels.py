@@ -2680,8 +2680,8 @@ if HAVE_CUTE:
             # CTA streams expert 0's records (L2-resident: the issue-bound time)
             self.diag = ""
             # probe (MOE_GEMV_STAMPS, timing runs only): thread 0 of each active CTA writes %globaltimer at entry,
-            # token load start (after every wait), main-loop end and exit, plus %smid and its slot / tile, as 6 u64
-            # words at mNext + 48 * (linear CTA index) (mNext = a stamp buffer then; needs l2_next == 0)
+            # token load start (after every wait), main-loop end, exit, %smid and main-loop start, as 6 u64 words
+            # at mNext + 48 * (linear CTA index) (mNext = a stamp buffer then; needs l2_next == 0)
             self.stamps = False
 
         def smem_words(self) -> int:
@@ -2881,6 +2881,9 @@ if HAVE_CUTE:
                         sXw[w0 + 4 * tt, n] = v[tt]
                 cute.arch.sync_threads()
 
+                t_main = Int64(0)
+                if const_expr(self.stamps):
+                    t_main = _globaltimer_u64()
                 # ---- main loop: per k-tile, B fragments of token min(g, rows-1), then per atom decode + 4 mma
                 brow = cutlass.min(g, nrows - 1)
                 acc = cute.make_rmem_tensor((2, 4), Float32)
@@ -2962,7 +2965,7 @@ if HAVE_CUTE:
                         _st_u64_here(sa + 16, t_loop)
                         _st_u64_here(sa + 24, _globaltimer_u64())
                         _st_u64_here(sa + 32, Int64(_smid_u32()))
-                        _st_u64_here(sa + 40, Int64(bid_t))
+                        _st_u64_here(sa + 40, t_main)
             else:
                 if const_expr(self.S > 1 and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: an idle item's cluster still meets once (rank 0 holds the ticket its peers read)
