@@ -1678,6 +1678,12 @@ if HAVE_CUTE:
                          has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
+    def _cp_async_4(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
+        """4 bytes global -> shared, asynchronous (cp.async.ca: through L1)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+                         "cp.async.ca.shared.global [$0], [$1], 4;", "r,l", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
     def _cp_async_commit(*, loc=None, ip=None):
         _llvm.inline_asm(None, [], "cp.async.commit_group;", "", has_side_effects=True, loc=loc, ip=ip)
 
@@ -2683,6 +2689,10 @@ if HAVE_CUTE:
             # token load start (after every wait), main-loop end, exit, %smid and main-loop start, as 6 u64 words
             # at mNext + 48 * (linear CTA index) (mNext = a stamp buffer then; needs l2_next == 0)
             self.stamps = False
+            # tok_async (MOE_GEMV_TOK_ASYNC): the token rows go to smem by 4-byte cp.async (every load of a thread in
+            # flight at once, no register staging; same words, same places) instead of 16-byte loads + 4 st.shared
+            # per chunk (one L2 round trip per loop iteration)
+            self.tok_async = False
 
         def smem_words(self) -> int:
             """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
@@ -2864,6 +2874,7 @@ if HAVE_CUTE:
                 sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, MOE_GEMV_TILE_N),
                                                              stride=(1, 4, self.row_words)))
                 x_base = mX.iterator.toint()
+                sx_base = storage.xs.data_ptr().toint()
                 chunks = kpc * 8                                      # 16-B chunks of a row's K slice
                 for idx in cutlass.range(tidx, nrows * chunks, self.threads, unroll=1):
                     n = idx // chunks
@@ -2872,13 +2883,21 @@ if HAVE_CUTE:
                     if const_expr(self.direct_k > 0):                  # GEMM1: x[s_n // k], GEMM2: act[s_n]
                         xrow = storage.ticket.get_tensor(cute.make_layout(32))[24 + n]
                     xa = x_base + (Int64(xrow) * self.k_dim + Int64(kt0 * TILE_K + q * 8)) * 2
-                    v = _ld_v4(xa, ".cg")                             # L2: x_sorted was just written
                     i = q // 8
                     kb = (q % 8) // 2
                     p = q % 2
                     w0 = i * 32 + 16 * (kb // 2) + 2 * (kb % 2) + p
-                    for tt in cutlass.range_constexpr(4):
-                        sXw[w0 + 4 * tt, n] = v[tt]
+                    if const_expr(self.tok_async):
+                        dst = sx_base + (n * self.row_words + w0) * 4
+                        for tt in cutlass.range_constexpr(4):
+                            _cp_async_4(dst + 16 * tt, xa + 4 * tt)
+                    else:
+                        v = _ld_v4(xa, ".cg")                         # L2: x_sorted was just written
+                        for tt in cutlass.range_constexpr(4):
+                            sXw[w0 + 4 * tt, n] = v[tt]
+                if const_expr(self.tok_async):
+                    _cp_async_commit()
+                    _cp_async_wait(0)
                 cute.arch.sync_threads()
 
                 t_main = Int64(0)
@@ -3310,6 +3329,7 @@ if HAVE_CUTE:
             smem, permuted per 64-k tile as Fp4MoeGemv's; k-tile i (from kt_lo) of row n goes to slot n + 8 (i // kph),
             position i % kph."""
             x_base = mX.iterator.toint()
+            sx_base = sXw.iterator.toint()
             chunks = n_kt * 8                                     # 16-B chunks per row
             for idx in cutlass.range(tidx, rows * chunks, self.threads, unroll=1):
                 n = idx // chunks
@@ -3318,14 +3338,22 @@ if HAVE_CUTE:
                 if const_expr(self.x_by_src):
                     xrow = mSrc[row0 + n]
                 xa = x_base + (Int64(xrow) * self.k_dim + Int64(kt_lo * TILE_K + q * 8)) * 2
-                v = _ld_v4(xa, ".cg")                             # L2: x_sorted / act were just written
                 i = q // 8
                 kb = (q % 8) // 2
                 p = q % 2
                 w0 = (i % self.kph) * 32 + 16 * (kb // 2) + 2 * (kb % 2) + p
                 slot = n + MOE_GEMV_TILE_N * (i // self.kph)
-                for tt in cutlass.range_constexpr(4):
-                    sXw[w0 + 4 * tt, slot] = v[tt]
+                if const_expr(self.tok_async):
+                    dst = sx_base + (slot * self.row_words + w0) * 4
+                    for tt in cutlass.range_constexpr(4):
+                        _cp_async_4(dst + 16 * tt, xa + 4 * tt)
+                else:
+                    v = _ld_v4(xa, ".cg")                         # L2: x_sorted / act were just written
+                    for tt in cutlass.range_constexpr(4):
+                        sXw[w0 + 4 * tt, slot] = v[tt]
+            if const_expr(self.tok_async):
+                _cp_async_commit()
+                _cp_async_wait(0)
 
         @cute.jit
         def mma_k_tile2(self, acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i, s: int):
@@ -3583,7 +3611,7 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
                       pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = "", direct_k: int = 0,
-                      stamps: bool = False):
+                      stamps: bool = False, tok_async: bool | None = None):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
@@ -3594,6 +3622,8 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
               l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ()) \
         + (("direct", direct_k) if direct_k else ()) + (("stamps",) if stamps else ())
+    tok_async = MOE_GEMV_TOK_ASYNC if tok_async is None else tok_async
+    config += ("tok_async",) if tok_async else ()
 
     def build():
         if pair:
@@ -3606,6 +3636,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
             op.diag = diag
             op.stamps = stamps
             assert not stamps or not l2_next
+        op.tok_async = tok_async
         assert not direct_k or (by_slot and not pair and not l2_next and pdl)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
@@ -3644,6 +3675,7 @@ MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a 
 
 MOE_GEMV_STAMPS = None       # probe: a uint8 CUDA buffer -> the two GEMV launches (not pair / fused) write per-CTA
                              # phase stamps (Fp4MoeGemv.stamps) into its halves [0, n/2) (GEMM1) and [n/2, n) (GEMM2)
+MOE_GEMV_TOK_ASYNC = False   # Fp4MoeGemv(Pair): token rows -> smem by 4-byte cp.async (all in flight; same bits)
 MOE_GEMV_DIRECT = False      # R <= MOE_GEMV_DIRECT_MAX_ROWS past the fused launch's bound: the two GEMV launches by
 MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k: ids / x read by GEMM1 itself; same bits)
 
