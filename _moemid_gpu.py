@@ -103,10 +103,13 @@ def copy_tbs():
 
 def precompile(i, n):
     ex = [random_packed_experts(0)]
-    items = [(name, T) for T in TS for name in VARIANTS if applies(name, T)]
-    for name, T in items[i::n]:
+    items = [(name, T, False) for T in TS for name in VARIANTS if applies(name, T)]
+    items += [(v, int(T), True) for T, v in (key.split(":") for key in os.environ.get("MID_STAMPS", "").split())]
+    buf = torch.zeros(2 * 8192 * 48, dtype=torch.uint8, device="cuda")
+    for name, T, st in items[i::n]:
         x, ids, w = routing(T)
-        with_knobs(VARIANTS[name][0], lambda: K.moe_fp4(x, ids, w, ex[0], LIMIT))
+        knobs = dict(VARIANTS[name][0], MOE_GEMV_STAMPS=buf) if st else VARIANTS[name][0]
+        with_knobs(knobs, lambda: K.moe_fp4(x, ids, w, ex[0], LIMIT))
     torch.cuda.synchronize()
 
 
