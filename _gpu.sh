@@ -8,7 +8,7 @@ fi
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm,power.limit --format=csv,noheader
 # variants: name=KNOB:value;...[@T,T]; "base" (defaults) always runs
 export MID_VARIANTS="direct=MOE_GEMV_DIRECT:True@4 g1mt1=MOE_GEMV_FORCE:((1,1),None)@4 w16p4=MOE_GEMV_WARPS_PER_SM:16;MOE_GEMV_PAIR_STAGES:4 w20=MOE_GEMV_WARPS_PER_SM:20 nopair=MOE_GEMV_PAIR:False@256 tokasync=MOE_GEMV_TOK_ASYNC:True"
-export MID_TS="4,16,64,128,256" MID_ROUNDS=15 MID_BUDGET_S=18 MID_TRACE="4:base 4:direct 256:base" MID_STAMPS="4:base 4:direct 4:tokasync 64:base 64:tokasync 256:nopair"
+export MID_TS="4,16,64,128,256" MID_ROUNDS=15 MID_BUDGET_S=12 MID_TRACE="4:base 4:direct 256:base" MID_STAMPS="4:base 4:direct 4:tokasync 64:base 64:tokasync 256:nopair"
 for i in 0 1 2 3 4 5 6 7 8 9; do timeout 45 python3 _moemid_gpu.py --precompile $i 10 > pre_$i.txt 2>&1 & done
 wait
 grep -h -E "Error|error" pre_*.txt | head -5
