@@ -9688,29 +9688,6 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     gemm1, gemm2, routing, combine, widths = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
     nc, tile_n = len(widths), widths[-1]
     dev = x.device
-    dgv = moe_gemv_direct_configs(pk.fmt, R, E, D, inter, sms, k) if gemv and fused is None else None
-    if dgv is not None:
-        # no routing kernel, two launches (MOE_GEMV_DIRECT): GEMM1 reads topk_ids and x itself, rows by slot
-        act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
-        y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
-        if POISON_BUFFERS:
-            act.fill_(float("nan"))
-            y_rows.fill_(float("nan"))
-        y = torch.empty(T, D, dtype=x.dtype, device=dev)
-        dummy = _COUNTERS.get((dev, "i32x3"))
-        if dummy is None:
-            dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
-        w2_base = pk.w2.view(-1)[:16]
-        st = MOE_GEMV_STAMPS
-        sk = dict(stamps=True) if st is not None else {}
-        _compile_moe_gemv(*dgv[0], direct_k=k, **sk)(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate,
-                                                     a_up, w32, limit, ids32, ids32,
-                                                     w2_base if st is None else st[:st.numel() // 2])
-        _compile_moe_gemv(*dgv[1], direct_k=k, **sk)(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down,
-                                                     w32, limit, ids32, ids32,
-                                                     w2_base if st is None else st[st.numel() // 2:])
-        _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
-        return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
