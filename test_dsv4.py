@@ -6480,5 +6480,76 @@ def test_moe_gemv_direct_graph_replays_follow_new_inputs(monkeypatch):
     assert torch.equal(y_g, y2) and not torch.equal(y2, y1)
 
 
+
+# ------------------------------------- session 7 (moemid): GEMM2 waits per tile / slot (MOE_GEMV_READY), token cp.async
+def _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs, limit=7.0):
+    """(output with knobs on, output with them off), poisoned intermediates; the readiness counters end at zero."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    for name, v in knobs.items():
+        monkeypatch.setattr(K, name, v)
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    for name in knobs:
+        monkeypatch.setattr(K, name, False)
+    y_old = K.moe_fp4(x, ids, w, ex, limit)
+    torch.cuda.synchronize()
+    for buf in K._READY_COUNTERS.values():
+        assert not buf.any(), "a ready launch left a counter non-zero"
+    return y, y_old
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("knobs", [dict(MOE_GEMV_READY=True), dict(MOE_GEMV_TOK_ASYNC=True),
+                                   dict(MOE_GEMV_READY=True, MOE_GEMV_TOK_ASYNC=True, MOE_GEMV_DIRECT=True)],
+                         ids=["ready", "tokasync", "all"])
+@pytest.mark.parametrize("pair_min", [768, 16])
+def test_moe_gemv_ready_and_token_cp_async_give_the_same_bits(fmt, knobs, pair_min, monkeypatch):
+    """Small dims (16 experts): GEMM2 waiting per tile / slot on GEMM1's counters (MOE_GEMV_READY) and the token rows
+    by cp.async (MOE_GEMV_TOK_ASYNC) give the default path's bits (and the reference up to rounding), table path
+    with and without pair tiles (pair_min 16: from 16 routed rows), by-slot and direct T <= 5; skipped slots,
+    duplicates, experts with 1..40 rows."""
+    monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", pair_min)
+    ex = _small(fmt)
+    cases = [(4, "random", 6), (5, "random", 6), (16, "random", 6), (40, "random", 6), (64, "shared", 6),
+             (40, "one_expert", 2), (24, "duplicate", 6), (30, "empty_experts", 6), (100, "random", 6)]
+    for T, routing, k in cases:
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T + k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, k, 16, routing, seed=300 + T)
+        y, y_old = _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs)
+        what = f"{knobs} pair_min={pair_min} {fmt} T={T} k={k} {routing}"
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+        assert torch.equal(y, y_old), f"{what}: differs from the default path"
+
+
+@gpu
+def test_moe_gemv_ready_flash_dims_and_graph_replays_keep_the_bits(monkeypatch):
+    """Flash dims nvfp4 at T 4 (direct), 64 and 256 (pair tiles): MOE_GEMV_READY (+ direct, + token cp.async) gives
+    the default bits; CUDA-graph replays (counters wrap to zero between launches) keep them."""
+    ex = _flash("nvfp4")
+    knobs = dict(MOE_GEMV_READY=True, MOE_GEMV_DIRECT=True, MOE_GEMV_TOK_ASYNC=True)
+    for T in (4, 64, 256):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, "random", seed=310 + T)
+        y, y_old = _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"ready flash T={T}")
+        assert torch.equal(y, y_old), f"ready flash T={T}: differs from the default path"
+        for name, v in knobs.items():
+            monkeypatch.setattr(K, name, v)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            K.moe_fp4(x, ids, w, ex, 7.0)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(v, y_old) for v in y_g), f"ready flash T={T}: graph replays changed the bits"
+        for name in knobs:
+            monkeypatch.setattr(K, name, False)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
