@@ -12,6 +12,15 @@ export MID_TS="4,16,64,128,256" MID_ROUNDS=15 MID_BUDGET_S=12 MID_TRACE="4:base 
 for i in 0 1 2 3 4 5 6 7 8 9; do timeout 45 python3 _moemid_gpu.py --precompile $i 10 > pre_$i.txt 2>&1 & done
 wait
 grep -h -E "Error|error" pre_*.txt | head -5
+# a variant whose precompile run did not finish (a hang / crash) is left out of the timing
+for v in dready ready tokasync direct; do
+    if [ "$(cat pre_*.txt | grep -c "^plan $v ")" != "$(cat pre_*.txt | grep -c "^done $v ")" ]; then
+        echo "variant $v: no finished precompile run; left out"
+        MID_VARIANTS=$(echo "$MID_VARIANTS" | tr ' ' '\n' | grep -v "^$v=" | tr '\n' ' ')
+        MID_STAMPS=$(echo "$MID_STAMPS" | tr ' ' '\n' | grep -v ":$v\$" | tr '\n' ' ')
+    fi
+done
+export MID_VARIANTS MID_STAMPS
 echo "== precompiled ($(( $(date +%s) - T0 )) s)"
 timeout $(( 78 - ($(date +%s) - T0) )) python3 _moemid_gpu.py 2>&1 | grep -v "^$" | cut -c1-2500
 echo "== bench done ($(( $(date +%s) - T0 )) s)"

@@ -107,9 +107,13 @@ def precompile(i, n):
     items += [(v, int(T), True) for T, v in (key.split(":") for key in os.environ.get("MID_STAMPS", "").split())]
     buf = torch.zeros(2 * 8192 * 48, dtype=torch.uint8, device="cuda")
     for name, T, st in items[i::n]:
+        print(f"plan {name} {T}", flush=True)
+    for name, T, st in items[i::n]:
         x, ids, w = routing(T)
         knobs = dict(VARIANTS[name][0], MOE_GEMV_STAMPS=buf) if st else VARIANTS[name][0]
-        with_knobs(knobs, lambda: K.moe_fp4(x, ids, w, ex[0], LIMIT))
+        y = with_knobs(knobs, lambda: K.moe_fp4(x, ids, w, ex[0], LIMIT))
+        torch.cuda.synchronize()
+        print(f"done {name} {T} {bool(torch.isfinite(y).all())}", flush=True)
     torch.cuda.synchronize()
 
 
