@@ -3372,12 +3372,20 @@ if HAVE_CUTE:
             x_base = mX.iterator.toint()
             sx_base = sXw.iterator.toint()
             chunks = n_kt * 8                                     # 16-B chunks per row
+            src_l = Int32(0)
+            if const_expr(self.x_by_src and self.tok_async and chunks % 32 == 0):
+                # lane l holds src[row0 + l] (<= 16 rows): one round trip, then shuffles (a warp's chunks share a row)
+                if tidx % 32 < rows:
+                    src_l = mSrc[row0 + tidx % 32]
             for idx in cutlass.range(tidx, rows * chunks, self.threads, unroll=1):
                 n = idx // chunks
                 q = idx - n * chunks
                 xrow = row0 + n
                 if const_expr(self.x_by_src):
-                    xrow = mSrc[row0 + n]
+                    if const_expr(self.tok_async and chunks % 32 == 0):
+                        xrow = cute.arch.shuffle_sync(src_l, n)
+                    else:
+                        xrow = mSrc[row0 + n]
                 xa = x_base + (Int64(xrow) * self.k_dim + Int64(kt_lo * TILE_K + q * 8)) * 2
                 i = q // 8
                 kb = (q % 8) // 2
