@@ -1332,10 +1332,11 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
             sk = dict(ready=rdy[0]), dict(ready=rdy[1])
         else:
             sk = sk, sk
-        _compile_moe_gemv(*dgv[0], direct_k=k, **sk[0])(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy,
-                                                        a_gate, a_up, w32, limit, ids32, ids32, m1)
-        _compile_moe_gemv(*dgv[1], direct_k=k, **sk[1])(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down,
-                                                        a_down, w32, limit, ids32, ids32, m2)
+        tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
+        gemm1 = _compile_moe_gemv(*dgv[0], direct_k=k, tok_async=tok, **sk[0])
+        gemm2 = _compile_moe_gemv(*dgv[1], direct_k=k, tok_async=tok, **sk[1])
+        gemm1(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate, a_up, w32, limit, ids32, ids32, m1)
+        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32, limit, ids32, ids32, m2)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -1384,10 +1385,12 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         if rdy is not None:                  # GEMM2 waits per tile (counters) instead of for GEMM1's end
             m1 = m2 = _ready_counters(dev, 1 + tiles.shape[0] * g2[4])
             s1, s2 = dict(ready=rdy[0]), dict(ready=rdy[1])
-        _compile_moe_gemv(*g1, **dg, **s1)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w,
-                                           limit, ids32, src_tok if by_src else pos, m1)
-        _compile_moe_gemv(*g2, **dg, **s2)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w,
-                                           limit, ids32, pos, m2)
+        tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
+        gemm1 = _compile_moe_gemv(*g1, tok_async=tok, **dg, **s1)
+        gemm2 = _compile_moe_gemv(*g2, tok_async=tok, **dg, **s2)
+        gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit, ids32,
+              src_tok if by_src else pos, m1)
+        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, ids32, pos, m2)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -3737,7 +3740,8 @@ MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a 
 
 MOE_GEMV_STAMPS = None       # probe: a uint8 CUDA buffer -> the two GEMV launches (not pair / fused) write per-CTA
                              # phase stamps (Fp4MoeGemv.stamps) into its halves [0, n/2) (GEMM1) and [n/2, n) (GEMM2)
-MOE_GEMV_TOK_ASYNC = False   # Fp4MoeGemv(Pair): token rows -> smem by 4-byte cp.async (all in flight; same bits)
+MOE_GEMV_TOK_ASYNC = False   # Fp4MoeGemv(Pair): token rows -> smem by 4-byte cp.async (all in flight; same bits) ...
+MOE_GEMV_TOK_ASYNC_MAX_ROWS = 1 << 30   # ... up to this many routed rows
 MOE_GEMV_READY = False       # two-launch GEMV (table or direct path): GEMM2's CTAs wait per (tile | slot, K slice) for
                              # the GEMM1 CTAs writing their act rows (counters) instead of for GEMM1's end (same bits)
 _READY_COUNTERS: dict = {}
