@@ -7,13 +7,13 @@ if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
 fi
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm,power.limit --format=csv,noheader
 # variants: name=KNOB:value;...[@T,T]; "base" (defaults) always runs
-export MID_VARIANTS="direct=MOE_GEMV_DIRECT:True@4 tokasync=MOE_GEMV_TOK_ASYNC:True dtok=MOE_GEMV_DIRECT:True;MOE_GEMV_TOK_ASYNC:True@4 ready=MOE_GEMV_READY:True@16,64,128,256"
+export MID_VARIANTS="direct=MOE_GEMV_DIRECT:True@4 tokasync=MOE_GEMV_TOK_ASYNC:True dtok=MOE_GEMV_DIRECT:True;MOE_GEMV_TOK_ASYNC:True@4 ready=MOE_GEMV_READY:True@16,64,128,256 dtw=MOE_GEMV_DIRECT:True;MOE_GEMV_TOK_ASYNC:True;MOE_GEMV_FORCE:((1,1),(1,1));MOE_GEMV_WARPS_PER_SM:12;MOE_GEMV_STAGES:8@4 w12s8=MOE_GEMV_FORCE:((1,1),(1,1));MOE_GEMV_WARPS_PER_SM:12;MOE_GEMV_STAGES:8@16,64"
 export MID_TS="4,16,64,128,256" MID_ROUNDS=25 MID_BUDGET_S=22 MID_TRACE="4:base 4:dtok" MID_STAMPS=""
 for i in 0 1 2 3 4 5 6 7 8 9; do timeout 45 python3 _moemid_gpu.py --precompile $i 10 > pre_$i.txt 2>&1 & done
 wait
 grep -h -E "Error|error" pre_*.txt | head -5
 # a variant whose precompile run did not finish (a hang / crash) is left out of the timing
-for v in dtok ready tokasync direct; do
+for v in dtok ready tokasync direct dtw w12s8; do
     if [ "$(cat pre_*.txt | grep -c "^plan $v ")" != "$(cat pre_*.txt | grep -c "^done $v ")" ]; then
         echo "variant $v: no finished precompile run; left out"
         MID_VARIANTS=$(echo "$MID_VARIANTS" | tr ' ' '\n' | grep -v "^$v=" | tr '\n' ' ')
