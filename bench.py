@@ -4,6 +4,8 @@
                                        with the device copy bandwidth and a bf16 matmul as ceilings
   python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-gemv: the mma.sync
                                        decode GEMV vs the wgmma GEMM, and the GEMV's knobs)
+                                       --ablate-mid: session 7's switches (MID_SWITCHES) old vs new at T = 4..256,
+                                       medians of interleaved rounds, per replay and queued back to back
   python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
                                        clock and power; --ablate-prefill: the prefill switches next to default rows)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
@@ -449,9 +451,11 @@ def bench_moe_decode():
     fp4 = [random_packed_experts(E, D, I, "cuda", s) for s in range(n_copies)]
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
-            for _ in range(2 if "--moefront" not in sys.argv else 0)]
+            for _ in range(2 if "--moefront" not in sys.argv and "--ablate-mid" not in sys.argv else 0)]
     bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
     Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
+    if "--ablate-mid" in sys.argv:
+        Ts = (4, 16, 64, 128, 256)
     routings = {}
     for T in Ts:                                      # one routing per T, shared by every variant below
         g = torch.Generator(device="cuda").manual_seed(T)
@@ -487,6 +491,9 @@ def bench_moe_decode():
         return
     if "--moefront" in sys.argv:
         moefront_ablation(fp4, with_knobs, dev)
+        return
+    if "--ablate-mid" in sys.argv:
+        mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit)
         return
     if "--ablate-fused" in sys.argv:
         fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev)
@@ -576,6 +583,66 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
               f"{med[T, 'pfcb']:>6.1f}  "
               + " ".join(f"{v:.1f}" for v in us[T, False]) + " / " + " ".join(f"{v:.1f}" for v in us[T, True]),
               flush=True)
+
+
+MID_SWITCHES = [    # bench.py moe --decode-only --ablate-mid: (title, knobs of the new path, Ts); old = the knobs off
+    ("direct: no routing kernel at 13..32 routed rows (MOE_GEMV_DIRECT)", dict(MOE_GEMV_DIRECT=True), (4,)),
+    ("token rows by cp.async (MOE_GEMV_TOK_ASYNC)", dict(MOE_GEMV_TOK_ASYNC=True), (4, 16, 64, 128, 256)),
+    ("direct + token cp.async", dict(MOE_GEMV_DIRECT=True, MOE_GEMV_TOK_ASYNC=True), (4,)),
+    ("GEMM2 waits per tile (MOE_GEMV_READY)", dict(MOE_GEMV_READY=True), (16, 64, 128, 256)),
+]
+
+
+def mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit, rounds=7):
+    """`bench.py moe --decode-only --ablate-mid`: each MID_SWITCHES entry on vs off (the other switches as they are)
+    at its T, CUDA-graph replays of kernels.moe_fp4 over the rotating weight copies, interleaved rounds; per replay
+    (the events around one replay: includes the host's graph launch latency) and queued (4 replays back to back
+    between the events). Outputs of the two paths compared bit for bit."""
+    def graph(T, knob):
+        x, ids, w, _ = routings[T]
+        fn = lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4]   # noqa: E731
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            with_knobs(knob, fn)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = with_knobs(knob, fn)
+        return g, out
+
+    def timed(g, queued):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if queued:
+            g.replay()
+        a.record()
+        for _ in range(4 if queued else 1):
+            g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / (4 if queued else 1) / len(fp4) * 1e3
+
+    print(f"\nMoE decode, Flash dims nvfp4, {dev}, copy {copy_bw:.2f} TB/s: session-7 switches, old = off / new = on, "
+          f"CUDA-graph replays over {len(fp4)} weight copies, median of {rounds} interleaved rounds (10 replays per "
+          f"round; queued: 4 replays back to back between the events), us per call")
+    print(f"{'T':>4} {'old us':>8} {'new us':>8} {'new/old':>7} {'%copy old':>9} {'%copy new':>9} {'q old':>7} "
+          f"{'q new':>7} {'q %old':>6} {'q %new':>6}  bits  switch")
+    for title, knob, ts in MID_SWITCHES:
+        off = {name: False for name in knob}
+        for T in [t for t in ts if t in Ts]:
+            (g0, o0), (g1, o1) = graph(T, off), graph(T, knob)
+            same = all(torch.equal(a, b) for a, b in zip(o0, o1))
+            us = {key: [] for key in ("o", "n", "qo", "qn")}
+            for _ in range(rounds):
+                us["o"].append(statistics.median(timed(g0, False) for _ in range(10)))
+                us["n"].append(statistics.median(timed(g1, False) for _ in range(10)))
+                us["qo"].append(timed(g0, True))
+                us["qn"].append(timed(g1, True))
+            m = {key: statistics.median(v) for key, v in us.items()}
+            print(f"{T:>4} {m['o']:>8.1f} {m['n']:>8.1f} {m['n'] / m['o']:>7.3f} {pct(T, m['o']):>9.1f} "
+                  f"{pct(T, m['n']):>9.1f} {m['qo']:>7.1f} {m['qn']:>7.1f} {pct(T, m['qo']):>6.1f} "
+                  f"{pct(T, m['qn']):>6.1f}  {'same' if same else 'DIFF'}  {title}", flush=True)
+            del g0, g1, o0, o1
 
 
 MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE front, session-4 path vs this one

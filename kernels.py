@@ -1334,6 +1334,37 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
             return RoutedSlots(y_rows, ids32, k, E)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
+    dgv = moe_gemv_direct_configs(pk.fmt, R, E, D, inter, sms, k) if gemv and fused is None else None
+    if dgv is not None:
+        # no routing kernel, two launches (MOE_GEMV_DIRECT): GEMM1 reads topk_ids and x itself, rows by slot
+        act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
+        y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
+        if POISON_BUFFERS:
+            act.fill_(float("nan"))
+            y_rows.fill_(float("nan"))
+        y = torch.empty(T, D, dtype=x.dtype, device=dev)
+        dummy = _COUNTERS.get((dev, "i32x3"))
+        if dummy is None:
+            dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
+        w2_base = pk.w2.view(-1)[:16]
+        st = MOE_GEMV_STAMPS
+        sk = dict(stamps=True) if st is not None else {}
+        rdy = moe_gemv_ready(dgv[0], dgv[1], D, inter, direct=True)
+        m1 = m2 = w2_base
+        if st is not None:
+            m1, m2 = st[:st.numel() // 2], st[st.numel() // 2:]
+        if rdy is not None:
+            m1 = m2 = _ready_counters(dev, 1 + R * dgv[1][4])
+            sk = dict(ready=rdy[0]), dict(ready=rdy[1])
+        else:
+            sk = sk, sk
+        tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
+        gemm1 = _compile_moe_gemv(*dgv[0], direct_k=k, tok_async=tok, **sk[0])
+        gemm2 = _compile_moe_gemv(*dgv[1], direct_k=k, tok_async=tok, **sk[1])
+        gemm1(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate, a_up, w32, limit, ids32, ids32, m1)
+        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32, limit, ids32, ids32, m2)
+        _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
+        return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
@@ -1371,10 +1402,21 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
         dg = dict(diag=MOE_GEMV_DIAG) if MOE_GEMV_DIAG else {}     # timing-only diagnostics
         by_src = len(g1) > 13 and g1[13]                         # x rows through src_tok (mPos = src_tok)
-        _compile_moe_gemv(*g1, **dg)(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit,
-                                     ids32, src_tok if by_src else pos, w2_base)
-        _compile_moe_gemv(*g2, **dg)(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit,
-                                     ids32, pos, w2_base)
+        st = MOE_GEMV_STAMPS if len(g1) <= 12 and len(g2) <= 12 and not g1[11] else None
+        s1, s2 = (dict(stamps=True), dict(stamps=True)) if st is not None else ({}, {})
+        m1 = m2 = w2_base
+        if st is not None:
+            m1, m2 = st[:st.numel() // 2], st[st.numel() // 2:]
+        rdy = moe_gemv_ready(g1, g2, D, inter)
+        if rdy is not None:                  # GEMM2 waits per tile (counters) instead of for GEMM1's end
+            m1 = m2 = _ready_counters(dev, 1 + tiles.shape[0] * g2[4])
+            s1, s2 = dict(ready=rdy[0]), dict(ready=rdy[1])
+        tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
+        gemm1 = _compile_moe_gemv(*g1, tok_async=tok, **dg, **s1)
+        gemm2 = _compile_moe_gemv(*g2, tok_async=tok, **dg, **s2)
+        gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit, ids32,
+              src_tok if by_src else pos, m1)
+        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, ids32, pos, m2)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -1685,6 +1727,12 @@ if HAVE_CUTE:
         _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
                          "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;", "r,l",
                          has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _cp_async_4(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
+        """4 bytes global -> shared, asynchronous (cp.async.ca: through L1)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+                         "cp.async.ca.shared.global [$0], [$1], 4;", "r,l", has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
     def _cp_async_commit(*, loc=None, ip=None):
@@ -2705,6 +2753,22 @@ if HAVE_CUTE:
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
+    def _st_u64_here(addr: Int64, v: Int64, *, loc=None, ip=None):
+        """8-byte global store (probe stamps)."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Int64(v).ir_value(loc=loc, ip=ip)],
+                         "st.global.u64 [$0], $1;", "l,l", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _globaltimer_u64(*, loc=None, ip=None) -> Int64:
+        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
+    def _smid_u32(*, loc=None, ip=None) -> Int32:
+        return Int32(_llvm.inline_asm(_T.i32(), [], "mov.u32 $0, %smid;", "=r", has_side_effects=True,
+                                      loc=loc, ip=ip))
+
+    @dsl_user_op
     def _nanosleep(ns: int, *, loc=None, ip=None):
         """Suspend the thread for about ns nanoseconds (spin loops: fewer issue slots taken from working warps)."""
         _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
@@ -2733,7 +2797,7 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1, stages: int = 4,
                      pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1,
-                     by_slot: bool = False, l2_next: int = 0):
+                     by_slot: bool = False, l2_next: int = 0, direct_k: int = 0):
             self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
             # l2_next > 0 (GEMM1): records per expert of the next GEMM's weights (mNext: w2 records); after its main
             # loop each CTA prefetches its share of its expert's into L2 (cp.async.bulk.prefetch), so GEMM2 reads L2
@@ -2745,7 +2809,7 @@ if HAVE_CUTE:
             # groups of 8: the slot whose rank o among them is a multiple of 8 takes rows o .. o+7; the other slots
             # (and skipped ones) exit.
             self.by_slot = by_slot
-            assert not by_slot or (pdl and wait_first), "by_slot: a PDL launch right after the routing kernel"
+            assert not by_slot or direct_k or (pdl and wait_first), "by_slot: a PDL launch right after the routing kernel"
             self.S = k_splits
             self.k_tiles = k_dim // TILE_K
             assert self.k_tiles % k_splits == 0 and k_splits <= 8, "K slices: a divisor of K/64, a portable cluster"
@@ -2766,33 +2830,55 @@ if HAVE_CUTE:
             # wait_target > 0 (GEMM2): a CTA waits for its (slot, K slice) counter to reach wait_target before
             # reading act, then counts itself as one of wait_readers readers (the last one wraps the counter to 0)
             self.signal_kpc, self.wait_target, self.wait_readers = 0, 0, 0
+            # ready (MOE_GEMV_READY, two launches): the same counters without the fused launch: GEMM1 signals, GEMM2
+            # (a PDL launch that skips griddepcontrol.wait) waits per (tile or slot, K slice) instead of for GEMM1's
+            # end; mNext = the int32 counters (as bytes). sig_S: GEMM2's K slices (the counter stride per item).
+            # The last CTA of GEMM2's grid waits for GEMM1's end before it exits (GEMM2 ends after GEMM1)
+            self.ready = False
+            self.sig_S = k_splits
+            self.in_fused = False          # Fp4MoeGemvFused's roles (item from ticket smem, folded-combine rows)
             self.prefetch_rest = False     # fused GEMM2: bulk-prefetch the K slice past the register ring into L2
             # fused, no routing kernel (direct_k = top-k > 0; by_slot, <= 32 routed slots): the item of slot s reads
             # topk_ids itself (after griddepcontrol.wait: the router is the kernel right before); its rows are the
             # slots of its expert in slot order (rank o .. o+7 of them, from one ballot mask), row n = slot s_n:
             # GEMM1 reads x[s_n // k] and writes act[s_n], GEMM2 reads act[s_n] and writes y_rows[s_n]; the routing
             # weight is topk_weights[s_n] (mRowW = the flat weights). The slots s_n live in ticket smem [16 + n].
-            self.direct_k = 0
+            self.direct_k = direct_k
             self.early = False             # direct_k: the ids were read after the router's ready flag
+            # direct_k in a launch of its own (MOE_GEMV_DIRECT, two launches without a routing kernel): GEMM1
+            # (wait_first) waits for the router before it reads the ids; GEMM2 (pdl, not wait_first) reads them at
+            # once (GEMM1's CTAs started only after the router's end), issues its weight loads and then waits for act
+            self.direct_wait = wait_first or not pdl
             self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
             # timing-only diagnostics (wrong outputs; MOE_GEMV_DIAG): "nodecode" raw code words into the mma,
             # "nomma" decode without mma / B loads, "nosecond" table tiles after an expert's first exit, "l2" every
             # CTA streams expert 0's records (L2-resident: the issue-bound time)
             self.diag = ""
+            # probe (MOE_GEMV_STAMPS, timing runs only): thread 0 of each active CTA writes %globaltimer at entry,
+            # token load start (after every wait), main-loop end, exit, %smid and main-loop start, as 6 u64 words
+            # at mNext + 48 * (linear CTA index) (mNext = a stamp buffer then; needs l2_next == 0)
+            self.stamps = False
+            # tok_async (MOE_GEMV_TOK_ASYNC): the token rows go to smem by 4-byte cp.async (every load of a thread in
+            # flight at once, no register staging; same words, same places) instead of 16-byte loads + 4 st.shared
+            # per chunk (one L2 round trip per loop iteration)
+            self.tok_async = False
 
         def smem_words(self) -> int:
             """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
             return max(MOE_GEMV_TILE_N * self.row_words, self.MT * 2 * 64 * MOE_GEMV_TILE_N if self.S > 1 else 0)
 
+        def storage_struct(self):
+            """Shared storage of a launch of its own: token rows (+ the partials); direct_k: + the item's slots."""
+            fields = {"xs": cute.struct.Align[cute.struct.MemRange[Int32, self.smem_words()], 16]}
+            if self.direct_k > 0:                               # [16..31]: the item's slots and input rows
+                fields["ticket"] = cute.struct.Align[cute.struct.MemRange[Int32, 32], 16]
+            return cute.struct(type("SharedStorage", (), {"__annotations__": fields}))
+
         @cute.jit
         def __call__(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                      mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
                      mIds: cute.Tensor, mPos: cute.Tensor, mNext: cute.Tensor, stream):
-            @cute.struct
-            class SharedStorage:       # token rows; after the main loop (S > 1) the fp32 partial [MT, 2, 64, 8] too
-                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.smem_words()], 16]
-
-            self.shared_storage = SharedStorage
+            self.shared_storage = self.storage_struct()
             n_tab = cute.size(mTiles, mode=[0])
             if const_expr(self.by_slot):
                 n_tab = cute.size(mIds, mode=[0])
@@ -2809,8 +2895,18 @@ if HAVE_CUTE:
             bid_k, bid_m, bid_t = cute.arch.block_idx()
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
-            self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mIds, tidx,
-                      bid_k, bid_m, bid_t)
+            if const_expr(self.ready):
+                mCnt = cute.make_tensor(cute.recast_ptr(mNext.iterator, dtype=Int32),
+                                        cute.make_layout(cute.size(mNext, mode=[0]) // 4))
+                if const_expr(self.wait_target > 0):
+                    gx, gy, gz = cute.arch.grid_dim()
+                    if bid_k == gx - 1 and bid_m == gy - 1 and bid_t == gz - 1:
+                        cute.arch.griddepcontrol_wait()        # this launch ends after GEMM1 (see self.ready)
+                self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mCnt,
+                          tidx, bid_k, bid_m, bid_t)
+            else:
+                self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mIds,
+                          tidx, bid_k, bid_m, bid_t)
 
         @cute.jit
         def tile(self, storage, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
@@ -2818,6 +2914,9 @@ if HAVE_CUTE:
                  mPos: cute.Tensor, mNext: cute.Tensor, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
             """One work item: K slice bid_k of 128-row tiles bid_m*MT.. of token tile (by_slot: routed slot) bid_t.
             mCnt: the fused launch's readiness counters (roles above; unused otherwise)."""
+            t_entry = Int64(0)
+            if const_expr(self.stamps):
+                t_entry = _globaltimer_u64()
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once all our CTAs have started; it waits for our end itself
                 cute.arch.griddepcontrol_launch_dependents()
@@ -2831,10 +2930,11 @@ if HAVE_CUTE:
             nrows = Int32(0)
             rank = Int32(0)
             if const_expr(self.direct_k > 0):
-                if const_expr(not self.early):      # (early: Fp4MoeGemvFused.kernel saw the router's flag)
+                if const_expr(not self.early and self.direct_wait):  # (early: Fp4MoeGemvFused.kernel saw the flag)
                     # the router (the kernel right before) wrote topk_ids / weights: wait
                     cute.arch.griddepcontrol_wait()
-                cute.arch.griddepcontrol_launch_dependents()          # the next kernel may start its prologue
+                if const_expr(self.direct_wait):
+                    cute.arch.griddepcontrol_launch_dependents()      # the next kernel may start its prologue
                 expert = mIds[bid_t]
                 e_j = Int32(-1)
                 if tidx % 32 < cute.size(mIds, mode=[0]):
@@ -2924,25 +3024,21 @@ if HAVE_CUTE:
                     row0 = row0 + rank
                     nrows = cutlass.min(count - rank, MOE_GEMV_TILE_N)
                 if const_expr(self.wait_target > 0):
-                    if tidx == 0:                   # for the folded combine (Fp4MoeGemvFused.combine_rows)
-                        sRows = storage.ticket.get_tensor(cute.make_layout(16))
-                        sRows[3] = row0
-                        sRows[4] = nrows
-                    # fused GEMM2: act rows of this slot, columns of this K slice, are complete once all GEMM1 CTAs
-                    # writing them have counted (release after their stores; acquire here, then bar.sync)
-                    if tidx == 0:
-                        ctr = mCnt.iterator + (1 + bid_t * self.S + bid_k)
-                        seen = cute.arch.load(ctr, Int32, sem="acquire", scope="gpu")
-                        while seen < self.wait_target:
-                            seen = cute.arch.load(ctr, Int32, sem="acquire", scope="gpu")
-                        _atom_inc_gpu(ctr.toint(), self.wait_target + self.wait_readers - 1)
-                    cute.arch.sync_threads()
-                if const_expr(self.pdl and not self.wait_first):
+                    if const_expr(self.in_fused):
+                        if tidx == 0:               # for the folded combine (Fp4MoeGemvFused.combine_rows)
+                            sRows = storage.ticket.get_tensor(cute.make_layout(16))
+                            sRows[3] = row0
+                            sRows[4] = nrows
+                    self.wait_ready(mCnt, tidx, bid_k, bid_t)
+                if const_expr(self.pdl and not self.wait_first and self.wait_target == 0):
                     # weights are constant; x_sorted / act and what we write belong to the previous kernels. (A branch
                     # ptxas can't fold keeps the weight loads above the wait in the schedule.)
                     if row0 >= 0:
                         cute.arch.griddepcontrol_wait()
 
+                t_tok = Int64(0)
+                if const_expr(self.stamps):
+                    t_tok = _globaltimer_u64()
                 # ---- the tile's token rows of this K slice -> smem, permuted per 64-k tile: natural word
                 # 8kb + 4p + t (k = 16kb + 8p + 2t) -> stored word 16(kb//2) + 4t + 2(kb%2) + p
                 sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, MOE_GEMV_TILE_N),
@@ -2950,6 +3046,7 @@ if HAVE_CUTE:
                 sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, MOE_GEMV_TILE_N),
                                                              stride=(1, 4, self.row_words)))
                 x_base = mX.iterator.toint()
+                sx_base = storage.xs.data_ptr().toint()
                 chunks = kpc * 8                                      # 16-B chunks of a row's K slice
                 for idx in cutlass.range(tidx, nrows * chunks, self.threads, unroll=1):
                     n = idx // chunks
@@ -2958,15 +3055,26 @@ if HAVE_CUTE:
                     if const_expr(self.direct_k > 0):                  # GEMM1: x[s_n // k], GEMM2: act[s_n]
                         xrow = storage.ticket.get_tensor(cute.make_layout(32))[24 + n]
                     xa = x_base + (Int64(xrow) * self.k_dim + Int64(kt0 * TILE_K + q * 8)) * 2
-                    v = _ld_v4(xa, ".cg")                             # L2: x_sorted was just written
                     i = q // 8
                     kb = (q % 8) // 2
                     p = q % 2
                     w0 = i * 32 + 16 * (kb // 2) + 2 * (kb % 2) + p
-                    for tt in cutlass.range_constexpr(4):
-                        sXw[w0 + 4 * tt, n] = v[tt]
+                    if const_expr(self.tok_async):
+                        dst = sx_base + (n * self.row_words + w0) * 4
+                        for tt in cutlass.range_constexpr(4):
+                            _cp_async_4(dst + 16 * tt, xa + 4 * tt)
+                    else:
+                        v = _ld_v4(xa, ".cg")                         # L2: x_sorted was just written
+                        for tt in cutlass.range_constexpr(4):
+                            sXw[w0 + 4 * tt, n] = v[tt]
+                if const_expr(self.tok_async):
+                    _cp_async_commit()
+                    _cp_async_wait(0)
                 cute.arch.sync_threads()
 
+                t_main = Int64(0)
+                if const_expr(self.stamps):
+                    t_main = _globaltimer_u64()
                 # ---- main loop: per k-tile, B fragments of token min(g, rows-1), then per atom decode + 4 mma
                 brow = cutlass.min(g, nrows - 1)
                 acc = cute.make_rmem_tensor((2, 4), Float32)
@@ -2979,6 +3087,9 @@ if HAVE_CUTE:
                         self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + self.D, s)
                 for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
                     self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
+                t_loop = Int64(0)
+                if const_expr(self.stamps):
+                    t_loop = _globaltimer_u64()
 
                 if const_expr(self.l2_next > 0):
                     n_parts = (self.m_tiles // self.MT) * self.S
@@ -2987,7 +3098,7 @@ if HAVE_CUTE:
                     if tidx < per and r0 < self.l2_next:
                         _prefetch_l2(mNext.iterator.toint() + (Int64(expert) * self.l2_next + r0) * rec, rec)
 
-                if const_expr(self.signal_kpc > 0 or self.wait_target > 0):
+                if const_expr(self.in_fused and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: the item's row tiles and slot come back from smem (no registers held over the loop)
                     sItem = storage.ticket.get_tensor(cute.make_layout(16))
                     bid_m = sItem[1]
@@ -3035,8 +3146,19 @@ if HAVE_CUTE:
                     self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
                     cute.arch.cluster_arrive()                       # peers keep their smem until it is read
                     cute.arch.cluster_wait()
+                if const_expr(self.stamps):
+                    if tidx == 0:
+                        gx, gy, _ = cute.arch.grid_dim()
+                        cta = (bid_t * gy + bid_m) * gx + bid_k
+                        sa = mNext.iterator.toint() + Int64(cta) * 48
+                        _st_u64_here(sa, t_entry)
+                        _st_u64_here(sa + 8, t_tok)
+                        _st_u64_here(sa + 16, t_loop)
+                        _st_u64_here(sa + 24, _globaltimer_u64())
+                        _st_u64_here(sa + 32, Int64(_smid_u32()))
+                        _st_u64_here(sa + 40, t_main)
             else:
-                if const_expr(self.S > 1 and (self.signal_kpc > 0 or self.wait_target > 0)):
+                if const_expr(self.S > 1 and self.in_fused and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: an idle item's cluster still meets once (rank 0 holds the ticket its peers read)
                     cute.arch.cluster_arrive()
                     cute.arch.cluster_wait()
@@ -3058,8 +3180,21 @@ if HAVE_CUTE:
                 cute.arch.sync_threads()
                 if tidx == 0:
                     z2 = (bid_m * self.MT) // self.signal_kpc
-                    cute.arch.atomic_add(mCnt.iterator + (1 + bid_t * self.S + z2), Int32(1), sem="release",
+                    cute.arch.atomic_add(mCnt.iterator + (1 + bid_t * self.sig_S + z2), Int32(1), sem="release",
                                          scope="gpu")
+
+        @cute.jit
+        def wait_ready(self, mCnt: cute.Tensor, tidx, bid_k, bid_t):
+            """GEMM2 (fused or ready): act rows of this item (slot / tile), columns of this K slice, are complete
+            once all GEMM1 CTAs writing them have counted (release after their stores; acquire here, then bar.sync);
+            this CTA then counts itself as a reader (the last one wraps the counter to 0)."""
+            if tidx == 0:
+                ctr = mCnt.iterator + (1 + bid_t * self.S + bid_k)
+                seen = cute.arch.load(ctr, Int32, sem="acquire", scope="gpu")
+                while seen < self.wait_target:
+                    seen = cute.arch.load(ctr, Int32, sem="acquire", scope="gpu")
+                _atom_inc_gpu(ctr.toint(), self.wait_target + self.wait_readers - 1)
+            cute.arch.sync_threads()
 
         @cute.jit
         def load_k_tile(self, wc, ws, code_addr, scale_off, i, s: int):
@@ -3203,7 +3338,7 @@ if HAVE_CUTE:
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
                     self.l2_first(pf_base, warp, lane, D)        # (before the wait: during the previous kernel's drain)
-                    self.pdl_wait(row0)
+                    self.pdl_wait(row0, mCnt, tidx, bid_t)
                     brow2 = MOE_GEMV_TILE_N + cutlass.min(g, rows2 - 1)
                     acc2 = cute.make_rmem_tensor((2, 4), Float32)
                     acc2.fill(0.0)
@@ -3235,6 +3370,7 @@ if HAVE_CUTE:
                         if n < rows2:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + MOE_GEMV_TILE_N + n, 0,
                                        m_tile, 16 * warp + g + 8 * (c // 2), acc2[0, c], acc2[1, c])
+                    self.signal(mCnt, tidx, 0, bid_m, bid_t)
                 else:
                     # ---- single tile: first K half in slots 0-7, second half in slots 8-15
                     D = self.D
@@ -3247,7 +3383,7 @@ if HAVE_CUTE:
                         row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
                         brow = cutlass.min(g, nrows - 1)
                     else:
-                        self.pdl_wait(row0)
+                        self.pdl_wait(row0, mCnt, tidx, bid_t)
                     bq = cute.make_rmem_tensor((4, 2), Int32)
                     self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
                     cute.arch.sync_threads()
@@ -3268,6 +3404,7 @@ if HAVE_CUTE:
                         if n < nrows:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
                                        16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
+                    self.signal(mCnt, tidx, 0, bid_m, bid_t)
 
         @cute.jit
         def l2_first(self, pf_base, warp, lane, d: int):
@@ -3289,10 +3426,13 @@ if HAVE_CUTE:
                         _prefetch_l2(pf_base + Int64(i0 + self.l2_ahead) * self.rec, d * self.rec)
 
         @cute.jit
-        def pdl_wait(self, row0):
+        def pdl_wait(self, row0, mCnt: cute.Tensor, tidx, bid_t):
             """PDL, tile table read before: wait for the previous kernel's outputs (x_sorted / act; our outputs)
-            after the weight loads above (a branch ptxas can't fold keeps them above the wait)."""
-            if const_expr(self.pdl and not self.wait_first):
+            after the weight loads above (a branch ptxas can't fold keeps them above the wait); ready GEMM2: for
+            this tile's act rows instead (counters)."""
+            if const_expr(self.wait_target > 0):
+                self.wait_ready(mCnt, tidx, 0, bid_t)
+            elif const_expr(self.pdl and not self.wait_first):
                 if row0 >= 0:
                     cute.arch.griddepcontrol_wait()
 
@@ -3379,22 +3519,39 @@ if HAVE_CUTE:
             smem, permuted per 64-k tile as Fp4MoeGemv's; k-tile i (from kt_lo) of row n goes to slot n + 8 (i // kph),
             position i % kph."""
             x_base = mX.iterator.toint()
+            sx_base = sXw.iterator.toint()
             chunks = n_kt * 8                                     # 16-B chunks per row
+            src_l = Int32(0)
+            if const_expr(self.x_by_src and self.tok_async and chunks % 32 == 0):
+                # lane l holds src[row0 + l] (<= 16 rows): one round trip, then shuffles (a warp's chunks share a row)
+                if tidx % 32 < rows:
+                    src_l = mSrc[row0 + tidx % 32]
             for idx in cutlass.range(tidx, rows * chunks, self.threads, unroll=1):
                 n = idx // chunks
                 q = idx - n * chunks
                 xrow = row0 + n
                 if const_expr(self.x_by_src):
-                    xrow = mSrc[row0 + n]
+                    if const_expr(self.tok_async and chunks % 32 == 0):
+                        xrow = cute.arch.shuffle_sync(src_l, n)
+                    else:
+                        xrow = mSrc[row0 + n]
                 xa = x_base + (Int64(xrow) * self.k_dim + Int64(kt_lo * TILE_K + q * 8)) * 2
-                v = _ld_v4(xa, ".cg")                             # L2: x_sorted / act were just written
                 i = q // 8
                 kb = (q % 8) // 2
                 p = q % 2
                 w0 = (i % self.kph) * 32 + 16 * (kb // 2) + 2 * (kb % 2) + p
                 slot = n + MOE_GEMV_TILE_N * (i // self.kph)
-                for tt in cutlass.range_constexpr(4):
-                    sXw[w0 + 4 * tt, slot] = v[tt]
+                if const_expr(self.tok_async):
+                    dst = sx_base + (slot * self.row_words + w0) * 4
+                    for tt in cutlass.range_constexpr(4):
+                        _cp_async_4(dst + 16 * tt, xa + 4 * tt)
+                else:
+                    v = _ld_v4(xa, ".cg")                         # L2: x_sorted / act were just written
+                    for tt in cutlass.range_constexpr(4):
+                        sXw[w0 + 4 * tt, slot] = v[tt]
+            if const_expr(self.tok_async):
+                _cp_async_commit()
+                _cp_async_wait(0)
 
         @cute.jit
         def mma_k_tile2(self, acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i, s: int):
@@ -3449,6 +3606,7 @@ if HAVE_CUTE:
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
             self.g2.prefetch_rest = prefetch
             self.g1.direct_k = self.g2.direct_k = top_k
+            self.g1.in_fused = self.g2.in_fused = True
             self.g1.early = self.g2.early = early
             # combine: MoeCombine folded in: per (token, GEMM2 item) a counter of its routed rows stored; the CTA
             # storing the last one sums the token's k slots (fixed slot order, fp32, as MoeCombine) into y
@@ -3651,15 +3809,21 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = ""):
+                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = "", direct_k: int = 0,
+                      stamps: bool = False, tok_async: bool | None = None, ready: tuple = ()):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
     unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted;
     l2_ahead (with pair): L2 prefetch of the records this many k-tiles ahead.
-    diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs)."""
+    diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs). direct_k = top-k > 0 (MOE_GEMV_DIRECT, by_slot):
+    no routing kernel; x / act / out rows and row_w by routed slot, topk_ids as mIds (tiles / pos are not read)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ())
+              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ()) \
+        + (("direct", direct_k) if direct_k else ()) + (("stamps",) if stamps else ())
+    tok_async = MOE_GEMV_TOK_ASYNC if tok_async is None else tok_async
+    config += ("tok_async",) if tok_async else ()
+    config += ("ready",) + tuple(ready) if ready else ()
 
     def build():
         if pair:
@@ -3668,8 +3832,23 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
                                 x_by_src, l2_ahead, by_slot)
         else:
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
-                            by_slot, l2_next)
+                            by_slot, l2_next, direct_k)
             op.diag = diag
+            op.stamps = stamps
+            assert not stamps or not l2_next
+        op.tok_async = tok_async
+        if ready:
+            # ready = ("signal", GEMM2's K slices, GEMM2's k-tiles per slice) for GEMM1, ("wait", target, readers)
+            # for GEMM2 (Fp4MoeGemv.ready; mNext = the int32 counters)
+            assert pdl and not l2_next and not stamps and not l2_ahead
+            op.ready = True
+            if ready[0] == "signal":
+                op.sig_S, op.signal_kpc = ready[1], ready[2]
+                assert op.signal_kpc % op.MT == 0
+            else:
+                assert not wait_first
+                op.wait_target, op.wait_readers = ready[1], ready[2]
+        assert not direct_k or (by_slot and not pair and not l2_next and pdl)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3703,6 +3882,43 @@ MOE_GEMV_L2_AHEAD = 0         # pair kernel: L2 prefetch of the weight records t
 MOE_GEMV_X_BY_SRC = True      # pair GEMM1 reads x rows through src_tok (no index_select launch for x_sorted)
 MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
+
+
+MOE_GEMV_STAMPS = None       # probe: a uint8 CUDA buffer -> the two GEMV launches (not pair / fused) write per-CTA
+                             # phase stamps (Fp4MoeGemv.stamps) into its halves [0, n/2) (GEMM1) and [n/2, n) (GEMM2)
+MOE_GEMV_TOK_ASYNC = True    # Fp4MoeGemv(Pair): token rows -> smem by 4-byte cp.async (all in flight; same bits) ...
+MOE_GEMV_TOK_ASYNC_MAX_ROWS = 32   # ... up to this many routed rows (T <= 5; s7 R1 H200: slower at T 64, 128)
+MOE_GEMV_READY = False       # two-launch GEMV (table or direct path): GEMM2's CTAs wait per (tile | slot, K slice) for
+                             # the GEMM1 CTAs writing their act rows (counters) instead of for GEMM1's end (same bits)
+_READY_COUNTERS: dict = {}
+
+
+def _ready_counters(device, n: int) -> torch.Tensor:
+    """Zeroed int32 readiness counters of MOE_GEMV_READY (GEMM2's last reader of each counter wraps it to 0), one
+    buffer per (device, stream), returned as bytes (the kernels' mNext)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _READY_COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _READY_COUNTERS[key] = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
+    return buf.view(torch.uint8)
+
+
+def moe_gemv_ready(g1: tuple, g2: tuple, D: int, inter: int, direct: bool = False):
+    """(GEMM1 ready, GEMM2 ready) arguments of _compile_moe_gemv for MOE_GEMV_READY, or None where it does not apply
+    (the routed by-slot GEMM1, L2 prefetches, one pair kernel without the other, no PDL)."""
+    if not (MOE_GEMV_READY and USE_PDL and not MOE_GEMV_DIAG and MOE_GEMV_STAMPS is None):
+        return None
+    if (g1[10] and not direct) or g1[11] or g2[11] or len(g1) != len(g2) or g2[7]:
+        return None
+    if len(g1) > 12 and (g1[14] or g2[14]):
+        return None
+    s1, mt1, s2, mt2 = g1[4], g1[9], g2[4], g2[9]
+    kpc2 = inter // TILE_K // s2
+    if kpc2 % mt1:
+        return None
+    return ("signal", s2, kpc2), ("wait", s1 * (kpc2 // mt1), (D // TILE_M) // mt2)
+MOE_GEMV_DIRECT = True       # R <= MOE_GEMV_DIRECT_MAX_ROWS past the fused launch's bound: the two GEMV launches by
+MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k: ids / x read by GEMM1 itself; same bits)
 
 
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
@@ -3806,6 +4022,20 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
              l2_next) + ((MOE_GEMV_PAIR_STAGES, by_src, MOE_GEMV_L2_AHEAD) if pair1 else ()),
             (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0)
             + ((MOE_GEMV_PAIR_STAGES, False, MOE_GEMV_L2_AHEAD) if pair2 else ()))
+
+
+def moe_gemv_direct_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, top_k: int):
+    """_compile_moe_gemv arguments of the routing-free two-launch GEMV (MOE_GEMV_DIRECT), or None where it does not
+    apply: <= 32 routed slots (one ballot), PDL, no pair kernel / L2 prefetch. Same S / MT / stages as the routed
+    by-slot path (moe_gemv_configs with the fused gather): same bits."""
+    if not (MOE_GEMV_DIRECT and USE_PDL and R <= min(32, MOE_GEMV_DIRECT_MAX_ROWS)):
+        return None
+    g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
+    if len(g1) > 12 or len(g2) > 12 or g1[11] or g2[11]:
+        return None
+    g1 = g1[:7] + (True,) + g1[8:10] + (True, 0)
+    g2 = g2[:7] + (False,) + g2[8:10] + (True, 0)
+    return g1, g2
 
 
 def _moe_gemv_pair_ok(k_tiles: int, s: int) -> bool:

@@ -6587,5 +6587,166 @@ def test_session7_fold_kernels_compile_for_sm90a_without_spills(tmp_path):
             assert int(re.search(r"Used (\d+) registers", rep.stderr).group(1)) <= 128, ptx.name
 
 
+# ------------------------------------------- session 7 (moemid): routing-free two-launch GEMV (MOE_GEMV_DIRECT)
+def _moe_gemv_direct_and_routed(ex, x, ids, w, monkeypatch, limit=7.0):
+    """(output of the routing-free two-launch GEMV, output of the routed two-launch GEMV), poisoned intermediates;
+    asserts which path each call took (the direct one launches no routing kernel, GEMM1 / GEMM2 with direct_k)."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    calls, routing = [], []
+    real_g, real_r, real_rr = K._compile_moe_gemv, K._compile_routing_gather, K._compile_routing
+    monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a, **kw: calls.append(kw) or real_g(*a, **kw))
+    monkeypatch.setattr(K, "_compile_routing_gather", lambda *a: routing.append(a) or real_r(*a))
+    monkeypatch.setattr(K, "_compile_routing", lambda *a: routing.append(a) or real_rr(*a))
+    monkeypatch.setattr(K, "MOE_GEMV_DIRECT", True)
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    assert [c.get("direct_k") for c in calls] == [ids.shape[1]] * 2 and not routing, "not the direct path"
+    monkeypatch.setattr(K, "MOE_GEMV_DIRECT", False)
+    y_old = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(calls) == 4 and not calls[2].get("direct_k") and len(routing) == 1, "not the routed path"
+    torch.cuda.synchronize()
+    return y, y_old
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("splits, m_per_cta", [(1, 2), (1, 1), (2, 1), (4, 2)])
+def test_moe_gemv_direct_gives_the_bits_of_the_routed_path(fmt, splits, m_per_cta, monkeypatch):
+    """Small dims (16 experts), K split 1 / 2 / 4, 1 or 2 row tiles per CTA, 13..32 routed slots (above the fused
+    launch's bound): GEMM1 reading topk_ids / x by slot itself (no MoeRoutingGather), GEMM2 and MoeCombine by slot
+    give the routed GEMV's bits and the fp32 reference up to rounding; skipped slots, a token without slots (y = 0),
+    a token naming one expert twice, 16 / 24 / 32 rows on one expert (two to four 8-row groups)."""
+    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
+    ex = _small(fmt)
+    cases = [(3, "random", 6), (4, "random", 6), (5, "random", 6), (4, "shared", 6), (4, "empty_experts", 6),
+             (4, "duplicate", 6), (16, "one_expert", 2), (24, "one_expert", 1), (32, "one_expert", 1),
+             (4, "token_off", 6)]
+    for T, routing, k in cases:
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T + k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, k, 16, "random" if routing == "token_off" else routing, seed=180 + T)
+        if routing == "token_off":                # token T//2 has no slot on this rank (ids -1 and E)
+            ids[T // 2, :] = -1
+            ids[T // 2, 0] = 16
+        y, y_old = _moe_gemv_direct_and_routed(ex, x, ids, w, monkeypatch)
+        what = f"direct S={splits} MT={m_per_cta} {fmt} T={T} k={k} {routing}"
+        if routing == "token_off":
+            assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+        assert torch.equal(y, y_old), f"{what}: differs from the routed GEMV"
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_gemv_direct_flash_dims_gives_the_bits_of_the_routed_path(fmt, monkeypatch):
+    """Flash dims (256 experts, D 4096, I 2048) at T 3, 4, 5 (18 / 24 / 30 routed rows), default configs."""
+    ex = _flash(fmt)
+    for T, routing in ((3, "random"), (4, "random"), (4, "shared"), (4, "duplicate"), (5, "random"),
+                       (4, "empty_experts")):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, routing, seed=190 + T)
+        y, y_old = _moe_gemv_direct_and_routed(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"direct flash {fmt} T={T} {routing}")
+        assert torch.equal(y, y_old), f"direct flash {fmt} T={T} {routing}: differs from the routed GEMV"
+
+
+@gpu
+def test_moe_gemv_direct_graph_replays_follow_new_inputs(monkeypatch):
+    """CUDA-graph replays of the routing-free two-launch path follow new x / ids / weights written into the captured
+    buffers and keep the eager bits."""
+    monkeypatch.setattr(K, "MOE_GEMV_DIRECT", True)
+    ex = _small("nvfp4")
+    T, k = 4, 6
+    x = torch.randn(T, 512, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(T, k, 16, "random", seed=201)
+    x2 = torch.randn(T, 512, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
+    ids2, w2 = _gemv_routing(T, k, 16, "shared", seed=202)
+    y1, y2 = K.moe_fp4(x, ids, w, ex, 7.0), K.moe_fp4(x2, ids2, w2, ex, 7.0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.moe_fp4(x, ids, w, ex, 7.0)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = K.moe_fp4(x, ids, w, ex, 7.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, y1)
+    x.copy_(x2); ids.copy_(ids2); w.copy_(w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, y2) and not torch.equal(y2, y1)
+
+
+
+# ------------------------------------- session 7 (moemid): GEMM2 waits per tile / slot (MOE_GEMV_READY), token cp.async
+def _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs, limit=7.0):
+    """(output with knobs on, output with them off), poisoned intermediates; the readiness counters end at zero."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    for name, v in knobs.items():
+        monkeypatch.setattr(K, name, v)
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    for name in knobs:
+        monkeypatch.setattr(K, name, False)
+    y_old = K.moe_fp4(x, ids, w, ex, limit)
+    torch.cuda.synchronize()
+    for buf in K._READY_COUNTERS.values():
+        assert not buf.any(), "a ready launch left a counter non-zero"
+    return y, y_old
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("knobs", [dict(MOE_GEMV_READY=True), dict(MOE_GEMV_TOK_ASYNC=True),
+                                   dict(MOE_GEMV_READY=True, MOE_GEMV_TOK_ASYNC=True, MOE_GEMV_DIRECT=True)],
+                         ids=["ready", "tokasync", "all"])
+@pytest.mark.parametrize("pair_min", [768, 16])
+def test_moe_gemv_ready_and_token_cp_async_give_the_same_bits(fmt, knobs, pair_min, monkeypatch):
+    """Small dims (16 experts): GEMM2 waiting per tile / slot on GEMM1's counters (MOE_GEMV_READY) and the token rows
+    by cp.async (MOE_GEMV_TOK_ASYNC) give the default path's bits (and the reference up to rounding), table path
+    with and without pair tiles (pair_min 16: from 16 routed rows), by-slot and direct T <= 5; skipped slots,
+    duplicates, experts with 1..40 rows."""
+    monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", pair_min)
+    ex = _small(fmt)
+    cases = [(4, "random", 6), (5, "random", 6), (16, "random", 6), (40, "random", 6), (64, "shared", 6),
+             (40, "one_expert", 2), (24, "duplicate", 6), (30, "empty_experts", 6), (100, "random", 6)]
+    for T, routing, k in cases:
+        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T + k)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, k, 16, routing, seed=300 + T)
+        y, y_old = _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs)
+        what = f"{knobs} pair_min={pair_min} {fmt} T={T} k={k} {routing}"
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
+        assert torch.equal(y, y_old), f"{what}: differs from the default path"
+
+
+@gpu
+def test_moe_gemv_ready_flash_dims_and_graph_replays_keep_the_bits(monkeypatch):
+    """Flash dims nvfp4 at T 4 (direct), 64 and 256 (pair tiles): MOE_GEMV_READY (+ direct, + token cp.async) gives
+    the default bits; CUDA-graph replays (counters wrap to zero between launches) keep them."""
+    ex = _flash("nvfp4")
+    knobs = dict(MOE_GEMV_READY=True, MOE_GEMV_DIRECT=True, MOE_GEMV_TOK_ASYNC=True)
+    for T in (4, 64, 256):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, "random", seed=310 + T)
+        y, y_old = _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"ready flash T={T}")
+        assert torch.equal(y, y_old), f"ready flash T={T}: differs from the default path"
+        for name, v in knobs.items():
+            monkeypatch.setattr(K, name, v)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            K.moe_fp4(x, ids, w, ex, 7.0)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(v, y_old) for v in y_g), f"ready flash T={T}: graph replays changed the bits"
+        for name in knobs:
+            monkeypatch.setattr(K, name, False)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
