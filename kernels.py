@@ -2442,12 +2442,12 @@ def fold_norm_config(config: dict, K: int, M: int, eps: float) -> dict | None:
 
 def gemv_norm_layout(K: int, M: int, config: dict):
     """Fp8Gemv's norm argument order (bw, vec, slots) for x [M, K] under config, or None where the fold does not
-    apply (GEMV_FOLD_NORM off, a sum order the kernel does not mirror, a K split over CTAs)."""
+    apply (GEMV_FOLD_NORM off, a sum order the kernel does not mirror, a K split over CTAs, M > 1)."""
     layout = torch_sum_layout(K, M)
     if not (GEMV_FOLD_NORM and layout is not None and layout[1] == 4 and TORCH_ORDER_SUMS):
         return None
-    if config["k_splits"] > 1 or config.get("cp_async"):   # cluster K splits: bits differed on an H200 (s7 R1,
-        return None                                          # N 1536, M 2; not debugged): one K slice only
+    if config["k_splits"] > 1 or config.get("cp_async") or M > 1:   # M > 1 and cluster K splits gave other bits
+        return None                                          # than RmsNorm + GEMV on an H200 (s7, not debugged)
     return layout
 
 
@@ -3821,7 +3821,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
               l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ()) \
         + (("direct", direct_k) if direct_k else ()) + (("stamps",) if stamps else ())
-    tok_async = MOE_GEMV_TOK_ASYNC if tok_async is None else tok_async
+    tok_async = bool(tok_async)          # moe_fp4 passes MOE_GEMV_TOK_ASYNC for <= MOE_GEMV_TOK_ASYNC_MAX_ROWS rows
     config += ("tok_async",) if tok_async else ()
     config += ("ready",) + tuple(ready) if ready else ()
 
