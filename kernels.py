@@ -2887,6 +2887,30 @@ if HAVE_CUTE:
                 cluster=[self.S, 1, 1], use_pdl=self.pdl, min_blocks_per_mp=self.min_ctas,
                 preferred_smem_carveout=100 if self.min_ctas else None)
 
+        @cute.jit
+        def slot_rows(self, mIds: cute.Tensor, mPos: cute.Tensor, expert, rank):
+            """by_slot, after the weight prologue: wait for the routing + gather kernel, then this slot's rows:
+            [min pos over the expert's slots + rank, + min(count - rank, 8))."""
+            if expert < (1 << 30):              # (a branch ptxas can't fold keeps the weight loads above the wait)
+                cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+            tidx, _, _ = cute.arch.thread_idx()
+            n_slots = cute.size(mIds, mode=[0])
+            count = Int32(0)
+            row0 = Int32(1 << 30)
+            for base2 in cutlass.range(0, Int32(n_slots), 32, unroll=1):
+                j2 = base2 + tidx % 32
+                p_j2 = Int32(1 << 30)
+                e_j2 = Int32(-1)
+                if j2 < n_slots:
+                    e_j2 = mIds[j2]
+                    p_j2 = mPos[j2]
+                if e_j2 != expert:
+                    p_j2 = Int32(1 << 30)
+                count = count + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j2 == expert)))
+                row0 = cutlass.min(row0, Int32(cute.arch.warp_redux_sync(p_j2, "min")))
+            return row0 + rank, cutlass.min(count - rank, MOE_GEMV_TILE_N)
+
         @cute.kernel
         def kernel(self, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
                    mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor, limit: Float32,
@@ -3003,26 +3027,8 @@ if HAVE_CUTE:
                     if warp == 0 and lane == 0:
                         _prefetch_l2(base + self.D * rec, (kpc - self.D) * rec)
                 if const_expr(self.by_slot and self.direct_k == 0):
-                    # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots. (A branch
-                    # ptxas can't fold keeps the weight loads above the wait, as below.)
-                    if expert < (1 << 30):
-                        cute.arch.griddepcontrol_wait()
-                    cute.arch.griddepcontrol_launch_dependents()
-                    count = Int32(0)
-                    row0 = Int32(1 << 30)
-                    for base2 in cutlass.range(0, Int32(n_slots), 32, unroll=1):
-                        j2 = base2 + tidx % 32
-                        p_j2 = Int32(1 << 30)
-                        e_j2 = Int32(-1)
-                        if j2 < n_slots:
-                            e_j2 = mIds[j2]
-                            p_j2 = mPos[j2]
-                        if e_j2 != expert:
-                            p_j2 = Int32(1 << 30)
-                        count = count + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j2 == expert)))
-                        row0 = cutlass.min(row0, Int32(cute.arch.warp_redux_sync(p_j2, "min")))
-                    row0 = row0 + rank
-                    nrows = cutlass.min(count - rank, MOE_GEMV_TILE_N)
+                    # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots
+                    row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
                 if const_expr(self.wait_target > 0):
                     if const_expr(self.in_fused):
                         if tidx == 0:               # for the folded combine (Fp4MoeGemvFused.combine_rows)
@@ -3488,30 +3494,6 @@ if HAVE_CUTE:
                 if rank % MOE_GEMV_TILE_N == 0:
                     active = Int32(1)
             return expert, rank, active
-
-        @cute.jit
-        def slot_rows(self, mIds: cute.Tensor, mPos: cute.Tensor, expert, rank):
-            """by_slot, after the weight prologue: wait for the routing + gather kernel, then this slot's rows:
-            [min pos over the expert's slots + rank, + min(count - rank, 8))."""
-            if expert < (1 << 30):              # (a branch ptxas can't fold keeps the weight loads above the wait)
-                cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
-            tidx, _, _ = cute.arch.thread_idx()
-            n_slots = cute.size(mIds, mode=[0])
-            count = Int32(0)
-            row0 = Int32(1 << 30)
-            for base2 in cutlass.range(0, Int32(n_slots), 32, unroll=1):
-                j2 = base2 + tidx % 32
-                p_j2 = Int32(1 << 30)
-                e_j2 = Int32(-1)
-                if j2 < n_slots:
-                    e_j2 = mIds[j2]
-                    p_j2 = mPos[j2]
-                if e_j2 != expert:
-                    p_j2 = Int32(1 << 30)
-                count = count + Int32(cute.arch.popc(cute.arch.vote_ballot_sync(e_j2 == expert)))
-                row0 = cutlass.min(row0, Int32(cute.arch.warp_redux_sync(p_j2, "min")))
-            return row0 + rank, cutlass.min(count - rank, MOE_GEMV_TILE_N)
 
         @cute.jit
         def load_tokens(self, sXw, mX: cute.Tensor, mSrc: cute.Tensor, row0, rows, kt_lo: int, n_kt: int, tidx):
