@@ -1839,13 +1839,6 @@ if HAVE_CUTE:
             "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
 
     @dsl_user_op
-    def _bf16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
-        """(lo, hi) fp32 -> bf16x2, round to nearest even (exact for values that are bf16 already)."""
-        return Int32(_llvm.inline_asm(
-            _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
-            "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
-
-    @dsl_user_op
     def _quant_pair_f16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         """(lo, hi) fp32 -> e4m3 with round-to-nearest-even, saturating at +-448 -> back to f16x2 (lo, hi), exact."""
         return Int32(_llvm.inline_asm(
@@ -2145,7 +2138,7 @@ if HAVE_CUTE:
                                     w = xv[4 * c + i]
                                     lo = _mul(_bits_f32(wn[2 * i]), _mul(_bits_f32(w << 16), rinv))
                                     hi = _mul(_bits_f32(wn[2 * i + 1]), _mul(_bits_f32(w & -65536), rinv))
-                                    xv[4 * c + i] = _bf16x2_from_f32(lo, hi)
+                                    xv[4 * c + i] = pack_bf16x2(lo, hi)
                     if const_expr(self.fold):
                         # x * 2^k with k = clamp(227 - E(amax), 0, 127): the block max lands in [2^100, 2^101)
                         # (fold 3: k = clamp(142 - E, -112, 126), the max in [2^15, 2^16), then rounded to f16)
@@ -2168,14 +2161,14 @@ if HAVE_CUTE:
                                 x0, x1 = _bits_f32(w0 << 16) * up, _bits_f32(w0 & -65536) * up
                                 x2, x3 = _bits_f32(w1 << 16) * up, _bits_f32(w1 & -65536) * up
                                 if const_expr(self.fold == 1):   # pairs (x0, x2), (x1, x3): the weights' pairing
-                                    qw[2 * p] = _bf16x2_from_f32(x0, x2)
-                                    qw[2 * p + 1] = _bf16x2_from_f32(x1, x3)
+                                    qw[2 * p] = pack_bf16x2(x0, x2)
+                                    qw[2 * p + 1] = pack_bf16x2(x1, x3)
                                 elif const_expr(self.fold == 3):
                                     qw[2 * p] = _f16x2_from_f32(x0, x1)
                                     qw[2 * p + 1] = _f16x2_from_f32(x2, x3)
                                 else:
-                                    qw[2 * p] = _bf16x2_from_f32(x0, x1)
-                                    qw[2 * p + 1] = _bf16x2_from_f32(x2, x3)
+                                    qw[2 * p] = pack_bf16x2(x0, x1)
+                                    qw[2 * p + 1] = pack_bf16x2(x2, x3)
                             chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
                             cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
                         if t == 0:
@@ -5175,12 +5168,6 @@ def _pre_slices(M: int, D: int, head: bool, norm: bool) -> int:
     return x_ctas if head else x_ctas + 1
 
 
-def rms_norm_reference(x, weight, eps: float):
-    """= dsv4.RMSNorm.forward."""
-    xf = x.float()
-    return (weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
-
-
 def hc_pre_fused(h, fn, scale, base, n: int, iters: int, eps: float, norm_eps: float, norm_weight=None):
     """= hc_pre_reference: h [M,n,D] bf16 contiguous -> (x [M,D] bf16, post [M,n] fp32, comb [M,n,n] fp32).
     norm_weight [D] fp32 (optional): x comes back as RMSNorm(x) with that weight and eps norm_eps (dsv4.RMSNorm)."""
@@ -7753,7 +7740,7 @@ if HAVE_CUTE:
                         a, b = _rotate(lo, hi, mAng[p_ang, cutlass.max(wi - half, 0)], False)
                         lo = a
                         hi = b
-                    sQ[hr, wi] = _bf16x2_from_f32(lo, hi)
+                    sQ[hr, wi] = pack_bf16x2(lo, hi)
 
         @cute.jit
         def qk_dot(self, sQ, sK, j, lane, nt: int = 1):
@@ -9212,13 +9199,6 @@ PRODUCER_REGS, CONSUMER_REGS = 40, 232   # setmaxnreg split: 128 x 40 + 256 x 23
 
 
 if HAVE_CUTE:
-    @dsl_user_op
-    def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
-        """(lo, hi) fp32 -> bf16x2 (lo in the low half), round to nearest even."""
-        return Int32(_llvm.inline_asm(
-            _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
-            "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
-
     @dsl_user_op
     def stmatrix_x4_trans(smem_addr: Int32, r0: Int32, r1: Int32, r2: Int32, r3: Int32, *, loc=None, ip=None):
         """Four 8x8 bf16 tiles of the wgmma accumulator fragment, each stored transposed: thread t gives the 16-B row
