@@ -10103,3 +10103,94 @@ def moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit: float):
     for _, fn in steps:
         fn()
     return y
+
+
+# ====================================================================================================================
+# L2 prefetch lane (decode, batch 1): a side kernel on a parallel graph branch pulls the next big GEMV's weights into
+# L2 while latency-bound kernels (mHC site, attention, router) leave HBM idle. No data returns to the SM
+# (cp.async.bulk.prefetch.L2: the TMA unit fetches), so a few CTAs keep many MB in flight.
+# ====================================================================================================================
+L2_LANE = False               # dsv4: prefetch lane on (see l2_prefetch); off = main's step unchanged
+L2_PREFETCH_CHUNK = 16384     # bytes per bulk prefetch instruction (one thread issues one chunk at a time)
+L2_PREFETCH_CTAS = 8          # CTAs of the prefetch kernel (each SM's TMA unit issues its CTAs' chunks)
+L2_PREFETCH_THREADS = 32
+
+
+def l2_prefetch_reference(src: torch.Tensor) -> None:
+    """A prefetch moves no data the program can see: the reference does nothing."""
+    return None
+
+
+if HAVE_CUTE:
+    @dsl_user_op
+    def _bulk_prefetch_l2(addr: Int64, size: Int32, *, loc=None, ip=None):
+        """Bulk prefetch of `size` bytes (multiple of 16) at a 16-B aligned global address into L2."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Int32(size).ir_value(loc=loc, ip=ip)],
+                         "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", has_side_effects=True, loc=loc, ip=ip)
+
+    class L2Prefetch:
+        """Prefetch a 2-D byte view src [R, C] (rows 16-B aligned, C % 16 == 0, any row stride) into L2: the rows are
+        cut into `chunk`-byte pieces; thread t of CTA b issues pieces b * threads + t, + ctas * threads, ..."""
+
+        def __init__(self, chunk: int, threads: int):
+            self.chunk = chunk
+            self.threads = threads
+
+        @cute.jit
+        def __call__(self, mSrc: cute.Tensor, ctas: Int32, stream):
+            self.kernel(mSrc).launch(grid=[ctas, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel(self, mSrc: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bidx, _, _ = cute.arch.block_idx()
+            nblk, _, _ = cute.arch.grid_dim()
+            rows = mSrc.shape[0]
+            cols = mSrc.shape[1]
+            stride = Int64(mSrc.stride[0])
+            base = mSrc.iterator.toint()
+            per_row = (cols + (self.chunk - 1)) // self.chunk
+            i = bidx * self.threads + tidx
+            while i < rows * per_row:
+                r = i // per_row
+                c = (i - r * per_row) * self.chunk
+                size = cols - c
+                if size > self.chunk:
+                    size = self.chunk
+                _bulk_prefetch_l2(base + Int64(r) * stride + Int64(c), size)
+                i += nblk * self.threads
+
+
+def _compile_l2_prefetch(chunk: int, threads: int):
+    def build():
+        mk = cute.runtime.make_fake_tensor
+        r, c, s = cute.sym_int(), cute.sym_int(divisibility=16), cute.sym_int(divisibility=16)
+        return L2Prefetch(chunk, threads), (mk(Uint8, (r, c), stride=(s, 1), assumed_align=16), Int32(1),
+                                            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+    return _load_or_compile(("l2prefetch", chunk, threads), build)
+
+
+def l2_prefetch_view(t: torch.Tensor, fraction: float = 1.0, part: str = "all") -> torch.Tensor:
+    """The byte view of t [N, K] (contiguous) l2_prefetch takes: part "all" = the first `fraction` of its bytes as
+    one row; "head" / "tail" = the first / last `fraction` of every row (16-B multiples)."""
+    b = t.view(torch.uint8).reshape(t.shape[0], -1)
+    if part == "all":
+        flat = b.reshape(1, -1)
+        return flat[:, :max(16, int(flat.shape[1] * fraction) // 16 * 16)]
+    cols = max(16, int(b.shape[1] * fraction) // 16 * 16)
+    return b[:, :cols] if part == "head" else b[:, b.shape[1] - cols:]
+
+
+def l2_prefetch(src: torch.Tensor, ctas: int | None = None, chunk: int | None = None,
+                threads: int | None = None) -> None:
+    """Bulk-prefetch the bytes of src (a uint8 view [R, C] from l2_prefetch_view) into L2. One launch on the current
+    stream, no host sync (graph-capturable); changes no data (semantics: l2_prefetch_reference). Off the GPU path
+    (CPU, no CuTe DSL) it does nothing."""
+    if not (src.is_cuda and HAVE_CUTE) or src.numel() == 0:
+        return l2_prefetch_reference(src)
+    if src.dtype != torch.uint8 or src.dim() != 2 or src.stride(1) != 1 or src.shape[1] % 16 or \
+            src.stride(0) % 16 or src.data_ptr() % 16:
+        raise ValueError(f"l2_prefetch takes a uint8 [R, C] view with C, row stride and address 16-B multiples, got "
+                         f"{tuple(src.shape)} {src.dtype} stride {src.stride()}")
+    fn = _compile_l2_prefetch(chunk or L2_PREFETCH_CHUNK, threads or L2_PREFETCH_THREADS)
+    fn(src, ctas or L2_PREFETCH_CTAS)

@@ -6751,5 +6751,89 @@ def test_moe_gemv_ready_flash_dims_and_graph_replays_keep_the_bits(monkeypatch):
             monkeypatch.setattr(K, name, False)
 
 
+
+# ======================================================================================================================
+# L2 prefetch lane (session 8, helper l2lane): kernels.l2_prefetch / L2Prefetch
+# ======================================================================================================================
+@pytest.mark.parametrize("part,fraction", [("all", 1.0), ("all", 0.25), ("head", 0.5), ("tail", 0.5), ("tail", 0.01)])
+def test_l2_lane_view_covers_the_asked_bytes(part, fraction):
+    """l2_prefetch_view: "all" = the first fraction of the bytes as one row, "head"/"tail" = the first/last fraction
+    of every row; 16-B multiples, the bytes of the weight itself (a view, no copy)."""
+    w = torch.randint(0, 256, (64, 4096), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    v = K.l2_prefetch_view(w.view(torch.float8_e4m3fn), fraction, part)
+    assert v.dtype == torch.uint8 and v.dim() == 2 and v.shape[1] % 16 == 0 and v.stride(1) == 1
+    if part == "all":
+        assert v.shape[0] == 1 and v.shape[1] == int(w.numel() * fraction) // 16 * 16
+        assert v.data_ptr() == w.data_ptr() and torch.equal(v[0], w.reshape(-1)[:v.shape[1]])
+    else:
+        cols = max(16, int(4096 * fraction) // 16 * 16)
+        want = w[:, :cols] if part == "head" else w[:, 4096 - cols:]
+        assert v.shape == (64, cols) and v.stride(0) == 4096 and torch.equal(v, want)
+
+
+def test_l2_lane_prefetch_off_the_gpu_changes_nothing():
+    """On CPU l2_prefetch is its reference: a no-op (no error, no data change)."""
+    w = torch.arange(4096, dtype=torch.int32).view(torch.uint8).reshape(16, 1024)
+    before = w.clone()
+    assert K.l2_prefetch(K.l2_prefetch_view(w)) is None and torch.equal(w, before)
+
+
+COMPILE_L2_PREFETCH = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+for chunk in (16384, 65536):
+    K._compile_l2_prefetch(chunk, 32)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_l2_lane_prefetch_compiles_for_sm90a_to_bulk_prefetches(tmp_path):
+    """L2Prefetch compiles for sm_90a without a GPU; its PTX issues cp.async.bulk.prefetch.L2 and nothing else
+    touches memory (no loads or stores); where ptxas is installed it assembles without spills."""
+    dump = _compile_for_sm90a(COMPILE_L2_PREFETCH, tmp_path)
+    ptxs = sorted(dump.rglob("*.ptx"))     # one file per kernel name: the last chunk's
+    assert ptxs
+    for ptx in ptxs:
+        text = ptx.read_text()
+        assert "cp.async.bulk.prefetch.L2.global" in text
+        assert not re.search(r"\b(ld|st)\.global", text), ptx.name
+        ptxas = shutil.which("ptxas")
+        if ptxas:
+            assert "0 bytes spill stores" in ptxas_report(ptxas, ptx, tmp_path).stderr
+
+
+@gpu
+@pytest.mark.parametrize("part,fraction,ctas,chunk", [("all", 1.0, 8, 16384), ("all", 0.3, 3, 65536),
+                                                     ("tail", 0.5, 16, 16384), ("head", 0.25, 1, 16384)])
+def test_gpu_l2_lane_prefetch_changes_no_data_and_no_gemv_bit(part, fraction, ctas, chunk):
+    """A prefetch of (part of) a weight, eagerly and inside a graph on a forked stream, leaves the weight and the
+    GEMV's output bits as they were."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w8 = torch.randint(0, 256, (1536, 4096), dtype=torch.uint8, device="cuda", generator=g)   # wq_a|wkv's shape
+    w8[(w8 & 0x7F) == 0x7F] = 0x3F
+    w = w8.view(torch.float8_e4m3fn)
+    sc = torch.randint(118, 126, (12, 32), dtype=torch.uint8, device="cuda", generator=g).view(torch.float8_e8m0fnu)
+    x = torch.randn(1, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    ref = K.fp8_gemv(x, w, sc)
+    before = w8.clone()
+    view = K.l2_prefetch_view(w, fraction, part)
+    K.l2_prefetch(view, ctas=ctas, chunk=chunk)
+    torch.cuda.synchronize()
+    assert torch.equal(w8, before) and torch.equal(K.fp8_gemv(x, w, sc), ref)
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            K.l2_prefetch(view, ctas=ctas, chunk=chunk)
+        y = K.fp8_gemv(x, w, sc)
+        main.wait_stream(side)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(w8, before) and torch.equal(y, ref)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
