@@ -10,5 +10,7 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
 echo "[t=${SECONDS}s] tests"
 timeout 20 python3 -m pytest -q -x -p no:cacheprovider test_dsv4.py -k "l2_lane" 2>&1 | tail -3
 echo "[t=${SECONDS}s] timings"
-timeout $((140 - SECONDS)) python3 _l2lane.py 2>&1 | grep -v Warning
+timeout $((125 - SECONDS)) python3 _l2lane.py 2>&1 | grep -v Warning
+echo "[t=${SECONDS}s] prefetch sizes (own process: a refused size must not take the table above down)"
+L2_SWEEP=1 timeout $((143 - SECONDS)) python3 _l2lane.py wo_a wo_b 2>&1 | grep -v Warning | tail -4
 echo "[t=${SECONDS}s] done"

@@ -25,7 +25,9 @@ SHAPES = {"wo_a": (8192, 4096, "grouped"), "wo_b": (4096, 8192, "fp8"), "wq_b|iw
           "wq_a|wkv": (1536, 4096, "fp8")}
 SMS = int(os.environ.get("L2_SMS", "132"))
 CLK_GHZ = float(os.environ.get("L2_CLOCK_GHZ", "1.98"))
-CHUNKS = (16384, 65536)
+CHUNKS = (4096, 16384, 65536)
+SWEEP = os.environ.get("L2_SWEEP") == "1"     # only the lane's prefetch sizes (chunk bytes) x CTAs
+SWEEP_CFGS = ((8, 4096), (8, 65536), (32, 65536), (8, 262144))
 
 
 def gemv_config(name, M=1, sms=SMS):
@@ -46,7 +48,7 @@ def _compile_one(job):
 
 def precompile(procs=12):
     import multiprocessing as mp
-    jobs = [("spin",)] + [("pf", c) for c in CHUNKS]
+    jobs = [("spin",)] + [("pf", c) for c in CHUNKS + (262144,)]
     for name in SHAPES:
         for pdl in (False, True):
             jobs.append(("gemv", {**gemv_config(name), "pdl": pdl}))
@@ -154,13 +156,18 @@ def run(names, M=1):
                 if want > mb + 1e-6 or (part == "tail" and want == mb):
                     continue
                 views[(part, want)] = [K.l2_prefetch_view(w[0], min(1.0, want / mb), part) for w in ws]
-        graphs = {("spin", 20): graph_of(lambda: [sp(20) for _ in range(copies)]),
-                  ("cold", 20): graph_of(lambda: [(sp(20), gemv(i)) for i in range(copies)])}
+        graphs = {} if SWEEP else {("spin", 20): graph_of(lambda: [sp(20) for _ in range(copies)]),
+                                   ("cold", 20): graph_of(lambda: [(sp(20), gemv(i)) for i in range(copies)])}
         bits = []
-        for key, vs in views.items():
+        for key, vs in (() if SWEEP else views.items()):
             graphs[("pf+spin",) + key] = graph_of(lambda vs=vs: [(K.l2_prefetch(vs[i]), sp(20)) for i in range(copies)])
             graphs[("warm",) + key] = graph_of(lambda vs=vs: [(K.l2_prefetch(vs[i]), sp(20), gemv(i))
                                                              for i in range(copies)])
+        if not SWEEP:  # landed by 20 us? the same with a 40-us spin
+            vs = views[("all", mb)]
+            graphs[("spin", 40)] = graph_of(lambda: [sp(40) for _ in range(copies)])
+            graphs[("pf+spin40",)] = graph_of(lambda: [(K.l2_prefetch(vs[i]), sp(40)) for i in range(copies)])
+            graphs[("warm40",)] = graph_of(lambda: [(K.l2_prefetch(vs[i]), sp(40), gemv(i)) for i in range(copies)])
         out = gemv(0)
         K.l2_prefetch(views[("all", mb)][0])
         bits.append(torch.equal(gemv(0), ref) and torch.equal(out, ref))
@@ -179,6 +186,18 @@ def run(names, M=1):
             return body
 
         lanes = []
+        if SWEEP:      # separate process: a bulk-prefetch size the hardware refuses must not take the main table down
+            graphs = {}
+            for us in (6,):
+                graphs[("spin", us)] = graph_of(lambda us=us: [sp(us) for _ in range(copies)])
+                graphs[("pair", us)] = graph_of(lambda us=us: [(sp(us), gemv(i)) for i in range(copies)])
+            for ctas, chunk in SWEEP_CFGS:
+                graphs[("lanecfg", ctas, chunk)] = graph_of(lane(6, views[("all", mb)], ctas, chunk))
+            t = _median_times(graphs, copies)
+            print(f"{name}: spin 6 us, exp no lane {t[('pair', 6)] - t[('spin', 6)]:.2f}; full lane, ctas x chunk: " +
+                  ", ".join(f"{c}x{k >> 10}K {t[('lanecfg', c, k)] - t[('spin', 6)]:.2f}" for c, k in SWEEP_CFGS),
+                  flush=True)
+            continue
         for us in (3, 6, 10):
             graphs[("spin", us)] = graph_of(lambda us=us: [sp(us) for _ in range(copies)])
             graphs[("pair", us)] = graph_of(lambda us=us: [(sp(us), gemv(i)) for i in range(copies)])
@@ -187,8 +206,8 @@ def run(names, M=1):
                 if key in views:
                     graphs[("lane", us) + key] = graph_of(lane(us, views[key]))
                     lanes.append((us,) + key)
-        for ctas, chunk in ((4, 16384), (16, 16384), (8, 65536), (32, 65536)):
-            graphs[("lanecfg", ctas, chunk)] = graph_of(lane(6, views[("all", mb)], ctas, chunk))
+        for ctas in (4, 16, 32):
+            graphs[("lanecfg", ctas, 16384)] = graph_of(lane(6, views[("all", mb)], ctas, 16384))
         graphs[("pfonly",)] = graph_of(lambda: [K.l2_prefetch(views[("all", mb)][i]) for i in range(copies)])
         t = _median_times(graphs, copies)
         floor = wbytes / bw * 1e6
@@ -201,6 +220,7 @@ def run(names, M=1):
             w = t[("warm",) + key] - t[("pf+spin",) + key]
             print(f"  (b) warm {key[0]:>4} {key[1]:5.1f} MB: {w:6.2f}  ({w - cold:+.2f} vs cold; pf+spin "
                   f"{t[('pf+spin',) + key]:.2f} vs spin {t[('spin', 20)]:.2f})")
+        print(f"  (b) warm  all {mb:5.1f} MB behind a 40-us spin: {t[('warm40',)] - t[('pf+spin40',)]:6.2f}")
         for us in (3, 6, 10):
             base = t[("pair", us)] - t[("spin", us)]
             line = (f"  (c) spin {us:>2} us ({t[('spin', us)]:.2f}): exp no lane {base:.2f}, empty lane "
@@ -209,9 +229,8 @@ def run(names, M=1):
                 if lk[0] == us:
                     line += f", {lk[1]} {lk[2]:.0f}MB {t[('lane',) + lk] - t[('spin', us)]:.2f}"
             print(line)
-        print("  (c) spin 6, full lane, ctas x chunk: " + ", ".join(
-            f"{c}x{k >> 10}K {t[('lanecfg', c, k)] - t[('spin', 6)]:.2f}" for c, k in
-            ((4, 16384), (16, 16384), (8, 65536), (32, 65536))), flush=True)
+        print("  (c) spin 6, full lane, ctas x 16K: " + ", ".join(
+            f"{c} {t[('lanecfg', c, 16384)] - t[('spin', 6)]:.2f}" for c in (4, 16, 32)), flush=True)
         del graphs, ws, views
         torch.cuda.empty_cache()
 
