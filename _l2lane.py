@@ -9,8 +9,9 @@ us per call, medians of interleaved rounds:
   warm X : [prefetch X of w, spin 20 us, GEMV] - [prefetch X, spin 20 us]   (the prefetch has landed by then)
   lane   : stream A [spin S us, GEMV], a forked branch prefetches X of w's bytes meanwhile, joined after the GEMV:
            exp = pair - spin alone, vs the same pair without the branch (and with an empty branch: fork/join cost).
-Prefetch parts: "all" = the first X MB of the weight's bytes; "tail" = the last X/size of every row (what the GEMV's
-warps read last: its first register stages go out under PDL anyway).
+Prefetch parts: "all" = the first X MB of the weight's bytes; "tail" = the last X/size of every row; "slice" = the
+last X/size of every K slice of a row (k_splits x k_warps slices: what each warp reads last; its first register
+stages go out under PDL anyway).
 """
 import os
 import statistics
@@ -151,11 +152,13 @@ def run(names, M=1):
             spin(x.view(-1), xsrc, int(us * CLK_GHZ * 1e3))
 
         views = {}
-        for part in ("all", "tail"):
+        pieces = cfg["k_splits"] * cfg.get("k_warps", 1)     # the K slices of the GEMV's warps
+        for part in ("all", "tail", "slice"):
             for want in (8, 16, 24, 32, mb):
-                if want > mb + 1e-6 or (part == "tail" and want == mb):
+                if want > mb + 1e-6 or (part != "all" and want == mb) or (part == "slice" and pieces == 1):
                     continue
-                views[(part, want)] = [K.l2_prefetch_view(w[0], min(1.0, want / mb), part) for w in ws]
+                views[(part, want)] = [K.l2_prefetch_view(w[0], min(1.0, want / mb), "tail" if part == "slice"
+                                                          else part, pieces if part == "slice" else 1) for w in ws]
         graphs = {} if SWEEP else {("spin", 20): graph_of(lambda: [sp(20) for _ in range(copies)]),
                                    ("cold", 20): graph_of(lambda: [(sp(20), gemv(i)) for i in range(copies)])}
         bits = []
@@ -202,7 +205,7 @@ def run(names, M=1):
             graphs[("spin", us)] = graph_of(lambda us=us: [sp(us) for _ in range(copies)])
             graphs[("pair", us)] = graph_of(lambda us=us: [(sp(us), gemv(i)) for i in range(copies)])
             graphs[("lane0", us)] = graph_of(lane(us, None))
-            for key in (("all", mb), ("tail", 16), ("all", 16)):
+            for key in (("all", mb), ("tail", 16), ("slice", 16), ("all", 16)):
                 if key in views:
                     graphs[("lane", us) + key] = graph_of(lane(us, views[key]))
                     lanes.append((us,) + key)
@@ -212,7 +215,8 @@ def run(names, M=1):
         t = _median_times(graphs, copies)
         floor = wbytes / bw * 1e6
         cold = t[("cold", 20)] - t[("spin", 20)]
-        print(f"\n{name} M={M} {wbytes / 1e6:.1f} MB (copy floor {floor:.2f} us), {copies} copies; bits with a "
+        print(f"\n{name} M={M} {wbytes / 1e6:.1f} MB (copy floor {floor:.2f} us), {copies} copies, {pieces} K slices "
+              f"per row; bits with a "
               f"prefetch before: {'same' if all(bits) else 'DIFF'}; prefetch kernel alone (issue only, "
               f"{K.L2_PREFETCH_CTAS} CTAs x {K.L2_PREFETCH_CHUNK >> 10} KB) {t[('pfonly',)]:.2f}", flush=True)
         print(f"  (a) cold behind 20-us spin: {cold:.2f}")

@@ -10170,10 +10170,11 @@ def _compile_l2_prefetch(chunk: int, threads: int):
     return _load_or_compile(("l2prefetch", chunk, threads), build)
 
 
-def l2_prefetch_view(t: torch.Tensor, fraction: float = 1.0, part: str = "all") -> torch.Tensor:
+def l2_prefetch_view(t: torch.Tensor, fraction: float = 1.0, part: str = "all", pieces: int = 1) -> torch.Tensor:
     """The byte view of t [N, K] (contiguous) l2_prefetch takes: part "all" = the first `fraction` of its bytes as
-    one row; "head" / "tail" = the first / last `fraction` of every row (16-B multiples)."""
-    b = t.view(torch.uint8).reshape(t.shape[0], -1)
+    one row; "head" / "tail" = the first / last `fraction` of every row, a row cut into `pieces` equal pieces first
+    (a GEMV's K slices: the tail of each is what its warp reads last); 16-B multiples."""
+    b = t.view(torch.uint8).reshape(t.shape[0] * pieces, -1)
     if part == "all":
         flat = b.reshape(1, -1)
         return flat[:, :max(16, int(flat.shape[1] * fraction) // 16 * 16)]

@@ -6769,6 +6769,11 @@ def test_l2_lane_view_covers_the_asked_bytes(part, fraction):
         cols = max(16, int(4096 * fraction) // 16 * 16)
         want = w[:, :cols] if part == "head" else w[:, 4096 - cols:]
         assert v.shape == (64, cols) and v.stride(0) == 4096 and torch.equal(v, want)
+    if part != "all":                      # 4 pieces per row: the same part of each quarter row
+        v4 = K.l2_prefetch_view(w, fraction, part, pieces=4)
+        q = w.reshape(256, 1024)
+        cols = max(16, int(1024 * fraction) // 16 * 16)
+        assert v4.shape == (256, cols) and torch.equal(v4, q[:, :cols] if part == "head" else q[:, 1024 - cols:])
 
 
 def test_l2_lane_prefetch_off_the_gpu_changes_nothing():
