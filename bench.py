@@ -1014,10 +1014,6 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "ATTN_FOLD_Q_NORM", False),)),
     ("s7: all session-7 folds off",
      ((K, "HC_FOLD_COMBINE", False), (K, "GEMV_FOLD_NORM", False), (K, "ATTN_FOLD_Q_NORM", False))),
-    ("l2lane: wo_a bulk-prefetched into L2 on a branch during the indexer + attention (kernels.L2_LANE on)",
-     ((K, "L2_LANE", True),)),
-    ("l2lane: the last half of every wo_a row prefetched (L2_LANE on, dsv4.L2_LANE_WO_A = (0.5, tail))",
-     ((K, "L2_LANE", True), (dsv4, "L2_LANE_WO_A", (0.5, "tail")))),
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 

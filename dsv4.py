@@ -250,23 +250,6 @@ class Branch:
         self.held = ()
 
 
-L2_LANE_ROWS = 1            # kernels.L2_LANE: the prefetch lane runs up to this many decode rows (batch 1: the
-L2_LANE_WO_A = (1.0, "all")  # latency-bound phases leave HBM idle); what of wo_a it prefetches (l2_prefetch_view)
-
-
-def l2_lane(x: torch.Tensor, weights, lane: int = 3) -> Branch:
-    """kernels.L2_LANE: a branch (side stream `lane`) that bulk-prefetches (fraction, part) of each weight in
-    `weights` [(tensor, fraction, part)] into L2 while the main stream runs latency-bound kernels, so the GEMV that
-    reads them next finds (part of) its bytes in L2. Changes no data. Join the returned Branch after that GEMV. Off
-    (nothing launched) with L2_LANE off, without branches, or above L2_LANE_ROWS rows."""
-    b = Branch(x, on=bool(weights) and kernels.L2_LANE and x.shape[:-1].numel() <= L2_LANE_ROWS, lane=lane)
-    with b:
-        if b.on:
-            for w, fraction, part in weights:
-                kernels.l2_prefetch(kernels.l2_prefetch_view(w, fraction, part))
-    return b
-
-
 def fp8_wo_a(device, dtype) -> bool:
     """Hold attention's wo_a as stored (FP8 + 128x128 block scales) instead of the reference's dequantized bf16 copy:
     where decode runs it through the grouped W8A16 kernel (kernels.fp8_gemv_grouped: sm_90 + CuTe DSL, bf16 model,
@@ -884,11 +867,8 @@ class Attention(nn.Module):
         fold_q = fused(x) and kernels.attention_folds_q_norm(B, self.n_heads, self.head_dim)
         if fused(x):
             iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B], raw_q=fold_q)
-            # L2 lane: wo_a's weights into L2 during the indexer (CSA) and the attention: both latency-bound
-            lane = l2_lane(x, [(self.wo_a.weight, *L2_LANE_WO_A)] if self.wo_a.scale is not None else [])
         else:
             (iq, q, kv), attn_in = self._qkv(x, angles, pos), Branch(x, on=False)
-            lane = attn_in
             self.kv_window[:B].index_copy_(1, pos % W, kv)
         index_comp.join()                                            # new blocks land before anything reads them
         heads.join()
@@ -903,9 +883,7 @@ class Attention(nn.Module):
             o = kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
                                                 self.head_dim ** -0.5, max(self.ratio, 1), angles=angles,
                                                 q_norm_eps=self.cfg.rms_norm_eps if fold_q else None)
-            out = self._out(o, angles, pos, unroped=True)
-            lane.join()
-            return out
+            return self._out(o, angles, pos, unroped=True)
         ring_pos = pos - (pos - torch.arange(W, device=x.device)) % W   # slot s: latest position <= pos, ≡ s mod W
         o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
                              self.head_dim ** -0.5, W, max(self.ratio, 1))

@@ -10106,11 +10106,10 @@ def moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit: float):
 
 
 # ====================================================================================================================
-# L2 prefetch lane (decode, batch 1): a side kernel on a parallel graph branch pulls the next big GEMV's weights into
-# L2 while latency-bound kernels (mHC site, attention, router) leave HBM idle. No data returns to the SM
-# (cp.async.bulk.prefetch.L2: the TMA unit fetches), so a few CTAs keep many MB in flight.
+# L2 prefetch (a measuring tool; session 8 tried it as a decode "L2 lane": a branch prefetching the next GEMV's weights
+# during latency-bound kernels; it did not pay, see notes/decode.md). cp.async.bulk.prefetch.L2: the TMA unit fetches,
+# no data returns to the SM; issue rate ~0.2 TB/s per CTA (H200), so it takes >= 32 CTAs to match HBM.
 # ====================================================================================================================
-L2_LANE = False               # dsv4: prefetch lane on (see l2_prefetch); off = main's step unchanged
 L2_PREFETCH_CHUNK = 16384     # bytes per bulk prefetch instruction (one thread issues one chunk at a time)
 L2_PREFETCH_CTAS = 8          # CTAs of the prefetch kernel (each SM's TMA unit issues its CTAs' chunks)
 L2_PREFETCH_THREADS = 32

@@ -6841,27 +6841,5 @@ def test_gpu_l2_lane_prefetch_changes_no_data_and_no_gemv_bit(part, fraction, ct
 
 
 
-@gpu
-def test_gpu_decode_with_the_l2_lane_gives_the_same_logits(gpu_checkpoints, monkeypatch):
-    """The whole decode step (graph, batch 1, 12 steps) with kernels.L2_LANE on (wo_a prefetched into L2 on a branch;
-    the spy sees the prefetches launched) gives the logits of the step without it, bit for bit."""
-    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 142), generator=torch.Generator().manual_seed(8)).cuda()
-    path = gpu_checkpoints["fp8"]
-    calls, real = [], K.l2_prefetch
-
-    def spy(src, *a, **kw):
-        calls.append(src.numel())
-        return real(src, *a, **kw)
-    monkeypatch.setattr(K, "l2_prefetch", spy)
-    monkeypatch.setattr(K, "L2_LANE", True)
-    on = teacher_forced(load(path, device="cuda", max_batch_size=1), tokens, 130, decode_step)
-    assert calls and all(n > 0 for n in calls)
-    monkeypatch.setattr(K, "L2_LANE", False)
-    n_on = len(calls)
-    off = teacher_forced(load(path, device="cuda", max_batch_size=1), tokens, 130, decode_step)
-    assert len(calls) == n_on, "L2_LANE off still launched prefetches"
-    assert torch.isfinite(on).all() and torch.equal(on, off)
-
-
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
