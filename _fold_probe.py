@@ -45,15 +45,22 @@ def main():
         q = K.index_query_fused(K.fp8_gemv(qr, w, sc).unflatten(-1, (nh, hd)), angles, pos, True)
         return K.indexer_topk_decode(q, keys, head_w, pos, topk, weight_scale=wscale)
 
+    def chain_c():                       # the fold: one IndexerTopKQuery launch after the GEMV
+        iq_ = K.fp8_gemv(qr, w, sc).unflatten(-1, (nh, hd))
+        return K.indexer_query_topk_decode(iq_, angles, pos, True, keys, head_w, topk, weight_scale=wscale)
+
     def chain_b():
         K.fp8_gemv(qr, w, sc)
         return K.indexer_topk_decode(q_ready, keys, head_w, pos, topk, weight_scale=wscale)
 
     same = torch.equal(chain_a(), ref) and torch.equal(chain_b(), ref)
+    K.INDEX_FOLD_QUERY = True
+    same_fold = torch.equal(chain_c(), ref)
     steps = 16
     graphs = {
         "A: GEMV -> IndexQuery -> TopK": graph_of(lambda: [chain_a() for _ in range(steps)]),
         "B: GEMV -> TopK (query free)": graph_of(lambda: [chain_b() for _ in range(steps)]),
+        "C: GEMV -> TopK with the query (fold)": graph_of(lambda: [chain_c() for _ in range(steps)]),
         "GEMV alone": graph_of(lambda: [K.fp8_gemv(qr, w, sc) for _ in range(steps)]),
         "TopK alone": graph_of(lambda: [K.indexer_topk_decode(q_ready, keys, head_w, pos, topk, weight_scale=wscale)
                                         for _ in range(steps)]),
@@ -61,7 +68,10 @@ def main():
                                                           for _ in range(steps)]),
         "IndexQuery 4 rows (1 CTA)": graph_of(lambda: [K.index_query_fused(rows4, angles, pos, True)
                                                        for _ in range(steps)]),
+        "TopK with the query (fold) alone": graph_of(lambda: [K.indexer_query_topk_decode(
+            iq, angles, pos, True, keys, head_w, topk, weight_scale=wscale) for _ in range(steps)]),
     }
+    K.INDEX_FOLD_QUERY = False
     times = {k: [] for k in graphs}
     for _ in range(7):
         for k, gr in graphs.items():
@@ -75,16 +85,42 @@ def main():
             torch.cuda.synchronize()
             times[k].append(t0.elapsed_time(t1) * 1e3 / 20 / steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"  chain outputs = the eager top-k: {'same' if same else 'DIFF'}")
+    print(f"  chain outputs = the eager top-k: {'same' if same else 'DIFF'}; fold: {'same' if same_fold else 'DIFF'}")
     for k, v in med.items():
         print(f"  {k:<34} {v:7.2f}")
-    print(f"  most a fold of IndexQuery into IndexerTopK can save (A - B): {med[list(med)[0]] - med[list(med)[1]]:.2f} "
-          f"us per CSA layer; a folded CTA would run 64 rows on its 8 warps: >= 8 serial rows per warp "
-          f"(~8 x the 1-CTA launch's compute) unless the cluster splits the rows", flush=True)
+    a, b, c = (med[k] for k in list(med)[:3])
+    print(f"  most a fold can save (A - B): {a - b:.2f} us per CSA layer; the fold saves (A - C): {a - c:.2f}",
+          flush=True)
+
+
+def _compile_one(job):
+    name, a = job
+    getattr(K, name)(*a)
+
+
+def precompile(procs=10):
+    """The fold test's and this probe's CuTe configs (cluster top-k with/without the query, IndexQuery), in parallel."""
+    import multiprocessing as mp
+    import time
+    jobs = []
+    for cl in (8, 3, 2):
+        slots = K.fused_topk_slots(cl * 128)
+        jobs.append(("_compile_indexer_topk", (64, 128, slots, 128, True, cl)))
+        for qs in (True, False):
+            jobs.append(("_compile_indexer_topk_query", (64, 128, slots, 128, True, cl, 64, qs, K.HADAMARD_MODE)))
+    for qs in (True, False):
+        jobs.append(("_compile_index_query", (128, 64, qs, True, K.HADAMARD_MODE)))
+    t = time.time()
+    with mp.get_context("spawn").Pool(procs) as pool:
+        pool.map(_compile_one, jobs, chunksize=1)
+    print(f"fold probe: precompiled {len(jobs)} configs in {time.time() - t:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
-    if not (torch.cuda.is_available() and K.HAVE_CUTE):
+    if sys.argv[1:] == ["precompile"]:
+        if K.HAVE_CUTE:
+            precompile()
+    elif not (torch.cuda.is_available() and K.HAVE_CUTE):
         print("fold probe: no CUDA GPU / CuTe DSL, skipped")
     else:
         main()
