@@ -8091,11 +8091,27 @@ if HAVE_CUTE:
                 self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale)
 
         @cute.jit
+        def issue_keys(self, mK: cute.Tensor, sK: cute.Tensor, b: Int32, t0: Int32, visible: Int32):
+            """The chunk's keys -> sK (padded rows) by cp.async (zero-filled past the visible ones), not committed."""
+            tidx, _, _ = cute.arch.thread_idx()
+            T = cute.size(mK, mode=[1])
+            chunk, row, vec = self.chunk, self.row, self.words // 4
+            for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
+                r = i // vec
+                c = i % vec
+                nbytes = Int32(0)
+                if t0 + r < visible:
+                    nbytes = Int32(16)
+                gaddr = (mK.iterator + cute.crd2idx((b, cutlass.min(t0 + r, T - 1), 4 * c), mK.layout)).toint()
+                cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+
+        @cute.jit
         def score_chunk(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, storage,
-                        b: Int32, t0: Int32, visible: Int32, w_scale: Float32, sOut=None, q_ready: bool = False):
+                        b: Int32, t0: Int32, visible: Int32, w_scale: Float32, sOut=None, q_ready: bool = False,
+                        keys_issued: bool = False):
             """keys_out[b, t0 .. t0+chunk) of one CTA (some of them visible): q and the keys -> smem, mma.sync, relu,
             head weights, head sum, sort keys (sOut: into this smem [chunk] instead of mOut; q_ready: q is in smem
-            already, mQ unused)."""
+            already, mQ unused; keys_issued: issue_keys ran already, its copies not yet committed)."""
             tidx, _, _ = cute.arch.thread_idx()
             warp = tidx // 32
             lane = tidx % 32
@@ -8111,14 +8127,8 @@ if HAVE_CUTE:
                     c = i % vec
                     gaddr = (mQ.iterator + cute.crd2idx((b, r, 4 * c), mQ.layout)).toint()
                     cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, 16)
-            for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
-                r = i // vec
-                c = i % vec
-                nbytes = Int32(0)
-                if t0 + r < visible:
-                    nbytes = Int32(16)
-                gaddr = (mK.iterator + cute.crd2idx((b, cutlass.min(t0 + r, T - 1), 4 * c), mK.layout)).toint()
-                cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+            if const_expr(not keys_issued):
+                self.issue_keys(mK, sK, b, t0, visible)
             # head weights of this thread's rows: g + 8*e2 + 16*mt
             wv = cute.make_rmem_tensor((self.m_tiles * 2,), Float32)
             for mt in cutlass.range_constexpr(self.m_tiles):
@@ -8273,11 +8283,13 @@ if HAVE_CUTE:
 
         @cute.jit
         def cluster_select(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, b: Int32,
-                           blk: Int32, t0: Int32, visible: Int32, w_scale: Float32, query=None):
+                           blk: Int32, t0: Int32, visible: Int32, w_scale: Float32, query=None,
+                           keys_issued: bool = False):
             """Cluster mode (T <= cluster x chunk): CTA blk (its rank in the cluster) scores its keys into its smem;
             after a cluster barrier every CTA holding visible keys copies the V keys from its peers (DSMEM) and ranks
             its own keys against all of them (2 threads per key), writing each to its output slot; then the -1 tail.
-            query = (mIq, mAng, mPos): the queries are made here first (IndexerTopKQuery.make_query)."""
+            query = (mIq, mAng, mPos): the queries are made here first (IndexerTopKQuery.make_query); keys_issued:
+            the key copies of CTAs holding visible keys went out already (issue_keys)."""
             tidx, _, _ = cute.arch.thread_idx()
             k = cute.size(mOut, mode=[2])
             nth = self.threads
@@ -8289,7 +8301,7 @@ if HAVE_CUTE:
                 self.make_query(storage, query[0], query[1], query[2], b, blk)
             if t0 < visible:
                 self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale, sOut=sMine,
-                                 q_ready=query is not None)
+                                 q_ready=query is not None, keys_issued=keys_issued)
             cute.arch.cluster_arrive()                                  # keys in smem -> visible to the peers
             cute.arch.cluster_wait()
             if t0 < visible:
@@ -8397,9 +8409,10 @@ if HAVE_CUTE:
         rows from the CTAs that made them (DSMEM). Then IndexerTopK's cluster path on q in smem."""
 
         def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int,
-                     rope_dim: int, quant_sim: bool, hadamard_mode: str):
+                     rope_dim: int, quant_sim: bool, hadamard_mode: str, early_keys: bool = False):
             super().__init__(n_heads, head_dim, chunk, w_bf16, max_slots, cluster)
             assert cluster > 0
+            self.early_keys = early_keys
             self.qrow = IndexQuery(head_dim, rope_dim, quant_sim, True, hadamard_mode, warps=self.threads // 32)
             assert self.qrow.vecs == 1 and self.qrow.width == 4, "one 4-wide chunk per lane (head_dim 128)"
             self.rows_per = -(-n_heads // cluster)
@@ -8428,19 +8441,28 @@ if HAVE_CUTE:
         def kernel(self, mIq: cute.Tensor, mAng: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor,
                    mKeys: cute.Tensor, mOut: cute.Tensor, mCount: cute.Tensor, ratio: Int32, w_scale: Float32,
                    rank_max: Int32):
-            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             blk, b, _ = cute.arch.block_idx()
             T = cute.size(mK, mode=[1])
             k = cute.size(mOut, mode=[2])
             visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, T)
             t0 = blk * self.chunk
+            sK = _SmemAllocator().allocate(self.shared_storage).sK.get_tensor(
+                cute.make_layout((self.chunk, self.row), stride=(self.row, 1)))
+            if const_expr(self.early_keys):     # keys, pos: made by kernels this one fully depends on (branch joins)
+                if t0 < visible:
+                    self.issue_keys(mK, sK, b, t0, visible)
+            _pdl_enter()                                                # iq: the GEMV before this launch
             if visible == 0:                                            # the same for every CTA of the cluster
                 if blk == 0:
                     for i in cutlass.range(tidx, k, self.threads, unroll=1):
                         mOut[b, 0, i] = Int64(-1)
             else:
-                self.cluster_select(None, mK, mW, mOut, b, blk, t0, visible, w_scale, query=(mIq, mAng, mPos))
+                if const_expr(not self.early_keys):                     # in flight while the queries are made
+                    if t0 < visible:
+                        self.issue_keys(mK, sK, b, t0, visible)
+                self.cluster_select(None, mK, mW, mOut, b, blk, t0, visible, w_scale, query=(mIq, mAng, mPos),
+                                    keys_issued=True)
 
         @cute.jit
         def make_query(self, storage, mIq: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, b: Int32, blk: Int32):
@@ -9030,7 +9052,7 @@ def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: in
 
 
 def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chunk: int, w_bf16: bool, cluster: int,
-                                rope_dim: int, quant_sim: bool, hadamard_mode: str):
+                                rope_dim: int, quant_sim: bool, hadamard_mode: str, early_keys: bool = False):
     def build():
         B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
         words = head_dim // 2
@@ -9046,9 +9068,9 @@ def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chu
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
                 Int32(4), Float32(1.0), Int32(256), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return IndexerTopKQuery(n_heads, head_dim, chunk, w_bf16, max_slots, cluster, rope_dim, quant_sim,
-                                hadamard_mode), args
+                                hadamard_mode, early_keys), args
     return _load_or_compile(("sidxq", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster, rope_dim,
-                             quant_sim, hadamard_mode), build)
+                             quant_sim, hadamard_mode) + (("early",) if early_keys else ()), build)
 
 
 def fused_topk_slots(T: int) -> int:
@@ -9221,6 +9243,7 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
 
 
 INDEX_FOLD_QUERY = False   # indexer_query_topk_decode: IndexQuery inside the one-cluster IndexerTopK launch (same bits)
+INDEX_FOLD_EARLY_KEYS = False  # ... its key copies issued before the PDL wait (keys come from joined branches)
 
 
 def indexer_fold_query_ok(iq: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, weight_scale) -> bool:
@@ -9254,7 +9277,7 @@ def indexer_query_topk_decode(iq, angles, pos, quant_sim: bool, keys, weights, t
         out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
     ang, p, _ = _pos_arg(angles, pos)
     _compile_indexer_topk_query(nh, d, fused_topk_slots(cluster * INDEX_CHUNK), INDEX_CHUNK, True, cluster,
-                                2 * angles.shape[-1], quant_sim, HADAMARD_MODE)(
+                                2 * angles.shape[-1], quant_sim, HADAMARD_MODE, INDEX_FOLD_EARLY_KEYS)(
         iq.reshape(B * nh, d), ang, keys.view(torch.int32), weights.detach().reshape(B, nh).contiguous(), p,
         sort_keys, out, arrival_counters(iq.device, B, 1024), int(ratio), float(weight_scale), TOPK_RANK_MAX)
     return out
