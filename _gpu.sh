@@ -9,7 +9,7 @@ SECONDS=0
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no GPU"; exit 0; }
 timeout 40 python3 _fold_probe.py precompile 2>&1 | grep -v -i "warn\|leaked" | tail -2
 echo "[t=${SECONDS}s] tests"
-timeout 30 python3 -m pytest -q -p no:cacheprovider test_dsv4.py -k "gpu_index_fold" 2>&1 | tail -3
+timeout 30 python3 -m pytest -q -p no:cacheprovider test_dsv4.py -k "gpu_index_fold" 2>&1 | grep -E "FAILED|passed|failed|rror" | cut -c1-200 | tail -8
 echo "[t=${SECONDS}s] fold probe"
 timeout 35 python3 _fold_probe.py 2>&1 | grep -v Warning
 echo "[t=${SECONDS}s] decode step"
