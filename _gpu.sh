@@ -1,5 +1,5 @@
 #!/bin/bash
-# l2lane round script (session 8, R1): the IndexQuery -> IndexerTopK fold (kernels.INDEX_FOLD_QUERY): bit tests vs the
+# l2lane round script (session 8, R2): the IndexQuery -> IndexerTopK fold (kernels.INDEX_FOLD_QUERY): bit tests vs the
 # two-launch path, the CSA query chain with / without it (_fold_probe.py), then the decode step with the fold flipped
 # (bench.py decode ablation "indexfold": same-run timing + logits vs the default step). < 150 s incl. compiles.
 cd "$(dirname "$0")"
@@ -14,5 +14,5 @@ echo "[t=${SECONDS}s] fold probe"
 timeout 35 python3 _fold_probe.py 2>&1 | grep -v Warning
 echo "[t=${SECONDS}s] decode step"
 timeout $((146 - SECONDS)) python3 -u bench.py decode --layers 4 --batches 1 --precompile 12 --no-baseline \
-  --no-linears --ablations indexfold 2>&1 | grep -v -i "warn"
+  --no-linears --rounds 5 --ablations indexfold 2>&1 | grep -v -i "warn"
 echo "[t=${SECONDS}s] done"

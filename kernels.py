@@ -8284,17 +8284,19 @@ if HAVE_CUTE:
         @cute.jit
         def cluster_select(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, b: Int32,
                            blk: Int32, t0: Int32, visible: Int32, w_scale: Float32, query=None,
-                           keys_issued: bool = False):
+                           keys_issued: bool = False, storage=None):
             """Cluster mode (T <= cluster x chunk): CTA blk (its rank in the cluster) scores its keys into its smem;
             after a cluster barrier every CTA holding visible keys copies the V keys from its peers (DSMEM) and ranks
             its own keys against all of them (2 threads per key), writing each to its output slot; then the -1 tail.
             query = (mIq, mAng, mPos): the queries are made here first (IndexerTopKQuery.make_query); keys_issued:
-            the key copies of CTAs holding visible keys went out already (issue_keys)."""
+            the key copies of CTAs holding visible keys went out already (issue_keys) into `storage` (the caller's
+            smem allocation: every allocate() call takes a region of its own)."""
             tidx, _, _ = cute.arch.thread_idx()
             k = cute.size(mOut, mode=[2])
             nth = self.threads
-            smem = _SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
+            if const_expr(storage is None):
+                smem = _SmemAllocator()
+                storage = smem.allocate(self.shared_storage)
             sSel = storage.sSel.get_tensor(cute.make_layout(self.max_slots))
             sMine = storage.sMine.get_tensor(cute.make_layout(self.chunk))
             if const_expr(query is not None):
@@ -8447,8 +8449,8 @@ if HAVE_CUTE:
             k = cute.size(mOut, mode=[2])
             visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, T)
             t0 = blk * self.chunk
-            sK = _SmemAllocator().allocate(self.shared_storage).sK.get_tensor(
-                cute.make_layout((self.chunk, self.row), stride=(self.row, 1)))
+            storage = _SmemAllocator().allocate(self.shared_storage)              # once: see cluster_select
+            sK = storage.sK.get_tensor(cute.make_layout((self.chunk, self.row), stride=(self.row, 1)))
             if const_expr(self.early_keys):     # keys, pos: made by kernels this one fully depends on (branch joins)
                 if t0 < visible:
                     self.issue_keys(mK, sK, b, t0, visible)
@@ -8462,7 +8464,7 @@ if HAVE_CUTE:
                     if t0 < visible:
                         self.issue_keys(mK, sK, b, t0, visible)
                 self.cluster_select(None, mK, mW, mOut, b, blk, t0, visible, w_scale, query=(mIq, mAng, mPos),
-                                    keys_issued=True)
+                                    keys_issued=True, storage=storage)
 
         @cute.jit
         def make_query(self, storage, mIq: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, b: Int32, blk: Int32):

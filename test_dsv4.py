@@ -6928,6 +6928,7 @@ def test_gpu_index_fold_query_gives_the_two_launch_bits(B, T, pos, quant_sim, ea
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
+        K.indexer_query_topk_decode(iq, angles, p, quant_sim, keys, wb, 512, weight_scale=scale)   # per-stream bufs
         with torch.cuda.graph(graph, stream=s):
             out = K.indexer_query_topk_decode(iq, angles, p, quant_sim, keys, wb, 512, weight_scale=scale)
     torch.cuda.current_stream().wait_stream(s)
