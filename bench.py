@@ -1014,6 +1014,10 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "ATTN_FOLD_Q_NORM", False),)),
     ("s7: all session-7 folds off",
      ((K, "HC_FOLD_COMBINE", False), (K, "GEMV_FOLD_NORM", False), (K, "ATTN_FOLD_Q_NORM", False))),
+    ("s8 indexfold: the CSA indexer's query made inside its top-k launch (kernels.INDEX_FOLD_QUERY on)",
+     ((K, "INDEX_FOLD_QUERY", True),)),
+    ("s8 indexfold + its key copies before the PDL wait (INDEX_FOLD_QUERY, INDEX_FOLD_EARLY_KEYS on)",
+     ((K, "INDEX_FOLD_QUERY", True), (K, "INDEX_FOLD_EARLY_KEYS", True))),
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 

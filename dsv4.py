@@ -707,13 +707,14 @@ class Indexer(nn.Module):
         after the caller has put the token into the compressor (compressor.decode; Attention.decode runs it on a
         parallel branch, with head_w = weights_proj(x)). Scores the whole preallocated cache, whose entries past the
         completed blocks are masked like future ones."""
-        q = self._query(iq, angles, pos)
         K = self.compressor.kv_cache[:x.shape[0]]
         if fused(x):             # the kernel scales the bf16 head weights itself, as _top_blocks does
             w = self.weights_proj(x) if head_w is None else head_w
-            return kernels.indexer_topk_decode(q, K, w, pos, self.topk,
-                                               weight_scale=self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        return self._top_blocks(x, q, K, pos, head_w)
+            # = indexer_topk_decode(self._query(iq, ..), ..); kernels.INDEX_FOLD_QUERY: the query in the same launch
+            return kernels.indexer_query_topk_decode(iq.unflatten(-1, (self.n_heads, self.head_dim)), angles, pos,
+                                                     self.quant_sim, K, w, self.topk,
+                                                     weight_scale=self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return self._top_blocks(x, self._query(iq, angles, pos), K, pos, head_w)
 
     def _query(self, iq: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """iq = wq_b(qr) [B,S,h*d] at positions pos [S] (RoPE table angles) -> FP4-simulated queries [B,S,h,d]."""

@@ -5926,35 +5926,41 @@ if HAVE_CUTE:
             lane = tidx % 32
             warp = tidx // 32
             row = bidx * self.warps + warp
-            w = self.width
             srow = self.smem_rows()
             if row < cute.size(mX, mode=[0]):
                 p = _ang_index(mPos, self.indexed, self.pos_shift)
                 xf = self.load_row(mX, row, lane)
                 if const_expr(self.norm):
                     self.rms_norm(xf, mW, lane, self.eps, True, srow, warp)
-                self.rope(xf, mAng, p, lane)
-                if const_expr(self.quant_sim):
-                    if const_expr(self.mode == "fwht"):
-                        self.fwht(xf, lane)
-                    else:
-                        for i in cutlass.range_constexpr(w):
-                            srow[lane * w + i, warp] = xf[0, i]
-                        cute.arch.sync_warp()
-                        acc = cute.make_rmem_tensor((1, w), Float32)
-                        acc.fill(0.0)
-                        for j in cutlass.range_constexpr(self.hd):
-                            xj = srow[j, warp]
-                            for i in cutlass.range_constexpr(w):
-                                odd = cute.arch.popc(Int32(j) & (lane * w + i)) & 1
-                                hj = Float32(self.h)
-                                if odd != 0:
-                                    hj = Float32(-self.h)
-                                acc[0, i] = cute.math.fma(xj, hj, acc[0, i])
-                        xf.store(acc.load())
-                    self.to_bf16(xf)                                   # (q.float() @ H).to(bf16)
-                    self.block_quant(xf, lane, self.block, FP4_MAX, FP4_MAX * 2.0 ** -126, True, 32)
+                self.transform(xf, mAng, p, lane, srow, warp)
                 self.store_row(xf, mOut, row, lane)
+
+        @cute.jit
+        def transform(self, xf, mAng, p, lane, srow, warp):
+            """xf (this lane's chunk of a row, bf16-exact) <- RoPE -> (quant_sim) Hadamard -> bf16 -> FP4 sim (srow:
+            this warp's fp32 scratch row [hd, warp]). Also IndexerTopKQuery's query rows (same ops, same bits)."""
+            w = self.width
+            self.rope(xf, mAng, p, lane)
+            if const_expr(self.quant_sim):
+                if const_expr(self.mode == "fwht"):
+                    self.fwht(xf, lane)
+                else:
+                    for i in cutlass.range_constexpr(w):
+                        srow[lane * w + i, warp] = xf[0, i]
+                    cute.arch.sync_warp()
+                    acc = cute.make_rmem_tensor((1, w), Float32)
+                    acc.fill(0.0)
+                    for j in cutlass.range_constexpr(self.hd):
+                        xj = srow[j, warp]
+                        for i in cutlass.range_constexpr(w):
+                            odd = cute.arch.popc(Int32(j) & (lane * w + i)) & 1
+                            hj = Float32(self.h)
+                            if odd != 0:
+                                hj = Float32(-self.h)
+                            acc[0, i] = cute.math.fma(xj, hj, acc[0, i])
+                    xf.store(acc.load())
+                self.to_bf16(xf)                                       # (q.float() @ H).to(bf16)
+                self.block_quant(xf, lane, self.block, FP4_MAX, FP4_MAX * 2.0 ** -126, True, 32)
 
         @cute.jit
         def fwht(self, xf, lane):
@@ -8085,10 +8091,27 @@ if HAVE_CUTE:
                 self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale)
 
         @cute.jit
+        def issue_keys(self, mK: cute.Tensor, sK: cute.Tensor, b: Int32, t0: Int32, visible: Int32):
+            """The chunk's keys -> sK (padded rows) by cp.async (zero-filled past the visible ones), not committed."""
+            tidx, _, _ = cute.arch.thread_idx()
+            T = cute.size(mK, mode=[1])
+            chunk, row, vec = self.chunk, self.row, self.words // 4
+            for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
+                r = i // vec
+                c = i % vec
+                nbytes = Int32(0)
+                if t0 + r < visible:
+                    nbytes = Int32(16)
+                gaddr = (mK.iterator + cute.crd2idx((b, cutlass.min(t0 + r, T - 1), 4 * c), mK.layout)).toint()
+                cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+
+        @cute.jit
         def score_chunk(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, storage,
-                        b: Int32, t0: Int32, visible: Int32, w_scale: Float32, sOut=None):
+                        b: Int32, t0: Int32, visible: Int32, w_scale: Float32, sOut=None, q_ready: bool = False,
+                        keys_issued: bool = False):
             """keys_out[b, t0 .. t0+chunk) of one CTA (some of them visible): q and the keys -> smem, mma.sync, relu,
-            head weights, head sum, sort keys (sOut: into this smem [chunk] instead of mOut)."""
+            head weights, head sum, sort keys (sOut: into this smem [chunk] instead of mOut; q_ready: q is in smem
+            already, mQ unused; keys_issued: issue_keys ran already, its copies not yet committed)."""
             tidx, _, _ = cute.arch.thread_idx()
             warp = tidx // 32
             lane = tidx % 32
@@ -8098,19 +8121,14 @@ if HAVE_CUTE:
             chunk, row, vec = self.chunk, self.row, self.words // 4
             sK = storage.sK.get_tensor(cute.make_layout((chunk, row), stride=(row, 1)))
             sQ = storage.sQ.get_tensor(cute.make_layout((self.nh, row), stride=(row, 1)))
-            for i in cutlass.range(tidx, self.nh * vec, self.threads, unroll=4):
-                r = i // vec
-                c = i % vec
-                gaddr = (mQ.iterator + cute.crd2idx((b, r, 4 * c), mQ.layout)).toint()
-                cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, 16)
-            for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
-                r = i // vec
-                c = i % vec
-                nbytes = Int32(0)
-                if t0 + r < visible:
-                    nbytes = Int32(16)
-                gaddr = (mK.iterator + cute.crd2idx((b, cutlass.min(t0 + r, T - 1), 4 * c), mK.layout)).toint()
-                cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+            if const_expr(not q_ready):
+                for i in cutlass.range(tidx, self.nh * vec, self.threads, unroll=4):
+                    r = i // vec
+                    c = i % vec
+                    gaddr = (mQ.iterator + cute.crd2idx((b, r, 4 * c), mQ.layout)).toint()
+                    cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, 16)
+            if const_expr(not keys_issued):
+                self.issue_keys(mK, sK, b, t0, visible)
             # head weights of this thread's rows: g + 8*e2 + 16*mt
             wv = cute.make_rmem_tensor((self.m_tiles * 2,), Float32)
             for mt in cutlass.range_constexpr(self.m_tiles):
@@ -8265,19 +8283,27 @@ if HAVE_CUTE:
 
         @cute.jit
         def cluster_select(self, mQ: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, b: Int32,
-                           blk: Int32, t0: Int32, visible: Int32, w_scale: Float32):
+                           blk: Int32, t0: Int32, visible: Int32, w_scale: Float32, query=None,
+                           keys_issued: bool = False, storage=None):
             """Cluster mode (T <= cluster x chunk): CTA blk (its rank in the cluster) scores its keys into its smem;
             after a cluster barrier every CTA holding visible keys copies the V keys from its peers (DSMEM) and ranks
-            its own keys against all of them (2 threads per key), writing each to its output slot; then the -1 tail."""
+            its own keys against all of them (2 threads per key), writing each to its output slot; then the -1 tail.
+            query = (mIq, mAng, mPos): the queries are made here first (IndexerTopKQuery.make_query); keys_issued:
+            the key copies of CTAs holding visible keys went out already (issue_keys) into `storage` (the caller's
+            smem allocation: every allocate() call takes a region of its own)."""
             tidx, _, _ = cute.arch.thread_idx()
             k = cute.size(mOut, mode=[2])
             nth = self.threads
-            smem = _SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
+            if const_expr(storage is None):
+                smem = _SmemAllocator()
+                storage = smem.allocate(self.shared_storage)
             sSel = storage.sSel.get_tensor(cute.make_layout(self.max_slots))
             sMine = storage.sMine.get_tensor(cute.make_layout(self.chunk))
+            if const_expr(query is not None):
+                self.make_query(storage, query[0], query[1], query[2], b, blk)
             if t0 < visible:
-                self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale, sOut=sMine)
+                self.score_chunk(mQ, mK, mW, mOut, storage, b, t0, visible, w_scale, sOut=sMine,
+                                 q_ready=query is not None, keys_issued=keys_issued)
             cute.arch.cluster_arrive()                                  # keys in smem -> visible to the peers
             cute.arch.cluster_wait()
             if t0 < visible:
@@ -8371,6 +8397,113 @@ if HAVE_CUTE:
                     mOut[b, 0, i] = sort_key_block(sSel[i])
             for i in cutlass.range(n_out + tidx, k, nth, unroll=1):
                 mOut[b, 0, i] = Int64(-1)
+
+    @dsl_user_op
+    def _st_shared_i64(smem_addr, v, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(v).ir_value(loc=loc, ip=ip)],
+                         "st.shared.b64 [$0], $1;", "r,l", has_side_effects=True, loc=loc, ip=ip)
+
+    class IndexerTopKQuery(IndexerTopK):
+        """IndexerTopK in cluster mode with the Indexer's queries made in the same launch (INDEX_FOLD_QUERY: one
+        launch less on the CSA critical path, IndexQuery's): mIq = iwq_b's raw output [B * nh, hd] bf16. CTA r of the
+        cluster makes head rows r*R .. (r+1)*R - 1 (R = ceil(nh / cluster); one warp per row, IndexQuery.transform:
+        the same ops, so the same bits) as bf16 pairs in its own sQ, and after a cluster barrier loads the other
+        rows from the CTAs that made them (DSMEM). Then IndexerTopK's cluster path on q in smem."""
+
+        def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int,
+                     rope_dim: int, quant_sim: bool, hadamard_mode: str, early_keys: bool = False):
+            super().__init__(n_heads, head_dim, chunk, w_bf16, max_slots, cluster)
+            assert cluster > 0
+            self.early_keys = early_keys
+            self.qrow = IndexQuery(head_dim, rope_dim, quant_sim, True, hadamard_mode, warps=self.threads // 32)
+            assert self.qrow.vecs == 1 and self.qrow.width == 4, "one 4-wide chunk per lane (head_dim 128)"
+            self.rows_per = -(-n_heads // cluster)
+
+        @cute.jit
+        def __call__(self, mIq: cute.Tensor, mAng: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor,
+                     mKeys: cute.Tensor, mOut: cute.Tensor, mCount: cute.Tensor, ratio: Int32, w_scale: Float32,
+                     rank_max: Int32, stream):
+            B = cute.size(mK, mode=[0])
+
+            @cute.struct
+            class SharedStorage:
+                sK: cute.struct.Align[cute.struct.MemRange[Int32, self.chunk * self.row], 16]
+                sQ: cute.struct.Align[cute.struct.MemRange[Int32, self.nh * self.row], 16]
+                sSel: cute.struct.Align[cute.struct.MemRange[Int64, self.max_slots], 16]
+                sMine: cute.struct.Align[cute.struct.MemRange[Int64, self.chunk], 16]
+                flag: cute.struct.MemRange[Int32, 4]
+                sRow: cute.struct.Align[cute.struct.MemRange[Float32, self.hd * (self.threads // 32)], 16]
+
+            self.shared_storage = SharedStorage
+            self.kernel(mIq, mAng, mK, mW, mPos, mKeys, mOut, mCount, ratio, w_scale, rank_max).launch(
+                grid=[self.cluster, B, 1], block=[self.threads, 1, 1], cluster=[self.cluster, 1, 1],
+                stream=stream, use_pdl=GLUE_PDL)
+
+        @cute.kernel
+        def kernel(self, mIq: cute.Tensor, mAng: cute.Tensor, mK: cute.Tensor, mW: cute.Tensor, mPos: cute.Tensor,
+                   mKeys: cute.Tensor, mOut: cute.Tensor, mCount: cute.Tensor, ratio: Int32, w_scale: Float32,
+                   rank_max: Int32):
+            tidx, _, _ = cute.arch.thread_idx()
+            blk, b, _ = cute.arch.block_idx()
+            T = cute.size(mK, mode=[1])
+            k = cute.size(mOut, mode=[2])
+            visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, T)
+            t0 = blk * self.chunk
+            storage = _SmemAllocator().allocate(self.shared_storage)              # once: see cluster_select
+            sK = storage.sK.get_tensor(cute.make_layout((self.chunk, self.row), stride=(self.row, 1)))
+            if const_expr(self.early_keys):     # keys, pos: made by kernels this one fully depends on (branch joins)
+                if t0 < visible:
+                    self.issue_keys(mK, sK, b, t0, visible)
+            _pdl_enter()                                                # iq: the GEMV before this launch
+            if visible == 0:                                            # the same for every CTA of the cluster
+                if blk == 0:
+                    for i in cutlass.range(tidx, k, self.threads, unroll=1):
+                        mOut[b, 0, i] = Int64(-1)
+            else:
+                if const_expr(not self.early_keys):                     # in flight while the queries are made
+                    if t0 < visible:
+                        self.issue_keys(mK, sK, b, t0, visible)
+                self.cluster_select(None, mK, mW, mOut, b, blk, t0, visible, w_scale, query=(mIq, mAng, mPos),
+                                    keys_issued=True, storage=storage)
+
+        @cute.jit
+        def make_query(self, storage, mIq: cute.Tensor, mAng: cute.Tensor, mPos: cute.Tensor, b: Int32, blk: Int32):
+            """sQ [nh, row] (bf16 pairs) <- the queries of row b: own rows made here, the rest from the peers."""
+            tidx, _, _ = cute.arch.thread_idx()
+            warp = tidx // 32
+            lane = tidx % 32
+            warps = self.threads // 32
+            row = self.row
+            sQ = storage.sQ.get_tensor(cute.make_layout((self.nh, row), stride=(row, 1)))
+            srow = storage.sRow.get_tensor(cute.make_layout((self.hd, warps)))
+            p = _ang_index(mPos, True, 0)
+            r0 = blk * self.rows_per
+            r_end = cutlass.min(r0 + self.rows_per, self.nh)
+            for it in cutlass.range_constexpr(-(-self.rows_per // warps)):   # static (a runtime loop spills here)
+                r = r0 + warp + it * warps
+                if r < r_end:
+                    xf = self.qrow.load_row(mIq, b * self.nh + r, lane)
+                    self.qrow.transform(xf, mAng, p, lane, srow, warp)
+                    sQ[r, 2 * lane] = pack_bf16x2(xf[0, 0], xf[0, 1])
+                    sQ[r, 2 * lane + 1] = pack_bf16x2(xf[0, 2], xf[0, 3])
+                cute.arch.sync_warp()                                   # srow is rewritten by the next row
+            cute.arch.cluster_arrive()                                  # own rows -> visible to the peers
+            cute.arch.cluster_wait()
+            pairs = self.words // 2                                     # 8-byte units per row
+            per = (self.nh * pairs + self.threads - 1) // self.threads
+            ld = cute.make_rmem_tensor((per,), Int64)
+            base = sQ.iterator.toint()
+            for u in cutlass.range_constexpr(per):                      # all loads in flight
+                i = tidx + u * self.threads
+                r = i // pairs
+                if i < self.nh * pairs and r // self.rows_per != blk:
+                    ld[u] = load_dsmem_i64(base + (r * row + 2 * (i % pairs)) * 4, r // self.rows_per)
+            for u in cutlass.range_constexpr(per):
+                i = tidx + u * self.threads
+                r = i // pairs
+                if i < self.nh * pairs and r // self.rows_per != blk:
+                    _st_shared_i64(base + (r * row + 2 * (i % pairs)) * 4, ld[u])
+            cute.arch.sync_threads()
 
     @dsl_user_op
     def match_any(v, *, loc=None, ip=None) -> Int32:
@@ -8920,6 +9053,28 @@ def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: in
     return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster), build)
 
 
+def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chunk: int, w_bf16: bool, cluster: int,
+                                rope_dim: int, quant_sim: bool, hadamard_mode: str, early_keys: bool = False):
+    def build():
+        B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        words = head_dim // 2
+        mk = cute.runtime.make_fake_compact_tensor
+        args = (_bf16_rows(cute.sym_int(), head_dim),
+                mk(Float32, (cute.sym_int(), rope_dim // 2), stride_order=(1, 0), assumed_align=4),
+                mk(Int32, (B, T, words), stride_order=(2, 1, 0), assumed_align=16),
+                mk(BFloat16 if w_bf16 else Float32, (B, n_heads), stride_order=(1, 0),
+                   assumed_align=2 if w_bf16 else 4),
+                mk(Int64, (1,), assumed_align=8),
+                mk(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
+                mk(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
+                mk(Int32, (cute.sym_int(),), assumed_align=4),
+                Int32(4), Float32(1.0), Int32(256), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return IndexerTopKQuery(n_heads, head_dim, chunk, w_bf16, max_slots, cluster, rope_dim, quant_sim,
+                                hadamard_mode, early_keys), args
+    return _load_or_compile(("sidxq", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster, rope_dim,
+                             quant_sim, hadamard_mode) + (("early",) if early_keys else ()), build)
+
+
 def fused_topk_slots(T: int) -> int:
     """Static smem size (key slots, a power of two >= T) of the one-launch indexer top-k."""
     return 1 << max(T - 1, 1).bit_length()
@@ -9087,6 +9242,47 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
         return out
     top = torch.topk(sort_keys, k, dim=-1).values
     return sort_keys_to_blocks(top).view(B, 1, -1)
+
+
+INDEX_FOLD_QUERY = False   # indexer_query_topk_decode: IndexQuery inside the one-cluster IndexerTopK launch (same bits)
+INDEX_FOLD_EARLY_KEYS = False  # ... its key copies issued before the PDL wait (keys come from joined branches)
+
+
+def indexer_fold_query_ok(iq: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, weight_scale) -> bool:
+    """Whether indexer_query_topk_decode runs as one IndexerTopKQuery launch: INDEX_FOLD_QUERY, the one-launch
+    cluster top-k (T <= 8 chunks), one bf16 query per sequence with head_dim 128, bf16 head weights scaled in the
+    kernel."""
+    if not (INDEX_FOLD_QUERY and DEVICE_TOPK and FUSED_TOPK and TOPK_CLUSTER and 2 * INDEX_CHUNK == 256):
+        return False
+    if _gpu_ok(iq, keys) is not None or glue_unavailable_reason(iq) is not None:
+        return False
+    return (iq.dim() == 4 and iq.shape[1] == 1 and iq.shape[-1] == 128 and iq.shape[-2] % 16 == 0 and
+            iq.is_contiguous() and keys.shape[1] <= 8 * INDEX_CHUNK and weight_scale is not None and
+            weights.dtype == torch.bfloat16)
+
+
+def indexer_query_topk_decode(iq, angles, pos, quant_sim: bool, keys, weights, topk: int, ratio: int = 4,
+                              weight_scale: float | None = None):
+    """Indexer.decode's query + top-k: indexer_topk_decode(index_query_fused(iq, angles, pos, quant_sim), keys,
+    weights, pos, topk, ratio, weight_scale), iq = the raw iwq_b output [B, 1, nh, hd]. Where indexer_fold_query_ok:
+    one IndexerTopKQuery launch (the queries made by the cluster's CTAs: same bits, one launch less)."""
+    if not indexer_fold_query_ok(iq, keys, weights, weight_scale):
+        return indexer_topk_decode(index_query_fused(iq, angles, pos, quant_sim), keys, weights, pos, topk, ratio,
+                                   weight_scale)
+    B, _, nh, d = iq.shape
+    T = keys.shape[1]
+    k = min(topk, T)
+    cluster = -(-T // INDEX_CHUNK)
+    sort_keys = torch.empty(B, T, dtype=torch.int64, device=iq.device)
+    out = torch.empty(B, 1, k, dtype=torch.int64, device=iq.device)
+    if POISON:
+        out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
+    ang, p, _ = _pos_arg(angles, pos)
+    _compile_indexer_topk_query(nh, d, fused_topk_slots(cluster * INDEX_CHUNK), INDEX_CHUNK, True, cluster,
+                                2 * angles.shape[-1], quant_sim, HADAMARD_MODE, INDEX_FOLD_EARLY_KEYS)(
+        iq.reshape(B * nh, d), ang, keys.view(torch.int32), weights.detach().reshape(B, nh).contiguous(), p,
+        sort_keys, out, arrival_counters(iq.device, B, 1024), int(ratio), float(weight_scale), TOPK_RANK_MAX)
+    return out
 
 
 def gate_reference(gate, x, tokens):

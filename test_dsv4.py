@@ -6751,5 +6751,122 @@ def test_moe_gemv_ready_flash_dims_and_graph_replays_keep_the_bits(monkeypatch):
             monkeypatch.setattr(K, name, False)
 
 
+
+# ======================================================================================================================
+# IndexQuery folded into the indexer's top-k launch (session 8, helper l2lane): kernels.INDEX_FOLD_QUERY
+# ======================================================================================================================
+def test_indexer_query_topk_off_the_gpu_is_the_two_step_reference(monkeypatch):
+    """Where the fold can't run (CPU) indexer_query_topk_decode = indexer_topk_decode(index_query_fused(..)), also
+    with INDEX_FOLD_QUERY on."""
+    monkeypatch.setattr(K, "INDEX_FOLD_QUERY", True)
+    g = torch.Generator().manual_seed(3)
+    iq = torch.randn(1, 1, 16, 128, generator=g).bfloat16()
+    _, keys, w, p = indexer_inputs(1, 16, 128, 64, 200, seed=4)
+    angles = dsv4.rope_freqs(dsv4.ModelConfig(), True, 512)
+    assert not K.indexer_fold_query_ok(iq, keys, w.bfloat16(), 0.1)
+    got = K.indexer_query_topk_decode(iq, angles, p, True, keys, w.bfloat16(), 24, weight_scale=0.1)
+    want = K.indexer_topk_decode(K.index_query_fused(iq, angles, p, True), keys, w.bfloat16(), p, 24,
+                                 weight_scale=0.1)
+    assert torch.equal(got, want) and int((got >= 0).sum()) == 24
+
+
+COMPILE_INDEX_FOLD = """
+import glob, os, sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+dump = os.environ["CUTE_DSL_DUMP_DIR"]
+for cl, early in ((8, False), (3, False), (8, True)):
+    K._compile_indexer_topk_query(64, 128, K.fused_topk_slots(cl * 128), 128, True, cl, 64, True, "fma_chain", early)
+    for ptx in glob.glob(os.path.join(dump, "cutlass*.ptx")):
+        os.replace(ptx, os.path.join(dump, f"fold_{cl}_{early}.ptx"))
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_index_fold_query_compiles_for_sm90a_without_spills(tmp_path):
+    """IndexerTopKQuery (clusters of 8 and 3 CTAs: one and three query rows per warp; key copies after / before the
+    PDL wait) compiles for sm_90a on a GPU-less machine, its queries read from peers by DSMEM; where ptxas is
+    installed: no register spills."""
+    dump = _compile_for_sm90a(COMPILE_INDEX_FOLD, tmp_path)
+    ptxs = sorted(dump.glob("fold_*.ptx"))
+    assert len(ptxs) == 3
+    for ptx in ptxs:
+        text = ptx.read_text()
+        assert "ld.shared::cluster" in text
+        early = text.index("cp.async.cg") < text.index("griddepcontrol.wait")
+        assert early == ptx.name.endswith("True.ptx"), "key copies before the PDL wait only with early_keys"
+        ptxas = shutil.which("ptxas")
+        if ptxas:
+            rep = ptxas_report(ptxas, ptx, tmp_path)
+            assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-800:]
+
+
+@gpu
+@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("B,T,pos,quant_sim", [(1, 1024, 1000, True), (1, 1024, 4095, True), (1, 1024, 2, True),
+                                               (2, 1024, 3000, True), (1, 1024, 0, True), (1, 300, 1000, True),
+                                               (2, 200, 500, False), (1, 1024, 1000, False)])
+def test_gpu_index_fold_query_gives_the_two_launch_bits(B, T, pos, quant_sim, early, monkeypatch):
+    """INDEX_FOLD_QUERY: the query rows made by the top-k cluster's CTAs (IndexQuery.transform, shared through DSMEM)
+    give IndexQuery + IndexerTopK's picks bit for bit (outputs poisoned first); one launch (the spies: the fold ran,
+    no IndexQuery launch); visible = 0, few, all; clusters of 8, 3 and 2 CTAs; key copies before / after the PDL
+    wait (INDEX_FOLD_EARLY_KEYS); a CUDA-graph replay too."""
+    monkeypatch.setattr(K, "INDEX_FOLD_EARLY_KEYS", early)
+    g = torch.Generator().manual_seed(T + pos)
+    iq = torch.randn(B, 1, 64, 128, generator=g).bfloat16().cuda()
+    _, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos, ties=True)
+    wb, scale, angles = w.bfloat16(), 128 ** -0.5 * 64 ** -0.5, _gpu_angles()
+    monkeypatch.setattr(K, "POISON", True)
+    want = K.indexer_query_topk_decode(iq, angles, p, quant_sim, keys, wb, 512, weight_scale=scale)
+    assert torch.equal(want, K.indexer_topk_decode(K.index_query_fused(iq, angles, p, quant_sim), keys, wb, p, 512,
+                                                   weight_scale=scale))
+    monkeypatch.setattr(K, "INDEX_FOLD_QUERY", True)
+    calls, real_fold, real_query = [], K._compile_indexer_topk_query, K._compile_index_query
+
+    def fold_spy(*a, **kw):
+        calls.append("fold")
+        return real_fold(*a, **kw)
+
+    def query_spy(*a, **kw):
+        calls.append("query")
+        return real_query(*a, **kw)
+    monkeypatch.setattr(K, "_compile_indexer_topk_query", fold_spy)
+    monkeypatch.setattr(K, "_compile_index_query", query_spy)
+    got = K.indexer_query_topk_decode(iq, angles, p, quant_sim, keys, wb, 512, weight_scale=scale)
+    assert calls == ["fold"]
+    assert got.shape == want.shape and torch.equal(got, want), f"{(got != want).sum().item()} picks differ"
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.indexer_query_topk_decode(iq, angles, p, quant_sim, keys, wb, 512, weight_scale=scale)   # per-stream bufs
+        with torch.cuda.graph(graph, stream=s):
+            out = K.indexer_query_topk_decode(iq, angles, p, quant_sim, keys, wb, 512, weight_scale=scale)
+    torch.cuda.current_stream().wait_stream(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+@gpu
+def test_gpu_decode_with_the_index_fold_gives_the_same_logits(gpu_checkpoints, monkeypatch):
+    """The whole decode step (graph, batch 1, 12 steps) with INDEX_FOLD_QUERY on gives the logits of the step
+    without it (the tiny dims: 16 index heads, head_dim 128 -> the fold runs; the spy sees it)."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 142), generator=torch.Generator().manual_seed(9)).cuda()
+    path = gpu_checkpoints["fp8"]
+    calls, real = [], K._compile_indexer_topk_query
+
+    def spy(*a, **kw):
+        calls.append(a)
+        return real(*a, **kw)
+    monkeypatch.setattr(K, "_compile_indexer_topk_query", spy)
+    monkeypatch.setattr(K, "INDEX_FOLD_QUERY", True)
+    on = teacher_forced(load(path, device="cuda", max_batch_size=1), tokens, 130, decode_step)
+    monkeypatch.setattr(K, "INDEX_FOLD_QUERY", False)
+    n_on = len(calls)
+    off = teacher_forced(load(path, device="cuda", max_batch_size=1), tokens, 130, decode_step)
+    assert n_on > 0 and len(calls) == n_on
+    assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
