@@ -1014,8 +1014,10 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "ATTN_FOLD_Q_NORM", False),)),
     ("s7: all session-7 folds off",
      ((K, "HC_FOLD_COMBINE", False), (K, "GEMV_FOLD_NORM", False), (K, "ATTN_FOLD_Q_NORM", False))),
-    ("s8 indexfold: the CSA indexer's query made inside its top-k launch (kernels.INDEX_FOLD_QUERY on)",
-     ((K, "INDEX_FOLD_QUERY", True),)),
+    (f"s8 indexfold: the CSA indexer's query "
+     f"{'in its own IndexQuery launch' if K.INDEX_FOLD_QUERY else 'made inside its top-k launch'} "
+     f"(kernels.INDEX_FOLD_QUERY {'off' if K.INDEX_FOLD_QUERY else 'on'})",
+     ((K, "INDEX_FOLD_QUERY", not K.INDEX_FOLD_QUERY),)),
     ("s8 indexfold + its key copies before the PDL wait (INDEX_FOLD_QUERY, INDEX_FOLD_EARLY_KEYS on)",
      ((K, "INDEX_FOLD_QUERY", True), (K, "INDEX_FOLD_EARLY_KEYS", True))),
 ]
