@@ -871,6 +871,8 @@ def random_model(cfg, device, max_batch_size: int, max_seq_len: int, seed: int =
         model.get_submodule(mod_name).register_buffer(attr, dsv4.hadamard_matrix(buf.shape[0]).to(device),
                                                       persistent=False)
     model.merge_projections()
+    if K.HAVE_CUTE and torch.device(device).type == "cuda":   # both layouts held: the gemvpack ablation flips them
+        model.pack_gemv_weights(dsv4.GEMV_PACK or "wo_a", keep_row_major=True)
     model.setup_cache(max_batch_size, max_seq_len)
     for m in model.modules():                                 # decode state: random, as after a long prompt
         if isinstance(m, dsv4.Attention):
@@ -1020,6 +1022,11 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "INDEX_FOLD_QUERY", not K.INDEX_FOLD_QUERY),)),
     ("s8 indexfold + its key copies before the PDL wait (INDEX_FOLD_QUERY, INDEX_FOLD_EARLY_KEYS on)",
      ((K, "INDEX_FOLD_QUERY", True), (K, "INDEX_FOLD_EARLY_KEYS", True))),
+    (f"s8 gemvpack: decode FP8 GEMVs on the {'[N, K] row-major' if K.GEMV_PACKED else 'packed'} weights "
+     f"(kernels.GEMV_PACKED {'off' if K.GEMV_PACKED else 'on'})", ((K, "GEMV_PACKED", not K.GEMV_PACKED),)),
+    (f"s8 gemvpack deep: packed wo_a {'without' if K.GEMV_PACKED_DEEP else 'with'} its bulk copies into smem before "
+     f"the PDL wait (kernels.GEMV_PACKED_DEEP {'off' if K.GEMV_PACKED_DEEP else 'on'})",
+     ((K, "GEMV_PACKED", True), (K, "GEMV_PACKED_DEEP", not K.GEMV_PACKED_DEEP))),
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 
@@ -1470,7 +1477,8 @@ def run(path: str, out: str, fp32: bool = False):
             or "CuTe DSL kernel"
         res["allocated_GiB"] = torch.cuda.memory_allocated(dev) / 2**30
         plan = dsv4.memory_plan(cfg, par, "nvfp4", dtype, model.max_seq_len, 1, repack=e.packed is not None,
-                                wo_a_fp8=model.layers[0].attn.wo_a.scale is not None)
+                                wo_a_fp8=model.layers[0].attn.wo_a.scale is not None,
+                                gemv_pack=dsv4.GEMV_PACK if model.layers[0].attn.wo_a.packed is not None else "")
         res["planned_GiB"] = sum(plan.values()) / 2**30
     say(f"rank 0 of {par.size}: loaded in {res['load_s']:.1f} s", {k: v for k, v in res.items() if k != "load_s"})
     tokens = torch.randint(0, cfg.vocab_size, (1, PROMPT + DECODE), generator=torch.Generator().manual_seed(1)).to(dev)

@@ -406,12 +406,28 @@ class Linear(nn.Module):
         self.quant_sim = True
         self.dequantize_at_load = False
         self._mm_scale = self._mm_scale_of = None                  # mm_block_scales(scale), made on first GPU use
+        self.packed = None          # FP8 on CUDA: the decode GEMV's copy of weight (kernels.pack_fp8_gemv_weight)
+
+    def gemv_weight(self) -> tuple[torch.Tensor, int]:
+        """(weight the decode GEMV reads, packed_rows): the packed copy where one is held and kernels.GEMV_PACKED
+        (or where the row-major weight was dropped), else weight."""
+        if self.packed is not None and (kernels.GEMV_PACKED or self.weight.is_meta):
+            return self.packed, self.out_features
+        return self.weight, 0
+
+    def row_major(self) -> torch.Tensor:
+        """weight [N, K]; where only the packed copy is held (pack_gemv_weights keep_row_major=False), unpacked from
+        it (a per-call copy: prefill paths only)."""
+        if self.weight.is_meta and self.packed is not None:
+            return kernels.unpack_fp8_gemv_weight(self.packed, self.out_features)
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return matmul_fp32(x, self.weight) if self.fp32_out else F.linear(x, self.weight.to(x.dtype))
         if self.quant_sim and fused(x) and kernels.fp8_gemv_supported(x, self.weight):   # decode-sized M
-            return kernels.fp8_gemv(x, self.weight, self.scale)
+            w, rows = self.gemv_weight()
+            return kernels.fp8_gemv(x, w, self.scale, packed_rows=rows)
         if self.quant_sim and x.is_cuda and x.dtype == torch.bfloat16 and fp8_gemm_unavailable(x.device) is None:
             if self._mm_scale_of is not self.scale:
                 self._mm_scale, self._mm_scale_of = mm_block_scales(self.scale), self.scale
@@ -472,6 +488,20 @@ class Projections:
                 l.scale = nn.Parameter(merged.scale[row // 128:row // 128 + l.scale.shape[0]], requires_grad=False)
             row += l.out_features
         self.merged = merged
+
+    def pack(self):
+        """The merged linear's packed GEMV copy (pack_gemv_weights); each member's is a row range of it (its rows
+        start at a multiple of 128 and the packed order is row-tile major: a 16-row-aligned range is its own packing)."""
+        m = self.merged
+        if m is None or m.scale is None:
+            return
+        m.packed = kernels.pack_fp8_gemv_weight(m.weight)
+        if kernels.GEMV_PACK_ORDER != 1:              # order 2 (k-block major): a row range is not contiguous; the
+            return                                    # members (run alone at B > 1) read their [N, K] views
+        row = 0
+        for l in self.linears:
+            l.packed = m.packed[row:row + -(-l.out_features // 16) * 16]
+            row += l.out_features
 
     def __call__(self, x: torch.Tensor, split: bool = True):
         """-> each linear's output (split) or all of them side by side in one tensor [..., sum of N]."""
@@ -932,7 +962,11 @@ class Attention(nn.Module):
         fold = kernels.GEMV_FOLD_NORM and all(l.quant_sim and kernels.fp8_gemv_supported(qa, l.weight) for l in lins)
         qr = None if fold else self.q_norm(qa)
         norm = (self.q_norm.weight, self.q_norm.eps)
-        proj = lambda lin: kernels.fp8_gemv(qa, lin.weight, lin.scale, norm=norm) if fold else lin(qr)  # noqa: E731
+        def proj(lin):
+            if not fold:
+                return lin(qr)
+            w, rows = lin.gemv_weight()
+            return kernels.fp8_gemv(qa, w, lin.scale, norm=norm, packed_rows=rows)
         queries = lambda: proj(self.wq_b).unflatten(-1, (H, hd)) if raw_q else \
             kernels.q_norm_rope_fused(proj(self.wq_b).unflatten(-1, (H, hd)), angles, pos, eps)  # noqa: E731
         with Branch(x, lane=1) as side:
@@ -954,11 +988,13 @@ class Attention(nn.Module):
         G = self.n_groups
         og = o.flatten(2).unflatten(-1, (G, -1))                      # [B, S, G, H*hd/G]
         w, s = self.wo_a.weight, self.wo_a.scale
+        wg, packed_rows = self.wo_a.gemv_weight()                     # packed: GEMV_PACK (pack_gemv_weights)
         if s is None:                                                 # bf16 (dequantized at load, as the reference)
             z = torch.einsum("bsgi,gri->bsgr", og, w.to(o.dtype).unflatten(0, (G, -1)))
-        elif kernels.fp8_gemv_grouped_supported(og, w):               # <= 256 rows: FP8 streamed, bf16 math
-            z = kernels.fp8_gemv_grouped(og, w, s)
+        elif kernels.fp8_gemv_grouped_supported(og, wg):              # <= 256 rows: FP8 streamed, bf16 math
+            z = kernels.fp8_gemv_grouped(og, wg, s, packed=packed_rows > 0)
         else:
+            w = self.wo_a.row_major()
             z = torch.einsum("bsgi,gri->bsgr", og, dequant_fp8_bf16(w, s, o.dtype).unflatten(0, (G, -1)))
         return all_reduce(self.wo_b(z.flatten(2)), self.par)
 
@@ -1228,6 +1264,29 @@ class Transformer(nn.Module):
                 if isinstance(p, Projections):
                     p.merge()
 
+    def pack_gemv_weights(self, scope: str = "wo_a", keep_row_major: bool = False):
+        """After merge_projections, on CUDA: FP8 linears hold their weight in the decode GEMV's packed order
+        (Linear.packed, kernels.pack_fp8_gemv_weight; kernels.GEMV_PACKED picks which one the GEMVs read).
+        scope "wo_a": every attention's FP8 wo_a (the grouped W8A16 GEMV; prefills > 256 rows dequantize it per call
+        anyway, now from the packed copy); "all": every FP8 linear (merged projections' members: row ranges of the
+        merged copy). keep_row_major False: the [N, K] weight is dropped (a meta tensor of its shape stays) where
+        nothing else reads it (wo_a only); else both are held (memory_plan's "gemv_packed")."""
+        if scope == "all":
+            for m in self.modules():
+                for p in vars(m).values():
+                    if isinstance(p, Projections):
+                        p.pack()
+        merged_members = {id(l) for m in self.modules() for p in vars(m).values()
+                          if isinstance(p, Projections) and p.merged is not None for l in p.linears}
+        lins = [m for m in self.modules() if isinstance(m, Linear) and id(m) not in merged_members] \
+            if scope == "all" else [m.wo_a for m in self.modules() if isinstance(m, Attention)]
+        for m in lins:
+            if m.scale is not None and m.packed is None and m.weight.is_cuda \
+                    and m.weight.dtype == torch.float8_e4m3fn and m.in_features % 128 == 0:
+                m.packed = kernels.pack_fp8_gemv_weight(m.weight)
+                if scope == "wo_a" and not keep_row_major:
+                    m.weight = nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
+
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
         """Preallocate every layer's KV state and the two RoPE tables for max_seq_len positions."""
         dev, dt = self.embed.weight.device, self.embed.weight.dtype
@@ -1354,19 +1413,28 @@ def shard(name: str, t: torch.Tensor, scale: torch.Tensor | None, local_shape, p
     return t.narrow(d, par.rank * n, n), scale
 
 
+GEMV_PACK = os.environ.get("NANO_DSV4_GEMV_PACK", "wo_a")   # FP8 weights load_model packs for the decode GEMVs
+                                                # where kernels.GEMV_PACKED is on (default off): "wo_a" (held packed
+                                                # only: no extra memory), "all" (both layouts: + 5.46 GiB on Flash)
+
+
 def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", dtype=torch.bfloat16,
                 max_seq_len: int = 4096, max_batch_size: int = 1, repack: bool | None = None,
-                wo_a_fp8: bool | None = None) -> dict:
+                wo_a_fp8: bool | None = None, gemv_pack: str | None = None) -> dict:
     """Bytes one rank holds after load_model, from the meta-device model with this rank's sharding:
     {"dense": every parameter in its load dtype, "experts": this rank's routed experts, "kv_cache": the decode state
     of setup_cache(max_batch_size, max_seq_len)}. fmt is the checkpoint format: "fp8" (official: FP8 linears + MXFP4
     experts), "nvfp4" or "bf16". repack: the experts are held as the MoE kernel's records (what load_model keeps
     where the CuTe kernel runs) instead of as stored; None = for fp4 experts, i.e. on Hopper. wo_a_fp8: wo_a held
     FP8 (what load_model keeps where fp8_wo_a(device, dtype), FP8 checkpoints only); None = as on Hopper with the
-    default kernels: for a bf16 model."""
+    default kernels: for a bf16 model. gemv_pack: Transformer.pack_gemv_weights' scope as load_model runs it
+    ("gemv_packed": the bytes held twice: "all" = every FP8 linear's packed copy; "wo_a" replaces wo_a's [N, K]
+    by its packed copy of the same size: 0); None = as on Hopper with the default switches (GEMV_PACK)."""
     import kernels
     if wo_a_fp8 is None:
         wo_a_fp8 = dtype == torch.bfloat16
+    if gemv_pack is None:
+        gemv_pack = GEMV_PACK if kernels.GEMV_PACKED and kernels.HAVE_CUTE else ""
     with torch.device("meta"):
         model = Transformer(cfg, par)
         if wo_a_fp8 and fmt != "bf16":
@@ -1394,8 +1462,13 @@ def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", 
         per_layer += e.num_experts * kernels.weight_bytes_per_expert(e.fmt, cfg.hidden_size, cfg.moe_intermediate_size) \
             - sum(t.numel() * t.element_size() for t in stored)     # the kernel's records replace the stored form
     experts = cfg.num_hidden_layers * per_layer
+    packed = 0                                                   # Transformer.pack_gemv_weights' copies
+    if gemv_pack == "all" and fmt != "bf16":
+        packed = sum(-(-m.out_features // 16) * 16 * m.in_features for m in model.modules()
+                     if isinstance(m, Linear) and m.scale is not None and not m.dequantize_at_load
+                     and m.in_features % 128 == 0)
     model.setup_cache(max_batch_size, max_seq_len)
-    return {"dense": dense, "experts": experts, "kv_cache": model.cache_bytes()}
+    return {"dense": dense, "experts": experts, "gemv_packed": packed, "kv_cache": model.cache_bytes()}
 
 
 def check_fits(plan: dict, device: torch.device, max_seq_len: int, reserve: int = 2 * GiB):
@@ -1477,6 +1550,8 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
         model.get_submodule(mod_name).register_buffer(attr, buf.to(device) if buf.device.type != "meta" else
                                                       hadamard_matrix(buf.shape[0]).to(device), persistent=False)
     model.merge_projections()
+    if device.type == "cuda" and GEMV_PACK and kernels.GEMV_PACKED and kernels.HAVE_CUTE:
+        model.pack_gemv_weights(GEMV_PACK, keep_row_major=GEMV_PACK == "all")   # memory_plan "gemv_packed"
     model.setup_cache(max_batch_size, max_seq_len)
     model.set_quant_sim(quant_sim)
     return model.eval()
@@ -2095,7 +2170,8 @@ def _dry_run(args) -> int:
         plan = memory_plan(cfg, Parallel(size, 0), fmt, dtype, args.max_seq_len, args.batch)
     except ShardError as e:
         raise CLIError(f"{e} (--world-size / --nproc-per-node)") from None
-    weights_b = plan["dense"] + plan["experts"]
+    weights_b = plan["dense"] + plan["experts"] + plan["gemv_packed"]
+    packed = f"; the decode GEMVs' packed FP8 copies {plan['gemv_packed'] / GiB:.2f}" if plan["gemv_packed"] else ""
     total = weights_b + plan["kv_cache"]
     reserve = 2 * GiB
     E, L = cfg.n_routed_experts, cfg.num_hidden_layers
@@ -2104,7 +2180,7 @@ def _dry_run(args) -> int:
           f"KV cache for {args.batch} x {args.max_seq_len} tokens, on {size} GPU{'s' if size > 1 else ''}")
     print(f"  each GPU: weights {weights_b / GiB:.2f} GiB (routed experts {plan['experts'] / GiB:.2f}: {E // size} "
           f"of {E} per layer{', as the Hopper kernel repacks them' if fmt != 'bf16' else ''}; everything else "
-          f"{plan['dense'] / GiB:.2f}) + KV cache {plan['kv_cache'] / GiB:.2f} GiB = {total / GiB:.2f} GiB")
+          f"{plan['dense'] / GiB:.2f}{packed}) + KV cache {plan['kv_cache'] / GiB:.2f} GiB = {total / GiB:.2f} GiB")
     print(f"  {f'all {size} GPUs: {size * total / GiB:.1f} GiB; ' if size > 1 else ''}a run also keeps "
           f"{reserve / GiB:.0f} GiB per GPU free for activations and workspace")
     cards = dict(GPU_MEMORY)

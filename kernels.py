@@ -1565,6 +1565,49 @@ def fp8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return y.to(x.dtype)
 
 
+# Packed weight layout (session 8): the order in which Fp8Gemv's warps consume W. Tile (r16, kb) = rows
+# [16 r16, 16 r16 + 16) x k [128 kb, 128 kb + 128) = 2 KB at byte (r16 * K/128 + kb) * 2048, inside it
+# [h][half][lane = 4 g + t][16 B] = row 16 r16 + 8 h + g, bytes [64 half + 16 t, +16) of the k block: each warp load
+# instruction (fixed h, half) reads 512 contiguous bytes, a warp's stage one 2 KB run, its consecutive k blocks
+# consecutive tiles. Every config (rows per warp/CTA, stages, K splits over CTAs or warps) reads the same layout.
+PACK_TILE_BYTES = 2048
+GEMV_PACK_ORDER = int(os.environ.get("NANO_DSV4_GEMV_PACK_ORDER", "1"))   # tile order of pack_fp8_gemv_weight / what fp8_gemv assumes: 1 = row-tile major (a warp's k
+                       # blocks one contiguous run; a 16-row-aligned row range is its own packing), 2 = k-block major
+                       # (tile (r16, kb) at (kb * N16/16 + r16) * 2 KB: the CTAs of a wave read neighbouring tiles)
+
+
+def pack_fp8_gemv_weight(weight: torch.Tensor, order: int | None = None) -> torch.Tensor:
+    """[N, K] (any 1-byte dtype, K % 128 == 0) -> same dtype [N16, K] in the packed tile order (N16 = N rounded up to
+    16; the pad rows are zeros; order default GEMV_PACK_ORDER). A one-time copy at load; unpack_fp8_gemv_weight
+    inverts it."""
+    order = GEMV_PACK_ORDER if order is None else order
+    N, Kd = weight.shape
+    assert Kd % BLOCK == 0 and weight.element_size() == 1 and order in (1, 2), (tuple(weight.shape), weight.dtype)
+    n16 = -(-N // 16) * 16
+    w = weight.view(torch.uint8)
+    if n16 != N:
+        w = torch.cat([w, w.new_zeros(n16 - N, Kd)])
+    # [r16][h][g][kb][half][t][16 B] -> [r16][kb][h][half][g][t][16 B] (order 2: [kb][r16]...)
+    t = w.reshape(n16 // 16, 2, 8, Kd // BLOCK, 2, 4, 16).permute(*((0, 3) if order == 1 else (3, 0)), 1, 4, 2, 5, 6)
+    return t.contiguous().view(n16, Kd).view(weight.dtype)
+
+
+def unpack_fp8_gemv_weight(packed: torch.Tensor, n: int, order: int | None = None) -> torch.Tensor:
+    """Inverse of pack_fp8_gemv_weight: packed [N16, K] -> [n, K] in row-major checkpoint order."""
+    order = GEMV_PACK_ORDER if order is None else order
+    n16, Kd = packed.shape
+    shape = (n16 // 16, Kd // BLOCK) if order == 1 else (Kd // BLOCK, n16 // 16)
+    t = packed.view(torch.uint8).reshape(*shape, 2, 2, 8, 4, 16)
+    t = t.permute(0, 2, 4, 1, 3, 5, 6) if order == 1 else t.permute(1, 2, 4, 0, 3, 5, 6)
+    return t.contiguous().view(n16, Kd)[:n].view(packed.dtype)
+
+
+def fp8_gemv_packed_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int,
+                              order: int | None = None) -> torch.Tensor:
+    """fp8_gemv_reference of the weight a packed tensor holds (n rows)."""
+    return fp8_gemv_reference(x, unpack_fp8_gemv_weight(packed, n, order), scale)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Static configuration
 GEMV_RULES = "s5"      # config rules of pick_gemv_config / pick_grouped_gemv_config: "s5" (session 5) or "s4" (the
@@ -1744,6 +1787,14 @@ if HAVE_CUTE:
         _llvm.inline_asm(None, [], f"cp.async.wait_group {pending};", "", has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
+    def _bulk_g2s(smem_addr: Int32, gmem_addr: Int64, size: int, mbar_addr: Int32, *, loc=None, ip=None):
+        """size bytes global -> this CTA's shared memory by one bulk copy (TMA engine), completing on an mbarrier."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
+                                Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], {size}, [$2];",
+                         "r,l,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
     def _lds_v4(smem_addr: Int32, *, loc=None, ip=None):
         res = _llvm.inline_asm(
             _ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"), [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
@@ -1901,9 +1952,18 @@ if HAVE_CUTE:
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
                      a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1,
-                     norm: tuple = (), norm_early: bool = False):
+                     norm: tuple = (), norm_early: bool = False, packed: int = 0, deep: bool = False):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
             self.norm = tuple(norm)
+            # packed: W is pack_fp8_gemv_weight's tile order (a warp's stage = 2 KB contiguous, one 512-B run per
+            # load instruction), 1: tiles row-tile major, 2: k-block major; N comes from mOut (mW's shape is only its
+            # storage); same fragments and bits
+            self.packed = int(packed)
+            assert not (packed and w16)
+            # deep (packed order 1, one row tile, register path): a warp's k blocks past its register stages go to
+            # shared memory as ONE bulk copy (contiguous in order 1), issued before the PDL wait (HBM works while the
+            # previous kernel runs); the main loop reads them from there (mbarrier per warp). Same bits.
+            self.deep = bool(deep)
             # norm_early: the norm weights go to shared memory by cp.async before the PDL wait (no registers), and
             # a warp's first quant task loads its x values together with the norm's row sums (one L2 round trip
             # less on the way to the main loop)
@@ -1945,6 +2005,8 @@ if HAVE_CUTE:
             self.red_words = self.rows * self.mpad * (1 if self.cluster else k_warps) \
                 if self.cluster or k_warps > 1 else 4
             assert not self.cluster or k_splits <= 8
+            self.deep_blocks = self.kbw - self.D if self.deep else 0
+            assert not self.deep or (self.packed == 1 and row_tiles == 1 and not cp_async and self.deep_blocks > 0)
 
         @cute.jit
         def __call__(self, mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mOut: cute.Tensor,
@@ -1961,9 +2023,11 @@ if HAVE_CUTE:
                     Float32, self.red_words], 16]
                 rn: cute.struct.MemRange[Float32, self.mpad if self.norm else 1]    # norm: 1/rms per token row
                 nw: cute.struct.Align[cute.struct.MemRange[Float32, self.K if self.norm_early else 4], 16]
+                dbuf: cute.struct.Align[cute.struct.MemRange[Int32, max(4, self.W * self.deep_blocks * 512)], 128]
+                dbar: cute.struct.Align[cute.struct.MemRange[Int64, self.W if self.deep else 1], 8]
 
             self.shared_storage = SharedStorage
-            n = cute.size(mW, mode=[0])
+            n = cute.size(mOut, mode=[1]) if const_expr(self.packed) else cute.size(mW, mode=[0])
             self.kernel(mX, mW, mS, mOut, mPart, mCount).launch(
                 grid=[(n + self.rows - 1) // self.rows, self.S, 1], block=[self.threads, 1, 1], stream=stream,
                 cluster=[1, self.S if self.cluster else 1, 1], use_pdl=self.pdl,
@@ -1982,7 +2046,7 @@ if HAVE_CUTE:
             g = lane // 4
             t = lane % 4
             M = cute.size(mOut if const_expr(self.group_rows) else mX, mode=[0])
-            N = cute.size(mW, mode=[0])
+            N = cute.size(mOut, mode=[1]) if const_expr(self.packed) else cute.size(mW, mode=[0])
             Kd = self.K
             kbc = self.kbc
             mpad = self.mpad
@@ -2007,11 +2071,25 @@ if HAVE_CUTE:
             for rt in cutlass.range_constexpr(self.RT):
                 for h in cutlass.range_constexpr(2):
                     r = cutlass.min(row_w + 16 * rt + g + 8 * h, N - 1)        # rows past N: read row N-1, unused
-                    if const_expr(self.w16):                                  # 2 bytes per weight
+                    if const_expr(self.packed):
+                        # 2 KB tile (16-row tile, k block) = [h][half][lane][16 B]; tiles past N: the last, unused
+                        tile = cutlass.min((row_w + 16 * rt) // 16, (N - 1) // 16)
+                        if const_expr(self.packed == 2):                       # tiles k-block major
+                            row_addr.append(w_base + (Int64(kb0 + warp_k * self.kbw) * ((N + 15) // 16)
+                                                      + Int64(tile)) * PACK_TILE_BYTES + Int64(h * 1024 + lane * 16))
+                        else:                                                  # tiles row-tile major
+                            row_addr.append(w_base + (Int64(tile) * (Kd // BLOCK) + Int64(kb0 + warp_k * self.kbw))
+                                            * PACK_TILE_BYTES + Int64(h * 1024 + lane * 16))
+                    elif const_expr(self.w16):                                  # 2 bytes per weight
                         row_addr.append(w_base + Int64(r) * (2 * Kd)
                                         + Int64((kb0 + warp_k * self.kbw) * BLOCK * 2 + 32 * t))
                     else:
                         row_addr.append(w_base + Int64(r) * Kd + Int64((kb0 + warp_k * self.kbw) * BLOCK + 16 * t))
+
+            # packed: bytes from one k block's tile to the next of the same rows
+            kb_step = Int64(PACK_TILE_BYTES)
+            if const_expr(self.packed == 2):
+                kb_step = Int64((N + 15) // 16) * PACK_TILE_BYTES
 
             def slot(st, rt, h, half):
                 return w_slot + (((st * self.RT + rt) * 2 + h) * 2 + half) * 512
@@ -2027,6 +2105,8 @@ if HAVE_CUTE:
                                     wreg[st, rt, h, 4 * q + i] = v[i]
                         for half in cutlass.range_constexpr(0 if self.w16 else 2):
                             src = row_addr[2 * rt + h] + (kb * BLOCK + 64 * half)
+                            if const_expr(self.packed):
+                                src = row_addr[2 * rt + h] + (kb_step * kb + 512 * half)
                             if const_expr(self.cp_async):
                                 _cp_async_16(slot(st, rt, h, half), src)
                             else:
@@ -2051,6 +2131,18 @@ if HAVE_CUTE:
 
             for kb in cutlass.range_constexpr(self.D):
                 load_stage(kb, kb)
+            # deep: the warp's blocks D.. kbw-1 = one contiguous run of the packed tile row -> smem, one bulk copy
+            d_bar = storage.dbar.data_ptr() + (warp if const_expr(self.deep) else 0)
+            d_buf = storage.dbuf.data_ptr().toint() + warp * (self.deep_blocks * PACK_TILE_BYTES)
+            if const_expr(self.deep):
+                if lane == 0:
+                    tile = cutlass.min(row_w // 16, (N - 1) // 16)
+                    src = w_base + (Int64(tile) * (Kd // BLOCK) + Int64(kb0 + warp_k * self.kbw + self.D)) \
+                        * PACK_TILE_BYTES
+                    cute.arch.mbarrier_init(d_bar, 1)
+                    cute.arch.mbarrier_init_fence()
+                    cute.arch.mbarrier_arrive_and_expect_tx(d_bar, self.deep_blocks * PACK_TILE_BYTES)
+                    _bulk_g2s(d_buf, src, self.deep_blocks * PACK_TILE_BYTES, d_bar.toint())
             n_tasks = self.n8 * kbc
             xv0 = cute.make_rmem_tensor((16,), Int32)           # norm_early: x values of the warp's first task
             nw_smem = storage.nw.data_ptr().toint()
@@ -2210,6 +2302,14 @@ if HAVE_CUTE:
                 kb = kbl if const_expr(self.KW == 1) else warp_k * self.kbw + kbl   # k block within the CTA slice
                 st = kbl % self.D
                 rs = fetch_stage(kbl, st)
+                if const_expr(self.deep and kbl >= self.D):                # this block from the bulk copy in smem
+                    if const_expr(kbl == self.D):
+                        cute.arch.mbarrier_wait(d_bar, 0)
+                    for h in cutlass.range_constexpr(2):
+                        for half in cutlass.range_constexpr(2):
+                            dv = _lds_v4(d_buf + ((kbl - self.D) * PACK_TILE_BYTES + (h * 2 + half) * 512 + lane * 16))
+                            for i in cutlass.range_constexpr(4):
+                                wreg[st, 0, h, 4 * half + i] = dv[i]
                 for j in cutlass.range_constexpr(self.n8):
                     for c in cutlass.range_constexpr(4):
                         chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
@@ -2258,7 +2358,7 @@ if HAVE_CUTE:
                             acc[rt, j, 1] = acc[rt, j, 1] + d[1] * f1
                             acc[rt, j, 2] = acc[rt, j, 2] + d[2] * f0
                             acc[rt, j, 3] = acc[rt, j, 3] + d[3] * f1
-                if const_expr(kbl + self.D < self.kbw):
+                if const_expr(kbl + self.D < self.kbw and not self.deep):
                     load_stage(kbl + self.D, st)
 
             # ---- epilogue: acc[rt, j, c] = (weight row row_w + 16rt + g + 8(c//2), token 8j + 2t + c%2)
@@ -2356,21 +2456,24 @@ if HAVE_CUTE:
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
                   group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1, norm: tuple = (),
-                  norm_early: bool = False):
-    """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream)."""
+                  norm_early: bool = False, packed: int = 0, deep: bool = False):
+    """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
+    packed (1, 2 = pack_fp8_gemv_weight's order): the weight argument is its data viewed as uint8 [N16, K]."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
         (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ()) + \
         (("kw", k_warps) if k_warps > 1 else ()) + (("norm",) + tuple(norm) if norm else ()) + \
-        (("early",) if norm and norm_early else ())
+        (("early",) if norm and norm_early else ()) + \
+        ((("packed",) if int(packed) == 1 else ("packed", int(packed))) if packed else ()) + (("deep",) if deep else ())
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
-                     fold, w16, k_warps, norm, norm_early)
+                     fold, w16, k_warps, norm, norm_early, packed, deep)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
         mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
+        nw = cute.sym_int() if packed else n                               # packed: N rounded up to 16 rows
         mk = cute.runtime.make_fake_compact_tensor
         args = (mk(BFloat16, (mx, k_dim), stride_order=(1, 0), assumed_align=16),
-                mk(Uint8, (n, 2 * k_dim if w16 else k_dim), stride_order=(1, 0), assumed_align=16),   # w16: bytes
+                mk(Uint8, (nw, 2 * k_dim if w16 else k_dim), stride_order=(1, 0), assumed_align=16),   # w16: bytes
                 mk(Uint8, (nb, k_dim // BLOCK), stride_order=(1, 0), assumed_align=1),
                 mk(Float32 if w16 else BFloat16, (m, n), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (cute.sym_int(), cute.sym_int(), cute.sym_int()), stride_order=(2, 1, 0),
@@ -2413,6 +2516,10 @@ def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _gemv_takes(x, weight, torch.float8_e4m3fn)
 
 
+GEMV_PACKED = os.environ.get("NANO_DSV4_GEMV_PACKED", "0") != "0"   # decode GEMVs read the packed weight copies
+                        # (pack_fp8_gemv_weight; dsv4 Linear.packed, made at load where this is on): same bits. Off:
+                        # H200 s8 R1, bench decode --layers 4, same run: packed wo_a 0.121 ms/layer vs 0.120 at B=1,
+                        # 0.310 vs 0.314 at B=8 (noise), and +122 us per prefill call of wo_a (unpack)
 GEMV_FOLD_NORM = False  # fp8_gemv(norm=...): the RMSNorm of x inside the GEMV's activation prologue (dsv4: q_norm
                         # folded into wq_b / indexer wq_b, no RmsNorm launch; session 7, same bits); else RmsNorm first.
                         # Off: H200 s7 R0, bench decode same run, the step was 0.012 ms faster without it (the
@@ -2445,14 +2552,15 @@ def gemv_norm_layout(K: int, M: int, config: dict):
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None,
-             norm: tuple | None = None) -> torch.Tensor:
+             norm: tuple | None = None, packed_rows: int = 0) -> torch.Tensor:
     """act_quant_fp8(x) x (weight * scale)^T for decode: x [..., K] bf16 (M = prod of leading dims <= 16),
     weight [N, K] float8_e4m3fn, scale [ceil(N/128), K/128] float8_e8m0fnu -> [..., N] bf16. One kernel launch,
     no host sync (CUDA-graph capturable). Semantics: fp8_gemv_reference. Raises ValueError for inputs it can't take
     (check fp8_gemv_supported first). norm = (weight fp32 [K], eps): of rms_norm_fused(x, *norm) instead of x, the
-    norm folded into the same launch where gemv_norm_layout allows (same bits), else a RmsNorm launch first."""
+    norm folded into the same launch where gemv_norm_layout allows (same bits), else a RmsNorm launch first.
+    packed_rows = N > 0: weight is pack_fp8_gemv_weight's [N16, K] of an [N, K] weight (same bits, same config)."""
     Kd = x.shape[-1]
-    N = weight.shape[0]
+    N = packed_rows or weight.shape[0]
     M = math.prod(x.shape[:-1])
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
@@ -2468,6 +2576,10 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if dev not in _NUM_SMS:
         _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = {"pdl": GEMV_USE_PDL, **(config or pick_gemv_config(N, Kd, M, _NUM_SMS[dev]))}   # config: benchmarks only
+    if packed_rows:
+        if weight.shape[0] != -(-N // 16) * 16:
+            raise ValueError(f"fp8_gemv: a packed weight of {N} rows is [{-(-N // 16) * 16}, K], got {tuple(weight.shape)}")
+        cfg["packed"] = cfg.get("packed") or GEMV_PACK_ORDER
     folded = fold_norm_config(cfg, Kd, M, norm[1]) if norm is not None else None
     if norm is not None and folded is None:
         x = rms_norm_fused(x, norm[0], norm[1])
@@ -2571,6 +2683,30 @@ GROUPED_CHUNK_ROWS = 256   # fp8_gemv_grouped runs up to this many rows as launc
                            # H200 R2, Flash wo_a, T=64: ~4 x 11 us vs 250 us for the per-call dequant + einsum)
 
 
+GEMV_PACKED_DEEP = os.environ.get("NANO_DSV4_GEMV_PACKED_DEEP", "0") != "0"   # fp8_gemv_grouped on a packed
+                       # weight (order 1; wo_a): Fp8Gemv deep (blocks past the register stages by one bulk copy per warp
+                       # into smem before the PDL wait) where deep_packed_fits; same bits
+
+
+def deep_packed_fits(cfg: dict, smem_limit: int = 220 * 1024) -> bool:
+    """Fp8Gemv(deep=True) applies to cfg (packed order 1, one row tile, register path, blocks past the stages) and
+    its shared memory (activations, scales, k_warps partials, the bulk-copy buffer) fits the SM at the CTAs per SM
+    the config plans (GEMV_CTAS_PER_SM; 16-warp CTAs: 1)."""
+    K, S, KW, W = cfg["k_dim"], cfg["k_splits"], cfg.get("k_warps", 1), cfg["warps"]
+    kbc = K // BLOCK // S
+    kbw = kbc // KW
+    D = max(1, min(cfg["stages"], kbw))
+    if cfg.get("packed") != 1 or cfg["row_tiles"] != 1 or cfg.get("cp_async") or cfg.get("w16") or kbw <= D:
+        return False
+    mpad = 8 * cfg["n8"]
+    rows = W // KW * 16
+    red = rows * mpad * (KW if KW > 1 else (1 if cfg.get("cluster") and S > 1 else 0))
+    smem = 4 * (mpad * (kbc * BLOCK // 2 + 4) + kbc * mpad + kbc * (-(-rows // BLOCK)) + red) + \
+        W * (kbw - D) * PACK_TILE_BYTES + 1024
+    ctas = GEMV_CTAS_PER_SM.get((W, 2), 1) if W <= 8 else 1
+    return smem * ctas <= smem_limit
+
+
 def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int, rules: str | None = None) -> dict:
     """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]: rules (default GEMV_RULES) "s5" =
     _pick_grouped_gemv_config_s5, "s4" = _pick_grouped_gemv_config_s4."""
@@ -2631,11 +2767,12 @@ def fp8_gemv_grouped_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                     config: dict | None = None) -> torch.Tensor:
+                     config: dict | None = None, packed: bool = False) -> torch.Tensor:
     """Grouped W8A16 product for decode: x [..., G, K] bf16 (M = prod of leading dims <= 256), weight [G R, K]
     float8_e4m3fn, scale [G R / 128, K / 128] float8_e8m0fnu -> [..., G, R] bf16. One kernel launch per 16 rows
     (decode: one), no host sync (CUDA-graph capturable). Semantics: fp8_gemv_grouped_reference. Raises ValueError
-    for inputs it can't take (check fp8_gemv_grouped_supported first)."""
+    for inputs it can't take (check fp8_gemv_grouped_supported first). packed: weight is pack_fp8_gemv_weight's
+    (R % 32 == 0: no pad rows, same shape)."""
     G, Kd = x.shape[-2:]
     N = weight.shape[0]
     M = math.prod(x.shape[:-2])
@@ -2663,6 +2800,10 @@ def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     for m0 in range(0, M, MAX_ROWS):                                 # decode: one launch
         m = min(MAX_ROWS, M - m0)
         cfg = {"pdl": GEMV_USE_PDL, **(config or pick_grouped_gemv_config(N, Kd, m, R, _NUM_SMS[dev]))}
+        if packed:
+            cfg["packed"] = cfg.get("packed") or GEMV_PACK_ORDER
+            if config is None and GEMV_PACKED_DEEP and deep_packed_fits(cfg):
+                cfg["deep"] = True
         if not cfg.get("a16") or cfg.get("group_rows") != R:
             raise ValueError(f"fp8_gemv_grouped: config must have a16=True and group_rows={R}, got {cfg}")
         fn = _compile_gemv(**cfg)

@@ -6870,5 +6870,188 @@ def test_gpu_decode_with_the_index_fold_gives_the_same_logits(gpu_checkpoints, m
     assert torch.isfinite(on).all() and torch.equal(on, off)
 
 
+# ======================================================================================================================
+# Packed FP8 GEMV weights (session 8, issue #5): pack_fp8_gemv_weight's tile order, Fp8Gemv(packed=True)
+# ======================================================================================================================
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("N,Kd", [(16, 128), (40, 256), (1000, 1152), (200, 384), (1536, 512)])
+def test_pack_fp8_gemv_weight_round_trips_and_pads_with_zero_rows(N, Kd, order):
+    w, _ = random_weight(N, Kd, 801 + N)
+    p = K.pack_fp8_gemv_weight(w, order)
+    n16 = -(-N // 16) * 16
+    assert p.shape == (n16, Kd) and p.dtype == w.dtype
+    assert torch.equal(K.unpack_fp8_gemv_weight(p, N, order).view(torch.uint8), w.view(torch.uint8))
+    assert (K.unpack_fp8_gemv_weight(p, n16, order)[N:].view(torch.uint8) == 0).all()
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("N,Kd", [(48, 384), (1000, 256)])
+def test_packed_tile_holds_each_lanes_16_bytes_of_a_warp_load_contiguously(N, Kd, order):
+    """Byte (tile r16, k block kb)[h][half][lane = 4g + t][b] = W[16 r16 + 8h + g, 128 kb + 64 half + 16 t + b]: the
+    16 bytes Fp8Gemv's lane (g, t) loads for (row half h, k half) sit at lane * 16 of one 512-B run; the tile sits at
+    r16 * K/128 + kb (order 1) or kb * N16/16 + r16 (order 2) times 2 KB."""
+    w, _ = random_weight(N, Kd, 901)
+    flat = K.pack_fp8_gemv_weight(w, order).view(torch.uint8).flatten()
+    wb = w.view(torch.uint8)
+    g = torch.Generator().manual_seed(N)
+    for _ in range(200):
+        n, k = int(torch.randint(0, N, (1,), generator=g)), int(torch.randint(0, Kd, (1,), generator=g))
+        r16, h, gg = n // 16, (n % 16) // 8, n % 8
+        kb, half, t, b = k // 128, (k % 128) // 64, (k % 64) // 16, k % 16
+        tile = r16 * (Kd // 128) + kb if order == 1 else kb * -(-N // 16) + r16
+        off = tile * K.PACK_TILE_BYTES + ((2 * h + half) * 32 + 4 * gg + t) * 16 + b
+        assert flat[off] == wb[n, k], (n, k)
+
+
+@pytest.mark.parametrize("N,Kd,M", [(200, 384, 3), (1000, 1152, 1), (64, 4096, 8)])
+def test_fp8_gemv_packed_reference_equals_fp8_gemv_reference(N, Kd, M):
+    w, s = random_weight(N, Kd, 11)
+    x = special_x(M, Kd, 12)
+    p = K.pack_fp8_gemv_weight(w)
+    assert torch.equal(K.fp8_gemv_packed_reference(x, p, s, N), K.fp8_gemv_reference(x, w, s))
+
+
+COMPILE_PACKED = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+for N, Kd, M in ((4096, 8192, 1), (40960, 1024, 1), (4096, 4096, 1), (1536, 4096, 8)):
+    K._compile_gemv(**K.pick_gemv_config(N, Kd, M, 132), packed=True)
+K._compile_gemv(**K.pick_grouped_gemv_config(8192, 4096, 1, 1024, 132), packed=True)
+K._compile_gemv(**K.pick_grouped_gemv_config(8192, 4096, 1, 1024, 132), packed=1, deep=True)
+K._compile_gemv(**dict(K.pick_gemv_config(4096, 8192, 1, 132), stages=3), packed=2)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_packed_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
+    """Fp8Gemv(packed=1 | 2, deep) at the Flash decode configs (plain, split-K, k_warps, grouped W8A16) compiles for
+    sm_90a on a GPU-less machine; where ptxas is installed, no register spills."""
+    dump = _compile_for_sm90a(COMPILE_PACKED, tmp_path)
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 7
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*Fp8Gemv*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+def _packed_configs(N, Kd, M, num_sms=132):
+    """Distinct Fp8Gemv configs for one shape: the shipped rules, the s4 rules, each weight / split-K path."""
+    cs = [K.pick_gemv_config(N, Kd, M, num_sms), K.pick_gemv_config(N, Kd, M, num_sms, rules="s4")]
+    cs += [K.pick_gemv_config(N, Kd, M, num_sms, **PATHS[p]) for p in PATHS]
+    out = []
+    for c in cs:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("N,Kd,M", [(4096, 8192, 1), (4096, 8192, 8), (40960, 1024, 1), (4096, 4096, 1),
+                                    (4096, 2048, 8), (1536, 4096, 2), (1000, 1152, 3), (200, 4096, 16)])
+@pytest.mark.parametrize("order", [1, 2])
+def test_gpu_packed_gemv_gives_the_bits_of_the_unpacked_kernel(N, Kd, M, order):
+    """fp8_gemv on the packed weight = fp8_gemv on [N, K], bit for bit, for every config path (cluster / global
+    split-K, k_warps, cp.async, 1-2 row tiles, odd N with a partial 16-row tile), pdl on and off (shipped rules).
+    (_gemvpack.py's precompile lists the same configs: keep them in step.)"""
+    w, s = random_weight(N, Kd, 77, "cuda")
+    x = special_x(M, Kd, 78, "cuda")
+    p = K.pack_fp8_gemv_weight(w, order)
+    for i, c in enumerate(_packed_configs(N, Kd, M)):
+        for pdl in (True, False) if i == 0 else (True,):
+            cfg = {**c, "pdl": pdl}
+            ref = K.fp8_gemv(x, w, s, config=cfg)
+            y = K.fp8_gemv(x, p, s, config={**cfg, "packed": order}, packed_rows=N)
+            assert torch.equal(y, ref), f"config {cfg}: packed differs"
+    if order == K.GEMV_PACK_ORDER:
+        _check_gemv(K.fp8_gemv(x, p, s, packed_rows=N), x, w, s)
+
+
+@gpu
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 8, 20])
+def test_gpu_packed_grouped_gemv_gives_the_bits_of_the_unpacked_kernel(M, order):
+    """Grouped W8A16 (wo_a, Flash 8 groups x 1024 rows, K 4096; M 20: two launches) on the packed weight = on [N, K]."""
+    if M > 16 and order != K.GEMV_PACK_ORDER:
+        pytest.skip("two launches: checked in the default order (the order is set through the config)")
+    G, R, Kd = 8, 1024, 4096
+    w, s = random_weight(G * R, Kd, 91, "cuda")
+    x = torch.randn(M, G, Kd, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
+    p = K.pack_fp8_gemv_weight(w, order)
+    if order == K.GEMV_PACK_ORDER:
+        assert torch.equal(K.fp8_gemv_grouped(x, p, s, packed=True), K.fp8_gemv_grouped(x, w, s))
+    c = K.pick_grouped_gemv_config(G * R, Kd, min(M, 16), R, 132, rules="s4")
+    if M <= 16:
+        for cfg in (c, {**c, "k_warps": 1, "warps": 8, "k_splits": 4}):
+            assert torch.equal(K.fp8_gemv_grouped(x, p, s, config={**cfg, "packed": order}, packed=True),
+                               K.fp8_gemv_grouped(x, w, s, config=cfg)), f"config {cfg}"
+
+
+DEEP_PACKED_CASES = [   # (N, K, M, config changes): wo_a grouped (base config), wo_b with 3 stages, an odd N
+    (8192, 4096, 1, "grouped"), (8192, 4096, 8, "grouped"), (4096, 8192, 1, dict(stages=3)),
+    (4096, 8192, 8, dict(stages=3)), (1000, 1152, 3, dict(k_splits=1, cluster=False, warps=4, stages=2, k_warps=1))]
+
+
+def _deep_packed_config(N, Kd, M, change, num_sms=132):
+    if change == "grouped":
+        return K.pick_grouped_gemv_config(N, Kd, M, 1024, num_sms)
+    return {**K.pick_gemv_config(N, Kd, M, num_sms), **change, "row_tiles": 1, "cp_async": False}
+
+
+@gpu
+@pytest.mark.parametrize("case", range(len(DEEP_PACKED_CASES)))
+def test_gpu_deep_packed_gemv_gives_the_bits_of_the_unpacked_kernel(case):
+    """Fp8Gemv(packed=1, deep=True): the blocks past the register stages come from one bulk copy per warp into
+    shared memory; same bits as the unpacked kernel of the same config, pdl on and off (grouped W8A16 wo_a, global
+    split-K wo_b, a partial last row tile)."""
+    N, Kd, M, change = DEEP_PACKED_CASES[case]
+    w, s = random_weight(N, Kd, 55, "cuda")
+    p = K.pack_fp8_gemv_weight(w, 1)
+    cfg = _deep_packed_config(N, Kd, M, change)
+    if change == "grouped":
+        x = torch.randn(M, N // 1024, Kd, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
+        call = lambda wt, c, pk: K.fp8_gemv_grouped(x, wt, s, config=c, packed=pk)      # noqa: E731
+    else:
+        x = special_x(M, Kd, 56, "cuda")
+        call = lambda wt, c, pk: K.fp8_gemv(x, wt, s, config=c, packed_rows=N if pk else 0)   # noqa: E731
+    for pdl in (True, False):
+        ref = call(w, {**cfg, "pdl": pdl}, False)
+        y = call(p, {**cfg, "pdl": pdl, "packed": 1, "deep": True}, True)
+        assert torch.equal(y, ref), f"pdl {pdl}: deep packed differs"
+
+@gpu
+@pytest.mark.parametrize("scope", ["wo_a", "all", "wo_a deep"])
+def test_gpu_decode_on_packed_gemv_weights_gives_the_row_major_logits(gpu_checkpoints, monkeypatch, scope):
+    """load_model on CUDA packs the FP8 weights of dsv4.GEMV_PACK's scope ("wo_a": its [N, K] dropped, prefills
+    unpack it; "all": both layouts, merged projections' members as row ranges of the merged copy); prefill + the
+    decode step (graph, batch 2, 12 steps) give the same logits as with kernels.GEMV_PACKED off (nothing packed)."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(6)).cuda()
+    path = gpu_checkpoints["fp8"]
+    monkeypatch.setattr(K, "GEMV_PACKED_DEEP", scope.endswith("deep"))
+    scope = scope.split()[0]
+    monkeypatch.setattr(dsv4, "GEMV_PACK", scope)
+    monkeypatch.setattr(K, "GEMV_PACKED", True)
+    model = load(path, device="cuda", max_batch_size=2)
+    ckpt = weights.load_checkpoint(path)                             # the row-major weights, as stored
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, dsv4.Linear) and m.scale is not None}
+    packed = {n for n, m in fp8.items() if m.packed is not None}
+    want = {n for n in fp8 if scope == "all" or n.endswith("wo_a")}
+    assert packed == want and want
+    ckpt_names = {n for n in packed if n.endswith("wo_a")}
+    for n in packed:
+        m = fp8[n]
+        assert m.weight.is_meta == (scope == "wo_a")
+        if n in ckpt_names:
+            assert torch.equal(m.row_major().view(torch.uint8).cpu(), ckpt.linear(n)[0].view(torch.uint8)), n
+        else:                                                        # merged members only in "all"
+            assert torch.equal(m.row_major().view(torch.uint8), m.weight.view(torch.uint8)), n
+    on = teacher_forced(model, tokens, 130, decode_step)
+    monkeypatch.setattr(K, "GEMV_PACKED", False)
+    off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
+    assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
