@@ -1413,9 +1413,9 @@ def shard(name: str, t: torch.Tensor, scale: torch.Tensor | None, local_shape, p
     return t.narrow(d, par.rank * n, n), scale
 
 
-GEMV_PACK = os.environ.get("NANO_DSV4_GEMV_PACK", "wo_a")   # FP8 weights load_model packs for the decode GEMVs
-                                                # where kernels.GEMV_PACKED is on (default off): "wo_a" (held packed
-                                                # only: no extra memory), "all" (both layouts: + 5.46 GiB on Flash)
+GEMV_PACK = os.environ.get("NANO_DSV4_GEMV_PACK", "all")   # FP8 weights load_model packs for the decode GEMVs
+                                                # where kernels.GEMV_PACKED is on: "all" (both layouts: + 5.46 GiB on
+                                                # Flash; the faster step), "wo_a" (held packed only: no extra memory)
 
 
 def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", dtype=torch.bfloat16,
@@ -1478,7 +1478,7 @@ def check_fits(plan: dict, device: torch.device, max_seq_len: int, reserve: int 
     if need > free:
         raise NotEnoughMemory(
             f"{device} cannot hold this rank's part: it needs {need / GiB:.1f} GiB (weights "
-            f"{(plan['dense'] + plan['experts']) / GiB:.1f} + KV cache {plan['kv_cache'] / GiB:.1f} at max_seq_len "
+            f"{(plan['dense'] + plan['experts'] + plan['gemv_packed']) / GiB:.1f} + KV cache {plan['kv_cache'] / GiB:.1f} at max_seq_len "
             f"{max_seq_len} + {reserve / GiB:.0f} reserve) but {free / GiB:.1f} of {total / GiB:.1f} GiB are free; "
             "use more GPUs (torchrun --nproc-per-node N) or a smaller --max-seq-len")
 

@@ -1571,7 +1571,7 @@ def fp8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 # instruction (fixed h, half) reads 512 contiguous bytes, a warp's stage one 2 KB run, its consecutive k blocks
 # consecutive tiles. Every config (rows per warp/CTA, stages, K splits over CTAs or warps) reads the same layout.
 PACK_TILE_BYTES = 2048
-GEMV_PACK_ORDER = int(os.environ.get("NANO_DSV4_GEMV_PACK_ORDER", "1"))   # tile order of pack_fp8_gemv_weight / what fp8_gemv assumes: 1 = row-tile major (a warp's k
+GEMV_PACK_ORDER = int(os.environ.get("NANO_DSV4_GEMV_PACK_ORDER", "2"))   # tile order of pack_fp8_gemv_weight / what fp8_gemv assumes: 1 = row-tile major (a warp's k
                        # blocks one contiguous run; a 16-row-aligned row range is its own packing), 2 = k-block major
                        # (tile (r16, kb) at (kb * N16/16 + r16) * 2 KB: the CTAs of a wave read neighbouring tiles)
 
@@ -2516,10 +2516,11 @@ def fp8_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _gemv_takes(x, weight, torch.float8_e4m3fn)
 
 
-GEMV_PACKED = os.environ.get("NANO_DSV4_GEMV_PACKED", "0") != "0"   # decode GEMVs read the packed weight copies
-                        # (pack_fp8_gemv_weight; dsv4 Linear.packed, made at load where this is on): same bits. Off:
-                        # H200 s8 R1, bench decode --layers 4, same run: packed wo_a 0.121 ms/layer vs 0.120 at B=1,
-                        # 0.310 vs 0.314 at B=8 (noise), and +122 us per prefill call of wo_a (unpack)
+GEMV_PACKED = os.environ.get("NANO_DSV4_GEMV_PACKED", "1") != "0"   # decode GEMVs read the packed weight copies
+                        # (pack_fp8_gemv_weight; dsv4 Linear.packed, made at load where this is on): same bits. H200,
+                        # bench decode --layers 4, same run, every FP8 linear packed (dsv4.GEMV_PACK "all", order 2)
+                        # vs row-major: s8 R2 -0.015 / -0.008 ms per step at B = 1 / 8, s9 (7 rounds) -0.012 / -0.011;
+                        # wo_a alone (s8 R1): 0.121 vs 0.120 ms/layer (noise)
 GEMV_FOLD_NORM = False  # fp8_gemv(norm=...): the RMSNorm of x inside the GEMV's activation prologue (dsv4: q_norm
                         # folded into wq_b / indexer wq_b, no RmsNorm launch; session 7, same bits); else RmsNorm first.
                         # Off: H200 s7 R0, bench decode same run, the step was 0.012 ms faster without it (the

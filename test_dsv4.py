@@ -2109,7 +2109,7 @@ def test_dry_run_prints_the_plan_of_each_gpu(flash_config):
     assert r.returncode == 0, r.stderr
     plan = dsv4.memory_plan(dsv4.ModelConfig(), dsv4.Parallel(4, 0), "fp8", max_seq_len=65536)
     GiB = 2 ** 30
-    assert f"weights {(plan['dense'] + plan['experts']) / GiB:.2f} GiB" in r.stdout
+    assert f"weights {(plan['dense'] + plan['experts'] + plan['gemv_packed']) / GiB:.2f} GiB" in r.stdout
     assert f"KV cache {plan['kv_cache'] / GiB:.2f} GiB" in r.stdout and "64 of 256 per layer" in r.stdout
     assert "H100 80GB: yes" in r.stdout and "torchrun --nproc-per-node 4" in r.stdout
 
