@@ -1571,7 +1571,8 @@ def fp8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 # instruction (fixed h, half) reads 512 contiguous bytes, a warp's stage one 2 KB run, its consecutive k blocks
 # consecutive tiles. Every config (rows per warp/CTA, stages, K splits over CTAs or warps) reads the same layout.
 PACK_TILE_BYTES = 2048
-GEMV_PACK_ORDER = int(os.environ.get("NANO_DSV4_GEMV_PACK_ORDER", "2"))   # tile order of pack_fp8_gemv_weight / what fp8_gemv assumes: 1 = row-tile major (a warp's k
+GEMV_PACK_ORDER = int(os.environ.get("NANO_DSV4_GEMV_PACK_ORDER", "2"))
+                       # tile order of pack_fp8_gemv_weight / what fp8_gemv assumes: 1 = row-tile major (a warp's k
                        # blocks one contiguous run; a 16-row-aligned row range is its own packing), 2 = k-block major
                        # (tile (r16, kb) at (kb * N16/16 + r16) * 2 KB: the CTAs of a wave read neighbouring tiles)
 
