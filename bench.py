@@ -1259,8 +1259,8 @@ def bench_decode(args):
         for label, ms in r["ablations"].items():
             layer_ms = (ms - r["tail_ms"]) / args.layers
             print(f"B={r['B']} same step with {label} (same run): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
-                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor; {ms - r['graph_ms']:+.3f} ms/step vs the default "
-                  f"({'slower' if ms > r['graph_ms'] else 'faster'}); "
+                  f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor; {ms - r['graph_ms']:+.3f} ms/step vs the "
+                  f"default ({'slower' if ms > r['graph_ms'] else 'faster'}); "
                   f"logits vs default: {r['same'][label]}")
     for r in results:
         if "torch_ms" in r:

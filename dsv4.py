@@ -490,8 +490,8 @@ class Projections:
         self.merged = merged
 
     def pack(self):
-        """The merged linear's packed GEMV copy (pack_gemv_weights); each member's is a row range of it (its rows
-        start at a multiple of 128 and the packed order is row-tile major: a 16-row-aligned range is its own packing)."""
+        """The merged linear's packed GEMV copy (pack_gemv_weights). In order 1 (row-tile major) each member's is a
+        row range of it (its rows start at a multiple of 128: a 16-row-aligned range is its own packing)."""
         m = self.merged
         if m is None or m.scale is None:
             return
@@ -1475,10 +1475,11 @@ def check_fits(plan: dict, device: torch.device, max_seq_len: int, reserve: int 
     """NotEnoughMemory unless the plan (+ reserve for activations and workspace) fits the GPU's free memory."""
     free, total = torch.cuda.mem_get_info(device)
     need = sum(plan.values()) + reserve
+    weights = need - reserve - plan["kv_cache"]                 # dense + experts + the GEMVs' packed copies
     if need > free:
         raise NotEnoughMemory(
             f"{device} cannot hold this rank's part: it needs {need / GiB:.1f} GiB (weights "
-            f"{(plan['dense'] + plan['experts'] + plan['gemv_packed']) / GiB:.1f} + KV cache {plan['kv_cache'] / GiB:.1f} at max_seq_len "
+            f"{weights / GiB:.1f} + KV cache {plan['kv_cache'] / GiB:.1f} at max_seq_len "
             f"{max_seq_len} + {reserve / GiB:.0f} reserve) but {free / GiB:.1f} of {total / GiB:.1f} GiB are free; "
             "use more GPUs (torchrun --nproc-per-node N) or a smaller --max-seq-len")
 
@@ -2170,7 +2171,7 @@ def _dry_run(args) -> int:
         plan = memory_plan(cfg, Parallel(size, 0), fmt, dtype, args.max_seq_len, args.batch)
     except ShardError as e:
         raise CLIError(f"{e} (--world-size / --nproc-per-node)") from None
-    weights_b = plan["dense"] + plan["experts"] + plan["gemv_packed"]
+    weights_b = sum(plan.values()) - plan["kv_cache"]
     packed = f"; the decode GEMVs' packed FP8 copies {plan['gemv_packed'] / GiB:.2f}" if plan["gemv_packed"] else ""
     total = weights_b + plan["kv_cache"]
     reserve = 2 * GiB
