@@ -9387,18 +9387,19 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     return sort_keys_to_blocks(top).view(B, 1, -1)
 
 
-INDEX_FOLD_QUERY = False   # indexer_query_topk_decode: IndexQuery inside the one-cluster IndexerTopK launch (same bits;
-                           # -3 us per CSA layer as an isolated chain, but the decode step shows no resolvable gain:
-                           # H200 batch 1, ms per step with the fold: s8 -0.001..-0.004 (4 layers), s9 +0.003 (4 layers)
-                           # and +0.009 (8 layers); batch 8 -0.012 in one s9 reading: off until a gain is resolved)
+INDEX_FOLD_QUERY = True    # indexer_query_topk_decode: IndexQuery inside the one-cluster IndexerTopK launch (same bits)
+INDEX_FOLD_MIN_BATCH = 2   # ... from this batch on. H200, bench.py decode --layers 8, 7 rotated rounds with an A/A
+                           # control at +0.002 / -0.003 ms per step (s10): batch 8 -0.040 ms per step with the fold,
+                           # batch 1 +0.007 (slower, as in both s9 readings: +0.003 / 4 layers, +0.009 / 8 layers)
 INDEX_FOLD_EARLY_KEYS = False  # ... its key copies issued before the PDL wait (keys come from joined branches)
 
 
 def indexer_fold_query_ok(iq: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, weight_scale) -> bool:
-    """Whether indexer_query_topk_decode runs as one IndexerTopKQuery launch: INDEX_FOLD_QUERY, the one-launch
-    cluster top-k (T <= 8 chunks), one bf16 query per sequence with head_dim 128, bf16 head weights scaled in the
+    """Whether indexer_query_topk_decode runs as one IndexerTopKQuery launch: INDEX_FOLD_QUERY, a batch of at least
+    INDEX_FOLD_MIN_BATCH, the one-launch cluster top-k (T <= 8 chunks), one bf16 query per sequence with head_dim 128, bf16 head weights scaled in the
     kernel."""
-    if not (INDEX_FOLD_QUERY and DEVICE_TOPK and FUSED_TOPK and TOPK_CLUSTER and 2 * INDEX_CHUNK == 256):
+    if not (INDEX_FOLD_QUERY and DEVICE_TOPK and FUSED_TOPK and TOPK_CLUSTER and 2 * INDEX_CHUNK == 256
+            and iq.shape[0] >= INDEX_FOLD_MIN_BATCH):
         return False
     if _gpu_ok(iq, keys) is not None or glue_unavailable_reason(iq) is not None:
         return False

@@ -6812,6 +6812,7 @@ def test_gpu_index_fold_query_gives_the_two_launch_bits(B, T, pos, quant_sim, ea
     wait (INDEX_FOLD_EARLY_KEYS); a CUDA-graph replay too."""
     monkeypatch.setattr(K, "INDEX_FOLD_EARLY_KEYS", early)
     monkeypatch.setattr(K, "INDEX_FOLD_QUERY", False)
+    monkeypatch.setattr(K, "INDEX_FOLD_MIN_BATCH", 1)
     g = torch.Generator().manual_seed(T + pos)
     iq = torch.randn(B, 1, 64, 128, generator=g).bfloat16().cuda()
     _, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos, ties=True)
@@ -6849,6 +6850,16 @@ def test_gpu_index_fold_query_gives_the_two_launch_bits(B, T, pos, quant_sim, ea
 
 
 @gpu
+@pytest.mark.parametrize("B,folds", [(1, False), (2, True), (8, True)])
+def test_gpu_index_fold_runs_from_batch_two_by_default(B, folds):
+    """Default rule (kernels.INDEX_FOLD_MIN_BATCH): the query is made inside the top-k launch from batch 2 on; batch 1
+    keeps IndexQuery + IndexerTopK (the fold was slower there in three decode-step readings)."""
+    iq = torch.randn(B, 1, 64, 128, device="cuda").bfloat16()
+    _, keys, w, _ = indexer_inputs(B, 64, 128, 1024, 1000, device="cuda", seed=1)
+    assert K.indexer_fold_query_ok(iq, keys, w.bfloat16(), 0.1) is folds
+
+
+@gpu
 def test_gpu_decode_with_the_index_fold_gives_the_same_logits(gpu_checkpoints, monkeypatch):
     """The whole decode step (graph, batch 1, 12 steps) with INDEX_FOLD_QUERY on gives the logits of the step
     without it (the tiny dims: 16 index heads, head_dim 128 -> the fold runs; the spy sees it)."""
@@ -6861,6 +6872,7 @@ def test_gpu_decode_with_the_index_fold_gives_the_same_logits(gpu_checkpoints, m
         return real(*a, **kw)
     monkeypatch.setattr(K, "_compile_indexer_topk_query", spy)
     monkeypatch.setattr(K, "INDEX_FOLD_QUERY", True)
+    monkeypatch.setattr(K, "INDEX_FOLD_MIN_BATCH", 1)
     on = teacher_forced(load(path, device="cuda", max_batch_size=1), tokens, 130, decode_step)
     monkeypatch.setattr(K, "INDEX_FOLD_QUERY", False)
     n_on = len(calls)
