@@ -1475,7 +1475,7 @@ def check_fits(plan: dict, device: torch.device, max_seq_len: int, reserve: int 
     """NotEnoughMemory unless the plan (+ reserve for activations and workspace) fits the GPU's free memory."""
     free, total = torch.cuda.mem_get_info(device)
     need = sum(plan.values()) + reserve
-    weights = need - reserve - plan["kv_cache"]                 # dense + experts + the GEMVs' packed copies
+    weights = sum(plan.values()) - plan["kv_cache"]             # dense + experts + the GEMVs' packed copies
     if need > free:
         raise NotEnoughMemory(
             f"{device} cannot hold this rank's part: it needs {need / GiB:.1f} GiB (weights "

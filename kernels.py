@@ -9396,14 +9396,13 @@ INDEX_FOLD_EARLY_KEYS = False  # ... its key copies issued before the PDL wait (
 
 def indexer_fold_query_ok(iq: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, weight_scale) -> bool:
     """Whether indexer_query_topk_decode runs as one IndexerTopKQuery launch: INDEX_FOLD_QUERY, a batch of at least
-    INDEX_FOLD_MIN_BATCH, the one-launch cluster top-k (T <= 8 chunks), one bf16 query per sequence with head_dim 128, bf16 head weights scaled in the
-    kernel."""
-    if not (INDEX_FOLD_QUERY and DEVICE_TOPK and FUSED_TOPK and TOPK_CLUSTER and 2 * INDEX_CHUNK == 256
-            and iq.shape[0] >= INDEX_FOLD_MIN_BATCH):
+    INDEX_FOLD_MIN_BATCH, the one-launch cluster top-k (T <= 8 chunks), one bf16 query per sequence with head_dim
+    128, bf16 head weights scaled in the kernel."""
+    if not (INDEX_FOLD_QUERY and DEVICE_TOPK and FUSED_TOPK and TOPK_CLUSTER and 2 * INDEX_CHUNK == 256):
         return False
     if _gpu_ok(iq, keys) is not None or glue_unavailable_reason(iq) is not None:
         return False
-    return (iq.dim() == 4 and iq.shape[1] == 1 and iq.shape[-1] == 128 and iq.shape[-2] % 16 == 0 and
+    return (iq.dim() == 4 and iq.shape[0] >= INDEX_FOLD_MIN_BATCH and iq.shape[1] == 1 and iq.shape[-1] == 128 and iq.shape[-2] % 16 == 0 and
             iq.is_contiguous() and keys.shape[1] <= 8 * INDEX_CHUNK and weight_scale is not None and
             weights.dtype == torch.bfloat16)
 

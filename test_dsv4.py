@@ -6812,7 +6812,7 @@ def test_gpu_index_fold_query_gives_the_two_launch_bits(B, T, pos, quant_sim, ea
     wait (INDEX_FOLD_EARLY_KEYS); a CUDA-graph replay too."""
     monkeypatch.setattr(K, "INDEX_FOLD_EARLY_KEYS", early)
     monkeypatch.setattr(K, "INDEX_FOLD_QUERY", False)
-    monkeypatch.setattr(K, "INDEX_FOLD_MIN_BATCH", 1)
+    monkeypatch.setattr(K, "INDEX_FOLD_MIN_BATCH", 1)        # the kernel takes any batch; the default rule B >= 2
     g = torch.Generator().manual_seed(T + pos)
     iq = torch.randn(B, 1, 64, 128, generator=g).bfloat16().cuda()
     _, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos, ties=True)
