@@ -998,8 +998,7 @@ def fp8_linear_table(model, copy_bw):
     return rows
 
 
-S4 = ((K, "ATTN_WIDE", False), (K, "FUSED_TOPK", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"),
-      (K, "GEMV_RULES", "s4"))
+S4 = ((K, "ATTN_WIDE", False), (K, "FUSED_TOPK", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"))
 S5 = ((K, "HC_SITE", "two"), (K, "HC_FOLD_ADD", False), (K, "HC_SINKHORN_LOOP", False))   # session 6's mHC site
 DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed in the same run as the default step
     ("session-5 mHC sites, two kernels + torch add (= the session-5 step but for the attention's buffer fill)", S5),
@@ -1008,14 +1007,10 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
     ("glue kernels without PDL (kernels.GLUE_PDL)", ((K, "GLUE_PDL", False),)),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),
     ("s7: MoE slot sum in its own MoeCombine launch (kernels.HC_FOLD_COMBINE off)", ((K, "HC_FOLD_COMBINE", False),)),
-    ("s7: q_norm folded into the wq_b GEMVs (kernels.GEMV_FOLD_NORM on; off by default)",
-     ((K, "GEMV_FOLD_NORM", True),)),
-    ("s7: q_norm folded, its weights from global memory after the sums (GEMV_FOLD_NORM on, GEMV_NORM_EARLY off)",
-     ((K, "GEMV_FOLD_NORM", True), (K, "GEMV_NORM_EARLY", False))),
     ("s7: q per-head norm + RoPE as its own QNormRope launch (kernels.ATTN_FOLD_Q_NORM off)",
      ((K, "ATTN_FOLD_Q_NORM", False),)),
     ("s7: all session-7 folds off",
-     ((K, "HC_FOLD_COMBINE", False), (K, "GEMV_FOLD_NORM", False), (K, "ATTN_FOLD_Q_NORM", False))),
+     ((K, "HC_FOLD_COMBINE", False), (K, "ATTN_FOLD_Q_NORM", False))),
     (f"s8 indexfold: the CSA indexer's query "
      f"{'in its own IndexQuery launch' if K.INDEX_FOLD_QUERY else 'made inside its top-k launch'} "
      f"(kernels.INDEX_FOLD_QUERY {'off' if K.INDEX_FOLD_QUERY else 'on'})",
@@ -1297,7 +1292,7 @@ def torch_ops_baseline(model, args, results):
         model.decode_graphs.clear()
 
 
-FOLD_SWITCHES = ("GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM", "HC_FOLD_COMBINE")   # session 7's folds (fold_chains)
+FOLD_SWITCHES = ("ATTN_FOLD_Q_NORM", "HC_FOLD_COMBINE")   # session 7's folds (fold_chains)
 
 
 def fold_chains(dev, seed: int = 0):
@@ -1321,7 +1316,7 @@ def fold_chains(dev, seed: int = 0):
 
     def q_path():
         qa = K.fp8_gemv(x0, wa, sa)[:, :1024]
-        q = K.fp8_gemv(qa, wb, sb, norm=(nw, eps)).view(1, 1, H, hd)        # folds per GEMV_FOLD_NORM
+        q = K.fp8_gemv(K.rms_norm_fused(qa, nw, eps), wb, sb).view(1, 1, H, hd)
         o = K.sparse_attention_decode(q, ring, comp, None, pos, sink, hd ** -0.5, 128, angles=angles,
                                       q_norm_eps=eps)                     # folds per ATTN_FOLD_Q_NORM
         x0[:, :2048].copy_(o.view(1, -1)[:, :2048])                         # the next step depends on this one
@@ -1338,7 +1333,7 @@ def fold_chains(dev, seed: int = 0):
         y = K.moe(xm[0], ids, w, ex, 7.0, slots=K.HC_FOLD_COMBINE)
         h[0], xm[0], _, _ = K.hc_post_pre_fused((y, s), h[0], post, comb, fn, scale, base, n, 20, eps, eps,
                                                 norm_weight=nw4)
-    return {"q path (HCA)": (q_path, ("GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM")),
+    return {"q path (HCA)": (q_path, ("ATTN_FOLD_Q_NORM",)),
             "MoE -> site": (moe_site, ("HC_FOLD_COMBINE",))}
 
 
@@ -1618,7 +1613,7 @@ def bench_indexer(rounds: int = 7, chain: int = 16):
 
 
 # ======================================================================================================================
-# Batch-1 decode GEMVs: kernels.GEMV_RULES "s5" (default) vs "s4" (the earlier config rules), same run
+# Batch-1 decode GEMVs: the default configs (session-5 rules) vs the s4 rules they refine, same run
 # ======================================================================================================================
 # name -> (N, K, kind) of one Flash CSA + HCA layer at batch 1: fp8 = fp8_gemv, w16 = bf16_gemv_fp32 (bf16 weight,
 # fp32 out), grouped = fp8_gemv_grouped (wo_a: 8 groups of 1024 rows)
@@ -1677,10 +1672,12 @@ def bench_gemv(Ms=(1, 8), rounds=5):
             x = torch.randn(*((M, 8, Kd) if kind == "grouped" else (M, Kd)), device=dev, generator=g).to(torch.bfloat16)
             cfgs, graphs, outs = {}, {}, {}
             for rules in ("s4", "s5"):
-                if kind == "grouped":
-                    cfgs[rules] = K.pick_grouped_gemv_config(N, Kd, M, 1024, sms, rules=rules)
+                if kind == "grouped":                        # (one set of rules: both columns the same config)
+                    cfgs[rules] = K.pick_grouped_gemv_config(N, Kd, M, 1024, sms)
+                elif rules == "s5":
+                    cfgs[rules] = K.pick_gemv_config(N, Kd, M, sms, elem_bytes=2 if kind == "w16" else 1)
                 else:
-                    cfgs[rules] = K.pick_gemv_config(N, Kd, M, sms, elem_bytes=2 if kind == "w16" else 1, rules=rules)
+                    cfgs[rules] = K._pick_gemv_config_s4(N, Kd, M, sms)
                 for pdl in (False, True):
                     cfg = {**cfgs[rules], "pdl": pdl}
                     fn = ((lambda i, c=cfg: K.bf16_gemv_fp32(x, ws[i][0], config={**c, "w16": True})) if kind == "w16"

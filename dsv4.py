@@ -957,25 +957,16 @@ class Attention(nn.Module):
         makes them: kernels.sparse_attention_decode(q_norm_eps=))."""
         eps, H, hd = self.cfg.rms_norm_eps, self.n_heads, self.head_dim
         qa, kv = self.wq_a_wkv(x)
-        lins = (self.wq_b,) + ((self.indexer.wq_b,) if self.indexer is not None else ())
-        # kernels.GEMV_FOLD_NORM: q_norm inside the wq_b / indexer wq_b GEMVs (qr never materialized: no RmsNorm launch)
-        fold = kernels.GEMV_FOLD_NORM and all(l.quant_sim and kernels.fp8_gemv_supported(qa, l.weight) for l in lins)
-        qr = None if fold else self.q_norm(qa)
-        norm = (self.q_norm.weight, self.q_norm.eps)
-        def proj(lin):
-            if not fold:
-                return lin(qr)
-            w, rows = lin.gemv_weight()
-            return kernels.fp8_gemv(qa, w, lin.scale, norm=norm, packed_rows=rows)
-        queries = lambda: proj(self.wq_b).unflatten(-1, (H, hd)) if raw_q else \
-            kernels.q_norm_rope_fused(proj(self.wq_b).unflatten(-1, (H, hd)), angles, pos, eps)  # noqa: E731
+        qr = self.q_norm(qa)
+        queries = lambda: self.wq_b(qr).unflatten(-1, (H, hd)) if raw_q else \
+            kernels.q_norm_rope_fused(self.wq_b(qr).unflatten(-1, (H, hd)), angles, pos, eps)  # noqa: E731
         with Branch(x, lane=1) as side:
             side.hold(qa, kv, qr)
             kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim, ring=ring)
             q = queries() if self.indexer is not None else None
         if self.indexer is None:
             return None, queries(), side
-        return proj(self.indexer.wq_b), q, side
+        return self.indexer.wq_b(qr), q, side
 
     def _out(self, o: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, unroped: bool = False) -> torch.Tensor:
         """Attention output o [B,S,H,hd] -> [B,S,D]: undo the RoPE that V (= K) carried, at the query position (unless

@@ -1531,8 +1531,6 @@ FP8_MAX = 448.0
 SX_MIN_EXP = -22       # act_quant_fp8 clamps amax at 1e-4: 2^ceil(log2(1e-4 / 448)) = 2^-22
 MAX_ROWS = 16          # decode rows the kernel takes (two n8 token tiles)
 MAX_SLICE_BLOCKS = 16  # k blocks per CTA (the slice's f16 activations live in smem: 16 x 2048 x 2 B = 64 KB)
-CP_ASYNC = False       # weights through smem with cp.async instead of registers (H200 R1: registers 5-15% faster)
-CLUSTER = True         # split-K slices of a row group as one thread-block cluster, partials summed through DSMEM
 BIG_WEIGHT_BYTES = 16 << 20   # from here on the weight streams at bandwidth: bigger CTAs, global split-K if any
 
 
@@ -1611,18 +1609,13 @@ def fp8_gemv_packed_reference(x: torch.Tensor, packed: torch.Tensor, scale: torc
 
 # ----------------------------------------------------------------------------------------------------------------
 # Static configuration
-GEMV_RULES = "s5"      # config rules of pick_gemv_config / pick_grouped_gemv_config: "s5" (session 5) or "s4" (the
-                       # earlier rules, kept for same-run baselines and tests: `python bench.py gemv` times both)
-
-
-def pick_gemv_config(N: int, K: int, M: int, num_sms: int, cp_async: bool | None = None,
-                     cluster: bool | None = None, elem_bytes: int = 1, rules: str | None = None) -> dict:
+def pick_gemv_config(N: int, K: int, M: int, num_sms: int, cluster: bool | None = None,
+                     elem_bytes: int = 1) -> dict:
     """Static kernel config for an [M, K] x [N, K]^T product with a weight of elem_bytes per element (1: e4m3,
-    2: bf16 = bf16_gemv_fp32). rules (default GEMV_RULES): "s5" = _pick_gemv_config_s5; "s4" (also whenever cp_async
-    or cluster is given: the tests' path knobs) = _pick_gemv_config_s4."""
-    rules = GEMV_RULES if rules is None else rules
-    if rules == "s4" or cp_async is not None or cluster is not None:
-        return _pick_gemv_config_s4(N, K, M, num_sms, cp_async, cluster)
+    2: bf16 = bf16_gemv_fp32): _pick_gemv_config_s5 (session 5's layouts on the s4 rules' K partition); with
+    cluster given (the tests' path knob: cluster or global split-K) the s4 rules themselves."""
+    if cluster is not None:
+        return _pick_gemv_config_s4(N, K, M, num_sms, cluster)
     return _pick_gemv_config_s5(N, K, M, num_sms, elem_bytes)
 
 
@@ -1650,7 +1643,7 @@ def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int =
     w2 7.1 -> 5.3. M > 8 (two token tiles, more registers): s4 (not timed)."""
     c = _pick_gemv_config_s4(N, K, M, num_sms)
     S, kb = c["k_splits"], K // BLOCK
-    if c["n8"] != 1 or c["cp_async"]:
+    if c["n8"] != 1:
         return c
     if elem_bytes == 2:
         return dict(c, warps=4, row_tiles=1, stages=min(4, kb // S), cluster=1 < S <= 8)
@@ -1677,8 +1670,7 @@ def _big_split_layout(N: int, S: int, num_sms: int) -> dict:
     return dict(warps=min(waves, key=waves.get))
 
 
-def _pick_gemv_config_s4(N: int, K: int, M: int, num_sms: int, cp_async: bool | None = None,
-                         cluster: bool | None = None) -> dict:
+def _pick_gemv_config_s4(N: int, K: int, M: int, num_sms: int, cluster: bool = True) -> dict:
     """Static kernel config for an [M, K] x [N, K]^T product (rules from H200 timings, see notes in the report).
     n8: token tiles (1: M <= 8, 2: M <= 16); warps x row_tiles x 16 = R weight rows per CTA; splits S: K slices over
     CTAs (a divisor of K/128, each slice <= MAX_SLICE_BLOCKS blocks); stages: k blocks in flight per warp.
@@ -1686,23 +1678,21 @@ def _pick_gemv_config_s4(N: int, K: int, M: int, num_sms: int, cp_async: bool | 
       copy-bandwidth floor); else global split-K, 128-row CTAs of 4 warps x 2 row tiles, S >= 1.5 CTAs per SM (wo_b).
     - smaller weights (latency-bound), cluster (default): the S slices of a row group form a cluster and sum their
       partials through DSMEM, so S <= 8; the largest R in 128, 64, 32 whose smallest such S gives >= one CTA per SM.
-    - cluster=False: global fp32 partials + last-arriving CTA (any S; ~2 CTAs per SM)."""
-    cp_async = CP_ASYNC if cp_async is None else cp_async
-    cluster = CLUSTER if cluster is None else cluster
+    - cluster=False: global fp32 partials + last-arriving CTA (any S; ~2 CTAs per SM).
+    (The base of _pick_gemv_config_s5, and the config of every M > 8; the s5 docstring says what it changes.)"""
     kb = K // BLOCK
     n8 = 1 if M <= 8 else 2
     divisors = [d for d in range(1, kb + 1) if kb % d == 0]
     if N * K >= BIG_WEIGHT_BYTES:
         if kb <= MAX_SLICE_BLOCKS:
-            return dict(k_dim=K, k_splits=1, n8=n8, row_tiles=1, warps=8, stages=min(kb, 4), cp_async=cp_async,
-                        cluster=False)
+            return dict(k_dim=K, k_splits=1, n8=n8, row_tiles=1, warps=8, stages=min(kb, 4), cluster=False)
         row_ctas = -(-N // 128)
         fits = [d for d in divisors if kb // d <= MAX_SLICE_BLOCKS and 2 * n8 * d <= 64]
         if fits:
             enough = [d for d in fits if 2 * row_ctas * d >= 3 * num_sms]
             splits = min(enough) if enough else max(fits)
             return dict(k_dim=K, k_splits=splits, n8=n8, row_tiles=2, warps=4, stages=min(kb // splits, 4),
-                        cp_async=cp_async, cluster=False)
+                        cluster=False)
     if cluster:
         fits = [d for d in divisors if d <= 8 and kb // d <= MAX_SLICE_BLOCKS]
         best = None
@@ -1717,7 +1707,7 @@ def _pick_gemv_config_s4(N: int, K: int, M: int, num_sms: int, cp_async: bool | 
         if best is not None:
             warps, row_tiles, splits = best
             return dict(k_dim=K, k_splits=splits, n8=n8, row_tiles=row_tiles, warps=warps,
-                        stages=min(kb // splits, 4), cp_async=cp_async, cluster=splits > 1)
+                        stages=min(kb // splits, 4), cluster=splits > 1)
     warps, row_tiles = (4, 1) if N <= 1024 else (4, 2)
     rows = warps * 16 * row_tiles
     row_ctas = -(-N // rows)
@@ -1727,9 +1717,8 @@ def _pick_gemv_config_s4(N: int, K: int, M: int, num_sms: int, cp_async: bool | 
     enough = [d for d in fits if row_ctas * d >= 2 * num_sms]
     splits = min(enough) if enough else max(fits)
     kbc = kb // splits
-    stages = min(kbc, 4 if row_tiles == 1 or cp_async else 2)
-    return dict(k_dim=K, k_splits=splits, n8=n8, row_tiles=row_tiles, warps=warps, stages=stages, cp_async=cp_async,
-                cluster=False)
+    stages = min(kbc, 4 if row_tiles == 1 else 2)
+    return dict(k_dim=K, k_splits=splits, n8=n8, row_tiles=row_tiles, warps=warps, stages=stages, cluster=False)
 
 
 
@@ -1766,13 +1755,6 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
-    def _cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
-        """16 bytes global -> shared, asynchronous (cp.async.cg: bypasses L1; 256-B L2 prefetch)."""
-        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
-                         "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;", "r,l",
-                         has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
     def _cp_async_4(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
         """4 bytes global -> shared, asynchronous (cp.async.ca: through L1)."""
         _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
@@ -1786,21 +1768,6 @@ if HAVE_CUTE:
     def _cp_async_wait(pending: int, *, loc=None, ip=None):
         """Wait until at most `pending` of this thread's cp.async groups are still in flight."""
         _llvm.inline_asm(None, [], f"cp.async.wait_group {pending};", "", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
-    def _bulk_g2s(smem_addr: Int32, gmem_addr: Int64, size: int, mbar_addr: Int32, *, loc=None, ip=None):
-        """size bytes global -> this CTA's shared memory by one bulk copy (TMA engine), completing on an mbarrier."""
-        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
-                                Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
-                         f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], {size}, [$2];",
-                         "r,l,r", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
-    def _lds_v4(smem_addr: Int32, *, loc=None, ip=None):
-        res = _llvm.inline_asm(
-            _ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"), [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
-            "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r", has_side_effects=True, loc=loc, ip=ip)
-        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
     @dsl_user_op
     def _ld_dsmem_f32(smem_addr: Int32, rank: Int32, *, loc=None, ip=None) -> Float32:
@@ -1836,25 +1803,6 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
-    def _e4m3x4_to_bf16x2x2(word: Int32, *, loc=None, ip=None):
-        """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b1), bf16x2 (b2, b3), exact for every finite code, subnormals included.
-        sm_90 has no e4m3 -> bf16 convert: e4m3 -> f16 is exact and makes every nonzero e4m3 value a normal f16
-        (2^-9 .. 448); the f16 bits with the magnitude shifted right by 3 are the bf16 bits of v * 2^-112 (f16's
-        5-bit exponent lands in bf16's 8-bit field, bias 15 vs 127; only 3 mantissa bits are used, so none is lost;
-        2^-121 .. 2^-103: normal bf16, zero stays zero); one bf16x2 multiply by 2^112 (exact) restores v."""
-        res = _llvm.inline_asm(
-            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [_i32(word, loc, ip)],
-            "{\n.reg .b16 lo, hi;\n.reg .b32 h0, h1, m0, m1, two112;\nmov.b32 {lo, hi}, $2;\n"
-            "mov.b32 two112, 0x77807780;\n"
-            "cvt.rn.f16x2.e4m3x2 h0, lo;\ncvt.rn.f16x2.e4m3x2 h1, hi;\n"
-            "and.b32 m0, h0, 0x7FFF7FFF;\nand.b32 m1, h1, 0x7FFF7FFF;\n"
-            "shr.b32 m0, m0, 3;\nshr.b32 m1, m1, 3;\n"
-            "lop3.b32 m0, m0, h0, 0x80008000, 0xF8;\nlop3.b32 m1, m1, h1, 0x80008000, 0xF8;\n"   # a | (b & c)
-            "mul.rn.bf16x2 $0, m0, two112;\nmul.rn.bf16x2 $1, m1, two112;\n}",
-            "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
-        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
-
-    @dsl_user_op
     def _e4m3x4_to_bf16x2x2_scaled(word: Int32, *, loc=None, ip=None):
         """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b2), bf16x2 (b1, b3) of v * 2^-120, integer ops only (no convert, no
         multiply): a byte's 7 exponent+mantissa bits moved under bf16's exponent field (4 bits down) give the bf16
@@ -1868,27 +1816,6 @@ if HAVE_CUTE:
             "lop3.b32 $0, m0, u, 0x80008000, 0xF8;\nlop3.b32 $1, m1, $2, 0x80008000, 0xF8;\n}",   # a | (b & c)
             "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
-
-    @dsl_user_op
-    def _e4m3x4_to_bf16x2x2_unscaled(word: Int32, *, loc=None, ip=None):
-        """4 e4m3 bytes b0..b3 -> bf16x2 (b0, b1), (b2, b3) of v * 2^-112: _e4m3x4_to_bf16x2x2 without its multiply
-        (every nonzero value is a normal bf16 here)."""
-        res = _llvm.inline_asm(
-            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [_i32(word, loc, ip)],
-            "{\n.reg .b16 lo, hi;\n.reg .b32 h0, h1, m0, m1;\nmov.b32 {lo, hi}, $2;\n"
-            "cvt.rn.f16x2.e4m3x2 h0, lo;\ncvt.rn.f16x2.e4m3x2 h1, hi;\n"
-            "and.b32 m0, h0, 0x7FFF7FFF;\nand.b32 m1, h1, 0x7FFF7FFF;\n"
-            "shr.b32 m0, m0, 3;\nshr.b32 m1, m1, 3;\n"
-            "lop3.b32 $0, m0, h0, 0x80008000, 0xF8;\nlop3.b32 $1, m1, h1, 0x80008000, 0xF8;\n}",
-            "=r,=r,r", has_side_effects=False, loc=loc, ip=ip)
-        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
-
-    @dsl_user_op
-    def _f16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
-        """(lo, hi) fp32 -> f16x2, round to nearest even."""
-        return Int32(_llvm.inline_asm(
-            _T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
-            "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False, loc=loc, ip=ip))
 
     @dsl_user_op
     def _quant_pair_f16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
@@ -1936,52 +1863,32 @@ if HAVE_CUTE:
         a16 (W8A16): x stays bf16 (no act quant: its bf16 pairs go to smem as they are), the weight goes e4m3 -> bf16
         exactly in registers, mma.sync bf16, each 128-k partial scaled by sw only. group_rows R > 0 (grouped, a16
         only): x is [M * G, K] (token-major, G = N / R groups), weight row n reads x row m * G + n // R (wo_a).
-        fold (a16 only): the weight's power-of-two offset is not undone per weight but folded into the block factor:
-        fold=1: the bf16 of v * 2^-120 from 7 integer ops per 4 weights (no convert; e4m3 subnormals become bf16
-        subnormals); fold=2: the bf16 of v * 2^-112 from the f16 convert + 3 integer ops per pair (no multiply);
-        fold=3 (NOT exact: an experiment): x's block scaled to a max in [2^15, 2^16) and rounded to f16 (elements more
-        than ~32 binades below their block's max lose bits, < 2^-30 of the block's largest product), the weight via
-        the one f16 convert, mma.sync f16, as the FP8 path.
-        Each (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101), so the products
-        stay fp32-normal, and the partial is multiplied back by 2^(bias - k), then by sw.
-        norm = (eps, bw, vec, slots) (FP8 path, S = 1 or cluster; GEMV_FOLD_NORM): x is RMSNorm(x) first, as the
-        RmsNorm kernel makes it (dsv4.RMSNorm: bf16(w * (x * rsqrt(mean(x^2) + eps)))): warp w sums the squares of
-        rows w, w + warps, .. over all K in torch_sum_layout(K, M) = (bw, vec, slots)'s order (bit-identical), 1/rms
-        per row in smem, and each quant task normalizes its values before quantizing them. mPart (unused with
-        S = 1 or a cluster) carries the norm weight, fp32 [1, 1, K]."""
+        The a16 weight's power-of-two offset is not undone per weight but folded into the block factor: the bf16 of
+        v * 2^-120 from 7 integer ops per 4 weights (no convert; e4m3 subnormals become bf16 subnormals). Each
+        (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101), so the products stay
+        fp32-normal, and the partial is multiplied back by 2^(120 - k), then by sw. (Session 4 measured the
+        alternatives, same bits: cvt + multiply and an f16-convert fold, both slower; removed in session 11.)"""
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
-                     pdl: bool = True, cp_async: bool = False, cluster: bool = False, min_ctas: int = 0,
-                     a16: bool = False, group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1,
-                     norm: tuple = (), norm_early: bool = False, packed: int = 0, deep: bool = False):
+                     pdl: bool = True, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
+                     group_rows: int = 0, w16: bool = False, k_warps: int = 1, packed: int = 0):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
-            self.norm = tuple(norm)
             # packed: W is pack_fp8_gemv_weight's tile order (a warp's stage = 2 KB contiguous, one 512-B run per
             # load instruction), 1: tiles row-tile major, 2: k-block major; N comes from mOut (mW's shape is only its
             # storage); same fragments and bits
             self.packed = int(packed)
             assert not (packed and w16)
-            # deep (packed order 1, one row tile, register path): a warp's k blocks past its register stages go to
-            # shared memory as ONE bulk copy (contiguous in order 1), issued before the PDL wait (HBM works while the
-            # previous kernel runs); the main loop reads them from there (mbarrier per warp). Same bits.
-            self.deep = bool(deep)
-            # norm_early: the norm weights go to shared memory by cp.async before the PDL wait (no registers), and
-            # a warp's first quant task loads its x values together with the norm's row sums (one L2 round trip
-            # less on the way to the main loop)
-            self.norm_early = bool(norm) and norm_early
-            assert not norm or (not (a16 or w16 or group_rows) and (k_splits == 1 or cluster) and norm[2] == 4
-                                and norm[1] % 32 == 0 and k_dim % (norm[1] * norm[2]) == 0)
             # k_warps KW > 1: the CTA's K slice is split over KW warps of each row group (split-K inside the CTA,
             # partials summed through shared memory in warp order): KW x fewer rows per CTA, no global partials
             self.KW = k_warps
             assert warps % k_warps == 0 and (k_dim // BLOCK // k_splits) % k_warps == 0
-            assert k_warps == 1 or (k_splits == 1 and not cp_async)
+            assert k_warps == 1 or k_splits == 1
             # w16: bf16 weight [N, K] (no scales) straight into the MMA, bf16 x, fp32 output (matmul_fp32 at decode)
             self.w16 = w16
-            assert not w16 or not (cp_async or group_rows or fold)
+            assert not w16 or not group_rows
+            self.fold = a16 and not w16                                 # a16 weights as v * 2^-120 (see above)
             a16 = a16 or w16
-            self.a16, self.group_rows, self.fold = a16, group_rows, int(fold) if a16 and not w16 else 0
-            self.fold_bias = {1: 120, 2: 112}.get(self.fold, 0)       # the weights' 2^-bias
+            self.a16, self.group_rows = a16, group_rows
             assert not group_rows or (a16 and group_rows % (warps // k_warps * 16 * row_tiles) == 0)   # one group
             self.K, self.S, self.n8, self.RT, self.W = k_dim, k_splits, n8, row_tiles, warps
             self.kbc = k_dim // BLOCK // k_splits          # k blocks per CTA
@@ -1994,10 +1901,6 @@ if HAVE_CUTE:
             self.row_blocks = -(-self.rows // BLOCK)       # 128-row scale blocks a CTA's rows touch
             assert self.row_blocks * self.kbc <= self.threads
             self.pdl = pdl      # programmatic dependent launch: weight loads start before the previous kernel ends
-            # cp_async: weight stages go global -> smem (cp.async, per-thread slots: each thread reads back only
-            # what it copied, so no block sync), D stages deep without holding registers; else straight to registers
-            self.cp_async = cp_async
-            self.stage_bytes = self.RT * 2 * 2 * 32 * 16    # per warp: rows (g | g+8) x halves x lanes x 16 B
             # cluster: the S K slices of a row group form one thread-block cluster; partials meet in shared memory
             # (DSMEM) instead of global memory + an arrival counter (S <= 8, the portable cluster size)
             self.cluster = cluster and k_splits > 1
@@ -2006,8 +1909,6 @@ if HAVE_CUTE:
             self.red_words = self.rows * self.mpad * (1 if self.cluster else k_warps) \
                 if self.cluster or k_warps > 1 else 4
             assert not self.cluster or k_splits <= 8
-            self.deep_blocks = self.kbw - self.D if self.deep else 0
-            assert not self.deep or (self.packed == 1 and row_tiles == 1 and not cp_async and self.deep_blocks > 0)
 
         @cute.jit
         def __call__(self, mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mOut: cute.Tensor,
@@ -2018,14 +1919,9 @@ if HAVE_CUTE:
                 sx: cute.struct.Align[cute.struct.MemRange[Float32, self.kbc * self.mpad], 16]
                 sw: cute.struct.Align[cute.struct.MemRange[Float32, self.kbc * self.row_blocks], 16]
                 arrived: cute.struct.MemRange[Int32, 4]
-                wbuf: cute.struct.Align[cute.struct.MemRange[
-                    Int32, (self.W * self.D * self.stage_bytes // 4) if self.cp_async else 4], 128]
+                wbuf: cute.struct.Align[cute.struct.MemRange[Int32, 4], 128]   # (unused: keeps red's offset)
                 red: cute.struct.Align[cute.struct.MemRange[
                     Float32, self.red_words], 16]
-                rn: cute.struct.MemRange[Float32, self.mpad if self.norm else 1]    # norm: 1/rms per token row
-                nw: cute.struct.Align[cute.struct.MemRange[Float32, self.K if self.norm_early else 4], 16]
-                dbuf: cute.struct.Align[cute.struct.MemRange[Int32, max(4, self.W * self.deep_blocks * 512)], 128]
-                dbar: cute.struct.Align[cute.struct.MemRange[Int64, self.W if self.deep else 1], 8]
 
             self.shared_storage = SharedStorage
             n = cute.size(mOut, mode=[1]) if const_expr(self.packed) else cute.size(mW, mode=[0])
@@ -2065,9 +1961,7 @@ if HAVE_CUTE:
 
             # ---- weight prefetch: stage = one k block of the warp's 16*RT rows: [stage][rt][row g | g+8][8 words]
             w_base = mW.iterator.toint()
-            wreg = cute.make_rmem_tensor((1 if self.cp_async else self.D, self.RT, 2, 16 if self.w16 else 8), Int32)
-            # cp.async slot of (stage, rt, h, half) for this thread: [warp][stage][rt][h][half][lane][16 B]
-            w_slot = storage.wbuf.data_ptr().toint() + warp * (self.D * self.stage_bytes) + lane * 16
+            wreg = cute.make_rmem_tensor((self.D, self.RT, 2, 16 if self.w16 else 8), Int32)
             row_addr = []
             for rt in cutlass.range_constexpr(self.RT):
                 for h in cutlass.range_constexpr(2):
@@ -2092,9 +1986,6 @@ if HAVE_CUTE:
             if const_expr(self.packed == 2):
                 kb_step = Int64((N + 15) // 16) * PACK_TILE_BYTES
 
-            def slot(st, rt, h, half):
-                return w_slot + (((st * self.RT + rt) * 2 + h) * 2 + half) * 512
-
             def load_stage(kb, st):
                 for rt in cutlass.range_constexpr(self.RT):
                     for h in cutlass.range_constexpr(2):
@@ -2108,51 +1999,13 @@ if HAVE_CUTE:
                             src = row_addr[2 * rt + h] + (kb * BLOCK + 64 * half)
                             if const_expr(self.packed):
                                 src = row_addr[2 * rt + h] + (kb_step * kb + 512 * half)
-                            if const_expr(self.cp_async):
-                                _cp_async_16(slot(st, rt, h, half), src)
-                            else:
-                                v = _ld_v4(src, ".nc.L1::no_allocate.L2::256B")
-                                for i in cutlass.range_constexpr(4):
-                                    wreg[st, rt, h, 4 * half + i] = v[i]
-                if const_expr(self.cp_async):
-                    _cp_async_commit()
-
-            def fetch_stage(kb, st):
-                """cp.async: wait for stage kb's group, then its words -> registers. Returns the register stage."""
-                if const_expr(not self.cp_async):
-                    return st
-                _cp_async_wait(min(kb + self.D, kbc) - kb - 1)
-                for rt in cutlass.range_constexpr(self.RT):
-                    for h in cutlass.range_constexpr(2):
-                        for half in cutlass.range_constexpr(2):
-                            v = _lds_v4(slot(st, rt, h, half))
+                            v = _ld_v4(src, ".nc.L1::no_allocate.L2::256B")
                             for i in cutlass.range_constexpr(4):
-                                wreg[0, rt, h, 4 * half + i] = v[i]
-                return 0
+                                wreg[st, rt, h, 4 * half + i] = v[i]
 
             for kb in cutlass.range_constexpr(self.D):
                 load_stage(kb, kb)
-            # deep: the warp's blocks D.. kbw-1 = one contiguous run of the packed tile row -> smem, one bulk copy
-            d_bar = storage.dbar.data_ptr() + (warp if const_expr(self.deep) else 0)
-            d_buf = storage.dbuf.data_ptr().toint() + warp * (self.deep_blocks * PACK_TILE_BYTES)
-            if const_expr(self.deep):
-                if lane == 0:
-                    tile = cutlass.min(row_w // 16, (N - 1) // 16)
-                    src = w_base + (Int64(tile) * (Kd // BLOCK) + Int64(kb0 + warp_k * self.kbw + self.D)) \
-                        * PACK_TILE_BYTES
-                    cute.arch.mbarrier_init(d_bar, 1)
-                    cute.arch.mbarrier_init_fence()
-                    cute.arch.mbarrier_arrive_and_expect_tx(d_bar, self.deep_blocks * PACK_TILE_BYTES)
-                    _bulk_g2s(d_buf, src, self.deep_blocks * PACK_TILE_BYTES, d_bar.toint())
             n_tasks = self.n8 * kbc
-            xv0 = cute.make_rmem_tensor((16,), Int32)           # norm_early: x values of the warp's first task
-            nw_smem = storage.nw.data_ptr().toint()
-            if const_expr(self.norm_early):                     # the norm weight [K] fp32 -> smem (constant)
-                for i in cutlass.range_constexpr((self.K // 4 + self.threads - 1) // self.threads):
-                    piece = tidx + self.threads * i
-                    if piece < self.K // 4:
-                        _cp_async_16(nw_smem + piece * 16, mPart.iterator.toint() + Int64(piece) * 16)
-                _cp_async_commit()
             if const_expr(self.pdl):
                 # weights and scales are constant; x (and the memory we write) belong to the previous kernels.
                 # (A branch ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -2167,30 +2020,7 @@ if HAVE_CUTE:
                     r = cutlass.min(bid_n * self.rows + rb * BLOCK, N - 1)
                     sW[rb, tidx % kbc] = _e8m0_to_f32(Int32(mS[r // BLOCK, kb0 + tidx % kbc]))
 
-            # ---- norm: 1/rms of the token rows (warp w: rows w, w + W, ..) -> smem, RmsNorm's operations
             x_base = mX.iterator.toint()
-            sR = storage.rn.get_tensor(cute.make_layout(self.mpad if self.norm else 1))
-            if const_expr(self.norm_early):
-                xv0.fill(0)
-                if warp < n_tasks:
-                    row0 = 8 * (warp // kbc) + g
-                    if row0 < M:
-                        xa0 = x_base + (Int64(row0) * Kd + Int64((kb0 + warp % kbc) * BLOCK + 16 * t)) * 2
-                        for c in cutlass.range_constexpr(4):
-                            v = _ld_v4(xa0 + (c % 2) * 16 + (c // 2) * 128, ".cg")
-                            for i in cutlass.range_constexpr(4):
-                                xv0[4 * c + i] = v[i]
-            if const_expr(self.norm):
-                for itn in cutlass.range_constexpr((mpad + self.W - 1) // self.W):
-                    row_n = warp + self.W * itn
-                    if row_n < M:
-                        sum_n = _torch_order_sum_bf16(x_base + Int64(row_n) * Kd * 2, lane, Kd, *self.norm[1:])
-                        if lane == 0:
-                            sR[row_n] = cute.math.rsqrt(_add(_mul(sum_n, _recip_f32(Kd)), _f32(self.norm[0])))
-                if const_expr(self.norm_early):
-                    _cp_async_wait(0)                           # this thread's norm weight pieces
-                cute.arch.sync_threads()
-
             # ---- quantize this CTA's K slice of x: warp task (token tile j, k block kb); thread (g, t) takes
             # token 8j+g, k = 16t..16t+15 and 64+16t..64+16t+15 of the block (the same k its MMA fragments use)
             xv = cute.make_rmem_tensor((16,), Int32)
@@ -2207,44 +2037,19 @@ if HAVE_CUTE:
                         if const_expr(self.group_rows):                 # this CTA's group: x row m * G + group
                             xrow = Int64(m) * (N // self.group_rows) + (bid_n * self.rows) // self.group_rows
                         xa = x_base + (xrow * Kd + Int64((kb0 + kb) * BLOCK + 16 * t)) * 2
-                        if const_expr(self.norm_early and it == 0):    # loaded before the norm's sums
-                            for i in cutlass.range_constexpr(16):
-                                xv[i] = xv0[i]
-                        else:
-                            for c in cutlass.range_constexpr(4):
-                                v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
-                                for i in cutlass.range_constexpr(4):
-                                    xv[4 * c + i] = v[i]
-                        if const_expr(self.norm):                       # x <- bf16(w * (x * (1/rms)))
-                            rinv = sR[m]
-                            na = mPart.iterator.toint() + Int64((kb0 + kb) * BLOCK + 16 * t) * 4
-                            ns = nw_smem + ((kb0 + kb) * BLOCK + 16 * t) * 4
-                            for c in cutlass.range_constexpr(4):
-                                if const_expr(self.norm_early):
-                                    wa = _lds_v4(ns + ((c % 2) * 8 + (c // 2) * 64) * 4)
-                                    wb = _lds_v4(ns + ((c % 2) * 8 + (c // 2) * 64 + 4) * 4)
-                                else:
-                                    wa = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64) * 4, ".nc")
-                                    wb = _ld_v4(na + ((c % 2) * 8 + (c // 2) * 64 + 4) * 4, ".nc")
-                                wn = [wa[0], wa[1], wa[2], wa[3], wb[0], wb[1], wb[2], wb[3]]
-                                for i in cutlass.range_constexpr(4):
-                                    w = xv[4 * c + i]
-                                    lo = _mul(_bits_f32(wn[2 * i]), _mul(_bits_f32(w << 16), rinv))
-                                    hi = _mul(_bits_f32(wn[2 * i + 1]), _mul(_bits_f32(w & -65536), rinv))
-                                    xv[4 * c + i] = pack_bf16x2(lo, hi)
+                        for c in cutlass.range_constexpr(4):
+                            v = _ld_v4(xa + (c % 2) * 16 + (c // 2) * 128, ".cg")   # L2: x was just written
+                            for i in cutlass.range_constexpr(4):
+                                xv[4 * c + i] = v[i]
                     if const_expr(self.fold):
                         # x * 2^k with k = clamp(227 - E(amax), 0, 127): the block max lands in [2^100, 2^101)
-                        # (fold 3: k = clamp(142 - E, -112, 126), the max in [2^15, 2^16), then rounded to f16)
                         amax = Int32(0)
                         for i in cutlass.range_constexpr(16):
                             w = xv[i]
                             amax = cutlass.max(amax, cutlass.max(w & 0x7FFF, (w >> 16) & 0x7FFF))
                         amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 1))
                         amax = cutlass.max(amax, cute.arch.shuffle_sync_bfly(amax, 2))
-                        if const_expr(self.fold == 3):
-                            kx = cutlass.min(cutlass.max(142 - (amax >> 7), -112), 126)
-                        else:
-                            kx = cutlass.min(cutlass.max(227 - (amax >> 7), 0), 127)
+                        kx = cutlass.min(cutlass.max(227 - (amax >> 7), 0), 127)
                         up = _bits_f32((127 + kx) << 23)
                         for c in cutlass.range_constexpr(4):
                             qw = cute.make_rmem_tensor((4,), Int32)
@@ -2253,20 +2058,13 @@ if HAVE_CUTE:
                                 w1 = xv[4 * c + 2 * p + 1]                  # (x2, x3)
                                 x0, x1 = _bits_f32(w0 << 16) * up, _bits_f32(w0 & -65536) * up
                                 x2, x3 = _bits_f32(w1 << 16) * up, _bits_f32(w1 & -65536) * up
-                                if const_expr(self.fold == 1):   # pairs (x0, x2), (x1, x3): the weights' pairing
-                                    qw[2 * p] = pack_bf16x2(x0, x2)
-                                    qw[2 * p + 1] = pack_bf16x2(x1, x3)
-                                elif const_expr(self.fold == 3):
-                                    qw[2 * p] = _f16x2_from_f32(x0, x1)
-                                    qw[2 * p + 1] = _f16x2_from_f32(x2, x3)
-                                else:
-                                    qw[2 * p] = pack_bf16x2(x0, x1)
-                                    qw[2 * p + 1] = pack_bf16x2(x2, x3)
+                                qw[2 * p] = pack_bf16x2(x0, x2)           # pairs (x0, x2), (x1, x3): the
+                                qw[2 * p + 1] = pack_bf16x2(x1, x3)       # weights' pairing
                             chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
                             cute.autovec_copy(qw, sQ[None, chunk, 8 * j + g])
                         if t == 0:
-                            sX[8 * j + g, kb] = _bits_f32((127 + self.fold_bias - kx) << 23)
-                    elif const_expr(self.a16):                          # bf16 pairs as they are
+                            sX[8 * j + g, kb] = _bits_f32((127 + 120 - kx) << 23)
+                    elif const_expr(self.a16):                          # w16: bf16 pairs as they are
                         for c in cutlass.range_constexpr(4):
                             qw = cute.make_rmem_tensor((4,), Int32)
                             for i in cutlass.range_constexpr(4):
@@ -2302,15 +2100,7 @@ if HAVE_CUTE:
             for kbl in cutlass.range_constexpr(self.kbw):
                 kb = kbl if const_expr(self.KW == 1) else warp_k * self.kbw + kbl   # k block within the CTA slice
                 st = kbl % self.D
-                rs = fetch_stage(kbl, st)
-                if const_expr(self.deep and kbl >= self.D):                # this block from the bulk copy in smem
-                    if const_expr(kbl == self.D):
-                        cute.arch.mbarrier_wait(d_bar, 0)
-                    for h in cutlass.range_constexpr(2):
-                        for half in cutlass.range_constexpr(2):
-                            dv = _lds_v4(d_buf + ((kbl - self.D) * PACK_TILE_BYTES + (h * 2 + half) * 512 + lane * 16))
-                            for i in cutlass.range_constexpr(4):
-                                wreg[st, 0, h, 4 * half + i] = dv[i]
+                rs = st
                 for j in cutlass.range_constexpr(self.n8):
                     for c in cutlass.range_constexpr(4):
                         chunk = kb * 16 + (c // 2) * 8 + 2 * t + (c % 2)
@@ -2320,13 +2110,7 @@ if HAVE_CUTE:
                     if const_expr(not self.w16):
                         sw = sW[(warp_r * (16 * self.RT) + 16 * rt) // BLOCK, kb]
                     af = cute.make_rmem_tensor((8, 4), Int32)       # f16 (a16: bf16) A fragments of the 8 MMAs
-                    cvt = _e4m3x4_to_bf16x2x2 if const_expr(self.a16) else _e4m3x4_to_f16x2x2
-                    if const_expr(self.fold == 1):
-                        cvt = _e4m3x4_to_bf16x2x2_scaled
-                    elif const_expr(self.fold == 2):
-                        cvt = _e4m3x4_to_bf16x2x2_unscaled
-                    elif const_expr(self.fold == 3):
-                        cvt = _e4m3x4_to_f16x2x2
+                    cvt = _e4m3x4_to_bf16x2x2_scaled if const_expr(self.fold) else _e4m3x4_to_f16x2x2
                     for i in cutlass.range_constexpr(8):
                         if const_expr(self.w16):                      # bf16 pairs as loaded: words 2i, 2i+1
                             a0, a2 = wreg[rs, rt, 0, 2 * i], wreg[rs, rt, 0, 2 * i + 1]
@@ -2340,12 +2124,12 @@ if HAVE_CUTE:
                         af[i, 3] = a3
                     for j in cutlass.range_constexpr(self.n8):
                         d = [Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)]
-                        mma = _mma_bf16 if const_expr(self.a16 and self.fold != 3) else _mma_f16
+                        mma = _mma_bf16 if const_expr(self.a16) else _mma_f16
                         for i in cutlass.range_constexpr(8):
                             d = mma(af[i, 0], af[i, 1], af[i, 2], af[i, 3], bq[(2 * i) % 4, i // 2, j],
                                     bq[(2 * i + 1) % 4, i // 2, j], d)
                         f0 = f1 = sw                                  # a16: the weight's block scale only
-                        if const_expr(self.fold):                     # (d * 2^(bias - k)) * sw: no overflow
+                        if const_expr(self.fold):                     # (d * 2^(120 - k)) * sw: no overflow
                             d = [d[0] * sX[8 * j + 2 * t, kb], d[1] * sX[8 * j + 2 * t + 1, kb],
                                  d[2] * sX[8 * j + 2 * t, kb], d[3] * sX[8 * j + 2 * t + 1, kb]]
                         elif const_expr(not self.a16):
@@ -2359,7 +2143,7 @@ if HAVE_CUTE:
                             acc[rt, j, 1] = acc[rt, j, 1] + d[1] * f1
                             acc[rt, j, 2] = acc[rt, j, 2] + d[2] * f0
                             acc[rt, j, 3] = acc[rt, j, 3] + d[3] * f1
-                if const_expr(kbl + self.D < self.kbw and not self.deep):
+                if const_expr(kbl + self.D < self.kbw):
                     load_stage(kbl + self.D, st)
 
             # ---- epilogue: acc[rt, j, c] = (weight row row_w + 16rt + g + 8(c//2), token 8j + 2t + c%2)
@@ -2455,20 +2239,17 @@ if HAVE_CUTE:
 
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
-                  cp_async: bool = False, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                  group_rows: int = 0, fold: int = 0, w16: bool = False, k_warps: int = 1, norm: tuple = (),
-                  norm_early: bool = False, packed: int = 0, deep: bool = False):
+                  cluster: bool = False, min_ctas: int = 0, a16: bool = False, group_rows: int = 0, w16: bool = False,
+                  k_warps: int = 1, packed: int = 0):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     packed (1, 2 = pack_fp8_gemv_weight's order): the weight argument is its data viewed as uint8 [N16, K]."""
-    config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas) + \
-        (("a16", group_rows) + (("fold", int(fold)) if fold else ()) if a16 else ()) + (("w16",) if w16 else ()) + \
-        (("kw", k_warps) if k_warps > 1 else ()) + (("norm",) + tuple(norm) if norm else ()) + \
-        (("early",) if norm and norm_early else ()) + \
-        ((("packed",) if int(packed) == 1 else ("packed", int(packed))) if packed else ()) + (("deep",) if deep else ())
+    config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cluster, min_ctas) + \
+        (("a16", group_rows) if a16 else ()) + (("w16",) if w16 else ()) + (("kw", k_warps) if k_warps > 1 else ()) + \
+        ((("packed",) if int(packed) == 1 else ("packed", int(packed))) if packed else ())
 
     def build():
-        op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cp_async, cluster, min_ctas, a16, group_rows,
-                     fold, w16, k_warps, norm, norm_early, packed, deep)
+        op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cluster, min_ctas, a16, group_rows, w16,
+                     k_warps, packed)
         m, n, nb = cute.sym_int(), cute.sym_int(), cute.sym_int()
         mx = cute.sym_int() if group_rows else m                           # grouped: x is [M * G, K]
         nw = cute.sym_int() if packed else n                               # packed: N rounded up to 16 rows
@@ -2522,44 +2303,12 @@ GEMV_PACKED = os.environ.get("NANO_DSV4_GEMV_PACKED", "1") != "0"   # decode GEM
                         # bench decode --layers 4, same run, every FP8 linear packed (dsv4.GEMV_PACK "all", order 2)
                         # vs row-major: s8 R2 -0.015 / -0.008 ms per step at B = 1 / 8, s9 (7 rounds) -0.012 / -0.011;
                         # wo_a alone (s8 R1): 0.121 vs 0.120 ms/layer (noise)
-GEMV_FOLD_NORM = False  # fp8_gemv(norm=...): the RMSNorm of x inside the GEMV's activation prologue (dsv4: q_norm
-                        # folded into wq_b / indexer wq_b, no RmsNorm launch; session 7, same bits); else RmsNorm first.
-                        # Off: H200 s7 R0, bench decode same run, the step was 0.012 ms faster without it (the
-                        # RmsNorm hides behind wq_b's weight prefetch under PDL; within noise, not a win)
-GEMV_NORM_EARLY = True  # ... its first quant task's norm weights before the PDL wait, x with the norm's sums (Fp8Gemv
-                        # norm_early; same bits)
-
-
-def fold_norm_config(config: dict, K: int, M: int, eps: float) -> dict | None:
-    """config with x's RMSNorm folded in (Fp8Gemv norm=; 8-warp CTAs held at 2 per SM: the norm's registers would
-    drop them to 1, ptxas 120 -> 136), or None where gemv_norm_layout says no."""
-    layout = gemv_norm_layout(K, M, config)
-    if layout is None:
-        return None
-    cfg = dict(config, norm=(_f32(eps),) + tuple(layout), norm_early=GEMV_NORM_EARLY)
-    if cfg["warps"] == 8 and cfg["n8"] == 1 and not cfg.get("min_ctas"):
-        cfg["min_ctas"] = 2
-    return cfg
-
-
-def gemv_norm_layout(K: int, M: int, config: dict):
-    """Fp8Gemv's norm argument order (bw, vec, slots) for x [M, K] under config, or None where the fold does not
-    apply (GEMV_FOLD_NORM off, a sum order the kernel does not mirror, a K split over CTAs, M > 1)."""
-    layout = torch_sum_layout(K, M)
-    if not (GEMV_FOLD_NORM and layout is not None and layout[1] == 4 and TORCH_ORDER_SUMS):
-        return None
-    if config["k_splits"] > 1 or config.get("cp_async") or M > 1:   # M > 1 and cluster K splits gave other bits
-        return None                                          # than RmsNorm + GEMV on an H200 (s7, not debugged)
-    return layout
-
-
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None,
-             norm: tuple | None = None, packed_rows: int = 0) -> torch.Tensor:
+             packed_rows: int = 0) -> torch.Tensor:
     """act_quant_fp8(x) x (weight * scale)^T for decode: x [..., K] bf16 (M = prod of leading dims <= 16),
     weight [N, K] float8_e4m3fn, scale [ceil(N/128), K/128] float8_e8m0fnu -> [..., N] bf16. One kernel launch,
     no host sync (CUDA-graph capturable). Semantics: fp8_gemv_reference. Raises ValueError for inputs it can't take
-    (check fp8_gemv_supported first). norm = (weight fp32 [K], eps): of rms_norm_fused(x, *norm) instead of x, the
-    norm folded into the same launch where gemv_norm_layout allows (same bits), else a RmsNorm launch first.
+    (check fp8_gemv_supported first).
     packed_rows = N > 0: weight is pack_fp8_gemv_weight's [N16, K] of an [N, K] weight (same bits, same config)."""
     Kd = x.shape[-1]
     N = packed_rows or weight.shape[0]
@@ -2582,10 +2331,6 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
         if weight.shape[0] != -(-N // 16) * 16:
             raise ValueError(f"fp8_gemv: a packed weight of {N} rows is [{-(-N // 16) * 16}, K], got {tuple(weight.shape)}")
         cfg["packed"] = cfg.get("packed") or GEMV_PACK_ORDER
-    folded = fold_norm_config(cfg, Kd, M, norm[1]) if norm is not None else None
-    if norm is not None and folded is None:
-        x = rms_norm_fused(x, norm[0], norm[1])
-    cfg = folded or cfg
     fn = _compile_gemv(**cfg)
     rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
@@ -2593,12 +2338,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if x2.data_ptr() % 16:                                           # a view at an odd offset: 16-byte loads
         x2 = x2.clone()
     out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
-    if folded is not None:                                           # the norm weight rides in the partials slot
-        w = norm[0]
-        if w.dtype != torch.float32 or w.shape != (Kd,) or not w.is_contiguous() or w.data_ptr() % 16:
-            w = w.float().contiguous().reshape(Kd).clone()
-        part = w.view(1, 1, Kd)
-    elif cfg["k_splits"] > 1 and not cfg.get("cluster"):
+    if cfg["k_splits"] > 1 and not cfg.get("cluster"):
         part = torch.empty(cfg["k_splits"], M, row_ctas * rows, dtype=torch.float32, device=dev)
     else:
         part = _COUNTERS.get((dev, "unused"))
@@ -2679,55 +2419,15 @@ def fp8_gemv_grouped_reference(x: torch.Tensor, weight: torch.Tensor, scale: tor
     return torch.einsum("...gk,grk->...gr", x.float(), w).to(x.dtype)
 
 
-GROUPED_FOLD = 1       # weight path of the grouped W8A16 GEMV (Fp8Gemv fold): H200 R1/R2, Flash wo_a M=1, 128-row CTAs
-                       # of 8 warps, 4 K slices: fold=1 10.8 us, fold=2 11.4, 0 (cvt + multiply) 11.3; same bits
 GROUPED_CHUNK_ROWS = 256   # fp8_gemv_grouped runs up to this many rows as launches of 16 (prefill of short prompts:
                            # H200 R2, Flash wo_a, T=64: ~4 x 11 us vs 250 us for the per-call dequant + einsum)
 
 
-GEMV_PACKED_DEEP = os.environ.get("NANO_DSV4_GEMV_PACKED_DEEP", "0") != "0"   # fp8_gemv_grouped on a packed
-                       # weight (order 1; wo_a): Fp8Gemv deep (blocks past the register stages by one bulk copy per warp
-                       # into smem before the PDL wait) where deep_packed_fits; same bits
-
-
-def deep_packed_fits(cfg: dict, smem_limit: int = 220 * 1024) -> bool:
-    """Fp8Gemv(deep=True) applies to cfg (packed order 1, one row tile, register path, blocks past the stages) and
-    its shared memory (activations, scales, k_warps partials, the bulk-copy buffer) fits the SM at the CTAs per SM
-    the config plans (GEMV_CTAS_PER_SM; 16-warp CTAs: 1)."""
-    K, S, KW, W = cfg["k_dim"], cfg["k_splits"], cfg.get("k_warps", 1), cfg["warps"]
-    kbc = K // BLOCK // S
-    kbw = kbc // KW
-    D = max(1, min(cfg["stages"], kbw))
-    if cfg.get("packed") != 1 or cfg["row_tiles"] != 1 or cfg.get("cp_async") or cfg.get("w16") or kbw <= D:
-        return False
-    mpad = 8 * cfg["n8"]
-    rows = W // KW * 16
-    red = rows * mpad * (KW if KW > 1 else (1 if cfg.get("cluster") and S > 1 else 0))
-    smem = 4 * (mpad * (kbc * BLOCK // 2 + 4) + kbc * mpad + kbc * (-(-rows // BLOCK)) + red) + \
-        W * (kbw - D) * PACK_TILE_BYTES + 1024
-    ctas = GEMV_CTAS_PER_SM.get((W, 2), 1) if W <= 8 else 1
-    return smem * ctas <= smem_limit
-
-
-def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int, rules: str | None = None) -> dict:
-    """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]: rules (default GEMV_RULES) "s5" =
-    _pick_grouped_gemv_config_s5, "s4" = _pick_grouped_gemv_config_s4."""
-    rules = GEMV_RULES if rules is None else rules
-    if rules == "s4":
-        return _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
-    return _pick_grouped_gemv_config_s5(N, K, M, group_rows, num_sms)
-
-
-def _pick_grouped_gemv_config_s5(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
-    """Session-5 rules for the grouped GEMV (wo_a) = the s4 rules: its s4 layout (64-row CTAs of 16 warps splitting K
-    four ways, one per SM) already is the k_warps layout of _pick_gemv_config_s5. Measured alternatives (Flash wo_a,
-    M = 1, s5 R0 H200 / R1 H100, kernel us, behind a PDL GEMV in brackets): s4 12.6 (10.9) / 15.1 (13.2); 4 global
-    K slices of 128-row 2-stage CTAs 12.0 (13.4) / 15.3 (16.2): not taken."""
-    return _pick_grouped_gemv_config_s4(N, K, M, group_rows, num_sms)
-
-
-def _pick_grouped_gemv_config_s4(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
-    """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K]. Big weights (wo_a: 32/64 MB,
+def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: int) -> dict:
+    """Static config of the grouped W8A16 kernel for x [M, G, K], W [N = G R, K] (session 4's rules; session 5 kept
+    them: its k_warps layout already is _pick_gemv_config_s5's; measured alternatives, Flash wo_a, M = 1, s5 R0 H200
+    / R1 H100, kernel us, behind a PDL GEMV in brackets: these 12.6 (10.9) / 15.1 (13.2); 4 global K slices of
+    128-row 2-stage CTAs 12.0 (13.4) / 15.3 (16.2): not taken). Big weights (wo_a: 32/64 MB,
     bandwidth-bound): the first layout whose CTAs fill >= 90% of one wave of resident CTAs:
     64-row CTAs of 16 warps splitting K four ways inside the CTA (k_warps=4; one CTA per SM), else 128-row CTAs of
     8 warps with K split over 2, 4 or 8 CTAs (global partials; two CTAs per SM). H200 R2, M=1: Flash (128 CTAs)
@@ -2749,7 +2449,7 @@ def _pick_grouped_gemv_config_s4(N: int, K: int, M: int, group_rows: int, num_sm
         c = dict(c, **choice, cluster=False)
     while group_rows % (c["warps"] // c.get("k_warps", 1) * 16 * c["row_tiles"]):
         c = {**c, "row_tiles": 1} if c["row_tiles"] > 1 else {**c, "warps": c["warps"] // 2}
-    return {**c, "a16": True, "group_rows": group_rows, "fold": GROUPED_FOLD}
+    return {**c, "a16": True, "group_rows": group_rows}
 
 
 def fp8_gemv_grouped_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -2804,8 +2504,6 @@ def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         cfg = {"pdl": GEMV_USE_PDL, **(config or pick_grouped_gemv_config(N, Kd, m, R, _NUM_SMS[dev]))}
         if packed:
             cfg["packed"] = cfg.get("packed") or GEMV_PACK_ORDER
-            if config is None and GEMV_PACKED_DEEP and deep_packed_fits(cfg):
-                cfg["deep"] = True
         if not cfg.get("a16") or cfg.get("group_rows") != R:
             raise ValueError(f"fp8_gemv_grouped: config must have a16=True and group_rows={R}, got {cfg}")
         fn = _compile_gemv(**cfg)
@@ -5715,31 +5413,6 @@ if HAVE_CUTE:
         for j in cutlass.range_constexpr(J):
             t = lane + 32 * j
             part[j] = _thread_sum(lambda k, i: srow[(t + k * bw) * vec + i, col], per, vec, slots)
-        for step in cutlass.range_constexpr(J.bit_length() - 1):     # shared-memory steps bw/2 .. 32
-            off = J >> (step + 1)
-            for j in cutlass.range_constexpr(off):
-                part[j] = _add(part[j], part[j + off])
-        s = part[0]
-        for o in (1, 2, 4, 8, 16):                               # shfl_down tree, lane 0's association
-            s = _add(s, cute.arch.shuffle_sync_bfly(s, offset=o))
-        return s
-
-    @cute.jit
-    def _torch_order_sum_bf16(row_addr, lane, n: int, bw: int, vec: int, slots: int):
-        """_torch_order_row_sum of the squares of the bf16 row at global address row_addr (n values, just written by
-        the previous kernel: L2 loads), vec = 4: lane l plays threads l, l + 32, .., loading their 4-value vectors
-        (8 bytes) straight into registers; every lane gets the sum."""
-        J = bw // 32
-        per = n // (vec * bw)
-        part = cute.make_rmem_tensor((J,), Float32)
-        for j in cutlass.range_constexpr(J):
-            sq = cute.make_rmem_tensor((per * vec,), Float32)
-            for k in cutlass.range_constexpr(per):
-                w = _ld_v2(row_addr + Int64((lane + 32 * j + k * bw) * vec * 2), ".cg")
-                for i in cutlass.range_constexpr(vec):
-                    x = _bits_f32(w[i // 2] << 16) if i % 2 == 0 else _bits_f32(w[i // 2] & -65536)
-                    sq[k * vec + i] = _mul(x, x)
-            part[j] = _thread_sum(lambda k, i: sq[k * vec + i], per, vec, slots)
         for step in cutlass.range_constexpr(J.bit_length() - 1):     # shared-memory steps bw/2 .. 32
             off = J >> (step + 1)
             for j in cutlass.range_constexpr(off):

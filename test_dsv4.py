@@ -2390,18 +2390,17 @@ def random_weight(N, Kd, seed, device="cpu"):
     return codes.view(torch.float8_e4m3fn).to(device), s.view(torch.float8_e8m0fnu).to(device)
 
 
-# Timing sweep of the GEMV's GPU check (session 2): (N, K) -> [(splits, row_tiles, warps, stages, cp_async,
-# cluster, min CTAs per SM)], M = 1
-GPU_SWEEP = {(32768, 1024): [(1, 1, 8, 4, 0, 0), (1, 1, 8, 4, 0, 0, 2), (1, 2, 8, 2, 0, 0), (1, 1, 4, 4, 0, 0),
-                             (2, 1, 8, 4, 0, 1)],
-             (4096, 8192): [(8, 2, 4, 4, 0, 0), (8, 1, 8, 4, 0, 1), (8, 1, 8, 4, 0, 1, 2), (8, 2, 4, 4, 0, 1),
-                            (4, 1, 8, 4, 0, 1), (8, 1, 4, 4, 0, 1)],
-             (8192, 1024): [(8, 2, 4, 1, 0, 0), (4, 1, 8, 2, 0, 1), (2, 1, 8, 4, 0, 1), (1, 1, 8, 4, 0, 0),
-                            (8, 1, 4, 1, 0, 1)],
-             (2048, 4096): [(8, 1, 4, 4, 0, 1), (8, 1, 4, 4, 1, 1), (4, 1, 4, 8, 0, 1), (8, 1, 2, 4, 0, 1)]}
-PATHS = {"cluster": dict(cp_async=False, cluster=True), "global": dict(cp_async=False, cluster=False),
-         "cp-cluster": dict(cp_async=True, cluster=True)}
-# weight path (registers | cp.async) x split-K reduction (cluster DSMEM | global partials); "cluster" is the default
+# Timing sweep of the GEMV's GPU check (session 2): (N, K) -> [(splits, row_tiles, warps, stages, cluster,
+# min CTAs per SM)], M = 1 (the cp.async weight path's rows went with it in session 11)
+GPU_SWEEP = {(32768, 1024): [(1, 1, 8, 4, 0), (1, 1, 8, 4, 0, 2), (1, 2, 8, 2, 0), (1, 1, 4, 4, 0),
+                             (2, 1, 8, 4, 1)],
+             (4096, 8192): [(8, 2, 4, 4, 0), (8, 1, 8, 4, 1), (8, 1, 8, 4, 1, 2), (8, 2, 4, 4, 1),
+                            (4, 1, 8, 4, 1), (8, 1, 4, 4, 1)],
+             (8192, 1024): [(8, 2, 4, 1, 0), (4, 1, 8, 2, 1), (2, 1, 8, 4, 1), (1, 1, 8, 4, 0),
+                            (8, 1, 4, 1, 1)],
+             (2048, 4096): [(8, 1, 4, 4, 1), (4, 1, 4, 8, 1), (8, 1, 2, 4, 1)]}
+PATHS = {"cluster": dict(cluster=True), "global": dict(cluster=False)}
+# split-K reduction (cluster DSMEM | global partials); "cluster" is the default
 REF_SHAPES = [(1024, 4096), (512, 4096), (4096, 2048), (8192, 1024), (200, 384), (1000, 1152), (16, 4096)]
 
 
@@ -2433,9 +2432,9 @@ def gpu_check_configs(num_sms=132):
                 add(K.pick_gemv_config(N, Kd, M, num_sms, **PATHS[path]))
             add({**K.pick_gemv_config(N, Kd, M, num_sms), "pdl": False})
     for (N, Kd), cs in GPU_SWEEP.items():
-        for S, RT, W, D, A, C, *occ in cs:
-            add(dict(k_dim=Kd, k_splits=S, n8=1, row_tiles=RT, warps=W, stages=D, cp_async=bool(A),
-                     cluster=bool(C), min_ctas=occ[0] if occ else 0))
+        for S, RT, W, D, C, *occ in cs:
+            add(dict(k_dim=Kd, k_splits=S, n8=1, row_tiles=RT, warps=W, stages=D, cluster=bool(C),
+                     min_ctas=occ[0] if occ else 0))
     return cfgs
 
 
@@ -2492,7 +2491,7 @@ def test_global_split_config_splits_k_evenly_and_fills_the_device(N, Kd, M):
 @pytest.mark.parametrize("N,Kd", FLASH_SHAPES + TP_HALVES + [(200, 384), (1000, 1152), (16, 4096)])
 @pytest.mark.parametrize("M", [1, 16])
 def test_cluster_config_keeps_splits_within_a_portable_cluster(N, Kd, M):
-    c = K.pick_gemv_config(N, Kd, M, 132, cp_async=True, cluster=True)
+    c = K.pick_gemv_config(N, Kd, M, 132, cluster=True)
     kb = Kd // 128
     if N * Kd >= K.BIG_WEIGHT_BYTES:
         assert not c["cluster"]
@@ -2517,7 +2516,7 @@ import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 import kernels as K
 for N, Kd in %r:
-    for M, path in ((1, "cluster"), (16, "cluster"), (1, "global"), (8, "cp-cluster")):
+    for M, path in ((1, "cluster"), (16, "cluster"), (1, "global"), (8, "global")):
         K._compile_gemv(**K.pick_gemv_config(N, Kd, M, 132, **%r[path]))
 """ % (FLASH_SHAPES, PATHS)
 
@@ -2827,27 +2826,26 @@ def _check_grouped(z, x, w, s):
     assert equal >= 0.97, f"only {equal:.3f} of outputs bit-equal to the reference"
 
 
-def grouped_config(x, w, fold):
-    """The default config for these inputs, with the weight path chosen: fold 0 (via f16 to the exact bf16 weight),
-    1 (integer ops to the bf16 of v * 2^-120), 2 (via f16 to the bf16 of v * 2^-112); 1, 2 scale x per block."""
+def grouped_config(x, w):
+    """The default config for these inputs (the weight as the bf16 of v * 2^-120 by integer ops, x scaled per
+    block; session 11 removed the other weight paths)."""
     G, Kd = x.shape[-2:]
-    return {**K.pick_grouped_gemv_config(w.shape[0], Kd, math.prod(x.shape[:-2]), w.shape[0] // G, 132), "fold": fold}
+    return K.pick_grouped_gemv_config(w.shape[0], Kd, math.prod(x.shape[:-2]), w.shape[0] // G, 132)
 
 
 @gpu
 @pytest.mark.parametrize("shape", ["flash", "pro"])
-@pytest.mark.parametrize("M,fold", [(1, 0), (2, 0), (8, 0), (16, 0), (1, 1), (16, 1), (1, 2), (16, 2), (40, 1)])
-def test_gpu_grouped_gemv_matches_reference(shape, M, fold):
+@pytest.mark.parametrize("M", [1, 2, 8, 16, 40])
+def test_gpu_grouped_gemv_matches_reference(shape, M):
     G, R, Kd = WO_A_SHAPES[shape]
     x, w, s = grouped_problem(M, G, R, Kd, seed=M + G, device="cuda")
-    config = None if M > 16 else grouped_config(x, w, fold)          # M = 40: launches of 16, 16, 8 rows
+    config = None if M > 16 else grouped_config(x, w)                # M = 40: launches of 16, 16, 8 rows
     _check_grouped(K.fp8_gemv_grouped(x, w, s, config=config), x, w, s)
 
 
 @gpu
-@pytest.mark.parametrize("fold", [0, 1, 2])
 @pytest.mark.parametrize("scale_exp", [(-126, -110), (-30, 30), (90, 100)])
-def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp, fold):
+def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp):
     """Block scales from 2^-126 to 2^100: the fp32 partial times the scale (x scaled up where the scales are tiny, so
     the products stay fp32-normal)."""
     G, R, Kd = WO_A_SHAPES["tiny"]
@@ -2855,13 +2853,12 @@ def test_gpu_grouped_gemv_wide_scale_exponents(scale_exp, fold):
     x = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).cuda()
     if scale_exp[0] < -100:                       # keep the products fp32-normal: x large where the scale is tiny
         x = (x.float() * 2.0 ** 60).to(torch.bfloat16)
-    _check_grouped(K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold)), x, w, s)
+    _check_grouped(K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w)), x, w, s)
 
 
 @gpu
-@pytest.mark.parametrize("fold", [0, 1, 2])
 @pytest.mark.parametrize("shape", ["tiny", "flash"])
-def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape, fold):
+def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape):
     """x[m, g] one-hot at k(m, g) -> z[m, g] = W[g R : (g+1) R, k] * s exactly: pins the group -> x-row mapping, the
     k permutation, and exactness of the e4m3 -> bf16 path (subnormal codes included in every row)."""
     G, R, Kd = WO_A_SHAPES[shape]
@@ -2872,24 +2869,11 @@ def test_gpu_grouped_one_hot_inputs_give_exact_weight_columns(shape, fold):
     x = torch.zeros(M, G, Kd, dtype=torch.bfloat16)
     x.scatter_(2, ks[..., None], 1.0)
     x = x.cuda()
-    z = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold)).float().cpu()
+    z = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w)).float().cpu()
     wd = K.dequant_fp8_weight(w, s).cpu().unflatten(0, (G, -1))       # [G, R, K]
     for m in range(M):
         for g in range(G):
             assert torch.equal(z[m, g], wd[g, :, ks[m, g]]), f"row {m} group {g}"
-
-
-@gpu
-@pytest.mark.parametrize("fold", [1, 2])
-@pytest.mark.parametrize("M", [1, 16])
-def test_gpu_grouped_fold_and_cvt_weight_paths_give_the_same_bits(M, fold):
-    """Both weight paths feed the tensor cores the same products up to one power of two per (token, block), so the
-    fp32 partials, and the outputs, are the same bits (x rows from 1e-20 to 1e20)."""
-    G, R, Kd = WO_A_SHAPES["flash"]
-    x, w, s = grouped_problem(M, G, R, Kd, seed=13, device="cuda")
-    a = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, 0))
-    b = K.fp8_gemv_grouped(x, w, s, config=grouped_config(x, w, fold))
-    assert torch.equal(a, b), (a != b).float().mean().item()
 
 
 @gpu
@@ -2899,7 +2883,7 @@ def test_gpu_grouped_k_warps_split_gives_the_bits_of_the_global_split(M):
     k_splits=4 (4 CTAs, summed through global memory), so the outputs are the same bits."""
     G, R, Kd = WO_A_SHAPES["flash"]
     x, w, s = grouped_problem(M, G, R, Kd, seed=17, device="cuda")
-    base = dict(k_dim=Kd, n8=1 if M <= 8 else 2, row_tiles=1, warps=8, stages=4, a16=True, group_rows=R, fold=1)
+    base = dict(k_dim=Kd, n8=1 if M <= 8 else 2, row_tiles=1, warps=8, stages=4, a16=True, group_rows=R)
     a = K.fp8_gemv_grouped(x, w, s, config=dict(base, k_splits=4))
     b = K.fp8_gemv_grouped(x, w, s, config=dict(base, k_splits=1, k_warps=4))
     assert torch.equal(a, b), (a != b).float().mean().item()
@@ -5905,7 +5889,7 @@ def test_gpu_wide_attention_follows_pos_across_graph_replays(mode, max_splits, m
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Session-5 GEMV config rules (kernels.GEMV_RULES = "s5"; "s4" = the earlier rules): the batch-1 decode GEMVs of a
+# Session-5 GEMV config rules (_pick_gemv_config_s5 on the s4 rules' K partition): the batch-1 decode GEMVs of a
 # Flash (and Pro) layer. The bits of a GEMV are fixed by its K partition (S K slices x KW warp parts, summed in
 # order), so where s5 keeps s4's partition it must give s4's bits exactly. Run: python3 -m pytest -q test_dsv4.py -k s5
 # name -> (N, K, kind): kind fp8 (fp8_gemv), w16 (bf16_gemv_fp32), grouped (fp8_gemv_grouped, groups of 1024 rows)
@@ -5920,10 +5904,13 @@ S5_SMS = [132, 114, 78]          # H100/H200 SXM, H100 PCIe, a MIG-like slice
 
 
 def s5_config(name, M, sms, rules):
+    """The default config (rules "s5"), or the s4 rules' config the s5 rules start from (_pick_gemv_config_s4;
+    the grouped GEMV has one set of rules)."""
     N, Kd, kind = S5_GEMVS[name]
     if kind == "grouped":
-        return K.pick_grouped_gemv_config(N, Kd, M, 1024, sms, rules=rules)
-    c = K.pick_gemv_config(N, Kd, M, sms, elem_bytes=2 if kind == "w16" else 1, rules=rules)
+        return K.pick_grouped_gemv_config(N, Kd, M, 1024, sms)
+    c = K.pick_gemv_config(N, Kd, M, sms, elem_bytes=2 if kind == "w16" else 1) if rules == "s5" else \
+        K._pick_gemv_config_s4(N, Kd, M, sms)
     return {**c, "w16": True} if kind == "w16" else c
 
 
@@ -5954,13 +5941,6 @@ def test_s5_gemv_config_is_valid_for_the_kernel(name, M, sms):
 def test_s5_gemv_rules_keep_the_s4_k_partition(name, M, sms):
     """Same K partition -> the same per-element sums in the same order -> s4's bits (the GPU test checks them)."""
     assert k_partition(s5_config(name, M, sms, "s5")) == k_partition(s5_config(name, M, sms, "s4"))
-
-
-def test_s4_rules_stay_reachable(monkeypatch):
-    monkeypatch.setattr(K, "GEMV_RULES", "s4")
-    assert K.pick_gemv_config(4096, 8192, 1, 132) == K._pick_gemv_config_s4(4096, 8192, 1, 132)
-    assert K.pick_grouped_gemv_config(8192, 4096, 1, 1024, 132) == K._pick_grouped_gemv_config_s4(8192, 4096, 1, 1024,
-                                                                                                   132)
 
 
 S5_COMPILE = """
@@ -6045,10 +6025,9 @@ def test_gpu_bf16_gemv_k_warps_split_gives_the_bits_of_the_cluster_split(M, stag
     run, ref = s5_problem("csa_comp", M, seed=3)
     Kd = S5_GEMVS["csa_comp"][1]
     n8 = 1 if M <= 8 else 2
-    kw = run(dict(k_dim=Kd, k_splits=1, k_warps=8, n8=n8, row_tiles=1, warps=8, stages=stages, cp_async=False,
-                  cluster=False, w16=True))
-    cl = run(dict(k_dim=Kd, k_splits=8, n8=n8, row_tiles=1, warps=8, stages=stages, cp_async=False, cluster=True,
+    kw = run(dict(k_dim=Kd, k_splits=1, k_warps=8, n8=n8, row_tiles=1, warps=8, stages=stages, cluster=False,
                   w16=True))
+    cl = run(dict(k_dim=Kd, k_splits=8, n8=n8, row_tiles=1, warps=8, stages=stages, cluster=True, w16=True))
     assert torch.equal(kw, cl)
     assert ((kw - ref).norm() / ref.norm()).item() < 1e-5
 
@@ -6442,59 +6421,11 @@ def test_gpu_site_sums_the_routed_slots_like_moe_combine(T, k, routing, monkeypa
 
 
 
-# GEMV_FOLD_NORM: the q latent's RMSNorm inside the wq_b / indexer wq_b GEMVs' activation prologue.
 def _spy(monkeypatch, name):
     calls = []
     real = getattr(K, name)
     monkeypatch.setattr(K, name, lambda *a, **kw: calls.append(a) or real(*a, **kw))
     return calls
-
-
-@gpu
-@pytest.mark.parametrize("N", [32768, 8192, 1536])
-@pytest.mark.parametrize("M", [1, 2, 5, 8, 16])
-def test_gpu_fp8_gemv_with_the_rms_norm_folded_gives_the_two_kernel_bits(N, M, monkeypatch):
-    """fp8_gemv(x, norm=(w, eps)) in one launch (the norm's sum of squares in RmsNorm's torch order per CTA; norm
-    weights through smem before the PDL wait or from global memory, GEMV_NORM_EARLY) gives the bits of RmsNorm +
-    fp8_gemv: wq_b (8-warp CTAs), indexer wq_b (K over 4 warps of a CTA; at M = 16 a 4-CTA cluster),
-    a small N; x a column slice of a wider row (as qa of the merged wq_a|wkv output); rows of very different scale."""
-    Kd, eps = 1024, 1e-6
-    monkeypatch.setattr(K, "GEMV_FOLD_NORM", True)
-    g = torch.Generator().manual_seed(N + M)
-    wide = torch.randn(M, Kd + 512, generator=g) * torch.logspace(-3, 2, M).unsqueeze(1)
-    x = wide.to("cuda", torch.bfloat16)[:, :Kd]
-    nw = (1 + 0.3 * torch.randn(Kd, generator=g)).to("cuda")
-    wq, ws = random_weight(N, Kd, seed=M, device="cuda")
-    norms = _spy(monkeypatch, "_compile_rms_norm")
-    fold = K.fp8_gemv(x, wq, ws, norm=(nw, eps))
-    monkeypatch.setattr(K, "GEMV_NORM_EARLY", False)           # the norm weights from global memory, x after the sums
-    late = K.fp8_gemv(x, wq, ws, norm=(nw, eps))
-    cfg = K.pick_gemv_config(N, Kd, M, K._sm_count(x.device))
-    folded = K.gemv_norm_layout(Kd, M, cfg) is not None
-    assert folded == (cfg["k_splits"] == 1 and M == 1)   # else two launches (M > 1, cluster K splits: other bits)
-    assert not (folded and norms), "the norm ran as its own kernel"
-    two = K.fp8_gemv(K.rms_norm_fused(x, nw, eps), wq, ws)
-    assert norms or not folded
-    assert torch.isfinite(fold.float()).all() and torch.equal(fold, two) and torch.equal(late, two)
-    monkeypatch.setattr(K, "GEMV_FOLD_NORM", False)
-    assert torch.equal(K.fp8_gemv(x, wq, ws, norm=(nw, eps)), two)
-    ref = K.fp8_gemv_reference(K.rms_norm_reference(x.cpu(), nw.cpu(), eps), wq.cpu(), ws.cpu())
-    assert ((fold.float().cpu() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
-
-
-def test_gemv_norm_layout_takes_only_configs_whose_partials_slot_is_free(monkeypatch):
-    """The fold needs torch's vec-4 order (K > 128) and one K slice per CTA (a cluster split gave other bits on an
-    H200); off by switch."""
-    monkeypatch.setattr(K, "GEMV_FOLD_NORM", True)
-    one = K.pick_gemv_config(32768, 1024, 1, 132)
-    assert K.gemv_norm_layout(1024, 1, one) == K.torch_sum_layout(1024, 1)
-    assert K.gemv_norm_layout(1024, 2, one) is None
-    assert K.gemv_norm_layout(1024, 1, dict(one, k_splits=4, cluster=False)) is None
-    assert K.gemv_norm_layout(1024, 1, dict(one, k_splits=4, cluster=True)) is None
-    assert K.gemv_norm_layout(128, 1, one) is None
-    monkeypatch.setattr(K, "GEMV_FOLD_NORM", False)
-    assert K.gemv_norm_layout(1024, 1, one) is None
-
 
 
 # ATTN_FOLD_Q_NORM: QNormRope of the query inside the wide attention kernel.
@@ -6526,7 +6457,7 @@ def test_gpu_attention_makes_the_query_like_the_qnormrope_kernel(B, H, hd, W, Tc
 
 
 
-S7_FOLDS = ("HC_FOLD_COMBINE", "GEMV_FOLD_NORM", "ATTN_FOLD_Q_NORM")
+S7_FOLDS = ("HC_FOLD_COMBINE", "ATTN_FOLD_Q_NORM")   # (GEMV_FOLD_NORM: removed in session 11)
 
 
 @gpu
@@ -6549,15 +6480,10 @@ def test_gpu_decode_with_the_session7_folds_gives_the_unfolded_logits(gpu_checkp
 COMPILE_S7_FOLDS = """
 import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
-K.GEMV_FOLD_NORM = True
 dump = os.environ["CUTE_DSL_DUMP_DIR"]
 def keep(tag):                                  # one PTX file name per kernel class: keep each config's
     for ptx in glob.glob(os.path.join(dump, "cutlass*.ptx")):
         os.replace(ptx, os.path.join(dump, tag + ".ptx"))
-for N, M, early in ((32768, 1, True), (40960, 1, True), (8192, 1, True), (8192, 1, False), (32768, 1, False)):
-    K.GEMV_NORM_EARLY = early
-    K._compile_gemv(**K.fold_norm_config(dict(K.pick_gemv_config(N, 1024, M, 132), pdl=True), 1024, M, 1e-6))
-    keep(f"gemv_{N}_{M}_{early}")
 for tb in (1, 2):
     K._compile_site(4096, 4, 24, 20, True, True, tb, 8, add_f2=True, slots=(6, 256))
     keep(f"site_{tb}")
@@ -6570,22 +6496,19 @@ for mode, n, B in (("hca", 32, 1), ("csa", 512, 2), ("hca", 8192, 1)):
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_session7_fold_kernels_compile_for_sm90a_without_spills(tmp_path):
-    """The folded variants at Flash dims compile for sm_90a without a GPU: the GEMV with the q_norm (wq_b, wq_b|iwq_b M 1,
-    indexer wq_b M 1 / 8: K over 4 warps of the CTA; norm weights through smem, and wq_b M 1 without), the site summing 6 routed slots (1 and 2 tokens per
-    cluster), the wide attention making its query (HCA, CSA batch 2, HCA in several passes); where ptxas is
-    installed, none spills and the 8-warp GEMV stays within 128 registers (2 CTAs per SM, as without the norm)."""
+    """The folded variants at Flash dims compile for sm_90a without a GPU: the site summing 6 routed slots (1 and 2
+    tokens per cluster), the wide attention making its query (HCA, CSA batch 2, HCA in several passes); where ptxas
+    is installed, none spills."""
     dump = _compile_for_sm90a(COMPILE_S7_FOLDS, tmp_path)
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 10
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
     ptxas = shutil.which("ptxas")
     ptxs = sorted(dump.glob("*.ptx"))
     if ptxas is None or not ptxs:
         return
-    assert len(ptxs) == 10
+    assert len(ptxs) == 5
     for ptx in ptxs:
         rep = ptxas_report(ptxas, ptx, tmp_path)
         assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, ptx.name
-        if ptx.name.startswith("gemv_32768"):
-            assert int(re.search(r"Used (\d+) registers", rep.stderr).group(1)) <= 128, ptx.name
 
 
 # ------------------------------------------- session 7 (moemid): routing-free two-launch GEMV (MOE_GEMV_DIRECT)
@@ -6928,17 +6851,16 @@ K._CACHE_DIR = sys.argv[1]
 for N, Kd, M in ((4096, 8192, 1), (40960, 1024, 1), (4096, 4096, 1), (1536, 4096, 8)):
     K._compile_gemv(**K.pick_gemv_config(N, Kd, M, 132), packed=True)
 K._compile_gemv(**K.pick_grouped_gemv_config(8192, 4096, 1, 1024, 132), packed=True)
-K._compile_gemv(**K.pick_grouped_gemv_config(8192, 4096, 1, 1024, 132), packed=1, deep=True)
 K._compile_gemv(**dict(K.pick_gemv_config(4096, 8192, 1, 132), stages=3), packed=2)
 """
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_packed_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
-    """Fp8Gemv(packed=1 | 2, deep) at the Flash decode configs (plain, split-K, k_warps, grouped W8A16) compiles for
+    """Fp8Gemv(packed=1 | 2) at the Flash decode configs (plain, split-K, k_warps, grouped W8A16) compiles for
     sm_90a on a GPU-less machine; where ptxas is installed, no register spills."""
     dump = _compile_for_sm90a(COMPILE_PACKED, tmp_path)
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 7
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp8Gemv*.ptx"))
     if ptxas is None or not ptxs:
@@ -6950,7 +6872,7 @@ def test_packed_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path)
 
 def _packed_configs(N, Kd, M, num_sms=132):
     """Distinct Fp8Gemv configs for one shape: the shipped rules, the s4 rules, each weight / split-K path."""
-    cs = [K.pick_gemv_config(N, Kd, M, num_sms), K.pick_gemv_config(N, Kd, M, num_sms, rules="s4")]
+    cs = [K.pick_gemv_config(N, Kd, M, num_sms), K._pick_gemv_config_s4(N, Kd, M, num_sms)]
     cs += [K.pick_gemv_config(N, Kd, M, num_sms, **PATHS[p]) for p in PATHS]
     out = []
     for c in cs:
@@ -6965,7 +6887,7 @@ def _packed_configs(N, Kd, M, num_sms=132):
 @pytest.mark.parametrize("order", [1, 2])
 def test_gpu_packed_gemv_gives_the_bits_of_the_unpacked_kernel(N, Kd, M, order):
     """fp8_gemv on the packed weight = fp8_gemv on [N, K], bit for bit, for every config path (cluster / global
-    split-K, k_warps, cp.async, 1-2 row tiles, odd N with a partial 16-row tile), pdl on and off (shipped rules).
+    split-K, k_warps, 1-2 row tiles, odd N with a partial 16-row tile), pdl on and off (shipped rules).
     (_gemvpack.py's precompile lists the same configs: keep them in step.)"""
     w, s = random_weight(N, Kd, 77, "cuda")
     x = special_x(M, Kd, 78, "cuda")
@@ -6993,55 +6915,21 @@ def test_gpu_packed_grouped_gemv_gives_the_bits_of_the_unpacked_kernel(M, order)
     p = K.pack_fp8_gemv_weight(w, order)
     if order == K.GEMV_PACK_ORDER:
         assert torch.equal(K.fp8_gemv_grouped(x, p, s, packed=True), K.fp8_gemv_grouped(x, w, s))
-    c = K.pick_grouped_gemv_config(G * R, Kd, min(M, 16), R, 132, rules="s4")
+    c = K.pick_grouped_gemv_config(G * R, Kd, min(M, 16), R, 132)
     if M <= 16:
         for cfg in (c, {**c, "k_warps": 1, "warps": 8, "k_splits": 4}):
             assert torch.equal(K.fp8_gemv_grouped(x, p, s, config={**cfg, "packed": order}, packed=True),
                                K.fp8_gemv_grouped(x, w, s, config=cfg)), f"config {cfg}"
 
 
-DEEP_PACKED_CASES = [   # (N, K, M, config changes): wo_a grouped (base config), wo_b with 3 stages, an odd N
-    (8192, 4096, 1, "grouped"), (8192, 4096, 8, "grouped"), (4096, 8192, 1, dict(stages=3)),
-    (4096, 8192, 8, dict(stages=3)), (1000, 1152, 3, dict(k_splits=1, cluster=False, warps=4, stages=2, k_warps=1))]
-
-
-def _deep_packed_config(N, Kd, M, change, num_sms=132):
-    if change == "grouped":
-        return K.pick_grouped_gemv_config(N, Kd, M, 1024, num_sms)
-    return {**K.pick_gemv_config(N, Kd, M, num_sms), **change, "row_tiles": 1, "cp_async": False}
-
-
 @gpu
-@pytest.mark.parametrize("case", range(len(DEEP_PACKED_CASES)))
-def test_gpu_deep_packed_gemv_gives_the_bits_of_the_unpacked_kernel(case):
-    """Fp8Gemv(packed=1, deep=True): the blocks past the register stages come from one bulk copy per warp into
-    shared memory; same bits as the unpacked kernel of the same config, pdl on and off (grouped W8A16 wo_a, global
-    split-K wo_b, a partial last row tile)."""
-    N, Kd, M, change = DEEP_PACKED_CASES[case]
-    w, s = random_weight(N, Kd, 55, "cuda")
-    p = K.pack_fp8_gemv_weight(w, 1)
-    cfg = _deep_packed_config(N, Kd, M, change)
-    if change == "grouped":
-        x = torch.randn(M, N // 1024, Kd, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
-        call = lambda wt, c, pk: K.fp8_gemv_grouped(x, wt, s, config=c, packed=pk)      # noqa: E731
-    else:
-        x = special_x(M, Kd, 56, "cuda")
-        call = lambda wt, c, pk: K.fp8_gemv(x, wt, s, config=c, packed_rows=N if pk else 0)   # noqa: E731
-    for pdl in (True, False):
-        ref = call(w, {**cfg, "pdl": pdl}, False)
-        y = call(p, {**cfg, "pdl": pdl, "packed": 1, "deep": True}, True)
-        assert torch.equal(y, ref), f"pdl {pdl}: deep packed differs"
-
-@gpu
-@pytest.mark.parametrize("scope", ["wo_a", "all", "wo_a deep"])
+@pytest.mark.parametrize("scope", ["wo_a", "all"])
 def test_gpu_decode_on_packed_gemv_weights_gives_the_row_major_logits(gpu_checkpoints, monkeypatch, scope):
     """load_model on CUDA packs the FP8 weights of dsv4.GEMV_PACK's scope ("wo_a": its [N, K] dropped, prefills
     unpack it; "all": both layouts, merged projections' members as row ranges of the merged copy); prefill + the
     decode step (graph, batch 2, 12 steps) give the same logits as with kernels.GEMV_PACKED off (nothing packed)."""
     tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(6)).cuda()
     path = gpu_checkpoints["fp8"]
-    monkeypatch.setattr(K, "GEMV_PACKED_DEEP", scope.endswith("deep"))
-    scope = scope.split()[0]
     monkeypatch.setattr(dsv4, "GEMV_PACK", scope)
     monkeypatch.setattr(K, "GEMV_PACKED", True)
     model = load(path, device="cuda", max_batch_size=2)
