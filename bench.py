@@ -999,7 +999,7 @@ def fp8_linear_table(model, copy_bw):
 
 
 S4 = ((K, "ATTN_WIDE", False), (K, "FUSED_TOPK", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"))
-S5 = ((K, "HC_SITE", "two"), (K, "HC_FOLD_ADD", False), (K, "HC_SINKHORN_LOOP", False))   # session 6's mHC site
+S5 = ((K, "HC_CLUSTER_MAX_TOKENS", 0), (K, "HC_FOLD_ADD", False))   # session 6's mHC site (two kernels)
 DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed in the same run as the default step
     ("session-5 mHC sites, two kernels + torch add (= the session-5 step but for the attention's buffer fill)", S5),
     ("sessions 5 and 6 off (= the session-4 step but for the attention's buffer fill)", S4 + S5),

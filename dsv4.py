@@ -1157,8 +1157,8 @@ class Block(nn.Module):
     def _hc_pre(self, h, site, pending=None):
         """Add a pending sub-block output (f, post, comb) into the streams (hc_post), then collapse them for this site
         (hc_pre) and normalise -> (h, x = site_norm(collapse), post, comb). Decode-sized batches on the GPU do it in
-        one launch (kernels.HC_SITE: a thread-block cluster; else two kernels): the hc_post and the next mix share
-        one pass over h, and the RMSNorm is fused into the collapse."""
+        one launch (kernels.HcSiteCluster up to HC_CLUSTER_MAX_TOKENS: a thread-block cluster; else two kernels):
+        the hc_post and the next mix share one pass over h, and the RMSNorm is fused into the collapse."""
         c = self.cfg
         norm = getattr(self, f"{site}_norm")
         args = (getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"), getattr(self, f"hc_{site}_base"),

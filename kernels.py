@@ -1866,8 +1866,8 @@ if HAVE_CUTE:
         The a16 weight's power-of-two offset is not undone per weight but folded into the block factor: the bf16 of
         v * 2^-120 from 7 integer ops per 4 weights (no convert; e4m3 subnormals become bf16 subnormals). Each
         (token, 128-k block) of x is scaled by 2^k (exact) to put its max in [2^100, 2^101), so the products stay
-        fp32-normal, and the partial is multiplied back by 2^(120 - k), then by sw. (Session 4 measured the
-        alternatives, same bits: cvt + multiply and an f16-convert fold, both slower; removed in session 11.)"""
+        fp32-normal, and the partial is multiplied back by 2^(120 - k), then by sw. (Measured alternatives, same bits,
+        H200, Flash wo_a M = 1: cvt + multiply 11.3 us, an f16-convert fold 11.4, this 10.8; removed in session 11.)"""
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
@@ -3886,13 +3886,14 @@ def _moe_gemv_pair_ok(k_tiles: int, s: int) -> bool:
 # hc_post + next hc_pre fused: HcMix with fuse_post=True computes the new residual slice (stored as bf16) and dots the
 #              rounded values with the next fn slice right away; then HcFinalize as above.
 # hc_head: HcMix + HcFinalize with head=True (mix = n rows, no post/comb).
-# Decode sites (M <= HC_CLUSTER_MAX_TOKENS, HC_SITE = "cluster"): HcSiteCluster does HcMix + HcFinalize in one
+# Decode sites (M <= HC_CLUSTER_MAX_TOKENS): HcSiteCluster does HcMix + HcFinalize in one
 #              launch, one thread-block cluster (16 CTAs at D = 4096) per token block; the partials and the norm's
 #              sums of squares travel through distributed shared memory, every sum in HcFinalize's order (same
 #              bits). It can also add the MoE's routed + shared outputs into f itself (HC_FOLD_ADD: one torch kernel
 #              less per layer). The Sinkhorn thread is the tail of the site: its softmax rows + post run on n lanes
-#              (HC_SINKHORN_LANES; the 16 IEEE divisions were serialized in one thread), its rounds as a loop
-#              (HC_SINKHORN_LOOP: less code; H200 only ~0.1-0.25 us per site).
+#              (the 16 IEEE divisions were serialized in one thread), its rounds as a loop (less code; H200 only
+#              ~0.1-0.25 us per site). The DSMEM exchanges are st.async + mbarriers (cluster barriers' release
+#              half is a GPU-scope memory barrier: 0.9-2.7 us per site slower on the H200, removed in session 11).
 # Everything stays on the device (no host sync); scratch buffers are torch.empty (CUDA-graph pool friendly).
 # Validated on H200 for M <= 8 (D 256, 4096) and in a tiny model (prefill M = 72 and decode, bit-equal logits); the
 # hc_pre / hc_head kernels are used for M <= MAX_KERNEL_TOKENS only (prefill M = 300 at D = 4096 failed, cause open).
@@ -3901,22 +3902,13 @@ HC_COLS = 32        # columns of each stream per mix warp (one per lane)
 HC_SLOTS = 32       # partial slots per (group, token): mix dot products, then the sum of squares, then zeros
 FIN_THREADS = 128   # finalize CTA: 4 warps split the column groups; one thread per 8 columns of x
 HC_USE_PDL = True      # programmatic dependent launch: the mix kernel loads fn while the previous kernel drains
-HC_SITE = "cluster"     # a decode site (hc_pre + RMSNorm, hc_post fused or not) at M <= HC_CLUSTER_MAX_TOKENS:
-                        # "cluster" = HcSiteCluster (one launch, one thread-block cluster per token block),
-                        # "two" = HcMix + HcFinalize (sessions 2-5); same bits
-HC_CLUSTER_MAX_TOKENS = 8
+HC_CLUSTER_MAX_TOKENS = 8   # a decode site (hc_pre + RMSNorm, hc_post fused or not) up to this M: HcSiteCluster (one
+                            # launch, one thread-block cluster per token block); beyond, HcMix + HcFinalize (same bits)
 HC_CLUSTER_NT = 8       # HcFinalize threads per cluster CTA (D = 4096: 16 CTAs of 8 mix warps + the Sinkhorn warp)
 HC_CLUSTER_TB = 0       # tokens per cluster (0: _site_tok_block's choice)
 HC_FOLD_ADD = True      # dsv4: the MoE's routed + shared bf16 add runs inside the next site's HcSiteCluster launch
 HC_FOLD_COMBINE = True  # ... and so does the sum over the k routed slots (no MoeCombine launch where the fused MoE runs
                         # without routing: kernels.moe(slots=True) hands back RoutedSlots; session 7, same bits)
-HC_CLUSTER_MBAR = True  # HcSiteCluster's two DSMEM exchanges: st.async + mbarrier (True) or cluster barriers, whose
-                        # release half is a GPU-scope memory barrier (MEMBAR.ALL.GPU in the SASS; H200: 0.9-2.2 us
-                        # slower per site)
-HC_SINKHORN_LANES = True  # HcSiteCluster: the comb softmax rows and post on n lanes per token (16 serialized IEEE
-                          # divisions in one thread before), same operations
-HC_SINKHORN_LOOP = True # the Sinkhorn rounds as a loop (HcFinalize and HcSiteCluster; False: unrolled, as in
-                        # sessions 2-5): same operations in the same order, far less straight-line code
 HC_STAMPS = False       # probe: HcSiteCluster writes %globaltimer phase stamps (K._HC_STAMP_RING, one row per call)
 MAX_KERNEL_TOKENS = 64   # hc_pre / hc_head kernels for M <= this; larger M (prefill) takes the torch reference:
                          # H200 round 2 failed the kernel path at M = 300, D = 4096 (M = 300, D = 256 and every
@@ -4144,11 +4136,9 @@ if HAVE_CUTE:
         Sinkhorn-projected comb (softmax rows + eps, column normalization, iters-1 rounds of row then column).
         grid (M, slices): slices > 1 puts post/comb in a CTA of its own (decode); slices == 1 does all in one."""
 
-        def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, pdl: bool,
-                     sinkhorn_loop: bool = False):
+        def __init__(self, dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, pdl: bool):
             assert dim % (4 * HC_COLS) == 0 and mix + 1 <= HC_SLOTS
             self.dim, self.n, self.mix, self.iters, self.head, self.pdl = dim, n, mix, iters, head, pdl
-            self.sinkhorn_loop = sinkhorn_loop
             self.norm = norm            # x is returned RMS-normalized (one CTA holds the whole row)
             self.groups = dim // HC_COLS
             self.threads = FIN_THREADS
@@ -4241,18 +4231,15 @@ if HAVE_CUTE:
             """Column normalization, then iters-1 rounds of row + column normalization (lists of n x n values)."""
             n = self.n
             c = self._col_norm(c, eps)
-            if const_expr(self.sinkhorn_loop and self.iters > 1):
-                # the iters-1 rounds as a loop (~1400 straight-line instructions unrolled; measured gain on the
-                # H200 only 0.1-0.25 us per site); same operations, same order
+            if const_expr(self.iters > 1):
+                # the iters-1 rounds as a loop (unrolled, as in sessions 2-5: ~1400 straight-line instructions; the
+                # loop measured 0.1-0.25 us per site faster on the H200); same operations, same order
                 cr = cute.make_rmem_tensor((n * n,), Float32)
                 for j in range(n):
                     for k in range(n):
                         cr[j * n + k] = c[j][k]
                 self._sinkhorn_rounds(cr, eps)
                 c = [[cr[j * n + k] for k in range(n)] for j in range(n)]
-            else:
-                for _ in range(self.iters - 1):
-                    c = self._col_norm(self._row_norm(c, eps), eps)
             return c
 
         @cute.jit
@@ -4416,14 +4403,6 @@ if HAVE_CUTE:
                 cute.autovec_copy(hb, cute.local_tile(mOut, (1, 8), (m, k * vecs + v)))
 
     @dsl_user_op
-    def _st_dsmem_f32(smem_addr: Int32, rank: Int32, val: Float32, *, loc=None, ip=None):
-        """Store val at this CTA's shared address smem_addr in the shared memory of cluster CTA `rank` (DSMEM)."""
-        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip),
-                                Float32(val).ir_value(loc=loc, ip=ip)],
-                         "{\n.reg .b32 a;\nmapa.shared::cluster.u32 a, $0, $1;\nst.shared::cluster.f32 [a], $2;\n}",
-                         "r,r,f", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
     def _st_async_f32(smem_addr: Int32, rank: Int32, val: Float32, mbar_addr: Int32, *, loc=None, ip=None):
         """st.async of val to smem_addr in cluster CTA `rank`; its 4 bytes complete a transaction on that CTA's
         mbarrier at mbar_addr (no fence on this thread's other stores, unlike a release barrier)."""
@@ -4475,14 +4454,14 @@ if HAVE_CUTE:
 
         def __init__(self, dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int,
                      nt: int = 8, pdl: bool = True, stamps: bool = False, add_f2: bool = False,
-                     sinkhorn_loop: bool = True, mbar: bool = False, lanes: bool = False, slots: tuple = ()):
+                     slots: tuple = ()):
             assert mix + 1 <= HC_SLOTS and site_cluster_dim_ok(dim)
             # slots = (k, E): f is the MoE's unsummed routed rows [T*k, D] (RoutedSlots): f = MoeCombine's sum of
             # token m's rows m*k + j whose id mIds[m*k + j] is in [0, E), j in order, fp32 from 0, one bf16 rounding
             self.slots = tuple(slots) if fuse_post else ()
-            self.sinkhorn_loop = sinkhorn_loop
-            self.lanes = lanes and n * tok_block <= 32   # softmax rows + post over lanes (HC_SINKHORN_LANES)
-            self.mbar = mbar            # DSMEM exchanges signalled by st.async + mbarriers instead of cluster barriers
+            # softmax rows + post over n lanes per token (16 serialized IEEE divisions in one thread before, session
+            # 6); more than 32 lanes' worth (n * tok_block > 32): one thread per token, as before
+            self.lanes = n * tok_block <= 32
             assert nt % 4 == 0 and 32 % nt == 0 and nt * tok_block <= 32
             self.dim, self.n, self.mix, self.iters, self.pdl = dim, n, mix, iters, pdl
             self.head, self.norm, self.fuse_post, self.TB, self.nt, self.stamps = False, norm, fuse_post, tok_block, \
@@ -4566,10 +4545,7 @@ if HAVE_CUTE:
             return [[cute.arch.shuffle_sync(row[k], offset=t * n + jj) for k in range(n)] for jj in range(n)]
 
         def _push(self, addr, rank, val, mbar_addr):
-            if const_expr(self.mbar):
-                _st_async_f32(addr, rank, val, mbar_addr)
-            else:
-                _st_dsmem_f32(addr, rank, val)
+            _st_async_f32(addr, rank, val, mbar_addr)
 
         @cute.jit
         def _stamp(self, sStamp, slot: int, tidx):
@@ -4601,17 +4577,16 @@ if HAVE_CUTE:
             self._stamp(sStamp, 0, tidx)
             mbar_ptr = storage.mbar.data_ptr()
             mbar_addr = mbar_ptr.toint()
-            if const_expr(self.mbar):
-                # two one-shot mbarriers: the partials (phase 1) and the sums of squares (phase 2); thread 0 arrives
-                # once on each, expecting the bytes the peers will store into this CTA for the valid tokens
-                if tidx == 0:
-                    valid = cutlass.min(num_tokens - mb * TB, TB)
-                    per = cutlass.select_(c == self.ctas - 1, Int32(self.mix + 1), Int32(n + 1))
-                    cute.arch.mbarrier_init(mbar_ptr, 1)
-                    cute.arch.mbarrier_init(mbar_ptr + 1, 1)
-                    cute.arch.mbarrier_init_fence()
-                    cute.arch.mbarrier_arrive_and_expect_tx(mbar_ptr, valid * G * per * 4)
-                    cute.arch.mbarrier_arrive_and_expect_tx(mbar_ptr + 1, valid * self.ctas * 4)
+            # two one-shot mbarriers: the partials (phase 1) and the sums of squares (phase 2); thread 0 arrives
+            # once on each, expecting the bytes the peers will store into this CTA for the valid tokens
+            if tidx == 0:
+                valid = cutlass.min(num_tokens - mb * TB, TB)
+                per = cutlass.select_(c == self.ctas - 1, Int32(self.mix + 1), Int32(n + 1))
+                cute.arch.mbarrier_init(mbar_ptr, 1)
+                cute.arch.mbarrier_init(mbar_ptr + 1, 1)
+                cute.arch.mbarrier_init_fence()
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar_ptr, valid * G * per * 4)
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar_ptr + 1, valid * self.ctas * 4)
             cute.arch.cluster_arrive_relaxed()        # phase 0: this CTA runs (peers may store into its smem)
             if warp < self.mix_warps:
                 i = warp // self.gpc
@@ -4676,11 +4651,7 @@ if HAVE_CUTE:
                         if lane <= self.mix:
                             self._push(addr, self.ctas - 1, s, mbar_addr)
                 self._stamp(sStamp, 2, tidx)
-                if const_expr(self.mbar):
-                    cute.arch.mbarrier_wait(mbar_ptr, 0)                   # every partial of this CTA arrived
-                else:
-                    cute.arch.cluster_arrive()                             # phase 1: partials stored (release)
-                    cute.arch.cluster_wait()
+                cute.arch.mbarrier_wait(mbar_ptr, 0)                       # every partial of this CTA arrived
                 self._stamp(sStamp, 3, tidx)
                 per_warp = G // 4
                 sink = c == self.ctas - 1
@@ -4732,11 +4703,7 @@ if HAVE_CUTE:
                             for r in cutlass.range_constexpr(self.ctas):
                                 self._push(ss_base, r, ss, mbar_addr + 8)
                     self._stamp(sStamp, 5, tidx)
-                    if const_expr(self.mbar):
-                        cute.arch.mbarrier_wait(mbar_ptr + 1, 0)
-                    else:
-                        cute.arch.cluster_arrive()                         # phase 2: sums of squares stored
-                        cute.arch.cluster_wait()
+                    cute.arch.mbarrier_wait(mbar_ptr + 1, 0)
                     self._stamp(sStamp, 6, tidx)
                     for t in cutlass.range_constexpr(TB):
                         m = mb * TB + t
@@ -4762,12 +4729,7 @@ if HAVE_CUTE:
                     cute.arch.griddepcontrol_launch_dependents()
                     cute.arch.griddepcontrol_wait()
                 cute.arch.cluster_wait()
-                if const_expr(not self.mbar):
-                    cute.arch.cluster_arrive()
-                    cute.arch.cluster_wait()
                 cute.arch.sync_threads()                                   # red is complete
-                if const_expr(self.norm and not self.mbar):
-                    cute.arch.cluster_arrive()                             # phase 2 (no wait: reads no DSMEM)
                 sink_t0 = cute.make_rmem_tensor((1,), Int64)
                 if const_expr(self.lanes):
                     # lane t*n + j: row j of token t's softmax and post_j (their divisions no longer one after the
@@ -4833,10 +4795,8 @@ def _compile_mix(dim: int, n: int, mix: int, fuse_post: bool, pdl: bool | None =
     return _load_or_compile(("hc_mix", dim, n, mix, fuse_post, pdl), build)
 
 
-def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: bool,
-                      pdl: bool | None = None, sinkhorn_loop: bool | None = None):
+def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: bool, pdl: bool | None = None):
     pdl = HC_USE_PDL if pdl is None else pdl
-    loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
 
     def build():
         m = cute.sym_int()
@@ -4847,8 +4807,8 @@ def _compile_finalize(dim: int, n: int, mix: int, iters: int, head: bool, norm: 
                 _fake_2d(Float32, cute.sym_int(), n, 4), _fake_2d(Float32, cute.sym_int(), n * n, 4),
                 _fake_2d(Float32, cute.sym_int(), cute.sym_int(), 16),
                 Float32(0.0), Float32(0.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcFinalize(dim, n, mix, iters, head, norm, pdl, loop), args
-    return _load_or_compile(("hc_fin", dim, n, mix, iters, head, norm, pdl) + (("loop",) if loop else ()), build)
+        return HcFinalize(dim, n, mix, iters, head, norm, pdl), args
+    return _load_or_compile(("hc_fin", dim, n, mix, iters, head, norm, pdl), build)
 
 
 def _compile_post(dim: int, n: int, pdl: bool | None = None):
@@ -4864,13 +4824,8 @@ def _compile_post(dim: int, n: int, pdl: bool | None = None):
 
 
 def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm: bool, tok_block: int, nt: int,
-                  pdl: bool | None = None, stamps: bool = False, add_f2: bool = False,
-                  sinkhorn_loop: bool | None = None, mbar: bool | None = None, lanes: bool | None = None,
-                  slots: tuple = ()):
+                  pdl: bool | None = None, stamps: bool = False, add_f2: bool = False, slots: tuple = ()):
     pdl = HC_USE_PDL if pdl is None else pdl
-    lanes = HC_SINKHORN_LANES if lanes is None else lanes
-    loop = HC_SINKHORN_LOOP if sinkhorn_loop is None else sinkhorn_loop
-    mbar = HC_CLUSTER_MBAR if mbar is None else mbar
 
     def build():
         m = cute.sym_int()
@@ -4885,10 +4840,8 @@ def _compile_site(dim: int, n: int, mix: int, iters: int, fuse_post: bool, norm:
                 cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int(),)),
                 cute.runtime.make_fake_compact_tensor(Int32, (cute.sym_int(),)),
                 Float32(0.0), Float32(0.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, loop,
-                             mbar, lanes, slots), args
-    return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2,
-                             loop) + (("mbar",) if mbar else ()) + (("lanes",) if lanes else ()) +
+        return HcSiteCluster(dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2, slots), args
+    return _load_or_compile(("hc_site", dim, n, mix, iters, fuse_post, norm, tok_block, nt, pdl, stamps, add_f2) +
                             (("slots",) + tuple(slots) if slots else ()), build)
 
 
@@ -4969,13 +4922,13 @@ def _unused_ids(dev) -> torch.Tensor:
 
 
 def _site_cluster_takes(M: int, D: int, mix: int, head: bool) -> bool:
-    return HC_SITE == "cluster" and not head and M <= HC_CLUSTER_MAX_TOKENS and site_cluster_dim_ok(D) and \
+    return not head and M <= HC_CLUSTER_MAX_TOKENS and site_cluster_dim_ok(D) and \
         mix + 1 <= HC_SLOTS and min(FIN_THREADS, D // 8) // HC_CLUSTER_NT <= 16
 
 
 def _pre_kernels(h2, fn, scale, base, n, iters, eps, norm_eps, head, post_args=None, norm_weight=None):
     """HcMix (plain or fused with the previous hc_post: post_args = (f, res2, post, comb2)) + HcFinalize, or at
-    decode sizes HcSiteCluster (HC_SITE). h2 [M, n*D] is the collapsed input (fused: the new residual, written by
+    decode sizes HcSiteCluster (M <= HC_CLUSTER_MAX_TOKENS). h2 [M, n*D] is the collapsed input (fused: the new residual, written by
     the kernel)."""
     M, D = h2.shape[0], h2.shape[1] // n
     mix = fn.shape[0]

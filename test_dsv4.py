@@ -2527,7 +2527,7 @@ def test_gemv_compiles_for_sm90a_on_a_cpu_only_machine(tmp_path):
     r = subprocess.run([sys.executable, "-c", COMPILE_FLASH, str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 21
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) >= 16
 
 
 # ---------------------------------------------------------------------------------------------------- GPU tests
@@ -6033,7 +6033,7 @@ def test_gpu_bf16_gemv_k_warps_split_gives_the_bits_of_the_cluster_split(M, stag
 
 
 # ====================================================================================================================
-# mHC site in one cluster launch (HcSiteCluster, kernels.HC_SITE; issue #5, session 6) — tests
+# mHC site in one cluster launch (HcSiteCluster, M <= kernels.HC_CLUSTER_MAX_TOKENS; issue #5, session 6) — tests
 # ====================================================================================================================
 # CPU: every decode variant compiles for sm_90a without spills. GPU: the one-launch site gives the bits of the two
 # kernels (HcMix + HcFinalize) for plain / fused hc_post, with / without the RMSNorm, M <= 8, and in a CUDA graph.
@@ -6047,7 +6047,6 @@ for D, tb in ((4096, 1), (4096, 2), (256, 1), (7168, 1)):
             K._compile_site(D, 4, 24, 20, fuse, norm, tb, 8)
 K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True)
 K._compile_site(4096, 4, 24, 20, True, True, 2, 8, add_f2=True)
-K._compile_site(4096, 4, 24, 20, True, True, 1, 8, mbar=False)
 print("ok")
 """
 
@@ -6060,7 +6059,7 @@ def test_hc_site_cluster_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_p
                CUTE_DSL_DUMP_DIR=str(dump), PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", COMPILE_SITE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 19
+    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 18
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*HcSiteCluster*.ptx"))
     if ptxas is None or not ptxs:
@@ -6073,10 +6072,9 @@ def test_hc_site_cluster_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_p
 @pytest.mark.parametrize("M,D,takes", [(1, 4096, True), (8, 4096, True), (9, 4096, False), (1, 256, True),
                                        (1, 1536, False), (1, 7168, True), (1, 128, False)])
 def test_hc_site_cluster_takes_decode_shapes_only(M, D, takes, monkeypatch):
-    monkeypatch.setattr(K, "HC_SITE", "cluster")
     assert K._site_cluster_takes(M, D, 24, head=False) == takes
     assert not K._site_cluster_takes(M, D, 4, head=True)
-    monkeypatch.setattr(K, "HC_SITE", "two")
+    monkeypatch.setattr(K, "HC_CLUSTER_MAX_TOKENS", 0)
     assert not K._site_cluster_takes(M, D, 24, head=False)
 
 
@@ -6103,58 +6101,32 @@ def test_gpu_hc_site_cluster_gives_the_bits_of_the_two_kernels(M, D, fuse, norm,
     w = _norm_weight(D, "cuda") if norm else None
     calls = _site_calls(monkeypatch)
 
-    def run(mode, loop):
-        monkeypatch.setattr(K, "HC_SITE", mode)
-        monkeypatch.setattr(K, "HC_SINKHORN_LOOP", loop)
+    def run(mode):     # "two": HcMix + HcFinalize (the kernels of M > HC_CLUSTER_MAX_TOKENS) at this M
+        monkeypatch.setattr(K, "HC_CLUSTER_MAX_TOKENS", 8 if mode == "cluster" else 0)
         if fuse:
             return K.hc_post_pre_fused(f, h, post, comb, fn2, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
         return K.hc_pre_fused(h, fn2, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
-    old = run("two", False)                   # sessions 2-5: two kernels, unrolled Sinkhorn rounds
+    old = run("two")
     assert not calls
-    for mode, loop in (("cluster", True), ("two", True)):
-        new = run(mode, loop)
-        for a, b in zip(old, new):
-            assert a.shape == b.shape and torch.equal(a, b), (mode, loop, (a - b).abs().max().item())
+    new = run("cluster")
+    for a, b in zip(old, new):
+        assert a.shape == b.shape and torch.equal(a, b), (a - b).abs().max().item()
     assert calls == [M]
 
 
 @gpu
 def test_gpu_decode_with_one_launch_sites_gives_the_two_kernel_logits(gpu_checkpoints, monkeypatch):
-    """The whole decode step (graph, batch 2, 12 steps): one-launch mHC sites with the MoE add folded in and the
-    Sinkhorn loop give the logits of the session-5 step (two-kernel sites, unrolled Sinkhorn, torch add), bit for
-    bit."""
+    """The whole decode step (graph, batch 2, 12 steps): one-launch mHC sites with the MoE add folded in give the
+    logits of the session-5 step (two-kernel sites, torch add), bit for bit."""
     tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(4)).cuda()
     path = gpu_checkpoints["fp8"]
     calls = _site_calls(monkeypatch)
     on = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
     assert calls
-    monkeypatch.setattr(K, "HC_SITE", "two")
+    monkeypatch.setattr(K, "HC_CLUSTER_MAX_TOKENS", 0)       # two-kernel sites at every M
     monkeypatch.setattr(K, "HC_FOLD_ADD", False)
-    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
     off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
     assert torch.isfinite(on).all() and torch.equal(on, off)
-
-
-@pytest.mark.usefixtures("torch_reference_path")
-@gpu
-@pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("M,D", [(1, 4096), (3, 4096), (8, 4096), (5, 256)])
-def test_gpu_hc_site_cluster_mbar_exchange_gives_the_same_bits(M, D, norm, monkeypatch):
-    """HC_CLUSTER_MBAR: the DSMEM exchanges signalled by st.async + mbarriers (every expected byte arrives: no hang,
-    same bits as the cluster-barrier variant and the session-5 kernels)."""
-    h, fn, scale, base, f = _inputs(M, D, seed=M * 17 + D, device="cuda")
-    _, post, comb = _dsv4_pre(h, fn, scale, base)
-    w = _norm_weight(D, "cuda") if norm else None
-    calls = _site_calls(monkeypatch)
-    outs = []
-    for mode, mbar, loop in (("two", False, False), ("cluster", False, True), ("cluster", True, True)):
-        monkeypatch.setattr(K, "HC_SITE", mode)
-        monkeypatch.setattr(K, "HC_CLUSTER_MBAR", mbar)
-        monkeypatch.setattr(K, "HC_SINKHORN_LOOP", loop)
-        outs.append(K.hc_post_pre_fused(f, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w))
-    assert calls == [M, M]
-    for a, b, c in zip(*outs):
-        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.usefixtures("torch_reference_path")
@@ -6181,12 +6153,10 @@ def test_gpu_hc_site_cluster_adds_the_unsummed_pair_like_torch(M, D, monkeypatch
     _, post, comb = _dsv4_pre(h, fn, scale, base)
     w = _norm_weight(D, "cuda")
     calls = _site_calls(monkeypatch)
-    monkeypatch.setattr(K, "HC_SITE", "two")
-    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
+    monkeypatch.setattr(K, "HC_CLUSTER_MAX_TOKENS", 0)       # HcMix + HcFinalize at this M
     ref = K.hc_post_pre_fused(a + b, h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
-    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", True)
     two = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
-    monkeypatch.setattr(K, "HC_SITE", "cluster")
+    monkeypatch.setattr(K, "HC_CLUSTER_MAX_TOKENS", 8)
     new = K.hc_post_pre_fused((a, b), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=w)
     assert calls == [M]
     for u, v, z in zip(ref, two, new):
@@ -6211,11 +6181,9 @@ def test_gpu_hc_site_cluster_chain_replays_in_a_graph_with_the_bits_of_the_two_k
             h, f, post, comb = K.hc_post_pre_fused(f, h, post, comb, fns[k], scale, base, N, ITERS, EPS, NORM_EPS,
                                                    norm_weight=w)
         return h, f, post, comb
-    monkeypatch.setattr(K, "HC_SITE", "two")
-    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", False)
+    monkeypatch.setattr(K, "HC_CLUSTER_MAX_TOKENS", 0)       # HcMix + HcFinalize at this M
     ref = chain()
-    monkeypatch.setattr(K, "HC_SITE", "cluster")
-    monkeypatch.setattr(K, "HC_SINKHORN_LOOP", True)
+    monkeypatch.setattr(K, "HC_CLUSTER_MAX_TOKENS", 8)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -6412,7 +6380,7 @@ def test_gpu_site_sums_the_routed_slots_like_moe_combine(T, k, routing, monkeypa
     new = K.hc_post_pre_fused((slots, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
     assert calls == [T]
     ref = K.hc_post_pre_fused((y, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
-    monkeypatch.setattr(K, "HC_SITE", "two")      # the session-5 kernels, torch's bf16 add
+    monkeypatch.setattr(K, "HC_CLUSTER_MAX_TOKENS", 0)       # the session-5 kernels, torch's bf16 add
     two = K.hc_post_pre_fused((slots, s), h, post, comb, fn, scale, base, N, ITERS, EPS, NORM_EPS, norm_weight=wn)
     assert calls == [T, T]
     for a, b, c in zip(new, ref, two):
