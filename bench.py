@@ -1017,8 +1017,6 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "INDEX_FOLD_QUERY", not K.INDEX_FOLD_QUERY),)),
     ("s8 indexfold at batch 1 too (kernels.INDEX_FOLD_QUERY on, INDEX_FOLD_MIN_BATCH 1)",
      ((K, "INDEX_FOLD_QUERY", True), (K, "INDEX_FOLD_MIN_BATCH", 1))),
-    ("s8 indexfold + its key copies before the PDL wait (INDEX_FOLD_QUERY, INDEX_FOLD_EARLY_KEYS on)",
-     ((K, "INDEX_FOLD_QUERY", True), (K, "INDEX_FOLD_EARLY_KEYS", True))),
     (f"s8 gemvpack: decode FP8 GEMVs on the {'[N, K] row-major' if K.GEMV_PACKED else 'packed'} weights "
      f"(kernels.GEMV_PACKED {'off' if K.GEMV_PACKED else 'on'})", ((K, "GEMV_PACKED", not K.GEMV_PACKED),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "

@@ -8180,10 +8180,9 @@ if HAVE_CUTE:
         rows from the CTAs that made them (DSMEM). Then IndexerTopK's cluster path on q in smem."""
 
         def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int,
-                     rope_dim: int, quant_sim: bool, hadamard_mode: str, early_keys: bool = False):
+                     rope_dim: int, quant_sim: bool, hadamard_mode: str):
             super().__init__(n_heads, head_dim, chunk, w_bf16, max_slots, cluster)
             assert cluster > 0
-            self.early_keys = early_keys
             self.qrow = IndexQuery(head_dim, rope_dim, quant_sim, True, hadamard_mode, warps=self.threads // 32)
             assert self.qrow.vecs == 1 and self.qrow.width == 4, "one 4-wide chunk per lane (head_dim 128)"
             self.rows_per = -(-n_heads // cluster)
@@ -8220,18 +8219,14 @@ if HAVE_CUTE:
             t0 = blk * self.chunk
             storage = _SmemAllocator().allocate(self.shared_storage)              # once: see cluster_select
             sK = storage.sK.get_tensor(cute.make_layout((self.chunk, self.row), stride=(self.row, 1)))
-            if const_expr(self.early_keys):     # keys, pos: made by kernels this one fully depends on (branch joins)
-                if t0 < visible:
-                    self.issue_keys(mK, sK, b, t0, visible)
             _pdl_enter()                                                # iq: the GEMV before this launch
             if visible == 0:                                            # the same for every CTA of the cluster
                 if blk == 0:
                     for i in cutlass.range(tidx, k, self.threads, unroll=1):
                         mOut[b, 0, i] = Int64(-1)
             else:
-                if const_expr(not self.early_keys):                     # in flight while the queries are made
-                    if t0 < visible:
-                        self.issue_keys(mK, sK, b, t0, visible)
+                if t0 < visible:                                        # in flight while the queries are made
+                    self.issue_keys(mK, sK, b, t0, visible)
                 self.cluster_select(None, mK, mW, mOut, b, blk, t0, visible, w_scale, query=(mIq, mAng, mPos),
                                     keys_issued=True, storage=storage)
 
@@ -8823,7 +8818,7 @@ def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: in
 
 
 def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chunk: int, w_bf16: bool, cluster: int,
-                                rope_dim: int, quant_sim: bool, hadamard_mode: str, early_keys: bool = False):
+                                rope_dim: int, quant_sim: bool, hadamard_mode: str):
     def build():
         B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
         words = head_dim // 2
@@ -8839,9 +8834,9 @@ def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chu
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
                 Int32(4), Float32(1.0), Int32(256), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return IndexerTopKQuery(n_heads, head_dim, chunk, w_bf16, max_slots, cluster, rope_dim, quant_sim,
-                                hadamard_mode, early_keys), args
+                                hadamard_mode), args
     return _load_or_compile(("sidxq", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster, rope_dim,
-                             quant_sim, hadamard_mode) + (("early",) if early_keys else ()), build)
+                             quant_sim, hadamard_mode), build)
 
 
 def fused_topk_slots(T: int) -> int:
@@ -9017,7 +9012,6 @@ INDEX_FOLD_QUERY = True    # indexer_query_topk_decode: IndexQuery inside the on
 INDEX_FOLD_MIN_BATCH = 2   # ... from this batch on. H200, bench.py decode --layers 8, 7 rotated rounds with an A/A
                            # control at +0.002 / -0.003 ms per step (s10): batch 8 -0.040 ms per step with the fold,
                            # batch 1 +0.007 (slower, as in both s9 readings: +0.003 / 4 layers, +0.009 / 8 layers)
-INDEX_FOLD_EARLY_KEYS = False  # ... its key copies issued before the PDL wait (keys come from joined branches)
 
 
 def indexer_fold_query_ok(iq: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, weight_scale) -> bool:
@@ -9051,7 +9045,7 @@ def indexer_query_topk_decode(iq, angles, pos, quant_sim: bool, keys, weights, t
         out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
     ang, p, _ = _pos_arg(angles, pos)
     _compile_indexer_topk_query(nh, d, fused_topk_slots(cluster * INDEX_CHUNK), INDEX_CHUNK, True, cluster,
-                                2 * angles.shape[-1], quant_sim, HADAMARD_MODE, INDEX_FOLD_EARLY_KEYS)(
+                                2 * angles.shape[-1], quant_sim, HADAMARD_MODE)(
         iq.reshape(B * nh, d), ang, keys.view(torch.int32), weights.detach().reshape(B, nh).contiguous(), p,
         sort_keys, out, arrival_counters(iq.device, B, 1024), int(ratio), float(weight_scale), TOPK_RANK_MAX)
     return out

@@ -6665,26 +6665,25 @@ COMPILE_INDEX_FOLD = """
 import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 dump = os.environ["CUTE_DSL_DUMP_DIR"]
-for cl, early in ((8, False), (3, False), (8, True)):
-    K._compile_indexer_topk_query(64, 128, K.fused_topk_slots(cl * 128), 128, True, cl, 64, True, "fma_chain", early)
+for cl in (8, 3):
+    K._compile_indexer_topk_query(64, 128, K.fused_topk_slots(cl * 128), 128, True, cl, 64, True, "fma_chain")
     for ptx in glob.glob(os.path.join(dump, "cutlass*.ptx")):
-        os.replace(ptx, os.path.join(dump, f"fold_{cl}_{early}.ptx"))
+        os.replace(ptx, os.path.join(dump, f"fold_{cl}.ptx"))
 """
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_index_fold_query_compiles_for_sm90a_without_spills(tmp_path):
-    """IndexerTopKQuery (clusters of 8 and 3 CTAs: one and three query rows per warp; key copies after / before the
-    PDL wait) compiles for sm_90a on a GPU-less machine, its queries read from peers by DSMEM; where ptxas is
+    """IndexerTopKQuery (clusters of 8 and 3 CTAs: one and three query rows per warp; key copies after the PDL
+    wait) compiles for sm_90a on a GPU-less machine, its queries read from peers by DSMEM; where ptxas is
     installed: no register spills."""
     dump = _compile_for_sm90a(COMPILE_INDEX_FOLD, tmp_path)
     ptxs = sorted(dump.glob("fold_*.ptx"))
-    assert len(ptxs) == 3
+    assert len(ptxs) == 2
     for ptx in ptxs:
         text = ptx.read_text()
         assert "ld.shared::cluster" in text
-        early = text.index("cp.async.cg") < text.index("griddepcontrol.wait")
-        assert early == ptx.name.endswith("True.ptx"), "key copies before the PDL wait only with early_keys"
+        assert text.index("cp.async.cg") > text.index("griddepcontrol.wait"), "key copies after the PDL wait"
         ptxas = shutil.which("ptxas")
         if ptxas:
             rep = ptxas_report(ptxas, ptx, tmp_path)
@@ -6692,16 +6691,13 @@ def test_index_fold_query_compiles_for_sm90a_without_spills(tmp_path):
 
 
 @gpu
-@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("B,T,pos,quant_sim", [(1, 1024, 1000, True), (1, 1024, 4095, True), (1, 1024, 2, True),
                                                (2, 1024, 3000, True), (1, 1024, 0, True), (1, 300, 1000, True),
                                                (2, 200, 500, False), (1, 1024, 1000, False)])
-def test_gpu_index_fold_query_gives_the_two_launch_bits(B, T, pos, quant_sim, early, monkeypatch):
+def test_gpu_index_fold_query_gives_the_two_launch_bits(B, T, pos, quant_sim, monkeypatch):
     """INDEX_FOLD_QUERY: the query rows made by the top-k cluster's CTAs (IndexQuery.transform, shared through DSMEM)
     give IndexQuery + IndexerTopK's picks bit for bit (outputs poisoned first); one launch (the spies: the fold ran,
-    no IndexQuery launch); visible = 0, few, all; clusters of 8, 3 and 2 CTAs; key copies before / after the PDL
-    wait (INDEX_FOLD_EARLY_KEYS); a CUDA-graph replay too."""
-    monkeypatch.setattr(K, "INDEX_FOLD_EARLY_KEYS", early)
+    no IndexQuery launch); visible = 0, few, all; clusters of 8, 3 and 2 CTAs; a CUDA-graph replay too."""
     monkeypatch.setattr(K, "INDEX_FOLD_QUERY", False)
     monkeypatch.setattr(K, "INDEX_FOLD_MIN_BATCH", 1)        # the kernel takes any batch; the default rule B >= 2
     g = torch.Generator().manual_seed(T + pos)
