@@ -998,11 +998,12 @@ def fp8_linear_table(model, copy_bw):
     return rows
 
 
-S4 = ((K, "ATTN_WIDE", False), (K, "FUSED_TOPK", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"))
+S4 = ((K, "ATTN_WIDE", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"))
 S5 = ((K, "HC_CLUSTER_MAX_TOKENS", 0), (K, "HC_FOLD_ADD", False))   # session 6's mHC site (two kernels)
 DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed in the same run as the default step
     ("session-5 mHC sites, two kernels + torch add (= the session-5 step but for the attention's buffer fill)", S5),
-    ("sessions 5 and 6 off (= the session-4 step but for the attention's buffer fill)", S4 + S5),
+    ("sessions 5 and 6 off where still switchable (the session-4 step but for the attention's buffer fill, the s5 "
+     "GEMV rules and the one-launch top-k, whose alternatives were removed in session 11)", S4 + S5),
     ("one stream (NANO_DSV4_BRANCHES=0)", ((dsv4, "DECODE_BRANCHES", False),)),
     ("glue kernels without PDL (kernels.GLUE_PDL)", ((K, "GLUE_PDL", False),)),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),
@@ -1556,7 +1557,7 @@ def compare(one_path: str, two_path: str, ref_path: str | None = None):
 
 INDEXER_CASES = [(1024, 1000), (1024, 4095), (4096, 1000), (4096, 16383), (16384, 1000), (16384, 65535),
                  (32768, 131071)]
-INDEXER_VARIANTS = {"old": dict(FUSED_TOPK=False), "new": {}, "last": dict(TOPK_CLUSTER=False),
+INDEXER_VARIANTS = {"old": dict(DEVICE_TOPK=False), "new": {}, "last": dict(TOPK_CLUSTER=False),
                     "cluster": dict(TOPK_CLUSTER=True),
                     "last-c128": dict(TOPK_CLUSTER=False, FUSED_SMALL_CHUNK_MAX_T=0),
                     "sorted": dict(TOPK_CLUSTER=False, TOPK_RANK_MAX=0)}
@@ -1564,8 +1565,8 @@ INDEXER_VARIANTS = {"old": dict(FUSED_TOPK=False), "new": {}, "last": dict(TOPK_
 
 def bench_indexer(rounds: int = 7, chain: int = 16):
     """kernels.indexer_topk_decode at Flash dims (64 heads x 128, top 512, bf16 head weights scaled in the kernel),
-    B=1, T key slots, position pos (visible V = min((pos+1)//4, T)). Variants: old = IndexerScores + TopKSelect
-    (FUSED_TOPK=False), new = the defaults, last = IndexerTopK whose last CTA to arrive orders <=
+    B=1, T key slots, position pos (visible V = min((pos+1)//4, T)). Variants: old = IndexerScores + torch.topk
+    (DEVICE_TOPK=False; session 5's IndexerScores + TopKSelect was removed in session 11), new = the defaults, last = IndexerTopK whose last CTA to arrive orders <=
     FUSED_TOPK_MAX_SLOTS visible keys (ranks <= 256, else a bitonic sort; 64-key score CTAs up to T 4096), cluster =
     IndexerTopK whose first 8 CTAs form a cluster and rank <= 1024 visible keys through DSMEM, last-c128 = last with
     128-key score CTAs, sorted = last with the bitonic sort even for <= 256 keys; beyond what IndexerTopK covers

@@ -6548,7 +6548,8 @@ def compressor_decode_reference(comp, a: torch.Tensor, g: torch.Tensor, pos: tor
 # - indexer_topk_decode: the lightning indexer's scores in one kernel (tensor-core q·k, relu, head weights, head sum,
 #   future-block mask) written as order-preserving int64 sort keys (score, then lower index first); the last CTA to
 #   finish orders the visible keys (rank or bitonic sort; IndexerTopK): exactly the reference's stable descending
-#   order in 1 kernel (beyond FUSED_TOPK_MAX_SLOTS visible keys + a radix select + rank sort kernel, TopKSelect*).
+#   order in 1 kernel (beyond FUSED_TOPK_MAX_SLOTS visible keys + a radix select + rank sort kernel,
+#   TopKSelectVisible).
 # - gate_decode: dsv4.Gate.forward (sqrtsoftplus router, biased top-k or hash routing) in one kernel.
 #
 # Each torch-facing function has its pure-torch reference beside it (dsv4.py's own code); the function falls back to
@@ -6558,9 +6559,9 @@ def compressor_decode_reference(comp, a: torch.Tensor, g: torch.Tensor, pos: tor
 HEAD_TILE = 16          # attention heads per CTA (one m16 tensor-core tile)
 ATTN_CHUNK = 64         # keys per CTA (window slots first, then the compressed keys)
 INDEX_CHUNK = 128       # indexer keys per CTA
-DEVICE_TOPK = True      # indexer: the TopKSelect kernel (else torch.topk on the sort keys)
-FUSED_TOPK = True       # indexer: scores + top-k of the visible keys in one launch (IndexerTopK; beyond what it
-                        # covers + TopKSelectVisible), else IndexerScores + TopKSelect
+DEVICE_TOPK = True      # indexer: the top-k on the device (IndexerTopK: scores + top-k of the visible keys in one
+                        # launch, beyond what it covers + TopKSelectVisible), else IndexerScores + torch.topk on the
+                        # sort keys (also what takes more keys than TopKSelectVisible can)
 TOPK_CLUSTER = True     # IndexerTopK where T <= 8 x INDEX_CHUNK: its CTAs form one cluster and rank the visible keys
                         # through DSMEM; else the last CTA to arrive orders <= FUSED_TOPK_MAX_SLOTS (a power of 2)
 FUSED_TOPK_MAX_SLOTS = 1024
@@ -8284,7 +8285,8 @@ if HAVE_CUTE:
                                       "cvt.s64.s32 $0, lo;\n}", "=l,l", has_side_effects=False, loc=loc, ip=ip))
 
     class TopKSelect:
-        """out[b, 0, :] = block ids of the k largest int64 sort keys of row b, in descending key order (the keys are
+        """The radix select of TopKSelectVisible (its launcher; session 5's two-launch path IndexerScores + a
+        TopKSelect launch of its own was removed in session 11): out[b, 0, :] = block ids of the k largest int64 sort keys of row b, in descending key order (the keys are
         unique except INT64_MIN = future block, which decodes to -1). One CTA of 1024 threads per row, keys in
         registers (keys_per_thread static). Radix select, 8 bits per pass from the top (flipped sign bit =
         unsigned order): a shared 256-bin histogram of the keys matching the prefix so far (match.any: one atomic
@@ -8292,30 +8294,8 @@ if HAVE_CUTE:
         key K* is known. Keys > K* (fewer than k, unique) are compacted by a block scan and placed by rank (count
         of larger ones); the remaining slots take K*."""
 
-        visible_only = False                                      # TopKSelectVisible
-
         def __init__(self, keys_per_thread: int, max_k: int = 1024):
             self.n, self.max_k, self.threads = keys_per_thread, max_k, 1024
-
-        @cute.jit
-        def __call__(self, mKeys: cute.Tensor, mOut: cute.Tensor, stream):
-            B = cute.size(mKeys, mode=[0])
-
-            @cute.struct
-            class SharedStorage:
-                sel: cute.struct.MemRange[Int64, self.max_k]
-                hist: cute.struct.MemRange[Int32, 256]
-                warp_sum: cute.struct.MemRange[Int32, 32]
-                ctrl: cute.struct.MemRange[Int64, 4]
-
-            self.shared_storage = SharedStorage
-            self.kernel(mKeys, mOut).launch(grid=[B, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=GLUE_PDL)
-
-        @cute.kernel
-        def kernel(self, mKeys: cute.Tensor, mOut: cute.Tensor):
-            _pdl_enter()
-            b, _, _ = cute.arch.block_idx()
-            self.select(mKeys, mOut, b, cute.size(mKeys, mode=[1]))
 
         @cute.jit
         def select(self, mKeys: cute.Tensor, mOut: cute.Tensor, b: Int32, T: Int32):
@@ -8351,7 +8331,7 @@ if HAVE_CUTE:
                     if const_expr(p > 0):
                         if (u[i] >> (shift + 8)) != (prefix >> (shift + 8)):
                             d = Int32(256)                        # not under the prefix: counted nowhere
-                    if const_expr(self.visible_only and p > 0):
+                    if const_expr(p > 0):
                         if cute.arch.vote_any_sync(d < 256):      # (most warps have no key under the prefix)
                             peers = match_any(d)
                             if d < 256 and (peers & ((Int32(1) << lane) - 1)) == 0:
@@ -8450,8 +8430,7 @@ if HAVE_CUTE:
         """TopKSelect after IndexerTopK(max_slots = limit) where T > limit: runs only where V = min((pos+1)//ratio, T)
         > limit (IndexerTopK has written the output otherwise) and reads only the V visible keys (IndexerTopK writes
         no keys past the CTAs holding visible ones; the rest count as INT64_MIN, as they would be). Radix passes after
-        the first skip match.any in warps with no key under the prefix. Same selection, same bits as TopKSelect."""
-        visible_only = True
+        the first skip match.any in warps with no key under the prefix."""
 
         @cute.jit
         def __call__(self, mKeys: cute.Tensor, mOut: cute.Tensor, mPos: cute.Tensor, ratio: Int32, limit: Int32,
@@ -8786,16 +8765,16 @@ def _compile_indexer(n_heads: int, head_dim: int, chunk: int = INDEX_CHUNK, w_bf
     return _load_or_compile(("sidx", GLUE_PDL, n_heads, head_dim, chunk) + (("w_bf16",) if w_bf16 else ()), build)
 
 
-def _compile_topk(keys_per_thread: int, visible_only: bool = False):
+def _compile_topk(keys_per_thread: int):
+    """TopKSelectVisible (call: sort keys, out, pos, ratio, limit)."""
     def build():
         B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
         args = (cute.runtime.make_fake_compact_tensor(Int64, (B, T), stride_order=(1, 0), assumed_align=8),
-                cute.runtime.make_fake_compact_tensor(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8))
-        if visible_only:
-            args += (cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8), Int32(4), Int32(4096))
-        args += (cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),)
-        return (TopKSelectVisible if visible_only else TopKSelect)(keys_per_thread), args
-    return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread) + (("visible",) if visible_only else ()), build)
+                cute.runtime.make_fake_compact_tensor(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
+                cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8), Int32(4), Int32(4096),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return TopKSelectVisible(keys_per_thread), args
+    return _load_or_compile(("stopk", GLUE_PDL, keys_per_thread, "visible"), build)
 
 
 def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: int = INDEX_CHUNK,
@@ -8962,9 +8941,9 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     """Indexer._top_blocks for one query per sequence (signature and semantics of indexer_topk_reference): one CuTe
     DSL kernel writes int64 sort keys (score, then lower index first; future blocks lowest), the largest min(topk, T)
     in descending order (unique keys: the order is exactly the stable sort's) give the block ids (their low words;
-    -1 for future blocks). FUSED_TOPK: the scoring kernel's last CTA orders up to FUSED_TOPK_MAX_SLOTS visible keys
-    itself (one launch), TopKSelectVisible takes more; else TopKSelect (DEVICE_TOPK) or torch.topk after it, the same
-    bits. weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
+    -1 for future blocks). The scoring kernel's cluster (T <= 8 chunks) or last CTA orders up to
+    FUSED_TOPK_MAX_SLOTS visible keys itself (one launch), TopKSelectVisible takes more; beyond its limits (or
+    DEVICE_TOPK off) IndexerScores + torch.topk, the same bits. weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
     reason = _gpu_ok(q, keys)
     B, _, nh, d = q.shape
     if reason is None and (nh % 16 or d % 64 or q.shape[1] != 1):
@@ -8980,12 +8959,12 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
         w = w.float() * weight_scale
     k = min(topk, T)
     per_thread = -(-T // 1024)
-    radix_ok = k <= 512 and per_thread <= 32                       # TopKSelect's limits
+    radix_ok = k <= 512 and per_thread <= 32                       # TopKSelectVisible's limits
     # one launch orders up to `covered` visible keys (a cluster of <= 8 CTAs, or the last CTA); more: TopKSelectVisible
     cluster = -(-T // INDEX_CHUNK) if TOPK_CLUSTER and 2 * INDEX_CHUNK == 256 and T <= 8 * INDEX_CHUNK else 0
     covered = cluster * INDEX_CHUNK if cluster else fused_topk_slots(min(T, FUSED_TOPK_MAX_SLOTS))
     chunk = INDEX_CHUNK if cluster or T > FUSED_SMALL_CHUNK_MAX_T else 64     # (R1 H100: 64 faster to T 4096)
-    if DEVICE_TOPK and FUSED_TOPK and (T <= covered or radix_ok):
+    if DEVICE_TOPK and (T <= covered or radix_ok):
         slots = fused_topk_slots(covered)
         out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
         if POISON:          # tests: an unwritten pick shows up as -7, an unwritten visible key as a top pick
@@ -8995,15 +8974,11 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
             w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys, out,
             arrival_counters(q.device, B, 1024), int(ratio), float(weight_scale) if w_bf16 else 1.0, TOPK_RANK_MAX)
         if T > covered:
-            _compile_topk(per_thread, True)(sort_keys, out, pos, int(ratio), covered)
+            _compile_topk(per_thread)(sort_keys, out, pos, int(ratio), covered)
         return out
     _compile_indexer(nh, d, INDEX_CHUNK, w_bf16)(q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
                                                  w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys,
                                                  int(ratio), float(weight_scale) if w_bf16 else 1.0)
-    if DEVICE_TOPK and radix_ok:
-        out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
-        _compile_topk(per_thread)(sort_keys, out)
-        return out
     top = torch.topk(sort_keys, k, dim=-1).values
     return sort_keys_to_blocks(top).view(B, 1, -1)
 
@@ -9018,7 +8993,7 @@ def indexer_fold_query_ok(iq: torch.Tensor, keys: torch.Tensor, weights: torch.T
     """Whether indexer_query_topk_decode runs as one IndexerTopKQuery launch: INDEX_FOLD_QUERY, a batch of at least
     INDEX_FOLD_MIN_BATCH, the one-launch cluster top-k (T <= 8 chunks), one bf16 query per sequence with head_dim
     128, bf16 head weights scaled in the kernel."""
-    if not (INDEX_FOLD_QUERY and DEVICE_TOPK and FUSED_TOPK and TOPK_CLUSTER and 2 * INDEX_CHUNK == 256):
+    if not (INDEX_FOLD_QUERY and DEVICE_TOPK and TOPK_CLUSTER and 2 * INDEX_CHUNK == 256):
         return False
     if _gpu_ok(iq, keys) is not None or glue_unavailable_reason(iq) is not None:
         return False
