@@ -6042,7 +6042,6 @@ for D, tb in ((4096, 1), (4096, 2), (256, 1), (7168, 1)):
     for fuse in (False, True):
         for norm in (False, True):
             K._compile_site(D, 4, 24, 20, fuse, norm, tb, 8)
-K._compile_site(4096, 4, 24, 20, True, True, 1, 8, stamps=True)
 K._compile_site(4096, 4, 24, 20, True, True, 2, 8, add_f2=True)
 print("ok")
 """
@@ -6056,7 +6055,7 @@ def test_hc_site_cluster_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_p
                CUTE_DSL_DUMP_DIR=str(dump), PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", COMPILE_SITE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 18
+    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".o")]) == 17
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*HcSiteCluster*.ptx"))
     if ptxas is None or not ptxs:
