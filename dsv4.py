@@ -490,18 +490,12 @@ class Projections:
         self.merged = merged
 
     def pack(self):
-        """The merged linear's packed GEMV copy (pack_gemv_weights). In order 1 (row-tile major) each member's is a
-        row range of it (its rows start at a multiple of 128: a 16-row-aligned range is its own packing)."""
+        """The merged linear's packed GEMV copy (pack_gemv_weights). A member's rows are no contiguous range of it
+        (k-block major tiles): the members (run alone at B > 1) read their [N, K] views."""
         m = self.merged
         if m is None or m.scale is None:
             return
         m.packed = kernels.pack_fp8_gemv_weight(m.weight)
-        if kernels.GEMV_PACK_ORDER != 1:              # order 2 (k-block major): a row range is not contiguous; the
-            return                                    # members (run alone at B > 1) read their [N, K] views
-        row = 0
-        for l in self.linears:
-            l.packed = m.packed[row:row + -(-l.out_features // 16) * 16]
-            row += l.out_features
 
     def __call__(self, x: torch.Tensor, split: bool = True):
         """-> each linear's output (split) or all of them side by side in one tensor [..., sum of N]."""

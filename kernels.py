@@ -1563,48 +1563,41 @@ def fp8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return y.to(x.dtype)
 
 
-# Packed weight layout (session 8): the order in which Fp8Gemv's warps consume W. Tile (r16, kb) = rows
-# [16 r16, 16 r16 + 16) x k [128 kb, 128 kb + 128) = 2 KB at byte (r16 * K/128 + kb) * 2048, inside it
-# [h][half][lane = 4 g + t][16 B] = row 16 r16 + 8 h + g, bytes [64 half + 16 t, +16) of the k block: each warp load
-# instruction (fixed h, half) reads 512 contiguous bytes, a warp's stage one 2 KB run, its consecutive k blocks
-# consecutive tiles. Every config (rows per warp/CTA, stages, K splits over CTAs or warps) reads the same layout.
+# Packed weight layout (sessions 8-9): the order in which Fp8Gemv's warps consume W. Tile (r16, kb) = rows
+# [16 r16, 16 r16 + 16) x k [128 kb, 128 kb + 128) = 2 KB at byte (kb * N16/16 + r16) * 2048 (k-block major: the CTAs
+# of a wave read neighbouring tiles), inside it [h][half][lane = 4 g + t][16 B] = row 16 r16 + 8 h + g, bytes
+# [64 half + 16 t, +16) of the k block: each warp load instruction (fixed h, half) reads 512 contiguous bytes, a warp's
+# stage one 2 KB run. Every config (rows per warp/CTA, stages, K splits over CTAs or warps) reads the same layout.
+# (Session 8's row-tile-major order 1, a warp's whole K slice one run, made the many-CTA split-K GEMVs ~1.2 us slower
+# in a chain and never won in the step; removed in session 11.)
 PACK_TILE_BYTES = 2048
-GEMV_PACK_ORDER = int(os.environ.get("NANO_DSV4_GEMV_PACK_ORDER", "2"))
-                       # tile order of pack_fp8_gemv_weight / what fp8_gemv assumes: 1 = row-tile major (a warp's k
-                       # blocks one contiguous run; a 16-row-aligned row range is its own packing), 2 = k-block major
-                       # (tile (r16, kb) at (kb * N16/16 + r16) * 2 KB: the CTAs of a wave read neighbouring tiles)
 
 
-def pack_fp8_gemv_weight(weight: torch.Tensor, order: int | None = None) -> torch.Tensor:
+def pack_fp8_gemv_weight(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] (any 1-byte dtype, K % 128 == 0) -> same dtype [N16, K] in the packed tile order (N16 = N rounded up to
-    16; the pad rows are zeros; order default GEMV_PACK_ORDER). A one-time copy at load; unpack_fp8_gemv_weight
-    inverts it."""
-    order = GEMV_PACK_ORDER if order is None else order
+    16; the pad rows are zeros). A one-time copy at load; unpack_fp8_gemv_weight inverts it."""
     N, Kd = weight.shape
-    assert Kd % BLOCK == 0 and weight.element_size() == 1 and order in (1, 2), (tuple(weight.shape), weight.dtype)
+    assert Kd % BLOCK == 0 and weight.element_size() == 1, (tuple(weight.shape), weight.dtype)
     n16 = -(-N // 16) * 16
     w = weight.view(torch.uint8)
     if n16 != N:
         w = torch.cat([w, w.new_zeros(n16 - N, Kd)])
-    # [r16][h][g][kb][half][t][16 B] -> [r16][kb][h][half][g][t][16 B] (order 2: [kb][r16]...)
-    t = w.reshape(n16 // 16, 2, 8, Kd // BLOCK, 2, 4, 16).permute(*((0, 3) if order == 1 else (3, 0)), 1, 4, 2, 5, 6)
+    # [r16][h][g][kb][half][t][16 B] -> [kb][r16][h][half][g][t][16 B]
+    t = w.reshape(n16 // 16, 2, 8, Kd // BLOCK, 2, 4, 16).permute(3, 0, 1, 4, 2, 5, 6)
     return t.contiguous().view(n16, Kd).view(weight.dtype)
 
 
-def unpack_fp8_gemv_weight(packed: torch.Tensor, n: int, order: int | None = None) -> torch.Tensor:
+def unpack_fp8_gemv_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of pack_fp8_gemv_weight: packed [N16, K] -> [n, K] in row-major checkpoint order."""
-    order = GEMV_PACK_ORDER if order is None else order
     n16, Kd = packed.shape
-    shape = (n16 // 16, Kd // BLOCK) if order == 1 else (Kd // BLOCK, n16 // 16)
-    t = packed.view(torch.uint8).reshape(*shape, 2, 2, 8, 4, 16)
-    t = t.permute(0, 2, 4, 1, 3, 5, 6) if order == 1 else t.permute(1, 2, 4, 0, 3, 5, 6)
+    t = packed.view(torch.uint8).reshape(Kd // BLOCK, n16 // 16, 2, 2, 8, 4, 16)
+    t = t.permute(1, 2, 4, 0, 3, 5, 6)
     return t.contiguous().view(n16, Kd)[:n].view(packed.dtype)
 
 
-def fp8_gemv_packed_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int,
-                              order: int | None = None) -> torch.Tensor:
+def fp8_gemv_packed_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
     """fp8_gemv_reference of the weight a packed tensor holds (n rows)."""
-    return fp8_gemv_reference(x, unpack_fp8_gemv_weight(packed, n, order), scale)
+    return fp8_gemv_reference(x, unpack_fp8_gemv_weight(packed, n), scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1871,12 +1864,12 @@ if HAVE_CUTE:
 
         def __init__(self, k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int,
                      pdl: bool = True, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
-                     group_rows: int = 0, w16: bool = False, k_warps: int = 1, packed: int = 0):
+                     group_rows: int = 0, w16: bool = False, k_warps: int = 1, packed: bool = False):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
             # packed: W is pack_fp8_gemv_weight's tile order (a warp's stage = 2 KB contiguous, one 512-B run per
-            # load instruction), 1: tiles row-tile major, 2: k-block major; N comes from mOut (mW's shape is only its
-            # storage); same fragments and bits
-            self.packed = int(packed)
+            # load instruction; tiles k-block major); N comes from mOut (mW's shape is only its storage); same
+            # fragments and bits
+            self.packed = bool(packed)
             assert not (packed and w16)
             # k_warps KW > 1: the CTA's K slice is split over KW warps of each row group (split-K inside the CTA,
             # partials summed through shared memory in warp order): KW x fewer rows per CTA, no global partials
@@ -1969,12 +1962,8 @@ if HAVE_CUTE:
                     if const_expr(self.packed):
                         # 2 KB tile (16-row tile, k block) = [h][half][lane][16 B]; tiles past N: the last, unused
                         tile = cutlass.min((row_w + 16 * rt) // 16, (N - 1) // 16)
-                        if const_expr(self.packed == 2):                       # tiles k-block major
-                            row_addr.append(w_base + (Int64(kb0 + warp_k * self.kbw) * ((N + 15) // 16)
-                                                      + Int64(tile)) * PACK_TILE_BYTES + Int64(h * 1024 + lane * 16))
-                        else:                                                  # tiles row-tile major
-                            row_addr.append(w_base + (Int64(tile) * (Kd // BLOCK) + Int64(kb0 + warp_k * self.kbw))
-                                            * PACK_TILE_BYTES + Int64(h * 1024 + lane * 16))
+                        row_addr.append(w_base + (Int64(kb0 + warp_k * self.kbw) * ((N + 15) // 16)
+                                                  + Int64(tile)) * PACK_TILE_BYTES + Int64(h * 1024 + lane * 16))
                     elif const_expr(self.w16):                                  # 2 bytes per weight
                         row_addr.append(w_base + Int64(r) * (2 * Kd)
                                         + Int64((kb0 + warp_k * self.kbw) * BLOCK * 2 + 32 * t))
@@ -1983,7 +1972,7 @@ if HAVE_CUTE:
 
             # packed: bytes from one k block's tile to the next of the same rows
             kb_step = Int64(PACK_TILE_BYTES)
-            if const_expr(self.packed == 2):
+            if const_expr(self.packed):
                 kb_step = Int64((N + 15) // 16) * PACK_TILE_BYTES
 
             def load_stage(kb, st):
@@ -2240,12 +2229,12 @@ if HAVE_CUTE:
 
 def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int, stages: int, pdl: bool = True,
                   cluster: bool = False, min_ctas: int = 0, a16: bool = False, group_rows: int = 0, w16: bool = False,
-                  k_warps: int = 1, packed: int = 0):
+                  k_warps: int = 1, packed: bool = False):
     """Compiled Fp8Gemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
-    packed (1, 2 = pack_fp8_gemv_weight's order): the weight argument is its data viewed as uint8 [N16, K]."""
+    packed (pack_fp8_gemv_weight's layout): the weight argument is its data viewed as uint8 [N16, K]."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cluster, min_ctas) + \
         (("a16", group_rows) if a16 else ()) + (("w16",) if w16 else ()) + (("kw", k_warps) if k_warps > 1 else ()) + \
-        ((("packed",) if int(packed) == 1 else ("packed", int(packed))) if packed else ())
+        (("packed",) if packed else ())
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cluster, min_ctas, a16, group_rows, w16,
@@ -2330,7 +2319,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config:
     if packed_rows:
         if weight.shape[0] != -(-N // 16) * 16:
             raise ValueError(f"fp8_gemv: a packed weight of {N} rows is [{-(-N // 16) * 16}, K], got {tuple(weight.shape)}")
-        cfg["packed"] = cfg.get("packed") or GEMV_PACK_ORDER
+        cfg["packed"] = True
     fn = _compile_gemv(**cfg)
     rows = cfg["warps"] // cfg.get("k_warps", 1) * 16 * cfg["row_tiles"]
     row_ctas = -(-N // rows)
@@ -2503,7 +2492,7 @@ def fp8_gemv_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         m = min(MAX_ROWS, M - m0)
         cfg = {"pdl": GEMV_USE_PDL, **(config or pick_grouped_gemv_config(N, Kd, m, R, _NUM_SMS[dev]))}
         if packed:
-            cfg["packed"] = cfg.get("packed") or GEMV_PACK_ORDER
+            cfg["packed"] = True
         if not cfg.get("a16") or cfg.get("group_rows") != R:
             raise ValueError(f"fp8_gemv_grouped: config must have a16=True and group_rows={R}, got {cfg}")
         fn = _compile_gemv(**cfg)

@@ -6767,32 +6767,30 @@ def test_gpu_decode_with_the_index_fold_gives_the_same_logits(gpu_checkpoints, m
 # ======================================================================================================================
 # Packed FP8 GEMV weights (session 8, issue #5): pack_fp8_gemv_weight's tile order, Fp8Gemv(packed=True)
 # ======================================================================================================================
-@pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("N,Kd", [(16, 128), (40, 256), (1000, 1152), (200, 384), (1536, 512)])
-def test_pack_fp8_gemv_weight_round_trips_and_pads_with_zero_rows(N, Kd, order):
+def test_pack_fp8_gemv_weight_round_trips_and_pads_with_zero_rows(N, Kd):
     w, _ = random_weight(N, Kd, 801 + N)
-    p = K.pack_fp8_gemv_weight(w, order)
+    p = K.pack_fp8_gemv_weight(w)
     n16 = -(-N // 16) * 16
     assert p.shape == (n16, Kd) and p.dtype == w.dtype
-    assert torch.equal(K.unpack_fp8_gemv_weight(p, N, order).view(torch.uint8), w.view(torch.uint8))
-    assert (K.unpack_fp8_gemv_weight(p, n16, order)[N:].view(torch.uint8) == 0).all()
+    assert torch.equal(K.unpack_fp8_gemv_weight(p, N).view(torch.uint8), w.view(torch.uint8))
+    assert (K.unpack_fp8_gemv_weight(p, n16)[N:].view(torch.uint8) == 0).all()
 
 
-@pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("N,Kd", [(48, 384), (1000, 256)])
-def test_packed_tile_holds_each_lanes_16_bytes_of_a_warp_load_contiguously(N, Kd, order):
+def test_packed_tile_holds_each_lanes_16_bytes_of_a_warp_load_contiguously(N, Kd):
     """Byte (tile r16, k block kb)[h][half][lane = 4g + t][b] = W[16 r16 + 8h + g, 128 kb + 64 half + 16 t + b]: the
     16 bytes Fp8Gemv's lane (g, t) loads for (row half h, k half) sit at lane * 16 of one 512-B run; the tile sits at
-    r16 * K/128 + kb (order 1) or kb * N16/16 + r16 (order 2) times 2 KB."""
+    kb * N16/16 + r16 times 2 KB (k-block major)."""
     w, _ = random_weight(N, Kd, 901)
-    flat = K.pack_fp8_gemv_weight(w, order).view(torch.uint8).flatten()
+    flat = K.pack_fp8_gemv_weight(w).view(torch.uint8).flatten()
     wb = w.view(torch.uint8)
     g = torch.Generator().manual_seed(N)
     for _ in range(200):
         n, k = int(torch.randint(0, N, (1,), generator=g)), int(torch.randint(0, Kd, (1,), generator=g))
         r16, h, gg = n // 16, (n % 16) // 8, n % 8
         kb, half, t, b = k // 128, (k % 128) // 64, (k % 64) // 16, k % 16
-        tile = r16 * (Kd // 128) + kb if order == 1 else kb * -(-N // 16) + r16
+        tile = kb * -(-N // 16) + r16
         off = tile * K.PACK_TILE_BYTES + ((2 * h + half) * 32 + 4 * gg + t) * 16 + b
         assert flat[off] == wb[n, k], (n, k)
 
@@ -6811,13 +6809,13 @@ K._CACHE_DIR = sys.argv[1]
 for N, Kd, M in ((4096, 8192, 1), (40960, 1024, 1), (4096, 4096, 1), (1536, 4096, 8)):
     K._compile_gemv(**K.pick_gemv_config(N, Kd, M, 132), packed=True)
 K._compile_gemv(**K.pick_grouped_gemv_config(8192, 4096, 1, 1024, 132), packed=True)
-K._compile_gemv(**dict(K.pick_gemv_config(4096, 8192, 1, 132), stages=3), packed=2)
+K._compile_gemv(**dict(K.pick_gemv_config(4096, 8192, 1, 132), stages=3), packed=True)
 """
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_packed_gemv_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
-    """Fp8Gemv(packed=1 | 2) at the Flash decode configs (plain, split-K, k_warps, grouped W8A16) compiles for
+    """Fp8Gemv(packed=True) at the Flash decode configs (plain, split-K, k_warps, grouped W8A16) compiles for
     sm_90a on a GPU-less machine; where ptxas is installed, no register spills."""
     dump = _compile_for_sm90a(COMPILE_PACKED, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
@@ -6844,41 +6842,35 @@ def _packed_configs(N, Kd, M, num_sms=132):
 @gpu
 @pytest.mark.parametrize("N,Kd,M", [(4096, 8192, 1), (4096, 8192, 8), (40960, 1024, 1), (4096, 4096, 1),
                                     (4096, 2048, 8), (1536, 4096, 2), (1000, 1152, 3), (200, 4096, 16)])
-@pytest.mark.parametrize("order", [1, 2])
-def test_gpu_packed_gemv_gives_the_bits_of_the_unpacked_kernel(N, Kd, M, order):
+def test_gpu_packed_gemv_gives_the_bits_of_the_unpacked_kernel(N, Kd, M):
     """fp8_gemv on the packed weight = fp8_gemv on [N, K], bit for bit, for every config path (cluster / global
     split-K, k_warps, 1-2 row tiles, odd N with a partial 16-row tile), pdl on and off (shipped rules).
     (_gemvpack.py's precompile lists the same configs: keep them in step.)"""
     w, s = random_weight(N, Kd, 77, "cuda")
     x = special_x(M, Kd, 78, "cuda")
-    p = K.pack_fp8_gemv_weight(w, order)
+    p = K.pack_fp8_gemv_weight(w)
     for i, c in enumerate(_packed_configs(N, Kd, M)):
         for pdl in (True, False) if i == 0 else (True,):
             cfg = {**c, "pdl": pdl}
             ref = K.fp8_gemv(x, w, s, config=cfg)
-            y = K.fp8_gemv(x, p, s, config={**cfg, "packed": order}, packed_rows=N)
+            y = K.fp8_gemv(x, p, s, config={**cfg, "packed": True}, packed_rows=N)
             assert torch.equal(y, ref), f"config {cfg}: packed differs"
-    if order == K.GEMV_PACK_ORDER:
-        _check_gemv(K.fp8_gemv(x, p, s, packed_rows=N), x, w, s)
+    _check_gemv(K.fp8_gemv(x, p, s, packed_rows=N), x, w, s)
 
 
 @gpu
-@pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("M", [1, 2, 8, 20])
-def test_gpu_packed_grouped_gemv_gives_the_bits_of_the_unpacked_kernel(M, order):
+def test_gpu_packed_grouped_gemv_gives_the_bits_of_the_unpacked_kernel(M):
     """Grouped W8A16 (wo_a, Flash 8 groups x 1024 rows, K 4096; M 20: two launches) on the packed weight = on [N, K]."""
-    if M > 16 and order != K.GEMV_PACK_ORDER:
-        pytest.skip("two launches: checked in the default order (the order is set through the config)")
     G, R, Kd = 8, 1024, 4096
     w, s = random_weight(G * R, Kd, 91, "cuda")
     x = torch.randn(M, G, Kd, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
-    p = K.pack_fp8_gemv_weight(w, order)
-    if order == K.GEMV_PACK_ORDER:
-        assert torch.equal(K.fp8_gemv_grouped(x, p, s, packed=True), K.fp8_gemv_grouped(x, w, s))
+    p = K.pack_fp8_gemv_weight(w)
+    assert torch.equal(K.fp8_gemv_grouped(x, p, s, packed=True), K.fp8_gemv_grouped(x, w, s))
     c = K.pick_grouped_gemv_config(G * R, Kd, min(M, 16), R, 132)
     if M <= 16:
         for cfg in (c, {**c, "k_warps": 1, "warps": 8, "k_splits": 4}):
-            assert torch.equal(K.fp8_gemv_grouped(x, p, s, config={**cfg, "packed": order}, packed=True),
+            assert torch.equal(K.fp8_gemv_grouped(x, p, s, config={**cfg, "packed": True}, packed=True),
                                K.fp8_gemv_grouped(x, w, s, config=cfg)), f"config {cfg}"
 
 
@@ -6886,7 +6878,7 @@ def test_gpu_packed_grouped_gemv_gives_the_bits_of_the_unpacked_kernel(M, order)
 @pytest.mark.parametrize("scope", ["wo_a", "all"])
 def test_gpu_decode_on_packed_gemv_weights_gives_the_row_major_logits(gpu_checkpoints, monkeypatch, scope):
     """load_model on CUDA packs the FP8 weights of dsv4.GEMV_PACK's scope ("wo_a": its [N, K] dropped, prefills
-    unpack it; "all": both layouts, merged projections' members as row ranges of the merged copy); prefill + the
+    unpack it; "all": both layouts, merged projections' members keep only [N, K]); prefill + the
     decode step (graph, batch 2, 12 steps) give the same logits as with kernels.GEMV_PACKED off (nothing packed)."""
     tokens = torch.randint(0, TINY_GPU["vocab_size"], (2, 142), generator=torch.Generator().manual_seed(6)).cuda()
     path = gpu_checkpoints["fp8"]
@@ -6898,8 +6890,7 @@ def test_gpu_decode_on_packed_gemv_weights_gives_the_row_major_logits(gpu_checkp
     packed = {n for n, m in fp8.items() if m.packed is not None}
     members = {id(l) for m in model.modules() for p in vars(m).values()
                if isinstance(p, dsv4.Projections) and p.merged is not None for l in p.linears}
-    want = {n for n, m in fp8.items() if n.endswith("wo_a") or (scope == "all" and (id(m) not in members or
-                                                                                    K.GEMV_PACK_ORDER == 1))}
+    want = {n for n, m in fp8.items() if n.endswith("wo_a") or (scope == "all" and id(m) not in members)}
     assert packed == want and want
     ckpt_names = {n for n in packed if n.endswith("wo_a")}
     for n in packed:
