@@ -1253,8 +1253,8 @@ class Transformer(nn.Module):
         """After merge_projections, on CUDA: FP8 linears hold their weight in the decode GEMV's packed order
         (Linear.packed, kernels.pack_fp8_gemv_weight; kernels.GEMV_PACKED picks which one the GEMVs read).
         scope "wo_a": every attention's FP8 wo_a (the grouped W8A16 GEMV; prefills > 256 rows dequantize it per call
-        anyway, now from the packed copy); "all": every FP8 linear (merged projections' members: row ranges of the
-        merged copy). keep_row_major False: the [N, K] weight is dropped (a meta tensor of its shape stays) where
+        anyway, now from the packed copy); "all": every FP8 linear (merged projections: the merged copy; their
+        members keep only [N, K]). keep_row_major False: the [N, K] weight is dropped (a meta tensor of its shape stays) where
         nothing else reads it (wo_a only); else both are held (memory_plan's "gemv_packed")."""
         if scope == "all":
             for m in self.modules():
