@@ -1347,12 +1347,9 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         if dummy is None:
             dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
         w2_base = pk.w2.view(-1)[:16]
-        st = MOE_GEMV_STAMPS
-        sk = dict(stamps=True) if st is not None else {}
+        sk = {}
         rdy = moe_gemv_ready(dgv[0], dgv[1], D, inter, direct=True)
         m1 = m2 = w2_base
-        if st is not None:
-            m1, m2 = st[:st.numel() // 2], st[st.numel() // 2:]
         if rdy is not None:
             m1 = m2 = _ready_counters(dev, 1 + R * dgv[1][4])
             sk = dict(ready=rdy[0]), dict(ready=rdy[1])
@@ -1400,20 +1397,16 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
             return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
-        dg = dict(diag=MOE_GEMV_DIAG) if MOE_GEMV_DIAG else {}     # timing-only diagnostics
         by_src = len(g1) > 13 and g1[13]                         # x rows through src_tok (mPos = src_tok)
-        st = MOE_GEMV_STAMPS if len(g1) <= 12 and len(g2) <= 12 and not g1[11] else None
-        s1, s2 = (dict(stamps=True), dict(stamps=True)) if st is not None else ({}, {})
+        s1, s2 = {}, {}
         m1 = m2 = w2_base
-        if st is not None:
-            m1, m2 = st[:st.numel() // 2], st[st.numel() // 2:]
         rdy = moe_gemv_ready(g1, g2, D, inter)
         if rdy is not None:                  # GEMM2 waits per tile (counters) instead of for GEMM1's end
             m1 = m2 = _ready_counters(dev, 1 + tiles.shape[0] * g2[4])
             s1, s2 = dict(ready=rdy[0]), dict(ready=rdy[1])
         tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
-        gemm1 = _compile_moe_gemv(*g1, tok_async=tok, **dg, **s1)
-        gemm2 = _compile_moe_gemv(*g2, tok_async=tok, **dg, **s2)
+        gemm1 = _compile_moe_gemv(*g1, tok_async=tok, **s1)
+        gemm2 = _compile_moe_gemv(*g2, tok_async=tok, **s2)
         gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit, ids32,
               src_tok if by_src else pos, m1)
         gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, ids32, pos, m2)
@@ -2889,22 +2882,6 @@ if HAVE_CUTE:
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
-    def _st_u64_here(addr: Int64, v: Int64, *, loc=None, ip=None):
-        """8-byte global store (probe stamps)."""
-        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Int64(v).ir_value(loc=loc, ip=ip)],
-                         "st.global.u64 [$0], $1;", "l,l", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
-    def _globaltimer_u64(*, loc=None, ip=None) -> Int64:
-        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
-                                      loc=loc, ip=ip))
-
-    @dsl_user_op
-    def _smid_u32(*, loc=None, ip=None) -> Int32:
-        return Int32(_llvm.inline_asm(_T.i32(), [], "mov.u32 $0, %smid;", "=r", has_side_effects=True,
-                                      loc=loc, ip=ip))
-
-    @dsl_user_op
     def _nanosleep(ns: int, *, loc=None, ip=None):
         """Suspend the thread for about ns nanoseconds (spin loops: fewer issue slots taken from working warps)."""
         _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
@@ -2986,14 +2963,6 @@ if HAVE_CUTE:
             # once (GEMM1's CTAs started only after the router's end), issues its weight loads and then waits for act
             self.direct_wait = wait_first or not pdl
             self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
-            # timing-only diagnostics (wrong outputs; MOE_GEMV_DIAG): "nodecode" raw code words into the mma,
-            # "nomma" decode without mma / B loads, "nosecond" table tiles after an expert's first exit, "l2" every
-            # CTA streams expert 0's records (L2-resident: the issue-bound time)
-            self.diag = ""
-            # probe (MOE_GEMV_STAMPS, timing runs only): thread 0 of each active CTA writes %globaltimer at entry,
-            # token load start (after every wait), main-loop end, exit, %smid and main-loop start, as 6 u64 words
-            # at mNext + 48 * (linear CTA index) (mNext = a stamp buffer then; needs l2_next == 0)
-            self.stamps = False
             # tok_async (MOE_GEMV_TOK_ASYNC): the token rows go to smem by 4-byte cp.async (every load of a thread in
             # flight at once, no register staging; same words, same places) instead of 16-byte loads + 4 st.shared
             # per chunk (one L2 round trip per loop iteration)
@@ -3074,9 +3043,6 @@ if HAVE_CUTE:
                  mPos: cute.Tensor, mNext: cute.Tensor, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
             """One work item: K slice bid_k of 128-row tiles bid_m*MT.. of token tile (by_slot: routed slot) bid_t.
             mCnt: the fused launch's readiness counters (roles above; unused otherwise)."""
-            t_entry = Int64(0)
-            if const_expr(self.stamps):
-                t_entry = _globaltimer_u64()
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once all our CTAs have started; it waits for our end itself
                 cute.arch.griddepcontrol_launch_dependents()
@@ -3128,10 +3094,6 @@ if HAVE_CUTE:
                 expert = mTiles[bid_t, 0]
                 row0 = mTiles[bid_t, 1]
                 nrows = mTiles[bid_t, 2]
-                if const_expr(self.diag == "nosecond"):
-                    if bid_t > 0:
-                        if mTiles[bid_t - 1, 0] == expert:
-                            nrows = Int32(0)
             if nrows > 0:                        # the same for every CTA of a cluster (same table entry)
                 wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
                 warp = wid % 4                                        # slab of the 128-row tile
@@ -3143,10 +3105,7 @@ if HAVE_CUTE:
                 rec = self.rec
                 nw = self.nw
                 kt0 = bid_k * kpc                                     # first k-tile of this CTA's K slice
-                w_expert = expert
-                if const_expr(self.diag == "l2"):
-                    w_expert = Int32(0)
-                base = mW.iterator.toint() + (Int64(w_expert) * (self.m_tiles * self.k_tiles)
+                base = mW.iterator.toint() + (Int64(expert) * (self.m_tiles * self.k_tiles)
                                               + Int64(m_tile * self.k_tiles + kt0)) * rec
                 code_addr = base + (32 * warp + lane) * 16            # atom a: + 2048 (wgmma thread 32w + lane)
                 # scale words of quad 8w + g (atom a: + 128 nw), as a 32-bit offset from code_addr (one register)
@@ -3178,9 +3137,6 @@ if HAVE_CUTE:
                     if row0 >= 0:
                         cute.arch.griddepcontrol_wait()
 
-                t_tok = Int64(0)
-                if const_expr(self.stamps):
-                    t_tok = _globaltimer_u64()
                 # ---- the tile's token rows of this K slice -> smem, permuted per 64-k tile: natural word
                 # 8kb + 4p + t (k = 16kb + 8p + 2t) -> stored word 16(kb//2) + 4t + 2(kb%2) + p
                 sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, MOE_GEMV_TILE_N),
@@ -3214,9 +3170,6 @@ if HAVE_CUTE:
                     _cp_async_wait(0)
                 cute.arch.sync_threads()
 
-                t_main = Int64(0)
-                if const_expr(self.stamps):
-                    t_main = _globaltimer_u64()
                 # ---- main loop: per k-tile, B fragments of token min(g, rows-1), then per atom decode + 4 mma
                 brow = cutlass.min(g, nrows - 1)
                 acc = cute.make_rmem_tensor((2, 4), Float32)
@@ -3229,9 +3182,6 @@ if HAVE_CUTE:
                         self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + self.D, s)
                 for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
                     self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
-                t_loop = Int64(0)
-                if const_expr(self.stamps):
-                    t_loop = _globaltimer_u64()
 
                 if const_expr(self.l2_next > 0):
                     n_parts = (self.m_tiles // self.MT) * self.S
@@ -3288,17 +3238,6 @@ if HAVE_CUTE:
                     self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
                     cute.arch.cluster_arrive()                       # peers keep their smem until it is read
                     cute.arch.cluster_wait()
-                if const_expr(self.stamps):
-                    if tidx == 0:
-                        gx, gy, _ = cute.arch.grid_dim()
-                        cta = (bid_t * gy + bid_m) * gx + bid_k
-                        sa = mNext.iterator.toint() + Int64(cta) * 48
-                        _st_u64_here(sa, t_entry)
-                        _st_u64_here(sa + 8, t_tok)
-                        _st_u64_here(sa + 16, t_loop)
-                        _st_u64_here(sa + 24, _globaltimer_u64())
-                        _st_u64_here(sa + 32, Int64(_smid_u32()))
-                        _st_u64_here(sa + 40, t_main)
             else:
                 if const_expr(self.S > 1 and self.in_fused and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: an idle item's cluster still meets once (rank 0 holds the ticket its peers read)
@@ -3369,19 +3308,14 @@ if HAVE_CUTE:
                     p_r8 = scale_pair_bf16x2(ws[s, a, 0], 2, self.fmt, 3)
                     pr, pr8 = (p_r, p_r), (p_r8, p_r8)
                 for kb in cutlass.range_constexpr(4):
-                    if const_expr(self.diag == "nodecode"):
-                        r0, r1, r2, r3 = wc[s, a, kb], ws[s, a, 0], wc[s, a, kb], ws[s, a, self.nw - 1]
-                    elif const_expr(self.fmt == "nvfp4"):
+                    if const_expr(self.fmt == "nvfp4"):
                         r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[kb // 2], pr8[kb // 2], kb % 2)
                     else:
                         r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[0], pr8[0], kb // 2)
-                    if const_expr(self.diag == "nomma"):
-                        acc[a, kb] = acc[a, kb] + Float32(r0 ^ r1 ^ r2 ^ r3)
-                    else:
-                        d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
-                                      [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
-                        for c in cutlass.range_constexpr(4):
-                            acc[a, c] = d[c]
+                    d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
+                                  [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
+                    for c in cutlass.range_constexpr(4):
+                        acc[a, c] = d[c]
 
         @cute.jit
         def store(self, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
@@ -3927,38 +3861,35 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = "", direct_k: int = 0,
-                      stamps: bool = False, tok_async: bool | None = None, ready: tuple = ()):
+                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, direct_k: int = 0,
+                      tok_async: bool | None = None, ready: tuple = ()):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
     unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted;
     l2_ahead (with pair): L2 prefetch of the records this many k-tiles ahead.
-    diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs). direct_k = top-k > 0 (MOE_GEMV_DIRECT, by_slot):
+    direct_k = top-k > 0 (MOE_GEMV_DIRECT, by_slot):
     no routing kernel; x / act / out rows and row_w by routed slot, topk_ids as mIds (tiles / pos are not read)."""
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ()) \
-        + (("direct", direct_k) if direct_k else ()) + (("stamps",) if stamps else ())
+              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) \
+        + (("direct", direct_k) if direct_k else ())
     tok_async = bool(tok_async)          # moe_fp4 passes MOE_GEMV_TOK_ASYNC for <= MOE_GEMV_TOK_ASYNC_MAX_ROWS rows
     config += ("tok_async",) if tok_async else ()
     config += ("ready",) + tuple(ready) if ready else ()
 
     def build():
         if pair:
-            assert k_splits == 1 and not l2_next and not diag
+            assert k_splits == 1 and not l2_next
             op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair,
                                 x_by_src, l2_ahead, by_slot)
         else:
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
                             by_slot, l2_next, direct_k)
-            op.diag = diag
-            op.stamps = stamps
-            assert not stamps or not l2_next
         op.tok_async = tok_async
         if ready:
             # ready = ("signal", GEMM2's K slices, GEMM2's k-tiles per slice) for GEMM1, ("wait", target, readers)
             # for GEMM2 (Fp4MoeGemv.ready; mNext = the int32 counters)
-            assert pdl and not l2_next and not stamps and not l2_ahead
+            assert pdl and not l2_next and not l2_ahead
             op.ready = True
             if ready[0] == "signal":
                 op.sig_S, op.signal_kpc = ready[1], ready[2]
@@ -3992,7 +3923,6 @@ MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_id
                              # H200 R2: T=4 108.6 -> 104.3 us, T=1 unchanged); needs the fused gather (R <= 24)
 MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
 MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
-MOE_GEMV_DIAG = ""            # timing-only diagnostics of the two-launch GEMV (wrong outputs): see Fp4MoeGemv.diag
 MOE_GEMV_PAIR = True          # Fp4MoeGemvPair (an expert's two n8 token tiles share one weight stream + decode) ...
 MOE_GEMV_PAIR_MIN_ROWS = 768  # ... from this many routed rows (T >= 128 at top-6) where K is unsplit (same bits)
 MOE_GEMV_L2_AHEAD = 0         # pair kernel: L2 prefetch of the weight records this many k-tiles ahead (0: off;
@@ -4002,8 +3932,6 @@ MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a 
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
 
 
-MOE_GEMV_STAMPS = None       # probe: a uint8 CUDA buffer -> the two GEMV launches (not pair / fused) write per-CTA
-                             # phase stamps (Fp4MoeGemv.stamps) into its halves [0, n/2) (GEMM1) and [n/2, n) (GEMM2)
 MOE_GEMV_TOK_ASYNC = True    # Fp4MoeGemv(Pair): token rows -> smem by 4-byte cp.async (all in flight; same bits) ...
 MOE_GEMV_TOK_ASYNC_MAX_ROWS = 32   # ... up to this many routed rows (T <= 5; s7 R1 H200: slower at T 64, 128)
 MOE_GEMV_READY = False       # two-launch GEMV (table or direct path): GEMM2's CTAs wait per (tile | slot, K slice) for
@@ -4024,7 +3952,7 @@ def _ready_counters(device, n: int) -> torch.Tensor:
 def moe_gemv_ready(g1: tuple, g2: tuple, D: int, inter: int, direct: bool = False):
     """(GEMM1 ready, GEMM2 ready) arguments of _compile_moe_gemv for MOE_GEMV_READY, or None where it does not apply
     (the routed by-slot GEMM1, L2 prefetches, one pair kernel without the other, no PDL)."""
-    if not (MOE_GEMV_READY and USE_PDL and not MOE_GEMV_DIAG and MOE_GEMV_STAMPS is None):
+    if not (MOE_GEMV_READY and USE_PDL):
         return None
     if (g1[10] and not direct) or g1[11] or g2[11] or len(g1) != len(g2) or g2[7]:
         return None
