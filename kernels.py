@@ -1373,7 +1373,7 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
     else:
         _compile_routing(E, k, tile_n)(ids32, w32, src_tok, row_w, pos, tiles)
         g1 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)[0] if gemv and fused is None else ()
-        if len(g1) > 13 and g1[13]:         # the pair GEMM1 reads x rows through src_tok (MOE_GEMV_X_BY_SRC)
+        if len(g1) > 12 and g1[12]:         # the pair GEMM1 reads x rows through src_tok (MOE_GEMV_X_BY_SRC)
             x_sorted = x.contiguous()
         else:
             x_sorted = x.index_select(0, src_tok)                   # [R, D] rows grouped by expert
@@ -1396,8 +1396,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
                 _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
             return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
-        w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
-        by_src = len(g1) > 13 and g1[13]                         # x rows through src_tok (mPos = src_tok)
+        w2_base = pk.w2.view(-1)[:16]          # (the kernels' unused mNext argument)
+        by_src = len(g1) > 12 and g1[12]                         # x rows through src_tok (mPos = src_tok)
         s1, s2 = {}, {}
         m1 = m2 = w2_base
         rdy = moe_gemv_ready(g1, g2, D, inter)
@@ -2910,12 +2910,8 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1, stages: int = 4,
                      pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1,
-                     by_slot: bool = False, l2_next: int = 0, direct_k: int = 0):
+                     by_slot: bool = False, direct_k: int = 0):
             self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
-            # l2_next > 0 (GEMM1): records per expert of the next GEMM's weights (mNext: w2 records); after its main
-            # loop each CTA prefetches its share of its expert's into L2 (cp.async.bulk.prefetch), so GEMM2 reads L2
-            # while GEMM1's tail and GEMM2's start would otherwise leave HBM idle
-            self.l2_next = l2_next
             # by_slot (GEMM1 right after the routing kernel): CTA z-index = routed slot s; its expert comes from
             # topk_ids (ready before routing ends), so its weight loads start while the routing kernel still runs.
             # The slots of one expert, in slot order, share its rows in x_sorted (contiguous: [min pos, + count)) by
@@ -3183,13 +3179,6 @@ if HAVE_CUTE:
                 for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
                     self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
 
-                if const_expr(self.l2_next > 0):
-                    n_parts = (self.m_tiles // self.MT) * self.S
-                    per = -(-self.l2_next // n_parts)                   # records per CTA
-                    r0 = (bid_m * self.S + bid_k) * per + tidx
-                    if tidx < per and r0 < self.l2_next:
-                        _prefetch_l2(mNext.iterator.toint() + (Int64(expert) * self.l2_next + r0) * rec, rec)
-
                 if const_expr(self.in_fused and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: the item's row tiles and slot come back from smem (no registers held over the loop)
                     sItem = storage.ticket.get_tensor(cute.make_layout(16))
@@ -3344,13 +3333,10 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, stages: int = 4, pdl: bool = False,
                      wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1, pair_stages: int = 2,
-                     x_by_src: bool = False, l2_ahead: int = 0, by_slot: bool = False):
+                     x_by_src: bool = False, by_slot: bool = False):
             # by_slot: GEMM1 right after the routing + gather kernel, CTA z = routed slot (Fp4MoeGemv's by_slot
             # rules; no pairs: <= 24 rows)
             super().__init__(fmt, k_dim, n_out, swiglu, 1, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot)
-            # l2_ahead > 0: while consuming k-tile i, one lane per row tile bulk-prefetches the record of k-tile
-            # i + l2_ahead into L2 (HBM keeps streaming while the warps decode; the register loads then hit L2)
-            self.l2_ahead = l2_ahead
             # x_by_src (GEMM1 right after MoeRouting): token row of sorted row p = x[src_tok[p]] (mX = x, mPos =
             # src_tok), so no index_select launch builds x_sorted
             self.x_by_src = x_by_src
@@ -3394,11 +3380,6 @@ if HAVE_CUTE:
                                               + Int64(m_tile * self.k_tiles)) * self.rec
                 code_addr = base + (32 * warp + lane) * 16
                 scale_off = CODE_BYTES + (8 * warp + g) * (4 * self.nw) - (32 * warp + lane) * 16
-                pf_base = base                   # l2_ahead: the row tile's record base, warp-uniform (uniform registers)
-                if const_expr(self.l2_ahead > 0):
-                    pf_base = mW.iterator.toint() + (Int64(cute.arch.make_warp_uniform(expert))
-                                                     * (self.m_tiles * self.k_tiles)
-                                                     + Int64(m_tile * self.k_tiles)) * self.rec
                 sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, 2 * MOE_GEMV_TILE_N),
                                                              stride=(1, self.row_words)))
                 sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, 2 * MOE_GEMV_TILE_N),
@@ -3413,7 +3394,6 @@ if HAVE_CUTE:
                     ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
-                    self.l2_first(pf_base, warp, lane, D)        # (before the wait: during the previous kernel's drain)
                     self.pdl_wait(row0, mCnt, tidx, bid_t)
                     brow2 = MOE_GEMV_TILE_N + cutlass.min(g, rows2 - 1)
                     acc2 = cute.make_rmem_tensor((2, 4), Float32)
@@ -3423,7 +3403,6 @@ if HAVE_CUTE:
                     self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, 0, kph, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(0, kph, D, unroll=1):
-                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3431,7 +3410,6 @@ if HAVE_CUTE:
                     self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, kph, kph, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
-                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s - kph, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3454,7 +3432,6 @@ if HAVE_CUTE:
                     ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
-                    self.l2_first(pf_base, warp, lane, D)
                     if const_expr(self.by_slot):
                         row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
                         brow = cutlass.min(g, nrows - 1)
@@ -3464,12 +3441,10 @@ if HAVE_CUTE:
                     self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(0, kph, D, unroll=1):
-                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, i0 + s, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
                     for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
-                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow + MOE_GEMV_TILE_N, i0 + s - kph, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3481,25 +3456,6 @@ if HAVE_CUTE:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
                                        16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
                     self.signal(mCnt, tidx, 0, bid_m, bid_t)
-
-        @cute.jit
-        def l2_first(self, pf_base, warp, lane, d: int):
-            """l2_ahead: records of k-tiles d .. l2_ahead-1 of this row tile (past the register ring's first loads;
-            contiguous: one bulk prefetch by warp 0, a uniform instruction)."""
-            n = min(self.l2_ahead, self.kpc) - d
-            if const_expr(n > 0):
-                if warp == 0:
-                    _prefetch_l2(pf_base + d * self.rec, n * self.rec)
-
-        @cute.jit
-        def l2_ring(self, pf_base, warp, lane, i0, d: int):
-            """l2_ahead: at the top of the ring rotation of k-tiles i0 .. i0+d-1, warp 0 of the row tile bulk-prefetches
-            the records of k-tiles i0 + l2_ahead .. + d - 1 (contiguous; warp-uniform address: one uniform
-            instruction)."""
-            if const_expr(self.l2_ahead > 0):
-                if warp == 0:
-                    if i0 + self.l2_ahead + d <= self.kpc:
-                        _prefetch_l2(pf_base + Int64(i0 + self.l2_ahead) * self.rec, d * self.rec)
 
         @cute.jit
         def pdl_wait(self, row0, mCnt: cute.Tensor, tidx, bid_t):
@@ -3654,8 +3610,8 @@ if HAVE_CUTE:
             # top_k > 0: no routing kernel before (Fp4MoeGemv.direct_k): x, act, y_rows, weights by routed slot
             assert not (top_k and combine), "the folded combine reads the routing kernel's tables"
             self.top_k = top_k
-            self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
-            self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
+            self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True)
+            self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True)
             self.g2.prefetch_rest = prefetch
             self.g1.direct_k = self.g2.direct_k = top_k
             self.g1.in_fused = self.g2.in_fused = True
@@ -3860,36 +3816,33 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
-                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, direct_k: int = 0,
-                      tok_async: bool | None = None, ready: tuple = ()):
+                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, pair: int = 0,
+                      x_by_src: bool = False, direct_k: int = 0, tok_async: bool | None = None, ready: tuple = ()):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
-    unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted;
-    l2_ahead (with pair): L2 prefetch of the records this many k-tiles ahead.
+    unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted.
     direct_k = top-k > 0 (MOE_GEMV_DIRECT, by_slot):
     no routing kernel; x / act / out rows and row_w by routed slot, topk_ids as mIds (tiles / pos are not read)."""
-    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) \
-        + (("direct", direct_k) if direct_k else ())
+    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
+              by_slot) + ((pair, x_by_src) if pair else ()) + (("direct", direct_k) if direct_k else ())
     tok_async = bool(tok_async)          # moe_fp4 passes MOE_GEMV_TOK_ASYNC for <= MOE_GEMV_TOK_ASYNC_MAX_ROWS rows
     config += ("tok_async",) if tok_async else ()
     config += ("ready",) + tuple(ready) if ready else ()
 
     def build():
         if pair:
-            assert k_splits == 1 and not l2_next
+            assert k_splits == 1
             op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair,
-                                x_by_src, l2_ahead, by_slot)
+                                x_by_src, by_slot)
         else:
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
-                            by_slot, l2_next, direct_k)
+                            by_slot, direct_k)
         op.tok_async = tok_async
         if ready:
             # ready = ("signal", GEMM2's K slices, GEMM2's k-tiles per slice) for GEMM1, ("wait", target, readers)
             # for GEMM2 (Fp4MoeGemv.ready; mNext = the int32 counters)
-            assert pdl and not l2_next and not l2_ahead
+            assert pdl
             op.ready = True
             if ready[0] == "signal":
                 op.sig_S, op.signal_kpc = ready[1], ready[2]
@@ -3897,7 +3850,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
             else:
                 assert not wait_first
                 op.wait_target, op.wait_readers = ready[1], ready[2]
-        assert not direct_k or (by_slot and not pair and not l2_next and pdl)
+        assert not direct_k or (by_slot and not pair and pdl)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3921,12 +3874,8 @@ DECODE_GEMV = True           # moe_fp4: both GEMMs on Fp4MoeGemv for up to MOE_G
 MOE_GEMV_MAX_ROWS = 1536     # T <= 256 at top-6 (H200 R1/R2, same run: 5-15% faster than the wgmma path at T 16..256)
 MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_ids: weight loads start during routing;
                              # H200 R2: T=4 108.6 -> 104.3 us, T=1 unchanged); needs the fused gather (R <= 24)
-MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
-MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
 MOE_GEMV_PAIR = True          # Fp4MoeGemvPair (an expert's two n8 token tiles share one weight stream + decode) ...
 MOE_GEMV_PAIR_MIN_ROWS = 768  # ... from this many routed rows (T >= 128 at top-6) where K is unsplit (same bits)
-MOE_GEMV_L2_AHEAD = 0         # pair kernel: L2 prefetch of the weight records this many k-tiles ahead (0: off;
-                              # H200 s6 R1, 8 ahead: T=16 +3%, T=64 +3%, T=256 +9% vs without)
 MOE_GEMV_X_BY_SRC = True      # pair GEMM1 reads x rows through src_tok (no index_select launch for x_sorted)
 MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
@@ -3954,9 +3903,7 @@ def moe_gemv_ready(g1: tuple, g2: tuple, D: int, inter: int, direct: bool = Fals
     (the routed by-slot GEMM1, L2 prefetches, one pair kernel without the other, no PDL)."""
     if not (MOE_GEMV_READY and USE_PDL):
         return None
-    if (g1[10] and not direct) or g1[11] or g2[11] or len(g1) != len(g2) or g2[7]:
-        return None
-    if len(g1) > 12 and (g1[14] or g2[14]):
+    if (g1[10] and not direct) or len(g1) != len(g2) or g2[7]:
         return None
     s1, mt1, s2, mt2 = g1[4], g1[9], g2[4], g2[9]
     kpc2 = inter // TILE_K // s2
@@ -3991,7 +3938,7 @@ def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int
         return None
     g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
     s = g1[4]
-    if g2[4] != s or s > 4 or g1[11] or g2[11]:   # S 8 (8-CTA clusters): never run on a GPU in this launch yet
+    if g2[4] != s or s > 4:   # S 8 (8-CTA clusters): never run on a GPU in this launch yet
         return None
     smem = max(_moe_gemv_smem_bytes(D // TILE_K // s), _moe_gemv_smem_bytes(inter // TILE_K // s))
     for mt in dict.fromkeys((g1[9], g2[9])):
@@ -4057,30 +4004,28 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     s1, mt1 = MOE_GEMV_FORCE[0] or pick_moe_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
     s2, mt2 = MOE_GEMV_FORCE[1] or pick_moe_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
     by_slot = MOE_GEMV_BY_SLOT and USE_PDL and gather
-    rec2 = (D // TILE_M) * (inter // TILE_K)                       # w2 records per expert
-    l2_next = rec2 if MOE_GEMV_L2_PREFETCH and m * rec2 * record_bytes(fmt) <= MOE_GEMV_L2_BYTES else 0
     w = MOE_GEMV_WARPS_PER_SM
     pair = MOE_GEMV_PAIR and R >= MOE_GEMV_PAIR_MIN_ROWS      # Fp4MoeGemvPair where it applies (appended: True)
-    pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1) and not l2_next
+    pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1)
     pair2 = pair and _moe_gemv_pair_ok(inter // TILE_K, s2)
     by_src = pair1 and MOE_GEMV_X_BY_SRC and not gather        # GEMM1 right after MoeRouting: waits first
-    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot,
-             l2_next) + ((MOE_GEMV_PAIR_STAGES, by_src, MOE_GEMV_L2_AHEAD) if pair1 else ()),
-            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0)
-            + ((MOE_GEMV_PAIR_STAGES, False, MOE_GEMV_L2_AHEAD) if pair2 else ()))
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot)
+            + ((MOE_GEMV_PAIR_STAGES, by_src) if pair1 else ()),
+            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False)
+            + ((MOE_GEMV_PAIR_STAGES, False) if pair2 else ()))
 
 
 def moe_gemv_direct_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, top_k: int):
     """_compile_moe_gemv arguments of the routing-free two-launch GEMV (MOE_GEMV_DIRECT), or None where it does not
-    apply: <= 32 routed slots (one ballot), PDL, no pair kernel / L2 prefetch. Same S / MT / stages as the routed
+    apply: <= 32 routed slots (one ballot), PDL, no pair kernel. Same S / MT / stages as the routed
     by-slot path (moe_gemv_configs with the fused gather): same bits."""
     if not (MOE_GEMV_DIRECT and USE_PDL and R <= min(32, MOE_GEMV_DIRECT_MAX_ROWS)):
         return None
     g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
-    if len(g1) > 12 or len(g2) > 12 or g1[11] or g2[11]:
+    if len(g1) > 11 or len(g2) > 11:
         return None
-    g1 = g1[:7] + (True,) + g1[8:10] + (True, 0)
-    g2 = g2[:7] + (False,) + g2[8:10] + (True, 0)
+    g1 = g1[:7] + (True,) + g1[8:10] + (True,)
+    g2 = g2[:7] + (False,) + g2[8:10] + (True,)
     return g1, g2
 
 

@@ -1067,10 +1067,6 @@ for fmt in ("nvfp4", "mxfp4"):
         for T in (1, 4):
             for cfg in K.moe_gemv_configs(fmt, 6 * T, 256, D, I, sms, True):
                 K._compile_moe_gemv(*cfg)
-        K.MOE_GEMV_BY_SLOT = True
-        K.MOE_GEMV_L2_PREFETCH = True
-        K._compile_moe_gemv(*K.moe_gemv_configs(fmt, 6, 256, D, I, sms, True)[0])
-        K.MOE_GEMV_BY_SLOT = K.MOE_GEMV_L2_PREFETCH = False
 """
 
 
@@ -1261,29 +1257,11 @@ def test_moe_gemv_gemm1_by_slot(fmt, monkeypatch):
         monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", False)
         y_tile, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
         monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", True)
-        assert K.moe_gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][-2] is True   # the path under test is taken
+        assert K.moe_gemv_configs(fmt, T * k, 16, 512, 256, 132, True)[0][10] is True   # the path under test is taken
         y, y_old = _moe_both_paths(ex, x, ids, w, monkeypatch)
         monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", False)
         _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"by slot T={T} {routing} vs reference")
         assert torch.equal(y, y_tile), f"by slot T={T} {routing}: differs from the tile-indexed GEMV"
-
-
-@gpu
-@pytest.mark.parametrize("by_slot", [False, True])
-def test_moe_gemv_l2_prefetch_changes_no_bit(by_slot, monkeypatch):
-    """MOE_GEMV_L2_PREFETCH (GEMM1 prefetches its experts' w2 records into L2) is a hint only: same bits."""
-    monkeypatch.setattr(K, "MOE_GEMV_BY_SLOT", by_slot)
-    for fmt in ("nvfp4", "mxfp4"):
-        ex = _small(fmt)
-        for T, routing in ((1, "random"), (4, "shared"), (2, "empty_experts")):
-            x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
-            ids, w = _gemv_routing(T, 6, 16, routing, seed=40 + T)
-            y, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
-            monkeypatch.setattr(K, "MOE_GEMV_L2_PREFETCH", True)
-            assert K.moe_gemv_configs(fmt, 6 * T, 16, 512, 256, 132, True)[0][-1] > 0   # the path under test
-            y_pf, _ = _moe_both_paths(ex, x, ids, w, monkeypatch)
-            monkeypatch.setattr(K, "MOE_GEMV_L2_PREFETCH", False)
-            assert torch.equal(y, y_pf), f"{fmt} T={T} {routing}: L2 prefetch changed the output"
 
 
 @gpu
@@ -6281,10 +6259,10 @@ def _pair_vs_single(ex, x, ids, w, calls, monkeypatch, limit=7.0):
         monkeypatch.setattr(K, "MOE_GEMV_PAIR", pair)
         calls.clear()
         out[pair] = K.moe_fp4(x, ids, w, ex, limit)
-        assert [len(c) for c in calls] == ([15, 15] if pair else [12, 12]), calls
+        assert [len(c) for c in calls] == ([13, 13] if pair else [11, 11]), calls
         if pair:                        # x through src_tok: only after MoeRouting (no fused gather: > 24 rows)
             by_src = K.MOE_GEMV_X_BY_SRC and ids.numel() > K.GATHER_MAX_ROWS
-            assert calls[0][13] == by_src and calls[0][14] == calls[1][14] == K.MOE_GEMV_L2_AHEAD, calls
+            assert calls[0][12] == by_src, calls
     torch.cuda.synchronize()
     return out[True], out[False]
 
@@ -6295,17 +6273,17 @@ def test_moe_gemv_pair_config_rule(monkeypatch):
     monkeypatch.setattr(K, "MOE_GEMV_PAIR", True)
     for T in (128, 256):
         g1, g2 = K.moe_gemv_configs("nvfp4", 6 * T, 256, 4096, 2048, 132, False)
-        assert g1[4] == g2[4] == 1 and g1[12] == g2[12] == K.MOE_GEMV_PAIR_STAGES, (g1, g2)
-    assert all(len(c) == 12 for c in K.moe_gemv_configs("nvfp4", 6 * 64, 256, 4096, 2048, 132, False))
+        assert g1[4] == g2[4] == 1 and g1[11] == g2[11] == K.MOE_GEMV_PAIR_STAGES, (g1, g2)
+    assert all(len(c) == 11 for c in K.moe_gemv_configs("nvfp4", 6 * 64, 256, 4096, 2048, 132, False))
     monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", True)           # GEMM1 reads x through src_tok: waits first
     g1, g2 = K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False)
-    assert g1[7] is True and g1[12:] == (K.MOE_GEMV_PAIR_STAGES, True, K.MOE_GEMV_L2_AHEAD) and len(g2) == 15
+    assert g1[7] is True and g1[11:] == (K.MOE_GEMV_PAIR_STAGES, True) and len(g2) == 13
     monkeypatch.setattr(K, "MOE_GEMV_X_BY_SRC", False)
     monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", 0)
     g1, g2 = K.moe_gemv_configs("nvfp4", 6, 256, 4096, 2048, 132, True)          # T=1: K split, by slot
-    assert len(g1) == len(g2) == 12
+    assert len(g1) == len(g2) == 11
     monkeypatch.setattr(K, "MOE_GEMV_PAIR", False)
-    assert all(len(c) == 12 for c in K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False))
+    assert all(len(c) == 11 for c in K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False))
 
 
 COMPILE_MOE_GEMV_PAIR = """
@@ -6315,7 +6293,7 @@ K.MOE_GEMV_PAIR = True
 K.MOE_GEMV_X_BY_SRC = False
 for fmt in ("nvfp4", "mxfp4"):
     for cfg in K.moe_gemv_configs(fmt, 6 * 256, 256, 4096, 2048, 132, False):
-        assert len(cfg) == 15
+        assert len(cfg) == 13
         K._compile_moe_gemv(*cfg)
 K.MOE_GEMV_X_BY_SRC = True
 K._compile_moe_gemv(*K.moe_gemv_configs("nvfp4", 6 * 256, 256, 4096, 2048, 132, False)[0])
