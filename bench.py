@@ -588,7 +588,6 @@ MID_SWITCHES = [    # bench.py moe --decode-only --ablate-mid: (title, knobs of 
     ("direct: no routing kernel at 13..32 routed rows (MOE_GEMV_DIRECT)", dict(MOE_GEMV_DIRECT=True), (4,)),
     ("token rows by cp.async (MOE_GEMV_TOK_ASYNC)", dict(MOE_GEMV_TOK_ASYNC=True), (4, 16, 64, 128, 256)),
     ("direct + token cp.async", dict(MOE_GEMV_DIRECT=True, MOE_GEMV_TOK_ASYNC=True), (4,)),
-    ("GEMM2 waits per tile (MOE_GEMV_READY)", dict(MOE_GEMV_READY=True), (16, 64, 128, 256)),
 ]
 
 

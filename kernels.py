@@ -1346,20 +1346,13 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         dummy = _COUNTERS.get((dev, "i32x3"))
         if dummy is None:
             dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
-        w2_base = pk.w2.view(-1)[:16]
-        sk = {}
-        rdy = moe_gemv_ready(dgv[0], dgv[1], D, inter, direct=True)
-        m1 = m2 = w2_base
-        if rdy is not None:
-            m1 = m2 = _ready_counters(dev, 1 + R * dgv[1][4])
-            sk = dict(ready=rdy[0]), dict(ready=rdy[1])
-        else:
-            sk = sk, sk
+        w2_base = pk.w2.view(-1)[:16]          # (the kernels' unused mNext argument)
         tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
-        gemm1 = _compile_moe_gemv(*dgv[0], direct_k=k, tok_async=tok, **sk[0])
-        gemm2 = _compile_moe_gemv(*dgv[1], direct_k=k, tok_async=tok, **sk[1])
-        gemm1(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate, a_up, w32, limit, ids32, ids32, m1)
-        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32, limit, ids32, ids32, m2)
+        gemm1 = _compile_moe_gemv(*dgv[0], direct_k=k, tok_async=tok)
+        gemm2 = _compile_moe_gemv(*dgv[1], direct_k=k, tok_async=tok)
+        gemm1(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate, a_up, w32, limit, ids32, ids32,
+              w2_base)
+        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32, limit, ids32, ids32, w2_base)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -1398,18 +1391,12 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # (the kernels' unused mNext argument)
         by_src = len(g1) > 12 and g1[12]                         # x rows through src_tok (mPos = src_tok)
-        s1, s2 = {}, {}
-        m1 = m2 = w2_base
-        rdy = moe_gemv_ready(g1, g2, D, inter)
-        if rdy is not None:                  # GEMM2 waits per tile (counters) instead of for GEMM1's end
-            m1 = m2 = _ready_counters(dev, 1 + tiles.shape[0] * g2[4])
-            s1, s2 = dict(ready=rdy[0]), dict(ready=rdy[1])
         tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
-        gemm1 = _compile_moe_gemv(*g1, tok_async=tok, **s1)
-        gemm2 = _compile_moe_gemv(*g2, tok_async=tok, **s2)
+        gemm1 = _compile_moe_gemv(*g1, tok_async=tok)
+        gemm2 = _compile_moe_gemv(*g2, tok_async=tok)
         gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit, ids32,
-              src_tok if by_src else pos, m1)
-        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, ids32, pos, m2)
+              src_tok if by_src else pos, w2_base)
+        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, ids32, pos, w2_base)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -2939,12 +2926,6 @@ if HAVE_CUTE:
             # wait_target > 0 (GEMM2): a CTA waits for its (slot, K slice) counter to reach wait_target before
             # reading act, then counts itself as one of wait_readers readers (the last one wraps the counter to 0)
             self.signal_kpc, self.wait_target, self.wait_readers = 0, 0, 0
-            # ready (MOE_GEMV_READY, two launches): the same counters without the fused launch: GEMM1 signals, GEMM2
-            # (a PDL launch that skips griddepcontrol.wait) waits per (tile or slot, K slice) instead of for GEMM1's
-            # end; mNext = the int32 counters (as bytes). sig_S: GEMM2's K slices (the counter stride per item).
-            # The last CTA of GEMM2's grid waits for GEMM1's end before it exits (GEMM2 ends after GEMM1)
-            self.ready = False
-            self.sig_S = k_splits
             self.in_fused = False          # Fp4MoeGemvFused's roles (item from ticket smem, folded-combine rows)
             self.prefetch_rest = False     # fused GEMM2: bulk-prefetch the K slice past the register ring into L2
             # fused, no routing kernel (direct_k = top-k > 0; by_slot, <= 32 routed slots): the item of slot s reads
@@ -3020,18 +3001,8 @@ if HAVE_CUTE:
             bid_k, bid_m, bid_t = cute.arch.block_idx()
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
-            if const_expr(self.ready):
-                mCnt = cute.make_tensor(cute.recast_ptr(mNext.iterator, dtype=Int32),
-                                        cute.make_layout(cute.size(mNext, mode=[0]) // 4))
-                if const_expr(self.wait_target > 0):
-                    gx, gy, gz = cute.arch.grid_dim()
-                    if bid_k == gx - 1 and bid_m == gy - 1 and bid_t == gz - 1:
-                        cute.arch.griddepcontrol_wait()        # this launch ends after GEMM1 (see self.ready)
-                self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mCnt,
-                          tidx, bid_k, bid_m, bid_t)
-            else:
-                self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mIds,
-                          tidx, bid_k, bid_m, bid_t)
+            self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mIds,
+                      tidx, bid_k, bid_m, bid_t)
 
         @cute.jit
         def tile(self, storage, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
@@ -3250,12 +3221,12 @@ if HAVE_CUTE:
                 cute.arch.sync_threads()
                 if tidx == 0:
                     z2 = (bid_m * self.MT) // self.signal_kpc
-                    cute.arch.atomic_add(mCnt.iterator + (1 + bid_t * self.sig_S + z2), Int32(1), sem="release",
+                    cute.arch.atomic_add(mCnt.iterator + (1 + bid_t * self.S + z2), Int32(1), sem="release",
                                          scope="gpu")
 
         @cute.jit
         def wait_ready(self, mCnt: cute.Tensor, tidx, bid_k, bid_t):
-            """GEMM2 (fused or ready): act rows of this item (slot / tile), columns of this K slice, are complete
+            """Fused GEMM2: act rows of this item (slot / tile), columns of this K slice, are complete
             once all GEMM1 CTAs writing them have counted (release after their stores; acquire here, then bar.sync);
             this CTA then counts itself as a reader (the last one wraps the counter to 0)."""
             if tidx == 0:
@@ -3394,7 +3365,7 @@ if HAVE_CUTE:
                     ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
-                    self.pdl_wait(row0, mCnt, tidx, bid_t)
+                    self.pdl_wait(row0)
                     brow2 = MOE_GEMV_TILE_N + cutlass.min(g, rows2 - 1)
                     acc2 = cute.make_rmem_tensor((2, 4), Float32)
                     acc2.fill(0.0)
@@ -3424,7 +3395,6 @@ if HAVE_CUTE:
                         if n < rows2:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + MOE_GEMV_TILE_N + n, 0,
                                        m_tile, 16 * warp + g + 8 * (c // 2), acc2[0, c], acc2[1, c])
-                    self.signal(mCnt, tidx, 0, bid_m, bid_t)
                 else:
                     # ---- single tile: first K half in slots 0-7, second half in slots 8-15
                     D = self.D
@@ -3436,7 +3406,7 @@ if HAVE_CUTE:
                         row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
                         brow = cutlass.min(g, nrows - 1)
                     else:
-                        self.pdl_wait(row0, mCnt, tidx, bid_t)
+                        self.pdl_wait(row0)
                     bq = cute.make_rmem_tensor((4, 2), Int32)
                     self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
                     cute.arch.sync_threads()
@@ -3455,16 +3425,12 @@ if HAVE_CUTE:
                         if n < nrows:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
                                        16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
-                    self.signal(mCnt, tidx, 0, bid_m, bid_t)
 
         @cute.jit
-        def pdl_wait(self, row0, mCnt: cute.Tensor, tidx, bid_t):
+        def pdl_wait(self, row0):
             """PDL, tile table read before: wait for the previous kernel's outputs (x_sorted / act; our outputs)
-            after the weight loads above (a branch ptxas can't fold keeps them above the wait); ready GEMM2: for
-            this tile's act rows instead (counters)."""
-            if const_expr(self.wait_target > 0):
-                self.wait_ready(mCnt, tidx, 0, bid_t)
-            elif const_expr(self.pdl and not self.wait_first):
+            after the weight loads above (a branch ptxas can't fold keeps them above the wait)."""
+            if const_expr(self.pdl and not self.wait_first):
                 if row0 >= 0:
                     cute.arch.griddepcontrol_wait()
 
@@ -3817,7 +3783,7 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
                       wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, pair: int = 0,
-                      x_by_src: bool = False, direct_k: int = 0, tok_async: bool | None = None, ready: tuple = ()):
+                      x_by_src: bool = False, direct_k: int = 0, tok_async: bool | None = None):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
@@ -3828,7 +3794,6 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
               by_slot) + ((pair, x_by_src) if pair else ()) + (("direct", direct_k) if direct_k else ())
     tok_async = bool(tok_async)          # moe_fp4 passes MOE_GEMV_TOK_ASYNC for <= MOE_GEMV_TOK_ASYNC_MAX_ROWS rows
     config += ("tok_async",) if tok_async else ()
-    config += ("ready",) + tuple(ready) if ready else ()
 
     def build():
         if pair:
@@ -3839,17 +3804,6 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
                             by_slot, direct_k)
         op.tok_async = tok_async
-        if ready:
-            # ready = ("signal", GEMM2's K slices, GEMM2's k-tiles per slice) for GEMM1, ("wait", target, readers)
-            # for GEMM2 (Fp4MoeGemv.ready; mNext = the int32 counters)
-            assert pdl
-            op.ready = True
-            if ready[0] == "signal":
-                op.sig_S, op.signal_kpc = ready[1], ready[2]
-                assert op.signal_kpc % op.MT == 0
-            else:
-                assert not wait_first
-                op.wait_target, op.wait_readers = ready[1], ready[2]
         assert not direct_k or (by_slot and not pair and pdl)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
@@ -3883,33 +3837,6 @@ MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a 
 
 MOE_GEMV_TOK_ASYNC = True    # Fp4MoeGemv(Pair): token rows -> smem by 4-byte cp.async (all in flight; same bits) ...
 MOE_GEMV_TOK_ASYNC_MAX_ROWS = 32   # ... up to this many routed rows (T <= 5; s7 R1 H200: slower at T 64, 128)
-MOE_GEMV_READY = False       # two-launch GEMV (table or direct path): GEMM2's CTAs wait per (tile | slot, K slice) for
-                             # the GEMM1 CTAs writing their act rows (counters) instead of for GEMM1's end (same bits)
-_READY_COUNTERS: dict = {}
-
-
-def _ready_counters(device, n: int) -> torch.Tensor:
-    """Zeroed int32 readiness counters of MOE_GEMV_READY (GEMM2's last reader of each counter wraps it to 0), one
-    buffer per (device, stream), returned as bytes (the kernels' mNext)."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    buf = _READY_COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _READY_COUNTERS[key] = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
-    return buf.view(torch.uint8)
-
-
-def moe_gemv_ready(g1: tuple, g2: tuple, D: int, inter: int, direct: bool = False):
-    """(GEMM1 ready, GEMM2 ready) arguments of _compile_moe_gemv for MOE_GEMV_READY, or None where it does not apply
-    (the routed by-slot GEMM1, L2 prefetches, one pair kernel without the other, no PDL)."""
-    if not (MOE_GEMV_READY and USE_PDL):
-        return None
-    if (g1[10] and not direct) or len(g1) != len(g2) or g2[7]:
-        return None
-    s1, mt1, s2, mt2 = g1[4], g1[9], g2[4], g2[9]
-    kpc2 = inter // TILE_K // s2
-    if kpc2 % mt1:
-        return None
-    return ("signal", s2, kpc2), ("wait", s1 * (kpc2 // mt1), (D // TILE_M) // mt2)
 MOE_GEMV_DIRECT = True       # R <= MOE_GEMV_DIRECT_MAX_ROWS past the fused launch's bound: the two GEMV launches by
 MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k: ids / x read by GEMM1 itself; same bits)
 

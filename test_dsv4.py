@@ -6657,9 +6657,9 @@ def test_moe_gemv_direct_graph_replays_follow_new_inputs(monkeypatch):
 
 
 
-# ------------------------------------- session 7 (moemid): GEMM2 waits per tile / slot (MOE_GEMV_READY), token cp.async
+# ---------------------------------------------------- session 7 (moemid): token cp.async (MOE_GEMV_TOK_ASYNC), direct
 def _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs, limit=7.0):
-    """(output with knobs on, output with them off), poisoned intermediates; the readiness counters end at zero."""
+    """(output with knobs on, output with them off), poisoned intermediates."""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     for name, v in knobs.items():
         monkeypatch.setattr(K, name, v)
@@ -6668,20 +6668,17 @@ def _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs, limit=7.0):
         monkeypatch.setattr(K, name, False)
     y_old = K.moe_fp4(x, ids, w, ex, limit)
     torch.cuda.synchronize()
-    for buf in K._READY_COUNTERS.values():
-        assert not buf.any(), "a ready launch left a counter non-zero"
     return y, y_old
 
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("knobs", [dict(MOE_GEMV_READY=True), dict(MOE_GEMV_TOK_ASYNC=True),
-                                   dict(MOE_GEMV_READY=True, MOE_GEMV_TOK_ASYNC=True, MOE_GEMV_DIRECT=True)],
-                         ids=["ready", "tokasync", "all"])
+@pytest.mark.parametrize("knobs", [dict(MOE_GEMV_TOK_ASYNC=True), dict(MOE_GEMV_TOK_ASYNC=True, MOE_GEMV_DIRECT=True)],
+                         ids=["tokasync", "all"])
 @pytest.mark.parametrize("pair_min", [768, 16])
-def test_moe_gemv_ready_and_token_cp_async_give_the_same_bits(fmt, knobs, pair_min, monkeypatch):
-    """Small dims (16 experts): GEMM2 waiting per tile / slot on GEMM1's counters (MOE_GEMV_READY) and the token rows
-    by cp.async (MOE_GEMV_TOK_ASYNC) give the default path's bits (and the reference up to rounding), table path
+def test_moe_gemv_token_cp_async_gives_the_same_bits(fmt, knobs, pair_min, monkeypatch):
+    """Small dims (16 experts): the token rows by cp.async (MOE_GEMV_TOK_ASYNC, + the direct path) give the bits of
+    16-B loads on the routed path (and the reference up to rounding), table path
     with and without pair tiles (pair_min 16: from 16 routed rows), by-slot and direct T <= 5; skipped slots,
     duplicates, experts with 1..40 rows."""
     monkeypatch.setattr(K, "MOE_GEMV_PAIR_MIN_ROWS", pair_min)
@@ -6699,18 +6696,18 @@ def test_moe_gemv_ready_and_token_cp_async_give_the_same_bits(fmt, knobs, pair_m
 
 
 @gpu
-def test_moe_gemv_ready_flash_dims_and_graph_replays_keep_the_bits(monkeypatch):
-    """Flash dims nvfp4 at T 4 (direct), 64 and 256 (pair tiles): MOE_GEMV_READY (+ direct, + token cp.async) gives
-    the default bits; CUDA-graph replays (counters wrap to zero between launches) keep them."""
+def test_moe_gemv_token_cp_async_flash_dims_and_graph_replays_keep_the_bits(monkeypatch):
+    """Flash dims nvfp4 at T 4 (direct), 64 and 256 (pair tiles): token cp.async (+ direct) gives the bits of the
+    routed path with 16-B token loads; CUDA-graph replays keep them."""
     ex = _flash("nvfp4")
-    knobs = dict(MOE_GEMV_READY=True, MOE_GEMV_DIRECT=True, MOE_GEMV_TOK_ASYNC=True)
+    knobs = dict(MOE_GEMV_DIRECT=True, MOE_GEMV_TOK_ASYNC=True)
     monkeypatch.setattr(K, "MOE_GEMV_TOK_ASYNC_MAX_ROWS", 1 << 30)   # the knob at every size, not only T <= 5
     for T in (4, 64, 256):
         x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
         ids, w = _gemv_routing(T, 6, 256, "random", seed=310 + T)
         y, y_old = _moe_gemv_knob_pair(ex, x, ids, w, monkeypatch, knobs)
-        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"ready flash T={T}")
-        assert torch.equal(y, y_old), f"ready flash T={T}: differs from the default path"
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"tok_async flash T={T}")
+        assert torch.equal(y, y_old), f"tok_async flash T={T}: differs from the default path"
         for name, v in knobs.items():
             monkeypatch.setattr(K, name, v)
         s = torch.cuda.Stream()
@@ -6724,7 +6721,7 @@ def test_moe_gemv_ready_flash_dims_and_graph_replays_keep_the_bits(monkeypatch):
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
-        assert all(torch.equal(v, y_old) for v in y_g), f"ready flash T={T}: graph replays changed the bits"
+        assert all(torch.equal(v, y_old) for v in y_g), f"tok_async flash T={T}: graph replays changed the bits"
         for name in knobs:
             monkeypatch.setattr(K, name, False)
 
