@@ -558,9 +558,7 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
     MOE_GEMV_FUSED) vs the two launches, same run, same routing and weights, CUDA-graph replays; `rounds` interleaved
     rounds (two-launch, fused at each T), the median of each reported."""
     on = dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_MAX_ROWS=24)      # every T here, whatever the default bound
-    variants = {False: dict(MOE_GEMV_FUSED=False), True: on, "pf": dict(on, MOE_GEMV_FUSED_PREFETCH=True),
-                "cb": dict(on, MOE_GEMV_FUSED_COMBINE=True),
-                "pfcb": dict(on, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_COMBINE=True)}
+    variants = {False: dict(MOE_GEMV_FUSED=False), True: on}
     us = {(T, f): [] for T in Ts for f in variants}
     for r in range(rounds):
         for T in Ts:
@@ -569,17 +567,14 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
             print(f"round {r} T={T}: " + " ".join(f"{f}={us[T, f][-1]:.1f}" for f in variants), flush=True)
     med = {key: sorted(v)[len(v) // 2] for key, v in us.items()}
     print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; fused = "
-          f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds; "
-          f"fused variants (us): +L2pf = GEMM2 CTAs prefetch their slice into L2 while waiting, +combine = MoeCombine "
-          f"folded in, +both = the two")
+          f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds")
     print(f"{'T':>4} {'experts':>7} {'two us':>8} {'fused us':>8} {'speedup':>7} {'%copy two':>9} {'%copy fused':>11} "
-          f"{'floor us':>8} {'+L2pf':>6} {'+combine':>8} {'+both':>6}  rounds two / fused")
+          f"{'floor us':>8}  rounds two / fused")
     for T in Ts:
         hit = routings[T][3]
         a, b = med[T, False], med[T, True]
         print(f"{T:>4} {hit:>7} {a:>8.1f} {b:>8.1f} {a / b:>7.3f} {pct(T, a):>9.1f} {pct(T, b):>11.1f} "
-              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f} {med[T, 'pf']:>6.1f} {med[T, 'cb']:>8.1f} "
-              f"{med[T, 'pfcb']:>6.1f}  "
+              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}  "
               + " ".join(f"{v:.1f}" for v in us[T, False]) + " / " + " ".join(f"{v:.1f}" for v in us[T, True]),
               flush=True)
 

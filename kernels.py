@@ -1247,14 +1247,14 @@ def no_routing_config(x, top_k: int, experts: Experts):
 
 
 def _no_routing_config(pk, T: int, D: int, k: int, sms: int):
-    """MOE_FUSED_NO_ROUTING, <= 32 slots, the decode GEMV and the fused bound apply, combine not folded."""
+    """MOE_FUSED_NO_ROUTING, <= 32 slots, the decode GEMV and the fused bound apply."""
     R = T * k
     if not MOE_FUSED_NO_ROUTING or R > 32 or T >= PREFILL_MIN_TOKENS:
         return None
     if not (DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, pk.inter)):
         return None
     fused = moe_gemv_fused_config(pk.fmt, R, pk.w13.shape[0], D, pk.inter, sms)
-    return fused if fused is not None and not fused[8] else None
+    return fused
 
 
 def _sm_count(device) -> int:
@@ -1378,15 +1378,11 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
     if gemv:
         if fused is not None:               # one launch: GEMM2's CTAs wait on per-(slot, K slice) act counters
-            splits, folded = fused[3], fused[8]     # K slices, MoeCombine folded in
-            counters = _fused_counters(dev, 1 + R * splits + T * D // TILE_M)
-            if POISON_BUFFERS and folded:
-                y.fill_(float("nan"))       # tests: the folded combine must write every element of y
+            counters = _fused_counters(dev, 1 + R * fused[3])
             _compile_moe_gemv_fused(*fused)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x_sorted, act,
                                             y_rows, tiles, a_gate, a_up, a_down, row_w, limit, ids32, pos, counters,
                                             src_tok, y)
-            if not folded:
-                _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
+            _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
             return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # (the kernels' unused mNext argument)
@@ -2856,12 +2852,6 @@ if HAVE_CUTE:
                                       "=r,l", has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
-    def _prefetch_l2(addr: Int64, size: int, *, loc=None, ip=None):
-        """Bulk prefetch of `size` bytes (multiple of 16) at a 16-B aligned global address into L2."""
-        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)],
-                         f"cp.async.bulk.prefetch.L2.global [$0], {size};", "l", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
     def _atom_inc_gpu(addr: Int64, limit: int, *, loc=None, ip=None) -> Int32:
         """atom.inc (relaxed, gpu scope) on a global u32: old >= limit ? 0 : old + 1; returns old."""
         return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip), _i32(limit, loc, ip)],
@@ -2926,8 +2916,7 @@ if HAVE_CUTE:
             # wait_target > 0 (GEMM2): a CTA waits for its (slot, K slice) counter to reach wait_target before
             # reading act, then counts itself as one of wait_readers readers (the last one wraps the counter to 0)
             self.signal_kpc, self.wait_target, self.wait_readers = 0, 0, 0
-            self.in_fused = False          # Fp4MoeGemvFused's roles (item from ticket smem, folded-combine rows)
-            self.prefetch_rest = False     # fused GEMM2: bulk-prefetch the K slice past the register ring into L2
+            self.in_fused = False          # Fp4MoeGemvFused's roles (item from ticket smem)
             # fused, no routing kernel (direct_k = top-k > 0; by_slot, <= 32 routed slots): the item of slot s reads
             # topk_ids itself (after griddepcontrol.wait: the router is the kernel right before); its rows are the
             # slots of its expert in slot order (rank o .. o+7 of them, from one ballot mask), row n = slot s_n:
@@ -2939,7 +2928,6 @@ if HAVE_CUTE:
             # (wait_first) waits for the router before it reads the ids; GEMM2 (pdl, not wait_first) reads them at
             # once (GEMM1's CTAs started only after the router's end), issues its weight loads and then waits for act
             self.direct_wait = wait_first or not pdl
-            self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
             # tok_async (MOE_GEMV_TOK_ASYNC): the token rows go to smem by 4-byte cp.async (every load of a thread in
             # flight at once, no register staging; same words, same places) instead of 16-byte loads + 4 st.shared
             # per chunk (one L2 round trip per loop iteration)
@@ -3084,16 +3072,13 @@ if HAVE_CUTE:
 
                 for s in cutlass.range_constexpr(self.D):
                     self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
-                if const_expr(self.prefetch_rest and kpc > self.D):
-                    # fused GEMM2: the rest of this warp group's K slice -> L2 while the CTA waits for its act rows
-                    if warp == 0 and lane == 0:
-                        _prefetch_l2(base + self.D * rec, (kpc - self.D) * rec)
                 if const_expr(self.by_slot and self.direct_k == 0):
                     # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots
                     row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
                 if const_expr(self.wait_target > 0):
                     if const_expr(self.in_fused):
-                        if tidx == 0:               # for the folded combine (Fp4MoeGemvFused.combine_rows)
+                        if tidx == 0:               # (read by nothing since session 11 removed the folded
+                                                    # combine; kept: the default kernel's PTX stays the same)
                             sRows = storage.ticket.get_tensor(cute.make_layout(16))
                             sRows[3] = row0
                             sRows[4] = nrows
@@ -3214,8 +3199,6 @@ if HAVE_CUTE:
         def signal(self, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
             """Fused GEMM1: this CTA's act stores are done -> +1 on the counter of (slot bid_t, GEMM2 K slice of its
             columns): every thread's fence + bar.sync, then one release add."""
-            if const_expr(self.fold_fence):
-                cute.arch.fence_acq_rel_gpu()
             if const_expr(self.signal_kpc > 0):
                 cute.arch.fence_acq_rel_gpu()
                 cute.arch.sync_threads()
@@ -3565,7 +3548,7 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     prefetch: bool = False, combine: bool = False, pdl: bool = True, top_k: int = 0,
+                     pdl: bool = True, top_k: int = 0,
                      early: bool = False):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
             # early (top_k > 0): the ids are read once the router's ready flag is set (mSrc = router_ready: [1] the
@@ -3574,18 +3557,12 @@ if HAVE_CUTE:
             assert not early or top_k
             self.early = early
             # top_k > 0: no routing kernel before (Fp4MoeGemv.direct_k): x, act, y_rows, weights by routed slot
-            assert not (top_k and combine), "the folded combine reads the routing kernel's tables"
             self.top_k = top_k
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True)
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True)
-            self.g2.prefetch_rest = prefetch
             self.g1.direct_k = self.g2.direct_k = top_k
             self.g1.in_fused = self.g2.in_fused = True
             self.g1.early = self.g2.early = early
-            # combine: MoeCombine folded in: per (token, GEMM2 item) a counter of its routed rows stored; the CTA
-            # storing the last one sums the token's k slots (fixed slot order, fp32, as MoeCombine) into y
-            self.combine = combine
-            self.g2.fold_fence = combine
             self.S, self.MT, self.min_ctas = k_splits, m_per_cta, min_ctas
             self.m1 = self.g1.m_tiles // m_per_cta                 # GEMM1 items per slot
             self.m2 = self.g2.m_tiles // m_per_cta                 # GEMM2 items per slot
@@ -3605,8 +3582,8 @@ if HAVE_CUTE:
             class SharedStorage:
                 xs: cute.struct.Align[cute.struct.MemRange[Int32, max(self.g1.smem_words(), self.g2.smem_words())],
                                       16]
-                # [0] ticket, [1] item tiles, [2] item slot, [3] GEMM2 first row, [4] its rows, [8..15] tokens done,
-                # [16..23] the item's slots, [24..31] their input rows (top_k > 0)
+                # [0] ticket, [1] item tiles, [2] item slot, [3] / [4] written, never read (the removed folded
+                # combine's rows), [16..23] the item's slots, [24..31] their input rows (top_k > 0)
                 ticket: cute.struct.Align[cute.struct.MemRange[Int32, 32], 16]
 
             self.shared_storage = SharedStorage
@@ -3657,7 +3634,7 @@ if HAVE_CUTE:
             if tidx == 0:                   # read back after the main loop (Fp4MoeGemv.tile): fewer live registers
                 sT[1] = item_m
                 sT[2] = item_t
-                sT[4] = 0                   # GEMM2 rows (tile() stores them for an active item)
+                sT[4] = 0                   # (GEMM2 rows of the removed folded combine; kept: same PTX)
             if const_expr(not self.top_k):
                 if item == 0:
                     # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
@@ -3665,97 +3642,25 @@ if HAVE_CUTE:
             if item >= n1:
                 self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
-                if const_expr(self.combine):
-                    self.combine_rows(sT, mY, mIds, mPos, mCnt, mSrc, mOut, mAlphaD, tidx, bid_k)
             else:
                 self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
             if const_expr(self.early):
                 cute.arch.griddepcontrol_wait()     # this launch ends after the router (the next kernels rely on it)
 
-        @cute.jit
-        def combine_rows(self, sT, mY: cute.Tensor, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
-                         mSrc: cute.Tensor, mOut: cute.Tensor, mAlpha: cute.Tensor, tidx, bid_k):
-            """After a GEMM2 item: rank 0 counts each of its rows on (token, item) (acq_rel); the CTA that counts a
-            token's last routed row sums y_rows of the token's slots 0..k-1 in order (fp32, as MoeCombine) into
-            y[token, the item's 128 MT columns] and resets the counter. Idle items of a token's first slot write
-            y = 0 where the token has no slot on this rank (MoeCombine's empty sum)."""
-            if const_expr(self.S == 1):
-                cute.arch.sync_threads()          # every thread's y_rows stores (fenced) before the counts
-            n_slots = cute.size(mIds, mode=[0])
-            n_tok = cute.size(mOut, mode=[0])
-            k = n_slots // n_tok
-            n_exp = cute.size(mAlpha, mode=[0])
-            R = cute.size(mY, mode=[0])
-            b2 = sT[1]
-            slot = sT[2]
-            row0 = sT[3]
-            nrows = sT[4]
-            vecs = 16 * self.MT                   # 8-column vectors of the item's columns
-            col0 = b2 * (TILE_M * self.MT)
-            base = 1 + n_slots * self.S           # after the ticket and the (slot, K slice) counters
-            acc = cute.make_rmem_tensor((1, 8), Float32)
-            v = cute.make_rmem_tensor((1, 8), BFloat16)
-            if bid_k == 0:
-                if nrows > 0:
-                    if tidx < MOE_GEMV_TILE_N:
-                        done = Int32(-1)
-                        if tidx < nrows:
-                            tok = mSrc[row0 + tidx]
-                            need = Int32(0)
-                            for j in cutlass.range(k, unroll=8):   # independent loads in flight
-                                e = mIds[tok * k + j]
-                                if e >= 0 and e < n_exp:
-                                    need = need + 1
-                            ctr = base + tok * self.m2 + b2
-                            old = cute.arch.atomic_add(mCnt.iterator + ctr, Int32(1), sem="acq_rel", scope="gpu")
-                            if old == need - 1:
-                                done = tok
-                                mCnt[ctr] = 0
-                        sT[8 + tidx] = done
-                    cute.arch.sync_threads()
-                    n = tidx // vecs
-                    vec = tidx - n * vecs
-                    if n < MOE_GEMV_TILE_N:
-                        tok = sT[8 + n]
-                        if tok >= 0:
-                            acc.fill(0.0)
-                            for j in cutlass.range(k, unroll=8):   # independent loads in flight
-                                p = mPos[tok * k + j]
-                                if p < R:
-                                    q = _ld_v4(mY.iterator.toint() + (Int64(p) * cute.size(mY, mode=[1])
-                                                                      + col0 + 8 * vec) * 2, ".cg")
-                                    for h in cutlass.range_constexpr(4):
-                                        acc[0, 2 * h] = acc[0, 2 * h] + _bits_f32(q[h] << 16)
-                                        acc[0, 2 * h + 1] = acc[0, 2 * h + 1] + _bits_f32(q[h] & -65536)
-                            v.store(acc.load().to(BFloat16))
-                            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, col0 // 8 + vec)))
-                else:
-                    if slot % k == 0 and tidx < vecs:
-                        tok = slot // k
-                        need = Int32(0)
-                        for j in cutlass.range(k, unroll=8):   # independent loads in flight
-                            e = mIds[tok * k + j]
-                            if e >= 0 and e < n_exp:
-                                need = need + 1
-                        if need == 0:
-                            acc.fill(0.0)
-                            v.store(acc.load().to(BFloat16))
-                            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, col0 // 8 + tidx)))
-
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
-                            m_per_cta: int, prefetch: bool = False, combine: bool = False, pdl: bool = True,
+                            m_per_cta: int, pdl: bool = True,
                             top_k: int = 0, early: bool = False):
     """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
     act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters.
     top_k > 0 (no routing kernel): x instead of x_sorted, act / y_rows by slot, row_w = the flat topk weights;
     tiles / pos / src are not read."""
-    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
+    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl)
     config += ((top_k,) if top_k else ()) + (("early",) if early else ())
 
     def build():
-        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl, top_k,
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k,
                              early)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
@@ -3844,14 +3749,10 @@ MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k:
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
 MOE_GEMV_FUSED_MAX_ROWS = 12  # ... (H200 R2, Flash, same run: T=1 38.5 vs 41.8 us, T=2 60.3 vs 60.5, T=4 114.9 vs
                               # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS)
-MOE_GEMV_FUSED_PREFETCH = False  # its GEMM2 CTAs prefetch their K slice past the register ring into L2 before waiting
-                                 # (R2: no gain, T=1 38.8 vs 38.5 us, T=4 123.4 vs 114.9)
-MOE_FUSED_NO_ROUTING = True      # fused sizes (<= 32 slots, combine not folded): no MoeRoutingGather launch; the
+MOE_FUSED_NO_ROUTING = True      # fused sizes (<= 32 slots): no MoeRoutingGather launch; the
                                  # fused kernel reads topk_ids / weights / x itself, rows by slot (same bits)
 MOE_ROUTER_SIGNAL = False        # dsv4.MoE: the router flags its ids to that launch (router_signal_ok), which then
                                  # reads them without waiting for the router kernel's end
-MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots;
-                                 # R2: T=1 40.2 vs 38.5 us, T=2 62.5 vs 60.3, T=4 106.3 vs 114.9)
 _FUSED_COUNTERS: dict = {}
 
 
@@ -3871,8 +3772,7 @@ def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int
     for mt in dict.fromkeys((g1[9], g2[9])):
         per_sm = MOE_GEMV_WARPS_PER_SM // (4 * mt)
         if (inter // TILE_K // s) % mt == 0 and (D // TILE_M) % mt == 0 and per_sm * (smem + 1024) <= 228 * 1024:
-            return (fmt, D, inter, s, MOE_GEMV_STAGES, per_sm, mt, MOE_GEMV_FUSED_PREFETCH, MOE_GEMV_FUSED_COMBINE,
-                    USE_PDL)
+            return (fmt, D, inter, s, MOE_GEMV_STAGES, per_sm, mt, USE_PDL)
     return None
 
 

@@ -5178,7 +5178,7 @@ K._CACHE_DIR = sys.argv[1]
 K.MOE_GEMV_FUSED = True
 K.MOE_GEMV_FUSED_MAX_ROWS = 24
 cfgs = [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132) for T in (1, 2, 4)]
-cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, True, True, False)]
+cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, False)]
 assert None not in cfgs, cfgs
 for cfg in cfgs:
     K._compile_moe_gemv_fused(*cfg)
@@ -5221,8 +5221,7 @@ def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) is None                  # GEMM2 slice 1 k-tile < MT
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132) == ("nvfp4", 512, 256, 2, K.MOE_GEMV_STAGES, 6, 1,
-                                                                      K.MOE_GEMV_FUSED_PREFETCH,
-                                                                      K.MOE_GEMV_FUSED_COMBINE, True)
+                                                                      True)
     monkeypatch.setattr(K, "USE_PDL", False)
     assert K.moe_gemv_fused_config("nvfp4", 6, 16, 512, 256, 132)[-1] is False            # a plain launch
     monkeypatch.setattr(K, "USE_PDL", True)
@@ -5252,16 +5251,13 @@ def _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch, limit=7.0):
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("splits, m_per_cta, combine", [(1, 1, False), (2, 1, False), (4, 1, False), (2, 2, False),
-                                                        (1, 2, False), (1, 1, True), (2, 1, True), (4, 1, True),
-                                                        (2, 2, True), (1, 2, True)])
-def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, combine, monkeypatch):
-    """Small dims, K split 1 / 2 / 4 ways (no cluster, 2- and 4-CTA clusters), 1 or 2 row tiles per CTA, MoeCombine
-    folded in or not: the one launch (GEMM2's CTAs waiting on act counters) equals the two-launch GEMV bit for bit and
+@pytest.mark.parametrize("splits, m_per_cta", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 2)])
+def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_cta, monkeypatch):
+    """Small dims, K split 1 / 2 / 4 ways (no cluster, 2- and 4-CTA clusters), 1 or 2 row tiles per CTA: the one
+    launch (GEMM2's CTAs waiting on act counters) equals the two-launch GEMV bit for bit and
     the fp32 reference up to rounding; skipped slots, a token with no slot on this rank (y = 0), a token naming one
     expert twice, 12 rows of one expert (two 8-row groups)."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
-    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
     combines = []
     real = K._compile_combine
     monkeypatch.setattr(K, "_compile_combine", lambda *a: combines.append(a) or real(*a))
@@ -5276,8 +5272,8 @@ def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_ct
             ids[T // 2, 0] = 16
         n_comb = len(combines)
         y, y_two = _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch)
-        assert len(combines) - n_comb == (1 if combine else 2), "MoeCombine launched although folded in (or not)"
-        what = f"fused S={splits} MT={m_per_cta} combine={combine} {fmt} T={T} {routing}"
+        assert len(combines) - n_comb == 2, "one MoeCombine per path"
+        what = f"fused S={splits} MT={m_per_cta} {fmt} T={T} {routing}"
         if routing == "token_off":
             assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
         if T > 1 or routing != "token_off":
@@ -5286,29 +5282,10 @@ def test_moe_gemv_fused_gives_the_bits_of_the_two_launches(fmt, splits, m_per_ct
 
 
 @gpu
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_moe_gemv_fused_l2_prefetch_gives_the_same_bits(prefetch, monkeypatch):
-    """MOE_GEMV_FUSED_PREFETCH (waiting GEMM2 CTAs bulk-prefetch the rest of their K slice into L2) is a hint only;
-    2 register stages so that small dims have a K slice longer than the ring."""
-    monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((1, 1), (1, 1)))
-    monkeypatch.setattr(K, "MOE_GEMV_STAGES", 2)
-    monkeypatch.setattr(K, "MOE_GEMV_FUSED_PREFETCH", prefetch)
-    ex = _small("nvfp4")
-    for T, routing in ((1, "random"), (4, "shared"), (3, "duplicate")):
-        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
-        ids, w = _gemv_routing(T, 6, 16, routing, seed=70 + T)
-        y, y_two = _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch)
-        assert torch.equal(y, y_two), f"prefetch={prefetch} T={T} {routing}: differs from the two-launch GEMV"
-
-
-@gpu
 @pytest.mark.parametrize("fmt", ["nvfp4"])
-@pytest.mark.parametrize("prefetch, combine", [(False, False), (True, False), (False, True)])
-def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, prefetch, combine, monkeypatch):
+def test_moe_gemv_fused_flash_dims_gives_the_bits_of_the_two_launches(fmt, monkeypatch):
     """Flash dims at T 1, 2, 4 (the default configs: K split 4, 2, 1 with 1, 1, 2 row tiles per CTA; 6..24 routed
-    rows on 256 experts), with the L2 prefetch or the folded combine."""
-    monkeypatch.setattr(K, "MOE_GEMV_FUSED_PREFETCH", prefetch)
-    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", combine)
+    rows on 256 experts)."""
     ex = _flash(fmt)
     for T, routing in ((1, "random"), (2, "random"), (2, "shared"), (4, "random"), (4, "empty_experts"),
                        (4, "duplicate")):
@@ -5326,7 +5303,6 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
-    monkeypatch.setattr(K, "MOE_GEMV_FUSED_COMBINE", True)
     _fused_repeats_and_replays_keep_the_bits(T=4, seeds=(7, 8), monkeypatch=monkeypatch)
 
 
