@@ -641,7 +641,6 @@ def mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, 
 MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE front, session-4 path vs this one
     "old": dict(MOE_FUSED_NO_ROUTING=False, GATE_MODE="v0"),
     "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
-    "signal": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True),   # ids handed by a flag
 }
 
 
@@ -679,12 +678,11 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
         return _time_ms(lambda: [K.gate_decode(g, xs[T], tok[:T]) for g in gates], 30, True) / len(gates) * 1e3
 
     def both(T):
-        def step():                 # as dsv4.MoE.forward (router_signal_ok: MOE_ROUTER_SIGNAL)
+        def step():                 # as dsv4.MoE.forward
             for i, g in enumerate(gates[:8]):
                 ex = fp4[i % len(fp4)]
-                signal = K.router_signal_ok(g, xs[T], ex)
-                ids, w = K.gate_decode(g, xs[T], tok[:T], signal=signal)
-                K.moe(xs[T], ids, w, ex, limit, ready=K.router_ready(xs[T].device) if signal else None)
+                ids, w = K.gate_decode(g, xs[T], tok[:T])
+                K.moe(xs[T], ids, w, ex, limit)
         return step
 
     def both_us(T):
@@ -712,7 +710,7 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
         timed(("gate", 2, "v0"), dict(GATE_MODE="v0"), lambda: gate_us(2))
         timed(("gate", 2, "redux"), dict(GATE_MODE="redux"), lambda: gate_us(2))
         for T in (1, 2):
-            for name, knob in MOEFRONT_PATHS.items():          # the flag path ("signal") last
+            for name, knob in MOEFRONT_PATHS.items():
                 timed(("gate+moe", T, name), knob, lambda: both_us(T))
         print(flush=True)
     print(f"\nMoE front at batch 1-2, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4 records), {dev}, "

@@ -1287,14 +1287,12 @@ def routed_sum(y):
     return out
 
 
-def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None, slots: bool = False):
+def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, slots: bool = False):
     """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
     Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order.
     Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill). slots: where
     the fused launch runs without routing, RoutedSlots instead of y (the sum left to the consumer)."""
     if x.shape[0] >= PREFILL_MIN_TOKENS and prefill_unavailable_reason(x, experts) is None:
-        if ready is not None:    # misuse (router_signal_ok said otherwise): drop the router's flag
-            ready[1:3].zero_()
         return moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit)
     pk = experts.packed if experts.packed is not None else prepare_experts(experts).packed
     T, D = x.shape
@@ -1311,9 +1309,6 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
     fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms) if gemv else None
     direct = _no_routing_config(pk, T, D, k, sms)
-    if ready is not None and direct is None:     # misuse (router_signal_ok said otherwise): drop the router's flag
-        ready[1:3].zero_()
-        ready = None
     if direct is not None:
         assert direct == fused
         # no routing kernel: the fused launch reads topk_ids / weights and x itself, rows by slot (bit-identical)
@@ -1327,9 +1322,9 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         if dummy is None:
             dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
         counters = _fused_counters(dev, 1 + R * fused[3])
-        _compile_moe_gemv_fused(*fused, top_k=k, early=ready is not None)(
+        _compile_moe_gemv_fused(*fused, top_k=k)(
             pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x.contiguous(), act, y_rows, dummy, a_gate, a_up,
-            a_down, w32, limit, ids32, ids32, counters, dummy.view(-1) if ready is None else ready, y)
+            a_down, w32, limit, ids32, ids32, counters, dummy.view(-1), y)
         if slots:
             return RoutedSlots(y_rows, ids32, k, E)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
@@ -1430,16 +1425,13 @@ def kernel_unavailable_reason(x, experts: Experts):
     return None
 
 
-def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None, slots: bool = False):
+def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, slots: bool = False):
     """Routed MoE: the CuTe DSL kernel where it can run (sm_90 + CuTe DSL + fp4 experts), else the reference.
-    ready: router_ready(x.device) right after gate_decode(signal=True) (see router_signal_ok), else None.
     slots: RoutedSlots where the kernel path can leave the sum over the k slots to the caller, else y [T, D]."""
     global _NOTICE_SHOWN
     reason = kernel_unavailable_reason(x, experts)
     if reason is None:
-        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, ready, slots)
-    if ready is not None:
-        raise ValueError("moe(ready=...): the fp4 kernel does not run for these inputs")
+        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, slots)
     if not _NOTICE_SHOWN:
         _NOTICE_SHOWN = True
         print(f"nano-dsv4: MoE falls back to the torch reference ({reason})", file=sys.stderr)
@@ -2859,11 +2851,6 @@ if HAVE_CUTE:
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
-    def _nanosleep(ns: int, *, loc=None, ip=None):
-        """Suspend the thread for about ns nanoseconds (spin loops: fewer issue slots taken from working warps)."""
-        _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
     def _nth_set_bit(mask: Int32, n: Int32, *, loc=None, ip=None) -> Int32:
         """Bit position of the n-th (1-based) set bit of mask, counting up from bit 0 (fns); 0xffffffff if none."""
         return Int32(_llvm.inline_asm(_T.i32(), [Int32(mask).ir_value(loc=loc, ip=ip),
@@ -2923,7 +2910,6 @@ if HAVE_CUTE:
             # GEMM1 reads x[s_n // k] and writes act[s_n], GEMM2 reads act[s_n] and writes y_rows[s_n]; the routing
             # weight is topk_weights[s_n] (mRowW = the flat weights). The slots s_n live in ticket smem [16 + n].
             self.direct_k = direct_k
-            self.early = False             # direct_k: the ids were read after the router's ready flag
             # direct_k in a launch of its own (MOE_GEMV_DIRECT, two launches without a routing kernel): GEMM1
             # (wait_first) waits for the router before it reads the ids; GEMM2 (pdl, not wait_first) reads them at
             # once (GEMM1's CTAs started only after the router's end), issues its weight loads and then waits for act
@@ -3011,7 +2997,7 @@ if HAVE_CUTE:
             nrows = Int32(0)
             rank = Int32(0)
             if const_expr(self.direct_k > 0):
-                if const_expr(not self.early and self.direct_wait):  # (early: Fp4MoeGemvFused.kernel saw the flag)
+                if const_expr(self.direct_wait):
                     # the router (the kernel right before) wrote topk_ids / weights: wait
                     cute.arch.griddepcontrol_wait()
                 if const_expr(self.direct_wait):
@@ -3548,21 +3534,14 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     pdl: bool = True, top_k: int = 0,
-                     early: bool = False):
+                     pdl: bool = True, top_k: int = 0):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
-            # early (top_k > 0): the ids are read once the router's ready flag is set (mSrc = router_ready: [1] the
-            # flag, which the next router clears), not after the router's end; every CTA still waits for the
-            # router's end (griddepcontrol.wait) before it exits
-            assert not early or top_k
-            self.early = early
             # top_k > 0: no routing kernel before (Fp4MoeGemv.direct_k): x, act, y_rows, weights by routed slot
             self.top_k = top_k
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True)
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True)
             self.g1.direct_k = self.g2.direct_k = top_k
             self.g1.in_fused = self.g2.in_fused = True
-            self.g1.early = self.g2.early = early
             self.S, self.MT, self.min_ctas = k_splits, m_per_cta, min_ctas
             self.m1 = self.g1.m_tiles // m_per_cta                 # GEMM1 items per slot
             self.m2 = self.g2.m_tiles // m_per_cta                 # GEMM2 items per slot
@@ -3606,14 +3585,6 @@ if HAVE_CUTE:
             n_items = (self.m1 + self.m2) * n_slots
             sT = storage.ticket.get_tensor(cute.make_layout(16))
             if bid_k == 0 and tidx == 0:
-                if const_expr(self.early):
-                    # one poller per cluster: the router's last CTA sets ready[1] after its ids / weights (release);
-                    # acquire it, then the cluster barrier below passes it on to the peers
-                    rdy = mSrc.iterator + 1
-                    seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
-                    while seen == 0:
-                        _nanosleep(128)
-                        seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
                 sT[0] = _atom_inc_gpu(mCnt.iterator.toint(), n_items - 1)
             item = Int32(0)
             if const_expr(self.S > 1):
@@ -3645,23 +3616,21 @@ if HAVE_CUTE:
             else:
                 self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
-            if const_expr(self.early):
-                cute.arch.griddepcontrol_wait()     # this launch ends after the router (the next kernels rely on it)
 
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
-                            m_per_cta: int, pdl: bool = True,
-                            top_k: int = 0, early: bool = False):
+                            m_per_cta: int, pdl: bool = True, top_k: int = 0):
     """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
-    act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters.
+    act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters, src, out
+    (src / out: read by nothing since session 11 removed the router's ready flag and the folded combine; kept in the
+    launch signature so the default kernels' PTX is unchanged).
     top_k > 0 (no routing kernel): x instead of x_sorted, act / y_rows by slot, row_w = the flat topk weights;
-    tiles / pos / src are not read."""
+    tiles / pos are not read."""
     config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl)
-    config += ((top_k,) if top_k else ()) + (("early",) if early else ())
+    config += (top_k,) if top_k else ()
 
     def build():
-        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k,
-                             early)
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3751,8 +3720,6 @@ MOE_GEMV_FUSED_MAX_ROWS = 12  # ... (H200 R2, Flash, same run: T=1 38.5 vs 41.8 
                               # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS)
 MOE_FUSED_NO_ROUTING = True      # fused sizes (<= 32 slots): no MoeRoutingGather launch; the
                                  # fused kernel reads topk_ids / weights / x itself, rows by slot (same bits)
-MOE_ROUTER_SIGNAL = False        # dsv4.MoE: the router flags its ids to that launch (router_signal_ok), which then
-                                 # reads them without waiting for the router kernel's end
 _FUSED_COUNTERS: dict = {}
 
 
@@ -8570,18 +8537,12 @@ if HAVE_CUTE:
         "nocross" (logits only: no arrival, no selection)."""
 
         def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int,
-                     mode: str = "v0", warps: int = 4, signal: bool = False):
+                     mode: str = "v0", warps: int = 4):
             assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32 and warps in (1, 2, 4)
             assert mode in ("v0", "lean", "redux", "nosel", "nocross")
             self.mode = mode
             self.E, self.D, self.k, self.hash, self.max_tokens = n_experts, dim, top_k, hash_routing, max_tokens
             self.warps = warps             # experts (warps) per CTA: E / warps CTAs load the weight rows (same bits)
-            # signal: after storing ids / weights the last CTA sets mCount[1] = 1 (release, gpu scope) for a
-            # routing-free fused MoE launch (Fp4MoeGemvFused early=True) that reads the ids on that flag instead of
-            # after this kernel's end; CTA 0 clears the flag (fenced) before it lets that launch start. Only for a
-            # caller that runs that launch next (router_signal_ok).
-            assert not signal or mode in ("lean", "redux")
-            self.signal = signal
             self.threads = 32 * warps
             self.per_lane = n_experts // 32
 
@@ -8622,19 +8583,7 @@ if HAVE_CUTE:
             if const_expr(self.mode != "v0" and not self.hash):
                 for j in cutlass.range_constexpr(self.per_lane):
                     bias[j] = mBias[lane + 32 * j]
-            if const_expr(self.signal):
-                # the ready flag of the previous router's launch is consumed (our wait covers its readers): clear it
-                # before the next kernel (its reader) may start
-                if const_expr(GLUE_PDL):
-                    cute.arch.griddepcontrol_wait()
-                if blk == 0 and tidx == 0:
-                    mCount[1] = 0
-                    cute.arch.fence_acq_rel_gpu()
-                cute.arch.sync_threads()
-                if const_expr(GLUE_PDL):
-                    cute.arch.griddepcontrol_launch_dependents()
-            else:
-                _pdl_enter()             # the weight row is loading; x comes from the previous kernel
+            _pdl_enter()                 # the weight row is loading; x comes from the previous kernel
             xvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for n in cutlass.range(N, unroll=1):
                 v = Float32(0.0)
@@ -8754,12 +8703,8 @@ if HAVE_CUTE:
                         if lane < self.k:
                             mW[n, lane] = mW[n, lane] / total * route_scale
                     cute.arch.sync_warp()
-                if const_expr(self.signal):
-                    cute.arch.sync_threads()                    # every warp's ids / weights are stored
                 if tidx == 0:
                     mCount[0] = 0
-                    if const_expr(self.signal):
-                        cute.arch.atomic_add(mCount.iterator + 1, Int32(1), sem="release", scope="gpu")
 
 # ----------------------------------------------------------------------------------------------------------------
 # compile cache + torch-facing functions
@@ -8924,7 +8869,7 @@ def fused_topk_slots(T: int) -> int:
 
 
 def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0",
-                  warps: int = 4, signal: bool = False):
+                  warps: int = 4):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
@@ -8938,10 +8883,9 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps, signal), args
+        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps), args
     return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
-                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()) + (("signal",) if signal else ()),
-                            build)
+                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()), build)
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:
@@ -9151,20 +9095,6 @@ GATE_MODE = "redux"       # MoeGateDecode variant (see its docstring; "v0" = ses
 GATE_WARPS = 4            # experts (warps) per router CTA: E / GATE_WARPS CTAs (same bits for 1, 2, 4)
 
 
-def router_ready(device) -> torch.Tensor:
-    """The router kernel's counter buffer: [0] arrivals (zero between launches), [1] the ready flag of
-    gate_decode(signal=True) (cleared by the next signalling router at its start), [2] unused."""
-    return _COUNTERS[(device, "gate")]
-
-
-def router_signal_ok(gate, x, experts) -> bool:
-    """dsv4.MoE: the router may hand its ids to the routed experts by a flag (gate_decode(signal=True), then
-    moe(ready=router_ready(x.device)) as the next launch on the stream): MOE_ROUTER_SIGNAL, the router kernel runs
-    for x (lean / redux mode) and moe takes the routing-free fused launch."""
-    return (MOE_ROUTER_SIGNAL and GATE_MODE in ("lean", "redux") and gate_kernel_supported(gate, x)
-            and kernel_unavailable_reason(x, experts) is None and no_routing_config(x, gate.k, experts) is not None)
-
-
 def gate_kernel_supported(gate, x) -> bool:
     """gate_decode's kernel runs for these inputs: <= 16 bf16 tokens on sm_90 with CuTe DSL, the sqrtsoftplus
     router, experts % 32 == 0, D % 256 == 0, top-k <= 32."""
@@ -9174,21 +9104,17 @@ def gate_kernel_supported(gate, x) -> bool:
             and (not gate.hash or gate.tid2eid.is_contiguous()))
 
 
-def gate_decode(gate, x, tokens, signal: bool = False):
+def gate_decode(gate, x, tokens):
     """dsv4.Gate.forward (gate: the module) in one CuTe DSL kernel (gate_kernel_supported), else gate_reference.
-    Same ids in the same (descending score) order; weights to fp32 rounding. signal=True (only where
-    router_signal_ok, and the very next launch is moe(..., ready=router_ready(x.device))): the kernel also sets the
-    ready flag that launch waits on."""
+    Same ids in the same (descending score) order; weights to fp32 rounding."""
     if not gate_kernel_supported(gate, x):
-        if signal:
-            raise ValueError("gate_decode(signal=True): the router kernel does not run for these inputs")
         return gate_reference(gate, x, tokens)
     N, D = x.shape
     E = gate.weight.shape[0]
     max_tokens = GATE_MAX_TOKENS                    # one compile; unused token slots are predicated off
     dev = x.device
     if (dev, "gate") not in _COUNTERS:         # made once (setdefault would launch three fills per call)
-        _COUNTERS[(dev, "gate")] = torch.zeros(4, dtype=torch.int32, device=dev)   # arrivals, ready flag, unused
+        _COUNTERS[(dev, "gate")] = torch.zeros(4, dtype=torch.int32, device=dev)   # [0] arrivals, [1..3] unused
     if (dev, "gate", E, gate.k) not in _COUNTERS:  # the unused bias / tid2eid of this router shape
         _COUNTERS[(dev, "gate", E, gate.k)] = (torch.zeros(E, dtype=torch.float32, device=dev),
                                                torch.zeros(1, gate.k, dtype=torch.int64, device=dev))
@@ -9199,7 +9125,7 @@ def gate_decode(gate, x, tokens, signal: bool = False):
     ids = torch.empty(N, gate.k, dtype=torch.int32, device=dev)
     w = torch.empty(N, gate.k, dtype=torch.float32, device=dev)
     counter = _COUNTERS[(dev, "gate")]
-    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS, signal)(
+    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS)(
         x.contiguous(), gate.weight.data, bias, tid2eid, tokens.reshape(-1).long(), logits, counter, ids, w,
         float(gate.route_scale))
     return ids, w
