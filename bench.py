@@ -638,12 +638,6 @@ def mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, 
             del g0, g1, o0, o1
 
 
-MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE front, session-4 path vs this one
-    "old": dict(MOE_FUSED_NO_ROUTING=False, GATE_MODE="v0"),
-    "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
-}
-
-
 def random_gates(n, E, D, k, device):
     """n Flash-dims routers (biased sqrtsoftplus top-k; distinct weights: n x 2 MB cycle out of L2) for timing."""
     import types
@@ -654,11 +648,11 @@ def random_gates(n, E, D, k, device):
 
 
 def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
-    """`bench.py moe --decode-only --moefront`: router + routed experts at batch 1-2, MOEFRONT_PATHS old vs new in one
-    run (interleaved rounds, medians; CUDA-graph replays): kernels.moe alone (as the decode table: includes routing /
-    combine), the router alone per GATE_MODE (chained calls over 24 weight copies, PDL on and off), and router + moe as
-    one graph; then one traced replay of router + moe per path (kernel start / duration, us). --ablate-gate: also the
-    router's timing-only modes and GATE_WARPS 2 / 1."""
+    """`bench.py moe --decode-only --moefront`: router + routed experts at batch 1-2 (interleaved rounds, medians;
+    CUDA-graph replays): kernels.moe alone (as the decode table: includes combine), the router alone (chained calls
+    over 24 weight copies, PDL on and off), and router + moe as one graph; then one traced replay of router + moe
+    (kernel start / duration, us). --ablate-gate: also GATE_WARPS 2 / 1. (Session 5's same-run baseline, the
+    session-4 router kernel and routed fused launch, was removed in session 11 with those paths.)"""
     D, I, E, k = 4096, 2048, 256, 6
     gates = random_gates(24, E, D, k, "cuda")
     tok = torch.zeros(2, dtype=torch.long, device="cuda")
@@ -697,53 +691,44 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
     for r in range(rounds):
         print(f"round {r}:", end=" ")
         for T in (1, 2):
-            for name, knob in MOEFRONT_PATHS.items():
-                if name in ("old", "new"):
-                    timed(("moe", T, name), knob, lambda: moe_us(T))
-        for mode in ("v0", "lean", "redux") + (("nosel", "nocross") if "--ablate-gate" in sys.argv else ()):
-            timed(("gate", 1, mode), dict(GATE_MODE=mode), lambda: gate_us(1))
-        for mode, warps in (("redux", 2), ("redux", 1)) if "--ablate-gate" in sys.argv else ():
-            timed(("gate", 1, f"{mode}/w{warps}"), dict(GATE_MODE=mode, GATE_WARPS=warps), lambda: gate_us(1))
-        for mode, warps in (("v0", 4), ("redux", 4)):
-            timed(("gate no PDL", 1, f"{mode}/w{warps}"), dict(GATE_MODE=mode, GATE_WARPS=warps, GLUE_PDL=False),
-                  lambda: gate_us(1))
-        timed(("gate", 2, "v0"), dict(GATE_MODE="v0"), lambda: gate_us(2))
-        timed(("gate", 2, "redux"), dict(GATE_MODE="redux"), lambda: gate_us(2))
+            timed(("moe", T, "default"), {}, lambda: moe_us(T))
+        for warps in (4, 2, 1) if "--ablate-gate" in sys.argv else (4,):
+            timed(("gate", 1, f"w{warps}"), dict(GATE_WARPS=warps), lambda: gate_us(1))
+        timed(("gate no PDL", 1, "w4"), dict(GLUE_PDL=False), lambda: gate_us(1))
+        timed(("gate", 2, "w4"), {}, lambda: gate_us(2))
         for T in (1, 2):
-            for name, knob in MOEFRONT_PATHS.items():
-                timed(("gate+moe", T, name), knob, lambda: both_us(T))
+            timed(("gate+moe", T, "default"), {}, lambda: both_us(T))
         print(flush=True)
     print(f"\nMoE front at batch 1-2, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4 records), {dev}, "
-          f"CUDA-graph replays, median (min..max) of {rounds} interleaved rounds, us per call; paths {MOEFRONT_PATHS}")
+          f"CUDA-graph replays, median (min..max) of {rounds} interleaved rounds, us per call")
     for (what, T, name), v in rows.items():
         v = sorted(v)
         print(f"{what:>12} T={T} {name:>8}: {v[len(v) // 2]:7.2f} ({v[0]:.2f}..{v[-1]:.2f})")
     from torch.profiler import ProfilerActivity, profile
-    for name, knob in MOEFRONT_PATHS.items():
-        def traced():
-            run = both(1)
+
+    def traced():
+        run = both(1)
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             run()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
+        graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.replay()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                graph.replay()
-                torch.cuda.synchronize()
-            return prof
-        try:
-            prof = with_knobs(knob, traced)
-            ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
-                        key=lambda e: e.time_range.start)
-            t0 = ev[0].time_range.start
-            print(f"trace {name} (router + moe x8, T=1; start dur end us): " + "; ".join(
-                f"{e.name.replace('kernel_cutlass_kernel_', '').replace('kernels', '')[:18]} "
-                f"{e.time_range.start - t0:.1f} {e.time_range.elapsed_us():.1f} {e.time_range.end - t0:.1f}"
-                for e in ev[:16]), flush=True)
-        except Exception as e:      # noqa: BLE001 - a diagnostic only
-            print(f"trace {name} failed: {e!r}", flush=True)
+        return prof
+    try:
+        prof = traced()
+        ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+        t0 = ev[0].time_range.start
+        print("trace (router + moe x8, T=1; start dur end us): " + "; ".join(
+            f"{e.name.replace('kernel_cutlass_kernel_', '').replace('kernels', '')[:18]} "
+            f"{e.time_range.start - t0:.1f} {e.time_range.elapsed_us():.1f} {e.time_range.end - t0:.1f}"
+            for e in ev[:16]), flush=True)
+    except Exception as e:      # noqa: BLE001 - a diagnostic only
+        print(f"trace failed: {e!r}", flush=True)
 
 
 def profile_decode(routings, T, fp4, limit=10.0):
@@ -989,8 +974,7 @@ def fp8_linear_table(model, copy_bw):
     return rows
 
 
-S4 = ((K, "ATTN_WIDE", False), (K, "FUSED_TOPK", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"),
-      (K, "GEMV_RULES", "s4"))
+S4 = ((K, "ATTN_WIDE", False), (K, "FUSED_TOPK", False), (K, "GEMV_RULES", "s4"))
 S5 = ((K, "HC_SITE", "two"), (K, "HC_FOLD_ADD", False), (K, "HC_SINKHORN_LOOP", False))   # session 6's mHC site
 DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed in the same run as the default step
     ("session-5 mHC sites, two kernels + torch add (= the session-5 step but for the attention's buffer fill)", S5),

@@ -8528,19 +8528,17 @@ if HAVE_CUTE:
         ids = tid2eid[token], the others the top-k of s + bias (ties: lower expert); w = s[ids] / sum * scale.
         Grid E/4 CTAs of 4 warps: warp = one expert, its weight row in registers (lanes split D, 16-B loads), then
         each token's dot product (x from L1/L2) and a butterfly sum;
-        logits -> global scratch; the last CTA to arrive does the selection (warp per token) and resets its counter.
-        mode (GATE_MODE): "v0" as session 4 (gpu-scope fences around the arrival atomic, weights read back from mW);
-        "lean": no fences (bar.sync + the acq_rel atomic order the logits), each lane keeps its slot's weight in a
-        register; "redux": lean + each top-k round as two redux.sync (max of an order-preserving int key of the
-        score, then min expert id among the lanes holding it) instead of two 5-step butterflies. All three give the
-        same ids and weight bits. Timing-only ablations: "nosel" (lean without the top-k rounds: ids = 0..k-1),
-        "nocross" (logits only: no arrival, no selection)."""
+        each CTA turns its logits into scores -> global scratch (the selecting CTA only adds the bias, loaded before
+        the PDL wait); the last CTA to arrive does the selection (warp per token) and resets its counter. No
+        gpu-scope fences: bar.sync + the acq_rel arrival atomic order the scores. Each top-k round is two redux.sync
+        (max of an order-preserving int key of the score, then the min expert id among the lanes holding it); each
+        lane keeps its slot's weight in a register, ids / weights stored after the rounds. (Session 5's "redux"
+        mode; session 4's kernel "v0" and the butterfly "lean" mode gave the same bits and were removed in
+        session 11.)"""
 
         def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int,
-                     mode: str = "v0", warps: int = 4):
+                     warps: int = 4):
             assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32 and warps in (1, 2, 4)
-            assert mode in ("v0", "lean", "redux", "nosel", "nocross")
-            self.mode = mode
             self.E, self.D, self.k, self.hash, self.max_tokens = n_experts, dim, top_k, hash_routing, max_tokens
             self.warps = warps             # experts (warps) per CTA: E / warps CTAs load the weight rows (same bits)
             self.threads = 32 * warps
@@ -8579,8 +8577,8 @@ if HAVE_CUTE:
             wvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for i in cutlass.range_constexpr(self.D // 256):
                 cute.autovec_copy(cute.local_tile(mWt, (1, 8), (e, lane + 32 * i)), wvs[i])
-            bias = cute.make_rmem_tensor((self.per_lane,), Float32)     # lean modes: the selection's bias, early
-            if const_expr(self.mode != "v0" and not self.hash):
+            bias = cute.make_rmem_tensor((self.per_lane,), Float32)     # the selection's bias, early
+            if const_expr(not self.hash):
                 for j in cutlass.range_constexpr(self.per_lane):
                     bias[j] = mBias[lane + 32 * j]
             _pdl_enter()                 # the weight row is loading; x comes from the previous kernel
@@ -8596,15 +8594,11 @@ if HAVE_CUTE:
                         v = v + xf[c] * wf[c]
                 for o in cutlass.range_constexpr(5):
                     v = v + cute.arch.shuffle_sync_bfly(v, 1 << o)
-                if lane == 0:
-                    if const_expr(self.mode == "v0"):
-                        mLogits[n, e] = v
-                    else:                 # lean modes: the score, so the selecting CTA need not compute 256 of them
-                        mLogits[n, e] = self.score(v)
+                if lane == 0:             # the score, so the selecting CTA need not compute 256 of them
+                    mLogits[n, e] = self.score(v)
 
-            if const_expr(self.mode != "nocross"):
-                self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp,
-                            lane, n_blk, N, bias)
+            self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp, lane,
+                        n_blk, N, bias)
 
         @cute.jit
         def score(self, lg):
@@ -8619,29 +8613,21 @@ if HAVE_CUTE:
                    mCount: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, route_scale: Float32, flag, sS, tidx,
                    warp, lane, n_blk, N, bias):
             """Arrival (the last CTA continues), then per token (a warp each) scores, top-k ids and weights."""
-            lean = self.mode != "v0"
-            if const_expr(not lean):
-                cute.arch.fence_acq_rel_gpu()
             cute.arch.sync_threads()
             if tidx == 0:
                 flag[0] = cute.arch.atomic_add(mCount.iterator, Int32(1), sem="acq_rel", scope="gpu")
             cute.arch.sync_threads()
             if flag[0] == n_blk - 1:
-                if const_expr(not lean):
-                    cute.arch.fence_acq_rel_gpu()
                 for n in cutlass.range(warp, N, self.warps, unroll=1):  # warp per token
                     sel = cute.make_rmem_tensor((self.per_lane,), Float32)
                     for j in cutlass.range_constexpr(self.per_lane):
                         ex = lane + 32 * j
                         lg = cute.arch.load(mLogits.iterator + cute.crd2idx((n, ex), mLogits.layout), Float32,
                                             cop="cg")
-                        sc = lg if const_expr(lean) else self.score(lg)   # lean: the scratch holds scores
+                        sc = lg                                        # the scratch holds scores
                         sS[warp, ex] = sc
                         if const_expr(not self.hash):
-                            if const_expr(lean):
-                                sel[j] = sc + bias[j]                  # loaded before the wait
-                            else:
-                                sel[j] = sc + mBias[ex]
+                            sel[j] = sc + bias[j]                      # loaded before the wait
                     cute.arch.sync_warp()
                     total = Float32(0.0)
                     mine = Float32(0.0)                                # lane r: the weight of slot r ...
@@ -8650,9 +8636,7 @@ if HAVE_CUTE:
                         best = Int32(0)
                         if const_expr(self.hash):
                             best = mTid2Eid[mTokens[n], r].to(Int32)
-                        elif const_expr(self.mode == "nosel"):
-                            best = Int32(r)
-                        elif const_expr(self.mode == "redux"):
+                        else:
                             # max of key(s) (signed-int order = float order; -0.0 cannot occur: s >= 0 + bias), then
                             # the lowest expert holding it (ties: lower expert, as below)
                             bk = Int32(-2147483648)
@@ -8667,41 +8651,14 @@ if HAVE_CUTE:
                             for j in cutlass.range_constexpr(self.per_lane):
                                 if lane + 32 * j == best:
                                     sel[j] = Float32(-math.inf)
-                        else:
-                            bv = Float32(-math.inf)
-                            bi = Int32(self.E)
-                            for j in cutlass.range_constexpr(self.per_lane):
-                                if sel[j] > bv:                         # j ascending: first max = lower expert
-                                    bv = sel[j]
-                                    bi = lane + 32 * j
-                            for o in cutlass.range_constexpr(5):
-                                ov = cute.arch.shuffle_sync_bfly(bv, 1 << o)
-                                oi = cute.arch.shuffle_sync_bfly(bi, 1 << o)
-                                if ov > bv or (ov == bv and oi < bi):
-                                    bv = ov
-                                    bi = oi
-                            best = bi
-                            for j in cutlass.range_constexpr(self.per_lane):
-                                if lane + 32 * j == best:
-                                    sel[j] = Float32(-math.inf)
                         ws = sS[warp, best]
                         total = total + ws
-                        if const_expr(lean):
-                            if lane == r:
-                                mine = ws
-                                mine_id = best
-                        else:
-                            if lane == r:
-                                mIds[n, r] = best
-                                mW[n, r] = ws
-                    if const_expr(lean):
-                        if lane < self.k:
-                            mIds[n, lane] = mine_id
-                            mW[n, lane] = mine / total * route_scale
-                    else:
-                        cute.arch.sync_warp()
-                        if lane < self.k:
-                            mW[n, lane] = mW[n, lane] / total * route_scale
+                        if lane == r:
+                            mine = ws
+                            mine_id = best
+                    if lane < self.k:
+                        mIds[n, lane] = mine_id
+                        mW[n, lane] = mine / total * route_scale
                     cute.arch.sync_warp()
                 if tidx == 0:
                     mCount[0] = 0
@@ -8868,8 +8825,7 @@ def fused_topk_slots(T: int) -> int:
     return 1 << max(T - 1, 1).bit_length()
 
 
-def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0",
-                  warps: int = 4):
+def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, warps: int = 4):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
@@ -8883,9 +8839,8 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps), args
-    return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
-                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()), build)
+        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, warps), args
+    return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens, warps), build)
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:
@@ -9091,7 +9046,6 @@ def gate_reference(gate, x, tokens):
 
 
 GATE_MAX_TOKENS = 16
-GATE_MODE = "redux"       # MoeGateDecode variant (see its docstring; "v0" = session 4's kernel, same bits)
 GATE_WARPS = 4            # experts (warps) per router CTA: E / GATE_WARPS CTAs (same bits for 1, 2, 4)
 
 
@@ -9125,7 +9079,7 @@ def gate_decode(gate, x, tokens):
     ids = torch.empty(N, gate.k, dtype=torch.int32, device=dev)
     w = torch.empty(N, gate.k, dtype=torch.float32, device=dev)
     counter = _COUNTERS[(dev, "gate")]
-    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS)(
+    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_WARPS)(
         x.contiguous(), gate.weight.data, bias, tid2eid, tokens.reshape(-1).long(), logits, counter, ids, w,
         float(gate.route_scale))
     return ids, w

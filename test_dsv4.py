@@ -5452,22 +5452,22 @@ def test_moe_fused_without_routing_graph_replays_follow_new_inputs(monkeypatch):
     _fused_repeats_and_replays_keep_the_bits(T=2, seeds=(9, 10))
 
 
-# ------------------------------------------------------------------------------- router kernel variants (GATE_MODE)
-COMPILE_GATE_MODES = """
+# ------------------------------------------------------------------------- router kernel (MoeGateDecode), GATE_WARPS
+COMPILE_GATE = """
 import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
-for mode, warps in (("lean", 4), ("redux", 4), ("redux", 2), ("redux", 1)):
+for warps in (4, 2, 1):
     for hash_routing in (False, True):
-        K._compile_gate(256, 4096, 6, hash_routing, K.GATE_MAX_TOKENS, mode, warps)
+        K._compile_gate(256, 4096, 6, hash_routing, K.GATE_MAX_TOKENS, warps)
 """
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
-def test_gate_modes_compile_for_sm90a_without_spills(tmp_path):
-    """The lean and redux router variants compile for sm_90a without a GPU (Flash dims, hash and biased top-k); where
-    ptxas is installed, nothing spills."""
-    dump = _compile_for_sm90a(COMPILE_GATE_MODES, tmp_path)
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 8
+def test_gate_kernels_compile_for_sm90a_without_spills(tmp_path):
+    """The router kernel (4 / 2 / 1 experts per CTA) compiles for sm_90a without a GPU (Flash dims, hash and biased
+    top-k); where ptxas is installed, nothing spills."""
+    dump = _compile_for_sm90a(COMPILE_GATE, tmp_path)
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
     ptxas = shutil.which("ptxas")
     for ptx in dump.glob("*MoeGateDecode*.ptx") if ptxas else ():
         rep = ptxas_report(ptxas, ptx, tmp_path)
@@ -5475,12 +5475,13 @@ def test_gate_modes_compile_for_sm90a_without_spills(tmp_path):
 
 
 @gpu
-@pytest.mark.parametrize("mode, warps", [("lean", 4), ("redux", 4), ("redux", 2), ("redux", 1)])
+@pytest.mark.parametrize("warps", [4, 2, 1])
 @pytest.mark.parametrize("layer", [0, 5])                          # hash-routed, biased top-k
-def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, warps, layer, monkeypatch):
-    """GATE_MODE lean / redux (and GATE_WARPS 4 / 2 / 1 experts per CTA) == the v0 kernel: the same ids (order
-    included) and weight bits for N 1, 3, 16, with exact score ties (two experts with the same weight row and bias:
-    the lower expert first) and graph replays."""
+def test_gpu_gate_kernel_gives_the_reference_ids_and_the_same_bits_per_cta_width(warps, layer, monkeypatch):
+    """The router kernel with GATE_WARPS 4 / 2 / 1 experts per CTA: the same ids (order included) and weight bits
+    as 4 per CTA, the torch router's ids (as sets; in descending score order) and weights to fp32 rounding, for N 1, 3,
+    16, with exact score ties (two experts with the same weight row and bias: the lower expert first) and graph
+    replays. (Until session 11 the reference here was session 4's router kernel, GATE_MODE "v0".)"""
     gate, cfg = make_gate(layer, "cuda", seed=3)
     if not gate.hash:
         gate.weight.data[200] = gate.weight.data[7] = gate.weight.data[7] * 4       # a tie near the top
@@ -5488,13 +5489,14 @@ def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, warps, l
     for N in (1, 3, 16):
         x = torch.randn(N, cfg.hidden_size, generator=torch.Generator().manual_seed(N)).to("cuda", torch.bfloat16)
         tokens = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(N)).cuda()
-        monkeypatch.setattr(K, "GATE_MODE", "v0")
         monkeypatch.setattr(K, "GATE_WARPS", 4)
         ids0, w0 = K.gate_decode(gate, x, tokens)
-        monkeypatch.setattr(K, "GATE_MODE", mode)
         monkeypatch.setattr(K, "GATE_WARPS", warps)
         ids, w = K.gate_decode(gate, x, tokens)
-        assert torch.equal(ids, ids0) and torch.equal(w, w0), f"{mode} layer {layer} N={N}: differs from v0"
+        assert torch.equal(ids, ids0) and torch.equal(w, w0), f"warps {warps} layer {layer} N={N}: differs from 4"
+        ref_ids, ref_w = K.gate_reference(gate, x, tokens)
+        assert torch.equal(ids.sort(1).values, ref_ids.sort(1).values), f"layer {layer} N={N}: ids vs reference"
+        assert torch.allclose(w.sort(1).values, ref_w.sort(1).values, rtol=1e-5, atol=1e-6), f"N={N}: weights"
         if not gate.hash:
             for row in ids.tolist():
                 assert 200 not in row or (7 in row and row.index(7) < row.index(200)), f"tie order {row}"
@@ -5511,7 +5513,6 @@ def test_gpu_gate_modes_give_the_ids_and_bits_of_session4s_kernel(mode, warps, l
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(ids_g, ids0) and torch.equal(w_g, w0)
-
 
 
 class _NoSharedExpert(torch.nn.Module):
