@@ -1238,23 +1238,15 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
             (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, False, ring))
 
 
-def no_routing_config(x, top_k: int, experts: Experts):
-    """_compile_moe_gemv_fused config of moe_fp4's routing-free fused launch for x [T, D] at top_k (prepared
-    experts), or None where moe_fp4 takes another path."""
-    if experts.packed is None:
-        return None
-    return _no_routing_config(experts.packed, x.shape[0], x.shape[1], top_k, _sm_count(x.device))
-
-
 def _no_routing_config(pk, T: int, D: int, k: int, sms: int):
-    """MOE_FUSED_NO_ROUTING, <= 32 slots, the decode GEMV and the fused bound apply."""
+    """_compile_moe_gemv_fused config of moe_fp4's fused launch (no routing kernel) for T tokens at top-k, or None
+    where moe_fp4 takes another path: <= 32 slots (one ballot), the decode GEMV and the fused bound apply."""
     R = T * k
-    if not MOE_FUSED_NO_ROUTING or R > 32 or T >= PREFILL_MIN_TOKENS:
+    if R > 32 or T >= PREFILL_MIN_TOKENS:
         return None
     if not (DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, pk.inter)):
         return None
-    fused = moe_gemv_fused_config(pk.fmt, R, pk.w13.shape[0], D, pk.inter, sms)
-    return fused
+    return moe_gemv_fused_config(pk.fmt, R, pk.w13.shape[0], D, pk.inter, sms)
 
 
 def _sm_count(device) -> int:
@@ -1307,11 +1299,9 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
     limit = float(swiglu_limit) if swiglu_limit else math.inf
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
-    fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms) if gemv else None
-    direct = _no_routing_config(pk, T, D, k, sms)
-    if direct is not None:
-        assert direct == fused
-        # no routing kernel: the fused launch reads topk_ids / weights and x itself, rows by slot (bit-identical)
+    fused = _no_routing_config(pk, T, D, k, sms)    # GEMM1 + GEMM2 in one launch (None: a path below)
+    if fused is not None:
+        # one launch, no routing kernel: the fused launch reads topk_ids / weights and x itself, rows by slot
         act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
         y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
         if POISON_BUFFERS:
@@ -1360,7 +1350,7 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
         _compile_routing_gather(E, k, tile_n, D)(ids32, w32, src_tok, row_w, pos, tiles, x.contiguous(), x_sorted)
     else:
         _compile_routing(E, k, tile_n)(ids32, w32, src_tok, row_w, pos, tiles)
-        g1 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)[0] if gemv and fused is None else ()
+        g1 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)[0] if gemv else ()
         if len(g1) > 12 and g1[12]:         # the pair GEMM1 reads x rows through src_tok (MOE_GEMV_X_BY_SRC)
             x_sorted = x.contiguous()
         else:
@@ -1372,13 +1362,6 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
         y_rows.fill_(float("nan"))
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
     if gemv:
-        if fused is not None:               # one launch: GEMM2's CTAs wait on per-(slot, K slice) act counters
-            counters = _fused_counters(dev, 1 + R * fused[3])
-            _compile_moe_gemv_fused(*fused)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x_sorted, act,
-                                            y_rows, tiles, a_gate, a_up, a_down, row_w, limit, ids32, pos, counters,
-                                            src_tok, y)
-            _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
-            return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
         w2_base = pk.w2.view(-1)[:16]          # (the kernels' unused mNext argument)
         by_src = len(g1) > 12 and g1[12]                         # x rows through src_tok (mPos = src_tok)
@@ -3523,8 +3506,8 @@ if HAVE_CUTE:
                             acc2[a, c] = d2[c]
 
     class Fp4MoeGemvFused:
-        """GEMM1 -> GEMM2 of the decode MoE in one launch (both by routed slot, right after the routing + gather
-        kernel, PDL). Work items: GEMM1 (slot, 128-row tiles b*MT..) then GEMM2 (slot, tiles b2*MT..), each one
+        """GEMM1 -> GEMM2 of the decode MoE in one launch (both by routed slot, right after the router: no routing
+        kernel, Fp4MoeGemv.direct_k = top_k; PDL). Work items: GEMM1 (slot, 128-row tiles b*MT..) then GEMM2 (slot, tiles b2*MT..), each one
         cluster of S K slices (both GEMMs split K S ways). A cluster takes its item from a ticket (atom.inc on
         counter 0, wrapping to 0 after the last ticket: the buffer is zero again for the next launch), so a cluster
         runs item i only after the clusters of items < i have started: a GEMM2 CTA waits only on GEMM1 items, which
@@ -3534,9 +3517,10 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     pdl: bool = True, top_k: int = 0):
+                     pdl: bool, top_k: int):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
-            # top_k > 0: no routing kernel before (Fp4MoeGemv.direct_k): x, act, y_rows, weights by routed slot
+            # no routing kernel before (Fp4MoeGemv.direct_k = top_k): x, act, y_rows, weights by routed slot
+            assert top_k > 0
             self.top_k = top_k
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True)
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True)
@@ -3606,10 +3590,6 @@ if HAVE_CUTE:
                 sT[1] = item_m
                 sT[2] = item_t
                 sT[4] = 0                   # (GEMM2 rows of the removed folded combine; kept: same PTX)
-            if const_expr(not self.top_k):
-                if item == 0:
-                    # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
-                    cute.arch.griddepcontrol_wait()
             if item >= n1:
                 self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
@@ -3619,15 +3599,13 @@ if HAVE_CUTE:
 
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
-                            m_per_cta: int, pdl: bool = True, top_k: int = 0):
-    """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
-    act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters, src, out
-    (src / out: read by nothing since session 11 removed the router's ready flag and the folded combine; kept in the
-    launch signature so the default kernels' PTX is unchanged).
-    top_k > 0 (no routing kernel): x instead of x_sorted, act / y_rows by slot, row_w = the flat topk weights;
-    tiles / pos are not read."""
-    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl)
-    config += (top_k,) if top_k else ()
+                            m_per_cta: int, pdl: bool, top_k: int):
+    """Compiled Fp4MoeGemvFused (TVM-FFI entry, no routing kernel before it): w13 and w2 records permuted as for
+    _compile_moe_gemv, x [T, D], act [T*k, I] and y_rows [T*k, D] by routed slot, tiles, alpha_gate, alpha_up,
+    alpha_down, the flat topk weights, limit, topk_ids (flat), pos, counters, src, out. tiles / pos / src / out are
+    read by nothing (the routed variant, the router's ready flag and the folded combine were removed in session 11;
+    the launch signature stays so the default kernels' PTX is unchanged)."""
+    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k)
 
     def build():
         op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k)
@@ -3641,7 +3619,7 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
                                                  assumed_align=128)
         mk = cute.runtime.make_fake_compact_tensor
         alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
-        x_rows, src_rows = (cute.sym_int(), cute.sym_int()) if top_k else (rows, rows)   # direct: x [T, D]
+        x_rows, src_rows = cute.sym_int(), cute.sym_int()
         args = (w(op.g1), w(op.g2), mk(BFloat16, (x_rows, D), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, inter), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, D), stride_order=(1, 0), assumed_align=16),
@@ -3717,9 +3695,9 @@ MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k:
 
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
 MOE_GEMV_FUSED_MAX_ROWS = 12  # ... (H200 R2, Flash, same run: T=1 38.5 vs 41.8 us, T=2 60.3 vs 60.5, T=4 114.9 vs
-                              # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS)
-MOE_FUSED_NO_ROUTING = True      # fused sizes (<= 32 slots): no MoeRoutingGather launch; the
-                                 # fused kernel reads topk_ids / weights / x itself, rows by slot (same bits)
+                              # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS).
+                              # No routing kernel before it: it reads topk_ids / weights / x itself, rows by slot
+                              # (session 5: T=1 39.25 -> 34.26 us; the routed variant was removed in session 11)
 _FUSED_COUNTERS: dict = {}
 
 

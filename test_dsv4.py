@@ -5176,22 +5176,21 @@ COMPILE_MOE_GEMV_FUSED = """
 import sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 K.MOE_GEMV_FUSED = True
-K.MOE_GEMV_FUSED_MAX_ROWS = 24
-cfgs = [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132) for T in (1, 2, 4)]
+cfgs = [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132) for T in (1, 2)]
 cfgs += [K.moe_gemv_fused_config("mxfp4", 6, 256, 4096, 2048, 132), ("nvfp4", 512, 256, 2, 4, 3, 2, False)]
 assert None not in cfgs, cfgs
 for cfg in cfgs:
-    K._compile_moe_gemv_fused(*cfg)
+    K._compile_moe_gemv_fused(*cfg, top_k=6)
 """
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_moe_gemv_fused_compiles_for_sm90a_without_a_gpu_within_the_register_budget(tmp_path):
-    """The fused GEMM1 -> GEMM2 kernel compiles for sm_90a on a GPU-less machine (Flash T 1, 2, 4 with K split 4, 2,
-    1; mxfp4; two row tiles per CTA); where ptxas is installed, each kernel fits MOE_GEMV_WARPS_PER_SM resident warps
-    (<= 80 registers) and spills nothing."""
+    """The fused GEMM1 -> GEMM2 kernel compiles for sm_90a on a GPU-less machine (Flash T 1, 2 with K split 4, 2;
+    mxfp4; small dims with two row tiles per CTA as a plain launch); where ptxas is installed, each kernel fits
+    MOE_GEMV_WARPS_PER_SM resident warps (<= 80 registers) and spills nothing."""
     dump = _compile_for_sm90a(COMPILE_MOE_GEMV_FUSED, tmp_path)
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
     ptxas = shutil.which("ptxas")
     ptxs = list(dump.glob("*Fp4MoeGemvFused*.ptx"))
     if ptxas is None or not ptxs:
@@ -5340,7 +5339,7 @@ def _fused_repeats_and_replays_keep_the_bits(T, seeds, monkeypatch=None):
 
 
 
-# ------------------------------------------------ fused decode MoE without the routing kernel (MOE_FUSED_NO_ROUTING)
+# -------------------------------------------------- fused decode MoE without the routing kernel (session 5 moefront)
 COMPILE_MOE_NO_ROUTING = """
 import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
@@ -5380,21 +5379,24 @@ def test_moe_fused_without_routing_compiles_for_sm90a_within_the_register_budget
 
 
 def _moe_direct_and_routed(ex, x, ids, w, monkeypatch, limit=7.0):
-    """(output without the routing kernel, output of the fused path after MoeRoutingGather), poisoned intermediates;
-    asserts which kernels each call launched and that the counters end at zero."""
+    """(output of the fused launch without the routing kernel, output of MoeRoutingGather + the two by-slot GEMV
+    launches), poisoned intermediates; asserts which kernels each call launched and that the counters end at zero.
+    (Until session 11 the second path was the same fused launch after MoeRoutingGather, MOE_FUSED_NO_ROUTING off.)"""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
-    fused, routing = [], []
-    real_f, real_r = K._compile_moe_gemv_fused, K._compile_routing_gather
+    monkeypatch.setattr(K, "MOE_GEMV_DIRECT", True)
+    fused, routing, two = [], [], []
+    real_f, real_r, real_2 = K._compile_moe_gemv_fused, K._compile_routing_gather, K._compile_moe_gemv
     monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a, **kw: fused.append(kw) or real_f(*a, **kw))
     monkeypatch.setattr(K, "_compile_routing_gather", lambda *a: routing.append(a) or real_r(*a))
-    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
+    monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a, **kw: two.append(a) or real_2(*a, **kw))
     y = K.moe_fp4(x, ids, w, ex, limit)
     assert len(fused) == 1 and fused[0].get("top_k") == ids.shape[1] and not routing, "not the routing-free path"
-    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", False)
+    monkeypatch.setattr(K, "MOE_GEMV_FUSED", False)
+    monkeypatch.setattr(K, "MOE_GEMV_DIRECT", False)
     y_old = K.moe_fp4(x, ids, w, ex, limit)
-    assert len(fused) == 2 and not fused[1].get("top_k") and len(routing) == 1, "not the routed fused path"
+    assert len(fused) == 1 and len(routing) == 1 and len(two) == 2 and two[0][10], "not the routed by-slot GEMV"
     torch.cuda.synchronize()
     assert not K._FUSED_COUNTERS[x.device].any(), "a fused launch left a counter non-zero"
     return y, y_old
@@ -5405,9 +5407,9 @@ def _moe_direct_and_routed(ex, x, ids, w, monkeypatch, limit=7.0):
 @pytest.mark.parametrize("splits, m_per_cta", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 2)])
 def test_moe_fused_without_routing_gives_the_bits_of_the_routed_path(fmt, splits, m_per_cta, monkeypatch):
     """Small dims, K split 1 / 2 / 4 ways, 1 or 2 row tiles per CTA: reading x / topk_ids / weights by slot (no
-    MoeRoutingGather) gives the routed fused path's bits and the fp32 reference up to rounding; skipped slots, a
-    token with no slot on this rank (y = 0), a token naming one expert twice, 12 and 24 rows on one expert (two and
-    three 8-row groups), T = 1..4."""
+    MoeRoutingGather) gives the bits of the routed by-slot two-launch GEMV (same K split) and the fp32 reference up
+    to rounding; skipped slots, a token with no slot on this rank (y = 0), a token naming one expert twice, 12 and
+    24 rows on one expert (two and three 8-row groups), T = 1..4."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((splits, m_per_cta), (splits, m_per_cta)))
     ex = _small(fmt)
     cases = [(1, "random", 6), (2, "random", 6), (2, "shared", 6), (3, "empty_experts", 6), (4, "random", 6),
@@ -5425,7 +5427,7 @@ def test_moe_fused_without_routing_gives_the_bits_of_the_routed_path(fmt, splits
             assert not y[T // 2].any(), f"{what}: y of the token without slots is not 0"
         if T > 1 or routing != "token_off":
             _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"{what} vs reference")
-        assert torch.equal(y, y_old), f"{what}: differs from the routed fused path"
+        assert torch.equal(y, y_old), f"{what}: differs from the routed by-slot GEMV"
 
 
 @gpu
@@ -5439,7 +5441,7 @@ def test_moe_fused_without_routing_flash_dims_gives_the_bits_of_the_routed_path(
         ids, w = _gemv_routing(T, 6, 256, routing, seed=90 + T)
         y, y_old = _moe_direct_and_routed(ex, x, ids, w, monkeypatch)
         _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"no-routing flash {fmt} T={T} {routing}")
-        assert torch.equal(y, y_old), f"no-routing flash {fmt} T={T} {routing}: differs from the routed fused path"
+        assert torch.equal(y, y_old), f"no-routing flash {fmt} T={T} {routing}: differs from the routed GEMV"
 
 
 @gpu
@@ -5448,7 +5450,6 @@ def test_moe_fused_without_routing_graph_replays_follow_new_inputs(monkeypatch):
     ids / weights written into the captured buffers; the counters end at zero."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
-    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
     _fused_repeats_and_replays_keep_the_bits(T=2, seeds=(9, 10))
 
 
@@ -6286,7 +6287,6 @@ def _no_routing_moe(monkeypatch):
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
-    monkeypatch.setattr(K, "MOE_FUSED_NO_ROUTING", True)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     return _small("nvfp4")
 
