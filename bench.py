@@ -192,9 +192,6 @@ def bench_moe():
 # (a long prefill through 43 layers looks like this), total time / calls.
 
 PREFILL_ABLATIONS = {            # name -> kernels.py switches (rows next to default rows: same clock state)
-    "session-2 path (one 128 width, MoeRouting, index_select)": dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False,
-                                                                     PREFILL_GATHER_KERNEL=False),
-    "single-CTA routing (PrefillRouting) + PrefillGather": dict(PREFILL_MULTI_ROUTING=False),
     "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
     "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
     "one 128 width": dict(PREFILL_WIDTHS=()),
@@ -203,8 +200,7 @@ PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the re
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
-PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False, PREFILL_GATHER_KERNEL=False)),
-                        ("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
+PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WIDTHS=())), ("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
                         ("mxfp4", dict(PREFILL_WIDTHS=(96, 128)))]
 
 

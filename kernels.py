@@ -9086,14 +9086,14 @@ PREFILL_ABLATE: dict = {}      # bench only: timing-only Fp4PrefillGemm options 
 PREFILL_WIDTHS = None         # None: prefill_widths(T); (): one width (tile_n); e.g. (96, 128): one GEMM launch per
                               # wgmma width, each over the token tiles whose rows fit it best (tiles of the last width;
                               # an expert's partial tile goes to the narrowest width that holds it)
-PREFILL_GATHER_KERNEL = True  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
-PREFILL_MULTI_ROUTING = True    # routing over many CTAs (count, tables, place = gather): no single-SM atomics
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
 # (Variants whose ablations lost were removed in session 4, see notes/kernel.md "session 4 pruning": GEMM1 gathering
 # its token rows (cp.async), 2-CTA clusters, several wgmma widths or N chunks in one kernel, the per-width epilogue,
 # the launch without .minnctapersm, store warps, sigmoid via tanh, the routing weight in the combine, PrefillRouting
-# for one width.)
+# for one width. Session 11: the single-CTA routing launches (PREFILL_MULTI_ROUTING off: PrefillRouting's own kernel,
+# MoeRouting for one width) and x_sorted by PrefillGather / index_select (PREFILL_GATHER_KERNEL); the routing runs
+# over many CTAs: PrefillCount, PrefillTables, PrefillPlace.)
 SMEM_BYTES = 227 * 1024       # sm_90 dynamic smem per CTA
 PRODUCER_REGS, CONSUMER_REGS = 40, 232   # setmaxnreg split: 128 x 40 + 256 x 232 <= 64 K registers
 
@@ -9407,27 +9407,14 @@ if HAVE_CUTE:
 
 
     class PrefillRouting(MoeRouting):
-        """MoeRouting for moe_fp4_prefill's width classes: the same src_tok / row_w / pos; each expert's rows are cut
-        into token tiles of widths[-1] rows (the last one partial), and a tile of nr rows goes to the table of the
-        narrowest width >= nr: tiles[c, i] = (expert, first row, rows) compact, rows = 0 past counts[c]."""
+        """moe_fp4_prefill's width classes (the helpers of PrefillTables): each expert's rows are cut into token tiles
+        of widths[-1] rows (the last one partial), and a tile of nr rows goes to the table of the narrowest width >=
+        nr: tiles[c, i] = (expert, first row, rows) compact, rows = 0 past counts[c]. (Its own single-CTA launch,
+        PREFILL_MULTI_ROUTING off, was removed in session 11.)"""
 
-        def __init__(self, num_experts: int, top_k: int, widths: tuple, batch: int = 8):
+        def __init__(self, num_experts: int, top_k: int, widths: tuple):
             super().__init__(num_experts, top_k, widths[-1])
             self.widths = tuple(widths)
-            self.batch = batch          # slots per thread whose loads are in flight together
-
-        @cute.jit
-        def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
-                     mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor, stream):
-            @cute.struct
-            class SharedStorage:
-                cnt: cute.struct.MemRange[Int32, self.E + 1]
-                start: cute.struct.MemRange[Int32, self.E + 1]
-                cstart: cute.struct.MemRange[Int32, len(self.widths) * (self.E + 1)]
-
-            self.shared_storage = SharedStorage
-            self.kernel_widths(mIds, mW, mSrc, mRowW, mPos, mTiles, mCounts).launch(
-                grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
 
         @cute.jit
         def width_class(self, rows):
@@ -9512,63 +9499,6 @@ if HAVE_CUTE:
                     mTiles[k, j, 2] = 0
                 if tidx == 0:
                     mCounts[k] = total
-
-        @cute.kernel
-        def kernel_widths(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
-                          mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor):
-            tidx, _, _ = cute.arch.thread_idx()
-            E, tn, nc = self.E, self.tile_n, len(self.widths)
-            R = cute.size(mIds, mode=[0])
-            n_tab = cute.size(mTiles, mode=[1])
-            smem = cutlass.utils.SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
-            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
-            start = storage.start.get_tensor(cute.make_layout(E + 1))
-            cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))     # [expert, class]
-            nb = self.batch
-            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
-                cnt[e] = 0
-            cute.arch.sync_threads()
-            # slots in batches of nb per thread (s = it + i * threads + tidx: coalesced), all loads of a batch first:
-            # the passes are latency-bound (one CTA), so nb independent loads in flight instead of one
-            ev = cute.make_rmem_tensor((nb,), Int32)
-            rk = cute.make_rmem_tensor((nb,), Int32)
-            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    ev[i] = E
-                    if s < R:
-                        e = mIds[s]
-                        if e >= 0 and e < E:
-                            ev[i] = e
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    if s < R:
-                        mPos[s] = cute.arch.atomic_add(cnt.iterator + ev[i], Int32(1), scope="cta")   # rank in e
-            cute.arch.sync_threads()
-            self.scan_counts(cnt, start, cstart, tidx)
-            cute.arch.sync_threads()
-            wv = cute.make_rmem_tensor((nb,), Float32)
-            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    ev[i] = E
-                    rk[i] = 0
-                    wv[i] = 0.0
-                    if s < R:
-                        e = mIds[s]
-                        if e >= 0 and e < E:
-                            ev[i] = e
-                        rk[i] = mPos[s]
-                        wv[i] = mW[s]
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    if s < R:
-                        p = start[ev[i]] + rk[i]
-                        mSrc[p] = s // self.k
-                        mRowW[p] = wv[i]
-                        mPos[s] = p if ev[i] < E else R
-            self.write_tables(cnt, start, cstart, mTiles, mCounts, tidx)
 
     class PrefillCount:
         """Routing over many CTAs, step 1: rank[s] = rank of slot s among its expert's rows (order arbitrary). Each
@@ -9723,49 +9653,6 @@ if HAVE_CUTE:
                             cute.autovec_copy(v[r * self.cols + j],
                                               cute.local_tile(mXs, (1, 8), (ps[r], j * self.threads + tidx)))
 
-    class PrefillGather:
-        """x_sorted[p] = x[src_tok[p]] for the R sorted rows (the token rows GEMM1 reads, grouped by expert): one CTA
-        per `rows` sorted rows, 128 threads, thread t moving 16-B vectors t, t + 128, ... of each row, all its loads in
-        flight before its stores (torch index_select moves 2-B elements). pdl: trigger the next kernel at once, wait
-        for the routing kernel before reading src_tok."""
-
-        def __init__(self, dim: int, rows: int = 4, pdl: bool = False):
-            self.dim, self.rows, self.threads, self.pdl = dim, rows, 128, pdl
-            self.vecs = dim // 8                                      # 16-B vectors per row
-            self.cols = (self.vecs + self.threads - 1) // self.threads   # vectors per thread and row
-
-        @cute.jit
-        def __call__(self, mX: cute.Tensor, mSrc: cute.Tensor, mXs: cute.Tensor, stream):
-            n_rows = cute.size(mXs, mode=[0])
-            self.kernel(mX, mSrc, mXs).launch(grid=[(n_rows + self.rows - 1) // self.rows, 1, 1],
-                                              block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
-
-        @cute.kernel
-        def kernel(self, mX: cute.Tensor, mSrc: cute.Tensor, mXs: cute.Tensor):
-            tidx, _, _ = cute.arch.thread_idx()
-            bid, _, _ = cute.arch.block_idx()
-            n_rows = cute.size(mXs, mode=[0])
-            if const_expr(self.pdl):
-                cute.arch.griddepcontrol_launch_dependents()
-                cute.arch.griddepcontrol_wait()
-            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.rows * self.cols)]   # 16 B each
-            for r in cutlass.range_constexpr(self.rows):
-                row = bid * self.rows + r
-                if row < n_rows:
-                    src = mSrc[row]
-                    for j in cutlass.range_constexpr(self.cols):
-                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
-                            cute.autovec_copy(cute.local_tile(mX, (1, 8), (src, j * self.threads + tidx)),
-                                              v[r * self.cols + j])
-            for r in cutlass.range_constexpr(self.rows):
-                row = bid * self.rows + r
-                if row < n_rows:
-                    for j in cutlass.range_constexpr(self.cols):
-                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
-                            cute.autovec_copy(v[r * self.cols + j],
-                                              cute.local_tile(mXs, (1, 8), (row, j * self.threads + tidx)))
-
-
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           epilogue: str = "", mma_width: int = 0, chain: str = ""):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
@@ -9790,19 +9677,6 @@ def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
         return gemm, (w, b, out, tiles, num_tiles, alpha0, alpha1, row_w, Float32(0.0), Int32(1), stream)
     return _load_or_compile(config, build)
-
-
-def _compile_prefill_routing(num_experts: int, top_k: int, widths: tuple):
-    def build():
-        r, n_tab = cute.sym_int(), cute.sym_int()
-        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
-        f32 = cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4)
-        args = (i32((r,)), f32, i32((r,)), f32, i32((r,)),
-                cute.runtime.make_fake_compact_tensor(Int32, (len(widths), n_tab, 3), stride_order=(2, 1, 0),
-                                                      assumed_align=4),
-                i32((len(widths),)), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return PrefillRouting(num_experts, top_k, widths), args
-    return _load_or_compile(("prefill_route", num_experts, top_k, tuple(widths)), build)
 
 
 def _compile_prefill_count(num_experts: int):
@@ -9839,17 +9713,6 @@ def _compile_prefill_place(num_experts: int, top_k: int, dim: int):
     return _load_or_compile(("prefill_place", num_experts, top_k, dim), build)
 
 
-def _compile_prefill_gather(dim: int, pdl: bool):
-    def build():
-        t, r = cute.sym_int(), cute.sym_int()
-        bf16 = lambda rows: cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0),  # noqa
-                                                                  assumed_align=16)
-        args = (bf16(t), cute.runtime.make_fake_compact_tensor(Int32, (r,), assumed_align=4), bf16(r),
-                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return PrefillGather(dim, pdl=pdl), args
-    return _load_or_compile(("prefill_gather", dim, pdl), build)
-
-
 def prefill_unavailable_reason(x, experts) -> str | None:
     """None if moe_fp4_prefill can run these inputs, else a short reason (then use kernels.moe)."""
     reason = kernel_unavailable_reason(x, experts)
@@ -9881,7 +9744,8 @@ def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
 
 def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens: int = 4096, **gemm_options):
     """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
-    (gemm1 list, gemm2 list (one per width class), routing, combine, widths)."""
+    (gemm1 list, gemm2 list (one per width class), combine, widths); the routing kernels (count, tables, place)
+    are compiled too (_prefill_steps fetches them from the cache)."""
     gemm_options = {**PREFILL_ABLATE, **gemm_options}
     tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
     widths = gemm_options.pop("widths", PREFILL_WIDTHS)
@@ -9894,25 +9758,10 @@ def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens
         chain = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
         gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, chain=chain, **gemm_options))
         gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, chain=chain, **gemm_options))
-    routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1
-               else _compile_routing(num_experts, top_k, widths[0]))
-    if PREFILL_MULTI_ROUTING:                       # (warms the cache; _prefill_steps fetches them)
-        _compile_prefill_count(num_experts), _compile_prefill_tables(num_experts, top_k, widths)
-        _compile_prefill_place(num_experts, top_k, dim)
+    _compile_prefill_count(num_experts), _compile_prefill_tables(num_experts, top_k, widths)
+    _compile_prefill_place(num_experts, top_k, dim)
     combine = _compile_combine(top_k, dim, USE_PDL)
-    if PREFILL_GATHER_KERNEL:
-        _compile_prefill_gather(dim, USE_PDL)            # (warms the cache; _prefill_steps fetches it)
-    return gemm1, gemm2, routing, combine, widths
-
-
-_ALL_TILES: dict = {}
-
-
-def _all_tiles(dev) -> torch.Tensor:
-    """[1] int32 'count' for a table whose every entry is to be read (more than any table holds)."""
-    if dev not in _ALL_TILES:
-        _ALL_TILES[dev] = torch.full((1,), 1 << 30, dtype=torch.int32, device=dev)
-    return _ALL_TILES[dev]
+    return gemm1, gemm2, combine, widths
 
 
 def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **gemm_options):
@@ -9922,15 +9771,14 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    gemm1, gemm2, routing, combine, widths = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
+    gemm1, gemm2, combine, widths = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
     nc, tile_n = len(widths), widths[-1]
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
     tiles = torch.empty(nc, max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)   # one table per width
-    own_routing = nc > 1 or PREFILL_MULTI_ROUTING
-    counts = torch.empty(nc, dtype=torch.int32, device=dev) if own_routing else _all_tiles(dev)
+    counts = torch.empty(nc, dtype=torch.int32, device=dev)          # tiles per width table
     x_sorted = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
@@ -9944,26 +9792,16 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     ctas2 = _grid(dev, n_tab * (D // 256))
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    if PREFILL_MULTI_ROUTING:        # routing over many CTAs, the gather fused into its last step
-        rank = torch.empty(R, dtype=torch.int32, device=dev)
-        expert_rows = torch.empty(2, E + 1, dtype=torch.int32, device=dev)      # rows per expert, first row
-        count_k, tables_k = _compile_prefill_count(E), _compile_prefill_tables(E, k, widths)
-        place_k = _compile_prefill_place(E, k, D)
-        steps = [("zero", lambda: expert_rows[0].zero_()),
-                 ("count", lambda: count_k(ids32, rank, expert_rows[0])),
-                 ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
-                 ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos,
-                                           x_sorted))]
-    else:                            # one routing CTA, then the gather
-        if own_routing:
-            steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
-        else:
-            steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
-        if PREFILL_GATHER_KERNEL:
-            gather_rows = _compile_prefill_gather(D, USE_PDL)
-            steps.append(("gather", lambda: gather_rows(x.contiguous(), src_tok, x_sorted)))
-        else:
-            steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
+    # routing over many CTAs (count, tables, place = gather; session 3: no single-SM atomics)
+    rank = torch.empty(R, dtype=torch.int32, device=dev)
+    expert_rows = torch.empty(2, E + 1, dtype=torch.int32, device=dev)          # rows per expert, first row
+    count_k, tables_k = _compile_prefill_count(E), _compile_prefill_tables(E, k, widths)
+    place_k = _compile_prefill_place(E, k, D)
+    steps = [("zero", lambda: expert_rows[0].zero_()),
+             ("count", lambda: count_k(ids32, rank, expert_rows[0])),
+             ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
+             ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos,
+                                       x_sorted))]
     w13, w2 = pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0)
     sfx = (lambda c: "") if nc == 1 else (lambda c: f" N={widths[c]}")     # noqa: E731
     for c in reversed(range(nc)):    # GEMM1 of every width class, widest first, then GEMM2 (PDL chains, see chain)

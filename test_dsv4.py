@@ -4803,13 +4803,24 @@ def test_prefill_width_tables_put_each_tile_in_its_narrowest_width():
                                                       (16, 3000, 6, "empty_experts", (32, 64, 128)),
                                                       (16, 3000, 2, "one_expert", (32, 64, 128))])
 def test_gpu_prefill_routing_width_tables_match_torch(E, T, k, routing, widths):
+    """The multi-CTA prefill routing (PrefillCount -> PrefillTables -> PrefillPlace, as _prefill_steps launches
+    them): width-class tables and counts equal route_width_tables'; every routed slot gets its own sorted row naming
+    its token and weight. (Until session 11 this checked PrefillRouting's own single-CTA launch.)"""
     ids, w = _routing(T, k, E, routing, "cuda", T)
     R = T * k
+    D = 256
     src, row_w, pos = (torch.full((R,), -7, dtype=dt, device="cuda") for dt in (torch.int32, torch.float32,
                                                                                    torch.int32))
     tables = torch.full((len(widths), K.max_tiles(R, E, widths[-1]), 3), -7, dtype=torch.int32, device="cuda")
     counts = torch.full((len(widths),), -7, dtype=torch.int32, device="cuda")
-    K._compile_prefill_routing(E, k, widths)(ids.reshape(-1), w.reshape(-1).float(), src, row_w, pos, tables, counts)
+    ids32, w32 = ids.reshape(-1).to(torch.int32), w.reshape(-1).float()
+    rank = torch.empty(R, dtype=torch.int32, device="cuda")
+    expert_rows = torch.zeros(2, E + 1, dtype=torch.int32, device="cuda")
+    x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
+    x_sorted = torch.empty(R, D, dtype=torch.bfloat16, device="cuda")
+    K._compile_prefill_count(E)(ids32, rank, expert_rows[0])
+    K._compile_prefill_tables(E, k, widths)(expert_rows[0], expert_rows[1], tables, counts)
+    K._compile_prefill_place(E, k, D)(ids32, w32, rank, expert_rows[1], x, src, row_w, pos, x_sorted)
     ref_tables, ref_counts = K.route_width_tables(ids, E, widths)
     assert torch.equal(counts, ref_counts) and torch.equal(tables, ref_tables)
     flat = ids.reshape(-1).long()
@@ -4820,6 +4831,7 @@ def test_gpu_prefill_routing_width_tables_match_torch(E, T, k, routing, widths):
     assert torch.equal(torch.sort(p).values, torch.arange(int(routed.sum()), device="cuda"))
     assert torch.equal(src[p].long(), slots[routed] // k)   # ... which names its token and weight
     assert torch.equal(row_w[p], w.reshape(-1).float()[routed])
+    assert torch.equal(x_sorted[p], x[slots[routed] // k])  # ... and holds its token's row
 
 
 @gpu
@@ -4836,36 +4848,24 @@ def test_gpu_prefill_width_classes_match_fp32_reference(fmt, dims, T, routing, w
 
 
 @gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("dims, T, routing", [("small", 3000, "one_expert"), ("flash", 4096, "random")])
-def test_gpu_prefill_session2_path_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
-    """One 128 width, MoeRouting, index_select (the session-2 launches; the bench's baseline row)."""
-    for name, value in dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False, PREFILL_GATHER_KERNEL=False).items():
-        monkeypatch.setattr(K, name, value)
-    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 7)
-
-
-@gpu
-@pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "flash", 16384, "random"),
-                                                   ("mxfp4", "small", 3000, "one_expert")])
-def test_gpu_prefill_single_cta_routing_with_width_classes_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
-    """PREFILL_MULTI_ROUTING off: PrefillRouting (one CTA, the width-class tables + counts), then PrefillGather."""
-    for name, value in dict(PREFILL_WIDTHS=(96, 112, 128), PREFILL_MULTI_ROUTING=False,
-                            PREFILL_GATHER_KERNEL=True).items():
-        monkeypatch.setattr(K, name, value)
-    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 4)
-
-
-@gpu
 @pytest.mark.parametrize("fmt, dims, T, routing", [("nvfp4", "flash", 4096, "random"), ("mxfp4", "small", 16384, "random"),
                                                    ("nvfp4", "small", 3000, "one_expert"),
                                                    ("mxfp4", "small", 1000, "empty_experts")])
 def test_gpu_prefill_routing_over_many_ctas_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
-    """PREFILL_MULTI_ROUTING: count (many CTAs) -> tables (one CTA) -> place + gather (many CTAs)."""
-    monkeypatch.setattr(K, "PREFILL_MULTI_ROUTING", True)
+    """The routing: count (many CTAs) -> tables (one CTA) -> place + gather (many CTAs)."""
     ex = _experts(fmt, dims)
     x, ids, w, y = _check_prefill(ex, T, 6 if routing != "one_expert" else 2, routing, seed=T + 6)
     assert torch.equal(y, K.moe_fp4_prefill(x, ids, w, ex, 7.0))          # bitwise repeatable (atomic row order)
+
+
+@gpu
+@pytest.mark.parametrize("fmt, dims, T, routing", [("mxfp4", "flash", 4096, "random"), ("nvfp4", "small", 3000, "one_expert"),
+                                                   ("nvfp4", "small", 3000, "empty_experts")])
+def test_gpu_prefill_one_128_width_matches_fp32_reference(monkeypatch, fmt, dims, T, routing):
+    """One 128 width (PREFILL_WIDTHS = ()): one table from the multi-CTA routing. (Until session 11 these cases ran
+    the session-2 launches: MoeRouting / PrefillRouting in one CTA, index_select / PrefillGather.)"""
+    monkeypatch.setattr(K, "PREFILL_WIDTHS", ())
+    _check_prefill(_experts(fmt, dims), T, 6 if routing != "one_expert" else 2, routing, seed=T + 7)
 
 
 @gpu
@@ -4877,23 +4877,6 @@ def test_gpu_prefill_default_launches_are_the_width_chains_after_the_multi_cta_r
     names = [name for name, _ in K._prefill_steps(x, ids, w, ex, 7.0)[0]]
     assert names == ["zero", "count", "tables", "place"] + [f"gemm{g} N={n}" for g in (1, 2) for n in (128, 112, 96, 64)] \
         + ["combine"]
-
-
-@gpu
-@pytest.mark.parametrize("dims, T, routing", [("small", 1000, "empty_experts"), ("flash", 4096, "random")])
-def test_gpu_prefill_gather_kernel_matches_fp32_reference(monkeypatch, dims, T, routing):
-    """PREFILL_GATHER_KERNEL: x_sorted by PrefillGather (16-B vectors) instead of torch index_select."""
-    monkeypatch.setattr(K, "PREFILL_GATHER_KERNEL", True)
-    _check_prefill(_experts("nvfp4", dims), T, 6, routing, seed=T + 2)
-
-
-@gpu
-@pytest.mark.parametrize("routing", ["empty_experts", "one_expert"])
-def test_gpu_prefill_one_width_with_single_cta_routing_matches_fp32_reference(monkeypatch, routing):
-    """Single-CTA routing and one 128 width: MoeRouting's one table (as in session 2), then PrefillGather."""
-    monkeypatch.setattr(K, "PREFILL_MULTI_ROUTING", False)
-    monkeypatch.setattr(K, "PREFILL_WIDTHS", ())
-    _check_prefill(_experts("nvfp4", "small"), 3000, 6 if routing != "one_expert" else 2, routing, seed=4)
 
 
 # ====================================================================================================================
