@@ -513,7 +513,6 @@ def bench_moe_decode():
 
 
 MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set at a time, timed at T=1 and T=4
-    ("GEMM1 by tile (MOE_GEMV_BY_SLOT off)", dict(MOE_GEMV_BY_SLOT=False)),
     ("S=2 MT=2 both GEMMs (2-CTA clusters)", dict(MOE_GEMV_FORCE=((2, 2), (2, 2)))),
     ("PDL off", dict(USE_PDL=False)),
 ]

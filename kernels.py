@@ -1351,7 +1351,7 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     else:
         _compile_routing(E, k, tile_n)(ids32, w32, src_tok, row_w, pos, tiles)
         g1 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)[0] if gemv else ()
-        if len(g1) > 12 and g1[12]:         # the pair GEMM1 reads x rows through src_tok (MOE_GEMV_X_BY_SRC)
+        if len(g1) > 12 and g1[12]:         # the pair GEMM1 reads x rows through src_tok
             x_sorted = x.contiguous()
         else:
             x_sorted = x.index_select(0, src_tok)                   # [R, D] rows grouped by expert
@@ -3678,11 +3678,8 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
 
 DECODE_GEMV = True           # moe_fp4: both GEMMs on Fp4MoeGemv for up to MOE_GEMV_MAX_ROWS routed rows (T*k)
 MOE_GEMV_MAX_ROWS = 1536     # T <= 256 at top-6 (H200 R1/R2, same run: 5-15% faster than the wgmma path at T 16..256)
-MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_ids: weight loads start during routing;
-                             # H200 R2: T=4 108.6 -> 104.3 us, T=1 unchanged); needs the fused gather (R <= 24)
 MOE_GEMV_PAIR = True          # Fp4MoeGemvPair (an expert's two n8 token tiles share one weight stream + decode) ...
 MOE_GEMV_PAIR_MIN_ROWS = 768  # ... from this many routed rows (T >= 128 at top-6) where K is unsplit (same bits)
-MOE_GEMV_X_BY_SRC = True      # pair GEMM1 reads x rows through src_tok (no index_select launch for x_sorted)
 MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
 
@@ -3775,12 +3772,16 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     bound = m + (R - m) // MOE_GEMV_TILE_N          # tiles with rows: one per hit expert + one per 8 more rows
     s1, mt1 = MOE_GEMV_FORCE[0] or pick_moe_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
     s2, mt2 = MOE_GEMV_FORCE[1] or pick_moe_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
-    by_slot = MOE_GEMV_BY_SLOT and USE_PDL and gather
+    # GEMM1 after the fused gather (R <= 24) by routed slot: expert from topk_ids, its weight loads start during
+    # routing (PDL; session 3 H200 R2: T=4 108.6 -> 104.3 us against GEMM1 by tile)
+    by_slot = USE_PDL and gather
     w = MOE_GEMV_WARPS_PER_SM
     pair = MOE_GEMV_PAIR and R >= MOE_GEMV_PAIR_MIN_ROWS      # Fp4MoeGemvPair where it applies (appended: True)
     pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1)
     pair2 = pair and _moe_gemv_pair_ok(inter // TILE_K, s2)
-    by_src = pair1 and MOE_GEMV_X_BY_SRC and not gather        # GEMM1 right after MoeRouting: waits first
+    # the pair GEMM1 right after MoeRouting reads x rows through src_tok (no index_select for x_sorted; session 6
+    # H200 R1 T=256: 1066.2 vs 1078.1 us); it waits first
+    by_src = pair1 and not gather
     return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot)
             + ((MOE_GEMV_PAIR_STAGES, by_src) if pair1 else ()),
             (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False)
