@@ -192,9 +192,6 @@ def bench_moe():
 # (a long prefill through 43 layers looks like this), total time / calls.
 
 PREFILL_ABLATIONS = {            # name -> kernels.py switches (rows next to default rows: same clock state)
-    "session-2 path (one 128 width, MoeRouting, index_select)": dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False,
-                                                                     PREFILL_GATHER_KERNEL=False),
-    "single-CTA routing (PrefillRouting) + PrefillGather": dict(PREFILL_MULTI_ROUTING=False),
     "widths 96,112,128": dict(PREFILL_WIDTHS=(96, 112, 128)),
     "widths 64,96,128": dict(PREFILL_WIDTHS=(64, 96, 128)),
     "one 128 width": dict(PREFILL_WIDTHS=()),
@@ -203,8 +200,7 @@ PREFILL_ABLATE_BOTH_T = 6        # the first this many also at T = 16384 (the re
 
 
 # the other configs the GPU tests of _gpu.sh compile (warmed in parallel with the bench's)
-PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WIDTHS=(), PREFILL_MULTI_ROUTING=False, PREFILL_GATHER_KERNEL=False)),
-                        ("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
+PREFILL_TEST_CONFIGS = [("mxfp4", dict(PREFILL_WIDTHS=())), ("nvfp4", dict(PREFILL_WIDTHS=(32, 64, 128))), ("mxfp4", dict(PREFILL_WIDTHS=(32, 64, 128))),
                         ("mxfp4", dict(PREFILL_WIDTHS=(96, 128)))]
 
 
@@ -517,9 +513,7 @@ def bench_moe_decode():
 
 
 MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set at a time, timed at T=1 and T=4
-    ("GEMM1 by tile (MOE_GEMV_BY_SLOT off)", dict(MOE_GEMV_BY_SLOT=False)),
     ("S=2 MT=2 both GEMMs (2-CTA clusters)", dict(MOE_GEMV_FORCE=((2, 2), (2, 2)))),
-    ("GEMM1 prefetches GEMM2's weights into L2 (T=1)", dict(MOE_GEMV_L2_PREFETCH=True)),
     ("PDL off", dict(USE_PDL=False)),
 ]
 
@@ -559,9 +553,7 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
     MOE_GEMV_FUSED) vs the two launches, same run, same routing and weights, CUDA-graph replays; `rounds` interleaved
     rounds (two-launch, fused at each T), the median of each reported."""
     on = dict(MOE_GEMV_FUSED=True, MOE_GEMV_FUSED_MAX_ROWS=24)      # every T here, whatever the default bound
-    variants = {False: dict(MOE_GEMV_FUSED=False), True: on, "pf": dict(on, MOE_GEMV_FUSED_PREFETCH=True),
-                "cb": dict(on, MOE_GEMV_FUSED_COMBINE=True),
-                "pfcb": dict(on, MOE_GEMV_FUSED_PREFETCH=True, MOE_GEMV_FUSED_COMBINE=True)}
+    variants = {False: dict(MOE_GEMV_FUSED=False), True: on}
     us = {(T, f): [] for T in Ts for f in variants}
     for r in range(rounds):
         for T in Ts:
@@ -570,17 +562,14 @@ def fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_exp
             print(f"round {r} T={T}: " + " ".join(f"{f}={us[T, f][-1]:.1f}" for f in variants), flush=True)
     med = {key: sorted(v)[len(v) // 2] for key, v in us.items()}
     print(f"\nMoE decode, Flash dims (D 4096, I 2048, 256 experts, top-6, nvfp4), CUDA-graph replays, {dev}; fused = "
-          f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds; "
-          f"fused variants (us): +L2pf = GEMM2 CTAs prefetch their slice into L2 while waiting, +combine = MoeCombine "
-          f"folded in, +both = the two")
+          f"GEMM1 + GEMM2 in one launch, two = the two GEMV launches, same run, median of {rounds} interleaved rounds")
     print(f"{'T':>4} {'experts':>7} {'two us':>8} {'fused us':>8} {'speedup':>7} {'%copy two':>9} {'%copy fused':>11} "
-          f"{'floor us':>8} {'+L2pf':>6} {'+combine':>8} {'+both':>6}  rounds two / fused")
+          f"{'floor us':>8}  rounds two / fused")
     for T in Ts:
         hit = routings[T][3]
         a, b = med[T, False], med[T, True]
         print(f"{T:>4} {hit:>7} {a:>8.1f} {b:>8.1f} {a / b:>7.3f} {pct(T, a):>9.1f} {pct(T, b):>11.1f} "
-              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f} {med[T, 'pf']:>6.1f} {med[T, 'cb']:>8.1f} "
-              f"{med[T, 'pfcb']:>6.1f}  "
+              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}  "
               + " ".join(f"{v:.1f}" for v in us[T, False]) + " / " + " ".join(f"{v:.1f}" for v in us[T, True]),
               flush=True)
 
@@ -589,7 +578,6 @@ MID_SWITCHES = [    # bench.py moe --decode-only --ablate-mid: (title, knobs of 
     ("direct: no routing kernel at 13..32 routed rows (MOE_GEMV_DIRECT)", dict(MOE_GEMV_DIRECT=True), (4,)),
     ("token rows by cp.async (MOE_GEMV_TOK_ASYNC)", dict(MOE_GEMV_TOK_ASYNC=True), (4, 16, 64, 128, 256)),
     ("direct + token cp.async", dict(MOE_GEMV_DIRECT=True, MOE_GEMV_TOK_ASYNC=True), (4,)),
-    ("GEMM2 waits per tile (MOE_GEMV_READY)", dict(MOE_GEMV_READY=True), (16, 64, 128, 256)),
 ]
 
 
@@ -645,13 +633,6 @@ def mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, 
             del g0, g1, o0, o1
 
 
-MOEFRONT_PATHS = {    # bench.py moe --decode-only --moefront: the batch-1 MoE front, session-4 path vs this one
-    "old": dict(MOE_FUSED_NO_ROUTING=False, GATE_MODE="v0"),
-    "new": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux"),
-    "signal": dict(MOE_FUSED_NO_ROUTING=True, GATE_MODE="redux", MOE_ROUTER_SIGNAL=True),   # ids handed by a flag
-}
-
-
 def random_gates(n, E, D, k, device):
     """n Flash-dims routers (biased sqrtsoftplus top-k; distinct weights: n x 2 MB cycle out of L2) for timing."""
     import types
@@ -662,11 +643,11 @@ def random_gates(n, E, D, k, device):
 
 
 def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
-    """`bench.py moe --decode-only --moefront`: router + routed experts at batch 1-2, MOEFRONT_PATHS old vs new in one
-    run (interleaved rounds, medians; CUDA-graph replays): kernels.moe alone (as the decode table: includes routing /
-    combine), the router alone per GATE_MODE (chained calls over 24 weight copies, PDL on and off), and router + moe as
-    one graph; then one traced replay of router + moe per path (kernel start / duration, us). --ablate-gate: also the
-    router's timing-only modes and GATE_WARPS 2 / 1."""
+    """`bench.py moe --decode-only --moefront`: router + routed experts at batch 1-2 (interleaved rounds, medians;
+    CUDA-graph replays): kernels.moe alone (as the decode table: includes combine), the router alone (chained calls
+    over 24 weight copies, PDL on and off), and router + moe as one graph; then one traced replay of router + moe
+    (kernel start / duration, us). --ablate-gate: also GATE_WARPS 2 / 1. (Session 5's same-run baseline, the
+    session-4 router kernel and routed fused launch, was removed in session 11 with those paths.)"""
     D, I, E, k = 4096, 2048, 256, 6
     gates = random_gates(24, E, D, k, "cuda")
     tok = torch.zeros(2, dtype=torch.long, device="cuda")
@@ -686,12 +667,11 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
         return _time_ms(lambda: [K.gate_decode(g, xs[T], tok[:T]) for g in gates], 30, True) / len(gates) * 1e3
 
     def both(T):
-        def step():                 # as dsv4.MoE.forward (router_signal_ok: MOE_ROUTER_SIGNAL)
+        def step():                 # as dsv4.MoE.forward
             for i, g in enumerate(gates[:8]):
                 ex = fp4[i % len(fp4)]
-                signal = K.router_signal_ok(g, xs[T], ex)
-                ids, w = K.gate_decode(g, xs[T], tok[:T], signal=signal)
-                K.moe(xs[T], ids, w, ex, limit, ready=K.router_ready(xs[T].device) if signal else None)
+                ids, w = K.gate_decode(g, xs[T], tok[:T])
+                K.moe(xs[T], ids, w, ex, limit)
         return step
 
     def both_us(T):
@@ -706,53 +686,44 @@ def moefront_ablation(fp4, with_knobs, dev, rounds=5, limit=10.0):
     for r in range(rounds):
         print(f"round {r}:", end=" ")
         for T in (1, 2):
-            for name, knob in MOEFRONT_PATHS.items():
-                if name in ("old", "new"):
-                    timed(("moe", T, name), knob, lambda: moe_us(T))
-        for mode in ("v0", "lean", "redux") + (("nosel", "nocross") if "--ablate-gate" in sys.argv else ()):
-            timed(("gate", 1, mode), dict(GATE_MODE=mode), lambda: gate_us(1))
-        for mode, warps in (("redux", 2), ("redux", 1)) if "--ablate-gate" in sys.argv else ():
-            timed(("gate", 1, f"{mode}/w{warps}"), dict(GATE_MODE=mode, GATE_WARPS=warps), lambda: gate_us(1))
-        for mode, warps in (("v0", 4), ("redux", 4)):
-            timed(("gate no PDL", 1, f"{mode}/w{warps}"), dict(GATE_MODE=mode, GATE_WARPS=warps, GLUE_PDL=False),
-                  lambda: gate_us(1))
-        timed(("gate", 2, "v0"), dict(GATE_MODE="v0"), lambda: gate_us(2))
-        timed(("gate", 2, "redux"), dict(GATE_MODE="redux"), lambda: gate_us(2))
+            timed(("moe", T, "default"), {}, lambda: moe_us(T))
+        for warps in (4, 2, 1) if "--ablate-gate" in sys.argv else (4,):
+            timed(("gate", 1, f"w{warps}"), dict(GATE_WARPS=warps), lambda: gate_us(1))
+        timed(("gate no PDL", 1, "w4"), dict(GLUE_PDL=False), lambda: gate_us(1))
+        timed(("gate", 2, "w4"), {}, lambda: gate_us(2))
         for T in (1, 2):
-            for name, knob in MOEFRONT_PATHS.items():          # the flag path ("signal") last
-                timed(("gate+moe", T, name), knob, lambda: both_us(T))
+            timed(("gate+moe", T, "default"), {}, lambda: both_us(T))
         print(flush=True)
     print(f"\nMoE front at batch 1-2, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4 records), {dev}, "
-          f"CUDA-graph replays, median (min..max) of {rounds} interleaved rounds, us per call; paths {MOEFRONT_PATHS}")
+          f"CUDA-graph replays, median (min..max) of {rounds} interleaved rounds, us per call")
     for (what, T, name), v in rows.items():
         v = sorted(v)
         print(f"{what:>12} T={T} {name:>8}: {v[len(v) // 2]:7.2f} ({v[0]:.2f}..{v[-1]:.2f})")
     from torch.profiler import ProfilerActivity, profile
-    for name, knob in MOEFRONT_PATHS.items():
-        def traced():
-            run = both(1)
+
+    def traced():
+        run = both(1)
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             run()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
+        graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.replay()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                graph.replay()
-                torch.cuda.synchronize()
-            return prof
-        try:
-            prof = with_knobs(knob, traced)
-            ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
-                        key=lambda e: e.time_range.start)
-            t0 = ev[0].time_range.start
-            print(f"trace {name} (router + moe x8, T=1; start dur end us): " + "; ".join(
-                f"{e.name.replace('kernel_cutlass_kernel_', '').replace('kernels', '')[:18]} "
-                f"{e.time_range.start - t0:.1f} {e.time_range.elapsed_us():.1f} {e.time_range.end - t0:.1f}"
-                for e in ev[:16]), flush=True)
-        except Exception as e:      # noqa: BLE001 - a diagnostic only
-            print(f"trace {name} failed: {e!r}", flush=True)
+        return prof
+    try:
+        prof = traced()
+        ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+        t0 = ev[0].time_range.start
+        print("trace (router + moe x8, T=1; start dur end us): " + "; ".join(
+            f"{e.name.replace('kernel_cutlass_kernel_', '').replace('kernels', '')[:18]} "
+            f"{e.time_range.start - t0:.1f} {e.time_range.elapsed_us():.1f} {e.time_range.end - t0:.1f}"
+            for e in ev[:16]), flush=True)
+    except Exception as e:      # noqa: BLE001 - a diagnostic only
+        print(f"trace failed: {e!r}", flush=True)
 
 
 def profile_decode(routings, T, fp4, limit=10.0):
@@ -998,12 +969,12 @@ def fp8_linear_table(model, copy_bw):
     return rows
 
 
-S4 = ((K, "ATTN_WIDE", False), (K, "MOE_FUSED_NO_ROUTING", False), (K, "GATE_MODE", "v0"))
+S4 = ((K, "ATTN_WIDE", False),)   # session 5's wide attention (the other session-4 alternatives went in session 11)
 S5 = ((K, "HC_CLUSTER_MAX_TOKENS", 0), (K, "HC_FOLD_ADD", False))   # session 6's mHC site (two kernels)
 DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed in the same run as the default step
     ("session-5 mHC sites, two kernels + torch add (= the session-5 step but for the attention's buffer fill)", S5),
-    ("sessions 5 and 6 off where still switchable (the session-4 step but for the attention's buffer fill, the s5 "
-     "GEMV rules and the one-launch top-k, whose alternatives were removed in session 11)", S4 + S5),
+    ("sessions 5 and 6 off where still switchable (cluster attention instead of the wide one, session-5 mHC sites; "
+     "their other alternatives were removed in session 11)", S4 + S5),
     ("one stream (NANO_DSV4_BRANCHES=0)", ((dsv4, "DECODE_BRANCHES", False),)),
     ("glue kernels without PDL (kernels.GLUE_PDL)", ((K, "GLUE_PDL", False),)),
     ("MoE GEMMs as two launches (kernels.MOE_GEMV_FUSED)", ((K, "MOE_GEMV_FUSED", False),)),

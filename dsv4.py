@@ -999,11 +999,10 @@ class Gate(nn.Module):
         else:
             self.bias = nn.Parameter(torch.empty(E, dtype=torch.float32), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor, signal: bool = False):
-        """x [N,D], tokens [N] -> (expert ids [N,k] int32, weights [N,k] fp32). signal: see kernels.gate_decode
-        (the router kernel hands its ids by flag)."""
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor):
+        """x [N,D], tokens [N] -> (expert ids [N,k] int32, weights [N,k] fp32)."""
         if fused(x) and kernels.gate_kernel_supported(self, x):
-            return kernels.gate_decode(self, x, tokens, signal=signal)
+            return kernels.gate_decode(self, x, tokens)
         logits = matmul_fp32(x, self.weight)
         if self.score_func == "sqrtsoftplus":
             s = F.softplus(logits).sqrt()
@@ -1103,16 +1102,13 @@ class MoE(nn.Module):
         x = x.flatten(0, 1)
         with Branch(x, on=self.par.size == 1) as side:             # one rank: the shared expert is independent of
             s = self.shared_experts(x) if self.par.size == 1 else None   # the routed path, a parallel branch
-        # kernels.MOE_ROUTER_SIGNAL (off): at batch 1-2 on one rank the router may flag its ids to the routed launch
-        signal = not self.expert_offset and fused(x) and kernels.router_signal_ok(self.gate, x, self.experts)
-        ids, w = self.gate(x, tokens.flatten(), signal=signal)
+        ids, w = self.gate(x, tokens.flatten())
         if self.expert_offset:                                     # global -> this rank's expert ids
             ids = ids - self.expert_offset
         if x.is_cuda and torch.cuda.is_current_stream_capturing() and kernels.kernel_unavailable_reason(x, self.experts):
             y = moe_gathered(x, ids, w, self.experts, self.limit)   # the reference syncs
         else:
-            ready = kernels.router_ready(x.device) if signal else None
-            y = kernels.moe(x, ids, w, self.experts, self.limit, ready=ready,
+            y = kernels.moe(x, ids, w, self.experts, self.limit,
                             slots=unsummed and kernels.HC_FOLD_COMBINE and self.par.size == 1)
         if self.par.size == 1:      # bf16 + bf16 adds in fp32 and rounds once, like (y.float() + s.float()).to(bf16)
             side.join()

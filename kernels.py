@@ -1238,23 +1238,15 @@ def gemm_configs(fmt: str, R: int, E: int, D: int, inter: int, tile_n: int, sms:
             (fmt, tile_n, inter, D, False, s2, smem, USE_PDL, False, ring))
 
 
-def no_routing_config(x, top_k: int, experts: Experts):
-    """_compile_moe_gemv_fused config of moe_fp4's routing-free fused launch for x [T, D] at top_k (prepared
-    experts), or None where moe_fp4 takes another path."""
-    if experts.packed is None:
-        return None
-    return _no_routing_config(experts.packed, x.shape[0], x.shape[1], top_k, _sm_count(x.device))
-
-
 def _no_routing_config(pk, T: int, D: int, k: int, sms: int):
-    """MOE_FUSED_NO_ROUTING, <= 32 slots, the decode GEMV and the fused bound apply, combine not folded."""
+    """_compile_moe_gemv_fused config of moe_fp4's fused launch (no routing kernel) for T tokens at top-k, or None
+    where moe_fp4 takes another path: <= 32 slots (one ballot), the decode GEMV and the fused bound apply."""
     R = T * k
-    if not MOE_FUSED_NO_ROUTING or R > 32 or T >= PREFILL_MIN_TOKENS:
+    if R > 32 or T >= PREFILL_MIN_TOKENS:
         return None
     if not (DECODE_GEMV and R <= MOE_GEMV_MAX_ROWS and moe_gemv_supported(D, pk.inter)):
         return None
-    fused = moe_gemv_fused_config(pk.fmt, R, pk.w13.shape[0], D, pk.inter, sms)
-    return fused if fused is not None and not fused[8] else None
+    return moe_gemv_fused_config(pk.fmt, R, pk.w13.shape[0], D, pk.inter, sms)
 
 
 def _sm_count(device) -> int:
@@ -1287,14 +1279,12 @@ def routed_sum(y):
     return out
 
 
-def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None, slots: bool = False):
+def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, slots: bool = False):
     """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
     Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order.
     Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill). slots: where
     the fused launch runs without routing, RoutedSlots instead of y (the sum left to the consumer)."""
     if x.shape[0] >= PREFILL_MIN_TOKENS and prefill_unavailable_reason(x, experts) is None:
-        if ready is not None:    # misuse (router_signal_ok said otherwise): drop the router's flag
-            ready[1:3].zero_()
         return moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit)
     pk = experts.packed if experts.packed is not None else prepare_experts(experts).packed
     T, D = x.shape
@@ -1309,14 +1299,9 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
     limit = float(swiglu_limit) if swiglu_limit else math.inf
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
-    fused = moe_gemv_fused_config(pk.fmt, R, E, D, inter, sms) if gemv else None
-    direct = _no_routing_config(pk, T, D, k, sms)
-    if ready is not None and direct is None:     # misuse (router_signal_ok said otherwise): drop the router's flag
-        ready[1:3].zero_()
-        ready = None
-    if direct is not None:
-        assert direct == fused
-        # no routing kernel: the fused launch reads topk_ids / weights and x itself, rows by slot (bit-identical)
+    fused = _no_routing_config(pk, T, D, k, sms)    # GEMM1 + GEMM2 in one launch (None: a path below)
+    if fused is not None:
+        # one launch, no routing kernel: the fused launch reads topk_ids / weights and x itself, rows by slot
         act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
         y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
         if POISON_BUFFERS:
@@ -1327,9 +1312,9 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         if dummy is None:
             dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
         counters = _fused_counters(dev, 1 + R * fused[3])
-        _compile_moe_gemv_fused(*fused, top_k=k, early=ready is not None)(
+        _compile_moe_gemv_fused(*fused, top_k=k)(
             pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x.contiguous(), act, y_rows, dummy, a_gate, a_up,
-            a_down, w32, limit, ids32, ids32, counters, dummy.view(-1) if ready is None else ready, y)
+            a_down, w32, limit, ids32, ids32, counters, dummy.view(-1), y)
         if slots:
             return RoutedSlots(y_rows, ids32, k, E)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
@@ -1346,23 +1331,13 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         dummy = _COUNTERS.get((dev, "i32x3"))
         if dummy is None:
             dummy = _COUNTERS[(dev, "i32x3")] = torch.zeros(1, 3, dtype=torch.int32, device=dev)
-        w2_base = pk.w2.view(-1)[:16]
-        st = MOE_GEMV_STAMPS
-        sk = dict(stamps=True) if st is not None else {}
-        rdy = moe_gemv_ready(dgv[0], dgv[1], D, inter, direct=True)
-        m1 = m2 = w2_base
-        if st is not None:
-            m1, m2 = st[:st.numel() // 2], st[st.numel() // 2:]
-        if rdy is not None:
-            m1 = m2 = _ready_counters(dev, 1 + R * dgv[1][4])
-            sk = dict(ready=rdy[0]), dict(ready=rdy[1])
-        else:
-            sk = sk, sk
+        w2_base = pk.w2.view(-1)[:16]          # (the kernels' unused mNext argument)
         tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
-        gemm1 = _compile_moe_gemv(*dgv[0], direct_k=k, tok_async=tok, **sk[0])
-        gemm2 = _compile_moe_gemv(*dgv[1], direct_k=k, tok_async=tok, **sk[1])
-        gemm1(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate, a_up, w32, limit, ids32, ids32, m1)
-        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32, limit, ids32, ids32, m2)
+        gemm1 = _compile_moe_gemv(*dgv[0], direct_k=k, tok_async=tok)
+        gemm2 = _compile_moe_gemv(*dgv[1], direct_k=k, tok_async=tok)
+        gemm1(pk.w13.permute(3, 2, 1, 0), x.contiguous(), act, dummy, a_gate, a_up, w32, limit, ids32, ids32,
+              w2_base)
+        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, dummy, a_down, a_down, w32, limit, ids32, ids32, w2_base)
         _compile_combine(k, D, USE_PDL, E)(y_rows, ids32, y)
         return y
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
@@ -1375,8 +1350,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         _compile_routing_gather(E, k, tile_n, D)(ids32, w32, src_tok, row_w, pos, tiles, x.contiguous(), x_sorted)
     else:
         _compile_routing(E, k, tile_n)(ids32, w32, src_tok, row_w, pos, tiles)
-        g1 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)[0] if gemv and fused is None else ()
-        if len(g1) > 13 and g1[13]:         # the pair GEMM1 reads x rows through src_tok (MOE_GEMV_X_BY_SRC)
+        g1 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)[0] if gemv else ()
+        if len(g1) > 12 and g1[12]:         # the pair GEMM1 reads x rows through src_tok
             x_sorted = x.contiguous()
         else:
             x_sorted = x.index_select(0, src_tok)                   # [R, D] rows grouped by expert
@@ -1387,36 +1362,15 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, re
         y_rows.fill_(float("nan"))
     y = torch.empty(T, D, dtype=x.dtype, device=dev)
     if gemv:
-        if fused is not None:               # one launch: GEMM2's CTAs wait on per-(slot, K slice) act counters
-            splits, folded = fused[3], fused[8]     # K slices, MoeCombine folded in
-            counters = _fused_counters(dev, 1 + R * splits + T * D // TILE_M)
-            if POISON_BUFFERS and folded:
-                y.fill_(float("nan"))       # tests: the folded combine must write every element of y
-            _compile_moe_gemv_fused(*fused)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x_sorted, act,
-                                            y_rows, tiles, a_gate, a_up, a_down, row_w, limit, ids32, pos, counters,
-                                            src_tok, y)
-            if not folded:
-                _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
-            return y
         g1, g2 = moe_gemv_configs(pk.fmt, R, E, D, inter, sms, gather)
-        w2_base = pk.w2.view(-1)[:16]          # base pointer of the w2 records (GEMM1's L2 prefetch, l2_next)
-        dg = dict(diag=MOE_GEMV_DIAG) if MOE_GEMV_DIAG else {}     # timing-only diagnostics
-        by_src = len(g1) > 13 and g1[13]                         # x rows through src_tok (mPos = src_tok)
-        st = MOE_GEMV_STAMPS if len(g1) <= 12 and len(g2) <= 12 and not g1[11] else None
-        s1, s2 = (dict(stamps=True), dict(stamps=True)) if st is not None else ({}, {})
-        m1 = m2 = w2_base
-        if st is not None:
-            m1, m2 = st[:st.numel() // 2], st[st.numel() // 2:]
-        rdy = moe_gemv_ready(g1, g2, D, inter)
-        if rdy is not None:                  # GEMM2 waits per tile (counters) instead of for GEMM1's end
-            m1 = m2 = _ready_counters(dev, 1 + tiles.shape[0] * g2[4])
-            s1, s2 = dict(ready=rdy[0]), dict(ready=rdy[1])
+        w2_base = pk.w2.view(-1)[:16]          # (the kernels' unused mNext argument)
+        by_src = len(g1) > 12 and g1[12]                         # x rows through src_tok (mPos = src_tok)
         tok = MOE_GEMV_TOK_ASYNC and R <= MOE_GEMV_TOK_ASYNC_MAX_ROWS
-        gemm1 = _compile_moe_gemv(*g1, tok_async=tok, **dg, **s1)
-        gemm2 = _compile_moe_gemv(*g2, tok_async=tok, **dg, **s2)
+        gemm1 = _compile_moe_gemv(*g1, tok_async=tok)
+        gemm2 = _compile_moe_gemv(*g2, tok_async=tok)
         gemm1(pk.w13.permute(3, 2, 1, 0), x_sorted, act, tiles, a_gate, a_up, row_w, limit, ids32,
-              src_tok if by_src else pos, m1)
-        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, ids32, pos, m2)
+              src_tok if by_src else pos, w2_base)
+        gemm2(pk.w2.permute(3, 2, 1, 0), act, y_rows, tiles, a_down, a_down, row_w, limit, ids32, pos, w2_base)
         _compile_combine(k, D, USE_PDL)(y_rows, pos, y)
         return y
     gemm1, gemm2 = _compile_gemm(*cfg1), _compile_gemm(*cfg2)
@@ -1454,16 +1408,13 @@ def kernel_unavailable_reason(x, experts: Experts):
     return None
 
 
-def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, ready=None, slots: bool = False):
+def moe(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, slots: bool = False):
     """Routed MoE: the CuTe DSL kernel where it can run (sm_90 + CuTe DSL + fp4 experts), else the reference.
-    ready: router_ready(x.device) right after gate_decode(signal=True) (see router_signal_ok), else None.
     slots: RoutedSlots where the kernel path can leave the sum over the k slots to the caller, else y [T, D]."""
     global _NOTICE_SHOWN
     reason = kernel_unavailable_reason(x, experts)
     if reason is None:
-        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, ready, slots)
-    if ready is not None:
-        raise ValueError("moe(ready=...): the fp4 kernel does not run for these inputs")
+        return moe_fp4(x, topk_ids, topk_weights, experts, swiglu_limit, slots)
     if not _NOTICE_SHOWN:
         _NOTICE_SHOWN = True
         print(f"nano-dsv4: MoE falls back to the torch reference ({reason})", file=sys.stderr)
@@ -2563,38 +2514,11 @@ if HAVE_CUTE:
                                       "=r,l", has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
-    def _prefetch_l2(addr: Int64, size: int, *, loc=None, ip=None):
-        """Bulk prefetch of `size` bytes (multiple of 16) at a 16-B aligned global address into L2."""
-        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)],
-                         f"cp.async.bulk.prefetch.L2.global [$0], {size};", "l", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
     def _atom_inc_gpu(addr: Int64, limit: int, *, loc=None, ip=None) -> Int32:
         """atom.inc (relaxed, gpu scope) on a global u32: old >= limit ? 0 : old + 1; returns old."""
         return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip), _i32(limit, loc, ip)],
                                       "atom.relaxed.gpu.global.inc.u32 $0, [$1], $2;", "=r,l,r",
                                       has_side_effects=True, loc=loc, ip=ip))
-
-    @dsl_user_op
-    def _st_u64_here(addr: Int64, v: Int64, *, loc=None, ip=None):
-        """8-byte global store (probe stamps)."""
-        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Int64(v).ir_value(loc=loc, ip=ip)],
-                         "st.global.u64 [$0], $1;", "l,l", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
-    def _globaltimer_u64(*, loc=None, ip=None) -> Int64:
-        return Int64(_llvm.inline_asm(_T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
-                                      loc=loc, ip=ip))
-
-    @dsl_user_op
-    def _smid_u32(*, loc=None, ip=None) -> Int32:
-        return Int32(_llvm.inline_asm(_T.i32(), [], "mov.u32 $0, %smid;", "=r", has_side_effects=True,
-                                      loc=loc, ip=ip))
-
-    @dsl_user_op
-    def _nanosleep(ns: int, *, loc=None, ip=None):
-        """Suspend the thread for about ns nanoseconds (spin loops: fewer issue slots taken from working warps)."""
-        _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
     def _nth_set_bit(mask: Int32, n: Int32, *, loc=None, ip=None) -> Int32:
@@ -2620,12 +2544,8 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int = 1, stages: int = 4,
                      pdl: bool = False, wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1,
-                     by_slot: bool = False, l2_next: int = 0, direct_k: int = 0):
+                     by_slot: bool = False, direct_k: int = 0):
             self.fmt, self.k_dim, self.n_out, self.swiglu = fmt, k_dim, n_out, swiglu
-            # l2_next > 0 (GEMM1): records per expert of the next GEMM's weights (mNext: w2 records); after its main
-            # loop each CTA prefetches its share of its expert's into L2 (cp.async.bulk.prefetch), so GEMM2 reads L2
-            # while GEMM1's tail and GEMM2's start would otherwise leave HBM idle
-            self.l2_next = l2_next
             # by_slot (GEMM1 right after the routing kernel): CTA z-index = routed slot s; its expert comes from
             # topk_ids (ready before routing ends), so its weight loads start while the routing kernel still runs.
             # The slots of one expert, in slot order, share its rows in x_sorted (contiguous: [min pos, + count)) by
@@ -2653,34 +2573,17 @@ if HAVE_CUTE:
             # wait_target > 0 (GEMM2): a CTA waits for its (slot, K slice) counter to reach wait_target before
             # reading act, then counts itself as one of wait_readers readers (the last one wraps the counter to 0)
             self.signal_kpc, self.wait_target, self.wait_readers = 0, 0, 0
-            # ready (MOE_GEMV_READY, two launches): the same counters without the fused launch: GEMM1 signals, GEMM2
-            # (a PDL launch that skips griddepcontrol.wait) waits per (tile or slot, K slice) instead of for GEMM1's
-            # end; mNext = the int32 counters (as bytes). sig_S: GEMM2's K slices (the counter stride per item).
-            # The last CTA of GEMM2's grid waits for GEMM1's end before it exits (GEMM2 ends after GEMM1)
-            self.ready = False
-            self.sig_S = k_splits
-            self.in_fused = False          # Fp4MoeGemvFused's roles (item from ticket smem, folded-combine rows)
-            self.prefetch_rest = False     # fused GEMM2: bulk-prefetch the K slice past the register ring into L2
+            self.in_fused = False          # Fp4MoeGemvFused's roles (item from ticket smem)
             # fused, no routing kernel (direct_k = top-k > 0; by_slot, <= 32 routed slots): the item of slot s reads
             # topk_ids itself (after griddepcontrol.wait: the router is the kernel right before); its rows are the
             # slots of its expert in slot order (rank o .. o+7 of them, from one ballot mask), row n = slot s_n:
             # GEMM1 reads x[s_n // k] and writes act[s_n], GEMM2 reads act[s_n] and writes y_rows[s_n]; the routing
             # weight is topk_weights[s_n] (mRowW = the flat weights). The slots s_n live in ticket smem [16 + n].
             self.direct_k = direct_k
-            self.early = False             # direct_k: the ids were read after the router's ready flag
             # direct_k in a launch of its own (MOE_GEMV_DIRECT, two launches without a routing kernel): GEMM1
             # (wait_first) waits for the router before it reads the ids; GEMM2 (pdl, not wait_first) reads them at
             # once (GEMM1's CTAs started only after the router's end), issues its weight loads and then waits for act
             self.direct_wait = wait_first or not pdl
-            self.fold_fence = False        # fused GEMM2 + combine: every thread fences its y_rows stores (gpu scope)
-            # timing-only diagnostics (wrong outputs; MOE_GEMV_DIAG): "nodecode" raw code words into the mma,
-            # "nomma" decode without mma / B loads, "nosecond" table tiles after an expert's first exit, "l2" every
-            # CTA streams expert 0's records (L2-resident: the issue-bound time)
-            self.diag = ""
-            # probe (MOE_GEMV_STAMPS, timing runs only): thread 0 of each active CTA writes %globaltimer at entry,
-            # token load start (after every wait), main-loop end, exit, %smid and main-loop start, as 6 u64 words
-            # at mNext + 48 * (linear CTA index) (mNext = a stamp buffer then; needs l2_next == 0)
-            self.stamps = False
             # tok_async (MOE_GEMV_TOK_ASYNC): the token rows go to smem by 4-byte cp.async (every load of a thread in
             # flight at once, no register staging; same words, same places) instead of 16-byte loads + 4 st.shared
             # per chunk (one L2 round trip per loop iteration)
@@ -2742,18 +2645,8 @@ if HAVE_CUTE:
             bid_k, bid_m, bid_t = cute.arch.block_idx()
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
-            if const_expr(self.ready):
-                mCnt = cute.make_tensor(cute.recast_ptr(mNext.iterator, dtype=Int32),
-                                        cute.make_layout(cute.size(mNext, mode=[0]) // 4))
-                if const_expr(self.wait_target > 0):
-                    gx, gy, gz = cute.arch.grid_dim()
-                    if bid_k == gx - 1 and bid_m == gy - 1 and bid_t == gz - 1:
-                        cute.arch.griddepcontrol_wait()        # this launch ends after GEMM1 (see self.ready)
-                self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mCnt,
-                          tidx, bid_k, bid_m, bid_t)
-            else:
-                self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mIds,
-                          tidx, bid_k, bid_m, bid_t)
+            self.tile(storage, mW, mX, mOut, mTiles, mAlpha0, mAlpha1, mRowW, limit, mIds, mPos, mNext, mIds,
+                      tidx, bid_k, bid_m, bid_t)
 
         @cute.jit
         def tile(self, storage, mW: cute.Tensor, mX: cute.Tensor, mOut: cute.Tensor, mTiles: cute.Tensor,
@@ -2761,9 +2654,6 @@ if HAVE_CUTE:
                  mPos: cute.Tensor, mNext: cute.Tensor, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
             """One work item: K slice bid_k of 128-row tiles bid_m*MT.. of token tile (by_slot: routed slot) bid_t.
             mCnt: the fused launch's readiness counters (roles above; unused otherwise)."""
-            t_entry = Int64(0)
-            if const_expr(self.stamps):
-                t_entry = _globaltimer_u64()
             if const_expr(self.pdl and not self.wait_first):
                 # the next kernel may be scheduled once all our CTAs have started; it waits for our end itself
                 cute.arch.griddepcontrol_launch_dependents()
@@ -2777,7 +2667,7 @@ if HAVE_CUTE:
             nrows = Int32(0)
             rank = Int32(0)
             if const_expr(self.direct_k > 0):
-                if const_expr(not self.early and self.direct_wait):  # (early: Fp4MoeGemvFused.kernel saw the flag)
+                if const_expr(self.direct_wait):
                     # the router (the kernel right before) wrote topk_ids / weights: wait
                     cute.arch.griddepcontrol_wait()
                 if const_expr(self.direct_wait):
@@ -2815,10 +2705,6 @@ if HAVE_CUTE:
                 expert = mTiles[bid_t, 0]
                 row0 = mTiles[bid_t, 1]
                 nrows = mTiles[bid_t, 2]
-                if const_expr(self.diag == "nosecond"):
-                    if bid_t > 0:
-                        if mTiles[bid_t - 1, 0] == expert:
-                            nrows = Int32(0)
             if nrows > 0:                        # the same for every CTA of a cluster (same table entry)
                 wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
                 warp = wid % 4                                        # slab of the 128-row tile
@@ -2830,10 +2716,7 @@ if HAVE_CUTE:
                 rec = self.rec
                 nw = self.nw
                 kt0 = bid_k * kpc                                     # first k-tile of this CTA's K slice
-                w_expert = expert
-                if const_expr(self.diag == "l2"):
-                    w_expert = Int32(0)
-                base = mW.iterator.toint() + (Int64(w_expert) * (self.m_tiles * self.k_tiles)
+                base = mW.iterator.toint() + (Int64(expert) * (self.m_tiles * self.k_tiles)
                                               + Int64(m_tile * self.k_tiles + kt0)) * rec
                 code_addr = base + (32 * warp + lane) * 16            # atom a: + 2048 (wgmma thread 32w + lane)
                 # scale words of quad 8w + g (atom a: + 128 nw), as a 32-bit offset from code_addr (one register)
@@ -2845,16 +2728,13 @@ if HAVE_CUTE:
 
                 for s in cutlass.range_constexpr(self.D):
                     self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
-                if const_expr(self.prefetch_rest and kpc > self.D):
-                    # fused GEMM2: the rest of this warp group's K slice -> L2 while the CTA waits for its act rows
-                    if warp == 0 and lane == 0:
-                        _prefetch_l2(base + self.D * rec, (kpc - self.D) * rec)
                 if const_expr(self.by_slot and self.direct_k == 0):
                     # routing + gather done -> the expert's sorted rows: [min pos, + count) over its slots
                     row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
                 if const_expr(self.wait_target > 0):
                     if const_expr(self.in_fused):
-                        if tidx == 0:               # for the folded combine (Fp4MoeGemvFused.combine_rows)
+                        if tidx == 0:               # (read by nothing since session 11 removed the folded
+                                                    # combine; kept: the default kernel's PTX stays the same)
                             sRows = storage.ticket.get_tensor(cute.make_layout(16))
                             sRows[3] = row0
                             sRows[4] = nrows
@@ -2865,9 +2745,6 @@ if HAVE_CUTE:
                     if row0 >= 0:
                         cute.arch.griddepcontrol_wait()
 
-                t_tok = Int64(0)
-                if const_expr(self.stamps):
-                    t_tok = _globaltimer_u64()
                 # ---- the tile's token rows of this K slice -> smem, permuted per 64-k tile: natural word
                 # 8kb + 4p + t (k = 16kb + 8p + 2t) -> stored word 16(kb//2) + 4t + 2(kb%2) + p
                 sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, MOE_GEMV_TILE_N),
@@ -2901,9 +2778,6 @@ if HAVE_CUTE:
                     _cp_async_wait(0)
                 cute.arch.sync_threads()
 
-                t_main = Int64(0)
-                if const_expr(self.stamps):
-                    t_main = _globaltimer_u64()
                 # ---- main loop: per k-tile, B fragments of token min(g, rows-1), then per atom decode + 4 mma
                 brow = cutlass.min(g, nrows - 1)
                 acc = cute.make_rmem_tensor((2, 4), Float32)
@@ -2916,16 +2790,6 @@ if HAVE_CUTE:
                         self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + self.D, s)
                 for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
                     self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
-                t_loop = Int64(0)
-                if const_expr(self.stamps):
-                    t_loop = _globaltimer_u64()
-
-                if const_expr(self.l2_next > 0):
-                    n_parts = (self.m_tiles // self.MT) * self.S
-                    per = -(-self.l2_next // n_parts)                   # records per CTA
-                    r0 = (bid_m * self.S + bid_k) * per + tidx
-                    if tidx < per and r0 < self.l2_next:
-                        _prefetch_l2(mNext.iterator.toint() + (Int64(expert) * self.l2_next + r0) * rec, rec)
 
                 if const_expr(self.in_fused and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: the item's row tiles and slot come back from smem (no registers held over the loop)
@@ -2975,17 +2839,6 @@ if HAVE_CUTE:
                     self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
                     cute.arch.cluster_arrive()                       # peers keep their smem until it is read
                     cute.arch.cluster_wait()
-                if const_expr(self.stamps):
-                    if tidx == 0:
-                        gx, gy, _ = cute.arch.grid_dim()
-                        cta = (bid_t * gy + bid_m) * gx + bid_k
-                        sa = mNext.iterator.toint() + Int64(cta) * 48
-                        _st_u64_here(sa, t_entry)
-                        _st_u64_here(sa + 8, t_tok)
-                        _st_u64_here(sa + 16, t_loop)
-                        _st_u64_here(sa + 24, _globaltimer_u64())
-                        _st_u64_here(sa + 32, Int64(_smid_u32()))
-                        _st_u64_here(sa + 40, t_main)
             else:
                 if const_expr(self.S > 1 and self.in_fused and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: an idle item's cluster still meets once (rank 0 holds the ticket its peers read)
@@ -3002,19 +2855,17 @@ if HAVE_CUTE:
         def signal(self, mCnt: cute.Tensor, tidx, bid_k, bid_m, bid_t):
             """Fused GEMM1: this CTA's act stores are done -> +1 on the counter of (slot bid_t, GEMM2 K slice of its
             columns): every thread's fence + bar.sync, then one release add."""
-            if const_expr(self.fold_fence):
-                cute.arch.fence_acq_rel_gpu()
             if const_expr(self.signal_kpc > 0):
                 cute.arch.fence_acq_rel_gpu()
                 cute.arch.sync_threads()
                 if tidx == 0:
                     z2 = (bid_m * self.MT) // self.signal_kpc
-                    cute.arch.atomic_add(mCnt.iterator + (1 + bid_t * self.sig_S + z2), Int32(1), sem="release",
+                    cute.arch.atomic_add(mCnt.iterator + (1 + bid_t * self.S + z2), Int32(1), sem="release",
                                          scope="gpu")
 
         @cute.jit
         def wait_ready(self, mCnt: cute.Tensor, tidx, bid_k, bid_t):
-            """GEMM2 (fused or ready): act rows of this item (slot / tile), columns of this K slice, are complete
+            """Fused GEMM2: act rows of this item (slot / tile), columns of this K slice, are complete
             once all GEMM1 CTAs writing them have counted (release after their stores; acquire here, then bar.sync);
             this CTA then counts itself as a reader (the last one wraps the counter to 0)."""
             if tidx == 0:
@@ -3056,19 +2907,14 @@ if HAVE_CUTE:
                     p_r8 = scale_pair_bf16x2(ws[s, a, 0], 2, self.fmt, 3)
                     pr, pr8 = (p_r, p_r), (p_r8, p_r8)
                 for kb in cutlass.range_constexpr(4):
-                    if const_expr(self.diag == "nodecode"):
-                        r0, r1, r2, r3 = wc[s, a, kb], ws[s, a, 0], wc[s, a, kb], ws[s, a, self.nw - 1]
-                    elif const_expr(self.fmt == "nvfp4"):
+                    if const_expr(self.fmt == "nvfp4"):
                         r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[kb // 2], pr8[kb // 2], kb % 2)
                     else:
                         r0, r1, r2, r3 = decode_fp4x8_scaled(wc[s, a, kb], pr[0], pr8[0], kb // 2)
-                    if const_expr(self.diag == "nomma"):
-                        acc[a, kb] = acc[a, kb] + Float32(r0 ^ r1 ^ r2 ^ r3)
-                    else:
-                        d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
-                                      [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
-                        for c in cutlass.range_constexpr(4):
-                            acc[a, c] = d[c]
+                    d = _mma_bf16(r0, r1, r2, r3, bq[2 * (kb % 2), kb // 2], bq[2 * (kb % 2) + 1, kb // 2],
+                                  [acc[a, 0], acc[a, 1], acc[a, 2], acc[a, 3]])
+                    for c in cutlass.range_constexpr(4):
+                        acc[a, c] = d[c]
 
         @cute.jit
         def store(self, mOut: cute.Tensor, mAlpha0: cute.Tensor, mAlpha1: cute.Tensor, mRowW: cute.Tensor,
@@ -3097,13 +2943,10 @@ if HAVE_CUTE:
 
         def __init__(self, fmt: str, k_dim: int, n_out: int, swiglu: bool, stages: int = 4, pdl: bool = False,
                      wait_first: bool = False, min_ctas: int = 0, m_per_cta: int = 1, pair_stages: int = 2,
-                     x_by_src: bool = False, l2_ahead: int = 0, by_slot: bool = False):
+                     x_by_src: bool = False, by_slot: bool = False):
             # by_slot: GEMM1 right after the routing + gather kernel, CTA z = routed slot (Fp4MoeGemv's by_slot
             # rules; no pairs: <= 24 rows)
             super().__init__(fmt, k_dim, n_out, swiglu, 1, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot)
-            # l2_ahead > 0: while consuming k-tile i, one lane per row tile bulk-prefetches the record of k-tile
-            # i + l2_ahead into L2 (HBM keeps streaming while the warps decode; the register loads then hit L2)
-            self.l2_ahead = l2_ahead
             # x_by_src (GEMM1 right after MoeRouting): token row of sorted row p = x[src_tok[p]] (mX = x, mPos =
             # src_tok), so no index_select launch builds x_sorted
             self.x_by_src = x_by_src
@@ -3147,11 +2990,6 @@ if HAVE_CUTE:
                                               + Int64(m_tile * self.k_tiles)) * self.rec
                 code_addr = base + (32 * warp + lane) * 16
                 scale_off = CODE_BYTES + (8 * warp + g) * (4 * self.nw) - (32 * warp + lane) * 16
-                pf_base = base                   # l2_ahead: the row tile's record base, warp-uniform (uniform registers)
-                if const_expr(self.l2_ahead > 0):
-                    pf_base = mW.iterator.toint() + (Int64(cute.arch.make_warp_uniform(expert))
-                                                     * (self.m_tiles * self.k_tiles)
-                                                     + Int64(m_tile * self.k_tiles)) * self.rec
                 sXw = storage.xs.get_tensor(cute.make_layout((self.row_words, 2 * MOE_GEMV_TILE_N),
                                                              stride=(1, self.row_words)))
                 sXv = storage.xs.get_tensor(cute.make_layout((4, self.row_words // 4, 2 * MOE_GEMV_TILE_N),
@@ -3166,8 +3004,7 @@ if HAVE_CUTE:
                     ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
-                    self.l2_first(pf_base, warp, lane, D)        # (before the wait: during the previous kernel's drain)
-                    self.pdl_wait(row0, mCnt, tidx, bid_t)
+                    self.pdl_wait(row0)
                     brow2 = MOE_GEMV_TILE_N + cutlass.min(g, rows2 - 1)
                     acc2 = cute.make_rmem_tensor((2, 4), Float32)
                     acc2.fill(0.0)
@@ -3176,7 +3013,6 @@ if HAVE_CUTE:
                     self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, 0, kph, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(0, kph, D, unroll=1):
-                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3184,7 +3020,6 @@ if HAVE_CUTE:
                     self.load_tokens(sXw, mX, mPos, row0, nrows + rows2, kph, kph, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
-                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile2(acc, acc2, bq, bq2, wc, ws, sXv, t, brow, brow2, i0 + s - kph, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3199,7 +3034,6 @@ if HAVE_CUTE:
                         if n < rows2:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + MOE_GEMV_TILE_N + n, 0,
                                        m_tile, 16 * warp + g + 8 * (c // 2), acc2[0, c], acc2[1, c])
-                    self.signal(mCnt, tidx, 0, bid_m, bid_t)
                 else:
                     # ---- single tile: first K half in slots 0-7, second half in slots 8-15
                     D = self.D
@@ -3207,22 +3041,19 @@ if HAVE_CUTE:
                     ws = cute.make_rmem_tensor((D, 2, self.nw), Int32)
                     for s in cutlass.range_constexpr(D):
                         self.load_k_tile(wc, ws, code_addr, scale_off, s, s)
-                    self.l2_first(pf_base, warp, lane, D)
                     if const_expr(self.by_slot):
                         row0, nrows = self.slot_rows(mIds, mPos, expert, rank)
                         brow = cutlass.min(g, nrows - 1)
                     else:
-                        self.pdl_wait(row0, mCnt, tidx, bid_t)
+                        self.pdl_wait(row0)
                     bq = cute.make_rmem_tensor((4, 2), Int32)
                     self.load_tokens(sXw, mX, mPos, row0, nrows, 0, kpc, tidx)
                     cute.arch.sync_threads()
                     for i0 in cutlass.range(0, kph, D, unroll=1):
-                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, i0 + s, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
                     for i0 in cutlass.range(kph, kpc - D, D, unroll=1):
-                        self.l2_ring(pf_base, warp, lane, i0, D)
                         for s in cutlass.range_constexpr(D):
                             self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow + MOE_GEMV_TILE_N, i0 + s - kph, s)
                             self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + D, s)
@@ -3233,35 +3064,12 @@ if HAVE_CUTE:
                         if n < nrows:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert, row0 + n, 0, m_tile,
                                        16 * warp + g + 8 * (c // 2), acc[0, c], acc[1, c])
-                    self.signal(mCnt, tidx, 0, bid_m, bid_t)
 
         @cute.jit
-        def l2_first(self, pf_base, warp, lane, d: int):
-            """l2_ahead: records of k-tiles d .. l2_ahead-1 of this row tile (past the register ring's first loads;
-            contiguous: one bulk prefetch by warp 0, a uniform instruction)."""
-            n = min(self.l2_ahead, self.kpc) - d
-            if const_expr(n > 0):
-                if warp == 0:
-                    _prefetch_l2(pf_base + d * self.rec, n * self.rec)
-
-        @cute.jit
-        def l2_ring(self, pf_base, warp, lane, i0, d: int):
-            """l2_ahead: at the top of the ring rotation of k-tiles i0 .. i0+d-1, warp 0 of the row tile bulk-prefetches
-            the records of k-tiles i0 + l2_ahead .. + d - 1 (contiguous; warp-uniform address: one uniform
-            instruction)."""
-            if const_expr(self.l2_ahead > 0):
-                if warp == 0:
-                    if i0 + self.l2_ahead + d <= self.kpc:
-                        _prefetch_l2(pf_base + Int64(i0 + self.l2_ahead) * self.rec, d * self.rec)
-
-        @cute.jit
-        def pdl_wait(self, row0, mCnt: cute.Tensor, tidx, bid_t):
+        def pdl_wait(self, row0):
             """PDL, tile table read before: wait for the previous kernel's outputs (x_sorted / act; our outputs)
-            after the weight loads above (a branch ptxas can't fold keeps them above the wait); ready GEMM2: for
-            this tile's act rows instead (counters)."""
-            if const_expr(self.wait_target > 0):
-                self.wait_ready(mCnt, tidx, 0, bid_t)
-            elif const_expr(self.pdl and not self.wait_first):
+            after the weight loads above (a branch ptxas can't fold keeps them above the wait)."""
+            if const_expr(self.pdl and not self.wait_first):
                 if row0 >= 0:
                     cute.arch.griddepcontrol_wait()
 
@@ -3385,8 +3193,8 @@ if HAVE_CUTE:
                             acc2[a, c] = d2[c]
 
     class Fp4MoeGemvFused:
-        """GEMM1 -> GEMM2 of the decode MoE in one launch (both by routed slot, right after the routing + gather
-        kernel, PDL). Work items: GEMM1 (slot, 128-row tiles b*MT..) then GEMM2 (slot, tiles b2*MT..), each one
+        """GEMM1 -> GEMM2 of the decode MoE in one launch (both by routed slot, right after the router: no routing
+        kernel, Fp4MoeGemv.direct_k = top_k; PDL). Work items: GEMM1 (slot, 128-row tiles b*MT..) then GEMM2 (slot, tiles b2*MT..), each one
         cluster of S K slices (both GEMMs split K S ways). A cluster takes its item from a ticket (atom.inc on
         counter 0, wrapping to 0 after the last ticket: the buffer is zero again for the next launch), so a cluster
         runs item i only after the clusters of items < i have started: a GEMM2 CTA waits only on GEMM1 items, which
@@ -3396,27 +3204,15 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     prefetch: bool = False, combine: bool = False, pdl: bool = True, top_k: int = 0,
-                     early: bool = False):
+                     pdl: bool, top_k: int):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
-            # early (top_k > 0): the ids are read once the router's ready flag is set (mSrc = router_ready: [1] the
-            # flag, which the next router clears), not after the router's end; every CTA still waits for the
-            # router's end (griddepcontrol.wait) before it exits
-            assert not early or top_k
-            self.early = early
-            # top_k > 0: no routing kernel before (Fp4MoeGemv.direct_k): x, act, y_rows, weights by routed slot
-            assert not (top_k and combine), "the folded combine reads the routing kernel's tables"
+            # no routing kernel before (Fp4MoeGemv.direct_k = top_k): x, act, y_rows, weights by routed slot
+            assert top_k > 0
             self.top_k = top_k
-            self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
-            self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True, 0)
-            self.g2.prefetch_rest = prefetch
+            self.g1 = Fp4MoeGemv(fmt, D, inter, True, k_splits, stages, True, True, min_ctas, m_per_cta, True)
+            self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True)
             self.g1.direct_k = self.g2.direct_k = top_k
             self.g1.in_fused = self.g2.in_fused = True
-            self.g1.early = self.g2.early = early
-            # combine: MoeCombine folded in: per (token, GEMM2 item) a counter of its routed rows stored; the CTA
-            # storing the last one sums the token's k slots (fixed slot order, fp32, as MoeCombine) into y
-            self.combine = combine
-            self.g2.fold_fence = combine
             self.S, self.MT, self.min_ctas = k_splits, m_per_cta, min_ctas
             self.m1 = self.g1.m_tiles // m_per_cta                 # GEMM1 items per slot
             self.m2 = self.g2.m_tiles // m_per_cta                 # GEMM2 items per slot
@@ -3436,8 +3232,8 @@ if HAVE_CUTE:
             class SharedStorage:
                 xs: cute.struct.Align[cute.struct.MemRange[Int32, max(self.g1.smem_words(), self.g2.smem_words())],
                                       16]
-                # [0] ticket, [1] item tiles, [2] item slot, [3] GEMM2 first row, [4] its rows, [8..15] tokens done,
-                # [16..23] the item's slots, [24..31] their input rows (top_k > 0)
+                # [0] ticket, [1] item tiles, [2] item slot, [3] / [4] written, never read (the removed folded
+                # combine's rows), [16..23] the item's slots, [24..31] their input rows (top_k > 0)
                 ticket: cute.struct.Align[cute.struct.MemRange[Int32, 32], 16]
 
             self.shared_storage = SharedStorage
@@ -3460,14 +3256,6 @@ if HAVE_CUTE:
             n_items = (self.m1 + self.m2) * n_slots
             sT = storage.ticket.get_tensor(cute.make_layout(16))
             if bid_k == 0 and tidx == 0:
-                if const_expr(self.early):
-                    # one poller per cluster: the router's last CTA sets ready[1] after its ids / weights (release);
-                    # acquire it, then the cluster barrier below passes it on to the peers
-                    rdy = mSrc.iterator + 1
-                    seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
-                    while seen == 0:
-                        _nanosleep(128)
-                        seen = cute.arch.load(rdy, Int32, sem="acquire", scope="gpu")
                 sT[0] = _atom_inc_gpu(mCnt.iterator.toint(), n_items - 1)
             item = Int32(0)
             if const_expr(self.S > 1):
@@ -3488,106 +3276,26 @@ if HAVE_CUTE:
             if tidx == 0:                   # read back after the main loop (Fp4MoeGemv.tile): fewer live registers
                 sT[1] = item_m
                 sT[2] = item_t
-                sT[4] = 0                   # GEMM2 rows (tile() stores them for an active item)
-            if const_expr(not self.top_k):
-                if item == 0:
-                    # this launch ends after the routing kernel even if every item is idle (the next kernel reads pos)
-                    cute.arch.griddepcontrol_wait()
+                sT[4] = 0                   # (GEMM2 rows of the removed folded combine; kept: same PTX)
             if item >= n1:
                 self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
-                if const_expr(self.combine):
-                    self.combine_rows(sT, mY, mIds, mPos, mCnt, mSrc, mOut, mAlphaD, tidx, bid_k)
             else:
                 self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos, mW2, mCnt,
                              tidx, bid_k, item_m, item_t)
-            if const_expr(self.early):
-                cute.arch.griddepcontrol_wait()     # this launch ends after the router (the next kernels rely on it)
-
-        @cute.jit
-        def combine_rows(self, sT, mY: cute.Tensor, mIds: cute.Tensor, mPos: cute.Tensor, mCnt: cute.Tensor,
-                         mSrc: cute.Tensor, mOut: cute.Tensor, mAlpha: cute.Tensor, tidx, bid_k):
-            """After a GEMM2 item: rank 0 counts each of its rows on (token, item) (acq_rel); the CTA that counts a
-            token's last routed row sums y_rows of the token's slots 0..k-1 in order (fp32, as MoeCombine) into
-            y[token, the item's 128 MT columns] and resets the counter. Idle items of a token's first slot write
-            y = 0 where the token has no slot on this rank (MoeCombine's empty sum)."""
-            if const_expr(self.S == 1):
-                cute.arch.sync_threads()          # every thread's y_rows stores (fenced) before the counts
-            n_slots = cute.size(mIds, mode=[0])
-            n_tok = cute.size(mOut, mode=[0])
-            k = n_slots // n_tok
-            n_exp = cute.size(mAlpha, mode=[0])
-            R = cute.size(mY, mode=[0])
-            b2 = sT[1]
-            slot = sT[2]
-            row0 = sT[3]
-            nrows = sT[4]
-            vecs = 16 * self.MT                   # 8-column vectors of the item's columns
-            col0 = b2 * (TILE_M * self.MT)
-            base = 1 + n_slots * self.S           # after the ticket and the (slot, K slice) counters
-            acc = cute.make_rmem_tensor((1, 8), Float32)
-            v = cute.make_rmem_tensor((1, 8), BFloat16)
-            if bid_k == 0:
-                if nrows > 0:
-                    if tidx < MOE_GEMV_TILE_N:
-                        done = Int32(-1)
-                        if tidx < nrows:
-                            tok = mSrc[row0 + tidx]
-                            need = Int32(0)
-                            for j in cutlass.range(k, unroll=8):   # independent loads in flight
-                                e = mIds[tok * k + j]
-                                if e >= 0 and e < n_exp:
-                                    need = need + 1
-                            ctr = base + tok * self.m2 + b2
-                            old = cute.arch.atomic_add(mCnt.iterator + ctr, Int32(1), sem="acq_rel", scope="gpu")
-                            if old == need - 1:
-                                done = tok
-                                mCnt[ctr] = 0
-                        sT[8 + tidx] = done
-                    cute.arch.sync_threads()
-                    n = tidx // vecs
-                    vec = tidx - n * vecs
-                    if n < MOE_GEMV_TILE_N:
-                        tok = sT[8 + n]
-                        if tok >= 0:
-                            acc.fill(0.0)
-                            for j in cutlass.range(k, unroll=8):   # independent loads in flight
-                                p = mPos[tok * k + j]
-                                if p < R:
-                                    q = _ld_v4(mY.iterator.toint() + (Int64(p) * cute.size(mY, mode=[1])
-                                                                      + col0 + 8 * vec) * 2, ".cg")
-                                    for h in cutlass.range_constexpr(4):
-                                        acc[0, 2 * h] = acc[0, 2 * h] + _bits_f32(q[h] << 16)
-                                        acc[0, 2 * h + 1] = acc[0, 2 * h + 1] + _bits_f32(q[h] & -65536)
-                            v.store(acc.load().to(BFloat16))
-                            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, col0 // 8 + vec)))
-                else:
-                    if slot % k == 0 and tidx < vecs:
-                        tok = slot // k
-                        need = Int32(0)
-                        for j in cutlass.range(k, unroll=8):   # independent loads in flight
-                            e = mIds[tok * k + j]
-                            if e >= 0 and e < n_exp:
-                                need = need + 1
-                        if need == 0:
-                            acc.fill(0.0)
-                            v.store(acc.load().to(BFloat16))
-                            cute.autovec_copy(v, cute.local_tile(mOut, (1, 8), (tok, col0 // 8 + tidx)))
 
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
-                            m_per_cta: int, prefetch: bool = False, combine: bool = False, pdl: bool = True,
-                            top_k: int = 0, early: bool = False):
-    """Compiled Fp4MoeGemvFused (TVM-FFI entry): w13 and w2 records permuted as for _compile_moe_gemv, x_sorted,
-    act, y_rows, tiles, alpha_gate, alpha_up, alpha_down, row_w, limit, topk_ids (flat), pos, counters.
-    top_k > 0 (no routing kernel): x instead of x_sorted, act / y_rows by slot, row_w = the flat topk weights;
-    tiles / pos / src are not read."""
-    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl)
-    config += ((top_k,) if top_k else ()) + (("early",) if early else ())
+                            m_per_cta: int, pdl: bool, top_k: int):
+    """Compiled Fp4MoeGemvFused (TVM-FFI entry, no routing kernel before it): w13 and w2 records permuted as for
+    _compile_moe_gemv, x [T, D], act [T*k, I] and y_rows [T*k, D] by routed slot, tiles, alpha_gate, alpha_up,
+    alpha_down, the flat topk weights, limit, topk_ids (flat), pos, counters, src, out. tiles / pos / src / out are
+    read by nothing (the routed variant, the router's ready flag and the folded combine were removed in session 11;
+    the launch signature stays so the default kernels' PTX is unchanged)."""
+    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k)
 
     def build():
-        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, prefetch, combine, pdl, top_k,
-                             early)
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3598,7 +3306,7 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
                                                  assumed_align=128)
         mk = cute.runtime.make_fake_compact_tensor
         alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
-        x_rows, src_rows = (cute.sym_int(), cute.sym_int()) if top_k else (rows, rows)   # direct: x [T, D]
+        x_rows, src_rows = cute.sym_int(), cute.sym_int()
         args = (w(op.g1), w(op.g2), mk(BFloat16, (x_rows, D), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, inter), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, D), stride_order=(1, 0), assumed_align=16),
@@ -3613,47 +3321,29 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
 
 
 def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: int, stages: int, pdl: bool,
-                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, l2_next: int = 0,
-                      pair: int = 0, x_by_src: bool = False, l2_ahead: int = 0, diag: str = "", direct_k: int = 0,
-                      stamps: bool = False, tok_async: bool | None = None, ready: tuple = ()):
+                      wait_first: bool, min_ctas: int, m_per_cta: int = 1, by_slot: bool = False, pair: int = 0,
+                      x_by_src: bool = False, direct_k: int = 0, tok_async: bool | None = None):
     """Compiled Fp4MoeGemv for one static config (TVM-FFI entry: call with torch tensors on the current stream).
     Arguments as Fp4GroupedGemm's: records permuted to (256, rows, records, E), x_sorted, out, tiles, alphas, row_w,
     limit. pair > 0: Fp4MoeGemvPair with a pair ring of this many k-tiles (an expert's tiles 2i, 2i+1 in one CTA; K
-    unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted;
-    l2_ahead (with pair): L2 prefetch of the records this many k-tiles ahead.
-    diag: timing-only diagnostics (Fp4MoeGemv.diag; wrong outputs). direct_k = top-k > 0 (MOE_GEMV_DIRECT, by_slot):
+    unsplit, table path; same bits); x_by_src (with pair, GEMM1): x rows through src_tok instead of x_sorted.
+    direct_k = top-k > 0 (MOE_GEMV_DIRECT, by_slot):
     no routing kernel; x / act / out rows and row_w by routed slot, topk_ids as mIds (tiles / pos are not read)."""
-    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta, by_slot,
-              l2_next) + ((pair, x_by_src, l2_ahead) if pair else ()) + ((diag,) if diag else ()) \
-        + (("direct", direct_k) if direct_k else ()) + (("stamps",) if stamps else ())
+    config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
+              by_slot) + ((pair, x_by_src) if pair else ()) + (("direct", direct_k) if direct_k else ())
     tok_async = bool(tok_async)          # moe_fp4 passes MOE_GEMV_TOK_ASYNC for <= MOE_GEMV_TOK_ASYNC_MAX_ROWS rows
     config += ("tok_async",) if tok_async else ()
-    config += ("ready",) + tuple(ready) if ready else ()
 
     def build():
         if pair:
-            assert k_splits == 1 and not l2_next and not diag
+            assert k_splits == 1
             op = Fp4MoeGemvPair(fmt, k_dim, n_out, swiglu, stages, pdl, wait_first, min_ctas, m_per_cta, pair,
-                                x_by_src, l2_ahead, by_slot)
+                                x_by_src, by_slot)
         else:
             op = Fp4MoeGemv(fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
-                            by_slot, l2_next, direct_k)
-            op.diag = diag
-            op.stamps = stamps
-            assert not stamps or not l2_next
+                            by_slot, direct_k)
         op.tok_async = tok_async
-        if ready:
-            # ready = ("signal", GEMM2's K slices, GEMM2's k-tiles per slice) for GEMM1, ("wait", target, readers)
-            # for GEMM2 (Fp4MoeGemv.ready; mNext = the int32 counters)
-            assert pdl and not l2_next and not stamps and not l2_ahead
-            op.ready = True
-            if ready[0] == "signal":
-                op.sig_S, op.signal_kpc = ready[1], ready[2]
-                assert op.signal_kpc % op.MT == 0
-            else:
-                assert not wait_first
-                op.wait_target, op.wait_readers = ready[1], ready[2]
-        assert not direct_k or (by_slot and not pair and not l2_next and pdl)
+        assert not direct_k or (by_slot and not pair and pdl)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
@@ -3675,68 +3365,23 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
 
 DECODE_GEMV = True           # moe_fp4: both GEMMs on Fp4MoeGemv for up to MOE_GEMV_MAX_ROWS routed rows (T*k)
 MOE_GEMV_MAX_ROWS = 1536     # T <= 256 at top-6 (H200 R1/R2, same run: 5-15% faster than the wgmma path at T 16..256)
-MOE_GEMV_BY_SLOT = True      # GEMM1 indexed by routed slot (expert from topk_ids: weight loads start during routing;
-                             # H200 R2: T=4 108.6 -> 104.3 us, T=1 unchanged); needs the fused gather (R <= 24)
-MOE_GEMV_L2_PREFETCH = False  # GEMM1 prefetches GEMM2's weights into L2 after its main loop, when they fit ...
-MOE_GEMV_L2_BYTES = 32 << 20  # ... in this many bytes (hit experts x w2 bytes; H200 L2: 50 MB)
-MOE_GEMV_DIAG = ""            # timing-only diagnostics of the two-launch GEMV (wrong outputs): see Fp4MoeGemv.diag
 MOE_GEMV_PAIR = True          # Fp4MoeGemvPair (an expert's two n8 token tiles share one weight stream + decode) ...
 MOE_GEMV_PAIR_MIN_ROWS = 768  # ... from this many routed rows (T >= 128 at top-6) where K is unsplit (same bits)
-MOE_GEMV_L2_AHEAD = 0         # pair kernel: L2 prefetch of the weight records this many k-tiles ahead (0: off;
-                              # H200 s6 R1, 8 ahead: T=16 +3%, T=64 +3%, T=256 +9% vs without)
-MOE_GEMV_X_BY_SRC = True      # pair GEMM1 reads x rows through src_tok (no index_select launch for x_sorted)
 MOE_GEMV_PAIR_STAGES = 2      # k-tiles of weight loads in flight per warp of a pair CTA (registers: its second
                               # accumulator set; 4 spills at the 80 registers of 24 resident warps)
 
 
-MOE_GEMV_STAMPS = None       # probe: a uint8 CUDA buffer -> the two GEMV launches (not pair / fused) write per-CTA
-                             # phase stamps (Fp4MoeGemv.stamps) into its halves [0, n/2) (GEMM1) and [n/2, n) (GEMM2)
 MOE_GEMV_TOK_ASYNC = True    # Fp4MoeGemv(Pair): token rows -> smem by 4-byte cp.async (all in flight; same bits) ...
 MOE_GEMV_TOK_ASYNC_MAX_ROWS = 32   # ... up to this many routed rows (T <= 5; s7 R1 H200: slower at T 64, 128)
-MOE_GEMV_READY = False       # two-launch GEMV (table or direct path): GEMM2's CTAs wait per (tile | slot, K slice) for
-                             # the GEMM1 CTAs writing their act rows (counters) instead of for GEMM1's end (same bits)
-_READY_COUNTERS: dict = {}
-
-
-def _ready_counters(device, n: int) -> torch.Tensor:
-    """Zeroed int32 readiness counters of MOE_GEMV_READY (GEMM2's last reader of each counter wraps it to 0), one
-    buffer per (device, stream), returned as bytes (the kernels' mNext)."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    buf = _READY_COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _READY_COUNTERS[key] = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
-    return buf.view(torch.uint8)
-
-
-def moe_gemv_ready(g1: tuple, g2: tuple, D: int, inter: int, direct: bool = False):
-    """(GEMM1 ready, GEMM2 ready) arguments of _compile_moe_gemv for MOE_GEMV_READY, or None where it does not apply
-    (the routed by-slot GEMM1, L2 prefetches, one pair kernel without the other, no PDL)."""
-    if not (MOE_GEMV_READY and USE_PDL and not MOE_GEMV_DIAG and MOE_GEMV_STAMPS is None):
-        return None
-    if (g1[10] and not direct) or g1[11] or g2[11] or len(g1) != len(g2) or g2[7]:
-        return None
-    if len(g1) > 12 and (g1[14] or g2[14]):
-        return None
-    s1, mt1, s2, mt2 = g1[4], g1[9], g2[4], g2[9]
-    kpc2 = inter // TILE_K // s2
-    if kpc2 % mt1:
-        return None
-    return ("signal", s2, kpc2), ("wait", s1 * (kpc2 // mt1), (D // TILE_M) // mt2)
 MOE_GEMV_DIRECT = True       # R <= MOE_GEMV_DIRECT_MAX_ROWS past the fused launch's bound: the two GEMV launches by
 MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k: ids / x read by GEMM1 itself; same bits)
 
 
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
 MOE_GEMV_FUSED_MAX_ROWS = 12  # ... (H200 R2, Flash, same run: T=1 38.5 vs 41.8 us, T=2 60.3 vs 60.5, T=4 114.9 vs
-                              # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS)
-MOE_GEMV_FUSED_PREFETCH = False  # its GEMM2 CTAs prefetch their K slice past the register ring into L2 before waiting
-                                 # (R2: no gain, T=1 38.8 vs 38.5 us, T=4 123.4 vs 114.9)
-MOE_FUSED_NO_ROUTING = True      # fused sizes (<= 32 slots, combine not folded): no MoeRoutingGather launch; the
-                                 # fused kernel reads topk_ids / weights / x itself, rows by slot (same bits)
-MOE_ROUTER_SIGNAL = False        # dsv4.MoE: the router flags its ids to that launch (router_signal_ok), which then
-                                 # reads them without waiting for the router kernel's end
-MOE_GEMV_FUSED_COMBINE = False   # MoeCombine folded into it (the CTA storing a token's last routed row sums its slots;
-                                 # R2: T=1 40.2 vs 38.5 us, T=2 62.5 vs 60.3, T=4 106.3 vs 114.9)
+                              # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS).
+                              # No routing kernel before it: it reads topk_ids / weights / x itself, rows by slot
+                              # (session 5: T=1 39.25 -> 34.26 us; the routed variant was removed in session 11)
 _FUSED_COUNTERS: dict = {}
 
 
@@ -3750,14 +3395,13 @@ def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int
         return None
     g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
     s = g1[4]
-    if g2[4] != s or s > 4 or g1[11] or g2[11]:   # S 8 (8-CTA clusters): never run on a GPU in this launch yet
+    if g2[4] != s or s > 4:   # S 8 (8-CTA clusters): never run on a GPU in this launch yet
         return None
     smem = max(_moe_gemv_smem_bytes(D // TILE_K // s), _moe_gemv_smem_bytes(inter // TILE_K // s))
     for mt in dict.fromkeys((g1[9], g2[9])):
         per_sm = MOE_GEMV_WARPS_PER_SM // (4 * mt)
         if (inter // TILE_K // s) % mt == 0 and (D // TILE_M) % mt == 0 and per_sm * (smem + 1024) <= 228 * 1024:
-            return (fmt, D, inter, s, MOE_GEMV_STAGES, per_sm, mt, MOE_GEMV_FUSED_PREFETCH, MOE_GEMV_FUSED_COMBINE,
-                    USE_PDL)
+            return (fmt, D, inter, s, MOE_GEMV_STAGES, per_sm, mt, USE_PDL)
     return None
 
 
@@ -3815,31 +3459,33 @@ def moe_gemv_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, gat
     bound = m + (R - m) // MOE_GEMV_TILE_N          # tiles with rows: one per hit expert + one per 8 more rows
     s1, mt1 = MOE_GEMV_FORCE[0] or pick_moe_gemv_config(bound, 2 * inter // TILE_M, D // TILE_K, sms)
     s2, mt2 = MOE_GEMV_FORCE[1] or pick_moe_gemv_config(bound, D // TILE_M, inter // TILE_K, sms)
-    by_slot = MOE_GEMV_BY_SLOT and USE_PDL and gather
-    rec2 = (D // TILE_M) * (inter // TILE_K)                       # w2 records per expert
-    l2_next = rec2 if MOE_GEMV_L2_PREFETCH and m * rec2 * record_bytes(fmt) <= MOE_GEMV_L2_BYTES else 0
+    # GEMM1 after the fused gather (R <= 24) by routed slot: expert from topk_ids, its weight loads start during
+    # routing (PDL; session 3 H200 R2: T=4 108.6 -> 104.3 us against GEMM1 by tile)
+    by_slot = USE_PDL and gather
     w = MOE_GEMV_WARPS_PER_SM
     pair = MOE_GEMV_PAIR and R >= MOE_GEMV_PAIR_MIN_ROWS      # Fp4MoeGemvPair where it applies (appended: True)
-    pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1) and not l2_next
+    pair1 = pair and _moe_gemv_pair_ok(D // TILE_K, s1)
     pair2 = pair and _moe_gemv_pair_ok(inter // TILE_K, s2)
-    by_src = pair1 and MOE_GEMV_X_BY_SRC and not gather        # GEMM1 right after MoeRouting: waits first
-    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot,
-             l2_next) + ((MOE_GEMV_PAIR_STAGES, by_src, MOE_GEMV_L2_AHEAD) if pair1 else ()),
-            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False, 0)
-            + ((MOE_GEMV_PAIR_STAGES, False, MOE_GEMV_L2_AHEAD) if pair2 else ()))
+    # the pair GEMM1 right after MoeRouting reads x rows through src_tok (no index_select for x_sorted; session 6
+    # H200 R1 T=256: 1066.2 vs 1078.1 us); it waits first
+    by_src = pair1 and not gather
+    return ((fmt, D, inter, True, s1, MOE_GEMV_STAGES, USE_PDL, gather or by_src, w // (4 * mt1), mt1, by_slot)
+            + ((MOE_GEMV_PAIR_STAGES, by_src) if pair1 else ()),
+            (fmt, inter, D, False, s2, MOE_GEMV_STAGES, USE_PDL, False, w // (4 * mt2), mt2, False)
+            + ((MOE_GEMV_PAIR_STAGES, False) if pair2 else ()))
 
 
 def moe_gemv_direct_configs(fmt: str, R: int, E: int, D: int, inter: int, sms: int, top_k: int):
     """_compile_moe_gemv arguments of the routing-free two-launch GEMV (MOE_GEMV_DIRECT), or None where it does not
-    apply: <= 32 routed slots (one ballot), PDL, no pair kernel / L2 prefetch. Same S / MT / stages as the routed
+    apply: <= 32 routed slots (one ballot), PDL, no pair kernel. Same S / MT / stages as the routed
     by-slot path (moe_gemv_configs with the fused gather): same bits."""
     if not (MOE_GEMV_DIRECT and USE_PDL and R <= min(32, MOE_GEMV_DIRECT_MAX_ROWS)):
         return None
     g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
-    if len(g1) > 12 or len(g2) > 12 or g1[11] or g2[11]:
+    if len(g1) > 11 or len(g2) > 11:
         return None
-    g1 = g1[:7] + (True,) + g1[8:10] + (True, 0)
-    g2 = g2[:7] + (False,) + g2[8:10] + (True, 0)
+    g1 = g1[:7] + (True,) + g1[8:10] + (True,)
+    g2 = g2[:7] + (False,) + g2[8:10] + (True,)
     return g1, g2
 
 
@@ -8390,27 +8036,19 @@ if HAVE_CUTE:
         ids = tid2eid[token], the others the top-k of s + bias (ties: lower expert); w = s[ids] / sum * scale.
         Grid E/4 CTAs of 4 warps: warp = one expert, its weight row in registers (lanes split D, 16-B loads), then
         each token's dot product (x from L1/L2) and a butterfly sum;
-        logits -> global scratch; the last CTA to arrive does the selection (warp per token) and resets its counter.
-        mode (GATE_MODE): "v0" as session 4 (gpu-scope fences around the arrival atomic, weights read back from mW);
-        "lean": no fences (bar.sync + the acq_rel atomic order the logits), each lane keeps its slot's weight in a
-        register; "redux": lean + each top-k round as two redux.sync (max of an order-preserving int key of the
-        score, then min expert id among the lanes holding it) instead of two 5-step butterflies. All three give the
-        same ids and weight bits. Timing-only ablations: "nosel" (lean without the top-k rounds: ids = 0..k-1),
-        "nocross" (logits only: no arrival, no selection)."""
+        each CTA turns its logits into scores -> global scratch (the selecting CTA only adds the bias, loaded before
+        the PDL wait); the last CTA to arrive does the selection (warp per token) and resets its counter. No
+        gpu-scope fences: bar.sync + the acq_rel arrival atomic order the scores. Each top-k round is two redux.sync
+        (max of an order-preserving int key of the score, then the min expert id among the lanes holding it); each
+        lane keeps its slot's weight in a register, ids / weights stored after the rounds. (Session 5's "redux"
+        mode; session 4's kernel "v0" and the butterfly "lean" mode gave the same bits and were removed in
+        session 11.)"""
 
         def __init__(self, n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int,
-                     mode: str = "v0", warps: int = 4, signal: bool = False):
+                     warps: int = 4):
             assert n_experts % 32 == 0 and dim % 256 == 0 and top_k <= 32 and warps in (1, 2, 4)
-            assert mode in ("v0", "lean", "redux", "nosel", "nocross")
-            self.mode = mode
             self.E, self.D, self.k, self.hash, self.max_tokens = n_experts, dim, top_k, hash_routing, max_tokens
             self.warps = warps             # experts (warps) per CTA: E / warps CTAs load the weight rows (same bits)
-            # signal: after storing ids / weights the last CTA sets mCount[1] = 1 (release, gpu scope) for a
-            # routing-free fused MoE launch (Fp4MoeGemvFused early=True) that reads the ids on that flag instead of
-            # after this kernel's end; CTA 0 clears the flag (fenced) before it lets that launch start. Only for a
-            # caller that runs that launch next (router_signal_ok).
-            assert not signal or mode in ("lean", "redux")
-            self.signal = signal
             self.threads = 32 * warps
             self.per_lane = n_experts // 32
 
@@ -8447,23 +8085,11 @@ if HAVE_CUTE:
             wvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for i in cutlass.range_constexpr(self.D // 256):
                 cute.autovec_copy(cute.local_tile(mWt, (1, 8), (e, lane + 32 * i)), wvs[i])
-            bias = cute.make_rmem_tensor((self.per_lane,), Float32)     # lean modes: the selection's bias, early
-            if const_expr(self.mode != "v0" and not self.hash):
+            bias = cute.make_rmem_tensor((self.per_lane,), Float32)     # the selection's bias, early
+            if const_expr(not self.hash):
                 for j in cutlass.range_constexpr(self.per_lane):
                     bias[j] = mBias[lane + 32 * j]
-            if const_expr(self.signal):
-                # the ready flag of the previous router's launch is consumed (our wait covers its readers): clear it
-                # before the next kernel (its reader) may start
-                if const_expr(GLUE_PDL):
-                    cute.arch.griddepcontrol_wait()
-                if blk == 0 and tidx == 0:
-                    mCount[1] = 0
-                    cute.arch.fence_acq_rel_gpu()
-                cute.arch.sync_threads()
-                if const_expr(GLUE_PDL):
-                    cute.arch.griddepcontrol_launch_dependents()
-            else:
-                _pdl_enter()             # the weight row is loading; x comes from the previous kernel
+            _pdl_enter()                 # the weight row is loading; x comes from the previous kernel
             xvs = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.D // 256)]
             for n in cutlass.range(N, unroll=1):
                 v = Float32(0.0)
@@ -8476,15 +8102,11 @@ if HAVE_CUTE:
                         v = v + xf[c] * wf[c]
                 for o in cutlass.range_constexpr(5):
                     v = v + cute.arch.shuffle_sync_bfly(v, 1 << o)
-                if lane == 0:
-                    if const_expr(self.mode == "v0"):
-                        mLogits[n, e] = v
-                    else:                 # lean modes: the score, so the selecting CTA need not compute 256 of them
-                        mLogits[n, e] = self.score(v)
+                if lane == 0:             # the score, so the selecting CTA need not compute 256 of them
+                    mLogits[n, e] = self.score(v)
 
-            if const_expr(self.mode != "nocross"):
-                self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp,
-                            lane, n_blk, N, bias)
+            self.select(mBias, mTid2Eid, mTokens, mLogits, mCount, mIds, mW, route_scale, flag, sS, tidx, warp, lane,
+                        n_blk, N, bias)
 
         @cute.jit
         def score(self, lg):
@@ -8499,29 +8121,21 @@ if HAVE_CUTE:
                    mCount: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, route_scale: Float32, flag, sS, tidx,
                    warp, lane, n_blk, N, bias):
             """Arrival (the last CTA continues), then per token (a warp each) scores, top-k ids and weights."""
-            lean = self.mode != "v0"
-            if const_expr(not lean):
-                cute.arch.fence_acq_rel_gpu()
             cute.arch.sync_threads()
             if tidx == 0:
                 flag[0] = cute.arch.atomic_add(mCount.iterator, Int32(1), sem="acq_rel", scope="gpu")
             cute.arch.sync_threads()
             if flag[0] == n_blk - 1:
-                if const_expr(not lean):
-                    cute.arch.fence_acq_rel_gpu()
                 for n in cutlass.range(warp, N, self.warps, unroll=1):  # warp per token
                     sel = cute.make_rmem_tensor((self.per_lane,), Float32)
                     for j in cutlass.range_constexpr(self.per_lane):
                         ex = lane + 32 * j
                         lg = cute.arch.load(mLogits.iterator + cute.crd2idx((n, ex), mLogits.layout), Float32,
                                             cop="cg")
-                        sc = lg if const_expr(lean) else self.score(lg)   # lean: the scratch holds scores
+                        sc = lg                                        # the scratch holds scores
                         sS[warp, ex] = sc
                         if const_expr(not self.hash):
-                            if const_expr(lean):
-                                sel[j] = sc + bias[j]                  # loaded before the wait
-                            else:
-                                sel[j] = sc + mBias[ex]
+                            sel[j] = sc + bias[j]                      # loaded before the wait
                     cute.arch.sync_warp()
                     total = Float32(0.0)
                     mine = Float32(0.0)                                # lane r: the weight of slot r ...
@@ -8530,9 +8144,7 @@ if HAVE_CUTE:
                         best = Int32(0)
                         if const_expr(self.hash):
                             best = mTid2Eid[mTokens[n], r].to(Int32)
-                        elif const_expr(self.mode == "nosel"):
-                            best = Int32(r)
-                        elif const_expr(self.mode == "redux"):
+                        else:
                             # max of key(s) (signed-int order = float order; -0.0 cannot occur: s >= 0 + bias), then
                             # the lowest expert holding it (ties: lower expert, as below)
                             bk = Int32(-2147483648)
@@ -8547,48 +8159,17 @@ if HAVE_CUTE:
                             for j in cutlass.range_constexpr(self.per_lane):
                                 if lane + 32 * j == best:
                                     sel[j] = Float32(-math.inf)
-                        else:
-                            bv = Float32(-math.inf)
-                            bi = Int32(self.E)
-                            for j in cutlass.range_constexpr(self.per_lane):
-                                if sel[j] > bv:                         # j ascending: first max = lower expert
-                                    bv = sel[j]
-                                    bi = lane + 32 * j
-                            for o in cutlass.range_constexpr(5):
-                                ov = cute.arch.shuffle_sync_bfly(bv, 1 << o)
-                                oi = cute.arch.shuffle_sync_bfly(bi, 1 << o)
-                                if ov > bv or (ov == bv and oi < bi):
-                                    bv = ov
-                                    bi = oi
-                            best = bi
-                            for j in cutlass.range_constexpr(self.per_lane):
-                                if lane + 32 * j == best:
-                                    sel[j] = Float32(-math.inf)
                         ws = sS[warp, best]
                         total = total + ws
-                        if const_expr(lean):
-                            if lane == r:
-                                mine = ws
-                                mine_id = best
-                        else:
-                            if lane == r:
-                                mIds[n, r] = best
-                                mW[n, r] = ws
-                    if const_expr(lean):
-                        if lane < self.k:
-                            mIds[n, lane] = mine_id
-                            mW[n, lane] = mine / total * route_scale
-                    else:
-                        cute.arch.sync_warp()
-                        if lane < self.k:
-                            mW[n, lane] = mW[n, lane] / total * route_scale
+                        if lane == r:
+                            mine = ws
+                            mine_id = best
+                    if lane < self.k:
+                        mIds[n, lane] = mine_id
+                        mW[n, lane] = mine / total * route_scale
                     cute.arch.sync_warp()
-                if const_expr(self.signal):
-                    cute.arch.sync_threads()                    # every warp's ids / weights are stored
                 if tidx == 0:
                     mCount[0] = 0
-                    if const_expr(self.signal):
-                        cute.arch.atomic_add(mCount.iterator + 1, Int32(1), sem="release", scope="gpu")
 
 # ----------------------------------------------------------------------------------------------------------------
 # compile cache + torch-facing functions
@@ -8752,8 +8333,7 @@ def fused_topk_slots(T: int) -> int:
     return 1 << max(T - 1, 1).bit_length()
 
 
-def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, mode: str = "v0",
-                  warps: int = 4, signal: bool = False):
+def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_tokens: int, warps: int = 4):
     def build():
         N, V = cute.sym_int(), cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
@@ -8767,10 +8347,8 @@ def _compile_gate(n_experts: int, dim: int, top_k: int, hash_routing: bool, max_
                 mk(Int32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (N, top_k), stride_order=(1, 0), assumed_align=4),
                 Float32(1.0), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, mode, warps, signal), args
-    return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens)
-                            + ((mode, warps) if (mode, warps) != ("v0", 4) else ()) + (("signal",) if signal else ()),
-                            build)
+        return MoeGateDecode(n_experts, dim, top_k, hash_routing, max_tokens, warps), args
+    return _load_or_compile(("sgate", GLUE_PDL, n_experts, dim, top_k, hash_routing, max_tokens, warps), build)
 
 
 def _attention_counters(device, n: int) -> torch.Tensor:
@@ -8971,22 +8549,7 @@ def gate_reference(gate, x, tokens):
 
 
 GATE_MAX_TOKENS = 16
-GATE_MODE = "redux"       # MoeGateDecode variant (see its docstring; "v0" = session 4's kernel, same bits)
 GATE_WARPS = 4            # experts (warps) per router CTA: E / GATE_WARPS CTAs (same bits for 1, 2, 4)
-
-
-def router_ready(device) -> torch.Tensor:
-    """The router kernel's counter buffer: [0] arrivals (zero between launches), [1] the ready flag of
-    gate_decode(signal=True) (cleared by the next signalling router at its start), [2] unused."""
-    return _COUNTERS[(device, "gate")]
-
-
-def router_signal_ok(gate, x, experts) -> bool:
-    """dsv4.MoE: the router may hand its ids to the routed experts by a flag (gate_decode(signal=True), then
-    moe(ready=router_ready(x.device)) as the next launch on the stream): MOE_ROUTER_SIGNAL, the router kernel runs
-    for x (lean / redux mode) and moe takes the routing-free fused launch."""
-    return (MOE_ROUTER_SIGNAL and GATE_MODE in ("lean", "redux") and gate_kernel_supported(gate, x)
-            and kernel_unavailable_reason(x, experts) is None and no_routing_config(x, gate.k, experts) is not None)
 
 
 def gate_kernel_supported(gate, x) -> bool:
@@ -8998,21 +8561,17 @@ def gate_kernel_supported(gate, x) -> bool:
             and (not gate.hash or gate.tid2eid.is_contiguous()))
 
 
-def gate_decode(gate, x, tokens, signal: bool = False):
+def gate_decode(gate, x, tokens):
     """dsv4.Gate.forward (gate: the module) in one CuTe DSL kernel (gate_kernel_supported), else gate_reference.
-    Same ids in the same (descending score) order; weights to fp32 rounding. signal=True (only where
-    router_signal_ok, and the very next launch is moe(..., ready=router_ready(x.device))): the kernel also sets the
-    ready flag that launch waits on."""
+    Same ids in the same (descending score) order; weights to fp32 rounding."""
     if not gate_kernel_supported(gate, x):
-        if signal:
-            raise ValueError("gate_decode(signal=True): the router kernel does not run for these inputs")
         return gate_reference(gate, x, tokens)
     N, D = x.shape
     E = gate.weight.shape[0]
     max_tokens = GATE_MAX_TOKENS                    # one compile; unused token slots are predicated off
     dev = x.device
     if (dev, "gate") not in _COUNTERS:         # made once (setdefault would launch three fills per call)
-        _COUNTERS[(dev, "gate")] = torch.zeros(4, dtype=torch.int32, device=dev)   # arrivals, ready flag, unused
+        _COUNTERS[(dev, "gate")] = torch.zeros(4, dtype=torch.int32, device=dev)   # [0] arrivals, [1..3] unused
     if (dev, "gate", E, gate.k) not in _COUNTERS:  # the unused bias / tid2eid of this router shape
         _COUNTERS[(dev, "gate", E, gate.k)] = (torch.zeros(E, dtype=torch.float32, device=dev),
                                                torch.zeros(1, gate.k, dtype=torch.int64, device=dev))
@@ -9023,7 +8582,7 @@ def gate_decode(gate, x, tokens, signal: bool = False):
     ids = torch.empty(N, gate.k, dtype=torch.int32, device=dev)
     w = torch.empty(N, gate.k, dtype=torch.float32, device=dev)
     counter = _COUNTERS[(dev, "gate")]
-    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_MODE, GATE_WARPS, signal)(
+    _compile_gate(E, D, gate.k, gate.hash, max_tokens, GATE_WARPS)(
         x.contiguous(), gate.weight.data, bias, tid2eid, tokens.reshape(-1).long(), logits, counter, ids, w,
         float(gate.route_scale))
     return ids, w
@@ -9052,14 +8611,14 @@ PREFILL_ABLATE: dict = {}      # bench only: timing-only Fp4PrefillGemm options 
 PREFILL_WIDTHS = None         # None: prefill_widths(T); (): one width (tile_n); e.g. (96, 128): one GEMM launch per
                               # wgmma width, each over the token tiles whose rows fit it best (tiles of the last width;
                               # an expert's partial tile goes to the narrowest width that holds it)
-PREFILL_GATHER_KERNEL = True  # x_sorted by PrefillGather (16-B vectors) instead of torch index_select
-PREFILL_MULTI_ROUTING = True    # routing over many CTAs (count, tables, place = gather): no single-SM atomics
 PREFILL_MIN_TOKENS = 3072     # moe_fp4_prefill from this many tokens on (R2, H200: 2048 tokens 2390 vs 2175 us,
                               # 3072 tokens 2797 vs 3640 us against kernels.moe_fp4, both as CUDA graphs)
 # (Variants whose ablations lost were removed in session 4, see notes/kernel.md "session 4 pruning": GEMM1 gathering
 # its token rows (cp.async), 2-CTA clusters, several wgmma widths or N chunks in one kernel, the per-width epilogue,
 # the launch without .minnctapersm, store warps, sigmoid via tanh, the routing weight in the combine, PrefillRouting
-# for one width.)
+# for one width. Session 11: the single-CTA routing launches (PREFILL_MULTI_ROUTING off: PrefillRouting's own kernel,
+# MoeRouting for one width) and x_sorted by PrefillGather / index_select (PREFILL_GATHER_KERNEL); the routing runs
+# over many CTAs: PrefillCount, PrefillTables, PrefillPlace.)
 SMEM_BYTES = 227 * 1024       # sm_90 dynamic smem per CTA
 PRODUCER_REGS, CONSUMER_REGS = 40, 232   # setmaxnreg split: 128 x 40 + 256 x 232 <= 64 K registers
 
@@ -9373,27 +8932,14 @@ if HAVE_CUTE:
 
 
     class PrefillRouting(MoeRouting):
-        """MoeRouting for moe_fp4_prefill's width classes: the same src_tok / row_w / pos; each expert's rows are cut
-        into token tiles of widths[-1] rows (the last one partial), and a tile of nr rows goes to the table of the
-        narrowest width >= nr: tiles[c, i] = (expert, first row, rows) compact, rows = 0 past counts[c]."""
+        """moe_fp4_prefill's width classes (the helpers of PrefillTables): each expert's rows are cut into token tiles
+        of widths[-1] rows (the last one partial), and a tile of nr rows goes to the table of the narrowest width >=
+        nr: tiles[c, i] = (expert, first row, rows) compact, rows = 0 past counts[c]. (Its own single-CTA launch,
+        PREFILL_MULTI_ROUTING off, was removed in session 11.)"""
 
-        def __init__(self, num_experts: int, top_k: int, widths: tuple, batch: int = 8):
+        def __init__(self, num_experts: int, top_k: int, widths: tuple):
             super().__init__(num_experts, top_k, widths[-1])
             self.widths = tuple(widths)
-            self.batch = batch          # slots per thread whose loads are in flight together
-
-        @cute.jit
-        def __call__(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
-                     mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor, stream):
-            @cute.struct
-            class SharedStorage:
-                cnt: cute.struct.MemRange[Int32, self.E + 1]
-                start: cute.struct.MemRange[Int32, self.E + 1]
-                cstart: cute.struct.MemRange[Int32, len(self.widths) * (self.E + 1)]
-
-            self.shared_storage = SharedStorage
-            self.kernel_widths(mIds, mW, mSrc, mRowW, mPos, mTiles, mCounts).launch(
-                grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
 
         @cute.jit
         def width_class(self, rows):
@@ -9478,63 +9024,6 @@ if HAVE_CUTE:
                     mTiles[k, j, 2] = 0
                 if tidx == 0:
                     mCounts[k] = total
-
-        @cute.kernel
-        def kernel_widths(self, mIds: cute.Tensor, mW: cute.Tensor, mSrc: cute.Tensor, mRowW: cute.Tensor,
-                          mPos: cute.Tensor, mTiles: cute.Tensor, mCounts: cute.Tensor):
-            tidx, _, _ = cute.arch.thread_idx()
-            E, tn, nc = self.E, self.tile_n, len(self.widths)
-            R = cute.size(mIds, mode=[0])
-            n_tab = cute.size(mTiles, mode=[1])
-            smem = cutlass.utils.SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
-            cnt = storage.cnt.get_tensor(cute.make_layout(E + 1))
-            start = storage.start.get_tensor(cute.make_layout(E + 1))
-            cstart = storage.cstart.get_tensor(cute.make_layout((E + 1, nc)))     # [expert, class]
-            nb = self.batch
-            for e in cutlass.range(tidx, E + 1, self.threads, unroll=1):
-                cnt[e] = 0
-            cute.arch.sync_threads()
-            # slots in batches of nb per thread (s = it + i * threads + tidx: coalesced), all loads of a batch first:
-            # the passes are latency-bound (one CTA), so nb independent loads in flight instead of one
-            ev = cute.make_rmem_tensor((nb,), Int32)
-            rk = cute.make_rmem_tensor((nb,), Int32)
-            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    ev[i] = E
-                    if s < R:
-                        e = mIds[s]
-                        if e >= 0 and e < E:
-                            ev[i] = e
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    if s < R:
-                        mPos[s] = cute.arch.atomic_add(cnt.iterator + ev[i], Int32(1), scope="cta")   # rank in e
-            cute.arch.sync_threads()
-            self.scan_counts(cnt, start, cstart, tidx)
-            cute.arch.sync_threads()
-            wv = cute.make_rmem_tensor((nb,), Float32)
-            for it in cutlass.range(0, R, nb * self.threads, unroll=1):
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    ev[i] = E
-                    rk[i] = 0
-                    wv[i] = 0.0
-                    if s < R:
-                        e = mIds[s]
-                        if e >= 0 and e < E:
-                            ev[i] = e
-                        rk[i] = mPos[s]
-                        wv[i] = mW[s]
-                for i in cutlass.range_constexpr(nb):
-                    s = it + i * self.threads + tidx
-                    if s < R:
-                        p = start[ev[i]] + rk[i]
-                        mSrc[p] = s // self.k
-                        mRowW[p] = wv[i]
-                        mPos[s] = p if ev[i] < E else R
-            self.write_tables(cnt, start, cstart, mTiles, mCounts, tidx)
 
     class PrefillCount:
         """Routing over many CTAs, step 1: rank[s] = rank of slot s among its expert's rows (order arbitrary). Each
@@ -9689,49 +9178,6 @@ if HAVE_CUTE:
                             cute.autovec_copy(v[r * self.cols + j],
                                               cute.local_tile(mXs, (1, 8), (ps[r], j * self.threads + tidx)))
 
-    class PrefillGather:
-        """x_sorted[p] = x[src_tok[p]] for the R sorted rows (the token rows GEMM1 reads, grouped by expert): one CTA
-        per `rows` sorted rows, 128 threads, thread t moving 16-B vectors t, t + 128, ... of each row, all its loads in
-        flight before its stores (torch index_select moves 2-B elements). pdl: trigger the next kernel at once, wait
-        for the routing kernel before reading src_tok."""
-
-        def __init__(self, dim: int, rows: int = 4, pdl: bool = False):
-            self.dim, self.rows, self.threads, self.pdl = dim, rows, 128, pdl
-            self.vecs = dim // 8                                      # 16-B vectors per row
-            self.cols = (self.vecs + self.threads - 1) // self.threads   # vectors per thread and row
-
-        @cute.jit
-        def __call__(self, mX: cute.Tensor, mSrc: cute.Tensor, mXs: cute.Tensor, stream):
-            n_rows = cute.size(mXs, mode=[0])
-            self.kernel(mX, mSrc, mXs).launch(grid=[(n_rows + self.rows - 1) // self.rows, 1, 1],
-                                              block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
-
-        @cute.kernel
-        def kernel(self, mX: cute.Tensor, mSrc: cute.Tensor, mXs: cute.Tensor):
-            tidx, _, _ = cute.arch.thread_idx()
-            bid, _, _ = cute.arch.block_idx()
-            n_rows = cute.size(mXs, mode=[0])
-            if const_expr(self.pdl):
-                cute.arch.griddepcontrol_launch_dependents()
-                cute.arch.griddepcontrol_wait()
-            v = [cute.make_rmem_tensor((1, 8), BFloat16) for _ in range(self.rows * self.cols)]   # 16 B each
-            for r in cutlass.range_constexpr(self.rows):
-                row = bid * self.rows + r
-                if row < n_rows:
-                    src = mSrc[row]
-                    for j in cutlass.range_constexpr(self.cols):
-                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
-                            cute.autovec_copy(cute.local_tile(mX, (1, 8), (src, j * self.threads + tidx)),
-                                              v[r * self.cols + j])
-            for r in cutlass.range_constexpr(self.rows):
-                row = bid * self.rows + r
-                if row < n_rows:
-                    for j in cutlass.range_constexpr(self.cols):
-                        if const_expr(self.vecs % self.threads == 0) or j * self.threads + tidx < self.vecs:
-                            cute.autovec_copy(v[r * self.cols + j],
-                                              cute.local_tile(mXs, (1, 8), (row, j * self.threads + tidx)))
-
-
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           epilogue: str = "", mma_width: int = 0, chain: str = ""):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
@@ -9756,19 +9202,6 @@ def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
         return gemm, (w, b, out, tiles, num_tiles, alpha0, alpha1, row_w, Float32(0.0), Int32(1), stream)
     return _load_or_compile(config, build)
-
-
-def _compile_prefill_routing(num_experts: int, top_k: int, widths: tuple):
-    def build():
-        r, n_tab = cute.sym_int(), cute.sym_int()
-        i32 = lambda shape: cute.runtime.make_fake_compact_tensor(Int32, shape, assumed_align=4)   # noqa: E731
-        f32 = cute.runtime.make_fake_compact_tensor(Float32, (r,), assumed_align=4)
-        args = (i32((r,)), f32, i32((r,)), f32, i32((r,)),
-                cute.runtime.make_fake_compact_tensor(Int32, (len(widths), n_tab, 3), stride_order=(2, 1, 0),
-                                                      assumed_align=4),
-                i32((len(widths),)), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return PrefillRouting(num_experts, top_k, widths), args
-    return _load_or_compile(("prefill_route", num_experts, top_k, tuple(widths)), build)
 
 
 def _compile_prefill_count(num_experts: int):
@@ -9805,17 +9238,6 @@ def _compile_prefill_place(num_experts: int, top_k: int, dim: int):
     return _load_or_compile(("prefill_place", num_experts, top_k, dim), build)
 
 
-def _compile_prefill_gather(dim: int, pdl: bool):
-    def build():
-        t, r = cute.sym_int(), cute.sym_int()
-        bf16 = lambda rows: cute.runtime.make_fake_compact_tensor(BFloat16, (rows, dim), stride_order=(1, 0),  # noqa
-                                                                  assumed_align=16)
-        args = (bf16(t), cute.runtime.make_fake_compact_tensor(Int32, (r,), assumed_align=4), bf16(r),
-                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return PrefillGather(dim, pdl=pdl), args
-    return _load_or_compile(("prefill_gather", dim, pdl), build)
-
-
 def prefill_unavailable_reason(x, experts) -> str | None:
     """None if moe_fp4_prefill can run these inputs, else a short reason (then use kernels.moe)."""
     reason = kernel_unavailable_reason(x, experts)
@@ -9847,7 +9269,8 @@ def prefill_widths(num_tokens: int, top_k: int, num_experts: int) -> tuple:
 
 def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens: int = 4096, **gemm_options):
     """The compiled kernels of moe_fp4_prefill for these switches/options (also warms the compile cache):
-    (gemm1 list, gemm2 list (one per width class), routing, combine, widths)."""
+    (gemm1 list, gemm2 list (one per width class), combine, widths); the routing kernels (count, tables, place)
+    are compiled too (_prefill_steps fetches them from the cache)."""
     gemm_options = {**PREFILL_ABLATE, **gemm_options}
     tile_n = gemm_options.pop("tile_n", PREFILL_TILE_N)
     widths = gemm_options.pop("widths", PREFILL_WIDTHS)
@@ -9860,25 +9283,10 @@ def prefill_kernels(fmt: str, num_experts: int, top_k: int, dim: int, num_tokens
         chain = "" if len(widths) == 1 else "first" if c == len(widths) - 1 else "next"
         gemm1.append(_compile_prefill_gemm(fmt, width, True, USE_PDL, chain=chain, **gemm_options))
         gemm2.append(_compile_prefill_gemm(fmt, width, False, USE_PDL, chain=chain, **gemm_options))
-    routing = (_compile_prefill_routing(num_experts, top_k, widths) if len(widths) > 1
-               else _compile_routing(num_experts, top_k, widths[0]))
-    if PREFILL_MULTI_ROUTING:                       # (warms the cache; _prefill_steps fetches them)
-        _compile_prefill_count(num_experts), _compile_prefill_tables(num_experts, top_k, widths)
-        _compile_prefill_place(num_experts, top_k, dim)
+    _compile_prefill_count(num_experts), _compile_prefill_tables(num_experts, top_k, widths)
+    _compile_prefill_place(num_experts, top_k, dim)
     combine = _compile_combine(top_k, dim, USE_PDL)
-    if PREFILL_GATHER_KERNEL:
-        _compile_prefill_gather(dim, USE_PDL)            # (warms the cache; _prefill_steps fetches it)
-    return gemm1, gemm2, routing, combine, widths
-
-
-_ALL_TILES: dict = {}
-
-
-def _all_tiles(dev) -> torch.Tensor:
-    """[1] int32 'count' for a table whose every entry is to be read (more than any table holds)."""
-    if dev not in _ALL_TILES:
-        _ALL_TILES[dev] = torch.full((1,), 1 << 30, dtype=torch.int32, device=dev)
-    return _ALL_TILES[dev]
+    return gemm1, gemm2, combine, widths
 
 
 def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **gemm_options):
@@ -9888,15 +9296,14 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     k = topk_ids.shape[1]
     E, inter = pk.w13.shape[0], pk.inter
     R = T * k
-    gemm1, gemm2, routing, combine, widths = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
+    gemm1, gemm2, combine, widths = prefill_kernels(pk.fmt, E, k, D, T, **gemm_options)
     nc, tile_n = len(widths), widths[-1]
     dev = x.device
     src_tok = torch.empty(R, dtype=torch.int32, device=dev)         # sorted row -> token
     row_w = torch.empty(R, dtype=torch.float32, device=dev)         # routing weight of each sorted row
     pos = torch.empty(R, dtype=torch.int32, device=dev)             # slot -> sorted row (R: skipped)
     tiles = torch.empty(nc, max_tiles(R, E, tile_n), 3, dtype=torch.int32, device=dev)   # one table per width
-    own_routing = nc > 1 or PREFILL_MULTI_ROUTING
-    counts = torch.empty(nc, dtype=torch.int32, device=dev) if own_routing else _all_tiles(dev)
+    counts = torch.empty(nc, dtype=torch.int32, device=dev)          # tiles per width table
     x_sorted = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
     act = torch.empty(R, inter, dtype=torch.bfloat16, device=dev)
     y_rows = torch.empty(R, D, dtype=torch.bfloat16, device=dev)
@@ -9910,26 +9317,16 @@ def _prefill_steps(x, topk_ids, topk_weights, experts, swiglu_limit: float, **ge
     ctas2 = _grid(dev, n_tab * (D // 256))
     a_gate, a_up, a_down = pk.alphas
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
-    if PREFILL_MULTI_ROUTING:        # routing over many CTAs, the gather fused into its last step
-        rank = torch.empty(R, dtype=torch.int32, device=dev)
-        expert_rows = torch.empty(2, E + 1, dtype=torch.int32, device=dev)      # rows per expert, first row
-        count_k, tables_k = _compile_prefill_count(E), _compile_prefill_tables(E, k, widths)
-        place_k = _compile_prefill_place(E, k, D)
-        steps = [("zero", lambda: expert_rows[0].zero_()),
-                 ("count", lambda: count_k(ids32, rank, expert_rows[0])),
-                 ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
-                 ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos,
-                                           x_sorted))]
-    else:                            # one routing CTA, then the gather
-        if own_routing:
-            steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles, counts))]
-        else:
-            steps = [("routing", lambda: routing(ids32, w32, src_tok, row_w, pos, tiles[0]))]
-        if PREFILL_GATHER_KERNEL:
-            gather_rows = _compile_prefill_gather(D, USE_PDL)
-            steps.append(("gather", lambda: gather_rows(x.contiguous(), src_tok, x_sorted)))
-        else:
-            steps.append(("gather", lambda: torch.index_select(x, 0, src_tok, out=x_sorted)))
+    # routing over many CTAs (count, tables, place = gather; session 3: no single-SM atomics)
+    rank = torch.empty(R, dtype=torch.int32, device=dev)
+    expert_rows = torch.empty(2, E + 1, dtype=torch.int32, device=dev)          # rows per expert, first row
+    count_k, tables_k = _compile_prefill_count(E), _compile_prefill_tables(E, k, widths)
+    place_k = _compile_prefill_place(E, k, D)
+    steps = [("zero", lambda: expert_rows[0].zero_()),
+             ("count", lambda: count_k(ids32, rank, expert_rows[0])),
+             ("tables", lambda: tables_k(expert_rows[0], expert_rows[1], tiles, counts)),
+             ("place", lambda: place_k(ids32, w32, rank, expert_rows[1], x.contiguous(), src_tok, row_w, pos,
+                                       x_sorted))]
     w13, w2 = pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0)
     sfx = (lambda c: "") if nc == 1 else (lambda c: f" N={widths[c]}")     # noqa: E731
     for c in reversed(range(nc)):    # GEMM1 of every width class, widest first, then GEMM2 (PDL chains, see chain)
