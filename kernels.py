@@ -1,7 +1,31 @@
-"""nano-dsv4 kernels: the routed-expert MoE (CuTe DSL, Hopper sm_90a) and a pure-torch reference for each kernel.
+"""nano-dsv4 kernels: CuTe DSL kernels for Hopper (sm_90a) and a pure-torch reference for each kernel.
 
 Every torch-facing function here has a reference beside it with identical semantics; the reference is the
-fallback wherever CUDA or CuTe DSL is missing (and what CPU tests run).
+fallback wherever CUDA or CuTe DSL is missing (and what CPU tests run). Each kernel is a class (config in __init__,
+a @cute.jit launcher, a @cute.kernel body), compiled once per static config by a `_compile_*` function (memory and
+disk cache, `_load_or_compile`) and called through a thin torch-facing function. Sections, in file order:
+
+  Grouped FP4 x BF16 MoE        Experts / prepare_experts (fragment-order records, once at load), Fp4GroupedGemm
+                                (wgmma, 257..3071 tokens), MoeRouting(Gather), MoeCombine; moe() -> moe_fp4(),
+                                moe_reference()                                              (dsv4.MoE, issue #3)
+  Decode-step kernels (#5)      dsv4.py's torch code is their reference; fused_unavailable_reason()
+    FP8 GEMV                    Fp8Gemv: FP8 linears at M = 1..16 with the 128x128 block scales in the kernel, on
+                                packed weights; fp8_gemv(), bf16_gemv_fp32(), fp8_gemv_grouped() (wo_a, W8A16)
+    FP4 MoE GEMV                Fp4MoeGemv (mma.sync, weights streamed to registers, T <= 256), Fp4MoeGemvPair
+                                (T >= 128), Fp4MoeGemvFused (both GEMMs in one launch, T <= 2); picked by moe_fp4()
+    mHC                         HcSiteCluster (one launch per decode site: hc_post + hc_pre + RMSNorm), HcMix /
+                                HcFinalize / HcPost (M > 8, hc_head); hc_post_pre_fused(), hc_pre/post/head_fused()
+    Attention glue              RmsNorm, QNormRope, KvNormRopeQuant, IndexQuery, RopeInplace; *_fused()
+    Shared-expert SwiGLU        SwiGlu; swiglu_fused()
+    Compressor step             CompressorDecode; compressor_decode()
+    Attention, indexer, router  SparseAttentionDecodeWide (batch <= 2) / ...Cluster / SparseAttentionDecode,
+                                IndexerTopK(Query) / TopKSelectVisible / IndexerScores, MoeGateDecode;
+                                sparse_attention_decode(), indexer_(query_)topk_decode(), gate_decode()
+  MoE prefill (#3)              Fp4PrefillGemm (warp-specialized, persistent, >= 3072 tokens), PrefillCount /
+                                PrefillTables / PrefillPlace (multi-CTA routing + gather); moe_fp4_prefill()
+
+Module-level UPPER_CASE names are the switches and size rules; notes/kernel.md and notes/decode.md give the
+measurement behind each.
 """
 from __future__ import annotations
 
