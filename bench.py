@@ -12,6 +12,10 @@
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py gemv                 the batch-1 decode GEMVs under the s5 vs s4 config rules (same run), vs copy
   python bench.py fold                 session 7's folds as chains of the kernels they touch, folded vs not (same run)
+  python bench.py handoff              megakernel stage 0 (notes/megakernel.md): one-way latency of an in-kernel handoff
+                                       through a global counter (two CTAs ping-pong), idle and while the other SMs stream
+                                       256 MB; a ticket counter's claim latency; the PDL kernel boundary (graph of tiny
+                                       kernels, with and without PDL), all in one run (< 1 min)
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
   python bench.py dist run DIR OUT.pt  its prefill/decode logits and decode ms/token (run under torchrun for N GPUs;
                                        --fp32: one GPU in float32, the yardstick for bf16 noise),
@@ -1675,13 +1679,494 @@ def bench_gemv(Ms=(1, 8), rounds=5):
         torch.cuda.empty_cache()
 
 
+
+# ======================================================================================================================
+# Stage-0 handoff probe (notes/megakernel.md section 5): an in-kernel handoff through a global counter vs a PDL boundary
+# ======================================================================================================================
+# One launch, grid = n_active "active" CTAs + n_load "load" CTAs, one CTA per SM (HANDOFF_SMEM of shared memory each;
+# the host keeps the grid <= the SM count, so every CTA is resident and the spins cannot deadlock). Every CTA counts
+# itself on a 'started' word at entry; the active CTAs wait until all have started (+ warm_ns when load CTAs run, so
+# the stream is at its steady rate) and then:
+#   mode "pingpong" (n_active = 2, CTAs 0 and 1): `rounds` round trips. Side s waits (one lane spinning on
+#     ld.acquire.gpu, optional nanosleep backoff) until the other side's counter reaches its target, bar.sync, every
+#     thread reads its 16 B of the other side's 8-KB payload with plain loads (checked: a wrong word counts as an
+#     error), writes its own payload, then signals: fence "all" = every thread fence.acq_rel.gpu, bar.sync, one
+#     red.release.gpu.add (the design's producer, as Fp4MoeGemvFused.signal); fence "one" = bar.sync, one
+#     red.release.gpu.add. Side 0 also waits for side 1's last signal: its %globaltimer span / (2 rounds) = one-way
+#     handoff (signal + poll + barrier + payload round trip: what one dependency costs inside a persistent kernel).
+#     stride: the two counters' distance in words (32 = own 128-B lines, 1 = one line).
+#   mode "ticket": the n_active CTAs claim tickets from one counter (thread 0 atom.add.relaxed.gpu, the ticket to
+#     smem, bar.sync: how Fp4MoeGemvFused takes items) until tickets run out (>= rounds): span / claims per CTA.
+#   mode "nop": no smem, wait + launch_dependents (PDL), thread 0 of CTA b adds 1 to word b: the tiny kernel of the
+#     PDL-boundary reference (a graph of a chain of them, with and without PDL).
+# Load CTAs: warp w of load CTA c streams its own slice (slice_bytes, a multiple of 4 KB) of a large uint8 buffer in
+# passes: batches of 8 x 16-B cp.async.cg per lane (4 KB contiguous per warp), 3 batches in flight in a smem ring
+# (register loads would not do: ptxas kept ld.global.nc + sum only ~4 loads deep per thread, SASS checked), each
+# landed batch summed as u32 words (mod 2^32) so nothing is optimised away; after each pass lane 0 reads the 'done'
+# word and the warp stops once every active CTA has finished (or after HANDOFF_LOAD_LIMIT_NS). Per warp out: (sum,
+# passes); sum = passes x the slice's word sum (the host checks it). Rate = whole passes' bytes / the load CTAs' span.
+# Watchdogs: every spin gives up after HANDOFF_POLL_LIMIT polls (counted in res[:, 6]); nothing can hang a GPU test.
+HANDOFF_THREADS = 512          # threads per CTA (pingpong payload: 16 B per thread = 8 KB)
+HANDOFF_UNROLL = 8             # load CTAs: 16-B cp.async per lane per batch (a warp's batch: 4 KB contiguous)
+HANDOFF_STAGES = 3             # batches in flight per lane (its ring: 3 x 8 x 16 B x 512 threads = 192 KB)
+HANDOFF_SMEM = HANDOFF_STAGES * HANDOFF_UNROLL * 16 * HANDOFF_THREADS   # every CTA of modes pingpong / ticket
+                               # (> half an SM's shared memory: one CTA per SM)
+HANDOFF_POLL_LIMIT = 1 << 21   # spins give up after this many polls (a timeout, counted)
+HANDOFF_LOAD_LIMIT_NS = 2_000_000_000   # load warps stop after this long even if the active CTAs never finish
+HANDOFF_BACKOFF_NS = 64        # nanosleep between polls in the backoff variant (the design note's value, s10 moedyn)
+# (label, static config) of the ping-pong variants `bench.py handoff` times, idle and with load CTAs
+HANDOFF_VARIANTS = (
+    ("base: all-thread fence, tight spin", dict(fence="all", backoff=0, stride=32)),
+    ("nanosleep backoff", dict(fence="all", backoff=HANDOFF_BACKOFF_NS, stride=32)),
+    ("counters in one 128-B line", dict(fence="all", backoff=0, stride=1)),
+    ("one fence: bar.sync + red.release", dict(fence="one", backoff=0, stride=32)),
+)
+_H_STARTED, _H_DONE, _H_TICKET, _H_ERRORS = 64, 96, 128, 160   # control words, own 128-B lines (counters: 0, stride)
+_H_CTL_WORDS = 256
+_H_RES = 8                     # res row per CTA (int64): t0, t1, count, smid, errors, polls, timeouts, -
+
+if K.HAVE_CUTE:
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass import Int32, Int64, Uint8, const_expr
+    from cutlass.cutlass_dsl import T as _T, dsl_user_op
+    from cutlass._mlir import ir as _ir
+    from cutlass._mlir.dialects import llvm as _llvm
+
+    @dsl_user_op
+    def _nanosleep(ns: int, *, loc=None, ip=None):
+        """Suspend the thread for about ns nanoseconds (spin backoff; CuTe DSL 4.8 has no nanosleep intrinsic)."""
+        _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
+        """16 bytes global -> shared, asynchronous, L2 only (cp.async.cg)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+                         "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _ld_shared_v4(smem_addr: Int32, *, loc=None, ip=None):
+        """16-byte shared load -> 4 Int32."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"), [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+            "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r", has_side_effects=True, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+    @dsl_user_op
+    def _st_v4(addr: Int64, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip=None):
+        """16-byte plain global store."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)] + [Int32(v).ir_value(loc=loc, ip=ip)
+                                                                         for v in (a, b, c, d)],
+                         "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r", has_side_effects=True,
+                         loc=loc, ip=ip)
+
+    class HandoffProbe:
+        """The stage-0 probe kernel (see the section comment). Static: mode, fence ("all" | "one"), backoff (ns of
+        nanosleep between polls, 0 = tight), stride (words between the two ping-pong counters), pdl (launch
+        attribute; mode nop)."""
+
+        def __init__(self, mode: str, fence: str = "all", backoff: int = 0, stride: int = 32, pdl: bool = False):
+            assert mode in ("pingpong", "ticket", "nop") and fence in ("all", "one") and 1 <= stride < _H_STARTED
+            self.mode, self.fence, self.backoff, self.stride, self.pdl = mode, fence, backoff, stride, pdl
+            self.threads = 128 if mode == "nop" else HANDOFF_THREADS
+            self.warps = self.threads // 32
+
+        @cute.jit
+        def __call__(self, mCtl: cute.Tensor, mPay: cute.Tensor, mBuf: cute.Tensor, mRes: cute.Tensor,
+                     mWarp: cute.Tensor, rounds: Int32, n_active: Int32, n_load: Int32, slice_bytes: Int32,
+                     warm_ns: Int32, stream):
+            if const_expr(self.mode == "nop"):
+                @cute.struct
+                class SharedStorage:
+                    slot: cute.struct.MemRange[Int32, 4]
+            else:
+                @cute.struct
+                class SharedStorage:
+                    slot: cute.struct.MemRange[Int32, 4]
+                    pad: cute.struct.Align[cute.struct.MemRange[Int32, HANDOFF_SMEM // 4], 128]   # one CTA per SM
+            self.shared_storage = SharedStorage
+            self.kernel(mCtl, mPay, mBuf, mRes, mWarp, rounds, n_active, n_load, slice_bytes, warm_ns).launch(
+                grid=[n_active + n_load, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+        @cute.jit
+        def spin(self, ptr, target: Int32):
+            """One lane: poll ptr (ld.acquire.gpu) until it reaches target or HANDOFF_POLL_LIMIT polls -> (last value
+            seen, polls)."""
+            seen = cute.arch.load(ptr, Int32, sem="acquire", scope="gpu")
+            polls = Int32(1)
+            while seen < target and polls < HANDOFF_POLL_LIMIT:
+                if const_expr(self.backoff > 0):
+                    _nanosleep(self.backoff)
+                seen = cute.arch.load(ptr, Int32, sem="acquire", scope="gpu")
+                polls = polls + 1
+            return seen, polls
+
+        @cute.kernel
+        def kernel(self, mCtl: cute.Tensor, mPay: cute.Tensor, mBuf: cute.Tensor, mRes: cute.Tensor,
+                   mWarp: cute.Tensor, rounds: Int32, n_active: Int32, n_load: Int32, slice_bytes: Int32,
+                   warm_ns: Int32):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            slot = storage.slot.get_tensor(cute.make_layout(4))
+            ctl = mCtl.iterator
+            if const_expr(self.mode == "nop"):
+                cute.arch.griddepcontrol_wait()              # the previous kernel's word is written
+                cute.arch.griddepcontrol_launch_dependents()
+                if tidx == 0:
+                    mCtl[bid] = mCtl[bid] + 1
+            else:
+                t_entry = cute.arch.globaltimer()
+                if tidx == 0:
+                    cute.arch.red(ctl + _H_STARTED, Int32(1), op="add", dtype="u32", sem="relaxed", scope="gpu")
+                if bid < n_active:
+                    self.active(mCtl, mPay, mRes, slot, tidx, bid, rounds, n_active, n_load, warm_ns)
+                else:
+                    self.stream_load(mCtl, mBuf, mRes, mWarp, storage.pad.data_ptr().toint(), tidx, bid, n_active,
+                                     slice_bytes, t_entry)
+
+        @cute.jit
+        def active(self, mCtl, mPay, mRes, slot, tidx, bid, rounds, n_active, n_load, warm_ns):
+            ctl = mCtl.iterator
+            timeouts = Int32(0)
+            polls = Int32(0)
+            if tidx == 0:
+                seen, _ = self.spin(ctl + _H_STARTED, n_active + n_load)      # (its polls are not counted)
+                if seen < n_active + n_load:
+                    timeouts = timeouts + 1
+                if n_load > 0:                               # let the stream reach its steady rate
+                    t_w = cute.arch.globaltimer()
+                    while cute.arch.globaltimer() - t_w < Int64(warm_ns):
+                        _nanosleep(256)
+            cute.arch.sync_threads()
+            errors = Int32(0)
+            count = Int32(0)
+            t0 = cute.arch.globaltimer()
+            if const_expr(self.mode == "pingpong"):
+                side = bid
+                cnt_out = ctl + side * self.stride
+                cnt_in = ctl + (1 - side) * self.stride
+                pay = mPay.iterator.toint()
+                pay_out = pay + Int64(side * (16 * HANDOFF_THREADS) + tidx * 16)
+                pay_in = pay + Int64((1 - side) * (16 * HANDOFF_THREADS) + tidx * 16)
+                i = Int32(0)
+                while i < rounds:
+                    target = i + side          # side 0: the other side's i-th signal; side 1: side 0's (i+1)-th
+                    if tidx == 0:
+                        seen, n = self.spin(cnt_in, target)
+                        polls = polls + n
+                        slot[0] = seen
+                    cute.arch.sync_threads()
+                    if slot[0] < target:
+                        timeouts = timeouts + 1
+                        i = rounds                 # give up (the other side times out once, then ends too)
+                    if target > 0:
+                        want = ((target - 1) << 1) | (1 - side)
+                        v = K._ld_v4(pay_in, "")
+                        if v[0] != want or v[1] != tidx or v[2] != want + 1 or v[3] != want + 2:
+                            errors = errors + 1
+                    w = (i << 1) | side
+                    _st_v4(pay_out, w, tidx, w + 1, w + 2)
+                    if const_expr(self.fence == "all"):
+                        cute.arch.fence_acq_rel_gpu()
+                    cute.arch.sync_threads()
+                    if tidx == 0:
+                        cute.arch.red(cnt_out, Int32(1), op="add", dtype="u32", sem="release", scope="gpu")
+                    count = count + 1
+                    i = i + 1
+                if side == 0:
+                    if tidx == 0:
+                        seen, n = self.spin(cnt_in, rounds)          # side 1's last signal closes the span
+                        polls = polls + n
+                        if seen < rounds:
+                            timeouts = timeouts + 1
+            else:                                          # ticket
+                t = Int32(0)
+                while t < rounds:
+                    if tidx == 0:
+                        slot[0] = cute.arch.atomic_add(ctl + _H_TICKET, Int32(1), sem="relaxed", scope="gpu")
+                    cute.arch.sync_threads()
+                    t = slot[0]
+                    count = count + 1
+                    cute.arch.sync_threads()
+            t1 = cute.arch.globaltimer()
+            cute.arch.sync_threads()
+            if tidx == 0:
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.red(ctl + _H_DONE, Int32(1), op="add", dtype="u32", sem="release", scope="gpu")
+            # errors: any thread's payload mismatches (atomic: the counts of all threads)
+            if errors > 0:
+                cute.arch.atomic_add(ctl + _H_ERRORS, errors, sem="relaxed", scope="gpu")
+            if tidx == 0:
+                mRes[bid, 0] = t0
+                mRes[bid, 1] = t1
+                mRes[bid, 2] = Int64(count)
+                mRes[bid, 3] = Int64(cute.arch.smid())
+                mRes[bid, 5] = Int64(polls)
+                mRes[bid, 6] = Int64(timeouts)
+
+        @cute.jit
+        def stream_load(self, mCtl, mBuf, mRes, mWarp, pad, tidx, bid, n_active, slice_bytes, t_entry):
+            """Load CTA: each warp streams its slice in passes, HANDOFF_STAGES batches of HANDOFF_UNROLL 16-B
+            cp.async per lane in flight (smem, not registers: ptxas keeps register loads only ~4 deep here), summing
+            each landed batch from smem; the slice's batches in order, the pipeline running on across passes."""
+            ctl = mCtl.iterator
+            warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            lane = tidx % 32
+            gw = (bid - n_active) * self.warps + warp
+            gbase = mBuf.iterator.toint() + Int64(gw) * Int64(slice_bytes) + Int64(lane * 16)
+            sbase = pad + tidx * 16
+            U, S = HANDOFF_UNROLL, HANDOFF_STAGES
+            batch = 512 * U                                # bytes of a warp's batch
+            steps = slice_bytes // batch                   # batches per pass
+            for st in cutlass.range_constexpr(S):          # prologue: batches 0 .. S-1 (steps >= S)
+                for u in cutlass.range_constexpr(U):
+                    _cp_async_16(sbase + (st * U + u) * (16 * self.threads), gbase + (st * batch + u * 512))
+                cute.arch.cp_async_commit_group()
+            acc = Int32(0)
+            passes = Int32(0)
+            go = Int32(1)
+            k = Int32(0)                                   # batch being summed (its stage k % S)
+            nxt = Int32(S)                                 # slice position of the batch issued next
+            while go != 0:
+                cute.arch.cp_async_wait_group(S - 1)
+                st = k % S
+                for u in cutlass.range_constexpr(U):
+                    v = _ld_shared_v4(sbase + (st * U + u) * (16 * self.threads))
+                    acc = acc + v[0] + v[1] + v[2] + v[3]
+                if nxt == steps:
+                    nxt = Int32(0)
+                for u in cutlass.range_constexpr(U):
+                    _cp_async_16(sbase + (st * U + u) * (16 * self.threads), gbase + (Int64(nxt) * batch + u * 512))
+                cute.arch.cp_async_commit_group()
+                nxt = nxt + 1
+                k = k + 1
+                if k % steps == 0:                         # a pass is summed: stop?
+                    passes = passes + 1
+                    stop = Int32(0)
+                    if lane == 0:
+                        done = cute.arch.load(ctl + _H_DONE, Int32, sem="relaxed", scope="gpu")
+                        if done >= n_active or cute.arch.globaltimer() - t_entry > Int64(HANDOFF_LOAD_LIMIT_NS):
+                            stop = Int32(1)
+                    if cute.arch.shuffle_sync(stop, 0) != 0:
+                        go = Int32(0)
+            cute.arch.cp_async_wait_group(0)               # the last S batches land unsummed (not in the checksum)
+            for o in (1, 2, 4, 8, 16):
+                acc = acc + cute.arch.shuffle_sync_bfly(acc, offset=o)
+            if lane == 0:
+                mWarp[gw, 0] = acc
+                mWarp[gw, 1] = passes
+            cute.arch.sync_threads()
+            if tidx == 0:
+                mRes[bid, 0] = t_entry
+                mRes[bid, 1] = cute.arch.globaltimer()
+                mRes[bid, 2] = Int64(passes)
+                mRes[bid, 3] = Int64(cute.arch.smid())
+
+
+def _compile_handoff(mode: str, fence: str = "all", backoff: int = 0, stride: int = 32, pdl: bool = False):
+    """Compiled HandoffProbe for one static config (kernels.py's memory + disk cache; the key holds this file's
+    hash, since kernels.py's key hashes only kernels.py). Call: (ctl i32 [256], pay i32 [2 * 4 * threads], buf u8,
+    res i64 [grid, 8], warp i32 [load warps, 2], rounds, n_active, n_load, slice_bytes, warm_ns)."""
+    import hashlib
+    with open(__file__, "rb") as f:
+        src = hashlib.sha256(f.read()).hexdigest()[:16]
+
+    def build():
+        mk = cute.runtime.make_fake_compact_tensor
+        args = (mk(Int32, (cute.sym_int(),), assumed_align=16), mk(Int32, (cute.sym_int(),), assumed_align=16),
+                mk(Uint8, (cute.sym_int(),), assumed_align=16),
+                mk(Int64, (cute.sym_int(), _H_RES), stride_order=(1, 0), assumed_align=16),
+                mk(Int32, (cute.sym_int(), 2), stride_order=(1, 0), assumed_align=8),
+                Int32(1), Int32(1), Int32(0), Int32(8192), Int32(0),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return HandoffProbe(mode, fence, backoff, stride, pdl), args
+    return K._load_or_compile(("handoff", src, mode, fence, backoff, stride, pdl), build)
+
+
+HANDOFF_ROUNDS = 4000          # ping-pong round trips per run (8000 one-way handoffs)
+HANDOFF_TICKETS = 16384        # tickets per ticket run
+HANDOFF_TICKET_CTAS = (1, 16)  # ticket CTAs claiming from one counter
+HANDOFF_BUF_BYTES = 256 << 20  # the load CTAs' buffer (rotating: far above L2)
+HANDOFF_WARM_NS = 20000        # active CTAs start this long after every CTA has started (the stream at speed)
+HANDOFF_CHAIN = 64             # tiny kernels per graph in the PDL-boundary reference
+
+
+class HandoffRunner:
+    """Host side of the probe on one device: buffers, one launch per call, the checks. Used by `bench.py handoff`
+    and the GPU test."""
+
+    def __init__(self, dev, buf_bytes: int = HANDOFF_BUF_BYTES):
+        self.dev = torch.device(dev)
+        self.sms = torch.cuda.get_device_properties(self.dev).multi_processor_count
+        self.warps = HANDOFF_THREADS // 32
+        batch = 512 * HANDOFF_UNROLL
+        nw = (self.sms - 1) * self.warps          # slices for the most load CTAs a launch has (one active CTA)
+        self.slice = max(HANDOFF_STAGES, buf_bytes // max(nw, 1) // batch) * batch
+        g = torch.Generator(device=self.dev).manual_seed(0)
+        self.buf = torch.randint(0, 256, (max(nw, 1) * self.slice,), dtype=torch.uint8, device=self.dev, generator=g)
+        # each load warp's slice, summed as int32 words (the kernel's checksum = passes x this, mod 2^32)
+        self.slice_sums = self.buf.view(torch.int32).view(max(nw, 1), -1).sum(1, dtype=torch.int64).cpu()
+        self.ctl = torch.zeros(_H_CTL_WORDS, dtype=torch.int32, device=self.dev)
+        self.pay = torch.zeros(2 * 4 * HANDOFF_THREADS, dtype=torch.int32, device=self.dev)
+        self.res = torch.zeros(self.sms + 16, _H_RES, dtype=torch.int64, device=self.dev)
+        self.wsum = torch.zeros(max(nw, 1), 2, dtype=torch.int32, device=self.dev)
+
+    def launch(self, mode: str, cfg: dict, rounds: int, n_active: int, load: bool):
+        """One launch: n_active CTAs + (load) one load CTA on every other SM -> (ctl, res, per-warp (sum, passes) of
+        the launch's load warps) on the host."""
+        n_load = self.sms - n_active if load else 0
+        assert 0 < n_active < self.sms, "every CTA must be resident (one per SM)"
+        fn = _compile_handoff(mode, **cfg)
+        self.ctl.zero_()
+        self.res.zero_()
+        self.wsum.zero_()
+        fn(self.ctl, self.pay, self.buf, self.res, self.wsum, rounds, n_active, n_load, self.slice,
+           HANDOFF_WARM_NS if load else 0)
+        torch.cuda.synchronize(self.dev)
+        return self.ctl.cpu(), self.res[:n_active + n_load].cpu(), self.wsum[:n_load * self.warps].cpu()
+
+    def load_stats(self, res, wsum, n_active: int) -> dict:
+        """The load CTAs' stream rate (bytes of whole passes / their span) and the checksum check."""
+        passes = wsum[:, 1].to(torch.int64)
+        want = (self.slice_sums[:len(passes)] * passes) & 0xFFFFFFFF
+        got = wsum[:, 0].to(torch.int64) & 0xFFFFFFFF
+        span = (res[n_active:, 1].max() - res[n_active:, 0].min()).item()
+        return {"tbps": passes.sum().item() * self.slice / max(span, 1) / 1e3, "checksum_ok": torch.equal(want, got),
+                "min_passes": passes.min().item(), "mb": passes.numel() * self.slice / 1e6}
+
+    def pingpong(self, cfg: dict, rounds: int, load: bool) -> dict:
+        ctl, res, wsum = self.launch("pingpong", cfg, rounds, 2, load)
+        stride = cfg.get("stride", 32)
+        out = {"ns": (res[0, 1] - res[0, 0]).item() / (2 * rounds), "polls": res[:2, 5].sum().item() / (2 * rounds),
+               "errors": ctl[_H_ERRORS].item(), "timeouts": res[:2, 6].sum().item(),
+               "counters_ok": ctl[0].item() == rounds and ctl[stride].item() == rounds
+               and res[0, 2].item() == rounds and res[1, 2].item() == rounds,
+               "smids": (res[0, 3].item(), res[1, 3].item())}
+        if load:
+            out.update(self.load_stats(res, wsum, 2))
+        return out
+
+    def ticket(self, ctas: int, tickets: int, load: bool) -> dict:
+        ctl, res, wsum = self.launch("ticket", {}, tickets, ctas, load)
+        claims = res[:ctas, 2]
+        spans = (res[:ctas, 1] - res[:ctas, 0]).double()
+        out = {"ns": statistics.median((spans / claims.double()).tolist()),
+               "per_us": claims.sum().item() / max((res[:ctas, 1].max() - res[:ctas, 0].min()).item(), 1) * 1e3,
+               "timeouts": res[:ctas, 6].sum().item(),
+               "counters_ok": ctl[_H_TICKET].item() == tickets + ctas == claims.sum().item()}
+        if load:
+            out.update(self.load_stats(res, wsum, ctas))
+        return out
+
+    def nop_chain(self, grid: int, pdl: bool, chain: int = HANDOFF_CHAIN):
+        """A CUDA graph of `chain` tiny kernels (grid CTAs each; PDL launch attribute or not) and its word check."""
+        fn = _compile_handoff("nop", pdl=pdl)
+        words = torch.zeros(max(grid, _H_CTL_WORDS), dtype=torch.int32, device=self.dev)
+        g = graph_of(lambda: [fn(words, self.pay, self.buf, self.res, self.wsum, 0, grid, 0, 0, 0)
+                              for _ in range(chain)])
+        words.zero_()
+        g.replay()
+        torch.cuda.synchronize(self.dev)
+        assert torch.all(words[:grid] == chain).item(), "nop chain: a kernel missed the previous one's word"
+        return g
+
+
+def bench_handoff(reps: int = 3, rounds: int = HANDOFF_ROUNDS, tickets: int = HANDOFF_TICKETS,
+                  buf_bytes: int = HANDOFF_BUF_BYTES, dev="cuda"):
+    """`python bench.py handoff` (megakernel stage 0): one-way latency of an in-kernel handoff through a global
+    counter (ping-pong of two CTAs), idle and while the other SMs stream a 256-MB buffer; the claim latency of one
+    ticket counter; and the kernel boundary of a CUDA graph of tiny kernels with / without PDL (same run)."""
+    t_start = time.time()
+    dev = torch.device(dev)
+    name = torch.cuda.get_device_name(dev)
+    bw = copy_bandwidth(dev)
+    r = HandoffRunner(dev, buf_bytes)
+    print(f"{name} ({r.sms} SMs), copy {bw / 1e12:.2f} TB/s (read + write, 1 GiB)", flush=True)
+    print(f"probe: {HANDOFF_THREADS} threads, one CTA per SM; with load, every other SM runs a load CTA ({r.warps} "
+          f"warps, {HANDOFF_STAGES} x {HANDOFF_UNROLL} x 16-B cp.async per lane in flight, {r.slice}-B slice per warp: "
+          f"{(r.sms - 2) * r.warps * r.slice / 1e6:.0f} MB streamed per pass around the ping-pong pair); ping-pong "
+          f"{rounds} round trips per run, ticket runs {tickets} tickets; medians of {reps} runs", flush=True)
+    rows = []                          # (label, idle dict, load dict)
+    runs = {label: ([], []) for label, _ in HANDOFF_VARIANTS}
+    for label, cfg in HANDOFF_VARIANTS:
+        _compile_handoff("pingpong", **cfg)
+    for _ in range(reps):                                          # interleaved: variants see the same clock state
+        for label, cfg in HANDOFF_VARIANTS:
+            runs[label][0].append(r.pingpong(cfg, rounds, False))
+            runs[label][1].append(r.pingpong(cfg, rounds, True))
+    truns = {k: ([], []) for k in HANDOFF_TICKET_CTAS}
+    for _ in range(reps):
+        for k in HANDOFF_TICKET_CTAS:
+            truns[k][0].append(r.ticket(k, tickets, False))
+            truns[k][1].append(r.ticket(k, tickets, True))
+    grids = (1, r.sms)
+    graphs = {(gr, pdl): r.nop_chain(gr, pdl) for gr in grids for pdl in (False, True)}
+    bt = {k: [] for k in graphs}
+    for _ in range(2 * reps + 1):
+        for k, gph in graphs.items():
+            bt[k].append(time_ms(gph.replay, 20) * 1e3 / HANDOFF_CHAIN)
+    del graphs
+
+    def med(lst, key):
+        return statistics.median(d[key] for d in lst)
+
+    def check(lst):
+        bad = []
+        if any(d.get("errors", 0) for d in lst):
+            bad.append(f"payload errors {max(d['errors'] for d in lst)}")
+        if any(d["timeouts"] for d in lst):
+            bad.append("TIMEOUT")
+        if not all(d["counters_ok"] for d in lst):
+            bad.append("counters")
+        if not all(d.get("checksum_ok", True) for d in lst):
+            bad.append("load checksum")
+        if any(d.get("min_passes", 1) < 1 for d in lst):
+            bad.append("load ended early")
+        return ", ".join(bad) or "ok"
+
+    smids = sorted({d["smids"] for lst in runs.values() for part in lst for d in part})
+    rates = [d["tbps"] for lst in runs.values() for d in lst[1]] + [d["tbps"] for lst in truns.values() for d in lst[1]]
+    print(f"ping-pong CTAs ran on SMs {', '.join(f'{a}+{b}' for a, b in smids[:6])}"
+          f"{' ...' if len(smids) > 6 else ''}; load CTAs streamed {min(rates):.2f}-{max(rates):.2f} TB/s (read only) "
+          f"over the loaded runs, copy {bw / 1e12:.2f} TB/s (read + write)")
+    print(f"total {time.time() - t_start:.1f} s (compiles included)\n")
+    w = 38
+    print(f"{'ping-pong: one-way handoff':<{w}} {'idle ns':>9} {'load ns':>9} {'idle polls':>10} {'load polls':>10} "
+          f"{'load TB/s':>9}  checks")
+    for label, _ in HANDOFF_VARIANTS:
+        idle, load = runs[label]
+        print(f"{label:<{w}} {med(idle, 'ns'):>9.0f} {med(load, 'ns'):>9.0f} {med(idle, 'polls'):>10.2f} "
+              f"{med(load, 'polls'):>10.2f} {med(load, 'tbps'):>9.2f}  {check(idle + load)}")
+    print(f"{'ticket claim (atom.add, bar.sync)':<{w}} {'idle ns':>9} {'load ns':>9} {'idle /us':>10} {'load /us':>10} "
+          f"{'load TB/s':>9}  checks")
+    for k in HANDOFF_TICKET_CTAS:
+        idle, load = truns[k]
+        print(f"{f'{k} CTA(s) on one counter':<{w}} {med(idle, 'ns'):>9.0f} {med(load, 'ns'):>9.0f} "
+              f"{med(idle, 'per_us'):>10.1f} {med(load, 'per_us'):>10.1f} {med(load, 'tbps'):>9.2f}  "
+              f"{check(idle + load)}")
+    print(f"{f'boundary: graph of {HANDOFF_CHAIN} tiny kernels':<{w}} {'no PDL us':>9} {'PDL us':>9}")
+    for gr in grids:
+        print(f"{f'grid {gr} (idle)':<{w}} {statistics.median(bt[(gr, False)]):>9.2f} "
+              f"{statistics.median(bt[(gr, True)]):>9.2f}")
+    base = med(runs[HANDOFF_VARIANTS[0][0]][1], "ns")
+    best_label = min(runs, key=lambda lb: med(runs[lb][1], "ns"))
+    best = med(runs[best_label][1], "ns")
+    pdl_us = statistics.median(bt[(r.sms, True)])
+    valid = all(check(lst[0] + lst[1]) == "ok" for lst in list(runs.values()) + list(truns.values()))
+    print(f"stage 0 (notes/megakernel.md section 5: a loaded handoff above 1200 ns -> stop): loaded one-way handoff "
+          f"base {base:.0f} ns, best {best:.0f} ns ({best_label}); PDL boundary {pdl_us * 1e3:.0f} ns (grid "
+          f"{r.sms}) -> " + ("CHECKS FAILED: these numbers are not valid" if not valid else
+                             "below 1200 ns: stage 1 may go ahead" if best <= 1200 else "above 1200 ns: STOP"))
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
-    known = ("moe", "moe-profile", "decode", "dist", "indexer", "gemv", "fold")
+    known = ("moe", "moe-profile", "decode", "dist", "indexer", "gemv", "fold", "handoff")
     if what not in known:
         print(f"unknown benchmark {what!r} (known: {', '.join(known)})", file=sys.stderr)
         sys.exit(2)
-    needs_cute = what.startswith("moe") or what in ("indexer", "gemv", "fold")
+    needs_cute = what.startswith("moe") or what in ("indexer", "gemv", "fold", "handoff")
     if not torch.cuda.is_available() or (needs_cute and not K.HAVE_CUTE):
         print(f"bench.py {what} needs a CUDA GPU" + (" and CuTe DSL" if needs_cute else ""), file=sys.stderr)
         sys.exit(2)
@@ -1712,6 +2197,8 @@ if __name__ == "__main__":
         bench_gemv()
     elif what == "fold":
         bench_fold()
+    elif what == "handoff":
+        bench_handoff()
     elif sys.argv[2] == "write":
         write(sys.argv[3], "--small" in sys.argv)
     elif sys.argv[2] == "run":

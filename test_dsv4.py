@@ -6813,3 +6813,132 @@ def test_bench_switch_tables_name_existing_switches():
     assert len(found) >= 10                     # the tables were found at all
     missing = sorted({f"{m.__name__}.{n}" for m, n in found if not hasattr(m, n)})
     assert not missing, f"bench.py sets switches that do not exist: {missing}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bench.py handoff: the megakernel stage-0 probe (notes/megakernel.md section 5)
+
+COMPILE_HANDOFF = """
+import os, sys, kernels as K, bench as B
+K._CACHE_DIR = sys.argv[1]
+dump = os.environ["CUTE_DSL_DUMP_DIR"]
+cfgs = [("pingpong", c) for _, c in B.HANDOFF_VARIANTS] + [("ticket", {}), ("nop", dict(pdl=False)), ("nop", dict(pdl=True))]
+for i, (mode, c) in enumerate(cfgs):
+    B._compile_handoff(mode, **c)
+    for f in os.listdir(dump):                     # every config writes the same PTX file name: keep each one
+        if f.endswith(".ptx") and not f.startswith("cfg"):
+            os.rename(os.path.join(dump, f), os.path.join(dump, f"cfg{i}_{mode}_{c.get('backoff', 0)}.ptx"))
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_handoff_probe_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_path):
+    """Every config of bench.py's handoff probe (the ping-pong variants, ticket, the PDL/no-PDL tiny kernel) compiles
+    for sm_90a on a GPU-less machine, with the synchronisation it is meant to time in its PTX; where ptxas is
+    installed, no register spills."""
+    import bench
+    dump = _compile_for_sm90a(COMPILE_HANDOFF, tmp_path)
+    n_cfg = len(bench.HANDOFF_VARIANTS) + 3
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == n_cfg
+    ptxs = sorted(dump.glob("cfg*.ptx"))
+    if not ptxs:                                  # the DSL served its own cache: no PTX written
+        return
+    assert len(ptxs) == n_cfg
+    for ptx in ptxs:
+        text = ptx.read_text()
+        if "_nop_" in ptx.name:
+            assert "griddepcontrol.wait" in text and "griddepcontrol.launch_dependents" in text
+        else:
+            assert "cp.async.cg.shared.global" in text and "red.release.gpu.global.add" in text   # load CTAs, done
+            assert "ld.acquire.gpu" in text and "%globaltimer" in text
+        if "_pingpong_" in ptx.name:
+            assert "st.global.v4.b32" in text and ("nanosleep.u32 64" in text) == ("_pingpong_64" in ptx.name)
+        if "_ticket_" in ptx.name:
+            assert "atom.relaxed.gpu.global.add" in text or "atom.global.add" in text
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        assert " 0 bytes spill stores" in rep.stderr and " 0 bytes spill loads" in rep.stderr, rep.stderr[-2000:]
+
+
+@gpu
+def test_handoff_probe_runs_and_its_counters_payloads_and_checksums_check_out():
+    """bench.py handoff's probe, briefly: ping-pong (every variant) idle and under load, tickets, the tiny-kernel
+    chains: the counters reach their targets, no payload word is stale, no spin times out, the latencies are
+    positive and below 1 ms, the load CTAs' checksums equal the buffer's words times their passes."""
+    import bench
+    r = bench.HandoffRunner("cuda", buf_bytes=48 << 20)
+    for label, cfg in bench.HANDOFF_VARIANTS:
+        for load in (False, True):
+            d = r.pingpong(cfg, 200, load)
+            assert d["counters_ok"] and d["errors"] == 0 and d["timeouts"] == 0, (label, load, d)
+            assert 0 < d["ns"] < 1e6 and d["smids"][0] != d["smids"][1], (label, load, d)
+            if load:
+                assert d["checksum_ok"] and d["min_passes"] >= 1 and d["tbps"] > 0.1, (label, d)
+    for ctas in (1, 8):
+        for load in (False, True):
+            d = r.ticket(ctas, 2000, load)
+            assert d["counters_ok"] and d["timeouts"] == 0 and 0 < d["ns"] < 1e6, (ctas, load, d)
+            if load:
+                assert d["checksum_ok"] and d["min_passes"] >= 1, (ctas, d)
+    for pdl in (False, True):
+        for grid in (1, r.sms):
+            r.nop_chain(grid, pdl, chain=8)          # asserts every kernel saw the previous one's word
+
+
+def _handoff_emulated_kernel(bench, bad_checksum=False):
+    """A host stand-in for bench._compile_handoff: writes what the probe kernel writes on success (counters at their
+    targets, per-CTA spans, load warps' checksums = 3 passes x their slice's words)."""
+    def compile_(mode, fence="all", backoff=0, stride=32, pdl=False):
+        def fn(ctl, pay, buf, res, wsum, rounds, n_active, n_load, slice_bytes, warm_ns):
+            if mode == "nop":
+                ctl[:n_active] += 1
+                return
+            t0 = 10 ** 6
+            if mode == "pingpong":
+                ctl[0] += rounds
+                ctl[stride] += rounds
+                for side, sm in ((0, 3), (1, 70)):
+                    res[side] = torch.tensor([t0, t0 + 2 * rounds * 900, rounds, sm, 0, 2 * rounds, 0, 0])
+            else:
+                ctl[bench._H_TICKET] = rounds + n_active
+                for i in range(n_active):
+                    n = rounds // n_active + (i < rounds % n_active) + 1
+                    res[i] = torch.tensor([t0, t0 + n * 500, n, i, 0, 0, 0, 0])
+            nw = n_load * bench.HANDOFF_THREADS // 32
+            if nw:
+                v = (buf[:nw * slice_bytes].view(torch.int32).view(nw, -1).sum(1, dtype=torch.int64) * 3) & 0xFFFFFFFF
+                wsum[:nw, 0] = (v - (v >= 2 ** 31).long() * 2 ** 32).to(torch.int32) + int(bad_checksum)
+                wsum[:nw, 1] = 3
+                res[n_active:n_active + n_load, 0] = t0 - 20000
+                res[n_active:n_active + n_load, 1] = t0 + 10 ** 5
+        return fn
+    return compile_
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_bench_handoff_host_side_runs_end_to_end_on_an_emulated_kernel(monkeypatch, capsys, bad):
+    """bench.py handoff's host code (runner, checks, table) on the CPU against a stand-in kernel, so the first GPU run
+    does not fail in Python: it prints every table row and the stage-0 verdict, or flags a wrong load checksum."""
+    import bench
+
+    class _Graph:
+        def __init__(self, f):
+            self.replay = f
+    monkeypatch.setattr(bench, "_compile_handoff", _handoff_emulated_kernel(bench, bad))
+    monkeypatch.setattr(bench, "graph_of", lambda f: (f(), _Graph(f))[1])
+    monkeypatch.setattr(bench, "time_ms", lambda f, n: (f(), 0.1)[1])
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda dev: 4.0e12)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=20))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "emulated")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    bench.bench_handoff(reps=2, rounds=100, tickets=1000, buf_bytes=4 << 20, dev="cpu")
+    out = capsys.readouterr().out
+    for label, _ in bench.HANDOFF_VARIANTS:
+        assert re.search(re.escape(label) + r" +900 +900 +2\.00 +2\.00 +[0-9.]+  " + ("load checksum" if bad else "ok"),
+                         out), out
+    assert "grid 20 (idle)" in out and "16 CTA(s) on one counter" in out
+    assert out.rstrip().endswith("CHECKS FAILED: these numbers are not valid" if bad else
+                                 "below 1200 ns: stage 1 may go ahead"), out
