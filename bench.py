@@ -1694,7 +1694,9 @@ def bench_gemv(Ms=(1, 8), rounds=5):
 #     red.release.gpu.add (the design's producer, as Fp4MoeGemvFused.signal); fence "one" = bar.sync, one
 #     red.release.gpu.add. Side 0 also waits for side 1's last signal: its %globaltimer span / (2 rounds) = one-way
 #     handoff (signal + poll + barrier + payload round trip: what one dependency costs inside a persistent kernel).
-#     stride: the two counters' distance in words (32 = own 128-B lines, 1 = one line).
+#     stride: the two counters' distance in words (32 = own 128-B lines, 1 = one line). bulk: the consumer's thread
+#     0 fences the proxies (fence.proxy.async.global) and brings the 8-KB payload in by one cp.async.bulk into smem
+#     (mbarrier, complete_tx), every thread then reads its 16 B from smem: operands by TMA-like copies after a wait.
 #   mode "ticket": the n_active CTAs claim tickets from one counter (thread 0 atom.add.relaxed.gpu, the ticket to
 #     smem, bar.sync: how Fp4MoeGemvFused takes items) until tickets run out (>= rounds): span / claims per CTA.
 #   mode "nop": no smem, wait + launch_dependents (PDL), thread 0 of CTA b adds 1 to word b: the tiny kernel of the
@@ -1720,6 +1722,7 @@ HANDOFF_VARIANTS = (
     ("nanosleep backoff", dict(fence="all", backoff=HANDOFF_BACKOFF_NS, stride=32)),
     ("counters in one 128-B line", dict(fence="all", backoff=0, stride=1)),
     ("one fence: bar.sync + red.release", dict(fence="one", backoff=0, stride=32)),
+    ("payload by bulk copy + proxy fence", dict(fence="all", backoff=0, stride=32, bulk=True)),
 )
 _H_STARTED, _H_DONE, _H_TICKET, _H_ERRORS = 64, 96, 128, 160   # control words, own 128-B lines (counters: 0, stride)
 _H_CTL_WORDS = 256
@@ -1753,6 +1756,14 @@ if K.HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
     @dsl_user_op
+    def _bulk_g2s(smem_addr: Int32, gmem_addr: Int64, nbytes: int, mbar_addr: Int32, *, loc=None, ip=None):
+        """One bulk copy global -> this CTA's shared memory (async proxy), completing nbytes of tx on the mbarrier."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip),
+                                Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], {nbytes}, [$2];",
+                         "r,l,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
     def _st_v4(addr: Int64, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip=None):
         """16-byte plain global store."""
         _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)] + [Int32(v).ir_value(loc=loc, ip=ip)
@@ -1765,9 +1776,11 @@ if K.HAVE_CUTE:
         nanosleep between polls, 0 = tight), stride (words between the two ping-pong counters), pdl (launch
         attribute; mode nop)."""
 
-        def __init__(self, mode: str, fence: str = "all", backoff: int = 0, stride: int = 32, pdl: bool = False):
+        def __init__(self, mode: str, fence: str = "all", backoff: int = 0, stride: int = 32, pdl: bool = False,
+                     bulk: bool = False):
             assert mode in ("pingpong", "ticket", "nop") and fence in ("all", "one") and 1 <= stride < _H_STARTED
             self.mode, self.fence, self.backoff, self.stride, self.pdl = mode, fence, backoff, stride, pdl
+            self.bulk = bulk        # pingpong: the payload comes in by one bulk copy (async proxy) into smem
             self.threads = 128 if mode == "nop" else HANDOFF_THREADS
             self.warps = self.threads // 32
 
@@ -1782,6 +1795,7 @@ if K.HAVE_CUTE:
             else:
                 @cute.struct
                 class SharedStorage:
+                    mbar: cute.struct.MemRange[Int64, 1]
                     slot: cute.struct.MemRange[Int32, 4]
                     pad: cute.struct.Align[cute.struct.MemRange[Int32, HANDOFF_SMEM // 4], 128]   # one CTA per SM
             self.shared_storage = SharedStorage
@@ -1821,17 +1835,20 @@ if K.HAVE_CUTE:
                 if tidx == 0:
                     cute.arch.red(ctl + _H_STARTED, Int32(1), op="add", dtype="u32", sem="relaxed", scope="gpu")
                 if bid < n_active:
-                    self.active(mCtl, mPay, mRes, slot, tidx, bid, rounds, n_active, n_load, warm_ns)
+                    self.active(mCtl, mPay, mRes, storage, slot, tidx, bid, rounds, n_active, n_load, warm_ns)
                 else:
                     self.stream_load(mCtl, mBuf, mRes, mWarp, storage.pad.data_ptr().toint(), tidx, bid, n_active,
                                      slice_bytes, t_entry)
 
         @cute.jit
-        def active(self, mCtl, mPay, mRes, slot, tidx, bid, rounds, n_active, n_load, warm_ns):
+        def active(self, mCtl, mPay, mRes, storage, slot, tidx, bid, rounds, n_active, n_load, warm_ns):
             ctl = mCtl.iterator
             timeouts = Int32(0)
             polls = Int32(0)
             if tidx == 0:
+                if const_expr(self.bulk):
+                    cute.arch.mbarrier_init(storage.mbar.data_ptr(), 1)
+                    cute.arch.mbarrier_init_fence()
                 seen, _ = self.spin(ctl + _H_STARTED, n_active + n_load)      # (its polls are not counted)
                 if seen < n_active + n_load:
                     timeouts = timeouts + 1
@@ -1850,6 +1867,8 @@ if K.HAVE_CUTE:
                 pay = mPay.iterator.toint()
                 pay_out = pay + Int64(side * (16 * HANDOFF_THREADS) + tidx * 16)
                 pay_in = pay + Int64((1 - side) * (16 * HANDOFF_THREADS) + tidx * 16)
+                sbuf = storage.pad.data_ptr().toint()
+                n_bulk = Int32(0)
                 i = Int32(0)
                 while i < rounds:
                     target = i + side          # side 0: the other side's i-th signal; side 1: side 0's (i+1)-th
@@ -1863,7 +1882,19 @@ if K.HAVE_CUTE:
                         i = rounds                 # give up (the other side times out once, then ends too)
                     if target > 0:
                         want = ((target - 1) << 1) | (1 - side)
-                        v = K._ld_v4(pay_in, "")
+                        v = (Int32(0), Int32(0), Int32(0), Int32(0))
+                        if const_expr(self.bulk):
+                            # the acquiring thread: generic-proxy writes (made visible by the acquire) -> async proxy
+                            if tidx == 0:
+                                cute.arch.fence_proxy("async.global")
+                                cute.arch.mbarrier_arrive_and_expect_tx(storage.mbar.data_ptr(), 16 * self.threads)
+                                _bulk_g2s(sbuf, pay + Int64((1 - side) * (16 * HANDOFF_THREADS)), 16 * self.threads,
+                                          storage.mbar.data_ptr().toint())
+                            cute.arch.mbarrier_wait(storage.mbar.data_ptr(), n_bulk % 2)
+                            n_bulk = n_bulk + 1
+                            v = _ld_shared_v4(sbuf + tidx * 16)
+                        else:
+                            v = K._ld_v4(pay_in, "")
                         if v[0] != want or v[1] != tidx or v[2] != want + 1 or v[3] != want + 2:
                             errors = errors + 1
                     w = (i << 1) | side
@@ -1965,7 +1996,8 @@ if K.HAVE_CUTE:
                 mRes[bid, 3] = Int64(cute.arch.smid())
 
 
-def _compile_handoff(mode: str, fence: str = "all", backoff: int = 0, stride: int = 32, pdl: bool = False):
+def _compile_handoff(mode: str, fence: str = "all", backoff: int = 0, stride: int = 32, pdl: bool = False,
+                     bulk: bool = False):
     """Compiled HandoffProbe for one static config (kernels.py's memory + disk cache; the key holds this file's
     hash, since kernels.py's key hashes only kernels.py). Call: (ctl i32 [256], pay i32 [2 * 4 * threads], buf u8,
     res i64 [grid, 8], warp i32 [load warps, 2], rounds, n_active, n_load, slice_bytes, warm_ns)."""
@@ -1981,8 +2013,8 @@ def _compile_handoff(mode: str, fence: str = "all", backoff: int = 0, stride: in
                 mk(Int32, (cute.sym_int(), 2), stride_order=(1, 0), assumed_align=8),
                 Int32(1), Int32(1), Int32(0), Int32(8192), Int32(0),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return HandoffProbe(mode, fence, backoff, stride, pdl), args
-    return K._load_or_compile(("handoff", src, mode, fence, backoff, stride, pdl), build)
+        return HandoffProbe(mode, fence, backoff, stride, pdl, bulk), args
+    return K._load_or_compile(("handoff", src, mode, fence, backoff, stride, pdl, bulk), build)
 
 
 HANDOFF_ROUNDS = 4000          # ping-pong round trips per run (8000 one-way handoffs)

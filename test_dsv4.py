@@ -6827,7 +6827,8 @@ for i, (mode, c) in enumerate(cfgs):
     B._compile_handoff(mode, **c)
     for f in os.listdir(dump):                     # every config writes the same PTX file name: keep each one
         if f.endswith(".ptx") and not f.startswith("cfg"):
-            os.rename(os.path.join(dump, f), os.path.join(dump, f"cfg{i}_{mode}_{c.get('backoff', 0)}.ptx"))
+            os.rename(os.path.join(dump, f), os.path.join(dump, f"cfg{i}_{mode}_{c.get('backoff', 0)}"
+                                                               f"{'_bulk' if c.get('bulk') else ''}.ptx"))
 """
 
 
@@ -6853,6 +6854,8 @@ def test_handoff_probe_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_pat
             assert "ld.acquire.gpu" in text and "%globaltimer" in text
         if "_pingpong_" in ptx.name:
             assert "st.global.v4.b32" in text and ("nanosleep.u32 64" in text) == ("_pingpong_64" in ptx.name)
+            assert ("fence.proxy.async.global" in text and "cp.async.bulk.shared::cluster.global" in text) == \
+                ("_bulk" in ptx.name)
         if "_ticket_" in ptx.name:
             assert "atom.relaxed.gpu.global.add" in text or "atom.global.add" in text
     ptxas = shutil.which("ptxas")
@@ -6891,7 +6894,7 @@ def test_handoff_probe_runs_and_its_counters_payloads_and_checksums_check_out():
 def _handoff_emulated_kernel(bench, bad_checksum=False):
     """A host stand-in for bench._compile_handoff: writes what the probe kernel writes on success (counters at their
     targets, per-CTA spans, load warps' checksums = 3 passes x their slice's words)."""
-    def compile_(mode, fence="all", backoff=0, stride=32, pdl=False):
+    def compile_(mode, fence="all", backoff=0, stride=32, pdl=False, bulk=False):
         def fn(ctl, pay, buf, res, wsum, rounds, n_active, n_load, slice_bytes, warm_ns):
             if mode == "nop":
                 ctl[:n_active] += 1
