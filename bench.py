@@ -1726,7 +1726,7 @@ HANDOFF_VARIANTS = (
 )
 _H_STARTED, _H_DONE, _H_TICKET, _H_ERRORS = 64, 96, 128, 160   # control words, own 128-B lines (counters: 0, stride)
 _H_CTL_WORDS = 256
-_H_RES = 8                     # res row per CTA (int64): t0, t1, count, smid, errors, polls, timeouts, -
+_H_RES = 8                     # res row per CTA (int64): t0, t1, count, smid, -, polls, timeouts, - (errors: ctl)
 
 if K.HAVE_CUTE:
     import cutlass
