@@ -1742,12 +1742,6 @@ if K.HAVE_CUTE:
         _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
-    def _cp_async_16(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
-        """16 bytes global -> shared, asynchronous, L2 only (cp.async.cg)."""
-        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
-                         "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
     def _ld_shared_v4(smem_addr: Int32, *, loc=None, ip=None):
         """16-byte shared load -> 4 Int32."""
         res = _llvm.inline_asm(
@@ -1953,7 +1947,7 @@ if K.HAVE_CUTE:
             steps = slice_bytes // batch                   # batches per pass
             for st in cutlass.range_constexpr(S):          # prologue: batches 0 .. S-1 (steps >= S)
                 for u in cutlass.range_constexpr(U):
-                    _cp_async_16(sbase + (st * U + u) * (16 * self.threads), gbase + (st * batch + u * 512))
+                    K.cp_async_16(sbase + (st * U + u) * (16 * self.threads), gbase + (st * batch + u * 512), 16)
                 cute.arch.cp_async_commit_group()
             acc = Int32(0)
             passes = Int32(0)
@@ -1969,7 +1963,7 @@ if K.HAVE_CUTE:
                 if nxt == steps:
                     nxt = Int32(0)
                 for u in cutlass.range_constexpr(U):
-                    _cp_async_16(sbase + (st * U + u) * (16 * self.threads), gbase + (Int64(nxt) * batch + u * 512))
+                    K.cp_async_16(sbase + (st * U + u) * (16 * self.threads), gbase + (Int64(nxt) * batch + u * 512), 16)
                 cute.arch.cp_async_commit_group()
                 nxt = nxt + 1
                 k = k + 1
