@@ -6828,7 +6828,9 @@ for i, (mode, c) in enumerate(cfgs):
     for f in os.listdir(dump):                     # every config writes the same PTX file name: keep each one
         if f.endswith(".ptx") and not f.startswith("cfg"):
             os.rename(os.path.join(dump, f), os.path.join(dump, f"cfg{i}_{mode}_{c.get('backoff', 0)}"
-                                                               f"{'_bulk' if c.get('bulk') else ''}.ptx"))
+                                                               f"{'_bulk' if c.get('bulk') else ''}"
+                                                               f"{'_nopay' if c.get('payload') is False else '_ll' if c.get('payload') == 'll' else ''}"
+                                                               f"{'_nofence' if c.get('fence') == 'none' else ''}.ptx"))
 """
 
 
@@ -6853,7 +6855,11 @@ def test_handoff_probe_compiles_for_sm90a_without_a_gpu_and_never_spills(tmp_pat
             assert "cp.async.cg.shared.global" in text and "red.release.gpu.global.add" in text   # load CTAs, done
             assert "ld.acquire.gpu" in text and "%globaltimer" in text
         if "_pingpong_" in ptx.name:
-            assert "st.global.v4.b32" in text and ("nanosleep.u32 64" in text) == ("_pingpong_64" in ptx.name)
+            assert ("st.global.v4.b32" in text) != ("_nopay" in ptx.name or "_ll" in ptx.name)
+            assert ("st.relaxed.gpu.global.b64" in text and "ld.relaxed.gpu.global.b64" in text) == ("_ll" in ptx.name)
+            assert ("nanosleep.u32 64" in text) == ("_pingpong_64" in ptx.name)
+            # the signal: red.release (+ the 'done' one), or relaxed in the no-fence diagnostic (+ the 'started' one)
+            assert text.count("red.relaxed.gpu.global.add") == (2 if "_nofence" in ptx.name else 1)
             assert ("fence.proxy.async.global" in text and "cp.async.bulk.shared::cluster.global" in text) == \
                 ("_bulk" in ptx.name)
         if "_ticket_" in ptx.name:
@@ -6894,7 +6900,7 @@ def test_handoff_probe_runs_and_its_counters_payloads_and_checksums_check_out():
 def _handoff_emulated_kernel(bench, bad_checksum=False):
     """A host stand-in for bench._compile_handoff: writes what the probe kernel writes on success (counters at their
     targets, per-CTA spans, load warps' checksums = 3 passes x their slice's words)."""
-    def compile_(mode, fence="all", backoff=0, stride=32, pdl=False, bulk=False):
+    def compile_(mode, fence="all", backoff=0, stride=32, pdl=False, bulk=False, payload=True, load_stages=3):
         def fn(ctl, pay, buf, res, wsum, rounds, n_active, n_load, slice_bytes, warm_ns):
             if mode == "nop":
                 ctl[:n_active] += 1
