@@ -6,7 +6,9 @@
                                        decode GEMV vs the wgmma GEMM, and the GEMV's knobs)
                                        --ablate-mid: session 7's switches (MID_SWITCHES) old vs new at T = 4..256,
                                        medians of interleaved rounds, per replay and queued back to back;
-                                       --ablate-depth: the same for DEPTH_SWITCHES (weight loads in flight) at T 1..4
+                                       --ablate-depth / --ablate-shape: the same for DEPTH_SWITCHES (loads in flight per warp,
+                                       T 1..4) / SHAPE_SWITCHES (row tiles per CTA, T 1..256); --mxfp4: MXFP4 records;
+                                       --pro: Pro dims (D 7168, I 3072, 384 experts)
   python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
                                        clock and power; --ablate-prefill: the prefill switches next to default rows)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
@@ -414,24 +416,25 @@ def prefill_profile(inputs, ex, limit, calls=6):
             f"{name[:48]} x{cnt // calls} {t / calls:.1f}" for name, cnt, t in rows), flush=True)
 
 
-def random_packed_experts(E, D, I, device, seed):
-    """Flash-dims nvfp4 experts for timing only: random record bytes (codes, and scale bytes in a sane range) written
+def random_packed_experts(E, D, I, device, seed, fmt="nvfp4"):
+    """Flash-dims fp4 experts for timing only: random record bytes (codes, and scale bytes in a sane range) written
     straight into the kernel's layout (prepare_experts' repack of 256 experts takes seconds; values do not matter)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    rec = K.record_bytes("nvfp4")
+    rec = K.record_bytes(fmt)
+    lo, hi = (56, 88) if fmt == "nvfp4" else (125, 130)     # stored scale bytes ~2^-2 .. 2^2 (e4m3 code | e8m0)
 
     def records(m, k):
         r = torch.randint(0, 256, (E, (m // K.TILE_M) * (k // K.TILE_K), rec), generator=g, dtype=torch.uint8,
                           device=device)
-        r[..., K.CODE_BYTES:] = torch.randint(56, 88, r[..., K.CODE_BYTES:].shape, generator=g, dtype=torch.uint8,
-                                              device=device)          # stored scale bytes ~2^-2 .. 2^2
+        r[..., K.CODE_BYTES:] = torch.randint(lo, hi, r[..., K.CODE_BYTES:].shape, generator=g, dtype=torch.uint8,
+                                              device=device)
         return r.view(E, -1, rec // K.REC_ROW, K.REC_ROW)
 
-    ex = K.Experts(fmt="nvfp4", w13=torch.zeros(1, 2 * I, D // 2, dtype=torch.uint8, device=device), w13_scale=None,
+    ex = K.Experts(fmt=fmt, w13=torch.zeros(1, 2 * I, D // 2, dtype=torch.uint8, device=device), w13_scale=None,
                    w2=torch.zeros(1, D, I // 2, dtype=torch.uint8, device=device), w2_scale=None,
                    alpha_gate=torch.full((E,), 0.02, device=device), alpha_up=torch.full((E,), 0.02, device=device),
                    alpha_down=torch.full((E,), 0.02, device=device))
-    ex.packed = K.PackedExperts(fmt="nvfp4", w13=records(2 * I, D), w2=records(D, I), dim=D, inter=I,
+    ex.packed = K.PackedExperts(fmt=fmt, w13=records(2 * I, D), w2=records(D, I), dim=D, inter=I,
                                 alphas=tuple(torch.full((E,), 0.02 * K.ACC_FIX, device=device) for _ in range(3)))
     return ex
 
@@ -447,18 +450,21 @@ def bench_moe_decode():
     dst = torch.empty_like(src)
     copy_bw = 2 * n / _time_ms(lambda: dst.copy_(src), 20, False) / 1e9
     del src, dst
-    D, I, E, k, limit = 4096, 2048, 256, 6, 10.0
-    n_copies = 4                                      # 4 x 3.4 GB of fp4 records: L2 never holds them
-    fp4 = [random_packed_experts(E, D, I, "cuda", s) for s in range(n_copies)]
+    D, I, E, k, limit = (7168, 3072, 384, 6, 10.0) if "--pro" in sys.argv else (4096, 2048, 256, 6, 10.0)
+    n_copies = 4                                      # 4 x 3.4 GB (Pro: 14.3 GB) of fp4 records: L2 never holds them
+    fmt = "mxfp4" if "--mxfp4" in sys.argv else "nvfp4"
+    fp4 = [random_packed_experts(E, D, I, "cuda", s, fmt) for s in range(n_copies)]
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
-            for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth"} & set(sys.argv) else 0)]
-    bytes_per_expert = K.weight_bytes_per_expert("nvfp4", D, I)
+            for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape"} & set(sys.argv) else 0)]
+    bytes_per_expert = K.weight_bytes_per_expert(fmt, D, I)
     Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     if "--ablate-mid" in sys.argv:
         Ts = (4, 16, 64, 128, 256)
     if "--ablate-depth" in sys.argv:
         Ts = (1, 2, 4)
+    if "--ablate-shape" in sys.argv:
+        Ts = (1, 2, 3) if "--pro" in sys.argv else (1, 2, 3, 4, 16, 64, 256)
     routings = {}
     for T in Ts:                                      # one routing per T, shared by every variant below
         g = torch.Generator(device="cuda").manual_seed(T)
@@ -498,9 +504,9 @@ def bench_moe_decode():
     if "--ablate-mid" in sys.argv:
         mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit)
         return
-    if "--ablate-depth" in sys.argv:
+    if "--ablate-depth" in sys.argv or "--ablate-shape" in sys.argv:
         mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit,
-                     switches=DEPTH_SWITCHES)
+                     switches=DEPTH_SWITCHES if "--ablate-depth" in sys.argv else SHAPE_SWITCHES)
         return
     if "--ablate-fused" in sys.argv:
         fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev)
@@ -515,7 +521,8 @@ def bench_moe_decode():
         return
     main = {T: fp4_us(T) for T in Ts}
     base = {T: bf16_us(T) for T in Ts}
-    print(f"\nMoE decode, Flash dims (D {D}, I {I}, {E} experts, top-{k}, nvfp4), CUDA-graph replays, {dev}")
+    print(f"\nMoE decode, {'Pro' if D == 7168 else 'Flash'} dims (D {D}, I {I}, {E} experts, top-{k}, {fmt}), "
+          f"CUDA-graph replays, {dev}")
     print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} {'floor us':>8}")
     for T in Ts:
         hit = routings[T][3]
@@ -597,6 +604,26 @@ DEPTH_SWITCHES = [  # bench.py moe --decode-only --ablate-depth: k-tiles of weig
     ("3 k-tiles in flight per warp (MOE_GEMV_STAGES 3)", dict(MOE_GEMV_STAGES=3), (1, 2, 4)),
     ("2 k-tiles in flight per warp (MOE_GEMV_STAGES 2)", dict(MOE_GEMV_STAGES=2), (1, 2, 4)),
 ]
+SHAPE_SWITCHES = [  # bench.py moe --decode-only --ablate-shape: the same warps and loads in flight per SM as 3 CTAs of
+    # 8 warps (two 128-row tiles per CTA, MT 2) instead of 6 CTAs of 4 (MT 1); the K split S as the default's (same
+    # bits). Fewer CTAs: fewer CTA starts (ticket, ids, token rows: round trips under load), and the fused launch's
+    # clusters are half as many (at 6 CTAs/SM only 186 of T=1's 192 GEMM1 clusters are placed at once)
+    ("two row tiles per CTA, S 4 (MOE_GEMV_FORCE (4, 2))", dict(MOE_GEMV_FORCE=((4, 2), (4, 2))), (1,)),
+    ("one row tile per CTA at S 2, the rule before session 12 (MOE_GEMV_FUSED_MT2_MAX_S 0)",
+     dict(MOE_GEMV_FUSED_MT2_MAX_S=0), (1, 2)),      # Flash T=1 (S 4): an A/A row; Pro T=1 has S 2
+    ("fused T 3 with the two launches' K split 1, the rule before (MOE_GEMV_FUSED_MIN_S 1)",
+     dict(MOE_GEMV_FUSED_MIN_S=1), (3,)),
+    ("GEMM2 with two row tiles per CTA (MOE_GEMV_FORCE (1, 2) both)", dict(MOE_GEMV_FORCE=((1, 2), (1, 2))),
+     (4, 16, 64, 256)),
+    ("T 3 by the two direct launches, the rule before session 12 (MOE_GEMV_FUSED_MAX_ROWS 12)",
+     dict(MOE_GEMV_FUSED_MAX_ROWS=12), (3,)),
+    ("the fused launch at T 4 too (S 1, MT 2; MOE_GEMV_FUSED_MAX_ROWS 24)", dict(MOE_GEMV_FUSED_MAX_ROWS=24), (4,)),
+    # a K split past one wave (other bits: a different summation order, still fixed): T = 3's S 1 fills 0.73 of one
+    ("K split 2, one row tile per CTA (MOE_GEMV_FORCE (2, 1): 1.45 waves; other bits)",
+     dict(MOE_GEMV_FORCE=((2, 1), (2, 1))), (3, 4)),
+    ("K split 2, two row tiles per CTA (MOE_GEMV_FORCE (2, 2): 1.45 waves; other bits)",
+     dict(MOE_GEMV_FORCE=((2, 2), (2, 2))), (3, 4)),
+]
 
 
 def mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit, rounds=7,
@@ -629,7 +656,7 @@ def mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, 
         b.synchronize()
         return a.elapsed_time(b) / (4 if queued else 1) / len(fp4) * 1e3
 
-    print(f"\nMoE decode, Flash dims nvfp4, {dev}, copy {copy_bw:.2f} TB/s: switches, old = off (or the default value) "
+    print(f"\nMoE decode, D {fp4[0].packed.dim} I {fp4[0].packed.inter} {fp4[0].fmt}, {dev}, copy {copy_bw:.2f} TB/s: switches, old = off (or the default value) "
           f"/ new = the row's setting, "
           f"CUDA-graph replays over {len(fp4)} weight copies, median of {rounds} interleaved rounds (10 replays per "
           f"round; queued: 4 replays back to back between the events), us per call")

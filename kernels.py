@@ -12,7 +12,7 @@ disk cache, `_load_or_compile`) and called through a thin torch-facing function.
     FP8 GEMV                    Fp8Gemv: FP8 linears at M = 1..16 with the 128x128 block scales in the kernel, on
                                 packed weights; fp8_gemv(), bf16_gemv_fp32(), fp8_gemv_grouped() (wo_a, W8A16)
     FP4 MoE GEMV                Fp4MoeGemv (mma.sync, weights streamed to registers, T <= 256), Fp4MoeGemvPair
-                                (T >= 128), Fp4MoeGemvFused (both GEMMs in one launch, T <= 2); picked by moe_fp4()
+                                (T >= 128), Fp4MoeGemvFused (both GEMMs in one launch, T <= 3); picked by moe_fp4()
     mHC                         HcSiteCluster (one launch per decode site: hc_post + hc_pre + RMSNorm), HcMix /
                                 HcFinalize / HcPost (M > 8, hc_head); hc_post_pre_fused(), hc_pre/post/head_fused()
     Attention glue              RmsNorm, QNormRope, KvNormRopeQuant, IndexQuery, RopeInplace; *_fused()
@@ -3402,10 +3402,17 @@ MOE_GEMV_DIRECT_MAX_ROWS = 32  # routed slot without a routing kernel (direct_k:
 
 
 MOE_GEMV_FUSED = True        # R <= MOE_GEMV_FUSED_MAX_ROWS: GEMM1 + GEMM2 in one launch (Fp4MoeGemvFused) ...
-MOE_GEMV_FUSED_MAX_ROWS = 12  # ... (H200 R2, Flash, same run: T=1 38.5 vs 41.8 us, T=2 60.3 vs 60.5, T=4 114.9 vs
-                              # 103.7: slower there, cause open; by-slot items also need R <= GATHER_MAX_ROWS).
+MOE_GEMV_FUSED_MAX_ROWS = 18  # ... (T <= 3 at top-6; H200 session 12, same bits, vs the direct two launches: T=3
+                              # 92.9 -> 86.6 / 93.4 -> 86.9 us nvfp4, 88.0 -> 79.1 mxfp4; T=4 8-11% slower, as in
+                              # session 4; by-slot items also need R <= GATHER_MAX_ROWS).
                               # No routing kernel before it: it reads topk_ids / weights / x itself, rows by slot
                               # (session 5: T=1 39.25 -> 34.26 us; the routed variant was removed in session 11)
+MOE_GEMV_FUSED_MT2_MAX_S = 2   # fused launch: two 128-row tiles per CTA (3 CTAs of 8 warps per SM) where its K split
+                               # S <= this (same bits; H200 session 12, two runs: T=2 (S 2) 58.8 -> 55.2 and 57.6 ->
+                               # 53.9 us; T=1 (S 4) 10% slower, so the rule stops at 2)
+MOE_GEMV_FUSED_MIN_S = 2       # fused launch: split K at least this many ways, past the two-launch rule's one wave
+                               # (T = 3: S 1 -> 2, 288 -> 576 CTAs of 8 warps = 1.45 waves; H200 session 12: 87.1 ->
+                               # 75.6 us; T = 2 already has S 2, T = 1 S 4)
 _FUSED_COUNTERS: dict = {}
 
 
@@ -3413,16 +3420,24 @@ def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int
     """_compile_moe_gemv_fused arguments for R routed rows, or None where the fused launch does not apply: the
     two-launch configs' K split S must agree (one cluster shape; same split = same bits); MT (changes no bit) is
     GEMM1's where GEMM2's K slices hold whole GEMM1 items and the token smem of both fits (H200 R1, T=4: MT 1 where
-    GEMM1 wants 2 halves its resident CTAs: 114.8 vs 103.6 us two-launch), else GEMM2's. Without USE_PDL
-    (profiling) a plain launch."""
+    GEMM1 wants 2 halves its resident CTAs: 114.8 vs 103.6 us two-launch), else GEMM2's; but 2 first where S <=
+    MOE_GEMV_FUSED_MT2_MAX_S and no MOE_GEMV_FORCE is set. Without a forced (S, MT), K is split at least
+    MOE_GEMV_FUSED_MIN_S ways where that divides both GEMMs' k-tiles (T = 3: other bits than the two launches' S 1,
+    still one fixed order). Without USE_PDL (profiling) a plain launch."""
     if not (MOE_GEMV_FUSED and R <= MOE_GEMV_FUSED_MAX_ROWS and R <= GATHER_MAX_ROWS):
         return None
     g1, g2 = moe_gemv_configs(fmt, R, E, D, inter, sms, True)
     s = g1[4]
     if g2[4] != s or s > 4:   # S 8 (8-CTA clusters): never run on a GPU in this launch yet
         return None
+    s2 = max(s, MOE_GEMV_FUSED_MIN_S)
+    if MOE_GEMV_FORCE == (None, None) and (D // TILE_K) % s2 == 0 and (inter // TILE_K) % s2 == 0:
+        s = s2
     smem = max(_moe_gemv_smem_bytes(D // TILE_K // s), _moe_gemv_smem_bytes(inter // TILE_K // s))
-    for mt in dict.fromkeys((g1[9], g2[9])):
+    order = (g1[9], g2[9])
+    if s <= MOE_GEMV_FUSED_MT2_MAX_S and MOE_GEMV_FORCE == (None, None):
+        order = (2,) + order
+    for mt in dict.fromkeys(order):
         per_sm = MOE_GEMV_WARPS_PER_SM // (4 * mt)
         if (inter // TILE_K // s) % mt == 0 and (D // TILE_M) % mt == 0 and per_sm * (smem + 1024) <= 228 * 1024:
             return (fmt, D, inter, s, MOE_GEMV_STAGES, per_sm, mt, USE_PDL)
