@@ -3418,7 +3418,8 @@ _FUSED_COUNTERS: dict = {}
 
 def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int):
     """_compile_moe_gemv_fused arguments for R routed rows, or None where the fused launch does not apply: the
-    two-launch configs' K split S must agree (one cluster shape; same split = same bits); MT (changes no bit) is
+    two-launch configs' K split S must agree (one cluster shape; where they differ, e.g. Pro T 2, 3, both at the
+    larger split measured level with the two launches, H200 session 12); MT (changes no bit) is
     GEMM1's where GEMM2's K slices hold whole GEMM1 items and the token smem of both fits (H200 R1, T=4: MT 1 where
     GEMM1 wants 2 halves its resident CTAs: 114.8 vs 103.6 us two-launch), else GEMM2's; but 2 first where S <=
     MOE_GEMV_FUSED_MT2_MAX_S and no MOE_GEMV_FORCE is set. Without a forced (S, MT), K is split at least

@@ -5193,6 +5193,8 @@ def test_moe_gemv_fused_config_only_where_both_gemms_split_k_alike(monkeypatch):
         assert cfg[5] == K.MOE_GEMV_WARPS_PER_SM // (4 * cfg[6])
     assert [K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, 132)[3:7:3] for T in (1, 2, 3)] == \
         [(4, 1), (2, 2), (2, 2)]
+    g1, g2 = K.moe_gemv_configs("nvfp4", 12, 384, 7168, 3072, 132, True)                  # Pro T=2: S 2 and 1
+    assert g1[4] != g2[4] and K.moe_gemv_fused_config("nvfp4", 12, 384, 7168, 3072, 132) is None
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MIN_S", 1)                                      # T=3: the two launches' S
     assert K.moe_gemv_fused_config("nvfp4", 18, 256, 4096, 2048, 132)[3:7:3] == (1, 2)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MIN_S", 2)
