@@ -3431,13 +3431,12 @@ def moe_gemv_fused_config(fmt: str, R: int, E: int, D: int, inter: int, sms: int
     s = g1[4]
     if g2[4] != s or s > 4:   # S 8 (8-CTA clusters): never run on a GPU in this launch yet
         return None
+    by_rule = MOE_GEMV_FORCE == (None, None)        # a forced (S, MT) is taken as it is
     s2 = max(s, MOE_GEMV_FUSED_MIN_S)
-    if MOE_GEMV_FORCE == (None, None) and (D // TILE_K) % s2 == 0 and (inter // TILE_K) % s2 == 0:
+    if by_rule and (D // TILE_K) % s2 == 0 and (inter // TILE_K) % s2 == 0:
         s = s2
     smem = max(_moe_gemv_smem_bytes(D // TILE_K // s), _moe_gemv_smem_bytes(inter // TILE_K // s))
-    order = (g1[9], g2[9])
-    if s <= MOE_GEMV_FUSED_MT2_MAX_S and MOE_GEMV_FORCE == (None, None):
-        order = (2,) + order
+    order = ((2,) if by_rule and s <= MOE_GEMV_FUSED_MT2_MAX_S else ()) + (g1[9], g2[9])
     for mt in dict.fromkeys(order):
         per_sm = MOE_GEMV_WARPS_PER_SM // (4 * mt)
         if (inter // TILE_K // s) % mt == 0 and (D // TILE_M) % mt == 0 and per_sm * (smem + 1024) <= 228 * 1024:
