@@ -2598,6 +2598,7 @@ if HAVE_CUTE:
             # reading act, then counts itself as one of wait_readers readers (the last one wraps the counter to 0)
             self.signal_kpc, self.wait_target, self.wait_readers = 0, 0, 0
             self.in_fused = False          # Fp4MoeGemvFused's roles (item from ticket smem)
+            self.stamps = False            # probe (Fp4MoeGemvFused stamps): %globaltimer per CTA into mNext (Int32)
             # fused, no routing kernel (direct_k = top-k > 0; by_slot, <= 32 routed slots): the item of slot s reads
             # topk_ids itself (after griddepcontrol.wait: the router is the kernel right before); its rows are the
             # slots of its expert in slot order (rank o .. o+7 of them, from one ballot mask), row n = slot s_n:
@@ -2711,6 +2712,7 @@ if HAVE_CUTE:
                             sSlot[16 + tidx] = slot
                             sSlot[24 + tidx] = slot // self.direct_k if const_expr(self.swiglu) else slot
                 cute.arch.sync_threads()           # the slots are in smem (mask / rank die before the weight loads)
+                self.stamp(mNext, tidx, 4)
             elif const_expr(self.by_slot):
                 # rank = earlier slots of this expert: lane j of every warp looks at slot base + j (one round trip
                 # for up to 32 slots; no serial chain of dependent loads)
@@ -2762,7 +2764,9 @@ if HAVE_CUTE:
                             sRows = storage.ticket.get_tensor(cute.make_layout(16))
                             sRows[3] = row0
                             sRows[4] = nrows
+                    self.stamp(mNext, tidx, 5)
                     self.wait_ready(mCnt, tidx, bid_k, bid_t)
+                    self.stamp(mNext, tidx, 6)
                 if const_expr(self.pdl and not self.wait_first and self.wait_target == 0):
                     # weights are constant; x_sorted / act and what we write belong to the previous kernels. (A branch
                     # ptxas can't fold keeps the weight loads above the wait in the schedule.)
@@ -2801,6 +2805,7 @@ if HAVE_CUTE:
                     _cp_async_commit()
                     _cp_async_wait(0)
                 cute.arch.sync_threads()
+                self.stamp(mNext, tidx, 7)
 
                 # ---- main loop: per k-tile, B fragments of token min(g, rows-1), then per atom decode + 4 mma
                 brow = cutlass.min(g, nrows - 1)
@@ -2814,6 +2819,7 @@ if HAVE_CUTE:
                         self.load_k_tile(wc, ws, code_addr, scale_off, i0 + s + self.D, s)
                 for s in cutlass.range_constexpr(self.D):              # the last D k-tiles: nothing more to load
                     self.mma_k_tile(acc, bq, wc, ws, sXv, t, brow, kpc - self.D + s, s)
+                self.stamp(mNext, tidx, 8)
 
                 if const_expr(self.in_fused and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: the item's row tiles and slot come back from smem (no registers held over the loop)
@@ -2842,6 +2848,7 @@ if HAVE_CUTE:
                             red[wid // 4, a, 16 * warp + g + 8 * (c // 2), 2 * t + c % 2] = acc[a, c]
                     cute.arch.cluster_arrive()
                     cute.arch.cluster_wait()
+                    self.stamp(mNext, tidx, 9)
                     red_base = storage.xs.data_ptr().toint()
                     pairs = 64 * MOE_GEMV_TILE_N                           # (row, token) pairs per 128-row tile
                     share = -(-(self.MT * pairs) // self.S)
@@ -2861,13 +2868,23 @@ if HAVE_CUTE:
                             self.store(mOut, mAlpha0, mAlpha1, mRowW, limit, expert,
                                        self.out_row(storage, row0, n), 0, bid_m * self.MT + mt, r, s0, s1)
                     self.signal(mCnt, tidx, bid_k, bid_m, bid_t)
+                    self.stamp(mNext, tidx, 10)
                     cute.arch.cluster_arrive()                       # peers keep their smem until it is read
                     cute.arch.cluster_wait()
+                    self.stamp(mNext, tidx, 11)
             else:
                 if const_expr(self.S > 1 and self.in_fused and (self.signal_kpc > 0 or self.wait_target > 0)):
                     # fused: an idle item's cluster still meets once (rank 0 holds the ticket its peers read)
                     cute.arch.cluster_arrive()
                     cute.arch.cluster_wait()
+
+        @cute.jit
+        def stamp(self, mSt: cute.Tensor, tidx, i: int):
+            """Probe: thread 0 writes the low 32 bits of %globaltimer into slot i of this CTA's 16-word row."""
+            if const_expr(self.stamps):
+                if tidx == 0:
+                    bx, by, _ = cute.arch.block_idx()
+                    mSt[(by * self.S + bx) * 16 + i] = Int32(cute.arch.globaltimer() & Int64(0xFFFFFFFF))
 
         def out_row(self, storage, row0, n):
             """Output / routing-weight row of the item's row n: row0 + n (sorted rows), or slot s_n (direct_k)."""
@@ -3228,7 +3245,7 @@ if HAVE_CUTE:
         launches (bit-identical)."""
 
         def __init__(self, fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int, m_per_cta: int,
-                     pdl: bool, top_k: int):
+                     pdl: bool, top_k: int, stamps: bool = False):
             self.pdl = pdl                 # False (profiling): a plain launch; the griddepcontrol ops are then no-ops
             # no routing kernel before (Fp4MoeGemv.direct_k = top_k): x, act, y_rows, weights by routed slot
             assert top_k > 0
@@ -3237,6 +3254,8 @@ if HAVE_CUTE:
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, k_splits, stages, True, True, min_ctas, m_per_cta, True)
             self.g1.direct_k = self.g2.direct_k = top_k
             self.g1.in_fused = self.g2.in_fused = True
+            self.g1.stamps = self.g2.stamps = stamps
+            self.stamps = stamps
             self.S, self.MT, self.min_ctas = k_splits, m_per_cta, min_ctas
             self.m1 = self.g1.m_tiles // m_per_cta                 # GEMM1 items per slot
             self.m2 = self.g2.m_tiles // m_per_cta                 # GEMM2 items per slot
@@ -3279,6 +3298,7 @@ if HAVE_CUTE:
             n_slots = cute.size(mIds, mode=[0])
             n_items = (self.m1 + self.m2) * n_slots
             sT = storage.ticket.get_tensor(cute.make_layout(16))
+            self.g1.stamp(mSrc, tidx, 0)
             if bid_k == 0 and tidx == 0:
                 sT[0] = _atom_inc_gpu(mCnt.iterator.toint(), n_items - 1)
             item = Int32(0)
@@ -3290,6 +3310,12 @@ if HAVE_CUTE:
                 cute.arch.sync_threads()
                 item = sT[0]
             n1 = self.m1 * n_slots
+            if const_expr(self.stamps):
+                self.g1.stamp(mSrc, tidx, 1)
+                if tidx == 0:
+                    bx, by, _ = cute.arch.block_idx()
+                    mSrc[(by * self.S + bx) * 16 + 2] = item
+                    mSrc[(by * self.S + bx) * 16 + 3] = Int32(cute.arch.smid())
             rest = item
             per_slot = Int32(self.m1)
             if item >= n1:
@@ -3302,24 +3328,25 @@ if HAVE_CUTE:
                 sT[2] = item_t
                 sT[4] = 0                   # (GEMM2 rows of the removed folded combine; kept: same PTX)
             if item >= n1:
-                self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos, mW2, mCnt,
-                             tidx, bid_k, item_m, item_t)
+                self.g2.tile(storage, mW2, mAct, mY, mTiles, mAlphaD, mAlphaD, mRowW, limit, mIds, mPos,
+                             mSrc if const_expr(self.stamps) else mW2, mCnt, tidx, bid_k, item_m, item_t)
             else:
-                self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos, mW2, mCnt,
-                             tidx, bid_k, item_m, item_t)
+                self.g1.tile(storage, mW1, mX, mAct, mTiles, mAlphaG, mAlphaU, mRowW, limit, mIds, mPos,
+                             mSrc if const_expr(self.stamps) else mW2, mCnt, tidx, bid_k, item_m, item_t)
 
 
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
-                            m_per_cta: int, pdl: bool, top_k: int):
+                            m_per_cta: int, pdl: bool, top_k: int, stamps: bool = False):
     """Compiled Fp4MoeGemvFused (TVM-FFI entry, no routing kernel before it): w13 and w2 records permuted as for
     _compile_moe_gemv, x [T, D], act [T*k, I] and y_rows [T*k, D] by routed slot, tiles, alpha_gate, alpha_up,
     alpha_down, the flat topk weights, limit, topk_ids (flat), pos, counters, src, out. tiles / pos / src / out are
     read by nothing (the routed variant, the router's ready flag and the folded combine were removed in session 11;
     the launch signature stays so the default kernels' PTX is unchanged)."""
-    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k)
+    config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k) + \
+        (("stamps",) if stamps else ())
 
     def build():
-        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k)
+        op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k, stamps)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
         rec = record_bytes(fmt)
         rec_rows = rec // REC_ROW
