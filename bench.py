@@ -12,6 +12,7 @@
   python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
                                        clock and power; --ablate-prefill: the prefill switches next to default rows)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
+  python bench.py moe-stamps [T]       per-CTA phase timeline of the fused decode MoE (T <= 3; %globaltimer stamps)
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py gemv                 the batch-1 decode GEMVs under the s5 vs s4 config rules (same run), vs copy
   python bench.py fold                 session 7's folds as chains of the kernels they touch, folded vs not (same run)
@@ -1724,6 +1725,96 @@ def bench_gemv(Ms=(1, 8), rounds=5):
 
 
 # ======================================================================================================================
+# Per-CTA timeline of the fused decode MoE (session 13): Fp4MoeGemvFused(stamps=True) writes the low 32 bits of
+# %globaltimer at each CTA's phase borders into the launch's unused `src` argument (16 words per CTA; words 2 / 3 = its
+# ticket / SM id). Same bits as the default kernel (the stamps are compile-time; the default kernel's PTX has none).
+STAMP_PHASES = {0: "entry", 1: "ticket", 4: "ids", 5: "act wait begin", 6: "act ready", 7: "tokens in smem",
+                8: "main loop end", 9: "K partials met", 10: "stores + signal", 11: "exit"}
+
+
+def fused_moe_stamps(x, ids, w, experts, limit, stamps):
+    """One fused-launch MoE call (kernels.moe_fp4 with the fused path) whose kernel writes its per-CTA stamps into
+    `stamps` (int32, >= 16 per CTA); returns y (the same bits as the default kernel)."""
+    real = K._compile_moe_gemv_fused
+
+    def with_stamps(*a, **kw):
+        op = real(*a, stamps=True, **kw)
+        return lambda *args: op(*args[:14], stamps, *args[15:])
+    K._compile_moe_gemv_fused = with_stamps
+    try:
+        return K.moe_fp4(x, ids, w, experts, limit)
+    finally:
+        K._compile_moe_gemv_fused = real
+
+
+def bench_moe_stamps():
+    """`python bench.py moe-stamps [T]`: phase percentiles of the fused decode MoE's CTAs (Flash dims, nvfp4, T <= 3),
+    10 plain launches, each after calls on other weight copies; then per SM: is a GEMM1 CTA's main-loop time a
+    property of its SM (split-half correlation of per-SM means) or spread among co-resident CTAs."""
+    import collections
+    T = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    D, I, E, k, fmt, limit = 4096, 2048, 256, 6, "nvfp4", 10.0
+    copies = [random_packed_experts(E, D, I, "cuda", s, fmt) for s in range(4)]
+    g = torch.Generator(device="cuda").manual_seed(T)
+    ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
+    w = torch.rand(T, k, device="cuda", generator=g)
+    w = w / w.sum(1, keepdim=True)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    cfg = K.moe_gemv_fused_config(fmt, T * k, E, D, I, torch.cuda.get_device_properties(0).multi_processor_count)
+    if cfg is None:
+        print(f"T={T}: not a fused-launch size", file=sys.stderr)
+        sys.exit(2)
+    S, MT = cfg[3], cfg[6]
+    n1 = 2 * I // 128 // MT * T * k                       # GEMM1 tickets
+    ncta = (2 * I // 128 + D // 128) // MT * T * k * S
+    st = torch.zeros(16 * ncta, dtype=torch.int32, device="cuda")
+    same = torch.equal(fused_moe_stamps(x, ids, w, copies[0], limit, st), K.moe_fp4(x, ids, w, copies[0], limit))
+    runs = []
+    for r in range(12):
+        for _ in range(3):
+            K.moe_fp4(x, ids, w, copies[(r + 1) % 4], limit)          # other weights through L2
+        st.zero_()
+        torch.cuda.synchronize()
+        fused_moe_stamps(x, ids, w, copies[r % 4], limit, st)
+        torch.cuda.synchronize()
+        if r >= 2:
+            runs.append(st.view(ncta, 16).to(torch.int64).cpu())
+
+    def rel(a, col):                                       # us after the launch's first CTA entry (32-bit wrap)
+        return ((a[:, col] - a[:, 0].min()) % (1 << 32)).double() / 1e3
+
+    def pct(v):
+        v = sorted(v.tolist())
+        return [v[min(len(v) - 1, int(p / 100 * len(v)))] for p in (0, 10, 50, 90, 100)]
+    print(f"{torch.cuda.get_device_name()}: fused decode MoE, T={T} (Flash dims, nvfp4), K split {S}, {MT} row "
+          f"tile(s) per CTA, {ncta} CTAs ({n1 * S} GEMM1); bits with stamps vs default: {'same' if same else 'DIFF'}")
+    print(f"{len(runs)} plain launches; us after the first CTA's entry, median over launches of each percentile")
+    for label, sel in (("GEMM1", lambda a: a[:, 2] < n1), ("GEMM2", lambda a: a[:, 2] >= n1)):
+        print(f"{label:>5} {'phase':>16} " + " ".join(f"{'p' + str(p):>6}" for p in (0, 10, 50, 90, 100)))
+        for col, name in STAMP_PHASES.items():
+            if label == "GEMM1" and col in (5, 6):
+                continue
+            rows = [pct(rel(a, col)[sel(a)]) for a in runs]
+            print(f"{'':>5} {name:>16} " + " ".join(f"{statistics.median(r[i] for r in rows):6.1f}" for i in range(5)))
+    print("span (last exit), us: " + " ".join(f"{rel(a, 11).max().item():.1f}" for a in runs))
+    per_run = []                                           # per SM: mean main-loop time of its first-wave GEMM1 CTAs
+    spread = []
+    for a in runs:
+        dur, by_sm = rel(a, 8) - rel(a, 0), collections.defaultdict(list)
+        for c in torch.nonzero((a[:, 2] < n1) & (rel(a, 0) < 1.0)).flatten().tolist():
+            by_sm[int(a[c, 3])].append(dur[c].item())
+        per_run.append({sm: statistics.mean(v) for sm, v in by_sm.items()})
+        spread += [max(v) - min(v) for v in by_sm.values() if len(v) > 1]
+    sms = sorted(set.intersection(*[set(r) for r in per_run]))
+    if len(sms) > 2 and len(per_run) > 1:
+        ha = [statistics.mean(r[sm] for r in per_run[0::2]) for sm in sms]
+        hb = [statistics.mean(r[sm] for r in per_run[1::2]) for sm in sms]
+        allm = [statistics.mean(r[sm] for r in per_run) for sm in sms]
+        print(f"GEMM1 first wave on {len(sms)} SMs: per-SM mean main-loop time {min(allm):.2f}..{max(allm):.2f} us, "
+              f"split-half correlation {statistics.correlation(ha, hb):.2f}; co-resident CTAs of one SM end "
+              f"{statistics.median(spread):.2f} us apart (median of max - min)")
+
+
 # Stage-0 handoff probe (notes/megakernel.md section 5): an in-kernel handoff through a global counter vs a PDL boundary
 # ======================================================================================================================
 # One launch, grid = n_active "active" CTAs + n_load "load" CTAs, one CTA per SM (HANDOFF_SMEM of shared memory each;
@@ -2328,7 +2419,7 @@ def bench_handoff(reps: int = 3, rounds: int = HANDOFF_ROUNDS, tickets: int = HA
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
-    known = ("moe", "moe-profile", "decode", "dist", "indexer", "gemv", "fold", "handoff")
+    known = ("moe", "moe-profile", "moe-stamps", "decode", "dist", "indexer", "gemv", "fold", "handoff")
     if what not in known:
         print(f"unknown benchmark {what!r} (known: {', '.join(known)})", file=sys.stderr)
         sys.exit(2)
@@ -2346,6 +2437,8 @@ if __name__ == "__main__":
         bench_moe()
     elif what == "moe-profile":
         profile_moe()
+    elif what == "moe-stamps":
+        bench_moe_stamps()
     elif what == "decode":
         decode_args = parse_args(sys.argv[2:])
         if decode_args.precompile or decode_args.record_compiles:

@@ -5296,6 +5296,52 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     _fused_repeats_and_replays_keep_the_bits(T=4, seeds=(7, 8), monkeypatch=monkeypatch)
 
 
+COMPILE_MOE_FUSED_STAMPS = """
+import glob, os, sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+dump = os.environ["CUTE_DSL_DUMP_DIR"]
+cfg = K.moe_gemv_fused_config("nvfp4", 6, 256, 4096, 2048, 132)
+for stamps in (False, True):
+    K._compile_moe_gemv_fused(*cfg, top_k=6, stamps=stamps)
+    for ptx in glob.glob(os.path.join(dump, "*Fp4MoeGemvFused*.ptx")):
+        os.replace(ptx, os.path.join(dump, f"stamps_{stamps}.ptx"))
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_moe_fused_stamps_probe_is_compiled_in_only_when_asked(tmp_path):
+    """bench.py moe-stamps' kernel (Fp4MoeGemvFused stamps=True) compiles for sm_90a and reads %globaltimer; the
+    default kernel (the same config) has no timer read."""
+    dump = _compile_for_sm90a(COMPILE_MOE_FUSED_STAMPS, tmp_path)
+    default, stamped = ((dump / f"stamps_{v}.ptx").read_text() for v in (False, True))
+    assert "globaltimer" in stamped and "globaltimer" not in default
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 2])
+def test_moe_fused_stamps_keep_the_bits_and_record_each_ticket_once(T):
+    """The stamped fused launch (bench.py moe-stamps) gives the default kernel's bits; every ticket 0..n-1 is taken
+    by exactly one cluster (each of its S CTAs records it); each CTA's phase stamps are in order."""
+    import bench
+    ex = _flash("nvfp4")
+    x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(T, 6, 256, "random", seed=100 + T)
+    cfg = K.moe_gemv_fused_config("nvfp4", 6 * T, 256, 4096, 2048, torch.cuda.get_device_properties(0).multi_processor_count)
+    S, MT = cfg[3], cfg[6]
+    n_items = (2 * 2048 // 128 + 4096 // 128) // MT * 6 * T
+    st = torch.zeros(16 * n_items * S, dtype=torch.int32, device="cuda")
+    y = bench.fused_moe_stamps(x, ids, w, ex, 7.0, st)
+    assert torch.equal(y, K.moe_fp4(x, ids, w, ex, 7.0))
+    a = st.view(-1, 16).to(torch.int64).cpu()
+    assert sorted(a[:, 2].tolist()) == sorted(list(range(n_items)) * S)
+    t = (a - a[:, :1]) % (1 << 32)                                    # ns after the CTA's entry
+    for cols in ((1, 4, 7, 8, 9, 10, 11), (5, 6)):
+        sel = a[:, 5] != 0 if cols == (5, 6) else slice(None)        # act wait: GEMM2 CTAs only
+        seq = t[sel][:, list(cols)]
+        assert (seq[:, 1:] >= seq[:, :-1]).all(), f"phase stamps out of order: {cols}"
+    assert (t[:, 11] < 10**6).all()                                  # every CTA ends within 1 ms of its entry
+
+
 def _fused_repeats_and_replays_keep_the_bits(T, seeds, monkeypatch=None):
     """Small-dims nvfp4 MoE at T tokens (random routing, seeds[0]): 20 back-to-back calls give the first call's bits
     (with monkeypatch: so does a plain launch without PDL), so do 5 replays of a graph of 3 calls; after new inputs
