@@ -602,7 +602,9 @@ MID_SWITCHES = [    # bench.py moe --decode-only --ablate-mid: (title, knobs of 
 
 DEPTH_SWITCHES = [  # bench.py moe --decode-only --ablate-depth: k-tiles of weight loads in flight per warp (session 12:
     # under a saturated stream every memory round trip waits behind the queued bytes, bench.py handoff)
-    ("3 k-tiles in flight per warp (MOE_GEMV_STAGES 3)", dict(MOE_GEMV_STAGES=3), (1, 2, 4)),
+    # (a ring depth must divide the CTA's k-tiles: at Flash dims 3 compiles to a 2-deep ring, session 13)
+    ("MOE_GEMV_STAGES 3 (a 2-deep ring where 3 does not divide the slice's k-tiles)", dict(MOE_GEMV_STAGES=3),
+     (1, 2, 4)),
     ("2 k-tiles in flight per warp (MOE_GEMV_STAGES 2)", dict(MOE_GEMV_STAGES=2), (1, 2, 4)),
 ]
 SHAPE_SWITCHES = [  # bench.py moe --decode-only --ablate-shape: the same warps and loads in flight per SM as 3 CTAs of
