@@ -417,6 +417,15 @@ def prefill_profile(inputs, ex, limit, calls=6):
             f"{name[:48]} x{cnt // calls} {t / calls:.1f}" for name, cnt, t in rows), flush=True)
 
 
+def random_routing(T, D, E, k):
+    """(x [T, D] bf16, topk_ids [T, k] int32: k distinct random experts per token, weights [T, k] summing to 1),
+    seeded by T, on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
+    w = torch.rand(T, k, device="cuda", generator=g)
+    return torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g), ids, w / w.sum(1, keepdim=True)
+
+
 def random_packed_experts(E, D, I, device, seed, fmt="nvfp4"):
     """Flash-dims fp4 experts for timing only: random record bytes (codes, and scale bytes in a sane range) written
     straight into the kernel's layout (prepare_experts' repack of 256 experts takes seconds; values do not matter)."""
@@ -468,11 +477,8 @@ def bench_moe_decode():
         Ts = (1, 2, 3) if "--pro" in sys.argv else (1, 2, 3, 4, 16, 64, 256)
     routings = {}
     for T in Ts:                                      # one routing per T, shared by every variant below
-        g = torch.Generator(device="cuda").manual_seed(T)
-        ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
-        w = torch.rand(T, k, device="cuda", generator=g)
-        routings[T] = (torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g), ids,
-                       w / w.sum(1, keepdim=True), torch.unique(ids).numel())
+        x, ids, w = random_routing(T, D, E, k)
+        routings[T] = (x, ids, w, torch.unique(ids).numel())
 
     def fp4_us(T):
         x, ids, w, _ = routings[T]
@@ -1757,11 +1763,7 @@ def bench_moe_stamps():
     T = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     D, I, E, k, fmt, limit = 4096, 2048, 256, 6, "nvfp4", 10.0
     copies = [random_packed_experts(E, D, I, "cuda", s, fmt) for s in range(4)]
-    g = torch.Generator(device="cuda").manual_seed(T)
-    ids = torch.argsort(torch.rand(T, E, device="cuda", generator=g), dim=1)[:, :k].to(torch.int32)
-    w = torch.rand(T, k, device="cuda", generator=g)
-    w = w / w.sum(1, keepdim=True)
-    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    x, ids, w = random_routing(T, D, E, k)
     cfg = K.moe_gemv_fused_config(fmt, T * k, E, D, I, torch.cuda.get_device_properties(0).multi_processor_count)
     if cfg is None:
         print(f"T={T}: not a fused-launch size", file=sys.stderr)

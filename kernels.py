@@ -2879,12 +2879,14 @@ if HAVE_CUTE:
                     cute.arch.cluster_wait()
 
         @cute.jit
-        def stamp(self, mSt: cute.Tensor, tidx, i: int):
-            """Probe: thread 0 writes the low 32 bits of %globaltimer into slot i of this CTA's 16-word row."""
+        def stamp(self, mSt: cute.Tensor, tidx, i: int, value=None):
+            """Probe: thread 0 writes value (default: the low 32 bits of %globaltimer) into slot i of this CTA's
+            16-word row."""
             if const_expr(self.stamps):
                 if tidx == 0:
                     bx, by, _ = cute.arch.block_idx()
-                    mSt[(by * self.S + bx) * 16 + i] = Int32(cute.arch.globaltimer() & Int64(0xFFFFFFFF))
+                    mSt[(by * self.S + bx) * 16 + i] = cute.arch.globaltimer_lo() if const_expr(value is None) \
+                        else value
 
         def out_row(self, storage, row0, n):
             """Output / routing-weight row of the item's row n: row0 + n (sorted rows), or slot s_n (direct_k)."""
@@ -3312,10 +3314,8 @@ if HAVE_CUTE:
             n1 = self.m1 * n_slots
             if const_expr(self.stamps):
                 self.g1.stamp(mSrc, tidx, 1)
-                if tidx == 0:
-                    bx, by, _ = cute.arch.block_idx()
-                    mSrc[(by * self.S + bx) * 16 + 2] = item
-                    mSrc[(by * self.S + bx) * 16 + 3] = Int32(cute.arch.smid())
+                self.g1.stamp(mSrc, tidx, 2, item)
+                self.g1.stamp(mSrc, tidx, 3, Int32(cute.arch.smid()))
             rest = item
             per_slot = Int32(self.m1)
             if item >= n1:
