@@ -1494,6 +1494,24 @@ def timed_decode(model, tokens, sync, graph: bool):
     return pre, torch.cat(outs, 1), (time.perf_counter() - t0) * 1e3 / (DECODE - 1)
 
 
+def replay_us(graph, par, sync, rounds: int = 7, n: int = 20) -> float:
+    """Median over rounds of the mean time of n back-to-back replays of a decode graph, by CUDA events (the ranks
+    start each round together). Replays repeat the last step: same inputs, same cache slot written."""
+    times = []
+    for _ in range(rounds):
+        if par.size > 1:
+            torch.distributed.barrier()
+        sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        sync()
+        times.append(start.elapsed_time(end) * 1e3 / n)
+    return sorted(times)[rounds // 2]
+
+
 def run(path: str, out: str, fp32: bool = False):
     """fp32: eager float32 (reference MoE, per-call dequantized FP8 linears): how far bf16 itself moves the logits."""
     par, dev = dsv4.init_distributed("auto")
@@ -1529,6 +1547,8 @@ def run(path: str, out: str, fp32: bool = False):
         _, dec_g, res["graph_ms"] = timed_decode(model, tokens, sync, graph=True)
         res["graph_vs_eager"] = ((dec_g.float() - dec.float()).norm() / dec.float().norm()).item()
         say(f"graph decode {res['graph_ms']:.2f} ms/token (rel diff to eager {res['graph_vs_eager']:.1e})")
+        res["replay_us"] = replay_us(model.decode_graphs[1].graph, par, sync)
+        say(f"graph replay {res['replay_us']:.1f} us/token (CUDA events: the step alone, without the host loop)")
         pre = [model(tokens[:, p:p + CHUNK], p) for p in range(0, PROMPT, CHUNK)]   # chunks: the same MoE tiles
         nxt, greedy = pre[-1][:, -1].argmax(-1), []
         for i in range(GREEDY):
@@ -1575,7 +1595,8 @@ def compare(one_path: str, two_path: str, ref_path: str | None = None):
         print(f"{r['ranks']} x {r['device']} ({r.get('dtype', 'bfloat16')}): MoE {r.get('moe')}, load "
               f"{r['load_s']:.1f} s, allocated {r.get('allocated_GiB', 0):.2f} GiB/GPU (planned "
               f"{r.get('planned_GiB', 0):.2f}), decode ms/token: eager {r['eager_ms']:.2f}, graph "
-              f"{r.get('graph_ms', float('nan')):.2f} {r.get('graph_error', '')}")
+              f"{r.get('graph_ms', float('nan')):.2f}, graph replay alone {r.get('replay_us', float('nan')):.1f} us "
+              f"{r.get('graph_error', '')}")
 
 
 # ======================================================================================================================

@@ -1949,6 +1949,9 @@ def _worker(rank: int, world: int, port: int, jobs: list, out: str):
         results[name]["local_experts"] = model.layers[0].ffn.experts.num_experts
         results[name]["expert_offset"] = model.layers[0].ffn.expert_offset
     results["broadcast"] = [dsv4.broadcast_ids([1000 + rank, 7], par, device), dsv4.broadcast_ids(None, par, device)]
+    small = torch.full((3,), rank + 1.0)
+    results["symm"] = dsv4.symm_all_reduce(small)                  # gloo on CPU: never the symmetric-memory route
+    results["sum"] = dsv4.all_reduce(small, par).tolist()
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -2037,6 +2040,58 @@ def test_a_world_size_that_does_not_divide_the_model_is_one_clear_error(size, wh
 
 def test_rank_zero_broadcasts_prompt_ids_and_seed(two_ranks):
     assert two_ranks[0]["broadcast"] == two_ranks[1]["broadcast"] == [[1000, 7], None]
+
+
+def test_cpu_ranks_all_reduce_through_gloo_not_symmetric_memory(two_ranks):
+    assert [r["symm"] for r in two_ranks] == [False, False]
+    assert two_ranks[0]["sum"] == two_ranks[1]["sum"] == [3.0, 3.0, 3.0]
+
+
+def _symm_worker(rank: int, world: int, port: int, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    par, device = dsv4.init_distributed("cuda")
+    g = torch.Generator().manual_seed(rank)
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((1, 4096), (8, 4096), (3, 8), (3, 7)):
+            x = torch.randn(shape, generator=g).to(device, dtype)
+            ref = x.clone()
+            dist.all_reduce(ref)
+            took = dsv4.symm_all_reduce(x)                             # (3, 7): not whole 16-B vectors
+            if not took:
+                dist.all_reduce(x)
+            fits = x.numel() * x.element_size() <= dsv4.SYMM_ALLREDUCE_BYTES and shape != (3, 7)
+            res[f"{dtype} {shape}"] = [took == fits, torch.equal(x, ref)]
+    x = torch.zeros(1, 4096, device=device)                         # in a CUDA graph, replayed with new inputs
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dsv4.all_reduce(x, par)
+    res["graph"] = []
+    for _ in range(3):
+        v = torch.randn(1, 4096, generator=g).to(device)
+        x.copy_(v)
+        graph.replay()
+        dist.all_reduce(v)
+        res["graph"].append(torch.equal(x, v))
+    res["big"] = dsv4.symm_all_reduce(torch.ones(dsv4.SYMM_ALLREDUCE_BYTES // 4 + 1, device=device))
+    torch.cuda.synchronize()
+    torch.save(res, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_small_all_reduces_take_symmetric_memory_with_nccls_bits_on_two_gpus(tmp_path):
+    """Decode-sized all-reduces (fp32 and bf16, whole 16-B vectors up to SYMM_ALLREDUCE_BYTES) take the one-shot
+    symmetric-memory path, eagerly and inside a replayed CUDA graph, and give NCCL's sum bit for bit at 2 ranks;
+    bigger or odd-sized ones take NCCL."""
+    out = str(tmp_path / "symm")
+    mp.start_processes(_symm_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    for r in range(2):
+        res = torch.load(f"{out}.{r}")
+        for case in (k for k in res if k not in ("graph", "big")):
+            assert res[case] == [True, True], f"rank {r} {case}"
+        assert res["graph"] == [True, True, True] and res["big"] is False
 
 
 # ---------------------------------------------------------------------------------------------------------------
