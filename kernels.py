@@ -1087,7 +1087,9 @@ if HAVE_CUTE:
 # ----------------------------------------------------------------------------------------------------------------
 # Compile cache: in memory, and on disk as exported objects (the second process start loads instead of compiling).
 _COMPILED: dict = {}
-_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nano-dsv4", "cute")
+_CACHE_DIR = os.path.join(os.environ.get("NANO_DSV4_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                            "nano-dsv4"), "cute")
+_COMPILE_NOTICE_SHOWN = False
 
 
 def _cache_key(config: tuple) -> str:
@@ -1123,6 +1125,11 @@ def _load_or_compile(config: tuple, build):
         except Exception:   # noqa: BLE001 - a stale or broken object: recompile below
             fn = None
     if fn is None:
+        global _COMPILE_NOTICE_SHOWN
+        if not _COMPILE_NOTICE_SHOWN:      # a first run compiles dozens of kernels, seconds each: say why it waits
+            _COMPILE_NOTICE_SHOWN = True
+            print(f"nano-dsv4: compiling CuTe DSL kernels for {_target_arch()} on first use (cached in {_CACHE_DIR}; "
+                  "later runs load them)", file=sys.stderr, flush=True)
         op, args = build()
         fn = cute.compile(op, *args, options="--enable-tvm-ffi")
         try:

@@ -871,6 +871,15 @@ def test_kernels_compile_for_sm90a_without_a_gpu_and_reload_from_the_disk_cache(
                            text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 6
+        assert r.stderr.count("nano-dsv4: compiling CuTe DSL kernels for sm_90a") == (mode == "compile")   # once
+
+
+def test_kernel_cache_follows_nano_dsv4_cache():
+    env = dict(os.environ, NANO_DSV4_CACHE="/some/where",
+               PYTHONPATH=_pythonpath(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", "import kernels as K; print(K._CACHE_DIR)"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == os.path.join("/some/where", "cute"), r.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------- GPU tests
