@@ -7,7 +7,8 @@
                                        --ablate-mid: session 7's switches (MID_SWITCHES) old vs new at T = 4..256,
                                        medians of interleaved rounds, per replay and queued back to back;
                                        --ablate-depth / --ablate-shape: the same for DEPTH_SWITCHES (loads in flight per warp,
-                                       T 1..4) / SHAPE_SWITCHES (row tiles per CTA, T 1..256); --mxfp4: MXFP4 records;
+                                       T 1..4) / SHAPE_SWITCHES (row tiles per CTA, T 1..256); --read-ceiling: a
+                                       plain read of the same bytes, 1 and 2 launches, T 1..4; --mxfp4: MXFP4 records;
                                        --pro: Pro dims (D 7168, I 3072, 384 experts)
   python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
                                        clock and power; --ablate-prefill: the prefill switches next to default rows)
@@ -466,13 +467,16 @@ def bench_moe_decode():
     fp4 = [random_packed_experts(E, D, I, "cuda", s, fmt) for s in range(n_copies)]
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
-            for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape"} & set(sys.argv) else 0)]
+            for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape",
+                                     "--read-ceiling"} & set(sys.argv) else 0)]
     bytes_per_expert = K.weight_bytes_per_expert(fmt, D, I)
     Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     if "--ablate-mid" in sys.argv:
         Ts = (4, 16, 64, 128, 256)
     if "--ablate-depth" in sys.argv:
         Ts = (1, 2, 4)
+    if "--read-ceiling" in sys.argv:
+        Ts = (1, 2, 3, 4)
     if "--ablate-shape" in sys.argv:
         Ts = (1, 2, 3) if "--pro" in sys.argv else (1, 2, 3, 4, 16, 64, 256)
     routings = {}
@@ -511,10 +515,10 @@ def bench_moe_decode():
     if "--ablate-mid" in sys.argv:
         mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit)
         return
-    if "--ablate-depth" in sys.argv or "--ablate-shape" in sys.argv:
-        mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit,
-                     switches=DEPTH_SWITCHES if "--ablate-depth" in sys.argv else SHAPE_SWITCHES)
-        return
+    for flag, switches in (("--ablate-depth", DEPTH_SWITCHES), ("--ablate-shape", SHAPE_SWITCHES)):
+        if flag in sys.argv:
+            mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit, switches=switches)
+            return
     if "--ablate-fused" in sys.argv:
         fused_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev)
         for T in (1, 4):                                   # device time per kernel, PDL off: two launches, fused
@@ -526,6 +530,9 @@ def bench_moe_decode():
                 except Exception as e:      # noqa: BLE001 - a diagnostic only
                     print(f"profile failed: {e!r}", flush=True)
         return
+    if "--read-ceiling" in sys.argv:
+        read_ceiling(Ts, routings, fp4_us, copy_bw, bytes_per_expert, dev)
+        return
     main = {T: fp4_us(T) for T in Ts}
     base = {T: bf16_us(T) for T in Ts}
     print(f"\nMoE decode, {'Pro' if D == 7168 else 'Flash'} dims (D {D}, I {I}, {E} experts, top-{k}, {fmt}), "
@@ -535,6 +542,54 @@ def bench_moe_decode():
         hit = routings[T][3]
         print(f"{T:>4} {hit:>7} {main[T]:>8.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} {pct(T, main[T]):>6.1f} "
               f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
+
+
+def read_ceiling(Ts, routings, fp4_us, copy_bw, bytes_per_expert, dev):
+    """`bench.py moe --decode-only --read-ceiling`: what reading the touched experts' bytes costs with no math and no
+    dependency, in the same protocol as the kernel (a graph of calls over 4 buffer copies): one launch of a plain
+    read kernel (Triton, which CUDA builds of torch ship; the best of a few shapes), the same bytes as two
+    stream-ordered launches (w1|w3's bytes, then w2's: the MoE's dependency at its cheapest), and a device copy
+    moving the same bytes (half read, half written); next to the fp4 MoE at the same T."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_kernel(ptr, out, n, PER: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        base = pid.to(tl.int64) * PER
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for i in tl.static_range(0, PER, BLOCK):
+            offs = base + i + tl.arange(0, BLOCK)
+            acc ^= tl.load(ptr + offs, mask=offs < n, other=0, cache_modifier=".cg")
+        tl.store(out + pid, tl.sum(acc, 0))
+
+    def read(buf, out, per, block, warps):
+        read_kernel[(triton.cdiv(buf.numel(), per),)](buf, out, buf.numel(), PER=per, BLOCK=block, num_warps=warps)
+
+    def us(fn):
+        return _time_ms(fn, 30, True) / 4 * 1e3
+
+    shapes = ((8192, 1024, 4), (8192, 4096, 4), (16384, 1024, 8), (16384, 4096, 8))   # int32 per program, block, warps
+    hits = {T: routings[T][3] for T in Ts}
+    n_max = max(hits.values()) * bytes_per_expert // 4
+    bufs = [torch.randint(-2 ** 31, 2 ** 31 - 1, (n_max,), dtype=torch.int32, device="cuda") for _ in range(4)]
+    out = torch.empty(1 << 20, dtype=torch.int32, device="cuda")
+    print(f"\nReading the touched experts' bytes, {dev}, copy {copy_bw:.2f} TB/s; us per call, % = byte floor / time")
+    print(f"{'T':>3} {'experts':>7} {'floor':>6} {'read, 1 launch':>14} {'%':>5} {'read, 2 launches':>16} {'%':>5} "
+          f"{'copy':>6} {'%':>5} {'fp4 MoE':>8} {'%':>5}")
+    for T in Ts:
+        n = hits[T] * bytes_per_expert // 4
+        n1 = n * 2 // 3                                  # w1|w3: 2/3 of an expert's records, w2: 1/3
+        one = [b[:n] for b in bufs]
+        t1, best = min((us(lambda: [read(b, out, *sh) for b in one]), sh) for sh in shapes)
+        t2 = us(lambda: [(read(b[:n1], out, *best), read(b[n1:n], out, *best)) for b in bufs])
+        dst = [torch.empty(n // 2, dtype=torch.int32, device="cuda") for _ in bufs]
+        tc = us(lambda: [d.copy_(b[:n // 2]) for d, b in zip(dst, bufs)])
+        del dst
+        tk = fp4_us(T)
+        floor = hits[T] * bytes_per_expert / (copy_bw * 1e12) * 1e6
+        print(f"{T:>3} {hits[T]:>7} {floor:>6.1f} {t1:>14.1f} {100 * floor / t1:>5.1f} {t2:>16.1f} {100 * floor / t2:>5.1f} "
+              f"{tc:>6.1f} {100 * floor / tc:>5.1f} {tk:>8.1f} {100 * floor / tk:>5.1f}", flush=True)
 
 
 MOE_GEMV_KNOBS = [    # bench.py moe --decode-only --ablate-gemv: one knob set at a time, timed at T=1 and T=4
@@ -1822,6 +1877,21 @@ def bench_moe_stamps():
             rows = [pct(rel(a, col)[sel(a)]) for a in runs]
             print(f"{'':>5} {name:>16} " + " ".join(f"{statistics.median(r[i] for r in rows):6.1f}" for i in range(5)))
     print("span (last exit), us: " + " ".join(f"{rel(a, 11).max().item():.1f}" for a in runs))
+    # the tail by routed slot (tickets are slot-major): GEMM1 items that start after the first wave (entry > 5 us)
+    # and what each slot's GEMM2 CTAs wait for; the launch ends with the slowest slot
+    m1, m2 = 2 * I // 128 // MT, D // 128 // MT
+    late = collections.Counter()
+    print(f"{'slot':>5} {'GEMM1 late CTAs':>15} {'GEMM1 exit max':>14} {'GEMM2 act ready p50':>19} "
+          f"{'GEMM2 exit p50':>14} {'GEMM2 exit max':>14}")
+    for s in range(T * k):
+        g1 = lambda a: (a[:, 2] >= s * m1) & (a[:, 2] < (s + 1) * m1)            # noqa: E731
+        g2 = lambda a: (a[:, 2] >= n1 + s * m2) & (a[:, 2] < n1 + (s + 1) * m2)  # noqa: E731
+        n_late = statistics.median(int(((rel(a, 0) > 5.0) & g1(a)).sum()) for a in runs)
+        late[s] = n_late
+        med = lambda col, sel, f: statistics.median(f(rel(a, col)[sel(a)]) for a in runs)   # noqa: E731
+        print(f"{s:>5} {n_late:>15.0f} {med(11, g1, lambda v: v.max().item()):>14.1f} "
+              f"{med(6, g2, lambda v: v.median().item()):>19.1f} {med(11, g2, lambda v: v.median().item()):>14.1f} "
+              f"{med(11, g2, lambda v: v.max().item()):>14.1f}")
     per_run = []                                           # per SM: mean main-loop time of its first-wave GEMM1 CTAs
     spread = []
     for a in runs:
