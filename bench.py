@@ -1880,15 +1880,17 @@ def bench_moe_stamps():
     # the tail by routed slot (tickets are slot-major): GEMM1 items that start after the first wave (entry > 5 us)
     # and what each slot's GEMM2 CTAs wait for; the launch ends with the slowest slot
     m1, m2 = 2 * I // 128 // MT, D // 128 // MT
-    late = collections.Counter()
+
+    def tickets(lo, hi):                                   # CTAs whose item is one of tickets lo .. hi-1
+        return lambda a: (a[:, 2] >= lo) & (a[:, 2] < hi)
+
+    def med(col, sel, f):                                  # median over launches of f(the stamps col of sel's CTAs)
+        return statistics.median(f(rel(a, col)[sel(a)]) for a in runs)
     print(f"{'slot':>5} {'GEMM1 late CTAs':>15} {'GEMM1 exit max':>14} {'GEMM2 act ready p50':>19} "
           f"{'GEMM2 exit p50':>14} {'GEMM2 exit max':>14}")
     for s in range(T * k):
-        g1 = lambda a: (a[:, 2] >= s * m1) & (a[:, 2] < (s + 1) * m1)            # noqa: E731
-        g2 = lambda a: (a[:, 2] >= n1 + s * m2) & (a[:, 2] < n1 + (s + 1) * m2)  # noqa: E731
+        g1, g2 = tickets(s * m1, (s + 1) * m1), tickets(n1 + s * m2, n1 + (s + 1) * m2)
         n_late = statistics.median(int(((rel(a, 0) > 5.0) & g1(a)).sum()) for a in runs)
-        late[s] = n_late
-        med = lambda col, sel, f: statistics.median(f(rel(a, col)[sel(a)]) for a in runs)   # noqa: E731
         print(f"{s:>5} {n_late:>15.0f} {med(11, g1, lambda v: v.max().item()):>14.1f} "
               f"{med(6, g2, lambda v: v.median().item()):>19.1f} {med(11, g2, lambda v: v.median().item()):>14.1f} "
               f"{med(11, g2, lambda v: v.max().item()):>14.1f}")
