@@ -7,7 +7,8 @@
                                        --ablate-mid: session 7's switches (MID_SWITCHES) old vs new at T = 4..256,
                                        medians of interleaved rounds, per replay and queued back to back;
                                        --ablate-depth / --ablate-shape: the same for DEPTH_SWITCHES (loads in flight per warp,
-                                       T 1..4) / SHAPE_SWITCHES (row tiles per CTA, T 1..256); --read-ceiling: a
+                                       T 1..4) / SHAPE_SWITCHES (row tiles per CTA, T 1..256); --ablate-hint:
+                                       HINT_SWITCHES (the weight loads' L2 prefetch size, T 1..256); --read-ceiling: a
                                        plain read of the same bytes, 1 and 2 launches, T 1..4; --mxfp4: MXFP4 records;
                                        --pro: Pro dims (D 7168, I 3072, 384 experts)
   python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
@@ -16,6 +17,8 @@
   python bench.py moe-stamps [T]       per-CTA phase timeline of the fused decode MoE (T <= 3; %globaltimer stamps)
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py gemv                 the batch-1 decode GEMVs under the s5 vs s4 config rules (same run), vs copy
+                                       (--ld-hints: each with the weight loads' L2 prefetch sizes 256B / none / 64B /
+                                       128B, the default since session 17)
   python bench.py fold                 session 7's folds as chains of the kernels they touch, folded vs not (same run)
   python bench.py handoff              megakernel stage 0 (notes/megakernel.md): one-way latency of an in-kernel handoff
                                        through a global counter (two CTAs ping-pong), idle and while the other SMs stream
@@ -468,7 +471,7 @@ def bench_moe_decode():
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
             for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape",
-                                     "--read-ceiling"} & set(sys.argv) else 0)]
+                                     "--ablate-hint", "--read-ceiling"} & set(sys.argv) else 0)]
     bytes_per_expert = K.weight_bytes_per_expert(fmt, D, I)
     Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     if "--ablate-mid" in sys.argv:
@@ -479,6 +482,8 @@ def bench_moe_decode():
         Ts = (1, 2, 3, 4)
     if "--ablate-shape" in sys.argv:
         Ts = (1, 2, 3) if "--pro" in sys.argv else (1, 2, 3, 4, 16, 64, 256)
+    if "--ablate-hint" in sys.argv:
+        Ts = (1, 2, 3, 4, 16, 64, 256)
     routings = {}
     for T in Ts:                                      # one routing per T, shared by every variant below
         x, ids, w = random_routing(T, D, E, k)
@@ -515,7 +520,8 @@ def bench_moe_decode():
     if "--ablate-mid" in sys.argv:
         mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit)
         return
-    for flag, switches in (("--ablate-depth", DEPTH_SWITCHES), ("--ablate-shape", SHAPE_SWITCHES)):
+    for flag, switches in (("--ablate-depth", DEPTH_SWITCHES), ("--ablate-shape", SHAPE_SWITCHES),
+                           ("--ablate-hint", HINT_SWITCHES)):
         if flag in sys.argv:
             mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit, switches=switches)
             return
@@ -687,6 +693,15 @@ SHAPE_SWITCHES = [  # bench.py moe --decode-only --ablate-shape: the same warps 
      dict(MOE_GEMV_FORCE=((2, 1), (2, 1))), (3, 4)),
     ("K split 2, two row tiles per CTA (MOE_GEMV_FORCE (2, 2): 1.45 waves; other bits)",
      dict(MOE_GEMV_FORCE=((2, 2), (2, 2))), (3, 4)),
+]
+
+
+HINT_SWITCHES = [  # bench.py moe --decode-only --ablate-hint: the weight loads' L2 prefetch size (session 17; same bits)
+    ("weight loads with the L2::256B prefetch size of sessions 1-16 (WEIGHT_LD_HINT)",
+     dict(WEIGHT_LD_HINT=".nc.L1::no_allocate.L2::256B"), (1, 2, 3, 4, 16, 64, 256)),
+    ("weight loads without a prefetch size (WEIGHT_LD_HINT .nc.L1::no_allocate)",
+     dict(WEIGHT_LD_HINT=".nc.L1::no_allocate"), (1, 2, 4)),
+    ("A/A control (MOE_GEMV_STAGES 4, the default)", dict(MOE_GEMV_STAGES=4), (1, 2, 4)),
 ]
 
 
@@ -1102,6 +1117,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "INDEX_FOLD_QUERY", True), (K, "INDEX_FOLD_MIN_BATCH", 1))),
     (f"s8 gemvpack: decode FP8 GEMVs on the {'[N, K] row-major' if K.GEMV_PACKED else 'packed'} weights "
      f"(kernels.GEMV_PACKED {'off' if K.GEMV_PACKED else 'on'})", ((K, "GEMV_PACKED", not K.GEMV_PACKED),)),
+    ("s17 ldhint: FP8 GEMV and MoE weight loads with the L2::256B prefetch size of sessions 1-16 "
+     "(kernels.WEIGHT_LD_HINT)", ((K, "WEIGHT_LD_HINT", ".nc.L1::no_allocate.L2::256B"),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
      "exceed it)", ()),
 ]
@@ -1745,6 +1762,80 @@ def _gemv_kernel_us(graphs, calls, reps=2):
     return [statistics.median(d for _, d in ks[i * n:(i + 1) * n]) for i in range(len(graphs))]
 
 
+def _decode_gemv_weights(N, Kd, kind, copies, g, packed=True, dev="cuda"):
+    """Rotating copies of one decode GEMV's weight (w16: bf16; fp8: e4m3 + e8m0 block scales, packed as the step's
+    where packed and GEMV_PACKED; grouped: wo_a's [N, K])."""
+    ws = []
+    for _ in range(copies):
+        if kind == "w16":
+            ws.append(((torch.randn(N, Kd, device=dev, generator=g) * 0.02).to(torch.bfloat16),))
+            continue
+        c = torch.randint(0, 256, (N, Kd), dtype=torch.uint8, device=dev, generator=g)
+        c[(c & 0x7F) == 0x7F] = 0x3F
+        sc = torch.randint(118, 126, (-(-N // 128), Kd // 128), dtype=torch.uint8, device=dev, generator=g)
+        w, s = c.view(torch.float8_e4m3fn), sc.view(torch.float8_e8m0fnu)
+        ws.append((K.pack_fp8_gemv_weight(w), s) if packed and kind == "fp8" and K.GEMV_PACKED else (w, s))
+    return ws
+
+
+def bench_gemv_hints(rounds=7, calls=20):
+    """`python bench.py gemv --ld-hints`: each batch-1 decode GEMV with the weight loads' L2 prefetch size of
+    sessions 1-16 (256B), none, 64B and 128B (WEIGHT_LD_HINT, the default): us per call of a CUDA graph of `calls`
+    back-to-back calls (PDL, as in the step) on rotating weight copies, medians of interleaved rounds; same bits."""
+    dev = "cuda"
+    hints = {"256B": ".nc.L1::no_allocate.L2::256B", "none": ".nc.L1::no_allocate",
+             "64B": ".nc.L1::no_allocate.L2::64B", "128B": ".nc.L1::no_allocate.L2::128B"}
+    default = K.WEIGHT_LD_HINT
+    print(f"{torch.cuda.get_device_name(dev)}, copy {copy_bandwidth(dev) / 1e12:.2f} TB/s; M = 1, us per call "
+          f"(graph of {calls} calls, PDL), medians of {rounds} rounds; default {default}")
+    print(f"{'GEMV':<16} {'MB':>5} " + " ".join(f"{h:>7}" for h in hints) + "  128B/256B  bits")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, (N, Kd, kind) in DECODE_GEMVS.items():
+        if name == "iwq_b (B>1)":
+            continue
+        wbytes = N * Kd * (2 if kind == "w16" else 1)
+        copies = max(4, -(-(200 << 20) // wbytes))
+        ws = _decode_gemv_weights(N, Kd, kind, copies, g)
+        x = torch.randn(*((1, 8, Kd) if kind == "grouped" else (1, Kd)), device=dev, generator=g).to(torch.bfloat16)
+
+        def call(i):
+            if kind == "w16":
+                return K.bf16_gemv_fp32(x, ws[i][0])
+            if kind == "grouped":
+                return K.fp8_gemv_grouped(x, *ws[i])
+            return K.fp8_gemv(x, *ws[i], packed_rows=N if K.GEMV_PACKED else 0)
+        graphs, outs = {}, {}
+        try:
+            for label, h in hints.items():
+                K.WEIGHT_LD_HINT = h
+                outs[label] = call(0).clone()
+                for i in range(copies):
+                    call(i)
+                torch.cuda.synchronize()
+                graphs[label] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[label]):
+                    for j in range(calls):
+                        call(j % copies)
+        finally:
+            K.WEIGHT_LD_HINT = default
+        times = {label: [] for label in hints}
+        for r in range(rounds):
+            for label in (list(hints) if r % 2 == 0 else list(hints)[::-1]):
+                graphs[label].replay()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(5):
+                    graphs[label].replay()
+                b.record()
+                b.synchronize()
+                times[label].append(a.elapsed_time(b) / (5 * calls) * 1e3)
+        med = {label: statistics.median(v) for label, v in times.items()}
+        same = all(torch.equal(o, outs["256B"]) for o in outs.values())
+        print(f"{name:<16} {wbytes / 1e6:5.1f} " + " ".join(f"{m:7.2f}" for m in med.values()) +
+              f"  {med['128B'] / med['256B']:9.3f}  {'same' if same else 'DIFF'}", flush=True)
+        del graphs
+
+
 def bench_gemv(Ms=(1, 8), rounds=5):
     """`python bench.py gemv`: each decode GEMV under the s4 and s5 config rules, same run: us per call of CUDA-graph
     replays of calls on rotating weight copies (>= 200 MB: no L2 reuse), without PDL (the kernel alone) and with PDL
@@ -1761,15 +1852,7 @@ def bench_gemv(Ms=(1, 8), rounds=5):
     for name, (N, Kd, kind) in DECODE_GEMVS.items():
         wbytes = N * Kd * (2 if kind == "w16" else 1)
         copies = max(4, -(-(200 << 20) // wbytes))
-        if kind == "w16":
-            ws = [((torch.randn(N, Kd, device=dev, generator=g) * 0.02).to(torch.bfloat16),) for _ in range(copies)]
-        else:
-            ws = []
-            for _ in range(copies):
-                c = torch.randint(0, 256, (N, Kd), dtype=torch.uint8, device=dev, generator=g)
-                c[(c & 0x7F) == 0x7F] = 0x3F
-                sc = torch.randint(118, 126, (-(-N // 128), Kd // 128), dtype=torch.uint8, device=dev, generator=g)
-                ws.append((c.view(torch.float8_e4m3fn), sc.view(torch.float8_e8m0fnu)))
+        ws = _decode_gemv_weights(N, Kd, kind, copies, g, packed=False)
         for M in Ms:
             x = torch.randn(*((M, 8, Kd) if kind == "grouped" else (M, Kd)), device=dev, generator=g).to(torch.bfloat16)
             cfgs, graphs, outs = {}, {}, {}
@@ -2550,7 +2633,7 @@ if __name__ == "__main__":
     elif what == "indexer":
         bench_indexer()
     elif what == "gemv":
-        bench_gemv()
+        bench_gemv_hints() if "--ld-hints" in sys.argv else bench_gemv()
     elif what == "fold":
         bench_fold()
     elif what == "handoff":

@@ -1513,6 +1513,10 @@ FP8_MAX = 448.0
 SX_MIN_EXP = -22       # act_quant_fp8 clamps amax at 1e-4: 2^ceil(log2(1e-4 / 448)) = 2^-22
 MAX_ROWS = 16          # decode rows the kernel takes (two n8 token tiles)
 MAX_SLICE_BLOCKS = 16  # k blocks per CTA (the slice's f16 activations live in smem: 16 x 2048 x 2 B = 64 KB)
+# PTX qualifiers of the weight loads (Fp8Gemv, Fp4MoeGemv). L2::128B, not 256B: H200 session 17, same bits, graphs of 20
+# back-to-back M = 1 GEMVs, two runs: wq_b|iwq_b -6.4%, wo_a -4.1%, wo_b -3.7%, shared w1|w3 -3.8%, w2 -2.4%; the fp4
+# MoE at T 1-3 -1..-2.5%, T 4-256 -0.5..-1.4% (three runs; 128B / 64B / no size level with each other)
+WEIGHT_LD_HINT = ".nc.L1::no_allocate.L2::128B"
 BIG_WEIGHT_BYTES = 16 << 20   # from here on the weight streams at bandwidth: bigger CTAs, global split-K if any
 
 
@@ -1714,7 +1718,7 @@ if HAVE_CUTE:
 
     @dsl_user_op
     def _ld_v4(addr: Int64, hint: str, *, loc=None, ip=None):
-        """16-byte global load -> 4 Int32 (hint: PTX qualifiers, e.g. '.nc.L1::no_allocate.L2::256B')."""
+        """16-byte global load -> 4 Int32 (hint: PTX qualifiers, e.g. WEIGHT_LD_HINT)."""
         res = _llvm.inline_asm(
             _ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
             f"ld.global{hint}.v4.b32 {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l",
@@ -1848,6 +1852,7 @@ if HAVE_CUTE:
                      pdl: bool = True, cluster: bool = False, min_ctas: int = 0, a16: bool = False,
                      group_rows: int = 0, w16: bool = False, k_warps: int = 1, packed: bool = False):
             assert k_dim % BLOCK == 0 and (k_dim // BLOCK) % k_splits == 0
+            self.ld_hint = WEIGHT_LD_HINT
             # packed: W is pack_fp8_gemv_weight's tile order (a warp's stage = 2 KB contiguous, one 512-B run per
             # load instruction; tiles k-block major); N comes from mOut (mW's shape is only its storage); same
             # fragments and bits
@@ -1963,14 +1968,14 @@ if HAVE_CUTE:
                         if const_expr(self.w16):   # k [16t, 16t+16) and [64+16t, ...) of the block: 4 x 16 B
                             for q in cutlass.range_constexpr(4):
                                 v = _ld_v4(row_addr[2 * rt + h] + (kb * BLOCK * 2 + 128 * (q // 2) + 16 * (q % 2)),
-                                           ".nc.L1::no_allocate.L2::256B")
+                                           self.ld_hint)
                                 for i in cutlass.range_constexpr(4):
                                     wreg[st, rt, h, 4 * q + i] = v[i]
                         for half in cutlass.range_constexpr(0 if self.w16 else 2):
                             src = row_addr[2 * rt + h] + (kb * BLOCK + 64 * half)
                             if const_expr(self.packed):
                                 src = row_addr[2 * rt + h] + (kb_step * kb + 512 * half)
-                            v = _ld_v4(src, ".nc.L1::no_allocate.L2::256B")
+                            v = _ld_v4(src, self.ld_hint)
                             for i in cutlass.range_constexpr(4):
                                 wreg[st, rt, h, 4 * half + i] = v[i]
 
@@ -2216,7 +2221,7 @@ def _compile_gemv(k_dim: int, k_splits: int, n8: int, row_tiles: int, warps: int
     packed (pack_fp8_gemv_weight's layout): the weight argument is its data viewed as uint8 [N16, K]."""
     config = ("gemv", k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cluster, min_ctas) + \
         (("a16", group_rows) if a16 else ()) + (("w16",) if w16 else ()) + (("kw", k_warps) if k_warps > 1 else ()) + \
-        (("packed",) if packed else ())
+        (("packed",) if packed else ()) + (WEIGHT_LD_HINT,)
 
     def build():
         op = Fp8Gemv(k_dim, k_splits, n8, row_tiles, warps, stages, pdl, cluster, min_ctas, a16, group_rows, w16,
@@ -2620,6 +2625,7 @@ if HAVE_CUTE:
             # flight at once, no register staging; same words, same places) instead of 16-byte loads + 4 st.shared
             # per chunk (one L2 round trip per loop iteration)
             self.tok_async = False
+            self.ld_hint = WEIGHT_LD_HINT
 
         def smem_words(self) -> int:
             """Int32 words of token smem (and, S > 1, of the fp32 partial [MT, 2, 64, 8] after the main loop)."""
@@ -2931,7 +2937,7 @@ if HAVE_CUTE:
             """Loads of k-tile i of the slice into register slot s: per atom 16 B of codes + the quad's scale words."""
             for a in cutlass.range_constexpr(2):
                 addr = code_addr + Int64(i) * self.rec
-                v = _ld_v4(addr + a * 2048, ".nc.L1::no_allocate.L2::256B")
+                v = _ld_v4(addr + a * 2048, self.ld_hint)
                 for q in cutlass.range_constexpr(4):
                     wc[s, a, q] = v[q]
                 if const_expr(self.nw == 2):
@@ -3350,7 +3356,7 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
     read by nothing (the routed variant, the router's ready flag and the folded combine were removed in session 11;
     the launch signature stays so the default kernels' PTX is unchanged)."""
     config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k) + \
-        (("stamps",) if stamps else ())
+        (("stamps",) if stamps else ()) + (WEIGHT_LD_HINT,)
 
     def build():
         op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k, stamps)
@@ -3390,7 +3396,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
               by_slot) + ((pair, x_by_src) if pair else ()) + (("direct", direct_k) if direct_k else ())
     tok_async = bool(tok_async)          # moe_fp4 passes MOE_GEMV_TOK_ASYNC for <= MOE_GEMV_TOK_ASYNC_MAX_ROWS rows
-    config += ("tok_async",) if tok_async else ()
+    config += (("tok_async",) if tok_async else ()) + (WEIGHT_LD_HINT,)
 
     def build():
         if pair:
