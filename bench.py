@@ -699,8 +699,8 @@ SHAPE_SWITCHES = [  # bench.py moe --decode-only --ablate-shape: the same warps 
 HINT_SWITCHES = [  # bench.py moe --decode-only --ablate-hint: the weight loads' L2 prefetch size (session 17; same bits)
     ("weight loads with the L2::256B prefetch size of sessions 1-16 (WEIGHT_LD_HINT)",
      dict(WEIGHT_LD_HINT=".nc.L1::no_allocate.L2::256B"), (1, 2, 3, 4, 16, 64, 256)),
-    ("weight loads without a prefetch size (WEIGHT_LD_HINT .nc.L1::no_allocate)",
-     dict(WEIGHT_LD_HINT=".nc.L1::no_allocate"), (1, 2, 4)),
+    ("weight loads without a prefetch size, the scale words' loads of sessions 1-16 (WEIGHT_LD_HINT .nc.L1::no_allocate)",
+     dict(WEIGHT_LD_HINT=".nc.L1::no_allocate"), (1, 2, 4, 16, 64, 256)),
     ("A/A control (MOE_GEMV_STAGES 4, the default)", dict(MOE_GEMV_STAGES=4), (1, 2, 4)),
 ]
 

@@ -1513,9 +1513,9 @@ FP8_MAX = 448.0
 SX_MIN_EXP = -22       # act_quant_fp8 clamps amax at 1e-4: 2^ceil(log2(1e-4 / 448)) = 2^-22
 MAX_ROWS = 16          # decode rows the kernel takes (two n8 token tiles)
 MAX_SLICE_BLOCKS = 16  # k blocks per CTA (the slice's f16 activations live in smem: 16 x 2048 x 2 B = 64 KB)
-# PTX qualifiers of the weight loads (Fp8Gemv, Fp4MoeGemv). L2::128B, not 256B: H200 session 17, same bits, graphs of 20
-# back-to-back M = 1 GEMVs, two runs: wq_b|iwq_b -6.4%, wo_a -4.1%, wo_b -3.7%, shared w1|w3 -3.8%, w2 -2.4%; the fp4
-# MoE at T 1-3 -1..-2.5%, T 4-256 -0.5..-1.4% (three runs; 128B / 64B / no size level with each other)
+# PTX qualifiers of the weight loads (Fp8Gemv's codes, Fp4MoeGemv's codes and scale words). L2::128B, not 256B: H200
+# session 17, same bits, graphs of 20 back-to-back M = 1 GEMVs, three runs: wq_b|iwq_b -6.5%, wo_a -4%, wo_b -4%, shared
+# w1|w3 -4%, w2 -2..-4%; the fp4 MoE's codes at T <= 4 0.2-3% faster, its scale words (no size before) at T >= 4 ~1%
 WEIGHT_LD_HINT = ".nc.L1::no_allocate.L2::128B"
 BIG_WEIGHT_BYTES = 16 << 20   # from here on the weight streams at bandwidth: bigger CTAs, global split-K if any
 
@@ -2528,18 +2528,18 @@ MOE_GEMV_FORCE = (None, None)   # benchmarks: (S, MT) of GEMM1 / GEMM2 instead o
 
 if HAVE_CUTE:
     @dsl_user_op
-    def _ld_nc_v2(addr: Int64, *, loc=None, ip=None):
+    def _ld_nc_v2(addr: Int64, hint: str = ".nc.L1::no_allocate", *, loc=None, ip=None):
         """8-byte read-only global load (no L1 allocation) -> 2 Int32."""
         res = _llvm.inline_asm(
             _ir.Type.parse("!llvm.struct<(i32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
-            "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", has_side_effects=True, loc=loc, ip=ip)
+            f"ld.global{hint}.v2.b32 {{$0, $1}}, [$2];", "=r,=r,l", has_side_effects=True, loc=loc, ip=ip)
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
-    def _ld_nc_b32(addr: Int64, *, loc=None, ip=None) -> Int32:
+    def _ld_nc_b32(addr: Int64, hint: str = ".nc.L1::no_allocate", *, loc=None, ip=None) -> Int32:
         """4-byte read-only global load (no L1 allocation)."""
         return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)],
-                                      "ld.global.nc.L1::no_allocate.b32 $0, [$1];", "=r,l",
+                                      f"ld.global{hint}.b32 $0, [$1];", "=r,l",
                                       has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
@@ -2941,11 +2941,11 @@ if HAVE_CUTE:
                 for q in cutlass.range_constexpr(4):
                     wc[s, a, q] = v[q]
                 if const_expr(self.nw == 2):
-                    u = _ld_nc_v2(addr + Int64(scale_off + a * 256))
+                    u = _ld_nc_v2(addr + Int64(scale_off + a * 256), self.ld_hint)
                     ws[s, a, 0] = u[0]
                     ws[s, a, 1] = u[1]
                 else:
-                    ws[s, a, 0] = _ld_nc_b32(addr + Int64(scale_off + a * 128))
+                    ws[s, a, 0] = _ld_nc_b32(addr + Int64(scale_off + a * 128), self.ld_hint)
 
         @cute.jit
         def mma_k_tile(self, acc, bq, wc, ws, sXv, t, brow, i, s: int):
