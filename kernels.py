@@ -2528,16 +2528,16 @@ MOE_GEMV_FORCE = (None, None)   # benchmarks: (S, MT) of GEMM1 / GEMM2 instead o
 
 if HAVE_CUTE:
     @dsl_user_op
-    def _ld_nc_v2(addr: Int64, hint: str = ".nc.L1::no_allocate", *, loc=None, ip=None):
-        """8-byte read-only global load (no L1 allocation) -> 2 Int32."""
+    def _ld_nc_v2(addr: Int64, hint: str, *, loc=None, ip=None):
+        """8-byte global load -> 2 Int32 (hint: PTX qualifiers, e.g. WEIGHT_LD_HINT)."""
         res = _llvm.inline_asm(
             _ir.Type.parse("!llvm.struct<(i32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
             f"ld.global{hint}.v2.b32 {{$0, $1}}, [$2];", "=r,=r,l", has_side_effects=True, loc=loc, ip=ip)
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
-    def _ld_nc_b32(addr: Int64, hint: str = ".nc.L1::no_allocate", *, loc=None, ip=None) -> Int32:
-        """4-byte read-only global load (no L1 allocation)."""
+    def _ld_nc_b32(addr: Int64, hint: str, *, loc=None, ip=None) -> Int32:
+        """4-byte global load (hint: PTX qualifiers, e.g. WEIGHT_LD_HINT)."""
         return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)],
                                       f"ld.global{hint}.b32 $0, [$1];", "=r,l",
                                       has_side_effects=True, loc=loc, ip=ip))
