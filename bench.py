@@ -1119,6 +1119,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      f"(kernels.GEMV_PACKED {'off' if K.GEMV_PACKED else 'on'})", ((K, "GEMV_PACKED", not K.GEMV_PACKED),)),
     ("s17 ldhint: FP8 GEMV and MoE weight loads with the L2::256B prefetch size of sessions 1-16 "
      "(kernels.WEIGHT_LD_HINT)", ((K, "WEIGHT_LD_HINT", ".nc.L1::no_allocate.L2::256B"),)),
+    ("s17 kwarp: the k_warps GEMVs (shared w1|w3, wo_a) with 4 k blocks in flight per warp, sessions 5-16 "
+     "(kernels.GEMV_KWARP_STAGES)", ((K, "GEMV_KWARP_STAGES", 4),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
      "exceed it)", ()),
 ]
@@ -1763,8 +1765,8 @@ def _gemv_kernel_us(graphs, calls, reps=2):
 
 
 def _decode_gemv_weights(N, Kd, kind, copies, g, packed=True, dev="cuda"):
-    """Rotating copies of one decode GEMV's weight (w16: bf16; fp8: e4m3 + e8m0 block scales, packed as the step's
-    where packed and GEMV_PACKED; grouped: wo_a's [N, K])."""
+    """Rotating copies of one decode GEMV's weight (w16: bf16; fp8 and grouped (wo_a): e4m3 + e8m0 block scales,
+    packed as the step's where packed and GEMV_PACKED)."""
     ws = []
     for _ in range(copies):
         if kind == "w16":
@@ -1774,7 +1776,7 @@ def _decode_gemv_weights(N, Kd, kind, copies, g, packed=True, dev="cuda"):
         c[(c & 0x7F) == 0x7F] = 0x3F
         sc = torch.randint(118, 126, (-(-N // 128), Kd // 128), dtype=torch.uint8, device=dev, generator=g)
         w, s = c.view(torch.float8_e4m3fn), sc.view(torch.float8_e8m0fnu)
-        ws.append((K.pack_fp8_gemv_weight(w), s) if packed and kind == "fp8" and K.GEMV_PACKED else (w, s))
+        ws.append((K.pack_fp8_gemv_weight(w), s) if packed and K.GEMV_PACKED else (w, s))
     return ws
 
 
@@ -1802,7 +1804,7 @@ def bench_gemv_hints(rounds=7, calls=20):
             if kind == "w16":
                 return K.bf16_gemv_fp32(x, ws[i][0])
             if kind == "grouped":
-                return K.fp8_gemv_grouped(x, *ws[i])
+                return K.fp8_gemv_grouped(x, *ws[i], packed=K.GEMV_PACKED)
             return K.fp8_gemv(x, *ws[i], packed_rows=N if K.GEMV_PACKED else 0)
         graphs, outs = {}, {}
         try:

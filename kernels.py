@@ -1601,6 +1601,11 @@ def pick_gemv_config(N: int, K: int, M: int, num_sms: int, cluster: bool | None 
 # CTAs per SM of the register-path layouts the s5 rules use (n8 = 1, one row tile; ptxas -v for sm_90a, CuTe DSL
 # 4.8.1): 8 warps x 2 stages ~90 registers -> 2; 4 warps x 2 stages ~86-92 -> 5 (65536 registers per SM)
 GEMV_CTAS_PER_SM = {(8, 2): 2, (4, 2): 5}
+# k blocks in flight per warp of the k_warps layouts (one 16-warp CTA per SM, K split over its warps: shared w1|w3,
+# shared w2, wo_a). 2 since session 17 (4 before; same bits; 128B weight loads, graphs of 20 M = 1 calls, 4 -> 2 stages):
+# H200 shared w1|w3 6.48 -> 6.00 and 6.39 -> 6.02 us, wo_a 10.33 -> 9.76 and 10.22 -> 9.71; H100 7.52 -> 7.20, 12.74 ->
+# 12.36. (3 stages: shared w1|w3 5.86 / 6.60 us, wo_a 10.02-10.08 / 12.62: not taken, one value for both)
+GEMV_KWARP_STAGES = 2
 
 
 def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int = 1) -> dict:
@@ -1632,7 +1637,8 @@ def _pick_gemv_config_s5(N: int, K: int, M: int, num_sms: int, elem_bytes: int =
         return c
     rows = 16 * 16 // S
     if S in (2, 4, 8) and kb // S <= 4 and K <= 4096 and 0.9 * num_sms <= N / rows <= num_sms:
-        return dict(c, k_splits=1, k_warps=S, warps=16, row_tiles=1, stages=min(4, kb // S), cluster=False)
+        return dict(c, k_splits=1, k_warps=S, warps=16, row_tiles=1, stages=min(GEMV_KWARP_STAGES, kb // S),
+                    cluster=False)
     if N * K >= BIG_WEIGHT_BYTES:
         return dict(c, **_big_split_layout(N, S, num_sms), row_tiles=1, stages=min(2, kb // S), cluster=False)
     return c
@@ -2414,7 +2420,7 @@ def pick_grouped_gemv_config(N: int, K: int, M: int, group_rows: int, num_sms: i
     if N * K >= BIG_WEIGHT_BYTES and group_rows % 128 == 0:
         choice = None
         if kb % 4 == 0 and 0.9 * num_sms <= N / 64 <= num_sms:
-            choice = dict(k_splits=1, k_warps=4, warps=16, row_tiles=1, stages=4)
+            choice = dict(k_splits=1, k_warps=4, warps=16, row_tiles=1, stages=GEMV_KWARP_STAGES)
         for splits in (2, 4, 8):
             if choice is None and kb % splits == 0 and kb // splits <= MAX_SLICE_BLOCKS \
                     and 0.9 * 2 * num_sms <= N / 128 * splits <= 2 * num_sms:
