@@ -1811,13 +1811,7 @@ def bench_gemv_hints(rounds=7, calls=20):
             for label, h in hints.items():
                 K.WEIGHT_LD_HINT = h
                 outs[label] = call(0).clone()
-                for i in range(copies):
-                    call(i)
-                torch.cuda.synchronize()
-                graphs[label] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[label]):
-                    for j in range(calls):
-                        call(j % copies)
+                graphs[label] = graph_of(lambda: [call(j % copies) for j in range(calls)])
         finally:
             K.WEIGHT_LD_HINT = default
         times = {label: [] for label in hints}

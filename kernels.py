@@ -1740,6 +1740,13 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
 
     @dsl_user_op
+    def _ld_b32(addr: Int64, hint: str, *, loc=None, ip=None) -> Int32:
+        """4-byte global load (hint: PTX qualifiers, e.g. WEIGHT_LD_HINT)."""
+        return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)],
+                                      f"ld.global{hint}.b32 $0, [$1];", "=r,l",
+                                      has_side_effects=True, loc=loc, ip=ip))
+
+    @dsl_user_op
     def _cp_async_4(smem_addr: Int32, gmem_addr: Int64, *, loc=None, ip=None):
         """4 bytes global -> shared, asynchronous (cp.async.ca: through L1)."""
         _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
@@ -2534,21 +2541,6 @@ MOE_GEMV_FORCE = (None, None)   # benchmarks: (S, MT) of GEMM1 / GEMM2 instead o
 
 if HAVE_CUTE:
     @dsl_user_op
-    def _ld_nc_v2(addr: Int64, hint: str, *, loc=None, ip=None):
-        """8-byte global load -> 2 Int32 (hint: PTX qualifiers, e.g. WEIGHT_LD_HINT)."""
-        res = _llvm.inline_asm(
-            _ir.Type.parse("!llvm.struct<(i32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
-            f"ld.global{hint}.v2.b32 {{$0, $1}}, [$2];", "=r,=r,l", has_side_effects=True, loc=loc, ip=ip)
-        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2))
-
-    @dsl_user_op
-    def _ld_nc_b32(addr: Int64, hint: str, *, loc=None, ip=None) -> Int32:
-        """4-byte global load (hint: PTX qualifiers, e.g. WEIGHT_LD_HINT)."""
-        return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)],
-                                      f"ld.global{hint}.b32 $0, [$1];", "=r,l",
-                                      has_side_effects=True, loc=loc, ip=ip))
-
-    @dsl_user_op
     def _ld_b32_here(addr: Int64, *, loc=None, ip=None) -> Int32:
         """4-byte global load that stays where it is written (side effects: LLVM neither sinks it into a branch nor
         chains it behind one; several such loads are issued back to back)."""
@@ -2947,11 +2939,11 @@ if HAVE_CUTE:
                 for q in cutlass.range_constexpr(4):
                     wc[s, a, q] = v[q]
                 if const_expr(self.nw == 2):
-                    u = _ld_nc_v2(addr + Int64(scale_off + a * 256), self.ld_hint)
+                    u = _ld_v2(addr + Int64(scale_off + a * 256), self.ld_hint)
                     ws[s, a, 0] = u[0]
                     ws[s, a, 1] = u[1]
                 else:
-                    ws[s, a, 0] = _ld_nc_b32(addr + Int64(scale_off + a * 128), self.ld_hint)
+                    ws[s, a, 0] = _ld_b32(addr + Int64(scale_off + a * 128), self.ld_hint)
 
         @cute.jit
         def mma_k_tile(self, acc, bq, wc, ws, sXv, t, brow, i, s: int):
