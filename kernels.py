@@ -2541,13 +2541,6 @@ MOE_GEMV_FORCE = (None, None)   # benchmarks: (S, MT) of GEMM1 / GEMM2 instead o
 
 if HAVE_CUTE:
     @dsl_user_op
-    def _ld_b32_here(addr: Int64, *, loc=None, ip=None) -> Int32:
-        """4-byte global load that stays where it is written (side effects: LLVM neither sinks it into a branch nor
-        chains it behind one; several such loads are issued back to back)."""
-        return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)], "ld.global.b32 $0, [$1];",
-                                      "=r,l", has_side_effects=True, loc=loc, ip=ip))
-
-    @dsl_user_op
     def _atom_inc_gpu(addr: Int64, limit: int, *, loc=None, ip=None) -> Int32:
         """atom.inc (relaxed, gpu scope) on a global u32: old >= limit ? 0 : old + 1; returns old."""
         return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip), _i32(limit, loc, ip)],
@@ -3131,15 +3124,16 @@ if HAVE_CUTE:
         def table_entry(self, mTiles: cute.Tensor, bid_t):
             """(expert, first row, rows, partner rows) of tile bid_t; rows 0 where tile bid_t - 1's CTA takes it."""
             n_tab = cute.size(mTiles, mode=[0])
-            # this entry and the neighbours' in one round trip (loads that stay here: no dependent chain)
+            # this entry and the neighbours' in one round trip: _ld_b32's inline asm has side effects, so LLVM neither
+            # sinks these loads into a branch nor chains them behind one (no dependent chain)
             tab = mTiles.iterator.toint()
-            expert = _ld_b32_here(tab + Int64(bid_t * 3) * 4)
-            row0 = _ld_b32_here(tab + Int64(bid_t * 3 + 1) * 4)
-            nrows = _ld_b32_here(tab + Int64(bid_t * 3 + 2) * 4)
-            e_m1 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 1, 0) * 3) * 4)
-            e_m2 = _ld_b32_here(tab + Int64(cutlass.max(bid_t - 2, 0) * 3) * 4)
-            e_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3) * 4)
-            n_p1 = _ld_b32_here(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3 + 2) * 4)
+            expert = _ld_b32(tab + Int64(bid_t * 3) * 4, "")
+            row0 = _ld_b32(tab + Int64(bid_t * 3 + 1) * 4, "")
+            nrows = _ld_b32(tab + Int64(bid_t * 3 + 2) * 4, "")
+            e_m1 = _ld_b32(tab + Int64(cutlass.max(bid_t - 1, 0) * 3) * 4, "")
+            e_m2 = _ld_b32(tab + Int64(cutlass.max(bid_t - 2, 0) * 3) * 4, "")
+            e_p1 = _ld_b32(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3) * 4, "")
+            n_p1 = _ld_b32(tab + Int64(cutlass.min(bid_t + 1, n_tab - 1) * 3 + 2) * 4, "")
             # branch-free (selects: ptxas would otherwise sink the neighbour loads into the branches, a dependent
             # chain of table reads): q1 = this tile is the expert's second or later, q2 = third or later
             q1 = cutlass.select_(bid_t >= 1, cutlass.select_(e_m1 == expert, Int32(1), Int32(0)), Int32(0))
