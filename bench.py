@@ -1121,6 +1121,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      "(kernels.WEIGHT_LD_HINT)", ((K, "WEIGHT_LD_HINT", ".nc.L1::no_allocate.L2::256B"),)),
     ("s17 kwarp: the k_warps GEMVs (shared w1|w3, wo_a) with 4 k blocks in flight per warp, sessions 5-16 "
      "(kernels.GEMV_KWARP_STAGES)", ((K, "GEMV_KWARP_STAGES", 4),)),
+    ("s19 hadamard: the indexer's Hadamard as a sequential fma chain, sessions 2-18 (kernels.HADAMARD_MODE "
+     "fma_chain)", ((K, "HADAMARD_MODE", "fma_chain"),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
      "exceed it)", ()),
 ]

@@ -4704,7 +4704,13 @@ QUANT_BLOCK_INDEX = 32     # fp4_quant block of the indexer queries
 # torch on CUDA divides by a Python scalar as a * (1/b) with 1/b rounded to fp32 (div_true_kernel_cuda); pow2_scale's
 # `amax / qmax` runs that way on the GPU, so the kernels multiply by the fp32 reciprocal (checked by a GPU test).
 DIV_BY_RECIPROCAL = True
-HADAMARD_MODE = "fma_chain"   # "fma_chain": sum_j fma(x_j, h_jk, acc) in j order; "fwht": butterfly, then * h
+# The indexer's Hadamard (its queries, IndexQuery / IndexerTopKQuery, and its keys, the compressor's IndexKey): "fwht"
+# = butterflies in fp32, then one multiply by h; "fma_chain" = sum_j fma(x_j, +-h, acc) in j order (a GEMM's
+# per-thread order). Neither gives cuBLAS's bits for (q.float() @ H) (GPU tests: both within tolerance of it).
+# fwht since session 19: H200, the CSA index chain (iwq_b GEMV -> IndexQuery -> IndexerTopK, PDL, 16 steps per graph)
+# 15.12 -> 10.27 us per step, IndexQuery alone 3.61 -> 2.02; decode step (8 layers, 4 CSA) -0.013 ms at batch 1 and
+# -0.027 at batch 8, same logits there (pos 1000).
+HADAMARD_MODE = "fwht"
 POISON = False                # tests: NaN-fill outputs before the kernel so an unwritten element shows up
 GLUE_PDL = True               # the decode glue kernels below (norms, RoPE, compressor, attention, indexer, router)
                               # launch as programmatic dependents: their launch overlaps the previous kernel's drain
