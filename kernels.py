@@ -4704,12 +4704,13 @@ QUANT_BLOCK_INDEX = 32     # fp4_quant block of the indexer queries
 # torch on CUDA divides by a Python scalar as a * (1/b) with 1/b rounded to fp32 (div_true_kernel_cuda); pow2_scale's
 # `amax / qmax` runs that way on the GPU, so the kernels multiply by the fp32 reciprocal (checked by a GPU test).
 DIV_BY_RECIPROCAL = True
-# The indexer's Hadamard (its queries, IndexQuery / IndexerTopKQuery, and its keys, the compressor's IndexKey): "fwht"
-# = butterflies in fp32, then one multiply by h; "fma_chain" = sum_j fma(x_j, +-h, acc) in j order (a GEMM's
-# per-thread order). Neither gives cuBLAS's bits for (q.float() @ H) (GPU tests: both within tolerance of it).
+# The indexer's Hadamard in IndexQuery / IndexerTopKQuery (its queries) and index_key_fused (its keys at compressor
+# entries; CompressorDecode, the decode step's compressor, keeps its own sequential order): "fwht" = butterflies in
+# fp32, then one multiply by h; "fma_chain" = sum_j fma(x_j, +-h, acc) in j order (a GEMM's per-thread order). Neither
+# gives cuBLAS's bits for (q.float() @ H) (GPU tests: both within tolerance of it).
 # fwht since session 19: H200, the CSA index chain (iwq_b GEMV -> IndexQuery -> IndexerTopK, PDL, 16 steps per graph)
-# 15.12 -> 10.27 us per step, IndexQuery alone 3.61 -> 2.02; decode step (8 layers, 4 CSA) -0.013 ms at batch 1 and
-# -0.027 at batch 8, same logits there (pos 1000).
+# 15.12 -> 10.27 us per step, IndexQuery alone 3.61 -> 2.02; decode step (8 layers, 4 CSA), two runs: -0.013 / -0.010
+# ms per step at batch 1, -0.027 / -0.014 at batch 8, same logits there (pos 1000).
 HADAMARD_MODE = "fwht"
 POISON = False                # tests: NaN-fill outputs before the kernel so an unwritten element shows up
 GLUE_PDL = True               # the decode glue kernels below (norms, RoPE, compressor, attention, indexer, router)
