@@ -8,13 +8,14 @@
                                        medians of interleaved rounds, per replay and queued back to back;
                                        --ablate-depth / --ablate-shape: the same for DEPTH_SWITCHES (loads in flight per warp,
                                        T 1..4) / SHAPE_SWITCHES (row tiles per CTA, T 1..256); --ablate-hint:
-                                       HINT_SWITCHES (the weight loads' L2 prefetch size, T 1..256); --read-ceiling: a
+                                       HINT_SWITCHES (the weight loads' L2 prefetch size, T 1..256); --ablate-chunks:
+                                       CHUNKS_SWITCHES (Fp4MoeChunks vs the fused launch at T = 1, its probes); --read-ceiling: a
                                        plain read of the same bytes, 1 and 2 launches, T 1..4; --mxfp4: MXFP4 records;
                                        --pro: Pro dims (D 7168, I 3072, 384 experts)
   python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
                                        clock and power; --ablate-prefill: the prefill switches next to default rows)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
-  python bench.py moe-stamps [T]       per-CTA phase timeline of the fused decode MoE (T <= 3; %globaltimer stamps)
+  python bench.py moe-stamps [T]       per-CTA phase timeline of the fused decode MoE (T <= 3, T = 1 with MOE_CHUNKS off)
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py gemv                 the batch-1 decode GEMVs under the s5 vs s4 config rules (same run), vs copy
                                        (--ld-hints: each with the weight loads' L2 prefetch sizes 256B / none / 64B /
@@ -471,7 +472,7 @@ def bench_moe_decode():
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
             for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape",
-                                     "--ablate-hint", "--read-ceiling"} & set(sys.argv) else 0)]
+                                     "--ablate-hint", "--read-ceiling", "--ablate-chunks"} & set(sys.argv) else 0)]
     bytes_per_expert = K.weight_bytes_per_expert(fmt, D, I)
     Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     if "--ablate-mid" in sys.argv:
@@ -484,6 +485,8 @@ def bench_moe_decode():
         Ts = (1, 2, 3) if "--pro" in sys.argv else (1, 2, 3, 4, 16, 64, 256)
     if "--ablate-hint" in sys.argv:
         Ts = (1, 2, 3, 4, 16, 64, 256)
+    if "--ablate-chunks" in sys.argv:
+        Ts = (1,)
     routings = {}
     for T in Ts:                                      # one routing per T, shared by every variant below
         x, ids, w = random_routing(T, D, E, k)
@@ -521,7 +524,7 @@ def bench_moe_decode():
         mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit)
         return
     for flag, switches in (("--ablate-depth", DEPTH_SWITCHES), ("--ablate-shape", SHAPE_SWITCHES),
-                           ("--ablate-hint", HINT_SWITCHES)):
+                           ("--ablate-hint", HINT_SWITCHES), ("--ablate-chunks", CHUNKS_SWITCHES)):
         if flag in sys.argv:
             mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit, switches=switches)
             return
@@ -696,6 +699,17 @@ SHAPE_SWITCHES = [  # bench.py moe --decode-only --ablate-shape: the same warps 
 ]
 
 
+CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token MoE by act chunks (session 20)
+    ("Fp4MoeChunks at T = 1 (MOE_CHUNKS; old = the fused launch, other bits)", dict(MOE_CHUNKS=True), (1,)),
+    ("probe: Fp4MoeChunks without its reduction (MOE_CHUNKS_PROBE 1; y unwritten)", dict(MOE_CHUNKS_PROBE=1), (1,)),
+    ("probe: Fp4MoeChunks without decode + mma (MOE_CHUNKS_PROBE 2; an xor of the loaded words)",
+     dict(MOE_CHUNKS_PROBE=2), (1,)),
+    ("weight loads .cg.L2::128B (L2 only, no read-only path)", dict(WEIGHT_LD_HINT=".cg.L2::128B"), (1,)),
+    ("weight loads .L1::no_allocate.L2::128B (coherent path)", dict(WEIGHT_LD_HINT=".L1::no_allocate.L2::128B"),
+     (1,)),
+    ("weight loads .nc.L2::128B (L1 allocates)", dict(WEIGHT_LD_HINT=".nc.L2::128B"), (1,)),
+    ("A/A control (MOE_CHUNKS_STAGES 4, the default)", dict(MOE_CHUNKS_STAGES=4), (1,)),
+]
 HINT_SWITCHES = [  # bench.py moe --decode-only --ablate-hint: the weight loads' L2 prefetch size (session 17; same bits)
     ("weight loads with the L2::256B prefetch size of sessions 1-16 (WEIGHT_LD_HINT)",
      dict(WEIGHT_LD_HINT=".nc.L1::no_allocate.L2::256B"), (1, 2, 3, 4, 16, 64, 256)),
@@ -1121,6 +1135,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      "(kernels.WEIGHT_LD_HINT)", ((K, "WEIGHT_LD_HINT", ".nc.L1::no_allocate.L2::256B"),)),
     ("s17 kwarp: the k_warps GEMVs (shared w1|w3, wo_a) with 4 k blocks in flight per warp, sessions 5-16 "
      "(kernels.GEMV_KWARP_STAGES)", ((K, "GEMV_KWARP_STAGES", 4),)),
+    ("s20 chunks: the one-token MoE as the fused GEMM1 -> GEMM2 launch of sessions 4-19 (kernels.MOE_CHUNKS off)",
+     ((K, "MOE_CHUNKS", False),)),
     ("s19 hadamard: the indexer's Hadamard as a sequential fma chain, sessions 2-18 (kernels.HADAMARD_MODE "
      "fma_chain)", ((K, "HADAMARD_MODE", "fma_chain"),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
@@ -1906,10 +1922,12 @@ def fused_moe_stamps(x, ids, w, experts, limit, stamps):
         op = real(*a, stamps=True, **kw)
         return lambda *args: op(*args[:14], stamps, *args[15:])
     K._compile_moe_gemv_fused = with_stamps
+    chunks, K.MOE_CHUNKS = K.MOE_CHUNKS, False          # T = 1 would take Fp4MoeChunks
     try:
         return K.moe_fp4(x, ids, w, experts, limit)
     finally:
         K._compile_moe_gemv_fused = real
+        K.MOE_CHUNKS = chunks
 
 
 def bench_moe_stamps():

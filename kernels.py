@@ -1313,8 +1313,9 @@ def routed_sum(y):
 def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, slots: bool = False):
     """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
     Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order.
-    Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill). slots: where
-    the fused launch runs without routing, RoutedSlots instead of y (the sum left to the consumer)."""
+    Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill); one token takes
+    Fp4MoeChunks (MOE_CHUNKS), which sums the slots itself. slots: where the fused launch runs without routing,
+    RoutedSlots instead of y (the sum left to the consumer)."""
     if x.shape[0] >= PREFILL_MIN_TOKENS and prefill_unavailable_reason(x, experts) is None:
         return moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit)
     pk = experts.packed if experts.packed is not None else prepare_experts(experts).packed
@@ -1330,6 +1331,20 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
     limit = float(swiglu_limit) if swiglu_limit else math.inf
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
+    chunks = moe_chunks_config(pk.fmt, T, k, D, inter) if gemv else None
+    if chunks is not None:
+        # one token: both GEMMs per 64-column act chunk, no routing kernel, y summed in the same launch
+        part = torch.empty(R * (inter // TILE_K), D, dtype=torch.float32, device=dev)
+        y = torch.empty(T, D, dtype=x.dtype, device=dev)
+        if POISON_BUFFERS:
+            part.fill_(float("nan"))
+            y.fill_(float("nan"))
+        cnt = _COUNTERS.get((dev, "chunks"))
+        if cnt is None:
+            cnt = _COUNTERS[(dev, "chunks")] = torch.zeros(4, dtype=torch.int32, device=dev)
+        _compile_moe_chunks(*chunks)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x.contiguous(), y,
+                                     part, a_gate, a_up, a_down, w32, limit, ids32, cnt)
+        return y
     fused = _no_routing_config(pk, T, D, k, sms)    # GEMM1 + GEMM2 in one launch (None: a path below)
     if fused is not None:
         # one launch, no routing kernel: the fused launch reads topk_ids / weights and x itself, rows by slot
@@ -3414,6 +3429,339 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
                 mk(Int32, (slots,), assumed_align=4), mk(Int32, (slots,), assumed_align=4),
                 mk(Uint8, (cute.sym_int(),), assumed_align=128),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        return op, args
+    return _load_or_compile(config, build)
+
+
+if HAVE_CUTE:
+    class Fp4MoeChunks:
+        """The decode MoE of one token without a hand-off between SMs. Work unit u = (routed slot j, act columns
+        64c..64c+63), u = j * I/64 + c; a 2-CTA cluster (one CTA of 6 warpgroups per SM) runs 3 units, each on 4
+        warpgroups ("quarters" q, 12 per cluster: warpgroup G = 6 rank + wg runs quarter G % 4 of unit 3 cluster +
+        G // 4). Quarter q of a unit:
+          - GEMM1: k-tiles [q K/256, (q+1) K/256) of gate/up tile c -> fp32 partials in its CTA's smem; a cluster
+            barrier; each quarter then sums the unit's 4 partials in quarter order over DSMEM (the fused launch's
+            K-split order at T = 1) and applies Fp4MoeGemv's SwiGLU epilogue (act, bf16, in its own smem);
+          - GEMM2: w2's row tiles [q D/512, (q+1) D/512) of k-tile c: act · W2ᵀ · α_down of the unit's 64 columns
+            -> an fp32 partial [units, D] in global memory.
+        The weight register ring runs across the GEMM1 -> GEMM2 boundary (w2's first records are in flight while
+        GEMM1 ends). Each SM holds the same work (3 units per 2 SMs; Flash top-6: 192 units in 128 CTAs, one wave on
+        132 SMs), and no CTA waits on another cluster's act. y is summed over the slots in fp32 and rounded once, as
+        in moe_reference (the fused launch rounds each slot's row to bf16 first).
+        The last n_red CTAs to finish (a counter) each sum RED_ROWS rows of the partials over the units in a fixed
+        order (thread groups of units ug, ug + 32, ..., then the 32 groups in order: deterministic) and write y [1, D].
+        A reducer waits only until every CTA has counted itself: at most n_red CTAs wait while others may still need
+        SMs, and the dependent launch (PDL) starts only after all CTAs have started -> no deadlock. The counter is
+        back at 0 after every launch (the reducers wrap it). A skipped slot's units write zero partials."""
+
+        def __init__(self, fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool):
+            self.g1 = Fp4MoeGemv(fmt, D, inter, True, 4, stages)      # load / decode / mma of one k-tile
+            self.g2 = Fp4MoeGemv(fmt, inter, D, False, 1, stages)
+            self.fmt, self.D, self.inter, self.top_k, self.pdl = fmt, D, inter, top_k, pdl
+            self.k1 = D // TILE_K // 4               # GEMM1 k-tiles per quarter
+            self.r2 = D // TILE_M // 4               # w2 row tiles per quarter
+            self.S = stages
+            assert self.k1 % stages == 0 and self.r2 % stages == 0
+            self.cols = inter // TILE_K              # units per routed slot
+            self.n_units = top_k * self.cols         # one token: topk_ids holds top_k slots
+            self.wgs = 6                             # warpgroups per CTA (2 CTAs = 3 units x 4 quarters)
+            self.threads = 128 * self.wgs
+            self.n_ctas = 2 * (-(-self.n_units // 3))
+            self.chunks = D // RED_ROWS              # reducer chunks of y
+            self.probe = MOE_CHUNKS_PROBE
+
+        @cute.jit
+        def __call__(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor,
+                     mPart: cute.Tensor, mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor,
+                     mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, mCnt: cute.Tensor, stream):
+            @cute.struct
+            class SharedStorage:
+                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2], 16]          # x row, permuted
+                act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]      # per wg, permuted
+                red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
+                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]   # ticket, per wg
+
+            self.shared_storage = SharedStorage
+            self.kernel(mW1, mW2, mX, mY, mPart, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds, mCnt).launch(
+                grid=[self.n_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[2, 1, 1], stream=stream,
+                use_pdl=self.pdl, min_blocks_per_mp=1, preferred_smem_carveout=100)
+
+        @cute.kernel
+        def kernel(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mPart: cute.Tensor,
+                   mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor, mRowW: cute.Tensor,
+                   limit: Float32, mIds: cute.Tensor, mCnt: cute.Tensor):
+            tidx, _, _ = cute.arch.thread_idx()
+            bid, _, _ = cute.arch.block_idx()
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            n_exp = cute.size(mAlphaG, mode=[0])
+            # the router (the kernel right before) wrote topk_ids / weights: wait; the next kernel may then start
+            # (its CTAs launch once all of ours have started)
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+            wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            lane = tidx % 32
+            wg = wid // 4
+            warp = wid % 4
+            g = lane // 4
+            t = lane % 4
+            rank = bid % 2
+            gq = 6 * rank + wg
+            q = gq % 4                                                 # quarter of ...
+            unit = 3 * (bid // 2) + gq // 4                            # ... this unit
+            slot = unit // self.cols
+            col = unit - slot * self.cols
+            expert = Int32(-1)
+            if unit < self.n_units:
+                expert = mIds[slot]
+            valid = Int32(0)
+            if expert >= 0 and expert < n_exp:
+                valid = Int32(1)
+            # the warpgroup's unit comes back from smem after GEMM1 (fewer registers live over its loop)
+            sInfo = storage.misc.get_tensor(cute.make_layout((self.wgs + 1, 4), stride=(4, 1)))   # + the ticket
+            if tidx % 128 == 0:
+                sInfo[wg, 0] = expert
+                sInfo[wg, 1] = unit
+                sInfo[wg, 2] = valid
+            rec = self.g1.rec
+            nw = self.g1.nw
+            thr = (32 * warp + lane) * 16
+            code1 = mW1.iterator.toint() + (Int64(expert) * (self.g1.m_tiles * self.g1.k_tiles)
+                                            + Int64(col * self.g1.k_tiles + q * self.k1)) * rec + thr
+            stride2 = self.g2.k_tiles                                  # records between w2 row tiles
+            scale_off = CODE_BYTES + (8 * warp + g) * (4 * nw) - (32 * warp + lane) * 16
+            wc = cute.make_rmem_tensor((self.S, 2, 4), Int32)
+            ws = cute.make_rmem_tensor((self.S, 2, nw), Int32)
+            if valid != 0:
+                for s in cutlass.range_constexpr(self.S):
+                    self.g1.load_k_tile(wc, ws, code1, scale_off, s, s)
+
+            # ---- the token's x row -> smem, permuted per 64-k tile (Fp4MoeGemv's token layout)
+            sx_base = storage.xs.data_ptr().toint()
+            xa0 = mX.iterator.toint()
+            for i in cutlass.range_constexpr(-(-(self.D // 8) // self.threads)):
+                qq = tidx + i * self.threads
+                if qq < self.D // 8:
+                    kb = (qq % 8) // 2
+                    w0 = (qq // 8) * 32 + 16 * (kb // 2) + 2 * (kb % 2) + qq % 2
+                    for tt in cutlass.range_constexpr(4):
+                        _cp_async_4(sx_base + (w0 + 4 * tt) * 4, xa0 + qq * 16 + 4 * tt)
+            _cp_async_commit()
+            _cp_async_wait(0)
+            cute.arch.sync_threads()
+            sXv = storage.xs.get_tensor(cute.make_layout((4, self.D // 8, 1), stride=(1, 4, self.D // 2)))
+            red = storage.red.get_tensor(cute.make_layout((self.wgs, 2, 64), stride=(128, 64, 1)))
+            bq = cute.make_rmem_tensor((4, 2), Int32)
+
+            # ---- GEMM1: quarter q of gate/up tile `col` (gate rows = atom 0, up rows = atom 1)
+            if valid != 0:
+                acc = cute.make_rmem_tensor((2, 4), Float32)
+                acc.fill(0.0)
+                kt0 = q * self.k1
+                for i0 in cutlass.range(0, self.k1 - self.S, self.S, unroll=1):
+                    for s in cutlass.range_constexpr(self.S):
+                        self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + i0 + s, s)
+                        self.g1.load_k_tile(wc, ws, code1, scale_off, i0 + s + self.S, s)
+                code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
+                for s in cutlass.range_constexpr(self.S):             # GEMM1's last k-tiles; w2's first loads
+                    self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + self.k1 - self.S + s, s)
+                    self.g1.load_k_tile(wc, ws, code2, scale_off, s * stride2, s)
+                if t == 0:                                             # token 0: c = 0 / 2 = rows g / g + 8
+                    for a in cutlass.range_constexpr(2):
+                        red[wg, a, 16 * warp + g] = acc[a, 0]
+                        red[wg, a, 16 * warp + g + 8] = acc[a, 2]
+            cute.arch.cluster_arrive()                                 # the quarters' partials are in smem ...
+            cute.arch.cluster_wait()                                   # ... of both CTAs
+            expert = sInfo[wg, 0]
+            unit = sInfo[wg, 1]
+            valid = sInfo[wg, 2]
+            slot = unit // self.cols
+            gq = 6 * rank + wg
+            q = gq % 4
+            if valid != 0:
+                if warp == 0:                     # act columns 2 lane, 2 lane + 1 -> one permuted bf16x2 word
+                    red_base = storage.red.data_ptr().toint()
+                    sAh = cute.make_tensor(cute.recast_ptr(storage.act.data_ptr(), dtype=BFloat16),
+                                           cute.make_layout(64 * self.wgs))
+                    kb = lane // 8                                     # natural word lane: k = 16 kb + 8 p + 2 tt
+                    wst = 16 * (kb // 2) + 4 * (lane % 4) + 2 * (kb % 2) + (lane % 8) // 4
+                    for e in cutlass.range_constexpr(2):
+                        k = 2 * lane + e
+                        hs = Float32(0.0)
+                        us_ = Float32(0.0)
+                        for qq in cutlass.range_constexpr(4):          # the unit's quarters in order
+                            src = 4 * (gq // 4) + qq
+                            off = (src % 6) * 128 + k
+                            hs = hs + _ld_dsmem_f32(red_base + off * 4, src // 6)
+                            us_ = us_ + _ld_dsmem_f32(red_base + (off + 64) * 4, src // 6)
+                        hh = cute.math.min(hs * mAlphaG[expert], limit)
+                        uu = cute.math.max(cute.math.min(us_ * mAlphaU[expert], limit), -limit)
+                        av = mRowW[slot] * hh / (1.0 + cute.math.exp(-hh)) * uu
+                        sAh[64 * wg + 2 * wst + e] = av.to(BFloat16)
+                cute.arch.barrier(barrier_id=1 + wg, number_of_threads=128)
+            cute.arch.cluster_arrive()                     # done reading the peers' smem (waited for at the end)
+
+            # ---- GEMM2: w2 row tiles q*r2 .. of k-tile `col` against act -> fp32 partials (x alpha_down)
+            part = mPart.iterator.toint() + Int64(unit) * (self.D * 4)
+            if valid != 0:
+                code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
+                sAv = storage.act.get_tensor(cute.make_layout((4, 8 * self.wgs, 1), stride=(1, 4, 32 * self.wgs)))
+                a_down = mAlphaD[expert]
+                acc2 = cute.make_rmem_tensor((2, 4), Float32)
+                for j0 in cutlass.range(0, self.r2 - self.S, self.S, unroll=1):
+                    for s in cutlass.range_constexpr(self.S):
+                        acc2.fill(0.0)
+                        self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
+                        self.g2.load_k_tile(wc, ws, code2, scale_off, (j0 + s + self.S) * stride2, s)
+                        self.store_partial(part, acc2, a_down, q * self.r2 + j0 + s, warp, g, t)
+                for s in cutlass.range_constexpr(self.S):
+                    acc2.fill(0.0)
+                    self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
+                    self.store_partial(part, acc2, a_down, q * self.r2 + self.r2 - self.S + s, warp, g, t)
+            elif unit < self.n_units:                 # a skipped slot (remote expert): zero partials
+                for i in cutlass.range_constexpr(self.r2):
+                    _st_f32(part + Int64((q * self.r2 + i) * TILE_M + tidx % 128) * 4, Float32(0.0))
+
+            # ---- count this CTA; the last n_red to finish reduce the partials into y
+            cute.arch.fence_acq_rel_gpu()
+            cute.arch.sync_threads()
+            if tidx == 0:
+                sInfo[self.wgs, 0] = cute.arch.atomic_add(mCnt.iterator, Int32(1), sem="acq_rel", scope="gpu")
+            cute.arch.sync_threads()
+            n_red = min(self.n_ctas, self.chunks)
+            first = self.n_ctas - n_red
+            ticket = sInfo[self.wgs, 0]
+            if ticket >= first:
+                if tidx == 0:
+                    seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
+                    while seen < self.n_ctas:
+                        seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
+                cute.arch.sync_threads()
+                # chunk of RED_ROWS rows: thread = (row quad rq, unit group ug of 32); units ug, ug + 32, ... summed
+                # in that order, then the 32 groups in order (fixed -> deterministic); all loads issued first
+                rsum = storage.red.get_tensor(cute.make_layout((32, RED_ROWS), stride=(RED_ROWS, 1)))
+                rq = tidx % 8
+                ug = tidx // 8
+                n_it = (self.n_units + 31) // 32
+                ch0 = ticket - first
+                if const_expr(self.probe == 1):           # probe: the count and the wait, no reduction (y unwritten)
+                    ch0 = Int32(self.chunks)
+                for ch in cutlass.range(ch0, self.chunks, n_red, unroll=1):
+                    if tidx < 256:
+                        vals = []
+                        for i in cutlass.range_constexpr(n_it):
+                            u = ug + 32 * i
+                            if const_expr(32 * (i + 1) > self.n_units):
+                                u = cutlass.min(u, self.n_units - 1)      # (a repeat, dropped below)
+                            vals.append(_ld_cg_v4f(mPart.iterator.toint()
+                                                   + (Int64(u) * self.D + ch * RED_ROWS + 4 * rq) * 4))
+                        s4 = cute.make_rmem_tensor(4, Float32)
+                        s4.fill(0.0)
+                        for i in cutlass.range_constexpr(n_it):
+                            if const_expr(32 * (i + 1) <= self.n_units):
+                                for c in cutlass.range_constexpr(4):
+                                    s4[c] = s4[c] + vals[i][c]
+                            else:
+                                if ug + 32 * i < self.n_units:
+                                    for c in cutlass.range_constexpr(4):
+                                        s4[c] = s4[c] + vals[i][c]
+                        for c in cutlass.range_constexpr(4):
+                            rsum[ug, 4 * rq + c] = s4[c]
+                    cute.arch.sync_threads()
+                    if tidx < RED_ROWS:
+                        y = Float32(0.0)
+                        for w in cutlass.range_constexpr(32):
+                            y = y + rsum[w, tidx]
+                        mY[0, ch * RED_ROWS + tidx] = y.to(BFloat16)
+                    cute.arch.sync_threads()
+                if tidx == 0:                     # the last reducer wraps the counter to 0 for the next launch
+                    _atom_inc_gpu(mCnt.iterator.toint(), self.n_ctas + n_red - 1)
+            cute.arch.cluster_wait()                       # the peer has read this CTA's smem
+
+        @cute.jit
+        def math(self, gm, acc, bq, wc, ws, sv, t, i, s: int):
+            """Decode + mma of k-tile i from register slot s (probe 2: only an xor of the loaded words, no math)."""
+            if const_expr(self.probe == 2):
+                x = wc[s, 0, 0]
+                for a in cutlass.range_constexpr(2):
+                    for kb in cutlass.range_constexpr(4):
+                        x = x ^ wc[s, a, kb]
+                    for w in cutlass.range_constexpr(self.g1.nw):
+                        x = x ^ ws[s, a, w]
+                acc[0, 0] = acc[0, 0] + Float32(x & 1)
+            else:
+                gm.mma_k_tile(acc, bq, wc, ws, sv, t, 0, i, s)
+
+        @cute.jit
+        def w2_address(self, mW2: cute.Tensor, sInfo, wg, warp, lane):
+            """Address of this thread's first w2 record (row tile q*r2, k-tile col of the warpgroup's unit)."""
+            expert = sInfo[wg, 0]
+            unit = sInfo[wg, 1]
+            col = unit % self.cols
+            q = (6 * (cute.arch.block_idx()[0] % 2) + wg) % 4
+            return mW2.iterator.toint() + (Int64(expert) * (self.g2.m_tiles * self.g2.k_tiles)
+                                           + Int64(q * self.r2 * self.g2.k_tiles + col)) * self.g2.rec \
+                + (32 * warp + lane) * 16
+
+        @cute.jit
+        def store_partial(self, part, acc2, a_down, m_tile, warp, g, t):
+            """Token 0 of one w2 record (lanes t == 0): rows 64a + 16 warp + g (+ 8) of 128-row tile m_tile."""
+            if t == 0:
+                for a in cutlass.range_constexpr(2):
+                    r = m_tile * TILE_M + 64 * a + 16 * warp + g
+                    _st_f32(part + Int64(r) * 4, acc2[a, 0] * a_down)
+                    _st_f32(part + Int64(r + 8) * 4, acc2[a, 2] * a_down)
+
+    @dsl_user_op
+    def _st_f32(addr: Int64, v: Float32, *, loc=None, ip=None):
+        """4-byte global store."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Float32(v).ir_value(loc=loc, ip=ip)],
+                         "st.global.f32 [$0], $1;", "l,f", has_side_effects=True, loc=loc, ip=ip)
+
+
+MOE_CHUNKS = True           # T = 1: Fp4MoeChunks (both GEMMs per act chunk, partials summed by the last CTAs; H200
+                            # session 20: 32.8-33.0 vs the fused launch's 33.2-33.4 us in three same-run rows, decode
+                            # step -0.007 ms per 8 layers at batch 1)
+MOE_CHUNKS_STAGES = 4       # k-tiles of weight loads in flight per warp (2: level, 8: spills and +7%)
+MOE_CHUNKS_PROBE = 0        # benchmarks only: 1 = no reduction (y unwritten), 2 = no decode + mma (an xor of the
+                            # loaded words; y meaningless)
+RED_ROWS = 32               # rows of y per reducer chunk
+
+
+def moe_chunks_config(fmt: str, T: int, k: int, D: int, inter: int):
+    """_compile_moe_chunks arguments for T tokens at top-k, or None where moe_fp4 takes another path."""
+    if not (MOE_CHUNKS and T == 1 and k <= 32 and inter % TILE_K == 0 and D % 512 == 0):
+        return None
+    s = MOE_CHUNKS_STAGES             # the largest count <= this dividing both loops (GEMM1 k-tiles, w2 row tiles)
+    while s > 1 and ((D // TILE_K // 4) % s or (D // TILE_M // 4) % s):
+        s -= 1
+    return (fmt, D, inter, k, s, USE_PDL)
+
+
+def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool):
+    """Compiled Fp4MoeChunks: w13 / w2 records permuted as for _compile_moe_gemv, x [T, D], y [T, D], partials
+    [slots * I/64, D] fp32, alpha_gate / up / down, the flat topk weights, limit, topk_ids (flat), counter."""
+    config = ("moe_chunks", fmt, D, inter, top_k, stages, pdl, WEIGHT_LD_HINT) + \
+        (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ())
+
+    def build():
+        op = Fp4MoeChunks(fmt, D, inter, top_k, stages, pdl)
+        n_exp = cute.sym_int()
+        rec = record_bytes(fmt)
+        rec_rows = rec // REC_ROW
+
+        def w(g):
+            return cute.runtime.make_fake_tensor(Uint8, (REC_ROW, rec_rows, g.m_tiles * g.k_tiles, n_exp),
+                                                 stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)),
+                                                 assumed_align=128)
+        mk = cute.runtime.make_fake_compact_tensor
+        alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
+        args = (w(op.g1), w(op.g2), mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
+                mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
+                mk(Float32, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16), *alpha,
+                mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
+                mk(Int32, (cute.sym_int(),), assumed_align=4), mk(Int32, (cute.sym_int(),), assumed_align=4),
                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return op, args
     return _load_or_compile(config, build)

@@ -5285,6 +5285,7 @@ def _moe_fused_and_two_launch(ex, x, ids, w, monkeypatch, limit=7.0):
     that the fused launch left its counters zero. (Up to 24 rows: the kernel, not the default row bound.)"""
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    monkeypatch.setattr(K, "MOE_CHUNKS", False)          # T = 1 would take Fp4MoeChunks (tests of its own below)
     fused, two = [], []
     real_f, real_2 = K._compile_moe_gemv_fused, K._compile_moe_gemv
     monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a, **kw: fused.append(a) or real_f(*a, **kw))
@@ -5358,6 +5359,133 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
     _fused_repeats_and_replays_keep_the_bits(T=4, seeds=(7, 8), monkeypatch=monkeypatch)
+
+
+COMPILE_MOE_CHUNKS = """
+import sys, kernels as K
+K._CACHE_DIR = sys.argv[1]
+cfgs = [K.moe_chunks_config(fmt, 1, 6, 4096, 2048) for fmt in ("nvfp4", "mxfp4")]
+cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 512, 256)]
+assert None not in cfgs, cfgs
+for cfg in cfgs:
+    K._compile_moe_chunks(*cfg)
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_path):
+    """The one-token chunk kernel compiles for sm_90a on a GPU-less machine (Flash nvfp4 / mxfp4, small dims); where
+    ptxas is installed, its 768 threads fit one CTA per SM (<= 80 registers) and it spills at most one 64-bit value
+    and a few words (measured: 24-32 bytes, a store and two loads per 4 k-tiles)."""
+    dump = _compile_for_sm90a(COMPILE_MOE_CHUNKS, tmp_path)
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 3
+    ptxas = shutil.which("ptxas")
+    ptxs = list(dump.glob("*Fp4MoeChunks*.ptx"))
+    if ptxas is None or not ptxs:
+        return
+    for ptx in ptxs:
+        rep = ptxas_report(ptxas, ptx, tmp_path)
+        regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
+        spill = int(re.search(r"(\d+) bytes spill stores", rep.stderr).group(1))
+        assert regs <= 65536 // 768 and spill <= 48, rep.stderr[-2000:]
+
+
+def test_moe_chunks_config_only_for_one_token(monkeypatch):
+    """Fp4MoeChunks takes T = 1 only (a cluster runs 3 of its slots' 64-column units: all resident at top-6); its
+    ring depth is the largest count <= MOE_CHUNKS_STAGES dividing both loops; MOE_CHUNKS off: no config."""
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048) == ("nvfp4", 4096, 2048, 6, K.MOE_CHUNKS_STAGES, True)
+    assert K.moe_chunks_config("mxfp4", 1, 6, 512, 256) == ("mxfp4", 512, 256, 6, 1, True)   # 1 w2 row tile each
+    assert K.moe_chunks_config("nvfp4", 2, 6, 4096, 2048) is None
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096 + 256, 2048) is None        # D not a multiple of 512
+    monkeypatch.setattr(K, "MOE_CHUNKS", False)
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048) is None
+
+
+def _moe_chunks_and_fused(ex, x, ids, w, monkeypatch, limit=7.0):
+    """(chunk kernel output, fused launch output) with poisoned buffers; asserts the chunk kernel was taken and left
+    its counter at zero."""
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    calls = []
+    real = K._compile_moe_chunks
+    monkeypatch.setattr(K, "_compile_moe_chunks", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    y = K.moe_fp4(x, ids, w, ex, limit)
+    assert len(calls) == 1, "moe_fp4 did not take Fp4MoeChunks"
+    monkeypatch.setattr(K, "MOE_CHUNKS", False)
+    y_fused = K.moe_fp4(x, ids, w, ex, limit)
+    monkeypatch.setattr(K, "MOE_CHUNKS", True)
+    assert len(calls) == 1
+    torch.cuda.synchronize()
+    assert not K._COUNTERS[(x.device, "chunks")].any(), "Fp4MoeChunks left its counter non-zero"
+    return y, y_fused
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("routing, k", [("random", 6), ("empty_experts", 6), ("one_expert", 2), ("duplicate", 6),
+                                        ("shared", 6), ("token_off", 6)])
+def test_moe_chunks_matches_the_reference_and_the_fused_launch(fmt, routing, k, monkeypatch):
+    """Small dims, one token: the chunk kernel (both GEMMs per 64 act columns, the partials summed in fp32 by its
+    last CTAs) against the fp32 reference and the fused launch (which rounds each slot's row to bf16 first):
+    skipped slots (zero partials), a unit slot past the last unit (k = 2: 8 units, 3 clusters), an expert named
+    twice, no slot on this rank (y = 0)."""
+    ex = _small(fmt)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(k)).to("cuda", torch.bfloat16)
+    ids, w = _gemv_routing(1, k, 16, "random" if routing == "token_off" else routing, seed=70 + k)
+    if routing == "token_off":
+        ids[:] = -1
+        ids[0, 0] = 16
+    y, y_fused = _moe_chunks_and_fused(ex, x, ids, w, monkeypatch)
+    if routing == "token_off":
+        assert not y.any() and not y_fused.any()
+        return
+    _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"chunks {fmt} {routing} vs reference")
+    _assert_close(y, y_fused, f"chunks {fmt} {routing} vs the fused launch", cos_min=0.99999, rel_max=5e-3)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_chunks_flash_dims(fmt, monkeypatch):
+    """Flash dims (D 4096, I 2048, 256 experts, top-6: 192 units in 64 clusters), random routing and skipped slots."""
+    ex = _flash(fmt)
+    for routing, seed in (("random", 1), ("empty_experts", 2)):
+        x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(1, 6, 256, routing, seed=80 + seed)
+        y, y_fused = _moe_chunks_and_fused(ex, x, ids, w, monkeypatch)
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"chunks flash {fmt} {routing} vs reference")
+        _assert_close(y, y_fused, f"chunks flash {fmt} {routing} vs fused", cos_min=0.99999, rel_max=5e-3)
+
+
+@gpu
+def test_moe_chunks_repeats_and_graph_replays_keep_the_bits(monkeypatch):
+    """20 back-to-back calls (PDL chains; the counter wraps every launch) and a plain launch give the first call's
+    bits, so do replays of a graph of 3 calls; a replay follows new inputs copied into the captured buffers."""
+    ex = _small("nvfp4")
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    ids, w = _gemv_routing(1, 6, 16, "random", seed=90)
+    y1 = K.moe_fp4(x, ids, w, ex, 7.0)
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(20)]
+    torch.cuda.synchronize()
+    assert torch.isfinite(y1).all() and all(torch.equal(o, y1) for o in outs)
+    monkeypatch.setattr(K, "USE_PDL", False)
+    assert torch.equal(K.moe_fp4(x, ids, w, ex, 7.0), y1)
+    monkeypatch.setattr(K, "USE_PDL", True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(3)]
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, y1) for y in y_g)
+    x2 = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    ids2, w2 = _gemv_routing(1, 6, 16, "empty_experts", seed=91)
+    y2 = K.moe_fp4(x2, ids2, w2, ex, 7.0)
+    x.copy_(x2)
+    ids.copy_(ids2)
+    w.copy_(w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g[-1], y2) and not torch.equal(y2, y1)
+    assert not K._COUNTERS[(x.device, "chunks")].any()
 
 
 COMPILE_MOE_FUSED_STAMPS = """
@@ -5490,6 +5618,7 @@ def _moe_direct_and_routed(ex, x, ids, w, monkeypatch, limit=7.0):
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
     monkeypatch.setattr(K, "MOE_GEMV_DIRECT", True)
+    monkeypatch.setattr(K, "MOE_CHUNKS", False)          # T = 1 would take Fp4MoeChunks
     fused, routing, two = [], [], []
     real_f, real_r, real_2 = K._compile_moe_gemv_fused, K._compile_routing_gather, K._compile_moe_gemv
     monkeypatch.setattr(K, "_compile_moe_gemv_fused", lambda *a, **kw: fused.append((a, kw)) or real_f(*a, **kw))
@@ -6353,6 +6482,7 @@ def _no_routing_moe(monkeypatch):
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    monkeypatch.setattr(K, "MOE_CHUNKS", False)          # T = 1: Fp4MoeChunks sums the slots itself (no RoutedSlots)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
     return _small("nvfp4")
 
