@@ -3723,7 +3723,8 @@ if HAVE_CUTE:
 MOE_CHUNKS = True           # T = 1: Fp4MoeChunks (both GEMMs per act chunk, partials summed by the last CTAs; H200
                             # session 20: 32.8-33.0 vs the fused launch's 33.2-33.4 us in three same-run rows, decode
                             # step -0.007 ms per 8 layers at batch 1)
-MOE_CHUNKS_STAGES = 4       # k-tiles of weight loads in flight per warp (2: level, 8: spills and +7%)
+MOE_CHUNKS_STAGES = 4       # k-tiles of weight loads in flight per warp (8: spills, slower; 2: 29.9 vs 33.6 us in
+                            # one H200 run, output not yet checked on a GPU at Flash dims -> not the default yet)
 MOE_CHUNKS_PROBE = 0        # benchmarks only: 1 = no reduction (y unwritten), 2 = no decode + mma (an xor of the
                             # loaded words; y meaningless)
 RED_ROWS = 32               # rows of y per reducer chunk

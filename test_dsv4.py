@@ -5362,32 +5362,39 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
 
 
 COMPILE_MOE_CHUNKS = """
-import sys, kernels as K
+import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 cfgs = [K.moe_chunks_config(fmt, 1, 6, 4096, 2048) for fmt in ("nvfp4", "mxfp4")]
 cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 512, 256)]
-assert None not in cfgs, cfgs
-for cfg in cfgs:
+K.MOE_CHUNKS_STAGES = 2
+cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048)]
+assert None not in cfgs and cfgs[-1][4] == 2, cfgs
+for i, cfg in enumerate(cfgs):
     K._compile_moe_chunks(*cfg)
+    for ptx in glob.glob(os.path.join(os.environ["CUTE_DSL_DUMP_DIR"], "*Fp4MoeChunks*.ptx")):
+        os.replace(ptx, os.path.join(os.environ["CUTE_DSL_DUMP_DIR"], f"chunks{i}_stages{cfg[4]}.ptx"))
 """
 
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_path):
-    """The one-token chunk kernel compiles for sm_90a on a GPU-less machine (Flash nvfp4 / mxfp4, small dims); where
-    ptxas is installed, its 768 threads fit one CTA per SM (<= 80 registers) and it spills at most one 64-bit value
-    and a few words (measured: 24-32 bytes, a store and two loads per 4 k-tiles)."""
+    """The one-token chunk kernel compiles for sm_90a on a GPU-less machine (Flash nvfp4 / mxfp4, small dims, Flash
+    with a 2-deep ring); where ptxas is installed, its 768 threads fit one CTA per SM (<= 80 registers); the 4-deep
+    ring spills at most one 64-bit value and a few words (measured: 24-32 bytes, a store and two loads per 4 k-tiles),
+    the 2-deep ring at most 8 bytes (measured: 8), the 1-deep one (small dims) nothing."""
     dump = _compile_for_sm90a(COMPILE_MOE_CHUNKS, tmp_path)
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 3
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
     ptxas = shutil.which("ptxas")
-    ptxs = list(dump.glob("*Fp4MoeChunks*.ptx"))
+    ptxs = sorted(dump.glob("chunks*.ptx"))
     if ptxas is None or not ptxs:
         return
+    assert len(ptxs) == 4
     for ptx in ptxs:
         rep = ptxas_report(ptxas, ptx, tmp_path)
         regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
         spill = int(re.search(r"(\d+) bytes spill stores", rep.stderr).group(1))
-        assert regs <= 65536 // 768 and spill <= 48, rep.stderr[-2000:]
+        assert regs <= 65536 // 768 and spill <= (48 if ptx.name.endswith("stages4.ptx") else 8), \
+            (ptx.name, rep.stderr[-2000:])
 
 
 def test_moe_chunks_config_only_for_one_token(monkeypatch):
@@ -5444,8 +5451,12 @@ def test_moe_chunks_matches_the_reference_and_the_fused_launch(fmt, routing, k, 
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_moe_chunks_flash_dims(fmt, monkeypatch):
-    """Flash dims (D 4096, I 2048, 256 experts, top-6: 192 units in 64 clusters), random routing and skipped slots."""
+@pytest.mark.parametrize("stages", [4, 2])
+def test_moe_chunks_flash_dims(fmt, stages, monkeypatch):
+    """Flash dims (D 4096, I 2048, 256 experts, top-6: 192 units in 64 clusters), random routing and skipped slots,
+    the 4-deep (default) and the 2-deep weight ring (session 20's faster candidate)."""
+    monkeypatch.setattr(K, "MOE_CHUNKS_STAGES", stages)
+    assert K.moe_chunks_config(fmt, 1, 6, 4096, 2048)[4] == stages
     ex = _flash(fmt)
     for routing, seed in (("random", 1), ("empty_experts", 2)):
         x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
