@@ -1331,7 +1331,7 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     ids32, w32 = topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).to(torch.float32)
     limit = float(swiglu_limit) if swiglu_limit else math.inf
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
-    chunks = moe_chunks_config(pk.fmt, T, k, D, inter) if gemv else None
+    chunks = moe_chunks_config(pk.fmt, T, k, D, inter, sms) if gemv else None
     if chunks is not None:
         # one token: both GEMMs per 64-column act chunk, no routing kernel, y summed in the same launch
         part = torch.empty(R * (inter // TILE_K), D, dtype=torch.float32, device=dev)
@@ -3451,9 +3451,11 @@ if HAVE_CUTE:
         in moe_reference (the fused launch rounds each slot's row to bf16 first).
         The last n_red CTAs to finish (a counter) each sum RED_ROWS rows of the partials over the units in a fixed
         order (thread groups of units ug, ug + 32, ..., then the 32 groups in order: deterministic) and write y [1, D].
-        A reducer waits only until every CTA has counted itself: at most n_red CTAs wait while others may still need
-        SMs, and the dependent launch (PDL) starts only after all CTAs have started -> no deadlock. The counter is
-        back at 0 after every launch (the reducers wrap it). A skipped slot's units write zero partials."""
+        A reducer waits until every CTA has counted itself, and with n_red = all CTAs (Flash) that wait needs every
+        CTA to get an SM: moe_chunks_config launches it only where its CTAs fit the SMs at once (one per SM), nothing
+        this launch waits for holds an SM it needs, and the dependent launch (PDL) starts only after all its CTAs
+        have started. The counter is back at 0 after every launch (the reducers wrap it). A skipped slot's units
+        write zero partials."""
 
         def __init__(self, fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool):
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, 4, stages)      # load / decode / mma of one k-tile
@@ -3730,9 +3732,14 @@ MOE_CHUNKS_PROBE = 0        # benchmarks only: 1 = no reduction (y unwritten), 2
 RED_ROWS = 32               # rows of y per reducer chunk
 
 
-def moe_chunks_config(fmt: str, T: int, k: int, D: int, inter: int):
-    """_compile_moe_chunks arguments for T tokens at top-k, or None where moe_fp4 takes another path."""
+def moe_chunks_config(fmt: str, T: int, k: int, D: int, inter: int, sms: int):
+    """_compile_moe_chunks arguments for T tokens at top-k, or None where moe_fp4 takes another path. Only where its
+    CTAs (one per SM, 2-CTA clusters of 3 units) fit the SMs at once: every CTA may end up a reducer waiting for all
+    to count, so a launch wider than the GPU could wait forever (Flash top-6: 128 CTAs on 132 SMs; Pro's 192 and
+    a 114-SM H100 PCIe take the fused launch)."""
     if not (MOE_CHUNKS and T == 1 and k <= 32 and inter % TILE_K == 0 and D % 512 == 0):
+        return None
+    if 2 * -(-(k * (inter // TILE_K)) // 3) > sms:
         return None
     s = MOE_CHUNKS_STAGES             # the largest count <= this dividing both loops (GEMM1 k-tiles, w2 row tiles)
     while s > 1 and ((D // TILE_K // 4) % s or (D // TILE_M // 4) % s):

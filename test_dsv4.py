@@ -5364,10 +5364,10 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
 COMPILE_MOE_CHUNKS = """
 import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
-cfgs = [K.moe_chunks_config(fmt, 1, 6, 4096, 2048) for fmt in ("nvfp4", "mxfp4")]
-cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 512, 256)]
+cfgs = [K.moe_chunks_config(fmt, 1, 6, 4096, 2048, 132) for fmt in ("nvfp4", "mxfp4")]
+cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 512, 256, 132)]
 K.MOE_CHUNKS_STAGES = 2
-cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048)]
+cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132)]
 assert None not in cfgs and cfgs[-1][4] == 2, cfgs
 for i, cfg in enumerate(cfgs):
     K._compile_moe_chunks(*cfg)
@@ -5397,15 +5397,20 @@ def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_p
             (ptx.name, rep.stderr[-2000:])
 
 
-def test_moe_chunks_config_only_for_one_token(monkeypatch):
-    """Fp4MoeChunks takes T = 1 only (a cluster runs 3 of its slots' 64-column units: all resident at top-6); its
-    ring depth is the largest count <= MOE_CHUNKS_STAGES dividing both loops; MOE_CHUNKS off: no config."""
-    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048) == ("nvfp4", 4096, 2048, 6, K.MOE_CHUNKS_STAGES, True)
-    assert K.moe_chunks_config("mxfp4", 1, 6, 512, 256) == ("mxfp4", 512, 256, 6, 1, True)   # 1 w2 row tile each
-    assert K.moe_chunks_config("nvfp4", 2, 6, 4096, 2048) is None
-    assert K.moe_chunks_config("nvfp4", 1, 6, 4096 + 256, 2048) is None        # D not a multiple of 512
+def test_moe_chunks_config_only_for_one_token_and_one_wave(monkeypatch):
+    """Fp4MoeChunks takes T = 1 only, and only where its CTAs (a 2-CTA cluster per 3 units of 64 act columns, one
+    CTA per SM) fit the GPU at once: Flash top-6 needs 128 SMs (H100 / H200 SXM: 132), Pro (D 7168, I 3072) 192, so Pro
+    and a 114-SM H100 PCIe take the fused launch; its ring depth is the largest count <= MOE_CHUNKS_STAGES dividing
+    both loops; MOE_CHUNKS off: no config."""
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132) == ("nvfp4", 4096, 2048, 6, K.MOE_CHUNKS_STAGES, True)
+    assert K.moe_chunks_config("mxfp4", 1, 6, 512, 256, 132) == ("mxfp4", 512, 256, 6, 1, True)   # 1 w2 row tile each
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 128) is not None
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 114) is None          # 128 CTAs > 114 SMs
+    assert K.moe_chunks_config("nvfp4", 1, 6, 7168, 3072, 132) is None          # Pro: 192 CTAs
+    assert K.moe_chunks_config("nvfp4", 2, 6, 4096, 2048, 132) is None
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096 + 256, 2048, 132) is None   # D not a multiple of 512
     monkeypatch.setattr(K, "MOE_CHUNKS", False)
-    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048) is None
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132) is None
 
 
 def _moe_chunks_and_fused(ex, x, ids, w, monkeypatch, limit=7.0):
@@ -5456,7 +5461,7 @@ def test_moe_chunks_flash_dims(fmt, stages, monkeypatch):
     """Flash dims (D 4096, I 2048, 256 experts, top-6: 192 units in 64 clusters), random routing and skipped slots,
     the 4-deep (default) and the 2-deep weight ring (session 20's faster candidate)."""
     monkeypatch.setattr(K, "MOE_CHUNKS_STAGES", stages)
-    assert K.moe_chunks_config(fmt, 1, 6, 4096, 2048)[4] == stages
+    assert K.moe_chunks_config(fmt, 1, 6, 4096, 2048, 132)[4] == stages
     ex = _flash(fmt)
     for routing, seed in (("random", 1), ("empty_experts", 2)):
         x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
