@@ -712,6 +712,8 @@ CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token
      dict(WEIGHT_LD_HINT=".nc.L1::no_allocate.L2::256B"), (1,)),
     ("A/A control (MOE_CHUNKS_STAGES 4, the default)", dict(MOE_CHUNKS_STAGES=4), (1,)),
 ]
+
+
 HINT_SWITCHES = [  # bench.py moe --decode-only --ablate-hint: the weight loads' L2 prefetch size (session 17; same bits)
     ("weight loads with the L2::256B prefetch size of sessions 1-16 (WEIGHT_LD_HINT)",
      dict(WEIGHT_LD_HINT=".nc.L1::no_allocate.L2::256B"), (1, 2, 3, 4, 16, 64, 256)),
