@@ -3355,6 +3355,13 @@ if HAVE_CUTE:
                              mSrc if const_expr(self.stamps) else mW2, mCnt, tidx, bid_k, item_m, item_t)
 
 
+def _fake_records(g, fmt: str, n_exp):
+    """Fake tensor of Fp4MoeGemv g's packed records as the kernels take them: (256, rows, records, E), E symbolic."""
+    rec = record_bytes(fmt)
+    return cute.runtime.make_fake_tensor(Uint8, (REC_ROW, rec // REC_ROW, g.m_tiles * g.k_tiles, n_exp),
+                                         stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)), assumed_align=128)
+
+
 def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages: int, min_ctas: int,
                             m_per_cta: int, pdl: bool, top_k: int, stamps: bool = False):
     """Compiled Fp4MoeGemvFused (TVM-FFI entry, no routing kernel before it): w13 and w2 records permuted as for
@@ -3368,17 +3375,10 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
     def build():
         op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k, stamps)
         rows, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(4))
-        rec = record_bytes(fmt)
-        rec_rows = rec // REC_ROW
-
-        def w(g):
-            return cute.runtime.make_fake_tensor(Uint8, (REC_ROW, rec_rows, g.m_tiles * g.k_tiles, n_exp),
-                                                 stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)),
-                                                 assumed_align=128)
         mk = cute.runtime.make_fake_compact_tensor
         alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
         x_rows, src_rows = cute.sym_int(), cute.sym_int()
-        args = (w(op.g1), w(op.g2), mk(BFloat16, (x_rows, D), stride_order=(1, 0), assumed_align=16),
+        args = (_fake_records(op.g1, fmt, n_exp), _fake_records(op.g2, fmt, n_exp), mk(BFloat16, (x_rows, D), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, inter), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, D), stride_order=(1, 0), assumed_align=16),
                 mk(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4), *alpha,
@@ -3416,13 +3416,8 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
         op.tok_async = tok_async
         assert not direct_k or (by_slot and not pair and pdl)
         rows_b, rows_o, n_exp, n_tiles, slots = (cute.sym_int() for _ in range(5))
-        rec = record_bytes(fmt)
-        rec_rows = rec // REC_ROW
-        w = cute.runtime.make_fake_tensor(Uint8, (REC_ROW, rec_rows, op.m_tiles * op.k_tiles, n_exp),
-                                          stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)),
-                                          assumed_align=128)
         mk = cute.runtime.make_fake_compact_tensor
-        args = (w, mk(BFloat16, (rows_b, k_dim), stride_order=(1, 0), assumed_align=16),
+        args = (_fake_records(op, fmt, n_exp), mk(BFloat16, (rows_b, k_dim), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows_o, n_out), stride_order=(1, 0), assumed_align=16),
                 mk(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4),
                 mk(Float32, (n_exp,), assumed_align=4), mk(Float32, (n_exp,), assumed_align=4),
@@ -3756,16 +3751,9 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
     def build():
         op = Fp4MoeChunks(fmt, D, inter, top_k, stages, pdl)
         n_exp = cute.sym_int()
-        rec = record_bytes(fmt)
-        rec_rows = rec // REC_ROW
-
-        def w(g):
-            return cute.runtime.make_fake_tensor(Uint8, (REC_ROW, rec_rows, g.m_tiles * g.k_tiles, n_exp),
-                                                 stride=(1, REC_ROW, rec, cute.sym_int64(divisibility=rec)),
-                                                 assumed_align=128)
         mk = cute.runtime.make_fake_compact_tensor
         alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
-        args = (w(op.g1), w(op.g2), mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
+        args = (_fake_records(op.g1, fmt, n_exp), _fake_records(op.g2, fmt, n_exp), mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
                 mk(Float32, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16), *alpha,
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
