@@ -15,7 +15,8 @@
   python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
                                        clock and power; --ablate-prefill: the prefill switches next to default rows)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE
-  python bench.py moe-stamps [T]       per-CTA phase timeline of the fused decode MoE (T <= 3, T = 1 with MOE_CHUNKS off)
+  python bench.py moe-stamps [T]       per-CTA phase timeline of the fused decode MoE (T <= 3; T = 1 with MOE_CHUNKS
+                                       off); moe-stamps 1 --chunks: of Fp4MoeChunks
   python bench.py decode [--layers N]  decode step of a Flash-dims layer stack, eager vs CUDA graph, vs its byte floor
   python bench.py gemv                 the batch-1 decode GEMVs under the s5 vs s4 config rules (same run), vs copy
                                        (--ld-hints: each with the weight loads' L2 prefetch sizes 256B / none / 64B /
@@ -699,18 +700,22 @@ SHAPE_SWITCHES = [  # bench.py moe --decode-only --ablate-shape: the same warps 
 ]
 
 
-CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token MoE by act chunks (session 20; its
+CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token MoE by act chunks (sessions 20-21; the
                      # session-20 rows with .cg / coherent weight loads are in notes/kernel.md: 13-15% slower)
     ("Fp4MoeChunks at T = 1 (MOE_CHUNKS; old = the fused launch, other bits)", dict(MOE_CHUNKS=True), (1,)),
     ("probe: Fp4MoeChunks without its reduction (MOE_CHUNKS_PROBE 1; y unwritten)", dict(MOE_CHUNKS_PROBE=1), (1,)),
     ("probe: Fp4MoeChunks without decode + mma (MOE_CHUNKS_PROBE 2; an xor of the loaded words)",
      dict(MOE_CHUNKS_PROBE=2), (1,)),
-    ("Fp4MoeChunks, 2 k-tiles in flight per warp (MOE_CHUNKS_STAGES; old = 4)", dict(MOE_CHUNKS_STAGES=2), (1,)),
-    ("probe: 2 k-tiles in flight per warp, without decode + mma (old = 4 with the math)",
-     dict(MOE_CHUNKS_STAGES=2, MOE_CHUNKS_PROBE=2), (1,)),
-    ("weight loads with the L2::256B prefetch size (WEIGHT_LD_HINT; old = L2::128B)",
-     dict(WEIGHT_LD_HINT=".nc.L1::no_allocate.L2::256B"), (1,)),
-    ("A/A control (MOE_CHUNKS_STAGES 4, the default)", dict(MOE_CHUNKS_STAGES=4), (1,)),
+    ("Fp4MoeChunks, 4 k-tiles in flight per warp (MOE_CHUNKS_STAGES; old = 2)", dict(MOE_CHUNKS_STAGES=4), (1,)),
+    ("x row after the weight ring's first loads, epilogue scalars from global memory after GEMM1 (session 20; "
+     "MOE_CHUNKS_EARLY off)", dict(MOE_CHUNKS_EARLY=False), (1,)),
+    ("w2's first loads with GEMM1's last k-tiles, before the cluster arrive's fence (session 20; "
+     "MOE_CHUNKS_W2_FIRST gemm1_tail)", dict(MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
+    ("w2's first loads after the cluster wait (MOE_CHUNKS_W2_FIRST after_wait)",
+     dict(MOE_CHUNKS_W2_FIRST="after_wait"), (1,)),
+    ("session 20's start and boundary (MOE_CHUNKS_EARLY off, MOE_CHUNKS_W2_FIRST gemm1_tail)",
+     dict(MOE_CHUNKS_EARLY=False, MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
+    ("A/A control (MOE_CHUNKS_STAGES 2, the default)", dict(MOE_CHUNKS_STAGES=2), (1,)),
 ]
 
 
@@ -1144,6 +1149,9 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      "(kernels.GEMV_KWARP_STAGES)", ((K, "GEMV_KWARP_STAGES", 4),)),
     ("s20 chunks: the one-token MoE as the fused GEMM1 -> GEMM2 launch of sessions 4-19 (kernels.MOE_CHUNKS off)",
      ((K, "MOE_CHUNKS", False),)),
+    ("s21 chunks: Fp4MoeChunks as landed in session 20 (kernels.MOE_CHUNKS_STAGES 4, MOE_CHUNKS_EARLY off, "
+     "MOE_CHUNKS_W2_FIRST gemm1_tail)",
+     ((K, "MOE_CHUNKS_STAGES", 4), (K, "MOE_CHUNKS_EARLY", False), (K, "MOE_CHUNKS_W2_FIRST", "gemm1_tail"))),
     ("s19 hadamard: the indexer's Hadamard as a sequential fma chain, sessions 2-18 (kernels.HADAMARD_MODE "
      "fma_chain)", ((K, "HADAMARD_MODE", "fma_chain"),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
@@ -2018,6 +2026,63 @@ def bench_moe_stamps():
               f"{statistics.median(spread):.2f} us apart (median of max - min)")
 
 
+CHUNK_PHASES = {0: "entry", 1: "x row in smem", 2: "GEMM1 loop end", 3: "GEMM1 cluster sync", 11: "SwiGLU in smem",
+                12: "warpgroup barrier", 4: "act ready", 5: "GEMM2 loop end", 6: "counted", 7: "all counted",
+                8: "y rows written", 9: "exit"}
+
+
+def bench_chunk_stamps():
+    """`python bench.py moe-stamps 1 --chunks`: phase percentiles of Fp4MoeChunks' CTAs (Flash dims, nvfp4, one token;
+    MOE_CHUNKS_PROBE 3: thread 0 of each CTA stamps %globaltimer after each phase; phases 2 / 4 / 5 are warpgroup 0's),
+    10 plain launches, each after calls on other weight copies; us after the launch's first CTA entry."""
+    D, I, E, k, fmt, limit = 4096, 2048, 256, 6, "nvfp4", 10.0
+    copies = [random_packed_experts(E, D, I, "cuda", s, fmt) for s in range(4)]
+    x, ids, w = random_routing(1, D, E, k)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if K.moe_chunks_config(fmt, 1, k, D, I, sms) is None:
+        print("Fp4MoeChunks does not run here (MOE_CHUNKS off or too few SMs)", file=sys.stderr)
+        sys.exit(2)
+    real, parts = K._compile_moe_chunks, []
+    n_ctas = 2 * -(-(k * (I // 64)) // 3)                 # 2-CTA clusters of 3 units (the row past the partials)
+
+    def keep_part(*a, **kw):
+        op = real(*a, **kw)
+
+        def call(*args):
+            parts.append(args[4])
+            return op(*args)
+        return call
+    ref = K.moe_fp4(x, ids, w, copies[0], limit)
+    K._compile_moe_chunks, K.MOE_CHUNKS_PROBE = keep_part, 3
+    try:
+        same = torch.equal(K.moe_fp4(x, ids, w, copies[0], limit), ref)
+        runs = []
+        for r in range(12):
+            for _ in range(3):
+                K.moe_fp4(x, ids, w, copies[(r + 1) % 4], limit)          # other weights through L2
+            parts.clear()
+            K.moe_fp4(x, ids, w, copies[r % 4], limit)
+            torch.cuda.synchronize()
+            if r >= 2:
+                runs.append(parts[-1][-1].view(torch.int32)[: 16 * n_ctas].view(n_ctas, 16).to(torch.int64).cpu())
+    finally:
+        K._compile_moe_chunks, K.MOE_CHUNKS_PROBE = real, 0
+
+    def rel(a, col):
+        return ((a[:, col] - a[:, 0].min()) % (1 << 32)).double() / 1e3
+
+    def pct(v):
+        v = sorted(v.tolist())
+        return [v[min(len(v) - 1, int(p / 100 * len(v)))] for p in (0, 10, 50, 90, 100)]
+    print(f"{torch.cuda.get_device_name()}: Fp4MoeChunks, one token (Flash dims, nvfp4), {n_ctas} CTAs, ring depth "
+          f"{K.MOE_CHUNKS_STAGES}; bits with stamps vs default: {'same' if same else 'DIFF'}")
+    print(f"{len(runs)} plain launches; us after the first CTA's entry, median over launches of each percentile")
+    print(f"{'phase':>20} " + " ".join(f"{'p' + str(p):>6}" for p in (0, 10, 50, 90, 100)))
+    for col, name in CHUNK_PHASES.items():
+        rows = [pct(rel(a, col)) for a in runs]
+        print(f"{name:>20} " + " ".join(f"{statistics.median(r[i] for r in rows):6.1f}" for i in range(5)))
+
+
 # Stage-0 handoff probe (notes/megakernel.md section 5): an in-kernel handoff through a global counter vs a PDL boundary
 # ======================================================================================================================
 # One launch, grid = n_active "active" CTAs + n_load "load" CTAs, one CTA per SM (HANDOFF_SMEM of shared memory each;
@@ -2640,6 +2705,8 @@ if __name__ == "__main__":
         bench_moe()
     elif what == "moe-profile":
         profile_moe()
+    elif what == "moe-stamps" and "--chunks" in sys.argv:
+        bench_chunk_stamps()
     elif what == "moe-stamps":
         bench_moe_stamps()
     elif what == "decode":

@@ -1334,7 +1334,7 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     chunks = moe_chunks_config(pk.fmt, T, k, D, inter, sms) if gemv else None
     if chunks is not None:
         # one token: both GEMMs per 64-column act chunk, no routing kernel, y summed in the same launch
-        part = torch.empty(R * (inter // TILE_K), D, dtype=torch.float32, device=dev)
+        part = torch.empty(R * (inter // TILE_K) + (MOE_CHUNKS_PROBE == 3), D, dtype=torch.float32, device=dev)
         y = torch.empty(T, D, dtype=x.dtype, device=dev)
         if POISON_BUFFERS:
             part.fill_(float("nan"))
@@ -3440,10 +3440,11 @@ if HAVE_CUTE:
             K-split order at T = 1) and applies Fp4MoeGemv's SwiGLU epilogue (act, bf16, in its own smem);
           - GEMM2: w2's row tiles [q D/512, (q+1) D/512) of k-tile c: act · W2ᵀ · α_down of the unit's 64 columns
             -> an fp32 partial [units, D] in global memory.
-        The weight register ring runs across the GEMM1 -> GEMM2 boundary (w2's first records are in flight while
-        GEMM1 ends). Each SM holds the same work (3 units per 2 SMs; Flash top-6: 192 units in 128 CTAs, one wave on
-        132 SMs), and no CTA waits on another cluster's act. y is summed over the slots in fp32 and rounded once, as
-        in moe_reference (the fused launch rounds each slot's row to bf16 first).
+        The weight register ring runs across the GEMM1 -> GEMM2 boundary (w2's first records go out between the
+        cluster barrier's arrive and wait, MOE_CHUNKS_W2_FIRST); x and the epilogue scalars load first
+        (MOE_CHUNKS_EARLY). Each SM holds the same work (3 units per 2 SMs; Flash top-6: 192 units in 128 CTAs, one
+        wave on 132 SMs), and no CTA waits on another cluster's act. y is summed over the slots in fp32 and rounded
+        once, as in moe_reference (the fused launch rounds each slot's row to bf16 first).
         The last n_red CTAs to finish (a counter) each sum RED_ROWS rows of the partials over the units in a fixed
         order (thread groups of units ug, ug + 32, ..., then the 32 groups in order: deterministic) and write y [1, D].
         A reducer waits until every CTA has counted itself, and with n_red = all CTAs (Flash) that wait needs every
@@ -3467,6 +3468,8 @@ if HAVE_CUTE:
             self.n_ctas = 2 * (-(-self.n_units // 3))
             self.chunks = D // RED_ROWS              # reducer chunks of y
             self.probe = MOE_CHUNKS_PROBE
+            self.early = MOE_CHUNKS_EARLY
+            self.w2_first = MOE_CHUNKS_W2_FIRST
 
         @cute.jit
         def __call__(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor,
@@ -3478,6 +3481,7 @@ if HAVE_CUTE:
                 act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]      # per wg, permuted
                 red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
                 misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]   # ticket, per wg
+                consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs], 16]   # alphas, row weight
 
             self.shared_storage = SharedStorage
             self.kernel(mW1, mW2, mX, mY, mPart, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds, mCnt).launch(
@@ -3493,10 +3497,13 @@ if HAVE_CUTE:
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             n_exp = cute.size(mAlphaG, mode=[0])
+            self.stamp(mPart, 0)
             # the router (the kernel right before) wrote topk_ids / weights: wait; the next kernel may then start
             # (its CTAs launch once all of ours have started)
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
+            if const_expr(self.early):            # x first: its L2 hits then do not queue behind the weight loads
+                self.load_x_row(storage, mX, tidx)
             wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
             lane = tidx % 32
             wg = wid // 4
@@ -3521,6 +3528,15 @@ if HAVE_CUTE:
                 sInfo[wg, 0] = expert
                 sInfo[wg, 1] = unit
                 sInfo[wg, 2] = valid
+                if const_expr(self.early):        # the epilogues' scalars -> smem with x (loaded after GEMM1,
+                    if valid != 0:                # they queue behind w2's weight loads)
+                        c_base = storage.consts.data_ptr().toint() + 16 * wg
+                        _cp_async_4(c_base, mAlphaG.iterator.toint() + Int64(expert) * 4)
+                        _cp_async_4(c_base + 4, mAlphaU.iterator.toint() + Int64(expert) * 4)
+                        _cp_async_4(c_base + 8, mAlphaD.iterator.toint() + Int64(expert) * 4)
+                        _cp_async_4(c_base + 12, mRowW.iterator.toint() + Int64(slot) * 4)
+            if const_expr(self.early):
+                _cp_async_commit()
             rec = self.g1.rec
             nw = self.g1.nw
             thr = (32 * warp + lane) * 16
@@ -3534,19 +3550,13 @@ if HAVE_CUTE:
                 for s in cutlass.range_constexpr(self.S):
                     self.g1.load_k_tile(wc, ws, code1, scale_off, s, s)
 
-            # ---- the token's x row -> smem, permuted per 64-k tile (Fp4MoeGemv's token layout)
-            sx_base = storage.xs.data_ptr().toint()
-            xa0 = mX.iterator.toint()
-            for i in cutlass.range_constexpr(-(-(self.D // 8) // self.threads)):
-                qq = tidx + i * self.threads
-                if qq < self.D // 8:
-                    kb = (qq % 8) // 2
-                    w0 = (qq // 8) * 32 + 16 * (kb // 2) + 2 * (kb % 2) + qq % 2
-                    for tt in cutlass.range_constexpr(4):
-                        _cp_async_4(sx_base + (w0 + 4 * tt) * 4, xa0 + qq * 16 + 4 * tt)
-            _cp_async_commit()
+            if const_expr(not self.early):
+                self.load_x_row(storage, mX, tidx)
+                _cp_async_commit()
             _cp_async_wait(0)
             cute.arch.sync_threads()
+            self.stamp(mPart, 1)
+            sConst = storage.consts.get_tensor(cute.make_layout((self.wgs, 4), stride=(4, 1)))
             sXv = storage.xs.get_tensor(cute.make_layout((4, self.D // 8, 1), stride=(1, 4, self.D // 2)))
             red = storage.red.get_tensor(cute.make_layout((self.wgs, 2, 64), stride=(128, 64, 1)))
             bq = cute.make_rmem_tensor((4, 2), Int32)
@@ -3561,15 +3571,24 @@ if HAVE_CUTE:
                         self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + i0 + s, s)
                         self.g1.load_k_tile(wc, ws, code1, scale_off, i0 + s + self.S, s)
                 code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
-                for s in cutlass.range_constexpr(self.S):             # GEMM1's last k-tiles; w2's first loads
+                for s in cutlass.range_constexpr(self.S):             # GEMM1's last k-tiles (+ w2's first loads)
                     self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + self.k1 - self.S + s, s)
-                    self.g1.load_k_tile(wc, ws, code2, scale_off, s * stride2, s)
+                    if const_expr(self.w2_first == "gemm1_tail"):
+                        self.g1.load_k_tile(wc, ws, code2, scale_off, s * stride2, s)
+                self.stamp(mPart, 2)
                 if t == 0:                                             # token 0: c = 0 / 2 = rows g / g + 8
                     for a in cutlass.range_constexpr(2):
                         red[wg, a, 16 * warp + g] = acc[a, 0]
                         red[wg, a, 16 * warp + g + 8] = acc[a, 2]
-            cute.arch.cluster_arrive()                                 # the quarters' partials are in smem ...
-            cute.arch.cluster_wait()                                   # ... of both CTAs
+            # the quarters' partials are in smem of both CTAs: the arrive's release is a GPU-wide fence (MEMBAR.GPU)
+            # that waits for the thread's loads in flight, so w2's first loads go out after it (MOE_CHUNKS_W2_FIRST)
+            cute.arch.cluster_arrive()
+            if const_expr(self.w2_first == "after_arrive"):
+                self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
+            cute.arch.cluster_wait()
+            self.stamp(mPart, 3)
+            if const_expr(self.w2_first == "after_wait"):
+                self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
             expert = sInfo[wg, 0]
             unit = sInfo[wg, 1]
             valid = sInfo[wg, 2]
@@ -3592,19 +3611,26 @@ if HAVE_CUTE:
                             off = (src % 6) * 128 + k
                             hs = hs + _ld_dsmem_f32(red_base + off * 4, src // 6)
                             us_ = us_ + _ld_dsmem_f32(red_base + (off + 64) * 4, src // 6)
-                        hh = cute.math.min(hs * mAlphaG[expert], limit)
-                        uu = cute.math.max(cute.math.min(us_ * mAlphaU[expert], limit), -limit)
-                        av = mRowW[slot] * hh / (1.0 + cute.math.exp(-hh)) * uu
+                        hh = cute.math.min(hs * self.scalar(sConst, mAlphaG, expert, wg, 0), limit)
+                        uu = cute.math.max(cute.math.min(us_ * self.scalar(sConst, mAlphaU, expert, wg, 1), limit),
+                                           -limit)
+                        av = self.scalar(sConst, mRowW, slot, wg, 3) * hh / (1.0 + cute.math.exp(-hh)) * uu
                         sAh[64 * wg + 2 * wst + e] = av.to(BFloat16)
+                    self.stamp(mPart, 11)
                 cute.arch.barrier(barrier_id=1 + wg, number_of_threads=128)
-            cute.arch.cluster_arrive()                     # done reading the peers' smem (waited for at the end)
+                self.stamp(mPart, 12)
+            if const_expr(self.w2_first == "gemm1_tail"):  # done reading the peers' smem (waited for at the end)
+                cute.arch.cluster_arrive()
+            else:                                          # no fence (it would wait for w2's loads in flight)
+                cute.arch.cluster_arrive_relaxed()
+            self.stamp(mPart, 4)
 
             # ---- GEMM2: w2 row tiles q*r2 .. of k-tile `col` against act -> fp32 partials (x alpha_down)
             part = mPart.iterator.toint() + Int64(unit) * (self.D * 4)
             if valid != 0:
                 code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
                 sAv = storage.act.get_tensor(cute.make_layout((4, 8 * self.wgs, 1), stride=(1, 4, 32 * self.wgs)))
-                a_down = mAlphaD[expert]
+                a_down = self.scalar(sConst, mAlphaD, expert, wg, 2)
                 acc2 = cute.make_rmem_tensor((2, 4), Float32)
                 for j0 in cutlass.range(0, self.r2 - self.S, self.S, unroll=1):
                     for s in cutlass.range_constexpr(self.S):
@@ -3620,12 +3646,14 @@ if HAVE_CUTE:
                 for i in cutlass.range_constexpr(self.r2):
                     _st_f32(part + Int64((q * self.r2 + i) * TILE_M + tidx % 128) * 4, Float32(0.0))
 
+            self.stamp(mPart, 5)
             # ---- count this CTA; the last n_red to finish reduce the partials into y
             cute.arch.fence_acq_rel_gpu()
             cute.arch.sync_threads()
             if tidx == 0:
                 sInfo[self.wgs, 0] = cute.arch.atomic_add(mCnt.iterator, Int32(1), sem="acq_rel", scope="gpu")
             cute.arch.sync_threads()
+            self.stamp(mPart, 6)
             n_red = min(self.n_ctas, self.chunks)
             first = self.n_ctas - n_red
             ticket = sInfo[self.wgs, 0]
@@ -3635,6 +3663,7 @@ if HAVE_CUTE:
                     while seen < self.n_ctas:
                         seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
                 cute.arch.sync_threads()
+                self.stamp(mPart, 7)
                 # chunk of RED_ROWS rows: thread = (row quad rq, unit group ug of 32); units ug, ug + 32, ... summed
                 # in that order, then the 32 groups in order (fixed -> deterministic); all loads issued first
                 rsum = storage.red.get_tensor(cute.make_layout((32, RED_ROWS), stride=(RED_ROWS, 1)))
@@ -3674,7 +3703,50 @@ if HAVE_CUTE:
                     cute.arch.sync_threads()
                 if tidx == 0:                     # the last reducer wraps the counter to 0 for the next launch
                     _atom_inc_gpu(mCnt.iterator.toint(), self.n_ctas + n_red - 1)
+            self.stamp(mPart, 8)
             cute.arch.cluster_wait()                       # the peer has read this CTA's smem
+            self.stamp(mPart, 9)
+
+        @cute.jit
+        def w2_first_loads(self, mW2: cute.Tensor, sInfo, wc, ws, scale_off, wg, warp, lane):
+            """w2's first S records of the warpgroup's unit -> the register ring (a skipped slot: none)."""
+            if sInfo[wg, 2] != 0:
+                code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
+                for s in cutlass.range_constexpr(self.S):
+                    self.g1.load_k_tile(wc, ws, code2, scale_off, s * self.g2.k_tiles, s)
+
+        @cute.jit
+        def load_x_row(self, storage, mX: cute.Tensor, tidx):
+            """The token's x row -> smem (cp.async, not committed), permuted per 64-k tile (Fp4MoeGemv's layout)."""
+            sx_base = storage.xs.data_ptr().toint()
+            xa0 = mX.iterator.toint()
+            for i in cutlass.range_constexpr(-(-(self.D // 8) // self.threads)):
+                qq = tidx + i * self.threads
+                if qq < self.D // 8:
+                    kb = (qq % 8) // 2
+                    w0 = (qq // 8) * 32 + 16 * (kb // 2) + 2 * (kb % 2) + qq % 2
+                    for tt in cutlass.range_constexpr(4):
+                        _cp_async_4(sx_base + (w0 + 4 * tt) * 4, xa0 + qq * 16 + 4 * tt)
+
+        @cute.jit
+        def scalar(self, sConst, mSrc: cute.Tensor, i, wg, j: int):
+            """An epilogue scalar (alpha_gate / up / down of the expert, the slot's routing weight): from smem where the
+            start copied it there (MOE_CHUNKS_EARLY), else from global memory."""
+            v = Float32(0.0)
+            if const_expr(self.early):
+                v = sConst[wg, j]
+            else:
+                v = mSrc[i]
+            return v
+
+        @cute.jit
+        def stamp(self, mPart: cute.Tensor, i: int):
+            """Probe 3: thread 0 writes the low 32 bits of %globaltimer as phase i of this CTA into the row past the
+            partials (mPart has n_units + 1 rows then)."""
+            if const_expr(self.probe == 3):
+                if cute.arch.thread_idx()[0] == 0:
+                    off = self.n_units * self.D + 16 * cute.arch.block_idx()[0] + i
+                    _st_f32(mPart.iterator.toint() + Int64(off) * 4, _bits_f32(cute.arch.globaltimer_lo()))
 
         @cute.jit
         def math(self, gm, acc, bq, wc, ws, sv, t, i, s: int):
@@ -3718,12 +3790,16 @@ if HAVE_CUTE:
 
 
 MOE_CHUNKS = True           # T = 1: Fp4MoeChunks (both GEMMs per act chunk, partials summed by the last CTAs; H200
-                            # session 20: 32.8-33.0 vs the fused launch's 33.2-33.4 us in three same-run rows, decode
-                            # step -0.007 ms per 8 layers at batch 1)
-MOE_CHUNKS_STAGES = 4       # k-tiles of weight loads in flight per warp (8: spills, slower; 2: 29.9 vs 33.6 us in
-                            # one H200 run, output not yet checked on a GPU at Flash dims -> not the default yet)
+                            # session 21: 27.6-28.6 vs the fused launch's 33.3-33.9 us in four same-run rows, decode
+                            # step -0.071 ms per 8 layers at batch 1)
+MOE_CHUNKS_STAGES = 2       # k-tiles of weight loads in flight per warp (H200, medians of 7 rounds: 2 -> 29.9-30.0
+                            # us, 4 -> 33.6, 1 -> 31.6 in session 21's first run; 8 spills)
 MOE_CHUNKS_PROBE = 0        # benchmarks only: 1 = no reduction (y unwritten), 2 = no decode + mma (an xor of the
-                            # loaded words; y meaningless)
+                            # loaded words; y meaningless), 3 = phase stamps per CTA (bench.py moe-stamps 1 --chunks)
+MOE_CHUNKS_EARLY = True     # x row first, the epilogue scalars (alphas, routing weight) copied to smem with it
+MOE_CHUNKS_W2_FIRST = "after_arrive" # where w2's first ring loads go out: "gemm1_tail" (session 20: with GEMM1's last
+                            # k-tiles, so the cluster arrive's fence waits for them), "after_arrive", "after_wait"
+                            # (of the GEMM1 cluster barrier; the post-SwiGLU arrive is then relaxed)
 RED_ROWS = 32               # rows of y per reducer chunk
 
 
@@ -3746,7 +3822,8 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
     """Compiled Fp4MoeChunks: w13 / w2 records permuted as for _compile_moe_gemv, x [T, D], y [T, D], partials
     [slots * I/64, D] fp32, alpha_gate / up / down, the flat topk weights, limit, topk_ids (flat), counter."""
     config = ("moe_chunks", fmt, D, inter, top_k, stages, pdl, WEIGHT_LD_HINT) + \
-        (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ())
+        (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ()) + (() if MOE_CHUNKS_EARLY else ("late",)) + \
+        (("w2_first", MOE_CHUNKS_W2_FIRST),)
 
     def build():
         op = Fp4MoeChunks(fmt, D, inter, top_k, stages, pdl)
