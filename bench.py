@@ -1928,6 +1928,18 @@ STAMP_PHASES = {0: "entry", 1: "ticket", 4: "ids", 5: "act wait begin", 6: "act 
                 8: "main loop end", 9: "K partials met", 10: "stores + signal", 11: "exit"}
 
 
+def _stamp_us(a, col):
+    """Per-CTA stamps [CTAs, 16] (%globaltimer low words): column col in us after the launch's first CTA entry
+    (column 0; 32-bit wrap)."""
+    return ((a[:, col] - a[:, 0].min()) % (1 << 32)).double() / 1e3
+
+
+def _stamp_percentiles(v):
+    """p0, p10, p50, p90, p100 of a 1-D tensor."""
+    v = sorted(v.tolist())
+    return [v[min(len(v) - 1, int(p / 100 * len(v)))] for p in (0, 10, 50, 90, 100)]
+
+
 def fused_moe_stamps(x, ids, w, experts, limit, stamps):
     """One fused-launch MoE call (kernels.moe_fp4 with the fused path) whose kernel writes its per-CTA stamps into
     `stamps` (int32, >= 16 per CTA); returns y (the same bits as the default kernel)."""
@@ -1974,12 +1986,7 @@ def bench_moe_stamps():
         if r >= 2:
             runs.append(st.view(ncta, 16).to(torch.int64).cpu())
 
-    def rel(a, col):                                       # us after the launch's first CTA entry (32-bit wrap)
-        return ((a[:, col] - a[:, 0].min()) % (1 << 32)).double() / 1e3
-
-    def pct(v):
-        v = sorted(v.tolist())
-        return [v[min(len(v) - 1, int(p / 100 * len(v)))] for p in (0, 10, 50, 90, 100)]
+    rel, pct = _stamp_us, _stamp_percentiles
     print(f"{torch.cuda.get_device_name()}: fused decode MoE, T={T} (Flash dims, nvfp4), K split {S}, {MT} row "
           f"tile(s) per CTA, {ncta} CTAs ({n1 * S} GEMM1); bits with stamps vs default: {'same' if same else 'DIFF'}")
     print(f"{len(runs)} plain launches; us after the first CTA's entry, median over launches of each percentile")
@@ -2067,13 +2074,7 @@ def bench_chunk_stamps():
                 runs.append(parts[-1][-1].view(torch.int32)[: 16 * n_ctas].view(n_ctas, 16).to(torch.int64).cpu())
     finally:
         K._compile_moe_chunks, K.MOE_CHUNKS_PROBE = real, 0
-
-    def rel(a, col):
-        return ((a[:, col] - a[:, 0].min()) % (1 << 32)).double() / 1e3
-
-    def pct(v):
-        v = sorted(v.tolist())
-        return [v[min(len(v) - 1, int(p / 100 * len(v)))] for p in (0, 10, 50, 90, 100)]
+    rel, pct = _stamp_us, _stamp_percentiles
     print(f"{torch.cuda.get_device_name()}: Fp4MoeChunks, one token (Flash dims, nvfp4), {n_ctas} CTAs, ring depth "
           f"{K.MOE_CHUNKS_STAGES}; bits with stamps vs default: {'same' if same else 'DIFF'}")
     print(f"{len(runs)} plain launches; us after the first CTA's entry, median over launches of each percentile")
