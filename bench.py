@@ -9,9 +9,9 @@
                                        --ablate-depth / --ablate-shape: the same for DEPTH_SWITCHES (loads in flight per warp,
                                        T 1..4) / SHAPE_SWITCHES (row tiles per CTA, T 1..256); --ablate-hint:
                                        HINT_SWITCHES (the weight loads' L2 prefetch size, T 1..256); --ablate-chunks:
-                                       CHUNKS_SWITCHES (Fp4MoeChunks vs the fused launch at T = 1, its probes); --read-ceiling: a
-                                       plain read of the same bytes, 1 and 2 launches, T 1..4; --mxfp4: MXFP4 records;
-                                       --pro: Pro dims (D 7168, I 3072, 384 experts)
+                                       CHUNKS_SWITCHES (Fp4MoeChunks vs the fused launch at T = 1, its probes);
+                                       --read-ceiling: a plain read of the same bytes, 1 and 2 launches, T 1..4;
+                                       --mxfp4: MXFP4 records; --pro: Pro dims (D 7168, I 3072, 384 experts)
   python bench.py moe --prefill        T = 4096 / 16384 as dsv4.py calls the MoE (burst, graph, sustained, with the SM
                                        clock and power; --ablate-prefill: the prefill switches next to default rows)
   python bench.py moe-profile          per-kernel device time of the fp4 MoE

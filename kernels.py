@@ -3378,7 +3378,8 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
         mk = cute.runtime.make_fake_compact_tensor
         alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
         x_rows, src_rows = cute.sym_int(), cute.sym_int()
-        args = (_fake_records(op.g1, fmt, n_exp), _fake_records(op.g2, fmt, n_exp), mk(BFloat16, (x_rows, D), stride_order=(1, 0), assumed_align=16),
+        args = (_fake_records(op.g1, fmt, n_exp), _fake_records(op.g2, fmt, n_exp),
+                mk(BFloat16, (x_rows, D), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, inter), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (rows, D), stride_order=(1, 0), assumed_align=16),
                 mk(Int32, (n_tiles, 3), stride_order=(1, 0), assumed_align=4), *alpha,
@@ -3830,7 +3831,8 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
         n_exp = cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
         alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]
-        args = (_fake_records(op.g1, fmt, n_exp), _fake_records(op.g2, fmt, n_exp), mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
+        args = (_fake_records(op.g1, fmt, n_exp), _fake_records(op.g2, fmt, n_exp),
+                mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
                 mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
                 mk(Float32, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16), *alpha,
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
