@@ -5778,37 +5778,42 @@ class _NoSharedExpert(torch.nn.Module):
 
 @gpu
 @pytest.mark.parametrize("layer", [0, 1])                          # hash-routed, biased top-k
-def test_gpu_moe_module_at_batch_1_matches_the_torch_reference(layer, monkeypatch):
-    """dsv4.MoE.forward at batch 1 (32 experts, D 256, I 256, top-6; shared expert stubbed to 0) on the GPU (router
-    kernel, then the routing-free fused launch + MoeCombine) gives the torch router's ids and the fp32 reference
-    MoE's output up to rounding. (Until session 11 this compared the router's ready-flag handoff, MOE_ROUTER_SIGNAL,
-    with the waiting launch.)"""
-    cfg = dsv4.ModelConfig(vocab_size=512, hidden_size=256, moe_intermediate_size=256, n_routed_experts=32,
+@pytest.mark.parametrize("dim", [256, 512])
+def test_gpu_moe_module_at_batch_1_matches_the_torch_reference(layer, dim, monkeypatch):
+    """dsv4.MoE.forward at batch 1 (32 experts, D 256 | 512, I 256, top-6; shared expert stubbed to 0) on the GPU
+    (router kernel, then D 256: the routing-free fused launch + MoeCombine; D 512: Fp4MoeChunks, which sums the
+    slots itself) gives the torch router's ids and the fp32 reference MoE's output up to rounding. (Until session
+    11 this compared the router's ready-flag handoff, MOE_ROUTER_SIGNAL, with the waiting launch.)"""
+    cfg = dsv4.ModelConfig(vocab_size=512, hidden_size=dim, moe_intermediate_size=256, n_routed_experts=32,
                            num_experts_per_tok=6, num_hash_layers=1)
     moe = dsv4.MoE(cfg, layer)
     g = torch.Generator().manual_seed(layer)
-    moe.gate.weight.data = (torch.randn(32, 256, generator=g) * 256 ** -0.5).to(torch.bfloat16)
+    moe.gate.weight.data = (torch.randn(32, dim, generator=g) * dim ** -0.5).to(torch.bfloat16)
     if moe.gate.hash:
         moe.gate.tid2eid.data = torch.randint(0, 32, (512, 6), generator=g)
     else:
         moe.gate.bias.data = torch.randn(32, generator=g) * 0.1
     moe.shared_experts = _NoSharedExpert()
     moe = moe.cuda()
-    moe.experts = K.prepare_experts(random_fp4_experts(32, 256, 256, "nvfp4", device="cuda", seed=3))
-    calls = []
+    moe.experts = K.prepare_experts(random_fp4_experts(32, dim, 256, "nvfp4", device="cuda", seed=3))
+    calls, chunks = [], []
     real = K.gate_decode
     monkeypatch.setattr(K, "gate_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    x = torch.randn(1, 1, 256, generator=g).to("cuda", torch.bfloat16)
+    real_chunks = K._compile_moe_chunks
+    monkeypatch.setattr(K, "_compile_moe_chunks", lambda *a, **kw: chunks.append(a) or real_chunks(*a, **kw))
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    x = torch.randn(1, 1, dim, generator=g).to("cuda", torch.bfloat16)
     tokens = torch.tensor([[7]], device="cuda")
     y = moe(x, tokens)
     torch.cuda.synchronize()
     assert calls == [1], "the router kernel did not run"
-    ids, w = K.gate_reference(moe.gate, x.view(1, 256), tokens.view(-1))
-    ids_k, w_k = real(moe.gate, x.view(1, 256), tokens.view(-1))
+    assert len(chunks) == (dim == 512), "Fp4MoeChunks ran where it should not, or not where it should"
+    ids, w = K.gate_reference(moe.gate, x.view(1, dim), tokens.view(-1))
+    ids_k, w_k = real(moe.gate, x.view(1, dim), tokens.view(-1))
     assert torch.equal(ids_k.cpu(), ids.int().cpu()) and torch.allclose(w_k, w, rtol=1e-5, atol=1e-6)
-    ref = K.moe_reference(x.view(1, 256).float(), ids, w, moe.experts, moe.limit)
+    ref = K.moe_reference(x.view(1, dim).float(), ids, w, moe.experts, moe.limit)
     assert y.abs().sum() > 0
-    _assert_close(y.view(1, 256), ref, f"MoE module layer {layer} vs reference")
+    _assert_close(y.view(1, dim), ref, f"MoE module layer {layer} D {dim} vs reference")
 
 
 # ------------------------------------------------------------------ indexer scores + top-k in one launch (session 5)
