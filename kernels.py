@@ -6846,6 +6846,74 @@ if HAVE_CUTE:
                          "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r", has_side_effects=True,
                          loc=loc, ip=ip)
 
+    @cute.jit
+    def _key_source(v, W, pos, Tc, ratio, mIdx: cute.Tensor, b, mode: str):
+        """Source row of key v of the list [window ring slots 0..W-1 | compressed keys]: ring slot v (if <= pos), W + j
+        for compressed row j (HCA: the completed blocks j < (pos+1)//ratio; CSA: the indexer's pick v - W, if valid),
+        -1 = masked."""
+        src = Int32(-1)
+        if v < W:
+            if v <= pos:
+                src = v
+        else:
+            c = v - W
+            if const_expr(mode == "hca"):
+                if c < Tc and c < (pos + 1) // ratio:
+                    src = W + c
+            if const_expr(mode == "csa"):
+                if c < cute.size(mIdx, mode=[1]):
+                    j = mIdx[b, c].to(Int32)
+                    if j >= 0 and j < Tc:
+                        src = W + j
+        return src
+
+    @cute.jit
+    def _copy_key_piece(sK: cute.Tensor, r, c, row: int, src, W, b, mWin: cute.Tensor, mComp: cute.Tensor):
+        """cp.async of 16-B piece c of key row src (ring slot < W, else compressed row src - W; -1: zero-filled) into
+        padded smem row r."""
+        gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
+                                              mWin.layout)).toint()
+        if src >= W:
+            gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
+        nbytes = Int32(0)
+        if src >= 0:
+            nbytes = Int32(16)
+        cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+
+    @cute.jit
+    def _pv_mma_words(acc2: cute.Tensor, a0, a1, a2, a3, sK: cute.Tensor, k, d0, g, sel, d_tiles: int):
+        """acc2 += P fragment (a0..a3) x V for keys k, k+1, k+8, k+9 and the warp's d_tiles n8 d tiles from d0: the
+        B fragment pairs two keys' bf16 of one d column (word loads + prmt; K = V rows in sK)."""
+        for j in cutlass.range_constexpr(d_tiles):
+            w = (d0 + 8 * j) // 2 + g // 2
+            b0 = prmt(sK[k, w], sK[k + 1, w], sel)
+            b1 = prmt(sK[k + 8, w], sK[k + 9, w], sel)
+            d = mma_bf16_16816(a0, a1, a2, a3, b0, b1, acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
+            for e in cutlass.range_constexpr(4):
+                acc2[4 * j + e] = d[e]
+
+    @cute.jit
+    def _rescale_rows(acc2: cute.Tensor, a_lo, a_hi, d_tiles: int):
+        """The online softmax's rescale of the PV accumulators: rows g (a_lo) and g + 8 (a_hi) of each n8 d tile."""
+        for j in cutlass.range_constexpr(d_tiles):
+            acc2[4 * j] = acc2[4 * j] * a_lo
+            acc2[4 * j + 1] = acc2[4 * j + 1] * a_lo
+            acc2[4 * j + 2] = acc2[4 * j + 2] * a_hi
+            acc2[4 * j + 3] = acc2[4 * j + 3] * a_hi
+
+    @cute.jit
+    def _publish_partial(sO: cute.Tensor, sML: cute.Tensor, acc2: cute.Tensor, m_run, z_run, g, t, d0, hh, part,
+                         d_tiles: int):
+        """This CTA's partial (o, m, z) -> its own shared memory, then a cluster barrier: the peers may read it."""
+        for j in cutlass.range_constexpr(d_tiles):
+            for e in cutlass.range_constexpr(4):
+                sO[g + 8 * (e // 2), d0 + 8 * j + 2 * t + e % 2] = acc2[4 * j + e]
+        if part == 0:
+            sML[hh, 0] = m_run
+            sML[hh, 1] = z_run
+        cute.arch.cluster_arrive()
+        cute.arch.cluster_wait()
+
     @dsl_user_op
     def load_cg_f32x4(gmem_addr, *, loc=None, ip=None):
         """4 fp32 from a 16-B aligned global address through L2 only (written by other CTAs of this launch)."""
@@ -6956,21 +7024,7 @@ if HAVE_CUTE:
                 flag[0] = Int32(0)
             cute.arch.sync_threads()
             for r in cutlass.range(tidx, chunk, self.threads, unroll=1):
-                v = split * chunk + r
-                src = Int32(-1)
-                if v < W:
-                    if v <= pos:
-                        src = v
-                else:
-                    c = v - W
-                    if const_expr(self.mode == "hca"):
-                        if c < Tc and c < (pos + 1) // ratio:
-                            src = W + c
-                    if const_expr(self.mode == "csa"):
-                        if c < cute.size(mIdx, mode=[1]):
-                            j = mIdx[b, c].to(Int32)
-                            if j >= 0 and j < Tc:
-                                src = W + j
+                src = _key_source(split * chunk + r, W, pos, Tc, ratio, mIdx, b, self.mode)
                 sSrc[r] = src
                 if src >= 0:
                     flag[0] = Int32(1)
@@ -6989,17 +7043,7 @@ if HAVE_CUTE:
                         nbytes = Int32(16)
                     cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
                 for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
-                    r = i // vec
-                    c = i % vec
-                    src = sSrc[r]
-                    gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
-                                                          mWin.layout)).toint()
-                    if src >= W:
-                        gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
-                    nbytes = Int32(0)
-                    if src >= 0:
-                        nbytes = Int32(16)
-                    cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+                    _copy_key_piece(sK, i // vec, i % vec, row, sSrc[i // vec], W, b, mWin, mComp)
                 cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.sync_threads()
@@ -7067,14 +7111,7 @@ if HAVE_CUTE:
                     a2 = sP[g, kk * 8 + 4 + t]
                     a3 = sP[g + 8, kk * 8 + 4 + t]
                     k = kk * 16 + 2 * t
-                    for j in cutlass.range_constexpr(self.d_tiles):
-                        w = (d0 + 8 * j) // 2 + g // 2
-                        b0 = prmt(sK[k, w], sK[k + 1, w], sel)
-                        b1 = prmt(sK[k + 8, w], sK[k + 9, w], sel)
-                        d = mma_bf16_16816(a0, a1, a2, a3, b0, b1,
-                                           acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
-                        for e in cutlass.range_constexpr(4):
-                            acc2[4 * j + e] = d[e]
+                    _pv_mma_words(acc2, a0, a1, a2, a3, sK, k, d0, g, sel, self.d_tiles)
                 for j in cutlass.range_constexpr(self.d_tiles):
                     for e in cutlass.range_constexpr(4):
                         mPartO[b, grp, split, g + 8 * (e // 2), d0 + 8 * j + 2 * t + e % 2] = acc2[4 * j + e]
@@ -7240,38 +7277,14 @@ if HAVE_CUTE:
                     flag[0] = Int32(0)
                 cute.arch.sync_threads()
                 for r in cutlass.range(tidx, chunk, self.threads, unroll=1):
-                    v = v0 + r
-                    src = Int32(-1)
-                    if v < W:
-                        if v <= pos:
-                            src = v
-                    else:
-                        c = v - W
-                        if const_expr(self.mode == "hca"):
-                            if c < Tc and c < (pos + 1) // ratio:
-                                src = W + c
-                        if const_expr(self.mode == "csa"):
-                            if c < cute.size(mIdx, mode=[1]):
-                                j = mIdx[b, c].to(Int32)
-                                if j >= 0 and j < Tc:
-                                    src = W + j
+                    src = _key_source(v0 + r, W, pos, Tc, ratio, mIdx, b, self.mode)
                     sSrc[r] = src
                     if src >= 0:
                         flag[0] = Int32(1)
                 cute.arch.sync_threads()
                 if flag[0] != 0:
                     for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
-                        r = i // vec
-                        c = i % vec
-                        src = sSrc[r]
-                        gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
-                                                              mWin.layout)).toint()
-                        if src >= W:
-                            gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
-                        nbytes = Int32(0)
-                        if src >= 0:
-                            nbytes = Int32(16)
-                        cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+                        _copy_key_piece(sK, i // vec, i % vec, row, sSrc[i // vec], W, b, mWin, mComp)
                     cute.arch.cp_async_commit_group()
                     cute.arch.cp_async_wait_group(0)
                     cute.arch.sync_threads()
@@ -7319,39 +7332,19 @@ if HAVE_CUTE:
                         sAlpha[hh] = alpha
                     cute.arch.sync_threads()
 
-                    a_lo = sAlpha[g]
-                    a_hi = sAlpha[g + 8]
-                    for j in cutlass.range_constexpr(self.d_tiles):
-                        acc2[4 * j] = acc2[4 * j] * a_lo
-                        acc2[4 * j + 1] = acc2[4 * j + 1] * a_lo
-                        acc2[4 * j + 2] = acc2[4 * j + 2] * a_hi
-                        acc2[4 * j + 3] = acc2[4 * j + 3] * a_hi
+                    _rescale_rows(acc2, sAlpha[g], sAlpha[g + 8], self.d_tiles)
                     for kk in cutlass.range_constexpr(chunk // 16):
                         a0 = sP[g, kk * 8 + t]
                         a1 = sP[g + 8, kk * 8 + t]
                         a2 = sP[g, kk * 8 + 4 + t]
                         a3 = sP[g + 8, kk * 8 + 4 + t]
                         k = kk * 16 + 2 * t
-                        for j in cutlass.range_constexpr(self.d_tiles):
-                            w = (d0 + 8 * j) // 2 + g // 2
-                            b0 = prmt(sK[k, w], sK[k + 1, w], sel)
-                            b1 = prmt(sK[k + 8, w], sK[k + 9, w], sel)
-                            d = mma_bf16_16816(a0, a1, a2, a3, b0, b1,
-                                               acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
-                            for e in cutlass.range_constexpr(4):
-                                acc2[4 * j + e] = d[e]
+                        _pv_mma_words(acc2, a0, a1, a2, a3, sK, k, d0, g, sel, self.d_tiles)
                 cute.arch.sync_threads()                           # sK / sP are reused by the next chunk
             cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
 
             # partial (o, m, z) of this CTA -> its own shared memory, then the cluster combines
-            for j in cutlass.range_constexpr(self.d_tiles):
-                for e in cutlass.range_constexpr(4):
-                    sO[g + 8 * (e // 2), d0 + 8 * j + 2 * t + e % 2] = acc2[4 * j + e]
-            if part == 0:
-                sML[hh, 0] = m_run
-                sML[hh, 1] = z_run
-            cute.arch.cluster_arrive()
-            cute.arch.cluster_wait()
+            _publish_partial(sO, sML, acc2, m_run, z_run, g, t, d0, hh, part, self.d_tiles)
             units = HEAD_TILE * self.hd // 4
             for u in cutlass.range(split + self.splits * tidx, units, self.splits * self.threads, unroll=1):
                 ch_ = u // (self.hd // 4)
@@ -7526,14 +7519,7 @@ if HAVE_CUTE:
                 c = i % vec
                 if r < cnt16:
                     src = srcs[k]
-                    gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
-                                                          mWin.layout)).toint()
-                    if src >= W:
-                        gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
-                    nbytes = Int32(0)
-                    if src >= 0:
-                        nbytes = Int32(16)
-                    cp_async_16((sK.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
+                    _copy_key_piece(sK, r, c, row, src, W, b, mWin, mComp)
                     if c == 0:
                         sSrc[r] = src
             cute.arch.cp_async_commit_group()
@@ -7787,13 +7773,7 @@ if HAVE_CUTE:
                         sAlpha[hh] = alpha
                     cute.arch.sync_threads()
 
-                    a_lo = sAlpha[g]
-                    a_hi = sAlpha[g + 8]
-                    for j in cutlass.range_constexpr(self.d_tiles):
-                        acc2[4 * j] = acc2[4 * j] * a_lo
-                        acc2[4 * j + 1] = acc2[4 * j + 1] * a_lo
-                        acc2[4 * j + 2] = acc2[4 * j + 2] * a_hi
-                        acc2[4 * j + 3] = acc2[4 * j + 3] * a_hi
+                    _rescale_rows(acc2, sAlpha[g], sAlpha[g + 8], self.d_tiles)
                     for kk in cutlass.range_constexpr(chunk // 16):
                         if kk * 16 < cnt16:
                             a0 = sP[g, kk * 8 + t]
@@ -7813,14 +7793,7 @@ if HAVE_CUTE:
                                         for e in cutlass.range_constexpr(4):
                                             acc2[4 * j + e] = d[e]
                             else:
-                                for j in cutlass.range_constexpr(self.d_tiles):
-                                    w = (d0 + 8 * j) // 2 + g // 2
-                                    b0 = prmt(sK[k, w], sK[k + 1, w], sel)
-                                    b1 = prmt(sK[k + 8, w], sK[k + 9, w], sel)
-                                    d = mma_bf16_16816(a0, a1, a2, a3, b0, b1,
-                                                       acc2[4 * j], acc2[4 * j + 1], acc2[4 * j + 2], acc2[4 * j + 3])
-                                    for e in cutlass.range_constexpr(4):
-                                        acc2[4 * j + e] = d[e]
+                                _pv_mma_words(acc2, a0, a1, a2, a3, sK, k, d0, g, sel, self.d_tiles)
                 else:
                     if const_expr(not GLUE_PDL and self.n_ch == 1):
                         self.unit_constants(mSink, mAng, sinks, cs, pos, split, tidx, h0, H)
@@ -7828,14 +7801,7 @@ if HAVE_CUTE:
             cute.arch.cp_async_wait_group(0)                       # (q's copy, if no chunk had keys)
 
             # partial (o, m, z) of this CTA -> its own shared memory, then the cluster combines
-            for j in cutlass.range_constexpr(self.d_tiles):
-                for e in cutlass.range_constexpr(4):
-                    sO[g + 8 * (e // 2), d0 + 8 * j + 2 * t + e % 2] = acc2[4 * j + e]
-            if part == 0:
-                sML[hh, 0] = m_run
-                sML[hh, 1] = z_run
-            cute.arch.cluster_arrive()
-            cute.arch.cluster_wait()
+            _publish_partial(sO, sML, acc2, m_run, z_run, g, t, d0, hh, part, self.d_tiles)
             uw = self.uw
             for i in cutlass.range_constexpr(self.units_per_thread):
                 u = split * self.units_per_cta + tidx + self.threads * i
