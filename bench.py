@@ -715,6 +715,8 @@ CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token
      dict(MOE_CHUNKS_W2_FIRST="after_wait"), (1,)),
     ("session 20's start and boundary (MOE_CHUNKS_EARLY off, MOE_CHUNKS_W2_FIRST gemm1_tail)",
      dict(MOE_CHUNKS_EARLY=False, MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
+    ("the GEMM1 -> GEMM2 boundary of sessions 20-23: a cluster barrier, the SwiGLU pulls the quarters' partials "
+     "over DSMEM (MOE_CHUNKS_PUSH off; old = the pushes of session 24)", dict(MOE_CHUNKS_PUSH=False), (1,)),
     ("A/A control (MOE_CHUNKS_STAGES 2, the default)", dict(MOE_CHUNKS_STAGES=2), (1,)),
 ]
 
@@ -765,7 +767,9 @@ def mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, 
     print(f"{'T':>4} {'old us':>8} {'new us':>8} {'new/old':>7} {'%copy old':>9} {'%copy new':>9} {'q old':>7} "
           f"{'q new':>7} {'q %old':>6} {'q %new':>6}  bits  switch")
     for title, knob, ts in switches:
-        off = {name: False if isinstance(v, bool) else getattr(K, name) for name, v in knob.items()}
+        # old: a bool switch the other way (before session 24: always False, so rows that turned a default-True
+        # switch off timed the same setting twice), any other knob its current value
+        off = {name: (not v) if isinstance(v, bool) else getattr(K, name) for name, v in knob.items()}
         for T in [t for t in ts if t in Ts]:
             (g0, o0), (g1, o1) = graph(T, off), graph(T, knob)
             us = {key: [] for key in ("o", "n", "qo", "qn")}
@@ -1152,6 +1156,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
     ("s21 chunks: Fp4MoeChunks as landed in session 20 (kernels.MOE_CHUNKS_STAGES 4, MOE_CHUNKS_EARLY off, "
      "MOE_CHUNKS_W2_FIRST gemm1_tail)",
      ((K, "MOE_CHUNKS_STAGES", 4), (K, "MOE_CHUNKS_EARLY", False), (K, "MOE_CHUNKS_W2_FIRST", "gemm1_tail"))),
+    ("s24 push: Fp4MoeChunks' GEMM1 -> GEMM2 boundary as a cluster barrier + DSMEM pulls, sessions 20-23 "
+     "(kernels.MOE_CHUNKS_PUSH off)", ((K, "MOE_CHUNKS_PUSH", False),)),
     ("s19 hadamard: the indexer's Hadamard as a sequential fma chain, sessions 2-18 (kernels.HADAMARD_MODE "
      "fma_chain)", ((K, "HADAMARD_MODE", "fma_chain"),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "

@@ -1785,6 +1785,37 @@ if HAVE_CUTE:
             "=f,r,r", has_side_effects=True, loc=loc, ip=ip))
 
     @dsl_user_op
+    def _mbar_init(smem_addr: Int32, count: int, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+                         f"mbarrier.init.shared::cta.b64 [$0], {count};", "r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _mbar_expect_tx(smem_addr: Int32, nbytes: int, *, loc=None, ip=None):
+        """Arrive on this CTA's mbarrier and make its phase also wait for nbytes of asynchronous stores / copies."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+                         f"mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], {nbytes};", "r",
+                         has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _st_async_f32(smem_addr: Int32, rank: Int32, v: Float32, mbar_addr: Int32, *, loc=None, ip=None):
+        """fp32 asynchronous store to CTA `rank`'s shared memory (DSMEM; this CTA's own allowed) at this CTA's shared
+        address smem_addr; its 4 bytes complete on CTA `rank`'s mbarrier at mbar_addr (release, cluster scope), so
+        no fence waits for this thread's loads in flight."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip),
+                                Float32(v).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .b32 a, m;\nmapa.shared::cluster.u32 a, $0, $1;\n"
+                         "mapa.shared::cluster.u32 m, $3, $1;\nst.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [a], $2, [m];\n}",
+                         "r,r,f,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _mbar_wait_cluster(smem_addr: Int32, parity: int, *, loc=None, ip=None):
+        """Block until this CTA's mbarrier at smem_addr completes its phase of this parity (acquire, cluster scope)."""
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+                         "{\n.reg .pred p;\nWAIT:\n"
+                         f"mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [$0], {parity};\n"
+                         "@!p bra WAIT;\n}", "r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
     def _ld_u8(addr: Int64, *, loc=None, ip=None) -> Int32:
         """One byte from global memory (read-only data), zero-extended."""
         return Int32(_llvm.inline_asm(_T.i32(), [Int64(addr).ir_value(loc=loc, ip=ip)],
@@ -3436,13 +3467,17 @@ if HAVE_CUTE:
         64c..64c+63), u = j * I/64 + c; a 2-CTA cluster (one CTA of 6 warpgroups per SM) runs 3 units, each on 4
         warpgroups ("quarters" q, 12 per cluster: warpgroup G = 6 rank + wg runs quarter G % 4 of unit 3 cluster +
         G // 4). Quarter q of a unit:
-          - GEMM1: k-tiles [q K/256, (q+1) K/256) of gate/up tile c -> fp32 partials in its CTA's smem; a cluster
-            barrier; each quarter then sums the unit's 4 partials in quarter order over DSMEM (the fused launch's
-            K-split order at T = 1) and applies Fp4MoeGemv's SwiGLU epilogue (act, bf16, in its own smem);
+          - GEMM1: k-tiles [q K/256, (q+1) K/256) of gate/up tile c -> fp32 partials, handed to the unit's 4
+            quarters; each quarter then sums the unit's 4 partials in quarter order (the fused launch's K-split
+            order at T = 1) and applies Fp4MoeGemv's SwiGLU epilogue (act, bf16, in its own smem);
           - GEMM2: w2's row tiles [q D/512, (q+1) D/512) of k-tile c: act · W2ᵀ · α_down of the unit's 64 columns
             -> an fp32 partial [units, D] in global memory.
-        The weight register ring runs across the GEMM1 -> GEMM2 boundary (w2's first records go out between the
-        cluster barrier's arrive and wait, MOE_CHUNKS_W2_FIRST); x and the epilogue scalars load first
+        The boundary (MOE_CHUNKS_PUSH, session 24): each quarter pushes its fp32 partials into its unit's 4
+        warpgroups' shared memory by st.async, which complete on an mbarrier per warpgroup (2 KB expected), so a
+        warpgroup waits for its own unit only and no fence waits for the loads in flight; else (sessions 20-23) a
+        cluster barrier and DSMEM pulls. The weight register ring runs across the boundary (w2's first records go out
+        between the pushes and the wait; without the pushes between the cluster barrier's arrive and wait,
+        MOE_CHUNKS_W2_FIRST); x and the epilogue scalars load first
         (MOE_CHUNKS_EARLY). Each SM holds the same work (3 units per 2 SMs; Flash top-6: 192 units in 128 CTAs, one
         wave on 132 SMs), and no CTA waits on another cluster's act. y is summed over the slots in fp32 and rounded
         once, as in moe_reference (the fused launch rounds each slot's row to bf16 first).
@@ -3471,6 +3506,9 @@ if HAVE_CUTE:
             self.probe = MOE_CHUNKS_PROBE
             self.early = MOE_CHUNKS_EARLY
             self.w2_first = MOE_CHUNKS_W2_FIRST
+            self.push = MOE_CHUNKS_PUSH
+            if self.push:                             # w2's first loads between the pushes and the wait
+                self.w2_first = "after_push"
 
         @cute.jit
         def __call__(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor,
@@ -3484,7 +3522,17 @@ if HAVE_CUTE:
                 misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]   # ticket, per wg
                 consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs], 16]   # alphas, row weight
 
-            self.shared_storage = SharedStorage
+            @cute.struct
+            class SharedStoragePush:                  # + the pushed partials and their mbarriers
+                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2], 16]
+                act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]
+                red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
+                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]
+                consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs], 16]
+                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs], 16]  # [wg][quarter][gate|up][64]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs], 8]          # per wg: its recv is full
+
+            self.shared_storage = SharedStoragePush if const_expr(self.push) else SharedStorage
             self.kernel(mW1, mW2, mX, mY, mPart, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds, mCnt).launch(
                 grid=[self.n_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[2, 1, 1], stream=stream,
                 use_pdl=self.pdl, min_blocks_per_mp=1, preferred_smem_carveout=100)
@@ -3499,6 +3547,12 @@ if HAVE_CUTE:
             storage = smem.allocate(self.shared_storage)
             n_exp = cute.size(mAlphaG, mode=[0])
             self.stamp(mPart, 0)
+            if const_expr(self.push):            # before the router's wait: nothing here depends on it
+                if tidx == 0:
+                    for i in cutlass.range_constexpr(self.wgs):    # 4 quarters x 128 fp32 partials per warpgroup
+                        _mbar_init(storage.mbar.data_ptr().toint() + 8 * i, 1)
+                        _mbar_expect_tx(storage.mbar.data_ptr().toint() + 8 * i, 4 * 128 * 4)
+                    cute.arch.mbarrier_init_fence()
             # the router (the kernel right before) wrote topk_ids / weights: wait; the next kernel may then start
             # (its CTAs launch once all of ours have started)
             cute.arch.griddepcontrol_wait()
@@ -3556,6 +3610,8 @@ if HAVE_CUTE:
                 _cp_async_commit()
             _cp_async_wait(0)
             cute.arch.sync_threads()
+            if const_expr(self.push):            # the mbarriers are initialised: peers may push after the wait
+                cute.arch.cluster_arrive_relaxed()
             self.stamp(mPart, 1)
             sConst = storage.consts.get_tensor(cute.make_layout((self.wgs, 4), stride=(4, 1)))
             sXv = storage.xs.get_tensor(cute.make_layout((4, self.D // 8, 1), stride=(1, 4, self.D // 2)))
@@ -3581,49 +3637,60 @@ if HAVE_CUTE:
                     for a in cutlass.range_constexpr(2):
                         red[wg, a, 16 * warp + g] = acc[a, 0]
                         red[wg, a, 16 * warp + g + 8] = acc[a, 2]
-            # the quarters' partials are in smem of both CTAs: the arrive's release is a GPU-wide fence (MEMBAR.GPU)
-            # that waits for the thread's loads in flight, so w2's first loads go out after it (MOE_CHUNKS_W2_FIRST)
-            cute.arch.cluster_arrive()
-            if const_expr(self.w2_first == "after_arrive"):
-                self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
-            cute.arch.cluster_wait()
-            self.stamp(mPart, 3)
-            if const_expr(self.w2_first == "after_wait"):
-                self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
-            expert = sInfo[wg, 0]
-            unit = sInfo[wg, 1]
-            valid = sInfo[wg, 2]
-            slot = unit // self.cols
-            gq = 6 * rank + wg
-            q = gq % 4
-            if valid != 0:
-                if warp == 0:                     # act columns 2 lane, 2 lane + 1 -> one permuted bf16x2 word
-                    red_base = storage.red.data_ptr().toint()
-                    sAh = cute.make_tensor(cute.recast_ptr(storage.act.data_ptr(), dtype=BFloat16),
-                                           cute.make_layout(64 * self.wgs))
-                    kb = lane // 8                                     # natural word lane: k = 16 kb + 8 p + 2 tt
-                    wst = 16 * (kb // 2) + 4 * (lane % 4) + 2 * (kb % 2) + (lane % 8) // 4
-                    for e in cutlass.range_constexpr(2):
-                        k = 2 * lane + e
-                        hs = Float32(0.0)
-                        us_ = Float32(0.0)
-                        for qq in cutlass.range_constexpr(4):          # the unit's quarters in order
-                            src = 4 * (gq // 4) + qq
-                            off = (src % 6) * 128 + k
-                            hs = hs + _ld_dsmem_f32(red_base + off * 4, src // 6)
-                            us_ = us_ + _ld_dsmem_f32(red_base + (off + 64) * 4, src // 6)
-                        hh = cute.math.min(hs * self.scalar(sConst, mAlphaG, expert, wg, 0), limit)
-                        uu = cute.math.max(cute.math.min(us_ * self.scalar(sConst, mAlphaU, expert, wg, 1), limit),
-                                           -limit)
-                        av = self.scalar(sConst, mRowW, slot, wg, 3) * hh / (1.0 + cute.math.exp(-hh)) * uu
-                        sAh[64 * wg + 2 * wst + e] = av.to(BFloat16)
-                    self.stamp(mPart, 11)
-                cute.arch.barrier(barrier_id=1 + wg, number_of_threads=128)
-                self.stamp(mPart, 12)
-            if const_expr(self.w2_first == "gemm1_tail"):  # done reading the peers' smem (waited for at the end)
+            if const_expr(self.push):
+                cute.arch.cluster_wait()          # (the start's arrive) the peer's mbarriers are initialised
+                expert = sInfo[wg, 0]
+                unit = sInfo[wg, 1]
+                valid = sInfo[wg, 2]
+                slot = unit // self.cols
+                gq = 6 * rank + wg
+                q = gq % 4
+                if valid != 0:
+                    if t == 0:                    # this quarter's partials -> recv[wg'][q] of the unit's 4 warpgroups
+                        recv_base = storage.recv.data_ptr().toint()
+                        mbar_base = storage.mbar.data_ptr().toint()
+                        for a in cutlass.range_constexpr(2):
+                            for hi in cutlass.range_constexpr(2):
+                                r = 16 * warp + g + 8 * hi
+                                v = red[wg, a, r]
+                                for qq in cutlass.range_constexpr(4):
+                                    dst = 4 * (gq // 4) + qq
+                                    _st_async_f32(recv_base + ((dst % 6) * 512 + q * 128 + a * 64 + r) * 4, dst // 6,
+                                                  v, mbar_base + 8 * (dst % 6))
+                    self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
+                    _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * wg, 0)
+                    self.stamp(mPart, 3)
+                    rcv = storage.recv.get_tensor(cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1)))
+                    self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
+                                    lane, lambda qq, k, a: rcv[wg, qq, a, k])
+            else:
+                # the quarters' partials are in smem of both CTAs: the arrive's release is a GPU-wide fence (MEMBAR.GPU)
+                # that waits for the thread's loads in flight, so w2's first loads go out after it (MOE_CHUNKS_W2_FIRST)
                 cute.arch.cluster_arrive()
-            else:                                          # no fence (it would wait for w2's loads in flight)
-                cute.arch.cluster_arrive_relaxed()
+                if const_expr(self.w2_first == "after_arrive"):
+                    self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
+                cute.arch.cluster_wait()
+                self.stamp(mPart, 3)
+                if const_expr(self.w2_first == "after_wait"):
+                    self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
+                expert = sInfo[wg, 0]
+                unit = sInfo[wg, 1]
+                valid = sInfo[wg, 2]
+                slot = unit // self.cols
+                gq = 6 * rank + wg
+                q = gq % 4
+                if valid != 0:
+                    red_base = storage.red.data_ptr().toint()
+
+                    def pull(qq, k, a):              # quarter qq's partial of gate (a 0) / up (a 1) row k, over DSMEM
+                        src = 4 * (gq // 4) + qq
+                        return _ld_dsmem_f32(red_base + ((src % 6) * 128 + k + 64 * a) * 4, src // 6)
+                    self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
+                                    lane, pull)
+                if const_expr(self.w2_first == "gemm1_tail"):  # done reading the peers' smem (waited for at the end)
+                    cute.arch.cluster_arrive()
+                else:                                          # no fence (it would wait for w2's loads in flight)
+                    cute.arch.cluster_arrive_relaxed()
             self.stamp(mPart, 4)
 
             # ---- GEMM2: w2 row tiles q*r2 .. of k-tile `col` against act -> fp32 partials (x alpha_down)
@@ -3705,8 +3772,36 @@ if HAVE_CUTE:
                 if tidx == 0:                     # the last reducer wraps the counter to 0 for the next launch
                     _atom_inc_gpu(mCnt.iterator.toint(), self.n_ctas + n_red - 1)
             self.stamp(mPart, 8)
-            cute.arch.cluster_wait()                       # the peer has read this CTA's smem
+            if const_expr(not self.push):                  # (push: the peer's writes here were waited for)
+                cute.arch.cluster_wait()                   # the peer has read this CTA's smem
             self.stamp(mPart, 9)
+
+        @cute.jit
+        def swiglu_act(self, storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit: Float32, expert, slot, wg, warp,
+                       lane, partial):
+            """Warp 0: the unit's act columns 2 lane, 2 lane + 1 (partial(qq, k, a): quarter qq's fp32 partial of gate
+            (a = 0) / up (a = 1) row k, summed in quarter order) through Fp4MoeGemv's SwiGLU epilogue -> one permuted
+            bf16x2 word of the warpgroup's act; then the warpgroup's barrier."""
+            if warp == 0:
+                sAh = cute.make_tensor(cute.recast_ptr(storage.act.data_ptr(), dtype=BFloat16),
+                                       cute.make_layout(64 * self.wgs))
+                kb = lane // 8                                     # natural word lane: k = 16 kb + 8 p + 2 tt
+                wst = 16 * (kb // 2) + 4 * (lane % 4) + 2 * (kb % 2) + (lane % 8) // 4
+                for e in cutlass.range_constexpr(2):
+                    k = 2 * lane + e
+                    hs = Float32(0.0)
+                    us_ = Float32(0.0)
+                    for qq in cutlass.range_constexpr(4):          # the unit's quarters in order
+                        hs = hs + partial(qq, k, 0)
+                        us_ = us_ + partial(qq, k, 1)
+                    hh = cute.math.min(hs * self.scalar(sConst, mAlphaG, expert, wg, 0), limit)
+                    uu = cute.math.max(cute.math.min(us_ * self.scalar(sConst, mAlphaU, expert, wg, 1), limit),
+                                       -limit)
+                    av = self.scalar(sConst, mRowW, slot, wg, 3) * hh / (1.0 + cute.math.exp(-hh)) * uu
+                    sAh[64 * wg + 2 * wst + e] = av.to(BFloat16)
+                self.stamp(mPart, 11)
+            cute.arch.barrier(barrier_id=1 + wg, number_of_threads=128)
+            self.stamp(mPart, 12)
 
         @cute.jit
         def w2_first_loads(self, mW2: cute.Tensor, sInfo, wc, ws, scale_off, wg, warp, lane):
@@ -3778,10 +3873,16 @@ if HAVE_CUTE:
         def store_partial(self, part, acc2, a_down, m_tile, warp, g, t):
             """Token 0 of one w2 record (lanes t == 0): rows 64a + 16 warp + g (+ 8) of 128-row tile m_tile."""
             if t == 0:
-                for a in cutlass.range_constexpr(2):
-                    r = m_tile * TILE_M + 64 * a + 16 * warp + g
-                    _st_f32(part + Int64(r) * 4, acc2[a, 0] * a_down)
-                    _st_f32(part + Int64(r + 8) * 4, acc2[a, 2] * a_down)
+                if const_expr(self.push):         # one row pointer, the four rows at immediate offsets
+                    pr = part + Int64(m_tile * TILE_M + 16 * warp + g) * 4
+                    for a in cutlass.range_constexpr(2):
+                        _st_f32(pr + 256 * a, acc2[a, 0] * a_down)
+                        _st_f32(pr + (256 * a + 32), acc2[a, 2] * a_down)
+                else:
+                    for a in cutlass.range_constexpr(2):
+                        r = m_tile * TILE_M + 64 * a + 16 * warp + g
+                        _st_f32(part + Int64(r) * 4, acc2[a, 0] * a_down)
+                        _st_f32(part + Int64(r + 8) * 4, acc2[a, 2] * a_down)
 
     @dsl_user_op
     def _st_f32(addr: Int64, v: Float32, *, loc=None, ip=None):
@@ -3798,6 +3899,9 @@ MOE_CHUNKS_STAGES = 2       # k-tiles of weight loads in flight per warp (H200, 
 MOE_CHUNKS_PROBE = 0        # benchmarks only: 1 = no reduction (y unwritten), 2 = no decode + mma (an xor of the
                             # loaded words; y meaningless), 3 = phase stamps per CTA (bench.py moe-stamps 1 --chunks)
 MOE_CHUNKS_EARLY = True     # x row first, the epilogue scalars (alphas, routing weight) copied to smem with it
+MOE_CHUNKS_PUSH = True      # the GEMM1 -> GEMM2 boundary: each warpgroup pushes its fp32 partials to its unit's 4
+                            # warpgroups by st.async + an mbarrier per warpgroup (session 24, same bits; H200 26.8 vs
+                            # 27.5-27.7 us in three same-run rows), else a cluster barrier + DSMEM pulls (s. 20-23)
 MOE_CHUNKS_W2_FIRST = "after_arrive" # where w2's first ring loads go out: "gemm1_tail" (session 20: with GEMM1's last
                             # k-tiles, so the cluster arrive's fence waits for them), "after_arrive", "after_wait"
                             # (of the GEMM1 cluster barrier; the post-SwiGLU arrive is then relaxed)
@@ -3824,7 +3928,7 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
     [slots * I/64, D] fp32, alpha_gate / up / down, the flat topk weights, limit, topk_ids (flat), counter."""
     config = ("moe_chunks", fmt, D, inter, top_k, stages, pdl, WEIGHT_LD_HINT) + \
         (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ()) + (() if MOE_CHUNKS_EARLY else ("late",)) + \
-        (("w2_first", MOE_CHUNKS_W2_FIRST),)
+        (("w2_first", MOE_CHUNKS_W2_FIRST),) + (("push",) if MOE_CHUNKS_PUSH else ())
 
     def build():
         op = Fp4MoeChunks(fmt, D, inter, top_k, stages, pdl)

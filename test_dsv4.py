@@ -5381,9 +5381,9 @@ for i, cfg in enumerate(cfgs):
 def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_path):
     """The one-token chunk kernel compiles for sm_90a on a GPU-less machine (Flash nvfp4 / mxfp4 with the default
     2-deep ring, small dims, Flash with a 4-deep ring); where ptxas is installed, its 768 threads fit one CTA per SM
-    (<= 80 registers); the 4-deep ring spills at most one 64-bit value and a few words (measured: 24-32 bytes, a store
-    and two loads per 4 k-tiles), the 2-deep ring at most 24 bytes (measured: nvfp4 8, mxfp4 24, none in GEMM1's
-    loop, one 8-byte reload per GEMM2 k-tile pair), the 1-deep one (small dims) nothing."""
+    (<= 80 registers); with the pushed GEMM1 partials (MOE_CHUNKS_PUSH, session 24) the default 2-deep ring spills
+    at most 32 bytes (measured: nvfp4 none, mxfp4 28: nothing in GEMM1's loop, two word reloads per GEMM2 k-tile
+    pair), the 4-deep ring (not the default) at most 96, the 1-deep one (small dims) nothing."""
     dump = _compile_for_sm90a(COMPILE_MOE_CHUNKS, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
     ptxas = shutil.which("ptxas")
@@ -5395,7 +5395,7 @@ def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_p
         rep = ptxas_report(ptxas, ptx, tmp_path)
         regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
         spill = int(re.search(r"(\d+) bytes spill stores", rep.stderr).group(1))
-        assert regs <= 65536 // 768 and spill <= (48 if ptx.name.endswith("stages4.ptx") else 24), \
+        assert regs <= 65536 // 768 and spill <= (96 if ptx.name.endswith("stages4.ptx") else 32), \
             (ptx.name, rep.stderr[-2000:])
 
 
@@ -5471,6 +5471,24 @@ def test_moe_chunks_flash_dims(fmt, stages, monkeypatch):
         y, y_fused = _moe_chunks_and_fused(ex, x, ids, w, monkeypatch)
         _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"chunks flash {fmt} {routing} vs reference")
         _assert_close(y, y_fused, f"chunks flash {fmt} {routing} vs fused", cos_min=0.99999, rel_max=5e-3)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dims", ["small", "flash"])
+def test_moe_chunks_pushed_partials_give_the_cluster_barriers_bits(fmt, dims, monkeypatch):
+    """MOE_CHUNKS_PUSH (each warpgroup's GEMM1 partials pushed to its unit's 4 warpgroups by st.async + an mbarrier)
+    and the cluster barrier + DSMEM pulls of sessions 20-23 sum the same partials in the same quarter order: the same
+    bits, random routing and skipped slots."""
+    ex, D, E = (_small(fmt), 512, 16) if dims == "small" else (_flash(fmt), 4096, 256)
+    for routing, seed in (("random", 3), ("empty_experts", 4)):
+        x = torch.randn(1, D, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(1, 6, E, routing, seed=100 + seed)
+        y, _ = _moe_chunks_and_fused(ex, x, ids, w, monkeypatch)
+        monkeypatch.setattr(K, "MOE_CHUNKS_PUSH", not K.MOE_CHUNKS_PUSH)
+        y_other, _ = _moe_chunks_and_fused(ex, x, ids, w, monkeypatch)
+        monkeypatch.setattr(K, "MOE_CHUNKS_PUSH", not K.MOE_CHUNKS_PUSH)
+        assert torch.equal(y_other, y), f"{fmt} {dims} {routing}: the boundaries' bits differ"
 
 
 @gpu
