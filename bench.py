@@ -700,8 +700,9 @@ SHAPE_SWITCHES = [  # bench.py moe --decode-only --ablate-shape: the same warps 
 ]
 
 
-CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token MoE by act chunks (sessions 20-21; the
-                     # session-20 rows with .cg / coherent weight loads are in notes/kernel.md: 13-15% slower)
+CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token MoE by act chunks (sessions 20-24; the
+                     # session-20 rows with .cg / coherent weight loads are in notes/kernel.md: 13-15% slower). Old =
+                     # the default (since session 24 the pushed partials); the w2-placement rows need the old boundary
     ("Fp4MoeChunks at T = 1 (MOE_CHUNKS; old = the fused launch, other bits)", dict(MOE_CHUNKS=True), (1,)),
     ("probe: Fp4MoeChunks without its reduction (MOE_CHUNKS_PROBE 1; y unwritten)", dict(MOE_CHUNKS_PROBE=1), (1,)),
     ("probe: Fp4MoeChunks without decode + mma (MOE_CHUNKS_PROBE 2; an xor of the loaded words)",
@@ -709,12 +710,13 @@ CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token
     ("Fp4MoeChunks, 4 k-tiles in flight per warp (MOE_CHUNKS_STAGES; old = 2)", dict(MOE_CHUNKS_STAGES=4), (1,)),
     ("x row after the weight ring's first loads, epilogue scalars from global memory after GEMM1 (session 20; "
      "MOE_CHUNKS_EARLY off)", dict(MOE_CHUNKS_EARLY=False), (1,)),
-    ("w2's first loads with GEMM1's last k-tiles, before the cluster arrive's fence (session 20; "
-     "MOE_CHUNKS_W2_FIRST gemm1_tail)", dict(MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
-    ("w2's first loads after the cluster wait (MOE_CHUNKS_W2_FIRST after_wait)",
-     dict(MOE_CHUNKS_W2_FIRST="after_wait"), (1,)),
-    ("session 20's start and boundary (MOE_CHUNKS_EARLY off, MOE_CHUNKS_W2_FIRST gemm1_tail)",
-     dict(MOE_CHUNKS_EARLY=False, MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
+    ("the old boundary, w2's first loads with GEMM1's last k-tiles, before the cluster arrive's fence (session 20; "
+     "MOE_CHUNKS_PUSH off, MOE_CHUNKS_W2_FIRST gemm1_tail)",
+     dict(MOE_CHUNKS_PUSH=False, MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
+    ("the old boundary, w2's first loads after the cluster wait (MOE_CHUNKS_PUSH off, MOE_CHUNKS_W2_FIRST after_wait)",
+     dict(MOE_CHUNKS_PUSH=False, MOE_CHUNKS_W2_FIRST="after_wait"), (1,)),
+    ("session 20's start and boundary (MOE_CHUNKS_EARLY off, MOE_CHUNKS_PUSH off, MOE_CHUNKS_W2_FIRST gemm1_tail)",
+     dict(MOE_CHUNKS_EARLY=False, MOE_CHUNKS_PUSH=False, MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
     ("the GEMM1 -> GEMM2 boundary of sessions 20-23: a cluster barrier, the SwiGLU pulls the quarters' partials "
      "over DSMEM (MOE_CHUNKS_PUSH off; old = the pushes of session 24)", dict(MOE_CHUNKS_PUSH=False), (1,)),
     ("A/A control (MOE_CHUNKS_STAGES 2, the default)", dict(MOE_CHUNKS_STAGES=2), (1,)),
