@@ -1804,7 +1804,8 @@ if HAVE_CUTE:
         _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip),
                                 Float32(v).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
                          "{\n.reg .b32 a, m;\nmapa.shared::cluster.u32 a, $0, $1;\n"
-                         "mapa.shared::cluster.u32 m, $3, $1;\nst.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [a], $2, [m];\n}",
+                         "mapa.shared::cluster.u32 m, $3, $1;\n"
+                         "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [a], $2, [m];\n}",
                          "r,r,f,r", has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
@@ -3639,12 +3640,7 @@ if HAVE_CUTE:
                         red[wg, a, 16 * warp + g + 8] = acc[a, 2]
             if const_expr(self.push):
                 cute.arch.cluster_wait()          # (the start's arrive) the peer's mbarriers are initialised
-                expert = sInfo[wg, 0]
-                unit = sInfo[wg, 1]
-                valid = sInfo[wg, 2]
-                slot = unit // self.cols
-                gq = 6 * rank + wg
-                q = gq % 4
+                expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg)
                 if valid != 0:
                     if t == 0:                    # this quarter's partials -> recv[wg'][q] of the unit's 4 warpgroups
                         recv_base = storage.recv.data_ptr().toint()
@@ -3673,12 +3669,7 @@ if HAVE_CUTE:
                 self.stamp(mPart, 3)
                 if const_expr(self.w2_first == "after_wait"):
                     self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
-                expert = sInfo[wg, 0]
-                unit = sInfo[wg, 1]
-                valid = sInfo[wg, 2]
-                slot = unit // self.cols
-                gq = 6 * rank + wg
-                q = gq % 4
+                expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg)
                 if valid != 0:
                     red_base = storage.red.data_ptr().toint()
 
@@ -3775,6 +3766,14 @@ if HAVE_CUTE:
             if const_expr(not self.push):                  # (push: the peer's writes here were waited for)
                 cute.arch.cluster_wait()                   # the peer has read this CTA's smem
             self.stamp(mPart, 9)
+
+        @cute.jit
+        def unit_info(self, sInfo, rank, wg):
+            """The warpgroup's (expert, unit, valid, slot, quarter index gq in the cluster, quarter q), back from smem
+            after GEMM1 (fewer registers live over its loop)."""
+            expert = sInfo[wg, 0]
+            unit = sInfo[wg, 1]
+            return expert, unit, sInfo[wg, 2], unit // self.cols, 6 * rank + wg, (6 * rank + wg) % 4
 
         @cute.jit
         def swiglu_act(self, storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit: Float32, expert, slot, wg, warp,
