@@ -719,6 +719,13 @@ CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token
      dict(MOE_CHUNKS_EARLY=False, MOE_CHUNKS_PUSH=False, MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
     ("the GEMM1 -> GEMM2 boundary of sessions 20-23: a cluster barrier, the SwiGLU pulls the quarters' partials "
      "over DSMEM (MOE_CHUNKS_PUSH off; old = the pushes of session 24)", dict(MOE_CHUNKS_PUSH=False), (1,)),
+    ("the reduction after a fence and a count of every CTA, sessions 20-24 (MOE_CHUNKS_SENTINEL off; old = the "
+     "reducers polling the partials themselves)", dict(MOE_CHUNKS_SENTINEL=False), (1,)),
+    ("w2's last 2 records of each warp through the register ring, not copied into smem over the boundary "
+     "(MOE_CHUNKS_W2_SMEM 0; old = 1)", dict(MOE_CHUNKS_W2_SMEM=0), (1,)),
+    ("w2's last 4 records in smem (MOE_CHUNKS_W2_SMEM 2: 147 KB of smem)", dict(MOE_CHUNKS_W2_SMEM=2), (1,)),
+    ("session 24's tail (MOE_CHUNKS_SENTINEL off, MOE_CHUNKS_W2_SMEM 0)",
+     dict(MOE_CHUNKS_SENTINEL=False, MOE_CHUNKS_W2_SMEM=0), (1,)),
     ("A/A control (MOE_CHUNKS_STAGES 2, the default)", dict(MOE_CHUNKS_STAGES=2), (1,)),
 ]
 
@@ -1160,6 +1167,9 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "MOE_CHUNKS_STAGES", 4), (K, "MOE_CHUNKS_EARLY", False), (K, "MOE_CHUNKS_W2_FIRST", "gemm1_tail"))),
     ("s24 push: Fp4MoeChunks' GEMM1 -> GEMM2 boundary as a cluster barrier + DSMEM pulls, sessions 20-23 "
      "(kernels.MOE_CHUNKS_PUSH off)", ((K, "MOE_CHUNKS_PUSH", False),)),
+    ("s25 tail: Fp4MoeChunks' reduction after a fence + count of every CTA and w2's last records through the register "
+     "ring, sessions 20-24 (kernels.MOE_CHUNKS_SENTINEL off, MOE_CHUNKS_W2_SMEM 0)",
+     ((K, "MOE_CHUNKS_SENTINEL", False), (K, "MOE_CHUNKS_W2_SMEM", 0))),
     ("s19 hadamard: the indexer's Hadamard as a sequential fma chain, sessions 2-18 (kernels.HADAMARD_MODE "
      "fma_chain)", ((K, "HADAMARD_MODE", "fma_chain"),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
@@ -2041,15 +2051,16 @@ def bench_moe_stamps():
               f"{statistics.median(spread):.2f} us apart (median of max - min)")
 
 
-CHUNK_PHASES = {0: "entry", 1: "x row in smem", 2: "GEMM1 loop end", 3: "GEMM1 cluster sync", 11: "SwiGLU in smem",
-                12: "warpgroup barrier", 4: "act ready", 5: "GEMM2 loop end", 6: "counted", 7: "all counted",
-                8: "y rows written", 9: "exit"}
+CHUNK_PHASES = {0: "entry", 1: "x row in smem", 2: "GEMM1 loop end", 3: "GEMM1 partials in", 11: "SwiGLU in smem",
+                12: "warpgroup barrier", 4: "act ready", 5: "GEMM2 loop end", 13: "all wgs done (fenced)",
+                6: "counted", 7: "all counted | pieces in", 8: "y rows written", 9: "exit"}
 
 
 def bench_chunk_stamps():
     """`python bench.py moe-stamps 1 --chunks`: phase percentiles of Fp4MoeChunks' CTAs (Flash dims, nvfp4, one token;
-    MOE_CHUNKS_PROBE 3: thread 0 of each CTA stamps %globaltimer after each phase; phases 2 / 4 / 5 are warpgroup 0's),
-    10 plain launches, each after calls on other weight copies; us after the launch's first CTA entry."""
+    MOE_CHUNKS_PROBE 3: thread 0 of each CTA stamps %globaltimer after each phase; phases 2 / 4 / 5 are warpgroup 0's;
+    then each warpgroup's own phase ends), 10 plain launches, each after calls on other weight copies; us after the
+    launch's first CTA entry."""
     D, I, E, k, fmt, limit = 4096, 2048, 256, 6, "nvfp4", 10.0
     copies = [random_packed_experts(E, D, I, "cuda", s, fmt) for s in range(4)]
     x, ids, w = random_routing(1, D, E, k)
@@ -2079,7 +2090,9 @@ def bench_chunk_stamps():
             K.moe_fp4(x, ids, w, copies[r % 4], limit)
             torch.cuda.synchronize()
             if r >= 2:
-                runs.append(parts[-1][-1].view(torch.int32)[: 16 * n_ctas].view(n_ctas, 16).to(torch.int64).cpu())
+                slots = K.STAMP_SLOTS
+                runs.append(parts[-1][-2:].reshape(-1).view(torch.int32)[: slots * n_ctas].view(n_ctas, slots)
+                            .to(torch.int64).cpu())
     finally:
         K._compile_moe_chunks, K.MOE_CHUNKS_PROBE = real, 0
     rel, pct = _stamp_us, _stamp_percentiles
@@ -2088,8 +2101,41 @@ def bench_chunk_stamps():
     print(f"{len(runs)} plain launches; us after the first CTA's entry, median over launches of each percentile")
     print(f"{'phase':>20} " + " ".join(f"{'p' + str(p):>6}" for p in (0, 10, 50, 90, 100)))
     for col, name in CHUNK_PHASES.items():
+        if col == 6 and K.MOE_CHUNKS_SENTINEL:                    # (no count: the reducers poll the partials)
+            continue
         rows = [pct(rel(a, col)) for a in runs]
-        print(f"{name:>20} " + " ".join(f"{statistics.median(r[i] for r in rows):6.1f}" for i in range(5)))
+        print(f"{name:>22} " + " ".join(f"{statistics.median(r[i] for r in rows):6.1f}" for i in range(5)))
+    chunk_stamps_by_warpgroup(runs)
+
+
+def chunk_stamps_by_warpgroup(runs):
+    """Each warpgroup's own phase ends (stamps 16 / 22 / 28 + wg): how far apart the warpgroups of one CTA, of one
+    unit and of one cluster finish, and what the CTAs' ends would be if a CTA's (or a cluster's) warpgroups shared
+    their GEMM2 work evenly (the mean of their GEMM2 loop ends instead of the latest). Medians over launches."""
+    def us(a, col0):                                    # [CTAs, 6] us after the launch's first entry
+        return torch.stack([_stamp_us(a, col0 + w) for w in range(6)], 1)
+
+    stats = {}
+
+    def add(name, v):
+        stats.setdefault(name, []).append(_stamp_percentiles(v))
+
+    for a in runs:
+        g1, act, g2 = us(a, 16), us(a, 22), us(a, 28)
+        n = g1.shape[0]
+        add("GEMM1 end, spread in CTA", g1.max(1).values - g1.min(1).values)
+        add("GEMM1 end, spread in unit A", g1[0::2, :4].max(1).values - g1[0::2, :4].min(1).values)
+        add("act ready - GEMM1 end, wg", (act - g1).reshape(-1))
+        add("GEMM2 loop, wg (end - act)", (g2 - act).reshape(-1))
+        add("GEMM2 end, spread in CTA", g2.max(1).values - g2.min(1).values)
+        add("GEMM2 end, CTA latest", g2.max(1).values)
+        add("GEMM2 end, CTA mean", g2.mean(1))
+        cl = g2.view(n // 2, 12)
+        add("GEMM2 end, cluster mean", cl.mean(1))
+        add("all wgs fenced (13)", _stamp_us(a, 13))
+    print("per warpgroup (us; p0 / p10 / p50 / p90 / p100 over CTAs or warpgroups, median over launches):")
+    for name, rows in stats.items():
+        print(f"{name:>28} " + " ".join(f"{statistics.median(r[i] for r in rows):6.2f}" for i in range(5)))
 
 
 # Stage-0 handoff probe (notes/megakernel.md section 5): an in-kernel handoff through a global counter vs a PDL boundary

@@ -1334,10 +1334,19 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     chunks = moe_chunks_config(pk.fmt, T, k, D, inter, sms) if gemv else None
     if chunks is not None:
         # one token: both GEMMs per 64-column act chunk, no routing kernel, y summed in the same launch
-        part = torch.empty(R * (inter // TILE_K) + (MOE_CHUNKS_PROBE == 3), D, dtype=torch.float32, device=dev)
+        rows = R * (inter // TILE_K) + 2 * (MOE_CHUNKS_PROBE == 3)
+        sentinel = MOE_CHUNKS_SENTINEL and MOE_CHUNKS_PROBE != 1
+        if sentinel:       # persistent: PART_SENTINEL wherever no partial is (every launch puts it back)
+            part = _COUNTERS.get((dev, "chunk_parts", rows, D))
+            if part is None:
+                part = _COUNTERS[(dev, "chunk_parts", rows, D)] = torch.full(
+                    (rows, D), PART_SENTINEL, dtype=torch.int32, device=dev).view(torch.float32)
+        else:
+            part = torch.empty(rows, D, dtype=torch.float32, device=dev)
         y = torch.empty(T, D, dtype=x.dtype, device=dev)
         if POISON_BUFFERS:
-            part.fill_(float("nan"))
+            if not sentinel:
+                part.fill_(float("nan"))
             y.fill_(float("nan"))
         cnt = _COUNTERS.get((dev, "chunks"))
         if cnt is None:
@@ -1738,11 +1747,12 @@ if HAVE_CUTE:
         return Float32(_llvm.bitcast(_T.f32(), _i32(v, loc, ip), loc=loc, ip=ip))
 
     @dsl_user_op
-    def _ld_v4(addr: Int64, hint: str, *, loc=None, ip=None):
-        """16-byte global load -> 4 Int32 (hint: PTX qualifiers, e.g. WEIGHT_LD_HINT)."""
+    def _ld_v4(addr: Int64, hint: str, sem: str = "", *, loc=None, ip=None):
+        """16-byte global load -> 4 Int32 (hint: PTX qualifiers, e.g. WEIGHT_LD_HINT; sem: e.g. ".relaxed.gpu", 4
+        single-copy-atomic words another CTA may be writing)."""
         res = _llvm.inline_asm(
             _ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
-            f"ld.global{hint}.v4.b32 {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l",
+            f"ld{sem}.global{hint}.v4.b32 {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l",
             has_side_effects=True, loc=loc, ip=ip)
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
@@ -1766,6 +1776,24 @@ if HAVE_CUTE:
         """4 bytes global -> shared, asynchronous (cp.async.ca: through L1)."""
         _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
                          "cp.async.ca.shared.global [$0], [$1], 4;", "r,l", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _cp_async_weight(smem_addr: Int32, gmem_addr: Int64, n: int, *, loc=None, ip=None):
+        """n (4 | 8 | 16) bytes of a weight record global -> shared, asynchronous (16 B bypass L1: .cg)."""
+        kind = "cg" if n == 16 else "ca"
+        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int64(gmem_addr).ir_value(loc=loc, ip=ip)],
+                         f"cp.async.{kind}.shared.global.L2::128B [$0], [$1], {n};", "r,l", has_side_effects=True,
+                         loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _lds_words(smem_addr: Int32, n: int, *, loc=None, ip=None):
+        """n (1 | 2 | 4) 32-bit words from shared memory -> a tuple of Int32."""
+        vec = {1: "b32 {$0}", 2: "v2.b32 {$0, $1}", 4: "v4.b32 {$0, $1, $2, $3}"}[n]
+        res = _llvm.inline_asm(
+            _ir.Type.parse(f"!llvm.struct<({', '.join(['i32'] * n)})>"), [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
+            f"ld.shared.{vec}, [${n}];".replace("{$0}", "$0"), ",".join(["=r"] * n) + ",r",
+            has_side_effects=True, loc=loc, ip=ip)
+        return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(n))
 
     @dsl_user_op
     def _cp_async_commit(*, loc=None, ip=None):
@@ -1797,18 +1825,6 @@ if HAVE_CUTE:
                          has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
-    def _st_async_f32(smem_addr: Int32, rank: Int32, v: Float32, mbar_addr: Int32, *, loc=None, ip=None):
-        """fp32 asynchronous store to CTA `rank`'s shared memory (DSMEM; this CTA's own allowed) at this CTA's shared
-        address smem_addr; its 4 bytes complete on CTA `rank`'s mbarrier at mbar_addr (release, cluster scope), so
-        no fence waits for this thread's loads in flight."""
-        _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(rank).ir_value(loc=loc, ip=ip),
-                                Float32(v).ir_value(loc=loc, ip=ip), Int32(mbar_addr).ir_value(loc=loc, ip=ip)],
-                         "{\n.reg .b32 a, m;\nmapa.shared::cluster.u32 a, $0, $1;\n"
-                         "mapa.shared::cluster.u32 m, $3, $1;\n"
-                         "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [a], $2, [m];\n}",
-                         "r,r,f,r", has_side_effects=True, loc=loc, ip=ip)
-
-    @dsl_user_op
     def _mbar_wait_cluster(smem_addr: Int32, parity: int, *, loc=None, ip=None):
         """Block until this CTA's mbarrier at smem_addr completes its phase of this parity (acquire, cluster scope)."""
         _llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
@@ -1830,6 +1846,16 @@ if HAVE_CUTE:
             "ld.global.cg.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,l",
             has_side_effects=True, loc=loc, ip=ip)
         return tuple(Float32(_llvm.extractvalue(_T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+    @dsl_user_op
+    def _st_v4_fill(addr: Int64, v: Int32, *, loc=None, ip=None):
+        """16-byte global store of one word four times."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), _i32(v, loc, ip)],
+                         "st.global.v4.b32 [$0], {$1, $1, $1, $1};", "l,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _nanosleep(ns: int, *, loc=None, ip=None):
+        _llvm.inline_asm(None, [], f"nanosleep.u32 {ns};", "", has_side_effects=True, loc=loc, ip=ip)
 
     @dsl_user_op
     def _e4m3x4_to_f16x2x2(word: Int32, *, loc=None, ip=None):
@@ -3482,13 +3508,19 @@ if HAVE_CUTE:
         (MOE_CHUNKS_EARLY). Each SM holds the same work (3 units per 2 SMs; Flash top-6: 192 units in 128 CTAs, one
         wave on 132 SMs), and no CTA waits on another cluster's act. y is summed over the slots in fp32 and rounded
         once, as in moe_reference (the fused launch rounds each slot's row to bf16 first).
-        The last n_red CTAs to finish (a counter) each sum RED_ROWS rows of the partials over the units in a fixed
-        order (thread groups of units ug, ug + 32, ..., then the 32 groups in order: deterministic) and write y [1, D].
-        A reducer waits until every CTA has counted itself, and with n_red = all CTAs (Flash) that wait needs every
-        CTA to get an SM: moe_chunks_config launches it only where its CTAs fit the SMs at once (one per SM), nothing
-        this launch waits for holds an SM it needs, and the dependent launch (PDL) starts only after all its CTAs
-        have started. The counter is back at 0 after every launch (the reducers wrap it). A skipped slot's units
-        write zero partials."""
+        The reduction: n_red CTAs each sum RED_ROWS rows of the partials over the units in a fixed order (thread
+        groups of units ug, ug + 32, ..., then the 32 groups in order: deterministic) and write y [1, D]. With
+        MOE_CHUNKS_SENTINEL (session 25) the partials are their own signal: they live in a persistent buffer that
+        holds PART_SENTINEL wherever no partial is, CTA b reduces chunk b, each thread polls its 16-B pieces until no
+        word is the sentinel and then puts the sentinel back (each piece is read once per launch) — no fence, count or
+        wait for every CTA. Otherwise (sessions 20-24) every CTA fences and counts itself, and the last n_red to count
+        reduce once all have (the counter is back at 0 after every launch: the reducers wrap it). Either way a
+        reducer waits for other CTAs, and with n_red = all CTAs (Flash) that needs every CTA to get an SM:
+        moe_chunks_config launches it only where its CTAs fit the SMs at once (one per SM), nothing this launch waits
+        for holds an SM it needs, and the dependent launch (PDL) starts only after all its CTAs have started. A
+        skipped slot's units write zero partials. The last MOE_CHUNKS_W2_SMEM ring depths of each warp's w2 records
+        are copied into smem by cp.async over the GEMM1 -> GEMM2 boundary (more bytes in flight while the act
+        waits)."""
 
         def __init__(self, fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool):
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, 4, stages)      # load / decode / mma of one k-tile
@@ -3505,9 +3537,18 @@ if HAVE_CUTE:
             self.n_ctas = 2 * (-(-self.n_units // 3))
             self.chunks = D // RED_ROWS              # reducer chunks of y
             self.probe = MOE_CHUNKS_PROBE
+            assert self.probe != 3 or STAMP_SLOTS * self.n_ctas <= 2 * D, "probe 3: the stamps need two rows of D"
             self.early = MOE_CHUNKS_EARLY
             self.w2_first = MOE_CHUNKS_W2_FIRST
             self.push = MOE_CHUNKS_PUSH
+            self.sentinel = MOE_CHUNKS_SENTINEL and MOE_CHUNKS_PROBE != 1
+            # each warp's last records of GEMM1 / GEMM2 copied into smem by cp.async at the start / the boundary
+            # each warp's last w2 records, copied into smem by cp.async over the boundary (needs the pushes: the old
+            # boundary's cluster arrive would wait for them)
+            w2s = stages * MOE_CHUNKS_W2_SMEM
+            self.w2_smem = w2s if self.push and self.r2 >= w2s + stages else 0
+            self.extra_rows = self.w2_smem * 2 * self.threads            # [record e][atom][thread]
+            self.extra_words = self.extra_rows * (4 + self.g1.nw)        # 16 B codes + the scale words
             if self.push:                             # w2's first loads between the pushes and the wait
                 self.w2_first = "after_push"
 
@@ -3533,7 +3574,20 @@ if HAVE_CUTE:
                 recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs], 16]  # [wg][quarter][gate|up][64]
                 mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs], 8]          # per wg: its recv is full
 
+            @cute.struct
+            class SharedStoragePushExtra:             # + w2's records kept in smem (MOE_CHUNKS_W2_SMEM)
+                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2], 16]
+                act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]
+                red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
+                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]
+                consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs], 16]
+                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs], 16]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs], 8]
+                extra: cute.struct.Align[cute.struct.MemRange[Int32, self.extra_words], 16]
+
             self.shared_storage = SharedStoragePush if const_expr(self.push) else SharedStorage
+            if const_expr(self.w2_smem > 0):
+                self.shared_storage = SharedStoragePushExtra
             self.kernel(mW1, mW2, mX, mY, mPart, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds, mCnt).launch(
                 grid=[self.n_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[2, 1, 1], stream=stream,
                 use_pdl=self.pdl, min_blocks_per_mp=1, preferred_smem_carveout=100)
@@ -3634,6 +3688,7 @@ if HAVE_CUTE:
                     if const_expr(self.w2_first == "gemm1_tail"):
                         self.g1.load_k_tile(wc, ws, code2, scale_off, s * stride2, s)
                 self.stamp(mPart, 2)
+                self.stamp_wg(mPart, 16, wg)
                 if t == 0:                                             # token 0: c = 0 / 2 = rows g / g + 8
                     for a in cutlass.range_constexpr(2):
                         red[wg, a, 16 * warp + g] = acc[a, 0]
@@ -3654,6 +3709,12 @@ if HAVE_CUTE:
                                     _st_async_f32(recv_base + ((dst % 6) * 512 + q * 128 + a * 64 + r) * 4, dst // 6,
                                                   v, mbar_base + 8 * (dst % 6))
                     self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
+                    if const_expr(self.w2_smem > 0):     # w2's last records -> smem over the boundary
+                        code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
+                        for e in cutlass.range_constexpr(self.w2_smem):
+                            self.copy_record_to_smem(storage, code2, scale_off,
+                                                     (self.r2 - self.w2_smem + e) * self.g2.k_tiles, e, tidx)
+                        _cp_async_commit()
                     _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * wg, 0)
                     self.stamp(mPart, 3)
                     rcv = storage.recv.get_tensor(cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1)))
@@ -3683,6 +3744,7 @@ if HAVE_CUTE:
                 else:                                          # no fence (it would wait for w2's loads in flight)
                     cute.arch.cluster_arrive_relaxed()
             self.stamp(mPart, 4)
+            self.stamp_wg(mPart, 22, wg)
 
             # ---- GEMM2: w2 row tiles q*r2 .. of k-tile `col` against act -> fp32 partials (x alpha_down)
             part = mPart.iterator.toint() + Int64(unit) * (self.D * 4)
@@ -3691,12 +3753,21 @@ if HAVE_CUTE:
                 sAv = storage.act.get_tensor(cute.make_layout((4, 8 * self.wgs, 1), stride=(1, 4, 32 * self.wgs)))
                 a_down = self.scalar(sConst, mAlphaD, expert, wg, 2)
                 acc2 = cute.make_rmem_tensor((2, 4), Float32)
-                for j0 in cutlass.range(0, self.r2 - self.S, self.S, unroll=1):
+                for j0 in cutlass.range(0, self.r2 - self.w2_smem - self.S, self.S, unroll=1):
                     for s in cutlass.range_constexpr(self.S):
                         acc2.fill(0.0)
                         self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
                         self.g2.load_k_tile(wc, ws, code2, scale_off, (j0 + s + self.S) * stride2, s)
                         self.store_partial(part, acc2, a_down, q * self.r2 + j0 + s, warp, g, t)
+                if const_expr(self.w2_smem > 0):                     # the ring's last records, refilled from smem
+                    _cp_async_wait(0)
+                    for j0 in cutlass.range_constexpr(self.r2 - self.w2_smem - self.S, self.r2 - self.S, self.S):
+                        for s in cutlass.range_constexpr(self.S):
+                            acc2.fill(0.0)
+                            self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
+                            self.load_record_from_smem(storage, wc, ws, j0 + s + self.S - (self.r2 - self.w2_smem), s,
+                                                       tidx)
+                            self.store_partial(part, acc2, a_down, q * self.r2 + j0 + s, warp, g, t)
                 for s in cutlass.range_constexpr(self.S):
                     acc2.fill(0.0)
                     self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
@@ -3706,66 +3777,145 @@ if HAVE_CUTE:
                     _st_f32(part + Int64((q * self.r2 + i) * TILE_M + tidx % 128) * 4, Float32(0.0))
 
             self.stamp(mPart, 5)
-            # ---- count this CTA; the last n_red to finish reduce the partials into y
-            cute.arch.fence_acq_rel_gpu()
-            cute.arch.sync_threads()
-            if tidx == 0:
-                sInfo[self.wgs, 0] = cute.arch.atomic_add(mCnt.iterator, Int32(1), sem="acq_rel", scope="gpu")
-            cute.arch.sync_threads()
-            self.stamp(mPart, 6)
+            self.stamp_wg(mPart, 28, wg)
             n_red = min(self.n_ctas, self.chunks)
-            first = self.n_ctas - n_red
-            ticket = sInfo[self.wgs, 0]
-            if ticket >= first:
-                if tidx == 0:
-                    seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
-                    while seen < self.n_ctas:
-                        seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
-                cute.arch.sync_threads()
-                self.stamp(mPart, 7)
-                # chunk of RED_ROWS rows: thread = (row quad rq, unit group ug of 32); units ug, ug + 32, ... summed
-                # in that order, then the 32 groups in order (fixed -> deterministic); all loads issued first
-                rsum = storage.red.get_tensor(cute.make_layout((32, RED_ROWS), stride=(RED_ROWS, 1)))
-                rq = tidx % 8
-                ug = tidx // 8
-                n_it = (self.n_units + 31) // 32
-                ch0 = ticket - first
-                if const_expr(self.probe == 1):           # probe: the count and the wait, no reduction (y unwritten)
-                    ch0 = Int32(self.chunks)
-                for ch in cutlass.range(ch0, self.chunks, n_red, unroll=1):
-                    if tidx < 256:
-                        vals = []
-                        for i in cutlass.range_constexpr(n_it):
-                            u = ug + 32 * i
-                            if const_expr(32 * (i + 1) > self.n_units):
-                                u = cutlass.min(u, self.n_units - 1)      # (a repeat, dropped below)
-                            vals.append(_ld_cg_v4f(mPart.iterator.toint()
-                                                   + (Int64(u) * self.D + ch * RED_ROWS + 4 * rq) * 4))
-                        s4 = cute.make_rmem_tensor(4, Float32)
-                        s4.fill(0.0)
-                        for i in cutlass.range_constexpr(n_it):
-                            if const_expr(32 * (i + 1) <= self.n_units):
+            rsum = storage.red.get_tensor(cute.make_layout((32, RED_ROWS), stride=(RED_ROWS, 1)))
+            rq = tidx % 8                      # reducer thread: (row quad rq, unit group ug of 32)
+            ug = tidx // 8
+            n_it = (self.n_units + 31) // 32
+            if const_expr(self.sentinel):
+                # ---- no fence, no count: the partials are the signal. Reducer CTA b sums chunks b, b + n_ctas, ...;
+                # each thread polls its 16-B pieces until no word is the sentinel, then puts the sentinel back
+                self.stamp(mPart, 13)
+                if bid < n_red:
+                    for ch in cutlass.range(bid, self.chunks, self.n_ctas, unroll=1):
+                        if tidx < 256:
+                            v = cute.make_rmem_tensor((n_it, 4), Int32)
+                            pending = Int32(0)
+                            for i in cutlass.range_constexpr(n_it):
+                                w = _ld_v4(self.part_address(mPart, ug, i, ch, rq), "", ".relaxed.gpu")
                                 for c in cutlass.range_constexpr(4):
-                                    s4[c] = s4[c] + vals[i][c]
-                            else:
+                                    v[i, c] = w[c]
                                 if ug + 32 * i < self.n_units:
-                                    for c in cutlass.range_constexpr(4):
-                                        s4[c] = s4[c] + vals[i][c]
-                        for c in cutlass.range_constexpr(4):
-                            rsum[ug, 4 * rq + c] = s4[c]
+                                    if (w[0] == PART_SENTINEL) | (w[1] == PART_SENTINEL) | \
+                                            (w[2] == PART_SENTINEL) | (w[3] == PART_SENTINEL):
+                                        pending = pending | (1 << i)
+                            while pending != 0:
+                                _nanosleep(PART_POLL_NS)
+                                for i in cutlass.range_constexpr(n_it):
+                                    if (pending >> i) & 1:
+                                        w = _ld_v4(self.part_address(mPart, ug, i, ch, rq), "", ".relaxed.gpu")
+                                        for c in cutlass.range_constexpr(4):
+                                            v[i, c] = w[c]
+                                        if (w[0] != PART_SENTINEL) & (w[1] != PART_SENTINEL) & \
+                                                (w[2] != PART_SENTINEL) & (w[3] != PART_SENTINEL):
+                                            pending = pending & ~(1 << i)
+                            for i in cutlass.range_constexpr(n_it):   # read once per launch: back to the sentinel
+                                if ug + 32 * i < self.n_units:
+                                    _st_v4_fill(self.part_address(mPart, ug, i, ch, rq), Int32(PART_SENTINEL))
+                            self.stamp(mPart, 7)
+                            self.unit_sum(rsum, ug, rq, lambda i, c: _bits_f32(v[i, c]))
+                        self.write_y(rsum, mY, ch, tidx)
+            else:
+                # ---- count this CTA; the last n_red to finish reduce the partials into y
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.sync_threads()
+                self.stamp(mPart, 13)
+                if tidx == 0:
+                    sInfo[self.wgs, 0] = cute.arch.atomic_add(mCnt.iterator, Int32(1), sem="acq_rel", scope="gpu")
+                cute.arch.sync_threads()
+                self.stamp(mPart, 6)
+                first = self.n_ctas - n_red
+                ticket = sInfo[self.wgs, 0]
+                if ticket >= first:
+                    if tidx == 0:
+                        seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
+                        while seen < self.n_ctas:
+                            seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
                     cute.arch.sync_threads()
-                    if tidx < RED_ROWS:
-                        y = Float32(0.0)
-                        for w in cutlass.range_constexpr(32):
-                            y = y + rsum[w, tidx]
-                        mY[0, ch * RED_ROWS + tidx] = y.to(BFloat16)
-                    cute.arch.sync_threads()
-                if tidx == 0:                     # the last reducer wraps the counter to 0 for the next launch
-                    _atom_inc_gpu(mCnt.iterator.toint(), self.n_ctas + n_red - 1)
+                    self.stamp(mPart, 7)
+                    # chunk of RED_ROWS rows: units ug, ug + 32, ... summed in that order, then the 32 groups in order
+                    # (fixed -> deterministic); all loads issued first
+                    ch0 = ticket - first
+                    if const_expr(self.probe == 1):           # probe: the count and the wait, no reduction
+                        ch0 = Int32(self.chunks)
+                    for ch in cutlass.range(ch0, self.chunks, n_red, unroll=1):
+                        if tidx < 256:
+                            vals = []
+                            for i in cutlass.range_constexpr(n_it):
+                                vals.append(_ld_cg_v4f(self.part_address(mPart, ug, i, ch, rq)))
+                            self.unit_sum(rsum, ug, rq, lambda i, c: vals[i][c])
+                        self.write_y(rsum, mY, ch, tidx)
+                    if tidx == 0:                     # the last reducer wraps the counter to 0 for the next launch
+                        _atom_inc_gpu(mCnt.iterator.toint(), self.n_ctas + n_red - 1)
             self.stamp(mPart, 8)
             if const_expr(not self.push):                  # (push: the peer's writes here were waited for)
                 cute.arch.cluster_wait()                   # the peer has read this CTA's smem
             self.stamp(mPart, 9)
+
+        @cute.jit
+        def copy_record_to_smem(self, storage, code_addr, scale_off, i, e: int, tidx):
+            """This thread's words of record i (load_k_tile's) -> its smem slot e by cp.async (not committed)."""
+            base = storage.extra.data_ptr().toint()
+            nw = self.g1.nw
+            for a in cutlass.range_constexpr(2):
+                addr = code_addr + Int64(i) * self.g1.rec
+                row = (2 * e + a) * self.threads + tidx
+                _cp_async_weight(base + row * 16, addr + a * 2048, 16)
+                _cp_async_weight(base + self.extra_rows * 16 + row * 4 * nw,
+                                 addr + Int64(scale_off + a * (256 if nw == 2 else 128)), 4 * nw)
+
+        @cute.jit
+        def load_record_from_smem(self, storage, wc, ws, e: int, s: int, tidx):
+            """This thread's smem slot e (its own cp.async copies, waited for) -> register slot s."""
+            base = storage.extra.data_ptr().toint()
+            nw = self.g1.nw
+            for a in cutlass.range_constexpr(2):
+                row = (2 * e + a) * self.threads + tidx
+                v = _lds_words(base + row * 16, 4)
+                for q in cutlass.range_constexpr(4):
+                    wc[s, a, q] = v[q]
+                u = _lds_words(base + self.extra_rows * 16 + row * 4 * nw, nw)
+                for w in cutlass.range_constexpr(nw):
+                    ws[s, a, w] = u[w]
+
+        @cute.jit
+        def part_address(self, mPart: cute.Tensor, ug, i: int, ch, rq):
+            """Reducer thread (ug, rq): its 16 B of unit ug + 32 i's partial in chunk ch (a unit past the last one: the
+            last one again, dropped from the sum)."""
+            u = ug + 32 * i
+            if const_expr(32 * (i + 1) > self.n_units):
+                u = cutlass.min(u, self.n_units - 1)
+            return mPart.iterator.toint() + (Int64(u) * self.D + ch * RED_ROWS + 4 * rq) * 4
+
+        @cute.jit
+        def unit_sum(self, rsum, ug, rq, get):
+            """Reducer thread (ug, rq): the sum of its units' 4 rows (get(i, c): unit ug + 32 i, row 4 rq + c) in unit
+            order -> rsum[ug]."""
+            n_it = (self.n_units + 31) // 32
+            s4 = cute.make_rmem_tensor(4, Float32)
+            s4.fill(0.0)
+            for i in cutlass.range_constexpr(n_it):
+                if const_expr(32 * (i + 1) <= self.n_units):
+                    for c in cutlass.range_constexpr(4):
+                        s4[c] = s4[c] + get(i, c)
+                else:
+                    if ug + 32 * i < self.n_units:
+                        for c in cutlass.range_constexpr(4):
+                            s4[c] = s4[c] + get(i, c)
+            for c in cutlass.range_constexpr(4):
+                rsum[ug, 4 * rq + c] = s4[c]
+
+        @cute.jit
+        def write_y(self, rsum, mY: cute.Tensor, ch, tidx):
+            """The 32 unit groups' sums of chunk ch in group order -> y rows (bf16); both CTA barriers."""
+            cute.arch.sync_threads()
+            if tidx < RED_ROWS:
+                y = Float32(0.0)
+                for w in cutlass.range_constexpr(32):
+                    y = y + rsum[w, tidx]
+                mY[0, ch * RED_ROWS + tidx] = y.to(BFloat16)
+            cute.arch.sync_threads()
 
         @cute.jit
         def unit_info(self, sInfo, rank, wg):
@@ -3836,11 +3986,19 @@ if HAVE_CUTE:
 
         @cute.jit
         def stamp(self, mPart: cute.Tensor, i: int):
-            """Probe 3: thread 0 writes the low 32 bits of %globaltimer as phase i of this CTA into the row past the
-            partials (mPart has n_units + 1 rows then)."""
+            """Probe 3: thread 0 writes the low 32 bits of %globaltimer as phase i of this CTA into the two rows past
+            the partials (mPart has n_units + 2 rows then; STAMP_SLOTS per CTA)."""
             if const_expr(self.probe == 3):
                 if cute.arch.thread_idx()[0] == 0:
-                    off = self.n_units * self.D + 16 * cute.arch.block_idx()[0] + i
+                    off = self.n_units * self.D + STAMP_SLOTS * cute.arch.block_idx()[0] + i
+                    _st_f32(mPart.iterator.toint() + Int64(off) * 4, _bits_f32(cute.arch.globaltimer_lo()))
+
+        @cute.jit
+        def stamp_wg(self, mPart: cute.Tensor, i: int, wg):
+            """Probe 3: the first thread of each warpgroup stamps phase i + wg (the warpgroups' own phase ends)."""
+            if const_expr(self.probe == 3):
+                if cute.arch.thread_idx()[0] % 128 == 0:
+                    off = self.n_units * self.D + STAMP_SLOTS * cute.arch.block_idx()[0] + i + wg
                     _st_f32(mPart.iterator.toint() + Int64(off) * 4, _bits_f32(cute.arch.globaltimer_lo()))
 
         @cute.jit
@@ -3890,7 +4048,7 @@ if HAVE_CUTE:
                          "st.global.f32 [$0], $1;", "l,f", has_side_effects=True, loc=loc, ip=ip)
 
 
-MOE_CHUNKS = True           # T = 1: Fp4MoeChunks (both GEMMs per act chunk, partials summed by the last CTAs; H200
+MOE_CHUNKS = True           # T = 1: Fp4MoeChunks (both GEMMs per act chunk, partials summed in the same launch; H200
                             # session 21: 27.6-28.6 vs the fused launch's 33.3-33.9 us in four same-run rows, decode
                             # step -0.071 ms per 8 layers at batch 1)
 MOE_CHUNKS_STAGES = 2       # k-tiles of weight loads in flight per warp (H200, medians of 7 rounds: 2 -> 29.9-30.0
@@ -3905,6 +4063,18 @@ MOE_CHUNKS_W2_FIRST = "after_arrive" # where w2's first ring loads go out: "gemm
                             # k-tiles, so the cluster arrive's fence waits for them), "after_arrive", "after_wait"
                             # (of the GEMM1 cluster barrier; the post-SwiGLU arrive is then relaxed)
 RED_ROWS = 32               # rows of y per reducer chunk
+MOE_CHUNKS_SENTINEL = True  # the partials are their own signal: a persistent buffer holds PART_SENTINEL wherever no
+                            # partial is (the reducers poll their pieces and put it back), so no fence, count or wait
+                            # for all CTAs; else (sessions 20-24) a fence + a count, the last CTAs reducing once all
+                            # counted (session 25, same bits; H200 -1.1..-2.0% in four same-run rows)
+PART_SENTINEL = -1          # 0xffffffff: a NaN no fp32 multiply returns (a NaN result is 0x7fffffff on NVIDIA GPUs)
+MOE_CHUNKS_W2_SMEM = 1      # w2's last records of each warp, in ring depths, copied into smem by cp.async over the
+                            # GEMM1 -> GEMM2 boundary: more bytes in flight while the act waits (session 25, same bits;
+                            # H200: 2 records -1.6..-1.9% in four same-run rows, 4 records +4..8%, GEMM1's last 2 at the
+                            # start too +4%; bulk copies instead of cp.async level)
+PART_POLL_NS = 64           # reducers' back-off between polls of pieces not yet written
+STAMP_SLOTS = 48            # probe 3: stamps per CTA (0-15 the CTA's phases, 16 / 22 / 28 + wg: each warpgroup's
+                            # GEMM1 loop end / act ready / GEMM2 loop end)
 
 
 def moe_chunks_config(fmt: str, T: int, k: int, D: int, inter: int, sms: int):
@@ -3927,7 +4097,9 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
     [slots * I/64, D] fp32, alpha_gate / up / down, the flat topk weights, limit, topk_ids (flat), counter."""
     config = ("moe_chunks", fmt, D, inter, top_k, stages, pdl, WEIGHT_LD_HINT) + \
         (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ()) + (() if MOE_CHUNKS_EARLY else ("late",)) + \
-        (("w2_first", MOE_CHUNKS_W2_FIRST),) + (("push",) if MOE_CHUNKS_PUSH else ())
+        (("w2_first", MOE_CHUNKS_W2_FIRST),) + (("push",) if MOE_CHUNKS_PUSH else ()) + \
+        (("sentinel", PART_SENTINEL, PART_POLL_NS) if MOE_CHUNKS_SENTINEL and MOE_CHUNKS_PROBE != 1 else ()) + \
+        (("w2_smem", MOE_CHUNKS_W2_SMEM) if MOE_CHUNKS_W2_SMEM else ())
 
     def build():
         op = Fp4MoeChunks(fmt, D, inter, top_k, stages, pdl)

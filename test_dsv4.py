@@ -5381,9 +5381,9 @@ for i, cfg in enumerate(cfgs):
 def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_path):
     """The one-token chunk kernel compiles for sm_90a on a GPU-less machine (Flash nvfp4 / mxfp4 with the default
     2-deep ring, small dims, Flash with a 4-deep ring); where ptxas is installed, its 768 threads fit one CTA per SM
-    (<= 80 registers); with the pushed GEMM1 partials (MOE_CHUNKS_PUSH, session 24) the default 2-deep ring spills
-    at most 32 bytes (measured: nvfp4 none, mxfp4 28: nothing in GEMM1's loop, two word reloads per GEMM2 k-tile
-    pair), the 4-deep ring (not the default) at most 96, the 1-deep one (small dims) nothing."""
+    (<= 80 registers); with the pushed GEMM1 partials (MOE_CHUNKS_PUSH, session 24), the sentinel reduction and w2's
+    last records in smem (session 25) the default 2-deep ring spills at most 32 bytes (measured: nvfp4 none, mxfp4
+    16), the 4-deep ring (not the default) at most 96, the 1-deep one (small dims) nothing."""
     dump = _compile_for_sm90a(COMPILE_MOE_CHUNKS, tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
     ptxas = shutil.which("ptxas")
@@ -5491,10 +5491,48 @@ def test_moe_chunks_pushed_partials_give_the_cluster_barriers_bits(fmt, dims, mo
         assert torch.equal(y_other, y), f"{fmt} {dims} {routing}: the boundaries' bits differ"
 
 
+def _chunk_parts_hold_only_the_sentinel(dev):
+    """Every persistent partials buffer of Fp4MoeChunks' sentinel mode is back to PART_SENTINEL everywhere."""
+    bufs = [b for key, b in K._COUNTERS.items() if key[0] == dev and key[1] == "chunk_parts"]
+    return bool(bufs) and all(bool((b.view(torch.int32) == K.PART_SENTINEL).all()) for b in bufs)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dims", ["small", "flash"])
+def test_moe_chunks_sentinel_partials_give_the_counted_bits(fmt, dims, monkeypatch):
+    """MOE_CHUNKS_SENTINEL (the reducers poll the partials themselves, no fence or count) sums the same partials in
+    the same order as the counted reduction: the same bits, call after call (each launch puts the sentinel back:
+    checked), with skipped slots, in a PDL chain and in graph replays."""
+    ex, D, E = (_small(fmt), 512, 16) if dims == "small" else (_flash(fmt), 4096, 256)
+    cases = []
+    for routing, seed in (("random", 5), ("empty_experts", 6), ("random", 7)):
+        x = torch.randn(1, D, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(1, 6, E, routing, seed=100 + seed)
+        monkeypatch.setattr(K, "MOE_CHUNKS_SENTINEL", False)
+        cases.append((x, ids, w, _moe_chunks_and_fused(ex, x, ids, w, monkeypatch)[0]))
+    monkeypatch.setattr(K, "MOE_CHUNKS_SENTINEL", True)
+    for x, ids, w, y in cases:
+        assert torch.equal(_moe_chunks_and_fused(ex, x, ids, w, monkeypatch)[0], y), f"{fmt} {dims}: bits differ"
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases * 3]      # back to back (PDL)
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, c[3]) for o, c in zip(outs, cases * 3))
+    assert _chunk_parts_hold_only_the_sentinel(torch.device("cuda", torch.cuda.current_device()))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases]
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, c[3]) for y, c in zip(y_g, cases))
+    assert _chunk_parts_hold_only_the_sentinel(torch.device("cuda", torch.cuda.current_device()))
+
+
 @gpu
 def test_moe_chunks_repeats_and_graph_replays_keep_the_bits(monkeypatch):
-    """20 back-to-back calls (PDL chains; the counter wraps every launch) and a plain launch give the first call's
-    bits, so do replays of a graph of 3 calls; a replay follows new inputs copied into the captured buffers."""
+    """20 back-to-back calls (PDL chains; each launch puts the partials' sentinel back, or with MOE_CHUNKS_SENTINEL
+    off wraps the counter) and a plain launch give the first call's bits, so do replays of a graph of 3 calls; a
+    replay follows new inputs copied into the captured buffers."""
     ex = _small("nvfp4")
     x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
     ids, w = _gemv_routing(1, 6, 16, "random", seed=90)
@@ -5522,6 +5560,7 @@ def test_moe_chunks_repeats_and_graph_replays_keep_the_bits(monkeypatch):
     torch.cuda.synchronize()
     assert torch.equal(y_g[-1], y2) and not torch.equal(y2, y1)
     assert not K._COUNTERS[(x.device, "chunks")].any()
+    assert not K.MOE_CHUNKS_SENTINEL or _chunk_parts_hold_only_the_sentinel(x.device)
 
 
 COMPILE_MOE_FUSED_STAMPS = """
