@@ -2099,7 +2099,7 @@ def bench_chunk_stamps():
     print(f"{torch.cuda.get_device_name()}: Fp4MoeChunks, one token (Flash dims, nvfp4), {n_ctas} CTAs, ring depth "
           f"{K.MOE_CHUNKS_STAGES}; bits with stamps vs default: {'same' if same else 'DIFF'}")
     print(f"{len(runs)} plain launches; us after the first CTA's entry, median over launches of each percentile")
-    print(f"{'phase':>20} " + " ".join(f"{'p' + str(p):>6}" for p in (0, 10, 50, 90, 100)))
+    print(f"{'phase':>22} " + " ".join(f"{'p' + str(p):>6}" for p in (0, 10, 50, 90, 100)))
     for col, name in CHUNK_PHASES.items():
         if col == 6 and K.MOE_CHUNKS_SENTINEL:                    # (no count: the reducers poll the partials)
             continue
@@ -2132,7 +2132,7 @@ def chunk_stamps_by_warpgroup(runs):
         add("GEMM2 end, CTA mean", g2.mean(1))
         cl = g2.view(n // 2, 12)
         add("GEMM2 end, cluster mean", cl.mean(1))
-        add("all wgs fenced (13)", _stamp_us(a, 13))
+        add("all wgs done (13)", _stamp_us(a, 13))
     print("per warpgroup (us; p0 / p10 / p50 / p90 / p100 over CTAs or warpgroups, median over launches):")
     for name, rows in stats.items():
         print(f"{name:>28} " + " ".join(f"{statistics.median(r[i] for r in rows):6.2f}" for i in range(5)))

@@ -1335,7 +1335,7 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     if chunks is not None:
         # one token: both GEMMs per 64-column act chunk, no routing kernel, y summed in the same launch
         rows = R * (inter // TILE_K) + 2 * (MOE_CHUNKS_PROBE == 3)
-        sentinel = MOE_CHUNKS_SENTINEL and MOE_CHUNKS_PROBE != 1
+        sentinel = _chunks_sentinel()
         if sentinel:       # persistent: PART_SENTINEL wherever no partial is (every launch puts it back)
             part = _COUNTERS.get((dev, "chunk_parts", rows, D))
             if part is None:
@@ -1788,10 +1788,10 @@ if HAVE_CUTE:
     @dsl_user_op
     def _lds_words(smem_addr: Int32, n: int, *, loc=None, ip=None):
         """n (1 | 2 | 4) 32-bit words from shared memory -> a tuple of Int32."""
-        vec = {1: "b32 {$0}", 2: "v2.b32 {$0, $1}", 4: "v4.b32 {$0, $1, $2, $3}"}[n]
+        vec = {1: "b32 $0", 2: "v2.b32 {$0, $1}", 4: "v4.b32 {$0, $1, $2, $3}"}[n]
         res = _llvm.inline_asm(
             _ir.Type.parse(f"!llvm.struct<({', '.join(['i32'] * n)})>"), [Int32(smem_addr).ir_value(loc=loc, ip=ip)],
-            f"ld.shared.{vec}, [${n}];".replace("{$0}", "$0"), ",".join(["=r"] * n) + ",r",
+            f"ld.shared.{vec}, [${n}];", ",".join(["=r"] * n) + ",r",
             has_side_effects=True, loc=loc, ip=ip)
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(n))
 
@@ -1852,6 +1852,14 @@ if HAVE_CUTE:
         """16-byte global store of one word four times."""
         _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), _i32(v, loc, ip)],
                          "st.global.v4.b32 [$0], {$1, $1, $1, $1};", "l,r", has_side_effects=True, loc=loc, ip=ip)
+
+    def _any_sentinel(w):
+        """Some word of a 16-B piece of Fp4MoeChunks' partials is still PART_SENTINEL (not written yet)."""
+        return (w[0] == PART_SENTINEL) | (w[1] == PART_SENTINEL) | (w[2] == PART_SENTINEL) | (w[3] == PART_SENTINEL)
+
+    def _all_written(w):
+        """No word of the piece is PART_SENTINEL any more."""
+        return (w[0] != PART_SENTINEL) & (w[1] != PART_SENTINEL) & (w[2] != PART_SENTINEL) & (w[3] != PART_SENTINEL)
 
     @dsl_user_op
     def _nanosleep(ns: int, *, loc=None, ip=None):
@@ -3541,8 +3549,7 @@ if HAVE_CUTE:
             self.early = MOE_CHUNKS_EARLY
             self.w2_first = MOE_CHUNKS_W2_FIRST
             self.push = MOE_CHUNKS_PUSH
-            self.sentinel = MOE_CHUNKS_SENTINEL and MOE_CHUNKS_PROBE != 1
-            # each warp's last records of GEMM1 / GEMM2 copied into smem by cp.async at the start / the boundary
+            self.sentinel = _chunks_sentinel()
             # each warp's last w2 records, copied into smem by cp.async over the boundary (needs the pushes: the old
             # boundary's cluster arrive would wait for them)
             w2s = stages * MOE_CHUNKS_W2_SMEM
@@ -3556,6 +3563,8 @@ if HAVE_CUTE:
         def __call__(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor,
                      mPart: cute.Tensor, mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor,
                      mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, mCnt: cute.Tensor, stream):
+            push, w2_words = self.push, self.extra_words
+
             @cute.struct
             class SharedStorage:
                 xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2], 16]          # x row, permuted
@@ -3563,31 +3572,12 @@ if HAVE_CUTE:
                 red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
                 misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]   # ticket, per wg
                 consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs], 16]   # alphas, row weight
+                # the pushed partials [wg][quarter][gate|up][64] and per wg the mbarrier of its recv (MOE_CHUNKS_PUSH)
+                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs if push else 0], 16]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs if push else 0], 8]
+                extra: cute.struct.Align[cute.struct.MemRange[Int32, w2_words], 16]   # w2 records (MOE_CHUNKS_W2_SMEM)
 
-            @cute.struct
-            class SharedStoragePush:                  # + the pushed partials and their mbarriers
-                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2], 16]
-                act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]
-                red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
-                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]
-                consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs], 16]
-                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs], 16]  # [wg][quarter][gate|up][64]
-                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs], 8]          # per wg: its recv is full
-
-            @cute.struct
-            class SharedStoragePushExtra:             # + w2's records kept in smem (MOE_CHUNKS_W2_SMEM)
-                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2], 16]
-                act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]
-                red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
-                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]
-                consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs], 16]
-                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs], 16]
-                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs], 8]
-                extra: cute.struct.Align[cute.struct.MemRange[Int32, self.extra_words], 16]
-
-            self.shared_storage = SharedStoragePush if const_expr(self.push) else SharedStorage
-            if const_expr(self.w2_smem > 0):
-                self.shared_storage = SharedStoragePushExtra
+            self.shared_storage = SharedStorage
             self.kernel(mW1, mW2, mX, mY, mPart, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds, mCnt).launch(
                 grid=[self.n_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[2, 1, 1], stream=stream,
                 use_pdl=self.pdl, min_blocks_per_mp=1, preferred_smem_carveout=100)
@@ -3797,8 +3787,7 @@ if HAVE_CUTE:
                                 for c in cutlass.range_constexpr(4):
                                     v[i, c] = w[c]
                                 if ug + 32 * i < self.n_units:
-                                    if (w[0] == PART_SENTINEL) | (w[1] == PART_SENTINEL) | \
-                                            (w[2] == PART_SENTINEL) | (w[3] == PART_SENTINEL):
+                                    if _any_sentinel(w):
                                         pending = pending | (1 << i)
                             while pending != 0:
                                 _nanosleep(PART_POLL_NS)
@@ -3807,8 +3796,7 @@ if HAVE_CUTE:
                                         w = _ld_v4(self.part_address(mPart, ug, i, ch, rq), "", ".relaxed.gpu")
                                         for c in cutlass.range_constexpr(4):
                                             v[i, c] = w[c]
-                                        if (w[0] != PART_SENTINEL) & (w[1] != PART_SENTINEL) & \
-                                                (w[2] != PART_SENTINEL) & (w[3] != PART_SENTINEL):
+                                        if _all_written(w):
                                             pending = pending & ~(1 << i)
                             for i in cutlass.range_constexpr(n_it):   # read once per launch: back to the sentinel
                                 if ug + 32 * i < self.n_units:
@@ -4077,6 +4065,11 @@ STAMP_SLOTS = 48            # probe 3: stamps per CTA (0-15 the CTA's phases, 16
                             # GEMM1 loop end / act ready / GEMM2 loop end)
 
 
+def _chunks_sentinel() -> bool:
+    """Fp4MoeChunks reduces through the sentinel-filled partials (probe 1, no reduction, keeps the count)."""
+    return MOE_CHUNKS_SENTINEL and MOE_CHUNKS_PROBE != 1
+
+
 def moe_chunks_config(fmt: str, T: int, k: int, D: int, inter: int, sms: int):
     """_compile_moe_chunks arguments for T tokens at top-k, or None where moe_fp4 takes another path. Only where its
     CTAs (one per SM, 2-CTA clusters of 3 units) fit the SMs at once: every CTA may end up a reducer waiting for all
@@ -4098,7 +4091,7 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
     config = ("moe_chunks", fmt, D, inter, top_k, stages, pdl, WEIGHT_LD_HINT) + \
         (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ()) + (() if MOE_CHUNKS_EARLY else ("late",)) + \
         (("w2_first", MOE_CHUNKS_W2_FIRST),) + (("push",) if MOE_CHUNKS_PUSH else ()) + \
-        (("sentinel", PART_SENTINEL, PART_POLL_NS) if MOE_CHUNKS_SENTINEL and MOE_CHUNKS_PROBE != 1 else ()) + \
+        (("sentinel", PART_SENTINEL, PART_POLL_NS) if _chunks_sentinel() else ()) + \
         (("w2_smem", MOE_CHUNKS_W2_SMEM) if MOE_CHUNKS_W2_SMEM else ())
 
     def build():
