@@ -2136,6 +2136,19 @@ def chunk_stamps_by_warpgroup(runs):
     print("per warpgroup (us; p0 / p10 / p50 / p90 / p100 over CTAs or warpgroups, median over launches):")
     for name, rows in stats.items():
         print(f"{name:>28} " + " ".join(f"{statistics.median(r[i] for r in rows):6.2f}" for i in range(5)))
+    # is a CTA's lateness its SM's? (session 26, H200: split-half r 0.6-0.8, sd of the SMs' means ~0.2 us)
+    late = {}
+    for i, a in enumerate(runs):
+        end = us(a, 28).max(1).values
+        for sm, v in zip(a[:, K.STAMP_SMID].tolist(), (end - end.median()).tolist()):
+            late.setdefault(int(sm), ([], []))[i % 2].append(v)
+    sms = [sm for sm, (ev, od) in late.items() if ev and od]
+    if len(sms) > 2:
+        ev = [statistics.mean(late[sm][0]) for sm in sms]
+        od = [statistics.mean(late[sm][1]) for sm in sms]
+        print(f"GEMM2 end of a CTA's latest warpgroup by SM (%smid): split-half correlation of the SMs' mean "
+              f"lateness {statistics.correlation(ev, od):.2f}, sd of the SMs' means "
+              f"{statistics.stdev([(e + o) / 2 for e, o in zip(ev, od)]):.2f} us")
 
 
 # Stage-0 handoff probe (notes/megakernel.md section 5): an in-kernel handoff through a global counter vs a PDL boundary

@@ -1313,8 +1313,8 @@ def routed_sum(y):
 def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, slots: bool = False):
     """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
     Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order.
-    Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill); one token takes
-    Fp4MoeChunks (MOE_CHUNKS), which sums the slots itself. slots: where the fused launch runs without routing,
+    Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill); one or two tokens
+    (T <= MOE_CHUNKS_MAX_TOKENS) take Fp4MoeChunks (MOE_CHUNKS), which sums the slots itself. slots: where the fused launch runs without routing,
     RoutedSlots instead of y (the sum left to the consumer)."""
     if x.shape[0] >= PREFILL_MIN_TOKENS and prefill_unavailable_reason(x, experts) is None:
         return moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit)
@@ -1333,7 +1333,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     a_gate, a_up, a_down = pk.alphas                                # already times ACC_FIX
     chunks = moe_chunks_config(pk.fmt, T, k, D, inter, sms) if gemv else None
     if chunks is not None:
-        # one token: both GEMMs per 64-column act chunk, no routing kernel, y summed in the same launch
+        # T <= MOE_CHUNKS_MAX_TOKENS: both GEMMs per 64-column act chunk (one round per token), no routing kernel,
+        # y summed in the same launch
         rows = R * (inter // TILE_K) + 2 * (MOE_CHUNKS_PROBE == 3)
         sentinel = _chunks_sentinel()
         if sentinel:       # persistent: PART_SENTINEL wherever no partial is (every launch puts it back)
@@ -3528,9 +3529,13 @@ if HAVE_CUTE:
         for holds an SM it needs, and the dependent launch (PDL) starts only after all its CTAs have started. A
         skipped slot's units write zero partials. The last MOE_CHUNKS_W2_SMEM ring depths of each warp's w2 records
         are copied into smem by cp.async over the GEMM1 -> GEMM2 boundary (more bytes in flight while the act
-        waits)."""
+        waits). T tokens (session 26, T <= MOE_CHUNKS_MAX_TOKENS): T rounds on the same CTAs, round r runs token r's
+        units (unit r U + the CTA's local unit) with its own x row, sInfo / consts rows, recv buffers and mbarriers
+        (each used once); the register ring runs on from one round's last w2 records into the next round's first
+        GEMM1 records; reducer CTA b sums chunks b, b + n_ctas, .. of every token (own smem: a later round still uses
+        red). Each token's partials and sums are those of the token alone: the same bits per row."""
 
-        def __init__(self, fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool):
+        def __init__(self, fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool, tokens: int = 1):
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, 4, stages)      # load / decode / mma of one k-tile
             self.g2 = Fp4MoeGemv(fmt, inter, D, False, 1, stages)
             self.fmt, self.D, self.inter, self.top_k, self.pdl = fmt, D, inter, top_k, pdl
@@ -3539,11 +3544,16 @@ if HAVE_CUTE:
             self.S = stages
             assert self.k1 % stages == 0 and self.r2 % stages == 0
             self.cols = inter // TILE_K              # units per routed slot
-            self.n_units = top_k * self.cols         # one token: topk_ids holds top_k slots
+            self.T = tokens                          # rounds: round r runs token r's units on the same warpgroups
+            self.U = top_k * self.cols               # units per token (per round)
+            self.n_units = tokens * self.U
             self.wgs = 6                             # warpgroups per CTA (2 CTAs = 3 units x 4 quarters)
             self.threads = 128 * self.wgs
-            self.n_ctas = 2 * (-(-self.n_units // 3))
-            self.chunks = D // RED_ROWS              # reducer chunks of y
+            self.n_ctas = 2 * (-(-self.U // 3))
+            self.row_chunks = D // RED_ROWS          # reducer chunks of one y row
+            self.chunks = tokens * self.row_chunks
+            assert tokens == 1 or (MOE_CHUNKS_PUSH and MOE_CHUNKS_EARLY and _chunks_sentinel()), \
+                "rounds: with the pushes, x first and the sentinel reduction only"
             self.probe = MOE_CHUNKS_PROBE
             assert self.probe != 3 or STAMP_SLOTS * self.n_ctas <= 2 * D, "probe 3: the stamps need two rows of D"
             self.early = MOE_CHUNKS_EARLY
@@ -3567,14 +3577,16 @@ if HAVE_CUTE:
 
             @cute.struct
             class SharedStorage:
-                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2], 16]          # x row, permuted
+                xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2 * self.T], 16]  # x rows, permuted
                 act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]      # per wg, permuted
                 red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
-                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs], 16]   # ticket, per wg
-                consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs], 16]   # alphas, row weight
+                # the reducers' sums of their own (rounds: token 0 is reduced while later rounds still use red)
+                rsum: cute.struct.Align[cute.struct.MemRange[Float32, 32 * RED_ROWS if self.T > 1 else 0], 16]
+                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs * self.T], 16]  # per round, wg
+                consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs * self.T], 16]  # alphas, weight
                 # the pushed partials [wg][quarter][gate|up][64] and per wg the mbarrier of its recv (MOE_CHUNKS_PUSH)
-                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs if push else 0], 16]
-                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs if push else 0], 8]
+                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs * self.T if push else 0], 16]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs * self.T if push else 0], 8]
                 extra: cute.struct.Align[cute.struct.MemRange[Int32, w2_words], 16]   # w2 records (MOE_CHUNKS_W2_SMEM)
 
             self.shared_storage = SharedStorage
@@ -3592,9 +3604,10 @@ if HAVE_CUTE:
             storage = smem.allocate(self.shared_storage)
             n_exp = cute.size(mAlphaG, mode=[0])
             self.stamp(mPart, 0)
+            self.stamp(mPart, STAMP_SMID, cute.arch.smid())
             if const_expr(self.push):            # before the router's wait: nothing here depends on it
                 if tidx == 0:
-                    for i in cutlass.range_constexpr(self.wgs):    # 4 quarters x 128 fp32 partials per warpgroup
+                    for i in cutlass.range_constexpr(self.wgs * self.T):   # 4 quarters x 128 fp32 partials per wg
                         _mbar_init(storage.mbar.data_ptr().toint() + 8 * i, 1)
                         _mbar_expect_tx(storage.mbar.data_ptr().toint() + 8 * i, 4 * 128 * 4)
                     cute.arch.mbarrier_init_fence()
@@ -3603,7 +3616,8 @@ if HAVE_CUTE:
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
             if const_expr(self.early):            # x first: its L2 hits then do not queue behind the weight loads
-                self.load_x_row(storage, mX, tidx)
+                for r in cutlass.range_constexpr(self.T):
+                    self.load_x_row(storage, mX, tidx, r)
             wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
             lane = tidx % 32
             wg = wid // 4
@@ -3617,13 +3631,14 @@ if HAVE_CUTE:
             slot = unit // self.cols
             col = unit - slot * self.cols
             expert = Int32(-1)
-            if unit < self.n_units:
+            if unit < self.U:
                 expert = mIds[slot]
             valid = Int32(0)
             if expert >= 0 and expert < n_exp:
                 valid = Int32(1)
             # the warpgroup's unit comes back from smem after GEMM1 (fewer registers live over its loop)
-            sInfo = storage.misc.get_tensor(cute.make_layout((self.wgs + 1, 4), stride=(4, 1)))   # + the ticket
+            # rows r * wgs + wg: round r's unit of warpgroup wg (+ the ticket's row)
+            sInfo = storage.misc.get_tensor(cute.make_layout((self.wgs * self.T + 1, 4), stride=(4, 1)))
             if tidx % 128 == 0:
                 sInfo[wg, 0] = expert
                 sInfo[wg, 1] = unit
@@ -3635,6 +3650,24 @@ if HAVE_CUTE:
                         _cp_async_4(c_base + 4, mAlphaU.iterator.toint() + Int64(expert) * 4)
                         _cp_async_4(c_base + 8, mAlphaD.iterator.toint() + Int64(expert) * 4)
                         _cp_async_4(c_base + 12, mRowW.iterator.toint() + Int64(slot) * 4)
+                for r in cutlass.range_constexpr(1, self.T):   # the later rounds: token r's unit
+                    unit_r = unit + r * self.U
+                    slot_r = unit_r // self.cols
+                    expert_r = Int32(-1)
+                    if unit < self.U:
+                        expert_r = mIds[slot_r]
+                    valid_r = Int32(0)
+                    if expert_r >= 0 and expert_r < n_exp:
+                        valid_r = Int32(1)
+                    sInfo[r * self.wgs + wg, 0] = expert_r
+                    sInfo[r * self.wgs + wg, 1] = unit_r
+                    sInfo[r * self.wgs + wg, 2] = valid_r
+                    if valid_r != 0:
+                        c_base = storage.consts.data_ptr().toint() + 16 * (r * self.wgs + wg)
+                        _cp_async_4(c_base, mAlphaG.iterator.toint() + Int64(expert_r) * 4)
+                        _cp_async_4(c_base + 4, mAlphaU.iterator.toint() + Int64(expert_r) * 4)
+                        _cp_async_4(c_base + 8, mAlphaD.iterator.toint() + Int64(expert_r) * 4)
+                        _cp_async_4(c_base + 12, mRowW.iterator.toint() + Int64(slot_r) * 4)
             if const_expr(self.early):
                 _cp_async_commit()
             rec = self.g1.rec
@@ -3651,128 +3684,156 @@ if HAVE_CUTE:
                     self.g1.load_k_tile(wc, ws, code1, scale_off, s, s)
 
             if const_expr(not self.early):
-                self.load_x_row(storage, mX, tidx)
+                self.load_x_row(storage, mX, tidx, 0)
                 _cp_async_commit()
             _cp_async_wait(0)
             cute.arch.sync_threads()
             if const_expr(self.push):            # the mbarriers are initialised: peers may push after the wait
                 cute.arch.cluster_arrive_relaxed()
             self.stamp(mPart, 1)
-            sConst = storage.consts.get_tensor(cute.make_layout((self.wgs, 4), stride=(4, 1)))
+            sConst = storage.consts.get_tensor(cute.make_layout((self.wgs * self.T, 4), stride=(4, 1)))
             sXv = storage.xs.get_tensor(cute.make_layout((4, self.D // 8, 1), stride=(1, 4, self.D // 2)))
             red = storage.red.get_tensor(cute.make_layout((self.wgs, 2, 64), stride=(128, 64, 1)))
             bq = cute.make_rmem_tensor((4, 2), Int32)
 
-            # ---- GEMM1: quarter q of gate/up tile `col` (gate rows = atom 0, up rows = atom 1)
-            if valid != 0:
-                acc = cute.make_rmem_tensor((2, 4), Float32)
-                acc.fill(0.0)
-                kt0 = q * self.k1
-                for i0 in cutlass.range(0, self.k1 - self.S, self.S, unroll=1):
-                    for s in cutlass.range_constexpr(self.S):
-                        self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + i0 + s, s)
-                        self.g1.load_k_tile(wc, ws, code1, scale_off, i0 + s + self.S, s)
-                code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
-                for s in cutlass.range_constexpr(self.S):             # GEMM1's last k-tiles (+ w2's first loads)
-                    self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + self.k1 - self.S + s, s)
-                    if const_expr(self.w2_first == "gemm1_tail"):
-                        self.g1.load_k_tile(wc, ws, code2, scale_off, s * stride2, s)
-                self.stamp(mPart, 2)
-                self.stamp_wg(mPart, 16, wg)
-                if t == 0:                                             # token 0: c = 0 / 2 = rows g / g + 8
-                    for a in cutlass.range_constexpr(2):
-                        red[wg, a, 16 * warp + g] = acc[a, 0]
-                        red[wg, a, 16 * warp + g + 8] = acc[a, 2]
-            if const_expr(self.push):
-                cute.arch.cluster_wait()          # (the start's arrive) the peer's mbarriers are initialised
-                expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg)
+            for rd in cutlass.range_constexpr(self.T):   # round rd: token rd's unit (T = 1: one round)
+                row = wg                                  # this warpgroup's row of sInfo / sConst in round rd
+                if const_expr(rd > 0):
+                    row = rd * self.wgs + wg
+                    prev_valid = valid
+                    expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg, row)
+                    sXv = cute.make_tensor(storage.xs.data_ptr() + rd * (self.D // 2),
+                                           cute.make_layout((4, self.D // 8, 1), stride=(1, 4, self.D // 2)))
+                    code1 = self.w1_address(mW1, sInfo, row, q, warp, lane)
+                    if valid != 0:
+                        if prev_valid == 0:           # (a skipped previous round issued none of these)
+                            for s in cutlass.range_constexpr(self.S):
+                                self.g1.load_k_tile(wc, ws, code1, scale_off, s, s)
+                # ---- GEMM1: quarter q of gate/up tile `col` (gate rows = atom 0, up rows = atom 1)
                 if valid != 0:
-                    if t == 0:                    # this quarter's partials -> recv[wg'][q] of the unit's 4 warpgroups
-                        recv_base = storage.recv.data_ptr().toint()
-                        mbar_base = storage.mbar.data_ptr().toint()
+                    acc = cute.make_rmem_tensor((2, 4), Float32)
+                    acc.fill(0.0)
+                    kt0 = q * self.k1
+                    for i0 in cutlass.range(0, self.k1 - self.S, self.S, unroll=1):
+                        for s in cutlass.range_constexpr(self.S):
+                            self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + i0 + s, s)
+                            self.g1.load_k_tile(wc, ws, code1, scale_off, i0 + s + self.S, s)
+                    code2 = self.w2_address(mW2, sInfo, wg, warp, lane, row)
+                    for s in cutlass.range_constexpr(self.S):             # GEMM1's last k-tiles (+ w2's first loads)
+                        self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + self.k1 - self.S + s, s)
+                        if const_expr(self.w2_first == "gemm1_tail"):
+                            self.g1.load_k_tile(wc, ws, code2, scale_off, s * stride2, s)
+                    self.stamp(mPart, 2)
+                    self.stamp_wg(mPart, 16, wg)
+                    if t == 0:                                             # token 0: c = 0 / 2 = rows g / g + 8
                         for a in cutlass.range_constexpr(2):
-                            for hi in cutlass.range_constexpr(2):
-                                r = 16 * warp + g + 8 * hi
-                                v = red[wg, a, r]
-                                for qq in cutlass.range_constexpr(4):
-                                    dst = 4 * (gq // 4) + qq
-                                    _st_async_f32(recv_base + ((dst % 6) * 512 + q * 128 + a * 64 + r) * 4, dst // 6,
-                                                  v, mbar_base + 8 * (dst % 6))
-                    self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
-                    if const_expr(self.w2_smem > 0):     # w2's last records -> smem over the boundary
-                        code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
-                        for e in cutlass.range_constexpr(self.w2_smem):
-                            self.copy_record_to_smem(storage, code2, scale_off,
-                                                     (self.r2 - self.w2_smem + e) * self.g2.k_tiles, e, tidx)
-                        _cp_async_commit()
-                    _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * wg, 0)
-                    self.stamp(mPart, 3)
-                    rcv = storage.recv.get_tensor(cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1)))
-                    self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
-                                    lane, lambda qq, k, a: rcv[wg, qq, a, k])
-            else:
-                # the quarters' partials are in smem of both CTAs: the arrive's release is a GPU-wide fence (MEMBAR.GPU)
-                # that waits for the thread's loads in flight, so w2's first loads go out after it (MOE_CHUNKS_W2_FIRST)
-                cute.arch.cluster_arrive()
-                if const_expr(self.w2_first == "after_arrive"):
-                    self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
-                cute.arch.cluster_wait()
-                self.stamp(mPart, 3)
-                if const_expr(self.w2_first == "after_wait"):
-                    self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane)
-                expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg)
-                if valid != 0:
-                    red_base = storage.red.data_ptr().toint()
-
-                    def pull(qq, k, a):              # quarter qq's partial of gate (a 0) / up (a 1) row k, over DSMEM
-                        src = 4 * (gq // 4) + qq
-                        return _ld_dsmem_f32(red_base + ((src % 6) * 128 + k + 64 * a) * 4, src // 6)
-                    self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
-                                    lane, pull)
-                if const_expr(self.w2_first == "gemm1_tail"):  # done reading the peers' smem (waited for at the end)
+                            red[wg, a, 16 * warp + g] = acc[a, 0]
+                            red[wg, a, 16 * warp + g + 8] = acc[a, 2]
+                if const_expr(self.push):
+                    if const_expr(rd == 0):
+                        cute.arch.cluster_wait()      # (the start's arrive) the peer's mbarriers are initialised
+                    expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg, row)
+                    if valid != 0:
+                        if t == 0:                    # this quarter's partials -> recv[wg'][q] of the unit's 4 wgs
+                            recv_base = storage.recv.data_ptr().toint()
+                            mbar_base = storage.mbar.data_ptr().toint()
+                            if const_expr(rd > 0):    # round rd's own buffers and mbarriers (each used once)
+                                recv_base = recv_base + rd * 512 * self.wgs * 4
+                                mbar_base = mbar_base + rd * self.wgs * 8
+                            for a in cutlass.range_constexpr(2):
+                                for hi in cutlass.range_constexpr(2):
+                                    r = 16 * warp + g + 8 * hi
+                                    v = red[wg, a, r]
+                                    for qq in cutlass.range_constexpr(4):
+                                        dst = 4 * (gq // 4) + qq
+                                        _st_async_f32(recv_base + ((dst % 6) * 512 + q * 128 + a * 64 + r) * 4,
+                                                      dst // 6, v, mbar_base + 8 * (dst % 6))
+                        self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane, row)
+                        if const_expr(self.w2_smem > 0):     # w2's last records -> smem over the boundary
+                            code2 = self.w2_address(mW2, sInfo, wg, warp, lane, row)
+                            for e in cutlass.range_constexpr(self.w2_smem):
+                                self.copy_record_to_smem(storage, code2, scale_off,
+                                                         (self.r2 - self.w2_smem + e) * self.g2.k_tiles, e, tidx)
+                            _cp_async_commit()
+                        _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * row, 0)
+                        self.stamp(mPart, 3)
+                        rcv_layout = cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1))
+                        rcv = storage.recv.get_tensor(rcv_layout)
+                        if const_expr(rd > 0):
+                            rcv = cute.make_tensor(storage.recv.data_ptr() + rd * 512 * self.wgs, rcv_layout)
+                        self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
+                                        lane, lambda qq, k, a: rcv[wg, qq, a, k], row)
+                else:
+                    # the quarters' partials are in smem of both CTAs: the arrive's release is a GPU-wide fence
+                    # (MEMBAR.GPU) that waits for the thread's loads in flight, so w2's first loads go out after it
+                    # (MOE_CHUNKS_W2_FIRST)
                     cute.arch.cluster_arrive()
-                else:                                          # no fence (it would wait for w2's loads in flight)
-                    cute.arch.cluster_arrive_relaxed()
-            self.stamp(mPart, 4)
-            self.stamp_wg(mPart, 22, wg)
+                    if const_expr(self.w2_first == "after_arrive"):
+                        self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane, row)
+                    cute.arch.cluster_wait()
+                    self.stamp(mPart, 3)
+                    if const_expr(self.w2_first == "after_wait"):
+                        self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane, row)
+                    expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg, row)
+                    if valid != 0:
+                        red_base = storage.red.data_ptr().toint()
 
-            # ---- GEMM2: w2 row tiles q*r2 .. of k-tile `col` against act -> fp32 partials (x alpha_down)
-            part = mPart.iterator.toint() + Int64(unit) * (self.D * 4)
-            if valid != 0:
-                code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
-                sAv = storage.act.get_tensor(cute.make_layout((4, 8 * self.wgs, 1), stride=(1, 4, 32 * self.wgs)))
-                a_down = self.scalar(sConst, mAlphaD, expert, wg, 2)
-                acc2 = cute.make_rmem_tensor((2, 4), Float32)
-                for j0 in cutlass.range(0, self.r2 - self.w2_smem - self.S, self.S, unroll=1):
-                    for s in cutlass.range_constexpr(self.S):
-                        acc2.fill(0.0)
-                        self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
-                        self.g2.load_k_tile(wc, ws, code2, scale_off, (j0 + s + self.S) * stride2, s)
-                        self.store_partial(part, acc2, a_down, q * self.r2 + j0 + s, warp, g, t)
-                if const_expr(self.w2_smem > 0):                     # the ring's last records, refilled from smem
-                    _cp_async_wait(0)
-                    for j0 in cutlass.range_constexpr(self.r2 - self.w2_smem - self.S, self.r2 - self.S, self.S):
+                        def pull(qq, k, a):              # quarter qq's partial of gate (a 0) / up (a 1) row k (DSMEM)
+                            src = 4 * (gq // 4) + qq
+                            return _ld_dsmem_f32(red_base + ((src % 6) * 128 + k + 64 * a) * 4, src // 6)
+                        self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
+                                        lane, pull, row)
+                    if const_expr(self.w2_first == "gemm1_tail"):  # done reading the peers' smem (waited for at end)
+                        cute.arch.cluster_arrive()
+                    else:                                          # no fence (it would wait for w2's loads in flight)
+                        cute.arch.cluster_arrive_relaxed()
+                self.stamp(mPart, 4)
+                self.stamp_wg(mPart, 22, wg)
+
+                # ---- GEMM2: w2 row tiles q*r2 .. of k-tile `col` against act -> fp32 partials (x alpha_down)
+                part = mPart.iterator.toint() + Int64(unit) * (self.D * 4)
+                if valid != 0:
+                    code2 = self.w2_address(mW2, sInfo, wg, warp, lane, row)
+                    sAv = storage.act.get_tensor(cute.make_layout((4, 8 * self.wgs, 1), stride=(1, 4, 32 * self.wgs)))
+                    a_down = self.scalar(sConst, mAlphaD, expert, row, 2)
+                    acc2 = cute.make_rmem_tensor((2, 4), Float32)
+                    for j0 in cutlass.range(0, self.r2 - self.w2_smem - self.S, self.S, unroll=1):
                         for s in cutlass.range_constexpr(self.S):
                             acc2.fill(0.0)
                             self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
-                            self.load_record_from_smem(storage, wc, ws, j0 + s + self.S - (self.r2 - self.w2_smem), s,
-                                                       tidx)
+                            self.g2.load_k_tile(wc, ws, code2, scale_off, (j0 + s + self.S) * stride2, s)
                             self.store_partial(part, acc2, a_down, q * self.r2 + j0 + s, warp, g, t)
-                for s in cutlass.range_constexpr(self.S):
-                    acc2.fill(0.0)
-                    self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
-                    self.store_partial(part, acc2, a_down, q * self.r2 + self.r2 - self.S + s, warp, g, t)
-            elif unit < self.n_units:                 # a skipped slot (remote expert): zero partials
-                for i in cutlass.range_constexpr(self.r2):
-                    _st_f32(part + Int64((q * self.r2 + i) * TILE_M + tidx % 128) * 4, Float32(0.0))
+                    if const_expr(self.w2_smem > 0):                     # the ring's last records, refilled from smem
+                        _cp_async_wait(0)
+                        for j0 in cutlass.range_constexpr(self.r2 - self.w2_smem - self.S, self.r2 - self.S, self.S):
+                            for s in cutlass.range_constexpr(self.S):
+                                acc2.fill(0.0)
+                                self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
+                                self.load_record_from_smem(storage, wc, ws,
+                                                           j0 + s + self.S - (self.r2 - self.w2_smem), s, tidx)
+                                self.store_partial(part, acc2, a_down, q * self.r2 + j0 + s, warp, g, t)
+                    if const_expr(rd + 1 < self.T):      # the next round's first GEMM1 loads go out as the ring empties
+                        n_valid = sInfo[row + self.wgs, 2]
+                        n_code1 = self.w1_address(mW1, sInfo, row + self.wgs, q, warp, lane)
+                    for s in cutlass.range_constexpr(self.S):
+                        acc2.fill(0.0)
+                        self.math(self.g2, acc2, bq, wc, ws, sAv, t, wg, s)
+                        if const_expr(rd + 1 < self.T):
+                            if n_valid != 0:
+                                self.g1.load_k_tile(wc, ws, n_code1, scale_off, s, s)
+                        self.store_partial(part, acc2, a_down, q * self.r2 + self.r2 - self.S + s, warp, g, t)
+                elif unit < (rd + 1) * self.U:            # a skipped slot (remote expert): zero partials
+                    for i in cutlass.range_constexpr(self.r2):
+                        _st_f32(part + Int64((q * self.r2 + i) * TILE_M + tidx % 128) * 4, Float32(0.0))
 
-            self.stamp(mPart, 5)
-            self.stamp_wg(mPart, 28, wg)
+                self.stamp(mPart, 5)
+                self.stamp_wg(mPart, 28, wg)
             n_red = min(self.n_ctas, self.chunks)
-            rsum = storage.red.get_tensor(cute.make_layout((32, RED_ROWS), stride=(RED_ROWS, 1)))
+            rsum = (storage.rsum if const_expr(self.T > 1) else storage.red).get_tensor(
+                cute.make_layout((32, RED_ROWS), stride=(RED_ROWS, 1)))
             rq = tidx % 8                      # reducer thread: (row quad rq, unit group ug of 32)
             ug = tidx // 8
-            n_it = (self.n_units + 31) // 32
+            n_it = (self.U + 31) // 32               # unit groups of 32 per token
             if const_expr(self.sentinel):
                 # ---- no fence, no count: the partials are the signal. Reducer CTA b sums chunks b, b + n_ctas, ...;
                 # each thread polls its 16-B pieces until no word is the sentinel, then puts the sentinel back
@@ -3786,7 +3847,7 @@ if HAVE_CUTE:
                                 w = _ld_v4(self.part_address(mPart, ug, i, ch, rq), "", ".relaxed.gpu")
                                 for c in cutlass.range_constexpr(4):
                                     v[i, c] = w[c]
-                                if ug + 32 * i < self.n_units:
+                                if ug + 32 * i < self.U:
                                     if _any_sentinel(w):
                                         pending = pending | (1 << i)
                             while pending != 0:
@@ -3799,7 +3860,7 @@ if HAVE_CUTE:
                                         if _all_written(w):
                                             pending = pending & ~(1 << i)
                             for i in cutlass.range_constexpr(n_it):   # read once per launch: back to the sentinel
-                                if ug + 32 * i < self.n_units:
+                                if ug + 32 * i < self.U:
                                     _st_v4_fill(self.part_address(mPart, ug, i, ch, rq), Int32(PART_SENTINEL))
                             self.stamp(mPart, 7)
                             self.unit_sum(rsum, ug, rq, lambda i, c: _bits_f32(v[i, c]))
@@ -3810,11 +3871,12 @@ if HAVE_CUTE:
                 cute.arch.sync_threads()
                 self.stamp(mPart, 13)
                 if tidx == 0:
-                    sInfo[self.wgs, 0] = cute.arch.atomic_add(mCnt.iterator, Int32(1), sem="acq_rel", scope="gpu")
+                    sInfo[self.wgs * self.T, 0] = cute.arch.atomic_add(mCnt.iterator, Int32(1), sem="acq_rel",
+                                                                       scope="gpu")
                 cute.arch.sync_threads()
                 self.stamp(mPart, 6)
                 first = self.n_ctas - n_red
-                ticket = sInfo[self.wgs, 0]
+                ticket = sInfo[self.wgs * self.T, 0]
                 if ticket >= first:
                     if tidx == 0:
                         seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
@@ -3872,23 +3934,27 @@ if HAVE_CUTE:
             """Reducer thread (ug, rq): its 16 B of unit ug + 32 i's partial in chunk ch (a unit past the last one: the
             last one again, dropped from the sum)."""
             u = ug + 32 * i
-            if const_expr(32 * (i + 1) > self.n_units):
-                u = cutlass.min(u, self.n_units - 1)
+            if const_expr(32 * (i + 1) > self.U):
+                u = cutlass.min(u, self.U - 1)
+            if const_expr(self.T > 1):          # chunk ch of token ch // row_chunks: that token's units
+                tok = ch // self.row_chunks
+                return mPart.iterator.toint() + (Int64(u + tok * self.U) * self.D
+                                                 + (ch - tok * self.row_chunks) * RED_ROWS + 4 * rq) * 4
             return mPart.iterator.toint() + (Int64(u) * self.D + ch * RED_ROWS + 4 * rq) * 4
 
         @cute.jit
         def unit_sum(self, rsum, ug, rq, get):
             """Reducer thread (ug, rq): the sum of its units' 4 rows (get(i, c): unit ug + 32 i, row 4 rq + c) in unit
             order -> rsum[ug]."""
-            n_it = (self.n_units + 31) // 32
+            n_it = (self.U + 31) // 32
             s4 = cute.make_rmem_tensor(4, Float32)
             s4.fill(0.0)
             for i in cutlass.range_constexpr(n_it):
-                if const_expr(32 * (i + 1) <= self.n_units):
+                if const_expr(32 * (i + 1) <= self.U):
                     for c in cutlass.range_constexpr(4):
                         s4[c] = s4[c] + get(i, c)
                 else:
-                    if ug + 32 * i < self.n_units:
+                    if ug + 32 * i < self.U:
                         for c in cutlass.range_constexpr(4):
                             s4[c] = s4[c] + get(i, c)
             for c in cutlass.range_constexpr(4):
@@ -3902,20 +3968,24 @@ if HAVE_CUTE:
                 y = Float32(0.0)
                 for w in cutlass.range_constexpr(32):
                     y = y + rsum[w, tidx]
-                mY[0, ch * RED_ROWS + tidx] = y.to(BFloat16)
+                if const_expr(self.T > 1):      # chunk ch: token ch // row_chunks
+                    tok = ch // self.row_chunks
+                    mY[tok, (ch - tok * self.row_chunks) * RED_ROWS + tidx] = y.to(BFloat16)
+                else:
+                    mY[0, ch * RED_ROWS + tidx] = y.to(BFloat16)
             cute.arch.sync_threads()
 
         @cute.jit
-        def unit_info(self, sInfo, rank, wg):
-            """The warpgroup's (expert, unit, valid, slot, quarter index gq in the cluster, quarter q), back from smem
-            after GEMM1 (fewer registers live over its loop)."""
-            expert = sInfo[wg, 0]
-            unit = sInfo[wg, 1]
-            return expert, unit, sInfo[wg, 2], unit // self.cols, 6 * rank + wg, (6 * rank + wg) % 4
+        def unit_info(self, sInfo, rank, wg, row):
+            """The warpgroup's (expert, unit, valid, slot, quarter index gq in the cluster, quarter q) of the round
+            whose sInfo row is row, back from smem after GEMM1 (fewer registers live over its loop)."""
+            expert = sInfo[row, 0]
+            unit = sInfo[row, 1]
+            return expert, unit, sInfo[row, 2], unit // self.cols, 6 * rank + wg, (6 * rank + wg) % 4
 
         @cute.jit
         def swiglu_act(self, storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit: Float32, expert, slot, wg, warp,
-                       lane, partial):
+                       lane, partial, row):
             """Warp 0: the unit's act columns 2 lane, 2 lane + 1 (partial(qq, k, a): quarter qq's fp32 partial of gate
             (a = 0) / up (a = 1) row k, summed in quarter order) through Fp4MoeGemv's SwiGLU epilogue -> one permuted
             bf16x2 word of the warpgroup's act; then the warpgroup's barrier."""
@@ -3931,28 +4001,31 @@ if HAVE_CUTE:
                     for qq in cutlass.range_constexpr(4):          # the unit's quarters in order
                         hs = hs + partial(qq, k, 0)
                         us_ = us_ + partial(qq, k, 1)
-                    hh = cute.math.min(hs * self.scalar(sConst, mAlphaG, expert, wg, 0), limit)
-                    uu = cute.math.max(cute.math.min(us_ * self.scalar(sConst, mAlphaU, expert, wg, 1), limit),
+                    hh = cute.math.min(hs * self.scalar(sConst, mAlphaG, expert, row, 0), limit)
+                    uu = cute.math.max(cute.math.min(us_ * self.scalar(sConst, mAlphaU, expert, row, 1), limit),
                                        -limit)
-                    av = self.scalar(sConst, mRowW, slot, wg, 3) * hh / (1.0 + cute.math.exp(-hh)) * uu
+                    av = self.scalar(sConst, mRowW, slot, row, 3) * hh / (1.0 + cute.math.exp(-hh)) * uu
                     sAh[64 * wg + 2 * wst + e] = av.to(BFloat16)
                 self.stamp(mPart, 11)
             cute.arch.barrier(barrier_id=1 + wg, number_of_threads=128)
             self.stamp(mPart, 12)
 
         @cute.jit
-        def w2_first_loads(self, mW2: cute.Tensor, sInfo, wc, ws, scale_off, wg, warp, lane):
+        def w2_first_loads(self, mW2: cute.Tensor, sInfo, wc, ws, scale_off, wg, warp, lane, row):
             """w2's first S records of the warpgroup's unit -> the register ring (a skipped slot: none)."""
-            if sInfo[wg, 2] != 0:
-                code2 = self.w2_address(mW2, sInfo, wg, warp, lane)
+            if sInfo[row, 2] != 0:
+                code2 = self.w2_address(mW2, sInfo, wg, warp, lane, row)
                 for s in cutlass.range_constexpr(self.S):
                     self.g1.load_k_tile(wc, ws, code2, scale_off, s * self.g2.k_tiles, s)
 
         @cute.jit
-        def load_x_row(self, storage, mX: cute.Tensor, tidx):
-            """The token's x row -> smem (cp.async, not committed), permuted per 64-k tile (Fp4MoeGemv's layout)."""
+        def load_x_row(self, storage, mX: cute.Tensor, tidx, r: int):
+            """Token r's x row -> smem (cp.async, not committed), permuted per 64-k tile (Fp4MoeGemv's layout)."""
             sx_base = storage.xs.data_ptr().toint()
             xa0 = mX.iterator.toint()
+            if const_expr(r > 0):
+                sx_base = sx_base + r * self.D * 2
+                xa0 = xa0 + r * self.D * 2
             for i in cutlass.range_constexpr(-(-(self.D // 8) // self.threads)):
                 qq = tidx + i * self.threads
                 if qq < self.D // 8:
@@ -3962,24 +4035,25 @@ if HAVE_CUTE:
                         _cp_async_4(sx_base + (w0 + 4 * tt) * 4, xa0 + qq * 16 + 4 * tt)
 
         @cute.jit
-        def scalar(self, sConst, mSrc: cute.Tensor, i, wg, j: int):
-            """An epilogue scalar (alpha_gate / up / down of the expert, the slot's routing weight): from smem where the
-            start copied it there (MOE_CHUNKS_EARLY), else from global memory."""
+        def scalar(self, sConst, mSrc: cute.Tensor, i, row, j: int):
+            """An epilogue scalar (alpha_gate / up / down of the expert, the slot's routing weight): from smem (row: the
+            round's warpgroup row) where the start copied it there (MOE_CHUNKS_EARLY), else from global memory."""
             v = Float32(0.0)
             if const_expr(self.early):
-                v = sConst[wg, j]
+                v = sConst[row, j]
             else:
                 v = mSrc[i]
             return v
 
         @cute.jit
-        def stamp(self, mPart: cute.Tensor, i: int):
-            """Probe 3: thread 0 writes the low 32 bits of %globaltimer as phase i of this CTA into the two rows past
-            the partials (mPart has n_units + 2 rows then; STAMP_SLOTS per CTA)."""
+        def stamp(self, mPart: cute.Tensor, i: int, value=None):
+            """Probe 3: thread 0 writes the low 32 bits of %globaltimer (or value) as phase i of this CTA into the two
+            rows past the partials (mPart has n_units + 2 rows then; STAMP_SLOTS per CTA)."""
             if const_expr(self.probe == 3):
                 if cute.arch.thread_idx()[0] == 0:
                     off = self.n_units * self.D + STAMP_SLOTS * cute.arch.block_idx()[0] + i
-                    _st_f32(mPart.iterator.toint() + Int64(off) * 4, _bits_f32(cute.arch.globaltimer_lo()))
+                    v = cute.arch.globaltimer_lo() if const_expr(value is None) else value
+                    _st_f32(mPart.iterator.toint() + Int64(off) * 4, _bits_f32(v))
 
         @cute.jit
         def stamp_wg(self, mPart: cute.Tensor, i: int, wg):
@@ -4004,14 +4078,25 @@ if HAVE_CUTE:
                 gm.mma_k_tile(acc, bq, wc, ws, sv, t, 0, i, s)
 
         @cute.jit
-        def w2_address(self, mW2: cute.Tensor, sInfo, wg, warp, lane):
-            """Address of this thread's first w2 record (row tile q*r2, k-tile col of the warpgroup's unit)."""
-            expert = sInfo[wg, 0]
-            unit = sInfo[wg, 1]
+        def w2_address(self, mW2: cute.Tensor, sInfo, wg, warp, lane, row):
+            """Address of this thread's first w2 record (row tile q*r2, k-tile col of the warpgroup's unit in the round
+            whose sInfo row is row)."""
+            expert = sInfo[row, 0]
+            unit = sInfo[row, 1]
             col = unit % self.cols
             q = (6 * (cute.arch.block_idx()[0] % 2) + wg) % 4
             return mW2.iterator.toint() + (Int64(expert) * (self.g2.m_tiles * self.g2.k_tiles)
                                            + Int64(q * self.r2 * self.g2.k_tiles + col)) * self.g2.rec \
+                + (32 * warp + lane) * 16
+
+        @cute.jit
+        def w1_address(self, mW1: cute.Tensor, sInfo, row, q, warp, lane):
+            """Address of this thread's first GEMM1 record (k-tile q*k1 of gate/up tile col) in the round whose sInfo
+            row is row (rounds > 0; round 0's is made at the start)."""
+            expert = sInfo[row, 0]
+            col = sInfo[row, 1] % self.cols
+            return mW1.iterator.toint() + (Int64(expert) * (self.g1.m_tiles * self.g1.k_tiles)
+                                           + Int64(col * self.g1.k_tiles + q * self.k1)) * self.g1.rec \
                 + (32 * warp + lane) * 16
 
         @cute.jit
@@ -4036,9 +4121,9 @@ if HAVE_CUTE:
                          "st.global.f32 [$0], $1;", "l,f", has_side_effects=True, loc=loc, ip=ip)
 
 
-MOE_CHUNKS = True           # T = 1: Fp4MoeChunks (both GEMMs per act chunk, partials summed in the same launch; H200
-                            # session 21: 27.6-28.6 vs the fused launch's 33.3-33.9 us in four same-run rows, decode
-                            # step -0.071 ms per 8 layers at batch 1)
+MOE_CHUNKS = True           # T <= MOE_CHUNKS_MAX_TOKENS: Fp4MoeChunks (both GEMMs per act chunk, partials summed in
+                            # the same launch; H200 session 21: 27.6-28.6 vs the fused launch's 33.3-33.9 us in four
+                            # same-run rows, decode step -0.071 ms per 8 layers at batch 1)
 MOE_CHUNKS_STAGES = 2       # k-tiles of weight loads in flight per warp (H200, medians of 7 rounds: 2 -> 29.9-30.0
                             # us, 4 -> 33.6, 1 -> 31.6 in session 21's first run; 8 spills)
 MOE_CHUNKS_PROBE = 0        # benchmarks only: 1 = no reduction (y unwritten), 2 = no decode + mma (an xor of the
@@ -4060,9 +4145,13 @@ MOE_CHUNKS_W2_SMEM = 1      # w2's last records of each warp, in ring depths, co
                             # GEMM1 -> GEMM2 boundary: more bytes in flight while the act waits (session 25, same bits;
                             # H200: 2 records -1.6..-1.9% in four same-run rows, 4 records +4..8%, GEMM1's last 2 at the
                             # start too +4%; bulk copies instead of cp.async level)
+MOE_CHUNKS_MAX_TOKENS = 2   # Fp4MoeChunks for T <= this: token r's units in round r on the same CTAs (session 26, H200
+                            # same run: T = 2 54.3 -> 52.0 us per graph call, queued 52.1 -> 50.0; T = 3 level, T = 4
+                            # +2%: the fused launch / Fp4MoeGemv there)
 PART_POLL_NS = 64           # reducers' back-off between polls of pieces not yet written
 STAMP_SLOTS = 48            # probe 3: stamps per CTA (0-15 the CTA's phases, 16 / 22 / 28 + wg: each warpgroup's
                             # GEMM1 loop end / act ready / GEMM2 loop end)
+STAMP_SMID = 40             # probe 3: the slot that holds the CTA's SM (%smid) instead of a time
 
 
 def _chunks_sentinel() -> bool:
@@ -4075,27 +4164,30 @@ def moe_chunks_config(fmt: str, T: int, k: int, D: int, inter: int, sms: int):
     CTAs (one per SM, 2-CTA clusters of 3 units) fit the SMs at once: every CTA may end up a reducer waiting for all
     to count, so a launch wider than the GPU could wait forever (Flash top-6: 128 CTAs on 132 SMs; Pro's 192 and
     a 114-SM H100 PCIe take the fused launch)."""
-    if not (MOE_CHUNKS and T == 1 and k <= 32 and inter % TILE_K == 0 and D % 512 == 0):
+    if not (MOE_CHUNKS and 1 <= T <= MOE_CHUNKS_MAX_TOKENS and k <= 32 and inter % TILE_K == 0 and D % 512 == 0):
+        return None
+    if T > 1 and not (MOE_CHUNKS_PUSH and MOE_CHUNKS_EARLY and _chunks_sentinel()):
         return None
     if 2 * -(-(k * (inter // TILE_K)) // 3) > sms:
         return None
     s = MOE_CHUNKS_STAGES             # the largest count <= this dividing both loops (GEMM1 k-tiles, w2 row tiles)
     while s > 1 and ((D // TILE_K // 4) % s or (D // TILE_M // 4) % s):
         s -= 1
-    return (fmt, D, inter, k, s, USE_PDL)
+    return (fmt, D, inter, k, s, USE_PDL, T)
 
 
-def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool):
+def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool, tokens: int = 1):
     """Compiled Fp4MoeChunks: w13 / w2 records permuted as for _compile_moe_gemv, x [T, D], y [T, D], partials
     [slots * I/64, D] fp32, alpha_gate / up / down, the flat topk weights, limit, topk_ids (flat), counter."""
     config = ("moe_chunks", fmt, D, inter, top_k, stages, pdl, WEIGHT_LD_HINT) + \
         (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ()) + (() if MOE_CHUNKS_EARLY else ("late",)) + \
         (("w2_first", MOE_CHUNKS_W2_FIRST),) + (("push",) if MOE_CHUNKS_PUSH else ()) + \
         (("sentinel", PART_SENTINEL, PART_POLL_NS) if _chunks_sentinel() else ()) + \
-        (("w2_smem", MOE_CHUNKS_W2_SMEM) if MOE_CHUNKS_W2_SMEM else ())
+        (("w2_smem", MOE_CHUNKS_W2_SMEM) if MOE_CHUNKS_W2_SMEM else ()) + \
+        ((("tokens", tokens),) if tokens > 1 else ())
 
     def build():
-        op = Fp4MoeChunks(fmt, D, inter, top_k, stages, pdl)
+        op = Fp4MoeChunks(fmt, D, inter, top_k, stages, pdl, tokens)
         n_exp = cute.sym_int()
         mk = cute.runtime.make_fake_compact_tensor
         alpha = [mk(Float32, (n_exp,), assumed_align=4) for _ in range(3)]

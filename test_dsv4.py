@@ -5359,6 +5359,7 @@ def test_moe_gemv_fused_back_to_back_calls_and_graph_replays_keep_the_bits(monke
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
     monkeypatch.setattr(K, "MOE_GEMV_FUSED_MAX_ROWS", 24)
+    monkeypatch.setattr(K, "MOE_CHUNKS", False)          # T <= MOE_CHUNKS_MAX_TOKENS would take Fp4MoeChunks
     _fused_repeats_and_replays_keep_the_bits(T=4, seeds=(7, 8), monkeypatch=monkeypatch)
 
 
@@ -5367,6 +5368,7 @@ import glob, os, sys, kernels as K
 K._CACHE_DIR = sys.argv[1]
 cfgs = [K.moe_chunks_config(fmt, 1, 6, 4096, 2048, 132) for fmt in ("nvfp4", "mxfp4")]
 cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 512, 256, 132)]
+cfgs += [K.moe_chunks_config("nvfp4", 2, 6, 4096, 2048, 132)]          # two tokens: two rounds
 K.MOE_CHUNKS_STAGES = 4
 cfgs += [K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132)]
 assert None not in cfgs and cfgs[0][4] == 2 and cfgs[-1][4] == 4, cfgs
@@ -5379,18 +5381,19 @@ for i, cfg in enumerate(cfgs):
 
 @pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
 def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_path):
-    """The one-token chunk kernel compiles for sm_90a on a GPU-less machine (Flash nvfp4 / mxfp4 with the default
-    2-deep ring, small dims, Flash with a 4-deep ring); where ptxas is installed, its 768 threads fit one CTA per SM
-    (<= 80 registers); with the pushed GEMM1 partials (MOE_CHUNKS_PUSH, session 24), the sentinel reduction and w2's
-    last records in smem (session 25) the default 2-deep ring spills at most 32 bytes (measured: nvfp4 none, mxfp4
-    16), the 4-deep ring (not the default) at most 96, the 1-deep one (small dims) nothing."""
+    """The chunk kernel compiles for sm_90a on a GPU-less machine (Flash nvfp4 / mxfp4 with the default 2-deep ring,
+    small dims, two Flash tokens in two rounds, Flash with a 4-deep ring); where ptxas is installed, its 768 threads
+    fit one CTA per SM (<= 80 registers); with the pushed GEMM1 partials (MOE_CHUNKS_PUSH, session 24), the sentinel
+    reduction and w2's last records in smem (session 25) the default 2-deep ring spills at most 32 bytes (measured:
+    nvfp4 none, mxfp4 16, two rounds 12), the 4-deep ring (not the default) at most 96, the 1-deep one (small dims)
+    nothing."""
     dump = _compile_for_sm90a(COMPILE_MOE_CHUNKS, tmp_path)
-    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 5
     ptxas = shutil.which("ptxas")
     ptxs = sorted(dump.glob("chunks*.ptx"))
     if ptxas is None or not ptxs:
         return
-    assert len(ptxs) == 4
+    assert len(ptxs) == 5
     for ptx in ptxs:
         rep = ptxas_report(ptxas, ptx, tmp_path)
         regs = int(re.search(r"Used (\d+) registers", rep.stderr).group(1))
@@ -5400,17 +5403,24 @@ def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_p
 
 
 def test_moe_chunks_config_only_for_one_token_and_one_wave(monkeypatch):
-    """Fp4MoeChunks takes T = 1 only, and only where its CTAs (a 2-CTA cluster per 3 units of 64 act columns, one
-    CTA per SM) fit the GPU at once: Flash top-6 needs 128 SMs (H100 / H200 SXM: 132), Pro (D 7168, I 3072) 192, so Pro
-    and a 114-SM H100 PCIe take the fused launch; its ring depth is the largest count <= MOE_CHUNKS_STAGES dividing
+    """Fp4MoeChunks takes T <= MOE_CHUNKS_MAX_TOKENS, and only where its CTAs (a 2-CTA cluster per 3 units of 64 act
+    columns, one CTA per SM) fit the GPU at once: Flash top-6 needs 128 SMs (H100 / H200 SXM: 132), Pro (D 7168,
+    I 3072) 192, so Pro and a 114-SM H100 PCIe take the fused launch; its ring depth is the largest count <= MOE_CHUNKS_STAGES dividing
     both loops; MOE_CHUNKS off: no config."""
-    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132) == ("nvfp4", 4096, 2048, 6, K.MOE_CHUNKS_STAGES, True)
-    assert K.moe_chunks_config("mxfp4", 1, 6, 512, 256, 132) == ("mxfp4", 512, 256, 6, 1, True)   # 1 w2 row tile each
+    S = K.MOE_CHUNKS_STAGES
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132) == ("nvfp4", 4096, 2048, 6, S, True, 1)
+    assert K.moe_chunks_config("mxfp4", 1, 6, 512, 256, 132) == ("mxfp4", 512, 256, 6, 1, True, 1)  # 1 w2 row tile
     assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 128) is not None
     assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 114) is None          # 128 CTAs > 114 SMs
     assert K.moe_chunks_config("nvfp4", 1, 6, 7168, 3072, 132) is None          # Pro: 192 CTAs
-    assert K.moe_chunks_config("nvfp4", 2, 6, 4096, 2048, 132) is None
     assert K.moe_chunks_config("nvfp4", 1, 6, 4096 + 256, 2048, 132) is None   # D not a multiple of 512
+    # T tokens: T rounds on the same CTAs (one wave whatever T), up to MOE_CHUNKS_MAX_TOKENS
+    T_max = K.MOE_CHUNKS_MAX_TOKENS
+    assert K.moe_chunks_config("nvfp4", T_max, 6, 4096, 2048, 132) == ("nvfp4", 4096, 2048, 6, S, True, T_max)
+    assert K.moe_chunks_config("nvfp4", T_max + 1, 6, 4096, 2048, 132) is None
+    monkeypatch.setattr(K, "MOE_CHUNKS_SENTINEL", False)                       # rounds: the sentinel reduction only
+    assert K.moe_chunks_config("nvfp4", 2, 6, 4096, 2048, 132) is None
+    assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132) is not None
     monkeypatch.setattr(K, "MOE_CHUNKS", False)
     assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132) is None
 
@@ -5526,6 +5536,52 @@ def test_moe_chunks_sentinel_partials_give_the_counted_bits(fmt, dims, monkeypat
         torch.cuda.synchronize()
         assert all(torch.equal(y, c[3]) for y, c in zip(y_g, cases))
     assert _chunk_parts_hold_only_the_sentinel(torch.device("cuda", torch.cuda.current_device()))
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dims", ["small", "flash"])
+@pytest.mark.parametrize("T", [2, 3, 4])
+def test_moe_chunks_tokens_in_rounds_give_each_tokens_one_token_bits(fmt, dims, T, monkeypatch):
+    """T tokens run as T rounds of the one-token units on the same CTAs (round r: token r), each token's partials
+    summed in the same order as alone: every row of y has the bits of that token run by itself, with skipped slots,
+    a token on no expert here, an expert named by two tokens, back to back and in graph replays; the fp32 reference
+    agrees; the partials buffer holds only the sentinel again after every launch."""
+    monkeypatch.setattr(K, "MOE_CHUNKS_MAX_TOKENS", 4)   # the default (2) is where it pays; the rounds work to 4
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    ex, D, E = (_small(fmt), 512, 16) if dims == "small" else (_flash(fmt), 4096, 256)
+    calls = []
+    real = K._compile_moe_chunks
+    monkeypatch.setattr(K, "_compile_moe_chunks", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    cases = []
+    for routing, seed in (("random", 11), ("empty_experts", 12), ("shared", 13)):
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, E, routing, seed=120 + seed)
+        if routing == "empty_experts":
+            ids[-1] = -1                       # the last token on no expert of this rank: its row of y is 0
+        calls.clear()
+        y = K.moe_fp4(x, ids, w, ex, 7.0)
+        assert [c[-1] for c in calls] == [T], "moe_fp4 did not take Fp4MoeChunks in T rounds"
+        for r in range(T):
+            y1 = K.moe_fp4(x[r:r + 1], ids[r:r + 1], w[r:r + 1], ex, 7.0)
+            assert torch.equal(y[r:r + 1], y1), f"{fmt} {dims} T={T} {routing}: token {r}'s bits differ from alone"
+        _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"chunks T={T} {fmt} {dims} {routing}")
+        if routing == "empty_experts":
+            assert not y[-1].any()
+        cases.append((x, ids, w, y))
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases * 2]      # back to back (PDL)
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, c[3]) for o, c in zip(outs, cases * 2))
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert _chunk_parts_hold_only_the_sentinel(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases]
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, c[3]) for y, c in zip(y_g, cases))
+    assert _chunk_parts_hold_only_the_sentinel(dev)
 
 
 @gpu
@@ -5762,6 +5818,7 @@ def test_moe_fused_without_routing_graph_replays_follow_new_inputs(monkeypatch):
     ids / weights written into the captured buffers; the counters end at zero."""
     monkeypatch.setattr(K, "MOE_GEMV_FORCE", ((2, 1), (2, 1)))
     monkeypatch.setattr(K, "MOE_GEMV_FUSED", True)
+    monkeypatch.setattr(K, "MOE_CHUNKS", False)          # T <= MOE_CHUNKS_MAX_TOKENS would take Fp4MoeChunks
     _fused_repeats_and_replays_keep_the_bits(T=2, seeds=(9, 10))
 
 
@@ -6431,6 +6488,7 @@ def _gemv_calls(monkeypatch):
     calls = []
     real = K._compile_moe_gemv
     monkeypatch.setattr(K, "_compile_moe_gemv", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    monkeypatch.setattr(K, "MOE_CHUNKS", False)          # T <= MOE_CHUNKS_MAX_TOKENS would take Fp4MoeChunks
     return calls
 
 
