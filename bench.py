@@ -475,7 +475,7 @@ def bench_moe_decode():
             for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape",
                                      "--ablate-hint", "--read-ceiling", "--ablate-chunks"} & set(sys.argv) else 0)]
     bytes_per_expert = K.weight_bytes_per_expert(fmt, D, I)
-    Ts = (1, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
+    Ts = (1, 2, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     if "--ablate-mid" in sys.argv:
         Ts = (4, 16, 64, 128, 256)
     if "--ablate-depth" in sys.argv:
