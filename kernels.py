@@ -1314,8 +1314,8 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
     """Routed MoE through the two grouped fp4 GEMMs (needs sm_90 + CuTe DSL + packed fp4 experts, x bf16).
     Everything stays on the device: no host sync, graph-capturable; the sum over the k slots has a fixed order.
     Many tokens (>= PREFILL_MIN_TOKENS) take the warp-specialized prefill GEMM (moe_fp4_prefill); one or two tokens
-    (T <= MOE_CHUNKS_MAX_TOKENS) take Fp4MoeChunks (MOE_CHUNKS), which sums the slots itself. slots: where the fused launch runs without routing,
-    RoutedSlots instead of y (the sum left to the consumer)."""
+    (T <= MOE_CHUNKS_MAX_TOKENS) take Fp4MoeChunks (MOE_CHUNKS), which sums the slots itself. slots: where the fused
+    launch runs without routing, RoutedSlots instead of y (the sum left to the consumer)."""
     if x.shape[0] >= PREFILL_MIN_TOKENS and prefill_unavailable_reason(x, experts) is None:
         return moe_fp4_prefill(x, topk_ids, topk_weights, experts, swiglu_limit)
     pk = experts.packed if experts.packed is not None else prepare_experts(experts).packed

@@ -5405,8 +5405,8 @@ def test_moe_chunks_compiles_for_sm90a_without_a_gpu_within_one_cta_per_sm(tmp_p
 def test_moe_chunks_config_only_for_one_token_and_one_wave(monkeypatch):
     """Fp4MoeChunks takes T <= MOE_CHUNKS_MAX_TOKENS, and only where its CTAs (a 2-CTA cluster per 3 units of 64 act
     columns, one CTA per SM) fit the GPU at once: Flash top-6 needs 128 SMs (H100 / H200 SXM: 132), Pro (D 7168,
-    I 3072) 192, so Pro and a 114-SM H100 PCIe take the fused launch; its ring depth is the largest count <= MOE_CHUNKS_STAGES dividing
-    both loops; MOE_CHUNKS off: no config."""
+    I 3072) 192, so Pro and a 114-SM H100 PCIe take the fused launch; its ring depth is the largest count <=
+    MOE_CHUNKS_STAGES dividing both loops; MOE_CHUNKS off: no config."""
     S = K.MOE_CHUNKS_STAGES
     assert K.moe_chunks_config("nvfp4", 1, 6, 4096, 2048, 132) == ("nvfp4", 4096, 2048, 6, S, True, 1)
     assert K.moe_chunks_config("mxfp4", 1, 6, 512, 256, 132) == ("mxfp4", 512, 256, 6, 1, True, 1)  # 1 w2 row tile
