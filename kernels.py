@@ -3630,44 +3630,18 @@ if HAVE_CUTE:
             unit = 3 * (bid // 2) + gq // 4                            # ... this unit
             slot = unit // self.cols
             col = unit - slot * self.cols
-            expert = Int32(-1)
-            if unit < self.U:
-                expert = mIds[slot]
-            valid = Int32(0)
-            if expert >= 0 and expert < n_exp:
-                valid = Int32(1)
+            expert, valid = self.slot_expert(mIds, unit, slot, n_exp)
             # the warpgroup's unit comes back from smem after GEMM1 (fewer registers live over its loop)
             # rows r * wgs + wg: round r's unit of warpgroup wg (+ the ticket's row)
             sInfo = storage.misc.get_tensor(cute.make_layout((self.wgs * self.T + 1, 4), stride=(4, 1)))
             if tidx % 128 == 0:
-                sInfo[wg, 0] = expert
-                sInfo[wg, 1] = unit
-                sInfo[wg, 2] = valid
-                if const_expr(self.early):        # the epilogues' scalars -> smem with x (loaded after GEMM1,
-                    if valid != 0:                # they queue behind w2's weight loads)
-                        c_base = storage.consts.data_ptr().toint() + 16 * wg
-                        _cp_async_4(c_base, mAlphaG.iterator.toint() + Int64(expert) * 4)
-                        _cp_async_4(c_base + 4, mAlphaU.iterator.toint() + Int64(expert) * 4)
-                        _cp_async_4(c_base + 8, mAlphaD.iterator.toint() + Int64(expert) * 4)
-                        _cp_async_4(c_base + 12, mRowW.iterator.toint() + Int64(slot) * 4)
+                self.record_unit(storage, sInfo, wg, expert, unit, valid, slot, mAlphaG, mAlphaU, mAlphaD, mRowW)
                 for r in cutlass.range_constexpr(1, self.T):   # the later rounds: token r's unit
                     unit_r = unit + r * self.U
                     slot_r = unit_r // self.cols
-                    expert_r = Int32(-1)
-                    if unit < self.U:
-                        expert_r = mIds[slot_r]
-                    valid_r = Int32(0)
-                    if expert_r >= 0 and expert_r < n_exp:
-                        valid_r = Int32(1)
-                    sInfo[r * self.wgs + wg, 0] = expert_r
-                    sInfo[r * self.wgs + wg, 1] = unit_r
-                    sInfo[r * self.wgs + wg, 2] = valid_r
-                    if valid_r != 0:
-                        c_base = storage.consts.data_ptr().toint() + 16 * (r * self.wgs + wg)
-                        _cp_async_4(c_base, mAlphaG.iterator.toint() + Int64(expert_r) * 4)
-                        _cp_async_4(c_base + 4, mAlphaU.iterator.toint() + Int64(expert_r) * 4)
-                        _cp_async_4(c_base + 8, mAlphaD.iterator.toint() + Int64(expert_r) * 4)
-                        _cp_async_4(c_base + 12, mRowW.iterator.toint() + Int64(slot_r) * 4)
+                    expert_r, valid_r = self.slot_expert(mIds, unit, slot_r, n_exp)
+                    self.record_unit(storage, sInfo, r * self.wgs + wg, expert_r, unit_r, valid_r, slot_r, mAlphaG,
+                                     mAlphaU, mAlphaD, mRowW)
             if const_expr(self.early):
                 _cp_async_commit()
             rec = self.g1.rec
@@ -3974,6 +3948,33 @@ if HAVE_CUTE:
                 else:
                     mY[0, ch * RED_ROWS + tidx] = y.to(BFloat16)
             cute.arch.sync_threads()
+
+        @cute.jit
+        def slot_expert(self, mIds: cute.Tensor, unit, slot, n_exp):
+            """(expert, valid) of a routed slot; unit: the CTA's first-round unit (past the last one: no slot)."""
+            expert = Int32(-1)
+            if unit < self.U:
+                expert = mIds[slot]
+            valid = Int32(0)
+            if expert >= 0 and expert < n_exp:
+                valid = Int32(1)
+            return expert, valid
+
+        @cute.jit
+        def record_unit(self, storage, sInfo, row, expert, unit, valid, slot, mAlphaG: cute.Tensor,
+                        mAlphaU: cute.Tensor, mAlphaD: cute.Tensor, mRowW: cute.Tensor):
+            """A round's unit -> sInfo row `row`; its epilogue scalars -> sConst row `row` by cp.async with x
+            (MOE_CHUNKS_EARLY: loaded after GEMM1 they would queue behind w2's weight loads)."""
+            sInfo[row, 0] = expert
+            sInfo[row, 1] = unit
+            sInfo[row, 2] = valid
+            if const_expr(self.early):
+                if valid != 0:
+                    c_base = storage.consts.data_ptr().toint() + 16 * row
+                    _cp_async_4(c_base, mAlphaG.iterator.toint() + Int64(expert) * 4)
+                    _cp_async_4(c_base + 4, mAlphaU.iterator.toint() + Int64(expert) * 4)
+                    _cp_async_4(c_base + 8, mAlphaD.iterator.toint() + Int64(expert) * 4)
+                    _cp_async_4(c_base + 12, mRowW.iterator.toint() + Int64(slot) * 4)
 
         @cute.jit
         def unit_info(self, sInfo, rank, wg, row):

@@ -5507,6 +5507,24 @@ def _chunk_parts_hold_only_the_sentinel(dev):
     return bool(bufs) and all(bool((b.view(torch.int32) == K.PART_SENTINEL).all()) for b in bufs)
 
 
+def _chunks_repeats_and_replays_keep_the_bits(ex, cases, n):
+    """cases: (x, ids, w, y) — n passes over them back to back (PDL) and n replays of a graph of them give y each
+    time, and every launch leaves the partials' buffers all-sentinel."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases * n]      # back to back (PDL)
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, c[3]) for o, c in zip(outs, cases * n))
+    assert _chunk_parts_hold_only_the_sentinel(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases]
+    for _ in range(n):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, c[3]) for y, c in zip(y_g, cases))
+    assert _chunk_parts_hold_only_the_sentinel(dev)
+
+
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("dims", ["small", "flash"])
@@ -5524,18 +5542,7 @@ def test_moe_chunks_sentinel_partials_give_the_counted_bits(fmt, dims, monkeypat
     monkeypatch.setattr(K, "MOE_CHUNKS_SENTINEL", True)
     for x, ids, w, y in cases:
         assert torch.equal(_moe_chunks_and_fused(ex, x, ids, w, monkeypatch)[0], y), f"{fmt} {dims}: bits differ"
-    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases * 3]      # back to back (PDL)
-    torch.cuda.synchronize()
-    assert all(torch.equal(o, c[3]) for o, c in zip(outs, cases * 3))
-    assert _chunk_parts_hold_only_the_sentinel(torch.device("cuda", torch.cuda.current_device()))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases]
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(y, c[3]) for y, c in zip(y_g, cases))
-    assert _chunk_parts_hold_only_the_sentinel(torch.device("cuda", torch.cuda.current_device()))
+    _chunks_repeats_and_replays_keep_the_bits(ex, cases, 3)
 
 
 @gpu
@@ -5569,19 +5576,7 @@ def test_moe_chunks_tokens_in_rounds_give_each_tokens_one_token_bits(fmt, dims, 
         if routing == "empty_experts":
             assert not y[-1].any()
         cases.append((x, ids, w, y))
-    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases * 2]      # back to back (PDL)
-    torch.cuda.synchronize()
-    assert all(torch.equal(o, c[3]) for o, c in zip(outs, cases * 2))
-    dev = torch.device("cuda", torch.cuda.current_device())
-    assert _chunk_parts_hold_only_the_sentinel(dev)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_g = [K.moe_fp4(x, ids, w, ex, 7.0) for x, ids, w, _ in cases]
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(y, c[3]) for y, c in zip(y_g, cases))
-    assert _chunk_parts_hold_only_the_sentinel(dev)
+    _chunks_repeats_and_replays_keep_the_bits(ex, cases, 2)
 
 
 @gpu
