@@ -2,8 +2,9 @@
 
   python bench.py moe                  the routed MoE at Flash dims: fp4 CuTe DSL kernel vs torch bf16 _grouped_mm,
                                        with the device copy bandwidth and a bf16 matmul as ceilings
-  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute (--ablate-gemv: the mma.sync
-                                       decode GEMV vs the wgmma GEMM, and the GEMV's knobs)
+  python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute: per graph replay, device time
+                                       (behind a spin kernel) and chained (a graph of 16 calls); --ablate-gemv: the
+                                       mma.sync decode GEMV vs the wgmma GEMM, and the GEMV's knobs
                                        --ablate-mid: session 7's switches (MID_SWITCHES) old vs new at T = 4..256,
                                        medians of interleaved rounds, per replay and queued back to back;
                                        --ablate-depth / --ablate-shape: the same for DEPTH_SWITCHES (loads in flight per warp,
@@ -52,8 +53,15 @@ import weights
 # The routed MoE kernel
 # ======================================================================================================================
 
-def _time_ms(fn, iters, graph):
-    """Median ms per call of fn (a list of calls over rotating weight copies is one 'call' group)."""
+BLOCK_CYCLES = 1 << 20      # _time_ms(blocked=True): the spin before each timed call (~0.5 ms at 1.98 GHz)
+
+
+def _time_ms(fn, iters, graph, blocked=False):
+    """Median ms per call of fn (a list of calls over rotating weight copies is one 'call' group), by CUDA events
+    around one call (or graph replay) on an idle GPU: that includes the host's launch latency (the event before the
+    call is recorded at once, the call's first kernel starts only once the host has launched it). blocked: the GPU
+    first spins for BLOCK_CYCLES while the host queues the events and the call behind the spin, so the events time
+    the device's work alone (NVBench's blocking-kernel protocol)."""
     if graph:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -71,6 +79,8 @@ def _time_ms(fn, iters, graph):
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if blocked:
+            torch.cuda._sleep(BLOCK_CYCLES)
         a.record()
         run()
         b.record()
@@ -464,7 +474,8 @@ def bench_moe_decode():
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    copy_bw = 2 * n / _time_ms(lambda: dst.copy_(src), 20, False) / 1e9
+    copy_host = 2 * n / _time_ms(lambda: dst.copy_(src), 20, False) / 1e9
+    copy_bw = 2 * n / _time_ms(lambda: dst.copy_(src), 20, False, blocked=True) / 1e9   # device time: the ceiling
     del src, dst
     D, I, E, k, limit = (7168, 3072, 384, 6, 10.0) if "--pro" in sys.argv else (4096, 2048, 256, 6, 10.0)
     n_copies = 4                                      # 4 x 3.4 GB (Pro: 14.3 GB) of fp4 records: L2 never holds them
@@ -493,16 +504,19 @@ def bench_moe_decode():
         x, ids, w = random_routing(T, D, E, k)
         routings[T] = (x, ids, w, torch.unique(ids).numel())
 
-    def fp4_us(T):
+    def fp4_us(T, blocked=False, passes=1):
+        """us per call of a graph of `passes` x n_copies calls (one call per weight copy per pass)."""
         x, ids, w, _ = routings[T]
-        return _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for ex in fp4], 30, True) / n_copies * 1e3
+        return _time_ms(lambda: [K.moe_fp4(x, ids, w, ex, limit) for _ in range(passes) for ex in fp4], 30, True,
+                        blocked) / (passes * n_copies) * 1e3
 
     def pct(T, us):
         return 100 * routings[T][3] * bytes_per_expert / (us * 1e-6) / 1e12 / copy_bw
 
-    def bf16_us(T):
+    def bf16_us(T, blocked=False):
         x, ids, w, _ = routings[T]
-        return _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True) / 2 * 1e3
+        return _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True,
+                        blocked) / 2 * 1e3
 
     def with_knobs(knob, fn):
         saved = {name: getattr(K, name) for name in knob}
@@ -514,7 +528,8 @@ def bench_moe_decode():
             for name, v in saved.items():
                 setattr(K, name, v)
 
-    print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB)", flush=True)
+    print(f"{dev}: copy {copy_bw:.2f} TB/s (read + write of 1 GiB, device time; {copy_host:.2f} with the host's "
+          f"launch latency)", flush=True)
     if "--ablate-gemv" in sys.argv:
         gemv_ablation(Ts, routings, fp4_us, pct, with_knobs, copy_bw, bytes_per_expert, dev, t_start, fp4)
         return
@@ -543,15 +558,28 @@ def bench_moe_decode():
     if "--read-ceiling" in sys.argv:
         read_ceiling(Ts, routings, fp4_us, copy_bw, bytes_per_expert, dev)
         return
-    main = {T: fp4_us(T) for T in Ts}
-    base = {T: bf16_us(T) for T in Ts}
+    clocks = _Clocks()
+    main, dev_us, chain, base, mhz = {}, {}, {}, {}, {}
+    for T in Ts:                    # a T's rows back to back: the card's clock (power, heat) moves over the run
+        t0 = time.time()
+        main[T], dev_us[T], chain[T] = fp4_us(T), fp4_us(T, blocked=True), fp4_us(T, blocked=True, passes=4)
+        mhz[T] = clocks.mean(t0, time.time())[0]
+        base[T] = bf16_us(T)
+    clocks.stop()
     print(f"\nMoE decode, {'Pro' if D == 7168 else 'Flash'} dims (D {D}, I {I}, {E} experts, top-{k}, {fmt}), "
-          f"CUDA-graph replays, {dev}")
-    print(f"{'T':>4} {'experts':>7} {'fp4 us':>8} {'bf16 us':>8} {'speedup':>7} {'%copy':>6} {'floor us':>8}")
+          f"CUDA-graph replays over {n_copies} weight copies, {dev}. fp4 us / bf16 us: a graph of {n_copies} calls, "
+          f"events around one replay on an idle GPU (the host's graph-launch latency included; the table's method "
+          f"since session 1); device: the same replay queued behind a spin kernel (device time only: the first "
+          f"call still starts cold); chained: a graph of {4 * n_copies} calls behind the spin (each call starts "
+          f"behind the previous one by PDL, as in a decode step). %copy against the copy's device time, "
+          f"{copy_bw:.2f} TB/s; SM MHz: mean clock over the T's fp4 rows")
+    print(f"{'T':>4} {'experts':>7} {'floor us':>8} {'fp4 us':>8} {'%copy':>6} {'device':>8} {'%copy':>6} "
+          f"{'chained':>8} {'%copy':>6} {'bf16 us':>8} {'speedup':>7} {'SM MHz':>6}")
     for T in Ts:
         hit = routings[T][3]
-        print(f"{T:>4} {hit:>7} {main[T]:>8.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} {pct(T, main[T]):>6.1f} "
-              f"{hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f}", flush=True)
+        print(f"{T:>4} {hit:>7} {hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f} {main[T]:>8.1f} "
+              f"{pct(T, main[T]):>6.1f} {dev_us[T]:>8.1f} {pct(T, dev_us[T]):>6.1f} {chain[T]:>8.1f} "
+              f"{pct(T, chain[T]):>6.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} {mhz[T]:>6.0f}", flush=True)
 
 
 def read_ceiling(Ts, routings, fp4_us, copy_bw, bytes_per_expert, dev):
