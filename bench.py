@@ -513,10 +513,9 @@ def bench_moe_decode():
     def pct(T, us):
         return 100 * routings[T][3] * bytes_per_expert / (us * 1e-6) / 1e12 / copy_bw
 
-    def bf16_us(T, blocked=False):
+    def bf16_us(T):
         x, ids, w, _ = routings[T]
-        return _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True,
-                        blocked) / 2 * 1e3
+        return _time_ms(lambda: [bf16_grouped_moe(x, ids, w, a, b, limit) for a, b in bf16], 10, True) / 2 * 1e3
 
     def with_knobs(knob, fn):
         saved = {name: getattr(K, name) for name in knob}
