@@ -9,7 +9,8 @@
                                        medians of interleaved rounds, per replay and queued back to back;
                                        --ablate-depth / --ablate-shape: the same for DEPTH_SWITCHES (loads in flight per warp,
                                        T 1..4) / SHAPE_SWITCHES (row tiles per CTA, T 1..256); --ablate-hint:
-                                       HINT_SWITCHES (the weight loads' L2 prefetch size, T 1..256); --ablate-chunks:
+                                       HINT_SWITCHES (the weight loads' L2 prefetch size, T 1..256); --ablate-decode:
+                                       DECODE_SWITCHES (the e2m1 decode's shifts, T 1..256); --ablate-chunks:
                                        CHUNKS_SWITCHES (Fp4MoeChunks vs the fused launch at T = 1, its probes);
                                        --read-ceiling: a plain read of the same bytes, 1 and 2 launches, T 1..4;
                                        --mxfp4: MXFP4 records; --pro: Pro dims (D 7168, I 3072, 384 experts)
@@ -484,7 +485,7 @@ def bench_moe_decode():
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
             for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape",
-                                     "--ablate-hint", "--read-ceiling", "--ablate-chunks"} & set(sys.argv) else 0)]
+                                     "--ablate-hint", "--read-ceiling", "--ablate-chunks", "--ablate-decode"} & set(sys.argv) else 0)]
     bytes_per_expert = K.weight_bytes_per_expert(fmt, D, I)
     Ts = (1, 2, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     if "--ablate-mid" in sys.argv:
@@ -495,7 +496,7 @@ def bench_moe_decode():
         Ts = (1, 2, 3, 4)
     if "--ablate-shape" in sys.argv:
         Ts = (1, 2, 3) if "--pro" in sys.argv else (1, 2, 3, 4, 16, 64, 256)
-    if "--ablate-hint" in sys.argv:
+    if "--ablate-hint" in sys.argv or "--ablate-decode" in sys.argv:
         Ts = (1, 2, 3, 4, 16, 64, 256)
     if "--ablate-chunks" in sys.argv:
         Ts = (1,)
@@ -539,7 +540,8 @@ def bench_moe_decode():
         mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit)
         return
     for flag, switches in (("--ablate-depth", DEPTH_SWITCHES), ("--ablate-shape", SHAPE_SWITCHES),
-                           ("--ablate-hint", HINT_SWITCHES), ("--ablate-chunks", CHUNKS_SWITCHES)):
+                           ("--ablate-hint", HINT_SWITCHES), ("--ablate-chunks", CHUNKS_SWITCHES),
+                           ("--ablate-decode", DECODE_SWITCHES)):
         if flag in sys.argv:
             mid_ablation(Ts, routings, pct, with_knobs, copy_bw, bytes_per_expert, dev, fp4, limit, switches=switches)
             return
@@ -757,6 +759,10 @@ CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token
 ]
 
 
+DECODE_SWITCHES = [  # bench.py moe --decode-only --ablate-decode: the e2m1 decode's instruction choice (session 28)
+    ("e2m1 decode with the funnel shifts of sessions 1-27 (DECODE_SHIFT rot; same bits)", dict(DECODE_SHIFT="rot"),
+     (1, 2, 3, 4, 16, 64, 256)),
+]
 HINT_SWITCHES = [  # bench.py moe --decode-only --ablate-hint: the weight loads' L2 prefetch size (session 17; same bits)
     ("weight loads with the L2::256B prefetch size of sessions 1-16 (WEIGHT_LD_HINT)",
      dict(WEIGHT_LD_HINT=".nc.L1::no_allocate.L2::256B"), (1, 2, 3, 4, 16, 64, 256)),
@@ -1189,6 +1195,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      "(kernels.GEMV_KWARP_STAGES)", ((K, "GEMV_KWARP_STAGES", 4),)),
     ("s20 chunks: the one-token MoE as the fused GEMM1 -> GEMM2 launch of sessions 4-19 (kernels.MOE_CHUNKS off)",
      ((K, "MOE_CHUNKS", False),)),
+    ("s28 shl: the e2m1 decode of every FP4 kernel with the funnel shifts of sessions 1-27 (kernels.DECODE_SHIFT rot)",
+     ((K, "DECODE_SHIFT", "rot"),)),
     ("s21 chunks: Fp4MoeChunks as landed in session 20 (kernels.MOE_CHUNKS_STAGES 4, MOE_CHUNKS_EARLY off, "
      "MOE_CHUNKS_W2_FIRST gemm1_tail)",
      ((K, "MOE_CHUNKS_STAGES", 4), (K, "MOE_CHUNKS_EARLY", False), (K, "MOE_CHUNKS_W2_FIRST", "gemm1_tail"))),

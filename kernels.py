@@ -210,6 +210,17 @@ _SRC_BIT = tuple(tuple((p - x) % 32 for p, x in zip(_BF16_BITS, rot)) for rot in
 assert sorted(b for reg in _SRC_BIT for b in reg) == list(range(32))
 _R3_MASK = tuple(sum(1 << p for p, x in zip(_BF16_BITS, _ROT[3]) if x == r) for r in (6, 14))
 _BF16_PAIR_MASK = sum(1 << p for p in _BF16_BITS)        # 0x81C081C0
+# Rotations 4 (R1) and 6 (R3's m6 bits) wrap no bit their masks keep, so they are plain shifts: ptxas issues those
+# as IMAD.SHL on the FMA pipe, and the decode loops' ALU pipe (LOP3 / SHF / PRMT / LEA, half rate: the busiest
+# pipe of the T = 1 loop) gets 32 of its 181 instructions per 2 k-tiles off (SASS). Same bits. H200, same-run rows:
+# 3-4% faster at T = 1..4, 5-8% at T = 16..256 (DECODE_SHIFT "rot": the funnel shifts of sessions 1-27).
+assert all(p >= 4 for p in _BF16_BITS) and all(p >= 6 for p, x in zip(_BF16_BITS, _ROT[3]) if x == 6)
+DECODE_SHIFT = "shl"
+
+
+def _decode_key() -> tuple:
+    """Compile-cache key part of every kernel that traces the e2m1 decode (empty for the default)."""
+    return () if DECODE_SHIFT == "shl" else (("decode", DECODE_SHIFT),)
 
 
 def _scale_words_per_atom(fmt: str) -> int:
@@ -531,6 +542,13 @@ if HAVE_CUTE:
     def _struct4(res, loc, ip):
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
+    def _shl(dst: str, r: int) -> str:
+        """$6 rotated left by r, for a rotation whose mask keeps no wrapped bit: a plain shift, which ptxas issues
+        as IMAD.SHL on the FMA pipe (DECODE_SHIFT "shl"), or the funnel shift SHF.L.W on the ALU pipe ("rot")."""
+        if DECODE_SHIFT == "shl":
+            return f"shl.b32 {dst}, $6, {r};\n"
+        return f"shf.l.wrap.b32 {dst}, $6, $6, {r};\n"
+
     def _decode_asm(half: int = -1) -> str:
         """half -1: $4, $5 are bf16x2 (s, s) scales; half 0 | 1: $4, $5 hold two scales (s_kb, s_kb+1) and the low |
         high one is broadcast (ptxas folds the broadcast into HMUL2's .H0_H0 / .H1_H1 operand swizzle)."""
@@ -545,9 +563,9 @@ if HAVE_CUTE:
         return (
             "{\n.reg .b32 d0, d1, d2, d3, t, u;\n"
             f"and.b32 d0, $6, {pm:#x};\n"
-            f"shf.l.wrap.b32 t, $6, $6, {_ROT[1][0]};\nand.b32 d1, t, {pm:#x};\n"
+            f"{_shl('t', _ROT[1][0])}and.b32 d1, t, {pm:#x};\n"
             f"shf.l.wrap.b32 t, $6, $6, {_ROT[2][0]};\nand.b32 d2, t, {pm:#x};\n"
-            f"shf.l.wrap.b32 t, $6, $6, 6;\nshf.l.wrap.b32 u, $6, $6, 14;\n"
+            f"{_shl('t', 6)}shf.l.wrap.b32 u, $6, $6, 14;\n"
             f"and.b32 t, t, {m6:#x};\nand.b32 u, u, {m14:#x};\nor.b32 d3, t, u;\n"
             "mul.rn.bf16x2 $0, d0, $4;\nmul.rn.bf16x2 $1, d1, $5;\n"
             "mul.rn.bf16x2 $2, d2, $4;\nmul.rn.bf16x2 $3, d3, $5;\n}")
@@ -1199,7 +1217,7 @@ def _compile_gemm(fmt: str, tile_n: int, k_dim: int, n_out: int, swiglu: bool, k
                   smem_budget: int = 72 * 1024, pdl: bool = False, wait_first: bool = False, ring: tuple = ()):
     """Compiled Fp4GroupedGemm for one static config (TVM-FFI entry: call with torch tensors on the current stream);
     ring = (stages, refill warps): Fp4GroupedGemm's ring-unrolled main loop."""
-    config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, wait_first, tuple(ring))
+    config = (fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, wait_first, tuple(ring)) + _decode_key()
 
     def build():
         gemm = Fp4GroupedGemm(fmt, tile_n, k_dim, n_out, swiglu, k_splits, smem_budget, pdl, wait_first, ring)
@@ -3437,7 +3455,7 @@ def _compile_moe_gemv_fused(fmt: str, D: int, inter: int, k_splits: int, stages:
     read by nothing (the routed variant, the router's ready flag and the folded combine were removed in session 11;
     the launch signature stays so the default kernels' PTX is unchanged)."""
     config = ("moe_gemv_fused", fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k) + \
-        (("stamps",) if stamps else ()) + (WEIGHT_LD_HINT,)
+        (("stamps",) if stamps else ()) + (WEIGHT_LD_HINT,) + _decode_key()
 
     def build():
         op = Fp4MoeGemvFused(fmt, D, inter, k_splits, stages, min_ctas, m_per_cta, pdl, top_k, stamps)
@@ -3471,7 +3489,7 @@ def _compile_moe_gemv(fmt: str, k_dim: int, n_out: int, swiglu: bool, k_splits: 
     config = ("moe_gemv", fmt, k_dim, n_out, swiglu, k_splits, stages, pdl, wait_first, min_ctas, m_per_cta,
               by_slot) + ((pair, x_by_src) if pair else ()) + (("direct", direct_k) if direct_k else ())
     tok_async = bool(tok_async)          # moe_fp4 passes MOE_GEMV_TOK_ASYNC for <= MOE_GEMV_TOK_ASYNC_MAX_ROWS rows
-    config += (("tok_async",) if tok_async else ()) + (WEIGHT_LD_HINT,)
+    config += (("tok_async",) if tok_async else ()) + (WEIGHT_LD_HINT,) + _decode_key()
 
     def build():
         if pair:
@@ -4185,7 +4203,7 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
         (("w2_first", MOE_CHUNKS_W2_FIRST),) + (("push",) if MOE_CHUNKS_PUSH else ()) + \
         (("sentinel", PART_SENTINEL, PART_POLL_NS) if _chunks_sentinel() else ()) + \
         (("w2_smem", MOE_CHUNKS_W2_SMEM) if MOE_CHUNKS_W2_SMEM else ()) + \
-        ((("tokens", tokens),) if tokens > 1 else ())
+        ((("tokens", tokens),) if tokens > 1 else ()) + _decode_key()
 
     def build():
         op = Fp4MoeChunks(fmt, D, inter, top_k, stages, pdl, tokens)
@@ -10009,7 +10027,7 @@ if HAVE_CUTE:
 def _compile_prefill_gemm(fmt: str, tile_n: int, swiglu: bool, pdl: bool = False, decode: bool = True,
                           epilogue: str = "", mma_width: int = 0, chain: str = ""):
     """Compiled Fp4PrefillGemm for one static config (TVM-FFI entry; K and the output width are runtime sizes)."""
-    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, epilogue, mma_width, chain)
+    config = ("prefill", fmt, tile_n, swiglu, pdl, decode, epilogue, mma_width, chain) + _decode_key()
 
     def build():
         gemm = Fp4PrefillGemm(fmt, tile_n, swiglu, pdl, decode, epilogue, mma_width, chain)

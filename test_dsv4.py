@@ -796,6 +796,54 @@ def test_emulated_kernel_decode_equals_dequant(fmt, special):
     assert torch.equal(got, ref)
 
 
+def _run_decode_asm(asm: str, words):
+    """Interpret the decode's PTX (its and / or / shl / shf.l.wrap lines; the bf16x2 scale multiplies left out) on
+    32-bit words: -> the four fragment registers d0..d3 before scaling."""
+    import re
+    m32 = 0xFFFFFFFF
+    out = []
+    for w in words:
+        reg = {"$6": w}
+        val = lambda x: reg[x] if x in reg else int(x, 0)           # noqa: E731
+        for line in asm.splitlines():
+            op = re.match(r"(\S+) (\S+), (.*);$", line.strip())
+            if not op or op.group(1).startswith(("mul.rn", ".reg")):
+                continue
+            name, dst, args = op.group(1), op.group(2), [a.strip() for a in op.group(3).split(",")]
+            if name == "and.b32":
+                reg[dst] = val(args[0]) & val(args[1])
+            elif name == "or.b32":
+                reg[dst] = val(args[0]) | val(args[1])
+            elif name == "shl.b32":
+                reg[dst] = (val(args[0]) << val(args[1])) & m32
+            elif name == "shf.l.wrap.b32":                              # funnel of (args[1]:args[0]) = rotation
+                a, r = val(args[0]), val(args[2]) % 32
+                assert args[0] == args[1]
+                reg[dst] = ((a << r) | (a >> (32 - r))) & m32
+            else:
+                raise AssertionError(f"unexpected PTX in the decode: {line}")
+        out.append(tuple(reg[f"d{j}"] for j in range(4)))
+    return out
+
+
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+@pytest.mark.parametrize("shift", ["shl", "rot"])
+def test_decode_asm_puts_every_code_bit_where_the_record_layout_says(shift, monkeypatch):
+    """The e2m1 decode's PTX, run bit by bit: fragment register j's bf16 bits (m, e0, e1, sign of the low, then the
+    high half) are the stored word's bits _SRC_BIT[j], every other bit zero: with the two non-wrapping rotations as
+    plain shifts (DECODE_SHIFT "shl", the default) exactly as with the funnel shifts ("rot")."""
+    monkeypatch.setattr(K, "DECODE_SHIFT", shift)
+    asm = K._decode_asm()
+    assert ("shl.b32" in asm) == (shift == "shl")
+    gen = torch.Generator().manual_seed(0)
+    words = [1 << b for b in range(32)] + [0, 0xFFFFFFFF] + \
+        torch.randint(0, 2 ** 31, (200,), generator=gen).tolist()
+    for w, regs in zip(words, _run_decode_asm(asm, words)):
+        for j, d in enumerate(regs):
+            want = sum(((w >> src) & 1) << dst for src, dst in zip(K._SRC_BIT[j], K._BF16_BITS))
+            assert d == want, (shift, hex(w), j)
+
+
 def test_repack_rejects_unsupported_scales():
     w = torch.zeros(1, 128, 64, dtype=torch.uint8)
     s = torch.full((1, 128, 8), 0x38, dtype=torch.uint8)
