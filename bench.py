@@ -484,8 +484,8 @@ def bench_moe_decode():
     fp4 = [random_packed_experts(E, D, I, "cuda", s, fmt) for s in range(n_copies)]
     bf16 = [(torch.randn(E, D, 2 * I, device="cuda", dtype=torch.bfloat16) * 0.02,
              torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16) * 0.02)
-            for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape",
-                                     "--ablate-hint", "--read-ceiling", "--ablate-chunks", "--ablate-decode"} & set(sys.argv) else 0)]
+            for _ in range(2 if not {"--moefront", "--ablate-mid", "--ablate-depth", "--ablate-shape", "--ablate-hint",
+                                     "--read-ceiling", "--ablate-chunks", "--ablate-decode"} & set(sys.argv) else 0)]
     bytes_per_expert = K.weight_bytes_per_expert(fmt, D, I)
     Ts = (1, 2, 4, 16, 64, 256) if "--ablate-fused" not in sys.argv else (1, 2, 4)
     if "--ablate-mid" in sys.argv:

@@ -542,7 +542,7 @@ if HAVE_CUTE:
     def _struct4(res, loc, ip):
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
-    def _shl(dst: str, r: int) -> str:
+    def _rotl_no_wrap(dst: str, r: int) -> str:
         """$6 rotated left by r, for a rotation whose mask keeps no wrapped bit: a plain shift, which ptxas issues
         as IMAD.SHL on the FMA pipe (DECODE_SHIFT "shl"), or the funnel shift SHF.L.W on the ALU pipe ("rot")."""
         if DECODE_SHIFT == "shl":
@@ -563,9 +563,9 @@ if HAVE_CUTE:
         return (
             "{\n.reg .b32 d0, d1, d2, d3, t, u;\n"
             f"and.b32 d0, $6, {pm:#x};\n"
-            f"{_shl('t', _ROT[1][0])}and.b32 d1, t, {pm:#x};\n"
+            f"{_rotl_no_wrap('t', _ROT[1][0])}and.b32 d1, t, {pm:#x};\n"
             f"shf.l.wrap.b32 t, $6, $6, {_ROT[2][0]};\nand.b32 d2, t, {pm:#x};\n"
-            f"{_shl('t', 6)}shf.l.wrap.b32 u, $6, $6, 14;\n"
+            f"{_rotl_no_wrap('t', 6)}shf.l.wrap.b32 u, $6, $6, 14;\n"
             f"and.b32 t, t, {m6:#x};\nand.b32 u, u, {m14:#x};\nor.b32 d3, t, u;\n"
             "mul.rn.bf16x2 $0, d0, $4;\nmul.rn.bf16x2 $1, d1, $5;\n"
             "mul.rn.bf16x2 $2, d2, $4;\nmul.rn.bf16x2 $3, d3, $5;\n}")
