@@ -3,7 +3,8 @@
   python bench.py moe                  the routed MoE at Flash dims: fp4 CuTe DSL kernel vs torch bf16 _grouped_mm,
                                        with the device copy bandwidth and a bf16 matmul as ceilings
   python bench.py moe --decode-only    the same at T = 1..256 only, in under a minute: per graph replay, device time
-                                       (behind a spin kernel) and chained (a graph of 16 calls); --ablate-gemv: the
+                                       (behind a spin kernel), chained (a graph of 16 calls) and marginal (the
+                                       slope over graphs of 4, 16 and 64 calls behind the spin); --ablate-gemv: the
                                        mma.sync decode GEMV vs the wgmma GEMM, and the GEMV's knobs
                                        --ablate-mid: session 7's switches (MID_SWITCHES) old vs new at T = 4..256,
                                        medians of interleaved rounds, per replay and queued back to back;
@@ -499,7 +500,7 @@ def bench_moe_decode():
     if "--ablate-hint" in sys.argv or "--ablate-decode" in sys.argv:
         Ts = (1, 2, 3, 4, 16, 64, 256)
     if "--ablate-chunks" in sys.argv:
-        Ts = (1,)
+        Ts = (1, 2)
     routings = {}
     for T in Ts:                                      # one routing per T, shared by every variant below
         x, ids, w = random_routing(T, D, E, k)
@@ -560,10 +561,17 @@ def bench_moe_decode():
         read_ceiling(Ts, routings, fp4_us, copy_bw, bytes_per_expert, dev)
         return
     clocks = _Clocks()
-    main, dev_us, chain, base, mhz = {}, {}, {}, {}, {}
+    main, dev_us, chain, marg, over, base, mhz = {}, {}, {}, {}, {}, {}, {}
     for T in Ts:                    # a T's rows back to back: the card's clock (power, heat) moves over the run
         t0 = time.time()
         main[T], dev_us[T], chain[T] = fp4_us(T), fp4_us(T, blocked=True), fp4_us(T, blocked=True, passes=4)
+        # marginal: the least-squares slope of a graph's time over its call count (4, 16, 64 calls behind the spin),
+        # i.e. what one more call in a PDL chain costs, without the graph's fixed start (over: the intercept)
+        ns = (n_copies, 4 * n_copies, 16 * n_copies)
+        tot = (dev_us[T] * ns[0], chain[T] * ns[1], fp4_us(T, blocked=True, passes=16) * ns[2])
+        mn, mt = sum(ns) / 3, sum(tot) / 3
+        marg[T] = sum((n - mn) * (v - mt) for n, v in zip(ns, tot)) / sum((n - mn) ** 2 for n in ns)
+        over[T] = mt - marg[T] * mn
         mhz[T] = clocks.mean(t0, time.time())[0]
         base[T] = bf16_us(T)
     clocks.stop()
@@ -572,15 +580,19 @@ def bench_moe_decode():
           f"events around one replay on an idle GPU (the host's graph-launch latency included; the table's method "
           f"since session 1); device: the same replay queued behind a spin kernel (device time only: the first "
           f"call still starts cold); chained: a graph of {4 * n_copies} calls behind the spin (each call starts "
-          f"behind the previous one by PDL, as in a decode step). %copy against the copy's device time, "
+          f"behind the previous one by PDL, as in a decode step); marginal: the slope of a graph's device time "
+          f"over 4, 16 and {16 * n_copies} calls (one more call in a chain; 'graph +us': the intercept, the "
+          f"graph's fixed start, paid once). %copy against the copy's device time, "
           f"{copy_bw:.2f} TB/s; SM MHz: mean clock over the T's fp4 rows")
     print(f"{'T':>4} {'experts':>7} {'floor us':>8} {'fp4 us':>8} {'%copy':>6} {'device':>8} {'%copy':>6} "
-          f"{'chained':>8} {'%copy':>6} {'bf16 us':>8} {'speedup':>7} {'SM MHz':>6}")
+          f"{'chained':>8} {'%copy':>6} {'marginal':>8} {'%copy':>6} {'graph +us':>9} {'bf16 us':>8} {'speedup':>7} "
+          f"{'SM MHz':>6}")
     for T in Ts:
         hit = routings[T][3]
         print(f"{T:>4} {hit:>7} {hit * bytes_per_expert / (copy_bw * 1e12) * 1e6:>8.1f} {main[T]:>8.1f} "
               f"{pct(T, main[T]):>6.1f} {dev_us[T]:>8.1f} {pct(T, dev_us[T]):>6.1f} {chain[T]:>8.1f} "
-              f"{pct(T, chain[T]):>6.1f} {base[T]:>8.1f} {base[T] / main[T]:>7.2f} {mhz[T]:>6.0f}", flush=True)
+              f"{pct(T, chain[T]):>6.1f} {marg[T]:>8.1f} {pct(T, marg[T]):>6.1f} {over[T]:>9.1f} {base[T]:>8.1f} "
+              f"{base[T] / main[T]:>7.2f} {mhz[T]:>6.0f}", flush=True)
 
 
 def read_ceiling(Ts, routings, fp4_us, copy_bw, bytes_per_expert, dev):
@@ -753,9 +765,11 @@ CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token
     ("w2's last 2 records of each warp through the register ring, not copied into smem over the boundary "
      "(MOE_CHUNKS_W2_SMEM 0; old = 1)", dict(MOE_CHUNKS_W2_SMEM=0), (1,)),
     ("w2's last 4 records in smem (MOE_CHUNKS_W2_SMEM 2: 147 KB of smem)", dict(MOE_CHUNKS_W2_SMEM=2), (1,)),
+    ("reducers: one pending piece after another, sessions 20-28 (PART_POLL_PARALLEL off; old = every pending "
+     "piece's load first, then the checks; same bits)", dict(PART_POLL_PARALLEL=False), (1, 2)),
     ("session 24's tail (MOE_CHUNKS_SENTINEL off, MOE_CHUNKS_W2_SMEM 0)",
      dict(MOE_CHUNKS_SENTINEL=False, MOE_CHUNKS_W2_SMEM=0), (1,)),
-    ("A/A control (MOE_CHUNKS_STAGES 2, the default)", dict(MOE_CHUNKS_STAGES=2), (1,)),
+    ("A/A control (MOE_CHUNKS_STAGES 2, the default)", dict(MOE_CHUNKS_STAGES=2), (1, 2)),
 ]
 
 

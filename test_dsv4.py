@@ -5595,6 +5595,34 @@ def test_moe_chunks_sentinel_partials_give_the_counted_bits(fmt, dims, monkeypat
 
 @gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_moe_chunks_reducer_polls_either_way_give_the_same_bits(fmt, T, parallel, monkeypatch):
+    """The reducers' sweeps over their pending pieces (PART_POLL_PARALLEL: every pending load first, then the checks;
+    else one piece after another) only change when a piece is seen, not the sum: Flash dims, one token and two in
+    rounds, random routing and skipped slots give the other setting's bits, back to back and in graph replays."""
+    ex = _flash(fmt)
+    monkeypatch.setattr(K, "PART_POLL_PARALLEL", not parallel)
+    cases = []
+    for routing, seed in (("random", 21), ("empty_experts", 22)):
+        x = torch.randn(T, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+        ids, w = _gemv_routing(T, 6, 256, routing, seed=140 + seed)
+        cases.append((x, ids, w, K.moe_fp4(x, ids, w, ex, 7.0)))
+    monkeypatch.setattr(K, "PART_POLL_PARALLEL", parallel)
+    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    calls = []
+    real = K._compile_moe_chunks
+    monkeypatch.setattr(K, "_compile_moe_chunks", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    for x, ids, w, y in cases:
+        assert torch.equal(K.moe_fp4(x, ids, w, ex, 7.0), y), f"{fmt} T={T}: bits differ"
+    assert len(calls) == 2, "moe_fp4 did not take Fp4MoeChunks"
+    _assert_close(cases[0][3], K.moe_reference(cases[0][0].float(), cases[0][1], cases[0][2], ex, 7.0),
+                  f"chunks {fmt} T={T} vs reference")
+    _chunks_repeats_and_replays_keep_the_bits(ex, cases, 2)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("dims", ["small", "flash"])
 @pytest.mark.parametrize("T", [2, 3, 4])
 def test_moe_chunks_tokens_in_rounds_give_each_tokens_one_token_bits(fmt, dims, T, monkeypatch):
