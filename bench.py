@@ -598,8 +598,7 @@ def bench_moe_decode():
               f"{pct(T, main[T]):>6.1f} {dev_us[T]:>8.1f} {pct(T, dev_us[T]):>6.1f} {chain[T]:>8.1f} "
               f"{pct(T, chain[T]):>6.1f} " + (f"{marg[T]:>8.1f} {pct(T, marg[T]):>6.1f} {over[T]:>9.1f}"
                                               if marg[T] is not None else f"{'-':>8} {'-':>6} {'-':>9}") +
-              f" {base[T]:>8.1f} "
-              f"{base[T] / main[T]:>7.2f} {mhz[T]:>6.0f}", flush=True)
+              f" {base[T]:>8.1f} {base[T] / main[T]:>7.2f} {mhz[T]:>6.0f}", flush=True)
 
 
 def read_ceiling(Ts, routings, fp4_us, copy_bw, bytes_per_expert, dev):

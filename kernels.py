@@ -3540,8 +3540,8 @@ if HAVE_CUTE:
         MOE_CHUNKS_SENTINEL (session 25) the partials are their own signal: they live in a persistent buffer that
         holds PART_SENTINEL wherever no partial is, CTA b reduces chunk b, each thread polls its 16-B pieces until no
         word is the sentinel (all pending pieces' loads in flight at once per sweep, PART_POLL_PARALLEL) and then puts
-        the sentinel back (each piece is read once per launch) — no fence, count or wait for every CTA. Otherwise (sessions 20-24) every CTA fences and counts itself, and the last n_red to count
-        reduce once all have (the counter is back at 0 after every launch: the reducers wrap it). Either way a
+        the sentinel back (each piece is read once per launch) — no fence, count or wait for every CTA. Otherwise
+        (sessions 20-24) every CTA fences and counts itself, and the last n_red to count reduce once all have (the counter is back at 0 after every launch: the reducers wrap it). Either way a
         reducer waits for other CTAs, and with n_red = all CTAs (Flash) that needs every CTA to get an SM:
         moe_chunks_config launches it only where its CTAs fit the SMs at once (one per SM), nothing this launch waits
         for holds an SM it needs, and the dependent launch (PDL) starts only after all its CTAs have started. A
@@ -3836,9 +3836,7 @@ if HAVE_CUTE:
                             v = cute.make_rmem_tensor((n_it, 4), Int32)
                             pending = Int32(0)
                             for i in cutlass.range_constexpr(n_it):
-                                w = _ld_v4(self.part_address(mPart, ug, i, ch, rq), "", ".relaxed.gpu")
-                                for c in cutlass.range_constexpr(4):
-                                    v[i, c] = w[c]
+                                w = self.load_piece(mPart, v, ug, i, ch, rq)
                                 if ug + 32 * i < self.U:
                                     if _any_sentinel(w):
                                         pending = pending | (1 << i)
@@ -3850,9 +3848,7 @@ if HAVE_CUTE:
                                     snap = pending
                                     for i in cutlass.range_constexpr(n_it):
                                         if (snap >> i) & 1:
-                                            w = _ld_v4(self.part_address(mPart, ug, i, ch, rq), "", ".relaxed.gpu")
-                                            for c in cutlass.range_constexpr(4):
-                                                v[i, c] = w[c]
+                                            self.load_piece(mPart, v, ug, i, ch, rq)
                                     for i in cutlass.range_constexpr(n_it):
                                         if (snap >> i) & 1:
                                             if _all_written((v[i, 0], v[i, 1], v[i, 2], v[i, 3])):
@@ -3860,10 +3856,7 @@ if HAVE_CUTE:
                                 else:
                                     for i in cutlass.range_constexpr(n_it):
                                         if (pending >> i) & 1:
-                                            w = _ld_v4(self.part_address(mPart, ug, i, ch, rq), "", ".relaxed.gpu")
-                                            for c in cutlass.range_constexpr(4):
-                                                v[i, c] = w[c]
-                                            if _all_written(w):
+                                            if _all_written(self.load_piece(mPart, v, ug, i, ch, rq)):
                                                 pending = pending & ~(1 << i)
                             for i in cutlass.range_constexpr(n_it):   # read once per launch: back to the sentinel
                                 if ug + 32 * i < self.U:
@@ -3947,6 +3940,14 @@ if HAVE_CUTE:
                 return mPart.iterator.toint() + (Int64(u + tok * self.U) * self.D
                                                  + (ch - tok * self.row_chunks) * RED_ROWS + 4 * rq) * 4
             return mPart.iterator.toint() + (Int64(u) * self.D + ch * RED_ROWS + 4 * rq) * 4
+
+        def load_piece(self, mPart: cute.Tensor, v, ug, i: int, ch, rq):
+            """Reducer thread (ug, rq): unit ug + 32 i's 16 B of chunk ch (a relaxed gpu-scope load) -> v[i]; returns
+            the 4 words."""
+            w = _ld_v4(self.part_address(mPart, ug, i, ch, rq), "", ".relaxed.gpu")
+            for c in range(4):              # (a plain helper, unrolled as traced)
+                v[i, c] = w[c]
+            return w
 
         @cute.jit
         def unit_sum(self, rsum, ug, rq, get):
