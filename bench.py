@@ -747,34 +747,16 @@ SHAPE_SWITCHES = [  # bench.py moe --decode-only --ablate-shape: the same warps 
 ]
 
 
-CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token MoE by act chunks (sessions 20-24; the
-                     # session-20 rows with .cg / coherent weight loads are in notes/kernel.md: 13-15% slower). Old =
-                     # the default (since session 24 the pushed partials); the w2-placement rows need the old boundary
+CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token MoE by act chunks (sessions 20-29;
+                     # the rows of the start, boundary and reduction it replaced are in notes/kernel.md). Old = the
+                     # default
     ("Fp4MoeChunks at T = 1 (MOE_CHUNKS; old = the fused launch, other bits)", dict(MOE_CHUNKS=True), (1,)),
-    ("probe: Fp4MoeChunks without its reduction (MOE_CHUNKS_PROBE 1; y unwritten)", dict(MOE_CHUNKS_PROBE=1), (1,)),
     ("probe: Fp4MoeChunks without decode + mma (MOE_CHUNKS_PROBE 2; an xor of the loaded words)",
      dict(MOE_CHUNKS_PROBE=2), (1,)),
     ("Fp4MoeChunks, 4 k-tiles in flight per warp (MOE_CHUNKS_STAGES; old = 2)", dict(MOE_CHUNKS_STAGES=4), (1,)),
-    ("x row after the weight ring's first loads, epilogue scalars from global memory after GEMM1 (session 20; "
-     "MOE_CHUNKS_EARLY off)", dict(MOE_CHUNKS_EARLY=False), (1,)),
-    ("the old boundary, w2's first loads with GEMM1's last k-tiles, before the cluster arrive's fence (session 20; "
-     "MOE_CHUNKS_PUSH off, MOE_CHUNKS_W2_FIRST gemm1_tail)",
-     dict(MOE_CHUNKS_PUSH=False, MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
-    ("the old boundary, w2's first loads after the cluster wait (MOE_CHUNKS_PUSH off, MOE_CHUNKS_W2_FIRST after_wait)",
-     dict(MOE_CHUNKS_PUSH=False, MOE_CHUNKS_W2_FIRST="after_wait"), (1,)),
-    ("session 20's start and boundary (MOE_CHUNKS_EARLY off, MOE_CHUNKS_PUSH off, MOE_CHUNKS_W2_FIRST gemm1_tail)",
-     dict(MOE_CHUNKS_EARLY=False, MOE_CHUNKS_PUSH=False, MOE_CHUNKS_W2_FIRST="gemm1_tail"), (1,)),
-    ("the GEMM1 -> GEMM2 boundary of sessions 20-23: a cluster barrier, the SwiGLU pulls the quarters' partials "
-     "over DSMEM (MOE_CHUNKS_PUSH off; old = the pushes of session 24)", dict(MOE_CHUNKS_PUSH=False), (1,)),
-    ("the reduction after a fence and a count of every CTA, sessions 20-24 (MOE_CHUNKS_SENTINEL off; old = the "
-     "reducers polling the partials themselves)", dict(MOE_CHUNKS_SENTINEL=False), (1,)),
     ("w2's last 2 records of each warp through the register ring, not copied into smem over the boundary "
      "(MOE_CHUNKS_W2_SMEM 0; old = 1)", dict(MOE_CHUNKS_W2_SMEM=0), (1,)),
     ("w2's last 4 records in smem (MOE_CHUNKS_W2_SMEM 2: 147 KB of smem)", dict(MOE_CHUNKS_W2_SMEM=2), (1,)),
-    ("reducers: one pending piece after another, sessions 20-28 (PART_POLL_PARALLEL off; old = every pending "
-     "piece's load first, then the checks; same bits)", dict(PART_POLL_PARALLEL=False), (1, 2)),
-    ("session 24's tail (MOE_CHUNKS_SENTINEL off, MOE_CHUNKS_W2_SMEM 0)",
-     dict(MOE_CHUNKS_SENTINEL=False, MOE_CHUNKS_W2_SMEM=0), (1,)),
     ("A/A control (MOE_CHUNKS_STAGES 2, the default)", dict(MOE_CHUNKS_STAGES=2), (1, 2)),
 ]
 
@@ -1217,14 +1199,6 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "MOE_CHUNKS", False),)),
     ("s28 shl: the e2m1 decode of every FP4 kernel with the funnel shifts of sessions 1-27 (kernels.DECODE_SHIFT rot)",
      ((K, "DECODE_SHIFT", "rot"),)),
-    ("s21 chunks: Fp4MoeChunks as landed in session 20 (kernels.MOE_CHUNKS_STAGES 4, MOE_CHUNKS_EARLY off, "
-     "MOE_CHUNKS_W2_FIRST gemm1_tail)",
-     ((K, "MOE_CHUNKS_STAGES", 4), (K, "MOE_CHUNKS_EARLY", False), (K, "MOE_CHUNKS_W2_FIRST", "gemm1_tail"))),
-    ("s24 push: Fp4MoeChunks' GEMM1 -> GEMM2 boundary as a cluster barrier + DSMEM pulls, sessions 20-23 "
-     "(kernels.MOE_CHUNKS_PUSH off)", ((K, "MOE_CHUNKS_PUSH", False),)),
-    ("s25 tail: Fp4MoeChunks' reduction after a fence + count of every CTA and w2's last records through the register "
-     "ring, sessions 20-24 (kernels.MOE_CHUNKS_SENTINEL off, MOE_CHUNKS_W2_SMEM 0)",
-     ((K, "MOE_CHUNKS_SENTINEL", False), (K, "MOE_CHUNKS_W2_SMEM", 0))),
     ("s19 hadamard: the indexer's Hadamard as a sequential fma chain, sessions 2-18 (kernels.HADAMARD_MODE "
      "fma_chain)", ((K, "HADAMARD_MODE", "fma_chain"),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
@@ -2107,8 +2081,8 @@ def bench_moe_stamps():
 
 
 CHUNK_PHASES = {0: "entry", 1: "x row in smem", 2: "GEMM1 loop end", 3: "GEMM1 partials in", 11: "SwiGLU in smem",
-                12: "warpgroup barrier", 4: "act ready", 5: "GEMM2 loop end", 13: "all wgs done (fenced)",
-                6: "counted", 7: "all counted | pieces in", 8: "y rows written", 9: "exit"}
+                12: "warpgroup barrier", 4: "act ready", 5: "GEMM2 loop end", 13: "reduction start",
+                7: "pieces in", 8: "y rows written"}
 
 
 def bench_chunk_stamps():
@@ -2156,8 +2130,6 @@ def bench_chunk_stamps():
     print(f"{len(runs)} plain launches; us after the first CTA's entry, median over launches of each percentile")
     print(f"{'phase':>22} " + " ".join(f"{'p' + str(p):>6}" for p in (0, 10, 50, 90, 100)))
     for col, name in CHUNK_PHASES.items():
-        if col == 6 and K.MOE_CHUNKS_SENTINEL:                    # (no count: the reducers poll the partials)
-            continue
         rows = [pct(rel(a, col)) for a in runs]
         print(f"{name:>22} " + " ".join(f"{statistics.median(r[i] for r in rows):6.1f}" for i in range(5)))
     chunk_stamps_by_warpgroup(runs)

@@ -1354,24 +1354,15 @@ def moe_fp4(x, topk_ids, topk_weights, experts: Experts, swiglu_limit: float, sl
         # T <= MOE_CHUNKS_MAX_TOKENS: both GEMMs per 64-column act chunk (one round per token), no routing kernel,
         # y summed in the same launch
         rows = R * (inter // TILE_K) + 2 * (MOE_CHUNKS_PROBE == 3)
-        sentinel = _chunks_sentinel()
-        if sentinel:       # persistent: PART_SENTINEL wherever no partial is (every launch puts it back)
-            part = _COUNTERS.get((dev, "chunk_parts", rows, D))
-            if part is None:
-                part = _COUNTERS[(dev, "chunk_parts", rows, D)] = torch.full(
-                    (rows, D), PART_SENTINEL, dtype=torch.int32, device=dev).view(torch.float32)
-        else:
-            part = torch.empty(rows, D, dtype=torch.float32, device=dev)
+        part = _COUNTERS.get((dev, "chunk_parts", rows, D))      # persistent: PART_SENTINEL wherever no partial is
+        if part is None:                                          # (every launch puts it back)
+            part = _COUNTERS[(dev, "chunk_parts", rows, D)] = torch.full(
+                (rows, D), PART_SENTINEL, dtype=torch.int32, device=dev).view(torch.float32)
         y = torch.empty(T, D, dtype=x.dtype, device=dev)
         if POISON_BUFFERS:
-            if not sentinel:
-                part.fill_(float("nan"))
             y.fill_(float("nan"))
-        cnt = _COUNTERS.get((dev, "chunks"))
-        if cnt is None:
-            cnt = _COUNTERS[(dev, "chunks")] = torch.zeros(4, dtype=torch.int32, device=dev)
         _compile_moe_chunks(*chunks)(pk.w13.permute(3, 2, 1, 0), pk.w2.permute(3, 2, 1, 0), x.contiguous(), y,
-                                     part, a_gate, a_up, a_down, w32, limit, ids32, cnt)
+                                     part, a_gate, a_up, a_down, w32, limit, ids32)
         return y
     fused = _no_routing_config(pk, T, D, k, sms)    # GEMM1 + GEMM2 in one launch (None: a path below)
     if fused is not None:
@@ -3526,28 +3517,25 @@ if HAVE_CUTE:
             order at T = 1) and applies Fp4MoeGemv's SwiGLU epilogue (act, bf16, in its own smem);
           - GEMM2: w2's row tiles [q D/512, (q+1) D/512) of k-tile c: act · W2ᵀ · α_down of the unit's 64 columns
             -> an fp32 partial [units, D] in global memory.
-        The boundary (MOE_CHUNKS_PUSH, session 24): each quarter pushes its fp32 partials into its unit's 4
-        warpgroups' shared memory by st.async, which complete on an mbarrier per warpgroup (2 KB expected), so a
-        warpgroup waits for its own unit only and no fence waits for the loads in flight; else (sessions 20-23) a
-        cluster barrier and DSMEM pulls. The weight register ring runs across the boundary (w2's first records go out
-        between the pushes and the wait; without the pushes between the cluster barrier's arrive and wait,
-        MOE_CHUNKS_W2_FIRST); x and the epilogue scalars load first
-        (MOE_CHUNKS_EARLY). Each SM holds the same work (3 units per 2 SMs; Flash top-6: 192 units in 128 CTAs, one
-        wave on 132 SMs), and no CTA waits on another cluster's act. y is summed over the slots in fp32 and rounded
-        once, as in moe_reference (the fused launch rounds each slot's row to bf16 first).
-        The reduction: n_red CTAs each sum RED_ROWS rows of the partials over the units in a fixed order (thread
-        groups of units ug, ug + 32, ..., then the 32 groups in order: deterministic) and write y [1, D]. With
-        MOE_CHUNKS_SENTINEL (session 25) the partials are their own signal: they live in a persistent buffer that
-        holds PART_SENTINEL wherever no partial is, CTA b reduces chunk b, each thread polls its 16-B pieces until no
-        word is the sentinel (all pending pieces' loads in flight at once per sweep, PART_POLL_PARALLEL) and then puts
-        the sentinel back (each piece is read once per launch) — no fence, count or wait for every CTA. Otherwise
-        (sessions 20-24) every CTA fences and counts itself, and the last n_red to count reduce once all have (the counter is back at 0 after every launch: the reducers wrap it). Either way a
-        reducer waits for other CTAs, and with n_red = all CTAs (Flash) that needs every CTA to get an SM:
-        moe_chunks_config launches it only where its CTAs fit the SMs at once (one per SM), nothing this launch waits
-        for holds an SM it needs, and the dependent launch (PDL) starts only after all its CTAs have started. A
-        skipped slot's units write zero partials. The last MOE_CHUNKS_W2_SMEM ring depths of each warp's w2 records
-        are copied into smem by cp.async over the GEMM1 -> GEMM2 boundary (more bytes in flight while the act
-        waits). T tokens (session 26, T <= MOE_CHUNKS_MAX_TOKENS): T rounds on the same CTAs, round r runs token r's
+        The boundary (session 24): each quarter pushes its fp32 partials into its unit's 4 warpgroups' shared memory
+        by st.async, which complete on an mbarrier per warpgroup (2 KB expected), so a warpgroup waits for its own unit
+        only and no fence waits for the loads in flight (a cluster barrier's release is a MEMBAR.GPU that would). The
+        weight register ring runs across the boundary: w2's first records go out between the pushes and the wait. x
+        and the epilogue scalars load first (session 21: after the weight loads their L2 hits queued behind them).
+        Each SM holds the same work (3 units per 2 SMs; Flash top-6: 192 units in 128 CTAs, one wave on 132 SMs), and
+        no CTA waits on another cluster's act. y is summed over the slots in fp32 and rounded once, as in
+        moe_reference (the fused launch rounds each slot's row to bf16 first).
+        The reduction (session 25): n_red CTAs each sum RED_ROWS rows of the partials over the units in a fixed order
+        (thread groups of units ug, ug + 32, ..., then the 32 groups in order: deterministic) and write y [1, D]. The
+        partials are their own signal: they live in a persistent buffer that holds PART_SENTINEL wherever no partial
+        is; CTA b reduces chunk b, each thread polls its 16-B pieces until no word is the sentinel (all pending
+        pieces' loads in flight at once per sweep) and then puts the sentinel back (each piece is read once per
+        launch) — no fence, count or wait for every CTA. A reducer still waits for other CTAs, and with n_red = all
+        CTAs (Flash) that needs every CTA to get an SM: moe_chunks_config launches it only where its CTAs fit the SMs
+        at once (one per SM), nothing this launch waits for holds an SM it needs, and the dependent launch (PDL)
+        starts only after all its CTAs have started. A skipped slot's units write zero partials. The last
+        MOE_CHUNKS_W2_SMEM ring depths of each warp's w2 records are copied into smem by cp.async over the GEMM1 ->
+        GEMM2 boundary (more bytes in flight while the act waits). T tokens (session 26, T <= MOE_CHUNKS_MAX_TOKENS): T rounds on the same CTAs, round r runs token r's
         units (unit r U + the CTA's local unit) with its own x row, sInfo / consts rows, recv buffers and mbarriers
         (each used once); the register ring runs on from one round's last w2 records into the next round's first
         GEMM1 records; reducer CTA b sums chunks b, b + n_ctas, .. of every token (own smem: a later round still uses
@@ -3570,28 +3558,20 @@ if HAVE_CUTE:
             self.n_ctas = 2 * (-(-self.U // 3))
             self.row_chunks = D // RED_ROWS          # reducer chunks of one y row
             self.chunks = tokens * self.row_chunks
-            assert tokens == 1 or (MOE_CHUNKS_PUSH and MOE_CHUNKS_EARLY and _chunks_sentinel()), \
-                "rounds: with the pushes, x first and the sentinel reduction only"
             self.probe = MOE_CHUNKS_PROBE
+            assert self.probe in (0, 2, 3), "probes: 2 = no decode + mma, 3 = phase stamps"
             assert self.probe != 3 or STAMP_SLOTS * self.n_ctas <= 2 * D, "probe 3: the stamps need two rows of D"
-            self.early = MOE_CHUNKS_EARLY
-            self.w2_first = MOE_CHUNKS_W2_FIRST
-            self.push = MOE_CHUNKS_PUSH
-            self.sentinel = _chunks_sentinel()
-            # each warp's last w2 records, copied into smem by cp.async over the boundary (needs the pushes: the old
-            # boundary's cluster arrive would wait for them)
+            # each warp's last w2 records, copied into smem by cp.async over the boundary
             w2s = stages * MOE_CHUNKS_W2_SMEM
-            self.w2_smem = w2s if self.push and self.r2 >= w2s + stages else 0
+            self.w2_smem = w2s if self.r2 >= w2s + stages else 0
             self.extra_rows = self.w2_smem * 2 * self.threads            # [record e][atom][thread]
             self.extra_words = self.extra_rows * (4 + self.g1.nw)        # 16 B codes + the scale words
-            if self.push:                             # w2's first loads between the pushes and the wait
-                self.w2_first = "after_push"
 
         @cute.jit
         def __call__(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor,
                      mPart: cute.Tensor, mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor,
-                     mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, mCnt: cute.Tensor, stream):
-            push, w2_words = self.push, self.extra_words
+                     mRowW: cute.Tensor, limit: Float32, mIds: cute.Tensor, stream):
+            w2_words = self.extra_words
 
             @cute.struct
             class SharedStorage:
@@ -3602,20 +3582,20 @@ if HAVE_CUTE:
                 rsum: cute.struct.Align[cute.struct.MemRange[Float32, 32 * RED_ROWS if self.T > 1 else 0], 16]
                 misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs * self.T], 16]  # per round, wg
                 consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs * self.T], 16]  # alphas, weight
-                # the pushed partials [wg][quarter][gate|up][64] and per wg the mbarrier of its recv (MOE_CHUNKS_PUSH)
-                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs * self.T if push else 0], 16]
-                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs * self.T if push else 0], 8]
+                # the pushed partials [wg][quarter][gate|up][64] and per wg the mbarrier of its recv
+                recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs * self.T], 16]
+                mbar: cute.struct.Align[cute.struct.MemRange[Int64, self.wgs * self.T], 8]
                 extra: cute.struct.Align[cute.struct.MemRange[Int32, w2_words], 16]   # w2 records (MOE_CHUNKS_W2_SMEM)
 
             self.shared_storage = SharedStorage
-            self.kernel(mW1, mW2, mX, mY, mPart, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds, mCnt).launch(
+            self.kernel(mW1, mW2, mX, mY, mPart, mAlphaG, mAlphaU, mAlphaD, mRowW, limit, mIds).launch(
                 grid=[self.n_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[2, 1, 1], stream=stream,
                 use_pdl=self.pdl, min_blocks_per_mp=1, preferred_smem_carveout=100)
 
         @cute.kernel
         def kernel(self, mW1: cute.Tensor, mW2: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mPart: cute.Tensor,
                    mAlphaG: cute.Tensor, mAlphaU: cute.Tensor, mAlphaD: cute.Tensor, mRowW: cute.Tensor,
-                   limit: Float32, mIds: cute.Tensor, mCnt: cute.Tensor):
+                   limit: Float32, mIds: cute.Tensor):
             tidx, _, _ = cute.arch.thread_idx()
             bid, _, _ = cute.arch.block_idx()
             smem = cutlass.utils.SmemAllocator()
@@ -3623,19 +3603,17 @@ if HAVE_CUTE:
             n_exp = cute.size(mAlphaG, mode=[0])
             self.stamp(mPart, 0)
             self.stamp(mPart, STAMP_SMID, cute.arch.smid())
-            if const_expr(self.push):            # before the router's wait: nothing here depends on it
-                if tidx == 0:
-                    for i in cutlass.range_constexpr(self.wgs * self.T):   # 4 quarters x 128 fp32 partials per wg
-                        _mbar_init(storage.mbar.data_ptr().toint() + 8 * i, 1)
-                        _mbar_expect_tx(storage.mbar.data_ptr().toint() + 8 * i, 4 * 128 * 4)
-                    cute.arch.mbarrier_init_fence()
+            if tidx == 0:                        # before the router's wait: nothing here depends on it
+                for i in cutlass.range_constexpr(self.wgs * self.T):   # 4 quarters x 128 fp32 partials per wg
+                    _mbar_init(storage.mbar.data_ptr().toint() + 8 * i, 1)
+                    _mbar_expect_tx(storage.mbar.data_ptr().toint() + 8 * i, 4 * 128 * 4)
+                cute.arch.mbarrier_init_fence()
             # the router (the kernel right before) wrote topk_ids / weights: wait; the next kernel may then start
             # (its CTAs launch once all of ours have started)
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
-            if const_expr(self.early):            # x first: its L2 hits then do not queue behind the weight loads
-                for r in cutlass.range_constexpr(self.T):
-                    self.load_x_row(storage, mX, tidx, r)
+            for r in cutlass.range_constexpr(self.T):   # x first: its L2 hits then do not queue behind the weights
+                self.load_x_row(storage, mX, tidx, r)
             wid = cute.arch.make_warp_uniform(cute.arch.warp_idx())
             lane = tidx % 32
             wg = wid // 4
@@ -3660,8 +3638,7 @@ if HAVE_CUTE:
                     expert_r, valid_r = self.slot_expert(mIds, unit, slot_r, n_exp)
                     self.record_unit(storage, sInfo, r * self.wgs + wg, expert_r, unit_r, valid_r, slot_r, mAlphaG,
                                      mAlphaU, mAlphaD, mRowW)
-            if const_expr(self.early):
-                _cp_async_commit()
+            _cp_async_commit()
             rec = self.g1.rec
             nw = self.g1.nw
             thr = (32 * warp + lane) * 16
@@ -3675,13 +3652,9 @@ if HAVE_CUTE:
                 for s in cutlass.range_constexpr(self.S):
                     self.g1.load_k_tile(wc, ws, code1, scale_off, s, s)
 
-            if const_expr(not self.early):
-                self.load_x_row(storage, mX, tidx, 0)
-                _cp_async_commit()
             _cp_async_wait(0)
             cute.arch.sync_threads()
-            if const_expr(self.push):            # the mbarriers are initialised: peers may push after the wait
-                cute.arch.cluster_arrive_relaxed()
+            cute.arch.cluster_arrive_relaxed()   # the mbarriers are initialised: peers may push after the wait
             self.stamp(mPart, 1)
             sConst = storage.consts.get_tensor(cute.make_layout((self.wgs * self.T, 4), stride=(4, 1)))
             sXv = storage.xs.get_tensor(cute.make_layout((4, self.D // 8, 1), stride=(1, 4, self.D // 2)))
@@ -3710,75 +3683,47 @@ if HAVE_CUTE:
                         for s in cutlass.range_constexpr(self.S):
                             self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + i0 + s, s)
                             self.g1.load_k_tile(wc, ws, code1, scale_off, i0 + s + self.S, s)
-                    code2 = self.w2_address(mW2, sInfo, wg, warp, lane, row)
-                    for s in cutlass.range_constexpr(self.S):             # GEMM1's last k-tiles (+ w2's first loads)
+                    for s in cutlass.range_constexpr(self.S):             # GEMM1's last k-tiles
                         self.math(self.g1, acc, bq, wc, ws, sXv, t, kt0 + self.k1 - self.S + s, s)
-                        if const_expr(self.w2_first == "gemm1_tail"):
-                            self.g1.load_k_tile(wc, ws, code2, scale_off, s * stride2, s)
                     self.stamp(mPart, 2)
                     self.stamp_wg(mPart, 16, wg)
                     if t == 0:                                             # token 0: c = 0 / 2 = rows g / g + 8
                         for a in cutlass.range_constexpr(2):
                             red[wg, a, 16 * warp + g] = acc[a, 0]
                             red[wg, a, 16 * warp + g + 8] = acc[a, 2]
-                if const_expr(self.push):
-                    if const_expr(rd == 0):
-                        cute.arch.cluster_wait()      # (the start's arrive) the peer's mbarriers are initialised
-                    expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg, row)
-                    if valid != 0:
-                        if t == 0:                    # this quarter's partials -> recv[wg'][q] of the unit's 4 wgs
-                            recv_base = storage.recv.data_ptr().toint()
-                            mbar_base = storage.mbar.data_ptr().toint()
-                            if const_expr(rd > 0):    # round rd's own buffers and mbarriers (each used once)
-                                recv_base = recv_base + rd * 512 * self.wgs * 4
-                                mbar_base = mbar_base + rd * self.wgs * 8
-                            for a in cutlass.range_constexpr(2):
-                                for hi in cutlass.range_constexpr(2):
-                                    r = 16 * warp + g + 8 * hi
-                                    v = red[wg, a, r]
-                                    for qq in cutlass.range_constexpr(4):
-                                        dst = 4 * (gq // 4) + qq
-                                        _st_async_f32(recv_base + ((dst % 6) * 512 + q * 128 + a * 64 + r) * 4,
-                                                      dst // 6, v, mbar_base + 8 * (dst % 6))
-                        self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane, row)
-                        if const_expr(self.w2_smem > 0):     # w2's last records -> smem over the boundary
-                            code2 = self.w2_address(mW2, sInfo, wg, warp, lane, row)
-                            for e in cutlass.range_constexpr(self.w2_smem):
-                                self.copy_record_to_smem(storage, code2, scale_off,
-                                                         (self.r2 - self.w2_smem + e) * self.g2.k_tiles, e, tidx)
-                            _cp_async_commit()
-                        _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * row, 0)
-                        self.stamp(mPart, 3)
-                        rcv_layout = cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1))
-                        rcv = storage.recv.get_tensor(rcv_layout)
-                        if const_expr(rd > 0):
-                            rcv = cute.make_tensor(storage.recv.data_ptr() + rd * 512 * self.wgs, rcv_layout)
-                        self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
-                                        lane, lambda qq, k, a: rcv[wg, qq, a, k], row)
-                else:
-                    # the quarters' partials are in smem of both CTAs: the arrive's release is a GPU-wide fence
-                    # (MEMBAR.GPU) that waits for the thread's loads in flight, so w2's first loads go out after it
-                    # (MOE_CHUNKS_W2_FIRST)
-                    cute.arch.cluster_arrive()
-                    if const_expr(self.w2_first == "after_arrive"):
-                        self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane, row)
-                    cute.arch.cluster_wait()
+                if const_expr(rd == 0):
+                    cute.arch.cluster_wait()          # (the start's arrive) the peer's mbarriers are initialised
+                expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg, row)
+                if valid != 0:
+                    if t == 0:                    # this quarter's partials -> recv[wg'][q] of the unit's 4 wgs
+                        recv_base = storage.recv.data_ptr().toint()
+                        mbar_base = storage.mbar.data_ptr().toint()
+                        if const_expr(rd > 0):    # round rd's own buffers and mbarriers (each used once)
+                            recv_base = recv_base + rd * 512 * self.wgs * 4
+                            mbar_base = mbar_base + rd * self.wgs * 8
+                        for a in cutlass.range_constexpr(2):
+                            for hi in cutlass.range_constexpr(2):
+                                r = 16 * warp + g + 8 * hi
+                                v = red[wg, a, r]
+                                for qq in cutlass.range_constexpr(4):
+                                    dst = 4 * (gq // 4) + qq
+                                    _st_async_f32(recv_base + ((dst % 6) * 512 + q * 128 + a * 64 + r) * 4,
+                                                  dst // 6, v, mbar_base + 8 * (dst % 6))
+                    self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane, row)
+                    if const_expr(self.w2_smem > 0):     # w2's last records -> smem over the boundary
+                        code2 = self.w2_address(mW2, sInfo, wg, warp, lane, row)
+                        for e in cutlass.range_constexpr(self.w2_smem):
+                            self.copy_record_to_smem(storage, code2, scale_off,
+                                                     (self.r2 - self.w2_smem + e) * self.g2.k_tiles, e, tidx)
+                        _cp_async_commit()
+                    _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * row, 0)
                     self.stamp(mPart, 3)
-                    if const_expr(self.w2_first == "after_wait"):
-                        self.w2_first_loads(mW2, sInfo, wc, ws, scale_off, wg, warp, lane, row)
-                    expert, unit, valid, slot, gq, q = self.unit_info(sInfo, rank, wg, row)
-                    if valid != 0:
-                        red_base = storage.red.data_ptr().toint()
-
-                        def pull(qq, k, a):              # quarter qq's partial of gate (a 0) / up (a 1) row k (DSMEM)
-                            src = 4 * (gq // 4) + qq
-                            return _ld_dsmem_f32(red_base + ((src % 6) * 128 + k + 64 * a) * 4, src // 6)
-                        self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
-                                        lane, pull, row)
-                    if const_expr(self.w2_first == "gemm1_tail"):  # done reading the peers' smem (waited for at end)
-                        cute.arch.cluster_arrive()
-                    else:                                          # no fence (it would wait for w2's loads in flight)
-                        cute.arch.cluster_arrive_relaxed()
+                    rcv_layout = cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1))
+                    rcv = storage.recv.get_tensor(rcv_layout)
+                    if const_expr(rd > 0):
+                        rcv = cute.make_tensor(storage.recv.data_ptr() + rd * 512 * self.wgs, rcv_layout)
+                    self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
+                                    lane, lambda qq, k, a: rcv[wg, qq, a, k], row)
                 self.stamp(mPart, 4)
                 self.stamp_wg(mPart, 22, wg)
 
@@ -3826,81 +3771,38 @@ if HAVE_CUTE:
             rq = tidx % 8                      # reducer thread: (row quad rq, unit group ug of 32)
             ug = tidx // 8
             n_it = (self.U + 31) // 32               # unit groups of 32 per token
-            if const_expr(self.sentinel):
-                # ---- no fence, no count: the partials are the signal. Reducer CTA b sums chunks b, b + n_ctas, ...;
-                # each thread polls its 16-B pieces until no word is the sentinel, then puts the sentinel back
-                self.stamp(mPart, 13)
-                if bid < n_red:
-                    for ch in cutlass.range(bid, self.chunks, self.n_ctas, unroll=1):
-                        if tidx < 256:
-                            v = cute.make_rmem_tensor((n_it, 4), Int32)
-                            pending = Int32(0)
+            # ---- the reduction, no fence or count: the partials are the signal. Reducer CTA b sums chunks b,
+            # b + n_ctas, ...; each thread polls its 16-B pieces until no word is the sentinel, then puts it back
+            self.stamp(mPart, 13)
+            if bid < n_red:
+                for ch in cutlass.range(bid, self.chunks, self.n_ctas, unroll=1):
+                    if tidx < 256:
+                        v = cute.make_rmem_tensor((n_it, 4), Int32)
+                        pending = Int32(0)
+                        for i in cutlass.range_constexpr(n_it):
+                            w = self.load_piece(mPart, v, ug, i, ch, rq)
+                            if ug + 32 * i < self.U:
+                                if _any_sentinel(w):
+                                    pending = pending | (1 << i)
+                        while pending != 0:
+                            _nanosleep(PART_POLL_NS)
+                            # every pending piece's load first (predicated on a snapshot: no load waits for
+                            # another's answer), then the checks: one round trip per sweep (session 29)
+                            snap = pending
                             for i in cutlass.range_constexpr(n_it):
-                                w = self.load_piece(mPart, v, ug, i, ch, rq)
-                                if ug + 32 * i < self.U:
-                                    if _any_sentinel(w):
-                                        pending = pending | (1 << i)
-                            while pending != 0:
-                                _nanosleep(PART_POLL_NS)
-                                if const_expr(PART_POLL_PARALLEL):
-                                    # every pending piece's load first (predicated on a snapshot: no load waits
-                                    # for another's answer), then the checks: one round trip per sweep
-                                    snap = pending
-                                    for i in cutlass.range_constexpr(n_it):
-                                        if (snap >> i) & 1:
-                                            self.load_piece(mPart, v, ug, i, ch, rq)
-                                    for i in cutlass.range_constexpr(n_it):
-                                        if (snap >> i) & 1:
-                                            if _all_written((v[i, 0], v[i, 1], v[i, 2], v[i, 3])):
-                                                pending = pending & ~(1 << i)
-                                else:
-                                    for i in cutlass.range_constexpr(n_it):
-                                        if (pending >> i) & 1:
-                                            if _all_written(self.load_piece(mPart, v, ug, i, ch, rq)):
-                                                pending = pending & ~(1 << i)
-                            for i in cutlass.range_constexpr(n_it):   # read once per launch: back to the sentinel
-                                if ug + 32 * i < self.U:
-                                    _st_v4_fill(self.part_address(mPart, ug, i, ch, rq), Int32(PART_SENTINEL))
-                            self.stamp(mPart, 7)
-                            self.unit_sum(rsum, ug, rq, lambda i, c: _bits_f32(v[i, c]))
-                        self.write_y(rsum, mY, ch, tidx)
-            else:
-                # ---- count this CTA; the last n_red to finish reduce the partials into y
-                cute.arch.fence_acq_rel_gpu()
-                cute.arch.sync_threads()
-                self.stamp(mPart, 13)
-                if tidx == 0:
-                    sInfo[self.wgs * self.T, 0] = cute.arch.atomic_add(mCnt.iterator, Int32(1), sem="acq_rel",
-                                                                       scope="gpu")
-                cute.arch.sync_threads()
-                self.stamp(mPart, 6)
-                first = self.n_ctas - n_red
-                ticket = sInfo[self.wgs * self.T, 0]
-                if ticket >= first:
-                    if tidx == 0:
-                        seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
-                        while seen < self.n_ctas:
-                            seen = cute.arch.load(mCnt.iterator, Int32, sem="acquire", scope="gpu")
-                    cute.arch.sync_threads()
-                    self.stamp(mPart, 7)
-                    # chunk of RED_ROWS rows: units ug, ug + 32, ... summed in that order, then the 32 groups in order
-                    # (fixed -> deterministic); all loads issued first
-                    ch0 = ticket - first
-                    if const_expr(self.probe == 1):           # probe: the count and the wait, no reduction
-                        ch0 = Int32(self.chunks)
-                    for ch in cutlass.range(ch0, self.chunks, n_red, unroll=1):
-                        if tidx < 256:
-                            vals = []
+                                if (snap >> i) & 1:
+                                    self.load_piece(mPart, v, ug, i, ch, rq)
                             for i in cutlass.range_constexpr(n_it):
-                                vals.append(_ld_cg_v4f(self.part_address(mPart, ug, i, ch, rq)))
-                            self.unit_sum(rsum, ug, rq, lambda i, c: vals[i][c])
-                        self.write_y(rsum, mY, ch, tidx)
-                    if tidx == 0:                     # the last reducer wraps the counter to 0 for the next launch
-                        _atom_inc_gpu(mCnt.iterator.toint(), self.n_ctas + n_red - 1)
+                                if (snap >> i) & 1:
+                                    if _all_written((v[i, 0], v[i, 1], v[i, 2], v[i, 3])):
+                                        pending = pending & ~(1 << i)
+                        for i in cutlass.range_constexpr(n_it):   # read once per launch: back to the sentinel
+                            if ug + 32 * i < self.U:
+                                _st_v4_fill(self.part_address(mPart, ug, i, ch, rq), Int32(PART_SENTINEL))
+                        self.stamp(mPart, 7)
+                        self.unit_sum(rsum, ug, rq, lambda i, c: _bits_f32(v[i, c]))
+                    self.write_y(rsum, mY, ch, tidx)
             self.stamp(mPart, 8)
-            if const_expr(not self.push):                  # (push: the peer's writes here were waited for)
-                cute.arch.cluster_wait()                   # the peer has read this CTA's smem
-            self.stamp(mPart, 9)
 
         @cute.jit
         def copy_record_to_smem(self, storage, code_addr, scale_off, i, e: int, tidx):
@@ -3996,18 +3898,17 @@ if HAVE_CUTE:
         @cute.jit
         def record_unit(self, storage, sInfo, row, expert, unit, valid, slot, mAlphaG: cute.Tensor,
                         mAlphaU: cute.Tensor, mAlphaD: cute.Tensor, mRowW: cute.Tensor):
-            """A round's unit -> sInfo row `row`; its epilogue scalars -> sConst row `row` by cp.async with x
-            (MOE_CHUNKS_EARLY: loaded after GEMM1 they would queue behind w2's weight loads)."""
+            """A round's unit -> sInfo row `row`; its epilogue scalars -> sConst row `row` by cp.async with x (loaded
+            after GEMM1 they would queue behind w2's weight loads: session 21)."""
             sInfo[row, 0] = expert
             sInfo[row, 1] = unit
             sInfo[row, 2] = valid
-            if const_expr(self.early):
-                if valid != 0:
-                    c_base = storage.consts.data_ptr().toint() + 16 * row
-                    _cp_async_4(c_base, mAlphaG.iterator.toint() + Int64(expert) * 4)
-                    _cp_async_4(c_base + 4, mAlphaU.iterator.toint() + Int64(expert) * 4)
-                    _cp_async_4(c_base + 8, mAlphaD.iterator.toint() + Int64(expert) * 4)
-                    _cp_async_4(c_base + 12, mRowW.iterator.toint() + Int64(slot) * 4)
+            if valid != 0:
+                c_base = storage.consts.data_ptr().toint() + 16 * row
+                _cp_async_4(c_base, mAlphaG.iterator.toint() + Int64(expert) * 4)
+                _cp_async_4(c_base + 4, mAlphaU.iterator.toint() + Int64(expert) * 4)
+                _cp_async_4(c_base + 8, mAlphaD.iterator.toint() + Int64(expert) * 4)
+                _cp_async_4(c_base + 12, mRowW.iterator.toint() + Int64(slot) * 4)
 
         @cute.jit
         def unit_info(self, sInfo, rank, wg, row):
@@ -4071,13 +3972,8 @@ if HAVE_CUTE:
         @cute.jit
         def scalar(self, sConst, mSrc: cute.Tensor, i, row, j: int):
             """An epilogue scalar (alpha_gate / up / down of the expert, the slot's routing weight): from smem (row: the
-            round's warpgroup row) where the start copied it there (MOE_CHUNKS_EARLY), else from global memory."""
-            v = Float32(0.0)
-            if const_expr(self.early):
-                v = sConst[row, j]
-            else:
-                v = mSrc[i]
-            return v
+            round's warpgroup row), where the start copied it."""
+            return sConst[row, j]
 
         @cute.jit
         def stamp(self, mPart: cute.Tensor, i: int, value=None):
@@ -4136,17 +4032,11 @@ if HAVE_CUTE:
         @cute.jit
         def store_partial(self, part, acc2, a_down, m_tile, warp, g, t):
             """Token 0 of one w2 record (lanes t == 0): rows 64a + 16 warp + g (+ 8) of 128-row tile m_tile."""
-            if t == 0:
-                if const_expr(self.push):         # one row pointer, the four rows at immediate offsets
-                    pr = part + Int64(m_tile * TILE_M + 16 * warp + g) * 4
-                    for a in cutlass.range_constexpr(2):
-                        _st_f32(pr + 256 * a, acc2[a, 0] * a_down)
-                        _st_f32(pr + (256 * a + 32), acc2[a, 2] * a_down)
-                else:
-                    for a in cutlass.range_constexpr(2):
-                        r = m_tile * TILE_M + 64 * a + 16 * warp + g
-                        _st_f32(part + Int64(r) * 4, acc2[a, 0] * a_down)
-                        _st_f32(part + Int64(r + 8) * 4, acc2[a, 2] * a_down)
+            if t == 0:                            # one row pointer, the four rows at immediate offsets
+                pr = part + Int64(m_tile * TILE_M + 16 * warp + g) * 4
+                for a in cutlass.range_constexpr(2):
+                    _st_f32(pr + 256 * a, acc2[a, 0] * a_down)
+                    _st_f32(pr + (256 * a + 32), acc2[a, 2] * a_down)
 
     @dsl_user_op
     def _st_f32(addr: Int64, v: Float32, *, loc=None, ip=None):
@@ -4160,20 +4050,9 @@ MOE_CHUNKS = True           # T <= MOE_CHUNKS_MAX_TOKENS: Fp4MoeChunks (both GEM
                             # same-run rows, decode step -0.071 ms per 8 layers at batch 1)
 MOE_CHUNKS_STAGES = 2       # k-tiles of weight loads in flight per warp (H200, medians of 7 rounds: 2 -> 29.9-30.0
                             # us, 4 -> 33.6, 1 -> 31.6 in session 21's first run; 8 spills)
-MOE_CHUNKS_PROBE = 0        # benchmarks only: 1 = no reduction (y unwritten), 2 = no decode + mma (an xor of the
-                            # loaded words; y meaningless), 3 = phase stamps per CTA (bench.py moe-stamps 1 --chunks)
-MOE_CHUNKS_EARLY = True     # x row first, the epilogue scalars (alphas, routing weight) copied to smem with it
-MOE_CHUNKS_PUSH = True      # the GEMM1 -> GEMM2 boundary: each warpgroup pushes its fp32 partials to its unit's 4
-                            # warpgroups by st.async + an mbarrier per warpgroup (session 24, same bits; H200 26.8 vs
-                            # 27.5-27.7 us in three same-run rows), else a cluster barrier + DSMEM pulls (s. 20-23)
-MOE_CHUNKS_W2_FIRST = "after_arrive" # where w2's first ring loads go out: "gemm1_tail" (session 20: with GEMM1's last
-                            # k-tiles, so the cluster arrive's fence waits for them), "after_arrive", "after_wait"
-                            # (of the GEMM1 cluster barrier; the post-SwiGLU arrive is then relaxed)
+MOE_CHUNKS_PROBE = 0        # benchmarks only: 2 = no decode + mma (an xor of the loaded words; y meaningless), 3 =
+                            # phase stamps per CTA (bench.py moe-stamps 1 --chunks)
 RED_ROWS = 32               # rows of y per reducer chunk
-MOE_CHUNKS_SENTINEL = True  # the partials are their own signal: a persistent buffer holds PART_SENTINEL wherever no
-                            # partial is (the reducers poll their pieces and put it back), so no fence, count or wait
-                            # for all CTAs; else (sessions 20-24) a fence + a count, the last CTAs reducing once all
-                            # counted (session 25, same bits; H200 -1.1..-2.0% in four same-run rows)
 PART_SENTINEL = -1          # 0xffffffff: a NaN no fp32 multiply returns (a NaN result is 0x7fffffff on NVIDIA GPUs)
 MOE_CHUNKS_W2_SMEM = 1      # w2's last records of each warp, in ring depths, copied into smem by cp.async over the
                             # GEMM1 -> GEMM2 boundary: more bytes in flight while the act waits (session 25, same bits;
@@ -4183,27 +4062,17 @@ MOE_CHUNKS_MAX_TOKENS = 2   # Fp4MoeChunks for T <= this: token r's units in rou
                             # same run: T = 2 54.3 -> 52.0 us per graph call, queued 52.1 -> 50.0; T = 3 level, T = 4
                             # +2%: the fused launch / Fp4MoeGemv there)
 PART_POLL_NS = 64           # reducers' back-off between polls of pieces not yet written
-PART_POLL_PARALLEL = True   # a sweep loads every pending piece before checking any (sessions 20-28: each piece's
-                            # load waited for the previous piece's check, one round trip per pending piece; session
-                            # 29, H200, same bits: T = 1 -1.9% / -2.5% per replay, -2.4% / -2.1% queued, NVFP4 / MXFP4)
 STAMP_SLOTS = 48            # probe 3: stamps per CTA (0-15 the CTA's phases, 16 / 22 / 28 + wg: each warpgroup's
                             # GEMM1 loop end / act ready / GEMM2 loop end)
 STAMP_SMID = 40             # probe 3: the slot that holds the CTA's SM (%smid) instead of a time
 
 
-def _chunks_sentinel() -> bool:
-    """Fp4MoeChunks reduces through the sentinel-filled partials (probe 1, no reduction, keeps the count)."""
-    return MOE_CHUNKS_SENTINEL and MOE_CHUNKS_PROBE != 1
-
-
 def moe_chunks_config(fmt: str, T: int, k: int, D: int, inter: int, sms: int):
     """_compile_moe_chunks arguments for T tokens at top-k, or None where moe_fp4 takes another path. Only where its
-    CTAs (one per SM, 2-CTA clusters of 3 units) fit the SMs at once: every CTA may end up a reducer waiting for all
-    to count, so a launch wider than the GPU could wait forever (Flash top-6: 128 CTAs on 132 SMs; Pro's 192 and
-    a 114-SM H100 PCIe take the fused launch)."""
+    CTAs (one per SM, 2-CTA clusters of 3 units) fit the SMs at once: every CTA is a reducer waiting for the partials
+    of all the others, so a launch wider than the GPU could wait forever (Flash top-6: 128 CTAs on 132 SMs; Pro's 192
+    and a 114-SM H100 PCIe take the fused launch)."""
     if not (MOE_CHUNKS and 1 <= T <= MOE_CHUNKS_MAX_TOKENS and k <= 32 and inter % TILE_K == 0 and D % 512 == 0):
-        return None
-    if T > 1 and not (MOE_CHUNKS_PUSH and MOE_CHUNKS_EARLY and _chunks_sentinel()):
         return None
     if 2 * -(-(k * (inter // TILE_K)) // 3) > sms:
         return None
@@ -4215,12 +4084,10 @@ def moe_chunks_config(fmt: str, T: int, k: int, D: int, inter: int, sms: int):
 
 def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool, tokens: int = 1):
     """Compiled Fp4MoeChunks: w13 / w2 records permuted as for _compile_moe_gemv, x [T, D], y [T, D], partials
-    [slots * I/64, D] fp32, alpha_gate / up / down, the flat topk weights, limit, topk_ids (flat), counter."""
-    config = ("moe_chunks", fmt, D, inter, top_k, stages, pdl, WEIGHT_LD_HINT) + \
-        (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ()) + (() if MOE_CHUNKS_EARLY else ("late",)) + \
-        (("w2_first", MOE_CHUNKS_W2_FIRST),) + (("push",) if MOE_CHUNKS_PUSH else ()) + \
-        (("sentinel", PART_SENTINEL, PART_POLL_NS) if _chunks_sentinel() else ()) + \
-        (("poll_parallel",) if PART_POLL_PARALLEL and _chunks_sentinel() else ()) + \
+    [slots * I/64, D] fp32 (PART_SENTINEL where no partial is), alpha_gate / up / down, the flat topk weights,
+    limit, topk_ids (flat)."""
+    config = ("moe_chunks", fmt, D, inter, top_k, stages, pdl, WEIGHT_LD_HINT, PART_SENTINEL, PART_POLL_NS) + \
+        (("probe", MOE_CHUNKS_PROBE) if MOE_CHUNKS_PROBE else ()) + \
         (("w2_smem", MOE_CHUNKS_W2_SMEM) if MOE_CHUNKS_W2_SMEM else ()) + \
         ((("tokens", tokens),) if tokens > 1 else ()) + _decode_key()
 
@@ -4234,8 +4101,7 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
                 mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
                 mk(Float32, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16), *alpha,
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
-                mk(Int32, (cute.sym_int(),), assumed_align=4), mk(Int32, (cute.sym_int(),), assumed_align=4),
-                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+                mk(Int32, (cute.sym_int(),), assumed_align=4), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return op, args
     return _load_or_compile(config, build)
 
