@@ -3535,10 +3535,11 @@ if HAVE_CUTE:
         at once (one per SM), nothing this launch waits for holds an SM it needs, and the dependent launch (PDL)
         starts only after all its CTAs have started. A skipped slot's units write zero partials. The last
         MOE_CHUNKS_W2_SMEM ring depths of each warp's w2 records are copied into smem by cp.async over the GEMM1 ->
-        GEMM2 boundary (more bytes in flight while the act waits). T tokens (session 26, T <= MOE_CHUNKS_MAX_TOKENS): T rounds on the same CTAs, round r runs token r's
-        units (unit r U + the CTA's local unit) with its own x row, sInfo / consts rows, recv buffers and mbarriers
-        (each used once); the register ring runs on from one round's last w2 records into the next round's first
-        GEMM1 records; reducer CTA b sums chunks b, b + n_ctas, .. of every token (own smem: a later round still uses
+        GEMM2 boundary (more bytes in flight while the act waits). T tokens (session 26, T <= MOE_CHUNKS_MAX_TOKENS):
+        T rounds on the same CTAs, round r runs token r's units (unit r U + the CTA's local unit) with its own x row,
+        sInfo / consts rows, recv buffers and mbarriers (each used once); the register ring runs on from one round's
+        last w2 records into the next round's first GEMM1 records; reducer CTA b sums chunks b, b + n_ctas, .. of
+        every token (own smem: a later round still uses
         red). Each token's partials and sums are those of the token alone: the same bits per row."""
 
         def __init__(self, fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool, tokens: int = 1):
@@ -3580,7 +3581,7 @@ if HAVE_CUTE:
                 red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
                 # the reducers' sums of their own (rounds: token 0 is reduced while later rounds still use red)
                 rsum: cute.struct.Align[cute.struct.MemRange[Float32, 32 * RED_ROWS if self.T > 1 else 0], 16]
-                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 + 4 * self.wgs * self.T], 16]  # per round, wg
+                misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 * self.wgs * self.T], 16]  # per round, wg
                 consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs * self.T], 16]  # alphas, weight
                 # the pushed partials [wg][quarter][gate|up][64] and per wg the mbarrier of its recv
                 recv: cute.struct.Align[cute.struct.MemRange[Float32, 512 * self.wgs * self.T], 16]
@@ -3628,8 +3629,8 @@ if HAVE_CUTE:
             col = unit - slot * self.cols
             expert, valid = self.slot_expert(mIds, unit, slot, n_exp)
             # the warpgroup's unit comes back from smem after GEMM1 (fewer registers live over its loop)
-            # rows r * wgs + wg: round r's unit of warpgroup wg (+ the ticket's row)
-            sInfo = storage.misc.get_tensor(cute.make_layout((self.wgs * self.T + 1, 4), stride=(4, 1)))
+            # rows r * wgs + wg: round r's unit of warpgroup wg
+            sInfo = storage.misc.get_tensor(cute.make_layout((self.wgs * self.T, 4), stride=(4, 1)))
             if tidx % 128 == 0:
                 self.record_unit(storage, sInfo, wg, expert, unit, valid, slot, mAlphaG, mAlphaU, mAlphaD, mRowW)
                 for r in cutlass.range_constexpr(1, self.T):   # the later rounds: token r's unit
@@ -3722,8 +3723,8 @@ if HAVE_CUTE:
                     rcv = storage.recv.get_tensor(rcv_layout)
                     if const_expr(rd > 0):
                         rcv = cute.make_tensor(storage.recv.data_ptr() + rd * 512 * self.wgs, rcv_layout)
-                    self.swiglu_act(storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit, expert, slot, wg, warp,
-                                    lane, lambda qq, k, a: rcv[wg, qq, a, k], row)
+                    self.swiglu_act(storage, mPart, sConst, limit, wg, warp, lane, lambda qq, k, a: rcv[wg, qq, a, k],
+                                    row)
                 self.stamp(mPart, 4)
                 self.stamp_wg(mPart, 22, wg)
 
@@ -3732,7 +3733,7 @@ if HAVE_CUTE:
                 if valid != 0:
                     code2 = self.w2_address(mW2, sInfo, wg, warp, lane, row)
                     sAv = storage.act.get_tensor(cute.make_layout((4, 8 * self.wgs, 1), stride=(1, 4, 32 * self.wgs)))
-                    a_down = self.scalar(sConst, mAlphaD, expert, row, 2)
+                    a_down = sConst[row, 2]                       # (the start copied alpha_down there)
                     acc2 = cute.make_rmem_tensor((2, 4), Float32)
                     for j0 in cutlass.range(0, self.r2 - self.w2_smem - self.S, self.S, unroll=1):
                         for s in cutlass.range_constexpr(self.S):
@@ -3919,8 +3920,7 @@ if HAVE_CUTE:
             return expert, unit, sInfo[row, 2], unit // self.cols, 6 * rank + wg, (6 * rank + wg) % 4
 
         @cute.jit
-        def swiglu_act(self, storage, mPart, sConst, mAlphaG, mAlphaU, mRowW, limit: Float32, expert, slot, wg, warp,
-                       lane, partial, row):
+        def swiglu_act(self, storage, mPart, sConst, limit: Float32, wg, warp, lane, partial, row):
             """Warp 0: the unit's act columns 2 lane, 2 lane + 1 (partial(qq, k, a): quarter qq's fp32 partial of gate
             (a = 0) / up (a = 1) row k, summed in quarter order) through Fp4MoeGemv's SwiGLU epilogue -> one permuted
             bf16x2 word of the warpgroup's act; then the warpgroup's barrier."""
@@ -3936,10 +3936,9 @@ if HAVE_CUTE:
                     for qq in cutlass.range_constexpr(4):          # the unit's quarters in order
                         hs = hs + partial(qq, k, 0)
                         us_ = us_ + partial(qq, k, 1)
-                    hh = cute.math.min(hs * self.scalar(sConst, mAlphaG, expert, row, 0), limit)
-                    uu = cute.math.max(cute.math.min(us_ * self.scalar(sConst, mAlphaU, expert, row, 1), limit),
-                                       -limit)
-                    av = self.scalar(sConst, mRowW, slot, row, 3) * hh / (1.0 + cute.math.exp(-hh)) * uu
+                    hh = cute.math.min(hs * sConst[row, 0], limit)               # x alpha_gate
+                    uu = cute.math.max(cute.math.min(us_ * sConst[row, 1], limit), -limit)   # x alpha_up
+                    av = sConst[row, 3] * hh / (1.0 + cute.math.exp(-hh)) * uu  # x the routing weight
                     sAh[64 * wg + 2 * wst + e] = av.to(BFloat16)
                 self.stamp(mPart, 11)
             cute.arch.barrier(barrier_id=1 + wg, number_of_threads=128)
@@ -3968,12 +3967,6 @@ if HAVE_CUTE:
                     w0 = (qq // 8) * 32 + 16 * (kb // 2) + 2 * (kb % 2) + qq % 2
                     for tt in cutlass.range_constexpr(4):
                         _cp_async_4(sx_base + (w0 + 4 * tt) * 4, xa0 + qq * 16 + 4 * tt)
-
-        @cute.jit
-        def scalar(self, sConst, mSrc: cute.Tensor, i, row, j: int):
-            """An epilogue scalar (alpha_gate / up / down of the expert, the slot's routing weight): from smem (row: the
-            round's warpgroup row), where the start copied it."""
-            return sConst[row, j]
 
         @cute.jit
         def stamp(self, mPart: cute.Tensor, i: int, value=None):
@@ -4101,7 +4094,8 @@ def _compile_moe_chunks(fmt: str, D: int, inter: int, top_k: int, stages: int, p
                 mk(BFloat16, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16),
                 mk(Float32, (cute.sym_int(), D), stride_order=(1, 0), assumed_align=16), *alpha,
                 mk(Float32, (cute.sym_int(),), assumed_align=4), Float32(0.0),
-                mk(Int32, (cute.sym_int(),), assumed_align=4), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+                mk(Int32, (cute.sym_int(),), assumed_align=4),
+                cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return op, args
     return _load_or_compile(config, build)
 

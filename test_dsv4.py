@@ -5563,9 +5563,7 @@ def test_moe_chunks_sentinel_reduction_keeps_its_bits_call_after_call(fmt, dims,
     as a stale partial or never restored would show as different bits or a non-sentinel word)."""
     ex, D, E = (_small(fmt), 512, 16) if dims == "small" else (_flash(fmt), 4096, 256)
     monkeypatch.setattr(K, "POISON_BUFFERS", True)
-    calls = []
-    real = K._compile_moe_chunks
-    monkeypatch.setattr(K, "_compile_moe_chunks", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    calls = _spy(monkeypatch, "_compile_moe_chunks")
     cases = []
     for routing, seed in (("random", 21), ("empty_experts", 22), ("random", 23)):
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
