@@ -753,6 +753,8 @@ CHUNKS_SWITCHES = [  # bench.py moe --decode-only --ablate-chunks: the one-token
     ("Fp4MoeChunks at T = 1 (MOE_CHUNKS; old = the fused launch, other bits)", dict(MOE_CHUNKS=True), (1,)),
     ("probe: Fp4MoeChunks without decode + mma (MOE_CHUNKS_PROBE 2; an xor of the loaded words)",
      dict(MOE_CHUNKS_PROBE=2), (1,)),
+    ("probe: GEMM2 without waiting for the act (MOE_CHUNKS_PROBE 4; the pushes waited for after GEMM2, y meaningless)",
+     dict(MOE_CHUNKS_PROBE=4), (1, 2)),
     ("Fp4MoeChunks, 4 k-tiles in flight per warp (MOE_CHUNKS_STAGES; old = 2)", dict(MOE_CHUNKS_STAGES=4), (1,)),
     ("w2's last 2 records of each warp through the register ring, not copied into smem over the boundary "
      "(MOE_CHUNKS_W2_SMEM 0; old = 1)", dict(MOE_CHUNKS_W2_SMEM=0), (1,)),
@@ -1201,6 +1203,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      ((K, "DECODE_SHIFT", "rot"),)),
     ("s19 hadamard: the indexer's Hadamard as a sequential fma chain, sessions 2-18 (kernels.HADAMARD_MODE "
      "fma_chain)", ((K, "HADAMARD_MODE", "fma_chain"),)),
+    ("s31 topk: the CSA indexer scores and orders its picks also where every complete block is one (the first "
+     "index_topk x 4 tokens; kernels.INDEX_ALL_BELOW_TOPK off)", ((K, "INDEX_ALL_BELOW_TOPK", False),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
      "exceed it)", ()),
 ]

@@ -3560,7 +3560,7 @@ if HAVE_CUTE:
             self.row_chunks = D // RED_ROWS          # reducer chunks of one y row
             self.chunks = tokens * self.row_chunks
             self.probe = MOE_CHUNKS_PROBE
-            assert self.probe in (0, 2, 3), "probes: 2 = no decode + mma, 3 = phase stamps"
+            assert self.probe in (0, 2, 3, 4), "probes: 2 = no decode + mma, 3 = phase stamps, 4 = no act wait"
             assert self.probe != 3 or STAMP_SLOTS * self.n_ctas <= 2 * D, "probe 3: the stamps need two rows of D"
             # each warp's last w2 records, copied into smem by cp.async over the boundary
             w2s = stages * MOE_CHUNKS_W2_SMEM
@@ -3717,14 +3717,15 @@ if HAVE_CUTE:
                             self.copy_record_to_smem(storage, code2, scale_off,
                                                      (self.r2 - self.w2_smem + e) * self.g2.k_tiles, e, tidx)
                         _cp_async_commit()
-                    _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * row, 0)
-                    self.stamp(mPart, 3)
-                    rcv_layout = cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1))
-                    rcv = storage.recv.get_tensor(rcv_layout)
-                    if const_expr(rd > 0):
-                        rcv = cute.make_tensor(storage.recv.data_ptr() + rd * 512 * self.wgs, rcv_layout)
-                    self.swiglu_act(storage, mPart, sConst, limit, wg, warp, lane, lambda qq, k, a: rcv[wg, qq, a, k],
-                                    row)
+                    if const_expr(self.probe != 4):
+                        _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * row, 0)
+                        self.stamp(mPart, 3)
+                        rcv_layout = cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1))
+                        rcv = storage.recv.get_tensor(rcv_layout)
+                        if const_expr(rd > 0):
+                            rcv = cute.make_tensor(storage.recv.data_ptr() + rd * 512 * self.wgs, rcv_layout)
+                        self.swiglu_act(storage, mPart, sConst, limit, wg, warp, lane,
+                                        lambda qq, k, a: rcv[wg, qq, a, k], row)
                 self.stamp(mPart, 4)
                 self.stamp_wg(mPart, 22, wg)
 
@@ -3764,6 +3765,9 @@ if HAVE_CUTE:
                     for i in cutlass.range_constexpr(self.r2):
                         _st_f32(part + Int64((q * self.r2 + i) * TILE_M + tidx % 128) * 4, Float32(0.0))
 
+                if const_expr(self.probe == 4):   # the pushes' wait after GEMM2 (no CTA exits under them)
+                    if valid != 0:
+                        _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * row, 0)
                 self.stamp(mPart, 5)
                 self.stamp_wg(mPart, 28, wg)
             n_red = min(self.n_ctas, self.chunks)
@@ -4044,7 +4048,8 @@ MOE_CHUNKS = True           # T <= MOE_CHUNKS_MAX_TOKENS: Fp4MoeChunks (both GEM
 MOE_CHUNKS_STAGES = 2       # k-tiles of weight loads in flight per warp (H200, medians of 7 rounds: 2 -> 29.9-30.0
                             # us, 4 -> 33.6, 1 -> 31.6 in session 21's first run; 8 spills)
 MOE_CHUNKS_PROBE = 0        # benchmarks only: 2 = no decode + mma (an xor of the loaded words; y meaningless), 3 =
-                            # phase stamps per CTA (bench.py moe-stamps 1 --chunks)
+                            # phase stamps per CTA (bench.py moe-stamps 1 --chunks), 4 = GEMM2 without waiting for
+                            # the act (the pushes waited for after it; y meaningless)
 RED_ROWS = 32               # rows of y per reducer chunk
 PART_SENTINEL = -1          # 0xffffffff: a NaN no fp32 multiply returns (a NaN result is 0x7fffffff on NVIDIA GPUs)
 MOE_CHUNKS_W2_SMEM = 1      # w2's last records of each warp, in ring depths, copied into smem by cp.async over the
@@ -8264,13 +8269,15 @@ if HAVE_CUTE:
         co-residency assumption) loads the V keys into smem and orders them: V <= rank_max (<= 256 threads): each
         thread ranks one key against all V (keys are unique: rank = number of larger keys = its output slot); else a
         bitonic sort of the V keys padded with INT64_MIN to the next power of two P (log2(P)(log2(P)+1)/2 smem
-        stages). Slots past min(V, P) get -1. V = 0: CTA 0 writes k times -1. cluster > 0 (T <= cluster x chunk):
-        see cluster_select."""
+        stages). Slots past min(V, P) get -1. V = 0: k times -1; V <= k (INDEX_ALL_BELOW_TOPK): no scores, every
+        complete block is a pick: 0 .. V-1 in ascending order, then -1. cluster > 0 (T <= cluster x chunk): see
+        cluster_select."""
 
         def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int = 0):
             super().__init__(n_heads, head_dim, chunk, w_bf16)
             assert max_slots & (max_slots - 1) == 0
             self.max_slots, self.cluster = max_slots, cluster
+            self.all_below = INDEX_ALL_BELOW_TOPK
             if cluster:                  # 2 threads rank each key of a CTA; all cluster keys fit the smem slots
                 assert cluster <= 8 and 2 * chunk == self.threads and cluster * chunk <= max_slots
 
@@ -8310,10 +8317,8 @@ if HAVE_CUTE:
             visible = cutlass.min((mPos[0].to(Int32) + 1) // ratio, T)
             n_vis = (visible + self.chunk - 1) // self.chunk            # CTAs holding visible keys
             t0 = blk * self.chunk
-            if visible == 0:
-                if blk == 0:
-                    for i in cutlass.range(tidx, k, nth, unroll=1):
-                        mOut[b, 0, i] = Int64(-1)
+            if self.picks_all(visible, k):
+                self.write_all_visible(mOut, b, blk, visible)
             elif const_expr(self.cluster > 0):                          # one cluster holds all T keys
                 self.cluster_select(mQ, mK, mW, mOut, b, blk, t0, visible, w_scale)
             elif blk < n_vis:
@@ -8333,6 +8338,26 @@ if HAVE_CUTE:
                         if tidx == 0:
                             mCount[b] = 0                               # zero again for the next launch
                         self.select_visible(mKeys, mOut, sSel, b, visible, rank_max)
+
+        @cute.jit
+        def picks_all(self, visible: Int32, k: Int32):
+            """No scores needed: no block is complete (V = 0), or (INDEX_ALL_BELOW_TOPK) every complete block is a
+            pick (V <= k, i.e. the first index_topk x ratio tokens of a sequence)."""
+            if const_expr(self.all_below):
+                return visible <= k
+            return visible == 0
+
+        @cute.jit
+        def write_all_visible(self, mOut: cute.Tensor, b: Int32, blk: Int32, visible: Int32):
+            """out[b, 0, :] = 0, 1, .., V - 1, then -1: every complete block in ascending order (V <= k; no scores)."""
+            tidx, _, _ = cute.arch.thread_idx()
+            n_blk, _, _ = cute.arch.grid_dim()
+            for i in cutlass.range(blk * self.threads + tidx, cute.size(mOut, mode=[2]), n_blk * self.threads,
+                                   unroll=1):
+                v = Int64(-1)
+                if i < visible:
+                    v = Int64(i)
+                mOut[b, 0, i] = v
 
         @cute.jit
         def count_larger(self, sSel: cute.Tensor, mine: Int64, start: Int32, stop: Int32, step: int) -> Int32:
@@ -8521,10 +8546,8 @@ if HAVE_CUTE:
             storage = _SmemAllocator().allocate(self.shared_storage)              # once: see cluster_select
             sK = storage.sK.get_tensor(cute.make_layout((self.chunk, self.row), stride=(self.row, 1)))
             _pdl_enter()                                                # iq: the GEMV before this launch
-            if visible == 0:                                            # the same for every CTA of the cluster
-                if blk == 0:
-                    for i in cutlass.range(tidx, k, self.threads, unroll=1):
-                        mOut[b, 0, i] = Int64(-1)
+            if self.picks_all(visible, k):                              # the same for every CTA of the cluster
+                self.write_all_visible(mOut, b, blk, visible)
             else:
                 if t0 < visible:                                        # in flight while the queries are made
                     self.issue_keys(mK, sK, b, t0, visible)
@@ -9028,7 +9051,8 @@ def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: in
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
                 Int32(4), Float32(1.0), Int32(256), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
         return IndexerTopK(n_heads, head_dim, chunk, w_bf16, max_slots, cluster), args
-    return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster), build)
+    return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster,
+                             INDEX_ALL_BELOW_TOPK), build)
 
 
 def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chunk: int, w_bf16: bool, cluster: int,
@@ -9050,7 +9074,7 @@ def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chu
         return IndexerTopKQuery(n_heads, head_dim, chunk, w_bf16, max_slots, cluster, rope_dim, quant_sim,
                                 hadamard_mode), args
     return _load_or_compile(("sidxq", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster, rope_dim,
-                             quant_sim, hadamard_mode), build)
+                             quant_sim, hadamard_mode, INDEX_ALL_BELOW_TOPK), build)
 
 
 def fused_topk_slots(T: int) -> int:
@@ -9173,7 +9197,9 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     """Indexer._top_blocks for one query per sequence (signature and semantics of indexer_topk_reference): one CuTe
     DSL kernel writes int64 sort keys (score, then lower index first; future blocks lowest), the largest min(topk, T)
     in descending order (unique keys: the order is exactly the stable sort's) give the block ids (their low words;
-    -1 for future blocks). The scoring kernel's cluster (T <= 8 chunks) or last CTA orders up to
+    -1 for future blocks). Where every complete block is a pick (V <= k, INDEX_ALL_BELOW_TOPK) the one-launch
+    kernel makes no scores and lists the picks in ascending block order (the same set; the attention sums them in
+    another order); the torch.topk path keeps the score order. The scoring kernel's cluster (T <= 8 chunks) or last CTA orders up to
     FUSED_TOPK_MAX_SLOTS visible keys itself (one launch), TopKSelectVisible takes more; beyond its limits (or
     DEVICE_TOPK off) IndexerScores + torch.topk, the same bits. weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
     reason = _gpu_ok(q, keys)
@@ -9215,6 +9241,8 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     return sort_keys_to_blocks(top).view(B, 1, -1)
 
 
+INDEX_ALL_BELOW_TOPK = True  # decode top-k: where every complete block is a pick (V <= k: the first topk x ratio
+                             # tokens), 0 .. V-1 in ascending order with no scores (torch.topk's order otherwise)
 INDEX_FOLD_QUERY = True    # indexer_query_topk_decode: IndexQuery inside the one-cluster IndexerTopK launch (same bits)
 INDEX_FOLD_MIN_BATCH = 2   # ... from this batch on. H200, bench.py decode --layers 8, 7 rotated rounds with an A/A
                            # control at +0.002 / -0.003 ms per step (s10): batch 8 -0.040 ms per step with the fold,

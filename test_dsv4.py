@@ -4593,6 +4593,9 @@ def test_gpu_indexer_picks_match_the_reference(B, T, pos, topk):
     got = K.indexer_topk_decode(q, keys, w, p, topk)
     ref = K.indexer_topk_reference(q, keys, w, p, topk)
     assert got.shape == ref.shape and got.dtype == ref.dtype
+    if K.INDEX_ALL_BELOW_TOPK and K.DEVICE_TOPK and min((pos + 1) // 4, T) <= min(topk, T):   # all: ascending
+        ref = torch.sort(torch.where(ref < 0, 2 ** 62, ref), dim=-1).values
+        ref = torch.where(ref == 2 ** 62, -1, ref)
     if not torch.equal(got, ref):      # only near-ties may differ: the head sum runs in another order than torch's
         score = (torch.einsum("bshd,btd->bsht", q.double(), keys.double()).relu() * w[..., None].double()).sum(2)
         s_got = score[:, 0].gather(1, got[:, 0].clamp(min=0))
@@ -4603,7 +4606,33 @@ def test_gpu_indexer_picks_match_the_reference(B, T, pos, topk):
 
 
 @gpu
-@pytest.mark.parametrize("B,T,pos", [(1, 4096, 4000), (3, 300, 1000)])
+@pytest.mark.parametrize("B,T,pos,topk", [(1, 64, 95, 24), (3, 300, 50, 64), (3, 300, 1000, 512),
+                                          (1, 16384, 1000, 512), (2, 16384, 2047, 512), (8, 4096, 3, 512)])
+@pytest.mark.parametrize("fold", [False, True])
+def test_gpu_indexer_picks_every_complete_block_in_order_before_topk_blocks(B, T, pos, topk, fold, monkeypatch):
+    """The first topk x ratio tokens: every complete block is a pick, so the decode top-k writes 0 .. V-1 and -1
+    without scoring; with INDEX_ALL_BELOW_TOPK off it scores them into the reference's (score) order, the same set."""
+    monkeypatch.setattr(K, "INDEX_FOLD_MIN_BATCH", 1 if fold else 64)
+    g = torch.Generator().manual_seed(T + pos)
+    iq = torch.randn(B, 1, 64, 128, generator=g).bfloat16().cuda()
+    _, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos)
+    wb, scale, angles = w.bfloat16(), 128 ** -0.5 * 64 ** -0.5, _gpu_angles()
+    monkeypatch.setattr(K, "POISON", True)
+    call = lambda: K.indexer_query_topk_decode(iq, angles, p, True, keys, wb, topk, weight_scale=scale)  # noqa: E731
+    V, k = min((pos + 1) // 4, T), min(topk, T)
+    assert V <= k
+    got = call()
+    want = torch.where(torch.arange(k, device="cuda") < V, torch.arange(k, device="cuda"), -1).expand(B, 1, k)
+    assert torch.equal(got, want)
+    monkeypatch.setattr(K, "INDEX_ALL_BELOW_TOPK", False)
+    scored = call()
+    assert torch.equal(scored.sort(-1).values, got.sort(-1).values), "not the same set of picks"
+    if V > 2:                                    # random scores: the score order is not the ascending one
+        assert not torch.equal(scored, got), "the switch changed nothing"
+
+
+@gpu
+@pytest.mark.parametrize("B,T,pos", [(1, 4096, 4000), (3, 1000, 3999)])
 def test_gpu_indexer_scales_bf16_head_weights_like_dsv4(B, T, pos):
     """weight_scale=: the kernel takes weights_proj's bf16 output and forms fp32(w) * scale itself: same picks as
     the fp32 weights dsv4 used to make with two extra kernels."""
@@ -6018,6 +6047,7 @@ def test_gpu_fused_indexer_topk_is_bit_equal_to_the_two_kernel_path(B, T, pos, t
     monkeypatch.setattr(K, "TOPK_CLUSTER", mode == "cluster")
     monkeypatch.setattr(K, "TOPK_RANK_MAX", 0 if mode == "last-cta-sorted" else 256)   # ranked or bitonic sort
     monkeypatch.setattr(K, "FUSED_TOPK_MAX_SLOTS", 4096 if mode == "last-cta-sorted" else 1024)
+    monkeypatch.setattr(K, "INDEX_ALL_BELOW_TOPK", False)     # the scored picks at V <= k too
     new = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
     monkeypatch.setattr(K, "DEVICE_TOPK", False)
     old = K.indexer_topk_decode(q, keys, wb, p, topk, weight_scale=scale)
@@ -7006,6 +7036,7 @@ def test_gpu_index_fold_query_gives_the_two_launch_bits(B, T, pos, quant_sim, mo
     no IndexQuery launch); visible = 0, few, all; clusters of 8, 3 and 2 CTAs; a CUDA-graph replay too."""
     monkeypatch.setattr(K, "INDEX_FOLD_QUERY", False)
     monkeypatch.setattr(K, "INDEX_FOLD_MIN_BATCH", 1)        # the kernel takes any batch; the default rule B >= 2
+    monkeypatch.setattr(K, "INDEX_ALL_BELOW_TOPK", False)    # the scores at V <= 512 too (the query's bits count)
     g = torch.Generator().manual_seed(T + pos)
     iq = torch.randn(B, 1, 64, 128, generator=g).bfloat16().cuda()
     _, keys, w, p = indexer_inputs(B, 64, 128, T, pos, device="cuda", seed=T + pos, ties=True)
