@@ -774,8 +774,8 @@ class Indexer(nn.Module):
         if fused(x):             # the kernel scales the bf16 head weights itself, as _top_blocks does
             w = self.weights_proj(x) if head_w is None else head_w
             # = indexer_topk_decode(self._query(iq, ..), ..); kernels.INDEX_FOLD_QUERY: the query in the same launch.
-            # In a sequence's first topk x 4 tokens every complete block is a pick: the kernel then skips the scores
-            # and lists the blocks in ascending order (the same set as _top_blocks)
+            # In a sequence's first topk x 4 tokens every complete block is a pick: the two-launch form (batch 1)
+            # then skips the scores and lists the blocks in ascending order (the same set as _top_blocks)
             return kernels.indexer_query_topk_decode(iq.unflatten(-1, (self.n_heads, self.head_dim)), angles, pos,
                                                      self.quant_sim, K, w, self.topk,
                                                      weight_scale=self.head_dim ** -0.5 * self.n_heads ** -0.5)

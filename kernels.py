@@ -8509,6 +8509,7 @@ if HAVE_CUTE:
                      rope_dim: int, quant_sim: bool, hadamard_mode: str):
             super().__init__(n_heads, head_dim, chunk, w_bf16, max_slots, cluster)
             assert cluster > 0
+            self.all_below = False   # scores at V <= k too: with INDEX_ALL_BELOW_TOPK here the batch-8 step was slower
             self.qrow = IndexQuery(head_dim, rope_dim, quant_sim, True, hadamard_mode, warps=self.threads // 32)
             assert self.qrow.vecs == 1 and self.qrow.width == 4, "one 4-wide chunk per lane (head_dim 128)"
             self.rows_per = -(-n_heads // cluster)
@@ -9074,7 +9075,7 @@ def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chu
         return IndexerTopKQuery(n_heads, head_dim, chunk, w_bf16, max_slots, cluster, rope_dim, quant_sim,
                                 hadamard_mode), args
     return _load_or_compile(("sidxq", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster, rope_dim,
-                             quant_sim, hadamard_mode, INDEX_ALL_BELOW_TOPK), build)
+                             quant_sim, hadamard_mode), build)
 
 
 def fused_topk_slots(T: int) -> int:
@@ -9199,7 +9200,7 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     in descending order (unique keys: the order is exactly the stable sort's) give the block ids (their low words;
     -1 for future blocks). Where every complete block is a pick (V <= k, INDEX_ALL_BELOW_TOPK) the one-launch
     kernel makes no scores and lists the picks in ascending block order (the same set; the attention sums them in
-    another order); the torch.topk path keeps the score order. The scoring kernel's cluster (T <= 8 chunks) or last CTA orders up to
+    another order); the torch.topk path and the fold (indexer_query_topk_decode at batch >= 2) keep the score order. The scoring kernel's cluster (T <= 8 chunks) or last CTA orders up to
     FUSED_TOPK_MAX_SLOTS visible keys itself (one launch), TopKSelectVisible takes more; beyond its limits (or
     DEVICE_TOPK off) IndexerScores + torch.topk, the same bits. weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
     reason = _gpu_ok(q, keys)
@@ -9241,8 +9242,11 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     return sort_keys_to_blocks(top).view(B, 1, -1)
 
 
-INDEX_ALL_BELOW_TOPK = True  # decode top-k: where every complete block is a pick (V <= k: the first topk x ratio
-                             # tokens), 0 .. V-1 in ascending order with no scores (torch.topk's order otherwise)
+INDEX_ALL_BELOW_TOPK = True  # IndexerTopK: where every complete block is a pick (V <= k: the first topk x ratio
+                             # tokens), 0 .. V-1 in ascending order with no scores (H200, 8-layer step at position
+                             # 1000, batch 1: -0.020 / -0.021 ms). Not in the fold (IndexerTopKQuery, batch >= 2):
+                             # there the same skip made the batch-8 step 0.037 ms slower (its attention's CTAs
+                             # launch earlier, beside the wq_b GEMV)
 INDEX_FOLD_QUERY = True    # indexer_query_topk_decode: IndexQuery inside the one-cluster IndexerTopK launch (same bits)
 INDEX_FOLD_MIN_BATCH = 2   # ... from this batch on. H200, bench.py decode --layers 8, 7 rotated rounds with an A/A
                            # control at +0.002 / -0.003 ms per step (s10): batch 8 -0.040 ms per step with the fold,
