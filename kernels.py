@@ -8269,15 +8269,16 @@ if HAVE_CUTE:
         co-residency assumption) loads the V keys into smem and orders them: V <= rank_max (<= 256 threads): each
         thread ranks one key against all V (keys are unique: rank = number of larger keys = its output slot); else a
         bitonic sort of the V keys padded with INT64_MIN to the next power of two P (log2(P)(log2(P)+1)/2 smem
-        stages). Slots past min(V, P) get -1. V = 0: k times -1; V <= k (INDEX_ALL_BELOW_TOPK): no scores, every
+        stages). Slots past min(V, P) get -1. V = 0: k times -1; V <= k (all_below): no scores, every
         complete block is a pick: 0 .. V-1 in ascending order, then -1. cluster > 0 (T <= cluster x chunk): see
         cluster_select."""
 
-        def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int = 0):
+        def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int = 0,
+                     all_below: bool = False):
             super().__init__(n_heads, head_dim, chunk, w_bf16)
             assert max_slots & (max_slots - 1) == 0
             self.max_slots, self.cluster = max_slots, cluster
-            self.all_below = INDEX_ALL_BELOW_TOPK
+            self.all_below = all_below          # V <= k: no scores (indexer_topk_decode: INDEX_ALL_BELOW_TOPK)
             if cluster:                  # 2 threads rank each key of a CTA; all cluster keys fit the smem slots
                 assert cluster <= 8 and 2 * chunk == self.threads and cluster * chunk <= max_slots
 
@@ -8341,7 +8342,7 @@ if HAVE_CUTE:
 
         @cute.jit
         def picks_all(self, visible: Int32, k: Int32):
-            """No scores needed: no block is complete (V = 0), or (INDEX_ALL_BELOW_TOPK) every complete block is a
+            """No scores needed: no block is complete (V = 0), or (all_below) every complete block is a
             pick (V <= k, i.e. the first index_topk x ratio tokens of a sequence)."""
             if const_expr(self.all_below):
                 return visible <= k
@@ -8509,7 +8510,7 @@ if HAVE_CUTE:
                      rope_dim: int, quant_sim: bool, hadamard_mode: str):
             super().__init__(n_heads, head_dim, chunk, w_bf16, max_slots, cluster)
             assert cluster > 0
-            self.all_below = False   # scores at V <= k too: with INDEX_ALL_BELOW_TOPK here the batch-8 step was slower
+            self.all_below = False   # scores at V <= k too (the fold runs from batch 2: see INDEX_ALL_BELOW_TOPK)
             self.qrow = IndexQuery(head_dim, rope_dim, quant_sim, True, hadamard_mode, warps=self.threads // 32)
             assert self.qrow.vecs == 1 and self.qrow.width == 4, "one 4-wide chunk per lane (head_dim 128)"
             self.rows_per = -(-n_heads // cluster)
@@ -9037,7 +9038,7 @@ def _compile_topk(keys_per_thread: int):
 
 
 def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: int = INDEX_CHUNK,
-                          w_bf16: bool = False, cluster: int = 0):
+                          w_bf16: bool = False, cluster: int = 0, all_below: bool = False):
     def build():
         B, T, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
         words = head_dim // 2
@@ -9051,9 +9052,9 @@ def _compile_indexer_topk(n_heads: int, head_dim: int, max_slots: int, chunk: in
                 mk(Int64, (B, 1, k), stride_order=(2, 1, 0), assumed_align=8),
                 mk(Int32, (cute.sym_int(),), assumed_align=4),
                 Int32(4), Float32(1.0), Int32(256), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        return IndexerTopK(n_heads, head_dim, chunk, w_bf16, max_slots, cluster), args
-    return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster,
-                             INDEX_ALL_BELOW_TOPK), build)
+        return IndexerTopK(n_heads, head_dim, chunk, w_bf16, max_slots, cluster, all_below), args
+    return _load_or_compile(("sidxk", GLUE_PDL, n_heads, head_dim, max_slots, chunk, w_bf16, cluster) +
+                            (("all_below",) if all_below else ()), build)
 
 
 def _compile_indexer_topk_query(n_heads: int, head_dim: int, max_slots: int, chunk: int, w_bf16: bool, cluster: int,
@@ -9198,9 +9199,10 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     """Indexer._top_blocks for one query per sequence (signature and semantics of indexer_topk_reference): one CuTe
     DSL kernel writes int64 sort keys (score, then lower index first; future blocks lowest), the largest min(topk, T)
     in descending order (unique keys: the order is exactly the stable sort's) give the block ids (their low words;
-    -1 for future blocks). Where every complete block is a pick (V <= k, INDEX_ALL_BELOW_TOPK) the one-launch
-    kernel makes no scores and lists the picks in ascending block order (the same set; the attention sums them in
-    another order); the torch.topk path and the fold (indexer_query_topk_decode at batch >= 2) keep the score order. The scoring kernel's cluster (T <= 8 chunks) or last CTA orders up to
+    -1 for future blocks). Where every complete block is a pick (V <= k, INDEX_ALL_BELOW_TOPK, batch <=
+    INDEX_ALL_BELOW_TOPK_MAX_BATCH) the one-launch kernel makes no scores and lists the picks in ascending block order
+    (the same set; the attention sums them in another order); the torch.topk path, larger batches and the fold
+    (indexer_query_topk_decode from batch 2) keep the score order. The scoring kernel's cluster (T <= 8 chunks) or last CTA orders up to
     FUSED_TOPK_MAX_SLOTS visible keys itself (one launch), TopKSelectVisible takes more; beyond its limits (or
     DEVICE_TOPK off) IndexerScores + torch.topk, the same bits. weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
     reason = _gpu_ok(q, keys)
@@ -9228,7 +9230,8 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
         out = torch.empty(B, 1, k, dtype=torch.int64, device=q.device)
         if POISON:          # tests: an unwritten pick shows up as -7, an unwritten visible key as a top pick
             out.fill_(-7), sort_keys.fill_(2 ** 63 - 1)
-        _compile_indexer_topk(nh, d, slots, chunk, w_bf16, cluster)(
+        all_below = INDEX_ALL_BELOW_TOPK and B <= INDEX_ALL_BELOW_TOPK_MAX_BATCH
+        _compile_indexer_topk(nh, d, slots, chunk, w_bf16, cluster, all_below)(
             q.reshape(B, nh, d).view(torch.int32), keys.view(torch.int32),
             w.contiguous() if w_bf16 else w.float().contiguous(), pos, sort_keys, out,
             arrival_counters(q.device, B, 1024), int(ratio), float(weight_scale) if w_bf16 else 1.0, TOPK_RANK_MAX)
@@ -9244,9 +9247,9 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
 
 INDEX_ALL_BELOW_TOPK = True  # IndexerTopK: where every complete block is a pick (V <= k: the first topk x ratio
                              # tokens), 0 .. V-1 in ascending order with no scores (H200, 8-layer step at position
-                             # 1000, batch 1: -0.020 / -0.021 ms). Not in the fold (IndexerTopKQuery, batch >= 2):
-                             # there the same skip made the batch-8 step 0.037 ms slower (its attention's CTAs
-                             # launch earlier, beside the wq_b GEMV)
+                             # 1000, batch 1: -0.020 / -0.021 ms in three runs). Only up to this batch: in the fold
+INDEX_ALL_BELOW_TOPK_MAX_BATCH = 1   # (IndexerTopKQuery, batch >= 2) the same skip made the batch-8 step 0.037 ms
+                                     # slower; larger batches keep scoring in either launch form
 INDEX_FOLD_QUERY = True    # indexer_query_topk_decode: IndexQuery inside the one-cluster IndexerTopK launch (same bits)
 INDEX_FOLD_MIN_BATCH = 2   # ... from this batch on. H200, bench.py decode --layers 8, 7 rotated rounds with an A/A
                            # control at +0.002 / -0.003 ms per step (s10): batch 8 -0.040 ms per step with the fold,
