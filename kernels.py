@@ -9202,9 +9202,10 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     -1 for future blocks). Where every complete block is a pick (V <= k, INDEX_ALL_BELOW_TOPK, batch <=
     INDEX_ALL_BELOW_TOPK_MAX_BATCH) the one-launch kernel makes no scores and lists the picks in ascending block order
     (the same set; the attention sums them in another order); the torch.topk path, larger batches and the fold
-    (indexer_query_topk_decode from batch 2) keep the score order. The scoring kernel's cluster (T <= 8 chunks) or last CTA orders up to
-    FUSED_TOPK_MAX_SLOTS visible keys itself (one launch), TopKSelectVisible takes more; beyond its limits (or
-    DEVICE_TOPK off) IndexerScores + torch.topk, the same bits. weight_scale: weights are the raw bf16 weights_proj output, scaled in the kernel."""
+    (indexer_query_topk_decode from batch 2) keep the score order. The scoring kernel's cluster (T <= 8 chunks) or
+    last CTA orders up to FUSED_TOPK_MAX_SLOTS visible keys itself (one launch), TopKSelectVisible takes more; beyond
+    its limits (or DEVICE_TOPK off) IndexerScores + torch.topk, the same bits. weight_scale: weights are the raw bf16
+    weights_proj output, scaled in the kernel."""
     reason = _gpu_ok(q, keys)
     B, _, nh, d = q.shape
     if reason is None and (nh % 16 or d % 64 or q.shape[1] != 1):
