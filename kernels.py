@@ -8504,13 +8504,13 @@ if HAVE_CUTE:
         launch less on the CSA critical path, IndexQuery's): mIq = iwq_b's raw output [B * nh, hd] bf16. CTA r of the
         cluster makes head rows r*R .. (r+1)*R - 1 (R = ceil(nh / cluster); one warp per row, IndexQuery.transform:
         the same ops, so the same bits) as bf16 pairs in its own sQ, and after a cluster barrier loads the other
-        rows from the CTAs that made them (DSMEM). Then IndexerTopK's cluster path on q in smem."""
+        rows from the CTAs that made them (DSMEM). Then IndexerTopK's cluster path on q in smem. It always scores
+        (all_below off: see INDEX_ALL_BELOW_TOPK)."""
 
         def __init__(self, n_heads: int, head_dim: int, chunk: int, w_bf16: bool, max_slots: int, cluster: int,
                      rope_dim: int, quant_sim: bool, hadamard_mode: str):
             super().__init__(n_heads, head_dim, chunk, w_bf16, max_slots, cluster)
             assert cluster > 0
-            self.all_below = False   # scores at V <= k too (the fold runs from batch 2: see INDEX_ALL_BELOW_TOPK)
             self.qrow = IndexQuery(head_dim, rope_dim, quant_sim, True, hadamard_mode, warps=self.threads // 32)
             assert self.qrow.vecs == 1 and self.qrow.width == 4, "one 4-wide chunk per lane (head_dim 128)"
             self.rows_per = -(-n_heads // cluster)
