@@ -3539,8 +3539,10 @@ if HAVE_CUTE:
         T rounds on the same CTAs, round r runs token r's units (unit r U + the CTA's local unit) with its own x row,
         sInfo / consts rows, recv buffers and mbarriers (each used once); the register ring runs on from one round's
         last w2 records into the next round's first GEMM1 records; reducer CTA b sums chunks b, b + n_ctas, .. of
-        every token (own smem: a later round still uses
-        red). Each token's partials and sums are those of the token alone: the same bits per row."""
+        every token. Each token's partials and sums are those of the token alone: the same bits per row. The
+        reducers sum in smem of their own (rsum), never in red: a warpgroup whose unit is a skipped slot reaches the
+        reduction at once, while the CTA's other warpgroups (and at T > 1 the later rounds) still pass their GEMM1
+        partials through red (session 32)."""
 
         def __init__(self, fmt: str, D: int, inter: int, top_k: int, stages: int, pdl: bool, tokens: int = 1):
             self.g1 = Fp4MoeGemv(fmt, D, inter, True, 4, stages)      # load / decode / mma of one k-tile
@@ -3578,9 +3580,11 @@ if HAVE_CUTE:
             class SharedStorage:
                 xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2 * self.T], 16]  # x rows, permuted
                 act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]      # per wg, permuted
-                red: cute.struct.Align[cute.struct.MemRange[Float32, max(128 * self.wgs, 32 * RED_ROWS)], 16]
-                # the reducers' sums of their own (rounds: token 0 is reduced while later rounds still use red)
-                rsum: cute.struct.Align[cute.struct.MemRange[Float32, 32 * RED_ROWS if self.T > 1 else 0], 16]
+                red: cute.struct.Align[cute.struct.MemRange[Float32, 128 * self.wgs], 16]      # GEMM1's partials
+                # the reducers' sums, never in red: a reducer warpgroup whose unit is a skipped slot reaches the
+                # reduction while the CTA's other warpgroups still pass their GEMM1 partials through red (session 32:
+                # aliased at T = 1, about 1 launch in 2000 with remote slots gave one unit a wrong act)
+                rsum: cute.struct.Align[cute.struct.MemRange[Float32, 32 * RED_ROWS], 16]
                 misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 * self.wgs * self.T], 16]  # per round, wg
                 consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs * self.T], 16]  # alphas, weight
                 # the pushed partials [wg][quarter][gate|up][64] and per wg the mbarrier of its recv
@@ -3771,7 +3775,7 @@ if HAVE_CUTE:
                 self.stamp(mPart, 5)
                 self.stamp_wg(mPart, 28, wg)
             n_red = min(self.n_ctas, self.chunks)
-            rsum = (storage.rsum if const_expr(self.T > 1) else storage.red).get_tensor(
+            rsum = storage.rsum.get_tensor(
                 cute.make_layout((32, RED_ROWS), stride=(RED_ROWS, 1)))
             rq = tidx % 8                      # reducer thread: (row quad rq, unit group ug of 32)
             ug = tidx // 8

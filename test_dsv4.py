@@ -5610,20 +5610,27 @@ def test_moe_chunks_sentinel_reduction_keeps_its_bits_call_after_call(fmt, dims,
     _chunks_repeats_and_replays_keep_the_bits(ex, cases, 3)
 
 
-def _rounds_mismatch(y, y1, r, what, ref=None):
-    """What a rounds-vs-alone difference looked like (seen twice, in sessions 30 and 31, in four-process runs on fresh
+def _rounds_mismatch(y, y1, r, what, ex, x, ids, w, again, before):
+    """What a rounds-vs-alone difference looked like (seen in sessions 30, 31 and 32, in four-process runs on fresh
     machines; not reproduced otherwise): how many elements of token r differ and by how much, whether the partials
-    buffers hold only the sentinel, which of the two rows is off the fp32 reference ref (token r's row), and a file
-    with both rows, x, ids and w for the next look."""
+    buffers hold only the sentinel, which of the two rows is off the fp32 reference, whether the same alone call made
+    again gives the rounds row, how many non-sentinel words the buffers held right before the alone call; and a file
+    in the temp directory with the rows, inputs, experts and those buffers (_rounds-style forensics read it)."""
+    ref = K.moe_reference(x[r:r + 1].float(), ids[r:r + 1], w[r:r + 1], ex, 7.0)[0]
     d = (y[r].float() - y1[0].float()).abs()
-    torch.cuda.synchronize()
-    msg = (f"{what}: token {r}'s bits differ from alone ({int((d > 0).sum())} of {d.numel()} elements, max |diff| "
-           f"{float(d.nan_to_num(float('inf')).max()):.3g}, NaN {int(d.isnan().sum())}; partials buffers all-sentinel: "
-           f"{_chunk_parts_hold_only_the_sentinel(y.device)})")
-    if ref is not None:
-        err = lambda row: float((row.float().cpu() - ref.float().cpu()).norm() / ref.float().norm().clamp(min=1e-30))
-        msg += f"; rel err vs the fp32 reference: in rounds {err(y[r]):.3g}, alone {err(y1[0]):.3g}"
-    return msg
+    err = lambda row: float((row.float().cpu() - ref.float().cpu()).norm() / ref.float().norm().clamp(min=1e-30))
+    stale = {key[2]: int((b.view(torch.int32) != K.PART_SENTINEL).sum()) for key, b in before.items()}
+    experts = {n: getattr(ex, n).cpu().view(torch.uint8 if n.startswith("w") else torch.float32)
+               for n in ("w13", "w13_scale", "w2", "w2_scale", "alpha_gate", "alpha_up", "alpha_down")}
+    path = os.path.join(tempfile.gettempdir(), f"rounds_mismatch_{re.sub('[^A-Za-z0-9]+', '_', what)}.pt")
+    torch.save(dict(y=y.cpu(), y1=y1.cpu(), x=x.cpu(), ids=ids.cpu(), w=w.cpu(), ref=ref.cpu(), again=again.cpu(),
+                    before={str(k): b.cpu() for k, b in before.items()}, experts=experts, r=r), path)
+    return (f"{what}: token {r}'s bits differ from alone ({int((d > 0).sum())} of {d.numel()} elements, max "
+            f"|diff| {float(d.nan_to_num(float('inf')).max()):.3g}, NaN {int(d.isnan().sum())}; partials buffers "
+            f"all-sentinel: {_chunk_parts_hold_only_the_sentinel(y.device)}; rel err vs the fp32 reference: in rounds "
+            f"{err(y[r]):.3g}, alone {err(y1[0]):.3g}; the alone call again: "
+            f"{'the rounds bits' if torch.equal(again, y[r:r + 1]) else 'other bits'}; non-sentinel words before the "
+            f"alone call, by buffer rows: {stale}; saved to {path}")
 
 
 @gpu
@@ -5651,17 +5658,42 @@ def test_moe_chunks_tokens_in_rounds_give_each_tokens_one_token_bits(fmt, dims, 
         y = K.moe_fp4(x, ids, w, ex, 7.0)
         assert [c[-1] for c in calls] == [T], "moe_fp4 did not take Fp4MoeChunks in T rounds"
         for r in range(T):
+            # the partials buffers as the alone launch finds them (a stream-ordered copy: no sync, same timing)
+            before = {key: b.clone() for key, b in K._COUNTERS.items() if key[1] == "chunk_parts"}
             y1 = K.moe_fp4(x[r:r + 1], ids[r:r + 1], w[r:r + 1], ex, 7.0)
             if not torch.equal(y[r:r + 1], y1):
-                ref = K.moe_reference(x[r:r + 1].float(), ids[r:r + 1], w[r:r + 1], ex, 7.0)[0]
-                torch.save(dict(y=y.cpu(), y1=y1.cpu(), x=x.cpu(), ids=ids.cpu(), w=w.cpu(), ref=ref.cpu()),
-                           os.path.join(tempfile.gettempdir(), f"rounds_mismatch_{fmt}_{dims}_{T}_{routing}.pt"))
-                pytest.fail(_rounds_mismatch(y, y1, r, f"{fmt} {dims} T={T} {routing}", ref))
+                again = K.moe_fp4(x[r:r + 1], ids[r:r + 1], w[r:r + 1], ex, 7.0)     # the same call once more
+                pytest.fail(_rounds_mismatch(y, y1, r, f"{fmt} {dims} T={T} {routing}", ex, x, ids, w, again,
+                                             before))
         _assert_close(y, K.moe_reference(x.float(), ids, w, ex, 7.0), f"chunks T={T} {fmt} {dims} {routing}")
         if routing == "empty_experts":
             assert not y[-1].any()
         cases.append((x, ids, w, y))
     _chunks_repeats_and_replays_keep_the_bits(ex, cases, 2)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_moe_chunks_skipped_warpgroups_leave_the_other_units_act_alone(fmt):
+    """A warpgroup whose unit is a skipped slot (a remote expert) reaches the reduction at once, while the CTA's other
+    warpgroups still pass their GEMM1 partials through smem: the reducers' sums must not share that smem. Small dims,
+    slots 3 and 4 remote (one CTA then holds two skipped warpgroups beside a valid unit's four), 4000 launches back to
+    back and 500 one by one: all the same bits, near the fp32 reference. A stress test: in session 32 the T = 1
+    reducers still summed in that smem, and 1 to 4 of 3750 launches gave one unit a wrong act (this test then fails
+    in most runs, not in every one)."""
+    ex = _small(fmt)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    ids = torch.tensor([[2, 9, 5, 21, 22, 7]], dtype=torch.int32, device="cuda")
+    w = torch.full((1, 6), 1 / 6, device="cuda")
+    first = K.moe_fp4(x, ids, w, ex, 7.0)
+    outs = [K.moe_fp4(x, ids, w, ex, 7.0) for _ in range(4000)]
+    for _ in range(500):
+        outs.append(K.moe_fp4(x, ids, w, ex, 7.0))
+        torch.cuda.synchronize()
+    differ = int((torch.stack(outs).view(torch.int16) != first.view(torch.int16)).any(-1).any(-1).sum())
+    assert differ == 0, f"{differ} of {len(outs)} launches gave other bits than the first"
+    _assert_close(first, K.moe_reference(x.float(), ids, w, ex, 7.0), f"chunks {fmt} remote slots 3, 4")
+    assert _chunk_parts_hold_only_the_sentinel(x.device)
 
 
 @gpu
