@@ -3581,9 +3581,7 @@ if HAVE_CUTE:
                 xs: cute.struct.Align[cute.struct.MemRange[Int32, self.D // 2 * self.T], 16]  # x rows, permuted
                 act: cute.struct.Align[cute.struct.MemRange[Int32, 32 * self.wgs], 16]      # per wg, permuted
                 red: cute.struct.Align[cute.struct.MemRange[Float32, 128 * self.wgs], 16]      # GEMM1's partials
-                # the reducers' sums, never in red: a reducer warpgroup whose unit is a skipped slot reaches the
-                # reduction while the CTA's other warpgroups still pass their GEMM1 partials through red (session 32:
-                # aliased at T = 1, about 1 launch in 2000 with remote slots gave one unit a wrong act)
+                # the reducers' sums [32 unit groups][RED_ROWS], never in red (the docstring's last sentences)
                 rsum: cute.struct.Align[cute.struct.MemRange[Float32, 32 * RED_ROWS], 16]
                 misc: cute.struct.Align[cute.struct.MemRange[Int32, 4 * self.wgs * self.T], 16]  # per round, wg
                 consts: cute.struct.Align[cute.struct.MemRange[Float32, 4 * self.wgs * self.T], 16]  # alphas, weight
