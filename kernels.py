@@ -1806,6 +1806,14 @@ if HAVE_CUTE:
         return tuple(Int32(_llvm.extractvalue(_T.i32(), res, [i], loc=loc, ip=ip)) for i in range(n))
 
     @dsl_user_op
+    def _sync_threads_from_roles(*, loc=None, ip=None):
+        """Barrier 0 over the whole CTA where warp roles reach it from different instructions (an if / else on the
+        warp): cute.arch.sync_threads is bar.sync, i.e. .aligned, which needs every thread at the same instruction
+        (compute-sanitizer's synccheck: "divergent threads"); barrier.cta.sync without .aligned does not."""
+        from cutlass._mlir.dialects import nvvm
+        nvvm.barrier_cta_sync(Int32(0).ir_value(loc=loc, ip=ip), aligned=False, loc=loc, ip=ip)
+
+    @dsl_user_op
     def _cp_async_commit(*, loc=None, ip=None):
         _llvm.inline_asm(None, [], "cp.async.commit_group;", "", has_side_effects=True, loc=loc, ip=ip)
 
@@ -5035,7 +5043,7 @@ if HAVE_CUTE:
                     for gg in cutlass.range(per_warp, unroll=min(per_warp, 32)):
                         acc = acc + sPart[base + gg * HC_SLOTS]
                     red[t * 4 * HC_SLOTS + w4 * HC_SLOTS + s] = acc
-                cute.arch.sync_threads()                                   # (the Sinkhorn warp too)
+                _sync_threads_from_roles()                                 # (the Sinkhorn warp too)
                 local = warp * 32 + lane
                 for t in cutlass.range_constexpr(TB):
                     m = mb * TB + t
@@ -5087,7 +5095,7 @@ if HAVE_CUTE:
                     cute.arch.griddepcontrol_launch_dependents()
                     cute.arch.griddepcontrol_wait()
                 cute.arch.cluster_wait()
-                cute.arch.sync_threads()                                   # red is complete
+                _sync_threads_from_roles()                                 # red is complete
                 if const_expr(self.lanes):
                     # lane t*n + j: row j of token t's softmax and post_j (their divisions no longer one after the
                     # other in one thread), then lane t*n gathers the rows and runs the normalization rounds
