@@ -1747,7 +1747,7 @@ if HAVE_CUTE:
     from cutlass import Int32, Int64, Float32, BFloat16, Uint8, const_expr
     from cutlass.cutlass_dsl import T as _T, dsl_user_op
     from cutlass._mlir import ir as _ir
-    from cutlass._mlir.dialects import llvm as _llvm
+    from cutlass._mlir.dialects import llvm as _llvm, nvvm as _nvvm
 
     def _i32(v, loc, ip):
         return Int32(v).ir_value(loc=loc, ip=ip)
@@ -1810,8 +1810,7 @@ if HAVE_CUTE:
         """Barrier 0 over the whole CTA where warp roles reach it from different instructions (an if / else on the
         warp): cute.arch.sync_threads is bar.sync, i.e. .aligned, which needs every thread at the same instruction
         (compute-sanitizer's synccheck: "divergent threads"); barrier.cta.sync without .aligned does not."""
-        from cutlass._mlir.dialects import nvvm
-        nvvm.barrier_cta_sync(Int32(0).ir_value(loc=loc, ip=ip), aligned=False, loc=loc, ip=ip)
+        _nvvm.barrier_cta_sync(Int32(0).ir_value(loc=loc, ip=ip), aligned=False, loc=loc, ip=ip)
 
     @dsl_user_op
     def _cp_async_commit(*, loc=None, ip=None):
