@@ -3727,6 +3727,8 @@ if HAVE_CUTE:
                                                      (self.r2 - self.w2_smem + e) * self.g2.k_tiles, e, tidx)
                         _cp_async_commit()
                     if const_expr(self.probe != 4):
+                        # round rd > 0 rewrites act below: this wait orders it after every warp's round rd - 1 reads
+                        # (each of the unit's warps pushes its round-rd partials after them); racecheck misses that
                         _mbar_wait_cluster(storage.mbar.data_ptr().toint() + 8 * row, 0)
                         self.stamp(mPart, 3)
                         rcv_layout = cute.make_layout((self.wgs, 4, 2, 64), stride=(512, 128, 64, 1))
