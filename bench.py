@@ -1210,12 +1210,59 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
 ]
 DECODE_ROUNDS = 3      # the default step and every ablation are timed in this many interleaved rounds (medians)
 
+# --probes: upper bounds, not alternatives. Each row takes one piece of work out of the captured step (where something
+# reads its output, the eager step's output stands in, so those rows' logits are wrong), i.e. it says at most what
+# any faster form of that piece could buy. Set by install_decode_probes.
+PROBE = dict(qnorm=False, router=False, comp=False, index=False, shared=False)
+_probe = lambda *names: ((sys.modules[__name__], "PROBE", {n: n in names for n in PROBE}),)
+DECODE_PROBES = [
+    ("probe qnorm: no q RmsNorm launch (wq_b reads qa as is)", _probe("qnorm")),
+    ("probe router: no router launch (the eager step's ids and weights)", _probe("router")),
+    ("probe comp: no compressors (their GEMVs and steps)", _probe("comp")),
+    ("probe index: no CSA index chain (indexer wq_b, head weights, query, top-k: the eager step's picks)",
+     _probe("index")),
+    ("probe shared: no shared expert (the eager step's output)", _probe("shared")),
+    ("probe all five", _probe(*PROBE)),
+    ("A/A control: the default step captured again, no switch changed", ()),
+]
+
+
+def install_decode_probes():
+    """Wrap the dsv4 pieces the probes take out: with PROBE[name] set, a wrapped call runs eagerly as before (and keeps
+    a copy of its result) but is left out of a CUDA-graph capture, which gets the kept copy instead."""
+    kept = {}
+
+    def cached(key, fn):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return kept[key]
+        out = fn()
+        kept[key] = tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        return out
+
+    def wrap(cls, name, probe, skip):
+        orig = getattr(cls, name)
+        setattr(cls, name, lambda self, *a, **k: skip(self, orig, *a, **k) if PROBE[probe] and
+                (probe != "index" or cls is not dsv4.Linear or getattr(self, "probe_index", False))
+                else orig(self, *a, **k))
+
+    q_lora = dsv4.ModelConfig().q_lora_rank
+    wrap(dsv4.RMSNorm, "forward", "qnorm",
+         lambda self, orig, x: x if x.shape[-1] == q_lora else orig(self, x))
+    wrap(dsv4.Gate, "forward", "router", lambda self, orig, *a: cached(("gate", id(self)), lambda: orig(self, *a)))
+    wrap(dsv4.Compressor, "decode", "comp", lambda self, orig, *a, **k: None)
+    wrap(dsv4.Attention, "_compressor_inputs", "comp", lambda self, orig, x: (None, None))
+    wrap(dsv4.Indexer, "decode", "index", lambda self, orig, *a: cached(("index", id(self)), lambda: orig(self, *a)))
+    wrap(dsv4.Linear, "forward", "index", lambda self, orig, x: cached(("lin", id(self)), lambda: orig(self, x)))
+    wrap(dsv4.Expert, "forward", "shared", lambda self, orig, x: cached(("shared", id(self)), lambda: orig(self, x)))
+
 
 def decode_ablations(args):
-    """DECODE_ABLATIONS, or those whose label contains one of --ablations' words (--ablations none: no ablation)."""
+    """DECODE_ABLATIONS (--probes: DECODE_PROBES), or those whose label contains one of --ablations' words
+    (--ablations none: no ablation)."""
+    rows = DECODE_PROBES if getattr(args, "probes", False) else DECODE_ABLATIONS
     if args.ablations is None:
-        return DECODE_ABLATIONS
-    return [(label, sw) for label, sw in DECODE_ABLATIONS if any(w in label for w in args.ablations)]
+        return rows
+    return [(label, sw) for label, sw in rows if any(w in label for w in args.ablations)]
 
 
 def _with_switches(switches, fn):
@@ -1341,6 +1388,10 @@ def bench_decode(args):
     copy_bw = copy_bandwidth(dev)
     cfg = stack_config(args.layers)
     model = random_model(cfg, dev, max(args.batches), args.max_seq_len)
+    if args.probes:                                          # the index probe's linears (install_decode_probes)
+        for layer in model.layers:
+            if layer.attn.indexer is not None:
+                layer.attn.indexer.wq_b.probe_index = layer.attn.indexer.weights_proj.probe_index = True
     torch.cuda.synchronize()
     print(f"built {args.layers} Flash-dims layers on {name} in {time.time() - t_start:.0f} s "
           f"({torch.cuda.memory_allocated() / 2**30:.1f} GiB); fp4 MoE kernel: "
@@ -1560,6 +1611,8 @@ def parse_args(argv=None):
     p.add_argument("--ablations", nargs="*", default=None,
                    help="time only the ablations whose label contains one of these words (none: no ablation)")
     p.add_argument("--no-linears", action="store_true", help="skip the FP8 linear table")
+    p.add_argument("--probes", action="store_true",
+                   help="instead of the ablations, upper bounds: the step without one piece of work (DECODE_PROBES)")
     p.add_argument("--precompile", type=int, default=0,
                    help="first compile the step's kernels in this many processes (precompile_decode)")
     p.add_argument("--precompile-only", action="store_true", help="with --precompile: compile, then exit")
@@ -2818,6 +2871,8 @@ if __name__ == "__main__":
             if decode_args.precompile:
                 precompile_decode([a for a in sys.argv[2:] if a != "--precompile-only"], decode_args.precompile)
             if not decode_args.precompile_only:
+                if decode_args.probes:
+                    install_decode_probes()
                 bench_decode(decode_args)
     elif what == "indexer":
         bench_indexer()
