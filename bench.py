@@ -1241,25 +1241,24 @@ def install_decode_probes():
 
     def wrap(cls, name, probe, skip):
         orig = getattr(cls, name)
-        setattr(cls, name, lambda self, *a, **k: skip(self, orig, *a, **k) if PROBE[probe] and
-                (probe != "index" or cls is not dsv4.Linear or getattr(self, "probe_index", False))
-                else orig(self, *a, **k))
+        setattr(cls, name, lambda self, *a, **k: skip(self, orig, *a, **k) if PROBE[probe] else orig(self, *a, **k))
 
-    q_lora = dsv4.ModelConfig().q_lora_rank
+    # the q norm and the indexer's linears: only the modules bench_decode marks `probed`
     wrap(dsv4.RMSNorm, "forward", "qnorm",
-         lambda self, orig, x: x if x.shape[-1] == q_lora else orig(self, x))
+         lambda self, orig, x: x if getattr(self, "probed", False) else orig(self, x))
     wrap(dsv4.Gate, "forward", "router", lambda self, orig, *a: cached(("gate", id(self)), lambda: orig(self, *a)))
     wrap(dsv4.Compressor, "decode", "comp", lambda self, orig, *a, **k: None)
     wrap(dsv4.Attention, "_compressor_inputs", "comp", lambda self, orig, x: (None, None))
     wrap(dsv4.Indexer, "decode", "index", lambda self, orig, *a: cached(("index", id(self)), lambda: orig(self, *a)))
-    wrap(dsv4.Linear, "forward", "index", lambda self, orig, x: cached(("lin", id(self)), lambda: orig(self, x)))
+    wrap(dsv4.Linear, "forward", "index", lambda self, orig, x: cached(("lin", id(self)), lambda: orig(self, x))
+         if getattr(self, "probed", False) else orig(self, x))
     wrap(dsv4.Expert, "forward", "shared", lambda self, orig, x: cached(("shared", id(self)), lambda: orig(self, x)))
 
 
 def decode_ablations(args):
     """DECODE_ABLATIONS (--probes: DECODE_PROBES), or those whose label contains one of --ablations' words
     (--ablations none: no ablation)."""
-    rows = DECODE_PROBES if getattr(args, "probes", False) else DECODE_ABLATIONS
+    rows = DECODE_PROBES if args.probes else DECODE_ABLATIONS
     if args.ablations is None:
         return rows
     return [(label, sw) for label, sw in rows if any(w in label for w in args.ablations)]
@@ -1388,10 +1387,11 @@ def bench_decode(args):
     copy_bw = copy_bandwidth(dev)
     cfg = stack_config(args.layers)
     model = random_model(cfg, dev, max(args.batches), args.max_seq_len)
-    if args.probes:                                          # the index probe's linears (install_decode_probes)
+    if args.probes:                             # the modules the qnorm / index probes take out (install_decode_probes)
         for layer in model.layers:
+            layer.attn.q_norm.probed = True
             if layer.attn.indexer is not None:
-                layer.attn.indexer.wq_b.probe_index = layer.attn.indexer.weights_proj.probe_index = True
+                layer.attn.indexer.wq_b.probed = layer.attn.indexer.weights_proj.probed = True
     torch.cuda.synchronize()
     print(f"built {args.layers} Flash-dims layers on {name} in {time.time() - t_start:.0f} s "
           f"({torch.cuda.memory_allocated() / 2**30:.1f} GiB); fp4 MoE kernel: "
