@@ -1205,6 +1205,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      "fma_chain)", ((K, "HADAMARD_MODE", "fma_chain"),)),
     ("s31 topk: the CSA indexer scores and orders its picks also where every complete block is one (the first "
      "index_topk x 4 tokens; kernels.INDEX_ALL_BELOW_TOPK off)", ((K, "INDEX_ALL_BELOW_TOPK", False),)),
+    ("s35 preload: a block-completing compressor step issues its loads after the PDL wait, sessions 1-34 (time it "
+     "at a completing position: --pos 1003; kernels.COMPRESSOR_PRELOAD off)", ((K, "COMPRESSOR_PRELOAD", False),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
      "exceed it)", ()),
 ]
@@ -1253,6 +1255,35 @@ def install_decode_probes():
     wrap(dsv4.Linear, "forward", "index", lambda self, orig, x: cached(("lin", id(self)), lambda: orig(self, x))
          if getattr(self, "probed", False) else orig(self, x))
     wrap(dsv4.Expert, "forward", "shared", lambda self, orig, x: cached(("shared", id(self)), lambda: orig(self, x)))
+
+
+def compress_ratios(model) -> set[int]:
+    return {m.ratio for m in model.modules() if isinstance(m, dsv4.Compressor)}
+
+
+def completing_ratios(model, pos: int) -> frozenset:
+    """The compressor ratios whose open block the token at position pos completes (a step that also pools, writes
+    and quantizes a cache entry in those layers)."""
+    return frozenset(r for r in compress_ratios(model) if (pos + 1) % r == 0)
+
+
+def cycle_length(model) -> int:
+    """Positions after which the compressors' completion patterns repeat (the lcm of their ratios)."""
+    return math.lcm(*compress_ratios(model)) if compress_ratios(model) else 1
+
+
+def cycle_positions(model, pos: int) -> list[tuple[int, frozenset, int]]:
+    """--cycle: for each completion pattern other than pos's, the first later position with it -> (position,
+    pattern, how many positions of a cycle have it)."""
+    L = cycle_length(model)
+    count: dict = {}
+    for p in range(L):
+        done = completing_ratios(model, p)
+        count[done] = count.get(done, 0) + 1
+    first = {}
+    for p in range(pos + 1, pos + 1 + L):
+        first.setdefault(completing_ratios(model, p), p)
+    return [(p, done, count[done]) for done, p in first.items() if done != completing_ratios(model, pos)]
 
 
 def decode_ablations(args):
@@ -1419,8 +1450,15 @@ def bench_decode(args):
             model.decode_graphs.clear()
             _with_switches(switches, lambda: model.decode(tokens, pos))
             graphs[label] = model.decode_graphs[B]
+        cycle = cycle_positions(model, pos) if args.cycle else []
+        for p, _, _ in cycle:            # the default step at positions of the other completion patterns
+            model.decode_graphs.clear()  # (timed only: a completing step replayed twice is not the same step)
+            model.decode(tokens, p)
+            graphs[p] = model.decode_graphs[B]
         same = {}                                    # each ablation's logits vs the default step's (same state)
         for label, g in graphs.items():
+            if isinstance(label, int):
+                continue
             g.graph.replay()
             torch.cuda.synchronize()
             if label is None:
@@ -1435,6 +1473,7 @@ def bench_decode(args):
             for label in order[r % len(order):] + order[:r % len(order)]:
                 times[label].append(time_ms(graphs[label].graph.replay, args.iters))
         graph_ms = statistics.median(times.pop(None))
+        at_pos = {p: (statistics.median(times.pop(p)), done, n) for p, done, n in cycle}
         ablations = {label: statistics.median(v) for label, v in times.items()}
         del graphs
         model.decode_graphs.clear()
@@ -1460,7 +1499,7 @@ def bench_decode(args):
         if args.trace:
             trace_step(graph.graph.replay, f"{args.trace}.B{B}.json")
         results.append(dict(B=B, eager_ms=eager_ms, graph_ms=graph_ms, tail_ms=tail_ms, layer_ms=layer_ms,
-                            ablations=ablations, same=same,
+                            ablations=ablations, same=same, at_pos=at_pos,
                             floor_layer_ms=floor_layer_ms, layer_mb=sum(layers_b) / args.layers / 1e6,
                             full_ms=full_ms, full_floor_ms=full_floor_ms, touched=statistics.mean(touched),
                             kernels=n_k, heavy_us=heavy_us, small_us=small_us, top=top, tail_floor_ms=floor_tail_ms,
@@ -1488,6 +1527,21 @@ def bench_decode(args):
               f"{r['layer_mb']:>8.1f} {r['touched']:>7.1f} {r['kernels'] / args.layers:>8.0f} {r['full_ms']:>7.2f} "
               f"{r['full_floor_ms']:>9.2f} {1e3 * r['B'] / r['full_ms']:>7.1f} {1e3 * r['B'] / r['full_floor_ms']:>11.1f}")
     for r in results:
+        if r["at_pos"]:
+            share = {p: n for p, (_, _, n) in r["at_pos"].items()}
+            rows = [(pos, r["graph_ms"], completing_ratios(model, pos), cycle_length(model) - sum(share.values()))]
+            rows += [(p, ms, done, n) for p, (ms, done, n) in r["at_pos"].items()]
+            for p, ms, done, n in rows:
+                layer_ms = (ms - r["tail_ms"]) / args.layers
+                print(f"B={r['B']} position {p} (completes the blocks of ratios {sorted(done) or 'none'}: {n} of every "
+                      f"{cycle_length(model)} positions): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
+                      f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor")
+            mean = sum(ms * n for _, ms, _, n in rows) / cycle_length(model)
+            layer_ms = (mean - r["tail_ms"]) / args.layers
+            full_ms = FLASH_LAYERS * layer_ms + r["tail_ms"]
+            print(f"B={r['B']} mean over {cycle_length(model)} consecutive positions: graph {mean:.2f} ms, "
+                  f"{layer_ms:.3f} ms/layer, {100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor, 43 layers "
+                  f"{full_ms:.2f} ms = {1e3 * r['B'] / full_ms:.1f} tok/s")
         for label, ms in r["ablations"].items():
             layer_ms = (ms - r["tail_ms"]) / args.layers
             print(f"B={r['B']} same step with {label} (same run): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
@@ -1611,6 +1665,9 @@ def parse_args(argv=None):
     p.add_argument("--ablations", nargs="*", default=None,
                    help="time only the ablations whose label contains one of these words (none: no ablation)")
     p.add_argument("--no-linears", action="store_true", help="skip the FP8 linear table")
+    p.add_argument("--cycle", action="store_true",
+                   help="also time the step at positions of the other compressor completion patterns (CSA blocks, "
+                        "CSA + HCA blocks) and print the mean over a cycle of positions")
     p.add_argument("--probes", action="store_true",
                    help="instead of the ablations, upper bounds: the step without one piece of work (DECODE_PROBES)")
     p.add_argument("--precompile", type=int, default=0,

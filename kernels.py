@@ -6442,6 +6442,9 @@ HAVE_CUTE = HAVE_CUTE
 # all three compressor kinds (0/2048, 0/512, 0/2048 differ), "vt4" only for the 8-row blocks, "simple" for none.
 SUM_ORDERS = ("simple", "vt4", "y4vt4")
 ORDER = "y4vt4"
+# A block-completing step's loads that no kernel of the step writes (earlier rows, ape, norm weight, RoPE angle,
+# Hadamard column) are issued before the PDL wait (CompressorDecode.preload_values). Same values, same arithmetic.
+COMPRESSOR_PRELOAD = True
 FP8_MAX, FP4_MAX = 448.0, 6.0
 E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)   # same tables as dsv4.round_e2m1
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -6508,11 +6511,14 @@ if HAVE_CUTE:
     class CompressorDecode:
         """One decode step of a compressor (see the module docstring). Static: ratio, dim, overlap, rotate,
         quant_sim, rope_dim, eps, splits (CTAs per sequence = cluster size), row_groups (threads per channel),
-        order (fp32 summation order of the softmax denominator and the pooled sum, see SUM_ORDERS)."""
+        order (fp32 summation order of the softmax denominator and the pooled sum, see SUM_ORDERS), preload
+        (COMPRESSOR_PRELOAD: what a block-completing step reads from earlier steps and constants, before the wait)."""
 
         def __init__(self, ratio: int, dim: int, overlap: bool, rotate: bool, quant_sim: bool, rope_dim: int,
-                     eps: float, splits: int, row_groups: int, debug: bool = False, order: str = ORDER):
+                     eps: float, splits: int, row_groups: int, debug: bool = False, order: str = ORDER,
+                     preload: bool = False):
             self.r, self.d, self.overlap, self.rotate, self.quant_sim = ratio, dim, overlap, rotate, quant_sim
+            self.preload = preload
             assert order in SUM_ORDERS
             self.order = order
             # pooled sum: accumulators inside a thread (rows k mod nacc), then row groups in order or as a tree
@@ -6553,10 +6559,13 @@ if HAVE_CUTE:
         def kernel(self, mA: cute.Tensor, mG: cute.Tensor, mApe: cute.Tensor, mKv: cute.Tensor, mSc: cute.Tensor,
                    mCache: cute.Tensor, mPos: cute.Tensor, mAngles: cute.Tensor, mNormW: cute.Tensor,
                    mHad: cute.Tensor, mDbg: cute.Tensor):
-            _pdl_enter()
             tidx, _, _ = cute.arch.thread_idx()
             split, b, _ = cute.arch.block_idx()
             r, d, dc, T = self.r, self.d, self.dc, self.threads
+            pre = None
+            if const_expr(self.preload):
+                pre = self.preload_values(mApe, mKv, mSc, mPos, mAngles, mNormW, mHad, b, split, tidx)
+            _pdl_enter()
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             red = storage.red.get_tensor(cute.make_layout(self.ny * dc))
@@ -6588,7 +6597,15 @@ if HAVE_CUTE:
                 sv = []
                 kv = []
                 for k in cutlass.range_constexpr(self.rt):
-                    if const_expr(self.overlap):
+                    if const_expr(self.overlap and self.preload):
+                        if const_expr(k < self.rt - 1):            # rows of earlier steps: loaded before the wait
+                            sv.append(pre["sv"][k])
+                            kv.append(pre["kv"][k])
+                        else:                                      # this token's row, as step 1 wrote it
+                            col = ch + d
+                            sv.append(add_rn(mG[b, col], pre["ape_b"]))
+                            kv.append(mA[b, col])
+                    elif const_expr(self.overlap):
                         col = ch + (d if k >= r else 0)
                         sv.append(mSc[b, k, col])
                         kv.append(mKv[b, k, col])
@@ -6655,7 +6672,17 @@ if HAVE_CUTE:
                     full[ch] = acc
                     if const_expr(self.debug):
                         mDbg[b, ch] = acc
-                if const_expr(self.overlap):                       # completed block -> previous block
+                if const_expr(self.overlap and self.preload):      # completed block -> previous block
+                    for k in cutlass.range_constexpr(r):
+                        if const_expr(k < r - 1):
+                            kv_a, sc_a = pre["kv_a"][k], pre["sc_a"][k]
+                        else:                                      # this token's row (A-half), as step 1 wrote it
+                            kv_a, sc_a = mA[b, ch], add_rn(mG[b, ch], pre["ape_a"])
+                        mKv[b, k, ch] = kv_a
+                        mSc[b, k, ch] = sc_a
+                        mKv[b, k, d + ch] = kv[r + k]
+                        mSc[b, k, d + ch] = sv[r + k]
+                elif const_expr(self.overlap):                     # completed block -> previous block
                     for k in cutlass.range_constexpr(r):           # only this thread reads rows 0..r-1 of ch
                         mKv[b, k, ch] = mKv[b, r + k, ch]
                         mSc[b, k, ch] = mSc[b, r + k, ch]
@@ -6673,11 +6700,38 @@ if HAVE_CUTE:
                 else:
                     cute.arch.sync_threads()
                 if split == 0:
-                    self.entry(full, ent, wsum, mCache, mAngles, mNormW, mHad, b, pos, tidx)
+                    self.entry(full, ent, wsum, mCache, mAngles, mNormW, mHad, b, pos, tidx, pre)
+
+        def preload_values(self, mApe, mKv, mSc, mPos, mAngles, mNormW, mHad, b, split, tidx) -> dict:
+            """What a completing step reads that no kernel of this step writes (COMPRESSOR_PRELOAD), loaded before
+            the PDL wait: the state rows of earlier steps (overlap), ape, the norm weight, the RoPE angle and (indexer
+            keys) the thread's Hadamard column. pos is the step's input, written before the step starts. Loaded at
+            every step (a few KB; 64 KB of Hadamard): after the wait a completing step is then one round of loads
+            (a, g) and arithmetic instead of ~20 dependent global round trips, which a saturated HBM makes ~1 us each."""
+            r, d, dc, T = self.r, self.d, self.dc, self.threads
+            pos = Int32(mPos[0])
+            slot = pos % r
+            pre = {}
+            if const_expr(self.overlap):                           # one thread per channel: ch = tidx
+                ch = split * dc + tidx % dc
+                pre["sv"] = [mSc[b, k, ch + (d if k >= r else 0)] for k in range(self.rt - 1)]
+                pre["kv"] = [mKv[b, k, ch + (d if k >= r else 0)] for k in range(self.rt - 1)]
+                pre["kv_a"] = [mKv[b, r + k, ch] for k in range(r - 1)]
+                pre["sc_a"] = [mSc[b, r + k, ch] for k in range(r - 1)]
+                pre["ape_a"] = mApe[slot, ch]
+                pre["ape_b"] = mApe[slot, d + ch]
+            pre["norm_w"] = [mNormW[cutlass.min(tidx + q * T, d - 1)] for q in range(self.per)]
+            rd2 = self.rd // 2
+            ang = mAngles[cutlass.max(pos + 1 - r, 0), cutlass.min(tidx, rd2 - 1)]
+            pre["cos"], pre["sin"] = cute.math.cos(ang), cute.math.sin(ang)
+            if const_expr(self.rotate and self.quant_sim):
+                pre["had"] = [[mHad[jj, cutlass.min(tidx + q * T, d - 1)] for jj in range(d)]
+                              for q in range(self.per)]
+            return pre
 
         @cute.jit
-        def entry(self, full, ent, wsum, mCache, mAngles, mNormW, mHad, b, pos, tidx):
-            """pooled [d] fp32 in smem -> kv_cache[b, pos // r] (as Compressor._entry)."""
+        def entry(self, full, ent, wsum, mCache, mAngles, mNormW, mHad, b, pos, tidx, pre=None):
+            """pooled [d] fp32 in smem -> kv_cache[b, pos // r] (as Compressor._entry); pre: preload_values."""
             d, T, rd = self.d, self.threads, self.rd
             # RMSNorm: x = bf16(pooled); ms = sum(x^2) * (1/d); y = bf16(w * (x * rsqrt(ms + eps)))
             part = Float32(0.0)
@@ -6699,15 +6753,19 @@ if HAVE_CUTE:
             for q in cutlass.range_constexpr(self.per):
                 i = tidx + q * T
                 if i < d:
-                    full[i] = bf16_round(mul_rn(mNormW[i], mul_rn(full[i], rs)))
+                    w = pre["norm_w"][q] if const_expr(self.preload) else mNormW[i]
+                    full[i] = bf16_round(mul_rn(w, mul_rn(full[i], rs)))
             cute.arch.sync_threads()
             # RoPE on the last rd dims, interleaved pairs, at the block's first position
             apos = cutlass.max(pos + 1 - self.r, 0)
             for k in cutlass.range(tidx, rd // 2, T, unroll=1):
                 i0 = d - rd + 2 * k
-                ang = mAngles[apos, k]
-                cs = cute.math.cos(ang)
-                sn = cute.math.sin(ang)
+                if const_expr(self.preload):                       # rd / 2 <= T: k is tidx
+                    cs, sn = pre["cos"], pre["sin"]
+                else:
+                    ang = mAngles[apos, k]
+                    cs = cute.math.cos(ang)
+                    sn = cute.math.sin(ang)
                 x0 = full[i0]
                 x1 = full[i0 + 1]
                 full[i0] = bf16_round(sub_rn(mul_rn(x0, cs), mul_rn(x1, sn)))
@@ -6720,8 +6778,12 @@ if HAVE_CUTE:
                     i = tidx + q * T
                     if i < d:
                         h = Float32(0.0)
-                        for jj in cutlass.range(d, unroll=8):
-                            h = fma_rn(full[jj], mHad[jj, i], h)
+                        if const_expr(self.preload):
+                            for jj in cutlass.range_constexpr(d):
+                                h = fma_rn(full[jj], pre["had"][q][jj], h)
+                        else:
+                            for jj in cutlass.range(d, unroll=8):
+                                h = fma_rn(full[jj], mHad[jj, i], h)
                         ent[i] = bf16_round(h)
                 cute.arch.sync_threads()
                 for q in cutlass.range_constexpr(self.per):
@@ -6777,12 +6839,13 @@ def pick_layout(ratio: int, dim: int, overlap: bool) -> tuple[int, int]:
 def _compile_compressor(ratio, dim, overlap, rotate, quant_sim, rope_dim, eps, debug=False, order=None):
     splits, groups = pick_layout(ratio, dim, overlap)
     order = order or ORDER
+    preload = COMPRESSOR_PRELOAD
     config = ("compressor", GLUE_PDL, ratio, dim, overlap, rotate, quant_sim, rope_dim, float(eps), splits, groups,
-              debug, order)
+              debug, order) + (("preload",) if preload else ())
 
     def build():
         op = CompressorDecode(ratio, dim, overlap, rotate, quant_sim, rope_dim, float(eps), splits, groups, debug,
-                              order)
+                              order, preload)
         c = 2 if overlap else 1
         bsz, bmax, tmax, npos, hd = (cute.sym_int() for _ in range(5))
         f32 = lambda shape, order: cute.runtime.make_fake_compact_tensor(   # noqa: E731

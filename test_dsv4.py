@@ -4249,6 +4249,24 @@ def test_compressor_kernels_compile_for_sm90a_on_any_machine(tmp_path):
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".o")]) == 4
 
 
+@pytest.mark.skipif(not K.HAVE_CUTE, reason="needs CuTe DSL (nvidia-cutlass-dsl)")
+@pytest.mark.parametrize("preload", [True, False])
+@pytest.mark.parametrize("kind,before", [((4, 128, True, True, True), 128 + 2 * 7 + 2 * 3 + 2 + 2),
+                                          ((4, 512, True, False, True), 2 * 7 + 2 * 3 + 2 + 2)])
+def test_compressor_step_loads_what_no_kernel_writes_before_the_pdl_wait(tmp_path, kind, before, preload):
+    """A block-completing step was a chain of ~20 dependent global loads after the PDL wait (~1 us each while the
+    weight GEMVs saturate HBM: +20 us per CSA layer every 4th token). With COMPRESSOR_PRELOAD its inputs from earlier
+    steps (state rows, ape), the norm weight, the RoPE angle and the indexer's Hadamard column are loaded before the
+    wait: sm_90a PTX, global loads ahead of griddepcontrol.wait (pos + those; none without the switch)."""
+    dump = _compile_for_sm90a("import sys, kernels as K; K._CACHE_DIR = sys.argv[1]\n"
+                              f"K.COMPRESSOR_PRELOAD = {preload}\nK._compile_compressor(*{kind!r}, 64, 1e-6)\n", tmp_path)
+    ptx = [f for f in os.listdir(dump) if "CompressorDecode" in f and f.endswith(".ptx")]
+    assert len(ptx) == 1, ptx
+    text = open(dump / ptx[0]).read()
+    head = text[:text.index("griddepcontrol.wait")]
+    assert head.count("ld.global") == (before + 1 if preload else 0)          # + pos
+
+
 # ------------------------------------------------------------------------------------------------------ GPU tests
 
 
@@ -4261,8 +4279,11 @@ def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
 @gpu
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("preload", [True, False])
 @pytest.mark.usefixtures("comp_torch_reference")
-def test_gpu_fused_step_matches_torch_decode_every_step(kind, B):
+def test_gpu_fused_step_matches_torch_decode_every_step(kind, B, preload, monkeypatch):
+    """Every step, completing ones included, with the completing step's loads before the PDL wait or after it."""
+    monkeypatch.setattr(K, "COMPRESSOR_PRELOAD", preload)
     dev = "cuda"
     ref, angles, had = make_compressor(kind, B + 1, device=dev)       # one spare row: the kernel must leave it
     fused, _, _ = make_compressor(kind, B + 1, device=dev)
