@@ -6535,6 +6535,7 @@ if HAVE_CUTE:
             assert not overlap or row_groups == 1, "overlap rows pick their half statically"
             assert self.threads <= 1024 and splits <= 8
             assert (dim - rope_dim) % 64 == 0 and dim % 32 == 0 and rope_dim % 2 == 0
+            assert not preload or rope_dim // 2 <= self.threads, "preload: one RoPE pair per thread"
 
         @cute.jit
         def __call__(self, mA: cute.Tensor, mG: cute.Tensor, mApe: cute.Tensor, mKv: cute.Tensor, mSc: cute.Tensor,
