@@ -1257,33 +1257,21 @@ def install_decode_probes():
     wrap(dsv4.Expert, "forward", "shared", lambda self, orig, x: cached(("shared", id(self)), lambda: orig(self, x)))
 
 
-def compress_ratios(model) -> set[int]:
-    return {m.ratio for m in model.modules() if isinstance(m, dsv4.Compressor)}
-
-
-def completing_ratios(model, pos: int) -> frozenset:
-    """The compressor ratios whose open block the token at position pos completes (a step that also pools, writes
-    and quantizes a cache entry in those layers)."""
-    return frozenset(r for r in compress_ratios(model) if (pos + 1) % r == 0)
-
-
-def cycle_length(model) -> int:
-    """Positions after which the compressors' completion patterns repeat (the lcm of their ratios)."""
-    return math.lcm(*compress_ratios(model)) if compress_ratios(model) else 1
-
-
-def cycle_positions(model, pos: int) -> list[tuple[int, frozenset, int]]:
-    """--cycle: for each completion pattern other than pos's, the first later position with it -> (position,
-    pattern, how many positions of a cycle have it)."""
-    L = cycle_length(model)
+def cycle_positions(model, pos: int) -> tuple[int, list[tuple[int, frozenset, int]]]:
+    """--cycle: the compressors' completion patterns repeat every L = lcm(ratios) positions; a pattern = the ratios
+    whose open block a token completes (that step also pools, writes and quantizes a cache entry in those layers).
+    -> (L, [(position, pattern, how many positions of a cycle have it)]): pos first, then for every other pattern
+    the first later position with it."""
+    ratios = {m.ratio for m in model.modules() if isinstance(m, dsv4.Compressor)}
+    L = math.lcm(*ratios) if ratios else 1
+    done = lambda p: frozenset(r for r in ratios if (p + 1) % r == 0)   # noqa: E731
     count: dict = {}
     for p in range(L):
-        done = completing_ratios(model, p)
-        count[done] = count.get(done, 0) + 1
-    first = {}
-    for p in range(pos + 1, pos + 1 + L):
-        first.setdefault(completing_ratios(model, p), p)
-    return [(p, done, count[done]) for done, p in first.items() if done != completing_ratios(model, pos)]
+        count[done(p)] = count.get(done(p), 0) + 1
+    first: dict = {}
+    for p in range(pos, pos + L):
+        first.setdefault(done(p), p)
+    return L, [(p, d, count[d]) for d, p in first.items()]
 
 
 def decode_ablations(args):
@@ -1450,7 +1438,8 @@ def bench_decode(args):
             model.decode_graphs.clear()
             _with_switches(switches, lambda: model.decode(tokens, pos))
             graphs[label] = model.decode_graphs[B]
-        cycle = cycle_positions(model, pos) if args.cycle else []
+        L, cycle = cycle_positions(model, pos) if args.cycle else (1, [(pos, frozenset(), 1)])
+        own, cycle = cycle[0], cycle[1:]  # pos's own pattern is the default step
         for p, _, _ in cycle:            # the default step at positions of the other completion patterns
             model.decode_graphs.clear()  # (timed only: a completing step replayed twice is not the same step)
             model.decode(tokens, p)
@@ -1473,7 +1462,7 @@ def bench_decode(args):
             for label in order[r % len(order):] + order[:r % len(order)]:
                 times[label].append(time_ms(graphs[label].graph.replay, args.iters))
         graph_ms = statistics.median(times.pop(None))
-        at_pos = {p: (statistics.median(times.pop(p)), done, n) for p, done, n in cycle}
+        at_pos = [(p, statistics.median(times.pop(p)), done, n) for p, done, n in cycle]
         ablations = {label: statistics.median(v) for label, v in times.items()}
         del graphs
         model.decode_graphs.clear()
@@ -1499,7 +1488,7 @@ def bench_decode(args):
         if args.trace:
             trace_step(graph.graph.replay, f"{args.trace}.B{B}.json")
         results.append(dict(B=B, eager_ms=eager_ms, graph_ms=graph_ms, tail_ms=tail_ms, layer_ms=layer_ms,
-                            ablations=ablations, same=same, at_pos=at_pos,
+                            ablations=ablations, same=same, at_pos=at_pos, cycle=(L, own),
                             floor_layer_ms=floor_layer_ms, layer_mb=sum(layers_b) / args.layers / 1e6,
                             full_ms=full_ms, full_floor_ms=full_floor_ms, touched=statistics.mean(touched),
                             kernels=n_k, heavy_us=heavy_us, small_us=small_us, top=top, tail_floor_ms=floor_tail_ms,
@@ -1528,18 +1517,17 @@ def bench_decode(args):
               f"{r['full_floor_ms']:>9.2f} {1e3 * r['B'] / r['full_ms']:>7.1f} {1e3 * r['B'] / r['full_floor_ms']:>11.1f}")
     for r in results:
         if r["at_pos"]:
-            share = {p: n for p, (_, _, n) in r["at_pos"].items()}
-            rows = [(pos, r["graph_ms"], completing_ratios(model, pos), cycle_length(model) - sum(share.values()))]
-            rows += [(p, ms, done, n) for p, (ms, done, n) in r["at_pos"].items()]
+            L, (_, done, n) = r["cycle"]
+            rows = [(pos, r["graph_ms"], done, n)] + r["at_pos"]
             for p, ms, done, n in rows:
                 layer_ms = (ms - r["tail_ms"]) / args.layers
                 print(f"B={r['B']} position {p} (completes the blocks of ratios {sorted(done) or 'none'}: {n} of every "
-                      f"{cycle_length(model)} positions): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
+                      f"{L} positions): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
                       f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor")
-            mean = sum(ms * n for _, ms, _, n in rows) / cycle_length(model)
+            mean = sum(ms * n for _, ms, _, n in rows) / L
             layer_ms = (mean - r["tail_ms"]) / args.layers
             full_ms = FLASH_LAYERS * layer_ms + r["tail_ms"]
-            print(f"B={r['B']} mean over {cycle_length(model)} consecutive positions: graph {mean:.2f} ms, "
+            print(f"B={r['B']} mean over {L} consecutive positions: graph {mean:.2f} ms, "
                   f"{layer_ms:.3f} ms/layer, {100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor, 43 layers "
                   f"{full_ms:.2f} ms = {1e3 * r['B'] / full_ms:.1f} tok/s")
         for label, ms in r["ablations"].items():

@@ -6576,7 +6576,7 @@ if HAVE_CUTE:
             eall = storage.exps.get_tensor(cute.make_layout(self.rows * dc if self.ny > 1 and self.order != "simple"
                                                             else 1))
 
-            pos = Int32(mPos[0])
+            pos = pre["pos"] if const_expr(self.preload) else Int32(mPos[0])
             slot = pos % r
             row = slot + (r if const_expr(self.overlap) else 0)
             c0 = split * dc                                        # first channel of this CTA
@@ -6712,7 +6712,7 @@ if HAVE_CUTE:
             r, d, dc, T = self.r, self.d, self.dc, self.threads
             pos = Int32(mPos[0])
             slot = pos % r
-            pre = {}
+            pre = {"pos": pos}
             if const_expr(self.overlap):                           # one thread per channel: ch = tidx
                 ch = split * dc + tidx % dc
                 pre["sv"] = [mSc[b, k, ch + (d if k >= r else 0)] for k in range(self.rt - 1)]
