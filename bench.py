@@ -1076,6 +1076,8 @@ def step_bytes(model, B: int, pos: int, touched: list[int]) -> tuple[list[int], 
             per_expert = sum(nbytes(t) for t in (e.w13, e.w13_scale, e.w2, e.w2_scale)) // e.num_experts
         n += n_exp * per_expert + 3 * n_exp * 4                                    # + alphas
         a = layer.attn
+        if a.indexer is not None and model.index_picks_all(B, pos):     # the step skips the indexer's linears
+            n -= sum(nbytes(p) for m in (a.indexer.wq_b, a.indexer.weights_proj) for p in m.parameters())
         n += nbytes(a.kv_window[:B])
         for c in (a.compressor, a.indexer and a.indexer.compressor):
             if c is not None:       # the live entries, the open block's state
@@ -1207,6 +1209,8 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      "index_topk x 4 tokens; kernels.INDEX_ALL_BELOW_TOPK off)", ((K, "INDEX_ALL_BELOW_TOPK", False),)),
     ("s35 preload: a block-completing compressor step issues its loads after the PDL wait, sessions 1-34 (time it "
      "at a completing position: --pos 1003; kernels.COMPRESSOR_PRELOAD off)", ((K, "COMPRESSOR_PRELOAD", False),)),
+    ("s36 index: the CSA indexer's query projection, query and head weights also where it picks every complete "
+     "block (the first index_topk x 4 tokens; dsv4.SKIP_INDEX_BELOW_TOPK off)", ((dsv4, "SKIP_INDEX_BELOW_TOPK", False),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
      "exceed it)", ()),
 ]
@@ -1215,7 +1219,7 @@ DECODE_ROUNDS = 3      # the default step and every ablation are timed in this m
 # --probes: upper bounds, not alternatives. Each row takes one piece of work out of the captured step (where something
 # reads its output, the eager step's output stands in, so those rows' logits are wrong), i.e. it says at most what
 # any faster form of that piece could buy. Set by install_decode_probes.
-PROBE = dict(qnorm=False, router=False, comp=False, index=False, shared=False)
+PROBE = dict(qnorm=False, router=False, comp=False, index=False, shared=False, kvrow=False)
 _probe = lambda *names: ((sys.modules[__name__], "PROBE", {n: n in names for n in PROBE}),)
 DECODE_PROBES = [
     ("probe qnorm: no q RmsNorm launch (wq_b reads qa as is)", _probe("qnorm")),
@@ -1224,7 +1228,9 @@ DECODE_PROBES = [
     ("probe index: no CSA index chain (indexer wq_b, head weights, query, top-k: the eager step's picks)",
      _probe("index")),
     ("probe shared: no shared expert (the eager step's output)", _probe("shared")),
-    ("probe all five", _probe(*PROBE)),
+    ("probe kvrow: no KvNormRopeQuant launch (the ring row the eager step wrote at the same position)",
+     _probe("kvrow")),
+    ("probe all six", _probe(*PROBE)),
     ("A/A control: the default step captured again, no switch changed", ()),
 ]
 
@@ -1255,6 +1261,13 @@ def install_decode_probes():
     wrap(dsv4.Linear, "forward", "index", lambda self, orig, x: cached(("lin", id(self)), lambda: orig(self, x))
          if getattr(self, "probed", False) else orig(self, x))
     wrap(dsv4.Expert, "forward", "shared", lambda self, orig, x: cached(("shared", id(self)), lambda: orig(self, x)))
+    kv_row = K.kv_norm_rope_quant_fused
+
+    def kv_row_probe(*a, ring=None, **k):
+        if PROBE["kvrow"] and ring is not None and torch.cuda.is_current_stream_capturing():
+            return ring
+        return kv_row(*a, ring=ring, **k)
+    K.kv_norm_rope_quant_fused = kv_row_probe
 
 
 def cycle_positions(model, pos: int) -> tuple[int, list[tuple[int, frozenset, int]]]:
@@ -1426,7 +1439,7 @@ def bench_decode(args):
         eager_ms = time_ms(lambda: model.logits(tokens, pos_t), args.eager_iters)
         model.decode_graphs.clear()
         model.decode(tokens, pos)                                                  # eager step + capture
-        graph = model.decode_graphs[B]
+        graph = model.decode_graph(B, pos)
         graph_ms = time_ms(graph.graph.replay, args.iters)
         eager = model.logits(tokens, pos_t)                 # same position, same state: replays must give the same
         graph.graph.replay()
@@ -1437,13 +1450,13 @@ def bench_decode(args):
         for label, switches in decode_ablations(args):
             model.decode_graphs.clear()
             _with_switches(switches, lambda: model.decode(tokens, pos))
-            graphs[label] = model.decode_graphs[B]
+            graphs[label] = _with_switches(switches, lambda: model.decode_graph(B, pos))
         L, cycle = cycle_positions(model, pos) if args.cycle else (1, [(pos, frozenset(), 1)])
         own, cycle = cycle[0], cycle[1:]  # pos's own pattern is the default step
         for p, _, _ in cycle:            # the default step at positions of the other completion patterns
             model.decode_graphs.clear()  # (timed only: a completing step replayed twice is not the same step)
             model.decode(tokens, p)
-            graphs[p] = model.decode_graphs[B]
+            graphs[p] = model.decode_graph(B, p)
         same = {}                                    # each ablation's logits vs the default step's (same state)
         for label, g in graphs.items():
             if isinstance(label, int):
@@ -1467,7 +1480,7 @@ def bench_decode(args):
         del graphs
         model.decode_graphs.clear()
         model.decode(tokens, pos)
-        graph = model.decode_graphs[B]
+        graph = model.decode_graph(B, pos)
         n = cfg.hc_mult
         h = torch.randn(B, 1, n, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
         f = torch.randn(B, 1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
@@ -1557,7 +1570,7 @@ def torch_ops_baseline(model, args, results):
             B = r["B"]
             model.decode_graphs.clear()
             model.decode(r["tokens"], args.pos)                                   # eager step + capture
-            g = model.decode_graphs[B]
+            g = model.decode_graph(B, args.pos)
             ms = time_ms(g.graph.replay, args.iters)
             err = ((g.logits - r["reference"]).norm() / r["reference"].norm()).item()
             n_k = kernel_profile(g.graph.replay, args.layers)[0]
@@ -1803,7 +1816,7 @@ def run(path: str, out: str, fp32: bool = False):
         _, dec_g, res["graph_ms"] = timed_decode(model, tokens, sync, graph=True)
         res["graph_vs_eager"] = ((dec_g.float() - dec.float()).norm() / dec.float().norm()).item()
         say(f"graph decode {res['graph_ms']:.2f} ms/token (rel diff to eager {res['graph_vs_eager']:.1e})")
-        res["replay_us"] = replay_us(model.decode_graphs[1].graph, par, sync)
+        res["replay_us"] = replay_us(model.decode_graph(1, PROMPT + DECODE - 1).graph, par, sync)
         say(f"graph replay {res['replay_us']:.1f} us/token (CUDA events: the step alone, without the host loop)")
         pre = [model(tokens[:, p:p + CHUNK], p) for p in range(0, PROMPT, CHUNK)]   # chunks: the same MoE tiles
         nxt, greedy = pre[-1][:, -1].argmax(-1), []

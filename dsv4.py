@@ -289,6 +289,13 @@ class Branch:
         self.held = ()
 
 
+# In a sequence's first index_topk x 4 tokens a CSA query sees at most index_topk complete blocks, so the indexer picks
+# all of them whatever it scores. A decode step that knows it is there (Transformer.decode keeps a graph for it:
+# all_picks) skips the indexer's query projection, query and head weights and lists the blocks (kernels.index_picks_all);
+# the indexer's compressor still runs (its keys serve later positions). Batch 1 only, like the top-k's own skip.
+SKIP_INDEX_BELOW_TOPK = os.environ.get("NANO_DSV4_SKIP_INDEX", "1") != "0"
+
+
 def fp8_wo_a(device, dtype) -> bool:
     """Hold attention's wo_a as stored (FP8 + 128x128 block scales) instead of the reference's dequantized bf16 copy:
     where decode runs it through the grouped W8A16 kernel (kernels.fp8_gemv_grouped: sm_90 + CuTe DSL, bf16 model,
@@ -781,6 +788,12 @@ class Indexer(nn.Module):
                                                      weight_scale=self.head_dim ** -0.5 * self.n_heads ** -0.5)
         return self._top_blocks(x, self._query(iq, angles, pos), K, pos, head_w)
 
+    def picks_all(self, B: int, pos: torch.Tensor) -> torch.Tensor:
+        """decode's picks where the query sees at most topk complete blocks (Attention.decode(all_picks=True)): every
+        complete block 0 .. V-1 in ascending order, then -1 — the set that scoring would pick."""
+        return kernels.index_picks_all(self.compressor.kv_cache[:B], pos, self.topk, self.compressor.ratio,
+                                       self.n_heads, self.head_dim)
+
     def _query(self, iq: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """iq = wq_b(qr) [B,S,h*d] at positions pos [S] (RoPE table angles) -> FP4-simulated queries [B,S,h,d]."""
         q = iq.unflatten(-1, (self.n_heads, self.head_dim))
@@ -880,11 +893,12 @@ class Attention(nn.Module):
             if m is not None:
                 m.setup_cache(batch, max_seq_len, dtype, device)
 
-    def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, query_block: int = 256):
+    def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, query_block: int = 256,
+                all_picks: bool = False):
         """x [B,S,D] at positions start_pos..start_pos+S-1 -> [B,S,D]. start_pos may also be an int64 tensor [1]
-        with S = 1: then it is the graph-capturable decode step (decode)."""
+        with S = 1: then it is the graph-capturable decode step (decode; all_picks: see there)."""
         if torch.is_tensor(start_pos):
-            return self.decode(x, start_pos, angles)
+            return self.decode(x, start_pos, angles, all_picks)
         B, S, _ = x.shape
         H, hd, W, p = self.n_heads, self.head_dim, self.window, start_pos
         pos = torch.arange(p, p + S, device=x.device)
@@ -912,12 +926,14 @@ class Attention(nn.Module):
         self.kv_window[:B, (pos[-n:] % W)] = kv[:, -n:]
         return self._out(o, angles, pos)
 
-    def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor, all_picks: bool = False) -> torch.Tensor:
         """forward for one token per sequence, x [B,1,D] at position pos (int64 tensor [1] on x's device), with static
         shapes and no host sync, so the whole step can be captured in a CUDA graph. The token's kv goes into its ring
         slot first, so the window is the ring alone; the compressed keys are the whole preallocated cache, masked to
-        the completed blocks (HCA) or picked by the indexer (CSA)."""
+        the completed blocks (HCA) or picked by the indexer (CSA). all_picks: the caller knows that pos sees at most
+        index_topk complete blocks (Transformer.index_picks_all): the indexer then only lists them."""
         B, W = x.shape[0], self.window
+        score = self.indexer is not None and not all_picks           # the indexer's query + head weights + scores
         # lane 0: the compressors read x alone, so they overlap the q / kv path; the indexer's first (its scores wait
         # for it), then the attention's (only the attention waits for it). Lane 2: the indexer's head weights.
         with Branch(x, on=self.compressor is not None) as index_comp:
@@ -927,20 +943,22 @@ class Attention(nn.Module):
         with Branch(x, on=self.compressor is not None) as attn_comp:
             if self.compressor is not None:
                 self.compressor.decode(x, pos, angles, None, ag)
-        with Branch(x, on=self.indexer is not None, lane=2) as heads:
-            head_w = self.indexer.weights_proj(x) if self.indexer is not None else None
+        with Branch(x, on=score, lane=2) as heads:
+            head_w = self.indexer.weights_proj(x) if score else None
         # kernels.ATTN_FOLD_Q_NORM: q's per-head norm + RoPE inside the attention launch (q stays wq_b's raw output)
         fold_q = fused(x) and kernels.attention_folds_q_norm(B, self.n_heads, self.head_dim)
         if fused(x):
-            iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B], raw_q=fold_q)
+            iq, q, attn_in = self._qkv_decode(x, angles, pos, self.kv_window[:B], raw_q=fold_q, index_query=score)
         else:
             (iq, q, kv), attn_in = self._qkv(x, angles, pos), Branch(x, on=False)
             self.kv_window[:B].index_copy_(1, pos % W, kv)
         index_comp.join()                                            # new blocks land before anything reads them
         heads.join()
         comp_kv, comp_idx = None, None
-        if self.indexer is not None:
+        if score:
             comp_idx = self.indexer.decode(x, iq, pos, angles, head_w)
+        elif self.indexer is not None:
+            comp_idx = self.indexer.picks_all(B, pos)
         attn_comp.join()
         attn_in.join()
         if self.compressor is not None:
@@ -984,12 +1002,13 @@ class Attention(nn.Module):
         return iq, q, kv
 
     def _qkv_decode(self, x: torch.Tensor, angles: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
-                    raw_q: bool = False):
+                    raw_q: bool = False, index_query: bool = True):
         """_qkv for the fused one-token step -> (iq, q, side): what only the attention reads is made on branch lane 1:
         the kv row (norm, RoPE, FP8 sim) straight into its slot of ring [B,W,hd] and, in CSA layers, the queries
         (wq_b, per-head norm + RoPE), which then overlap the indexer's chain (its own wq_b, query, scores, top-k).
         q is ready after side.join(). raw_q: q is wq_b's output before its per-head norm + RoPE (the attention kernel
-        makes them: kernels.sparse_attention_decode(q_norm_eps=))."""
+        makes them: kernels.sparse_attention_decode(q_norm_eps=)). index_query False: no indexer query (iq None),
+        and the queries on the main stream as in an HCA layer."""
         eps, H, hd = self.cfg.rms_norm_eps, self.n_heads, self.head_dim
         qa, kv = self.wq_a_wkv(x)
         qr = self.q_norm(qa)
@@ -998,8 +1017,8 @@ class Attention(nn.Module):
         with Branch(x, lane=1) as side:
             side.hold(qa, kv, qr)
             kernels.kv_norm_rope_quant_fused(kv, self.kv_norm.weight, angles, pos, eps, self.quant_sim, ring=ring)
-            q = queries() if self.indexer is not None else None
-        if self.indexer is None:
+            q = queries() if self.indexer is not None and index_query else None
+        if self.indexer is None or not index_query:
             return None, queries(), side
         return self.indexer.wq_b(qr), q, side
 
@@ -1210,11 +1229,12 @@ class Block(nn.Module):
         x, post, comb = hc_pre(h, *args)
         return h, norm(x), post, comb
 
-    def forward(self, h, start_pos: int, tokens, angles, pending=None):
+    def forward(self, h, start_pos: int, tokens, angles, pending=None, all_picks: bool = False):
         """h [B,S,n,D] streams + the previous block's ffn output not yet added into them (pending = (f, post, comb) or
-        None) -> this block's (h, pending). Each hc_post is left to the next hc_pre, so the GPU path fuses the pair."""
+        None) -> this block's (h, pending). Each hc_post is left to the next hc_pre, so the GPU path fuses the pair.
+        all_picks: see Attention.decode."""
         h, x, post, comb = self._hc_pre(h, "attn", pending)
-        h, x, post, comb = self._hc_pre(h, "ffn", (self.attn(x, start_pos, angles), post, comb))
+        h, x, post, comb = self._hc_pre(h, "ffn", (self.attn(x, start_pos, angles, all_picks=all_picks), post, comb))
         # the MoE's routed + shared add is left to the next mHC site's launch where it takes it (kernels.HC_FOLD_ADD)
         fold = kernels.HC_FOLD_ADD and self.ffn.par.size == 1 and fused(x) and \
             x.shape[0] * x.shape[1] <= kernels.HC_CLUSTER_MAX_TOKENS
@@ -1224,9 +1244,11 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class DecodeGraph:
-    """The decode step of one batch size as a CUDA graph: static inputs tokens [B,1] and pos [1], output logits."""
+    """The decode step of one batch size as a CUDA graph: static inputs tokens [B,1] and pos [1], output logits.
+    all_picks: the graph of the positions where the CSA indexer picks every complete block (Attention.decode)."""
     tokens: torch.Tensor
     pos: torch.Tensor
+    all_picks: bool = False
     logits: torch.Tensor | None = None
     graph: object = None                                              # torch.cuda.CUDAGraph
 
@@ -1238,11 +1260,11 @@ class DecodeGraph:
         stream = torch.cuda.Stream(self.tokens.device)
         stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
         with torch.cuda.stream(stream):
-            logits = model.logits(self.tokens, self.pos)
+            logits = model.logits(self.tokens, self.pos, self.all_picks)
         torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=stream):
-            self.logits = model.logits(self.tokens, self.pos)
+            self.logits = model.logits(self.tokens, self.pos, self.all_picks)
         return logits
 
 
@@ -1264,7 +1286,7 @@ class Transformer(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
         self.max_seq_len = self.max_batch_size = 0
         self.quant_sim = True
-        self.decode_graphs: dict[int, DecodeGraph] = {}              # batch size -> captured decode step (CUDA)
+        self.decode_graphs: dict[tuple, DecodeGraph] = {}            # (batch, all_picks) -> captured decode step
 
     def keep_wo_a_fp8(self):
         """Every attention's wo_a held FP8 (Attention.keep_wo_a_fp8); call before load_model fills the weights."""
@@ -1331,13 +1353,14 @@ class Transformer(nn.Module):
                     m.reset(B)
         return self.logits(tokens, start_pos)
 
-    def logits(self, tokens: torch.Tensor, start_pos) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, start_pos, all_picks: bool = False) -> torch.Tensor:
         """forward without the checks and resets. start_pos: an int, or an int64 tensor [1] on the model's device
-        with S = 1 (the decode step: static shapes, no host sync, CUDA-graph capturable)."""
+        with S = 1 (the decode step: static shapes, no host sync, CUDA-graph capturable; all_picks: the caller knows
+        that start_pos is one of index_picks_all's positions)."""
         h = self.embed_tokens(tokens).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)   # [B,S,n,D]
         pending = None
         for layer in self.layers:
-            h, pending = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0], pending)
+            h, pending = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0], pending, all_picks)
         h = hc_post(summed(pending[0]), h, pending[1], pending[2])
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps,
                     self.norm)
@@ -1355,16 +1378,28 @@ class Transformer(nn.Module):
         if B > self.max_batch_size or start_pos >= self.max_seq_len:
             raise ValueError(f"batch {B} x position {start_pos} exceed the cache "
                              f"({self.max_batch_size} x {self.max_seq_len}); raise max_batch_size/max_seq_len")
-        g = self.decode_graphs.get(B)
+        key = (B, self.index_picks_all(B, start_pos))
+        g = self.decode_graphs.get(key)
         if g is None:
-            g = DecodeGraph(tokens.clone(), torch.full((1,), start_pos, dtype=torch.long, device=tokens.device))
+            g = DecodeGraph(tokens.clone(), torch.full((1,), start_pos, dtype=torch.long, device=tokens.device),
+                            key[1])
             logits = g.capture(self)
-            self.decode_graphs[B] = g
+            self.decode_graphs[key] = g
             return logits
         g.tokens.copy_(tokens)
         g.pos.fill_(start_pos)
         g.graph.replay()
         return g.logits.clone()
+
+    def index_picks_all(self, batch: int, pos: int) -> bool:
+        """Whether a decode step of this batch at position pos may skip the CSA indexer's scoring: a query there sees
+        at most index_topk complete blocks, so all of them are its picks (SKIP_INDEX_BELOW_TOPK, batch 1)."""
+        return (SKIP_INDEX_BELOW_TOPK and batch <= kernels.INDEX_ALL_BELOW_TOPK_MAX_BATCH
+                and (pos + 1) // 4 <= self.cfg.index_topk)
+
+    def decode_graph(self, batch: int, pos: int) -> DecodeGraph:
+        """The captured decode step that serves position pos at this batch size (decode makes it)."""
+        return self.decode_graphs[(batch, self.index_picks_all(batch, pos))]
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B,S] ids -> [B,S,D]. Vocab-parallel: each rank embeds the ids of its slice, zeros elsewhere, all-reduce."""

@@ -9321,6 +9321,29 @@ def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight
     return sort_keys_to_blocks(top).view(B, 1, -1)
 
 
+_ZERO_QUERIES: dict = {}
+
+
+def index_picks_all(keys, pos, topk: int, ratio: int, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The indexer's picks for one query per sequence at position pos (int64 [1]) where it sees at most min(topk, T)
+    complete blocks (the caller knows: dsv4.Transformer.index_picks_all): [B, 1, k] = 0 .. V-1 ascending, then -1,
+    V = (pos + 1) // ratio. On an sm_90 GPU one IndexerTopK launch in its no-score form (INDEX_ALL_BELOW_TOPK) with
+    zero queries and head weights, which it does not read there (were it to score them, every score would tie at
+    0 and the lower block go first: the same picks); elsewhere torch."""
+    B, T = keys.shape[0], keys.shape[1]
+    k = min(topk, T)
+    if (_gpu_ok(keys) is None and INDEX_ALL_BELOW_TOPK and B <= INDEX_ALL_BELOW_TOPK_MAX_BATCH
+            and n_heads % 16 == 0 and head_dim % 64 == 0):
+        key = (keys.device, B, n_heads, head_dim)
+        zq = _ZERO_QUERIES.get(key)
+        if zq is None:
+            zq = _ZERO_QUERIES[key] = (torch.zeros(B, 1, n_heads, head_dim, dtype=torch.bfloat16, device=keys.device),
+                                       torch.zeros(B, 1, n_heads, dtype=torch.bfloat16, device=keys.device))
+        return indexer_topk_decode(zq[0], keys, zq[1], pos, topk, ratio, weight_scale=1.0)
+    blocks = torch.arange(k, device=keys.device)
+    return torch.where(blocks < (pos + 1) // ratio, blocks, -1).expand(B, 1, k).clone()
+
+
 INDEX_ALL_BELOW_TOPK = True  # IndexerTopK: where every complete block is a pick (V <= k: the first topk x ratio
                              # tokens), 0 .. V-1 in ascending order with no scores (H200, 8-layer step at position
                              # 1000, batch 1: -0.020 / -0.021 ms in three runs). Only up to this batch: in the fold

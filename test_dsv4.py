@@ -2315,6 +2315,41 @@ def test_static_decode_step_matches_the_forward_path(gpu_checkpoints, prefill, q
         assert err.median() <= 1e-5 and err.max() <= 0.3, (err.median(), err.max())
 
 
+@pytest.mark.parametrize("B,T,pos,topk", [(1, 64, 3, 24), (1, 64, 95, 24), (2, 300, 50, 64), (1, 16384, 2047, 512),
+                                          (3, 100, 1000, 512)])
+def test_index_picks_all_are_the_set_that_scoring_picks(B, T, pos, topk):
+    """Where a query sees at most min(topk, T) complete blocks it picks all of them whatever the scores: the listed
+    picks (ascending, then -1) are the reference top-k's set, and -1 exactly where it has one."""
+    q, keys, w, p = indexer_inputs(B, 16, 64, T, pos, seed=pos)
+    assert min((pos + 1) // 4, T) <= min(topk, T)
+    got = K.index_picks_all(keys, p, topk, 4, 16, 64)
+    ref = K.indexer_topk_reference(q, keys, w, p, topk)
+    listed = torch.sort(torch.where(ref < 0, 2 ** 62, ref), dim=-1).values               # the set, ascending
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert torch.equal(got, torch.where(listed == 2 ** 62, -1, listed))
+
+
+@pytest.mark.parametrize("B,pos,skip", [(1, 0, True), (1, 34, True), (1, 35, False), (2, 10, False), (1, 1000, False)])
+def test_a_decode_step_skips_the_index_scores_only_where_every_block_is_a_pick(gpu_checkpoints, B, pos, skip):
+    """Transformer.index_picks_all (tiny checkpoint: index_topk 8, so up to position 34 a query sees <= 8 blocks):
+    batch 1 only, as the top-k's own no-score form."""
+    model = load(gpu_checkpoints["fp8"], dtype=torch.float32)
+    assert model.cfg.index_topk == 8 and model.index_picks_all(B, pos) == skip
+
+
+@pytest.mark.usefixtures("torch_moe")
+def test_static_decode_step_listing_the_picks_gives_the_scoring_steps_logits(gpu_checkpoints):
+    """The step told that every complete block is a pick (no indexer query, head weights or scores; the picks listed
+    in ascending order) gives the scoring step's logits on the CPU up to the summation order of the attention over its
+    picks, at every position up to the last one where that holds (34)."""
+    a = load(gpu_checkpoints["fp8"], dtype=torch.float32)
+    b = load(gpu_checkpoints["fp8"], dtype=torch.float32)
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 35), generator=torch.Generator().manual_seed(5))
+    listed = lambda m, tok, p: m.logits(tok, torch.tensor([p]), all_picks=True)  # noqa: E731
+    err = rel_err_per_position(teacher_forced(b, tokens, 2, listed), teacher_forced(a, tokens, 2, tensor_step))
+    assert err.max() <= 1e-5, err.max()
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.usefixtures("torch_moe")
 def test_sync_free_moe_matches_the_reference(fmt):
@@ -2443,6 +2478,21 @@ def test_gpu_decode_branches_give_the_one_stream_logits(gpu_checkpoints, fmt, mo
     monkeypatch.setattr(dsv4, "DECODE_BRANCHES", False)
     off = teacher_forced(load(path, device="cuda", max_batch_size=2), tokens, 130, decode_step)
     assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
+@gpu
+def test_gpu_decode_listing_the_picks_gives_the_scoring_steps_logits(gpu_checkpoints, monkeypatch):
+    """Batch 1 in a sequence's first index_topk x 4 tokens: the step that skips the indexer's query, head weights and
+    scores (dsv4.SKIP_INDEX_BELOW_TOPK) gives the logits of the step that scores (whose top-k then lists the same
+    picks in the same order), bit for bit, across the last position where every block is a pick (34) into scoring."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 44), generator=torch.Generator().manual_seed(7)).cuda()
+    path = gpu_checkpoints["nvfp4"]
+    model = load(path, device="cuda")
+    listed = teacher_forced(model, tokens, 20, decode_step)
+    assert sorted(picks for _, picks in model.decode_graphs) == [False, True]
+    monkeypatch.setattr(dsv4, "SKIP_INDEX_BELOW_TOPK", False)
+    scored = teacher_forced(load(path, device="cuda"), tokens, 20, decode_step)
+    assert torch.isfinite(listed).all() and torch.equal(listed, scored)
 
 
 # ====================================================================================================================
