@@ -935,7 +935,7 @@ class Attention(nn.Module):
         B, W = x.shape[0], self.window
         score = self.indexer is not None and not all_picks           # the indexer's query + head weights + scores
         # lane 0: the compressors read x alone, so they overlap the q / kv path; the indexer's first (its scores wait
-        # for it), then the attention's (only the attention waits for it). Lane 2: the indexer's head weights.
+        # for it), then the attention's (only the attention waits for it).
         with Branch(x, on=self.compressor is not None) as index_comp:
             ag, iag = self._compressor_inputs(x)
             if self.indexer is not None:
@@ -943,8 +943,10 @@ class Attention(nn.Module):
         with Branch(x, on=self.compressor is not None) as attn_comp:
             if self.compressor is not None:
                 self.compressor.decode(x, pos, angles, None, ag)
-        with Branch(x, on=score, lane=2) as heads:
+        # lane 2: the indexer's head weights; or, where all_picks, the listed picks (they read pos alone: off the path)
+        with Branch(x, on=self.indexer is not None, lane=2) as heads:
             head_w = self.indexer.weights_proj(x) if score else None
+            comp_idx = self.indexer.picks_all(B, pos) if self.indexer is not None and not score else None
         # kernels.ATTN_FOLD_Q_NORM: q's per-head norm + RoPE inside the attention launch (q stays wq_b's raw output)
         fold_q = fused(x) and kernels.attention_folds_q_norm(B, self.n_heads, self.head_dim)
         if fused(x):
@@ -954,11 +956,9 @@ class Attention(nn.Module):
             self.kv_window[:B].index_copy_(1, pos % W, kv)
         index_comp.join()                                            # new blocks land before anything reads them
         heads.join()
-        comp_kv, comp_idx = None, None
+        comp_kv = None
         if score:
             comp_idx = self.indexer.decode(x, iq, pos, angles, head_w)
-        elif self.indexer is not None:
-            comp_idx = self.indexer.picks_all(B, pos)
         attn_comp.join()
         attn_in.join()
         if self.compressor is not None:
