@@ -934,6 +934,7 @@ class Attention(nn.Module):
         index_topk complete blocks (Transformer.index_picks_all): the indexer then only lists them."""
         B, W = x.shape[0], self.window
         score = self.indexer is not None and not all_picks           # the indexer's query + head weights + scores
+        listed = self.indexer is not None and all_picks
         # lane 0: the compressors read x alone, so they overlap the q / kv path; the indexer's first (its scores wait
         # for it), then the attention's (only the attention waits for it).
         with Branch(x, on=self.compressor is not None) as index_comp:
@@ -946,7 +947,7 @@ class Attention(nn.Module):
         # lane 2: the indexer's head weights; or, where all_picks, the listed picks (they read pos alone: off the path)
         with Branch(x, on=self.indexer is not None, lane=2) as heads:
             head_w = self.indexer.weights_proj(x) if score else None
-            comp_idx = self.indexer.picks_all(B, pos) if self.indexer is not None and not score else None
+            comp_idx = self.indexer.picks_all(B, pos) if listed else None
         # kernels.ATTN_FOLD_Q_NORM: q's per-head norm + RoPE inside the attention launch (q stays wq_b's raw output)
         fold_q = fused(x) and kernels.attention_folds_q_norm(B, self.n_heads, self.head_dim)
         if fused(x):
@@ -1378,7 +1379,7 @@ class Transformer(nn.Module):
         if B > self.max_batch_size or start_pos >= self.max_seq_len:
             raise ValueError(f"batch {B} x position {start_pos} exceed the cache "
                              f"({self.max_batch_size} x {self.max_seq_len}); raise max_batch_size/max_seq_len")
-        key = (B, self.index_picks_all(B, start_pos))
+        key = self._graph_key(B, start_pos)
         g = self.decode_graphs.get(key)
         if g is None:
             g = DecodeGraph(tokens.clone(), torch.full((1,), start_pos, dtype=torch.long, device=tokens.device),
@@ -1397,9 +1398,12 @@ class Transformer(nn.Module):
         return (SKIP_INDEX_BELOW_TOPK and batch <= kernels.INDEX_ALL_BELOW_TOPK_MAX_BATCH
                 and (pos + 1) // 4 <= self.cfg.index_topk)
 
+    def _graph_key(self, batch: int, pos: int) -> tuple:
+        return batch, self.index_picks_all(batch, pos)
+
     def decode_graph(self, batch: int, pos: int) -> DecodeGraph:
         """The captured decode step that serves position pos at this batch size (decode makes it)."""
-        return self.decode_graphs[(batch, self.index_picks_all(batch, pos))]
+        return self.decode_graphs[self._graph_key(batch, pos)]
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B,S] ids -> [B,S,D]. Vocab-parallel: each rank embeds the ids of its slice, zeros elsewhere, all-reduce."""
