@@ -1054,6 +1054,7 @@ def random_model(cfg, device, max_batch_size: int, max_seq_len: int, seed: int =
             m.kv_cache.normal_(generator=g)
             m.kv_state.normal_(generator=g)
             m.score_state.normal_(generator=g)
+            m.x_state.normal_(generator=g)
     return model.eval()
 
 
@@ -1080,9 +1081,14 @@ def step_bytes(model, B: int, pos: int, touched: list[int]) -> tuple[list[int], 
             n -= sum(nbytes(p) for m in (a.indexer.wq_b, a.indexer.weights_proj) for p in m.parameters())
         n += nbytes(a.kv_window[:B])
         for c in (a.compressor, a.indexer and a.indexer.compressor):
-            if c is not None:       # the live entries, the open block's state
-                n += B * (pos // c.ratio + 1) * c.dim * c.kv_cache.element_size()
-                n += nbytes(c.kv_state[:B]) + nbytes(c.score_state[:B])
+            if c is None:
+                continue
+            n += B * (pos // c.ratio + 1) * c.dim * c.kv_cache.element_size()   # the live entries
+            if c.defer and (pos + 1) % c.ratio:     # deferred, no block closes: the token's input is kept, no more
+                n -= sum(nbytes(p) for p in (c.wkv.weight, c.wgate.weight, c.ape))
+                n += nbytes(c.x_state[:B, 0])
+            else:                                   # the open block's state (deferred: its kept inputs)
+                n += nbytes(c.kv_state[:B]) + nbytes(c.score_state[:B]) + (nbytes(c.x_state[:B]) if c.defer else 0)
         layers.append(n)
     tail = nbytes(model.head.weight) + nbytes(model.hc_head_fn) + nbytes(model.norm.weight)
     return layers, tail, B * model.embed.weight.shape[1] * model.embed.weight.element_size()
@@ -1211,6 +1217,9 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
      "at a completing position: --pos 1003; kernels.COMPRESSOR_PRELOAD off)", ((K, "COMPRESSOR_PRELOAD", False),)),
     ("s36 index: the CSA indexer's query projection, query and head weights also where it picks every complete "
      "block (the first index_topk x 4 tokens; dsv4.SKIP_INDEX_BELOW_TOPK off)", ((dsv4, "SKIP_INDEX_BELOW_TOPK", False),)),
+    ("s37 defer: every decode step projects its token for the compressors (sessions 1-36), instead of the closing "
+     "step projecting the block's kept inputs (dsv4.DEFER_COMPRESSOR_PROJECTIONS off; the floor counts the deferred "
+     "step's bytes)", ((dsv4, "DEFER_COMPRESSOR_PROJECTIONS", False),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
      "exceed it)", ()),
 ]
@@ -1224,7 +1233,7 @@ _probe = lambda *names: ((sys.modules[__name__], "PROBE", {n: n in names for n i
 DECODE_PROBES = [
     ("probe qnorm: no q RmsNorm launch (wq_b reads qa as is)", _probe("qnorm")),
     ("probe router: no router launch (the eager step's ids and weights)", _probe("router")),
-    ("probe comp: no compressors (their GEMVs and steps)", _probe("comp")),
+    ("probe comp: no compressors (their GEMVs and steps; deferred: the kept inputs too)", _probe("comp")),
     ("probe index: no CSA index chain (indexer wq_b, head weights, query, top-k: the eager step's picks)",
      _probe("index")),
     ("probe shared: no shared expert (the eager step's output)", _probe("shared")),
@@ -1256,6 +1265,7 @@ def install_decode_probes():
          lambda self, orig, x: x if getattr(self, "probed", False) else orig(self, x))
     wrap(dsv4.Gate, "forward", "router", lambda self, orig, *a: cached(("gate", id(self)), lambda: orig(self, *a)))
     wrap(dsv4.Compressor, "decode", "comp", lambda self, orig, *a, **k: None)
+    wrap(dsv4.Compressor, "keep", "comp", lambda self, orig, *a, **k: None)    # deferred: the kept inputs
     wrap(dsv4.Attention, "_compressor_inputs", "comp", lambda self, orig, x: (None, None))
     wrap(dsv4.Indexer, "decode", "index", lambda self, orig, *a: cached(("index", id(self)), lambda: orig(self, *a)))
     wrap(dsv4.Linear, "forward", "index", lambda self, orig, x: cached(("lin", id(self)), lambda: orig(self, x))
@@ -1492,6 +1502,7 @@ def bench_decode(args):
             return dsv4.matmul_fp32(x, model.head.weight)
         tail_ms = time_ms(graph_of(tail).replay, args.iters)
         layers_b, tail_b, embed_b = step_bytes(model, B, pos, touched)
+        floor_at = {p: sum(step_bytes(model, B, p, touched)[0]) / args.layers / copy_bw * 1e3 for p, _, _ in cycle}
         layer_ms = (graph_ms - tail_ms) / args.layers
         floor_layer_ms = sum(layers_b) / args.layers / copy_bw * 1e3
         floor_tail_ms = tail_b / copy_bw * 1e3
@@ -1501,7 +1512,7 @@ def bench_decode(args):
         if args.trace:
             trace_step(graph.graph.replay, f"{args.trace}.B{B}.json")
         results.append(dict(B=B, eager_ms=eager_ms, graph_ms=graph_ms, tail_ms=tail_ms, layer_ms=layer_ms,
-                            ablations=ablations, same=same, at_pos=at_pos, cycle=(L, own),
+                            ablations=ablations, same=same, at_pos=at_pos, cycle=(L, own), floor_at=floor_at,
                             floor_layer_ms=floor_layer_ms, layer_mb=sum(layers_b) / args.layers / 1e6,
                             full_ms=full_ms, full_floor_ms=full_floor_ms, touched=statistics.mean(touched),
                             kernels=n_k, heavy_us=heavy_us, small_us=small_us, top=top, tail_floor_ms=floor_tail_ms,
@@ -1532,17 +1543,19 @@ def bench_decode(args):
         if r["at_pos"]:
             L, (_, done, n) = r["cycle"]
             rows = [(pos, r["graph_ms"], done, n)] + r["at_pos"]
+            floor = {**r["floor_at"], pos: r["floor_layer_ms"]}    # each position's own bytes (deferred projections)
             for p, ms, done, n in rows:
                 layer_ms = (ms - r["tail_ms"]) / args.layers
                 print(f"B={r['B']} position {p} (completes the blocks of ratios {sorted(done) or 'none'}: {n} of every "
-                      f"{L} positions): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
-                      f"{100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor")
+                      f"{L} positions): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, floor {floor[p]:.4f} ms/layer, "
+                      f"{100 * floor[p] / layer_ms:.1f}% of floor")
             mean = sum(ms * n for _, ms, _, n in rows) / L
+            mean_floor = sum(floor[p] * n for p, _, _, n in rows) / L
             layer_ms = (mean - r["tail_ms"]) / args.layers
             full_ms = FLASH_LAYERS * layer_ms + r["tail_ms"]
             print(f"B={r['B']} mean over {L} consecutive positions: graph {mean:.2f} ms, "
-                  f"{layer_ms:.3f} ms/layer, {100 * r['floor_layer_ms'] / layer_ms:.1f}% of floor, 43 layers "
-                  f"{full_ms:.2f} ms = {1e3 * r['B'] / full_ms:.1f} tok/s")
+                  f"{layer_ms:.3f} ms/layer, floor {mean_floor:.4f} ms/layer, {100 * mean_floor / layer_ms:.1f}% of "
+                  f"floor, 43 layers {full_ms:.2f} ms = {1e3 * r['B'] / full_ms:.1f} tok/s")
         for label, ms in r["ablations"].items():
             layer_ms = (ms - r["tail_ms"]) / args.layers
             print(f"B={r['B']} same step with {label} (same run): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "

@@ -295,6 +295,14 @@ class Branch:
 # the indexer's compressor still runs (its keys serve later positions). Batch 1 only, like the top-k's own skip.
 SKIP_INDEX_BELOW_TOPK = os.environ.get("NANO_DSV4_SKIP_INDEX", "1") != "0"
 
+# A compressor's projections are per token (a_t = wkv(x_t), g_t = wgate(x_t)); only the token that closes a block pools
+# them. So the decode state keeps the open block's inputs x (the attn_norm output, 8 KB a token) instead of their
+# projections, and the step that closes a block projects its r inputs at once: the compressor weights (21 MB per CSA
+# layer, 8.4 MB per HCA layer at Flash dims) stream once per block instead of once per token. Transformer.decode keeps
+# one graph per pattern of closing ratios (closing_ratios). Read at every step: switch it between sequences only.
+# NANO_DSV4_DEFER_PROJ=0: per token.
+DEFER_COMPRESSOR_PROJECTIONS = os.environ.get("NANO_DSV4_DEFER_PROJ", "1") != "0"
+
 
 def fp8_wo_a(device, dtype) -> bool:
     """Hold attention's wo_a as stored (FP8 + 128x128 block scales) instead of the reference's dequantized bf16 copy:
@@ -660,14 +668,23 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(dim, cfg.rms_norm_eps)
         self.rope_dim = cfg.rope_dim
         self.quant_sim = True
-        self.kv_cache = self.kv_state = self.score_state = None   # set by setup_cache
+        self.kv_cache = self.kv_state = self.score_state = self.x_state = None   # set by setup_cache
+        self.defer_override = None                                 # setup_cache(defer=)
 
-    def setup_cache(self, batch: int, max_seq_len: int, dtype, device):
+    @property
+    def defer(self) -> bool:
+        """Deferred projections (DEFER_COMPRESSOR_PROJECTIONS, unless setup_cache was told)."""
+        return DEFER_COMPRESSOR_PROJECTIONS if self.defer_override is None else self.defer_override
+
+    def setup_cache(self, batch: int, max_seq_len: int, dtype, device, defer: bool | None = None):
         c = 2 if self.overlap else 1
+        self.defer_override = defer
         self.kv_cache = torch.zeros(batch, -(-max_seq_len // self.ratio), self.dim, dtype=dtype, device=device)
-        # unfinished-block rows of raw (a, g+ape); with overlap, rows 0..r-1 hold the previous full block
+        # unfinished-block rows of raw (a, g+ape); with overlap, rows 0..r-1 hold the previous full block. defer: the
+        # open block is kept as its inputs (x_state, row = position mod r) and rows r.. are unused
         self.kv_state = torch.zeros(batch, c * self.ratio, c * self.dim, device=device)
         self.score_state = torch.full((batch, c * self.ratio, c * self.dim), float("-inf"), device=device)
+        self.x_state = torch.zeros(batch, self.ratio, self.wkv.in_features, dtype=dtype, device=device)
 
     def reset(self, batch: int):
         self.kv_state[:batch].zero_()
@@ -680,12 +697,15 @@ class Compressor(nn.Module):
         token."""
         B, S, _ = x.shape
         r, d, p = self.ratio, self.dim, start_pos
-        a, g = self.wkv_wgate(x) if ag is None else ag         # [B,S,c*d] fp32
-        g = g + self.ape[torch.arange(p, p + S, device=x.device) % r]
         p0 = p - p % r                                                 # first position of the open block
         off = r if self.overlap else 0                                 # rows of the previous full block
-        A = torch.cat([self.kv_state[:B, :off + p % r], a], 1)        # rows = positions p0-off .. p+S-1
-        G = torch.cat([self.score_state[:B, :off + p % r], g], 1)
+        lead = off + (0 if self.defer else p % r)                      # projected rows held in the state
+        if self.defer:
+            x = self.inputs(x, p)                                      # rows = positions p0 .. p+S-1
+        a, g = self.wkv_wgate(x) if ag is None else ag         # [B,S,c*d] fp32 (defer: the rows of inputs(x))
+        g = g + self.ape[torch.arange(p + S - x.shape[1], p + S, device=x.device) % r]
+        A = torch.cat([self.kv_state[:B, :lead], a], 1)               # rows = positions p0-off .. p+S-1
+        G = torch.cat([self.score_state[:B, :lead], g], 1)
         n = (p + S) // r - p0 // r                                     # blocks completed in this chunk
         if n > 0:
             if self.overlap:
@@ -702,9 +722,17 @@ class Compressor(nn.Module):
         rem, first = end % r, (end - end % r) - (p0 - off)            # A-row index of the new open block
         if self.overlap and n > 0:
             self.kv_state[:B, :r], self.score_state[:B, :r] = A[:, first - r:first], G[:, first - r:first]
-        self.kv_state[:B, off:off + rem] = A[:, first:first + rem]
-        self.score_state[:B, off:off + rem] = G[:, first:first + rem]
+        if self.defer:
+            self.x_state[:B, :rem] = x[:, first - off:first - off + rem]
+        else:
+            self.kv_state[:B, off:off + rem] = A[:, first:first + rem]
+            self.score_state[:B, off:off + rem] = G[:, first:first + rem]
         return end // r
+
+    def inputs(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """defer: x [B,S,D] at positions start_pos.. with the open block's kept inputs in front -> [B, p%r + S, D]
+        (positions from the open block's first)."""
+        return torch.cat([self.x_state[:x.shape[0], :start_pos % self.ratio], x], 1)
 
     def _entry(self, pooled: torch.Tensor, angles: torch.Tensor, hadamard: torch.Tensor | None) -> torch.Tensor:
         """Pooled blocks [B,n,d] fp32 -> cache entries: RMSNorm, RoPE at each block's first token (angles [n,rd/2]),
@@ -718,11 +746,16 @@ class Compressor(nn.Module):
         return C
 
     def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor, hadamard: torch.Tensor | None,
-               ag=None):
+               ag=None, closes: bool | None = None, keep: bool = True):
         """forward for one token per sequence, x [B,1,D] at position pos (int64 tensor [1] on x's device), with static
         shapes and no host sync (CUDA-graph capturable): the token's (a, g+ape) row goes into the state, the open
         block's entry is always pooled, and it is written to kv_cache[:, pos // ratio] only when this token completes
-        the block ((pos+1) % ratio == 0), before anything reads the cache."""
+        the block ((pos+1) % ratio == 0), before anything reads the cache.
+        defer: the token's input goes into x_state (keep False: the caller put it there), and only where it closes
+        the block (closes; None: read from pos, a host sync) are the block's r inputs projected (ag: their projections
+        [B,r,c*d] if the caller made them) and pooled into kv_cache[:, pos // ratio]."""
+        if self.defer:
+            return self._decode_block(x, pos, angles, hadamard, ag, closes, keep)
         B = x.shape[0]
         r, d = self.ratio, self.dim
         off = r if self.overlap else 0
@@ -746,6 +779,32 @@ class Compressor(nn.Module):
         if self.overlap:              # a completed block becomes the previous block of the next one
             kv_state[:, :r] = torch.where(done, kv_state[:, r:], kv_state[:, :r])
             score_state[:, :r] = torch.where(done, score_state[:, r:], score_state[:, :r])
+
+    def keep(self, x: torch.Tensor, pos: torch.Tensor | None = None, slot: torch.Tensor | None = None):
+        """defer: the token's input x [B,1,D] into its row (slot = pos % ratio) of the open block."""
+        self.x_state[:x.shape[0]].index_copy_(1, pos % self.ratio if slot is None else slot, x)
+
+    def _decode_block(self, x, pos, angles, hadamard, ag, closes, keep):
+        B, r, d = x.shape[0], self.ratio, self.dim
+        if keep:
+            self.keep(x, pos)
+        if closes is None:
+            closes = (int(pos[0]) + 1) % r == 0
+        if not closes:
+            return
+        a, g = self.wkv_wgate(self.x_state[:B]) if ag is None else ag     # [B,r,c*d] fp32: the whole block
+        if fused(x) and kernels.compressor_kernel_unavailable_reason(self, a) is None:
+            return kernels.compressor_decode_fused(self, a, g, pos, angles, hadamard, block=True)   # one kernel
+        g = g + self.ape
+        if self.overlap:              # A-halves of the previous block's rows + B-halves of this block's rows
+            kv = torch.cat([self.kv_state[:B, :r, :d], a[..., d:]], 1)
+            sc = torch.cat([self.score_state[:B, :r, :d], g[..., d:]], 1)
+        else:
+            kv, sc = a, g
+        pooled = (kv * sc.softmax(1)).sum(1, keepdim=True)            # [B,1,d]
+        self.kv_cache[:B].index_copy_(1, pos // r, self._entry(pooled, angles[pos + 1 - r], hadamard))
+        if self.overlap:              # this block becomes the previous block of the next one
+            self.kv_state[:B, :r], self.score_state[:B, :r] = a, g
 
 
 class Indexer(nn.Module):
@@ -894,18 +953,18 @@ class Attention(nn.Module):
                 m.setup_cache(batch, max_seq_len, dtype, device)
 
     def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, query_block: int = 256,
-                all_picks: bool = False):
+                all_picks: bool = False, closing: tuple | None = None):
         """x [B,S,D] at positions start_pos..start_pos+S-1 -> [B,S,D]. start_pos may also be an int64 tensor [1]
-        with S = 1: then it is the graph-capturable decode step (decode; all_picks: see there)."""
+        with S = 1: then it is the graph-capturable decode step (decode; all_picks, closing: see there)."""
         if torch.is_tensor(start_pos):
-            return self.decode(x, start_pos, angles, all_picks)
+            return self.decode(x, start_pos, angles, all_picks, closing)
         B, S, _ = x.shape
         H, hd, W, p = self.n_heads, self.head_dim, self.window, start_pos
         pos = torch.arange(p, p + S, device=x.device)
         iq, q, kv = self._qkv(x, angles, pos)
         comp_kv, comp_idx = None, None
         if self.compressor is not None:                              # new blocks land before anything reads them
-            ag, iag = self._compressor_inputs(x)
+            ag, iag = self._compressor_inputs(self.compressor.inputs(x, p) if self.compressor.defer else x)
             T = self.compressor(x, p, angles, None, ag)
             comp_kv = self.compressor.kv_cache[:B, :T]
             if self.indexer is not None:
@@ -926,24 +985,43 @@ class Attention(nn.Module):
         self.kv_window[:B, (pos[-n:] % W)] = kv[:, -n:]
         return self._out(o, angles, pos)
 
-    def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor, all_picks: bool = False) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor, all_picks: bool = False,
+               closing: tuple | None = None) -> torch.Tensor:
         """forward for one token per sequence, x [B,1,D] at position pos (int64 tensor [1] on x's device), with static
         shapes and no host sync, so the whole step can be captured in a CUDA graph. The token's kv goes into its ring
         slot first, so the window is the ring alone; the compressed keys are the whole preallocated cache, masked to
         the completed blocks (HCA) or picked by the indexer (CSA). all_picks: the caller knows that pos sees at most
-        index_topk complete blocks (Transformer.index_picks_all): the indexer then only lists them."""
+        index_topk complete blocks (Transformer.index_picks_all): the indexer then only lists them. closing: the
+        ratios whose block pos closes (Transformer.closing_ratios; None: read from pos, a host sync), for the
+        compressors' deferred projections (DEFER_COMPRESSOR_PROJECTIONS)."""
         B, W = x.shape[0], self.window
         score = self.indexer is not None and not all_picks           # the indexer's query + head weights + scores
         listed = self.indexer is not None and all_picks
+        comp = self.compressor
+        closes = None if comp is None or closing is None else self.ratio in closing
         # lane 0: the compressors read x alone, so they overlap the q / kv path; the indexer's first (its scores wait
-        # for it), then the attention's (only the attention waits for it).
-        with Branch(x, on=self.compressor is not None) as index_comp:
-            ag, iag = self._compressor_inputs(x)
+        # for it), then the attention's (only the attention waits for it). defer: x is kept for its block, which is
+        # projected only where this token closes it
+        with Branch(x, on=comp is not None) as index_comp:
+            if comp is not None and comp.defer:
+                if closes is None:
+                    closes = (int(pos[0]) + 1) % self.ratio == 0
+                if closes:    # the block's last input has a fixed row; a closed block keeps no input for later
+                    comp.x_state[:B, -1:].copy_(x)
+                    ag, iag = self._compressor_inputs(comp.x_state[:B])
+                else:
+                    slot = pos % self.ratio
+                    for c in (comp, self.indexer and self.indexer.compressor):
+                        if c is not None:
+                            c.keep(x, slot=slot)
+                    ag = iag = None
+            else:
+                ag, iag = self._compressor_inputs(x)
             if self.indexer is not None:
-                self.indexer.compressor.decode(x, pos, angles, self.indexer.hadamard, iag)
-        with Branch(x, on=self.compressor is not None) as attn_comp:
-            if self.compressor is not None:
-                self.compressor.decode(x, pos, angles, None, ag)
+                self.indexer.compressor.decode(x, pos, angles, self.indexer.hadamard, iag, closes, keep=False)
+        with Branch(x, on=comp is not None) as attn_comp:
+            if comp is not None:
+                comp.decode(x, pos, angles, None, ag, closes, keep=False)
         # lane 2: the indexer's head weights; or, where all_picks, the listed picks (they read pos alone: off the path)
         with Branch(x, on=self.indexer is not None, lane=2) as heads:
             head_w = self.indexer.weights_proj(x) if score else None
@@ -1230,12 +1308,14 @@ class Block(nn.Module):
         x, post, comb = hc_pre(h, *args)
         return h, norm(x), post, comb
 
-    def forward(self, h, start_pos: int, tokens, angles, pending=None, all_picks: bool = False):
+    def forward(self, h, start_pos: int, tokens, angles, pending=None, all_picks: bool = False,
+                closing: tuple | None = None):
         """h [B,S,n,D] streams + the previous block's ffn output not yet added into them (pending = (f, post, comb) or
         None) -> this block's (h, pending). Each hc_post is left to the next hc_pre, so the GPU path fuses the pair.
-        all_picks: see Attention.decode."""
+        all_picks, closing: see Attention.decode."""
         h, x, post, comb = self._hc_pre(h, "attn", pending)
-        h, x, post, comb = self._hc_pre(h, "ffn", (self.attn(x, start_pos, angles, all_picks=all_picks), post, comb))
+        attn = self.attn(x, start_pos, angles, all_picks=all_picks, closing=closing)
+        h, x, post, comb = self._hc_pre(h, "ffn", (attn, post, comb))
         # the MoE's routed + shared add is left to the next mHC site's launch where it takes it (kernels.HC_FOLD_ADD)
         fold = kernels.HC_FOLD_ADD and self.ffn.par.size == 1 and fused(x) and \
             x.shape[0] * x.shape[1] <= kernels.HC_CLUSTER_MAX_TOKENS
@@ -1246,10 +1326,12 @@ class Block(nn.Module):
 @dataclass
 class DecodeGraph:
     """The decode step of one batch size as a CUDA graph: static inputs tokens [B,1] and pos [1], output logits.
-    all_picks: the graph of the positions where the CSA indexer picks every complete block (Attention.decode)."""
+    all_picks: the graph of the positions where the CSA indexer picks every complete block; closing: of those where
+    these compression ratios close a block (Attention.decode)."""
     tokens: torch.Tensor
     pos: torch.Tensor
     all_picks: bool = False
+    closing: tuple | None = None
     logits: torch.Tensor | None = None
     graph: object = None                                              # torch.cuda.CUDAGraph
 
@@ -1261,11 +1343,11 @@ class DecodeGraph:
         stream = torch.cuda.Stream(self.tokens.device)
         stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
         with torch.cuda.stream(stream):
-            logits = model.logits(self.tokens, self.pos, self.all_picks)
+            logits = model.logits(self.tokens, self.pos, self.all_picks, self.closing)
         torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=stream):
-            self.logits = model.logits(self.tokens, self.pos, self.all_picks)
+            self.logits = model.logits(self.tokens, self.pos, self.all_picks, self.closing)
         return logits
 
 
@@ -1287,7 +1369,7 @@ class Transformer(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
         self.max_seq_len = self.max_batch_size = 0
         self.quant_sim = True
-        self.decode_graphs: dict[tuple, DecodeGraph] = {}            # (batch, all_picks) -> captured decode step
+        self.decode_graphs: dict[tuple, DecodeGraph] = {}            # _graph_key -> captured decode step
 
     def keep_wo_a_fp8(self):
         """Every attention's wo_a held FP8 (Attention.keep_wo_a_fp8); call before load_model fills the weights."""
@@ -1354,14 +1436,18 @@ class Transformer(nn.Module):
                     m.reset(B)
         return self.logits(tokens, start_pos)
 
-    def logits(self, tokens: torch.Tensor, start_pos, all_picks: bool = False) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, start_pos, all_picks: bool = False, closing: tuple | None = None
+               ) -> torch.Tensor:
         """forward without the checks and resets. start_pos: an int, or an int64 tensor [1] on the model's device
         with S = 1 (the decode step: static shapes, no host sync, CUDA-graph capturable; all_picks: the caller knows
-        that start_pos is one of index_picks_all's positions)."""
+        that start_pos is one of index_picks_all's positions; closing: closing_ratios(start_pos), else read from
+        start_pos by a host sync)."""
+        if torch.is_tensor(start_pos) and closing is None and DEFER_COMPRESSOR_PROJECTIONS:
+            closing = self.closing_ratios(int(start_pos[0]))
         h = self.embed_tokens(tokens).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)   # [B,S,n,D]
         pending = None
         for layer in self.layers:
-            h, pending = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0], pending, all_picks)
+            h, pending = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0], pending, all_picks, closing)
         h = hc_post(summed(pending[0]), h, pending[1], pending[2])
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps,
                     self.norm)
@@ -1383,7 +1469,7 @@ class Transformer(nn.Module):
         g = self.decode_graphs.get(key)
         if g is None:
             g = DecodeGraph(tokens.clone(), torch.full((1,), start_pos, dtype=torch.long, device=tokens.device),
-                            key[1])
+                            key[1], key[2])
             logits = g.capture(self)
             self.decode_graphs[key] = g
             return logits
@@ -1398,8 +1484,16 @@ class Transformer(nn.Module):
         return (SKIP_INDEX_BELOW_TOPK and batch <= kernels.INDEX_ALL_BELOW_TOPK_MAX_BATCH
                 and (pos + 1) // 4 <= self.cfg.index_topk)
 
+    def closing_ratios(self, pos: int) -> tuple:
+        """The compression ratios of this model whose blocks the token at pos closes ((pos + 1) % r == 0), ascending;
+        a decode step projects and pools those compressors' blocks only (DEFER_COMPRESSOR_PROJECTIONS)."""
+        ratios = sorted({self.cfg.ratio(i) for i in range(self.cfg.num_hidden_layers)} - {0})
+        return tuple(r for r in ratios if (pos + 1) % r == 0)
+
     def _graph_key(self, batch: int, pos: int) -> tuple:
-        return batch, self.index_picks_all(batch, pos)
+        """Graphs differ in what runs: the indexer's scoring (index_picks_all) and, with deferred projections, which
+        compressors close a block (closing_ratios: ~1 in 4 steps for CSA, 1 in 128 for HCA)."""
+        return batch, self.index_picks_all(batch, pos), self.closing_ratios(pos) if DEFER_COMPRESSOR_PROJECTIONS else None
 
     def decode_graph(self, batch: int, pos: int) -> DecodeGraph:
         """The captured decode step that serves position pos at this batch size (decode makes it)."""
@@ -1442,7 +1536,7 @@ class Transformer(nn.Module):
             if isinstance(m, Attention):
                 ts.append(m.kv_window)
             elif isinstance(m, Compressor):
-                ts += [m.kv_cache, m.kv_state, m.score_state]
+                ts += [m.kv_cache, m.kv_state, m.score_state, m.x_state]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 

@@ -6512,13 +6512,16 @@ if HAVE_CUTE:
         """One decode step of a compressor (see the module docstring). Static: ratio, dim, overlap, rotate,
         quant_sim, rope_dim, eps, splits (CTAs per sequence = cluster size), row_groups (threads per channel),
         order (fp32 summation order of the softmax denominator and the pooled sum, see SUM_ORDERS), preload
-        (COMPRESSOR_PRELOAD: what a block-completing step reads from earlier steps and constants, before the wait)."""
+        (COMPRESSOR_PRELOAD: what a block-completing step reads from earlier steps and constants, before the wait),
+        block (the deferred projections, dsv4.DEFER_COMPRESSOR_PROJECTIONS: launched only at a block's last token,
+        with the r projected rows of the block as a and g; the state keeps only the previous block's rows)."""
 
         def __init__(self, ratio: int, dim: int, overlap: bool, rotate: bool, quant_sim: bool, rope_dim: int,
                      eps: float, splits: int, row_groups: int, debug: bool = False, order: str = ORDER,
-                     preload: bool = False):
+                     preload: bool = False, block: bool = False):
             self.r, self.d, self.overlap, self.rotate, self.quant_sim = ratio, dim, overlap, rotate, quant_sim
             self.preload = preload
+            self.block = block          # a, g hold the whole block's r rows (row b * r + k), not this token's row
             assert order in SUM_ORDERS
             self.order = order
             # pooled sum: accumulators inside a thread (rows k mod nacc), then row groups in order or as a tree
@@ -6552,6 +6555,8 @@ if HAVE_CUTE:
 
             self.shared_storage = SharedStorage
             B = cute.size(mA, mode=[0])
+            if const_expr(self.block):                             # r rows per sequence
+                B = B // self.r
             cluster = [self.splits, 1, 1] if const_expr(self.splits > 1) else None
             self.kernel(mA, mG, mApe, mKv, mSc, mCache, mPos, mAngles, mNormW, mHad, mDbg).launch(
                 grid=[self.splits, B, 1], block=[self.threads, 1, 1], cluster=cluster, stream=stream, use_pdl=GLUE_PDL)
@@ -6580,15 +6585,16 @@ if HAVE_CUTE:
             slot = pos % r
             row = slot + (r if const_expr(self.overlap) else 0)
             c0 = split * dc                                        # first channel of this CTA
-            # 1. the token's row: channels c0.. (and their B-halves d + c0.. with overlap)
-            for k in cutlass.range(tidx, self.c * dc, T, unroll=1):
-                col = c0 + k
-                if const_expr(self.overlap):
-                    if k >= dc:
-                        col = col + (d - dc)
-                mKv[b, row, col] = mA[b, col]
-                mSc[b, row, col] = add_rn(mG[b, col], mApe[slot, col])
-            cute.arch.sync_threads()                               # the row is read back below
+            if const_expr(not self.block):
+                # 1. the token's row: channels c0.. (and their B-halves d + c0.. with overlap)
+                for k in cutlass.range(tidx, self.c * dc, T, unroll=1):
+                    col = c0 + k
+                    if const_expr(self.overlap):
+                        if k >= dc:
+                            col = col + (d - dc)
+                    mKv[b, row, col] = mA[b, col]
+                    mSc[b, row, col] = add_rn(mG[b, col], mApe[slot, col])
+                cute.arch.sync_threads()                           # the row is read back below
 
             if (pos + 1) % r == 0:                                 # uniform over the grid
                 cx = tidx % dc
@@ -6598,7 +6604,27 @@ if HAVE_CUTE:
                 sv = []
                 kv = []
                 for k in cutlass.range_constexpr(self.rt):
-                    if const_expr(self.overlap and self.preload):
+                    if const_expr(self.block and self.overlap):
+                        if const_expr(k < r):                      # the previous block's A-halves: the state
+                            if const_expr(self.preload):
+                                sv.append(pre["sv"][k])
+                                kv.append(pre["kv"][k])
+                            else:
+                                sv.append(mSc[b, k, ch])
+                                kv.append(mKv[b, k, ch])
+                        else:                                      # this block's B-halves: the projected rows
+                            ape = pre["ape_b"][k - r] if const_expr(self.preload) else mApe[k - r, ch + d]
+                            sv.append(add_rn(mG[b * r + (k - r), ch + d], ape))
+                            kv.append(mA[b * r + (k - r), ch + d])
+                    elif const_expr(self.block):
+                        if const_expr(self.order == "simple"):
+                            rr = ry * self.rt + k
+                        else:
+                            rr = ry + self.ny * k
+                        ape = pre["ape"][k] if const_expr(self.preload) else mApe[rr, ch]
+                        sv.append(add_rn(mG[b * r + rr, ch], ape))
+                        kv.append(mA[b * r + rr, ch])
+                    elif const_expr(self.overlap and self.preload):
                         if const_expr(k < self.rt - 1):            # rows of earlier steps: loaded before the wait
                             sv.append(pre["sv"][k])
                             kv.append(pre["kv"][k])
@@ -6673,7 +6699,14 @@ if HAVE_CUTE:
                     full[ch] = acc
                     if const_expr(self.debug):
                         mDbg[b, ch] = acc
-                if const_expr(self.overlap and self.preload):      # completed block -> previous block
+                if const_expr(self.block and self.overlap):        # this block -> previous block
+                    for k in cutlass.range_constexpr(r):
+                        ape = pre["ape_a"][k] if const_expr(self.preload) else mApe[k, ch]
+                        mKv[b, k, ch] = mA[b * r + k, ch]
+                        mSc[b, k, ch] = add_rn(mG[b * r + k, ch], ape)
+                        mKv[b, k, d + ch] = kv[r + k]
+                        mSc[b, k, d + ch] = sv[r + k]
+                elif const_expr(self.overlap and self.preload):    # completed block -> previous block
                     for k in cutlass.range_constexpr(r):
                         if const_expr(k < r - 1):
                             kv_a, sc_a = pre["kv_a"][k], pre["sc_a"][k]
@@ -6713,7 +6746,22 @@ if HAVE_CUTE:
             pos = Int32(mPos[0])
             slot = pos % r
             pre = {"pos": pos}
-            if const_expr(self.overlap):                           # one thread per channel: ch = tidx
+            if const_expr(self.block and self.overlap):            # the previous block's rows; ape of every row
+                ch = split * dc + tidx % dc
+                pre["sv"] = [mSc[b, k, ch] for k in range(r)]
+                pre["kv"] = [mKv[b, k, ch] for k in range(r)]
+                pre["ape_a"] = [mApe[k, ch] for k in range(r)]
+                pre["ape_b"] = [mApe[k, d + ch] for k in range(r)]
+            elif const_expr(self.block):                           # ape of this thread's rows
+                ch = split * dc + tidx % dc
+                ry = tidx // dc
+                pre["ape"] = []
+                for k in range(self.rt):
+                    if const_expr(self.order == "simple"):
+                        pre["ape"].append(mApe[ry * self.rt + k, ch])
+                    else:
+                        pre["ape"].append(mApe[ry + self.ny * k, ch])
+            elif const_expr(self.overlap):                         # one thread per channel: ch = tidx
                 ch = split * dc + tidx % dc
                 pre["sv"] = [mSc[b, k, ch + (d if k >= r else 0)] for k in range(self.rt - 1)]
                 pre["kv"] = [mKv[b, k, ch + (d if k >= r else 0)] for k in range(self.rt - 1)]
@@ -6837,16 +6885,17 @@ def pick_layout(ratio: int, dim: int, overlap: bool) -> tuple[int, int]:
     return splits, 4
 
 
-def _compile_compressor(ratio, dim, overlap, rotate, quant_sim, rope_dim, eps, debug=False, order=None):
+def _compile_compressor(ratio, dim, overlap, rotate, quant_sim, rope_dim, eps, debug=False, order=None,
+                        block=False):
     splits, groups = pick_layout(ratio, dim, overlap)
     order = order or ORDER
     preload = COMPRESSOR_PRELOAD
     config = ("compressor", GLUE_PDL, ratio, dim, overlap, rotate, quant_sim, rope_dim, float(eps), splits, groups,
-              debug, order) + (("preload",) if preload else ())
+              debug, order) + (("preload",) if preload else ()) + (("block",) if block else ())
 
     def build():
         op = CompressorDecode(ratio, dim, overlap, rotate, quant_sim, rope_dim, float(eps), splits, groups, debug,
-                              order, preload)
+                              order, preload, block)
         c = 2 if overlap else 1
         bsz, bmax, tmax, npos, hd = (cute.sym_int() for _ in range(5))
         f32 = lambda shape, order: cute.runtime.make_fake_compact_tensor(   # noqa: E731
@@ -6881,18 +6930,21 @@ def compressor_kernel_unavailable_reason(comp, a: torch.Tensor) -> str | None:
 
 def compressor_decode_fused(comp, a: torch.Tensor, g: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor,
                             hadamard: torch.Tensor | None, debug_pooled: torch.Tensor | None = None,
-                            order: str | None = None) -> None:
+                            order: str | None = None, block: bool = False) -> None:
     """The part of Compressor.decode after the linears, in one kernel: a = wkv(x) [B,1,c*d] fp32, g = wgate(x)
     [B,1,c*d] fp32 WITHOUT ape (added in the kernel; a and g may be column slices of one [B,1,2*c*d] GEMM output),
     pos int64 [1] on the device. Updates comp.kv_state,
     comp.score_state and (when the block completes) comp.kv_cache in place; no host sync, graph-capturable.
+    block: the deferred form (Compressor.decode with defer): a, g [B,r,c*d] are the projections of the block's r
+    inputs, pos is the block's last position, and the state holds only the previous block's rows (overlap).
     comp: anything with ratio, dim, overlap, rotate, quant_sim, rope_dim, norm.weight, norm.eps, ape, kv_state,
     score_state, kv_cache (a dsv4.Compressor). debug_pooled [B,d] fp32: also receives the pooled vector (tests)."""
     B = a.shape[0]
-    a2, g2 = a.reshape(B, -1), g.reshape(B, -1)                 # views (rows may be strided, columns contiguous)
+    rows = B * comp.ratio if block else B
+    a2, g2 = a.reshape(rows, -1), g.reshape(rows, -1)           # views (rows may be strided, columns contiguous)
     rotate_q = comp.rotate and comp.quant_sim
     fn = _compile_compressor(comp.ratio, comp.dim, comp.overlap, rotate_q, comp.quant_sim, comp.rope_dim,
-                             comp.norm.eps, debug_pooled is not None, order)
+                             comp.norm.eps, debug_pooled is not None, order, block)
     had = hadamard if rotate_q else comp.norm.weight.data[:1].view(1, 1)
     dbg = debug_pooled if debug_pooled is not None else comp.norm.weight.data.view(1, -1)   # unused, compact
     fn(a2, g2, comp.ape.data, comp.kv_state, comp.score_state, comp.kv_cache, pos, angles, comp.norm.weight.data,

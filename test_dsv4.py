@@ -2350,6 +2350,38 @@ def test_static_decode_step_listing_the_picks_gives_the_scoring_steps_logits(gpu
     assert err.max() <= 1e-5, err.max()
 
 
+@pytest.mark.parametrize("pos,closing", [(0, ()), (3, (4,)), (126, ()), (127, (4, 128)), (1003, (4,)), (1023, (4, 128))])
+def test_closing_ratios_name_the_blocks_a_token_closes(gpu_checkpoints, pos, closing):
+    """Transformer.closing_ratios: the tiny checkpoint's layers compress by 4 (CSA) and 128 (HCA); the token at pos
+    closes a ratio's block where (pos + 1) % ratio == 0."""
+    model = load(gpu_checkpoints["fp8"], dtype=torch.float32)
+    assert model.closing_ratios(pos) == closing
+
+
+@pytest.mark.parametrize("pos", [40, 41, 42, 43, 127])
+@pytest.mark.usefixtures("torch_moe")
+def test_a_decode_step_projects_a_compressors_block_only_where_it_closes(gpu_checkpoints, pos, monkeypatch):
+    """With deferred projections (dsv4.DEFER_COMPRESSOR_PROJECTIONS) a decode step runs a compressor's projections
+    only where its token closes the block, and then over the block's r kept inputs at once."""
+    model = load(gpu_checkpoints["fp8"], dtype=torch.float32, max_seq_len=256)
+    assert dsv4.DEFER_COMPRESSOR_PROJECTIONS
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, pos + 1), generator=torch.Generator().manual_seed(pos))
+    model(tokens[:, :pos], 0)
+    projections = {}                                   # id -> ratio of the layer whose compressor projection it is
+    for layer in model.layers:
+        a = layer.attn
+        for p in (a.compress_proj, a.compressor and a.compressor.wkv_wgate):
+            if p is not None:
+                projections[id(p)] = a.ratio
+    rows = []
+    call = dsv4.Projections.__call__
+    monkeypatch.setattr(dsv4.Projections, "__call__", lambda self, x, split=True: (
+        rows.append((projections[id(self)], x.shape[1])) if id(self) in projections else None, call(self, x, split))[1])
+    model.logits(tokens[:, pos:], torch.tensor([pos]))
+    assert sorted(rows) == sorted((r, r) for layer in model.layers for r in [layer.attn.ratio]
+                                  if r and (pos + 1) % r == 0)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.usefixtures("torch_moe")
 def test_sync_free_moe_matches_the_reference(fmt):
@@ -2489,7 +2521,7 @@ def test_gpu_decode_listing_the_picks_gives_the_scoring_steps_logits(gpu_checkpo
     path = gpu_checkpoints["nvfp4"]
     model = load(path, device="cuda")
     listed = teacher_forced(model, tokens, 20, decode_step)
-    assert sorted(picks for _, picks in model.decode_graphs) == [False, True]
+    assert sorted({key[1] for key in model.decode_graphs}) == [False, True]
     monkeypatch.setattr(dsv4, "SKIP_INDEX_BELOW_TOPK", False)
     scored = teacher_forced(load(path, device="cuda"), tokens, 20, decode_step)
     assert torch.isfinite(listed).all() and torch.equal(listed, scored)
@@ -4069,7 +4101,8 @@ KINDS = {   # name: (dim, ratio, rotate)
 
 
 def make_compressor(kind: str, batch: int, hidden: int = 64, max_seq_len: int = 1024, device="cpu", seed=0,
-                    quant_sim=True):
+                    quant_sim=True, defer=False):
+    """defer False: the per-token form (each step projects its token into the state; the kernel's default form)."""
     dim, ratio, rotate = KINDS[kind]
     cfg = dsv4.ModelConfig(hidden_size=hidden)
     comp = dsv4.Compressor(cfg, dim, ratio, rotate)
@@ -4081,7 +4114,7 @@ def make_compressor(kind: str, batch: int, hidden: int = 64, max_seq_len: int = 
         comp.norm.weight.copy_(1 + 0.1 * torch.randn(dim, generator=g))
     comp.quant_sim = quant_sim
     comp = comp.to(device)
-    comp.setup_cache(batch, max_seq_len, torch.bfloat16, device)
+    comp.setup_cache(batch, max_seq_len, torch.bfloat16, device, defer=defer)
     angles = dsv4.rope_freqs(cfg, True, max_seq_len).to(device)
     had = dsv4.hadamard_matrix(dim).to(device) if rotate else None
     return comp, angles, had
@@ -4137,6 +4170,37 @@ def test_proposed_decode_takes_the_torch_path_on_cpu(kind):
         K.compressor_decode(new, x, pos, angles, had)
     for name in ("kv_state", "score_state", "kv_cache"):
         assert torch.equal(getattr(new, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("quant_sim", [True, False])
+@pytest.mark.usefixtures("comp_torch_reference")
+def test_deferred_compressor_writes_the_per_token_entries(kind, quant_sim):
+    """The deferred form (the open block kept as inputs, projected when its last token comes) writes the per-token
+    form's cache entries, up to the fp32 summation order of the projections (a rounding, a flipped FP8/FP4 step), and
+    a step that closes no block writes no entry and no projected state."""
+    B = 2
+    per_token, angles, had = make_compressor(kind, B, quant_sim=quant_sim)
+    deferred, _, _ = make_compressor(kind, B, quant_sim=quant_sim, defer=True)
+    r = per_token.ratio
+    g = torch.Generator().manual_seed(11)
+    for p in range(2 * r + 3):
+        x = torch.randn(B, 1, 64, generator=g).to(torch.bfloat16)
+        pos = torch.tensor([p])
+        before = deferred.kv_cache.clone(), deferred.kv_state.clone()
+        per_token.decode(x, pos, angles, had)
+        deferred.decode(x, pos, angles, had)
+        if (p + 1) % r:
+            assert torch.equal(deferred.kv_cache, before[0]) and torch.equal(deferred.kv_state, before[1]), p
+            continue
+        j = p // r
+        got, ref = deferred.kv_cache[:, j].float(), per_token.kv_cache[:, j].float()
+        n = int((got != ref).sum())
+        assert n <= 0.02 * got.numel() and (got - ref).norm() <= 1e-2 * ref.norm(), (p, n)
+        if per_token.overlap:                       # the previous block's rows, as the per-token form shifts them
+            assert torch.allclose(deferred.kv_state[:, :r], per_token.kv_state[:, :r], rtol=1e-5, atol=1e-6)
+            assert torch.allclose(deferred.score_state[:, :r], per_token.score_state[:, :r], rtol=1e-5, atol=1e-6)
+    assert deferred.kv_cache[:, :(2 * r + 3) // r].abs().sum() > 0
 
 
 def seq_sum(vals):
@@ -4370,6 +4434,46 @@ def test_gpu_fused_step_matches_torch_decode_every_step(kind, B, preload, monkey
     print(f"\n[comp] {kind} B={B}: cache elements differing {bad}/{tot} ({100.0 * bad / max(tot, 1):.3f}%), "
           f"{nfar} of them by more than 1 bf16 ulp (a flipped FP8/FP4 step); pooled fp32 max ulp diff {worst_pool_ulp}")
     assert bad <= 0.01 * tot
+
+
+@gpu
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("preload", [True, False])
+@pytest.mark.usefixtures("comp_torch_reference")
+def test_gpu_block_step_matches_the_torch_deferred_decode(kind, B, preload, monkeypatch):
+    """The kernel's block form (compressor_decode_fused(block=True): the r projected rows of a closing block) against
+    the torch deferred decode on the same projections: state bits, pooled values, cache entries, over >= 2 blocks."""
+    monkeypatch.setattr(K, "COMPRESSOR_PRELOAD", preload)
+    dev = "cuda"
+    ref, angles, had = make_compressor(kind, B + 1, device=dev, defer=True)    # one spare row: left alone
+    fused, _, _ = make_compressor(kind, B + 1, device=dev, defer=True)
+    r, d = ref.ratio, ref.dim
+    g = torch.Generator().manual_seed(13)
+    pooled = torch.empty(B, d, device=dev)
+    bad = tot = 0
+    for p in range(3 * r):
+        x = torch.randn(B, 1, 64, generator=g).to(torch.bfloat16).to(dev)
+        pos = torch.tensor([p], device=dev)
+        ref.decode(x, pos, angles, had)
+        fused.keep(x, pos)
+        if (p + 1) % r:
+            continue
+        a, gg = linears(fused, fused.x_state[:B])                    # [B, r, c*d], as ref.decode projected them
+        if B == 3:                                                   # column slices of one output (strided rows)
+            ag = torch.cat([a, gg], -1)
+            a, gg = ag[..., :a.shape[-1]], ag[..., a.shape[-1]:]
+        K.compressor_decode_fused(fused, a, gg, pos, angles, had, debug_pooled=pooled, block=True)
+        torch.cuda.synchronize()
+        assert torch.equal(fused.kv_state, ref.kv_state), f"pos {p}: {where_differs(fused.kv_state, ref.kv_state)}"
+        assert torch.equal(fused.score_state, ref.score_state), p
+        j = p // r
+        n, far, wrong = entry_differences(ref, fused.kv_cache[:, j], ref.kv_cache[:, j])
+        bad, tot = bad + n, tot + B * d
+        assert wrong == 0, f"cache entry {j} differs beyond rounding after pos {p}: {n} {far}"
+        assert torch.equal(fused.kv_cache[:, j + 1:], ref.kv_cache[:, j + 1:])
+        assert torch.equal(fused.kv_cache[B:], ref.kv_cache[B:])
+    assert bad <= 0.01 * tot and fused.kv_cache[:B, :3].abs().sum() > 0
 
 
 @gpu
