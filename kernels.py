@@ -6995,6 +6995,25 @@ def compressor_decode_reference(comp, a: torch.Tensor, g: torch.Tensor, pos: tor
     return pooled
 
 
+def compressor_block_reference(comp, a: torch.Tensor, g: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor,
+                               hadamard: torch.Tensor | None) -> torch.Tensor:
+    """Torch reference of compressor_decode_fused(block=True): dsv4.Compressor.decode with deferred projections at a
+    block's last position pos, after its linears (a, g [B,r,c*d] of the block's r inputs, g without ape). Writes the
+    entry kv_cache[:, pos // r] and (overlap) this block's rows as the previous block; -> the pooled vector [B,1,d]."""
+    B, r, d = a.shape[0], comp.ratio, comp.dim
+    g = g + comp.ape
+    if comp.overlap:
+        kv = torch.cat([comp.kv_state[:B, :r, :d], a[..., d:]], 1)
+        sc = torch.cat([comp.score_state[:B, :r, :d], g[..., d:]], 1)
+    else:
+        kv, sc = a, g
+    pooled = (kv * sc.softmax(1)).sum(1, keepdim=True)
+    comp.kv_cache[:B].index_copy_(1, pos // r, comp._entry(pooled, angles[pos + 1 - r], hadamard))
+    if comp.overlap:
+        comp.kv_state[:B, :r], comp.score_state[:B, :r] = a, g
+    return pooled
+
+
 # ---------------------------------------------------------------------------------------------------------- bench
 
 

@@ -4203,6 +4203,27 @@ def test_deferred_compressor_writes_the_per_token_entries(kind, quant_sim):
     assert deferred.kv_cache[:, :(2 * r + 3) // r].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.usefixtures("comp_torch_reference")
+def test_block_reference_equals_the_deferred_compressor_decode(kind):
+    """kernels.compressor_block_reference (the block kernel's reference) makes the deferred Compressor.decode's state
+    and entries bit for bit, given the block's projections."""
+    B = 2
+    comp, angles, had = make_compressor(kind, B, defer=True)
+    ref, _, _ = make_compressor(kind, B, defer=True)
+    r = comp.ratio
+    g = torch.Generator().manual_seed(12)
+    for p in range(2 * r + 3):
+        x = torch.randn(B, 1, 64, generator=g).to(torch.bfloat16)
+        pos = torch.tensor([p])
+        comp.decode(x, pos, angles, had)
+        ref.keep(x, pos)
+        if (p + 1) % r == 0:
+            K.compressor_block_reference(ref, *linears(ref, ref.x_state[:B]), pos, angles, had)
+        for name in ("kv_state", "score_state", "kv_cache", "x_state"):
+            assert torch.equal(getattr(comp, name), getattr(ref, name)), (p, name)
+
+
 def seq_sum(vals):
     out = vals[0]
     for v in vals[1:]:
