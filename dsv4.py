@@ -1518,14 +1518,19 @@ class Transformer(nn.Module):
         return n
 
     def weight_bytes_per_token(self) -> int:
-        """Weight bytes one batch-1 decode step reads: everything but the embedding table, with only
-        num_experts_per_tok routed experts per layer."""
+        """Weight bytes a batch-1 decode step reads on average: everything but the embedding table, with only
+        num_experts_per_tok routed experts per layer, and (deferred projections) a compressor's weights once per
+        block of `ratio` tokens."""
         n = self.weight_bytes() - self.embed.weight.numel() * self.embed.weight.element_size()
         k = self.cfg.num_experts_per_tok
         for layer in self.layers:
             e = layer.ffn.experts
             per = sum(t.numel() * t.element_size() for t in (e.w13, e.w13_scale, e.w2, e.w2_scale) if t is not None)
             n -= per - per * min(k, e.num_experts) // max(e.num_experts, 1)
+        for m in self.layers.modules():
+            if isinstance(m, Compressor) and m.defer:
+                w = sum(t.numel() * t.element_size() for t in (m.wkv.weight, m.wgate.weight))
+                n -= w - w // m.ratio
         return n
 
     def cache_bytes(self) -> int:

@@ -2358,6 +2358,17 @@ def test_closing_ratios_name_the_blocks_a_token_closes(gpu_checkpoints, pos, clo
     assert model.closing_ratios(pos) == closing
 
 
+def test_weight_bytes_per_token_counts_a_compressors_weights_once_per_block(gpu_checkpoints, monkeypatch):
+    """The CLI's bandwidth line: with deferred projections a token reads 1/ratio of each compressor's weights."""
+    model = load(gpu_checkpoints["fp8"], dtype=torch.float32)
+    comps = [m for m in model.layers.modules() if isinstance(m, dsv4.Compressor)]
+    w = {id(c): sum(t.numel() * t.element_size() for t in (c.wkv.weight, c.wgate.weight)) for c in comps}
+    assert dsv4.DEFER_COMPRESSOR_PROJECTIONS and len(comps) == 5 and all(w.values())   # 2 CSA x 2 + 1 HCA
+    deferred = model.weight_bytes_per_token()
+    monkeypatch.setattr(dsv4, "DEFER_COMPRESSOR_PROJECTIONS", False)
+    assert model.weight_bytes_per_token() - deferred == sum(w[id(c)] - w[id(c)] // c.ratio for c in comps)
+
+
 @pytest.mark.parametrize("pos", [40, 41, 42, 43, 127])
 @pytest.mark.usefixtures("torch_moe")
 def test_a_decode_step_projects_a_compressors_block_only_where_it_closes(gpu_checkpoints, pos, monkeypatch):
