@@ -653,7 +653,8 @@ def hc_head(h: torch.Tensor, fn, scale, base, eps: float, norm_eps: float, norm=
 # tokens plus compressed blocks (HCA: every block; CSA: the indexer's top-k), grouped low-rank output projection.
 class Compressor(nn.Module):
     """Pools every `ratio` tokens into one KV entry with a learned per-channel softmax gate.
-    ratio 4 overlaps (each entry sees 8 tokens: A-halves of the previous block + B-halves of its own)."""
+    ratio 4 overlaps (each entry sees 8 tokens: A-halves of the previous block + B-halves of its own).
+    Decode state (defer, DEFER_COMPRESSOR_PROJECTIONS): the open block's inputs, projected when its last token comes."""
 
     def __init__(self, cfg: ModelConfig, dim: int, ratio: int, rotate: bool):
         super().__init__()
