@@ -1285,9 +1285,9 @@ def cycle_positions(model, pos: int) -> tuple[int, list[tuple[int, frozenset, in
     whose open block a token completes (that step also pools, writes and quantizes a cache entry in those layers).
     -> (L, [(position, pattern, how many positions of a cycle have it)]): pos first, then for every other pattern
     the first later position with it."""
-    ratios = {m.ratio for m in model.modules() if isinstance(m, dsv4.Compressor)}
+    ratios = model.compressor_ratios
     L = math.lcm(*ratios) if ratios else 1
-    done = lambda p: frozenset(r for r in ratios if (p + 1) % r == 0)   # noqa: E731
+    done = lambda p: frozenset(model.closing_ratios(p))   # noqa: E731
     count: dict = {}
     for p in range(L):
         count[done(p)] = count.get(done(p), 0) + 1

@@ -1363,6 +1363,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(V, D, dtype=torch.bfloat16)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(cfg, i, par) for i in range(cfg.num_hidden_layers))
+        self.compressor_ratios = sorted({cfg.ratio(i) for i in range(cfg.num_hidden_layers)} - {0})   # ascending
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
         self.head = Linear(D, V, dtype=torch.bfloat16)
         self.hc_head_fn = nn.Parameter(torch.empty(n, n * D), requires_grad=False)
@@ -1488,8 +1489,7 @@ class Transformer(nn.Module):
     def closing_ratios(self, pos: int) -> tuple:
         """The compression ratios of this model whose blocks the token at pos closes ((pos + 1) % r == 0), ascending;
         a decode step projects and pools those compressors' blocks only (DEFER_COMPRESSOR_PROJECTIONS)."""
-        ratios = sorted({self.cfg.ratio(i) for i in range(self.cfg.num_hidden_layers)} - {0})
-        return tuple(r for r in ratios if (pos + 1) % r == 0)
+        return tuple(r for r in self.compressor_ratios if (pos + 1) % r == 0)
 
     def _graph_key(self, batch: int, pos: int) -> tuple:
         """Graphs differ in what runs: the indexer's scoring (index_picks_all) and, with deferred projections, which
