@@ -1084,11 +1084,13 @@ def step_bytes(model, B: int, pos: int, touched: list[int]) -> tuple[list[int], 
             if c is None:
                 continue
             n += B * (pos // c.ratio + 1) * c.dim * c.kv_cache.element_size()   # the live entries
+            own_x = c is a.compressor or c.x_state is not a.compressor.x_state   # CSA: one shared x_state
             if c.defer and (pos + 1) % c.ratio:     # deferred, no block closes: the token's input is kept, no more
                 n -= sum(nbytes(p) for p in (c.wkv.weight, c.wgate.weight, c.ape))
-                n += nbytes(c.x_state[:B, 0])
+                n += nbytes(c.x_state[:B, 0]) if own_x else 0
             else:                                   # the open block's state (deferred: its kept inputs)
-                n += nbytes(c.kv_state[:B]) + nbytes(c.score_state[:B]) + (nbytes(c.x_state[:B]) if c.defer else 0)
+                n += nbytes(c.kv_state[:B]) + nbytes(c.score_state[:B]) + \
+                    (nbytes(c.x_state[:B]) if c.defer and own_x else 0)
         layers.append(n)
     tail = nbytes(model.head.weight) + nbytes(model.hc_head_fn) + nbytes(model.norm.weight)
     return layers, tail, B * model.embed.weight.shape[1] * model.embed.weight.element_size()
@@ -1220,6 +1222,11 @@ DECODE_ABLATIONS = [   # (label, ((module, switch, off value), ...)): each timed
     ("s37 defer: every decode step projects its token for the compressors (sessions 1-36), instead of the closing "
      "step projecting the block's kept inputs (dsv4.DEFER_COMPRESSOR_PROJECTIONS off; the floor counts the deferred "
      "step's bytes)", ((dsv4, "DEFER_COMPRESSOR_PROJECTIONS", False),)),
+    ("s38 keep: a step that closes no block keeps x twice on the indexer's lane, which its scores wait for (session "
+     "37; dsv4.KEEP_OFF_INDEX_LANE off: matters where the indexer scores, from position 2048)",
+     ((dsv4, "KEEP_OFF_INDEX_LANE", False),)),
+    ("s38 nocluster: the CSA indexer's top-k in its last-CTA form instead of one CTA cluster (kernels.TOPK_CLUSTER "
+     "off; from position 2048)", ((K, "TOPK_CLUSTER", False),)),
     ("A/A control: the default step captured again, no switch changed (this method's noise: a real effect must "
      "exceed it)", ()),
 ]

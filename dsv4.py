@@ -302,6 +302,13 @@ SKIP_INDEX_BELOW_TOPK = os.environ.get("NANO_DSV4_SKIP_INDEX", "1") != "0"
 # one graph per pattern of closing ratios (closing_ratios). Read at every step: switch it between sequences only.
 # NANO_DSV4_DEFER_PROJ=0: per token.
 DEFER_COMPRESSOR_PROJECTIONS = os.environ.get("NANO_DSV4_DEFER_PROJ", "1") != "0"
+# A deferred step that closes no block only keeps x, which nothing in the step reads. It goes on the attention
+# compressor's lane (the attention joins it), not the indexer's, whose scores wait for their lane: where the indexer
+# scores (from position 2048) two torch index_copy kernels there held its query kernel back by up to ~8 µs per CSA
+# layer (the step gains less, <= ~1 µs per layer: the top-k's cluster then waits for SMs as wq_b drains). The CSA
+# layer's two compressors keep the same x in the same rows, so they share one x_state (one copy). Off: both copies
+# on the indexer's lane, as in session 37.
+KEEP_OFF_INDEX_LANE = True
 
 
 def fp8_wo_a(device, dtype) -> bool:
@@ -952,6 +959,8 @@ class Attention(nn.Module):
         for m in (self.compressor, self.indexer and self.indexer.compressor):
             if m is not None:
                 m.setup_cache(batch, max_seq_len, dtype, device)
+        if self.indexer is not None:     # both compressors keep the same inputs (x, row = position mod 4): one tensor
+            self.indexer.compressor.x_state = self.compressor.x_state
 
     def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, query_block: int = 256,
                 all_picks: bool = False, closing: tuple | None = None):
@@ -1003,24 +1012,27 @@ class Attention(nn.Module):
         # lane 0: the compressors read x alone, so they overlap the q / kv path; the indexer's first (its scores wait
         # for it), then the attention's (only the attention waits for it). defer: x is kept for its block, which is
         # projected only where this token closes it
-        with Branch(x, on=comp is not None) as index_comp:
-            if comp is not None and comp.defer:
-                if closes is None:
-                    closes = (int(pos[0]) + 1) % self.ratio == 0
-                if closes:    # the block's last input has a fixed row; a closed block keeps no input for later
-                    comp.x_state[:B, -1:].copy_(x)
-                    ag, iag = self._compressor_inputs(comp.x_state[:B])
-                else:
-                    slot = pos % self.ratio
-                    for c in (comp, self.indexer and self.indexer.compressor):
-                        if c is not None:
-                            c.keep(x, slot=slot)
-                    ag = iag = None
-            else:
+        defer = comp is not None and comp.defer
+        if defer and closes is None:
+            closes = (int(pos[0]) + 1) % self.ratio == 0
+        keep_late = defer and not closes and KEEP_OFF_INDEX_LANE     # only x is kept: on the attention's lane
+        with Branch(x, on=comp is not None and not keep_late) as index_comp:
+            ag = iag = None
+            if defer and closes:    # the block's last input has a fixed row; a closed block keeps no input for later
+                comp.x_state[:B, -1:].copy_(x)
+                ag, iag = self._compressor_inputs(comp.x_state[:B])
+            elif defer and not keep_late:
+                slot = pos % self.ratio
+                for c in (comp, self.indexer and self.indexer.compressor):
+                    if c is not None:
+                        c.keep(x, slot=slot)
+            elif not defer:
                 ag, iag = self._compressor_inputs(x)
             if self.indexer is not None:
                 self.indexer.compressor.decode(x, pos, angles, self.indexer.hadamard, iag, closes, keep=False)
         with Branch(x, on=comp is not None) as attn_comp:
+            if keep_late:                                # x_state is shared with the indexer's compressor (CSA)
+                comp.keep(x, pos)
             if comp is not None:
                 comp.decode(x, pos, angles, None, ag, closes, keep=False)
         # lane 2: the indexer's head weights; or, where all_picks, the listed picks (they read pos alone: off the path)
@@ -1543,7 +1555,8 @@ class Transformer(nn.Module):
                 ts.append(m.kv_window)
             elif isinstance(m, Compressor):
                 ts += [m.kv_cache, m.kv_state, m.score_state, m.x_state]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        ts = list({id(t): t for t in ts if t is not None}.values())          # a CSA layer's x_state is shared
+        return sum(t.numel() * t.element_size() for t in ts)
 
 
 # ----------------------------------------------------------------------------------------------------------------

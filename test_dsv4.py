@@ -2393,6 +2393,36 @@ def test_a_decode_step_projects_a_compressors_block_only_where_it_closes(gpu_che
                                   if r and (pos + 1) % r == 0)
 
 
+def test_a_csa_layers_compressors_share_their_kept_inputs(gpu_checkpoints, monkeypatch):
+    """Both compressors of a CSA layer keep the same x in the same rows, so they hold one x_state (counted once by
+    cache_bytes), and a step that closes no block copies x into it once (dsv4.KEEP_OFF_INDEX_LANE; session 37's
+    form copied it once per compressor): same state, same logits."""
+    pos = 9                                            # closes no block of the tiny checkpoint's ratios 4 and 128
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, pos + 1), generator=torch.Generator().manual_seed(3))
+    out, states, keeps = {}, {}, []
+    keep = dsv4.Compressor.keep
+    monkeypatch.setattr(dsv4.Compressor, "keep", lambda self, *a, **k: (keeps.append(id(self)), keep(self, *a, **k)))
+    for once in (True, False):
+        monkeypatch.setattr(dsv4, "KEEP_OFF_INDEX_LANE", once)
+        model = load(gpu_checkpoints["fp8"], dtype=torch.float32, max_seq_len=64)
+        csa = [layer.attn for layer in model.layers if layer.attn.indexer is not None]
+        assert csa and all(a.indexer.compressor.x_state is a.compressor.x_state for a in csa)
+        shared = sum(a.compressor.x_state.numel() * a.compressor.x_state.element_size() for a in csa)
+        unshared = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, dsv4.Compressor)
+                       for t in (m.kv_cache, m.kv_state, m.score_state, m.x_state))
+        assert model.cache_bytes() == unshared - shared + sum(
+            a.kv_window.numel() * a.kv_window.element_size() for a in (l.attn for l in model.layers)) + sum(
+            t.numel() * t.element_size() for t in model.angles.values())
+        model(tokens[:, :pos], 0)
+        keeps.clear()
+        out[once] = model.logits(tokens[:, pos:], torch.tensor([pos]))
+        assert len(keeps) == sum(1 if once else 2 for _ in csa) + sum(
+            1 for l in model.layers if l.attn.compressor is not None and l.attn.indexer is None)
+        states[once] = [a.compressor.x_state.clone() for a in csa]
+    assert torch.equal(out[True], out[False])
+    assert all(torch.equal(a, b) for a, b in zip(states[True], states[False]))
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.usefixtures("torch_moe")
 def test_sync_free_moe_matches_the_reference(fmt):
@@ -2536,6 +2566,19 @@ def test_gpu_decode_listing_the_picks_gives_the_scoring_steps_logits(gpu_checkpo
     monkeypatch.setattr(dsv4, "SKIP_INDEX_BELOW_TOPK", False)
     scored = teacher_forced(load(path, device="cuda"), tokens, 20, decode_step)
     assert torch.isfinite(listed).all() and torch.equal(listed, scored)
+
+
+@gpu
+def test_gpu_decode_keeping_x_off_the_index_lane_gives_the_same_logits(gpu_checkpoints, monkeypatch):
+    """Where a step closes no block its one copy of x into the shared x_state runs on the attention compressor's
+    lane (dsv4.KEEP_OFF_INDEX_LANE), not before the indexer's scores: the same logits bit for bit as session 37's
+    two copies on the indexer's lane, batch 1 across CSA block ends, from listed picks into scoring (position 35)."""
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 60), generator=torch.Generator().manual_seed(11)).cuda()
+    path = gpu_checkpoints["nvfp4"]
+    late = teacher_forced(load(path, device="cuda"), tokens, 20, decode_step)
+    monkeypatch.setattr(dsv4, "KEEP_OFF_INDEX_LANE", False)
+    early = teacher_forced(load(path, device="cuda"), tokens, 20, decode_step)
+    assert torch.isfinite(late).all() and torch.equal(late, early)
 
 
 # ====================================================================================================================
