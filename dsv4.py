@@ -661,7 +661,8 @@ def hc_head(h: torch.Tensor, fn, scale, base, eps: float, norm_eps: float, norm=
 class Compressor(nn.Module):
     """Pools every `ratio` tokens into one KV entry with a learned per-channel softmax gate.
     ratio 4 overlaps (each entry sees 8 tokens: A-halves of the previous block + B-halves of its own).
-    Decode state (defer, DEFER_COMPRESSOR_PROJECTIONS): the open block's inputs, projected when its last token comes."""
+    Decode state (defer, DEFER_COMPRESSOR_PROJECTIONS): the open block's inputs, projected when its last token comes
+    (x_state; a CSA layer's two compressors keep the same inputs and share one tensor: Attention.setup_cache)."""
 
     def __init__(self, cfg: ModelConfig, dim: int, ratio: int, rotate: bool):
         super().__init__()
@@ -1011,7 +1012,8 @@ class Attention(nn.Module):
         closes = None if comp is None or closing is None else self.ratio in closing
         # lane 0: the compressors read x alone, so they overlap the q / kv path; the indexer's first (its scores wait
         # for it), then the attention's (only the attention waits for it). defer: x is kept for its block, which is
-        # projected only where this token closes it
+        # projected only where this token closes it; a step that closes nothing only keeps x (one copy, shared by a
+        # CSA layer's two compressors), on the attention's branch (KEEP_OFF_INDEX_LANE)
         defer = comp is not None and comp.defer
         if defer and closes is None:
             closes = (int(pos[0]) + 1) % self.ratio == 0
