@@ -88,9 +88,9 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def ratio(self, layer: int) -> int:
-        """Compression ratio of a main layer: 0 (window only), 4 (CSA + indexer) or 128 (HCA).
-        compress_ratios may carry one extra entry (the MTP block); it is ignored."""
-        return int(self.compress_ratios[layer])
+        """Compression ratio of a layer: 0 (window only), 4 (CSA + indexer) or 128 (HCA). The MTP block (layer
+        num_hidden_layers) is window-only: compress_ratios may carry its 0 as one extra entry, or not."""
+        return int(self.compress_ratios[layer]) if layer < self.num_hidden_layers else 0
 
     @property
     def rope_dim(self) -> int:
@@ -1337,6 +1337,31 @@ class Block(nn.Module):
         return h, (self.ffn(x, tokens, unsummed=True) if fold else self.ffn(x, tokens), post, comb)
 
 
+class MTPBlock(Block):
+    """Multi-token prediction (mtp.0; for speculative decoding only, never part of the ordinary logits): the main
+    model's final streams h_t [B,S,n,D] and the embedding of the next token t+1 -> one more block (layer id
+    num_hidden_layers: window-only attention, a non-hash router) -> logits for token t+2, through the main model's
+    embed and head with this block's own hc_head and norm."""
+
+    def __init__(self, cfg: ModelConfig, par: Parallel = Parallel()):
+        super().__init__(cfg, cfg.num_hidden_layers, par)
+        D, n = cfg.hidden_size, cfg.hc_mult
+        self.e_proj, self.h_proj = Linear(D, D), Linear(D, D)                 # FP8 on disk
+        self.enorm, self.hnorm, self.norm = (RMSNorm(D, cfg.rms_norm_eps) for _ in range(3))
+        self.hc_head_fn = nn.Parameter(torch.empty(n, n * D), requires_grad=False)
+        self.hc_head_base = nn.Parameter(torch.empty(n), requires_grad=False)
+        self.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
+
+    def forward(self, h, start_pos: int, next_tokens, model: "Transformer") -> torch.Tensor:
+        """h [B,S,n,D]: the main model's streams at positions start_pos.. (Transformer.streams), next_tokens [B,S]:
+        the tokens that follow them -> [B,S,V] fp32 logits of the token after each of those."""
+        e = self.enorm(model.embed_tokens(next_tokens))
+        x = self.e_proj(e).unsqueeze(2) + self.h_proj(self.hnorm(h))       # one embedding into every stream
+        x, pending = super().forward(x, start_pos, next_tokens, model.angles[False])
+        x = hc_post(summed(pending[0]), x, pending[1], pending[2])
+        return model.head_logits(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class DecodeGraph:
@@ -1369,7 +1394,7 @@ class DecodeGraph:
 class Transformer(nn.Module):
     """embed -> hc_mult streams -> blocks -> hc_head -> norm -> head (fp32 logits for every position)."""
 
-    def __init__(self, cfg: ModelConfig, par: Parallel = Parallel()):
+    def __init__(self, cfg: ModelConfig, par: Parallel = Parallel(), mtp: bool = False):
         super().__init__()
         self.cfg, self.par = cfg, par
         D, n = cfg.hidden_size, cfg.hc_mult
@@ -1377,6 +1402,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(V, D, dtype=torch.bfloat16)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(cfg, i, par) for i in range(cfg.num_hidden_layers))
+        # mtp: the checkpoint's draft block(s) for speculative decoding (generate_speculative); ~one layer of memory
+        self.mtp = nn.ModuleList(MTPBlock(cfg, par) for _ in range(cfg.num_nextn_predict_layers if mtp else 0))
         self.compressor_ratios = sorted({cfg.ratio(i) for i in range(cfg.num_hidden_layers)} - {0})   # ascending
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
         self.head = Linear(D, V, dtype=torch.bfloat16)
@@ -1437,11 +1464,13 @@ class Transformer(nn.Module):
         self.decode_graphs.clear()                                   # they point at the old buffers
         self.angles = {False: rope_freqs(self.cfg, False, max_seq_len).to(dev),
                        True: rope_freqs(self.cfg, True, max_seq_len).to(dev)}
-        for layer in self.layers:
+        for layer in list(self.layers) + list(self.mtp):
             layer.attn.setup_cache(max_batch_size, max_seq_len, dt, dev)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, streams: bool = False) -> torch.Tensor:
+        """tokens [B,S] at positions start_pos.. -> fp32 logits [B,S,V] (streams: the final residual streams
+        [B,S,n,D] instead, for the MTP block; head_logits turns them into the logits)."""
         B, S = tokens.shape
         if B > self.max_batch_size or start_pos + S > self.max_seq_len or S < 1:
             raise ValueError(f"batch {B} x positions {start_pos}..{start_pos + S} exceed the cache "
@@ -1450,7 +1479,7 @@ class Transformer(nn.Module):
             for m in self.modules():
                 if isinstance(m, Compressor):
                     m.reset(B)
-        return self.logits(tokens, start_pos)
+        return self.streams(tokens, start_pos) if streams else self.logits(tokens, start_pos)
 
     def logits(self, tokens: torch.Tensor, start_pos, all_picks: bool = False, closing: tuple | None = None
                ) -> torch.Tensor:
@@ -1458,15 +1487,25 @@ class Transformer(nn.Module):
         with S = 1 (the decode step: static shapes, no host sync, CUDA-graph capturable; all_picks: the caller knows
         that start_pos is one of index_picks_all's positions; closing: closing_ratios(start_pos), else read from
         start_pos by a host sync)."""
+        return self.head_logits(self.streams(tokens, start_pos, all_picks, closing))
+
+    def streams(self, tokens: torch.Tensor, start_pos, all_picks: bool = False, closing: tuple | None = None
+                ) -> torch.Tensor:
+        """logits' body: the final residual streams [B,S,n,D] (what the MTP block reads)."""
         if torch.is_tensor(start_pos) and closing is None and DEFER_COMPRESSOR_PROJECTIONS:
             closing = self.closing_ratios(int(start_pos[0]))
         h = self.embed_tokens(tokens).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)   # [B,S,n,D]
         pending = None
         for layer in self.layers:
             h, pending = layer(h, start_pos, tokens, self.angles[layer.attn.ratio > 0], pending, all_picks, closing)
-        h = hc_post(summed(pending[0]), h, pending[1], pending[2])
-        x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps, self.cfg.rms_norm_eps,
-                    self.norm)
+        return hc_post(summed(pending[0]), h, pending[1], pending[2])
+
+    def head_logits(self, h: torch.Tensor, fn=None, scale=None, base=None, norm=None) -> torch.Tensor:
+        """Streams [B,S,n,D] -> hc_head -> norm -> fp32 logits [B,S,V] (fn, scale, base, norm: the MTP block's own
+        hc_head and norm instead of the model's)."""
+        x = hc_head(h, self.hc_head_fn if fn is None else fn, self.hc_head_scale if scale is None else scale,
+                    self.hc_head_base if base is None else base, self.cfg.hc_eps, self.cfg.rms_norm_eps,
+                    self.norm if norm is None else norm)
         return all_gather(matmul_fp32(x, self.head.weight), self.par)  # [B,S,V]
 
     @torch.inference_mode()
@@ -1596,7 +1635,7 @@ GEMV_PACK = os.environ.get("NANO_DSV4_GEMV_PACK", "all")   # FP8 weights load_mo
 
 def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", dtype=torch.bfloat16,
                 max_seq_len: int = 4096, max_batch_size: int = 1, repack: bool | None = None,
-                wo_a_fp8: bool | None = None, gemv_pack: str | None = None) -> dict:
+                wo_a_fp8: bool | None = None, gemv_pack: str | None = None, mtp: bool = False) -> dict:
     """Bytes one rank holds after load_model, from the meta-device model with this rank's sharding:
     {"dense": every parameter in its load dtype, "experts": this rank's routed experts, "kv_cache": the decode state
     of setup_cache(max_batch_size, max_seq_len)}. fmt is the checkpoint format: "fp8" (official: FP8 linears + MXFP4
@@ -1605,14 +1644,15 @@ def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", 
     FP8 (what load_model keeps where fp8_wo_a(device, dtype), FP8 checkpoints only); None = as on Hopper with the
     default kernels: for a bf16 model. gemv_pack: Transformer.pack_gemv_weights' scope as load_model runs it
     ("gemv_packed": the bytes held twice: "all" = every FP8 linear's packed copy; "wo_a" replaces wo_a's [N, K]
-    by its packed copy of the same size: 0); None = as on Hopper with the default switches (GEMV_PACK)."""
+    by its packed copy of the same size: 0); None = as on Hopper with the default switches (GEMV_PACK). mtp: with the
+    MTP block (load_model(mtp=True))."""
     import kernels
     if wo_a_fp8 is None:
         wo_a_fp8 = dtype == torch.bfloat16
     if gemv_pack is None:
         gemv_pack = GEMV_PACK if kernels.GEMV_PACKED and kernels.HAVE_CUTE else ""
     with torch.device("meta"):
-        model = Transformer(cfg, par)
+        model = Transformer(cfg, par, mtp)
         if wo_a_fp8 and fmt != "bf16":
             model.keep_wo_a_fp8()
         model.embed.weight = nn.Parameter(torch.empty_like(model.embed.weight, dtype=dtype), requires_grad=False)
@@ -1637,7 +1677,7 @@ def memory_plan(cfg: ModelConfig, par: Parallel = Parallel(), fmt: str = "fp8", 
     if (repack if repack is not None else e.fmt != "bf16") and hasattr(kernels, "weight_bytes_per_expert"):
         per_layer += e.num_experts * kernels.weight_bytes_per_expert(e.fmt, cfg.hidden_size, cfg.moe_intermediate_size) \
             - sum(t.numel() * t.element_size() for t in stored)     # the kernel's records replace the stored form
-    experts = cfg.num_hidden_layers * per_layer
+    experts = (cfg.num_hidden_layers + len(model.mtp)) * per_layer
     packed = 0                                                   # Transformer.pack_gemv_weights' copies
     if gemv_pack == "all" and fmt != "bf16":
         packed = sum(-(-m.out_features // 16) * 16 * m.in_features for m in model.modules()
@@ -1661,27 +1701,28 @@ def check_fits(plan: dict, device: torch.device, max_seq_len: int, reserve: int 
 
 
 def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int = 4096, max_batch_size: int = 1,
-               quant_sim: bool = True, parallel: Parallel | None = None, log=None) -> Transformer:
+               quant_sim: bool = True, parallel: Parallel | None = None, log=None, mtp: bool = False) -> Transformer:
     """Build the model for a checkpoint folder (config.json + safetensors) and load its weights onto `device`.
     parallel: this rank's place (default: the torch.distributed world); each rank reads only its own tensors and
-    slices. log: called with progress lines. Raises weights.CheckpointError for a bad checkpoint, ShardError for a
+    slices. log: called with progress lines. mtp: also the MTP block (model.mtp, for generate_speculative).
+    Raises weights.CheckpointError for a bad checkpoint (or, with mtp, one without an MTP block), ShardError for a
     world size that does not divide the model, NotEnoughMemory (before allocating) when a GPU cannot hold its part."""
     import kernels
     import weights
-    ckpt = weights.load_checkpoint(path)                         # validates every tensor header first
+    ckpt = weights.load_checkpoint(path, mtp=mtp)                # validates every tensor header first
     cfg = ModelConfig.from_dict(ckpt.config)
     device = torch.device(device)
     par = Parallel.current() if parallel is None else parallel
     keep_fp8 = ckpt.fmt != "bf16" and fp8_wo_a(device, dtype)   # wo_a FP8 in memory, for the grouped decode kernel
     with torch.device("meta"):
-        model = Transformer(cfg, par)
+        model = Transformer(cfg, par, mtp)
         if keep_fp8:
             model.keep_wo_a_fp8()
     if device.type == "cuda":
         probe = torch.empty(1, cfg.hidden_size, dtype=dtype, device=device)
         repack = kernels.kernel_unavailable_reason(probe, meta_experts(cfg, 1, ckpt.fmt, dtype)) is None
-        check_fits(memory_plan(cfg, par, ckpt.fmt, dtype, max_seq_len, max_batch_size, repack, keep_fp8), device,
-                   max_seq_len)
+        check_fits(memory_plan(cfg, par, ckpt.fmt, dtype, max_seq_len, max_batch_size, repack, keep_fp8, mtp=mtp),
+                   device, max_seq_len)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
     for name, m in linears.items():
         w, s = shard(name, *ckpt.linear(name), m.weight.shape, par)
@@ -1707,9 +1748,11 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, max_seq_len: int =
         else:
             t = t.to(device=device, dtype=dtype)
         setattr(model.get_submodule(mod_name), attr, nn.Parameter(t, requires_grad=False))
-    for i, layer in enumerate(model.layers):
+    blocks = list(enumerate(model.layers)) + [(f"mtp.{j}", b) for j, b in enumerate(model.mtp)]
+    for i, layer in blocks:
         if log is not None:
-            log(f"dsv4: loading layer {i + 1}/{len(model.layers)}" + (f" on {par.size} ranks" if par.size > 1 else ""))
+            log(f"dsv4: loading layer {i + 1 if isinstance(i, int) else i}/{len(model.layers)}" +
+                (f" on {par.size} ranks" if par.size > 1 else ""))
         e0 = layer.ffn.expert_offset                               # this rank's experts only
         e = ckpt.experts(i, expert_ids=range(e0, e0 + layer.ffn.experts.num_experts))
         e = kernels.Experts(e.fmt, *(None if t is None else t.to(device) for t in
@@ -1885,6 +1928,8 @@ class Generation:
     sampled: int                      # tokens sampled, EOS included
     seed: int = 0
     text: str = ""                    # streamed text (only when a tokenizer was given)
+    drafts: int = 0                   # generate_speculative: MTP drafts checked by the model
+    accepted: int = 0                 # ... and kept
 
     @property
     def prefill_tok_s(self) -> float:
@@ -1970,15 +2015,118 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
                       decode_s=t_last - t_first, sampled=sampled, seed=seed, text="".join(pieces))
 
 
+# Speculative decoding with the checkpoint's MTP block (greedy): each main-model pass verifies the last token and the
+# MTP block's draft of the next one at two positions; the draft is kept where the model's own greedy choice agrees, so
+# the tokens are exactly generate(temperature=0)'s, one or two per pass. A rejected draft left its position's state
+# behind: the window ring slot, the compressors' kept row and a closed block's cache entry are rewritten when the
+# right token comes (and the ring slot's old entry is out of every later window), but where the draft's position
+# closed a compressor block the block's overlap state has moved on and the kept row of the token before it was never
+# written: there the compressor states and the ring slot are put back and that token is fed again alone. (CPU / eager
+# path: the CUDA-graph step takes one token per sequence.)
+def _rollback_states(model, slot: int) -> list[torch.Tensor]:
+    """The state a rejected draft at ring slot `slot` may spoil beyond repair: every compressor's overlap state and
+    kept inputs, and that slot of every main layer's window ring (views)."""
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, Compressor):
+            for t in (m.kv_state, m.score_state, m.x_state):
+                seen.setdefault(id(t), t)                            # a CSA layer's x_state is shared
+    return list(seen.values()) + [layer.attn.kv_window[:, slot] for layer in model.layers]
+
+
+@torch.inference_mode()
+def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1, on_text=None, tokenizer=None
+                         ) -> Generation:
+    """Greedy generation (generate(temperature=0)'s tokens) with model.mtp[0] drafting one token ahead (load_model(
+    mtp=True)); batch 1, the model's eager forward. Generation.drafts / .accepted count the drafts checked and kept."""
+    if not len(getattr(model, "mtp", ())):
+        raise ValueError("speculative decoding needs the MTP block: load_model(..., mtp=True)")
+    if on_text is not None and tokenizer is None:
+        raise ValueError("on_text needs a tokenizer")
+    mtp = model.mtp[0]
+    device = model.embed.weight.device
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1).to(device)
+    n_prompt, max_seq_len = ids.shape[1], model.max_seq_len
+    if n_prompt == 0:
+        raise ValueError("empty prompt")
+    if n_prompt > max_seq_len:
+        raise ValueError(f"prompt of {n_prompt} tokens is longer than the cache (max_seq_len {max_seq_len})")
+    n_new = min(max_new_tokens, max_seq_len - n_prompt + 1)        # as generate: the last token is never fed
+    stop = "max_new_tokens" if n_new == max_new_tokens else "max_seq_len"
+    ratios = sorted({m.ratio for m in model.modules() if isinstance(m, Compressor)})
+    stream = StreamDecoder(tokenizer) if tokenizer is not None else None
+    pieces, tokens, sampled, drafts, accepted = [], [], 0, 0, 0
+
+    def emit(piece):
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+    t0 = t_first = t_last = time.perf_counter()
+    if n_new > 0:
+        h = model(ids, 0, streams=True)                              # [1,n,hc,D]
+        cur = model.head_logits(h[:, -1:])[:, -1].argmax(-1)         # [1]: the token at position n_prompt
+        draft = mtp(h, 0, torch.cat([ids[:, 1:], cur[:, None]], 1), model)[:, -1].argmax(-1)
+        t_first = t_last = time.perf_counter()
+    p, done = n_prompt, False                                        # cur sits at position p, not fed yet
+    while not done and sampled < n_new:
+        new, step_h = [cur], None
+        if sampled + 1 >= n_new:                                     # the last token: emitted, never fed
+            pass
+        elif p + 2 <= max_seq_len:                                   # room to feed cur and the draft
+            closes = any((p + 2) % r == 0 for r in ratios)           # the draft's position closes a block
+            slot = (p + 1) % model.cfg.sliding_window
+            saved = [t.clone() for t in _rollback_states(model, slot)] if closes else None
+            h = model(torch.stack([cur, draft], 1), p, streams=True)  # [1,2,hc,D]
+            nxt = model.head_logits(h).argmax(-1)                    # [1,2]
+            drafts += 1
+            if bool(nxt[0, 0] == draft[0]):
+                accepted += 1
+                new.append(draft)
+                step_h, step_next, cur = h, torch.stack([draft, nxt[:, 1]], 1), nxt[:, 1]
+            else:
+                if closes:                                           # back to the state after position p - 1
+                    for t, old in zip(_rollback_states(model, slot), saved):
+                        t.copy_(old)
+                    h = model(cur.view(1, 1), p, streams=True)
+                step_h, step_next, cur = h[:, :1], nxt[:, :1], nxt[:, 0]
+        else:                                                        # one position left in the cache
+            step_h = model(cur.view(1, 1), p, streams=True)
+            cur = model.head_logits(step_h)[:, -1].argmax(-1)
+            step_next = cur.view(1, 1)
+        for t in new:
+            tok, sampled = int(t), sampled + 1
+            if sampled > 1:
+                t_last = time.perf_counter()
+            if tok == eos_id:
+                stop, done = "eos", True
+                break
+            tokens.append(tok)
+            if stream is not None:
+                emit(stream.push(tok))
+        if done or sampled >= n_new:
+            break
+        draft = mtp(step_h, p, step_next, model)[:, -1].argmax(-1)   # the MTP block over the fed positions
+        p += step_h.shape[1]
+    if stream is not None:
+        emit(stream.flush())
+    return Generation(tokens=tokens, stop=stop, prompt_tokens=n_prompt, prefill_s=t_first - t0,
+                      decode_s=t_last - t_first, sampled=sampled, text="".join(pieces), drafts=drafts,
+                      accepted=accepted)
+
+
 def stats_line(g: Generation, weight_bytes_per_token: float | None = None) -> str:
     s = f"dsv4: prompt {g.prompt_tokens} tok, prefill {g.prefill_s:.3f} s ({g.prefill_tok_s:.1f} tok/s)"
     s += f" | {g.sampled} new tok, decode {g.decode_s:.3f} s"
     if g.sampled > 1:
         s += f" ({g.decode_tok_s:.1f} tok/s"
-        if weight_bytes_per_token:
+        if weight_bytes_per_token and not g.drafts:                 # (speculative: not one pass per token)
             s += f", {weight_bytes_per_token * g.decode_tok_s / 1e9:.1f} GB/s weights"
         s += ")"
-    return s + f" | stop {g.stop} | seed {g.seed}"
+    if g.drafts:                                                     # generate_speculative
+        s += f" | mtp drafts kept {g.accepted}/{g.drafts}"
+    return s + f" | stop {g.stop}" + ("" if g.drafts else f" | seed {g.seed}")
 
 
 def weight_bytes_per_token(model) -> float | None:
@@ -2002,7 +2150,8 @@ EMBEDDED_CONFIG = dict(
     compress_ratios=[0, 4, 128, 4, 0],          # 4 main layers (window, CSA, HCA, CSA) + the MTP block (window)
     num_nextn_predict_layers=1,   # quantization_config / expert_dtype: set by write_checkpoint for the format
 )
-EMBEDDED_FMT, EMBEDDED_SEED, EMBEDDED_VERSION = "nvfp4", 0, 1   # bump the version when the writer's output changes
+EMBEDDED_FMT, EMBEDDED_SEED, EMBEDDED_VERSION = "nvfp4", 0, 2   # bump the version when the writer's output changes
+# (version 2: with its MTP block, for --mtp)
 
 
 def cache_root() -> str:
@@ -2038,7 +2187,7 @@ def embedded_checkpoint(log=None) -> str:
     except OSError as e:
         raise CLIError(f"cannot create the cache folder {cache_root()}: {e.strerror} (set NANO_DSV4_CACHE)") from None
     try:
-        weights.write_checkpoint(tmp, config, EMBEDDED_FMT, EMBEDDED_SEED)
+        weights.write_checkpoint(tmp, config, EMBEDDED_FMT, EMBEDDED_SEED, mtp=True)
         for f in TOKENIZER_FILES:
             shutil.copyfile(os.path.join(tok_dir, f), os.path.join(tmp, f))
         try:
@@ -2084,6 +2233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default bf16)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
+    p.add_argument("--mtp", action="store_true",
+                   help="speculative decoding with the checkpoint's MTP block: greedy (temperature 0), the same "
+                        "tokens, up to two per model pass; CPU path only so far")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory each GPU needs (weights, KV cache) for --ckpt (a checkpoint folder, or just "
                         "its config.json) on --world-size GPUs, and exit without loading")
@@ -2152,6 +2304,8 @@ def _validate(args):
         raise CLIError("--top-k must be >= 0")
     if args.max_seq_len < 1:
         raise CLIError("--max-seq-len must be >= 1")
+    if args.mtp and args.temperature not in (None, 0):
+        raise CLIError("--mtp decodes greedily: leave out --temperature or set it to 0")
     if args.dry_run:
         if args.world_size is not None and args.world_size < 1:
             raise CLIError("--world-size must be >= 1")
@@ -2161,11 +2315,11 @@ def _validate(args):
         raise CLIError("--world-size plans a --dry-run; to run on N GPUs launch: torchrun --nproc-per-node N dsv4.py ...")
 
 
-def _load(ckpt: str, device, dtype, max_seq_len: int, embedded: bool):
+def _load(ckpt: str, device, dtype, max_seq_len: int, embedded: bool, mtp: bool = False):
     from weights import CheckpointError
     try:
         return load_model(ckpt, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=1,
-                          log=_note if Parallel.current().size > 1 else None)
+                          log=_note if Parallel.current().size > 1 else None, **({"mtp": True} if mtp else {}))
     except (ShardError, NotEnoughMemory) as e:
         raise CLIError(str(e)) from None
     except (CheckpointError, OSError, json.JSONDecodeError) as e:
@@ -2193,11 +2347,14 @@ def _run(args) -> int:
     if args.dry_run:
         return _dry_run(args)
     par, device = _join_world(resolve_device(args.device))    # torchrun: this rank's place and GPU; else size 1
+    if args.mtp and (device.type != "cpu" or par.size > 1):
+        raise CLIError("--mtp runs on the CPU path only so far (the CUDA graph decode step takes one token per "
+                       "sequence): add --device cpu, one process")
     embedded = args.ckpt is None
     ckpt = embedded_checkpoint(log=_note) if embedded else check_ckpt_dir(args.ckpt)
     tokenizer = load_tokenizer(ckpt)
     defaults = sampling_defaults(ckpt)
-    temperature = defaults["temperature"] if args.temperature is None else args.temperature
+    temperature = 0.0 if args.mtp else defaults["temperature"] if args.temperature is None else args.temperature
     top_p = defaults["top_p"] if args.top_p is None else args.top_p
     top_k = defaults["top_k"] if args.top_k is None else args.top_k
     max_new = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if embedded else DEFAULT_MAX_NEW_TOKENS)
@@ -2224,7 +2381,7 @@ def _run(args) -> int:
     if embedded:
         _note(f"dsv4: no --ckpt: using the embedded demo model at {ckpt}. Its weights are RANDOM: "
               "the text is gibberish, only the machinery is real.")
-    model = _load(ckpt, device, DTYPES[args.dtype], args.max_seq_len, embedded)
+    model = _load(ckpt, device, DTYPES[args.dtype], args.max_seq_len, embedded, args.mtp)
     config = getattr(model, "config", None) or getattr(model, "cfg", None)
     vocab_size, eos_id = getattr(config, "vocab_size", None), getattr(config, "eos_token_id", 1)
     bytes_per_token = weight_bytes_per_token(model)
@@ -2234,8 +2391,9 @@ def _run(args) -> int:
     def run_one(ids):
         nonlocal seed
         try:
-            g = generate(model, ids, max_new, temperature, top_p, top_k, seed, eos_id, on_text=_write,
-                         tokenizer=tokenizer)
+            g = generate_speculative(model, ids, max_new, eos_id, on_text=_write, tokenizer=tokenizer) if args.mtp \
+                else generate(model, ids, max_new, temperature, top_p, top_k, seed, eos_id, on_text=_write,
+                              tokenizer=tokenizer)
         except torch.cuda.OutOfMemoryError:
             raise CLIError("out of GPU memory during generation (try a smaller --max-seq-len)") from None
         seed += 1   # the next turn samples afresh, reproducibly

@@ -1724,6 +1724,7 @@ ERROR_CASES = {
     "bad_top_p": (["--prompt", "hi", "--top-p", "0"], "--top-p"),
     "negative_temperature": (["--prompt", "hi", "--temperature", "-1"], "--temperature"),
     "missing_ckpt": (["--prompt", "hi", "--ckpt", "/nonexistent/dsv4-ckpt"], "does not exist"),
+    "mtp_sampling": (["--prompt", "hi", "--mtp", "--temperature", "0.7"], "--mtp decodes greedily"),
 }
 
 
@@ -1740,6 +1741,13 @@ def test_cli_cuda_without_gpu(capsys, empty_cache, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, out, err = _main(capsys, ["--prompt", "hi", "--device", "cuda"])
     assert code == 2 and out == "" and err == "dsv4: error: --device cuda: no CUDA GPU is available\n"
+    assert not empty_cache.exists()
+
+
+def test_cli_mtp_on_a_gpu_is_a_user_error(capsys, empty_cache, monkeypatch):
+    monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda"))
+    code, out, err = _main(capsys, ["--prompt", "hi", "--mtp", "--device", "cuda"])
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--mtp runs on the CPU path only" in err
     assert not empty_cache.exists()
 
 
@@ -1851,9 +1859,9 @@ def test_embedded_config_has_every_feature():
 def test_embedded_build_is_safe_under_concurrency(empty_cache, monkeypatch):
     writes = []
 
-    def slow_writer(path, config, fmt, seed):
+    def slow_writer(path, config, fmt, seed, mtp=False):
         writes.append(path)
-        assert os.path.isdir(path) and fmt == "nvfp4" and config.vocab_size == 129280
+        assert os.path.isdir(path) and fmt == "nvfp4" and config.vocab_size == 129280 and mtp
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config.to_dict(), f)
         time.sleep(0.3)                                                # both builders overlap
@@ -1903,6 +1911,16 @@ def test_embedded_end_to_end_greedy_is_deterministic(demo_cache, demo_model):
     assert len([l for l in a.stderr.splitlines() if "prefill" in l and "tok/s" in l]) == 1
     b = _run_cli(demo_cache, "--prompt", "Hello, DeepSeek", "--temperature", "0")
     assert b.returncode == 0 and b.stdout == a.stdout
+
+
+@needs_tokenizer
+def test_embedded_mtp_speculative_decoding_runs_from_the_cli(demo_cache, demo_model):
+    """--mtp on the demo model (its checkpoint carries the MTP block): greedy text and one stats line that counts the
+    drafts (the random-weight MTP block's drafts are rarely kept)."""
+    r = _run_cli(demo_cache, "--prompt", "Hello, DeepSeek", "--mtp")
+    assert r.returncode == 0, r.stderr
+    stats = [l for l in r.stderr.splitlines() if "prefill" in l]
+    assert r.stdout.strip() and len(stats) == 1 and "mtp drafts kept" in stats[0] and "seed" not in stats[0]
 
 
 @needs_tokenizer
@@ -2391,6 +2409,107 @@ def test_a_decode_step_projects_a_compressors_block_only_where_it_closes(gpu_che
     model.logits(tokens[:, pos:], torch.tensor([pos]))
     assert sorted(rows) == sorted((r, r) for layer in model.layers for r in [layer.attn.ratio]
                                   if r and (pos + 1) % r == 0)
+
+
+# ------------------------------------------------------------------ the MTP block and speculative decoding (session 38)
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tmp_path_factory):
+    """The tiny nvfp4 checkpoint with its MTP block (mtp.0.*)."""
+    return weights.write_checkpoint(str(tmp_path_factory.mktemp("mtp_ckpt") / "nvfp4"), TINY_GPU, "nvfp4", 0, mtp=True)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_the_mtp_block_is_one_window_layer_plus_its_projections_and_head(fmt):
+    inv = weights.checkpoint_inventory(dsv4.ModelConfig(**TINY_GPU), fmt, mtp=True)
+    main = weights.checkpoint_inventory(dsv4.ModelConfig(**TINY_GPU), fmt)
+    extra = [n for n in inv if n not in main]
+    assert extra and all(n.startswith("mtp.0.") for n in extra) and list(inv)[:len(main)] == list(main)
+    for n in ("mtp.0.e_proj.weight", "mtp.0.e_proj.scale", "mtp.0.h_proj.weight", "mtp.0.enorm.weight",
+              "mtp.0.hnorm.weight", "mtp.0.norm.weight", "mtp.0.hc_head_fn", "mtp.0.ffn.gate.bias",
+              "mtp.0.attn.wq_b.weight", "mtp.0.ffn.experts.7.w2.weight", "mtp.0.ffn.shared_experts.w1.weight"):
+        assert n in extra, n
+    assert not any(".compressor." in n or ".indexer." in n or n.endswith("tid2eid") for n in extra)   # window-only
+
+
+def test_load_model_reads_the_mtp_block_only_when_asked(mtp_checkpoint, gpu_checkpoints):
+    plain = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=64)
+    m = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=64, mtp=True)
+    assert len(plain.mtp) == 0 and len(m.mtp) == 1 and m.mtp[0].attn.ratio == 0 and not m.mtp[0].ffn.gate.hash
+    assert all(torch.isfinite(t.float()).all() for t in m.mtp.parameters())
+    assert m.mtp[0].e_proj.scale is not None                          # FP8 with its block scales, as on disk
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain(tokens, 0), m(tokens, 0))              # the main model does not see it
+    h = m(tokens, 0, streams=True)
+    assert h.shape == (1, 9, TINY_GPU.get("hc_mult", 4), TINY_GPU["hidden_size"])
+    assert torch.equal(m.head_logits(h), m(tokens, 0))
+    draft = m.mtp[0](h, 0, tokens.roll(-1, 1), m)
+    assert draft.shape == (1, 9, TINY_GPU["vocab_size"]) and torch.isfinite(draft).all()
+    with pytest.raises(weights.CheckpointError, match="no MTP block"):
+        dsv4.load_model(gpu_checkpoints["nvfp4"], max_seq_len=64, mtp=True)
+    plan = dsv4.memory_plan(dsv4.ModelConfig(**TINY_GPU), fmt="nvfp4", repack=False)
+    plan_mtp = dsv4.memory_plan(dsv4.ModelConfig(**TINY_GPU), fmt="nvfp4", repack=False, mtp=True)
+    assert plan_mtp["experts"] == plan["experts"] * 5 // 4 and plan_mtp["dense"] > plan["dense"]
+
+
+def test_the_mtp_block_over_a_chunk_is_the_mtp_block_token_by_token(mtp_checkpoint):
+    """Its window cache: drafting over 12 positions at once equals 12 one-position calls (fp32, quant sims off)."""
+    m = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=64, mtp=True, quant_sim=False)
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 13), generator=torch.Generator().manual_seed(1))
+    h = m(tokens[:, :12], 0, streams=True)
+    whole = m.mtp[0](h, 0, tokens[:, 1:], m)
+    steps = torch.cat([m.mtp[0](h[:, q:q + 1], q, tokens[:, q + 1:q + 2], m) for q in range(12)], 1)
+    assert ((whole - steps).norm() / whole.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("drafts", ["mtp", "right", "alternate", "wrong-at-block-ends"])
+def test_speculative_greedy_gives_the_plain_greedy_tokens(mtp_checkpoint, drafts, monkeypatch):
+    """generate_speculative == generate(temperature=0), token for token, over positions 100..139 (CSA blocks close every
+    4th, the HCA block at 127, the window ring wraps at 128), whatever the drafts: the MTP block's own (random
+    weights: almost never right), always right, right every other time, or wrong exactly where the draft's position
+    closes a block (the rollback that puts the state back). fp32 with the quant sims off, so one- and two-position
+    passes agree to rounding and no near-tie flips."""
+    m = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=256, mtp=True, quant_sim=False)
+    prompt = torch.randint(2, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    plain = dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)
+    seq = prompt + plain.tokens
+    if drafts != "mtp":                       # an oracle in the MTP block's place (its own forward still runs)
+        forward = dsv4.MTPBlock.forward
+
+        def oracle(self, h, start_pos, next_tokens, model):
+            logits = forward(self, h, start_pos, next_tokens, model)
+            q = start_pos + h.shape[1] + 1                           # the position the last row drafts
+            right = q < len(seq) and (drafts == "right" or (drafts == "alternate" and q % 2 == 0) or
+                                      (drafts == "wrong-at-block-ends" and (q + 1) % 4 != 0))
+            tok = seq[q] if right else (seq[q] + 1) % TINY_GPU["vocab_size"] if q < len(seq) else 0
+            logits[:, -1] = -1e9
+            logits[:, -1, tok] = 1e9
+            return logits
+
+        monkeypatch.setattr(dsv4.MTPBlock, "forward", oracle)
+    spec = dsv4.generate_speculative(m, prompt, 40, eos_id=-1)
+    assert spec.tokens == plain.tokens and spec.sampled == plain.sampled == 40
+    assert spec.drafts > 0 and spec.accepted <= spec.drafts
+    if drafts == "right":
+        assert spec.accepted == spec.drafts and spec.drafts <= 21            # two tokens per pass
+    elif drafts != "mtp":
+        assert 0 < spec.accepted < spec.drafts
+
+
+def test_speculative_generation_stops_at_eos_and_needs_the_mtp_block(mtp_checkpoint, gpu_checkpoints):
+    m = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=256, mtp=True, quant_sim=False)
+    prompt = [5, 6, 7, 8]
+    plain = dsv4.generate(m, prompt, 20, temperature=0, eos_id=-1)
+    eos = plain.tokens[7]
+    first = plain.tokens.index(eos)
+    spec = dsv4.generate_speculative(m, prompt, 20, eos_id=eos)
+    assert spec.stop == "eos" and spec.tokens == plain.tokens[:first] and spec.sampled == first + 1
+    small = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=24, mtp=True, quant_sim=False)
+    short = dsv4.generate_speculative(small, prompt, 100, eos_id=-1)   # the cache ends the generation
+    assert short.stop == "max_seq_len" and short.tokens == dsv4.generate(small, prompt, 100, temperature=0,
+                                                                          eos_id=-1).tokens
+    assert len(short.tokens) == 24 - len(prompt) + 1
+    with pytest.raises(ValueError, match="MTP block"):
+        dsv4.generate_speculative(dsv4.load_model(gpu_checkpoints["nvfp4"], max_seq_len=64), prompt, 4)
 
 
 def test_a_csa_layers_compressors_share_their_kept_inputs(gpu_checkpoints, monkeypatch):

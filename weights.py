@@ -126,7 +126,7 @@ def save_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inventory: every tensor the model reads (main layers; mtp.* is ignored).
+# Inventory: every tensor the model reads (main layers; the MTP block mtp.0.* only when asked for: mtp=True).
 class Spec(NamedTuple):
     """An expected tensor. shape is in elements (I8/U8 packed fp4 store the last dim halved; F4 headers count codes);
     dtypes are the allowed safetensors dtypes, the first is what write_checkpoint writes; need says when it must
@@ -144,8 +144,10 @@ def _model_config(config):
     return config
 
 
-def checkpoint_inventory(config, fmt: str) -> dict[str, Spec]:
-    """name -> Spec for every tensor of the main layers (dsv4_architecture.md §3.1-3.2), in writing order."""
+def checkpoint_inventory(config, fmt: str, mtp: bool = False) -> dict[str, Spec]:
+    """name -> Spec for every tensor of the main layers (dsv4_architecture.md §3.1-3.2), in writing order; mtp: also
+    the multi-token-prediction block mtp.0 (a window-only, non-hash layer + e_proj / h_proj / enorm / hnorm / norm
+    and its own hc_head; it shares embed and head)."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, not {fmt!r}")
     c = _model_config(config)
@@ -186,8 +188,7 @@ def checkpoint_inventory(config, fmt: str) -> dict[str, Spec]:
     add("hc_head_fn", (hc, hc * D), ("F32",))
     add("hc_head_base", (hc,), ("F32",))
     add("hc_head_scale", (1,), ("F32",))
-    for layer in range(c.num_hidden_layers):
-        p, ratio = f"layers.{layer}", int(c.compress_ratios[layer])
+    def block(p, ratio, hashed):
         for site in ("attn", "ffn"):
             add(f"{p}.hc_{site}_fn", (mix, hc * D), ("F32",))
             add(f"{p}.hc_{site}_base", (mix,), ("F32",))
@@ -208,7 +209,7 @@ def checkpoint_inventory(config, fmt: str) -> dict[str, Spec]:
             add(f"{p}.attn.indexer.weights_proj.weight", (c.index_n_heads, D), FLOAT)
             compressor(f"{p}.attn.indexer.compressor", 4, c.index_head_dim)
         add(f"{p}.ffn.gate.weight", (E, D), FLOAT)
-        if layer < c.num_hash_layers:
+        if hashed:
             add(f"{p}.ffn.gate.tid2eid", (c.vocab_size, c.num_experts_per_tok), ("I64", "I32"))
         else:
             add(f"{p}.ffn.gate.bias", (E,), ("F32",))
@@ -220,6 +221,20 @@ def checkpoint_inventory(config, fmt: str) -> dict[str, Spec]:
         linear(f"{p}.ffn.shared_experts.w1", Is, D)
         linear(f"{p}.ffn.shared_experts.w3", Is, D)
         linear(f"{p}.ffn.shared_experts.w2", D, Is)
+
+    for layer in range(c.num_hidden_layers):
+        block(f"layers.{layer}", int(c.compress_ratios[layer]), layer < c.num_hash_layers)
+    if mtp:
+        for j in range(c.num_nextn_predict_layers):
+            p = f"mtp.{j}"
+            block(p, 0, False)
+            linear(f"{p}.e_proj", D, D)
+            linear(f"{p}.h_proj", D, D)
+            for norm in ("enorm", "hnorm", "norm"):
+                add(f"{p}.{norm}.weight", (D,), FLOAT)
+            add(f"{p}.hc_head_fn", (hc, hc * D), ("F32",))
+            add(f"{p}.hc_head_base", (hc,), ("F32",))
+            add(f"{p}.hc_head_scale", (1,), ("F32",))
     return inv
 
 
@@ -249,7 +264,7 @@ def _read_config(path: str) -> dict:
 class Checkpoint:
     """A DeepSeek-V4 checkpoint folder: config.json + model.safetensors, or model.safetensors.index.json + shards."""
 
-    def __init__(self, path: str, validate: bool = True):
+    def __init__(self, path: str, validate: bool = True, mtp: bool = False):
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise CheckpointError(f"{self.path}: checkpoint directory not found")
@@ -276,7 +291,11 @@ class Checkpoint:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{self.path}/config.json: invalid config.json ({e})") from None
         self.fmt = self._detect_format()
-        self.inventory = checkpoint_inventory(self.model_config, self.fmt)
+        if mtp and not (self.model_config.num_nextn_predict_layers > 0 and self.has("mtp.0.e_proj.weight")):
+            raise CheckpointError(f"{self.path}: no MTP block (mtp.0.*: num_nextn_predict_layers "
+                                  f"{self.model_config.num_nextn_predict_layers}, mtp.0.e_proj.weight "
+                                  f"{'present' if self.has('mtp.0.e_proj.weight') else 'absent'})")
+        self.inventory = checkpoint_inventory(self.model_config, self.fmt, mtp)
         if validate:
             self.validate()
 
@@ -373,16 +392,18 @@ class Checkpoint:
         dt = self._check(proj + ".weight")[1]
         return "bf16" if dt in FLOAT else self.fmt.replace("fp8", "mxfp4")
 
-    def experts(self, layer: int, expert_ids=None) -> kernels.Experts:
-        """Routed experts of a layer stacked over expert_ids (default all), in the kernels.Experts layout: packed
-        bytes and block scales copied as stored (no dequantization); alphas = each half's fp32 weight_scale_2
-        (nvfp4) or ones."""
+    def experts(self, layer, expert_ids=None) -> kernels.Experts:
+        """Routed experts of a layer (its index, or a block's name prefix such as "mtp.0") stacked over expert_ids
+        (default all), in the kernels.Experts layout: packed bytes and block scales copied as stored (no
+        dequantization); alphas = each half's fp32 weight_scale_2 (nvfp4) or ones."""
         c = self.model_config
         ids = list(range(c.n_routed_experts)) if expert_ids is None else [int(e) for e in expert_ids]
-        if not 0 <= layer < c.num_hidden_layers or not ids or not all(0 <= e < c.n_routed_experts for e in ids):
+        named = isinstance(layer, str)
+        if (not named and not 0 <= layer < c.num_hidden_layers) or not ids or \
+                not all(0 <= e < c.n_routed_experts for e in ids):
             raise ValueError(f"layer {layer} / experts {ids} out of range ({c.num_hidden_layers} layers, "
                              f"{c.n_routed_experts} experts)")
-        p = f"layers.{layer}.ffn.experts"
+        p = f"{layer if named else f'layers.{layer}'}.ffn.experts"
         kinds = {self._expert_kind(f"{p}.{e}.{w}") for e in ids for w in ("w1", "w3", "w2")}
         if len(kinds) > 1:
             raise CheckpointError(f"{p}.* in {self._source}: layer {layer} mixes expert formats {sorted(kinds)}")
@@ -410,9 +431,10 @@ class Checkpoint:
                                x_scale[2] if x_scale else None)
 
 
-def load_checkpoint(path: str, validate: bool = True) -> Checkpoint:
-    """Open (and by default validate, headers only) a checkpoint folder; raises CheckpointError."""
-    return Checkpoint(path, validate)
+def load_checkpoint(path: str, validate: bool = True, mtp: bool = False) -> Checkpoint:
+    """Open (and by default validate, headers only) a checkpoint folder; raises CheckpointError. mtp: the MTP block
+    is read too (CheckpointError where the checkpoint has none)."""
+    return Checkpoint(path, validate, mtp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,13 +506,14 @@ INIT = ((("embed.weight", "attn_sink"), 1.0, 0.0), (("norm.weight", "_scale"), 0
         (("_base", ".ape"), 0.1, 0.0), (("gate.bias",), 0.05, 0.0))
 
 
-def random_weights(config, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(config, seed: int = 0, mtp: bool = False) -> dict[str, torch.Tensor]:
     """The float32 master weights write_checkpoint quantizes, name -> logical shape (the same for every fmt, so the
-    formats approximate one model). tid2eid rows hold k distinct expert ids."""
+    formats approximate one model; the MTP block's come after the main model's, which they leave as they are).
+    tid2eid rows hold k distinct expert ids."""
     c = _model_config(config)
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, spec in checkpoint_inventory(c, "bf16").items():
+    for name, spec in checkpoint_inventory(c, "bf16", mtp).items():
         if spec.need != "always":         # scales: made by the quantizers
             continue
         if name.endswith("tid2eid"):
@@ -501,14 +524,16 @@ def random_weights(config, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _encode(c, fmt: str, seed: int) -> dict[str, torch.Tensor]:
+def _encode(c, fmt: str, seed: int, mtp: bool = False) -> dict[str, torch.Tensor]:
     """random_weights quantized into fmt's on-disk tensors (name -> tensor as stored)."""
-    inv = checkpoint_inventory(c, fmt)
+    inv = checkpoint_inventory(c, fmt, mtp)
     g = torch.Generator().manual_seed(seed + 1)              # nvfp4 input scales
-    tensors, masters = {}, random_weights(c, seed)
-    for layer in range(c.num_hidden_layers if fmt != "bf16" else 0):   # fp4 experts: all experts of a projection
-        for proj in ("w1", "w3", "w2"):                                     # at once
-            prefixes = [f"layers.{layer}.ffn.experts.{e}.{proj}" for e in range(c.n_routed_experts)]
+    tensors, masters = {}, random_weights(c, seed, mtp)
+    blocks = [f"layers.{i}" for i in range(c.num_hidden_layers)] + \
+        [f"mtp.{j}" for j in range(c.num_nextn_predict_layers if mtp else 0)]
+    for block in (blocks if fmt != "bf16" else []):          # fp4 experts: all experts of a projection at once
+        for proj in ("w1", "w3", "w2"):
+            prefixes = [f"{block}.ffn.experts.{e}.{proj}" for e in range(c.n_routed_experts)]
             w = torch.stack([masters.pop(p + ".weight") for p in prefixes])
             if fmt == "fp8":                    # official MXFP4
                 q, s = quantize_mxfp4(w)
@@ -531,9 +556,11 @@ def _encode(c, fmt: str, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_checkpoint(path: str, config, fmt: str, seed: int = 0, max_shard_bytes: int | None = None) -> str:
+def write_checkpoint(path: str, config, fmt: str, seed: int = 0, max_shard_bytes: int | None = None,
+                     mtp: bool = False) -> str:
     """Write config.json + random weights (random_weights, quantized into fmt's on-disk layout) to path, as one
-    model.safetensors or, given max_shard_bytes, shards + index. Atomic: built in a temp dir, then renamed."""
+    model.safetensors or, given max_shard_bytes, shards + index; mtp: with the MTP block (its config entry
+    num_nextn_predict_layers must be > 0). Atomic: built in a temp dir, then renamed."""
     path = os.path.abspath(path)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path}: exists and is not an empty directory")
@@ -543,8 +570,10 @@ def write_checkpoint(path: str, config, fmt: str, seed: int = 0, max_shard_bytes
         raise ValueError(f"{fmt} experts need hidden_size and moe_intermediate_size divisible by {group}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # tiny tensors: a thread pool costs more than it saves (10-50x on a busy host)
+    if mtp and c.num_nextn_predict_layers < 1:
+        raise ValueError("mtp=True needs num_nextn_predict_layers >= 1 in the config")
     try:
-        tensors = _encode(c, fmt, seed)
+        tensors = _encode(c, fmt, seed, mtp)
     finally:
         torch.set_num_threads(threads)
     cfg = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", **c.to_dict()}
