@@ -1944,6 +1944,19 @@ def new_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
 
+def _prompt_bounds(prompt_ids, device, max_seq_len: int, max_new_tokens: int):
+    """(ids [1,S] on device, S, tokens to produce, stop reason if none ends it earlier). Token i sits at position
+    S + i; the last one is never fed, so S + n_new - 1 <= max_seq_len."""
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1).to(device)
+    n_prompt = ids.shape[1]
+    if n_prompt == 0:
+        raise ValueError("empty prompt")
+    if n_prompt > max_seq_len:
+        raise ValueError(f"prompt of {n_prompt} tokens is longer than the cache (max_seq_len {max_seq_len})")
+    n_new = min(max_new_tokens, max_seq_len - n_prompt + 1)
+    return ids, n_prompt, n_new, "max_new_tokens" if n_new == max_new_tokens else "max_seq_len"
+
+
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, eos_id: int = 1, on_text=None, tokenizer=None) -> Generation:
@@ -1954,15 +1967,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
         raise ValueError("on_text needs a tokenizer")
     device = next((p.device for p in model.parameters()), None) if hasattr(model, "parameters") else None
     device = device or getattr(model, "device", None) or torch.device("cpu")
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1).to(device)
-    n_prompt, max_seq_len = ids.shape[1], model.max_seq_len
-    if n_prompt == 0:
-        raise ValueError("empty prompt")
-    if n_prompt > max_seq_len:
-        raise ValueError(f"prompt of {n_prompt} tokens is longer than the cache (max_seq_len {max_seq_len})")
-    # Token i sits at position n_prompt + i; the last one is never fed, so n_prompt + n_new - 1 <= max_seq_len.
-    n_new = min(max_new_tokens, max_seq_len - n_prompt + 1)
-    stop = "max_new_tokens" if n_new == max_new_tokens else "max_seq_len"
+    ids, n_prompt, n_new, stop = _prompt_bounds(prompt_ids, device, model.max_seq_len, max_new_tokens)
     seed = new_seed() if seed is None else seed
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -2017,7 +2022,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
 
 # Speculative decoding with the checkpoint's MTP block (greedy): each main-model pass verifies the last token and the
 # MTP block's draft of the next one at two positions; the draft is kept where the model's own greedy choice agrees, so
-# the tokens are exactly generate(temperature=0)'s, one or two per pass. A rejected draft left its position's state
+# the tokens are generate(temperature=0)'s (up to rounding: with the quant sims on, a two-position pass can flip a
+# near-tie that a one-position pass does not, as chunked prefill can), one or two per pass. A rejected draft left its position's state
 # behind: the window ring slot, the compressors' kept row and a closed block's cache entry are rewritten when the
 # right token comes (and the ring slot's old entry is out of every later window), but where the draft's position
 # closed a compressor block the block's overlap state has moved on and the kept row of the token before it was never
@@ -2043,16 +2049,8 @@ def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1
         raise ValueError("speculative decoding needs the MTP block: load_model(..., mtp=True)")
     if on_text is not None and tokenizer is None:
         raise ValueError("on_text needs a tokenizer")
-    mtp = model.mtp[0]
-    device = model.embed.weight.device
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1).to(device)
-    n_prompt, max_seq_len = ids.shape[1], model.max_seq_len
-    if n_prompt == 0:
-        raise ValueError("empty prompt")
-    if n_prompt > max_seq_len:
-        raise ValueError(f"prompt of {n_prompt} tokens is longer than the cache (max_seq_len {max_seq_len})")
-    n_new = min(max_new_tokens, max_seq_len - n_prompt + 1)        # as generate: the last token is never fed
-    stop = "max_new_tokens" if n_new == max_new_tokens else "max_seq_len"
+    mtp, max_seq_len = model.mtp[0], model.max_seq_len
+    ids, n_prompt, n_new, stop = _prompt_bounds(prompt_ids, model.embed.weight.device, max_seq_len, max_new_tokens)
     ratios = sorted({m.ratio for m in model.modules() if isinstance(m, Compressor)})
     stream = StreamDecoder(tokenizer) if tokenizer is not None else None
     pieces, tokens, sampled, drafts, accepted = [], [], 0, 0, 0
