@@ -1006,11 +1006,13 @@ def random_experts(cfg, device, g) -> K.Experts:
     return ex
 
 
-def random_model(cfg, device, max_batch_size: int, max_seq_len: int, seed: int = 0) -> dsv4.Transformer:
-    """dsv4.Transformer with random weights in load_model's dtypes, built on the meta device and filled on `device`."""
+def random_model(cfg, device, max_batch_size: int, max_seq_len: int, seed: int = 0, mtp: bool = False
+                 ) -> dsv4.Transformer:
+    """dsv4.Transformer with random weights in load_model's dtypes, built on the meta device and filled on `device`
+    (mtp: with an MTP block)."""
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
-        model = dsv4.Transformer(cfg)
+        model = dsv4.Transformer(cfg, mtp=mtp)
         if dsv4.fp8_wo_a(device, torch.bfloat16):         # as load_model: wo_a FP8 where the grouped kernel runs
             model.keep_wo_a_fp8()
     for name, p in list(model.named_parameters()):
@@ -1037,7 +1039,7 @@ def random_model(cfg, device, max_batch_size: int, max_seq_len: int, seed: int =
         else:                                                                     # float weights [out, in]
             t = randn() * fan_in ** -0.5
         setattr(mod, attr, nn.Parameter(t.to(p.dtype if p.dtype.is_floating_point else t.dtype), requires_grad=False))
-    for layer in model.layers:
+    for layer in list(model.layers) + list(model.mtp):
         layer.ffn.experts = random_experts(cfg, device, g)
     for name, buf in list(model.named_buffers()):
         mod_name, _, attr = name.rpartition(".")
@@ -1354,8 +1356,14 @@ def record_decode_compiles(args, path: str):
     torch.empty, torch.empty_like = zeroed(torch.empty), zeroed(torch.empty_like)
     dev = torch.device("cuda")
     cfg = stack_config(args.layers)
-    model = random_model(cfg, dev, max(args.batches), args.max_seq_len)
+    model = random_model(cfg, dev, max(args.batches), args.max_seq_len, mtp=args.verify)
     pos_t = torch.tensor([args.pos], device=dev)
+    if args.verify:
+        try:
+            toks, p2 = torch.randint(0, cfg.vocab_size, (1, 2), device=dev), (pos_t, pos_t + 1)
+            model.speculate_step(toks, p2)
+        except Exception as e:   # noqa: BLE001
+            print(f"record-compiles: verify stopped at {type(e).__name__}: {e}", file=sys.stderr)
     for B in args.batches:
         tokens = torch.randint(0, cfg.vocab_size, (B, 1), device=dev)
         for label, switches in [(None, ())] + decode_ablations(args):
@@ -1435,7 +1443,7 @@ def bench_decode(args):
     t_start = time.time()
     copy_bw = copy_bandwidth(dev)
     cfg = stack_config(args.layers)
-    model = random_model(cfg, dev, max(args.batches), args.max_seq_len)
+    model = random_model(cfg, dev, max(args.batches), args.max_seq_len, mtp=args.verify)
     if args.probes:                             # the modules the qnorm / index probes take out (install_decode_probes)
         for layer in model.layers:
             layer.attn.q_norm.probed = True
@@ -1461,7 +1469,7 @@ def bench_decode(args):
         eager = model.logits(tokens, pos_t)                 # same position, same state: replays must give the same
         graph.graph.replay()
         torch.cuda.synchronize()
-        graph_err = ((graph.logits - eager).norm() / eager.norm()).item()
+        graph_err = ((graph.out - eager).norm() / eager.norm()).item()
         assert torch.isfinite(eager).all() and graph_err <= 1e-3, f"graph replay != eager step: rel err {graph_err}"
         graphs = {None: graph}           # the same step with one decode-path feature off, same run
         for label, switches in decode_ablations(args):
@@ -1481,10 +1489,10 @@ def bench_decode(args):
             g.graph.replay()
             torch.cuda.synchronize()
             if label is None:
-                ref_logits = g.logits.clone()
+                ref_logits = g.out.clone()
             else:
-                err = ((g.logits - ref_logits).norm() / ref_logits.norm()).item()
-                same[label] = ("same bits" if torch.equal(g.logits, ref_logits) else f"rel err {err:.1e}") + \
+                err = ((g.out - ref_logits).norm() / ref_logits.norm()).item()
+                same[label] = ("same bits" if torch.equal(g.out, ref_logits) else f"rel err {err:.1e}") + \
                     f", {kernel_profile(g.graph.replay, args.layers)[0] / args.layers:.1f} kernels/layer"
         times = {label: [] for label in graphs}      # interleaved rounds: clock / host drift hits every row alike;
         order = list(graphs)                         # the order rotates per round, so no row is always timed first
@@ -1515,6 +1523,8 @@ def bench_decode(args):
         floor_tail_ms = tail_b / copy_bw * 1e3
         full_ms = FLASH_LAYERS * layer_ms + tail_ms
         full_floor_ms = FLASH_LAYERS * floor_layer_ms + floor_tail_ms
+        if args.verify and B == 1:
+            verify = bench_verify(model, args, pos, tokens, tail_ms)
         n_k, heavy_us, small_us, top = kernel_profile(graph.graph.replay, args.layers)
         if args.trace:
             trace_step(graph.graph.replay, f"{args.trace}.B{B}.json")
@@ -1563,6 +1573,8 @@ def bench_decode(args):
             print(f"B={r['B']} mean over {L} consecutive positions: graph {mean:.2f} ms, "
                   f"{layer_ms:.3f} ms/layer, floor {mean_floor:.4f} ms/layer, {100 * mean_floor / layer_ms:.1f}% of "
                   f"floor, 43 layers {full_ms:.2f} ms = {1e3 * r['B'] / full_ms:.1f} tok/s")
+        if r["B"] == 1 and args.verify:
+            print_verify(verify, args)
         for label, ms in r["ablations"].items():
             layer_ms = (ms - r["tail_ms"]) / args.layers
             print(f"B={r['B']} same step with {label} (same run): graph {ms:.2f} ms, {layer_ms:.3f} ms/layer, "
@@ -1580,6 +1592,100 @@ def bench_decode(args):
     return results
 
 
+VERIFY_ACCEPT = (0.6, 0.8, 0.9)          # assumed draft acceptance rates (a random MTP block keeps almost none)
+
+
+def bench_verify(model, args, pos: int, tokens, tail_ms: float) -> dict:
+    """Speculative decoding at batch 1 (--verify), CUDA graphs timed side by side in interleaved rounds: the one-token
+    step at pos and pos + 3 (a CSA block closes there), the verify step (two tokens: logits only) and a whole pass
+    (Transformer.speculate_step: the verify step, then the MTP block over both positions, its head included) at pos
+    and pos + 2 (the second row closes a CSA block), and the verify step on one stream (VERIFY_LANES off).
+    -> median ms per replay of each, the tail of one row, and speculative_e2e's rows."""
+    dev = tokens.device
+    two = torch.randint(0, model.cfg.vocab_size, (1, 2), device=dev)
+
+    def capture(toks, p, switches=(), speculate=False):
+        key = model._graph_key(1, p, toks.shape[1])
+        key = ("speculate",) + key[1:] if speculate else key
+        model.decode_graphs.pop(key, None)
+        if speculate:
+            _with_switches(switches, lambda: model.speculate(*toks[0].tolist(), p))
+        else:
+            _with_switches(switches, lambda: model.decode(toks, p))
+        return model.decode_graphs[key]
+    one_stream = [(dsv4, "VERIFY_LANES", False)]
+    graphs = {"one": capture(tokens, pos), "one closing": capture(tokens, pos + 3), "two": capture(two, pos),
+              "two closing": capture(two, pos + 2), "pass": capture(two, pos, speculate=True),
+              "pass closing": capture(two, pos + 2, speculate=True), "two one-stream": capture(two, pos, one_stream),
+              "two closing one-stream": capture(two, pos + 2, one_stream)}
+    times = {label: [] for label in graphs}
+    order = list(graphs)
+    for r in range(args.rounds):
+        for label in order[r % len(order):] + order[:r % len(order)]:
+            times[label].append(time_ms(graphs[label].graph.replay, args.iters))
+    if args.trace:
+        trace_step(graphs["pass"].graph.replay, f"{args.trace}.pass.json")
+    del graphs
+    return {label: statistics.median(v) for label, v in times.items()} | {"tail": tail_ms,
+                                                                          "e2e": speculative_e2e(model, args)}
+
+
+def speculative_e2e(model, args, n_new: int = 64) -> list[tuple]:
+    """Whole generations on this stack (host loop included, as the CLI runs them): greedy dsv4.generate, then
+    dsv4.generate_speculative with an oracle in the draft's place (the MTP block still runs in every pass; its
+    drafts are replaced by the plain run's tokens at a fixed share of the positions, by wrong ones elsewhere), after
+    a prompt of --pos tokens; each run twice (the first captures the graphs), the second timed. -> [(rate, tok/s,
+    kept, drafts, same tokens)], rate None = plain."""
+    V = model.cfg.vocab_size
+    prompt = torch.randint(0, V, (args.pos,), generator=torch.Generator().manual_seed(1)).tolist()
+    plain = [dsv4.generate(model, prompt, n_new, temperature=0, eos_id=-1) for _ in range(2)][-1]
+    seq = prompt + plain.tokens
+    rows = [(None, plain.decode_tok_s, 0, 0, True)]
+    draft, speculate = model.draft, model.speculate
+    for rate in (1.0, 0.8, 0.0):
+        def token(q, rate=rate):                                  # a fixed pattern with this share right
+            right = q < len(seq) and (q * 0.6180339887) % 1 < rate
+            return seq[q] if right else (seq[q] + 1) % V if q < len(seq) else 0
+
+        def draft_oracle(h, start_pos, next_tokens, token=token):
+            logits = draft(h, start_pos, next_tokens)
+            logits[:, -1] = float("-inf")
+            logits[:, -1, token(start_pos + next_tokens.shape[1] + 1)] = 0
+            return logits
+        model.draft = draft_oracle
+        model.speculate = lambda cur, d, pos, token=token: speculate(cur, d, pos)[:2] + [token(pos + 2), token(pos + 3)]
+        try:
+            spec = [dsv4.generate_speculative(model, prompt, n_new, eos_id=-1) for _ in range(2)][-1]
+        finally:
+            del model.draft, model.speculate
+        rows.append((rate, spec.decode_tok_s, spec.accepted, spec.drafts, spec.tokens == plain.tokens))
+    return rows
+
+
+def print_verify(v: dict, args):
+    """The speculative table: per-layer cost of the verify step vs the one-token step (each averaged over a CSA
+    block's four positions), a pass's MTP part, the projected tokens/s of the 43-layer model with drafts kept at
+    VERIFY_ACCEPT rates, and the whole generations measured on this stack."""
+    per_layer = lambda ms: (ms - v["tail"]) / args.layers                          # noqa: E731
+    one = per_layer((3 * v["one"] + v["one closing"]) / 4)                          # 1 in 4 positions closes a block
+    two = per_layer((v["two"] + v["two closing"]) / 2)                              # 1 in 2 pairs closes one
+    mtp = (v["pass"] + v["pass closing"] - v["two"] - v["two closing"]) / 2         # the MTP block + head + argmaxes
+    step1 = FLASH_LAYERS * one + v["tail"]
+    pass_ms = FLASH_LAYERS * two + v["tail"] + mtp
+    lanes_off = per_layer((v["two one-stream"] + v["two closing one-stream"]) / 2)
+    print(f"B=1 speculative decoding (CUDA graphs, same run): one token {one:.3f} ms/layer; verify step (two tokens) "
+          f"{two:.3f} ms/layer = {two / one:.2f}x (on one stream, VERIFY_LANES off: {lanes_off:.3f}); a pass's MTP "
+          f"block + head {mtp:.3f} ms; 43 layers: plain {step1:.2f} ms/token = {1e3 / step1:.1f} tok/s, a pass "
+          f"{pass_ms:.2f} ms")
+    for a in VERIFY_ACCEPT:
+        print(f"B=1 43 layers with drafts kept at rate {a:.1f} (assumed): {1 + a:.1f} tokens per pass = "
+              f"{1e3 * (1 + a) / pass_ms:.1f} tok/s ({(1 + a) * step1 / pass_ms:.2f}x plain)")
+    for rate, tok_s, kept, drafts, same in v["e2e"]:
+        what = "plain greedy (generate)" if rate is None else \
+            f"speculative, oracle drafts right at rate {rate:.1f}: kept {kept}/{drafts}, same tokens: {same}"
+        print(f"B=1 measured, {args.layers}-layer stack, 64 tokens after {args.pos}, {what}: {tok_s:.1f} tok/s")
+
+
 def torch_ops_baseline(model, args, results):
     """The same graph step with dsv4's fused kernels off (NANO_DSV4_KERNELS=0: torch ops + cuBLASLt FP8 GEMMs; the
     routed experts stay on the fp4 kernel): what the fused kernels buy, measured in the same run."""
@@ -1592,7 +1698,7 @@ def torch_ops_baseline(model, args, results):
             model.decode(r["tokens"], args.pos)                                   # eager step + capture
             g = model.decode_graph(B, args.pos)
             ms = time_ms(g.graph.replay, args.iters)
-            err = ((g.logits - r["reference"]).norm() / r["reference"].norm()).item()
+            err = ((g.out - r["reference"]).norm() / r["reference"].norm()).item()
             n_k = kernel_profile(g.graph.replay, args.layers)[0]
             r.update(torch_ms=ms, torch_kernels=n_k, torch_err=err)
             print(f"B={B} torch ops only: graph {ms:.2f} ms, {n_k} kernels/step, logits vs fused rel err {err:.1e}",
@@ -1695,6 +1801,9 @@ def parse_args(argv=None):
                    help="first compile the step's kernels in this many processes (precompile_decode)")
     p.add_argument("--precompile-only", action="store_true", help="with --precompile: compile, then exit")
     p.add_argument("--rounds", type=int, default=DECODE_ROUNDS, help="interleaved timing rounds (medians)")
+    p.add_argument("--verify", action="store_true",
+                   help="batch 1: also time speculative decoding's verify step (two tokens) and the MTP block's "
+                        "step, and project tokens/s at assumed draft acceptance rates")
     p.add_argument("--fold", action="store_true", help="also record the compiles of bench.py fold (precompile)")
     p.add_argument("--record-compiles", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -1555,6 +1555,22 @@ def test_top_k_and_top_p_together_stay_inside_both():
     assert all(i in sets[r % 16] for r, i in enumerate(ids.tolist()))
 
 
+@pytest.mark.parametrize("V", [512, 129280, 1000, 7])
+def test_argmax_rows_is_argmax_with_its_ties(V):
+    """The two-reduction argmax (greedy tokens) gives torch's argmax, the first of equal maxima, also where the
+    maximum repeats across column groups, with -inf and on vocabularies no group size divides."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(6, V, generator=g)
+    x[1, :] = 0.0                                                       # every column ties
+    x[2, V // 3:] = x[2].max() + 1                                      # ties in the later groups only
+    x[3, V - 1] = x[3, 0] = 50.0                                        # first and last columns tie
+    x[4, :] = float("-inf")
+    x[4, V // 2] = -1.0
+    x[5] = x[5].round()                                                 # many small ties
+    assert torch.equal(dsv4.argmax_rows(x), x.argmax(-1))
+    assert torch.equal(dsv4.argmax_rows(x[0]), x[0].argmax(-1))
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
     n = 200_000
@@ -1744,10 +1760,10 @@ def test_cli_cuda_without_gpu(capsys, empty_cache, monkeypatch):
     assert not empty_cache.exists()
 
 
-def test_cli_mtp_on_a_gpu_is_a_user_error(capsys, empty_cache, monkeypatch):
-    monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda"))
-    code, out, err = _main(capsys, ["--prompt", "hi", "--mtp", "--device", "cuda"])
-    assert code == 2 and out == "" and err.count("\n") == 1 and "--mtp runs on the CPU path only" in err
+def test_cli_mtp_under_torchrun_is_a_user_error(capsys, empty_cache, monkeypatch):
+    monkeypatch.setattr(cli, "_join_world", lambda device: (cli.Parallel(2, 0), device))
+    code, out, err = _main(capsys, ["--prompt", "hi", "--mtp", "--device", "cpu"])
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--mtp runs in one process" in err
     assert not empty_cache.exists()
 
 
@@ -2461,31 +2477,39 @@ def test_the_mtp_block_over_a_chunk_is_the_mtp_block_token_by_token(mtp_checkpoi
     assert ((whole - steps).norm() / whole.norm()).item() < 1e-5
 
 
+def install_draft_oracle(monkeypatch, seq: list[int], drafts: str):
+    """An oracle in the MTP block's place (its step still runs): the draft of position q is seq[q] where the rule
+    says so (always, every other position, or except where q closes a CSA block), else a wrong token."""
+    def token(q):
+        right = q < len(seq) and (drafts == "right" or (drafts == "alternate" and q % 2 == 0) or
+                                  (drafts == "wrong-at-block-ends" and (q + 1) % 4 != 0))
+        return seq[q] if right else (seq[q] + 1) % TINY_GPU["vocab_size"] if q < len(seq) else 0
+    draft, speculate = dsv4.Transformer.draft, dsv4.Transformer.speculate
+
+    def draft_oracle(self, h, start_pos, next_tokens):                # after the prompt
+        logits = draft(self, h, start_pos, next_tokens)
+        logits[:, -1] = -1e9
+        logits[:, -1, token(start_pos + next_tokens.shape[1] + 1)] = 1e9
+        return logits
+
+    def speculate_oracle(self, cur, d, pos):                          # the passes: drafts of pos + 2 and pos + 3
+        return speculate(self, cur, d, pos)[:2] + [token(pos + 2), token(pos + 3)]
+    monkeypatch.setattr(dsv4.Transformer, "draft", draft_oracle)
+    monkeypatch.setattr(dsv4.Transformer, "speculate", speculate_oracle)
+
+
 @pytest.mark.parametrize("drafts", ["mtp", "right", "alternate", "wrong-at-block-ends"])
 def test_speculative_greedy_gives_the_plain_greedy_tokens(mtp_checkpoint, drafts, monkeypatch):
     """generate_speculative == generate(temperature=0), token for token, over positions 100..139 (CSA blocks close every
     4th, the HCA block at 127, the window ring wraps at 128), whatever the drafts: the MTP block's own (random
     weights: almost never right), always right, right every other time, or wrong exactly where the draft's position
-    closes a block (the rollback that puts the state back). fp32 with the quant sims off, so one- and two-position
+    closes a block (restore_overlap puts the state back). fp32 with the quant sims off, so one- and two-position
     passes agree to rounding and no near-tie flips."""
     m = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=256, mtp=True, quant_sim=False)
     prompt = torch.randint(2, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(2)).tolist()
     plain = dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)
-    seq = prompt + plain.tokens
-    if drafts != "mtp":                       # an oracle in the MTP block's place (its own forward still runs)
-        forward = dsv4.MTPBlock.forward
-
-        def oracle(self, h, start_pos, next_tokens, model):
-            logits = forward(self, h, start_pos, next_tokens, model)
-            q = start_pos + h.shape[1] + 1                           # the position the last row drafts
-            right = q < len(seq) and (drafts == "right" or (drafts == "alternate" and q % 2 == 0) or
-                                      (drafts == "wrong-at-block-ends" and (q + 1) % 4 != 0))
-            tok = seq[q] if right else (seq[q] + 1) % TINY_GPU["vocab_size"] if q < len(seq) else 0
-            logits[:, -1] = -1e9
-            logits[:, -1, tok] = 1e9
-            return logits
-
-        monkeypatch.setattr(dsv4.MTPBlock, "forward", oracle)
+    if drafts != "mtp":
+        install_draft_oracle(monkeypatch, prompt + plain.tokens, drafts)
     spec = dsv4.generate_speculative(m, prompt, 40, eos_id=-1)
     assert spec.tokens == plain.tokens and spec.sampled == plain.sampled == 40
     assert spec.drafts > 0 and spec.accepted <= spec.drafts
@@ -2493,6 +2517,53 @@ def test_speculative_greedy_gives_the_plain_greedy_tokens(mtp_checkpoint, drafts
         assert spec.accepted == spec.drafts and spec.drafts <= 21            # two tokens per pass
     elif drafts != "mtp":
         assert 0 < spec.accepted < spec.drafts
+
+
+def pair_step(model, toks, p):
+    """The verify step eagerly: tokens [1,2] at p, p + 1 as the pair of position tensors (Attention.decode_pair)."""
+    pos = torch.tensor([p], device=toks.device)
+    return model.logits(toks, (pos, pos + 1))
+
+
+def pair_forced(model, tokens, prefill, step):
+    """teacher_forced, two tokens per step: step(model, tokens [1,2], p) -> logits [1,2,V]."""
+    out = [model(tokens[:, :prefill], 0)[:, -1:].float().cpu()]
+    for p in range(prefill, tokens.shape[1] - 1, 2):
+        out.append(step(model, tokens[:, p:p + 2], p).float().cpu())
+    return torch.cat(out, 1)
+
+
+def decode_caches(model) -> list[torch.Tensor]:
+    """Every state a decode step writes: window rings, compressed caches and compressor states (MTP block too)."""
+    out = []
+    for layer in list(model.layers) + list(model.mtp):
+        a = layer.attn
+        out.append(a.kv_window)
+        for c in (a.compressor, a.indexer and a.indexer.compressor):
+            if c is not None:
+                out += [c.kv_cache, c.kv_state, c.score_state, c.x_state]
+    return out
+
+
+@pytest.mark.parametrize("quant_sim", [False, True])
+@pytest.mark.parametrize("prefill", [120, 121])
+@pytest.mark.usefixtures("torch_moe")
+def test_the_verify_step_is_two_decode_steps(gpu_checkpoints, prefill, quant_sim):
+    """The two-token step (the linears over both rows, the caches a row at a time) gives the logits and leaves the
+    caches of two one-token steps, across CSA block ends closed by either row, the HCA block at 127 and the window
+    wrap (fp32 on the CPU; the rows see the same per-row FP8 activation scales, so the quant sims agree too)."""
+    a = load(gpu_checkpoints["fp8"], dtype=torch.float32, quant_sim=quant_sim)
+    b = load(gpu_checkpoints["fp8"], dtype=torch.float32, quant_sim=quant_sim)
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, prefill + 20), generator=torch.Generator().manual_seed(4))
+    pairs = pair_forced(a, tokens, prefill, pair_step)
+    singles = teacher_forced(b, tokens, prefill, tensor_step)
+    assert pairs.shape == singles.shape and torch.isfinite(pairs).all()
+    assert rel_err_per_position(pairs, singles).max() <= 1e-5
+    for x, y in zip(decode_caches(a), decode_caches(b)):   # fp32 rounding (and, quant sims on, a rare FP8 step)
+        x, y = x.float(), y.float()
+        assert torch.equal(x.isfinite(), y.isfinite()) and torch.equal(x[~x.isfinite()], y[~y.isfinite()])
+        x, y = x[x.isfinite()], y[y.isfinite()]
+        assert (x - y).norm() <= 1e-5 * y.norm(), ((x - y).norm() / y.norm()).item()
 
 
 def test_speculative_generation_stops_at_eos_and_needs_the_mtp_block(mtp_checkpoint, gpu_checkpoints):
@@ -2510,6 +2581,59 @@ def test_speculative_generation_stops_at_eos_and_needs_the_mtp_block(mtp_checkpo
     assert len(short.tokens) == 24 - len(prompt) + 1
     with pytest.raises(ValueError, match="MTP block"):
         dsv4.generate_speculative(dsv4.load_model(gpu_checkpoints["nvfp4"], max_seq_len=64), prompt, 4)
+
+
+@pytest.fixture(scope="session")
+def mtp_all_blocks_checkpoint(tmp_path_factory):
+    """gpu_checkpoints' "fp8-all-blocks" with an MTP block."""
+    return weights.write_checkpoint(str(tmp_path_factory.mktemp("mtp_all") / "fp8"), dict(TINY_GPU, index_topk=64),
+                                    "fp8", 0, mtp=True)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_gpu_verify_step_graph_gives_two_decode_steps_logits(gpu_checkpoints, fmt):
+    """On the GPU (CUDA graphs; the GEMVs over two rows, the fp4 MoE at T = 2 in rounds): the verify step against two
+    one-token graph steps, bf16, through CSA block ends closed by either row, the HCA block at 127 and the window
+    wrap; and the caches they leave."""
+    path = gpu_checkpoints[fmt]
+    for prefill in (120, 121):
+        a, b = load(path, device="cuda"), load(path, device="cuda")
+        tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, prefill + 20),
+                               generator=torch.Generator().manual_seed(4)).cuda()
+        pairs = pair_forced(a, tokens, prefill, lambda m, t, p: m.decode(t, p))
+        singles = teacher_forced(b, tokens, prefill, decode_step)
+        assert any(isinstance(k[1], tuple) for k in a.decode_graphs)          # the pairs ran as graphs
+        assert torch.isfinite(pairs).all()
+        err = rel_err_per_position(pairs, singles)
+        assert err.max() <= 1e-2, err
+        for x, y in zip(decode_caches(a), decode_caches(b)):
+            x, y = x.float(), y.float()
+            assert torch.equal(x.isfinite(), y.isfinite())
+            x, y = x[x.isfinite()], y[y.isfinite()]
+            assert (x - y).norm() <= 1e-2 * y.norm(), ((x - y).norm() / y.norm()).item()
+
+
+@gpu
+@pytest.mark.parametrize("drafts", ["mtp", "right", "alternate", "wrong-at-block-ends"])
+def test_gpu_speculative_greedy_gives_the_plain_greedy_tokens(mtp_all_blocks_checkpoint, drafts, monkeypatch):
+    """generate_speculative on the GPU (each pass one CUDA graph: the verify step, then the MTP block) == generate(temperature=0)
+    on the GPU, token for token over 40 steps from position 100, whatever the drafts (see the CPU test). The model is
+    made residual-dominated (test_gpu_greedy_generation_matches_cpu_for_32_steps) so that the pair's rounding cannot
+    flip a near-tie."""
+    m = load(mtp_all_blocks_checkpoint, device="cuda", fixed_routing=True, layer_scale_log2=-8, mtp=True)
+    prompt = torch.randint(0, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    plain = dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)
+    if drafts != "mtp":
+        install_draft_oracle(monkeypatch, prompt + plain.tokens, drafts)
+    spec = dsv4.generate_speculative(m, prompt, 40, eos_id=-1)
+    assert spec.tokens == plain.tokens and spec.sampled == plain.sampled == 40
+    assert spec.drafts > 0 and spec.accepted <= spec.drafts
+    assert any(k[0] == "speculate" for k in m.decode_graphs)                  # the passes ran as graphs
+    if drafts == "right":
+        assert spec.accepted == spec.drafts and spec.drafts <= 21
+    elif drafts != "mtp":
+        assert 0 < spec.accepted < spec.drafts
 
 
 def test_a_csa_layers_compressors_share_their_kept_inputs(gpu_checkpoints, monkeypatch):
