@@ -1360,8 +1360,11 @@ def record_decode_compiles(args, path: str):
     pos_t = torch.tensor([args.pos], device=dev)
     if args.verify:
         try:
-            toks, p2 = torch.randint(0, cfg.vocab_size, (1, 2), device=dev), (pos_t, pos_t + 1)
-            model.speculate_step(toks, p2)
+            model.start_speculation(1, 2)
+            for i, p in enumerate(model.spec.pos):
+                p.fill_(args.pos + i)
+            model.verify_step()
+            model.draft_step()
         except Exception as e:   # noqa: BLE001
             print(f"record-compiles: verify stopped at {type(e).__name__}: {e}", file=sys.stderr)
     for B in args.batches:
@@ -1598,34 +1601,43 @@ VERIFY_ACCEPT = (0.6, 0.8, 0.9)          # assumed draft acceptance rates (a ran
 def bench_verify(model, args, pos: int, tokens, tail_ms: float) -> dict:
     """Speculative decoding at batch 1 (--verify), CUDA graphs timed side by side in interleaved rounds: the one-token
     step at pos and pos + 3 (a CSA block closes there), the verify step (two tokens: logits only) and a whole pass
-    (Transformer.speculate_step: the verify step, then the MTP block over both positions, its head included) at pos
-    and pos + 2 (the second row closes a CSA block), and the verify step on one stream (VERIFY_LANES off).
+    (Transformer.speculate's two graphs: the verify step, then the MTP block over both positions, its head included)
+    at pos and pos + 2 (the second row closes a CSA block), and the verify step on one stream (VERIFY_LANES off).
     -> median ms per replay of each, the tail of one row, and speculative_e2e's rows."""
     dev = tokens.device
     two = torch.randint(0, model.cfg.vocab_size, (1, 2), device=dev)
 
-    def capture(toks, p, switches=(), speculate=False):
+    def capture(toks, p, switches=()):
         key = model._graph_key(1, p, toks.shape[1])
-        key = ("speculate",) + key[1:] if speculate else key
         model.decode_graphs.pop(key, None)
-        if speculate:
-            _with_switches(switches, lambda: model.speculate(*toks[0].tolist(), p))
-        else:
-            _with_switches(switches, lambda: model.decode(toks, p))
-        return model.decode_graphs[key]
+        _with_switches(switches, lambda: model.decode(toks, p))
+        return model.decode_graphs[key].graph.replay
+
+    def capture_pass(p):             # speculate's two graphs, with its copy of the positions in
+        model.start_speculation(*two[0].tolist())
+        key = ("verify",) + model._graph_key(1, p, 2)[1:]
+        model.decode_graphs.pop(key, None)
+        model.speculate(p)
+        verify, draft = model.decode_graphs[key].graph, model.decode_graphs[("draft",)].graph
+        host = torch.tensor([p, 0, p + 1, 0], pin_memory=True)
+
+        def run():
+            model.spec.buf[2:].copy_(host, non_blocking=True)
+            verify.replay()
+            draft.replay()
+        return run
     one_stream = [(dsv4, "VERIFY_LANES", False)]
-    graphs = {"one": capture(tokens, pos), "one closing": capture(tokens, pos + 3), "two": capture(two, pos),
-              "two closing": capture(two, pos + 2), "pass": capture(two, pos, speculate=True),
-              "pass closing": capture(two, pos + 2, speculate=True), "two one-stream": capture(two, pos, one_stream),
-              "two closing one-stream": capture(two, pos + 2, one_stream)}
-    times = {label: [] for label in graphs}
-    order = list(graphs)
+    runs = {"one": capture(tokens, pos), "one closing": capture(tokens, pos + 3), "two": capture(two, pos),
+            "two closing": capture(two, pos + 2), "pass": capture_pass(pos), "pass closing": capture_pass(pos + 2),
+            "two one-stream": capture(two, pos, one_stream), "two closing one-stream": capture(two, pos + 2, one_stream)}
+    times = {label: [] for label in runs}
+    order = list(runs)
     for r in range(args.rounds):
         for label in order[r % len(order):] + order[:r % len(order)]:
-            times[label].append(time_ms(graphs[label].graph.replay, args.iters))
+            times[label].append(time_ms(runs[label], args.iters))
     if args.trace:
-        trace_step(graphs["pass"].graph.replay, f"{args.trace}.pass.json")
-    del graphs
+        trace_step(runs["pass"], f"{args.trace}.pass.json")
+    del runs
     return {label: statistics.median(v) for label, v in times.items()} | {"tail": tail_ms,
                                                                           "e2e": speculative_e2e(model, args)}
 
@@ -1652,8 +1664,12 @@ def speculative_e2e(model, args, n_new: int = 64) -> list[tuple]:
             logits[:, -1] = float("-inf")
             logits[:, -1, token(start_pos + next_tokens.shape[1] + 1)] = 0
             return logits
+        def speculate_oracle(pos, token=token):                   # the next pass's draft, replaced
+            kept, nxt0, nxt1 = speculate(pos)
+            model.spec.tokens[0, 1] = token(pos + 3 if kept else pos + 2)
+            return kept, nxt0, nxt1
         model.draft = draft_oracle
-        model.speculate = lambda cur, d, pos, token=token: speculate(cur, d, pos)[:2] + [token(pos + 2), token(pos + 3)]
+        model.speculate = speculate_oracle
         try:
             spec = [dsv4.generate_speculative(model, prompt, n_new, eos_id=-1) for _ in range(2)][-1]
         finally:

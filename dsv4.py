@@ -1464,33 +1464,34 @@ class MTPBlock(Block):
 @dataclass
 class DecodeGraph:
     """A decode step of one batch size as a CUDA graph: static inputs tokens [B,S] and pos (an int64 tensor [1]; two
-    tokens of one sequence: the pair (p, p + 1)), output the logits [B,S,V] (speculate: Transformer.speculate_step's
-    tokens instead). all_picks: the graph of the positions where the CSA indexer picks every complete block; closing:
-    of those where these compression ratios close a block (Attention.decode; one per position for a pair)."""
-    tokens: torch.Tensor
-    pos: torch.Tensor | tuple
+    tokens of one sequence: the pair (p, p + 1)), output the logits [B,S,V]. all_picks: the graph of the positions
+    where the CSA indexer picks every complete block; closing: of those where these compression ratios close a block
+    (Attention.decode; one per position for a pair). step: another step to capture instead (speculative decoding's
+    two, over SpecBuffers)."""
+    tokens: torch.Tensor | None
+    pos: torch.Tensor | tuple | None
     all_picks: bool | tuple = False
     closing: tuple | None = None
-    speculate: bool = False
-    inputs: torch.Tensor | None = None            # replay_host: the device buffer that tokens and pos are views of
+    step: object = None
     out: torch.Tensor | None = None
     graph: object = None                                              # torch.cuda.CUDAGraph
-    pinned: tuple | None = None                   # replay_host: pinned host copies of inputs and out, an event
 
     def run(self, model: "Transformer") -> torch.Tensor:
-        step = model.speculate_step if self.speculate else model.logits
-        return step(self.tokens, self.pos, self.all_picks, self.closing)
+        if self.step is not None:
+            return self.step()
+        return model.logits(self.tokens, self.pos, self.all_picks, self.closing)
 
-    def capture(self, model: "Transformer") -> torch.Tensor:
+    def capture(self, model: "Transformer", device=None) -> torch.Tensor:
         """Run the step at (tokens, pos) eagerly on a side stream (its real result; also every lazy first-use setup:
         probes, kernel compiles, constant tables), then capture it. Capturing records launches without running them,
         so the cache state advances exactly once. Both on one stream: per-stream buffers the kernels set up on first
         use (kernels.arrival_counters) are then made outside the capture. -> the eager step's output."""
-        stream = torch.cuda.Stream(self.tokens.device)
-        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
+        device = device or self.tokens.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             out = self.run(model)
-        torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=stream):
             self.out = self.run(model)
@@ -1504,30 +1505,31 @@ class DecodeGraph:
         self.graph.replay()
         return self.out.clone()
 
-    @staticmethod
-    def host_inputs(tokens: list[int], pos: int, device) -> tuple:
-        """Static inputs that one copy from pinned host memory fills (replay_host): tokens [1,S] and the positions
-        (p, p + 1, ...) as views of one device buffer, each position on its own 16 bytes."""
-        S = len(tokens)
-        buf = torch.tensor(tokens + [v for i in range(S) for v in (pos + i, 0)], device=device)
-        return buf, buf[:S].view(1, S), tuple(buf[S + 2 * i:S + 2 * i + 1] for i in range(S))
 
-    def replay_host(self, tokens: list[int], pos: int) -> list[int]:
-        """Replay at host tokens and pos (a graph whose inputs are host_inputs' views) -> its output as ints: one
-        copy in from pinned memory, the graph, one copy back (the host waits for it: speculate's sync per pass)."""
-        if self.pinned is None:
-            self.pinned = (torch.zeros(self.inputs.numel(), dtype=torch.long, pin_memory=True),
-                           torch.empty(self.out.numel(), dtype=self.out.dtype, pin_memory=True), torch.cuda.Event())
-        inp, out, done = self.pinned
-        S = len(tokens)
-        inp[:S] = torch.tensor(tokens)
-        inp[S::2] = torch.arange(pos, pos + S)
-        self.inputs.copy_(inp, non_blocking=True)
-        self.graph.replay()
-        out.copy_(self.out.view(-1), non_blocking=True)
-        done.record()
-        done.synchronize()
-        return out.tolist()
+@dataclass
+class SpecBuffers:
+    """Speculative decoding's static tensors (Transformer.speculate): the pass's tokens [1,2] (the last token, the
+    draft) and positions (p, p + 1), views of one buffer (a position per 16 bytes); the verify step's outputs that the
+    MTP step reads: the final streams h [1,2,n,D] and [nxt0, nxt1, kept] [1,3]; pinned host copies of the positions
+    and of those three, and an event after the verify step."""
+    buf: torch.Tensor
+    tokens: torch.Tensor
+    pos: tuple
+    h: torch.Tensor
+    out: torch.Tensor
+    host_pos: torch.Tensor | None = None
+    host_out: torch.Tensor | None = None
+    verified: object = None                                           # torch.cuda.Event
+
+    @classmethod
+    def make(cls, n: int, D: int, dtype, device) -> "SpecBuffers":
+        buf = torch.zeros(6, dtype=torch.long, device=device)          # cur, draft, p, -, p + 1, -
+        on_cuda = torch.device(device).type == "cuda"
+        return cls(buf, buf[:2].view(1, 2), (buf[2:3], buf[4:5]), torch.zeros(1, 2, n, D, dtype=dtype, device=device),
+                   torch.zeros(1, 3, dtype=torch.long, device=device),
+                   torch.zeros(4, dtype=torch.long, pin_memory=on_cuda), torch.zeros(3, dtype=torch.long,
+                                                                                     pin_memory=on_cuda),
+                   torch.cuda.Event() if on_cuda else None)
 
 
 class Transformer(nn.Module):
@@ -1552,7 +1554,8 @@ class Transformer(nn.Module):
         self.max_seq_len = self.max_batch_size = 0
         self.quant_sim = True
         self.decode_graphs: dict[tuple, DecodeGraph] = {}            # _graph_key -> captured decode step
-        self._overlap_backup = None                                  # speculate_step's copy (restore_overlap)
+        self._overlap_backup = None                                  # verify_step's copy (restore_overlap)
+        self.spec: SpecBuffers | None = None                         # speculate's static tensors
 
     def keep_wo_a_fp8(self):
         """Every attention's wo_a held FP8 (Attention.keep_wo_a_fp8); call before load_model fills the weights."""
@@ -1602,7 +1605,7 @@ class Transformer(nn.Module):
         dev, dt = self.embed.weight.device, self.embed.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.decode_graphs.clear()                                   # they point at the old buffers
-        self._overlap_backup = None
+        self._overlap_backup = self.spec = None
         self.angles = {False: rope_freqs(self.cfg, False, max_seq_len).to(dev),
                        True: rope_freqs(self.cfg, True, max_seq_len).to(dev)}
         for layer in list(self.layers) + list(self.mtp):
@@ -1678,64 +1681,100 @@ class Transformer(nn.Module):
         return g.replay(tokens, start_pos)
 
     # Speculative decoding (generate_speculative): the MTP block drafts the token after next; one pass verifies the
-    # last token and the draft at two positions and drafts again from both, in one CUDA graph.
+    # last token and the draft at two positions and drafts again from both (speculate: two CUDA graphs).
     @torch.inference_mode()
     def draft(self, h: torch.Tensor, start_pos: int, next_tokens: torch.Tensor) -> torch.Tensor:
         """The MTP block's logits [B,S,V] for the token after each of next_tokens [B,S], from the model's streams h
         [B,S,n,D] at positions start_pos.. (after the prompt; the passes draft inside speculate)."""
         return self.mtp[0](h, start_pos, next_tokens, self)
 
+    def start_speculation(self, cur: int, draft: int):
+        """Before the first pass: the last token and the MTP block's draft after it into the passes' tokens (later
+        passes leave the next ones there on the device)."""
+        if self.spec is None:
+            w = self.embed.weight
+            self.spec = SpecBuffers.make(self.cfg.hc_mult, self.cfg.hidden_size, w.dtype, w.device)
+        self.spec.tokens.copy_(torch.tensor([[cur, draft]]))
+
     @torch.inference_mode()
-    def speculate(self, cur: int, draft: int, pos: int) -> list[int]:
-        """One pass (batch 1, the MTP block loaded): the last token cur at pos and the MTP block's draft at pos + 1 ->
-        [the model's greedy token after pos, after pos + 1, the MTP block's draft after each of those]
-        (speculate_step). On CUDA one CUDA-graph replay and one copy back to the host; elsewhere the same step
-        eagerly. The caller keeps the draft where the first token equals it; where it does not,
-        restore_overlap(pos + 1) puts back what the draft's position may have spoiled."""
-        dev = self.embed.weight.device
+    def speculate(self, pos: int) -> tuple[bool, int, int]:
+        """One pass (batch 1, the MTP block loaded) over the passes' tokens at pos, pos + 1 -> (kept: the model's
+        greedy token after pos is the draft, that token, the greedy token after pos + 1), on the host. Queued behind
+        it, the MTP step drafts from both positions and leaves the next pass's tokens on the device (draft_step). On
+        CUDA two CUDA graphs, the verify step (one per kind of position pair) and the MTP step; the host waits for
+        the first only, so its turn (choosing the next pass) overlaps the second. Where the draft is not kept,
+        restore_overlap(pos + 1) puts back what its position may have spoiled."""
+        s = self.spec
         if pos < 1 or pos + 2 > self.max_seq_len:
             raise ValueError(f"positions {pos}, {pos + 1}: a pass needs a prompt before it and room in the cache "
                              f"({self.max_seq_len})")
-        key = ("speculate",) + self._graph_key(1, pos, 2)[1:]
-        if dev.type != "cuda":
-            p = torch.tensor([pos], device=dev)
-            return self.speculate_step(torch.tensor([[cur, draft]]), (p, p + 1), key[1], key[2])[0].tolist()
-        g = self.decode_graphs.get(key)
-        if g is None:
-            buf, tokens, p = DecodeGraph.host_inputs([cur, draft], pos, dev)
-            g = self.decode_graphs[key] = DecodeGraph(tokens, p, key[1], key[2], speculate=True, inputs=buf)
-            return g.capture(self)[0].tolist()
-        return g.replay_host([cur, draft], pos)
+        key = ("verify",) + self._graph_key(1, pos, 2)[1:]
+        if s.verified is None:                                       # eager (CPU)
+            for i, p in enumerate(s.pos):
+                p.fill_(pos + i)
+            out = self.verify_step(key[1], key[2])[0].tolist()
+            self.draft_step()
+            return bool(out[2]), out[0], out[1]
+        s.host_pos[0], s.host_pos[2] = pos, pos + 1
+        s.buf[2:].copy_(s.host_pos, non_blocking=True)              # the host's last read waited for its last use
+        for k, step in ((key, lambda: self.verify_step(key[1], key[2])), (("draft",), self.draft_step)):
+            g = self.decode_graphs.get(k)
+            if g is None:
+                g = self.decode_graphs[k] = DecodeGraph(None, None, step=step)
+                g.capture(self, s.buf.device)
+            else:
+                g.graph.replay()
+            if k is key:
+                s.host_out.copy_(s.out[0], non_blocking=True)
+                s.verified.record()
+        s.verified.synchronize()
+        kept, nxt0, nxt1 = bool(s.host_out[2]), int(s.host_out[0]), int(s.host_out[1])
+        return kept, nxt0, nxt1
 
-    def speculate_step(self, tokens: torch.Tensor, pos: tuple, all_picks=False, closing=None) -> torch.Tensor:
-        """speculate's body (static shapes, no host sync: CUDA-graph capturable). tokens [1,2] at pos = (p, p + 1) ->
-        int64 [1,4]: the model's greedy tokens nxt after each position (the verify step, Attention.decode_pair), then
-        the MTP block's greedy drafts after each, from the same two streams with nxt as their next tokens. First the
-        overlap state is copied aside (restore_overlap). Where the draft is rejected, the MTP block's second row read
-        a wrong stream; its window slot is rewritten before any later position reads it."""
+    def verify_step(self, all_picks=False, closing=None) -> torch.Tensor:
+        """speculate's first step (static shapes, no host sync: CUDA-graph capturable): the overlap state copied aside
+        (restore_overlap), the verify step over spec.tokens at spec.pos (Attention.decode_pair), its final streams
+        into spec.h and [the greedy token after each position, whether the first is the draft] into spec.out."""
+        s = self.spec
         states = self._overlap_states()
         if states:
             torch._foreach_copy_(self._overlap_backup, states)
-        h = self.streams(tokens, pos, all_picks, closing)
-        nxt = argmax_rows(self.head_logits(h))                      # [1,2]
-        return torch.cat([nxt, argmax_rows(self.mtp[0](h, pos, nxt, self))], 1)
+        h = self.streams(s.tokens, s.pos, all_picks, closing)
+        nxt = argmax_rows(self.head_logits(h))                       # [1,2]
+        s.h.copy_(h)
+        s.out.copy_(torch.cat([nxt, (nxt[:, :1] == s.tokens[:, 1:]).long()], 1))
+        return s.out
+
+    def draft_step(self) -> torch.Tensor:
+        """speculate's second step (capturable): the MTP block over both positions' streams with the greedy tokens
+        after them -> its drafts after each; then the next pass's tokens into spec.tokens: where the draft was kept
+        (nxt1, the draft after it), else (nxt0, the draft after that). Where it was not, the MTP block's second row read
+        a wrong stream; its window slot is rewritten before any later position reads it."""
+        s = self.spec
+        nxt, kept = s.out[:, :2], s.out[:, 2:].bool()
+        d = argmax_rows(self.mtp[0](s.h, s.pos, nxt, self))          # [1,2]
+        s.tokens.copy_(torch.where(kept, torch.stack([nxt[:, 1], d[:, 1]], 1), torch.stack([nxt[:, 0], d[:, 0]], 1)))
+        return s.tokens
 
     def _overlap_states(self) -> list[torch.Tensor]:
         """The overlapping (CSA) compressors' previous-block rows (kv_state, score_state; batch row 0), which a
-        closed block replaces: what a rejected draft that closed a block leaves wrong. The backup is made on first
-        use (outside a graph capture: the eager step runs first)."""
-        states = [t[:1] for m in self.layers.modules() if isinstance(m, Compressor) and m.overlap
-                  for t in (m.kv_state, m.score_state)]
-        if states and self._overlap_backup is None:
-            self._overlap_backup = [torch.empty_like(t) for t in states]
-        return states
+        closed block replaces: what a rejected draft that closed a block leaves wrong. Listed once per cache (a walk
+        over the modules costs ~0.5 ms of host time per pass), with the backup (outside a graph capture: the eager
+        step runs first)."""
+        if self._overlap_backup is None:
+            comps = [m for m in self.layers.modules() if isinstance(m, Compressor) and m.overlap]
+            self._overlap_ratios = {m.ratio for m in comps}
+            self._overlap = [t[:1] for m in comps for t in (m.kv_state, m.score_state)]
+            self._overlap_backup = [torch.empty_like(t) for t in self._overlap]
+        return self._overlap
 
     def restore_overlap(self, pos: int):
         """After a rejected draft at pos: where pos closed an overlapping compressor's block, that block became the
-        previous one; put back the state speculate_step copied aside. Nothing else needs it: pos's window slot and
+        previous one; put back the state verify_step copied aside. Nothing else needs it: pos's window slot and
         kept input are rewritten when the right token comes, the cache entry when it closes the block again."""
-        if any((pos + 1) % m.ratio == 0 for m in self.layers.modules() if isinstance(m, Compressor) and m.overlap):
-            torch._foreach_copy_(self._overlap_states(), self._overlap_backup)
+        states = self._overlap_states()
+        if states and any((pos + 1) % r == 0 for r in self._overlap_ratios):
+            torch._foreach_copy_(states, self._overlap_backup)
 
     def index_picks_all(self, batch: int, pos: int) -> bool:
         """Whether a decode step of this batch at position pos may skip the CSA indexer's scoring: a query there sees
@@ -2274,7 +2313,8 @@ def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1
         h = model(ids, 0, streams=True)                              # [1,n,hc,D]
         nxt = argmax_rows(model.head_logits(h[:, -1:])[:, -1])       # [1]: the token at position n_prompt
         draft_logits = model.draft(h, 0, torch.cat([ids[:, 1:], nxt[:, None]], 1))
-        cur, draft = int(nxt), int(argmax_rows(draft_logits[0, -1]))
+        cur = int(nxt)
+        model.start_speculation(cur, int(argmax_rows(draft_logits[0, -1])))
         t_first = t_last = time.perf_counter()
     p, done = n_prompt, False                                        # cur sits at position p, not fed yet
     while not done and sampled < n_new:
@@ -2282,15 +2322,15 @@ def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1
         if sampled + 1 >= n_new:                                     # the last token: emitted, never fed
             pass
         elif p + 2 <= max_seq_len:                                   # room to feed cur and the draft
-            nxt0, nxt1, draft0, draft1 = model.speculate(cur, draft, p)
+            kept, nxt0, nxt1 = model.speculate(p)                    # the next tokens stay on the device
             drafts += 1
-            if nxt0 == draft:
+            if kept:                                                 # nxt0 is the draft
                 accepted += 1
-                new.append(draft)
-                cur, draft, p = nxt1, draft1, p + 2
+                new.append(nxt0)
+                cur, p = nxt1, p + 2
             else:
                 model.restore_overlap(p + 1)
-                cur, draft, p = nxt0, draft0, p + 1
+                cur, p = nxt0, p + 1
         else:                                                        # one position left in the cache
             cur, p = int(argmax_rows(model.decode(torch.tensor([[cur]], device=ids.device), p)[0, -1])), p + 1
         for tok in new:
@@ -2305,6 +2345,7 @@ def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1
                 emit(stream.push(tok))
     if stream is not None:
         emit(stream.flush())
+    sync(ids.device)                                                 # the last pass's MTP step (not counted)
     return Generation(tokens=tokens, stop=stop, prompt_tokens=n_prompt, prefill_s=t_first - t0,
                       decode_s=t_last - t_first, sampled=sampled, text="".join(pieces), drafts=drafts,
                       accepted=accepted)

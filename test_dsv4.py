@@ -2492,8 +2492,10 @@ def install_draft_oracle(monkeypatch, seq: list[int], drafts: str):
         logits[:, -1, token(start_pos + next_tokens.shape[1] + 1)] = 1e9
         return logits
 
-    def speculate_oracle(self, cur, d, pos):                          # the passes: drafts of pos + 2 and pos + 3
-        return speculate(self, cur, d, pos)[:2] + [token(pos + 2), token(pos + 3)]
+    def speculate_oracle(self, pos):                                  # a pass: the next pass's draft, replaced
+        kept, nxt0, nxt1 = speculate(self, pos)
+        self.spec.tokens[0, 1] = token(pos + 3 if kept else pos + 2)
+        return kept, nxt0, nxt1
     monkeypatch.setattr(dsv4.Transformer, "draft", draft_oracle)
     monkeypatch.setattr(dsv4.Transformer, "speculate", speculate_oracle)
 
@@ -2629,7 +2631,7 @@ def test_gpu_speculative_greedy_gives_the_plain_greedy_tokens(mtp_all_blocks_che
     spec = dsv4.generate_speculative(m, prompt, 40, eos_id=-1)
     assert spec.tokens == plain.tokens and spec.sampled == plain.sampled == 40
     assert spec.drafts > 0 and spec.accepted <= spec.drafts
-    assert any(k[0] == "speculate" for k in m.decode_graphs)                  # the passes ran as graphs
+    assert any(k[0] == "verify" for k in m.decode_graphs) and ("draft",) in m.decode_graphs   # graphs
     if drafts == "right":
         assert spec.accepted == spec.drafts and spec.drafts <= 21
     elif drafts != "mtp":
