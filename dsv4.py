@@ -2736,8 +2736,13 @@ def _dry_run(args) -> int:
         except CheckpointError as e:
             raise CLIError(f"cannot read checkpoint {src}: {e}") from None
     dtype = DTYPES[args.dtype]
+    if args.mtp and size > 1:
+        raise CLIError("--mtp runs in one process (the verify step is not built for tensor / expert parallel): "
+                       "leave out --world-size")
+    if args.mtp and not cfg.num_nextn_predict_layers:
+        raise CLIError(f"{file} has no MTP block (num_nextn_predict_layers 0): leave out --mtp")
     try:
-        plan = memory_plan(cfg, Parallel(size, 0), fmt, dtype, args.max_seq_len, args.batch)
+        plan = memory_plan(cfg, Parallel(size, 0), fmt, dtype, args.max_seq_len, args.batch, mtp=args.mtp)
     except ShardError as e:
         raise CLIError(f"{e} (--world-size / --nproc-per-node)") from None
     weights_b = sum(plan.values()) - plan["kv_cache"]
@@ -2746,7 +2751,8 @@ def _dry_run(args) -> int:
     reserve = 2 * GiB
     E, L = cfg.n_routed_experts, cfg.num_hidden_layers
     kind = {"fp8": "FP8 linears + MXFP4 experts", "nvfp4": "FP8 linears + NVFP4 experts", "bf16": "unquantized"}[fmt]
-    print(f"dsv4 dry run: {file}: {L} layers, {E} routed experts, format {fmt} ({kind}), {args.dtype}, "
+    print(f"dsv4 dry run: {file}: {L} layers{' + the MTP block' if args.mtp else ''}, {E} routed experts, "
+          f"format {fmt} ({kind}), {args.dtype}, "
           f"KV cache for {args.batch} x {args.max_seq_len} tokens, on {size} GPU{'s' if size > 1 else ''}")
     print(f"  each GPU: weights {weights_b / GiB:.2f} GiB (routed experts {plan['experts'] / GiB:.2f}: {E // size} "
           f"of {E} per layer{', as the Hopper kernel repacks them' if fmt != 'bf16' else ''}; everything else "

@@ -2246,6 +2246,24 @@ def test_dry_run_prints_the_plan_of_each_gpu(flash_config):
     assert "H100 80GB: yes" in r.stdout and "torchrun --nproc-per-node 4" in r.stdout
 
 
+def test_dry_run_with_mtp_counts_the_mtp_block(flash_config, tmp_path):
+    """--mtp adds the MTP block (about a layer) to the plan; on several GPUs, or for a config without the block, it is
+    a one-line user error."""
+    GiB = 2 ** 30
+    plain, mtp = (dsv4.memory_plan(dsv4.ModelConfig(), fmt="fp8", mtp=m) for m in (False, True))
+    r = dist_cli(["--dry-run", "--ckpt", flash_config, "--mtp"], "/nonexistent")
+    assert r.returncode == 0, r.stderr
+    assert "43 layers + the MTP block" in r.stdout
+    assert f"weights {(mtp['dense'] + mtp['experts'] + mtp['gemv_packed']) / GiB:.2f} GiB" in r.stdout
+    assert mtp["experts"] - plain["experts"] == plain["experts"] // 43       # one more layer of experts
+    r = dist_cli(["--dry-run", "--ckpt", flash_config, "--mtp", "--world-size", "2"], "/nonexistent")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--mtp runs in one process" in r.stderr
+    cfg = json.loads(open(flash_config).read())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_nextn_predict_layers=0)))
+    r = dist_cli(["--dry-run", "--ckpt", str(tmp_path / "config.json"), "--mtp"], "/nonexistent")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "has no MTP block" in r.stderr
+
+
 def test_dry_run_of_a_world_size_that_does_not_divide_the_model_is_one_line(flash_config):
     r = dist_cli(["--dry-run", "--ckpt", flash_config, "--world-size", "3"], "/nonexistent")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not divisible" in r.stderr
