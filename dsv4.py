@@ -1712,9 +1712,9 @@ class Transformer(nn.Module):
         if s.verified is None:                                       # eager (CPU)
             for i, p in enumerate(s.pos):
                 p.fill_(pos + i)
-            out = self.verify_step(key[1], key[2])[0].tolist()
+            nxt0, nxt1, kept = self.verify_step(key[1], key[2])[0].tolist()
             self.draft_step()
-            return bool(out[2]), out[0], out[1]
+            return bool(kept), nxt0, nxt1
         s.host_pos[0], s.host_pos[2] = pos, pos + 1
         s.buf[2:].copy_(s.host_pos, non_blocking=True)              # the host's last read waited for its last use
         for k, step in ((key, lambda: self.verify_step(key[1], key[2])), (("draft",), self.draft_step)):
@@ -1728,8 +1728,8 @@ class Transformer(nn.Module):
                 s.host_out.copy_(s.out[0], non_blocking=True)
                 s.verified.record()
         s.verified.synchronize()
-        kept, nxt0, nxt1 = bool(s.host_out[2]), int(s.host_out[0]), int(s.host_out[1])
-        return kept, nxt0, nxt1
+        nxt0, nxt1, kept = s.host_out.tolist()
+        return bool(kept), nxt0, nxt1
 
     def verify_step(self, all_picks=False, closing=None) -> torch.Tensor:
         """speculate's first step (static shapes, no host sync: CUDA-graph capturable): the overlap state copied aside

@@ -2518,6 +2518,16 @@ def install_draft_oracle(monkeypatch, seq: list[int], drafts: str):
     monkeypatch.setattr(dsv4.Transformer, "speculate", speculate_oracle)
 
 
+def check_speculative(spec, plain, drafts: str):
+    """40 steps: plain greedy's tokens; drafts checked, and kept as the oracle says (right: two tokens per pass)."""
+    assert spec.tokens == plain.tokens and spec.sampled == plain.sampled == 40
+    assert spec.drafts > 0 and spec.accepted <= spec.drafts
+    if drafts == "right":
+        assert spec.accepted == spec.drafts and spec.drafts <= 21
+    elif drafts != "mtp":
+        assert 0 < spec.accepted < spec.drafts
+
+
 @pytest.mark.parametrize("drafts", ["mtp", "right", "alternate", "wrong-at-block-ends"])
 def test_speculative_greedy_gives_the_plain_greedy_tokens(mtp_checkpoint, drafts, monkeypatch):
     """generate_speculative == generate(temperature=0), token for token, over positions 100..139 (CSA blocks close every
@@ -2530,13 +2540,7 @@ def test_speculative_greedy_gives_the_plain_greedy_tokens(mtp_checkpoint, drafts
     plain = dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)
     if drafts != "mtp":
         install_draft_oracle(monkeypatch, prompt + plain.tokens, drafts)
-    spec = dsv4.generate_speculative(m, prompt, 40, eos_id=-1)
-    assert spec.tokens == plain.tokens and spec.sampled == plain.sampled == 40
-    assert spec.drafts > 0 and spec.accepted <= spec.drafts
-    if drafts == "right":
-        assert spec.accepted == spec.drafts and spec.drafts <= 21            # two tokens per pass
-    elif drafts != "mtp":
-        assert 0 < spec.accepted < spec.drafts
+    check_speculative(dsv4.generate_speculative(m, prompt, 40, eos_id=-1), plain, drafts)
 
 
 def pair_step(model, toks, p):
@@ -2637,23 +2641,17 @@ def test_gpu_verify_step_graph_gives_two_decode_steps_logits(gpu_checkpoints, fm
 @gpu
 @pytest.mark.parametrize("drafts", ["mtp", "right", "alternate", "wrong-at-block-ends"])
 def test_gpu_speculative_greedy_gives_the_plain_greedy_tokens(mtp_all_blocks_checkpoint, drafts, monkeypatch):
-    """generate_speculative on the GPU (each pass one CUDA graph: the verify step, then the MTP block) == generate(temperature=0)
-    on the GPU, token for token over 40 steps from position 100, whatever the drafts (see the CPU test). The model is
-    made residual-dominated (test_gpu_greedy_generation_matches_cpu_for_32_steps) so that the pair's rounding cannot
-    flip a near-tie."""
+    """generate_speculative on the GPU (each pass two CUDA graphs: the verify step, then the MTP block) ==
+    generate(temperature=0) on the GPU, token for token over 40 steps from position 100, whatever the drafts (see the
+    CPU test). The model is made residual-dominated (test_gpu_greedy_generation_matches_cpu_for_32_steps) so that the
+    pair's rounding cannot flip a near-tie."""
     m = load(mtp_all_blocks_checkpoint, device="cuda", fixed_routing=True, layer_scale_log2=-8, mtp=True)
     prompt = torch.randint(0, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(5)).tolist()
     plain = dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)
     if drafts != "mtp":
         install_draft_oracle(monkeypatch, prompt + plain.tokens, drafts)
-    spec = dsv4.generate_speculative(m, prompt, 40, eos_id=-1)
-    assert spec.tokens == plain.tokens and spec.sampled == plain.sampled == 40
-    assert spec.drafts > 0 and spec.accepted <= spec.drafts
+    check_speculative(dsv4.generate_speculative(m, prompt, 40, eos_id=-1), plain, drafts)
     assert any(k[0] == "verify" for k in m.decode_graphs) and ("draft",) in m.decode_graphs   # graphs
-    if drafts == "right":
-        assert spec.accepted == spec.drafts and spec.drafts <= 21
-    elif drafts != "mtp":
-        assert 0 < spec.accepted < spec.drafts
 
 
 def test_a_csa_layers_compressors_share_their_kept_inputs(gpu_checkpoints, monkeypatch):
