@@ -1596,6 +1596,7 @@ def bench_decode(args):
 
 
 VERIFY_ACCEPT = (0.6, 0.8, 0.9)          # assumed draft acceptance rates (a random MTP block keeps almost none)
+VERIFY_SAMPLING = ((1.0, 0, 1.0), (1.0, 0, 0.95))   # sampled passes (temperature, top_k, top_p), timed beside greedy's
 
 
 def bench_verify(model, args, pos: int, tokens, tail_ms: float) -> dict:
@@ -1613,13 +1614,13 @@ def bench_verify(model, args, pos: int, tokens, tail_ms: float) -> dict:
         _with_switches(switches, lambda: model.decode(toks, p))
         return model.decode_graphs[key].graph.replay
 
-    def capture_pass(p):             # speculate's two graphs, with its copy of the positions in
-        model.start_speculation(*two[0].tolist())
-        key = ("verify",) + model._graph_key(1, p, 2)[1:]
+    def capture_pass(p, sampling=dsv4.GREEDY):   # speculate's two graphs, with its copy of the positions in
+        model.start_speculation(*two[0].tolist(), sampling=sampling)
+        key, draft_key = model.pass_keys(p)
         model.decode_graphs.pop(key, None)
         model.speculate(p)
-        verify, draft = model.decode_graphs[key].graph, model.decode_graphs[("draft",)].graph
-        host = torch.tensor([p, 0, p + 1, 0], pin_memory=True)
+        verify, draft = model.decode_graphs[key].graph, model.decode_graphs[draft_key].graph
+        host = model.spec.inputs(p).clone().pin_memory()
 
         def run():
             model.spec.buf[2:].copy_(host, non_blocking=True)
@@ -1629,7 +1630,8 @@ def bench_verify(model, args, pos: int, tokens, tail_ms: float) -> dict:
     one_stream = [(dsv4, "VERIFY_LANES", False)]
     runs = {"one": capture(tokens, pos), "one closing": capture(tokens, pos + 3), "two": capture(two, pos),
             "two closing": capture(two, pos + 2), "pass": capture_pass(pos), "pass closing": capture_pass(pos + 2),
-            "two one-stream": capture(two, pos, one_stream), "two closing one-stream": capture(two, pos + 2, one_stream)}
+            "two one-stream": capture(two, pos, one_stream), "two closing one-stream": capture(two, pos + 2, one_stream),
+            **{f"pass sampled {i}": capture_pass(pos, sp) for i, sp in enumerate(VERIFY_SAMPLING)}}
     times = {label: [] for label in runs}
     order = list(runs)
     for r in range(args.rounds):
@@ -1693,6 +1695,10 @@ def print_verify(v: dict, args):
           f"{two:.3f} ms/layer = {two / one:.2f}x (on one stream, VERIFY_LANES off: {lanes_off:.3f}); a pass's MTP "
           f"block + head {mtp:.3f} ms; 43 layers: plain {step1:.2f} ms/token = {1e3 / step1:.1f} tok/s, a pass "
           f"{pass_ms:.2f} ms")
+    for i, (t, k, p) in enumerate(VERIFY_SAMPLING):
+        print(f"B=1 a pass that samples (temperature {t}, top-k {k}, top-p {p}: filtered distributions, the "
+              f"speculative rule, inverse-CDF draws) {v[f'pass sampled {i}'] - v['pass']:+.3f} ms beside the greedy "
+              f"pass ({v['pass']:.3f} ms)")
     for a in VERIFY_ACCEPT:
         print(f"B=1 43 layers with drafts kept at rate {a:.1f} (assumed): {1 + a:.1f} tokens per pass = "
               f"{1e3 * (1 + a) / pass_ms:.1f} tok/s ({(1 + a) * step1 / pass_ms:.2f}x plain)")

@@ -1506,30 +1506,47 @@ class DecodeGraph:
         return self.out.clone()
 
 
+GREEDY = (0.0, 0, 1.0)                                                # (temperature, top_k, top_p) of argmax
+
+
 @dataclass
 class SpecBuffers:
-    """Speculative decoding's static tensors (Transformer.speculate): the pass's tokens [1,2] (the last token, the
-    draft) and positions (p, p + 1), views of one buffer (a position per 16 bytes); the verify step's outputs that the
-    MTP step reads: the final streams h [1,2,n,D] and [nxt0, nxt1, kept] [1,3]; pinned host copies of the positions
-    and of those three, and an event after the verify step."""
+    """Speculative decoding's static tensors (Transformer.speculate), on the model's device: one int64 buffer holds
+    the pass's tokens [1,2] (the last token, the draft), its positions (p, p + 1; a position per 16 bytes) and, as
+    float64, the pass's five uniforms u (sampling: the draft's test, the resample, the token after it, the two new
+    drafts); the draft's distribution q [1,V] (sampling); the verify step's outputs that the MTP step reads: the final
+    streams h [1,2,n,D] and [nxt0, nxt1, kept] [1,3]. On the host: pinned copies of the positions + uniforms
+    (host_in, one copy per pass) and of those three ints, an event after the verify step, the sampling parameters
+    (part of the graphs' keys) and the generator the uniforms come from."""
     buf: torch.Tensor
     tokens: torch.Tensor
     pos: tuple
+    u: torch.Tensor
+    q: torch.Tensor
     h: torch.Tensor
     out: torch.Tensor
-    host_pos: torch.Tensor | None = None
+    host_in: torch.Tensor | None = None
     host_out: torch.Tensor | None = None
     verified: object = None                                           # torch.cuda.Event
+    sampling: tuple = GREEDY
+    gen: torch.Generator | None = None
 
     @classmethod
-    def make(cls, n: int, D: int, dtype, device) -> "SpecBuffers":
-        buf = torch.zeros(6, dtype=torch.long, device=device)          # cur, draft, p, -, p + 1, -
+    def make(cls, n: int, D: int, V: int, dtype, device) -> "SpecBuffers":
+        buf = torch.zeros(12, dtype=torch.long, device=device)         # cur, draft, p, -, p + 1, -, u0..u4, -
         on_cuda = torch.device(device).type == "cuda"
-        return cls(buf, buf[:2].view(1, 2), (buf[2:3], buf[4:5]), torch.zeros(1, 2, n, D, dtype=dtype, device=device),
-                   torch.zeros(1, 3, dtype=torch.long, device=device),
-                   torch.zeros(4, dtype=torch.long, pin_memory=on_cuda), torch.zeros(3, dtype=torch.long,
-                                                                                     pin_memory=on_cuda),
+        host = lambda k: torch.zeros(k, dtype=torch.long, pin_memory=on_cuda)   # noqa: E731
+        return cls(buf, buf[:2].view(1, 2), (buf[2:3], buf[4:5]), buf[6:11].view(torch.float64),
+                   torch.zeros(1, V, device=device), torch.zeros(1, 2, n, D, dtype=dtype, device=device),
+                   torch.zeros(1, 3, dtype=torch.long, device=device), host(10), host(3),
                    torch.cuda.Event() if on_cuda else None)
+
+    def inputs(self, pos: int) -> torch.Tensor:
+        """The pass's positions and (sampling) fresh uniforms in host_in, the layout of buf[2:]."""
+        self.host_in[0], self.host_in[2] = pos, pos + 1
+        if self.sampling[0] > 0:
+            self.host_in[4:9].view(torch.float64).copy_(torch.rand(5, generator=self.gen, dtype=torch.float64))
+        return self.host_in
 
 
 class Transformer(nn.Module):
@@ -1688,13 +1705,25 @@ class Transformer(nn.Module):
         [B,S,n,D] at positions start_pos.. (after the prompt; the passes draft inside speculate)."""
         return self.mtp[0](h, start_pos, next_tokens, self)
 
-    def start_speculation(self, cur: int, draft: int):
+    def start_speculation(self, cur: int, draft: int, q: torch.Tensor | None = None, sampling: tuple = GREEDY,
+                          generator: torch.Generator | None = None):
         """Before the first pass: the last token and the MTP block's draft after it into the passes' tokens (later
-        passes leave the next ones there on the device)."""
+        passes leave the next ones there on the device); sampling (temperature, top_k, top_p; temperature 0 =
+        greedy): q [V], the distribution the draft was drawn from, and the generator of the passes' uniforms."""
         if self.spec is None:
             w = self.embed.weight
-            self.spec = SpecBuffers.make(self.cfg.hc_mult, self.cfg.hidden_size, w.dtype, w.device)
-        self.spec.tokens.copy_(torch.tensor([[cur, draft]]))
+            self.spec = SpecBuffers.make(self.cfg.hc_mult, self.cfg.hidden_size, self.cfg.vocab_size, w.dtype,
+                                         w.device)
+        s = self.spec
+        s.tokens.copy_(torch.tensor([[cur, draft]]))
+        s.sampling, s.gen = tuple(sampling), generator or torch.Generator()
+        if q is not None:
+            s.q.copy_(q.view(1, -1))
+
+    def pass_keys(self, pos: int) -> tuple[tuple, tuple]:
+        """The keys of speculate's two graphs at pos: the verify step's (both positions' kinds, the sampling) and the
+        MTP step's (the sampling)."""
+        return ("verify",) + self._graph_key(1, pos, 2)[1:] + (self.spec.sampling,), ("draft", self.spec.sampling)
 
     @torch.inference_mode()
     def speculate(self, pos: int) -> tuple[bool, int, int]:
@@ -1708,16 +1737,25 @@ class Transformer(nn.Module):
         if pos < 1 or pos + 2 > self.max_seq_len:
             raise ValueError(f"positions {pos}, {pos + 1}: a pass needs a prompt before it and room in the cache "
                              f"({self.max_seq_len})")
-        key = ("verify",) + self._graph_key(1, pos, 2)[1:]
         if s.verified is None:                                       # eager (CPU)
-            for i, p in enumerate(s.pos):
-                p.fill_(pos + i)
+            s.buf[2:11].copy_(s.inputs(pos)[:9])
+            key = self.pass_keys(pos)[0]
             nxt0, nxt1, kept = self.verify_step(key[1], key[2])[0].tolist()
             self.draft_step()
             return bool(kept), nxt0, nxt1
-        s.host_pos[0], s.host_pos[2] = pos, pos + 1
-        s.buf[2:].copy_(s.host_pos, non_blocking=True)              # the host's last read waited for its last use
-        for k, step in ((key, lambda: self.verify_step(key[1], key[2])), (("draft",), self.draft_step)):
+        self._queue_pass(pos)
+        s.verified.synchronize()
+        nxt0, nxt1, kept = s.host_out.tolist()
+        return bool(kept), nxt0, nxt1
+
+    def _queue_pass(self, pos: int):
+        """speculate on CUDA without the wait: positions and uniforms in, the two graphs (captured where new: each
+        capture runs its step once eagerly), the verify step's three ints out to the pinned host copy, the event after
+        them."""
+        s = self.spec
+        key, draft_key = self.pass_keys(pos)
+        s.buf[2:].copy_(s.inputs(pos), non_blocking=True)           # the host's last read waited for its last use
+        for k, step in ((key, lambda: self.verify_step(key[1], key[2])), (draft_key, self.draft_step)):
             g = self.decode_graphs.get(k)
             if g is None:
                 g = self.decode_graphs[k] = DecodeGraph(None, None, step=step)
@@ -1727,32 +1765,72 @@ class Transformer(nn.Module):
             if k is key:
                 s.host_out.copy_(s.out[0], non_blocking=True)
                 s.verified.record()
-        s.verified.synchronize()
-        nxt0, nxt1, kept = s.host_out.tolist()
-        return bool(kept), nxt0, nxt1
+
+    @torch.inference_mode()
+    def prepare_decode(self, first: int, last: int, passes: bool = False, sampling: tuple = GREEDY) -> int:
+        """Before a generation (batch 1, on CUDA): capture every graph that decode steps at positions first..last
+        will replay (passes: speculate's, a pass at each of them), so that none is captured mid-generation. A
+        capture runs its step once eagerly, compiling and setting up what it meets first (~0.1-1 s per graph that
+        would otherwise stall the tokens and count as decode time). Call it before the prompt's forward: each
+        capture runs at a position of the range on whatever the cache holds, and that forward (start_pos 0) resets
+        the compressors, and every later step rewrites what such a run wrote (its window slot, kept row, closed
+        entry) before any step reads it. sampling: the passes' (their graphs' key). Elsewhere a no-op. -> the number
+        of graphs captured."""
+        dev = self.embed.weight.device
+        if dev.type != "cuda":
+            return 0
+        before, one = len(self.decode_graphs), torch.zeros(1, 1, dtype=torch.long, device=dev)
+        for p in range(max(first, 1), last + 1):
+            if passes and p + 2 <= self.max_seq_len:                 # as generate_speculative: a pass where it fits
+                if self.spec is None or self.spec.sampling != tuple(sampling):
+                    self.start_speculation(0, 0, sampling=sampling)
+                if any(k not in self.decode_graphs for k in self.pass_keys(p)):
+                    self._queue_pass(p)
+                    self.spec.verified.synchronize()                 # before host_in is written again
+            elif p + 1 <= self.max_seq_len and self._graph_key(1, p) not in self.decode_graphs:
+                self.decode(one, p)
+        torch.cuda.synchronize(dev)
+        return len(self.decode_graphs) - before
 
     def verify_step(self, all_picks=False, closing=None) -> torch.Tensor:
         """speculate's first step (static shapes, no host sync: CUDA-graph capturable): the overlap state copied aside
         (restore_overlap), the verify step over spec.tokens at spec.pos (Attention.decode_pair), its final streams
-        into spec.h and [the greedy token after each position, whether the first is the draft] into spec.out."""
+        into spec.h and [the token after each position, whether the first is the draft] into spec.out. Greedy: the
+        argmaxes. Sampling: the first token by the speculative rule (accept_draft: the draft, or a resample), the
+        second drawn from the model's distribution after the draft (used only where the draft is kept)."""
         s = self.spec
         states = self._overlap_states()
         if states:
             torch._foreach_copy_(self._overlap_backup, states)
         h = self.streams(s.tokens, s.pos, all_picks, closing)
-        nxt = argmax_rows(self.head_logits(h))                       # [1,2]
+        logits = self.head_logits(h)                                 # [1,2,V]
+        if s.sampling[0] <= 0:
+            nxt = argmax_rows(logits)                                # [1,2]
+            kept = nxt[:, :1] == s.tokens[:, 1:]
+        else:
+            p = filtered_probs(logits[0], *s.sampling, normalise=True)   # [2,V]
+            first, kept = accept_draft(p[:1], s.q, s.tokens[0, 1:], s.u[0:1], s.u[1:2])
+            nxt = torch.stack([first, draw(p[1:], s.u[2:3])], 1)
+            kept = kept[None]
         s.h.copy_(h)
-        s.out.copy_(torch.cat([nxt, (nxt[:, :1] == s.tokens[:, 1:]).long()], 1))
+        s.out.copy_(torch.cat([nxt, kept.long()], 1))
         return s.out
 
     def draft_step(self) -> torch.Tensor:
-        """speculate's second step (capturable): the MTP block over both positions' streams with the greedy tokens
-        after them -> its drafts after each; then the next pass's tokens into spec.tokens: where the draft was kept
-        (nxt1, the draft after it), else (nxt0, the draft after that). Where it was not, the MTP block's second row read
+        """speculate's second step (capturable): the MTP block over both positions' streams with the tokens after them
+        -> its drafts after each (greedy, or drawn from its distribution q); then the next pass's tokens into
+        spec.tokens (and q into spec.q): where the draft was kept (nxt1, the draft after it), else (nxt0, the draft
+        after that). Where it was not, the MTP block's second row read
         a wrong stream; its window slot is rewritten before any later position reads it."""
         s = self.spec
         nxt, kept = s.out[:, :2], s.out[:, 2:].bool()
-        d = argmax_rows(self.mtp[0](s.h, s.pos, nxt, self))          # [1,2]
+        logits = self.mtp[0](s.h, s.pos, nxt, self)                  # [1,2,V]
+        if s.sampling[0] <= 0:
+            d = argmax_rows(logits)                                  # [1,2]
+        else:                                                        # drawn; the distribution of the one kept, too
+            q = filtered_probs(logits[0], *s.sampling, normalise=True)   # [2,V]
+            d = draw(q, s.u[3:5])[None]
+            s.q.copy_(torch.where(kept, q[1:], q[:1]))
         s.tokens.copy_(torch.where(kept, torch.stack([nxt[:, 1], d[:, 1]], 1), torch.stack([nxt[:, 0], d[:, 0]], 1)))
         return s.tokens
 
@@ -2157,6 +2235,16 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     """logits [B, V] -> token ids [B] int64 on the same device."""
     if temperature <= 0:
         return argmax_rows(logits)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # clamp: an Exp draw of exactly 0 would turn a filtered 0/0 into NaN, which argmax would pick.
+    return argmax_rows(probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny))
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   normalise: bool = False) -> torch.Tensor:
+    """The distribution sample draws from: logits [B, V] / temperature (> 0), top-k, softmax, top-p -> fp32 [B, V]
+    (filtered tokens 0; after top-p the rest sums to <= 1 unless normalise: a draw does not need it)."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         top = torch.topk(logits, top_k, dim=-1)              # exactly k survivors, ties broken by topk
@@ -2164,12 +2252,48 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs   # keep a token while the mass before it < top_p
+        mass_before = row_cumsum(sorted_probs) - sorted_probs     # keep a token while the mass before it < top_p
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    # clamp: an Exp draw of exactly 0 would turn a filtered 0/0 into NaN, which argmax would pick.
-    return argmax_rows(probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny))
+        if normalise:
+            probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(-1) for [B, V] rows of a vocabulary: torch scans a row on one CTA (0.1-0.2 ms for 2 x 129280 on an
+    H200), so column groups are scanned side by side, then offset by the running sum of the groups before (an exclusive
+    scan: a group's last value and the next group's offset are the same float, so non-negative x stays monotone)."""
+    V = x.shape[-1]
+    G = next((g for g in (256, 128, 64) if V % g == 0 and V > g), 0)
+    if not G:
+        return x.cumsum(-1)
+    c = x.unflatten(-1, (G, V // G)).cumsum(-1)                     # [B, G, V/G]
+    before = torch.nn.functional.pad(c[..., -1].cumsum(-1)[..., :-1], (1, 0))
+    return (c + before.unsqueeze(-1)).flatten(-2)
+
+
+# Speculative sampling draws with uniforms that the host makes (a generator seeded per generation), so the passes'
+# CUDA graphs hold no random state: a draw is the inverse CDF of the weights at one uniform.
+def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of weights [B, V] (>= 0, any total > 0) at uniforms u [B] in [0, 1): the first index whose
+    running sum exceeds u x total (float64; a token of weight 0 is never drawn) -> [B] int64."""
+    cdf = row_cumsum(weights.double())
+    x = (u.double() * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_max_(weights.shape[-1] - 1)
+
+
+def accept_draft(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, u_keep: torch.Tensor, u_resample: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling's rule: the model's and the draft's distributions p, q [B, V] at the draft's position
+    (normalised), the drafts d [B] drawn from q -> (tokens [B], kept [B] bool). A draft is kept with probability
+    min(1, p(d) / q(d)), else a token is drawn from max(p - q, 0); either way the token is distributed as p (Leviathan
+    et al. 2023; Chen et al. 2023)."""
+    pd, qd = p.gather(-1, d[:, None]).squeeze(-1), q.gather(-1, d[:, None]).squeeze(-1)
+    kept = u_keep * qd < pd
+    rest = (p - q).clamp_min(0)
+    rest = torch.where(rest.sum(-1, keepdim=True) > 0, rest, p)       # p == q: a draft is never rejected
+    return torch.where(kept, d, draw(rest, u_resample)), kept
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2189,6 +2313,9 @@ class Generation:
     text: str = ""                    # streamed text (only when a tokenizer was given)
     drafts: int = 0                   # generate_speculative: MTP drafts checked by the model
     accepted: int = 0                 # ... and kept
+    graphs: int = 0                   # CUDA graphs captured before the prompt (Transformer.prepare_decode) ...
+    graphs_s: float = 0.0             # ... in this time (in neither prefill_s nor decode_s)
+    greedy: bool = False              # generate_speculative at temperature 0 (the seed plays no part)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -2218,10 +2345,12 @@ def _prompt_bounds(prompt_ids, device, max_seq_len: int, max_new_tokens: int):
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, eos_id: int = 1, on_text=None, tokenizer=None) -> Generation:
+             seed: int | None = None, eos_id: int = 1, on_text=None, tokenizer=None, prepare: bool = True
+             ) -> Generation:
     """Sample up to max_new_tokens after prompt_ids (list[int] or int64 tensor [S]) with model(tokens [1,S],
     start_pos) -> logits [1,S,V]. Stops at eos_id, at max_new_tokens or when the cache (model.max_seq_len) is full.
-    With on_text (and tokenizer), whole-character text pieces are passed to on_text as they are produced."""
+    With on_text (and tokenizer), whole-character text pieces are passed to on_text as they are produced. prepare:
+    capture the decode graphs the positions will use before the prompt (Transformer.prepare_decode), not on the way."""
     if on_text is not None and tokenizer is None:
         raise ValueError("on_text needs a tokenizer")
     device = next((p.device for p in model.parameters()), None) if hasattr(model, "parameters") else None
@@ -2246,6 +2375,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     def step(tok, pos):   # feed one token, sample the next one, all on the device
         return sample(decode(tok.view(1, 1), pos)[:, -1], temperature, top_k, top_p, gen)
 
+    graphs, graphs_s = _prepare(model, n_prompt, n_new, prepare and on_cuda, passes=None)
     if on_cuda:
         torch.cuda.synchronize(device)
     t0 = t_first = t_last = time.perf_counter()
@@ -2276,21 +2406,36 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     if on_cuda:
         torch.cuda.synchronize(device)   # a step queued past EOS is discarded (the next prompt restarts at pos 0)
     return Generation(tokens=tokens, stop=stop, prompt_tokens=n_prompt, prefill_s=t_first - t0,
-                      decode_s=t_last - t_first, sampled=sampled, seed=seed, text="".join(pieces))
+                      decode_s=t_last - t_first, sampled=sampled, seed=seed, text="".join(pieces), graphs=graphs,
+                      graphs_s=graphs_s)
 
 
-# Speculative decoding with the checkpoint's MTP block (greedy): each pass (Transformer.speculate) verifies the last
-# token and the MTP block's draft of the next one at two positions and drafts again; the draft is kept where the
-# model's own greedy choice agrees, so the tokens are generate(temperature=0)'s (up to rounding: with the quant sims
-# on, the two-row linears can round a near-tie differently than one row does), one or two per pass. A rejected draft
+def _prepare(model, n_prompt: int, n_new: int, on: bool, passes: tuple | None) -> tuple[int, float]:
+    """generate's graphs before the prompt: the steps feed positions n_prompt .. n_prompt + n_new - 2 (the last
+    token is never fed); passes: speculative decoding's sampling parameters. -> (graphs captured, seconds)."""
+    if not on or not hasattr(model, "prepare_decode") or n_new < 2:
+        return 0, 0.0
+    t = time.perf_counter()
+    n = model.prepare_decode(n_prompt, n_prompt + n_new - 2, passes is not None, passes or GREEDY)
+    return n, time.perf_counter() - t if n else 0.0
+
+
+# Speculative decoding with the checkpoint's MTP block: each pass (Transformer.speculate) verifies the last token and
+# the MTP block's draft of the next one at two positions and drafts again. Greedy: the draft is kept where the model's
+# own greedy choice agrees, so the tokens are generate(temperature=0)'s (up to rounding: with the quant sims on, the
+# two-row linears can round a near-tie differently than one row does), one or two per pass. Sampling: the draft d ~ q
+# is kept with probability min(1, p(d) / q(d)), else replaced by a draw from max(p - q, 0) (accept_draft), so every
+# token is distributed as generate's with the same temperature / top-k / top-p (applied to p and q alike). A rejected draft
 # left its position's state behind: its window slot, kept compressor input and any cache entry it closed are rewritten
 # when the right token comes; only a closed overlapping block's previous-block state is put back (restore_overlap).
 @torch.inference_mode()
-def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1, on_text=None, tokenizer=None
-                         ) -> Generation:
-    """Greedy generation (generate(temperature=0)'s tokens) with model.mtp[0] drafting one token ahead (load_model(
-    mtp=True)); batch 1; one CUDA-graph replay per pass on CUDA, the same step eagerly elsewhere.
-    Generation.drafts / .accepted count the drafts checked and kept."""
+def generate_speculative(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                         top_k: int = 0, seed: int | None = None, eos_id: int = 1, on_text=None, tokenizer=None,
+                         prepare: bool = True) -> Generation:
+    """generate with model.mtp[0] drafting one token ahead (load_model(mtp=True)); batch 1. Greedy (temperature 0):
+    generate's tokens. Sampling: each token distributed as generate's (speculative sampling; other draws, so other
+    tokens for a seed). Two CUDA-graph replays per pass on CUDA (captured before the prompt where prepare), the same
+    steps eagerly elsewhere. Generation.drafts / .accepted count the drafts checked and kept."""
     if not len(getattr(model, "mtp", ())):
         raise ValueError("speculative decoding needs the MTP block: load_model(..., mtp=True)")
     if on_text is not None and tokenizer is None:
@@ -2306,15 +2451,26 @@ def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1
             if on_text is not None:
                 on_text(piece)
 
+    seed = new_seed() if seed is None else seed
+    sampling = GREEDY if temperature <= 0 else (float(temperature), int(top_k), float(top_p))
+    gen = torch.Generator().manual_seed(seed)                        # the uniforms of every draw (on the host)
+
+    def choose(logits):                                              # [1,V] -> [1]: greedy, or drawn
+        if sampling[0] <= 0:
+            return argmax_rows(logits), None
+        q = filtered_probs(logits, *sampling, normalise=True)
+        return draw(q, torch.rand(1, generator=gen, dtype=torch.float64).to(q.device)), q
+
+    graphs, graphs_s = _prepare(model, n_prompt, n_new, prepare and ids.is_cuda, passes=sampling)
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda device=None: None)
     sync(ids.device)
     t0 = t_first = t_last = time.perf_counter()
     if n_new > 0:
         h = model(ids, 0, streams=True)                              # [1,n,hc,D]
-        nxt = argmax_rows(model.head_logits(h[:, -1:])[:, -1])       # [1]: the token at position n_prompt
-        draft_logits = model.draft(h, 0, torch.cat([ids[:, 1:], nxt[:, None]], 1))
+        nxt = choose(model.head_logits(h[:, -1:])[:, -1])[0]         # [1]: the token at position n_prompt
+        draft, q = choose(model.draft(h, 0, torch.cat([ids[:, 1:], nxt[:, None]], 1))[:, -1])
         cur = int(nxt)
-        model.start_speculation(cur, int(argmax_rows(draft_logits[0, -1])))
+        model.start_speculation(cur, int(draft), q, sampling, gen)
         t_first = t_last = time.perf_counter()
     p, done = n_prompt, False                                        # cur sits at position p, not fed yet
     while not done and sampled < n_new:
@@ -2332,7 +2488,7 @@ def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1
                 model.restore_overlap(p + 1)
                 cur, p = nxt0, p + 1
         else:                                                        # one position left in the cache
-            cur, p = int(argmax_rows(model.decode(torch.tensor([[cur]], device=ids.device), p)[0, -1])), p + 1
+            cur, p = int(choose(model.decode(torch.tensor([[cur]], device=ids.device), p)[:, -1])[0]), p + 1
         for tok in new:
             sampled += 1
             if sampled > 1:
@@ -2347,8 +2503,8 @@ def generate_speculative(model, prompt_ids, max_new_tokens: int, eos_id: int = 1
         emit(stream.flush())
     sync(ids.device)                                                 # the last pass's MTP step (not counted)
     return Generation(tokens=tokens, stop=stop, prompt_tokens=n_prompt, prefill_s=t_first - t0,
-                      decode_s=t_last - t_first, sampled=sampled, text="".join(pieces), drafts=drafts,
-                      accepted=accepted)
+                      decode_s=t_last - t_first, sampled=sampled, seed=seed, text="".join(pieces), drafts=drafts,
+                      accepted=accepted, graphs=graphs, graphs_s=graphs_s, greedy=sampling[0] <= 0)
 
 
 def stats_line(g: Generation, weight_bytes_per_token: float | None = None) -> str:
@@ -2361,7 +2517,9 @@ def stats_line(g: Generation, weight_bytes_per_token: float | None = None) -> st
         s += ")"
     if g.drafts:                                                     # generate_speculative
         s += f" | mtp drafts kept {g.accepted}/{g.drafts}"
-    return s + f" | stop {g.stop}" + ("" if g.drafts else f" | seed {g.seed}")
+    if g.graphs:
+        s += f" | {g.graphs} CUDA graphs captured first in {g.graphs_s:.2f} s"
+    return s + f" | stop {g.stop}" + ("" if g.greedy else f" | seed {g.seed}")
 
 
 def weight_bytes_per_token(model) -> float | None:
@@ -2469,8 +2627,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default bf16)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length in tokens (default 4096)")
     p.add_argument("--mtp", action="store_true",
-                   help="speculative decoding with the checkpoint's MTP block: greedy (temperature 0), the same "
-                        "tokens, up to two per model pass (one process: not under torchrun)")
+                   help="speculative decoding with the checkpoint's MTP block: up to two tokens per model pass, "
+                        "greedy decoding's tokens at temperature 0, the same distribution when sampling")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory each GPU needs (weights, KV cache) for --ckpt (a checkpoint folder, or just "
                         "its config.json) on --world-size GPUs, and exit without loading")
@@ -2539,8 +2697,6 @@ def _validate(args):
         raise CLIError("--top-k must be >= 0")
     if args.max_seq_len < 1:
         raise CLIError("--max-seq-len must be >= 1")
-    if args.mtp and args.temperature not in (None, 0):
-        raise CLIError("--mtp decodes greedily: leave out --temperature or set it to 0")
     if args.dry_run:
         if args.world_size is not None and args.world_size < 1:
             raise CLIError("--world-size must be >= 1")
@@ -2582,14 +2738,11 @@ def _run(args) -> int:
     if args.dry_run:
         return _dry_run(args)
     par, device = _join_world(resolve_device(args.device))    # torchrun: this rank's place and GPU; else size 1
-    if args.mtp and par.size > 1:
-        raise CLIError("--mtp runs in one process (the verify step is not built for tensor / expert parallel): "
-                       "leave out torchrun")
     embedded = args.ckpt is None
     ckpt = embedded_checkpoint(log=_note) if embedded else check_ckpt_dir(args.ckpt)
     tokenizer = load_tokenizer(ckpt)
     defaults = sampling_defaults(ckpt)
-    temperature = 0.0 if args.mtp else defaults["temperature"] if args.temperature is None else args.temperature
+    temperature = defaults["temperature"] if args.temperature is None else args.temperature
     top_p = defaults["top_p"] if args.top_p is None else args.top_p
     top_k = defaults["top_k"] if args.top_k is None else args.top_k
     max_new = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if embedded else DEFAULT_MAX_NEW_TOKENS)
@@ -2626,7 +2779,8 @@ def _run(args) -> int:
     def run_one(ids):
         nonlocal seed
         try:
-            g = generate_speculative(model, ids, max_new, eos_id, on_text=_write, tokenizer=tokenizer) if args.mtp \
+            g = generate_speculative(model, ids, max_new, temperature, top_p, top_k, seed, eos_id, on_text=_write,
+                                     tokenizer=tokenizer) if args.mtp \
                 else generate(model, ids, max_new, temperature, top_p, top_k, seed, eos_id, on_text=_write,
                               tokenizer=tokenizer)
         except torch.cuda.OutOfMemoryError:
@@ -2736,9 +2890,6 @@ def _dry_run(args) -> int:
         except CheckpointError as e:
             raise CLIError(f"cannot read checkpoint {src}: {e}") from None
     dtype = DTYPES[args.dtype]
-    if args.mtp and size > 1:
-        raise CLIError("--mtp runs in one process (the verify step is not built for tensor / expert parallel): "
-                       "leave out --world-size")
     if args.mtp and not cfg.num_nextn_predict_layers:
         raise CLIError(f"{file} has no MTP block (num_nextn_predict_layers 0): leave out --mtp")
     try:

@@ -1,6 +1,7 @@
 """nano-dsv4 tests. Run: python test_dsv4.py (or pytest test_dsv4.py). CPU-only machines skip the GPU tests cleanly;
 the HF parity tests need transformers >= 5.15 (a test-only dependency)."""
 import collections
+import dataclasses
 import gc
 import glob
 import importlib
@@ -1571,6 +1572,60 @@ def test_argmax_rows_is_argmax_with_its_ties(V):
     assert torch.equal(dsv4.argmax_rows(x[0]), x[0].argmax(-1))
 
 
+@pytest.mark.parametrize("V", [129280, 512, 300, 7])
+def test_row_cumsum_is_cumsum_and_monotone(V):
+    """The grouped scan (draws, top-p) gives torch's cumsum to rounding, and never decreases over non-negative rows:
+    zero runs across group boundaries stay flat, so an inverse-CDF draw cannot land on a zero weight."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.rand(3, V, generator=g, dtype=torch.float64) * (torch.rand(3, V, generator=g) < 0.3)
+    x[1, : V // 2] = 0
+    c = cli.row_cumsum(x)
+    assert torch.allclose(c, x.cumsum(-1), rtol=1e-12, atol=0) and (c.diff(dim=-1) >= 0).all()
+    assert torch.equal(c.diff(dim=-1)[x[:, 1:] == 0], torch.zeros_like(c.diff(dim=-1)[x[:, 1:] == 0]))
+
+
+def test_draw_is_the_inverse_cdf_and_never_draws_a_zero_weight():
+    """draw (speculative sampling's draws, from host uniforms): frequencies follow the weights (not normalised), a
+    token of weight 0 is never drawn, u = 0 gives the first token of positive weight and u -> 1 the last."""
+    w = torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.5, 0.0, 0.5], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    n = 200_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for row in w:
+        freq = torch.bincount(cli.draw(row.expand(n, -1), u), minlength=7).double() / n
+        assert torch.allclose(freq, row.double() / row.sum(), atol=0.005) and (freq[row == 0] == 0).all()
+    edges = cli.draw(w, torch.tensor([0.0, 1 - 2 ** -52], dtype=torch.float64))
+    assert edges.tolist() == [1, 6]
+    wide = torch.zeros(2, 512)                                          # the grouped scan: weight in two groups only
+    wide[:, [3, 300]] = torch.tensor([[1.0, 3.0], [0.5, 0.5]])
+    freq = torch.bincount(cli.draw(wide[:1].expand(n, -1), u), minlength=512).double() / n
+    assert abs(freq[3] - 0.25) < 0.005 and freq[3] + freq[300] == 1
+    assert cli.draw(wide, torch.tensor([0.0, 1 - 2 ** -52], dtype=torch.float64)).tolist() == [3, 300]
+
+
+@pytest.mark.parametrize("case", ["random", "q misses some of p", "p misses some of q", "p is q"])
+def test_the_speculative_rule_keeps_the_models_distribution(case):
+    """accept_draft over 400k trials: drafts d ~ q, kept with probability min(1, p(d) / q(d)), else redrawn from
+    max(p - q, 0): the tokens are distributed as p, and the share kept is sum(min(p, q)) (all where p = q)."""
+    g = torch.Generator().manual_seed(len(case))
+    p, q = torch.rand(2, 8, generator=g)
+    if case == "q misses some of p":
+        q[:3] = 0
+    elif case == "p misses some of q":
+        p[5:] = 0
+    elif case == "p is q":
+        q = p.clone()
+    p, q = p / p.sum(), q / q.sum()
+    n = 400_000
+    u = torch.rand(3, n, generator=g, dtype=torch.float64)
+    P, Q = p.expand(n, -1), q.expand(n, -1)
+    d = cli.draw(Q, u[0])
+    tok, kept = cli.accept_draft(P, Q, d, u[1], u[2])
+    freq = torch.bincount(tok, minlength=8).float() / n
+    assert (freq - p).abs().sum() < 0.01, (freq, p)
+    assert abs(kept.float().mean() - torch.minimum(p, q).sum()) < 0.005
+    assert kept.all() if case == "p is q" else not kept.all()
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
     n = 200_000
@@ -1702,7 +1757,9 @@ def test_stats_line_reports_rates():
     line = cli.stats_line(g, weight_bytes_per_token=2e9)
     assert "prompt 100 tok" in line and "200.0 tok/s" in line and "5.0 tok/s" in line
     assert "10.0 GB/s weights" in line and "\n" not in line
-    assert "GB/s" not in cli.stats_line(g, None)
+    assert "GB/s" not in cli.stats_line(g, None) and "graphs" not in line
+    line = cli.stats_line(dataclasses.replace(g, graphs=3, graphs_s=0.25))
+    assert "3 CUDA graphs captured first in 0.25 s" in line and "5.0 tok/s" in line
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1740,7 +1797,6 @@ ERROR_CASES = {
     "bad_top_p": (["--prompt", "hi", "--top-p", "0"], "--top-p"),
     "negative_temperature": (["--prompt", "hi", "--temperature", "-1"], "--temperature"),
     "missing_ckpt": (["--prompt", "hi", "--ckpt", "/nonexistent/dsv4-ckpt"], "does not exist"),
-    "mtp_sampling": (["--prompt", "hi", "--mtp", "--temperature", "0.7"], "--mtp decodes greedily"),
 }
 
 
@@ -1757,13 +1813,6 @@ def test_cli_cuda_without_gpu(capsys, empty_cache, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, out, err = _main(capsys, ["--prompt", "hi", "--device", "cuda"])
     assert code == 2 and out == "" and err == "dsv4: error: --device cuda: no CUDA GPU is available\n"
-    assert not empty_cache.exists()
-
-
-def test_cli_mtp_under_torchrun_is_a_user_error(capsys, empty_cache, monkeypatch):
-    monkeypatch.setattr(cli, "_join_world", lambda device: (cli.Parallel(2, 0), device))
-    code, out, err = _main(capsys, ["--prompt", "hi", "--mtp", "--device", "cpu"])
-    assert code == 2 and out == "" and err.count("\n") == 1 and "--mtp runs in one process" in err
     assert not empty_cache.exists()
 
 
@@ -1931,12 +1980,15 @@ def test_embedded_end_to_end_greedy_is_deterministic(demo_cache, demo_model):
 
 @needs_tokenizer
 def test_embedded_mtp_speculative_decoding_runs_from_the_cli(demo_cache, demo_model):
-    """--mtp on the demo model (its checkpoint carries the MTP block): greedy text and one stats line that counts the
-    drafts (the random-weight MTP block's drafts are rarely kept)."""
-    r = _run_cli(demo_cache, "--prompt", "Hello, DeepSeek", "--mtp")
+    """--mtp on the demo model (its checkpoint carries the MTP block): at -t 0 greedy text and one stats line that
+    counts the drafts (the random-weight MTP block's drafts are rarely kept), no seed; else seeded sampling (the
+    checkpoint's default temperature), reproducible."""
+    r = _run_cli(demo_cache, "--prompt", "Hello, DeepSeek", "--mtp", "-t", "0")
     assert r.returncode == 0, r.stderr
     stats = [l for l in r.stderr.splitlines() if "prefill" in l]
     assert r.stdout.strip() and len(stats) == 1 and "mtp drafts kept" in stats[0] and "seed" not in stats[0]
+    a, b = (_run_cli(demo_cache, "--prompt", "Hello, DeepSeek", "--mtp", "--seed", "3") for _ in range(2))
+    assert a.returncode == 0 and a.stdout.strip() and a.stdout == b.stdout and "| seed 3" in a.stderr
 
 
 @needs_tokenizer
@@ -2188,6 +2240,74 @@ def test_small_all_reduces_take_symmetric_memory_with_nccls_bits_on_two_gpus(tmp
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Speculative decoding under torchrun: every rank runs the same passes (the logits are gathered, so every rank reads the
+# same greedy tokens and keeps the same drafts); the MTP block is split like a layer.
+SPEC_DRAFTS = ("mtp", "right", "alternate", "wrong-at-block-ends")
+
+
+def _spec_worker(rank: int, world: int, port: int, path: str, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    par, _ = dsv4.init_distributed("cpu")
+    torch.save(speculative_runs(path, par), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def speculative_runs(path: str, par) -> dict:
+    """Plain greedy and speculative generation (each draft source of SPEC_DRAFTS) over positions 100..139, the MTP
+    block's logits after the prompt, and what the rank holds of the MTP block."""
+    m = dsv4.load_model(path, dtype=torch.float32, max_seq_len=256, mtp=True, quant_sim=False, parallel=par)
+    vocab = m.cfg.vocab_size
+    prompt = torch.randint(2, vocab, (100,), generator=torch.Generator().manual_seed(2))
+    h = m(prompt[None], 0, streams=True)
+    res = {"draft_logits": m.draft(h, 0, torch.roll(prompt, -1)[None]), "plain": dsv4.generate(
+        m, prompt.tolist(), 40, temperature=0, eos_id=-1), "mtp_experts": m.mtp[0].ffn.experts.num_experts,
+        "bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
+    for drafts in SPEC_DRAFTS:
+        saved = {name: getattr(dsv4.Transformer, name) for name in ("draft", "speculate")}
+        if drafts != "mtp":
+            for name, method in draft_oracle(prompt.tolist() + res["plain"].tokens, drafts, vocab).items():
+                setattr(dsv4.Transformer, name, method)
+        try:
+            res[drafts] = dsv4.generate_speculative(m, prompt.tolist(), 40, eos_id=-1)
+        finally:
+            for name, method in saved.items():
+                setattr(dsv4.Transformer, name, method)
+    res["sampled"] = dsv4.generate_speculative(m, prompt.tolist(), 40, temperature=0.8, top_p=0.9, seed=11, eos_id=-1)
+    return res
+
+
+@pytest.fixture(scope="module")
+def spec_checkpoint(tmp_path_factory):
+    return weights.write_checkpoint(str(tmp_path_factory.mktemp("dist_mtp") / "fp8"),
+                                    dict(DIST, num_nextn_predict_layers=1), "fp8", 3, mtp=True)
+
+
+def test_two_ranks_decode_speculatively_as_one_process(spec_checkpoint, tmp_path):
+    """generate_speculative on 2 gloo ranks: both ranks give plain greedy's tokens (one process's) with every draft
+    source, keep the same drafts, sample one process's tokens from a seed, and the MTP block's logits are one
+    process's; each rank holds half of its routed
+    experts, and the plan's bytes (memory_plan(mtp=True)) are what it holds."""
+    torch.set_num_threads(1)
+    one = speculative_runs(spec_checkpoint, dsv4.Parallel())
+    out = str(tmp_path / "result")
+    mp.start_processes(_spec_worker, args=(2, free_port(), spec_checkpoint, out), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    cfg = dsv4.ModelConfig.from_dict(dict(DIST, num_nextn_predict_layers=1))
+    for r, res in enumerate(ranks):
+        assert rel(res["draft_logits"], one["draft_logits"]) <= 1e-5
+        assert res["plain"].tokens == one["plain"].tokens
+        for drafts in SPEC_DRAFTS:
+            check_speculative(res[drafts], res["plain"], drafts)
+            assert (res[drafts].drafts, res[drafts].accepted) == (ranks[0][drafts].drafts, ranks[0][drafts].accepted)
+        assert res["sampled"].tokens == one["sampled"].tokens and res["sampled"].accepted == one["sampled"].accepted
+        assert res["mtp_experts"] * 2 == one["mtp_experts"] == DIST["n_routed_experts"]
+        plan = dsv4.memory_plan(cfg, dsv4.Parallel(2, r), "fp8", torch.float32, 256, 1, repack=False, mtp=True)
+        assert res["bytes"] == plan["dense"], (res["bytes"], plan["dense"])
+
+
 # The CLI under torchrun (2 CPU ranks, gloo) on the embedded demo model: rank 0 reads and prints, the text is the
 # single process's.
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -2210,7 +2330,7 @@ def dist_cli(args, cache, nproc=0, stdin=None):
                           cwd=HERE)
 
 
-@pytest.mark.parametrize("mode", [["--prompt", "Hello world", "-t", "0"], ["-i", "-t", "0"]])
+@pytest.mark.parametrize("mode", [["--prompt", "Hello world", "-t", "0"], ["-i", "-t", "0"], ["--prompt", "Hi", "--mtp"]])
 def test_torchrun_two_ranks_print_what_one_process_prints(dist_demo_cache, mode):
     args = ["--device", "cpu", "--dtype", "fp32", "-n", "6", *mode]
     stdin = "Hello world\nSecond turn\n" if "-i" in mode else None
@@ -2247,8 +2367,8 @@ def test_dry_run_prints_the_plan_of_each_gpu(flash_config):
 
 
 def test_dry_run_with_mtp_counts_the_mtp_block(flash_config, tmp_path):
-    """--mtp adds the MTP block (about a layer) to the plan; on several GPUs, or for a config without the block, it is
-    a one-line user error."""
+    """--mtp adds the MTP block (about a layer) to the plan, split over --world-size GPUs like a layer; for a config
+    without the block it is a one-line user error."""
     GiB = 2 ** 30
     plain, mtp = (dsv4.memory_plan(dsv4.ModelConfig(), fmt="fp8", mtp=m) for m in (False, True))
     r = dist_cli(["--dry-run", "--ckpt", flash_config, "--mtp"], "/nonexistent")
@@ -2256,8 +2376,11 @@ def test_dry_run_with_mtp_counts_the_mtp_block(flash_config, tmp_path):
     assert "43 layers + the MTP block" in r.stdout
     assert f"weights {(mtp['dense'] + mtp['experts'] + mtp['gemv_packed']) / GiB:.2f} GiB" in r.stdout
     assert mtp["experts"] - plain["experts"] == plain["experts"] // 43       # one more layer of experts
+    two = dsv4.memory_plan(dsv4.ModelConfig(), dsv4.Parallel(2, 0), fmt="fp8", mtp=True)
     r = dist_cli(["--dry-run", "--ckpt", flash_config, "--mtp", "--world-size", "2"], "/nonexistent")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--mtp runs in one process" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert f"weights {(two['dense'] + two['experts'] + two['gemv_packed']) / GiB:.2f} GiB" in r.stdout
+    assert two["experts"] * 2 == mtp["experts"]
     cfg = json.loads(open(flash_config).read())
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_nextn_predict_layers=0)))
     r = dist_cli(["--dry-run", "--ckpt", str(tmp_path / "config.json"), "--mtp"], "/nonexistent")
@@ -2495,13 +2618,19 @@ def test_the_mtp_block_over_a_chunk_is_the_mtp_block_token_by_token(mtp_checkpoi
     assert ((whole - steps).norm() / whole.norm()).item() < 1e-5
 
 
-def install_draft_oracle(monkeypatch, seq: list[int], drafts: str):
+def install_draft_oracle(monkeypatch, seq: list[int], drafts: str, vocab: int = TINY_GPU["vocab_size"]):
     """An oracle in the MTP block's place (its step still runs): the draft of position q is seq[q] where the rule
     says so (always, every other position, or except where q closes a CSA block), else a wrong token."""
+    for name, method in draft_oracle(seq, drafts, vocab).items():
+        monkeypatch.setattr(dsv4.Transformer, name, method)
+
+
+def draft_oracle(seq: list[int], drafts: str, vocab: int) -> dict:
+    """install_draft_oracle's Transformer.draft and .speculate."""
     def token(q):
         right = q < len(seq) and (drafts == "right" or (drafts == "alternate" and q % 2 == 0) or
                                   (drafts == "wrong-at-block-ends" and (q + 1) % 4 != 0))
-        return seq[q] if right else (seq[q] + 1) % TINY_GPU["vocab_size"] if q < len(seq) else 0
+        return seq[q] if right else (seq[q] + 1) % vocab if q < len(seq) else 0
     draft, speculate = dsv4.Transformer.draft, dsv4.Transformer.speculate
 
     def draft_oracle(self, h, start_pos, next_tokens):                # after the prompt
@@ -2514,8 +2643,7 @@ def install_draft_oracle(monkeypatch, seq: list[int], drafts: str):
         kept, nxt0, nxt1 = speculate(self, pos)
         self.spec.tokens[0, 1] = token(pos + 3 if kept else pos + 2)
         return kept, nxt0, nxt1
-    monkeypatch.setattr(dsv4.Transformer, "draft", draft_oracle)
-    monkeypatch.setattr(dsv4.Transformer, "speculate", speculate_oracle)
+    return {"draft": draft_oracle, "speculate": speculate_oracle}
 
 
 def check_speculative(spec, plain, drafts: str):
@@ -2541,6 +2669,46 @@ def test_speculative_greedy_gives_the_plain_greedy_tokens(mtp_checkpoint, drafts
     if drafts != "mtp":
         install_draft_oracle(monkeypatch, prompt + plain.tokens, drafts)
     check_speculative(dsv4.generate_speculative(m, prompt, 40, eos_id=-1), plain, drafts)
+
+
+@pytest.mark.parametrize("drafts", ["mtp", "right", "alternate", "wrong-at-block-ends"])
+def test_speculative_sampling_at_top_k_1_is_greedy(mtp_checkpoint, drafts, monkeypatch):
+    """Speculative sampling where the distributions are one token (top_k 1): every draw, resample and draft is the
+    argmax, so the tokens are plain greedy's, and a draft is kept exactly where it is right."""
+    m = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=256, mtp=True, quant_sim=False)
+    prompt = torch.randint(2, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    plain = dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)
+    if drafts != "mtp":
+        install_draft_oracle(monkeypatch, prompt + plain.tokens, drafts)
+    spec = dsv4.generate_speculative(m, prompt, 40, temperature=1.0, top_k=1, seed=3, eos_id=-1)
+    check_speculative(spec, plain, drafts)
+    assert not spec.greedy and any(k[0] == "draft" and k[1] == (1.0, 1, 1.0) for k in [m.pass_keys(100)[1]])
+
+
+def test_speculative_sampling_drafts_from_the_mtp_blocks_distribution(mtp_checkpoint, monkeypatch):
+    """At temperature 0.9, top-p 0.95: after every pass spec.q is the MTP block's filtered distribution at the row
+    the next pass continues from (the draft's, where it was kept), the next draft is a token of it, and a seed gives
+    its tokens again (another seed others)."""
+    m = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=256, mtp=True, quant_sim=False)
+    prompt = torch.randint(2, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    checked, mtp_logits = [], []
+    draft_step, mtp_forward = dsv4.Transformer.draft_step, dsv4.MTPBlock.forward
+
+    def spy(self):
+        out = draft_step(self)
+        s = self.spec
+        row = int(s.out[0, 2])                                        # kept: the second position's drafts
+        q = dsv4.filtered_probs(mtp_logits[-1][0, row:row + 1], 0.9, 0, 0.95, normalise=True)
+        assert torch.equal(s.q, q) and q[0, s.tokens[0, 1]] > 0
+        checked.append(row)
+        return out
+    monkeypatch.setattr(dsv4.Transformer, "draft_step", spy)
+    monkeypatch.setattr(dsv4.MTPBlock, "forward", lambda self, *a: mtp_logits.append(mtp_forward(self, *a)) or
+                        mtp_logits[-1])
+    a, b, c = (dsv4.generate_speculative(m, prompt, 30, temperature=0.9, top_p=0.95, seed=sd, eos_id=-1)
+               for sd in (7, 7, 8))
+    assert a.tokens == b.tokens != c.tokens and a.seed == 7 and len(checked) == a.drafts + b.drafts + c.drafts
+    assert set(checked) == {0, 1} and 0 < a.accepted < a.drafts
 
 
 def pair_step(model, toks, p):
@@ -2651,7 +2819,56 @@ def test_gpu_speculative_greedy_gives_the_plain_greedy_tokens(mtp_all_blocks_che
     if drafts != "mtp":
         install_draft_oracle(monkeypatch, prompt + plain.tokens, drafts)
     check_speculative(dsv4.generate_speculative(m, prompt, 40, eos_id=-1), plain, drafts)
-    assert any(k[0] == "verify" for k in m.decode_graphs) and ("draft",) in m.decode_graphs   # graphs
+    assert any(k[0] == "verify" for k in m.decode_graphs) and ("draft", dsv4.GREEDY) in m.decode_graphs   # graphs
+
+
+@gpu
+def test_gpu_speculative_sampling_is_greedy_at_top_k_1_and_seeded(mtp_all_blocks_checkpoint, monkeypatch):
+    """On the GPU (the passes' graphs, keyed by the sampling parameters): speculative sampling at top_k 1 gives plain
+    greedy's tokens with the MTP block's drafts and with drafts right every other time (accept, resample and the
+    bonus draw all pass through the argmax); at temperature 0.8 a seed gives its tokens again, another seed others."""
+    m = load(mtp_all_blocks_checkpoint, device="cuda", fixed_routing=True, layer_scale_log2=-8, mtp=True)
+    prompt = torch.randint(0, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    plain = dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)
+    for drafts in ("mtp", "alternate"):
+        if drafts != "mtp":
+            install_draft_oracle(monkeypatch, prompt + plain.tokens, drafts)
+        spec = dsv4.generate_speculative(m, prompt, 40, temperature=1.0, top_k=1, seed=1, eos_id=-1)
+        check_speculative(spec, plain, drafts)
+    monkeypatch.undo()
+    a, b, c = (dsv4.generate_speculative(m, prompt, 40, temperature=0.8, seed=sd, eos_id=-1) for sd in (4, 4, 5))
+    assert a.tokens == b.tokens != c.tokens and a.graphs > 0 and b.graphs == 0
+    assert {k[1] for k in m.decode_graphs if k[0] == "draft"} == {(1.0, 1, 1.0), (0.8, 0, 1.0)}
+
+
+@gpu
+@pytest.mark.parametrize("speculative", [False, True])
+def test_gpu_generation_captures_its_graphs_before_the_prompt(mtp_all_blocks_checkpoint, speculative, monkeypatch):
+    """generate / generate_speculative capture every CUDA graph their positions will replay before the prompt's
+    forward (Transformer.prepare_decode) and none on the way, and give the tokens of a run that captures each graph
+    at its first use: the warm-up's eager steps at later positions leave nothing that the prompt's forward and the
+    steps do not rewrite before reading. Positions 100..139 cross CSA block ends, the HCA block end at 127 and the
+    window ring's wrap."""
+    events = []
+    capture, forward = dsv4.DecodeGraph.capture, dsv4.Transformer.forward
+    monkeypatch.setattr(dsv4.DecodeGraph, "capture", lambda self, *a, **k: (events.append("graph"),
+                                                                            capture(self, *a, **k))[1])
+    monkeypatch.setattr(dsv4.Transformer, "forward", lambda self, *a, **k: (events.append("prompt"),
+                                                                            forward(self, *a, **k))[1])
+    prompt = torch.randint(0, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    run, out, graphs = {}, {}, {}
+    for prepare in (False, True):
+        m = load(mtp_all_blocks_checkpoint, device="cuda", fixed_routing=True, layer_scale_log2=-8, mtp=True)
+        events.clear()
+        out[prepare] = dsv4.generate_speculative(m, prompt, 40, eos_id=-1, prepare=prepare) if speculative else \
+            dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1, prepare=prepare)
+        run[prepare], graphs[prepare] = list(events), set(m.decode_graphs)
+    assert out[True].tokens == out[False].tokens and out[True].sampled == 40
+    first = run[True].index("prompt")
+    assert run[True][first + 1:].count("graph") == 0 and run[True][:first].count("graph") == out[True].graphs > 2
+    assert run[False][run[False].index("prompt") + 1:].count("graph") > 0 and out[False].graphs == 0   # on the way
+    assert graphs[True] >= graphs[False] if speculative else graphs[True] == graphs[False]
+    assert out[True].graphs_s > 0 and "CUDA graphs captured first" in dsv4.stats_line(out[True])
 
 
 def test_a_csa_layers_compressors_share_their_kept_inputs(gpu_checkpoints, monkeypatch):
