@@ -1627,10 +1627,11 @@ def bench_verify(model, args, pos: int, tokens, tail_ms: float) -> dict:
             verify.replay()
             draft.replay()
         return run
-    one_stream = [(dsv4, "VERIFY_LANES", False)]
+    one_stream, in_turn = [(dsv4, "VERIFY_LANES", False)], [(dsv4, "VERIFY_RING_AHEAD", False)]
     runs = {"one": capture(tokens, pos), "one closing": capture(tokens, pos + 3), "two": capture(two, pos),
             "two closing": capture(two, pos + 2), "pass": capture_pass(pos), "pass closing": capture_pass(pos + 2),
             "two one-stream": capture(two, pos, one_stream), "two closing one-stream": capture(two, pos + 2, one_stream),
+            "two in turn": capture(two, pos, in_turn), "two closing in turn": capture(two, pos + 2, in_turn),
             **{f"pass sampled {i}": capture_pass(pos, sp) for i, sp in enumerate(VERIFY_SAMPLING)}}
     times = {label: [] for label in runs}
     order = list(runs)
@@ -1691,8 +1692,10 @@ def print_verify(v: dict, args):
     step1 = FLASH_LAYERS * one + v["tail"]
     pass_ms = FLASH_LAYERS * two + v["tail"] + mtp
     lanes_off = per_layer((v["two one-stream"] + v["two closing one-stream"]) / 2)
+    in_turn = per_layer((v["two in turn"] + v["two closing in turn"]) / 2)
     print(f"B=1 speculative decoding (CUDA graphs, same run): one token {one:.3f} ms/layer; verify step (two tokens) "
-          f"{two:.3f} ms/layer = {two / one:.2f}x (on one stream, VERIFY_LANES off: {lanes_off:.3f}); a pass's MTP "
+          f"{two:.3f} ms/layer = {two / one:.2f}x (on one stream, VERIFY_LANES off: {lanes_off:.3f}; the two rows' "
+          f"attentions in turn on one ring, VERIFY_RING_AHEAD off: {in_turn:.3f}); a pass's MTP "
           f"block + head {mtp:.3f} ms; 43 layers: plain {step1:.2f} ms/token = {1e3 / step1:.1f} tok/s, a pass "
           f"{pass_ms:.2f} ms")
     for i, (t, k, p) in enumerate(VERIFY_SAMPLING):

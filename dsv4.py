@@ -258,9 +258,9 @@ class Branch:
     (the allocator only sees them on the main stream). Inline (no second stream) where off: CPU, torch path, more
     than BRANCH_MAX_ROWS rows, on=False."""
 
-    def __init__(self, x: torch.Tensor, on: bool = True, lane: int = 0):
+    def __init__(self, x: torch.Tensor, on: bool = True, lane: int = 0, fork: bool = True):
         self.on = on and DECODE_BRANCHES and fused(x) and x.shape[:-1].numel() <= BRANCH_MAX_ROWS
-        self.device, self.lane, self.held = x.device, lane, ()
+        self.device, self.lane, self.held, self.fork = x.device, lane, (), fork
 
     def __enter__(self) -> "Branch":
         if self.on:
@@ -268,7 +268,8 @@ class Branch:
             side = _SIDE_STREAMS.get((self.device, self.lane))
             if side is None:
                 side = _SIDE_STREAMS[(self.device, self.lane)] = torch.cuda.Stream(self.device)
-            side.wait_stream(self.main)
+            if self.fork:                                            # else: only after what the lane holds
+                side.wait_stream(self.main)
             self.side, self.ctx = side, torch.cuda.stream(side)
             self.ctx.__enter__()
         return self
@@ -278,6 +279,12 @@ class Branch:
             self.ctx.__exit__(*exc)
             self.done = torch.cuda.Event()
             self.done.record(self.side)
+
+    def after(self, *branches: "Branch"):
+        """Inside the block: what follows waits for these (exited) branches too."""
+        for b in branches:
+            if self.on and b.on:
+                self.side.wait_event(b.done)
 
     def hold(self, *tensors: torch.Tensor):
         """Keep tensors the block reads alive until the join (for blocks whose inputs go out of scope before it)."""
@@ -312,6 +319,22 @@ KEEP_OFF_INDEX_LANE = True
 # The verify step of speculative decoding (Attention.decode_pair) forks its compressors, queries and second row's
 # picks onto lanes as decode does. Off: one stream, in program order.
 VERIFY_LANES = True
+# Its second row reads the window ring with p + 1's key in the slot that still holds p + 1 - W for the first row, so
+# that row's attention used to wait for the first's (and the second kv row between them). With the ring ahead on:
+# a scratch ring (one per device, shared by the layers, which run in turn) gets a copy of the ring and both new keys
+# on a lane of its own beside wq_b, and the two rows' attentions run side by side. Off: in turn, on the one ring.
+VERIFY_RING_AHEAD = True
+_RING_AHEAD: dict = {}
+
+
+def ring_ahead(ring: torch.Tensor) -> torch.Tensor:
+    """The verify step's scratch ring shaped like ring [1, W, hd] (made outside graph captures: each graph's step runs
+    eagerly first)."""
+    key = (ring.device, ring.dtype, tuple(ring.shape))
+    if key not in _RING_AHEAD:
+        with torch.inference_mode(False):                            # writable by steps in and out of inference mode
+            _RING_AHEAD[key] = torch.zeros_like(ring)
+    return _RING_AHEAD[key]
 
 
 def fp8_wo_a(device, dtype) -> bool:
@@ -1065,16 +1088,19 @@ class Attention(nn.Module):
             comp_kv = self.compressor.kv_cache[:B]
         return self._out(self._attend(q, comp_kv, comp_idx, pos, angles, fold_q), angles, pos, unroped=True)
 
-    def _attend(self, q, comp_kv, comp_idx, pos: torch.Tensor, angles: torch.Tensor, raw_q: bool = False):
-        """decode's sparse attention of q [B,1,H,hd] at pos over the ring and the compressed keys, with the inverse
-        RoPE of o (fused: in the kernel's epilogue; raw_q: q is wq_b's raw output, normed and roped there too)."""
+    def _attend(self, q, comp_kv, comp_idx, pos: torch.Tensor, angles: torch.Tensor, raw_q: bool = False,
+                ring: torch.Tensor | None = None):
+        """decode's sparse attention of q [B,1,H,hd] at pos over the ring (default: the cache's) and the compressed
+        keys, with the inverse RoPE of o (fused: in the kernel's epilogue; raw_q: q is wq_b's raw output, normed and
+        roped there too)."""
         B, W = q.shape[0], self.window
+        ring = self.kv_window[:B] if ring is None else ring
         if fused(q):
-            return kernels.sparse_attention_decode(q, self.kv_window[:B], comp_kv, comp_idx, pos, self.attn_sink,
+            return kernels.sparse_attention_decode(q, ring, comp_kv, comp_idx, pos, self.attn_sink,
                                                    self.head_dim ** -0.5, max(self.ratio, 1), angles=angles,
                                                    q_norm_eps=self.cfg.rms_norm_eps if raw_q else None)
         ring_pos = pos - (pos - torch.arange(W, device=q.device)) % W   # slot s: latest position <= pos, ≡ s mod W
-        o = sparse_attention(q, self.kv_window[:B], ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
+        o = sparse_attention(q, ring, ring_pos, comp_kv, comp_idx, pos, self.attn_sink,
                              self.head_dim ** -0.5, W, max(self.ratio, 1))
         return apply_rope(o, angles[pos][:, None], inverse=True)
 
@@ -1093,12 +1119,15 @@ class Attention(nn.Module):
         score = [self.indexer is not None and not a for a in all_picks]
         fold_q = fused(x) and kernels.attention_folds_q_norm(1, H, hd)
 
-        def kv_row(i):                                 # normed, roped, FP8-simulated, into its ring slot
+        ring = self.kv_window[:1]
+        ahead = ring_ahead(ring) if VERIFY_RING_AHEAD else ring
+
+        def kv_row(i, into):                           # normed, roped, FP8-simulated, into its slot of a ring
             if fused(x):
                 kernels.kv_norm_rope_quant_fused(kv[i:i + 1], self.kv_norm.weight, angles, pos[i], eps,
-                                                 self.quant_sim, ring=self.kv_window[:1])
+                                                 self.quant_sim, ring=into)
             else:
-                self.kv_window[:1].index_copy_(1, pos[i] % self.window, self._rope_kv(kv[i:i + 1], angles, pos[i]))
+                into.index_copy_(1, pos[i] % self.window, self._rope_kv(kv[i:i + 1], angles, pos[i]))
 
         def query(i):                                  # raw (the attention norms + ropes it: fold_q) or made here
             if fused(x):
@@ -1117,24 +1146,42 @@ class Attention(nn.Module):
         with Branch(x, on=lanes and any(score), lane=2) as heads:
             head_w = self.indexer.weights_proj(x) if any(score) else None
         qa, kv = self.wq_a_wkv(x)
+        with Branch(x, on=lanes and ahead is not ring, lane=3) as ahead_lane:   # the second row's ring
+            ahead_lane.hold(kv)
+            if ahead is not ring:
+                ahead.copy_(ring)                                    # slot p % W may tear: rewritten next
+                kv_row(0, ahead)
+                kv_row(1, ahead)
         qr = self.q_norm(qa)
         with Branch(x, on=lanes, lane=1) as side:
             side.hold(qa, kv, qr)
-            kv_row(0)
+            kv_row(0, ring)
             q = self.wq_b(qr).unflatten(-1, (H, hd))
         iq = self.indexer.wq_b(qr) if any(score) else None
         comp_lane.join()                                             # new blocks land before anything reads them
         heads.join()
-        with Branch(x, on=lanes and self.indexer is not None, lane=2) as second:
-            idx1 = picks(1)
-        idx0 = picks(0)
-        side.join()
         comp_kv = None if self.compressor is None else self.compressor.kv_cache[:1]
+        with Branch(x, on=lanes and (self.indexer is not None or ahead is not ring), lane=2) as second:
+            idx1 = picks(1)                                          # (its fork: after the compressors' join)
+        idx0 = picks(0)
+        if ahead is not ring:                                        # side by side: on the ring's lane, after its
+            with Branch(x, on=lanes, lane=3, fork=False) as row1:    # queries and picks, not the first row's picks
+                row1.after(side, second)
+                o1 = self._attend(query(1), comp_kv, idx1, pos[1], angles, fold_q, ring=ahead)
+        side.join()
         o0 = self._attend(query(0), comp_kv, idx0, pos[0], angles, fold_q)
-        kv_row(1)
+        with Branch(x, on=lanes and ahead is not ring, lane=1) as ring_tail:
+            kv_row(1, ring)                                          # once the first row has read its slot
+        if ahead is ring:                                            # in turn
+            second.join()
+            o1 = self._attend(query(1), comp_kv, idx1, pos[1], angles, fold_q)
+        else:
+            row1.join()
         second.join()
-        o1 = self._attend(query(1), comp_kv, idx1, pos[1], angles, fold_q)
-        return self._out(torch.cat([o0, o1]), angles, pos[0], unroped=True)
+        ahead_lane.join()
+        out = self._out(torch.cat([o0, o1]), angles, pos[0], unroped=True)
+        ring_tail.join()                                             # (beside the output projections)
+        return out
 
     def _compress_row(self, x: torch.Tensor, pos: torch.Tensor, angles: torch.Tensor, closing: tuple | None):
         """decode's compressor work for one token x [1,1,D] at pos, on one stream: keep its input, or (where it
