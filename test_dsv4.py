@@ -2738,12 +2738,14 @@ def decode_caches(model) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("quant_sim", [False, True])
-@pytest.mark.parametrize("prefill", [120, 121])
+@pytest.mark.parametrize("prefill,ring_ahead", [(120, True), (121, False)])
 @pytest.mark.usefixtures("torch_moe")
-def test_the_verify_step_is_two_decode_steps(gpu_checkpoints, prefill, quant_sim):
+def test_the_verify_step_is_two_decode_steps(gpu_checkpoints, prefill, ring_ahead, quant_sim, monkeypatch):
     """The two-token step (the linears over both rows, the caches a row at a time) gives the logits and leaves the
     caches of two one-token steps, across CSA block ends closed by either row, the HCA block at 127 and the window
-    wrap (fp32 on the CPU; the rows see the same per-row FP8 activation scales, so the quant sims agree too)."""
+    wrap (fp32 on the CPU; the rows see the same per-row FP8 activation scales, so the quant sims agree too); with the
+    second row's attention on its scratch ring (VERIFY_RING_AHEAD) and in turn on the one ring."""
+    monkeypatch.setattr(dsv4, "VERIFY_RING_AHEAD", ring_ahead)
     a = load(gpu_checkpoints["fp8"], dtype=torch.float32, quant_sim=quant_sim)
     b = load(gpu_checkpoints["fp8"], dtype=torch.float32, quant_sim=quant_sim)
     tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, prefill + 20), generator=torch.Generator().manual_seed(4))
