@@ -2330,7 +2330,7 @@ def dist_cli(args, cache, nproc=0, stdin=None):
                           cwd=HERE)
 
 
-@pytest.mark.parametrize("mode", [["--prompt", "Hello world", "-t", "0"], ["-i", "-t", "0"], ["--prompt", "Hi", "--mtp"]])
+@pytest.mark.parametrize("mode", [["--prompt", "Hello world", "-t", "0"], ["-i", "-t", "0"], ["--prompt", "Hi", "--mtp", "-t", "0"]])
 def test_torchrun_two_ranks_print_what_one_process_prints(dist_demo_cache, mode):
     args = ["--device", "cpu", "--dtype", "fp32", "-n", "6", *mode]
     stdin = "Hello world\nSecond turn\n" if "-i" in mode else None
