@@ -2282,21 +2282,30 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     """logits [B, V] -> token ids [B] int64 on the same device."""
     if temperature <= 0:
         return argmax_rows(logits)
+    if top_p >= 1.0:                 # argmax(p / E) = argmax(logits / T - log E): the same draw without the softmax
+        scores = filtered_logits(logits, temperature, top_k)
+        noise = torch.empty_like(scores).exponential_(1.0, generator=generator)
+        return argmax_rows(scores - noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_())
     probs = filtered_probs(logits, temperature, top_k, top_p)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     # clamp: an Exp draw of exactly 0 would turn a filtered 0/0 into NaN, which argmax would pick.
     return argmax_rows(probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny))
 
 
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                   normalise: bool = False) -> torch.Tensor:
-    """The distribution sample draws from: logits [B, V] / temperature (> 0), top-k, softmax, top-p -> fp32 [B, V]
-    (filtered tokens 0; after top-p the rest sums to <= 1 unless normalise: a draw does not need it)."""
+def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """logits [B, V] / temperature (> 0) in fp32, all but the top_k (if > 0) at -inf."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         top = torch.topk(logits, top_k, dim=-1)              # exactly k survivors, ties broken by topk
         logits = torch.full_like(logits, float("-inf")).scatter_(-1, top.indices, top.values)
-    probs = torch.softmax(logits, dim=-1)
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   normalise: bool = False) -> torch.Tensor:
+    """The distribution sample draws from: logits [B, V] / temperature (> 0), top-k, softmax, top-p -> fp32 [B, V]
+    (filtered tokens 0; after top-p the rest sums to <= 1 unless normalise: a draw does not need it)."""
+    probs = torch.softmax(filtered_logits(logits, temperature, top_k), dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = row_cumsum(sorted_probs) - sorted_probs     # keep a token while the mass before it < top_p

@@ -1638,6 +1638,18 @@ def test_sampling_follows_the_distribution():
     assert torch.allclose(freq, torch.tensor([0.4, 0.25, 0, 0, 0, 0]) / 0.65, atol=0.005)
 
 
+@pytest.mark.parametrize("top_k", [0, 50])
+def test_sampling_without_top_p_skips_the_softmax_and_draws_the_same_tokens(top_k):
+    """Without top-p, sample takes argmax(logits / T - log E) instead of argmax(softmax(logits / T) / E): the same
+    draws for the same noise, without the softmax."""
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(3)) * 3
+    fast = cli.sample(logits, 0.8, top_k, 1.0, generator=torch.Generator().manual_seed(5))
+    probs = cli.filtered_probs(logits, 0.8, top_k)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fast, cli.argmax_rows(probs / noise))
+    assert not torch.equal(fast, cli.argmax_rows(probs))                # a draw, not the argmax
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens():
     logits = torch.randn(256, 500, generator=torch.Generator().manual_seed(9))
     draw = lambda s: cli.sample(logits, 1.0, generator=torch.Generator().manual_seed(s))
