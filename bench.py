@@ -1603,7 +1603,8 @@ def bench_verify(model, args, pos: int, tokens, tail_ms: float) -> dict:
     """Speculative decoding at batch 1 (--verify), CUDA graphs timed side by side in interleaved rounds: the one-token
     step at pos and pos + 3 (a CSA block closes there), the verify step (two tokens: logits only) and a whole pass
     (Transformer.speculate's two graphs: the verify step, then the MTP block over both positions, its head included)
-    at pos and pos + 2 (the second row closes a CSA block), and the verify step on one stream (VERIFY_LANES off).
+    at pos and pos + 2 (the second row closes a CSA block); the verify step on one stream (VERIFY_LANES off) and with
+    the two rows' attentions in turn (VERIFY_RING_AHEAD off); passes that sample (VERIFY_SAMPLING).
     -> median ms per replay of each, the tail of one row, and speculative_e2e's rows."""
     dev = tokens.device
     two = torch.randint(0, model.cfg.vocab_size, (1, 2), device=dev)

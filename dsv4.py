@@ -1177,8 +1177,8 @@ class Attention(nn.Module):
             o1 = self._attend(query(1), comp_kv, idx1, pos[1], angles, fold_q)
         else:
             row1.join()
-        second.join()
-        ahead_lane.join()
+            second.join()
+            ahead_lane.join()
         out = self._out(torch.cat([o0, o1]), angles, pos[0], unroped=True)
         ring_tail.join()                                             # (beside the output projections)
         return out
@@ -1785,7 +1785,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {pos}, {pos + 1}: a pass needs a prompt before it and room in the cache "
                              f"({self.max_seq_len})")
         if s.verified is None:                                       # eager (CPU)
-            s.buf[2:11].copy_(s.inputs(pos)[:9])
+            s.buf[2:].copy_(s.inputs(pos))
             key = self.pass_keys(pos)[0]
             nxt0, nxt1, kept = self.verify_step(key[1], key[2])[0].tolist()
             self.draft_step()
@@ -2264,12 +2264,18 @@ class StreamDecoder:
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling, on the device: no host sync. temperature 0 = greedy; top-k / top-p filter; then one draw by the
 # exponential trick: argmax(p / E) with E ~ Exp(1) iid is an exact sample from p (a Gumbel-max variant).
+def column_groups(V: int) -> int:
+    """How many column groups a [B, V] row op over a vocabulary splits into so that its work spreads over the GPU
+    (torch reduces or scans a row on one CTA): 256, 128 or 64, whichever divides V; 0 = none (the plain op)."""
+    return next((g for g in (256, 128, 64) if V % g == 0), 0)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1), the first of equal maxima, by two reductions: torch reduces a row of a [B, V] argmax on one CTA,
     so with a few rows of a real vocabulary (2 x 129280 fp32: ~37 µs on an H200) it uses a few SMs; a max over 256
     column groups first fills the GPU, then the first group holding the largest value gives the index."""
     V = x.shape[-1]
-    G = next((g for g in (256, 128, 64) if V % g == 0), 0)
+    G = column_groups(V)
     if not G:
         return x.argmax(-1)
     vals, idx = x.unflatten(-1, (G, V // G)).max(-1)                 # first maximum within each group
@@ -2321,7 +2327,7 @@ def row_cumsum(x: torch.Tensor) -> torch.Tensor:
     H200), so column groups are scanned side by side, then offset by the running sum of the groups before (an exclusive
     scan: a group's last value and the next group's offset are the same float, so non-negative x stays monotone)."""
     V = x.shape[-1]
-    G = next((g for g in (256, 128, 64) if V % g == 0 and V > g), 0)
+    G = column_groups(V)
     if not G:
         return x.cumsum(-1)
     c = x.unflatten(-1, (G, V // G)).cumsum(-1)                     # [B, G, V/G]

@@ -2091,11 +2091,16 @@ def held_bytes(model) -> tuple[int, int]:
     return dense, experts
 
 
-def _worker(rank: int, world: int, port: int, jobs: list, out: str):
+def join_gloo(rank: int, world: int, port: int):
+    """A spawned worker joins the 2-process CPU world as torchrun would set it up -> (Parallel, device)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    par, device = dsv4.init_distributed("cpu")
+    return dsv4.init_distributed("cpu")
+
+
+def _worker(rank: int, world: int, port: int, jobs: list, out: str):
+    par, device = join_gloo(rank, world, port)
     assert (par.size, par.rank, device.type) == (world, rank, "cpu") and dist.get_backend() == "gloo"
     results = {}
     for name, path, vocab in jobs:
@@ -2258,10 +2263,7 @@ SPEC_DRAFTS = ("mtp", "right", "alternate", "wrong-at-block-ends")
 
 
 def _spec_worker(rank: int, world: int, port: int, path: str, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    par, _ = dsv4.init_distributed("cpu")
+    par, _ = join_gloo(rank, world, port)
     torch.save(speculative_runs(path, par), f"{out}.{rank}")
     dist.destroy_process_group()
 
