@@ -137,9 +137,23 @@ class Parallel:
 
 def all_reduce(x: torch.Tensor, par: Parallel) -> torch.Tensor:
     """Sum x over the ranks, in place."""
-    if par.size > 1 and not symm_all_reduce(x):
+    if par.size > 1 and not tp_reduce((x,), x) and not symm_all_reduce(x):
         dist.all_reduce(x)
     return x
+
+
+def reduce_sum(parts: tuple, par: Parallel, dtype: torch.dtype) -> torch.Tensor:
+    """The sum over the ranks of this rank's parts (one or two tensors of one shape, added in fp32), as dtype: a
+    row-parallel layer's partial outputs meeting. One launch on the GPU (tp_reduce), else fp32 through torch."""
+    if len(parts) == 1 and parts[0].dtype == dtype:
+        return all_reduce(parts[0], par)
+    out = torch.empty(parts[0].shape, dtype=dtype, device=parts[0].device)
+    if tp_reduce(parts, out):
+        return out
+    y = parts[0].float()
+    for t in parts[1:]:
+        y += t                                                     # (t converted to fp32 exactly inside the add)
+    return out.copy_(all_reduce(y, par))
 
 
 # A decode step all-reduces two [B, D] activations per layer, a few KB each: there NCCL's ring costs ~8 us a call
@@ -178,6 +192,43 @@ def symm_all_reduce(x: torch.Tensor) -> bool:
         return False
     flat = x.view(-1)
     torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf[:flat.numel()], flat, "sum", dist.group.WORLD.group_name, flat)
+    return True
+
+
+# Faster still (2x H200: one launch of ~3 us where the MoE's tail took four launches and ~16 us): kernels.TpAllReduce,
+# which pushes each rank's fp32 partial into its peers' symmetric buffers over NVLink and sums them in rank order in
+# the same launch (the parts' add and the convert included). NANO_DSV4_TP_KERNEL=0: the torch path above.
+TP_KERNEL = os.environ.get("NANO_DSV4_TP_KERNEL", "1") != "0"
+_TP_COMMS: dict = {}
+
+
+def tp_reduce(parts: tuple, out: torch.Tensor) -> bool:
+    """out <- the sum over the ranks of this rank's parts by kernels.tp_all_reduce, if it applies (-> True): an NCCL
+    world on sm_90 GPUs, CuTe DSL, rows of up to kernels.TP_CAP elements. Every rank decides the same way. Its
+    buffer (symmetric memory, zeroed) is made on first use, outside any graph capture."""
+    import kernels
+    x = parts[0]
+    if not (TP_KERNEL and SYMM_ALLREDUCE and x.is_cuda and dist.get_backend() == "nccl" and
+            kernels.tp_all_reduce_unavailable_reason(parts, out) is None):
+        return False
+    comm = _TP_COMMS.get(x.device)
+    if comm is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+            buf = symm_mem.empty(kernels.tp_buffer_bytes(dist.get_world_size()), dtype=torch.uint8, device=x.device)
+            buf.zero_()                                            # the flags: every rank's before any peer's push
+            torch.cuda.synchronize(x.device)
+            hdl = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+            ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=x.device)
+            comm = (buf, hdl, ptrs, torch.zeros(kernels.TP_CAP // 8, dtype=torch.int32, device=x.device))
+        except (ImportError, RuntimeError, AttributeError):
+            comm = False
+        _TP_COMMS[x.device] = comm
+    if comm is False:
+        return False
+    kernels.tp_all_reduce(parts, out, comm[2], comm[3], dist.get_rank())
     return True
 
 
@@ -1412,12 +1463,10 @@ class MoE(nn.Module):
             if unsummed:
                 return (y if isinstance(y, kernels.RoutedSlots) else y.view(shape)), s.view(shape)
             return (y + s).view(shape)
-        y = y.float()                                              # partial sums meet in one fp32 all-reduce
-        if self.split_shared:
-            y += s                                                 # (s converted to fp32 exactly inside the add)
-        all_reduce(y, self.par)
-        if not self.split_shared:
-            y += s
+        if self.split_shared:                                      # partial sums meet in one fp32 all-reduce
+            return reduce_sum((y, s), self.par, x.dtype).view(shape)
+        y = all_reduce(y.float(), self.par)
+        y += s
         return y.to(x.dtype).view(shape)
 
 

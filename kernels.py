@@ -17,6 +17,9 @@ disk cache, `_load_or_compile`) and called through a thin torch-facing function.
                                 HcFinalize / HcPost (M > 8, hc_head); hc_post_pre_fused(), hc_pre/post/head_fused()
     Attention glue              RmsNorm, QNormRope, KvNormRopeQuant, IndexQuery, RopeInplace; *_fused()
     Shared-expert SwiGLU        SwiGlu; swiglu_fused()
+    TP all-reduce (torchrun)    TpAllReduce: a decode activation's partial sums over 2-8 GPUs in one launch (pushed
+                                into the peers' symmetric memory, a flag in every word); tp_all_reduce(),
+                                tp_all_reduce_reference()
     Compressor step             CompressorDecode; compressor_decode()
     Attention, indexer, router  SparseAttentionDecodeWide (batch <= 2) / ...Cluster / SparseAttentionDecode,
                                 IndexerTopK(Query) / TopKSelectVisible / IndexerScores, MoeGateDecode;
@@ -6407,6 +6410,194 @@ def swiglu_fused(gu: torch.Tensor, limit: float) -> torch.Tensor:
     out = torch.empty(*gu.shape[:-1], I2 // 2, dtype=gu.dtype, device=gu.device)
     _compile_swiglu(I2 // 2, bool(limit), SWIGLU_USE_PDL)(_rows(gu.contiguous(), I2), _rows(out, I2 // 2),
                                                           float(limit or 0.0))
+    return out
+
+
+# ====================================================================================================================
+# Tensor-parallel all-reduce of a decode activation (torchrun, 2-8 GPUs of one node): one launch per call
+# ====================================================================================================================
+# dsv4.reduce_sum: out = dtype(sum over ranks r, in rank order, of the fp32 sum of rank r's parts), parts = one or two
+# tensors of n elements (bf16 / fp32). A decode step does it twice per layer (wo_b's partial rows; the MoE's routed
+# partial + the split shared expert's) on [B, D] rows: latency, not bandwidth. torch needed a convert, an add, the
+# symmetric-memory one-shot (copy in, barrier, sum, barrier: ~6.4 us inside a graph on 2x H200 with both ranks
+# arriving together) and a convert back: ~16 us from the MoE's end to the next mHC site.
+#
+# TpAllReduce pushes instead of pulling, and every word carries its own flag (NCCL's "LL" protocol), so there is no
+# fence, no barrier and no flag round trip: one NVLink one-way latency. Every rank owns a symmetric-memory buffer
+# (torch.distributed._symmetric_memory, mapped into every rank's address space) of 8-byte words, slots
+# [2][world][TP_CAP]. Thread t of CTA c (its 8 elements) on rank r, at its epoch e (this thread's call count, kept in a
+# local int32 [TP_MAX_CTAS * 128]):
+#   1. sums its 8 elements of the parts in fp32 (registers) and stores each as one 8-byte word (fp32 bits, e) into
+#      slot [e & 1][r] of every peer's buffer (st.relaxed.sys.b64: single-copy atomic, so a reader that sees e in the
+#      high half sees this call's value in the low half);
+#   2. loads the other ranks' words from its own slot [e & 1][q] (8 loads in flight) until all carry e
+#      (ld.relaxed.sys.b64);
+#   3. adds the ranks' values in rank order (its own from registers) and writes out.
+# Slot reuse: a peer writes slot [e & 1] again at epoch e + 2 only after it has read this rank's epoch-(e + 1) words,
+# which this thread stores after its epoch-e call (a rank's calls that all-reduce are data-dependent, so they never
+# overlap). Every rank makes the same calls in the same order (as for any collective), so the epochs of a thread index
+# agree on every rank. A wait that has spun ~10 s traps (a peer that never came: an error, not a hang).
+TP_MAX_CTAS = 32
+TP_CHUNK = 1024                    # elements per CTA: 128 threads x 8 (a bf16 16-B vector, two fp32 ones)
+TP_CAP = TP_MAX_CTAS * TP_CHUNK    # elements per call (32768: batch 8 at D 4096)
+TP_SPIN_LIMIT = 1 << 24            # polls of one word before a wait gives up with a trap
+
+
+def tp_buffer_bytes(world: int) -> int:
+    """Bytes of one rank's symmetric buffer for TpAllReduce: 8-byte words, slots [2][world][TP_CAP]."""
+    return 8 * 2 * world * TP_CAP
+
+
+def tp_all_reduce_reference(parts, dtype: torch.dtype, group=None) -> torch.Tensor:
+    """tp_all_reduce's semantics through torch.distributed: the fp32 sum of the parts, summed over the ranks in
+    rank order (an all-gather, then rank 0 + rank 1 + ...: the same bits on every rank), as dtype."""
+    import torch.distributed as dist
+    local = parts[0].float() + parts[1] if len(parts) > 1 else parts[0].float().clone()
+    every = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, local.contiguous(), group=group)
+    acc = every[0].clone()
+    for t in every[1:]:
+        acc += t
+    return acc.to(dtype)
+
+
+if HAVE_CUTE:
+    @dsl_user_op
+    def _st_word_sys(addr: Int64, v: Float32, flag: Int32, *, loc=None, ip=None):
+        """One 8-byte word (fp32 bits of v, flag) stored single-copy atomically at system scope (a peer's memory)."""
+        _llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Float32(v).ir_value(loc=loc, ip=ip),
+                                _i32(flag, loc, ip)],
+                         "{\n.reg .b64 w;\n.reg .b32 lo;\nmov.b32 lo, $1;\nmov.b64 w, {lo, $2};\n"
+                         "st.relaxed.sys.global.b64 [$0], w;\n}", "l,f,r", has_side_effects=True, loc=loc, ip=ip)
+
+    @dsl_user_op
+    def _ld_word_sys(addr: Int64, *, loc=None, ip=None):
+        """One 8-byte word -> (low half as fp32, high half), single-copy atomic, system scope."""
+        res = _llvm.inline_asm(
+            _ir.Type.parse("!llvm.struct<(f32, i32)>"), [Int64(addr).ir_value(loc=loc, ip=ip)],
+            "{\n.reg .b64 w;\n.reg .b32 lo;\nld.relaxed.sys.global.b64 w, [$2];\nmov.b64 {lo, $1}, w;\n"
+            "mov.b32 $0, lo;\n}", "=f,=r,l", has_side_effects=True, loc=loc, ip=ip)
+        return (Float32(_llvm.extractvalue(_T.f32(), res, [0], loc=loc, ip=ip)),
+                Int32(_llvm.extractvalue(_T.i32(), res, [1], loc=loc, ip=ip)))
+
+    @dsl_user_op
+    def _trap(*, loc=None, ip=None):
+        _llvm.inline_asm(None, [], "trap;", "", has_side_effects=True, loc=loc, ip=ip)
+
+    class TpAllReduce:
+        """out[i] = out dtype(sum over ranks q = 0..world-1 of (a_q[i] + b_q[i]) in fp32), on rank `rank`; grid
+        (ceil(n / TP_CHUNK)), 128 threads, 8 elements each, no barrier. ptrs [world] int64: every rank's symmetric
+        buffer as mapped here; epochs [TP_MAX_CTAS * 128] int32: this rank's call counts per thread (local)."""
+
+        def __init__(self, world: int, rank: int, has_b: bool):
+            assert 2 <= world <= 8 and 0 <= rank < world
+            self.world, self.rank, self.has_b = world, rank, has_b
+            self.threads = TP_CHUNK // 8
+
+        @cute.jit
+        def __call__(self, mA: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mPtrs: cute.Tensor,
+                     mEpochs: cute.Tensor, stream):
+            n = cute.size(mA, mode=[0])
+            self.kernel(mA, mB, mOut, mPtrs, mEpochs, n).launch(
+                grid=[(n + TP_CHUNK - 1) // TP_CHUNK, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+        @cute.kernel
+        def kernel(self, mA: cute.Tensor, mB: cute.Tensor, mOut: cute.Tensor, mPtrs: cute.Tensor,
+                   mEpochs: cute.Tensor, n: Int32):
+            tidx, _, _ = cute.arch.thread_idx()
+            c, _, _ = cute.arch.block_idx()
+            v = c * self.threads + tidx                      # this thread's 8-element vector
+            epoch = mEpochs[v] + 1
+            mEpochs[v] = epoch                                # every launched thread counts, live or not
+            if v * 8 < n:
+                acc = cute.make_rmem_tensor((8,), Float32)
+                ra = cute.make_rmem_tensor((8,), mA.element_type)
+                cute.autovec_copy(cute.local_tile(mA, (8,), (v,)), ra)
+                acc.store(ra.load().to(Float32))
+                if const_expr(self.has_b):
+                    rb = cute.make_rmem_tensor((8,), mB.element_type)
+                    cute.autovec_copy(cute.local_tile(mB, (8,), (v,)), rb)
+                    acc.store(acc.load() + rb.load().to(Float32))
+                # 1. push this rank's 8 words into slot [e & 1][rank] of every peer
+                slot = Int64((epoch & 1) * self.world) * TP_CAP + Int64(v) * 8
+                for q in cutlass.range_constexpr(self.world):
+                    if const_expr(q != self.rank):
+                        dst = mPtrs[q] + Int64(8) * (slot + Int64(self.rank) * TP_CAP)
+                        for i in cutlass.range_constexpr(8):
+                            _st_word_sys(dst + 8 * i, acc[i], epoch)
+                # 2. + 3. the ranks' values in rank order, each word waited for until it carries this epoch
+                tot = cute.make_rmem_tensor((8,), Float32)
+                mine = mPtrs[self.rank]
+                for q in cutlass.range_constexpr(self.world):
+                    if const_expr(q == self.rank):
+                        part = acc.load()
+                    else:
+                        got = cute.make_rmem_tensor((8,), Float32)
+                        src = mine + Int64(8) * (slot + Int64(q) * TP_CAP)
+                        miss = Int32(0)                       # all 8 loads in flight at once, then their flags
+                        for i in cutlass.range_constexpr(8):
+                            got[i], flag = _ld_word_sys(src + 8 * i)
+                            miss = miss | (flag ^ epoch)
+                        polls = Int32(0)
+                        while miss != 0:
+                            miss = Int32(0)
+                            for i in cutlass.range_constexpr(8):
+                                got[i], flag = _ld_word_sys(src + 8 * i)
+                                miss = miss | (flag ^ epoch)
+                            polls += 1
+                            if polls > TP_SPIN_LIMIT:
+                                _trap()
+                        part = got.load()
+                    if const_expr(q == 0):
+                        tot.store(part)
+                    else:
+                        tot.store(tot.load() + part)
+                ro = cute.make_rmem_tensor((8,), mOut.element_type)
+                ro.store(tot.load().to(mOut.element_type))
+                cute.autovec_copy(ro, cute.local_tile(mOut, (8,), (v,)))
+
+
+def _compile_tp_all_reduce(world: int, rank: int, a_dtype, b_dtype, out_dtype):
+    def build():
+        n = cute.sym_int(divisibility=8)
+        cd = {torch.bfloat16: BFloat16, torch.float32: Float32}
+
+        def flat(dt):
+            return cute.runtime.make_fake_compact_tensor(cd[dt], (n,), assumed_align=16)
+        ptrs = cute.runtime.make_fake_compact_tensor(Int64, (world,), assumed_align=8)
+        epochs = cute.runtime.make_fake_compact_tensor(Int32, (TP_MAX_CTAS * TP_CHUNK // 8,), assumed_align=4)
+        return TpAllReduce(world, rank, b_dtype is not None), (flat(a_dtype), flat(b_dtype or a_dtype),
+                                                               flat(out_dtype), ptrs, epochs, _stream())
+    return _load_or_compile(("tp_allreduce", world, rank, str(a_dtype), str(b_dtype), str(out_dtype)), build)
+
+
+def tp_all_reduce_unavailable_reason(parts, out: torch.Tensor) -> str | None:
+    """None if TpAllReduce can reduce these parts into out, else why not."""
+    if not HAVE_CUTE:
+        return "CuTe DSL is not installed"
+    x = parts[0]
+    if not (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)):
+        return "no sm_90 GPU"
+    n = x.numel()
+    for t in (*parts, out):
+        if t.numel() != n or not t.is_contiguous() or t.dtype not in (torch.bfloat16, torch.float32) \
+                or t.data_ptr() % 16:
+            return "parts and out must be contiguous bf16 / fp32 tensors of one size, 16-B aligned"
+    if n % 8 or n > TP_CAP or len(parts) > 2:
+        return f"n = {n}: needs a multiple of 8 up to {TP_CAP}, and at most two parts"
+    return None
+
+
+def tp_all_reduce(parts, out: torch.Tensor, ptrs: torch.Tensor, epochs: torch.Tensor, rank: int) -> torch.Tensor:
+    """out <- sum over ranks (rank order) of the fp32 sum of this rank's parts (one or two tensors), in one launch
+    (TpAllReduce; tp_all_reduce_reference gives its semantics). ptrs: int64 [world] device tensor of every rank's
+    symmetric buffer (tp_buffer_bytes(world), zeroed before first use on every rank), epochs: int32 [TP_CAP / 8]
+    zeros on first use, kept across calls. Every rank must make the same calls, in the same order. out may be
+    parts[0]."""
+    world = ptrs.numel()
+    a, b = parts[0], (parts[1] if len(parts) > 1 else None)
+    fn = _compile_tp_all_reduce(world, rank, a.dtype, None if b is None else b.dtype, out.dtype)
+    fn(a.view(-1), (a if b is None else b).view(-1), out.view(-1), ptrs, epochs)
     return out
 
 

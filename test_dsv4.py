@@ -2256,6 +2256,92 @@ def test_small_all_reduces_take_symmetric_memory_with_nccls_bits_on_two_gpus(tmp
         assert res["graph"] == [True, True, True] and res["big"] is False
 
 
+def _tp_reference_worker(rank: int, world: int, port: int, out: str):
+    par, _ = join_gloo(rank, world, port)
+    res = []
+    for dtypes, dtype in (((torch.bfloat16, torch.bfloat16), torch.bfloat16), ((torch.float32,), torch.float32)):
+        parts = tuple((torch.randn(64, generator=torch.Generator().manual_seed(10 * rank + i)) * 4).to(dt)
+                      for i, dt in enumerate(dtypes))
+        res.append((K.tp_all_reduce_reference(parts, dtype), dsv4.reduce_sum(parts, par, dtype)))
+    torch.save(res, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_tp_all_reduce_reference_is_the_rank_order_sum_of_each_ranks_fp32_parts(tmp_path):
+    """The oracle of the GPU kernel (2 gloo ranks): each rank's parts added in fp32, rank 0's sum + rank 1's, as the
+    output dtype, on both ranks; dsv4.reduce_sum's torch path gives the same bits."""
+    out = str(tmp_path / "ref")
+    mp.start_processes(_tp_reference_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for case, dtype in enumerate((torch.bfloat16, torch.float32)):
+        local = []
+        for r in range(2):
+            n_parts = 2 if case == 0 else 1
+            parts = [(torch.randn(64, generator=torch.Generator().manual_seed(10 * r + i)) * 4).to(dtype)
+                     for i in range(n_parts)]
+            local.append(sum(p.float() for p in parts))
+        want = (local[0] + local[1]).to(dtype)
+        for r in range(2):
+            ref, path = ranks[r][case]
+            assert ref.dtype == dtype and torch.equal(ref, want) and torch.equal(path, want)
+
+
+def _tp_worker(rank: int, world: int, port: int, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    par, device = dsv4.init_distributed("cuda")
+    g = torch.Generator().manual_seed(rank)
+    kinds = [((torch.bfloat16,), torch.bfloat16), ((torch.bfloat16, torch.bfloat16), torch.bfloat16),
+             ((torch.float32,), torch.float32), ((torch.bfloat16, torch.bfloat16), torch.float32),
+             ((torch.float32, torch.bfloat16), torch.bfloat16)]
+    sizes = [8, 1000, 4096, 3 * 4096 + 8, K.TP_CAP]
+
+    def parts_of(dtypes, n):
+        return tuple((torch.randn(n, generator=g) * 4).to(device, dt) for dt in dtypes)
+
+    res = {"eager": []}
+    for i in range(3 * len(kinds) * len(sizes)):      # sizes cycle, so the threads' call counts drift apart
+        dtypes, dtype = kinds[i % len(kinds)]
+        parts = parts_of(dtypes, sizes[i % len(sizes)])
+        ref = K.tp_all_reduce_reference(parts, dtype)              # first: a single part of the output dtype is
+        res["eager"].append(torch.equal(dsv4.reduce_sum(parts, par, dtype), ref))      # reduced in place
+    res["kernel"] = dsv4._TP_COMMS.get(device) not in (None, False)
+    x = parts_of((torch.bfloat16,), 4096)[0]                       # all_reduce in place == NCCL's sum
+    ref = x.clone()
+    dist.all_reduce(ref)
+    res["in_place"] = torch.equal(dsv4.all_reduce(x, par), ref)
+    # three calls captured in one CUDA graph, replayed with new inputs
+    static = [parts_of(kinds[k][0], n) for k, n in ((1, 4096), (3, 8192), (0, 4096))]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [dsv4.reduce_sum(p, par, kinds[k][1]) for p, k in zip(static, (1, 3, 0))]
+    res["graph"] = []
+    for _ in range(20):
+        for p in static:
+            for t in p:
+                t.copy_((torch.randn(t.shape, generator=g) * 4).to(device, t.dtype))
+        refs = [K.tp_all_reduce_reference(p, kinds[k][1]) for p, k in zip(static, (1, 3, 0))]
+        graph.replay()
+        res["graph"].append(all(torch.equal(o, r) for o, r in zip(outs, refs)))
+    torch.cuda.synchronize()
+    torch.save(res, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not _gpu_ok() or torch.cuda.device_count() < 2, reason="needs 2 sm_90 GPUs and CuTe DSL")
+def test_tp_all_reduce_kernel_gives_the_rank_order_fp32_sum_on_two_gpus(tmp_path):
+    """kernels.TpAllReduce through dsv4.reduce_sum: one or two parts (bf16 / fp32, added in fp32), summed over the
+    ranks in rank order and rounded once, bit for bit tp_all_reduce_reference's; sizes from one vector to TP_CAP
+    cycling over 75 eager calls (each CTA's epochs and slot parities advance differently), in place (== NCCL's sum),
+    and three calls in a CUDA graph replayed 20 times with new inputs."""
+    out = str(tmp_path / "tp")
+    mp.start_processes(_tp_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    for r in range(2):
+        res = torch.load(f"{out}.{r}")
+        assert res["kernel"] and all(res["eager"]) and len(res["eager"]) == 75, (r, res["eager"])
+        assert res["in_place"] and res["graph"] == [True] * 20, r
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Speculative decoding under torchrun: every rank runs the same passes (the logits are gathered, so every rank reads the
 # same greedy tokens and keeps the same drafts); the MTP block is split like a layer.
@@ -2855,6 +2941,61 @@ def test_gpu_speculative_sampling_is_greedy_at_top_k_1_and_seeded(mtp_all_blocks
     a, b, c = (dsv4.generate_speculative(m, prompt, 40, temperature=0.8, seed=sd, eos_id=-1) for sd in (4, 4, 5))
     assert a.tokens == b.tokens != c.tokens and a.graphs > 0 and b.graphs == 0
     assert {k[1] for k in m.decode_graphs if k[0] == "draft"} == {(1.0, 1, 1.0), (0.8, 0, 1.0)}
+
+
+def gpu_generations(path: str, par, device) -> dict:
+    """On the residual-dominated checkpoint of the GPU speculative tests: plain greedy (CUDA graphs), speculative greedy
+    with the MTP block's drafts and with drafts right every other time, and a seeded speculative sample."""
+    m = load(path, device=device, fixed_routing=True, layer_scale_log2=-8, mtp=True, parallel=par)
+    prompt = torch.randint(0, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    res = {"plain": dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)}
+    for drafts in ("mtp", "alternate"):
+        saved = {name: getattr(dsv4.Transformer, name) for name in ("draft", "speculate")}
+        if drafts != "mtp":
+            for name, method in draft_oracle(prompt + res["plain"].tokens, drafts, TINY_GPU["vocab_size"]).items():
+                setattr(dsv4.Transformer, name, method)
+        try:
+            res[drafts] = dsv4.generate_speculative(m, prompt, 40, eos_id=-1)
+        finally:
+            for name, method in saved.items():
+                setattr(dsv4.Transformer, name, method)
+    res["sampled"] = dsv4.generate_speculative(m, prompt, 40, temperature=0.8, seed=4, eos_id=-1)
+    res["graphs"] = sorted(k[0] if isinstance(k[0], str) else "step" for k in m.decode_graphs)
+    res["local_experts"] = m.layers[0].ffn.experts.num_experts
+    return res
+
+
+def _two_gpu_worker(rank: int, world: int, port: int, path: str, out: str):
+    if rank == world:                                  # the one-GPU run, beside the ranks (it compiles other kernels)
+        torch.save(gpu_generations(path, dsv4.Parallel(), torch.device("cuda", 0)), f"{out}.one")
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    par, device = dsv4.init_distributed("cuda")
+    res = gpu_generations(path, par, device)
+    torch.cuda.synchronize()
+    torch.save(res, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not _gpu_ok() or torch.cuda.device_count() < 2, reason="needs 2 sm_90 GPUs and CuTe DSL")
+def test_two_gpus_generate_and_speculate_as_one_gpu(mtp_all_blocks_checkpoint, tmp_path):
+    """torchrun's path on 2 GPUs (NCCL, all-reduces inside the CUDA graphs, experts and heads split, the MTP block too):
+    each rank's plain greedy tokens are one GPU's, speculative greedy gives them too with either draft source, and
+    the ranks keep the same drafts and draw the same seeded sample."""
+    out = str(tmp_path / "result")
+    mp.start_processes(_two_gpu_worker, args=(2, free_port(), mtp_all_blocks_checkpoint, out), nprocs=3, join=True,
+                       start_method="spawn")
+    one = torch.load(f"{out}.one", weights_only=False)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    for res in ranks:
+        assert res["plain"].tokens == one["plain"].tokens
+        for drafts in ("mtp", "alternate"):
+            check_speculative(res[drafts], res["plain"], drafts)
+            assert (res[drafts].drafts, res[drafts].accepted) == (ranks[0][drafts].drafts, ranks[0][drafts].accepted)
+        assert res["sampled"].tokens == ranks[0]["sampled"].tokens and res["sampled"].sampled == 40
+        assert "verify" in res["graphs"] and "draft" in res["graphs"] and res["graphs"] == one["graphs"]
+        assert res["local_experts"] * 2 == one["local_experts"]
 
 
 @gpu
