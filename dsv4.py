@@ -209,7 +209,7 @@ def tp_reduce(parts: tuple, out: torch.Tensor) -> bool:
     import kernels
     x = parts[0]
     if not (TP_KERNEL and SYMM_ALLREDUCE and x.is_cuda and dist.get_backend() == "nccl" and
-            kernels.tp_all_reduce_unavailable_reason(parts, out) is None):
+            kernels.tp_all_reduce_unavailable_reason(parts, out, dist.get_world_size()) is None):
         return False
     comm = _TP_COMMS.get(x.device)
     if comm is None:

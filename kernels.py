@@ -6571,10 +6571,12 @@ def _compile_tp_all_reduce(world: int, rank: int, a_dtype, b_dtype, out_dtype):
     return _load_or_compile(("tp_allreduce", world, rank, str(a_dtype), str(b_dtype), str(out_dtype)), build)
 
 
-def tp_all_reduce_unavailable_reason(parts, out: torch.Tensor) -> str | None:
-    """None if TpAllReduce can reduce these parts into out, else why not."""
+def tp_all_reduce_unavailable_reason(parts, out: torch.Tensor, world: int) -> str | None:
+    """None if TpAllReduce can reduce these parts into out over `world` ranks, else why not."""
     if not HAVE_CUTE:
         return "CuTe DSL is not installed"
+    if not 2 <= world <= 8:
+        return f"{world} ranks: the kernel pushes to at most 7 peers of one node"
     x = parts[0]
     if not (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)):
         return "no sm_90 GPU"
