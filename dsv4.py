@@ -166,28 +166,44 @@ SYMM_ALLREDUCE_BYTES = 64 * 1024
 _SYMM_BUFFERS: dict = {}
 
 
+def symmetric_buffer(n: int, dtype: torch.dtype, device, zero: bool = False):
+    """n elements of symmetric memory (mapped into every rank's address space) -> (tensor, handle); a collective.
+    zero: zeroed on every rank before any rank can reach it."""
+    import torch.distributed._symmetric_memory as symm_mem
+    buf = symm_mem.empty(n, dtype=dtype, device=device)
+    if zero:
+        buf.zero_()
+        torch.cuda.synchronize(device)                             # done before the rendezvous lets a peer in
+    return buf, symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+
+
+def made_once(cache: dict, key, make):
+    """cache[key], made by make() on first use; None where the build lacks symmetric memory, and while a graph is
+    being captured before first use (make is a collective rendezvous: the decode graph runs its step eagerly first,
+    so the buffer exists by its capture)."""
+    if key not in cache:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        try:
+            cache[key] = make()
+        except (ImportError, RuntimeError, AttributeError):
+            cache[key] = None
+    return cache[key]
+
+
 def symm_all_reduce(x: torch.Tensor) -> bool:
     """x summed over the world in place by the one-shot symmetric-memory all-reduce, if it applies (-> True). Every
     rank decides the same way (same shapes, same build), so no rank waits in a collective the others skip. The
-    buffer is made (a collective rendezvous) on first use, which is never inside a graph capture: the decode graph
-    runs its step eagerly first."""
+    buffer is made on first use (made_once)."""
     nbytes = x.numel() * x.element_size()
     if not (SYMM_ALLREDUCE and x.is_cuda and x.is_contiguous() and nbytes <= SYMM_ALLREDUCE_BYTES and nbytes % 16 == 0
             and x.data_ptr() % 16 == 0 and dist.get_backend() == "nccl"):       # the kernel moves 16-B vectors
         return False
-    key = (x.device, x.dtype)
-    if key not in _SYMM_BUFFERS:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
-            buf = symm_mem.empty(SYMM_ALLREDUCE_BYTES // x.element_size(), dtype=x.dtype, device=x.device)
-            symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
-            torch.ops.symm_mem.one_shot_all_reduce_copy_out       # present since torch 2.8
-        except (ImportError, RuntimeError, AttributeError):
-            buf = None
-        _SYMM_BUFFERS[key] = buf
-    buf = _SYMM_BUFFERS[key]
+    def make():
+        buf = symmetric_buffer(SYMM_ALLREDUCE_BYTES // x.element_size(), x.dtype, x.device)[0]
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out           # present since torch 2.8
+        return buf
+    buf = made_once(_SYMM_BUFFERS, (x.device, x.dtype), make)
     if buf is None:
         return False
     flat = x.view(-1)
@@ -205,28 +221,18 @@ _TP_COMMS: dict = {}
 def tp_reduce(parts: tuple, out: torch.Tensor) -> bool:
     """out <- the sum over the ranks of this rank's parts by kernels.tp_all_reduce, if it applies (-> True): an NCCL
     world on sm_90 GPUs, CuTe DSL, rows of up to kernels.TP_CAP elements. Every rank decides the same way. Its
-    buffer (symmetric memory, zeroed) is made on first use, outside any graph capture."""
+    buffer (symmetric memory, zeroed: the flags) is made on first use (made_once)."""
     import kernels
     x = parts[0]
     if not (TP_KERNEL and SYMM_ALLREDUCE and x.is_cuda and dist.get_backend() == "nccl" and
             kernels.tp_all_reduce_unavailable_reason(parts, out, dist.get_world_size()) is None):
         return False
-    comm = _TP_COMMS.get(x.device)
+    def make():
+        buf, hdl = symmetric_buffer(kernels.tp_buffer_bytes(dist.get_world_size()), torch.uint8, x.device, zero=True)
+        ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=x.device)
+        return buf, hdl, ptrs, torch.zeros(kernels.TP_CAP // 8, dtype=torch.int32, device=x.device)
+    comm = made_once(_TP_COMMS, x.device, make)
     if comm is None:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
-            buf = symm_mem.empty(kernels.tp_buffer_bytes(dist.get_world_size()), dtype=torch.uint8, device=x.device)
-            buf.zero_()                                            # the flags: every rank's before any peer's push
-            torch.cuda.synchronize(x.device)
-            hdl = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
-            ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=x.device)
-            comm = (buf, hdl, ptrs, torch.zeros(kernels.TP_CAP // 8, dtype=torch.int32, device=x.device))
-        except (ImportError, RuntimeError, AttributeError):
-            comm = False
-        _TP_COMMS[x.device] = comm
-    if comm is False:
         return False
     kernels.tp_all_reduce(parts, out, comm[2], comm[3], dist.get_rank())
     return True

@@ -6452,10 +6452,10 @@ def tp_all_reduce_reference(parts, dtype: torch.dtype, group=None) -> torch.Tens
     """tp_all_reduce's semantics through torch.distributed: the fp32 sum of the parts, summed over the ranks in
     rank order (an all-gather, then rank 0 + rank 1 + ...: the same bits on every rank), as dtype."""
     import torch.distributed as dist
-    local = parts[0].float() + parts[1] if len(parts) > 1 else parts[0].float().clone()
+    local = parts[0].float() + parts[1] if len(parts) > 1 else parts[0].float()
     every = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, local.contiguous(), group=group)
-    acc = every[0].clone()
+    acc = every[0]
     for t in every[1:]:
         acc += t
     return acc.to(dtype)

@@ -1,6 +1,7 @@
 """nano-dsv4 tests. Run: python test_dsv4.py (or pytest test_dsv4.py). CPU-only machines skip the GPU tests cleanly;
 the HF parity tests need transformers >= 5.15 (a test-only dependency)."""
 import collections
+import contextlib
 import dataclasses
 import gc
 import glob
@@ -2091,12 +2092,18 @@ def held_bytes(model) -> tuple[int, int]:
     return dense, experts
 
 
-def join_gloo(rank: int, world: int, port: int):
-    """A spawned worker joins the 2-process CPU world as torchrun would set it up -> (Parallel, device)."""
+def join_world(rank: int, world: int, port: int, device: str):
+    """A spawned worker joins the world as torchrun would set it up (gloo on "cpu", NCCL on "cuda") ->
+    (Parallel, device)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    return dsv4.init_distributed(device)
+
+
+def join_gloo(rank: int, world: int, port: int):
+    """The 2-process CPU world, one thread per rank."""
     torch.set_num_threads(1)
-    return dsv4.init_distributed("cpu")
+    return join_world(rank, world, port, "cpu")
 
 
 def _worker(rank: int, world: int, port: int, jobs: list, out: str):
@@ -2210,9 +2217,7 @@ def test_cpu_ranks_all_reduce_through_gloo_not_symmetric_memory(two_ranks):
 
 
 def _symm_worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    par, device = dsv4.init_distributed("cuda")
+    par, device = join_world(rank, world, port, "cuda")
     g = torch.Generator().manual_seed(rank)
     res = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -2287,9 +2292,7 @@ def test_tp_all_reduce_reference_is_the_rank_order_sum_of_each_ranks_fp32_parts(
 
 
 def _tp_worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    par, device = dsv4.init_distributed("cuda")
+    par, device = join_world(rank, world, port, "cuda")
     g = torch.Generator().manual_seed(rank)
     kinds = [((torch.bfloat16,), torch.bfloat16), ((torch.bfloat16, torch.bfloat16), torch.bfloat16),
              ((torch.float32,), torch.float32), ((torch.bfloat16, torch.bfloat16), torch.float32),
@@ -2305,7 +2308,7 @@ def _tp_worker(rank: int, world: int, port: int, out: str):
         parts = parts_of(dtypes, sizes[i % len(sizes)])
         ref = K.tp_all_reduce_reference(parts, dtype)              # first: a single part of the output dtype is
         res["eager"].append(torch.equal(dsv4.reduce_sum(parts, par, dtype), ref))      # reduced in place
-    res["kernel"] = dsv4._TP_COMMS.get(device) not in (None, False)
+    res["kernel"] = dsv4._TP_COMMS.get(device) is not None
     x = parts_of((torch.bfloat16,), 4096)[0]                       # all_reduce in place == NCCL's sum
     ref = x.clone()
     dist.all_reduce(ref)
@@ -2365,15 +2368,8 @@ def speculative_runs(path: str, par) -> dict:
         m, prompt.tolist(), 40, temperature=0, eos_id=-1), "mtp_experts": m.mtp[0].ffn.experts.num_experts,
         "bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
     for drafts in SPEC_DRAFTS:
-        saved = {name: getattr(dsv4.Transformer, name) for name in ("draft", "speculate")}
-        if drafts != "mtp":
-            for name, method in draft_oracle(prompt.tolist() + res["plain"].tokens, drafts, vocab).items():
-                setattr(dsv4.Transformer, name, method)
-        try:
+        with drafts_from(prompt.tolist() + res["plain"].tokens, drafts, vocab):
             res[drafts] = dsv4.generate_speculative(m, prompt.tolist(), 40, eos_id=-1)
-        finally:
-            for name, method in saved.items():
-                setattr(dsv4.Transformer, name, method)
     res["sampled"] = dsv4.generate_speculative(m, prompt.tolist(), 40, temperature=0.8, top_p=0.9, seed=11, eos_id=-1)
     return res
 
@@ -2725,6 +2721,21 @@ def install_draft_oracle(monkeypatch, seq: list[int], drafts: str, vocab: int = 
         monkeypatch.setattr(dsv4.Transformer, name, method)
 
 
+@contextlib.contextmanager
+def drafts_from(seq: list[int], drafts: str, vocab: int):
+    """install_draft_oracle outside pytest (spawned ranks): the oracle in place for the block ("mtp": the MTP block's
+    own drafts), Transformer's methods put back after it."""
+    saved = {name: getattr(dsv4.Transformer, name) for name in ("draft", "speculate")}
+    if drafts != "mtp":
+        for name, method in draft_oracle(seq, drafts, vocab).items():
+            setattr(dsv4.Transformer, name, method)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(dsv4.Transformer, name, method)
+
+
 def draft_oracle(seq: list[int], drafts: str, vocab: int) -> dict:
     """install_draft_oracle's Transformer.draft and .speculate."""
     def token(q):
@@ -2950,15 +2961,8 @@ def gpu_generations(path: str, par, device) -> dict:
     prompt = torch.randint(0, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(5)).tolist()
     res = {"plain": dsv4.generate(m, prompt, 40, temperature=0, eos_id=-1)}
     for drafts in ("mtp", "alternate"):
-        saved = {name: getattr(dsv4.Transformer, name) for name in ("draft", "speculate")}
-        if drafts != "mtp":
-            for name, method in draft_oracle(prompt + res["plain"].tokens, drafts, TINY_GPU["vocab_size"]).items():
-                setattr(dsv4.Transformer, name, method)
-        try:
+        with drafts_from(prompt + res["plain"].tokens, drafts, TINY_GPU["vocab_size"]):
             res[drafts] = dsv4.generate_speculative(m, prompt, 40, eos_id=-1)
-        finally:
-            for name, method in saved.items():
-                setattr(dsv4.Transformer, name, method)
     res["sampled"] = dsv4.generate_speculative(m, prompt, 40, temperature=0.8, seed=4, eos_id=-1)
     res["graphs"] = sorted(k[0] if isinstance(k[0], str) else "step" for k in m.decode_graphs)
     res["local_experts"] = m.layers[0].ffn.experts.num_experts
@@ -2969,9 +2973,7 @@ def _two_gpu_worker(rank: int, world: int, port: int, path: str, out: str):
     if rank == world:                                  # the one-GPU run, beside the ranks (it compiles other kernels)
         torch.save(gpu_generations(path, dsv4.Parallel(), torch.device("cuda", 0)), f"{out}.one")
         return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    par, device = dsv4.init_distributed("cuda")
+    par, device = join_world(rank, world, port, "cuda")
     res = gpu_generations(path, par, device)
     torch.cuda.synchronize()
     torch.save(res, f"{out}.{rank}")
