@@ -29,6 +29,9 @@
                                        through a global counter (two CTAs ping-pong), idle and while the other SMs stream
                                        256 MB; a ticket counter's claim latency; the PDL kernel boundary (graph of tiny
                                        kernels, with and without PDL), all in one run (< 1 min)
+  python bench.py prefill              eager prefill (time to first token) of a Flash-dims layer stack at prompts of
+                                       1K / 4K / 16K tokens: ms per layer, tokens/s, TTFT projected for 43 layers,
+                                       matmul TFLOP/s vs a bf16 matmul, peak memory; the kernels of one 4K prefill
   python bench.py dist write DIR       2-GPU check (torchrun): a reduced-layer Flash-dims NVFP4 checkpoint,
   python bench.py dist run DIR OUT.pt  its prefill/decode logits and decode ms/token (run under torchrun for N GPUs;
                                        --fp32: one GPU in float32, the yardstick for bf16 noise),
@@ -1326,14 +1329,9 @@ def _with_switches(switches, fn):
             setattr(mod, sw, v)
 
 
-@torch.inference_mode()
-def record_decode_compiles(args, path: str):
-    """--record-compiles PATH: every kernels._compile_* call the decode bench makes (default step, the chosen
-    ablations, the tail, the FP8 linear table), pickled to PATH, found without compiling: kernels launch as no-ops
-    (outputs garbage, nothing timed). precompile_decode then compiles them in parallel processes."""
-    import pickle
-    calls = []
-
+def install_compile_recorder(calls: list):
+    """For the rest of this process: every kernels._compile_* call is appended to calls, and kernels launch as no-ops
+    (nothing compiles; outputs garbage; buffers from torch.empty are zeroed, so ids and indices stay in range)."""
     def recorder(name, f):
         def wrapped(*a, **kw):
             calls.append((name, a, kw))
@@ -1354,6 +1352,27 @@ def record_decode_compiles(args, path: str):
             return t
         return wrapped
     torch.empty, torch.empty_like = zeroed(torch.empty), zeroed(torch.empty_like)
+
+
+def save_compile_calls(calls: list, path: str):
+    import pickle
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:   # noqa: BLE001 - a garbage index may have tripped a device assert; the calls are in
+        print(f"record-compiles: sync failed: {type(e).__name__}: {e}", file=sys.stderr)
+    calls = list(dict.fromkeys((n, a, tuple(sorted(kw.items()))) for n, a, kw in calls))
+    with open(path, "wb") as fh:
+        pickle.dump(calls, fh)
+    print(f"record-compiles: {len(calls)} distinct compile calls -> {path}")
+
+
+@torch.inference_mode()
+def record_decode_compiles(args, path: str):
+    """--record-compiles PATH: every kernels._compile_* call the decode bench makes (default step, the chosen
+    ablations, the tail, the FP8 linear table), pickled to PATH, found without compiling (install_compile_recorder).
+    precompile then compiles them in parallel processes."""
+    calls = []
+    install_compile_recorder(calls)
     dev = torch.device("cuda")
     cfg = stack_config(args.layers)
     model = random_model(cfg, dev, max(args.batches), args.max_seq_len, mtp=args.verify)
@@ -1397,14 +1416,7 @@ def record_decode_compiles(args, path: str):
                     _with_switches([(K, s, on) for s in switches], step)
         except Exception as e:   # noqa: BLE001
             print(f"record-compiles: fold chains stopped at {type(e).__name__}: {e}", file=sys.stderr)
-    try:
-        torch.cuda.synchronize()
-    except Exception as e:   # noqa: BLE001 - a garbage index may have tripped a device assert; the calls are in
-        print(f"record-compiles: sync failed: {type(e).__name__}: {e}", file=sys.stderr)
-    calls = list(dict.fromkeys((n, a, tuple(sorted(kw.items()))) for n, a, kw in calls))
-    with open(path, "wb") as fh:
-        pickle.dump(calls, fh)
-    print(f"record-compiles: {len(calls)} distinct compile calls -> {path}")
+    save_compile_calls(calls, path)
 
 
 def _compile_calls_worker(chunk):
@@ -1414,10 +1426,10 @@ def _compile_calls_worker(chunk):
     return len(chunk)
 
 
-def precompile_decode(argv, procs: int):
-    """--precompile N: record the bench's compile calls in a subprocess (record_decode_compiles), then compile them
-    in N processes into the disk cache, so the bench itself only loads kernels. Objects are keyed by the target
-    arch, so every process here runs with CUTE_DSL_ARCH (sm_90a unless set)."""
+def precompile(what: str, argv, procs: int):
+    """--precompile N: record the compile calls of `bench.py what argv` in a subprocess (--record-compiles), then
+    compile them in N processes into the disk cache, so the bench itself only loads kernels. Objects are keyed by
+    the target arch, so every process here runs with CUTE_DSL_ARCH (sm_90a unless set)."""
     import multiprocessing as mp
     import pickle
     import subprocess
@@ -1426,7 +1438,7 @@ def precompile_decode(argv, procs: int):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "calls.pkl")
         rest = [a for i, a in enumerate(argv) if a != "--precompile" and (i == 0 or argv[i - 1] != "--precompile")]
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "decode", *rest, "--record-compiles", path])
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), what, *rest, "--record-compiles", path])
         if r.returncode or not os.path.exists(path):
             print(f"precompile: recording failed (rc {r.returncode}); kernels compile on first use", flush=True)
             return
@@ -1824,7 +1836,7 @@ def parse_args(argv=None):
     p.add_argument("--probes", action="store_true",
                    help="instead of the ablations, upper bounds: the step without one piece of work (DECODE_PROBES)")
     p.add_argument("--precompile", type=int, default=0,
-                   help="first compile the step's kernels in this many processes (precompile_decode)")
+                   help="first compile the step's kernels in this many processes (precompile)")
     p.add_argument("--precompile-only", action="store_true", help="with --precompile: compile, then exit")
     p.add_argument("--rounds", type=int, default=DECODE_ROUNDS, help="interleaved timing rounds (medians)")
     p.add_argument("--verify", action="store_true",
@@ -1833,6 +1845,171 @@ def parse_args(argv=None):
     p.add_argument("--fold", action="store_true", help="also record the compiles of bench.py fold (precompile)")
     p.add_argument("--record-compiles", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+# ======================================================================================================================
+# Prefill (time to first token) of a Flash-dims layer stack: python bench.py prefill
+# ======================================================================================================================
+
+def parse_prefill_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench.py prefill", description="prefill of a Flash-dims layer stack")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384], help="prompt lengths")
+    p.add_argument("--chunks", type=int, nargs="+", default=[0],
+                   help="positions per forward (0: dsv4.PREFILL_CHUNK); a chunk >= the prompt is one forward")
+    p.add_argument("--query-blocks", type=int, nargs="+", default=[0],
+                   help="queries per sparse_attention call (0: dsv4.ATTN_QUERY_BLOCK)")
+    p.add_argument("--rounds", type=int, default=3, help="timed prefills per row (median)")
+    p.add_argument("--profile", type=int, default=4096, help="kernel table of one prefill of this length (0: none)")
+    p.add_argument("--precompile", type=int, default=0, help="first compile the kernels in this many processes")
+    p.add_argument("--record-compiles", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def prefill_rows(args) -> list[tuple[int, int, int]]:
+    """(prompt length, chunk, query block) rows; a chunk at or above the prompt length is one forward (listed once)."""
+    rows = []
+    for S in args.tokens:
+        for c in args.chunks:
+            for qb in args.query_blocks:
+                row = (S, min(c or dsv4.PREFILL_CHUNK, S), qb or dsv4.ATTN_QUERY_BLOCK)
+                if row not in rows:
+                    rows.append(row)
+    return rows
+
+
+def matmul_flops_per_token(model) -> int:
+    """2 x the weights one prompt token multiplies in a layer: every Linear of the stack (attention, compressors,
+    indexer, gate, shared expert; merged projections counted once) and top-k routed experts (w1, w3, w2)."""
+    cfg = model.cfg
+    dense = sum(m.in_features * m.out_features for layer in model.layers for m in layer.modules()
+                if isinstance(m, dsv4.Linear))
+    routed = len(model.layers) * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return 2 * (dense + routed)
+
+
+@torch.inference_mode()
+def record_prefill_compiles(args, path: str):
+    calls = []
+    install_compile_recorder(calls)
+    dev = torch.device("cuda")
+    model = random_model(stack_config(args.layers), dev, 1, max(args.tokens) + 1)
+    for S, c, qb in prefill_rows(args):
+        try:
+            _with_switches([(dsv4, "ATTN_QUERY_BLOCK", qb)],
+                           lambda: model.prefill(torch.zeros(1, S, dtype=torch.long, device=dev), c))
+        except Exception as e:   # noqa: BLE001
+            print(f"record-compiles: prefill {S} / {c} stopped at {type(e).__name__}: {e}", file=sys.stderr)
+    save_compile_calls(calls, path)
+
+
+PREFILL_PARTS = (   # module path below layers.N -> part of a layer (inclusive: "attention" holds the compressor's time)
+    ("", "layer"), ("attn", "attention"), ("attn.compressor", "compressor"), ("attn.indexer", "indexer"),
+    ("attn.wq_a", "attention linears"), ("attn.wkv", "attention linears"), ("attn.wq_b", "attention linears"),
+    ("attn.wo_a", "attention linears"), ("attn.wo_b", "attention linears"), ("ffn", "moe"), ("ffn.gate", "router"),
+    ("ffn.shared_experts", "shared expert"))
+
+
+def prefill_parts_ms(model, run) -> dict:
+    """ms of each PREFILL_PARTS part summed over the layers, for one run(), from CUDA events around the modules'
+    forwards (one stream: prefill takes no side branches), with the exclusive rest of each: attention core (q/kv
+    norms and RoPE, the sparse attention, merged projections), routed experts (+ routing, combine), mHC + norms."""
+    parts = dict(PREFILL_PARTS)
+    hooks, spans = [], []
+    for name, m in model.named_modules():
+        bits = name.split(".")
+        if len(bits) < 2 or bits[0] != "layers" or ".".join(bits[2:]) not in parts:
+            continue
+        label = parts[".".join(bits[2:])]
+
+        def pre(mod, a, label=label):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            spans.append([label, ev, None])
+            mod._prefill_span = spans[-1]
+
+        def post(mod, a, o):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            mod._prefill_span[2] = ev
+        hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        run()
+        torch.cuda.synchronize()
+    finally:
+        for h in hooks:
+            h.remove()
+    ms = {}
+    for label, a, b in spans:
+        ms[label] = ms.get(label, 0.0) + a.elapsed_time(b)
+    g = lambda k: ms.get(k, 0.0)   # noqa: E731
+    ms["attention core"] = g("attention") - g("compressor") - g("indexer") - g("attention linears")
+    ms["routed experts"] = g("moe") - g("router") - g("shared expert")
+    ms["mHC, norms"] = g("layer") - g("attention") - g("moe")
+    return ms
+
+
+@torch.inference_mode()
+def bench_prefill(args):
+    """Eager prefill (Transformer.prefill: chunks, the head on the last position) of random prompts through a stack
+    of Flash-dims layers (NVFP4 experts, FP8 linears, random weights): ms, ms per layer, prompt tokens/s, the time to
+    the first token projected for Flash's 43 layers, the matmul TFLOP/s against a bf16 matmul of the same run, and
+    the peak memory the prefill adds; then the kernels of one prefill by time."""
+    dev = torch.device("cuda")
+    copy_bw, peak = ceilings()
+    cfg = stack_config(args.layers)
+    model = random_model(cfg, dev, 1, max(args.tokens) + 1)
+    flops = matmul_flops_per_token(model)
+    n = len(model.layers)
+    print(f"{torch.cuda.get_device_name(dev)}: copy {copy_bw:.2f} TB/s, bf16 matmul {peak:.0f} TFLOP/s; {n} layers "
+          f"(ratios {cfg.compress_ratios[:n]}), {flops / n / 1e9:.2f} GFLOP of matmuls per token per layer", flush=True)
+    rows = []
+    for S, c, qb in prefill_rows(args):
+        tokens = torch.randint(0, cfg.vocab_size, (1, S), device=dev)
+        saved, dsv4.ATTN_QUERY_BLOCK = dsv4.ATTN_QUERY_BLOCK, qb
+        try:
+            t = time.perf_counter()
+            model.prefill(tokens, c)                                 # first run: compiles what the disk cache lacks
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            times = []
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                model.prefill(tokens, c)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) * 1e3)
+        finally:
+            dsv4.ATTN_QUERY_BLOCK = saved
+        ms = statistics.median(times)
+        extra = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+        rows.append((S, c, qb, ms, first, extra))
+        print(f"prefill {S} tokens in chunks of {c}, query blocks of {qb}: {ms:.1f} ms (first run {first:.1f} s), "
+              f"peak +{extra:.2f} GiB", flush=True)
+    if args.profile:
+        S = args.profile
+        tokens = torch.randint(0, cfg.vocab_size, (1, S), device=dev)
+        model.prefill(tokens)
+        torch.cuda.synchronize()
+        count, heavy, other, top = kernel_profile(lambda: model.prefill(tokens), n)
+        print(f"\none prefill of {S} tokens: {count} kernels, {(heavy + other) / 1e3:.1f} ms of kernel time "
+              f"({heavy / 1e3:.1f} in GEMM-class kernels)\n| kernel | calls | ms | share |\n|---|--:|--:|--:|")
+        for name, (calls, us) in top:
+            print(f"| `{name}` | {calls} | {us / 1e3:.2f} | {100 * us / (heavy + other):.1f}% |")
+        ms = prefill_parts_ms(model, lambda: model.prefill(tokens))
+        print(f"\nwhere one prefill of {S} tokens goes (CUDA events around the modules, summed over {n} layers; the "
+              f"hooks add host time, so launch-bound parts read high)\n"
+              f"| part | ms | ms/layer | share of the layers |\n|---|--:|--:|--:|")
+        for k in ("layer", "attention", "compressor", "indexer", "attention linears", "attention core", "moe",
+                  "router", "shared expert", "routed experts", "mHC, norms"):
+            print(f"| {k} | {ms.get(k, 0):.1f} | {ms.get(k, 0) / n:.2f} | {100 * ms.get(k, 0) / ms['layer']:.1f}% |")
+    print(f"\n| prompt tokens | chunk | query block | ms | ms/layer | tokens/s | TTFT 43 layers (s) | matmul TFLOP/s | "
+          f"% of bf16 matmul | peak + GiB | first run s |\n|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for S, c, qb, ms, first, extra in rows:
+        tflops = flops * S / (ms * 1e-3) / 1e12
+        print(f"| {S} | {c} | {qb} | {ms:.1f} | {ms / n:.2f} | {S / ms * 1e3:.0f} | {ms / n * 43 / 1e3:.2f} | "
+              f"{tflops:.0f} | {100 * tflops / peak:.1f} | {extra:.2f} | {first:.1f} |")
+
 
 # ======================================================================================================================
 # Tensor + expert parallel on several GPUs: 2-GPU check of tensor + expert parallelism on a reduced-layer checkpoint of real Flash dimensions (NVFP4).
@@ -3052,7 +3229,7 @@ def bench_handoff(reps: int = 3, rounds: int = HANDOFF_ROUNDS, tickets: int = HA
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "moe"
-    known = ("moe", "moe-profile", "moe-stamps", "decode", "dist", "indexer", "gemv", "fold", "handoff")
+    known = ("moe", "moe-profile", "moe-stamps", "decode", "prefill", "dist", "indexer", "gemv", "fold", "handoff")
     if what not in known:
         print(f"unknown benchmark {what!r} (known: {', '.join(known)})", file=sys.stderr)
         sys.exit(2)
@@ -3082,11 +3259,21 @@ if __name__ == "__main__":
             record_decode_compiles(decode_args, decode_args.record_compiles)
         else:
             if decode_args.precompile:
-                precompile_decode([a for a in sys.argv[2:] if a != "--precompile-only"], decode_args.precompile)
+                precompile("decode", [a for a in sys.argv[2:] if a != "--precompile-only"], decode_args.precompile)
             if not decode_args.precompile_only:
                 if decode_args.probes:
                     install_decode_probes()
                 bench_decode(decode_args)
+    elif what == "prefill":
+        prefill_args = parse_prefill_args(sys.argv[2:])
+        if prefill_args.precompile or prefill_args.record_compiles:
+            os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")     # the disk cache keys objects by target arch
+        if prefill_args.record_compiles:
+            record_prefill_compiles(prefill_args, prefill_args.record_compiles)
+        else:
+            if prefill_args.precompile:
+                precompile("prefill", sys.argv[2:], prefill_args.precompile)
+            bench_prefill(prefill_args)
     elif what == "indexer":
         bench_indexer()
     elif what == "gemv":

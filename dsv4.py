@@ -899,6 +899,9 @@ class Compressor(nn.Module):
             self.kv_state[:B, :r], self.score_state[:B, :r] = a, g
 
 
+INDEX_SCORE_BYTES = 256 << 20       # Indexer._top_blocks: fp64 scores held at once (a block of a long prompt's queries)
+
+
 class Indexer(nn.Module):
     """Lightning indexer (CSA layers): scores compressed blocks per query, keeps the top index_topk."""
 
@@ -958,15 +961,22 @@ class Indexer(nn.Module):
     def _top_blocks(self, x, q, K: torch.Tensor, pos: torch.Tensor, head_w=None) -> torch.Tensor:
         """Queries q at positions pos [S] vs compressed keys K [B,T,d] (head_w: weights_proj(x) if made already) ->
         [B,S,min(topk,T)] block ids, -1 where a pick is not a block completed by that query."""
-        T = K.shape[1]
+        B, S, T = q.shape[0], q.shape[1], K.shape[1]
         w = (self.weights_proj(x) if head_w is None else head_w).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        # fp64 q·k: with the FP4 sim the products are exact, so equal blocks tie exactly in every chunking
-        score = (torch.einsum("bshd,btd->bsht", q.double(), K.double()).float().relu() * w[..., None]).sum(2)
         visible = (pos + 1) // 4                                       # [S] blocks completed by each query
-        future = torch.arange(T, device=x.device)[None, :] >= visible[:, None]   # [S,T]
-        # stable sort: equal scores (relu zeros are common) pick the earlier block, whatever the chunking
-        idx = score.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True).indices[..., :self.topk]
-        return torch.where(idx >= visible[:, None], -1, idx)
+        K, picks = K.double(), []
+        # a long prompt's [B,S,h,T] fp64 scores would not fit (16K tokens: 34 GB): queries in blocks
+        step = max(1, INDEX_SCORE_BYTES // (B * self.n_heads * T * 8))
+        for s in range(0, S, step):
+            e = min(S, s + step)
+            # fp64 q·k: with the FP4 sim the products are exact, so equal blocks tie exactly in every chunking
+            score = (torch.einsum("bshd,btd->bsht", q[:, s:e].double(), K).float().relu() * w[:, s:e, :, None]).sum(2)
+            future = torch.arange(T, device=x.device)[None, :] >= visible[s:e, None]   # [S,T]
+            # stable sort: equal scores (relu zeros are common) pick the earlier block, whatever the chunking
+            idx = score.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+            idx = idx[..., :self.topk]
+            picks.append(torch.where(idx >= visible[s:e, None], -1, idx))
+        return picks[0] if len(picks) == 1 else torch.cat(picks, 1)
 
 
 def sparse_attention(q, window_kv, window_pos, comp_kv, comp_idx, q_pos, sink, scale, window: int, ratio: int):
@@ -985,7 +995,9 @@ def sparse_attention(q, window_kv, window_pos, comp_kv, comp_idx, q_pos, sink, s
         done = torch.arange(comp_kv.shape[1], device=q.device)[None, :] < ((q_pos + 1) // ratio)[:, None]
         parts.append(lc.masked_fill(~done, float("-inf")))
     elif comp_kv is not None:                                        # CSA: the indexer's top-k blocks
-        gathered = comp_kv[torch.arange(q.shape[0], device=q.device)[:, None, None], comp_idx.clamp(min=0)]
+        B, T = comp_kv.shape[:2]                                     # [B,Q,k,d]: whole rows (index_select, not
+        rows = comp_idx.clamp(min=0) + T * torch.arange(B, device=q.device)[:, None, None]   # per-element indexing)
+        gathered = comp_kv.flatten(0, 1).index_select(0, rows.flatten()).view(*comp_idx.shape, comp_kv.shape[-1])
         lc = torch.einsum("bqhd,bqkd->bhqk", q, gathered).float() * scale
         parts.append(lc.masked_fill((comp_idx < 0)[:, None], float("-inf")))
     B, H, Q = logits.shape[:3]
@@ -999,6 +1011,9 @@ def sparse_attention(q, window_kv, window_pos, comp_kv, comp_idx, q_pos, sink, s
     elif comp_kv is not None:
         o = o + torch.einsum("bhqk,bqkd->bqhd", probs[..., W:-1], gathered)
     return o
+
+
+ATTN_QUERY_BLOCK = 256      # prefill: queries per sparse_attention call (CSA: 512 KB of picked keys gathered per query)
 
 
 class Attention(nn.Module):
@@ -1046,8 +1061,8 @@ class Attention(nn.Module):
         if self.indexer is not None:     # both compressors keep the same inputs (x, row = position mod 4): one tensor
             self.indexer.compressor.x_state = self.compressor.x_state
 
-    def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, query_block: int = 256,
-                all_picks: bool = False, closing: tuple | None = None):
+    def forward(self, x: torch.Tensor, start_pos: int, angles: torch.Tensor, all_picks: bool = False,
+                closing: tuple | None = None):
         """x [B,S,D] at positions start_pos..start_pos+S-1 -> [B,S,D]. start_pos may also be an int64 tensor [1]
         with S = 1: then it is the graph-capturable decode step (decode; all_picks, closing: see there); or the pair
         (p, p + 1) of such tensors with x [2,1,D], two positions of one sequence: the verify step (decode_pair)."""
@@ -1071,8 +1086,8 @@ class Attention(nn.Module):
         ring_pos = p - 1 - (p - 1 - slots) % W
         ring = self.kv_window[:B]
         o = torch.empty(B, S, H, hd, dtype=x.dtype, device=x.device)
-        for qs in range(0, S, query_block):                          # bounded memory for long prefills
-            qe, ks = min(S, qs + query_block), max(0, qs - W + 1)
+        for qs in range(0, S, ATTN_QUERY_BLOCK):                     # bounded memory for long prefills
+            qe, ks = min(S, qs + ATTN_QUERY_BLOCK), max(0, qs - W + 1)
             keys = torch.cat([ring, kv[:, ks:qe]], 1)
             kpos = torch.cat([ring_pos, pos[ks:qe]])
             o[:, qs:qe] = sparse_attention(q[:, qs:qe], keys, kpos, comp_kv,
@@ -1550,15 +1565,17 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.empty(n), requires_grad=False)
         self.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
 
-    def forward(self, h, start_pos: int, next_tokens, model: "Transformer") -> torch.Tensor:
+    def forward(self, h, start_pos: int, next_tokens, model: "Transformer", last: bool = False) -> torch.Tensor:
         """h [B,S,n,D]: the main model's streams at positions start_pos.. (Transformer.streams), next_tokens [B,S]:
-        the tokens that follow them -> [B,S,V] fp32 logits of the token after each of those."""
+        the tokens that follow them -> [B,S,V] fp32 logits of the token after each of those (last: [B,1,V], the
+        last position's)."""
         e = self.enorm(model.embed_tokens(next_tokens))
         x = self.e_proj(e).unsqueeze(2) + self.h_proj(self.hnorm(h))       # one embedding into every stream
         if isinstance(start_pos, tuple):               # the verify step's two positions as rows (Transformer.streams)
             x, next_tokens = x.view(2, 1, *x.shape[2:]), next_tokens.view(2, 1)
         x, pending = super().forward(x, start_pos, next_tokens, model.angles[False])
         x = hc_post(summed(pending[0]), x, pending[1], pending[2]).view(h.shape)
+        x = x[:, -1:] if last else x
         return model.head_logits(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
 
 
@@ -1649,6 +1666,9 @@ class SpecBuffers:
         if self.sampling[0] > 0:
             self.host_in[4:9].view(torch.float64).copy_(torch.rand(5, generator=self.gen, dtype=torch.float64))
         return self.host_in
+
+
+PREFILL_CHUNK = int(os.environ.get("NANO_DSV4_PREFILL_CHUNK", "4096"))   # prompt positions per forward (prefill)
 
 
 class Transformer(nn.Module):
@@ -1744,6 +1764,21 @@ class Transformer(nn.Module):
                     m.reset(B)
         return self.streams(tokens, start_pos) if streams else self.logits(tokens, start_pos)
 
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, chunk: int = 0, draft: bool = False) -> tuple:
+        """A prompt tokens [B,S] from position 0 -> (fp32 logits [B,V] of its last position, the final streams of the
+        last chunk [B,c,n,D], that chunk's first position). The forward runs over chunks of `chunk` positions
+        (default PREFILL_CHUNK: a long prompt's activations stay bounded; the caches and logits are one forward's up
+        to rounding) and the head over the last position only (every position's logits of a 32K-token prompt: 17 GB).
+        draft (the MTP block loaded): the block reads every chunk but the last on the way; the last needs the token
+        after the prompt, drawn from these logits (generate_speculative)."""
+        S, chunk = tokens.shape[1], chunk or PREFILL_CHUNK
+        for s in range(0, S, chunk):
+            h = self(tokens[:, s:s + chunk], s, streams=True)
+            if draft and s + chunk < S:                        # the tokens after this chunk's positions: the prompt's
+                self.draft(h, s, tokens[:, s + 1:s + chunk + 1], last=True)
+        return self.head_logits(h[:, -1:])[:, -1], h, s
+
     def logits(self, tokens: torch.Tensor, start_pos, all_picks: bool = False, closing: tuple | None = None
                ) -> torch.Tensor:
         """forward without the checks and resets. start_pos: an int, or an int64 tensor [1] on the model's device
@@ -1802,10 +1837,11 @@ class Transformer(nn.Module):
     # Speculative decoding (generate_speculative): the MTP block drafts the token after next; one pass verifies the
     # last token and the draft at two positions and drafts again from both (speculate: two CUDA graphs).
     @torch.inference_mode()
-    def draft(self, h: torch.Tensor, start_pos: int, next_tokens: torch.Tensor) -> torch.Tensor:
+    def draft(self, h: torch.Tensor, start_pos: int, next_tokens: torch.Tensor, last: bool = False) -> torch.Tensor:
         """The MTP block's logits [B,S,V] for the token after each of next_tokens [B,S], from the model's streams h
-        [B,S,n,D] at positions start_pos.. (after the prompt; the passes draft inside speculate)."""
-        return self.mtp[0](h, start_pos, next_tokens, self)
+        [B,S,n,D] at positions start_pos.. (after the prompt; the passes draft inside speculate); last: of the last
+        position only, [B,1,V]."""
+        return self.mtp[0](h, start_pos, next_tokens, self, last)
 
     def start_speculation(self, cur: int, draft: int, q: torch.Tensor | None = None, sampling: tuple = GREEDY,
                           generator: torch.Generator | None = None):
@@ -2497,8 +2533,9 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
         torch.cuda.synchronize(device)
     t0 = t_first = t_last = time.perf_counter()
     sampled = 0
-    if n_new > 0:
-        nxt = sample(model(ids, 0)[:, -1], temperature, top_k, top_p, gen)           # [1]
+    if n_new > 0:                                  # a Transformer prefills in chunks, with the head on the last row
+        last = model.prefill(ids)[0] if hasattr(model, "prefill") else model(ids, 0)[:, -1]
+        nxt = sample(last, temperature, top_k, top_p, gen)                           # [1]
     for i in range(n_new):
         host[i:i + 1].copy_(nxt, non_blocking=True)
         if on_cuda:   # run ahead: queue step i+1 before waiting for token i (on CPU that would only add latency)
@@ -2583,9 +2620,9 @@ def generate_speculative(model, prompt_ids, max_new_tokens: int, temperature: fl
     sync(ids.device)
     t0 = t_first = t_last = time.perf_counter()
     if n_new > 0:
-        h = model(ids, 0, streams=True)                              # [1,n,hc,D]
-        nxt = choose(model.head_logits(h[:, -1:])[:, -1])[0]         # [1]: the token at position n_prompt
-        draft, q = choose(model.draft(h, 0, torch.cat([ids[:, 1:], nxt[:, None]], 1))[:, -1])
+        logits, h, s = model.prefill(ids, draft=True)                # h: the last chunk's streams [1,c,hc,D]
+        nxt = choose(logits)[0]                                      # [1]: the token at position n_prompt
+        draft, q = choose(model.draft(h, s, torch.cat([ids[:, s + 1:], nxt[:, None]], 1), last=True)[:, -1])
         cur = int(nxt)
         model.start_speculation(cur, int(draft), q, sampling, gen)
         t_first = t_last = time.perf_counter()

@@ -632,6 +632,45 @@ def test_prefill_equals_chunked_prefill_equals_decode(hf_checkpoint, seq_len, qu
             assert per_pos.median() <= 2e-4 and per_pos.max() <= 0.3, (per_pos.median(), per_pos.max())
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_prefill_runs_a_prompt_in_chunks_and_the_head_on_its_last_position(hf_checkpoint, chunk, monkeypatch):
+    """Transformer.prefill (what generate runs): one forward's last-position logits and caches (the next step's logits
+    agree), from forwards over chunks of `chunk` positions, and the head over one row only."""
+    _, path, cfg = hf_checkpoint
+    model = dsv4.load_model(str(path), dtype=torch.float32, max_seq_len=512, quant_sim=False)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 261), generator=torch.Generator().manual_seed(4))
+    full = model(tokens[:, :260])[:, -1]
+    after_full = model(tokens[:, 260:], 260)
+    calls, heads = [], []
+    forward, head_logits = dsv4.Transformer.forward, dsv4.Transformer.head_logits
+    monkeypatch.setattr(dsv4.Transformer, "forward", lambda self, t, p=0, **k: (calls.append((p, t.shape[1])),
+                                                                                   forward(self, t, p, **k))[1])
+    monkeypatch.setattr(dsv4.Transformer, "head_logits", lambda self, h, *a: (heads.append(h.shape[1]),
+                                                                              head_logits(self, h, *a))[1])
+    logits, h, last = model.prefill(tokens[:, :260], chunk)
+    assert calls == [(p, min(chunk, 260 - p)) for p in range(0, 260, chunk)] and heads == [1]
+    assert last == calls[-1][0] and h.shape[:2] == (1, 260 - last) and logits.shape == full.shape
+    assert rel_err(logits, full) <= 1e-5
+    assert rel_err(model(tokens[:, 260:], 260), after_full) <= 1e-5
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_the_indexer_scores_a_long_prompt_in_blocks_of_queries(hf_checkpoint, queries, monkeypatch):
+    """A prompt's [B,S,heads,T] fp64 scores are made for a block of queries at a time (dsv4.INDEX_SCORE_BYTES; 16K
+    tokens at once would be 34 GB): the same picks as all queries at once."""
+    _, path, cfg = hf_checkpoint
+    model = dsv4.load_model(str(path), dtype=torch.float32, max_seq_len=512)
+    idx = next(layer.attn.indexer for layer in model.layers if layer.attn.indexer is not None)
+    B, S, T, g = 2, 37, 16, torch.Generator().manual_seed(0)
+    x = torch.randn(B, S, cfg.hidden_size, generator=g)
+    q, K = torch.randn(B, S, idx.n_heads, idx.head_dim, generator=g), torch.randn(B, T, idx.head_dim, generator=g)
+    pos = torch.arange(30, 30 + S)                                   # 7..16 complete blocks visible
+    whole = idx._top_blocks(x, q, K, pos)
+    monkeypatch.setattr(dsv4, "INDEX_SCORE_BYTES", queries * B * idx.n_heads * T * 8)
+    assert torch.equal(idx._top_blocks(x, q, K, pos), whole)
+    assert whole.shape == (B, S, min(idx.topk, T)) and (whole[:, 0] == -1).any() and (whole[:, -1] >= 0).all()
+
+
 def test_new_sequence_at_start_pos_zero_forgets_the_previous_one(hf_checkpoint):
     _, path, cfg = hf_checkpoint
     model = dsv4.load_model(str(path), dtype=torch.float32, max_seq_len=512, quant_sim=False)
@@ -2744,8 +2783,8 @@ def draft_oracle(seq: list[int], drafts: str, vocab: int) -> dict:
         return seq[q] if right else (seq[q] + 1) % vocab if q < len(seq) else 0
     draft, speculate = dsv4.Transformer.draft, dsv4.Transformer.speculate
 
-    def draft_oracle(self, h, start_pos, next_tokens):                # after the prompt
-        logits = draft(self, h, start_pos, next_tokens)
+    def draft_oracle(self, h, start_pos, next_tokens, last=False):    # after the prompt
+        logits = draft(self, h, start_pos, next_tokens, last)
         logits[:, -1] = -1e9
         logits[:, -1, token(start_pos + next_tokens.shape[1] + 1)] = 1e9
         return logits
@@ -2765,6 +2804,26 @@ def check_speculative(spec, plain, drafts: str):
         assert spec.accepted == spec.drafts and spec.drafts <= 21
     elif drafts != "mtp":
         assert 0 < spec.accepted < spec.drafts
+
+
+def test_generation_prefills_a_prompt_in_chunks(mtp_checkpoint, monkeypatch):
+    """generate and generate_speculative prefill in chunks of dsv4.PREFILL_CHUNK positions, the MTP block reading each
+    chunk on the way: the tokens, and the MTP block's logits after the prompt, of a prefill in one chunk."""
+    m = dsv4.load_model(mtp_checkpoint, dtype=torch.float32, max_seq_len=256, mtp=True, quant_sim=False)
+    prompt = torch.randint(2, TINY_GPU["vocab_size"], (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    drafts, draft = [], dsv4.Transformer.draft
+    monkeypatch.setattr(dsv4.Transformer, "draft", lambda self, h, p, t, last=False: (
+        drafts.append((p, t.shape[1], draft(self, h, p, t, last))), drafts[-1][2])[1])
+    runs = {}
+    for chunk in (4096, 32):
+        monkeypatch.setattr(dsv4, "PREFILL_CHUNK", chunk)
+        drafts.clear()
+        runs[chunk] = (dsv4.generate(m, prompt, 20, temperature=0, eos_id=-1).tokens,
+                       dsv4.generate_speculative(m, prompt, 20, eos_id=-1).tokens, drafts[-1])
+    assert [d[:2] for d in drafts] == [(0, 32), (32, 32), (64, 32), (96, 4)]
+    (plain, spec, (_, _, after)), (plain32, spec32, (_, _, after32)) = runs[4096], runs[32]
+    assert plain == spec == plain32 == spec32 and after.shape == (1, 1, TINY_GPU["vocab_size"])
+    assert rel_err(after32, after) <= 1e-5                  # the MTP block's window saw every chunk
 
 
 @pytest.mark.parametrize("drafts", ["mtp", "right", "alternate", "wrong-at-block-ends"])
@@ -3129,6 +3188,23 @@ def test_gpu_graph_decode_logits_match_the_cpu_reference(gpu_checkpoints, fmt):
     e = rel_err_per_position(gpu, cpu)
     assert e.median() <= 0.05 and e.max() <= 0.25, (e.median(), e.max())
     assert rel_err_per_position(gpu, eager).max() <= 1e-4           # the same K, captured or not
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_gpu_prefill_in_chunks_gives_one_forwards_last_logits_and_caches(gpu_checkpoints, fmt):
+    """On the GPU (bf16; the FP4 MoE's prefill and decode kernels at the chunks' sizes): Transformer.prefill over
+    chunks of 64 and 100 positions against one forward of the 300-token prompt, at the last position and at the
+    graph decode step after it (the caches the chunks left)."""
+    path = gpu_checkpoints[fmt + "-all-blocks"]
+    tokens = torch.randint(0, TINY_GPU["vocab_size"], (1, 301), generator=torch.Generator().manual_seed(8)).cuda()
+    one = load(path, device="cuda", fixed_routing=True)
+    full, after = one(tokens[:, :300])[:, -1], one.decode(tokens[:, 300:], 300)
+    for chunk in (64, 100):
+        m = load(path, device="cuda", fixed_routing=True)
+        last = m.prefill(tokens[:, :300], chunk)[0]
+        assert torch.isfinite(last).all() and rel_err(last, full) <= 5e-2, rel_err(last, full)
+        assert rel_err(m.decode(tokens[:, 300:], 300), after) <= 5e-2      # a lost chunk: O(1) on this model
 
 
 @cuda
@@ -8227,6 +8303,25 @@ def test_bench_switch_tables_name_existing_switches():
     assert len(found) >= 10                     # the tables were found at all
     missing = sorted({f"{m.__name__}.{n}" for m, n in found if not hasattr(m, n)})
     assert not missing, f"bench.py sets switches that do not exist: {missing}"
+
+
+def test_bench_prefill_lists_each_prompt_and_chunk_once_and_counts_each_weight_once():
+    """bench.py prefill's rows (a chunk at or above the prompt is one forward: listed once) and its matmul count
+    (merged projections share their members' weights: merging changes nothing; routed: top-k experts' three)."""
+    import bench
+    args = bench.parse_prefill_args(["--tokens", "1024", "16384", "--chunks", "0", "4096", "100000"])
+    qb = dsv4.ATTN_QUERY_BLOCK
+    assert bench.prefill_rows(args) == [(1024, 1024, qb), (16384, 4096, qb), (16384, 16384, qb)]
+    args = bench.parse_prefill_args(["--tokens", "4096", "--query-blocks", "0", "1024"])
+    assert bench.prefill_rows(args) == [(4096, 4096, qb), (4096, 4096, 1024)]
+    cfg = dsv4.ModelConfig(**TINY_GPU)
+    with torch.device("meta"):
+        model = dsv4.Transformer(cfg)
+    before = bench.matmul_flops_per_token(model)
+    model.merge_projections()
+    routed = 2 * cfg.num_hidden_layers * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    wq_b = 2 * cfg.num_hidden_layers * cfg.q_lora_rank * cfg.num_attention_heads * cfg.head_dim
+    assert bench.matmul_flops_per_token(model) == before > routed + wq_b
 
 
 # ----------------------------------------------------------------------------------------------------------------------
