@@ -1014,6 +1014,18 @@ def sparse_attention(q, window_kv, window_pos, comp_kv, comp_idx, q_pos, sink, s
 
 
 ATTN_QUERY_BLOCK = 256      # prefill: queries per sparse_attention call (CSA: 512 KB of picked keys gathered per query)
+PREFILL_ATTN_KERNEL = os.environ.get("NANO_DSV4_PREFILL_ATTN", "1") != "0"   # fused(x), batch 1: the decode kernel
+
+
+def window_rings(keys: torch.Tensor, p: int, q_pos: torch.Tensor, W: int) -> torch.Tensor:
+    """Each prompt query's window in the decode step's ring layout, for a chunk starting at position p: keys [W+S,d]
+    = the ring before the chunk (slot s: the latest position < p that is = s mod W) then the chunk's S rows, q_pos
+    [Q] -> [Q,W,d]: slot s of the query at t holds the key of position t - (t - s) mod W (negative: an empty slot,
+    which the attention masks as s > t)."""
+    s = torch.arange(W, device=keys.device)
+    key_pos = q_pos[:, None] - (q_pos[:, None] - s) % W                           # [Q,W]
+    rows = torch.where(key_pos >= p, W + key_pos - p, s)
+    return keys.index_select(0, rows.flatten()).view(*rows.shape, keys.shape[-1])
 
 
 class Attention(nn.Module):
@@ -1086,13 +1098,20 @@ class Attention(nn.Module):
         ring_pos = p - 1 - (p - 1 - slots) % W
         ring = self.kv_window[:B]
         o = torch.empty(B, S, H, hd, dtype=x.dtype, device=x.device)
+        rows = PREFILL_ATTN_KERNEL and fused(x) and B == 1       # each query as a row of the decode step's kernel
+        keys = torch.cat([ring[0], kv[0]]) if rows else None
         for qs in range(0, S, ATTN_QUERY_BLOCK):                     # bounded memory for long prefills
             qe, ks = min(S, qs + ATTN_QUERY_BLOCK), max(0, qs - W + 1)
-            keys = torch.cat([ring, kv[:, ks:qe]], 1)
-            kpos = torch.cat([ring_pos, pos[ks:qe]])
-            o[:, qs:qe] = sparse_attention(q[:, qs:qe], keys, kpos, comp_kv,
-                                           None if comp_idx is None else comp_idx[:, qs:qe],
-                                           pos[qs:qe], self.attn_sink, hd ** -0.5, W, max(self.ratio, 1))
+            picks = None if comp_idx is None else comp_idx[:, qs:qe]
+            if rows:
+                o[0, qs:qe] = kernels.sparse_attention_rows(
+                    q[0, qs:qe, None], window_rings(keys, p, pos[qs:qe], W), comp_kv,
+                    None if picks is None else picks[0, :, None], pos[qs:qe], self.attn_sink, hd ** -0.5,
+                    max(self.ratio, 1))[:, 0]
+                continue
+            o[:, qs:qe] = sparse_attention(q[:, qs:qe], torch.cat([ring, kv[:, ks:qe]], 1),
+                                           torch.cat([ring_pos, pos[ks:qe]]), comp_kv, picks, pos[qs:qe],
+                                           self.attn_sink, hd ** -0.5, W, max(self.ratio, 1))
         n = min(S, W)
         self.kv_window[:B, (pos[-n:] % W)] = kv[:, -n:]
         return self._out(o, angles, pos)

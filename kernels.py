@@ -7470,13 +7470,13 @@ if HAVE_CUTE:
         return src
 
     @cute.jit
-    def _copy_key_piece(sK: cute.Tensor, r, c, row: int, src, W, b, mWin: cute.Tensor, mComp: cute.Tensor):
-        """cp.async of 16-B piece c of key row src (ring slot < W, else compressed row src - W; -1: zero-filled) into
-        padded smem row r."""
+    def _copy_key_piece(sK: cute.Tensor, r, c, row: int, src, W, b, mWin: cute.Tensor, mComp: cute.Tensor, bc):
+        """cp.async of 16-B piece c of key row src (ring slot < W of row b, else compressed row src - W of row bc;
+        -1: zero-filled) into padded smem row r."""
         gaddr = (mWin.iterator + cute.crd2idx((b, cutlass.max(cutlass.min(src, W - 1), 0), 4 * c),
                                               mWin.layout)).toint()
         if src >= W:
-            gaddr = (mComp.iterator + cute.crd2idx((b, src - W, 4 * c), mComp.layout)).toint()
+            gaddr = (mComp.iterator + cute.crd2idx((bc, src - W, 4 * c), mComp.layout)).toint()
         nbytes = Int32(0)
         if src >= 0:
             nbytes = Int32(16)
@@ -7645,7 +7645,7 @@ if HAVE_CUTE:
                         nbytes = Int32(16)
                     cp_async_16((sQ.iterator + r * row + 4 * c).toint(), gaddr, nbytes)
                 for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
-                    _copy_key_piece(sK, i // vec, i % vec, row, sSrc[i // vec], W, b, mWin, mComp)
+                    _copy_key_piece(sK, i // vec, i % vec, row, sSrc[i // vec], W, b, mWin, mComp, b)
                 cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.sync_threads()
@@ -7780,14 +7780,16 @@ if HAVE_CUTE:
         memory, and after a cluster barrier CTA r combines every S-th 4-column piece of the 16 x hd output from all
         S CTAs (fixed order 0..S-1) and writes bf16; a second barrier keeps the shared memory alive until all
         reads are done. No global partials, no atomics. rope_dim > 0: the written bf16 values of the last rope_dim
-        columns are then rotated back by the position's angles (mAng), as RopeInplace(inverse) would do after."""
+        columns are then rotated back by the position's angles (mAng), as RopeInplace(inverse) would do after.
+        rows (sparse_attention_rows, prefill): row b has its own position mPos[b] and all rows read the compressed
+        keys of mComp row 0."""
 
         def __init__(self, head_dim: int, mode: str, splits: int, chunks_per_cta: int, chunk: int = ATTN_CHUNK,
-                     rope_dim: int = 0):
+                     rope_dim: int = 0, rows: bool = False):
             assert head_dim % 64 == 0 and chunk == 64 and mode in ("window", "hca", "csa") and 1 <= splits <= 8
-            assert rope_dim % 4 == 0 and rope_dim <= head_dim
+            assert rope_dim % 4 == 0 and rope_dim <= head_dim and not (rows and rope_dim)
             self.hd, self.mode, self.splits, self.n_ch, self.chunk = head_dim, mode, splits, chunks_per_cta, chunk
-            self.rd = rope_dim
+            self.rd, self.rows = rope_dim, rows
             self.words = head_dim // 2
             self.row = self.words + 4
             self.p_row = chunk // 2 + 4
@@ -7849,6 +7851,10 @@ if HAVE_CUTE:
             sML = storage.sML.get_tensor(cute.make_layout((HEAD_TILE, 4), stride=(4, 1)))
             flag = storage.flag.get_tensor(cute.make_layout(4))
             pos = mPos[0].to(Int32)
+            bc = b                                  # the row of mComp this CTA reads
+            if const_expr(self.rows):
+                pos = mPos[b].to(Int32)
+                bc = Int32(0)
 
             # q rows of the head group -> padded smem, once
             for i in cutlass.range(tidx, HEAD_TILE * vec, self.threads, unroll=1):
@@ -7886,7 +7892,7 @@ if HAVE_CUTE:
                 cute.arch.sync_threads()
                 if flag[0] != 0:
                     for i in cutlass.range(tidx, chunk * vec, self.threads, unroll=4):
-                        _copy_key_piece(sK, i // vec, i % vec, row, sSrc[i // vec], W, b, mWin, mComp)
+                        _copy_key_piece(sK, i // vec, i % vec, row, sSrc[i // vec], W, b, mWin, mComp, bc)
                     cute.arch.cp_async_commit_group()
                     cute.arch.cp_async_wait_group(0)
                     cute.arch.sync_threads()
@@ -8121,7 +8127,7 @@ if HAVE_CUTE:
                 c = i % vec
                 if r < cnt16:
                     src = srcs[k]
-                    _copy_key_piece(sK, r, c, row, src, W, b, mWin, mComp)
+                    _copy_key_piece(sK, r, c, row, src, W, b, mWin, mComp, b)
                     if c == 0:
                         sSrc[r] = src
             cute.arch.cp_async_commit_group()
@@ -9294,16 +9300,17 @@ def attention_cluster_plan(window: int, n_comp: int, chunk: int = ATTN_CHUNK):
     return -(-chunks // per), per
 
 
-def _attention_fake_args(head_dim: int):
+def _attention_fake_args(head_dim: int, rows: bool = False):
     """Fake arguments of the cluster / wide attention launchers: q, ring, compressed kv (bf16 pairs as int32 words),
-    picks, pos, sink, out, the RoPE table, scale, ratio, stream."""
+    picks, pos (rows: one per row), sink, out, the RoPE table, scale, ratio, stream."""
     B, H, W, Tc, Bi, k = (cute.sym_int() for _ in range(6))
+    Bc = cute.sym_int() if rows else B                    # rows: every row reads compressed row 0 of [1,Tc]
     words = head_dim // 2
     i32 = lambda *shape: cute.runtime.make_fake_compact_tensor(   # noqa: E731
         Int32, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)), assumed_align=16)
-    return (i32(B, H, words), i32(B, W, words), i32(B, Tc, words),
+    return (i32(B, H, words), i32(B, W, words), i32(Bc, Tc, words),
             cute.runtime.make_fake_compact_tensor(Int64, (Bi, k), stride_order=(1, 0), assumed_align=8),
-            cute.runtime.make_fake_compact_tensor(Int64, (1,), assumed_align=8),
+            cute.runtime.make_fake_compact_tensor(Int64, (cute.sym_int() if rows else 1,), assumed_align=8),
             cute.runtime.make_fake_compact_tensor(Float32, (H,), assumed_align=4),
             cute.runtime.make_fake_compact_tensor(BFloat16, (B, H, head_dim), stride_order=(2, 1, 0), assumed_align=16),
             cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0),
@@ -9311,11 +9318,13 @@ def _attention_fake_args(head_dim: int):
             Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
 
 
-def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per_cta: int, rope_dim: int = 0):
+def _compile_attention_cluster(head_dim: int, mode: str, splits: int, chunks_per_cta: int, rope_dim: int = 0,
+                               rows: bool = False):
     def build():
-        args = _attention_fake_args(head_dim)
-        return SparseAttentionDecodeCluster(head_dim, mode, splits, chunks_per_cta, rope_dim=rope_dim), args
-    return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta, rope_dim), build)
+        args = _attention_fake_args(head_dim, rows)
+        return SparseAttentionDecodeCluster(head_dim, mode, splits, chunks_per_cta, rope_dim=rope_dim, rows=rows), args
+    return _load_or_compile(("sattnc", GLUE_PDL, head_dim, mode, splits, chunks_per_cta, rope_dim) + (("rows",) if rows
+                                                                                                    else ()), build)
 
 
 def attention_wide_plan(window: int, n_comp: int, max_splits: int | None = None, max_chunk: int | None = None):
@@ -9532,6 +9541,42 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
         sink.detach().float(), out.view(B, H, hd), part_o, part_ml, _attention_counters(dev, B * groups),
         float(scale), int(max(ratio, 1)))
     return out if angles is None else rope_inverse_fused(out, angles, pos)
+
+
+def sparse_attention_rows_reference(q, rings, comp_kv, comp_idx, pos, sink, scale: float, ratio: int):
+    """The decode step's attention with a position per row: q [N,1,H,hd], rings [N,W,hd] (row n's window in the
+    ring layout at pos[n]: slot s holds the key of the latest position <= pos[n] that is = s mod W), comp_kv [1,Tc,hd]
+    shared by the rows (None: window only), comp_idx [N,1,k] (CSA picks, -1 = none) or None (HCA), pos [N] int64
+    -> [N,1,H,hd]: row n is sparse_attention_decode_reference of row n alone."""
+    return torch.cat([sparse_attention_decode_reference(q[n:n + 1], rings[n:n + 1], comp_kv,
+                                                        None if comp_idx is None else comp_idx[n:n + 1], pos[n:n + 1],
+                                                        sink, scale, ratio) for n in range(q.shape[0])])
+
+
+def sparse_attention_rows(q, rings, comp_kv, comp_idx, pos, sink, scale: float, ratio: int):
+    """sparse_attention_rows_reference as one SparseAttentionDecodeCluster launch (rows: each row its own position,
+    the compressed keys shared): a prompt's queries as decode rows (Attention.forward's prefill, dsv4.window_rings)."""
+    if attention_unavailable_reason(q, rings, comp_kv) is not None:
+        return sparse_attention_rows_reference(q, rings, comp_kv, comp_idx, pos, sink, scale, ratio)
+    N, _, H, hd = q.shape
+    W = rings.shape[1]
+    if comp_kv is not None and (comp_kv.shape[1] == 0 or (comp_idx is not None and comp_idx.shape[-1] == 0)):
+        comp_kv = comp_idx = None                          # no compressed key yet (a prompt's first blocks)
+    if comp_kv is None:
+        mode, n_comp, comp_kv = "window", 0, rings[:1]
+    elif comp_idx is None:
+        mode, n_comp = "hca", comp_kv.shape[1]
+    else:
+        mode, n_comp = "csa", comp_idx.shape[-1]
+    comp_kv = comp_kv[0].unsqueeze(0)                      # [1,Tc,hd] with compact strides (a slice of the cache)
+    idx = comp_idx.reshape(N, -1).long().contiguous() if comp_idx is not None else pos[:1].view(1, 1)  # unused
+    words = lambda x: x.reshape(x.shape[0], -1, hd).view(torch.int32)   # noqa: E731  bf16 pairs
+    out = torch.empty(N, 1, H, hd, dtype=q.dtype, device=q.device)
+    splits, per = attention_cluster_plan(W, n_comp)
+    _compile_attention_cluster(hd, mode, splits, per, 0, rows=True)(
+        words(q), words(rings), words(comp_kv), idx, pos.contiguous(), sink.detach().float(), out.view(N, H, hd),
+        sink.detach().float().view(1, -1), float(scale), int(max(ratio, 1)))
+    return out
 
 
 def indexer_topk_decode(q, keys, weights, pos, topk: int, ratio: int = 4, weight_scale: float | None = None):

@@ -5370,6 +5370,61 @@ def assert_attention_close(got, ref, truth, what):
     assert rel <= 4e-3, f"{what}: rel diff to reference {rel:.3g}"
 
 
+def prompt_block_inputs(mode, p, qs, qe, W=16, S=48, H=4, hd=64, Tc=30, k=8, dtype=torch.float32, device="cpu"):
+    """A prompt chunk at positions p..p+S-1 as Attention.forward holds it, for its queries qs..qe-1: q [1,Q,H,hd], the
+    ring before the chunk [W,hd], the chunk's keys [S,hd], compressed keys [1,Tc,hd] (None: window), picks [1,Q,k]
+    (CSA: distinct visible blocks and -1s), sink, scale, ratio."""
+    g = torch.Generator().manual_seed(p + qs)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)   # noqa: E731
+    q, ring, kv, sink = rnd(1, qe - qs, H, hd), rnd(W, hd), rnd(S, hd), rnd(H).float()
+    ratio = {"window": 0, "hca": 4, "csa": 4}[mode]
+    comp = rnd(1, Tc, hd) if mode != "window" else None
+    picks = None
+    if mode == "csa":
+        picks = torch.full((1, qe - qs, k), -1, dtype=torch.long)
+        for i in range(qe - qs):
+            vis = min((p + qs + i + 1) // ratio, Tc)
+            picks[0, i, :min(k, vis)] = torch.randperm(max(vis, 1), generator=g)[:min(k, vis)]
+        picks = picks.to(device)
+    return q, ring, kv, comp, picks, sink, hd ** -0.5, ratio
+
+
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+@pytest.mark.parametrize("p,qs,qe", [(0, 0, 20), (0, 9, 40), (37, 0, 48), (200, 30, 47)])
+def test_prompt_queries_as_decode_rows_give_the_prefill_attention(mode, p, qs, qe):
+    """dsv4.window_rings + kernels.sparse_attention_rows_reference (what the GPU prefill runs through the decode
+    kernel, one row per query) == Attention.forward's torch prefill attention of the same block: each query's window
+    as the decode ring at its position, empty slots at a sequence's start included."""
+    W = 16
+    q, ring, kv, comp, picks, sink, scale, ratio = prompt_block_inputs(mode, p, qs, qe, W)
+    pos = torch.arange(p, p + kv.shape[0])
+    slots = torch.arange(W)
+    ks = max(0, qs - W + 1)
+    ref = dsv4.sparse_attention(q, torch.cat([ring, kv[ks:qe]])[None], torch.cat([p - 1 - (p - 1 - slots) % W,
+                                pos[ks:qe]]), comp, picks, pos[qs:qe], sink, scale, W, max(ratio, 1))
+    rings = dsv4.window_rings(torch.cat([ring, kv]), p, pos[qs:qe], W)
+    rows = K.sparse_attention_rows_reference(q[0][:, None], rings, comp, None if picks is None else picks[0][:, None],
+                                             pos[qs:qe], sink, scale, max(ratio, 1))[:, 0]
+    assert rings.shape == (qe - qs, W, kv.shape[1])
+    assert rel_err(rows, ref[0]) <= 1e-6
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+@pytest.mark.parametrize("hd,H,W,Tc,k", [(128, 16, 32, 40, 16), (512, 64, 128, 300, 512)])
+def test_gpu_prompt_rows_attention_kernel_matches_its_reference(mode, hd, H, W, Tc, k):
+    """kernels.sparse_attention_rows (SparseAttentionDecodeCluster with a position per row and shared compressed
+    keys) against its row-by-row reference, bf16: a block of prompt queries near a sequence's start and later."""
+    for p, qs, qe in ((0, 0, 70), (5 * W, 13, 77)):
+        q, ring, kv, comp, picks, sink, scale, ratio = prompt_block_inputs(mode, p, qs, qe, W, 96, H, hd, Tc, k,
+                                                                           torch.bfloat16, "cuda")
+        pos = torch.arange(p, p + kv.shape[0], device="cuda")
+        args = (q[0][:, None], dsv4.window_rings(torch.cat([ring, kv]), p, pos[qs:qe], W), comp,
+                None if picks is None else picks[0][:, None], pos[qs:qe], sink, scale, max(ratio, 1))
+        got, ref = K.sparse_attention_rows(*args), K.sparse_attention_rows_reference(*args)
+        assert torch.isfinite(got).all() and rel_err(got.float(), ref.float()) <= 4e-3, (mode, p, rel_err(got, ref))
+
+
 ATTN_CASES = [  # (B, H, hd, W, Tc, mode, pos)
     (1, 16, 64, 16, 8, "hca", 0), (3, 16, 64, 16, 8, "hca", 5), (3, 16, 64, 16, 8, "hca", 300),
     (1, 16, 64, 16, 0, "window", 9), (3, 32, 128, 32, 40, "csa", 31), (3, 32, 128, 32, 40, "csa", 150),
