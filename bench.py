@@ -1451,6 +1451,19 @@ def precompile(what: str, argv, procs: int):
     print(f"precompile: {n} compile calls in {time.time() - t:.1f} s on {procs} processes", flush=True)
 
 
+def with_precompile(what: str, args, record, run):
+    """`bench.py what` with --record-compiles PATH (record(args, PATH) only) or --precompile N (precompile, then
+    run()), else run()."""
+    if args.precompile or args.record_compiles:
+        os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")     # the disk cache keys objects by target arch
+    if args.record_compiles:
+        record(args, args.record_compiles)
+        return
+    if args.precompile:
+        precompile(what, [a for a in sys.argv[2:] if a != "--precompile-only"], args.precompile)
+    run()
+
+
 @torch.inference_mode()
 def bench_decode(args):
     dev = torch.device("cuda")
@@ -1914,7 +1927,7 @@ def prefill_parts_ms(model, run) -> dict:
     forwards (one stream: prefill takes no side branches), with the exclusive rest of each: attention core (q/kv
     norms and RoPE, the sparse attention, merged projections), routed experts (+ routing, combine), mHC + norms."""
     parts = dict(PREFILL_PARTS)
-    hooks, spans = [], []
+    hooks, spans, running = [], [], {}
     for name, m in model.named_modules():
         bits = name.split(".")
         if len(bits) < 2 or bits[0] != "layers" or ".".join(bits[2:]) not in parts:
@@ -1925,12 +1938,12 @@ def prefill_parts_ms(model, run) -> dict:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             spans.append([label, ev, None])
-            mod._prefill_span = spans[-1]
+            running[mod] = spans[-1]
 
         def post(mod, a, o):
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            mod._prefill_span[2] = ev
+            running.pop(mod)[2] = ev
         hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     try:
         run()
@@ -1965,22 +1978,16 @@ def bench_prefill(args):
     rows = []
     for S, c, qb in prefill_rows(args):
         tokens = torch.randint(0, cfg.vocab_size, (1, S), device=dev)
-        saved, dsv4.ATTN_QUERY_BLOCK = dsv4.ATTN_QUERY_BLOCK, qb
-        try:
+
+        def timed_s():
             t = time.perf_counter()
-            model.prefill(tokens, c)                                 # first run: compiles what the disk cache lacks
+            model.prefill(tokens, c)
             torch.cuda.synchronize()
-            first = time.perf_counter() - t
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            times = []
-            for _ in range(args.rounds):
-                t = time.perf_counter()
-                model.prefill(tokens, c)
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t) * 1e3)
-        finally:
-            dsv4.ATTN_QUERY_BLOCK = saved
+            return time.perf_counter() - t
+        first = _with_switches([(dsv4, "ATTN_QUERY_BLOCK", qb)], timed_s)   # compiles what the disk cache lacks
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        times = [1e3 * _with_switches([(dsv4, "ATTN_QUERY_BLOCK", qb)], timed_s) for _ in range(args.rounds)]
         ms = statistics.median(times)
         extra = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
         rows.append((S, c, qb, ms, first, extra))
@@ -3253,27 +3260,16 @@ if __name__ == "__main__":
         bench_moe_stamps()
     elif what == "decode":
         decode_args = parse_args(sys.argv[2:])
-        if decode_args.precompile or decode_args.record_compiles:
-            os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")     # the disk cache keys objects by target arch
-        if decode_args.record_compiles:
-            record_decode_compiles(decode_args, decode_args.record_compiles)
-        else:
-            if decode_args.precompile:
-                precompile("decode", [a for a in sys.argv[2:] if a != "--precompile-only"], decode_args.precompile)
+
+        def run_decode():
             if not decode_args.precompile_only:
                 if decode_args.probes:
                     install_decode_probes()
                 bench_decode(decode_args)
+        with_precompile("decode", decode_args, record_decode_compiles, run_decode)
     elif what == "prefill":
         prefill_args = parse_prefill_args(sys.argv[2:])
-        if prefill_args.precompile or prefill_args.record_compiles:
-            os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")     # the disk cache keys objects by target arch
-        if prefill_args.record_compiles:
-            record_prefill_compiles(prefill_args, prefill_args.record_compiles)
-        else:
-            if prefill_args.precompile:
-                precompile("prefill", sys.argv[2:], prefill_args.precompile)
-            bench_prefill(prefill_args)
+        with_precompile("prefill", prefill_args, record_prefill_compiles, lambda: bench_prefill(prefill_args))
     elif what == "indexer":
         bench_indexer()
     elif what == "gemv":

@@ -964,14 +964,14 @@ class Indexer(nn.Module):
         B, S, T = q.shape[0], q.shape[1], K.shape[1]
         w = (self.weights_proj(x) if head_w is None else head_w).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         visible = (pos + 1) // 4                                       # [S] blocks completed by each query
-        K, picks = K.double(), []
+        K, blocks, picks = K.double(), torch.arange(T, device=x.device), []
         # a long prompt's [B,S,h,T] fp64 scores would not fit (16K tokens: 34 GB): queries in blocks
         step = max(1, INDEX_SCORE_BYTES // (B * self.n_heads * T * 8))
         for s in range(0, S, step):
             e = min(S, s + step)
             # fp64 q·k: with the FP4 sim the products are exact, so equal blocks tie exactly in every chunking
             score = (torch.einsum("bshd,btd->bsht", q[:, s:e].double(), K).float().relu() * w[:, s:e, :, None]).sum(2)
-            future = torch.arange(T, device=x.device)[None, :] >= visible[s:e, None]   # [S,T]
+            future = blocks[None, :] >= visible[s:e, None]                             # [S,T]
             # stable sort: equal scores (relu zeros are common) pick the earlier block, whatever the chunking
             idx = score.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
             idx = idx[..., :self.topk]

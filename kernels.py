@@ -9486,6 +9486,20 @@ def attention_folds_q_norm(B: int, H: int, hd: int) -> bool:
             and lay[1] == 4 and lay[0] % 32 == 0 and hd % (lay[0] * lay[1]) == 0)
 
 
+def _attention_keys(window_kv, comp_kv, comp_idx, pos, rows: int):
+    """An attention launch's key kind -> (mode, compressed keys past the window, the compressed keys to pass, the
+    picks to pass): "window" (no comp_kv: the ring stands in, unread), "hca" (every completed block) or "csa"
+    (comp_idx [rows,1,k]; else a placeholder, unread)."""
+    if comp_kv is None:
+        mode, n_comp, comp_kv = "window", 0, window_kv
+    elif comp_idx is None:
+        mode, n_comp = "hca", comp_kv.shape[1]
+    else:
+        mode, n_comp = "csa", comp_idx.shape[-1]
+    idx = comp_idx.reshape(rows, -1).long().contiguous() if comp_idx is not None else pos[:1].view(1, 1)
+    return mode, n_comp, comp_kv, idx
+
+
 def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: float, ratio: int, angles=None,
                             q_norm_eps: float | None = None):
     """dsv4.sparse_attention for one query per sequence (signature and semantics of
@@ -9503,13 +9517,7 @@ def sparse_attention_decode(q, window_kv, comp_kv, comp_idx, pos, sink, scale: f
         out = sparse_attention_decode_reference(q, window_kv, comp_kv, comp_idx, pos, sink, scale, ratio)
         return out if angles is None else rope_inverse_fused(out, angles, pos)
     W = window_kv.shape[1]
-    if comp_kv is None:
-        mode, n_comp, comp_kv = "window", 0, window_kv
-    elif comp_idx is None:
-        mode, n_comp = "hca", comp_kv.shape[1]
-    else:
-        mode, n_comp = "csa", comp_idx.shape[-1]
-    idx = comp_idx.reshape(B, -1).long().contiguous() if comp_idx is not None else pos.view(1, 1)   # unused if None
+    mode, n_comp, comp_kv, idx = _attention_keys(window_kv, comp_kv, comp_idx, pos, B)
     groups = (H + HEAD_TILE - 1) // HEAD_TILE
     dev = q.device
     words = lambda x: x.reshape(x.shape[0], -1, hd).view(torch.int32)   # noqa: E731  bf16 pairs
@@ -9562,14 +9570,8 @@ def sparse_attention_rows(q, rings, comp_kv, comp_idx, pos, sink, scale: float, 
     W = rings.shape[1]
     if comp_kv is not None and (comp_kv.shape[1] == 0 or (comp_idx is not None and comp_idx.shape[-1] == 0)):
         comp_kv = comp_idx = None                          # no compressed key yet (a prompt's first blocks)
-    if comp_kv is None:
-        mode, n_comp, comp_kv = "window", 0, rings[:1]
-    elif comp_idx is None:
-        mode, n_comp = "hca", comp_kv.shape[1]
-    else:
-        mode, n_comp = "csa", comp_idx.shape[-1]
+    mode, n_comp, comp_kv, idx = _attention_keys(rings, comp_kv, comp_idx, pos, N)
     comp_kv = comp_kv[0].unsqueeze(0)                      # [1,Tc,hd] with compact strides (a slice of the cache)
-    idx = comp_idx.reshape(N, -1).long().contiguous() if comp_idx is not None else pos[:1].view(1, 1)  # unused
     words = lambda x: x.reshape(x.shape[0], -1, hd).view(torch.int32)   # noqa: E731  bf16 pairs
     out = torch.empty(N, 1, H, hd, dtype=q.dtype, device=q.device)
     splits, per = attention_cluster_plan(W, n_comp)
